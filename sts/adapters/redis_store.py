@@ -1,0 +1,47 @@
+"""Redis adapter for the store ports, for a fleet of instances.
+
+``SET key 1 NX PXAT <expiry>`` is atomic on the server, so of any number of
+concurrent first uses, across any number of instances, exactly one wins.
+Keys are prefixed by purpose (``sts:replay:<purpose>:``) so replay caches
+for different purposes never collide.  Any Redis error becomes
+:class:`~sts.core.ports.StoreUnavailable`, and the caller fails closed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis
+
+from ..core.ports import StoreUnavailable
+
+
+def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
+    """One client (and connection pool) per process, created at start."""
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+    )
+
+
+class RedisReplayCache:
+    def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def first_use(self, purpose: str, key: str, expires_at: float, now: float) -> bool:
+        if expires_at <= now:
+            # Already expired: nothing to remember, and Redis refuses a past PXAT.
+            expires_at = now + 1
+        try:
+            created = self.client.set(
+                f"{self.prefix}:replay:{purpose}:{key}", b"1", nx=True, pxat=math.ceil(expires_at * 1000)
+            )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return bool(created)
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None

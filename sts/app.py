@@ -1,0 +1,239 @@
+"""The app factory: wire the adapters into the pipeline, once, at start.
+
+``create_app(settings)`` parses keys, compiles policies, opens the database
+pool and the store client, and registers the blueprints.  Nothing of this is
+repeated per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from flask import Flask
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from .adapters import redis_store, sql
+from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
+from .adapters.keyring import KeyRing
+from .adapters.policy_files import load_policies, policy_files
+from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
+from .core.client_secrets import check_hash_format
+from .core.clients import RegisteredClient
+from .core.exchange import ExchangeConfig, TokenExchange
+from .core.policy import PolicySet
+from .core.ports import IssuerKeys, ReplayCache, StoreUnavailable
+from .errors import ConfigurationError
+from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE
+from .settings import ClientSettings, IssuerSettings, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs, built once per process."""
+
+    settings: Settings
+    engine: Engine
+    keyring: KeyRing
+    replay: ReplayCache
+    exchange: TokenExchange
+    policy: PolicySet
+    audit: sql.SqlAuditSink
+    metadata: dict[str, Any]
+    clock: Callable[[], float]
+    redis_client: redis.Redis | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def health(self) -> list[str]:
+        problems = []
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            problems.append("database")
+        if self.redis_client is not None:
+            try:
+                redis_store.RedisReplayCache(self.redis_client).ping()
+            except StoreUnavailable:
+                problems.append("store")
+        return problems
+
+
+def issuer_keys(iss: IssuerSettings, clock: Callable[[], float]) -> IssuerKeys:
+    if iss.jwks_file is not None:
+        return FileJWKS(iss.jwks_file, algorithms=iss.algorithms)
+    assert iss.jwks_uri is not None
+    return HttpJWKS(iss.jwks_uri, algorithms=iss.algorithms, max_stale=iss.jwks_max_stale, clock=clock)
+
+
+def build_issuers(settings: Settings, clock: Callable[[], float]) -> IssuerDirectory:
+    trusted = []
+    for iss in settings.issuers:
+        policy = IssuerPolicy(
+            name=iss.name,
+            issuer=iss.issuer,
+            audiences=frozenset(iss.audiences),
+            algorithms=frozenset(iss.algorithms),
+            token_types=frozenset(iss.token_types),
+            typ=frozenset(t.lower().removeprefix("application/") if t else None for t in iss.typ),
+            max_token_age=iss.max_token_age,
+            max_token_lifetime=iss.max_token_lifetime,
+            require_jti=iss.require_jti,
+        )
+        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
+    return IssuerDirectory(trusted)
+
+
+def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
+    keys: IssuerKeys | None = None
+    if c.auth_method == "private_key_jwt":
+        if c.jwks is not None:
+            keys = StaticJWKS(dict(c.jwks), algorithms=c.algorithms, source=f"client {c.client_id}")
+        elif c.jwks_file is not None:
+            keys = FileJWKS(c.jwks_file, algorithms=c.algorithms)
+        else:
+            assert c.jwks_uri is not None
+            keys = HttpJWKS(c.jwks_uri, algorithms=c.algorithms, clock=clock)
+    elif not check_hash_format(c.secret_hash or ""):
+        raise ConfigurationError(
+            f"setting clients.{c.client_id}.secret_hash: not a recognised hash "
+            "(make one with `sts clients secret`)"
+        )
+    return RegisteredClient(c.client_id, c.auth_method, c.secret_hash, keys, frozenset(c.algorithms))
+
+
+def build_policy(settings: Settings) -> PolicySet:
+    return load_policies(
+        policy_files(settings.policies_dir),
+        issuers=frozenset(i.name for i in settings.issuers),
+        clients=frozenset(c.client_id for c in settings.clients),
+        max_lifetime=settings.max_lifetime,
+    )
+
+
+def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
+    """RFC 8414 §2 metadata; ``issuer`` is exactly the configured issuer."""
+    methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+    if policy.allows_anonymous:
+        methods.append("none")
+    return {
+        "issuer": settings.issuer,
+        "token_endpoint": settings.token_endpoint,
+        "jwks_uri": settings.jwks_uri,
+        "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
+        "response_types_supported": [],
+        "token_endpoint_auth_methods_supported": methods,
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "RS256", "PS256", "EdDSA"],
+        "code_challenge_methods_supported": [],
+        "service_documentation": "https://github.com/workload-sts/workload-sts#readme",
+    }
+
+
+def prepare(settings: Settings) -> None:
+    """One-time set-up before workers start: keys created, database schema in place."""
+    KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
+    engine = sql.make_engine(settings.database_url)
+    try:
+        sql.create_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Flask:
+    """Build the WSGI application for ``settings`` (tests pass their own settings and clock)."""
+    logging.getLogger("sts").setLevel(settings.log_level)
+    engine = sql.make_engine(settings.database_url)
+    try:
+        sql.create_schema(engine)
+    except SQLAlchemyError as exc:
+        raise ConfigurationError(
+            f"setting database_url: cannot reach the database ({type(exc).__name__})"
+        ) from None
+    keyring = KeyRing.open(
+        settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
+    )
+    redis_client: redis.Redis | None = None
+    replay: ReplayCache
+    if settings.store == "redis":
+        redis_client = redis_store.connect(settings.redis_url)
+        replay = redis_store.RedisReplayCache(redis_client)
+    else:
+        replay = sql.SqlReplayCache(engine)
+    policy = build_policy(settings)
+    audit = sql.SqlAuditSink(engine)
+    clients = {c.client_id: _client(c, clock) for c in settings.clients}
+
+    def current_signer() -> Any:
+        keyring.reload_if_changed(clock())
+        return keyring.signer()
+
+    exchange = TokenExchange(
+        ExchangeConfig(
+            issuer=settings.issuer,
+            token_endpoint=settings.token_endpoint,
+            leeway=settings.leeway,
+            max_assertion_lifetime=settings.max_client_assertion_lifetime,
+        ),
+        clients=clients,
+        issuers=build_issuers(settings, clock),
+        policy=policy,
+        replay=replay,
+        signer=current_signer,
+        audit=audit,
+        clock=clock,
+    )
+    runtime = Runtime(
+        settings=settings,
+        engine=engine,
+        keyring=keyring,
+        replay=replay,
+        exchange=exchange,
+        policy=policy,
+        audit=audit,
+        metadata=build_metadata(settings, policy),
+        clock=clock,
+        redis_client=redis_client,
+    )
+
+    from .http import oauth, responses
+
+    app = Flask("sts")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
+        MAX_FORM_PARTS=200,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["sts"] = runtime
+    responses.install(app)
+    app.register_blueprint(oauth.bp)
+    path = urlsplit(settings.issuer).path.rstrip("/")
+    if path:
+        # RFC 8414 §3.1: the well-known segment goes between host and the issuer's path.
+        app.add_url_rule(
+            f"/.well-known/oauth-authorization-server{path}", "metadata_path", oauth.metadata, methods=["GET"]
+        )
+    log.info(
+        "sts ready: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
+        settings.issuer,
+        len(settings.issuers),
+        len(clients),
+        len(policy.rules),
+        settings.store,
+    )
+    return app
+
+
+def wsgi_app_from_environment() -> Flask:
+    """Entry point for WSGI servers: ``gunicorn 'sts.app:wsgi_app_from_environment()'``."""
+    from .settings import load_settings
+
+    return create_app(load_settings())

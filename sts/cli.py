@@ -1,0 +1,410 @@
+"""The ``sts`` command: serve, keys, policy, clients, audit, config, dev.
+
+Every command reads the same settings (``--config`` / ``STS_CONFIG`` /
+``./sts.yaml``, then ``STS_*`` variables) and exits non-zero with a clear
+message when they are invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigurationError, OAuthError
+from .settings import Settings, load_settings
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    try:
+        return load_settings(
+            ctx.obj.get("config"), overrides={k: v for k, v in overrides.items() if v is not None}
+        )
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Configuration file (default: $STS_CONFIG, else ./sts.yaml when present).",
+)
+@click.pass_context
+def main(ctx: click.Context, config: Path | None) -> None:
+    """Workload token-exchange broker (OAuth 2.0 Token Exchange, RFC 8693)."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default=None, help="Listen address (setting host).")
+@click.option("--port", type=int, default=None, help="Listen port (setting port).")
+@click.option("--workers", type=int, default=None, help="Worker processes (setting workers).")
+@click.option("--threads", type=int, default=None, help="Threads per worker (setting threads).")
+@click.pass_context
+def serve(
+    ctx: click.Context, host: str | None, port: int | None, workers: int | None, threads: int | None
+) -> None:
+    """Run the service under gunicorn (keys and database are created on first start)."""
+    import logging
+
+    from gunicorn.app.base import BaseApplication
+
+    from .app import create_app, prepare
+
+    settings = _settings(ctx, host=host, port=port, workers=workers, threads=threads)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        prepare(settings)
+        # Build once in the parent too, so a bad policy or key stops the start here, with its message.
+        create_app(settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    class _Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{settings.host}:{settings.port}")
+            self.cfg.set("workers", settings.workers)
+            self.cfg.set("threads", settings.threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("access_log_format", '%(h)s "%(r)s" %(s)s %(b)s %(L)ss')
+            self.cfg.set("limit_request_line", 8190)
+            self.cfg.set("graceful_timeout", 10)
+
+        def load(self) -> Any:
+            # Called in each worker: every process opens its own pools and parses its own keys.
+            return create_app(settings)
+
+    click.echo(
+        f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
+        f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
+        err=True,
+    )
+    _Server().run()
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Configuration."""
+
+
+@config.command("check")
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Validate settings, keys and policies, as a start would."""
+    from .app import build_policy
+
+    settings = _settings(ctx)
+    try:
+        policy = build_policy(settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"settings ok: issuer {settings.issuer}, {len(settings.issuers)} issuer(s), "
+        f"{len(settings.clients)} client(s), {len(policy.rules)} rule(s)"
+    )
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Signing keys: list, rotate (publish-before-use), prune."""
+
+
+def _keyring(settings: Settings, create: bool = True) -> Any:
+    from .adapters.keyring import KeyRing
+
+    try:
+        return KeyRing.open(
+            settings.keys_dir,
+            passphrase=settings.key_passphrase,
+            create_alg=settings.signing_alg,
+            create=create,
+        )
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@keys.command("list")
+@click.pass_context
+def keys_list(ctx: click.Context) -> None:
+    """Show every key with its state (next, active, retired) and dates."""
+    ring = _keyring(_settings(ctx))
+    for entry in ring.entries():
+        click.echo(json.dumps({k: v for k, v in vars(entry).items()}, default=str))
+
+
+@keys.command("rotate")
+@click.option("--force", is_flag=True, help="Rotate even if the next key was published only recently.")
+@click.pass_context
+def keys_rotate(ctx: click.Context, force: bool) -> None:
+    """Promote the published next key to active; retire the current one; publish a new next key."""
+    settings = _settings(ctx)
+    ring = _keyring(settings)
+    try:
+        ring.rotate(
+            time.time(),
+            max_token_lifetime=settings.max_lifetime,
+            min_published=settings.key_rotation_min_published,
+            force=force,
+        )
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    for entry in ring.entries():
+        click.echo(f"{entry.state:8} {entry.kid} {entry.alg}")
+
+
+@keys.command("prune")
+@click.pass_context
+def keys_prune(ctx: click.Context) -> None:
+    """Remove retired keys whose tokens have all expired."""
+    ring = _keyring(_settings(ctx))
+    for entry in ring.prune(time.time()):
+        click.echo(f"removed {entry.kid}")
+
+
+@keys.command("jwks")
+@click.pass_context
+def keys_jwks(ctx: click.Context) -> None:
+    """Print the public JWK Set."""
+    click.echo(json.dumps(_keyring(_settings(ctx)).public_jwks(), indent=2))
+
+
+# -- policy --------------------------------------------------------------------------------------
+
+
+@main.group()
+def policy() -> None:
+    """Policies: check (lint), explain (dry run), schema."""
+
+
+@policy.command("check")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def policy_check(ctx: click.Context, files: tuple[Path, ...]) -> None:
+    """Lint the configured policies directory, or the FILES given."""
+    from .adapters.policy_files import load_policies, policy_files
+
+    settings = _settings(ctx)
+    paths = list(files) or policy_files(settings.policies_dir)
+    try:
+        compiled = load_policies(
+            paths,
+            issuers=frozenset(i.name for i in settings.issuers),
+            clients=frozenset(c.client_id for c in settings.clients),
+            max_lifetime=settings.max_lifetime,
+        )
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    for rule in compiled.rules:
+        click.echo(f"ok  {rule.source}: {rule.name}")
+    click.echo(f"{len(compiled.rules)} rule(s) in {len(paths)} file(s): no problems")
+
+
+@policy.command("schema")
+def policy_schema_cmd() -> None:
+    """Print the JSON Schema of policy files."""
+    from .adapters.policy_files import policy_schema
+
+    click.echo(json.dumps(policy_schema(), indent=2))
+
+
+@policy.command("explain")
+@click.option("--token", "token_file", type=click.File("r"), help="A subject token (file, or - for stdin).")
+@click.option(
+    "--claims",
+    "claims_file",
+    type=click.File("r"),
+    help="Claims as JSON instead of a token (not verified: a what-if).",
+)
+@click.option("--issuer", "issuer_name", help="Issuer name for --claims.")
+@click.option("--audience", multiple=True)
+@click.option("--resource", multiple=True)
+@click.option("--scope", default=None)
+@click.option("--client-id", default=None, help="Explain as if this client had authenticated.")
+@click.pass_context
+def policy_explain(
+    ctx: click.Context,
+    token_file: Any,
+    claims_file: Any,
+    issuer_name: str | None,
+    audience: tuple[str, ...],
+    resource: tuple[str, ...],
+    scope: str | None,
+    client_id: str | None,
+) -> None:
+    """Dry-run a request: which rule applies, and why each other rule does not."""
+    from .app import build_issuers, build_policy
+    from .core.attest import VerifiedToken, verify_token
+    from .core.audit import token_hash
+    from .core.policy import PolicyRequest, evaluate, trace
+    from .protocol.token_exchange import TOKEN_TYPE_JWT, parse_scope
+
+    settings = _settings(ctx)
+    try:
+        compiled = build_policy(settings)
+        if token_file is not None:
+            token = token_file.read().strip()
+            facts = verify_token(
+                token,
+                TOKEN_TYPE_JWT,
+                build_issuers(settings, time.time),
+                now=time.time(),
+                leeway=settings.leeway,
+            )
+        elif claims_file is not None and issuer_name:
+            claims = json.load(claims_file)
+            facts = VerifiedToken(
+                issuer_name=issuer_name,
+                issuer="(what-if)",
+                subject=str(claims.get("sub", "")),
+                claims=claims,
+                token_type=TOKEN_TYPE_JWT,
+                issued_at=claims.get("iat"),
+                expires_at=float(claims.get("exp", time.time() + 300)),
+                not_before=None,
+                jti=claims.get("jti"),
+                sha256=token_hash(json.dumps(claims)),
+                typ=None,
+            )
+        else:
+            raise click.UsageError("give --token, or --claims with --issuer")
+        request = PolicyRequest(tuple(audience), tuple(resource), parse_scope(scope), client_id)
+    except (ConfigurationError, OAuthError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for t in trace(compiled, facts, request):
+        click.echo(f"{'APPLIES ' if t.applies else 'no      '} {t.rule}  ({t.source}): {t.reason}")
+    try:
+        grant = evaluate(compiled, facts, request)
+    except OAuthError as exc:
+        click.echo(f"decision: refuse with {exc.error} ({exc.reason})")
+        sys.exit(1)
+    click.echo(
+        f"decision: grant by rule {grant.rule}: aud={list(grant.audiences)} scope={list(grant.scopes)} "
+        f"max_lifetime={grant.max_lifetime}s{' (scope narrowed)' if grant.scope_narrowed else ''}"
+    )
+
+
+# -- clients -------------------------------------------------------------------------------------
+
+
+@main.group()
+def clients() -> None:
+    """Client registry helpers."""
+
+
+@clients.command("secret")
+@click.option("--slow", is_flag=True, help="Hash with PBKDF2 (for a secret you chose yourself).")
+@click.option(
+    "--stdin", "from_stdin", is_flag=True, help="Read the secret from stdin instead of generating one."
+)
+def clients_secret(slow: bool, from_stdin: bool) -> None:
+    """Generate a client secret and the secret_hash to put in the configuration."""
+    from .core.client_secrets import generate_secret, hash_secret
+
+    secret = sys.stdin.readline().rstrip("\n") if from_stdin else generate_secret()
+    if not from_stdin:
+        click.echo(f"client_secret: {secret}")
+    click.echo(f"secret_hash: {hash_secret(secret, slow=slow or from_stdin)}")
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """The audit trail."""
+
+
+@audit.command("tail")
+@click.option("-n", "limit", default=20, show_default=True)
+@click.option("--outcome", type=click.Choice(["granted", "refused", "error"]), default=None)
+@click.option("--subject", default=None)
+@click.pass_context
+def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str | None) -> None:
+    """Print the newest decisions as JSON lines, newest first."""
+    from .adapters import sql
+
+    settings = _settings(ctx)
+    engine = sql.make_engine(settings.database_url)
+    sql.create_schema(engine)
+    filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
+    for record in sql.SqlAuditSink(engine).recent(limit, **filters):
+        click.echo(json.dumps(record, sort_keys=True))
+
+
+# -- dev -----------------------------------------------------------------------------------------
+
+
+@main.group()
+def dev() -> None:
+    """DEVELOPMENT ONLY: a fake upstream issuer of workload tokens. Never trust it in production."""
+
+
+_DEV_KEY_DIR = Path("keys") / "dev-issuer"
+
+
+@dev.command("issuer")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback only.")
+@click.option("--port", default=8081, show_default=True)
+@click.option(
+    "--key-dir", type=click.Path(file_okay=False, path_type=Path), default=_DEV_KEY_DIR, show_default=True
+)
+def dev_issuer(host: str, port: int, key_dir: Path) -> None:
+    """Serve the development issuer's JWKS (and /mint/* endpoints) on loopback."""
+    from werkzeug.serving import run_simple
+
+    from .dev.issuer import DevIssuer, require_loopback_host
+
+    try:
+        require_loopback_host(host)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    issuer = DevIssuer.load_or_create(key_dir, f"http://{host}:{port}")
+    click.echo(
+        f"DEVELOPMENT issuer {issuer.issuer_url} (kid {issuer.kid}); never trust it in production", err=True
+    )
+    run_simple(host, port, issuer.wsgi_app(), threaded=True)
+
+
+@dev.command("token")
+@click.argument("kind", type=click.Choice(["github-actions", "kubernetes", "gitlab", "spiffe"]))
+@click.option("--issuer-url", default="http://127.0.0.1:8081", show_default=True)
+@click.option(
+    "--key-dir", type=click.Path(file_okay=False, path_type=Path), default=_DEV_KEY_DIR, show_default=True
+)
+@click.option("--audience", default="http://127.0.0.1:8080", show_default=True)
+@click.option("--claim", "claims", multiple=True, help="Extra or overriding claim NAME=VALUE (repeatable).")
+def dev_token(kind: str, issuer_url: str, key_dir: Path, audience: str, claims: tuple[str, ...]) -> None:
+    """Print a workload token of KIND signed by the development issuer's key."""
+    from .dev.issuer import DevIssuer
+
+    issuer = DevIssuer.load_or_create(key_dir, issuer_url)
+    extra = dict(c.split("=", 1) for c in claims if "=" in c)
+    if kind == "github-actions":
+        token = issuer.github_actions_token(audience=audience, **extra)
+    elif kind == "kubernetes":
+        token = issuer.kubernetes_token(audience=[audience], **extra)
+    elif kind == "gitlab":
+        token = issuer.gitlab_token(audience=audience, **extra)
+    else:
+        token = issuer.spiffe_svid(
+            extra.pop("spiffe_id", "spiffe://example.org/payments/api"), audience, **extra
+        )
+    click.echo(token)

@@ -1,0 +1,186 @@
+"""Attestation: a verified upstream token becomes normalised facts.
+
+Verification grants nothing; the facts go to the policy, which decides.
+Every check in RFC 8725 §3 and RFC 7519 §4.1 is applied (STANDARDS.md "JWT
+handling"): exact ``iss``, required ``exp`` and ``aud``, ``nbf``/``iat`` with a
+small leeway, a maximum token age, the issuer's ``typ`` and algorithm
+allow-lists, and keys only from the issuer's own key set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidRequest, TemporarilyUnavailable
+from .audit import token_hash
+from .jose import JWSInvalid, normalise_typ, peek, verify_signature
+from .ports import IssuerKeys, KeysUnavailable, UnknownKeyId
+
+
+@dataclass(frozen=True)
+class IssuerPolicy:
+    """What this service requires of tokens from one trusted issuer."""
+
+    name: str
+    issuer: str
+    audiences: frozenset[str]
+    algorithms: frozenset[str]
+    token_types: frozenset[str]
+    typ: frozenset[str | None]
+    max_token_age: int | None = None
+    max_token_lifetime: int | None = None
+    require_jti: bool = False
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    policy: IssuerPolicy
+    keys: IssuerKeys
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """Normalised facts about a verified subject or actor token."""
+
+    issuer_name: str
+    issuer: str
+    subject: str
+    claims: Mapping[str, Any]
+    token_type: str
+    issued_at: float | None
+    expires_at: float
+    not_before: float | None
+    jti: str | None
+    sha256: str
+    typ: str | None
+    audiences: tuple[str, ...] = field(default=())
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    # RFC 7519 §2 NumericDate: a JSON number; JSON true/false are not numbers.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"token.malformed_{name}")
+    return float(value)
+
+
+def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return (aud,)
+    if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+        return tuple(aud)
+    if aud is None:
+        raise InvalidRequest("token.missing_aud")
+    raise InvalidRequest("token.malformed_aud")
+
+
+class IssuerDirectory:
+    """The trusted issuers, looked up by exact ``iss`` value."""
+
+    def __init__(self, issuers: list[TrustedIssuer]) -> None:
+        self._by_iss = {i.policy.issuer: i for i in issuers}
+        self._by_name = {i.policy.name: i for i in issuers}
+
+    def by_iss(self, iss: str) -> TrustedIssuer | None:
+        return self._by_iss.get(iss)
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self._by_name)
+
+
+def verify_token(
+    token: str,
+    token_type: str,
+    issuers: IssuerDirectory,
+    *,
+    now: float,
+    leeway: int,
+    role: str = "subject_token",
+) -> VerifiedToken:
+    """Verify an upstream JWT and return its facts, or raise the OAuth error.
+
+    RFC 8693 §2.2.2: a subject or actor token that fails validation is
+    ``invalid_request``.  An issuer whose keys cannot be had is
+    ``temporarily_unavailable`` (nothing is issued; the client may retry).
+    """
+    try:
+        peeked = peek(token)
+    except JWSInvalid as exc:
+        raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
+    iss = peeked.claims.get("iss")
+    if not isinstance(iss, str):
+        raise InvalidRequest(f"{role}.missing_iss")
+    trusted = issuers.by_iss(iss)
+    if trusted is None:
+        raise InvalidRequest(f"{role}.untrusted_issuer", iss[:200])
+    policy = trusted.policy
+
+    if token_type not in policy.token_types:
+        raise InvalidRequest(f"{role}.token_type_not_accepted", token_type)
+    typ = normalise_typ(peeked.header.get("typ"))
+    if typ not in policy.typ:
+        # RFC 8725 §3.11: explicit typing keeps one kind of JWT from passing as another.
+        raise InvalidRequest(f"{role}.typ_not_accepted", str(peeked.header.get("typ"))[:40])
+
+    try:
+        verify_signature(token, peeked, policy.algorithms, trusted.keys.key_for)
+    except JWSInvalid as exc:
+        raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
+    except UnknownKeyId:
+        raise InvalidRequest(f"{role}.unknown_kid") from None
+    except KeysUnavailable as exc:
+        raise TemporarilyUnavailable(f"{role}.issuer_keys_unavailable", str(exc)) from None
+
+    claims = peeked.claims
+    audiences = _audiences(claims)
+    if not policy.audiences.intersection(audiences):
+        raise InvalidRequest(f"{role}.audience_mismatch")
+    exp = _numeric_date(claims, "exp")
+    if exp is None:
+        raise InvalidRequest(f"{role}.missing_exp")
+    if now >= exp + leeway:
+        raise InvalidRequest(f"{role}.expired")
+    nbf = _numeric_date(claims, "nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise InvalidRequest(f"{role}.not_yet_valid")
+    iat = _numeric_date(claims, "iat")
+    if iat is not None and now + leeway < iat:
+        raise InvalidRequest(f"{role}.issued_in_future")
+    if policy.max_token_age is not None:
+        if iat is None:
+            raise InvalidRequest(f"{role}.missing_iat")
+        if now - iat > policy.max_token_age + leeway:
+            raise InvalidRequest(f"{role}.too_old")
+    if policy.max_token_lifetime is not None:
+        start = iat if iat is not None else nbf
+        if start is None or exp - start > policy.max_token_lifetime:
+            raise InvalidRequest(f"{role}.lifetime_too_long")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise InvalidRequest(f"{role}.missing_sub")
+    jti = claims.get("jti")
+    if jti is not None and (not isinstance(jti, str) or not jti):
+        raise InvalidRequest(f"{role}.malformed_jti")
+    if policy.require_jti and jti is None:
+        raise InvalidRequest(f"{role}.missing_jti")
+
+    return VerifiedToken(
+        issuer_name=policy.name,
+        issuer=iss,
+        subject=sub,
+        claims=claims,
+        token_type=token_type,
+        issued_at=iat,
+        expires_at=exp,
+        not_before=nbf,
+        jti=jti,
+        sha256=token_hash(token),
+        typ=typ,
+        audiences=audiences,
+    )

@@ -1,0 +1,71 @@
+"""The audit record: a value filled in along the pipeline, written whatever the outcome.
+
+It holds hashes and claim summaries, never a token or a secret.  The
+adapter in :mod:`sts.adapters.sql` commits it; a token is only returned to the
+caller once its record is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def token_hash(token: str) -> str:
+    """SHA-256 of a token, hex: lets a reviewer match a token they hold to a decision."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass
+class AuditRecord:
+    """What was asked, who asked, what was decided and why.
+
+    ``outcome`` is ``granted`` or ``refused`` (``error`` for server faults).
+    ``reasons`` lists machine-readable tags, e.g. ``policy.rule_matched`` or
+    ``subject_token.expired``; ``details`` holds free-form evidence.
+    """
+
+    event_id: str
+    time: float
+    request_id: str
+    endpoint: str
+    source_ip: str | None = None
+    user_agent: str | None = None
+    outcome: str = "refused"
+    error: str | None = None
+    client_id: str | None = None
+    client_auth_method: str | None = None
+    issuer: str | None = None
+    subject: str | None = None
+    subject_token_type: str | None = None
+    subject_token_sha256: str | None = None
+    subject_token_jti: str | None = None
+    subject_token_iat: float | None = None
+    actor_issuer: str | None = None
+    actor_subject: str | None = None
+    actor_token_sha256: str | None = None
+    requested_audience: list[str] = field(default_factory=list)
+    requested_resource: list[str] = field(default_factory=list)
+    requested_scope: list[str] | None = None
+    requested_lifetime: int | None = None
+    requested_token_type: str | None = None
+    granted_audience: list[str] = field(default_factory=list)
+    granted_scope: list[str] = field(default_factory=list)
+    granted_lifetime: int | None = None
+    rule: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    issued_jti: str | None = None
+    issued_exp: float | None = None
+    issued_kid: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def refuse(self, error: str, reason: str, detail: str = "") -> None:
+        self.outcome = "refused"
+        self.error = error
+        self.reasons.append(reason)
+        if detail:
+            self.details.setdefault("detail", detail)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,155 @@
+"""Client authentication at the token endpoint.
+
+* ``client_secret_basic`` / ``client_secret_post`` (RFC 6749 §2.3.1): the
+  secret is compared in constant time with its stored hash.
+* ``private_key_jwt`` (RFC 7523 §2.2, §3; OpenID Connect Core §9): a JWT
+  signed with the client's registered key; ``iss`` = ``sub`` = client_id,
+  ``aud`` = this server's issuer identifier (the token endpoint URL is also
+  accepted, as many client libraries send it), ``exp`` required and bounded,
+  ``jti`` required and usable once until ``exp``.
+
+A client must use the method it is registered with.  Every failure is
+``invalid_client`` (401) with the same public description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import InvalidClient, TemporarilyUnavailable
+from ..protocol.client_auth import NONE, PRIVATE_KEY_JWT, ClientCredentials
+from .client_secrets import verify_secret
+from .jose import JWSInvalid, normalise_typ, peek, verify_signature
+from .ports import IssuerKeys, KeysUnavailable, ReplayCache, StoreUnavailable, UnknownKeyId
+
+#: ``typ`` values accepted on a client assertion (draft-ietf-oauth-rfc7523bis adds the explicit one).
+ASSERTION_TYP = frozenset({None, "jwt", "client-authentication+jwt"})
+
+
+@dataclass(frozen=True)
+class RegisteredClient:
+    client_id: str
+    auth_method: str
+    secret_hash: str | None = None
+    keys: IssuerKeys | None = None
+    algorithms: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class AuthenticatedClient:
+    client_id: str
+    method: str
+
+
+@dataclass(frozen=True)
+class AssertionAudience:
+    issuer: str
+    token_endpoint: str
+
+
+def authenticate_client(
+    creds: ClientCredentials,
+    clients: Mapping[str, RegisteredClient],
+    replay: ReplayCache,
+    audience: AssertionAudience,
+    *,
+    now: float,
+    leeway: int,
+    max_assertion_lifetime: int,
+) -> AuthenticatedClient | None:
+    """Return the authenticated client, None for an anonymous request, or raise ``invalid_client``."""
+    if creds.method == NONE:
+        return None
+    if creds.method == PRIVATE_KEY_JWT:
+        return _authenticate_assertion(
+            creds, clients, replay, audience, now=now, leeway=leeway, max_lifetime=max_assertion_lifetime
+        )
+    client = clients.get(creds.client_id or "")
+    ok = verify_secret(creds.secret or "", client.secret_hash if client else None)
+    if client is None:
+        raise InvalidClient("client.unknown", (creds.client_id or "")[:100])
+    if client.auth_method != creds.method:
+        raise InvalidClient("client.wrong_auth_method", creds.method)
+    if not ok:
+        raise InvalidClient("client.bad_secret", client.client_id)
+    return AuthenticatedClient(client.client_id, creds.method)
+
+
+def _number(claims: Mapping[str, object], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidClient(f"client_assertion.malformed_{name}")
+    return float(value)
+
+
+def _authenticate_assertion(
+    creds: ClientCredentials,
+    clients: Mapping[str, RegisteredClient],
+    replay: ReplayCache,
+    audience: AssertionAudience,
+    *,
+    now: float,
+    leeway: int,
+    max_lifetime: int,
+) -> AuthenticatedClient:
+    assertion = creds.assertion or ""
+    try:
+        peeked = peek(assertion)
+    except JWSInvalid as exc:
+        raise InvalidClient(f"client_assertion.{exc.reason}") from None
+    claims = peeked.claims
+    iss, sub = claims.get("iss"), claims.get("sub")
+    if not isinstance(iss, str) or iss != sub:
+        raise InvalidClient("client_assertion.iss_sub_mismatch")
+    if creds.client_id is not None and creds.client_id != iss:
+        raise InvalidClient("client_assertion.client_id_mismatch")
+    client = clients.get(iss)
+    if client is None:
+        raise InvalidClient("client.unknown", iss[:100])
+    if client.auth_method != PRIVATE_KEY_JWT or client.keys is None:
+        raise InvalidClient("client.wrong_auth_method", PRIVATE_KEY_JWT)
+    if normalise_typ(peeked.header.get("typ")) not in ASSERTION_TYP:
+        raise InvalidClient("client_assertion.typ_not_accepted")
+    try:
+        verify_signature(assertion, peeked, client.algorithms, client.keys.key_for)
+    except JWSInvalid as exc:
+        raise InvalidClient(f"client_assertion.{exc.reason}") from None
+    except UnknownKeyId:
+        raise InvalidClient("client_assertion.unknown_kid") from None
+    except KeysUnavailable as exc:
+        raise TemporarilyUnavailable("client_assertion.keys_unavailable", str(exc)) from None
+
+    aud = claims.get("aud")
+    auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    accepted = {audience.issuer, audience.issuer.rstrip("/"), audience.token_endpoint}
+    if not any(isinstance(a, str) and a in accepted for a in auds):
+        raise InvalidClient("client_assertion.audience_mismatch")
+    exp = _number(claims, "exp")
+    if exp is None:
+        raise InvalidClient("client_assertion.missing_exp")
+    if now >= exp + leeway:
+        raise InvalidClient("client_assertion.expired")
+    if exp - now > max_lifetime + leeway:
+        raise InvalidClient("client_assertion.lifetime_too_long")
+    nbf = _number(claims, "nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise InvalidClient("client_assertion.not_yet_valid")
+    iat = _number(claims, "iat")
+    if iat is not None and now + leeway < iat:
+        raise InvalidClient("client_assertion.issued_in_future")
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti:
+        raise InvalidClient("client_assertion.missing_jti")
+    key = hashlib.sha256(f"{client.client_id}\x00{jti}".encode()).hexdigest()
+    try:
+        first = replay.first_use("client_assertion", key, exp + leeway, now)
+    except StoreUnavailable as exc:
+        raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+    if not first:
+        raise InvalidClient("client_assertion.replayed")
+    return AuthenticatedClient(client.client_id, PRIVATE_KEY_JWT)

@@ -1,0 +1,269 @@
+"""The token-exchange pipeline (RFC 8693), top to bottom::
+
+    parse request -> authenticate client -> attest subject (and actor)
+      -> evaluate policy -> mint token (or refuse) -> record the decision
+
+Every step is a plain function call on plain values; storage and keys are
+reached through :mod:`sts.core.ports`.  The audit record is filled in along
+the way and written whatever the outcome; a token is returned only after its
+record is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import (
+    InvalidClient,
+    InvalidRequest,
+    OAuthError,
+    ServerError,
+    TemporarilyUnavailable,
+)
+from ..protocol.client_auth import parse_client_credentials
+from ..protocol.token_exchange import (
+    TOKEN_TYPE_ACCESS_TOKEN,
+    TokenExchangeResponse,
+    parse_grant_type,
+    parse_token_exchange,
+)
+from .attest import IssuerDirectory, VerifiedToken, verify_token
+from .audit import AuditRecord, token_hash
+from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
+from .mint import mint_access_token
+from .policy import PolicyRequest, PolicySet, evaluate
+from .ports import AuditSink, AuditUnavailable, ReplayCache, Signer
+
+log = logging.getLogger(__name__)
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True)
+class WireRequest:
+    """The token request as it arrived, before any checking."""
+
+    form: Mapping[str, Sequence[str]]
+    query: Mapping[str, Sequence[str]]
+    content_type: str | None
+    authorization: str | None
+    request_id: str
+    source_ip: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    issuer: str
+    token_endpoint: str
+    leeway: int
+    max_assertion_lifetime: int
+
+
+def check_content_type(content_type: str | None) -> None:
+    """RFC 6749 §3.2: the token endpoint takes ``application/x-www-form-urlencoded`` in UTF-8."""
+    if content_type is None:
+        raise InvalidRequest("request.wrong_content_type", "none")
+    mime, _, params = content_type.partition(";")
+    if mime.strip().lower() != FORM_CONTENT_TYPE:
+        raise InvalidRequest("request.wrong_content_type", mime.strip()[:60])
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in {"utf-8", "utf8"}:
+            raise InvalidRequest("request.unsupported_charset")
+
+
+class TokenExchange:
+    """The pipeline, with its ports wired in once at start."""
+
+    def __init__(
+        self,
+        config: ExchangeConfig,
+        *,
+        clients: Mapping[str, RegisteredClient],
+        issuers: IssuerDirectory,
+        policy: PolicySet,
+        replay: ReplayCache,
+        signer: Callable[[], Signer],
+        audit: AuditSink,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.clients = clients
+        self.issuers = issuers
+        self.policy = policy
+        self.replay = replay
+        self.signer = signer
+        self.audit = audit
+        self.clock = clock
+        self.assertion_audience = AssertionAudience(config.issuer, config.token_endpoint)
+
+    def handle(self, wire: WireRequest) -> TokenExchangeResponse:
+        """Run the pipeline; return the response or raise the :class:`OAuthError` to send."""
+        now = self.clock()
+        record = AuditRecord(
+            event_id=str(uuid.uuid4()),
+            time=now,
+            request_id=wire.request_id,
+            endpoint="token",
+            source_ip=wire.source_ip,
+            user_agent=(wire.user_agent or "")[:200] or None,
+        )
+        try:
+            response = self._decide(wire, record, now)
+        except OAuthError as exc:
+            record.refuse(exc.error, exc.reason, exc.detail)
+            self._record_refusal(record)
+            raise
+        except Exception as exc:
+            # A bug must never become a grant: refuse, record, and say nothing of the cause.
+            log.exception("token exchange failed unexpectedly (request %s)", wire.request_id)
+            record.outcome = "error"
+            record.error = "server_error"
+            record.reasons.append(f"internal.{type(exc).__name__}")
+            self._record_refusal(record)
+            raise ServerError("internal.unexpected") from None
+        try:
+            self.audit.write(record)
+        except AuditUnavailable as exc:
+            log.error(
+                "audit write failed; token %s withheld (request %s): %s",
+                record.issued_jti,
+                wire.request_id,
+                exc,
+            )
+            raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
+        return response
+
+    def refuse_early(self, wire: WireRequest, exc: OAuthError) -> None:
+        """Record a request refused before the pipeline could read it (body too large, unparseable)."""
+        record = AuditRecord(
+            event_id=str(uuid.uuid4()),
+            time=self.clock(),
+            request_id=wire.request_id,
+            endpoint="token",
+            source_ip=wire.source_ip,
+            user_agent=(wire.user_agent or "")[:200] or None,
+        )
+        record.refuse(exc.error, exc.reason, exc.detail)
+        self._record_refusal(record)
+
+    def _record_refusal(self, record: AuditRecord) -> None:
+        try:
+            self.audit.write(record)
+        except AuditUnavailable as exc:
+            # The refusal stands either way; the failure is logged for operators.
+            log.error("audit write of a refusal failed (request %s): %s", record.request_id, exc)
+
+    def _decide(self, wire: WireRequest, record: AuditRecord, now: float) -> TokenExchangeResponse:
+        # 1. Parse: RFC 6749 §3.2 (form POST, no credentials in the query), RFC 8693 §2.1.
+        if wire.query:
+            raise InvalidRequest("request.query_parameters")
+        check_content_type(wire.content_type)
+        parse_grant_type(wire.form)
+        request = parse_token_exchange(wire.form)
+        record.subject_token_type = request.subject_token_type
+        record.subject_token_sha256 = token_hash(request.subject_token)
+        record.requested_audience = list(request.audiences)
+        record.requested_resource = list(request.resources)
+        record.requested_scope = list(request.scopes) if request.scopes is not None else None
+        record.requested_lifetime = request.requested_lifetime
+        record.requested_token_type = request.requested_token_type
+        if request.actor_token is not None:
+            record.actor_token_sha256 = token_hash(request.actor_token)
+
+        # 2. Authenticate the client (RFC 6749 §2.3, RFC 7523 §3).
+        creds = parse_client_credentials(wire.form, wire.authorization)
+        record.client_auth_method = creds.method
+        record.client_id = creds.client_id
+        client: AuthenticatedClient | None = authenticate_client(
+            creds,
+            self.clients,
+            self.replay,
+            self.assertion_audience,
+            now=now,
+            leeway=self.config.leeway,
+            max_assertion_lifetime=self.config.max_assertion_lifetime,
+        )
+        if client is None and not self.policy.allows_anonymous:
+            # No rule accepts the subject token as the only credential: stop before any work.
+            raise InvalidClient("client.authentication_required")
+        record.client_id = client.client_id if client else None
+
+        # 3. Attest the subject (and actor).
+        subject = verify_token(
+            request.subject_token,
+            request.subject_token_type,
+            self.issuers,
+            now=now,
+            leeway=self.config.leeway,
+        )
+        _record_subject(record, subject)
+        if request.actor_token is not None:
+            actor = verify_token(
+                request.actor_token,
+                request.actor_token_type or "",
+                self.issuers,
+                now=now,
+                leeway=self.config.leeway,
+                role="actor_token",
+            )
+            record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject
+            # Delegation policy (who may act for whom) is not configured: refuse rather than
+            # issue a token that drops the actor.
+            raise InvalidRequest("actor_token.delegation_not_allowed")
+
+        # 4. Policy decides.
+        grant = evaluate(
+            self.policy,
+            subject,
+            PolicyRequest(
+                request.audiences, request.resources, request.scopes, client.client_id if client else None
+            ),
+        )
+        record.rule = grant.rule
+        record.reasons.extend(grant.reasons)
+
+        # 5. Lifetime: the smallest of the rule's maximum, what was asked and what is
+        #    left of the subject token.
+        remaining = math.floor(subject.expires_at - now)
+        lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
+        if lifetime < 1:
+            raise InvalidRequest("subject_token.expired")
+
+        # 6. Mint.
+        signer = self.signer()
+        issued = mint_access_token(
+            signer,
+            issuer=self.config.issuer,
+            subject=subject.subject,
+            audiences=grant.audiences,
+            scopes=grant.scopes,
+            client_id=client.client_id if client else subject.subject,
+            lifetime=lifetime,
+            now=now,
+            auth_time=subject.issued_at if subject.issued_at is not None else subject.not_before,
+        )
+        record.outcome = "granted"
+        record.granted_audience = list(grant.audiences)
+        record.granted_scope = list(grant.scopes)
+        record.granted_lifetime = lifetime
+        record.issued_jti, record.issued_exp, record.issued_kid = issued.jti, issued.expires_at, issued.kid
+        return TokenExchangeResponse(
+            access_token=issued.token,
+            issued_token_type=request.requested_token_type or TOKEN_TYPE_ACCESS_TOKEN,
+            token_type="Bearer",
+            expires_in=lifetime,
+            scope=grant.scopes,
+        )
+
+
+def _record_subject(record: AuditRecord, subject: VerifiedToken) -> None:
+    record.issuer = subject.issuer_name
+    record.subject = subject.subject[:500]
+    record.subject_token_jti = subject.jti
+    record.subject_token_iat = subject.issued_at

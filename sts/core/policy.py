@@ -1,0 +1,352 @@
+"""Policy: compiled rules that turn verified facts into a grant, or a refusal.
+
+Rules are compiled once at start (patterns anchored and compiled, CEL
+conditions compiled, cross-references checked) and frozen.  Evaluation is a
+pure function of the request, the facts, the client and ``now``.
+
+Selection: rules are tried in order.  A rule applies when it matches the
+identity (issuer, subject, claims, condition), the client, and every
+requested audience and resource.  The first such rule decides scope and
+lifetime.  No applicable rule means deny.  Refusals follow RFC 8693 §2.2.2
+and RFC 6749 §5.2:
+
+* no rule for this identity, or none for the requested target: ``invalid_target``;
+* rules for this identity exist but only for authenticated clients and none
+  authenticated: ``invalid_client`` (401);
+* the authenticated client is not one the rules allow: ``unauthorized_client``;
+* none of the requested scopes may be granted: ``invalid_scope``; some may:
+  the token is narrowed to those and the response says so (RFC 6749 §5.1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cel
+
+from ..errors import ConfigurationError, InvalidClient, InvalidScope, InvalidTarget, UnauthorizedClient
+from ..protocol.token_exchange import check_resource
+from .attest import VerifiedToken
+
+DEFAULT_MAX_LIFETIME = 300
+CEL_VARIABLES = frozenset({"claims", "subject", "issuer", "client_id", "request"})
+_MAX_MATCHED_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class ClaimMatcher:
+    name: str
+    values: tuple[Any, ...] = ()
+    pattern: re.Pattern[str] | None = None
+
+    def matches(self, claims: Mapping[str, Any]) -> bool:
+        if self.name not in claims:
+            return False
+        value = claims[self.name]
+        if self.pattern is not None:
+            return (
+                isinstance(value, str)
+                and len(value) <= _MAX_MATCHED_LENGTH
+                and self.pattern.fullmatch(value) is not None
+            )
+        # Type-sensitive: "123" does not match 123, and True does not match 1.
+        return any(type(value) is type(v) and value == v for v in self.values)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    source: str
+    issuer: str
+    subject: str | None = None
+    subject_pattern: re.Pattern[str] | None = None
+    claims: tuple[ClaimMatcher, ...] = ()
+    condition: Any = None  # a compiled cel.Program
+    condition_source: str | None = None
+    require_client_authentication: bool = True
+    clients: frozenset[str] = frozenset()
+    audiences: frozenset[str] = frozenset()
+    resources: frozenset[str] = frozenset()
+    scopes: tuple[str, ...] = ()
+    default_scopes: tuple[str, ...] = ()
+    max_lifetime: int = DEFAULT_MAX_LIFETIME
+    description: str = ""
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(sorted(self.audiences)) + tuple(sorted(self.resources))
+
+
+@dataclass(frozen=True)
+class PolicyRequest:
+    """What the caller asked for, as the policy sees it."""
+
+    audiences: tuple[str, ...]
+    resources: tuple[str, ...]
+    scopes: tuple[str, ...] | None
+    client_id: str | None
+
+
+@dataclass(frozen=True)
+class Grant:
+    rule: str
+    audiences: tuple[str, ...]
+    scopes: tuple[str, ...]
+    max_lifetime: int
+    scope_narrowed: bool
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RuleTrace:
+    """Why one rule did or did not apply (``sts policy explain``)."""
+
+    rule: str
+    source: str
+    applies: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    rules: tuple[Rule, ...] = ()
+    files: tuple[str, ...] = field(default=())
+
+    @property
+    def allows_anonymous(self) -> bool:
+        return any(not r.require_client_authentication for r in self.rules)
+
+
+# -- compilation ---------------------------------------------------------------------------------
+
+
+def _pattern(source: str, where: str) -> re.Pattern[str]:
+    try:
+        return re.compile(source)
+    except re.error as exc:
+        raise ConfigurationError(f"{where}: invalid regular expression: {exc}") from None
+
+
+def _condition(source: str, where: str) -> Any:
+    try:
+        program = cel.compile(source)
+    except ValueError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise ConfigurationError(f"{where}: invalid CEL condition: {first}") from None
+    unknown = sorted(set(program.variables()) - CEL_VARIABLES - _comprehension_names(source))
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: CEL condition uses unknown variable(s) {', '.join(unknown)}; "
+            f"available: {', '.join(sorted(CEL_VARIABLES))}"
+        )
+    return program
+
+
+def _comprehension_names(source: str) -> set[str]:
+    """Names bound by CEL macros such as ``list.exists(x, ...)``, which are not free variables."""
+    return set(re.findall(r"\.(?:all|exists|exists_one|map|filter)\(\s*([A-Za-z_]\w*)\s*,", source))
+
+
+def compile_rule(
+    raw: Mapping[str, Any],
+    *,
+    source: str,
+    issuers: frozenset[str],
+    clients: frozenset[str],
+    max_lifetime: int,
+) -> Rule:
+    """Compile one schema-valid rule mapping; raise ConfigurationError with ``source`` and the rule name."""
+    name = raw["name"]
+    where = f"{source}: rule {name!r}"
+    if raw["issuer"] not in issuers:
+        raise ConfigurationError(
+            f"{where}: unknown issuer {raw['issuer']!r} (configured: {', '.join(sorted(issuers)) or 'none'})"
+        )
+    matchers = []
+    for claim, spec in (raw.get("claims") or {}).items():
+        if isinstance(spec, dict):
+            matchers.append(
+                ClaimMatcher(claim, pattern=_pattern(spec["pattern"], f"{where}: claim {claim!r}"))
+            )
+        elif isinstance(spec, list):
+            matchers.append(ClaimMatcher(claim, values=tuple(spec)))
+        else:
+            matchers.append(ClaimMatcher(claim, values=(spec,)))
+    grant = raw["grant"]
+    audiences = frozenset(grant.get("audiences", ()))
+    resources = frozenset(grant.get("resources", ()))
+    for resource in resources:
+        try:
+            check_resource(resource)
+        except InvalidTarget:
+            raise ConfigurationError(
+                f"{where}: resource {resource!r} is not an absolute URI without a fragment (RFC 8707 §2)"
+            ) from None
+    if not audiences and not resources:
+        raise ConfigurationError(f"{where}: grant names no audience or resource")
+    scopes = tuple(grant.get("scopes", ()))
+    default_scopes = tuple(grant.get("default_scopes", ()))
+    if not set(default_scopes) <= set(scopes):
+        raise ConfigurationError(f"{where}: default_scopes must be a subset of scopes")
+    lifetime = int(grant.get("max_lifetime", min(DEFAULT_MAX_LIFETIME, max_lifetime)))
+    if lifetime > max_lifetime:
+        raise ConfigurationError(
+            f"{where}: max_lifetime {lifetime} exceeds the service's max_lifetime {max_lifetime}"
+        )
+    require_client = bool(raw.get("require_client_authentication", True))
+    allowed_clients = frozenset(raw.get("clients", ()))
+    if allowed_clients and not require_client:
+        raise ConfigurationError(f"{where}: clients requires require_client_authentication: true")
+    unknown_clients = sorted(allowed_clients - clients)
+    if unknown_clients:
+        raise ConfigurationError(f"{where}: unknown client(s) {', '.join(unknown_clients)}")
+    if "subject" not in raw and "subject_pattern" not in raw and not matchers and "condition" not in raw:
+        raise ConfigurationError(
+            f"{where}: matches every token of the issuer; add subject, subject_pattern, claims or condition"
+        )
+    condition_source = raw.get("condition")
+    return Rule(
+        name=name,
+        source=source,
+        issuer=raw["issuer"],
+        subject=raw.get("subject"),
+        subject_pattern=_pattern(raw["subject_pattern"], f"{where}: subject_pattern")
+        if "subject_pattern" in raw
+        else None,
+        claims=tuple(matchers),
+        condition=_condition(condition_source, where) if condition_source else None,
+        condition_source=condition_source,
+        require_client_authentication=require_client,
+        clients=allowed_clients,
+        audiences=audiences,
+        resources=resources,
+        scopes=scopes,
+        default_scopes=default_scopes,
+        max_lifetime=lifetime,
+        description=raw.get("description", ""),
+    )
+
+
+def compile_policy(
+    documents: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    issuers: frozenset[str],
+    clients: frozenset[str],
+    max_lifetime: int,
+) -> PolicySet:
+    """Compile schema-valid policy documents ``(source, mapping)`` into a frozen set of rules."""
+    rules: list[Rule] = []
+    seen: dict[str, str] = {}
+    for source, doc in documents:
+        for raw in doc.get("rules", ()):
+            rule = compile_rule(
+                raw,
+                source=raw.get("__source__", source),
+                issuers=issuers,
+                clients=clients,
+                max_lifetime=max_lifetime,
+            )
+            if rule.name in seen:
+                raise ConfigurationError(
+                    f"{source}: rule {rule.name!r}: name already used in {seen[rule.name]}"
+                )
+            seen[rule.name] = source
+            rules.append(rule)
+    return PolicySet(rules=tuple(rules), files=tuple(s for s, _ in documents))
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def _identity_mismatch(rule: Rule, facts: VerifiedToken, request: PolicyRequest) -> str | None:
+    """None when the rule matches the identity; else why not."""
+    if rule.issuer != facts.issuer_name:
+        return f"issuer is {facts.issuer_name!r}, rule wants {rule.issuer!r}"
+    if rule.subject is not None and facts.subject != rule.subject:
+        return "subject differs"
+    if rule.subject_pattern is not None and (
+        len(facts.subject) > _MAX_MATCHED_LENGTH or rule.subject_pattern.fullmatch(facts.subject) is None
+    ):
+        return "subject does not match subject_pattern"
+    for matcher in rule.claims:
+        if not matcher.matches(facts.claims):
+            return f"claim {matcher.name!r} does not match"
+    if rule.condition is not None:
+        variables = {
+            "claims": dict(facts.claims),
+            "subject": facts.subject,
+            "issuer": facts.issuer_name,
+            "client_id": request.client_id or "",
+            "request": {
+                "audiences": list(request.audiences),
+                "resources": list(request.resources),
+                "scopes": list(request.scopes or ()),
+            },
+        }
+        try:
+            result = rule.condition.execute(variables)
+        except Exception as exc:  # noqa: BLE001 - a failing condition is a non-match, never a grant
+            return f"condition could not be evaluated ({type(exc).__name__})"
+        if result is not True:
+            return "condition is false"
+    return None
+
+
+def _client_mismatch(rule: Rule, client_id: str | None) -> str | None:
+    if client_id is None:
+        return "client authentication required" if rule.require_client_authentication else None
+    if rule.clients and client_id not in rule.clients:
+        return f"client {client_id!r} not allowed"
+    return None
+
+
+def _targets(rule: Rule, request: PolicyRequest) -> tuple[str, ...] | None:
+    """The audiences to grant, or None when the rule does not cover what was asked."""
+    if not request.audiences and not request.resources:
+        # Nothing asked: a rule with exactly one target implies it; otherwise the caller must say.
+        return rule.targets if len(rule.targets) == 1 else None
+    if set(request.audiences) <= rule.audiences and set(request.resources) <= rule.resources:
+        return tuple(dict.fromkeys(request.resources + request.audiences))
+    return None
+
+
+def trace(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) -> list[RuleTrace]:
+    """Every rule with whether it applies and why (for ``sts policy explain`` and the audit record)."""
+    traces = []
+    for rule in policy.rules:
+        reason = (
+            _identity_mismatch(rule, facts, request)
+            or _client_mismatch(rule, request.client_id)
+            or (None if _targets(rule, request) is not None else "requested audience/resource not granted")
+        )
+        traces.append(RuleTrace(rule.name, rule.source, reason is None, reason or "applies"))
+    return traces
+
+
+def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) -> Grant:
+    """Decide what may be granted, or raise the OAuth error (see the module docstring)."""
+    identity = [r for r in policy.rules if _identity_mismatch(r, facts, request) is None]
+    if not identity:
+        raise InvalidTarget("policy.no_rule_for_identity")
+    clients_ok = [r for r in identity if _client_mismatch(r, request.client_id) is None]
+    if not clients_ok:
+        if request.client_id is None:
+            raise InvalidClient("policy.client_authentication_required")
+        raise UnauthorizedClient("policy.client_not_allowed", request.client_id)
+    for rule in clients_ok:
+        targets = _targets(rule, request)
+        if targets is None:
+            continue
+        if request.scopes is None:
+            scopes, narrowed = rule.default_scopes, False
+        else:
+            scopes = tuple(s for s in request.scopes if s in rule.scopes)
+            if not scopes:
+                raise InvalidScope("policy.scope_not_allowed", rule.name)
+            narrowed = len(scopes) != len(request.scopes)
+        reasons = ("policy.rule_matched",) + (("policy.scope_narrowed",) if narrowed else ())
+        return Grant(rule.name, targets, scopes, rule.max_lifetime, narrowed, reasons)
+    raise InvalidTarget("policy.target_not_allowed")

@@ -1,0 +1,75 @@
+"""Ports: the small storage and key interfaces the decision core needs.
+
+Adapters in :mod:`sts.adapters` implement them (SQLite/SQLAlchemy, Redis,
+HTTP JWKS, key files).  The core only ever sees these protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from joserfc.jwk import Key
+
+from .audit import AuditRecord
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached; callers fail closed."""
+
+
+class KeysUnavailable(Exception):
+    """An issuer's keys cannot be had (unreachable and no usable cache)."""
+
+
+class UnknownKeyId(Exception):
+    """The issuer publishes no key with this ``kid`` (after one refetch)."""
+
+
+class AuditUnavailable(Exception):
+    """The audit record could not be committed."""
+
+
+class ReplayCache(Protocol):
+    """One-time-use registry (client assertion ``jti``, single-use tokens, DPoP ``jti``)."""
+
+    def first_use(self, purpose: str, key: str, expires_at: float, now: float) -> bool:
+        """Atomically record ``key`` under ``purpose`` until ``expires_at``.
+
+        Returns True when the key was not already recorded (first use), False
+        on a replay.  Raises :class:`StoreUnavailable` when the store cannot
+        be reached, so the caller fails closed.
+        """
+        ...
+
+
+class IssuerKeys(Protocol):
+    """Verification keys of one trusted issuer (a JWKS URL or file)."""
+
+    def key_for(self, kid: str | None, alg: str) -> Key:
+        """Return the key with this ``kid`` usable for ``alg``.
+
+        Raises :class:`UnknownKeyId` when no such key exists even after a
+        refetch, :class:`KeysUnavailable` when the keys cannot be had.
+        """
+        ...
+
+
+class Signer(Protocol):
+    """The current signing key of this service."""
+
+    @property
+    def alg(self) -> str: ...
+
+    @property
+    def kid(self) -> str: ...
+
+    def sign(self, header: Mapping[str, Any], claims: Mapping[str, Any]) -> str:
+        """Return a compact JWS of ``claims`` with ``header`` (``alg``/``kid`` added)."""
+        ...
+
+
+class AuditSink(Protocol):
+    def write(self, record: AuditRecord) -> None:
+        """Commit the record durably; raise :class:`AuditUnavailable` if it cannot."""
+        ...

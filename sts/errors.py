@@ -1,0 +1,151 @@
+"""OAuth errors, one exception per error code.
+
+Each error carries its code (RFC 6749 §5.2, RFC 8693 §2.2.2, RFC 7009, RFC 9449),
+its HTTP status and a fixed, safe ``error_description``.  The ``detail`` says
+what really went wrong; it goes to the log and the audit record, never to the
+caller, so an attacker cannot learn which check failed.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class OAuthError(Exception):
+    """Base class: an OAuth error response.
+
+    ``reason`` is a short, stable, machine-readable tag for the audit record
+    (``subject_token.expired``, ``client.unknown``...).  ``detail`` is free
+    text for operators.
+    """
+
+    error: ClassVar[str] = "server_error"
+    status: ClassVar[int] = 500
+    description: ClassVar[str] = "The server could not complete the request."
+
+    def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
+        super().__init__(reason if not detail else f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        if description is not None:
+            # Callers may choose among fixed, safe texts; never interpolate input.
+            self.public_description = description
+        else:
+            self.public_description = self.description
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, object]:
+        return {"error": self.error, "error_description": self.public_description}
+
+
+class InvalidRequest(OAuthError):
+    error = "invalid_request"
+    status = 400
+    description = "The request is missing a parameter, repeats one, or is otherwise malformed."
+
+
+class InvalidClient(OAuthError):
+    """RFC 6749 §5.2: 401 with a ``WWW-Authenticate`` challenge."""
+
+    error = "invalid_client"
+    status = 401
+    description = "Client authentication failed."
+
+    realm: ClassVar[str] = "sts"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Basic realm="{self.realm}", error="invalid_client"'}
+
+
+class InvalidGrant(OAuthError):
+    error = "invalid_grant"
+    status = 400
+    description = "The grant is invalid."
+
+
+class UnauthorizedClient(OAuthError):
+    error = "unauthorized_client"
+    status = 400
+    description = "The client is not authorized to make this request."
+
+
+class UnsupportedGrantType(OAuthError):
+    error = "unsupported_grant_type"
+    status = 400
+    description = "The grant type is not supported."
+
+
+class InvalidScope(OAuthError):
+    error = "invalid_scope"
+    status = 400
+    description = "The requested scope is invalid or exceeds what may be granted."
+
+
+class InvalidTarget(OAuthError):
+    """RFC 8693 §2.2.2 / RFC 8707 §2: no token for the requested audience or resource."""
+
+    error = "invalid_target"
+    status = 400
+    description = "The server will not issue a token for the requested audience or resource."
+
+
+class UnsupportedTokenType(OAuthError):
+    """RFC 7009 §2.2.1."""
+
+    error = "unsupported_token_type"
+    status = 400
+    description = "The token type is not supported."
+
+
+class InvalidDPoPProof(OAuthError):
+    """RFC 9449 §5."""
+
+    error = "invalid_dpop_proof"
+    status = 400
+    description = "The DPoP proof is invalid."
+
+
+class UseDPoPNonce(OAuthError):
+    """RFC 9449 §8: the client must retry with the nonce in the ``DPoP-Nonce`` header."""
+
+    error = "use_dpop_nonce"
+    status = 400
+    description = "Authorization server requires nonce in DPoP proof."
+
+    def __init__(self, nonce: str, reason: str = "dpop.nonce_required", detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.nonce = nonce
+
+    def headers(self) -> dict[str, str]:
+        return {"DPoP-Nonce": self.nonce}
+
+
+class ServerError(OAuthError):
+    error = "server_error"
+    status = 500
+    description = "The server could not complete the request."
+
+
+class TemporarilyUnavailable(OAuthError):
+    """A dependency (audit database, replay store, upstream JWKS) is unavailable.
+
+    The server fails closed: nothing is issued.  ``Retry-After`` tells the
+    client when to try again.
+    """
+
+    error = "temporarily_unavailable"
+    status = 503
+    description = "The service is temporarily unavailable; retry later."
+
+    def __init__(self, reason: str, detail: str = "", *, retry_after: int = 5) -> None:
+        super().__init__(reason, detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ConfigurationError(Exception):
+    """A setting, policy file or key file is invalid; the service refuses to start."""

@@ -1,0 +1,85 @@
+"""Endpoints: the token endpoint (RFC 8693), metadata (RFC 8414), JWKS, health."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+from ..core.exchange import WireRequest
+from ..errors import InvalidRequest, OAuthError
+from .responses import NO_STORE, json_response
+
+if TYPE_CHECKING:
+    from ..app import Runtime
+
+bp = Blueprint("oauth", __name__)
+
+
+def runtime() -> Runtime:
+    return cast("Runtime", current_app.extensions["sts"])
+
+
+@bp.post("/token")
+def token() -> Response:
+    """RFC 8693 §2.1 token exchange::
+
+    POST /token
+    Content-Type: application/x-www-form-urlencoded
+
+    grant_type=urn:ietf:params:oauth:grant-type:token-exchange&subject_token=...
+    """
+    rt = runtime()
+    problem: OAuthError | None = None
+    form: dict[str, list[str]] = {}
+    try:
+        form = request.form.to_dict(flat=False)
+    except RequestEntityTooLarge:
+        problem = InvalidRequest("request.body_too_large")
+    except BadRequest:
+        problem = InvalidRequest("request.malformed_body")
+    authorizations = request.headers.getlist("Authorization")
+    if len(authorizations) > 1:
+        problem = problem or InvalidRequest("request.repeated_authorization_header")
+    wire = WireRequest(
+        form=form,
+        query=request.args.to_dict(flat=False),
+        content_type=request.headers.get("Content-Type"),
+        authorization=authorizations[0] if authorizations else None,
+        request_id=g.request_id,
+        source_ip=request.remote_addr,
+        user_agent=request.headers.get("User-Agent"),
+    )
+    if problem is not None:
+        rt.exchange.refuse_early(wire, problem)
+        raise problem
+    result = rt.exchange.handle(wire)
+    return json_response(result.as_json(), 200, NO_STORE)
+
+
+def _metadata() -> Response:
+    return json_response(runtime().metadata, 200, {"Cache-Control": "public, max-age=3600"})
+
+
+@bp.get("/.well-known/oauth-authorization-server")
+def metadata() -> Response:
+    """RFC 8414 §3 authorization server metadata."""
+    return _metadata()
+
+
+@bp.get("/.well-known/jwks.json")
+def jwks() -> Response:
+    """The JWK Set (RFC 7517 §5) of every published signing key, public parts only."""
+    rt = runtime()
+    rt.keyring.reload_if_changed(rt.clock())
+    return json_response(rt.keyring.public_jwks(), 200, {"Cache-Control": "public, max-age=300"})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness and readiness: the audit database and the store answer."""
+    problems = runtime().health()
+    if problems:
+        return json_response({"status": "unavailable", "problems": problems}, 503, NO_STORE)
+    return json_response({"status": "ok"}, 200, NO_STORE)

@@ -1,0 +1,1 @@
+"""Wire formats only: parse and serialise, decide nothing."""

@@ -1,0 +1,95 @@
+"""Client credentials on the wire (RFC 6749 §2.3, RFC 7521 §4.2, RFC 7523 §2.2).
+
+Three ways a client may authenticate at the token endpoint, never more than
+one at once (RFC 6749 §2.3)::
+
+    Authorization: Basic base64(urlencode(client_id) ":" urlencode(secret))
+    client_id=...&client_secret=...                          (client_secret_post)
+    client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer
+    &client_assertion=eyJ...                                  (private_key_jwt)
+
+or none at all, when a policy rule lets the subject token be the only credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
+
+from ..errors import InvalidClient, InvalidRequest
+from .token_exchange import single
+
+CLIENT_ASSERTION_TYPE_JWT = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+NONE = "none"
+CLIENT_SECRET_BASIC = "client_secret_basic"
+CLIENT_SECRET_POST = "client_secret_post"
+PRIVATE_KEY_JWT = "private_key_jwt"
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    method: str
+    client_id: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    assertion: str | None = field(default=None, repr=False)
+
+
+def _decode_basic(value: str) -> tuple[str, str]:
+    """RFC 6749 §2.3.1 / RFC 7617: base64 of ``urlencoded-id:urlencoded-secret``."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+        text = raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise InvalidClient("client.malformed_basic_credentials") from None
+    client_id, sep, secret = text.partition(":")
+    if not sep:
+        raise InvalidClient("client.malformed_basic_credentials")
+    client_id, secret = unquote_plus(client_id), unquote_plus(secret)
+    if not client_id:
+        raise InvalidClient("client.malformed_basic_credentials")
+    return client_id, secret
+
+
+def parse_client_credentials(
+    form: Mapping[str, Sequence[str]], authorization: str | None
+) -> ClientCredentials:
+    form_id = single(form, "client_id")
+    form_secret = single(form, "client_secret")
+    assertion = single(form, "client_assertion")
+    assertion_type = single(form, "client_assertion_type")
+
+    basic: tuple[str, str] | None = None
+    if authorization is not None:
+        scheme, _, rest = authorization.strip().partition(" ")
+        if scheme.lower() != "basic":
+            raise InvalidClient("client.unsupported_authorization_scheme", scheme[:20])
+        basic = _decode_basic(rest)
+
+    used = [m for m, present in (("basic", basic), ("post", form_secret), ("jwt", assertion)) if present]
+    if len(used) > 1:
+        raise InvalidRequest("client.multiple_authentication_methods", ",".join(used))
+
+    if basic is not None:
+        if form_id is not None and form_id != basic[0]:
+            raise InvalidClient("client.client_id_mismatch")
+        return ClientCredentials(CLIENT_SECRET_BASIC, basic[0], secret=basic[1])
+    if form_secret is not None:
+        if form_id is None:
+            raise InvalidClient("client.missing_client_id")
+        return ClientCredentials(CLIENT_SECRET_POST, form_id, secret=form_secret)
+    if assertion is not None or assertion_type is not None:
+        if assertion is None:
+            raise InvalidRequest("client.missing_client_assertion")
+        if assertion_type is None:
+            raise InvalidRequest("client.missing_client_assertion_type")
+        if assertion_type != CLIENT_ASSERTION_TYPE_JWT:
+            raise InvalidClient("client.unsupported_assertion_type")
+        return ClientCredentials(PRIVATE_KEY_JWT, form_id, assertion=assertion)
+    if form_id is not None:
+        # A client_id alone proves nothing; no public clients are registered here.
+        raise InvalidClient("client.unauthenticated_client_id")
+    return ClientCredentials(NONE)

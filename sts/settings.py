@@ -1,0 +1,283 @@
+"""Settings: declared once, read from one YAML file plus ``STS_*`` variables, validated, frozen.
+
+Order of precedence: built-in defaults < configuration file < environment.
+The file is named by ``--config`` or ``STS_CONFIG``; without either,
+``./sts.yaml`` is used when it exists.  Every scalar setting ``name`` can be
+overridden by the variable ``STS_NAME`` (``STS_ISSUER``, ``STS_PORT``...).
+Secrets come only from the environment (``STS_KEY_PASSPHRASE``).
+
+A bad setting raises :class:`~sts.errors.ConfigurationError` naming it, and
+the service does not start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import yaml
+
+from .errors import ConfigurationError
+
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+TOKEN_TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    """A trusted upstream issuer of subject (and actor) tokens."""
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None = None
+    jwks_file: Path | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    max_token_age: int | None = None
+    max_token_lifetime: int | None = None
+    token_types: tuple[str, ...] = (TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN)
+    typ: tuple[str | None, ...] = (None, "JWT")
+    require_jti: bool = False
+    jwks_max_stale: int = 3600
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """A registered client: how it authenticates (RFC 6749 §2.3, RFC 7523 §2.2)."""
+
+    client_id: str
+    auth_method: str
+    secret_hash: str | None = None
+    jwks: Mapping[str, Any] | None = None
+    jwks_file: Path | None = None
+    jwks_uri: str | None = None
+    algorithms: tuple[str, ...] = ("ES256", "RS256", "PS256", "EdDSA")
+
+
+@dataclass(frozen=True)
+class Settings:
+    issuer: str = "http://127.0.0.1:8080"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    threads: int = 8
+    database_url: str = "sqlite:///var/sts.sqlite"
+    store: str = "embedded"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    keys_dir: Path = Path("keys")
+    signing_alg: str = "ES256"
+    key_rotation_min_published: int = 3600
+    policies_dir: Path = Path("policies")
+    default_lifetime: int = 300
+    max_lifetime: int = 3600
+    leeway: int = 30
+    max_body_bytes: int = 16384
+    max_client_assertion_lifetime: int = 300
+    log_level: str = "INFO"
+    issuers: tuple[IssuerSettings, ...] = ()
+    clients: tuple[ClientSettings, ...] = ()
+    key_passphrase: bytes | None = field(default=None, repr=False)
+    config_file: Path | None = None
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.issuer.rstrip("/") + "/token"
+
+    @property
+    def jwks_uri(self) -> str:
+        return self.issuer.rstrip("/") + "/.well-known/jwks.json"
+
+
+_SCALARS = {
+    f.name: f.type
+    for f in fields(Settings)
+    if f.name not in {"issuers", "clients", "key_passphrase", "config_file"}
+}
+_INT_SETTINGS = {
+    "port",
+    "workers",
+    "threads",
+    "key_rotation_min_published",
+    "default_lifetime",
+    "max_lifetime",
+    "leeway",
+    "max_body_bytes",
+    "max_client_assertion_lifetime",
+}
+_PATH_SETTINGS = {"keys_dir", "policies_dir"}
+
+
+def _schema() -> dict[str, Any]:
+    text = resources.files("sts.schemas").joinpath("config.schema.json").read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_https_url(value: str, what: str, *, allow_loopback_http: bool = True) -> None:
+    """An https URL; plain http only on loopback, for development."""
+    parts = urlsplit(value)
+    if not parts.hostname or parts.scheme not in {"https", "http"}:
+        raise ConfigurationError(f"{what}: {value!r} is not an absolute http(s) URL")
+    if parts.scheme == "http" and not (allow_loopback_http and is_loopback_host(parts.hostname)):
+        raise ConfigurationError(f"{what}: {value!r} must use https (plain http only on loopback)")
+    if parts.fragment or parts.query:
+        raise ConfigurationError(f"{what}: {value!r} must have no query or fragment")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for name in _SCALARS:
+        var = "STS_" + name.upper()
+        if var in environ:
+            value: Any = environ[var]
+            if name in _INT_SETTINGS:
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ConfigurationError(f"{var}: {value!r} is not an integer") from None
+            raw[name] = value
+    return raw
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read, validate and freeze the settings.
+
+    ``overrides`` (used by tests and the CLI) win over the environment, which
+    wins over the file.
+    """
+    env = os.environ if environ is None else environ
+    path: Path | None = None
+    if config_file is not None:
+        path = Path(config_file)
+    elif env.get("STS_CONFIG"):
+        path = Path(env["STS_CONFIG"])
+    elif Path("sts.yaml").is_file():
+        path = Path("sts.yaml")
+
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"config file {path}: cannot be read ({exc.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"config file {path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigurationError(f"config file {path}: must be a mapping of settings")
+        raw.update(loaded or {})
+        base = path.resolve().parent
+    raw.update(_env_overrides(env))
+    if overrides:
+        raw.update(overrides)
+
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(raw), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        source = f"config file {path}" if path else "settings"
+        raise ConfigurationError(f"{source}: setting {where}: {err.message}")
+
+    kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in _SCALARS}
+    for name in _PATH_SETTINGS & kwargs.keys():
+        kwargs[name] = _resolve(base, kwargs[name])
+    for name in _PATH_SETTINGS - kwargs.keys():
+        kwargs[name] = _resolve(base, str(getattr(Settings, name)))
+    if "database_url" not in kwargs:
+        kwargs["database_url"] = "sqlite:///" + str(_resolve(base, "var/sts.sqlite"))
+    kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
+    kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
+    passphrase = env.get("STS_KEY_PASSPHRASE")
+    kwargs["key_passphrase"] = passphrase.encode("utf-8") if passphrase else None
+    kwargs["config_file"] = path
+    settings = Settings(**kwargs)
+    _check(settings)
+    return settings
+
+
+def _issuer(base: Path, raw: Mapping[str, Any]) -> IssuerSettings:
+    values = dict(raw)
+    for key in ("algorithms", "audiences", "token_types", "typ"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if "jwks_file" in values:
+        values["jwks_file"] = _resolve(base, values["jwks_file"])
+    return IssuerSettings(**values)
+
+
+def _client(base: Path, raw: Mapping[str, Any]) -> ClientSettings:
+    values = dict(raw)
+    if "algorithms" in values:
+        values["algorithms"] = tuple(values["algorithms"])
+    if "jwks_file" in values:
+        values["jwks_file"] = _resolve(base, values["jwks_file"])
+    return ClientSettings(**values)
+
+
+def _check(s: Settings) -> None:
+    """Cross-field rules the JSON Schema cannot express."""
+    check_https_url(s.issuer, "setting issuer")
+    if s.default_lifetime > s.max_lifetime:
+        raise ConfigurationError("setting default_lifetime: must not exceed max_lifetime")
+    if s.store == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(f"setting redis_url: {s.redis_url!r} is not a redis:// URL")
+    if not s.database_url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+        raise ConfigurationError("setting database_url: only sqlite and postgresql URLs are supported")
+    names: set[str] = set()
+    for iss in s.issuers:
+        where = f"issuers.{iss.name}"
+        if iss.name in names:
+            raise ConfigurationError(f"setting {where}: duplicate issuer name")
+        names.add(iss.name)
+        if iss.jwks_uri:
+            check_https_url(iss.jwks_uri, f"setting {where}.jwks_uri")
+        if iss.issuer.rstrip("/") == s.issuer.rstrip("/"):
+            raise ConfigurationError(f"setting {where}.issuer: must not be this service's own issuer")
+    ids: set[str] = set()
+    for client in s.clients:
+        where = f"clients.{client.client_id}"
+        if client.client_id in ids:
+            raise ConfigurationError(f"setting {where}: duplicate client_id")
+        ids.add(client.client_id)
+        if client.auth_method.startswith("client_secret"):
+            if not client.secret_hash:
+                raise ConfigurationError(f"setting {where}.secret_hash: required for {client.auth_method}")
+        else:
+            sources = [x for x in (client.jwks, client.jwks_file, client.jwks_uri) if x]
+            if len(sources) != 1:
+                raise ConfigurationError(
+                    f"setting {where}: private_key_jwt needs exactly one of jwks, jwks_file, jwks_uri"
+                )
+            if client.jwks_uri:
+                check_https_url(client.jwks_uri, f"setting {where}.jwks_uri")

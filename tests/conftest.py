@@ -1,0 +1,140 @@
+"""Shared fixtures: a real development issuer over HTTP, settings in a temporary directory, an app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from flask import Flask
+from flask.testing import FlaskClient
+from joserfc.jwk import ECKey
+
+from sts.app import create_app
+from sts.core.client_secrets import hash_secret
+from sts.dev.issuer import DevIssuer, RunningServer
+from sts.settings import Settings, load_settings
+
+STS_ISSUER = "https://sts.test"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+FORM = "application/x-www-form-urlencoded"
+
+GATEWAY_SECRET = "gateway-secret-with-enough-entropy-0123456789"
+POSTER_SECRET = "poster secret/with+odd:chars"
+#: The signer client's private key, generated per test session (never committed).
+SIGNER_KEY = ECKey.generate_key("P-256", auto_kid=True)
+
+DEFAULT_CLIENTS: list[dict[str, Any]] = [
+    {
+        "client_id": "gateway",
+        "auth_method": "client_secret_basic",
+        "secret_hash": hash_secret(GATEWAY_SECRET),
+    },
+    {"client_id": "poster", "auth_method": "client_secret_post", "secret_hash": hash_secret(POSTER_SECRET)},
+    {
+        "client_id": "signer",
+        "auth_method": "private_key_jwt",
+        "jwks": {"keys": [SIGNER_KEY.as_dict(private=False)]},
+        "algorithms": ["ES256"],
+    },
+]
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "version": 1,
+    "rules": [
+        {
+            "name": "deploy",
+            "issuer": "upstream",
+            "subject": "repo:acme/app:ref:refs/heads/main",
+            "claims": {"repository_id": "123456"},
+            "require_client_authentication": False,
+            "grant": {
+                "audiences": ["https://deploy.example.com"],
+                "scopes": ["deploy:read", "deploy:write"],
+                "default_scopes": ["deploy:read"],
+                "max_lifetime": 300,
+            },
+        },
+        {
+            "name": "ledger-with-client",
+            "issuer": "upstream",
+            "subject": "system:serviceaccount:payments:api",
+            "clients": ["gateway", "signer", "poster"],
+            "grant": {
+                "resources": ["https://ledger.example.com/api"],
+                "audiences": ["ledger"],
+                "scopes": ["ledger:read", "ledger:write", "ledger:admin"],
+                "max_lifetime": 600,
+            },
+        },
+    ],
+}
+
+
+@pytest.fixture
+def upstream() -> Iterator[RunningServer]:
+    """A development issuer serving its JWKS over real HTTP on loopback."""
+    with DevIssuer.serve_ephemeral(alg="RS256") as server:
+        yield server
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, upstream: RunningServer) -> Callable[..., Settings]:
+    def build(
+        policy: dict[str, Any] | None = None, *, issuers: list[dict[str, Any]] | None = None, **overrides: Any
+    ) -> Settings:
+        policies = tmp_path / "policies"
+        policies.mkdir(exist_ok=True)
+        (policies / "test.yaml").write_text(yaml.safe_dump(policy or DEFAULT_POLICY))
+        values: dict[str, Any] = {
+            "issuer": STS_ISSUER,
+            "database_url": f"sqlite:///{tmp_path / 'sts.sqlite'}",
+            "keys_dir": str(tmp_path / "keys"),
+            "policies_dir": str(policies),
+            "clients": DEFAULT_CLIENTS,
+            "issuers": issuers
+            if issuers is not None
+            else [
+                {
+                    "name": "upstream",
+                    "issuer": upstream.issuer.issuer_url,
+                    "jwks_uri": upstream.jwks_uri,
+                    "algorithms": ["RS256"],
+                    "audiences": [STS_ISSUER],
+                    "max_token_age": 3600,
+                }
+            ],
+        }
+        values.update(overrides)
+        return load_settings(config_file=None, environ={}, overrides=values)
+
+    return build
+
+
+@pytest.fixture
+def app(make_settings: Callable[..., Settings]) -> Flask:
+    return create_app(make_settings())
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def exchange_form(subject_token: str, **params: Any) -> dict[str, Any]:
+    form: dict[str, Any] = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": subject_token,
+        "subject_token_type": JWT_TYPE,
+    }
+    form.update(params)
+    return form
+
+
+def now() -> float:
+    return time.time()
