@@ -116,6 +116,7 @@ def build_policy(settings: Settings) -> PolicySet:
         issuers=frozenset(i.name for i in settings.issuers),
         clients=frozenset(c.client_id for c in settings.clients),
         max_lifetime=settings.max_lifetime,
+        default_lifetime=settings.default_lifetime,
     )
 
 

@@ -7,6 +7,7 @@ message when they are invalid.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -147,7 +148,8 @@ def keys_list(ctx: click.Context) -> None:
     """Show every key with its state (next, active, retired) and dates."""
     ring = _keyring(_settings(ctx))
     for entry in ring.entries():
-        click.echo(json.dumps({k: v for k, v in vars(entry).items()}, default=str))
+        # KeyEntry is a slotted dataclass: it has no __dict__ for vars().
+        click.echo(json.dumps(dataclasses.asdict(entry), default=str))
 
 
 @keys.command("rotate")
@@ -202,13 +204,14 @@ def policy_check(ctx: click.Context, files: tuple[Path, ...]) -> None:
     from .adapters.policy_files import load_policies, policy_files
 
     settings = _settings(ctx)
-    paths = list(files) or policy_files(settings.policies_dir)
     try:
+        paths = list(files) or policy_files(settings.policies_dir)
         compiled = load_policies(
             paths,
             issuers=frozenset(i.name for i in settings.issuers),
             clients=frozenset(c.client_id for c in settings.clients),
             max_lifetime=settings.max_lifetime,
+            default_lifetime=settings.default_lifetime,
         )
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
@@ -339,13 +342,21 @@ def audit() -> None:
 @click.pass_context
 def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str | None) -> None:
     """Print the newest decisions as JSON lines, newest first."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from .adapters import sql
 
     settings = _settings(ctx)
-    engine = sql.make_engine(settings.database_url)
-    sql.create_schema(engine)
     filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
-    for record in sql.SqlAuditSink(engine).recent(limit, **filters):
+    try:
+        engine = sql.make_engine(settings.database_url)
+        sql.create_schema(engine)
+        records = sql.SqlAuditSink(engine).recent(limit, **filters)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
+        ) from None
+    for record in records:
         click.echo(json.dumps(record, sort_keys=True))
 
 

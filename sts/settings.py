@@ -255,11 +255,19 @@ def _check(s: Settings) -> None:
     if not s.database_url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         raise ConfigurationError("setting database_url: only sqlite and postgresql URLs are supported")
     names: set[str] = set()
+    by_iss: dict[str, str] = {}
     for iss in s.issuers:
         where = f"issuers.{iss.name}"
         if iss.name in names:
             raise ConfigurationError(f"setting {where}: duplicate issuer name")
         names.add(iss.name)
+        # Tokens are matched to an issuer by their exact iss: a second entry would silently shadow the first.
+        if iss.issuer in by_iss:
+            raise ConfigurationError(
+                f"setting {where}.issuer: {iss.issuer!r} is already the issuer of "
+                f"issuers.{by_iss[iss.issuer]}"
+            )
+        by_iss[iss.issuer] = iss.name
         if iss.jwks_uri:
             check_https_url(iss.jwks_uri, f"setting {where}.jwks_uri")
         if iss.issuer.rstrip("/") == s.issuer.rstrip("/"):

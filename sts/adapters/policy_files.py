@@ -7,7 +7,7 @@ only reads files and reports errors as ``file:line: rule 'name': reason``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,14 +30,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """A safe loader that refuses duplicate keys (YAML would silently keep the last)."""
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, line: int, key: Any) -> None:
+        super().__init__(f"line {line}: duplicate key {key!r}")
+        self.line = line
+        self.key = key
+
+
 def _construct_mapping(
     loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
 ) -> dict[Any, Any]:
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                "found an unhashable key",
+                key_node.start_mark,
+            )
         if key in mapping:
-            raise ConfigurationError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            raise _DuplicateKey(key_node.start_mark.line + 1, key)
         mapping[key] = loader.construct_object(value_node, deep=deep)  # type: ignore[no-untyped-call]
     return mapping
 
@@ -59,6 +73,27 @@ def _rule_lines(text: str) -> dict[int, int]:
     return {}
 
 
+def _rule_containing(text: str, line: int) -> str:
+    """``: rule 'name'`` for the rule whose YAML spans ``line`` (1-based), else an empty string."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return ""
+    if not isinstance(root, yaml.MappingNode):
+        return ""
+    for key, value in root.value:
+        if key.value != "rules" or not isinstance(value, yaml.SequenceNode):
+            continue
+        for item in value.value:
+            if not item.start_mark.line + 1 <= line <= item.end_mark.line + 1:
+                continue
+            if isinstance(item, yaml.MappingNode):
+                for k, v in item.value:
+                    if k.value == "name" and isinstance(v, yaml.ScalarNode):
+                        return f": rule {v.value!r}"
+    return ""
+
+
 def read_policy_file(path: Path) -> dict[str, Any]:
     """Parse and schema-check one file; errors name the file, line and rule."""
     try:
@@ -67,14 +102,23 @@ def read_policy_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"{path}: cannot be read ({exc.strerror})") from None
     try:
         doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{path}: {exc}") from None
+    except _DuplicateKey as exc:
+        raise ConfigurationError(
+            f"{path}:{exc.line}{_rule_containing(text, exc.line)}: duplicate key {exc.key!r} "
+            "(YAML would silently keep the last value)"
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        where = f"{path}:{exc.problem_mark.line + 1}" if exc.problem_mark else str(path)
+        raise ConfigurationError(f"{where}: not valid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigurationError(f"{path}: not valid YAML: {exc}") from None
     if doc is None:
         doc = {"rules": []}
+    # YAML keys need not be strings (``1: x``, ``null: x``): compare list indexes as numbers and
+    # everything else as text, so that sorting never compares an int with a str.
     errors = sorted(
-        jsonschema.Draft202012Validator(policy_schema()).iter_errors(doc), key=lambda e: list(e.path)
+        jsonschema.Draft202012Validator(policy_schema()).iter_errors(doc),
+        key=lambda e: [(0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in e.path],
     )
     if errors:
         err = errors[0]
@@ -109,7 +153,12 @@ def policy_files(directory: Path) -> list[Path]:
 
 
 def load_policies(
-    paths: Iterable[Path], *, issuers: frozenset[str], clients: frozenset[str], max_lifetime: int
+    paths: Iterable[Path],
+    *,
+    issuers: frozenset[str],
+    clients: frozenset[str],
+    max_lifetime: int,
+    default_lifetime: int = 300,
 ) -> PolicySet:
     documents = []
     for path in paths:
@@ -118,4 +167,10 @@ def load_policies(
             line = rule.pop("__line__", None)
             rule.setdefault("__source__", f"{path}:{line}" if line else str(path))
         documents.append((str(path), doc))
-    return compile_policy(documents, issuers=issuers, clients=clients, max_lifetime=max_lifetime)
+    return compile_policy(
+        documents,
+        issuers=issuers,
+        clients=clients,
+        max_lifetime=max_lifetime,
+        default_lifetime=default_lifetime,
+    )

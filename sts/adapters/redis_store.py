@@ -32,10 +32,11 @@ class RedisReplayCache:
         if expires_at <= now:
             # Already expired: nothing to remember, and Redis refuses a past PXAT.
             expires_at = now + 1
+        # Redis keys are bytes; "surrogatepass" keeps a jti with lone surrogates (valid JSON) distinct
+        # instead of failing to encode.
+        name = f"{self.prefix}:replay:{purpose}:{key}".encode("utf-8", "surrogatepass")
         try:
-            created = self.client.set(
-                f"{self.prefix}:replay:{purpose}:{key}", b"1", nx=True, pxat=math.ceil(expires_at * 1000)
-            )
+            created = self.client.set(name, b"1", nx=True, pxat=math.ceil(expires_at * 1000))
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return bool(created)

@@ -10,9 +10,13 @@ statement, so of two concurrent first uses exactly one succeeds.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import random
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,46 +107,119 @@ def create_schema(engine: Engine) -> None:
     metadata.create_all(engine)
 
 
+def _text(value: str | None, limit: int) -> str | None:
+    """A value safe for any text column: PostgreSQL refuses NUL and lone surrogates."""
+    if value is None:
+        return None
+    value = value[:limit]
+    if value.isprintable():
+        return value
+    return value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\N{REPLACEMENT CHARACTER}")
+
+
 def _utc(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
 
 
+@dataclass
+class _PendingRow:
+    row: dict[str, Any]
+    done: bool = False
+    error: str | None = None
+
+
 class SqlAuditSink:
-    """Commits each audit record in its own transaction."""
+    """Commits audit records; the caller returns only once its record is committed.
 
-    def __init__(self, engine: Engine) -> None:
+    Group commit: while one thread commits, records arriving from other
+    threads queue up, and the next committer writes them all in one
+    transaction.  Each caller still waits for its own record's commit, so
+    "no token leaves unless its audit record is committed" holds, and under
+    load the cost of a commit is shared (the same idea as PostgreSQL's own
+    group commit).  If a batch fails, its rows are retried one by one so one
+    bad row cannot fail the others.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 128, timeout: float = 10.0) -> None:
         self.engine = engine
+        self.max_batch = max_batch
+        self.timeout = timeout
+        self._insert = audit_events.insert()
+        self._cond = threading.Condition()
+        self._pending: list[_PendingRow] = []
+        self._committing = False
 
-    def write(self, record: AuditRecord) -> None:
-        row = {
+    @staticmethod
+    def _row(record: AuditRecord) -> dict[str, Any]:
+        return {
             "event_id": record.event_id,
             "time": _utc(record.time),
-            "request_id": record.request_id[:128],
+            "request_id": _text(record.request_id, 128),
             "endpoint": record.endpoint,
             "outcome": record.outcome,
             "error": record.error,
-            "client_id": (record.client_id or None) and record.client_id[:128],
-            "client_auth_method": record.client_auth_method,
-            "issuer": record.issuer,
-            "subject": record.subject and record.subject[:512],
-            "subject_token_type": record.subject_token_type,
+            "client_id": _text(record.client_id or None, 128),
+            "client_auth_method": _text(record.client_auth_method, 32),
+            "issuer": _text(record.issuer, 64),
+            "subject": _text(record.subject, 512),
+            "subject_token_type": _text(record.subject_token_type, 128),
             "subject_token_sha256": record.subject_token_sha256,
-            "subject_token_jti": record.subject_token_jti and record.subject_token_jti[:256],
-            "actor_issuer": record.actor_issuer,
-            "actor_subject": record.actor_subject and record.actor_subject[:512],
+            "subject_token_jti": _text(record.subject_token_jti, 256),
+            "actor_issuer": _text(record.actor_issuer, 64),
+            "actor_subject": _text(record.actor_subject, 512),
             "actor_token_sha256": record.actor_token_sha256,
-            "rule": record.rule,
+            "rule": _text(record.rule, 128),
             "issued_jti": record.issued_jti,
             "issued_exp": record.issued_exp,
             "issued_kid": record.issued_kid,
-            "source_ip": record.source_ip,
+            "source_ip": _text(record.source_ip, 64),
             "record": record.as_dict(),
         }
+
+    def write(self, record: AuditRecord) -> None:
+        item = _PendingRow(self._row(record))
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            self._pending.append(item)
+            while not item.done and self._committing:
+                remaining = deadline - time.monotonic()
+                if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
+                    # Too slow: withdraw the record if it is still queued and refuse. (If a
+                    # commit already holds it, the trail shows a token that was never sent.)
+                    if item in self._pending:
+                        self._pending.remove(item)
+                    raise AuditUnavailable("timeout waiting for the audit commit")
+            if not item.done:
+                self._committing = True
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+        if not item.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise AuditUnavailable(item.error)
+
+    def _commit(self, batch: list[_PendingRow]) -> None:
         try:
             with self.engine.begin() as conn:
-                conn.execute(audit_events.insert().values(**row))
+                conn.execute(self._insert, [p.row for p in batch])
         except SQLAlchemyError as exc:
-            raise AuditUnavailable(type(exc).__name__) from None
+            if len(batch) == 1:
+                batch[0].error = type(exc).__name__
+            else:
+                for item in batch:
+                    self._commit([item])
+        except BaseException:
+            for item in batch:
+                item.error = item.error or "interrupted"
+                item.done = True
+            raise
+        for item in batch:
+            item.done = True
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; ``filters`` match columns exactly (``outcome="refused"``)."""
@@ -168,7 +245,12 @@ class SqlReplayCache:
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
 
     def first_use(self, purpose: str, key: str, expires_at: float, now: float) -> bool:
-        full_key = f"{purpose}:{key}"[:200]
+        full_key = f"{purpose}:{key}"
+        if len(full_key) > 200 or not full_key.isprintable():
+            # Truncating would make distinct keys collide, and a text column refuses NUL and lone
+            # surrogates; a digest keeps every such key distinct and storable.
+            digest = hashlib.sha256(full_key.encode("utf-8", "surrogatepass")).hexdigest()
+            full_key = f"{purpose[:120]}:sha256:{digest}"
         stmt = self._insert(replay_entries).values(key=full_key, expires_at=expires_at)
         # An existing entry is only replaced once it has expired; a live one makes this a replay.
         stmt = stmt.on_conflict_do_update(
@@ -178,7 +260,8 @@ class SqlReplayCache:
         )
         try:
             with self.engine.begin() as conn:
-                result = conn.execute(stmt)
+                # SQLAlchemy keeps an INSERT's rowcount only when asked (psycopg reports -1 otherwise).
+                result = conn.execute(stmt.execution_options(preserve_rowcount=True))
                 if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
                     conn.execute(delete(replay_entries).where(replay_entries.c.expires_at <= now))
         except SQLAlchemyError as exc:

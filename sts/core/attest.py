@@ -18,6 +18,8 @@ from ..errors import InvalidRequest, TemporarilyUnavailable
 from .audit import token_hash
 from .jose import JWSInvalid, normalise_typ, peek, verify_signature
 from .ports import IssuerKeys, KeysUnavailable, UnknownKeyId
+from .profiles import ProfileOptions, ProfileViolation, get_profile
+from .profiles.spiffe import parse_spiffe_id
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class IssuerPolicy:
     max_token_age: int | None = None
     max_token_lifetime: int | None = None
     require_jti: bool = False
+    profile: str = "generic"
+    profile_options: ProfileOptions = field(default_factory=ProfileOptions)
+    #: False only for this service's own tokens, whose ``aud`` names downstream services.
+    check_audience: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,38 +63,74 @@ class VerifiedToken:
     sha256: str
     typ: str | None
     audiences: tuple[str, ...] = field(default=())
+    #: Normalised facts from the issuer's attestation profile (repository_id, namespace, ...).
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    profile: str = "generic"
+    #: The latest moment a token derived from this one may live to: ``exp``, or earlier when
+    #: the issuer says so (Kubernetes ``warnafter``: the expiry the pod asked for).
+    valid_until: float | None = None
+
+    @property
+    def lifetime_end(self) -> float:
+        return self.expires_at if self.valid_until is None else min(self.expires_at, self.valid_until)
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+def _numeric_date(claims: Mapping[str, Any], name: str, role: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    # RFC 7519 §2 NumericDate: a JSON number; JSON true/false are not numbers.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(f"token.malformed_{name}")
-    return float(value)
+    # RFC 7519 §2 NumericDate: a JSON number; JSON true/false are not numbers.  An integer
+    # too large for a float (``1`` followed by 400 zeros is valid JSON) is not a date either.
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise InvalidRequest(f"{role}.malformed_{name}")
+    return number
 
 
-def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
+def _audiences(claims: Mapping[str, Any], role: str) -> tuple[str, ...]:
     aud = claims.get("aud")
     if isinstance(aud, str):
         return (aud,)
     if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
         return tuple(aud)
     if aud is None:
-        raise InvalidRequest("token.missing_aud")
-    raise InvalidRequest("token.malformed_aud")
+        raise InvalidRequest(f"{role}.missing_aud")
+    raise InvalidRequest(f"{role}.malformed_aud")
 
 
 class IssuerDirectory:
-    """The trusted issuers, looked up by exact ``iss`` value."""
+    """The trusted issuers, looked up by exact ``iss`` value.
+
+    SPIFFE JWT-SVIDs may carry no ``iss``; they are routed by the trust domain
+    of their SPIFFE ID to the issuer configured for that trust domain.
+    """
 
     def __init__(self, issuers: list[TrustedIssuer]) -> None:
         self._by_iss = {i.policy.issuer: i for i in issuers}
         self._by_name = {i.policy.name: i for i in issuers}
+        self._by_trust_domain = {
+            i.policy.profile_options.trust_domain: i
+            for i in issuers
+            if i.policy.profile == "spiffe" and i.policy.profile_options.trust_domain
+        }
 
     def by_iss(self, iss: str) -> TrustedIssuer | None:
         return self._by_iss.get(iss)
+
+    def by_name(self, name: str) -> TrustedIssuer | None:
+        return self._by_name.get(name)
+
+    def by_spiffe_subject(self, sub: object) -> TrustedIssuer | None:
+        if not isinstance(sub, str):
+            return None
+        try:
+            trust_domain, _ = parse_spiffe_id(sub)
+        except ValueError:
+            return None
+        return self._by_trust_domain.get(trust_domain)
 
     def names(self) -> frozenset[str]:
         return frozenset(self._by_name)
@@ -114,11 +156,16 @@ def verify_token(
     except JWSInvalid as exc:
         raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
     iss = peeked.claims.get("iss")
-    if not isinstance(iss, str):
+    if iss is None:
+        trusted = issuers.by_spiffe_subject(peeked.claims.get("sub"))
+        if trusted is None:
+            raise InvalidRequest(f"{role}.missing_iss")
+    elif not isinstance(iss, str):
         raise InvalidRequest(f"{role}.missing_iss")
-    trusted = issuers.by_iss(iss)
-    if trusted is None:
-        raise InvalidRequest(f"{role}.untrusted_issuer", iss[:200])
+    else:
+        trusted = issuers.by_iss(iss)
+        if trusted is None:
+            raise InvalidRequest(f"{role}.untrusted_issuer", iss[:200])
     policy = trusted.policy
 
     if token_type not in policy.token_types:
@@ -138,18 +185,18 @@ def verify_token(
         raise TemporarilyUnavailable(f"{role}.issuer_keys_unavailable", str(exc)) from None
 
     claims = peeked.claims
-    audiences = _audiences(claims)
-    if not policy.audiences.intersection(audiences):
+    audiences = _audiences(claims, role)
+    if policy.check_audience and not policy.audiences.intersection(audiences):
         raise InvalidRequest(f"{role}.audience_mismatch")
-    exp = _numeric_date(claims, "exp")
+    exp = _numeric_date(claims, "exp", role)
     if exp is None:
         raise InvalidRequest(f"{role}.missing_exp")
     if now >= exp + leeway:
         raise InvalidRequest(f"{role}.expired")
-    nbf = _numeric_date(claims, "nbf")
+    nbf = _numeric_date(claims, "nbf", role)
     if nbf is not None and now + leeway < nbf:
         raise InvalidRequest(f"{role}.not_yet_valid")
-    iat = _numeric_date(claims, "iat")
+    iat = _numeric_date(claims, "iat", role)
     if iat is not None and now + leeway < iat:
         raise InvalidRequest(f"{role}.issued_in_future")
     if policy.max_token_age is not None:
@@ -170,9 +217,15 @@ def verify_token(
     if policy.require_jti and jti is None:
         raise InvalidRequest(f"{role}.missing_jti")
 
+    try:
+        facts = get_profile(policy.profile).facts(sub, claims, policy.profile_options)
+    except ProfileViolation as exc:
+        raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
+    warnafter = facts.get("warnafter")
+
     return VerifiedToken(
         issuer_name=policy.name,
-        issuer=iss,
+        issuer=iss if isinstance(iss, str) else policy.issuer,
         subject=sub,
         claims=claims,
         token_type=token_type,
@@ -183,4 +236,7 @@ def verify_token(
         sha256=token_hash(token),
         typ=typ,
         audiences=audiences,
+        facts=facts,
+        profile=policy.profile,
+        valid_until=float(warnafter) if isinstance(warnafter, int | float) else None,
     )

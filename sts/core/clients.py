@@ -82,9 +82,14 @@ def _number(claims: Mapping[str, object], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    # A JSON number, not true/false, and one a float can hold (10**400 is valid JSON).
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
         raise InvalidClient(f"client_assertion.malformed_{name}")
-    return float(value)
+    return number
 
 
 def _authenticate_assertion(

@@ -149,6 +149,7 @@ class TokenExchange:
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
         )
+        record.subject_token_sha256 = presented_subject_token_hash(wire)
         record.refuse(exc.error, exc.reason, exc.detail)
         self._record_refusal(record)
 
@@ -161,6 +162,9 @@ class TokenExchange:
 
     def _decide(self, wire: WireRequest, record: AuditRecord, now: float) -> TokenExchangeResponse:
         # 1. Parse: RFC 6749 §3.2 (form POST, no credentials in the query), RFC 8693 §2.1.
+        #    The hash of a presented subject token goes into the record even when the
+        #    request is refused before it is parsed, so a reviewer can match the token.
+        record.subject_token_sha256 = presented_subject_token_hash(wire)
         if wire.query:
             raise InvalidRequest("request.query_parameters")
         check_content_type(wire.content_type)
@@ -260,6 +264,15 @@ class TokenExchange:
             expires_in=lifetime,
             scope=grant.scopes,
         )
+
+
+def presented_subject_token_hash(wire: WireRequest) -> str | None:
+    """SHA-256 of the first ``subject_token`` in the form (else the query string), if any."""
+    for source in (wire.form, wire.query):
+        for value in source.get("subject_token", ()):
+            if value:
+                return token_hash(value)
+    return None
 
 
 def _record_subject(record: AuditRecord, subject: VerifiedToken) -> None:

@@ -71,7 +71,8 @@ def peek(token: str) -> UnverifiedJWS:
         obj = jws.extract_compact(token.encode("ascii"))
         header = obj.headers()
         claims = json.loads(obj.payload)
-    except (JoseError, ValueError, UnicodeError) as exc:
+    except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser's limit fits well inside MAX_JWT_BYTES.
         raise JWSInvalid("jws.malformed", type(exc).__name__) from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise JWSInvalid("jws.malformed", "header or payload is not a JSON object")

@@ -10,7 +10,9 @@ requested audience and resource.  The first such rule decides scope and
 lifetime.  No applicable rule means deny.  Refusals follow RFC 8693 §2.2.2
 and RFC 6749 §5.2:
 
-* no rule for this identity, or none for the requested target: ``invalid_target``;
+* no rule for this identity: ``invalid_request`` (RFC 8693 §2.2.2, a subject
+  token "unacceptable based on policy"); rules for it, but none for the
+  requested target: ``invalid_target``;
 * rules for this identity exist but only for authenticated clients and none
   authenticated: ``invalid_client`` (401);
 * the authenticated client is not one the rules allow: ``unauthorized_client``;
@@ -27,12 +29,21 @@ from typing import Any
 
 import cel
 
-from ..errors import ConfigurationError, InvalidClient, InvalidScope, InvalidTarget, UnauthorizedClient
+from ..errors import (
+    ConfigurationError,
+    InvalidClient,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    UnauthorizedClient,
+)
 from ..protocol.token_exchange import check_resource
 from .attest import VerifiedToken
 
 DEFAULT_MAX_LIFETIME = 300
-CEL_VARIABLES = frozenset({"claims", "subject", "issuer", "client_id", "request"})
+CEL_VARIABLES = frozenset({"claims", "facts", "subject", "issuer", "client_id", "request", "actor"})
+#: The hard ceiling on delegation chains, whatever a rule says (RFC 8693 §4.1 nested ``act``).
+MAX_DELEGATION_DEPTH = 5
 _MAX_MATCHED_LENGTH = 4096
 
 
@@ -57,6 +68,34 @@ class ClaimMatcher:
 
 
 @dataclass(frozen=True)
+class IdentityMatcher:
+    """Who a token names: issuer, subject (exact or anchored pattern), claims and profile facts."""
+
+    issuer: str
+    subject: str | None = None
+    subject_pattern: re.Pattern[str] | None = None
+    claims: tuple[ClaimMatcher, ...] = ()
+    facts: tuple[ClaimMatcher, ...] = ()
+
+    def mismatch(self, token: VerifiedToken) -> str | None:
+        if self.issuer != token.issuer_name:
+            return f"issuer is {token.issuer_name!r}, rule wants {self.issuer!r}"
+        if self.subject is not None and token.subject != self.subject:
+            return "subject differs"
+        if self.subject_pattern is not None and (
+            len(token.subject) > _MAX_MATCHED_LENGTH or self.subject_pattern.fullmatch(token.subject) is None
+        ):
+            return "subject does not match subject_pattern"
+        for matcher in self.claims:
+            if not matcher.matches(token.claims):
+                return f"claim {matcher.name!r} does not match"
+        for matcher in self.facts:
+            if not matcher.matches(token.facts):
+                return f"fact {matcher.name!r} does not match"
+        return None
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     source: str
@@ -64,6 +103,7 @@ class Rule:
     subject: str | None = None
     subject_pattern: re.Pattern[str] | None = None
     claims: tuple[ClaimMatcher, ...] = ()
+    facts: tuple[ClaimMatcher, ...] = ()
     condition: Any = None  # a compiled cel.Program
     condition_source: str | None = None
     require_client_authentication: bool = True
@@ -74,6 +114,15 @@ class Rule:
     default_scopes: tuple[str, ...] = ()
     max_lifetime: int = DEFAULT_MAX_LIFETIME
     description: str = ""
+    actors: tuple[IdentityMatcher, ...] = ()
+    max_delegation_depth: int = 1
+    require_actor: bool = False
+    single_use: bool = False
+    max_attestation_age: int | None = None
+
+    @property
+    def identity(self) -> IdentityMatcher:
+        return IdentityMatcher(self.issuer, self.subject, self.subject_pattern, self.claims, self.facts)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -88,6 +137,9 @@ class PolicyRequest:
     resources: tuple[str, ...]
     scopes: tuple[str, ...] | None
     client_id: str | None
+    actor: VerifiedToken | None = None
+    #: How many actors the issued token's ``act`` chain will hold (0 without delegation).
+    delegation_depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +150,8 @@ class Grant:
     max_lifetime: int
     scope_narrowed: bool
     reasons: tuple[str, ...] = ()
+    single_use: bool = False
+    max_attestation_age: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +204,51 @@ def _comprehension_names(source: str) -> set[str]:
     return set(re.findall(r"\.(?:all|exists|exists_one|map|filter)\(\s*([A-Za-z_]\w*)\s*,", source))
 
 
+def _matchers(specs: Mapping[str, Any] | None, where: str, kind: str) -> tuple[ClaimMatcher, ...]:
+    matchers = []
+    for claim, spec in (specs or {}).items():
+        if isinstance(spec, dict):
+            matchers.append(
+                ClaimMatcher(claim, pattern=_pattern(spec["pattern"], f"{where}: {kind} {claim!r}"))
+            )
+        elif isinstance(spec, list):
+            matchers.append(ClaimMatcher(claim, values=tuple(spec)))
+        else:
+            matchers.append(ClaimMatcher(claim, values=(spec,)))
+    return tuple(matchers)
+
+
+def _issuer_name(raw: Mapping[str, Any], where: str, issuers: frozenset[str]) -> str:
+    name: str = raw["issuer"]
+    if name not in issuers:
+        raise ConfigurationError(
+            f"{where}: unknown issuer {name!r} (configured: {', '.join(sorted(issuers)) or 'none'})"
+        )
+    return name
+
+
+def _actor(raw: Mapping[str, Any], where: str, issuers: frozenset[str]) -> IdentityMatcher:
+    matcher = IdentityMatcher(
+        issuer=_issuer_name(raw, where, issuers),
+        subject=raw.get("subject"),
+        subject_pattern=_pattern(raw["subject_pattern"], f"{where}: subject_pattern")
+        if "subject_pattern" in raw
+        else None,
+        claims=_matchers(raw.get("claims"), where, "claim"),
+        facts=_matchers(raw.get("facts"), where, "fact"),
+    )
+    if (
+        matcher.subject is None
+        and matcher.subject_pattern is None
+        and not matcher.claims
+        and not matcher.facts
+    ):
+        raise ConfigurationError(
+            f"{where}: an actor must be named by subject, subject_pattern, claims or facts"
+        )
+    return matcher
+
+
 def compile_rule(
     raw: Mapping[str, Any],
     *,
@@ -157,24 +256,25 @@ def compile_rule(
     issuers: frozenset[str],
     clients: frozenset[str],
     max_lifetime: int,
+    default_lifetime: int = DEFAULT_MAX_LIFETIME,
 ) -> Rule:
     """Compile one schema-valid rule mapping; raise ConfigurationError with ``source`` and the rule name."""
     name = raw["name"]
     where = f"{source}: rule {name!r}"
-    if raw["issuer"] not in issuers:
-        raise ConfigurationError(
-            f"{where}: unknown issuer {raw['issuer']!r} (configured: {', '.join(sorted(issuers)) or 'none'})"
-        )
-    matchers = []
-    for claim, spec in (raw.get("claims") or {}).items():
-        if isinstance(spec, dict):
-            matchers.append(
-                ClaimMatcher(claim, pattern=_pattern(spec["pattern"], f"{where}: claim {claim!r}"))
-            )
-        elif isinstance(spec, list):
-            matchers.append(ClaimMatcher(claim, values=tuple(spec)))
-        else:
-            matchers.append(ClaimMatcher(claim, values=(spec,)))
+    _issuer_name(raw, where, issuers)
+    matchers = list(_matchers(raw.get("claims"), where, "claim"))
+    fact_matchers = _matchers(raw.get("facts"), where, "fact")
+    delegation = raw.get("delegation") or {}
+    actors = tuple(
+        _actor(actor, f"{where}: delegation.actors[{i}]", issuers)
+        for i, actor in enumerate(delegation.get("actors", ()))
+    )
+    max_depth = int(delegation.get("max_depth", 1))
+    if max_depth > MAX_DELEGATION_DEPTH:
+        raise ConfigurationError(f"{where}: delegation.max_depth {max_depth} exceeds {MAX_DELEGATION_DEPTH}")
+    require_actor = bool(raw.get("require_actor", False))
+    if require_actor and not actors:
+        raise ConfigurationError(f"{where}: require_actor needs delegation.actors")
     grant = raw["grant"]
     audiences = frozenset(grant.get("audiences", ()))
     resources = frozenset(grant.get("resources", ()))
@@ -191,7 +291,7 @@ def compile_rule(
     default_scopes = tuple(grant.get("default_scopes", ()))
     if not set(default_scopes) <= set(scopes):
         raise ConfigurationError(f"{where}: default_scopes must be a subset of scopes")
-    lifetime = int(grant.get("max_lifetime", min(DEFAULT_MAX_LIFETIME, max_lifetime)))
+    lifetime = int(grant.get("max_lifetime", min(default_lifetime, max_lifetime)))
     if lifetime > max_lifetime:
         raise ConfigurationError(
             f"{where}: max_lifetime {lifetime} exceeds the service's max_lifetime {max_lifetime}"
@@ -203,9 +303,17 @@ def compile_rule(
     unknown_clients = sorted(allowed_clients - clients)
     if unknown_clients:
         raise ConfigurationError(f"{where}: unknown client(s) {', '.join(unknown_clients)}")
-    if "subject" not in raw and "subject_pattern" not in raw and not matchers and "condition" not in raw:
+    # An empty condition ("") constrains nothing, so it does not count.
+    if (
+        "subject" not in raw
+        and "subject_pattern" not in raw
+        and not matchers
+        and not fact_matchers
+        and not raw.get("condition")
+    ):
         raise ConfigurationError(
-            f"{where}: matches every token of the issuer; add subject, subject_pattern, claims or condition"
+            f"{where}: matches every token of the issuer; "
+            "add subject, subject_pattern, claims, facts or condition"
         )
     condition_source = raw.get("condition")
     return Rule(
@@ -217,6 +325,7 @@ def compile_rule(
         if "subject_pattern" in raw
         else None,
         claims=tuple(matchers),
+        facts=fact_matchers,
         condition=_condition(condition_source, where) if condition_source else None,
         condition_source=condition_source,
         require_client_authentication=require_client,
@@ -227,6 +336,11 @@ def compile_rule(
         default_scopes=default_scopes,
         max_lifetime=lifetime,
         description=raw.get("description", ""),
+        actors=actors,
+        max_delegation_depth=max_depth,
+        require_actor=require_actor,
+        single_use=bool(raw.get("single_use", False)),
+        max_attestation_age=raw.get("max_attestation_age"),
     )
 
 
@@ -236,6 +350,7 @@ def compile_policy(
     issuers: frozenset[str],
     clients: frozenset[str],
     max_lifetime: int,
+    default_lifetime: int = DEFAULT_MAX_LIFETIME,
 ) -> PolicySet:
     """Compile schema-valid policy documents ``(source, mapping)`` into a frozen set of rules."""
     rules: list[Rule] = []
@@ -248,12 +363,13 @@ def compile_policy(
                 issuers=issuers,
                 clients=clients,
                 max_lifetime=max_lifetime,
+                default_lifetime=default_lifetime,
             )
             if rule.name in seen:
                 raise ConfigurationError(
-                    f"{source}: rule {rule.name!r}: name already used in {seen[rule.name]}"
+                    f"{rule.source}: rule {rule.name!r}: name already used in {seen[rule.name]}"
                 )
-            seen[rule.name] = source
+            seen[rule.name] = rule.source
             rules.append(rule)
     return PolicySet(rules=tuple(rules), files=tuple(s for s, _ in documents))
 
@@ -261,22 +377,26 @@ def compile_policy(
 # -- evaluation ----------------------------------------------------------------------------------
 
 
+def _token_view(token: VerifiedToken | None) -> dict[str, Any] | None:
+    if token is None:
+        return None
+    return {
+        "issuer": token.issuer_name,
+        "subject": token.subject,
+        "claims": dict(token.claims),
+        "facts": dict(token.facts),
+    }
+
+
 def _identity_mismatch(rule: Rule, facts: VerifiedToken, request: PolicyRequest) -> str | None:
     """None when the rule matches the identity; else why not."""
-    if rule.issuer != facts.issuer_name:
-        return f"issuer is {facts.issuer_name!r}, rule wants {rule.issuer!r}"
-    if rule.subject is not None and facts.subject != rule.subject:
-        return "subject differs"
-    if rule.subject_pattern is not None and (
-        len(facts.subject) > _MAX_MATCHED_LENGTH or rule.subject_pattern.fullmatch(facts.subject) is None
-    ):
-        return "subject does not match subject_pattern"
-    for matcher in rule.claims:
-        if not matcher.matches(facts.claims):
-            return f"claim {matcher.name!r} does not match"
+    mismatch = rule.identity.mismatch(facts)
+    if mismatch is not None:
+        return mismatch
     if rule.condition is not None:
         variables = {
             "claims": dict(facts.claims),
+            "facts": dict(facts.facts),
             "subject": facts.subject,
             "issuer": facts.issuer_name,
             "client_id": request.client_id or "",
@@ -285,6 +405,7 @@ def _identity_mismatch(rule: Rule, facts: VerifiedToken, request: PolicyRequest)
                 "resources": list(request.resources),
                 "scopes": list(request.scopes or ()),
             },
+            "actor": _token_view(request.actor),
         }
         try:
             result = rule.condition.execute(variables)
@@ -292,6 +413,19 @@ def _identity_mismatch(rule: Rule, facts: VerifiedToken, request: PolicyRequest)
             return f"condition could not be evaluated ({type(exc).__name__})"
         if result is not True:
             return "condition is false"
+    return None
+
+
+def _actor_mismatch(rule: Rule, request: PolicyRequest) -> str | None:
+    """RFC 8693 §1.1: delegation (an actor) or impersonation (none), as the rule allows."""
+    if request.actor is None:
+        return "an actor token is required (delegation only)" if rule.require_actor else None
+    if not rule.actors:
+        return "rule allows no actor"
+    if all(m.mismatch(request.actor) is not None for m in rule.actors):
+        return "actor not allowed"
+    if request.delegation_depth > min(rule.max_delegation_depth, MAX_DELEGATION_DEPTH):
+        return "delegation chain too deep"
     return None
 
 
@@ -320,6 +454,7 @@ def trace(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) -> li
         reason = (
             _identity_mismatch(rule, facts, request)
             or _client_mismatch(rule, request.client_id)
+            or _actor_mismatch(rule, request)
             or (None if _targets(rule, request) is not None else "requested audience/resource not granted")
         )
         traces.append(RuleTrace(rule.name, rule.source, reason is None, reason or "applies"))
@@ -330,13 +465,22 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
     """Decide what may be granted, or raise the OAuth error (see the module docstring)."""
     identity = [r for r in policy.rules if _identity_mismatch(r, facts, request) is None]
     if not identity:
-        raise InvalidTarget("policy.no_rule_for_identity")
+        # RFC 8693 §2.2.2: a subject token "unacceptable based on policy" is invalid_request.
+        raise InvalidRequest("policy.no_rule_for_identity")
     clients_ok = [r for r in identity if _client_mismatch(r, request.client_id) is None]
     if not clients_ok:
         if request.client_id is None:
             raise InvalidClient("policy.client_authentication_required")
         raise UnauthorizedClient("policy.client_not_allowed", request.client_id)
-    for rule in clients_ok:
+    actors_ok = [r for r in clients_ok if _actor_mismatch(r, request) is None]
+    if not actors_ok:
+        mismatches = {_actor_mismatch(r, request) for r in clients_ok}
+        if request.actor is None:
+            raise InvalidRequest("policy.actor_required")
+        if mismatches == {"delegation chain too deep"}:
+            raise InvalidRequest("policy.delegation_too_deep", str(request.delegation_depth))
+        raise InvalidRequest("policy.actor_not_allowed", request.actor.subject[:200])
+    for rule in actors_ok:
         targets = _targets(rule, request)
         if targets is None:
             continue
@@ -348,5 +492,14 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
                 raise InvalidScope("policy.scope_not_allowed", rule.name)
             narrowed = len(scopes) != len(request.scopes)
         reasons = ("policy.rule_matched",) + (("policy.scope_narrowed",) if narrowed else ())
-        return Grant(rule.name, targets, scopes, rule.max_lifetime, narrowed, reasons)
+        return Grant(
+            rule.name,
+            targets,
+            scopes,
+            rule.max_lifetime,
+            narrowed,
+            reasons,
+            single_use=rule.single_use,
+            max_attestation_age=rule.max_attestation_age,
+        )
     raise InvalidTarget("policy.target_not_allowed")

@@ -73,3 +73,19 @@ class AuditSink(Protocol):
     def write(self, record: AuditRecord) -> None:
         """Commit the record durably; raise :class:`AuditUnavailable` if it cannot."""
         ...
+
+
+class TokenReviewUnavailable(Exception):
+    """The cluster's TokenReview API could not answer."""
+
+
+class TokenReviewer(Protocol):
+    """Asks a Kubernetes cluster whether a service-account token is still live (pod exists)."""
+
+    def review(self, token: str, audiences: tuple[str, ...]) -> str | None:
+        """The authenticated username (``system:serviceaccount:NS:SA``), or None when the
+        cluster says the token is not authenticated (pod deleted, token revoked).
+
+        Raises :class:`TokenReviewUnavailable` when the API cannot be reached.
+        """
+        ...

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
@@ -22,12 +23,16 @@ from urllib.parse import unquote_plus
 from ..errors import InvalidClient, InvalidRequest
 from .token_exchange import single
 
+_KNOWN_SCHEMES = frozenset({"bearer", "dpop", "digest", "negotiate", "token", "mac", "hoba", "gnap"})
 CLIENT_ASSERTION_TYPE_JWT = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 NONE = "none"
 CLIENT_SECRET_BASIC = "client_secret_basic"
 CLIENT_SECRET_POST = "client_secret_post"
 PRIVATE_KEY_JWT = "private_key_jwt"
+
+#: RFC 6749 Appendix A.1: client-id = *VSCHAR, VSCHAR = %x20-7E.
+_CLIENT_ID = re.compile(r"[\x20-\x7e]{1,255}")
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,25 @@ def _decode_basic(value: str) -> tuple[str, str]:
     client_id, secret = unquote_plus(client_id), unquote_plus(secret)
     if not client_id:
         raise InvalidClient("client.malformed_basic_credentials")
+    _check_client_id(client_id)
     return client_id, secret
+
+
+def _check_client_id(client_id: str | None) -> None:
+    """RFC 6749 Appendix A.1: refuse a ``client_id`` that is not VSCHAR.
+
+    No registered client has such an id, and a control character (NUL) in the
+    audit record would make PostgreSQL refuse the row, losing the refusal.
+    """
+    if client_id is not None and not _CLIENT_ID.fullmatch(client_id):
+        raise InvalidClient("client.malformed_client_id")
 
 
 def parse_client_credentials(
     form: Mapping[str, Sequence[str]], authorization: str | None
 ) -> ClientCredentials:
     form_id = single(form, "client_id")
+    _check_client_id(form_id)
     form_secret = single(form, "client_secret")
     assertion = single(form, "client_assertion")
     assertion_type = single(form, "client_assertion_type")
@@ -66,7 +83,12 @@ def parse_client_credentials(
     if authorization is not None:
         scheme, _, rest = authorization.strip().partition(" ")
         if scheme.lower() != "basic":
-            raise InvalidClient("client.unsupported_authorization_scheme", scheme[:20])
+            # Record only a known scheme name: a bare secret in the header must not reach the audit trail.
+            known = scheme.lower() if scheme.lower() in _KNOWN_SCHEMES else "other"
+            raise InvalidClient("client.unsupported_authorization_scheme", known)
+        if "," in rest:
+            # WSGI servers join a repeated header with ", "; base64 never holds a comma.
+            raise InvalidRequest("request.repeated_authorization_header")
         basic = _decode_basic(rest)
 
     used = [m for m, present in (("basic", basic), ("post", form_secret), ("jwt", assertion)) if present]

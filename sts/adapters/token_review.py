@@ -1,0 +1,84 @@
+"""Kubernetes TokenReview client: is this projected token still bound to a live pod?
+
+A projected service-account token stays cryptographically valid after its
+pod is deleted; only the API server knows.  ``POST
+/apis/authentication.k8s.io/v1/tokenreviews`` answers with
+``status.authenticated`` and ``status.user.username``::
+
+    POST /apis/authentication.k8s.io/v1/tokenreviews
+    Authorization: Bearer <reviewer's own service-account token>
+    {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+     "spec": {"token": "<the token under review>", "audiences": ["https://sts.example.com"]}}
+
+This costs one round trip per exchange, so it is enabled per issuer
+(``token_review_url``).  The reviewer's credential is read from a file on
+every call, since Kubernetes rotates projected tokens in place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from ..core.ports import TokenReviewUnavailable
+
+PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+_MAX_BYTES = 256 * 1024
+
+
+class HttpTokenReviewer:
+    def __init__(
+        self,
+        api_url: str,
+        *,
+        token_file: Path | None = None,
+        ca_file: Path | None = None,
+        timeout: float = 2.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.url = api_url.rstrip("/") + PATH
+        self.token_file = token_file
+        self.verify: bool | str = str(ca_file) if ca_file else True
+        self.timeout = timeout
+        self.session = session or requests.Session()
+
+    def review(self, token: str, audiences: tuple[str, ...]) -> str | None:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token_file is not None:
+            try:
+                credential = self.token_file.read_text("utf-8").strip()
+            except OSError as exc:
+                raise TokenReviewUnavailable(f"reviewer token unreadable: {exc.strerror}") from None
+            headers["Authorization"] = f"Bearer {credential}"
+        body: dict[str, Any] = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": list(audiences)},
+        }
+        try:
+            response = self.session.post(
+                self.url,
+                data=json.dumps(body),
+                headers=headers,
+                timeout=self.timeout,
+                verify=self.verify,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            raise TokenReviewUnavailable(type(exc).__name__) from None
+        if response.status_code != 201 and response.status_code != 200:
+            raise TokenReviewUnavailable(f"HTTP {response.status_code}")
+        if len(response.content) > _MAX_BYTES:
+            raise TokenReviewUnavailable("response too large")
+        try:
+            status = response.json().get("status") or {}
+        except (ValueError, AttributeError):
+            raise TokenReviewUnavailable("malformed response") from None
+        if status.get("authenticated") is not True:
+            return None
+        user = status.get("user") or {}
+        username = user.get("username")
+        return username if isinstance(username, str) else None

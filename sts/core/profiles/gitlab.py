@@ -1,0 +1,64 @@
+"""GitLab CI ``id_tokens``.
+
+``sub`` is ``project_path:GROUP/PROJECT:ref_type:branch:ref:main``; ids are
+strings.  ``ref_protected`` (``"true"``/``"false"``) becomes a boolean fact.
+
+Caveat for policy authors: in a merge request pipeline from a fork, the
+project claims name the *fork* (``project_path``, ``project_id``,
+``namespace_id``), so match on ``project_id`` of the canonical project and,
+for anything sensitive, require ``ref_protected: true`` and a
+``pipeline_source`` other than ``merge_request_event``.  See
+``policies/examples/gitlab-deploy.yaml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .base import ProfileOptions, refuse, string_claim
+
+NAME = "gitlab-ci"
+_OPTIONAL = (
+    "namespace_path", "ref", "ref_type", "environment", "environment_protected", "deployment_tier",
+    "pipeline_source", "pipeline_id", "runner_environment", "runner_id", "user_login", "user_id",
+    "user_email", "job_id", "sha", "ci_config_ref_uri", "ci_config_sha", "project_visibility",
+)  # fmt: skip
+
+
+def _boolean(value: Any, name: str) -> bool | None:
+    if value is None:
+        return None
+    if value in ("true", True):
+        return True
+    if value in ("false", False):
+        return False
+    raise refuse(NAME, f"malformed_{name}")
+
+
+class GitLabCIProfile:
+    name = NAME
+
+    def check_options(self, issuer_name: str, options: ProfileOptions) -> None:
+        return None
+
+    def facts(self, subject: str, claims: Mapping[str, Any], options: ProfileOptions) -> dict[str, Any]:
+        project_path = string_claim(claims, "project_path", NAME)
+        facts: dict[str, Any] = {"project_path": project_path}
+        for name in ("project_id", "namespace_id"):
+            value = claims.get(name)
+            # GitLab sends ids as strings; refuse anything else rather than guess.
+            if not isinstance(value, str) or not value.isdigit():
+                raise refuse(NAME, f"malformed_{name}")
+            facts[name] = value
+        if not subject.startswith(f"project_path:{project_path}:"):
+            raise refuse(NAME, "sub_project_mismatch")
+        for name in _OPTIONAL:
+            value = claims.get(name)
+            if isinstance(value, str):
+                facts[name] = value
+        facts["ref_protected"] = _boolean(claims.get("ref_protected"), "ref_protected") or False
+        if "environment_protected" in facts:
+            facts["environment_protected"] = _boolean(facts["environment_protected"], "environment_protected")
+        facts["is_merge_request"] = facts.get("pipeline_source") == "merge_request_event"
+        return facts
