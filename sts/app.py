@@ -21,16 +21,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .adapters import redis_store, sql
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
-from .adapters.keyring import KeyRing
+from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
+from .adapters.keyring import KeyRing, OwnTokenKeys
 from .adapters.policy_files import load_policies, policy_files
+from .adapters.token_review import HttpTokenReviewer
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
 from .core.clients import RegisteredClient
+from .core.delegation import SELF_ISSUER
 from .core.exchange import ExchangeConfig, TokenExchange
 from .core.policy import PolicySet
-from .core.ports import IssuerKeys, ReplayCache, StoreUnavailable
+from .core.ports import IssuerKeys, ReplayCache, StoreUnavailable, TokenReviewer
+from .core.profiles import ProfileOptions, get_profile
 from .errors import ConfigurationError
-from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE
+from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
 from .settings import ClientSettings, IssuerSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -74,9 +78,15 @@ def issuer_keys(iss: IssuerSettings, clock: Callable[[], float]) -> IssuerKeys:
     return HttpJWKS(iss.jwks_uri, algorithms=iss.algorithms, max_stale=iss.jwks_max_stale, clock=clock)
 
 
-def build_issuers(settings: Settings, clock: Callable[[], float]) -> IssuerDirectory:
+def build_issuers(
+    settings: Settings, clock: Callable[[], float], keyring: KeyRing | None = None
+) -> IssuerDirectory:
+    """The trusted issuers; with ``keyring``, this service itself too (``self``) for re-exchange."""
     trusted = []
     for iss in settings.issuers:
+        profile = get_profile(iss.profile)
+        options = ProfileOptions(claim_mappings=dict(iss.claim_mappings), trust_domain=iss.trust_domain)
+        profile.check_options(iss.name, options)
         policy = IssuerPolicy(
             name=iss.name,
             issuer=iss.issuer,
@@ -87,9 +97,33 @@ def build_issuers(settings: Settings, clock: Callable[[], float]) -> IssuerDirec
             max_token_age=iss.max_token_age,
             max_token_lifetime=iss.max_token_lifetime,
             require_jti=iss.require_jti,
+            profile=iss.profile,
+            profile_options=options,
         )
         trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
+    if keyring is not None:
+        own = IssuerPolicy(
+            name=SELF_ISSUER,
+            issuer=settings.issuer,
+            audiences=frozenset(),
+            algorithms=frozenset(SIGNING_ALGORITHMS),
+            token_types=frozenset({TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT}),
+            # Only our RFC 9068 access tokens, never anything else we might sign.
+            typ=frozenset({"at+jwt"}),
+            check_audience=False,
+        )
+        trusted.append(TrustedIssuer(own, OwnTokenKeys(keyring, clock)))
     return IssuerDirectory(trusted)
+
+
+def build_token_reviewers(settings: Settings) -> dict[str, TokenReviewer]:
+    return {
+        iss.name: HttpTokenReviewer(
+            iss.token_review_url, token_file=iss.token_review_token_file, ca_file=iss.token_review_ca_file
+        )
+        for iss in settings.issuers
+        if iss.token_review_url
+    }
 
 
 def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
@@ -113,7 +147,7 @@ def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
 def build_policy(settings: Settings) -> PolicySet:
     return load_policies(
         policy_files(settings.policies_dir),
-        issuers=frozenset(i.name for i in settings.issuers),
+        issuers=frozenset(i.name for i in settings.issuers) | {SELF_ISSUER},
         clients=frozenset(c.client_id for c in settings.clients),
         max_lifetime=settings.max_lifetime,
         default_lifetime=settings.default_lifetime,
@@ -184,12 +218,13 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             max_assertion_lifetime=settings.max_client_assertion_lifetime,
         ),
         clients=clients,
-        issuers=build_issuers(settings, clock),
+        issuers=build_issuers(settings, clock, keyring),
         policy=policy,
         replay=replay,
         signer=current_signer,
         audit=audit,
         clock=clock,
+        token_reviewers=build_token_reviewers(settings),
     )
     runtime = Runtime(
         settings=settings,

@@ -208,7 +208,7 @@ def policy_check(ctx: click.Context, files: tuple[Path, ...]) -> None:
         paths = list(files) or policy_files(settings.policies_dir)
         compiled = load_policies(
             paths,
-            issuers=frozenset(i.name for i in settings.issuers),
+            issuers=frozenset(i.name for i in settings.issuers) | {"self"},
             clients=frozenset(c.client_id for c in settings.clients),
             max_lifetime=settings.max_lifetime,
             default_lifetime=settings.default_lifetime,

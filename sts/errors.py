@@ -22,6 +22,8 @@ class OAuthError(Exception):
     error: ClassVar[str] = "server_error"
     status: ClassVar[int] = 500
     description: ClassVar[str] = "The server could not complete the request."
+    #: Fixed descriptions chosen by the first part of ``reason``; never built from input.
+    descriptions: ClassVar[dict[str, str]] = {}
 
     def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
         super().__init__(reason if not detail else f"{reason}: {detail}")
@@ -31,7 +33,7 @@ class OAuthError(Exception):
             # Callers may choose among fixed, safe texts; never interpolate input.
             self.public_description = description
         else:
-            self.public_description = self.description
+            self.public_description = self.descriptions.get(reason.partition(".")[0], self.description)
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -44,6 +46,12 @@ class InvalidRequest(OAuthError):
     error = "invalid_request"
     status = 400
     description = "The request is missing a parameter, repeats one, or is otherwise malformed."
+    descriptions: ClassVar[dict[str, str]] = {
+        "subject_token": "The subject token is invalid, expired, already used, or not from a trusted issuer.",
+        "actor_token": "The actor token is invalid, or not acceptable as an actor for this subject.",
+        "policy": "No policy accepts this subject token (or actor) for the request.",
+        "reexchange": "A re-exchanged token can only be narrowed.",
+    }
 
 
 class InvalidClient(OAuthError):

@@ -29,6 +29,9 @@ from .errors import ConfigurationError
 
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 TOKEN_TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+SPIFFE_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
+)
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -50,6 +53,12 @@ class IssuerSettings:
     typ: tuple[str | None, ...] = (None, "JWT")
     require_jti: bool = False
     jwks_max_stale: int = 3600
+    profile: str = "generic"
+    claim_mappings: Mapping[str, str] = field(default_factory=dict)
+    trust_domain: str | None = None
+    token_review_url: str | None = None
+    token_review_token_file: Path | None = None
+    token_review_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,16 @@ def _issuer(base: Path, raw: Mapping[str, Any]) -> IssuerSettings:
             values[key] = tuple(values[key])
     if "jwks_file" in values:
         values["jwks_file"] = _resolve(base, values["jwks_file"])
+    for key in ("token_review_token_file", "token_review_ca_file"):
+        if key in values:
+            values[key] = _resolve(base, values[key])
+    profile = values.get("profile", "generic")
+    if profile == "kubernetes":
+        # Clusters may silently extend a projected token's expiry: bound its age ourselves.
+        values.setdefault("max_token_age", 3600)
+    if profile == "spiffe":
+        # JWT-SVID: typ absent, JWT or JOSE.
+        values.setdefault("typ", (None, "JWT", "JOSE"))
     return IssuerSettings(**values)
 
 
@@ -270,6 +289,22 @@ def _check(s: Settings) -> None:
         by_iss[iss.issuer] = iss.name
         if iss.jwks_uri:
             check_https_url(iss.jwks_uri, f"setting {where}.jwks_uri")
+        if iss.profile == "spiffe":
+            if not iss.trust_domain:
+                raise ConfigurationError(f"setting {where}.trust_domain: required for the spiffe profile")
+            weak = set(iss.algorithms) - SPIFFE_ALGORITHMS
+            if weak:
+                raise ConfigurationError(
+                    f"setting {where}.algorithms: {', '.join(sorted(weak))} not allowed for JWT-SVIDs"
+                )
+        elif iss.trust_domain:
+            raise ConfigurationError(f"setting {where}.trust_domain: only for the spiffe profile")
+        if iss.token_review_url:
+            if iss.profile != "kubernetes":
+                raise ConfigurationError(f"setting {where}.token_review_url: only for the kubernetes profile")
+            check_https_url(iss.token_review_url, f"setting {where}.token_review_url")
+        if iss.claim_mappings and iss.profile != "generic":
+            raise ConfigurationError(f"setting {where}.claim_mappings: only for the generic profile")
         if iss.issuer.rstrip("/") == s.issuer.rstrip("/"):
             raise ConfigurationError(f"setting {where}.issuer: must not be this service's own issuer")
     ids: set[str] = set()

@@ -82,6 +82,7 @@ def _fixed_descriptions() -> frozenset[str]:
     while pending:
         cls = pending.pop()
         found.add(cls.description)
+        found.update(cls.descriptions.values())
         pending.extend(cls.__subclasses__())
     # The HTTP layer's own texts (sts/http/responses.py).
     found |= {

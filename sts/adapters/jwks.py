@@ -102,6 +102,9 @@ _READ_CHUNK: Final = 16 * 1024
 _SHOWN_CHARS: Final = 64
 
 
+SIGNING_USES = frozenset({"sig", "jwt-svid"})
+
+
 def _show(value: object) -> str:
     """A short, quoted rendering of an untrusted value (a ``kid`` or ``alg``) for logs."""
     text = value if isinstance(value, str) else str(type(value).__name__)
@@ -181,7 +184,9 @@ def _import_public_key(entry: object, position: int, set_size: int, source: str)
         _skip(source, position, kid, f"private key members {private}; a JWK Set must hold only public keys")
         return None
     use = entry.get("use")
-    if use is not None and use != "sig":
+    # SPIFFE bundles mark JWT-SVID signing keys ``use: jwt-svid`` (SPIFFE Trust Domain and
+    # Bundle, §4.2.2); ``x509-svid`` and ``enc`` keys never verify a JWT here.
+    if use is not None and use not in SIGNING_USES:
         _skip(source, position, kid, f"use is {_show(use)}, not 'sig' (RFC 7517 §4.2)")
         return None
     key_ops = entry.get("key_ops")

@@ -55,7 +55,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
@@ -69,9 +69,11 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, KeyParameters, KeySet, OKPKey, RSAKey
+from joserfc.jwk import ECKey, Key, KeyParameters, KeySet, OKPKey, RSAKey
 
 from sts.errors import ConfigurationError
+
+from .jwks import StaticJWKS
 
 logger = logging.getLogger(__name__)
 
@@ -772,3 +774,28 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class OwnTokenKeys:
+    """:class:`sts.core.ports.IssuerKeys` over this service's own published keys.
+
+    Used when one of our tokens comes back as a subject or actor token
+    (re-exchange, delegation chains): it verifies against exactly the keys
+    our JWKS publishes, and follows rotations done by another process.
+    """
+
+    def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.time) -> None:
+        self._ring = ring
+        self._clock = clock
+        self._cached: tuple[tuple[str, ...], StaticJWKS] | None = None
+
+    def key_for(self, kid: str | None, alg: str) -> Key:
+        self._ring.reload_if_changed(self._clock())
+        jwks = self._ring.public_jwks()
+        kids = tuple(sorted(k["kid"] for k in jwks["keys"]))
+        cached = self._cached
+        if cached is None or cached[0] != kids:
+            algs = sorted({k["alg"] for k in jwks["keys"]})
+            cached = (kids, StaticJWKS(jwks, algorithms=algs, source="this service's key ring"))
+            self._cached = cached
+        return cached[1].key_for(kid, alg)

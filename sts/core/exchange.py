@@ -34,9 +34,18 @@ from ..protocol.token_exchange import (
 from .attest import IssuerDirectory, VerifiedToken, verify_token
 from .audit import AuditRecord, token_hash
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
+from .delegation import act_chain, attestation_time, check_may_act, narrow_reexchange
 from .mint import mint_access_token
 from .policy import PolicyRequest, PolicySet, evaluate
-from .ports import AuditSink, AuditUnavailable, ReplayCache, Signer
+from .ports import (
+    AuditSink,
+    AuditUnavailable,
+    ReplayCache,
+    Signer,
+    StoreUnavailable,
+    TokenReviewer,
+    TokenReviewUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +100,10 @@ class TokenExchange:
         signer: Callable[[], Signer],
         audit: AuditSink,
         clock: Callable[[], float],
+        token_reviewers: Mapping[str, TokenReviewer] | None = None,
     ) -> None:
         self.config = config
+        self.token_reviewers = dict(token_reviewers or {})
         self.clients = clients
         self.issuers = issuers
         self.policy = policy
@@ -207,6 +218,8 @@ class TokenExchange:
             leeway=self.config.leeway,
         )
         _record_subject(record, subject)
+        self._check_liveness(subject, request.subject_token)
+        actor: VerifiedToken | None = None
         if request.actor_token is not None:
             actor = verify_token(
                 request.actor_token,
@@ -216,28 +229,46 @@ class TokenExchange:
                 leeway=self.config.leeway,
                 role="actor_token",
             )
-            record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject
-            # Delegation policy (who may act for whom) is not configured: refuse rather than
-            # issue a token that drops the actor.
-            raise InvalidRequest("actor_token.delegation_not_allowed")
+            record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject[:500]
+            check_may_act(subject, actor)
+        act, depth = act_chain(subject, actor)
+        record.details["delegation_depth"] = depth
 
         # 4. Policy decides.
         grant = evaluate(
             self.policy,
             subject,
             PolicyRequest(
-                request.audiences, request.resources, request.scopes, client.client_id if client else None
+                request.audiences,
+                request.resources,
+                request.scopes,
+                client.client_id if client else None,
+                actor=actor,
+                delegation_depth=depth,
             ),
         )
         record.rule = grant.rule
         record.reasons.extend(grant.reasons)
+        scopes = narrow_reexchange(subject, grant.audiences, grant.scopes, request.scopes)
+        if len(scopes) != len(grant.scopes):
+            record.reasons.append("reexchange.scope_narrowed")
+        attested_at = attestation_time(subject)
+        if grant.max_attestation_age is not None and (
+            attested_at is None or now - attested_at > grant.max_attestation_age
+        ):
+            raise InvalidRequest("policy.attestation_too_old")
 
         # 5. Lifetime: the smallest of the rule's maximum, what was asked and what is
-        #    left of the subject token.
-        remaining = math.floor(subject.expires_at - now)
+        #    left of the subject token (or of what its issuer intended, e.g. warnafter).
+        remaining = math.floor(subject.lifetime_end - now)
         lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
         if lifetime < 1:
             raise InvalidRequest("subject_token.expired")
+
+        # 6. Single use: record the subject token until it expires, atomically, so of two
+        #    concurrent exchanges exactly one succeeds. Done last, so a refusal does not burn it.
+        if grant.single_use:
+            self._consume(subject, now)
 
         # 6. Mint.
         signer = self.signer()
@@ -246,15 +277,16 @@ class TokenExchange:
             issuer=self.config.issuer,
             subject=subject.subject,
             audiences=grant.audiences,
-            scopes=grant.scopes,
+            scopes=scopes,
             client_id=client.client_id if client else subject.subject,
             lifetime=lifetime,
             now=now,
-            auth_time=subject.issued_at if subject.issued_at is not None else subject.not_before,
+            auth_time=attested_at,
+            extra={"act": act} if act is not None else None,
         )
         record.outcome = "granted"
         record.granted_audience = list(grant.audiences)
-        record.granted_scope = list(grant.scopes)
+        record.granted_scope = list(scopes)
         record.granted_lifetime = lifetime
         record.issued_jti, record.issued_exp, record.issued_kid = issued.jti, issued.expires_at, issued.kid
         return TokenExchangeResponse(
@@ -262,8 +294,35 @@ class TokenExchange:
             issued_token_type=request.requested_token_type or TOKEN_TYPE_ACCESS_TOKEN,
             token_type="Bearer",
             expires_in=lifetime,
-            scope=grant.scopes,
+            scope=scopes,
         )
+
+    def _check_liveness(self, subject: VerifiedToken, token: str) -> None:
+        """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview)."""
+        reviewer = self.token_reviewers.get(subject.issuer_name)
+        if reviewer is None:
+            return
+        try:
+            username = reviewer.review(token, subject.audiences)
+        except TokenReviewUnavailable as exc:
+            raise TemporarilyUnavailable("subject_token.token_review_unavailable", str(exc)) from None
+        if username != subject.subject:
+            raise InvalidRequest("subject_token.kubernetes.not_live")
+
+    def _consume(self, subject: VerifiedToken, now: float) -> None:
+        # Keys are prefixed by purpose and issuer, so replay caches never collide.
+        key = subject.jti if subject.jti is not None else subject.sha256
+        try:
+            first = self.replay.first_use(
+                f"subject_token:{subject.issuer_name}",
+                key,
+                subject.expires_at + self.config.leeway,
+                now,
+            )
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        if not first:
+            raise InvalidRequest("subject_token.replayed")
 
 
 def presented_subject_token_hash(wire: WireRequest) -> str | None:

@@ -1,0 +1,103 @@
+"""Delegation and impersonation (RFC 8693 §1.1, §4.1, §4.4), and re-exchange of our own tokens.
+
+* **Delegation**: an ``actor_token`` is presented; the issued token says so in
+  ``act`` (the current actor), with the earlier actors nested inside it::
+
+      {"sub": "system:serviceaccount:payments:api",
+       "act": {"sub": "spiffe://example.org/agent", "iss": "...",
+               "act": {"sub": "repo:acme/app:ref:refs/heads/main", "iss": "..."}}}
+
+  Only the top-level ``act`` is the current actor; nested ones are history
+  (§4.1) and never feed a decision here except the chain's depth.
+* **Impersonation**: no actor token; the issued token is indistinguishable
+  from one issued to the subject, *except* that an ``act`` chain already
+  in the subject token is carried over: a chain is never dropped.
+* ``may_act`` (§4.4) in the subject token, when present, must name the actor.
+* A token of ours presented again only narrows: audience, scope and expiry
+  of the result are within those of the token presented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import InvalidRequest, InvalidScope, InvalidTarget
+from .attest import VerifiedToken
+
+SELF_ISSUER = "self"
+#: Structural ceiling on nested ``act`` claims we accept or produce.
+MAX_CHAIN = 8
+
+
+def chain_depth(act: Any) -> int:
+    """Number of actors in an ``act`` chain; raises ``invalid_request`` on a malformed one."""
+    depth = 0
+    while act is not None:
+        if not isinstance(act, Mapping) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            raise InvalidRequest("subject_token.malformed_act")
+        depth += 1
+        if depth > MAX_CHAIN:
+            raise InvalidRequest("subject_token.act_chain_too_long")
+        act = act.get("act")
+    return depth
+
+
+def _actor_entry(actor: VerifiedToken) -> dict[str, Any]:
+    return {"sub": actor.subject, "iss": actor.issuer}
+
+
+def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:
+    """RFC 8693 §4.4: when the subject token says who may act for it, the actor must be one."""
+    may_act = subject.claims.get("may_act")
+    if may_act is None:
+        return
+    if not isinstance(may_act, Mapping):
+        raise InvalidRequest("subject_token.malformed_may_act")
+    for claim, value in (("sub", actor.subject), ("iss", actor.issuer)):
+        if claim in may_act and may_act[claim] != value:
+            raise InvalidRequest("actor_token.not_in_may_act")
+    if "sub" not in may_act and "iss" not in may_act:
+        raise InvalidRequest("subject_token.malformed_may_act")
+
+
+def act_chain(subject: VerifiedToken, actor: VerifiedToken | None) -> tuple[dict[str, Any] | None, int]:
+    """The ``act`` claim of the token to issue, and the number of actors in it."""
+    prior = subject.claims.get("act")
+    depth = chain_depth(prior)
+    prior_act = dict(prior) if isinstance(prior, Mapping) else None
+    if actor is None:
+        return prior_act, depth
+    entry = _actor_entry(actor)
+    if prior_act is not None:
+        entry["act"] = prior_act
+    return entry, depth + 1
+
+
+def attestation_time(subject: VerifiedToken) -> float | None:
+    """When the workload last proved itself: ``auth_time`` of our own token, else ``iat`` (or ``nbf``)."""
+    if subject.issuer_name == SELF_ISSUER:
+        auth_time = subject.claims.get("auth_time")
+        if isinstance(auth_time, int | float) and not isinstance(auth_time, bool):
+            return float(auth_time)
+        return None
+    return subject.issued_at if subject.issued_at is not None else subject.not_before
+
+
+def narrow_reexchange(
+    subject: VerifiedToken,
+    audiences: tuple[str, ...],
+    scopes: tuple[str, ...],
+    requested_scopes: tuple[str, ...] | None,
+) -> tuple[str, ...]:
+    """For a token of ours presented again: the result must be within it; returns the scopes to grant."""
+    if subject.issuer_name != SELF_ISSUER:
+        return scopes
+    if not set(audiences) <= set(subject.audiences):
+        raise InvalidTarget("reexchange.audience_not_within_presented_token")
+    held_raw = subject.claims.get("scope")
+    held = set(held_raw.split()) if isinstance(held_raw, str) else set()
+    narrowed = tuple(s for s in scopes if s in held)
+    if requested_scopes and not narrowed:
+        raise InvalidScope("reexchange.scope_not_within_presented_token")
+    return narrowed
