@@ -257,6 +257,7 @@ def policy_explain(
     from .core.attest import VerifiedToken, verify_token
     from .core.audit import token_hash
     from .core.policy import PolicyRequest, evaluate, trace
+    from .core.profiles import ProfileViolation, get_profile
     from .protocol.token_exchange import TOKEN_TYPE_JWT, parse_scope
 
     settings = _settings(ctx)
@@ -273,10 +274,22 @@ def policy_explain(
             )
         elif claims_file is not None and issuer_name:
             claims = json.load(claims_file)
+            if not isinstance(claims, dict):
+                raise click.UsageError("--claims must hold a JSON object")
+            subject = str(claims.get("sub", ""))
+            trusted = build_issuers(settings, time.time).by_name(issuer_name)
+            if trusted is None:
+                raise click.UsageError(f"unknown issuer {issuer_name!r}")
+            # The issuer's attestation profile turns claims into facts, as a real exchange would.
+            profile = trusted.policy.profile
+            try:
+                profile_facts = get_profile(profile).facts(subject, claims, trusted.policy.profile_options)
+            except ProfileViolation as exc:
+                raise click.ClickException(f"the claims break the {profile} profile: {exc.reason}") from None
             facts = VerifiedToken(
                 issuer_name=issuer_name,
                 issuer="(what-if)",
-                subject=str(claims.get("sub", "")),
+                subject=subject,
                 claims=claims,
                 token_type=TOKEN_TYPE_JWT,
                 issued_at=claims.get("iat"),
@@ -285,6 +298,8 @@ def policy_explain(
                 jti=claims.get("jti"),
                 sha256=token_hash(json.dumps(claims)),
                 typ=None,
+                facts=profile_facts,
+                profile=profile,
             )
         else:
             raise click.UsageError("give --token, or --claims with --issuer")

@@ -275,6 +275,7 @@ def _check(s: Settings) -> None:
         raise ConfigurationError("setting database_url: only sqlite and postgresql URLs are supported")
     names: set[str] = set()
     by_iss: dict[str, str] = {}
+    by_trust_domain: dict[str, str] = {}
     for iss in s.issuers:
         where = f"issuers.{iss.name}"
         if iss.name in names:
@@ -292,6 +293,13 @@ def _check(s: Settings) -> None:
         if iss.profile == "spiffe":
             if not iss.trust_domain:
                 raise ConfigurationError(f"setting {where}.trust_domain: required for the spiffe profile")
+            # SVIDs without iss are routed by trust domain: a second entry would silently shadow the first.
+            if iss.trust_domain in by_trust_domain:
+                raise ConfigurationError(
+                    f"setting {where}.trust_domain: {iss.trust_domain!r} is already the trust domain of "
+                    f"issuers.{by_trust_domain[iss.trust_domain]}"
+                )
+            by_trust_domain[iss.trust_domain] = iss.name
             weak = set(iss.algorithms) - SPIFFE_ALGORITHMS
             if weak:
                 raise ConfigurationError(
@@ -303,6 +311,12 @@ def _check(s: Settings) -> None:
             if iss.profile != "kubernetes":
                 raise ConfigurationError(f"setting {where}.token_review_url: only for the kubernetes profile")
             check_https_url(iss.token_review_url, f"setting {where}.token_review_url")
+        else:
+            # Without the URL nothing is reviewed: a credential or CA alone would look like liveness
+            # checking while doing none.
+            for name in ("token_review_token_file", "token_review_ca_file"):
+                if getattr(iss, name) is not None:
+                    raise ConfigurationError(f"setting {where}.{name}: only with token_review_url")
         if iss.claim_mappings and iss.profile != "generic":
             raise ConfigurationError(f"setting {where}.claim_mappings: only for the generic profile")
         if iss.issuer.rstrip("/") == s.issuer.rstrip("/"):

@@ -65,9 +65,11 @@ def test_concurrent_writers_share_commits_and_each_sees_its_own(engine: sql.Engi
 
 def test_one_bad_row_fails_only_its_writer(engine: sql.Engine) -> None:
     sink = sql.SqlAuditSink(engine)
-    sink.write(_record("duplicate-id"))
+    sink.write(_record())
+    bad = _record()
+    bad.request_id = None  # type: ignore[assignment]  # NOT NULL: the insert fails for real
     with pytest.raises(AuditUnavailable):
-        sink.write(_record("duplicate-id"))
+        sink.write(bad)
     sink.write(_record())
     assert _count(engine) == 2
 

@@ -608,3 +608,62 @@ def test_import_scanner_sees_relative_and_nested_imports(tmp_path: Path) -> None
         "flask.json",
         "sqlalchemy.orm",
     }
+
+
+def test_policy_explain_claims_runs_the_issuers_profile(tmp_path: Path, upstream: RunningServer) -> None:
+    """A what-if with --claims sees the same profile facts a real exchange would."""
+    policies = tmp_path / "pol"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "rules": [
+                    {
+                        "name": "by-facts",
+                        "issuer": "gh",
+                        "facts": {"repository_id": "123456", "owner_id": "7890"},
+                        "require_client_authentication": False,
+                        "grant": {"audiences": ["https://deploy.example.com"]},
+                    }
+                ],
+            }
+        )
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "issuer": STS_ISSUER,
+                "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
+                "keys_dir": str(tmp_path / "keys"),
+                "policies_dir": str(policies),
+                "issuers": [
+                    {
+                        "name": "gh",
+                        "profile": "github-actions",
+                        "issuer": upstream.issuer.issuer_url,
+                        "jwks_uri": upstream.jwks_uri,
+                        "audiences": [STS_ISSUER],
+                    }
+                ],
+            }
+        )
+    )
+    claims = {
+        "sub": "repo:acme/app:ref:refs/heads/main",
+        "repository": "acme/app",
+        "repository_id": "123456",
+        "repository_owner": "acme",
+        "repository_owner_id": "7890",
+    }
+    (tmp_path / "claims.json").write_text(json.dumps(claims))
+    args = ["explain", "--claims", str(tmp_path / "claims.json"), "--issuer", "gh",
+            "--audience", "https://deploy.example.com"]  # fmt: skip
+    result = _sts(config, "policy", *args)
+    assert result.exit_code == 0, result.output
+    assert "decision: grant by rule by-facts" in result.output
+    claims["sub"] = "repo:evil/app:ref:refs/heads/main"
+    (tmp_path / "claims.json").write_text(json.dumps(claims))
+    result = _sts(config, "policy", *args)
+    assert result.exit_code != 0 and "github-actions profile" in result.output

@@ -210,6 +210,9 @@ def _import_public_key(entry: object, position: int, set_size: int, source: str)
             allowed = f"{_MIN_RSA_BITS}-{_MAX_RSA_BITS}"
             _skip(source, position, kid, f"RSA modulus of {bits} bits (allowed: {allowed})")
             return None
+    if use == "jwt-svid":
+        # joserfc knows only the RFC 7517 values of ``use``; a JWT-SVID key is a signature key.
+        entry = {**entry, "use": "sig"}
     try:
         key = JWKRegistry.import_key(entry)
     except InvalidKeyTypeError:

@@ -32,14 +32,23 @@ class RedisReplayCache:
         if expires_at <= now:
             # Already expired: nothing to remember, and Redis refuses a past PXAT.
             expires_at = now + 1
-        # Redis keys are bytes; "surrogatepass" keeps a jti with lone surrogates (valid JSON) distinct
-        # instead of failing to encode.
-        name = f"{self.prefix}:replay:{purpose}:{key}".encode("utf-8", "surrogatepass")
+        name = self._name(purpose, key)
         try:
             created = self.client.set(name, b"1", nx=True, pxat=math.ceil(expires_at * 1000))
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return bool(created)
+
+    def _name(self, purpose: str, key: str) -> bytes:
+        # Redis keys are bytes; "surrogatepass" keeps a jti with lone surrogates (valid JSON) distinct
+        # instead of failing to encode.
+        return f"{self.prefix}:replay:{purpose}:{key}".encode("utf-8", "surrogatepass")
+
+    def release(self, purpose: str, key: str) -> None:
+        try:
+            self.client.delete(self._name(purpose, key))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
 
     def ping(self) -> None:
         try:

@@ -74,11 +74,20 @@ class HttpTokenReviewer:
         if len(response.content) > _MAX_BYTES:
             raise TokenReviewUnavailable("response too large")
         try:
-            status = response.json().get("status") or {}
-        except (ValueError, AttributeError):
+            document = response.json()
+        except (ValueError, RecursionError):
             raise TokenReviewUnavailable("malformed response") from None
+        # Anything but the documented shape is the API's fault, not the token's: answer 503
+        # (and never let an AttributeError on a stray type become a 500).
+        if not isinstance(document, dict):
+            raise TokenReviewUnavailable("malformed response")
+        status = document.get("status") or {}
+        if not isinstance(status, dict):
+            raise TokenReviewUnavailable("malformed response")
         if status.get("authenticated") is not True:
             return None
-        user = status.get("user") or {}
+        user = status.get("user")
+        if not isinstance(user, dict):
+            raise TokenReviewUnavailable("malformed response")
         username = user.get("username")
         return username if isinstance(username, str) else None

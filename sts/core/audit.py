@@ -8,7 +8,7 @@ caller once its record is committed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -68,4 +68,21 @@ class AuditRecord:
             self.details.setdefault("detail", detail)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A JSON-ready copy.  Shallow on purpose: it is built on every decision, and
+        ``dataclasses.asdict``'s recursive deep copy cost more than the rest of the record."""
+        out = {name: getattr(self, name) for name in _FIELD_NAMES}
+        for name in (
+            "requested_audience",
+            "requested_resource",
+            "granted_audience",
+            "granted_scope",
+            "reasons",
+        ):
+            out[name] = list(out[name])
+        if self.requested_scope is not None:
+            out["requested_scope"] = list(self.requested_scope)
+        out["details"] = dict(self.details)
+        return out
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))

@@ -16,6 +16,7 @@ import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import (
     InvalidClient,
@@ -124,8 +125,9 @@ class TokenExchange:
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
         )
+        consumed: list[tuple[str, str]] = []
         try:
-            response = self._decide(wire, record, now)
+            response = self._decide(wire, record, now, consumed)
         except OAuthError as exc:
             record.refuse(exc.error, exc.reason, exc.detail)
             self._record_refusal(record)
@@ -147,6 +149,12 @@ class TokenExchange:
                 wire.request_id,
                 exc,
             )
+            # The token is withheld, so a single-use subject token must stay usable for the retry.
+            for purpose, key in consumed:
+                try:
+                    self.replay.release(purpose, key)
+                except StoreUnavailable:
+                    log.error("could not release single-use record after an audit failure")
             raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
         return response
 
@@ -171,7 +179,9 @@ class TokenExchange:
             # The refusal stands either way; the failure is logged for operators.
             log.error("audit write of a refusal failed (request %s): %s", record.request_id, exc)
 
-    def _decide(self, wire: WireRequest, record: AuditRecord, now: float) -> TokenExchangeResponse:
+    def _decide(
+        self, wire: WireRequest, record: AuditRecord, now: float, consumed: list[tuple[str, str]]
+    ) -> TokenExchangeResponse:
         # 1. Parse: RFC 6749 §3.2 (form POST, no credentials in the query), RFC 8693 §2.1.
         #    The hash of a presented subject token goes into the record even when the
         #    request is refused before it is parsed, so a reviewer can match the token.
@@ -182,7 +192,6 @@ class TokenExchange:
         parse_grant_type(wire.form)
         request = parse_token_exchange(wire.form)
         record.subject_token_type = request.subject_token_type
-        record.subject_token_sha256 = token_hash(request.subject_token)
         record.requested_audience = list(request.audiences)
         record.requested_resource = list(request.resources)
         record.requested_scope = list(request.scopes) if request.scopes is not None else None
@@ -268,7 +277,7 @@ class TokenExchange:
         # 6. Single use: record the subject token until it expires, atomically, so of two
         #    concurrent exchanges exactly one succeeds. Done last, so a refusal does not burn it.
         if grant.single_use:
-            self._consume(subject, now)
+            consumed.append(self._consume(subject, request.subject_token, now))
 
         # 6. Mint.
         signer = self.signer()
@@ -282,7 +291,7 @@ class TokenExchange:
             lifetime=lifetime,
             now=now,
             auth_time=attested_at,
-            extra={"act": act} if act is not None else None,
+            extra=carried_claims(subject, act),
         )
         record.outcome = "granted"
         record.granted_audience = list(grant.audiences)
@@ -303,18 +312,22 @@ class TokenExchange:
         if reviewer is None:
             return
         try:
-            username = reviewer.review(token, subject.audiences)
+            # Ask the API server to check the audience we require, not whatever the token says.
+            trusted = self.issuers.by_name(subject.issuer_name)
+            ours = trusted.policy.audiences if trusted else frozenset()
+            username = reviewer.review(token, tuple(a for a in subject.audiences if a in ours))
         except TokenReviewUnavailable as exc:
             raise TemporarilyUnavailable("subject_token.token_review_unavailable", str(exc)) from None
         if username != subject.subject:
             raise InvalidRequest("subject_token.kubernetes.not_live")
 
-    def _consume(self, subject: VerifiedToken, now: float) -> None:
+    def _consume(self, subject: VerifiedToken, token: str, now: float) -> tuple[str, str]:
         # Keys are prefixed by purpose and issuer, so replay caches never collide.
-        key = subject.jti if subject.jti is not None else subject.sha256
+        key = subject.jti if subject.jti is not None else signed_part_hash(token)
+        purpose = f"subject_token:{subject.issuer_name}"
         try:
             first = self.replay.first_use(
-                f"subject_token:{subject.issuer_name}",
+                purpose,
                 key,
                 subject.expires_at + self.config.leeway,
                 now,
@@ -323,6 +336,28 @@ class TokenExchange:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         if not first:
             raise InvalidRequest("subject_token.replayed")
+        return purpose, key
+
+
+def carried_claims(subject: VerifiedToken, act: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``act`` (the chain) and the subject's ``may_act`` (RFC 8693 §4.4) travel with the token,
+    so a later re-exchange is bound by who the subject allowed to act for it."""
+    extra: dict[str, Any] = {}
+    if act is not None:
+        extra["act"] = act
+    may_act = subject.claims.get("may_act")
+    if isinstance(may_act, Mapping):
+        extra["may_act"] = dict(may_act)
+    return extra or None
+
+
+def signed_part_hash(token: str) -> str:
+    """SHA-256 of what the signature covers (RFC 7515 §5.1 signing input: header and payload).
+
+    Not of the whole token: an ECDSA signature ``(r, s)`` has a twin ``(r, n - s)`` that
+    verifies too, so one token has several encodings; its signed part has only one.
+    """
+    return token_hash(token.rpartition(".")[0])
 
 
 def presented_subject_token_hash(wire: WireRequest) -> str | None:

@@ -54,6 +54,8 @@ class UnverifiedJWS:
 
     header: dict[str, Any]
     claims: dict[str, Any]
+    #: The parsed compact serialization, verified later without parsing it again.
+    compact: Any = None
 
 
 def peek(token: str) -> UnverifiedJWS:
@@ -84,7 +86,7 @@ def peek(token: str) -> UnverifiedJWS:
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise JWSInvalid("jws.malformed_kid")
-    return UnverifiedJWS(header=header, claims=claims)
+    return UnverifiedJWS(header=header, claims=claims, compact=obj)
 
 
 def normalise_typ(value: object) -> str | None:
@@ -113,6 +115,12 @@ def verify_signature(
         raise JWSInvalid("jws.algorithm_not_allowed", str(alg)[:20])
     key = resolve_key(peeked.header.get("kid"), alg)
     try:
-        jws.deserialize_compact(token, key, algorithms=[alg], registry=registry_for(alg))
+        if peeked.compact is not None:
+            valid = jws.validate_compact(peeked.compact, key, registry=registry_for(alg))
+        else:
+            jws.deserialize_compact(token, key, algorithms=[alg], registry=registry_for(alg))
+            valid = True
     except (JoseError, ValueError) as exc:
         raise JWSInvalid("jws.bad_signature", type(exc).__name__) from None
+    if not valid:
+        raise JWSInvalid("jws.bad_signature", "BadSignatureError")

@@ -418,13 +418,16 @@ def _identity_mismatch(rule: Rule, facts: VerifiedToken, request: PolicyRequest)
 
 def _actor_mismatch(rule: Rule, request: PolicyRequest) -> str | None:
     """RFC 8693 §1.1: delegation (an actor) or impersonation (none), as the rule allows."""
+    if request.delegation_depth > MAX_DELEGATION_DEPTH:
+        # The hard ceiling holds for every token issued, also for a presented chain carried over.
+        return "delegation chain too deep"
     if request.actor is None:
         return "an actor token is required (delegation only)" if rule.require_actor else None
     if not rule.actors:
         return "rule allows no actor"
     if all(m.mismatch(request.actor) is not None for m in rule.actors):
         return "actor not allowed"
-    if request.delegation_depth > min(rule.max_delegation_depth, MAX_DELEGATION_DEPTH):
+    if request.delegation_depth > rule.max_delegation_depth:
         return "delegation chain too deep"
     return None
 
@@ -475,10 +478,10 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
     actors_ok = [r for r in clients_ok if _actor_mismatch(r, request) is None]
     if not actors_ok:
         mismatches = {_actor_mismatch(r, request) for r in clients_ok}
-        if request.actor is None:
-            raise InvalidRequest("policy.actor_required")
         if mismatches == {"delegation chain too deep"}:
             raise InvalidRequest("policy.delegation_too_deep", str(request.delegation_depth))
+        if request.actor is None:
+            raise InvalidRequest("policy.actor_required")
         raise InvalidRequest("policy.actor_not_allowed", request.actor.subject[:200])
     for rule in actors_ok:
         targets = _targets(rule, request)

@@ -42,6 +42,10 @@ class ReplayCache(Protocol):
         """
         ...
 
+    def release(self, purpose: str, key: str) -> None:
+        """Forget a first use whose result was never delivered (the audit write failed)."""
+        ...
+
 
 class IssuerKeys(Protocol):
     """Verification keys of one trusted issuer (a JWKS URL or file)."""

@@ -15,7 +15,6 @@ class ProfileOptions:
 
     claim_mappings: Mapping[str, str] = field(default_factory=dict)
     trust_domain: str | None = None
-    max_token_age: int | None = None
 
 
 class Profile(Protocol):

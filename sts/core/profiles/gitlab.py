@@ -1,7 +1,8 @@
 """GitLab CI ``id_tokens``.
 
 ``sub`` is ``project_path:GROUP/PROJECT:ref_type:branch:ref:main``; ids are
-strings.  ``ref_protected`` (``"true"``/``"false"``) becomes a boolean fact.
+strings (``runner_id``, the one GitLab sends as a number, is made a string
+too).  ``ref_protected`` (``"true"``/``"false"``) becomes a boolean fact.
 
 Caveat for policy authors: in a merge request pipeline from a fork, the
 project claims name the *fork* (``project_path``, ``project_id``,
@@ -57,6 +58,10 @@ class GitLabCIProfile:
             value = claims.get(name)
             if isinstance(value, str):
                 facts[name] = value
+        # The one id GitLab sends as a JSON integer; normalised to a string like every other id.
+        runner_id = claims.get("runner_id")
+        if isinstance(runner_id, int) and not isinstance(runner_id, bool):
+            facts["runner_id"] = str(runner_id)
         facts["ref_protected"] = _boolean(claims.get("ref_protected"), "ref_protected") or False
         if "environment_protected" in facts:
             facts["environment_protected"] = _boolean(facts["environment_protected"], "environment_protected")

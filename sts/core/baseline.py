@@ -1,0 +1,145 @@
+"""Behaviour baselines: what is usual for one workload identity, bounded in size.
+
+A baseline is plain data, updated by pure functions and kept behind the
+:class:`~sts.core.ports.BaselineStore` port (embedded SQL or Redis, with
+expiry).  A new identity starts in a *learning* state: for its first
+``LEARNING_EXCHANGES`` exchanges, novelty signals (new network, new
+audience, unusual scopes) record what they see but do not fire.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+LEARNING_EXCHANGES = 5
+MAX_NETWORKS = 32
+MAX_AUDIENCES = 64
+MAX_SCOPES = 64
+MAX_FAILURES = 32
+RATE_WINDOW = 60.0
+#: How long an idle identity's baseline is kept (the store expires it).
+BASELINE_TTL = 30 * 86400
+
+
+def network_of(address: str) -> str:
+    """The network an address is judged by: its /24 (IPv4) or /64 (IPv6)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "unknown"
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def _bounded(existing: Iterable[str], new: Iterable[str], limit: int) -> tuple[str, ...]:
+    """Most recent last; oldest dropped beyond ``limit``."""
+    items = [x for x in existing if x not in set(new)] + list(dict.fromkeys(new))
+    return tuple(items[-limit:])
+
+
+@dataclass(frozen=True)
+class Baseline:
+    first_seen: float | None = None
+    last_seen: float | None = None
+    count: int = 0
+    networks: tuple[str, ...] = ()
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    audiences: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    max_depth: int = 0
+    failures: tuple[float, ...] = ()
+    window_start: float = 0.0
+    window_count: int = 0
+    usual_rate: float = 0.0
+
+    @property
+    def learning(self) -> bool:
+        return self.count < LEARNING_EXCHANGES
+
+    def current_rate(self, now: float) -> float:
+        """Exchanges per minute in the current window (this one included)."""
+        if now - self.window_start > RATE_WINDOW:
+            return 1.0
+        return float(self.window_count + 1)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["facts"] = dict(self.facts)
+        return json.dumps(data, separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> Baseline:
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+            return cls(
+                first_seen=data.get("first_seen"),
+                last_seen=data.get("last_seen"),
+                count=int(data.get("count", 0)),
+                networks=tuple(data.get("networks", ())),
+                facts=dict(data.get("facts", {})),
+                audiences=tuple(data.get("audiences", ())),
+                scopes=tuple(data.get("scopes", ())),
+                max_depth=int(data.get("max_depth", 0)),
+                failures=tuple(float(t) for t in data.get("failures", ())),
+                window_start=float(data.get("window_start", 0.0)),
+                window_count=int(data.get("window_count", 0)),
+                usual_rate=float(data.get("usual_rate", 0.0)),
+            )
+        except (ValueError, TypeError, AttributeError):
+            # A corrupt baseline is treated as a new identity (learning), never as trusted.
+            return cls()
+
+
+def observe(
+    baseline: Baseline,
+    *,
+    now: float,
+    source_ip: str | None,
+    stable_facts: Mapping[str, Any],
+    audiences: Iterable[str],
+    scopes: Iterable[str],
+    depth: int,
+    rebaseline: bool,
+) -> Baseline:
+    """The baseline after a granted exchange.
+
+    Stable facts are set on first sight and replaced only by ``rebaseline``
+    (fresh attestation after a step-up); otherwise drift keeps firing.
+    """
+    facts = dict(baseline.facts)
+    for name, value in stable_facts.items():
+        if rebaseline or name not in facts:
+            facts[name] = value
+    if now - baseline.window_start > RATE_WINDOW:
+        usual = baseline.usual_rate * 0.8 + baseline.window_count * 0.2 if baseline.count else 0.0
+        window_start, window_count = now, 1
+    else:
+        usual, window_start, window_count = (
+            baseline.usual_rate,
+            baseline.window_start,
+            baseline.window_count + 1,
+        )
+    return replace(
+        baseline,
+        first_seen=baseline.first_seen if baseline.first_seen is not None else now,
+        last_seen=now,
+        count=baseline.count + 1,
+        networks=_bounded(baseline.networks, [network_of(source_ip)] if source_ip else [], MAX_NETWORKS),
+        facts=facts,
+        audiences=_bounded(baseline.audiences, audiences, MAX_AUDIENCES),
+        scopes=_bounded(baseline.scopes, scopes, MAX_SCOPES),
+        max_depth=max(baseline.max_depth, depth),
+        window_start=window_start,
+        window_count=window_count,
+        usual_rate=usual,
+    )
+
+
+def record_failure(baseline: Baseline, now: float) -> Baseline:
+    return replace(baseline, failures=(*baseline.failures, now)[-MAX_FAILURES:], last_seen=now)

@@ -1,0 +1,281 @@
+"""Risk signals: each a small, named, pure function of facts, request context, behaviour and ``now``.
+
+A signal returns whether it fired, its weight and a human-readable reason
+with the evidence.  Signals decide nothing; :func:`assess` adds them up and
+:mod:`sts.core.stepup` turns the score into a decision the policy allows.
+
+The signals (issue "Risk signals and step-up"):
+
+1. ``unusual_network``: the source address is outside the networks the rule
+   declares, or (after learning) in a network never seen for this identity.
+2. ``attestation_drift``: facts that should be stable for an identity
+   (runner environment, node, image digest, proof-of-possession key...)
+   changed since its baseline.  Fresh attestation re-baselines.
+3. ``stale_posture``: attestation older than the rule allows without step-up;
+   posture evidence missing, negative or expired.
+4. ``recent_failures``: refusals for this identity within a window.
+5. ``elevated_privilege``: privileged scopes, or scopes never asked before.
+6. ``unexpected_s2s``: a subject-to-audience edge never seen, a burst far
+   above the usual rate, a deeper delegation chain than usual, an agent
+   asking for audiences outside its declared intent.
+7. ``shared_signal``: what other systems said about this subject (CAEP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .baseline import Baseline, network_of
+
+NetworkLike = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class SignalResult:
+    name: str
+    fired: bool
+    weight: int
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fired": self.fired,
+            "weight": self.weight if self.fired else 0,
+            "reason": self.reason,
+            "evidence": dict(self.evidence),
+        }
+
+
+@dataclass(frozen=True)
+class RiskSettings:
+    """A rule's risk configuration, compiled (see docs/policies.md, ``risk``)."""
+
+    mode: str = "enforce"  # or "observe"
+    networks: tuple[NetworkLike, ...] = ()
+    privileged_scopes: frozenset[str] = frozenset()
+    stable_facts: tuple[str, ...] = ()
+    posture_fact: str | None = None
+    posture_good: frozenset[str] = frozenset({"compliant", "healthy", "true"})
+    posture_max_age: int | None = None
+    max_failures: int = 3
+    failure_window: int = 600
+    burst_factor: float = 10.0
+    intent_claim: str | None = None
+    weights: Mapping[str, int] = field(default_factory=dict)
+    narrow_at: int = 30
+    step_up_at: int = 60
+    deny_at: int = 100
+    step_up_max_age: int = 120
+    min_lifetime_factor: float = 0.2
+
+    def weight(self, name: str) -> int:
+        return int(self.weights.get(name, DEFAULT_WEIGHTS[name]))
+
+
+DEFAULT_WEIGHTS: Mapping[str, int] = {
+    "unusual_network": 30,
+    "attestation_drift": 60,
+    "stale_posture": 40,
+    "recent_failures": 30,
+    "elevated_privilege": 30,
+    "unexpected_s2s": 30,
+    "shared_signal": 60,
+}
+
+
+@dataclass(frozen=True)
+class SubjectState:
+    """What other systems said about a subject (from Security Event Tokens)."""
+
+    blocked_until: float | None = None
+    #: Attestation issued before this moment is not enough any more (credential change...).
+    reauth_after: float | None = None
+    risk_level: str | None = None
+    posture: str | None = None
+    events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RiskContext:
+    """Everything the signals look at; built by the pipeline, pure data."""
+
+    identity: str
+    facts: Mapping[str, Any]
+    claims: Mapping[str, Any]
+    source_ip: str | None
+    audiences: tuple[str, ...]
+    scopes: tuple[str, ...]
+    delegation_depth: int
+    attested_at: float | None
+    now: float
+    baseline: Baseline
+    state: SubjectState = SubjectState()
+    is_agent: bool = False
+
+
+@dataclass(frozen=True)
+class Assessment:
+    score: int
+    signals: tuple[SignalResult, ...]
+    fresh: bool
+
+    @property
+    def fired(self) -> tuple[SignalResult, ...]:
+        return tuple(s for s in self.signals if s.fired)
+
+
+def _no(name: str, reason: str, **evidence: Any) -> SignalResult:
+    return SignalResult(name, False, 0, reason, evidence)
+
+
+def _yes(name: str, weight: int, reason: str, **evidence: Any) -> SignalResult:
+    return SignalResult(name, True, weight, reason, evidence)
+
+
+def _address(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not value:
+        return None
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def unusual_network(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
+    name = "unusual_network"
+    address = _address(ctx.source_ip)
+    if address is None:
+        return _yes(name, cfg.weight(name), "source address unknown", source=ctx.source_ip)
+    if cfg.networks and not any(address in net for net in cfg.networks):
+        return _yes(name, cfg.weight(name), "source outside the rule's networks", source=str(address))
+    net = network_of(str(address))
+    if ctx.baseline.learning:
+        return _no(name, "learning: networks are being recorded", network=net)
+    if net not in ctx.baseline.networks:
+        return _yes(name, cfg.weight(name) // 2 or 1, "network never seen for this identity", network=net)
+    return _no(name, "known network", network=net)
+
+
+def attestation_drift(ctx: RiskContext, cfg: RiskSettings, *, fresh: bool) -> SignalResult:
+    name = "attestation_drift"
+    if not ctx.baseline.facts:
+        return _no(name, "no baseline yet")
+    changed = {
+        fact: {"was": ctx.baseline.facts.get(fact), "now": ctx.facts.get(fact)}
+        for fact in cfg.stable_facts
+        if fact in ctx.baseline.facts and ctx.baseline.facts.get(fact) != _stable(ctx.facts.get(fact))
+    }
+    if not changed:
+        return _no(name, "stable facts unchanged")
+    if fresh:
+        return _no(name, "changed, accepted with fresh attestation (re-baselined)", changed=changed)
+    return _yes(name, cfg.weight(name), "stable facts changed since the baseline", changed=changed)
+
+
+def _stable(value: Any) -> Any:
+    return value if isinstance(value, str | int | bool) or value is None else str(value)
+
+
+def stale_posture(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
+    name = "stale_posture"
+    if ctx.attested_at is None:
+        return _yes(name, cfg.weight(name), "attestation time unknown")
+    age = ctx.now - ctx.attested_at
+    if cfg.posture_max_age is not None and age > cfg.posture_max_age:
+        return _yes(name, cfg.weight(name), "attestation older than allowed", age=int(age))
+    if cfg.posture_fact is not None:
+        posture = ctx.state.posture or _posture(ctx, cfg.posture_fact)
+        if posture is None:
+            return _yes(name, cfg.weight(name), "posture evidence missing", fact=cfg.posture_fact)
+        if posture not in cfg.posture_good:
+            return _yes(name, cfg.weight(name), "posture negative", posture=posture)
+    return _no(name, "attestation and posture current", age=int(age))
+
+
+def _posture(ctx: RiskContext, fact: str) -> str | None:
+    value = ctx.facts.get(fact, ctx.claims.get(fact))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else None
+
+
+def recent_failures(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
+    name = "recent_failures"
+    recent = [t for t in ctx.baseline.failures if ctx.now - t <= cfg.failure_window]
+    if len(recent) >= cfg.max_failures:
+        return _yes(name, cfg.weight(name), "refusals within the window", count=len(recent),
+                    window=cfg.failure_window)  # fmt: skip
+    return _no(name, "few recent refusals", count=len(recent))
+
+
+def elevated_privilege(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
+    name = "elevated_privilege"
+    privileged = sorted(set(ctx.scopes) & cfg.privileged_scopes)
+    if privileged:
+        return _yes(name, cfg.weight(name), "privileged scopes requested", scopes=privileged)
+    if not ctx.baseline.learning:
+        unusual = sorted(set(ctx.scopes) - set(ctx.baseline.scopes))
+        if unusual:
+            return _yes(name, cfg.weight(name) // 2 or 1, "scopes never asked for before", scopes=unusual)
+    return _no(name, "usual scopes")
+
+
+def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
+    name = "unexpected_s2s"
+    weight = cfg.weight(name)
+    intent = ctx.claims.get(cfg.intent_claim) if cfg.intent_claim else None
+    if isinstance(intent, list):
+        outside = sorted(set(ctx.audiences) - {str(i) for i in intent})
+        if outside:
+            return _yes(name, weight, "audiences outside the declared intent", audiences=outside)
+    if ctx.baseline.learning:
+        return _no(name, "learning: edges and rate are being recorded")
+    new_edges = sorted(set(ctx.audiences) - set(ctx.baseline.audiences))
+    if new_edges:
+        return _yes(name, weight, "subject-to-audience edge never seen", audiences=new_edges)
+    if ctx.delegation_depth > ctx.baseline.max_depth:
+        return _yes(name, weight, "delegation chain deeper than usual", depth=ctx.delegation_depth,
+                    usual=ctx.baseline.max_depth)  # fmt: skip
+    rate, usual = ctx.baseline.current_rate(ctx.now), ctx.baseline.usual_rate
+    if usual > 0 and rate > usual * cfg.burst_factor and rate >= 10:
+        return _yes(name, weight, "burst far above the usual rate", per_minute=round(rate, 1),
+                    usual=round(usual, 2))  # fmt: skip
+    return _no(name, "usual edges, depth and rate")
+
+
+_RISK_LEVEL_WEIGHT = {"low": 0, "medium": 30, "high": 60, "critical": 100}
+
+
+def shared_signal(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
+    name = "shared_signal"
+    state = ctx.state
+    if state.blocked_until is not None and ctx.now < state.blocked_until:
+        return _yes(name, cfg.deny_at, "subject blocked by a security event", until=state.blocked_until,
+                    events=list(state.events))  # fmt: skip
+    if state.reauth_after is not None and (ctx.attested_at is None or ctx.attested_at < state.reauth_after):
+        return _yes(name, cfg.step_up_at, "attestation predates a security event", after=state.reauth_after,
+                    events=list(state.events))  # fmt: skip
+    level = (state.risk_level or "").lower()
+    if _RISK_LEVEL_WEIGHT.get(level, 0):
+        return _yes(name, _RISK_LEVEL_WEIGHT[level], "risk level raised by a security event", level=level)
+    return _no(name, "no security events in force")
+
+
+def assess(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
+    """Evaluate every signal (fired or not, all are recorded) and add up the score."""
+    fresh = ctx.attested_at is not None and ctx.now - ctx.attested_at <= cfg.step_up_max_age
+    signals: Sequence[SignalResult] = (
+        unusual_network(ctx, cfg),
+        attestation_drift(ctx, cfg, fresh=fresh),
+        stale_posture(ctx, cfg),
+        recent_failures(ctx, cfg),
+        elevated_privilege(ctx, cfg),
+        unexpected_s2s(ctx, cfg),
+        shared_signal(ctx, cfg),
+    )
+    return Assessment(score=sum(s.weight for s in signals if s.fired), signals=tuple(signals), fresh=fresh)
