@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import random
+import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -32,12 +35,10 @@ from sqlalchemy import (
     String,
     Table,
     create_engine,
-    delete,
     event,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..core.audit import AuditRecord
 from ..core.ports import AuditUnavailable, StoreUnavailable
@@ -88,16 +89,26 @@ def make_engine(url: str) -> Engine:
     """One engine (and pool) per process, created at start."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
+        # busy_timeout 0: SQLite's own busy handler sleeps 1 ms, then 2, 5, 10... on any lock
+        # collision between worker processes, though a write holds the lock for ~30 us.
+        # The callers retry instead, with sleeps of a tenth of a millisecond upward.
+        engine = create_engine(url, connect_args={"timeout": 0, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # SQLAlchemy's documented pysqlite recipe: the driver never opens transactions by
+            # itself (a statement outside one commits alone); the "begin" hook below opens them.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: cur.execute("PRAGMA journal_mode=WAL"))
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute("PRAGMA busy_timeout=0")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
 
         return engine
     if url.startswith("postgresql://"):
@@ -105,8 +116,98 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=5)
 
 
+_LOCK_DEADLINE = 10.0
+T = TypeVar("T")
+
+
+def _is_locked(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc))
+    return isinstance(exc, sqlite3.OperationalError | OperationalError) and (
+        "locked" in text or "busy" in text
+    )
+
+
+def _retry_locked(work: Callable[[], T], *, deadline: float = _LOCK_DEADLINE) -> T:
+    """Run ``work``; on a SQLite lock collision, retry with short, jittered sleeps.
+
+    A write holds the lock for tens of microseconds (one statement inside SQLite),
+    so sleeps stay near that: a long back-off would leave the lock idle while a
+    whole batch of requests waits behind this one.
+    """
+    delay, end = 0.00005, time.monotonic() + deadline
+    while True:
+        try:
+            return work()
+        except (sqlite3.OperationalError, OperationalError) as exc:
+            if not _is_locked(exc) or time.monotonic() > end:
+                raise
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not security
+            delay = min(delay * 1.5, 0.0005)
+
+
+def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in one SQLAlchemy transaction, retrying SQLite lock collisions."""
+
+    def attempt() -> T:
+        with engine.begin() as conn:
+            return work(conn)
+
+    return _retry_locked(attempt)
+
+
+class RawStatement:
+    """One prepared write statement run on the DBAPI connection, outside SQLAlchemy's compiler.
+
+    The hot writes (an audit record, a replay entry) are a single statement each.
+    On SQLite the connection is in autocommit mode, so the statement is its own
+    transaction and the write lock is taken and released inside one call into
+    SQLite with the GIL released: a thread never holds the lock while it waits
+    for the GIL, which would stall every other worker process.  On PostgreSQL
+    it is followed by a commit.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.sqlite = engine.dialect.name == "sqlite"
+        # PostgreSQL: a pool of its own without pre-ping (a round trip on every checkout);
+        # a connection found dead is replaced and the statement tried once more instead.
+        self.engine = engine if self.sqlite else create_engine(engine.url, pool_size=10, max_overflow=10,
+                                                               pool_timeout=5)  # fmt: skip
+        self.placeholder = "?" if self.sqlite else "%s"
+        dbapi = engine.dialect.loaded_dbapi
+        self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
+        self._disconnects: tuple[type[BaseException], ...] = (dbapi.OperationalError, dbapi.InterfaceError)
+
+    def run(self, sql: str, params: list[Any] | tuple[Any, ...]) -> int:
+        """Execute and commit; return the row count.  DBAPI errors propagate."""
+
+        def attempt() -> int:
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute(sql, params)
+                count = int(cur.rowcount)
+                if not self.sqlite:
+                    raw.commit()
+                return count
+            except BaseException:
+                if not self.sqlite:
+                    # A connection with a failed statement is not reused as it is.
+                    raw.invalidate()
+                raise
+            finally:
+                raw.close()
+
+        if self.sqlite:
+            return _retry_locked(attempt)
+        try:
+            return attempt()
+        except self._disconnects:
+            # Nothing was committed on a connection that died; one fresh try.
+            return attempt()
+
+
 def create_schema(engine: Engine) -> None:
-    metadata.create_all(engine)
+    transaction(engine, lambda conn: metadata.create_all(conn))
 
 
 def _text(value: str | None, limit: int) -> str | None:
@@ -146,7 +247,17 @@ class SqlAuditSink:
         self.engine = engine
         self.max_batch = max_batch
         self.timeout = timeout
-        self._insert = audit_events.insert()
+        self._raw = RawStatement(engine)
+        self._columns = [c.name for c in audit_events.columns if c.name != "id"]
+        # SQLAlchemy's own conversions (datetime and JSON storage), applied without its compiler.
+        self._processors: dict[str, Callable[[Any], Any]] = {}
+        for column in audit_events.columns:
+            processor = column.type.bind_processor(engine.dialect)
+            if processor is not None and column.name != "id":
+                self._processors[column.name] = processor
+        # psycopg adapts JSON in SQLAlchemy's compiled path only; raw, it is sent as text.
+        self._processors.setdefault("record", lambda value: json.dumps(value, default=str))
+        self._sql_by_size: dict[int, str] = {}
         self._cond = threading.Condition()
         self._pending: list[_PendingRow] = []
         self._committing = False
@@ -205,11 +316,31 @@ class SqlAuditSink:
         if item.error is not None:
             raise AuditUnavailable(item.error)
 
+    def _sql(self, rows: int) -> str:
+        sql = self._sql_by_size.get(rows)
+        if sql is None:
+            one = "(" + ", ".join([self._raw.placeholder] * len(self._columns)) + ")"
+            # Built from the table's own column names and placeholders only; values are parameters.
+            columns = ", ".join(self._columns)
+            sql = f"INSERT INTO audit_events ({columns}) VALUES " + ", ".join([one] * rows)  # noqa: S608
+            self._sql_by_size[rows] = sql
+        return sql
+
+    def _params(self, batch: list[_PendingRow]) -> list[Any]:
+        params: list[Any] = []
+        for item in batch:
+            row = item.row
+            for name in self._columns:
+                value = row.get(name)
+                convert = self._processors.get(name)
+                params.append(convert(value) if convert is not None and value is not None else value)
+        return params
+
     def _commit(self, batch: list[_PendingRow]) -> None:
         try:
-            with self.engine.begin() as conn:
-                conn.execute(self._insert, [p.row for p in batch])
-        except SQLAlchemyError as exc:
+            # One multi-row INSERT: a single statement, so a single short lock on SQLite.
+            self._raw.run(self._sql(len(batch)), self._params(batch))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
             if len(batch) == 1:
                 batch[0].error = type(exc).__name__
             else:
@@ -243,8 +374,17 @@ class SqlReplayCache:
     def __init__(self, engine: Engine, *, purge_probability: float = 0.001) -> None:
         self.engine = engine
         self.purge_probability = purge_probability
-        dialect = engine.dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._raw = RawStatement(engine)
+        p = self._raw.placeholder
+        # An existing entry is only replaced once it has expired; a live one makes this a replay.
+        # One statement, atomic on both databases: of concurrent first uses exactly one inserts.
+        self._first_use = (
+            f"INSERT INTO replay_entries (key, expires_at) VALUES ({p}, {p}) "  # noqa: S608 - placeholders
+            "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
+            f"WHERE replay_entries.expires_at <= {p}"
+        )
+        self._release = f"DELETE FROM replay_entries WHERE key = {p}"  # noqa: S608 - placeholder only
+        self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
 
     @staticmethod
     def _key(purpose: str, key: str) -> str:
@@ -258,26 +398,15 @@ class SqlReplayCache:
 
     def release(self, purpose: str, key: str) -> None:
         try:
-            with self.engine.begin() as conn:
-                conn.execute(delete(replay_entries).where(replay_entries.c.key == self._key(purpose, key)))
-        except SQLAlchemyError as exc:
+            self._raw.run(self._release, (self._key(purpose, key),))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
     def first_use(self, purpose: str, key: str, expires_at: float, now: float) -> bool:
-        full_key = self._key(purpose, key)
-        stmt = self._insert(replay_entries).values(key=full_key, expires_at=expires_at)
-        # An existing entry is only replaced once it has expired; a live one makes this a replay.
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[replay_entries.c.key],
-            set_={"expires_at": stmt.excluded.expires_at},
-            where=replay_entries.c.expires_at <= now,
-        )
         try:
-            with self.engine.begin() as conn:
-                # SQLAlchemy keeps an INSERT's rowcount only when asked (psycopg reports -1 otherwise).
-                result = conn.execute(stmt.execution_options(preserve_rowcount=True))
-                if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
-                    conn.execute(delete(replay_entries).where(replay_entries.c.expires_at <= now))
-        except SQLAlchemyError as exc:
+            first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
+            if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
+                self._raw.run(self._purge, (now,))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
-        return bool(result.rowcount == 1)
+        return first
