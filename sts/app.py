@@ -31,7 +31,14 @@ from .core.clients import RegisteredClient
 from .core.delegation import SELF_ISSUER
 from .core.exchange import ExchangeConfig, TokenExchange
 from .core.policy import PolicySet
-from .core.ports import IssuerKeys, ReplayCache, StoreUnavailable, TokenReviewer
+from .core.ports import (
+    BaselineStore,
+    IssuerKeys,
+    ReplayCache,
+    StoreUnavailable,
+    SubjectStateStore,
+    TokenReviewer,
+)
 from .core.profiles import ProfileOptions, get_profile
 from .errors import ConfigurationError
 from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
@@ -53,6 +60,8 @@ class Runtime:
     audit: sql.SqlAuditSink
     metadata: dict[str, Any]
     clock: Callable[[], float]
+    subject_states: SubjectStateStore | None = None
+    baselines: BaselineStore | None = None
     redis_client: redis.Redis | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -197,11 +206,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     )
     redis_client: redis.Redis | None = None
     replay: ReplayCache
+    subject_states: SubjectStateStore
+    baselines: BaselineStore
     if settings.store == "redis":
         redis_client = redis_store.connect(settings.redis_url)
         replay = redis_store.RedisReplayCache(redis_client)
+        subject_states = redis_store.RedisSubjectStateStore(redis_client)
+        baselines = redis_store.RedisBaselineStore(redis_client)
     else:
         replay = sql.SqlReplayCache(engine)
+        subject_states = sql.SqlSubjectStateStore(engine, clock=clock)
+        baselines = sql.SqlBaselineStore(engine, clock=clock)
     policy = build_policy(settings)
     audit = sql.SqlAuditSink(engine)
     clients = {c.client_id: _client(c, clock) for c in settings.clients}
@@ -236,10 +251,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         audit=audit,
         metadata=build_metadata(settings, policy),
         clock=clock,
+        subject_states=subject_states,
+        baselines=baselines,
         redis_client=redis_client,
     )
 
-    from .http import oauth, responses
+    from .http import oauth, responses, ssf
 
     app = Flask("sts")
     app.config.update(
@@ -251,6 +268,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app.extensions["sts"] = runtime
     responses.install(app)
     app.register_blueprint(oauth.bp)
+    ssf.install(app, runtime)
     path = urlsplit(settings.issuer).path.rstrip("/")
     if path:
         # RFC 8414 §3.1: the well-known segment goes between host and the issuer's path.

@@ -9,11 +9,15 @@ for different purposes never collide.  Any Redis error becomes
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
 
 import redis
 
+from ..core.baseline import Baseline
 from ..core.ports import StoreUnavailable
+from ..core.subject_state import SubjectState
 
 
 def connect(url: str, *, timeout: float = 0.5) -> redis.Redis:
@@ -55,3 +59,60 @@ class RedisReplayCache:
             self.client.ping()
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+
+
+class RedisSubjectStateStore:
+    """ports.SubjectStateStore on Redis: one JSON value per identity, with expiry."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _name(self, identity: str) -> bytes:
+        return f"{self.prefix}:subject:{identity}".encode("utf-8", "surrogatepass")
+
+    def get(self, identities: Sequence[str]) -> list[SubjectState]:
+        try:
+            values = self.client.mget([self._name(i) for i in identities])
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return [SubjectState.from_json_dict(_loads(v)) for v in values]
+
+    def put(self, identity: str, state: SubjectState, ttl: int) -> None:
+        try:
+            self.client.set(self._name(identity), json.dumps(state.to_json_dict()), ex=ttl)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+
+class RedisBaselineStore:
+    """ports.BaselineStore on Redis."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _name(self, identity: str) -> bytes:
+        return f"{self.prefix}:baseline:{identity}".encode("utf-8", "surrogatepass")
+
+    def load(self, identity: str) -> Baseline:
+        try:
+            value = self.client.get(self._name(identity))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return Baseline.from_json(value)  # type: ignore[arg-type]
+
+    def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+        try:
+            self.client.set(self._name(identity), baseline.to_json(), ex=ttl)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+
+def _loads(value: object) -> object:
+    if not isinstance(value, bytes | str) or not value:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None

@@ -17,7 +17,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +41,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..core.audit import AuditRecord
+from ..core.baseline import Baseline
 from ..core.ports import AuditUnavailable, StoreUnavailable
+from ..core.subject_state import SubjectState
 
 log = logging.getLogger(__name__)
 
@@ -410,3 +412,105 @@ class SqlReplayCache:
         except (*self._raw.errors, SQLAlchemyError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return first
+
+
+subject_states = Table(
+    "subject_states",
+    metadata,
+    Column("identity", String(600), primary_key=True),
+    Column("state", String(4000), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+baselines = Table(
+    "baselines",
+    metadata,
+    Column("identity", String(600), primary_key=True),
+    Column("baseline", String(16000), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+def _store_key(identity: str) -> str:
+    """Identity keys are ``issuer|subject``; a digest keeps oversized or odd ones storable."""
+    if len(identity) <= 600 and identity.isprintable():
+        return identity
+    return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class _KeyValueTable:
+    """A small expiring key-value table, read and written with single raw statements."""
+
+    def __init__(self, engine: Engine, table: str, column: str, clock: Callable[[], float]) -> None:
+        self._raw = RawStatement(engine)
+        self._engine = engine
+        self._clock = clock
+        p = self._raw.placeholder
+        # Table and column names are constants of this module; values are parameters.
+        self._put = (
+            f"INSERT INTO {table} (identity, {column}, expires_at) VALUES ({p}, {p}, {p}) "  # noqa: S608
+            f"ON CONFLICT (identity) DO UPDATE SET {column} = excluded.{column}, "
+            "expires_at = excluded.expires_at"
+        )
+        self._get = f"SELECT identity, {column} FROM {table} WHERE identity IN "  # noqa: S608
+        self._table, self._p = table, p
+
+    def put(self, identity: str, value: str, ttl: int) -> None:
+        try:
+            self._raw.run(self._put, (_store_key(identity), value, self._clock() + ttl))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def get(self, identities: list[str]) -> dict[str, str]:
+        keys = [_store_key(i) for i in identities]
+        sql = self._get + "(" + ", ".join([self._p] * len(keys)) + f") AND expires_at > {self._p}"
+        try:
+            raw = self._raw.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute(sql, (*keys, self._clock()))
+                rows = cur.fetchall()
+                if not self._raw.sqlite:
+                    raw.commit()
+            finally:
+                raw.close()
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        found = {str(k): str(v) for k, v in rows}
+        return {i: found[k] for i, k in zip(identities, keys, strict=True) if k in found}
+
+
+class SqlSubjectStateStore:
+    """ports.SubjectStateStore on the embedded database."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = _KeyValueTable(engine, "subject_states", "state", clock)
+
+    def get(self, identities: Sequence[str]) -> list[SubjectState]:
+        found = self._kv.get(list(identities))
+        return [SubjectState.from_json_dict(_loads(found.get(i))) for i in identities]
+
+    def put(self, identity: str, state: SubjectState, ttl: int) -> None:
+        self._kv.put(identity, json.dumps(state.to_json_dict()), ttl)
+
+
+class SqlBaselineStore:
+    """ports.BaselineStore on the embedded database."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = _KeyValueTable(engine, "baselines", "baseline", clock)
+
+    def load(self, identity: str) -> Baseline:
+        return Baseline.from_json(self._kv.get([identity]).get(identity))
+
+    def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+        self._kv.put(identity, baseline.to_json(), ttl)
+
+
+def _loads(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -6,12 +6,14 @@ HTTP JWKS, key files).  The core only ever sees these protocols.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from joserfc.jwk import Key
 
 from .audit import AuditRecord
+from .baseline import Baseline
+from .subject_state import SubjectState
 
 
 class StoreUnavailable(Exception):
@@ -92,4 +94,31 @@ class TokenReviewer(Protocol):
 
         Raises :class:`TokenReviewUnavailable` when the API cannot be reached.
         """
+        ...
+
+
+class SubjectStateStore(Protocol):
+    """Per-identity state set by security events (blocks, re-attestation, revocation, risk)."""
+
+    def get(self, identities: Sequence[str]) -> list[SubjectState]:
+        """The states stored under these identity keys (empty states for unknown ones).
+
+        Raises :class:`StoreUnavailable`; callers fail closed.
+        """
+        ...
+
+    def put(self, identity: str, state: SubjectState, ttl: int) -> None:
+        """Store ``state`` under ``identity`` for ``ttl`` seconds.  Raises :class:`StoreUnavailable`."""
+        ...
+
+
+class BaselineStore(Protocol):
+    """Behaviour baselines, bounded and expiring (see :mod:`sts.core.baseline`)."""
+
+    def load(self, identity: str) -> Baseline:
+        """The identity's baseline, or a new (learning) one.  Raises :class:`StoreUnavailable`."""
+        ...
+
+    def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+        """Raises :class:`StoreUnavailable`."""
         ...

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .baseline import Baseline, network_of
+from .subject_state import SubjectState
 
 NetworkLike = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -89,18 +90,6 @@ DEFAULT_WEIGHTS: Mapping[str, int] = {
 
 
 @dataclass(frozen=True)
-class SubjectState:
-    """What other systems said about a subject (from Security Event Tokens)."""
-
-    blocked_until: float | None = None
-    #: Attestation issued before this moment is not enough any more (credential change...).
-    reauth_after: float | None = None
-    risk_level: str | None = None
-    posture: str | None = None
-    events: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class RiskContext:
     """Everything the signals look at; built by the pipeline, pure data."""
 
@@ -114,7 +103,7 @@ class RiskContext:
     attested_at: float | None
     now: float
     baseline: Baseline
-    state: SubjectState = SubjectState()
+    state: SubjectState = field(default_factory=SubjectState)
     is_agent: bool = False
 
 
