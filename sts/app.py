@@ -240,6 +240,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         audit=audit,
         clock=clock,
         token_reviewers=build_token_reviewers(settings),
+        subject_states=subject_states,
+        baselines=baselines,
     )
     runtime = Runtime(
         settings=settings,

@@ -54,6 +54,25 @@ class InvalidRequest(OAuthError):
     }
 
 
+class RiskRefused(InvalidRequest):
+    """Refused for risk (RFC 8693 §2.2.2: unacceptable based on policy), with a ``risk`` member.
+
+    ``{"error": "invalid_request", "error_description": "...",
+       "risk": {"decision": "deny", "signals": ["shared_signal"]}}``; renewing the
+    credential does not help, so there is no ``max_age``.
+    """
+
+    description = "The request is refused for risk; the risk member says which signals."
+    descriptions: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, reason: str, detail: str = "", *, signals: tuple[str, ...] = ()) -> None:
+        super().__init__(reason, detail)
+        self.signals = signals
+
+    def body(self) -> dict[str, object]:
+        return {**super().body(), "risk": {"decision": "deny", "signals": list(self.signals)}}
+
+
 class InvalidClient(OAuthError):
     """RFC 6749 §5.2: 401 with a ``WWW-Authenticate`` challenge."""
 
@@ -71,6 +90,41 @@ class InvalidGrant(OAuthError):
     error = "invalid_grant"
     status = 400
     description = "The grant is invalid."
+
+
+class StepUpRequired(OAuthError):
+    """Fresh attestation is needed: the workload renews its credential and exchanges again.
+
+    The error code is RFC 9470's ``insufficient_user_authentication``, used here at
+    the token endpoint with the same meaning for machines: the authentication event
+    behind the presented token is not good enough now.  Extension members::
+
+        {"error": "insufficient_user_authentication",
+         "error_description": "...",
+         "max_age": 60,
+         "step_up": {"required": "fresh_attestation", "max_attestation_age": 60,
+                     "signals": ["attestation_drift"]}}
+    """
+
+    error = "insufficient_user_authentication"
+    status = 400
+    description = "Fresh attestation is required: renew the workload credential and exchange again."
+
+    def __init__(self, reason: str, detail: str = "", *, max_age: int, signals: tuple[str, ...] = ()) -> None:
+        super().__init__(reason, detail)
+        self.max_age = max_age
+        self.signals = signals
+
+    def body(self) -> dict[str, object]:
+        return {
+            **super().body(),
+            "max_age": self.max_age,
+            "step_up": {
+                "required": "fresh_attestation",
+                "max_attestation_age": self.max_age,
+                "signals": list(self.signals),
+            },
+        }
 
 
 class UnauthorizedClient(OAuthError):

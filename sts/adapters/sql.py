@@ -181,16 +181,23 @@ class RawStatement:
 
     def run(self, sql: str, params: list[Any] | tuple[Any, ...]) -> int:
         """Execute and commit; return the row count.  DBAPI errors propagate."""
+        return int(self._execute(sql, params, fetch=False))
 
-        def attempt() -> int:
+    def query(self, sql: str, params: list[Any] | tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Execute a read; return the rows.  DBAPI errors propagate."""
+        rows: list[tuple[Any, ...]] = self._execute(sql, params, fetch=True)
+        return rows
+
+    def _execute(self, sql: str, params: list[Any] | tuple[Any, ...], *, fetch: bool) -> Any:
+        def attempt() -> Any:
             raw = self.engine.raw_connection()
             try:
                 cur = raw.cursor()
                 cur.execute(sql, params)
-                count = int(cur.rowcount)
+                result = [tuple(r) for r in cur.fetchall()] if fetch else int(cur.rowcount)
                 if not self.sqlite:
                     raw.commit()
-                return count
+                return result
             except BaseException:
                 if not self.sqlite:
                     # A connection with a failed statement is not reused as it is.
@@ -465,15 +472,7 @@ class _KeyValueTable:
         keys = [_store_key(i) for i in identities]
         sql = self._get + "(" + ", ".join([self._p] * len(keys)) + f") AND expires_at > {self._p}"
         try:
-            raw = self._raw.engine.raw_connection()
-            try:
-                cur = raw.cursor()
-                cur.execute(sql, (*keys, self._clock()))
-                rows = cur.fetchall()
-                if not self._raw.sqlite:
-                    raw.commit()
-            finally:
-                raw.close()
+            rows = self._raw.query(sql, (*keys, self._clock()))
         except (*self._raw.errors, SQLAlchemyError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         found = {str(k): str(v) for k, v in rows}

@@ -22,7 +22,9 @@ from ..errors import (
     InvalidClient,
     InvalidRequest,
     OAuthError,
+    RiskRefused,
     ServerError,
+    StepUpRequired,
     TemporarilyUnavailable,
 )
 from ..protocol.client_auth import parse_client_credentials
@@ -34,19 +36,25 @@ from ..protocol.token_exchange import (
 )
 from .attest import IssuerDirectory, VerifiedToken, verify_token
 from .audit import AuditRecord, token_hash
+from .baseline import BASELINE_TTL, Baseline, observe, record_failure
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
-from .delegation import act_chain, attestation_time, check_may_act, narrow_reexchange
+from .delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, narrow_reexchange
 from .mint import mint_access_token
-from .policy import PolicyRequest, PolicySet, evaluate
+from .policy import Grant, PolicyRequest, PolicySet, evaluate
 from .ports import (
     AuditSink,
     AuditUnavailable,
+    BaselineStore,
     ReplayCache,
     Signer,
     StoreUnavailable,
+    SubjectStateStore,
     TokenReviewer,
     TokenReviewUnavailable,
 )
+from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events, stable_values
+from .stepup import DENY, STEP_UP, RiskDecision, decide
+from .subject_state import ANY_ISSUER, SubjectState, identity_key, identity_keys, is_revoked, merge
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,20 @@ class WireRequest:
     request_id: str
     source_ip: str | None = None
     user_agent: str | None = None
+
+
+#: Rules without a ``risk`` section still obey security events, with these thresholds.
+EVENTS_ONLY = RiskSettings()
+
+
+@dataclass(frozen=True)
+class _Risk:
+    decision: RiskDecision
+    assessment: Assessment
+    cfg: RiskSettings
+    baseline: Baseline
+    baseline_key: str | None
+    record: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -102,9 +124,13 @@ class TokenExchange:
         audit: AuditSink,
         clock: Callable[[], float],
         token_reviewers: Mapping[str, TokenReviewer] | None = None,
+        subject_states: SubjectStateStore | None = None,
+        baselines: BaselineStore | None = None,
     ) -> None:
         self.config = config
         self.token_reviewers = dict(token_reviewers or {})
+        self.subject_states = subject_states
+        self.baselines = baselines
         self.clients = clients
         self.issuers = issuers
         self.policy = policy
@@ -131,6 +157,8 @@ class TokenExchange:
         except OAuthError as exc:
             record.refuse(exc.error, exc.reason, exc.detail)
             self._record_refusal(record)
+            if not isinstance(exc, TemporarilyUnavailable):
+                self.record_failure(record, now)
             raise
         except Exception as exc:
             # A bug must never become a grant: refuse, record, and say nothing of the cause.
@@ -267,10 +295,29 @@ class TokenExchange:
         ):
             raise InvalidRequest("policy.attestation_too_old")
 
-        # 5. Lifetime: the smallest of the rule's maximum, what was asked and what is
-        #    left of the subject token (or of what its issuer intended, e.g. warnafter).
+        # 5. Risk: what other systems said about the subject (always), then the rule's own
+        #    signals; the decision may narrow, shorten, ask for fresh attestation or refuse.
+        risk = self._assess_risk(wire, subject, grant, scopes, depth, attested_at, now)
+        record.details["risk"] = risk.record
+        if risk.decision.enforced:
+            if risk.decision.action == DENY:
+                raise RiskRefused("risk.denied", signals=risk.decision.fired)
+            narrowed = risk.decision.scopes
+            if risk.decision.action == STEP_UP or (scopes and not narrowed):
+                raise StepUpRequired(
+                    "risk.step_up", max_age=risk.decision.step_up_max_age, signals=risk.decision.fired
+                )
+            if len(narrowed) != len(scopes):
+                record.reasons.append("risk.scope_narrowed")
+            scopes = narrowed
+
+        # 6. Lifetime: the smallest of the rule's maximum, what was asked and what is
+        #    left of the subject token (or of what its issuer intended, e.g. warnafter),
+        #    shrunk as risk grows so the token expires with its risk context.
         remaining = math.floor(subject.lifetime_end - now)
         lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
+        if risk.decision.enforced and risk.decision.lifetime_factor < 1:
+            lifetime = max(1, math.floor(lifetime * risk.decision.lifetime_factor))
         if lifetime < 1:
             raise InvalidRequest("subject_token.expired")
 
@@ -293,6 +340,8 @@ class TokenExchange:
             auth_time=attested_at,
             extra=carried_claims(subject, act),
         )
+        if risk.baseline_key is not None:
+            self._learn(risk, subject, wire.source_ip, grant.audiences, scopes, depth, now)
         record.outcome = "granted"
         record.granted_audience = list(grant.audiences)
         record.granted_scope = list(scopes)
@@ -305,6 +354,101 @@ class TokenExchange:
             expires_in=lifetime,
             scope=scopes,
         )
+
+    def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
+        if subject.issuer_name == SELF_ISSUER:
+            # Our own token: events may name the subject under the issuer it first came from.
+            names = sorted(self.issuers.names())
+            return (
+                *(identity_key(n, subject.subject) for n in names),
+                identity_key(ANY_ISSUER, subject.subject),
+            )
+        return identity_keys(subject.issuer_name, subject.subject)
+
+    def _assess_risk(
+        self,
+        wire: WireRequest,
+        subject: VerifiedToken,
+        grant: Grant,
+        scopes: tuple[str, ...],
+        depth: int,
+        attested_at: float | None,
+        now: float,
+    ) -> _Risk:
+        try:
+            state = (
+                merge(self.subject_states.get(self._identity_keys(subject))) if self.subject_states else None
+            )
+            baseline_key = (
+                identity_key(subject.issuer_name, subject.subject) if grant.risk and self.baselines else None
+            )
+            baseline = self.baselines.load(baseline_key) if baseline_key and self.baselines else Baseline()
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        state = state or SubjectState()
+        if subject.issuer_name == SELF_ISSUER and is_revoked(state, subject.issued_at):
+            raise InvalidRequest("subject_token.revoked")
+        cfg = grant.risk or EVENTS_ONLY
+        ctx = RiskContext(
+            identity=identity_key(subject.issuer_name, subject.subject),
+            facts=subject.facts,
+            claims=subject.claims,
+            source_ip=wire.source_ip,
+            audiences=grant.audiences,
+            scopes=scopes,
+            delegation_depth=depth,
+            attested_at=attested_at,
+            now=now,
+            baseline=baseline,
+            state=state,
+        )
+        assessment = assess(ctx, cfg) if grant.risk else assess_events(ctx, cfg)
+        decision = decide(assessment, cfg, scopes)
+        record = {
+            "mode": cfg.mode if grant.risk else "events",
+            "score": assessment.score,
+            "decision": decision.as_dict(),
+            "signals": [s.as_dict() for s in assessment.signals],
+            "learning": baseline.learning if grant.risk else None,
+        }
+        return _Risk(decision, assessment, cfg, baseline, baseline_key, record)
+
+    def _learn(
+        self,
+        risk: _Risk,
+        subject: VerifiedToken,
+        source_ip: str | None,
+        audiences: tuple[str, ...],
+        scopes: tuple[str, ...],
+        depth: int,
+        now: float,
+    ) -> None:
+        """Update the behaviour baseline after a grant (best effort: a lost update only delays learning)."""
+        assert self.baselines is not None and risk.baseline_key is not None
+        updated = observe(
+            risk.baseline,
+            now=now,
+            source_ip=source_ip,
+            stable_facts=stable_values(subject.facts, subject.claims, risk.cfg.stable_facts),
+            audiences=audiences,
+            scopes=scopes,
+            depth=depth,
+            rebaseline=risk.assessment.fresh,
+        )
+        try:
+            self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
+        except StoreUnavailable:
+            log.warning("baseline update skipped: store unavailable")
+
+    def record_failure(self, record: AuditRecord, now: float) -> None:
+        """A refusal for a verified identity counts towards its recent_failures signal."""
+        if self.baselines is None or record.issuer is None or record.subject is None:
+            return
+        key = identity_key(record.issuer, record.subject)
+        try:
+            self.baselines.save(key, record_failure(self.baselines.load(key), now), BASELINE_TTL)
+        except StoreUnavailable:
+            log.warning("failure not recorded in baseline: store unavailable")
 
     def _check_liveness(self, subject: VerifiedToken, token: str) -> None:
         """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview)."""

@@ -22,6 +22,7 @@ and RFC 6749 §5.2:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from ..errors import (
 )
 from ..protocol.token_exchange import check_resource
 from .attest import VerifiedToken
+from .risk import DEFAULT_STABLE_FACTS, RiskSettings
 
 DEFAULT_MAX_LIFETIME = 300
 CEL_VARIABLES = frozenset({"claims", "facts", "subject", "issuer", "client_id", "request", "actor"})
@@ -119,6 +121,7 @@ class Rule:
     require_actor: bool = False
     single_use: bool = False
     max_attestation_age: int | None = None
+    risk: RiskSettings | None = None
 
     @property
     def identity(self) -> IdentityMatcher:
@@ -152,6 +155,7 @@ class Grant:
     reasons: tuple[str, ...] = ()
     single_use: bool = False
     max_attestation_age: int | None = None
+    risk: RiskSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,43 @@ def _actor(raw: Mapping[str, Any], where: str, issuers: frozenset[str]) -> Ident
     return matcher
 
 
+def compile_risk(raw: Mapping[str, Any], where: str, scopes: tuple[str, ...]) -> RiskSettings:
+    """A rule's ``risk`` section, checked: thresholds ordered, networks valid, scopes known."""
+    networks = []
+    for value in raw.get("networks", ()):
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ConfigurationError(f"{where}: risk.networks: {value!r} is not a network") from None
+    privileged = frozenset(raw.get("privileged_scopes", ()))
+    unknown = sorted(privileged - set(scopes))
+    if unknown:
+        raise ConfigurationError(f"{where}: risk.privileged_scopes not in grant.scopes: {', '.join(unknown)}")
+    defaults = RiskSettings()
+    settings = RiskSettings(
+        mode=raw.get("mode", "enforce"),
+        networks=tuple(networks),
+        privileged_scopes=privileged,
+        stable_facts=tuple(raw.get("stable_facts", DEFAULT_STABLE_FACTS)),
+        posture_fact=raw.get("posture_fact"),
+        posture_good=frozenset(raw.get("posture_good", defaults.posture_good)),
+        posture_max_age=raw.get("posture_max_age"),
+        max_failures=int(raw.get("max_failures", defaults.max_failures)),
+        failure_window=int(raw.get("failure_window", defaults.failure_window)),
+        burst_factor=float(raw.get("burst_factor", defaults.burst_factor)),
+        intent_claim=raw.get("intent_claim"),
+        weights=dict(raw.get("weights", {})),
+        narrow_at=int(raw.get("narrow_at", defaults.narrow_at)),
+        step_up_at=int(raw.get("step_up_at", defaults.step_up_at)),
+        deny_at=int(raw.get("deny_at", defaults.deny_at)),
+        step_up_max_age=int(raw.get("step_up_max_age", defaults.step_up_max_age)),
+        min_lifetime_factor=float(raw.get("min_lifetime_factor", defaults.min_lifetime_factor)),
+    )
+    if not settings.narrow_at <= settings.step_up_at <= settings.deny_at:
+        raise ConfigurationError(f"{where}: risk thresholds must satisfy narrow_at <= step_up_at <= deny_at")
+    return settings
+
+
 def compile_rule(
     raw: Mapping[str, Any],
     *,
@@ -341,6 +382,7 @@ def compile_rule(
         require_actor=require_actor,
         single_use=bool(raw.get("single_use", False)),
         max_attestation_age=raw.get("max_attestation_age"),
+        risk=compile_risk(raw["risk"], where, scopes) if "risk" in raw else None,
     )
 
 
@@ -504,5 +546,6 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
             reasons,
             single_use=rule.single_use,
             max_attestation_age=rule.max_attestation_age,
+            risk=rule.risk,
         )
     raise InvalidTarget("policy.target_not_allowed")

@@ -71,12 +71,24 @@ class RiskSettings:
     narrow_at: int = 30
     step_up_at: int = 60
     deny_at: int = 100
-    step_up_max_age: int = 120
+    step_up_max_age: int = 60
     min_lifetime_factor: float = 0.2
 
     def weight(self, name: str) -> int:
         return int(self.weights.get(name, DEFAULT_WEIGHTS[name]))
 
+
+#: Facts watched for drift when a rule names none: the ones each profile knows to be stable.
+DEFAULT_STABLE_FACTS: tuple[str, ...] = (
+    "runner_environment",  # GitHub Actions, GitLab CI: github-hosted / self-hosted
+    "repository_id",
+    "project_id",
+    "node",  # Kubernetes: the node the pod runs on
+    "service_account_uid",
+    "trust_domain",
+    "image_digest",
+    "cnf_jkt",  # the proof-of-possession key, once DPoP-bound
+)
 
 DEFAULT_WEIGHTS: Mapping[str, int] = {
     "unusual_network": 30,
@@ -154,10 +166,11 @@ def attestation_drift(ctx: RiskContext, cfg: RiskSettings, *, fresh: bool) -> Si
     name = "attestation_drift"
     if not ctx.baseline.facts:
         return _no(name, "no baseline yet")
+    current = stable_values(ctx.facts, ctx.claims, cfg.stable_facts)
     changed = {
-        fact: {"was": ctx.baseline.facts.get(fact), "now": ctx.facts.get(fact)}
+        fact: {"was": ctx.baseline.facts.get(fact), "now": current.get(fact)}
         for fact in cfg.stable_facts
-        if fact in ctx.baseline.facts and ctx.baseline.facts.get(fact) != _stable(ctx.facts.get(fact))
+        if fact in ctx.baseline.facts and ctx.baseline.facts.get(fact) != current.get(fact)
     }
     if not changed:
         return _no(name, "stable facts unchanged")
@@ -166,8 +179,16 @@ def attestation_drift(ctx: RiskContext, cfg: RiskSettings, *, fresh: bool) -> Si
     return _yes(name, cfg.weight(name), "stable facts changed since the baseline", changed=changed)
 
 
-def _stable(value: Any) -> Any:
-    return value if isinstance(value, str | int | bool) or value is None else str(value)
+def stable_values(
+    facts: Mapping[str, Any], claims: Mapping[str, Any], names: Sequence[str]
+) -> dict[str, Any]:
+    """The watched values: a profile fact when there is one, else the claim of that name."""
+    out: dict[str, Any] = {}
+    for name in names:
+        value = facts.get(name, claims.get(name))
+        if value is not None:
+            out[name] = value if isinstance(value, str | int | bool) else str(value)
+    return out
 
 
 def stale_posture(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
@@ -268,3 +289,10 @@ def assess(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
         shared_signal(ctx, cfg),
     )
     return Assessment(score=sum(s.weight for s in signals if s.fired), signals=tuple(signals), fresh=fresh)
+
+
+def assess_events(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
+    """Only what security events from other systems say (rules without a ``risk`` section)."""
+    fresh = ctx.attested_at is not None and ctx.now - ctx.attested_at <= cfg.step_up_max_age
+    signal = shared_signal(ctx, cfg)
+    return Assessment(score=signal.weight if signal.fired else 0, signals=(signal,), fresh=fresh)

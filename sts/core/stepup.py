@@ -1,0 +1,72 @@
+"""From a risk assessment to a decision: grant, narrow, step up, or deny.
+
+Machines cannot answer an MFA prompt, so step-up happens through credential
+renewal: the refusal says how fresh the attestation must be, and the
+workload re-attests (a new OIDC/service-account token) and exchanges again.
+
+Score bands (per rule, ``risk`` in the policy):
+
+* below ``narrow_at``: issue as granted;
+* from ``narrow_at``: issue narrowed: privileged scopes dropped;
+* from ``step_up_at``: refuse, asking for attestation no older than
+  ``step_up_max_age`` (once such attestation is presented, drift is accepted
+  and re-baselined, and what risk remains is handled by narrowing);
+* from ``deny_at``: refuse.
+
+Lifetime shrinks as risk grows, so a token expires with its risk context:
+``max(min_lifetime_factor, 1 - score / deny_at)`` of what would be granted.
+In ``observe`` mode the decision is recorded but not enforced, except what
+security events from other systems demand (blocks, re-attestation), which
+always holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .risk import Assessment, RiskSettings
+
+GRANT = "grant"
+NARROW = "narrow"
+STEP_UP = "step_up"
+DENY = "deny"
+
+
+@dataclass(frozen=True)
+class RiskDecision:
+    action: str
+    score: int
+    enforced: bool
+    scopes: tuple[str, ...]
+    lifetime_factor: float
+    fired: tuple[str, ...]
+    step_up_max_age: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "action": self.action,
+            "score": self.score,
+            "enforced": self.enforced,
+            "lifetime_factor": round(self.lifetime_factor, 3),
+            "fired": list(self.fired),
+        }
+
+
+def decide(assessment: Assessment, cfg: RiskSettings, scopes: tuple[str, ...]) -> RiskDecision:
+    score = assessment.score
+    fired = tuple(s.name for s in assessment.fired)
+    if score >= cfg.deny_at:
+        action = DENY
+    elif score >= cfg.step_up_at:
+        # Fresh attestation already presented: renewing again would change nothing.
+        action = NARROW if assessment.fresh else STEP_UP
+    elif score >= cfg.narrow_at:
+        action = NARROW
+    else:
+        action = GRANT
+    factor = max(cfg.min_lifetime_factor, 1.0 - score / cfg.deny_at) if score else 1.0
+    narrowed = tuple(s for s in scopes if s not in cfg.privileged_scopes) if action == NARROW else scopes
+    # Security events from other systems are enforced even while the rule only observes.
+    event_driven = any(s.name == "shared_signal" for s in assessment.fired)
+    enforced = cfg.mode == "enforce" or (event_driven and action in (STEP_UP, DENY))
+    return RiskDecision(action, score, enforced, narrowed, factor, fired, cfg.step_up_max_age)
