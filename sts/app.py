@@ -27,19 +27,22 @@ from .adapters.policy_files import load_policies, policy_files
 from .adapters.token_review import HttpTokenReviewer
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
-from .core.clients import RegisteredClient
+from .core.clients import AssertionAudience, RegisteredClient
 from .core.delegation import SELF_ISSUER
 from .core.exchange import ExchangeConfig, TokenExchange
+from .core.introspection import OwnTokenVerifier
 from .core.policy import PolicySet
 from .core.ports import (
     BaselineStore,
     IssuerKeys,
     ReplayCache,
+    RevokedTokens,
     StoreUnavailable,
     SubjectStateStore,
     TokenReviewer,
 )
 from .core.profiles import ProfileOptions, get_profile
+from .core.token_status import TokenStatus
 from .errors import ConfigurationError
 from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
 from .settings import ClientSettings, IssuerSettings, Settings
@@ -62,6 +65,7 @@ class Runtime:
     clock: Callable[[], float]
     subject_states: SubjectStateStore | None = None
     baselines: BaselineStore | None = None
+    token_status: TokenStatus | None = None
     redis_client: redis.Redis | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -166,6 +170,7 @@ def build_policy(settings: Settings) -> PolicySet:
 def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     """RFC 8414 §2 metadata; ``issuer`` is exactly the configured issuer."""
     methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+    assertion_algs = ["ES256", "ES384", "RS256", "PS256", "EdDSA"]
     if policy.allows_anonymous:
         methods.append("none")
     return {
@@ -175,8 +180,14 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
         "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
         "response_types_supported": [],
         "token_endpoint_auth_methods_supported": methods,
-        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "RS256", "PS256", "EdDSA"],
+        "token_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "code_challenge_methods_supported": [],
+        "introspection_endpoint": settings.issuer.rstrip("/") + "/introspect",
+        "introspection_endpoint_auth_methods_supported": methods[:3],
+        "introspection_endpoint_auth_signing_alg_values_supported": assertion_algs,
+        "revocation_endpoint": settings.issuer.rstrip("/") + "/revoke",
+        "revocation_endpoint_auth_methods_supported": methods[:3],
+        "revocation_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "service_documentation": "https://github.com/workload-sts/workload-sts#readme",
     }
 
@@ -213,10 +224,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         replay = redis_store.RedisReplayCache(redis_client)
         subject_states = redis_store.RedisSubjectStateStore(redis_client)
         baselines = redis_store.RedisBaselineStore(redis_client)
+        revoked: RevokedTokens = redis_store.RedisRevokedTokens(redis_client)
     else:
         replay = sql.SqlReplayCache(engine)
         subject_states = sql.SqlSubjectStateStore(engine, clock=clock)
         baselines = sql.SqlBaselineStore(engine, clock=clock)
+        revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
     audit = sql.SqlAuditSink(engine)
     clients = {c.client_id: _client(c, clock) for c in settings.clients}
@@ -243,6 +256,26 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         subject_states=subject_states,
         baselines=baselines,
     )
+    own_keys = OwnTokenKeys(keyring, clock)
+    token_status = TokenStatus(
+        verifier=OwnTokenVerifier(
+            issuer=settings.issuer,
+            algorithms=frozenset(SIGNING_ALGORITHMS),
+            keys=own_keys.key_for,
+            leeway=settings.leeway,
+        ),
+        clients=clients,
+        client_audiences={c.client_id: c.audiences for c in settings.clients},
+        issuer_names=frozenset(i.name for i in settings.issuers),
+        replay=replay,
+        states=subject_states,
+        revoked=revoked,
+        audit=audit,
+        assertion_audience=AssertionAudience(settings.issuer, settings.token_endpoint),
+        clock=clock,
+        leeway=settings.leeway,
+        max_assertion_lifetime=settings.max_client_assertion_lifetime,
+    )
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -255,10 +288,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         clock=clock,
         subject_states=subject_states,
         baselines=baselines,
+        token_status=token_status,
         redis_client=redis_client,
     )
 
     from .http import oauth, responses, ssf
+    from .http import token_status as token_status_http
 
     app = Flask("sts")
     app.config.update(
@@ -270,6 +305,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app.extensions["sts"] = runtime
     responses.install(app)
     app.register_blueprint(oauth.bp)
+    app.register_blueprint(token_status_http.bp)
     ssf.install(app, runtime)
     path = urlsplit(settings.issuer).path.rstrip("/")
     if path:

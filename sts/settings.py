@@ -72,6 +72,27 @@ class ClientSettings:
     jwks_file: Path | None = None
     jwks_uri: str | None = None
     algorithms: tuple[str, ...] = ("ES256", "RS256", "PS256", "EdDSA")
+    audiences: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TransmitterSettings:
+    """A Shared Signals transmitter whose Security Event Tokens (RFC 8417) this service accepts."""
+
+    name: str
+    issuer: str
+    jwks_uri: str | None = None
+    jwks_file: Path | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    #: The ``aud`` the SETs must name; None means this service's own ``issuer``.
+    audience: str | None = None
+    #: How long a ``session-revoked`` event blocks the subject (seconds).
+    block_duration: int = 3600
+    #: Refuse SETs issued (``iat``) longer ago than this (seconds).
+    max_age: int = 86400
+    #: Names of the configured issuers whose subjects this transmitter may name; None means all.
+    subject_issuers: tuple[str, ...] | None = None
+    jwks_max_stale: int = 3600
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,7 @@ class Settings:
     log_level: str = "INFO"
     issuers: tuple[IssuerSettings, ...] = ()
     clients: tuple[ClientSettings, ...] = ()
+    transmitters: tuple[TransmitterSettings, ...] = ()
     key_passphrase: bytes | None = field(default=None, repr=False)
     config_file: Path | None = None
 
@@ -111,7 +133,7 @@ class Settings:
 _SCALARS = {
     f.name: f.type
     for f in fields(Settings)
-    if f.name not in {"issuers", "clients", "key_passphrase", "config_file"}
+    if f.name not in {"issuers", "clients", "transmitters", "key_passphrase", "config_file"}
 }
 _INT_SETTINGS = {
     "port",
@@ -227,6 +249,7 @@ def load_settings(
         kwargs["database_url"] = "sqlite:///" + str(_resolve(base, "var/sts.sqlite"))
     kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
     kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
+    kwargs["transmitters"] = tuple(_transmitter(base, t) for t in raw.get("transmitters", ()))
     passphrase = env.get("STS_KEY_PASSPHRASE")
     kwargs["key_passphrase"] = passphrase.encode("utf-8") if passphrase else None
     kwargs["config_file"] = path
@@ -257,11 +280,22 @@ def _issuer(base: Path, raw: Mapping[str, Any]) -> IssuerSettings:
 
 def _client(base: Path, raw: Mapping[str, Any]) -> ClientSettings:
     values = dict(raw)
-    if "algorithms" in values:
-        values["algorithms"] = tuple(values["algorithms"])
+    for key in ("algorithms", "audiences"):
+        if key in values:
+            values[key] = tuple(values[key])
     if "jwks_file" in values:
         values["jwks_file"] = _resolve(base, values["jwks_file"])
     return ClientSettings(**values)
+
+
+def _transmitter(base: Path, raw: Mapping[str, Any]) -> TransmitterSettings:
+    values = dict(raw)
+    for key in ("algorithms", "subject_issuers"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if "jwks_file" in values:
+        values["jwks_file"] = _resolve(base, values["jwks_file"])
+    return TransmitterSettings(**values)
 
 
 def _check(s: Settings) -> None:
@@ -338,3 +372,32 @@ def _check(s: Settings) -> None:
                 )
             if client.jwks_uri:
                 check_https_url(client.jwks_uri, f"setting {where}.jwks_uri")
+    _check_transmitters(s, names)
+
+
+def _check_transmitters(s: Settings, issuer_names: set[str]) -> None:
+    """Transmitters are validated like issuers: unique names and ``iss``, https key URLs."""
+    names: set[str] = set()
+    by_iss: dict[str, str] = {}
+    for t in s.transmitters:
+        where = f"transmitters.{t.name}"
+        if t.name in names:
+            raise ConfigurationError(f"setting {where}: duplicate transmitter name")
+        names.add(t.name)
+        # SETs are matched to a transmitter by their exact iss: a second entry would shadow the first.
+        if t.issuer in by_iss:
+            raise ConfigurationError(
+                f"setting {where}.issuer: {t.issuer!r} is already the issuer of "
+                f"transmitters.{by_iss[t.issuer]}"
+            )
+        by_iss[t.issuer] = t.name
+        if t.issuer.rstrip("/") == s.issuer.rstrip("/"):
+            raise ConfigurationError(f"setting {where}.issuer: must not be this service's own issuer")
+        if t.jwks_uri:
+            check_https_url(t.jwks_uri, f"setting {where}.jwks_uri")
+        if t.subject_issuers is not None:
+            unknown = sorted(set(t.subject_issuers) - issuer_names - {"self"})
+            if unknown:
+                raise ConfigurationError(
+                    f"setting {where}.subject_issuers: {', '.join(unknown)} not configured under issuers"
+                )

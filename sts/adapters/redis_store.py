@@ -116,3 +116,26 @@ def _loads(value: object) -> object:
         return json.loads(value)
     except ValueError:
         return None
+
+
+class RedisRevokedTokens:
+    """ports.RevokedTokens on Redis: one key per revoked jti, expiring with the token."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _name(self, jti: str) -> bytes:
+        return f"{self.prefix}:revoked:{jti}".encode("utf-8", "surrogatepass")
+
+    def revoke(self, jti: str, expires_at: float) -> None:
+        try:
+            self.client.set(self._name(jti), b"1", pxat=math.ceil(expires_at * 1000) + 1000)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def revoked(self, jti: str) -> bool:
+        try:
+            return bool(self.client.exists(self._name(jti)))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None

@@ -513,3 +513,26 @@ def _loads(text: str | None) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+revoked_tokens = Table(
+    "revoked_tokens",
+    metadata,
+    Column("identity", String(600), primary_key=True),
+    Column("revoked", String(16), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+class SqlRevokedTokens:
+    """ports.RevokedTokens on the embedded database."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = _KeyValueTable(engine, "revoked_tokens", "revoked", clock)
+        self._clock = clock
+
+    def revoke(self, jti: str, expires_at: float) -> None:
+        self._kv.put(jti, "1", max(1, int(expires_at - self._clock()) + 1))
+
+    def revoked(self, jti: str) -> bool:
+        return bool(self._kv.get([jti]))

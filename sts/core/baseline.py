@@ -37,7 +37,9 @@ def network_of(address: str) -> str:
 
 def _bounded(existing: Iterable[str], new: Iterable[str], limit: int) -> tuple[str, ...]:
     """Most recent last; oldest dropped beyond ``limit``."""
-    items = [x for x in existing if x not in set(new)] + list(dict.fromkeys(new))
+    fresh = list(dict.fromkeys(new))  # read once: ``new`` may be an iterator
+    seen = set(fresh)
+    items = [x for x in existing if x not in seen] + fresh
     return tuple(items[-limit:])
 
 
@@ -91,7 +93,7 @@ class Baseline:
                 window_count=int(data.get("window_count", 0)),
                 usual_rate=float(data.get("usual_rate", 0.0)),
             )
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
             # A corrupt baseline is treated as a new identity (learning), never as trusted.
             return cls()
 

@@ -303,6 +303,10 @@ class TokenExchange:
             if risk.decision.action == DENY:
                 raise RiskRefused("risk.denied", signals=risk.decision.fired)
             narrowed = risk.decision.scopes
+            if scopes and not narrowed and risk.assessment.fresh:
+                # Nothing is left, and the attestation is already fresh: renewing it would
+                # change nothing, so asking for a step-up would send the workload round forever.
+                raise RiskRefused("risk.narrowed_to_nothing", signals=risk.decision.fired)
             if risk.decision.action == STEP_UP or (scopes and not narrowed):
                 raise StepUpRequired(
                     "risk.step_up", max_age=risk.decision.step_up_max_age, signals=risk.decision.fired

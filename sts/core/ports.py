@@ -122,3 +122,15 @@ class BaselineStore(Protocol):
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
         """Raises :class:`StoreUnavailable`."""
         ...
+
+
+class RevokedTokens(Protocol):
+    """Individually revoked tokens of ours (RFC 7009), by ``jti``, remembered until they expire."""
+
+    def revoke(self, jti: str, expires_at: float) -> None:
+        """Raises :class:`StoreUnavailable`."""
+        ...
+
+    def revoked(self, jti: str) -> bool:
+        """Raises :class:`StoreUnavailable`; callers treat that as inactive (fail closed)."""
+        ...

@@ -239,6 +239,9 @@ def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     name = "unexpected_s2s"
     weight = cfg.weight(name)
     intent = ctx.claims.get(cfg.intent_claim) if cfg.intent_claim else None
+    if isinstance(intent, str):
+        # A single declared audience, as ``aud`` may be (RFC 7519 §4.1.3); never ignored.
+        intent = [intent]
     if isinstance(intent, list):
         outside = sorted(set(ctx.audiences) - {str(i) for i in intent})
         if outside:
@@ -276,9 +279,17 @@ def shared_signal(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     return _no(name, "no security events in force")
 
 
+def is_fresh(ctx: RiskContext, cfg: RiskSettings) -> bool:
+    """Attestation that satisfies a step-up: no older than ``step_up_max_age``, and not
+    older than a security event's ``reauth_after`` (renewing is exactly what that event asks)."""
+    if ctx.attested_at is None or ctx.now - ctx.attested_at > cfg.step_up_max_age:
+        return False
+    return ctx.state.reauth_after is None or ctx.attested_at >= ctx.state.reauth_after
+
+
 def assess(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
     """Evaluate every signal (fired or not, all are recorded) and add up the score."""
-    fresh = ctx.attested_at is not None and ctx.now - ctx.attested_at <= cfg.step_up_max_age
+    fresh = is_fresh(ctx, cfg)
     signals: Sequence[SignalResult] = (
         unusual_network(ctx, cfg),
         attestation_drift(ctx, cfg, fresh=fresh),
@@ -293,6 +304,6 @@ def assess(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
 
 def assess_events(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
     """Only what security events from other systems say (rules without a ``risk`` section)."""
-    fresh = ctx.attested_at is not None and ctx.now - ctx.attested_at <= cfg.step_up_max_age
+    fresh = is_fresh(ctx, cfg)
     signal = shared_signal(ctx, cfg)
     return Assessment(score=signal.weight if signal.fired else 0, signals=(signal,), fresh=fresh)

@@ -126,7 +126,7 @@ MAX_SUBJECT_CHARS: Final = 512
 MAX_JTI_CHARS: Final = 256
 _SHOWN_CHARS: Final = 200
 
-#: RFC 9493 formats, plus SSF's ``complex``; the ``complex`` members SSF 1.0 §3 defines.
+#: The members of an SSF 1.0 ``complex`` subject (§3.2) that may name the workload; others are ignored.
 COMPLEX_MEMBERS: Final = ("user", "device", "session", "application", "tenant", "org_unit", "group")
 
 
@@ -241,7 +241,16 @@ def _show(value: object) -> str:
 def verify_set(
     token: str, transmitters: Mapping[str, Transmitter], *, now: float, leeway: int
 ) -> VerifiedSET:
-    """Verify a SET's JWS and claims, or raise :class:`SetRefused`.
+    """Verify a SET's JWS (:func:`authenticate_set`) and claims (:func:`check_set_claims`)."""
+    policy, claims = authenticate_set(token, transmitters)
+    check_set_claims(claims, policy, now=now, leeway=leeway)
+    return VerifiedSET(transmitter=policy, claims=claims, jti=claims["jti"], iat=float(claims["iat"]))
+
+
+def authenticate_set(
+    token: str, transmitters: Mapping[str, Transmitter]
+) -> tuple[TransmitterPolicy, dict[str, Any]]:
+    """The transmitter that signed this SET, and its claims; or raise :class:`SetRefused`.
 
     RFC 8417 §2.3 and RFC 8725 §3.11: ``typ`` must be ``secevent+jwt``, so no
     other JWT (an ID token, an access token) can pass as a SET.  The key is the
@@ -259,18 +268,15 @@ def verify_set(
     transmitter = transmitters.get(iss) if isinstance(iss, str) else None
     if transmitter is None:
         raise SetRefused("invalid_issuer", "set.unknown_issuer", _show(iss))
-    policy = transmitter.policy
     try:
-        verify_signature(token, peeked, policy.algorithms, transmitter.keys.key_for)
+        verify_signature(token, peeked, transmitter.policy.algorithms, transmitter.keys.key_for)
     except JWSInvalid as exc:
         raise SetRefused("invalid_key", f"set.{exc.reason}", exc.detail) from None
     except UnknownKeyId as exc:
         raise SetRefused("invalid_key", "set.unknown_kid", str(exc)) from None
     except KeysUnavailable as exc:
         raise ReceiverUnavailable("transmitter_keys.unavailable", str(exc)) from None
-    claims = peeked.claims
-    check_set_claims(claims, policy, now=now, leeway=leeway)
-    return VerifiedSET(transmitter=policy, claims=claims, jti=claims["jti"], iat=float(claims["iat"]))
+    return transmitter.policy, peeked.claims
 
 
 def check_set_claims(
@@ -678,15 +684,16 @@ class SignalReceiver:
         check_media_type(delivery.content_type)
         token = decode_body(delivery.body)
         record.subject_token_sha256 = token_hash(token)
-        verified = verify_set(token, self.transmitters, now=now, leeway=self.leeway)
-        policy = verified.transmitter
+        policy, claims = authenticate_set(token, self.transmitters)
         record.issuer = policy.name
+        types = claims.get("events")
+        if isinstance(types, dict):
+            record.details["events"] = [str(t)[:_SHOWN_CHARS] for t in list(types)[:MAX_EVENTS]]
+        check_set_claims(claims, policy, now=now, leeway=self.leeway)
+        verified = VerifiedSET(transmitter=policy, claims=claims, jti=claims["jti"], iat=float(claims["iat"]))
         record.subject_token_iat = verified.iat
         jti_hash = hashlib.sha256(verified.jti.encode("utf-8", "surrogatepass")).hexdigest()
         record.details["jti_sha256"] = jti_hash
-        types = verified.claims.get("events")
-        if isinstance(types, dict):
-            record.details["events"] = [str(t)[:_SHOWN_CHARS] for t in list(types)[:MAX_EVENTS]]
         events = parse_events(verified.claims, SubjectScope(self.issuers, policy.subject_issuers))
         identities = _unique(key for event in events for key in event.identities)
         record.subject = " ".join(identities) or None

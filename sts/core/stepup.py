@@ -52,21 +52,30 @@ class RiskDecision:
         }
 
 
+def _band(score: int, cfg: RiskSettings, fresh: bool) -> str:
+    if score >= cfg.deny_at:
+        return DENY
+    if score >= cfg.step_up_at:
+        # Fresh attestation already presented: renewing again would change nothing.
+        return NARROW if fresh else STEP_UP
+    if score >= cfg.narrow_at:
+        return NARROW
+    return GRANT
+
+
 def decide(assessment: Assessment, cfg: RiskSettings, scopes: tuple[str, ...]) -> RiskDecision:
     score = assessment.score
     fired = tuple(s.name for s in assessment.fired)
-    if score >= cfg.deny_at:
-        action = DENY
-    elif score >= cfg.step_up_at:
-        # Fresh attestation already presented: renewing again would change nothing.
-        action = NARROW if assessment.fresh else STEP_UP
-    elif score >= cfg.narrow_at:
-        action = NARROW
-    else:
-        action = GRANT
+    action = _band(score, cfg, assessment.fresh)
+    enforced = cfg.mode == "enforce"
+    if not enforced:
+        # Security events from other systems are enforced even while the rule only observes,
+        # but only as far as they demand on their own (a block, a re-attestation): the
+        # observed signals must not turn them into a harsher refusal.
+        events = sum(s.weight for s in assessment.fired if s.name == "shared_signal")
+        demanded = _band(events, cfg, assessment.fresh)
+        if demanded in (STEP_UP, DENY):
+            action, enforced, fired = demanded, True, ("shared_signal",)
     factor = max(cfg.min_lifetime_factor, 1.0 - score / cfg.deny_at) if score else 1.0
     narrowed = tuple(s for s in scopes if s not in cfg.privileged_scopes) if action == NARROW else scopes
-    # Security events from other systems are enforced even while the rule only observes.
-    event_driven = any(s.name == "shared_signal" for s in assessment.fired)
-    enforced = cfg.mode == "enforce" or (event_driven and action in (STEP_UP, DENY))
     return RiskDecision(action, score, enforced, narrowed, factor, fired, cfg.step_up_max_age)

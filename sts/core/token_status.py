@@ -1,0 +1,138 @@
+"""The introspection (RFC 7662) and revocation (RFC 7009) endpoints' decisions, with their audit records.
+
+Both need an authenticated client (RFC 7662 §2.1, RFC 7009 §2.1)::
+
+    POST /introspect                          POST /revoke
+    Authorization: Basic ...                  Authorization: Basic ...
+    token=eyJ...&token_type_hint=access_token token=eyJ...
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
+from ..protocol.client_auth import parse_client_credentials
+from ..protocol.token_exchange import check_no_repeats, single
+from .audit import AuditRecord, token_hash
+from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
+from .exchange import WireRequest, check_content_type
+from .introspection import OwnTokenVerifier, audiences_of, introspect, verify_own_token
+from .ports import (
+    AuditSink,
+    AuditUnavailable,
+    ReplayCache,
+    RevokedTokens,
+    StoreUnavailable,
+    SubjectStateStore,
+)
+
+
+@dataclass
+class TokenStatus:
+    verifier: OwnTokenVerifier
+    clients: Mapping[str, RegisteredClient]
+    client_audiences: Mapping[str, Collection[str]]
+    issuer_names: Collection[str]
+    replay: ReplayCache
+    states: SubjectStateStore
+    revoked: RevokedTokens
+    audit: AuditSink
+    assertion_audience: AssertionAudience
+    clock: Callable[[], float]
+    leeway: int
+    max_assertion_lifetime: int
+
+    def _start(self, wire: WireRequest, endpoint: str) -> tuple[AuditRecord, float]:
+        now = self.clock()
+        record = AuditRecord(
+            event_id=str(uuid.uuid4()),
+            time=now,
+            request_id=wire.request_id,
+            endpoint=endpoint,
+            source_ip=wire.source_ip,
+            user_agent=(wire.user_agent or "")[:200] or None,
+        )
+        return record, now
+
+    def _authenticate(
+        self, wire: WireRequest, record: AuditRecord, now: float
+    ) -> tuple[AuthenticatedClient, str]:
+        if wire.query:
+            raise InvalidRequest("request.query_parameters")
+        check_content_type(wire.content_type)
+        check_no_repeats(wire.form)
+        token = single(wire.form, "token")
+        creds = parse_client_credentials(wire.form, wire.authorization)
+        record.client_auth_method = creds.method
+        client = authenticate_client(
+            creds,
+            self.clients,
+            self.replay,
+            self.assertion_audience,
+            now=now,
+            leeway=self.leeway,
+            max_assertion_lifetime=self.max_assertion_lifetime,
+        )
+        if client is None:
+            raise InvalidClient("client.authentication_required")
+        record.client_id = client.client_id
+        if token is None:
+            raise InvalidRequest("request.missing_token")
+        record.subject_token_sha256 = token_hash(token)
+        return client, token
+
+    def _finish(self, record: AuditRecord, error: OAuthError | None = None) -> None:
+        if error is not None:
+            record.refuse(error.error, error.reason, error.detail)
+        try:
+            self.audit.write(record)
+        except AuditUnavailable as exc:
+            if error is None:
+                raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
+
+    def introspect(self, wire: WireRequest) -> dict[str, Any]:
+        record, now = self._start(wire, "introspect")
+        try:
+            client, token = self._authenticate(wire, record, now)
+        except OAuthError as exc:
+            self._finish(record, exc)
+            raise
+        audiences = self.client_audiences.get(client.client_id, ())
+        response = introspect(
+            token, audiences, self.verifier, self.issuer_names, self.states, self.revoked, now
+        )
+        record.outcome = "active" if response["active"] else "inactive"
+        record.subject = response.get("sub")
+        record.issued_jti = response.get("jti")
+        self._finish(record)
+        return response
+
+    def revoke(self, wire: WireRequest) -> None:
+        """RFC 7009 §2.2: 200 whether or not the token was known; revoked if it was ours and valid."""
+        record, now = self._start(wire, "revoke")
+        try:
+            client, token = self._authenticate(wire, record, now)
+            claims = verify_own_token(token, self.verifier, now)
+            if claims is None:
+                record.outcome = "ignored"
+                record.reasons.append("revoke.unknown_or_invalid_token")
+                self._finish(record)
+                return
+            record.subject, record.issued_jti = str(claims["sub"]), str(claims["jti"])
+            mine = claims.get("client_id") == client.client_id
+            served = set(audiences_of(claims)) & set(self.client_audiences.get(client.client_id, ()))
+            if not (mine or served):
+                raise UnauthorizedClient("revoke.token_not_issued_to_client")
+            try:
+                self.revoked.revoke(str(claims["jti"]), float(claims["exp"]))
+            except StoreUnavailable as exc:
+                raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        except OAuthError as exc:
+            self._finish(record, exc)
+            raise
+        record.outcome = "revoked"
+        self._finish(record)

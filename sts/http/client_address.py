@@ -1,0 +1,47 @@
+"""The client's address, for the unusual-network signal and the audit record.
+
+Taken from the connection, unless the connection comes from a configured
+trusted proxy: then from ``X-Forwarded-For``, walking from the right and
+skipping trusted proxies, so the first untrusted hop is the client.  A
+client cannot forge its way past a trusted proxy, because the proxy appends
+the address it saw; anything further left is the client's own claim.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:
+        value = value[1 : value.index("]")]
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def client_address(
+    remote_addr: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]
+) -> str | None:
+    """The address to attribute the request to."""
+    peer = _parse(remote_addr or "")
+    if peer is None:
+        return remote_addr
+    if not trusted or not any(peer in net for net in trusted):
+        return str(peer)
+    hops = [h for header in forwarded_for for h in header.split(",")]
+    current = peer
+    for hop in reversed(hops):
+        address = _parse(hop)
+        if address is None:
+            # A malformed entry: stop at the last hop we could vouch for.
+            return str(current)
+        current = address
+        if not any(address in net for net in trusted):
+            return str(address)
+    return str(current)

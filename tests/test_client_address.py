@@ -1,0 +1,36 @@
+"""Client address behind trusted proxies (the unusual-network signal relies on it)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from sts.http.client_address import client_address
+
+PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
+
+
+@pytest.mark.parametrize(
+    ("remote", "xff", "trusted", "expected"),
+    [
+        ("203.0.113.7", [], PROXIES, "203.0.113.7"),
+        # Not from a trusted proxy: the header is the client's own claim and is ignored.
+        ("203.0.113.7", ["198.51.100.1"], PROXIES, "203.0.113.7"),
+        ("10.0.0.5", ["198.51.100.1"], PROXIES, "198.51.100.1"),
+        # A forged left-most entry is skipped: the proxy appended what it saw on the right.
+        ("10.0.0.5", ["1.2.3.4, 198.51.100.1"], PROXIES, "198.51.100.1"),
+        # Chains of trusted proxies are walked.
+        ("10.0.0.5", ["198.51.100.1, 10.0.0.9"], PROXIES, "198.51.100.1"),
+        ("10.0.0.5", ["198.51.100.1", "10.0.0.9"], PROXIES, "198.51.100.1"),
+        # Every hop trusted: the left-most one.
+        ("10.0.0.5", ["10.1.1.1, 10.2.2.2"], PROXIES, "10.1.1.1"),
+        # Garbage stops the walk at the last hop we can vouch for.
+        ("10.0.0.5", ["198.51.100.1, garbage"], PROXIES, "10.0.0.5"),
+        ("::1", ["[2001:db8::1]"], PROXIES, "2001:db8::1"),
+        ("10.0.0.5", [], PROXIES, "10.0.0.5"),
+        ("10.0.0.5", ["198.51.100.1"], [], "10.0.0.5"),
+    ],
+)
+def test_client_address(remote: str, xff: list[str], trusted: list, expected: str) -> None:  # type: ignore[type-arg]
+    assert client_address(remote, xff, trusted) == expected

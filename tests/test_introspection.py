@@ -1,0 +1,155 @@
+"""RFC 7662 introspection and RFC 7009 revocation of the tokens we issue."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from sts.app import create_app
+from sts.core.client_secrets import hash_secret
+from sts.core.subject_state import SubjectState
+from sts.dev.issuer import RunningServer
+from sts.settings import Settings
+from tests.conftest import DEFAULT_CLIENTS, STS_ISSUER, exchange_form
+
+DEPLOY = "https://deploy.example.com"
+RS_SECRET = "deploy-api-secret-0123456789-abcdefghijkl"
+OTHER_SECRET = "ledger-api-secret-0123456789-abcdefghijkl"
+
+
+def _rs(client_id: str, secret: str, audience: str) -> dict[str, Any]:
+    """A resource server registered as a client, serving one audience."""
+    return {
+        "client_id": client_id,
+        "auth_method": "client_secret_basic",
+        "secret_hash": hash_secret(secret),
+        "audiences": [audience],
+    }
+
+
+def basic(client_id: str, secret: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
+
+
+@pytest.fixture
+def app(make_settings: Callable[..., Settings]) -> Flask:
+    clients = [
+        *DEFAULT_CLIENTS,
+        _rs("deploy-api", RS_SECRET, DEPLOY),
+        _rs("ledger-api", OTHER_SECRET, "ledger"),
+    ]
+    return create_app(make_settings(clients=clients))
+
+
+@pytest.fixture
+def web(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def issued(web: FlaskClient, upstream: RunningServer) -> str:
+    subject = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+    resp = web.post("/token", data=exchange_form(subject, audience=DEPLOY, scope="deploy:read"))
+    assert resp.status_code == 200
+    return str(resp.get_json()["access_token"])
+
+
+def introspect(web: FlaskClient, token: str, who: tuple[str, str] = ("deploy-api", RS_SECRET)) -> Any:
+    resp = web.post("/introspect", data={"token": token}, headers=basic(*who))
+    assert resp.status_code == 200 and resp.headers["Cache-Control"] == "no-store"
+    return resp.get_json()
+
+
+def test_active_token_for_its_audience(web: FlaskClient, issued: str) -> None:
+    body = introspect(web, issued)
+    assert body["active"] is True
+    assert body["aud"] == DEPLOY and body["scope"] == "deploy:read" and body["token_type"] == "Bearer"
+    assert body["sub"] == "repo:acme/app:ref:refs/heads/main" and body["iss"] == STS_ISSUER
+    assert {"exp", "iat", "jti", "client_id", "auth_time"} <= set(body)
+
+
+def test_token_for_another_audience_is_inactive_to_that_caller(web: FlaskClient, issued: str) -> None:
+    assert introspect(web, issued, ("ledger-api", OTHER_SECRET)) == {"active": False}
+
+
+@pytest.mark.parametrize("token", ["", "garbage", "a.b.c", "eyJhbGciOiJub25lIn0.e30."])
+def test_garbage_is_inactive_and_reveals_nothing(web: FlaskClient, token: str) -> None:
+    if not token:
+        resp = web.post("/introspect", data={"token": token}, headers=basic("deploy-api", RS_SECRET))
+        assert resp.status_code == 400 and resp.get_json()["error"] == "invalid_request"
+        return
+    assert introspect(web, token) == {"active": False}
+
+
+def test_subject_tokens_from_upstream_are_not_ours(web: FlaskClient, upstream: RunningServer) -> None:
+    assert introspect(web, upstream.issuer.github_actions_token(audience=DEPLOY)) == {"active": False}
+
+
+def test_introspection_needs_client_authentication(web: FlaskClient, issued: str) -> None:
+    resp = web.post("/introspect", data={"token": issued})
+    assert resp.status_code == 401 and resp.get_json()["error"] == "invalid_client"
+    assert "WWW-Authenticate" in resp.headers
+    wrong = web.post("/introspect", data={"token": issued}, headers=basic("deploy-api", "wrong"))
+    assert wrong.status_code == 401
+
+
+def test_revocation_by_the_resource_server_makes_it_inactive(web: FlaskClient, issued: str) -> None:
+    resp = web.post("/revoke", data={"token": issued, "token_type_hint": "access_token"},
+                    headers=basic("deploy-api", RS_SECRET))  # fmt: skip
+    assert resp.status_code == 200 and resp.data == b""
+    assert introspect(web, issued) == {"active": False}
+
+
+def test_revocation_of_unknown_tokens_is_200(web: FlaskClient) -> None:
+    resp = web.post("/revoke", data={"token": "not-a-token"}, headers=basic("deploy-api", RS_SECRET))
+    assert resp.status_code == 200
+
+
+def test_a_client_cannot_revoke_tokens_it_neither_holds_nor_serves(web: FlaskClient, issued: str) -> None:
+    resp = web.post("/revoke", data={"token": issued}, headers=basic("ledger-api", OTHER_SECRET))
+    assert resp.status_code == 400 and resp.get_json()["error"] == "unauthorized_client"
+    assert introspect(web, issued)["active"] is True
+
+
+def test_a_security_event_revokes_earlier_tokens_of_the_subject(
+    app: Flask, web: FlaskClient, issued: str
+) -> None:
+    runtime = app.extensions["sts"]
+    before = introspect(web, issued)
+    runtime.subject_states.put(
+        "upstream|repo:acme/app:ref:refs/heads/main", SubjectState(revoked_before=before["iat"] + 1), 3600
+    )
+    assert introspect(web, issued) == {"active": False}
+
+
+def test_every_call_is_audited_without_the_token(app: Flask, web: FlaskClient, issued: str) -> None:
+    introspect(web, issued)
+    web.post("/revoke", data={"token": issued}, headers=basic("deploy-api", RS_SECRET))
+    records = app.extensions["sts"].audit.recent(5)
+    assert [r["endpoint"] for r in records[:2]] == ["revoke", "introspect"]
+    assert records[1]["outcome"] == "active" and records[0]["outcome"] == "revoked"
+    assert issued not in str(records)
+
+
+def test_metadata_names_the_endpoints(web: FlaskClient) -> None:
+    md = web.get("/.well-known/oauth-authorization-server").get_json()
+    assert md["introspection_endpoint"] == STS_ISSUER + "/introspect"
+    assert md["revocation_endpoint"] == STS_ISSUER + "/revoke"
+
+
+def test_revocation_is_visible_to_every_instance_sharing_the_store(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    clients = [*DEFAULT_CLIENTS, _rs("deploy-api", RS_SECRET, DEPLOY)]
+    settings = make_settings(clients=clients)
+    one, two = create_app(settings).test_client(), create_app(settings).test_client()
+    subject = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+    token = one.post("/token", data=exchange_form(subject, audience=DEPLOY)).get_json()["access_token"]
+    assert introspect(two, token)["active"] is True
+    one.post("/revoke", data={"token": token}, headers=basic("deploy-api", RS_SECRET))
+    assert introspect(two, token) == {"active": False}
