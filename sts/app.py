@@ -7,6 +7,7 @@ repeated per request.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -300,6 +301,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
         MAX_FORM_PARTS=200,
+        STS_TRUSTED_PROXIES=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies),
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime

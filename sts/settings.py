@@ -115,6 +115,7 @@ class Settings:
     max_body_bytes: int = 16384
     max_client_assertion_lifetime: int = 300
     log_level: str = "INFO"
+    trusted_proxies: tuple[str, ...] = ()
     issuers: tuple[IssuerSettings, ...] = ()
     clients: tuple[ClientSettings, ...] = ()
     transmitters: tuple[TransmitterSettings, ...] = ()
@@ -247,6 +248,8 @@ def load_settings(
         kwargs[name] = _resolve(base, str(getattr(Settings, name)))
     if "database_url" not in kwargs:
         kwargs["database_url"] = "sqlite:///" + str(_resolve(base, "var/sts.sqlite"))
+    if "trusted_proxies" in raw:
+        kwargs["trusted_proxies"] = tuple(raw["trusted_proxies"])
     kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
     kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
     kwargs["transmitters"] = tuple(_transmitter(base, t) for t in raw.get("transmitters", ()))
@@ -300,6 +303,11 @@ def _transmitter(base: Path, raw: Mapping[str, Any]) -> TransmitterSettings:
 
 def _check(s: Settings) -> None:
     """Cross-field rules the JSON Schema cannot express."""
+    for proxy in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigurationError(f"setting trusted_proxies: {proxy!r} is not a network") from None
     check_https_url(s.issuer, "setting issuer")
     if s.default_lifetime > s.max_lifetime:
         raise ConfigurationError("setting default_lifetime: must not exceed max_lifetime")

@@ -34,3 +34,20 @@ PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
 )
 def test_client_address(remote: str, xff: list[str], trusted: list, expected: str) -> None:  # type: ignore[type-arg]
     assert client_address(remote, xff, trusted) == expected
+
+
+def test_the_audit_record_holds_the_address_behind_a_trusted_proxy(make_settings, upstream) -> None:  # type: ignore[no-untyped-def]
+    from sts.app import create_app
+    from tests.conftest import STS_ISSUER, exchange_form
+
+    app = create_app(make_settings(trusted_proxies=["10.0.0.0/8"]))
+    web = app.test_client()
+    form = exchange_form(
+        upstream.issuer.github_actions_token(audience=STS_ISSUER), audience="https://deploy.example.com"
+    )
+    web.post("/token", data=form, headers={"X-Forwarded-For": "1.2.3.4, 198.51.100.7"},
+             environ_base={"REMOTE_ADDR": "10.0.0.2"})  # fmt: skip
+    web.post("/token", data=form, headers={"X-Forwarded-For": "198.51.100.7"},
+             environ_base={"REMOTE_ADDR": "203.0.113.9"})  # fmt: skip
+    records = app.extensions["sts"].audit.recent(2)
+    assert [r["source_ip"] for r in records] == ["203.0.113.9", "198.51.100.7"]

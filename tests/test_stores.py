@@ -700,3 +700,27 @@ def test_audit_text_with_nul_and_lone_surrogate_is_stored_on_postgresql(pg: PgSc
         assert "\x00" not in rows[0]["request_id"]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "redis"])
+def test_subject_state_updates_are_atomic(
+    backend: str, tmp_path: Path, pg: PgSchema, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    from sts.adapters import redis_store
+    from sts.core.subject_state import SubjectState as State
+
+    if backend == "redis":
+        store: Any = redis_store.RedisSubjectStateStore(redis_client, prefix=redis_prefix)
+    else:
+        engine = sql.make_engine(pg.url if backend == "postgresql" else f"sqlite:///{tmp_path / 's.sqlite'}")
+        sql.create_schema(engine)
+        store = sql.SqlSubjectStateStore(engine)
+    # Events are kept bounded (16), so count through a field every update increments.
+    store.put("k|s", State(), 3600)
+
+    def bump(s: State) -> State:
+        return s.with_event("x", (s.updated_at or 0) + 1)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda _: store.update("k|s", bump, 3600), range(40)))
+    assert store.get(["k|s"])[0].updated_at == 40

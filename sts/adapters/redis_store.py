@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 
@@ -81,6 +81,24 @@ class RedisSubjectStateStore:
     def put(self, identity: str, state: SubjectState, ttl: int) -> None:
         try:
             self.client.set(self._name(identity), json.dumps(state.to_json_dict()), ex=ttl)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def update(self, identity: str, change: Callable[[SubjectState], SubjectState], ttl: int) -> SubjectState:
+        """Optimistic: WATCH the key, compute, MULTI/EXEC; retried when another writer got there first."""
+        name = self._name(identity)
+        try:
+            with self.client.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(name)
+                        state = change(SubjectState.from_json_dict(_loads(pipe.get(name))))
+                        pipe.multi()
+                        pipe.set(name, json.dumps(state.to_json_dict()), ex=ttl)
+                        pipe.execute()
+                        return state
+                    except redis.WatchError:
+                        continue
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 

@@ -37,6 +37,8 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
+    update,
 )
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -484,6 +486,8 @@ class SqlSubjectStateStore:
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
         self._kv = _KeyValueTable(engine, "subject_states", "state", clock)
+        self._engine = engine
+        self._clock = clock
 
     def get(self, identities: Sequence[str]) -> list[SubjectState]:
         found = self._kv.get(list(identities))
@@ -491,6 +495,29 @@ class SqlSubjectStateStore:
 
     def put(self, identity: str, state: SubjectState, ttl: int) -> None:
         self._kv.put(identity, json.dumps(state.to_json_dict()), ttl)
+
+    def update(self, identity: str, change: Callable[[SubjectState], SubjectState], ttl: int) -> SubjectState:
+        """Read and write in one transaction: SQLite serialises writers (a conflicting one is
+        retried by :func:`transaction`); PostgreSQL takes a transaction-scoped advisory lock."""
+        key = _store_key(identity)
+        table = subject_states
+
+        def work(conn: Connection) -> SubjectState:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+            row = conn.execute(
+                select(table.c.state).where(table.c.identity == key, table.c.expires_at > self._clock())
+            ).first()
+            state = change(SubjectState.from_json_dict(_loads(row[0]) if row else None))
+            values = {"state": json.dumps(state.to_json_dict()), "expires_at": self._clock() + ttl}
+            if conn.execute(update(table).where(table.c.identity == key).values(**values)).rowcount == 0:
+                conn.execute(table.insert().values(identity=key, **values))
+            return state
+
+        try:
+            return transaction(self._engine, work)
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
 
 
 class SqlBaselineStore:

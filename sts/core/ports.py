@@ -6,7 +6,7 @@ HTTP JWKS, key files).  The core only ever sees these protocols.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from joserfc.jwk import Key
@@ -109,6 +109,14 @@ class SubjectStateStore(Protocol):
 
     def put(self, identity: str, state: SubjectState, ttl: int) -> None:
         """Store ``state`` under ``identity`` for ``ttl`` seconds.  Raises :class:`StoreUnavailable`."""
+        ...
+
+    def update(self, identity: str, change: Callable[[SubjectState], SubjectState], ttl: int) -> SubjectState:
+        """Atomically replace the state with ``change(state)``; return the new state.
+
+        ``change`` may run more than once (on a conflicting concurrent update) and must be pure.
+        Raises :class:`StoreUnavailable`.
+        """
         ...
 
 

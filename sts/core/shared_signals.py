@@ -66,7 +66,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -625,7 +624,6 @@ class SignalReceiver:
         self.leeway = leeway
         # Read-modify-write of a subject's state: serialised within the process, so two SETs
         # about one subject arriving together cannot lose one's effect.
-        self._state_lock = threading.Lock()
 
     def _record(self, delivery: SetDelivery, now: float) -> AuditRecord:
         return AuditRecord(
@@ -732,21 +730,26 @@ class SignalReceiver:
             return {}
         toe = _number(verified.claims.get("toe"))
         policy = verified.transmitter
-        with self._state_lock:
-            current = dict(zip(keys, self.states.get(keys), strict=True))
-            for event in acted:
-                for key in event.identities:
-                    current[key] = apply_event(
-                        current[key],
-                        event.type,
-                        event.payload,
-                        now,
-                        policy.block_duration,
-                        leeway=self.leeway,
-                        toe=toe,
-                    )
-            for key in keys:
-                self.states.put(key, current[key], STATE_TTL)
+        current: dict[str, SubjectState] = {}
+        for key in keys:
+
+            def change(state: SubjectState, key: str = key) -> SubjectState:
+                for event in acted:
+                    if key in event.identities:
+                        state = apply_event(
+                            state,
+                            event.type,
+                            event.payload,
+                            now,
+                            policy.block_duration,
+                            leeway=self.leeway,
+                            toe=toe,
+                        )
+                return state
+
+            # Atomic read-modify-write in the store: concurrent SETs about one subject,
+            # in any worker process or instance, can never overwrite each other.
+            current[key] = self.states.update(key, change, STATE_TTL)
         return current
 
     def _write_refusal(self, record: AuditRecord) -> None:

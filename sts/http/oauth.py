@@ -48,7 +48,7 @@ def token() -> Response:
         content_type=request.headers.get("Content-Type"),
         authorization=authorizations[0] if authorizations else None,
         request_id=g.request_id,
-        source_ip=request.remote_addr,
+        source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
     )
     if problem is not None:

@@ -13,10 +13,11 @@ import re
 import uuid
 from typing import Any
 
-from flask import Flask, Response, g, json, request
+from flask import Flask, Response, current_app, g, json, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import OAuthError
+from .client_address import client_address
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ def _unexpected(exc: Exception) -> Response:
 def _assign_request_id() -> None:
     incoming = request.headers.get("X-Request-Id", "")
     g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    trusted = current_app.config.get("STS_TRUSTED_PROXIES", ())
+    g.client_address = client_address(
+        request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted
+    )
 
 
 def _echo_request_id(response: Response) -> Response:

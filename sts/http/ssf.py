@@ -105,7 +105,7 @@ def receive_set() -> Response:
         body=b"",
         content_type=request.headers.get("Content-Type"),
         request_id=g.request_id,
-        source_ip=request.remote_addr,
+        source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
     )
     try:
