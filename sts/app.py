@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +33,7 @@ from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
 from .core.clients import AssertionAudience, RegisteredClient
 from .core.delegation import SELF_ISSUER
+from .core.dpop import DPoPConfig, allowed_algorithms
 from .core.exchange import ExchangeConfig, TokenExchange
 from .core.introspection import OwnTokenVerifier
 from .core.policy import PolicySet
@@ -171,7 +175,11 @@ def build_policy(settings: Settings) -> PolicySet:
 def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     """RFC 8414 §2 metadata; ``issuer`` is exactly the configured issuer."""
     methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
-    assertion_algs = ["ES256", "ES384", "RS256", "PS256", "EdDSA"]
+    # What registered private_key_jwt clients may actually use (RFC 8414 §2).
+    assertion_algs = sorted(
+        {a for c in settings.clients if c.auth_method == "private_key_jwt" for a in c.algorithms}
+        or {"ES256", "ES384", "RS256", "PS256", "EdDSA"}
+    )
     if policy.allows_anonymous:
         methods.append("none")
     return {
@@ -182,6 +190,7 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
         "response_types_supported": [],
         "token_endpoint_auth_methods_supported": methods,
         "token_endpoint_auth_signing_alg_values_supported": assertion_algs,
+        "dpop_signing_alg_values_supported": sorted(allowed_algorithms(settings.dpop_algorithms)),
         "code_challenge_methods_supported": [],
         "introspection_endpoint": settings.issuer.rstrip("/") + "/introspect",
         "introspection_endpoint_auth_methods_supported": methods[:3],
@@ -191,6 +200,23 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
         "revocation_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "service_documentation": "https://github.com/workload-sts/workload-sts#readme",
     }
+
+
+def dpop_nonce_secret(keys_dir: Path) -> bytes:
+    """The secret behind stateless DPoP nonces (RFC 9449 §8), shared by every instance that shares
+    the key directory; created on first use, mode 0600."""
+    path = keys_dir / "dpop-nonce.secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+    data = path.read_bytes()
+    if len(data) < 32:
+        raise ConfigurationError(f"{path}: DPoP nonce secret is truncated; delete it to create a new one")
+    return data
 
 
 def prepare(settings: Settings) -> None:
@@ -245,6 +271,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             token_endpoint=settings.token_endpoint,
             leeway=settings.leeway,
             max_assertion_lifetime=settings.max_client_assertion_lifetime,
+            dpop=DPoPConfig(
+                algorithms=allowed_algorithms(settings.dpop_algorithms),
+                max_age=settings.dpop_max_age,
+                leeway=settings.leeway,
+                nonce_secret=dpop_nonce_secret(settings.keys_dir) if settings.dpop_nonce else None,
+            ),
         ),
         clients=clients,
         issuers=build_issuers(settings, clock, keyring),
@@ -308,8 +340,16 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     responses.install(app)
     app.register_blueprint(oauth.bp)
     app.register_blueprint(token_status_http.bp)
-    ssf.install(app, runtime)
     path = urlsplit(settings.issuer).path.rstrip("/")
+    if path:
+        # An issuer with a path: the endpoints its metadata names live under that path too
+        # (and stay at the root, for a proxy that strips the prefix).
+        app.add_url_rule(f"{path}/token", "token_under_issuer_path", oauth.token, methods=["POST"])
+        app.add_url_rule(
+            f"{path}/.well-known/jwks.json", "jwks_under_issuer_path", oauth.jwks, methods=["GET"]
+        )
+        app.register_blueprint(token_status_http.bp, url_prefix=path, name="token_status_under_issuer_path")
+    ssf.install(app, runtime)
     if path:
         # RFC 8414 §3.1: the well-known segment goes between host and the issuer's path.
         app.add_url_rule(

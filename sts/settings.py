@@ -116,6 +116,9 @@ class Settings:
     max_client_assertion_lifetime: int = 300
     log_level: str = "INFO"
     trusted_proxies: tuple[str, ...] = ()
+    dpop_algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+    dpop_max_age: int = 300
+    dpop_nonce: bool = False
     issuers: tuple[IssuerSettings, ...] = ()
     clients: tuple[ClientSettings, ...] = ()
     transmitters: tuple[TransmitterSettings, ...] = ()
@@ -134,7 +137,16 @@ class Settings:
 _SCALARS = {
     f.name: f.type
     for f in fields(Settings)
-    if f.name not in {"issuers", "clients", "transmitters", "key_passphrase", "config_file"}
+    if f.name
+    not in {
+        "issuers",
+        "clients",
+        "transmitters",
+        "key_passphrase",
+        "config_file",
+        "trusted_proxies",
+        "dpop_algorithms",
+    }
 }
 _INT_SETTINGS = {
     "port",
@@ -146,7 +158,9 @@ _INT_SETTINGS = {
     "leeway",
     "max_body_bytes",
     "max_client_assertion_lifetime",
+    "dpop_max_age",
 }
+_BOOL_SETTINGS = {"dpop_nonce"}
 _PATH_SETTINGS = {"keys_dir", "policies_dir"}
 
 
@@ -182,7 +196,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         var = "STS_" + name.upper()
         if var in environ:
             value: Any = environ[var]
-            if name in _INT_SETTINGS:
+            if name in _BOOL_SETTINGS:
+                if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ConfigurationError(f"{var}: {value!r} is not a boolean")
+                value = value.lower() in {"true", "1", "yes"}
+            elif name in _INT_SETTINGS:
                 try:
                     value = int(value)
                 except ValueError:
@@ -248,8 +266,9 @@ def load_settings(
         kwargs[name] = _resolve(base, str(getattr(Settings, name)))
     if "database_url" not in kwargs:
         kwargs["database_url"] = "sqlite:///" + str(_resolve(base, "var/sts.sqlite"))
-    if "trusted_proxies" in raw:
-        kwargs["trusted_proxies"] = tuple(raw["trusted_proxies"])
+    for name in ("trusted_proxies", "dpop_algorithms"):
+        if name in raw:
+            kwargs[name] = tuple(raw[name])
     kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
     kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
     kwargs["transmitters"] = tuple(_transmitter(base, t) for t in raw.get("transmitters", ()))

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import (
     InvalidClient,
+    InvalidDPoPProof,
     InvalidRequest,
     OAuthError,
     RiskRefused,
@@ -39,6 +40,7 @@ from .audit import AuditRecord, token_hash
 from .baseline import BASELINE_TTL, Baseline, observe, record_failure
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from .delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, narrow_reexchange
+from .dpop import DPoPConfig, VerifiedProof, verify_proof
 from .mint import mint_access_token
 from .policy import Grant, PolicyRequest, PolicySet, evaluate
 from .ports import (
@@ -72,6 +74,8 @@ class WireRequest:
     request_id: str
     source_ip: str | None = None
     user_agent: str | None = None
+    #: Every ``DPoP`` header value (RFC 9449 §4.3: exactly one is allowed).
+    dpop: tuple[str, ...] = ()
 
 
 #: Rules without a ``risk`` section still obey security events, with these thresholds.
@@ -94,6 +98,7 @@ class ExchangeConfig:
     token_endpoint: str
     leeway: int
     max_assertion_lifetime: int
+    dpop: DPoPConfig | None = None
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -246,6 +251,21 @@ class TokenExchange:
             raise InvalidClient("client.authentication_required")
         record.client_id = client.client_id if client else None
 
+        # 2b. Proof of possession (RFC 9449): the key the issued token will be bound to.
+        proof: VerifiedProof | None = None
+        if wire.dpop:
+            if self.config.dpop is None:
+                raise InvalidDPoPProof("dpop.not_supported")
+            proof = verify_proof(
+                wire.dpop,
+                method="POST",
+                url=self.config.token_endpoint,
+                config=self.config.dpop,
+                replay=self.replay,
+                now=now,
+            )
+            record.details["dpop_jkt"] = proof.jkt
+
         # 3. Attest the subject (and actor).
         subject = verify_token(
             request.subject_token,
@@ -289,6 +309,7 @@ class TokenExchange:
         scopes = narrow_reexchange(subject, grant.audiences, grant.scopes, request.scopes)
         if len(scopes) != len(grant.scopes):
             record.reasons.append("reexchange.scope_narrowed")
+        self._check_binding(subject, actor, grant, proof)
         attested_at = attestation_time(subject)
         if grant.max_attestation_age is not None and (
             attested_at is None or now - attested_at > grant.max_attestation_age
@@ -342,7 +363,8 @@ class TokenExchange:
             lifetime=lifetime,
             now=now,
             auth_time=attested_at,
-            extra=carried_claims(subject, act),
+            extra={**(carried_claims(subject, act) or {}), **({"cnf": {"jkt": proof.jkt}} if proof else {})}
+            or None,
         )
         if risk.baseline_key is not None:
             self._learn(risk, subject, wire.source_ip, grant.audiences, scopes, depth, now)
@@ -354,10 +376,27 @@ class TokenExchange:
         return TokenExchangeResponse(
             access_token=issued.token,
             issued_token_type=request.requested_token_type or TOKEN_TYPE_ACCESS_TOKEN,
-            token_type="Bearer",
+            # RFC 9449 §5: a DPoP-bound token is token_type DPoP.
+            token_type="DPoP" if proof else "Bearer",
             expires_in=lifetime,
             scope=scopes,
         )
+
+    @staticmethod
+    def _check_binding(
+        subject: VerifiedToken, actor: VerifiedToken | None, grant: Grant, proof: VerifiedProof | None
+    ) -> None:
+        """DPoP required by the rule; a bound token of ours stays bound to its key on re-exchange."""
+        if grant.require_dpop and proof is None:
+            raise InvalidDPoPProof("dpop.required")
+        cnf = subject.claims.get("cnf")
+        bound = cnf.get("jkt") if isinstance(cnf, Mapping) else None
+        if subject.issuer_name != SELF_ISSUER or bound is None:
+            return
+        if proof is None:
+            raise InvalidDPoPProof("dpop.bound_token_needs_proof")
+        if proof.jkt != bound and not (actor is not None and grant.actor_may_bind_key):
+            raise InvalidDPoPProof("dpop.key_differs_from_bound_token")
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         if subject.issuer_name == SELF_ISSUER:

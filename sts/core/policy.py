@@ -122,6 +122,8 @@ class Rule:
     single_use: bool = False
     max_attestation_age: int | None = None
     risk: RiskSettings | None = None
+    require_dpop: bool = False
+    actor_may_bind_key: bool = False
 
     @property
     def identity(self) -> IdentityMatcher:
@@ -156,6 +158,8 @@ class Grant:
     single_use: bool = False
     max_attestation_age: int | None = None
     risk: RiskSettings | None = None
+    require_dpop: bool = False
+    actor_may_bind_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -383,6 +387,8 @@ def compile_rule(
         single_use=bool(raw.get("single_use", False)),
         max_attestation_age=raw.get("max_attestation_age"),
         risk=compile_risk(raw["risk"], where, scopes) if "risk" in raw else None,
+        require_dpop=bool(raw.get("require_dpop", False)),
+        actor_may_bind_key=bool(raw.get("actor_may_bind_key", False)),
     )
 
 
@@ -547,5 +553,7 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
             single_use=rule.single_use,
             max_attestation_age=rule.max_attestation_age,
             risk=rule.risk,
+            require_dpop=rule.require_dpop,
+            actor_may_bind_key=rule.actor_may_bind_key,
         )
     raise InvalidTarget("policy.target_not_allowed")

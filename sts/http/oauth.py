@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, cast
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
+from ..core.dpop import issue_nonce
 from ..core.exchange import WireRequest
 from ..errors import InvalidRequest, OAuthError
 from .responses import NO_STORE, json_response
@@ -50,12 +51,18 @@ def token() -> Response:
         request_id=g.request_id,
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
+        dpop=tuple(request.headers.getlist("DPoP")),
     )
     if problem is not None:
         rt.exchange.refuse_early(wire, problem)
         raise problem
     result = rt.exchange.handle(wire)
-    return json_response(result.as_json(), 200, NO_STORE)
+    headers = dict(NO_STORE)
+    nonce_secret = rt.exchange.config.dpop.nonce_secret if rt.exchange.config.dpop else None
+    if nonce_secret is not None:
+        # RFC 9449 §8.2: a fresh nonce with every answer, so the client never has to fail first.
+        headers["DPoP-Nonce"] = issue_nonce(nonce_secret, rt.clock())
+    return json_response(result.as_json(), 200, headers)
 
 
 def _metadata() -> Response:

@@ -52,4 +52,6 @@ def introspect() -> Response:
 def revoke() -> Response:
     """RFC 7009 §2.2: 200 with an empty body, also for unknown tokens."""
     _service().revoke(_wire())
-    return Response(status=200, headers=NO_STORE)
+    response = Response(status=200, headers=NO_STORE)
+    del response.headers["Content-Type"]
+    return response

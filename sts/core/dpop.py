@@ -1,0 +1,184 @@
+"""DPoP proofs at the token endpoint (RFC 9449).
+
+A client proves possession of a key by sending, with the token request, a
+JWT signed by that key (RFC 9449 §4)::
+
+    POST /token
+    DPoP: <JWS: header {"typ": "dpop+jwt", "alg": "ES256", "jwk": {...public key...}}
+               claims {"jti": "...", "htm": "POST", "htu": "https://sts.example.com/token",
+                       "iat": 1700000000, "nonce": "..."}>
+
+The issued token then carries ``cnf.jkt``, the RFC 7638 thumbprint of that
+key, and is ``token_type: DPoP`` (§5, §6).  Every check of §4.3 is made here:
+exactly one proof; ``typ: dpop+jwt``; an asymmetric algorithm from the
+allow-list; a public ``jwk`` in the header that verifies the signature and
+holds no private part; ``htm`` and ``htu`` matching this request (``htu``
+compared without query and fragment); ``iat`` within a short window; a
+``jti`` not seen before in that window (§11.1); and, when the server demands
+one, a ``nonce`` it issued (§8).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import struct
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry, Key
+
+from ..errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
+from .jose import JWSInvalid, normalise_typ, peek, registry_for
+from .ports import ReplayCache, StoreUnavailable
+
+DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "EdDSA")
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_KEY_TYPES = {"ES": "EC", "RS": "RSA", "PS": "RSA", "Ed": "OKP"}
+
+
+@dataclass(frozen=True)
+class DPoPConfig:
+    algorithms: frozenset[str]
+    max_age: int
+    leeway: int
+    #: Secret for stateless server nonces (§8); None: nonces are not demanded.
+    nonce_secret: bytes | None
+    nonce_lifetime: int = 300
+
+
+@dataclass(frozen=True)
+class VerifiedProof:
+    jkt: str
+    jti: str
+    iat: float
+
+
+def normalise_htu(url: str) -> str:
+    """RFC 9449 §4.3 step 9 / RFC 3986 §6: scheme and host case-insensitive; no query or fragment."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.lower()
+    if parts.scheme.lower() == "https" and netloc.endswith(":443"):
+        netloc = netloc[: -len(":443")]
+    if parts.scheme.lower() == "http" and netloc.endswith(":80"):
+        netloc = netloc[: -len(":80")]
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", "", ""))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def issue_nonce(secret: bytes, now: float) -> str:
+    """A stateless nonce any instance sharing ``secret`` can check: time || HMAC(time)."""
+    stamp = struct.pack(">Q", int(now))
+    return _b64(stamp + hmac.new(secret, stamp, hashlib.sha256).digest()[:16])
+
+
+def nonce_valid(secret: bytes, nonce: object, now: float, lifetime: int) -> bool:
+    if not isinstance(nonce, str) or len(nonce) > 64:
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
+    except ValueError:
+        return False
+    if len(raw) != 24:
+        return False
+    stamp, mac = raw[:8], raw[8:]
+    if not hmac.compare_digest(mac, hmac.new(secret, stamp, hashlib.sha256).digest()[:16]):
+        return False
+    issued = int(struct.unpack(">Q", stamp)[0])
+    return issued <= now + 5 and now - issued <= lifetime
+
+
+def _refuse(reason: str, detail: str = "") -> InvalidDPoPProof:
+    return InvalidDPoPProof(f"dpop.{reason}", detail)
+
+
+def _public_key(jwk: Any, alg: str) -> Key:
+    if not isinstance(jwk, dict):
+        raise _refuse("missing_jwk")
+    if _PRIVATE_MEMBERS & set(jwk):
+        raise _refuse("private_jwk")
+    expected = _KEY_TYPES.get(alg[:2])
+    if jwk.get("kty") != expected:
+        raise _refuse("jwk_alg_mismatch")
+    try:
+        key = JWKRegistry.import_key(dict(jwk))
+    except (JoseError, ValueError, TypeError) as exc:
+        raise _refuse("malformed_jwk", type(exc).__name__) from None
+    if key.is_private:
+        raise _refuse("private_jwk")
+    if expected == "RSA":
+        n = jwk.get("n")
+        if not isinstance(n, str) or len(base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))) * 8 < 2048:
+            raise _refuse("weak_key")
+    return key
+
+
+def verify_proof(
+    headers: Sequence[str],
+    *,
+    method: str,
+    url: str,
+    config: DPoPConfig,
+    replay: ReplayCache,
+    now: float,
+    access_token_hash: str | None = None,
+) -> VerifiedProof:
+    """Check one DPoP proof (RFC 9449 §4.3); raise ``invalid_dpop_proof`` or ``use_dpop_nonce``."""
+    if len(headers) != 1:
+        raise _refuse("not_exactly_one_proof", str(len(headers)))
+    proof = headers[0].strip()
+    try:
+        peeked = peek(proof)
+    except JWSInvalid as exc:
+        raise _refuse(exc.reason.removeprefix("jws.")) from None
+    header, claims = peeked.header, peeked.claims
+    if normalise_typ(header.get("typ")) != "dpop+jwt":
+        raise _refuse("wrong_typ")
+    alg = header["alg"]
+    if alg not in config.algorithms:
+        raise _refuse("algorithm_not_allowed", str(alg)[:20])
+    key = _public_key(header.get("jwk"), alg)
+    try:
+        valid = jws.validate_compact(peeked.compact, key, registry=registry_for(alg))
+    except (JoseError, ValueError) as exc:
+        raise _refuse("bad_signature", type(exc).__name__) from None
+    if not valid:
+        raise _refuse("bad_signature")
+    jti, htm, htu, iat = claims.get("jti"), claims.get("htm"), claims.get("htu"), claims.get("iat")
+    if not isinstance(jti, str) or not 8 <= len(jti) <= 256:
+        raise _refuse("bad_jti")
+    if htm != method:
+        raise _refuse("htm_mismatch")
+    if not isinstance(htu, str) or normalise_htu(htu) != normalise_htu(url) or "?" in htu or "#" in htu:
+        raise _refuse("htu_mismatch")
+    if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
+        raise _refuse("bad_iat")
+    if iat > now + config.leeway or now - iat > config.max_age:
+        raise _refuse("iat_out_of_window")
+    if access_token_hash is not None and claims.get("ath") != access_token_hash:
+        raise _refuse("ath_mismatch")
+    if config.nonce_secret is not None and not nonce_valid(
+        config.nonce_secret, claims.get("nonce"), now, config.nonce_lifetime
+    ):
+        raise UseDPoPNonce(issue_nonce(config.nonce_secret, now))
+    jkt = key.thumbprint()
+    try:
+        first = replay.first_use(f"dpop:{jkt}", jti, iat + config.max_age + config.leeway, now)
+    except StoreUnavailable as exc:
+        raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+    if not first:
+        raise _refuse("replayed_jti")
+    return VerifiedProof(jkt=jkt, jti=jti, iat=float(iat))
+
+
+def allowed_algorithms(configured: Collection[str]) -> frozenset[str]:
+    return frozenset(a for a in configured if a in DPOP_ALGORITHMS)
