@@ -333,6 +333,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
         MAX_FORM_PARTS=200,
+        STS_MTLS_HEADER=settings.mtls_client_cert_header,
         STS_TRUSTED_PROXIES=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies),
         JSON_SORT_KEYS=False,
     )

@@ -119,6 +119,7 @@ class Settings:
     dpop_algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
     dpop_max_age: int = 300
     dpop_nonce: bool = False
+    mtls_client_cert_header: str | None = None
     issuers: tuple[IssuerSettings, ...] = ()
     clients: tuple[ClientSettings, ...] = ()
     transmitters: tuple[TransmitterSettings, ...] = ()

@@ -109,17 +109,36 @@ def _public_key(jwk: Any, alg: str) -> Key:
     expected = _KEY_TYPES.get(alg[:2])
     if jwk.get("kty") != expected:
         raise _refuse("jwk_alg_mismatch")
+    # Before the import: a short key is refused whatever joserfc would say (it only warns).
+    if expected == "RSA" and _modulus_bits(jwk.get("n")) < 2048:
+        raise _refuse("weak_key")
     try:
         key = JWKRegistry.import_key(dict(jwk))
-    except (JoseError, ValueError, TypeError) as exc:
+    except (JoseError, ValueError, TypeError, KeyError) as exc:
+        # KeyError: joserfc looks an unknown "crv" up in a table.
         raise _refuse("malformed_jwk", type(exc).__name__) from None
     if key.is_private:
         raise _refuse("private_jwk")
-    if expected == "RSA":
-        n = jwk.get("n")
-        if not isinstance(n, str) or len(base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))) * 8 < 2048:
-            raise _refuse("weak_key")
     return key
+
+
+def _modulus_bits(n: object) -> int:
+    """Bit length of an RSA modulus (RFC 7518 §6.3.1.1), 0 when it is not base64url."""
+    if not isinstance(n, str):
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
+    except ValueError:
+        return 0
+    return int.from_bytes(raw, "big").bit_length()
+
+
+def _same_uri(htu: str, url: str) -> bool:
+    try:
+        return normalise_htu(htu) == normalise_htu(url)
+    except ValueError:
+        # urlsplit refuses some authorities (an unclosed IPv6 bracket): not this endpoint.
+        return False
 
 
 def verify_proof(
@@ -158,9 +177,12 @@ def verify_proof(
         raise _refuse("bad_jti")
     if htm != method:
         raise _refuse("htm_mismatch")
-    if not isinstance(htu, str) or normalise_htu(htu) != normalise_htu(url) or "?" in htu or "#" in htu:
+    if not isinstance(htu, str) or "?" in htu or "#" in htu or not _same_uri(htu, url):
         raise _refuse("htu_mismatch")
-    if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
+    # A float must be finite; an int is compared exactly (math.isfinite would overflow on a huge one).
+    if isinstance(iat, bool) or not isinstance(iat, int | float) or (
+        isinstance(iat, float) and not math.isfinite(iat)
+    ):
         raise _refuse("bad_iat")
     if iat > now + config.leeway or now - iat > config.max_age:
         raise _refuse("iat_out_of_window")

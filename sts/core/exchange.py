@@ -76,6 +76,8 @@ class WireRequest:
     user_agent: str | None = None
     #: Every ``DPoP`` header value (RFC 9449 §4.3: exactly one is allowed).
     dpop: tuple[str, ...] = ()
+    #: ``x5t#S256`` of a client certificate forwarded by a trusted proxy (RFC 8705).
+    client_cert_thumbprint: str | None = None
 
 
 #: Rules without a ``risk`` section still obey security events, with these thresholds.
@@ -310,6 +312,7 @@ class TokenExchange:
         if len(scopes) != len(grant.scopes):
             record.reasons.append("reexchange.scope_narrowed")
         self._check_binding(subject, actor, grant, proof)
+        self._check_certificate_binding(subject, wire.client_cert_thumbprint)
         attested_at = attestation_time(subject)
         if grant.max_attestation_age is not None and (
             attested_at is None or now - attested_at > grant.max_attestation_age
@@ -363,7 +366,7 @@ class TokenExchange:
             lifetime=lifetime,
             now=now,
             auth_time=attested_at,
-            extra={**(carried_claims(subject, act) or {}), **({"cnf": {"jkt": proof.jkt}} if proof else {})}
+            extra={**(carried_claims(subject, act) or {}), **confirmation(proof, wire.client_cert_thumbprint)}
             or None,
         )
         if risk.baseline_key is not None:
@@ -397,6 +400,14 @@ class TokenExchange:
             raise InvalidDPoPProof("dpop.bound_token_needs_proof")
         if proof.jkt != bound and not (actor is not None and grant.actor_may_bind_key):
             raise InvalidDPoPProof("dpop.key_differs_from_bound_token")
+
+    @staticmethod
+    def _check_certificate_binding(subject: VerifiedToken, thumbprint: str | None) -> None:
+        """RFC 8705 §3: a certificate-bound token of ours is re-exchanged over the same certificate."""
+        cnf = subject.claims.get("cnf")
+        bound = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
+        if subject.issuer_name == SELF_ISSUER and bound is not None and bound != thumbprint:
+            raise InvalidRequest("subject_token.certificate_binding_mismatch")
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         if subject.issuer_name == SELF_ISSUER:
@@ -524,6 +535,16 @@ class TokenExchange:
         if not first:
             raise InvalidRequest("subject_token.replayed")
         return purpose, key
+
+
+def confirmation(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, Any]:
+    """``cnf`` (RFC 7800): the DPoP key (RFC 9449 §6) and/or the client certificate (RFC 8705 §3.1)."""
+    cnf: dict[str, str] = {}
+    if proof is not None:
+        cnf["jkt"] = proof.jkt
+    if thumbprint is not None:
+        cnf["x5t#S256"] = thumbprint
+    return {"cnf": cnf} if cnf else {}
 
 
 def carried_claims(subject: VerifiedToken, act: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -45,3 +45,9 @@ def client_address(
         if not any(address in net for net in trusted):
             return str(address)
     return str(current)
+
+
+def is_trusted_proxy(remote_addr: str | None, trusted: Sequence[Network]) -> bool:
+    """The connection itself comes from a configured trusted proxy."""
+    peer = _parse(remote_addr or "")
+    return peer is not None and any(peer in net for net in trusted)

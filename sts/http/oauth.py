@@ -10,6 +10,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from ..core.dpop import issue_nonce
 from ..core.exchange import WireRequest
 from ..errors import InvalidRequest, OAuthError
+from .client_cert import certificate_thumbprint
 from .responses import NO_STORE, json_response
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def token() -> Response:
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
         dpop=tuple(request.headers.getlist("DPoP")),
+        client_cert_thumbprint=forwarded_certificate(),
     )
     if problem is not None:
         rt.exchange.refuse_early(wire, problem)
@@ -63,6 +65,16 @@ def token() -> Response:
         # RFC 9449 §8.2: a fresh nonce with every answer, so the client never has to fail first.
         headers["DPoP-Nonce"] = issue_nonce(nonce_secret, rt.clock())
     return json_response(result.as_json(), 200, headers)
+
+
+def forwarded_certificate() -> str | None:
+    """The client certificate's ``x5t#S256``, only when a trusted proxy forwarded it (RFC 8705)."""
+    header = current_app.config.get("STS_MTLS_HEADER")
+    if not header or not g.get("via_trusted_proxy", False):
+        # No header configured, or the connection did not come through a trusted proxy.
+        return None
+    value = request.headers.get(header)
+    return certificate_thumbprint(value) if value else None
 
 
 def _metadata() -> Response:

@@ -17,7 +17,7 @@ from flask import Flask, Response, current_app, g, json, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import OAuthError
-from .client_address import client_address
+from .client_address import client_address, is_trusted_proxy
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def _assign_request_id() -> None:
     g.client_address = client_address(
         request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted
     )
+    g.via_trusted_proxy = is_trusted_proxy(request.remote_addr, trusted)
 
 
 def _echo_request_id(response: Response) -> Response:

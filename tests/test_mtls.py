@@ -1,0 +1,106 @@
+"""Certificate-bound tokens (RFC 8705) through a trusted TLS-terminating proxy."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from collections.abc import Callable
+from urllib.parse import quote
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from sts.app import create_app
+from sts.dev.issuer import RunningServer
+from sts.http.client_cert import certificate_thumbprint
+from sts.settings import Settings
+from tests.conftest import ACCESS_TOKEN_TYPE, STS_ISSUER, exchange_form
+
+DEPLOY = "https://deploy.example.com"
+PROXY = {"REMOTE_ADDR": "10.0.0.2"}
+
+
+def certificate(name: str) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(Encoding.PEM).decode()
+
+
+def x5t(cert: x509.Certificate) -> str:
+    return (
+        base64.urlsafe_b64encode(hashlib.sha256(cert.public_bytes(Encoding.DER)).digest())
+        .rstrip(b"=")
+        .decode()
+    )
+
+
+POLICY = {
+    "version": 1,
+    "rules": [
+        {"name": "deploy", "issuer": "upstream", "subject": "repo:acme/app:ref:refs/heads/main",
+         "require_client_authentication": False, "grant": {"audiences": [DEPLOY]}},
+        {"name": "again", "issuer": "self", "subject": "repo:acme/app:ref:refs/heads/main",
+         "require_client_authentication": False, "grant": {"audiences": [DEPLOY]}},
+    ],
+}  # fmt: skip
+
+
+def test_thumbprint_formats() -> None:
+    cert = certificate("workload")
+    expected = x5t(cert)
+    assert certificate_thumbprint(pem(cert)) == expected
+    assert certificate_thumbprint(quote(pem(cert))) == expected  # nginx $ssl_client_escaped_cert
+    assert (
+        certificate_thumbprint(f'By=spiffe://x;Hash=ab;Cert="{quote(pem(cert))}"') == expected
+    )  # envoy XFCC
+    assert certificate_thumbprint("not a certificate") is None
+
+
+def test_bound_only_through_a_trusted_proxy_and_re_exchanged_over_the_same_cert(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    app = create_app(
+        make_settings(POLICY, trusted_proxies=["10.0.0.0/8"], mtls_client_cert_header="X-Client-Cert")
+    )
+    web = app.test_client()
+    cert, other = certificate("workload"), certificate("someone-else")
+    form = exchange_form(upstream.issuer.github_actions_token(audience=STS_ISSUER), audience=DEPLOY)
+    header = {"X-Client-Cert": quote(pem(cert))}
+
+    direct = web.post("/token", data=form, headers=header, environ_base={"REMOTE_ADDR": "203.0.113.5"})
+    jwks = KeySet.import_key_set(web.get("/.well-known/jwks.json").get_json())
+    claims = jwt.decode(direct.get_json()["access_token"], jwks, algorithms=["ES256"]).claims
+    assert "cnf" not in claims, "a header from an untrusted peer must be ignored"
+
+    bound = web.post("/token", data=form, headers=header, environ_base=PROXY)
+    assert bound.status_code == 200 and bound.get_json()["token_type"] == "Bearer"
+    token = bound.get_json()["access_token"]
+    assert jwt.decode(token, jwks, algorithms=["ES256"]).claims["cnf"] == {"x5t#S256": x5t(cert)}
+
+    again = exchange_form(token, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
+    wrong = web.post("/token", data=again, headers={"X-Client-Cert": quote(pem(other))}, environ_base=PROXY)
+    assert wrong.status_code == 400 and wrong.get_json()["error"] == "invalid_request"
+    missing = web.post("/token", data=again, environ_base=PROXY)
+    assert missing.status_code == 400
+    same = web.post("/token", data=again, headers=header, environ_base=PROXY)
+    assert same.status_code == 200, same.get_json()
