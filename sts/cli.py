@@ -434,3 +434,43 @@ def dev_token(kind: str, issuer_url: str, key_dir: Path, audience: str, claims: 
             extra.pop("spiffe_id", "spiffe://example.org/payments/api"), audience, **extra
         )
     click.echo(token)
+
+
+# -- revoke --------------------------------------------------------------------------------------
+
+
+@main.group()
+def revoke() -> None:
+    """Revocation visible to every instance sharing the store."""
+
+
+@revoke.command("subject")
+@click.argument("issuer_name")
+@click.argument("subject")
+@click.option("--block", type=int, default=0, show_default=True,
+              help="Also refuse new exchanges for this many seconds.")  # fmt: skip
+@click.pass_context
+def revoke_subject(ctx: click.Context, issuer_name: str, subject: str, block: int) -> None:
+    """Revoke every token issued so far to SUBJECT of ISSUER_NAME ('*' for every issuer)."""
+    from .app import create_app
+    from .core.subject_state import STATE_TTL, identity_key
+
+    settings = _settings(ctx)
+    try:
+        runtime = create_app(settings).extensions["sts"]
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    now = time.time()
+
+    def change(state: Any) -> Any:
+        later = max(now, state.revoked_before or 0)
+        changes: dict[str, Any] = {"revoked_before": later}
+        if block:
+            changes["blocked_until"] = max(now + block, state.blocked_until or 0)
+        return state.with_event("operator.revoke", now, **changes)
+
+    key = identity_key(issuer_name, subject)
+    runtime.subject_states.update(key, change, STATE_TTL)
+    click.echo(
+        f"revoked tokens issued to {key} before {int(now)}" + (f"; blocked for {block}s" if block else "")
+    )

@@ -113,7 +113,7 @@ class Settings:
     max_lifetime: int = 3600
     leeway: int = 30
     max_body_bytes: int = 16384
-    max_client_assertion_lifetime: int = 300
+    max_client_assertion_lifetime: int = 3600
     log_level: str = "INFO"
     trusted_proxies: tuple[str, ...] = ()
     dpop_algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA")

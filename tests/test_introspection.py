@@ -153,3 +153,41 @@ def test_revocation_is_visible_to_every_instance_sharing_the_store(
     assert introspect(two, token)["active"] is True
     one.post("/revoke", data={"token": token}, headers=basic("deploy-api", RS_SECRET))
     assert introspect(two, token) == {"active": False}
+
+
+def test_operator_revokes_every_token_of_a_subject(
+    make_settings: Callable[..., Settings], upstream: RunningServer, tmp_path: Any
+) -> None:
+    """`sts revoke subject` is seen by a running instance sharing the store (introspection inactive)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from sts.cli import main
+
+    overrides = {"clients": [*DEFAULT_CLIENTS, _rs("deploy-api", RS_SECRET, DEPLOY)]}
+    settings = make_settings(**overrides)
+    web = create_app(settings).test_client()
+    subject = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+    token = web.post("/token", data=exchange_form(subject, audience=DEPLOY)).get_json()["access_token"]
+    assert introspect(web, token)["active"] is True
+
+    config = tmp_path / "cli.yaml"
+    issuers = [
+        {"name": i.name, "issuer": i.issuer, "jwks_uri": i.jwks_uri, "audiences": list(i.audiences),
+         "algorithms": list(i.algorithms)}
+        for i in settings.issuers
+    ]  # fmt: skip
+    config.write_text(yaml.safe_dump({
+        "issuer": settings.issuer, "database_url": settings.database_url, "keys_dir": str(settings.keys_dir),
+        "policies_dir": str(settings.policies_dir),
+        "issuers": issuers,
+        "clients": [{**c, "audiences": list(c.get("audiences", []))} for c in overrides["clients"]],
+    }))  # fmt: skip
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "revoke", "subject", "upstream", "repo:acme/app:ref:refs/heads/main"]
+    )
+    assert result.exit_code == 0, result.output
+    assert introspect(web, token) == {"active": False}
+    # New tokens are still issued (no --block): revocation covers tokens issued before it.
+    fresh = web.post("/token", data=exchange_form(subject, audience=DEPLOY))
+    assert fresh.status_code == 200

@@ -68,7 +68,11 @@ def authenticate_client(
             creds, clients, replay, audience, now=now, leeway=leeway, max_lifetime=max_assertion_lifetime
         )
     client = clients.get(creds.client_id or "")
-    ok = verify_secret(creds.secret or "", client.secret_hash if client else None)
+    stored = client.secret_hash if client else None
+    ok = verify_secret(creds.secret or "", stored)
+    if creds.literal_secret is not None and creds.literal_secret != creds.secret:
+        # The same secret as the client literally sent it (see ClientCredentials.literal_secret).
+        ok = verify_secret(creds.literal_secret, stored) or ok
     if client is None:
         raise InvalidClient("client.unknown", (creds.client_id or "")[:100])
     if client.auth_method != creds.method:

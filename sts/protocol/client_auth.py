@@ -41,23 +41,26 @@ class ClientCredentials:
     client_id: str | None = None
     secret: str | None = field(default=None, repr=False)
     assertion: str | None = field(default=None, repr=False)
+    #: Basic credentials as sent, before form-decoding: many clients (google-auth, Authlib)
+    #: skip RFC 6749 §2.3.1's encoding, so a secret with ``+`` or ``%`` is tried both ways.
+    literal_secret: str | None = field(default=None, repr=False)
 
 
-def _decode_basic(value: str) -> tuple[str, str]:
+def _decode_basic(value: str) -> tuple[str, str, str]:
     """RFC 6749 §2.3.1 / RFC 7617: base64 of ``urlencoded-id:urlencoded-secret``."""
     try:
         raw = base64.b64decode(value.strip(), validate=True)
         text = raw.decode("utf-8")
     except (binascii.Error, ValueError):
         raise InvalidClient("client.malformed_basic_credentials") from None
-    client_id, sep, secret = text.partition(":")
+    client_id, sep, literal = text.partition(":")
     if not sep:
         raise InvalidClient("client.malformed_basic_credentials")
-    client_id, secret = unquote_plus(client_id), unquote_plus(secret)
+    client_id, secret = unquote_plus(client_id), unquote_plus(literal)
     if not client_id:
         raise InvalidClient("client.malformed_basic_credentials")
     _check_client_id(client_id)
-    return client_id, secret
+    return client_id, secret, literal
 
 
 def _check_client_id(client_id: str | None) -> None:
@@ -98,7 +101,7 @@ def parse_client_credentials(
     if basic is not None:
         if form_id is not None and form_id != basic[0]:
             raise InvalidClient("client.client_id_mismatch")
-        return ClientCredentials(CLIENT_SECRET_BASIC, basic[0], secret=basic[1])
+        return ClientCredentials(CLIENT_SECRET_BASIC, basic[0], secret=basic[1], literal_secret=basic[2])
     if form_secret is not None:
         if form_id is None:
             raise InvalidClient("client.missing_client_id")
