@@ -104,3 +104,36 @@ def test_bound_only_through_a_trusted_proxy_and_re_exchanged_over_the_same_cert(
     assert missing.status_code == 400
     same = web.post("/token", data=again, headers=header, environ_base=PROXY)
     assert same.status_code == 200, same.get_json()
+
+
+def test_introspection_of_a_certificate_bound_token_is_bearer(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    from sts.core.client_secrets import hash_secret
+    from tests.conftest import DEFAULT_CLIENTS
+
+    secret_hash = hash_secret("rs-secret-0123456789")
+    rs = {
+        "client_id": "rs",
+        "auth_method": "client_secret_post",
+        "secret_hash": secret_hash,
+        "audiences": [DEPLOY],
+    }
+    settings = make_settings(
+        POLICY,
+        trusted_proxies=["10.0.0.0/8"],
+        mtls_client_cert_header="X-Client-Cert",
+        clients=[*DEFAULT_CLIENTS, rs],
+    )
+    web = create_app(settings).test_client()
+    cert = certificate("workload")
+    form = exchange_form(upstream.issuer.github_actions_token(audience=STS_ISSUER), audience=DEPLOY)
+    token = web.post(
+        "/token", data=form, headers={"X-Client-Cert": quote(pem(cert))}, environ_base=PROXY
+    ).get_json()
+    body = web.post(
+        "/introspect",
+        data={"token": token["access_token"], "client_id": "rs", "client_secret": "rs-secret-0123456789"},
+    ).get_json()
+    assert body["active"] is True and body["token_type"] == "Bearer"
+    assert body["cnf"] == {"x5t#S256": x5t(cert)}

@@ -389,12 +389,23 @@ class TokenExchange:
     def _check_binding(
         subject: VerifiedToken, actor: VerifiedToken | None, grant: Grant, proof: VerifiedProof | None
     ) -> None:
-        """DPoP required by the rule; a bound token of ours stays bound to its key on re-exchange."""
+        """DPoP required by the rule; a bound token of ours stays bound to its key on re-exchange.
+
+        A bound token of ours presented as the actor token is a credential too: whoever
+        presents it proves its key (RFC 9449 §7), else a stolen bound token would act as a
+        bearer token.  The one proof then binds the new token to the actor's key, so the
+        subject's own binding yields only where the rule lets the actor bind its key.
+        """
         if grant.require_dpop and proof is None:
             raise InvalidDPoPProof("dpop.required")
-        cnf = subject.claims.get("cnf")
-        bound = cnf.get("jkt") if isinstance(cnf, Mapping) else None
-        if subject.issuer_name != SELF_ISSUER or bound is None:
+        actor_bound = _bound_key(actor) if actor is not None else None
+        if actor_bound is not None:
+            if proof is None:
+                raise InvalidDPoPProof("dpop.bound_actor_token_needs_proof")
+            if proof.jkt != actor_bound:
+                raise InvalidDPoPProof("dpop.key_differs_from_bound_actor_token")
+        bound = _bound_key(subject)
+        if bound is None:
             return
         if proof is None:
             raise InvalidDPoPProof("dpop.bound_token_needs_proof")
@@ -535,6 +546,15 @@ class TokenExchange:
         if not first:
             raise InvalidRequest("subject_token.replayed")
         return purpose, key
+
+
+def _bound_key(token: VerifiedToken) -> str | None:
+    """``cnf.jkt`` of a DPoP-bound token of ours (RFC 9449 §6.1); None for any other token."""
+    cnf = token.claims.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, Mapping) else None
+    if token.issuer_name != SELF_ISSUER or jkt is None:
+        return None
+    return str(jkt)
 
 
 def confirmation(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, Any]:

@@ -109,6 +109,9 @@ def introspect(
     except StoreUnavailable:
         # Cannot tell whether it was revoked: say inactive (fail closed).
         return dict(INACTIVE)
-    response: dict[str, Any] = {"active": True, "token_type": "DPoP" if "cnf" in claims else "Bearer"}
+    cnf = claims.get("cnf")
+    dpop_bound = isinstance(cnf, Mapping) and "jkt" in cnf
+    # RFC 9449 §6.2: DPoP only for a key-bound token; a certificate-bound one (RFC 8705) is Bearer.
+    response: dict[str, Any] = {"active": True, "token_type": "DPoP" if dpop_bound else "Bearer"}
     response.update({name: claims[name] for name in REPORTED if name in claims})
     return response

@@ -52,7 +52,9 @@ def token() -> Response:
         request_id=g.request_id,
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
-        dpop=tuple(request.headers.getlist("DPoP")),
+        # WSGI servers join repeated header fields with commas (RFC 9110 §5.3), and a JWS never
+        # holds one: split them again so that two proofs count as two (RFC 9449 §4.3 step 1).
+        dpop=tuple(part for value in request.headers.getlist("DPoP") for part in value.split(",")),
         client_cert_thumbprint=forwarded_certificate(),
     )
     if problem is not None:

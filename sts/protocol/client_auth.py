@@ -82,7 +82,7 @@ def parse_client_credentials(
     assertion = single(form, "client_assertion")
     assertion_type = single(form, "client_assertion_type")
 
-    basic: tuple[str, str] | None = None
+    basic: tuple[str, str, str] | None = None
     if authorization is not None:
         scheme, _, rest = authorization.strip().partition(" ")
         if scheme.lower() != "basic":
