@@ -116,7 +116,8 @@ class Settings:
     max_client_assertion_lifetime: int = 3600
     log_level: str = "INFO"
     trusted_proxies: tuple[str, ...] = ()
-    dpop_algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+    # Ed25519 (RFC 9864) and its deprecated name EdDSA.
+    dpop_algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "Ed25519", "EdDSA")
     dpop_max_age: int = 300
     dpop_nonce: bool = False
     mtls_client_cert_header: str | None = None

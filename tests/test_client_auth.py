@@ -625,7 +625,7 @@ def test_expired_assertion_is_refused(app: Flask, client: FlaskClient, issuer: D
 
 
 def test_assertion_lifetime_is_bounded(app: Flask, client: FlaskClient, issuer: DevIssuer) -> None:
-    """``exp`` at most max_client_assertion_lifetime (3600 s by default) + leeway (30 s) ahead; further is refused."""
+    """``exp`` at most max_client_assertion_lifetime (3600 s) + leeway (30 s) ahead; further is refused."""
     settings = app.extensions["sts"].settings
     limit = settings.max_client_assertion_lifetime + settings.leeway
     assert limit == 3630

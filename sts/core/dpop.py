@@ -40,7 +40,7 @@ from ..errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
 from .jose import MAX_JWT_BYTES, UnverifiedJWS, normalise_typ, registry_for
 from .ports import ReplayCache, StoreUnavailable
 
-DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "EdDSA")
+DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "Ed25519", "EdDSA")
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _KEY_TYPES = {"ES": "EC", "RS": "RSA", "PS": "RSA", "Ed": "OKP"}
 

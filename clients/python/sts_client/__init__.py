@@ -1,0 +1,70 @@
+"""Client libraries for the workload token-exchange broker (an RFC 8693 STS).
+
+* :mod:`sts_client.verifier` -- resource servers: verify the STS's access
+  tokens (RFC 9068), DPoP proofs (RFC 9449) and attestation age (RFC 9470);
+  :mod:`sts_client.flask` and :mod:`sts_client.wsgi` plug it into an app.
+* :mod:`sts_client.workload` -- workloads: ``requests`` authentication that
+  exchanges the workload's credential and renews it on its own.
+* :mod:`sts_client.ci` -- the ``sts-ci`` command for GitHub Actions and GitLab CI.
+
+Only ``requests``, ``joserfc`` and ``cryptography`` are needed; Flask only for
+:mod:`sts_client.flask`.
+"""
+
+from __future__ import annotations
+
+from .attestation import (
+    AttestationSource,
+    CallableAttestation,
+    FileAttestation,
+    GitHubActionsAttestation,
+    GitLabCIAttestation,
+)
+from .dpop import DPoPKey, InMemoryReplayCache, ReplayCache
+from .errors import (
+    AttestationUnavailable,
+    ExchangeError,
+    ExchangeRefused,
+    InsufficientScope,
+    InsufficientUserAuthentication,
+    InvalidDPoPProof,
+    InvalidRequest,
+    InvalidToken,
+    MissingToken,
+    StsUnavailable,
+    TemporarilyUnavailable,
+    VerificationError,
+)
+from .exchange import IssuedToken, TokenExchangeClient
+from .verifier import TokenVerifier, VerifiedAccessToken
+from .workload import StsAuth
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttestationSource",
+    "AttestationUnavailable",
+    "CallableAttestation",
+    "DPoPKey",
+    "ExchangeError",
+    "ExchangeRefused",
+    "FileAttestation",
+    "GitHubActionsAttestation",
+    "GitLabCIAttestation",
+    "InMemoryReplayCache",
+    "InsufficientScope",
+    "InsufficientUserAuthentication",
+    "InvalidDPoPProof",
+    "InvalidRequest",
+    "InvalidToken",
+    "IssuedToken",
+    "MissingToken",
+    "ReplayCache",
+    "StsAuth",
+    "StsUnavailable",
+    "TemporarilyUnavailable",
+    "TokenExchangeClient",
+    "TokenVerifier",
+    "VerificationError",
+    "VerifiedAccessToken",
+]

@@ -1,0 +1,186 @@
+"""Authorization server metadata (RFC 8414) and the small, careful JSON fetch both sides use.
+
+The STS publishes its metadata at the well-known location derived from its
+issuer identifier (RFC 8414 §3.1: the well-known segment goes between the
+host and the issuer's path)::
+
+    GET /.well-known/oauth-authorization-server HTTP/1.1
+    Host: sts.example.com
+    Accept: application/json
+
+    HTTP/1.1 200 OK
+    Content-Type: application/json
+
+    {"issuer": "https://sts.example.com",
+     "token_endpoint": "https://sts.example.com/token",
+     "jwks_uri": "https://sts.example.com/.well-known/jwks.json",
+     "introspection_endpoint": "https://sts.example.com/introspect", ...}
+
+The ``issuer`` in the document must be exactly the issuer we asked about
+(RFC 8414 §3.3), or the document is refused: otherwise one server could
+name another's keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from requests.structures import CaseInsensitiveDict
+
+__all__ = [
+    "DiscoveryError",
+    "ServerMetadata",
+    "check_endpoint_url",
+    "fetch_metadata",
+    "get_json",
+    "metadata_url",
+]
+
+#: Metadata, a JWK Set or an introspection answer is small; more than this is refused unread.
+MAX_DOCUMENT_BYTES: Final = 256 * 1024
+_CHUNK: Final = 16 * 1024
+
+
+class DiscoveryError(Exception):
+    """A document could not be fetched, or is not what it must be; the message says which."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint_url(url: str, what: str) -> None:
+    """Raise :class:`ValueError` unless ``url`` is https (plain http only on a loopback host).
+
+    Keys, metadata and tokens travel over these URLs; anything but TLS would
+    let a network attacker substitute them (RFC 8414 §2, RFC 6749 §3.1).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{what} must be an absolute https URL, not {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{what} must not contain credentials")
+    if parts.fragment:
+        raise ValueError(f"{what} must not have a fragment")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(f"{what} must use https (plain http only for a loopback host): {url!r}")
+
+
+def get_json(
+    session: requests.Session,
+    url: str,
+    *,
+    timeout: float,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    data: Mapping[str, str] | list[tuple[str, str]] | None = None,
+) -> tuple[int, Any, CaseInsensitiveDict[str]]:
+    """Fetch ``url`` and parse a JSON body of at most :data:`MAX_DOCUMENT_BYTES`.
+
+    Returns the status, the parsed body (``None`` when it is not JSON) and
+    the response headers.  Redirects are not followed: a redirected key or
+    metadata URL is a misconfiguration, not something to chase.  Raises
+    :class:`DiscoveryError` when the server cannot be reached or the body is
+    too large.
+    """
+    request_headers = {"Accept": "application/json", **(headers or {})}
+    try:
+        response = session.request(
+            method,
+            url,
+            headers=request_headers,
+            data=data,
+            timeout=timeout,
+            allow_redirects=False,
+            stream=True,
+        )
+    except requests.RequestException as exc:
+        raise DiscoveryError(f"cannot reach {_origin(url)}: {type(exc).__name__}") from None
+    try:
+        body = bytearray()
+        for chunk in response.iter_content(_CHUNK):
+            body.extend(chunk)
+            if len(body) > MAX_DOCUMENT_BYTES:
+                raise DiscoveryError(f"{_origin(url)} answered more than {MAX_DOCUMENT_BYTES} bytes")
+    except requests.RequestException as exc:
+        raise DiscoveryError(f"reading from {_origin(url)} failed: {type(exc).__name__}") from None
+    finally:
+        response.close()
+    try:
+        document = json.loads(bytes(body)) if body else None
+    except (ValueError, RecursionError):
+        document = None
+    return response.status_code, document, response.headers
+
+
+def _origin(url: str) -> str:
+    """Scheme, host and path of a URL, without query (which may carry secrets) -- for messages."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def metadata_url(issuer: str) -> str:
+    """RFC 8414 §3.1: ``https://host/path`` -> ``https://host/.well-known/oauth-authorization-server/path``."""
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    return urlunsplit((parts.scheme, parts.netloc, "/.well-known/oauth-authorization-server" + path, "", ""))
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    """The members of RFC 8414 metadata these libraries use; ``document`` holds all of it."""
+
+    issuer: str
+    token_endpoint: str | None
+    jwks_uri: str | None
+    introspection_endpoint: str | None
+    revocation_endpoint: str | None
+    dpop_signing_alg_values_supported: tuple[str, ...]
+    document: Mapping[str, Any] = field(repr=False)
+
+
+def _optional_url(document: Mapping[str, Any], name: str) -> str | None:
+    value = document.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DiscoveryError(f"metadata member {name} is not a string")
+    try:
+        check_endpoint_url(value, f"metadata member {name}")
+    except ValueError as exc:
+        raise DiscoveryError(str(exc)) from None
+    return value
+
+
+def fetch_metadata(issuer: str, *, session: requests.Session, timeout: float = 10.0) -> ServerMetadata:
+    """Fetch and check the STS's metadata; raise :class:`DiscoveryError` when it cannot be used."""
+    url = metadata_url(issuer)
+    status, document, _ = get_json(session, url, timeout=timeout)
+    if status != 200 or not isinstance(document, dict):
+        raise DiscoveryError(f"metadata at {url} answered HTTP {status} without a JSON object")
+    if document.get("issuer") != issuer:
+        # RFC 8414 §3.3: MUST be identical to the issuer the metadata was fetched for.
+        raise DiscoveryError(f"metadata at {url} names another issuer, not {issuer!r}")
+    algs = document.get("dpop_signing_alg_values_supported")
+    return ServerMetadata(
+        issuer=issuer,
+        token_endpoint=_optional_url(document, "token_endpoint"),
+        jwks_uri=_optional_url(document, "jwks_uri"),
+        introspection_endpoint=_optional_url(document, "introspection_endpoint"),
+        revocation_endpoint=_optional_url(document, "revocation_endpoint"),
+        dpop_signing_alg_values_supported=tuple(a for a in algs if isinstance(a, str))
+        if isinstance(algs, list)
+        else (),
+        document=document,
+    )

@@ -1,0 +1,321 @@
+"""DPoP proofs (RFC 9449): making them (workloads) and checking them (resource servers).
+
+A proof is a JWT signed with the client's own key, whose public half travels
+in the header; the access token is bound to that key by its thumbprint
+(``cnf.jkt``, RFC 7638)::
+
+    GET /deployments HTTP/1.1
+    Host: deploy.example.com
+    Authorization: DPoP eyJ0eXAiOiJhdCtqd3Qi...
+    DPoP: eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6Ik...
+
+    header  {"typ": "dpop+jwt", "alg": "ES256", "jwk": {"kty": "EC", "crv": "P-256", "x": "...", "y": "..."}}
+    claims  {"jti": "e1j3V_bKic8-LAEB", "htm": "GET", "htu": "https://deploy.example.com/deployments",
+             "iat": 1700000000, "ath": "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"}
+
+:class:`DPoPKey` makes proofs.  :func:`check_proof` does the checks of RFC
+9449 §4.3 that need nothing but the proof and the request; the verifier adds
+the binding to ``cnf.jkt`` (§7.1) and the ``jti`` replay check (§11.1) with a
+:class:`ReplayCache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, Key
+from joserfc.jws import JWSRegistry
+from joserfc.util import to_str, urlsafe_b64encode
+
+from .errors import InvalidDPoPProof
+from .jwks import ASYMMETRIC_ALGORITHMS, import_public_key, key_fits
+
+__all__ = [
+    "DEFAULT_DPOP_ALGORITHMS",
+    "CheckedProof",
+    "DPoPKey",
+    "InMemoryReplayCache",
+    "ReplayCache",
+    "ReplayCacheFull",
+    "access_token_hash",
+    "check_proof",
+    "normalise_htu",
+    "proof_replay_key",
+]
+
+#: What a resource server accepts by default (announced as ``algs``).  No ``none``, no ``HS*``:
+#: a proof must be verifiable with the public key it carries (RFC 9449 §4.2).
+DEFAULT_DPOP_ALGORITHMS: Final = ("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "Ed25519")
+
+DPOP_TYP: Final = "dpop+jwt"
+MAX_PROOF_BYTES: Final = 8 * 1024
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def access_token_hash(access_token: str) -> str:
+    """RFC 9449 §4.2 ``ath``: base64url (no padding) of the SHA-256 of the token's ASCII bytes."""
+    return to_str(urlsafe_b64encode(hashlib.sha256(access_token.encode("ascii")).digest()))
+
+
+def _normalise_percent(match: re.Match[str]) -> str:
+    # RFC 3986 §6.2.2.1-2: hex digits upper-case; an encoded unreserved character decoded.
+    char = unquote(match.group(0))
+    return char if char in _UNRESERVED else match.group(0).upper()
+
+
+def normalise_htu(url: str) -> str:
+    """The URI a proof's ``htu`` is compared with: no query or fragment, normalised (RFC 9449 §4.3).
+
+    Syntax- and scheme-based normalisation (RFC 3986 §6.2.2, §6.2.3): scheme
+    and host lower-cased, the default port dropped, an empty path made ``/``,
+    percent-encodings normalised.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host if port is None or _DEFAULT_PORTS.get(scheme) == port else f"{host}:{port}"
+    path = _PERCENT.sub(_normalise_percent, parts.path) or "/"
+    return urlunsplit((scheme, netloc, path, "", ""))
+
+
+class DPoPKey:
+    """A DPoP key pair (ES256 by default) that lives in this process only.
+
+    The private half is never written anywhere: a workload generates one at
+    start (:class:`~sts_client.workload.StsAuth` does), so a token bound to
+    it is useless to anyone who copies the token but not the process.
+    """
+
+    def __init__(self, key: Key | None = None, alg: str = "ES256") -> None:
+        key = key if key is not None else ECKey.generate_key("P-256")
+        if not key.is_private:
+            raise ValueError("a DPoP key must hold its private part")
+        if not key_fits(key, alg):
+            raise ValueError(f"the key does not fit {alg}")
+        self._key = key
+        self.alg = alg
+        self._public_jwk: dict[str, Any] = dict(key.as_dict(private=False))
+        for member in ("kid", "alg", "use", "key_ops"):
+            self._public_jwk.pop(member, None)
+        self.jkt = key.thumbprint()
+
+    def __repr__(self) -> str:
+        return f"DPoPKey(alg={self.alg!r}, jkt={self.jkt!r})"
+
+    @property
+    def public_jwk(self) -> dict[str, Any]:
+        return dict(self._public_jwk)
+
+    def proof(
+        self,
+        method: str,
+        url: str,
+        *,
+        access_token: str | None = None,
+        nonce: str | None = None,
+        now: float | None = None,
+    ) -> str:
+        """A fresh proof for one request (RFC 9449 §4.2): new ``jti``, ``htu`` without query or fragment."""
+        parts = urlsplit(url)
+        claims: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": method.upper(),
+            "htu": urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", "")),
+            "iat": int(time.time() if now is None else now),
+        }
+        if access_token is not None:
+            claims["ath"] = access_token_hash(access_token)
+        if nonce is not None:
+            claims["nonce"] = nonce
+        header = {"typ": DPOP_TYP, "alg": self.alg, "jwk": self._public_jwk}
+        return jwt.encode(header, claims, self._key, algorithms=[self.alg])
+
+
+# -- checking proofs (resource servers) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckedProof:
+    """A proof whose signature and request binding held; ``jkt`` is its key's RFC 7638 thumbprint."""
+
+    jkt: str
+    jti: str
+    iat: int
+    nonce: str | None
+
+
+_REGISTRIES: dict[str, JWSRegistry] = {}
+
+
+def _registry(alg: str) -> JWSRegistry:
+    registry = _REGISTRIES.get(alg)
+    if registry is None:
+        registry = _REGISTRIES.setdefault(alg, JWSRegistry(algorithms=[alg], strict_check_header=False))
+    return registry
+
+
+def check_proof(
+    proof: str,
+    *,
+    method: str,
+    url: str,
+    access_token: str | None,
+    algorithms: Collection[str],
+    now: float,
+    max_age: float,
+    leeway: float,
+) -> CheckedProof:
+    """RFC 9449 §4.3 steps 2-11 for one proof (the caller has made sure there is exactly one).
+
+    Raises :class:`~sts_client.errors.InvalidDPoPProof` with a ``reason``
+    naming the failed check.  The ``jti`` replay check and the comparison
+    with ``cnf.jkt`` are the caller's (they need state and the token).
+    """
+    if len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2:
+        raise InvalidDPoPProof("dpop.malformed", "not a compact JWS")
+    try:
+        extracted = jws.extract_compact(proof.encode("ascii"))
+        header = extracted.headers()
+        claims = json.loads(extracted.payload)
+    except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
+        raise InvalidDPoPProof("dpop.malformed", type(exc).__name__) from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise InvalidDPoPProof("dpop.malformed", "header or payload is not an object")
+    # §4.3 (4): typ is exactly dpop+jwt (media types compare case-insensitively).
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() != DPOP_TYP:
+        raise InvalidDPoPProof("dpop.typ")
+    if "crit" in header:
+        raise InvalidDPoPProof("dpop.crit")
+    # §4.3 (5): an asymmetric algorithm we accept; never none or a MAC.
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algorithms or alg not in ASYMMETRIC_ALGORITHMS:
+        raise InvalidDPoPProof("dpop.alg", str(alg)[:20])
+    # §4.3 (7): the jwk is a public key.  The members are looked at before anything is imported.
+    jwk = header.get("jwk")
+    if not isinstance(jwk, dict):
+        raise InvalidDPoPProof("dpop.jwk_missing")
+    key, why = import_public_key(jwk)
+    if key is None:
+        raise InvalidDPoPProof("dpop.jwk_not_public", why)
+    if not key_fits(key, alg):
+        raise InvalidDPoPProof("dpop.jwk_alg_mismatch")
+    # §4.3 (6): the signature verifies with that key.
+    try:
+        valid = jws.validate_compact(extracted, key, registry=_registry(alg))
+    except (JoseError, ValueError) as exc:
+        raise InvalidDPoPProof("dpop.bad_signature", type(exc).__name__) from None
+    if not valid:
+        raise InvalidDPoPProof("dpop.bad_signature")
+    # §4.3 (3): the claims a resource server needs.
+    jti, htm, htu, iat = claims.get("jti"), claims.get("htm"), claims.get("htu"), claims.get("iat")
+    if not isinstance(jti, str) or not jti or len(jti) > 256:
+        raise InvalidDPoPProof("dpop.jti")
+    if not isinstance(htm, str) or not isinstance(htu, str):
+        raise InvalidDPoPProof("dpop.htm_htu_missing")
+    if isinstance(iat, bool) or not isinstance(iat, int | float):
+        raise InvalidDPoPProof("dpop.iat_missing")
+    # §4.3 (8): htm matches the method.
+    if htm != method.upper():
+        raise InvalidDPoPProof("dpop.htm_mismatch")
+    # §4.3 (9): htu matches the request URI.  §4.2 says htu carries no query or fragment, so one
+    # that does is refused rather than silently trimmed: it is not a proof made to this spec.
+    htu_parts = urlsplit(htu)
+    if htu_parts.query or htu_parts.fragment or "?" in htu or "#" in htu:
+        raise InvalidDPoPProof("dpop.htu_has_query")
+    if normalise_htu(htu) != normalise_htu(url):
+        raise InvalidDPoPProof("dpop.htu_mismatch")
+    # §4.3 (11): iat inside the acceptance window (§11.1).
+    if iat > now + leeway:
+        raise InvalidDPoPProof("dpop.iat_future")
+    if iat < now - max_age:
+        raise InvalidDPoPProof("dpop.iat_stale")
+    # §4.3 (12) / §7.1: ath binds the proof to this access token.
+    if access_token is not None:
+        ath = claims.get("ath")
+        if not isinstance(ath, str) or not secrets.compare_digest(ath, access_token_hash(access_token)):
+            raise InvalidDPoPProof("dpop.ath_mismatch")
+    nonce = claims.get("nonce")
+    return CheckedProof(
+        jkt=key.thumbprint(), jti=jti, iat=int(iat), nonce=nonce if isinstance(nonce, str) else None
+    )
+
+
+# -- jti replay cache ------------------------------------------------------------------------------
+
+
+class ReplayCacheFull(Exception):
+    """The cache holds its maximum of unexpired entries; the caller fails closed."""
+
+
+class ReplayCache(Protocol):
+    """Where proof ``jti`` values are remembered (RFC 9449 §11.1).
+
+    Several resource-server processes behind one load balancer should share
+    one (a Redis ``SET key NX EX`` is enough to implement it).
+    """
+
+    def first_use(self, key: str, expires_at: float, now: float) -> bool:
+        """Record ``key`` until ``expires_at``; True if it was not recorded already (atomically)."""
+        ...
+
+
+class InMemoryReplayCache:
+    """A bounded, thread-safe, per-process :class:`ReplayCache`.
+
+    When ``max_entries`` unexpired entries are held, a new one is refused
+    (:class:`ReplayCacheFull`) rather than evicting one early, which would
+    let that ``jti`` be replayed.
+    """
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._max_entries = max_entries
+        self._entries: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def first_use(self, key: str, expires_at: float, now: float) -> bool:
+        with self._lock:
+            seen = self._entries.get(key)
+            if seen is not None and seen > now:
+                return False
+            if seen is None and len(self._entries) >= self._max_entries:
+                self._purge(now)
+                if len(self._entries) >= self._max_entries:
+                    raise ReplayCacheFull("too many DPoP proofs inside the window")
+            self._entries[key] = expires_at
+            self._entries.move_to_end(key)
+            return True
+
+    def _purge(self, now: float) -> None:
+        # Entries are kept in insertion order; windows are of equal length, so expiry is nearly ordered.
+        expired = [key for key, expires_at in self._entries.items() if expires_at <= now]
+        for key in expired:
+            del self._entries[key]
+
+
+def proof_replay_key(checked: CheckedProof) -> str:
+    """The cache key: ``jti`` per proof key, hashed so the cache holds no client data."""
+    return hashlib.sha256(json.dumps([checked.jkt, checked.jti]).encode()).hexdigest()

@@ -1,0 +1,86 @@
+"""Flask integration: ``@require_token``.  Needs the extra: ``pip install workload-sts-client[flask]``.
+
+::
+
+    from flask import Flask, g
+    from sts_client import TokenVerifier
+    from sts_client.flask import require_token
+
+    app = Flask(__name__)
+    verifier = TokenVerifier("https://sts.example.com", "https://deploy.example.com")
+
+    @app.post("/releases")
+    @require_token(verifier, scopes="deploy:write", max_age=300)
+    def create_release():
+        return {"by": g.token.subject}
+
+A refused request never reaches the view: it gets the status, the
+``WWW-Authenticate`` challenge(s) and a JSON error body from
+:class:`~sts_client.errors.VerificationError`.  The URL compared with a DPoP
+proof's ``htu`` is ``request.url``; behind a TLS-terminating proxy use
+werkzeug's ``ProxyFix`` (or pass ``url=``) so it is the URL the client used.
+
+This is the only module of the package that imports Flask.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
+
+try:
+    import flask
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("sts_client.flask needs Flask: pip install 'workload-sts-client[flask]'") from exc
+
+from .errors import VerificationError
+from .verifier import TokenVerifier
+
+__all__ = ["error_response", "require_token"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def error_response(error: VerificationError) -> flask.Response:
+    """The answer to a refused request: status, challenge headers, JSON body."""
+    response = flask.jsonify(error.body())
+    response.status_code = error.status
+    for name, value in error.headers():
+        response.headers.add(name, value)
+    return response
+
+
+def require_token(
+    verifier: TokenVerifier,
+    scopes: str | Iterable[str] = (),
+    max_age: int | None = None,
+    *,
+    url: Callable[[flask.Request], str] | None = None,
+) -> Callable[[F], F]:
+    """Protect a view: verify the request's token, then set ``flask.g.token`` and call the view.
+
+    ``scopes`` are needed in addition to the verifier's ``required_scopes``;
+    ``max_age`` demands attestation at most that many seconds old (RFC 9470).
+    """
+    route_scopes = tuple(scopes.split()) if isinstance(scopes, str) else tuple(scopes)
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            request = flask.request
+            try:
+                flask.g.token = verifier.verify(
+                    request.method,
+                    url(request) if url is not None else request.url,
+                    request.headers,
+                    scopes=route_scopes,
+                    max_age=max_age,
+                )
+            except VerificationError as error:
+                return error_response(error)
+            return view(*args, **kwargs)
+
+        return cast("F", wrapper)
+
+    return decorate

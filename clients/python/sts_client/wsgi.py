@@ -1,0 +1,121 @@
+"""Plain WSGI middleware (PEP 3333): protect path prefixes of any WSGI application.
+
+::
+
+    from sts_client import TokenVerifier
+    from sts_client.wsgi import ProtectedPath, TokenMiddleware
+
+    verifier = TokenVerifier("https://sts.example.com", "https://deploy.example.com")
+    application = TokenMiddleware(application, verifier, [
+        ProtectedPath("/api", scopes=("deploy:read",)),
+        ProtectedPath("/api/releases", scopes=("deploy:write",), max_age=300),
+    ])
+
+The longest matching prefix decides (a prefix matches whole path segments:
+``/api`` covers ``/api`` and ``/api/x``, not ``/apix``); paths under no prefix
+pass untouched.  A verified token is put in
+``environ["sts_client.token"]`` for the application; a refused request gets
+the status, ``WWW-Authenticate`` challenge(s) and a JSON error body and never
+reaches the application.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+from wsgiref.util import request_uri
+
+from .errors import VerificationError
+from .verifier import TokenVerifier
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ENVIRON_KEY", "ProtectedPath", "TokenMiddleware"]
+
+#: Where the :class:`~sts_client.verifier.VerifiedAccessToken` is put in the WSGI environ.
+ENVIRON_KEY: Final = "sts_client.token"
+
+_REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class ProtectedPath:
+    """A path prefix and what it needs: scopes, and attestation no older than ``max_age`` seconds."""
+
+    prefix: str
+    scopes: tuple[str, ...] = ()
+    max_age: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prefix.startswith("/"):
+            raise ValueError(f"a path prefix starts with '/': {self.prefix!r}")
+        object.__setattr__(self, "prefix", self.prefix.rstrip("/") or "/")
+
+    def matches(self, path: str) -> bool:
+        if self.prefix == "/":
+            return True
+        return path == self.prefix or path.startswith(self.prefix + "/")
+
+
+def _headers_of(environ: WSGIEnvironment) -> list[tuple[str, str]]:
+    """The request headers a verifier needs, from the CGI-style environ (PEP 3333)."""
+    pairs = []
+    for key, name in (("HTTP_AUTHORIZATION", "Authorization"), ("HTTP_DPOP", "DPoP")):
+        value = environ.get(key)
+        if value is not None:
+            pairs.append((name, str(value)))
+    return pairs
+
+
+class TokenMiddleware:
+    """Verify tokens for requests under the protected prefixes; pass everything else through."""
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        verifier: TokenVerifier,
+        paths: Iterable[ProtectedPath | str],
+        *,
+        url: Callable[[WSGIEnvironment], str] | None = None,
+    ) -> None:
+        self.app = app
+        self.verifier = verifier
+        protected = [p if isinstance(p, ProtectedPath) else ProtectedPath(p) for p in paths]
+        # Longest prefix first, so the most specific rule decides.
+        self.paths = sorted(protected, key=lambda p: len(p.prefix), reverse=True)
+        self._url = url
+
+    def _rule_for(self, path: str) -> ProtectedPath | None:
+        return next((rule for rule in self.paths if rule.matches(path)), None)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+        rule = self._rule_for(path or "/")
+        if rule is None:
+            return self.app(environ, start_response)
+        url = self._url(environ) if self._url is not None else request_uri(environ, include_query=False)
+        try:
+            environ[ENVIRON_KEY] = self.verifier.verify(
+                str(environ.get("REQUEST_METHOD", "GET")),
+                url,
+                _headers_of(environ),
+                scopes=rule.scopes,
+                max_age=rule.max_age,
+            )
+        except VerificationError as error:
+            return _refuse(error, start_response)
+        return self.app(environ, start_response)
+
+
+def _refuse(error: VerificationError, start_response: StartResponse) -> list[bytes]:
+    body = json.dumps(error.body()).encode()
+    headers: list[tuple[str, Any]] = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        *error.headers(),
+    ]
+    start_response(f"{error.status} {_REASONS.get(error.status, 'Error')}", headers)
+    return [body]
