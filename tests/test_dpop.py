@@ -419,7 +419,14 @@ def test_a_proof_works_with_an_authenticated_client(sts: STS) -> None:
 
 def test_metadata_lists_the_allowed_algorithms(make_sts: Callable[..., STS]) -> None:
     default = make_sts().web.get("/.well-known/oauth-authorization-server").get_json()
-    assert default["dpop_signing_alg_values_supported"] == ["ES256", "ES384", "Ed25519", "EdDSA", "PS256", "RS256"]
+    assert default["dpop_signing_alg_values_supported"] == [
+        "ES256",
+        "ES384",
+        "Ed25519",
+        "EdDSA",
+        "PS256",
+        "RS256",
+    ]
     narrowed = make_sts(dpop_algorithms=["ES256"])
     md = narrowed.web.get("/.well-known/oauth-authorization-server").get_json()
     assert md["dpop_signing_alg_values_supported"] == ["ES256"]
