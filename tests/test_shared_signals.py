@@ -967,3 +967,61 @@ def test_duplicate_transmitters_stop_the_start(
         make_settings(transmitters=[transmitter_entry, {**transmitter_entry, "issuer": "https://b.example"}])
     with pytest.raises(ConfigurationError, match=r"is already the issuer of transmitters\.idp"):
         make_settings(transmitters=[transmitter_entry, {**transmitter_entry, "name": "other"}])
+
+
+def test_caep_session_revoked_end_to_end(
+    build_app: Callable[..., Flask], upstream: RunningServer, transmitter: RunningServer, clock: Clock
+) -> None:
+    """The issue's scenario over HTTP: a workload holds a token; the IdP pushes CAEP session-revoked;
+    its next exchange fails (risk deny, machine-readable) and its earlier token is inactive at
+    introspection; once the block lapses, a fresh exchange works and that new token is active."""
+    from sts.core.client_secrets import hash_secret
+    from tests.conftest import DEFAULT_CLIENTS, exchange_form
+
+    secret = "deploy-api-introspection-secret-0123456789"
+    resource_server = {
+        "client_id": "deploy-api",
+        "auth_method": "client_secret_post",
+        "secret_hash": hash_secret(secret),
+        "audiences": ["https://deploy.example.com"],
+    }
+    app = build_app(clients=[*DEFAULT_CLIENTS, resource_server])
+    web = app.test_client()
+
+    def exchange() -> TestResponse:
+        subject = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=clock.now)
+        return web.post("/token", data=exchange_form(subject, audience="https://deploy.example.com"))
+
+    def active(token: str) -> bool:
+        body = web.post(
+            "/introspect", data={"token": token, "client_id": "deploy-api", "client_secret": secret}
+        )
+        return bool(body.get_json()["active"])
+
+    earlier = exchange()
+    assert earlier.status_code == 200
+    token = earlier.get_json()["access_token"]
+    assert active(token)
+
+    clock.now += 5
+    event = {
+        "https://schemas.openid.net/secevent/caep/event-type/session-revoked": {
+            "event_timestamp": int(clock.now)
+        }
+    }
+    pushed = push(web, sign(transmitter, set_claims(transmitter, clock, event, iss_sub(upstream=upstream))))
+    assert pushed.status_code == 202, pushed.get_data(as_text=True)
+
+    refused = exchange()
+    assert refused.status_code == 400
+    body = refused.get_json()
+    assert body["error"] == "invalid_request" and body["risk"] == {
+        "decision": "deny",
+        "signals": ["shared_signal"],
+    }
+    assert not active(token), "the token issued before the event is revoked"
+
+    clock.now += 3601  # the block (block_duration, 3600 s by default) has lapsed
+    later = exchange()
+    assert later.status_code == 200, later.get_json()
+    assert active(later.get_json()["access_token"])
