@@ -444,3 +444,59 @@ def test_revoked_tokens_of_ours_are_refused_on_re_exchange(make_sts: Callable[..
     sts.clock.now += 2
     newer = sts.granted(sts.token())["access_token"]
     assert sts.granted(newer, subject_token_type=ACCESS_TOKEN_TYPE)["scope"] == "deploy:read"
+
+
+def test_a_changed_proof_of_possession_key_is_attestation_drift(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """The DPoP key is a stable fact (cnf_jkt): the same workload proving a new key has drifted."""
+    import time as _time
+    import uuid
+
+    from joserfc import jwt as _jwt
+    from joserfc.jwk import ECKey
+
+    policy = {
+        "version": 1,
+        "rules": [
+            {
+                "name": "bound",
+                "issuer": "upstream",
+                "subject": "repo:acme/app:ref:refs/heads/main",
+                "require_client_authentication": False,
+                "require_dpop": True,
+                "risk": {},
+                "grant": {"audiences": ["https://deploy.example.com"]},
+            }
+        ],
+    }
+    app = create_app(make_settings(policy))
+    web = app.test_client()
+
+    def exchange(key: ECKey) -> Any:
+        proof = _jwt.encode(
+            {"typ": "dpop+jwt", "alg": "ES256", "jwk": key.as_dict(private=False)},
+            {"jti": uuid.uuid4().hex, "htm": "POST", "htu": STS_ISSUER + "/token", "iat": int(_time.time())},
+            key,
+            algorithms=["ES256"],
+        )
+        # Attestation ten minutes old: drift is not excused by fresh attestation.
+        subject = upstream.issuer.github_actions_token(
+            audience=STS_ISSUER, now=_time.time() - 600, lifetime=3600
+        )
+        form = exchange_form(subject, audience="https://deploy.example.com")
+        return web.post(
+            "/token", data=form, headers={"DPoP": proof}, environ_base={"REMOTE_ADDR": "10.1.2.3"}
+        )
+
+    usual = ECKey.generate_key("P-256")
+    for _ in range(6):
+        assert exchange(usual).status_code == 200
+    drifted = exchange(ECKey.generate_key("P-256"))
+    assert drifted.status_code == 400, drifted.get_json()
+    body = drifted.get_json()
+    assert body["error"] == "insufficient_user_authentication"
+    assert "attestation_drift" in body["step_up"]["signals"]
+    record = app.extensions["sts"].audit.recent(1)[0]
+    drift = next(s for s in record["details"]["risk"]["signals"] if s["name"] == "attestation_drift")
+    assert "cnf_jkt" in drift["evidence"]["changed"]

@@ -15,7 +15,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import (
@@ -321,7 +321,9 @@ class TokenExchange:
 
         # 5. Risk: what other systems said about the subject (always), then the rule's own
         #    signals; the decision may narrow, shorten, ask for fresh attestation or refuse.
-        risk = self._assess_risk(wire, subject, grant, scopes, depth, attested_at, now)
+        # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
+        observed = replace(subject, facts={**subject.facts, "cnf_jkt": proof.jkt}) if proof else subject
+        risk = self._assess_risk(wire, observed, grant, scopes, depth, attested_at, now)
         record.details["risk"] = risk.record
         if risk.decision.enforced:
             if risk.decision.action == DENY:
@@ -370,7 +372,7 @@ class TokenExchange:
             or None,
         )
         if risk.baseline_key is not None:
-            self._learn(risk, subject, wire.source_ip, grant.audiences, scopes, depth, now)
+            self._learn(risk, observed, wire.source_ip, grant.audiences, scopes, depth, now)
         record.outcome = "granted"
         record.granted_audience = list(grant.audiences)
         record.granted_scope = list(scopes)
