@@ -500,3 +500,62 @@ def test_a_changed_proof_of_possession_key_is_attestation_drift(
     record = app.extensions["sts"].audit.recent(1)[0]
     drift = next(s for s in record["details"]["risk"]["signals"] if s["name"] == "attestation_drift")
     assert "cnf_jkt" in drift["evidence"]["changed"]
+
+
+def test_a_separately_presented_posture_token_feeds_stale_posture(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """``posture_token`` (extension parameter): verified like any upstream token, about the same subject;
+    missing, negative or expired posture fires stale_posture."""
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    policy = {
+        "version": 1,
+        "rules": [
+            {
+                "name": "posture",
+                "issuer": "upstream",
+                "subject": subject_name,
+                "require_client_authentication": False,
+                "risk": {"posture_fact": "device_posture", "weights": {"stale_posture": 100}},
+                "grant": {"audiences": ["https://deploy.example.com"]},
+            }
+        ],
+    }
+    app = create_app(make_settings(policy))
+    web = app.test_client()
+    now = time.time()
+
+    def posture_token(
+        value: str | None, *, sub: str = subject_name, age: float = 0, lifetime: int = 300
+    ) -> str:
+        claims: dict[str, Any] = {"iss": upstream.issuer.issuer_url, "sub": sub, "aud": STS_ISSUER,
+                                  "iat": int(now - age), "exp": int(now - age + lifetime)}  # fmt: skip
+        if value is not None:
+            claims["device_posture"] = value
+        return upstream.issuer.mint(claims)
+
+    def exchange(posture: str | None) -> TestResponse:
+        subject = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=now)
+        form = exchange_form(subject, audience="https://deploy.example.com")
+        if posture is not None:
+            form["posture_token"] = posture
+        return web.post("/token", data=form, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+
+    def fired() -> dict[str, Any]:
+        record = app.extensions["sts"].audit.recent(1)[0]
+        return next(s for s in record["details"]["risk"]["signals"] if s["name"] == "stale_posture")
+
+    assert exchange(posture_token("compliant")).status_code == 200
+    assert fired()["fired"] is False
+    for token, expected in (
+        (posture_token("not-compliant"), "posture negative"),
+        (posture_token(None), "posture evidence missing"),
+        (posture_token("compliant", age=3600, lifetime=300), "posture token unusable"),
+        (None, "posture evidence missing"),
+    ):
+        refused = exchange(token)
+        assert refused.status_code == 400 and refused.get_json()["error"] == "invalid_request"
+        assert fired()["fired"] is True and fired()["reason"] == expected
+    other = exchange(posture_token("compliant", sub="repo:evil/app:ref:refs/heads/main"))
+    assert other.status_code == 400
+    assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1] == "posture_token.subject_mismatch"

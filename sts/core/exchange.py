@@ -31,6 +31,7 @@ from ..errors import (
 from ..protocol.client_auth import parse_client_credentials
 from ..protocol.token_exchange import (
     TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_JWT,
     TokenExchangeResponse,
     parse_grant_type,
     parse_token_exchange,
@@ -323,7 +324,11 @@ class TokenExchange:
         #    signals; the decision may narrow, shorten, ask for fresh attestation or refuse.
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
         observed = replace(subject, facts={**subject.facts, "cnf_jkt": proof.jkt}) if proof else subject
-        risk = self._assess_risk(wire, observed, grant, scopes, depth, attested_at, now)
+        posture = None
+        if request.posture_token:
+            record.details["posture_token_sha256"] = token_hash(request.posture_token)
+            posture = self._posture(request.posture_token, subject, now)
+        risk = self._assess_risk(wire, observed, grant, scopes, depth, attested_at, now, posture)
         record.details["risk"] = risk.record
         if risk.decision.enforced:
             if risk.decision.action == DENY:
@@ -422,6 +427,22 @@ class TokenExchange:
         if subject.issuer_name == SELF_ISSUER and bound is not None and bound != thumbprint:
             raise InvalidRequest("subject_token.certificate_binding_mismatch")
 
+    def _posture(
+        self, token: str, subject: VerifiedToken, now: float
+    ) -> tuple[Mapping[str, Any] | None, str | None]:
+        """A posture token (extension parameter): verified like any upstream token, about the same
+        subject.  Expired or otherwise unusable, it is evidence for the stale_posture signal; one
+        about another subject is refused outright (it would be someone else's evidence)."""
+        try:
+            posture = verify_token(
+                token, TOKEN_TYPE_JWT, self.issuers, now=now, leeway=self.config.leeway, role="posture_token"
+            )
+        except InvalidRequest as exc:
+            return None, exc.reason.removeprefix("posture_token.")
+        if posture.subject != subject.subject:
+            raise InvalidRequest("posture_token.subject_mismatch")
+        return {**posture.facts, **posture.claims}, None
+
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         if subject.issuer_name == SELF_ISSUER:
             # Our own token: events may name the subject under the issuer it first came from.
@@ -441,6 +462,7 @@ class TokenExchange:
         depth: int,
         attested_at: float | None,
         now: float,
+        posture: tuple[Mapping[str, Any] | None, str | None] | None = None,
     ) -> _Risk:
         try:
             state = (
@@ -468,6 +490,8 @@ class TokenExchange:
             now=now,
             baseline=baseline,
             state=state,
+            posture_claims=posture[0] if posture else None,
+            posture_problem=posture[1] if posture else None,
         )
         assessment = assess(ctx, cfg) if grant.risk else assess_events(ctx, cfg)
         decision = decide(assessment, cfg, scopes)

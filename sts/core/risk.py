@@ -117,6 +117,10 @@ class RiskContext:
     baseline: Baseline
     state: SubjectState = field(default_factory=SubjectState)
     is_agent: bool = False
+    #: Claims of a separately presented posture token (verified, same subject); None without one.
+    posture_claims: Mapping[str, Any] | None = None
+    #: Why a presented posture token could not be used (``expired``...), for the signal's evidence.
+    posture_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ def stale_posture(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     age = ctx.now - ctx.attested_at
     if cfg.posture_max_age is not None and age > cfg.posture_max_age:
         return _yes(name, cfg.weight(name), "attestation older than allowed", age=int(age))
+    if ctx.posture_problem is not None:
+        return _yes(name, cfg.weight(name), "posture token unusable", problem=ctx.posture_problem)
     if cfg.posture_fact is not None:
         posture = ctx.state.posture or _posture(ctx, cfg.posture_fact)
         if posture is None:
@@ -208,7 +214,11 @@ def stale_posture(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
 
 
 def _posture(ctx: RiskContext, fact: str) -> str | None:
-    value = ctx.facts.get(fact, ctx.claims.get(fact))
+    """A posture token's claim first, then the subject's fact or claim of that name."""
+    if ctx.posture_claims is not None and fact in ctx.posture_claims:
+        value = ctx.posture_claims[fact]
+    else:
+        value = ctx.facts.get(fact, ctx.claims.get(fact))
     if isinstance(value, bool):
         return "true" if value else "false"
     return value if isinstance(value, str) else None

@@ -61,6 +61,8 @@ class TokenExchangeRequest:
     scopes: tuple[str, ...] | None
     requested_token_type: str | None
     requested_lifetime: int | None
+    #: Extension: a separately issued posture token about the same subject (see docs/policies.md).
+    posture_token: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -176,6 +178,7 @@ def parse_token_exchange(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequ
         scopes=parse_scope(single(form, "scope")),
         requested_token_type=requested_token_type,
         requested_lifetime=requested_lifetime,
+        posture_token=single(form, "posture_token"),
     )
 
 
