@@ -79,7 +79,8 @@ def serve(
             self.cfg.set("threads", settings.threads)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-")
-            self.cfg.set("access_log_format", '%(h)s "%(r)s" %(s)s %(b)s %(L)ss')
+            # Method and path only: never the query string, where a misguided client may put a token.
+            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
             self.cfg.set("limit_request_line", 8190)
             self.cfg.set("graceful_timeout", 10)
 

@@ -57,10 +57,9 @@ def quickstart(tmp_path: Path) -> Iterator[dict[str, object]]:
     shutil.copytree(REPO / "policies", tmp_path / "policies")
     (tmp_path / "sts.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STS_")}
+    log = (tmp_path / "serve.log").open("wb")
     procs = [
-        subprocess.Popen(
-            [STS, "serve"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        ),
+        subprocess.Popen([STS, "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT),
         subprocess.Popen(
             [STS, "dev", "issuer", "--port", str(dev_port)],
             cwd=tmp_path,
@@ -72,7 +71,13 @@ def quickstart(tmp_path: Path) -> Iterator[dict[str, object]]:
     try:
         _wait_for(f"http://127.0.0.1:{sts_port}/healthz")
         _wait_for(f"http://127.0.0.1:{dev_port}/.well-known/jwks")
-        yield {"dir": tmp_path, "sts": f"http://127.0.0.1:{sts_port}", "dev_port": dev_port, "env": env}
+        yield {
+            "dir": tmp_path,
+            "sts": f"http://127.0.0.1:{sts_port}",
+            "dev_port": dev_port,
+            "env": env,
+            "log": tmp_path / "serve.log",
+        }
     finally:
         for proc in procs:
             proc.terminate()
@@ -81,6 +86,7 @@ def quickstart(tmp_path: Path) -> Iterator[dict[str, object]]:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        log.close()
 
 
 def test_quickstart_exchange_refusal_and_audit(quickstart: dict[str, object]) -> None:
@@ -130,3 +136,18 @@ def test_quickstart_exchange_refusal_and_audit(quickstart: dict[str, object]) ->
     keys_dir = Path(str(cwd)) / "keys"
     assert oct(keys_dir.stat().st_mode & 0o777) == "0o700"
     assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in keys_dir.glob("*.pem"))
+
+
+def test_tokens_in_the_query_string_are_refused_and_never_logged(quickstart: dict[str, object]) -> None:
+    base = str(quickstart["sts"])
+    secret = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLWluLXRoZS1xdWVyeQ.c2ln"
+    refused = requests.post(
+        f"{base}/token?subject_token={secret}",
+        data={"grant_type": GRANT, "subject_token": secret, "subject_token_type": JWT},
+        timeout=10,
+    )
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_request"
+    requests.get(f"{base}/healthz", timeout=5)  # flush at least one more access-log line
+    log_text = Path(str(quickstart["log"])).read_text()
+    assert "POST /token" in log_text, "the access log is written"
+    assert secret not in log_text and "c2VjcmV0" not in log_text
