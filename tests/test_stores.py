@@ -724,3 +724,33 @@ def test_subject_state_updates_are_atomic(
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda _: store.update("k|s", bump, 3600), range(40)))
     assert store.get(["k|s"])[0].updated_at == 40
+
+
+def test_cached_subject_state_follows_writes_from_another_instance(
+    make_settings: Callable[..., Any], upstream: Any
+) -> None:
+    """SQLite state reads are cached per process and revalidated by a shared change counter: a block
+    written through another instance applies to the very next exchange here."""
+    from sts.app import create_app
+    from sts.core.subject_state import SubjectState as State
+    from tests.conftest import STS_ISSUER, exchange_form
+
+    settings = make_settings()
+    here, there = create_app(settings), create_app(settings)
+    web = here.test_client()
+
+    def exchange() -> int:
+        subject = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+        return int(
+            web.post("/token", data=exchange_form(subject, audience="https://deploy.example.com")).status_code
+        )
+
+    assert exchange() == 200  # caches "no state" for the identity
+    assert exchange() == 200
+    key = "upstream|repo:acme/app:ref:refs/heads/main"
+    there.extensions["sts"].subject_states.put(key, State(blocked_until=time.time() + 600), 3600)
+    assert exchange() == 400
+    there.extensions["sts"].subject_states.put(key, State(), 3600)
+    assert exchange() == 200
+    counter = Path(settings.database_url.removeprefix("sqlite:///") + ".state-generation")
+    assert oct(counter.stat().st_mode & 0o777) == "0o600"
