@@ -341,16 +341,7 @@ def _check(s: Settings) -> None:
     by_trust_domain: dict[str, str] = {}
     for iss in s.issuers:
         where = f"issuers.{iss.name}"
-        if iss.name in names:
-            raise ConfigurationError(f"setting {where}: duplicate issuer name")
-        names.add(iss.name)
-        # Tokens are matched to an issuer by their exact iss: a second entry would silently shadow the first.
-        if iss.issuer in by_iss:
-            raise ConfigurationError(
-                f"setting {where}.issuer: {iss.issuer!r} is already the issuer of "
-                f"issuers.{by_iss[iss.issuer]}"
-            )
-        by_iss[iss.issuer] = iss.name
+        _check_unique("issuers", iss.name, iss.issuer, names, by_iss)
         if iss.jwks_uri:
             check_https_url(iss.jwks_uri, f"setting {where}.jwks_uri")
         if iss.profile == "spiffe":
@@ -404,22 +395,26 @@ def _check(s: Settings) -> None:
     _check_transmitters(s, names)
 
 
+def _check_unique(kind: str, name: str, iss: str, names: set[str], by_iss: dict[str, str]) -> None:
+    """Names are unique, and so is ``iss``: tokens (and SETs) are matched by their exact ``iss``,
+    so a second entry with the same one would silently shadow the first."""
+    if name in names:
+        raise ConfigurationError(f"setting {kind}.{name}: duplicate {kind.removesuffix('s')} name")
+    names.add(name)
+    if iss in by_iss:
+        raise ConfigurationError(
+            f"setting {kind}.{name}.issuer: {iss!r} is already the issuer of {kind}.{by_iss[iss]}"
+        )
+    by_iss[iss] = name
+
+
 def _check_transmitters(s: Settings, issuer_names: set[str]) -> None:
     """Transmitters are validated like issuers: unique names and ``iss``, https key URLs."""
     names: set[str] = set()
     by_iss: dict[str, str] = {}
     for t in s.transmitters:
         where = f"transmitters.{t.name}"
-        if t.name in names:
-            raise ConfigurationError(f"setting {where}: duplicate transmitter name")
-        names.add(t.name)
-        # SETs are matched to a transmitter by their exact iss: a second entry would shadow the first.
-        if t.issuer in by_iss:
-            raise ConfigurationError(
-                f"setting {where}.issuer: {t.issuer!r} is already the issuer of "
-                f"transmitters.{by_iss[t.issuer]}"
-            )
-        by_iss[t.issuer] = t.name
+        _check_unique("transmitters", t.name, t.issuer, names, by_iss)
         if t.issuer.rstrip("/") == s.issuer.rstrip("/"):
             raise ConfigurationError(f"setting {where}.issuer: must not be this service's own issuer")
         if t.jwks_uri:

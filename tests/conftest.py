@@ -83,35 +83,45 @@ def upstream() -> Iterator[RunningServer]:
         yield server
 
 
+def settings_for(
+    directory: Path,
+    upstream: RunningServer,
+    policy: dict[str, Any] | None = None,
+    *,
+    issuers: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Test settings in ``directory``: SQLite, keys, one policy file, trusting ``upstream``."""
+    policies = directory / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "test.yaml").write_text(yaml.safe_dump(policy or DEFAULT_POLICY))
+    values: dict[str, Any] = {
+        "issuer": STS_ISSUER,
+        "database_url": f"sqlite:///{directory / 'sts.sqlite'}",
+        "keys_dir": str(directory / "keys"),
+        "policies_dir": str(policies),
+        "clients": DEFAULT_CLIENTS,
+        "issuers": issuers
+        if issuers is not None
+        else [
+            {
+                "name": "upstream",
+                "issuer": upstream.issuer.issuer_url,
+                "jwks_uri": upstream.jwks_uri,
+                "algorithms": ["RS256"],
+                "audiences": [STS_ISSUER],
+                "max_token_age": 3600,
+            }
+        ],
+    }
+    values.update(overrides)
+    return load_settings(config_file=None, environ={}, overrides=values)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, upstream: RunningServer) -> Callable[..., Settings]:
-    def build(
-        policy: dict[str, Any] | None = None, *, issuers: list[dict[str, Any]] | None = None, **overrides: Any
-    ) -> Settings:
-        policies = tmp_path / "policies"
-        policies.mkdir(exist_ok=True)
-        (policies / "test.yaml").write_text(yaml.safe_dump(policy or DEFAULT_POLICY))
-        values: dict[str, Any] = {
-            "issuer": STS_ISSUER,
-            "database_url": f"sqlite:///{tmp_path / 'sts.sqlite'}",
-            "keys_dir": str(tmp_path / "keys"),
-            "policies_dir": str(policies),
-            "clients": DEFAULT_CLIENTS,
-            "issuers": issuers
-            if issuers is not None
-            else [
-                {
-                    "name": "upstream",
-                    "issuer": upstream.issuer.issuer_url,
-                    "jwks_uri": upstream.jwks_uri,
-                    "algorithms": ["RS256"],
-                    "audiences": [STS_ISSUER],
-                    "max_token_age": 3600,
-                }
-            ],
-        }
-        values.update(overrides)
-        return load_settings(config_file=None, environ={}, overrides=values)
+    def build(policy: dict[str, Any] | None = None, **overrides: Any) -> Settings:
+        return settings_for(tmp_path, upstream, policy, **overrides)
 
     return build
 

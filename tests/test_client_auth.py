@@ -34,7 +34,6 @@ from urllib.parse import quote_plus, urlencode
 
 import pytest
 import requests
-import yaml
 from conftest import (
     DEFAULT_CLIENTS,
     DEFAULT_POLICY,
@@ -44,6 +43,7 @@ from conftest import (
     SIGNER_KEY,
     STS_ISSUER,
     exchange_form,
+    settings_for,
 )
 from flask import Flask
 from flask.testing import FlaskClient
@@ -56,7 +56,7 @@ from sts.app import create_app
 from sts.core.client_secrets import PBKDF2_ITERATIONS, check_hash_format, hash_secret, verify_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
-from sts.settings import Settings, load_settings
+from sts.settings import Settings
 
 LEDGER = "https://ledger.example.com/api"
 TOKEN_ENDPOINT = STS_ISSUER + "/token"
@@ -101,31 +101,7 @@ def shared_upstream() -> Iterator[RunningServer]:
 @pytest.fixture(scope="module")
 def shared_app(tmp_path_factory: pytest.TempPathFactory, shared_upstream: RunningServer) -> Flask:
     tmp = tmp_path_factory.mktemp("client-auth")
-    policies = tmp / "policies"
-    policies.mkdir()
-    (policies / "test.yaml").write_text(yaml.safe_dump(policy_with_extra_clients()))
-    settings = load_settings(
-        config_file=None,
-        environ={},
-        overrides={
-            "issuer": STS_ISSUER,
-            "database_url": f"sqlite:///{tmp / 'sts.sqlite'}",
-            "keys_dir": str(tmp / "keys"),
-            "policies_dir": str(policies),
-            "clients": CLIENTS,
-            "issuers": [
-                {
-                    "name": "upstream",
-                    "issuer": shared_upstream.issuer.issuer_url,
-                    "jwks_uri": shared_upstream.jwks_uri,
-                    "algorithms": ["RS256"],
-                    "audiences": [STS_ISSUER],
-                    "max_token_age": 3600,
-                }
-            ],
-        },
-    )
-    return create_app(settings)
+    return create_app(settings_for(tmp, shared_upstream, policy_with_extra_clients(), clients=CLIENTS))
 
 
 @pytest.fixture

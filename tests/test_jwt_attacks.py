@@ -30,8 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import yaml
-from conftest import DEFAULT_CLIENTS, DEFAULT_POLICY, FORM, JWT_TYPE, STS_ISSUER, exchange_form
+from conftest import DEFAULT_POLICY, FORM, JWT_TYPE, STS_ISSUER, exchange_form, settings_for
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -49,7 +48,7 @@ from sts.core.attest import VerifiedToken, verify_token
 from sts.core.jose import MAX_JWT_BYTES
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import InvalidRequest
-from sts.settings import Settings, load_settings
+from sts.settings import Settings
 
 DEPLOY_AUDIENCE = "https://deploy.example.com"
 DEPLOY_SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -226,32 +225,7 @@ def shared_upstream() -> Iterator[RunningServer]:
 @pytest.fixture(scope="module")
 def shared_app(tmp_path_factory: pytest.TempPathFactory, shared_upstream: RunningServer) -> Flask:
     """The default configuration (as ``make_settings()`` builds it), trusting ``shared_upstream``."""
-    tmp = tmp_path_factory.mktemp("jwt-attacks")
-    policies = tmp / "policies"
-    policies.mkdir()
-    (policies / "test.yaml").write_text(yaml.safe_dump(DEFAULT_POLICY))
-    settings = load_settings(
-        config_file=None,
-        environ={},
-        overrides={
-            "issuer": STS_ISSUER,
-            "database_url": f"sqlite:///{tmp / 'sts.sqlite'}",
-            "keys_dir": str(tmp / "keys"),
-            "policies_dir": str(policies),
-            "clients": DEFAULT_CLIENTS,
-            "issuers": [
-                {
-                    "name": "upstream",
-                    "issuer": shared_upstream.issuer.issuer_url,
-                    "jwks_uri": shared_upstream.jwks_uri,
-                    "algorithms": ["RS256"],
-                    "audiences": [STS_ISSUER],
-                    "max_token_age": 3600,
-                }
-            ],
-        },
-    )
-    return create_app(settings)
+    return create_app(settings_for(tmp_path_factory.mktemp("jwt-attacks"), shared_upstream))
 
 
 @pytest.fixture

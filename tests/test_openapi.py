@@ -507,13 +507,16 @@ def test_jwks(client: FlaskClient) -> None:
     assert len(body["keys"]) >= 2  # active and next
 
 
-def test_healthz(client: FlaskClient, app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_healthz(client: FlaskClient, make_settings: Callable[..., Any]) -> None:
     response = client.get("/healthz")
     assert check_response(response, "/healthz", "get") == {"status": "ok"}
-    monkeypatch.setattr(app.extensions["sts"], "health", lambda: ["database"])
-    response = client.get("/healthz")
+    # A real failure: the configured Redis store is on a port where nothing listens.
+    from sts.app import create_app
+
+    broken = create_app(make_settings(store="redis", redis_url="redis://127.0.0.1:1/0")).test_client()
+    response = broken.get("/healthz")
     body = check_response(response, "/healthz", "get")
-    assert response.status_code == 503 and body["problems"] == ["database"]
+    assert response.status_code == 503 and body["problems"] == ["store"]
 
 
 @pytest.mark.parametrize(
