@@ -12,6 +12,7 @@ import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey
+from redis_server import RedisProcess
 
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
@@ -74,6 +75,22 @@ DEFAULT_POLICY: dict[str, Any] = {
         },
     ],
 }
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """This test run's own ``redis-server`` (the machine's shared one is never written to)."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_redis_url(redis_server: RedisProcess) -> str:
+    """A database of the private server that no other test has used: empty, never flushed."""
+    return redis_server.fresh_url()
 
 
 @pytest.fixture

@@ -51,6 +51,7 @@ from joserfc import jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
+from redis_server import url_of
 from werkzeug.test import TestResponse
 
 from sts.adapters import sql
@@ -66,7 +67,6 @@ STRICT_SUBJECT = "repo:acme/strict:ref:refs/heads/main"
 DEPLOY = "https://deploy.example.com"
 AGENTS = r"system:serviceaccount:agents:a[0-9]+"
 RS_SECRET = "deploy-api-secret-0123456789-abcdefghijkl"
-REDIS_URL = "redis://127.0.0.1:6379/14"
 
 # Keys are made once: RSA generation is the slow part of this file.
 EC_KEY = ECKey.generate_key("P-256")
@@ -800,18 +800,17 @@ def _post_raw(port: int, body: str, headers: list[tuple[str, str]]) -> tuple[int
 
 
 @pytest.fixture
-def redis_db() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
+    """An empty database of this run's private redis-server (see tests/redis_server.py)."""
+    client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
-    client.flushdb()
     client.close()
 
 
 def test_two_processes_sharing_redis_accept_a_proof_once(
     make_settings: Callable[..., Settings], upstream: RunningServer, redis_db: redis.Redis
 ) -> None:
-    settings = make_settings(policy(), store="redis", redis_url=REDIS_URL, clients=CLIENTS)
+    settings = make_settings(policy(), store="redis", redis_url=url_of(redis_db), clients=CLIENTS)
     assert pickle.loads(pickle.dumps(settings)) == settings  # noqa: S301 - our own object
     prepare(settings)  # keys and schema once, before two processes race to create them
     ctx = multiprocessing.get_context("spawn")

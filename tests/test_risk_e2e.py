@@ -18,6 +18,7 @@ import redis
 from conftest import ACCESS_TOKEN_TYPE, STS_ISSUER, exchange_form
 from flask import Flask
 from flask.testing import FlaskClient
+from redis_server import url_of
 from werkzeug.test import TestResponse
 
 from sts.app import Runtime, create_app
@@ -30,7 +31,6 @@ SUBJECT = "repo:acme/app:ref:refs/heads/main"
 IDENTITY = f"upstream|{SUBJECT}"
 DEPLOY = "https://deploy.example.com"
 HOME = "10.1.2.3"
-REDIS_URL = "redis://127.0.0.1:6379/13"
 SIGNAL_NAMES = [
     "unusual_network",
     "attestation_drift",
@@ -144,20 +144,18 @@ def make_sts(make_settings: Callable[..., Settings], upstream: RunningServer) ->
 
 
 @pytest.fixture
-def redis_db() -> Iterator[redis.Redis]:
-    """A dedicated database number, emptied before and after."""
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
+    """An empty database of this run's private redis-server (see tests/redis_server.py)."""
+    client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
-    client.flushdb()
     client.close()
 
 
 @pytest.fixture(params=["embedded", "redis"])
 def store(request: pytest.FixtureRequest) -> dict[str, Any]:
     if request.param == "redis":
-        request.getfixturevalue("redis_db")
-        return {"store": "redis", "redis_url": REDIS_URL}
+        db: redis.Redis = request.getfixturevalue("redis_db")
+        return {"store": "redis", "redis_url": url_of(db)}
     return {}
 
 
@@ -312,7 +310,7 @@ def test_baselines_on_both_stores(make_sts: Callable[..., STS], store: dict[str,
     # The network is known now.
     assert sts.granted(sts.token(), source="10.7.7.8", scope="deploy:read")["expires_in"] == 300
     if store:
-        raw = redis.Redis.from_url(REDIS_URL).get(f"sts:baseline:{IDENTITY}")
+        raw = redis.Redis.from_url(store["redis_url"]).get(f"sts:baseline:{IDENTITY}")
         assert raw is not None and Baseline.from_json(raw).count == LEARNING_EXCHANGES + 2
 
 

@@ -31,6 +31,7 @@ from conftest import STS_ISSUER
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey, OctKey, RSAKey
+from redis_server import url_of
 from werkzeug.test import TestResponse
 
 from sts.adapters import redis_store, sql
@@ -62,8 +63,6 @@ SET_CONTENT_TYPE = "application/secevent+jwt"
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
 UPSTREAM_KEY = f"upstream|{SUBJECT}"
 LEEWAY = 30  # the settings default
-REDIS_DB = 12
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 #: Nothing listens on port 1: connections are refused at once.
 DEAD_PORT_URL = "redis://127.0.0.1:1/0"
 RSA_KEY = RSAKey.generate_key(2048)
@@ -112,11 +111,10 @@ def transmitter_entry(transmitter: RunningServer) -> dict[str, Any]:
 
 
 @pytest.fixture
-def redis_db() -> Iterator[redis.Redis]:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=2)
-    client.flushdb()
+def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
+    """An empty database of this run's private redis-server (see tests/redis_server.py)."""
+    client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
-    client.flushdb()
     client.close()
 
 
@@ -144,8 +142,8 @@ def ssf_client(ssf_app: Flask) -> FlaskClient:
 @pytest.fixture(params=["embedded", "redis"])
 def store_app(request: pytest.FixtureRequest, build_app: Callable[..., Flask]) -> Flask:
     if request.param == "redis":
-        request.getfixturevalue("redis_db")
-        return build_app(store="redis", redis_url=REDIS_URL)
+        db: redis.Redis = request.getfixturevalue("redis_db")
+        return build_app(store="redis", redis_url=url_of(db))
     return build_app()
 
 
@@ -267,7 +265,7 @@ def test_redis_state_expires_with_the_state_ttl(
     upstream: RunningServer,
     clock: Clock,
 ) -> None:
-    app = build_app(store="redis", redis_url=REDIS_URL)
+    app = build_app(store="redis", redis_url=url_of(redis_db))
     token = sign(
         transmitter, set_claims(transmitter, clock, {SESSION_REVOKED: {}}, iss_sub(upstream=upstream))
     )
@@ -874,7 +872,7 @@ def test_state_store_failure_releases_the_jti_so_the_retry_is_applied(
         receiver(dead).receive(delivery)
     assert (caught.value.status, caught.value.err) == (503, "temporarily_unavailable")
 
-    live = redis_store.RedisSubjectStateStore(redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB))
+    live = redis_store.RedisSubjectStateStore(redis_db)
     receipt = receiver(live).receive(delivery)
     assert receipt.states[UPSTREAM_KEY].blocked_until == clock.now + 3600
     assert live.get([UPSTREAM_KEY])[0].blocked_until == clock.now + 3600

@@ -15,8 +15,8 @@ token expires, under the purpose ``subject_token:<issuer name>``.  Checked here:
   is ``503 temporarily_unavailable`` with ``Retry-After`` and no token; once
   it is back, exchanges work again and what it remembered still holds.
 
-Redis isolation: the app's keys live in a database of their own
-(``REDIS_DB``), emptied before and after each test that uses it.  The app
+Redis isolation: the app's keys live in a database of this test run's own
+redis-server that no other test uses (``tests/redis_server.py``).  The app
 runs on the wall clock here because Redis expires entries on its own clock.
 """
 
@@ -44,6 +44,7 @@ from flask import Flask
 from joserfc import jwt
 from joserfc.jwk import KeySet
 from joserfc.jwt import JWTClaimsRegistry
+from redis_server import url_of
 from sqlalchemy import select
 from werkzeug.serving import make_server
 
@@ -57,8 +58,6 @@ SUBJECT = "repo:acme/app:ref:refs/heads/main"
 PARTNER_SUBJECT = "partner-job"
 DEPLOY = "https://deploy.example.com"
 LEDGER = "https://ledger.example.com/api"
-REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 11
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 #: Nothing listens on port 1: connections are refused at once.
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 #: The order of the P-256 group (FIPS 186-4 D.1.2.3), to re-encode an ECDSA signature.
@@ -118,11 +117,10 @@ def partner() -> Iterator[RunningServer]:
 
 
 @pytest.fixture
-def redis_db() -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB, socket_timeout=2)
-    client.flushdb()
+def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
+    """An empty database of this run's private redis-server (see tests/redis_server.py)."""
+    client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
-    client.flushdb()
     client.close()
 
 
@@ -130,8 +128,8 @@ def redis_db() -> Iterator[redis.Redis]:
 def store(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Settings overrides for each replay store."""
     if request.param == "redis":
-        request.getfixturevalue("redis_db")
-        return {"store": "redis", "redis_url": REDIS_URL}
+        db: redis.Redis = request.getfixturevalue("redis_db")
+        return {"store": "redis", "redis_url": url_of(db)}
     return {"store": "embedded"}
 
 
@@ -574,10 +572,11 @@ def test_unreachable_redis_withholds_every_token(
 def test_losing_redis_while_running_fails_closed_until_it_is_back(
     make_app: Callable[..., Flask], upstream: RunningServer, redis_db: redis.Redis
 ) -> None:
-    relay = TcpRelay((REDIS_HOST, REDIS_PORT))
+    kwargs = redis_db.connection_pool.connection_kwargs
+    relay = TcpRelay((kwargs["host"], kwargs["port"]))
     relay.restore()
     try:
-        app = make_app(store="redis", redis_url=f"redis://127.0.0.1:{relay.port}/{REDIS_DB}")
+        app = make_app(store="redis", redis_url=f"redis://127.0.0.1:{relay.port}/{kwargs['db']}")
         web = app.test_client()
         before, during = deploy_token(upstream), deploy_token(upstream)
         assert_granted(app, post(app, before))

@@ -47,6 +47,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from redis_server import url_of
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 from werkzeug.test import TestResponse
@@ -60,7 +61,6 @@ from sts.settings import Settings
 
 NOW = 1_700_000_000.0
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Nothing listens on port 1: connections are refused at once.
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 LEDGER = "https://ledger.example.com/api"
@@ -140,8 +140,8 @@ def audit_rows(url: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis_store.connect(REDIS_URL)
+def redis_client(fresh_redis_url: str) -> Iterator[redis.Redis]:
+    client = redis_store.connect(fresh_redis_url)
     yield client
     client.close()
 
@@ -485,7 +485,7 @@ def test_dead_redis_answers_503_to_an_assertion_exchange(
 def test_live_redis_accepts_an_assertion_once(
     make_app: Callable[..., Flask], upstream: RunningServer, redis_client: redis.Redis
 ) -> None:
-    app = make_app(store="redis", redis_url=REDIS_URL)
+    app = make_app(store="redis", redis_url=url_of(redis_client))
     client = app.test_client()
     assertion, jti, exp = client_assertion(lifetime=30)
     # The app's replay key for this assertion; it is deleted below rather than left to expire.
