@@ -30,6 +30,7 @@ from sts.core.policy import (
     PolicySet,
     compile_policy,
     evaluate,
+    literal_prefix,
     trace,
 )
 from sts.dev.issuer import DevIssuer, RunningServer
@@ -1247,3 +1248,80 @@ def test_default_lifetime_setting_applies_to_rules_without_max_lifetime(make_set
     }
     assert build_policy(make_settings(policy, default_lifetime=120)).rules[0].max_lifetime == 120
     assert build_policy(make_settings(policy)).rules[0].max_lifetime == 300
+
+
+# -- the rule index: same answers as trying every rule in order ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [
+        ("repo:acme/.*", "repo:acme/"),
+        ("repo:acme/app:ref:refs/heads/main", "repo:acme/app:ref:refs/heads/main"),
+        (r"repo:acme\.io/.*", "repo:acme.io/"),
+        ("ab*c", "a"),  # the b may be absent
+        ("ab?c", "a"),
+        ("ab+c", "a"),
+        ("ab{2}c", "a"),
+        ("(?i)repo:acme/.*", ""),  # inline flags: no literal prefix
+        ("repo:a.*|repo:b.*", ""),  # alternation: no prefix
+        ("(repo):x", ""),
+        (r"x\d+", "x"),  # \d is a class, not a literal
+        (r"\Arepo", ""),
+        ("^repo:.*", ""),
+        ("spiffe://example.org/ns/[a-z]+/sa/.*", "spiffe://example"),  # "." is any character
+    ],
+)
+def test_literal_prefix(pattern: str, prefix: str) -> None:
+    assert literal_prefix(pattern) == prefix
+
+
+def test_indexed_evaluation_picks_the_same_rule_as_trying_every_rule() -> None:
+    """Exact subjects, prefixed and unprefixed patterns and claim-only rules, interleaved so that
+    policy order decides between several candidates: the index must keep first-match order."""
+    rules = []
+    for i in range(60):
+        kind = i % 5
+        if kind == 0:
+            rules.append(_rule(f"exact{i}", subject=f"repo:org{i % 7}/app:ref:main"))
+        elif kind == 1:
+            rules.append(_rule(f"prefix{i}", subject_pattern=f"repo:org{i % 7}/.*"))
+        elif kind == 2:
+            rules.append(_rule(f"case{i}", subject_pattern=f"(?i)REPO:ORG{i % 7}/APP.*"))
+        elif kind == 3:
+            rules.append(_rule(f"claims{i}", claims={"repository_id": str(i % 7)}))
+        else:
+            rules.append(
+                _rule(f"other{i}", issuer="k8s", subject_pattern=f"system:serviceaccount:ns{i % 7}:.*")
+            )
+    policy = _compile(*rules)
+    subjects = [f"repo:org{n}/{app}:ref:main" for n in range(8) for app in ("app", "lib")]
+    subjects += [f"system:serviceaccount:ns{n}:api" for n in range(8)] + ["", "repo:", "x"]
+    decided = 0
+    for subject in subjects:
+        for issuer in ("gh", "k8s"):
+            for repo in ("0", "3", "9"):
+                facts = _facts(subject, issuer, repository_id=repo)
+                first = next((t.rule for t in trace(policy, facts, _request()) if t.applies), None)
+                try:
+                    chosen: str | None = evaluate(policy, facts, _request()).rule
+                except OAuthError:
+                    chosen = None
+                assert chosen == first, (subject, issuer, repo)
+                decided += chosen is not None
+    assert decided > 50  # the table exercises grants, not only refusals
+
+
+def test_a_400_rule_file_loads_with_every_rule_line(tmp_path: Path) -> None:
+    """Each rule's line comes from one parse of the file (finding lines used to re-parse it per rule)."""
+    body = "".join(
+        f"  - name: r{i}\n    issuer: gh\n    subject: repo:acme/app{i}\n"
+        f"    require_client_authentication: false\n    grant: {{audiences: [{DEPLOY}]}}\n"
+        for i in range(400)
+    )
+    path = tmp_path / "many.yaml"
+    path.write_text("version: 1\nrules:\n" + body)
+    policy = load_policies([path], issuers=ISSUERS, clients=CLIENTS, max_lifetime=SERVICE_MAX_LIFETIME)
+    assert [r.source for r in policy.rules] == [f"{path}:{3 + 5 * i}" for i in range(400)]
+    grant = evaluate(policy, _facts("repo:acme/app399"), _request())
+    assert grant.rule == "r399"
