@@ -117,6 +117,7 @@ def build_issuers(
             require_jti=iss.require_jti,
             profile=iss.profile,
             profile_options=options,
+            trusted_delegation=iss.trusted_delegation,
         )
         trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
     if keyring is not None:

@@ -297,7 +297,11 @@ class TokenExchange:
             record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject[:500]
             self._check_not_revoked(actor, "actor_token")
             check_may_act(subject, actor)
-        act, depth = act_chain(subject, actor)
+        trusted_delegation = self._trusted_delegation(subject)
+        if subject.issuer_name != SELF_ISSUER and subject.claims.get("act") is not None:
+            # An upstream act claim is that issuer's assertion: carried or refused, and recorded which.
+            record.details["upstream_act"] = "carried" if trusted_delegation else "refused"
+        act, depth = act_chain(subject, actor, trusted_delegation=trusted_delegation)
         record.details["delegation_depth"] = depth
 
         # 4. Policy decides.
@@ -454,6 +458,10 @@ class TokenExchange:
             # Our own token: events may name the subject under the issuer it first came from.
             return tuple(own_token_identities(subject.subject, self.issuers.names()))
         return identity_keys(subject.issuer_name, subject.subject)
+
+    def _trusted_delegation(self, subject: VerifiedToken) -> bool:
+        trusted = self.issuers.by_name(subject.issuer_name)
+        return trusted is not None and trusted.policy.trusted_delegation
 
     def _check_not_revoked(self, token: VerifiedToken, role: str) -> None:
         """A token of ours, presented as subject or actor token, must not have been revoked: by

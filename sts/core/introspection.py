@@ -7,7 +7,8 @@ meant for others.  An inactive token reveals nothing but ``{"active": false}``
 (RFC 7662 §2.2).  A token is inactive when it is not ours, does not verify,
 has expired or is not yet valid, was revoked by ``jti`` (RFC 7009), or was
 issued to a subject before its ``revoked_before`` (a security event such as
-CAEP ``session-revoked``).
+CAEP ``session-revoked``, or ``sts revoke subject``).  The token endpoint asks
+:func:`revocation` the same question of a token of ours presented again.
 """
 
 from __future__ import annotations
