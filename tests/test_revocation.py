@@ -34,6 +34,7 @@ from clients_support import Served
 from conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, JWT_TYPE, STS_ISSUER, exchange_form
 from flask import Flask
 from flask.testing import FlaskClient
+from redis_server import RedisProcess
 from sqlalchemy import create_engine, text
 from sts_client import TokenVerifier
 from sts_client.errors import InvalidToken
@@ -409,6 +410,26 @@ def test_a_revocation_list_that_cannot_answer_is_503_for_subject_and_actor_token
     # Upstream tokens need no revocation list: they are still exchanged.
     assert sts.exchange(sts.job_token()).status_code == 200
     app.extensions["sts"].engine.dispose()
+
+
+def test_a_redis_store_that_is_down_is_503_for_subject_and_actor_tokens_of_ours(
+    tmp_path: Path, upstream: RunningServer, transmitter: RunningServer
+) -> None:
+    """The Redis store killed (``kill -9``): a token of ours cannot be cleared, so nothing is issued."""
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+        config = {**base_config(tmp_path, upstream, transmitter), "store": "redis", "redis_url": server.url()}
+        clock = Clock(float(int(time.time())))
+        app = create_app(load_settings(None, {}, overrides=config), clock=clock)
+        sts = Instance(app, app.test_client(), clock, upstream.issuer)
+        token, agent = sts.issue(sts.job_token()), sts.issue(sts.agent_token())
+        server.kill()
+        assert_refused(sts, sts.reexchange(token), "store.unavailable", status=503)
+        assert_refused(sts, sts.exchange(sts.job_token(), actor=agent), "store.unavailable", status=503)
+        assert not sts.active(token)
+        app.extensions["sts"].engine.dispose()
+    finally:
+        server.stop()
 
 
 def test_revocation_outlasts_the_leeway_in_which_an_expired_token_still_verifies(
