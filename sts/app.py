@@ -117,6 +117,7 @@ def build_issuers(
             require_jti=iss.require_jti,
             profile=iss.profile,
             profile_options=options,
+            trusted_delegation=iss.trusted_delegation,
         )
         trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
     if keyring is not None:
@@ -128,6 +129,8 @@ def build_issuers(
             token_types=frozenset({TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT}),
             # Only our RFC 9068 access tokens, never anything else we might sign.
             typ=frozenset({"at+jwt"}),
+            # Every token we issue has a jti; revocation (RFC 7009) is looked up by it.
+            require_jti=True,
             check_audience=False,
         )
         trusted.append(TrustedIssuer(own, OwnTokenKeys(keyring, clock)))
@@ -288,6 +291,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         token_reviewers=build_token_reviewers(settings),
         subject_states=subject_states,
         baselines=baselines,
+        revoked_tokens=revoked,
     )
     own_keys = OwnTokenKeys(keyring, clock)
     token_status = TokenStatus(

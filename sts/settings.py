@@ -59,6 +59,8 @@ class IssuerSettings:
     token_review_url: str | None = None
     token_review_token_file: Path | None = None
     token_review_ca_file: Path | None = None
+    #: Trusted to assert delegation: an ``act`` chain in its tokens is carried into ours (another STS).
+    trusted_delegation: bool = False
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,30 @@ def chain_of(depth: int, issuer: str) -> dict[str, Any] | None:
     return chain
 
 
+def asserted(chain: dict[str, Any] | None, issuer: str) -> dict[str, Any] | None:
+    """``chain`` as carried from an issuer trusted for delegation: every entry names that issuer."""
+    if chain is None:
+        return None
+    entry = {k: v for k, v in chain.items() if k != "act"} | {"asserted_by": issuer}
+    inner = asserted(chain.get("act"), issuer)
+    return entry | ({"act": inner} if inner is not None else {})
+
+
+def trusted_for_delegation(sts_upstream: RunningServer) -> list[dict[str, Any]]:
+    """The ``issuers`` setting with the upstream issuer trusted to assert delegation (another STS)."""
+    return [
+        {
+            "name": "upstream",
+            "issuer": sts_upstream.issuer.issuer_url,
+            "jwks_uri": sts_upstream.jwks_uri,
+            "algorithms": ["RS256"],
+            "audiences": [STS_ISSUER],
+            "max_token_age": 3600,
+            "trusted_delegation": True,
+        }
+    ]
+
+
 # -- delegation: act chains (RFC 8693 §4.1) -------------------------------------------------------
 
 
@@ -331,12 +355,14 @@ def test_a_rule_cannot_raise_the_global_cap(make_settings: Callable[..., Setting
         )
 
 
-def test_foreign_chain_plus_an_actor_is_capped(make_sts: Callable[..., STS]) -> None:
-    sts = make_sts(policy(max_depth=MAX_DELEGATION_DEPTH))
+def test_foreign_chain_plus_an_actor_is_capped(make_sts: Callable[..., STS], upstream: RunningServer) -> None:
+    sts = make_sts(policy(max_depth=MAX_DELEGATION_DEPTH), issuers=trusted_for_delegation(upstream))
     at_cap = sts.crafted(act=chain_of(MAX_DELEGATION_DEPTH - 1, "https://partner.example"))
     token = sts.granted(at_cap, actor=sts.actor(1))
     assert sts.last_record()["details"]["delegation_depth"] == MAX_DELEGATION_DEPTH
-    assert sts.claims(token)["act"]["act"] == chain_of(MAX_DELEGATION_DEPTH - 1, "https://partner.example")
+    assert sts.claims(token)["act"]["act"] == asserted(
+        chain_of(MAX_DELEGATION_DEPTH - 1, "https://partner.example"), sts.issuer.issuer_url
+    )
 
     over = sts.crafted(act=chain_of(MAX_DELEGATION_DEPTH, "https://partner.example"))
     resp = sts.exchange(over, actor=sts.actor(1))
@@ -344,10 +370,10 @@ def test_foreign_chain_plus_an_actor_is_capped(make_sts: Callable[..., STS]) -> 
 
 
 def test_a_chain_beyond_the_global_cap_is_never_issued_even_without_an_actor(
-    make_sts: Callable[..., STS],
+    make_sts: Callable[..., STS], upstream: RunningServer
 ) -> None:
     # Impersonation carries a presented chain over; it must not carry one longer than the cap.
-    sts = make_sts(policy(max_depth=MAX_DELEGATION_DEPTH))
+    sts = make_sts(policy(max_depth=MAX_DELEGATION_DEPTH), issuers=trusted_for_delegation(upstream))
     over = sts.crafted(act=chain_of(MAX_DELEGATION_DEPTH + 1, "https://partner.example"))
     resp = sts.exchange(over)
     assert_refused(sts, resp, "invalid_request", "policy.delegation_too_deep")
@@ -363,9 +389,19 @@ def test_a_chain_beyond_the_global_cap_is_never_issued_even_without_an_actor(
         pytest.param(chain_of(9, "https://partner.example"), "subject_token.act_chain_too_long", id="9-deep"),
     ],
 )
-def test_a_malformed_presented_chain_is_refused(sts: STS, act: Any, reason: str) -> None:
-    resp = sts.exchange(sts.crafted(act=act))
-    assert_refused(sts, resp, "invalid_request", reason)
+def test_a_malformed_presented_chain_is_refused(
+    make_sts: Callable[..., STS], upstream: RunningServer, act: Any, reason: str
+) -> None:
+    trusted = make_sts(issuers=trusted_for_delegation(upstream))
+    assert_refused(trusted, trusted.exchange(trusted.crafted(act=act)), "invalid_request", reason)
+    # From an issuer not trusted for delegation, any act is refused before its shape is looked at.
+    untrusted = make_sts()
+    assert_refused(
+        untrusted,
+        untrusted.exchange(untrusted.crafted(act=act)),
+        "invalid_request",
+        "subject_token.unverified_act",
+    )
 
 
 # -- which actor (policy) and may_act (RFC 8693 §4.4) -----------------------------------------------
@@ -476,14 +512,112 @@ def test_reexchange_without_an_actor_keeps_the_whole_chain(sts: STS, depth: int)
     assert sts.claims(sts.reexchange(again, audience=DEPLOY))["act"] == expected
 
 
-def test_a_foreign_chain_in_an_upstream_token_is_carried_over(make_sts: Callable[..., STS]) -> None:
+def test_a_foreign_chain_from_an_issuer_trusted_for_delegation_is_carried_over(
+    make_sts: Callable[..., STS], upstream: RunningServer
+) -> None:
     # Carrying a chain over adds no actor, so the rule's max_depth (1 here) does not apply;
     # only the service's ceiling does (test_a_chain_beyond_the_global_cap_...).
-    sts = make_sts(policy(max_depth=1))
+    sts = make_sts(policy(max_depth=1), issuers=trusted_for_delegation(upstream))
     chain = chain_of(3, "https://partner.example")
-    assert sts.claims(sts.granted(sts.crafted(act=chain)))["act"] == chain
+    assert sts.claims(sts.granted(sts.crafted(act=chain)))["act"] == asserted(chain, sts.issuer.issuer_url)
     resp = sts.exchange(sts.crafted(act=chain), actor=sts.actor(1))
     assert_refused(sts, resp, "invalid_request", "policy.delegation_too_deep")
+
+
+# -- act from upstream: an assertion we did not verify ----------------------------------------------
+
+
+@pytest.mark.parametrize("with_actor", [False, True], ids=["impersonation", "delegation"])
+def test_an_upstream_act_is_refused_unless_its_issuer_is_trusted_for_delegation(
+    sts: STS, with_actor: bool
+) -> None:
+    """The attack: a GitHub Actions token carrying ``act`` names an actor nobody verified; copied
+    into our token, a resource server would read it as ours.  Refused, and the record says so."""
+    admin = {"sub": "system:serviceaccount:kube-system:admin"}
+    token = sts.issuer.github_actions_token(audience=STS_ISSUER, now=sts.clock.now, act=admin)
+    resp = sts.exchange(token, actor=sts.actor(1) if with_actor else None)
+    record = assert_refused(sts, resp, "invalid_request", "subject_token.unverified_act")
+    assert record["details"]["upstream_act"] == "refused"
+    assert record["details"]["detail"] == "upstream"
+    assert (record["issuer"], record["subject"]) == ("upstream", SUBJECT)
+    # Without the claim the same job is served: it is the act claim that is refused.
+    assert "act" not in sts.claims(sts.granted(sts.subject()))
+
+
+def test_a_carried_chain_names_who_asserted_it_and_keeps_doing_so_on_re_exchange(
+    make_sts: Callable[..., STS], upstream: RunningServer
+) -> None:
+    """Another STS trusted to assert delegation: its chain is carried, each entry with ``asserted_by``
+    naming it (an entry's own ``iss`` names the actor's issuer and is kept; an ``asserted_by`` the
+    upstream put there is replaced, as we can vouch only for who told us).  Actors this service
+    verified itself carry no ``asserted_by``."""
+    sts = make_sts(policy(max_depth=4), issuers=trusted_for_delegation(upstream))
+    partner = sts.issuer.issuer_url
+    presented = {
+        "sub": "spiffe://partner.example/planner",
+        "asserted_by": "https://sts.test",
+        "act": {"sub": "spiffe://partner.example/scheduler", "iss": "https://partner.example"},
+    }
+    expected = {
+        "sub": "spiffe://partner.example/planner",
+        "asserted_by": partner,
+        "act": {
+            "sub": "spiffe://partner.example/scheduler",
+            "iss": "https://partner.example",
+            "asserted_by": partner,
+        },
+    }
+    token = sts.granted(sts.crafted(act=presented), actor=sts.actor(1))
+    record = sts.last_record()
+    assert (record["details"]["upstream_act"], record["details"]["delegation_depth"]) == ("carried", 3)
+    assert sts.claims(token)["act"] == actor_entry(sts, 1, expected)
+    # Re-exchange: our own chain is carried as we issued it, and a new actor goes on top.
+    again = sts.reexchange(token, actor=sts.actor(2))
+    assert sts.claims(again)["act"] == actor_entry(sts, 2, actor_entry(sts, 1, expected))
+    assert "upstream_act" not in sts.last_record()["details"]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["issuer-not-trusted", "issuer-trusted"])
+def test_an_actor_token_that_carries_act_is_refused(
+    make_sts: Callable[..., STS], upstream: RunningServer, trusted: bool
+) -> None:
+    """An actor token that is itself delegated (someone else acting as the actor) cannot be placed
+    in one chain without hiding who really acts: refused, from any issuer."""
+    sts = make_sts(issuers=trusted_for_delegation(upstream)) if trusted else make_sts()
+    delegated_actor = sts.issuer.kubernetes_token(
+        audience=[STS_ISSUER],
+        namespace="agents",
+        service_account="a1",
+        now=sts.clock.now,
+        act={"sub": "system:serviceaccount:kube-system:admin"},
+    )
+    record = assert_refused(
+        sts, sts.exchange(sts.subject(), actor=delegated_actor), "invalid_request", "actor_token.carries_act"
+    )
+    assert record["actor_subject"] == agent(1)
+
+
+def test_a_delegated_token_of_ours_as_actor_token_is_refused(make_sts: Callable[..., STS]) -> None:
+    """Our own token with an ``act`` (a2 acting for a1... here a1 acting for the job) as the actor
+    of another exchange: the chain it carries would be dropped, so it is refused."""
+    doc = policy()
+    doc["rules"][0]["delegation"]["actors"].append({"issuer": "self", "subject": SUBJECT})
+    sts = make_sts(doc)
+    ours = sts.granted(sts.subject(), actor=sts.actor(1))
+    assert sts.claims(ours)["act"] == nested(sts, 1)
+    resp = sts.exchange(sts.subject(), actor=ours)
+    record = assert_refused(sts, resp, "invalid_request", "actor_token.carries_act")
+    assert record["actor_issuer"] == "self"
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_trusted_delegation_must_be_a_boolean(
+    make_settings: Callable[..., Settings], upstream: RunningServer, value: Any
+) -> None:
+    issuers = trusted_for_delegation(upstream)
+    issuers[0]["trusted_delegation"] = value
+    with pytest.raises(ConfigurationError, match="trusted_delegation"):
+        make_settings(issuers=issuers)
 
 
 def test_require_actor_refuses_impersonation(make_sts: Callable[..., STS]) -> None:

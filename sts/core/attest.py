@@ -39,6 +39,8 @@ class IssuerPolicy:
     profile_options: ProfileOptions = field(default_factory=ProfileOptions)
     #: False only for this service's own tokens, whose ``aud`` names downstream services.
     check_audience: bool = True
+    #: Trusted to assert delegation (RFC 8693 §4.1 ``act``) in its tokens; see :mod:`.delegation`.
+    trusted_delegation: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,23 @@
 * **Impersonation**: no actor token; the issued token is indistinguishable
   from one issued to the subject, *except* that an ``act`` chain already
   in the subject token is carried over: a chain is never dropped.
+* **Whose word a chain is.**  In a token of ours, ``act`` is our statement:
+  we verified every actor we put there.  In an upstream token it is that
+  issuer's assertion, which we cannot check, and a resource server would read
+  it as ours once copied.  So a subject token from an upstream issuer that
+  carries ``act`` is refused (``subject_token.unverified_act``) unless the
+  issuer is configured ``trusted_delegation`` (another STS); then its chain is
+  carried with every entry marked ``"asserted_by": <that issuer's iss>``, so a
+  resource server sees who vouched for those actors.  An entry's own ``iss``
+  names the actor's issuer (§4.1) and is kept.  Entries without
+  ``asserted_by`` are vouched for by the issuer of the token that carries them.
+* An actor token that itself carries ``act`` (someone acting as the actor)
+  is refused (``actor_token.carries_act``), from any issuer: one linear chain
+  cannot hold both the subject's earlier actors and the actor's, and dropping
+  either would hide who acts.
 * ``may_act`` (§4.4) in the subject token, when present, must name the actor.
+  It is carried into the issued token from any issuer: it only restricts who
+  may act for the subject in a later exchange, it never lets anyone act.
 * A token of ours presented again only narrows: audience, scope and expiry
   of the result are within those of the token presented.
 """
@@ -61,11 +77,34 @@ def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:
         raise InvalidRequest("subject_token.malformed_may_act")
 
 
-def act_chain(subject: VerifiedToken, actor: VerifiedToken | None) -> tuple[dict[str, Any] | None, int]:
-    """The ``act`` claim of the token to issue, and the number of actors in it."""
+def _asserted_by(act: Mapping[str, Any], issuer: str) -> dict[str, Any]:
+    """An upstream chain as we carry it: every entry names the issuer that asserted it."""
+    entry = {name: value for name, value in act.items() if name != "act"}
+    entry["asserted_by"] = issuer
+    inner = act.get("act")
+    if isinstance(inner, Mapping):
+        entry["act"] = _asserted_by(inner, issuer)
+    return entry
+
+
+def act_chain(
+    subject: VerifiedToken, actor: VerifiedToken | None, *, trusted_delegation: bool = False
+) -> tuple[dict[str, Any] | None, int]:
+    """The ``act`` claim of the token to issue, and the number of actors in it.
+
+    ``trusted_delegation``: the subject token's issuer may assert delegation (see the module
+    docstring); without it an upstream ``act`` is ``invalid_request`` (RFC 8693 §2.2.2).
+    """
     prior = subject.claims.get("act")
+    upstream = prior is not None and subject.issuer_name != SELF_ISSUER
+    if upstream and not trusted_delegation:
+        raise InvalidRequest("subject_token.unverified_act", subject.issuer_name)
+    if actor is not None and actor.claims.get("act") is not None:
+        raise InvalidRequest("actor_token.carries_act")
     depth = chain_depth(prior)
     prior_act = dict(prior) if isinstance(prior, Mapping) else None
+    if upstream and prior_act is not None:
+        prior_act = _asserted_by(prior_act, subject.issuer)
     if actor is None:
         return prior_act, depth
     entry = _actor_entry(actor)

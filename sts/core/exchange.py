@@ -42,6 +42,7 @@ from .baseline import BASELINE_TTL, Baseline, observe, record_failure
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from .delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, narrow_reexchange
 from .dpop import DPoPConfig, VerifiedProof, verify_proof
+from .introspection import own_token_identities, revocation
 from .mint import mint_access_token
 from .policy import Grant, PolicyRequest, PolicySet, evaluate
 from .ports import (
@@ -49,6 +50,7 @@ from .ports import (
     AuditUnavailable,
     BaselineStore,
     ReplayCache,
+    RevokedTokens,
     Signer,
     StoreUnavailable,
     SubjectStateStore,
@@ -57,7 +59,7 @@ from .ports import (
 )
 from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events, stable_values
 from .stepup import DENY, STEP_UP, RiskDecision, decide
-from .subject_state import ANY_ISSUER, SubjectState, identity_key, identity_keys, is_revoked, merge
+from .subject_state import SubjectState, identity_key, identity_keys, merge
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,12 @@ class TokenExchange:
         token_reviewers: Mapping[str, TokenReviewer] | None = None,
         subject_states: SubjectStateStore | None = None,
         baselines: BaselineStore | None = None,
+        revoked_tokens: RevokedTokens | None = None,
     ) -> None:
         self.config = config
         self.token_reviewers = dict(token_reviewers or {})
         self.subject_states = subject_states
+        self.revoked_tokens = revoked_tokens
         self.baselines = baselines
         self.clients = clients
         self.issuers = issuers
@@ -278,6 +282,7 @@ class TokenExchange:
             leeway=self.config.leeway,
         )
         _record_subject(record, subject)
+        self._check_not_revoked(subject, "subject_token")
         self._check_liveness(subject, request.subject_token)
         actor: VerifiedToken | None = None
         if request.actor_token is not None:
@@ -290,8 +295,13 @@ class TokenExchange:
                 role="actor_token",
             )
             record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject[:500]
+            self._check_not_revoked(actor, "actor_token")
             check_may_act(subject, actor)
-        act, depth = act_chain(subject, actor)
+        trusted_delegation = self._trusted_delegation(subject)
+        if subject.issuer_name != SELF_ISSUER and subject.claims.get("act") is not None:
+            # An upstream act claim is that issuer's assertion: carried or refused, and recorded which.
+            record.details["upstream_act"] = "carried" if trusted_delegation else "refused"
+        act, depth = act_chain(subject, actor, trusted_delegation=trusted_delegation)
         record.details["delegation_depth"] = depth
 
         # 4. Policy decides.
@@ -446,12 +456,29 @@ class TokenExchange:
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         if subject.issuer_name == SELF_ISSUER:
             # Our own token: events may name the subject under the issuer it first came from.
-            names = sorted(self.issuers.names())
-            return (
-                *(identity_key(n, subject.subject) for n in names),
-                identity_key(ANY_ISSUER, subject.subject),
-            )
+            return tuple(own_token_identities(subject.subject, self.issuers.names()))
         return identity_keys(subject.issuer_name, subject.subject)
+
+    def _trusted_delegation(self, subject: VerifiedToken) -> bool:
+        trusted = self.issuers.by_name(subject.issuer_name)
+        return trusted is not None and trusted.policy.trusted_delegation
+
+    def _check_not_revoked(self, token: VerifiedToken, role: str) -> None:
+        """A token of ours, presented as subject or actor token, must not have been revoked: by
+        ``jti`` (RFC 7009 ``POST /revoke``) or for its subject (a security event such as CAEP
+        ``session-revoked``, or ``sts revoke subject``).  The same answer as introspection gives,
+        read from the store every instance shares; a store that cannot answer refuses (fail closed).
+        """
+        if token.issuer_name != SELF_ISSUER:
+            return
+        if self.subject_states is None or self.revoked_tokens is None:
+            raise TemporarilyUnavailable("store.unavailable", "no revocation store")
+        try:
+            cause = revocation(token.claims, self.issuers.names(), self.subject_states, self.revoked_tokens)
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        if cause is not None:
+            raise InvalidRequest(f"{role}.revoked", cause)
 
     def _assess_risk(
         self,
@@ -475,8 +502,6 @@ class TokenExchange:
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         state = state or SubjectState()
-        if subject.issuer_name == SELF_ISSUER and is_revoked(state, subject.issued_at):
-            raise InvalidRequest("subject_token.revoked")
         cfg = grant.risk or EVENTS_ONLY
         ctx = RiskContext(
             identity=identity_key(subject.issuer_name, subject.subject),

@@ -7,7 +7,8 @@ meant for others.  An inactive token reveals nothing but ``{"active": false}``
 (RFC 7662 §2.2).  A token is inactive when it is not ours, does not verify,
 has expired or is not yet valid, was revoked by ``jti`` (RFC 7009), or was
 issued to a subject before its ``revoked_before`` (a security event such as
-CAEP ``session-revoked``).
+CAEP ``session-revoked``, or ``sts revoke subject``).  The token endpoint asks
+:func:`revocation` the same question of a token of ours presented again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from joserfc.jwk import Key
 
+from .delegation import SELF_ISSUER
 from .jose import JWSInvalid, normalise_typ, peek, verify_signature
 from .ports import KeysUnavailable, RevokedTokens, StoreUnavailable, SubjectStateStore, UnknownKeyId
 from .subject_state import ANY_ISSUER, identity_key, is_revoked, merge
@@ -77,17 +79,40 @@ def audiences_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return ()
 
 
+def own_token_identities(subject: str, issuer_names: Collection[str]) -> list[str]:
+    """The identity keys whose state applies to a token of ours issued to ``subject``.
+
+    Our token's ``sub`` is the subject of the upstream token it came from, so a security event
+    or an operator may name that subject under any configured issuer, under this service itself
+    (``self``: a SET whose ``iss_sub`` names our own issuer, ``sts revoke subject self ...``), or
+    under every issuer (``*``).
+    """
+    names = sorted({*issuer_names, SELF_ISSUER} - {ANY_ISSUER})
+    return [identity_key(name, subject) for name in names] + [identity_key(ANY_ISSUER, subject)]
+
+
+def revocation(
+    claims: Mapping[str, Any], issuer_names: Collection[str], states: SubjectStateStore, tokens: RevokedTokens
+) -> str | None:
+    """Why a token of ours is revoked: ``"jti"`` (RFC 7009, ``POST /revoke``), ``"subject"`` (issued
+    before its subject's ``revoked_before``: a security event or ``sts revoke subject``), or None.
+
+    Every instance sharing the store sees the same answer.  Raises :class:`StoreUnavailable` when the
+    store cannot answer; callers fail closed (introspection says inactive, the exchange refuses).
+    """
+    if tokens.revoked(str(claims["jti"])):
+        return "jti"
+    keys = own_token_identities(str(claims["sub"]), issuer_names)
+    if is_revoked(merge(states.get(keys)), _as_float(claims.get("iat"))):
+        return "subject"
+    return None
+
+
 def revoked(
     claims: Mapping[str, Any], issuer_names: Collection[str], states: SubjectStateStore, tokens: RevokedTokens
 ) -> bool:
     """Revoked by jti, or issued before a security event revoked its subject.  Store errors propagate."""
-    if tokens.revoked(str(claims["jti"])):
-        return True
-    subject = str(claims["sub"])
-    keys = [identity_key(name, subject) for name in sorted(issuer_names)] + [
-        identity_key(ANY_ISSUER, subject)
-    ]
-    return is_revoked(merge(states.get(keys)), _as_float(claims.get("iat")))
+    return revocation(claims, issuer_names, states, tokens) is not None
 
 
 def introspect(

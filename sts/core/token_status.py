@@ -128,7 +128,8 @@ class TokenStatus:
             if not (mine or served):
                 raise UnauthorizedClient("revoke.token_not_issued_to_client")
             try:
-                self.revoked.revoke(str(claims["jti"]), float(claims["exp"]))
+                # Remembered for as long as the token still verifies: up to exp + leeway.
+                self.revoked.revoke(str(claims["jti"]), float(claims["exp"]) + self.leeway)
             except StoreUnavailable as exc:
                 raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         except OAuthError as exc:
