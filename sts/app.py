@@ -222,6 +222,52 @@ def dpop_nonce_secret(keys_dir: Path) -> bytes:
     return data
 
 
+def build_review(
+    settings: Settings, engine: Engine, baselines: BaselineStore | None, clock: Callable[[], float]
+) -> Any:
+    """The review page's blueprint (``review.enabled``), given what it reads."""
+    from .adapters import audit_query
+    from .http import review
+
+    for user in settings.review.users:
+        if not check_hash_format(user.password_hash):
+            raise ConfigurationError(
+                f"setting review.users.{user.username}.password_hash: not a recognised hash "
+                "(make one with `sts clients secret --stdin`)"
+            )
+    try:
+        audit_query.ensure_schema(engine)
+    except SQLAlchemyError as exc:
+        raise ConfigurationError(
+            f"setting database_url: cannot prepare the audit summaries ({type(exc).__name__})"
+        ) from None
+    config = review.ReviewConfig(
+        users={u.username: u.password_hash for u in settings.review.users},
+        session_secret=secret_file(settings.keys_dir / "review-session.secret"),
+        session_lifetime=settings.review.session_lifetime,
+        secure_cookie=settings.issuer.startswith("https://"),
+        new_edge_days=settings.review.new_edge_days,
+    )
+    query = audit_query.AuditQuery(engine, clock=clock)
+    return review.blueprint(config, query=query, baselines=baselines, clock=clock)
+
+
+def secret_file(path: Path) -> bytes:
+    """32 random bytes kept in ``path`` (mode 0600), created on first use; shared by every
+    instance that shares the directory."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+    data = path.read_bytes()
+    if len(data) < 32:
+        raise ConfigurationError(f"{path}: secret is truncated; delete it to create a new one")
+    return data
+
+
 def prepare(settings: Settings) -> None:
     """One-time set-up before workers start: keys created, database schema in place."""
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
@@ -360,6 +406,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         app.add_url_rule(
             f"/.well-known/oauth-authorization-server{path}", "metadata_path", oauth.metadata, methods=["GET"]
         )
+    if settings.review.enabled:
+        app.register_blueprint(build_review(settings, engine, baselines, clock))
     log.info(
         "sts ready: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
         settings.issuer,

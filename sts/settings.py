@@ -98,6 +98,24 @@ class TransmitterSettings:
 
 
 @dataclass(frozen=True)
+class ReviewUser:
+    """An operator who may sign in to the review page; the hash is made by ``sts clients secret``."""
+
+    username: str
+    password_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """The review page (``/review/``): off unless enabled, with its own users."""
+
+    enabled: bool = False
+    users: tuple[ReviewUser, ...] = ()
+    session_lifetime: int = 8 * 3600
+    new_edge_days: int = 7
+
+
+@dataclass(frozen=True)
 class Settings:
     issuer: str = "http://127.0.0.1:8080"
     host: str = "127.0.0.1"
@@ -126,6 +144,7 @@ class Settings:
     issuers: tuple[IssuerSettings, ...] = ()
     clients: tuple[ClientSettings, ...] = ()
     transmitters: tuple[TransmitterSettings, ...] = ()
+    review: ReviewSettings = field(default_factory=ReviewSettings)
     key_passphrase: bytes | None = field(default=None, repr=False)
     config_file: Path | None = None
 
@@ -146,6 +165,7 @@ _SCALARS = {
         "issuers",
         "clients",
         "transmitters",
+        "review",
         "key_passphrase",
         "config_file",
         "trusted_proxies",
@@ -276,6 +296,7 @@ def load_settings(
     kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
     kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
     kwargs["transmitters"] = tuple(_transmitter(base, t) for t in raw.get("transmitters", ()))
+    kwargs["review"] = _review(raw.get("review") or {})
     passphrase = env.get("STS_KEY_PASSPHRASE")
     kwargs["key_passphrase"] = passphrase.encode("utf-8") if passphrase else None
     kwargs["config_file"] = path
@@ -322,6 +343,23 @@ def _transmitter(base: Path, raw: Mapping[str, Any]) -> TransmitterSettings:
     if "jwks_file" in values:
         values["jwks_file"] = _resolve(base, values["jwks_file"])
     return TransmitterSettings(**values)
+
+
+def _review(raw: Mapping[str, Any]) -> ReviewSettings:
+    values = dict(raw)
+    values["users"] = tuple(ReviewUser(**u) for u in values.get("users", ()))
+    return ReviewSettings(**values)
+
+
+def _check_review(review: ReviewSettings) -> None:
+    """Users are checked here; their hashes when the page is built (sts.app), as clients' are."""
+    if review.enabled and not review.users:
+        raise ConfigurationError("setting review.users: at least one user is needed when review.enabled")
+    names: set[str] = set()
+    for user in review.users:
+        if user.username in names:
+            raise ConfigurationError(f"setting review.users.{user.username}: duplicate username")
+        names.add(user.username)
 
 
 def _check(s: Settings) -> None:
@@ -395,6 +433,7 @@ def _check(s: Settings) -> None:
             if client.jwks_uri:
                 check_https_url(client.jwks_uri, f"setting {where}.jwks_uri")
     _check_transmitters(s, names)
+    _check_review(s.review)
 
 
 def _check_unique(kind: str, name: str, iss: str, names: set[str], by_iss: dict[str, str]) -> None:

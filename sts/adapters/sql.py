@@ -34,6 +34,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -83,6 +84,13 @@ audit_events = Table(
     Column("issued_kid", String(128)),
     Column("source_ip", String(64)),
     Column("record", JSON, nullable=False),
+    # What `sts audit` and the review page filter and aggregate by (sts/adapters/audit_query.py):
+    # keyset pages by id within an identity, client, outcome or rule; decisions over time by outcome.
+    Index("ix_audit_events_identity", "issuer", "subject", "id"),
+    Index("ix_audit_events_client", "client_id", "id"),
+    Index("ix_audit_events_outcome", "outcome", "id"),
+    Index("ix_audit_events_rule", "rule", "id"),
+    Index("ix_audit_events_time_outcome", "time", "outcome"),
 )
 
 replay_entries = Table(

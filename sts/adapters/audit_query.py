@@ -1,0 +1,794 @@
+"""Reading the audit trail: filtered pages, export, charts, the service graph, and retention.
+
+One module answers both ``sts audit`` and the review page, so they show the
+same thing for the same :class:`~sts.core.audit_filter.AuditFilter`.  It
+stays fast on millions of records by never reading more rows than it shows:
+
+* **Keyset pages by id.**  Newest first, ``id < before``; each column filter
+  has an index that ends in ``id`` (see ``audit_events`` in :mod:`.sql`).
+* **Time bounds become id bounds.**  Records are written in about the order of
+  their ``time`` (the start of the request): one is written when its request
+  ends, so it can lag later ones by at most a request's duration plus clock
+  skew between instances, bounded here by ``slack`` (5 minutes).  A time range
+  is found on the time index in two lookups, then scanned by id; the exact
+  time condition still applies, so results are exact within that bound.
+* **Summaries of what lives inside the JSON record.**  Fired risk signals and
+  audiences are not columns; reading the JSON of a million records takes
+  seconds.  :meth:`AuditQuery.refresh` reads each new record once (in id
+  order, from a watermark) into two small tables: ``audit_terms`` (one row per
+  fired signal and per audience of a decision) and ``audit_edges`` (per
+  subject-to-audience edge: first and last seen, count).  A filter on signal or
+  audience uses the terms for records up to the watermark and reads the JSON
+  of the few records after it, so results are exact even when summaries lag.
+  On PostgreSQL, ids come from a sequence and a transaction may commit after a
+  later one, so records younger than ``settle`` seconds are left for the next
+  refresh; SQLite has one writer at a time, so ids are in commit order.
+
+The tamper-evidence chain (issue 14) is not read here; pages show its status
+where :mod:`sts.http.review` is given one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    MetaData,
+    Select,
+    String,
+    Table,
+    case,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..core.audit_filter import AuditFilter
+from .sql import _text, audit_events, transaction
+
+log = logging.getLogger(__name__)
+
+summary_metadata = MetaData()
+
+#: The watermark: every record with ``id <= last_id`` is summarised.
+audit_summary_state = Table(
+    "audit_summary_state",
+    summary_metadata,
+    Column("name", String(32), primary_key=True),
+    Column("last_id", BigInteger, nullable=False),
+)
+
+#: What a decision's JSON holds that reviewers filter by: ``signal`` (fired) and ``audience`` terms.
+audit_terms = Table(
+    "audit_terms",
+    summary_metadata,
+    Column("kind", String(16), primary_key=True),
+    Column("value", String(256), primary_key=True),
+    Column("audit_id", BigInteger, primary_key=True),
+    Column("time", Float, nullable=False),
+    Index("ix_audit_terms_time", "kind", "time", "value"),
+    Index("ix_audit_terms_audit_id", "audit_id"),
+)
+
+#: Subject-to-audience edges of granted decisions, keyed by a digest of (issuer, subject, audience).
+audit_edges = Table(
+    "audit_edges",
+    summary_metadata,
+    Column("edge", String(64), primary_key=True),
+    Column("issuer", String(64)),
+    Column("subject", String(512)),
+    Column("audience", String(512), nullable=False),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("decisions", BigInteger, nullable=False),
+    Index("ix_audit_edges_last_seen", "last_seen"),
+)
+
+SIGNAL, AUDIENCE = "signal", "audience"
+_STATE = "v1"
+#: How far a record's ``time`` may lag the order it was written in (request duration + clock skew).
+SLACK = 300.0
+_CHUNK = 400
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the summary tables and the ``audit_events`` indexes the queries need, where missing.
+
+    ``create_all`` makes indexes only with a new table; a database made before
+    these indexes gets them here (on PostgreSQL, writes wait while one is built).
+    Two processes starting at once may race; the loser finds everything made.
+    """
+
+    def work(conn: Connection) -> None:
+        summary_metadata.create_all(conn)
+        for index in sorted(audit_events.indexes, key=lambda i: str(i.name)):
+            index.create(conn, checkfirst=True)
+
+    try:
+        transaction(engine, work)
+    except SQLAlchemyError:
+        transaction(engine, work)
+
+
+def term_value(value: str) -> str:
+    """A term as stored: short printable values as they are, others as a digest (a primary key
+    must stay small, and PostgreSQL refuses NUL in text)."""
+    if len(value) <= 200 and value.isprintable():
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _edge_key(issuer: str | None, subject: str | None, audience: str) -> str:
+    raw = json.dumps([issuer, subject, audience])
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def fired_signals(record: dict[str, Any]) -> list[str]:
+    """Names of the risk signals that fired in a decision (``details.risk.signals``)."""
+    details = record.get("details")
+    risk = details.get("risk") if isinstance(details, dict) else None
+    signals = risk.get("signals") if isinstance(risk, dict) else None
+    if not isinstance(signals, list):
+        return []
+    return [
+        s["name"]
+        for s in signals
+        if isinstance(s, dict) and s.get("fired") and isinstance(s.get("name"), str)
+    ]
+
+
+def _json_list(text: Any) -> list[str]:
+    if isinstance(text, list):
+        return _strings(text)
+    if not isinstance(text, str) or not text:
+        return []
+    try:
+        return _strings(json.loads(text))
+    except ValueError:
+        return []
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What a decision's JSON says that reviewers filter by, read without parsing the whole record."""
+
+    id: int
+    time: float
+    outcome: str
+    issuer: str | None
+    subject: str | None
+    fired: tuple[str, ...]
+    audiences: tuple[str, ...]
+    granted: tuple[str, ...]
+
+    def matches(self, f: AuditFilter) -> bool:
+        if f.signal is not None and f.signal not in self.fired:
+            return False
+        return f.audience is None or f.audience in self.audiences
+
+
+# The fired signals' names (joined by the unit separator) and the audience lists as JSON text,
+# extracted by the database: parsing each whole record in Python costs ten times more.
+_SQLITE_FACTS = (
+    "json_extract(audit_events.record, '$.time')",
+    "(SELECT group_concat(json_extract(s.value, '$.name'), char(31)) "
+    "FROM json_each(audit_events.record, '$.details.risk.signals') AS s "
+    "WHERE json_extract(s.value, '$.fired') = 1)",
+    "json_extract(audit_events.record, '$.requested_audience')",
+    "json_extract(audit_events.record, '$.requested_resource')",
+    "json_extract(audit_events.record, '$.granted_audience')",
+)
+_POSTGRESQL_FACTS = (
+    "(audit_events.record ->> 'time')",
+    "(SELECT string_agg(s ->> 'name', chr(31)) FROM json_array_elements(CASE WHEN "
+    "json_typeof(audit_events.record #> '{details,risk,signals}') = 'array' "
+    "THEN audit_events.record #> '{details,risk,signals}' END) AS s WHERE s ->> 'fired' = 'true')",
+    "(audit_events.record ->> 'requested_audience')",
+    "(audit_events.record ->> 'requested_resource')",
+    "(audit_events.record ->> 'granted_audience')",
+)
+
+
+@dataclass(frozen=True)
+class Page:
+    """Decisions newest first; ``older`` is the ``before`` id of the next page, None at the end."""
+
+    rows: list[dict[str, Any]]
+    older: int | None
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: float
+    end: float
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class Edge:
+    issuer: str | None
+    subject: str | None
+    audience: str
+    first_seen: float
+    last_seen: float
+    decisions: int
+    new: bool
+
+
+@dataclass(frozen=True)
+class SummaryStatus:
+    """How far summaries have read: ``behind`` records (about; ids may have gaps) are not yet in."""
+
+    last_id: int
+    newest_id: int
+
+    @property
+    def behind(self) -> int:
+        return max(0, self.newest_id - self.last_id)
+
+
+@dataclass(frozen=True)
+class IdentitySummary:
+    signals: list[dict[str, Any]] = field(default_factory=list)
+    step_ups: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    decisions: int = 0
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    records: int
+    boundary_id: int | None
+    archive: Path | None = None
+
+
+class AuditQuery:
+    """Queries over ``audit_events`` (and the summaries), for the CLI and the review page."""
+
+    #: What a failing database raises (so callers need not import SQLAlchemy to catch it).
+    errors: tuple[type[Exception], ...] = (SQLAlchemyError,)
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        settle: float | None = None,
+        slack: float = SLACK,
+    ) -> None:
+        self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
+        self.clock = clock
+        self.settle = settle if settle is not None else (0.0 if self.sqlite else 60.0)
+        self.slack = slack
+
+    # -- values as stored ------------------------------------------------------------------
+
+    def _time(self, epoch: float) -> Any:
+        """A bound time comparable with the stored column.
+
+        The audit sink writes through the DBAPI, where SQLite's adapter stores
+        ``datetime.isoformat(" ")`` (``2025-06-01 12:00:00.250000+00:00``); SQLAlchemy's own
+        SQLite format differs, so on SQLite the same string is bound (it sorts in time order).
+        """
+        moment = dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
+        if self.sqlite:
+            return literal(moment.isoformat(" "), String())
+        return moment
+
+    # -- filters ---------------------------------------------------------------------------
+
+    def _column_conditions(self, conn: Connection, f: AuditFilter) -> list[ColumnElement[bool]] | None:
+        """Conditions on columns, or None when the time range holds no record at all."""
+        c = audit_events.c
+        conditions: list[ColumnElement[bool]] = []
+        # The sink stores these truncated and cleaned (sql._text); a filter compares the same form.
+        for column, value, limit in (
+            (c.issuer, f.issuer, 64),
+            (c.subject, f.subject, 512),
+            (c.client_id, f.client_id, 128),
+            (c.rule, f.rule, 128),
+        ):
+            if value is not None:
+                conditions.append(column == _text(value, limit))
+        if f.outcome is not None:
+            conditions.append(c.outcome == f.outcome)
+        if f.error is not None:
+            conditions.append(c.error == f.error)
+        if f.since is not None or f.until is not None:
+            bounds = self._id_bounds(conn, f.since, f.until)
+            if bounds is None:
+                return None
+            low, high = bounds
+            if low is not None:
+                conditions.append(c.id > low)
+            if high is not None:
+                conditions.append(c.id < high)
+            # Exact time conditions on top of the id range.  On SQLite, wrapping the column in a
+            # no-op function keeps the planner on the id range (and the keyset order) rather than
+            # on the time index, which would sort every record of the range.
+            column: Any = func.unlikely(c.time) if self.sqlite else c.time
+            if f.since is not None:
+                conditions.append(column >= self._time(f.since))
+            if f.until is not None:
+                conditions.append(column < self._time(f.until))
+        return conditions
+
+    def _id_bounds(
+        self, conn: Connection, since: float | None, until: float | None
+    ) -> tuple[int | None, int | None] | None:
+        """Ids outside of which no record of [since, until) can lie (see the module docstring).
+
+        Below: the id of the latest record (by time) older than ``since - slack``; every record
+        written before it started before ``since``.  Above: the id of the earliest record at or
+        after ``until + slack``; every record written after it started at or after ``until``.
+        """
+        c = audit_events.c
+        low = high = None
+        if since is not None:
+            low = conn.execute(
+                select(c.id).where(c.time < self._time(since - self.slack)).order_by(c.time.desc()).limit(1)
+            ).scalar()
+        if until is not None:
+            high = conn.execute(
+                select(c.id).where(c.time >= self._time(until + self.slack)).order_by(c.time).limit(1)
+            ).scalar()
+        if low is not None and high is not None and high <= low:
+            return None
+        return low, high
+
+    def _term_ids(self, kind: str, value: str) -> Select[Any]:
+        return select(audit_terms.c.audit_id).where(
+            audit_terms.c.kind == kind, audit_terms.c.value == term_value(value)
+        )
+
+    def _term_conditions(self, f: AuditFilter) -> list[ColumnElement[bool]]:
+        conditions = []
+        if f.signal is not None:
+            conditions.append(audit_events.c.id.in_(self._term_ids(SIGNAL, f.signal)))
+        if f.audience is not None:
+            conditions.append(audit_events.c.id.in_(self._term_ids(AUDIENCE, f.audience)))
+        return conditions
+
+    @staticmethod
+    def _needs_terms(f: AuditFilter) -> bool:
+        return f.signal is not None or f.audience is not None
+
+    # -- pages and export ------------------------------------------------------------------
+
+    def _rows(self, conn: Connection, query: Select[Any]) -> list[dict[str, Any]]:
+        rows = []
+        for audit_id, record in conn.execute(query):
+            data = dict(record) if isinstance(record, dict) else json.loads(record)
+            rows.append({"id": int(audit_id), **data})
+        return rows
+
+    def _facts(
+        self, conn: Connection, conditions: list[ColumnElement[bool]], *, newest_first: bool, limit: int
+    ) -> list[_Facts]:
+        c = audit_events.c
+        extracted = [literal_column(e) for e in (_SQLITE_FACTS if self.sqlite else _POSTGRESQL_FACTS)]
+        query = select(c.id, c.outcome, c.issuer, c.subject, *extracted).where(*conditions)
+        query = query.order_by(c.id.desc() if newest_first else c.id).limit(limit)
+        facts = []
+        for audit_id, outcome, issuer, subject, when, fired, *lists in conn.execute(query):
+            requested, resources, granted = (_json_list(x) for x in lists)
+            facts.append(
+                _Facts(
+                    id=int(audit_id),
+                    time=float(when or 0),
+                    outcome=str(outcome),
+                    issuer=issuer,
+                    subject=subject,
+                    fired=tuple(str(fired).split("\x1f")) if fired else (),
+                    audiences=tuple(dict.fromkeys(requested + resources + granted)),
+                    granted=tuple(granted),
+                )
+            )
+        return facts
+
+    def page(self, f: AuditFilter, *, limit: int = 50, before: int | None = None) -> Page:
+        """Up to ``limit`` decisions matching ``f`` with ``id < before``, newest first."""
+        limit = max(1, min(limit, 1000))
+        c = audit_events.c
+        with self.engine.connect() as conn:
+            conditions = self._column_conditions(conn, f)
+            if conditions is None:
+                return Page([], None)
+            if before is not None:
+                conditions.append(c.id < before)
+            base = select(c.id, c.record).order_by(c.id.desc())
+            if not self._needs_terms(f):
+                rows = self._rows(conn, base.where(*conditions).limit(limit + 1))
+            else:
+                watermark = self._watermark(conn)
+                rows = self._tail(conn, f, conditions, watermark, limit + 1)
+                if len(rows) <= limit:
+                    summarised = base.where(*conditions, c.id <= watermark, *self._term_conditions(f))
+                    rows += self._rows(conn, summarised.limit(limit + 1 - len(rows)))
+        older = rows[limit - 1]["id"] if len(rows) > limit else None
+        return Page(rows[:limit], older)
+
+    def _tail(
+        self,
+        conn: Connection,
+        f: AuditFilter,
+        conditions: list[ColumnElement[bool]],
+        watermark: int,
+        wanted: int,
+        *,
+        newest_first: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Records after the watermark that match ``f``, judged on facts the database extracts
+        from their JSON (few records, unless summaries lag far behind: then slower, still exact)."""
+        c = audit_events.c
+        ids: list[int] = []
+        cursor: int | None = None
+        while len(ids) < wanted:
+            window = [*conditions, c.id > watermark]
+            if cursor is not None:
+                window.append(c.id < cursor if newest_first else c.id > cursor)
+            batch = self._facts(conn, window, newest_first=newest_first, limit=2000)
+            if not batch:
+                break
+            ids += [fact.id for fact in batch if fact.matches(f)]
+            cursor = batch[-1].id
+        ids = ids[:wanted]
+        if not ids:
+            return []
+        found = self._rows(conn, select(c.id, c.record).where(c.id.in_(ids)))
+        return sorted(found, key=lambda row: int(row["id"]), reverse=newest_first)
+
+    def get(self, audit_id: int) -> dict[str, Any] | None:
+        c = audit_events.c
+        with self.engine.connect() as conn:
+            rows = self._rows(conn, select(c.id, c.record).where(c.id == audit_id))
+        return rows[0] if rows else None
+
+    def export(self, f: AuditFilter, *, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every matching decision, oldest first, read in keyset batches (constant memory; no
+        read transaction is held open between batches)."""
+        c = audit_events.c
+        after = 0
+        watermark: int | None = None
+        while True:
+            with self.engine.connect() as conn:
+                conditions = self._column_conditions(conn, f)
+                if conditions is None:
+                    return
+                if watermark is None:
+                    watermark = self._watermark(conn) if self._needs_terms(f) else 0
+                if not self._needs_terms(f):
+                    query = select(c.id, c.record).where(*conditions, c.id > after)
+                    rows = self._rows(conn, query.order_by(c.id).limit(batch))
+                elif after < watermark:
+                    query = select(c.id, c.record).where(
+                        *conditions, c.id > after, c.id <= watermark, *self._term_conditions(f)
+                    )
+                    rows = self._rows(conn, query.order_by(c.id).limit(batch))
+                    if not rows:
+                        after = watermark
+                        continue
+                else:
+                    rows = self._tail(
+                        conn, f, [*conditions, c.id > after], watermark, batch, newest_first=False
+                    )
+            if not rows:
+                return
+            yield from rows
+            after = rows[-1]["id"]
+
+    # -- identity --------------------------------------------------------------------------
+
+    def identity_summary(self, issuer: str, subject: str, *, limit: int = 20) -> IdentitySummary:
+        """An identity's recent fired signals, step-ups and issued tokens, newest first."""
+        from ..core.audit_filter import STEP_UP_ERROR
+
+        c = audit_events.c
+        ident = AuditFilter(issuer=issuer, subject=subject)
+        with self.engine.connect() as conn:
+            who = self._column_conditions(conn, ident) or []
+            base = select(c.id, c.record).where(*who).order_by(c.id.desc()).limit(limit)
+            step_ups = self._rows(conn, base.where(c.error == STEP_UP_ERROR))
+            tokens = self._rows(conn, base.where(c.issued_jti.is_not(None)))
+            decisions = conn.execute(select(func.count()).select_from(audit_events).where(*who)).scalar() or 0
+            watermark = self._watermark(conn)
+            recent = self._facts(conn, [*who, c.id > watermark], newest_first=True, limit=5000)
+            ids = [fact.id for fact in recent if fact.fired][:limit]
+            signals = self._rows(conn, select(c.id, c.record).where(c.id.in_(ids)).order_by(c.id.desc()))
+            if len(signals) < limit:
+                fired = select(audit_terms.c.audit_id).where(audit_terms.c.kind == SIGNAL)
+                query = base.where(c.id <= watermark, c.id.in_(fired)).limit(limit - len(signals))
+                signals += self._rows(conn, query)
+        return IdentitySummary(signals, step_ups, tokens, int(decisions))
+
+    # -- charts and graph ------------------------------------------------------------------
+
+    def decisions_over_time(self, since: float, until: float, step: float) -> list[Bucket]:
+        """Decisions per outcome in buckets of ``step`` seconds (aligned to UTC) covering
+        [since, until): one grouped count per bucket on the (time, outcome) index."""
+        c = audit_events.c
+        start = since - since % step
+        edges: list[tuple[float, float]] = []
+        while start < until and len(edges) < 400:
+            edges.append((start, start + step))
+            start += step
+        if not edges:
+            return []
+        parts = [
+            select(literal(i).label("bucket"), c.outcome, func.count().label("n"))
+            .where(c.time >= self._time(a), c.time < self._time(b))
+            .group_by(c.outcome)
+            for i, (a, b) in enumerate(edges)
+        ]
+        counts: dict[int, dict[str, int]] = {i: {} for i in range(len(edges))}
+        with self.engine.connect() as conn:
+            for chunk in range(0, len(parts), 100):
+                for bucket, outcome, n in conn.execute(union_all(*parts[chunk : chunk + 100])):
+                    counts[int(bucket)][str(outcome)] = int(n)
+        return [Bucket(a, b, counts[i]) for i, (a, b) in enumerate(edges)]
+
+    def top_signals(self, since: float, until: float, *, limit: int = 10) -> list[tuple[str, int]]:
+        """The risk signals that fired most in [since, until) (summarised records)."""
+        t = audit_terms.c
+        query = (
+            select(t.value, func.count().label("n"))
+            .where(t.kind == SIGNAL, t.time >= since, t.time < until)
+            .group_by(t.value)
+            .order_by(func.count().desc(), t.value)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(str(name), int(n)) for name, n in conn.execute(query)]
+
+    def edges(self, *, since: float, new_since: float, limit: int = 200) -> tuple[list[Edge], int]:
+        """Subject-to-audience edges of grants seen since ``since``, and how many there are.
+
+        ``new`` marks an edge first seen at or after ``new_since``.  New edges come first (up
+        to half of ``limit``, newest first), then the busiest.  First sightings are those of
+        the summarised records; retention removes an edge only once it is unused for longer
+        than what it keeps, so an edge in use keeps its first sighting.
+        """
+        e = audit_edges.c
+        recent = e.last_seen >= since
+        new_query = select(e).where(recent, e.first_seen >= new_since).order_by(e.first_seen.desc(), e.edge)
+        busy_query = select(e).where(recent).order_by(e.decisions.desc(), e.edge).limit(limit)
+        with self.engine.connect() as conn:
+            chosen = {r.edge: r for r in conn.execute(new_query.limit(max(1, limit // 2)))}
+            for r in conn.execute(busy_query):
+                if len(chosen) >= limit:
+                    break
+                chosen.setdefault(r.edge, r)
+            total = conn.execute(select(func.count()).select_from(audit_edges).where(recent)).scalar()
+        edges = [
+            Edge(
+                r.issuer,
+                r.subject,
+                r.audience,
+                r.first_seen,
+                r.last_seen,
+                int(r.decisions),
+                r.first_seen >= new_since,
+            )
+            for r in chosen.values()
+        ]
+        return edges, int(total or 0)
+
+    # -- summaries -------------------------------------------------------------------------
+
+    def _watermark(self, conn: Connection) -> int:
+        value = conn.execute(
+            select(audit_summary_state.c.last_id).where(audit_summary_state.c.name == _STATE)
+        ).scalar()
+        return int(value or 0)
+
+    def status(self) -> SummaryStatus:
+        with self.engine.connect() as conn:
+            newest = conn.execute(select(func.max(audit_events.c.id))).scalar() or 0
+            return SummaryStatus(self._watermark(conn), int(newest))
+
+    def refresh(self, *, budget: float | None = 0.25, batch: int = 5000) -> SummaryStatus:
+        """Summarise records after the watermark, in id order, for about ``budget`` seconds
+        (None: until caught up).  Safe to run from many processes at once: each batch moves the
+        watermark only from the value it read, so a batch another process summarised first is
+        dropped, never counted twice."""
+        deadline = None if budget is None else time.monotonic() + budget
+        c = audit_events.c
+        while True:
+            with self.engine.connect() as conn:
+                last = self._watermark(conn)
+                facts = self._facts(conn, [c.id > last], newest_first=False, limit=batch)
+            ready = facts
+            if self.settle:
+                horizon = self.clock() - self.settle
+                cut = next((i for i, fact in enumerate(facts) if fact.time > horizon), None)
+                ready = facts if cut is None else facts[:cut]
+            if not ready or not self._summarise(last, ready):
+                break
+            if len(ready) < batch or (deadline is not None and time.monotonic() > deadline):
+                break
+        return self.status()
+
+    def _summarise(self, last: int, facts: list[_Facts]) -> bool:
+        terms: dict[tuple[str, str, int], float] = {}
+        edges: dict[str, dict[str, Any]] = {}
+        for fact in facts:
+            for name in fact.fired:
+                terms[(SIGNAL, term_value(name), fact.id)] = fact.time
+            for audience in fact.audiences:
+                terms[(AUDIENCE, term_value(audience), fact.id)] = fact.time
+            if fact.outcome != "granted":
+                continue
+            for audience in fact.granted:
+                key = _edge_key(fact.issuer, fact.subject, audience)
+                edge = edges.get(key)
+                if edge is None:
+                    edges[key] = edge = {"edge": key, "issuer": fact.issuer, "subject": fact.subject,
+                                         "audience": _text(audience, 512), "first_seen": fact.time,
+                                         "last_seen": fact.time, "decisions": 0}  # fmt: skip
+                edge["first_seen"] = min(edge["first_seen"], fact.time)
+                edge["last_seen"] = max(edge["last_seen"], fact.time)
+                edge["decisions"] += 1
+        new_last = facts[-1].id
+
+        def work(conn: Connection) -> bool:
+            state = audit_summary_state.c
+            moved = conn.execute(
+                update(audit_summary_state)
+                .where(state.name == _STATE, state.last_id == last)
+                .values(last_id=new_last)
+            ).rowcount
+            if moved == 0:
+                if last != 0 or self._watermark(conn) != 0:
+                    return False  # another process summarised this batch first
+                first = self._insert(audit_summary_state).values(name=_STATE, last_id=new_last)
+                if conn.execute(first.on_conflict_do_nothing(index_elements=["name"])).rowcount == 0:
+                    return False
+            term_rows = [{"kind": k, "value": v, "audit_id": i, "time": t} for (k, v, i), t in terms.items()]
+            # executemany of one statement: compiled once, and batched by the driver.
+            if term_rows:
+                conn.execute(self._insert(audit_terms).on_conflict_do_nothing(), term_rows)
+            if edges:
+                stmt = self._insert(audit_edges)
+                old, new = audit_edges.c, stmt.excluded
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["edge"],
+                        set_={
+                            "first_seen": case((new.first_seen < old.first_seen, new.first_seen),
+                                               else_=old.first_seen),
+                            "last_seen": case((new.last_seen > old.last_seen, new.last_seen),
+                                              else_=old.last_seen),
+                            "decisions": old.decisions + new.decisions,
+                        },
+                    ),
+                    list(edges.values()),
+                )  # fmt: skip
+            return True
+
+        return bool(transaction(self.engine, work))
+
+    def _insert(self, table: Table) -> Any:
+        return sqlite.insert(table) if self.sqlite else postgresql.insert(table)
+
+    # -- retention -------------------------------------------------------------------------
+
+    def prune_boundary(self, cutoff: float) -> tuple[int, int | None]:
+        """``(count, boundary)``: records with ``id < boundary`` are all older than ``cutoff``
+        (boundary is the smallest id of any record at or after it), and their count."""
+        c = audit_events.c
+        with self.engine.connect() as conn:
+            if self.sqlite:
+                # ``+id`` keeps SQLite from answering min(id) by walking the table from its start.
+                boundary = conn.execute(
+                    select(func.min(c.id + 0)).where(c.time >= self._time(cutoff))
+                ).scalar()
+            else:
+                boundary = conn.execute(select(func.min(c.id)).where(c.time >= self._time(cutoff))).scalar()
+            if boundary is None:
+                boundary = (conn.execute(select(func.max(c.id))).scalar() or 0) + 1
+            count = conn.execute(
+                select(func.count()).select_from(audit_events).where(c.id < boundary)
+            ).scalar()
+        return int(count or 0), int(boundary)
+
+    def prune(
+        self, *, cutoff: float, archive: Path | None = None, dry_run: bool = False, batch: int = 5000
+    ) -> PruneResult:
+        """Remove the records older than ``cutoff``: a contiguous oldest prefix in id order.
+
+        Only ids below the smallest id of any record at or after ``cutoff`` go, so what
+        remains is always a contiguous run of ids (a record older than the cutoff that was
+        written after a newer one stays until a later prune).  A verifier of a hash chain
+        over ids (issue 14) then sees the remaining records whole, starting from the first
+        kept one.  With ``archive``, every record to remove is first written to that file as
+        JSON lines (the export format), flushed and fsynced with its directory, before
+        anything is deleted.  Deletion runs oldest first, ``batch`` records per transaction,
+        so a crash leaves a shorter prefix removed, never a hole.  Records still being
+        written cannot fall below the boundary: it is at least a day old (the CLI refuses less).
+        """
+        count, boundary = self.prune_boundary(cutoff)
+        if dry_run or count == 0:
+            return PruneResult(count, boundary, None)
+        if archive is not None:
+            written = self._archive(archive, boundary)
+            if written != count:
+                log.warning("archive holds %d records, %d counted before", written, count)
+        c = audit_events.c
+        removed = 0
+        while True:
+            with self.engine.connect() as conn:
+                oldest = conn.execute(select(func.min(c.id))).scalar()
+            if oldest is None or oldest >= boundary:
+                break
+            upper = min(boundary, int(oldest) + batch)
+
+            def work(conn: Connection, upper: int = upper) -> int:
+                conn.execute(delete(audit_terms).where(audit_terms.c.audit_id < upper))
+                return int(conn.execute(delete(audit_events).where(c.id < upper)).rowcount or 0)
+
+            removed += transaction(self.engine, work)
+        transaction(
+            self.engine,
+            lambda conn: conn.execute(delete(audit_edges).where(audit_edges.c.last_seen < cutoff)),
+        )
+        return PruneResult(removed, boundary, archive)
+
+    def _archive(self, path: Path, boundary: int) -> int:
+        """Write records with ``id < boundary`` to a new file (mode 0600), then fsync it and its
+        directory.  An existing file is never overwritten; a failed write removes the file."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        written = 0
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                for row in self.export(AuditFilter(), batch=1000):
+                    if row["id"] >= boundary:
+                        break
+                    out.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+                    written += 1
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return written
+
+
+def _chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    for start in range(0, len(rows), _CHUNK):
+        yield rows[start : start + _CHUNK]
