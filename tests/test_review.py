@@ -258,7 +258,7 @@ def test_overview_charts(review: Review) -> None:
     )
     assert '<svg id="signals-chart"' in body
     for name in ("unusual_network", "elevated_privilege", "attestation_drift"):
-        assert f">{name}</text>" in body
+        assert f">{name}</tspan></text>" in body
     assert 'id="chain-status"' in body
     week = review.page("/review/", window="30d")
     assert ">8</span> granted" in week and ">3</span> refused" in week
@@ -295,7 +295,7 @@ def test_graph_marks_new_edges(review: Review) -> None:
     assert '<svg id="edge-graph"' in body
     assert body.count('<path class="edge new"') == 1 and body.count('<path class="edge"') == 1
     assert f"upstream / {REPORTS_JOB}" in body and REPORTS in body
-    assert ">new</text>" in body
+    assert ">new</tspan></text>" in body
     # A week later, the reports edge is no longer new (but still drawn: the window is 30 days).
     review.clock.now += 8 * 86400
     review.sign_in()

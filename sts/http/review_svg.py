@@ -54,15 +54,12 @@ class Figure:
     lines: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
-def _nice_max(value: int) -> int:
-    """The smallest 1, 2 or 5 times a power of ten at or above ``value``."""
-    if value <= 0:
-        return 1
+def _nice_step(value: float) -> float:
+    """The smallest 1, 2 or 5 times a power of ten at or above ``value`` (at least 1)."""
+    if value <= 1:
+        return 1.0
     power = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 5, 10):
-        if value <= step * power:
-            return int(step * power)
-    return int(10 * power)
+    return float(next(step * power for step in (1, 2, 5, 10) if value <= step * power))
 
 
 def _clock(epoch: float, step: float) -> str:
@@ -77,10 +74,11 @@ def shorten(text: str, limit: int = 44) -> str:
 
 def outcome_chart(buckets: Sequence[Bucket], *, width: float = 760, height: float = 240) -> Figure:
     """Stacked bars of decisions per bucket, one colour per outcome, with a y axis."""
-    left, right, top, bottom = 56.0, 12.0, 12.0, 40.0
+    left, right, top, bottom = 56.0, 40.0, 12.0, 40.0
     figure = Figure(width, height)
     plot_w, plot_h = width - left - right, height - top - bottom
-    peak = _nice_max(max((b.total for b in buckets), default=0))
+    # Four grid steps of a round size: 0, 2, 4, 6, 8 rather than 0, 1.25, 2.5...
+    peak = 4 * _nice_step(max((b.total for b in buckets), default=0) / 4)
     for i in range(5):
         value = peak * i / 4
         y = top + plot_h - plot_h * i / 4
@@ -125,7 +123,7 @@ def _node(issuer: str | None, subject: str | None) -> str:
     return f"{issuer or '?'} / {subject or '?'}"
 
 
-def edge_graph(edges: Sequence[Edge], *, width: float = 900) -> Figure:
+def edge_graph(edges: Sequence[Edge], *, width: float = 1040, label: int = 60) -> Figure:
     """A two-column graph: subjects on the left, audiences on the right, one curve per edge.
 
     Audiences are ordered by the mean position of the subjects that reach them, which
@@ -142,7 +140,7 @@ def edge_graph(edges: Sequence[Edge], *, width: float = 900) -> Figure:
     slot = {name: i for i, name in enumerate(audiences)}
     rows = max(len(subjects), len(audiences), 1)
     figure = Figure(width, top * 2 + rows * row)
-    x_left, x_right = width * 0.38, width * 0.62
+    x_left, x_right = width * 0.4, width * 0.6
 
     def y_of(index: int, count: int) -> float:
         # Centre the shorter column against the taller one.
@@ -150,16 +148,16 @@ def edge_graph(edges: Sequence[Edge], *, width: float = 900) -> Figure:
 
     for name in subjects:
         y = y_of(position[name], len(subjects))
-        figure.labels.append(Label(x_left - 10, y + 4, shorten(name), "end", "node", name))
+        figure.labels.append(Label(x_left - 10, y + 4, shorten(name, label), "end", "node", name))
         figure.rects.append(Rect(x_left - 4, y - 4, 8, 8, "node", name))
     new_audiences = {e.audience for e in edges if e.new}
     for name in audiences:
         y = y_of(slot[name], len(audiences))
-        figure.labels.append(Label(x_right + 10, y + 4, shorten(name), "start", "node", name))
+        figure.labels.append(Label(x_right + 10, y + 4, shorten(name, label), "start", "node", name))
         figure.rects.append(Rect(x_right - 4, y - 4, 8, 8, "node", name))
         if name in new_audiences:
             figure.labels.append(
-                Label(x_right + 14 + 7 * len(shorten(name)), y + 4, "new", "start", "new-mark")
+                Label(x_right + 14 + 6.2 * len(shorten(name, label)), y + 4, "new", "start", "new-mark")
             )
     for e in edges:
         y1 = y_of(position[_node(e.issuer, e.subject)], len(subjects))
