@@ -507,6 +507,7 @@ def audit_prune(
     """
     from sqlalchemy.exc import SQLAlchemyError
 
+    from .adapters.audit_query import PruneAborted
     from .core.audit_filter import format_time
 
     if (archive is not None and delete_only) or (not dry_run and archive is None and not delete_only):
@@ -519,9 +520,9 @@ def audit_prune(
     except SQLAlchemyError as exc:
         raise _audit_failed(exc) from None
     except OSError as exc:
-        raise click.ClickException(
-            f"{archive}: cannot be written ({exc.strerror}); nothing deleted"
-        ) from None
+        raise click.ClickException(f"{archive}: not written ({exc.strerror}); nothing deleted") from None
+    except PruneAborted as exc:
+        raise click.ClickException(f"the trail changed while archiving ({exc}); nothing deleted") from None
     older = f"{result.records} record(s) older than {format_time(cutoff)}"
     if dry_run:
         click.echo(f"would remove {older} (ids below {result.boundary_id})")

@@ -472,3 +472,35 @@ def test_cli_prune(cli_config: Callable[..., Any], tmp_path: Path) -> None:
     assert deleted.exit_code == 0 and "deleted 2 record(s)" in deleted.output
     summarized = cli_config("summarize")
     assert summarized.exit_code == 0 and "summaries up to record 10" in summarized.output
+
+
+def test_prune_deletes_nothing_when_the_trail_changes_while_archiving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    sql.create_schema(engine)
+    audit_query.ensure_schema(engine)
+    write(engine, [make_record(i, when=NOW - (10 - i) * 86400) for i in range(10)])
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    archive_all = AuditQuery._archive
+
+    def archive_then_change(self: AuditQuery, path: Path, boundary: int) -> int:
+        written = archive_all(self, path, boundary)
+        # Another process changes what lies below the boundary meanwhile.
+        with engine.begin() as conn:
+            conn.execute(sql.audit_events.delete().where(sql.audit_events.c.id == 3))
+        return written
+
+    monkeypatch.setattr(AuditQuery, "_archive", archive_then_change)
+    with pytest.raises(audit_query.PruneAborted):
+        query.prune(cutoff=NOW - 5 * 86400 + 1, archive=tmp_path / "a.jsonl")
+    assert [row["id"] for row in query.export(AuditFilter())] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_cli_prune_deletes_nothing_when_the_archive_cannot_be_written(
+    cli_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    result = cli_config("prune", "--older-than", "5", "--archive", str(tmp_path / "missing" / "a.jsonl"))
+    assert result.exit_code == 1
+    assert "not written (No such file or directory); nothing deleted" in result.output
+    assert len(cli_config("query").stdout.splitlines()) == 10

@@ -265,6 +265,10 @@ class IdentitySummary:
     decisions: int = 0
 
 
+class PruneAborted(Exception):
+    """Records below the boundary changed while they were archived; nothing was deleted."""
+
+
 @dataclass(frozen=True)
 class PruneResult:
     records: int
@@ -742,8 +746,10 @@ class AuditQuery:
             return PruneResult(count, boundary, None)
         if archive is not None:
             written = self._archive(archive, boundary)
-            if written != count:
-                log.warning("archive holds %d records, %d counted before", written, count)
+            again, _ = self.prune_boundary(cutoff)
+            if written != count or again != count:
+                # Never delete a record the archive does not hold.
+                raise PruneAborted(f"{count} records to archive, {written} archived, {again} now")
         c = audit_events.c
         removed = 0
         while True:

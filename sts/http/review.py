@@ -43,7 +43,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, g, redirect, render_template, request
 from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
-from ..adapters.audit_query import AuditQuery
+from ..adapters.audit_query import AuditQuery, fired_signals
 from ..core.audit_filter import (
     OUTCOMES,
     SIGNAL_NAMES,
@@ -172,8 +172,10 @@ def blueprint(
 
     def login_page(status: int, message: str = "", target: str | None = None) -> Response:
         token = secrets.token_urlsafe(24)
-        body = render_template("review/login.html", csrf=token, message=message,
-                               next=safe_next(target or request.full_path.rstrip("?")))  # fmt: skip
+        here = request.full_path.rstrip("?") if request.method == "GET" else None
+        body = render_template(
+            "review/login.html", csrf=token, message=message, next=safe_next(target or here)
+        )
         response = Response(body, status=status, mimetype="text/html")
         cookie(response, LOGIN_COOKIE, token, 3600)
         if status == 401:
@@ -350,8 +352,6 @@ def blueprint(
 
 def _timeline_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """What the timeline shows of a record."""
-    from ..adapters.audit_query import fired_signals
-
     audiences = record.get("granted_audience") or record.get("requested_audience") or []
     scopes = record.get("granted_scope") or record.get("requested_scope") or []
     return {
