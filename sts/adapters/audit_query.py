@@ -341,11 +341,11 @@ class AuditQuery:
             # Exact time conditions on top of the id range.  On SQLite, wrapping the column in a
             # no-op function keeps the planner on the id range (and the keyset order) rather than
             # on the time index, which would sort every record of the range.
-            column: Any = func.unlikely(c.time) if self.sqlite else c.time
+            when: Any = func.unlikely(c.time) if self.sqlite else c.time
             if f.since is not None:
-                conditions.append(column >= self._time(f.since))
+                conditions.append(when >= self._time(f.since))
             if f.until is not None:
-                conditions.append(column < self._time(f.until))
+                conditions.append(when < self._time(f.until))
         return conditions
 
     def _id_bounds(
@@ -377,7 +377,7 @@ class AuditQuery:
         )
 
     def _term_conditions(self, f: AuditFilter) -> list[ColumnElement[bool]]:
-        conditions = []
+        conditions: list[ColumnElement[bool]] = []
         if f.signal is not None:
             conditions.append(audit_events.c.id.in_(self._term_ids(SIGNAL, f.signal)))
         if f.audience is not None:
@@ -401,7 +401,9 @@ class AuditQuery:
         self, conn: Connection, conditions: list[ColumnElement[bool]], *, newest_first: bool, limit: int
     ) -> list[_Facts]:
         c = audit_events.c
-        extracted = [literal_column(e) for e in (_SQLITE_FACTS if self.sqlite else _POSTGRESQL_FACTS)]
+        extracted: list[ColumnElement[Any]] = [
+            literal_column(e) for e in (_SQLITE_FACTS if self.sqlite else _POSTGRESQL_FACTS)
+        ]
         query = select(c.id, c.outcome, c.issuer, c.subject, *extracted).where(*conditions)
         query = query.order_by(c.id.desc() if newest_first else c.id).limit(limit)
         facts = []
@@ -585,8 +587,9 @@ class AuditQuery:
         """
         e = audit_edges.c
         recent = e.last_seen >= since
-        new_query = select(e).where(recent, e.first_seen >= new_since).order_by(e.first_seen.desc(), e.edge)
-        busy_query = select(e).where(recent).order_by(e.decisions.desc(), e.edge).limit(limit)
+        new_query = select(audit_edges).where(recent, e.first_seen >= new_since)
+        new_query = new_query.order_by(e.first_seen.desc(), e.edge)
+        busy_query = select(audit_edges).where(recent).order_by(e.decisions.desc(), e.edge).limit(limit)
         with self.engine.connect() as conn:
             chosen = {r.edge: r for r in conn.execute(new_query.limit(max(1, limit // 2)))}
             for r in conn.execute(busy_query):
@@ -707,7 +710,7 @@ class AuditQuery:
 
     # -- retention -------------------------------------------------------------------------
 
-    def prune_boundary(self, cutoff: float) -> tuple[int, int | None]:
+    def prune_boundary(self, cutoff: float) -> tuple[int, int]:
         """``(count, boundary)``: records with ``id < boundary`` are all older than ``cutoff``
         (boundary is the smallest id of any record at or after it), and their count."""
         c = audit_events.c
