@@ -195,7 +195,8 @@ def test_sign_out(review: Review) -> None:
 
 
 def test_no_open_redirect(review: Review) -> None:
-    for target in ("//evil.example/review/", "https://evil.example/", "/elsewhere", "/review\\@evil"):
+    for target in ("//evil.example/review/", "https://evil.example/", "/elsewhere", "/review\\@evil",
+                   "/review/\r\nSet-Cookie: x=1"):  # fmt: skip
         assert review.sign_in(target=target).headers["Location"] == "/review/"
         review.web.delete_cookie("sts_review", path="/review")
 

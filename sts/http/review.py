@@ -166,7 +166,13 @@ def blueprint(
 
     def safe_next(target: str | None) -> str:
         """Only a path of this page: never another site (an open redirect)."""
-        if target and target.startswith(PREFIX + "/") and not target.startswith("//") and "\\" not in target:
+        if (
+            target
+            and target.startswith(PREFIX + "/")
+            and "\\" not in target
+            and target.isprintable()
+            and not any(c.isspace() for c in target)
+        ):
             return target
         return PREFIX + "/"
 
@@ -227,7 +233,9 @@ def blueprint(
         stored = config.users.get(username)
         ok = verify_secret(password, stored or dummy_hash())
         if not ok or stored is None:
-            log.warning("review sign-in refused for %r from %s", username[:64], g.get("client_address"))
+            # A mistyped password can land in the username field: only a configured name is logged.
+            who = repr(username) if stored is not None else "an unknown user"
+            log.warning("review sign-in refused for %s from %s", who, g.get("client_address"))
             return login_page(401, "Unknown user or wrong password.", target)
         value = signer.dumps({"u": username, "h": _fingerprint(stored), "c": secrets.token_urlsafe(16)})
         response: Response = redirect(safe_next(target), 303)  # type: ignore[assignment]
