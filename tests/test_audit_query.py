@@ -313,10 +313,11 @@ def test_charts_and_graph(engine: Engine) -> None:
     buckets = query.decisions_over_time(NOW - 3600, NOW, 600)
     start = NOW - 3600 - (NOW - 3600) % 600
     assert [(b.start, b.end) for b in buckets] == [(start + i * 600, start + (i + 1) * 600) for i in range(7)]
-    for b in buckets:
-        inside = [r for r in records if b.start <= r.time < b.end]
-        assert b.counts == {o: n for o in ("granted", "refused", "error")
-                            if (n := sum(1 for r in inside if r.outcome == o))}  # fmt: skip
+    assert_counts(buckets, records)
+    # Whole hours come from the hourly summary (plus unsummarised records), over any window.
+    hourly = query.decisions_over_time(NOW - 30 * 86400, NOW, 6 * 3600)
+    assert len(hourly) == 121 and sum(b.total for b in hourly) == len(records)
+    assert_counts(hourly, records)
     top = query.top_signals(NOW - 3600, NOW)
     assert [name for name, _ in top] == ["unusual_network", "attestation_drift"]
     in_hour = {s: expected(records, AuditFilter(signal=s, since=NOW - 3600, until=NOW)) for s in SIGNALS}
@@ -332,6 +333,28 @@ def test_charts_and_graph(engine: Engine) -> None:
     recent, recent_count = query.edges(since=NOW - 86400, new_since=NOW - 600)
     assert recent_count == 5 and recent[0].audience == "https://reports.example.com"
     assert {e.audience for e in recent} == {DEPLOY, LEDGER, ODD, "https://reports.example.com"}
+
+
+def assert_counts(buckets: list[audit_query.Bucket], records: list[AuditRecord]) -> None:
+    for b in buckets:
+        inside = [r for r in records if b.start <= r.time < b.end]
+        outcomes = ("granted", "refused", "error")
+        assert b.counts == {o: n for o in outcomes if (n := sum(1 for r in inside if r.outcome == o))}
+
+
+def test_hourly_charts_count_records_past_the_watermark(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = workload()
+    write(engine, records[:25])
+    query = AuditQuery(engine, clock=Clock(NOW + 600), settle=60)
+    query.refresh(budget=None)
+    write(engine, records[25:])
+    assert query.status().last_id == 25
+    assert_counts(query.decisions_over_time(NOW - 7200, NOW, 3600), records)
+    # A long unsummarised tail is not read record by record: the index counts instead.
+    monkeypatch.setattr(audit_query, "_TAIL_LIMIT", 5)
+    assert_counts(query.decisions_over_time(NOW - 7200, NOW, 3600), records)
 
 
 def test_identity_summary(engine: Engine) -> None:

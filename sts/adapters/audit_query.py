@@ -15,9 +15,10 @@ stays fast on millions of records by never reading more rows than it shows:
 * **Summaries of what lives inside the JSON record.**  Fired risk signals and
   audiences are not columns; reading the JSON of a million records takes
   seconds.  :meth:`AuditQuery.refresh` reads each new record once (in id
-  order, from a watermark) into two small tables: ``audit_terms`` (one row per
-  fired signal and per audience of a decision) and ``audit_edges`` (per
-  subject-to-audience edge: first and last seen, count).  A filter on signal or
+  order, from a watermark) into small tables: ``audit_terms`` (one row per
+  fired signal and per audience of a decision), ``audit_edges`` (per
+  subject-to-audience edge: first and last seen, count) and ``audit_counts``
+  (decisions per hour and outcome, so charts over long windows stay cheap).  A filter on signal or
   audience uses the terms for records up to the watermark and reads the JSON
   of the few records after it, so results are exact even when summaries lag.
   On PostgreSQL, ids come from a sequence and a transaction may commit after a
@@ -106,11 +107,22 @@ audit_edges = Table(
     Index("ix_audit_edges_last_seen", "last_seen"),
 )
 
+#: Decisions per hour (epoch seconds of its start, UTC) and outcome, for charts over long windows.
+audit_counts = Table(
+    "audit_counts",
+    summary_metadata,
+    Column("hour", BigInteger, primary_key=True),
+    Column("outcome", String(16), primary_key=True),
+    Column("decisions", BigInteger, nullable=False),
+)
+
 SIGNAL, AUDIENCE = "signal", "audience"
 _STATE = "v1"
 #: How far a record's ``time`` may lag the order it was written in (request duration + clock skew).
 SLACK = 300.0
 _CHUNK = 400
+#: Charts read at most this many unsummarised records; beyond, they count on the index instead.
+_TAIL_LIMIT = 20_000
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -542,8 +554,13 @@ class AuditQuery:
 
     def decisions_over_time(self, since: float, until: float, step: float) -> list[Bucket]:
         """Decisions per outcome in buckets of ``step`` seconds (aligned to UTC) covering
-        [since, until): one grouped count per bucket on the (time, outcome) index."""
-        c = audit_events.c
+        [since, until).
+
+        With whole-hour buckets, from the hourly counts of the summaries plus the records
+        after the watermark (so the cost does not grow with the number of records); with
+        smaller buckets, or while summaries lag far behind, one grouped count per bucket on
+        the (time, outcome) index.
+        """
         start = since - since % step
         edges: list[tuple[float, float]] = []
         while start < until and len(edges) < 400:
@@ -551,18 +568,53 @@ class AuditQuery:
             start += step
         if not edges:
             return []
+        counts: dict[int, dict[str, int]] = {i: {} for i in range(len(edges))}
+        with self.engine.connect() as conn:
+            if step % 3600 or not self._hourly(conn, edges, step, counts):
+                self._counted(conn, edges, counts)
+        return [Bucket(a, b, counts[i]) for i, (a, b) in enumerate(edges)]
+
+    def _counted(
+        self, conn: Connection, edges: list[tuple[float, float]], counts: dict[int, dict[str, int]]
+    ) -> None:
+        c = audit_events.c
         parts = [
             select(literal(i).label("bucket"), c.outcome, func.count().label("n"))
             .where(c.time >= self._time(a), c.time < self._time(b))
             .group_by(c.outcome)
             for i, (a, b) in enumerate(edges)
         ]
-        counts: dict[int, dict[str, int]] = {i: {} for i in range(len(edges))}
-        with self.engine.connect() as conn:
-            for chunk in range(0, len(parts), 100):
-                for bucket, outcome, n in conn.execute(union_all(*parts[chunk : chunk + 100])):
-                    counts[int(bucket)][str(outcome)] = int(n)
-        return [Bucket(a, b, counts[i]) for i, (a, b) in enumerate(edges)]
+        for chunk in range(0, len(parts), 100):
+            for bucket, outcome, n in conn.execute(union_all(*parts[chunk : chunk + 100])):
+                counts[int(bucket)][str(outcome)] = int(n)
+
+    def _hourly(
+        self,
+        conn: Connection,
+        edges: list[tuple[float, float]],
+        step: float,
+        counts: dict[int, dict[str, int]],
+    ) -> bool:
+        """Fill ``counts`` from the hourly summary and the unsummarised tail; False (nothing
+        filled) when the tail is too long to read quickly."""
+        watermark = self._watermark(conn)
+        tail = self._facts(conn, [audit_events.c.id > watermark], newest_first=False, limit=_TAIL_LIMIT + 1)
+        if len(tail) > _TAIL_LIMIT:
+            return False
+        first, last = edges[0][0], edges[-1][1]
+
+        def add(moment: float, outcome: str, n: int) -> None:
+            if first <= moment < last:
+                bucket = counts[int((moment - first) // step)]
+                bucket[outcome] = bucket.get(outcome, 0) + n
+
+        h = audit_counts.c
+        query = select(h.hour, h.outcome, h.decisions).where(h.hour >= int(first), h.hour < int(last))
+        for hour, outcome, n in conn.execute(query):
+            add(float(hour), str(outcome), int(n))
+        for fact in tail:
+            add(fact.time, fact.outcome, 1)
+        return True
 
     def top_signals(self, since: float, until: float, *, limit: int = 10) -> list[tuple[str, int]]:
         """The risk signals that fired most in [since, until) (summarised records)."""
@@ -649,7 +701,10 @@ class AuditQuery:
     def _summarise(self, last: int, facts: list[_Facts]) -> bool:
         terms: dict[tuple[str, str, int], float] = {}
         edges: dict[str, dict[str, Any]] = {}
+        hourly: dict[tuple[int, str], int] = {}
         for fact in facts:
+            hour = (int(fact.time) // 3600 * 3600, fact.outcome)
+            hourly[hour] = hourly.get(hour, 0) + 1
             for name in fact.fired:
                 terms[(SIGNAL, term_value(name), fact.id)] = fact.time
             for audience in fact.audiences:
@@ -685,6 +740,14 @@ class AuditQuery:
             # executemany of one statement: compiled once, and batched by the driver.
             if term_rows:
                 conn.execute(self._insert(audit_terms).on_conflict_do_nothing(), term_rows)
+            stmt = self._insert(audit_counts)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["hour", "outcome"],
+                    set_={"decisions": audit_counts.c.decisions + stmt.excluded.decisions},
+                ),
+                [{"hour": h, "outcome": o, "decisions": n} for (h, o), n in hourly.items()],
+            )
             if edges:
                 stmt = self._insert(audit_edges)
                 old, new = audit_edges.c, stmt.excluded
@@ -767,10 +830,13 @@ class AuditQuery:
                 return int(conn.execute(delete(audit_events).where(c.id < upper)).rowcount or 0)
 
             removed += transaction(self.engine, work)
-        transaction(
-            self.engine,
-            lambda conn: conn.execute(delete(audit_edges).where(audit_edges.c.last_seen < cutoff)),
-        )
+
+        def forget(conn: Connection) -> None:
+            # Edges unused since the cutoff, and hours that ended before it.
+            conn.execute(delete(audit_edges).where(audit_edges.c.last_seen < cutoff))
+            conn.execute(delete(audit_counts).where(audit_counts.c.hour <= int(cutoff) - 3600))
+
+        transaction(self.engine, forget)
         return PruneResult(removed, boundary, archive)
 
     def _archive(self, path: Path, boundary: int) -> int:
