@@ -18,7 +18,6 @@ Each figure is the best of three runs after one warm-up; the target is under a s
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import random
 import secrets
@@ -288,25 +287,36 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--keep", type=Path, default=None, help="Keep the SQLite file in this directory.")
     parser.add_argument(
-        "--reuse", type=Path, default=None, help="Measure an existing SQLite file made with --keep."
+        "--keep", type=Path, default=None,
+        help="Keep the data: the SQLite file and the PostgreSQL database's name go in this directory.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="Measure again the data kept in this directory."
     )
     args = parser.parse_args()
     now = time.time()
     summary: dict[str, list[tuple[str, float, str]]] = {}
     if args.reuse is not None:
-        engine = sql.make_engine(f"sqlite:///{args.reuse}")
-        now = float((args.reuse.parent / "now").read_text())
-        measure(engine, now, args.days)
+        now = float((args.reuse / "now").read_text())
+        if (args.reuse / "audit.sqlite").exists() and args.backend != "postgresql":
+            print("sqlite (kept):", flush=True)
+            summary["sqlite"] = measure(
+                sql.make_engine(f"sqlite:///{args.reuse / 'audit.sqlite'}"), now, args.days
+            )
+        if (args.reuse / "pg-database").exists() and args.backend != "sqlite":
+            print("postgresql (kept):", flush=True)
+            name = (args.reuse / "pg-database").read_text().strip()
+            summary["postgresql"] = measure(sql.make_engine(f"{PG_SERVER}/{name}"), now, args.days)
+        report(summary)
         return
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        (args.keep / "now").write_text(repr(now))
     if args.backend in ("sqlite", "both"):
         with tempfile.TemporaryDirectory(prefix="sts-audit-scale-") as tmp:
             directory = args.keep or Path(tmp)
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "now").write_text(repr(now))
-            url = f"sqlite:///{directory / 'audit.sqlite'}"
-            engine = sql.make_engine(url)
+            engine = sql.make_engine(f"sqlite:///{directory / 'audit.sqlite'}")
             sql.create_schema(engine)
             print(f"sqlite: inserting {args.rows:,} rows ...", flush=True)
             print(f"  inserted in {bulk_insert(engine, args.rows, args.days, now):.0f} s", flush=True)
@@ -325,13 +335,20 @@ def main() -> None:
             summary["postgresql"] = measure(engine, now, args.days)
             engine.dispose()
         finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            if args.keep is not None:
+                (args.keep / "pg-database").write_text(name)
+                print(f"kept PostgreSQL database {name} (drop it when done)")
+            else:
+                with admin.connect() as conn:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             admin.dispose()
-    slow = [(b, q, s) for b, results in summary.items() for q, s, _ in results if s >= 1.0]
+    report(summary)
+
+
+def report(summary: dict[str, list[tuple[str, float, str]]]) -> None:
+    slow = [(b, q, round(s, 3)) for b, results in summary.items() for q, s, _ in results if s >= 1.0]
     print("all queries under a second" if not slow else f"SLOWER THAN A SECOND: {slow}")
 
 
 if __name__ == "__main__":
     main()
-    _ = dt  # datetime kept for readers adapting the generator

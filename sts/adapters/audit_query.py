@@ -66,7 +66,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..core.audit_filter import AuditFilter
+from ..core.audit_filter import STEP_UP_ERROR, AuditFilter
 from .sql import _text, audit_events, transaction
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ _STATE = "v1"
 #: How far a record's ``time`` may lag the order it was written in (request duration + clock skew).
 SLACK = 300.0
 _CHUNK = 400
+#: An identity's decisions are counted up to this many (a busy identity has millions).
+COUNT_CAP = 10_000
 #: Charts read at most this many unsummarised records; beyond, they count on the index instead.
 _TAIL_LIMIT = 20_000
 
@@ -529,24 +531,27 @@ class AuditQuery:
     # -- identity --------------------------------------------------------------------------
 
     def identity_summary(self, issuer: str, subject: str, *, limit: int = 20) -> IdentitySummary:
-        """An identity's recent fired signals, step-ups and issued tokens, newest first."""
-        from ..core.audit_filter import STEP_UP_ERROR
-
+        """An identity's recent fired signals, step-ups and issued tokens, newest first, and how
+        many decisions it has (counted up to ``COUNT_CAP``: beyond, ``COUNT_CAP + 1``)."""
         c = audit_events.c
         ident = AuditFilter(issuer=issuer, subject=subject)
         with self.engine.connect() as conn:
             who = self._column_conditions(conn, ident) or []
             base = select(c.id, c.record).where(*who).order_by(c.id.desc()).limit(limit)
-            step_ups = self._rows(conn, base.where(c.error == STEP_UP_ERROR))
+            # The error as a literal: the partial step-up index is used only when the query names it.
+            step_ups = self._rows(conn, base.where(c.error == literal_column(f"'{STEP_UP_ERROR}'")))
             tokens = self._rows(conn, base.where(c.issued_jti.is_not(None)))
-            decisions = conn.execute(select(func.count()).select_from(audit_events).where(*who)).scalar() or 0
+            capped = select(c.id).where(*who).limit(COUNT_CAP + 1).subquery()
+            decisions = conn.execute(select(func.count()).select_from(capped)).scalar() or 0
             watermark = self._watermark(conn)
             recent = self._facts(conn, [*who, c.id > watermark], newest_first=True, limit=5000)
             ids = [fact.id for fact in recent if fact.fired][:limit]
             signals = self._rows(conn, select(c.id, c.record).where(c.id.in_(ids)).order_by(c.id.desc()))
             if len(signals) < limit:
-                fired = select(audit_terms.c.audit_id).where(audit_terms.c.kind == SIGNAL)
-                query = base.where(c.id <= watermark, c.id.in_(fired)).limit(limit - len(signals))
+                # Walk the identity's records newest first, probing the terms of each by id.
+                t = audit_terms.c
+                fired = select(t.audit_id).where(t.audit_id == c.id, t.kind == SIGNAL).exists()
+                query = base.where(c.id <= watermark, fired).limit(limit - len(signals))
                 signals += self._rows(conn, query)
         return IdentitySummary(signals, step_ups, tokens, int(decisions))
 

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
+_STEP_UP = text("error = 'insufficient_user_authentication'")
 audit_events = Table(
     "audit_events",
     metadata,
@@ -91,6 +92,15 @@ audit_events = Table(
     Index("ix_audit_events_outcome", "outcome", "id"),
     Index("ix_audit_events_rule", "rule", "id"),
     Index("ix_audit_events_time_outcome", "time", "outcome"),
+    # Step-ups per identity: a partial index, so only those refusals pay for it.
+    Index(
+        "ix_audit_events_step_ups",
+        "issuer",
+        "subject",
+        "id",
+        sqlite_where=_STEP_UP,
+        postgresql_where=_STEP_UP,
+    ),
 )
 
 replay_entries = Table(

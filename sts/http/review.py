@@ -43,7 +43,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, g, redirect, render_template, request
 from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
-from ..adapters.audit_query import AuditQuery, fired_signals
+from ..adapters.audit_query import COUNT_CAP, AuditQuery, fired_signals
 from ..core.audit_filter import (
     OUTCOMES,
     SIGNAL_NAMES,
@@ -332,6 +332,7 @@ def blueprint(
         return page("review/identity.html", issuer=issuer, subject=subject, summary=summary,
                     recent=[_timeline_row(r) for r in recent.rows], baseline=baseline,
                     baseline_problem=baseline_problem, step_up_error=STEP_UP_ERROR, link=link,
+                    count_cap=COUNT_CAP,
                     signal_rows=[_timeline_row(r) for r in summary.signals],
                     token_rows=[_token_row(r) for r in summary.tokens])  # fmt: skip
 
