@@ -541,19 +541,39 @@ class AuditQuery:
             # The error as a literal: the partial step-up index is used only when the query names it.
             step_ups = self._rows(conn, base.where(c.error == literal_column(f"'{STEP_UP_ERROR}'")))
             tokens = self._rows(conn, base.where(c.issued_jti.is_not(None)))
-            capped = select(c.id).where(*who).limit(COUNT_CAP + 1).subquery()
+            capped = select(c.id).where(*who).order_by(c.id.desc()).limit(COUNT_CAP + 1).subquery()
             decisions = conn.execute(select(func.count()).select_from(capped)).scalar() or 0
             watermark = self._watermark(conn)
             recent = self._facts(conn, [*who, c.id > watermark], newest_first=True, limit=5000)
             ids = [fact.id for fact in recent if fact.fired][:limit]
+            if len(ids) < limit:
+                ids += self._signalled(conn, [*who, c.id <= watermark], limit - len(ids))
             signals = self._rows(conn, select(c.id, c.record).where(c.id.in_(ids)).order_by(c.id.desc()))
-            if len(signals) < limit:
-                # Walk the identity's records newest first, probing the terms of each by id.
-                t = audit_terms.c
-                fired = select(t.audit_id).where(t.audit_id == c.id, t.kind == SIGNAL).exists()
-                query = base.where(c.id <= watermark, fired).limit(limit - len(signals))
-                signals += self._rows(conn, query)
         return IdentitySummary(signals, step_ups, tokens, int(decisions))
+
+    def _signalled(self, conn: Connection, who: list[ColumnElement[bool]], limit: int) -> list[int]:
+        """Ids of the newest summarised records matching ``who`` in which a signal fired, looked
+        for among the newest ``COUNT_CAP`` of them, 2,000 at a time: a bounded cost however many
+        records the identity has and however the planner would join the two tables."""
+        c, t = audit_events.c, audit_terms.c
+        found: list[int] = []
+        before: int | None = None
+        for _ in range(COUNT_CAP // 2000):
+            query = select(c.id).where(*who)
+            if before is not None:
+                query = query.where(c.id < before)
+            ids = [int(r[0]) for r in conn.execute(query.order_by(c.id.desc()).limit(2000))]
+            if not ids:
+                break
+            hits = {
+                int(r[0])
+                for r in conn.execute(select(t.audit_id).where(t.kind == SIGNAL, t.audit_id.in_(ids)))
+            }
+            found += [i for i in ids if i in hits]
+            if len(found) >= limit:
+                break
+            before = ids[-1]
+        return found[:limit]
 
     # -- charts and graph ------------------------------------------------------------------
 
