@@ -79,9 +79,8 @@ def serve(
             self.cfg.set("workers", settings.workers)
             self.cfg.set("threads", settings.threads)
             self.cfg.set("worker_class", "gthread")
-            self.cfg.set("accesslog", "-")
-            # Method and path only: never the query string, where a misguided client may put a token.
-            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
+            # No server access log: it would show the raw path, where a misguided client may put a
+            # token. The application writes one (logger sts.access) naming the route instead.
             self.cfg.set("limit_request_line", 8190)
             self.cfg.set("graceful_timeout", 10)
 
