@@ -38,6 +38,7 @@ from sts.adapters.keyring import SUPPORTED_ALGORITHMS
 from sts.app import create_app
 from sts.core.risk import DEFAULT_WEIGHTS
 from sts.core.shared_signals import DESCRIPTIONS, SESSION_REVOKED, ReceiverUnavailable, SetRefused
+from sts.core.token_status import TOKEN_STATUS_PARAMETERS
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.protocol.client_auth import CLIENT_ASSERTION_TYPE_JWT
 from sts.protocol.token_exchange import (
@@ -45,6 +46,7 @@ from sts.protocol.token_exchange import (
     GRANT_TYPE_TOKEN_EXCHANGE,
     ISSUABLE_TOKEN_TYPES,
     REPEATABLE,
+    TOKEN_EXCHANGE_PARAMETERS,
 )
 from sts.settings import Settings
 
@@ -268,6 +270,9 @@ def test_enumerations_agree_with_the_code() -> None:
     assert request["grant_type"]["const"] == GRANT_TYPE_TOKEN_EXCHANGE
     assert request["client_assertion_type"]["const"] == CLIENT_ASSERTION_TYPE_JWT
     assert {name for name, p in request.items() if p.get("type") == "array"} == REPEATABLE
+    # The documented parameters are exactly those refused when repeated; any other is ignored.
+    assert set(request) == TOKEN_EXCHANGE_PARAMETERS
+    assert set(schemas["TokenStatusRequest"]["properties"]) == TOKEN_STATUS_PARAMETERS
     encoding = SPEC["paths"]["/token"]["post"]["requestBody"]["content"][FORM]["encoding"]
     assert set(encoding) == REPEATABLE and all(e["explode"] for e in encoding.values())
     assert set(schemas["RiskSignal"]["enum"]) == set(DEFAULT_WEIGHTS)

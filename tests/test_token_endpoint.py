@@ -524,6 +524,17 @@ def test_unknown_parameters_are_ignored(web: FlaskClient, ctx: Ctx) -> None:
     assert resp.status_code == 200, resp.get_data(as_text=True)
 
 
+def test_repeated_unknown_parameters_are_ignored(web: FlaskClient, ctx: Ctx) -> None:
+    """RFC 6749 §3.1: unrecognized parameters are ignored, however often they are sent.
+
+    "MUST NOT be included more than once" (RFC 6749 §3.2) is about the parameters
+    the endpoint defines; those are still refused when repeated (below).
+    """
+    pairs = [*form(ctx.deploy()).items(), ("foo", "1"), ("foo", "2"), ("nonce", ""), ("nonce", "")]
+    resp = post(web, pairs)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+
+
 def test_empty_parameters_are_omitted(web: FlaskClient, ctx: Ctx, clock: Clock) -> None:
     """RFC 6749 §3.1: a parameter sent without a value is treated as if it were omitted."""
     resp = post(
@@ -1080,6 +1091,7 @@ def test_refusal(sts: Flask, web: FlaskClient, ctx: Ctx, tmp_path: Path, name: s
         "client_secret",
         "client_assertion",
         "client_assertion_type",
+        "posture_token",
     ],
 )
 def test_non_repeatable_parameter_repeated(sts: Flask, web: FlaskClient, ctx: Ctx, name: str) -> None:
