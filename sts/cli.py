@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from .core.subject_state import STATE_TTL
 from .errors import ConfigurationError, OAuthError
 from .settings import Settings, load_settings
 
@@ -78,9 +79,8 @@ def serve(
             self.cfg.set("workers", settings.workers)
             self.cfg.set("threads", settings.threads)
             self.cfg.set("worker_class", "gthread")
-            self.cfg.set("accesslog", "-")
-            # Method and path only: never the query string, where a misguided client may put a token.
-            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
+            # No server access log: it would show the raw path, where a misguided client may put a
+            # token. The application writes one (logger sts.access) naming the route instead.
             self.cfg.set("limit_request_line", 8190)
             self.cfg.set("graceful_timeout", 10)
 
@@ -107,18 +107,55 @@ def config() -> None:
 @config.command("check")
 @click.pass_context
 def config_check(ctx: click.Context) -> None:
-    """Validate settings, keys and policies, as a start would."""
+    """Validate settings, keys and policies, as a start would (without creating or changing anything).
+
+    The key ring is loaded as ``sts serve`` loads it, so a truncated or damaged
+    key file, or a missing or wrong ``STS_KEY_PASSPHRASE``, fails here rather
+    than at the start.  A directory without ``keyring.json`` is reported: the
+    first start creates the keys there.
+    """
+    from .adapters.keyring import METADATA_FILE, KeyRing
     from .app import build_policy
 
     settings = _settings(ctx)
     try:
         policy = build_policy(settings)
+        if (settings.keys_dir / METADATA_FILE).exists():
+            # Read-only: create=False never writes a key or keyring.json.
+            ring = KeyRing.open(
+                settings.keys_dir,
+                passphrase=settings.key_passphrase,
+                create_alg=settings.signing_alg,
+                create=False,
+            )
+            signer = ring.signer()
+            keys_line = (
+                f"keys ok: {len(ring.entries())} key(s) in {settings.keys_dir}, "
+                f"active {signer.kid} ({signer.alg})"
+            )
+        else:
+            keys_line = f"keys: none yet in {settings.keys_dir}; the first start creates them"
+        _check_dpop_nonce_secret(settings)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"settings ok: issuer {settings.issuer}, {len(settings.issuers)} issuer(s), "
         f"{len(settings.clients)} client(s), {len(policy.rules)} rule(s)"
     )
+    click.echo(keys_line)
+
+
+def _check_dpop_nonce_secret(settings: Settings) -> None:
+    """The check ``create_app`` makes of an existing DPoP nonce secret, without creating one."""
+    path = settings.keys_dir / "dpop-nonce.secret"
+    if not settings.dpop_nonce or not path.exists():
+        return
+    try:
+        size = len(path.read_bytes())
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot read the DPoP nonce secret: {exc.strerror}") from None
+    if size < 32:
+        raise ConfigurationError(f"{path}: DPoP nonce secret is truncated; delete it to create a new one")
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -448,15 +485,29 @@ def revoke() -> None:
 @revoke.command("subject")
 @click.argument("issuer_name")
 @click.argument("subject")
-@click.option("--block", type=int, default=0, show_default=True,
-              help="Also refuse new exchanges for this many seconds.")  # fmt: skip
+@click.option("--block", type=click.IntRange(1, STATE_TTL), default=None,
+              help=f"Also refuse new exchanges for this many seconds (1 to {STATE_TTL}).")  # fmt: skip
 @click.pass_context
-def revoke_subject(ctx: click.Context, issuer_name: str, subject: str, block: int) -> None:
-    """Revoke every token issued so far to SUBJECT of ISSUER_NAME ('*' for every issuer)."""
+def revoke_subject(ctx: click.Context, issuer_name: str, subject: str, block: int | None) -> None:
+    """Revoke every token issued so far to SUBJECT of ISSUER_NAME.
+
+    ISSUER_NAME is the ``name`` of a configured issuer, ``self`` (tokens this
+    service issued, re-exchanged) or ``*`` (the subject of every issuer).
+    """
     from .app import create_app
-    from .core.subject_state import STATE_TTL, identity_key
+    from .core.delegation import SELF_ISSUER
+    from .core.subject_state import ANY_ISSUER, identity_key
 
     settings = _settings(ctx)
+    known = [i.name for i in settings.issuers] + [SELF_ISSUER, ANY_ISSUER]
+    if issuer_name not in known:
+        # A name that matches no issuer would revoke nothing, silently.
+        raise click.BadParameter(
+            f"{issuer_name!r} is not a configured issuer; choose one of {', '.join(map(repr, known))}",
+            param_hint="ISSUER_NAME",
+        )
+    if not subject:
+        raise click.BadParameter("the subject must not be empty", param_hint="SUBJECT")
     try:
         runtime = create_app(settings).extensions["sts"]
     except ConfigurationError as exc:

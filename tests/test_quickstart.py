@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +153,68 @@ def test_tokens_in_the_query_string_are_refused_and_never_logged(quickstart: dic
     log_text = Path(str(quickstart["log"])).read_text()
     assert "POST /token" in log_text, "the access log is written"
     assert secret not in log_text and "c2VjcmV0" not in log_text
+
+
+def _raw_request(base: str, head: bytes) -> bytes:
+    """Send ``head`` (request line and header fields) as is; the whole answer, read to the close."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head + b"Connection: close\r\n\r\n")
+        answer = b""
+        for _ in range(1000):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_tokens_in_the_path_never_reach_the_log(quickstart: dict[str, object]) -> None:
+    """The access log is the application's: route rules, never a path segment that may be a credential."""
+    base, cwd = str(quickstart["sts"]), Path(str(quickstart["dir"]))
+    secret = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLWluLXRoZS1wYXRo.c2ln"
+    paths = (f"/{secret}", f"/token/{secret}", f"/.well-known/oauth-authorization-server/{secret}")
+    unknown = [requests.get(f"{base}{path}?access_token={secret}", timeout=10) for path in paths]
+    options = requests.options(f"{base}/token", timeout=10)
+    refused = requests.post(
+        f"{base}/token", data={"grant_type": GRANT}, headers={"X-Request-Id": "q-77"}, timeout=10
+    )
+
+    log_text = Path(str(quickstart["log"])).read_text()
+    assert secret not in log_text and "c2VjcmV0" not in log_text and "access_token" not in log_text
+    assert all(r.status_code == 404 and r.json()["error"] == "not_found" for r in unknown)
+    assert options.status_code == 405 and options.json()["error"] == "invalid_request"
+    assert options.headers["Allow"] == "POST"
+    assert refused.status_code == 400 and refused.headers["X-Request-Id"] == "q-77"
+    assert log_text.count('"GET <unmatched>" 404 ') == 3, log_text
+    assert '"OPTIONS <unmatched>" 405 ' in log_text
+    assert re.search(r'sts\.access: 127\.0\.0\.1 "POST /token" 400 \d+ [\d.]+ms request_id=q-77\n', log_text)
+
+    # The audit database (written by the refusal above), its WAL and shared memory: owner only.
+    database = cwd / "var" / "sts.sqlite"
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+
+
+#: Header fields whose request id is unusable: each is answered with a fresh UUID instead.
+UNUSABLE_REQUEST_IDS = {
+    "empty": b"X-Request-Id: \r\n",
+    "empty-no-space": b"X-Request-Id:\r\n",
+    "dash": b"X-Request-Id: -\r\n",
+    "dots": b"X-Request-Id: ...\r\n",
+    "non-ascii": b"X-Request-Id: caf\xc3\xa9\r\n",
+    "two": b"X-Request-Id: abc\r\nX-Request-Id: def\r\n",
+    "two-same": b"X-Request-Id: abc\r\nX-Request-Id: abc\r\n",
+    "too-long": b"X-Request-Id: " + b"a" * 65 + b"\r\n",
+}
+
+
+def test_unusable_request_ids_are_replaced_by_the_running_service(quickstart: dict[str, object]) -> None:
+    for name, fields in UNUSABLE_REQUEST_IDS.items():
+        answer = _raw_request(
+            str(quickstart["sts"]), b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields
+        )
+        head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        assert head[0].startswith("HTTP/1.1 200"), (name, head)
+        echoed = [line.split(":", 1)[1].strip() for line in head if line.lower().startswith("x-request-id:")]
+        assert len(echoed) == 1 and str(uuid.UUID(echoed[0])) == echoed[0], (name, head)

@@ -18,6 +18,7 @@ import os
 import random
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -97,6 +98,7 @@ def make_engine(url: str) -> Engine:
     """One engine (and pool) per process, created at start."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite_files(url.removeprefix("sqlite:///"))
         # busy_timeout 0: SQLite's own busy handler sleeps 1 ms, then 2, 5, 10... on any lock
         # collision between worker processes, though a write holds the lock for ~30 us.
         # The callers retry instead, with sleeps of a tenth of a millisecond upward.
@@ -122,6 +124,33 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=5)
+
+
+def _private_sqlite_files(database: str) -> None:
+    """Create the SQLite file ``0600``, as the keys are, and restrict one made wider before.
+
+    The audit trail names subjects, clients and addresses: only the service
+    account may read it.  SQLite creates the ``-wal`` and ``-shm`` files with
+    the database file's permission bits, so creating the database file first,
+    ``0600``, covers them too; existing ones are restricted here as well.
+    """
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return
+    try:
+        fd = os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return  # SQLite reports the problem when it opens the file, with its own message.
+    os.close(fd)
+    for path in (database, database + "-wal", database + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, mode & 0o700)
+                log.warning("database file %s had mode %o; restricted to %o", path, mode, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("database file %s cannot be restricted to its owner: %s", path, exc.strerror)
 
 
 _LOCK_DEADLINE = 10.0

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
 from ..protocol.client_auth import parse_client_credentials
-from ..protocol.token_exchange import check_no_repeats, single
+from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no_repeats, single
 from .audit import AuditRecord, token_hash
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from .exchange import WireRequest, check_content_type
@@ -29,6 +29,10 @@ from .ports import (
     StoreUnavailable,
     SubjectStateStore,
 )
+
+#: The parameters both endpoints define (RFC 7662 §2.1, RFC 7009 §2.1): each at most once.
+#: Any other parameter is ignored (RFC 6749 §3.2), however often it is sent.
+TOKEN_STATUS_PARAMETERS = CLIENT_AUTHENTICATION_PARAMETERS | {"token", "token_type_hint"}
 
 
 @dataclass
@@ -64,7 +68,7 @@ class TokenStatus:
         if wire.query:
             raise InvalidRequest("request.query_parameters")
         check_content_type(wire.content_type)
-        check_no_repeats(wire.form)
+        check_no_repeats(wire.form, TOKEN_STATUS_PARAMETERS)
         token = single(wire.form, "token")
         creds = parse_client_credentials(wire.form, wire.authorization)
         record.client_auth_method = creds.method
