@@ -623,9 +623,17 @@ def test_aud_list_containing_ours_is_accepted(app: Flask, client: FlaskClient, i
     assert_granted(app, post_token(client, token))
 
 
-@pytest.mark.parametrize("sub", [None, "", 12345, ["repo:acme/app:ref:refs/heads/main"]])
+@pytest.mark.parametrize(
+    ("sub", "reason"),
+    [
+        (None, "missing_sub"),
+        ("", "malformed_sub"),
+        (12345, "malformed_sub"),
+        (["repo:acme/app:ref:refs/heads/main"], "malformed_sub"),
+    ],
+)
 def test_missing_or_empty_sub_is_refused(
-    app: Flask, client: FlaskClient, issuer: DevIssuer, sub: Any
+    app: Flask, client: FlaskClient, issuer: DevIssuer, sub: Any, reason: str
 ) -> None:
     claims = deploy_claims(issuer, time.time())
     if sub is None:
@@ -633,7 +641,7 @@ def test_missing_or_empty_sub_is_refused(
     else:
         claims["sub"] = sub
     token = issuer.mint(claims, header={"typ": "JWT"})
-    assert_refused(app, post_token(client, token), "missing_sub")
+    assert_refused(app, post_token(client, token), reason)
 
 
 @pytest.mark.parametrize("variant", ["trailing-slash", "upper-case", "upper-host", "leading-space"])
@@ -658,12 +666,14 @@ def test_untrusted_issuer_is_refused_without_contacting_it(app: Flask, client: F
         assert stranger.jwks_requests == 0
 
 
-@pytest.mark.parametrize("iss", [None, 42, ["http://127.0.0.1"]])
+@pytest.mark.parametrize(
+    ("iss", "reason"), [(None, "missing_iss"), (42, "malformed_iss"), (["http://127.0.0.1"], "malformed_iss")]
+)
 def test_missing_or_non_string_iss_is_refused(
-    app: Flask, client: FlaskClient, issuer: DevIssuer, iss: Any
+    app: Flask, client: FlaskClient, issuer: DevIssuer, iss: Any, reason: str
 ) -> None:
     token = issuer.mint(deploy_claims(issuer, time.time(), iss=iss), header={"typ": "JWT"})
-    assert_refused(app, post_token(client, token), "missing_iss")
+    assert_refused(app, post_token(client, token), reason)
 
 
 # ---------------------------------------------------------------------------

@@ -632,15 +632,15 @@ def test_wrong_audience_is_invalid_audience(
 def _claim_cases(now: float) -> list[tuple[str, dict[str, Any], str]]:
     return [
         ("missing_iat", {"iat": None}, "set.missing_iat"),
-        ("string_iat", {"iat": str(int(now))}, "set.missing_iat"),
-        ("boolean_iat", {"iat": True}, "set.missing_iat"),
+        ("string_iat", {"iat": str(int(now))}, "set.malformed_iat"),
+        ("boolean_iat", {"iat": True}, "set.malformed_iat"),
         ("old_iat", {"iat": int(now) - 86400 - LEEWAY - 1}, "set.too_old"),
-        ("future_iat", {"iat": int(now) + LEEWAY + 5}, "set.iat_in_future"),
+        ("future_iat", {"iat": int(now) + LEEWAY + 5}, "set.issued_in_future"),
         ("expired", {"exp": int(now) - LEEWAY - 1}, "set.expired"),
         ("malformed_exp", {"exp": "soon"}, "set.malformed_exp"),
         ("missing_jti", {"jti": None}, "set.missing_jti"),
-        ("empty_jti", {"jti": ""}, "set.missing_jti"),
-        ("numeric_jti", {"jti": 12345}, "set.missing_jti"),
+        ("empty_jti", {"jti": ""}, "set.malformed_jti"),
+        ("numeric_jti", {"jti": 12345}, "set.malformed_jti"),
         ("long_jti", {"jti": "j" * 257}, "set.jti_too_long"),
         ("missing_events", {"events": None}, "set.events_missing"),
         ("empty_events", {"events": {}}, "set.events_missing"),
@@ -808,7 +808,7 @@ def test_audit_records_hold_hashes_never_the_set(
     assert accepted["details"]["jti_sha256"] == hashlib.sha256(claims["jti"].encode()).hexdigest()
     assert refused["outcome"] == "refused" and refused["error"] == "invalid_audience"
     assert refused["issuer"] == "idp"
-    assert refused["reasons"] == ["set.audience"]
+    assert refused["reasons"] == ["set.audience_mismatch"]
     assert refused["subject_token_sha256"] == hashlib.sha256(refused_token.encode()).hexdigest()
     for record, token, jti in (
         (accepted, accepted_token, claims["jti"]),
