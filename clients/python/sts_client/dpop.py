@@ -39,6 +39,7 @@ from joserfc.jwk import ECKey, Key
 from joserfc.jws import JWSRegistry
 from joserfc.util import to_str, urlsafe_b64encode
 
+from .compact import MalformedJWS, extract_compact_jws
 from .errors import InvalidDPoPProof
 from .jwks import ASYMMETRIC_ALGORITHMS, import_public_key, key_fits
 
@@ -191,16 +192,11 @@ def check_proof(
     naming the failed check.  The ``jti`` replay check and the comparison
     with ``cnf.jkt`` are the caller's (they need state and the token).
     """
-    if len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2:
-        raise InvalidDPoPProof("dpop.malformed", "not a compact JWS")
     try:
-        extracted = jws.extract_compact(proof.encode("ascii"))
-        header = extracted.headers()
-        claims = json.loads(extracted.payload)
-    except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
-        raise InvalidDPoPProof("dpop.malformed", type(exc).__name__) from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise InvalidDPoPProof("dpop.malformed", "header or payload is not an object")
+        parsed = extract_compact_jws(proof, max_bytes=MAX_PROOF_BYTES)
+    except MalformedJWS as exc:
+        raise InvalidDPoPProof("dpop.malformed", str(exc)) from None
+    extracted, header, claims = parsed.compact, parsed.header, parsed.claims
     # §4.3 (4): typ is exactly dpop+jwt (media types compare case-insensitively).
     typ = header.get("typ")
     if not isinstance(typ, str) or typ.lower() != DPOP_TYP:
