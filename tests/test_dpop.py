@@ -44,6 +44,7 @@ import pytest
 import redis
 import requests
 from conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, FORM, JWT_TYPE, STS_ISSUER, exchange_form
+from crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
 from flask.testing import FlaskClient
@@ -80,6 +81,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", SecurityWarning)
     _WEAK = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
     RSA_1024 = RSAKey.import_key(_WEAK)
+#: NIST SP 800-56B: e = 65537 only; a 2048-bit key with e = 3 is refused too.
+RSA_E3 = rsa_key_with_exponent_3()
 
 #: RFC 7638 §3.1: the example RSA key and its SHA-256 thumbprint.
 RFC7638_JWK = {
@@ -508,6 +511,7 @@ REFUSALS: dict[str, tuple[Builder, str]] = {
         "dpop.bad_signature",
     ),
     "rsa-1024": (lambda s: s.proof(RSA_1024), "dpop.weak_key"),
+    "rsa-exponent-3": (lambda s: s.proof(RSA_E3), "dpop.weak_key"),
     "signed-by-another-key": (lambda s: s.proof(EC_KEY, signer=EC_OTHER), "dpop.bad_signature"),
     "payload-changed": (_tampered, "dpop.bad_signature"),
     # Claims: jti (§4.2, enough entropy).
@@ -567,6 +571,25 @@ def test_typ_is_a_media_type(sts: STS) -> None:
     """RFC 7515 §4.1.9: ``application/`` may be written out and case does not matter."""
     for typ in ("application/dpop+jwt", "DPoP+JWT"):
         assert sts.granted(sts.proof(header={"typ": typ}))["token_type"] == "DPoP"
+
+
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_a_proof_not_in_utf8_is_refused(sts: STS, part: str) -> None:
+    """RFC 7515 §5.2, RFC 7519 §7.2: a proof's header and claims are UTF-8 JSON, nothing else."""
+
+    def signed(encoding: str) -> str:
+        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": public_jwk(EC_KEY)}
+        claims = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": "POST",
+            "htu": TOKEN_URL,
+            "iat": int(sts.clock.now),
+        }
+        return sign_encoded(EC_KEY, header, claims, encoding=encoding, part=part)
+
+    assert sts.granted(signed("utf-8"))["token_type"] == "DPoP"
+    for encoding in NOT_UTF8.values():
+        assert_refused(sts, sts.exchange(signed(encoding)), "dpop.not_utf8")
 
 
 def test_iat_window_edges(make_sts: Callable[..., STS]) -> None:
