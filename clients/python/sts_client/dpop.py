@@ -167,6 +167,12 @@ class CheckedProof:
 
 _REGISTRIES: dict[str, JWSRegistry] = {}
 
+#: Parses proofs only.  joserfc's default registry refuses a protected header over 512 bytes, but a
+#: proof's header carries the whole public key (§4.2): with an RSA-2048 ``jwk`` it is about 550.
+#: 2048 bytes holds any RSA key whose signature fits joserfc's 1024-byte signature limit (as the STS).
+_PROOF_PARSER = JWSRegistry(strict_check_header=False)
+_PROOF_PARSER.max_header_length = 2048
+
 
 def _registry(alg: str) -> JWSRegistry:
     registry = _REGISTRIES.get(alg)
@@ -193,7 +199,7 @@ def check_proof(
     with ``cnf.jkt`` are the caller's (they need state and the token).
     """
     try:
-        parsed = extract_compact_jws(proof, max_bytes=MAX_PROOF_BYTES)
+        parsed = extract_compact_jws(proof, max_bytes=MAX_PROOF_BYTES, registry=_PROOF_PARSER)
     except MalformedJWS as exc:
         raise InvalidDPoPProof("dpop.malformed", str(exc)) from None
     extracted, header, claims = parsed.compact, parsed.header, parsed.claims
