@@ -908,14 +908,13 @@ def raw_token(key: RSAKey, encoding: str, part: str = "payload", **claims: Any) 
 
 
 @pytest.mark.parametrize("part", ["payload", "header"])
-@pytest.mark.parametrize("encoding", NOT_UTF8.values(), ids=NOT_UTF8.keys())
-def test_subject_token_not_in_utf8_is_refused(
-    key_set_app: Flask, key_set_rsa: RSAKey, encoding: str, part: str
-) -> None:
+def test_subject_token_not_in_utf8_is_refused(key_set_app: Flask, key_set_rsa: RSAKey, part: str) -> None:
     client = key_set_app.test_client()
     # The same claims, signed the same way, in UTF-8: granted, so only the encoding differs.
     assert_granted(key_set_app, post_token(client, raw_token(key_set_rsa, "utf-8", part)))
-    assert_refused(key_set_app, post_token(client, raw_token(key_set_rsa, encoding, part)), "jws.not_utf8")
+    for encoding in NOT_UTF8.values():
+        token = raw_token(key_set_rsa, encoding, part, jti=str(uuid.uuid4()))
+        assert_refused(key_set_app, post_token(client, token), "jws.not_utf8")
 
 
 def test_actor_token_not_in_utf8_is_refused(key_set_app: Flask, key_set_rsa: RSAKey) -> None:
