@@ -5,6 +5,10 @@ includes ``none`` or a symmetric algorithm; the key comes from the issuer's
 configured key set, never from the token's own header (``jwk``, ``jku``,
 ``x5u``, ``x5c`` are ignored for key selection); a ``crit`` header is refused
 because this service understands no JWS extension (RFC 7515 §4.1.11).
+:func:`parse_compact` is the one parser: header and claims are read as UTF-8
+JSON objects only (RFC 7515 §5.2, RFC 7519 §7.2).  :func:`rsa_key_problem` is
+the one rule for RSA keys (2048 to 16384 bits, public exponent 65537).  The
+claims themselves are checked by :mod:`.claims`.
 """
 
 from __future__ import annotations
