@@ -15,14 +15,14 @@ A client must use the method it is registered with.  Every failure is
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import InvalidClient, TemporarilyUnavailable
 from ..protocol.client_auth import NONE, PRIVATE_KEY_JWT, ClientCredentials
+from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
 from .client_secrets import verify_secret
-from .jose import JWSInvalid, normalise_typ, peek, verify_signature
+from .jose import JWSInvalid, peek, verify_signature
 from .ports import IssuerKeys, KeysUnavailable, ReplayCache, StoreUnavailable, UnknownKeyId
 
 #: ``typ`` values accepted on a client assertion (draft-ietf-oauth-rfc7523bis adds the explicit one).
@@ -82,20 +82,6 @@ def authenticate_client(
     return AuthenticatedClient(client.client_id, creds.method)
 
 
-def _number(claims: Mapping[str, object], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    # A JSON number, not true/false, and one a float can hold (10**400 is valid JSON).
-    try:
-        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    except OverflowError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise InvalidClient(f"client_assertion.malformed_{name}")
-    return number
-
-
 def _authenticate_assertion(
     creds: ClientCredentials,
     clients: Mapping[str, RegisteredClient],
@@ -133,27 +119,21 @@ def _authenticate_assertion(
     except KeysUnavailable as exc:
         raise TemporarilyUnavailable("client_assertion.keys_unavailable", str(exc)) from None
 
-    aud = claims.get("aud")
-    auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    accepted = {audience.issuer, audience.issuer.rstrip("/"), audience.token_endpoint}
-    if not any(isinstance(a, str) and a in accepted for a in auds):
-        raise InvalidClient("client_assertion.audience_mismatch")
-    exp = _number(claims, "exp")
-    if exp is None:
-        raise InvalidClient("client_assertion.missing_exp")
-    if now >= exp + leeway:
-        raise InvalidClient("client_assertion.expired")
-    if exp - now > max_lifetime + leeway:
-        raise InvalidClient("client_assertion.lifetime_too_long")
-    nbf = _number(claims, "nbf")
-    if nbf is not None and now + leeway < nbf:
-        raise InvalidClient("client_assertion.not_yet_valid")
-    iat = _number(claims, "iat")
-    if iat is not None and now + leeway < iat:
-        raise InvalidClient("client_assertion.issued_in_future")
-    jti = claims.get("jti")
-    if not isinstance(jti, str) or not jti:
-        raise InvalidClient("client_assertion.missing_jti")
+    rules = ClaimRules(
+        leeway=leeway,
+        issuer=client.client_id,
+        # RFC 7523 §3 (3): aud identifies this server; the token endpoint URL is accepted too.
+        accepted_audiences={audience.issuer, audience.issuer.rstrip("/"), audience.token_endpoint},
+        max_remaining=max_lifetime,
+        require_jti=True,
+    )
+    try:
+        checked = check_claims(claims, rules, now=now)
+    except ClaimInvalid as exc:
+        raise InvalidClient(f"client_assertion.{exc.reason}", exc.detail) from None
+    exp, jti = checked.exp, checked.jti
+    if exp is None or jti is None:  # Required by the rules; this keeps the types honest.
+        raise InvalidClient("client_assertion.missing_exp" if exp is None else "client_assertion.missing_jti")
     key = hashlib.sha256(f"{client.client_id}\x00{jti}".encode()).hexdigest()
     try:
         first = replay.first_use("client_assertion", key, exp + leeway, now)

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +72,8 @@ from typing import Any, Final
 
 from .attest import IssuerDirectory
 from .audit import AuditRecord, token_hash
-from .jose import JWSInvalid, normalise_typ, peek, verify_signature
+from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date, numeric_date_value
+from .jose import JWSInvalid, peek, verify_signature
 from .ports import (
     AuditSink,
     AuditUnavailable,
@@ -225,13 +225,6 @@ class VerifiedSET:
     iat: float
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def _show(value: object) -> str:
     text = value if isinstance(value, str) else type(value).__name__
     return repr(text[:_SHOWN_CHARS])
@@ -242,8 +235,8 @@ def verify_set(
 ) -> VerifiedSET:
     """Verify a SET's JWS (:func:`authenticate_set`) and claims (:func:`check_set_claims`)."""
     policy, claims = authenticate_set(token, transmitters)
-    check_set_claims(claims, policy, now=now, leeway=leeway)
-    return VerifiedSET(transmitter=policy, claims=claims, jti=claims["jti"], iat=float(claims["iat"]))
+    jti, iat = check_set_claims(claims, policy, now=now, leeway=leeway)
+    return VerifiedSET(transmitter=policy, claims=claims, jti=jti, iat=iat)
 
 
 def authenticate_set(
@@ -280,30 +273,38 @@ def authenticate_set(
 
 def check_set_claims(
     claims: Mapping[str, Any], policy: TransmitterPolicy, *, now: float, leeway: int
-) -> None:
-    """RFC 8417 §2.2 claims of a SET whose signature has verified."""
-    aud = claims.get("aud")
-    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    if policy.audience not in [a for a in audiences if isinstance(a, str)]:
-        raise SetRefused("invalid_audience", "set.audience", _show(aud))
-    iat = _number(claims.get("iat"))
-    if iat is None:
-        raise _invalid("set.missing_iat")
-    if iat > now + leeway:
-        raise _invalid("set.iat_in_future", f"iat {iat:.0f}, now {now:.0f}")
-    if now - iat > policy.max_age + leeway:
-        raise _invalid("set.too_old", f"issued {now - iat:.0f}s ago, max_age {policy.max_age}")
-    if "exp" in claims:
-        exp = _number(claims["exp"])
-        if exp is None:
-            raise _invalid("set.malformed_exp")
-        if exp <= now - leeway:
-            raise _invalid("set.expired")
-    jti = claims.get("jti")
-    if not isinstance(jti, str) or not jti:
-        raise _invalid("set.missing_jti")
-    if len(jti) > MAX_JTI_CHARS:
-        raise _invalid("set.jti_too_long")
+) -> tuple[str, float]:
+    """RFC 8417 §2.2 claims of a SET whose signature has verified; its ``jti`` and ``iat``.
+
+    Checked by :mod:`.claims` like every other token: ``aud`` naming this
+    receiver (else ``invalid_audience``); ``iat`` required, not in the future
+    and at most ``max_age`` (+ ``leeway``) old; ``exp`` and ``toe``, when
+    present, NumericDates; ``jti`` a string of at most :data:`MAX_JTI_CHARS`.
+    A time claim that is not a usable number (a string, ``null``, an integer
+    too large for a float) is ``invalid_request`` (RFC 8935 §2.4: the SET is
+    not valid, so the transmitter must not retry it), never a server error.
+    """
+    rules = ClaimRules(
+        leeway=leeway,
+        issuer=policy.issuer,
+        accepted_audiences=(policy.audience,),
+        require_exp=False,
+        require_iat=True,
+        max_age=policy.max_age + leeway,
+        require_sub=False,
+        require_jti=True,
+        max_jti_length=MAX_JTI_CHARS,
+    )
+    try:
+        checked = check_claims(claims, rules, now=now)
+        numeric_date(claims, "toe")
+    except ClaimInvalid as exc:
+        if exc.reason.endswith("_aud") or exc.reason == "audience_mismatch":
+            raise SetRefused("invalid_audience", f"set.{exc.reason}", _show(claims.get("aud"))) from None
+        raise _invalid(f"set.{exc.reason}", exc.detail) from None
+    if checked.jti is None or checked.iat is None:  # Required by the rules; this keeps the types honest.
+        raise _invalid("set.missing_jti" if checked.jti is None else "set.missing_iat")
+    return checked.jti, checked.iat
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +434,7 @@ def check_payload(event_type: str, payload: Mapping[str, Any]) -> None:
     ``credential_type``...) are not checked, so a transmitter's extension or a
     slightly different draft does not make us drop a security signal.
     """
-    if "event_timestamp" in payload and _number(payload["event_timestamp"]) is None:
+    if "event_timestamp" in payload and numeric_date_value(payload["event_timestamp"]) is None:
         raise _invalid("event.malformed_event_timestamp", event_type)
     if event_type == DEVICE_COMPLIANCE_CHANGE:
         if payload.get("current_status") not in COMPLIANCE_STATUSES:
@@ -453,7 +454,7 @@ def event_time(payload: Mapping[str, Any], now: float, *, leeway: int, toe: floa
     one within it is clamped to ``now``: a transmitter's clock must not make a
     step-up requirement reach into the future.
     """
-    for candidate in (_number(payload.get("event_timestamp")), toe):
+    for candidate in (numeric_date_value(payload.get("event_timestamp")), toe):
         if candidate is not None:
             return min(candidate, now) if candidate <= now + leeway else now
     return now
@@ -687,8 +688,8 @@ class SignalReceiver:
         types = claims.get("events")
         if isinstance(types, dict):
             record.details["events"] = [str(t)[:_SHOWN_CHARS] for t in list(types)[:MAX_EVENTS]]
-        check_set_claims(claims, policy, now=now, leeway=self.leeway)
-        verified = VerifiedSET(transmitter=policy, claims=claims, jti=claims["jti"], iat=float(claims["iat"]))
+        jti, iat = check_set_claims(claims, policy, now=now, leeway=self.leeway)
+        verified = VerifiedSET(transmitter=policy, claims=claims, jti=jti, iat=iat)
         record.subject_token_iat = verified.iat
         jti_hash = hashlib.sha256(verified.jti.encode("utf-8", "surrogatepass")).hexdigest()
         record.details["jti_sha256"] = jti_hash
@@ -728,7 +729,7 @@ class SignalReceiver:
         keys = _unique(key for event in acted for key in event.identities)
         if not keys:
             return {}
-        toe = _number(verified.claims.get("toe"))
+        toe = numeric_date_value(verified.claims.get("toe"))
         policy = verified.transmitter
         current: dict[str, SubjectState] = {}
         for key in keys:

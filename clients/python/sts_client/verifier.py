@@ -37,7 +37,6 @@ and ``body()`` are the answer to send.  What is checked, in order:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -54,6 +53,7 @@ from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, Miss
 from joserfc.jws import JWSRegistry
 from joserfc.jwt import JWTClaimsRegistry
 
+from .compact import MalformedJWS, extract_compact_jws
 from .discovery import DiscoveryError, ServerMetadata, check_endpoint_url, fetch_metadata
 from .dpop import (
     DEFAULT_DPOP_ALGORITHMS,
@@ -308,13 +308,10 @@ class TokenVerifier:
         if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
             raise InvalidToken("token.not_a_jws", scheme=scheme)
         try:
-            compact = jws.extract_compact(token.encode("ascii"))
-            header = compact.headers()
-            claims = json.loads(compact.payload)
-        except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
-            raise InvalidToken("token.malformed", type(exc).__name__, scheme=scheme) from None
-        if not isinstance(header, dict) or not isinstance(claims, dict):
-            raise InvalidToken("token.malformed", "not JSON objects", scheme=scheme)
+            extracted = extract_compact_jws(token, max_bytes=MAX_TOKEN_BYTES)
+        except MalformedJWS as exc:
+            raise InvalidToken("token.malformed", str(exc), scheme=scheme) from None
+        compact, header, claims = extracted.compact, extracted.header, extracted.claims
         # RFC 9068 §4: typ must be at+jwt ("application/" may be omitted; case-insensitive), so an
         # ID token or an upstream workload token signed by the same keys cannot pass for one.
         typ = header.get("typ")
