@@ -223,14 +223,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): with the pid, its identity."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """The process's state letter and start time (clock ticks since boot), or None if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] == "Z" else int(fields[19])
+    return fields[0], int(fields[19])
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of a running (not exited) process: with the pid, its identity."""
+    stat = _stat(pid)
+    return None if stat is None or stat[0] == "Z" else stat[1]
 
 
 def alive(proc: dict[str, Any]) -> bool:
@@ -255,24 +261,34 @@ def spawn(run: Path, name: str, argv: list[str], env: dict[str, str]) -> dict[st
     return {"name": name, "pid": proc.pid, "start_time": start, "log": str(log_path), "argv": argv}
 
 
-def stop(proc: dict[str, Any], *, grace: float = 10.0) -> None:
-    """SIGTERM to the process group, SIGKILL after ``grace`` seconds; only if it is still ours."""
-    if not alive(proc):
+def _signal_group(proc: dict[str, Any], signum: int) -> None:
+    """Signal the process group ``proc`` leads, unless its pid now names another process.
+
+    Linux does not hand out a pid while a process group of that id exists, so when the
+    leader is gone (or a zombie) any remaining member is still one of ours."""
+    stat = _stat(proc["pid"])
+    if stat is not None and stat[1] != proc["start_time"]:
         return
-    pid = proc["pid"]
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(proc["pid"], signum)
+
+
+def stop(procs: list[dict[str, Any]], *, grace: float = 10.0) -> None:
+    """SIGTERM to each process group, together; SIGKILL to what is left after ``grace`` seconds."""
+    for proc in procs:
+        if alive(proc):
+            _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while alive(proc) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
+        for proc in procs:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc["pid"], os.WNOHANG)  # our own children (scripts/fleet run)
         time.sleep(0.05)
-    if alive(proc):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        # Workers the leader left behind (killed after it) belong to the same group.
-        os.killpg(pid, signal.SIGKILL)
+    for proc in procs:
+        # Also workers that outlived their leader: they belong to its group.
+        _signal_group(proc, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(proc["pid"], os.WNOHANG)
 
 
 def log_tail(proc: dict[str, Any], lines: int = 15) -> str:
@@ -602,8 +618,10 @@ def down(run: Path) -> bool:
     state = load_state(run)
     if state is None:
         return False
-    for proc in processes(state):
-        stop(proc)
+    # The proxy first (no new requests), then the instances and the issuer, then Redis.
+    stop([state["nginx"]] if state.get("nginx") else [])
+    stop([*state.get("instances", []), *([state["dev_issuer"]] if state.get("dev_issuer") else [])])
+    stop([state["redis"]] if state.get("redis") else [])
     if state.get("database"):
         with contextlib.suppress(psycopg.Error):
             drop_database(state["postgres"], state["database"]["name"])
@@ -723,4 +741,5 @@ def _interrupt(signum: int, frame: object) -> None:
 if __name__ == "__main__":
     # `kill` stops a foreground fleet as Ctrl-C does: everything it started is stopped.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where it is ignored
     sys.exit(main())
