@@ -406,7 +406,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             f"/.well-known/oauth-authorization-server{path}", "metadata_path", oauth.metadata, methods=["GET"]
         )
     log.info(
-        "sts ready: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
+        "sts %s: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
+        "ready" if schema.ready else "started, not ready until the database answers",
         settings.issuer,
         len(settings.issuers),
         len(clients),
