@@ -127,6 +127,8 @@ class PoolOptions:
 #: Seconds to wait for a PostgreSQL server to accept a connection (libpq waits forever by default),
 #: unless the URL sets ``connect_timeout`` itself.
 CONNECT_TIMEOUT = 5
+#: SQLite: an execution option that opens the connection's transaction with ``BEGIN IMMEDIATE``.
+_IMMEDIATE = "sts_sqlite_immediate"
 #: The keyword arguments each PostgreSQL engine was made with, for its statement pool.
 _ENGINE_ARGUMENTS: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 _STATEMENT_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
@@ -187,7 +189,6 @@ def _statement_engine(engine: Engine) -> Engine:
         return statements
 
 
-_IMMEDIATE = "sts_sqlite_immediate"
 _LOCK_DEADLINE = 10.0
 T = TypeVar("T")
 
