@@ -62,9 +62,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 STS = str(Path(sys.executable).with_name("sts"))
 INSTANCES = ("sts1", "sts2", "sts3")
-#: The endpoint nginx, the compose healthchecks and this script probe. It becomes /readyz
-#: (the audit store commits, the replay store answers) once the service has it.
-HEALTH_PATH = "/healthz"
+#: The endpoint the compose healthchecks and this script probe: readiness (the audit store
+#: commits, the replay store takes a write, the signing key is loaded).
+HEALTH_PATH = "/readyz"
 #: The resource server registered by the fleet, for introspection and revocation.
 RS_CLIENT_ID = "fleet-rs"
 RS_AUDIENCE = "https://deploy.example.com"

@@ -105,6 +105,11 @@ class Settings:
     workers: int = 2
     threads: int = 8
     database_url: str = "sqlite:///var/sts.sqlite"
+    #: PostgreSQL pools; None derives them from ``threads`` (see ``sts.app.database_pool``).
+    database_pool_size: int | None = None
+    database_max_overflow: int | None = None
+    database_pool_timeout: int = 5
+    database_startup_timeout: int = 10
     store: str = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     keys_dir: Path = Path("keys")
@@ -156,6 +161,10 @@ _INT_SETTINGS = {
     "port",
     "workers",
     "threads",
+    "database_pool_size",
+    "database_max_overflow",
+    "database_pool_timeout",
+    "database_startup_timeout",
     "key_rotation_min_published",
     "default_lifetime",
     "max_lifetime",

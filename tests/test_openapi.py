@@ -556,16 +556,19 @@ def test_jwks(client: FlaskClient) -> None:
     assert len(body["keys"]) >= 2  # active and next
 
 
-def test_healthz(client: FlaskClient, make_settings: Callable[..., Any]) -> None:
-    response = client.get("/healthz")
-    assert check_response(response, "/healthz", "get") == {"status": "ok"}
+@pytest.mark.parametrize("path", ["/readyz", "/healthz"])
+def test_readiness(client: FlaskClient, make_settings: Callable[..., Any], path: str) -> None:
+    response = client.get(path)
+    assert check_response(response, path, "get") == {"status": "ok"}
     # A real failure: the configured Redis store is on a port where nothing listens.
     from sts.app import create_app
 
     broken = create_app(make_settings(store="redis", redis_url="redis://127.0.0.1:1/0")).test_client()
-    response = broken.get("/healthz")
-    body = check_response(response, "/healthz", "get")
+    response = broken.get(path)
+    body = check_response(response, path, "get")
     assert response.status_code == 503 and body["problems"] == ["store"]
+    # Alive all the same: liveness checks no dependency.
+    assert check_response(broken.get("/livez"), "/livez", "get") == {"status": "ok"}
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..core.audit import AuditRecord
@@ -94,8 +96,48 @@ replay_entries = Table(
 )
 
 
-def make_engine(url: str) -> Engine:
-    """One engine (and pool) per process, created at start."""
+heartbeats = Table(
+    "heartbeats",
+    metadata,
+    # One row per serving process (host:pid), rewritten by each readiness check: a commit
+    # proves the audit database takes writes, which a SELECT does not.
+    Column("instance", String(200), primary_key=True),
+    Column("checked_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """The connection pools of a PostgreSQL engine (SQLite opens files, and ignores these).
+
+    A process has two pools of this shape: the engine's own (transactions and reads, with
+    a liveness check on checkout) and one for the single-statement writes of every request
+    (:class:`RawStatement`).  Each keeps at most ``size`` connections open while idle and
+    opens up to ``max_overflow`` more under load; a request waits at most ``timeout``
+    seconds for one, then fails closed.
+    """
+
+    size: int = 2
+    max_overflow: int = 8
+    timeout: float = 5.0
+
+    def engine_arguments(self) -> dict[str, Any]:
+        return {"pool_size": self.size, "max_overflow": self.max_overflow, "pool_timeout": self.timeout}
+
+
+#: Seconds to wait for a PostgreSQL server to accept a connection (libpq waits forever by default),
+#: unless the URL sets ``connect_timeout`` itself.
+CONNECT_TIMEOUT = 5
+#: SQLite: an execution option that opens the connection's transaction with ``BEGIN IMMEDIATE``.
+_IMMEDIATE = "sts_sqlite_immediate"
+#: The keyword arguments each PostgreSQL engine was made with, for its statement pool.
+_ENGINE_ARGUMENTS: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
+_STATEMENT_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_STATEMENT_ENGINES_LOCK = threading.Lock()
+
+
+def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
+    """One engine (and pool) per process, created at start; no connection is opened here."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         _private_sqlite_files(url.removeprefix("sqlite:///"))
@@ -118,12 +160,35 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN")
+            # IMMEDIATE takes the write lock at once (for a read-then-write such as the schema check).
+            conn.exec_driver_sql(
+                "BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN"
+            )
 
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=5)
+    arguments = (pool or PoolOptions()).engine_arguments()
+    if "connect_timeout" not in make_url(url).query:
+        arguments["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    engine = create_engine(url, pool_pre_ping=True, **arguments)
+    _ENGINE_ARGUMENTS[engine] = arguments
+    return engine
+
+
+def _statement_engine(engine: Engine) -> Engine:
+    """PostgreSQL: the pool for single statements, one per engine and shared by every
+    :class:`RawStatement` on it, shaped like the engine's own but without pre-ping."""
+    with _STATEMENT_ENGINES_LOCK:
+        statements = _STATEMENT_ENGINES.get(engine)
+        if statements is None:
+            statements = create_engine(
+                engine.url, **_ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())
+            )
+            _STATEMENT_ENGINES[engine] = statements
+            # Disposing of the engine (tests, the CLI) closes the statement pool's connections too.
+            event.listen(engine, "engine_disposed", lambda _engine, pool=statements: pool.dispose())
+        return statements
 
 
 def _private_sqlite_files(database: str) -> None:
@@ -205,10 +270,10 @@ class RawStatement:
 
     def __init__(self, engine: Engine) -> None:
         self.sqlite = engine.dialect.name == "sqlite"
-        # PostgreSQL: a pool of its own without pre-ping (a round trip on every checkout);
-        # a connection found dead is replaced and the statement tried once more instead.
-        self.engine = engine if self.sqlite else create_engine(engine.url, pool_size=10, max_overflow=10,
-                                                               pool_timeout=5)  # fmt: skip
+        # PostgreSQL: a pool without pre-ping (a round trip on every checkout), shared by every
+        # statement on this engine; a connection found dead is replaced and the statement tried
+        # once more instead.
+        self.engine = engine if self.sqlite else _statement_engine(engine)
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
         self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
@@ -251,7 +316,27 @@ class RawStatement:
 
 
 def create_schema(engine: Engine) -> None:
-    transaction(engine, lambda conn: metadata.create_all(conn))
+    """Create whatever tables and indexes are missing, safely from any number of processes at once.
+
+    The one place the schema is made (a migration tool can take its place).  Checking and
+    creating happen in one transaction under a database lock, so that of several workers or
+    instances starting together on a fresh database one creates the tables and the others
+    find them: on PostgreSQL a transaction-scoped advisory lock (per database and schema),
+    on SQLite ``BEGIN IMMEDIATE`` (the write lock; a collision is retried).
+    """
+
+    def work(conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext('sts.schema'), hashtext(current_schema()))")
+            )
+        metadata.create_all(conn)
+
+    def attempt() -> None:
+        with engine.connect() as conn, conn.execution_options(**{_IMMEDIATE: True}).begin():
+            work(conn)
+
+    _retry_locked(attempt)
 
 
 def _text(value: str | None, limit: int) -> str | None:
@@ -302,6 +387,13 @@ class SqlAuditSink:
         # psycopg adapts JSON in SQLAlchemy's compiled path only; raw, it is sent as text.
         self._processors.setdefault("record", lambda value: json.dumps(value, default=str))
         self._sql_by_size: dict[int, str] = {}
+        p = self._raw.placeholder
+        # Table and column names are constants of this module; values are parameters.
+        self._heartbeat = (
+            f"INSERT INTO heartbeats (instance, checked_at) VALUES ({p}, {p}) "  # noqa: S608
+            "ON CONFLICT (instance) DO UPDATE SET checked_at = excluded.checked_at"
+        )
+        self._forget_heartbeats = f"DELETE FROM heartbeats WHERE checked_at < {p}"  # noqa: S608
         self._cond = threading.Condition()
         self._pending: list[_PendingRow] = []
         self._committing = False
@@ -397,6 +489,21 @@ class SqlAuditSink:
             raise
         for item in batch:
             item.done = True
+
+    def check_commit(self, instance: str, now: float) -> None:
+        """Commit one small write through the audit's own connections (a readiness check).
+
+        Upserts this process's row in ``heartbeats``: a database that answers reads but
+        cannot commit (read-only, out of space, permissions revoked) fails here, as the
+        audit record of a grant would.  Rows of processes silent for a day are removed.
+        Raises :class:`AuditUnavailable`.
+        """
+        try:
+            self._raw.run(self._heartbeat, (instance[:200], now))
+            if random.random() < 0.01:  # noqa: S311 - housekeeping, not security relevant
+                self._raw.run(self._forget_heartbeats, (now - 86400,))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise AuditUnavailable(type(exc).__name__) from None
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; ``filters`` match columns exactly (``outcome="refused"``)."""

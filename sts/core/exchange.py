@@ -37,7 +37,7 @@ from ..protocol.token_exchange import (
     parse_token_exchange,
 )
 from .attest import IssuerDirectory, VerifiedToken, verify_token
-from .audit import AuditRecord, token_hash
+from .audit import AuditRecord, log_unaudited, token_hash
 from .baseline import BASELINE_TTL, Baseline, observe, record_failure
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from .delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, narrow_reexchange
@@ -189,6 +189,7 @@ class TokenExchange:
                 wire.request_id,
                 exc,
             )
+            log_unaudited(log, record, str(exc), outcome="withheld")
             # The token is withheld, so a single-use subject token must stay usable for the retry.
             for purpose, key in consumed:
                 try:
@@ -216,8 +217,8 @@ class TokenExchange:
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
-            # The refusal stands either way; the failure is logged for operators.
-            log.error("audit write of a refusal failed (request %s): %s", record.request_id, exc)
+            # The refusal stands either way; the decision goes to the log instead.
+            log_unaudited(log, record, str(exc))
 
     def _decide(
         self, wire: WireRequest, record: AuditRecord, now: float, consumed: list[tuple[str, str]]

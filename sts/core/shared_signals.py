@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .attest import IssuerDirectory
-from .audit import AuditRecord, token_hash
+from .audit import AuditRecord, log_unaudited, token_hash
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date, numeric_date_value
 from .jose import JWSInvalid, peek, verify_signature
 from .ports import (
@@ -667,6 +667,7 @@ class SignalReceiver:
             # The state change stands (it only tightens), but the transmitter must retry so the
             # trail is complete: forget the jti so that the retry is not taken for a replay.
             log.error("audit write of an accepted SET failed (request %s): %s", delivery.request_id, exc)
+            log_unaudited(log, record, str(exc), outcome="withheld")
             if consumed is not None:
                 try:
                     self.replay.release(*consumed)
@@ -757,5 +758,5 @@ class SignalReceiver:
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
-            # The refusal stands either way; the failure is logged for operators.
-            log.error("audit write of a refused SET failed (request %s): %s", record.request_id, exc)
+            # The refusal stands either way; the decision goes to the log instead.
+            log_unaudited(log, record, str(exc))
