@@ -102,6 +102,12 @@ class Settings:
     port: int = 8080
     workers: int = 2
     threads: int = 8
+    #: Seconds to receive a request line and headers (also how long an idle keep-alive connection stays).
+    header_read_timeout: int = 10
+    #: Seconds to receive a request body, once its headers are in.
+    body_read_timeout: int = 10
+    #: Connections served at once by all workers together; more wait in the listen queue.
+    max_connections: int = 1024
     database_url: str = "sqlite:///var/sts.sqlite"
     store: str = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -154,6 +160,9 @@ _INT_SETTINGS = {
     "port",
     "workers",
     "threads",
+    "header_read_timeout",
+    "body_read_timeout",
+    "max_connections",
     "key_rotation_min_published",
     "default_lifetime",
     "max_lifetime",
