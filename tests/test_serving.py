@@ -445,3 +445,23 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(
         assert server.proc.wait(timeout=20) == 0
     finally:
         server.stop()
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_server_settings_are_read_and_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./sts.yaml
+    from sts.errors import ConfigurationError
+    from sts.serving import per_worker_connections
+    from sts.settings import load_settings
+
+    environ = {"STS_HEADER_READ_TIMEOUT": "5", "STS_BODY_READ_TIMEOUT": "7", "STS_MAX_CONNECTIONS": "100"}
+    settings = load_settings(None, environ=environ, overrides={"database_url": f"sqlite:///{tmp_path}/x"})
+    assert (settings.header_read_timeout, settings.body_read_timeout, settings.max_connections) == (5, 7, 100)
+    assert per_worker_connections(settings.max_connections, 3) == 34
+    for bad in ({"header_read_timeout": 0}, {"header_read_timeout": 61}, {"body_read_timeout": 0}):
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            load_settings(None, environ={}, overrides=bad)
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        load_settings(None, environ={"STS_MAX_CONNECTIONS": "8"})
