@@ -25,8 +25,9 @@ spreads new connections over the workers by a hash of the address pair, so a
 client's connections do not all land on whichever worker accepted first.  A
 keep-alive connection stays with its worker.
 
-Errors answered here (body too slow ``408``, too large ``413``, a failure of
-this adapter ``500``) are JSON like the application's, with ``X-Request-Id``.
+Refusals answered here (a body too slow ``408``, chunked ``411``, too large
+``413``; a header value granian cannot pass on ``400``; a failure of this
+adapter ``500``) are JSON like the application's, with ``X-Request-Id``.
 """
 
 from __future__ import annotations
@@ -86,10 +87,9 @@ class WSGIOverRSGI:
     """An RSGI application that reads the whole body asynchronously, then calls a WSGI app in a thread pool.
 
     A request body must come with ``Content-Length`` (a chunked one is
-    answered ``411``), of at most
-    ``max_body_bytes`` (else ``413``, unread), received in full within
-    ``body_read_timeout`` (else ``408``).  A body cut short by the client is
-    dropped with its connection, unanswered.
+    answered ``411``), of at most ``max_body_bytes`` (else ``413``, unread),
+    received in full within ``body_read_timeout`` (else ``408``).  A body cut
+    short by the client is dropped with its connection, unanswered.
 
     The environ follows PEP 3333: ``PATH_INFO`` is the percent-decoded path as
     latin-1, and headers whose name holds an underscore are dropped, since
@@ -121,7 +121,7 @@ class WSGIOverRSGI:
             self._error(scope, proto, exc.status, exc.description, close=True)
             return
         except (ConnectionError, RSGIProtocolClosed, RSGIProtocolError):
-            log.info("request body not received: the client closed the connection")
+            log.debug("request body not received: the client closed the connection")
             return  # nobody to answer
         try:
             loop = asyncio.get_running_loop()
@@ -241,6 +241,17 @@ class WSGIOverRSGI:
         proto.response_bytes(status, headers, body.encode())
 
 
+#: granian's own log lines, in the format `sts serve` uses for the others (on stderr, with a time).
+_LOG_FORMAT = {"()": "logging.Formatter", "fmt": "%(asctime)s %(levelname)s granian: %(message)s"}
+_LOG_CONFIG = {
+    "formatters": {"generic": _LOG_FORMAT, "access": _LOG_FORMAT},
+    "handlers": {
+        "console": {"formatter": "generic", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+        "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+    },
+}
+
+
 def _request_id(incoming: str) -> str:
     return str(uuid.uuid4())
 
@@ -304,6 +315,7 @@ def serve(
             max_buffer_size=MAX_HEAD_BYTES,
         ),
         log_level=LogLevels(log_level.lower()),
+        log_dictconfig=_LOG_CONFIG,
         log_access=False,  # the application logs its requests, without raw paths or query strings
         respawn_failed_workers=True,
         workers_kill_timeout=10,

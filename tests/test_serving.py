@@ -25,6 +25,9 @@ from conftest import DEFAULT_POLICY, JWT_TYPE, TOKEN_EXCHANGE
 
 from sts.adapters import sql
 from sts.dev.issuer import DevIssuer, RunningServer
+from sts.errors import ConfigurationError
+from sts.serving import per_worker_connections
+from sts.settings import load_settings
 
 STS = str(Path(sys.executable).with_name("sts"))
 #: Connections held open by the slow-client test: a third idle, a third mid-headers, a third mid-body.
@@ -452,10 +455,6 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(
 
 def test_server_settings_are_read_and_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # no ./sts.yaml
-    from sts.errors import ConfigurationError
-    from sts.serving import per_worker_connections
-    from sts.settings import load_settings
-
     environ = {"STS_HEADER_READ_TIMEOUT": "5", "STS_BODY_READ_TIMEOUT": "7", "STS_MAX_CONNECTIONS": "100"}
     settings = load_settings(None, environ=environ, overrides={"database_url": f"sqlite:///{tmp_path}/x"})
     assert (settings.header_read_timeout, settings.body_read_timeout, settings.max_connections) == (5, 7, 100)
