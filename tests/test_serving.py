@@ -49,8 +49,16 @@ def _free_port() -> int:
 class Served:
     """One `sts serve` process with its own directory, port and settings."""
 
-    def __init__(self, directory: Path, upstream: RunningServer, **settings: Any) -> None:
-        self.port = _free_port()
+    def __init__(
+        self,
+        directory: Path,
+        upstream: RunningServer,
+        *,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        **settings: Any,
+    ) -> None:
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.directory = directory
         (directory / "policies").mkdir()
@@ -80,7 +88,7 @@ class Served:
         self.log = directory / "serve.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [STS, "--config", str(self.config), "serve"],
+                [STS, "--config", str(self.config), "serve", *args],
                 cwd=directory,
                 env=self.env,
                 stdout=out,
@@ -432,8 +440,12 @@ def test_a_second_service_on_the_same_port_refuses_to_start(served: Served) -> N
 def test_sigterm_finishes_the_request_in_flight_then_exits(
     tmp_path: Path, upstream_issuer: RunningServer
 ) -> None:
-    server = Served(tmp_path, upstream_issuer, workers=1)
+    port = _free_port()
+    # The command-line flags win over the file (workers 2, threads 8 by default).
+    flags = ("--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--threads", "2")
+    server = Served(tmp_path, upstream_issuer, port=port, args=flags)
     try:
+        assert "(1 workers x 2 threads" in server.log.read_text()
         body = b"grant_type=nonsense"
         in_flight = server.connect(
             b"POST /token HTTP/1.1\r\nHost: sts\r\nContent-Type: application/x-www-form-urlencoded\r\n"
