@@ -422,7 +422,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 
 def wsgi_app_from_environment() -> Flask:
-    """Entry point for WSGI servers: ``gunicorn 'sts.app:wsgi_app_from_environment()'``."""
+    """Entry point for other WSGI servers (``sts serve`` uses granian)."""
     from .settings import load_settings
 
     return create_app(load_settings())

@@ -8,6 +8,7 @@ message when they are invalid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -57,43 +58,49 @@ def main(ctx: click.Context, config: Path | None) -> None:
 def serve(
     ctx: click.Context, host: str | None, port: int | None, workers: int | None, threads: int | None
 ) -> None:
-    """Run the service under gunicorn (keys and database are created on first start)."""
+    """Run the service (granian; keys and database are created on first start)."""
     import logging
 
-    from gunicorn.app.base import BaseApplication
-
+    from . import serving
     from .app import create_app, prepare
+    from .http.responses import request_id
 
     settings = _settings(ctx, host=host, port=port, workers=workers, threads=threads)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if serving.port_in_use(settings.host, settings.port):
+        raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
     try:
         prepare(settings)
         # Build once in the parent too, so a bad policy or key stops the start here, with its message.
-        create_app(settings)
+        checked = create_app(settings)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
-
-    class _Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{settings.host}:{settings.port}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("threads", settings.threads)
-            self.cfg.set("worker_class", "gthread")
-            # No server access log: it would show the raw path, where a misguided client may put a
-            # token. The application writes one (logger sts.access) naming the route instead.
-            self.cfg.set("limit_request_line", 8190)
-            self.cfg.set("graceful_timeout", 10)
-
-        def load(self) -> Any:
-            # Called in each worker: every process opens its own pools and parses its own keys.
-            return create_app(settings)
+    # The workers open their own pools; the check's connections must not be inherited by them.
+    runtime = checked.extensions["sts"]
+    runtime.engine.dispose()
+    if runtime.redis_client is not None:
+        runtime.redis_client.close()
 
     click.echo(
         f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
         f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
         err=True,
     )
-    _Server().run()
+    serving.serve(
+        functools.partial(create_app, settings),
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        limits=serving.Limits(
+            threads=settings.threads,
+            header_read_timeout=settings.header_read_timeout,
+            body_read_timeout=settings.body_read_timeout,
+            max_body_bytes=settings.max_body_bytes,
+            max_connections=settings.max_connections,
+        ),
+        log_level=settings.log_level,
+        request_id=request_id,
+    )
 
 
 # -- config --------------------------------------------------------------------------------------

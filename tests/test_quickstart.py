@@ -1,4 +1,4 @@
-"""The README quickstart, run for real: `sts serve` (gunicorn), `sts dev issuer`, `sts dev token`.
+"""The README quickstart, run for real: `sts serve` (granian), `sts dev issuer`, `sts dev token`.
 
 The shipped sts.yaml and policies/quickstart.yaml are used as they are, except for the
 ports (taken free here so the test never collides with a running service).
@@ -151,7 +151,8 @@ def test_tokens_in_the_query_string_are_refused_and_never_logged(quickstart: dic
     assert refused.status_code == 400 and refused.json()["error"] == "invalid_request"
     requests.get(f"{base}/healthz", timeout=5)  # flush at least one more access-log line
     log_text = Path(str(quickstart["log"])).read_text()
-    assert "POST /token" in log_text, "the access log is written"
+    # The HTTP server writes no access log of its own (it would show raw paths); the application's
+    # access log is another item of issue 8.
     assert secret not in log_text and "c2VjcmV0" not in log_text
 
 
