@@ -99,7 +99,7 @@ class Epoch:
 
     id: str
     #: When it began (this service's clock, whole seconds rounded up).
-    created_at: float
+    created_at: int
     #: The Redis server run it was last confirmed under (``INFO server`` ``run_id``).
     run_id: str | None
     #: True when it replaced an epoch whose records were lost.
@@ -116,11 +116,13 @@ class Epoch:
 
     @classmethod
     def load(cls, raw: object) -> Epoch | None:
+        if not isinstance(raw, bytes | str):
+            return None
         try:
-            value = json.loads(raw) if isinstance(raw, bytes | str) else None
+            value = json.loads(raw)
             return cls(
                 str(value["id"]),
-                float(value["created_at"]),
+                int(value["created_at"]),
                 None if value["run_id"] is None else str(value["run_id"]),
                 bool(value["after_loss"]),
             )
@@ -229,15 +231,18 @@ class LedgerEpoch:
         run_id, aof = self._server()
         previous = self._known.id if self._known is not None else self._remembered()
         for _ in range(8):
-            raw = self.client.get(self.key)
+            raw: bytes | None = self.client.get(self.key)  # type: ignore[assignment]
             epoch = Epoch.load(raw)
+            # What the scripts compare with: exactly the bytes Redis holds.
+            current = raw
             if epoch is None:
                 # Empty (or unreadable): a new epoch; after a loss if an earlier one was known.
                 epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, previous is not None)
+                current = epoch.dump()
                 if raw is None:
-                    if not self.client.set(self.key, epoch.dump(), nx=True):
+                    if not self.client.set(self.key, current, nx=True):
                         continue
-                elif not self._replace(keys=[self.key], args=[raw, epoch.dump()]):
+                elif not self._replace(keys=[self.key], args=[raw, current]):
                     continue
                 if epoch.after_loss:
                     log.error(
@@ -262,7 +267,9 @@ class LedgerEpoch:
                     # Another process began this epoch without knowing the one before: we do.
                     changed = replace(changed, after_loss=True)
                 if changed != epoch:
-                    if not self._replace(keys=[self.key], args=[raw, changed.dump()]):
+                    assert raw is not None
+                    current = changed.dump()
+                    if not self._replace(keys=[self.key], args=[raw, current]):
                         continue
                     epoch = changed
             break
@@ -272,7 +279,7 @@ class LedgerEpoch:
             self.lost_at = max(self.lost_at or epoch.created_at, epoch.created_at)
         if self.memory is not None and epoch.id != previous:
             self._remember(epoch.id)
-        self._known, self._raw, self._synced = epoch, epoch.dump(), synced
+        self._known, self._raw, self._synced = epoch, current, synced
 
     def _server(self) -> tuple[str | None, bool]:
         """``run_id`` and whether the append-only file is on; (None, False) when INFO is refused."""
@@ -328,7 +335,8 @@ class _RedisLedgerBase:
         With ``check``, a credential the lost records may have seen is refused
         (:class:`ReplayWindowLost`), also when the loss is found only after the write.
         """
-        pxat = math.ceil(max(expires_at, now + 1) * 1000)
+        # Already expired: nothing to remember, and Redis refuses a past PXAT.
+        pxat = math.ceil((expires_at if expires_at > now else now + 1) * 1000)
         try:
             for _ in range(3):
                 expected = self.epoch.expected(now)
