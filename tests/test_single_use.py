@@ -774,6 +774,53 @@ def test_redis_lost_after_the_audit_commit_withholds_the_token_and_frees_it(
         relay.cut()
 
 
+class CommitAnswerDropper(TcpRelay):
+    """A relay that, once armed, passes the next ``COMMIT`` on and breaks the connection instead of
+    passing the server's answer back: the transaction is committed, and the app cannot know it."""
+
+    #: psycopg sends COMMIT as a simple query: 'Q', length 11, "COMMIT\0".
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
+        self.armed = False
+        self._answer_lost_for: set[socket.socket] = set()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:  # type: ignore[override]
+        try:
+            while data := src.recv(65536):
+                if dst in self._answer_lost_for:
+                    break  # the server's answer to COMMIT: drop it, and the connection
+                if self.armed and self.COMMIT in data:
+                    self.armed = False
+                    self._answer_lost_for.add(src)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_commit_whose_answer_is_lost_is_confirmed_and_the_token_sent(
+    make_app: Callable[..., Flask], upstream: RunningServer, pg_schema: PgSchema
+) -> None:
+    """Without the check on a fresh connection, the app answered 503 for a committed use: the
+    retry was then refused as a replay (the token burnt)."""
+    relay = CommitAnswerDropper(("127.0.0.1", 5432))
+    relay.restore()
+    try:
+        app = make_app(database_url=pg_schema.url.replace(":5432", f":{relay.port}"))
+        token = deploy_token(upstream)
+        break_once_after_the_reservation(app, lambda: setattr(relay, "armed", True))
+        assert_granted(app, post(app, token))
+        assert relay.armed is False  # the COMMIT went through the relay, its answer did not
+        assert_replayed(app, post(app, token), token)
+    finally:
+        relay.cut()
+
+
 def test_a_replay_racing_the_commit_loses_on_postgresql(
     make_app: Callable[..., Flask], upstream: RunningServer, pg_schema: PgSchema
 ) -> None:

@@ -230,8 +230,9 @@ class RawStatement:
         SQLite: ``BEGIN IMMEDIATE`` takes the write lock up front (a lock collision is
         retried like any other); PostgreSQL: the driver's implicit transaction.  A
         connection found dead before anything was sent is replaced and the work tried
-        once more; a failure during ``COMMIT`` is not retried (its outcome is unknown).
-        DBAPI errors, and whatever ``work`` raises, propagate.
+        once more.  On PostgreSQL a failure during ``COMMIT`` (the connection broke) is
+        :class:`CommitOutcomeUnknown`: the server may have committed.  Other DBAPI
+        errors, and whatever ``work`` raises, propagate.
         """
         stage = ["connect"]
 
@@ -263,13 +264,22 @@ class RawStatement:
         if self.sqlite:
             return _retry_locked(attempt)
         try:
-            return attempt()
-        except self._disconnects:
+            try:
+                return attempt()
+            except self._disconnects:
+                if stage[0] == "commit":
+                    raise
+                # The server drops an uncommitted transaction with its connection: one fresh try
+                # (typically a pooled connection that died while idle).
+                return attempt()
+        except self.errors as exc:
             if stage[0] == "commit":
-                raise
-            # The server drops an uncommitted transaction with its connection: one fresh try
-            # (typically a pooled connection that died while idle).
-            return attempt()
+                raise CommitOutcomeUnknown(type(exc).__name__) from exc
+            raise
+
+
+class CommitOutcomeUnknown(Exception):
+    """``COMMIT`` was sent, and no answer came back: the transaction may or may not be committed."""
 
 
 def create_schema(engine: Engine) -> None:
@@ -408,8 +418,23 @@ class SqlAuditSink:
             self._raw.transaction(work)
         except _UseTaken:
             raise AlreadyUsed from None
+        except CommitOutcomeUnknown as exc:
+            # The connection broke during COMMIT.  Ask again on a fresh one: if the record is
+            # there, so is the use, and the token may leave; else neither was committed.
+            if not self._committed(record):
+                raise AuditUnavailable(f"commit outcome unknown: {exc}") from None
+            log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
         except (*self._raw.errors, SQLAlchemyError) as exc:
             raise AuditUnavailable(type(exc).__name__) from None
+
+    def _committed(self, record: AuditRecord) -> bool:
+        """Whether ``record`` (a grant: it has an ``issued_jti``) is committed; False if unknowable."""
+        p = self._raw.placeholder
+        sql = f"SELECT 1 FROM audit_events WHERE issued_jti = {p} AND event_id = {p}"  # noqa: S608
+        try:
+            return bool(self._raw.query(sql, (record.issued_jti, record.event_id)))
+        except (*self._raw.errors, SQLAlchemyError):
+            return False
 
     def _sql(self, rows: int) -> str:
         sql = self._sql_by_size.get(rows)
