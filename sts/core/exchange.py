@@ -197,10 +197,9 @@ class TokenExchange:
         except AlreadyUsed:
             # A concurrent request with the same token committed first (another worker or instance).
             _withdraw_grant(record)
-            self._refuse(
-                record, InvalidRequest("subject_token.replayed", "used by a concurrent request"), now
-            )
-            raise InvalidRequest("subject_token.replayed") from None
+            replayed = InvalidRequest("subject_token.replayed", "used by a concurrent request")
+            self._refuse(record, replayed, now)
+            raise replayed from None
         except AuditUnavailable as exc:
             log.error(
                 "audit write failed; token %s withheld (request %s): %s",
