@@ -530,7 +530,8 @@ def _up(run: Path, args: argparse.Namespace, nginx: str, env: dict[str, str], st
     redis_port = free_port()
     state["redis"] = spawn(run, "redis", [
         "redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--dir", str(run / "redis"),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+        "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction",
+        "--save", "", "--daemonize", "no",
     ], env)  # fmt: skip
     state["redis"]["url"] = f"redis://127.0.0.1:{redis_port}/0"
     save_state(run, state)

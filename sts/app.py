@@ -49,6 +49,7 @@ from .core.ports import (
     IssuerKeys,
     ReplayCache,
     RevokedTokens,
+    SingleUseLedger,
     SubjectStateStore,
     TokenReviewer,
 )
@@ -279,12 +280,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
     )
     redis_client: redis.Redis | None = None
+    epoch: redis_store.LedgerEpoch | None = None
     replay: ReplayCache
     subject_states: SubjectStateStore
     baselines: BaselineStore
     if settings.store == "redis":
         redis_client = redis_store.connect(settings.redis_url)
-        replay = redis_store.RedisReplayCache(redis_client)
+        # The durable database remembers the ledger's epoch, so that even a process started after
+        # Redis lost its records knows they were lost.
+        epoch = redis_store.LedgerEpoch(redis_client, memory=sql.SqlLedgerEpochMemory(engine, clock=clock))
+        redis_store.check_at_start(redis_client, epoch, clock())
+        replay = redis_store.RedisReplayCache(redis_client, epoch=epoch)
         subject_states = redis_store.RedisSubjectStateStore(redis_client)
         baselines = redis_store.RedisBaselineStore(redis_client)
         revoked: RevokedTokens = redis_store.RedisRevokedTokens(redis_client)
@@ -295,6 +301,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
     audit = sql.SqlAuditSink(engine)
+    ledger: SingleUseLedger = (
+        redis_store.RedisSingleUseLedger(redis_client, audit, epoch=epoch)
+        if redis_client is not None
+        else sql.SqlSingleUseLedger(audit)
+    )
     clients = {c.client_id: _client(c, clock) for c in settings.clients}
 
     def current_signer() -> Any:
@@ -318,6 +329,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         issuers=build_issuers(settings, clock, keyring),
         policy=policy,
         replay=replay,
+        ledger=ledger,
         signer=current_signer,
         audit=audit,
         clock=clock,

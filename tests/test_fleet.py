@@ -273,7 +273,8 @@ def test_compose_runs_three_instances_behind_nginx_with_healthchecks_and_restart
     for name in ("sts1", "sts2", "sts3"):
         assert re.search(r"/(healthz|readyz)'", services[name]["healthcheck"]["test"][-1])
     assert services["redis"]["command"] == [
-        "redis-server", "--appendonly", "yes", "--appendfsync", "everysec"
+        "redis-server", "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction",
+        "--dir", "/data",
     ]  # fmt: skip
     nginx_address = services["nginx"]["networks"]["backend"]["ipv4_address"]
     settings = yaml.safe_load((REPO / "deploy" / "sts.yaml").read_text())

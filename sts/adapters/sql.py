@@ -4,11 +4,15 @@ SQLite by default (WAL journal, so readers do not block the writer and
 commits survive a process crash), PostgreSQL from a ``postgresql+psycopg://``
 URL.  The replay store is correct across processes on one machine: an
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`` is one atomic
-statement, so of two concurrent first uses exactly one succeeds.
+statement, so of two concurrent first uses exactly one succeeds.  A
+single-use subject token's entry is inserted in the same transaction as the
+audit record of its grant (:class:`SqlSingleUseLedger`), so a failed commit
+leaves neither and the token stays usable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -51,7 +55,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..core.audit import AuditRecord
 from ..core.baseline import Baseline
-from ..core.ports import AuditUnavailable, StoreUnavailable
+from ..core.ports import AlreadyUsed, AuditUnavailable, SingleUse, StoreUnavailable
 from ..core.subject_state import SubjectState
 
 log = logging.getLogger(__name__)
@@ -314,6 +318,63 @@ class RawStatement:
             # Nothing was committed on a connection that died; one fresh try.
             return attempt()
 
+    def transaction(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(cursor)`` in one transaction and commit it; on any error, roll back.
+
+        SQLite: ``BEGIN IMMEDIATE`` takes the write lock up front (a lock collision is
+        retried like any other); PostgreSQL: the driver's implicit transaction.  A
+        connection found dead before anything was sent is replaced and the work tried
+        once more.  On PostgreSQL a failure during ``COMMIT`` (the connection broke) is
+        :class:`CommitOutcomeUnknown`: the server may have committed.  Other DBAPI
+        errors, and whatever ``work`` raises, propagate.
+        """
+        stage = ["connect"]
+
+        def attempt() -> T:
+            stage[0] = "connect"
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                if self.sqlite:
+                    cur.execute("BEGIN IMMEDIATE")
+                stage[0] = "work"
+                result = work(cur)
+                stage[0] = "commit"
+                if self.sqlite:
+                    cur.execute("COMMIT")
+                else:
+                    raw.commit()
+                return result
+            except BaseException as exc:
+                with contextlib.suppress(*self.errors):
+                    raw.rollback()
+                if not self.sqlite and isinstance(exc, self.errors):
+                    # A connection with a failed statement is not reused as it is.
+                    raw.invalidate()
+                raise
+            finally:
+                raw.close()
+
+        if self.sqlite:
+            return _retry_locked(attempt)
+        try:
+            try:
+                return attempt()
+            except self._disconnects:
+                if stage[0] == "commit":
+                    raise
+                # The server drops an uncommitted transaction with its connection: one fresh try
+                # (typically a pooled connection that died while idle).
+                return attempt()
+        except self.errors as exc:
+            if stage[0] == "commit":
+                raise CommitOutcomeUnknown(type(exc).__name__) from exc
+            raise
+
+
+class CommitOutcomeUnknown(Exception):
+    """``COMMIT`` was sent, and no answer came back: the transaction may or may not be committed."""
+
 
 def create_schema(engine: Engine) -> None:
     """Create whatever tables and indexes are missing, safely from any number of processes at once.
@@ -452,6 +513,50 @@ class SqlAuditSink:
         if item.error is not None:
             raise AuditUnavailable(item.error)
 
+    def write_with_uses(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+        """Commit ``record`` and the replay entries of ``uses`` in one transaction.
+
+        Either both are committed or neither: a failed commit leaves the single-use
+        credential unused.  Raises :class:`AlreadyUsed` when one of ``uses`` has a
+        live entry (a concurrent request committed first; on PostgreSQL the insert
+        waits for that request's transaction), :class:`AuditUnavailable` when the
+        transaction cannot be committed.  Not group-committed: the entries must
+        succeed or fail with this record alone.
+        """
+        entry_sql = first_use_statement(self._raw.placeholder)
+        entries = [(replay_key(u.purpose, u.key), u.expires_at, now) for u in uses]
+        row = self._params([_PendingRow(self._row(record))])
+
+        def work(cur: Any) -> bool:
+            for params in entries:
+                cur.execute(entry_sql, params)
+                if cur.rowcount != 1:
+                    raise _UseTaken
+            cur.execute(self._sql(1), row)
+            return True
+
+        try:
+            self._raw.transaction(work)
+        except _UseTaken:
+            raise AlreadyUsed from None
+        except CommitOutcomeUnknown as exc:
+            # The connection broke during COMMIT.  Ask again on a fresh one: if the record is
+            # there, so is the use, and the token may leave; else neither was committed.
+            if not self._committed(record):
+                raise AuditUnavailable(f"commit outcome unknown: {exc}") from None
+            log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise AuditUnavailable(type(exc).__name__) from None
+
+    def _committed(self, record: AuditRecord) -> bool:
+        """Whether ``record`` (a grant: it has an ``issued_jti``) is committed; False if unknowable."""
+        p = self._raw.placeholder
+        sql = f"SELECT 1 FROM audit_events WHERE issued_jti = {p} AND event_id = {p}"  # noqa: S608
+        try:
+            return bool(self._raw.query(sql, (record.issued_jti, record.event_id)))
+        except (*self._raw.errors, SQLAlchemyError):
+            return False
+
     def _sql(self, rows: int) -> str:
         sql = self._sql_by_size.get(rows)
         if sql is None:
@@ -519,33 +624,85 @@ class SqlAuditSink:
                 yield dict(row[0])
 
 
+def replay_key(purpose: str, key: str) -> str:
+    """The ``replay_entries`` key of ``key`` under ``purpose``."""
+    full_key = f"{purpose}:{key}"
+    if len(full_key) > 200 or not full_key.isprintable():
+        # Truncating would make distinct keys collide, and a text column refuses NUL and lone
+        # surrogates; a digest keeps every such key distinct and storable.
+        digest = hashlib.sha256(full_key.encode("utf-8", "surrogatepass")).hexdigest()
+        full_key = f"{purpose[:120]}:sha256:{digest}"
+    return full_key
+
+
+def first_use_statement(placeholder: str) -> str:
+    """``INSERT`` a replay entry unless a live one exists: one row changed on a first use, none on a
+    replay.  An existing entry is only replaced once it has expired.  One statement, atomic on both
+    databases: of concurrent first uses exactly one inserts (on PostgreSQL, a second one waits for
+    the first one's transaction, and wins only if that rolls back)."""
+    p = placeholder
+    return (
+        f"INSERT INTO replay_entries (key, expires_at) VALUES ({p}, {p}) "  # noqa: S608 - placeholders
+        "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
+        f"WHERE replay_entries.expires_at <= {p}"
+    )
+
+
+class _UseTaken(Exception):
+    """Inside :meth:`SqlAuditSink.write_with_uses`: roll back, the use is someone else's."""
+
+
+class SqlSingleUseLedger:
+    """ports.SingleUseLedger on the embedded database: the use and the audit record commit together.
+
+    ``reserve`` only looks (a committed use refuses the request before a token is
+    minted); the entry itself is inserted by :meth:`commit`, in the transaction that
+    commits the grant's audit record.  Two concurrent requests with one token both
+    get that far; the database lets exactly one insert the entry, and the other
+    is refused as a replay.
+    """
+
+    def __init__(self, audit: SqlAuditSink) -> None:
+        # The audit sink's connections: the same database, and no pool of its own.
+        self._raw = audit._raw
+        self._audit = audit
+        p = self._raw.placeholder
+        self._seen = f"SELECT 1 FROM replay_entries WHERE key = {p} AND expires_at > {p}"  # noqa: S608
+
+    def reserve(self, use: SingleUse, now: float) -> SingleUse:
+        try:
+            seen = self._raw.query(self._seen, (replay_key(use.purpose, use.key), now))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        if seen:
+            raise AlreadyUsed
+        return use
+
+    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+        self._audit.write_with_uses(record, uses, now)
+
+    def cancel(self, uses: Sequence[SingleUse]) -> None:
+        """Nothing to undo: nothing is written before :meth:`commit`."""
+
+
 class SqlReplayCache:
-    """The embedded replay store (ports.ReplayCache) on the same database."""
+    """The embedded replay store (ports.ReplayCache) on the same database.
+
+    It lives in the database, so it never forgets: ``valid_from`` is not needed.
+    """
 
     def __init__(self, engine: Engine, *, purge_probability: float = 0.001) -> None:
         self.engine = engine
         self.purge_probability = purge_probability
         self._raw = RawStatement(engine)
         p = self._raw.placeholder
-        # An existing entry is only replaced once it has expired; a live one makes this a replay.
-        # One statement, atomic on both databases: of concurrent first uses exactly one inserts.
-        self._first_use = (
-            f"INSERT INTO replay_entries (key, expires_at) VALUES ({p}, {p}) "  # noqa: S608 - placeholders
-            "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
-            f"WHERE replay_entries.expires_at <= {p}"
-        )
+        self._first_use = first_use_statement(p)
         self._release = f"DELETE FROM replay_entries WHERE key = {p}"  # noqa: S608 - placeholder only
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
 
     @staticmethod
     def _key(purpose: str, key: str) -> str:
-        full_key = f"{purpose}:{key}"
-        if len(full_key) > 200 or not full_key.isprintable():
-            # Truncating would make distinct keys collide, and a text column refuses NUL and lone
-            # surrogates; a digest keeps every such key distinct and storable.
-            digest = hashlib.sha256(full_key.encode("utf-8", "surrogatepass")).hexdigest()
-            full_key = f"{purpose[:120]}:sha256:{digest}"
-        return full_key
+        return replay_key(purpose, key)
 
     def release(self, purpose: str, key: str) -> None:
         try:
@@ -553,7 +710,9 @@ class SqlReplayCache:
         except (*self._raw.errors, SQLAlchemyError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
-    def first_use(self, purpose: str, key: str, expires_at: float, now: float) -> bool:
+    def first_use(
+        self, purpose: str, key: str, expires_at: float, now: float, *, valid_from: float | None = None
+    ) -> bool:
         try:
             first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
@@ -770,3 +929,33 @@ class SqlRevokedTokens:
 
     def revoked(self, jti: str) -> bool:
         return bool(self._kv.get([jti]))
+
+
+ledger_epochs = Table(
+    "ledger_epochs",
+    metadata,
+    Column("identity", String(600), primary_key=True),
+    Column("epoch", String(600), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+#: How long the last known epoch of a replay store is remembered (a store unused for longer is new).
+_EPOCH_MEMORY_TTL = 366 * 24 * 3600
+
+
+class SqlLedgerEpochMemory:
+    """Remembers, in the durable database, which epoch of the Redis replay store was last seen.
+
+    A process that starts after Redis restarted empty has no memory of its own of
+    the old epoch; this is how it still knows the records were lost (see
+    :class:`sts.adapters.redis_store.LedgerEpoch`).
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = _KeyValueTable(engine, "ledger_epochs", "epoch", clock)
+
+    def load(self, name: str) -> str | None:
+        return self._kv.get([name]).get(name)
+
+    def save(self, name: str, epoch_id: str) -> None:
+        self._kv.put(name, epoch_id, _EPOCH_MEMORY_TTL)

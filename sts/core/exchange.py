@@ -46,12 +46,16 @@ from .introspection import own_token_identities, revocation
 from .mint import mint_access_token
 from .policy import Grant, PolicyRequest, PolicySet, evaluate
 from .ports import (
+    AlreadyUsed,
     AuditSink,
     AuditUnavailable,
     BaselineStore,
     ReplayCache,
+    ReplayWindowLost,
     RevokedTokens,
     Signer,
+    SingleUse,
+    SingleUseLedger,
     StoreUnavailable,
     SubjectStateStore,
     TokenReviewer,
@@ -64,6 +68,12 @@ from .subject_state import SubjectState, identity_key, identity_keys, merge
 log = logging.getLogger(__name__)
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+#: Said to a workload whose single-use token the replay store can no longer vouch for.
+REPLAY_WINDOW_LOST = (
+    "The subject token was issued before the replay store lost its records, so its single use cannot "
+    "be checked; obtain a fresh subject token and exchange it."
+)
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class TokenExchange:
         issuers: IssuerDirectory,
         policy: PolicySet,
         replay: ReplayCache,
+        ledger: SingleUseLedger,
         signer: Callable[[], Signer],
         audit: AuditSink,
         clock: Callable[[], float],
@@ -147,6 +158,7 @@ class TokenExchange:
         self.issuers = issuers
         self.policy = policy
         self.replay = replay
+        self.ledger = ledger
         self.signer = signer
         self.audit = audit
         self.clock = clock
@@ -163,17 +175,16 @@ class TokenExchange:
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
         )
-        consumed: list[tuple[str, str]] = []
+        uses: list[SingleUse] = []
         try:
-            response = self._decide(wire, record, now, consumed)
+            response = self._decide(wire, record, now, uses)
         except OAuthError as exc:
-            record.refuse(exc.error, exc.reason, exc.detail)
-            self._record_refusal(record)
-            if not isinstance(exc, TemporarilyUnavailable):
-                self.record_failure(record, now)
+            self.ledger.cancel(uses)
+            self._refuse(record, exc, now)
             raise
         except Exception as exc:
             # A bug must never become a grant: refuse, record, and say nothing of the cause.
+            self.ledger.cancel(uses)
             log.exception("token exchange failed unexpectedly (request %s)", wire.request_id)
             record.outcome = "error"
             record.error = "server_error"
@@ -181,7 +192,18 @@ class TokenExchange:
             self._record_refusal(record)
             raise ServerError("internal.unexpected") from None
         try:
-            self.audit.write(record)
+            # Two-phase single use: the subject token is used up only together with (Redis: right
+            # after) the commit of this record, so a failure here leaves it usable for the retry.
+            if uses:
+                self.ledger.commit(record, uses, now)
+            else:
+                self.audit.write(record)
+        except AlreadyUsed:
+            # A concurrent request with the same token committed first (another worker or instance).
+            _withdraw_grant(record)
+            replayed = InvalidRequest("subject_token.replayed", "used by a concurrent request")
+            self._refuse(record, replayed, now)
+            raise replayed from None
         except AuditUnavailable as exc:
             log.error(
                 "audit write failed; token %s withheld (request %s): %s",
@@ -190,14 +212,23 @@ class TokenExchange:
                 exc,
             )
             log_unaudited(log, record, str(exc), outcome="withheld")
-            # The token is withheld, so a single-use subject token must stay usable for the retry.
-            for purpose, key in consumed:
-                try:
-                    self.replay.release(purpose, key)
-                except StoreUnavailable:
-                    log.error("could not release single-use record after an audit failure")
             raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
+        except StoreUnavailable as exc:
+            log.error(
+                "single use of the subject token not confirmed after its audit record was committed; "
+                "token %s withheld (request %s): %s",
+                record.issued_jti,
+                wire.request_id,
+                exc,
+            )
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         return response
+
+    def _refuse(self, record: AuditRecord, exc: OAuthError, now: float) -> None:
+        record.refuse(exc.error, exc.reason, exc.detail)
+        self._record_refusal(record)
+        if not isinstance(exc, TemporarilyUnavailable):
+            self.record_failure(record, now)
 
     def refuse_early(self, wire: WireRequest, exc: OAuthError) -> None:
         """Record a request refused before the pipeline could read it (body too large, unparseable)."""
@@ -221,7 +252,7 @@ class TokenExchange:
             log_unaudited(log, record, str(exc))
 
     def _decide(
-        self, wire: WireRequest, record: AuditRecord, now: float, consumed: list[tuple[str, str]]
+        self, wire: WireRequest, record: AuditRecord, now: float, uses: list[SingleUse]
     ) -> TokenExchangeResponse:
         # 1. Parse: RFC 6749 §3.2 (form POST, no credentials in the query), RFC 8693 §2.1.
         #    The hash of a presented subject token goes into the record even when the
@@ -367,10 +398,11 @@ class TokenExchange:
         if lifetime < 1:
             raise InvalidRequest("subject_token.expired")
 
-        # 6. Single use: record the subject token until it expires, atomically, so of two
-        #    concurrent exchanges exactly one succeeds. Done last, so a refusal does not burn it.
+        # 6. Single use: reserve the subject token (a used one is refused here); the use is
+        #    recorded with the audit record, so of two concurrent exchanges exactly one succeeds.
+        #    Done last, so a refusal does not burn it.
         if grant.single_use:
-            consumed.append(self._consume(subject, request.subject_token, now))
+            uses.append(self._reserve(subject, request.subject_token, now))
 
         # 6. Mint.
         signer = self.signer()
@@ -582,22 +614,40 @@ class TokenExchange:
         if username != subject.subject:
             raise InvalidRequest("subject_token.kubernetes.not_live")
 
-    def _consume(self, subject: VerifiedToken, token: str, now: float) -> tuple[str, str]:
+    def _reserve(self, subject: VerifiedToken, token: str, now: float) -> SingleUse:
+        """Phase 1 of single use (see :class:`~sts.core.ports.SingleUseLedger`)."""
         # Keys are prefixed by purpose and issuer, so replay caches never collide.
-        key = subject.jti if subject.jti is not None else signed_part_hash(token)
-        purpose = f"subject_token:{subject.issuer_name}"
+        use = SingleUse(
+            purpose=f"subject_token:{subject.issuer_name}",
+            key=subject.jti if subject.jti is not None else signed_part_hash(token),
+            expires_at=subject.expires_at + self.config.leeway,
+            valid_from=earliest_acceptance(subject, self.config.leeway),
+        )
         try:
-            first = self.replay.first_use(
-                purpose,
-                key,
-                subject.expires_at + self.config.leeway,
-                now,
-            )
+            return self.ledger.reserve(use, now)
+        except AlreadyUsed:
+            raise InvalidRequest("subject_token.replayed") from None
+        except ReplayWindowLost as exc:
+            raise InvalidRequest(
+                "subject_token.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST
+            ) from None
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
-        if not first:
-            raise InvalidRequest("subject_token.replayed")
-        return purpose, key
+
+
+def earliest_acceptance(token: VerifiedToken, leeway: float) -> float | None:
+    """The earliest time (this service's clock) ``token`` could have been accepted: its ``iat``
+    (else ``nbf``) less the leeway a clock ahead of ours is given (RFC 7519 §4.1.5-6); None when
+    it has neither (any time)."""
+    start = token.issued_at if token.issued_at is not None else token.not_before
+    return None if start is None else start - leeway
+
+
+def _withdraw_grant(record: AuditRecord) -> None:
+    """The record of a grant whose token was minted but will not leave: it becomes a refusal."""
+    record.granted_audience, record.granted_scope, record.granted_lifetime = [], [], None
+    record.issued_jti = record.issued_exp = None
+    record.issued_kid = None
 
 
 def _bound_key(token: VerifiedToken) -> str | None:

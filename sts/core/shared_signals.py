@@ -80,6 +80,7 @@ from .ports import (
     IssuerKeys,
     KeysUnavailable,
     ReplayCache,
+    ReplayWindowLost,
     StoreUnavailable,
     SubjectStateStore,
     UnknownKeyId,
@@ -703,9 +704,19 @@ class SignalReceiver:
         # Single use (RFC 8417 §2.2 jti), checked last so that a refused SET does not burn its jti.
         purpose = f"set:{policy.name}"
         try:
-            first = self.replay.first_use(purpose, jti_hash, verified.iat + policy.max_age + self.leeway, now)
+            first = self.replay.first_use(
+                purpose,
+                jti_hash,
+                verified.iat + policy.max_age + self.leeway,
+                now,
+                valid_from=verified.iat - self.leeway,
+            )
         except StoreUnavailable as exc:
             raise ReceiverUnavailable("store.unavailable", str(exc)) from None
+        except ReplayWindowLost as exc:
+            # The replay store lost its records after this SET could have been received: it may be
+            # a replay.  The transmitter must send the event again as a new SET (new jti and iat).
+            raise _invalid("set.replay_window_lost", str(exc)) from None
         if not first:
             raise _invalid("set.replayed")
         consumed = (purpose, jti_hash)
