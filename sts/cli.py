@@ -242,27 +242,56 @@ def policy() -> None:
 
 
 @policy.command("check")
+@click.option(
+    "--standalone",
+    is_flag=True,
+    help="Check FILES on their own: the issuer and client names they use are taken as defined.",
+)
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context
-def policy_check(ctx: click.Context, files: tuple[Path, ...]) -> None:
-    """Lint the configured policies directory, or the FILES given."""
-    from .adapters.policy_files import load_policies, policy_files
+def policy_check(ctx: click.Context, standalone: bool, files: tuple[Path, ...]) -> None:
+    """Lint the configured policies directory, or the FILES given, against the configuration.
 
+    With --standalone, FILES written for another configuration (policies/examples/) are
+    checked on their own: schema, patterns, CEL conditions and lifetimes, with the issuer
+    and client names they refer to taken as defined.  A start still needs those names in
+    its configuration.
+    """
+    from .adapters.policy_files import load_policies, names_used, policy_files
+
+    if standalone and not files:
+        raise click.UsageError("--standalone checks the FILES given; name them")
     settings = _settings(ctx)
     try:
         paths = list(files) or policy_files(settings.policies_dir)
+        if standalone:
+            issuers, clients = names_used(paths)
+        else:
+            issuers = frozenset(i.name for i in settings.issuers)
+            clients = frozenset(c.client_id for c in settings.clients)
         compiled = load_policies(
             paths,
-            issuers=frozenset(i.name for i in settings.issuers) | {"self"},
-            clients=frozenset(c.client_id for c in settings.clients),
+            issuers=issuers | {"self"},
+            clients=clients,
             max_lifetime=settings.max_lifetime,
             default_lifetime=settings.default_lifetime,
         )
     except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+        message = str(exc)
+        if files and not standalone and (": unknown issuer " in message or ": unknown client" in message):
+            message += (
+                "; to check files written for another configuration, name it with --config, "
+                "or check them on their own with --standalone"
+            )
+        raise click.ClickException(message) from None
     for rule in compiled.rules:
         click.echo(f"ok  {rule.source}: {rule.name}")
     click.echo(f"{len(compiled.rules)} rule(s) in {len(paths)} file(s): no problems")
+    if standalone:
+        click.echo(
+            f"standalone: issuers {', '.join(sorted(issuers)) or 'none'} and clients "
+            f"{', '.join(sorted(clients)) or 'none'} taken as defined; a start needs them configured"
+        )
 
 
 @policy.command("schema")
