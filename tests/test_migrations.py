@@ -13,11 +13,13 @@ docs/migrations.md for how to add one).
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import itertools
 import json
 import logging
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,8 @@ from sts.errors import ConfigurationError
 from sts.settings import Settings, load_settings
 
 NOW = 1_700_000_000.0
-HEAD = "0002_heartbeats_ledger_epochs"
+#: This version's newest revision (each new migration moves it; the drift test keeps it honest).
+HEAD = migrations.head()
 
 # -- the schema of release 0.1.0, frozen (do not edit: it is what deployed databases have) ------------
 
@@ -348,9 +351,25 @@ def test_the_revisions_form_one_line_from_the_first_release() -> None:
     assert history[0][:2] == (migrations.FIRST_REVISION, None)
     for (previous, _, _), (_, down, title) in itertools.pairwise(history):
         assert down == previous and title
-    assert history[-1][0] == migrations.head() == HEAD
+    assert history[-1][0] == HEAD
+    # Revisions are never edited or removed once written: later ones only follow them.
+    assert [revision for revision, _, _ in history[:2]] == ["0001_v0_1_0", "0002_heartbeats_ledger_epochs"]
     files = sorted(p.name for p in (migrations.SCRIPT_LOCATION / "versions").glob("*.py"))
     assert files == [f"{revision}.py" for revision, _, _ in history]
+
+
+def test_the_migrations_ship_in_the_package() -> None:
+    """Alembic reads env.py, the template and versions/*.py as files: each must be package data."""
+    pyproject = tomllib.loads((migrations.SCRIPT_LOCATION.parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["sts"]
+    package = migrations.SCRIPT_LOCATION.parent
+    files = [p for p in migrations.SCRIPT_LOCATION.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert {p.name for p in files} >= {"env.py", "script.py.mako", "0001_v0_1_0.py"}
+    for path in files:
+        if path.suffix == ".py" and (path.parent / "__init__.py").exists():
+            continue  # A module of the sts.migrations package itself.
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
 
 
 def test_downgrade_and_upgrade_again(database: Callable[[], Engine]) -> None:
@@ -407,6 +426,7 @@ def test_a_schema_from_a_newer_version_is_refused(database: Callable[[], Engine]
 #: A process that upgrades ``argv[1]`` once told to go (a line on stdin), after its imports are done.
 UPGRADER = """
 import sys
+import tomllib
 from sts import migrations
 from sts.adapters import sql
 
@@ -509,7 +529,8 @@ def test_sts_db_current_upgrade_history(tmp_path: Path) -> None:
     )
 
     history = db("history").output.splitlines()
-    assert [line.split()[0] for line in history] == ["0001_v0_1_0", HEAD]
+    assert [line.split()[0] for line in history] == [revision for revision, _, _ in migrations.history()]
+    assert history[0].startswith("0001_v0_1_0  The schema of the first release, 0.1.0")
     down = db("current", url="postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2")
     assert down.exit_code == 1 and down.output.startswith(
         "Error: database 127.0.0.1:1/none: OperationalError"

@@ -71,6 +71,8 @@ def config(connection: Connection | None = None) -> Config:
     """Alembic's configuration, without a file; ``connection`` is the one the migrations run on."""
     cfg = Config()
     cfg.set_main_option("script_location", str(SCRIPT_LOCATION).replace("%", "%%"))
+    # A new revision's file is named by its id alone (``0003_rate_limits.py``).
+    cfg.set_main_option("file_template", "%%(rev)s")
     cfg.attributes["connection"] = connection
     return cfg
 
