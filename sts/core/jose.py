@@ -6,7 +6,8 @@ configured key set, never from the token's own header (``jwk``, ``jku``,
 ``x5u``, ``x5c`` are ignored for key selection); a ``crit`` header is refused
 because this service understands no JWS extension (RFC 7515 §4.1.11).
 :func:`parse_compact` is the one parser: header and claims are read as UTF-8
-JSON objects only (RFC 7515 §5.2, RFC 7519 §7.2).  :func:`rsa_key_problem` is
+JSON objects only (RFC 7515 §5.2, RFC 7519 §7.2), and as I-JSON (RFC 7493:
+no duplicate member names, no unpaired surrogates; no ``NaN``).  :func:`rsa_key_problem` is
 the one rule for RSA keys (2048 to 16384 bits, public exponent 65537).  The
 claims themselves are checked by :mod:`.claims`.
 """
