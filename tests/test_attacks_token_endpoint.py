@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import json
 import math
 import re
@@ -54,6 +55,7 @@ from flask import Flask
 from joserfc import jwt
 from joserfc.jwk import ECKey, Key, RSAKey
 from werkzeug.serving import make_server
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from sts.app import create_app
 from sts.settings import load_settings
@@ -1132,3 +1134,40 @@ def test_attack(target: Target, row: Row) -> None:
 def audit_reasons(target: Target, request_id: str) -> list[str]:
     records = target.app.extensions["sts"].audit.recent(limit=1, request_id=request_id)
     return list(records[0]["reasons"]) if records else []
+
+
+class _ChunkParseError(Exception):
+    """What gunicorn raises from the body stream for a malformed chunk (not an OSError)."""
+
+
+class _MalformedChunks(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise _ChunkParseError("Invalid chunk size: b'ZZ'")
+
+
+def test_malformed_chunked_body_is_a_json_invalid_request(target: Target) -> None:
+    """A chunked body the server cannot decode is ``invalid_request`` in JSON, audited: not a 500.
+
+    The WSGI server decodes the chunks; gunicorn's decoder raises its own exception type, which
+    Werkzeug does not treat as a broken body.
+    """
+    request_id = "attack-" + uuid.uuid4().hex
+    environ = EnvironBuilder(
+        path="/token", method="POST", content_type=FORM, headers={"X-Request-Id": request_id}
+    ).get_environ()
+    environ.update(
+        {
+            "wsgi.input": _MalformedChunks(),
+            "wsgi.input_terminated": True,
+            "CONTENT_LENGTH": "",
+            "HTTP_TRANSFER_ENCODING": "chunked",
+        }
+    )
+    body, status, headers = run_wsgi_app(target.app, environ, buffered=True)
+    assert status.startswith("400"), b"".join(body)
+    assert json.loads(b"".join(body))["error"] == "invalid_request"
+    assert headers["Cache-Control"] == "no-store"
+    assert "request.malformed_body" in audit_reasons(target, request_id)

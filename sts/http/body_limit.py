@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -39,20 +39,26 @@ class BodyLimit:
         if environ.get("wsgi.input_terminated") and (
             not environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ
         ):
-            body = self._read(environ["wsgi.input"])
-            environ["wsgi.input"] = io.BytesIO(body)
-            environ["CONTENT_LENGTH"] = str(len(body))
+            try:
+                body = self._read(environ["wsgi.input"])
+            except Exception:  # noqa: BLE001 - any failure to read the body means there is no body.
+                # A malformed chunk (gunicorn raises its own ParseException, not an OSError) or the
+                # client went away mid-body: the failure is replayed to the application, which
+                # answers it in JSON as it answers a broken body of declared length (Werkzeug's
+                # ClientDisconnected: ``request.malformed_body``).  A partial body is never passed
+                # on as a whole one.
+                environ["wsgi.input"] = _BrokenBody()
+                environ["CONTENT_LENGTH"] = "1"
+            else:
+                environ["wsgi.input"] = io.BytesIO(body)
+                environ["CONTENT_LENGTH"] = str(len(body))
             # The body is no longer chunked for the application: Werkzeug ignores Content-Length
             # while Transfer-Encoding says chunked (RFC 9112 §6.3).
             environ.pop("HTTP_TRANSFER_ENCODING", None)
         return self.app(environ, start_response)
 
     def _read(self, stream: io.BufferedIOBase) -> bytes:
-        """Up to ``limit + 1`` bytes: enough to tell a body that fits from one that does not.
-
-        A read error (the client went away mid-body, a malformed chunk) propagates to the server,
-        which closes the connection: a partial body is never passed on as a whole one.
-        """
+        """Up to ``limit + 1`` bytes: enough to tell a body that fits from one that does not."""
         wanted = self.limit + 1
         parts: list[bytes] = []
         while wanted > 0:
@@ -62,3 +68,13 @@ class BodyLimit:
             parts.append(part)
             wanted -= len(part)
         return b"".join(parts)
+
+
+class _BrokenBody(io.RawIOBase):
+    """A request body that could not be read: every read fails, as the server's read did."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise OSError("the request body could not be read")
