@@ -24,7 +24,7 @@ for the first time are confirmed on sight (``first_seen``).
 this exchange, which facts remain unconfirmed, and what would clear them, in
 the machine-readable form a refusal carries (``clears``)::
 
-    [{"by": "operator_accept"},
+    [{"by": "operator_accept", "identity": "github|repo:acme/app:ref:refs/heads/main"},
      {"by": "probation", "exchanges_left": 2, "not_before": 1700003600, "max_age": 60},
      {"by": "pop_key_continuity", "acr_values": ["urn:workload-sts:acr:pop", "..."]}]
 """
@@ -101,6 +101,7 @@ def review(
     shown: frozenset[str] = frozenset(),
     presentable: frozenset[str] = frozenset(),
     max_age: int = 60,
+    identity: str = "",
 ) -> DriftReview:
     """Compare ``current`` (the watched facts and presented key facts) with the baseline.
 
@@ -166,7 +167,7 @@ def review(
         changed=changed,
         confirmed_now=confirmed_now,
         baseline=updated,
-        clears=_clears(updated, tuple(changed), settings, remedies, max_age, now),
+        clears=_clears(updated, tuple(changed), settings, remedies, max_age, now, identity),
         remedies=remedies,
     )
 
@@ -178,6 +179,7 @@ def _clears(
     remedies: tuple[str, ...],
     max_age: int,
     now: float,
+    identity: str,
 ) -> tuple[Mapping[str, Any], ...]:
     left = 0
     not_before = now
@@ -191,7 +193,8 @@ def _clears(
         left = max(left, needed)
         not_before = max(not_before, ready_at)
     clears: list[Mapping[str, Any]] = [
-        {"by": "operator_accept"},
+        # The identity is the caller's own (issuer name and subject): what the operator accepts.
+        {"by": "operator_accept", "identity": identity} if identity else {"by": "operator_accept"},
         {
             "by": "probation",
             "exchanges_left": left,

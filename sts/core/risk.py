@@ -213,6 +213,7 @@ def review_drift(
         shown=ctx.evidence_shown,
         presentable=ctx.evidence_presentable,
         max_age=cfg.step_up_max_age,
+        identity=ctx.identity,
     )
 
 
