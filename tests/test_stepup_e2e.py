@@ -91,12 +91,14 @@ class OidcEndpoint:
     def __init__(self, upstream: RunningServer) -> None:
         self.upstream = upstream
         self.runner_environment = "github-hosted"
+        self.issued = 0
         self.served = Served(self.app)
 
     @Request.application
     def app(self, request: Request) -> Response:
         if request.headers.get("Authorization") != f"bearer {REQUEST_TOKEN}":
             return Response('{"message": "Bad credentials"}', status=401)
+        self.issued += 1
         token = self.upstream.issuer.github_actions_token(
             audience=request.args["audience"], runner_environment=self.runner_environment, lifetime=900
         )
@@ -666,3 +668,40 @@ def test_baseline_commands_and_policy_explain_show_the_session_and_the_levels(
         in cli(*explain, "--scope", "secrets:read", "--with-key").output
     )
     assert "required: nothing beyond attestation" in cli(*explain, "--scope", "deploy:read").output
+
+
+def test_sts_ci_explains_a_level_it_cannot_present_without_retrying(
+    start_sts: Callable[..., Sts], upstream: RunningServer, tmp_path: Path
+) -> None:
+    import io
+
+    from sts_client.ci import EXIT_REFUSED, main
+
+    sts = start_sts(policy(assurance=[{"scopes": ["deploy:write"], "acr": ACR_POP}]))
+    oidc = OidcEndpoint(upstream)
+    requests_seen: list[str] = []
+    oidc.served.server.app = lambda environ, start: (requests_seen.append("token"), oidc.app(environ, start))[
+        1
+    ]
+    try:
+        (tmp_path / "github_env").write_text("")
+        (tmp_path / "github_output").write_text("")
+        env = {
+            "GITHUB_ACTIONS": "true",
+            "ACTIONS_ID_TOKEN_REQUEST_URL": f"{oidc.served.url}/token?api-version=2.0",
+            "ACTIONS_ID_TOKEN_REQUEST_TOKEN": REQUEST_TOKEN,
+            "GITHUB_ENV": str(tmp_path / "github_env"),
+            "GITHUB_OUTPUT": str(tmp_path / "github_output"),
+        }
+        err = io.StringIO()
+        args = ["exchange", "--sts", sts.url, "--audience", DEPLOY, "--scope", "deploy:write"]
+        code = main(args, environ=env, stdout=io.StringIO(), stderr=err)
+    finally:
+        oidc.served.stop()
+    assert code == EXIT_REFUSED
+    log = err.getvalue()
+    assert "insufficient_user_authentication" in log
+    assert f"the policy needs assurance level {ACR_POP}" in log
+    assert "a token bound to the workload's own key" in log
+    assert "StsAuth with dpop=True" in log
+    assert oidc.issued == 1  # a new job token cannot reach the level: not asked for twice
