@@ -252,7 +252,7 @@ SIGNAL_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], bool, int, st
         {
             "changed": {"runner_environment": {"was": "github-hosted", "now": "self-hosted"}},
             "clears": [
-                {"by": "operator_accept"},
+                {"by": "operator_accept", "identity": "upstream|repo:acme/app:ref:refs/heads/main"},
                 {"by": "probation", "exchanges_left": 2, "not_before": int(NOW) + 3600, "max_age": 60},
             ],
         },

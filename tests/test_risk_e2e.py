@@ -198,7 +198,7 @@ def test_full_then_narrowed_then_step_up_then_full_again(make_sts: Callable[...,
     assert body["risk"]["decision"] == "deny"
     assert body["risk"]["signals"] == ["attestation_drift"]
     assert body["risk"]["clears"] == [
-        {"by": "operator_accept"},
+        {"by": "operator_accept", "identity": IDENTITY},
         {"by": "probation", "exchanges_left": 2, "not_before": int(sts.clock.now) + 3600, "max_age": 60},
     ]
     assert "self-hosted" not in resp.get_data(as_text=True)  # the evidence stays in the audit record

@@ -362,6 +362,7 @@ class TokenExchange:
             live_review=live_review,
         )
         record.details["risk"] = risk.record
+        record.details["assurance"] = {"presented": risk.level, "evidence": risk.evidence.as_dict()}
         if risk.decision.enforced:
             decision = risk.decision
             if decision.action == DENY:
