@@ -452,3 +452,45 @@ def test_a_route_requiring_a_level_answers_rfc_9470_style(fake: FakeAuthorizatio
         60,
         (ACR_POP, ACR_POSTURE),
     )
+
+
+# -- the token endpoint ----------------------------------------------------------------------------
+
+
+def test_the_request_can_ask_for_a_level_and_the_token_says_which_it_reached(
+    client: Any, upstream: Any, app: Any
+) -> None:
+    from conftest import STS_ISSUER, exchange_form
+    from joserfc import jwt as jose_jwt
+    from joserfc.jwk import KeySet
+
+    def exchange(**params: Any) -> Any:
+        token = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+        return client.post("/token", data=exchange_form(token, audience=DEPLOY, **params))
+
+    granted = exchange(acr_values=f"urn:other {ACR_ATTESTED}")
+    assert granted.status_code == 200, granted.get_json()
+    keys = KeySet.import_key_set(client.get("/.well-known/jwks.json").get_json())
+    claims = jose_jwt.decode(granted.get_json()["access_token"], keys, algorithms=["ES256"])
+    assert claims.claims["acr"] == ACR_ATTESTED and isinstance(claims.claims["auth_time"], int)
+
+    refused = exchange(acr_values=ACR_POP)
+    assert refused.status_code == 400 and refused.headers["Cache-Control"] == "no-store"
+    assert refused.get_json() == {
+        "error": "insufficient_user_authentication",
+        "error_description": "A higher assurance level is required: present what acr_values names and "
+        "exchange again.",
+        "acr_values": f"{ACR_POP} {ACR_POSTURE}",
+        "step_up": {"required": "assurance_level", "acr_values": [ACR_POP, ACR_POSTURE], "signals": []},
+    }
+    record = app.extensions["sts"].audit.recent(1)[0]
+    assert record["reasons"][-1] == "assurance.level_too_low"
+    assert record["details"]["assurance"]["because"] == ["request acr_values"]
+
+    for bad, reason in (
+        ("urn:other", "request.unsupported_acr_values"),
+        (f"{ACR_POP}  x", "request.malformed"),
+    ):
+        resp = exchange(acr_values=bad)
+        assert resp.get_json()["error"] == "invalid_request", bad
+        assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1].startswith(reason)
