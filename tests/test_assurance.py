@@ -82,12 +82,13 @@ def test_reached_level(evidence: Evidence, level: str) -> None:
 
 
 def test_key_state_against_the_confirmed_keys() -> None:
-    assert key_state({}, {"cnf_jkt": "a"}) == KEY_NONE
+    assert key_state({}, {"cnf_jkt": ("a",)}) == KEY_NONE
     assert key_state({"cnf_jkt": "a"}, {}) == KEY_FIRST
-    assert key_state({"cnf_jkt": "a"}, {"cnf_jkt": "a"}) == KEY_CONTINUES
-    assert key_state({"cnf_jkt": "b"}, {"cnf_jkt": "a"}) == KEY_CHANGED
-    assert key_state({"cnf_jkt": "a", "cnf_x5t": "c"}, {"cnf_jkt": "a"}) == KEY_CONTINUES
-    assert key_state({"cnf_jkt": "a", "cnf_x5t": "c"}, {"cnf_jkt": "a", "cnf_x5t": "d"}) == KEY_CHANGED
+    assert key_state({"cnf_jkt": "a"}, {"cnf_jkt": ("a",)}) == KEY_CONTINUES
+    assert key_state({"cnf_jkt": "b"}, {"cnf_jkt": ("a",)}) == KEY_CHANGED
+    assert key_state({"cnf_jkt": "b"}, {"cnf_jkt": ("a", "b")}) == KEY_CONTINUES  # another replica's key
+    assert key_state({"cnf_jkt": "a", "cnf_x5t": "c"}, {"cnf_jkt": ("a",)}) == KEY_CONTINUES
+    assert key_state({"cnf_jkt": "a", "cnf_x5t": "c"}, {"cnf_jkt": ("a",), "cnf_x5t": ("d",)}) == KEY_CHANGED
 
 
 def test_requirements_combine_the_highest_level_and_the_smallest_age() -> None:
@@ -212,6 +213,23 @@ def test_keys_are_kept_for_the_levels_even_when_not_watched() -> None:
     assert changed.baseline.facts == {"cnf_jkt": "k1"} and changed.baseline.pending["cnf_jkt"].value == "k2"
     bearer = review(first.baseline, {}, watched=(), now=NOW, fresh=True, settings=PROBATION)
     assert bearer.baseline == first.baseline  # a bearer request leaves the key alone
+
+
+def test_a_confirmed_new_key_joins_the_identitys_keys() -> None:
+    """Replicas keep their own keys: confirming a new one keeps the earlier ones (bounded)."""
+    baseline = Baseline(count=5, facts={"cnf_jkt": "k1"})
+    for i in range(2, 12):
+        seen = review(baseline, {"cnf_jkt": f"k{i}"}, watched=(), now=NOW, fresh=True, settings=PROBATION)
+        baseline = accept_pending(seen.baseline, NOW)
+    assert baseline.facts["cnf_jkt"] == "k11"
+    assert baseline.other_keys["cnf_jkt"] == tuple(f"k{i}" for i in range(3, 11))  # the 8 most recent
+    assert baseline.confirmed_keys() == {"cnf_jkt": ("k11", *(f"k{i}" for i in range(3, 11)))}
+    again = review(baseline, {"cnf_jkt": "k5"}, watched=("cnf_jkt",), now=NOW, fresh=True, settings=PROBATION)
+    assert not again.changed and again.baseline == baseline
+    assert Baseline.from_json(baseline.to_json()) == baseline
+    # Other facts keep one confirmed value: the old runner is drift once the new one is confirmed.
+    runner = accept_pending(drift(CONFIRMED, "self-hosted", NOW).baseline, NOW)
+    assert runner.other_keys == {} and drift(runner, "github-hosted", NOW).changed
 
 
 def test_a_refusal_keeps_probation_progress_but_not_first_sightings() -> None:

@@ -30,7 +30,7 @@ Everything here is a pure function of plain values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,14 +162,15 @@ class Evidence:
         }
 
 
-def key_state(presented: Mapping[str, str], confirmed: Mapping[str, Any]) -> str:
-    """How the presented keys (``cnf_jkt`` / ``cnf_x5t`` values) relate to the confirmed ones."""
+def key_state(presented: Mapping[str, str], confirmed: Mapping[str, Collection[Any]]) -> str:
+    """How the presented keys (``cnf_jkt`` / ``cnf_x5t`` values) relate to the identity's confirmed
+    keys of each kind (an identity may have several: one per replica)."""
     if not presented:
         return KEY_NONE
     states = []
     for fact, value in presented.items():
-        known = confirmed.get(fact)
-        states.append(KEY_FIRST if known is None else KEY_CONTINUES if known == value else KEY_CHANGED)
+        known = confirmed.get(fact) or ()
+        states.append(KEY_FIRST if not known else KEY_CONTINUES if value in known else KEY_CHANGED)
     if KEY_CHANGED in states:
         return KEY_CHANGED
     return KEY_CONTINUES if KEY_CONTINUES in states else KEY_FIRST

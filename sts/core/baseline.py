@@ -9,7 +9,10 @@ audience, unusual scopes) record what they see but do not fire.
 Stable facts (and the identity's proof-of-possession keys) are *confirmed*
 values: set on first sight, then changed only when a new value is confirmed
 (:mod:`sts.core.drift`).  A new value waits in ``pending`` with its probation
-progress; ``confirmed`` says how each value came to be trusted.  Baselines
+progress; ``confirmed`` says how each value came to be trusted.  A
+proof-of-possession key is the one fact with several confirmed values: the
+replicas of one workload each keep their own key, so earlier confirmed keys
+stay confirmed (``other_keys``, at most ``MAX_OTHER_KEYS``).  Baselines
 stored before these fields existed read as having no pending values.
 """
 
@@ -21,11 +24,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .assurance import KEY_FACTS
+
 LEARNING_EXCHANGES = 5
 MAX_NETWORKS = 32
 MAX_AUDIENCES = 64
 MAX_SCOPES = 64
 MAX_FAILURES = 32
+#: Earlier confirmed proof-of-possession keys an identity keeps (one per replica or restart).
+MAX_OTHER_KEYS = 8
 RATE_WINDOW = 60.0
 #: How long an idle identity's baseline is kept (the store expires it).
 BASELINE_TTL = 30 * 86400
@@ -99,6 +106,38 @@ class Baseline:
     pending: Mapping[str, PendingFact] = field(default_factory=dict)
     #: How each confirmed fact's value came to be trusted: ``{"how": "first_seen", "at": 1700000000.0}``.
     confirmed: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Earlier confirmed keys (``cnf_jkt``, ``cnf_x5t``) that still count as the identity's.
+    other_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def confirmed_values(self, name: str) -> tuple[Any, ...]:
+        """The values of ``name`` that are confirmed (none when it has no baseline value)."""
+        if name not in self.facts:
+            return ()
+        return (self.facts[name], *self.other_keys.get(name, ()))
+
+    def confirmed_keys(self) -> dict[str, tuple[Any, ...]]:
+        """The identity's confirmed proof-of-possession keys, by fact."""
+        return {name: self.confirmed_values(name) for name in KEY_FACTS if name in self.facts}
+
+    def with_confirmed(self, name: str, value: Any, how: str, at: float) -> Baseline:
+        """``value`` confirmed for ``name`` (None: the fact is gone), and no longer pending."""
+        facts = dict(self.facts)
+        other_keys = dict(self.other_keys)
+        earlier = facts.get(name)
+        if value is None:
+            facts.pop(name, None)
+        else:
+            facts[name] = value
+        if name in KEY_FACTS and earlier is not None and value is not None and earlier != value:
+            kept = [k for k in other_keys.get(name, ()) if k != value]
+            other_keys[name] = _bounded(kept, [earlier], MAX_OTHER_KEYS)
+        return replace(
+            self,
+            facts=facts,
+            other_keys=other_keys,
+            confirmed={**self.confirmed, name: {"how": how, "at": at}},
+            pending={n: p for n, p in self.pending.items() if n != name},
+        )
 
     @property
     def learning(self) -> bool:
@@ -115,6 +154,7 @@ class Baseline:
         data["facts"] = dict(self.facts)
         data["pending"] = {name: p.as_dict() for name, p in self.pending.items()}
         data["confirmed"] = {name: dict(how) for name, how in self.confirmed.items()}
+        data["other_keys"] = {name: list(keys) for name, keys in self.other_keys.items()}
         return json.dumps(data, separators=(",", ":"), default=str)
 
     @classmethod
@@ -140,6 +180,11 @@ class Baseline:
                     str(name): PendingFact.from_dict(p) for name, p in dict(data.get("pending", {})).items()
                 },
                 confirmed={str(name): dict(how) for name, how in dict(data.get("confirmed", {})).items()},
+                other_keys={
+                    str(name): tuple(str(k) for k in keys)
+                    for name, keys in dict(data.get("other_keys", {})).items()
+                    if isinstance(keys, list)
+                },
             )
         except (ValueError, TypeError, AttributeError, OverflowError, RecursionError, KeyError):
             # A corrupt baseline is treated as a new identity (learning), never as trusted.
@@ -198,15 +243,7 @@ def record_failure(baseline: Baseline, now: float) -> Baseline:
 
 def accept_pending(baseline: Baseline, now: float, names: Iterable[str] | None = None) -> Baseline:
     """An operator confirms pending values (all, or those ``names``): they become the baseline's facts."""
-    chosen = set(baseline.pending) if names is None else set(names) & set(baseline.pending)
-    facts = dict(baseline.facts)
-    confirmed = dict(baseline.confirmed)
+    chosen = sorted(set(baseline.pending) if names is None else set(names) & set(baseline.pending))
     for name in chosen:
-        value = baseline.pending[name].value
-        if value is None:
-            facts.pop(name, None)
-        else:
-            facts[name] = value
-        confirmed[name] = {"how": "operator_accept", "at": now}
-    pending = {name: p for name, p in baseline.pending.items() if name not in chosen}
-    return replace(baseline, facts=facts, pending=pending, confirmed=confirmed)
+        baseline = baseline.with_confirmed(name, baseline.pending[name].value, "operator_accept", now)
+    return baseline

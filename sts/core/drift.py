@@ -110,9 +110,7 @@ def review(
     names them in ``settings.evidence``).  ``max_age`` is how fresh an
     exchange must be to count for probation.
     """
-    facts = dict(baseline.facts)
-    pending = dict(baseline.pending)
-    confirmed = dict(baseline.confirmed)
+    updated = baseline
     changed: dict[str, dict[str, Any]] = {}
     confirmed_now: dict[str, str] = {}
     evidence = settings.evidence & shown
@@ -122,15 +120,13 @@ def review(
         if name not in watched and value is None:
             # A key fact only the levels look at: a bearer request leaves the identity's key alone.
             continue
-        if name not in facts:
+        if name not in updated.facts:
             if value is not None:
-                facts[name] = value
-                confirmed[name] = {"how": "first_seen", "at": now}
-            pending.pop(name, None)
+                updated = updated.with_confirmed(name, value, "first_seen", now)
             continue
-        if facts[name] == value:
+        if value in updated.confirmed_values(name):
             continue
-        entry = pending.get(name)
+        entry = updated.pending.get(name)
         if entry is None or entry.value != value:
             entry = PendingFact(value=value, first_seen=now, last_seen=now)
         entry = replace(entry, last_seen=now)
@@ -146,18 +142,12 @@ def review(
         elif _probation_done(entry, settings):
             how = "probation"
         if how is not None:
-            if value is None:
-                facts.pop(name, None)
-            else:
-                facts[name] = value
-            confirmed[name] = {"how": how, "at": now}
+            updated = updated.with_confirmed(name, value, how, now)
             confirmed_now[name] = how
-            pending.pop(name, None)
             continue
-        pending[name] = entry
+        updated = replace(updated, pending={**updated.pending, name: entry})
         if name in watched:
             changed[name] = {"was": baseline.facts.get(name), "now": value}
-    updated = replace(baseline, facts=facts, pending=pending, confirmed=confirmed)
     if not changed:
         return DriftReview(baseline=updated, confirmed_now=confirmed_now)
     remedies: tuple[str, ...] = ()
@@ -222,6 +212,8 @@ def session_summary(baseline: Baseline, watched: tuple[str, ...]) -> dict[str, A
         if name in baseline.pending:
             p = baseline.pending[name]
             entry["pending"] = {"value": p.value, "fresh_exchanges": p.fresh_count, "since": p.fresh_since}
+        if baseline.other_keys.get(name):
+            entry["also"] = list(baseline.other_keys[name])
         facts[name] = entry
     return {"count": baseline.count, "learning": baseline.learning, "facts": facts}
 
@@ -229,12 +221,9 @@ def session_summary(baseline: Baseline, watched: tuple[str, ...]) -> dict[str, A
 def progress(original: Baseline, reviewed: DriftReview) -> Baseline:
     """What a refused exchange keeps of its review: probation progress and the confirmations it
     completed, but not facts seen for the first time (those wait for a grant)."""
-    facts = dict(original.facts)
-    confirmed = dict(original.confirmed)
-    for name in reviewed.confirmed_now:
-        if name in reviewed.baseline.facts:
-            facts[name] = reviewed.baseline.facts[name]
-        else:
-            facts.pop(name, None)
-        confirmed[name] = reviewed.baseline.confirmed[name]
-    return replace(original, facts=facts, confirmed=confirmed, pending=dict(reviewed.baseline.pending))
+    kept = original
+    for name, how in reviewed.confirmed_now.items():
+        kept = kept.with_confirmed(
+            name, reviewed.baseline.facts.get(name), how, reviewed.baseline.confirmed[name]["at"]
+        )
+    return replace(kept, pending=dict(reviewed.baseline.pending))

@@ -539,7 +539,7 @@ class TokenExchange:
         cfg = grant.risk or EVENTS_ONLY
         posture_claims = posture[0] if posture else None
         posture_ok = posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
-        presented_key = key_state(keys, baseline.facts)
+        presented_key = key_state(keys, baseline.confirmed_keys())
         shown = frozenset(
             ([EVIDENCE_POP] if presented_key == KEY_CONTINUES else [])
             + ([EVIDENCE_POSTURE] if posture_ok else [])
@@ -568,7 +568,7 @@ class TokenExchange:
         assessment = assess(ctx, cfg) if grant.risk else assess_events(ctx, cfg)
         decision = decide(assessment, cfg, scopes)
         if presented_key == KEY_CHANGED and all(
-            assessment.drift.baseline.facts.get(f) == v for f, v in keys.items()
+            v in assessment.drift.baseline.confirmed_values(f) for f, v in keys.items()
         ):
             # The new key completed its probation with this exchange: it is the identity's key now.
             presented_key = KEY_CONTINUES
