@@ -91,7 +91,7 @@ class Runtime:
         return self.readiness.problems()
 
     def database_ready(self) -> bool:
-        """The schema is in place (created now if the database has come back since start)."""
+        """The schema is current (migrated now if the database has come back since start)."""
         return self.schema is None or self.schema.ensure()
 
 

@@ -1,4 +1,4 @@
-"""Readiness: the database schema in place, the audit database taking commits, the store answering.
+"""Readiness: the database schema current, the audit database taking commits, the store answering.
 
 Liveness and readiness are different questions.  A process that answers HTTP is
 alive; it is *ready* only when it could issue a token now: the audit database
@@ -91,7 +91,7 @@ class DatabaseSchema:
         return self._ready
 
     def ensure(self) -> bool:
-        """True when the schema is in place; otherwise try (rate-limited) to create it."""
+        """True when the schema is current; otherwise try (rate-limited) to make it so."""
         if self._ready:
             return True
         if not self._lock.acquire(blocking=False):
@@ -208,7 +208,7 @@ def redis_store_check(client: redis.Redis, instance: str, *, prefix: str = "sts"
 class Readiness:
     """What ``/readyz`` reports: the problems that stop this process from issuing tokens now.
 
-    ``database``: the schema is not in place, or the audit database does not commit a
+    ``database``: the schema is not current, or the audit database does not commit a
     write; ``store``: the replay store does not answer or take a write; ``keys``: no
     signing key can be loaded.  A good result is kept for ``cache_seconds``, so that
     frequent probes cost at most one small commit per second and process; a bad one is
