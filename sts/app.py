@@ -348,6 +348,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     metrics = Metrics(clock=clock)
     decisions = MeteredAuditSink(audit, metrics)
     ledger = MeteredLedger(ledger, metrics)
+    probed_replay = replay  # readiness reports its own failures (/readyz); they are not counted
     replay = count_store_errors(replay, "replay", metrics)
     subject_states = count_store_errors(subject_states, "subject_state", metrics)
     baselines = count_store_errors(baselines, "baseline", metrics)
@@ -411,7 +412,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     store_check = (
         redis_store_check(redis_client, instance)
         if redis_client is not None
-        else sql_store_check(replay, instance)
+        else sql_store_check(probed_replay, instance)
     )
     runtime = Runtime(
         settings=settings,

@@ -514,6 +514,16 @@ def test_metrics_listen_setting(tmp_path: Path) -> None:
         load(port=8080, metrics_listen="127.0.0.1:8080")
 
 
+def test_the_compose_file_exposes_metrics_on_the_backend_network_only() -> None:
+    compose = yaml.safe_load((REPO_ROOT / "docker" / "compose.yaml").read_text())
+    for name in ("sts1", "sts2", "sts3"):
+        service = compose["services"][name]
+        listen = service["environment"]["STS_METRICS_LISTEN"]
+        address = load_settings(config_file=None, environ={"STS_METRICS_LISTEN": listen}).metrics_address
+        assert address is not None and str(address[1]) in service["expose"]
+        assert "ports" not in service and service["networks"] == ["backend"]
+
+
 # -- the Grafana dashboard -----------------------------------------------------------------------
 
 DASHBOARD = REPO_ROOT / "docker" / "grafana-dashboard.json"
