@@ -111,16 +111,14 @@ def issuer_keys(
     if iss.jwks_file is not None:
         return FileJWKS(iss.jwks_file, algorithms=iss.algorithms)
     assert iss.jwks_uri is not None
-    if metrics is None:
-        return HttpJWKS(iss.jwks_uri, algorithms=iss.algorithms, max_stale=iss.jwks_max_stale, clock=clock)
     keys = HttpJWKS(
         iss.jwks_uri,
         algorithms=iss.algorithms,
         max_stale=iss.jwks_max_stale,
         clock=clock,
-        on_fetch=metrics.jwks_fetch_recorder(iss.name),
+        on_fetch=metrics.jwks_fetch_recorder(iss.name) if metrics else None,
     )
-    return CountedIssuerKeys(keys, metrics, "issuer_keys", iss.name)
+    return CountedIssuerKeys(keys, metrics, "issuer_keys", iss.name) if metrics else keys
 
 
 def build_issuers(
