@@ -225,7 +225,6 @@ def best_of(work: Callable[[], Any], runs: int = 3) -> tuple[float, Any]:
 def measure(engine: Engine, now: float, days: float) -> list[tuple[str, float, str]]:
     """Time each query of ``sts audit`` and the review page (best of three after a warm-up)."""
     query = audit_query.AuditQuery(engine, clock=lambda: now, settle=0)
-    audit_query.ensure_schema(engine)
     day, week = now - 86400, now - 7 * 86400
     world = World(random.Random(14))  # noqa: S311 - synthetic data
     # Identity 7 is the busiest of the synthetic fleet (about 15% of all decisions).

@@ -20,15 +20,32 @@ from urllib.parse import urlsplit
 
 import redis
 from flask import Flask
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
 
 from .adapters import redis_store, sql
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
+from .adapters.metrics import (
+    CountedIssuerKeys,
+    CountedTokenReviewer,
+    MeteredAuditSink,
+    MeteredLedger,
+    Metrics,
+    count_store_errors,
+)
 from .adapters.policy_files import load_policies, policy_files
+from .adapters.readiness import (
+    DatabaseSchema,
+    Readiness,
+    instance_name,
+    redis_store_check,
+    sql_store_check,
+    wait_for_schema,
+)
+from .adapters.stage_timer import StageTimer
 from .adapters.token_review import HttpTokenReviewer
+from .core.assurance import LEVELS
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
 from .core.clients import AssertionAudience, RegisteredClient
@@ -42,7 +59,7 @@ from .core.ports import (
     IssuerKeys,
     ReplayCache,
     RevokedTokens,
-    StoreUnavailable,
+    SingleUseLedger,
     SubjectStateStore,
     TokenReviewer,
 )
@@ -72,32 +89,43 @@ class Runtime:
     baselines: BaselineStore | None = None
     token_status: TokenStatus | None = None
     redis_client: redis.Redis | None = None
+    schema: DatabaseSchema | None = None
+    readiness: Readiness | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics | None = None
 
     def health(self) -> list[str]:
-        problems = []
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except SQLAlchemyError:
-            problems.append("database")
-        if self.redis_client is not None:
-            try:
-                redis_store.RedisReplayCache(self.redis_client).ping()
-            except StoreUnavailable:
-                problems.append("store")
-        return problems
+        """Readiness (``/readyz``): what stops this process from issuing a token now; empty when
+        nothing does.  See :class:`sts.adapters.readiness.Readiness`."""
+        assert self.readiness is not None
+        return self.readiness.problems()
+
+    def database_ready(self) -> bool:
+        """The schema is current (migrated now if the database has come back since start)."""
+        return self.schema is None or self.schema.ensure()
 
 
-def issuer_keys(iss: IssuerSettings, clock: Callable[[], float]) -> IssuerKeys:
+def issuer_keys(
+    iss: IssuerSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> IssuerKeys:
     if iss.jwks_file is not None:
         return FileJWKS(iss.jwks_file, algorithms=iss.algorithms)
     assert iss.jwks_uri is not None
-    return HttpJWKS(iss.jwks_uri, algorithms=iss.algorithms, max_stale=iss.jwks_max_stale, clock=clock)
+    keys = HttpJWKS(
+        iss.jwks_uri,
+        algorithms=iss.algorithms,
+        max_stale=iss.jwks_max_stale,
+        clock=clock,
+        on_fetch=metrics.jwks_fetch_recorder(iss.name) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "issuer_keys", iss.name) if metrics else keys
 
 
 def build_issuers(
-    settings: Settings, clock: Callable[[], float], keyring: KeyRing | None = None
+    settings: Settings,
+    clock: Callable[[], float],
+    keyring: KeyRing | None = None,
+    metrics: Metrics | None = None,
 ) -> IssuerDirectory:
     """The trusted issuers; with ``keyring``, this service itself too (``self``) for re-exchange."""
     trusted = []
@@ -119,7 +147,7 @@ def build_issuers(
             profile_options=options,
             trusted_delegation=iss.trusted_delegation,
         )
-        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
+        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock, metrics)))
     if keyring is not None:
         own = IssuerPolicy(
             name=SELF_ISSUER,
@@ -137,17 +165,22 @@ def build_issuers(
     return IssuerDirectory(trusted)
 
 
-def build_token_reviewers(settings: Settings) -> dict[str, TokenReviewer]:
-    return {
+def build_token_reviewers(settings: Settings, metrics: Metrics | None = None) -> dict[str, TokenReviewer]:
+    reviewers: dict[str, TokenReviewer] = {
         iss.name: HttpTokenReviewer(
             iss.token_review_url, token_file=iss.token_review_token_file, ca_file=iss.token_review_ca_file
         )
         for iss in settings.issuers
         if iss.token_review_url
     }
+    if metrics is not None:
+        reviewers = {name: CountedTokenReviewer(r, metrics, name) for name, r in reviewers.items()}
+    return reviewers
 
 
-def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
+def _client(
+    c: ClientSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> RegisteredClient:
     keys: IssuerKeys | None = None
     if c.auth_method == "private_key_jwt":
         if c.jwks is not None:
@@ -156,7 +189,15 @@ def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
             keys = FileJWKS(c.jwks_file, algorithms=c.algorithms)
         else:
             assert c.jwks_uri is not None
-            keys = HttpJWKS(c.jwks_uri, algorithms=c.algorithms, clock=clock)
+            source = f"client:{c.client_id}"
+            keys = HttpJWKS(
+                c.jwks_uri,
+                algorithms=c.algorithms,
+                clock=clock,
+                on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+            )
+            if metrics is not None:
+                keys = CountedIssuerKeys(keys, metrics, "client_keys", source)
     elif not check_hash_format(c.secret_hash or ""):
         raise ConfigurationError(
             f"setting clients.{c.client_id}.secret_hash: not a recognised hash "
@@ -194,6 +235,8 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
         "token_endpoint_auth_methods_supported": methods,
         "token_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "dpop_signing_alg_values_supported": sorted(allowed_algorithms(settings.dpop_algorithms)),
+        # RFC 9470 §6 / OpenID Connect Discovery: the assurance levels, lowest first (sts.core.assurance).
+        "acr_values_supported": list(LEVELS),
         "code_challenge_methods_supported": [],
         "introspection_endpoint": settings.issuer.rstrip("/") + "/introspect",
         "introspection_endpoint_auth_methods_supported": methods[:3],
@@ -225,7 +268,8 @@ def dpop_nonce_secret(keys_dir: Path) -> bytes:
 def build_review(
     settings: Settings, engine: Engine, baselines: BaselineStore | None, clock: Callable[[], float]
 ) -> Any:
-    """The review page's blueprint (``review.enabled``), given what it reads."""
+    """The review page's blueprint (``review.enabled``), given what it reads.  Nothing here
+    needs the database: its tables come with the schema's migrations."""
     from .adapters import audit_query
     from .http import review
 
@@ -235,12 +279,6 @@ def build_review(
                 f"setting review.users.{user.username}.password_hash: not a recognised hash "
                 "(make one with `sts clients secret --stdin`)"
             )
-    try:
-        audit_query.ensure_schema(engine)
-    except SQLAlchemyError as exc:
-        raise ConfigurationError(
-            f"setting database_url: cannot prepare the audit summaries ({type(exc).__name__})"
-        ) from None
     config = review.ReviewConfig(
         users={u.username: u.password_hash for u in settings.review.users},
         session_secret=secret_file(settings.keys_dir / "review-session.secret"),
@@ -268,36 +306,71 @@ def secret_file(path: Path) -> bytes:
     return data
 
 
-def prepare(settings: Settings) -> None:
-    """One-time set-up before workers start: keys created, database schema in place."""
+def database_pool(settings: Settings) -> sql.PoolOptions:
+    """The shape of each of a process's two PostgreSQL pools (see :class:`sql.PoolOptions`).
+
+    By default each pool can give every thread a connection at once (size + overflow =
+    threads + 1), and keeps few open while idle (size = threads // 4, at least 1): with
+    8 threads, 2 idle and at most 9 per pool.
+    """
+    size = settings.database_pool_size
+    if size is None:
+        size = max(1, settings.threads // 4)
+    overflow = settings.database_max_overflow
+    if overflow is None:
+        overflow = max(0, settings.threads + 1 - size)
+    return sql.PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))
+
+
+def prepare(
+    settings: Settings,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> bool:
+    """One-time set-up before workers start: keys created, database schema current (migrated when
+    ``database_migrate_on_start``).
+
+    A database that does not answer yet is waited for, with backoff and one log line per
+    attempt, for up to ``database_startup_timeout`` seconds; after that the service starts
+    anyway, not ready (``/readyz`` answers 503, ``/token`` 503 ``temporarily_unavailable``),
+    and becomes ready by itself once the database answers.  Returns whether the schema is
+    current.
+    """
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
-    engine = sql.make_engine(settings.database_url)
+    engine = sql.make_engine(settings.database_url, database_pool(settings))
     try:
-        sql.create_schema(engine)
+        schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
+        return wait_for_schema(schema, settings.database_startup_timeout, sleep=sleep, monotonic=monotonic)
     finally:
         engine.dispose()
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Flask:
-    """Build the WSGI application for ``settings`` (tests pass their own settings and clock)."""
+    """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
+
+    Nothing here needs the database to answer: if it does not, the app starts not ready
+    and migrates the schema when it does (see :class:`DatabaseSchema`).
+    """
     logging.getLogger("sts").setLevel(settings.log_level)
-    engine = sql.make_engine(settings.database_url)
-    try:
-        sql.create_schema(engine)
-    except SQLAlchemyError as exc:
-        raise ConfigurationError(
-            f"setting database_url: cannot reach the database ({type(exc).__name__})"
-        ) from None
+    engine = sql.make_engine(settings.database_url, database_pool(settings))
+    schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
+    schema.attempt()
     keyring = KeyRing.open(
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
     )
     redis_client: redis.Redis | None = None
+    epoch: redis_store.LedgerEpoch | None = None
     replay: ReplayCache
     subject_states: SubjectStateStore
     baselines: BaselineStore
     if settings.store == "redis":
         redis_client = redis_store.connect(settings.redis_url)
-        replay = redis_store.RedisReplayCache(redis_client)
+        # The durable database remembers the ledger's epoch, so that even a process started after
+        # Redis lost its records knows they were lost.
+        epoch = redis_store.LedgerEpoch(redis_client, memory=sql.SqlLedgerEpochMemory(engine, clock=clock))
+        redis_store.check_at_start(redis_client, epoch, clock())
+        replay = redis_store.RedisReplayCache(redis_client, epoch=epoch)
         subject_states = redis_store.RedisSubjectStateStore(redis_client)
         baselines = redis_store.RedisBaselineStore(redis_client)
         revoked: RevokedTokens = redis_store.RedisRevokedTokens(redis_client)
@@ -308,7 +381,24 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
     audit = sql.SqlAuditSink(engine)
-    clients = {c.client_id: _client(c, clock) for c in settings.clients}
+    ledger: SingleUseLedger = (
+        redis_store.RedisSingleUseLedger(redis_client, audit, epoch=epoch)
+        if redis_client is not None
+        else sql.SqlSingleUseLedger(audit)
+    )
+    # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the
+    # failures of the stores, the audit trail and upstream services where the pipeline meets them.
+    metrics = Metrics(clock=clock)
+    decisions = MeteredAuditSink(audit, metrics)
+    ledger = MeteredLedger(ledger, metrics)
+    probed_replay = replay  # readiness reports its own failures (/readyz); they are not counted
+    replay = count_store_errors(replay, "replay", metrics)
+    subject_states = count_store_errors(subject_states, "subject_state", metrics)
+    baselines = count_store_errors(baselines, "baseline", metrics)
+    revoked = count_store_errors(revoked, "revocation", metrics)
+    stages = StageTimer()
+    stages.add_observer(metrics.observe_stage)
+    clients = {c.client_id: _client(c, clock, metrics) for c in settings.clients}
 
     def current_signer() -> Any:
         keyring.reload_if_changed(clock())
@@ -328,16 +418,18 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             ),
         ),
         clients=clients,
-        issuers=build_issuers(settings, clock, keyring),
+        issuers=build_issuers(settings, clock, keyring, metrics),
         policy=policy,
         replay=replay,
+        ledger=ledger,
         signer=current_signer,
-        audit=audit,
+        audit=decisions,
         clock=clock,
-        token_reviewers=build_token_reviewers(settings),
+        token_reviewers=build_token_reviewers(settings, metrics),
         subject_states=subject_states,
         baselines=baselines,
         revoked_tokens=revoked,
+        stages=stages,
     )
     own_keys = OwnTokenKeys(keyring, clock)
     token_status = TokenStatus(
@@ -353,11 +445,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         replay=replay,
         states=subject_states,
         revoked=revoked,
-        audit=audit,
+        audit=decisions,
         assertion_audience=AssertionAudience(settings.issuer, settings.token_endpoint),
         clock=clock,
         leeway=settings.leeway,
         max_assertion_lifetime=settings.max_client_assertion_lifetime,
+    )
+    instance = instance_name()
+    store_check = (
+        redis_store_check(redis_client, instance)
+        if redis_client is not None
+        else sql_store_check(probed_replay, instance)
     )
     runtime = Runtime(
         settings=settings,
@@ -373,10 +471,23 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         baselines=baselines,
         token_status=token_status,
         redis_client=redis_client,
+        schema=schema,
+        readiness=Readiness(
+            schema=schema,
+            audit=audit,
+            store=store_check,
+            store_in_database=redis_client is None,
+            keyring=keyring,
+            clock=clock,
+            instance=instance,
+        ),
+        metrics=metrics,
     )
 
+    from .http import metrics as metrics_http
     from .http import oauth, responses, ssf
     from .http import token_status as token_status_http
+    from .http.body_limit import BodyLimit
 
     app = Flask("sts")
     app.config.update(
@@ -388,7 +499,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime
+    app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
     responses.install(app)
+    metrics_http.install(app, metrics, stages)
     app.register_blueprint(oauth.bp)
     app.register_blueprint(token_status_http.bp)
     path = urlsplit(settings.issuer).path.rstrip("/")
@@ -409,7 +522,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     if settings.review.enabled:
         app.register_blueprint(build_review(settings, engine, baselines, clock))
     log.info(
-        "sts ready: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
+        "sts %s: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
+        "ready" if schema.ready else "started, not ready until the database answers",
         settings.issuer,
         len(settings.issuers),
         len(clients),
@@ -420,7 +534,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 
 def wsgi_app_from_environment() -> Flask:
-    """Entry point for WSGI servers: ``gunicorn 'sts.app:wsgi_app_from_environment()'``."""
+    """Entry point for other WSGI servers (``sts serve`` uses granian)."""
     from .settings import load_settings
 
     return create_app(load_settings())

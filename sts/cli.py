@@ -8,6 +8,7 @@ message when they are invalid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 
+from .core.subject_state import STATE_TTL
 from .errors import ConfigurationError, OAuthError
 from .settings import Settings, load_settings
 
@@ -52,48 +54,104 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.option("--port", type=int, default=None, help="Listen port (setting port).")
 @click.option("--workers", type=int, default=None, help="Worker processes (setting workers).")
 @click.option("--threads", type=int, default=None, help="Threads per worker (setting threads).")
+@click.option("--metrics-listen", default=None, help="HOST:PORT of /metrics (setting metrics_listen).")
 @click.pass_context
 def serve(
-    ctx: click.Context, host: str | None, port: int | None, workers: int | None, threads: int | None
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    threads: int | None,
+    metrics_listen: str | None,
 ) -> None:
-    """Run the service under gunicorn (keys and database are created on first start)."""
+    """Run the service (granian; keys and database are created on first start)."""
     import logging
 
-    from gunicorn.app.base import BaseApplication
+    from .adapters import metrics
 
-    from .app import create_app, prepare
-
-    settings = _settings(ctx, host=host, port=port, workers=workers, threads=threads)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        prepare(settings)
-        # Build once in the parent too, so a bad policy or key stops the start here, with its message.
-        create_app(settings)
-    except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
-
-    class _Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{settings.host}:{settings.port}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("threads", settings.threads)
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("accesslog", "-")
-            # Method and path only: never the query string, where a misguided client may put a token.
-            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
-            self.cfg.set("limit_request_line", 8190)
-            self.cfg.set("graceful_timeout", 10)
-
-        def load(self) -> Any:
-            # Called in each worker: every process opens its own pools and parses its own keys.
-            return create_app(settings)
-
-    click.echo(
-        f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
-        f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
-        err=True,
+    settings = _settings(
+        ctx, host=host, port=port, workers=workers, threads=threads, metrics_listen=metrics_listen
     )
-    _Server().run()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Before any metric exists: every worker writes its values where this process's listener
+    # adds them up (prometheus_client's multiprocess mode), in a directory of this instance.
+    metrics_dir, owned = metrics.enable_multiprocess() if settings.metrics_address else (None, False)
+    try:
+        _serve(settings, metrics_dir)
+    finally:
+        if metrics_dir is not None and owned:
+            metrics.remove_directory(metrics_dir)
+
+
+def _serve(settings: Settings, metrics_dir: Path | None) -> None:
+    from . import serving
+    from .adapters import metrics
+    from .app import create_app, prepare
+    from .http.responses import request_id
+
+    if serving.port_in_use(settings.host, settings.port):
+        raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
+    listener: metrics.MetricsServer | None = None
+    if settings.metrics_address is not None and metrics_dir is not None:
+        collector = metrics.ExpositionCollector(directory=metrics_dir)
+        try:
+            listener = metrics.MetricsServer(
+                *settings.metrics_address, metrics.exposition_registry(collector)
+            )
+        except OSError as exc:
+            raise click.ClickException(f"metrics_listen {settings.metrics_listen}: {exc.strerror}") from None
+    try:
+        try:
+            prepare(settings)
+            # Build once in the parent too, so a bad policy or key stops the start here, with its message.
+            checked = create_app(settings)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+        # The workers open their own pools; the check's connections must not be inherited by them.
+        runtime = checked.extensions["sts"]
+        runtime.engine.dispose()
+        if runtime.redis_client is not None:
+            runtime.redis_client.close()
+        if listener is not None:
+            # The signing keys' ages are read, when scraped, from this process's copy of the key ring.
+            collector.key_entries = functools.partial(_key_entries, runtime.keyring)
+            # A first scrape imports what scrapes need before the workers are forked from this process.
+            metrics.prometheus_text(collector)
+            listener.start()
+            click.echo(
+                f"sts: metrics on http://{settings.metrics_listen}{metrics.METRICS_PATH} "
+                f"(worker values in {metrics_dir})",
+                err=True,
+            )
+
+        click.echo(
+            f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
+            f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
+            err=True,
+        )
+        serving.serve(
+            functools.partial(create_app, settings),
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            limits=serving.Limits(
+                threads=settings.threads,
+                header_read_timeout=settings.header_read_timeout,
+                body_read_timeout=settings.body_read_timeout,
+                max_body_bytes=settings.max_body_bytes,
+                max_connections=settings.max_connections,
+            ),
+            log_level=settings.log_level,
+            request_id=request_id,
+        )
+    finally:
+        if listener is not None:
+            listener.stop()
+
+
+def _key_entries(keyring: Any) -> list[Any]:
+    keyring.reload_if_changed(time.time())
+    return list(keyring.entries())
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -107,18 +165,55 @@ def config() -> None:
 @config.command("check")
 @click.pass_context
 def config_check(ctx: click.Context) -> None:
-    """Validate settings, keys and policies, as a start would."""
+    """Validate settings, keys and policies, as a start would (without creating or changing anything).
+
+    The key ring is loaded as ``sts serve`` loads it, so a truncated or damaged
+    key file, or a missing or wrong ``STS_KEY_PASSPHRASE``, fails here rather
+    than at the start.  A directory without ``keyring.json`` is reported: the
+    first start creates the keys there.
+    """
+    from .adapters.keyring import METADATA_FILE, KeyRing
     from .app import build_policy
 
     settings = _settings(ctx)
     try:
         policy = build_policy(settings)
+        if (settings.keys_dir / METADATA_FILE).exists():
+            # Read-only: create=False never writes a key or keyring.json.
+            ring = KeyRing.open(
+                settings.keys_dir,
+                passphrase=settings.key_passphrase,
+                create_alg=settings.signing_alg,
+                create=False,
+            )
+            signer = ring.signer()
+            keys_line = (
+                f"keys ok: {len(ring.entries())} key(s) in {settings.keys_dir}, "
+                f"active {signer.kid} ({signer.alg})"
+            )
+        else:
+            keys_line = f"keys: none yet in {settings.keys_dir}; the first start creates them"
+        _check_dpop_nonce_secret(settings)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"settings ok: issuer {settings.issuer}, {len(settings.issuers)} issuer(s), "
         f"{len(settings.clients)} client(s), {len(policy.rules)} rule(s)"
     )
+    click.echo(keys_line)
+
+
+def _check_dpop_nonce_secret(settings: Settings) -> None:
+    """The check ``create_app`` makes of an existing DPoP nonce secret, without creating one."""
+    path = settings.keys_dir / "dpop-nonce.secret"
+    if not settings.dpop_nonce or not path.exists():
+        return
+    try:
+        size = len(path.read_bytes())
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot read the DPoP nonce secret: {exc.strerror}") from None
+    if size < 32:
+        raise ConfigurationError(f"{path}: DPoP nonce secret is truncated; delete it to create a new one")
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -198,27 +293,56 @@ def policy() -> None:
 
 
 @policy.command("check")
+@click.option(
+    "--standalone",
+    is_flag=True,
+    help="Check FILES on their own: the issuer and client names they use are taken as defined.",
+)
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context
-def policy_check(ctx: click.Context, files: tuple[Path, ...]) -> None:
-    """Lint the configured policies directory, or the FILES given."""
-    from .adapters.policy_files import load_policies, policy_files
+def policy_check(ctx: click.Context, standalone: bool, files: tuple[Path, ...]) -> None:
+    """Lint the configured policies directory, or the FILES given, against the configuration.
 
+    With --standalone, FILES written for another configuration (policies/examples/) are
+    checked on their own: schema, patterns, CEL conditions and lifetimes, with the issuer
+    and client names they refer to taken as defined.  A start still needs those names in
+    its configuration.
+    """
+    from .adapters.policy_files import load_policies, names_used, policy_files
+
+    if standalone and not files:
+        raise click.UsageError("--standalone checks the FILES given; name them")
     settings = _settings(ctx)
     try:
         paths = list(files) or policy_files(settings.policies_dir)
+        if standalone:
+            issuers, clients = names_used(paths)
+        else:
+            issuers = frozenset(i.name for i in settings.issuers)
+            clients = frozenset(c.client_id for c in settings.clients)
         compiled = load_policies(
             paths,
-            issuers=frozenset(i.name for i in settings.issuers) | {"self"},
-            clients=frozenset(c.client_id for c in settings.clients),
+            issuers=issuers | {"self"},
+            clients=clients,
             max_lifetime=settings.max_lifetime,
             default_lifetime=settings.default_lifetime,
         )
     except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+        message = str(exc)
+        if files and not standalone and (": unknown issuer " in message or ": unknown client" in message):
+            message += (
+                "; to check files written for another configuration, name it with --config, "
+                "or check them on their own with --standalone"
+            )
+        raise click.ClickException(message) from None
     for rule in compiled.rules:
         click.echo(f"ok  {rule.source}: {rule.name}")
     click.echo(f"{len(compiled.rules)} rule(s) in {len(paths)} file(s): no problems")
+    if standalone:
+        click.echo(
+            f"standalone: issuers {', '.join(sorted(issuers)) or 'none'} and clients "
+            f"{', '.join(sorted(clients)) or 'none'} taken as defined; a start needs them configured"
+        )
 
 
 @policy.command("schema")
@@ -242,6 +366,9 @@ def policy_schema_cmd() -> None:
 @click.option("--resource", multiple=True)
 @click.option("--scope", default=None)
 @click.option("--client-id", default=None, help="Explain as if this client had authenticated.")
+@click.option("--acr-values", default=None, help="Levels asked for, as the request's acr_values.")
+@click.option("--with-key", is_flag=True, help="As if a DPoP proof or certificate with the identity's key.")
+@click.option("--with-posture", is_flag=True, help="As if with the key and good posture evidence.")
 @click.pass_context
 def policy_explain(
     ctx: click.Context,
@@ -252,8 +379,12 @@ def policy_explain(
     resource: tuple[str, ...],
     scope: str | None,
     client_id: str | None,
+    acr_values: str | None,
+    with_key: bool,
+    with_posture: bool,
 ) -> None:
-    """Dry-run a request: which rule applies, and why each other rule does not."""
+    """Dry-run a request: which rule applies, why each other rule does not, and the assurance
+    levels it would reach."""
     from .app import build_issuers, build_policy
     from .core.attest import VerifiedToken, verify_token
     from .core.audit import token_hash
@@ -318,6 +449,15 @@ def policy_explain(
         f"decision: grant by rule {grant.rule}: aud={list(grant.audiences)} scope={list(grant.scopes)} "
         f"max_lifetime={grant.max_lifetime}s{' (scope narrowed)' if grant.scope_narrowed else ''}"
     )
+    from .core.assurance import KEY_CONTINUES, KEY_NONE, Evidence, explain
+
+    evidence = Evidence(key=KEY_CONTINUES if with_key or with_posture else KEY_NONE, live_review=with_posture)
+    posture_fact = grant.risk.posture_fact if grant.risk else None
+    requested = tuple(acr_values.split()) if acr_values else ()
+    for line in explain(
+        grant.assurance, grant.audiences, grant.scopes, requested, evidence, posture_fact=posture_fact
+    ):
+        click.echo(line)
 
 
 # -- clients -------------------------------------------------------------------------------------
@@ -361,13 +501,16 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     from sqlalchemy.exc import SQLAlchemyError
 
     from .adapters import sql
+    from .migrations import SchemaError, ensure
 
     settings = _settings(ctx)
     filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
     try:
         engine = sql.make_engine(settings.database_url)
-        sql.create_schema(engine)
+        ensure(engine, migrate=settings.database_migrate_on_start)
         records = sql.SqlAuditSink(engine).recent(limit, **filters)
+    except SchemaError as exc:
+        raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(
             f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
@@ -407,11 +550,14 @@ def _audit_filter(values: dict[str, Any]) -> Any:
 
 def _audit_query(ctx: click.Context) -> Any:
     from .adapters import audit_query, sql
+    from .migrations import SchemaError, ensure
 
     settings = _settings(ctx)
     engine = sql.make_engine(settings.database_url)
-    sql.create_schema(engine)
-    audit_query.ensure_schema(engine)
+    try:
+        ensure(engine, migrate=settings.database_migrate_on_start)
+    except SchemaError as exc:
+        raise click.ClickException(f"setting database_url: {exc}") from None
     return audit_query.AuditQuery(engine)
 
 
@@ -549,6 +695,81 @@ def audit_summarize(ctx: click.Context) -> None:
     click.echo(f"summaries up to record {status.last_id} ({status.behind} newer record(s) not yet settled)")
 
 
+# -- db ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The audit and state database: schema migrations (Alembic, shipped in the package)."""
+
+
+def _database(ctx: click.Context) -> Any:
+    from .adapters import sql
+
+    return sql.make_engine(_settings(ctx).database_url)
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Upgrade the schema to REVISION (default: head, this version's newest).
+
+    Safe while the service runs and when several instances upgrade at once: the
+    upgrade holds a database lock and commits whole or not at all.  A database made
+    by 0.1.0 (no alembic_version table) is recognised and stamped first.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters.readiness import describe, where
+    from .migrations import SchemaError, upgrade
+
+    engine = _database(ctx)
+    try:
+        done = upgrade(engine, revision)
+    except SchemaError as exc:
+        raise click.ClickException(f"database {where(engine)}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    if done.after == done.before:
+        click.echo(f"database {where(engine)}: schema already at {done.after}")
+    else:
+        start = done.before or ("the schema of 0.1.0, made before migrations," if done.stamped else "empty")
+        click.echo(f"database {where(engine)}: schema upgraded from {start} to {done.after}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the schema's revision; exit 1 unless it is this version's newest (head)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters.readiness import describe, where
+    from .migrations import state
+
+    engine = _database(ctx)
+    try:
+        is_current, text = state(engine)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    click.echo(f"database {where(engine)}: {text}")
+    if not is_current:
+        ctx.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the schema revisions this version knows, oldest first."""
+    from .migrations import history
+
+    for revision, _down, title in history():
+        click.echo(f"{revision}  {title}")
+
+
 # -- dev -----------------------------------------------------------------------------------------
 
 
@@ -621,15 +842,29 @@ def revoke() -> None:
 @revoke.command("subject")
 @click.argument("issuer_name")
 @click.argument("subject")
-@click.option("--block", type=int, default=0, show_default=True,
-              help="Also refuse new exchanges for this many seconds.")  # fmt: skip
+@click.option("--block", type=click.IntRange(1, STATE_TTL), default=None,
+              help=f"Also refuse new exchanges for this many seconds (1 to {STATE_TTL}).")  # fmt: skip
 @click.pass_context
-def revoke_subject(ctx: click.Context, issuer_name: str, subject: str, block: int) -> None:
-    """Revoke every token issued so far to SUBJECT of ISSUER_NAME ('*' for every issuer)."""
+def revoke_subject(ctx: click.Context, issuer_name: str, subject: str, block: int | None) -> None:
+    """Revoke every token issued so far to SUBJECT of ISSUER_NAME.
+
+    ISSUER_NAME is the ``name`` of a configured issuer, ``self`` (tokens this
+    service issued, re-exchanged) or ``*`` (the subject of every issuer).
+    """
     from .app import create_app
-    from .core.subject_state import STATE_TTL, identity_key
+    from .core.delegation import SELF_ISSUER
+    from .core.subject_state import ANY_ISSUER, identity_key
 
     settings = _settings(ctx)
+    known = [i.name for i in settings.issuers] + [SELF_ISSUER, ANY_ISSUER]
+    if issuer_name not in known:
+        # A name that matches no issuer would revoke nothing, silently.
+        raise click.BadParameter(
+            f"{issuer_name!r} is not a configured issuer; choose one of {', '.join(map(repr, known))}",
+            param_hint="ISSUER_NAME",
+        )
+    if not subject:
+        raise click.BadParameter("the subject must not be empty", param_hint="SUBJECT")
     try:
         runtime = create_app(settings).extensions["sts"]
     except ConfigurationError as exc:
@@ -648,3 +883,102 @@ def revoke_subject(ctx: click.Context, issuer_name: str, subject: str, block: in
     click.echo(
         f"revoked tokens issued to {key} before {int(now)}" + (f"; blocked for {block}s" if block else "")
     )
+
+
+# -- baseline ------------------------------------------------------------------------------------
+
+
+@main.group()
+def baseline() -> None:
+    """Behaviour baselines: show an identity's, confirm changed facts, or start it afresh.
+
+    IDENTITY is ISSUER_NAME|SUBJECT, as the audit record's risk section names it
+    (for example 'github|repo:acme/app:ref:refs/heads/main').
+    """
+
+
+def _baseline_store(ctx: click.Context, identity: str) -> Any:
+    if "|" not in identity or identity.startswith("|") or identity.endswith("|"):
+        raise click.UsageError("IDENTITY must be ISSUER_NAME|SUBJECT")
+    from .app import create_app
+
+    settings = _settings(ctx)
+    try:
+        return create_app(settings).extensions["sts"].baselines
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _load_baseline(store: Any, identity: str) -> Any:
+    from .core.ports import StoreUnavailable
+
+    try:
+        return store.load(identity)
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"the store is unavailable: {exc}") from None
+
+
+def _save_baseline(store: Any, identity: str, value: Any) -> None:
+    from .core.baseline import BASELINE_TTL
+    from .core.ports import StoreUnavailable
+
+    try:
+        store.save(identity, value, BASELINE_TTL)
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"the store is unavailable: {exc}") from None
+
+
+@baseline.command("show")
+@click.argument("identity")
+@click.pass_context
+def baseline_show(ctx: click.Context, identity: str) -> None:
+    """Print IDENTITY's baseline as JSON: each stable fact, confirmed or pending (with its probation)."""
+    from .core.drift import session_summary
+
+    current = _load_baseline(_baseline_store(ctx, identity), identity)
+    summary = session_summary(current, ())
+    summary.update(
+        identity=identity,
+        first_seen=current.first_seen,
+        last_seen=current.last_seen,
+        confirmed={name: dict(how) for name, how in current.confirmed.items()},
+        pending={name: p.as_dict() for name, p in current.pending.items()},
+        networks=list(current.networks),
+        audiences=list(current.audiences),
+        scopes=list(current.scopes),
+        recent_failures=len(current.failures),
+    )
+    click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+@baseline.command("accept")
+@click.argument("identity")
+@click.option("--fact", "facts", multiple=True, help="Accept only this pending fact (repeatable).")
+@click.pass_context
+def baseline_accept(ctx: click.Context, identity: str, facts: tuple[str, ...]) -> None:
+    """Confirm IDENTITY's pending (changed) facts: they become its baseline, and drift stops firing."""
+    from .core.baseline import accept_pending
+
+    store = _baseline_store(ctx, identity)
+    current = _load_baseline(store, identity)
+    unknown = sorted(set(facts) - set(current.pending))
+    if unknown:
+        raise click.ClickException(f"nothing pending for {', '.join(unknown)} of {identity}")
+    if not current.pending:
+        raise click.ClickException(f"{identity} has no pending facts to accept")
+    chosen = facts or tuple(sorted(current.pending))
+    _save_baseline(store, identity, accept_pending(current, time.time(), chosen))
+    for name in chosen:
+        click.echo(f"accepted {name}={json.dumps(current.pending[name].value)} for {identity}")
+
+
+@baseline.command("reset")
+@click.argument("identity")
+@click.pass_context
+def baseline_reset(ctx: click.Context, identity: str) -> None:
+    """Forget IDENTITY's baseline: it learns afresh, and the next facts seen become its baseline."""
+    from .core.baseline import Baseline
+
+    store = _baseline_store(ctx, identity)
+    _save_baseline(store, identity, Baseline())
+    click.echo(f"reset the baseline of {identity}: it is learning again")

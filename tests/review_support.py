@@ -3,8 +3,9 @@
 ``make_decisions`` drives ``POST /token`` (through a Flask test client or over
 HTTP) with tokens from the development issuer, at the times of a clock the app
 shares: ten days ago the deploy job learns its baseline; today it is granted,
-narrowed (new network, privileged scope), asked to step up (drifted runner on an
-old token) and refused a foreign audience; a reports job appears for the first
+narrowed (new network, privileged scope), asked to step up (a privileged scope
+alone, on a token two minutes old), refused for drift (a self-hosted runner) and
+refused a foreign audience; a reports job appears for the first
 time (a new edge), and a token whose subject carries markup is refused.
 """
 
@@ -110,8 +111,13 @@ def make_decisions(post: Post, issuer: DevIssuer, clock: Clock, audience: str = 
     assert status == 200 and narrowed["scope"] == "deploy:read", narrowed
     issued.append(narrowed["access_token"])
     clock.now = today - 1200
-    status, step_up = exchange(token(age=600, runner_environment="self-hosted"), scope="deploy:read")
+    # A privileged scope alone, on a token two minutes old: narrowed to nothing, fresh attestation asked.
+    status, step_up = exchange(token(age=120), scope="deploy:write")
     assert status == 400 and step_up["error"] == "insufficient_user_authentication", step_up
+    clock.now = today - 1000
+    # A self-hosted runner where the baseline says GitHub-hosted: drift, refused until confirmed.
+    status, drift = exchange(token(runner_environment="self-hosted"), scope="deploy:read")
+    assert status == 400 and drift["risk"]["signals"] == ["attestation_drift"], drift
     clock.now = today - 900
     status, refused = exchange(token(), audience="https://elsewhere.example.com")
     assert status == 400 and refused["error"] == "invalid_target", refused
@@ -123,4 +129,4 @@ def make_decisions(post: Post, issuer: DevIssuer, clock: Clock, audience: str = 
     status, markup = exchange(token(repository=MARKUP_REPO))
     assert status == 400, markup
     clock.now = today
-    return {"issued": issued, "decisions": 11, "granted": 8, "refused": 3}
+    return {"issued": issued, "decisions": 12, "granted": 8, "refused": 4}

@@ -184,7 +184,6 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         url = schema.url
     engine = sql.make_engine(url)
     sql.create_schema(engine)
-    audit_query.ensure_schema(engine)
     yield engine
     engine.dispose()
 
@@ -234,7 +233,6 @@ def trails(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             url = schema.url
         engine = sql.make_engine(url)
         sql.create_schema(engine)
-        audit_query.ensure_schema(engine)
         write(engine, records)
         query = AuditQuery(engine, clock=Clock(NOW + 600), settle=60)
         if summarised:
@@ -537,7 +535,6 @@ def test_prune_deletes_nothing_when_the_trail_changes_while_archiving(
 ) -> None:
     engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
     sql.create_schema(engine)
-    audit_query.ensure_schema(engine)
     write(engine, [make_record(i, when=NOW - (10 - i) * 86400) for i in range(10)])
     query = AuditQuery(engine, clock=Clock(NOW), settle=0)
     archive_all = AuditQuery._archive

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +83,50 @@ def test_unreachable_database_raises(tmp_path: Path) -> None:
     sink = sql.SqlAuditSink(engine)  # schema never created: the insert fails for real
     with pytest.raises(AuditUnavailable):
         sink.write(_record())
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """The common default umask (022), under which a file created 0644 would be world-readable."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _modes(database: Path) -> dict[str, int]:
+    return {
+        suffix: stat.S_IMODE(Path(f"{database}{suffix}").stat().st_mode) for suffix in ("", "-wal", "-shm")
+    }
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_database_wal_and_shm_are_created_owner_only(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "audit.sqlite"
+    engine = sql.make_engine(f"sqlite:///{database}")
+    sql.create_schema(engine)
+    sql.SqlAuditSink(engine).write(_record())
+    # The connection is still open, so the WAL and shared-memory files exist now.
+    assert _modes(database) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    engine.dispose()
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_database_files_made_world_readable_before_are_restricted(tmp_path: Path) -> None:
+    database = tmp_path / "audit.sqlite"
+    # An older version's file, 0644 under umask 022, with its WAL files (the connection is open).
+    conn = sqlite3.connect(database, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        assert _modes(database) == {"": 0o644, "-wal": 0o644, "-shm": 0o644}
+        engine = sql.make_engine(f"sqlite:///{database}")
+        assert _modes(database) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    finally:
+        conn.close()
+    sql.create_schema(engine)
+    sql.SqlAuditSink(engine).write(_record())
+    assert _count(engine) == 1
+    engine.dispose()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.datastructures import MultiDict
 
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
@@ -88,6 +89,21 @@ def test_garbage_is_inactive_and_reveals_nothing(web: FlaskClient, token: str) -
 
 def test_subject_tokens_from_upstream_are_not_ours(web: FlaskClient, upstream: RunningServer) -> None:
     assert introspect(web, upstream.issuer.github_actions_token(audience=DEPLOY)) == {"active": False}
+
+
+@pytest.mark.parametrize("endpoint", ["/introspect", "/revoke"])
+def test_repeated_unknown_parameters_are_ignored_and_defined_ones_refused(
+    web: FlaskClient, issued: str, endpoint: str
+) -> None:
+    """RFC 6749 §3.1/§3.2: unknown parameters are ignored, repeated or not; defined ones appear once."""
+    rs = basic("deploy-api", RS_SECRET)
+    unknown = [("token", issued), ("foo", "1"), ("foo", "2"), ("bar", ""), ("bar", "")]
+    resp = web.post(endpoint, data=MultiDict(unknown), headers=rs)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    for name, value in (("token", issued), ("token_type_hint", "access_token"), ("client_id", "deploy-api")):
+        pairs = [("token", issued), (name, value), (name, value)] if name != "token" else [(name, value)] * 2
+        resp = web.post(endpoint, data=MultiDict(pairs), headers=rs)
+        assert resp.status_code == 400 and resp.get_json()["error"] == "invalid_request", name
 
 
 def test_introspection_needs_client_authentication(web: FlaskClient, issued: str) -> None:

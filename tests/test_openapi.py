@@ -38,6 +38,7 @@ from sts.adapters.keyring import SUPPORTED_ALGORITHMS
 from sts.app import create_app
 from sts.core.risk import DEFAULT_WEIGHTS
 from sts.core.shared_signals import DESCRIPTIONS, SESSION_REVOKED, ReceiverUnavailable, SetRefused
+from sts.core.token_status import TOKEN_STATUS_PARAMETERS
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.protocol.client_auth import CLIENT_ASSERTION_TYPE_JWT
 from sts.protocol.token_exchange import (
@@ -45,6 +46,7 @@ from sts.protocol.token_exchange import (
     GRANT_TYPE_TOKEN_EXCHANGE,
     ISSUABLE_TOKEN_TYPES,
     REPEATABLE,
+    TOKEN_EXCHANGE_PARAMETERS,
 )
 from sts.settings import Settings
 
@@ -268,6 +270,9 @@ def test_enumerations_agree_with_the_code() -> None:
     assert request["grant_type"]["const"] == GRANT_TYPE_TOKEN_EXCHANGE
     assert request["client_assertion_type"]["const"] == CLIENT_ASSERTION_TYPE_JWT
     assert {name for name, p in request.items() if p.get("type") == "array"} == REPEATABLE
+    # The documented parameters are exactly those refused when repeated; any other is ignored.
+    assert set(request) == TOKEN_EXCHANGE_PARAMETERS
+    assert set(schemas["TokenStatusRequest"]["properties"]) == TOKEN_STATUS_PARAMETERS
     encoding = SPEC["paths"]["/token"]["post"]["requestBody"]["content"][FORM]["encoding"]
     assert set(encoding) == REPEATABLE and all(e["explode"] for e in encoding.values())
     assert set(schemas["RiskSignal"]["enum"]) == set(DEFAULT_WEIGHTS)
@@ -302,11 +307,51 @@ def test_every_route_is_documented_with_its_methods(app: Flask, path_app: Flask,
             methods = set(rule.methods or ()) - {"HEAD", "OPTIONS"}
             documented = {m.upper() for m in HTTP_METHODS if m in SPEC["paths"][path]}
             assert methods == documented, f"{rule.rule}: served {methods}, documented {documented}"
-            # As the document's description says: automatic OPTIONS everywhere, HEAD with GET.
-            assert "OPTIONS" in (rule.methods or ())
+            # As the document's description says: OPTIONS nowhere (it is a 405), HEAD with GET.
+            assert "OPTIONS" not in (rule.methods or ())
             assert ("HEAD" in (rule.methods or ())) == ("GET" in methods)
             served |= {(path, m.lower()) for m in methods}
     assert served == {(path, method) for path, method, _ in operations()}
+
+
+def test_options_is_a_json_405_with_allow_on_every_route(app: Flask, path_app: Flask, ssf_app: Flask) -> None:
+    checked = 0
+    for flask_app in (app, path_app, ssf_app):
+        client = flask_app.test_client()
+        for rule in flask_app.url_map.iter_rules():
+            if rule.endpoint == "static":
+                continue
+            response = client.options(rule.rule)
+            path = documented_path(rule.rule)
+            assert path is not None
+            assert response.status_code == 405, f"OPTIONS {rule.rule}: {response.status_code}"
+            for method in (m for m in HTTP_METHODS if m in SPEC["paths"][path]):
+                check_response(response, path, method)
+            assert set(response.headers["Allow"].split(", ")) == set(rule.methods or ())
+            checked += 1
+    assert checked >= 15
+
+
+def test_unknown_metadata_path_is_a_documented_404(app: Flask, path_app: Flask) -> None:
+    template = "/.well-known/oauth-authorization-server/{issuer_path}"
+    for flask_app, path in (
+        (path_app, "/.well-known/oauth-authorization-server/tenant-b"),
+        (app, "/.well-known/oauth-authorization-server/tenant-a"),
+    ):
+        response = flask_app.test_client().get(path)
+        body = check_response(response, template, "get")
+        assert response.status_code == 404 and body["error"] == "not_found"
+
+
+def test_every_operation_documents_the_http_servers_431() -> None:
+    """The 431 comes from the HTTP server before any Python runs (tests/test_serving.py sends one):
+    documented on every operation as what it is, a bare status with an empty body."""
+    for path, method, op in operations():
+        assert "431" in op["responses"], f"{method.upper()} {path}: no 431"
+        documented, where = deref(("paths", path, method, "responses", "431"))
+        assert "content" not in documented, f"{method.upper()} {path}: the 431 has no body"
+        length, _ = deref((*where, "headers", "Content-Length"))
+        assert length["required"] is True and length["schema"] == {"const": "0"}
 
 
 def test_routes_depend_on_configuration(app: Flask, path_app: Flask, ssf_app: Flask) -> None:
@@ -507,27 +552,33 @@ def test_jwks(client: FlaskClient) -> None:
     assert len(body["keys"]) >= 2  # active and next
 
 
-def test_healthz(client: FlaskClient, make_settings: Callable[..., Any]) -> None:
-    response = client.get("/healthz")
-    assert check_response(response, "/healthz", "get") == {"status": "ok"}
+@pytest.mark.parametrize("path", ["/readyz", "/healthz"])
+def test_readiness(client: FlaskClient, make_settings: Callable[..., Any], path: str) -> None:
+    response = client.get(path)
+    assert check_response(response, path, "get") == {"status": "ok"}
     # A real failure: the configured Redis store is on a port where nothing listens.
     from sts.app import create_app
 
     broken = create_app(make_settings(store="redis", redis_url="redis://127.0.0.1:1/0")).test_client()
-    response = broken.get("/healthz")
-    body = check_response(response, "/healthz", "get")
+    response = broken.get(path)
+    body = check_response(response, path, "get")
     assert response.status_code == 503 and body["problems"] == ["store"]
+    # Alive all the same: liveness checks no dependency.
+    assert check_response(broken.get("/livez"), "/livez", "get") == {"status": "ok"}
 
 
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("get", "/token", {"POST", "OPTIONS"}),
-        ("get", "/introspect", {"POST", "OPTIONS"}),
-        ("put", "/token", {"POST", "OPTIONS"}),
-        ("post", "/healthz", {"GET", "HEAD", "OPTIONS"}),
-        ("delete", "/.well-known/jwks.json", {"GET", "HEAD", "OPTIONS"}),
-        ("post", "/.well-known/oauth-authorization-server", {"GET", "HEAD", "OPTIONS"}),
+        ("get", "/token", {"POST"}),
+        ("get", "/introspect", {"POST"}),
+        ("put", "/token", {"POST"}),
+        ("options", "/token", {"POST"}),
+        ("options", "/revoke", {"POST"}),
+        ("post", "/healthz", {"GET", "HEAD"}),
+        ("options", "/healthz", {"GET", "HEAD"}),
+        ("delete", "/.well-known/jwks.json", {"GET", "HEAD"}),
+        ("post", "/.well-known/oauth-authorization-server", {"GET", "HEAD"}),
     ],
 )
 def test_method_not_allowed(client: FlaskClient, method: str, path: str, allow: set[str]) -> None:

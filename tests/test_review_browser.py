@@ -173,9 +173,9 @@ def test_a_reviewer_signs_in_and_reads_the_decisions(
     wait.until(lambda w: "outcome=refused" in w.current_url)
     refused = browser.find_elements(By.CSS_SELECTOR, "tr.decision")
     assert len(refused) == made["refused"] and all("refused" in r.get_attribute("class") for r in refused)
-    Select(browser.find_element(By.NAME, "signal")).select_by_visible_text("attestation_drift")
+    Select(browser.find_element(By.NAME, "signal")).select_by_visible_text("elevated_privilege")
     browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
-    wait.until(lambda w: "signal=attestation_drift" in w.current_url)
+    wait.until(lambda w: "signal=elevated_privilege" in w.current_url)
     (step_up,) = browser.find_elements(By.CSS_SELECTOR, "tr.decision")
     assert "insufficient_user_authentication" in step_up.text
 
@@ -186,7 +186,7 @@ def test_a_reviewer_signs_in_and_reads_the_decisions(
     baseline = browser.find_element(By.ID, "baseline").text
     assert "count 7" in baseline and "10.1.2.0/24" in baseline and "github-hosted" in baseline
     assert "unusual_network" in browser.find_element(By.ID, "signals").text
-    assert "attestation_drift" in browser.find_element(By.ID, "step-ups").text
+    assert "elevated_privilege" in browser.find_element(By.ID, "step-ups").text
     tokens = browser.find_elements(By.CSS_SELECTOR, "#tokens tbody tr")
     assert len(tokens) == 7 and all("https://deploy.example.com" in t.text for t in tokens)
     shoot(browser, "identity", tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import time
@@ -272,8 +273,8 @@ def config_path(tmp_path: Path, upstream: RunningServer) -> Path:
     return _write_config(tmp_path, config)
 
 
-def _sts(config: Path, *args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(main, ["--config", str(config), *args], input=input)
+def _sts(config: Path, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, ["--config", str(config), *args], input=input, env=env)
 
 
 def _failed_cleanly(result: Result) -> bool:
@@ -303,6 +304,104 @@ def test_config_check_refuses_a_bad_policy(config_path: Path) -> None:
     result = _sts(config_path, "config", "check")
     assert _failed_cleanly(result)
     assert "z.yaml:2: rule 'open': matches every token" in result.output
+
+
+def _tree(directory: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``directory`` with its mode, mtime and content: to show nothing changed."""
+    return {
+        str(p.relative_to(directory)): (p.stat().st_mode, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_config_check_without_keys_creates_nothing(config_path: Path) -> None:
+    before = _tree(config_path.parent)
+    result = _sts(config_path, "config", "check")
+    assert result.exit_code == 0, result.output
+    assert "keys: none yet in" in result.output and "the first start creates them" in result.output
+    assert not (config_path.parent / "keys").exists()
+    assert _tree(config_path.parent) == before
+
+
+def test_config_check_loads_the_key_ring_read_only(config_path: Path) -> None:
+    ring = KeyRing.open(config_path.parent / "keys", passphrase=b"right passphrase", create_alg="ES256")
+    before = _tree(config_path.parent)
+    result = _sts(config_path, "config", "check", env={"STS_KEY_PASSPHRASE": "right passphrase"})
+    assert result.exit_code == 0, result.output
+    assert f"keys ok: 2 key(s) in {config_path.parent / 'keys'}, active {ring.signer().kid}" in result.output
+    assert _tree(config_path.parent) == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "passphrase", "fragment"),
+    [
+        ("truncate", None, "not a valid private key"),
+        ("none", None, "is encrypted but no passphrase is configured (set STS_KEY_PASSPHRASE)"),
+        ("none", "wrong passphrase", "wrong passphrase or damaged file"),
+        ("truncate", "right passphrase", "wrong passphrase or damaged file"),
+    ],
+)
+def test_config_check_refuses_a_key_ring_that_serve_would_refuse(
+    config_path: Path, damage: str, passphrase: str | None, fragment: str
+) -> None:
+    keys = config_path.parent / "keys"
+    # The ring is encrypted whenever the case gives a passphrase to check with, or none at all.
+    encrypted_with = None if damage == "truncate" and passphrase is None else b"right passphrase"
+    ring = KeyRing.open(keys, passphrase=encrypted_with, create_alg="ES256")
+    active = keys / f"{ring.signer().kid}.pem"
+    if damage == "truncate":
+        active.write_bytes(active.read_bytes()[:100])
+    env = {"STS_KEY_PASSPHRASE": passphrase} if passphrase else {}
+    before = _tree(config_path.parent)
+    result = _sts(config_path, "config", "check", env=env)
+    assert _failed_cleanly(result), result.output
+    assert fragment in result.output and str(active) in result.output
+    assert "settings ok" not in result.output and "Traceback" not in result.output
+    assert _tree(config_path.parent) == before
+    # The start refuses the same ring with the same message.
+    settings = load_settings(config_path, environ=env)
+    with pytest.raises(ConfigurationError, match=re.escape(fragment)):
+        create_app(settings)
+
+
+def test_config_check_refuses_a_truncated_dpop_nonce_secret(config_path: Path) -> None:
+    KeyRing.open(config_path.parent / "keys", passphrase=None, create_alg="ES256")
+    (config_path.parent / "keys" / "dpop-nonce.secret").write_bytes(b"short")
+    result = _sts(config_path, "config", "check", env={"STS_DPOP_NONCE": "true"})
+    assert _failed_cleanly(result)
+    assert "DPoP nonce secret is truncated" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("nosuchissuer", "foo"), "'nosuchissuer' is not a configured issuer; choose one of 'upstream',"),
+        (("Upstream", "foo"), "'Upstream' is not a configured issuer"),
+        (("upstream", ""), "the subject must not be empty"),
+        (("upstream", "foo", "--block", "-5"), "-5 is not in the range 1<=x<=604800"),
+        (("upstream", "foo", "--block", "0"), "0 is not in the range 1<=x<=604800"),
+        (("upstream", "foo", "--block", "604801"), "604801 is not in the range 1<=x<=604800"),
+        (("upstream", "foo", "--block", "1e9"), "'1e9' is not a valid integer"),
+    ],
+)
+def test_revoke_subject_refuses_what_would_revoke_nothing(
+    config_path: Path, args: tuple[str, ...], fragment: str
+) -> None:
+    result = _sts(config_path, "revoke", "subject", *args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    # Refused before anything was opened: no database, no keys.
+    assert not (config_path.parent / "sts.sqlite").exists()
+    assert not (config_path.parent / "keys").exists()
+
+
+@pytest.mark.parametrize("issuer_name", ["upstream", "self", "*"])
+def test_revoke_subject_of_a_known_issuer(config_path: Path, issuer_name: str) -> None:
+    result = _sts(config_path, "revoke", "subject", issuer_name, "repo:acme/app", "--block", "60")
+    assert result.exit_code == 0, result.output
+    assert f"revoked tokens issued to {issuer_name}|repo:acme/app before" in result.output
+    assert result.output.rstrip().endswith("; blocked for 60s")
 
 
 def test_policy_check_lists_rules(config_path: Path) -> None:
@@ -541,7 +640,7 @@ def test_unknown_config_file_is_a_clean_error(tmp_path: Path) -> None:
 
 # -- the decision core stays pure ----------------------------------------------------------------
 
-FORBIDDEN = ("flask", "werkzeug", "redis", "sqlalchemy", "requests", "psycopg")
+FORBIDDEN = ("flask", "werkzeug", "redis", "sqlalchemy", "requests", "psycopg", "prometheus_client")
 PURE_PACKAGES = ("core", "protocol")
 
 

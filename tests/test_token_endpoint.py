@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import random
 import re
 import time
@@ -520,6 +521,17 @@ def test_audiences_and_resources_all_granted(
 def test_unknown_parameters_are_ignored(web: FlaskClient, ctx: Ctx) -> None:
     """RFC 6749 §3.1: the server MUST ignore unrecognized request parameters."""
     resp = post(web, form(ctx.deploy(), foo="bar", response_type="code", nonce="n-0S6_WzA2Mj"))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+
+
+def test_repeated_unknown_parameters_are_ignored(web: FlaskClient, ctx: Ctx) -> None:
+    """RFC 6749 §3.1: unrecognized parameters are ignored, however often they are sent.
+
+    "MUST NOT be included more than once" (RFC 6749 §3.2) is about the parameters
+    the endpoint defines; those are still refused when repeated (below).
+    """
+    pairs = [*form(ctx.deploy()).items(), ("foo", "1"), ("foo", "2"), ("nonce", ""), ("nonce", "")]
+    resp = post(web, pairs)
     assert resp.status_code == 200, resp.get_data(as_text=True)
 
 
@@ -1079,6 +1091,7 @@ def test_refusal(sts: Flask, web: FlaskClient, ctx: Ctx, tmp_path: Path, name: s
         "client_secret",
         "client_assertion",
         "client_assertion_type",
+        "posture_token",
     ],
 )
 def test_non_repeatable_parameter_repeated(sts: Flask, web: FlaskClient, ctx: Ctx, name: str) -> None:
@@ -1108,14 +1121,22 @@ def test_body_cap_follows_the_setting(make_app: Callable[..., Flask], ctx: Ctx) 
 
 
 def test_body_too_large_without_content_length(sts: Flask, web: FlaskClient, ctx: Ctx) -> None:
-    """A chunked body (no Content-Length) is cut off at the cap too."""
+    """A chunked body (no Content-Length) over the cap is refused, never cut off and parsed.
+
+    The WSGI server has decoded the chunks (``wsgi.input_terminated``); Werkzeug alone would read
+    the first ``max_body_bytes`` and parse them as the whole form.
+    """
     body = encode(form(ctx.deploy(), padding="x" * 40_000))
     before = audit_count(sts)
     resp = web.post(
         "/token",
         input_stream=io.BytesIO(body),
         content_type=FORM,
-        environ_overrides={"wsgi.input_terminated": True},
+        environ_overrides={
+            "wsgi.input_terminated": True,
+            "CONTENT_LENGTH": "",
+            "HTTP_TRANSFER_ENCODING": "chunked",
+        },
     )
     assert_oauth_error(resp, "invalid_request", (400, 413))
     assert "request.body_too_large" in new_record(sts, before)["reasons"]
@@ -1504,7 +1525,30 @@ def test_valid_request_id_is_echoed_and_audited(
 
 
 @pytest.mark.parametrize(
-    "request_id", ["", "has space", "x" * 65, "semi;colon", "<script>", "ÿÿ", "a\tb", 'quote"d']
+    "request_id",
+    [
+        "",
+        " ",
+        "has space",
+        "x" * 65,
+        "semi;colon",
+        "<script>",
+        "ÿÿ",
+        "é1",
+        "a\tb",
+        'quote"d',
+        "a,b",
+        # Punctuation only, or leading punctuation: not an id anyone could look up ("-" is also
+        # what logs print for "none").
+        "-",
+        ".",
+        "...",
+        ":",
+        "-_-",
+        "-abc",
+        "_abc",
+        ".hidden",
+    ],
 )
 def test_junk_request_id_is_replaced(sts: Flask, web: FlaskClient, ctx: Ctx, request_id: str) -> None:
     resp = post(web, form(ctx.deploy()), headers={"X-Request-Id": request_id})
@@ -1514,8 +1558,76 @@ def test_junk_request_id_is_replaced(sts: Flask, web: FlaskClient, ctx: Ctx, req
     assert runtime(sts).audit.recent(1)[0]["request_id"] == echoed
 
 
+@pytest.mark.parametrize("values", [("abc", "def"), ("abc", "abc"), ("", "abc"), ("abc", "")])
+def test_repeated_request_id_header_is_replaced(
+    sts: Flask, web: FlaskClient, ctx: Ctx, values: tuple[str, str]
+) -> None:
+    """Two X-Request-Id fields name no single request: neither is used (WSGI joins them)."""
+    headers = [("X-Request-Id", value) for value in values]
+    resp = post(web, form(ctx.deploy()), headers=headers)
+    echoed = resp.headers["X-Request-Id"]
+    assert str(uuid.UUID(echoed)) == echoed
+    assert runtime(sts).audit.recent(1)[0]["request_id"] == echoed
+
+
 def test_request_id_generated_when_absent(web: FlaskClient) -> None:
     first = web.get("/healthz").headers["X-Request-Id"]
     second = web.get("/healthz").headers["X-Request-Id"]
     assert uuid.UUID(first) and uuid.UUID(second)
     assert first != second
+
+
+# -- access log ----------------------------------------------------------------------------------
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "sts.access"]
+
+
+def test_access_log_names_the_route_never_the_path_or_query(
+    web: FlaskClient, ctx: Ctx, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LWluLXRoZS1wYXRo.c2ln"
+    caplog.set_level(logging.INFO, logger="sts.access")
+    granted = post(web, form(ctx.deploy()), headers={"X-Request-Id": "req-1"})
+    assert granted.status_code == 200
+    in_query = web.post(f"/token?subject_token={secret}", data=form(secret), content_type=FORM)
+    assert in_query.status_code == 400
+    assert web.get(f"/{secret}").status_code == 404
+    assert web.get(f"/.well-known/oauth-authorization-server/{secret}").status_code == 404
+    assert web.get(f"/token/{secret}").status_code == 404
+    assert web.open("/token", method="OPTIONS").status_code == 405
+    assert web.open("/token", method=secret.replace(".", "")).status_code == 405
+    records = _access_lines(caplog)
+    lines = [r.getMessage() for r in records]
+    assert len(lines) == 7, lines
+    assert re.fullmatch(r'127\.0\.0\.1 "POST /token" 200 \d+ \d+\.\dms request_id=req-1', lines[0]), lines[0]
+    assert lines[1].startswith('127.0.0.1 "POST /token" 400 ')
+    for line in lines[2:5]:
+        assert line.startswith('127.0.0.1 "GET <unmatched>" 404 '), line
+    assert lines[5].startswith('127.0.0.1 "OPTIONS <unmatched>" 405 ')
+    assert lines[6].startswith('127.0.0.1 "<other> <unmatched>" 405 ')
+    assert secret not in caplog.text and "c2VjcmV0" not in caplog.text and "?" not in caplog.text
+    # The same fields, structured, for a JSON log formatter.
+    first = records[0]
+    assert (first.http_method, first.http_route, first.http_status) == ("POST", "/token", 200)  # type: ignore[attr-defined]
+    assert first.response_bytes == len(granted.get_data())  # type: ignore[attr-defined]
+    assert first.request_id == "req-1" and first.client_address == "127.0.0.1"  # type: ignore[attr-defined]
+    assert 0 <= first.duration_ms < 60_000  # type: ignore[attr-defined]
+
+
+def test_unexpected_error_log_names_the_route_not_the_path(
+    sts: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LWluLWFuLWVycm9y.c2ln"
+
+    def fail(token: str) -> None:
+        raise RuntimeError("a bug")
+
+    sts.add_url_rule("/boom/<token>", "boom", fail)
+    caplog.set_level(logging.INFO)
+    response = sts.test_client().get(f"/boom/{secret}")
+    assert response.status_code == 500 and response.get_json()["error"] == "server_error"
+    assert "unhandled error on GET /boom/<token>" in caplog.text
+    assert '"GET /boom/<token>" 500 ' in caplog.text
+    assert secret not in caplog.text and "c2VjcmV0" not in caplog.text

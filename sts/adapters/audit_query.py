@@ -43,14 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
     ColumnElement,
     Connection,
     Engine,
-    Float,
-    Index,
-    MetaData,
     Select,
     String,
     Table,
@@ -67,54 +62,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..core.audit_filter import STEP_UP_ERROR, AuditFilter
-from .sql import _text, audit_events, transaction
+from .sql import (
+    _text,
+    audit_counts,
+    audit_edges,
+    audit_events,
+    audit_summary_state,
+    audit_terms,
+    transaction,
+)
 
 log = logging.getLogger(__name__)
-
-summary_metadata = MetaData()
-
-#: The watermark: every record with ``id <= last_id`` is summarised.
-audit_summary_state = Table(
-    "audit_summary_state",
-    summary_metadata,
-    Column("name", String(32), primary_key=True),
-    Column("last_id", BigInteger, nullable=False),
-)
-
-#: What a decision's JSON holds that reviewers filter by: ``signal`` (fired) and ``audience`` terms.
-audit_terms = Table(
-    "audit_terms",
-    summary_metadata,
-    Column("kind", String(16), primary_key=True),
-    Column("value", String(256), primary_key=True),
-    Column("audit_id", BigInteger, primary_key=True),
-    Column("time", Float, nullable=False),
-    Index("ix_audit_terms_time", "kind", "time", "value"),
-    Index("ix_audit_terms_audit_id", "audit_id"),
-)
-
-#: Subject-to-audience edges of granted decisions, keyed by a digest of (issuer, subject, audience).
-audit_edges = Table(
-    "audit_edges",
-    summary_metadata,
-    Column("edge", String(64), primary_key=True),
-    Column("issuer", String(64)),
-    Column("subject", String(512)),
-    Column("audience", String(512), nullable=False),
-    Column("first_seen", Float, nullable=False),
-    Column("last_seen", Float, nullable=False),
-    Column("decisions", BigInteger, nullable=False),
-    Index("ix_audit_edges_last_seen", "last_seen"),
-)
-
-#: Decisions per hour (epoch seconds of its start, UTC) and outcome, for charts over long windows.
-audit_counts = Table(
-    "audit_counts",
-    summary_metadata,
-    Column("hour", BigInteger, primary_key=True),
-    Column("outcome", String(16), primary_key=True),
-    Column("decisions", BigInteger, nullable=False),
-)
 
 SIGNAL, AUDIENCE = "signal", "audience"
 _STATE = "v1"
@@ -125,25 +83,6 @@ _CHUNK = 400
 COUNT_CAP = 10_000
 #: Charts read at most this many unsummarised records; beyond, they count on the index instead.
 _TAIL_LIMIT = 20_000
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Create the summary tables and the ``audit_events`` indexes the queries need, where missing.
-
-    ``create_all`` makes indexes only with a new table; a database made before
-    these indexes gets them here (on PostgreSQL, writes wait while one is built).
-    Two processes starting at once may race; the loser finds everything made.
-    """
-
-    def work(conn: Connection) -> None:
-        summary_metadata.create_all(conn)
-        for index in sorted(audit_events.indexes, key=lambda i: str(i.name)):
-            index.create(conn, checkfirst=True)
-
-    try:
-        transaction(engine, work)
-    except SQLAlchemyError:
-        transaction(engine, work)
 
 
 def term_value(value: str) -> str:

@@ -4,12 +4,19 @@ Errors carry their OAuth code, status and fixed description (RFC 6749 §5.2);
 an unexpected failure is ``server_error`` with no stack trace.  Responses
 that carry tokens or errors are ``Cache-Control: no-store`` (RFC 6749 §5.1,
 RFC 8693 §2.2.1).
+
+Every request gets an id (``X-Request-Id``) and one access-log line on the
+``sts.access`` logger.  The line names the matched route rule (``/token``),
+never the path or query the client sent: a misguided client may put a token
+in either (RFC 6750 §5.3 warns against bearer tokens in URLs), and the log
+must not keep it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -20,8 +27,15 @@ from ..errors import OAuthError
 from .client_address import client_address, is_trusted_proxy
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("sts.access")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: A caller's request id is kept only when it is a short token that starts with a letter or digit:
+#: an empty, punctuation-only (``-``, ``...``), over-long, non-ASCII or repeated (joined with a
+#: comma by the WSGI server) value is replaced with a fresh UUID.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+#: Methods logged by name (RFC 9110 §9 and PATCH); any other token is logged as ``<other>``.
+_LOGGED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+UNMATCHED_ROUTE = "<unmatched>"
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -55,10 +69,18 @@ def _http_error(exc: HTTPException) -> Response:
     return response
 
 
+def _route() -> str:
+    """The rule the request matched (``/token``), never the path the client sent."""
+    rule = request.url_rule
+    return rule.rule if rule is not None else UNMATCHED_ROUTE
+
+
+def _method() -> str:
+    return request.method if request.method in _LOGGED_METHODS else "<other>"
+
+
 def _unexpected(exc: Exception) -> Response:
-    log.exception(
-        "unhandled error on %s %s (request %s)", request.method, request.path, getattr(g, "request_id", "-")
-    )
+    log.exception("unhandled error on %s %s (request %s)", _method(), _route(), getattr(g, "request_id", "-"))
     return json_response(
         {"error": "server_error", "error_description": "The server could not complete the request."},
         500,
@@ -66,9 +88,14 @@ def _unexpected(exc: Exception) -> Response:
     )
 
 
+def request_id(incoming: str) -> str:
+    """The caller's ``X-Request-Id`` when well formed, else a fresh one (also for the server's own errors)."""
+    return incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+
+
 def _assign_request_id() -> None:
-    incoming = request.headers.get("X-Request-Id", "")
-    g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    g.request_started = time.perf_counter()
+    g.request_id = request_id(request.headers.get("X-Request-Id", ""))
     trusted = current_app.config.get("STS_TRUSTED_PROXIES", ())
     g.client_address = client_address(
         request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted
@@ -82,7 +109,48 @@ def _echo_request_id(response: Response) -> Response:
     return response
 
 
+def _log_access(response: Response) -> Response:
+    """One line per request: client, method, route rule, status, size, duration, request id.
+
+    The same values are attached to the record (``extra``) for structured log
+    formatters.  The raw path and query are never logged.
+    """
+    started = g.get("request_started")
+    duration_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
+    size = response.content_length
+    fields = {
+        "client_address": g.get("client_address") or request.remote_addr or "-",
+        "http_method": _method(),
+        "http_route": _route(),
+        "http_status": response.status_code,
+        "response_bytes": size,
+        "duration_ms": round(duration_ms, 3),
+        "request_id": g.get("request_id", "-"),
+    }
+    access_log.info(
+        '%s "%s %s" %d %s %.1fms request_id=%s',
+        fields["client_address"],
+        fields["http_method"],
+        fields["http_route"],
+        fields["http_status"],
+        "-" if size is None else size,
+        duration_ms,
+        fields["request_id"],
+        extra=fields,
+    )
+    return response
+
+
 def install(app: Flask) -> None:
+    """Install the request id, access log and error handlers; call before any route is added.
+
+    Flask's automatic ``OPTIONS`` answer (``200``, an empty HTML body) is turned
+    off for every route added afterwards, so ``OPTIONS`` is a ``405`` with
+    ``Allow``, in JSON, like any other method a path does not serve.
+    """
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # after_request functions run in reverse order of registration: the access log last.
+    app.after_request(_log_access)
     app.before_request(_assign_request_id)
     app.after_request(_echo_request_id)
     app.register_error_handler(OAuthError, oauth_error_response)

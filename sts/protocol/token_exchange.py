@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -41,6 +42,30 @@ ISSUABLE_TOKEN_TYPES = frozenset({TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT})
 #: Parameters that RFC 8693 §2.1 and RFC 8707 §2 allow to repeat.
 REPEATABLE = frozenset({"resource", "audience"})
 
+#: Client authentication in the request body (RFC 6749 §2.3.1, RFC 7521 §4.2), wherever a client
+#: authenticates.
+CLIENT_AUTHENTICATION_PARAMETERS = frozenset(
+    {"client_id", "client_secret", "client_assertion", "client_assertion_type"}
+)
+#: Every parameter the token endpoint defines: RFC 6749 §4.1.3 ``grant_type``, RFC 8693 §2.1,
+#: RFC 8707 §2 ``resource``, client authentication, and this service's extensions
+#: (``requested_expires_in``, ``posture_token``) and RFC 9470 ``acr_values``.  Any other parameter is
+#: ignored.
+TOKEN_EXCHANGE_PARAMETERS = CLIENT_AUTHENTICATION_PARAMETERS | {
+    "grant_type",
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+    "resource",
+    "audience",
+    "scope",
+    "requested_token_type",
+    "requested_expires_in",
+    "posture_token",
+    "acr_values",
+}
+
 #: RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _MAX_SCOPES = 64
@@ -63,6 +88,8 @@ class TokenExchangeRequest:
     requested_lifetime: int | None
     #: Extension: a separately issued posture token about the same subject (see docs/policies.md).
     posture_token: str | None = None
+    #: RFC 9470 §4 / OpenID Connect Core §3.1.2.1 ``acr_values``: the assurance levels asked for.
+    acr_values: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -80,9 +107,17 @@ def single(form: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0] if values else None
 
 
-def check_no_repeats(form: Mapping[str, Sequence[str]]) -> None:
+def check_no_repeats(form: Mapping[str, Sequence[str]], defined: AbstractSet[str]) -> None:
+    """Refuse a ``defined`` parameter sent more than once (other than ``resource`` and ``audience``).
+
+    RFC 6749 §3.1 and §3.2: "Parameters sent without a value MUST be treated as
+    if they were omitted from the request.  The authorization server MUST
+    ignore unrecognized request parameters.  Request and response parameters
+    MUST NOT be included more than once."  A parameter the endpoint does not
+    define is unrecognized, so it is ignored, however often it is sent.
+    """
     for name, values in form.items():
-        if len(values) > 1 and name not in REPEATABLE:
+        if len(values) > 1 and name in defined and name not in REPEATABLE:
             raise InvalidRequest("request.repeated_parameter", name)
 
 
@@ -135,9 +170,19 @@ def _targets(form: Mapping[str, Sequence[str]], name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_acr_values(value: str | None) -> tuple[str, ...]:
+    """``acr_values``: space-separated, in order of preference (OpenID Connect Core §3.1.2.1)."""
+    if value is None:
+        return ()
+    values = tuple(value.split(" "))
+    if len(value) > 1000 or len(values) > 10 or not all(values) or not value.isascii():
+        raise InvalidRequest("request.malformed_acr_values")
+    return values
+
+
 def parse_token_exchange(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequest:
     """Check the RFC 8693 §2.1 parameters of a request whose grant type is token exchange."""
-    check_no_repeats(form)
+    check_no_repeats(form, TOKEN_EXCHANGE_PARAMETERS)
     subject_token = single(form, "subject_token")
     subject_token_type = single(form, "subject_token_type")
     if subject_token is None:
@@ -179,6 +224,7 @@ def parse_token_exchange(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequ
         requested_token_type=requested_token_type,
         requested_lifetime=requested_lifetime,
         posture_token=single(form, "posture_token"),
+        acr_values=parse_acr_values(single(form, "acr_values")),
     )
 
 
