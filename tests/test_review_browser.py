@@ -103,11 +103,17 @@ def service(
 
 
 def shoot(web: WebDriver, name: str, directory: Path) -> None:
-    web.save_screenshot(str(directory / f"{name}.png"))
-    extra = os.environ.get("STS_REVIEW_SCREENSHOTS")
-    if extra:
-        Path(extra).mkdir(parents=True, exist_ok=True)
-        web.save_screenshot(str(Path(extra) / f"{name}.png"))
+    """The whole page (up to 1,800 pixels high), then the window as it was."""
+    height = int(web.execute_script("return document.documentElement.scrollHeight"))
+    web.set_window_size(1280, max(900, min(height, 1800)))
+    try:
+        web.save_screenshot(str(directory / f"{name}.png"))
+        extra = os.environ.get("STS_REVIEW_SCREENSHOTS")
+        if extra:
+            Path(extra).mkdir(parents=True, exist_ok=True)
+            web.save_screenshot(str(Path(extra) / f"{name}.png"))
+    finally:
+        web.set_window_size(1280, 900)
 
 
 def texts(web: WebDriver, css: str) -> list[str]:
