@@ -1,18 +1,20 @@
 """Benchmark: the audit queries of ``sts audit`` and the review page over a million records.
 
     .venv/bin/python benchmarks/audit_scale.py [--rows 1000000] [--days 30] [--backend sqlite|postgresql|both]
-                                               [--keep DIR]
+                                               [--keep DIR | --reuse DIR]
 
 Builds the audit table in a private SQLite file (in a temporary directory) and in a private
-PostgreSQL database (``sts_bench_<random>`` on 127.0.0.1:5432, dropped afterwards), bulk-inserts
+PostgreSQL database (``sts_bench_<random>`` on 127.0.0.1:5432, dropped afterwards unless
+``--keep``; ``--reuse`` measures kept data again), bulk-inserts
 ``--rows`` synthetic decisions spread over the last ``--days`` days (records shaped like the
 exchange's own: risk details with seven signals, granted and requested audiences, token hashes),
 then times each query the CLI and the review page run, through the same code
 (:mod:`sts.adapters.audit_query`): the timeline's first page and a page deep into it, a filtered
-timeline (outcome + client, signal, audience, rule), one identity's page, the charts (decisions
-by outcome over 24 hours and over the whole range; signals that fire most over 24 hours and 7
-days), the service graph (7 days, new edges over the last day), and an export of 24 hours.
-Each figure is the best of three runs after one warm-up; the target is under a second.
+timeline (outcome + client, signal, audience, rule, an old day), the busiest identity's page,
+the charts (decisions by outcome and signals that fire most, over 24 hours, 7 days and the
+whole range), the service graph (7 days, new edges over the last day), and an hour's export.
+Then whole review pages, signed in and rendered (Flask's test client).  Each figure
+is the best of three runs after one warm-up; the target is under a second.
 """
 
 from __future__ import annotations
@@ -276,7 +278,36 @@ def measure(engine: Engine, now: float, days: float) -> list[tuple[str, float, s
           lambda: sum(1 for _ in query.export(AuditFilter(since=now - 3600, until=now))),
           lambda r: f"{r:,} lines")  # fmt: skip
     timed("refresh with nothing new", lambda: query.refresh(), lambda r: f"watermark {r.last_id:,}")
+    web = review_client(engine, now)
+    pages = ["/review/", "/review/?window=30d", "/review/timeline", "/review/timeline?signal=shared_signal",
+             f"/review/identity?issuer={issuer}&subject={subject}", "/review/graph"]  # fmt: skip
+    for path in pages:
+        timed(f"page GET {path[:40]}", lambda path=path: web.get(path),
+              lambda r: f"{r.status_code}, {len(r.data):,} bytes")  # fmt: skip
     return results
+
+
+def review_client(engine: Engine, now: float) -> Any:
+    """The review page over ``engine`` (Flask's test client, signed in): whole pages, rendered."""
+    from flask import Flask
+
+    from sts.core.client_secrets import hash_secret
+    from sts.http import review
+
+    config = review.ReviewConfig(
+        users={"bench": hash_secret("bench")}, session_secret=b"b" * 32, secure_cookie=False
+    )
+    app = Flask("bench")
+    query = audit_query.AuditQuery(engine, clock=lambda: now, settle=0)
+    app.register_blueprint(review.blueprint(config, query=query, baselines=None, clock=lambda: now))
+    web = app.test_client()
+    form = web.get("/review/login").get_data(as_text=True)
+    csrf = form.split('name="csrf" value="')[1].split('"')[0]
+    assert (
+        web.post("/review/login", data={"username": "bench", "password": "bench", "csrf": csrf}).status_code
+        == 303
+    )
+    return web
 
 
 def main() -> None:

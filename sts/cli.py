@@ -684,7 +684,7 @@ def audit_summarize(ctx: click.Context) -> None:
     """Bring the summaries behind signal and audience filters, charts and the graph up to date.
 
     The review page and the queries do this a little at a time; run it once after an
-    upgrade on a large trail (about 15,000 records a second), or from cron.
+    upgrade on a large trail (thousands of records a second), or from cron.
     """
     from sqlalchemy.exc import SQLAlchemyError
 
