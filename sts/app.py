@@ -24,11 +24,15 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from .adapters import redis_store, sql
+from .adapters.decision_log import LoggedAuditSink
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
 from .adapters.policy_files import load_policies, policy_files
+from .adapters.redis_rate_limits import RedisRateLimits
+from .adapters.sql_rate_limits import SqlRateLimits
 from .adapters.token_review import HttpTokenReviewer
+from .adapters.tracing import Tracing, build_tracing
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
 from .core.clients import AssertionAudience, RegisteredClient
@@ -47,6 +51,7 @@ from .core.ports import (
     TokenReviewer,
 )
 from .core.profiles import ProfileOptions, get_profile
+from .core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
 from .core.token_status import TokenStatus
 from .errors import ConfigurationError
 from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
@@ -73,6 +78,8 @@ class Runtime:
     token_status: TokenStatus | None = None
     redis_client: redis.Redis | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    limits: RateLimiter = NO_LIMITS
+    tracing: Tracing = field(default_factory=Tracing)
 
     def health(self) -> list[str]:
         problems = []
@@ -205,6 +212,20 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     }
 
 
+def build_rate_limiter(settings: Settings, engine: Engine, redis_client: redis.Redis | None) -> RateLimiter:
+    """The configured limits, kept where the rest of the shared state is (Redis, else the database)."""
+    configured = settings.rate_limits
+    endpoints = {
+        endpoint: {scope: Limit(s.requests, s.period, s.burst) for scope, s in scopes.items()}
+        for endpoint, scopes in configured.limits.items()
+        if scopes
+    }
+    if not configured.enabled or not endpoints:
+        return NO_LIMITS
+    store = RedisRateLimits(redis_client) if redis_client is not None else SqlRateLimits(engine)
+    return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)
+
+
 def dpop_nonce_secret(keys_dir: Path) -> bytes:
     """The secret behind stateless DPoP nonces (RFC 9449 §8), shared by every instance that shares
     the key directory; created on first use, mode 0600."""
@@ -232,8 +253,13 @@ def prepare(settings: Settings) -> None:
         engine.dispose()
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Flask:
-    """Build the WSGI application for ``settings`` (tests pass their own settings and clock)."""
+def create_app(
+    settings: Settings, *, clock: Callable[[], float] = time.time, span_exporter: Any = None
+) -> Flask:
+    """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
+
+    ``span_exporter`` (tests): an OpenTelemetry span exporter used instead of the configured one.
+    """
     logging.getLogger("sts").setLevel(settings.log_level)
     engine = sql.make_engine(settings.database_url)
     try:
@@ -262,6 +288,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
     audit = sql.SqlAuditSink(engine)
+    # Every decision's record is also summarised on the decision log (logger sts.decision).
+    decisions = LoggedAuditSink(audit)
+    limits = build_rate_limiter(settings, engine, redis_client)
+    tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
     clients = {c.client_id: _client(c, clock) for c in settings.clients}
 
     def current_signer() -> Any:
@@ -286,12 +316,14 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         policy=policy,
         replay=replay,
         signer=current_signer,
-        audit=audit,
+        audit=decisions,
         clock=clock,
         token_reviewers=build_token_reviewers(settings),
         subject_states=subject_states,
         baselines=baselines,
         revoked_tokens=revoked,
+        limits=limits,
+        stages=tracing,
     )
     own_keys = OwnTokenKeys(keyring, clock)
     token_status = TokenStatus(
@@ -307,11 +339,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         replay=replay,
         states=subject_states,
         revoked=revoked,
-        audit=audit,
+        audit=decisions,
         assertion_audience=AssertionAudience(settings.issuer, settings.token_endpoint),
         clock=clock,
         leeway=settings.leeway,
         max_assertion_lifetime=settings.max_client_assertion_lifetime,
+        limits=limits,
     )
     runtime = Runtime(
         settings=settings,
@@ -327,10 +360,13 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         baselines=baselines,
         token_status=token_status,
         redis_client=redis_client,
+        limits=limits,
+        tracing=tracing,
     )
 
     from .http import oauth, responses, ssf
     from .http import token_status as token_status_http
+    from .http import tracing as tracing_http
 
     app = Flask("sts")
     app.config.update(
@@ -343,6 +379,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     )
     app.extensions["sts"] = runtime
     responses.install(app)
+    tracing_http.install(app, tracing)
     app.register_blueprint(oauth.bp)
     app.register_blueprint(token_status_http.bp)
     path = urlsplit(settings.issuer).path.rstrip("/")
@@ -373,6 +410,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 def wsgi_app_from_environment() -> Flask:
     """Entry point for WSGI servers: ``gunicorn 'sts.app:wsgi_app_from_environment()'``."""
+    from .adapters.log_format import configure_logging
     from .settings import load_settings
 
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

@@ -58,14 +58,13 @@ def serve(
     ctx: click.Context, host: str | None, port: int | None, workers: int | None, threads: int | None
 ) -> None:
     """Run the service under gunicorn (keys and database are created on first start)."""
-    import logging
-
     from gunicorn.app.base import BaseApplication
 
+    from .adapters.log_format import configure_logging
     from .app import create_app, prepare
 
     settings = _settings(ctx, host=host, port=port, workers=workers, threads=threads)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     try:
         prepare(settings)
         # Build once in the parent too, so a bad policy or key stops the start here, with its message.

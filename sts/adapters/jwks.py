@@ -59,6 +59,7 @@ from joserfc.errors import InvalidKeyTypeError, JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey
 from joserfc.util import base64_to_int
 
+from sts.adapters.tracing import outbound_headers
 from sts.core.ports import KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
 
@@ -609,6 +610,8 @@ class HttpJWKS:
                     "Accept": "application/jwk-set+json, application/json",
                     # Asking for no compression keeps max_bytes meaningful.
                     "Accept-Encoding": "identity",
+                    # W3C Trace Context: the fetch is part of the request that needed the keys.
+                    **outbound_headers(),
                 },
                 timeout=self._timeout,
                 allow_redirects=False,

@@ -663,3 +663,14 @@ class SqlRevokedTokens:
 
     def revoked(self, jti: str) -> bool:
         return bool(self._kv.get([jti]))
+
+
+#: Rate-limit state (:mod:`sts.adapters.sql_rate_limits`): one GCRA theoretical arrival time per key.
+#: A row whose ``tat`` has passed means nothing any more and is purged now and then.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("tat", Float, nullable=False),
+    Column("tolerance", Float, nullable=False),
+)

@@ -41,6 +41,7 @@ from ..errors import (
 )
 from ..protocol.token_exchange import check_resource
 from .attest import VerifiedToken
+from .rate_limit import Limit
 from .risk import DEFAULT_STABLE_FACTS, RiskSettings
 
 DEFAULT_MAX_LIFETIME = 300
@@ -125,6 +126,8 @@ class Rule:
     risk: RiskSettings | None = None
     require_dpop: bool = False
     actor_may_bind_key: bool = False
+    #: This rule's own limit, per identity (``rate_limit``), applied once the rule is chosen.
+    rate_limit: Limit | None = None
 
     @functools.cached_property
     def identity(self) -> IdentityMatcher:
@@ -164,6 +167,7 @@ class Grant:
     risk: RiskSettings | None = None
     require_dpop: bool = False
     actor_may_bind_key: bool = False
+    rate_limit: Limit | None = None
 
 
 @dataclass(frozen=True)
@@ -483,7 +487,14 @@ def compile_rule(
         risk=compile_risk(raw["risk"], where, scopes) if "risk" in raw else None,
         require_dpop=bool(raw.get("require_dpop", False)),
         actor_may_bind_key=bool(raw.get("actor_may_bind_key", False)),
+        rate_limit=compile_rate_limit(raw["rate_limit"]) if "rate_limit" in raw else None,
     )
+
+
+def compile_rate_limit(raw: Mapping[str, Any]) -> Limit:
+    """A schema-valid ``{requests, period, burst}`` mapping; ``burst`` defaults to ``requests``."""
+    requests = int(raw["requests"])
+    return Limit(requests=requests, period=float(raw["period"]), burst=int(raw.get("burst", requests)))
 
 
 def compile_policy(
@@ -649,5 +660,6 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
             risk=rule.risk,
             require_dpop=rule.require_dpop,
             actor_may_bind_key=rule.actor_may_bind_key,
+            rate_limit=rule.rate_limit,
         )
     raise InvalidTarget("policy.target_not_allowed")

@@ -84,9 +84,11 @@ def install(app: Flask, runtime: Runtime) -> None:
         issuers=runtime.exchange.issuers,
         replay=runtime.replay,
         states=runtime.subject_states,
-        audit=runtime.audit,
+        # The exchange's sink: the audit trail, and the decision log beside it.
+        audit=runtime.exchange.audit,
         clock=runtime.clock,
         leeway=settings.leeway,
+        limits=runtime.limits,
     )
     app.add_url_rule(EVENTS_PATH, "ssf_events", receive_set, methods=["POST"])
 
@@ -107,6 +109,7 @@ def receive_set() -> Response:
         request_id=g.request_id,
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
+        trace_id=g.get("trace_id"),
     )
     try:
         # MAX_CONTENT_LENGTH (max_body_bytes) bounds the read, with or without Content-Length.
