@@ -79,11 +79,18 @@ def annotate(attributes: Mapping[str, Any]) -> None:
 class Tracing:
     """Starts and ends request traces; times the pipeline's stages (ports.PipelineStages)."""
 
-    def __init__(self, tracer: Any = None, *, timer: Callable[[], float] = time.perf_counter) -> None:
-        #: An OpenTelemetry ``Tracer`` when tracing is on, else None.
+    def __init__(
+        self, tracer: Any = None, *, provider: Any = None, timer: Callable[[], float] = time.perf_counter
+    ) -> None:
+        #: An OpenTelemetry ``Tracer`` (and its SDK ``TracerProvider``) when tracing is on, else None.
         self.tracer = tracer
+        self.provider = provider
         self.timer = timer
         self.observers: list[StageObserver] = []
+
+    def flush(self, timeout_millis: int = 5000) -> bool:
+        """Export the spans still queued (the SDK also does so at exit); True when all went."""
+        return bool(self.provider.force_flush(timeout_millis)) if self.provider is not None else True
 
     def add_observer(self, observer: StageObserver) -> None:
         self.observers.append(observer)
@@ -235,4 +242,4 @@ def build_tracing(settings: TracingSettings, *, span_exporter: Any = None) -> Tr
             ) from None
         exporter = OTLPSpanExporter(endpoint=settings.endpoint) if settings.endpoint else OTLPSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    return Tracing(provider.get_tracer("sts"))
+    return Tracing(provider.get_tracer("sts"), provider=provider)

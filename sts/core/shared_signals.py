@@ -193,6 +193,10 @@ class ReceiverRateLimited(ReceiverUnavailable):
 
     status = 429
 
+    @property
+    def description(self) -> str:
+        return "Too many deliveries; deliver the SET again after Retry-After seconds."
+
 
 def _invalid(reason: str, detail: str = "") -> SetRefused:
     return SetRefused("invalid_request", reason, detail)
