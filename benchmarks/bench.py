@@ -97,9 +97,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--store", default="embedded")
     parser.add_argument("--database-url", default=None)
-    # One token, one address, thousands of requests a second: the default flood guards would
-    # answer most of them 429. Off unless asked for; benchmarks/rate_limits.py measures their cost.
-    parser.add_argument("--rate-limits", action="store_true", help="keep the default rate limits on")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sts-bench-"))
@@ -115,7 +112,9 @@ def main() -> None:
     config = {
         "issuer": sts_url, "store": args.store, "keys_dir": "keys", "policies_dir": "policies",
         "database_url": args.database_url or f"sqlite:///{work / 'sts.sqlite'}", "log_level": "WARNING",
-        "rate_limits": {"enabled": args.rate_limits},
+        # One token from one address, thousands of times a second: the default flood guards would
+        # answer most requests 429. benchmarks/rate_limits.py measures what the limits cost.
+        "rate_limits": {"enabled": False},
         "issuers": [{"name": "upstream", "issuer": issuer.issuer.issuer_url, "jwks_uri": issuer.jwks_uri,
                      "algorithms": ["RS256"], "audiences": [sts_url]}],
     }  # fmt: skip
