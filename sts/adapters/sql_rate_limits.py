@@ -73,7 +73,7 @@ class SqlRateLimits:
         self.purge_probability = purge_probability
         postgres = engine.dialect.name == "postgresql"
         if postgres:
-            self._raw.engine.dispose()
+            # The same statements, on connections that commit without waiting for the disk.
             self._raw.engine = _asynchronous_commit_engine(engine)
         self._greatest = "GREATEST" if postgres else "max"
         p = self._raw.placeholder
