@@ -6,6 +6,7 @@ becomes one line on the logger ``sts.decision``, after the commit was tried::
 
     INFO sts.decision: token refused invalid_target policy.target_not_allowed rule=- client=gateway
         subject=github-actions|repo:acme/app:ref:refs/heads/main request_id=deploy-4711
+        trace_id=4bf92f3577b34da6a3ce929d0e0e4736
 
 with the same values as fields (``decision``, ``error``, ``reason``, ``rule``,
 ``request_id``, ``trace_id``...) for the JSON format.  Like the audit record
@@ -86,7 +87,7 @@ class LoggedAuditSink:
         subject = f"{record.issuer}|{record.subject}" if record.issuer and record.subject else record.subject
         self.logger.log(
             level,
-            "%s %s %s %s rule=%s client=%s subject=%s request_id=%s%s",
+            "%s %s %s %s rule=%s client=%s subject=%s request_id=%s trace_id=%s%s",
             record.endpoint,
             record.outcome,
             record.error or "-",
@@ -95,6 +96,7 @@ class LoggedAuditSink:
             _shown(record.client_id),
             _shown(subject),
             _shown(record.request_id),
+            fields["trace_id"] or "-",
             "" if committed else " (audit write failed)",
             extra={k: v for k, v in fields.items() if v is not None},
         )
