@@ -30,7 +30,7 @@ from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
 from .adapters.policy_files import load_policies, policy_files
 from .adapters.redis_rate_limits import RedisRateLimits
-from .adapters.sql_rate_limits import SqlRateLimits
+from .adapters.sql_rate_limits import SqlRateLimits, rate_limit_engine
 from .adapters.token_review import HttpTokenReviewer
 from .adapters.tracing import Tracing, build_tracing
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
@@ -222,7 +222,11 @@ def build_rate_limiter(settings: Settings, engine: Engine, redis_client: redis.R
     }
     if not configured.enabled or not endpoints:
         return NO_LIMITS
-    store = RedisRateLimits(redis_client) if redis_client is not None else SqlRateLimits(engine)
+    store = (
+        RedisRateLimits(redis_client)
+        if redis_client is not None
+        else SqlRateLimits(rate_limit_engine(engine))
+    )
     return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)
 
 

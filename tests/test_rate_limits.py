@@ -252,6 +252,92 @@ def test_the_limiter_fails_closed_when_its_store_is_down() -> None:
     assert caught.value.reason == "store.unavailable"
 
 
+# -- the limiter's memory: batches of cells, and refusals remembered ------------------------------
+
+
+class CountingStore:
+    """A real store, with the number of round trips made to it."""
+
+    def __init__(self, inner: RateLimitStore) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def acquire(self, keys: Any, now: float) -> Any:
+        self.calls += 1
+        return self.inner.acquire(keys, now)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[RateLimitStore]:
+    store, close = build_store(StoreSpec("sqlite", f"sqlite:///{tmp_path / 'memory.sqlite'}"))
+    yield store
+    close()
+
+
+def arrivals(limiter: RateLimiter, count: int, now: float, address: str = "192.0.2.1") -> int:
+    admitted = 0
+    for _ in range(count):
+        try:
+            limiter.on_arrival("token", address, now, AuditRecord("e", now, "r", "token"))
+            admitted += 1
+        except RateLimited:
+            pass
+    return admitted
+
+
+def test_a_large_limit_is_taken_in_batches_and_two_processes_admit_exactly_the_limit(
+    sqlite_store: RateLimitStore,
+) -> None:
+    """Burst 1000: each limiter takes 10 cells a time; together they admit 1000, not one more."""
+    policy = RateLimitPolicy({"token": {"network": Limit(1000, 10, 1000)}})
+    counted = CountingStore(sqlite_store)
+    one, two = RateLimiter(policy, counted), RateLimiter(policy, counted)
+    admitted = 0
+    for _ in range(60):
+        admitted += arrivals(one, 10, NOW) + arrivals(two, 10, NOW)
+    assert admitted == 1000
+    assert counted.calls < 130, counted.calls  # about one round trip per ten requests
+
+
+def test_a_reserve_lasts_as_long_as_its_cells_stand_for(sqlite_store: RateLimitStore) -> None:
+    policy = RateLimitPolicy({"token": {"network": Limit(1000, 10, 1000)}})  # 10 ms a cell, 10 a batch
+    counted = CountingStore(sqlite_store)
+    limiter = RateLimiter(policy, counted)
+    assert arrivals(limiter, 10, NOW) == 10 and counted.calls == 1
+    assert arrivals(limiter, 1, NOW + 0.05) == 1 and counted.calls == 2  # a new batch
+    assert arrivals(limiter, 1, NOW + 0.2) == 1 and counted.calls == 3  # the reserve had expired
+
+
+def test_a_small_limit_is_exact_and_a_refusal_is_remembered_until_its_time(
+    sqlite_store: RateLimitStore,
+) -> None:
+    policy = RateLimitPolicy({"token": {"network": Limit(6, 60, 3)}})  # burst under 100: no batches
+    counted = CountingStore(sqlite_store)
+    limiter = RateLimiter(policy, counted)
+    assert arrivals(limiter, 3, NOW) == 3 and counted.calls == 3
+    record = AuditRecord("e", NOW, "r", "token")
+    with pytest.raises(RateLimited) as first:
+        limiter.on_arrival("token", "192.0.2.1", NOW, record)
+    assert first.value.retry_after == 10 and counted.calls == 4
+    # Refused again from memory, with the time left, while the store is not asked.
+    with pytest.raises(RateLimited) as again:
+        limiter.on_arrival("token", "192.0.2.9", NOW + 4, AuditRecord("e", NOW, "r", "token"))
+    assert again.value.retry_after == 6 and counted.calls == 4
+    assert arrivals(limiter, 100, NOW + 5) == 0 and counted.calls == 4
+    assert arrivals(limiter, 1, NOW + 10) == 1 and counted.calls == 5
+    assert arrivals(limiter, 1, NOW + 5, "198.51.100.1") == 1  # another network: its own count
+
+
+def test_cells_held_in_memory_are_given_back_when_another_limit_refuses(sqlite_store: RateLimitStore) -> None:
+    """All or nothing holds for reserves too: a request refused for its network spends no global cell."""
+    policy = RateLimitPolicy({"token": {"global": Limit(1000, 10, 1000), "network": Limit(1, 60, 1)}})
+    limiter = RateLimiter(policy, CountingStore(sqlite_store))
+    assert arrivals(limiter, 1, NOW, "192.0.2.1") == 1  # global: a batch of 10, one used
+    assert arrivals(limiter, 50, NOW, "192.0.2.1") == 0  # the network is spent
+    admitted = sum(arrivals(limiter, 1, NOW, f"10.{n // 256}.{n % 256}.1") for n in range(1000))
+    assert admitted == 999  # every global cell but the first request's, none lost to the refusals
+
+
 # -- over HTTP ----------------------------------------------------------------------------------------
 
 

@@ -37,11 +37,15 @@ enforces one combined count.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from ..errors import RateLimited, TemporarilyUnavailable
 from .audit import AuditRecord
@@ -53,6 +57,12 @@ SCOPES = ("global", "network", "client", "identity", "rule")
 ENDPOINTS = ("token", "introspect", "revoke", "ssf")
 UNKNOWN_NETWORK = "unknown"
 ROUNDING_SLACK = 1e-6
+#: A process reserves this share of a limit's burst at once, and lets the next requests on
+#: the same key through from memory; a limit whose burst is under 1 / share is exact.
+RESERVE_SHARE = 0.01
+MAX_BATCH = 50
+#: Keys with a reserve, at most (least recently used ones are forgotten first).
+MAX_RESERVES = 10_000
 
 
 @dataclass(frozen=True)
@@ -99,10 +109,15 @@ class Check:
     limit: Limit
     shown: str
 
-    def cell(self) -> LimitedKey:
+    def cell(self, cells: int = 1) -> LimitedKey:
+        """The key as the store sees it, taking ``cells`` at once (GCRA with a cost of ``cells``)."""
         # A microsecond of slack absorbs floating-point rounding, so the burst-th request of a
         # burst is admitted exactly (B additions of the interval may overshoot B * interval).
-        return LimitedKey(self.key, self.limit.interval, self.limit.tolerance + ROUNDING_SLACK)
+        return LimitedKey(self.key, self.limit.interval * cells, self.limit.tolerance + ROUNDING_SLACK)
+
+    def batch(self, share: float) -> int:
+        """How many cells to reserve at once: ``share`` of the burst, at least one."""
+        return max(1, min(MAX_BATCH, int(self.limit.burst * share)))
 
 
 def gcra_wait(tat: float | None, now: float, interval: float, tolerance: float) -> float:
@@ -118,11 +133,14 @@ def gcra_admit(tat: float | None, now: float, interval: float, tolerance: float)
     return max(tat if tat is not None else now, now) + interval
 
 
+@functools.lru_cache(maxsize=4096)
 def network_of(address: str | None, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The source network an address is counted under: ``10.1.2.0/24``, ``2001:db8:0:100::/56``.
 
     An IPv4-mapped IPv6 address (``::ffff:10.1.2.3``) counts as its IPv4 address.  An
     address that cannot be read (none, a Unix socket) counts under one shared ``unknown``.
+    Computed by masking the address's integer (``ip_network`` would build and validate a
+    network object on every request), and cached for the addresses seen most.
     """
     try:
         ip = ipaddress.ip_address((address or "").strip())
@@ -130,8 +148,9 @@ def network_of(address: str | None, ipv4_prefix: int, ipv6_prefix: int) -> str:
         return UNKNOWN_NETWORK
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    prefix, bits = (ipv4_prefix, 32) if ip.version == 4 else (ipv6_prefix, 128)
+    mask = ((1 << prefix) - 1) << (bits - prefix)
+    return f"{type(ip)(int(ip) & mask)}/{prefix}"
 
 
 def _digest(value: str) -> str:
@@ -151,20 +170,54 @@ class RateLimitPolicy:
         return self.endpoints.get(endpoint, {}).get(scope)
 
 
+@dataclass
+class _Reserve:
+    """Cells this process took from the store ahead of need, for one key."""
+
+    cells: int
+    #: Used by then, or dropped: the time the reserved cells stand for at the sustained rate.
+    until: float
+
+
 class RateLimiter:
     """Checks the configured limits against the shared store; raises :class:`RateLimited` (429).
 
-    Each method is one atomic store call covering every limit it applies, and
-    none at all when no limit of its scopes is configured.  The refusal fills
+    Each method is at most one atomic store call covering every limit it applies,
+    and none at all when no limit of its scopes is configured.  The refusal fills
     in the audit record's ``details.rate_limit`` (scope, what was limited, the
     limit, the wait) and its reason ``rate_limit.<scope>``.
+
+    Every check would be a write to the shared store, on the hot path.  So a key
+    whose burst is large takes a batch of cells at once (``RESERVE_SHARE`` of its
+    burst, at most ``MAX_BATCH``) and lets the next requests through from memory
+    until the batch is spent or its time has passed (the batch's cells stand for
+    ``batch * interval`` seconds at the sustained rate).  Cells are always taken
+    from the store before they are used, so all processes together never admit
+    more than the limit over time; at most ``batch - 1`` cells per process may be
+    used a little after the instant the store counted them, and a reserve that
+    expires unused was spent for nothing (the limit is then a little stricter).
+    With the default flood guards that is 10 cells of a 1000-request burst per
+    process; a limit whose burst is under 100 takes one cell at a time, exactly.
+    Near the limit, a batch the store refuses is retried as a single cell, so a
+    refusal is always exact.
+
+    A key the store refused is refused again from memory until the time the store
+    said to come back (no process can make room on a key before then: its TAT only
+    grows), so a flood of refused requests costs the store nothing.
     """
 
-    def __init__(self, policy: RateLimitPolicy, store: RateLimitStore | None) -> None:
+    def __init__(
+        self, policy: RateLimitPolicy, store: RateLimitStore | None, *, reserve_share: float = RESERVE_SHARE
+    ) -> None:
         if store is None and any(policy.endpoints.values()):
             raise ValueError("rate limits are configured but no store holds them")
         self.policy = policy
         self.store = store
+        self.reserve_share = reserve_share
+        self._reserves: OrderedDict[str, _Reserve] = OrderedDict()
+        #: Keys the store refused, until the time it said to come back.
+        self._refused: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
 
     def on_arrival(self, endpoint: str, source_ip: str | None, now: float, record: AuditRecord) -> None:
         """``global`` and ``network``: before any work is done for the request."""
@@ -204,16 +257,47 @@ class RateLimiter:
     def _admit(self, checks: Sequence[Check], now: float, record: AuditRecord) -> None:
         if not checks:
             return
-        assert self.store is not None
-        try:
-            waits = self.store.acquire([c.cell() for c in checks], now)
-        except StoreUnavailable as exc:
-            raise TemporarilyUnavailable("store.unavailable", f"rate limits: {exc}") from None
-        worst = max(range(len(checks)), key=lambda i: waits[i])
-        if waits[worst] <= 0:
+        taken: list[tuple[str, float]] = []
+        with self._lock:
+            refused = [(c, self._refused_until(c.key, now)) for c in checks]
+            blocked = [(c, until - now) for c, until in refused if until is not None]
+            if not blocked:
+                # Cells in memory are taken now, and given back if the store refuses the rest.
+                taken = [(c.key, self._take(c.key)) for c in checks if self._reserved(c.key, now)]
+        if blocked:
+            # Refused a moment ago, and no other process can have made room since: refused
+            # again, from memory, so that a flood costs the store nothing.
+            self._refuse(*max(blocked, key=lambda item: item[1]), record)
+        pending = [c for c in checks if c.key not in {key for key, _ in taken}]
+        if not pending:
             return
-        check = checks[worst]
-        retry_after = max(1, math.ceil(waits[worst]))
+        batches = [c.batch(self.reserve_share) for c in pending]
+        try:
+            waits = self._acquire(pending, batches, now)
+            if max(waits) > 0 and max(batches) > 1:
+                # Not room for whole batches: one cell each, exactly as without reserves.
+                batches = [1] * len(pending)
+                waits = self._acquire(pending, batches, now)
+        except TemporarilyUnavailable:
+            self._give_back(taken)
+            raise
+        if max(waits) <= 0:
+            with self._lock:
+                for check, batch in zip(pending, batches, strict=True):
+                    if batch > 1:
+                        self._keep(check.key, _Reserve(batch - 1, now + batch * check.limit.interval))
+            return
+        self._give_back(taken)
+        with self._lock:
+            for check, wait in zip(pending, waits, strict=True):
+                if wait > 0:
+                    self._remember(self._refused, check.key, now + wait)
+        worst = max(range(len(pending)), key=lambda i: waits[i])
+        self._refuse(pending[worst], waits[worst], record)
+
+    @staticmethod
+    def _refuse(check: Check, wait: float, record: AuditRecord) -> NoReturn:
+        retry_after = max(1, math.ceil(wait))
         record.details["rate_limit"] = {
             "scope": check.scope,
             "limited": check.shown,
@@ -221,6 +305,61 @@ class RateLimiter:
             "retry_after": retry_after,
         }
         raise RateLimited(f"rate_limit.{check.scope}", check.shown, retry_after=retry_after)
+
+    def _acquire(self, checks: Sequence[Check], batches: Sequence[int], now: float) -> Sequence[float]:
+        assert self.store is not None
+        try:
+            return self.store.acquire([c.cell(n) for c, n in zip(checks, batches, strict=True)], now)
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", f"rate limits: {exc}") from None
+
+    def _give_back(self, taken: Sequence[tuple[str, float]]) -> None:
+        """Return cells taken from memory for a request that was refused after all."""
+        with self._lock:
+            for key, until in taken:
+                self._keep(key, _Reserve(1, until))
+
+    # The reserves, below: called with the lock held.
+
+    def _refused_until(self, key: str, now: float) -> float | None:
+        until = self._refused.get(key)
+        if until is None:
+            return None
+        if now >= until:
+            del self._refused[key]
+            return None
+        return until
+
+    @staticmethod
+    def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > MAX_RESERVES:
+            table.popitem(last=False)
+
+    def _reserved(self, key: str, now: float) -> bool:
+        reserve = self._reserves.get(key)
+        if reserve is None:
+            return False
+        if reserve.cells <= 0 or now > reserve.until:
+            del self._reserves[key]
+            return False
+        return True
+
+    def _take(self, key: str) -> float:
+        """Use one reserved cell; return until when the reserve was good."""
+        reserve = self._reserves[key]
+        reserve.cells -= 1
+        if reserve.cells <= 0:
+            del self._reserves[key]
+        return reserve.until
+
+    def _keep(self, key: str, reserve: _Reserve) -> None:
+        held = self._reserves.get(key)
+        if held is not None:
+            # Another thread reserved too: keep both batches' cells.
+            reserve = _Reserve(held.cells + reserve.cells, max(held.until, reserve.until))
+        self._remember(self._reserves, key, reserve)
 
 
 #: No limits: checks nothing and needs no store.
