@@ -231,6 +231,19 @@ def test_sql_store_purges_only_spent_keys(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_on_sqlite_the_counts_live_in_a_private_file_beside_the_database(
+    build: Callable[..., Flask], upstream: RunningServer, tmp_path: Path
+) -> None:
+    app = build(**limits(token={"network": {"requests": 1, "period": 60}}))
+    client = app.test_client()
+    assert deploy(client, upstream).status_code == 200
+    assert deploy(client, upstream).status_code == 429
+    side = tmp_path / "sts.sqlite.rate-limits"
+    assert side.is_file() and side.stat().st_mode & 0o777 == 0o600
+    with app.extensions["sts"].engine.connect() as conn:  # the main file's table stays empty
+        assert list(conn.execute(sql.rate_limits.select())) == []
+
+
 def test_unreachable_stores_are_store_unavailable(tmp_path: Path) -> None:
     dead = RedisRateLimits(redis_store.connect("redis://127.0.0.1:1/0"))
     with pytest.raises(StoreUnavailable):
