@@ -18,16 +18,24 @@ Time is an injected clock everywhere; no test sleeps.
 from __future__ import annotations
 
 import base64
+import json
 import multiprocessing
+import os
 import secrets
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+import yaml
 from conftest import DEFAULT_POLICY, GATEWAY_SECRET, STS_ISSUER, exchange_form, settings_for
 from flask import Flask
 from flask.testing import FlaskClient
@@ -703,3 +711,58 @@ def test_the_limit_holds_across_two_instances(
     assert deploy(two, upstream).status_code == 429  # the identity still waits
     clock.advance(40)
     assert deploy(one, upstream).status_code == 200
+
+
+# -- a real multi-worker server ---------------------------------------------------------------------
+
+
+def test_the_limit_holds_across_the_worker_processes_of_a_running_server(tmp_path: Path) -> None:
+    """``sts serve`` with two worker processes, one SQLite database: 5 per network, whichever
+    worker answers.  Requests go out on separate connections, eight at a time, so both
+    workers serve some; the JSON access log says which process answered each."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    (tmp_path / "policies").mkdir()
+    config = {
+        "issuer": base,
+        "port": port,
+        "workers": 2,
+        "threads": 1,
+        "log_format": "json",
+        "rate_limits": {"token": {"network": {"requests": 5, "period": 3600}}},
+    }
+    (tmp_path / "sts.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STS_")}
+    sts = str(Path(sys.executable).with_name("sts"))
+    with (tmp_path / "serve.log").open("wb") as log:
+        server = subprocess.Popen([sts, "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if requests.get(f"{base}/healthz", timeout=0.5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                assert time.monotonic() < deadline, "sts serve did not come up"
+                time.sleep(0.1)
+
+            def post(_: int) -> int:
+                return requests.post(f"{base}/token", data={"grant_type": "x"}, timeout=10).status_code
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                statuses = sorted(pool.map(post, range(40)))
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+    assert statuses == [400] * 5 + [429] * 35
+    lines = [
+        json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")
+    ]
+    token_lines = [
+        line for line in lines if line["logger"] == "sts.access" and line["http_route"] == "/token"
+    ]
+    assert len(token_lines) == 40
+    assert len({line["pid"] for line in token_lines}) == 2, "one worker served every request"

@@ -1,7 +1,7 @@
 """Log output: plain text lines, or one JSON object per line (setting ``log_format``).
 
-A JSON line holds the time (UTC, RFC 3339), level, logger and message, the
-request id and W3C trace id of the request being served (if any), and every
+A JSON line holds the time (UTC, RFC 3339), level, logger, message and process
+id, the request id and W3C trace id of the request being served (if any), and every
 structured field the code attached to the record (``extra``): the access log's
 ``http_route``, ``http_status``, ``duration_ms``..., the decision log's
 ``decision``, ``rule``, ``reason``...::
@@ -46,6 +46,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            # Several worker processes write to one stream: say which one.
+            "pid": record.process,
         }
         trace = current.get()
         if trace is not None:
