@@ -42,7 +42,7 @@ from sts.core.stages import TOKEN_STAGES
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.protocol.trace_context import TraceContext, parse_traceparent
-from sts.settings import TracingSettings
+from sts.settings import TracingSettings, load_settings
 
 DEPLOY = "https://deploy.example.com"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -535,5 +535,6 @@ def test_configure_logging_chooses_the_format(capsys: pytest.CaptureFixture[str]
 def test_log_format_setting(tmp_path: Path, upstream: RunningServer) -> None:
     assert settings_for(tmp_path, upstream).log_format == "text"
     assert settings_for(tmp_path, upstream, log_format="json").log_format == "json"
+    assert load_settings(None, {"STS_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(ConfigurationError, match="log_format"):
         settings_for(tmp_path, upstream, log_format="xml")

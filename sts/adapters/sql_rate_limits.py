@@ -71,11 +71,11 @@ def rate_limit_engine(engine: Engine) -> Engine:
     """Where the counts are kept: on SQLite, a database file of their own beside the main one.
 
     ``<database>.rate-limits`` (WAL, mode 0600, like the main file): every request writes
-    to it, and in the main file those writes would queue for the same write lock as the
-    audit trail's commits, and each would make every other connection's page cache stale
-    (measured: a check cost about three times as much interleaved with audit writes as
-    alone).  On PostgreSQL (and an in-memory SQLite database) the ``rate_limits`` table of
-    the main database is used.
+    to it, and SQLite lets one writer at a time into a file; in the main file these writes
+    would queue, across every worker process, behind the audit trail's commits (and they
+    behind these).  The counts are also worthless after a while, so they stay out of the
+    audit database.  On PostgreSQL (and an in-memory SQLite database) the ``rate_limits``
+    table of the main database is used.
     """
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:" or database.startswith("file:"):
