@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus, urlencode
 
@@ -45,10 +46,11 @@ from conftest import (
     exchange_form,
     settings_for,
 )
+from crafted_jose import NOT_UTF8, KeySetServer, rsa_key_with_exponent_3, sign_encoded
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc import jwt
-from joserfc.jwk import ECKey, Key
+from joserfc.jwk import ECKey, Key, RSAKey
 from werkzeug.serving import make_server
 from werkzeug.test import TestResponse
 
@@ -563,8 +565,8 @@ def test_concurrent_uses_of_one_assertion_succeed_exactly_once(live_url: str, is
     ("overrides", "reason"),
     [
         ({"jti": None}, "client_assertion.missing_jti"),
-        ({"jti": ""}, "client_assertion.missing_jti"),
-        ({"jti": 12345}, "client_assertion.missing_jti"),
+        ({"jti": ""}, "client_assertion.malformed_jti"),
+        ({"jti": 12345}, "client_assertion.malformed_jti"),
         ({"exp": None}, "client_assertion.missing_exp"),
         ({"exp": "9999999999"}, "client_assertion.malformed_exp"),
         ({"exp": True}, "client_assertion.malformed_exp"),
@@ -574,12 +576,12 @@ def test_concurrent_uses_of_one_assertion_succeed_exactly_once(live_url: str, is
         ({"sub": "gateway"}, "client_assertion.iss_sub_mismatch"),
         ({"sub": None}, "client_assertion.iss_sub_mismatch"),
         ({"iss": None}, "client_assertion.iss_sub_mismatch"),
-        ({"aud": None}, "client_assertion.audience_mismatch"),
+        ({"aud": None}, "client_assertion.missing_aud"),
         ({"aud": "https://other.example"}, "client_assertion.audience_mismatch"),
         ({"aud": STS_ISSUER + "/other"}, "client_assertion.audience_mismatch"),
         ({"aud": "https://STS.test"}, "client_assertion.audience_mismatch"),
         ({"aud": [TOKEN_ENDPOINT + "/"]}, "client_assertion.audience_mismatch"),
-        ({"aud": []}, "client_assertion.audience_mismatch"),
+        ({"aud": []}, "client_assertion.malformed_aud"),
         ({"nbf": int(time.time()) + 3600}, "client_assertion.not_yet_valid"),
         ({"iat": int(time.time()) + 3600}, "client_assertion.issued_in_future"),
     ],
@@ -624,6 +626,63 @@ def test_assertion_naming_an_unknown_kid_is_refused(
     other = ECKey.generate_key("P-256", auto_kid=True)
     forged = assertion(key=other, header={"kid": other.kid})
     assert_invalid_client(app, post(client, jwt_form(issuer, forged)), "client_assertion.unknown_kid")
+
+
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_assertion_not_in_utf8_is_refused(
+    app: Flask, client: FlaskClient, issuer: DevIssuer, part: str
+) -> None:
+    """RFC 7515 §5.2, RFC 7519 §7.2: header and claims are UTF-8 JSON; UTF-16/32 or a BOM is refused."""
+
+    def signed(encoding: str) -> str:
+        claims = json.loads(base64.urlsafe_b64decode(assertion().split(".")[1] + "=="))
+        header = {"alg": "ES256", "kid": SIGNER_KEY.kid}
+        return sign_encoded(SIGNER_KEY, header, claims, encoding=encoding, part=part)
+
+    assert_granted(app, post(client, jwt_form(issuer, signed("utf-8"))), "signer", "private_key_jwt")
+    for encoding in NOT_UTF8.values():
+        response = post(client, jwt_form(issuer, signed(encoding)))
+        assert_invalid_client(app, response, "client_assertion.jws.not_utf8")
+
+
+@pytest.fixture
+def key_set_server() -> Iterator[KeySetServer]:
+    server = KeySetServer()
+    yield server
+    server.stop()
+
+
+def test_rsa_key_with_public_exponent_3_in_a_client_jwks_is_skipped(
+    tmp_path: Path,
+    issuer: DevIssuer,
+    shared_upstream: RunningServer,
+    key_set_server: KeySetServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ``private_key_jwt`` client's ``jwks_uri`` is filtered like an issuer's: e = 65537 only."""
+    e3 = rsa_key_with_exponent_3()
+    strong = RSAKey.generate_key(2048, parameters={"kid": "strong", "use": "sig", "alg": "RS256"})
+    key_set_server.document = {"keys": [e3.as_dict(private=False), strong.as_dict(private=False)]}
+    policy = copy.deepcopy(DEFAULT_POLICY)
+    ledger = next(rule for rule in policy["rules"] if rule["name"] == "ledger-with-client")
+    ledger["clients"] = ["rsa-signer"]
+    rsa_client = {
+        "client_id": "rsa-signer",
+        "auth_method": "private_key_jwt",
+        "jwks_uri": key_set_server.url,
+        "algorithms": ["RS256"],
+    }
+    app = create_app(settings_for(tmp_path, shared_upstream, policy, clients=[rsa_client]))
+    web = app.test_client()
+
+    def signed_by(key: RSAKey) -> str:
+        return assertion(key=key, alg="RS256", header={"kid": key.kid}, iss="rsa-signer", sub="rsa-signer")
+
+    with caplog.at_level("WARNING", logger="sts.adapters.jwks"):
+        response = post(web, jwt_form(issuer, signed_by(e3)))
+    assert_invalid_client(app, response, "client_assertion.unknown_kid")
+    assert any("kid 'e3'" in m and "public exponent 3" in m for m in caplog.messages), caplog.messages
+    assert_granted(app, post(web, jwt_form(issuer, signed_by(strong))), "rsa-signer", "private_key_jwt")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer
+from crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
 from flask import Flask, g
 from joserfc import jwt
 from joserfc.jwk import ECKey, Key, OctKey, RSAKey
@@ -244,6 +245,23 @@ def test_algorithm_attacks_are_refused(fake: FakeAuthorizationServer, verifier: 
     assert info.value.reason == "token.unknown_key"
 
 
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_a_token_not_in_utf8_is_refused(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, part: str
+) -> None:
+    """RFC 7515 §5.2, RFC 7519 §7.2: header and claims are UTF-8 JSON; UTF-16/32 or a BOM is malformed."""
+    claims = jwt.decode(fake.mint(), fake.key, algorithms=["ES256"]).claims
+    header = {"typ": "at+jwt", "alg": "ES256", "kid": fake.key.kid}
+    utf8 = sign_encoded(fake.key, header, claims, encoding="utf-8", part=part)
+    assert verifier.verify("GET", URL, bearer(utf8)).subject
+    for encoding in NOT_UTF8.values():
+        token = sign_encoded(fake.key, header, claims, encoding=encoding, part=part)
+        with pytest.raises(InvalidToken) as info:
+            verifier.verify("GET", URL, bearer(token))
+        assert info.value.reason == "token.malformed", encoding
+        assert "UTF-8" in info.value.detail or "byte-order mark" in info.value.detail, info.value.detail
+
+
 def test_the_key_never_comes_from_the_token(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
     attacker = ECKey.generate_key("P-256", auto_kid=True)
     embedded = fake.mint(key=attacker, header={"jwk": attacker.as_dict(private=False), "kid": attacker.kid})
@@ -422,6 +440,44 @@ def test_a_proof_carrying_a_private_key_is_refused(
     assert info.value.reason == "dpop.jwk_not_public"
 
 
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_a_proof_not_in_utf8_is_refused(
+    verifier: TokenVerifier, bound: str, client_key: ECKey, part: str
+) -> None:
+    def signed(encoding: str) -> str:
+        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": client_key.as_dict(private=False)}
+        claims = {
+            "jti": uuid.uuid4().hex,
+            "htm": "POST",
+            "htu": URL,
+            "iat": int(time.time()),
+            "ath": ath(bound),
+        }
+        return sign_encoded(client_key, header, claims, encoding=encoding, part=part)
+
+    assert verifier.verify("POST", URL, dpop_headers(bound, signed("utf-8"))).jkt == client_key.thumbprint()
+    for encoding in NOT_UTF8.values():
+        with pytest.raises(InvalidDPoPProof) as info:
+            verifier.verify("POST", URL, dpop_headers(bound, signed(encoding)))
+        assert info.value.reason == "dpop.malformed", encoding
+
+
+def test_an_rsa_proof_key_needs_exponent_65537(fake: FakeAuthorizationServer) -> None:
+    """An RSA-2048 proof key (its header is over joserfc's default 512 bytes) is accepted with e = 65537
+    and refused with e = 3."""
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    strong = RSAKey.generate_key(2048)
+    token = fake.mint(jkt=strong.thumbprint())
+    proof = sign_proof(strong, token=token, alg="RS256")
+    assert verifier.verify("POST", URL, dpop_headers(token, proof)).jkt == strong.thumbprint()
+    e3 = rsa_key_with_exponent_3()
+    token = fake.mint(jkt=e3.thumbprint())
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(token, sign_proof(e3, token=token, alg="RS256")))
+    assert info.value.reason == "dpop.jwk_not_public"
+    assert "exponent" in info.value.detail
+
+
 def test_symmetric_or_unlisted_proof_algorithms_are_refused(fake: FakeAuthorizationServer) -> None:
     secret = OctKey.generate_key(256)
     token = fake.mint(jkt=secret.thumbprint())
@@ -595,6 +651,21 @@ def test_private_symmetric_and_weak_keys_in_the_jwks_are_skipped(fake: FakeAutho
     for kid in (fake.key.kid, "mac", "weak", "enc"):
         with pytest.raises(UnknownKey):
             keys.key_for(kid, "ES256")
+
+
+def test_an_rsa_key_with_exponent_3_in_the_jwks_is_skipped(
+    fake: FakeAuthorizationServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NIST SP 800-56B: e = 65537 only, as at the STS; the key is skipped with a log line."""
+    e3 = rsa_key_with_exponent_3()
+    strong = RSAKey.generate_key(2048, parameters={"kid": "strong", "alg": "RS256"})
+    fake.jwks_document = {"keys": [e3.as_dict(private=False), strong.as_dict(private=False)]}
+    keys = JWKSCache(f"{fake.url}/.well-known/jwks.json")
+    with caplog.at_level("WARNING", logger="sts_client.jwks"):
+        assert keys.key_for("strong", "RS256").thumbprint() == strong.thumbprint()
+    with pytest.raises(UnknownKey):
+        keys.key_for("e3", "RS256")
+    assert any("exponent" in message for message in caplog.messages), caplog.messages
 
 
 def test_unreachable_keys_fail_closed_with_503(fake: FakeAuthorizationServer) -> None:

@@ -44,6 +44,7 @@ import pytest
 import redis
 import requests
 from conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, FORM, JWT_TYPE, STS_ISSUER, exchange_form
+from crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
 from flask.testing import FlaskClient
@@ -80,6 +81,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", SecurityWarning)
     _WEAK = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
     RSA_1024 = RSAKey.import_key(_WEAK)
+#: NIST SP 800-56B: e = 65537 only; a 2048-bit key with e = 3 is refused too.
+RSA_E3 = rsa_key_with_exponent_3()
 
 #: RFC 7638 §3.1: the example RSA key and its SHA-256 thumbprint.
 RFC7638_JWK = {
@@ -508,12 +511,13 @@ REFUSALS: dict[str, tuple[Builder, str]] = {
         "dpop.bad_signature",
     ),
     "rsa-1024": (lambda s: s.proof(RSA_1024), "dpop.weak_key"),
+    "rsa-exponent-3": (lambda s: s.proof(RSA_E3), "dpop.weak_key"),
     "signed-by-another-key": (lambda s: s.proof(EC_KEY, signer=EC_OTHER), "dpop.bad_signature"),
     "payload-changed": (_tampered, "dpop.bad_signature"),
     # Claims: jti (§4.2, enough entropy).
-    "jti-missing": (lambda s: s.proof(claims={"jti": None}), "dpop.bad_jti"),
-    "jti-too-short": (lambda s: s.proof(claims={"jti": "1234567"}), "dpop.bad_jti"),
-    "jti-number": (lambda s: s.proof(claims={"jti": 123456789}), "dpop.bad_jti"),
+    "jti-missing": (lambda s: s.proof(claims={"jti": None}), "dpop.missing_jti"),
+    "jti-too-short": (lambda s: s.proof(claims={"jti": "1234567"}), "dpop.malformed_jti"),
+    "jti-number": (lambda s: s.proof(claims={"jti": 123456789}), "dpop.malformed_jti"),
     # Step 8: htm.
     "htm-GET": (lambda s: s.proof(claims={"htm": "GET"}), "dpop.htm_mismatch"),
     "htm-lowercase": (lambda s: s.proof(claims={"htm": "post"}), "dpop.htm_mismatch"),
@@ -528,13 +532,13 @@ REFUSALS: dict[str, tuple[Builder, str]] = {
     "htu-missing": (lambda s: s.proof(claims={"htu": None}), "dpop.htu_mismatch"),
     "htu-bad-ipv6": (lambda s: s.proof(claims={"htu": "https://[::1/token"}), "dpop.htu_mismatch"),
     # Step 11: iat within the window (dpop_max_age 300, leeway 30).
-    "iat-missing": (lambda s: s.proof(claims={"iat": None}), "dpop.bad_iat"),
-    "iat-string": (lambda s: s.proof(claims={"iat": str(int(s.clock.now))}), "dpop.bad_iat"),
-    "iat-bool": (lambda s: s.proof(claims={"iat": True}), "dpop.bad_iat"),
-    "iat-too-old": (lambda s: s.proof(age=301), "dpop.iat_out_of_window"),
-    "iat-future": (lambda s: s.proof(age=-31), "dpop.iat_out_of_window"),
-    "iat-huge": (lambda s: s.proof(claims={"iat": 10**400}), "dpop.iat_out_of_window"),
-    "iat-huge-negative": (lambda s: s.proof(claims={"iat": -(10**400)}), "dpop.iat_out_of_window"),
+    "iat-missing": (lambda s: s.proof(claims={"iat": None}), "dpop.missing_iat"),
+    "iat-string": (lambda s: s.proof(claims={"iat": str(int(s.clock.now))}), "dpop.malformed_iat"),
+    "iat-bool": (lambda s: s.proof(claims={"iat": True}), "dpop.malformed_iat"),
+    "iat-too-old": (lambda s: s.proof(age=301), "dpop.too_old"),
+    "iat-future": (lambda s: s.proof(age=-31), "dpop.issued_in_future"),
+    "iat-huge": (lambda s: s.proof(claims={"iat": 10**400}), "dpop.malformed_iat"),
+    "iat-huge-negative": (lambda s: s.proof(claims={"iat": -(10**400)}), "dpop.malformed_iat"),
 }
 
 
@@ -569,13 +573,32 @@ def test_typ_is_a_media_type(sts: STS) -> None:
         assert sts.granted(sts.proof(header={"typ": typ}))["token_type"] == "DPoP"
 
 
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_a_proof_not_in_utf8_is_refused(sts: STS, part: str) -> None:
+    """RFC 7515 §5.2, RFC 7519 §7.2: a proof's header and claims are UTF-8 JSON, nothing else."""
+
+    def signed(encoding: str) -> str:
+        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": public_jwk(EC_KEY)}
+        claims = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": "POST",
+            "htu": TOKEN_URL,
+            "iat": int(sts.clock.now),
+        }
+        return sign_encoded(EC_KEY, header, claims, encoding=encoding, part=part)
+
+    assert sts.granted(signed("utf-8"))["token_type"] == "DPoP"
+    for encoding in NOT_UTF8.values():
+        assert_refused(sts, sts.exchange(signed(encoding)), "dpop.not_utf8")
+
+
 def test_iat_window_edges(make_sts: Callable[..., STS]) -> None:
     """``dpop_max_age`` back, ``leeway`` forward; one second further is refused."""
     sts = make_sts(dpop_max_age=60, leeway=10)
     assert sts.granted(sts.proof(age=60))["token_type"] == "DPoP"
-    assert_refused(sts, sts.exchange(sts.proof(age=61)), "dpop.iat_out_of_window")
+    assert_refused(sts, sts.exchange(sts.proof(age=61)), "dpop.too_old")
     assert sts.granted(sts.proof(age=-10))["token_type"] == "DPoP"
-    assert_refused(sts, sts.exchange(sts.proof(age=-11)), "dpop.iat_out_of_window")
+    assert_refused(sts, sts.exchange(sts.proof(age=-11)), "dpop.issued_in_future")
 
 
 def test_a_replayed_proof_is_refused(sts: STS) -> None:

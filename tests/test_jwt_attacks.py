@@ -22,7 +22,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 import warnings
@@ -31,6 +30,7 @@ from typing import Any
 
 import pytest
 from conftest import DEFAULT_POLICY, FORM, JWT_TYPE, STS_ISSUER, exchange_form, settings_for
+from crafted_jose import NOT_UTF8, KeySetServer, rsa_key_with_exponent_3, sign_encoded
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -39,9 +39,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from joserfc import jwe, jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
-from werkzeug.serving import make_server
 from werkzeug.test import TestResponse
-from werkzeug.wrappers import Request, Response
 
 from sts.app import create_app
 from sts.core.attest import VerifiedToken, verify_token
@@ -183,29 +181,6 @@ def self_signed_x5c(key: RSAKey | ECKey) -> list[str]:
         .sign(private, hashes.SHA256())
     )
     return [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")]
-
-
-class KeySetServer:
-    """A loopback HTTP server publishing whatever JWK Set the test sets, counting requests."""
-
-    def __init__(self) -> None:
-        self.document: dict[str, Any] = {"keys": []}
-        self.requests = 0
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}/jwks"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
-        self._thread.daemon = True
-        self._thread.start()
-
-    @Request.application
-    def _app(self, request: Request) -> Response:
-        self.requests += 1
-        return Response(json.dumps(self.document), mimetype="application/json")
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -563,15 +538,25 @@ def test_missing_exp_is_refused(app: Flask, client: FlaskClient, issuer: DevIssu
 
 
 @pytest.mark.parametrize(
-    "exp",
-    ["9999999999", True, False, float("nan"), float("inf"), float("-inf"), [9999999999], {"t": 1}],
+    ("exp", "reason"),
+    [
+        ("9999999999", "malformed_exp"),
+        (True, "malformed_exp"),
+        (False, "malformed_exp"),
+        # NaN and the infinities are Python's extension to JSON: the payload is not JSON at all.
+        (float("nan"), "jws.malformed"),
+        (float("inf"), "jws.malformed"),
+        (float("-inf"), "jws.malformed"),
+        ([9999999999], "malformed_exp"),
+        ({"t": 1}, "malformed_exp"),
+    ],
     ids=["string", "true", "false", "nan", "infinity", "minus-infinity", "list", "object"],
 )
 def test_exp_that_is_not_a_numeric_date_is_refused(
-    app: Flask, client: FlaskClient, issuer: DevIssuer, exp: Any
+    app: Flask, client: FlaskClient, issuer: DevIssuer, exp: Any, reason: str
 ) -> None:
     token = issuer.mint(deploy_claims(issuer, time.time(), exp=exp), header={"typ": "JWT"})
-    assert_refused(app, post_token(client, token), "malformed_exp")
+    assert_refused(app, post_token(client, token), reason)
 
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
@@ -623,9 +608,17 @@ def test_aud_list_containing_ours_is_accepted(app: Flask, client: FlaskClient, i
     assert_granted(app, post_token(client, token))
 
 
-@pytest.mark.parametrize("sub", [None, "", 12345, ["repo:acme/app:ref:refs/heads/main"]])
+@pytest.mark.parametrize(
+    ("sub", "reason"),
+    [
+        (None, "missing_sub"),
+        ("", "malformed_sub"),
+        (12345, "malformed_sub"),
+        (["repo:acme/app:ref:refs/heads/main"], "malformed_sub"),
+    ],
+)
 def test_missing_or_empty_sub_is_refused(
-    app: Flask, client: FlaskClient, issuer: DevIssuer, sub: Any
+    app: Flask, client: FlaskClient, issuer: DevIssuer, sub: Any, reason: str
 ) -> None:
     claims = deploy_claims(issuer, time.time())
     if sub is None:
@@ -633,7 +626,7 @@ def test_missing_or_empty_sub_is_refused(
     else:
         claims["sub"] = sub
     token = issuer.mint(claims, header={"typ": "JWT"})
-    assert_refused(app, post_token(client, token), "missing_sub")
+    assert_refused(app, post_token(client, token), reason)
 
 
 @pytest.mark.parametrize("variant", ["trailing-slash", "upper-case", "upper-host", "leading-space"])
@@ -658,12 +651,14 @@ def test_untrusted_issuer_is_refused_without_contacting_it(app: Flask, client: F
         assert stranger.jwks_requests == 0
 
 
-@pytest.mark.parametrize("iss", [None, 42, ["http://127.0.0.1"]])
+@pytest.mark.parametrize(
+    ("iss", "reason"), [(None, "missing_iss"), (42, "malformed_iss"), (["http://127.0.0.1"], "malformed_iss")]
+)
 def test_missing_or_non_string_iss_is_refused(
-    app: Flask, client: FlaskClient, issuer: DevIssuer, iss: Any
+    app: Flask, client: FlaskClient, issuer: DevIssuer, iss: Any, reason: str
 ) -> None:
     token = issuer.mint(deploy_claims(issuer, time.time(), iss=iss), header={"typ": "JWT"})
-    assert_refused(app, post_token(client, token), "missing_iss")
+    assert_refused(app, post_token(client, token), reason)
 
 
 # ---------------------------------------------------------------------------
@@ -884,6 +879,121 @@ def test_symmetric_key_in_the_key_set_is_never_used(
     token = hs256({"alg": alg, "kid": "shared"}, key_set_claims(), secret.raw_value)
     reason = "jws.algorithm_not_allowed" if alg == "HS256" else "unknown_kid"
     assert_refused(key_set_app, post_token(key_set_app.test_client(), token), reason)
+
+
+def test_rsa_key_with_public_exponent_3_is_skipped(
+    key_set_app: Flask, key_set_server: KeySetServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NIST SP 800-56B: e = 65537 only.  The key is skipped with a log line, like other unusable keys."""
+    e3 = rsa_key_with_exponent_3()
+    strong = RSAKey.generate_key(2048, parameters={"kid": "strong", "use": "sig", "alg": "RS256"})
+    key_set_server.document = {"keys": [e3.as_dict(private=False), strong.as_dict(private=False)]}
+    client = key_set_app.test_client()
+    e3_token = jwt.encode({"alg": "RS256", "kid": "e3"}, key_set_claims(), e3, algorithms=["RS256"])
+    with caplog.at_level("WARNING", logger="sts.adapters.jwks"):
+        assert_refused(key_set_app, post_token(client, e3_token), "unknown_kid")
+    assert any("kid 'e3'" in m and "public exponent 3" in m for m in caplog.messages), caplog.messages
+    strong_token = jwt.encode(
+        {"alg": "RS256", "kid": "strong"}, key_set_claims(), strong, algorithms=["RS256"]
+    )
+    assert_granted(key_set_app, post_token(client, strong_token))
+
+
+# ---------------------------------------------------------------------------
+# Only UTF-8 JSON (RFC 7515 §5.2, RFC 7519 §7.2): json.loads(bytes) would also read UTF-16/32
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def key_set_rsa(key_set_server: KeySetServer) -> RSAKey:
+    """The key :class:`KeySetServer` publishes for ``KEY_SET_ISSUER``; the test signs raw bytes with it."""
+    key = RSAKey.generate_key(2048, parameters={"kid": "raw", "use": "sig", "alg": "RS256"})
+    key_set_server.document = {"keys": [key.as_dict(private=False)]}
+    return key
+
+
+def raw_token(key: RSAKey, encoding: str, part: str = "payload", **claims: Any) -> str:
+    header = {"alg": "RS256", "kid": "raw", "typ": "JWT"}
+    return sign_encoded(key, header, {**key_set_claims(), **claims}, encoding=encoding, part=part)
+
+
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_subject_token_not_in_utf8_is_refused(key_set_app: Flask, key_set_rsa: RSAKey, part: str) -> None:
+    client = key_set_app.test_client()
+    # The same claims, signed the same way, in UTF-8: granted, so only the encoding differs.
+    assert_granted(key_set_app, post_token(client, raw_token(key_set_rsa, "utf-8", part)))
+    for encoding in NOT_UTF8.values():
+        token = raw_token(key_set_rsa, encoding, part, jti=str(uuid.uuid4()))
+        assert_refused(key_set_app, post_token(client, token), "jws.not_utf8")
+
+
+def test_actor_token_not_in_utf8_is_refused(key_set_app: Flask, key_set_rsa: RSAKey) -> None:
+    subject = raw_token(key_set_rsa, "utf-8")
+    actor = raw_token(key_set_rsa, "utf-16", sub="spiffe://example.org/agent")
+    response = post_token(key_set_app.test_client(), subject, actor_token=actor, actor_token_type=JWT_TYPE)
+    assert response.status_code == 400, response.get_json()
+    assert last_record(key_set_app)["reasons"] == ["actor_token.jws.not_utf8"]
+
+
+def test_posture_token_not_in_utf8_is_unusable(
+    make_settings: Callable[..., Settings],
+    upstream: RunningServer,
+    key_set_server: KeySetServer,
+    key_set_rsa: RSAKey,
+) -> None:
+    """A posture token in UTF-16 is not evidence: the stale_posture signal fires as for an expired one."""
+    policy = {
+        "version": 1,
+        "rules": [
+            {
+                "name": "posture",
+                "issuer": "keys",
+                "subject": DEPLOY_SUBJECT,
+                "require_client_authentication": False,
+                "risk": {"posture_fact": "device_posture", "weights": {"stale_posture": 100}},
+                "grant": {"audiences": [DEPLOY_AUDIENCE]},
+            }
+        ],
+    }
+    issuers = [
+        {
+            "name": "keys",
+            "issuer": KEY_SET_ISSUER,
+            "jwks_uri": key_set_server.url,
+            "algorithms": ["RS256"],
+            "audiences": [STS_ISSUER],
+        }
+    ]
+    app = create_app(make_settings(policy, issuers=issuers))
+    client = app.test_client()
+    subject = raw_token(key_set_rsa, "utf-8")
+
+    def stale_posture() -> dict[str, Any]:
+        signals = last_record(app)["details"]["risk"]["signals"]
+        return next(s for s in signals if s["name"] == "stale_posture")
+
+    good = raw_token(key_set_rsa, "utf-8", device_posture="compliant")
+    assert_granted(app, post_token(client, subject, posture_token=good))
+    assert stale_posture()["fired"] is False
+    utf16 = raw_token(key_set_rsa, "utf-16", device_posture="compliant")
+    assert post_token(client, subject, posture_token=utf16).status_code == 400
+    assert stale_posture()["fired"] is True
+    assert stale_posture()["evidence"] == {"problem": "jws.not_utf8"}
+
+
+# ---------------------------------------------------------------------------
+# A time claim that is present is a number: null is not "absent" (RFC 7519 §2, §4.1.4-§4.1.6)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_time_claim_that_is_null_is_refused(
+    app: Flask, client: FlaskClient, issuer: DevIssuer, claim: str
+) -> None:
+    claims = deploy_claims(issuer, time.time())
+    claims[claim] = None
+    token = issuer.mint(claims, header={"typ": "JWT"})
+    assert_refused(app, post_token(client, token), f"malformed_{claim}")
 
 
 # ---------------------------------------------------------------------------

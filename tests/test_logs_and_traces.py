@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GATEWAY_SECRET, STS_ISSUER, exchange_form, settings_for
+from conftest import DEFAULT_POLICY, GATEWAY_SECRET, STS_ISSUER, exchange_form, settings_for
 from flask import Flask
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -182,7 +182,8 @@ def test_an_incoming_trace_is_continued_into_the_record_the_logs_and_the_jwks_fe
     assert last_record(app)["details"]["trace_id"] == TRACE_ID
     [access] = [r for r in caplog.records if r.name == "sts.access"]
     [decision] = [r for r in caplog.records if r.name == "sts.decision"]
-    assert access.trace_id == TRACE_ID and decision.trace_id == TRACE_ID  # type: ignore[attr-defined]
+    assert access.trace_id == TRACE_ID  # type: ignore[attr-defined]
+    assert decision.decision["trace_id"] == TRACE_ID  # type: ignore[attr-defined]
     # The JWKS fetch the exchange caused continues the same trace, from this service's span.
     [fetch] = keys_server.seen
     passed = parse_traceparent(fetch["traceparent"])
@@ -451,11 +452,12 @@ def test_json_logs_carry_the_access_and_decision_fields_and_never_a_token(
     assert access[0]["http_route"] == "/token" and access[0]["http_status"] == 200
     assert access[0]["request_id"] == "req-42" and access[0]["trace_id"] == TRACE_ID
     assert access[0]["level"] == "INFO" and access[0]["time"].endswith("Z")
-    decision = decisions[0]
-    assert decision["endpoint"] == "token" and decision["decision"] == "granted"
+    assert decisions[0]["request_id"] == "req-42" and decisions[0]["trace_id"] == TRACE_ID
+    decision = decisions[0]["decision"]
+    assert decision["endpoint"] == "token" and decision["outcome"] == "granted"
     assert decision["rule"] == "ledger-with-client" and decision["reason"] == "policy.rule_matched"
     assert decision["request_id"] == "req-42" and decision["trace_id"] == TRACE_ID
-    assert decision["client_id"] == "gateway" and decision["audit_committed"] is True
+    assert decision["client_id"] == "gateway"
     assert decision["subject_token_sha256"] == last_record(app)["subject_token_sha256"]
     everything = json.dumps(lines)
     for secret in (subject_token, access_token, GATEWAY_SECRET, subject_token.split(".")[2]):
@@ -489,7 +491,9 @@ def test_one_decision_line_per_introspection_revocation_and_set(
         set_token = transmitter.issuer.mint(claims, header={"typ": "secevent+jwt"})
         assert client.post("/ssf/events", data=set_token, content_type=SET_MEDIA_TYPE).status_code == 202
     decisions = [
-        (line["endpoint"], line["decision"]) for line in json_lines() if line["logger"] == "sts.decision"
+        (line["decision"]["endpoint"], line["decision"]["outcome"])
+        for line in json_lines()
+        if line["logger"] == "sts.decision"
     ]
     assert decisions == [
         ("token", "granted"),
@@ -499,6 +503,37 @@ def test_one_decision_line_per_introspection_revocation_and_set(
     ]
     everything = json.dumps(json_lines())
     assert token not in everything and set_token not in everything
+
+
+def test_a_single_use_grant_is_logged_once_with_its_commit(
+    tmp_path: Path, upstream: RunningServer, json_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    """The grant's record is committed with the use of its subject token (the ledger): logged too."""
+    rules = [{**rule, "single_use": True} for rule in DEFAULT_POLICY["rules"]]
+    app = create_app(settings_for(tmp_path, upstream, {**DEFAULT_POLICY, "rules": rules}))
+    form = deploy_form(upstream)
+    assert app.test_client().post("/token", data=form).status_code == 200
+    assert app.test_client().post("/token", data=form).status_code == 400  # replayed
+    outcomes = [
+        (line["decision"]["outcome"], line["decision"].get("reason"))
+        for line in json_lines()
+        if line["logger"] == "sts.decision"
+    ]
+    assert outcomes == [("granted", "policy.rule_matched"), ("refused", "subject_token.replayed")]
+
+
+def test_a_decision_whose_record_cannot_be_committed_is_logged_once_as_not_audited(
+    tmp_path: Path, upstream: RunningServer, json_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    app = create_app(settings_for(tmp_path, upstream))
+    engine = app.extensions["sts"].engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE audit_events")  # every audit write now fails
+    assert app.test_client().post("/token", data=deploy_form(upstream)).status_code == 503
+    lines = [line for line in json_lines() if "decision" in line and isinstance(line["decision"], dict)]
+    assert [line["logger"] for line in lines] == ["sts.core.exchange"]
+    assert lines[0]["level"] == "ERROR" and lines[0]["message"].startswith("decision not audited")
+    assert lines[0]["decision"]["outcome"] == "withheld"
 
 
 def test_a_refused_clients_own_text_cannot_forge_a_text_log_line(

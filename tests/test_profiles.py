@@ -678,6 +678,15 @@ def test_kubernetes_warnafter_bounds_the_issued_lifetime(kubernetes_app: Flask, 
     refused(kubernetes_app, stale, "subject_token.expired")
 
 
+@pytest.mark.parametrize("warnafter", [10**400, "1800000000", True], ids=["huge", "string", "true"])
+def test_kubernetes_warnafter_that_is_not_a_numeric_date_is_refused(
+    kubernetes_app: Flask, mint: Mint, warnafter: Any
+) -> None:
+    """``warnafter`` is a NumericDate like ``exp``: one too large for a float is refused, not a 500."""
+    token = mint.kubernetes(warnafter=warnafter)
+    refused(kubernetes_app, token, "subject_token.kubernetes.malformed_warnafter")
+
+
 def test_kubernetes_max_token_age_default_and_override(
     make_settings: Callable[..., Settings], upstreams: dict[str, RunningServer]
 ) -> None:

@@ -28,8 +28,10 @@ from typing import Any
 import pytest
 import redis
 from conftest import STS_ISSUER
+from crafted_jose import NOT_UTF8, KeySetServer, rsa_key_with_exponent_3, sign_encoded
 from flask import Flask
 from flask.testing import FlaskClient
+from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 from redis_server import url_of
 from werkzeug.test import TestResponse
@@ -632,15 +634,22 @@ def test_wrong_audience_is_invalid_audience(
 def _claim_cases(now: float) -> list[tuple[str, dict[str, Any], str]]:
     return [
         ("missing_iat", {"iat": None}, "set.missing_iat"),
-        ("string_iat", {"iat": str(int(now))}, "set.missing_iat"),
-        ("boolean_iat", {"iat": True}, "set.missing_iat"),
+        ("string_iat", {"iat": str(int(now))}, "set.malformed_iat"),
+        ("boolean_iat", {"iat": True}, "set.malformed_iat"),
+        # RFC 8935 §2.3: a SET that can never be valid is 400, not 503 (which the transmitter would retry).
+        ("huge_iat", {"iat": 10**400}, "set.malformed_iat"),
+        ("huge_negative_iat", {"iat": -(10**400)}, "set.malformed_iat"),
+        ("huge_exp", {"exp": 10**400}, "set.malformed_exp"),
+        ("huge_toe", {"toe": 10**400}, "set.malformed_toe"),
+        ("string_toe", {"toe": "yesterday"}, "set.malformed_toe"),
+        ("huge_nbf", {"nbf": 10**400}, "set.malformed_nbf"),
         ("old_iat", {"iat": int(now) - 86400 - LEEWAY - 1}, "set.too_old"),
-        ("future_iat", {"iat": int(now) + LEEWAY + 5}, "set.iat_in_future"),
+        ("future_iat", {"iat": int(now) + LEEWAY + 5}, "set.issued_in_future"),
         ("expired", {"exp": int(now) - LEEWAY - 1}, "set.expired"),
         ("malformed_exp", {"exp": "soon"}, "set.malformed_exp"),
         ("missing_jti", {"jti": None}, "set.missing_jti"),
-        ("empty_jti", {"jti": ""}, "set.missing_jti"),
-        ("numeric_jti", {"jti": 12345}, "set.missing_jti"),
+        ("empty_jti", {"jti": ""}, "set.malformed_jti"),
+        ("numeric_jti", {"jti": 12345}, "set.malformed_jti"),
         ("long_jti", {"jti": "j" * 257}, "set.jti_too_long"),
         ("missing_events", {"events": None}, "set.events_missing"),
         ("empty_events", {"events": {}}, "set.events_missing"),
@@ -673,6 +682,11 @@ def _claim_cases(now: float) -> list[tuple[str, dict[str, Any], str]]:
             {"events": {SESSION_REVOKED: {"event_timestamp": "yesterday"}}},
             "event.malformed_event_timestamp",
         ),
+        (
+            "timestamp_too_large",
+            {"events": {SESSION_REVOKED: {"event_timestamp": 10**400}}},
+            "event.malformed_event_timestamp",
+        ),
     ]
 
 
@@ -688,6 +702,79 @@ def test_bad_claims_are_invalid_request_and_change_nothing(
     assert states(ssf_app, "*|job-1") == [SubjectState()]
     [record] = audit_records(ssf_app)
     assert (record["outcome"], record["error"], record["reasons"]) == ("refused", "invalid_request", [reason])
+
+
+KEYS_TRANSMITTER = "https://keys-transmitter.example"
+
+
+@pytest.fixture
+def key_set_server() -> Iterator[KeySetServer]:
+    server = KeySetServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def keys_app(build_app: Callable[..., Flask], key_set_server: KeySetServer) -> Flask:
+    """A receiver whose one transmitter publishes its keys through :class:`KeySetServer` (RS256)."""
+    entry = {
+        "name": "keys",
+        "issuer": KEYS_TRANSMITTER,
+        "jwks_uri": key_set_server.url,
+        "algorithms": ["RS256"],
+    }
+    return build_app([entry])
+
+
+def keys_set_claims(clock: Clock) -> dict[str, Any]:
+    return {
+        "iss": KEYS_TRANSMITTER,
+        "aud": STS_ISSUER,
+        "iat": int(clock.now),
+        "jti": uuid.uuid4().hex,
+        "sub_id": {"format": "opaque", "id": "job-1"},
+        "events": {SESSION_REVOKED: {}},
+    }
+
+
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_a_set_not_in_utf8_is_invalid_request(
+    part: str, keys_app: Flask, key_set_server: KeySetServer, clock: Clock
+) -> None:
+    """RFC 8417 §2 / RFC 7519 §7.2: the SET is UTF-8 JSON; UTF-16, UTF-32 or a byte-order mark is refused."""
+    key = RSAKey.generate_key(2048, parameters={"kid": "raw", "use": "sig", "alg": "RS256"})
+    key_set_server.document = {"keys": [key.as_dict(private=False)]}
+    header = {"alg": "RS256", "kid": "raw", "typ": "secevent+jwt"}
+    client = keys_app.test_client()
+    utf8 = sign_encoded(key, header, keys_set_claims(clock), encoding="utf-8", part=part)
+    assert push(client, utf8).status_code == 202
+    for encoding in NOT_UTF8.values():
+        token = sign_encoded(key, header, keys_set_claims(clock), encoding=encoding, part=part)
+        assert_refused(push(client, token), "invalid_request")
+        assert audit_records(keys_app)[0]["reasons"] == ["set.jws.not_utf8"], encoding
+
+
+def test_rsa_key_with_public_exponent_3_in_a_transmitter_jwks_is_skipped(
+    keys_app: Flask, key_set_server: KeySetServer, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    e3 = rsa_key_with_exponent_3()
+    strong = RSAKey.generate_key(2048, parameters={"kid": "strong", "use": "sig", "alg": "RS256"})
+    key_set_server.document = {"keys": [e3.as_dict(private=False), strong.as_dict(private=False)]}
+    client = keys_app.test_client()
+    header = {"alg": "RS256", "kid": "e3", "typ": "secevent+jwt"}
+    weak = jwt.encode(header, keys_set_claims(clock), e3, algorithms=["RS256"])
+    with caplog.at_level("WARNING", logger="sts.adapters.jwks"):
+        response = push(client, weak)
+    assert_refused(response, "invalid_key")
+    assert audit_records(keys_app)[0]["reasons"] == ["set.unknown_kid"]
+    assert any("kid 'e3'" in m and "public exponent 3" in m for m in caplog.messages), caplog.messages
+    good = jwt.encode(
+        {"alg": "RS256", "kid": "strong", "typ": "secevent+jwt"},
+        keys_set_claims(clock),
+        strong,
+        algorithms=["RS256"],
+    )
+    assert push(client, good).status_code == 202
 
 
 def test_iat_at_the_edges_of_max_age_and_leeway_is_accepted(
@@ -808,7 +895,7 @@ def test_audit_records_hold_hashes_never_the_set(
     assert accepted["details"]["jti_sha256"] == hashlib.sha256(claims["jti"].encode()).hexdigest()
     assert refused["outcome"] == "refused" and refused["error"] == "invalid_audience"
     assert refused["issuer"] == "idp"
-    assert refused["reasons"] == ["set.audience"]
+    assert refused["reasons"] == ["set.audience_mismatch"]
     assert refused["subject_token_sha256"] == hashlib.sha256(refused_token.encode()).hexdigest()
     for record, token, jti in (
         (accepted, accepted_token, claims["jti"]),

@@ -1,40 +1,45 @@
-"""The decision log: one structured line per decision, next to the audit record it summarises.
+"""The decision log: one structured line per decision, once its audit record is committed.
 
-:class:`LoggedAuditSink` wraps the audit sink: every record written (an
-exchange, an introspection, a revocation, a Security Event Token) also
-becomes one line on the logger ``sts.decision``, after the commit was tried::
+Every audit record committed (an exchange, an introspection, a revocation, a
+Security Event Token) also becomes one line on the logger ``sts.decision``::
 
     INFO sts.decision: token refused invalid_target policy.target_not_allowed rule=- client=gateway
         subject=github-actions|repo:acme/app:ref:refs/heads/main request_id=deploy-4711
         trace_id=4bf92f3577b34da6a3ce929d0e0e4736
 
-with the same values as fields (``decision``, ``error``, ``reason``, ``rule``,
-``request_id``, ``trace_id``...) for the JSON format.  Like the audit record
-it holds token hashes and identifiers, never a token or a secret.  The line is
-written whether or not the commit succeeded (``audit_committed``), so an audit
-outage still leaves a trace of what was decided.  The decision also goes on the
-request's trace span as attributes.
+with the summary attached to the log record as ``decision`` (``outcome``,
+``error``, ``reason``, ``rule``, ``request_id``, ``trace_id``...) for the JSON
+format: the same name and shape as the line written for a decision whose
+record could *not* be committed (:func:`sts.core.audit.log_unaudited`, at
+``ERROR``), so that every decision is in the log exactly once.  Like the audit
+record it holds token hashes and identifiers, never a token or a secret.  The
+decision also goes on the request's trace span, as attributes.
+
+Two wrappers do it: :class:`LoggedAuditSink` around the audit sink, and
+:class:`LoggedLedger` around the single-use ledger, which commits a grant's
+record together with the use of its subject token.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from ..core.audit import AuditRecord
-from ..core.ports import AuditSink, AuditUnavailable
+from ..core.ports import AuditSink, SingleUse, SingleUseLedger
 from .tracing import annotate
 
 decision_log = logging.getLogger("sts.decision")
 
 
-def decision_fields(record: AuditRecord, committed: bool) -> dict[str, Any]:
-    """The summary logged for ``record``: what was asked, by whom, what was decided and why."""
+def decision_summary(record: AuditRecord) -> dict[str, Any]:
+    """What was asked, by whom, what was decided and why (no value that is None)."""
     limited = record.details.get("rate_limit")
-    return {
+    summary = {
         "event_id": record.event_id,
         "endpoint": record.endpoint,
-        "decision": record.outcome,
+        "outcome": record.outcome,
         "error": record.error,
         "reason": record.reasons[-1] if record.reasons else None,
         "reasons": list(record.reasons),
@@ -42,6 +47,7 @@ def decision_fields(record: AuditRecord, committed: bool) -> dict[str, Any]:
         "client_id": record.client_id,
         "issuer": record.issuer,
         "subject": record.subject,
+        "actor_issuer": record.actor_issuer,
         "actor_subject": record.actor_subject,
         "source_ip": record.source_ip,
         "request_id": record.request_id,
@@ -52,54 +58,39 @@ def decision_fields(record: AuditRecord, committed: bool) -> dict[str, Any]:
         "issued_jti": record.issued_jti,
         "subject_token_sha256": record.subject_token_sha256,
         "rate_limit": dict(limited) if isinstance(limited, dict) else None,
-        "audit_committed": committed,
     }
+    return {name: value for name, value in summary.items() if value is not None}
 
 
-class LoggedAuditSink:
-    """An :class:`~sts.core.ports.AuditSink` that writes through ``inner``, then logs the decision."""
-
-    def __init__(self, inner: AuditSink, logger: logging.Logger = decision_log) -> None:
-        self.inner = inner
-        self.logger = logger
-
-    def write(self, record: AuditRecord) -> None:
-        try:
-            self.inner.write(record)
-        except AuditUnavailable:
-            self._log(record, committed=False)
-            raise
-        self._log(record, committed=True)
-
-    def _log(self, record: AuditRecord, *, committed: bool) -> None:
-        fields = decision_fields(record, committed)
-        annotate(
-            {
-                "sts.decision": record.outcome,
-                "sts.error": record.error,
-                "sts.rule": record.rule,
-                "sts.reason": fields["reason"],
-            }
-        )
-        level = logging.WARNING if record.outcome == "error" or not committed else logging.INFO
-        if not self.logger.isEnabledFor(level):
-            return
-        subject = f"{record.issuer}|{record.subject}" if record.issuer and record.subject else record.subject
-        self.logger.log(
-            level,
-            "%s %s %s %s rule=%s client=%s subject=%s request_id=%s trace_id=%s%s",
-            record.endpoint,
-            record.outcome,
-            record.error or "-",
-            fields["reason"] or "-",
-            _shown(record.rule),
-            _shown(record.client_id),
-            _shown(subject),
-            _shown(record.request_id),
-            fields["trace_id"] or "-",
-            "" if committed else " (audit write failed)",
-            extra={k: v for k, v in fields.items() if v is not None},
-        )
+def log_decision(record: AuditRecord, logger: logging.Logger = decision_log) -> None:
+    """Write the committed ``record`` to the decision log and onto the request's span."""
+    summary = decision_summary(record)
+    annotate(
+        {
+            "sts.decision": record.outcome,
+            "sts.error": record.error,
+            "sts.rule": record.rule,
+            "sts.reason": summary.get("reason"),
+        }
+    )
+    level = logging.WARNING if record.outcome == "error" else logging.INFO
+    if not logger.isEnabledFor(level):
+        return
+    subject = f"{record.issuer}|{record.subject}" if record.issuer and record.subject else record.subject
+    logger.log(
+        level,
+        "%s %s %s %s rule=%s client=%s subject=%s request_id=%s trace_id=%s",
+        record.endpoint,
+        record.outcome,
+        record.error or "-",
+        summary.get("reason", "-"),
+        _shown(record.rule),
+        _shown(record.client_id),
+        _shown(subject),
+        _shown(record.request_id),
+        summary.get("trace_id", "-"),
+        extra={"decision": summary},
+    )
 
 
 def _shown(value: str | None) -> str:
@@ -111,3 +102,35 @@ def _shown(value: str | None) -> str:
     if value.isprintable() and " " not in value:
         return value
     return repr(value)
+
+
+class LoggedAuditSink:
+    """An :class:`~sts.core.ports.AuditSink` that writes through ``inner``, then logs the decision.
+
+    A record that cannot be committed is not logged here: the pipeline logs it with
+    :func:`~sts.core.audit.log_unaudited`.
+    """
+
+    def __init__(self, inner: AuditSink) -> None:
+        self.inner = inner
+
+    def write(self, record: AuditRecord) -> None:
+        self.inner.write(record)
+        log_decision(record)
+
+
+class LoggedLedger:
+    """A :class:`~sts.core.ports.SingleUseLedger` that logs the decision it commits."""
+
+    def __init__(self, inner: SingleUseLedger) -> None:
+        self.inner = inner
+
+    def reserve(self, use: SingleUse, now: float) -> SingleUse:
+        return self.inner.reserve(use, now)
+
+    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+        self.inner.commit(record, uses, now)
+        log_decision(record)
+
+    def cancel(self, uses: Sequence[SingleUse]) -> None:
+        self.inner.cancel(uses)

@@ -14,7 +14,8 @@ Three adapters for :class:`sts.core.ports.IssuerKeys`:
 All three load a key set through the same filter (:func:`_index_key_set`).  Only
 public, asymmetric signature keys are kept: a JWK Set published by an issuer
 must not hold private or symmetric keys, RSA keys must have at least 2048 bits
-(RFC 7518 §3.3, §3.5), and a key whose ``use`` is not ``sig`` (RFC 7517 §4.2) or
+(RFC 7518 §3.3, §3.5) and the public exponent 65537 (NIST SP 800-56B; see
+:func:`sts.core.jose.rsa_key_problem`), and a key whose ``use`` is not ``sig`` (RFC 7517 §4.2) or
 whose ``key_ops`` lacks ``verify`` (RFC 7517 §4.3) is not a verification key.
 A skipped key is logged by ``kid``, never by its material.
 
@@ -57,9 +58,9 @@ import requests
 from cryptography.exceptions import UnsupportedAlgorithm
 from joserfc.errors import InvalidKeyTypeError, JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey
-from joserfc.util import base64_to_int
 
 from sts.adapters.tracing import outbound_headers
+from sts.core.jose import rsa_key_problem
 from sts.core.ports import KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
 
@@ -89,11 +90,6 @@ _ALGORITHM_KEYS: Final[Mapping[str, tuple[str, str | None]]] = MappingProxyType(
 #: JWK members that only a private or symmetric key has (RFC 7518 §6.2.2,
 #: §6.3.2, §6.4.1; RFC 8037 §2).
 _PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-
-#: RFC 7518 §3.3 and §3.5: RSA keys under 2048 bits MUST NOT be used.
-#: The upper bound keeps a hostile key set from making each verification slow.
-_MIN_RSA_BITS: Final = 2048
-_MAX_RSA_BITS: Final = 16384
 
 #: RFC 9111 §1.2.2: a delta-seconds value too large to represent is taken as 2^31.
 _MAX_DELTA_SECONDS: Final = 2**31
@@ -198,18 +194,10 @@ def _import_public_key(entry: object, position: int, set_size: int, source: str)
         _skip(source, position, kid, f"no kid, in a set of {set_size} keys")
         return None
     if kty == "RSA":
-        # Measured before import: joserfc only warns about short RSA keys.
-        modulus = entry.get("n")
-        try:
-            bits = base64_to_int(modulus).bit_length() if isinstance(modulus, str) else 0
-        except ValueError:
-            bits = 0
-        if bits == 0:
-            _skip(source, position, kid, "malformed RSA modulus")
-            return None
-        if not _MIN_RSA_BITS <= bits <= _MAX_RSA_BITS:
-            allowed = f"{_MIN_RSA_BITS}-{_MAX_RSA_BITS}"
-            _skip(source, position, kid, f"RSA modulus of {bits} bits (allowed: {allowed})")
+        # Measured before import: joserfc only warns about short RSA keys, and accepts any exponent.
+        problem = rsa_key_problem(entry)
+        if problem is not None:
+            _skip(source, position, kid, problem)
             return None
     if use == "jwt-svid":
         # joserfc knows only the RFC 7517 values of ``use``; a JWT-SVID key is a signature key.

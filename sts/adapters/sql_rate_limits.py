@@ -31,9 +31,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
@@ -48,23 +47,6 @@ def _stored_key(key: str) -> str:
     if len(key) <= _MAX_KEY and key.isprintable():
         return key
     return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _asynchronous_commit_engine(engine: Engine) -> Engine:
-    """A pool whose connections commit without waiting for the WAL flush (``synchronous_commit
-    off``): a commit is visible to every other connection at once, as always, but not made
-    durable before the answer.  A crash of PostgreSQL may forget the last fraction of a
-    second of counts, which only makes the limits briefly more generous; waiting for the disk
-    instead costs a millisecond or more on every request."""
-    pool = create_engine(engine.url, pool_size=10, max_overflow=10, pool_timeout=5)
-
-    @event.listens_for(pool, "connect")
-    def _asynchronous_commit(dbapi_conn: Any, _record: Any) -> None:
-        with dbapi_conn.cursor() as cur:
-            cur.execute("SET synchronous_commit = off")
-        dbapi_conn.commit()
-
-    return pool
 
 
 def rate_limit_engine(engine: Engine) -> Engine:
@@ -92,14 +74,23 @@ class SqlRateLimits:
         self._raw = RawStatement(engine)
         self.purge_probability = purge_probability
         postgres = engine.dialect.name == "postgresql"
-        if postgres:
-            # The same statements, on connections that commit without waiting for the disk.
-            self._raw.engine = _asynchronous_commit_engine(engine)
         self._greatest = "GREATEST" if postgres else "max"
         p = self._raw.placeholder
         # PostgreSQL infers no types for bare parameters in VALUES: say them.
         self._row = f"({p}::text, {p}::float8, {p}::float8)" if postgres else f"({p}, {p}, {p})"
         self._now = f"{p}::float8" if postgres else p
+        # PostgreSQL: this transaction (the statement and its commit) does not wait for the WAL
+        # flush: SET LOCAL synchronous_commit, from within the statement, since the pool runs one
+        # statement per transaction.  The commit is visible to every other connection at once,
+        # as always; a crash of PostgreSQL may forget the last fraction of a second of counts,
+        # which only makes the limits briefly more generous, where waiting for the disk would
+        # cost a millisecond or more on every check.
+        self._commit_setting = (
+            "async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), "
+            if postgres
+            else ""
+        )
+        self._commit_join = " CROSS JOIN async_commit" if postgres else ""
         self._sql_by_size: dict[int, str] = {}
         self._select = "SELECT key, tat FROM rate_limits WHERE key IN "
         self._purge = f"DELETE FROM rate_limits WHERE tat < {p}"  # noqa: S608 - placeholder only
@@ -111,8 +102,9 @@ class SqlRateLimits:
             rows = ", ".join([self._row] * size)
             # Built from constants and placeholders only; every value is a parameter.
             sql = (
-                f"WITH req(key, step, tolerance) AS (VALUES {rows}) "  # noqa: S608
-                f"INSERT INTO rate_limits (key, tat, tolerance) SELECT key, {now} + step, tolerance FROM req "
+                f"WITH {self._commit_setting}req(key, step, tolerance) AS (VALUES {rows}) "  # noqa: S608
+                f"INSERT INTO rate_limits (key, tat, tolerance) SELECT key, {now} + step, tolerance "
+                f"FROM req{self._commit_join} "
                 "WHERE NOT EXISTS (SELECT 1 FROM req q JOIN rate_limits c ON c.key = q.key "
                 f"WHERE {g}(c.tat, {now}) + q.step - q.tolerance > {now}) "
                 "ON CONFLICT (key) DO UPDATE SET "

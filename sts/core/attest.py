@@ -4,19 +4,20 @@ Verification grants nothing; the facts go to the policy, which decides.
 Every check in RFC 8725 §3 and RFC 7519 §4.1 is applied (STANDARDS.md "JWT
 handling"): exact ``iss``, required ``exp`` and ``aud``, ``nbf``/``iat`` with a
 small leeway, a maximum token age, the issuer's ``typ`` and algorithm
-allow-lists, and keys only from the issuer's own key set.
+allow-lists, and keys only from the issuer's own key set.  The claims are
+checked by :mod:`.claims`, as for every other kind of token.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidRequest, TemporarilyUnavailable
 from .audit import token_hash
-from .jose import JWSInvalid, normalise_typ, peek, verify_signature
+from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date_value, string_claim
+from .jose import JWSInvalid, peek, verify_signature
 from .ports import IssuerKeys, KeysUnavailable, UnknownKeyId
 from .profiles import ProfileOptions, ProfileViolation, get_profile
 from .profiles.spiffe import parse_spiffe_id
@@ -77,32 +78,6 @@ class VerifiedToken:
         return self.expires_at if self.valid_until is None else min(self.expires_at, self.valid_until)
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str, role: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    # RFC 7519 §2 NumericDate: a JSON number; JSON true/false are not numbers.  An integer
-    # too large for a float (``1`` followed by 400 zeros is valid JSON) is not a date either.
-    try:
-        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    except OverflowError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise InvalidRequest(f"{role}.malformed_{name}")
-    return number
-
-
-def _audiences(claims: Mapping[str, Any], role: str) -> tuple[str, ...]:
-    aud = claims.get("aud")
-    if isinstance(aud, str):
-        return (aud,)
-    if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
-        return tuple(aud)
-    if aud is None:
-        raise InvalidRequest(f"{role}.missing_aud")
-    raise InvalidRequest(f"{role}.malformed_aud")
-
-
 class IssuerDirectory:
     """The trusted issuers, looked up by exact ``iss`` value.
 
@@ -157,13 +132,14 @@ def verify_token(
         peeked = peek(token)
     except JWSInvalid as exc:
         raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
-    iss = peeked.claims.get("iss")
+    try:
+        iss = string_claim(peeked.claims, "iss", required=False)
+    except ClaimInvalid as exc:
+        raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
     if iss is None:
         trusted = issuers.by_spiffe_subject(peeked.claims.get("sub"))
         if trusted is None:
             raise InvalidRequest(f"{role}.missing_iss")
-    elif not isinstance(iss, str):
-        raise InvalidRequest(f"{role}.missing_iss")
     else:
         trusted = issuers.by_iss(iss)
         if trusted is None:
@@ -187,37 +163,22 @@ def verify_token(
         raise TemporarilyUnavailable(f"{role}.issuer_keys_unavailable", str(exc)) from None
 
     claims = peeked.claims
-    audiences = _audiences(claims, role)
-    if policy.check_audience and not policy.audiences.intersection(audiences):
-        raise InvalidRequest(f"{role}.audience_mismatch")
-    exp = _numeric_date(claims, "exp", role)
-    if exp is None:
-        raise InvalidRequest(f"{role}.missing_exp")
-    if now >= exp + leeway:
-        raise InvalidRequest(f"{role}.expired")
-    nbf = _numeric_date(claims, "nbf", role)
-    if nbf is not None and now + leeway < nbf:
-        raise InvalidRequest(f"{role}.not_yet_valid")
-    iat = _numeric_date(claims, "iat", role)
-    if iat is not None and now + leeway < iat:
-        raise InvalidRequest(f"{role}.issued_in_future")
-    if policy.max_token_age is not None:
-        if iat is None:
-            raise InvalidRequest(f"{role}.missing_iat")
-        if now - iat > policy.max_token_age + leeway:
-            raise InvalidRequest(f"{role}.too_old")
-    if policy.max_token_lifetime is not None:
-        start = iat if iat is not None else nbf
-        if start is None or exp - start > policy.max_token_lifetime:
-            raise InvalidRequest(f"{role}.lifetime_too_long")
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise InvalidRequest(f"{role}.missing_sub")
-    jti = claims.get("jti")
-    if jti is not None and (not isinstance(jti, str) or not jti):
-        raise InvalidRequest(f"{role}.malformed_jti")
-    if policy.require_jti and jti is None:
-        raise InvalidRequest(f"{role}.missing_jti")
+    rules = ClaimRules(
+        leeway=leeway,
+        issuer=iss,
+        accepted_audiences=policy.audiences if policy.check_audience else None,
+        # RFC 8725 §3.9 and README: the issuer's max_token_age allows the clock skew too.
+        max_age=None if policy.max_token_age is None else policy.max_token_age + leeway,
+        max_lifetime=policy.max_token_lifetime,
+        require_jti=policy.require_jti,
+    )
+    try:
+        checked = check_claims(claims, rules, now=now)
+    except ClaimInvalid as exc:
+        raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
+    sub, exp = checked.sub, checked.exp
+    if sub is None or exp is None:  # Required by the rules; this keeps the types honest.
+        raise InvalidRequest(f"{role}.missing_sub" if sub is None else f"{role}.missing_exp")
 
     try:
         facts = get_profile(policy.profile).facts(sub, claims, policy.profile_options)
@@ -231,14 +192,14 @@ def verify_token(
         subject=sub,
         claims=claims,
         token_type=token_type,
-        issued_at=iat,
+        issued_at=checked.iat,
         expires_at=exp,
-        not_before=nbf,
-        jti=jti,
+        not_before=checked.nbf,
+        jti=checked.jti,
         sha256=token_hash(token),
         typ=typ,
-        audiences=audiences,
+        audiences=checked.audiences,
         facts=facts,
         profile=policy.profile,
-        valid_until=float(warnafter) if isinstance(warnafter, int | float) else None,
+        valid_until=numeric_date_value(warnafter),
     )

@@ -6,7 +6,11 @@
   signed with the client's registered key; ``iss`` = ``sub`` = client_id,
   ``aud`` = this server's issuer identifier (the token endpoint URL is also
   accepted, as many client libraries send it), ``exp`` required and bounded,
-  ``jti`` required and usable once until ``exp``.
+  ``jti`` required and usable once until ``exp``.  An assertion typed
+  ``client-authentication+jwt`` follows draft-ietf-oauth-rfc7523bis (the
+  fix for the "audience injection" attack on assertions whose ``aud`` is a
+  token endpoint URL): its ``aud`` must be the issuer identifier, alone, as a
+  JSON string.
 
 A client must use the method it is registered with.  Every failure is
 ``invalid_client`` (401) with the same public description.
@@ -15,18 +19,28 @@ A client must use the method it is registered with.  Every failure is
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import InvalidClient, TemporarilyUnavailable
 from ..protocol.client_auth import NONE, PRIVATE_KEY_JWT, ClientCredentials
+from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
 from .client_secrets import verify_secret
-from .jose import JWSInvalid, normalise_typ, peek, verify_signature
-from .ports import IssuerKeys, KeysUnavailable, ReplayCache, StoreUnavailable, UnknownKeyId
+from .jose import JWSInvalid, peek, verify_signature
+from .ports import (
+    IssuerKeys,
+    KeysUnavailable,
+    ReplayCache,
+    ReplayWindowLost,
+    StoreUnavailable,
+    UnknownKeyId,
+)
 
-#: ``typ`` values accepted on a client assertion (draft-ietf-oauth-rfc7523bis adds the explicit one).
-ASSERTION_TYP = frozenset({None, "jwt", "client-authentication+jwt"})
+#: The explicit type of a client assertion (draft-ietf-oauth-rfc7523bis §4, IANA media type
+#: ``application/client-authentication+jwt``).
+EXPLICIT_ASSERTION_TYP = "client-authentication+jwt"
+#: ``typ`` values accepted on a client assertion: none, ``JWT`` (RFC 7523), or the explicit one.
+ASSERTION_TYP = frozenset({None, "jwt", EXPLICIT_ASSERTION_TYP})
 
 
 @dataclass(frozen=True)
@@ -82,18 +96,10 @@ def authenticate_client(
     return AuthenticatedClient(client.client_id, creds.method)
 
 
-def _number(claims: Mapping[str, object], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    # A JSON number, not true/false, and one a float can hold (10**400 is valid JSON).
-    try:
-        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    except OverflowError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise InvalidClient(f"client_assertion.malformed_{name}")
-    return number
+#: Said to a client whose assertion the replay store can no longer vouch for.
+REPLAY_WINDOW_LOST = (
+    "The client assertion predates a loss of the server's replay records; sign a fresh assertion."
+)
 
 
 def _authenticate_assertion(
@@ -122,7 +128,8 @@ def _authenticate_assertion(
         raise InvalidClient("client.unknown", iss[:100])
     if client.auth_method != PRIVATE_KEY_JWT or client.keys is None:
         raise InvalidClient("client.wrong_auth_method", PRIVATE_KEY_JWT)
-    if normalise_typ(peeked.header.get("typ")) not in ASSERTION_TYP:
+    typ = normalise_typ(peeked.header.get("typ"))
+    if typ not in ASSERTION_TYP:
         raise InvalidClient("client_assertion.typ_not_accepted")
     try:
         verify_signature(assertion, peeked, client.algorithms, client.keys.key_for)
@@ -133,32 +140,40 @@ def _authenticate_assertion(
     except KeysUnavailable as exc:
         raise TemporarilyUnavailable("client_assertion.keys_unavailable", str(exc)) from None
 
-    aud = claims.get("aud")
-    auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    accepted = {audience.issuer, audience.issuer.rstrip("/"), audience.token_endpoint}
-    if not any(isinstance(a, str) and a in accepted for a in auds):
-        raise InvalidClient("client_assertion.audience_mismatch")
-    exp = _number(claims, "exp")
-    if exp is None:
-        raise InvalidClient("client_assertion.missing_exp")
-    if now >= exp + leeway:
-        raise InvalidClient("client_assertion.expired")
-    if exp - now > max_lifetime + leeway:
-        raise InvalidClient("client_assertion.lifetime_too_long")
-    nbf = _number(claims, "nbf")
-    if nbf is not None and now + leeway < nbf:
-        raise InvalidClient("client_assertion.not_yet_valid")
-    iat = _number(claims, "iat")
-    if iat is not None and now + leeway < iat:
-        raise InvalidClient("client_assertion.issued_in_future")
-    jti = claims.get("jti")
-    if not isinstance(jti, str) or not jti:
-        raise InvalidClient("client_assertion.missing_jti")
-    key = hashlib.sha256(f"{client.client_id}\x00{jti}".encode()).hexdigest()
+    explicit = typ == EXPLICIT_ASSERTION_TYP
+    rules = ClaimRules(
+        leeway=leeway,
+        issuer=client.client_id,
+        # RFC 7523 §3 (3): aud identifies this server; the token endpoint URL is accepted too,
+        # unless the assertion is typed as draft-ietf-oauth-rfc7523bis defines it.
+        accepted_audiences={audience.issuer}
+        if explicit
+        else {audience.issuer, audience.issuer.rstrip("/"), audience.token_endpoint},
+        max_remaining=max_lifetime,
+        require_jti=True,
+    )
     try:
-        first = replay.first_use("client_assertion", key, exp + leeway, now)
+        checked = check_claims(claims, rules, now=now)
+    except ClaimInvalid as exc:
+        raise InvalidClient(f"client_assertion.{exc.reason}", exc.detail) from None
+    if explicit and claims.get("aud") != audience.issuer:
+        # draft-ietf-oauth-rfc7523bis §4: the issuer identifier as the sole aud, a JSON string.
+        raise InvalidClient("client_assertion.audience_not_sole_issuer")
+    exp, jti, iat = checked.exp, checked.jti, checked.iat
+    if exp is None or jti is None:  # Required by the rules; this keeps the types honest.
+        raise InvalidClient("client_assertion.missing_exp" if exp is None else "client_assertion.missing_jti")
+    key = hashlib.sha256(f"{client.client_id}\x00{jti}".encode()).hexdigest()
+    # The earliest time it could have been accepted: its iat less the leeway; without iat, the
+    # earliest its exp allows (a longer lifetime than max_lifetime is refused above).
+    valid_from = iat - leeway if iat is not None else exp - max_lifetime - leeway
+    try:
+        first = replay.first_use("client_assertion", key, exp + leeway, now, valid_from=valid_from)
     except StoreUnavailable as exc:
         raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+    except ReplayWindowLost as exc:
+        raise InvalidClient(
+            "client_assertion.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST
+        ) from None
     if not first:
         raise InvalidClient("client_assertion.replayed")
     return AuthenticatedClient(client.client_id, PRIVATE_KEY_JWT)

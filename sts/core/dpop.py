@@ -23,8 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-import math
 import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -37,8 +35,9 @@ from joserfc.jwk import JWKRegistry, Key
 from joserfc.jws import JWSRegistry
 
 from ..errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
-from .jose import MAX_JWT_BYTES, UnverifiedJWS, normalise_typ, registry_for
-from .ports import ReplayCache, StoreUnavailable
+from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
+from .jose import JWSInvalid, UnverifiedJWS, parse_compact, registry_for, rsa_key_problem
+from .ports import ReplayCache, ReplayWindowLost, StoreUnavailable
 
 DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "Ed25519", "EdDSA")
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
@@ -90,19 +89,30 @@ def issue_nonce(secret: bytes, now: float) -> str:
 
 
 def nonce_valid(secret: bytes, nonce: object, now: float, lifetime: int) -> bool:
+    return nonce_issued_at(secret, nonce, now, lifetime) is not None
+
+
+def nonce_issued_at(secret: bytes, nonce: object, now: float, lifetime: int) -> int | None:
+    """When a valid nonce of ours was issued (whole seconds, rounded down); None if it is not valid."""
     if not isinstance(nonce, str) or len(nonce) > 64:
-        return False
+        return None
     try:
         raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
     except ValueError:
-        return False
+        return None
     if len(raw) != 24:
-        return False
+        return None
     stamp, mac = raw[:8], raw[8:]
     if not hmac.compare_digest(mac, hmac.new(secret, stamp, hashlib.sha256).digest()[:16]):
-        return False
+        return None
     issued = int(struct.unpack(">Q", stamp)[0])
-    return issued <= now + 5 and now - issued <= lifetime
+    return issued if issued <= now + 5 and now - issued <= lifetime else None
+
+
+#: Said to a client whose DPoP proof the replay store can no longer vouch for.
+REPLAY_WINDOW_LOST = (
+    "The DPoP proof predates a loss of the server's replay records; send a freshly made proof."
+)
 
 
 def _refuse(reason: str, detail: str = "") -> InvalidDPoPProof:
@@ -117,9 +127,10 @@ def _public_key(jwk: Any, alg: str) -> Key:
     expected = _KEY_TYPES.get(alg[:2])
     if jwk.get("kty") != expected:
         raise _refuse("jwk_alg_mismatch")
-    # Before the import: a short key is refused whatever joserfc would say (it only warns).
-    if expected == "RSA" and _modulus_bits(jwk.get("n")) < 2048:
-        raise _refuse("weak_key")
+    # Before the import: a short key or an exponent other than 65537 is refused whatever joserfc
+    # would say (it only warns about short keys).
+    if expected == "RSA" and (problem := rsa_key_problem(jwk)) is not None:
+        raise _refuse("weak_key", problem)
     try:
         key = JWKRegistry.import_key(dict(jwk))
     except (JoseError, ValueError, TypeError, KeyError) as exc:
@@ -128,17 +139,6 @@ def _public_key(jwk: Any, alg: str) -> Key:
     if key.is_private:
         raise _refuse("private_jwk")
     return key
-
-
-def _modulus_bits(n: object) -> int:
-    """Bit length of an RSA modulus (RFC 7518 §6.3.1.1), 0 when it is not base64url."""
-    if not isinstance(n, str):
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
-    except ValueError:
-        return 0
-    return int.from_bytes(raw, "big").bit_length()
 
 
 def _same_uri(htu: str, url: str) -> bool:
@@ -150,25 +150,11 @@ def _same_uri(htu: str, url: str) -> bool:
 
 
 def _parse(proof: str) -> UnverifiedJWS:
-    """Header and claims of the proof, verifying nothing (as :func:`.jose.peek`, with room for the key)."""
-    if len(proof) > MAX_JWT_BYTES:
-        raise _refuse("too_large")
-    if proof.count(".") != 2:
-        raise _refuse("not_compact_jws")
+    """Header and claims of the proof, verifying nothing (:func:`.jose.parse_compact`, room for a key)."""
     try:
-        obj = jws.extract_compact(proof.encode("ascii"), registry=_PROOF_PARSER)
-        header = obj.headers()
-        claims = json.loads(obj.payload)
-    except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
-        raise _refuse("malformed", type(exc).__name__) from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise _refuse("malformed", "header or payload is not a JSON object")
-    if "crit" in header:
-        # RFC 7515 §4.1.11: no JWS extension is understood here.
-        raise _refuse("crit_not_understood")
-    if not isinstance(header.get("alg"), str):
-        raise _refuse("missing_alg")
-    return UnverifiedJWS(header=header, claims=claims, compact=obj)
+        return parse_compact(proof, parser=_PROOF_PARSER)
+    except JWSInvalid as exc:
+        raise _refuse(exc.reason.removeprefix("jws."), exc.detail) from None
 
 
 def verify_proof(
@@ -198,36 +184,62 @@ def verify_proof(
         raise _refuse("bad_signature", type(exc).__name__) from None
     if not valid:
         raise _refuse("bad_signature")
-    jti, htm, htu, iat = claims.get("jti"), claims.get("htm"), claims.get("htu"), claims.get("iat")
-    if not isinstance(jti, str) or not 8 <= len(jti) <= 256:
-        raise _refuse("bad_jti")
+    try:
+        checked = check_claims(claims, _proof_rules(config), now=now)
+    except ClaimInvalid as exc:
+        raise _refuse(exc.reason, exc.detail) from None
+    htm, htu = claims.get("htm"), claims.get("htu")
     if htm != method:
         raise _refuse("htm_mismatch")
     if not isinstance(htu, str) or "?" in htu or "#" in htu or not _same_uri(htu, url):
         raise _refuse("htu_mismatch")
-    # A float must be finite; an int is only compared, never converted (a huge one would overflow).
-    if (
-        isinstance(iat, bool)
-        or not isinstance(iat, int | float)
-        or (isinstance(iat, float) and not math.isfinite(iat))
-    ):
-        raise _refuse("bad_iat")
-    if iat > now + config.leeway or iat < now - config.max_age:
-        raise _refuse("iat_out_of_window")
     if access_token_hash is not None and claims.get("ath") != access_token_hash:
         raise _refuse("ath_mismatch")
-    if config.nonce_secret is not None and not nonce_valid(
-        config.nonce_secret, claims.get("nonce"), now, config.nonce_lifetime
-    ):
-        raise UseDPoPNonce(issue_nonce(config.nonce_secret, now))
+    jti, iat = checked.jti, checked.iat
+    if jti is None or iat is None:  # Required by the rules; this keeps the types honest.
+        raise _refuse("missing_jti" if jti is None else "missing_iat")
+    # The earliest time the proof could have been accepted: a nonce of ours dates it on our own
+    # clock; else its iat, less the leeway given to a client clock ahead of ours.
+    valid_from: float = iat - config.leeway
+    if config.nonce_secret is not None:
+        nonce_time = nonce_issued_at(config.nonce_secret, claims.get("nonce"), now, config.nonce_lifetime)
+        if nonce_time is None:
+            raise UseDPoPNonce(issue_nonce(config.nonce_secret, now))
+        valid_from = max(valid_from, nonce_time)
     jkt = key.thumbprint()
     try:
-        first = replay.first_use(f"dpop:{jkt}", jti, iat + config.max_age + config.leeway, now)
+        first = replay.first_use(
+            f"dpop:{jkt}", jti, iat + config.max_age + config.leeway, now, valid_from=valid_from
+        )
     except StoreUnavailable as exc:
         raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+    except ReplayWindowLost as exc:
+        # The replay store lost its records after this proof could have been used.  A fresh proof
+        # fixes it: with nonces, one carrying a nonce issued now (which RFC 9449 §8 clients send
+        # on their own); without, one made after the loss (and the leeway) has passed.
+        if config.nonce_secret is not None:
+            nonce = issue_nonce(config.nonce_secret, max(now, exc.lost_at))
+            raise UseDPoPNonce(nonce, "dpop.replay_window_lost", str(exc)) from None
+        raise InvalidDPoPProof("dpop.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST) from None
     if not first:
         raise _refuse("replayed_jti")
-    return VerifiedProof(jkt=jkt, jti=jti, iat=float(iat))
+    return VerifiedProof(jkt=jkt, jti=jti, iat=iat)
+
+
+#: The proof's claims (§4.2): ``jti`` of at least 8 characters (enough entropy to be unique, §11.1)
+#: and ``iat`` in the window ``[now - max_age, now + leeway]``; no ``aud``, ``exp`` or ``sub``.
+def _proof_rules(config: DPoPConfig) -> ClaimRules:
+    return ClaimRules(
+        leeway=config.leeway,
+        require_aud=False,
+        require_exp=False,
+        require_iat=True,
+        max_age=config.max_age,
+        require_sub=False,
+        require_jti=True,
+        min_jti_length=8,
+        max_jti_length=256,
+    )
 
 
 def allowed_algorithms(configured: Collection[str]) -> frozenset[str]:

@@ -13,21 +13,35 @@ CAEP ``session-revoked``, or ``sts revoke subject``).  The token endpoint asks
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from joserfc.jwk import Key
 
+from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date_value
 from .delegation import SELF_ISSUER
-from .jose import JWSInvalid, normalise_typ, peek, verify_signature
+from .jose import JWSInvalid, peek, verify_signature
 from .ports import KeysUnavailable, RevokedTokens, StoreUnavailable, SubjectStateStore, UnknownKeyId
 from .subject_state import ANY_ISSUER, identity_key, is_revoked, merge
 
 INACTIVE: dict[str, Any] = {"active": False}
 #: Claims an active introspection response may carry (RFC 7662 §2.2, RFC 8693 §4, RFC 9449 §6.2).
-REPORTED = ("scope", "client_id", "sub", "aud", "iss", "exp", "iat", "nbf", "jti", "act", "cnf", "auth_time")
+REPORTED = (
+    "scope",
+    "client_id",
+    "sub",
+    "aud",
+    "iss",
+    "exp",
+    "iat",
+    "nbf",
+    "jti",
+    "act",
+    "cnf",
+    "auth_time",
+    "acr",
+)
 
 
 @dataclass(frozen=True)
@@ -48,26 +62,13 @@ def verify_own_token(token: str, verifier: OwnTokenVerifier, now: float) -> dict
     except (JWSInvalid, UnknownKeyId, KeysUnavailable):
         return None
     claims = peeked.claims
-    if claims.get("iss") != verifier.issuer:
-        return None
-    exp, nbf = _as_float(claims.get("exp")), claims.get("nbf")
-    if exp is None or now >= exp + verifier.leeway:
-        return None
-    if nbf is not None and ((start := _as_float(nbf)) is None or now + verifier.leeway < start):
-        return None
-    if not isinstance(claims.get("jti"), str) or not isinstance(claims.get("sub"), str):
+    # Our own tokens: exact iss, exp, sub and jti required; aud (downstream services) checked for shape.
+    rules = ClaimRules(leeway=verifier.leeway, issuer=verifier.issuer, require_aud=False, require_jti=True)
+    try:
+        check_claims(claims, rules, now=now)
+    except ClaimInvalid:
         return None
     return claims
-
-
-def _as_float(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:
-            return None
-        return number if math.isfinite(number) else None
-    return None
 
 
 def audiences_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
@@ -103,7 +104,7 @@ def revocation(
     if tokens.revoked(str(claims["jti"])):
         return "jti"
     keys = own_token_identities(str(claims["sub"]), issuer_names)
-    if is_revoked(merge(states.get(keys)), _as_float(claims.get("iat"))):
+    if is_revoked(merge(states.get(keys)), numeric_date_value(claims.get("iat"))):
         return "subject"
     return None
 

@@ -5,12 +5,18 @@ includes ``none`` or a symmetric algorithm; the key comes from the issuer's
 configured key set, never from the token's own header (``jwk``, ``jku``,
 ``x5u``, ``x5c`` are ignored for key selection); a ``crit`` header is refused
 because this service understands no JWS extension (RFC 7515 §4.1.11).
+:func:`parse_compact` is the one parser: header and claims are read as UTF-8
+JSON objects only (RFC 7515 §5.2, RFC 7519 §7.2), and as I-JSON (RFC 7493:
+no duplicate member names, no unpaired surrogates; no ``NaN``).  :func:`rsa_key_problem` is
+the one rule for RSA keys (2048 to 16384 bits, public exponent 65537).  The
+claims themselves are checked by :mod:`.claims`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +24,22 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
 from joserfc.jws import JWSRegistry
+from joserfc.util import urlsafe_b64decode
 
 MAX_JWT_BYTES = 16 * 1024
 
 _REGISTRIES: dict[str, JWSRegistry] = {}
+
+#: RFC 7518 §3.3, §3.5: RSA keys under 2048 bits MUST NOT be used.  The upper bound keeps a hostile
+#: key (an upstream JWKS, a DPoP proof's ``jwk``) from making each verification slow.
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 16384
+#: The only RSA public exponent accepted: F4, ``"e": "AQAB"``.  NIST SP 800-56B Rev. 2 §6.2.1 and
+#: FIPS 186-5 §A.1.1 require an odd e with 2**16 < e < 2**256; 65537 is the smallest such value and
+#: the one every mainstream issuer and library uses.  A small exponent such as 3 invites the
+#: Bleichenbacher'06 forgery of PKCS #1 v1.5 signatures against lax verifiers; other values in the
+#: NIST range are not seen in practice, so they are refused too rather than carried as an untested case.
+RSA_PUBLIC_EXPONENT = 65537
 
 
 def registry_for(alg: str) -> JWSRegistry:
@@ -58,11 +76,98 @@ class UnverifiedJWS:
     compact: Any = None
 
 
-def peek(token: str) -> UnverifiedJWS:
-    """Split a compact JWS and parse header and payload, verifying nothing.
+class _DuplicateMember(ValueError):
+    """A JSON object names one member twice."""
 
-    Used to route the token to its issuer's keys; everything read here is
-    checked again after the signature verifies.
+
+class _NotJsonConstant(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's extension, not JSON."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: an object whose member names are unique, else :class:`_DuplicateMember`."""
+    value: dict[str, Any] = {}
+    for name, member in pairs:
+        if name in value:
+            raise _DuplicateMember(name)
+        value[name] = member
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJsonConstant(name)
+
+
+#: A UTF-16 surrogate code point: in a Python string only from a ``\uD800``-style escape with no
+#: partner, as strict UTF-8 decoding refuses encoded surrogates.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_object(segment: bytes, part: str) -> dict[str, Any]:
+    """A base64url-decoded JWS header or JWT claims set, as a JSON object in UTF-8.
+
+    RFC 7515 §5.2 (steps 3-4) and RFC 7519 §7.2 (step 10): both are the
+    UTF-8 representation of a JSON object.  Python's ``json.loads(bytes)``
+    would also read UTF-16 and UTF-32 (it guesses the encoding, RFC 4627
+    §3), so the bytes are decoded as UTF-8 here, strictly, first.  A UTF-8
+    byte-order mark is refused too: RFC 8259 §8.1 says a sender MUST NOT
+    add one, and no issuer this service talks to does.  A NUL byte cannot
+    occur in UTF-8 JSON text (control characters are escaped inside
+    strings), so one marks UTF-16 or UTF-32 without a byte-order mark.
+
+    The text must also be I-JSON (RFC 7493), which is what every issuer
+    sends, so that no two readers can see different claims in one token:
+
+    * member names are unique (RFC 7493 §2.3).  RFC 7515 §5.2 and RFC 7519
+      §4 allow either refusing duplicates or keeping the last; refusing is
+      the choice that leaves no room for ``{"alg": "none", "alg": "RS256"}``
+      or two ``sub`` values read differently by this service and by a
+      library downstream (``jws.duplicate_member``);
+    * ``NaN``, ``Infinity`` and ``-Infinity``, which Python's parser
+      accepts, are not JSON (RFC 8259 §6; ``jws.malformed``);
+    * a string holds no unpaired surrogate (``"\\ud800"``, RFC 7493 §2.1,
+      RFC 8259 §8.2): it has no UTF-8 form (``jws.not_utf8``).
+    """
+    try:
+        text = segment.decode("utf-8")
+    except UnicodeDecodeError:
+        raise JWSInvalid("jws.not_utf8", f"{part} is not UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise JWSInvalid("jws.not_utf8", f"{part} starts with a byte-order mark")
+    if "\x00" in text:
+        raise JWSInvalid("jws.not_utf8", f"{part} holds a NUL byte (UTF-16 or UTF-32)")
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_members, parse_constant=_refuse_constant)
+    except _DuplicateMember as exc:
+        raise JWSInvalid("jws.duplicate_member", f"{part} repeats member {str(exc)[:40]!r}") from None
+    except _NotJsonConstant as exc:
+        raise JWSInvalid("jws.malformed", f"{part} holds {exc}, which is not JSON") from None
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser's limit fits well inside MAX_JWT_BYTES.
+        raise JWSInvalid("jws.malformed", type(exc).__name__) from None
+    if not isinstance(value, dict):
+        raise JWSInvalid("jws.malformed", f"{part} is not a JSON object")
+    if "\\u" in text:
+        # Only an escape can produce a surrogate; every string, member names included, is checked.
+        try:
+            lone = _LONE_SURROGATE.search(json.dumps(value, ensure_ascii=False)) is not None
+        except RecursionError:
+            raise JWSInvalid("jws.malformed", "RecursionError") from None
+        if lone:
+            raise JWSInvalid("jws.not_utf8", f"{part} holds an unpaired surrogate")
+    return value
+
+
+def parse_compact(token: str, *, parser: JWSRegistry | None = None) -> UnverifiedJWS:
+    """Split a compact JWS (RFC 7515 §7.1) and parse header and payload, verifying nothing.
+
+    The one parser for every JWS this service reads (upstream tokens, client
+    assertions, SETs, our own tokens, DPoP proofs).  ``parser`` sets
+    joserfc's size limits (a DPoP proof's header carries a whole key).
+    Raises :class:`JWSInvalid`: ``jws.too_large``, ``jws.not_compact_jws``
+    (a JWE, an unsecured or detached JWS), ``jws.not_utf8``, ``jws.malformed``,
+    ``jws.crit_not_understood`` (RFC 7515 §4.1.11: no extension is
+    understood here), ``jws.missing_alg``.
     """
     if len(token) > MAX_JWT_BYTES:
         raise JWSInvalid("jws.too_large")
@@ -70,33 +175,62 @@ def peek(token: str) -> UnverifiedJWS:
         # Five segments would be a JWE; unsigned or detached forms are refused too.
         raise JWSInvalid("jws.not_compact_jws")
     try:
-        obj = jws.extract_compact(token.encode("ascii"))
-        header = obj.headers()
-        claims = json.loads(obj.payload)
+        obj = jws.extract_compact(token.encode("ascii"), registry=parser)
+        # joserfc has parsed the header with json.loads(bytes) already; parse it again, strictly.
+        header_bytes = urlsafe_b64decode(obj.segments["header"])
     except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
-        # RecursionError: JSON nested deeper than the parser's limit fits well inside MAX_JWT_BYTES.
         raise JWSInvalid("jws.malformed", type(exc).__name__) from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise JWSInvalid("jws.malformed", "header or payload is not a JSON object")
+    header = _json_object(header_bytes, "header")
+    claims = _json_object(obj.payload, "payload")
     if "crit" in header:
         raise JWSInvalid("jws.crit_not_understood")
-    alg = header.get("alg")
-    if not isinstance(alg, str):
+    if not isinstance(header.get("alg"), str):
         raise JWSInvalid("jws.missing_alg")
-    kid = header.get("kid")
-    if kid is not None and not isinstance(kid, str):
-        raise JWSInvalid("jws.malformed_kid")
     return UnverifiedJWS(header=header, claims=claims, compact=obj)
 
 
-def normalise_typ(value: object) -> str | None:
-    """RFC 7515 §4.1.9: ``typ`` is a media type; ``application/`` may be omitted; case-insensitive."""
-    if value is None:
+def peek(token: str) -> UnverifiedJWS:
+    """:func:`parse_compact` for a token whose key is chosen by ``kid`` from an issuer's set.
+
+    Used to route the token to its issuer's keys; everything read here is
+    checked again after the signature verifies.
+    """
+    peeked = parse_compact(token)
+    kid = peeked.header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise JWSInvalid("jws.malformed_kid")
+    return peeked
+
+
+def rsa_key_problem(jwk: Mapping[str, Any]) -> str | None:
+    """Why an RSA JWK (RFC 7518 §6.3.1) must not be used, or None when it may.
+
+    Measured on the raw members, before the key is imported (joserfc only
+    warns about short keys): the modulus ``n`` is :data:`MIN_RSA_BITS` to
+    :data:`MAX_RSA_BITS` bits and the exponent ``e`` is :data:`RSA_PUBLIC_EXPONENT`.
+    Used for every RSA key this service verifies with: issuers', clients' and
+    transmitters' key sets (:mod:`sts.adapters.jwks`) and DPoP proof keys.
+    """
+    modulus, exponent = _base64url_uint(jwk.get("n")), _base64url_uint(jwk.get("e"))
+    if not modulus:
+        return "malformed RSA modulus"
+    bits = modulus.bit_length()
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        return f"RSA modulus of {bits} bits (allowed: {MIN_RSA_BITS}-{MAX_RSA_BITS})"
+    if exponent != RSA_PUBLIC_EXPONENT:
+        shown = "malformed" if exponent is None else str(exponent) if exponent < 2**32 else "huge"
+        return f"RSA public exponent {shown} (only {RSA_PUBLIC_EXPONENT} is accepted)"
+    return None
+
+
+def _base64url_uint(value: object) -> int | None:
+    """RFC 7518 §2 Base64urlUInt, or None when it is not base64url."""
+    if not isinstance(value, str) or not value:
         return None
-    if not isinstance(value, str):
-        return "\x00invalid"
-    lowered = value.lower()
-    return lowered.removeprefix("application/")
+    try:
+        return int.from_bytes(urlsafe_b64decode(value.encode("ascii")), "big")
+    except (ValueError, UnicodeError):
+        return None
 
 
 def verify_signature(

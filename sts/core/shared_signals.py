@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,14 +72,16 @@ from typing import Any, Final
 
 from ..errors import RateLimited, TemporarilyUnavailable
 from .attest import IssuerDirectory
-from .audit import AuditRecord, token_hash
-from .jose import JWSInvalid, normalise_typ, peek, verify_signature
+from .audit import AuditRecord, log_unaudited, token_hash
+from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date, numeric_date_value
+from .jose import JWSInvalid, peek, verify_signature
 from .ports import (
     AuditSink,
     AuditUnavailable,
     IssuerKeys,
     KeysUnavailable,
     ReplayCache,
+    ReplayWindowLost,
     StoreUnavailable,
     SubjectStateStore,
     UnknownKeyId,
@@ -240,13 +241,6 @@ class VerifiedSET:
     iat: float
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def _show(value: object) -> str:
     text = value if isinstance(value, str) else type(value).__name__
     return repr(text[:_SHOWN_CHARS])
@@ -257,8 +251,8 @@ def verify_set(
 ) -> VerifiedSET:
     """Verify a SET's JWS (:func:`authenticate_set`) and claims (:func:`check_set_claims`)."""
     policy, claims = authenticate_set(token, transmitters)
-    check_set_claims(claims, policy, now=now, leeway=leeway)
-    return VerifiedSET(transmitter=policy, claims=claims, jti=claims["jti"], iat=float(claims["iat"]))
+    jti, iat = check_set_claims(claims, policy, now=now, leeway=leeway)
+    return VerifiedSET(transmitter=policy, claims=claims, jti=jti, iat=iat)
 
 
 def authenticate_set(
@@ -295,30 +289,38 @@ def authenticate_set(
 
 def check_set_claims(
     claims: Mapping[str, Any], policy: TransmitterPolicy, *, now: float, leeway: int
-) -> None:
-    """RFC 8417 §2.2 claims of a SET whose signature has verified."""
-    aud = claims.get("aud")
-    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    if policy.audience not in [a for a in audiences if isinstance(a, str)]:
-        raise SetRefused("invalid_audience", "set.audience", _show(aud))
-    iat = _number(claims.get("iat"))
-    if iat is None:
-        raise _invalid("set.missing_iat")
-    if iat > now + leeway:
-        raise _invalid("set.iat_in_future", f"iat {iat:.0f}, now {now:.0f}")
-    if now - iat > policy.max_age + leeway:
-        raise _invalid("set.too_old", f"issued {now - iat:.0f}s ago, max_age {policy.max_age}")
-    if "exp" in claims:
-        exp = _number(claims["exp"])
-        if exp is None:
-            raise _invalid("set.malformed_exp")
-        if exp <= now - leeway:
-            raise _invalid("set.expired")
-    jti = claims.get("jti")
-    if not isinstance(jti, str) or not jti:
-        raise _invalid("set.missing_jti")
-    if len(jti) > MAX_JTI_CHARS:
-        raise _invalid("set.jti_too_long")
+) -> tuple[str, float]:
+    """RFC 8417 §2.2 claims of a SET whose signature has verified; its ``jti`` and ``iat``.
+
+    Checked by :mod:`.claims` like every other token: ``aud`` naming this
+    receiver (else ``invalid_audience``); ``iat`` required, not in the future
+    and at most ``max_age`` (+ ``leeway``) old; ``exp`` and ``toe``, when
+    present, NumericDates; ``jti`` a string of at most :data:`MAX_JTI_CHARS`.
+    A time claim that is not a usable number (a string, ``null``, an integer
+    too large for a float) is ``invalid_request`` (RFC 8935 §2.4: the SET is
+    not valid, so the transmitter must not retry it), never a server error.
+    """
+    rules = ClaimRules(
+        leeway=leeway,
+        issuer=policy.issuer,
+        accepted_audiences=(policy.audience,),
+        require_exp=False,
+        require_iat=True,
+        max_age=policy.max_age + leeway,
+        require_sub=False,
+        require_jti=True,
+        max_jti_length=MAX_JTI_CHARS,
+    )
+    try:
+        checked = check_claims(claims, rules, now=now)
+        numeric_date(claims, "toe")
+    except ClaimInvalid as exc:
+        if exc.reason.endswith("_aud") or exc.reason == "audience_mismatch":
+            raise SetRefused("invalid_audience", f"set.{exc.reason}", _show(claims.get("aud"))) from None
+        raise _invalid(f"set.{exc.reason}", exc.detail) from None
+    if checked.jti is None or checked.iat is None:  # Required by the rules; this keeps the types honest.
+        raise _invalid("set.missing_jti" if checked.jti is None else "set.missing_iat")
+    return checked.jti, checked.iat
 
 
 # ---------------------------------------------------------------------------
@@ -448,7 +450,7 @@ def check_payload(event_type: str, payload: Mapping[str, Any]) -> None:
     ``credential_type``...) are not checked, so a transmitter's extension or a
     slightly different draft does not make us drop a security signal.
     """
-    if "event_timestamp" in payload and _number(payload["event_timestamp"]) is None:
+    if "event_timestamp" in payload and numeric_date_value(payload["event_timestamp"]) is None:
         raise _invalid("event.malformed_event_timestamp", event_type)
     if event_type == DEVICE_COMPLIANCE_CHANGE:
         if payload.get("current_status") not in COMPLIANCE_STATUSES:
@@ -468,7 +470,7 @@ def event_time(payload: Mapping[str, Any], now: float, *, leeway: int, toe: floa
     one within it is clamped to ``now``: a transmitter's clock must not make a
     step-up requirement reach into the future.
     """
-    for candidate in (_number(payload.get("event_timestamp")), toe):
+    for candidate in (numeric_date_value(payload.get("event_timestamp")), toe):
         if candidate is not None:
             return min(candidate, now) if candidate <= now + leeway else now
     return now
@@ -686,6 +688,7 @@ class SignalReceiver:
             # The state change stands (it only tightens), but the transmitter must retry so the
             # trail is complete: forget the jti so that the retry is not taken for a replay.
             log.error("audit write of an accepted SET failed (request %s): %s", delivery.request_id, exc)
+            log_unaudited(log, record, str(exc), outcome="withheld")
             if consumed is not None:
                 try:
                     self.replay.release(*consumed)
@@ -720,8 +723,8 @@ class SignalReceiver:
         types = claims.get("events")
         if isinstance(types, dict):
             record.details["events"] = [str(t)[:_SHOWN_CHARS] for t in list(types)[:MAX_EVENTS]]
-        check_set_claims(claims, policy, now=now, leeway=self.leeway)
-        verified = VerifiedSET(transmitter=policy, claims=claims, jti=claims["jti"], iat=float(claims["iat"]))
+        jti, iat = check_set_claims(claims, policy, now=now, leeway=self.leeway)
+        verified = VerifiedSET(transmitter=policy, claims=claims, jti=jti, iat=iat)
         record.subject_token_iat = verified.iat
         jti_hash = hashlib.sha256(verified.jti.encode("utf-8", "surrogatepass")).hexdigest()
         record.details["jti_sha256"] = jti_hash
@@ -734,9 +737,19 @@ class SignalReceiver:
         # Single use (RFC 8417 §2.2 jti), checked last so that a refused SET does not burn its jti.
         purpose = f"set:{policy.name}"
         try:
-            first = self.replay.first_use(purpose, jti_hash, verified.iat + policy.max_age + self.leeway, now)
+            first = self.replay.first_use(
+                purpose,
+                jti_hash,
+                verified.iat + policy.max_age + self.leeway,
+                now,
+                valid_from=verified.iat - self.leeway,
+            )
         except StoreUnavailable as exc:
             raise ReceiverUnavailable("store.unavailable", str(exc)) from None
+        except ReplayWindowLost as exc:
+            # The replay store lost its records after this SET could have been received: it may be
+            # a replay.  The transmitter must send the event again as a new SET (new jti and iat).
+            raise _invalid("set.replay_window_lost", str(exc)) from None
         if not first:
             raise _invalid("set.replayed")
         consumed = (purpose, jti_hash)
@@ -761,7 +774,7 @@ class SignalReceiver:
         keys = _unique(key for event in acted for key in event.identities)
         if not keys:
             return {}
-        toe = _number(verified.claims.get("toe"))
+        toe = numeric_date_value(verified.claims.get("toe"))
         policy = verified.transmitter
         current: dict[str, SubjectState] = {}
         for key in keys:
@@ -789,5 +802,5 @@ class SignalReceiver:
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
-            # The refusal stands either way; the failure is logged for operators.
-            log.error("audit write of a refused SET failed (request %s): %s", record.request_id, exc)
+            # The refusal stands either way; the decision goes to the log instead.
+            log_unaudited(log, record, str(exc))

@@ -6,7 +6,8 @@ Rules (RFC 8725 §3.1, §3.10; RFC 7517):
   token's own header (``jwk``, ``jku``, ``x5u``, ``x5c`` are ignored);
 * only public, asymmetric signature keys are kept: a key with private
   members, a symmetric (``oct``) key, ``use`` other than ``sig``,
-  ``key_ops`` without ``verify``, or an RSA key under 2048 bits is skipped;
+  ``key_ops`` without ``verify``, an RSA key under 2048 bits or with a public
+  exponent other than 65537 is skipped;
 * the algorithms accepted are an explicit list: ``ES256`` (what the STS signs
   with by default) plus what the published keys declare in ``alg``, and
   never ``none`` or ``HS*``; an algorithm must also fit the key's type and
@@ -65,6 +66,10 @@ ASYMMETRIC_ALGORITHMS: Final[Mapping[str, tuple[str, str | None]]] = MappingProx
 PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MIN_RSA_BITS: Final = 2048
 MAX_RSA_BITS: Final = 16384
+#: The only RSA public exponent accepted (``"e": "AQAB"``), as by the STS: NIST SP 800-56B Rev. 2
+#: §6.2.1 requires 2**16 < e < 2**256, and 65537 is the value every issuer uses; e = 3 and the like
+#: are refused.
+RSA_PUBLIC_EXPONENT: Final = 65537
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
 _NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache)\s*(?:[,=]|$)", re.IGNORECASE)
 
@@ -117,6 +122,13 @@ def import_public_key(entry: object) -> tuple[Key | None, str]:
             bits = 0
         if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
             return None, f"RSA modulus of {bits} bits"
+        exponent = entry.get("e")
+        try:
+            e = base64_to_int(exponent) if isinstance(exponent, str) else 0
+        except ValueError:
+            e = 0
+        if e != RSA_PUBLIC_EXPONENT:
+            return None, f"RSA public exponent other than {RSA_PUBLIC_EXPONENT}"
     try:
         key = JWKRegistry.import_key(entry)
     except (JoseError, ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..claims import numeric_date_value
 from .base import ProfileOptions, refuse
 
 NAME = "kubernetes"
@@ -66,9 +67,9 @@ class KubernetesProfile:
             facts["pod"], facts["pod_uid"] = _named(k8s["pod"], "pod")
         if "node" in k8s:
             facts["node"], facts["node_uid"] = _named(k8s["node"], "node")
-        warnafter = k8s.get("warnafter")
-        if warnafter is not None:
-            if isinstance(warnafter, bool) or not isinstance(warnafter, int | float):
+        if "warnafter" in k8s:
+            # A NumericDate like exp (:mod:`..claims`): a finite JSON number a float can hold.
+            if numeric_date_value(k8s["warnafter"]) is None:
                 raise refuse(NAME, "malformed_warnafter")
-            facts["warnafter"] = warnafter
+            facts["warnafter"] = k8s["warnafter"]
         return facts
