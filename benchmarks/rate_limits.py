@@ -151,7 +151,7 @@ def measure_limiter(name: str, store: RateLimitStore, checks: int) -> None:
     """The two checks an exchange makes with the default scopes, as the pipeline makes them:
     well under the limits (every check a store round trip), then a flood from one network
     (refused from memory once the store has refused it)."""
-    defaults = {"network": Limit(100, 1, 1000), "identity": Limit(20, 1, 200)}
+    defaults = {"network": Limit(200, 1, 2000), "identity": Limit(100, 1, 2000)}
     limiter = RateLimiter(RateLimitPolicy({"token": defaults}), store)
     record = AuditRecord("event", time.time(), "request", "token")
 

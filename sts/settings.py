@@ -114,13 +114,14 @@ RATE_LIMIT_SCOPES: Mapping[str, tuple[str, ...]] = {
     "ssf": ("global", "network", "client"),
 }
 
-#: Flood guards, on by default: far above what a well-behaved fleet sends, low enough that one
-#: network or one identity cannot monopolise an instance.  Quotas are for the operator to set.
+#: Flood guards, on by default: far above what a well-behaved fleet sends (every replica of a
+#: Kubernetes workload shares its identity, a node's pods share a /24), low enough that one
+#: network or one stolen token cannot monopolise the service.  Quotas are the operator's to set.
 DEFAULT_RATE_LIMITS: Mapping[str, Mapping[str, LimitSettings]] = {
-    "token": {"network": LimitSettings(100, 1, 1000), "identity": LimitSettings(20, 1, 200)},
-    "introspect": {"network": LimitSettings(200, 1, 2000), "client": LimitSettings(200, 1, 2000)},
-    "revoke": {"network": LimitSettings(20, 1, 200), "client": LimitSettings(20, 1, 200)},
-    "ssf": {"network": LimitSettings(20, 1, 200), "client": LimitSettings(20, 1, 1000)},
+    "token": {"network": LimitSettings(200, 1, 2000), "identity": LimitSettings(100, 1, 2000)},
+    "introspect": {"network": LimitSettings(1000, 1, 10000), "client": LimitSettings(1000, 1, 10000)},
+    "revoke": {"network": LimitSettings(50, 1, 500), "client": LimitSettings(50, 1, 500)},
+    "ssf": {"network": LimitSettings(50, 1, 500), "client": LimitSettings(50, 1, 5000)},
 }
 
 

@@ -45,7 +45,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from ..errors import RateLimited, TemporarilyUnavailable
 from .audit import AuditRecord
@@ -57,12 +57,8 @@ SCOPES = ("global", "network", "client", "identity", "rule")
 ENDPOINTS = ("token", "introspect", "revoke", "ssf")
 UNKNOWN_NETWORK = "unknown"
 ROUNDING_SLACK = 1e-6
-#: A process reserves this share of a limit's burst at once, and lets the next requests on
-#: the same key through from memory; a limit whose burst is under 1 / share is exact.
-RESERVE_SHARE = 0.01
-MAX_BATCH = 50
-#: Keys with a reserve, at most (least recently used ones are forgotten first).
-MAX_RESERVES = 10_000
+#: Refused keys remembered per process, at most (least recently refused ones are forgotten first).
+MAX_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -109,15 +105,11 @@ class Check:
     limit: Limit
     shown: str
 
-    def cell(self, cells: int = 1) -> LimitedKey:
-        """The key as the store sees it, taking ``cells`` at once (GCRA with a cost of ``cells``)."""
+    def cell(self) -> LimitedKey:
+        """The key as the store sees it."""
         # A microsecond of slack absorbs floating-point rounding, so the burst-th request of a
         # burst is admitted exactly (B additions of the interval may overshoot B * interval).
-        return LimitedKey(self.key, self.limit.interval * cells, self.limit.tolerance + ROUNDING_SLACK)
-
-    def batch(self, share: float) -> int:
-        """How many cells to reserve at once: ``share`` of the burst, at least one."""
-        return max(1, min(MAX_BATCH, int(self.limit.burst * share)))
+        return LimitedKey(self.key, self.limit.interval, self.limit.tolerance + ROUNDING_SLACK)
 
 
 def gcra_wait(tat: float | None, now: float, interval: float, tolerance: float) -> float:
@@ -170,15 +162,6 @@ class RateLimitPolicy:
         return self.endpoints.get(endpoint, {}).get(scope)
 
 
-@dataclass
-class _Reserve:
-    """Cells this process took from the store ahead of need, for one key."""
-
-    cells: int
-    #: Used by then, or dropped: the time the reserved cells stand for at the sustained rate.
-    until: float
-
-
 class RateLimiter:
     """Checks the configured limits against the shared store; raises :class:`RateLimited` (429).
 
@@ -187,34 +170,19 @@ class RateLimiter:
     in the audit record's ``details.rate_limit`` (scope, what was limited, the
     limit, the wait) and its reason ``rate_limit.<scope>``.
 
-    Every check would be a write to the shared store, on the hot path.  So a key
-    whose burst is large takes a batch of cells at once (``RESERVE_SHARE`` of its
-    burst, at most ``MAX_BATCH``) and lets the next requests through from memory
-    until the batch is spent or its time has passed (the batch's cells stand for
-    ``batch * interval`` seconds at the sustained rate).  Cells are always taken
-    from the store before they are used, so all processes together never admit
-    more than the limit over time; at most ``batch - 1`` cells per process may be
-    used a little after the instant the store counted them, and a reserve that
-    expires unused was spent for nothing (the limit is then a little stricter).
-    With the default flood guards that is 10 cells of a 1000-request burst per
-    process; a limit whose burst is under 100 takes one cell at a time, exactly.
-    Near the limit, a batch the store refuses is retried as a single cell, so a
-    refusal is always exact.
-
     A key the store refused is refused again from memory until the time the store
     said to come back (no process can make room on a key before then: its TAT only
-    grows), so a flood of refused requests costs the store nothing.
+    grows), so a flood of refused requests costs the store nothing.  Admissions
+    always go to the store, one cell at a time: taking cells in batches to serve
+    from memory was tried, and with several worker processes the cells each
+    reserved and let expire unused spent a busy key's whole burst.
     """
 
-    def __init__(
-        self, policy: RateLimitPolicy, store: RateLimitStore | None, *, reserve_share: float = RESERVE_SHARE
-    ) -> None:
+    def __init__(self, policy: RateLimitPolicy, store: RateLimitStore | None) -> None:
         if store is None and any(policy.endpoints.values()):
             raise ValueError("rate limits are configured but no store holds them")
         self.policy = policy
         self.store = store
-        self.reserve_share = reserve_share
-        self._reserves: OrderedDict[str, _Reserve] = OrderedDict()
         #: Keys the store refused, until the time it said to come back.
         self._refused: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
@@ -257,43 +225,29 @@ class RateLimiter:
     def _admit(self, checks: Sequence[Check], now: float, record: AuditRecord) -> None:
         if not checks:
             return
-        taken: list[tuple[str, float]] = []
         with self._lock:
             refused = [(c, self._refused_until(c.key, now)) for c in checks]
-            blocked = [(c, until - now) for c, until in refused if until is not None]
-            if not blocked:
-                # Cells in memory are taken now, and given back if the store refuses the rest.
-                taken = [(c.key, self._take(c.key)) for c in checks if self._reserved(c.key, now)]
+        blocked = [(c, until - now) for c, until in refused if until is not None]
         if blocked:
             # Refused a moment ago, and no other process can have made room since: refused
             # again, from memory, so that a flood costs the store nothing.
             self._refuse(*max(blocked, key=lambda item: item[1]), record)
-        pending = [c for c in checks if c.key not in {key for key, _ in taken}]
-        if not pending:
-            return
-        batches = [c.batch(self.reserve_share) for c in pending]
+        assert self.store is not None
         try:
-            waits = self._acquire(pending, batches, now)
-            if max(waits) > 0 and max(batches) > 1:
-                # Not room for whole batches: one cell each, exactly as without reserves.
-                batches = [1] * len(pending)
-                waits = self._acquire(pending, batches, now)
-        except TemporarilyUnavailable:
-            self._give_back(taken)
-            raise
+            waits = self.store.acquire([c.cell() for c in checks], now)
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", f"rate limits: {exc}") from None
         if max(waits) <= 0:
-            with self._lock:
-                for check, batch in zip(pending, batches, strict=True):
-                    if batch > 1:
-                        self._keep(check.key, _Reserve(batch - 1, now + batch * check.limit.interval))
             return
-        self._give_back(taken)
         with self._lock:
-            for check, wait in zip(pending, waits, strict=True):
+            for check, wait in zip(checks, waits, strict=True):
                 if wait > 0:
-                    self._remember(self._refused, check.key, now + wait)
-        worst = max(range(len(pending)), key=lambda i: waits[i])
-        self._refuse(pending[worst], waits[worst], record)
+                    self._refused[check.key] = now + wait
+                    self._refused.move_to_end(check.key)
+            while len(self._refused) > MAX_REMEMBERED:
+                self._refused.popitem(last=False)
+        worst = max(range(len(checks)), key=lambda i: waits[i])
+        self._refuse(checks[worst], waits[worst], record)
 
     @staticmethod
     def _refuse(check: Check, wait: float, record: AuditRecord) -> NoReturn:
@@ -306,22 +260,8 @@ class RateLimiter:
         }
         raise RateLimited(f"rate_limit.{check.scope}", check.shown, retry_after=retry_after)
 
-    def _acquire(self, checks: Sequence[Check], batches: Sequence[int], now: float) -> Sequence[float]:
-        assert self.store is not None
-        try:
-            return self.store.acquire([c.cell(n) for c, n in zip(checks, batches, strict=True)], now)
-        except StoreUnavailable as exc:
-            raise TemporarilyUnavailable("store.unavailable", f"rate limits: {exc}") from None
-
-    def _give_back(self, taken: Sequence[tuple[str, float]]) -> None:
-        """Return cells taken from memory for a request that was refused after all."""
-        with self._lock:
-            for key, until in taken:
-                self._keep(key, _Reserve(1, until))
-
-    # The reserves, below: called with the lock held.
-
     def _refused_until(self, key: str, now: float) -> float | None:
+        """Until when ``key`` stays refused (called with the lock held); None once it may pass."""
         until = self._refused.get(key)
         if until is None:
             return None
@@ -329,37 +269,6 @@ class RateLimiter:
             del self._refused[key]
             return None
         return until
-
-    @staticmethod
-    def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
-        table[key] = value
-        table.move_to_end(key)
-        while len(table) > MAX_RESERVES:
-            table.popitem(last=False)
-
-    def _reserved(self, key: str, now: float) -> bool:
-        reserve = self._reserves.get(key)
-        if reserve is None:
-            return False
-        if reserve.cells <= 0 or now > reserve.until:
-            del self._reserves[key]
-            return False
-        return True
-
-    def _take(self, key: str) -> float:
-        """Use one reserved cell; return until when the reserve was good."""
-        reserve = self._reserves[key]
-        reserve.cells -= 1
-        if reserve.cells <= 0:
-            del self._reserves[key]
-        return reserve.until
-
-    def _keep(self, key: str, reserve: _Reserve) -> None:
-        held = self._reserves.get(key)
-        if held is not None:
-            # Another thread reserved too: keep both batches' cells.
-            reserve = _Reserve(held.cells + reserve.cells, max(held.until, reserve.until))
-        self._remember(self._reserves, key, reserve)
 
 
 #: No limits: checks nothing and needs no store.
