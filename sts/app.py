@@ -23,7 +23,7 @@ from flask import Flask
 from sqlalchemy import Engine
 
 from .adapters import redis_store, sql
-from .adapters.decision_log import LoggedAuditSink, LoggedLedger
+from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
@@ -331,16 +331,13 @@ def create_app(
         baselines = sql.SqlBaselineStore(engine, clock=clock)
         revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
-    audit = sql.SqlAuditSink(engine)
+    # Every decision whose record is committed is also summarised on the decision log (sts.decision).
+    audit = LoggedSqlAuditSink(engine)
     ledger: SingleUseLedger = (
         redis_store.RedisSingleUseLedger(redis_client, audit, epoch=epoch)
         if redis_client is not None
         else sql.SqlSingleUseLedger(audit)
     )
-    # Every decision's record is also summarised on the decision log (logger sts.decision),
-    # whether it is written alone or committed with a single use.
-    decisions = LoggedAuditSink(audit)
-    ledger = LoggedLedger(ledger)
     limits = build_rate_limiter(settings, engine, redis_client)
     tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
     clients = {c.client_id: _client(c, clock) for c in settings.clients}
@@ -368,7 +365,7 @@ def create_app(
         replay=replay,
         ledger=ledger,
         signer=current_signer,
-        audit=decisions,
+        audit=audit,
         clock=clock,
         token_reviewers=build_token_reviewers(settings),
         subject_states=subject_states,
@@ -391,7 +388,7 @@ def create_app(
         replay=replay,
         states=subject_states,
         revoked=revoked,
-        audit=decisions,
+        audit=audit,
         assertion_audience=AssertionAudience(settings.issuer, settings.token_endpoint),
         clock=clock,
         leeway=settings.leeway,

@@ -341,6 +341,28 @@ def test_an_unsampled_caller_trace_is_not_recorded(
     assert last_record(app)["details"]["trace_id"] == TRACE_ID  # still continued and logged
 
 
+def test_a_request_made_inside_another_ends_its_own_trace_and_leaves_none_behind(
+    tmp_path: Path, upstream: RunningServer, exporter: InMemorySpanExporter
+) -> None:
+    """Flask shares ``g`` between a request and one made from inside it (tests do this): each
+    request still ends its own span, and no trace outlives its request."""
+    app = traced_app(tmp_path, upstream, exporter)
+    exchange = app.extensions["sts"].exchange
+    signer, inner = exchange.signer, []
+
+    def sign_after_an_inner_request() -> Any:
+        if not inner:
+            inner.append(app.test_client().get("/.well-known/jwks.json").status_code)
+        return signer()
+
+    exchange.signer = sign_after_an_inner_request
+    assert app.test_client().post("/token", data=deploy_form(upstream)).status_code == 200
+    assert inner == [200]
+    names = sorted(span.name for span in exporter.get_finished_spans() if span.kind.name == "SERVER")
+    assert names == ["GET /.well-known/jwks.json", "POST /token"]
+    assert current.get() is None
+
+
 class OtlpReceiver:
     """An OTLP/HTTP traces endpoint on loopback that decodes what it receives (protobuf)."""
 

@@ -15,9 +15,8 @@ record could *not* be committed (:func:`sts.core.audit.log_unaudited`, at
 record it holds token hashes and identifiers, never a token or a secret.  The
 decision also goes on the request's trace span, as attributes.
 
-Two wrappers do it: :class:`LoggedAuditSink` around the audit sink, and
-:class:`LoggedLedger` around the single-use ledger, which commits a grant's
-record together with the use of its subject token.
+:class:`LoggedSqlAuditSink` does it, for a record committed alone and for one
+committed together with the use of a single-use subject token.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..core.audit import AuditRecord
-from ..core.ports import AuditSink, SingleUse, SingleUseLedger
+from ..core.ports import SingleUse
+from .sql import SqlAuditSink
 from .tracing import annotate
 
 decision_log = logging.getLogger("sts.decision")
@@ -104,33 +104,20 @@ def _shown(value: str | None) -> str:
     return repr(value)
 
 
-class LoggedAuditSink:
-    """An :class:`~sts.core.ports.AuditSink` that writes through ``inner``, then logs the decision.
+class LoggedSqlAuditSink(SqlAuditSink):
+    """The audit sink, logging each decision once its record is committed.
 
-    A record that cannot be committed is not logged here: the pipeline logs it with
+    Both ways a record is committed are covered: alone (:meth:`write`) and together
+    with the use of a single-use subject token (:meth:`write_with_uses`, the
+    single-use ledger's commit).  A record that cannot be committed raises as
+    before and is not logged here: the pipeline logs it with
     :func:`~sts.core.audit.log_unaudited`.
     """
 
-    def __init__(self, inner: AuditSink) -> None:
-        self.inner = inner
-
     def write(self, record: AuditRecord) -> None:
-        self.inner.write(record)
+        super().write(record)
         log_decision(record)
 
-
-class LoggedLedger:
-    """A :class:`~sts.core.ports.SingleUseLedger` that logs the decision it commits."""
-
-    def __init__(self, inner: SingleUseLedger) -> None:
-        self.inner = inner
-
-    def reserve(self, use: SingleUse, now: float) -> SingleUse:
-        return self.inner.reserve(use, now)
-
-    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
-        self.inner.commit(record, uses, now)
+    def write_with_uses(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+        super().write_with_uses(record, uses, now)
         log_decision(record)
-
-    def cancel(self, uses: Sequence[SingleUse]) -> None:
-        self.inner.cancel(uses)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,9 @@ class RequestTrace:
     stage_started: float = 0.0
     stage_span: Any = None
     stage_context: TraceContext | None = None
-    token: Token[RequestTrace | None] | None = None
+    #: The request this one started inside of (a nested call in tests), restored when it ends.
+    previous: RequestTrace | None = None
+    finished: bool = False
 
     @property
     def trace_id(self) -> str:
@@ -109,7 +111,8 @@ class Tracing:
         else:
             context = new_trace()
         trace = RequestTrace(request_id=request_id, route=route, context=context, span=span)
-        trace.token = current.set(trace)
+        trace.previous = current.get()
+        current.set(trace)
         return trace
 
     def finish_request(self, trace: RequestTrace, status: int | None) -> None:
@@ -118,13 +121,13 @@ class Tracing:
         if trace.span is not None:
             _finish_server_span(trace.span, status)
             trace.span = None
-        if trace.token is not None:
-            try:
-                current.reset(trace.token)
-            except ValueError:
-                # Finished in another context than it started in: just forget it here.
-                current.set(None)
-            trace.token = None
+        trace.finished = True
+        if current.get() is trace:
+            # Back to the request this one was nested in, if that one is still going.  (A request
+            # that ends while a nested one is current leaves it be: the nested one ends later.)
+            previous = trace.previous
+            current.set(previous if previous is not None and not previous.finished else None)
+        trace.previous = None
 
     # -- ports.PipelineStages ------------------------------------------------------------------
 

@@ -84,8 +84,7 @@ def install(app: Flask, runtime: Runtime) -> None:
         issuers=runtime.exchange.issuers,
         replay=runtime.replay,
         states=runtime.subject_states,
-        # The exchange's sink: the audit trail, and the decision log beside it.
-        audit=runtime.exchange.audit,
+        audit=runtime.audit,
         clock=runtime.clock,
         leeway=settings.leeway,
         limits=runtime.limits,

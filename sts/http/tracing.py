@@ -14,6 +14,9 @@ from ..adapters.tracing import RequestTrace, Tracing
 from ..protocol.trace_context import parse_traceparent
 from .responses import UNMATCHED_ROUTE
 
+_TRACE = "sts.request_trace"
+_STATUS = "sts.response_status"
+
 
 def install(app: Flask, tracing: Tracing) -> None:
     """Register the hooks; call after :func:`sts.http.responses.install` (the request id comes first)."""
@@ -28,17 +31,19 @@ def install(app: Flask, tracing: Tracing) -> None:
             rule.rule if rule is not None else UNMATCHED_ROUTE,
             incoming,
         )
-        g.request_trace = trace
+        # Kept with the request itself: ``g`` belongs to the application context, which a
+        # request made from inside another one (tests do) shares with it.
+        request.environ[_TRACE] = trace
         g.trace_id = trace.trace_id
 
     def status(response: Response) -> Response:
-        g.response_status = response.status_code
+        request.environ[_STATUS] = response.status_code
         return response
 
     def finish(_exc: BaseException | None) -> None:
-        trace: RequestTrace | None = g.pop("request_trace", None)
+        trace: RequestTrace | None = request.environ.pop(_TRACE, None)
         if trace is not None:
-            tracing.finish_request(trace, g.get("response_status"))
+            tracing.finish_request(trace, request.environ.get(_STATUS))
 
     app.before_request(start)
     app.after_request(status)
