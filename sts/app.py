@@ -27,6 +27,14 @@ from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
+from .adapters.metrics import (
+    CountedIssuerKeys,
+    CountedTokenReviewer,
+    MeteredAuditSink,
+    MeteredLedger,
+    Metrics,
+    count_store_errors,
+)
 from .adapters.policy_files import load_policies, policy_files
 from .adapters.readiness import (
     DatabaseSchema,
@@ -88,6 +96,7 @@ class Runtime:
     schema: DatabaseSchema | None = None
     readiness: Readiness | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics | None = None
     limits: RateLimiter = NO_LIMITS
     tracing: Tracing = field(default_factory=Tracing)
 
@@ -98,19 +107,31 @@ class Runtime:
         return self.readiness.problems()
 
     def database_ready(self) -> bool:
-        """The schema is in place (created now if the database has come back since start)."""
+        """The schema is current (migrated now if the database has come back since start)."""
         return self.schema is None or self.schema.ensure()
 
 
-def issuer_keys(iss: IssuerSettings, clock: Callable[[], float]) -> IssuerKeys:
+def issuer_keys(
+    iss: IssuerSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> IssuerKeys:
     if iss.jwks_file is not None:
         return FileJWKS(iss.jwks_file, algorithms=iss.algorithms)
     assert iss.jwks_uri is not None
-    return HttpJWKS(iss.jwks_uri, algorithms=iss.algorithms, max_stale=iss.jwks_max_stale, clock=clock)
+    keys = HttpJWKS(
+        iss.jwks_uri,
+        algorithms=iss.algorithms,
+        max_stale=iss.jwks_max_stale,
+        clock=clock,
+        on_fetch=metrics.jwks_fetch_recorder(iss.name) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "issuer_keys", iss.name) if metrics else keys
 
 
 def build_issuers(
-    settings: Settings, clock: Callable[[], float], keyring: KeyRing | None = None
+    settings: Settings,
+    clock: Callable[[], float],
+    keyring: KeyRing | None = None,
+    metrics: Metrics | None = None,
 ) -> IssuerDirectory:
     """The trusted issuers; with ``keyring``, this service itself too (``self``) for re-exchange."""
     trusted = []
@@ -132,7 +153,7 @@ def build_issuers(
             profile_options=options,
             trusted_delegation=iss.trusted_delegation,
         )
-        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
+        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock, metrics)))
     if keyring is not None:
         own = IssuerPolicy(
             name=SELF_ISSUER,
@@ -150,17 +171,22 @@ def build_issuers(
     return IssuerDirectory(trusted)
 
 
-def build_token_reviewers(settings: Settings) -> dict[str, TokenReviewer]:
-    return {
+def build_token_reviewers(settings: Settings, metrics: Metrics | None = None) -> dict[str, TokenReviewer]:
+    reviewers: dict[str, TokenReviewer] = {
         iss.name: HttpTokenReviewer(
             iss.token_review_url, token_file=iss.token_review_token_file, ca_file=iss.token_review_ca_file
         )
         for iss in settings.issuers
         if iss.token_review_url
     }
+    if metrics is not None:
+        reviewers = {name: CountedTokenReviewer(r, metrics, name) for name, r in reviewers.items()}
+    return reviewers
 
 
-def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
+def _client(
+    c: ClientSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> RegisteredClient:
     keys: IssuerKeys | None = None
     if c.auth_method == "private_key_jwt":
         if c.jwks is not None:
@@ -169,7 +195,15 @@ def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
             keys = FileJWKS(c.jwks_file, algorithms=c.algorithms)
         else:
             assert c.jwks_uri is not None
-            keys = HttpJWKS(c.jwks_uri, algorithms=c.algorithms, clock=clock)
+            source = f"client:{c.client_id}"
+            keys = HttpJWKS(
+                c.jwks_uri,
+                algorithms=c.algorithms,
+                clock=clock,
+                on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+            )
+            if metrics is not None:
+                keys = CountedIssuerKeys(keys, metrics, "client_keys", source)
     elif not check_hash_format(c.secret_hash or ""):
         raise ConfigurationError(
             f"setting clients.{c.client_id}.secret_hash: not a recognised hash "
@@ -277,18 +311,19 @@ def prepare(
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> bool:
-    """One-time set-up before workers start: keys created, database schema in place.
+    """One-time set-up before workers start: keys created, database schema current (migrated when
+    ``database_migrate_on_start``).
 
     A database that does not answer yet is waited for, with backoff and one log line per
     attempt, for up to ``database_startup_timeout`` seconds; after that the service starts
     anyway, not ready (``/readyz`` answers 503, ``/token`` 503 ``temporarily_unavailable``),
     and becomes ready by itself once the database answers.  Returns whether the schema is
-    in place.
+    current.
     """
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
     engine = sql.make_engine(settings.database_url, database_pool(settings))
     try:
-        schema = DatabaseSchema(engine)
+        schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
         return wait_for_schema(schema, settings.database_startup_timeout, sleep=sleep, monotonic=monotonic)
     finally:
         engine.dispose()
@@ -300,12 +335,12 @@ def create_app(
     """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
 
     Nothing here needs the database to answer: if it does not, the app starts not ready
-    and creates the schema when it does (see :class:`DatabaseSchema`).  ``span_exporter``
+    and migrates the schema when it does (see :class:`DatabaseSchema`).  ``span_exporter``
     (tests): an OpenTelemetry span exporter used instead of the configured one.
     """
     logging.getLogger("sts").setLevel(settings.log_level)
     engine = sql.make_engine(settings.database_url, database_pool(settings))
-    schema = DatabaseSchema(engine)
+    schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
     schema.attempt()
     keyring = KeyRing.open(
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
@@ -338,9 +373,21 @@ def create_app(
         if redis_client is not None
         else sql.SqlSingleUseLedger(audit)
     )
+    # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the
+    # failures of the stores, the audit trail and upstream services where the pipeline meets them.
+    metrics = Metrics(clock=clock)
+    decisions = MeteredAuditSink(audit, metrics)
+    ledger = MeteredLedger(ledger, metrics)
+    probed_replay = replay  # readiness reports its own failures (/readyz); they are not counted
+    replay = count_store_errors(replay, "replay", metrics)
+    subject_states = count_store_errors(subject_states, "subject_state", metrics)
+    baselines = count_store_errors(baselines, "baseline", metrics)
+    revoked = count_store_errors(revoked, "revocation", metrics)
     limits = build_rate_limiter(settings, engine, redis_client)
+    # The pipeline's stages: trace spans (when tracing is on) and the per-stage latency histogram.
     tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
-    clients = {c.client_id: _client(c, clock) for c in settings.clients}
+    tracing.add_observer(metrics.observe_stage)
+    clients = {c.client_id: _client(c, clock, metrics) for c in settings.clients}
 
     def current_signer() -> Any:
         keyring.reload_if_changed(clock())
@@ -360,14 +407,14 @@ def create_app(
             ),
         ),
         clients=clients,
-        issuers=build_issuers(settings, clock, keyring),
+        issuers=build_issuers(settings, clock, keyring, metrics),
         policy=policy,
         replay=replay,
         ledger=ledger,
         signer=current_signer,
-        audit=audit,
+        audit=decisions,
         clock=clock,
-        token_reviewers=build_token_reviewers(settings),
+        token_reviewers=build_token_reviewers(settings, metrics),
         subject_states=subject_states,
         baselines=baselines,
         revoked_tokens=revoked,
@@ -388,7 +435,7 @@ def create_app(
         replay=replay,
         states=subject_states,
         revoked=revoked,
-        audit=audit,
+        audit=decisions,
         assertion_audience=AssertionAudience(settings.issuer, settings.token_endpoint),
         clock=clock,
         leeway=settings.leeway,
@@ -399,7 +446,7 @@ def create_app(
     store_check = (
         redis_store_check(redis_client, instance)
         if redis_client is not None
-        else sql_store_check(replay, instance)
+        else sql_store_check(probed_replay, instance)
     )
     runtime = Runtime(
         settings=settings,
@@ -427,8 +474,10 @@ def create_app(
             clock=clock,
             instance=instance,
         ),
+        metrics=metrics,
     )
 
+    from .http import metrics as metrics_http
     from .http import oauth, responses, ssf
     from .http import token_status as token_status_http
     from .http import tracing as tracing_http
@@ -447,6 +496,7 @@ def create_app(
     app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
     responses.install(app)
     tracing_http.install(app, tracing)
+    metrics_http.install(app, metrics)
     app.register_blueprint(oauth.bp)
     app.register_blueprint(token_status_http.bp)
     path = urlsplit(settings.issuer).path.rstrip("/")

@@ -452,6 +452,9 @@ class HttpJWKS:
     is used for all cache arithmetic, so tests can move time.  A given
     ``session`` must not be used concurrently elsewhere; fetches of one
     instance are serialised by its lock.
+
+    ``on_fetch(ok, usable_keys)`` is told of every fetch attempt once it is over
+    (the metrics): whether it succeeded, and how many usable keys the cache holds.
     """
 
     def __init__(
@@ -468,6 +471,7 @@ class HttpJWKS:
         max_stale: float = 3600,
         clock: Callable[[], float] = time.time,
         max_bytes: int = 512 * 1024,
+        on_fetch: Callable[[bool, int], None] | None = None,
     ) -> None:
         validate_jwks_url(url)
         self._url = url
@@ -490,6 +494,7 @@ class HttpJWKS:
         self._max_stale = float(max_stale)
         self._clock = clock
         self._max_bytes = max_bytes
+        self._on_fetch = on_fetch
         self._lock = threading.Lock()
         self._state = _CacheState()
 
@@ -585,6 +590,8 @@ class HttpJWKS:
                     state = replace(state, attempts=state.attempts + 1, last_attempt=now, last_error=error)
                     logger.warning("JWKS %s: fetch failed: %s", self._url, error)
                 self._state = state
+                if self._on_fetch is not None:
+                    self._on_fetch(fetched is not None, state.index.usable if state.index is not None else 0)
             return state
         finally:
             self._lock.release()
