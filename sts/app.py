@@ -60,6 +60,7 @@ from .core.policy import PolicySet
 from .core.ports import (
     BaselineStore,
     IssuerKeys,
+    RateLimitStore,
     ReplayCache,
     RevokedTokens,
     SingleUseLedger,
@@ -254,8 +255,11 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     }
 
 
-def build_rate_limiter(settings: Settings, engine: Engine, redis_client: redis.Redis | None) -> RateLimiter:
-    """The configured limits, kept where the rest of the shared state is (Redis, else the database)."""
+def build_rate_limiter(
+    settings: Settings, engine: Engine, redis_client: redis.Redis | None, metrics: Metrics | None = None
+) -> RateLimiter:
+    """The configured limits, kept where the rest of the shared state is (Redis, else the database);
+    with ``metrics``, the store's failures are counted (``sts_store_errors_total{store="rate_limit"}``)."""
     configured = settings.rate_limits
     endpoints = {
         endpoint: {scope: Limit(s.requests, s.period, s.burst) for scope, s in scopes.items()}
@@ -264,11 +268,13 @@ def build_rate_limiter(settings: Settings, engine: Engine, redis_client: redis.R
     }
     if not configured.enabled or not endpoints:
         return NO_LIMITS
-    store = (
+    store: RateLimitStore = (
         RedisRateLimits(redis_client)
         if redis_client is not None
         else SqlRateLimits(rate_limit_engine(engine))
     )
+    if metrics is not None:
+        store = count_store_errors(store, "rate_limit", metrics)
     return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)
 
 
@@ -383,7 +389,7 @@ def create_app(
     subject_states = count_store_errors(subject_states, "subject_state", metrics)
     baselines = count_store_errors(baselines, "baseline", metrics)
     revoked = count_store_errors(revoked, "revocation", metrics)
-    limits = build_rate_limiter(settings, engine, redis_client)
+    limits = build_rate_limiter(settings, engine, redis_client, metrics)
     # The pipeline's stages: trace spans (when tracing is on) and the per-stage latency histogram.
     tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
     tracing.add_observer(metrics.observe_stage)
