@@ -46,6 +46,7 @@ import google.auth.exceptions
 import google.auth.transport.requests
 import jwt as pyjwt
 import pytest
+import requests
 from authlib.integrations.base_client import OAuthError as AuthlibOAuthError
 from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
@@ -420,3 +421,14 @@ def test_pyjwt_verifies_an_issued_token_from_our_jwks_url(live: LiveSts) -> None
         pyjwt.decode(token, signing_key.key, algorithms=["ES256"], audience=DEPLOY, issuer="https://sts.test")
     with pytest.raises(pyjwt.InvalidAlgorithmError):
         pyjwt.decode(token, signing_key.key, algorithms=["RS256"], audience=DEPLOY, issuer=live.issuer)
+
+
+def test_pyjwt_jwk_client_takes_every_published_key(live: LiveSts) -> None:
+    """PyJWKClient reads the whole JWK Set (the active and the next key): each one is a usable
+    public signing key to it, labelled with ``kid``, ``use`` and ``alg`` (RFC 7517 §4)."""
+    published = requests.get(live.jwks_uri, timeout=TIMEOUT).json()["keys"]
+    signing_keys = pyjwt.PyJWKClient(live.jwks_uri, cache_keys=False, timeout=TIMEOUT).get_signing_keys()
+    assert sorted(k.key_id for k in signing_keys) == sorted(k["kid"] for k in published)
+    assert len(published) >= 2  # publish-before-use: the next key is already out
+    for key in signing_keys:
+        assert key.algorithm_name == "ES256" and key.public_key_use == "sig"
