@@ -52,6 +52,7 @@ from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 from clients_support import Served
 from conftest import settings_for
+from crafted_jose import KeySetServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fault_server import FaultServer, Hang, Serve, Trickle
@@ -1102,6 +1103,68 @@ def test_upstream_jwks_server_killed_mid_run(make_settings: Callable[..., Settin
         assert_unavailable(exchange(at_1000))
     finally:
         upstream.stop()
+
+
+def hostile_jwks(signer: ECKey, kid: str) -> dict[str, list[dict[str, Any]]]:
+    """Key sets an issuer's JWKS server could serve, each with the signer's ``kid`` in it."""
+    public = dict(signer.as_dict(private=False), kid=kid, use="sig")
+    impostor = dict(ECKey.generate_key("P-256").as_dict(private=False), kid=kid, use="sig")
+    return {
+        "honest": [public],
+        "duplicate-kid-same-alg": [public, impostor],
+        "private-key-published": [dict(signer.as_dict(private=True), kid=kid, use="sig")],
+        "symmetric-key-under-the-kid": [{"kty": "oct", "k": b64url(b"s" * 32), "kid": kid}],
+        "key-for-encryption": [dict(public, use="enc")],
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "honest",
+        "duplicate-kid-same-alg",
+        "private-key-published",
+        "symmetric-key-under-the-kid",
+        "key-for-encryption",
+    ],
+)
+def test_hostile_issuer_jwks_content(make_settings: Callable[..., Settings], variant: str) -> None:
+    """RFC 7517 §4.5 (a kid names one key), §4.2 (``use``); RFC 8725 §3.1: an ambiguous, private,
+    symmetric or encryption key never verifies a token: ``invalid_request``, never a grant, never 500."""
+    signer = ECKey.generate_key("P-256")
+    keys = KeySetServer()
+    try:
+        issuer = DevIssuer("https://issuer.example", signer, "ES256")
+        keys.document = {"keys": hostile_jwks(signer, issuer.kid)[variant]}
+        web = create_app(
+            make_settings(
+                POLICY,
+                issuers=[
+                    {
+                        "name": "upstream",
+                        "issuer": "https://issuer.example",
+                        "jwks_uri": keys.url,
+                        "algorithms": ["ES256"],
+                        "audiences": ["https://sts.test"],
+                    }
+                ],
+            )
+        ).test_client()
+        response = web.post(
+            "/token",
+            data={
+                "grant_type": TOKEN_EXCHANGE,
+                "subject_token": issuer.github_actions_token(audience="https://sts.test"),
+                "subject_token_type": JWT_TYPE,
+                "audience": DEPLOY,
+            },
+        )
+    finally:
+        keys.stop()
+    if variant == "honest":
+        assert response.status_code == 200, response.get_json()
+    else:
+        assert (response.status_code, response.get_json()["error"]) == (400, "invalid_request")
 
 
 JWK_SET = json.dumps({"keys": [dict(ECKey.generate_key("P-256").as_dict(private=False), kid="k1")]}).encode()
