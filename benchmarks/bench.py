@@ -1,6 +1,8 @@
 """Benchmark: one token exchange against a bare verify-and-sign Flask endpoint.
 
-Both run under the same gunicorn settings (gthread workers) on this machine;
+Both are served the same way, by granian through ``sts.serving`` (the floor with
+``python -m sts.serving``, the exchange with ``sts serve``), with the same workers
+and threads;
 ``wrk`` (or, without it, a Python load generator) drives each for the same
 time with the same concurrency, and the ratio of requests per second is
 reported.  The project's aim: the exchange reaches at least 0.75 of the floor.
@@ -81,12 +83,17 @@ def load(url: str, body: str, seconds: int, connections: int) -> float:
     raise SystemExit("install wrk (apt-get install wrk) to run the benchmark")
 
 
-def gunicorn(app: str, port: int, workers: int, threads: int, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(BIN / "gunicorn"), "-k", "gthread", "-w", str(workers), "--threads", str(threads),
-         "-b", f"127.0.0.1:{port}", "--log-level", "warning", app],
-        env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+def serve(
+    app: str, port: int, workers: int, threads: int, env: dict[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """The exchange through `sts serve`; any other WSGI app through the same server (``sts.serving``)."""
+    sizing = ["--port", str(port), "--workers", str(workers), "--threads", str(threads)]
+    if app == "sts":
+        command = [str(BIN / "sts"), "serve", *sizing]
+    else:
+        command = [sys.executable, "-m", "sts.serving", app, *sizing]
+    with (cwd / f"serve-{port}.log").open("wb") as log:
+        return subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def main() -> None:
@@ -127,9 +134,9 @@ def main() -> None:
     results = {}
     for name, app, port in (
         ("bare verify-and-sign", "bare_app:app", bare_port),
-        ("token exchange", "sts.app:wsgi_app_from_environment()", sts_port),
+        ("token exchange", "sts", sts_port),
     ):
-        proc = gunicorn(app, port, args.workers, args.threads, env, work)
+        proc = serve(app, port, args.workers, args.threads, env, work)
         try:
             wait_for(f"http://127.0.0.1:{port}/healthz")
             load(f"http://127.0.0.1:{port}/token", body, 2, args.connections)  # warm-up

@@ -20,15 +20,23 @@ from urllib.parse import urlsplit
 
 import redis
 from flask import Flask
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
 
 from .adapters import redis_store, sql
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
 from .adapters.policy_files import load_policies, policy_files
+from .adapters.readiness import (
+    DatabaseSchema,
+    Readiness,
+    instance_name,
+    redis_store_check,
+    sql_store_check,
+    wait_for_schema,
+)
 from .adapters.token_review import HttpTokenReviewer
+from .core.assurance import LEVELS
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
 from .core.clients import AssertionAudience, RegisteredClient
@@ -42,7 +50,7 @@ from .core.ports import (
     IssuerKeys,
     ReplayCache,
     RevokedTokens,
-    StoreUnavailable,
+    SingleUseLedger,
     SubjectStateStore,
     TokenReviewer,
 )
@@ -72,21 +80,19 @@ class Runtime:
     baselines: BaselineStore | None = None
     token_status: TokenStatus | None = None
     redis_client: redis.Redis | None = None
+    schema: DatabaseSchema | None = None
+    readiness: Readiness | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def health(self) -> list[str]:
-        problems = []
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except SQLAlchemyError:
-            problems.append("database")
-        if self.redis_client is not None:
-            try:
-                redis_store.RedisReplayCache(self.redis_client).ping()
-            except StoreUnavailable:
-                problems.append("store")
-        return problems
+        """Readiness (``/readyz``): what stops this process from issuing a token now; empty when
+        nothing does.  See :class:`sts.adapters.readiness.Readiness`."""
+        assert self.readiness is not None
+        return self.readiness.problems()
+
+    def database_ready(self) -> bool:
+        """The schema is in place (created now if the database has come back since start)."""
+        return self.schema is None or self.schema.ensure()
 
 
 def issuer_keys(iss: IssuerSettings, clock: Callable[[], float]) -> IssuerKeys:
@@ -211,6 +217,8 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
         "token_endpoint_auth_methods_supported": methods,
         "token_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "dpop_signing_alg_values_supported": sorted(allowed_algorithms(settings.dpop_algorithms)),
+        # RFC 9470 §6 / OpenID Connect Discovery: the assurance levels, lowest first (sts.core.assurance).
+        "acr_values_supported": list(LEVELS),
         "introspection_endpoint": introspection_endpoint(settings),
         "introspection_endpoint_auth_methods_supported": methods[:3],
         "introspection_endpoint_auth_signing_alg_values_supported": assertion_algs,
@@ -240,36 +248,70 @@ def dpop_nonce_secret(keys_dir: Path) -> bytes:
     return data
 
 
-def prepare(settings: Settings) -> None:
-    """One-time set-up before workers start: keys created, database schema in place."""
+def database_pool(settings: Settings) -> sql.PoolOptions:
+    """The shape of each of a process's two PostgreSQL pools (see :class:`sql.PoolOptions`).
+
+    By default each pool can give every thread a connection at once (size + overflow =
+    threads + 1), and keeps few open while idle (size = threads // 4, at least 1): with
+    8 threads, 2 idle and at most 9 per pool.
+    """
+    size = settings.database_pool_size
+    if size is None:
+        size = max(1, settings.threads // 4)
+    overflow = settings.database_max_overflow
+    if overflow is None:
+        overflow = max(0, settings.threads + 1 - size)
+    return sql.PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))
+
+
+def prepare(
+    settings: Settings,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> bool:
+    """One-time set-up before workers start: keys created, database schema in place.
+
+    A database that does not answer yet is waited for, with backoff and one log line per
+    attempt, for up to ``database_startup_timeout`` seconds; after that the service starts
+    anyway, not ready (``/readyz`` answers 503, ``/token`` 503 ``temporarily_unavailable``),
+    and becomes ready by itself once the database answers.  Returns whether the schema is
+    in place.
+    """
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
-    engine = sql.make_engine(settings.database_url)
+    engine = sql.make_engine(settings.database_url, database_pool(settings))
     try:
-        sql.create_schema(engine)
+        schema = DatabaseSchema(engine)
+        return wait_for_schema(schema, settings.database_startup_timeout, sleep=sleep, monotonic=monotonic)
     finally:
         engine.dispose()
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Flask:
-    """Build the WSGI application for ``settings`` (tests pass their own settings and clock)."""
+    """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
+
+    Nothing here needs the database to answer: if it does not, the app starts not ready
+    and creates the schema when it does (see :class:`DatabaseSchema`).
+    """
     logging.getLogger("sts").setLevel(settings.log_level)
-    engine = sql.make_engine(settings.database_url)
-    try:
-        sql.create_schema(engine)
-    except SQLAlchemyError as exc:
-        raise ConfigurationError(
-            f"setting database_url: cannot reach the database ({type(exc).__name__})"
-        ) from None
+    engine = sql.make_engine(settings.database_url, database_pool(settings))
+    schema = DatabaseSchema(engine)
+    schema.attempt()
     keyring = KeyRing.open(
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
     )
     redis_client: redis.Redis | None = None
+    epoch: redis_store.LedgerEpoch | None = None
     replay: ReplayCache
     subject_states: SubjectStateStore
     baselines: BaselineStore
     if settings.store == "redis":
         redis_client = redis_store.connect(settings.redis_url)
-        replay = redis_store.RedisReplayCache(redis_client)
+        # The durable database remembers the ledger's epoch, so that even a process started after
+        # Redis lost its records knows they were lost.
+        epoch = redis_store.LedgerEpoch(redis_client, memory=sql.SqlLedgerEpochMemory(engine, clock=clock))
+        redis_store.check_at_start(redis_client, epoch, clock())
+        replay = redis_store.RedisReplayCache(redis_client, epoch=epoch)
         subject_states = redis_store.RedisSubjectStateStore(redis_client)
         baselines = redis_store.RedisBaselineStore(redis_client)
         revoked: RevokedTokens = redis_store.RedisRevokedTokens(redis_client)
@@ -280,6 +322,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
     audit = sql.SqlAuditSink(engine)
+    ledger: SingleUseLedger = (
+        redis_store.RedisSingleUseLedger(redis_client, audit, epoch=epoch)
+        if redis_client is not None
+        else sql.SqlSingleUseLedger(audit)
+    )
     clients = {c.client_id: _client(c, clock) for c in settings.clients}
 
     def current_signer() -> Any:
@@ -303,6 +350,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         issuers=build_issuers(settings, clock, keyring),
         policy=policy,
         replay=replay,
+        ledger=ledger,
         signer=current_signer,
         audit=audit,
         clock=clock,
@@ -335,6 +383,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             "revoke": revocation_endpoint(settings),
         },
     )
+    instance = instance_name()
+    store_check = (
+        redis_store_check(redis_client, instance)
+        if redis_client is not None
+        else sql_store_check(replay, instance)
+    )
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -349,6 +403,16 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         baselines=baselines,
         token_status=token_status,
         redis_client=redis_client,
+        schema=schema,
+        readiness=Readiness(
+            schema=schema,
+            audit=audit,
+            store=store_check,
+            store_in_database=redis_client is None,
+            keyring=keyring,
+            clock=clock,
+            instance=instance,
+        ),
     )
 
     from .http import oauth, responses, ssf
@@ -383,7 +447,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             f"/.well-known/oauth-authorization-server{path}", "metadata_path", oauth.metadata, methods=["GET"]
         )
     log.info(
-        "sts ready: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
+        "sts %s: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
+        "ready" if schema.ready else "started, not ready until the database answers",
         settings.issuer,
         len(settings.issuers),
         len(clients),
@@ -394,7 +459,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 
 def wsgi_app_from_environment() -> Flask:
-    """Entry point for WSGI servers: ``gunicorn 'sts.app:wsgi_app_from_environment()'``."""
+    """Entry point for other WSGI servers (``sts serve`` uses granian)."""
     from .settings import load_settings
 
     return create_app(load_settings())

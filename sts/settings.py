@@ -104,7 +104,18 @@ class Settings:
     port: int = 8080
     workers: int = 2
     threads: int = 8
+    #: Seconds to receive a request line and headers (also how long an idle keep-alive connection stays).
+    header_read_timeout: int = 10
+    #: Seconds to receive a request body, once its headers are in.
+    body_read_timeout: int = 10
+    #: Connections served at once by all workers together; more wait in the listen queue.
+    max_connections: int = 1024
     database_url: str = "sqlite:///var/sts.sqlite"
+    #: PostgreSQL pools; None derives them from ``threads`` (see ``sts.app.database_pool``).
+    database_pool_size: int | None = None
+    database_max_overflow: int | None = None
+    database_pool_timeout: int = 5
+    database_startup_timeout: int = 10
     store: str = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     keys_dir: Path = Path("keys")
@@ -156,6 +167,13 @@ _INT_SETTINGS = {
     "port",
     "workers",
     "threads",
+    "database_pool_size",
+    "database_max_overflow",
+    "database_pool_timeout",
+    "database_startup_timeout",
+    "header_read_timeout",
+    "body_read_timeout",
+    "max_connections",
     "key_rotation_min_published",
     "default_lifetime",
     "max_lifetime",

@@ -32,12 +32,22 @@ def free_port() -> int:
 class RedisProcess:
     """One ``redis-server`` child process bound to 127.0.0.1 on ``port``."""
 
-    def __init__(self, directory: Path, *, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        appendfsync: str = "always",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.directory = directory
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self._numbers = itertools.count(1)
 
@@ -58,7 +68,8 @@ class RedisProcess:
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfsync",
-            "always",
+            self.appendfsync,
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

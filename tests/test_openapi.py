@@ -344,18 +344,14 @@ def test_unknown_metadata_path_is_a_documented_404(app: Flask, path_app: Flask) 
 
 
 def test_every_operation_documents_the_http_servers_431() -> None:
-    """The 431 comes from the HTTP server, before Flask: documented on every operation, as JSON."""
-    body = {"error": "invalid_request", "error_description": "The request headers are too large."}
+    """The 431 comes from the HTTP server before any Python runs (tests/test_serving.py sends one):
+    documented on every operation as what it is, a bare status with an empty body."""
     for path, method, op in operations():
         assert "431" in op["responses"], f"{method.upper()} {path}: no 431"
         documented, where = deref(("paths", path, method, "responses", "431"))
-        assert "X-Request-Id" in documented["headers"]
-        header, _ = deref((*where, "headers", "X-Request-Id"))
-        assert header["required"] is True
-        assert_valid(body, (*where, "content", "application/json", "schema"))
-        assert schema_errors(
-            {**body, "error": "server_error"}, (*where, "content", "application/json", "schema")
-        )
+        assert "content" not in documented, f"{method.upper()} {path}: the 431 has no body"
+        length, _ = deref((*where, "headers", "Content-Length"))
+        assert length["required"] is True and length["schema"] == {"const": "0"}
 
 
 def test_routes_depend_on_configuration(app: Flask, path_app: Flask, ssf_app: Flask) -> None:
@@ -556,16 +552,19 @@ def test_jwks(client: FlaskClient) -> None:
     assert len(body["keys"]) >= 2  # active and next
 
 
-def test_healthz(client: FlaskClient, make_settings: Callable[..., Any]) -> None:
-    response = client.get("/healthz")
-    assert check_response(response, "/healthz", "get") == {"status": "ok"}
+@pytest.mark.parametrize("path", ["/readyz", "/healthz"])
+def test_readiness(client: FlaskClient, make_settings: Callable[..., Any], path: str) -> None:
+    response = client.get(path)
+    assert check_response(response, path, "get") == {"status": "ok"}
     # A real failure: the configured Redis store is on a port where nothing listens.
     from sts.app import create_app
 
     broken = create_app(make_settings(store="redis", redis_url="redis://127.0.0.1:1/0")).test_client()
-    response = broken.get("/healthz")
-    body = check_response(response, "/healthz", "get")
+    response = broken.get(path)
+    body = check_response(response, path, "get")
     assert response.status_code == 503 and body["problems"] == ["store"]
+    # Alive all the same: liveness checks no dependency.
+    assert check_response(broken.get("/livez"), "/livez", "get") == {"status": "ok"}
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,14 @@ token expires, under the purpose ``subject_token:<issuer name>``.  Checked here:
   server, and against two app instances sharing the store: exactly one 200;
 * failing closed: a Redis that is down, or that goes away while the app runs,
   is ``503 temporarily_unavailable`` with ``Retry-After`` and no token; once
-  it is back, exchanges work again and what it remembered still holds.
+  it is back, exchanges work again and what it remembered still holds;
+* two-phase single use: a failure injected between the reservation and the
+  commit (the database cut by a TCP relay, the audit table gone, Redis cut
+  after the audit commit) is a 503 that never uses the token up: the retry
+  gets the token, and a replay after it is still refused.
+
+The embedded store runs on SQLite and on PostgreSQL (a schema of this run's
+private database, see ``tests/test_stores.py``).
 
 Redis isolation: the app's keys live in a database of this test run's own
 redis-server that no other test uses (``tests/redis_server.py``).  The app
@@ -46,6 +53,7 @@ from joserfc.jwk import KeySet
 from joserfc.jwt import JWTClaimsRegistry
 from redis_server import url_of
 from sqlalchemy import select
+from test_stores import PG_SERVER, PgSchema, private_database
 from werkzeug.serving import make_server
 
 from sts.adapters import sql
@@ -124,12 +132,30 @@ def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    with private_database() as name:
+        yield name
+
+
+@pytest.fixture
+def pg_schema(pg_database: str) -> Iterator[PgSchema]:
+    """A schema of its own in this module's private PostgreSQL database, dropped afterwards."""
+    schema = PgSchema(pg_database, f"t_{uuid.uuid4().hex[:12]}")
+    schema.execute(f'CREATE SCHEMA "{schema.schema}"')
+    yield schema
+    schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE')
+
+
+@pytest.fixture(params=["embedded", "postgresql", "redis"])
 def store(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Settings overrides for each replay store."""
+    """Settings overrides for each replay store: embedded on SQLite or PostgreSQL, or Redis."""
     if request.param == "redis":
         db: redis.Redis = request.getfixturevalue("redis_db")
         return {"store": "redis", "redis_url": url_of(db)}
+    if request.param == "postgresql":
+        schema: PgSchema = request.getfixturevalue("pg_schema")
+        return {"store": "embedded", "database_url": schema.url}
     return {"store": "embedded"}
 
 
@@ -300,6 +326,11 @@ def serving(app: Flask) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def racers_for(store: dict[str, Any]) -> int:
+    """Fewer racers on PostgreSQL: each holds a connection of a server other test runs share."""
+    return 8 if "database_url" in store else RACERS
 
 
 def race(urls: list[str], subject_token: str, racers: int = RACERS) -> list[Outcome]:
@@ -528,7 +559,7 @@ def test_concurrent_exchanges_of_one_token_have_exactly_one_winner(
     app = make_app(**store)
     token = deploy_token(upstream)
     with serving(app) as url:
-        outcomes = race([url], token)
+        outcomes = race([url], token, racers_for(store))
     assert_exactly_one_winner(app, outcomes, token)
 
 
@@ -544,7 +575,7 @@ def test_two_instances_sharing_the_store_have_exactly_one_winner(
     assert one.extensions["sts"].replay is not two.extensions["sts"].replay
     token = deploy_token(upstream)
     with serving(one) as first, serving(two) as second:
-        outcomes = race([first, second], token)
+        outcomes = race([first, second], token, racers_for(store))
     assert_exactly_one_winner(one, outcomes, token)
 
 
@@ -626,3 +657,187 @@ def test_a_failed_audit_write_does_not_burn_a_single_use_token(
     assert retried.status_code == 200, retried.get_json()
     again = web.post("/token", data=form)
     assert again.status_code == 400 and again.get_json()["error"] == "invalid_request"
+
+
+# -- two-phase single use: a failure never uses a token up ------------------------------------------
+
+
+def break_once_after_the_reservation(app: Flask, failure: Callable[[], None]) -> None:
+    """Inject ``failure`` once, right after the single-use reservation: when the token is signed."""
+    exchange = app.extensions["sts"].exchange
+    signer, armed = exchange.signer, [failure]
+
+    def signer_after_failure() -> Any:
+        while armed:
+            armed.pop()()
+        return signer()
+
+    exchange.signer = signer_after_failure
+
+
+@dataclass
+class Fault:
+    """A real failure of the audit store, and its repair."""
+
+    app: Flask
+    inject: Callable[[], None]
+    repair: Callable[[], None]
+
+
+def audit_table_fault(app: Flask) -> Fault:
+    """The audit table renamed away (SQLite): every audit write fails until it is back."""
+    engine = app.extensions["sts"].engine
+
+    def rename(old: str, new: str) -> Callable[[], None]:
+        def run() -> None:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+        return run
+
+    return Fault(
+        app, rename("audit_events", "audit_events_away"), rename("audit_events_away", "audit_events")
+    )
+
+
+@pytest.fixture
+def postgresql_cut(make_app: Callable[..., Flask], pg_schema: PgSchema) -> Iterator[Fault]:
+    """The embedded store on PostgreSQL behind a TCP relay: the fault cuts every connection."""
+    relay = TcpRelay(("127.0.0.1", 5432))
+    relay.restore()
+    url = pg_schema.url.replace(PG_SERVER, PG_SERVER.replace(":5432", f":{relay.port}"))
+    try:
+        yield Fault(make_app(database_url=url), relay.cut, relay.restore)
+    finally:
+        relay.cut()
+
+
+@pytest.mark.parametrize("where", ["postgresql", "sqlite", "redis"])
+def test_a_failure_between_reservation_and_commit_never_burns_the_token(
+    request: pytest.FixtureRequest, make_app: Callable[..., Flask], upstream: RunningServer, where: str
+) -> None:
+    """Before two-phase single use, the PostgreSQL case burnt every token (the release after the
+    failed audit write could not reach the database either): 5 of 5 retries were 400."""
+    if where == "postgresql":
+        fault: Fault = request.getfixturevalue("postgresql_cut")
+    elif where == "redis":
+        db: redis.Redis = request.getfixturevalue("redis_db")
+        fault = audit_table_fault(make_app(store="redis", redis_url=url_of(db)))
+    else:
+        fault = audit_table_fault(make_app())
+    app = fault.app
+    burnt = 0
+    for _ in range(5):
+        token = deploy_token(upstream)
+        break_once_after_the_reservation(app, fault.inject)
+        try:
+            failed = post(app, token)
+        finally:
+            fault.repair()
+        assert failed.status == 503 and "access_token" not in failed.body, failed.body
+        assert failed.body["error"] == "temporarily_unavailable"
+        retried = post(app, token)
+        burnt += retried.status != 200
+        assert_granted(app, retried)
+        assert_replayed(app, post(app, token), token)
+    assert burnt == 0
+    # One entry per token, written with its grant's audit record.
+    assert len(stored_entries(app, app.extensions["sts"].redis_client)) == 5
+
+
+def test_redis_lost_after_the_audit_commit_withholds_the_token_and_frees_it(
+    make_app: Callable[..., Flask], upstream: RunningServer, redis_db: redis.Redis
+) -> None:
+    """The grant's record is committed, then the reservation cannot be confirmed: the token is
+    withheld (503), and the reservation lapses, so the retry gets the token."""
+    kwargs = redis_db.connection_pool.connection_kwargs
+    relay = TcpRelay((kwargs["host"], kwargs["port"]))
+    relay.restore()
+    try:
+        app = make_app(store="redis", redis_url=f"redis://127.0.0.1:{relay.port}/{kwargs['db']}")
+        runtime = app.extensions["sts"]
+        runtime.exchange.ledger.hold = 1.0  # a short hold keeps the test short
+        write = runtime.audit.write
+
+        def write_then_lose_redis(record: Any) -> None:
+            write(record)
+            if record.outcome == "granted":
+                relay.cut()
+
+        runtime.audit.write = write_then_lose_redis
+        token = deploy_token(upstream)
+        failed = post(app, token)
+        assert failed.status == 503 and "access_token" not in failed.body
+        assert records(app)[0]["outcome"] == "granted"  # committed, but never sent
+        relay.restore()
+        runtime.audit.write = write
+
+        # The retry waits for the lapsed reservation (Redis's clock), then wins it.
+        assert_granted(app, post(app, token))
+        assert_replayed(app, post(app, token), token)
+    finally:
+        relay.cut()
+
+
+class CommitAnswerDropper(TcpRelay):
+    """A relay that, once armed, passes the next ``COMMIT`` on and breaks the connection instead of
+    passing the server's answer back: the transaction is committed, and the app cannot know it."""
+
+    #: psycopg sends COMMIT as a simple query: 'Q', length 11, "COMMIT\0".
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
+        self.armed = False
+        self._answer_lost_for: set[socket.socket] = set()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:  # type: ignore[override]
+        try:
+            while data := src.recv(65536):
+                if dst in self._answer_lost_for:
+                    break  # the server's answer to COMMIT: drop it, and the connection
+                if self.armed and self.COMMIT in data:
+                    self.armed = False
+                    self._answer_lost_for.add(src)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_commit_whose_answer_is_lost_is_confirmed_and_the_token_sent(
+    make_app: Callable[..., Flask], upstream: RunningServer, pg_schema: PgSchema
+) -> None:
+    """Without the check on a fresh connection, the app answered 503 for a committed use: the
+    retry was then refused as a replay (the token burnt)."""
+    relay = CommitAnswerDropper(("127.0.0.1", 5432))
+    relay.restore()
+    try:
+        app = make_app(database_url=pg_schema.url.replace(":5432", f":{relay.port}"))
+        token = deploy_token(upstream)
+        break_once_after_the_reservation(app, lambda: setattr(relay, "armed", True))
+        assert_granted(app, post(app, token))
+        assert relay.armed is False  # the COMMIT went through the relay, its answer did not
+        assert_replayed(app, post(app, token), token)
+    finally:
+        relay.cut()
+
+
+def test_a_replay_racing_the_commit_loses_on_postgresql(
+    make_app: Callable[..., Flask], upstream: RunningServer, pg_schema: PgSchema
+) -> None:
+    """Both requests pass the reservation (it only looks); the database lets one commit."""
+    app = make_app(database_url=pg_schema.url)
+    token = deploy_token(upstream)
+    inner: list[Outcome] = []
+
+    # While the first request is between reservation and commit, the same token is exchanged.
+    break_once_after_the_reservation(app, lambda: inner.append(post(app, token)))
+    outer = post(app, token)
+    assert [o.status for o in (inner[0], outer)] == [200, 400]
+    assert outer.body["error"] == "invalid_request"
+    assert records(app)[0]["reasons"][-1] == "subject_token.replayed"
+    assert records(app)[0]["issued_jti"] is None

@@ -339,8 +339,10 @@ def test_redis_entry_lives_until_expires_at(redis_client: redis.Redis, redis_pre
     now = time.time()
     expires_at = now + 42.5
     assert cache.first_use("client_assertion", "jti", expires_at, now) is True
-    [key] = list(redis_client.scan_iter(match=f"{redis_prefix}:*"))
+    [key] = list(redis_client.scan_iter(match=f"{redis_prefix}:replay:*"))
     assert key == f"{redis_prefix}:replay:client_assertion:jti".encode()
+    # Beside the entries, the epoch they were written under (see test_replay_durability.py).
+    assert redis_client.exists(f"{redis_prefix}:ledger-epoch")
     assert redis_client.pexpiretime(key) == math.ceil(expires_at * 1000)
 
 

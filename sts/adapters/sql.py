@@ -4,11 +4,15 @@ SQLite by default (WAL journal, so readers do not block the writer and
 commits survive a process crash), PostgreSQL from a ``postgresql+psycopg://``
 URL.  The replay store is correct across processes on one machine: an
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`` is one atomic
-statement, so of two concurrent first uses exactly one succeeds.
+statement, so of two concurrent first uses exactly one succeeds.  A
+single-use subject token's entry is inserted in the same transaction as the
+audit record of its grant (:class:`SqlSingleUseLedger`), so a failed commit
+leaves neither and the token stays usable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -21,6 +25,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,11 +50,12 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..core.audit import AuditRecord
 from ..core.baseline import Baseline
-from ..core.ports import AuditUnavailable, StoreUnavailable
+from ..core.ports import AlreadyUsed, AuditUnavailable, SingleUse, StoreUnavailable
 from ..core.subject_state import SubjectState
 
 log = logging.getLogger(__name__)
@@ -94,8 +100,48 @@ replay_entries = Table(
 )
 
 
-def make_engine(url: str) -> Engine:
-    """One engine (and pool) per process, created at start."""
+heartbeats = Table(
+    "heartbeats",
+    metadata,
+    # One row per serving process (host:pid), rewritten by each readiness check: a commit
+    # proves the audit database takes writes, which a SELECT does not.
+    Column("instance", String(200), primary_key=True),
+    Column("checked_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """The connection pools of a PostgreSQL engine (SQLite opens files, and ignores these).
+
+    A process has two pools of this shape: the engine's own (transactions and reads, with
+    a liveness check on checkout) and one for the single-statement writes of every request
+    (:class:`RawStatement`).  Each keeps at most ``size`` connections open while idle and
+    opens up to ``max_overflow`` more under load; a request waits at most ``timeout``
+    seconds for one, then fails closed.
+    """
+
+    size: int = 2
+    max_overflow: int = 8
+    timeout: float = 5.0
+
+    def engine_arguments(self) -> dict[str, Any]:
+        return {"pool_size": self.size, "max_overflow": self.max_overflow, "pool_timeout": self.timeout}
+
+
+#: Seconds to wait for a PostgreSQL server to accept a connection (libpq waits forever by default),
+#: unless the URL sets ``connect_timeout`` itself.
+CONNECT_TIMEOUT = 5
+#: SQLite: an execution option that opens the connection's transaction with ``BEGIN IMMEDIATE``.
+_IMMEDIATE = "sts_sqlite_immediate"
+#: The keyword arguments each PostgreSQL engine was made with, for its statement pool.
+_ENGINE_ARGUMENTS: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
+_STATEMENT_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_STATEMENT_ENGINES_LOCK = threading.Lock()
+
+
+def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
+    """One engine (and pool) per process, created at start; no connection is opened here."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         _private_sqlite_files(url.removeprefix("sqlite:///"))
@@ -118,12 +164,35 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN")
+            # IMMEDIATE takes the write lock at once (for a read-then-write such as the schema check).
+            conn.exec_driver_sql(
+                "BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN"
+            )
 
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=5)
+    arguments = (pool or PoolOptions()).engine_arguments()
+    if "connect_timeout" not in make_url(url).query:
+        arguments["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    engine = create_engine(url, pool_pre_ping=True, **arguments)
+    _ENGINE_ARGUMENTS[engine] = arguments
+    return engine
+
+
+def _statement_engine(engine: Engine) -> Engine:
+    """PostgreSQL: the pool for single statements, one per engine and shared by every
+    :class:`RawStatement` on it, shaped like the engine's own but without pre-ping."""
+    with _STATEMENT_ENGINES_LOCK:
+        statements = _STATEMENT_ENGINES.get(engine)
+        if statements is None:
+            statements = create_engine(
+                engine.url, **_ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())
+            )
+            _STATEMENT_ENGINES[engine] = statements
+            # Disposing of the engine (tests, the CLI) closes the statement pool's connections too.
+            event.listen(engine, "engine_disposed", lambda _engine, pool=statements: pool.dispose())
+        return statements
 
 
 def _private_sqlite_files(database: str) -> None:
@@ -205,10 +274,10 @@ class RawStatement:
 
     def __init__(self, engine: Engine) -> None:
         self.sqlite = engine.dialect.name == "sqlite"
-        # PostgreSQL: a pool of its own without pre-ping (a round trip on every checkout);
-        # a connection found dead is replaced and the statement tried once more instead.
-        self.engine = engine if self.sqlite else create_engine(engine.url, pool_size=10, max_overflow=10,
-                                                               pool_timeout=5)  # fmt: skip
+        # PostgreSQL: a pool without pre-ping (a round trip on every checkout), shared by every
+        # statement on this engine; a connection found dead is replaced and the statement tried
+        # once more instead.
+        self.engine = engine if self.sqlite else _statement_engine(engine)
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
         self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
@@ -249,9 +318,86 @@ class RawStatement:
             # Nothing was committed on a connection that died; one fresh try.
             return attempt()
 
+    def transaction(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(cursor)`` in one transaction and commit it; on any error, roll back.
+
+        SQLite: ``BEGIN IMMEDIATE`` takes the write lock up front (a lock collision is
+        retried like any other); PostgreSQL: the driver's implicit transaction.  A
+        connection found dead before anything was sent is replaced and the work tried
+        once more.  On PostgreSQL a failure during ``COMMIT`` (the connection broke) is
+        :class:`CommitOutcomeUnknown`: the server may have committed.  Other DBAPI
+        errors, and whatever ``work`` raises, propagate.
+        """
+        stage = ["connect"]
+
+        def attempt() -> T:
+            stage[0] = "connect"
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                if self.sqlite:
+                    cur.execute("BEGIN IMMEDIATE")
+                stage[0] = "work"
+                result = work(cur)
+                stage[0] = "commit"
+                if self.sqlite:
+                    cur.execute("COMMIT")
+                else:
+                    raw.commit()
+                return result
+            except BaseException as exc:
+                with contextlib.suppress(*self.errors):
+                    raw.rollback()
+                if not self.sqlite and isinstance(exc, self.errors):
+                    # A connection with a failed statement is not reused as it is.
+                    raw.invalidate()
+                raise
+            finally:
+                raw.close()
+
+        if self.sqlite:
+            return _retry_locked(attempt)
+        try:
+            try:
+                return attempt()
+            except self._disconnects:
+                if stage[0] == "commit":
+                    raise
+                # The server drops an uncommitted transaction with its connection: one fresh try
+                # (typically a pooled connection that died while idle).
+                return attempt()
+        except self.errors as exc:
+            if stage[0] == "commit":
+                raise CommitOutcomeUnknown(type(exc).__name__) from exc
+            raise
+
+
+class CommitOutcomeUnknown(Exception):
+    """``COMMIT`` was sent, and no answer came back: the transaction may or may not be committed."""
+
 
 def create_schema(engine: Engine) -> None:
-    transaction(engine, lambda conn: metadata.create_all(conn))
+    """Create whatever tables and indexes are missing, safely from any number of processes at once.
+
+    The one place the schema is made (a migration tool can take its place).  Checking and
+    creating happen in one transaction under a database lock, so that of several workers or
+    instances starting together on a fresh database one creates the tables and the others
+    find them: on PostgreSQL a transaction-scoped advisory lock (per database and schema),
+    on SQLite ``BEGIN IMMEDIATE`` (the write lock; a collision is retried).
+    """
+
+    def work(conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext('sts.schema'), hashtext(current_schema()))")
+            )
+        metadata.create_all(conn)
+
+    def attempt() -> None:
+        with engine.connect() as conn, conn.execution_options(**{_IMMEDIATE: True}).begin():
+            work(conn)
+
+    _retry_locked(attempt)
 
 
 def _text(value: str | None, limit: int) -> str | None:
@@ -302,6 +448,13 @@ class SqlAuditSink:
         # psycopg adapts JSON in SQLAlchemy's compiled path only; raw, it is sent as text.
         self._processors.setdefault("record", lambda value: json.dumps(value, default=str))
         self._sql_by_size: dict[int, str] = {}
+        p = self._raw.placeholder
+        # Table and column names are constants of this module; values are parameters.
+        self._heartbeat = (
+            f"INSERT INTO heartbeats (instance, checked_at) VALUES ({p}, {p}) "  # noqa: S608
+            "ON CONFLICT (instance) DO UPDATE SET checked_at = excluded.checked_at"
+        )
+        self._forget_heartbeats = f"DELETE FROM heartbeats WHERE checked_at < {p}"  # noqa: S608
         self._cond = threading.Condition()
         self._pending: list[_PendingRow] = []
         self._committing = False
@@ -360,6 +513,50 @@ class SqlAuditSink:
         if item.error is not None:
             raise AuditUnavailable(item.error)
 
+    def write_with_uses(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+        """Commit ``record`` and the replay entries of ``uses`` in one transaction.
+
+        Either both are committed or neither: a failed commit leaves the single-use
+        credential unused.  Raises :class:`AlreadyUsed` when one of ``uses`` has a
+        live entry (a concurrent request committed first; on PostgreSQL the insert
+        waits for that request's transaction), :class:`AuditUnavailable` when the
+        transaction cannot be committed.  Not group-committed: the entries must
+        succeed or fail with this record alone.
+        """
+        entry_sql = first_use_statement(self._raw.placeholder)
+        entries = [(replay_key(u.purpose, u.key), u.expires_at, now) for u in uses]
+        row = self._params([_PendingRow(self._row(record))])
+
+        def work(cur: Any) -> bool:
+            for params in entries:
+                cur.execute(entry_sql, params)
+                if cur.rowcount != 1:
+                    raise _UseTaken
+            cur.execute(self._sql(1), row)
+            return True
+
+        try:
+            self._raw.transaction(work)
+        except _UseTaken:
+            raise AlreadyUsed from None
+        except CommitOutcomeUnknown as exc:
+            # The connection broke during COMMIT.  Ask again on a fresh one: if the record is
+            # there, so is the use, and the token may leave; else neither was committed.
+            if not self._committed(record):
+                raise AuditUnavailable(f"commit outcome unknown: {exc}") from None
+            log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise AuditUnavailable(type(exc).__name__) from None
+
+    def _committed(self, record: AuditRecord) -> bool:
+        """Whether ``record`` (a grant: it has an ``issued_jti``) is committed; False if unknowable."""
+        p = self._raw.placeholder
+        sql = f"SELECT 1 FROM audit_events WHERE issued_jti = {p} AND event_id = {p}"  # noqa: S608
+        try:
+            return bool(self._raw.query(sql, (record.issued_jti, record.event_id)))
+        except (*self._raw.errors, SQLAlchemyError):
+            return False
+
     def _sql(self, rows: int) -> str:
         sql = self._sql_by_size.get(rows)
         if sql is None:
@@ -398,6 +595,21 @@ class SqlAuditSink:
         for item in batch:
             item.done = True
 
+    def check_commit(self, instance: str, now: float) -> None:
+        """Commit one small write through the audit's own connections (a readiness check).
+
+        Upserts this process's row in ``heartbeats``: a database that answers reads but
+        cannot commit (read-only, out of space, permissions revoked) fails here, as the
+        audit record of a grant would.  Rows of processes silent for a day are removed.
+        Raises :class:`AuditUnavailable`.
+        """
+        try:
+            self._raw.run(self._heartbeat, (instance[:200], now))
+            if random.random() < 0.01:  # noqa: S311 - housekeeping, not security relevant
+                self._raw.run(self._forget_heartbeats, (now - 86400,))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise AuditUnavailable(type(exc).__name__) from None
+
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; ``filters`` match columns exactly (``outcome="refused"``)."""
         query = select(audit_events.c.record).order_by(audit_events.c.id.desc()).limit(limit)
@@ -412,33 +624,85 @@ class SqlAuditSink:
                 yield dict(row[0])
 
 
+def replay_key(purpose: str, key: str) -> str:
+    """The ``replay_entries`` key of ``key`` under ``purpose``."""
+    full_key = f"{purpose}:{key}"
+    if len(full_key) > 200 or not full_key.isprintable():
+        # Truncating would make distinct keys collide, and a text column refuses NUL and lone
+        # surrogates; a digest keeps every such key distinct and storable.
+        digest = hashlib.sha256(full_key.encode("utf-8", "surrogatepass")).hexdigest()
+        full_key = f"{purpose[:120]}:sha256:{digest}"
+    return full_key
+
+
+def first_use_statement(placeholder: str) -> str:
+    """``INSERT`` a replay entry unless a live one exists: one row changed on a first use, none on a
+    replay.  An existing entry is only replaced once it has expired.  One statement, atomic on both
+    databases: of concurrent first uses exactly one inserts (on PostgreSQL, a second one waits for
+    the first one's transaction, and wins only if that rolls back)."""
+    p = placeholder
+    return (
+        f"INSERT INTO replay_entries (key, expires_at) VALUES ({p}, {p}) "  # noqa: S608 - placeholders
+        "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
+        f"WHERE replay_entries.expires_at <= {p}"
+    )
+
+
+class _UseTaken(Exception):
+    """Inside :meth:`SqlAuditSink.write_with_uses`: roll back, the use is someone else's."""
+
+
+class SqlSingleUseLedger:
+    """ports.SingleUseLedger on the embedded database: the use and the audit record commit together.
+
+    ``reserve`` only looks (a committed use refuses the request before a token is
+    minted); the entry itself is inserted by :meth:`commit`, in the transaction that
+    commits the grant's audit record.  Two concurrent requests with one token both
+    get that far; the database lets exactly one insert the entry, and the other
+    is refused as a replay.
+    """
+
+    def __init__(self, audit: SqlAuditSink) -> None:
+        # The audit sink's connections: the same database, and no pool of its own.
+        self._raw = audit._raw
+        self._audit = audit
+        p = self._raw.placeholder
+        self._seen = f"SELECT 1 FROM replay_entries WHERE key = {p} AND expires_at > {p}"  # noqa: S608
+
+    def reserve(self, use: SingleUse, now: float) -> SingleUse:
+        try:
+            seen = self._raw.query(self._seen, (replay_key(use.purpose, use.key), now))
+        except (*self._raw.errors, SQLAlchemyError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        if seen:
+            raise AlreadyUsed
+        return use
+
+    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+        self._audit.write_with_uses(record, uses, now)
+
+    def cancel(self, uses: Sequence[SingleUse]) -> None:
+        """Nothing to undo: nothing is written before :meth:`commit`."""
+
+
 class SqlReplayCache:
-    """The embedded replay store (ports.ReplayCache) on the same database."""
+    """The embedded replay store (ports.ReplayCache) on the same database.
+
+    It lives in the database, so it never forgets: ``valid_from`` is not needed.
+    """
 
     def __init__(self, engine: Engine, *, purge_probability: float = 0.001) -> None:
         self.engine = engine
         self.purge_probability = purge_probability
         self._raw = RawStatement(engine)
         p = self._raw.placeholder
-        # An existing entry is only replaced once it has expired; a live one makes this a replay.
-        # One statement, atomic on both databases: of concurrent first uses exactly one inserts.
-        self._first_use = (
-            f"INSERT INTO replay_entries (key, expires_at) VALUES ({p}, {p}) "  # noqa: S608 - placeholders
-            "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
-            f"WHERE replay_entries.expires_at <= {p}"
-        )
+        self._first_use = first_use_statement(p)
         self._release = f"DELETE FROM replay_entries WHERE key = {p}"  # noqa: S608 - placeholder only
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
 
     @staticmethod
     def _key(purpose: str, key: str) -> str:
-        full_key = f"{purpose}:{key}"
-        if len(full_key) > 200 or not full_key.isprintable():
-            # Truncating would make distinct keys collide, and a text column refuses NUL and lone
-            # surrogates; a digest keeps every such key distinct and storable.
-            digest = hashlib.sha256(full_key.encode("utf-8", "surrogatepass")).hexdigest()
-            full_key = f"{purpose[:120]}:sha256:{digest}"
-        return full_key
+        return replay_key(purpose, key)
 
     def release(self, purpose: str, key: str) -> None:
         try:
@@ -446,7 +710,9 @@ class SqlReplayCache:
         except (*self._raw.errors, SQLAlchemyError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
-    def first_use(self, purpose: str, key: str, expires_at: float, now: float) -> bool:
+    def first_use(
+        self, purpose: str, key: str, expires_at: float, now: float, *, valid_from: float | None = None
+    ) -> bool:
         try:
             first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
@@ -663,3 +929,33 @@ class SqlRevokedTokens:
 
     def revoked(self, jti: str) -> bool:
         return bool(self._kv.get([jti]))
+
+
+ledger_epochs = Table(
+    "ledger_epochs",
+    metadata,
+    Column("identity", String(600), primary_key=True),
+    Column("epoch", String(600), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+#: How long the last known epoch of a replay store is remembered (a store unused for longer is new).
+_EPOCH_MEMORY_TTL = 366 * 24 * 3600
+
+
+class SqlLedgerEpochMemory:
+    """Remembers, in the durable database, which epoch of the Redis replay store was last seen.
+
+    A process that starts after Redis restarted empty has no memory of its own of
+    the old epoch; this is how it still knows the records were lost (see
+    :class:`sts.adapters.redis_store.LedgerEpoch`).
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = _KeyValueTable(engine, "ledger_epochs", "epoch", clock)
+
+    def load(self, name: str) -> str | None:
+        return self._kv.get([name]).get(name)
+
+    def save(self, name: str, epoch_id: str) -> None:
+        self._kv.put(name, epoch_id, _EPOCH_MEMORY_TTL)

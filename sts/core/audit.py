@@ -8,6 +8,8 @@ caller once its record is committed.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -86,3 +88,47 @@ class AuditRecord:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
+
+
+#: The fields of a decision written to the log when its audit record cannot be committed: who
+#: asked, what was decided and why.  Hashes and identifiers only; no token, secret or evidence.
+_LOGGED_FIELDS = (
+    "event_id",
+    "time",
+    "request_id",
+    "endpoint",
+    "outcome",
+    "error",
+    "reasons",
+    "client_id",
+    "issuer",
+    "subject",
+    "actor_issuer",
+    "actor_subject",
+    "subject_token_sha256",
+    "rule",
+    "issued_jti",
+    "source_ip",
+)
+
+
+def log_unaudited(
+    logger: logging.Logger, record: AuditRecord, failure: str, *, outcome: str | None = None
+) -> None:
+    """Write a decision whose audit record could not be committed to the log, so that none is lost.
+
+    One line, ``decision not audited (<failure>): {json}``; the same summary is attached
+    to the log record as ``decision`` for structured handlers.  ``outcome`` overrides the
+    record's (``withheld`` for a grant whose token was never sent).
+    """
+    summary = {name: getattr(record, name) for name in _LOGGED_FIELDS}
+    summary["reasons"] = list(record.reasons)
+    if outcome is not None:
+        summary["outcome"] = outcome
+    summary["audit_failure"] = failure
+    logger.error(
+        "decision not audited (%s): %s",
+        failure,
+        json.dumps(summary, default=str, sort_keys=True),
+        extra={"decision": summary},
+    )

@@ -23,7 +23,14 @@ from ..protocol.client_auth import NONE, PRIVATE_KEY_JWT, ClientCredentials
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
 from .client_secrets import verify_secret
 from .jose import JWSInvalid, peek, verify_signature
-from .ports import IssuerKeys, KeysUnavailable, ReplayCache, StoreUnavailable, UnknownKeyId
+from .ports import (
+    IssuerKeys,
+    KeysUnavailable,
+    ReplayCache,
+    ReplayWindowLost,
+    StoreUnavailable,
+    UnknownKeyId,
+)
 
 #: ``typ`` values accepted on a client assertion (draft-ietf-oauth-rfc7523bis adds the explicit one).
 ASSERTION_TYP = frozenset({None, "jwt", "client-authentication+jwt"})
@@ -97,6 +104,12 @@ def authenticate_client(
     return AuthenticatedClient(client.client_id, creds.method)
 
 
+#: Said to a client whose assertion the replay store can no longer vouch for.
+REPLAY_WINDOW_LOST = (
+    "The client assertion predates a loss of the server's replay records; sign a fresh assertion."
+)
+
+
 def _authenticate_assertion(
     creds: ClientCredentials,
     clients: Mapping[str, RegisteredClient],
@@ -147,14 +160,21 @@ def _authenticate_assertion(
         checked = check_claims(claims, rules, now=now)
     except ClaimInvalid as exc:
         raise InvalidClient(f"client_assertion.{exc.reason}", exc.detail) from None
-    exp, jti = checked.exp, checked.jti
+    exp, jti, iat = checked.exp, checked.jti, checked.iat
     if exp is None or jti is None:  # Required by the rules; this keeps the types honest.
         raise InvalidClient("client_assertion.missing_exp" if exp is None else "client_assertion.missing_jti")
     key = hashlib.sha256(f"{client.client_id}\x00{jti}".encode()).hexdigest()
+    # The earliest time it could have been accepted: its iat less the leeway; without iat, the
+    # earliest its exp allows (a longer lifetime than max_lifetime is refused above).
+    valid_from = iat - leeway if iat is not None else exp - max_lifetime - leeway
     try:
-        first = replay.first_use("client_assertion", key, exp + leeway, now)
+        first = replay.first_use("client_assertion", key, exp + leeway, now, valid_from=valid_from)
     except StoreUnavailable as exc:
         raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+    except ReplayWindowLost as exc:
+        raise InvalidClient(
+            "client_assertion.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST
+        ) from None
     if not first:
         raise InvalidClient("client_assertion.replayed")
     return AuthenticatedClient(client.client_id, PRIVATE_KEY_JWT)

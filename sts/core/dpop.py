@@ -38,7 +38,7 @@ from joserfc.jws import JWSRegistry
 from ..errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
 from .jose import JWSInvalid, UnverifiedJWS, parse_compact, registry_for, rsa_key_problem
-from .ports import ReplayCache, StoreUnavailable
+from .ports import ReplayCache, ReplayWindowLost, StoreUnavailable
 
 DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "Ed25519", "EdDSA")
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
@@ -127,19 +127,30 @@ def issue_nonce(secret: bytes, now: float) -> str:
 
 
 def nonce_valid(secret: bytes, nonce: object, now: float, lifetime: int) -> bool:
+    return nonce_issued_at(secret, nonce, now, lifetime) is not None
+
+
+def nonce_issued_at(secret: bytes, nonce: object, now: float, lifetime: int) -> int | None:
+    """When a valid nonce of ours was issued (whole seconds, rounded down); None if it is not valid."""
     if not isinstance(nonce, str) or len(nonce) > 64:
-        return False
+        return None
     try:
         raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
     except ValueError:
-        return False
+        return None
     if len(raw) != 24:
-        return False
+        return None
     stamp, mac = raw[:8], raw[8:]
     if not hmac.compare_digest(mac, hmac.new(secret, stamp, hashlib.sha256).digest()[:16]):
-        return False
+        return None
     issued = int(struct.unpack(">Q", stamp)[0])
-    return issued <= now + 5 and now - issued <= lifetime
+    return issued if issued <= now + 5 and now - issued <= lifetime else None
+
+
+#: Said to a client whose DPoP proof the replay store can no longer vouch for.
+REPLAY_WINDOW_LOST = (
+    "The DPoP proof predates a loss of the server's replay records; send a freshly made proof."
+)
 
 
 def _refuse(reason: str, detail: str = "") -> InvalidDPoPProof:
@@ -222,18 +233,32 @@ def verify_proof(
         raise _refuse("htu_mismatch")
     if access_token_hash is not None and claims.get("ath") != access_token_hash:
         raise _refuse("ath_mismatch")
-    if config.nonce_secret is not None and not nonce_valid(
-        config.nonce_secret, claims.get("nonce"), now, config.nonce_lifetime
-    ):
-        raise UseDPoPNonce(issue_nonce(config.nonce_secret, now))
-    jkt = key.thumbprint()
     jti, iat = checked.jti, checked.iat
     if jti is None or iat is None:  # Required by the rules; this keeps the types honest.
         raise _refuse("missing_jti" if jti is None else "missing_iat")
+    # The earliest time the proof could have been accepted: a nonce of ours dates it on our own
+    # clock; else its iat, less the leeway given to a client clock ahead of ours.
+    valid_from: float = iat - config.leeway
+    if config.nonce_secret is not None:
+        nonce_time = nonce_issued_at(config.nonce_secret, claims.get("nonce"), now, config.nonce_lifetime)
+        if nonce_time is None:
+            raise UseDPoPNonce(issue_nonce(config.nonce_secret, now))
+        valid_from = max(valid_from, nonce_time)
+    jkt = key.thumbprint()
     try:
-        first = replay.first_use(f"dpop:{jkt}", jti, iat + config.max_age + config.leeway, now)
+        first = replay.first_use(
+            f"dpop:{jkt}", jti, iat + config.max_age + config.leeway, now, valid_from=valid_from
+        )
     except StoreUnavailable as exc:
         raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+    except ReplayWindowLost as exc:
+        # The replay store lost its records after this proof could have been used.  A fresh proof
+        # fixes it: with nonces, one carrying a nonce issued now (which RFC 9449 §8 clients send
+        # on their own); without, one made after the loss (and the leeway) has passed.
+        if config.nonce_secret is not None:
+            nonce = issue_nonce(config.nonce_secret, max(now, exc.lost_at))
+            raise UseDPoPNonce(nonce, "dpop.replay_window_lost", str(exc)) from None
+        raise InvalidDPoPProof("dpop.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST) from None
     if not first:
         raise _refuse("replayed_jti")
     return VerifiedProof(jkt=jkt, jti=jti, iat=iat)

@@ -36,34 +36,58 @@ from ..protocol.token_exchange import (
     parse_grant_type,
     parse_token_exchange,
 )
+from .assurance import (
+    KEY_CHANGED,
+    KEY_CONTINUES,
+    KEY_FACTS,
+    Evidence,
+    at_least,
+    key_state,
+    lowest_known,
+    needed,
+    posture_is_good,
+    reached,
+    shortfall,
+)
 from .attest import IssuerDirectory, VerifiedToken, verify_token
-from .audit import AuditRecord, token_hash
+from .audit import AuditRecord, log_unaudited, token_hash
 from .baseline import BASELINE_TTL, Baseline, observe, record_failure
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from .delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, narrow_reexchange
 from .dpop import DPoPConfig, VerifiedProof, verify_proof
+from .drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
 from .introspection import own_token_identities, revocation
 from .mint import mint_access_token
 from .policy import Grant, PolicyRequest, PolicySet, evaluate
 from .ports import (
+    AlreadyUsed,
     AuditSink,
     AuditUnavailable,
     BaselineStore,
     ReplayCache,
+    ReplayWindowLost,
     RevokedTokens,
     Signer,
+    SingleUse,
+    SingleUseLedger,
     StoreUnavailable,
     SubjectStateStore,
     TokenReviewer,
     TokenReviewUnavailable,
 )
-from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events, stable_values
+from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from .stepup import DENY, STEP_UP, RiskDecision, decide
 from .subject_state import SubjectState, identity_key, identity_keys, merge
 
 log = logging.getLogger(__name__)
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+#: Said to a workload whose single-use token the replay store can no longer vouch for.
+REPLAY_WINDOW_LOST = (
+    "The subject token was issued before the replay store lost its records, so its single use cannot "
+    "be checked; obtain a fresh subject token and exchange it."
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,9 @@ class _Risk:
     baseline: Baseline
     baseline_key: str | None
     record: dict[str, Any]
+    #: The assurance level this request reaches (sts.core.assurance), and what it showed for it.
+    level: str
+    evidence: Evidence
 
 
 @dataclass(frozen=True)
@@ -130,6 +157,7 @@ class TokenExchange:
         issuers: IssuerDirectory,
         policy: PolicySet,
         replay: ReplayCache,
+        ledger: SingleUseLedger,
         signer: Callable[[], Signer],
         audit: AuditSink,
         clock: Callable[[], float],
@@ -147,6 +175,7 @@ class TokenExchange:
         self.issuers = issuers
         self.policy = policy
         self.replay = replay
+        self.ledger = ledger
         self.signer = signer
         self.audit = audit
         self.clock = clock
@@ -163,17 +192,16 @@ class TokenExchange:
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
         )
-        consumed: list[tuple[str, str]] = []
+        uses: list[SingleUse] = []
         try:
-            response = self._decide(wire, record, now, consumed)
+            response = self._decide(wire, record, now, uses)
         except OAuthError as exc:
-            record.refuse(exc.error, exc.reason, exc.detail)
-            self._record_refusal(record)
-            if not isinstance(exc, TemporarilyUnavailable):
-                self.record_failure(record, now)
+            self.ledger.cancel(uses)
+            self._refuse(record, exc, now)
             raise
         except Exception as exc:
             # A bug must never become a grant: refuse, record, and say nothing of the cause.
+            self.ledger.cancel(uses)
             log.exception("token exchange failed unexpectedly (request %s)", wire.request_id)
             record.outcome = "error"
             record.error = "server_error"
@@ -181,7 +209,18 @@ class TokenExchange:
             self._record_refusal(record)
             raise ServerError("internal.unexpected") from None
         try:
-            self.audit.write(record)
+            # Two-phase single use: the subject token is used up only together with (Redis: right
+            # after) the commit of this record, so a failure here leaves it usable for the retry.
+            if uses:
+                self.ledger.commit(record, uses, now)
+            else:
+                self.audit.write(record)
+        except AlreadyUsed:
+            # A concurrent request with the same token committed first (another worker or instance).
+            _withdraw_grant(record)
+            replayed = InvalidRequest("subject_token.replayed", "used by a concurrent request")
+            self._refuse(record, replayed, now)
+            raise replayed from None
         except AuditUnavailable as exc:
             log.error(
                 "audit write failed; token %s withheld (request %s): %s",
@@ -189,14 +228,24 @@ class TokenExchange:
                 wire.request_id,
                 exc,
             )
-            # The token is withheld, so a single-use subject token must stay usable for the retry.
-            for purpose, key in consumed:
-                try:
-                    self.replay.release(purpose, key)
-                except StoreUnavailable:
-                    log.error("could not release single-use record after an audit failure")
+            log_unaudited(log, record, str(exc), outcome="withheld")
             raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
+        except StoreUnavailable as exc:
+            log.error(
+                "single use of the subject token not confirmed after its audit record was committed; "
+                "token %s withheld (request %s): %s",
+                record.issued_jti,
+                wire.request_id,
+                exc,
+            )
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         return response
+
+    def _refuse(self, record: AuditRecord, exc: OAuthError, now: float) -> None:
+        record.refuse(exc.error, exc.reason, exc.detail)
+        self._record_refusal(record)
+        if not isinstance(exc, TemporarilyUnavailable):
+            self.record_failure(record, now)
 
     def refuse_early(self, wire: WireRequest, exc: OAuthError) -> None:
         """Record a request refused before the pipeline could read it (body too large, unparseable)."""
@@ -216,11 +265,11 @@ class TokenExchange:
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
-            # The refusal stands either way; the failure is logged for operators.
-            log.error("audit write of a refusal failed (request %s): %s", record.request_id, exc)
+            # The refusal stands either way; the decision goes to the log instead.
+            log_unaudited(log, record, str(exc))
 
     def _decide(
-        self, wire: WireRequest, record: AuditRecord, now: float, consumed: list[tuple[str, str]]
+        self, wire: WireRequest, record: AuditRecord, now: float, uses: list[SingleUse]
     ) -> TokenExchangeResponse:
         # 1. Parse: RFC 6749 §3.2 (form POST, no credentials in the query), RFC 8693 §2.1.
         #    The hash of a presented subject token goes into the record even when the
@@ -239,6 +288,9 @@ class TokenExchange:
         record.requested_token_type = request.requested_token_type
         if request.actor_token is not None:
             record.actor_token_sha256 = token_hash(request.actor_token)
+        if request.acr_values and lowest_known(request.acr_values) is None:
+            # RFC 9470 levels are named by this service's metadata (acr_values_supported).
+            raise InvalidRequest("request.unsupported_acr_values", " ".join(request.acr_values)[:200])
 
         # 2. Authenticate the client (RFC 6749 §2.3, RFC 7523 §3).
         creds = parse_client_credentials(wire.form, wire.authorization)
@@ -283,7 +335,7 @@ class TokenExchange:
         )
         _record_subject(record, subject)
         self._check_not_revoked(subject, "subject_token")
-        self._check_liveness(subject, request.subject_token)
+        live_review = self._check_liveness(subject, request.subject_token)
         actor: VerifiedToken | None = None
         if request.actor_token is not None:
             actor = verify_token(
@@ -333,28 +385,53 @@ class TokenExchange:
         # 5. Risk: what other systems said about the subject (always), then the rule's own
         #    signals; the decision may narrow, shorten, ask for fresh attestation or refuse.
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
-        observed = replace(subject, facts={**subject.facts, "cnf_jkt": proof.jkt}) if proof else subject
+        keys = presented_keys(proof, wire.client_cert_thumbprint)
+        observed = replace(subject, facts={**subject.facts, **keys}) if keys else subject
         posture = None
         if request.posture_token:
             record.details["posture_token_sha256"] = token_hash(request.posture_token)
             posture = self._posture(request.posture_token, subject, now)
-        risk = self._assess_risk(wire, observed, grant, scopes, depth, attested_at, now, posture)
+        risk = self._assess_risk(
+            wire,
+            observed,
+            grant,
+            scopes,
+            depth,
+            attested_at,
+            now,
+            posture,
+            keys=keys,
+            live_review=live_review,
+        )
         record.details["risk"] = risk.record
+        record.details["assurance"] = {"presented": risk.level, "evidence": risk.evidence.as_dict()}
         if risk.decision.enforced:
-            if risk.decision.action == DENY:
-                raise RiskRefused("risk.denied", signals=risk.decision.fired)
-            narrowed = risk.decision.scopes
+            decision = risk.decision
+            if decision.action == DENY:
+                self._save_progress(risk)
+                raise RiskRefused("risk.denied", signals=decision.fired, clears=decision.clears)
+            narrowed = decision.scopes
             if scopes and not narrowed and risk.assessment.fresh:
                 # Nothing is left, and the attestation is already fresh: renewing it would
                 # change nothing, so asking for a step-up would send the workload round forever.
-                raise RiskRefused("risk.narrowed_to_nothing", signals=risk.decision.fired)
-            if risk.decision.action == STEP_UP or (scopes and not narrowed):
+                self._save_progress(risk)
+                raise RiskRefused("risk.narrowed_to_nothing", signals=decision.fired, clears=decision.clears)
+            if decision.action == STEP_UP or (scopes and not narrowed):
+                self._save_progress(risk)
                 raise StepUpRequired(
-                    "risk.step_up", max_age=risk.decision.step_up_max_age, signals=risk.decision.fired
+                    "risk.step_up",
+                    max_age=decision.step_up_max_age,
+                    signals=decision.fired,
+                    acr_values=decision.acr_values if decision.action == STEP_UP else (),
+                    clears=decision.clears,
                 )
             if len(narrowed) != len(scopes):
                 record.reasons.append("risk.scope_narrowed")
             scopes = narrowed
+
+        # 5b. Assurance: the level reached and the attestation age, against what the rule's
+        #     requirements for these scopes and audiences (and the request's acr_values) need.
+        self._check_assurance(record, risk, grant, scopes, request.acr_values, attested_at, now)
 
         # 6. Lifetime: the smallest of the rule's maximum, what was asked and what is
         #    left of the subject token (or of what its issuer intended, e.g. warnafter),
@@ -366,10 +443,11 @@ class TokenExchange:
         if lifetime < 1:
             raise InvalidRequest("subject_token.expired")
 
-        # 6. Single use: record the subject token until it expires, atomically, so of two
-        #    concurrent exchanges exactly one succeeds. Done last, so a refusal does not burn it.
+        # 6. Single use: reserve the subject token (a used one is refused here); the use is
+        #    recorded with the audit record, so of two concurrent exchanges exactly one succeeds.
+        #    Done last, so a refusal does not burn it.
         if grant.single_use:
-            consumed.append(self._consume(subject, request.subject_token, now))
+            uses.append(self._reserve(subject, request.subject_token, now))
 
         # 6. Mint.
         signer = self.signer()
@@ -383,8 +461,12 @@ class TokenExchange:
             lifetime=lifetime,
             now=now,
             auth_time=attested_at,
-            extra={**(carried_claims(subject, act) or {}), **confirmation(proof, wire.client_cert_thumbprint)}
-            or None,
+            extra={
+                **(carried_claims(subject, act) or {}),
+                **confirmation(proof, wire.client_cert_thumbprint),
+                # RFC 9470 §4 / RFC 9068 §2.2.1: the assurance level this exchange reached.
+                "acr": risk.level,
+            },
         )
         if risk.baseline_key is not None:
             self._learn(risk, observed, wire.source_ip, grant.audiences, scopes, depth, now)
@@ -490,19 +572,40 @@ class TokenExchange:
         attested_at: float | None,
         now: float,
         posture: tuple[Mapping[str, Any] | None, str | None] | None = None,
+        *,
+        keys: Mapping[str, str] | None = None,
+        live_review: bool = False,
     ) -> _Risk:
+        keys = keys or {}
+        # The baseline is kept where it is judged: by the rule's risk signals, or by the assurance
+        # levels (whose proof-of-possession level needs the identity's key), and whenever a key
+        # is presented, so the identity's first key is remembered.
+        keeps_baseline = bool(grant.risk or grant.assurance or keys)
         try:
             state = (
                 merge(self.subject_states.get(self._identity_keys(subject))) if self.subject_states else None
             )
             baseline_key = (
-                identity_key(subject.issuer_name, subject.subject) if grant.risk and self.baselines else None
+                identity_key(subject.issuer_name, subject.subject)
+                if keeps_baseline and self.baselines
+                else None
             )
             baseline = self.baselines.load(baseline_key) if baseline_key and self.baselines else Baseline()
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         state = state or SubjectState()
         cfg = grant.risk or EVENTS_ONLY
+        posture_claims = posture[0] if posture else None
+        posture_ok = posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
+        presented_key = key_state(keys, baseline.confirmed_keys())
+        shown = frozenset(
+            ([EVIDENCE_POP] if presented_key == KEY_CONTINUES else [])
+            + ([EVIDENCE_POSTURE] if posture_ok else [])
+        )
+        presentable = frozenset(
+            ([EVIDENCE_POP] if any(baseline.facts.get(f) is not None for f in KEY_FACTS) else [])
+            + ([EVIDENCE_POSTURE] if cfg.posture_fact is not None else [])
+        )
         ctx = RiskContext(
             identity=identity_key(subject.issuer_name, subject.subject),
             facts=subject.facts,
@@ -515,19 +618,90 @@ class TokenExchange:
             now=now,
             baseline=baseline,
             state=state,
-            posture_claims=posture[0] if posture else None,
+            posture_claims=posture_claims,
             posture_problem=posture[1] if posture else None,
+            evidence_shown=shown,
+            evidence_presentable=presentable,
         )
         assessment = assess(ctx, cfg) if grant.risk else assess_events(ctx, cfg)
         decision = decide(assessment, cfg, scopes)
+        if presented_key == KEY_CHANGED and all(
+            v in assessment.drift.baseline.confirmed_values(f) for f, v in keys.items()
+        ):
+            # The new key completed its probation with this exchange: it is the identity's key now.
+            presented_key = KEY_CONTINUES
+        carried = None
+        if subject.issuer_name == SELF_ISSUER:
+            acr = subject.claims.get("acr")
+            carried = acr if isinstance(acr, str) else ""
+        evidence = Evidence(
+            key=presented_key, posture_token=posture_ok, live_review=live_review, carried=carried
+        )
         record = {
             "mode": cfg.mode if grant.risk else "events",
             "score": assessment.score,
             "decision": decision.as_dict(),
             "signals": [s.as_dict() for s in assessment.signals],
             "learning": baseline.learning if grant.risk else None,
+            # The session state behind the decision: each watched fact, confirmed or pending.
+            "baseline": session_summary(assessment.drift.baseline, cfg.stable_facts if grant.risk else ())
+            if baseline_key
+            else None,
         }
-        return _Risk(decision, assessment, cfg, baseline, baseline_key, record)
+        return _Risk(
+            decision,
+            assessment,
+            cfg,
+            baseline,
+            baseline_key,
+            record,
+            level=reached(evidence),
+            evidence=evidence,
+        )
+
+    def _check_assurance(
+        self,
+        record: AuditRecord,
+        risk: _Risk,
+        grant: Grant,
+        scopes: tuple[str, ...],
+        requested: tuple[str, ...],
+        attested_at: float | None,
+        now: float,
+    ) -> None:
+        """RFC 9470 §3 at the token endpoint: refuse, naming ``acr_values`` and ``max_age``, what the
+        rule's ``assurance`` requirements (and the request's ``acr_values``) need and this request
+        does not reach."""
+        need = needed(grant.assurance, grant.audiences, scopes, requested)
+        low, old = shortfall(need, risk.level, attested_at, now)
+        record.details["assurance"] = {
+            "presented": risk.level,
+            "required": need.acr,
+            "max_age": need.max_age,
+            "because": list(need.because),
+            "attestation_age": int(now - attested_at) if attested_at is not None else None,
+            "evidence": risk.evidence.as_dict(),
+        }
+        if low or old:
+            self._save_progress(risk)
+            raise StepUpRequired(
+                "assurance.level_too_low" if low else "assurance.attestation_too_old",
+                ", ".join(need.because),
+                max_age=need.max_age,
+                acr_values=at_least(need.acr) if low and need.acr else (),
+            )
+
+    def _save_progress(self, risk: _Risk) -> None:
+        """A refused exchange still counts for the probation of a changed fact (best effort)."""
+        if self.baselines is None or risk.baseline_key is None:
+            return
+        updated = progress(risk.baseline, risk.assessment.drift)
+        if updated == risk.baseline:
+            return
+        try:
+            self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
+        except StoreUnavailable:
+            log.warning("drift probation progress not saved: store unavailable")
 
     def _learn(
         self,
@@ -541,15 +715,16 @@ class TokenExchange:
     ) -> None:
         """Update the behaviour baseline after a grant (best effort: a lost update only delays learning)."""
         assert self.baselines is not None and risk.baseline_key is not None
+        # The reviewed baseline: first-seen facts set, changed ones confirmed or left pending.
         updated = observe(
-            risk.baseline,
+            risk.assessment.drift.baseline,
             now=now,
             source_ip=source_ip,
-            stable_facts=stable_values(subject.facts, subject.claims, risk.cfg.stable_facts),
+            stable_facts={},
             audiences=audiences,
             scopes=scopes,
             depth=depth,
-            rebaseline=risk.assessment.fresh,
+            rebaseline=False,
         )
         try:
             self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
@@ -566,11 +741,13 @@ class TokenExchange:
         except StoreUnavailable:
             log.warning("failure not recorded in baseline: store unavailable")
 
-    def _check_liveness(self, subject: VerifiedToken, token: str) -> None:
-        """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview)."""
+    def _check_liveness(self, subject: VerifiedToken, token: str) -> bool:
+        """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview).
+
+        True when a live review passed (posture evidence for the assurance levels)."""
         reviewer = self.token_reviewers.get(subject.issuer_name)
         if reviewer is None:
-            return
+            return False
         try:
             # Ask the API server to check the audience we require, not whatever the token says.
             trusted = self.issuers.by_name(subject.issuer_name)
@@ -580,23 +757,42 @@ class TokenExchange:
             raise TemporarilyUnavailable("subject_token.token_review_unavailable", str(exc)) from None
         if username != subject.subject:
             raise InvalidRequest("subject_token.kubernetes.not_live")
+        return True
 
-    def _consume(self, subject: VerifiedToken, token: str, now: float) -> tuple[str, str]:
+    def _reserve(self, subject: VerifiedToken, token: str, now: float) -> SingleUse:
+        """Phase 1 of single use (see :class:`~sts.core.ports.SingleUseLedger`)."""
         # Keys are prefixed by purpose and issuer, so replay caches never collide.
-        key = subject.jti if subject.jti is not None else signed_part_hash(token)
-        purpose = f"subject_token:{subject.issuer_name}"
+        use = SingleUse(
+            purpose=f"subject_token:{subject.issuer_name}",
+            key=subject.jti if subject.jti is not None else signed_part_hash(token),
+            expires_at=subject.expires_at + self.config.leeway,
+            valid_from=earliest_acceptance(subject, self.config.leeway),
+        )
         try:
-            first = self.replay.first_use(
-                purpose,
-                key,
-                subject.expires_at + self.config.leeway,
-                now,
-            )
+            return self.ledger.reserve(use, now)
+        except AlreadyUsed:
+            raise InvalidRequest("subject_token.replayed") from None
+        except ReplayWindowLost as exc:
+            raise InvalidRequest(
+                "subject_token.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST
+            ) from None
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
-        if not first:
-            raise InvalidRequest("subject_token.replayed")
-        return purpose, key
+
+
+def earliest_acceptance(token: VerifiedToken, leeway: float) -> float | None:
+    """The earliest time (this service's clock) ``token`` could have been accepted: its ``iat``
+    (else ``nbf``) less the leeway a clock ahead of ours is given (RFC 7519 §4.1.5-6); None when
+    it has neither (any time)."""
+    start = token.issued_at if token.issued_at is not None else token.not_before
+    return None if start is None else start - leeway
+
+
+def _withdraw_grant(record: AuditRecord) -> None:
+    """The record of a grant whose token was minted but will not leave: it becomes a refusal."""
+    record.granted_audience, record.granted_scope, record.granted_lifetime = [], [], None
+    record.issued_jti = record.issued_exp = None
+    record.issued_kid = None
 
 
 def _bound_key(token: VerifiedToken) -> str | None:
@@ -606,6 +802,16 @@ def _bound_key(token: VerifiedToken) -> str | None:
     if token.issuer_name != SELF_ISSUER or jkt is None:
         return None
     return str(jkt)
+
+
+def presented_keys(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, str]:
+    """The proof-of-possession keys this request proves, as baseline facts (``cnf_jkt``, ``cnf_x5t``)."""
+    keys: dict[str, str] = {}
+    if proof is not None:
+        keys["cnf_jkt"] = proof.jkt
+    if thumbprint is not None:
+        keys["cnf_x5t"] = thumbprint
+    return keys
 
 
 def confirmation(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ HTTP JWKS, key files).  The core only ever sees these protocols.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from joserfc.jwk import Key
@@ -32,20 +33,95 @@ class AuditUnavailable(Exception):
     """The audit record could not be committed."""
 
 
-class ReplayCache(Protocol):
-    """One-time-use registry (client assertion ``jti``, single-use tokens, DPoP ``jti``)."""
+class ReplayWindowLost(Exception):
+    """The replay store forgot what it remembered (it restarted empty) at ``lost_at``.
 
-    def first_use(self, purpose: str, key: str, expires_at: float, now: float) -> bool:
+    A credential that could have been accepted before then may have been used
+    already, and the store can no longer tell: it is refused until it expires.
+    ``lost_at`` is on this service's clock.
+    """
+
+    def __init__(self, lost_at: float) -> None:
+        super().__init__(f"replay records lost at {lost_at:.0f}")
+        self.lost_at = lost_at
+
+
+class AlreadyUsed(Exception):
+    """A single-use credential whose use is already recorded (or committed by a concurrent request)."""
+
+
+class ReplayCache(Protocol):
+    """One-time-use registry (client assertion ``jti``, DPoP ``jti``, SET ``jti``)."""
+
+    def first_use(
+        self, purpose: str, key: str, expires_at: float, now: float, *, valid_from: float | None = None
+    ) -> bool:
         """Atomically record ``key`` under ``purpose`` until ``expires_at``.
 
         Returns True when the key was not already recorded (first use), False
         on a replay.  Raises :class:`StoreUnavailable` when the store cannot
         be reached, so the caller fails closed.
+
+        ``valid_from`` is the earliest time (this service's clock) at which the
+        credential could have been accepted, leeway included; None when that is
+        unknown (any time).  A store that lost its records after ``valid_from``
+        raises :class:`ReplayWindowLost`: the credential may have been used
+        before the loss, and nothing remembers it.
         """
         ...
 
     def release(self, purpose: str, key: str) -> None:
         """Forget a first use whose result was never delivered (the audit write failed)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SingleUse:
+    """One use of a single-use credential, recorded under ``purpose:key`` until ``expires_at``.
+
+    ``valid_from`` is as for :meth:`ReplayCache.first_use`; ``holder`` is set by
+    :meth:`SingleUseLedger.reserve` and names the reservation.
+    """
+
+    purpose: str
+    key: str
+    expires_at: float
+    valid_from: float | None
+    holder: str = ""
+
+
+class SingleUseLedger(Protocol):
+    """Two-phase single use: reserve before the token is minted, commit with its audit record.
+
+    A token is used up only when its grant's audit record is committed, so a
+    failure (the audit store, the ledger, the process) never consumes it: the
+    retry of a 503 still works.  Where the ledger and the audit trail share a
+    database, the use and the record are one transaction; elsewhere the
+    reservation lapses after a short hold unless it is confirmed once the record
+    is committed.
+    """
+
+    def reserve(self, use: SingleUse, now: float) -> SingleUse:
+        """Phase 1: claim ``use``; returns the reservation to pass to :meth:`commit`.
+
+        Raises :class:`AlreadyUsed` (a committed use, or a concurrent one that
+        committed while this waited), :class:`ReplayWindowLost` and
+        :class:`StoreUnavailable`.
+        """
+        ...
+
+    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+        """Phase 2: commit ``record`` and record ``uses`` as used.
+
+        Raises :class:`AuditUnavailable` (nothing committed, no use recorded),
+        :class:`AlreadyUsed` (a concurrent request committed one of the uses
+        first; ``record`` is not written) or :class:`StoreUnavailable` (the record
+        is committed but a use could not be confirmed: the token is withheld).
+        """
+        ...
+
+    def cancel(self, uses: Sequence[SingleUse]) -> None:
+        """Drop reservations whose request failed (best effort: they lapse on their own)."""
         ...
 
 

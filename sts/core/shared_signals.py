@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .attest import IssuerDirectory
-from .audit import AuditRecord, token_hash
+from .audit import AuditRecord, log_unaudited, token_hash
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date, numeric_date_value
 from .jose import JWSInvalid, peek, verify_signature
 from .ports import (
@@ -80,6 +80,7 @@ from .ports import (
     IssuerKeys,
     KeysUnavailable,
     ReplayCache,
+    ReplayWindowLost,
     StoreUnavailable,
     SubjectStateStore,
     UnknownKeyId,
@@ -667,6 +668,7 @@ class SignalReceiver:
             # The state change stands (it only tightens), but the transmitter must retry so the
             # trail is complete: forget the jti so that the retry is not taken for a replay.
             log.error("audit write of an accepted SET failed (request %s): %s", delivery.request_id, exc)
+            log_unaudited(log, record, str(exc), outcome="withheld")
             if consumed is not None:
                 try:
                     self.replay.release(*consumed)
@@ -702,9 +704,19 @@ class SignalReceiver:
         # Single use (RFC 8417 §2.2 jti), checked last so that a refused SET does not burn its jti.
         purpose = f"set:{policy.name}"
         try:
-            first = self.replay.first_use(purpose, jti_hash, verified.iat + policy.max_age + self.leeway, now)
+            first = self.replay.first_use(
+                purpose,
+                jti_hash,
+                verified.iat + policy.max_age + self.leeway,
+                now,
+                valid_from=verified.iat - self.leeway,
+            )
         except StoreUnavailable as exc:
             raise ReceiverUnavailable("store.unavailable", str(exc)) from None
+        except ReplayWindowLost as exc:
+            # The replay store lost its records after this SET could have been received: it may be
+            # a replay.  The transmitter must send the event again as a new SET (new jti and iat).
+            raise _invalid("set.replay_window_lost", str(exc)) from None
         if not first:
             raise _invalid("set.replayed")
         consumed = (purpose, jti_hash)
@@ -757,5 +769,5 @@ class SignalReceiver:
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
-            # The refusal stands either way; the failure is logged for operators.
-            log.error("audit write of a refused SET failed (request %s): %s", record.request_id, exc)
+            # The refusal stands either way; the decision goes to the log instead.
+            log_unaudited(log, record, str(exc))

@@ -9,6 +9,7 @@ Both need an authenticated client (RFC 7662 §2.1, RFC 7009 §2.1)::
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
 from ..protocol.client_auth import parse_client_credentials
 from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no_repeats, single
-from .audit import AuditRecord, token_hash
+from .audit import AuditRecord, log_unaudited, token_hash
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from .exchange import WireRequest, check_content_type
 from .introspection import OwnTokenVerifier, audiences_of, introspect, verify_own_token
@@ -29,6 +30,8 @@ from .ports import (
     StoreUnavailable,
     SubjectStateStore,
 )
+
+log = logging.getLogger(__name__)
 
 #: The parameters both endpoints define (RFC 7662 §2.1, RFC 7009 §2.1): each at most once.
 #: Any other parameter is ignored (RFC 6749 §3.2), however often it is sent.
@@ -98,6 +101,8 @@ class TokenStatus:
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
+            # A refusal stands either way; an answer is withheld.  The log keeps the decision.
+            log_unaudited(log, record, str(exc), outcome=None if error is not None else "withheld")
             if error is None:
                 raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
 

@@ -1,4 +1,4 @@
-"""Endpoints: the token endpoint (RFC 8693), metadata (RFC 8414), JWKS, health."""
+"""Endpoints: the token endpoint (RFC 8693), metadata (RFC 8414), JWKS, liveness and readiness."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from ..core.dpop import issue_nonce
 from ..core.exchange import WireRequest
-from ..errors import InvalidRequest, OAuthError
+from ..errors import InvalidRequest, OAuthError, TemporarilyUnavailable
 from .client_cert import certificate_thumbprint
 from .responses import NO_STORE, json_response
 
@@ -44,6 +44,10 @@ def token() -> Response:
     authorizations = request.headers.getlist("Authorization")
     if len(authorizations) > 1:
         problem = problem or InvalidRequest("request.repeated_authorization_header")
+    if problem is None and not rt.database_ready():
+        # Fail closed before anything is verified or used up: the database was down at start
+        # and its schema is not in place yet (the refusal goes to the log if it cannot be audited).
+        problem = TemporarilyUnavailable("database.not_ready")
     wire = WireRequest(
         form=form,
         query=request.args.to_dict(flat=False),
@@ -97,10 +101,24 @@ def jwks() -> Response:
     return json_response(rt.keyring.public_jwks(), 200, {"Cache-Control": "public, max-age=300"})
 
 
-@bp.get("/healthz")
-def healthz() -> Response:
-    """Liveness and readiness: the audit database and the store answer."""
+@bp.get("/livez")
+def livez() -> Response:
+    """Liveness: the process is up and serves requests.  Checks no dependency, so that an
+    orchestrator restarts a stuck process, never one that waits for its database."""
+    return json_response({"status": "ok"}, 200, NO_STORE)
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Readiness, for load balancers: the audit database commits a write, the replay store
+    answers and takes one, the signing key is loaded.  503 names what is missing."""
     problems = runtime().health()
     if problems:
         return json_response({"status": "unavailable", "problems": problems}, 503, NO_STORE)
     return json_response({"status": "ok"}, 200, NO_STORE)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The readiness check under its earlier name, for existing load balancers and healthchecks."""
+    return readyz()

@@ -88,10 +88,14 @@ def _unexpected(exc: Exception) -> Response:
     )
 
 
+def request_id(incoming: str) -> str:
+    """The caller's ``X-Request-Id`` when well formed, else a fresh one (also for the server's own errors)."""
+    return incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+
+
 def _assign_request_id() -> None:
     g.request_started = time.perf_counter()
-    incoming = request.headers.get("X-Request-Id", "")
-    g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    g.request_id = request_id(request.headers.get("X-Request-Id", ""))
     trusted = current_app.config.get("STS_TRUSTED_PROXIES", ())
     g.client_address = client_address(
         request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted

@@ -86,6 +86,8 @@ class TokenExchangeRequest:
     requested_lifetime: int | None
     #: Extension: a separately issued posture token about the same subject (see docs/policies.md).
     posture_token: str | None = None
+    #: RFC 9470 §4 / OpenID Connect Core §3.1.2.1 ``acr_values``: the assurance levels asked for.
+    acr_values: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -166,6 +168,16 @@ def _targets(form: Mapping[str, Sequence[str]], name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_acr_values(value: str | None) -> tuple[str, ...]:
+    """``acr_values``: space-separated, in order of preference (OpenID Connect Core §3.1.2.1)."""
+    if value is None:
+        return ()
+    values = tuple(value.split(" "))
+    if len(value) > 1000 or len(values) > 10 or not all(values) or not value.isascii():
+        raise InvalidRequest("request.malformed_acr_values")
+    return values
+
+
 def parse_token_exchange(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequest:
     """Check the RFC 8693 §2.1 parameters of a request whose grant type is token exchange."""
     check_no_repeats(form, TOKEN_EXCHANGE_PARAMETERS)
@@ -210,6 +222,7 @@ def parse_token_exchange(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequ
         requested_token_type=requested_token_type,
         requested_lifetime=requested_lifetime,
         posture_token=single(form, "posture_token"),
+        acr_values=parse_acr_values(single(form, "acr_values")),
     )
 
 

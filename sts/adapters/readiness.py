@@ -1,0 +1,265 @@
+"""Readiness: the database schema in place, the audit database taking commits, the store answering.
+
+Liveness and readiness are different questions.  A process that answers HTTP is
+alive; it is *ready* only when it could issue a token now: the audit database
+commits a write (a ``SELECT 1`` also answers from a read-only or full database),
+the replay store answers and takes a write, and the signing key is loaded.
+
+The database may be down when the service starts.  :class:`DatabaseSchema`
+then creates the schema later, on the first request or readiness check after
+the database answers again, so that a process started too early becomes ready
+by itself instead of exiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..core.ports import AuditUnavailable, ReplayCache, StoreUnavailable
+from ..errors import ConfigurationError
+from . import sql
+from .keyring import KeyRing
+
+log = logging.getLogger(__name__)
+
+#: A check of the replay store at ``now``; raises :class:`StoreUnavailable`.
+StoreCheck = Callable[[float], None]
+
+
+def instance_name() -> str:
+    """This process, as named in the ``heartbeats`` table and the store's readiness key."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:200]
+
+
+def describe(exc: BaseException) -> str:
+    """One line about a database failure: the driver's first line, never the SQL or a password."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return f"{type(cause).__name__}: {first[:200]}" if first else type(cause).__name__
+
+
+def where(engine: Engine) -> str:
+    """The database named without credentials: ``host:port/name`` or the SQLite file."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        return str(url.database)
+    return f"{url.host}:{url.port or 5432}/{url.database}"
+
+
+class DatabaseSchema:
+    """The schema, created once the database answers: at start, or as soon as it comes back.
+
+    ``ensure()`` is what requests and readiness checks call: once the schema is in
+    place it costs one attribute read; before that, one thread at a time tries
+    :func:`sql.create_schema`, at most once per ``retry_interval`` seconds, and the
+    others are told "not yet" at once.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retry_interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.retry_interval = retry_interval
+        self._monotonic = monotonic
+        self._ready = False
+        self._next_attempt = 0.0
+        self._lock = threading.Lock()
+        self.last_failure: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def ensure(self) -> bool:
+        """True when the schema is in place; otherwise try (rate-limited) to create it."""
+        if self._ready:
+            return True
+        if not self._lock.acquire(blocking=False):
+            return False  # Another thread is trying right now.
+        try:
+            now = self._monotonic()
+            if self._ready or now < self._next_attempt:
+                return self._ready
+            self._next_attempt = now + self.retry_interval
+            return self.attempt()
+        finally:
+            self._lock.release()
+
+    def attempt(self) -> bool:
+        """One try at creating the schema; a failure is logged in one line, only when it changes."""
+        try:
+            sql.create_schema(self.engine)
+        except SQLAlchemyError as exc:
+            failure = describe(exc)
+            if failure != self.last_failure:
+                log.warning(
+                    "database %s not answering (%s); not ready until it does", where(self.engine), failure
+                )
+            self.last_failure = failure
+            return False
+        if self.last_failure is not None:
+            log.warning("database %s answers again; schema in place", where(self.engine))
+        self._ready, self.last_failure = True, None
+        return True
+
+
+def wait_for_schema(
+    schema: DatabaseSchema,
+    timeout: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+    first_delay: float = 0.5,
+    max_delay: float = 10.0,
+) -> bool:
+    """Create the schema, retrying with exponential backoff for up to ``timeout`` seconds.
+
+    One line per failed attempt (what failed, when the next try is); no traceback.
+    Returns False when the database still does not answer: the caller starts anyway,
+    not ready, and :meth:`DatabaseSchema.ensure` finishes the job when it answers.
+    """
+    deadline = monotonic() + max(0.0, timeout)
+    delay, attempt = first_delay, 1
+    while True:
+        try:
+            sql.create_schema(schema.engine)
+        except SQLAlchemyError as exc:
+            failure = describe(exc)
+            left = deadline - monotonic()
+            if left <= 0:
+                log.warning(
+                    "database %s not answering (%s) after %d attempt(s); starting not ready, "
+                    "the schema is created once it answers",
+                    where(schema.engine),
+                    failure,
+                    attempt,
+                )
+                schema.last_failure = failure
+                return False
+            pause = min(delay, left)
+            log.warning(
+                "database %s not answering (%s); attempt %d, retrying in %.1f s",
+                where(schema.engine),
+                failure,
+                attempt,
+                pause,
+            )
+            sleep(pause)
+            delay, attempt = min(delay * 2, max_delay), attempt + 1
+            continue
+        schema.ensure()  # Marks it ready (the tables exist now, so this is one quick check).
+        return True
+
+
+def sql_store_check(replay: ReplayCache, instance: str) -> StoreCheck:
+    """The embedded store: a write to its replay table (a readiness key that expires in a minute)."""
+
+    def check(now: float) -> None:
+        replay.first_use("readiness", instance, now + 60, now)
+
+    return check
+
+
+def redis_store_check(client: redis.Redis, instance: str, *, prefix: str = "sts") -> StoreCheck:
+    """Redis: ``PING``, then a ``SET`` with a short expiry (refused by a read-only replica or a
+    server out of memory, which still answer ``PING``)."""
+
+    def check(_now: float) -> None:
+        try:
+            client.ping()
+            client.set(f"{prefix}:readiness:{instance}", b"1", px=60_000)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    return check
+
+
+class Readiness:
+    """What ``/readyz`` reports: the problems that stop this process from issuing tokens now.
+
+    ``database``: the schema is not in place, or the audit database does not commit a
+    write; ``store``: the replay store does not answer or take a write; ``keys``: no
+    signing key can be loaded.  A good result is kept for ``cache_seconds``, so that
+    frequent probes cost at most one small commit per second and process; a bad one is
+    checked again on the next probe, so that recovery shows at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        schema: DatabaseSchema,
+        audit: sql.SqlAuditSink,
+        store: StoreCheck,
+        store_in_database: bool,
+        keyring: KeyRing,
+        clock: Callable[[], float],
+        instance: str,
+        cache_seconds: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.schema = schema
+        self.audit = audit
+        self.store = store
+        self.store_in_database = store_in_database
+        self.keyring = keyring
+        self.clock = clock
+        self.instance = instance
+        self.cache_seconds = cache_seconds
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._good_until = -1.0
+        self._last: list[str] = []
+
+    def problems(self) -> list[str]:
+        with self._lock:
+            if self._monotonic() < self._good_until:
+                return []
+            problems = self._check()
+            if not problems:
+                self._good_until = self._monotonic() + self.cache_seconds
+            if problems != self._last:
+                if problems:
+                    log.warning("not ready: %s", ", ".join(problems))
+                else:
+                    log.warning("ready again")
+            self._last = problems
+            return problems
+
+    def _check(self) -> list[str]:
+        now = self.clock()
+        problems = []
+        database = self.schema.ensure()
+        if database:
+            try:
+                self.audit.check_commit(self.instance, now)
+            except AuditUnavailable:
+                database = False
+        if not database:
+            problems.append("database")
+        # The embedded store is a table of the same database: checking it again would only
+        # repeat the database's failure.
+        if database or not self.store_in_database:
+            try:
+                self.store(now)
+            except StoreUnavailable:
+                problems.append("store")
+        try:
+            self.keyring.reload_if_changed(now)
+            self.keyring.signer()
+        except ConfigurationError:
+            problems.append("keys")
+        return problems

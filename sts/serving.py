@@ -1,0 +1,368 @@
+"""Serving: the WSGI application behind granian, so that slow or idle clients cost no Python thread.
+
+granian (Rust, hyper) owns the sockets.  In each worker process:
+
+* hyper accepts connections and reads request lines and headers in Rust.  A
+  connection whose request head (request line and headers) has not fully
+  arrived within ``header_read_timeout`` seconds is closed; the same deadline
+  ends an idle keep-alive connection.  A head larger than ``MAX_HEAD_BYTES``
+  is refused by hyper (``431``), as are malformed request lines and framing
+  headers (``400``): those answers come from the HTTP server, with an empty
+  body, before any Python code sees the request.
+* At most ``ceil(max_connections / workers)`` connections are open per worker
+  (granian's *backpressure*); further connections wait in the kernel's listen
+  queue until one closes.
+* The request body is read here, in the worker's event loop (granian's RSGI
+  interface), within ``body_read_timeout`` seconds and ``max_body_bytes``
+  bytes: a slow body holds a coroutine, never a thread.  (granian's own WSGI
+  interface would hand the request to a Python thread as soon as its headers
+  arrive, and that thread would wait for the body.)
+* Only a complete request reaches the Flask application, on one of
+  ``threads`` Python threads of the worker.
+
+Each worker listens on its own socket with ``SO_REUSEPORT``: the kernel
+spreads new connections over the workers by a hash of the address pair, so a
+client's connections do not all land on whichever worker accepted first.  A
+keep-alive connection stays with its worker.
+
+Refusals answered here (a body too slow ``408``, chunked ``411``, too large
+``413``; a header value granian cannot pass on ``400``; a failure of this
+adapter ``500``) are JSON like the application's, with ``X-Request-Id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib
+import io
+import json
+import logging
+import math
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from granian._granian import RSGIProtocolClosed, RSGIProtocolError
+
+log = logging.getLogger(__name__)
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+#: The largest request head (request line and headers) accepted; hyper answers 431 above it.
+MAX_HEAD_BYTES = 16384
+
+_ERROR_HEADERS = [
+    ("Content-Type", "application/json"),
+    ("Cache-Control", "no-store"),
+    ("Pragma", "no-cache"),
+    ("X-Content-Type-Options", "nosniff"),
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one worker allows a client."""
+
+    threads: int = 8
+    header_read_timeout: float = 10.0
+    body_read_timeout: float = 10.0
+    max_body_bytes: int = 16384
+    max_connections: int = 1024
+
+
+class _RequestError(Exception):
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.description = description
+
+
+class WSGIOverRSGI:
+    """An RSGI application that reads the whole body asynchronously, then calls a WSGI app in a thread pool.
+
+    A request body must come with ``Content-Length`` (a chunked one is
+    answered ``411``), of at most ``max_body_bytes`` (else ``413``, unread),
+    received in full within ``body_read_timeout`` (else ``408``).  A body cut
+    short by the client is dropped with its connection, unanswered.
+
+    The environ follows PEP 3333: ``PATH_INFO`` is the percent-decoded path as
+    latin-1, and headers whose name holds an underscore are dropped, since
+    ``X_Client_Cert`` would otherwise become the same variable as the
+    ``X-Client-Cert`` a proxy sets.  Repeated headers are joined with ``,``.
+    """
+
+    def __init__(self, app: WSGIApp, limits: Limits, request_id: Callable[[str], str] | None = None) -> None:
+        self.app = app
+        self.limits = limits
+        self.request_id = request_id or _request_id
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- RSGI hooks (granian calls these in the worker) --------------------------------------------
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pool = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="sts-request")
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        if scope.proto != "http":
+            return
+        try:
+            body = await self._read_body(scope, proto)
+        except _RequestError as exc:
+            self._error(scope, proto, exc.status, exc.description, close=True)
+            return
+        except (ConnectionError, RSGIProtocolClosed, RSGIProtocolError):
+            log.debug("request body not received: the client closed the connection")
+            return  # nobody to answer
+        try:
+            loop = asyncio.get_running_loop()
+            status, headers, payload = await loop.run_in_executor(self._pool, self._call, scope, body)
+        except Exception:
+            log.exception("the request could not be handed to the application")
+            self._error(scope, proto, 500, "The server could not complete the request.", error="server_error")
+            return
+        proto.response_bytes(status, headers, payload)
+
+    # -- the body, read in the event loop ----------------------------------------------------------
+
+    async def _read_body(self, scope: Any, proto: Any) -> bytes:
+        headers = scope.headers
+        names = headers.keys()
+        if len(names) != len({name for name, _ in headers.items()}):
+            # granian leaves out a header whose value is not visible ASCII; refuse rather than
+            # act on a request without it (an Authorization, a DPoP proof, a client certificate).
+            raise _RequestError(400, "A header value is not valid.")
+        if "transfer-encoding" in names:
+            # RFC 9110 §15.5.12: a chunked body has no length to check before it is read, and a
+            # truncated one cannot be told from a complete one here.  (With both framings hyper
+            # has already dropped Content-Length, RFC 9112 §6.3.)
+            raise _RequestError(411, "The request body needs a Content-Length.")
+        length_header = headers.get("content-length")
+        if length_header is None:
+            return b""  # RFC 9112 §6.3: no Content-Length and no Transfer-Encoding, no body
+        # hyper has checked the framing (RFC 9112 §6.3): one valid decimal length.
+        length = int(length_header)
+        if length > self.limits.max_body_bytes:
+            raise _RequestError(413, "The request body is too large.")
+        if length == 0:
+            return b""
+        try:
+            async with asyncio.timeout(self.limits.body_read_timeout):
+                # Raises if the client goes away first: a truncated body never reaches the app.
+                body = bytes(await proto())
+        except TimeoutError:
+            raise _RequestError(408, "The request body was not received in time.") from None
+        if len(body) != length:
+            raise ConnectionError("request body shorter than its Content-Length")
+        return body
+
+    # -- the WSGI call, in a thread ----------------------------------------------------------------
+
+    def _environ(self, scope: Any, body: bytes) -> dict[str, Any]:
+        server_host, _, server_port = scope.server.rpartition(":")
+        client_host, _, client_port = scope.client.rpartition(":")
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": scope.method,
+            "SCRIPT_NAME": "",
+            # PEP 3333: native strings hold the bytes as latin-1.
+            "PATH_INFO": scope.path.encode("utf-8").decode("latin-1"),
+            "QUERY_STRING": scope.query_string,
+            "SERVER_NAME": server_host.strip("[]"),
+            "SERVER_PORT": server_port,
+            "SERVER_PROTOCOL": "HTTP/" + scope.http_version,
+            "REMOTE_ADDR": client_host.strip("[]"),
+            "REMOTE_PORT": client_port,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": scope.scheme,
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.input_terminated": True,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        for name, value in scope.headers.items():
+            if "_" in name:
+                continue
+            if name in ("content-type", "content-length"):
+                environ[name.upper().replace("-", "_")] = value
+                continue
+            key = "HTTP_" + name.upper().replace("-", "_")
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+        return environ
+
+    def _call(self, scope: Any, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        environ = self._environ(scope, body)
+        started: list[Any] = []
+        chunks: list[bytes] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if exc_info is not None and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return chunks.append
+
+        result = self.app(environ, start_response)
+        try:
+            chunks.extend(chunk for chunk in result if chunk)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = started
+        return int(status.split(" ", 1)[0]), list(headers), b"".join(chunks)
+
+    def _error(
+        self,
+        scope: Any,
+        proto: Any,
+        status: int,
+        description: str,
+        *,
+        error: str = "invalid_request",
+        close: bool = False,
+    ) -> None:
+        body = json.dumps({"error": error, "error_description": description}, separators=(",", ":"))
+        headers = [
+            *_ERROR_HEADERS,
+            ("X-Request-Id", self.request_id(scope.headers.get("x-request-id") or "")),
+        ]
+        if close:
+            headers.append(("Connection", "close"))
+        proto.response_bytes(status, headers, body.encode())
+
+
+#: granian's own log lines, in the format `sts serve` uses for the others (on stderr, with a time).
+_LOG_FORMAT = {"()": "logging.Formatter", "fmt": "%(asctime)s %(levelname)s granian: %(message)s"}
+_LOG_CONFIG = {
+    "formatters": {"generic": _LOG_FORMAT, "access": _LOG_FORMAT},
+    "handlers": {
+        "console": {"formatter": "generic", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+        "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+    },
+}
+
+
+def _request_id(incoming: str) -> str:
+    return str(uuid.uuid4())
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port``.
+
+    The workers bind with ``SO_REUSEPORT``, which would let a second service
+    on the same port silently share its connections; a plain bind (with
+    ``SO_REUSEADDR``, so connections in TIME_WAIT do not count) finds out.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False
+
+
+def per_worker_connections(max_connections: int, workers: int) -> int:
+    return max(1, math.ceil(max_connections / workers))
+
+
+def serve(
+    load_app: Callable[[], WSGIApp],
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    limits: Limits,
+    log_level: str = "INFO",
+    request_id: Callable[[str], str] | None = None,
+) -> None:
+    """Serve the WSGI app that ``load_app`` builds (once in each worker) until SIGTERM or SIGINT.
+
+    On SIGTERM the workers stop accepting, finish the requests in flight, and
+    are killed if they have not within 10 seconds.  A worker that dies is
+    replaced.
+    """
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    server = Server(
+        "sts",  # a label: the application comes from the loader below
+        address=host,
+        port=port,
+        interface=Interfaces.RSGI,
+        workers=workers,
+        http=HTTPModes.http1,
+        websockets=False,
+        backpressure=per_worker_connections(limits.max_connections, workers),
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(limits.header_read_timeout * 1000),
+            keep_alive=True,
+            max_buffer_size=MAX_HEAD_BYTES,
+        ),
+        log_level=LogLevels(log_level.lower()),
+        log_dictconfig=_LOG_CONFIG,
+        log_access=False,  # the application logs its requests, without raw paths or query strings
+        respawn_failed_workers=True,
+        workers_kill_timeout=10,
+    )
+    server.serve(target_loader=_Loader(load_app, limits, request_id), wrap_loader=False)
+
+
+@dataclass(frozen=True)
+class _Loader:
+    """Builds the RSGI application in a worker (a picklable value, for any process start method)."""
+
+    load_app: Callable[[], WSGIApp]
+    limits: Limits
+    request_id: Callable[[str], str] | None
+
+    def __call__(self) -> Any:  # granian types its loaders as returning callables
+        return WSGIOverRSGI(self.load_app(), self.limits, self.request_id)
+
+
+def _import_app(target: str) -> WSGIApp:
+    module_name, _, attribute = target.partition(":")
+    app: WSGIApp = getattr(importlib.import_module(module_name), attribute)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sts.serving MODULE:APP``: serve any WSGI app exactly as ``sts serve`` does.
+
+    For measurements that must compare like with like (the benchmark's floor).
+    """
+    parser = argparse.ArgumentParser(prog="python -m sts.serving", description=main.__doc__)
+    parser.add_argument("app", help="MODULE:ATTRIBUTE of a WSGI application")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    serve(
+        functools.partial(_import_app, args.app),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        limits=Limits(threads=args.threads),
+        log_level=args.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()
