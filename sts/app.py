@@ -417,6 +417,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
     from .http import oauth, responses, ssf
     from .http import token_status as token_status_http
+    from .http.body_limit import BodyLimit
 
     app = Flask("sts")
     app.config.update(
@@ -428,6 +429,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime
+    app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
     responses.install(app)
     app.register_blueprint(oauth.bp)
     app.register_blueprint(token_status_http.bp)
