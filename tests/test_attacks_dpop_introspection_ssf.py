@@ -63,7 +63,7 @@ from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
 from live_sts import serve_sts
 from sts_client import TokenVerifier
 from sts_client.discovery import DiscoveryError, get_json
-from sts_client.dpop import DPoPKey
+from sts_client.dpop import DPoPKey, access_token_hash
 from sts_client.dpop import normalise_htu as client_normalise_htu
 from sts_client.flask import require_token
 
@@ -542,12 +542,20 @@ def rs_get(world: World, authorization: str | None, dpop: list[str] | None = Non
 class Bound:
     key: DPoPKey
     token: str
+    #: The private key behind ``key``, to craft proofs the library would never make.
+    raw: ECKey
+
+    def crafted(self, url: str, **changes: Any) -> str:
+        """A GET proof for ``url`` bound to the token (``ath``), with ``proof``'s overrides."""
+        claims = {"ath": access_token_hash(self.token), **changes.pop("claims", {})}
+        return proof(url, key=self.raw, htm="GET", claims=claims, **changes)
 
 
 @pytest.fixture(scope="module")
 def bound(world: World) -> Bound:
-    key = DPoPKey()
-    return Bound(key, world.token(key))
+    raw = ECKey.generate_key("P-256")
+    key = DPoPKey(raw)
+    return Bound(key, world.token(key), raw)
 
 
 #: (id, request -> (Authorization, [DPoP...], url), expected status, expected error in the challenge).
@@ -640,6 +648,52 @@ RESOURCE_SERVER_REQUESTS: list[tuple[str, Callable[[World, Bound], tuple[str, li
             [b.key.proof("GET", w.api, access_token=b.token, now=time.time() - 3600)],
             "",
         ),
+        401,
+        "invalid_dpop_proof",
+    ),
+    (
+        "typ-with-media-type-prefix (RFC 7515 §4.1.9)",
+        lambda w, b: (f"DPoP {b.token}", [b.crafted(w.api, header={"typ": "application/dpop+jwt"})], ""),
+        200,
+        "",
+    ),
+    (
+        "typ-jwt (step 4)",
+        lambda w, b: (f"DPoP {b.token}", [b.crafted(w.api, header={"typ": "JWT"})], ""),
+        401,
+        "invalid_dpop_proof",
+    ),
+    (
+        "jwk-with-private-d (step 7)",
+        lambda w, b: (f"DPoP {b.token}", [b.crafted(w.api, header={"jwk": b.raw.as_dict(private=True)})], ""),
+        401,
+        "invalid_dpop_proof",
+    ),
+    (
+        "jwk-not-the-signing-key (step 6)",
+        lambda w, b: (
+            f"DPoP {b.token}",
+            [b.crafted(w.api, header={"jwk": ECKey.generate_key("P-256").as_dict(private=False)})],
+            "",
+        ),
+        401,
+        "invalid_dpop_proof",
+    ),
+    (
+        "jti-missing (step 3)",
+        lambda w, b: (f"DPoP {b.token}", [b.crafted(w.api, claims={"jti": None})], ""),
+        401,
+        "invalid_dpop_proof",
+    ),
+    (
+        "alg-none (step 5)",
+        lambda w, b: (f"DPoP {b.token}", [unsigned_proof(w.api)], ""),
+        401,
+        "invalid_dpop_proof",
+    ),
+    (
+        "alg-hs256 (step 5)",
+        lambda w, b: (f"DPoP {b.token}", [hmac_proof(w.api)], ""),
         401,
         "invalid_dpop_proof",
     ),

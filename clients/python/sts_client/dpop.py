@@ -221,8 +221,9 @@ def check_proof(
         raise InvalidDPoPProof("dpop.malformed", str(exc)) from None
     extracted, header, claims = parsed.compact, parsed.header, parsed.claims
     # §4.3 (4): typ is exactly dpop+jwt (media types compare case-insensitively).
+    # RFC 7515 §4.1.9: a typ without "/" means "application/<typ>", so the two spellings are one.
     typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() != DPOP_TYP:
+    if not isinstance(typ, str) or typ.lower().removeprefix("application/") != DPOP_TYP:
         raise InvalidDPoPProof("dpop.typ")
     if "crit" in header:
         raise InvalidDPoPProof("dpop.crit")
