@@ -84,7 +84,10 @@ SET_TYPE = "application/secevent+jwt"
 DEPLOY = "https://deploy.example.com"
 OTHER = "https://other.example.com"
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
-SESSION_REVOKED = "https://schemas.openid.net/secevent/caep/event-type/session-revoked"
+CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
+SESSION_REVOKED = CAEP + "session-revoked"
+DEVICE_COMPLIANCE_CHANGE = CAEP + "device-compliance-change"
+RISK_LEVEL_CHANGE = CAEP + "risk-level-change"
 TIMEOUT = 10
 
 RS = ("deploy-api", "deploy-api-secret-0123456789-abcdefghijkl")
@@ -1061,6 +1064,27 @@ SET_DELIVERIES: list[tuple[str, Callable[[World], str], str, int, str | None]] =
     (
         "sub-id-iss-sub-of-an-unknown-issuer",
         lambda w: signed_set(w, sub_id={"format": "iss_sub", "iss": "https://nope.example", "sub": "x"}),
+        SET_TYPE,
+        400,
+        "invalid_request",
+    ),
+    (
+        "device-compliance-status-a-list (was 503: retried forever)",
+        lambda w: signed_set(w, events={DEVICE_COMPLIANCE_CHANGE: {"current_status": ["compliant"]}}),
+        SET_TYPE,
+        400,
+        "invalid_request",
+    ),
+    (
+        "device-compliance-status-an-object",
+        lambda w: signed_set(w, events={DEVICE_COMPLIANCE_CHANGE: {"current_status": {"a": 1}}}),
+        SET_TYPE,
+        400,
+        "invalid_request",
+    ),
+    (
+        "risk-level-a-list",
+        lambda w: signed_set(w, events={RISK_LEVEL_CHANGE: {"current_level": ["HIGH"]}}),
         SET_TYPE,
         400,
         "invalid_request",
