@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
@@ -53,6 +53,9 @@ class TokenStatus:
     clock: Callable[[], float]
     leeway: int
     max_assertion_lifetime: int
+    #: The public URL of each endpoint (``introspect``, ``revoke``): also an accepted ``aud`` of a
+    #: client assertion presented there (see :class:`.clients.AssertionAudience`).
+    endpoint_urls: Mapping[str, str] = field(default_factory=dict)
     limits: RateLimiter = field(default=NO_LIMITS)
 
     def _start(self, wire: WireRequest, endpoint: str) -> tuple[AuditRecord, float]:
@@ -84,7 +87,7 @@ class TokenStatus:
             creds,
             self.clients,
             self.replay,
-            self.assertion_audience,
+            replace(self.assertion_audience, endpoint=self.endpoint_urls.get(record.endpoint)),
             now=now,
             leeway=self.leeway,
             max_assertion_lifetime=self.max_assertion_lifetime,
