@@ -74,17 +74,18 @@ def link_hash(prev_hash: str, chain_id: str, seq: int, record_json: str) -> str:
 def canonical_json(value: Any) -> str:
     """The RFC 8785 (JCS) text of a JSON value.
 
-    The common case is produced by :func:`json.dumps` (a C encoder, several times
+    The common case is written by :func:`json.dumps` (a C encoder, several times
     faster than a pure-Python JCS): sorted keys, no whitespace, no ASCII
-    escaping, and Python's float ``repr``, which is the ECMAScript form of
-    RFC 8785 §3.2.2.3 for every float the walk below lets through.  Anything
-    else (integral or tiny floats, non-ASCII member names, big integers,
-    strings that are not valid Unicode) goes to the ``rfc8785`` library.
+    escaping; :func:`_written_alike` first checks that its text is the JCS
+    text.  Anything else (integral or tiny floats, member names from U+E000
+    up, long integers, lone surrogates) goes to the ``rfc8785`` library.
     Raises :class:`rfc8785.CanonicalizationError` for what JCS cannot
     represent (NaN, infinities, lone surrogates, integers beyond 2**53).
     """
-    if _plain(value):
+    if _written_alike(value, 0):
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        if text.isascii():
+            return text
         try:
             text.encode("utf-8")  # A lone surrogate cannot be encoded: JCS refuses it too.
             return text
@@ -93,37 +94,37 @@ def canonical_json(value: Any) -> str:
     return rfc8785.dumps(value).decode("utf-8")
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    """Whether ``json.dumps`` writes ``value`` exactly as RFC 8785 does.
+def _written_alike(value: Any, depth: int) -> bool:
+    """Whether ``json.dumps`` writes ``value`` as RFC 8785 does (lone surrogates aside).
 
-    Strings are escaped alike (``"``, ``\\``, and controls below U+0020, with
-    the same short forms and lowercase ``\\u00xx``).  Numbers differ in form
-    only for integral floats (``1.0`` against ``1``), for floats below 1e-4
-    (``1e-05`` against ``0.00001``), and JCS refuses NaN, infinities and
-    integers beyond 2**53.  Member order differs only for names outside ASCII
-    (code points against UTF-16 code units).  Written as a loop over exact
-    types: it runs on every audit write.
+    Both escape strings alike (``"``, backslash, and controls below U+0020, with
+    the same short forms and lowercase ``\\u00xx``), and both write the shortest
+    digits that round-trip a float.  But Python writes integral floats with
+    ``.0`` (``1.0`` against ``1``) and switches to an exponent below 1e-4
+    (``1e-05`` against ``0.00001``); JCS refuses NaN, infinities and integers
+    beyond 2**53; and member names holding characters from U+E000 up may sort
+    differently (code points against UTF-16 code units).  A loop over exact
+    types, since it runs on every audit write: cheaper than the ``json.dumps``
+    it vouches for.
     """
+    if depth > 32:
+        return False
     kind = type(value)
     if kind is dict:
         for key, item in value.items():
-            if type(key) is not str or not key.isascii():
+            if type(key) is not str or (not key.isascii() and max(key) >= "\ue000"):
                 return False
-            if item is None or type(item) is str:
-                continue
-            if not _plain(item, depth + 1):
+            if not (item is None or type(item) is str or _written_alike(item, depth + 1)):
                 return False
-        return depth < 32
+        return True
     if kind is list or kind is tuple:
-        for item in value:
-            if not (item is None or type(item) is str or _plain(item, depth + 1)):
-                return False
-        return depth < 32
+        return all(item is None or type(item) is str or _written_alike(item, depth + 1) for item in value)
     if value is None or kind is str or kind is bool:
         return True
     if kind is int:
         return bool(-_SAFE_INT <= value <= _SAFE_INT)
     if kind is float:
+        # Non-integral floats are below 2**52, where Python's repr has no exponent either.
         return bool(math.isfinite(value) and not value.is_integer() and abs(value) >= 1e-4)
     return False
 
@@ -154,7 +155,7 @@ def _representable(value: Any, depth: int) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if depth > 32:
-        return _representable(str(value), 0)
+        return "(nested too deep)"
     if isinstance(value, Mapping):
         return {_representable(str(k), 0): _representable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
