@@ -55,6 +55,7 @@ from sts.core.ports import AuditUnavailable, SingleUse
 
 NOW = 1_700_000_000.0
 ISSUER = "https://sts.example.com"
+MALLORY = "repo:mallory/app:ref:refs/heads/main"
 events, chains = sql.audit_events, sql.audit_chains
 
 
@@ -313,7 +314,7 @@ def test_two_writer_processes_verify_and_every_kind_of_tampering_is_detected(
         return lambda conn: conn.execute(update(events).where(events.c.id == row["id"]).values(**row))
 
     # An edited record: who was granted what, changed in the record and its column alike.
-    edited = {**victim["record"], "subject": "repo:mallory/app:ref:refs/heads/main"}
+    edited = {**victim["record"], "subject": MALLORY}
     link = tampered(
         lambda conn: conn.execute(
             update(events).where(events.c.id == victim["id"]).values(record=edited, subject=edited["subject"])
@@ -484,12 +485,12 @@ def test_truncation_and_rewritten_history_are_detected_with_a_checkpoint(
     prev = genesis_hash(first)
     with engine.begin() as conn:
         for row in rows:
-            record = {**row["record"], "outcome": "refused"} if row["seq"] == 2 else row["record"]
+            record = {**row["record"], "subject": MALLORY} if row["seq"] == 2 else row["record"]
             digest = link_hash(prev, first, row["seq"], canonical_json(record))
             conn.execute(
                 update(events)
                 .where(events.c.id == row["id"])
-                .values(record=record, outcome=record["outcome"], prev_hash=prev, hash=digest)
+                .values(record=record, subject=record["subject"], prev_hash=prev, hash=digest)
             )
             prev = digest
     verify(engine)

@@ -74,7 +74,7 @@ def stored_links(conn: Connection, *, batch: int = 2000) -> Iterator[StoredLink]
     """Every chained record, ordered by ``(chain_id, seq)``, streamed ``batch`` rows at a time."""
     c = audit_events.c
     query = (
-        select(audit_events, cast(c.record, Text).label("record_text"))
+        select(*(col for col in c if col.name != "record"), cast(c.record, Text).label("record_text"))
         .where(c.chain_id.is_not(None))
         .order_by(c.chain_id, c.seq)
     )
