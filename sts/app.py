@@ -36,6 +36,7 @@ from .adapters.readiness import (
     wait_for_schema,
 )
 from .adapters.token_review import HttpTokenReviewer
+from .core.assurance import LEVELS
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
 from .core.clients import AssertionAudience, RegisteredClient
@@ -199,6 +200,8 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
         "token_endpoint_auth_methods_supported": methods,
         "token_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "dpop_signing_alg_values_supported": sorted(allowed_algorithms(settings.dpop_algorithms)),
+        # RFC 9470 §6 / OpenID Connect Discovery: the assurance levels, lowest first (sts.core.assurance).
+        "acr_values_supported": list(LEVELS),
         "code_challenge_methods_supported": [],
         "introspection_endpoint": settings.issuer.rstrip("/") + "/introspect",
         "introspection_endpoint_auth_methods_supported": methods[:3],
@@ -392,6 +395,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
     from .http import oauth, responses, ssf
     from .http import token_status as token_status_http
+    from .http.body_limit import BodyLimit
 
     app = Flask("sts")
     app.config.update(
@@ -403,6 +407,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime
+    app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
     responses.install(app)
     app.register_blueprint(oauth.bp)
     app.register_blueprint(token_status_http.bp)

@@ -8,6 +8,7 @@ caller, so an attacker cannot learn which check failed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 
@@ -59,18 +60,31 @@ class RiskRefused(InvalidRequest):
 
     ``{"error": "invalid_request", "error_description": "...",
        "risk": {"decision": "deny", "signals": ["shared_signal"]}}``; renewing the
-    credential does not help, so there is no ``max_age``.
+    credential does not help, so there is no ``max_age``.  Refused for
+    unconfirmed drift, ``risk.clears`` says what would confirm it (an operator's
+    accept, the probation left; docs/policies.md "Drift confirmation").
     """
 
     description = "The request is refused for risk; the risk member says which signals."
     descriptions: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, reason: str, detail: str = "", *, signals: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        signals: tuple[str, ...] = (),
+        clears: Sequence[Mapping[str, object]] = (),
+    ) -> None:
         super().__init__(reason, detail)
         self.signals = signals
+        self.clears = tuple(clears)
 
     def body(self) -> dict[str, object]:
-        return {**super().body(), "risk": {"decision": "deny", "signals": list(self.signals)}}
+        risk: dict[str, object] = {"decision": "deny", "signals": list(self.signals)}
+        if self.clears:
+            risk["clears"] = [dict(c) for c in self.clears]
+        return {**super().body(), "risk": risk}
 
 
 class InvalidClient(OAuthError):
@@ -93,38 +107,65 @@ class InvalidGrant(OAuthError):
 
 
 class StepUpRequired(OAuthError):
-    """Fresh attestation is needed: the workload renews its credential and exchanges again.
+    """Stronger or fresher attestation is needed: the workload renews and exchanges again.
 
     The error code is RFC 9470's ``insufficient_user_authentication``, used here at
     the token endpoint with the same meaning for machines: the authentication event
-    behind the presented token is not good enough now.  Extension members::
+    behind the presented token is not good enough now.  As RFC 9470 §3 does, it
+    names what is needed: ``max_age`` (seconds since attestation) and/or
+    ``acr_values`` (the assurance levels that would do, space-separated, lowest
+    first; see :mod:`sts.core.assurance`).  Extension members::
 
         {"error": "insufficient_user_authentication",
          "error_description": "...",
          "max_age": 60,
-         "step_up": {"required": "fresh_attestation", "max_attestation_age": 60,
-                     "signals": ["attestation_drift"]}}
+         "acr_values": "urn:workload-sts:acr:pop urn:workload-sts:acr:posture",
+         "step_up": {"required": "assurance_level", "max_attestation_age": 60,
+                     "acr_values": ["urn:workload-sts:acr:pop", "urn:workload-sts:acr:posture"],
+                     "signals": ["attestation_drift"], "clears": [...]}}
+
+    ``required`` is ``fresh_attestation`` when only ``max_age`` is asked for.
     """
 
     error = "insufficient_user_authentication"
     status = 400
     description = "Fresh attestation is required: renew the workload credential and exchange again."
+    #: Chosen when a level is asked for (fixed text, never built from input).
+    level_description: ClassVar[str] = (
+        "A higher assurance level is required: present what acr_values names and exchange again."
+    )
 
-    def __init__(self, reason: str, detail: str = "", *, max_age: int, signals: tuple[str, ...] = ()) -> None:
-        super().__init__(reason, detail)
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        max_age: int | None,
+        signals: tuple[str, ...] = (),
+        acr_values: Sequence[str] = (),
+        clears: Sequence[Mapping[str, object]] = (),
+    ) -> None:
+        super().__init__(reason, detail, description=self.level_description if acr_values else None)
         self.max_age = max_age
         self.signals = signals
+        self.acr_values = tuple(acr_values)
+        self.clears = tuple(clears)
 
     def body(self) -> dict[str, object]:
-        return {
-            **super().body(),
-            "max_age": self.max_age,
-            "step_up": {
-                "required": "fresh_attestation",
-                "max_attestation_age": self.max_age,
-                "signals": list(self.signals),
-            },
+        step_up: dict[str, object] = {
+            "required": "assurance_level" if self.acr_values else "fresh_attestation",
         }
+        body: dict[str, object] = super().body()
+        if self.max_age is not None:
+            body["max_age"] = self.max_age
+            step_up["max_attestation_age"] = self.max_age
+        if self.acr_values:
+            body["acr_values"] = " ".join(self.acr_values)
+            step_up["acr_values"] = list(self.acr_values)
+        step_up["signals"] = list(self.signals)
+        if self.clears:
+            step_up["clears"] = [dict(c) for c in self.clears]
+        return {**body, "step_up": step_up}
 
 
 class UnauthorizedClient(OAuthError):

@@ -111,9 +111,13 @@ def serve_sts(
     make_settings: Callable[..., Settings],
     upstream: RunningServer,
     policy: dict[str, Any] | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
     **overrides: Any,
 ) -> Sts:
-    """Bind a port, configure the STS with that URL as its issuer (trusting ``upstream``), then serve it."""
+    """Bind a port, configure the STS with that URL as its issuer (trusting ``upstream``), then serve it.
+
+    ``clock`` is the STS's time (tests that move time pass their own)."""
     served = Served()
     settings = make_settings(
         policy or DEFAULT_POLICY,
@@ -139,7 +143,7 @@ def serve_sts(
         ],
         **overrides,
     )
-    app = create_app(settings)
+    app = create_app(settings, clock=clock)
     served.start(app)
     return Sts(served, app)
 

@@ -145,6 +145,14 @@ class Fleet:
                 routes[match.group(1)] = match.group(2)
         return routes
 
+    def upstream_of(self, request_id: str) -> str:
+        """The instance that served ``request_id``; nginx logs a request after answering it, so wait."""
+        deadline = time.monotonic() + 10
+        while (route := self.upstreams_by_request_id().get(request_id)) is None:
+            assert time.monotonic() < deadline, f"request {request_id} not in nginx's access log"
+            time.sleep(0.05)
+        return route
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
@@ -339,8 +347,7 @@ def test_a_single_use_token_raced_across_three_instances_is_exchanged_once(fleet
     assert statuses == {200: 1, 400: RACERS - 1}, statuses
     assert {body["error"] for _, status, body in results if status == 400} == {"invalid_request"}
 
-    routes = fleet.upstreams_by_request_id()
-    reached = {routes[request_id] for request_id, _, _ in results}
+    reached = {fleet.upstream_of(request_id) for request_id, _, _ in results}
     instances = {p["url"].removeprefix("http://") for p in fleet.instances}
     assert reached == instances, f"the race reached only {reached}"
     outcomes = fleet.audit(
@@ -459,7 +466,7 @@ def test_nginx_answers_its_own_errors_in_json_and_carries_request_ids(fleet: Fle
     for sent in ({}, {"X-Request-Id": "not a valid id!"}):
         made = client.get(f"{fleet.issuer}/healthz", headers=sent, timeout=10).headers["X-Request-Id"]
         assert re.fullmatch(r"[0-9a-f]{32}", made), made  # nginx's $request_id, passed to the instance
-        assert fleet.upstreams_by_request_id()[made].startswith("127.0.0.1:")
+        assert fleet.upstream_of(made).startswith("127.0.0.1:")
 
 
 def test_an_instance_killed_under_load_leaves_every_token_audited(fleet: Fleet) -> None:

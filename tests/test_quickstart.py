@@ -216,6 +216,9 @@ def test_unusable_request_ids_are_replaced_by_the_running_service(quickstart: di
             str(quickstart["sts"]), b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields
         )
         head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-        assert head[0].startswith("HTTP/1.1 200"), (name, head)
+        # A header value with a byte outside printable ASCII is refused by `sts serve` before the
+        # application (400, JSON; README "Answered before the application"); the rest reach it.
+        status = "HTTP/1.1 400" if name == "non-ascii" else "HTTP/1.1 200"
+        assert head[0].startswith(status), (name, head)
         echoed = [line.split(":", 1)[1].strip() for line in head if line.lower().startswith("x-request-id:")]
         assert len(echoed) == 1 and str(uuid.UUID(echoed[0])) == echoed[0], (name, head)

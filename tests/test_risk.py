@@ -30,6 +30,7 @@ from sts.core.baseline import (
     observe,
     record_failure,
 )
+from sts.core.drift import DriftSettings
 from sts.core.risk import (
     DEFAULT_STABLE_FACTS,
     DEFAULT_WEIGHTS,
@@ -240,14 +241,47 @@ SIGNAL_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], bool, int, st
         {"changed": {"runner_environment": {"was": "github-hosted", "now": "self-hosted"}}},
     ),
     (
-        "drift-accepted-with-fresh-attestation",
+        # Issue 10: a CI token is always fresh, so freshness must not launder a changed fact.
+        "drift-fires-with-fresh-attestation-too",
         "attestation_drift",
         {"facts": {"runner_environment": "self-hosted", "repository_id": "123456"}, "attested_at": NOW - 5},
         {},
+        True,
+        60,
+        "not confirmed",
+        {
+            "changed": {"runner_environment": {"was": "github-hosted", "now": "self-hosted"}},
+            "clears": [
+                {"by": "operator_accept", "identity": "upstream|repo:acme/app:ref:refs/heads/main"},
+                {"by": "probation", "exchanges_left": 2, "not_before": int(NOW) + 3600, "max_age": 60},
+            ],
+        },
+    ),
+    (
+        "drift-confirmed-by-evidence-the-rule-names",
+        "attestation_drift",
+        {
+            "facts": {"runner_environment": "self-hosted", "repository_id": "123456"},
+            "evidence_shown": frozenset({"pop_key_continuity"}),
+        },
+        {"drift": DriftSettings(evidence=frozenset({"pop_key_continuity"}))},
         False,
         0,
-        "re-baselined",
-        {"changed": {"runner_environment": {"was": "github-hosted", "now": "self-hosted"}}},
+        "confirmed",
+        {"confirmed": {"runner_environment": "pop_key_continuity"}},
+    ),
+    (
+        "drift-evidence-the-rule-does-not-name-confirms-nothing",
+        "attestation_drift",
+        {
+            "facts": {"runner_environment": "self-hosted", "repository_id": "123456"},
+            "evidence_shown": frozenset({"pop_key_continuity"}),
+        },
+        {},
+        True,
+        60,
+        "not confirmed",
+        {},
     ),
     (
         "drift-fresh-but-older-than-a-reauth-event-is-not-accepted",

@@ -187,33 +187,41 @@ def test_full_then_narrowed_then_step_up_then_full_again(make_sts: Callable[...,
     assert record["outcome"] == "granted" and "risk.scope_narrowed" in record["reasons"]
     assert record["granted_scope"] == ["deploy:read"] and record["granted_lifetime"] == 165
 
-    # 3. Drift: a self-hosted runner presenting a token issued 10 minutes ago must step up.
+    # 3. Drift: a self-hosted runner. Its token is fresh (CI tokens always are), which does not
+    #    confirm the change; nothing the workload can present would, so it is refused, saying what would.
     sts.clock.now += 5
-    resp = sts.exchange(sts.token(age=600, runner_environment="self-hosted"), scope="deploy:read")
+    resp = sts.exchange(sts.token(runner_environment="self-hosted"), scope="deploy:read")
     assert resp.status_code == 400
     assert_no_store(resp)
     body = resp.get_json()
-    assert body["error"] == "insufficient_user_authentication"
-    assert body["max_age"] == 60
-    assert body["step_up"]["required"] == "fresh_attestation"
-    assert body["step_up"]["max_attestation_age"] == 60
-    assert "attestation_drift" in body["step_up"]["signals"]
+    assert body["error"] == "invalid_request"
+    assert body["risk"]["decision"] == "deny"
+    assert body["risk"]["signals"] == ["attestation_drift"]
+    assert body["risk"]["clears"] == [
+        {"by": "operator_accept", "identity": IDENTITY},
+        {"by": "probation", "exchanges_left": 2, "not_before": int(sts.clock.now) + 3600, "max_age": 60},
+    ]
     assert "self-hosted" not in resp.get_data(as_text=True)  # the evidence stays in the audit record
     drift = next(s for s in sts.risk()["signals"] if s["name"] == "attestation_drift")
     assert drift["evidence"]["changed"] == {
         "runner_environment": {"was": "github-hosted", "now": "self-hosted"}
     }
-    assert sts.last()["reasons"][-1] == "risk.step_up"
+    assert sts.last()["reasons"][-1] == "risk.denied"
+    assert sts.risk()["baseline"]["facts"]["runner_environment"] == {
+        "value": "github-hosted",
+        "confirmed": False,
+        "how": "first_seen",
+        "pending": {"value": "self-hosted", "fresh_exchanges": 1, "since": sts.clock.now},
+    }
 
-    # 4. Fresh attestation (a newly minted token): full token again, and the new runner is the baseline.
-    renewed = sts.granted(sts.token(runner_environment="self-hosted"), scope="deploy:read")
-    assert (renewed["scope"], renewed["expires_in"]) == ("deploy:read", 300)
-    drift = next(s for s in sts.risk()["signals"] if s["name"] == "attestation_drift")
-    assert not drift["fired"] and "re-baselined" in drift["reason"]
-    assert sts.baseline().facts["runner_environment"] == "self-hosted"
-    # The old runner environment is now the drift, even on a token as old as the refused one.
-    resp = sts.exchange(sts.token(age=600), scope="deploy:read")
-    assert resp.get_json()["error"] == "insufficient_user_authentication"
+    # 4. Renewing changes nothing: the baseline has not moved, the new value is still pending.
+    sts.clock.now += 5
+    resp = sts.exchange(sts.token(runner_environment="self-hosted"), scope="deploy:read")
+    assert resp.get_json()["risk"]["clears"][1]["exchanges_left"] == 1
+    assert sts.baseline().facts["runner_environment"] == "github-hosted"
+    assert sts.baseline().pending["runner_environment"].fresh_count == 2
+    # The old runner environment is still the confirmed one.
+    assert sts.granted(sts.token(), scope="deploy:read")["expires_in"] == 300
 
 
 def test_observe_mode_enforces_nothing_but_records_everything(make_sts: Callable[..., STS]) -> None:
@@ -493,8 +501,10 @@ def test_a_changed_proof_of_possession_key_is_attestation_drift(
     drifted = exchange(ECKey.generate_key("P-256"))
     assert drifted.status_code == 400, drifted.get_json()
     body = drifted.get_json()
-    assert body["error"] == "insufficient_user_authentication"
-    assert "attestation_drift" in body["step_up"]["signals"]
+    # A new key cannot vouch for itself: only an operator or probation confirms it.
+    assert body["error"] == "invalid_request"
+    assert "attestation_drift" in body["risk"]["signals"]
+    assert [c["by"] for c in body["risk"]["clears"]] == ["operator_accept", "probation"]
     record = app.extensions["sts"].audit.recent(1)[0]
     drift = next(s for s in record["details"]["risk"]["signals"] if s["name"] == "attestation_drift")
     assert "cnf_jkt" in drift["evidence"]["changed"]

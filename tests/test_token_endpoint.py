@@ -1121,14 +1121,22 @@ def test_body_cap_follows_the_setting(make_app: Callable[..., Flask], ctx: Ctx) 
 
 
 def test_body_too_large_without_content_length(sts: Flask, web: FlaskClient, ctx: Ctx) -> None:
-    """A chunked body (no Content-Length) is cut off at the cap too."""
+    """A chunked body (no Content-Length) over the cap is refused, never cut off and parsed.
+
+    The WSGI server has decoded the chunks (``wsgi.input_terminated``); Werkzeug alone would read
+    the first ``max_body_bytes`` and parse them as the whole form.
+    """
     body = encode(form(ctx.deploy(), padding="x" * 40_000))
     before = audit_count(sts)
     resp = web.post(
         "/token",
         input_stream=io.BytesIO(body),
         content_type=FORM,
-        environ_overrides={"wsgi.input_terminated": True},
+        environ_overrides={
+            "wsgi.input_terminated": True,
+            "CONTENT_LENGTH": "",
+            "HTTP_TRANSFER_ENCODING": "chunked",
+        },
     )
     assert_oauth_error(resp, "invalid_request", (400, 413))
     assert "request.body_too_large" in new_record(sts, before)["reasons"]

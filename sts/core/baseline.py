@@ -5,6 +5,15 @@ A baseline is plain data, updated by pure functions and kept behind the
 expiry).  A new identity starts in a *learning* state: for its first
 ``LEARNING_EXCHANGES`` exchanges, novelty signals (new network, new
 audience, unusual scopes) record what they see but do not fire.
+
+Stable facts (and the identity's proof-of-possession keys) are *confirmed*
+values: set on first sight, then changed only when a new value is confirmed
+(:mod:`sts.core.drift`).  A new value waits in ``pending`` with its probation
+progress; ``confirmed`` says how each value came to be trusted.  A
+proof-of-possession key is the one fact with several confirmed values: the
+replicas of one workload each keep their own key, so earlier confirmed keys
+stay confirmed (``other_keys``, at most ``MAX_OTHER_KEYS``).  Baselines
+stored before these fields existed read as having no pending values.
 """
 
 from __future__ import annotations
@@ -15,11 +24,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .assurance import KEY_FACTS
+
 LEARNING_EXCHANGES = 5
 MAX_NETWORKS = 32
 MAX_AUDIENCES = 64
 MAX_SCOPES = 64
 MAX_FAILURES = 32
+#: Earlier confirmed proof-of-possession keys an identity keeps (one per replica or restart).
+MAX_OTHER_KEYS = 8
 RATE_WINDOW = 60.0
 #: How long an idle identity's baseline is kept (the store expires it).
 BASELINE_TTL = 30 * 86400
@@ -44,6 +57,38 @@ def _bounded(existing: Iterable[str], new: Iterable[str], limit: int) -> tuple[s
 
 
 @dataclass(frozen=True)
+class PendingFact:
+    """A changed stable fact that is not confirmed yet, and how far its probation has got.
+
+    ``value`` None means the fact is gone.  ``fresh_count`` counts exchanges
+    with fresh attestation that presented this value, the first at ``fresh_since``.
+    """
+
+    value: Any
+    first_seen: float
+    last_seen: float
+    fresh_count: int = 0
+    fresh_since: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PendingFact:
+        since = data.get("fresh_since")
+        value = data.get("value")
+        if value is not None and not isinstance(value, str | int | bool):
+            raise ValueError("pending value")
+        return cls(
+            value=value,
+            first_seen=float(data["first_seen"]),
+            last_seen=float(data.get("last_seen", data["first_seen"])),
+            fresh_count=int(data.get("fresh_count", 0)),
+            fresh_since=float(since) if since is not None else None,
+        )
+
+
+@dataclass(frozen=True)
 class Baseline:
     first_seen: float | None = None
     last_seen: float | None = None
@@ -57,6 +102,42 @@ class Baseline:
     window_start: float = 0.0
     window_count: int = 0
     usual_rate: float = 0.0
+    #: Changed facts waiting for confirmation, by fact name.
+    pending: Mapping[str, PendingFact] = field(default_factory=dict)
+    #: How each confirmed fact's value came to be trusted: ``{"how": "first_seen", "at": 1700000000.0}``.
+    confirmed: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Earlier confirmed keys (``cnf_jkt``, ``cnf_x5t``) that still count as the identity's.
+    other_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def confirmed_values(self, name: str) -> tuple[Any, ...]:
+        """The values of ``name`` that are confirmed (none when it has no baseline value)."""
+        if name not in self.facts:
+            return ()
+        return (self.facts[name], *self.other_keys.get(name, ()))
+
+    def confirmed_keys(self) -> dict[str, tuple[Any, ...]]:
+        """The identity's confirmed proof-of-possession keys, by fact."""
+        return {name: self.confirmed_values(name) for name in KEY_FACTS if name in self.facts}
+
+    def with_confirmed(self, name: str, value: Any, how: str, at: float) -> Baseline:
+        """``value`` confirmed for ``name`` (None: the fact is gone), and no longer pending."""
+        facts = dict(self.facts)
+        other_keys = dict(self.other_keys)
+        earlier = facts.get(name)
+        if value is None:
+            facts.pop(name, None)
+        else:
+            facts[name] = value
+        if name in KEY_FACTS and earlier is not None and value is not None and earlier != value:
+            kept = [k for k in other_keys.get(name, ()) if k != value]
+            other_keys[name] = _bounded(kept, [earlier], MAX_OTHER_KEYS)
+        return replace(
+            self,
+            facts=facts,
+            other_keys=other_keys,
+            confirmed={**self.confirmed, name: {"how": how, "at": at}},
+            pending={n: p for n, p in self.pending.items() if n != name},
+        )
 
     @property
     def learning(self) -> bool:
@@ -71,6 +152,9 @@ class Baseline:
     def to_json(self) -> str:
         data = asdict(self)
         data["facts"] = dict(self.facts)
+        data["pending"] = {name: p.as_dict() for name, p in self.pending.items()}
+        data["confirmed"] = {name: dict(how) for name, how in self.confirmed.items()}
+        data["other_keys"] = {name: list(keys) for name, keys in self.other_keys.items()}
         return json.dumps(data, separators=(",", ":"), default=str)
 
     @classmethod
@@ -92,8 +176,17 @@ class Baseline:
                 window_start=float(data.get("window_start", 0.0)),
                 window_count=int(data.get("window_count", 0)),
                 usual_rate=float(data.get("usual_rate", 0.0)),
+                pending={
+                    str(name): PendingFact.from_dict(p) for name, p in dict(data.get("pending", {})).items()
+                },
+                confirmed={str(name): dict(how) for name, how in dict(data.get("confirmed", {})).items()},
+                other_keys={
+                    str(name): tuple(str(k) for k in keys)
+                    for name, keys in dict(data.get("other_keys", {})).items()
+                    if isinstance(keys, list)
+                },
             )
-        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError, KeyError):
             # A corrupt baseline is treated as a new identity (learning), never as trusted.
             return cls()
 
@@ -111,8 +204,9 @@ def observe(
 ) -> Baseline:
     """The baseline after a granted exchange.
 
-    Stable facts are set on first sight and replaced only by ``rebaseline``
-    (fresh attestation after a step-up); otherwise drift keeps firing.
+    Stable facts are set on first sight and replaced only by ``rebaseline``;
+    the pipeline confirms changed facts beforehand (:func:`sts.core.drift.review`),
+    so fresh attestation alone never replaces one and drift keeps firing.
     """
     facts = dict(baseline.facts)
     for name, value in stable_facts.items():
@@ -145,3 +239,11 @@ def observe(
 
 def record_failure(baseline: Baseline, now: float) -> Baseline:
     return replace(baseline, failures=(*baseline.failures, now)[-MAX_FAILURES:], last_seen=now)
+
+
+def accept_pending(baseline: Baseline, now: float, names: Iterable[str] | None = None) -> Baseline:
+    """An operator confirms pending values (all, or those ``names``): they become the baseline's facts."""
+    chosen = sorted(set(baseline.pending) if names is None else set(names) & set(baseline.pending))
+    for name in chosen:
+        baseline = baseline.with_confirmed(name, baseline.pending[name].value, "operator_accept", now)
+    return baseline

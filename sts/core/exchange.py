@@ -36,12 +36,26 @@ from ..protocol.token_exchange import (
     parse_grant_type,
     parse_token_exchange,
 )
+from .assurance import (
+    KEY_CHANGED,
+    KEY_CONTINUES,
+    KEY_FACTS,
+    Evidence,
+    at_least,
+    key_state,
+    lowest_known,
+    needed,
+    posture_is_good,
+    reached,
+    shortfall,
+)
 from .attest import IssuerDirectory, VerifiedToken, verify_token
 from .audit import AuditRecord, log_unaudited, token_hash
 from .baseline import BASELINE_TTL, Baseline, observe, record_failure
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from .delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, narrow_reexchange
 from .dpop import DPoPConfig, VerifiedProof, verify_proof
+from .drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
 from .introspection import own_token_identities, revocation
 from .mint import mint_access_token
 from .policy import Grant, PolicyRequest, PolicySet, evaluate
@@ -61,7 +75,7 @@ from .ports import (
     TokenReviewer,
     TokenReviewUnavailable,
 )
-from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events, stable_values
+from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from .stepup import DENY, STEP_UP, RiskDecision, decide
 from .subject_state import SubjectState, identity_key, identity_keys, merge
 
@@ -105,6 +119,9 @@ class _Risk:
     baseline: Baseline
     baseline_key: str | None
     record: dict[str, Any]
+    #: The assurance level this request reaches (sts.core.assurance), and what it showed for it.
+    level: str
+    evidence: Evidence
 
 
 @dataclass(frozen=True)
@@ -271,6 +288,9 @@ class TokenExchange:
         record.requested_token_type = request.requested_token_type
         if request.actor_token is not None:
             record.actor_token_sha256 = token_hash(request.actor_token)
+        if request.acr_values and lowest_known(request.acr_values) is None:
+            # RFC 9470 levels are named by this service's metadata (acr_values_supported).
+            raise InvalidRequest("request.unsupported_acr_values", " ".join(request.acr_values)[:200])
 
         # 2. Authenticate the client (RFC 6749 §2.3, RFC 7523 §3).
         creds = parse_client_credentials(wire.form, wire.authorization)
@@ -315,7 +335,7 @@ class TokenExchange:
         )
         _record_subject(record, subject)
         self._check_not_revoked(subject, "subject_token")
-        self._check_liveness(subject, request.subject_token)
+        live_review = self._check_liveness(subject, request.subject_token)
         actor: VerifiedToken | None = None
         if request.actor_token is not None:
             actor = verify_token(
@@ -365,28 +385,53 @@ class TokenExchange:
         # 5. Risk: what other systems said about the subject (always), then the rule's own
         #    signals; the decision may narrow, shorten, ask for fresh attestation or refuse.
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
-        observed = replace(subject, facts={**subject.facts, "cnf_jkt": proof.jkt}) if proof else subject
+        keys = presented_keys(proof, wire.client_cert_thumbprint)
+        observed = replace(subject, facts={**subject.facts, **keys}) if keys else subject
         posture = None
         if request.posture_token:
             record.details["posture_token_sha256"] = token_hash(request.posture_token)
             posture = self._posture(request.posture_token, subject, now)
-        risk = self._assess_risk(wire, observed, grant, scopes, depth, attested_at, now, posture)
+        risk = self._assess_risk(
+            wire,
+            observed,
+            grant,
+            scopes,
+            depth,
+            attested_at,
+            now,
+            posture,
+            keys=keys,
+            live_review=live_review,
+        )
         record.details["risk"] = risk.record
+        record.details["assurance"] = {"presented": risk.level, "evidence": risk.evidence.as_dict()}
         if risk.decision.enforced:
-            if risk.decision.action == DENY:
-                raise RiskRefused("risk.denied", signals=risk.decision.fired)
-            narrowed = risk.decision.scopes
+            decision = risk.decision
+            if decision.action == DENY:
+                self._save_progress(risk)
+                raise RiskRefused("risk.denied", signals=decision.fired, clears=decision.clears)
+            narrowed = decision.scopes
             if scopes and not narrowed and risk.assessment.fresh:
                 # Nothing is left, and the attestation is already fresh: renewing it would
                 # change nothing, so asking for a step-up would send the workload round forever.
-                raise RiskRefused("risk.narrowed_to_nothing", signals=risk.decision.fired)
-            if risk.decision.action == STEP_UP or (scopes and not narrowed):
+                self._save_progress(risk)
+                raise RiskRefused("risk.narrowed_to_nothing", signals=decision.fired, clears=decision.clears)
+            if decision.action == STEP_UP or (scopes and not narrowed):
+                self._save_progress(risk)
                 raise StepUpRequired(
-                    "risk.step_up", max_age=risk.decision.step_up_max_age, signals=risk.decision.fired
+                    "risk.step_up",
+                    max_age=decision.step_up_max_age,
+                    signals=decision.fired,
+                    acr_values=decision.acr_values if decision.action == STEP_UP else (),
+                    clears=decision.clears,
                 )
             if len(narrowed) != len(scopes):
                 record.reasons.append("risk.scope_narrowed")
             scopes = narrowed
+
+        # 5b. Assurance: the level reached and the attestation age, against what the rule's
+        #     requirements for these scopes and audiences (and the request's acr_values) need.
+        self._check_assurance(record, risk, grant, scopes, request.acr_values, attested_at, now)
 
         # 6. Lifetime: the smallest of the rule's maximum, what was asked and what is
         #    left of the subject token (or of what its issuer intended, e.g. warnafter),
@@ -416,8 +461,12 @@ class TokenExchange:
             lifetime=lifetime,
             now=now,
             auth_time=attested_at,
-            extra={**(carried_claims(subject, act) or {}), **confirmation(proof, wire.client_cert_thumbprint)}
-            or None,
+            extra={
+                **(carried_claims(subject, act) or {}),
+                **confirmation(proof, wire.client_cert_thumbprint),
+                # RFC 9470 §4 / RFC 9068 §2.2.1: the assurance level this exchange reached.
+                "acr": risk.level,
+            },
         )
         if risk.baseline_key is not None:
             self._learn(risk, observed, wire.source_ip, grant.audiences, scopes, depth, now)
@@ -523,19 +572,40 @@ class TokenExchange:
         attested_at: float | None,
         now: float,
         posture: tuple[Mapping[str, Any] | None, str | None] | None = None,
+        *,
+        keys: Mapping[str, str] | None = None,
+        live_review: bool = False,
     ) -> _Risk:
+        keys = keys or {}
+        # The baseline is kept where it is judged: by the rule's risk signals, or by the assurance
+        # levels (whose proof-of-possession level needs the identity's key), and whenever a key
+        # is presented, so the identity's first key is remembered.
+        keeps_baseline = bool(grant.risk or grant.assurance or keys)
         try:
             state = (
                 merge(self.subject_states.get(self._identity_keys(subject))) if self.subject_states else None
             )
             baseline_key = (
-                identity_key(subject.issuer_name, subject.subject) if grant.risk and self.baselines else None
+                identity_key(subject.issuer_name, subject.subject)
+                if keeps_baseline and self.baselines
+                else None
             )
             baseline = self.baselines.load(baseline_key) if baseline_key and self.baselines else Baseline()
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         state = state or SubjectState()
         cfg = grant.risk or EVENTS_ONLY
+        posture_claims = posture[0] if posture else None
+        posture_ok = posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
+        presented_key = key_state(keys, baseline.confirmed_keys())
+        shown = frozenset(
+            ([EVIDENCE_POP] if presented_key == KEY_CONTINUES else [])
+            + ([EVIDENCE_POSTURE] if posture_ok else [])
+        )
+        presentable = frozenset(
+            ([EVIDENCE_POP] if any(baseline.facts.get(f) is not None for f in KEY_FACTS) else [])
+            + ([EVIDENCE_POSTURE] if cfg.posture_fact is not None else [])
+        )
         ctx = RiskContext(
             identity=identity_key(subject.issuer_name, subject.subject),
             facts=subject.facts,
@@ -548,19 +618,90 @@ class TokenExchange:
             now=now,
             baseline=baseline,
             state=state,
-            posture_claims=posture[0] if posture else None,
+            posture_claims=posture_claims,
             posture_problem=posture[1] if posture else None,
+            evidence_shown=shown,
+            evidence_presentable=presentable,
         )
         assessment = assess(ctx, cfg) if grant.risk else assess_events(ctx, cfg)
         decision = decide(assessment, cfg, scopes)
+        if presented_key == KEY_CHANGED and all(
+            v in assessment.drift.baseline.confirmed_values(f) for f, v in keys.items()
+        ):
+            # The new key completed its probation with this exchange: it is the identity's key now.
+            presented_key = KEY_CONTINUES
+        carried = None
+        if subject.issuer_name == SELF_ISSUER:
+            acr = subject.claims.get("acr")
+            carried = acr if isinstance(acr, str) else ""
+        evidence = Evidence(
+            key=presented_key, posture_token=posture_ok, live_review=live_review, carried=carried
+        )
         record = {
             "mode": cfg.mode if grant.risk else "events",
             "score": assessment.score,
             "decision": decision.as_dict(),
             "signals": [s.as_dict() for s in assessment.signals],
             "learning": baseline.learning if grant.risk else None,
+            # The session state behind the decision: each watched fact, confirmed or pending.
+            "baseline": session_summary(assessment.drift.baseline, cfg.stable_facts if grant.risk else ())
+            if baseline_key
+            else None,
         }
-        return _Risk(decision, assessment, cfg, baseline, baseline_key, record)
+        return _Risk(
+            decision,
+            assessment,
+            cfg,
+            baseline,
+            baseline_key,
+            record,
+            level=reached(evidence),
+            evidence=evidence,
+        )
+
+    def _check_assurance(
+        self,
+        record: AuditRecord,
+        risk: _Risk,
+        grant: Grant,
+        scopes: tuple[str, ...],
+        requested: tuple[str, ...],
+        attested_at: float | None,
+        now: float,
+    ) -> None:
+        """RFC 9470 §3 at the token endpoint: refuse, naming ``acr_values`` and ``max_age``, what the
+        rule's ``assurance`` requirements (and the request's ``acr_values``) need and this request
+        does not reach."""
+        need = needed(grant.assurance, grant.audiences, scopes, requested)
+        low, old = shortfall(need, risk.level, attested_at, now)
+        record.details["assurance"] = {
+            "presented": risk.level,
+            "required": need.acr,
+            "max_age": need.max_age,
+            "because": list(need.because),
+            "attestation_age": int(now - attested_at) if attested_at is not None else None,
+            "evidence": risk.evidence.as_dict(),
+        }
+        if low or old:
+            self._save_progress(risk)
+            raise StepUpRequired(
+                "assurance.level_too_low" if low else "assurance.attestation_too_old",
+                ", ".join(need.because),
+                max_age=need.max_age,
+                acr_values=at_least(need.acr) if low and need.acr else (),
+            )
+
+    def _save_progress(self, risk: _Risk) -> None:
+        """A refused exchange still counts for the probation of a changed fact (best effort)."""
+        if self.baselines is None or risk.baseline_key is None:
+            return
+        updated = progress(risk.baseline, risk.assessment.drift)
+        if updated == risk.baseline:
+            return
+        try:
+            self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
+        except StoreUnavailable:
+            log.warning("drift probation progress not saved: store unavailable")
 
     def _learn(
         self,
@@ -574,15 +715,16 @@ class TokenExchange:
     ) -> None:
         """Update the behaviour baseline after a grant (best effort: a lost update only delays learning)."""
         assert self.baselines is not None and risk.baseline_key is not None
+        # The reviewed baseline: first-seen facts set, changed ones confirmed or left pending.
         updated = observe(
-            risk.baseline,
+            risk.assessment.drift.baseline,
             now=now,
             source_ip=source_ip,
-            stable_facts=stable_values(subject.facts, subject.claims, risk.cfg.stable_facts),
+            stable_facts={},
             audiences=audiences,
             scopes=scopes,
             depth=depth,
-            rebaseline=risk.assessment.fresh,
+            rebaseline=False,
         )
         try:
             self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
@@ -599,11 +741,13 @@ class TokenExchange:
         except StoreUnavailable:
             log.warning("failure not recorded in baseline: store unavailable")
 
-    def _check_liveness(self, subject: VerifiedToken, token: str) -> None:
-        """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview)."""
+    def _check_liveness(self, subject: VerifiedToken, token: str) -> bool:
+        """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview).
+
+        True when a live review passed (posture evidence for the assurance levels)."""
         reviewer = self.token_reviewers.get(subject.issuer_name)
         if reviewer is None:
-            return
+            return False
         try:
             # Ask the API server to check the audience we require, not whatever the token says.
             trusted = self.issuers.by_name(subject.issuer_name)
@@ -613,6 +757,7 @@ class TokenExchange:
             raise TemporarilyUnavailable("subject_token.token_review_unavailable", str(exc)) from None
         if username != subject.subject:
             raise InvalidRequest("subject_token.kubernetes.not_live")
+        return True
 
     def _reserve(self, subject: VerifiedToken, token: str, now: float) -> SingleUse:
         """Phase 1 of single use (see :class:`~sts.core.ports.SingleUseLedger`)."""
@@ -657,6 +802,16 @@ def _bound_key(token: VerifiedToken) -> str | None:
     if token.issuer_name != SELF_ISSUER or jkt is None:
         return None
     return str(jkt)
+
+
+def presented_keys(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, str]:
+    """The proof-of-possession keys this request proves, as baseline facts (``cnf_jkt``, ``cnf_x5t``)."""
+    keys: dict[str, str] = {}
+    if proof is not None:
+        keys["cnf_jkt"] = proof.jkt
+    if thumbprint is not None:
+        keys["cnf_x5t"] = thumbprint
+    return keys
 
 
 def confirmation(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, Any]:

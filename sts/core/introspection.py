@@ -27,7 +27,21 @@ from .subject_state import ANY_ISSUER, identity_key, is_revoked, merge
 
 INACTIVE: dict[str, Any] = {"active": False}
 #: Claims an active introspection response may carry (RFC 7662 §2.2, RFC 8693 §4, RFC 9449 §6.2).
-REPORTED = ("scope", "client_id", "sub", "aud", "iss", "exp", "iat", "nbf", "jti", "act", "cnf", "auth_time")
+REPORTED = (
+    "scope",
+    "client_id",
+    "sub",
+    "aud",
+    "iss",
+    "exp",
+    "iat",
+    "nbf",
+    "jti",
+    "act",
+    "cnf",
+    "auth_time",
+    "acr",
+)
 
 
 @dataclass(frozen=True)

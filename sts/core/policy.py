@@ -40,7 +40,9 @@ from ..errors import (
     UnauthorizedClient,
 )
 from ..protocol.token_exchange import check_resource
+from .assurance import LEVELS, Requirement
 from .attest import VerifiedToken
+from .drift import EVIDENCE_KINDS, EVIDENCE_POSTURE, DriftSettings
 from .risk import DEFAULT_STABLE_FACTS, RiskSettings
 
 DEFAULT_MAX_LIFETIME = 300
@@ -125,6 +127,7 @@ class Rule:
     risk: RiskSettings | None = None
     require_dpop: bool = False
     actor_may_bind_key: bool = False
+    assurance: tuple[Requirement, ...] = ()
 
     @functools.cached_property
     def identity(self) -> IdentityMatcher:
@@ -164,6 +167,8 @@ class Grant:
     risk: RiskSettings | None = None
     require_dpop: bool = False
     actor_may_bind_key: bool = False
+    #: Minimum assurance levels and attestation ages for some scopes or audiences (``assurance``).
+    assurance: tuple[Requirement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -364,6 +369,12 @@ def compile_risk(raw: Mapping[str, Any], where: str, scopes: tuple[str, ...]) ->
     if unknown:
         raise ConfigurationError(f"{where}: risk.privileged_scopes not in grant.scopes: {', '.join(unknown)}")
     defaults = RiskSettings()
+    evidence = frozenset(raw.get("drift_evidence", ()))
+    unknown_evidence = sorted(evidence - EVIDENCE_KINDS)
+    if unknown_evidence:
+        raise ConfigurationError(f"{where}: risk.drift_evidence: unknown {', '.join(unknown_evidence)}")
+    if EVIDENCE_POSTURE in evidence and not raw.get("posture_fact"):
+        raise ConfigurationError(f"{where}: risk.drift_evidence posture_token needs risk.posture_fact")
     settings = RiskSettings(
         mode=raw.get("mode", "enforce"),
         networks=tuple(networks),
@@ -382,10 +393,47 @@ def compile_risk(raw: Mapping[str, Any], where: str, scopes: tuple[str, ...]) ->
         deny_at=int(raw.get("deny_at", defaults.deny_at)),
         step_up_max_age=int(raw.get("step_up_max_age", defaults.step_up_max_age)),
         min_lifetime_factor=float(raw.get("min_lifetime_factor", defaults.min_lifetime_factor)),
+        drift=DriftSettings(
+            probation_exchanges=int(raw.get("probation_exchanges", defaults.drift.probation_exchanges)),
+            probation_period=int(raw.get("probation_period", defaults.drift.probation_period)),
+            evidence=evidence,
+        ),
     )
     if not settings.narrow_at <= settings.step_up_at <= settings.deny_at:
         raise ConfigurationError(f"{where}: risk thresholds must satisfy narrow_at <= step_up_at <= deny_at")
     return settings
+
+
+def compile_assurance(
+    entries: Sequence[Mapping[str, Any]], where: str, scopes: tuple[str, ...], targets: frozenset[str]
+) -> tuple[Requirement, ...]:
+    """A rule's ``assurance`` section: known levels, scopes and audiences the rule grants."""
+    requirements = []
+    for i, entry in enumerate(entries):
+        at = f"{where}: assurance[{i}]"
+        acr = entry.get("acr")
+        if acr is not None and acr not in LEVELS:
+            raise ConfigurationError(f"{at}: unknown acr {acr!r} (known: {', '.join(LEVELS)})")
+        max_age = entry.get("max_attestation_age")
+        if acr is None and max_age is None:
+            raise ConfigurationError(f"{at}: names neither acr nor max_attestation_age")
+        wanted_scopes = frozenset(entry.get("scopes", ()))
+        unknown = sorted(wanted_scopes - set(scopes))
+        if unknown:
+            raise ConfigurationError(f"{at}: scopes not in grant.scopes: {', '.join(unknown)}")
+        audiences = frozenset(entry.get("audiences", ()))
+        unknown = sorted(audiences - targets)
+        if unknown:
+            raise ConfigurationError(f"{at}: audiences not granted by the rule: {', '.join(unknown)}")
+        requirements.append(
+            Requirement(
+                acr=acr,
+                max_attestation_age=int(max_age) if max_age is not None else None,
+                scopes=wanted_scopes,
+                audiences=audiences,
+            )
+        )
+    return tuple(requirements)
 
 
 def compile_rule(
@@ -483,6 +531,7 @@ def compile_rule(
         risk=compile_risk(raw["risk"], where, scopes) if "risk" in raw else None,
         require_dpop=bool(raw.get("require_dpop", False)),
         actor_may_bind_key=bool(raw.get("actor_may_bind_key", False)),
+        assurance=compile_assurance(raw.get("assurance", ()), where, scopes, audiences | resources),
     )
 
 
@@ -649,5 +698,6 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
             risk=rule.risk,
             require_dpop=rule.require_dpop,
             actor_may_bind_key=rule.actor_may_bind_key,
+            assurance=rule.assurance,
         )
     raise InvalidTarget("policy.target_not_allowed")

@@ -10,7 +10,8 @@ The signals (issue "Risk signals and step-up"):
    declares, or (after learning) in a network never seen for this identity.
 2. ``attestation_drift``: facts that should be stable for an identity
    (runner environment, node, image digest, proof-of-possession key...)
-   changed since its baseline.  Fresh attestation re-baselines.
+   changed since its baseline and the new value is not confirmed.  Fresh
+   attestation does not confirm it (:mod:`sts.core.drift`).
 3. ``stale_posture``: attestation older than the rule allows without step-up;
    posture evidence missing, negative or expired.
 4. ``recent_failures``: refusals for this identity within a window.
@@ -28,7 +29,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .assurance import KEY_FACTS
 from .baseline import Baseline, network_of
+from .drift import DriftReview, DriftSettings, review
 from .subject_state import SubjectState
 
 NetworkLike = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -73,6 +76,7 @@ class RiskSettings:
     deny_at: int = 100
     step_up_max_age: int = 60
     min_lifetime_factor: float = 0.2
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
     def weight(self, name: str) -> int:
         return int(self.weights.get(name, DEFAULT_WEIGHTS[name]))
@@ -121,6 +125,10 @@ class RiskContext:
     posture_claims: Mapping[str, Any] | None = None
     #: Why a presented posture token could not be used (``expired``...), for the signal's evidence.
     posture_problem: str | None = None
+    #: Independent evidence this request shows (``pop_key_continuity``, ``posture_token``).
+    evidence_shown: frozenset[str] = frozenset()
+    #: Evidence the workload could present that this request does not show.
+    evidence_presentable: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,8 @@ class Assessment:
     score: int
     signals: tuple[SignalResult, ...]
     fresh: bool
+    #: The stable facts reviewed against the baseline (confirmations, unconfirmed changes).
+    drift: DriftReview = field(default_factory=DriftReview)
 
     @property
     def fired(self) -> tuple[SignalResult, ...]:
@@ -166,21 +176,45 @@ def unusual_network(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     return _no(name, "known network", network=net)
 
 
-def attestation_drift(ctx: RiskContext, cfg: RiskSettings, *, fresh: bool) -> SignalResult:
+def attestation_drift(ctx: RiskContext, cfg: RiskSettings, drift: DriftReview) -> SignalResult:
     name = "attestation_drift"
     if not ctx.baseline.facts:
         return _no(name, "no baseline yet")
-    current = stable_values(ctx.facts, ctx.claims, cfg.stable_facts)
-    changed = {
-        fact: {"was": ctx.baseline.facts.get(fact), "now": current.get(fact)}
-        for fact in cfg.stable_facts
-        if fact in ctx.baseline.facts and ctx.baseline.facts.get(fact) != current.get(fact)
-    }
-    if not changed:
-        return _no(name, "stable facts unchanged")
-    if fresh:
-        return _no(name, "changed, accepted with fresh attestation (re-baselined)", changed=changed)
-    return _yes(name, cfg.weight(name), "stable facts changed since the baseline", changed=changed)
+    if drift.changed:
+        return _yes(
+            name,
+            cfg.weight(name),
+            "stable facts changed since the baseline and not confirmed",
+            changed={fact: dict(change) for fact, change in drift.changed.items()},
+            clears=[dict(c) for c in drift.clears],
+        )
+    if drift.confirmed_now:
+        return _no(name, "changed facts confirmed", confirmed=dict(drift.confirmed_now))
+    return _no(name, "stable facts unchanged")
+
+
+def review_drift(
+    ctx: RiskContext, cfg: RiskSettings, *, watched: tuple[str, ...], fresh: bool
+) -> DriftReview:
+    """The watched facts (and the presented proof-of-possession keys) against the baseline.
+
+    Key facts come from what the pipeline observed (the DPoP proof, the client
+    certificate), never from a token's claims.
+    """
+    current = stable_values(ctx.facts, ctx.claims, tuple(f for f in watched if f not in KEY_FACTS))
+    current.update({f: ctx.facts[f] for f in KEY_FACTS if ctx.facts.get(f) is not None})
+    return review(
+        ctx.baseline,
+        current,
+        watched=watched,
+        now=ctx.now,
+        fresh=fresh,
+        settings=cfg.drift,
+        shown=ctx.evidence_shown,
+        presentable=ctx.evidence_presentable,
+        max_age=cfg.step_up_max_age,
+        identity=ctx.identity,
+    )
 
 
 def stable_values(
@@ -300,20 +334,25 @@ def is_fresh(ctx: RiskContext, cfg: RiskSettings) -> bool:
 def assess(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
     """Evaluate every signal (fired or not, all are recorded) and add up the score."""
     fresh = is_fresh(ctx, cfg)
+    drift = review_drift(ctx, cfg, watched=cfg.stable_facts, fresh=fresh)
     signals: Sequence[SignalResult] = (
         unusual_network(ctx, cfg),
-        attestation_drift(ctx, cfg, fresh=fresh),
+        attestation_drift(ctx, cfg, drift),
         stale_posture(ctx, cfg),
         recent_failures(ctx, cfg),
         elevated_privilege(ctx, cfg),
         unexpected_s2s(ctx, cfg),
         shared_signal(ctx, cfg),
     )
-    return Assessment(score=sum(s.weight for s in signals if s.fired), signals=tuple(signals), fresh=fresh)
+    return Assessment(
+        score=sum(s.weight for s in signals if s.fired), signals=tuple(signals), fresh=fresh, drift=drift
+    )
 
 
 def assess_events(ctx: RiskContext, cfg: RiskSettings) -> Assessment:
     """Only what security events from other systems say (rules without a ``risk`` section)."""
     fresh = is_fresh(ctx, cfg)
     signal = shared_signal(ctx, cfg)
-    return Assessment(score=signal.weight if signal.fired else 0, signals=(signal,), fresh=fresh)
+    # No watched facts: only the proof-of-possession keys are kept, for the assurance levels.
+    drift = review_drift(ctx, cfg, watched=(), fresh=fresh)
+    return Assessment(score=signal.weight if signal.fired else 0, signals=(signal,), fresh=fresh, drift=drift)

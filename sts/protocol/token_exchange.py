@@ -49,7 +49,8 @@ CLIENT_AUTHENTICATION_PARAMETERS = frozenset(
 )
 #: Every parameter the token endpoint defines: RFC 6749 §4.1.3 ``grant_type``, RFC 8693 §2.1,
 #: RFC 8707 §2 ``resource``, client authentication, and this service's extensions
-#: (``requested_expires_in``, ``posture_token``).  Any other parameter is ignored.
+#: (``requested_expires_in``, ``posture_token``) and RFC 9470 ``acr_values``.  Any other parameter is
+#: ignored.
 TOKEN_EXCHANGE_PARAMETERS = CLIENT_AUTHENTICATION_PARAMETERS | {
     "grant_type",
     "subject_token",
@@ -62,6 +63,7 @@ TOKEN_EXCHANGE_PARAMETERS = CLIENT_AUTHENTICATION_PARAMETERS | {
     "requested_token_type",
     "requested_expires_in",
     "posture_token",
+    "acr_values",
 }
 
 #: RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
@@ -86,6 +88,8 @@ class TokenExchangeRequest:
     requested_lifetime: int | None
     #: Extension: a separately issued posture token about the same subject (see docs/policies.md).
     posture_token: str | None = None
+    #: RFC 9470 §4 / OpenID Connect Core §3.1.2.1 ``acr_values``: the assurance levels asked for.
+    acr_values: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -166,6 +170,16 @@ def _targets(form: Mapping[str, Sequence[str]], name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_acr_values(value: str | None) -> tuple[str, ...]:
+    """``acr_values``: space-separated, in order of preference (OpenID Connect Core §3.1.2.1)."""
+    if value is None:
+        return ()
+    values = tuple(value.split(" "))
+    if len(value) > 1000 or len(values) > 10 or not all(values) or not value.isascii():
+        raise InvalidRequest("request.malformed_acr_values")
+    return values
+
+
 def parse_token_exchange(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequest:
     """Check the RFC 8693 §2.1 parameters of a request whose grant type is token exchange."""
     check_no_repeats(form, TOKEN_EXCHANGE_PARAMETERS)
@@ -210,6 +224,7 @@ def parse_token_exchange(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequ
         requested_token_type=requested_token_type,
         requested_lifetime=requested_lifetime,
         posture_token=single(form, "posture_token"),
+        acr_values=parse_acr_values(single(form, "acr_values")),
     )
 
 

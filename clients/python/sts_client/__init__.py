@@ -1,7 +1,8 @@
 """Client libraries for the workload token-exchange broker (an RFC 8693 STS).
 
 * :mod:`sts_client.verifier` -- resource servers: verify the STS's access
-  tokens (RFC 9068), DPoP proofs (RFC 9449) and attestation age (RFC 9470);
+  tokens (RFC 9068), DPoP proofs (RFC 9449), attestation age and assurance
+  level (RFC 9470, :mod:`sts_client.assurance`);
   :mod:`sts_client.flask` and :mod:`sts_client.wsgi` plug it into an app.
 * :mod:`sts_client.workload` -- workloads: ``requests`` authentication that
   exchanges the workload's credential and renews it on its own.
@@ -13,6 +14,7 @@ Only ``requests``, ``joserfc`` and ``cryptography`` are needed; Flask only for
 
 from __future__ import annotations
 
+from .assurance import ACR_ATTESTED, ACR_POP, ACR_POSTURE
 from .attestation import (
     AttestationSource,
     CallableAttestation,
@@ -31,6 +33,7 @@ from .errors import (
     InvalidRequest,
     InvalidToken,
     MissingToken,
+    StepUpFailed,
     StsUnavailable,
     TemporarilyUnavailable,
     VerificationError,
@@ -42,6 +45,9 @@ from .workload import StsAuth
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACR_ATTESTED",
+    "ACR_POP",
+    "ACR_POSTURE",
     "AttestationSource",
     "AttestationUnavailable",
     "CallableAttestation",
@@ -60,6 +66,7 @@ __all__ = [
     "IssuedToken",
     "MissingToken",
     "ReplayCache",
+    "StepUpFailed",
     "StsAuth",
     "StsUnavailable",
     "TemporarilyUnavailable",

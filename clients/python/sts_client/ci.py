@@ -31,6 +31,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO
@@ -39,6 +40,7 @@ import requests
 from joserfc import jws
 from joserfc.errors import JoseError
 
+from .assurance import ACR_ATTESTED, rank
 from .attestation import AttestationSource, GitHubActionsAttestation, GitLabCIAttestation
 from .errors import AttestationUnavailable, ExchangeRefused, StsUnavailable
 from .exchange import IssuedToken, TokenExchangeClient
@@ -73,12 +75,31 @@ def explain_refusal(refusal: ExchangeRefused, *, subject: str, audience: str, sc
     error = refusal.error
     meaning: str
     change: str
-    if refusal.is_step_up:
+    level = _level_beyond_attestation(refusal)
+    if refusal.is_step_up and level is not None:
+        meaning = (
+            f"the policy needs assurance level {level} for this audience or scope: "
+            f"{_LEVEL_MEANING.get(level, 'a level this helper does not know')}; "
+            "a token handed to later job steps as a variable cannot be bound to a key"
+        )
+        change = (
+            "ask only for scopes that do not need it, or call the service from a step that uses the "
+            "sts_client library (StsAuth with dpop=True, and posture= for posture evidence)"
+        )
+    elif refusal.is_step_up:
         meaning = "fresh attestation required: the job's token is older than the STS accepts now"
         signals = ", ".join(refusal.signals)
         if signals:
             meaning += f" (signals: {signals})"
         change = "re-run the job, so it starts with a fresh token"
+    elif refusal.risk is not None and refusal.clears:
+        meaning = (
+            f"something stable about {subject} changed since the STS first saw it (for example the "
+            "runner environment: a self-hosted runner where GitHub-hosted ones ran) and nobody has "
+            "confirmed the change; a fresh token does not confirm it"
+            f" (signals: {', '.join(refusal.signals) or 'unnamed'})"
+        )
+        change = _how_to_confirm(refusal.clears)
     elif refusal.risk is not None:
         meaning = f"refused for risk (signals: {', '.join(refusal.signals) or 'unnamed'})"
         change = "ask the platform team to check the audit record for this job; re-running will not help"
@@ -114,6 +135,51 @@ def explain_refusal(refusal: ExchangeRefused, *, subject: str, audience: str, sc
         lines.append(f"  the STS said: {refusal.description}")
     lines += [f"  what it means: {meaning}", f"  what to change: {change}"]
     return lines
+
+
+_LEVEL_MEANING: Final = {
+    "urn:workload-sts:acr:pop": "a token bound to the workload's own key (DPoP or a client certificate)",
+    "urn:workload-sts:acr:posture": "a key-bound token plus posture evidence (a posture token)",
+}
+
+
+def _level_beyond_attestation(refusal: ExchangeRefused) -> str | None:
+    """The least level a step-up names, when it is more than a fresh token can reach."""
+    known = sorted((v for v in refusal.acr_values if rank(v) >= 0), key=rank)
+    if known and rank(known[0]) > rank(ACR_ATTESTED):
+        return known[0]
+    if refusal.acr_values and not known:
+        return refusal.acr_values[0]
+    return None
+
+
+def _how_to_confirm(clears: list[dict[str, object]]) -> str:
+    """What would confirm a changed fact, from the refusal's ``clears``, in plain words."""
+    ways = []
+    for clear in clears:
+        by = clear.get("by")
+        if by == "operator_accept":
+            # Printed into the job log: no control characters from the answer (they could start a line).
+            identity = "".join(c if c.isprintable() else "?" for c in str(clear.get("identity") or ""))
+            identity = identity[:300] or "ISSUER|SUBJECT"
+            ways.append(
+                f"if the change is expected, ask the platform team to run: sts baseline accept '{identity}'"
+            )
+        elif by == "probation":
+            left = clear.get("exchanges_left")
+            when = clear.get("not_before")
+            at = (
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+                if isinstance(when, int) and not isinstance(when, bool)
+                else "later"
+            )
+            ways.append(
+                f"otherwise it is confirmed after {left} more run(s) with a fresh token, "
+                f"the last one not before {at}"
+            )
+        elif isinstance(by, str):
+            ways.append(f"or present {by.replace('_', ' ')} (not possible from sts-ci)")
+    return "; ".join(ways) or "ask the platform team to check the audit record for this job"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -163,7 +229,8 @@ def _exchange(
     try:
         return client.exchange(subject_token, audience=args.audience, scope=args.scope)
     except ExchangeRefused as refusal:
-        if not refusal.is_step_up or not source.renewable:
+        # A new token answers a demand for fresh attestation, never one for a key or posture.
+        if not refusal.is_step_up or not source.renewable or _level_beyond_attestation(refusal):
             raise
     subject_token = source.fetch()
     on_token.append(subject_token)

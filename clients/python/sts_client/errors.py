@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from .assurance import StepUpRequest
 from .challenges import Challenge
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "MissingToken",
+    "StepUpFailed",
     "StsUnavailable",
     "TemporarilyUnavailable",
     "VerificationError",
@@ -156,29 +158,57 @@ class InsufficientScope(VerificationError):
 
 
 class InsufficientUserAuthentication(VerificationError):
-    """RFC 9470 §3: the attestation behind the token is older than this resource accepts.
+    """RFC 9470 §3: the attestation behind the token is too old, or its assurance level too low.
 
     For a workload, "authentication" is its attestation: the STS sets the
-    token's ``auth_time`` to when the workload's own credential was issued, so
-    the workload answers this by getting a fresh credential and exchanging it
-    again (docs/policies.md, "Refusals and renewing")::
+    token's ``auth_time`` to when the workload's own credential was issued and
+    its ``acr`` to the assurance level the exchange reached (see
+    :mod:`sts_client.assurance`), so the workload answers this by renewing
+    with what is asked and exchanging again (docs/policies.md, "Refusals and
+    renewing")::
 
         WWW-Authenticate: Bearer error="insufficient_user_authentication",
-          error_description="More recent attestation is required.", max_age="60"
+          error_description="A higher assurance level is required.",
+          acr_values="urn:workload-sts:acr:pop urn:workload-sts:acr:posture", max_age="60"
     """
 
     error = "insufficient_user_authentication"
     description = "More recent attestation is required."
+    level_description: ClassVar[str] = "A higher assurance level is required."
 
-    def __init__(self, reason: str, detail: str = "", *, scheme: str = "Bearer", max_age: int):
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        scheme: str = "Bearer",
+        max_age: int | None = None,
+        acr_values: Sequence[str] = (),
+    ):
         super().__init__(reason, detail, scheme=scheme)
         self.max_age = max_age
+        self.acr_values = tuple(acr_values)
+
+    @property
+    def text(self) -> str:
+        """The error_description: a fixed text chosen by what is asked for."""
+        return self.level_description if self.acr_values else self.description
 
     def params(self) -> dict[str, str]:
-        return {**super().params(), "max_age": str(self.max_age)}
+        params = {"error": self.error, "error_description": self.text}
+        if self.acr_values:
+            params["acr_values"] = " ".join(self.acr_values)
+        if self.max_age is not None:
+            params["max_age"] = str(self.max_age)
+        return params
 
     def body(self) -> dict[str, Any]:
-        return {**super().body(), "max_age": self.max_age}
+        body: dict[str, Any] = {"error": self.error, "error_description": self.text}
+        if self.acr_values:
+            body["acr_values"] = " ".join(self.acr_values)
+        if self.max_age is not None:
+            body["max_age"] = self.max_age
+        return body
 
 
 class InvalidDPoPProof(VerificationError):
@@ -227,9 +257,10 @@ class StsUnavailable(ExchangeError):
 class ExchangeRefused(ExchangeError):
     """The STS answered an OAuth error (RFC 6749 §5.2, RFC 8693 §2.2.2).
 
-    ``body`` is the STS's JSON error object; ``max_age`` and ``step_up`` are
-    set for a step-up refusal (``insufficient_user_authentication``), ``risk``
-    for a refusal for risk.
+    ``body`` is the STS's JSON error object; ``max_age``, ``acr_values`` and
+    ``step_up`` are set for a step-up refusal (``insufficient_user_authentication``),
+    ``risk`` for a refusal for risk; ``clears`` says what would confirm
+    unconfirmed attestation drift (an operator's accept, the probation left...).
     """
 
     def __init__(self, status: int, body: Mapping[str, Any]) -> None:
@@ -241,6 +272,10 @@ class ExchangeRefused(ExchangeError):
         self.description = description if isinstance(description, str) else ""
         max_age = body.get("max_age")
         self.max_age = max_age if isinstance(max_age, int) and not isinstance(max_age, bool) else None
+        acr_values = body.get("acr_values")
+        self.acr_values: tuple[str, ...] = (
+            tuple(v for v in acr_values.split(" ") if v) if isinstance(acr_values, str) else ()
+        )
         step_up = body.get("step_up")
         self.step_up: dict[str, Any] | None = step_up if isinstance(step_up, dict) else None
         risk = body.get("risk")
@@ -259,6 +294,39 @@ class ExchangeRefused(ExchangeError):
             if member is not None and isinstance(member.get("signals"), list):
                 return [str(s) for s in member["signals"]]
         return []
+
+    @property
+    def clears(self) -> list[dict[str, Any]]:
+        """What would confirm unconfirmed drift (``step_up.clears`` or ``risk.clears``), if any."""
+        for member in (self.step_up, self.risk):
+            if member is not None and isinstance(member.get("clears"), list):
+                return [dict(c) for c in member["clears"] if isinstance(c, dict)]
+        return []
+
+
+class StepUpFailed(ExchangeRefused):
+    """A step-up (from the STS or a resource server) could not be answered; raised after one attempt.
+
+    ``asked`` is what was asked for (``acr_values``, ``max_age``, and by
+    whom); ``why`` says why this workload could not meet it.  When the STS
+    refused the renewal, ``status`` and ``body`` are that refusal's; otherwise
+    they describe the challenge.
+    """
+
+    def __init__(self, asked: StepUpRequest, why: str, *, refusal: ExchangeRefused | None = None) -> None:
+        body: dict[str, Any] = (
+            refusal.body
+            if refusal is not None
+            else {
+                "error": "insufficient_user_authentication",
+                **({"acr_values": " ".join(asked.acr_values)} if asked.acr_values else {}),
+                **({"max_age": asked.max_age} if asked.max_age is not None else {}),
+            }
+        )
+        super().__init__(refusal.status if refusal is not None else 401, body)
+        self.asked = asked
+        self.why = why
+        self.args = (f"{asked.asked_by} asked for {asked.describe()}; it could not be met: {why}",)
 
 
 class AttestationUnavailable(Exception):

@@ -140,8 +140,14 @@ class TokenExchangeClient:
         requested_token_type: str | None = None,
         actor_token: str | None = None,
         actor_token_type: str = JWT_TOKEN_TYPE,
+        posture_token: str | None = None,
+        acr_values: str | Sequence[str] | None = None,
     ) -> IssuedToken:
-        """One token exchange; raises :class:`ExchangeRefused` or :class:`StsUnavailable`."""
+        """One token exchange; raises :class:`ExchangeRefused` or :class:`StsUnavailable`.
+
+        ``posture_token`` is the STS's extension parameter (posture evidence about the
+        same subject); ``acr_values`` asks for an assurance level (RFC 9470).
+        """
         form: list[tuple[str, str]] = [
             ("grant_type", TOKEN_EXCHANGE),
             ("subject_token", subject_token),
@@ -156,6 +162,10 @@ class TokenExchangeClient:
             form.append(("requested_token_type", requested_token_type))
         if actor_token is not None:
             form += [("actor_token", actor_token), ("actor_token_type", actor_token_type)]
+        if posture_token is not None:
+            form.append(("posture_token", posture_token))
+        if acr_values:
+            form.append(("acr_values", acr_values if isinstance(acr_values, str) else " ".join(acr_values)))
         endpoint = self.token_endpoint()
         status, body, headers = self._post(endpoint, form)
         if self.dpop_key is not None and status == 400 and _error_of(body) == "use_dpop_nonce":

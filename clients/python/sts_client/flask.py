@@ -56,12 +56,16 @@ def require_token(
     scopes: str | Iterable[str] = (),
     max_age: int | None = None,
     *,
+    acr_values: str | Iterable[str] | None = None,
     url: Callable[[flask.Request], str] | None = None,
 ) -> Callable[[F], F]:
     """Protect a view: verify the request's token, then set ``flask.g.token`` and call the view.
 
     ``scopes`` are needed in addition to the verifier's ``required_scopes``;
-    ``max_age`` demands attestation at most that many seconds old (RFC 9470).
+    ``max_age`` demands attestation at most that many seconds old and
+    ``acr_values`` one of these assurance levels or a higher one (RFC 9470;
+    see :mod:`sts_client.assurance`), e.g. ``acr_values=ACR_POP`` for a route
+    that needs a proof-of-possession token.
     """
     route_scopes = tuple(scopes.split()) if isinstance(scopes, str) else tuple(scopes)
 
@@ -76,6 +80,7 @@ def require_token(
                     request.headers,
                     scopes=route_scopes,
                     max_age=max_age,
+                    acr_values=acr_values,
                 )
             except VerificationError as error:
                 return error_response(error)

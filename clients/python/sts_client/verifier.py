@@ -30,9 +30,16 @@ and ``body()`` are the answer to send.  What is checked, in order:
 4. Revocation, when ``introspection`` credentials are given (RFC 7662).
 5. Scopes: ``required_scopes`` and the route's ``scopes`` (403
    ``insufficient_scope``).
-6. Attestation age: with ``max_age``, a token whose ``auth_time`` is older
-   gets RFC 9470's ``insufficient_user_authentication`` challenge; the
-   workload renews its attestation, exchanges again and retries.
+6. Attestation age and assurance level (RFC 9470 §3): with ``max_age``, a
+   token whose ``auth_time`` is older, and with ``acr_values``, a token whose
+   ``acr`` reaches none of them (levels are ordered, see
+   :mod:`sts_client.assurance`: a higher one will do), gets the
+   ``insufficient_user_authentication`` challenge naming both; the workload
+   renews with what is asked, exchanges again and retries::
+
+       WWW-Authenticate: Bearer error="insufficient_user_authentication",
+         error_description="A higher assurance level is required.",
+         acr_values="urn:workload-sts:acr:pop urn:workload-sts:acr:posture", max_age="60"
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, Miss
 from joserfc.jws import JWSRegistry
 from joserfc.jwt import JWTClaimsRegistry
 
+from .assurance import at_least, parse_acr_values, rank, satisfies
 from .compact import MalformedJWS, extract_compact_jws
 from .discovery import DiscoveryError, ServerMetadata, check_endpoint_url, fetch_metadata
 from .dpop import (
@@ -125,6 +133,8 @@ class VerifiedAccessToken:
     jkt: str | None = None
     #: RFC 8693 §4.1: the current actor (``act``), with earlier actors nested in it.
     actor: Mapping[str, Any] | None = None
+    #: RFC 9470 / RFC 9068 §2.2.1: the assurance level the STS's exchange reached.
+    acr: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -262,13 +272,16 @@ class TokenVerifier:
         *,
         scopes: str | Iterable[str] = (),
         max_age: int | None = None,
+        acr_values: str | Iterable[str] | None = None,
         now: float | None = None,
     ) -> VerifiedAccessToken:
         """Verify the request's access token (and DPoP proof); see the module docstring for the checks.
 
         ``url`` is the request's full URL as the client addressed it (scheme,
         host, path; the query is ignored), which DPoP's ``htu`` must match:
-        behind a TLS-terminating proxy, pass the public URL.
+        behind a TLS-terminating proxy, pass the public URL.  ``max_age`` and
+        ``acr_values`` are this route's demands on the attestation (RFC 9470):
+        ``acr_values`` lists the levels it accepts (any higher level will do).
         """
         current = self._clock() if now is None else now
         scheme = "Bearer"
@@ -279,7 +292,7 @@ class TokenVerifier:
             self._check_active(token, claims, current, scheme)
             verified = self._result(claims, jkt)
             self._check_scopes(verified, _scope_list(scopes), scheme)
-            self._check_max_age(verified, max_age, current, scheme)
+            self._check_authentication(verified, max_age, parse_acr_values(acr_values), current, scheme)
         except VerificationError as exc:
             exc.realm = self.realm
             exc.dpop_algorithms = self.dpop_algorithms
@@ -426,6 +439,7 @@ class TokenVerifier:
         scope = claims.get("scope")
         auth_time = claims.get("auth_time")
         act = claims.get("act")
+        acr = claims.get("acr")
         return VerifiedAccessToken(
             subject=claims["sub"],
             client_id=str(claims["client_id"]),
@@ -439,6 +453,7 @@ class TokenVerifier:
             else None,
             jkt=jkt,
             actor=MappingProxyType(act) if isinstance(act, dict) else None,
+            acr=acr if isinstance(acr, str) else None,
             claims=MappingProxyType(claims),
         )
 
@@ -448,14 +463,30 @@ class TokenVerifier:
             raise InsufficientScope("scope.insufficient", scheme=scheme, required=required)
 
     @staticmethod
-    def _check_max_age(token: VerifiedAccessToken, max_age: int | None, now: float, scheme: str) -> None:
-        """RFC 9470 §3: the attestation behind the token (``auth_time``) is at most ``max_age`` old."""
-        if max_age is None:
+    def _check_authentication(
+        token: VerifiedAccessToken,
+        max_age: int | None,
+        acr_values: tuple[str, ...],
+        now: float,
+        scheme: str,
+    ) -> None:
+        """RFC 9470 §3: the attestation behind the token (``auth_time``) is at most ``max_age`` old
+        and its level (``acr``) one of ``acr_values`` or above; else a challenge naming both."""
+        if max_age is None and not acr_values:
             return
-        if token.auth_time is None:
-            raise InsufficientUserAuthentication("auth_time.missing", scheme=scheme, max_age=max_age)
-        if now - token.auth_time > max_age:
-            raise InsufficientUserAuthentication("auth_time.too_old", scheme=scheme, max_age=max_age)
+        reason = None
+        if acr_values and not satisfies(token.acr, acr_values):
+            reason = "acr.too_low" if token.acr is not None else "acr.missing"
+        elif max_age is not None and token.auth_time is None:
+            reason = "auth_time.missing"
+        elif max_age is not None and token.auth_time is not None and now - token.auth_time > max_age:
+            reason = "auth_time.too_old"
+        if reason is None:
+            return
+        # Any level at or above the least one named will do: say so, lowest first.
+        known = [v for v in acr_values if rank(v) >= 0]
+        named = at_least(min(known, key=rank)) if known else acr_values
+        raise InsufficientUserAuthentication(reason, scheme=scheme, max_age=max_age, acr_values=named)
 
 
 def _path_of(url: str) -> str:

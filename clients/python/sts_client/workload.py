@@ -17,11 +17,22 @@ expires.  It renews on its own, gathering fresh attestation from its source
 and exchanging again, when
 
 * the STS answers the step-up refusal (``insufficient_user_authentication``,
-  docs/policies.md "Refusals and renewing"): once; a second refusal is raised;
+  docs/policies.md "Refusals and renewing"): once;
 * the resource server answers ``401`` with a ``WWW-Authenticate`` challenge
-  ``error="insufficient_user_authentication"`` (RFC 9470, ``max_age``) or
-  ``error="invalid_token"`` (RFC 6750): the call is then retried once with
-  the new token.
+  ``error="insufficient_user_authentication"`` (RFC 9470, ``acr_values``,
+  ``max_age``) or ``error="invalid_token"`` (RFC 6750): the call is then
+  retried once with the new token.
+
+A step-up is answered with what reaches what was asked (RFC 9470
+``acr_values``, see :mod:`sts_client.assurance`): a new platform token for
+``max_age``; a DPoP key for the proof-of-possession level (one is generated
+when the workload had none, unless ``dpop_on_demand=False``); a posture token
+from the ``posture`` source for the posture level.  The renewal asks the STS
+for that level (``acr_values``), so the token it gets reaches it or the STS
+says why not.  One attempt per challenge: if it cannot be met (nothing can
+present the level, the platform has no newer credential, the STS or the
+resource server refuses again), :class:`~sts_client.errors.StepUpFailed` is
+raised saying what was asked for and why it could not be met.  It never loops.
 
 With ``dpop=True`` a per-process ES256 key is generated; every call carries
 a fresh proof (``htm``, ``htu``, ``iat``, ``jti``, ``ath``), and a server
@@ -35,6 +46,7 @@ Tokens are never logged; ``repr`` shows none.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -42,10 +54,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import requests
+from joserfc import jws
+from joserfc.errors import JoseError
 from requests.auth import AuthBase
 from requests.cookies import extract_cookies_to_jar
 from requests.models import PreparedRequest, Response
 
+from .assurance import (
+    ACR_POP,
+    ACR_POSTURE,
+    LEVELS,
+    StepUpRequest,
+    at_least,
+    parse_acr_values,
+    rank,
+    satisfies,
+)
 from .attestation import (
     AttestationSource,
     CallableAttestation,
@@ -53,9 +77,9 @@ from .attestation import (
     GitHubActionsAttestation,
     GitLabCIAttestation,
 )
-from .challenges import parse_challenges
+from .challenges import Challenge, parse_challenges
 from .dpop import DPoPKey
-from .errors import AttestationUnavailable, ExchangeRefused, StsUnavailable
+from .errors import AttestationUnavailable, ExchangeRefused, StepUpFailed, StsUnavailable
 from .exchange import JWT_TOKEN_TYPE, IssuedToken, TokenExchangeClient, origin_of
 
 __all__ = [
@@ -66,6 +90,7 @@ __all__ = [
     "FileAttestation",
     "GitHubActionsAttestation",
     "GitLabCIAttestation",
+    "StepUpFailed",
     "StsAuth",
     "StsUnavailable",
 ]
@@ -86,6 +111,14 @@ class StsAuth(AuthBase):
     that require client authentication.  A token is renewed
     ``min(refresh_margin, refresh_fraction * lifetime)`` seconds before it
     expires.  ``session`` is used for the STS; ``clock`` gives the time.
+
+    ``dpop`` is ``True`` (a key for this process), a :class:`DPoPKey` (one the
+    workload keeps, so the STS sees the same key across restarts: the
+    proof-of-possession level needs the identity's key to continue), or
+    ``False``: then a key is made the first time a step-up asks for proof of
+    possession, unless ``dpop_on_demand=False``.  ``posture`` gives posture
+    tokens (evidence about the same subject from a trusted issuer), sent with
+    every exchange when set.
     """
 
     def __init__(
@@ -97,7 +130,9 @@ class StsAuth(AuthBase):
         scope: str | Sequence[str] | None = None,
         resource: str | Sequence[str] | None = None,
         client_credentials: tuple[str, str] | None = None,
-        dpop: bool = False,
+        dpop: bool | DPoPKey = False,
+        dpop_on_demand: bool = True,
+        posture: AttestationSource | None = None,
         subject_token_type: str = JWT_TOKEN_TYPE,
         session: requests.Session | None = None,
         token_endpoint: str | None = None,
@@ -111,7 +146,11 @@ class StsAuth(AuthBase):
         self.resource = resource
         self.attestation = attestation
         self.subject_token_type = subject_token_type
-        self.dpop_key = DPoPKey() if dpop else None
+        self.dpop_key = dpop if isinstance(dpop, DPoPKey) else DPoPKey() if dpop else None
+        self.posture = posture
+        self._dpop_on_demand = dpop_on_demand
+        #: The assurance level step-ups have asked for so far; every exchange presents what it takes.
+        self.level: str | None = None
         self._clock = clock
         self._refresh_margin = refresh_margin
         self._refresh_fraction = refresh_fraction
@@ -149,33 +188,122 @@ class StsAuth(AuthBase):
             assert self._token is not None
             return self._token
 
-    def renew(self, rejected: IssuedToken | None = None) -> IssuedToken:
-        """A new token from fresh attestation, unless another thread already replaced ``rejected``."""
+    def renew(self, rejected: IssuedToken | None = None, asked: StepUpRequest | None = None) -> IssuedToken:
+        """A new token from fresh attestation (presenting what ``asked`` needs), unless another
+        thread already replaced ``rejected`` with one that will do."""
         with self._lock:
-            if rejected is not None and self._token is not rejected and self._usable(self._token):
-                assert self._token is not None
-                return self._token
+            current = self._token
+            if (
+                rejected is not None
+                and current is not None
+                and current is not rejected
+                and self._usable(current)
+                and (asked is None or self._meets(current, asked) is not False)
+            ):
+                return current
             self._token = None
-            self._token = self._exchange()
+            self._token = self._exchange(asked)
             return self._token
 
-    def _exchange(self) -> IssuedToken:
-        """Exchange the source's current credential; on a step-up refusal, once more with a fresh one."""
+    def _exchange(self, asked: StepUpRequest | None = None) -> IssuedToken:
+        """Exchange the source's current credential; on a step-up refusal, once more with what it asks.
+
+        ``asked`` is a resource server's step-up, already answered by this renewal: a step-up
+        refusal from the STS then means it cannot be met, and is raised rather than retried.
+        """
+        if asked is not None:
+            self._prepare(asked)
         try:
             return self._exchange_once()
         except ExchangeRefused as refusal:
-            if not refusal.is_step_up or not getattr(self.attestation, "renewable", True):
+            if not refusal.is_step_up:
                 raise
+            if asked is not None:
+                raise StepUpFailed(
+                    asked, f"the STS would not issue it ({_refusal_summary(refusal)})", refusal=refusal
+                ) from None
+            asked = StepUpRequest(refusal.acr_values, refusal.max_age, "the STS")
+            self._prepare(asked, refusal)
             log.info(
-                "STS asks for fresh attestation (max_age=%s, signals=%s); renewing the credential",
-                refusal.max_age,
+                "STS asks for a step-up (%s, signals=%s); renewing the credential",
+                asked.describe(),
                 ",".join(refusal.signals) or "-",
             )
         # Renewing once is enough (docs/policies.md): a second step-up refusal is raised.
-        return self._exchange_once()
+        try:
+            return self._exchange_once()
+        except ExchangeRefused as again:
+            if again.is_step_up:
+                raise StepUpFailed(
+                    asked, f"the STS refused the renewal too ({_refusal_summary(again)})", refusal=again
+                ) from None
+            raise
+
+    def _prepare(self, asked: StepUpRequest, refusal: ExchangeRefused | None = None) -> None:
+        """Get ready to present what ``asked`` needs, or raise :class:`StepUpFailed` saying why not."""
+        if asked.acr_values:
+            known = sorted((v for v in asked.acr_values if v in LEVELS), key=rank)
+            if not known:
+                raise StepUpFailed(
+                    asked,
+                    f"this client knows none of those levels (it knows {' '.join(LEVELS)})",
+                    refusal=refusal,
+                )
+            problems = [(level, self._cannot_present(level)) for level in known]
+            level = next((lv for lv, problem in problems if problem is None), None)
+            if level is None:
+                raise StepUpFailed(asked, problems[0][1] or "", refusal=refusal)
+            self._present(level)
+        if (asked.max_age is not None or not asked.acr_values) and not getattr(
+            self.attestation, "renewable", True
+        ):
+            raise StepUpFailed(
+                asked,
+                "the attestation source cannot give a newer credential (it is fixed for this job or process)",
+                refusal=refusal,
+            )
+
+    def _cannot_present(self, level: str) -> str | None:
+        """Why this workload cannot reach ``level`` (None when it can)."""
+        if rank(level) >= rank(ACR_POP) and self.dpop_key is None and not self._dpop_on_demand:
+            return "proof of possession is needed, and DPoP is off (StsAuth(dpop=..., dpop_on_demand=False))"
+        if level == ACR_POSTURE and self.posture is None:
+            return (
+                "posture evidence is needed, and no posture token source is configured (StsAuth(posture=...))"
+            )
+        return None
+
+    def _present(self, level: str) -> None:
+        if rank(level) >= rank(ACR_POP) and self.dpop_key is None:
+            log.info("a step-up asks for proof of possession: generating a DPoP key for this process")
+            self.dpop_key = DPoPKey()
+            self._client.dpop_key = self.dpop_key
+        if rank(level) > rank(self.level):
+            self.level = level
+
+    def _meets(self, token: IssuedToken, asked: StepUpRequest) -> bool | None:
+        """Whether ``token`` (its unverified claims: the client only decides whether to try it)
+        reaches ``asked``; None when the token cannot be read."""
+        claims = _unverified_claims(token.access_token)
+        if claims is None:
+            return None
+        if asked.acr_values and not satisfies(claims.get("acr"), asked.acr_values):
+            return False
+        if asked.max_age is None:
+            return True
+        auth_time = claims.get("auth_time")
+        return isinstance(auth_time, int | float) and self._clock() - auth_time <= asked.max_age
 
     def _exchange_once(self) -> IssuedToken:
         subject_token = self.attestation.fetch()
+        posture_token = None
+        if self.posture is not None:
+            try:
+                posture_token = self.posture.fetch()
+            except AttestationUnavailable:
+                if self.level == ACR_POSTURE:
+                    raise
+                log.warning("no posture token this time; exchanging without one")
         self.exchanges += 1
         issued = self._client.exchange(
             subject_token,
@@ -183,6 +311,8 @@ class StsAuth(AuthBase):
             resource=self.resource,
             scope=self.scope,
             subject_token_type=self.subject_token_type,
+            posture_token=posture_token,
+            acr_values=at_least(self.level) if self.level else None,
         )
         log.info(
             "obtained a %s token for %s (scope %s, %d s)",
@@ -227,19 +357,36 @@ class StsAuth(AuthBase):
         if nonce and self.dpop_key is not None and sent.url:
             with self._lock:
                 self._nonces[origin_of(sent.url)] = nonce
-        if response.status_code != 401 or getattr(sent, _RETRIED, False):
+        if response.status_code != 401:
             return response
-        errors = {c.error for c in parse_challenges(response.headers.get("WWW-Authenticate"))}
+        challenges = parse_challenges(response.headers.get("WWW-Authenticate"))
+        errors = {c.error for c in challenges}
+        step_up = next((c for c in challenges if c.error == "insufficient_user_authentication"), None)
+        asked = _asked_by(step_up, sent.url or "") if step_up is not None else None
+        if getattr(sent, _RETRIED, False):
+            if asked is not None:
+                _release(response)
+                raise StepUpFailed(asked, "the resource server refused the renewed token as well")
+            return response
         used: IssuedToken | None = getattr(sent, "_sts_token", None)
         if "use_dpop_nonce" in errors and nonce and used is not None and used.is_dpop:
             log.info("resource server asks for a DPoP nonce; retrying with it")
             return self._retry(response, used, kwargs)
         if errors & RENEWING_ERRORS:
             log.info(
-                "resource server answered %s; renewing attestation and the token",
+                "resource server answered %s%s; renewing attestation and the token",
                 ",".join(sorted(str(e) for e in errors & RENEWING_ERRORS)),
+                f" ({asked.describe()})" if asked is not None else "",
             )
-            return self._retry(response, self.renew(rejected=used), kwargs)
+            try:
+                token = self.renew(rejected=used, asked=asked)
+            except StepUpFailed:
+                _release(response)
+                raise
+            if asked is not None and self._meets(token, asked) is False:
+                _release(response)
+                raise StepUpFailed(asked, f"the renewed token does not reach it ({_token_summary(token)})")
+            return self._retry(response, token, kwargs)
         return response
 
     def _retry(self, response: Response, token: IssuedToken, kwargs: dict[str, Any]) -> Response:
@@ -266,3 +413,45 @@ class StsAuth(AuthBase):
         again.history.append(response)
         again.request = retry
         return again
+
+
+def _asked_by(challenge: Challenge, url: str) -> StepUpRequest:
+    """RFC 9470 §3: what an ``insufficient_user_authentication`` challenge asks for."""
+    raw_age = challenge.params.get("max_age")
+    max_age = int(raw_age) if raw_age is not None and raw_age.isascii() and raw_age.isdigit() else None
+    return StepUpRequest(
+        parse_acr_values(challenge.params.get("acr_values")), max_age, f"the resource server {origin_of(url)}"
+    )
+
+
+def _release(response: Response) -> None:
+    """Consume and close a refused response before raising, so its connection can be reused."""
+    _ = response.content
+    response.close()
+
+
+def _unverified_claims(token: str) -> dict[str, Any] | None:
+    """An access token's claims, not verified: only for deciding whether a renewal can help."""
+    try:
+        payload = json.loads(jws.extract_compact(token.encode("ascii")).payload)
+    except (JoseError, ValueError, UnicodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _token_summary(token: IssuedToken) -> str:
+    claims = _unverified_claims(token.access_token) or {}
+    auth_time = claims.get("auth_time")
+    age = f", attested {int(time.time() - auth_time)} s ago" if isinstance(auth_time, int | float) else ""
+    return f"acr {claims.get('acr') or 'none'}{age}"
+
+
+def _refusal_summary(refusal: ExchangeRefused) -> str:
+    parts = [refusal.error]
+    if refusal.acr_values:
+        parts.append(f"acr_values={' '.join(refusal.acr_values)}")
+    if refusal.max_age is not None:
+        parts.append(f"max_age={refusal.max_age}")
+    if refusal.signals:
+        parts.append(f"signals={','.join(refusal.signals)}")
+    return ", ".join(parts)

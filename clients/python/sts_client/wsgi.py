@@ -43,11 +43,13 @@ _REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 50
 
 @dataclass(frozen=True)
 class ProtectedPath:
-    """A path prefix and what it needs: scopes, and attestation no older than ``max_age`` seconds."""
+    """A path prefix and what it needs: scopes, attestation no older than ``max_age`` seconds, and
+    one of the assurance levels ``acr_values`` (or a higher one; RFC 9470)."""
 
     prefix: str
     scopes: tuple[str, ...] = ()
     max_age: int | None = None
+    acr_values: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/"):
@@ -104,6 +106,7 @@ class TokenMiddleware:
                 _headers_of(environ),
                 scopes=rule.scopes,
                 max_age=rule.max_age,
+                acr_values=rule.acr_values,
             )
         except VerificationError as error:
             return _refuse(error, start_response)

@@ -1,0 +1,229 @@
+"""Drift that fresh attestation cannot launder.
+
+A CI platform hands out a new OIDC token for every job, so "renew your
+credential" is no answer to a changed stable fact (a repository's runner
+moving from ``github-hosted`` to ``self-hosted``): the renewed credential
+carries the same drifted fact.  So a changed fact stays *unconfirmed* in the
+identity's baseline, and ``attestation_drift`` keeps firing, fresh
+attestation or not, until one of these confirms the new value:
+
+* an operator: ``sts baseline accept IDENTITY``;
+* probation: the same new value in ``probation_exchanges`` exchanges with
+  fresh attestation, the first and the last at least ``probation_period``
+  seconds apart (the exchange that completes it is already judged confirmed);
+* independent evidence the rule names in ``drift_evidence``:
+  ``pop_key_continuity`` (a DPoP proof or client certificate with the
+  identity's confirmed key) or ``posture_token`` (a verified posture token
+  about the subject whose posture fact is good).
+
+A changed proof-of-possession key (``cnf_jkt``, ``cnf_x5t``) is confirmed only
+by an operator or probation: a new key cannot vouch for itself.  Facts seen
+for the first time are confirmed on sight (``first_seen``).
+
+:func:`review` is pure: it returns the baseline's facts as they stand after
+this exchange, which facts remain unconfirmed, and what would clear them, in
+the machine-readable form a refusal carries (``clears``)::
+
+    [{"by": "operator_accept", "identity": "github|repo:acme/app:ref:refs/heads/main"},
+     {"by": "probation", "exchanges_left": 2, "not_before": 1700003600, "max_age": 60},
+     {"by": "pop_key_continuity", "acr_values": ["urn:workload-sts:acr:pop", "..."]}]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .assurance import ACR_POP, ACR_POSTURE, KEY_FACTS, at_least, rank
+from .baseline import Baseline, PendingFact
+
+EVIDENCE_POP = "pop_key_continuity"
+EVIDENCE_POSTURE = "posture_token"
+EVIDENCE_KINDS: frozenset[str] = frozenset({EVIDENCE_POP, EVIDENCE_POSTURE})
+#: The level a workload presents to show each kind of evidence.
+EVIDENCE_LEVEL: Mapping[str, str] = {EVIDENCE_POP: ACR_POP, EVIDENCE_POSTURE: ACR_POSTURE}
+
+DEFAULT_PROBATION_EXCHANGES = 3
+DEFAULT_PROBATION_PERIOD = 3600
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """A rule's drift confirmation settings (``risk.probation_exchanges``, ``probation_period``,
+    ``drift_evidence``)."""
+
+    probation_exchanges: int = DEFAULT_PROBATION_EXCHANGES
+    probation_period: int = DEFAULT_PROBATION_PERIOD
+    evidence: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class DriftReview:
+    """The outcome of :func:`review` for one exchange."""
+
+    #: Watched facts that changed and are not confirmed: ``{fact: {"was": ..., "now": ...}}`` (drift fires).
+    changed: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Facts confirmed by this exchange, and how (``probation``, ``pop_key_continuity``...).
+    confirmed_now: Mapping[str, str] = field(default_factory=dict)
+    #: The baseline with its facts, pending values and confirmations as they stand after this exchange.
+    baseline: Baseline = field(default_factory=Baseline)
+    #: What would confirm every fact in ``changed`` (empty when nothing changed).
+    clears: tuple[Mapping[str, Any], ...] = ()
+    #: Evidence the workload could still present that would confirm every fact in ``changed``.
+    remedies: tuple[str, ...] = ()
+
+    @property
+    def acr_values(self) -> tuple[str, ...]:
+        """The levels that show the remedies (empty without one)."""
+        if not self.remedies:
+            return ()
+        return at_least(min((EVIDENCE_LEVEL[r] for r in self.remedies), key=rank))
+
+
+def _probation_done(pending: PendingFact, settings: DriftSettings) -> bool:
+    return (
+        pending.fresh_since is not None
+        and pending.fresh_count >= settings.probation_exchanges
+        and pending.last_seen - pending.fresh_since >= settings.probation_period
+    )
+
+
+def review(
+    baseline: Baseline,
+    current: Mapping[str, Any],
+    *,
+    watched: tuple[str, ...],
+    now: float,
+    fresh: bool,
+    settings: DriftSettings,
+    shown: frozenset[str] = frozenset(),
+    presentable: frozenset[str] = frozenset(),
+    max_age: int = 60,
+    identity: str = "",
+) -> DriftReview:
+    """Compare ``current`` (the watched facts and presented key facts) with the baseline.
+
+    ``shown`` is the evidence this request shows; ``presentable`` the evidence
+    the workload could show that it has not (both only count when the rule
+    names them in ``settings.evidence``).  ``max_age`` is how fresh an
+    exchange must be to count for probation.
+    """
+    updated = baseline
+    changed: dict[str, dict[str, Any]] = {}
+    confirmed_now: dict[str, str] = {}
+    evidence = settings.evidence & shown
+    tracked = tuple(dict.fromkeys((*watched, *KEY_FACTS)))
+    for name in tracked:
+        value = current.get(name)
+        if name not in watched and value is None:
+            # A key fact only the levels look at: a bearer request leaves the identity's key alone.
+            continue
+        if name not in updated.facts:
+            if value is not None:
+                updated = updated.with_confirmed(name, value, "first_seen", now)
+            continue
+        if value in updated.confirmed_values(name):
+            continue
+        entry = updated.pending.get(name)
+        if entry is None or entry.value != value:
+            entry = PendingFact(value=value, first_seen=now, last_seen=now)
+        entry = replace(entry, last_seen=now)
+        if fresh:
+            entry = replace(
+                entry,
+                fresh_count=entry.fresh_count + 1,
+                fresh_since=entry.fresh_since if entry.fresh_since is not None else now,
+            )
+        how: str | None = None
+        if evidence and name not in KEY_FACTS:
+            how = sorted(evidence)[0]
+        elif _probation_done(entry, settings):
+            how = "probation"
+        if how is not None:
+            updated = updated.with_confirmed(name, value, how, now)
+            confirmed_now[name] = how
+            continue
+        updated = replace(updated, pending={**updated.pending, name: entry})
+        if name in watched:
+            changed[name] = {"was": baseline.facts.get(name), "now": value}
+    if not changed:
+        return DriftReview(baseline=updated, confirmed_now=confirmed_now)
+    remedies: tuple[str, ...] = ()
+    if not any(name in KEY_FACTS for name in changed):
+        remedies = tuple(sorted((settings.evidence & presentable) - shown))
+    return DriftReview(
+        changed=changed,
+        confirmed_now=confirmed_now,
+        baseline=updated,
+        clears=_clears(updated, tuple(changed), settings, remedies, max_age, now, identity),
+        remedies=remedies,
+    )
+
+
+def _clears(
+    baseline: Baseline,
+    changed: tuple[str, ...],
+    settings: DriftSettings,
+    remedies: tuple[str, ...],
+    max_age: int,
+    now: float,
+    identity: str,
+) -> tuple[Mapping[str, Any], ...]:
+    left = 0
+    not_before = now
+    for name in changed:
+        entry = baseline.pending[name]
+        since = entry.fresh_since if entry.fresh_since is not None else None
+        needed = max(settings.probation_exchanges - entry.fresh_count, 0)
+        ready_at = (since if since is not None else now) + settings.probation_period
+        if needed == 0 and (since is None or entry.last_seen < ready_at):
+            needed = 1
+        left = max(left, needed)
+        not_before = max(not_before, ready_at)
+    clears: list[Mapping[str, Any]] = [
+        # The identity is the caller's own (issuer name and subject): what the operator accepts.
+        {"by": "operator_accept", "identity": identity} if identity else {"by": "operator_accept"},
+        {
+            "by": "probation",
+            "exchanges_left": left,
+            "not_before": math.ceil(not_before),
+            "max_age": max_age,
+        },
+    ]
+    for remedy in remedies:
+        clears.append({"by": remedy, "acr_values": list(at_least(EVIDENCE_LEVEL[remedy]))})
+    return tuple(clears)
+
+
+def session_summary(baseline: Baseline, watched: tuple[str, ...]) -> dict[str, Any]:
+    """The baseline as the audit record and ``sts baseline show`` present it: each fact's value,
+    whether it is confirmed (and how), and what is pending with its probation progress."""
+    facts: dict[str, Any] = {}
+    for name in dict.fromkeys((*watched, *baseline.facts)):
+        if name not in baseline.facts and name not in baseline.pending:
+            continue
+        entry: dict[str, Any] = {
+            "value": baseline.facts.get(name),
+            "confirmed": name not in baseline.pending,
+            "how": dict(baseline.confirmed.get(name, {})).get("how", "first_seen"),
+        }
+        if name in baseline.pending:
+            p = baseline.pending[name]
+            entry["pending"] = {"value": p.value, "fresh_exchanges": p.fresh_count, "since": p.fresh_since}
+        if baseline.other_keys.get(name):
+            entry["also"] = list(baseline.other_keys[name])
+        facts[name] = entry
+    return {"count": baseline.count, "learning": baseline.learning, "facts": facts}
+
+
+def progress(original: Baseline, reviewed: DriftReview) -> Baseline:
+    """What a refused exchange keeps of its review: probation progress and the confirmations it
+    completed, but not facts seen for the first time (those wait for a grant)."""
+    kept = original
+    for name, how in reviewed.confirmed_now.items():
+        kept = kept.with_confirmed(
+            name, reviewed.baseline.facts.get(name), how, reviewed.baseline.confirmed[name]["at"]
+        )
+    return replace(kept, pending=dict(reviewed.baseline.pending))
