@@ -408,6 +408,23 @@ def test_records_without_a_chain_after_chaining_began_are_reported(tmp_path: Pat
     engine.dispose()
 
 
+def test_a_database_upgraded_from_0_1_0_chains_new_records_and_counts_the_old(database_url: str) -> None:
+    from test_migrations import V0_1_0_ROWS, make_0_1_0_database
+
+    engine = sql.make_engine(database_url)
+    try:
+        make_0_1_0_database(engine)
+        sql.create_schema(engine)  # the migrations, 0003_audit_chains among them
+        sink = sql.SqlAuditSink(engine)
+        for n in range(5):
+            sink.write(decision(n))
+        report, unchained = audit_integrity.verify_trail(engine)
+        assert report.records == 5 and len(report.heads) == 1
+        assert (unchained.before, unchained.after) == (len(V0_1_0_ROWS["audit_events"]), 0)
+    finally:
+        engine.dispose()
+
+
 class SqlLegacyRow:
     """Inserts a decision the way the service did before the trail was chained."""
 
