@@ -100,23 +100,24 @@ def measure(name: str, make: Callable[[], sql.Engine], args: argparse.Namespace)
             sql.create_schema(engine)
             try:
                 us, cpu = run(engine, args.records, threads, with_uses)
+                label = "write_with_uses" if with_uses else "write"
+                print(
+                    f"{name:10} {label:16} threads={threads:<3} {us:8.1f} us/record  (this process's CPU: "
+                    f"{cpu:6.1f} us/record)",
+                    flush=True,
+                )
                 if args.verify and audit_integrity is not None:
                     start, cpu_start = time.perf_counter(), time.process_time()
                     report, _ = audit_integrity.verify_trail(engine)
                     n = report.records
                     wall, spent = time.perf_counter() - start, time.process_time() - cpu_start
                     print(
-                        f"{name:10} {'verify':16} {n} records in {len(report.heads)} chain(s): "
-                        f"{wall / n * 1e6:6.1f} us/record (CPU {spent / n * 1e6:6.1f})"
+                        f"{name:10} {'  verify':16} {n} records in {len(report.heads)} chain(s): "
+                        f"{wall / n * 1e6:6.1f} us/record (CPU {spent / n * 1e6:6.1f})",
+                        flush=True,
                     )
             finally:
                 engine.dispose()
-            label = "write_with_uses" if with_uses else "write"
-            print(
-                f"{name:10} {label:16} threads={threads:<3} {us:8.1f} us/record  (this process's CPU: "
-                f"{cpu:6.1f} us/record)",
-                flush=True,
-            )
 
 
 def main() -> None:
