@@ -587,6 +587,37 @@ def test_a_pruned_prefix_still_verifies(engine: Engine, ring: KeyRing) -> None:
     assert "missing" in link.problem
 
 
+@pytest.mark.parametrize(
+    ("statement", "problem"),
+    [
+        ("UPDATE audit_events SET record = '{\"event_id\": ' WHERE seq = 2", "record (not JSON"),
+        (
+            "UPDATE audit_events SET record = replace(record, '{\"actor_issuer\"', "
+            '\'{"outcome":"granted","actor_issuer"\') WHERE seq = 2',
+            "duplicate member name",
+        ),
+        ("UPDATE audit_events SET record = '[1, 2]' WHERE seq = 2", "hash does not match"),
+        ("UPDATE audit_events SET seq = NULL WHERE seq = 2", "seq 0 is at or before"),
+        ("UPDATE audit_events SET hash = 'zz' WHERE seq = 2", "hash does not match"),
+        ("UPDATE audit_chains SET anchor_seq = 1, anchor_hash = 'not hex'", "anchor hash is malformed"),
+    ],
+)
+def test_malformed_stored_values_are_reported_as_broken_links(
+    tmp_path: Path, statement: str, problem: str
+) -> None:
+    """Whatever was written into the columns, verification reports it; it never fails itself."""
+    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    sql.create_schema(engine)
+    sink = sql.SqlAuditSink(engine)
+    for n in range(4):
+        sink.write(decision(n))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(statement)
+    [link] = broken(engine)
+    assert problem in link.problem
+    engine.dispose()
+
+
 def test_pruning_refuses_to_cut_a_chain_that_is_broken_already(engine: Engine) -> None:
     sink = sql.SqlAuditSink(engine)
     for n in range(6):

@@ -34,6 +34,7 @@ from ..core.audit_chain import (
     TrailReport,
     checkpoint_claims,
     checkpoint_heads,
+    genesis_hash,
     verify_chains,
 )
 from ..core.ports import Signer, UnknownKeyId
@@ -62,11 +63,12 @@ def snapshot(engine: Engine) -> Iterator[Connection]:
 
 def chain_starts(conn: Connection) -> list[ChainStart]:
     c = audit_chains.c
-    rows = conn.execute(select(c.chain_id, c.anchor_seq, c.anchor_hash, c.genesis_hash)).all()
     starts = []
-    for chain_id, anchor_seq, anchor_hash, genesis in rows:
-        # Before any prune the anchor is the genesis; the genesis follows from the chain id.
-        starts.append(ChainStart(chain_id, int(anchor_seq), anchor_hash if anchor_seq else genesis))
+    for chain_id, anchor_seq, anchor_hash in conn.execute(select(c.chain_id, c.anchor_seq, c.anchor_hash)):
+        # Before any prune the anchor is the genesis, which follows from the chain id: the copy
+        # stored in ``genesis_hash`` is for readers, and not trusted here.
+        start_hash = str(anchor_hash or "") if anchor_seq else genesis_hash(chain_id)
+        starts.append(ChainStart(chain_id, int(anchor_seq), start_hash))
     return starts
 
 

@@ -56,7 +56,7 @@ _CONTAINERS = (dict, list, tuple)
 
 def genesis_hash(chain_id: str) -> str:
     """The ``prev_hash`` of a chain's first record."""
-    return hashlib.sha256(GENESIS_PREFIX + chain_id.encode("ascii")).hexdigest()
+    return hashlib.sha256(GENESIS_PREFIX + chain_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def link_hash(prev_hash: str, chain_id: str, seq: int, record_json: str) -> str:
@@ -314,6 +314,9 @@ def _walk(
 ) -> None:
     chain_id = start.chain_id
     seq, prev, count = start.anchor_seq, start.anchor_hash, 0
+    if not HASH.fullmatch(prev):
+        report.broken.append(BrokenLink(chain_id, seq, None, "the chain's anchor hash is malformed (edited)"))
+        return
     wanted = {pin_seq for pin_seq, _ in pins}
     seen_at: dict[int, str] = {}
 
