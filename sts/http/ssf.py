@@ -25,6 +25,7 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from ..adapters.jwks import FileJWKS, HttpJWKS
+from ..adapters.metrics import CountedIssuerKeys
 from ..core.ports import IssuerKeys
 from ..core.shared_signals import (
     ReceiverUnavailable,
@@ -48,7 +49,15 @@ def transmitter_keys(t: TransmitterSettings, runtime: Runtime) -> IssuerKeys:
     if t.jwks_file is not None:
         return FileJWKS(t.jwks_file, algorithms=t.algorithms)
     assert t.jwks_uri is not None
-    return HttpJWKS(t.jwks_uri, algorithms=t.algorithms, max_stale=t.jwks_max_stale, clock=runtime.clock)
+    metrics, source = runtime.metrics, f"transmitter:{t.name}"
+    keys = HttpJWKS(
+        t.jwks_uri,
+        algorithms=t.algorithms,
+        max_stale=t.jwks_max_stale,
+        clock=runtime.clock,
+        on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "transmitter_keys", source) if metrics else keys
 
 
 def build_transmitters(settings: Settings, runtime: Runtime) -> list[Transmitter]:
@@ -84,7 +93,8 @@ def install(app: Flask, runtime: Runtime) -> None:
         issuers=runtime.exchange.issuers,
         replay=runtime.replay,
         states=runtime.subject_states,
-        audit=runtime.audit,
+        # The exchange's sink: the audit trail, with each decision counted.
+        audit=runtime.exchange.audit,
         clock=runtime.clock,
         leeway=settings.leeway,
     )
