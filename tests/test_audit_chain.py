@@ -414,7 +414,7 @@ def test_a_database_upgraded_from_0_1_0_chains_new_records_and_counts_the_old(da
     engine = sql.make_engine(database_url)
     try:
         make_0_1_0_database(engine)
-        sql.create_schema(engine)  # the migrations, 0003_audit_chains among them
+        sql.create_schema(engine)  # the migrations, 0004_audit_chains among them
         sink = sql.SqlAuditSink(engine)
         for n in range(5):
             sink.write(decision(n))

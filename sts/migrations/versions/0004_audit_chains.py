@@ -13,8 +13,8 @@ be built beforehand with ``CREATE UNIQUE INDEX CONCURRENTLY
 ux_audit_events_chain_seq ON audit_events (chain_id, seq)`` once the columns
 are there.
 
-Revision ID: 0003_audit_chains
-Revises: 0002_heartbeats_ledger_epochs
+Revision ID: 0004_audit_chains
+Revises: 0003_rate_limits
 Create Date: 2026-12-05
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_audit_chains"
-down_revision = "0002_heartbeats_ledger_epochs"
+revision = "0004_audit_chains"
+down_revision = "0003_rate_limits"
 branch_labels = None
 depends_on = None
 
