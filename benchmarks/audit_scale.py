@@ -192,7 +192,7 @@ def bulk_insert(engine: Engine, count: int, days: float, now: float, batch: int 
             for record in rows(count, days, now):
                 row = _row_values(record)
                 row["record"] = json.dumps(row["record"])
-                buffer.append(tuple(row[c] for c in COLUMNS))
+                buffer.append(tuple(row.get(c) for c in COLUMNS))
                 if len(buffer) >= batch:
                     cur.executemany(statement, buffer)
                     buffer.clear()
@@ -204,7 +204,7 @@ def bulk_insert(engine: Engine, count: int, days: float, now: float, batch: int 
                 for record in rows(count, days, now):
                     row = _row_values(record)
                     row["record"] = json.dumps(row["record"])
-                    copy.write_row(tuple(row[c] for c in COLUMNS))
+                    copy.write_row(tuple(row.get(c) for c in COLUMNS))
             raw.commit()
         cur.execute("ANALYZE")
         if engine.dialect.name != "sqlite":

@@ -192,7 +192,7 @@ def write(engine: Engine, records: list[AuditRecord]) -> None:
     """Through the sink's own path (one statement per 100 records, as its group commit writes)."""
     sink = sql.SqlAuditSink(engine)
     for start in range(0, len(records), 100):
-        batch = [sql._PendingRow(sink._row(r)) for r in records[start : start + 100]]
+        batch = [sql._PendingRow(sink._stored_row(r)) for r in records[start : start + 100]]
         sink._commit(batch)
         assert all(item.done and item.error is None for item in batch)
 
@@ -559,3 +559,32 @@ def test_cli_prune_deletes_nothing_when_the_archive_cannot_be_written(
     assert result.exit_code == 1
     assert "not written (No such file or directory); nothing deleted" in result.output
     assert len(cli_config("query").stdout.splitlines()) == 10
+
+
+def test_prune_keeps_the_hash_chains_verifiable(engine: Engine, tmp_path: Path) -> None:
+    """Two writers (two chains), interleaved: the pruned prefix takes each chain's oldest records,
+    moves their anchors, and what remains verifies; the archive carries each record's link."""
+    from sts.adapters.audit_integrity import verify_trail
+    from sts.core.audit_chain import AuditTrailBroken
+
+    sinks = [sql.SqlAuditSink(engine), sql.SqlAuditSink(engine)]
+    for i in range(12):
+        sinks[i % 2].write(make_record(i, when=NOW - (12 - i) * 86400))
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    archive = tmp_path / "old.jsonl"
+    assert query.prune(cutoff=NOW - 6 * 86400 - 1, archive=archive).records == 6
+    report, _ = verify_trail(engine)
+    assert report.records == 6
+    lines = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert {line["chain_id"] for line in lines} == {h for h in report.heads}
+    assert sorted(line["seq"] for line in lines) == [1, 1, 2, 2, 3, 3]
+    assert all(len(line["hash"]) == 64 and len(line["prev_hash"]) == 64 for line in lines)
+
+    # A trail damaged inside the range to prune: refused before anything is deleted.
+    with engine.begin() as conn:
+        conn.execute(sql.audit_events.delete().where(sql.audit_events.c.id == 9))
+    with pytest.raises(sql.PruneWouldBreakChain):
+        query.prune(cutoff=NOW, archive=None)
+    assert [row["id"] for row in query.export(AuditFilter())] == [7, 8, 10, 11, 12]
+    with pytest.raises(AuditTrailBroken):
+        verify_trail(engine)

@@ -69,12 +69,22 @@ from .sql import (
     audit_events,
     audit_summary_state,
     audit_terms,
+    record_prune_anchors,
     transaction,
 )
 
 log = logging.getLogger(__name__)
 
 SIGNAL, AUDIENCE = "signal", "audience"
+#: The columns a record is read with (see ``AuditQuery._rows``).
+_RECORD = (
+    audit_events.c.id,
+    audit_events.c.record,
+    audit_events.c.chain_id,
+    audit_events.c.seq,
+    audit_events.c.prev_hash,
+    audit_events.c.hash,
+)
 _STATE = "v1"
 #: How far a record's ``time`` may lag the order it was written in (request duration + clock skew).
 SLACK = 300.0
@@ -344,10 +354,14 @@ class AuditQuery:
     # -- pages and export ------------------------------------------------------------------
 
     def _rows(self, conn: Connection, query: Select[Any]) -> list[dict[str, Any]]:
+        """Records as exported: the audit record, its ``id``, and its link in the hash chain
+        (``chain_id``, ``seq``, ``prev_hash``, ``hash``; None on records written before
+        chaining), so that an archive verifies as the start of each chain (docs/audit.md)."""
         rows = []
-        for audit_id, record in conn.execute(query):
+        for audit_id, record, chain_id, seq, prev_hash, digest in conn.execute(query):
             data = dict(record) if isinstance(record, dict) else json.loads(record)
-            rows.append({"id": int(audit_id), **data})
+            link = {"chain_id": chain_id, "seq": seq, "prev_hash": prev_hash, "hash": digest}
+            rows.append({"id": int(audit_id), **data, **link})
         return rows
 
     def _facts(
@@ -386,7 +400,7 @@ class AuditQuery:
                 return Page([], None)
             if before is not None:
                 conditions.append(c.id < before)
-            base = select(c.id, c.record).order_by(c.id.desc())
+            base = select(*_RECORD).order_by(c.id.desc())
             if not self._needs_terms(f):
                 rows = self._rows(conn, base.where(*conditions).limit(limit + 1))
             else:
@@ -425,13 +439,13 @@ class AuditQuery:
         ids = ids[:wanted]
         if not ids:
             return []
-        found = self._rows(conn, select(c.id, c.record).where(c.id.in_(ids)))
+        found = self._rows(conn, select(*_RECORD).where(c.id.in_(ids)))
         return sorted(found, key=lambda row: int(row["id"]), reverse=newest_first)
 
     def get(self, audit_id: int) -> dict[str, Any] | None:
         c = audit_events.c
         with self.engine.connect() as conn:
-            rows = self._rows(conn, select(c.id, c.record).where(c.id == audit_id))
+            rows = self._rows(conn, select(*_RECORD).where(c.id == audit_id))
         return rows[0] if rows else None
 
     def export(self, f: AuditFilter, *, batch: int = 1000) -> Iterator[dict[str, Any]]:
@@ -448,10 +462,10 @@ class AuditQuery:
                 if watermark is None:
                     watermark = self._watermark(conn) if self._needs_terms(f) else 0
                 if not self._needs_terms(f):
-                    query = select(c.id, c.record).where(*conditions, c.id > after)
+                    query = select(*_RECORD).where(*conditions, c.id > after)
                     rows = self._rows(conn, query.order_by(c.id).limit(batch))
                 elif after < watermark:
-                    query = select(c.id, c.record).where(
+                    query = select(*_RECORD).where(
                         *conditions, c.id > after, c.id <= watermark, *self._term_conditions(f)
                     )
                     rows = self._rows(conn, query.order_by(c.id).limit(batch))
@@ -476,7 +490,7 @@ class AuditQuery:
         ident = AuditFilter(issuer=issuer, subject=subject)
         with self.engine.connect() as conn:
             who = self._column_conditions(conn, ident) or []
-            base = select(c.id, c.record).where(*who).order_by(c.id.desc()).limit(limit)
+            base = select(*_RECORD).where(*who).order_by(c.id.desc()).limit(limit)
             # The error as a literal: the partial step-up index is used only when the query names it.
             step_ups = self._rows(conn, base.where(c.error == literal_column(f"'{STEP_UP_ERROR}'")))
             tokens = self._rows(conn, base.where(c.issued_jti.is_not(None)))
@@ -487,7 +501,7 @@ class AuditQuery:
             ids = [fact.id for fact in recent if fact.fired][:limit]
             if len(ids) < limit:
                 ids += self._signalled(conn, [*who, c.id <= watermark], limit - len(ids))
-            signals = self._rows(conn, select(c.id, c.record).where(c.id.in_(ids)).order_by(c.id.desc()))
+            signals = self._rows(conn, select(*_RECORD).where(c.id.in_(ids)).order_by(c.id.desc()))
         return IdentitySummary(signals, step_ups, tokens, int(decisions))
 
     def _signalled(self, conn: Connection, who: list[ColumnElement[bool]], limit: int) -> list[int]:
@@ -763,17 +777,28 @@ class AuditQuery:
 
         Only ids below the smallest id of any record at or after ``cutoff`` go, so what
         remains is always a contiguous run of ids (a record older than the cutoff that was
-        written after a newer one stays until a later prune).  A verifier of a hash chain
-        over ids (issue 14) then sees the remaining records whole, starting from the first
-        kept one.  With ``archive``, every record to remove is first written to that file as
-        JSON lines (the export format), flushed and fsynced with its directory, before
-        anything is deleted.  Deletion runs oldest first, ``batch`` records per transaction,
-        so a crash leaves a shorter prefix removed, never a hole.  Records still being
-        written cannot fall below the boundary: it is at least a day old (the CLI refuses less).
+        written after a newer one stays until a later prune).  Within a hash chain ids grow
+        with ``seq``, so this removes each chain's oldest records; each batch moves the chains'
+        anchors past what it removes (:func:`sql.record_prune_anchors`), so what remains
+        verifies from there (docs/audit.md, Retention).  The whole range is checked first:
+        when it is not the oldest run of some chain (the trail is damaged already),
+        :class:`sql.PruneWouldBreakChain` is raised and nothing is deleted.
+
+        With ``archive``, every record to remove is first written to that file as JSON lines
+        (the export format, with each record's chain link), flushed and fsynced with its
+        directory, before anything is deleted.  Deletion runs oldest first, ``batch`` records
+        per transaction, so a crash leaves a shorter prefix removed, never a hole.  Records
+        still being written cannot fall below the boundary: it is at least a day old (the
+        CLI refuses less).
         """
         count, boundary = self.prune_boundary(cutoff)
         if dry_run or count == 0:
             return PruneResult(count, boundary, None)
+        with self.engine.connect() as conn, conn.begin() as checking:
+            # The anchors the whole prune would set, computed and thrown away: a refusal now
+            # leaves everything in place.
+            record_prune_anchors(conn, boundary, self.clock())
+            checking.rollback()
         if archive is not None:
             written = self._archive(archive, boundary)
             again, _ = self.prune_boundary(cutoff)
@@ -790,6 +815,9 @@ class AuditQuery:
             upper = min(boundary, int(oldest) + batch)
 
             def work(conn: Connection, upper: int = upper) -> int:
+                # Each hash chain's anchor moves to the last record removed, in the same transaction
+                # (docs/audit.md, Retention); a chain whose oldest run this is not refuses the batch.
+                record_prune_anchors(conn, upper, self.clock())
                 conn.execute(delete(audit_terms).where(audit_terms.c.audit_id < upper))
                 return int(conn.execute(delete(audit_events).where(c.id < upper)).rowcount or 0)
 

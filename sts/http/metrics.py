@@ -3,8 +3,9 @@
 Every request is timed from its arrival in the application (the request id is
 assigned) to its response, by route rule (``/token``; ``<unmatched>`` for a
 path no route serves, never the raw path), and counted by status.  The
-pipeline's stage timer is started and finished around each request.  The
-metrics themselves are served on their own listener (``metrics_listen``), not here.
+pipeline's stages are timed by :mod:`sts.http.tracing` (each request's trace), whose
+observers include the per-stage histogram.  The metrics themselves are served on
+their own listener (``metrics_listen``), not here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 from flask import Flask, Response, g, request
 
 from ..adapters.metrics import Metrics
-from ..adapters.stage_timer import StageTimer
 from .responses import UNMATCHED_ROUTE
 
 
@@ -23,11 +23,8 @@ def _route() -> str:
     return rule.rule if rule is not None else UNMATCHED_ROUTE
 
 
-def install(app: Flask, metrics: Metrics, stages: StageTimer) -> None:
-    """Register the hooks; call after :func:`sts.http.responses.install` (it stamps the arrival)."""
-
-    def start() -> None:
-        stages.start_request(_route())
+def install(app: Flask, metrics: Metrics) -> None:
+    """Register the hook; call after :func:`sts.http.responses.install` (it stamps the arrival)."""
 
     def observe(response: Response) -> Response:
         started = g.get("request_started")
@@ -35,9 +32,4 @@ def install(app: Flask, metrics: Metrics, stages: StageTimer) -> None:
             metrics.observe_request(_route(), response.status_code, time.perf_counter() - started)
         return response
 
-    def finish(_exc: BaseException | None) -> None:
-        stages.finish_request()
-
-    app.before_request(start)
     app.after_request(observe)
-    app.teardown_request(finish)

@@ -101,8 +101,9 @@ def short_hash(value: Any) -> str:
 
 
 def _display(key: str, value: Any) -> Any:
-    """A record value for display: hashes shortened (the record never holds a token)."""
-    if isinstance(value, str) and key.endswith("sha256"):
+    """A record value for display: hashes shortened (the record never holds a token; its chain
+    hashes are for ``sts audit verify``, not for reading)."""
+    if isinstance(value, str) and (key.endswith("sha256") or key in ("hash", "prev_hash")):
         return short_hash(value)
     if isinstance(value, dict):
         return {k: _display(k, v) for k, v in value.items()}

@@ -97,6 +97,7 @@ def install(app: Flask, runtime: Runtime) -> None:
         audit=runtime.exchange.audit,
         clock=runtime.clock,
         leeway=settings.leeway,
+        limits=runtime.limits,
     )
     app.add_url_rule(EVENTS_PATH, "ssf_events", receive_set, methods=["POST"])
 
@@ -117,6 +118,7 @@ def receive_set() -> Response:
         request_id=g.request_id,
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
+        trace_id=g.get("trace_id"),
     )
     try:
         # MAX_CONTENT_LENGTH (max_body_bytes) bounds the read, with or without Content-Length.

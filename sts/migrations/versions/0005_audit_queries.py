@@ -13,8 +13,8 @@ Building an index on a large PostgreSQL ``audit_events`` blocks audit writes
 while it runs: an index that exists already is skipped, so that an operator can
 build it beforehand with ``CREATE INDEX CONCURRENTLY`` under the same name.
 
-Revision ID: 0003_audit_queries
-Revises: 0002_heartbeats_ledger_epochs
+Revision ID: 0005_audit_queries
+Revises: 0004_audit_chains
 Create Date: 2026-12-05
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_audit_queries"
-down_revision = "0002_heartbeats_ledger_epochs"
+revision = "0005_audit_queries"
+down_revision = "0004_audit_chains"
 branch_labels = None
 depends_on = None
 
