@@ -158,7 +158,7 @@ def test_a_reviewer_signs_in_and_reads_the_decisions(
     assert {"unusual_network", "elevated_privilege", "attestation_drift"} <= set(
         svg_texts(browser, "#signals-chart text.name tspan")
     )
-    assert "tamper-evidence" in browser.find_element(By.ID, "chain-status").text
+    assert "sts audit verify" in browser.find_element(By.ID, "chain-status").text
     shoot(browser, "overview", tmp_path)
 
     # 3. The timeline lists every decision the exchanges made; markup in a record stays text.

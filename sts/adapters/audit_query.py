@@ -25,8 +25,9 @@ stays fast on millions of records by never reading more rows than it shows:
   later one, so records younger than ``settle`` seconds are left for the next
   refresh; SQLite has one writer at a time, so ids are in commit order.
 
-The tamper-evidence chain (issue 14) is not read here; pages show its status
-where :mod:`sts.http.review` is given one.
+The hash chains (docs/audit.md) are verified by ``sts audit verify``, not here;
+retention moves their anchors as it deletes (:meth:`AuditQuery.prune`), and the
+review page shows a chain status where :mod:`sts.http.review` is given one.
 """
 
 from __future__ import annotations
