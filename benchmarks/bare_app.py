@@ -11,7 +11,8 @@ It does the cryptography and the claim checks a full exchange cannot avoid, and 
 No policy, no client authentication, no risk, no replay or single-use store, no audit record.
 Configured by environment: ``BARE_JWKS`` (the subject token issuer's JWK Set, JSON),
 ``BARE_ISSUER`` (its ``iss``), ``BARE_AUDIENCE`` (the ``aud`` the subject token must name),
-``BARE_HTU`` (the token endpoint URL the proofs name).
+``BARE_HTU`` (the token endpoint URL the proofs name); ``BARE_NULL=1`` answers a constant instead,
+after reading the form (the cost of serving alone).
 """
 
 from __future__ import annotations
@@ -50,8 +51,14 @@ def _error(description: str) -> tuple[dict[str, str], int]:
     return {"error": "invalid_request", "error_description": description}, 400
 
 
+_null = os.environ.get("BARE_NULL") == "1"
+
+
 @app.post("/token")
 def token() -> Any:
+    if _null:  # the benchmark's "serving" system: what serving a request costs, with no work
+        _ = request.form, request.headers.get("DPoP")
+        return {"access_token": "x", "token_type": "DPoP"}, 200, {"Cache-Control": "no-store"}
     proof = request.headers.get("DPoP", "")
     header = jws.extract_compact(proof.encode()).protected
     if (

@@ -110,6 +110,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _STS_MAIN = "import sys; sys.argv[0] = 'sts'; from sts.cli import main; main()"
 BASE_SYSTEMS = ("floor", "exchange-embedded", "exchange-redis", "exchange-pg", "peer")
+#: Optional: bare_app.py answering a constant (form parsed, nothing verified): the cost of serving.
+EXTRA_SYSTEMS = ("serving",)
 
 
 # -- tools -------------------------------------------------------------------------------------------
@@ -375,14 +377,15 @@ class Bench:
             system.proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         self.systems[system.name] = system
 
-    def start_floor(self, issuer: DevIssuer) -> None:
-        system = System("floor", "floor", free_port())
+    def start_floor(self, issuer: DevIssuer, name: str = "floor") -> None:
+        system = System(name, "floor", free_port())
         env = self.env()
         env.update(
             BARE_JWKS=json.dumps(issuer.jwks()),
             BARE_ISSUER=GITHUB_ISS,
             BARE_AUDIENCE=SUBJECT_AUDIENCE,
             BARE_HTU=HTU,
+            BARE_NULL="1" if name == "serving" else "",
         )
         command = [sys.executable, "-m", "sts.serving", "bare_app:app", *self.sizing(system.port)]
         self.spawn(system, command, env, self.work)
@@ -437,6 +440,7 @@ class Bench:
         }
         if redis_url:
             config["redis_url"] = redis_url
+        config.update(self.args.setting)
         (home / "sts.yaml").write_text(yaml.safe_dump(config))
         if prepare is not None:
             prepare(system.database_url)
@@ -452,7 +456,8 @@ class Bench:
         home.mkdir()
         proc = subprocess.Popen(
             [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"],
+             "--appendonly", "yes", "--appendfsync", self.args.redis_appendfsync,
+             "--maxmemory-policy", "noeviction"],
             stdout=(home / "redis.log").open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.cleanups.append(lambda: (proc.terminate(), proc.wait(10)))
@@ -546,6 +551,8 @@ class Bench:
         self.jwks_file.write_text(json.dumps(issuer.jwks()))
         if "floor" in wanted:
             self.start_floor(issuer)
+        if "serving" in wanted:
+            self.start_floor(issuer, "serving")
         if "exchange-embedded" in wanted:
             self.start_exchange("exchange-embedded")
         if "exchange-redis" in wanted:
@@ -643,7 +650,8 @@ class Bench:
         return result
 
     def check(self, system: System, result: dict[str, Any], what: str) -> None:
-        if result["failed"] or result["reused"] or result["socket_errors"]:
+        reused = result["reused"] if system.kind == "exchange" else 0
+        if result["failed"] or reused or result["socket_errors"]:
             r = result
             print(
                 f"  !! {system.name} {what}: {r['failed']} failed, {r['reused']} requests sent again "
@@ -950,6 +958,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]], systems: dict[str, System])
             return None
         return statistics.median(a["rps"] / b["rps"] for a, b in zip(runs[name], runs[other], strict=True))
 
+    def cpu_ratio(name: str) -> float | None:
+        if "floor" not in runs or name == "floor" or not runs[name]:
+            return None
+        pairs = zip(runs["floor"], runs[name], strict=True)
+        return statistics.median(f["cpu_ms"] / s["cpu_ms"] for f, s in pairs if s["cpu_ms"])
+
     rows = {}
     for name, system in systems.items():
         if not runs.get(name):
@@ -968,10 +982,14 @@ def summarise(runs: dict[str, list[dict[str, Any]]], systems: dict[str, System])
             "rss_mb": max(r["rss_mb"] for r in runs[name]),
             "busiest_worker": max(r["busiest_worker"] for r in runs[name]),
             "x_floor": ratio(name, "floor") if name != "floor" else None,
+            "x_floor_cpu": cpu_ratio(name),
             "x_peer": ratio(name, "peer") if name != "peer" else None,
             "x_twin": ratio(name, system.compare_with),
             "twin": system.compare_with,
-            "failed": sum(r["failed"] + r["reused"] for r in runs[name]),
+            # A token sent again is refused only by the exchange (single use); the others may reuse them.
+            "failed": sum(
+                r["failed"] + (r["reused"] if system.kind == "exchange" else 0) for r in runs[name]
+            ),
         }
     return rows
 
@@ -985,8 +1003,8 @@ def render(summary: dict[str, Any], a: argparse.Namespace) -> str:
         f"servers {a.workers} workers x {a.server_threads} threads; {os.cpu_count()} CPUs.",
         "",
         "| System | req/s | p50 ms | p99 ms | CPU ms/req | store CPU ms/req | RSS MB | busiest worker "
-        "| x floor | x peer | x twin |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x floor | x floor by CPU | x peer | x twin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary.items():
         twin = f"{fmt(row['x_twin'], '.2f')} ({row['twin']})" if row["x_twin"] is not None else ""
@@ -1001,6 +1019,7 @@ def render(summary: dict[str, Any], a: argparse.Namespace) -> str:
             fmt(row["rss_mb"], ".0f"),
             fmt(row["busiest_worker"], ".2f"),
             fmt(row["x_floor"], ".2f"),
+            fmt(row["x_floor_cpu"], ".2f"),
             fmt(row["x_peer"], ".2f"),
             twin,
         ]
@@ -1093,6 +1112,13 @@ def render_profile(summary: dict[str, Any]) -> str:
 # -- main ------------------------------------------------------------------------------------------------
 
 
+def setting_option(value: str) -> tuple[str, Any]:
+    name, sep, text = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("NAME=VALUE")
+    return name, yaml.safe_load(text)
+
+
 def source_option(value: str) -> tuple[str, Path]:
     label, sep, directory = value.partition("=")
     path = Path(directory).resolve()
@@ -1117,7 +1143,7 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between runs")
     parser.add_argument(
         "--systems", type=lambda v: [s for s in v.split(",") if s], default=list(BASE_SYSTEMS),
-        help="comma-separated, from " + ",".join(BASE_SYSTEMS),
+        help="comma-separated, from " + ",".join(BASE_SYSTEMS + EXTRA_SYSTEMS),
     )  # fmt: skip
     parser.add_argument(
         "--max-rate", type=int, default=3000,
@@ -1132,6 +1158,20 @@ def main() -> None:
     parser.add_argument("--profile", default=None, metavar="SYSTEM")
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--source", type=source_option, action="append", default=[], metavar="LABEL=DIR")
+    parser.add_argument(
+        "--setting",
+        type=setting_option,
+        action="append",
+        default=[],
+        metavar="NAME=YAML",
+        help="a setting for every exchange's sts.yaml (e.g. database_pool_size=8)",
+    )
+    parser.add_argument(
+        "--redis-appendfsync",
+        default="always",
+        choices=("always", "everysec", "no"),
+        help="as in production: always",
+    )
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workload-sts-bench"
     parser.add_argument(
@@ -1140,7 +1180,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
     args = parser.parse_args()
-    unknown = set(args.systems) - set(BASE_SYSTEMS)
+    unknown = set(args.systems) - set(BASE_SYSTEMS) - set(EXTRA_SYSTEMS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     if args.memory_requests and args.memory_system not in args.systems and args.memory_system != "floor":
