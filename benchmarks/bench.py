@@ -17,6 +17,8 @@ Systems (every server gets ``--workers`` processes with ``--server-threads`` thr
     PostgreSQL (a private database created here and dropped at the end).  The policy has 10 rules,
     the request matches the last: issuer, exact subject and ``repository_id`` fact, ``require_dpop``,
     ``single_use``, and a ``risk`` section.
+``serving`` (not in the default set)
+    ``bare_app.py`` answering a constant after reading the form: what serving a request costs.
 ``peer``
     node oidc-provider 9 with an RFC 8693 grant (``benchmarks/node-peer/``), ``WORKERS`` processes,
     with its own request (``client_secret_basic``; it verifies the subject token and ignores DPoP).
@@ -32,9 +34,12 @@ sends them from a file (``benchmarks/token_requests.lua``).
 The systems are measured in turn, ``--rounds`` times (floor, exchange..., peer, floor, ...), each
 for ``--seconds`` with ``wrk -t1 -c<connections> --latency``.  Per run: requests per second, p50 and
 p99 latency, CPU per request (utime + stime of the server's process tree from ``/proc``, and of the
-store's processes: redis-server, the PostgreSQL backends of the database), the resident memory of
+store's processes: redis-server, the PostgreSQL backends of the database still open at the end, so
+a lower bound when the pool opens and closes connections, which is counted too), the resident
+memory of
 the tree, and the busiest worker's share of the CPU (0.5 is even over 2 workers).  The table gives
-medians over rounds; the ratios are medians of the per-round ratios.
+medians over rounds; the ratios are medians of the per-round ratios (``x floor by CPU``: the floor's
+CPU per request over the system's, what the throughput ratio would be if CPU alone limited both).
 
 Options adding systems or runs:
 
@@ -47,13 +52,19 @@ Options adding systems or runs:
 ``--memory-requests N``
     after the rounds, sends N more requests to ``--memory-system`` and samples the resident memory
     of its process tree every ``--memory-interval`` seconds (start, end, maximum).
-``--profile SYSTEM``
-    after the rounds, samples every worker of SYSTEM with py-spy (``--gil``: the thread holding the
-    GIL) under the same load for ``--profile-seconds``, writes the stacks to the work directory and
-    prints the top frames as shares.
+``--profile SYSTEM[,SYSTEM]``
+    after the rounds, samples every worker of each SYSTEM with py-spy under the same load for
+    ``--profile-seconds`` (``--profile-mode gil``: the thread holding the GIL; ``cpu``: every thread
+    py-spy does not see as idle), keeps the stacks in the work directory and prints the top frames
+    as shares (samples waiting for work left out): by thread (event loop or request threads), self
+    time by package and by function, inclusive time by function.
 ``--source LABEL=DIR``
     adds ``exchange-embedded@LABEL``: the embedded exchange run from another copy of the ``sts``
     package (``DIR/sts``), to compare a change in the same interleaved run.
+``--setting NAME=VALUE``
+    a setting for every exchange's ``sts.yaml`` (``database_pool_size=9``).
+``--redis-appendfsync always|everysec|no``
+    the private Redis's fsync policy (``always``, as production runs it).
 
 Needs: ``wrk`` (installed with apt-get when missing and running as root, else explained),
 ``redis-server``, PostgreSQL on ``--postgres`` (trust auth), ``node`` and ``npm`` for the peer
@@ -669,7 +680,7 @@ class Bench:
             warm
             + per_run * a.rounds
             + (a.memory_requests + a.max_rate * a.memory_chunk if a.memory_requests else 0)
-            + int(a.max_rate * a.profile_seconds) * bool(a.profile)
+            + int(a.max_rate * a.profile_seconds) * len(a.profile)
         )
         pool = TokenPool(self.cache, min_remaining=a.rounds * 600 + 3600)
         pool.prepare(needed)
@@ -720,8 +731,10 @@ class Bench:
             print(render(report["summary"], a))
         if a.memory_requests:
             report["memory"] = self.memory(pool, proofs)
-        if a.profile:
-            report["profile"] = self.profile(pool, proofs)
+        missing = set(a.profile) - set(self.systems)
+        if missing:
+            raise SystemExit(f"--profile: no system {', '.join(sorted(missing))}")
+        report["profile"] = {name: self.profile(self.systems[name], pool, proofs) for name in a.profile}
         return report
 
     def memory(self, pool: TokenPool, proofs: Proofs) -> dict[str, Any]:
@@ -747,13 +760,14 @@ class Bench:
             while sent < a.memory_requests:
                 left = a.memory_requests - sent
                 seconds = max(2, min(a.memory_chunk, int(left / rate) + 2))
-                size = min(left, int(min(a.max_rate, 2 * rate) * seconds))
+                size = min(left + 2 * a.connections, int(min(a.max_rate, 2 * rate) * seconds))
                 start = pool.next
                 tokens = pool.take(size)
                 file = write_requests(self.work / "memory.txt", tokens, proofs.make(len(tokens)))
                 result = self.wrk(system, file, seconds, limit=left)
                 self.check(system, result, "memory run")
-                pool.next = start + min(size, result["requests"])
+                # Sent but unanswered when wrk stopped still reached the server: used up too.
+                pool.next = start + min(size, result["sent"])
                 sent += result["requests"]
                 failed += result["failed"]
                 rate = max(50.0, result["rps"])
@@ -779,12 +793,11 @@ class Bench:
         )
         return outcome
 
-    def profile(self, pool: TokenPool, proofs: Proofs) -> dict[str, Any]:
+    def profile(self, system: System, pool: TokenPool, proofs: Proofs) -> dict[str, Any]:
         a = self.args
         pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
         if not Path(pyspy).exists():
             raise SystemExit("py-spy is needed for --profile: .venv/bin/pip install py-spy")
-        system = self.systems[a.profile]
         count = int(a.max_rate * a.profile_seconds)
         file = write_requests(self.work / "profile.txt", tokens := pool.take(count), proofs.make(len(tokens)))
         outputs, spies = [], []
@@ -804,9 +817,9 @@ class Bench:
                         "200",
                         "--format",
                         "raw",
-                        "--gil",
                         "--output",
                         str(raw),
+                        *(["--gil"] if a.profile_mode == "gil" else []),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -826,7 +839,8 @@ class Bench:
         summary = profile_summary(stacks)
         print(
             f"\nprofile of {system.name} under load ({result['rps']:.0f} req/s while sampled), "
-            f"py-spy --gil, {summary['samples']} samples; stacks in {self.work}"
+            f"py-spy ({a.profile_mode}), {summary['samples']} samples (and {summary['idle_samples']} waiting "
+            f"for work, left out); stacks in {self.work}"
         )
         print(render_profile(summary))
         return summary
@@ -925,6 +939,7 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return {
         "rps": float(rps.group(1)),
         "requests": int(total.group(1)),
+        "sent": int(lua.group(1)),
         "p50": latency("50"),
         "p99": latency("99"),
         "ok": int(lua.group(2)),
@@ -1053,12 +1068,15 @@ def _package(path: str) -> str:
 
 
 _ROOTS = frozenset({"BaseEventLoop._run_once", "_WorkItem.run"})
+#: Innermost frames that wait for work (an idle pool thread, the event loop in epoll): left out of the
+#: shares, counted apart.  py-spy does not always see such a thread as idle.
+_IDLE = frozenset({"_worker", "EpollSelector.select", "Condition.wait", "Event.wait", "Thread.join"})
 
 
 def profile_summary(stacks: collections.Counter[str]) -> dict[str, Any]:
     """Shares of the samples: per thread kind, self time per package and per function, inclusive
     time per function (each function counted once per sample), and the same for ``sts`` only."""
-    total = sum(stacks.values())
+    idle = 0
     threads: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     own_function: collections.Counter[str] = collections.Counter()
@@ -1067,10 +1085,13 @@ def profile_summary(stacks: collections.Counter[str]) -> dict[str, Any]:
         frames = [_location(f) for f in stack.split(";") if "(" in f]
         if not frames:
             continue
-        request_thread = any(name == "WSGIOverRSGI._call" for name, _ in frames)
-        threads["request threads (the WSGI app)" if request_thread else "event loop (granian, asyncio)"] += (
-            count
+        if frames[-1][0] in _IDLE:
+            idle += count
+            continue
+        kind = (
+            "request threads (the WSGI app)" if any(n == "_WorkItem.run" for n, _ in frames) else "event loop"
         )
+        threads[kind] += count
         name, path = frames[-1]
         own[_package(path)] += count
         own_function[f"{name} ({path})"] += count
@@ -1080,12 +1101,15 @@ def profile_summary(stacks: collections.Counter[str]) -> dict[str, Any]:
         for function in {f"{n} ({p})" for n, p in below}:
             inclusive[function] += count
 
+    total = sum(threads.values())
+
     def shares(counter: collections.Counter[str], top: int, only: str = "") -> list[tuple[str, float]]:
         chosen = [(k, n) for k, n in counter.most_common() if only in k][:top]
         return [(k, n / max(1, total)) for k, n in chosen]
 
     return {
         "samples": total,
+        "idle_samples": idle,
         "threads": shares(threads, 4),
         "self_by_package": shares(own, 18),
         "self_by_function": shares(own_function, 20),
@@ -1155,8 +1179,17 @@ def main() -> None:
     parser.add_argument("--memory-system", default="exchange-embedded")
     parser.add_argument("--memory-interval", type=float, default=5.0)
     parser.add_argument("--memory-chunk", type=int, default=20, help="seconds per run (fresh proofs each)")
-    parser.add_argument("--profile", default=None, metavar="SYSTEM")
+    parser.add_argument(
+        "--profile", type=lambda v: [s for s in v.split(",") if s], default=[], metavar="SYSTEM[,SYSTEM]"
+    )
     parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument(
+        "--profile-mode",
+        choices=("cpu", "gil"),
+        default="gil",
+        help="gil: the thread holding the GIL (on a busy machine py-spy may see the last holder); "
+        "cpu: every thread py-spy does not see as idle (threads waiting for the GIL included)",
+    )
     parser.add_argument("--source", type=source_option, action="append", default=[], metavar="LABEL=DIR")
     parser.add_argument(
         "--setting",
