@@ -25,6 +25,7 @@ from typing import Any
 
 from flask import Flask, request
 from joserfc import jws, jwt
+from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, KeySet
 from joserfc.jwt import JWTClaimsRegistry
 
@@ -52,6 +53,11 @@ def _error(description: str) -> tuple[dict[str, str], int]:
 
 
 _null = os.environ.get("BARE_NULL") == "1"
+
+
+@app.errorhandler(JoseError)
+def refused(exc: JoseError) -> tuple[dict[str, str], int]:
+    return _error(f"{type(exc).__name__}: {exc.description}")
 
 
 @app.post("/token")
