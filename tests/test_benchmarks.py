@@ -79,9 +79,8 @@ def test_the_benchmark_request_is_the_full_exchange(tmp_path: Path, upstream: De
     first = client.post("/token", data=form(token), headers={**headers, "DPoP": proofs.make(1)[0]})
     assert first.status_code == 200, first.get_json()
     assert first.get_json()["token_type"] == "DPoP"
-    claims = jwt.decode(
-        first.get_json()["access_token"], KeySet.import_key_set(client.get("/.well-known/jwks.json").get_json())
-    )
+    published = KeySet.import_key_set(client.get("/.well-known/jwks.json").get_json())
+    claims = jwt.decode(first.get_json()["access_token"], published)
     assert claims.header["typ"] == "at+jwt" and claims.header["alg"] == "ES256"
     assert claims.claims["cnf"]["jkt"] == proofs.key.thumbprint()
     again = client.post("/token", data=form(token), headers={**headers, "DPoP": proofs.make(1)[0]})
