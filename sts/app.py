@@ -23,9 +23,18 @@ from flask import Flask
 from sqlalchemy import Engine
 
 from .adapters import redis_store, sql
+from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
+from .adapters.metrics import (
+    CountedIssuerKeys,
+    CountedTokenReviewer,
+    MeteredAuditSink,
+    MeteredLedger,
+    Metrics,
+    count_store_errors,
+)
 from .adapters.policy_files import load_policies, policy_files
 from .adapters.readiness import (
     DatabaseSchema,
@@ -35,7 +44,10 @@ from .adapters.readiness import (
     sql_store_check,
     wait_for_schema,
 )
+from .adapters.redis_rate_limits import RedisRateLimits
+from .adapters.sql_rate_limits import SqlRateLimits, rate_limit_engine
 from .adapters.token_review import HttpTokenReviewer
+from .adapters.tracing import Tracing, build_tracing
 from .core.assurance import LEVELS
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
@@ -48,6 +60,7 @@ from .core.policy import PolicySet
 from .core.ports import (
     BaselineStore,
     IssuerKeys,
+    RateLimitStore,
     ReplayCache,
     RevokedTokens,
     SingleUseLedger,
@@ -55,6 +68,7 @@ from .core.ports import (
     TokenReviewer,
 )
 from .core.profiles import ProfileOptions, get_profile
+from .core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
 from .core.token_status import TokenStatus
 from .errors import ConfigurationError
 from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
@@ -83,6 +97,9 @@ class Runtime:
     schema: DatabaseSchema | None = None
     readiness: Readiness | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics | None = None
+    limits: RateLimiter = NO_LIMITS
+    tracing: Tracing = field(default_factory=Tracing)
 
     def health(self) -> list[str]:
         """Readiness (``/readyz``): what stops this process from issuing a token now; empty when
@@ -91,19 +108,31 @@ class Runtime:
         return self.readiness.problems()
 
     def database_ready(self) -> bool:
-        """The schema is in place (created now if the database has come back since start)."""
+        """The schema is current (migrated now if the database has come back since start)."""
         return self.schema is None or self.schema.ensure()
 
 
-def issuer_keys(iss: IssuerSettings, clock: Callable[[], float]) -> IssuerKeys:
+def issuer_keys(
+    iss: IssuerSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> IssuerKeys:
     if iss.jwks_file is not None:
         return FileJWKS(iss.jwks_file, algorithms=iss.algorithms)
     assert iss.jwks_uri is not None
-    return HttpJWKS(iss.jwks_uri, algorithms=iss.algorithms, max_stale=iss.jwks_max_stale, clock=clock)
+    keys = HttpJWKS(
+        iss.jwks_uri,
+        algorithms=iss.algorithms,
+        max_stale=iss.jwks_max_stale,
+        clock=clock,
+        on_fetch=metrics.jwks_fetch_recorder(iss.name) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "issuer_keys", iss.name) if metrics else keys
 
 
 def build_issuers(
-    settings: Settings, clock: Callable[[], float], keyring: KeyRing | None = None
+    settings: Settings,
+    clock: Callable[[], float],
+    keyring: KeyRing | None = None,
+    metrics: Metrics | None = None,
 ) -> IssuerDirectory:
     """The trusted issuers; with ``keyring``, this service itself too (``self``) for re-exchange."""
     trusted = []
@@ -125,7 +154,7 @@ def build_issuers(
             profile_options=options,
             trusted_delegation=iss.trusted_delegation,
         )
-        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
+        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock, metrics)))
     if keyring is not None:
         own = IssuerPolicy(
             name=SELF_ISSUER,
@@ -143,17 +172,22 @@ def build_issuers(
     return IssuerDirectory(trusted)
 
 
-def build_token_reviewers(settings: Settings) -> dict[str, TokenReviewer]:
-    return {
+def build_token_reviewers(settings: Settings, metrics: Metrics | None = None) -> dict[str, TokenReviewer]:
+    reviewers: dict[str, TokenReviewer] = {
         iss.name: HttpTokenReviewer(
             iss.token_review_url, token_file=iss.token_review_token_file, ca_file=iss.token_review_ca_file
         )
         for iss in settings.issuers
         if iss.token_review_url
     }
+    if metrics is not None:
+        reviewers = {name: CountedTokenReviewer(r, metrics, name) for name, r in reviewers.items()}
+    return reviewers
 
 
-def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
+def _client(
+    c: ClientSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> RegisteredClient:
     keys: IssuerKeys | None = None
     if c.auth_method == "private_key_jwt":
         if c.jwks is not None:
@@ -162,7 +196,15 @@ def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
             keys = FileJWKS(c.jwks_file, algorithms=c.algorithms)
         else:
             assert c.jwks_uri is not None
-            keys = HttpJWKS(c.jwks_uri, algorithms=c.algorithms, clock=clock)
+            source = f"client:{c.client_id}"
+            keys = HttpJWKS(
+                c.jwks_uri,
+                algorithms=c.algorithms,
+                clock=clock,
+                on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+            )
+            if metrics is not None:
+                keys = CountedIssuerKeys(keys, metrics, "client_keys", source)
     elif not check_hash_format(c.secret_hash or ""):
         raise ConfigurationError(
             f"setting clients.{c.client_id}.secret_hash: not a recognised hash "
@@ -181,8 +223,25 @@ def build_policy(settings: Settings) -> PolicySet:
     )
 
 
+def introspection_endpoint(settings: Settings) -> str:
+    return settings.issuer.rstrip("/") + "/introspect"
+
+
+def revocation_endpoint(settings: Settings) -> str:
+    return settings.issuer.rstrip("/") + "/revoke"
+
+
 def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
-    """RFC 8414 §2 metadata; ``issuer`` is exactly the configured issuer."""
+    """RFC 8414 §2 metadata; ``issuer`` is exactly the configured issuer.
+
+    §3.2: a member with zero elements is left out, never sent as ``[]``: so no
+    ``code_challenge_methods_supported`` (no PKCE: there is no authorization
+    endpoint).  ``response_types_supported`` is REQUIRED by §2 all the same;
+    it holds ``none`` (the registered response type under which the
+    authorization endpoint issues nothing), which is what a server without an
+    authorization endpoint supports, and what clients that validate metadata
+    (Authlib) accept.
+    """
     methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
     # What registered private_key_jwt clients may actually use (RFC 8414 §2).
     assertion_algs = sorted(
@@ -191,26 +250,50 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     )
     if policy.allows_anonymous:
         methods.append("none")
-    return {
+    metadata: dict[str, Any] = {
         "issuer": settings.issuer,
         "token_endpoint": settings.token_endpoint,
         "jwks_uri": settings.jwks_uri,
         "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
-        "response_types_supported": [],
+        "response_types_supported": ["none"],
         "token_endpoint_auth_methods_supported": methods,
         "token_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "dpop_signing_alg_values_supported": sorted(allowed_algorithms(settings.dpop_algorithms)),
         # RFC 9470 §6 / OpenID Connect Discovery: the assurance levels, lowest first (sts.core.assurance).
         "acr_values_supported": list(LEVELS),
-        "code_challenge_methods_supported": [],
-        "introspection_endpoint": settings.issuer.rstrip("/") + "/introspect",
+        "introspection_endpoint": introspection_endpoint(settings),
         "introspection_endpoint_auth_methods_supported": methods[:3],
         "introspection_endpoint_auth_signing_alg_values_supported": assertion_algs,
-        "revocation_endpoint": settings.issuer.rstrip("/") + "/revoke",
+        "revocation_endpoint": revocation_endpoint(settings),
         "revocation_endpoint_auth_methods_supported": methods[:3],
         "revocation_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "service_documentation": "https://github.com/workload-sts/workload-sts#readme",
     }
+    # RFC 8414 §3.2: "Claims with zero elements MUST be omitted from the response."
+    return {name: value for name, value in metadata.items() if value != []}
+
+
+def build_rate_limiter(
+    settings: Settings, engine: Engine, redis_client: redis.Redis | None, metrics: Metrics | None = None
+) -> RateLimiter:
+    """The configured limits, kept where the rest of the shared state is (Redis, else the database);
+    with ``metrics``, the store's failures are counted (``sts_store_errors_total{store="rate_limit"}``)."""
+    configured = settings.rate_limits
+    endpoints = {
+        endpoint: {scope: Limit(s.requests, s.period, s.burst) for scope, s in scopes.items()}
+        for endpoint, scopes in configured.limits.items()
+        if scopes
+    }
+    if not configured.enabled or not endpoints:
+        return NO_LIMITS
+    store: RateLimitStore = (
+        RedisRateLimits(redis_client)
+        if redis_client is not None
+        else SqlRateLimits(rate_limit_engine(engine))
+    )
+    if metrics is not None:
+        store = count_store_errors(store, "rate_limit", metrics)
+    return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)
 
 
 def dpop_nonce_secret(keys_dir: Path) -> bytes:
@@ -252,32 +335,36 @@ def prepare(
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> bool:
-    """One-time set-up before workers start: keys created, database schema in place.
+    """One-time set-up before workers start: keys created, database schema current (migrated when
+    ``database_migrate_on_start``).
 
     A database that does not answer yet is waited for, with backoff and one log line per
     attempt, for up to ``database_startup_timeout`` seconds; after that the service starts
     anyway, not ready (``/readyz`` answers 503, ``/token`` 503 ``temporarily_unavailable``),
     and becomes ready by itself once the database answers.  Returns whether the schema is
-    in place.
+    current.
     """
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
     engine = sql.make_engine(settings.database_url, database_pool(settings))
     try:
-        schema = DatabaseSchema(engine)
+        schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
         return wait_for_schema(schema, settings.database_startup_timeout, sleep=sleep, monotonic=monotonic)
     finally:
         engine.dispose()
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Flask:
+def create_app(
+    settings: Settings, *, clock: Callable[[], float] = time.time, span_exporter: Any = None
+) -> Flask:
     """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
 
     Nothing here needs the database to answer: if it does not, the app starts not ready
-    and creates the schema when it does (see :class:`DatabaseSchema`).
+    and migrates the schema when it does (see :class:`DatabaseSchema`).  ``span_exporter``
+    (tests): an OpenTelemetry span exporter used instead of the configured one.
     """
     logging.getLogger("sts").setLevel(settings.log_level)
     engine = sql.make_engine(settings.database_url, database_pool(settings))
-    schema = DatabaseSchema(engine)
+    schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
     schema.attempt()
     keyring = KeyRing.open(
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
@@ -303,13 +390,28 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         baselines = sql.SqlBaselineStore(engine, clock=clock)
         revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
-    audit = sql.SqlAuditSink(engine)
+    # Every decision whose record is committed is also summarised on the decision log (sts.decision).
+    audit = LoggedSqlAuditSink(engine)
     ledger: SingleUseLedger = (
         redis_store.RedisSingleUseLedger(redis_client, audit, epoch=epoch)
         if redis_client is not None
         else sql.SqlSingleUseLedger(audit)
     )
-    clients = {c.client_id: _client(c, clock) for c in settings.clients}
+    # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the
+    # failures of the stores, the audit trail and upstream services where the pipeline meets them.
+    metrics = Metrics(clock=clock)
+    decisions = MeteredAuditSink(audit, metrics)
+    ledger = MeteredLedger(ledger, metrics)
+    probed_replay = replay  # readiness reports its own failures (/readyz); they are not counted
+    replay = count_store_errors(replay, "replay", metrics)
+    subject_states = count_store_errors(subject_states, "subject_state", metrics)
+    baselines = count_store_errors(baselines, "baseline", metrics)
+    revoked = count_store_errors(revoked, "revocation", metrics)
+    limits = build_rate_limiter(settings, engine, redis_client, metrics)
+    # The pipeline's stages: trace spans (when tracing is on) and the per-stage latency histogram.
+    tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
+    tracing.add_observer(metrics.observe_stage)
+    clients = {c.client_id: _client(c, clock, metrics) for c in settings.clients}
 
     def current_signer() -> Any:
         keyring.reload_if_changed(clock())
@@ -329,17 +431,19 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             ),
         ),
         clients=clients,
-        issuers=build_issuers(settings, clock, keyring),
+        issuers=build_issuers(settings, clock, keyring, metrics),
         policy=policy,
         replay=replay,
         ledger=ledger,
         signer=current_signer,
-        audit=audit,
+        audit=decisions,
         clock=clock,
-        token_reviewers=build_token_reviewers(settings),
+        token_reviewers=build_token_reviewers(settings, metrics),
         subject_states=subject_states,
         baselines=baselines,
         revoked_tokens=revoked,
+        limits=limits,
+        stages=tracing,
     )
     own_keys = OwnTokenKeys(keyring, clock)
     token_status = TokenStatus(
@@ -355,17 +459,22 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         replay=replay,
         states=subject_states,
         revoked=revoked,
-        audit=audit,
+        audit=decisions,
         assertion_audience=AssertionAudience(settings.issuer, settings.token_endpoint),
         clock=clock,
         leeway=settings.leeway,
         max_assertion_lifetime=settings.max_client_assertion_lifetime,
+        endpoint_urls={
+            "introspect": introspection_endpoint(settings),
+            "revoke": revocation_endpoint(settings),
+        },
+        limits=limits,
     )
     instance = instance_name()
     store_check = (
         redis_store_check(redis_client, instance)
         if redis_client is not None
-        else sql_store_check(replay, instance)
+        else sql_store_check(probed_replay, instance)
     )
     runtime = Runtime(
         settings=settings,
@@ -381,6 +490,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         baselines=baselines,
         token_status=token_status,
         redis_client=redis_client,
+        limits=limits,
+        tracing=tracing,
         schema=schema,
         readiness=Readiness(
             schema=schema,
@@ -391,10 +502,14 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             clock=clock,
             instance=instance,
         ),
+        metrics=metrics,
     )
 
+    from .http import metrics as metrics_http
     from .http import oauth, responses, ssf
     from .http import token_status as token_status_http
+    from .http import tracing as tracing_http
+    from .http.body_limit import BodyLimit
 
     app = Flask("sts")
     app.config.update(
@@ -406,7 +521,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime
+    app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
     responses.install(app)
+    tracing_http.install(app, tracing)
+    metrics_http.install(app, metrics)
     app.register_blueprint(oauth.bp)
     app.register_blueprint(token_status_http.bp)
     path = urlsplit(settings.issuer).path.rstrip("/")
@@ -438,6 +556,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 def wsgi_app_from_environment() -> Flask:
     """Entry point for other WSGI servers (``sts serve`` uses granian)."""
+    from .adapters.log_format import configure_logging
     from .settings import load_settings
 
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

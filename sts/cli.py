@@ -54,53 +54,103 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.option("--port", type=int, default=None, help="Listen port (setting port).")
 @click.option("--workers", type=int, default=None, help="Worker processes (setting workers).")
 @click.option("--threads", type=int, default=None, help="Threads per worker (setting threads).")
+@click.option("--metrics-listen", default=None, help="HOST:PORT of /metrics (setting metrics_listen).")
 @click.pass_context
 def serve(
-    ctx: click.Context, host: str | None, port: int | None, workers: int | None, threads: int | None
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    threads: int | None,
+    metrics_listen: str | None,
 ) -> None:
     """Run the service (granian; keys and database are created on first start)."""
-    import logging
+    from .adapters import metrics
+    from .adapters.log_format import configure_logging
 
+    settings = _settings(
+        ctx, host=host, port=port, workers=workers, threads=threads, metrics_listen=metrics_listen
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    # Before any metric exists: every worker writes its values where this process's listener
+    # adds them up (prometheus_client's multiprocess mode), in a directory of this instance.
+    metrics_dir, owned = metrics.enable_multiprocess() if settings.metrics_address else (None, False)
+    try:
+        _serve(settings, metrics_dir)
+    finally:
+        if metrics_dir is not None and owned:
+            metrics.remove_directory(metrics_dir)
+
+
+def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     from . import serving
+    from .adapters import metrics
     from .app import create_app, prepare
     from .http.responses import request_id
 
-    settings = _settings(ctx, host=host, port=port, workers=workers, threads=threads)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if serving.port_in_use(settings.host, settings.port):
         raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
+    listener: metrics.MetricsServer | None = None
+    if settings.metrics_address is not None and metrics_dir is not None:
+        collector = metrics.ExpositionCollector(directory=metrics_dir)
+        try:
+            listener = metrics.MetricsServer(
+                *settings.metrics_address, metrics.exposition_registry(collector)
+            )
+        except OSError as exc:
+            raise click.ClickException(f"metrics_listen {settings.metrics_listen}: {exc.strerror}") from None
     try:
-        prepare(settings)
-        # Build once in the parent too, so a bad policy or key stops the start here, with its message.
-        checked = create_app(settings)
-    except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
-    # The workers open their own pools; the check's connections must not be inherited by them.
-    runtime = checked.extensions["sts"]
-    runtime.engine.dispose()
-    if runtime.redis_client is not None:
-        runtime.redis_client.close()
+        try:
+            prepare(settings)
+            # Build once in the parent too, so a bad policy or key stops the start here, with its message.
+            checked = create_app(settings)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+        # The workers open their own pools; the check's connections must not be inherited by them.
+        runtime = checked.extensions["sts"]
+        runtime.engine.dispose()
+        if runtime.redis_client is not None:
+            runtime.redis_client.close()
+        if listener is not None:
+            # The signing keys' ages are read, when scraped, from this process's copy of the key ring.
+            collector.key_entries = functools.partial(_key_entries, runtime.keyring)
+            # A first scrape imports what scrapes need before the workers are forked from this process.
+            metrics.prometheus_text(collector)
+            listener.start()
+            click.echo(
+                f"sts: metrics on http://{settings.metrics_listen}{metrics.METRICS_PATH} "
+                f"(worker values in {metrics_dir})",
+                err=True,
+            )
 
-    click.echo(
-        f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
-        f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
-        err=True,
-    )
-    serving.serve(
-        functools.partial(create_app, settings),
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        limits=serving.Limits(
-            threads=settings.threads,
-            header_read_timeout=settings.header_read_timeout,
-            body_read_timeout=settings.body_read_timeout,
-            max_body_bytes=settings.max_body_bytes,
-            max_connections=settings.max_connections,
-        ),
-        log_level=settings.log_level,
-        request_id=request_id,
-    )
+        click.echo(
+            f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
+            f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
+            err=True,
+        )
+        serving.serve(
+            functools.partial(create_app, settings),
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            limits=serving.Limits(
+                threads=settings.threads,
+                header_read_timeout=settings.header_read_timeout,
+                body_read_timeout=settings.body_read_timeout,
+                max_body_bytes=settings.max_body_bytes,
+                max_connections=settings.max_connections,
+            ),
+            log_level=settings.log_level,
+            request_id=request_id,
+        )
+    finally:
+        if listener is not None:
+            listener.stop()
+
+
+def _key_entries(keyring: Any) -> list[Any]:
+    keyring.reload_if_changed(time.time())
+    return list(keyring.entries())
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -242,27 +292,56 @@ def policy() -> None:
 
 
 @policy.command("check")
+@click.option(
+    "--standalone",
+    is_flag=True,
+    help="Check FILES on their own: the issuer and client names they use are taken as defined.",
+)
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context
-def policy_check(ctx: click.Context, files: tuple[Path, ...]) -> None:
-    """Lint the configured policies directory, or the FILES given."""
-    from .adapters.policy_files import load_policies, policy_files
+def policy_check(ctx: click.Context, standalone: bool, files: tuple[Path, ...]) -> None:
+    """Lint the configured policies directory, or the FILES given, against the configuration.
 
+    With --standalone, FILES written for another configuration (policies/examples/) are
+    checked on their own: schema, patterns, CEL conditions and lifetimes, with the issuer
+    and client names they refer to taken as defined.  A start still needs those names in
+    its configuration.
+    """
+    from .adapters.policy_files import load_policies, names_used, policy_files
+
+    if standalone and not files:
+        raise click.UsageError("--standalone checks the FILES given; name them")
     settings = _settings(ctx)
     try:
         paths = list(files) or policy_files(settings.policies_dir)
+        if standalone:
+            issuers, clients = names_used(paths)
+        else:
+            issuers = frozenset(i.name for i in settings.issuers)
+            clients = frozenset(c.client_id for c in settings.clients)
         compiled = load_policies(
             paths,
-            issuers=frozenset(i.name for i in settings.issuers) | {"self"},
-            clients=frozenset(c.client_id for c in settings.clients),
+            issuers=issuers | {"self"},
+            clients=clients,
             max_lifetime=settings.max_lifetime,
             default_lifetime=settings.default_lifetime,
         )
     except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+        message = str(exc)
+        if files and not standalone and (": unknown issuer " in message or ": unknown client" in message):
+            message += (
+                "; to check files written for another configuration, name it with --config, "
+                "or check them on their own with --standalone"
+            )
+        raise click.ClickException(message) from None
     for rule in compiled.rules:
         click.echo(f"ok  {rule.source}: {rule.name}")
     click.echo(f"{len(compiled.rules)} rule(s) in {len(paths)} file(s): no problems")
+    if standalone:
+        click.echo(
+            f"standalone: issuers {', '.join(sorted(issuers)) or 'none'} and clients "
+            f"{', '.join(sorted(clients)) or 'none'} taken as defined; a start needs them configured"
+        )
 
 
 @policy.command("schema")
@@ -421,19 +500,248 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     from sqlalchemy.exc import SQLAlchemyError
 
     from .adapters import sql
+    from .migrations import SchemaError, ensure
 
     settings = _settings(ctx)
     filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
     try:
         engine = sql.make_engine(settings.database_url)
-        sql.create_schema(engine)
+        ensure(engine, migrate=settings.database_migrate_on_start)
         records = sql.SqlAuditSink(engine).recent(limit, **filters)
+    except SchemaError as exc:
+        raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(
             f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
         ) from None
     for record in records:
         click.echo(json.dumps(record, sort_keys=True))
+
+
+def _audit_engine(settings: Settings) -> Any:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters import sql
+    from .migrations import SchemaError, ensure
+
+    try:
+        engine = sql.make_engine(settings.database_url)
+        ensure(engine, migrate=settings.database_migrate_on_start)
+    except SchemaError as exc:
+        raise click.ClickException(f"setting database_url: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"setting database_url: cannot open the audit trail ({type(exc).__name__})"
+        ) from None
+    return engine
+
+
+@audit.command("verify")
+@click.option(
+    "--checkpoint",
+    "checkpoint_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A checkpoint from `sts audit checkpoint`: every chain must still reach the head it saw "
+    "(repeatable).",
+)
+@click.option(
+    "--jwks",
+    "jwks_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Check checkpoint signatures with this JWK Set (default: the keys the key ring publishes).",
+)
+@click.option(
+    "--allow-unchained",
+    is_flag=True,
+    help="Accept records without a chain written after chaining began (by an older version).",
+)
+@click.pass_context
+def audit_verify(
+    ctx: click.Context, checkpoint_files: tuple[Path, ...], jwks_file: Path | None, allow_unchained: bool
+) -> None:
+    """Recompute the audit trail's hash chains; report the first broken link of each chain.
+
+    Exits 0 when every record is as it was written, 1 when a record was changed,
+    deleted or moved, or (with --checkpoint) the newest records were deleted.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters import audit_integrity
+    from .core.audit_chain import AuditTrailBroken, CheckpointInvalid
+
+    settings = _settings(ctx)
+    checkpoints = []
+    if checkpoint_files:
+        key_for = _checkpoint_keys(settings, jwks_file)
+        for path in checkpoint_files:
+            try:
+                checkpoint = audit_integrity.read_checkpoint(path.read_text(), key_for, settings.issuer)
+            except (CheckpointInvalid, OSError, UnicodeError) as exc:
+                raise click.ClickException(f"{path}: not a valid checkpoint: {exc}") from None
+            checkpoints.append((path, checkpoint))
+    engine = _audit_engine(settings)
+    try:
+        report, unchained = audit_integrity.verify_trail(engine, [c.heads for _, c in checkpoints])
+    except AuditTrailBroken as exc:
+        for link in exc.report.broken:
+            click.echo(f"BROKEN {link}")
+        click.echo(f"audit trail does NOT verify: {len(exc.report.broken)} broken chain(s)")
+        ctx.exit(1)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
+        ) from None
+    finally:
+        engine.dispose()
+    click.echo(f"ok: {report.records} record(s) in {len(report.heads)} chain(s) verify")
+    for path, checkpoint in checkpoints:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(checkpoint.issued_at or 0))
+        click.echo(f"ok: every chain reaches the head checkpoint {path} saw ({when}, key {checkpoint.kid})")
+    if report.pruned_past_checkpoint:
+        pruned = len(set(report.pruned_past_checkpoint))
+        click.echo(f"note: {pruned} chain(s) pruned past a checkpoint's head (not checkable there)")
+    if unchained.before:
+        click.echo(f"note: {unchained.before} record(s) written before chaining began are not covered")
+    if unchained.after:
+        click.echo(
+            f"{'note' if allow_unchained else 'BROKEN'}: {unchained.after} record(s) without a chain "
+            f"written after chaining began (first: record id {unchained.first_after}); not by this version"
+        )
+        if not allow_unchained:
+            ctx.exit(1)
+
+
+def _checkpoint_keys(settings: Settings, jwks_file: Path | None) -> Any:
+    """``key_for(kid, alg)`` over the JWK Set given, else over what the key ring publishes."""
+    from .adapters.jwks import StaticJWKS
+    from .adapters.keyring import SUPPORTED_ALGORITHMS
+
+    try:
+        if jwks_file is not None:
+            document, source = json.loads(jwks_file.read_text()), str(jwks_file)
+        else:
+            document, source = _keyring(settings, create=False).public_jwks(), "the key ring"
+        return StaticJWKS(document, algorithms=list(SUPPORTED_ALGORITHMS), source=source).key_for
+    except (ConfigurationError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@audit.command("checkpoint")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the checkpoint to this new file (default: standard output).",
+)
+@click.pass_context
+def audit_checkpoint(ctx: click.Context, output: Path | None) -> None:
+    """Sign every audit chain's head with the service's signing key: a JWS to keep elsewhere.
+
+    `sts audit verify --checkpoint FILE` then detects the deletion of any record
+    the checkpoint covers, the newest ones included.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters import audit_integrity
+
+    settings = _settings(ctx)
+    signer = _keyring(settings, create=False).signer()
+    engine = _audit_engine(settings)
+    try:
+        token, chains = audit_integrity.sign_checkpoint(engine, signer, settings.issuer, time.time())
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
+        ) from None
+    finally:
+        engine.dispose()
+    if output is None:
+        click.echo(token)
+    else:
+        try:
+            with output.open("x", encoding="ascii") as out:
+                out.write(token + "\n")
+        except OSError as exc:
+            raise click.ClickException(f"{output}: {exc.strerror}") from None
+    click.echo(f"checkpoint of {chains} chain(s) signed with key {signer.kid}", err=True)
+
+
+# -- db ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The audit and state database: schema migrations (Alembic, shipped in the package)."""
+
+
+def _database(ctx: click.Context) -> Any:
+    from .adapters import sql
+
+    return sql.make_engine(_settings(ctx).database_url)
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Upgrade the schema to REVISION (default: head, this version's newest).
+
+    Safe while the service runs and when several instances upgrade at once: the
+    upgrade holds a database lock and commits whole or not at all.  A database made
+    by 0.1.0 (no alembic_version table) is recognised and stamped first.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters.readiness import describe, where
+    from .migrations import SchemaError, upgrade
+
+    engine = _database(ctx)
+    try:
+        done = upgrade(engine, revision)
+    except SchemaError as exc:
+        raise click.ClickException(f"database {where(engine)}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    if done.after == done.before:
+        click.echo(f"database {where(engine)}: schema already at {done.after}")
+    else:
+        start = done.before or ("the schema of 0.1.0, made before migrations," if done.stamped else "empty")
+        click.echo(f"database {where(engine)}: schema upgraded from {start} to {done.after}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the schema's revision; exit 1 unless it is this version's newest (head)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters.readiness import describe, where
+    from .migrations import state
+
+    engine = _database(ctx)
+    try:
+        is_current, text = state(engine)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    click.echo(f"database {where(engine)}: {text}")
+    if not is_current:
+        ctx.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the schema revisions this version knows, oldest first."""
+    from .migrations import history
+
+    for revision, _down, title in history():
+        click.echo(f"{revision}  {title}")
 
 
 # -- dev -----------------------------------------------------------------------------------------

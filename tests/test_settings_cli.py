@@ -640,7 +640,16 @@ def test_unknown_config_file_is_a_clean_error(tmp_path: Path) -> None:
 
 # -- the decision core stays pure ----------------------------------------------------------------
 
-FORBIDDEN = ("flask", "werkzeug", "redis", "sqlalchemy", "requests", "psycopg")
+FORBIDDEN = (
+    "flask",
+    "werkzeug",
+    "redis",
+    "sqlalchemy",
+    "requests",
+    "psycopg",
+    "prometheus_client",
+    "opentelemetry",
+)
 PURE_PACKAGES = ("core", "protocol")
 
 

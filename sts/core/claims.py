@@ -24,6 +24,8 @@ The rules (RFC 7519 §4.1, RFC 8725 §3.8-§3.9):
 * ``aud`` is a string or a non-empty array of strings (RFC 7519 §4.1.3).
 * ``iss``, ``sub``, ``jti`` are non-empty strings (StringOrURI, RFC 7519
   §4.1.1, §4.1.2, §4.1.7); ``iss`` is compared exactly, never normalised.
+  A ``sub`` holding a control character (U+0000-U+001F, U+007F-U+009F) is
+  ``malformed_sub``: it would be copied into the token this service issues.
 * ``typ`` (a header parameter, RFC 7515 §4.1.9) is a media type:
   :func:`normalise_typ` lower-cases it and drops ``application/``.
 """
@@ -31,9 +33,15 @@ The rules (RFC 7519 §4.1, RFC 8725 §3.8-§3.9):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+#: C0 controls, DEL and C1 controls (Unicode category Cc).  No issuer puts one in a ``sub``: GitHub,
+#: GitLab, Kubernetes and SPIFFE subjects are printable.  A NUL or a line break in the subject of an
+#: issued token is what a C-string or line-oriented reader downstream would cut or split.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class ClaimInvalid(Exception):
@@ -167,7 +175,8 @@ def check_claims(claims: Mapping[str, Any], rules: ClaimRules, *, now: float) ->
     ``missing_exp``/``malformed_exp``/``expired``/``lifetime_too_long``;
     ``malformed_nbf``/``not_yet_valid``;
     ``missing_iat``/``malformed_iat``/``issued_in_future``/``too_old``;
-    ``missing_sub``/``malformed_sub``; ``missing_jti``/``malformed_jti``/``jti_too_long``.
+    ``missing_sub``/``malformed_sub`` (also: a control character);
+    ``missing_jti``/``malformed_jti``/``jti_too_long``.
     """
     iss = string_claim(claims, "iss", required=rules.issuer is not None)
     if rules.issuer is not None and iss != rules.issuer:
@@ -203,6 +212,8 @@ def check_claims(claims: Mapping[str, Any], rules: ClaimRules, *, now: float) ->
             raise ClaimInvalid("lifetime_too_long")
 
     sub = string_claim(claims, "sub", required=rules.require_sub)
+    if sub is not None and _CONTROL_CHARACTER.search(sub):
+        raise ClaimInvalid("malformed_sub", "control character")
     jti = string_claim(
         claims,
         "jti",

@@ -6,7 +6,11 @@
   signed with the client's registered key; ``iss`` = ``sub`` = client_id,
   ``aud`` = this server's issuer identifier (the token endpoint URL is also
   accepted, as many client libraries send it), ``exp`` required and bounded,
-  ``jti`` required and usable once until ``exp``.
+  ``jti`` required and usable once until ``exp``.  An assertion typed
+  ``client-authentication+jwt`` follows draft-ietf-oauth-rfc7523bis (the
+  fix for the "audience injection" attack on assertions whose ``aud`` is a
+  token endpoint URL): its ``aud`` must be the issuer identifier, alone, as a
+  JSON string.
 
 A client must use the method it is registered with.  Every failure is
 ``invalid_client`` (401) with the same public description.
@@ -32,8 +36,11 @@ from .ports import (
     UnknownKeyId,
 )
 
-#: ``typ`` values accepted on a client assertion (draft-ietf-oauth-rfc7523bis adds the explicit one).
-ASSERTION_TYP = frozenset({None, "jwt", "client-authentication+jwt"})
+#: The explicit type of a client assertion (draft-ietf-oauth-rfc7523bis §4, IANA media type
+#: ``application/client-authentication+jwt``).
+EXPLICIT_ASSERTION_TYP = "client-authentication+jwt"
+#: ``typ`` values accepted on a client assertion: none, ``JWT`` (RFC 7523), or the explicit one.
+ASSERTION_TYP = frozenset({None, "jwt", EXPLICIT_ASSERTION_TYP})
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,23 @@ class AuthenticatedClient:
 
 @dataclass(frozen=True)
 class AssertionAudience:
+    """What a client assertion's ``aud`` may name (RFC 7523 §3 (3)): this server.
+
+    ``endpoint`` is the URL of the endpoint the assertion is presented at, when
+    that is not the token endpoint (``/introspect``, ``/revoke``): client
+    libraries such as Authlib sign for the URL they post to, and an assertion
+    so signed is usable only there.
+    """
+
     issuer: str
     token_endpoint: str
+    endpoint: str | None = None
+
+    def accepted(self) -> frozenset[str]:
+        names = {self.issuer, self.issuer.rstrip("/"), self.token_endpoint}
+        if self.endpoint is not None:
+            names.add(self.endpoint)
+        return frozenset(names)
 
 
 def authenticate_client(
@@ -121,7 +143,8 @@ def _authenticate_assertion(
         raise InvalidClient("client.unknown", iss[:100])
     if client.auth_method != PRIVATE_KEY_JWT or client.keys is None:
         raise InvalidClient("client.wrong_auth_method", PRIVATE_KEY_JWT)
-    if normalise_typ(peeked.header.get("typ")) not in ASSERTION_TYP:
+    typ = normalise_typ(peeked.header.get("typ"))
+    if typ not in ASSERTION_TYP:
         raise InvalidClient("client_assertion.typ_not_accepted")
     try:
         verify_signature(assertion, peeked, client.algorithms, client.keys.key_for)
@@ -132,11 +155,14 @@ def _authenticate_assertion(
     except KeysUnavailable as exc:
         raise TemporarilyUnavailable("client_assertion.keys_unavailable", str(exc)) from None
 
+    explicit = typ == EXPLICIT_ASSERTION_TYP
     rules = ClaimRules(
         leeway=leeway,
         issuer=client.client_id,
-        # RFC 7523 §3 (3): aud identifies this server; the token endpoint URL is accepted too.
-        accepted_audiences={audience.issuer, audience.issuer.rstrip("/"), audience.token_endpoint},
+        # RFC 7523 §3 (3): aud identifies this server; the URL of the token endpoint (or of the
+        # endpoint this request is for) is accepted too, unless the assertion is typed as
+        # draft-ietf-oauth-rfc7523bis defines it (then the issuer alone).
+        accepted_audiences={audience.issuer} if explicit else audience.accepted(),
         max_remaining=max_lifetime,
         require_jti=True,
     )
@@ -144,6 +170,9 @@ def _authenticate_assertion(
         checked = check_claims(claims, rules, now=now)
     except ClaimInvalid as exc:
         raise InvalidClient(f"client_assertion.{exc.reason}", exc.detail) from None
+    if explicit and claims.get("aud") != audience.issuer:
+        # draft-ietf-oauth-rfc7523bis §4: the issuer identifier as the sole aud, a JSON string.
+        raise InvalidClient("client_assertion.audience_not_sole_issuer")
     exp, jti, iat = checked.exp, checked.jti, checked.iat
     if exp is None or jti is None:  # Required by the rules; this keeps the types honest.
         raise InvalidClient("client_assertion.missing_exp" if exp is None else "client_assertion.missing_jti")

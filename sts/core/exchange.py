@@ -36,6 +36,7 @@ from ..protocol.token_exchange import (
     parse_grant_type,
     parse_token_exchange,
 )
+from . import stages as stage
 from .assurance import (
     KEY_CHANGED,
     KEY_CONTINUES,
@@ -64,6 +65,7 @@ from .ports import (
     AuditSink,
     AuditUnavailable,
     BaselineStore,
+    PipelineStages,
     ReplayCache,
     ReplayWindowLost,
     RevokedTokens,
@@ -75,6 +77,7 @@ from .ports import (
     TokenReviewer,
     TokenReviewUnavailable,
 )
+from .rate_limit import NO_LIMITS, RateLimiter
 from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from .stepup import DENY, STEP_UP, RiskDecision, decide
 from .subject_state import SubjectState, identity_key, identity_keys, merge
@@ -105,6 +108,8 @@ class WireRequest:
     dpop: tuple[str, ...] = ()
     #: ``x5t#S256`` of a client certificate forwarded by a trusted proxy (RFC 8705).
     client_cert_thumbprint: str | None = None
+    #: The W3C Trace Context trace id this request belongs to (recorded in the audit details).
+    trace_id: str | None = None
 
 
 #: Rules without a ``risk`` section still obey security events, with these thresholds.
@@ -165,8 +170,12 @@ class TokenExchange:
         subject_states: SubjectStateStore | None = None,
         baselines: BaselineStore | None = None,
         revoked_tokens: RevokedTokens | None = None,
+        limits: RateLimiter = NO_LIMITS,
+        stages: PipelineStages = stage.NO_STAGES,
     ) -> None:
         self.config = config
+        self.limits = limits
+        self.stages = stages
         self.token_reviewers = dict(token_reviewers or {})
         self.subject_states = subject_states
         self.revoked_tokens = revoked_tokens
@@ -191,6 +200,7 @@ class TokenExchange:
             endpoint="token",
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
+            details=trace_details(wire),
         )
         uses: list[SingleUse] = []
         try:
@@ -208,6 +218,7 @@ class TokenExchange:
             record.reasons.append(f"internal.{type(exc).__name__}")
             self._record_refusal(record)
             raise ServerError("internal.unexpected") from None
+        self.stages.enter(stage.AUDIT)
         try:
             # Two-phase single use: the subject token is used up only together with (Redis: right
             # after) the commit of this record, so a failure here leaves it usable for the retry.
@@ -256,12 +267,14 @@ class TokenExchange:
             endpoint="token",
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
+            details=trace_details(wire),
         )
         record.subject_token_sha256 = presented_subject_token_hash(wire)
         record.refuse(exc.error, exc.reason, exc.detail)
         self._record_refusal(record)
 
     def _record_refusal(self, record: AuditRecord) -> None:
+        self.stages.enter(stage.AUDIT)
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
@@ -275,6 +288,9 @@ class TokenExchange:
         #    The hash of a presented subject token goes into the record even when the
         #    request is refused before it is parsed, so a reviewer can match the token.
         record.subject_token_sha256 = presented_subject_token_hash(wire)
+        self.stages.enter(stage.PARSE)
+        # Global and per-network limits, before any work is done for the request.
+        self.limits.on_arrival("token", wire.source_ip, now, record)
         if wire.query:
             raise InvalidRequest("request.query_parameters")
         check_content_type(wire.content_type)
@@ -293,6 +309,7 @@ class TokenExchange:
             raise InvalidRequest("request.unsupported_acr_values", " ".join(request.acr_values)[:200])
 
         # 2. Authenticate the client (RFC 6749 §2.3, RFC 7523 §3).
+        self.stages.enter(stage.CLIENT_AUTH)
         creds = parse_client_credentials(wire.form, wire.authorization)
         record.client_auth_method = creds.method
         record.client_id = creds.client_id
@@ -309,8 +326,11 @@ class TokenExchange:
             # No rule accepts the subject token as the only credential: stop before any work.
             raise InvalidClient("client.authentication_required")
         record.client_id = client.client_id if client else None
+        if client is not None:
+            self.limits.for_client("token", client.client_id, now, record)
 
         # 2b. Proof of possession (RFC 9449): the key the issued token will be bound to.
+        self.stages.enter(stage.DPOP)
         proof: VerifiedProof | None = None
         if wire.dpop:
             if self.config.dpop is None:
@@ -326,6 +346,7 @@ class TokenExchange:
             record.details["dpop_jkt"] = proof.jkt
 
         # 3. Attest the subject (and actor).
+        self.stages.enter(stage.ATTEST)
         subject = verify_token(
             request.subject_token,
             request.subject_token_type,
@@ -334,6 +355,7 @@ class TokenExchange:
             leeway=self.config.leeway,
         )
         _record_subject(record, subject)
+        self.limits.for_identity("token", subject.issuer_name, subject.subject, now, record)
         self._check_not_revoked(subject, "subject_token")
         live_review = self._check_liveness(subject, request.subject_token)
         actor: VerifiedToken | None = None
@@ -357,6 +379,7 @@ class TokenExchange:
         record.details["delegation_depth"] = depth
 
         # 4. Policy decides.
+        self.stages.enter(stage.POLICY)
         grant = evaluate(
             self.policy,
             subject,
@@ -371,6 +394,10 @@ class TokenExchange:
         )
         record.rule = grant.rule
         record.reasons.extend(grant.reasons)
+        if grant.rate_limit is not None:
+            self.limits.for_rule(
+                grant.rule, grant.rate_limit, subject.issuer_name, subject.subject, now, record
+            )
         scopes = narrow_reexchange(subject, grant.audiences, grant.scopes, request.scopes)
         if len(scopes) != len(grant.scopes):
             record.reasons.append("reexchange.scope_narrowed")
@@ -384,6 +411,7 @@ class TokenExchange:
 
         # 5. Risk: what other systems said about the subject (always), then the rule's own
         #    signals; the decision may narrow, shorten, ask for fresh attestation or refuse.
+        self.stages.enter(stage.RISK)
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
         keys = presented_keys(proof, wire.client_cert_thumbprint)
         observed = replace(subject, facts={**subject.facts, **keys}) if keys else subject
@@ -436,6 +464,7 @@ class TokenExchange:
         # 6. Lifetime: the smallest of the rule's maximum, what was asked and what is
         #    left of the subject token (or of what its issuer intended, e.g. warnafter),
         #    shrunk as risk grows so the token expires with its risk context.
+        self.stages.enter(stage.MINT)
         remaining = math.floor(subject.lifetime_end - now)
         lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
         if risk.decision.enforced and risk.decision.lifetime_factor < 1:
@@ -852,6 +881,11 @@ def presented_subject_token_hash(wire: WireRequest) -> str | None:
             if value:
                 return token_hash(value)
     return None
+
+
+def trace_details(wire: WireRequest) -> dict[str, Any]:
+    """The record's ``details`` to start with: the W3C trace id, when the request has one."""
+    return {"trace_id": wire.trace_id} if wire.trace_id else {}
 
 
 def _record_subject(record: AuditRecord, subject: VerifiedToken) -> None:

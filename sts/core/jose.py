@@ -6,7 +6,8 @@ configured key set, never from the token's own header (``jwk``, ``jku``,
 ``x5u``, ``x5c`` are ignored for key selection); a ``crit`` header is refused
 because this service understands no JWS extension (RFC 7515 §4.1.11).
 :func:`parse_compact` is the one parser: header and claims are read as UTF-8
-JSON objects only (RFC 7515 §5.2, RFC 7519 §7.2).  :func:`rsa_key_problem` is
+JSON objects only (RFC 7515 §5.2, RFC 7519 §7.2), and as I-JSON (RFC 7493:
+no duplicate member names, no unpaired surrogates; no ``NaN``).  :func:`rsa_key_problem` is
 the one rule for RSA keys (2048 to 16384 bits, public exponent 65537).  The
 claims themselves are checked by :mod:`.claims`.
 """
@@ -14,6 +15,7 @@ claims themselves are checked by :mod:`.claims`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,33 @@ class UnverifiedJWS:
     compact: Any = None
 
 
+class _DuplicateMember(ValueError):
+    """A JSON object names one member twice."""
+
+
+class _NotJsonConstant(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's extension, not JSON."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: an object whose member names are unique, else :class:`_DuplicateMember`."""
+    value: dict[str, Any] = {}
+    for name, member in pairs:
+        if name in value:
+            raise _DuplicateMember(name)
+        value[name] = member
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJsonConstant(name)
+
+
+#: A UTF-16 surrogate code point: in a Python string only from a ``\uD800``-style escape with no
+#: partner, as strict UTF-8 decoding refuses encoded surrogates.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _json_object(segment: bytes, part: str) -> dict[str, Any]:
     """A base64url-decoded JWS header or JWT claims set, as a JSON object in UTF-8.
 
@@ -85,6 +114,19 @@ def _json_object(segment: bytes, part: str) -> dict[str, Any]:
     add one, and no issuer this service talks to does.  A NUL byte cannot
     occur in UTF-8 JSON text (control characters are escaped inside
     strings), so one marks UTF-16 or UTF-32 without a byte-order mark.
+
+    The text must also be I-JSON (RFC 7493), which is what every issuer
+    sends, so that no two readers can see different claims in one token:
+
+    * member names are unique (RFC 7493 §2.3).  RFC 7515 §5.2 and RFC 7519
+      §4 allow either refusing duplicates or keeping the last; refusing is
+      the choice that leaves no room for ``{"alg": "none", "alg": "RS256"}``
+      or two ``sub`` values read differently by this service and by a
+      library downstream (``jws.duplicate_member``);
+    * ``NaN``, ``Infinity`` and ``-Infinity``, which Python's parser
+      accepts, are not JSON (RFC 8259 §6; ``jws.malformed``);
+    * a string holds no unpaired surrogate (``"\\ud800"``, RFC 7493 §2.1,
+      RFC 8259 §8.2): it has no UTF-8 form (``jws.not_utf8``).
     """
     try:
         text = segment.decode("utf-8")
@@ -95,12 +137,24 @@ def _json_object(segment: bytes, part: str) -> dict[str, Any]:
     if "\x00" in text:
         raise JWSInvalid("jws.not_utf8", f"{part} holds a NUL byte (UTF-16 or UTF-32)")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_members, parse_constant=_refuse_constant)
+    except _DuplicateMember as exc:
+        raise JWSInvalid("jws.duplicate_member", f"{part} repeats member {str(exc)[:40]!r}") from None
+    except _NotJsonConstant as exc:
+        raise JWSInvalid("jws.malformed", f"{part} holds {exc}, which is not JSON") from None
     except (ValueError, RecursionError) as exc:
         # RecursionError: JSON nested deeper than the parser's limit fits well inside MAX_JWT_BYTES.
         raise JWSInvalid("jws.malformed", type(exc).__name__) from None
     if not isinstance(value, dict):
         raise JWSInvalid("jws.malformed", f"{part} is not a JSON object")
+    if "\\u" in text:
+        # Only an escape can produce a surrogate; every string, member names included, is checked.
+        try:
+            lone = _LONE_SURROGATE.search(json.dumps(value, ensure_ascii=False)) is not None
+        except RecursionError:
+            raise JWSInvalid("jws.malformed", "RecursionError") from None
+        if lone:
+            raise JWSInvalid("jws.not_utf8", f"{part} holds an unpaired surrogate")
     return value
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
@@ -20,7 +20,7 @@ from ..protocol.client_auth import parse_client_credentials
 from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no_repeats, single
 from .audit import AuditRecord, log_unaudited, token_hash
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
-from .exchange import WireRequest, check_content_type
+from .exchange import WireRequest, check_content_type, trace_details
 from .introspection import OwnTokenVerifier, audiences_of, introspect, verify_own_token
 from .ports import (
     AuditSink,
@@ -30,6 +30,7 @@ from .ports import (
     StoreUnavailable,
     SubjectStateStore,
 )
+from .rate_limit import NO_LIMITS, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class TokenStatus:
     clock: Callable[[], float]
     leeway: int
     max_assertion_lifetime: int
+    #: The public URL of each endpoint (``introspect``, ``revoke``): also an accepted ``aud`` of a
+    #: client assertion presented there (see :class:`.clients.AssertionAudience`).
+    endpoint_urls: Mapping[str, str] = field(default_factory=dict)
+    limits: RateLimiter = field(default=NO_LIMITS)
 
     def _start(self, wire: WireRequest, endpoint: str) -> tuple[AuditRecord, float]:
         now = self.clock()
@@ -62,12 +67,15 @@ class TokenStatus:
             endpoint=endpoint,
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
+            details=trace_details(wire),
         )
         return record, now
 
     def _authenticate(
         self, wire: WireRequest, record: AuditRecord, now: float
     ) -> tuple[AuthenticatedClient, str]:
+        # Global and per-network limits first, before the client's credentials cost any work.
+        self.limits.on_arrival(record.endpoint, wire.source_ip, now, record)
         if wire.query:
             raise InvalidRequest("request.query_parameters")
         check_content_type(wire.content_type)
@@ -79,7 +87,7 @@ class TokenStatus:
             creds,
             self.clients,
             self.replay,
-            self.assertion_audience,
+            replace(self.assertion_audience, endpoint=self.endpoint_urls.get(record.endpoint)),
             now=now,
             leeway=self.leeway,
             max_assertion_lifetime=self.max_assertion_lifetime,
@@ -87,6 +95,7 @@ class TokenStatus:
         if client is None:
             raise InvalidClient("client.authentication_required")
         record.client_id = client.client_id
+        self.limits.for_client(record.endpoint, client.client_id, now, record)
         if token is None:
             raise InvalidRequest("request.missing_token")
         record.subject_token_sha256 = token_hash(token)

@@ -60,6 +60,7 @@ def token() -> Response:
         # holds one: split them again so that two proofs count as two (RFC 9449 §4.3 step 1).
         dpop=tuple(part for value in request.headers.getlist("DPoP") for part in value.split(",")),
         client_cert_thumbprint=forwarded_certificate(),
+        trace_id=g.get("trace_id"),
     )
     if problem is not None:
         rt.exchange.refuse_early(wire, problem)

@@ -25,6 +25,7 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from ..adapters.jwks import FileJWKS, HttpJWKS
+from ..adapters.metrics import CountedIssuerKeys
 from ..core.ports import IssuerKeys
 from ..core.shared_signals import (
     ReceiverUnavailable,
@@ -48,7 +49,15 @@ def transmitter_keys(t: TransmitterSettings, runtime: Runtime) -> IssuerKeys:
     if t.jwks_file is not None:
         return FileJWKS(t.jwks_file, algorithms=t.algorithms)
     assert t.jwks_uri is not None
-    return HttpJWKS(t.jwks_uri, algorithms=t.algorithms, max_stale=t.jwks_max_stale, clock=runtime.clock)
+    metrics, source = runtime.metrics, f"transmitter:{t.name}"
+    keys = HttpJWKS(
+        t.jwks_uri,
+        algorithms=t.algorithms,
+        max_stale=t.jwks_max_stale,
+        clock=runtime.clock,
+        on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "transmitter_keys", source) if metrics else keys
 
 
 def build_transmitters(settings: Settings, runtime: Runtime) -> list[Transmitter]:
@@ -84,9 +93,11 @@ def install(app: Flask, runtime: Runtime) -> None:
         issuers=runtime.exchange.issuers,
         replay=runtime.replay,
         states=runtime.subject_states,
-        audit=runtime.audit,
+        # The exchange's sink: the audit trail, with each decision counted.
+        audit=runtime.exchange.audit,
         clock=runtime.clock,
         leeway=settings.leeway,
+        limits=runtime.limits,
     )
     app.add_url_rule(EVENTS_PATH, "ssf_events", receive_set, methods=["POST"])
 
@@ -107,6 +118,7 @@ def receive_set() -> Response:
         request_id=g.request_id,
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
+        trace_id=g.get("trace_id"),
     )
     try:
         # MAX_CONTENT_LENGTH (max_body_bytes) bounds the read, with or without Content-Length.

@@ -39,6 +39,7 @@ def _wire() -> WireRequest:
         request_id=g.request_id,
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
+        trace_id=g.get("trace_id"),
     )
 
 

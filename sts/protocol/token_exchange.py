@@ -49,7 +49,8 @@ CLIENT_AUTHENTICATION_PARAMETERS = frozenset(
 )
 #: Every parameter the token endpoint defines: RFC 6749 §4.1.3 ``grant_type``, RFC 8693 §2.1,
 #: RFC 8707 §2 ``resource``, client authentication, and this service's extensions
-#: (``requested_expires_in``, ``posture_token``).  Any other parameter is ignored.
+#: (``requested_expires_in``, ``posture_token``) and RFC 9470 ``acr_values``.  Any other parameter is
+#: ignored.
 TOKEN_EXCHANGE_PARAMETERS = CLIENT_AUTHENTICATION_PARAMETERS | {
     "grant_type",
     "subject_token",
@@ -62,6 +63,7 @@ TOKEN_EXCHANGE_PARAMETERS = CLIENT_AUTHENTICATION_PARAMETERS | {
     "requested_token_type",
     "requested_expires_in",
     "posture_token",
+    "acr_values",
 }
 
 #: RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )

@@ -1,0 +1,35 @@
+"""Request latency and stage timing for the Prometheus metrics (:mod:`sts.adapters.metrics`).
+
+Every request is timed from its arrival in the application (the request id is
+assigned) to its response, by route rule (``/token``; ``<unmatched>`` for a
+path no route serves, never the raw path), and counted by status.  The
+pipeline's stages are timed by :mod:`sts.http.tracing` (each request's trace), whose
+observers include the per-stage histogram.  The metrics themselves are served on
+their own listener (``metrics_listen``), not here.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Flask, Response, g, request
+
+from ..adapters.metrics import Metrics
+from .responses import UNMATCHED_ROUTE
+
+
+def _route() -> str:
+    rule = request.url_rule
+    return rule.rule if rule is not None else UNMATCHED_ROUTE
+
+
+def install(app: Flask, metrics: Metrics) -> None:
+    """Register the hook; call after :func:`sts.http.responses.install` (it stamps the arrival)."""
+
+    def observe(response: Response) -> Response:
+        started = g.get("request_started")
+        if started is not None:
+            metrics.observe_request(_route(), response.status_code, time.perf_counter() - started)
+        return response
+
+    app.after_request(observe)
