@@ -1,4 +1,4 @@
-"""Settings (file, STS_* environment, validation), the ``sts`` command, and the purity of the core.
+"""Settings (file, STS_* environment, validation) and the ``sts`` command.
 
 CLI commands run through click's ``CliRunner`` against a configuration file in
 a temporary directory, with a real development issuer over HTTP for
@@ -7,11 +7,8 @@ a temporary directory, with a real development issuer over HTTP for
 
 from __future__ import annotations
 
-import ast
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -636,77 +633,6 @@ def test_unknown_config_file_is_a_clean_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--config", str(tmp_path / "missing.yaml"), "config", "check"])
     assert _failed_cleanly(result)
     assert "cannot be read" in result.output
-
-
-# -- the decision core stays pure ----------------------------------------------------------------
-
-FORBIDDEN = ("flask", "werkzeug", "redis", "sqlalchemy", "requests", "psycopg")
-PURE_PACKAGES = ("core", "protocol")
-
-
-def _pure_modules() -> list[str]:
-    names = []
-    for package in PURE_PACKAGES:
-        for path in sorted((REPO_ROOT / "sts" / package).glob("*.py")):
-            names.append(f"sts.{package}" if path.stem == "__init__" else f"sts.{package}.{path.stem}")
-    return names
-
-
-def test_core_and_protocol_load_no_web_database_or_cache_library() -> None:
-    modules = _pure_modules()
-    assert "sts.core.policy" in modules and "sts.protocol.token_exchange" in modules
-    script = (
-        "import importlib, json, sys\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})))\n"
-    )
-    completed = subprocess.run(  # our own interpreter, a fixed script
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout) == []
-
-
-def _imported_modules(path: Path, package: str) -> set[str]:
-    """Absolute names of every module ``path`` imports, at any depth (also inside functions)."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                names.add(".".join([*base, node.module] if node.module else base))
-            else:
-                names.add(node.module or "")
-    return names
-
-
-def test_no_pure_module_imports_io_libraries_or_outer_layers() -> None:
-    outer = ("sts.adapters", "sts.http", "sts.app", "sts.cli", "sts.dev")
-    offenders = []
-    for package in PURE_PACKAGES:
-        for path in sorted((REPO_ROOT / "sts" / package).glob("*.py")):
-            for name in _imported_modules(path, f"sts.{package}"):
-                if name.split(".")[0] in FORBIDDEN or name.startswith(outer):
-                    offenders.append(f"{path.relative_to(REPO_ROOT)} imports {name}")
-    assert offenders == []
-
-
-def test_import_scanner_sees_relative_and_nested_imports(tmp_path: Path) -> None:
-    # The static check above is only as good as this scanner: prove it catches the sneaky forms.
-    sample = tmp_path / "sample.py"
-    sample.write_text(
-        "from ..adapters import sql\nfrom . import ports\n"
-        "def f():\n    import flask.json\n    from sqlalchemy.orm import Session\n"
-    )
-    assert _imported_modules(sample, "sts.core") == {
-        "sts.adapters",
-        "sts.core",
-        "flask.json",
-        "sqlalchemy.orm",
-    }
 
 
 def test_policy_explain_claims_runs_the_issuers_profile(tmp_path: Path, upstream: RunningServer) -> None:
