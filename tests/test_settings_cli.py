@@ -7,6 +7,7 @@ a temporary directory, with a real development issuer over HTTP for
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -692,3 +693,38 @@ def test_policy_explain_claims_runs_the_issuers_profile(tmp_path: Path, upstream
     (tmp_path / "claims.json").write_text(json.dumps(claims))
     result = _sts(config, "policy", *args)
     assert result.exit_code != 0 and "github-actions profile" in result.output
+
+
+def _dev_token(tmp_path: Path, kind: str, *claims: str) -> Result:
+    args = ["dev", "token", kind, "--key-dir", str(tmp_path / "dev-keys")]
+    return CliRunner().invoke(main, [*args, *(a for c in claims for a in ("--claim", c))])
+
+
+def _payload(token: str) -> dict[str, Any]:
+    payload = token.strip().split(".")[1]
+    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return decoded
+
+
+def test_dev_token_reads_typed_builder_options_as_their_type(tmp_path: Path) -> None:
+    """``--claim NAME=VALUE`` naming a builder option that is not a string (a lifetime, a flag) is
+    read as that type: ``ref_protected=false`` is false, not the (true) string "false"."""
+    gitlab = _dev_token(tmp_path, "gitlab", "ref_protected=false", "lifetime=60", "team=payments")
+    assert gitlab.exit_code == 0, gitlab.output
+    claims = _payload(gitlab.output)
+    assert claims["ref_protected"] == "false" and claims["team"] == "payments"
+    assert claims["exp"] - claims["iat"] == 60
+    github = _dev_token(tmp_path, "github-actions", "immutable_sub=no", "repository=acme/other")
+    assert github.exit_code == 0, github.output
+    assert _payload(github.output)["sub"] == "repo:acme/other:ref:refs/heads/main"
+    k8s = _dev_token(tmp_path, "kubernetes", "warnafter=1700000000", "now=1699999000.5")
+    assert k8s.exit_code == 0, k8s.output
+    assert _payload(k8s.output)["kubernetes.io"]["warnafter"] == 1700000000
+    assert _payload(k8s.output)["iat"] == 1699999000
+
+
+@pytest.mark.parametrize("claim", ["lifetime=soon", "immutable_sub=maybe", "now=yesterday"])
+def test_dev_token_refuses_a_typed_builder_option_it_cannot_read(tmp_path: Path, claim: str) -> None:
+    result = _dev_token(tmp_path, "github-actions", claim)
+    assert _failed_cleanly(result)
+    assert claim.split("=")[0] in result.output and "--claim" in result.output

@@ -281,6 +281,8 @@ class RawStatement:
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
         self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
+        #: Every failure a statement can end in: the driver's errors and SQLAlchemy's (the pool's).
+        self.failures: tuple[type[BaseException], ...] = (dbapi.Error, SQLAlchemyError)
         self._disconnects: tuple[type[BaseException], ...] = (dbapi.OperationalError, dbapi.InterfaceError)
 
     def run(self, sql: str, params: list[Any] | tuple[Any, ...]) -> int:
@@ -545,7 +547,7 @@ class SqlAuditSink:
             if not self._committed(record):
                 raise AuditUnavailable(f"commit outcome unknown: {exc}") from None
             log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise AuditUnavailable(type(exc).__name__) from None
 
     def _committed(self, record: AuditRecord) -> bool:
@@ -554,7 +556,7 @@ class SqlAuditSink:
         sql = f"SELECT 1 FROM audit_events WHERE issued_jti = {p} AND event_id = {p}"  # noqa: S608
         try:
             return bool(self._raw.query(sql, (record.issued_jti, record.event_id)))
-        except (*self._raw.errors, SQLAlchemyError):
+        except self._raw.failures:
             return False
 
     def _sql(self, rows: int) -> str:
@@ -581,7 +583,7 @@ class SqlAuditSink:
         try:
             # One multi-row INSERT: a single statement, so a single short lock on SQLite.
             self._raw.run(self._sql(len(batch)), self._params(batch))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             if len(batch) == 1:
                 batch[0].error = type(exc).__name__
             else:
@@ -607,7 +609,7 @@ class SqlAuditSink:
             self._raw.run(self._heartbeat, (instance[:200], now))
             if random.random() < 0.01:  # noqa: S311 - housekeeping, not security relevant
                 self._raw.run(self._forget_heartbeats, (now - 86400,))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise AuditUnavailable(type(exc).__name__) from None
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
@@ -672,7 +674,7 @@ class SqlSingleUseLedger:
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
         try:
             seen = self._raw.query(self._seen, (replay_key(use.purpose, use.key), now))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         if seen:
             raise AlreadyUsed
@@ -707,7 +709,7 @@ class SqlReplayCache:
     def release(self, purpose: str, key: str) -> None:
         try:
             self._raw.run(self._release, (self._key(purpose, key),))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
     def first_use(
@@ -717,7 +719,7 @@ class SqlReplayCache:
             first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
                 self._raw.run(self._purge, (now,))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return first
 
@@ -766,7 +768,7 @@ class _KeyValueTable:
     def put(self, identity: str, value: str, ttl: int) -> None:
         try:
             self._raw.run(self._put, (_store_key(identity), value, self._clock() + ttl))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
     def get(self, identities: list[str]) -> dict[str, str]:
@@ -774,7 +776,7 @@ class _KeyValueTable:
         sql = self._get + "(" + ", ".join([self._p] * len(keys)) + f") AND expires_at > {self._p}"
         try:
             rows = self._raw.query(sql, (*keys, self._clock()))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         found = {str(k): str(v) for k, v in rows}
         return {i: found[k] for i, k in zip(identities, keys, strict=True) if k in found}
