@@ -99,7 +99,7 @@ class Runtime:
         return self.readiness.problems()
 
     def database_ready(self) -> bool:
-        """The schema is in place (created now if the database has come back since start)."""
+        """The schema is current (migrated now if the database has come back since start)."""
         return self.schema is None or self.schema.ensure()
 
 
@@ -286,18 +286,19 @@ def prepare(
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> bool:
-    """One-time set-up before workers start: keys created, database schema in place.
+    """One-time set-up before workers start: keys created, database schema current (migrated when
+    ``database_migrate_on_start``).
 
     A database that does not answer yet is waited for, with backoff and one log line per
     attempt, for up to ``database_startup_timeout`` seconds; after that the service starts
     anyway, not ready (``/readyz`` answers 503, ``/token`` 503 ``temporarily_unavailable``),
     and becomes ready by itself once the database answers.  Returns whether the schema is
-    in place.
+    current.
     """
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
     engine = sql.make_engine(settings.database_url, database_pool(settings))
     try:
-        schema = DatabaseSchema(engine)
+        schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
         return wait_for_schema(schema, settings.database_startup_timeout, sleep=sleep, monotonic=monotonic)
     finally:
         engine.dispose()
@@ -307,11 +308,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
 
     Nothing here needs the database to answer: if it does not, the app starts not ready
-    and creates the schema when it does (see :class:`DatabaseSchema`).
+    and migrates the schema when it does (see :class:`DatabaseSchema`).
     """
     logging.getLogger("sts").setLevel(settings.log_level)
     engine = sql.make_engine(settings.database_url, database_pool(settings))
-    schema = DatabaseSchema(engine)
+    schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
     schema.attempt()
     keyring = KeyRing.open(
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()

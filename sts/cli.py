@@ -243,27 +243,56 @@ def policy() -> None:
 
 
 @policy.command("check")
+@click.option(
+    "--standalone",
+    is_flag=True,
+    help="Check FILES on their own: the issuer and client names they use are taken as defined.",
+)
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context
-def policy_check(ctx: click.Context, files: tuple[Path, ...]) -> None:
-    """Lint the configured policies directory, or the FILES given."""
-    from .adapters.policy_files import load_policies, policy_files
+def policy_check(ctx: click.Context, standalone: bool, files: tuple[Path, ...]) -> None:
+    """Lint the configured policies directory, or the FILES given, against the configuration.
 
+    With --standalone, FILES written for another configuration (policies/examples/) are
+    checked on their own: schema, patterns, CEL conditions and lifetimes, with the issuer
+    and client names they refer to taken as defined.  A start still needs those names in
+    its configuration.
+    """
+    from .adapters.policy_files import load_policies, names_used, policy_files
+
+    if standalone and not files:
+        raise click.UsageError("--standalone checks the FILES given; name them")
     settings = _settings(ctx)
     try:
         paths = list(files) or policy_files(settings.policies_dir)
+        if standalone:
+            issuers, clients = names_used(paths)
+        else:
+            issuers = frozenset(i.name for i in settings.issuers)
+            clients = frozenset(c.client_id for c in settings.clients)
         compiled = load_policies(
             paths,
-            issuers=frozenset(i.name for i in settings.issuers) | {"self"},
-            clients=frozenset(c.client_id for c in settings.clients),
+            issuers=issuers | {"self"},
+            clients=clients,
             max_lifetime=settings.max_lifetime,
             default_lifetime=settings.default_lifetime,
         )
     except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+        message = str(exc)
+        if files and not standalone and (": unknown issuer " in message or ": unknown client" in message):
+            message += (
+                "; to check files written for another configuration, name it with --config, "
+                "or check them on their own with --standalone"
+            )
+        raise click.ClickException(message) from None
     for rule in compiled.rules:
         click.echo(f"ok  {rule.source}: {rule.name}")
     click.echo(f"{len(compiled.rules)} rule(s) in {len(paths)} file(s): no problems")
+    if standalone:
+        click.echo(
+            f"standalone: issuers {', '.join(sorted(issuers)) or 'none'} and clients "
+            f"{', '.join(sorted(clients)) or 'none'} taken as defined; a start needs them configured"
+        )
 
 
 @policy.command("schema")
@@ -422,19 +451,97 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     from sqlalchemy.exc import SQLAlchemyError
 
     from .adapters import sql
+    from .migrations import SchemaError, ensure
 
     settings = _settings(ctx)
     filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
     try:
         engine = sql.make_engine(settings.database_url)
-        sql.create_schema(engine)
+        ensure(engine, migrate=settings.database_migrate_on_start)
         records = sql.SqlAuditSink(engine).recent(limit, **filters)
+    except SchemaError as exc:
+        raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(
             f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
         ) from None
     for record in records:
         click.echo(json.dumps(record, sort_keys=True))
+
+
+# -- db ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The audit and state database: schema migrations (Alembic, shipped in the package)."""
+
+
+def _database(ctx: click.Context) -> Any:
+    from .adapters import sql
+
+    return sql.make_engine(_settings(ctx).database_url)
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Upgrade the schema to REVISION (default: head, this version's newest).
+
+    Safe while the service runs and when several instances upgrade at once: the
+    upgrade holds a database lock and commits whole or not at all.  A database made
+    by 0.1.0 (no alembic_version table) is recognised and stamped first.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters.readiness import describe, where
+    from .migrations import SchemaError, upgrade
+
+    engine = _database(ctx)
+    try:
+        done = upgrade(engine, revision)
+    except SchemaError as exc:
+        raise click.ClickException(f"database {where(engine)}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    if done.after == done.before:
+        click.echo(f"database {where(engine)}: schema already at {done.after}")
+    else:
+        start = done.before or ("the schema of 0.1.0, made before migrations," if done.stamped else "empty")
+        click.echo(f"database {where(engine)}: schema upgraded from {start} to {done.after}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the schema's revision; exit 1 unless it is this version's newest (head)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .adapters.readiness import describe, where
+    from .migrations import state
+
+    engine = _database(ctx)
+    try:
+        is_current, text = state(engine)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    click.echo(f"database {where(engine)}: {text}")
+    if not is_current:
+        ctx.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the schema revisions this version knows, oldest first."""
+    from .migrations import history
+
+    for revision, _down, title in history():
+        click.echo(f"{revision}  {title}")
 
 
 # -- dev -----------------------------------------------------------------------------------------

@@ -116,6 +116,8 @@ class Settings:
     database_max_overflow: int | None = None
     database_pool_timeout: int = 5
     database_startup_timeout: int = 10
+    #: Upgrade the schema at start (under a database lock); off: not ready until ``sts db upgrade``.
+    database_migrate_on_start: bool = True
     store: str = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     keys_dir: Path = Path("keys")
@@ -182,7 +184,7 @@ _INT_SETTINGS = {
     "max_client_assertion_lifetime",
     "dpop_max_age",
 }
-_BOOL_SETTINGS = {"dpop_nonce"}
+_BOOL_SETTINGS = {"dpop_nonce", "database_migrate_on_start"}
 _PATH_SETTINGS = {"keys_dir", "policies_dir"}
 
 

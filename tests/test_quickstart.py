@@ -222,3 +222,52 @@ def test_unusable_request_ids_are_replaced_by_the_running_service(quickstart: di
         assert head[0].startswith(status), (name, head)
         echoed = [line.split(":", 1)[1].strip() for line in head if line.lower().startswith("x-request-id:")]
         assert len(echoed) == 1 and str(uuid.UUID(echoed[0])) == echoed[0], (name, head)
+
+
+def readme_block(containing: str) -> str:
+    """The README's ``sh`` code block that contains ``containing`` (exactly one does)."""
+    readme = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL) if containing in b]
+    assert len(blocks) == 1, blocks
+    return blocks[0]
+
+
+def test_the_readme_introspection_and_revocation_commands_work(quickstart: dict[str, object]) -> None:
+    """The README's commands, run as they are (with this test's port), by the client sts.yaml registers."""
+    cwd, base, env = quickstart["dir"], str(quickstart["sts"]), quickstart["env"]
+    assert isinstance(env, dict)
+    token = subprocess.run(
+        [STS, "dev", "token", "github-actions", "--issuer-url", f"http://127.0.0.1:{quickstart['dev_port']}",
+         "--audience", base],
+        cwd=cwd, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    script = readme_block("/introspect").replace("http://127.0.0.1:8080", base)
+    ran = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd, env={**env, "TOKEN": token}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+
+    answers, decoder, rest = [], json.JSONDecoder(), ran.stdout.strip()
+    while rest:
+        answer, end = decoder.raw_decode(rest)
+        answers.append(answer)
+        rest = rest[end:].strip()
+    # Introspection, revocation (an empty body), introspection: as the README's comments show.
+    assert len(answers) == 2, ran.stdout
+    active, inactive = answers
+    assert active["active"] is True and active["aud"] == "https://deploy.example.com"
+    assert active["sub"] == "repo:acme/app:ref:refs/heads/main" and active["scope"] == "deploy:read"
+    assert inactive == {"active": False}
+    comments = [line[2:] for line in script.splitlines() if line.startswith("# {")]
+    shown = [json.loads(comment.replace(",...}", "}")) for comment in comments]
+    assert shown[0].items() <= active.items() and shown[1] == inactive
+
+    tail = subprocess.run(
+        [STS, "audit", "tail", "-n", "3"], cwd=cwd, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    records = [json.loads(line) for line in tail.splitlines()]
+    assert [(r["endpoint"], r["client_id"]) for r in records] == [
+        ("introspect", "deploy-api"), ("revoke", "deploy-api"), ("introspect", "deploy-api"),
+    ]  # fmt: skip
+    assert token not in tail and "PFqnSjk0" not in tail

@@ -52,7 +52,7 @@ from sts.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 STS = str(Path(sys.executable).with_name("sts"))
-SCHEMA_TABLES = set(sql.metadata.tables)
+SCHEMA_TABLES = set(sql.metadata.tables) | {"alembic_version"}
 
 
 @pytest.fixture

@@ -189,6 +189,22 @@ def policy_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file())
 
 
+def names_used(paths: Iterable[Path]) -> tuple[frozenset[str], frozenset[str]]:
+    """The issuer and client names that the rules of ``paths`` refer to (files checked as they are read).
+
+    For ``sts policy check --standalone``: files written for another configuration are
+    compiled against the names they use, so that everything else in them is checked.
+    """
+    issuers: set[str] = set()
+    clients: set[str] = set()
+    for path in paths:
+        for rule in read_policy_file(path).get("rules", []):
+            issuers.add(rule["issuer"])
+            issuers.update(actor["issuer"] for actor in rule.get("delegation", {}).get("actors", ()))
+            clients.update(rule.get("clients", ()))
+    return frozenset(issuers), frozenset(clients)
+
+
 def load_policies(
     paths: Iterable[Path],
     *,

@@ -1,4 +1,4 @@
-"""Readiness: the database schema in place, the audit database taking commits, the store answering.
+"""Readiness: the database schema current, the audit database taking commits, the store answering.
 
 Liveness and readiness are different questions.  A process that answers HTTP is
 alive; it is *ready* only when it could issue a token now: the audit database
@@ -6,9 +6,11 @@ commits a write (a ``SELECT 1`` also answers from a read-only or full database),
 the replay store answers and takes a write, and the signing key is loaded.
 
 The database may be down when the service starts.  :class:`DatabaseSchema`
-then creates the schema later, on the first request or readiness check after
+then migrates the schema later, on the first request or readiness check after
 the database answers again, so that a process started too early becomes ready
-by itself instead of exiting.
+by itself instead of exiting.  A schema older than this version's, with
+migrating at start switched off, keeps the process not ready (fail closed) until
+``sts db upgrade`` has run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from .. import migrations
 from ..core.ports import AuditUnavailable, ReplayCache, StoreUnavailable
 from ..errors import ConfigurationError
 from . import sql
@@ -57,22 +60,25 @@ def where(engine: Engine) -> str:
 
 
 class DatabaseSchema:
-    """The schema, created once the database answers: at start, or as soon as it comes back.
+    """The schema, current once the database answers: at start, or as soon as it comes back.
 
-    ``ensure()`` is what requests and readiness checks call: once the schema is in
-    place it costs one attribute read; before that, one thread at a time tries
-    :func:`sql.create_schema`, at most once per ``retry_interval`` seconds, and the
-    others are told "not yet" at once.
+    ``ensure()`` is what requests and readiness checks call: once the schema is
+    current it costs one attribute read; before that, one thread at a time tries
+    :func:`migrations.ensure` (which upgrades it when ``migrate``, and otherwise only
+    checks), at most once per ``retry_interval`` seconds, and the others are told
+    "not yet" at once.
     """
 
     def __init__(
         self,
         engine: Engine,
         *,
+        migrate: bool = True,
         retry_interval: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
+        self.migrate = migrate
         self.retry_interval = retry_interval
         self._monotonic = monotonic
         self._ready = False
@@ -85,7 +91,7 @@ class DatabaseSchema:
         return self._ready
 
     def ensure(self) -> bool:
-        """True when the schema is in place; otherwise try (rate-limited) to create it."""
+        """True when the schema is current; otherwise try (rate-limited) to make it so."""
         if self._ready:
             return True
         if not self._lock.acquire(blocking=False):
@@ -100,9 +106,9 @@ class DatabaseSchema:
             self._lock.release()
 
     def attempt(self) -> bool:
-        """One try at creating the schema; a failure is logged in one line, only when it changes."""
+        """One try at making the schema current; a failure is logged in one line, only when it changes."""
         try:
-            sql.create_schema(self.engine)
+            migrations.ensure(self.engine, migrate=self.migrate)
         except SQLAlchemyError as exc:
             failure = describe(exc)
             if failure != self.last_failure:
@@ -111,8 +117,14 @@ class DatabaseSchema:
                 )
             self.last_failure = failure
             return False
+        except migrations.SchemaError as exc:
+            failure = str(exc)
+            if failure != self.last_failure:
+                log.error("database %s: %s; not ready until then", where(self.engine), failure)
+            self.last_failure = failure
+            return False
         if self.last_failure is not None:
-            log.warning("database %s answers again; schema in place", where(self.engine))
+            log.warning("database %s answers again; schema current", where(self.engine))
         self._ready, self.last_failure = True, None
         return True
 
@@ -126,24 +138,29 @@ def wait_for_schema(
     first_delay: float = 0.5,
     max_delay: float = 10.0,
 ) -> bool:
-    """Create the schema, retrying with exponential backoff for up to ``timeout`` seconds.
+    """Make the schema current, retrying with exponential backoff for up to ``timeout`` seconds
+    while the database does not answer.
 
     One line per failed attempt (what failed, when the next try is); no traceback.
     Returns False when the database still does not answer: the caller starts anyway,
     not ready, and :meth:`DatabaseSchema.ensure` finishes the job when it answers.
+    Also False, at once, when the schema is behind and ``schema.migrate`` is off, or
+    cannot be migrated (the reason logged once): not ready until someone acts.
     """
     deadline = monotonic() + max(0.0, timeout)
     delay, attempt = first_delay, 1
     while True:
         try:
-            sql.create_schema(schema.engine)
+            migrations.ensure(schema.engine, migrate=schema.migrate)
+        except migrations.SchemaError:
+            return schema.attempt()  # Logs why (once) and stays not ready, unless fixed meanwhile.
         except SQLAlchemyError as exc:
             failure = describe(exc)
             left = deadline - monotonic()
             if left <= 0:
                 log.warning(
                     "database %s not answering (%s) after %d attempt(s); starting not ready, "
-                    "the schema is created once it answers",
+                    "the schema is made current once it answers",
                     where(schema.engine),
                     failure,
                     attempt,
@@ -191,7 +208,7 @@ def redis_store_check(client: redis.Redis, instance: str, *, prefix: str = "sts"
 class Readiness:
     """What ``/readyz`` reports: the problems that stop this process from issuing tokens now.
 
-    ``database``: the schema is not in place, or the audit database does not commit a
+    ``database``: the schema is not current, or the audit database does not commit a
     write; ``store``: the replay store does not answer or take a write; ``keys``: no
     signing key can be loaded.  A good result is kept for ``cache_seconds``, so that
     frequent probes cost at most one small commit per second and process; a bad one is

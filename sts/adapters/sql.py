@@ -378,28 +378,32 @@ class CommitOutcomeUnknown(Exception):
     """``COMMIT`` was sent, and no answer came back: the transaction may or may not be committed."""
 
 
-def create_schema(engine: Engine) -> None:
-    """Create whatever tables and indexes are missing, safely from any number of processes at once.
+def schema_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in one transaction under the schema lock, safely from any number of processes at once.
 
-    The one place the schema is made (a migration tool can take its place).  Checking and
-    creating happen in one transaction under a database lock, so that of several workers or
-    instances starting together on a fresh database one creates the tables and the others
-    find them: on PostgreSQL a transaction-scoped advisory lock (per database and schema),
-    on SQLite ``BEGIN IMMEDIATE`` (the write lock; a collision is retried).
+    Schema migrations (:mod:`sts.migrations`) run here: reading the schema's revision and
+    changing it happen in one transaction under a database lock, so that of several workers
+    or instances starting together one migrates and the others find the schema current: on
+    PostgreSQL a transaction-scoped advisory lock (per database and schema), on SQLite
+    ``BEGIN IMMEDIATE`` (the write lock; a collision is retried).
     """
 
-    def work(conn: Connection) -> None:
-        if conn.dialect.name == "postgresql":
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(hashtext('sts.schema'), hashtext(current_schema()))")
-            )
-        metadata.create_all(conn)
-
-    def attempt() -> None:
+    def attempt() -> T:
         with engine.connect() as conn, conn.execution_options(**{_IMMEDIATE: True}).begin():
-            work(conn)
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext('sts.schema'), hashtext(current_schema()))")
+                )
+            return work(conn)
 
-    _retry_locked(attempt)
+    return _retry_locked(attempt)
+
+
+def create_schema(engine: Engine) -> None:
+    """Bring the schema to this version's newest revision: :func:`sts.migrations.upgrade`."""
+    from ..migrations import upgrade  # The migrations read this module's metadata.
+
+    upgrade(engine)
 
 
 def _text(value: str | None, limit: int) -> str | None:
