@@ -26,6 +26,14 @@ from .adapters import redis_store, sql
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
+from .adapters.metrics import (
+    CountedIssuerKeys,
+    CountedTokenReviewer,
+    MeteredAuditSink,
+    MeteredLedger,
+    Metrics,
+    count_store_errors,
+)
 from .adapters.policy_files import load_policies, policy_files
 from .adapters.readiness import (
     DatabaseSchema,
@@ -35,6 +43,7 @@ from .adapters.readiness import (
     sql_store_check,
     wait_for_schema,
 )
+from .adapters.stage_timer import StageTimer
 from .adapters.token_review import HttpTokenReviewer
 from .core.assurance import LEVELS
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
@@ -58,6 +67,7 @@ from .core.profiles import ProfileOptions, get_profile
 from .core.shared_signals import SignalReceiver, Transmitter, TransmitterPolicy
 from .core.token_status import TokenStatus
 from .errors import ConfigurationError
+from .http import metrics as metrics_http
 from .http import responses
 from .http.body_limit import BodyLimit
 from .http.oauth import discovery_blueprint, health_blueprint, token_blueprint
@@ -91,6 +101,7 @@ class Runtime:
     #: The Shared Signals receiver (``/ssf/events``), when transmitters are configured.
     signals: SignalReceiver | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics | None = None
 
     def health(self) -> list[str]:
         """Readiness (``/readyz``): what stops this process from issuing a token now; empty when
@@ -103,15 +114,27 @@ class Runtime:
         return self.schema is None or self.schema.ensure()
 
 
-def issuer_keys(iss: IssuerSettings, clock: Callable[[], float]) -> IssuerKeys:
+def issuer_keys(
+    iss: IssuerSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> IssuerKeys:
     if iss.jwks_file is not None:
         return FileJWKS(iss.jwks_file, algorithms=iss.algorithms)
     assert iss.jwks_uri is not None
-    return HttpJWKS(iss.jwks_uri, algorithms=iss.algorithms, max_stale=iss.jwks_max_stale, clock=clock)
+    keys = HttpJWKS(
+        iss.jwks_uri,
+        algorithms=iss.algorithms,
+        max_stale=iss.jwks_max_stale,
+        clock=clock,
+        on_fetch=metrics.jwks_fetch_recorder(iss.name) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "issuer_keys", iss.name) if metrics else keys
 
 
 def build_issuers(
-    settings: Settings, clock: Callable[[], float], keyring: KeyRing | None = None
+    settings: Settings,
+    clock: Callable[[], float],
+    keyring: KeyRing | None = None,
+    metrics: Metrics | None = None,
 ) -> IssuerDirectory:
     """The trusted issuers; with ``keyring``, this service itself too (``self``) for re-exchange."""
     trusted = []
@@ -133,7 +156,7 @@ def build_issuers(
             profile_options=options,
             trusted_delegation=iss.trusted_delegation,
         )
-        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock)))
+        trusted.append(TrustedIssuer(policy, issuer_keys(iss, clock, metrics)))
     if keyring is not None:
         own = IssuerPolicy(
             name=SELF_ISSUER,
@@ -151,24 +174,39 @@ def build_issuers(
     return IssuerDirectory(trusted)
 
 
-def build_token_reviewers(settings: Settings) -> dict[str, TokenReviewer]:
-    return {
+def build_token_reviewers(settings: Settings, metrics: Metrics | None = None) -> dict[str, TokenReviewer]:
+    reviewers: dict[str, TokenReviewer] = {
         iss.name: HttpTokenReviewer(
             iss.token_review_url, token_file=iss.token_review_token_file, ca_file=iss.token_review_ca_file
         )
         for iss in settings.issuers
         if iss.token_review_url
     }
+    if metrics is not None:
+        reviewers = {name: CountedTokenReviewer(r, metrics, name) for name, r in reviewers.items()}
+    return reviewers
 
 
-def transmitter_keys(t: TransmitterSettings, clock: Callable[[], float]) -> IssuerKeys:
+def transmitter_keys(
+    t: TransmitterSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> IssuerKeys:
     if t.jwks_file is not None:
         return FileJWKS(t.jwks_file, algorithms=t.algorithms)
     assert t.jwks_uri is not None
-    return HttpJWKS(t.jwks_uri, algorithms=t.algorithms, max_stale=t.jwks_max_stale, clock=clock)
+    source = f"transmitter:{t.name}"
+    keys = HttpJWKS(
+        t.jwks_uri,
+        algorithms=t.algorithms,
+        max_stale=t.jwks_max_stale,
+        clock=clock,
+        on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "transmitter_keys", source) if metrics else keys
 
 
-def build_transmitters(settings: Settings, clock: Callable[[], float]) -> list[Transmitter]:
+def build_transmitters(
+    settings: Settings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> list[Transmitter]:
     """The Shared Signals transmitters, each with its key source (RFC 8935 §2)."""
     return [
         Transmitter(
@@ -181,13 +219,15 @@ def build_transmitters(settings: Settings, clock: Callable[[], float]) -> list[T
                 max_age=t.max_age,
                 subject_issuers=frozenset(t.subject_issuers) if t.subject_issuers is not None else None,
             ),
-            transmitter_keys(t, clock),
+            transmitter_keys(t, clock, metrics),
         )
         for t in settings.transmitters
     ]
 
 
-def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
+def _client(
+    c: ClientSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> RegisteredClient:
     keys: IssuerKeys | None = None
     if c.auth_method == "private_key_jwt":
         if c.jwks is not None:
@@ -196,7 +236,15 @@ def _client(c: ClientSettings, clock: Callable[[], float]) -> RegisteredClient:
             keys = FileJWKS(c.jwks_file, algorithms=c.algorithms)
         else:
             assert c.jwks_uri is not None
-            keys = HttpJWKS(c.jwks_uri, algorithms=c.algorithms, clock=clock)
+            source = f"client:{c.client_id}"
+            keys = HttpJWKS(
+                c.jwks_uri,
+                algorithms=c.algorithms,
+                clock=clock,
+                on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+            )
+            if metrics is not None:
+                keys = CountedIssuerKeys(keys, metrics, "client_keys", source)
     elif not check_hash_format(c.secret_hash or ""):
         raise ConfigurationError(
             f"setting clients.{c.client_id}.secret_hash: not a recognised hash "
@@ -215,8 +263,25 @@ def build_policy(settings: Settings) -> PolicySet:
     )
 
 
+def introspection_endpoint(settings: Settings) -> str:
+    return settings.issuer.rstrip("/") + "/introspect"
+
+
+def revocation_endpoint(settings: Settings) -> str:
+    return settings.issuer.rstrip("/") + "/revoke"
+
+
 def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
-    """RFC 8414 §2 metadata; ``issuer`` is exactly the configured issuer."""
+    """RFC 8414 §2 metadata; ``issuer`` is exactly the configured issuer.
+
+    §3.2: a member with zero elements is left out, never sent as ``[]``: so no
+    ``code_challenge_methods_supported`` (no PKCE: there is no authorization
+    endpoint).  ``response_types_supported`` is REQUIRED by §2 all the same;
+    it holds ``none`` (the registered response type under which the
+    authorization endpoint issues nothing), which is what a server without an
+    authorization endpoint supports, and what clients that validate metadata
+    (Authlib) accept.
+    """
     methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
     # What registered private_key_jwt clients may actually use (RFC 8414 §2).
     assertion_algs = sorted(
@@ -225,26 +290,27 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     )
     if policy.allows_anonymous:
         methods.append("none")
-    return {
+    metadata: dict[str, Any] = {
         "issuer": settings.issuer,
         "token_endpoint": settings.token_endpoint,
         "jwks_uri": settings.jwks_uri,
         "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
-        "response_types_supported": [],
+        "response_types_supported": ["none"],
         "token_endpoint_auth_methods_supported": methods,
         "token_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "dpop_signing_alg_values_supported": sorted(allowed_algorithms(settings.dpop_algorithms)),
         # RFC 9470 §6 / OpenID Connect Discovery: the assurance levels, lowest first (sts.core.assurance).
         "acr_values_supported": list(LEVELS),
-        "code_challenge_methods_supported": [],
-        "introspection_endpoint": settings.issuer.rstrip("/") + "/introspect",
+        "introspection_endpoint": introspection_endpoint(settings),
         "introspection_endpoint_auth_methods_supported": methods[:3],
         "introspection_endpoint_auth_signing_alg_values_supported": assertion_algs,
-        "revocation_endpoint": settings.issuer.rstrip("/") + "/revoke",
+        "revocation_endpoint": revocation_endpoint(settings),
         "revocation_endpoint_auth_methods_supported": methods[:3],
         "revocation_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "service_documentation": "https://github.com/workload-sts/workload-sts#readme",
     }
+    # RFC 8414 §3.2: "Claims with zero elements MUST be omitted from the response."
+    return {name: value for name, value in metadata.items() if value != []}
 
 
 def dpop_nonce_secret(keys_dir: Path) -> bytes:
@@ -344,7 +410,19 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         if redis_client is not None
         else sql.SqlSingleUseLedger(audit)
     )
-    clients = {c.client_id: _client(c, clock) for c in settings.clients}
+    # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the
+    # failures of the stores, the audit trail and upstream services where the pipeline meets them.
+    metrics = Metrics(clock=clock)
+    decisions = MeteredAuditSink(audit, metrics)
+    ledger = MeteredLedger(ledger, metrics)
+    probed_replay = replay  # readiness reports its own failures (/readyz); they are not counted
+    replay = count_store_errors(replay, "replay", metrics)
+    subject_states = count_store_errors(subject_states, "subject_state", metrics)
+    baselines = count_store_errors(baselines, "baseline", metrics)
+    revoked = count_store_errors(revoked, "revocation", metrics)
+    stages = StageTimer()
+    stages.add_observer(metrics.observe_stage)
+    clients = {c.client_id: _client(c, clock, metrics) for c in settings.clients}
 
     def current_signer() -> Any:
         keyring.reload_if_changed(clock())
@@ -364,17 +442,18 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             ),
         ),
         clients=clients,
-        issuers=build_issuers(settings, clock, keyring),
+        issuers=build_issuers(settings, clock, keyring, metrics),
         policy=policy,
         replay=replay,
         ledger=ledger,
         signer=current_signer,
-        audit=audit,
+        audit=decisions,
         clock=clock,
-        token_reviewers=build_token_reviewers(settings),
+        token_reviewers=build_token_reviewers(settings, metrics),
         subject_states=subject_states,
         baselines=baselines,
         revoked_tokens=revoked,
+        stages=stages,
     )
     own_keys = OwnTokenKeys(keyring, clock)
     token_status = TokenStatus(
@@ -390,17 +469,21 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         replay=replay,
         states=subject_states,
         revoked=revoked,
-        audit=audit,
+        audit=decisions,
         assertion_audience=AssertionAudience(settings.issuer, settings.token_endpoint),
         clock=clock,
         leeway=settings.leeway,
         max_assertion_lifetime=settings.max_client_assertion_lifetime,
+        endpoint_urls={
+            "introspect": introspection_endpoint(settings),
+            "revoke": revocation_endpoint(settings),
+        },
     )
     instance = instance_name()
     store_check = (
         redis_store_check(redis_client, instance)
         if redis_client is not None
-        else sql_store_check(replay, instance)
+        else sql_store_check(probed_replay, instance)
     )
     runtime = Runtime(
         settings=settings,
@@ -426,15 +509,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             clock=clock,
             instance=instance,
         ),
+        metrics=metrics,
     )
 
     if settings.transmitters:
         runtime.signals = SignalReceiver(
-            build_transmitters(settings, clock),
+            build_transmitters(settings, clock, metrics),
             issuers=exchange.issuers,
             replay=replay,
             states=subject_states,
-            audit=audit,
+            # The exchange's sink: the audit trail, with each decision counted.
+            audit=exchange.audit,
             clock=clock,
             leeway=settings.leeway,
         )
@@ -455,6 +540,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     responses.install(
         app, trusted_proxies=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
     )
+    metrics_http.install(app, metrics.observe_request, stages)
     # An issuer with a path: the endpoints its metadata names live under that path too
     # (and stay at the root, for a proxy that strips the prefix).
     path = urlsplit(settings.issuer).path.rstrip("/")

@@ -110,6 +110,8 @@ class Settings:
     body_read_timeout: int = 10
     #: Connections served at once by all workers together; more wait in the listen queue.
     max_connections: int = 1024
+    #: ``HOST:PORT`` of the Prometheus ``/metrics`` listener (one per instance); None serves none.
+    metrics_listen: str | None = None
     database_url: str = "sqlite:///var/sts.sqlite"
     #: PostgreSQL pools; None derives them from ``threads`` (see ``sts.app.database_pool``).
     database_pool_size: int | None = None
@@ -149,6 +151,20 @@ class Settings:
     @property
     def jwks_uri(self) -> str:
         return self.issuer.rstrip("/") + "/.well-known/jwks.json"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as ``(host, port)`` (an IPv6 host without its brackets), or None."""
+        return split_listen_address(self.metrics_listen) if self.metrics_listen else None
+
+
+def split_listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6) as ``(host, port)``; raises :class:`ConfigurationError`."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigurationError(f"{value!r} is not HOST:PORT with a port from 1 to 65535")
+    return host, int(port)
 
 
 _SCALARS = {
@@ -352,6 +368,14 @@ def _check(s: Settings) -> None:
         except ValueError:
             raise ConfigurationError(f"setting trusted_proxies: {proxy!r} is not a network") from None
     check_https_url(s.issuer, "setting issuer")
+    if s.metrics_listen:
+        try:
+            metrics_host, metrics_port = split_listen_address(s.metrics_listen)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"setting metrics_listen: {exc}") from None
+        wildcard = {"0.0.0.0", "::"} & {metrics_host, s.host.strip("[]")}
+        if metrics_port == s.port and (metrics_host == s.host.strip("[]") or wildcard):
+            raise ConfigurationError("setting metrics_listen: must not be the service's own address")
     if s.default_lifetime > s.max_lifetime:
         raise ConfigurationError("setting default_lifetime: must not exceed max_lifetime")
     if s.store == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -13,7 +13,10 @@ a fresh clone needs no manual step.  The scripts:
   ``jwk`` and verifies it with ``typ: "dpop+jwt"``; prints the header, payload
   and jose's RFC 7638 thumbprint of the key.
 
-DPoP proofs come from the project's workload library (``sts_client.dpop.DPoPKey``
+* ``dpop_sign.mjs <alg> <htm> <htu> [nonce]``: a Node.js client's own proof (``generateKeyPair`` +
+  ``SignJWT``, nothing of ours); prints the proof and jose's RFC 7638 thumbprint of its key.
+
+DPoP proofs otherwise come from the project's workload library (``sts_client.dpop.DPoPKey``
 in ``clients/python``, imported from the source tree when not installed); only
 the forged proof of the negative test is built with joserfc.  One test binds
 a token at our token endpoint with such a proof and checks that the token's
@@ -305,3 +308,42 @@ def test_dpop_bound_token_cnf_matches_the_proof_key_for_jose(node: Node, live: L
     assert checked_token.returncode == 0, checked_token.stderr
     jkt = json.loads(checked_token.stdout)["payload"]["cnf"]["jkt"]
     assert jkt == json.loads(checked_proof.stdout)["thumbprint"] == key.jkt
+
+
+@pytest.mark.parametrize(
+    "alg",
+    [
+        "ES256",
+        "ES384",
+        "PS256",
+        "Ed25519",
+        # joserfc warns on every use of the deprecated name (RFC 9864); the proof is still valid.
+        pytest.param("EdDSA", marks=pytest.mark.filterwarnings("ignore::joserfc.errors.SecurityWarning")),
+    ],
+)
+def test_a_dpop_proof_made_by_jose_binds_the_token(node: Node, live: LiveSts, alg: str) -> None:
+    """A Node.js client's proof (jose's generateKeyPair + SignJWT, nothing of ours) is accepted at the
+    token endpoint (RFC 9449 §4.3), and the token is bound to jose's RFC 7638 thumbprint of its key."""
+    made = node.run("dpop_sign.mjs", alg, "POST", live.token_endpoint, stdin="")
+    assert made.returncode == 0, made.stderr
+    signed = json.loads(made.stdout)
+    response = requests.post(
+        live.token_endpoint,
+        data=exchange_form(live.github_actions_token(), audience=DEPLOY),
+        headers={"Content-Type": FORM, "DPoP": signed["proof"]},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["token_type"] == "DPoP"
+    checked = verify(node, live, response.json()["access_token"], DEPLOY)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["payload"]["cnf"] == {"jkt": signed["thumbprint"]}
+
+    # The same proof again is a replay (RFC 9449 §11.1).
+    replayed = requests.post(
+        live.token_endpoint,
+        data=exchange_form(live.github_actions_token(), audience=DEPLOY),
+        headers={"Content-Type": FORM, "DPoP": signed["proof"]},
+        timeout=TIMEOUT,
+    )
+    assert (replayed.status_code, replayed.json()["error"]) == (400, "invalid_dpop_proof")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
@@ -46,6 +47,7 @@ import google.auth.exceptions
 import google.auth.transport.requests
 import jwt as pyjwt
 import pytest
+import requests
 from authlib.integrations.base_client import OAuthError as AuthlibOAuthError
 from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
@@ -61,8 +63,11 @@ from conftest import (
 )
 from google.oauth2 import sts as google_sts
 from google.oauth2.utils import ClientAuthentication, ClientAuthType
+from joserfc import jwt
 from joserfc.jwk import ECKey
 from live_sts import LiveSts, serve_sts
+from oauthlib.oauth2 import Client as OAuthlibClient
+from oauthlib.oauth2.rfc6749.errors import OAuth2Error as OAuthlibError
 
 from sts.core.client_secrets import generate_secret, hash_secret
 from sts.dev.issuer import RunningServer
@@ -420,3 +425,57 @@ def test_pyjwt_verifies_an_issued_token_from_our_jwks_url(live: LiveSts) -> None
         pyjwt.decode(token, signing_key.key, algorithms=["ES256"], audience=DEPLOY, issuer="https://sts.test")
     with pytest.raises(pyjwt.InvalidAlgorithmError):
         pyjwt.decode(token, signing_key.key, algorithms=["RS256"], audience=DEPLOY, issuer=live.issuer)
+
+
+def test_pyjwt_jwk_client_takes_every_published_key(live: LiveSts) -> None:
+    """PyJWKClient reads the whole JWK Set (the active and the next key): each one is a usable
+    public signing key to it, labelled with ``kid``, ``use`` and ``alg`` (RFC 7517 §4)."""
+    published = requests.get(live.jwks_uri, timeout=TIMEOUT).json()["keys"]
+    signing_keys = pyjwt.PyJWKClient(live.jwks_uri, cache_keys=False, timeout=TIMEOUT).get_signing_keys()
+    assert sorted(k.key_id for k in signing_keys) == sorted(k["kid"] for k in published)
+    assert len(published) >= 2  # publish-before-use: the next key is already out
+    for key in signing_keys:
+        assert key.algorithm_name == "ES256" and key.public_key_use == "sig"
+
+
+# -- oauthlib -------------------------------------------------------------------------------------
+
+
+def test_oauthlib_parses_our_token_answers(live: LiveSts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oauthlib's RFC 6749 §5.1/§5.2 response parsing: our Bearer and DPoP answers are tokens with
+    their type, lifetime and granted scope; our errors become its errors, with our code."""
+    monkeypatch.setenv("OAUTHLIB_STRICT_TOKEN_TYPE", "1")  # token_type must be there (RFC 6749 §5.1)
+    client = OAuthlibClient("repo:acme/app")
+
+    def exchange(**headers: str) -> requests.Response:
+        return requests.post(
+            live.token_endpoint,
+            data={
+                "grant_type": TOKEN_EXCHANGE,
+                "subject_token": live.github_actions_token(),
+                "subject_token_type": JWT_TYPE,
+                "audience": DEPLOY,
+                "scope": "deploy:read",
+            },
+            headers=headers,
+            timeout=TIMEOUT,
+        )
+
+    bearer = client.parse_request_body_response(exchange().text, scope=["deploy:read"])
+    assert bearer["token_type"] == "Bearer" and bearer["scope"] == ["deploy:read"]
+    assert isinstance(bearer["expires_in"], int) and bearer["expires_in"] > 0
+    assert bearer["issued_token_type"] == ACCESS_TOKEN_TYPE
+
+    key = ECKey.generate_key("P-256")
+    proof = jwt.encode(
+        {"typ": "dpop+jwt", "alg": "ES256", "jwk": key.as_dict(private=False)},
+        {"jti": generate_secret(), "htm": "POST", "htu": live.token_endpoint, "iat": int(time.time())},
+        key,
+        algorithms=["ES256"],
+    )
+    bound = client.parse_request_body_response(exchange(DPoP=proof).text, scope=["deploy:read"])
+    assert bound["token_type"] == "DPoP"
+
+    with pytest.raises(OAuthlibError) as refused:
+        client.parse_request_body_response(exchange(DPoP="not-a-proof").text)
+    assert refused.value.error == "invalid_dpop_proof"

@@ -756,7 +756,7 @@ def test_redis_lost_after_the_audit_commit_withholds_the_token_and_frees_it(
     try:
         app = make_app(store="redis", redis_url=f"redis://127.0.0.1:{relay.port}/{kwargs['db']}")
         runtime = app.extensions["sts"]
-        runtime.exchange.ledger.hold = 1.0  # a short hold keeps the test short
+        runtime.exchange.ledger.inner.hold = 1.0  # (behind the metrics) a short hold keeps the test short
         write = runtime.audit.write
 
         def write_then_lose_redis(record: Any) -> None:

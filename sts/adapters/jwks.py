@@ -59,6 +59,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from joserfc.errors import InvalidKeyTypeError, JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey
 
+from sts.adapters.http_body import BodyUnreadable, read_body
 from sts.core.jose import rsa_key_problem
 from sts.core.ports import KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
@@ -94,7 +95,6 @@ _PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"
 _MAX_DELTA_SECONDS: Final = 2**31
 
 _DIGITS: Final = re.compile(r"[0-9]+")
-_READ_CHUNK: Final = 16 * 1024
 _SHOWN_CHARS: Final = 64
 
 
@@ -447,10 +447,14 @@ class HttpJWKS:
 
     Redirects are not followed, the body is capped at ``max_bytes`` (read in
     chunks, stopping as soon as it is exceeded), and ``timeout`` bounds the
-    connection, each read, and reading the whole body.  ``clock`` (seconds)
+    connection, each read, and reading the whole body, however slowly the
+    server trickles it (:func:`sts.adapters.http_body.read_body`).  ``clock`` (seconds)
     is used for all cache arithmetic, so tests can move time.  A given
     ``session`` must not be used concurrently elsewhere; fetches of one
     instance are serialised by its lock.
+
+    ``on_fetch(ok, usable_keys)`` is told of every fetch attempt once it is over
+    (the metrics): whether it succeeded, and how many usable keys the cache holds.
     """
 
     def __init__(
@@ -467,6 +471,7 @@ class HttpJWKS:
         max_stale: float = 3600,
         clock: Callable[[], float] = time.time,
         max_bytes: int = 512 * 1024,
+        on_fetch: Callable[[bool, int], None] | None = None,
     ) -> None:
         validate_jwks_url(url)
         self._url = url
@@ -489,6 +494,7 @@ class HttpJWKS:
         self._max_stale = float(max_stale)
         self._clock = clock
         self._max_bytes = max_bytes
+        self._on_fetch = on_fetch
         self._lock = threading.Lock()
         self._state = _CacheState()
 
@@ -584,6 +590,8 @@ class HttpJWKS:
                     state = replace(state, attempts=state.attempts + 1, last_attempt=now, last_error=error)
                     logger.warning("JWKS %s: fetch failed: %s", self._url, error)
                 self._state = state
+                if self._on_fetch is not None:
+                    self._on_fetch(fetched is not None, state.index.usable if state.index is not None else 0)
             return state
         finally:
             self._lock.release()
@@ -607,11 +615,13 @@ class HttpJWKS:
                     raise _FetchFailed(f"HTTP {status} redirect (redirects are not followed)")
                 if status != 200:
                     raise _FetchFailed(f"HTTP {status}")
-                body = self._read_body(response)
+                body = read_body(response, max_bytes=self._max_bytes, timeout=self._timeout)
                 cache_control = response.headers.get("Cache-Control")
                 age = response.headers.get("Age")
         except requests.RequestException as exc:
             raise _FetchFailed(f"request failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        except BodyUnreadable as exc:
+            raise _FetchFailed(str(exc)) from None
         try:
             index = _parse_key_set(body, self._algorithms, self._url)
         except _BadKeySet as exc:
@@ -621,22 +631,6 @@ class HttpJWKS:
                 "JWKS %s: the key set holds no usable key for %s", self._url, sorted(self._algorithms)
             )
         return index, self._freshness_lifetime(cache_control, age)
-
-    def _read_body(self, response: requests.Response) -> bytes:
-        declared = response.headers.get("Content-Length")
-        if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > self._max_bytes:
-            raise _FetchFailed(f"body of {declared} bytes exceeds the {self._max_bytes}-byte limit")
-        deadline = time.monotonic() + self._timeout
-        chunks: list[bytes] = []
-        size = 0
-        for chunk in response.iter_content(chunk_size=_READ_CHUNK):
-            size += len(chunk)
-            if size > self._max_bytes:
-                raise _FetchFailed(f"body exceeds the {self._max_bytes}-byte limit")
-            if time.monotonic() > deadline:
-                raise _FetchFailed(f"body not received within {self._timeout:.1f}s")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _freshness_lifetime(self, cache_control: str | None, age: str | None) -> float:
         """Seconds the fetched set stays fresh (RFC 9111 §4.2.1), clamped to ``[min_ttl, max_ttl]``."""

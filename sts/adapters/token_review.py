@@ -24,6 +24,7 @@ from typing import Any
 import requests
 
 from ..core.ports import TokenReviewUnavailable
+from .http_body import BodyUnreadable, read_body
 
 PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 _MAX_BYTES = 256 * 1024
@@ -59,22 +60,25 @@ class HttpTokenReviewer:
             "spec": {"token": token, "audiences": list(audiences)},
         }
         try:
-            response = self.session.post(
+            with self.session.post(
                 self.url,
                 data=json.dumps(body),
                 headers=headers,
                 timeout=self.timeout,
                 verify=self.verify,
                 allow_redirects=False,
-            )
+                stream=True,
+            ) as response:
+                if response.status_code != 201 and response.status_code != 200:
+                    raise TokenReviewUnavailable(f"HTTP {response.status_code}")
+                # Bounded in size and time: a huge or trickled answer must not hold the exchange.
+                content = read_body(response, max_bytes=_MAX_BYTES, timeout=self.timeout)
         except requests.RequestException as exc:
             raise TokenReviewUnavailable(type(exc).__name__) from None
-        if response.status_code != 201 and response.status_code != 200:
-            raise TokenReviewUnavailable(f"HTTP {response.status_code}")
-        if len(response.content) > _MAX_BYTES:
-            raise TokenReviewUnavailable("response too large")
+        except BodyUnreadable as exc:
+            raise TokenReviewUnavailable(str(exc)) from None
         try:
-            document = response.json()
+            document = json.loads(content)
         except (ValueError, RecursionError):
             raise TokenReviewUnavailable("malformed response") from None
         # Anything but the documented shape is the API's fault, not the token's: answer 503

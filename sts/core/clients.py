@@ -60,8 +60,23 @@ class AuthenticatedClient:
 
 @dataclass(frozen=True)
 class AssertionAudience:
+    """What a client assertion's ``aud`` may name (RFC 7523 §3 (3)): this server.
+
+    ``endpoint`` is the URL of the endpoint the assertion is presented at, when
+    that is not the token endpoint (``/introspect``, ``/revoke``): client
+    libraries such as Authlib sign for the URL they post to, and an assertion
+    so signed is usable only there.
+    """
+
     issuer: str
     token_endpoint: str
+    endpoint: str | None = None
+
+    def accepted(self) -> frozenset[str]:
+        names = {self.issuer, self.issuer.rstrip("/"), self.token_endpoint}
+        if self.endpoint is not None:
+            names.add(self.endpoint)
+        return frozenset(names)
 
 
 def authenticate_client(
@@ -144,11 +159,10 @@ def _authenticate_assertion(
     rules = ClaimRules(
         leeway=leeway,
         issuer=client.client_id,
-        # RFC 7523 §3 (3): aud identifies this server; the token endpoint URL is accepted too,
-        # unless the assertion is typed as draft-ietf-oauth-rfc7523bis defines it.
-        accepted_audiences={audience.issuer}
-        if explicit
-        else {audience.issuer, audience.issuer.rstrip("/"), audience.token_endpoint},
+        # RFC 7523 §3 (3): aud identifies this server; the URL of the token endpoint (or of the
+        # endpoint this request is for) is accepted too, unless the assertion is typed as
+        # draft-ietf-oauth-rfc7523bis defines it (then the issuer alone).
+        accepted_audiences={audience.issuer} if explicit else audience.accepted(),
         max_remaining=max_lifetime,
         require_jti=True,
     )

@@ -23,11 +23,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from joserfc import jws
 from joserfc.errors import JoseError
@@ -67,15 +68,52 @@ class VerifiedProof:
     iat: float
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normalise_percent(match: re.Match[str]) -> str:
+    # RFC 3986 §6.2.2.1-2: hex digits upper-case; an encoded unreserved character decoded.
+    char = unquote(match.group(0))
+    return char if char in _UNRESERVED else match.group(0).upper()
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 / §6.2.2.3: ``/a/./b/../c`` is ``/a/c``."""
+    segments = path.split("/")
+    kept: list[str] = []
+    for position, segment in enumerate(segments):
+        last = position == len(segments) - 1
+        if segment in (".", ".."):
+            if segment == ".." and len(kept) > 1:
+                kept.pop()
+            if last:
+                kept.append("")
+            continue
+        kept.append(segment)
+    return "/".join(kept)
+
+
 def normalise_htu(url: str) -> str:
-    """RFC 9449 §4.3 step 9 / RFC 3986 §6: scheme and host case-insensitive; no query or fragment."""
+    """RFC 9449 §4.3: the URI compared, after syntax- and scheme-based normalisation (RFC 3986 §6.2.2,
+    §6.2.3), without query or fragment.
+
+    Scheme and host lower-cased; the default (or an empty) port dropped; percent-encodings
+    normalised; dot segments removed; an empty path made ``/``.  A URI with user information is
+    refused (``ValueError``): an ``http(s)`` URI never carries it (RFC 9110 §4.2.4).
+    """
     parts = urlsplit(url)
-    netloc = parts.netloc.lower()
-    if parts.scheme.lower() == "https" and netloc.endswith(":443"):
-        netloc = netloc[: -len(":443")]
-    if parts.scheme.lower() == "http" and netloc.endswith(":80"):
-        netloc = netloc[: -len(":80")]
-    return urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", "", ""))
+    if "@" in parts.netloc:
+        raise ValueError("user information in the URI")
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    netloc = host if port is None or _DEFAULT_PORTS.get(scheme) == port else f"{host}:{port}"
+    path = _remove_dot_segments(_PERCENT.sub(_normalise_percent, parts.path)) or "/"
+    return urlunsplit((scheme, netloc, path, "", ""))
 
 
 def _b64(data: bytes) -> str:

@@ -37,6 +37,7 @@ from ..protocol.token_exchange import (
     parse_token_exchange,
 )
 from ..protocol.wire import WireRequest, check_content_type
+from . import stages as stage
 from .assurance import (
     KEY_CHANGED,
     KEY_CONTINUES,
@@ -65,6 +66,7 @@ from .ports import (
     AuditSink,
     AuditUnavailable,
     BaselineStore,
+    PipelineStages,
     ReplayCache,
     ReplayWindowLost,
     RevokedTokens,
@@ -134,8 +136,10 @@ class TokenExchange:
         subject_states: SubjectStateStore | None = None,
         baselines: BaselineStore | None = None,
         revoked_tokens: RevokedTokens | None = None,
+        stages: PipelineStages = stage.NO_STAGES,
     ) -> None:
         self.config = config
+        self.stages = stages
         self.token_reviewers = dict(token_reviewers or {})
         self.subject_states = subject_states
         self.revoked_tokens = revoked_tokens
@@ -177,6 +181,7 @@ class TokenExchange:
             record.reasons.append(f"internal.{type(exc).__name__}")
             self._record_refusal(record)
             raise ServerError("internal.unexpected") from None
+        self.stages.enter(stage.AUDIT)
         try:
             # Two-phase single use: the subject token is used up only together with (Redis: right
             # after) the commit of this record, so a failure here leaves it usable for the retry.
@@ -231,6 +236,7 @@ class TokenExchange:
         self._record_refusal(record)
 
     def _record_refusal(self, record: AuditRecord) -> None:
+        self.stages.enter(stage.AUDIT)
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
@@ -244,6 +250,7 @@ class TokenExchange:
         #    The hash of a presented subject token goes into the record even when the
         #    request is refused before it is parsed, so a reviewer can match the token.
         record.subject_token_sha256 = presented_subject_token_hash(wire)
+        self.stages.enter(stage.PARSE)
         if wire.query:
             raise InvalidRequest("request.query_parameters")
         check_content_type(wire.content_type)
@@ -262,6 +269,7 @@ class TokenExchange:
             raise InvalidRequest("request.unsupported_acr_values", " ".join(request.acr_values)[:200])
 
         # 2. Authenticate the client (RFC 6749 §2.3, RFC 7523 §3).
+        self.stages.enter(stage.CLIENT_AUTH)
         creds = parse_client_credentials(wire.form, wire.authorization)
         record.client_auth_method = creds.method
         record.client_id = creds.client_id
@@ -280,6 +288,7 @@ class TokenExchange:
         record.client_id = client.client_id if client else None
 
         # 2b. Proof of possession (RFC 9449): the key the issued token will be bound to.
+        self.stages.enter(stage.DPOP)
         proof: VerifiedProof | None = None
         if wire.dpop:
             if self.config.dpop is None:
@@ -295,6 +304,7 @@ class TokenExchange:
             record.details["dpop_jkt"] = proof.jkt
 
         # 3. Attest the subject (and actor).
+        self.stages.enter(stage.ATTEST)
         subject = verify_token(
             request.subject_token,
             request.subject_token_type,
@@ -326,6 +336,7 @@ class TokenExchange:
         record.details["delegation_depth"] = depth
 
         # 4. Policy decides.
+        self.stages.enter(stage.POLICY)
         grant = evaluate(
             self.policy,
             subject,
@@ -353,6 +364,7 @@ class TokenExchange:
 
         # 5. Risk: what other systems said about the subject (always), then the rule's own
         #    signals; the decision may narrow, shorten, ask for fresh attestation or refuse.
+        self.stages.enter(stage.RISK)
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
         keys = presented_keys(proof, wire.client_cert_thumbprint)
         observed = replace(subject, facts={**subject.facts, **keys}) if keys else subject
@@ -405,6 +417,7 @@ class TokenExchange:
         # 6. Lifetime: the smallest of the rule's maximum, what was asked and what is
         #    left of the subject token (or of what its issuer intended, e.g. warnafter),
         #    shrunk as risk grows so the token expires with its risk context.
+        self.stages.enter(stage.MINT)
         remaining = math.floor(subject.lifetime_end - now)
         lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
         if risk.decision.enforced and risk.decision.lifetime_factor < 1:

@@ -218,3 +218,14 @@ class RevokedTokens(Protocol):
     def revoked(self, jti: str) -> bool:
         """Raises :class:`StoreUnavailable`; callers treat that as inactive (fail closed)."""
         ...
+
+
+class PipelineStages(Protocol):
+    """Where a request is in its pipeline: for per-stage latencies and trace spans.
+
+    ``enter("attest")`` ends the stage the request was in (if any) and starts the
+    next; the last stage ends with the request.  The pipeline only names its
+    stages; an adapter times them (spans, histograms) or does nothing.
+    """
+
+    def enter(self, stage: str) -> None: ...

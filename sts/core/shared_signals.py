@@ -438,7 +438,9 @@ def check_payload(event_type: str, payload: Mapping[str, Any]) -> None:
     if "event_timestamp" in payload and numeric_date_value(payload["event_timestamp"]) is None:
         raise _invalid("event.malformed_event_timestamp", event_type)
     if event_type == DEVICE_COMPLIANCE_CHANGE:
-        if payload.get("current_status") not in COMPLIANCE_STATUSES:
+        status = payload.get("current_status")
+        # A list or object is no status (and cannot be looked up in a set: TypeError, a 503).
+        if not isinstance(status, str) or status not in COMPLIANCE_STATUSES:
             raise _invalid(
                 "event.device_compliance_change.current_status", _show(payload.get("current_status"))
             )

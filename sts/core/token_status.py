@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
@@ -52,6 +52,9 @@ class TokenStatus:
     clock: Callable[[], float]
     leeway: int
     max_assertion_lifetime: int
+    #: The public URL of each endpoint (``introspect``, ``revoke``): also an accepted ``aud`` of a
+    #: client assertion presented there (see :class:`.clients.AssertionAudience`).
+    endpoint_urls: Mapping[str, str] = field(default_factory=dict)
 
     def _start(self, wire: WireRequest, endpoint: str) -> tuple[AuditRecord, float]:
         now = self.clock()
@@ -79,7 +82,7 @@ class TokenStatus:
             creds,
             self.clients,
             self.replay,
-            self.assertion_audience,
+            replace(self.assertion_audience, endpoint=self.endpoint_urls.get(record.endpoint)),
             now=now,
             leeway=self.leeway,
             max_assertion_lifetime=self.max_assertion_lifetime,

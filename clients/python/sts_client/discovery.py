@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 
 __all__ = [
@@ -107,13 +109,19 @@ def get_json(
         )
     except requests.RequestException as exc:
         raise DiscoveryError(f"cannot reach {_origin(url)}: {type(exc).__name__}") from None
+    # ``timeout`` bounds each socket read; the deadline bounds the body as a whole, so a server
+    # that trickles its answer a byte at a time cannot hold the caller (and its locks) for hours.
+    # ``read1`` returns what one socket read brought, so the deadline is checked after each.
+    deadline = time.monotonic() + timeout
     try:
         body = bytearray()
-        for chunk in response.iter_content(_CHUNK):
+        while chunk := response.raw.read1(_CHUNK, decode_content=True):
             body.extend(chunk)
             if len(body) > MAX_DOCUMENT_BYTES:
                 raise DiscoveryError(f"{_origin(url)} answered more than {MAX_DOCUMENT_BYTES} bytes")
-    except requests.RequestException as exc:
+            if time.monotonic() > deadline:
+                raise DiscoveryError(f"{_origin(url)} did not answer within {timeout:.1f}s")
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise DiscoveryError(f"reading from {_origin(url)} failed: {type(exc).__name__}") from None
     finally:
         response.close()

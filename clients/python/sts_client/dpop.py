@@ -78,24 +78,41 @@ def _normalise_percent(match: re.Match[str]) -> str:
     return char if char in _UNRESERVED else match.group(0).upper()
 
 
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 / §6.2.2.3: ``/a/./b/../c`` is ``/a/c``."""
+    segments = path.split("/")
+    kept: list[str] = []
+    for position, segment in enumerate(segments):
+        last = position == len(segments) - 1
+        if segment in (".", ".."):
+            if segment == ".." and len(kept) > 1:
+                kept.pop()
+            if last:
+                kept.append("")
+            continue
+        kept.append(segment)
+    return "/".join(kept)
+
+
 def normalise_htu(url: str) -> str:
     """The URI a proof's ``htu`` is compared with: no query or fragment, normalised (RFC 9449 §4.3).
 
     Syntax- and scheme-based normalisation (RFC 3986 §6.2.2, §6.2.3): scheme
-    and host lower-cased, the default port dropped, an empty path made ``/``,
-    percent-encodings normalised.
+    and host lower-cased, the default (or an empty) port dropped, an empty
+    path made ``/``, percent-encodings normalised, dot segments removed.  A URI
+    with user information raises ``ValueError``: an ``http(s)`` URI never
+    carries it (RFC 9110 §4.2.4).
     """
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ValueError("user information in the URI")
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
     if ":" in host:
         host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
+    port = parts.port  # A port that is not a number in range raises ValueError: no match.
     netloc = host if port is None or _DEFAULT_PORTS.get(scheme) == port else f"{host}:{port}"
-    path = _PERCENT.sub(_normalise_percent, parts.path) or "/"
+    path = _remove_dot_segments(_PERCENT.sub(_normalise_percent, parts.path)) or "/"
     return urlunsplit((scheme, netloc, path, "", ""))
 
 
@@ -204,8 +221,9 @@ def check_proof(
         raise InvalidDPoPProof("dpop.malformed", str(exc)) from None
     extracted, header, claims = parsed.compact, parsed.header, parsed.claims
     # §4.3 (4): typ is exactly dpop+jwt (media types compare case-insensitively).
+    # RFC 7515 §4.1.9: a typ without "/" means "application/<typ>", so the two spellings are one.
     typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() != DPOP_TYP:
+    if not isinstance(typ, str) or typ.lower().removeprefix("application/") != DPOP_TYP:
         raise InvalidDPoPProof("dpop.typ")
     if "crit" in header:
         raise InvalidDPoPProof("dpop.crit")
@@ -245,7 +263,11 @@ def check_proof(
     htu_parts = urlsplit(htu)
     if htu_parts.query or htu_parts.fragment or "?" in htu or "#" in htu:
         raise InvalidDPoPProof("dpop.htu_has_query")
-    if normalise_htu(htu) != normalise_htu(url):
+    try:
+        same = normalise_htu(htu) == normalise_htu(url)
+    except ValueError:
+        same = False
+    if not same:
         raise InvalidDPoPProof("dpop.htu_mismatch")
     # §4.3 (11): iat inside the acceptance window (§11.1).
     if iat > now + leeway:
