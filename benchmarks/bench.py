@@ -119,6 +119,9 @@ def main() -> None:
     config = {
         "issuer": sts_url, "store": args.store, "keys_dir": "keys", "policies_dir": "policies",
         "database_url": args.database_url or f"sqlite:///{work / 'sts.sqlite'}", "log_level": "WARNING",
+        # One token from one address, thousands of times a second: the default flood guards would
+        # answer most requests 429. benchmarks/rate_limits.py measures what the limits cost.
+        "rate_limits": {"enabled": False},
         "issuers": [{"name": "upstream", "issuer": issuer.issuer.issuer_url, "jwks_uri": issuer.jwks_uri,
                      "algorithms": ["RS256"], "audiences": [sts_url]}],
     }  # fmt: skip

@@ -23,6 +23,7 @@ from flask import Flask
 from sqlalchemy import Engine
 
 from .adapters import redis_store, sql
+from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
@@ -43,8 +44,10 @@ from .adapters.readiness import (
     sql_store_check,
     wait_for_schema,
 )
-from .adapters.stage_timer import StageTimer
+from .adapters.redis_rate_limits import RedisRateLimits
+from .adapters.sql_rate_limits import SqlRateLimits, rate_limit_engine
 from .adapters.token_review import HttpTokenReviewer
+from .adapters.tracing import Tracing, build_tracing
 from .core.assurance import LEVELS
 from .core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from .core.client_secrets import check_hash_format
@@ -57,6 +60,7 @@ from .core.policy import PolicySet
 from .core.ports import (
     BaselineStore,
     IssuerKeys,
+    RateLimitStore,
     ReplayCache,
     RevokedTokens,
     SingleUseLedger,
@@ -64,11 +68,13 @@ from .core.ports import (
     TokenReviewer,
 )
 from .core.profiles import ProfileOptions, get_profile
+from .core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
 from .core.shared_signals import SignalReceiver, Transmitter, TransmitterPolicy
 from .core.token_status import TokenStatus
 from .errors import ConfigurationError
 from .http import metrics as metrics_http
 from .http import responses
+from .http import tracing as tracing_http
 from .http.body_limit import BodyLimit
 from .http.oauth import discovery_blueprint, health_blueprint, token_blueprint
 from .http.ssf import events_blueprint
@@ -102,6 +108,8 @@ class Runtime:
     signals: SignalReceiver | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     metrics: Metrics | None = None
+    limits: RateLimiter = NO_LIMITS
+    tracing: Tracing = field(default_factory=Tracing)
 
     def health(self) -> list[str]:
         """Readiness (``/readyz``): what stops this process from issuing a token now; empty when
@@ -313,6 +321,29 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     return {name: value for name, value in metadata.items() if value != []}
 
 
+def build_rate_limiter(
+    settings: Settings, engine: Engine, redis_client: redis.Redis | None, metrics: Metrics | None = None
+) -> RateLimiter:
+    """The configured limits, kept where the rest of the shared state is (Redis, else the database);
+    with ``metrics``, the store's failures are counted (``sts_store_errors_total{store="rate_limit"}``)."""
+    configured = settings.rate_limits
+    endpoints = {
+        endpoint: {scope: Limit(s.requests, s.period, s.burst) for scope, s in scopes.items()}
+        for endpoint, scopes in configured.limits.items()
+        if scopes
+    }
+    if not configured.enabled or not endpoints:
+        return NO_LIMITS
+    store: RateLimitStore = (
+        RedisRateLimits(redis_client)
+        if redis_client is not None
+        else SqlRateLimits(rate_limit_engine(engine))
+    )
+    if metrics is not None:
+        store = count_store_errors(store, "rate_limit", metrics)
+    return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)
+
+
 def dpop_nonce_secret(keys_dir: Path) -> bytes:
     """The secret behind stateless DPoP nonces (RFC 9449 §8), shared by every instance that shares
     the key directory; created on first use, mode 0600."""
@@ -370,11 +401,14 @@ def prepare(
         engine.dispose()
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Flask:
+def create_app(
+    settings: Settings, *, clock: Callable[[], float] = time.time, span_exporter: Any = None
+) -> Flask:
     """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
 
     Nothing here needs the database to answer: if it does not, the app starts not ready
-    and migrates the schema when it does (see :class:`DatabaseSchema`).
+    and migrates the schema when it does (see :class:`DatabaseSchema`).  ``span_exporter``
+    (tests): an OpenTelemetry span exporter used instead of the configured one.
     """
     logging.getLogger("sts").setLevel(settings.log_level)
     engine = sql.make_engine(settings.database_url, database_pool(settings))
@@ -404,7 +438,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         baselines = sql.SqlBaselineStore(engine, clock=clock)
         revoked = sql.SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
-    audit = sql.SqlAuditSink(engine)
+    # Every decision whose record is committed is also summarised on the decision log (sts.decision).
+    audit = LoggedSqlAuditSink(engine)
     ledger: SingleUseLedger = (
         redis_store.RedisSingleUseLedger(redis_client, audit, epoch=epoch)
         if redis_client is not None
@@ -420,8 +455,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     subject_states = count_store_errors(subject_states, "subject_state", metrics)
     baselines = count_store_errors(baselines, "baseline", metrics)
     revoked = count_store_errors(revoked, "revocation", metrics)
-    stages = StageTimer()
-    stages.add_observer(metrics.observe_stage)
+    limits = build_rate_limiter(settings, engine, redis_client, metrics)
+    # The pipeline's stages: trace spans (when tracing is on) and the per-stage latency histogram.
+    tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
+    tracing.add_observer(metrics.observe_stage)
     clients = {c.client_id: _client(c, clock, metrics) for c in settings.clients}
 
     def current_signer() -> Any:
@@ -453,7 +490,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         subject_states=subject_states,
         baselines=baselines,
         revoked_tokens=revoked,
-        stages=stages,
+        limits=limits,
+        stages=tracing,
     )
     own_keys = OwnTokenKeys(keyring, clock)
     token_status = TokenStatus(
@@ -478,6 +516,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             "introspect": introspection_endpoint(settings),
             "revoke": revocation_endpoint(settings),
         },
+        limits=limits,
     )
     instance = instance_name()
     store_check = (
@@ -499,6 +538,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         baselines=baselines,
         token_status=token_status,
         redis_client=redis_client,
+        limits=limits,
+        tracing=tracing,
         schema=schema,
         readiness=Readiness(
             schema=schema,
@@ -522,6 +563,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             audit=exchange.audit,
             clock=clock,
             leeway=settings.leeway,
+            limits=limits,
         )
 
     def published_jwks() -> dict[str, Any]:
@@ -540,7 +582,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     responses.install(
         app, trusted_proxies=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
     )
-    metrics_http.install(app, metrics.observe_request, stages)
+    tracing_http.install(app, tracing)
+    metrics_http.install(app, metrics.observe_request)
     # An issuer with a path: the endpoints its metadata names live under that path too
     # (and stay at the root, for a proxy that strips the prefix).
     path = urlsplit(settings.issuer).path.rstrip("/")
@@ -577,6 +620,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 def wsgi_app_from_environment() -> Flask:
     """Entry point for other WSGI servers (``sts serve`` uses granian)."""
+    from .adapters.log_format import configure_logging
     from .settings import load_settings
 
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

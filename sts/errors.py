@@ -250,5 +250,28 @@ class TemporarilyUnavailable(OAuthError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class RateLimited(TemporarilyUnavailable):
+    """Too many requests: a rate limit refused this one (RFC 6585 §4: ``429`` with ``Retry-After``).
+
+    RFC 6749 defines no error code for this.  The code is ``temporarily_unavailable``,
+    the one registered OAuth error that says "retry later" (RFC 6749 §4.1.2.1), which
+    OAuth client libraries already treat as retryable; the status ``429`` (not ``503``)
+    tells the caller that the limit is its own, not an outage.  ``invalid_request``
+    would be wrong (the request is well formed), and ``slow_down`` (RFC 8628 §3.5)
+    belongs to device-code polling and mandates a 5-second back-off of its own.
+    The wait is in ``Retry-After`` (delay-seconds, RFC 9110 §10.2.3)::
+
+        HTTP/1.1 429 Too Many Requests
+        Retry-After: 3
+        Content-Type: application/json
+
+        {"error": "temporarily_unavailable",
+         "error_description": "Too many requests; retry after the number of seconds in Retry-After."}
+    """
+
+    status = 429
+    description = "Too many requests; retry after the number of seconds in Retry-After."
+
+
 class ConfigurationError(Exception):
     """A setting, policy file or key file is invalid; the service refuses to start."""

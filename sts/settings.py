@@ -98,6 +98,56 @@ class TransmitterSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """A sustained rate of ``requests`` per ``period`` seconds, with up to ``burst`` at once."""
+
+    requests: int
+    period: float
+    burst: int
+
+
+#: The endpoints that have limits, and the scopes each one knows.
+RATE_LIMIT_SCOPES: Mapping[str, tuple[str, ...]] = {
+    "token": ("global", "network", "client", "identity"),
+    "introspect": ("global", "network", "client"),
+    "revoke": ("global", "network", "client"),
+    "ssf": ("global", "network", "client"),
+}
+
+#: Flood guards, on by default: far above what a well-behaved fleet sends (every replica of a
+#: Kubernetes workload shares its identity, a node's pods share a /24), low enough that one
+#: network or one stolen token cannot monopolise the service.  Quotas are the operator's to set.
+DEFAULT_RATE_LIMITS: Mapping[str, Mapping[str, LimitSettings]] = {
+    "token": {"network": LimitSettings(200, 1, 2000), "identity": LimitSettings(100, 1, 2000)},
+    "introspect": {"network": LimitSettings(1000, 1, 10000), "client": LimitSettings(1000, 1, 10000)},
+    "revoke": {"network": LimitSettings(50, 1, 500), "client": LimitSettings(50, 1, 500)},
+    "ssf": {"network": LimitSettings(50, 1, 500), "client": LimitSettings(50, 1, 5000)},
+}
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """``rate_limits``: per endpoint, per scope; ``enabled: false`` turns every limit off."""
+
+    enabled: bool = True
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 56
+    limits: Mapping[str, Mapping[str, LimitSettings]] = field(default_factory=lambda: DEFAULT_RATE_LIMITS)
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """``tracing``: OpenTelemetry spans, exported over OTLP/HTTP (or printed, for a look)."""
+
+    enabled: bool = False
+    exporter: str = "otlp"
+    #: OTLP/HTTP traces URL; None: the exporter's own default (``OTEL_EXPORTER_OTLP_*`` variables).
+    endpoint: str | None = None
+    service_name: str = "workload-sts"
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     issuer: str = "http://127.0.0.1:8080"
     host: str = "127.0.0.1"
@@ -132,6 +182,7 @@ class Settings:
     max_body_bytes: int = 16384
     max_client_assertion_lifetime: int = 3600
     log_level: str = "INFO"
+    log_format: str = "text"
     trusted_proxies: tuple[str, ...] = ()
     # Ed25519 (RFC 9864) and its deprecated name EdDSA.
     dpop_algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "Ed25519", "EdDSA")
@@ -141,6 +192,8 @@ class Settings:
     issuers: tuple[IssuerSettings, ...] = ()
     clients: tuple[ClientSettings, ...] = ()
     transmitters: tuple[TransmitterSettings, ...] = ()
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     key_passphrase: bytes | None = field(default=None, repr=False)
     config_file: Path | None = None
 
@@ -179,6 +232,8 @@ _SCALARS = {
         "config_file",
         "trusted_proxies",
         "dpop_algorithms",
+        "rate_limits",
+        "tracing",
     }
 }
 _INT_SETTINGS = {
@@ -312,6 +367,8 @@ def load_settings(
     kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
     kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
     kwargs["transmitters"] = tuple(_transmitter(base, t) for t in raw.get("transmitters", ()))
+    kwargs["rate_limits"] = _rate_limits(raw.get("rate_limits") or {})
+    kwargs["tracing"] = TracingSettings(**(raw.get("tracing") or {}))
     passphrase = env.get("STS_KEY_PASSPHRASE")
     kwargs["key_passphrase"] = passphrase.encode("utf-8") if passphrase else None
     kwargs["config_file"] = path
@@ -350,6 +407,26 @@ def _client(base: Path, raw: Mapping[str, Any]) -> ClientSettings:
     return ClientSettings(**values)
 
 
+def _rate_limits(raw: Mapping[str, Any]) -> RateLimitSettings:
+    """The defaults, with each limit the file names replaced (``null`` removes one)."""
+    limits = {endpoint: dict(scopes) for endpoint, scopes in DEFAULT_RATE_LIMITS.items()}
+    for endpoint in RATE_LIMIT_SCOPES:
+        for scope, spec in (raw.get(endpoint) or {}).items():
+            if spec is None:
+                limits[endpoint].pop(scope, None)
+            else:
+                requests = int(spec["requests"])
+                limits[endpoint][scope] = LimitSettings(
+                    requests, float(spec["period"]), int(spec.get("burst", requests))
+                )
+    return RateLimitSettings(
+        enabled=bool(raw.get("enabled", True)),
+        ipv4_prefix=int(raw.get("ipv4_prefix", 24)),
+        ipv6_prefix=int(raw.get("ipv6_prefix", 56)),
+        limits=limits,
+    )
+
+
 def _transmitter(base: Path, raw: Mapping[str, Any]) -> TransmitterSettings:
     values = dict(raw)
     for key in ("algorithms", "subject_issuers"):
@@ -368,6 +445,13 @@ def _check(s: Settings) -> None:
         except ValueError:
             raise ConfigurationError(f"setting trusted_proxies: {proxy!r} is not a network") from None
     check_https_url(s.issuer, "setting issuer")
+    if s.tracing.endpoint is not None:
+        # Spans hold route names and ids, never tokens: plain http to a collector is allowed.
+        parts = urlsplit(s.tracing.endpoint)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigurationError(
+                f"setting tracing.endpoint: {s.tracing.endpoint!r} is not an http(s) URL"
+            )
     if s.metrics_listen:
         try:
             metrics_host, metrics_port = split_listen_address(s.metrics_listen)

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -359,6 +360,48 @@ def test_concurrent_callers_with_an_unknown_kid_share_one_request(
 
     assert issuer.requests == 2
     assert len(errors) == 20
+
+
+@pytest.mark.parametrize("issuer_up", [True, False], ids=["issuer-up", "issuer-down"])
+def test_a_flood_of_unknown_kids_from_many_threads_fetches_at_most_once_per_interval(
+    issuer: Issuer, make_jwks: Callable[..., HttpJWKS], clock: Clock, ec_keys: list[ECKey], issuer_up: bool
+) -> None:
+    """Whatever clients send (issue 13), the issuer is asked at most once per ``refetch_interval``.
+
+    Eight threads each present a stream of tokens with made-up ``kid`` values, for six
+    intervals; a real key keeps working throughout.  Up or down, the issuer sees the first
+    fetch and then one refetch per interval, never more.
+    """
+    issuer.serve(public_jwk(ec_keys[0], kid="k1"), cache_control="max-age=86400")
+    jwks = make_jwks(refetch_interval=30, max_ttl=86400, max_stale=86400)
+    jwks.key_for("k1", "ES256")
+    if not issuer_up:
+        issuer.fail()
+    threads, lookups, intervals = 8, 40, 6
+    problems: list[BaseException] = []
+
+    def flood() -> None:
+        for _ in range(lookups):
+            try:
+                jwks.key_for(f"made-up-{uuid.uuid4()}", "ES256")
+            except (UnknownKeyId, KeysUnavailable):
+                pass
+            except BaseException as exc:
+                problems.append(exc)
+            if not same_key(jwks.key_for("k1", "ES256"), ec_keys[0]):
+                problems.append(AssertionError("the real key changed"))
+
+    for interval in range(intervals):
+        before = issuer.requests
+        workers = [threading.Thread(target=flood) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=30)
+        assert issuer.requests - before == (0 if interval == 0 else 1), f"interval {interval}"
+        clock.advance(30)
+    assert problems == []
+    assert issuer.requests == intervals  # the first fetch, then one per later interval
 
 
 # ---------------------------------------------------------------------------

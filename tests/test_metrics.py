@@ -416,14 +416,21 @@ def test_store_failures_are_counted_by_store_and_operation(
     make_settings: Callable[..., Settings], upstream: RunningServer
 ) -> None:
     """A Redis that does not answer (nothing listens on its port): the exchange is refused 503."""
-    app = create_app(make_settings(store="redis", redis_url=f"redis://127.0.0.1:{_free_port()}/0"))
-    token = upstream.issuer.github_actions_token(audience=STS_ISSUER)
-    response = app.test_client().post("/token", data=exchange_form(token, audience=DEPLOY))
-    assert response.status_code == 503
-    samples = scrape(app)
-    assert total(samples, "sts_store_errors_total", store="subject_state", operation="get") == 1
-    assert total(samples, "sts_store_errors_total") == 1
-    assert total(samples, "sts_decisions_total", outcome="refused", error="temporarily_unavailable") == 1
+    redis_url = f"redis://127.0.0.1:{_free_port()}/0"
+    # Without rate limits the first store the exchange needs is the subject state; with them
+    # (the defaults), it is the rate-limit store, on arrival.
+    for limits, store, operation in (
+        ({"enabled": False}, "subject_state", "get"),
+        ({}, "rate_limit", "acquire"),
+    ):
+        app = create_app(make_settings(store="redis", redis_url=redis_url, rate_limits=limits))
+        token = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+        response = app.test_client().post("/token", data=exchange_form(token, audience=DEPLOY))
+        assert response.status_code == 503
+        samples = scrape(app)
+        assert total(samples, "sts_store_errors_total", store=store, operation=operation) == 1
+        assert total(samples, "sts_store_errors_total") == 1
+        assert total(samples, "sts_decisions_total", outcome="refused", error="temporarily_unavailable") == 1
 
 
 def test_upstream_and_jwks_failures_are_counted(

@@ -37,7 +37,13 @@ from sts import errors
 from sts.adapters.keyring import SUPPORTED_ALGORITHMS
 from sts.app import create_app
 from sts.core.risk import DEFAULT_WEIGHTS
-from sts.core.shared_signals import DESCRIPTIONS, SESSION_REVOKED, ReceiverUnavailable, SetRefused
+from sts.core.shared_signals import (
+    DESCRIPTIONS,
+    SESSION_REVOKED,
+    ReceiverRateLimited,
+    ReceiverUnavailable,
+    SetRefused,
+)
 from sts.core.token_status import TOKEN_STATUS_PARAMETERS
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.protocol.client_auth import CLIENT_ASSERTION_TYPE_JWT
@@ -468,6 +474,7 @@ def test_temporarily_unavailable_when_upstream_keys_cannot_be_fetched(
         errors.UnauthorizedClient("policy.client_not_allowed"),
         errors.InvalidClient("client.unknown"),
         errors.TemporarilyUnavailable("store.unavailable"),
+        errors.RateLimited("rate_limit.network", retry_after=7),
         errors.ServerError("internal.unexpected"),
     ],
     ids=lambda e: type(e).__name__,
@@ -630,7 +637,11 @@ def test_ssf_events_method_and_absence(ssf_app: Flask, client: FlaskClient) -> N
 
 @pytest.mark.parametrize(
     "exc",
-    [ReceiverUnavailable("store.unavailable"), SetRefused("access_denied", "subject.issuer_not_allowed")],
+    [
+        ReceiverUnavailable("store.unavailable"),
+        ReceiverRateLimited("rate_limit.network", retry_after=3),
+        SetRefused("access_denied", "subject.issuer_not_allowed"),
+    ],
 )
 def test_ssf_error_bodies_the_receiver_builds_are_documented(exc: SetRefused) -> None:
     documented, where = deref(("paths", "/ssf/events", "post", "responses", str(exc.status)))
@@ -639,3 +650,40 @@ def test_ssf_error_bodies_the_receiver_builds_are_documented(exc: SetRefused) ->
         assert "Retry-After" in documented["headers"]
         _header, at = deref((*where, "headers", "Retry-After"))
         assert_valid(exc.retry_after, (*at, "schema"))
+
+
+# -- rate limits (429) ---------------------------------------------------------------------------
+
+
+def test_rate_limited_responses_are_documented(
+    make_settings: Callable[..., Settings], upstream: RunningServer, transmitter: RunningServer
+) -> None:
+    """A real 429 from every endpoint that has limits validates against the document."""
+    entry = {
+        "name": "idp",
+        "issuer": transmitter.issuer.issuer_url,
+        "jwks_uri": transmitter.jwks_uri,
+        "algorithms": ["ES256"],
+    }
+    one = {"network": {"requests": 1, "period": 60}}
+    settings = make_settings(
+        transmitters=[entry], rate_limits={"token": one, "introspect": one, "revoke": one, "ssf": one}
+    )
+    client = create_app(settings).test_client()
+    gateway = basic("gateway", GATEWAY_SECRET)
+    calls: list[tuple[str, Callable[[], TestResponse]]] = [
+        (
+            "/token",
+            lambda: client.post("/token", data=exchange_form(github_token(upstream), audience=DEPLOY)),
+        ),
+        ("/introspect", lambda: client.post("/introspect", data={"token": "x"}, headers=gateway)),
+        ("/revoke", lambda: client.post("/revoke", data={"token": "x"}, headers=gateway)),
+        ("/ssf/events", lambda: client.post("/ssf/events", data="a.b.c", content_type=SET_MEDIA_TYPE)),
+    ]
+    for path, call in calls:
+        assert call().status_code != 429
+        response = call()
+        assert response.status_code == 429, path
+        body = check_response(response, path, "post")
+        assert int(response.headers["Retry-After"]) >= 1
+        assert (body.get("error") or body.get("err")) == "temporarily_unavailable"

@@ -270,7 +270,9 @@ def test_a_refusal_whose_audit_write_fails_is_logged_with_its_decision(
     make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
 ) -> None:
     with private_database() as name:
-        app = make_app(database_url=f"{PG_SERVER}/{name}")
+        # Without rate limits: their counts live in this database too, and a read-only database
+        # would refuse every request at the first check (503, fail closed) before this refusal.
+        app = make_app(database_url=f"{PG_SERVER}/{name}", rate_limits={"enabled": False})
         client = app.test_client()
         bad_token = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJzZWNyZXQtc3ViamVjdCJ9."
         with read_only(name), caplog.at_level(logging.ERROR, logger="sts"):

@@ -421,13 +421,19 @@ def test_a_redis_store_that_is_down_is_503_for_subject_and_actor_tokens_of_ours(
         config = {**base_config(tmp_path, upstream, transmitter), "store": "redis", "redis_url": server.url()}
         clock = Clock(float(int(time.time())))
         app = create_app(load_settings(None, {}, overrides=config), clock=clock)
+        # Introspection without rate limits, to reach the revocation lookup itself.
+        unlimited = {**config, "rate_limits": {"introspect": {"network": None, "client": None}}}
+        introspection = create_app(load_settings(None, {}, overrides=unlimited), clock=clock)
         sts = Instance(app, app.test_client(), clock, upstream.issuer)
         token, agent = sts.issue(sts.job_token()), sts.issue(sts.agent_token())
         server.kill()
         assert_refused(sts, sts.reexchange(token), "store.unavailable", status=503)
         assert_refused(sts, sts.exchange(sts.job_token(), actor=agent), "store.unavailable", status=503)
-        assert not sts.active(token)
-        app.extensions["sts"].engine.dispose()
+        assert not Instance(introspection, introspection.test_client(), clock, upstream.issuer).active(token)
+        # With its rate limits (kept in the same Redis), introspection is refused outright.
+        assert sts.web.post("/introspect", data={"token": token}, headers=basic(*RS)).status_code == 503
+        for instance in (app, introspection):
+            instance.extensions["sts"].engine.dispose()
     finally:
         server.stop()
 

@@ -60,6 +60,7 @@ from joserfc.errors import InvalidKeyTypeError, JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey
 
 from sts.adapters.http_body import BodyUnreadable, read_body
+from sts.adapters.tracing import outbound_headers
 from sts.core.jose import rsa_key_problem
 from sts.core.ports import KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
@@ -605,6 +606,8 @@ class HttpJWKS:
                     "Accept": "application/jwk-set+json, application/json",
                     # Asking for no compression keeps max_bytes meaningful.
                     "Accept-Encoding": "identity",
+                    # W3C Trace Context: the fetch is part of the request that needed the keys.
+                    **outbound_headers(),
                 },
                 timeout=self._timeout,
                 allow_redirects=False,

@@ -369,6 +369,7 @@ STORE_OPERATIONS: Mapping[str, tuple[str, ...]] = {
     "subject_state": ("get", "put", "update"),
     "baseline": ("load", "save"),
     "revocation": ("revoke", "revoked"),
+    "rate_limit": ("acquire",),
 }
 
 

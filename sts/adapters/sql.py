@@ -21,6 +21,7 @@ import mmap
 import os
 import random
 import secrets
+import socket
 import sqlite3
 import stat
 import threading
@@ -40,12 +41,14 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     create_engine,
     event,
+    func,
     select,
     text,
     update,
@@ -54,6 +57,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..core.audit import AuditRecord
+from ..core.audit_chain import canonical_record, genesis_hash, link_hash
 from ..core.baseline import Baseline
 from ..core.ports import AlreadyUsed, AuditUnavailable, SingleUse, StoreUnavailable
 from ..core.subject_state import SubjectState
@@ -66,6 +70,12 @@ audit_events = Table(
     "audit_events",
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    # The hash chain (sts/core/audit_chain.py): ``hash`` commits to ``prev_hash``, the chain, ``seq``
+    # and the record.  NULL on records written before the trail was chained.
+    Column("chain_id", String(32)),
+    Column("seq", BigInteger),
+    Column("prev_hash", String(64)),
+    Column("hash", String(64)),
     # Indexes only where a reviewer looks things up (by time, subject, token hash, issued jti):
     # each index is paid for on every decision.
     Column("event_id", String(36), nullable=False),
@@ -90,6 +100,25 @@ audit_events = Table(
     Column("issued_kid", String(128)),
     Column("source_ip", String(64)),
     Column("record", JSON, nullable=False),
+)
+
+#: Verification walks each chain in ``seq`` order; being unique, it also keeps two records off one link.
+Index("ux_audit_events_chain_seq", audit_events.c.chain_id, audit_events.c.seq, unique=True)
+
+audit_chains = Table(
+    "audit_chains",
+    metadata,
+    # One row per hash chain of the audit trail, committed with the chain's first record.  Every
+    # writer (an audit sink in one process) appends to chains of its own.
+    Column("chain_id", String(32), primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("writer", String(200), nullable=False),
+    Column("genesis_hash", String(64), nullable=False),
+    # Where verification starts: seq 0 and the genesis hash, or, once retention has removed the
+    # chain's oldest records, the seq and hash of the last one removed.
+    Column("anchor_seq", BigInteger, nullable=False),
+    Column("anchor_hash", String(64), nullable=False),
+    Column("pruned_at", Float),
 )
 
 replay_entries = Table(
@@ -427,6 +456,73 @@ class _PendingRow:
     error: str | None = None
 
 
+class _ChainHead:
+    """One hash chain of an audit sink, and its last *committed* link.
+
+    Used by one thread at a time (see :class:`_ChainHeads`), from before its next
+    records are linked until their commit has succeeded or failed: so the head
+    moves only over committed records, and a record that never commits leaves
+    no gap.  When a commit's outcome cannot be known, the chain is abandoned for
+    a new one (:meth:`restart`): whatever the old one's last record is, nothing
+    follows it.
+    """
+
+    __slots__ = ("chain_id", "hash", "pid", "registered", "seq")
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.chain_id = secrets.token_hex(16)
+        self.seq = 0
+        self.hash = genesis_hash(self.chain_id)
+        #: Whether the chain's ``audit_chains`` row is committed (it goes with the first record).
+        self.registered = False
+        self.pid = os.getpid()
+
+    def advance(self, seq: int, digest: str) -> None:
+        self.seq, self.hash, self.registered = seq, digest, True
+
+
+class _ChainHeads:
+    """The chains of one audit sink: each commit borrows one for as long as it runs.
+
+    Commits on one chain follow each other; commits on different chains run
+    side by side.  SQLite runs one write at a time anyway, so a sink there has one
+    chain; on PostgreSQL up to ``size``, made when concurrent commits need them.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._made = 0
+        self._free: list[_ChainHead] = []
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def borrow(self, timeout: float) -> Iterator[_ChainHead]:
+        """A chain for this thread alone; :class:`AuditUnavailable` if none is free within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._free and self._made >= self._size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AuditUnavailable("timeout waiting for an audit chain")
+                self._cond.wait(remaining)
+            head = self._free.pop() if self._free else None
+            if head is None:
+                self._made += 1
+        if head is None:
+            head = _ChainHead()
+        elif head.pid != os.getpid():
+            head.restart()  # A forked child never appends to its parent's chain.
+        try:
+            yield head
+        finally:
+            with self._cond:
+                self._free.append(head)
+                self._cond.notify()
+
+
 class SqlAuditSink:
     """Commits audit records; the caller returns only once its record is committed.
 
@@ -439,11 +535,16 @@ class SqlAuditSink:
     bad row cannot fail the others.
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 128, timeout: float = 10.0) -> None:
+    def __init__(
+        self, engine: Engine, *, max_batch: int = 128, timeout: float = 10.0, max_chains: int = 8
+    ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.timeout = timeout
         self._raw = RawStatement(engine)
+        self._chains = _ChainHeads(1 if self._raw.sqlite else max_chains)
+        dbapi = engine.dialect.loaded_dbapi
+        self._integrity_errors: tuple[type[BaseException], ...] = (dbapi.IntegrityError,)
         self._columns = [c.name for c in audit_events.columns if c.name != "id"]
         # SQLAlchemy's own conversions (datetime and JSON storage), applied without its compiler.
         self._processors: dict[str, Callable[[Any], Any]] = {}
@@ -451,8 +552,8 @@ class SqlAuditSink:
             processor = column.type.bind_processor(engine.dialect)
             if processor is not None and column.name != "id":
                 self._processors[column.name] = processor
-        # psycopg adapts JSON in SQLAlchemy's compiled path only; raw, it is sent as text.
-        self._processors.setdefault("record", lambda value: json.dumps(value, default=str))
+        # The record is stored as its canonical JSON text, the text its hash covers.
+        self._processors.pop("record", None)
         self._sql_by_size: dict[int, str] = {}
         p = self._raw.placeholder
         # Table and column names are constants of this module; values are parameters.
@@ -461,6 +562,11 @@ class SqlAuditSink:
             "ON CONFLICT (instance) DO UPDATE SET checked_at = excluded.checked_at"
         )
         self._forget_heartbeats = f"DELETE FROM heartbeats WHERE checked_at < {p}"  # noqa: S608
+        columns = "chain_id, started_at, writer, genesis_hash, anchor_seq, anchor_hash"
+        self._register_chain = f"INSERT INTO audit_chains ({columns}) VALUES ({p}, {p}, {p}, {p}, 0, {p})"  # noqa: S608
+        self._count_links = (
+            f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
+        )
         self._cond = threading.Condition()
         self._pending: list[_PendingRow] = []
         self._committing = False
@@ -492,8 +598,23 @@ class SqlAuditSink:
             "record": record.as_dict(),
         }
 
+    def _stored_row(self, record: AuditRecord) -> dict[str, Any]:
+        """The row of ``record``, with the record as its canonical JSON text (what the chain hashes).
+
+        The columns are taken from the record as stored, so a verifier that reads the
+        stored record back finds them equal (they differ from ``record`` only where
+        it held something JSON cannot carry, see :func:`canonical_record`).
+        """
+        row = self._row(record)
+        stored_text, stored = canonical_record(row["record"])
+        if stored is not row["record"]:
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                row = self._row(AuditRecord(**stored))
+        row["record"] = stored_text
+        return row
+
     def write(self, record: AuditRecord) -> None:
-        item = _PendingRow(self._row(record))
+        item = _PendingRow(self._stored_row(record))
         deadline = time.monotonic() + self.timeout
         with self._cond:
             self._pending.append(item)
@@ -531,37 +652,75 @@ class SqlAuditSink:
         """
         entry_sql = first_use_statement(self._raw.placeholder)
         entries = [(replay_key(u.purpose, u.key), u.expires_at, now) for u in uses]
-        row = self._params([_PendingRow(self._row(record))])
+        item = _PendingRow(self._stored_row(record))
+        with self._chains.borrow(self.timeout) as head:
+            register = not head.registered
+            row, seq, digest = self._link(head, [item])
 
-        def work(cur: Any) -> bool:
-            for params in entries:
-                cur.execute(entry_sql, params)
-                if cur.rowcount != 1:
-                    raise _UseTaken
-            cur.execute(self._sql(1), row)
-            return True
+            def work(cur: Any) -> bool:
+                for params in entries:
+                    cur.execute(entry_sql, params)
+                    if cur.rowcount != 1:
+                        raise _UseTaken
+                if register:
+                    cur.execute(self._register_chain, self._registration(head))
+                cur.execute(self._sql(1), row)
+                return True
 
+            try:
+                self._raw.transaction(work)
+            except _UseTaken:
+                raise AlreadyUsed from None
+            except CommitOutcomeUnknown as exc:
+                # The connection broke during COMMIT.  Ask again on a fresh one: if the record is
+                # there, so is the use, and the token may leave; else neither was committed.
+                if not self._settle(head, seq, 1, digest):
+                    raise AuditUnavailable(f"commit outcome unknown: {exc}") from None
+                log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
+                return
+            except self._integrity_errors as exc:
+                head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
+                raise AuditUnavailable(type(exc).__name__) from None
+            except self._raw.failures as exc:
+                raise AuditUnavailable(type(exc).__name__) from None
+            head.advance(seq, digest)
+
+    def _registration(self, head: _ChainHead) -> tuple[Any, ...]:
+        """The ``audit_chains`` row of ``head``'s chain, committed with its first record."""
+        genesis = genesis_hash(head.chain_id)
+        return (head.chain_id, time.time(), f"{socket.gethostname()}:{head.pid}"[:200], genesis, genesis)
+
+    def _link(self, head: _ChainHead, batch: list[_PendingRow]) -> tuple[list[Any], int, str]:
+        """Link ``batch`` onto ``head`` (in order): its parameters, and the new head's seq and hash.
+
+        ``head`` itself moves only once the rows are committed (:meth:`_ChainHead.advance`).
+        """
+        seq, prev = head.seq, head.hash
+        for item in batch:
+            seq += 1
+            row = item.row
+            digest = link_hash(prev, head.chain_id, seq, row["record"])
+            row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
+            prev = digest
+        return self._params(batch), seq, prev
+
+    def _settle(self, head: _ChainHead, last: int, count: int, digest: str) -> bool:
+        """After a commit whose outcome is unknown: whether its ``count`` records up to ``last`` are there.
+
+        If they are, the head moves past them.  Otherwise the chain is abandoned for a new
+        one, since the commit may yet show up (PostgreSQL finishes a commit whose client
+        went away); if nobody can tell, :class:`AuditUnavailable`.
+        """
         try:
-            self._raw.transaction(work)
-        except _UseTaken:
-            raise AlreadyUsed from None
-        except CommitOutcomeUnknown as exc:
-            # The connection broke during COMMIT.  Ask again on a fresh one: if the record is
-            # there, so is the use, and the token may leave; else neither was committed.
-            if not self._committed(record):
-                raise AuditUnavailable(f"commit outcome unknown: {exc}") from None
-            log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
+            found = self._raw.query(self._count_links, (head.chain_id, last - count + 1, last))[0][0]
         except self._raw.failures as exc:
-            raise AuditUnavailable(type(exc).__name__) from None
-
-    def _committed(self, record: AuditRecord) -> bool:
-        """Whether ``record`` (a grant: it has an ``issued_jti``) is committed; False if unknowable."""
-        p = self._raw.placeholder
-        sql = f"SELECT 1 FROM audit_events WHERE issued_jti = {p} AND event_id = {p}"  # noqa: S608
-        try:
-            return bool(self._raw.query(sql, (record.issued_jti, record.event_id)))
-        except self._raw.failures:
-            return False
+            head.restart()
+            raise AuditUnavailable(f"commit outcome unknown: {type(exc).__name__}") from None
+        if found == count:
+            head.advance(last, digest)
+            return True
+        head.restart()
+        return False
 
     def _sql(self, rows: int) -> str:
         sql = self._sql_by_size.get(rows)
@@ -585,14 +744,11 @@ class SqlAuditSink:
 
     def _commit(self, batch: list[_PendingRow]) -> None:
         try:
-            # One multi-row INSERT: a single statement, so a single short lock on SQLite.
-            self._raw.run(self._sql(len(batch)), self._params(batch))
-        except self._raw.failures as exc:
-            if len(batch) == 1:
-                batch[0].error = type(exc).__name__
-            else:
-                for item in batch:
-                    self._commit([item])
+            with self._chains.borrow(self.timeout) as head:
+                self._commit_linked(head, batch)
+        except AuditUnavailable as exc:
+            for item in batch:
+                item.error = item.error or str(exc)
         except BaseException:
             for item in batch:
                 item.error = item.error or "interrupted"
@@ -600,6 +756,41 @@ class SqlAuditSink:
             raise
         for item in batch:
             item.done = True
+
+    def _commit_linked(self, head: _ChainHead, batch: list[_PendingRow]) -> None:
+        """Commit ``batch`` on ``head``'s chain; if it fails, each record alone, so one bad row
+        fails only its own writer."""
+        params, seq, digest = self._link(head, batch)
+        register = not head.registered
+        sql = self._sql(len(batch))
+        try:
+            if self._raw.sqlite and not register:
+                # One multi-row INSERT: a single statement, so a single short lock on SQLite.
+                self._raw.run(sql, params)
+            else:
+
+                def work(cur: Any) -> None:
+                    if register:
+                        cur.execute(self._register_chain, self._registration(head))
+                    cur.execute(sql, params)
+
+                self._raw.transaction(work)
+            head.advance(seq, digest)
+            return
+        except CommitOutcomeUnknown as exc:
+            if self._settle(head, seq, len(batch), digest):
+                return
+            failure = type(exc).__name__
+        except self._integrity_errors as exc:
+            head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
+            failure = type(exc).__name__
+        except self._raw.failures as exc:
+            failure = type(exc).__name__
+        if len(batch) == 1:
+            batch[0].error = failure
+        else:
+            for item in batch:
+                self._commit_linked(head, [item])
 
     def check_commit(self, instance: str, now: float) -> None:
         """Commit one small write through the audit's own connections (a readiness check).
@@ -628,6 +819,44 @@ class SqlAuditSink:
         with self.engine.connect() as conn:
             for row in conn.execute(select(audit_events.c.record).order_by(audit_events.c.id)):
                 yield dict(row[0])
+
+
+class PruneWouldBreakChain(Exception):
+    """Removing these records would leave a chain that no longer verifies from its anchor."""
+
+
+def record_prune_anchors(conn: Connection, below_id: int, now: float) -> int:
+    """Before the audit records with ``id < below_id`` are deleted: move each chain's anchor past them.
+
+    Call it in the transaction that deletes them.  Retention removes the oldest records;
+    within a chain ids grow with ``seq`` (a chain's records are committed one after the
+    other), so the removed records of each chain are its oldest ones, ``anchor_seq + 1``
+    up to some ``seq``, and the rest verifies from that ``seq`` and its hash, recorded here.
+    Raises :class:`PruneWouldBreakChain` (delete nothing then) when a chain's removed
+    records are not such a run: the trail is damaged already, and ``sts audit verify``
+    says where.  Records written before chaining (no ``chain_id``) need no anchor.
+    Returns the number of chains whose anchor moved.
+    """
+    c, chains = audit_events.c, audit_chains.c
+    cuts = conn.execute(
+        select(c.chain_id, func.min(c.seq), func.max(c.seq), func.count())
+        .where(c.id < below_id, c.chain_id.is_not(None))
+        .group_by(c.chain_id)
+    ).all()
+    for chain_id, low, high, count in cuts:
+        anchor = conn.execute(select(chains.anchor_seq).where(chains.chain_id == chain_id)).scalar()
+        if anchor is None or low != anchor + 1 or count != high - low + 1:
+            raise PruneWouldBreakChain(
+                f"chain {chain_id}: the records to remove (seq {low} to {high}, {count} of them) are not "
+                f"the oldest run after its anchor (seq {anchor}); run `sts audit verify`"
+            )
+        digest = conn.execute(select(c.hash).where(c.chain_id == chain_id, c.seq == high)).scalar_one()
+        conn.execute(
+            update(audit_chains)
+            .where(chains.chain_id == chain_id)
+            .values(anchor_seq=high, anchor_hash=digest, pruned_at=now)
+        )
+    return len(cuts)
 
 
 def replay_key(purpose: str, key: str) -> str:
@@ -965,3 +1194,14 @@ class SqlLedgerEpochMemory:
 
     def save(self, name: str, epoch_id: str) -> None:
         self._kv.put(name, epoch_id, _EPOCH_MEMORY_TTL)
+
+
+#: Rate-limit state (:mod:`sts.adapters.sql_rate_limits`): one GCRA theoretical arrival time per key.
+#: A row whose ``tat`` has passed means nothing any more and is purged now and then.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("tat", Float, nullable=False),
+    Column("tolerance", Float, nullable=False),
+)

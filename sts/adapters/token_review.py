@@ -25,6 +25,7 @@ import requests
 
 from ..core.ports import TokenReviewUnavailable
 from .http_body import BodyUnreadable, read_body
+from .tracing import outbound_headers
 
 PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 _MAX_BYTES = 256 * 1024
@@ -47,7 +48,7 @@ class HttpTokenReviewer:
         self.session = session or requests.Session()
 
     def review(self, token: str, audiences: tuple[str, ...]) -> str | None:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **outbound_headers()}
         if self.token_file is not None:
             try:
                 credential = self.token_file.read_text("utf-8").strip()

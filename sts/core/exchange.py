@@ -78,6 +78,7 @@ from .ports import (
     TokenReviewer,
     TokenReviewUnavailable,
 )
+from .rate_limit import NO_LIMITS, RateLimiter
 from .risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from .stepup import DENY, STEP_UP, RiskDecision, decide
 from .subject_state import SubjectState, identity_key, identity_keys, merge
@@ -136,9 +137,11 @@ class TokenExchange:
         subject_states: SubjectStateStore | None = None,
         baselines: BaselineStore | None = None,
         revoked_tokens: RevokedTokens | None = None,
+        limits: RateLimiter = NO_LIMITS,
         stages: PipelineStages = stage.NO_STAGES,
     ) -> None:
         self.config = config
+        self.limits = limits
         self.stages = stages
         self.token_reviewers = dict(token_reviewers or {})
         self.subject_states = subject_states
@@ -164,6 +167,7 @@ class TokenExchange:
             endpoint="token",
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
+            details=trace_details(wire),
         )
         uses: list[SingleUse] = []
         try:
@@ -230,6 +234,7 @@ class TokenExchange:
             endpoint="token",
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
+            details=trace_details(wire),
         )
         record.subject_token_sha256 = presented_subject_token_hash(wire)
         record.refuse(exc.error, exc.reason, exc.detail)
@@ -251,6 +256,8 @@ class TokenExchange:
         #    request is refused before it is parsed, so a reviewer can match the token.
         record.subject_token_sha256 = presented_subject_token_hash(wire)
         self.stages.enter(stage.PARSE)
+        # Global and per-network limits, before any work is done for the request.
+        self.limits.on_arrival("token", wire.source_ip, now, record)
         if wire.query:
             raise InvalidRequest("request.query_parameters")
         check_content_type(wire.content_type)
@@ -286,6 +293,8 @@ class TokenExchange:
             # No rule accepts the subject token as the only credential: stop before any work.
             raise InvalidClient("client.authentication_required")
         record.client_id = client.client_id if client else None
+        if client is not None:
+            self.limits.for_client("token", client.client_id, now, record)
 
         # 2b. Proof of possession (RFC 9449): the key the issued token will be bound to.
         self.stages.enter(stage.DPOP)
@@ -313,6 +322,7 @@ class TokenExchange:
             leeway=self.config.leeway,
         )
         _record_subject(record, subject)
+        self.limits.for_identity("token", subject.issuer_name, subject.subject, now, record)
         self._check_not_revoked(subject, "subject_token")
         live_review = self._check_liveness(subject, request.subject_token)
         actor: VerifiedToken | None = None
@@ -351,6 +361,10 @@ class TokenExchange:
         )
         record.rule = grant.rule
         record.reasons.extend(grant.reasons)
+        if grant.rate_limit is not None:
+            self.limits.for_rule(
+                grant.rule, grant.rate_limit, subject.issuer_name, subject.subject, now, record
+            )
         scopes = narrow_reexchange(subject, grant.audiences, grant.scopes, request.scopes)
         if len(scopes) != len(grant.scopes):
             record.reasons.append("reexchange.scope_narrowed")
@@ -834,6 +848,11 @@ def presented_subject_token_hash(wire: WireRequest) -> str | None:
             if value:
                 return token_hash(value)
     return None
+
+
+def trace_details(wire: WireRequest) -> dict[str, Any]:
+    """The record's ``details`` to start with: the W3C trace id, when the request has one."""
+    return {"trace_id": wire.trace_id} if wire.trace_id else {}
 
 
 def _record_subject(record: AuditRecord, subject: VerifiedToken) -> None:

@@ -43,6 +43,7 @@ from ..protocol.token_exchange import check_resource
 from .assurance import LEVELS, Requirement
 from .attest import VerifiedToken
 from .drift import EVIDENCE_KINDS, EVIDENCE_POSTURE, DriftSettings
+from .rate_limit import Limit
 from .risk import DEFAULT_STABLE_FACTS, RiskSettings
 
 DEFAULT_MAX_LIFETIME = 300
@@ -128,6 +129,8 @@ class Rule:
     require_dpop: bool = False
     actor_may_bind_key: bool = False
     assurance: tuple[Requirement, ...] = ()
+    #: This rule's own limit, per identity (``rate_limit``), applied once the rule is chosen.
+    rate_limit: Limit | None = None
 
     @functools.cached_property
     def identity(self) -> IdentityMatcher:
@@ -169,6 +172,7 @@ class Grant:
     actor_may_bind_key: bool = False
     #: Minimum assurance levels and attestation ages for some scopes or audiences (``assurance``).
     assurance: tuple[Requirement, ...] = ()
+    rate_limit: Limit | None = None
 
 
 @dataclass(frozen=True)
@@ -532,7 +536,14 @@ def compile_rule(
         require_dpop=bool(raw.get("require_dpop", False)),
         actor_may_bind_key=bool(raw.get("actor_may_bind_key", False)),
         assurance=compile_assurance(raw.get("assurance", ()), where, scopes, audiences | resources),
+        rate_limit=compile_rate_limit(raw["rate_limit"]) if "rate_limit" in raw else None,
     )
+
+
+def compile_rate_limit(raw: Mapping[str, Any]) -> Limit:
+    """A schema-valid ``{requests, period, burst}`` mapping; ``burst`` defaults to ``requests``."""
+    requests = int(raw["requests"])
+    return Limit(requests=requests, period=float(raw["period"]), burst=int(raw.get("burst", requests)))
 
 
 def compile_policy(
@@ -699,5 +710,6 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
             require_dpop=rule.require_dpop,
             actor_may_bind_key=rule.actor_may_bind_key,
             assurance=rule.assurance,
+            rate_limit=rule.rate_limit,
         )
     raise InvalidTarget("policy.target_not_allowed")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from joserfc.jwk import Key
 
 from .audit import AuditRecord
 from .baseline import Baseline
 from .subject_state import SubjectState
+
+if TYPE_CHECKING:
+    from .rate_limit import LimitedKey
 
 
 class StoreUnavailable(Exception):
@@ -217,6 +220,20 @@ class RevokedTokens(Protocol):
 
     def revoked(self, jti: str) -> bool:
         """Raises :class:`StoreUnavailable`; callers treat that as inactive (fail closed)."""
+        ...
+
+
+class RateLimitStore(Protocol):
+    """Shared rate-limit state (GCRA, see :mod:`sts.core.rate_limit`): one TAT per key."""
+
+    def acquire(self, keys: Sequence[LimitedKey], now: float) -> Sequence[float]:
+        """Admit one request against every key at once, or against none.
+
+        Returns each key's wait in seconds: all ``<= 0`` when the request was admitted
+        (and every key's TAT advanced by its interval, atomically); otherwise at least
+        one is positive and no key changed.  Keys are distinct.  Raises
+        :class:`StoreUnavailable`; callers fail closed.
+        """
         ...
 
 

@@ -70,6 +70,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..errors import RateLimited, TemporarilyUnavailable
 from .attest import IssuerDirectory
 from .audit import AuditRecord, log_unaudited, token_hash
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date, numeric_date_value
@@ -85,6 +86,7 @@ from .ports import (
     SubjectStateStore,
     UnknownKeyId,
 )
+from .rate_limit import NO_LIMITS, RateLimiter
 from .subject_state import ANY_ISSUER, STATE_TTL, SubjectState, identity_key
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,19 @@ class ReceiverUnavailable(SetRefused):
     def __init__(self, reason: str, detail: str = "", *, retry_after: int = 5) -> None:
         super().__init__("temporarily_unavailable", reason, detail)
         self.retry_after = retry_after
+
+
+class ReceiverRateLimited(ReceiverUnavailable):
+    """A rate limit refused the delivery: ``429`` with ``Retry-After`` (RFC 6585 §4).
+
+    RFC 8935 has no code for it either; the transmitter retries, later.
+    """
+
+    status = 429
+
+    @property
+    def description(self) -> str:
+        return "Too many deliveries; deliver the SET again after Retry-After seconds."
 
 
 def _invalid(reason: str, detail: str = "") -> SetRefused:
@@ -569,6 +584,8 @@ class SetDelivery:
     request_id: str
     source_ip: str | None = None
     user_agent: str | None = None
+    #: The W3C Trace Context trace id this delivery belongs to (recorded in the audit details).
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -618,8 +635,10 @@ class SignalReceiver:
         audit: AuditSink,
         clock: Callable[[], float],
         leeway: int,
+        limits: RateLimiter = NO_LIMITS,
     ) -> None:
         self.transmitters = {t.policy.issuer: t for t in transmitters}
+        self.limits = limits
         self.issuers = issuers
         self.replay = replay
         self.states = states
@@ -638,6 +657,7 @@ class SignalReceiver:
             source_ip=delivery.source_ip,
             user_agent=(delivery.user_agent or "")[:200] or None,
             subject_token_type=SET_MEDIA_TYPE,
+            details={"trace_id": delivery.trace_id} if delivery.trace_id else {},
         )
 
     def refuse_early(self, delivery: SetDelivery, exc: SetRefused) -> None:
@@ -679,16 +699,29 @@ class SignalReceiver:
             raise ReceiverUnavailable("audit.unavailable", str(exc)) from None
         return receipt
 
+    @staticmethod
+    def _limit(check: Callable[[], None]) -> None:
+        """Run a rate-limit check, with its refusal in this endpoint's terms (RFC 8935 ``err``)."""
+        try:
+            check()
+        except RateLimited as exc:
+            raise ReceiverRateLimited(exc.reason, exc.detail, retry_after=exc.retry_after) from None
+        except TemporarilyUnavailable as exc:
+            raise ReceiverUnavailable(exc.reason, exc.detail) from None
+
     def _receive(
         self, delivery: SetDelivery, record: AuditRecord, now: float
     ) -> tuple[SetReceipt, tuple[str, str]]:
         if delivery.body:
             record.subject_token_sha256 = hashlib.sha256(delivery.body).hexdigest()
+        self._limit(lambda: self.limits.on_arrival("ssf", delivery.source_ip, now, record))
         check_media_type(delivery.content_type)
         token = decode_body(delivery.body)
         record.subject_token_sha256 = token_hash(token)
         policy, claims = authenticate_set(token, self.transmitters)
         record.issuer = policy.name
+        # The transmitter, once its signature has authenticated it, is the "client" of this endpoint.
+        self._limit(lambda: self.limits.for_client("ssf", policy.name, now, record))
         types = claims.get("events")
         if isinstance(types, dict):
             record.details["events"] = [str(t)[:_SHOWN_CHARS] for t in list(types)[:MAX_EVENTS]]

@@ -21,6 +21,7 @@ from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no
 from ..protocol.wire import WireRequest, check_content_type
 from .audit import AuditRecord, log_unaudited, token_hash
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
+from .exchange import trace_details
 from .introspection import OwnTokenVerifier, audiences_of, introspect, verify_own_token
 from .ports import (
     AuditSink,
@@ -30,6 +31,7 @@ from .ports import (
     StoreUnavailable,
     SubjectStateStore,
 )
+from .rate_limit import NO_LIMITS, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class TokenStatus:
     #: The public URL of each endpoint (``introspect``, ``revoke``): also an accepted ``aud`` of a
     #: client assertion presented there (see :class:`.clients.AssertionAudience`).
     endpoint_urls: Mapping[str, str] = field(default_factory=dict)
+    limits: RateLimiter = field(default=NO_LIMITS)
 
     def _start(self, wire: WireRequest, endpoint: str) -> tuple[AuditRecord, float]:
         now = self.clock()
@@ -65,12 +68,15 @@ class TokenStatus:
             endpoint=endpoint,
             source_ip=wire.source_ip,
             user_agent=(wire.user_agent or "")[:200] or None,
+            details=trace_details(wire),
         )
         return record, now
 
     def _authenticate(
         self, wire: WireRequest, record: AuditRecord, now: float
     ) -> tuple[AuthenticatedClient, str]:
+        # Global and per-network limits first, before the client's credentials cost any work.
+        self.limits.on_arrival(record.endpoint, wire.source_ip, now, record)
         if wire.query:
             raise InvalidRequest("request.query_parameters")
         check_content_type(wire.content_type)
@@ -90,6 +96,7 @@ class TokenStatus:
         if client is None:
             raise InvalidClient("client.authentication_required")
         record.client_id = client.client_id
+        self.limits.for_client(record.endpoint, client.client_id, now, record)
         if token is None:
             raise InvalidRequest("request.missing_token")
         record.subject_token_sha256 = token_hash(token)

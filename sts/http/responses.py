@@ -126,6 +126,7 @@ def _log_access(response: Response) -> Response:
         "response_bytes": size,
         "duration_ms": round(duration_ms, 3),
         "request_id": g.get("request_id", "-"),
+        "trace_id": g.get("trace_id"),
     }
     access_log.info(
         '%s "%s %s" %d %s %.1fms request_id=%s',

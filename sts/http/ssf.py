@@ -56,6 +56,7 @@ def _receive(receiver: SignalReceiver) -> Response:
         request_id=g.request_id,
         source_ip=g.get("client_address", request.remote_addr),
         user_agent=request.headers.get("User-Agent"),
+        trace_id=g.get("trace_id"),
     )
     try:
         # MAX_CONTENT_LENGTH (max_body_bytes) bounds the read, with or without Content-Length.

@@ -50,6 +50,7 @@ def read_request(mtls_header: str | None, refuse_early: RefuseEarly) -> WireRequ
         # holds one: split them again so that two proofs count as two (RFC 9449 §4.3 step 1).
         dpop=tuple(part for value in request.headers.getlist("DPoP") for part in value.split(",")),
         client_cert_thumbprint=forwarded_certificate(mtls_header),
+        trace_id=g.get("trace_id"),
     )
     if problem is not None:
         refuse_early(wire, problem)

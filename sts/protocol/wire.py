@@ -38,6 +38,8 @@ class WireRequest:
     dpop: tuple[str, ...] = ()
     #: ``x5t#S256`` of a client certificate forwarded by a trusted proxy (RFC 8705).
     client_cert_thumbprint: str | None = None
+    #: The W3C Trace Context trace id this request belongs to (recorded in the audit details).
+    trace_id: str | None = None
 
 
 def check_content_type(content_type: str | None) -> None:

@@ -1,0 +1,248 @@
+"""Per-request trace context, pipeline stage timing, and optional OpenTelemetry spans.
+
+Every request gets a :class:`RequestTrace` (started by :mod:`sts.http.tracing`):
+its W3C trace id comes from a valid incoming ``traceparent``, else a new trace
+starts.  The trace id goes into the logs (:mod:`sts.adapters.log_format`) and
+the audit record; :func:`outbound_headers` passes the trace on to the calls
+this service makes while serving the request (JWKS fetches, TokenReview).
+
+:class:`Tracing` is also the pipeline's :class:`~sts.core.ports.PipelineStages`:
+each stage the pipeline enters ends the one before, and every ended stage is
+
+* reported to each *observer*, ``observer(route, stage, seconds)`` (per-stage
+  latency histograms plug in here with :meth:`Tracing.add_observer`), and
+* with OpenTelemetry switched on (setting ``tracing``, the ``otel`` extra), a
+  span, child of the request's server span, itself child of the caller's span.
+
+The decision core never imports OpenTelemetry; only this module does, and
+only when tracing is on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..protocol.trace_context import TraceContext, new_trace
+from ..settings import TracingSettings
+
+#: ``observer(route, stage, seconds)``, called as each pipeline stage ends.
+StageObserver = Callable[[str, str, float], None]
+
+#: The request being served by this thread (or task), if any.
+current: ContextVar[RequestTrace | None] = ContextVar("sts_request_trace", default=None)
+
+
+@dataclass
+class RequestTrace:
+    """One request: its id, its place in the trace, and the stage its pipeline is in."""
+
+    request_id: str
+    route: str
+    #: This service's span of the trace: the parent of whatever it calls.
+    context: TraceContext
+    span: Any = None
+    stage: str | None = None
+    stage_started: float = 0.0
+    stage_span: Any = None
+    stage_context: TraceContext | None = None
+    #: The request this one started inside of (a nested call in tests), restored when it ends.
+    previous: RequestTrace | None = None
+    finished: bool = False
+
+    @property
+    def trace_id(self) -> str:
+        return self.context.trace_id
+
+    def outbound(self) -> TraceContext:
+        """The context an outbound call continues: the current stage's span, else the request's."""
+        return self.stage_context or self.context
+
+
+def outbound_headers() -> dict[str, str]:
+    """``traceparent`` for an outbound HTTP call made while serving a request; ``{}`` otherwise."""
+    trace = current.get()
+    if trace is None:
+        return {}
+    return {"traceparent": trace.outbound().traceparent()}
+
+
+def annotate(attributes: Mapping[str, Any]) -> None:
+    """Add attributes (decision, rule, reason) to the current request's span, if it has one."""
+    trace = current.get()
+    if trace is not None and trace.span is not None:
+        trace.span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+
+class Tracing:
+    """Starts and ends request traces; times the pipeline's stages (ports.PipelineStages)."""
+
+    def __init__(
+        self, tracer: Any = None, *, provider: Any = None, timer: Callable[[], float] = time.perf_counter
+    ) -> None:
+        #: An OpenTelemetry ``Tracer`` (and its SDK ``TracerProvider``) when tracing is on, else None.
+        self.tracer = tracer
+        self.provider = provider
+        self.timer = timer
+        self.observers: list[StageObserver] = []
+
+    def flush(self, timeout_millis: int = 5000) -> bool:
+        """Export the spans still queued (the SDK also does so at exit); True when all went."""
+        return bool(self.provider.force_flush(timeout_millis)) if self.provider is not None else True
+
+    def add_observer(self, observer: StageObserver) -> None:
+        self.observers.append(observer)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def start_request(
+        self, request_id: str, method: str, route: str, incoming: TraceContext | None
+    ) -> RequestTrace:
+        """Begin serving a request, continuing ``incoming`` when the caller sent a valid one."""
+        span = None
+        if self.tracer is not None:
+            span, context = self._start_server_span(method, route, request_id, incoming)
+        elif incoming is not None:
+            context = incoming.child()
+        else:
+            context = new_trace()
+        trace = RequestTrace(request_id=request_id, route=route, context=context, span=span)
+        trace.previous = current.get()
+        current.set(trace)
+        return trace
+
+    def finish_request(self, trace: RequestTrace, status: int | None) -> None:
+        """End the last stage and the request (its span records the status)."""
+        self._end_stage(trace)
+        if trace.span is not None:
+            _finish_server_span(trace.span, status)
+            trace.span = None
+        trace.finished = True
+        if current.get() is trace:
+            # Back to the request this one was nested in, if that one is still going.  (A request
+            # that ends while a nested one is current leaves it be: the nested one ends later.)
+            previous = trace.previous
+            current.set(previous if previous is not None and not previous.finished else None)
+        trace.previous = None
+
+    # -- ports.PipelineStages ------------------------------------------------------------------
+
+    def enter(self, stage: str) -> None:
+        trace = current.get()
+        if trace is None:
+            return
+        self._end_stage(trace)
+        trace.stage, trace.stage_started = stage, self.timer()
+        if self.tracer is not None and trace.span is not None:
+            trace.stage_span, trace.stage_context = _start_child_span(self.tracer, trace.span, stage)
+
+    def _end_stage(self, trace: RequestTrace) -> None:
+        if trace.stage is None:
+            return
+        seconds = self.timer() - trace.stage_started
+        stage, trace.stage = trace.stage, None
+        if trace.stage_span is not None:
+            trace.stage_span.end()
+            trace.stage_span, trace.stage_context = None, None
+        for observe in self.observers:
+            observe(trace.route, stage, seconds)
+
+    def _start_server_span(
+        self, method: str, route: str, request_id: str, incoming: TraceContext | None
+    ) -> tuple[Any, TraceContext]:
+        from opentelemetry.context import Context
+        from opentelemetry.trace import (
+            NonRecordingSpan,
+            SpanContext,
+            SpanKind,
+            TraceFlags,
+            set_span_in_context,
+        )
+
+        parent = Context()  # A root span unless the caller sent a trace: never an ambient one.
+        if incoming is not None:
+            remote = SpanContext(
+                trace_id=int(incoming.trace_id, 16),
+                span_id=int(incoming.span_id, 16),
+                is_remote=True,
+                trace_flags=TraceFlags(incoming.flags & 0xFF),
+            )
+            parent = set_span_in_context(NonRecordingSpan(remote))
+        span = self.tracer.start_span(
+            f"{method} {route}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "http.route": route, "sts.request_id": request_id},
+        )
+        return span, _context_of(span)
+
+
+def _context_of(span: Any) -> TraceContext:
+    ctx = span.get_span_context()
+    return TraceContext(f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", int(ctx.trace_flags))
+
+
+def _start_child_span(tracer: Any, parent: Any, name: str) -> tuple[Any, TraceContext]:
+    from opentelemetry.trace import set_span_in_context
+
+    span = tracer.start_span(name, context=set_span_in_context(parent))
+    return span, _context_of(span)
+
+
+def _finish_server_span(span: Any, status: int | None) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            # Server spans: only 5xx is an error (OpenTelemetry HTTP semantic conventions).
+            span.set_status(Status(StatusCode.ERROR))
+    else:
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+def build_tracing(settings: TracingSettings, *, span_exporter: Any = None) -> Tracing:
+    """Tracing as configured: stage timing always; OpenTelemetry spans when ``enabled``.
+
+    ``span_exporter`` (tests) replaces the configured exporter and exports each span as it ends.
+    """
+    if not settings.enabled:
+        return Tracing()
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SimpleSpanProcessor,
+        )
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    except ImportError:
+        raise ConfigurationError(
+            "setting tracing.enabled: OpenTelemetry is not installed (pip install 'workload-sts[otel]')"
+        ) from None
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": settings.service_name}),
+        # Follow the caller's sampling decision; sample new traces at the configured ratio.
+        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+    )
+    if span_exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    elif settings.exporter == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ConfigurationError(
+                "setting tracing.exporter: the OTLP exporter is not installed "
+                "(pip install 'workload-sts[otel]')"
+            ) from None
+        exporter = OTLPSpanExporter(endpoint=settings.endpoint) if settings.endpoint else OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return Tracing(provider.get_tracer("sts"), provider=provider)

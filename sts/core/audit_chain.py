@@ -1,0 +1,426 @@
+"""Hash chains over the audit trail: every record commits to the one before it.
+
+Each writer of the trail (one :class:`~sts.adapters.sql.SqlAuditSink` in one
+process) appends to chains of its own, so writers never contend for a shared
+head.  A chain is named by a random ``chain_id`` (32 hex digits); its records
+are numbered ``seq = 1, 2, 3 ...`` and linked::
+
+    genesis = SHA-256("sts.audit.chain.v1:" || chain_id)                (hex)
+    hash[n] = SHA-256(bytes(prev_hash[n]) || JCS({"chain_id": chain_id,
+                                                  "record": record[n],
+                                                  "seq": n}))           (hex)
+    prev_hash[1] = genesis, prev_hash[n] = hash[n-1]
+
+where ``bytes(h)`` is the 32 bytes a hex hash stands for, ``record[n]`` is the
+whole decision as stored (the ``record`` column) and JCS is the JSON
+Canonicalization Scheme of RFC 8785 (sorted keys, no whitespace, ECMAScript
+number formatting, UTF-8).  The canonical text of the record is what the
+database stores, so anyone can recompute a hash from an export with any RFC
+8785 implementation.
+
+Changing a record changes its hash; deleting one leaves a gap in ``seq``;
+moving one breaks the ``prev_hash`` of its new neighbour (``seq`` is inside
+the hash).  Deleting the newest records of a chain leaves a shorter, intact
+chain: that is what signed checkpoints of the chain heads are for (see
+:func:`checkpoint_claims`).  Retention deletes the oldest records of a chain;
+the chain's *anchor* (the ``seq`` and hash of the last record removed) is
+where verification of the rest starts.
+
+This module is pure: it computes and checks, and reads or writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import rfc8785
+
+#: Prefix of a chain's genesis hash; ``v1`` names the link format above.
+GENESIS_PREFIX = b"sts.audit.chain.v1:"
+CHAIN_ID = re.compile(r"[0-9a-f]{32}")
+HASH = re.compile(r"[0-9a-f]{64}")
+#: The ``typ`` of a checkpoint JWT (RFC 8725 §3.11: explicit typing, so that a checkpoint is
+#: never mistaken for an access token).
+CHECKPOINT_TYP = "audit-checkpoint+jwt"
+
+_SAFE_INT = 2**53 - 1
+_CONTAINERS = (dict, list, tuple)
+
+
+def genesis_hash(chain_id: str) -> str:
+    """The ``prev_hash`` of a chain's first record."""
+    return hashlib.sha256(GENESIS_PREFIX + chain_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def link_hash(prev_hash: str, chain_id: str, seq: int, record_json: str) -> str:
+    """``hash[seq]`` of the record whose canonical (RFC 8785) text is ``record_json``.
+
+    The JCS text of ``{"chain_id": ..., "record": ..., "seq": ...}`` is assembled
+    from its parts: RFC 8785 §3.2.3 sorts members by name (``chain_id`` <
+    ``record`` < ``seq``), a chain id is hex (no escaping) and ``seq`` a safe
+    integer, so the object's canonical form is the canonical forms of its
+    members, joined.  The record is canonicalized once and hashed as stored.
+    """
+    payload = f'{{"chain_id":"{chain_id}","record":{record_json},"seq":{seq}}}'
+    return hashlib.sha256(bytes.fromhex(prev_hash) + payload.encode("utf-8")).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """The RFC 8785 (JCS) text of a JSON value.
+
+    The common case is written by :func:`json.dumps` (a C encoder, several times
+    faster than a pure-Python JCS): sorted keys, no whitespace, no ASCII
+    escaping; :func:`_written_alike` first checks that its text is the JCS
+    text.  Anything else (integral or tiny floats, member names from U+E000
+    up, long integers, lone surrogates) goes to the ``rfc8785`` library.
+    Raises :class:`rfc8785.CanonicalizationError` for what JCS cannot
+    represent (NaN, infinities, lone surrogates, integers beyond 2**53).
+    """
+    if _written_alike(value, 0):
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        if text.isascii():
+            return text
+        try:
+            text.encode("utf-8")  # A lone surrogate cannot be encoded: JCS refuses it too.
+            return text
+        except UnicodeEncodeError:
+            pass
+    return rfc8785.dumps(value).decode("utf-8")
+
+
+def _written_alike(value: Any, depth: int) -> bool:
+    """Whether ``json.dumps`` writes ``value`` as RFC 8785 does (lone surrogates aside).
+
+    Both escape strings alike (``"``, backslash, and controls below U+0020, with
+    the same short forms and lowercase ``\\u00xx``), and both write the shortest
+    digits that round-trip a float.  But Python writes integral floats with
+    ``.0`` (``1.0`` against ``1``) and switches to an exponent below 1e-4
+    (``1e-05`` against ``0.00001``); JCS refuses NaN, infinities and integers
+    beyond 2**53; and member names holding characters from U+E000 up may sort
+    differently (code points against UTF-16 code units).  Scalars are checked
+    inline and only containers recurse, since this runs on every audit write:
+    it costs less than the ``json.dumps`` it vouches for.
+    """
+    kind = type(value)
+    if kind is dict:
+        for key in value:
+            if type(key) is not str or (not key.isascii() and max(key) >= "\ue000"):
+                return False
+        items: Iterable[Any] = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        items = (value,)
+    if depth > 32:
+        return False
+    for item in items:
+        kind = type(item)
+        if kind is str or item is None or kind is bool:
+            continue
+        if kind is float:
+            # Non-integral floats are below 2**52, where Python's repr has no exponent either.
+            if not math.isfinite(item) or item.is_integer() or abs(item) < 1e-4:
+                return False
+        elif kind is int:
+            if not -_SAFE_INT <= item <= _SAFE_INT:
+                return False
+        elif kind not in _CONTAINERS or not _written_alike(item, depth + 1):
+            return False
+    return True
+
+
+def canonical_record(record: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The text to store for ``record`` (its RFC 8785 form), and the value that text stands for.
+
+    A record JCS cannot represent as it is (a string that is not valid Unicode,
+    a NaN, a value that is not JSON at all) is first made representable: lone
+    surrogates become U+FFFD, out-of-range numbers and other values their
+    ``str``.  The second item is then that value, which is what a reader of
+    the stored text sees; otherwise it is ``record`` itself.
+    """
+    try:
+        return canonical_json(record), record
+    except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError):
+        representable = _representable(dict(record), 0)
+        return canonical_json(representable), representable
+
+
+def _representable(value: Any, depth: int) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, int):
+        return value if -_SAFE_INT <= value <= _SAFE_INT else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth > 32:
+        return "(nested too deep)"
+    if isinstance(value, Mapping):
+        return {_representable(str(k), 0): _representable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_representable(v, depth + 1) for v in value]
+    return _representable(str(value), 0)
+
+
+# -- verification ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainStart:
+    """Where verification of a chain starts: its genesis, or the anchor left by retention.
+
+    ``anchor_seq`` is 0 and ``anchor_hash`` the genesis hash until records are
+    pruned; then they are the ``seq`` and hash of the last record removed.
+    """
+
+    chain_id: str
+    anchor_seq: int
+    anchor_hash: str
+
+
+@dataclass(frozen=True)
+class StoredLink:
+    """One chained record as read back: its links, its record, and what its columns say.
+
+    ``record`` is the parsed ``record`` column; ``column_mismatch`` names an
+    indexed column whose value differs from what the record says (the reader
+    compares them), or is None.
+    """
+
+    record_id: int
+    chain_id: str
+    seq: int
+    prev_hash: str
+    hash: str
+    record: Any
+    column_mismatch: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokenLink:
+    """The first place a chain does not verify: which record, and what is wrong there."""
+
+    chain_id: str
+    seq: int | None
+    record_id: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"chain {self.chain_id}"
+        if self.seq is not None:
+            where += f" seq {self.seq}"
+        if self.record_id is not None:
+            where += f" (record id {self.record_id})"
+        return f"{where}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The last verified link of a chain (the anchor when no record is left)."""
+
+    seq: int
+    hash: str
+    records: int
+
+
+@dataclass
+class TrailReport:
+    """What a walk of every chain found."""
+
+    heads: dict[str, ChainHead] = field(default_factory=dict)
+    broken: list[BrokenLink] = field(default_factory=list)
+    #: Checkpoint heads older than a chain's anchor: pruned since, so not checkable any more.
+    pruned_past_checkpoint: list[str] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        return sum(h.records for h in self.heads.values())
+
+
+class AuditTrailBroken(Exception):
+    """The trail does not verify: ``report.broken`` lists the first broken link of each chain."""
+
+    def __init__(self, report: TrailReport) -> None:
+        super().__init__(f"{len(report.broken)} broken chain(s); first: {report.broken[0]}")
+        self.report = report
+
+
+def verify_chains(
+    starts: Iterable[ChainStart],
+    links: Iterable[StoredLink],
+    *,
+    checkpoint: Mapping[str, Sequence[tuple[int, str]]] | None = None,
+) -> TrailReport:
+    """Walk every chain from its start and recompute every hash; raise when any link is broken.
+
+    ``links`` must come ordered by ``(chain_id, seq)``.  Each chain must run
+    ``anchor_seq + 1, anchor_seq + 2, ...`` without a gap, each ``prev_hash``
+    must be the previous ``hash`` (the anchor's for the first), each ``hash``
+    must be recomputed from the record, and each indexed column must agree with
+    the record.  A registered chain with no record and no anchor had its
+    records deleted; a chain that is not registered was never written by the
+    service.  With ``checkpoint`` (chain id → the ``(seq, hash)`` heads that
+    signed checkpoints saw), every chain named must still exist and reach each
+    such ``seq`` with that hash, so deleting the newest records shows too.
+
+    Returns the report when every chain verifies; raises
+    :class:`AuditTrailBroken` (carrying the report) otherwise.
+    """
+    report = TrailReport()
+    known = {s.chain_id: s for s in starts}
+    pins = {chain_id: list(heads) for chain_id, heads in (checkpoint or {}).items()}
+    seen: set[str] = set()
+    for chain_id, chain_links in itertools.groupby(links, key=lambda link: link.chain_id):
+        start = known.get(chain_id)
+        if start is None or chain_id in seen:
+            first = next(chain_links)
+            problem = "chain is not registered in audit_chains" if start is None else "records out of order"
+            report.broken.append(BrokenLink(chain_id, first.seq, first.record_id, problem))
+            continue
+        seen.add(chain_id)
+        _walk(start, chain_links, pins.get(chain_id, []), report)
+    for chain_id, start in known.items():
+        if chain_id in seen:
+            continue
+        if start.anchor_seq == 0:
+            report.broken.append(
+                BrokenLink(chain_id, None, None, "chain has no records (every record was deleted)")
+            )
+            continue
+        head = ChainHead(start.anchor_seq, start.anchor_hash, 0)
+        report.heads[chain_id] = head
+        _check_pins(start, head, {}, pins.get(chain_id, []), report)
+    for chain_id in pins:
+        if chain_id not in known and chain_id not in seen:
+            report.broken.append(
+                BrokenLink(chain_id, None, None, "chain named by the checkpoint is gone (deleted)")
+            )
+    report.broken.sort(key=lambda b: (b.chain_id, b.seq or 0))
+    if report.broken:
+        raise AuditTrailBroken(report)
+    return report
+
+
+def _walk(
+    start: ChainStart, links: Iterator[StoredLink], pins: list[tuple[int, str]], report: TrailReport
+) -> None:
+    chain_id = start.chain_id
+    seq, prev, count = start.anchor_seq, start.anchor_hash, 0
+    if not HASH.fullmatch(prev):
+        report.broken.append(BrokenLink(chain_id, seq, None, "the chain's anchor hash is malformed (edited)"))
+        return
+    wanted = {pin_seq for pin_seq, _ in pins}
+    seen_at: dict[int, str] = {}
+
+    def broken(link: StoredLink, problem: str) -> None:
+        # The rest of this chain is not checked: its first break is what counts.
+        report.broken.append(BrokenLink(chain_id, link.seq, link.record_id, problem))
+
+    for link in links:
+        if link.seq <= seq:
+            problem = (
+                f"seq {link.seq} appears again (after seq {seq})"
+                if link.seq > start.anchor_seq
+                else f"seq {link.seq} is at or before the chain's anchor (seq {start.anchor_seq})"
+            )
+            return broken(link, problem)
+        if link.seq != seq + 1:
+            missing = f"seq {seq + 1}" if link.seq == seq + 2 else f"seq {seq + 1} to {link.seq - 1}"
+            return broken(link, f"{missing} missing (deleted, or moved)")
+        if link.prev_hash != prev:
+            return broken(link, "prev_hash is not the hash of the record before it (moved or replaced)")
+        if link.column_mismatch is not None and link.column_mismatch.startswith("record"):
+            return broken(link, f"{link.column_mismatch} (edited)")
+        try:
+            text = canonical_json(link.record)
+        except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError):
+            return broken(link, "the record is not representable as canonical JSON (edited)")
+        if link_hash(prev, chain_id, link.seq, text) != link.hash:
+            return broken(link, "hash does not match the record (the record was edited)")
+        if link.column_mismatch is not None:
+            return broken(link, f"column {link.column_mismatch} differs from the record (edited)")
+        seq, prev, count = link.seq, link.hash, count + 1
+        if seq in wanted:
+            seen_at[seq] = prev
+    head = ChainHead(seq, prev, count)
+    report.heads[chain_id] = head
+    _check_pins(start, head, seen_at, pins, report)
+
+
+def _check_pins(
+    start: ChainStart,
+    head: ChainHead,
+    seen_at: Mapping[int, str],
+    pins: list[tuple[int, str]],
+    report: TrailReport,
+) -> None:
+    """Compare a verified chain with the heads checkpoints saw of it."""
+    for pin_seq, pin_hash in pins:
+        if pin_seq < start.anchor_seq:
+            report.pruned_past_checkpoint.append(start.chain_id)
+            continue
+        found = start.anchor_hash if pin_seq == start.anchor_seq else seen_at.get(pin_seq)
+        if head.seq < pin_seq:
+            problem = (
+                f"chain ends at seq {head.seq} but a checkpoint saw seq {pin_seq} "
+                "(the newest records were deleted)"
+            )
+        elif found != pin_hash:
+            problem = "hash differs from the checkpoint's (history rewritten)"
+        else:
+            continue
+        report.broken.append(BrokenLink(start.chain_id, pin_seq, None, problem))
+        return
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoint_claims(issuer: str, now: float, heads: Mapping[str, tuple[int, str]]) -> dict[str, Any]:
+    """The claims of a checkpoint: who signed it, when, and every chain's head at that time.
+
+    Signed as a JWT (RFC 7519) with ``typ`` :data:`CHECKPOINT_TYP`; it has no
+    ``aud`` or ``exp``: it is evidence, kept as long as the records it covers.
+    """
+    return {
+        "iss": issuer,
+        "iat": int(now),
+        "chains": {
+            chain_id: {"seq": seq, "hash": digest} for chain_id, (seq, digest) in sorted(heads.items())
+        },
+    }
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint that is not one of ours, or not well formed."""
+
+
+def checkpoint_heads(claims: Mapping[str, Any], issuer: str) -> dict[str, tuple[int, str]]:
+    """The chain heads of a checkpoint whose signature has been verified; checks its shape and issuer."""
+    if claims.get("iss") != issuer:
+        raise CheckpointInvalid(f"issued by {str(claims.get('iss'))[:100]!r}, not by {issuer!r}")
+    chains = claims.get("chains")
+    if not isinstance(chains, dict):
+        raise CheckpointInvalid("no chains")
+    heads: dict[str, tuple[int, str]] = {}
+    for chain_id, head in chains.items():
+        seq = head.get("seq") if isinstance(head, dict) else None
+        digest = head.get("hash") if isinstance(head, dict) else None
+        if (
+            not CHAIN_ID.fullmatch(chain_id)
+            or type(seq) is not int
+            or seq < 0
+            or not isinstance(digest, str)
+            or not HASH.fullmatch(digest)
+        ):
+            raise CheckpointInvalid(f"malformed head of chain {chain_id[:40]!r}")
+        heads[chain_id] = (seq, digest)
+    return heads
