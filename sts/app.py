@@ -361,6 +361,47 @@ def dpop_nonce_secret(keys_dir: Path) -> bytes:
     return data
 
 
+def build_review(
+    settings: Settings, engine: Engine, baselines: BaselineStore | None, clock: Callable[[], float]
+) -> Any:
+    """The review page's blueprint (``review.enabled``), given what it reads.  Nothing here
+    needs the database: its tables come with the schema's migrations."""
+    from .adapters import audit_query
+    from .http import review
+
+    for user in settings.review.users:
+        if not check_hash_format(user.password_hash):
+            raise ConfigurationError(
+                f"setting review.users.{user.username}.password_hash: not a recognised hash "
+                "(make one with `sts clients secret --stdin`)"
+            )
+    config = review.ReviewConfig(
+        users={u.username: u.password_hash for u in settings.review.users},
+        session_secret=secret_file(settings.keys_dir / "review-session.secret"),
+        session_lifetime=settings.review.session_lifetime,
+        secure_cookie=settings.issuer.startswith("https://"),
+        new_edge_days=settings.review.new_edge_days,
+    )
+    query = audit_query.AuditQuery(engine, clock=clock)
+    return review.blueprint(config, query=query, baselines=baselines, clock=clock)
+
+
+def secret_file(path: Path) -> bytes:
+    """32 random bytes kept in ``path`` (mode 0600), created on first use; shared by every
+    instance that shares the directory."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+    data = path.read_bytes()
+    if len(data) < 32:
+        raise ConfigurationError(f"{path}: secret is truncated; delete it to create a new one")
+    return data
+
+
 def database_pool(settings: Settings) -> sql.PoolOptions:
     """The shape of each of a process's two PostgreSQL pools (see :class:`sql.PoolOptions`).
 
@@ -606,6 +647,8 @@ def create_app(
         app.register_blueprint(token_status_bp, url_prefix=path, name="token_status_under_issuer_path")
     if runtime.signals is not None:
         app.register_blueprint(events_blueprint(runtime.signals))
+    if settings.review.enabled:
+        app.register_blueprint(build_review(settings, engine, baselines, clock))
     log.info(
         "sts %s: issuer %s, %d issuer(s), %d client(s), %d rule(s), store %s",
         "ready" if schema.ready else "started, not ready until the database answers",

@@ -98,6 +98,24 @@ class TransmitterSettings:
 
 
 @dataclass(frozen=True)
+class ReviewUser:
+    """An operator who may sign in to the review page; the hash is made by ``sts clients secret``."""
+
+    username: str
+    password_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """The review page (``/review/``): off unless enabled, with its own users."""
+
+    enabled: bool = False
+    users: tuple[ReviewUser, ...] = ()
+    session_lifetime: int = 8 * 3600
+    new_edge_days: int = 7
+
+
+@dataclass(frozen=True)
 class LimitSettings:
     """A sustained rate of ``requests`` per ``period`` seconds, with up to ``burst`` at once."""
 
@@ -192,6 +210,7 @@ class Settings:
     issuers: tuple[IssuerSettings, ...] = ()
     clients: tuple[ClientSettings, ...] = ()
     transmitters: tuple[TransmitterSettings, ...] = ()
+    review: ReviewSettings = field(default_factory=ReviewSettings)
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     key_passphrase: bytes | None = field(default=None, repr=False)
@@ -228,6 +247,7 @@ _SCALARS = {
         "issuers",
         "clients",
         "transmitters",
+        "review",
         "key_passphrase",
         "config_file",
         "trusted_proxies",
@@ -367,6 +387,7 @@ def load_settings(
     kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
     kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
     kwargs["transmitters"] = tuple(_transmitter(base, t) for t in raw.get("transmitters", ()))
+    kwargs["review"] = _review(raw.get("review") or {})
     kwargs["rate_limits"] = _rate_limits(raw.get("rate_limits") or {})
     kwargs["tracing"] = TracingSettings(**(raw.get("tracing") or {}))
     passphrase = env.get("STS_KEY_PASSPHRASE")
@@ -435,6 +456,23 @@ def _transmitter(base: Path, raw: Mapping[str, Any]) -> TransmitterSettings:
     if "jwks_file" in values:
         values["jwks_file"] = _resolve(base, values["jwks_file"])
     return TransmitterSettings(**values)
+
+
+def _review(raw: Mapping[str, Any]) -> ReviewSettings:
+    values = dict(raw)
+    values["users"] = tuple(ReviewUser(**u) for u in values.get("users", ()))
+    return ReviewSettings(**values)
+
+
+def _check_review(review: ReviewSettings) -> None:
+    """Users are checked here; their hashes when the page is built (sts.app), as clients' are."""
+    if review.enabled and not review.users:
+        raise ConfigurationError("setting review.users: at least one user is needed when review.enabled")
+    names: set[str] = set()
+    for user in review.users:
+        if user.username in names:
+            raise ConfigurationError(f"setting review.users.{user.username}: duplicate username")
+        names.add(user.username)
 
 
 def _check(s: Settings) -> None:
@@ -523,6 +561,7 @@ def _check(s: Settings) -> None:
             if client.jwks_uri:
                 check_https_url(client.jwks_uri, f"setting {where}.jwks_uri")
     _check_transmitters(s, names)
+    _check_review(s.review)
 
 
 def _check_unique(kind: str, name: str, iss: str, names: set[str], by_iss: dict[str, str]) -> None:

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
+_STEP_UP = text("error = 'insufficient_user_authentication'")
 audit_events = Table(
     "audit_events",
     metadata,
@@ -100,7 +101,69 @@ audit_events = Table(
     Column("issued_kid", String(128)),
     Column("source_ip", String(64)),
     Column("record", JSON, nullable=False),
+    # What `sts audit` and the review page filter and aggregate by (sts/adapters/audit_query.py):
+    # keyset pages by id within an identity, client, outcome or rule; decisions over time by outcome.
+    Index("ix_audit_events_identity", "issuer", "subject", "id"),
+    Index("ix_audit_events_client", "client_id", "id"),
+    Index("ix_audit_events_outcome", "outcome", "id"),
+    Index("ix_audit_events_rule", "rule", "id"),
+    Index("ix_audit_events_time_outcome", "time", "outcome"),
+    # Step-ups per identity: a partial index, so only those refusals pay for it.
+    Index(
+        "ix_audit_events_step_ups",
+        "issuer",
+        "subject",
+        "id",
+        sqlite_where=_STEP_UP,
+        postgresql_where=_STEP_UP,
+    ),
 )
+
+# Summaries of the audit trail for `sts audit` and the review page (sts/adapters/audit_query.py),
+# filled after the records are written: what their JSON holds that reviewers filter and chart by.
+#: The watermark: every record with ``id <= last_id`` is summarised.
+audit_summary_state = Table(
+    "audit_summary_state",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("last_id", BigInteger, nullable=False),
+)
+
+#: What a decision's JSON holds that reviewers filter by: ``signal`` (fired) and ``audience`` terms.
+audit_terms = Table(
+    "audit_terms",
+    metadata,
+    Column("kind", String(16), primary_key=True),
+    Column("value", String(256), primary_key=True),
+    Column("audit_id", BigInteger, primary_key=True),
+    Column("time", Float, nullable=False),
+    Index("ix_audit_terms_time", "kind", "time", "value"),
+    Index("ix_audit_terms_audit_id", "audit_id"),
+)
+
+#: Subject-to-audience edges of granted decisions, keyed by a digest of (issuer, subject, audience).
+audit_edges = Table(
+    "audit_edges",
+    metadata,
+    Column("edge", String(64), primary_key=True),
+    Column("issuer", String(64)),
+    Column("subject", String(512)),
+    Column("audience", String(512), nullable=False),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("decisions", BigInteger, nullable=False),
+    Index("ix_audit_edges_last_seen", "last_seen"),
+)
+
+#: Decisions per hour (epoch seconds of its start, UTC) and outcome, for charts over long windows.
+audit_counts = Table(
+    "audit_counts",
+    metadata,
+    Column("hour", BigInteger, primary_key=True),
+    Column("outcome", String(16), primary_key=True),
+    Column("decisions", BigInteger, nullable=False),
+)
+
 
 #: Verification walks each chain in ``seq`` order; being unique, it also keeps two records off one link.
 Index("ux_audit_events_chain_seq", audit_events.c.chain_id, audit_events.c.seq, unique=True)
