@@ -131,7 +131,7 @@ def redis_rate_store(work: Path) -> Iterator[RateLimitStore]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(work)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = redis_store.connect(f"redis://127.0.0.1:{port}/0")
         for _ in range(200):
