@@ -69,10 +69,18 @@ from .core.ports import (
 )
 from .core.profiles import ProfileOptions, get_profile
 from .core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
+from .core.shared_signals import SignalReceiver, Transmitter, TransmitterPolicy
 from .core.token_status import TokenStatus
 from .errors import ConfigurationError
+from .http import metrics as metrics_http
+from .http import responses
+from .http import tracing as tracing_http
+from .http.body_limit import BodyLimit
+from .http.oauth import discovery_blueprint, health_blueprint, token_blueprint
+from .http.ssf import events_blueprint
+from .http.token_status import token_status_blueprint
 from .protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
-from .settings import ClientSettings, IssuerSettings, Settings
+from .settings import ClientSettings, IssuerSettings, Settings, TransmitterSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,8 @@ class Runtime:
     redis_client: redis.Redis | None = None
     schema: DatabaseSchema | None = None
     readiness: Readiness | None = None
+    #: The Shared Signals receiver (``/ssf/events``), when transmitters are configured.
+    signals: SignalReceiver | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     metrics: Metrics | None = None
     limits: RateLimiter = NO_LIMITS
@@ -183,6 +193,44 @@ def build_token_reviewers(settings: Settings, metrics: Metrics | None = None) ->
     if metrics is not None:
         reviewers = {name: CountedTokenReviewer(r, metrics, name) for name, r in reviewers.items()}
     return reviewers
+
+
+def transmitter_keys(
+    t: TransmitterSettings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> IssuerKeys:
+    if t.jwks_file is not None:
+        return FileJWKS(t.jwks_file, algorithms=t.algorithms)
+    assert t.jwks_uri is not None
+    source = f"transmitter:{t.name}"
+    keys = HttpJWKS(
+        t.jwks_uri,
+        algorithms=t.algorithms,
+        max_stale=t.jwks_max_stale,
+        clock=clock,
+        on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
+    )
+    return CountedIssuerKeys(keys, metrics, "transmitter_keys", source) if metrics else keys
+
+
+def build_transmitters(
+    settings: Settings, clock: Callable[[], float], metrics: Metrics | None = None
+) -> list[Transmitter]:
+    """The Shared Signals transmitters, each with its key source (RFC 8935 §2)."""
+    return [
+        Transmitter(
+            TransmitterPolicy(
+                name=t.name,
+                issuer=t.issuer,
+                audience=t.audience or settings.issuer,
+                algorithms=frozenset(t.algorithms),
+                block_duration=t.block_duration,
+                max_age=t.max_age,
+                subject_issuers=frozenset(t.subject_issuers) if t.subject_issuers is not None else None,
+            ),
+            transmitter_keys(t, clock, metrics),
+        )
+        for t in settings.transmitters
+    ]
 
 
 def _client(
@@ -546,43 +594,59 @@ def create_app(
         metrics=metrics,
     )
 
-    from .http import metrics as metrics_http
-    from .http import oauth, responses, ssf
-    from .http import token_status as token_status_http
-    from .http import tracing as tracing_http
-    from .http.body_limit import BodyLimit
+    if settings.transmitters:
+        runtime.signals = SignalReceiver(
+            build_transmitters(settings, clock, metrics),
+            issuers=exchange.issuers,
+            replay=replay,
+            states=subject_states,
+            # The exchange's sink: the audit trail, with each decision counted.
+            audit=exchange.audit,
+            clock=clock,
+            leeway=settings.leeway,
+            limits=limits,
+        )
+
+    def published_jwks() -> dict[str, Any]:
+        keyring.reload_if_changed(clock())
+        return keyring.public_jwks()
 
     app = Flask("sts")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
         MAX_FORM_PARTS=200,
-        STS_MTLS_HEADER=settings.mtls_client_cert_header,
-        STS_TRUSTED_PROXIES=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies),
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime
     app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
-    responses.install(app)
+    responses.install(
+        app, trusted_proxies=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
+    )
     tracing_http.install(app, tracing)
-    metrics_http.install(app, metrics)
-    app.register_blueprint(oauth.bp)
-    app.register_blueprint(token_status_http.bp)
+    metrics_http.install(app, metrics.observe_request)
+    # An issuer with a path: the endpoints its metadata names live under that path too
+    # (and stay at the root, for a proxy that strips the prefix).
     path = urlsplit(settings.issuer).path.rstrip("/")
-    if path:
-        # An issuer with a path: the endpoints its metadata names live under that path too
-        # (and stay at the root, for a proxy that strips the prefix).
-        app.add_url_rule(f"{path}/token", "token_under_issuer_path", oauth.token, methods=["POST"])
-        app.add_url_rule(
-            f"{path}/.well-known/jwks.json", "jwks_under_issuer_path", oauth.jwks, methods=["GET"]
+    mtls_header = settings.mtls_client_cert_header
+    app.register_blueprint(
+        token_blueprint(
+            exchange,
+            clock=clock,
+            nonce_secret=exchange.config.dpop.nonce_secret if exchange.config.dpop else None,
+            database_ready=runtime.database_ready,
+            mtls_header=mtls_header,
+            issuer_path=path,
         )
-        app.register_blueprint(token_status_http.bp, url_prefix=path, name="token_status_under_issuer_path")
-    ssf.install(app, runtime)
+    )
+    app.register_blueprint(discovery_blueprint(runtime.metadata, published_jwks, issuer_path=path))
+    app.register_blueprint(health_blueprint(runtime.health))
+    token_status_bp = token_status_blueprint(token_status, mtls_header=mtls_header)
+    app.register_blueprint(token_status_bp)
     if path:
-        # RFC 8414 §3.1: the well-known segment goes between host and the issuer's path.
-        app.add_url_rule(
-            f"/.well-known/oauth-authorization-server{path}", "metadata_path", oauth.metadata, methods=["GET"]
-        )
+        app.register_blueprint(token_status_bp, url_prefix=path, name="token_status_under_issuer_path")
+    if runtime.signals is not None:
+        app.register_blueprint(events_blueprint(runtime.signals))
     if settings.review.enabled:
         app.register_blueprint(build_review(settings, engine, baselines, clock))
     log.info(

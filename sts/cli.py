@@ -12,6 +12,7 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -569,7 +570,7 @@ def _audit_failed(exc: Exception) -> click.ClickException:
 @click.option("-n", "limit", default=50, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--before", type=int, default=None, help="Only records with an id below this (the next page).")
 @click.pass_context
-def audit_query_cmd(ctx: click.Context, limit: int, before: int | None, **filters: Any) -> None:
+def audit_query_cmd(ctx: click.Context, /, limit: int, before: int | None, **filters: Any) -> None:
     """Decisions matching the filters, newest first, as JSON lines (with their "id").
 
     Pages by id: when more match, the command to show them is printed on stderr.
@@ -595,7 +596,7 @@ def audit_query_cmd(ctx: click.Context, limit: int, before: int | None, **filter
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A new file to write (default: stdout).")  # fmt: skip
 @click.pass_context
-def audit_export(ctx: click.Context, output: Path | None, **filters: Any) -> None:
+def audit_export(ctx: click.Context, /, output: Path | None, **filters: Any) -> None:
     """Stream decisions matching the filters, oldest first, as JSON lines for a SIEM.
 
     One object per line: the audit record plus its "id".  Read in batches by id, so
@@ -957,6 +958,41 @@ def dev_issuer(host: str, port: int, key_dir: Path) -> None:
     run_simple(host, port, issuer.wsgi_app(), threaded=True)
 
 
+def _flag(value: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``); anything else is not a flag."""
+    if value.lower() in {"true", "1", "yes"}:
+        return True
+    if value.lower() in {"false", "0", "no"}:
+        return False
+    raise ValueError(value)
+
+
+#: The token builders' options that are not strings (``sts.dev.issuer.DevIssuer``), read from
+#: ``--claim NAME=VALUE`` as their type; any other NAME is a string option or an extra claim.
+_TYPED_CLAIM_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "lifetime": int,
+    "warnafter": int,
+    "now": float,
+    "immutable_sub": _flag,
+    "ref_protected": _flag,
+}
+
+
+def _claim_options(claims: tuple[str, ...]) -> dict[str, Any]:
+    """``--claim NAME=VALUE`` pairs, each value of the type its builder option takes."""
+    options: dict[str, Any] = {}
+    for claim in claims:
+        name, equals, value = claim.partition("=")
+        if not equals:
+            continue
+        convert = _TYPED_CLAIM_OPTIONS.get(name)
+        try:
+            options[name] = convert(value) if convert is not None else value
+        except ValueError:
+            raise click.BadParameter(f"{name}: not a valid {name} value", param_hint="--claim") from None
+    return options
+
+
 @dev.command("token")
 @click.argument("kind", type=click.Choice(["github-actions", "kubernetes", "gitlab", "spiffe"]))
 @click.option("--issuer-url", default="http://127.0.0.1:8081", show_default=True)
@@ -970,7 +1006,7 @@ def dev_token(kind: str, issuer_url: str, key_dir: Path, audience: str, claims: 
     from .dev.issuer import DevIssuer
 
     issuer = DevIssuer.load_or_create(key_dir, issuer_url)
-    extra = dict(c.split("=", 1) for c in claims if "=" in c)
+    extra = _claim_options(claims)
     if kind == "github-actions":
         token = issuer.github_actions_token(audience=audience, **extra)
     elif kind == "kubernetes":

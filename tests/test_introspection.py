@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import io
+import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.datastructures import MultiDict
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
@@ -207,3 +211,47 @@ def test_operator_revokes_every_token_of_a_subject(
     # New tokens are still issued (no --block): revocation covers tokens issued before it.
     fresh = web.post("/token", data=exchange_form(subject, audience=DEPLOY))
     assert fresh.status_code == 200
+
+
+def _short_body(environ: dict[str, Any]) -> None:
+    """A body shorter than its declared length: the client went away mid-body."""
+    environ["CONTENT_LENGTH"] = "4096"
+
+
+def _long_body(environ: dict[str, Any]) -> None:
+    """A body over ``max_body_bytes``."""
+    body = b"token=" + b"x" * 20_000
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+
+
+@pytest.mark.parametrize(
+    ("problem", "reason"),
+    [(_short_body, "request.malformed_body"), (_long_body, "request.body_too_large")],
+    ids=["malformed-body", "body-too-large"],
+)
+@pytest.mark.parametrize("endpoint", ["/token", "/introspect", "/revoke"])
+def test_a_request_that_cannot_be_read_is_refused_and_audited_on_every_endpoint(
+    app: Flask,
+    endpoint: str,
+    problem: Callable[[dict[str, Any]], None],
+    reason: str,
+) -> None:
+    """The token, introspection and revocation endpoints read requests the same way
+    (sts.http.wire): one that cannot be read is ``invalid_request`` in JSON, and audited."""
+    request_id = "unreadable-" + uuid.uuid4().hex
+    environ = EnvironBuilder(
+        path=endpoint,
+        method="POST",
+        data="token=abc",
+        content_type="application/x-www-form-urlencoded",
+        headers={"X-Request-Id": request_id, **basic("deploy-api", RS_SECRET)},
+    ).get_environ()
+    problem(environ)
+    body, answer, headers = run_wsgi_app(app, environ, buffered=True)
+    assert answer.startswith("400"), b"".join(body)
+    assert json.loads(b"".join(body))["error"] == "invalid_request"
+    assert headers["Cache-Control"] == "no-store"
+    [record] = app.extensions["sts"].audit.recent(5, request_id=request_id)
+    assert record["endpoint"] == endpoint.strip("/")
+    assert record["outcome"] == "refused" and record["reasons"] == [reason]

@@ -37,7 +37,7 @@ from redis_server import url_of
 from werkzeug.test import TestResponse
 
 from sts.adapters import redis_store, sql
-from sts.app import create_app
+from sts.app import build_transmitters, create_app
 from sts.core.ports import StoreUnavailable
 from sts.core.shared_signals import (
     ACTED_ON,
@@ -58,7 +58,6 @@ from sts.core.shared_signals import (
 from sts.core.subject_state import STATE_TTL, SubjectState, is_revoked
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
-from sts.http.ssf import EXTENSION_KEY, build_transmitters
 from sts.settings import Settings
 
 SET_CONTENT_TYPE = "application/secevent+jwt"
@@ -937,7 +936,7 @@ def test_state_store_failure_releases_the_jti_so_the_retry_is_applied(
     """Replay records on the (working) embedded store, subject states on a dead Redis: 503, then a
     retry against a working state store is applied rather than refused as a replay."""
     runtime = ssf_app.extensions["sts"]
-    transmitters = build_transmitters(runtime.settings, runtime)
+    transmitters = build_transmitters(runtime.settings, runtime.clock)
 
     def receiver(states_store: Any) -> SignalReceiver:
         return SignalReceiver(
@@ -983,7 +982,7 @@ def test_audit_failure_on_an_accepted_set_is_503_and_the_retry_is_accepted(
     ssf_app: Flask, transmitter: RunningServer, upstream: RunningServer, clock: Clock
 ) -> None:
     runtime = ssf_app.extensions["sts"]
-    receiver: SignalReceiver = ssf_app.extensions[EXTENSION_KEY]
+    receiver: SignalReceiver = runtime.signals
     token = sign(
         transmitter, set_claims(transmitter, clock, {CREDENTIAL_CHANGE: {}}, iss_sub(upstream=upstream))
     )

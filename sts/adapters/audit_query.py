@@ -39,7 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..core.audit_filter import STEP_UP_ERROR, AuditFilter
+from ..core.audit_views import (
+    COUNT_CAP,
+    Bucket,
+    Edge,
+    IdentitySummary,
+    Page,
+    SummaryStatus,
+)
 from .sql import (
     _text,
     audit_counts,
@@ -90,8 +98,6 @@ _STATE = "v1"
 #: How far a record's ``time`` may lag the order it was written in (request duration + clock skew).
 SLACK = 300.0
 _CHUNK = 400
-#: An identity's decisions are counted up to this many (a busy identity has millions).
-COUNT_CAP = 10_000
 #: Charts read at most this many unsummarised records; beyond, they count on the index instead.
 _TAIL_LIMIT = 20_000
 
@@ -111,20 +117,6 @@ def _edge_key(issuer: str | None, subject: str | None, audience: str) -> str:
 
 def _strings(value: Any) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-def fired_signals(record: dict[str, Any]) -> list[str]:
-    """Names of the risk signals that fired in a decision (``details.risk.signals``)."""
-    details = record.get("details")
-    risk = details.get("risk") if isinstance(details, dict) else None
-    signals = risk.get("signals") if isinstance(risk, dict) else None
-    if not isinstance(signals, list):
-        return []
-    return [
-        s["name"]
-        for s in signals
-        if isinstance(s, dict) and s.get("fired") and isinstance(s.get("name"), str)
-    ]
 
 
 def _json_list(text: Any) -> list[str]:
@@ -179,56 +171,6 @@ _POSTGRESQL_FACTS = (
 )
 
 
-@dataclass(frozen=True)
-class Page:
-    """Decisions newest first; ``older`` is the ``before`` id of the next page, None at the end."""
-
-    rows: list[dict[str, Any]]
-    older: int | None
-
-
-@dataclass(frozen=True)
-class Bucket:
-    start: float
-    end: float
-    counts: dict[str, int]
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-@dataclass(frozen=True)
-class Edge:
-    issuer: str | None
-    subject: str | None
-    audience: str
-    first_seen: float
-    last_seen: float
-    decisions: int
-    new: bool
-
-
-@dataclass(frozen=True)
-class SummaryStatus:
-    """How far summaries have read: ``behind`` records (about; ids may have gaps) are not yet in."""
-
-    last_id: int
-    newest_id: int
-
-    @property
-    def behind(self) -> int:
-        return max(0, self.newest_id - self.last_id)
-
-
-@dataclass(frozen=True)
-class IdentitySummary:
-    signals: list[dict[str, Any]] = field(default_factory=list)
-    step_ups: list[dict[str, Any]] = field(default_factory=list)
-    tokens: list[dict[str, Any]] = field(default_factory=list)
-    decisions: int = 0
-
-
 class PruneAborted(Exception):
     """Records below the boundary changed while they were archived; nothing was deleted."""
 
@@ -241,7 +183,8 @@ class PruneResult:
 
 
 class AuditQuery:
-    """Queries over ``audit_events`` (and the summaries), for the CLI and the review page."""
+    """Queries over ``audit_events`` (and the summaries), for the CLI and the review page
+    (:class:`sts.core.audit_views.AuditReader`)."""
 
     #: What a failing database raises (so callers need not import SQLAlchemy to catch it).
     errors: tuple[type[Exception], ...] = (SQLAlchemyError,)

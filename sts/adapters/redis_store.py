@@ -535,7 +535,7 @@ class RedisSubjectStateStore:
             with self.client.pipeline() as pipe:
                 while True:
                     try:
-                        pipe.watch(name)
+                        pipe.watch(name)  # type: ignore[no-untyped-call]  # redis-py leaves watch() untyped
                         state = change(SubjectState.from_json_dict(_loads(pipe.get(name))))
                         pipe.multi()
                         pipe.set(name, json.dumps(state.to_json_dict()), ex=ttl)
@@ -562,7 +562,7 @@ class RedisBaselineStore:
             value = self.client.get(self._name(identity))
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
-        return Baseline.from_json(value)  # type: ignore[arg-type]
+        return Baseline.from_json(value)
 
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
         try:

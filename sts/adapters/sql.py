@@ -373,6 +373,8 @@ class RawStatement:
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
         self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
+        #: Every failure a statement can end in: the driver's errors and SQLAlchemy's (the pool's).
+        self.failures: tuple[type[BaseException], ...] = (dbapi.Error, SQLAlchemyError)
         self._disconnects: tuple[type[BaseException], ...] = (dbapi.OperationalError, dbapi.InterfaceError)
 
     def run(self, sql: str, params: list[Any] | tuple[Any, ...]) -> int:
@@ -742,7 +744,7 @@ class SqlAuditSink:
             except self._integrity_errors as exc:
                 head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
                 raise AuditUnavailable(type(exc).__name__) from None
-            except (*self._raw.errors, SQLAlchemyError) as exc:
+            except self._raw.failures as exc:
                 raise AuditUnavailable(type(exc).__name__) from None
             head.advance(seq, digest)
 
@@ -774,7 +776,7 @@ class SqlAuditSink:
         """
         try:
             found = self._raw.query(self._count_links, (head.chain_id, last - count + 1, last))[0][0]
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             head.restart()
             raise AuditUnavailable(f"commit outcome unknown: {type(exc).__name__}") from None
         if found == count:
@@ -845,7 +847,7 @@ class SqlAuditSink:
         except self._integrity_errors as exc:
             head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
             failure = type(exc).__name__
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             failure = type(exc).__name__
         if len(batch) == 1:
             batch[0].error = failure
@@ -865,7 +867,7 @@ class SqlAuditSink:
             self._raw.run(self._heartbeat, (instance[:200], now))
             if random.random() < 0.01:  # noqa: S311 - housekeeping, not security relevant
                 self._raw.run(self._forget_heartbeats, (now - 86400,))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise AuditUnavailable(type(exc).__name__) from None
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
@@ -968,7 +970,7 @@ class SqlSingleUseLedger:
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
         try:
             seen = self._raw.query(self._seen, (replay_key(use.purpose, use.key), now))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         if seen:
             raise AlreadyUsed
@@ -1003,7 +1005,7 @@ class SqlReplayCache:
     def release(self, purpose: str, key: str) -> None:
         try:
             self._raw.run(self._release, (self._key(purpose, key),))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
     def first_use(
@@ -1013,7 +1015,7 @@ class SqlReplayCache:
             first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
                 self._raw.run(self._purge, (now,))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return first
 
@@ -1062,7 +1064,7 @@ class _KeyValueTable:
     def put(self, identity: str, value: str, ttl: int) -> None:
         try:
             self._raw.run(self._put, (_store_key(identity), value, self._clock() + ttl))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
     def get(self, identities: list[str]) -> dict[str, str]:
@@ -1070,7 +1072,7 @@ class _KeyValueTable:
         sql = self._get + "(" + ", ".join([self._p] * len(keys)) + f") AND expires_at > {self._p}"
         try:
             rows = self._raw.query(sql, (*keys, self._clock()))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         found = {str(k): str(v) for k, v in rows}
         return {i: found[k] for i, k in zip(identities, keys, strict=True) if k in found}

@@ -33,7 +33,6 @@ import random
 from collections.abc import Sequence
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from ..core.ports import StoreUnavailable
@@ -131,7 +130,7 @@ class SqlRateLimits:
                 return [0.0] * len(keys)
             placeholders = ", ".join([self._raw.placeholder] * len(keys))
             tats = dict(self._raw.query(self._select + f"({placeholders})", stored))
-        except (*self._raw.errors, SQLAlchemyError) as exc:
+        except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         waits = [
             gcra_wait(tats.get(name), now, k.interval, k.tolerance)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..protocol.token_exchange import (
     parse_grant_type,
     parse_token_exchange,
 )
+from ..protocol.wire import WireRequest, check_content_type
 from . import stages as stage
 from .assurance import (
     KEY_CHANGED,
@@ -84,32 +85,11 @@ from .subject_state import SubjectState, identity_key, identity_keys, merge
 
 log = logging.getLogger(__name__)
 
-FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
-
 #: Said to a workload whose single-use token the replay store can no longer vouch for.
 REPLAY_WINDOW_LOST = (
     "The subject token was issued before the replay store lost its records, so its single use cannot "
     "be checked; obtain a fresh subject token and exchange it."
 )
-
-
-@dataclass(frozen=True)
-class WireRequest:
-    """The token request as it arrived, before any checking."""
-
-    form: Mapping[str, Sequence[str]]
-    query: Mapping[str, Sequence[str]]
-    content_type: str | None
-    authorization: str | None
-    request_id: str
-    source_ip: str | None = None
-    user_agent: str | None = None
-    #: Every ``DPoP`` header value (RFC 9449 §4.3: exactly one is allowed).
-    dpop: tuple[str, ...] = ()
-    #: ``x5t#S256`` of a client certificate forwarded by a trusted proxy (RFC 8705).
-    client_cert_thumbprint: str | None = None
-    #: The W3C Trace Context trace id this request belongs to (recorded in the audit details).
-    trace_id: str | None = None
 
 
 #: Rules without a ``risk`` section still obey security events, with these thresholds.
@@ -136,19 +116,6 @@ class ExchangeConfig:
     leeway: int
     max_assertion_lifetime: int
     dpop: DPoPConfig | None = None
-
-
-def check_content_type(content_type: str | None) -> None:
-    """RFC 6749 §3.2: the token endpoint takes ``application/x-www-form-urlencoded`` in UTF-8."""
-    if content_type is None:
-        raise InvalidRequest("request.wrong_content_type", "none")
-    mime, _, params = content_type.partition(";")
-    if mime.strip().lower() != FORM_CONTENT_TYPE:
-        raise InvalidRequest("request.wrong_content_type", mime.strip()[:60])
-    for param in params.split(";"):
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in {"utf-8", "utf8"}:
-            raise InvalidRequest("request.unsupported_charset")
 
 
 class TokenExchange:

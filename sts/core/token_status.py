@@ -18,9 +18,10 @@ from typing import Any
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
 from ..protocol.client_auth import parse_client_credentials
 from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no_repeats, single
+from ..protocol.wire import WireRequest, check_content_type
 from .audit import AuditRecord, log_unaudited, token_hash
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
-from .exchange import WireRequest, check_content_type, trace_details
+from .exchange import trace_details
 from .introspection import OwnTokenVerifier, audiences_of, introspect, verify_own_token
 from .ports import (
     AuditSink,
@@ -111,6 +112,12 @@ class TokenStatus:
             log_unaudited(log, record, str(exc), outcome=None if error is not None else "withheld")
             if error is None:
                 raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
+
+    def refuse_early(self, wire: WireRequest, endpoint: str, exc: OAuthError) -> None:
+        """Record a request to ``endpoint`` (``introspect``, ``revoke``) refused before it could be
+        read (body too large or unparseable, repeated ``Authorization``), as the token endpoint does."""
+        record, _now = self._start(wire, endpoint)
+        self._finish(record, exc)
 
     def introspect(self, wire: WireRequest) -> dict[str, Any]:
         record, now = self._start(wire, "introspect")

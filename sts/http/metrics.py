@@ -11,11 +11,15 @@ their own listener (``metrics_listen``), not here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from flask import Flask, Response, g, request
 
-from ..adapters.metrics import Metrics
 from .responses import UNMATCHED_ROUTE
+
+#: ``observe(route, status, seconds)``: one request served
+#: (:meth:`sts.adapters.metrics.Metrics.observe_request`, wired in by :func:`sts.app.create_app`).
+RequestObserver = Callable[[str, int, float], None]
 
 
 def _route() -> str:
@@ -23,13 +27,13 @@ def _route() -> str:
     return rule.rule if rule is not None else UNMATCHED_ROUTE
 
 
-def install(app: Flask, metrics: Metrics) -> None:
+def install(app: Flask, observe_request: RequestObserver) -> None:
     """Register the hook; call after :func:`sts.http.responses.install` (it stamps the arrival)."""
 
     def observe(response: Response) -> Response:
         started = g.get("request_started")
         if started is not None:
-            metrics.observe_request(_route(), response.status_code, time.perf_counter() - started)
+            observe_request(_route(), response.status_code, time.perf_counter() - started)
         return response
 
     app.after_request(observe)

@@ -18,13 +18,14 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from flask import Flask, Response, current_app, g, json, request
+from flask import Flask, Response, g, json, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import OAuthError
-from .client_address import client_address, is_trusted_proxy
+from .client_address import Network, client_address, is_trusted_proxy
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sts.access")
@@ -93,10 +94,9 @@ def request_id(incoming: str) -> str:
     return incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
 
 
-def _assign_request_id() -> None:
+def _assign_request_id(trusted: Sequence[Network]) -> None:
     g.request_started = time.perf_counter()
     g.request_id = request_id(request.headers.get("X-Request-Id", ""))
-    trusted = current_app.config.get("STS_TRUSTED_PROXIES", ())
     g.client_address = client_address(
         request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted
     )
@@ -142,8 +142,11 @@ def _log_access(response: Response) -> Response:
     return response
 
 
-def install(app: Flask) -> None:
+def install(app: Flask, *, trusted_proxies: Sequence[Network] = ()) -> None:
     """Install the request id, access log and error handlers; call before any route is added.
+
+    ``trusted_proxies``: the networks whose ``X-Forwarded-For`` is believed (the client's address,
+    :mod:`sts.http.client_address`) and whose forwarded client certificates are (RFC 8705).
 
     Flask's automatic ``OPTIONS`` answer (``200``, an empty HTML body) is turned
     off for every route added afterwards, so ``OPTIONS`` is a ``405`` with
@@ -152,7 +155,7 @@ def install(app: Flask) -> None:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     # after_request functions run in reverse order of registration: the access log last.
     app.after_request(_log_access)
-    app.before_request(_assign_request_id)
+    app.before_request(lambda: _assign_request_id(trusted_proxies))
     app.after_request(_echo_request_id)
     app.register_error_handler(OAuthError, oauth_error_response)
     app.register_error_handler(HTTPException, _http_error)

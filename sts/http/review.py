@@ -43,7 +43,6 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, g, redirect, render_template, request
 from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
-from ..adapters.audit_query import COUNT_CAP, AuditQuery, fired_signals
 from ..core.audit_filter import (
     OUTCOMES,
     SIGNAL_NAMES,
@@ -53,6 +52,7 @@ from ..core.audit_filter import (
     filter_from_params,
     format_time,
 )
+from ..core.audit_views import COUNT_CAP, AuditReader, fired_signals
 from ..core.client_secrets import hash_secret, verify_secret
 from ..core.ports import BaselineStore, StoreUnavailable
 from ..core.subject_state import identity_key
@@ -122,7 +122,7 @@ def _when(value: Any) -> str:
 def blueprint(
     config: ReviewConfig,
     *,
-    query: AuditQuery,
+    query: AuditReader,
     baselines: BaselineStore | None,
     clock: Callable[[], float],
 ) -> Blueprint:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..adapters.audit_query import Bucket, Edge
+from ..core.audit_views import Bucket, Edge
 
 OUTCOME_ORDER = ("granted", "refused", "error")
 

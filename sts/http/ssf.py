@@ -19,87 +19,27 @@ writes the answer.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, cast
 
-from flask import Flask, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from ..adapters.jwks import FileJWKS, HttpJWKS
-from ..adapters.metrics import CountedIssuerKeys
-from ..core.ports import IssuerKeys
-from ..core.shared_signals import (
-    ReceiverUnavailable,
-    SetDelivery,
-    SetRefused,
-    SignalReceiver,
-    Transmitter,
-    TransmitterPolicy,
-)
-from ..settings import Settings, TransmitterSettings
+from ..core.shared_signals import ReceiverUnavailable, SetDelivery, SetRefused, SignalReceiver
 from .responses import NO_STORE, json_response
 
-if TYPE_CHECKING:
-    from ..app import Runtime
-
 EVENTS_PATH = "/ssf/events"
-EXTENSION_KEY = "sts.ssf"
 
 
-def transmitter_keys(t: TransmitterSettings, runtime: Runtime) -> IssuerKeys:
-    if t.jwks_file is not None:
-        return FileJWKS(t.jwks_file, algorithms=t.algorithms)
-    assert t.jwks_uri is not None
-    metrics, source = runtime.metrics, f"transmitter:{t.name}"
-    keys = HttpJWKS(
-        t.jwks_uri,
-        algorithms=t.algorithms,
-        max_stale=t.jwks_max_stale,
-        clock=runtime.clock,
-        on_fetch=metrics.jwks_fetch_recorder(source) if metrics else None,
-    )
-    return CountedIssuerKeys(keys, metrics, "transmitter_keys", source) if metrics else keys
+def events_blueprint(receiver: SignalReceiver) -> Blueprint:
+    """``POST /ssf/events``, deciding with ``receiver`` (built with its transmitters' key sources,
+    once, at start, by :func:`sts.app.create_app`; registered only when transmitters are configured)."""
+    bp = Blueprint("ssf", __name__)
 
+    def receive_set() -> Response:
+        """RFC 8935 §2: receive one SET pushed by a transmitter."""
+        return _receive(receiver)
 
-def build_transmitters(settings: Settings, runtime: Runtime) -> list[Transmitter]:
-    return [
-        Transmitter(
-            TransmitterPolicy(
-                name=t.name,
-                issuer=t.issuer,
-                audience=t.audience or settings.issuer,
-                algorithms=frozenset(t.algorithms),
-                block_duration=t.block_duration,
-                max_age=t.max_age,
-                subject_issuers=frozenset(t.subject_issuers) if t.subject_issuers is not None else None,
-            ),
-            transmitter_keys(t, runtime),
-        )
-        for t in settings.transmitters
-    ]
-
-
-def install(app: Flask, runtime: Runtime) -> None:
-    """Register the receiver's endpoint when transmitters are configured.
-
-    The transmitters' key sources are built here, once, at start.
-    """
-    settings = runtime.settings
-    if not settings.transmitters:
-        return
-    if runtime.subject_states is None:
-        raise RuntimeError("the shared signals receiver needs a subject state store")
-    app.extensions[EXTENSION_KEY] = SignalReceiver(
-        build_transmitters(settings, runtime),
-        issuers=runtime.exchange.issuers,
-        replay=runtime.replay,
-        states=runtime.subject_states,
-        # The exchange's sink: the audit trail, with each decision counted.
-        audit=runtime.exchange.audit,
-        clock=runtime.clock,
-        leeway=settings.leeway,
-        limits=runtime.limits,
-    )
-    app.add_url_rule(EVENTS_PATH, "ssf_events", receive_set, methods=["POST"])
+    bp.add_url_rule(EVENTS_PATH, "ssf_events", receive_set, methods=["POST"])
+    return bp
 
 
 def _error(exc: SetRefused) -> Response:
@@ -109,9 +49,7 @@ def _error(exc: SetRefused) -> Response:
     return json_response(exc.body(), exc.status, headers)
 
 
-def receive_set() -> Response:
-    """RFC 8935 §2: receive one SET pushed by a transmitter."""
-    receiver = cast("SignalReceiver", current_app.extensions[EXTENSION_KEY])
+def _receive(receiver: SignalReceiver) -> Response:
     delivery = SetDelivery(
         body=b"",
         content_type=request.headers.get("Content-Type"),

@@ -8,17 +8,40 @@ trace id is in ``g.trace_id`` for the access log and the audit record.  No
 
 from __future__ import annotations
 
+from typing import Protocol, TypeVar
+
 from flask import Flask, Response, g, request
 
-from ..adapters.tracing import RequestTrace, Tracing
-from ..protocol.trace_context import parse_traceparent
+from ..protocol.trace_context import TraceContext, parse_traceparent
 from .responses import UNMATCHED_ROUTE
+
+
+class TracedRequest(Protocol):
+    """A request being traced: it knows its trace id."""
+
+    @property
+    def trace_id(self) -> str: ...
+
+
+Trace = TypeVar("Trace", bound=TracedRequest)
+
+
+class RequestTracing(Protocol[Trace]):
+    """Starts and ends each request's trace (:class:`sts.adapters.tracing.Tracing`, wired in by
+    :func:`sts.app.create_app`)."""
+
+    def start_request(
+        self, request_id: str, method: str, route: str, incoming: TraceContext | None
+    ) -> Trace: ...
+
+    def finish_request(self, trace: Trace, status: int | None) -> None: ...
+
 
 _TRACE = "sts.request_trace"
 _STATUS = "sts.response_status"
 
 
-def install(app: Flask, tracing: Tracing) -> None:
+def install(app: Flask, tracing: RequestTracing[Trace]) -> None:
     """Register the hooks; call after :func:`sts.http.responses.install` (the request id comes first)."""
 
     def start() -> None:
@@ -41,7 +64,7 @@ def install(app: Flask, tracing: Tracing) -> None:
         return response
 
     def finish(_exc: BaseException | None) -> None:
-        trace: RequestTrace | None = request.environ.pop(_TRACE, None)
+        trace: Trace | None = request.environ.pop(_TRACE, None)
         if trace is not None:
             tracing.finish_request(trace, request.environ.get(_STATUS))
 
