@@ -149,6 +149,24 @@ def app(make_settings: Callable[..., Settings]) -> Flask:
 
 
 @pytest.fixture
+def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Flask]]:
+    """Apps built from the shared test settings with overrides; their pools are closed afterwards."""
+    apps: list[Flask] = []
+
+    def build(**overrides: Any) -> Flask:
+        app = create_app(make_settings(**overrides))
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        runtime = app.extensions["sts"]
+        runtime.engine.dispose()
+        if runtime.redis_client is not None:
+            runtime.redis_client.close()
+
+
+@pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
 

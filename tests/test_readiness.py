@@ -46,31 +46,13 @@ from test_stores import (
 
 from sts.adapters import sql
 from sts.adapters.readiness import DatabaseSchema, Readiness, sql_store_check, wait_for_schema
-from sts.app import create_app, database_pool, prepare
+from sts.app import database_pool, prepare
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 STS = str(Path(sys.executable).with_name("sts"))
 SCHEMA_TABLES = set(sql.metadata.tables) | {"alembic_version"}
-
-
-@pytest.fixture
-def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Flask]]:
-    """Apps built from the shared test settings; their pools are closed afterwards."""
-    apps: list[Flask] = []
-
-    def build(**overrides: Any) -> Flask:
-        app = create_app(make_settings(**overrides))
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        runtime = app.extensions["sts"]
-        runtime.engine.dispose()
-        if runtime.redis_client is not None:
-            runtime.redis_client.close()
 
 
 def fresh_checks(app: Flask) -> None:

@@ -57,7 +57,6 @@ from sts.app import create_app
 from sts.core.audit import AuditRecord, token_hash
 from sts.core.ports import ReplayCache, StoreUnavailable
 from sts.dev.issuer import RunningServer
-from sts.settings import Settings
 
 NOW = 1_700_000_000.0
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -390,24 +389,6 @@ def test_a_redis_that_never_answers_is_store_unavailable_within_the_timeout() ->
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Flask]]:
-    """Apps built from the shared settings with overrides; their pools are closed afterwards."""
-    apps: list[Flask] = []
-
-    def build(**overrides: Any) -> Flask:
-        app = create_app(make_settings(**overrides))
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        runtime = app.extensions["sts"]
-        runtime.engine.dispose()
-        if runtime.redis_client is not None:
-            runtime.redis_client.close()
-
-
 def client_assertion(jti: str | None = None, lifetime: int = 60) -> tuple[str, str, int]:
     """RFC 7523 §3 assertion of the ``signer`` client: (assertion, jti, exp)."""
     jti = jti or str(uuid.uuid4())
@@ -733,7 +714,6 @@ def test_cached_subject_state_follows_writes_from_another_instance(
 ) -> None:
     """SQLite state reads are cached per process and revalidated by a shared change counter: a block
     written through another instance applies to the very next exchange here."""
-    from sts.app import create_app
     from sts.core.subject_state import SubjectState as State
     from tests.conftest import STS_ISSUER, exchange_form
 
