@@ -2,41 +2,41 @@
 
 Each step decides one thing and fills in its own part of the audit record.  The
 stages are those the pipeline reports (:mod:`sts.core.stages`: trace spans and
-latency histograms); modules are of this package unless named otherwise::
+latency histograms); "where" names a module of this package, or this module::
 
-    stage        step                                          where
-    parse        read the request (RFC 6749 §3.2, 8693 §2.1)   request.parse_request
-    client_auth  authenticate the client (RFC 6749 §2.3,       TokenExchange._authenticate_client
+    stage        step                                           where
+    parse        read the request (RFC 6749 §3.2, 8693 §2.1)    request.parse_request
+    client_auth  authenticate the client (RFC 6749 §2.3,        TokenExchange._authenticate_client
                  RFC 7523 §3)
-    dpop         verify the DPoP proof (RFC 9449 §4.3)         binding.verify_request_proof
-    attest       attest the subject and the actor; the act     attestation.Attestation.attest
-                 chain (RFC 8693 §4.1, §4.4)
-    policy       evaluate the policy                           TokenExchange._evaluate_policy
-                 keep a bound token bound (RFC 9449 §7,        binding.check_binding,
-                 RFC 8705 §3)                                  binding.check_certificate_binding
-                 the attestation age the rule allows           check_attestation_age
-    risk         assess the risk                               risk_and_assurance.RiskAndAssurance.assess
-                 enforce it: refuse, step up or narrow         RiskAndAssurance.enforce
-                 the assurance level (RFC 9470 §3)             RiskAndAssurance.check_assurance
-    mint         the lifetime                                  token_lifetime
-                 reserve the single use of the subject token   single_use.reserve_subject_token
-                 mint the token (RFC 9068), learn the baseline TokenExchange._mint, RiskAndAssurance.learn
-    audit        commit the record (with the single use)       TokenExchange._commit
+    dpop         verify the DPoP proof (RFC 9449 §4.3)          binding.verify_request_proof
+    attest       attest the subject and the actor, build the    attestation.Attestation.attest
+                 act chain (RFC 8693 §4.1, §4.4)
+    policy       evaluate the policy                            TokenExchange._evaluate_policy
+                 keep a bound token bound (RFC 9449 §7)         binding.check_binding
+                 ... and certificate-bound (RFC 8705 §3)        binding.check_certificate_binding
+                 the attestation age the rule allows            check_attestation_age
+    risk         assess the risk                                risk_and_assurance.RiskAndAssurance.assess
+                 enforce it: refuse, step up or narrow          RiskAndAssurance.enforce
+                 the assurance level needed (RFC 9470 §3)       RiskAndAssurance.check_assurance
+    mint         the lifetime                                   issue.token_lifetime
+                 reserve the single use of the subject token    single_use.reserve_subject_token
+                 mint the token (RFC 9068)                      issue.mint_exchanged_token
+                 learn the behaviour baseline                   RiskAndAssurance.learn
+                 record the grant                               issue.record_grant
+    audit        commit the record (with the single use)        TokenExchange._commit
 
 Rate limits are checked where their key is known: on arrival (parse), per client
 (client_auth), per identity (attest) and per rule (policy).  Storage and keys are
 reached through :mod:`sts.core.ports`.  Whatever the outcome, the record is
-written (:class:`sts.core.audited.AuditedEndpoint`: refused, failed or granted);
-a token is returned only after its record is committed.
+written (:class:`sts.core.audited.AuditedEndpoint`: refused, failed or granted),
+and a token is returned only after its record is committed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ...errors import (
     InvalidClient,
@@ -54,8 +54,7 @@ from ..audit import AuditRecord, log_unaudited
 from ..audited import AuditedEndpoint
 from ..clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from ..delegation import attestation_time, narrow_reexchange
-from ..dpop import DPoPConfig, VerifiedProof
-from ..mint import IssuedToken, mint_access_token
+from ..dpop import DPoPConfig
 from ..policy import Grant, PolicyRequest, PolicySet, evaluate
 from ..ports import (
     AlreadyUsed,
@@ -73,9 +72,9 @@ from ..ports import (
     TokenReviewer,
 )
 from ..rate_limit import NO_LIMITS, RateLimiter
-from ..stepup import RiskDecision
 from .attestation import Attestation, Parties
-from .binding import check_binding, check_certificate_binding, confirmation, verify_request_proof
+from .binding import check_binding, check_certificate_binding, verify_request_proof
+from .issue import mint_exchanged_token, record_grant, token_lifetime
 from .request import parse_request, presented_subject_token_hash, start_record
 from .risk_and_assurance import RiskAndAssurance
 from .single_use import reserve_subject_token, withdraw_grant
@@ -164,6 +163,9 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
     def _decide(
         self, wire: WireRequest, record: AuditRecord, now: float, uses: list[SingleUse]
     ) -> TokenExchangeResponse:
+        """The stages of the module docstring, in order: the response, with ``record`` filled in
+        (committed by :meth:`_commit`) and the single use to commit with it in ``uses``."""
+        # The hash goes into the record even when the request is refused before it is parsed.
         record.subject_token_sha256 = presented_subject_token_hash(wire)
         self.stages.enter(stage.PARSE)
         # Global and per-network limits, before any work is done for the request.
@@ -201,8 +203,19 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
                     self.ledger, parties.subject, request.subject_token, leeway=self.config.leeway, now=now
                 )
             )
-        issued = self._mint(
-            wire, client, parties, proof, grant, scopes, lifetime, attested_at, risk.level, now
+        issued = mint_exchanged_token(
+            self.signer(),
+            self.config.issuer,
+            client=client,
+            parties=parties,
+            proof=proof,
+            certificate=wire.client_cert_thumbprint,
+            grant=grant,
+            scopes=scopes,
+            lifetime=lifetime,
+            attested_at=attested_at,
+            acr=risk.level,
+            now=now,
         )
         self.risk.learn(risk, wire.source_ip, grant.audiences, scopes, parties.depth, now)
         record_grant(record, grant, scopes, lifetime, issued)
@@ -274,39 +287,6 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             record.reasons.append("reexchange.scope_narrowed")
         return grant, scopes
 
-    def _mint(
-        self,
-        wire: WireRequest,
-        client: AuthenticatedClient | None,
-        parties: Parties,
-        proof: VerifiedProof | None,
-        grant: Grant,
-        scopes: tuple[str, ...],
-        lifetime: int,
-        attested_at: float | None,
-        acr: str,
-        now: float,
-    ) -> IssuedToken:
-        """The RFC 9068 access token: bound to the presented keys, carrying the delegation and the
-        assurance level this exchange reached (RFC 9470 §4 / RFC 9068 §2.2.1 ``acr``)."""
-        subject = parties.subject
-        return mint_access_token(
-            self.signer(),
-            issuer=self.config.issuer,
-            subject=subject.subject,
-            audiences=grant.audiences,
-            scopes=scopes,
-            client_id=client.client_id if client else subject.subject,
-            lifetime=lifetime,
-            now=now,
-            auth_time=attested_at,
-            extra={
-                **(carried_claims(subject, parties.act) or {}),
-                **confirmation(proof, wire.client_cert_thumbprint),
-                "acr": acr,
-            },
-        )
-
     def _commit(self, record: AuditRecord, uses: list[SingleUse], now: float) -> None:
         """Commit the grant's record; with single use, the use of the subject token with it."""
         try:
@@ -368,41 +348,3 @@ def check_attestation_age(subject: VerifiedToken, grant: Grant, now: float) -> f
     ):
         raise InvalidRequest("policy.attestation_too_old")
     return attested_at
-
-
-def token_lifetime(
-    subject: VerifiedToken, grant: Grant, request: TokenExchangeRequest, decision: RiskDecision, now: float
-) -> int:
-    """The smallest of the rule's maximum, what was asked and what is left of the subject token (or
-    of what its issuer intended, e.g. ``warnafter``), shrunk as risk grows so the token expires with
-    its risk context; ``invalid_request`` when nothing is left."""
-    remaining = math.floor(subject.lifetime_end - now)
-    lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
-    if decision.enforced and decision.lifetime_factor < 1:
-        lifetime = max(1, math.floor(lifetime * decision.lifetime_factor))
-    if lifetime < 1:
-        raise InvalidRequest("subject_token.expired")
-    return lifetime
-
-
-def record_grant(
-    record: AuditRecord, grant: Grant, scopes: tuple[str, ...], lifetime: int, issued: IssuedToken
-) -> None:
-    """The ``mint`` stage's part of the record: what was granted and the token issued."""
-    record.outcome = "granted"
-    record.granted_audience = list(grant.audiences)
-    record.granted_scope = list(scopes)
-    record.granted_lifetime = lifetime
-    record.issued_jti, record.issued_exp, record.issued_kid = issued.jti, issued.expires_at, issued.kid
-
-
-def carried_claims(subject: VerifiedToken, act: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``act`` (the chain) and the subject's ``may_act`` (RFC 8693 §4.4) travel with the token,
-    so a later re-exchange is bound by who the subject allowed to act for it."""
-    extra: dict[str, Any] = {}
-    if act is not None:
-        extra["act"] = act
-    may_act = subject.claims.get("may_act")
-    if isinstance(may_act, Mapping):
-        extra["may_act"] = dict(may_act)
-    return extra or None
