@@ -69,7 +69,8 @@ from .core.ports import (
 )
 from .core.profiles import ProfileOptions, get_profile
 from .core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
-from .core.shared_signals import SignalReceiver, Transmitter, TransmitterPolicy
+from .core.signals.receiver import SignalReceiver
+from .core.signals.verify import Transmitter, TransmitterPolicy
 from .core.token_status import TokenStatus
 from .errors import ConfigurationError
 from .http import metrics as metrics_http

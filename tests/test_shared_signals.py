@@ -39,8 +39,13 @@ from werkzeug.test import TestResponse
 from sts.adapters import redis_store, sql
 from sts.app import build_transmitters, create_app
 from sts.core.ports import StoreUnavailable
-from sts.core.shared_signals import (
-    ACTED_ON,
+from sts.core.signals.events import ACTED_ON, apply_event
+from sts.core.signals.receiver import SignalReceiver
+from sts.core.signals.subjects import SubjectScope, resolve_subject
+from sts.core.subject_state import STATE_TTL, SubjectState, is_revoked
+from sts.dev.issuer import DevIssuer, RunningServer
+from sts.errors import ConfigurationError
+from sts.protocol.security_events import (
     ASSURANCE_LEVEL_CHANGE,
     CREDENTIAL_CHANGE,
     DESCRIPTIONS,
@@ -50,14 +55,7 @@ from sts.core.shared_signals import (
     TOKEN_CLAIMS_CHANGE,
     SetDelivery,
     SetRefused,
-    SignalReceiver,
-    SubjectScope,
-    apply_event,
-    resolve_subject,
 )
-from sts.core.subject_state import STATE_TTL, SubjectState, is_revoked
-from sts.dev.issuer import DevIssuer, RunningServer
-from sts.errors import ConfigurationError
 from sts.settings import Settings
 
 SET_CONTENT_TYPE = "application/secevent+jwt"
