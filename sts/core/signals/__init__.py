@@ -15,6 +15,7 @@ package is the pure part that decides, in the order the receiver runs it::
                                                      stored by receiver.SignalReceiver._apply
     commit the audit record                          receiver.SignalReceiver._commit
 
+Rate limits are checked on arrival and, once its signature names it, per transmitter.
 :class:`~.receiver.SignalReceiver` runs them, talks to storage only through the
 ports, and records every delivery, accepted or refused
 (:class:`sts.core.audited.AuditedEndpoint`).  The HTTP layer (:mod:`sts.http.ssf`)
