@@ -104,6 +104,7 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
         self.record_refusal(self._record(delivery, self.clock()), exc)
 
     def receive(self, delivery: SetDelivery) -> SetReceipt:
+        """Decide on one delivery and record it; the receipt is returned once the record is committed."""
         now = self.clock()
         record = self._record(delivery, now)
         receipt, _consumed = self.decide_and_record(
