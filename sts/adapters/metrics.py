@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from joserfc.jwk import Key
 
-    from .keyring import KeyEntry
+    from sts.core.key_rotation import KeyEntry
 
 log = logging.getLogger(__name__)
 
