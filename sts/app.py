@@ -24,7 +24,8 @@ from sqlalchemy import Engine
 
 from .adapters import redis_store, sql
 from .adapters.decision_log import LoggedSqlAuditSink
-from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
+from .adapters.jwks import FileJWKS, StaticJWKS
+from .adapters.jwks_cache import HttpJWKS
 from .adapters.keyring import KeyRing
 from .adapters.metrics import (
     CountedIssuerKeys,
