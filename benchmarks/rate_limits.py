@@ -53,7 +53,7 @@ from sts.core.ports import RateLimitStore  # noqa: E402
 from sts.core.rate_limit import Check, Limit, LimitedKey, RateLimiter, RateLimitPolicy  # noqa: E402
 from sts.dev.issuer import DevIssuer  # noqa: E402
 from sts.errors import RateLimited  # noqa: E402
-from sts.settings import load_settings  # noqa: E402
+from sts.settings.load import load_settings  # noqa: E402
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT = "urn:ietf:params:oauth:token-type:jwt"

@@ -1,13 +1,13 @@
 """The layers, checked: imports point down only.
 
-    cli, serving -> app -> http, adapters -> core, protocol -> errors
+    cli, serving -> app -> wiring -> http, adapters -> core, protocol -> errors
 
 * ``sts/core`` and ``sts/protocol`` (the decision pipeline and the wire formats) import no
   web framework, database, cache, HTTP client, server, metrics or tracing library, and no
   outer layer;
 * ``sts/http`` (the thin Flask layer) imports neither the app that wires it nor an adapter,
   and does not read the services out of the application's globals: each blueprint is built
-  by a factory given the services it uses (``sts/app.py`` wires the adapters in).
+  by a factory given the services it uses (``sts/app.py`` and ``sts/wiring/`` wire the adapters in).
 
 Checked statically, with :mod:`ast`, over every module of each package and its subpackages,
 also for imports inside functions; and once at run time for the pure packages.
@@ -38,9 +38,18 @@ IO_LIBRARIES = (
 )
 PURE_PACKAGES = ("core", "protocol")
 #: What the pure packages may not import from this project: every layer above them.
-ABOVE_PURE = ("sts.adapters", "sts.http", "sts.app", "sts.cli", "sts.serving", "sts.dev", "sts.settings")
+ABOVE_PURE = (
+    "sts.adapters",
+    "sts.http",
+    "sts.app",
+    "sts.wiring",
+    "sts.cli",
+    "sts.serving",
+    "sts.dev",
+    "sts.settings",
+)
 #: What the HTTP layer may not import: the app that wires it, the adapters, and the layers above.
-ABOVE_HTTP = ("sts.app", "sts.adapters", "sts.cli", "sts.serving", "sts.dev", "sts.settings")
+ABOVE_HTTP = ("sts.app", "sts.wiring", "sts.adapters", "sts.cli", "sts.serving", "sts.dev", "sts.settings")
 
 
 def module_name(path: Path, root: Path = REPO_ROOT) -> str:

@@ -62,7 +62,8 @@ from sts.app import create_app, prepare
 from sts.cli import main
 from sts.dev.issuer import RunningServer
 from sts.errors import ConfigurationError
-from sts.settings import Settings, load_settings
+from sts.settings import Settings
+from sts.settings.load import load_settings
 
 NOW = 1_700_000_000.0
 #: This version's newest revision (each new migration moves it; the drift test keeps it honest).

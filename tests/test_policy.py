@@ -1232,7 +1232,7 @@ def test_shipped_policies_compile_with_their_issuers() -> None:
 
 def test_default_lifetime_setting_applies_to_rules_without_max_lifetime(make_settings) -> None:  # type: ignore[no-untyped-def]
     """``default_lifetime`` is the max_lifetime of a rule that sets none."""
-    from sts.app import build_policy
+    from sts.wiring.trust import build_policy
 
     policy = {
         "version": 1,

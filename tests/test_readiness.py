@@ -46,9 +46,10 @@ from test_stores import (
 
 from sts.adapters import sql
 from sts.adapters.readiness import DatabaseSchema, Readiness, sql_store_check, wait_for_schema
-from sts.app import database_pool, prepare
+from sts.app import prepare
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
+from sts.wiring.stores import database_pool
 
 REPO = Path(__file__).resolve().parent.parent
 STS = str(Path(sys.executable).with_name("sts"))

@@ -27,7 +27,7 @@ from sts.adapters import sql
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.serving import per_worker_connections
-from sts.settings import load_settings
+from sts.settings.load import load_settings
 
 STS = str(Path(sys.executable).with_name("sts"))
 #: Connections held open by the slow-client test: a third idle, a third mid-headers, a third mid-body.

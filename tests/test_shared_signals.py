@@ -37,7 +37,7 @@ from redis_server import url_of
 from werkzeug.test import TestResponse
 
 from sts.adapters import redis_store, sql
-from sts.app import build_transmitters, create_app
+from sts.app import create_app
 from sts.core.ports import StoreUnavailable
 from sts.core.shared_signals import (
     ACTED_ON,
@@ -59,6 +59,7 @@ from sts.core.subject_state import STATE_TTL, SubjectState, is_revoked
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
+from sts.wiring.trust import build_transmitters
 
 SET_CONTENT_TYPE = "application/secevent+jwt"
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
