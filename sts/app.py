@@ -22,7 +22,6 @@ import redis
 from flask import Flask
 from sqlalchemy import Engine
 
-from .adapters import redis_store, sql
 from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
@@ -44,8 +43,19 @@ from .adapters.readiness import (
     sql_store_check,
     wait_for_schema,
 )
-from .adapters.redis_rate_limits import RedisRateLimits
-from .adapters.sql_rate_limits import SqlRateLimits, rate_limit_engine
+from .adapters.redis.client import connect as connect_redis
+from .adapters.redis.epoch import LedgerEpoch
+from .adapters.redis.key_value import RedisBaselineStore, RedisRevokedTokens, RedisSubjectStateStore
+from .adapters.redis.ledger import RedisReplayCache, RedisSingleUseLedger
+from .adapters.redis.persistence import check_at_start
+from .adapters.redis.rate_limits import RedisRateLimits
+from .adapters.sql.audit_sink import SqlAuditSink
+from .adapters.sql.engines import PoolOptions, make_engine
+from .adapters.sql.key_value import SqlBaselineStore, SqlLedgerEpochMemory, SqlRevokedTokens
+from .adapters.sql.rate_limits import SqlRateLimits, rate_limit_engine
+from .adapters.sql.replay import SqlReplayCache
+from .adapters.sql.single_use import SqlSingleUseLedger
+from .adapters.sql.subject_state import SqlSubjectStateStore
 from .adapters.token_review import HttpTokenReviewer
 from .adapters.tracing import Tracing, build_tracing
 from .core.assurance import LEVELS
@@ -95,7 +105,7 @@ class Runtime:
     replay: ReplayCache
     exchange: TokenExchange
     policy: PolicySet
-    audit: sql.SqlAuditSink
+    audit: SqlAuditSink
     metadata: dict[str, Any]
     clock: Callable[[], float]
     subject_states: SubjectStateStore | None = None
@@ -402,8 +412,8 @@ def secret_file(path: Path) -> bytes:
     return data
 
 
-def database_pool(settings: Settings) -> sql.PoolOptions:
-    """The shape of each of a process's two PostgreSQL pools (see :class:`sql.PoolOptions`).
+def database_pool(settings: Settings) -> PoolOptions:
+    """The shape of each of a process's two PostgreSQL pools (see :class:`PoolOptions`).
 
     By default each pool can give every thread a connection at once (size + overflow =
     threads + 1), and keeps few open while idle (size = threads // 4, at least 1): with
@@ -415,7 +425,7 @@ def database_pool(settings: Settings) -> sql.PoolOptions:
     overflow = settings.database_max_overflow
     if overflow is None:
         overflow = max(0, settings.threads + 1 - size)
-    return sql.PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))
+    return PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))
 
 
 def prepare(
@@ -434,7 +444,7 @@ def prepare(
     current.
     """
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
-    engine = sql.make_engine(settings.database_url, database_pool(settings))
+    engine = make_engine(settings.database_url, database_pool(settings))
     try:
         schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
         return wait_for_schema(schema, settings.database_startup_timeout, sleep=sleep, monotonic=monotonic)
@@ -452,39 +462,39 @@ def create_app(
     (tests): an OpenTelemetry span exporter used instead of the configured one.
     """
     logging.getLogger("sts").setLevel(settings.log_level)
-    engine = sql.make_engine(settings.database_url, database_pool(settings))
+    engine = make_engine(settings.database_url, database_pool(settings))
     schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
     schema.attempt()
     keyring = KeyRing.open(
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
     )
     redis_client: redis.Redis | None = None
-    epoch: redis_store.LedgerEpoch | None = None
+    epoch: LedgerEpoch | None = None
     replay: ReplayCache
     subject_states: SubjectStateStore
     baselines: BaselineStore
     if settings.store == "redis":
-        redis_client = redis_store.connect(settings.redis_url)
+        redis_client = connect_redis(settings.redis_url)
         # The durable database remembers the ledger's epoch, so that even a process started after
         # Redis lost its records knows they were lost.
-        epoch = redis_store.LedgerEpoch(redis_client, memory=sql.SqlLedgerEpochMemory(engine, clock=clock))
-        redis_store.check_at_start(redis_client, epoch, clock())
-        replay = redis_store.RedisReplayCache(redis_client, epoch=epoch)
-        subject_states = redis_store.RedisSubjectStateStore(redis_client)
-        baselines = redis_store.RedisBaselineStore(redis_client)
-        revoked: RevokedTokens = redis_store.RedisRevokedTokens(redis_client)
+        epoch = LedgerEpoch(redis_client, memory=SqlLedgerEpochMemory(engine, clock=clock))
+        check_at_start(redis_client, epoch, clock())
+        replay = RedisReplayCache(redis_client, epoch=epoch)
+        subject_states = RedisSubjectStateStore(redis_client)
+        baselines = RedisBaselineStore(redis_client)
+        revoked: RevokedTokens = RedisRevokedTokens(redis_client)
     else:
-        replay = sql.SqlReplayCache(engine)
-        subject_states = sql.SqlSubjectStateStore(engine, clock=clock)
-        baselines = sql.SqlBaselineStore(engine, clock=clock)
-        revoked = sql.SqlRevokedTokens(engine, clock=clock)
+        replay = SqlReplayCache(engine)
+        subject_states = SqlSubjectStateStore(engine, clock=clock)
+        baselines = SqlBaselineStore(engine, clock=clock)
+        revoked = SqlRevokedTokens(engine, clock=clock)
     policy = build_policy(settings)
     # Every decision whose record is committed is also summarised on the decision log (sts.decision).
     audit = LoggedSqlAuditSink(engine)
     ledger: SingleUseLedger = (
-        redis_store.RedisSingleUseLedger(redis_client, audit, epoch=epoch)
+        RedisSingleUseLedger(redis_client, audit, epoch=epoch)
         if redis_client is not None
-        else sql.SqlSingleUseLedger(audit)
+        else SqlSingleUseLedger(audit)
     )
     # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the
     # failures of the stores, the audit trail and upstream services where the pipeline meets them.

@@ -500,15 +500,16 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     """Print the newest decisions as JSON lines, newest first."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .adapters import sql
+    from .adapters.sql.audit_sink import SqlAuditSink
+    from .adapters.sql.engines import make_engine
     from .migrations import SchemaError, ensure
 
     settings = _settings(ctx)
     filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
     try:
-        engine = sql.make_engine(settings.database_url)
+        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
-        records = sql.SqlAuditSink(engine).recent(limit, **filters)
+        records = SqlAuditSink(engine).recent(limit, **filters)
     except SchemaError as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
@@ -549,11 +550,12 @@ def _audit_filter(values: dict[str, Any]) -> Any:
 
 
 def _audit_query(ctx: click.Context) -> Any:
-    from .adapters import audit_query, sql
+    from .adapters import audit_query
+    from .adapters.sql.engines import make_engine
     from .migrations import SchemaError, ensure
 
     settings = _settings(ctx)
-    engine = sql.make_engine(settings.database_url)
+    engine = make_engine(settings.database_url)
     try:
         ensure(engine, migrate=settings.database_migrate_on_start)
     except SchemaError as exc:
@@ -654,7 +656,7 @@ def audit_prune(
     from sqlalchemy.exc import SQLAlchemyError
 
     from .adapters.audit_query import PruneAborted
-    from .adapters.sql import PruneWouldBreakChain
+    from .adapters.sql.retention import PruneWouldBreakChain
     from .core.audit_filter import format_time
 
     if (archive is not None and delete_only) or (not dry_run and archive is None and not delete_only):
@@ -701,11 +703,11 @@ def audit_summarize(ctx: click.Context) -> None:
 def _audit_engine(settings: Settings) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .adapters import sql
+    from .adapters.sql.engines import make_engine
     from .migrations import SchemaError, ensure
 
     try:
-        engine = sql.make_engine(settings.database_url)
+        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
     except SchemaError as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
@@ -858,9 +860,9 @@ def db() -> None:
 
 
 def _database(ctx: click.Context) -> Any:
-    from .adapters import sql
+    from .adapters.sql.engines import make_engine
 
-    return sql.make_engine(_settings(ctx).database_url)
+    return make_engine(_settings(ctx).database_url)
 
 
 @db.command("upgrade")
@@ -875,7 +877,8 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .adapters.readiness import describe, where
+    from .adapters.readiness import describe
+    from .adapters.sql.engines import where
     from .migrations import SchemaError, upgrade
 
     engine = _database(ctx)
@@ -900,7 +903,8 @@ def db_current(ctx: click.Context) -> None:
     """Print the schema's revision; exit 1 unless it is this version's newest (head)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .adapters.readiness import describe, where
+    from .adapters.readiness import describe
+    from .adapters.sql.engines import where
     from .migrations import state
 
     engine = _database(ctx)
