@@ -14,11 +14,11 @@ from typing import Any
 
 from flask import Flask
 
-from .adapters import sql
 from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.keyring import KeyRing
 from .adapters.metrics import MeteredAuditSink, MeteredLedger, Metrics
 from .adapters.readiness import DatabaseSchema, Readiness, instance_name, wait_for_schema
+from .adapters.sql.engines import make_engine
 from .adapters.tracing import build_tracing
 from .settings import Settings
 from .wiring.metadata import build_metadata
@@ -47,7 +47,7 @@ def prepare(
     current.
     """
     KeyRing.open(settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg)
-    engine = sql.make_engine(settings.database_url, database_pool(settings))
+    engine = make_engine(settings.database_url, database_pool(settings))
     try:
         schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
         return wait_for_schema(schema, settings.database_startup_timeout, sleep=sleep, monotonic=monotonic)
@@ -65,7 +65,7 @@ def create_app(
     (tests): an OpenTelemetry span exporter used instead of the configured one.
     """
     logging.getLogger("sts").setLevel(settings.log_level)
-    engine = sql.make_engine(settings.database_url, database_pool(settings))
+    engine = make_engine(settings.database_url, database_pool(settings))
     schema = DatabaseSchema(engine, migrate=settings.database_migrate_on_start)
     schema.attempt()
     keyring = KeyRing.open(

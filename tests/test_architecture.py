@@ -174,3 +174,70 @@ def test_import_scanner_sees_relative_nested_and_module_imports(tmp_path: Path) 
     }
     assert within("sts.app", ABOVE_HTTP) and within("sts.adapters.sql", ABOVE_HTTP)
     assert not within("sts.applications", ABOVE_HTTP)
+
+
+#: Where an import circle once was (readiness -> migrations -> sql -> migrations): none may come back.
+NO_CIRCLES = ("sts.adapters", "sts.migrations")
+
+
+def import_graph(root: Path = REPO_ROOT) -> dict[str, set[str]]:
+    """Each module of ``root/sts``, and the modules of the project that importing it runs.
+
+    Imports inside functions and under ``TYPE_CHECKING`` count, and importing ``a.b.c``
+    runs ``a/__init__.py`` and ``a/b/__init__.py`` too (with what they import).
+    """
+    modules = {module_name(path, root): path for path in sorted((root / "sts").rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for imported in imported_modules(path, root):
+            parts = imported.split(".")
+            edges.update(m for i in range(1, len(parts) + 1) if (m := ".".join(parts[:i])) in modules)
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]], prefixes: tuple[str, ...]) -> list[list[str]]:
+    """Every set of modules that import each other in a circle, with one of them under ``prefixes``."""
+
+    def reachable(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return seen
+
+    reach = {name: reachable(name) for name in graph}
+    circles = {
+        frozenset({name} | {other for other in reach[name] if name in reach[other]})
+        for name in graph
+        if within(name, prefixes) and name in reach[name]
+    }
+    return sorted(sorted(circle) for circle in circles)
+
+
+def test_no_import_circle_runs_through_the_adapters_or_the_migrations() -> None:
+    graph = import_graph()
+    assert "sts.adapters.sql.schema" in graph["sts.migrations"]
+    assert import_circles(graph, NO_CIRCLES) == []
+
+
+def test_the_circle_finder_sees_a_circle_through_a_package_init_and_a_function(tmp_path: Path) -> None:
+    files = {
+        "__init__.py": "",
+        "migrations/__init__.py": "from ..adapters.sql import schema\n",
+        "adapters/__init__.py": "",
+        "adapters/sql/__init__.py": "from . import setup\n",
+        "adapters/sql/schema.py": "",
+        "adapters/sql/setup.py": "def create():\n    from ...migrations import upgrade\n",
+    }
+    for relative, text in files.items():
+        (tmp_path / "sts" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sts" / relative).write_text(text)
+    assert import_circles(import_graph(tmp_path), NO_CIRCLES) == [
+        ["sts.adapters.sql", "sts.adapters.sql.setup", "sts.migrations"]
+    ]

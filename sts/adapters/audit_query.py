@@ -71,16 +71,10 @@ from ..core.audit_views import (
     Page,
     SummaryStatus,
 )
-from .sql import (
-    _text,
-    audit_counts,
-    audit_edges,
-    audit_events,
-    audit_summary_state,
-    audit_terms,
-    record_prune_anchors,
-    transaction,
-)
+from .sql.audit_sink import _text
+from .sql.engines import transaction
+from .sql.retention import record_prune_anchors
+from .sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
 
 log = logging.getLogger(__name__)
 

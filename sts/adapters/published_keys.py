@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from joserfc.jwk import Key
 
@@ -23,9 +23,6 @@ from .jwks import StaticJWKS
 from .key_signer import KeySigner
 from .keyring_metadata import FileId
 from .signing_keys import AsymmetricJWK, public_part
-
-if TYPE_CHECKING:
-    from .keyring import KeyRing
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +58,14 @@ class RingView:
         )
 
 
+class PublishingRing(Protocol):
+    """What :class:`OwnTokenKeys` needs of :class:`~sts.adapters.keyring.KeyRing`."""
+
+    def reload_if_changed(self, now: float) -> Any: ...
+
+    def public_jwks(self) -> Mapping[str, Any]: ...
+
+
 class OwnTokenKeys:
     """:class:`sts.core.ports.IssuerKeys` over this service's own published keys.
 
@@ -69,7 +74,7 @@ class OwnTokenKeys:
     our JWKS publishes, and follows rotations done by another process.
     """
 
-    def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, ring: PublishingRing, clock: Callable[[], float] = time.time) -> None:
         self._ring = ring
         self._clock = clock
         self._cached: tuple[tuple[str, ...], StaticJWKS] | None = None

@@ -32,15 +32,16 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     """Print the newest decisions as JSON lines, newest first."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ..adapters import sql
+    from ..adapters.sql.audit_sink import SqlAuditSink
+    from ..adapters.sql.engines import make_engine
     from ..migrations import SchemaError, ensure
 
     settings = settings_from(ctx)
     filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
     try:
-        engine = sql.make_engine(settings.database_url)
+        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
-        records = sql.SqlAuditSink(engine).recent(limit, **filters)
+        records = SqlAuditSink(engine).recent(limit, **filters)
     except SchemaError as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
@@ -81,11 +82,12 @@ def _audit_filter(values: dict[str, Any]) -> Any:
 
 
 def _audit_query(ctx: click.Context) -> Any:
-    from ..adapters import audit_query, sql
+    from ..adapters import audit_query
+    from ..adapters.sql.engines import make_engine
     from ..migrations import SchemaError, ensure
 
     settings = settings_from(ctx)
-    engine = sql.make_engine(settings.database_url)
+    engine = make_engine(settings.database_url)
     try:
         ensure(engine, migrate=settings.database_migrate_on_start)
     except SchemaError as exc:
@@ -186,7 +188,7 @@ def audit_prune(
     from sqlalchemy.exc import SQLAlchemyError
 
     from ..adapters.audit_query import PruneAborted
-    from ..adapters.sql import PruneWouldBreakChain
+    from ..adapters.sql.retention import PruneWouldBreakChain
     from ..core.audit_filter import format_time
 
     if (archive is not None and delete_only) or (not dry_run and archive is None and not delete_only):

@@ -18,11 +18,11 @@ from .keys import open_keyring
 def _audit_engine(settings: Settings) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ..adapters import sql
+    from ..adapters.sql.engines import make_engine
     from ..migrations import SchemaError, ensure
 
     try:
-        engine = sql.make_engine(settings.database_url)
+        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
     except SchemaError as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None

@@ -15,9 +15,9 @@ def db() -> None:
 
 
 def _database(ctx: click.Context) -> Any:
-    from ..adapters import sql
+    from ..adapters.sql.engines import make_engine
 
-    return sql.make_engine(settings_from(ctx).database_url)
+    return make_engine(settings_from(ctx).database_url)
 
 
 @db.command("upgrade")
@@ -32,7 +32,8 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ..adapters.readiness import describe, where
+    from ..adapters.readiness import describe
+    from ..adapters.sql.engines import where
     from ..migrations import SchemaError, upgrade
 
     engine = _database(ctx)
@@ -57,7 +58,8 @@ def db_current(ctx: click.Context) -> None:
     """Print the schema's revision; exit 1 unless it is this version's newest (head)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ..adapters.readiness import describe, where
+    from ..adapters.readiness import describe
+    from ..adapters.sql.engines import where
     from ..migrations import state
 
     engine = _database(ctx)

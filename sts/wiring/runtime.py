@@ -10,10 +10,10 @@ from typing import Any
 import redis
 from sqlalchemy import Engine
 
-from ..adapters import sql
 from ..adapters.keyring import KeyRing
 from ..adapters.metrics import Metrics
 from ..adapters.readiness import DatabaseSchema, Readiness
+from ..adapters.sql.audit_sink import SqlAuditSink
 from ..adapters.tracing import Tracing
 from ..core.exchange import TokenExchange
 from ..core.policy import PolicySet
@@ -34,7 +34,7 @@ class Runtime:
     replay: ReplayCache
     exchange: TokenExchange
     policy: PolicySet
-    audit: sql.SqlAuditSink
+    audit: SqlAuditSink
     metadata: dict[str, Any]
     clock: Callable[[], float]
     subject_states: SubjectStateStore | None = None

@@ -10,11 +10,21 @@ from dataclasses import dataclass, replace
 import redis
 from sqlalchemy import Engine
 
-from ..adapters import redis_store, sql
 from ..adapters.metrics import Metrics, count_store_errors
 from ..adapters.readiness import StoreCheck, redis_store_check, sql_store_check
-from ..adapters.redis_rate_limits import RedisRateLimits
-from ..adapters.sql_rate_limits import SqlRateLimits, rate_limit_engine
+from ..adapters.redis.client import connect as connect_redis
+from ..adapters.redis.epoch import LedgerEpoch
+from ..adapters.redis.key_value import RedisBaselineStore, RedisRevokedTokens, RedisSubjectStateStore
+from ..adapters.redis.ledger import RedisReplayCache, RedisSingleUseLedger
+from ..adapters.redis.persistence import check_at_start
+from ..adapters.redis.rate_limits import RedisRateLimits
+from ..adapters.sql.audit_sink import SqlAuditSink
+from ..adapters.sql.engines import PoolOptions
+from ..adapters.sql.key_value import SqlBaselineStore, SqlLedgerEpochMemory, SqlRevokedTokens
+from ..adapters.sql.rate_limits import SqlRateLimits, rate_limit_engine
+from ..adapters.sql.replay import SqlReplayCache
+from ..adapters.sql.single_use import SqlSingleUseLedger
+from ..adapters.sql.subject_state import SqlSubjectStateStore
 from ..core.ports import (
     BaselineStore,
     RateLimitStore,
@@ -37,7 +47,7 @@ class Stores:
     revoked: RevokedTokens
     #: The Redis client (``store: redis``); None when the state is kept in the database.
     redis_client: redis.Redis | None = None
-    epoch: redis_store.LedgerEpoch | None = None
+    epoch: LedgerEpoch | None = None
 
     def counted(self, metrics: Metrics) -> Stores:
         """The same stores, with their failures counted (``sts_store_errors_total{store=...}``)."""
@@ -54,32 +64,32 @@ def open_stores(settings: Settings, engine: Engine, clock: Callable[[], float]) 
     """The configured store; Redis is connected to and checked now."""
     if settings.store != "redis":
         return Stores(
-            replay=sql.SqlReplayCache(engine),
-            subject_states=sql.SqlSubjectStateStore(engine, clock=clock),
-            baselines=sql.SqlBaselineStore(engine, clock=clock),
-            revoked=sql.SqlRevokedTokens(engine, clock=clock),
+            replay=SqlReplayCache(engine),
+            subject_states=SqlSubjectStateStore(engine, clock=clock),
+            baselines=SqlBaselineStore(engine, clock=clock),
+            revoked=SqlRevokedTokens(engine, clock=clock),
         )
-    redis_client = redis_store.connect(settings.redis_url)
+    redis_client = connect_redis(settings.redis_url)
     # The durable database remembers the ledger's epoch, so that even a process started after
     # Redis lost its records knows they were lost.
-    epoch = redis_store.LedgerEpoch(redis_client, memory=sql.SqlLedgerEpochMemory(engine, clock=clock))
-    redis_store.check_at_start(redis_client, epoch, clock())
+    epoch = LedgerEpoch(redis_client, memory=SqlLedgerEpochMemory(engine, clock=clock))
+    check_at_start(redis_client, epoch, clock())
     return Stores(
-        replay=redis_store.RedisReplayCache(redis_client, epoch=epoch),
-        subject_states=redis_store.RedisSubjectStateStore(redis_client),
-        baselines=redis_store.RedisBaselineStore(redis_client),
-        revoked=redis_store.RedisRevokedTokens(redis_client),
+        replay=RedisReplayCache(redis_client, epoch=epoch),
+        subject_states=RedisSubjectStateStore(redis_client),
+        baselines=RedisBaselineStore(redis_client),
+        revoked=RedisRevokedTokens(redis_client),
         redis_client=redis_client,
         epoch=epoch,
     )
 
 
-def single_use_ledger(stores: Stores, audit: sql.SqlAuditSink) -> SingleUseLedger:
+def single_use_ledger(stores: Stores, audit: SqlAuditSink) -> SingleUseLedger:
     """The ledger of single-use subject tokens, in the same store; each use is committed with
     its decision's audit record."""
     if stores.redis_client is not None:
-        return redis_store.RedisSingleUseLedger(stores.redis_client, audit, epoch=stores.epoch)
-    return sql.SqlSingleUseLedger(audit)
+        return RedisSingleUseLedger(stores.redis_client, audit, epoch=stores.epoch)
+    return SqlSingleUseLedger(audit)
 
 
 def store_check(stores: Stores, instance: str) -> StoreCheck:
@@ -113,8 +123,8 @@ def build_rate_limiter(
     return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)
 
 
-def database_pool(settings: Settings) -> sql.PoolOptions:
-    """The shape of each of a process's two PostgreSQL pools (see :class:`sql.PoolOptions`).
+def database_pool(settings: Settings) -> PoolOptions:
+    """The shape of each of a process's two PostgreSQL pools (see :class:`PoolOptions`).
 
     By default each pool can give every thread a connection at once (size + overflow =
     threads + 1), and keeps few open while idle (size = threads // 4, at least 1): with
@@ -126,4 +136,4 @@ def database_pool(settings: Settings) -> sql.PoolOptions:
     overflow = settings.database_max_overflow
     if overflow is None:
         overflow = max(0, settings.threads + 1 - size)
-    return sql.PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))
+    return PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))
