@@ -56,7 +56,7 @@ from .core.delegation import SELF_ISSUER
 from .core.dpop import DPoPConfig, allowed_algorithms
 from .core.exchange import ExchangeConfig, TokenExchange
 from .core.introspection import OwnTokenVerifier
-from .core.policy import PolicySet
+from .core.policy.index import PolicySet
 from .core.ports import (
     BaselineStore,
     IssuerKeys,

@@ -11,8 +11,8 @@ from multiprocessing.synchronize import Barrier
 from sts.adapters import redis_store, sql
 from sts.adapters.redis_rate_limits import RedisRateLimits
 from sts.adapters.sql_rate_limits import SqlRateLimits
-from sts.core.ports import RateLimitStore
-from sts.core.rate_limit import Check, Limit, LimitedKey
+from sts.core.ports import LimitedKey, RateLimitStore
+from sts.core.rate_limit import Check, Limit
 
 NOW = 1_700_000_000.0
 
