@@ -50,8 +50,8 @@ from sts.adapters.sql.engines import make_engine  # noqa: E402
 from sts.adapters.sql.rate_limits import SqlRateLimits  # noqa: E402
 from sts.app import create_app  # noqa: E402
 from sts.core.audit import AuditRecord  # noqa: E402
-from sts.core.ports import RateLimitStore  # noqa: E402
-from sts.core.rate_limit import Check, Limit, LimitedKey, RateLimiter, RateLimitPolicy  # noqa: E402
+from sts.core.ports import LimitedKey, RateLimitStore  # noqa: E402
+from sts.core.rate_limit import Check, Limit, RateLimiter, RateLimitPolicy  # noqa: E402
 from sts.dev.issuer import DevIssuer  # noqa: E402
 from sts.errors import RateLimited  # noqa: E402
 from sts.migrations import upgrade  # noqa: E402

@@ -12,8 +12,8 @@ from sts.adapters.redis.client import connect as connect_redis
 from sts.adapters.redis.rate_limits import RedisRateLimits
 from sts.adapters.sql.engines import make_engine
 from sts.adapters.sql.rate_limits import SqlRateLimits
-from sts.core.ports import RateLimitStore
-from sts.core.rate_limit import Check, Limit, LimitedKey
+from sts.core.ports import LimitedKey, RateLimitStore
+from sts.core.rate_limit import Check, Limit
 from sts.migrations import upgrade
 
 NOW = 1_700_000_000.0

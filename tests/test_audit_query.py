@@ -25,15 +25,17 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, select
 from test_stores import PgSchema, pg, pg_database  # noqa: F401 - fixtures
 
-from sts.adapters import audit_query
-from sts.adapters.audit_query import AuditQuery, audit_edges, audit_terms
+from sts.adapters import audit_charts
+from sts.adapters.audit_query import AuditQuery
+from sts.adapters.audit_retention import PruneAborted
 from sts.adapters.sql.audit_sink import SqlAuditSink, _PendingRow
 from sts.adapters.sql.engines import make_engine
 from sts.adapters.sql.retention import PruneWouldBreakChain
-from sts.adapters.sql.schema import audit_events
+from sts.adapters.sql.schema import audit_edges, audit_events, audit_terms
 from sts.cli import main
 from sts.core.audit import AuditRecord
 from sts.core.audit_filter import AuditFilter, FilterError, filter_from_params, parse_time
+from sts.core.audit_views import Bucket
 from sts.migrations import upgrade
 
 NOW = 1_780_000_000.0
@@ -338,7 +340,7 @@ def test_charts_and_graph(engine: Engine) -> None:
     assert {e.audience for e in recent} == {DEPLOY, LEDGER, ODD, "https://reports.example.com"}
 
 
-def assert_counts(buckets: list[audit_query.Bucket], records: list[AuditRecord]) -> None:
+def assert_counts(buckets: list[Bucket], records: list[AuditRecord]) -> None:
     for b in buckets:
         inside = [r for r in records if b.start <= r.time < b.end]
         outcomes = ("granted", "refused", "error")
@@ -356,7 +358,7 @@ def test_hourly_charts_count_records_past_the_watermark(
     assert query.status().last_id == 25
     assert_counts(query.decisions_over_time(NOW - 7200, NOW, 3600), records)
     # A long unsummarised tail is not read record by record: the index counts instead.
-    monkeypatch.setattr(audit_query, "_TAIL_LIMIT", 5)
+    monkeypatch.setattr(audit_charts, "_TAIL_LIMIT", 5)
     assert_counts(query.decisions_over_time(NOW - 7200, NOW, 3600), records)
 
 
@@ -552,7 +554,7 @@ def test_prune_deletes_nothing_when_the_trail_changes_while_archiving(
         return written
 
     monkeypatch.setattr(AuditQuery, "_archive", archive_then_change)
-    with pytest.raises(audit_query.PruneAborted):
+    with pytest.raises(PruneAborted):
         query.prune(cutoff=NOW - 5 * 86400 + 1, archive=tmp_path / "a.jsonl")
     assert [row["id"] for row in query.export(AuditFilter())] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
 

@@ -187,7 +187,7 @@ def audit_prune(
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ..adapters.audit_query import PruneAborted
+    from ..adapters.audit_retention import PruneAborted
     from ..adapters.sql.retention import PruneWouldBreakChain
     from ..core.audit_filter import format_time
 

@@ -114,7 +114,8 @@ def policy_explain(
     levels it would reach."""
     from ..core.attest import VerifiedToken, verify_token
     from ..core.audit import token_hash
-    from ..core.policy import PolicyRequest, evaluate, trace
+    from ..core.policy.evaluate import evaluate, trace
+    from ..core.policy.rules import PolicyRequest
     from ..core.profiles import ProfileViolation, get_profile
     from ..protocol.token_exchange import TOKEN_TYPE_JWT, parse_scope
     from ..wiring.trust import build_issuers, build_policy

@@ -35,7 +35,7 @@ from joserfc.jws import JWSRegistry
 from joserfc.registry import HeaderParameter
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from .issuer_http import issuer_wsgi_app, not_ready_app
+from .issuer_http import ServedIssuer, issuer_wsgi_app, not_ready_app
 from .issuer_keys import (
     SigningKey,
     check_signing_key,
@@ -45,7 +45,6 @@ from .issuer_keys import (
     load_or_create_key,
     with_jwk_parameters,
 )
-from .platform_tokens import PlatformTokens
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -64,7 +63,7 @@ DEFAULT_KEY_DIR: Final = Path("keys/dev-issuer")
 DEFAULT_ISSUER_URL: Final = "http://127.0.0.1:8081"
 
 
-class DevIssuer(PlatformTokens):
+class DevIssuer(ServedIssuer):
     """A development issuer: one ``iss``, one signing key, a published JWK set.
 
     Construct it with :meth:`ephemeral` (key in memory, for tests),

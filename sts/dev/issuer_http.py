@@ -31,28 +31,47 @@ The body's top-level members are the keyword arguments of the matching
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from joserfc.jwk import KeySetSerialization
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from .platform_tokens import PlatformTokens
 
+
+class ServedIssuer(PlatformTokens):
+    """What the HTTP endpoints need of :class:`~sts.dev.issuer.DevIssuer`: its tokens, and its keys."""
+
+    @property
+    @abstractmethod
+    def alg(self) -> str:
+        """The algorithm the tokens are signed with."""
+
+    @abstractmethod
+    def jwks(self) -> KeySetSerialization:
+        """The public JWK Set."""
+
+    @abstractmethod
+    def count_jwks_request(self) -> None:
+        """Note one fetch of the JWK Set."""
+
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from .issuer import DevIssuer
 
 _JWKS_CACHE_CONTROL: Final = "max-age=300"
 _MAX_MINT_BODY_BYTES: Final = 64 * 1024
 
 
-def issuer_wsgi_app(issuer: DevIssuer, *, mint_endpoints: bool = True) -> WSGIApplication:
+def issuer_wsgi_app(issuer: ServedIssuer, *, mint_endpoints: bool = True) -> WSGIApplication:
     """``issuer`` as a WSGI app (see the module docstring for the routes).
 
     ``jwks_uri`` in the discovery document is built from the request's
@@ -103,7 +122,7 @@ def not_ready_app(environ: WSGIEnvironment, start_response: StartResponse) -> It
     return [b"dev issuer starting\n"]
 
 
-def _discovery_document(issuer: DevIssuer, host_url: str) -> dict[str, Any]:
+def _discovery_document(issuer: ServedIssuer, host_url: str) -> dict[str, Any]:
     return {
         "issuer": issuer.issuer_url,
         "jwks_uri": f"{host_url}.well-known/jwks",

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..core.assurance import LEVELS
 from ..core.dpop import allowed_algorithms
-from ..core.policy import PolicySet
+from ..core.policy.index import PolicySet
 from ..protocol.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE
 from ..settings import Settings
 

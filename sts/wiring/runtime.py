@@ -16,7 +16,7 @@ from ..adapters.readiness import DatabaseSchema, Readiness
 from ..adapters.sql.audit_sink import SqlAuditSink
 from ..adapters.tracing import Tracing
 from ..core.exchange import TokenExchange
-from ..core.policy import PolicySet
+from ..core.policy.index import PolicySet
 from ..core.ports import BaselineStore, ReplayCache, SubjectStateStore
 from ..core.rate_limit import NO_LIMITS, RateLimiter
 from ..core.shared_signals import SignalReceiver

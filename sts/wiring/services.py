@@ -16,7 +16,7 @@ from ..core.clients import AssertionAudience, RegisteredClient
 from ..core.dpop import DPoPConfig, allowed_algorithms
 from ..core.exchange import ExchangeConfig, TokenExchange
 from ..core.introspection import OwnTokenVerifier
-from ..core.policy import PolicySet
+from ..core.policy.index import PolicySet
 from ..core.ports import AuditSink, SingleUseLedger
 from ..core.rate_limit import RateLimiter
 from ..core.shared_signals import SignalReceiver

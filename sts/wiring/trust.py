@@ -17,7 +17,7 @@ from ..core.attest import IssuerDirectory, IssuerPolicy, TrustedIssuer
 from ..core.client_secrets import check_hash_format
 from ..core.clients import RegisteredClient
 from ..core.delegation import SELF_ISSUER
-from ..core.policy import PolicySet
+from ..core.policy.index import PolicySet
 from ..core.ports import IssuerKeys, TokenReviewer
 from ..core.profiles import ProfileOptions, get_profile
 from ..core.shared_signals import Transmitter, TransmitterPolicy

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from sqlalchemy import Engine
 from sqlalchemy.schema import CreateTable
 
-from ...core.ports import StoreUnavailable
-from ...core.rate_limit import LimitedKey, gcra_wait
+from ...core.ports import LimitedKey, StoreUnavailable
+from ...core.rate_limit import gcra_wait
 from .engines import make_engine, transaction
 from .schema import rate_limits
 from .statements import RawStatement
