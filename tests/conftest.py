@@ -12,12 +12,12 @@ import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey
-from redis_server import RedisProcess
 
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings, load_settings
+from tests.support.redis_server import RedisProcess
 
 STS_ISSUER = "https://sts.test"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
