@@ -30,6 +30,7 @@ from sts.cli import main
 from sts.core.audit import AuditRecord
 from sts.core.audit_filter import AuditFilter, FilterError, filter_from_params, parse_time
 from tests.adapters.test_stores import PgSchema, pg, pg_database  # noqa: F401 - fixtures
+from tests.support.clock import Clock
 
 NOW = 1_780_000_000.0
 SIGNALS = ("unusual_network", "attestation_drift", "elevated_privilege", "unexpected_s2s")
@@ -38,14 +39,6 @@ DEPLOY, LEDGER, ODD = (
     "https://ledger.example.com",
     "https://x.example/" + "a" * 300,
 )
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_record(

@@ -29,6 +29,7 @@ from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 from sts.adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS, validate_jwks_url
 from sts.core.ports import IssuerKeys, KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
+from tests.support.clock import Clock
 
 JWKS_PATH = "/jwks"
 
@@ -128,27 +129,11 @@ class Issuer:
         self.server.server_close()
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def issuer() -> Iterator[Issuer]:
     server = Issuer()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

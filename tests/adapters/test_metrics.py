@@ -45,6 +45,7 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings, load_settings
 from tests.conftest import DEFAULT_POLICY, GATEWAY_SECRET, STS_ISSUER, exchange_form
+from tests.support.clock import Clock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STS = str(Path(sys.executable).with_name("sts"))
@@ -327,14 +328,6 @@ def test_metrics_listener_must_be_free(tmp_path: Path, upstream_issuer: RunningS
 
 
 # -- in-process: failures, signals, JWKS and keys ------------------------------------------------
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def runtime(app: Flask) -> Runtime:

@@ -14,7 +14,7 @@ it and starts it again on the same port and directory:
 * a process started after the loss still knows of it (the database remembers
   the ledger's epoch).
 
-The app runs on the wall clock plus an offset the test moves (:class:`Clock`):
+The app runs on the wall clock plus an offset the test moves (:class:`OffsetClock`):
 Redis expires entries on its own clock, and moving the offset stands for the
 time after which credentials issued after the loss are accepted.
 """
@@ -77,8 +77,12 @@ POLICY: dict[str, Any] = {
 }
 
 
-class Clock:
-    """The wall clock plus an offset the test moves."""
+class OffsetClock:
+    """The wall clock plus an offset the test moves.
+
+    Not the shared standing ``Clock`` (tests/support/clock.py): Redis expires the replay
+    records on its own clock, which keeps running, so the app's time must run with it.
+    """
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -117,7 +121,7 @@ class Service:
     """One app (one process of the fleet) on ``store: redis``."""
 
     app: Flask
-    clock: Clock
+    clock: OffsetClock
     upstream: RunningServer
 
     def deploy_token(self) -> str:
@@ -161,11 +165,11 @@ class Service:
 def make_service(tmp_path: Path, upstream: RunningServer) -> Iterator[Callable[..., Service]]:
     apps: list[Flask] = []
 
-    def build(server: RedisProcess, clock: Clock | None = None, **overrides: Any) -> Service:
+    def build(server: RedisProcess, clock: OffsetClock | None = None, **overrides: Any) -> Service:
         settings = settings_for(
             tmp_path, upstream, POLICY, store="redis", redis_url=server.url(0), **overrides
         )
-        clock = clock or Clock()
+        clock = clock or OffsetClock()
         app = create_app(settings, clock=clock)
         apps.append(app)
         return Service(app, clock, upstream)

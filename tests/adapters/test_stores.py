@@ -56,6 +56,7 @@ from sts.core.audit import AuditRecord, token_hash
 from sts.core.ports import ReplayCache, StoreUnavailable
 from sts.dev.issuer import RunningServer
 from tests.conftest import GATEWAY_SECRET, SIGNER_KEY, STS_ISSUER, exchange_form
+from tests.support.clock import Clock
 from tests.support.redis_server import url_of
 
 NOW = 1_700_000_000.0
@@ -158,23 +159,11 @@ def redis_prefix(redis_client: redis.Redis) -> Iterator[str]:
 # ---------------------------------------------------------------------------
 
 
-class FakeClock:
-    """Time as a parameter: stores that take ``now`` are moved without waiting."""
-
-    def __init__(self, start: float) -> None:
-        self.value = start
-
-    def now(self) -> float:
-        return self.value
-
-    def advance(self, seconds: float) -> None:
-        self.value += seconds
-
-
 class WallClock:
-    """Redis expires entries on the server's own clock, so its tests use real time."""
+    """Redis expires entries on the server's own clock, so its tests use real time (and a move
+    of the clock is a sleep) where the other stores take the shared standing ``Clock``."""
 
-    def now(self) -> float:
+    def __call__(self) -> float:
         return time.time()
 
     def advance(self, seconds: float) -> None:
@@ -185,13 +174,13 @@ class WallClock:
 class ReplayStore:
     name: str
     cache: ReplayCache
-    clock: FakeClock | WallClock
+    clock: Clock | WallClock
 
 
 def _sql_store(name: str, url: str) -> Iterator[ReplayStore]:
     engine = sql.make_engine(url)
     sql.create_schema(engine)
-    yield ReplayStore(name, sql.SqlReplayCache(engine), FakeClock(NOW))
+    yield ReplayStore(name, sql.SqlReplayCache(engine), Clock(NOW))
     engine.dispose()
 
 
@@ -209,7 +198,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ReplayStor
 
 
 def test_first_use_is_accepted_and_a_replay_is_not(store: ReplayStore) -> None:
-    now = store.clock.now()
+    now = store.clock()
     assert store.cache.first_use("client_assertion", "jti-1", now + 60, now) is True
     assert store.cache.first_use("client_assertion", "jti-1", now + 60, now) is False
     assert store.cache.first_use("client_assertion", "jti-1", now + 3600, now + 1) is False
@@ -217,18 +206,18 @@ def test_first_use_is_accepted_and_a_replay_is_not(store: ReplayStore) -> None:
 
 
 def test_an_expired_entry_can_be_used_again(store: ReplayStore) -> None:
-    start = store.clock.now()
+    start = store.clock()
     assert store.cache.first_use("dpop", "jti", start + 0.2, start) is True
     assert store.cache.first_use("dpop", "jti", start + 0.2, start) is False
     store.clock.advance(0.25)
-    later = store.clock.now()
+    later = store.clock()
     assert store.cache.first_use("dpop", "jti", later + 60, later) is True
     # The new use is remembered for its own lifetime.
     assert store.cache.first_use("dpop", "jti", later + 60, later) is False
 
 
 def test_purposes_and_keys_do_not_collide(store: ReplayStore) -> None:
-    now = store.clock.now()
+    now = store.clock()
     assert store.cache.first_use("client_assertion", "abc", now + 60, now) is True
     assert store.cache.first_use("dpop", "abc", now + 60, now) is True
     assert store.cache.first_use("single_use_token", "abc", now + 60, now) is True
@@ -248,7 +237,7 @@ def test_purposes_and_keys_do_not_collide(store: ReplayStore) -> None:
 )
 def test_any_string_is_a_key_of_its_own(store: ReplayStore, first: str, second: str) -> None:
     # A jti is whatever string the token's JSON holds; distinct keys must stay distinct.
-    now = store.clock.now()
+    now = store.clock()
     assert store.cache.first_use("dpop", first, now + 60, now) is True
     assert store.cache.first_use("dpop", second, now + 60, now) is True
     assert store.cache.first_use("dpop", first, now + 60, now) is False
@@ -257,7 +246,7 @@ def test_any_string_is_a_key_of_its_own(store: ReplayStore, first: str, second: 
 
 def test_concurrent_first_uses_of_one_key_have_exactly_one_winner(store: ReplayStore) -> None:
     threads, keys = 32, [f"race-{i}" for i in range(8)]
-    now = store.clock.now()
+    now = store.clock()
     barrier = threading.Barrier(threads)
 
     def race() -> list[bool]:

@@ -40,6 +40,7 @@ from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
 
 from tests.support.clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer
+from tests.support.clock import Clock
 from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
 
 URL = "https://deploy.example.com/releases"
@@ -584,14 +585,6 @@ def test_unknown_kid_refetches_are_rate_limited(
     assert fake.jwks_requests == 1  # within min_refresh_interval (30 s): no refetch at all
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.mark.parametrize(
     ("cache_control", "refetch_after"),
     [
@@ -606,7 +599,7 @@ def test_jwks_cache_control_is_honoured(
     fake: FakeAuthorizationServer, cache_control: str | None, refetch_after: int
 ) -> None:
     fake.jwks_cache_control = cache_control or ""
-    clock = Clock()
+    clock = Clock(1000.0)
     keys = JWKSCache(f"{fake.url}/.well-known/jwks.json", clock=clock)
     keys.key_for(fake.key.kid, "ES256")
     clock.now += refetch_after - 1

@@ -37,6 +37,7 @@ from werkzeug.wrappers import Request
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from tests.support.clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer, Served
+from tests.support.clock import Clock
 
 RS_NONCE = "rs-nonce-1"
 
@@ -106,14 +107,6 @@ def calls(rs: Served) -> list[str]:
     return recorded
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def subjects(*names: str) -> CallableAttestation:
     """An attestation source handing out the given subject tokens in turn (then the last one)."""
     handed: list[str] = []
@@ -178,7 +171,7 @@ def test_without_dpop_the_token_is_a_bearer_token(
 def test_token_is_cached_until_shortly_before_expiry(
     fake: FakeAuthorizationServer, resource_server: Served
 ) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), clock=clock)
     session = requests.Session()
     for _ in range(3):

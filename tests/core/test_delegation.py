@@ -38,6 +38,7 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, JWT_TYPE, STS_ISSUER, exchange_form
+from tests.support.clock import Clock
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
 DEPLOY = "https://deploy.example.com"
@@ -101,14 +102,6 @@ def upstream() -> Iterator[RunningServer]:
     """Overrides conftest's per-test issuer: one RSA key for the module keeps the file fast."""
     with DevIssuer.serve_ephemeral(alg="RS256") as server:
         yield server
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -59,6 +59,7 @@ from sts.core.dpop import issue_nonce
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, FORM, JWT_TYPE, STS_ISSUER, exchange_form
+from tests.support.clock import Clock
 from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
 from tests.support.redis_server import url_of
 
@@ -141,14 +142,6 @@ def compact(header: dict[str, Any], claims: dict[str, Any] | bytes, key: Key | N
             warnings.simplefilter("ignore", SecurityWarning)
             signature = JWSRegistry(algorithms=[alg]).get_alg(alg).sign(signing_input.encode(), key)
     return signing_input + "." + b64url(signature)
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def proof(

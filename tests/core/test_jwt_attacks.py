@@ -46,6 +46,7 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import InvalidRequest
 from sts.settings import Settings
 from tests.conftest import DEFAULT_POLICY, FORM, JWT_TYPE, STS_ISSUER, exchange_form, settings_for
+from tests.support.clock import Clock
 from tests.support.crafted_jose import NOT_UTF8, KeySetServer, rsa_key_with_exponent_3, sign_encoded
 
 DEPLOY_AUDIENCE = "https://deploy.example.com"
@@ -60,19 +61,6 @@ JWKS_FRESH_FOR = 300
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-class Clock:
-    """Wall-clock time plus an offset the test moves forward (the app and its JWKS cache share it)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 def b64url(data: bytes) -> str:
@@ -212,11 +200,6 @@ def app(shared_app: Flask) -> Flask:
 @pytest.fixture
 def issuer(shared_upstream: RunningServer) -> DevIssuer:
     return shared_upstream.issuer
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

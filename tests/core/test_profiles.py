@@ -26,7 +26,6 @@ import json
 import shutil
 import ssl
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, STS_ISSUER, exchange_form
+from tests.support.clock import Clock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO_ROOT / "policies" / "examples"
@@ -158,19 +158,6 @@ def issuer_entries(
                 entry[key] = value
         entries.append(entry)
     return entries
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(float(int(time.time())))
 
 
 @pytest.fixture

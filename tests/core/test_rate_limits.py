@@ -61,25 +61,13 @@ from sts.settings import DEFAULT_RATE_LIMITS, LimitSettings
 from tests.adapters.test_stores import PgSchema, private_database
 from tests.conftest import DEFAULT_POLICY, GATEWAY_SECRET, STS_ISSUER, exchange_form, settings_for
 from tests.core.rate_limit_support import NOW, StoreSpec, admitted, build_store, cell, race
+from tests.support.clock import Clock
 from tests.support.redis_server import RedisProcess
 
 DEPLOY = "https://deploy.example.com"
 LEDGER = "https://ledger.example.com/api"
 SET_MEDIA_TYPE = "application/secevent+jwt"
 SESSION_REVOKED = "https://schemas.openid.net/secevent/caep/event-type/session-revoked"
-
-
-class Clock:
-    """Wall-clock time that tests move by hand (upstream tokens are minted at real time)."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # -- the algorithm ----------------------------------------------------------------------------------
@@ -339,11 +327,6 @@ def test_a_small_limit_is_exact_and_a_refusal_is_remembered_until_its_time(
 
 def limits(**endpoints: dict[str, Any]) -> dict[str, Any]:
     return {"rate_limits": endpoints}
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

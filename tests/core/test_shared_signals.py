@@ -20,7 +20,6 @@ import base64
 import hashlib
 import json
 import random
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -57,6 +56,7 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
 from tests.conftest import STS_ISSUER
+from tests.support.clock import Clock
 from tests.support.crafted_jose import NOT_UTF8, KeySetServer, rsa_key_with_exponent_3, sign_encoded
 from tests.support.redis_server import url_of
 
@@ -67,16 +67,6 @@ LEEWAY = 30  # the settings default
 #: Nothing listens on port 1: connections are refused at once.
 DEAD_PORT_URL = "redis://127.0.0.1:1/0"
 RSA_KEY = RSAKey.generate_key(2048)
-
-
-class Clock:
-    """The app's clock: starts at the real time, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -94,11 +84,6 @@ def transmitter() -> Iterator[RunningServer]:
     """The SET transmitter: a dev issuer whose JWKS is served over real HTTP."""
     with DevIssuer.serve_ephemeral(alg="ES256", mint_endpoints=False) as server:
         yield server
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

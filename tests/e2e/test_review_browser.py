@@ -37,13 +37,13 @@ from werkzeug.serving import make_server
 from sts.app import create_app
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
+from tests.support.clock import Clock
 from tests.support.review_support import (
     APP,
     PASSWORD,
     REPORTS,
     REPORTS_JOB,
     REVIEWER,
-    Clock,
     make_decisions,
     review_policy,
     review_settings,

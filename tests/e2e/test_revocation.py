@@ -46,6 +46,7 @@ from sts.settings import load_settings
 from tests.adapters.test_stores import PG_SERVER, private_database
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, JWT_TYPE, STS_ISSUER, exchange_form
 from tests.support.clients_support import Served
+from tests.support.clock import Clock
 from tests.support.redis_server import RedisProcess
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -98,14 +99,6 @@ CLIENTS: list[dict[str, Any]] = [
 
 def basic(client_id: str, secret: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -25,6 +25,7 @@ from sts.core.subject_state import STATE_TTL, SubjectState
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, STS_ISSUER, exchange_form
+from tests.support.clock import Clock
 from tests.support.redis_server import url_of
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -71,14 +72,6 @@ def upstream() -> Iterator[RunningServer]:
     """Overrides conftest's per-test issuer: one RSA key for the module keeps the file fast."""
     with DevIssuer.serve_ephemeral(alg="RS256") as server:
         yield server
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

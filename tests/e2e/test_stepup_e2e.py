@@ -46,6 +46,7 @@ from werkzeug.wrappers import Request, Response
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from tests.support.clients_support import Served, Sts, serve_sts
+from tests.support.clock import Clock
 
 DEPLOY = "https://deploy.example.com"
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -281,14 +282,6 @@ def test_ci_drift_is_not_a_full_grant_until_an_operator_accepts_it(
 
 
 # -- 2. probation -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

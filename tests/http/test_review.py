@@ -24,6 +24,7 @@ from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
+from tests.support.clock import Clock
 from tests.support.review_support import (
     APP,
     DEPLOY,
@@ -32,7 +33,6 @@ from tests.support.review_support import (
     REPORTS,
     REPORTS_JOB,
     REVIEWER,
-    Clock,
     make_decisions,
     review_policy,
     review_settings,

@@ -16,14 +16,7 @@ from sts.app import create_app
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
 from tests.conftest import STS_ISSUER, exchange_form
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 def _header_kid(token: str) -> str:

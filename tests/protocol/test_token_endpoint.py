@@ -17,7 +17,6 @@ import json
 import logging
 import random
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from copy import deepcopy
@@ -51,6 +50,7 @@ from tests.conftest import (
     STS_ISSUER,
     TOKEN_EXCHANGE,
 )
+from tests.support.clock import Clock
 
 ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
 REFRESH_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:refresh_token"
@@ -120,19 +120,6 @@ def upstream() -> Iterator[RunningServer]:
     """Overrides conftest's per-test issuer: one RSA key for the module keeps the suite fast."""
     with DevIssuer.serve_ephemeral(alg="RS256") as server:
         yield server
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(float(int(time.time())))
 
 
 @pytest.fixture

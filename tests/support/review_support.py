@@ -12,12 +12,12 @@ time (a new edge), and a token whose subject carries markup is refused.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer
 from tests.conftest import STS_ISSUER, exchange_form
+from tests.support.clock import Clock
 
 DEPLOY = "https://deploy.example.com"
 REPORTS = "https://reports.example.com"
@@ -27,14 +27,6 @@ MARKUP_REPO = 'acme/<img src=x onerror="alert(1)">'
 REVIEWER, PASSWORD = "alice", "correct horse battery staple 9f2c"
 HOME, AWAY = "10.1.2.3", "192.0.2.77"
 DAY = 86400.0
-
-
-@dataclass
-class Clock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def review_policy() -> dict[str, Any]:
