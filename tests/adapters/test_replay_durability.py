@@ -2,7 +2,7 @@
 
 With ``store: redis`` the single-use ledger and the ``jti`` caches (DPoP
 proofs, client assertions, SETs) live in Redis's memory.  Each test starts a
-redis-server of its own (``tests/redis_server.py``), exchanges, ``kill -9``s
+redis-server of its own (``tests/support/redis_server.py``), exchanges, ``kill -9``s
 it and starts it again on the same port and directory:
 
 * without persistence it comes back empty.  Every credential that could have

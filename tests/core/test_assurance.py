@@ -1,7 +1,7 @@
 """Assurance levels, drift confirmation and their decisions, as pure functions of data and ``now``;
 the policy section that writes them down; the resource-server challenge that asks for them.
 
-End to end over HTTP: ``test_stepup_e2e.py``.
+End to end over HTTP: ``tests/e2e/test_stepup_e2e.py``.
 """
 
 from __future__ import annotations

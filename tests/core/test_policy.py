@@ -910,7 +910,7 @@ def test_trace_names_the_client_that_is_not_allowed() -> None:
 
 PAYMENTS_SECRET = "payments-gateway-secret-0123456789abcdef"
 #: The files whose issuers this test configures.  The other examples need issuers with
-#: attestation profiles (gitlab, spiffe, corp-oidc); tests/test_profiles.py runs every
+#: attestation profiles (gitlab, spiffe, corp-oidc); tests/core/profiles/test_examples.py runs every
 #: example end to end and fails if one is left out of both tests.
 SHIPPED = [
     REPO_ROOT / "policies" / "quickstart.yaml",

@@ -3,7 +3,7 @@
 Every signal is shown firing and not firing from a table of cases; each case
 builds a :class:`RiskContext` (facts, claims, source, request, baseline,
 subject state, time) and runs :func:`assess`, so the signal is checked the way
-the pipeline calls it.  No HTTP here: see ``test_risk_e2e.py`` for that.
+the pipeline calls it.  No HTTP here: see ``tests/e2e/test_risk_e2e.py`` for that.
 """
 
 from __future__ import annotations

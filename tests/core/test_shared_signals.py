@@ -98,7 +98,7 @@ def transmitter_entry(transmitter: RunningServer) -> dict[str, Any]:
 
 @pytest.fixture
 def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    """An empty database of this run's private redis-server (see tests/redis_server.py)."""
+    """An empty database of this run's private redis-server (see tests/support/redis_server.py)."""
     client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
     client.close()

@@ -20,10 +20,10 @@ token expires, under the purpose ``subject_token:<issuer name>``.  Checked here:
   gets the token, and a replay after it is still refused.
 
 The embedded store runs on SQLite and on PostgreSQL (a schema of this run's
-private database, see ``tests/test_stores.py``).
+private database, see ``tests/adapters/test_stores.py``).
 
 Redis isolation: the app's keys live in a database of this test run's own
-redis-server that no other test uses (``tests/redis_server.py``).  The app
+redis-server that no other test uses (``tests/support/redis_server.py``).  The app
 runs on the wall clock here because Redis expires entries on its own clock.
 """
 
@@ -126,7 +126,7 @@ def partner() -> Iterator[RunningServer]:
 
 @pytest.fixture
 def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    """An empty database of this run's private redis-server (see tests/redis_server.py)."""
+    """An empty database of this run's private redis-server (see tests/support/redis_server.py)."""
     client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
     client.close()

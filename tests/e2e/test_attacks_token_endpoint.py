@@ -16,7 +16,7 @@ on a 401.
 
 The service runs on a real HTTP server on loopback (so chunked bodies and
 real header handling are exercised); the upstream issuer's key set (one RSA
-and one P-256 key) is served over HTTP by :class:`crafted_jose.KeySetServer`.
+and one P-256 key) is served over HTTP by :class:`tests.support.crafted_jose.KeySetServer`.
 Nothing sleeps; every token is fresh.
 """
 

@@ -1,6 +1,6 @@
 """Interoperability with panva/jose on Node.js: our tokens, our JWKS URL, a workload's DPoP proof.
 
-``tests/node/`` is a tiny npm project pinning ``jose`` (``package-lock.json``
+``tests/e2e/node/`` is a tiny npm project pinning ``jose`` (``package-lock.json``
 is committed; ``node_modules/`` is not).  The first test that needs it runs
 ``npm ci`` there when ``node_modules`` is missing or holds another version, so
 a fresh clone needs no manual step.  The scripts:
@@ -92,7 +92,7 @@ def _installed_jose_version() -> str | None:
 
 @pytest.fixture(scope="module")
 def node() -> Node:
-    """Node.js with the locked ``jose`` installed in ``tests/node/node_modules`` (``npm ci`` once)."""
+    """Node.js with the locked ``jose`` installed in ``tests/e2e/node/node_modules`` (``npm ci`` once)."""
     executable = shutil.which("node")
     if executable is None:
         pytest.skip("node is not on PATH: the panva/jose interoperability checks need Node.js 20+")
@@ -104,7 +104,7 @@ def node() -> Node:
 
     if _installed_jose_version() != _locked_jose_version():
         npm = shutil.which("npm")
-        assert npm is not None, "node is on PATH but npm is not: cannot install tests/node (npm ci)"
+        assert npm is not None, "node is on PATH but npm is not: cannot install tests/e2e/node (npm ci)"
         installed = subprocess.run(
             [
                 npm,

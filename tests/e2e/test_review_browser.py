@@ -1,7 +1,7 @@
 """The review page in a real browser: headless Chromium (Debian's package) driven by Selenium.
 
 The service runs on a loopback port (werkzeug, threaded); the decisions on
-screen are made by real exchanges over HTTP (tests/review_support.py).  The test
+screen are made by real exchanges over HTTP (tests/support/review_support.py).  The test
 checks what a person sees: a sign-in wall with nothing behind it, then the
 timeline of those decisions, a filter that narrows it, an identity with its
 baseline and signals, charts and the service graph drawn as SVG, and markup in

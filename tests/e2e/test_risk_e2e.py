@@ -138,7 +138,7 @@ def make_sts(make_settings: Callable[..., Settings], upstream: RunningServer) ->
 
 @pytest.fixture
 def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    """An empty database of this run's private redis-server (see tests/redis_server.py)."""
+    """An empty database of this run's private redis-server (see tests/support/redis_server.py)."""
     client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
     client.close()

@@ -358,7 +358,7 @@ def test_unknown_metadata_path_is_a_documented_404(app: Flask, path_app: Flask) 
 
 
 def test_every_operation_documents_the_http_servers_431() -> None:
-    """The 431 comes from the HTTP server before any Python runs (tests/test_serving.py sends one):
+    """The 431 comes from the HTTP server before any Python runs (tests/e2e/test_serving.py sends one):
     documented on every operation as what it is, a bare status with an empty body."""
     for path, method, op in operations():
         assert "431" in op["responses"], f"{method.upper()} {path}: no 431"

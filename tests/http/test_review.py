@@ -1,6 +1,6 @@
 """The review page over HTTP (Flask test client): sign-in, what each page shows, and what it never shows.
 
-Decisions come from real exchanges (tests/review_support.py) against a
+Decisions come from real exchanges (tests/support/review_support.py) against a
 development issuer serving its JWKS over HTTP; the app's clock is shared with
 the review page, so session ages and "new" edges move with it.
 """

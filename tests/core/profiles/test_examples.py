@@ -348,7 +348,7 @@ def test_every_example_policy_is_exercised() -> None:
     """Every rule of every example file is granted by a case above, and every file refuses one.
 
     ``quickstart.yaml``, ``github-deploy.yaml`` and ``kubernetes-service.yaml`` are also run by
-    ``tests/test_policy.py`` (without profiles); nothing in ``policies/examples`` may go untested.
+    ``tests/core/test_policy.py`` (without profiles); nothing in ``policies/examples`` may go untested.
     """
     files = sorted(EXAMPLES_DIR.glob("*.yaml"))
     assert {p.stem for p in files} >= {"gitlab-deploy", "spiffe-service", "generic-oidc"}
