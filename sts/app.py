@@ -24,9 +24,9 @@ from sqlalchemy import Engine
 
 from .adapters import redis_store, sql
 from .adapters.decision_log import LoggedSqlAuditSink
-from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
-from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
-from .adapters.keyring import KeyRing, OwnTokenKeys
+from .adapters.jwks import FileJWKS, StaticJWKS
+from .adapters.jwks_cache import HttpJWKS
+from .adapters.keyring import KeyRing
 from .adapters.metrics import (
     CountedIssuerKeys,
     CountedTokenReviewer,
@@ -36,6 +36,7 @@ from .adapters.metrics import (
     count_store_errors,
 )
 from .adapters.policy_files import load_policies, policy_files
+from .adapters.published_keys import OwnTokenKeys
 from .adapters.readiness import (
     DatabaseSchema,
     Readiness,
@@ -45,6 +46,7 @@ from .adapters.readiness import (
     wait_for_schema,
 )
 from .adapters.redis_rate_limits import RedisRateLimits
+from .adapters.signing_keys import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.sql_rate_limits import SqlRateLimits, rate_limit_engine
 from .adapters.token_review import HttpTokenReviewer
 from .adapters.tracing import Tracing, build_tracing

@@ -172,7 +172,8 @@ def config_check(ctx: click.Context) -> None:
     than at the start.  A directory without ``keyring.json`` is reported: the
     first start creates the keys there.
     """
-    from .adapters.keyring import METADATA_FILE, KeyRing
+    from .adapters.keyring import KeyRing
+    from .adapters.keyring_metadata import METADATA_FILE
     from .app import build_policy
 
     settings = _settings(ctx)
@@ -796,7 +797,7 @@ def audit_verify(
 def _checkpoint_keys(settings: Settings, jwks_file: Path | None) -> Any:
     """``key_for(kid, alg)`` over the JWK Set given, else over what the key ring publishes."""
     from .adapters.jwks import StaticJWKS
-    from .adapters.keyring import SUPPORTED_ALGORITHMS
+    from .adapters.signing_keys import SUPPORTED_ALGORITHMS
 
     try:
         if jwks_file is not None:
