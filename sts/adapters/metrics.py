@@ -13,7 +13,7 @@ fed from outside the core:
 * store, audit and upstream failures, by wrapping the ports where the
   pipeline meets them (:func:`count_store_errors`, :class:`CountedIssuerKeys`,
   :class:`CountedTokenReviewer`);
-* JWKS fetches, from :class:`sts.adapters.jwks.HttpJWKS`'s ``on_fetch`` hook;
+* JWKS fetches, from :class:`sts.adapters.jwks_cache.HttpJWKS`'s ``on_fetch`` hook;
 * the signing keys' ages, read from the key ring when scraped
   (:class:`ExpositionCollector`).
 
@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from joserfc.jwk import Key
 
-    from .keyring import KeyEntry
+    from sts.core.key_rotation import KeyEntry
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Metrics:
     # -- JWKS -----------------------------------------------------------------------------------
 
     def jwks_fetch_recorder(self, source: str) -> Callable[[bool, int], None]:
-        """The ``on_fetch(ok, usable_keys)`` hook of :class:`~sts.adapters.jwks.HttpJWKS` for ``source``."""
+        """The ``on_fetch(ok, usable_keys)`` hook of :class:`~sts.adapters.jwks_cache.HttpJWKS` per source."""
         name = _label(source)
 
         def fetched(ok: bool, usable_keys: int) -> None:

@@ -55,7 +55,9 @@ from ..audited import AuditedEndpoint
 from ..clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from ..delegation import attestation_time, narrow_reexchange
 from ..dpop import DPoPConfig
-from ..policy import Grant, PolicyRequest, PolicySet, evaluate
+from ..policy.evaluate import evaluate
+from ..policy.index import PolicySet
+from ..policy.rules import Grant, PolicyRequest
 from ..ports import (
     AlreadyUsed,
     AuditSink,

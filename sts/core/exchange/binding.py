@@ -21,7 +21,7 @@ from ..attest import VerifiedToken
 from ..audit import AuditRecord
 from ..delegation import SELF_ISSUER
 from ..dpop import DPoPConfig, VerifiedProof, verify_proof
-from ..policy import Grant
+from ..policy.rules import Grant
 from ..ports import ReplayCache
 
 

@@ -19,7 +19,7 @@ from ..audit import AuditRecord
 from ..clients import AuthenticatedClient
 from ..dpop import VerifiedProof
 from ..mint import IssuedToken, mint_access_token
-from ..policy import Grant
+from ..policy.rules import Grant
 from ..ports import Signer
 from ..stepup import RiskDecision
 from .attestation import Parties

@@ -45,7 +45,7 @@ from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
 from ..introspection import own_token_identities
-from ..policy import Grant
+from ..policy.rules import Grant
 from ..ports import BaselineStore, StoreUnavailable, SubjectStateStore
 from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from ..stepup import DENY, STEP_UP, RiskDecision, decide

@@ -1,0 +1,70 @@
+"""Rate-limit state in Redis (ports.RateLimitStore), shared by a fleet of instances.
+
+A Lua script admits a request against all its keys, or against none: Redis
+runs a script atomically, so no other command sees a half-applied request
+(the GCRA in Lua after rwz/redis-gcra's ``perform_gcra_ratelimit.lua``, taken
+to several keys at once).  Each key holds its theoretical arrival time as a
+decimal string and expires when that time has passed (``PX``), so idle keys
+cost nothing.  ``now`` comes from the caller's clock (the instances' clocks
+are assumed NTP-synchronised; a skew of a few milliseconds moves a limit by
+as much), which also lets tests move time.
+
+One round trip per check (``EVALSHA``; the script is loaded once).  Every key
+of one call must live on the same Redis node: this service uses one Redis
+(no cluster), so they do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from ...core.ports import LimitedKey, StoreUnavailable
+
+#: KEYS: the limited keys.  ARGV[1]: now (seconds); then per key: interval, tolerance.
+#: Returns every key's wait in seconds, as strings (Redis would truncate numbers to integers).
+GCRA_SCRIPT = """
+local now = tonumber(ARGV[1])
+local waits, tats = {}, {}
+local refused = false
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i])
+  local tolerance = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  tats[i] = tat + interval
+  local wait = tats[i] - tolerance - now
+  if wait > 0 then refused = true end
+  waits[i] = string.format('%.6f', wait)
+end
+if not refused then
+  for i, key in ipairs(KEYS) do
+    local ttl = math.max(1, math.ceil((tats[i] - now) * 1000))
+    redis.call('SET', key, string.format('%.6f', tats[i]), 'PX', ttl)
+  end
+end
+return waits
+"""
+
+
+class RedisRateLimits:
+    """ports.RateLimitStore on Redis."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._script = client.register_script(GCRA_SCRIPT)
+
+    def _name(self, key: str) -> bytes:
+        return f"{self.prefix}:ratelimit:{key}".encode("utf-8", "surrogatepass")
+
+    def acquire(self, keys: Sequence[LimitedKey], now: float) -> Sequence[float]:
+        args: list[str] = [repr(float(now))]
+        for k in keys:
+            args.extend((repr(float(k.interval)), repr(float(k.tolerance))))
+        try:
+            waits = self._script(keys=[self._name(k.key) for k in keys], args=args)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return [float(w) for w in waits]

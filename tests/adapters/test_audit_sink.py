@@ -1,0 +1,135 @@
+"""Group commit in the SQL audit sink: every writer returns only after its own record is committed."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, event, func, select
+
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.schema import audit_events
+from sts.core.audit import AuditRecord
+from sts.core.ports import AuditUnavailable
+from sts.migrations import upgrade
+
+
+def _record(event_id: str | None = None) -> AuditRecord:
+    return AuditRecord(
+        event_id=event_id or str(uuid.uuid4()), time=time.time(), request_id="r", endpoint="token"
+    )
+
+
+def _count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(audit_events)).scalar_one())
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    return engine
+
+
+def test_concurrent_writers_share_commits_and_each_sees_its_own(engine: Engine) -> None:
+    commits = []
+    event.listen(engine, "commit", lambda conn: commits.append(1))
+    sink = SqlAuditSink(engine)
+    seen_after_write: list[bool] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        for _ in range(20):
+            rec = _record()
+            sink.write(rec)
+            # Once write() returns, the record must be readable by anyone.
+            with engine.connect() as conn:
+                found = conn.execute(
+                    select(audit_events.c.id).where(audit_events.c.event_id == rec.event_id)
+                ).first()
+            with lock:
+                seen_after_write.append(found is not None)
+
+    threads = [threading.Thread(target=writer) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _count(engine) == 320
+    assert all(seen_after_write) and len(seen_after_write) == 320
+    # Commits were shared: fewer transactions than records (each writer waits for a commit).
+    assert len(commits) < 320
+
+
+def test_one_bad_row_fails_only_its_writer(engine: Engine) -> None:
+    sink = SqlAuditSink(engine)
+    sink.write(_record())
+    bad = _record()
+    bad.request_id = None  # type: ignore[assignment]  # NOT NULL: the insert fails for real
+    with pytest.raises(AuditUnavailable):
+        sink.write(bad)
+    sink.write(_record())
+    assert _count(engine) == 2
+
+
+def test_unreachable_database_raises(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'gone.sqlite'}")
+    sink = SqlAuditSink(engine)  # schema never created: the insert fails for real
+    with pytest.raises(AuditUnavailable):
+        sink.write(_record())
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """The common default umask (022), under which a file created 0644 would be world-readable."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _modes(database: Path) -> dict[str, int]:
+    return {
+        suffix: stat.S_IMODE(Path(f"{database}{suffix}").stat().st_mode) for suffix in ("", "-wal", "-shm")
+    }
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_database_wal_and_shm_are_created_owner_only(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "audit.sqlite"
+    engine = make_engine(f"sqlite:///{database}")
+    upgrade(engine)
+    SqlAuditSink(engine).write(_record())
+    # The connection is still open, so the WAL and shared-memory files exist now.
+    assert _modes(database) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    engine.dispose()
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_database_files_made_world_readable_before_are_restricted(tmp_path: Path) -> None:
+    database = tmp_path / "audit.sqlite"
+    # An older version's file, 0644 under umask 022, with its WAL files (the connection is open).
+    conn = sqlite3.connect(database, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        assert _modes(database) == {"": 0o644, "-wal": 0o644, "-shm": 0o644}
+        engine = make_engine(f"sqlite:///{database}")
+        assert _modes(database) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    finally:
+        conn.close()
+    upgrade(engine)
+    SqlAuditSink(engine).write(_record())
+    assert _count(engine) == 1
+    engine.dispose()
