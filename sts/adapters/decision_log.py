@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..core.audit import AuditRecord
-from ..core.ports import SingleUse
+from ..core.ports import BaselineUpdate, SingleUse
 from .sql.audit_sink import SqlAuditSink
 from .tracing import annotate
 
@@ -108,7 +108,7 @@ class LoggedSqlAuditSink(SqlAuditSink):
     """The audit sink, logging each decision once its record is committed.
 
     Both ways a record is committed are covered: alone (:meth:`write`) and together
-    with the use of a single-use subject token (:meth:`write_with_uses`, the
+    with the uses of single-use credentials (:meth:`write_with_uses`, the
     single-use ledger's commit).  A record that cannot be committed raises as
     before and is not logged here: the pipeline logs it with
     :func:`~sts.core.audit.log_unaudited`.
@@ -118,6 +118,12 @@ class LoggedSqlAuditSink(SqlAuditSink):
         super().write(record)
         log_decision(record)
 
-    def write_with_uses(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
-        super().write_with_uses(record, uses, now)
+    def write_with_uses(
+        self,
+        record: AuditRecord,
+        uses: Sequence[SingleUse],
+        now: float,
+        baseline: BaselineUpdate | None = None,
+    ) -> None:
+        super().write_with_uses(record, uses, now, baseline)
         log_decision(record)

@@ -71,6 +71,7 @@ from ..core.ports import (
     AlreadyUsed,
     AuditSink,
     AuditUnavailable,
+    BaselineUpdate,
     IssuerKeys,
     KeysUnavailable,
     SingleUse,
@@ -318,9 +319,22 @@ class MeteredLedger:
             self.metrics.store_failed("ledger", "reserve")
             raise
 
-    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+    def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         try:
-            self.inner.commit(record, uses, now)
+            return self.inner.spend(use, now)
+        except StoreUnavailable:
+            self.metrics.store_failed("replay", "first_use")
+            raise
+
+    def commit(
+        self,
+        record: AuditRecord,
+        uses: Sequence[SingleUse],
+        now: float,
+        baseline: BaselineUpdate | None = None,
+    ) -> None:
+        try:
+            self.inner.commit(record, uses, now, baseline)
         except AlreadyUsed:
             raise
         except AuditUnavailable:

@@ -47,7 +47,14 @@ class ReplayWindowLost(Exception):
 
 
 class AlreadyUsed(Exception):
-    """A single-use credential whose use is already recorded (or committed by a concurrent request)."""
+    """A single-use credential whose use is already recorded (or committed by a concurrent request).
+
+    ``use`` names it when a commit of several uses found it taken (:meth:`SingleUseLedger.commit`).
+    """
+
+    def __init__(self, use: SingleUse | None = None) -> None:
+        super().__init__()
+        self.use = use
 
 
 class ReplayCache(Protocol):
@@ -90,6 +97,15 @@ class SingleUse:
     holder: str = ""
 
 
+@dataclass(frozen=True)
+class BaselineUpdate:
+    """A behaviour baseline to save with the record of the grant that taught it."""
+
+    identity: str
+    baseline: Baseline
+    ttl: int
+
+
 class SingleUseLedger(Protocol):
     """Two-phase single use: reserve before the token is minted, commit with its audit record.
 
@@ -110,13 +126,32 @@ class SingleUseLedger(Protocol):
         """
         ...
 
-    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
-        """Phase 2: commit ``record`` and record ``uses`` as used.
+    def spend(self, use: SingleUse, now: float) -> SingleUse | None:
+        """A one-time credential (a DPoP proof's ``jti``), checked when it is verified.
+
+        Returns None when its use is recorded now, in one atomic write (Redis); else
+        ``use``, found unused, to pass to :meth:`commit` with the grant's record, which
+        records it in the record's own transaction (SQL) and raises :class:`AlreadyUsed`
+        naming it should a concurrent request have recorded it first.  Raises
+        :class:`AlreadyUsed` (a replay), :class:`ReplayWindowLost` and :class:`StoreUnavailable`.
+        """
+        ...
+
+    def commit(
+        self,
+        record: AuditRecord,
+        uses: Sequence[SingleUse],
+        now: float,
+        baseline: BaselineUpdate | None = None,
+    ) -> None:
+        """Phase 2: commit ``record`` and record ``uses`` as used; save ``baseline`` with them
+        (in the same transaction where the store allows, else after the record, best effort).
 
         Raises :class:`AuditUnavailable` (nothing committed, no use recorded),
         :class:`AlreadyUsed` (a concurrent request committed one of the uses
-        first; ``record`` is not written) or :class:`StoreUnavailable` (the record
-        is committed but a use could not be confirmed: the token is withheld).
+        first, named by the exception; ``record`` is not written) or
+        :class:`StoreUnavailable` (the record is committed but a use could not be
+        confirmed: the token is withheld).
         """
         ...
 

@@ -85,10 +85,12 @@ def open_stores(settings: Settings, engine: Engine, clock: Callable[[], float]) 
 
 
 def single_use_ledger(stores: Stores, audit: SqlAuditSink) -> SingleUseLedger:
-    """The ledger of single-use subject tokens, in the same store; each use is committed with
-    its decision's audit record."""
+    """The ledger of single uses (subject tokens, DPoP proofs), in the same store; each use, and
+    the grant's baseline update, is committed with its decision's audit record."""
     if stores.redis_client is not None:
-        return RedisSingleUseLedger(stores.redis_client, audit, epoch=stores.epoch)
+        return RedisSingleUseLedger(
+            stores.redis_client, audit, epoch=stores.epoch, baselines=stores.baselines
+        )
     return SqlSingleUseLedger(audit)
 
 

@@ -50,6 +50,7 @@ from joserfc import jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
+from sqlalchemy import event
 from werkzeug.test import TestResponse
 
 from sts.adapters.sql.audit_sink import SqlAuditSink
@@ -59,6 +60,7 @@ from sts.core.client_secrets import hash_secret
 from sts.core.dpop import issue_nonce
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
+from tests.adapters.test_stores import PgSchema, private_database
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, FORM, JWT_TYPE, STS_ISSUER, exchange_form
 from tests.support.clock import Clock
 from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
@@ -960,3 +962,88 @@ def test_garbage_dpop_headers_never_cause_a_server_error(sts: STS) -> None:
                 assert any(r.startswith("dpop.") for r in sts.last_record()["reasons"])
     # The loop exercised refusals (nearly all) and reached past the checks at least sometimes.
     assert outcomes.get(400, 0) > 200
+
+
+# -- one write transaction per grant (SQL): the proof's jti commits with the audit record -----------
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    with private_database() as name:
+        yield name
+
+
+@pytest.fixture(params=["embedded", "postgresql", "redis"])
+def shared_store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings overrides for a store two instances share: SQLite, PostgreSQL or Redis."""
+    if request.param == "redis":
+        db: redis.Redis = request.getfixturevalue("redis_db")
+        return {"store": "redis", "redis_url": url_of(db)}
+    if request.param == "postgresql":
+        schema = PgSchema(request.getfixturevalue("pg_database"), f"t_{secrets.token_hex(6)}")
+        schema.execute(f'CREATE SCHEMA "{schema.schema}"')
+        request.addfinalizer(lambda: schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE'))
+        return {"store": "embedded", "database_url": schema.url}
+    return {"store": "embedded"}
+
+
+def test_a_grant_is_one_write_transaction_on_the_embedded_database(sts: STS) -> None:
+    """The proof's jti, the baseline update and the audit record: one transaction, nothing before."""
+    engine = sts.app.extensions["sts"].engine
+    statements: list[str] = []
+
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+
+    event.listen(engine, "connect", trace)
+    engine.dispose()  # New connections, each traced.
+    sts.granted(sts.proof())
+    statements.clear()
+    assert sts.granted(sts.proof())["token_type"] == "DPoP"
+    written = [
+        " ".join(s.split()[:3]) for s in statements if s.split()[0].upper() not in {"SELECT", "PRAGMA"}
+    ]
+    assert written == [
+        "BEGIN IMMEDIATE",
+        "INSERT INTO replay_entries",
+        "INSERT INTO baselines",
+        "INSERT INTO audit_events",
+        "COMMIT",
+    ], statements
+
+
+def test_a_proof_replayed_by_a_concurrent_request_to_another_instance_is_granted_once(
+    make_sts: Callable[..., STS], make_settings: Callable[..., Settings], shared_store: dict[str, Any]
+) -> None:
+    """Two instances, one store: the second instance's request replays the proof while the first's
+    is between its check and its commit.  Exactly one of them gets a token; the other is refused
+    as a replayed proof (SQL: at the commit; Redis: at the check), and the trail says so."""
+    settings = make_settings(policy(), clients=CLIENTS, **shared_store)
+    one = make_sts(clock=Clock(float(int(time.time()))), **shared_store)
+    two = STS(create_app(settings, clock=one.clock), None, one.clock, one.issuer)  # type: ignore[arg-type]
+    two.web = two.app.test_client()
+    dpop = one.proof()
+    answers: list[TestResponse] = []
+    exchange = one.app.extensions["sts"].exchange
+    signer = exchange.signer
+
+    def replay_then_sign() -> Any:
+        if not answers:
+            answers.append(two.exchange(dpop))
+        return signer()
+
+    exchange.signer = replay_then_sign
+    try:
+        answers.append(one.exchange(dpop))
+    finally:
+        two.app.extensions["sts"].engine.dispose()
+    assert sorted(a.status_code for a in answers) == [200, 400], [a.get_json() for a in answers]
+    [refused] = [a for a in answers if a.status_code == 400]
+    assert refused.get_json()["error"] == "invalid_dpop_proof"
+    trail = one.app.extensions["sts"].audit.recent(10)
+    assert sorted(r["outcome"] for r in trail) == ["granted", "refused"]
+    [record] = [r for r in trail if r["outcome"] == "refused"]
+    assert "dpop.replayed_jti" in record["reasons"] and record["issued_jti"] is None
+    # Spent for good: each instance refuses it again.
+    for instance in (one, two):
+        assert_refused(instance, instance.exchange(dpop), "dpop.replayed_jti")

@@ -21,7 +21,14 @@ from typing import Any
 import redis
 
 from ...core.audit import AuditRecord
-from ...core.ports import AlreadyUsed, AuditSink, SingleUse, StoreUnavailable
+from ...core.ports import (
+    AlreadyUsed,
+    AuditSink,
+    BaselineStore,
+    BaselineUpdate,
+    SingleUse,
+    StoreUnavailable,
+)
 from .epoch import LedgerEpoch
 
 log = logging.getLogger(__name__)
@@ -138,6 +145,9 @@ class RedisSingleUseLedger(_RedisLedgerBase):
     the token expires.  If the audit commit fails, the reservation is dropped; if the
     request dies, it lapses.  A request that finds another's reservation waits
     (briefly) for it to be confirmed (a replay) or dropped (then it takes over).
+
+    A DPoP proof's ``jti`` is spent at once (:meth:`spend`: one ``SET NX``, as the
+    replay cache does), and a baseline update is saved after the record (best effort).
     """
 
     def __init__(
@@ -149,9 +159,11 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         epoch: LedgerEpoch | None = None,
         hold: float = RESERVATION_HOLD,
         wait: float = RESERVATION_WAIT,
+        baselines: BaselineStore | None = None,
     ) -> None:
         super().__init__(client, prefix=prefix, epoch=epoch)
         self.audit = audit
+        self.baselines = baselines
         self.hold = hold
         self.wait = wait
         self._confirm = client.register_script(_CONFIRM)
@@ -174,7 +186,19 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def commit(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
+    def spend(self, use: SingleUse, now: float) -> SingleUse | None:
+        name = self._name(use.purpose, use.key)
+        if self._under_epoch(self._use, name, b"1", use.expires_at, now, use.valid_from) != 1:
+            raise AlreadyUsed(use)
+        return None
+
+    def commit(
+        self,
+        record: AuditRecord,
+        uses: Sequence[SingleUse],
+        now: float,
+        baseline: BaselineUpdate | None = None,
+    ) -> None:
         try:
             self.audit.write(record)
         except BaseException:
@@ -190,6 +214,11 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             )
             if confirmed != 1:
                 raise StoreUnavailable("single-use reservation lost before it was confirmed")
+        if baseline is not None and self.baselines is not None:
+            try:
+                self.baselines.save(baseline.identity, baseline.baseline, baseline.ttl)
+            except StoreUnavailable:
+                log.warning("baseline update skipped: store unavailable")
 
     def cancel(self, uses: Sequence[SingleUse]) -> None:
         for use in uses:

@@ -1,10 +1,11 @@
 """The audit sink: every decision's record committed before its answer leaves (group commit).
 
-A single-use subject token's replay entry is inserted in the same transaction as
-the audit record of its grant (:meth:`SqlAuditSink.write_with_uses`, used by
-:class:`sts.adapters.sql.single_use.SqlSingleUseLedger`), so a failed commit
-leaves neither and the token stays usable.  Every record is linked into a hash
-chain of its writer (:mod:`sts.adapters.sql.chain_heads`).
+The replay entries of a grant's single uses (its subject token, its DPoP proof's
+``jti``) and its baseline update are written in the same transaction as the audit
+record of the grant (:meth:`SqlAuditSink.write_with_uses`, used by
+:class:`sts.adapters.sql.single_use.SqlSingleUseLedger`): one write transaction
+per exchange, and a failed commit leaves none of them, so the token stays usable.
+Every record is linked into a hash chain of its writer (:mod:`sts.adapters.sql.chain_heads`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from sqlalchemy import Engine, select
 
 from ...core.audit import AuditRecord
 from ...core.audit_chain import canonical_record, genesis_hash, link_hash
-from ...core.ports import AlreadyUsed, AuditUnavailable, SingleUse
+from ...core.ports import AlreadyUsed, AuditUnavailable, BaselineUpdate, SingleUse
 from .chain_heads import ChainHead, ChainHeads
+from .key_value import store_key, upsert_statement
 from .replay import first_use_statement, replay_key
 from .schema import audit_events
 from .statements import CommitOutcomeUnknown, RawStatement
@@ -56,6 +58,10 @@ class _PendingRow:
 
 class _UseTaken(Exception):
     """Inside :meth:`SqlAuditSink.write_with_uses`: roll back, the use is someone else's."""
+
+    def __init__(self, use: SingleUse) -> None:
+        super().__init__()
+        self.use = use
 
 
 class SqlAuditSink:
@@ -99,6 +105,7 @@ class SqlAuditSink:
         self._forget_heartbeats = f"DELETE FROM heartbeats WHERE checked_at < {p}"  # noqa: S608
         columns = "chain_id, started_at, writer, genesis_hash, anchor_seq, anchor_hash"
         self._register_chain = f"INSERT INTO audit_chains ({columns}) VALUES ({p}, {p}, {p}, {p}, 0, {p})"  # noqa: S608
+        self._save_baseline = upsert_statement("baselines", "baseline", p)
         self._count_links = (
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
@@ -175,28 +182,41 @@ class SqlAuditSink:
         if item.error is not None:
             raise AuditUnavailable(item.error)
 
-    def write_with_uses(self, record: AuditRecord, uses: Sequence[SingleUse], now: float) -> None:
-        """Commit ``record`` and the replay entries of ``uses`` in one transaction.
+    def write_with_uses(
+        self,
+        record: AuditRecord,
+        uses: Sequence[SingleUse],
+        now: float,
+        baseline: BaselineUpdate | None = None,
+    ) -> None:
+        """Commit ``record``, the replay entries of ``uses`` and ``baseline`` in one transaction.
 
-        Either both are committed or neither: a failed commit leaves the single-use
-        credential unused.  Raises :class:`AlreadyUsed` when one of ``uses`` has a
-        live entry (a concurrent request committed first; on PostgreSQL the insert
-        waits for that request's transaction), :class:`AuditUnavailable` when the
-        transaction cannot be committed.  Not group-committed: the entries must
-        succeed or fail with this record alone.
+        Either all are committed or none: a failed commit leaves the single-use
+        credentials unused.  Raises :class:`AlreadyUsed` naming the first of ``uses``
+        that has a live entry (a concurrent request committed first; on PostgreSQL
+        the insert waits for that request's transaction), :class:`AuditUnavailable`
+        when the transaction cannot be committed.  Not group-committed: the entries
+        must succeed or fail with this record alone.
         """
         entry_sql = first_use_statement(self._raw.placeholder)
-        entries = [(replay_key(u.purpose, u.key), u.expires_at, now) for u in uses]
+        entries = [(use, (replay_key(use.purpose, use.key), use.expires_at, now)) for use in uses]
+        saved = (
+            (store_key(baseline.identity), baseline.baseline.to_json(), now + baseline.ttl)
+            if baseline is not None
+            else None
+        )
         item = _PendingRow(self._stored_row(record))
         with self._chains.borrow(self.timeout) as head:
             register = not head.registered
             row, seq, digest = self._link(head, [item])
 
             def work(cur: Any) -> bool:
-                for params in entries:
+                for use, params in entries:
                     cur.execute(entry_sql, params)
                     if cur.rowcount != 1:
-                        raise _UseTaken
+                        raise _UseTaken(use)
+                if saved is not None:
+                    cur.execute(self._save_baseline, saved)
                 if register:
                     cur.execute(self._register_chain, self._registration(head))
                 cur.execute(self._sql(1), row)
@@ -204,8 +224,8 @@ class SqlAuditSink:
 
             try:
                 self._raw.transaction(work)
-            except _UseTaken:
-                raise AlreadyUsed from None
+            except _UseTaken as taken:
+                raise AlreadyUsed(taken.use) from None
             except CommitOutcomeUnknown as exc:
                 # The connection broke during COMMIT.  Ask again on a fresh one: if the record is
                 # there, so is the use, and the token may leave; else neither was committed.

@@ -26,6 +26,17 @@ def store_key(identity: str) -> str:
     return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def upsert_statement(table: str, column: str, placeholder: str) -> str:
+    """Insert or replace one identity's value; parameters ``(store_key(identity), value, expires_at)``."""
+    p = placeholder
+    # Table and column names are constants of this package; values are parameters.
+    return (
+        f"INSERT INTO {table} (identity, {column}, expires_at) VALUES ({p}, {p}, {p}) "  # noqa: S608
+        f"ON CONFLICT (identity) DO UPDATE SET {column} = excluded.{column}, "
+        "expires_at = excluded.expires_at"
+    )
+
+
 class KeyValueTable:
     """A small expiring key-value table, read and written with single raw statements."""
 
@@ -34,12 +45,8 @@ class KeyValueTable:
         self._engine = engine
         self._clock = clock
         p = self._raw.placeholder
+        self._put = upsert_statement(table, column, p)
         # Table and column names are constants of this package; values are parameters.
-        self._put = (
-            f"INSERT INTO {table} (identity, {column}, expires_at) VALUES ({p}, {p}, {p}) "  # noqa: S608
-            f"ON CONFLICT (identity) DO UPDATE SET {column} = excluded.{column}, "
-            "expires_at = excluded.expires_at"
-        )
         self._get = f"SELECT identity, {column} FROM {table} WHERE identity IN "  # noqa: S608
         self._table, self._p = table, p
 

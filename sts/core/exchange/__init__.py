@@ -8,7 +8,8 @@ latency histograms); "where" names a module of this package, or this module::
     parse        read the request (RFC 6749 §3.2, 8693 §2.1)    request.parse_request
     client_auth  authenticate the client (RFC 6749 §2.3,        TokenExchange._authenticate_client
                  RFC 7523 §3)
-    dpop         verify the DPoP proof (RFC 9449 §4.3)          binding.verify_request_proof
+    dpop         verify the DPoP proof (RFC 9449 §4.3), its     binding.verify_request_proof
+                 jti spent at once or with the record           binding.ProofUses
     attest       attest the subject and the actor, build the    attestation.Attestation.attest
                  act chain (RFC 8693 §4.1, §4.4)
     policy       evaluate the policy                            TokenExchange._evaluate_policy
@@ -23,7 +24,8 @@ latency histograms); "where" names a module of this package, or this module::
                  mint the token (RFC 9068)                      issue.mint_exchanged_token
                  learn the behaviour baseline                   RiskAndAssurance.learn
                  record the grant                               issue.record_grant
-    audit        commit the record (with the single use)        TokenExchange._commit
+    audit        commit the record (with the single uses and    TokenExchange._commit
+                 the baseline: on SQL, one transaction)
 
 Rate limits are checked where their key is known: on arrival (parse), per client
 (client_auth), per identity (attest) and per rule (policy).  Storage and keys are
@@ -36,10 +38,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import (
     InvalidClient,
+    InvalidDPoPProof,
     InvalidRequest,
     OAuthError,
     ServerError,
@@ -63,6 +66,7 @@ from ..ports import (
     AuditSink,
     AuditUnavailable,
     BaselineStore,
+    BaselineUpdate,
     PipelineStages,
     ReplayCache,
     RevokedTokens,
@@ -75,13 +79,23 @@ from ..ports import (
 )
 from ..rate_limit import NO_LIMITS, RateLimiter
 from .attestation import Attestation, Parties
-from .binding import check_binding, check_certificate_binding, verify_request_proof
+from .binding import ProofUses, check_binding, check_certificate_binding, verify_request_proof
 from .issue import mint_exchanged_token, record_grant, token_lifetime
 from .request import parse_request, presented_subject_token_hash, start_record
 from .risk_and_assurance import RiskAndAssurance
 from .single_use import reserve_subject_token, withdraw_grant
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingWrites:
+    """What a grant writes with its audit record (:meth:`~sts.core.ports.SingleUseLedger.commit`):
+    the DPoP proof's deferred use, the subject token's reserved use and the baseline update."""
+
+    proofs: ProofUses
+    uses: list[SingleUse] = field(default_factory=list)
+    baseline: BaselineUpdate | None = None
 
 
 @dataclass(frozen=True)
@@ -147,14 +161,19 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         """Run the pipeline; return the response or raise the :class:`OAuthError` to send."""
         now = self.clock()
         record = start_record(wire, now)
-        uses: list[SingleUse] = []
+        pending = PendingWrites(ProofUses(self.ledger, self.replay))
         return self.decide_and_record(
             record,
-            lambda: self._decide(wire, record, now, uses),
-            lambda _response: self._commit(record, uses, now),
-            abandon=lambda: self.ledger.cancel(uses),
+            lambda: self._decide(wire, record, now, pending),
+            lambda _response: self._commit(record, pending, now),
+            abandon=lambda: self._abandon(pending, now),
             refused=lambda exc: self._count_failure(record, exc, now),
         )
+
+    def _abandon(self, pending: PendingWrites, now: float) -> None:
+        """A refused (or failed) request: give back the reservations; a verified proof stays spent."""
+        self.ledger.cancel(pending.uses)
+        pending.proofs.spend_now(now)
 
     def refuse_early(self, wire: WireRequest, exc: OAuthError) -> None:
         """Record a request refused before the pipeline could read it (body too large, unparseable)."""
@@ -163,10 +182,10 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         self.record_refusal(record, exc)
 
     def _decide(
-        self, wire: WireRequest, record: AuditRecord, now: float, uses: list[SingleUse]
+        self, wire: WireRequest, record: AuditRecord, now: float, pending: PendingWrites
     ) -> TokenExchangeResponse:
         """The stages of the module docstring, in order: the response, with ``record`` filled in
-        (committed by :meth:`_commit`) and the single use to commit with it in ``uses``."""
+        (committed by :meth:`_commit`) and what to commit with it in ``pending``."""
         # The hash goes into the record even when the request is refused before it is parsed.
         record.subject_token_sha256 = presented_subject_token_hash(wire)
         self.stages.enter(stage.PARSE)
@@ -179,7 +198,12 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
 
         self.stages.enter(stage.DPOP)
         proof = verify_request_proof(
-            wire, self.config.dpop, url=self.config.token_endpoint, replay=self.replay, record=record, now=now
+            wire,
+            self.config.dpop,
+            url=self.config.token_endpoint,
+            replay=pending.proofs,
+            record=record,
+            now=now,
         )
 
         self.stages.enter(stage.ATTEST)
@@ -200,7 +224,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         lifetime = token_lifetime(parties.subject, grant, request, risk.decision, now)
         if grant.single_use:
             # Reserved last of all, so that a refusal does not burn the token.
-            uses.append(
+            pending.uses.append(
                 reserve_subject_token(
                     self.ledger, parties.subject, request.subject_token, leeway=self.config.leeway, now=now
                 )
@@ -219,7 +243,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             acr=risk.level,
             now=now,
         )
-        self.risk.learn(risk, wire.source_ip, grant.audiences, scopes, parties.depth, now)
+        pending.baseline = self.risk.learn(risk, wire.source_ip, grant.audiences, scopes, parties.depth, now)
         record_grant(record, grant, scopes, lifetime, issued)
         return TokenExchangeResponse(
             access_token=issued.token,
@@ -289,19 +313,28 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             record.reasons.append("reexchange.scope_narrowed")
         return grant, scopes
 
-    def _commit(self, record: AuditRecord, uses: list[SingleUse], now: float) -> None:
-        """Commit the grant's record; with single use, the use of the subject token with it."""
+    def _commit(self, record: AuditRecord, pending: PendingWrites, now: float) -> None:
+        """Commit the grant's record; with it the uses of the DPoP proof and the subject token and
+        the baseline update (on SQL all in one transaction)."""
+        proofs = pending.proofs.pending
+        uses = [*proofs, *pending.uses]
         try:
             # Two-phase single use: the subject token is used up only together with (Redis: right
             # after) the commit of this record, so a failure here leaves it usable for the retry.
-            if uses:
-                self.ledger.commit(record, uses, now)
+            if uses or pending.baseline is not None:
+                self.ledger.commit(record, uses, now, pending.baseline)
             else:
                 self.audit.write(record)
-        except AlreadyUsed:
-            # A concurrent request with the same token committed first (another worker or instance).
+        except AlreadyUsed as exc:
+            # A concurrent request with the same proof or token committed first (another worker or
+            # instance).  The proof was verified, so it is spent, whichever it was.
             withdraw_grant(record)
-            replayed = InvalidRequest("subject_token.replayed", "used by a concurrent request")
+            replayed: OAuthError
+            if exc.use is not None and exc.use in proofs:
+                replayed = InvalidDPoPProof("dpop.replayed_jti", "used by a concurrent request")
+            else:
+                replayed = InvalidRequest("subject_token.replayed", "used by a concurrent request")
+                pending.proofs.spend_now(now)
             self.record_refusal(record, replayed)
             self._count_failure(record, replayed, now)
             raise replayed from None

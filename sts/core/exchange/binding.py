@@ -1,7 +1,8 @@
 """Proof of possession: the key a request proves, and the key a token stays bound to.
 
 * The ``dpop`` stage verifies the request's DPoP proof (RFC 9449 §4.3):
-  :func:`verify_request_proof`.
+  :func:`verify_request_proof`; its ``jti`` is spent through the single-use ledger
+  (:class:`ProofUses`), at once or with the grant's record, as the ledger decides.
 * The ``policy`` stage keeps a bound token of ours bound on re-exchange:
   :func:`check_binding` (DPoP, RFC 9449 §7) and :func:`check_certificate_binding`
   (a client certificate, RFC 8705 §3).
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +24,45 @@ from ..audit import AuditRecord
 from ..delegation import SELF_ISSUER
 from ..dpop import DPoPConfig, VerifiedProof, verify_proof
 from ..policy.rules import Grant
-from ..ports import ReplayCache
+from ..ports import AlreadyUsed, ReplayCache, ReplayWindowLost, SingleUse, SingleUseLedger, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class ProofUses:
+    """The replay cache the DPoP check sees: the ledger spends a proof's ``jti``
+    (:meth:`~sts.core.ports.SingleUseLedger.spend`), at once (Redis) or, found unused, with
+    the grant's audit record (SQL: one write transaction per exchange).  A deferred use is
+    kept in :attr:`pending`; should the request be refused, :meth:`spend_now` records it
+    all the same, so a verified proof is spent whatever the outcome."""
+
+    def __init__(self, ledger: SingleUseLedger, replay: ReplayCache) -> None:
+        self.ledger = ledger
+        self.replay = replay
+        self.pending: list[SingleUse] = []
+
+    def first_use(
+        self, purpose: str, key: str, expires_at: float, now: float, *, valid_from: float | None = None
+    ) -> bool:
+        try:
+            use = self.ledger.spend(SingleUse(purpose, key, expires_at, valid_from), now)
+        except AlreadyUsed:
+            return False
+        if use is not None:
+            self.pending.append(use)
+        return True
+
+    def release(self, purpose: str, key: str) -> None:
+        self.pending = [u for u in self.pending if (u.purpose, u.key) != (purpose, key)]
+
+    def spend_now(self, now: float) -> None:
+        """Record the deferred uses now (a refused request): best effort, the refusal stands."""
+        pending, self.pending = self.pending, []
+        for use in pending:
+            try:
+                self.replay.first_use(use.purpose, use.key, use.expires_at, now, valid_from=use.valid_from)
+            except (StoreUnavailable, ReplayWindowLost) as exc:
+                log.warning("the DPoP proof of a refused request not recorded as used: %s", exc)
 
 
 def verify_request_proof(

@@ -10,7 +10,8 @@ and the assurance level the request reaches (RFC 9470).
   the rule's ``assurance`` requirements (and the request's ``acr_values``) need
   and this request does not reach.
 
-The baseline learns after a grant (:meth:`~RiskAndAssurance.learn`), a refusal
+The baseline learns after a grant (:meth:`~RiskAndAssurance.learn`: saved with the
+grant's record, :meth:`sts.core.ports.SingleUseLedger.commit`), a refusal
 counts towards ``recent_failures`` (:meth:`~RiskAndAssurance.record_failure`),
 and a refused exchange still counts for the probation of a changed fact.  All
 three are best effort: a lost update only delays learning.
@@ -46,7 +47,7 @@ from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
 from ..introspection import own_token_identities
 from ..policy.rules import Grant
-from ..ports import BaselineStore, StoreUnavailable, SubjectStateStore
+from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
 from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
 from ..subject_state import SubjectState, identity_key, identity_keys, merge
@@ -264,10 +265,11 @@ class RiskAndAssurance:
         scopes: tuple[str, ...],
         depth: int,
         now: float,
-    ) -> None:
-        """Update the behaviour baseline after a grant (best effort: a lost update only delays learning)."""
+    ) -> BaselineUpdate | None:
+        """The behaviour baseline after a grant, to save with its record (best effort: a lost update
+        only delays learning); None when there is none to keep or it did not change."""
         if self.baselines is None or risk.baseline_key is None:
-            return
+            return None
         # The reviewed baseline: first-seen facts set, changed ones confirmed or left pending.
         updated = observe(
             risk.assessment.drift.baseline,
@@ -279,10 +281,9 @@ class RiskAndAssurance:
             depth=depth,
             rebaseline=False,
         )
-        try:
-            self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
-        except StoreUnavailable:
-            log.warning("baseline update skipped: store unavailable")
+        if updated == risk.baseline:
+            return None
+        return BaselineUpdate(risk.baseline_key, updated, BASELINE_TTL)
 
     def record_failure(self, record: AuditRecord, now: float) -> None:
         """A refusal for a verified identity counts towards its recent_failures signal."""
