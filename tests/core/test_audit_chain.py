@@ -56,7 +56,7 @@ from sts.core.audit_chain import (
     genesis_hash,
     link_hash,
 )
-from sts.core.ports import AuditUnavailable, SingleUse
+from sts.core.ports import AlreadyUsed, AuditUnavailable, SingleUse
 from sts.migrations import upgrade
 from tests.adapters.test_stores import PgSchema, private_database
 
@@ -707,6 +707,70 @@ def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def test_a_group_commit_with_uses_refuses_only_the_replayed_items_and_chains_the_rest(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent writes with uses share one transaction, each item in a savepoint: a use that is
+    taken (committed earlier, or by an item ahead of it in the batch) fails only its own item, and
+    the chain links the others in commit order, without a gap."""
+    sink = SqlAuditSink(engine)
+    taken = SingleUse("subject_token", "taken", NOW + 60, None)
+    first = decision(0)
+    sink.write_with_uses(first, [taken], NOW)
+    twice = SingleUse("dpop:jkt", "twice", NOW + 60, None)
+    uses = [
+        [SingleUse("subject_token", f"fresh-{n}", NOW + 60, None), *([twice] if n in (2, 5) else [])]
+        for n in range(1, 8)
+    ]
+    uses[3].append(taken)
+    transactions = []
+    real = sink._raw.transaction
+
+    def counted(work: Callable[[Any], Any]) -> Any:
+        transactions.append(work)
+        return real(work)
+
+    monkeypatch.setattr(sink._raw, "transaction", counted)
+    group = sink._writes_with_uses
+    records = [decision(n) for n in range(1, 8)]
+    outcomes: dict[int, str] = {}
+
+    def write(n: int) -> None:
+        try:
+            sink.write_with_uses(records[n - 1], uses[n - 1], NOW)
+            outcomes[n] = "committed"
+        except AlreadyUsed as exc:
+            assert exc.use is not None
+            outcomes[n] = exc.use.key
+
+    # Hold the group as a commit in flight would, so that all seven queue behind it.
+    with group._cond:
+        group._committing = True
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(1, 8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(group._pending) < 7 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    number = {r.event_id: n for n, r in enumerate(records, 1)}
+    queued = [number[item.row["event_id"]] for item in group._pending]
+    with group._cond:
+        group._committing = False
+        group._cond.notify_all()
+    for thread in threads:
+        thread.join(10)
+    assert len(transactions) == 1  # One transaction for the seven.
+    # The item with the committed use, and the later of the two sharing a use, are refused.
+    second = [n for n in queued if n in (2, 5)][1]
+    assert outcomes == {
+        n: "taken" if n == 4 else "twice" if n == second else "committed" for n in range(1, 8)
+    }
+    report = verify(engine)
+    assert [(h.seq, h.records) for h in report.heads.values()] == [(6, 6)]
+    committed = {r.event_id for n, r in enumerate(records, 1) if outcomes[n] == "committed"}
+    assert {r["event_id"] for r in sink.iter_all()} == committed | {first.event_id}
 
 
 def test_concurrent_commits_borrow_different_chains_up_to_the_limit() -> None:

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -49,11 +49,60 @@ def _utc(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
 
 
-@dataclass
+@dataclass(eq=False)
 class _PendingRow:
     row: dict[str, Any]
     done: bool = False
     error: str | None = None
+
+
+@dataclass(eq=False)
+class _PendingUses(_PendingRow):
+    """A record to commit with the replay entries of its uses and its baseline update."""
+
+    entries: list[tuple[SingleUse, tuple[Any, ...]]] = field(default_factory=list)
+    baseline: tuple[Any, ...] | None = None
+    #: The use a concurrent request had committed first: this record was not written.
+    taken: SingleUse | None = None
+    #: Committed, but known only after its connection broke during COMMIT.
+    settled: bool = False
+
+
+class _Group:
+    """Group commit: while one caller commits a batch, others queue, and the next committer
+    takes them all.  Each caller returns once its own item is done (or it timed out queued)."""
+
+    def __init__(self, commit: Callable[[Any], None], max_batch: int, timeout: float) -> None:
+        self._commit = commit
+        self.max_batch = max_batch
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._pending: list[_PendingRow] = []
+        self._committing = False
+
+    def join(self, item: _PendingRow) -> None:
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            self._pending.append(item)
+            while not item.done and self._committing:
+                remaining = deadline - time.monotonic()
+                if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
+                    # Too slow: withdraw the record if it is still queued and refuse. (If a
+                    # commit already holds it, the trail shows a token that was never sent.)
+                    if item in self._pending:
+                        self._pending.remove(item)
+                    raise AuditUnavailable("timeout waiting for the audit commit")
+            if not item.done:
+                self._committing = True
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+        if not item.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
 
 
 class _UseTaken(Exception):
@@ -109,9 +158,9 @@ class SqlAuditSink:
         self._count_links = (
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
-        self._cond = threading.Condition()
-        self._pending: list[_PendingRow] = []
-        self._committing = False
+        self._entry_sql = first_use_statement(p)
+        self._writes = _Group(self._commit, max_batch, timeout)
+        self._writes_with_uses = _Group(self._commit_with_uses, max_batch, timeout)
 
     @staticmethod
     def _row(record: AuditRecord) -> dict[str, Any]:
@@ -157,28 +206,7 @@ class SqlAuditSink:
 
     def write(self, record: AuditRecord) -> None:
         item = _PendingRow(self._stored_row(record))
-        deadline = time.monotonic() + self.timeout
-        with self._cond:
-            self._pending.append(item)
-            while not item.done and self._committing:
-                remaining = deadline - time.monotonic()
-                if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
-                    # Too slow: withdraw the record if it is still queued and refuse. (If a
-                    # commit already holds it, the trail shows a token that was never sent.)
-                    if item in self._pending:
-                        self._pending.remove(item)
-                    raise AuditUnavailable("timeout waiting for the audit commit")
-            if not item.done:
-                self._committing = True
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-        if not item.done:
-            try:
-                self._commit(batch)
-            finally:
-                with self._cond:
-                    self._committing = False
-                    self._cond.notify_all()
+        self._writes.join(item)
         if item.error is not None:
             raise AuditUnavailable(item.error)
 
@@ -195,50 +223,121 @@ class SqlAuditSink:
         credentials unused.  Raises :class:`AlreadyUsed` naming the first of ``uses``
         that has a live entry (a concurrent request committed first; on PostgreSQL
         the insert waits for that request's transaction), :class:`AuditUnavailable`
-        when the transaction cannot be committed.  Not group-committed: the entries
-        must succeed or fail with this record alone.
+        when the transaction cannot be committed.
+
+        Group-committed like :meth:`write`: concurrent callers in this process share one
+        transaction, each in a savepoint of its own, so a use found taken rolls back only
+        its own record, entries and baseline; the hash chain links only the records that
+        stay, in commit order.
         """
-        entry_sql = first_use_statement(self._raw.placeholder)
-        entries = [(use, (replay_key(use.purpose, use.key), use.expires_at, now)) for use in uses]
-        saved = (
-            (store_key(baseline.identity), baseline.baseline.to_json(), now + baseline.ttl)
-            if baseline is not None
-            else None
+        item = _PendingUses(
+            self._stored_row(record),
+            entries=[(use, (replay_key(use.purpose, use.key), use.expires_at, now)) for use in uses],
+            baseline=(
+                (store_key(baseline.identity), baseline.baseline.to_json(), now + baseline.ttl)
+                if baseline is not None
+                else None
+            ),
         )
-        item = _PendingRow(self._stored_row(record))
-        with self._chains.borrow(self.timeout) as head:
-            register = not head.registered
-            row, seq, digest = self._link(head, [item])
+        self._writes_with_uses.join(item)
+        if item.taken is not None:
+            raise AlreadyUsed(item.taken)
+        if item.error is not None:
+            raise AuditUnavailable(item.error)
+        if item.settled:
+            log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
 
-            def work(cur: Any) -> bool:
-                for use, params in entries:
-                    cur.execute(entry_sql, params)
-                    if cur.rowcount != 1:
-                        raise _UseTaken(use)
-                if saved is not None:
-                    cur.execute(self._save_baseline, saved)
-                if register:
+    def _commit_with_uses(self, batch: list[_PendingUses]) -> None:
+        try:
+            with self._chains.borrow(self.timeout) as head:
+                self._commit_uses_linked(head, batch)
+        except AuditUnavailable as exc:
+            for item in batch:
+                if item.taken is None:
+                    item.error = item.error or str(exc)
+        except BaseException:
+            for item in batch:
+                item.error = item.error or "interrupted"
+                item.done = True
+            raise
+        for item in batch:
+            item.done = True
+
+    def _commit_uses_linked(self, head: ChainHead, batch: list[_PendingUses]) -> None:
+        """Commit ``batch`` in one transaction on ``head``'s chain, each item in a savepoint of its
+        own (when there are several); if the transaction fails, each item alone, so one bad row
+        fails only its own writer."""
+        savepoints = len(batch) > 1
+
+        def work(cur: Any) -> tuple[list[_PendingUses], int, str]:
+            kept: list[_PendingUses] = []
+            seq, prev, registered = head.seq, head.hash, head.registered
+            for item in batch:
+                item.taken = None
+                if savepoints:
+                    cur.execute("SAVEPOINT item")
+                try:
+                    for use, params in item.entries:
+                        cur.execute(self._entry_sql, params)
+                        if cur.rowcount != 1:
+                            raise _UseTaken(use)
+                except _UseTaken as taken:
+                    if not savepoints:
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT item")
+                    cur.execute("RELEASE SAVEPOINT item")
+                    item.taken = taken.use
+                    continue
+                if item.baseline is not None:
+                    cur.execute(self._save_baseline, item.baseline)
+                if not registered:
+                    # The chain's row goes with its first record.
                     cur.execute(self._register_chain, self._registration(head))
-                cur.execute(self._sql(1), row)
-                return True
+                    registered = True
+                # Linked only now, so the chain holds the records that stay, in commit order.
+                row = item.row
+                seq += 1
+                digest = link_hash(prev, head.chain_id, seq, row["record"])
+                row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
+                cur.execute(self._sql(1), self._params([item]))
+                if savepoints:
+                    cur.execute("RELEASE SAVEPOINT item")
+                prev = digest
+                kept.append(item)
+            return kept, seq, prev
 
-            try:
-                self._raw.transaction(work)
-            except _UseTaken as taken:
-                raise AlreadyUsed(taken.use) from None
-            except CommitOutcomeUnknown as exc:
-                # The connection broke during COMMIT.  Ask again on a fresh one: if the record is
-                # there, so is the use, and the token may leave; else neither was committed.
-                if not self._settle(head, seq, 1, digest):
-                    raise AuditUnavailable(f"commit outcome unknown: {exc}") from None
-                log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
-                return
-            except self._integrity_errors as exc:
-                head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
-                raise AuditUnavailable(type(exc).__name__) from None
-            except self._raw.failures as exc:
-                raise AuditUnavailable(type(exc).__name__) from None
-            head.advance(seq, digest)
+        try:
+            kept, seq, digest = self._raw.transaction(work)
+        except _UseTaken as taken:  # One item, no savepoint: nothing was committed.
+            batch[0].taken = taken.use
+            return
+        except CommitOutcomeUnknown as exc:
+            # The connection broke during COMMIT.  Ask again on a fresh one: if the records are
+            # there, so are their uses, and their tokens may leave; else none was committed.
+            kept = [item for item in batch if item.taken is None]
+            if not kept or self._settle(head, head.seq + len(kept), len(kept), kept[-1].row["hash"]):
+                for item in kept:
+                    item.settled = True
+            else:
+                for item in kept:
+                    item.error = f"commit outcome unknown: {exc}"
+            return
+        except self._integrity_errors as exc:
+            head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
+            failure = type(exc).__name__
+        except self._raw.failures as exc:
+            failure = type(exc).__name__
+        else:
+            if kept:
+                head.advance(seq, digest)
+            return
+        for item in batch:
+            item.taken = None
+        if len(batch) == 1:
+            batch[0].error = failure
+        else:
+            for item in batch:
+                self._commit_uses_linked(head, [item])
 
     def _registration(self, head: ChainHead) -> tuple[Any, ...]:
         """The ``audit_chains`` row of ``head``'s chain, committed with its first record."""
