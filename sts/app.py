@@ -79,8 +79,9 @@ def create_app(
     # failures of the stores, the audit trail and upstream services where the pipeline meets them.
     metrics = Metrics(clock=clock)
     decisions = MeteredAuditSink(audit, metrics)
-    ledger = MeteredLedger(single_use_ledger(stores, audit), metrics)
     counted = stores.counted(metrics)
+    # Given the counted stores: a baseline the Redis ledger saves after a grant counts its failures.
+    ledger = MeteredLedger(single_use_ledger(counted, audit), metrics)
     limits = build_rate_limiter(settings, engine, stores.redis_client, metrics)
     # The pipeline's stages: trace spans (when tracing is on) and the per-stage latency histogram.
     tracing = build_tracing(settings.tracing, span_exporter=span_exporter)

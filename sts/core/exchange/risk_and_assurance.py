@@ -266,8 +266,9 @@ class RiskAndAssurance:
         depth: int,
         now: float,
     ) -> BaselineUpdate | None:
-        """The behaviour baseline after a grant, to save with its record (best effort: a lost update
-        only delays learning); None when there is none to keep or it did not change."""
+        """The behaviour baseline after a grant, to save with its record (in its transaction on SQL,
+        else best effort: a lost update only delays learning); None when there is none to keep or
+        it did not change."""
         if self.baselines is None or risk.baseline_key is None:
             return None
         # The reviewed baseline: first-seen facts set, changed ones confirmed or left pending.
