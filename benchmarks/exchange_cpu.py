@@ -111,6 +111,9 @@ def _floor_app(work: Path) -> Any:
 def worker(args: argparse.Namespace) -> None:
     import logging
 
+    # The package from PYTHONPATH, imported before bench.py puts this checkout first on sys.path.
+    import sts  # noqa: F401
+
     import bench
     from sts.serving import Limits, WSGIOverRSGI
 
@@ -164,11 +167,13 @@ def worker(args: argparse.Namespace) -> None:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile_out)
-    print(
-        json.dumps(
-            {"cpu_us": cpu / len(measured) * 1e6, "wall_us": wall / len(measured) * 1e6, "failed": failed}
-        )
-    )
+    result = {
+        "cpu_us": cpu / len(measured) * 1e6,
+        "wall_us": wall / len(measured) * 1e6,
+        "failed": failed,
+        "package": str(Path(sts.__file__).parent),
+    }
+    print(json.dumps(result))
 
 
 # -- the runner -----------------------------------------------------------------------------------
@@ -206,6 +211,8 @@ def run_system(
     if out.returncode != 0:
         raise SystemExit(f"worker failed ({source or 'floor'}):\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if source is not None and Path(result["package"]) != source / "sts":
+        raise SystemExit(f"{source}: the worker imported the sts package of {result['package']}")
     if result["failed"]:
         raise SystemExit(f"{source or 'floor'}: {result['failed']} requests refused\n{out.stderr[-2000:]}")
     return result
