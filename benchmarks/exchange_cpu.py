@@ -63,9 +63,9 @@ class _Scope:
 
 
 def _exchange_app(work: Path, home: Path) -> Any:
+    import bench
     import yaml
 
-    import bench
     from sts.app import create_app
     from sts.settings import load_settings
 
@@ -111,10 +111,10 @@ def _floor_app(work: Path) -> Any:
 def worker(args: argparse.Namespace) -> None:
     import logging
 
-    # The package from PYTHONPATH, imported before bench.py puts this checkout first on sys.path.
-    import sts  # noqa: F401
-
     import bench
+
+    # The package from PYTHONPATH, imported before bench.py puts this checkout first on sys.path.
+    import sts
     from sts.serving import Limits, WSGIOverRSGI
 
     logging.disable(logging.WARNING)
@@ -252,7 +252,9 @@ def print_table(runs: dict[str, list[float]], systems: list[tuple[str, Path | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", type=source_option, action="append", default=[], metavar="LABEL=DIR")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=1500)
@@ -260,6 +262,7 @@ def main() -> None:
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--profile", action="append", default=[], metavar="LABEL")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--keep-profile", default=None, metavar="FILE", help="write the cProfile stats here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -301,8 +304,8 @@ def main() -> None:
         if args.rounds:
             print_table(runs, systems, sources[0][0])
         for label in args.profile:
-            source = dict(systems)[label] if label in dict(systems) else None
-            out = work / f"{label}.prof"
+            source = dict(systems).get(label)
+            out = Path(args.keep_profile) if args.keep_profile else work / f"{label}.prof"
             run_system(work, source, args, profile_out=out)
             print(f"\ncProfile of {label} ({args.requests} requests):")
             print_profile(out, args.top)

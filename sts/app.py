@@ -27,14 +27,14 @@ from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS
 from .adapters.keyring import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from .adapters.keyring import KeyRing, OwnTokenKeys
-from .adapters.metrics import (
+from .adapters.metered_ports import (
     CountedIssuerKeys,
     CountedTokenReviewer,
     MeteredAuditSink,
     MeteredLedger,
-    Metrics,
     count_store_errors,
 )
+from .adapters.metrics import Metrics
 from .adapters.policy_files import load_policies, policy_files
 from .adapters.readiness import (
     DatabaseSchema,

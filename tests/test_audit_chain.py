@@ -208,9 +208,9 @@ def test_audit_records_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> No
         raise AssertionError("fell back to the rfc8785 library")
 
     monkeypatch.setattr(rfc8785, "dumps", refuse)
-    for record, text in zip(records, expected, strict=True):
+    for record, canonical in zip(records, expected, strict=True):
         before = json.dumps(record, sort_keys=True)
-        assert canonical_record(record) == (text, record)
+        assert canonical_record(record) == (canonical, record)
         assert json.dumps(record, sort_keys=True) == before  # the record itself is not changed
 
 

@@ -18,6 +18,7 @@ stored before these fields existed read as having no pending values.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
@@ -38,8 +39,13 @@ RATE_WINDOW = 60.0
 BASELINE_TTL = 30 * 86400
 
 
+@functools.lru_cache(maxsize=4096)
 def network_of(address: str) -> str:
-    """The network an address is judged by: its /24 (IPv4) or /64 (IPv6)."""
+    """The network an address is judged by: its /24 (IPv4) or /64 (IPv6).
+
+    Remembered for the most recent addresses: it is asked twice per exchange, and parsing an
+    address costs more than the rest of updating the baseline.
+    """
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

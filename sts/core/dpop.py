@@ -171,7 +171,7 @@ def _public_key(jwk: Any, alg: str) -> tuple[Key, str]:
     if _PRIVATE_MEMBERS & set(jwk):
         raise _refuse("private_jwk")
     expected = _KEY_TYPES.get(alg[:2])
-    if jwk.get("kty") != expected:
+    if expected is None or jwk.get("kty") != expected:
         raise _refuse("jwk_alg_mismatch")
     if all(type(value) is str for value in jwk.values()):
         # The same key signs every proof of a workload: it is parsed (and its thumbprint taken)

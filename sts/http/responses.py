@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 
 from ..errors import OAuthError
 from .client_address import Network, client_address, is_trusted_proxy
+from .wire import header_values
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sts.access")
@@ -95,12 +96,13 @@ def request_id(incoming: str) -> str:
 
 
 def _assign_request_id(trusted: Sequence[Network]) -> None:
-    g.request_started = time.perf_counter()
-    g.request_id = request_id(request.headers.get("X-Request-Id", ""))
-    g.client_address = client_address(
-        request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted
-    )
-    g.via_trusted_proxy = is_trusted_proxy(request.remote_addr, trusted)
+    started = time.perf_counter()
+    environ = request.environ
+    remote_addr = environ.get("REMOTE_ADDR")
+    g.request_started = started
+    g.request_id = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
+    g.client_address = client_address(remote_addr, header_values(environ, "X-Forwarded-For"), trusted)
+    g.via_trusted_proxy = is_trusted_proxy(remote_addr, trusted)
 
 
 def _echo_request_id(response: Response) -> Response:
@@ -115,6 +117,8 @@ def _log_access(response: Response) -> Response:
     The same values are attached to the record (``extra``) for structured log
     formatters.  The raw path and query are never logged.
     """
+    if not access_log.isEnabledFor(logging.INFO):
+        return response
     started = g.get("request_started")
     duration_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
     size = response.content_length
