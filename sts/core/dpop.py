@@ -201,7 +201,9 @@ def _import_key(jwk: dict[str, Any], kty: str) -> tuple[Key, str]:
     return key, key.thumbprint()
 
 
+@functools.lru_cache(maxsize=256)
 def _same_uri(htu: str, url: str) -> bool:
+    """Whether ``htu`` names ``url`` (remembered: a client sends the same ``htu`` every time)."""
     try:
         return normalise_htu(htu) == normalise_htu(url)
     except ValueError:
@@ -287,6 +289,7 @@ def verify_proof(
 
 #: The proof's claims (§4.2): ``jti`` of at least 8 characters (enough entropy to be unique, §11.1)
 #: and ``iat`` in the window ``[now - max_age, now + leeway]``; no ``aud``, ``exp`` or ``sub``.
+@functools.lru_cache(maxsize=8)
 def _proof_rules(config: DPoPConfig) -> ClaimRules:
     return ClaimRules(
         leeway=config.leeway,

@@ -14,6 +14,7 @@ must not keep it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from flask import Flask, Response, g, json, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import OAuthError
@@ -41,8 +42,16 @@ UNMATCHED_ROUTE = "<unmatched>"
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
+def _json_default(value: Any) -> Any:
+    """What Flask's JSON provider makes of a value JSON has no type for (a date, a dataclass...)."""
+    return current_app.json.default(value)  # type: ignore[attr-defined]
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    response = Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
+    """``body`` as compact JSON, written as Flask's JSON provider writes it (sorted keys, non-ASCII
+    escaped) but without looking the provider up on every call."""
+    text = json.dumps(body, separators=(",", ":"), sort_keys=True, default=_json_default)
+    response = Response(text, status=status, mimetype="application/json")
     if headers:
         response.headers.update(headers)
     return response
