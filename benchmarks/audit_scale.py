@@ -36,8 +36,12 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import Engine, create_engine, text  # noqa: E402
 
-from sts.adapters import audit_query, sql  # noqa: E402
+from sts.adapters import audit_query  # noqa: E402
+from sts.adapters.sql.audit_sink import SqlAuditSink  # noqa: E402
+from sts.adapters.sql.engines import make_engine  # noqa: E402
+from sts.adapters.sql.schema import audit_events  # noqa: E402
 from sts.core.audit_filter import AuditFilter  # noqa: E402
+from sts.migrations import upgrade  # noqa: E402
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 SIGNALS = (
@@ -50,7 +54,7 @@ SIGNALS = (
     "shared_signal",
 )
 ISSUERS = ("github", "gitlab", "kubernetes-prod", "spiffe")
-COLUMNS = [c.name for c in sql.audit_events.columns if c.name != "id"]
+COLUMNS = [c.name for c in audit_events.columns if c.name != "id"]
 
 
 class World:
@@ -174,7 +178,7 @@ def _row_values(record: dict[str, Any]) -> dict[str, Any]:
     from sts.core.audit import AuditRecord
 
     fields = {k: v for k, v in record.items()}
-    row = sql.SqlAuditSink._row(AuditRecord(**fields))
+    row = SqlAuditSink._row(AuditRecord(**fields))
     return row
 
 
@@ -332,12 +336,12 @@ def main() -> None:
         if (args.reuse / "audit.sqlite").exists() and args.backend != "postgresql":
             print("sqlite (kept):", flush=True)
             summary["sqlite"] = measure(
-                sql.make_engine(f"sqlite:///{args.reuse / 'audit.sqlite'}"), now, args.days
+                make_engine(f"sqlite:///{args.reuse / 'audit.sqlite'}"), now, args.days
             )
         if (args.reuse / "pg-database").exists() and args.backend != "sqlite":
             print("postgresql (kept):", flush=True)
             name = (args.reuse / "pg-database").read_text().strip()
-            summary["postgresql"] = measure(sql.make_engine(f"{PG_SERVER}/{name}"), now, args.days)
+            summary["postgresql"] = measure(make_engine(f"{PG_SERVER}/{name}"), now, args.days)
         report(summary)
         return
     if args.keep is not None:
@@ -346,8 +350,8 @@ def main() -> None:
     if args.backend in ("sqlite", "both"):
         with tempfile.TemporaryDirectory(prefix="sts-audit-scale-") as tmp:
             directory = args.keep or Path(tmp)
-            engine = sql.make_engine(f"sqlite:///{directory / 'audit.sqlite'}")
-            sql.create_schema(engine)
+            engine = make_engine(f"sqlite:///{directory / 'audit.sqlite'}")
+            upgrade(engine)
             print(f"sqlite: inserting {args.rows:,} rows ...", flush=True)
             print(f"  inserted in {bulk_insert(engine, args.rows, args.days, now):.0f} s", flush=True)
             summary["sqlite"] = measure(engine, now, args.days)
@@ -358,8 +362,8 @@ def main() -> None:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         try:
-            engine = sql.make_engine(f"{PG_SERVER}/{name}")
-            sql.create_schema(engine)
+            engine = make_engine(f"{PG_SERVER}/{name}")
+            upgrade(engine)
             print(f"postgresql: inserting {args.rows:,} rows ...", flush=True)
             print(f"  inserted in {bulk_insert(engine, args.rows, args.days, now):.0f} s", flush=True)
             summary["postgresql"] = measure(engine, now, args.days)

@@ -25,13 +25,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sts.adapters import sql  # noqa: E402
+from sts.adapters.sql.audit_sink import SqlAuditSink  # noqa: E402
+from sts.adapters.sql.engines import make_engine  # noqa: E402
+from sts.migrations import upgrade  # noqa: E402
 
 try:
     from sts.adapters import audit_integrity
@@ -69,8 +71,8 @@ def record(now: float) -> AuditRecord:
     )
 
 
-def run(engine: sql.Engine, records: int, threads: int, with_uses: bool) -> tuple[float, float]:
-    sink = sql.SqlAuditSink(engine)
+def run(engine: Engine, records: int, threads: int, with_uses: bool) -> tuple[float, float]:
+    sink = SqlAuditSink(engine)
     sink.write(record(time.time()))  # warm up: statements, connections, the chain's first record
     per_thread = records // threads
 
@@ -93,11 +95,11 @@ def run(engine: sql.Engine, records: int, threads: int, with_uses: bool) -> tupl
     return (time.perf_counter() - start) / done * 1e6, (time.process_time() - cpu) / done * 1e6
 
 
-def measure(name: str, make: Callable[[], sql.Engine], args: argparse.Namespace) -> None:
+def measure(name: str, make: Callable[[], Engine], args: argparse.Namespace) -> None:
     for with_uses in (False, True):
         for threads in args.threads:
             engine = make()
-            sql.create_schema(engine)
+            upgrade(engine)
             try:
                 us, cpu = run(engine, args.records, threads, with_uses)
                 label = "write_with_uses" if with_uses else "write"
@@ -129,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         counter = iter(range(1_000_000))
-        measure("sqlite", lambda: sql.make_engine(f"sqlite:///{tmp}/audit-{next(counter)}.sqlite"), args)
+        measure("sqlite", lambda: make_engine(f"sqlite:///{tmp}/audit-{next(counter)}.sqlite"), args)
     if args.postgres:
         name = f"sts_bench_{secrets.token_hex(6)}"
         admin = create_engine(f"{args.postgres}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool)
@@ -138,11 +140,11 @@ def main() -> None:
         try:
             schemas = iter(range(1_000_000))
 
-            def make_pg() -> sql.Engine:
+            def make_pg() -> Engine:
                 schema = f"b{next(schemas)}"
                 with create_engine(f"{args.postgres}/{name}", poolclass=NullPool).begin() as conn:
                     conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-                return sql.make_engine(f"{args.postgres}/{name}?options=-csearch_path%3D{schema}")
+                return make_engine(f"{args.postgres}/{name}?options=-csearch_path%3D{schema}")
 
             measure("postgresql", make_pg, args)
         finally:

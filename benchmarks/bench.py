@@ -546,11 +546,12 @@ class Bench:
 
     def prefill_audit(self, rows: int) -> Callable[[str], None]:
         def prepare(url: str) -> None:
-            from sts.adapters.sql import create_schema, make_engine
+            from sts.adapters.sql.engines import make_engine
+            from sts.migrations import upgrade
 
             started = time.perf_counter()
             engine = make_engine(url)
-            create_schema(engine)
+            upgrade(engine)
             engine.dispose()
             fill_audit_rows(url, rows)
             print(

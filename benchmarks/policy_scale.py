@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 
 from sts.adapters.policy_files import load_policies, policy_files  # noqa: E402
 from sts.app import create_app  # noqa: E402
-from sts.protocol.wire import WireRequest  # noqa: E402
 from sts.dev.issuer import DevIssuer  # noqa: E402
-from sts.settings import load_settings  # noqa: E402
+from sts.protocol.wire import WireRequest  # noqa: E402
+from sts.settings.load import load_settings  # noqa: E402
 
 ISSUER = "https://sts.bench"
 AUDIENCE = "https://deploy.example.com"

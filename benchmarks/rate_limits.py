@@ -44,16 +44,18 @@ import yaml  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
-from sts.adapters import redis_store, sql  # noqa: E402
-from sts.adapters.redis_rate_limits import RedisRateLimits  # noqa: E402
-from sts.adapters.sql_rate_limits import SqlRateLimits  # noqa: E402
+from sts.adapters.redis.client import connect as connect_redis  # noqa: E402
+from sts.adapters.redis.rate_limits import RedisRateLimits  # noqa: E402
+from sts.adapters.sql.engines import make_engine  # noqa: E402
+from sts.adapters.sql.rate_limits import SqlRateLimits  # noqa: E402
 from sts.app import create_app  # noqa: E402
 from sts.core.audit import AuditRecord  # noqa: E402
-from sts.core.ports import RateLimitStore  # noqa: E402
-from sts.core.rate_limit import Check, Limit, LimitedKey, RateLimiter, RateLimitPolicy  # noqa: E402
+from sts.core.ports import LimitedKey, RateLimitStore  # noqa: E402
+from sts.core.rate_limit import Check, Limit, RateLimiter, RateLimitPolicy  # noqa: E402
 from sts.dev.issuer import DevIssuer  # noqa: E402
 from sts.errors import RateLimited  # noqa: E402
-from sts.settings import load_settings  # noqa: E402
+from sts.migrations import upgrade  # noqa: E402
+from sts.settings.load import load_settings  # noqa: E402
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -102,8 +104,8 @@ def measure_store(name: str, store: RateLimitStore, checks: int) -> None:
 
 @contextmanager
 def sqlite_store(work: Path) -> Iterator[RateLimitStore]:
-    engine = sql.make_engine(f"sqlite:///{work / 'bench.sqlite'}")
-    sql.create_schema(engine)
+    engine = make_engine(f"sqlite:///{work / 'bench.sqlite'}")
+    upgrade(engine)
     yield SqlRateLimits(engine)
     engine.dispose()
 
@@ -114,9 +116,9 @@ def postgres_store(server: str) -> Iterator[RateLimitStore]:
     admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = sql.make_engine(f"{server}/{name}")
+    engine = make_engine(f"{server}/{name}")
     try:
-        sql.create_schema(engine)
+        upgrade(engine)
         yield SqlRateLimits(engine)
     finally:
         engine.dispose()
@@ -133,7 +135,7 @@ def redis_rate_store(work: Path) -> Iterator[RateLimitStore]:
     args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(work)]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        client = redis_store.connect(f"redis://127.0.0.1:{port}/0")
+        client = connect_redis(f"redis://127.0.0.1:{port}/0")
         for _ in range(200):
             try:
                 client.ping()

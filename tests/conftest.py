@@ -17,7 +17,8 @@ from redis_server import RedisProcess
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
-from sts.settings import Settings, load_settings
+from sts.settings import Settings
+from sts.settings.load import load_settings
 
 STS_ISSUER = "https://sts.test"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 
-from sts.adapters import redis_store, sql
-from sts.adapters.redis_rate_limits import RedisRateLimits
-from sts.adapters.sql_rate_limits import SqlRateLimits
-from sts.core.ports import RateLimitStore
-from sts.core.rate_limit import Check, Limit, LimitedKey
+from sts.adapters.redis.client import connect as connect_redis
+from sts.adapters.redis.rate_limits import RedisRateLimits
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.rate_limits import SqlRateLimits
+from sts.core.ports import LimitedKey, RateLimitStore
+from sts.core.rate_limit import Check, Limit
+from sts.migrations import upgrade
 
 NOW = 1_700_000_000.0
 
@@ -28,10 +30,10 @@ class StoreSpec:
 
 def build_store(spec: StoreSpec) -> tuple[RateLimitStore, Callable[[], None]]:
     if spec.kind == "redis":
-        client = redis_store.connect(spec.url)
+        client = connect_redis(spec.url)
         return RedisRateLimits(client, prefix=spec.prefix), client.close
-    engine = sql.make_engine(spec.url)
-    sql.create_schema(engine)
+    engine = make_engine(spec.url)
+    upgrade(engine)
     return SqlRateLimits(engine), engine.dispose
 
 

@@ -1,28 +1,49 @@
-"""The layers, checked: imports point down only.
+"""The layers, checked: imports point down only, and no modules import each other in a circle.
 
-    cli, serving -> app -> http, adapters -> core, protocol -> errors
+    cli, serving -> app -> wiring -> http, adapters, migrations, dev -> settings -> core, protocol -> errors
 
+* every module of ``sts/`` lives on a floor (``scripts/structure.py``, drawn in
+  docs/structure.md); none imports from a higher floor, and there is no import circle;
 * ``sts/core`` and ``sts/protocol`` (the decision pipeline and the wire formats) import no
   web framework, database, cache, HTTP client, server, metrics or tracing library, and no
   outer layer;
 * ``sts/http`` (the thin Flask layer) imports neither the app that wires it nor an adapter,
   and does not read the services out of the application's globals: each blueprint is built
-  by a factory given the services it uses (``sts/app.py`` wires the adapters in).
+  by a factory given the services it uses (``sts/app.py`` and ``sts/wiring/`` wire the adapters in).
 
-Checked statically, with :mod:`ast`, over every module of each package and its subpackages,
-also for imports inside functions; and once at run time for the pure packages.
+Checked statically, with :mod:`ast` (the scanner of ``scripts/structure.py``), over every
+module of each package and its subpackages, also for imports inside functions and under
+``if TYPE_CHECKING:``; and once at run time for the pure packages.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STS = REPO_ROOT / "sts"
+
+
+def _load_structure() -> ModuleType:
+    """``scripts/structure.py``: the drawing, and the import scanner these checks share with it."""
+    spec = importlib.util.spec_from_file_location("structure", REPO_ROOT / "scripts" / "structure.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+structure = _load_structure()
+module_name = structure.module_name
+imported_modules = structure.imported_modules
 
 #: Libraries the pure packages never import (first component of the module name).
 IO_LIBRARIES = (
@@ -38,45 +59,23 @@ IO_LIBRARIES = (
 )
 PURE_PACKAGES = ("core", "protocol")
 #: What the pure packages may not import from this project: every layer above them.
-ABOVE_PURE = ("sts.adapters", "sts.http", "sts.app", "sts.cli", "sts.serving", "sts.dev", "sts.settings")
+ABOVE_PURE = (
+    "sts.adapters",
+    "sts.http",
+    "sts.app",
+    "sts.wiring",
+    "sts.cli",
+    "sts.serving",
+    "sts.dev",
+    "sts.settings",
+)
 #: What the HTTP layer may not import: the app that wires it, the adapters, and the layers above.
-ABOVE_HTTP = ("sts.app", "sts.adapters", "sts.cli", "sts.serving", "sts.dev", "sts.settings")
-
-
-def module_name(path: Path, root: Path = REPO_ROOT) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
+ABOVE_HTTP = ("sts.app", "sts.wiring", "sts.adapters", "sts.cli", "sts.serving", "sts.dev", "sts.settings")
 
 
 def modules_of(package: str) -> list[Path]:
     """Every module of ``sts/<package>``, subpackages included."""
     return sorted((STS / package).rglob("*.py"))
-
-
-def imported_modules(path: Path, root: Path = REPO_ROOT) -> set[str]:
-    """Absolute names of every module ``path`` imports, at any depth (also inside functions).
-
-    ``from X import y`` counts as importing ``X`` and ``X.y`` (``y`` may be a module:
-    ``from .. import app``).
-    """
-    name = module_name(path, root)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                source = f"{base}.{node.module}" if node.module else base
-            else:
-                source = node.module or ""
-            names.add(source)
-            names.update(f"{source}.{alias.name}" for alias in node.names if alias.name != "*")
-    return names
 
 
 def within(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -165,3 +164,172 @@ def test_import_scanner_sees_relative_nested_and_module_imports(tmp_path: Path) 
     }
     assert within("sts.app", ABOVE_HTTP) and within("sts.adapters.sql", ABOVE_HTTP)
     assert not within("sts.applications", ABOVE_HTTP)
+
+
+#: Where an import circle once was (readiness -> migrations -> sql -> migrations): none may come back.
+NO_CIRCLES = ("sts.adapters", "sts.migrations")
+
+
+def import_graph(root: Path = REPO_ROOT) -> dict[str, set[str]]:
+    """Each module of ``root/sts``, and the modules of the project that importing it runs.
+
+    Imports inside functions and under ``TYPE_CHECKING`` count, and importing ``a.b.c``
+    runs ``a/__init__.py`` and ``a/b/__init__.py`` too (with what they import).
+    """
+    modules = {module_name(path, root): path for path in sorted((root / "sts").rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for imported in imported_modules(path, root):
+            parts = imported.split(".")
+            edges.update(m for i in range(1, len(parts) + 1) if (m := ".".join(parts[:i])) in modules)
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]], prefixes: tuple[str, ...]) -> list[list[str]]:
+    """Every set of modules that import each other in a circle, with one of them under ``prefixes``."""
+
+    def reachable(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return seen
+
+    reach = {name: reachable(name) for name in graph}
+    circles = {
+        frozenset({name} | {other for other in reach[name] if name in reach[other]})
+        for name in graph
+        if within(name, prefixes) and name in reach[name]
+    }
+    return sorted(sorted(circle) for circle in circles)
+
+
+def test_no_import_circle_runs_through_the_adapters_or_the_migrations() -> None:
+    graph = import_graph()
+    assert "sts.adapters.sql.schema" in graph["sts.migrations"]
+    assert import_circles(graph, NO_CIRCLES) == []
+
+
+def test_the_circle_finder_sees_a_circle_through_a_package_init_and_a_function(tmp_path: Path) -> None:
+    files = {
+        "__init__.py": "",
+        "migrations/__init__.py": "from ..adapters.sql import schema\n",
+        "adapters/__init__.py": "",
+        "adapters/sql/__init__.py": "from . import setup\n",
+        "adapters/sql/schema.py": "",
+        "adapters/sql/setup.py": "def create():\n    from ...migrations import upgrade\n",
+    }
+    for relative, text in files.items():
+        (tmp_path / "sts" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sts" / relative).write_text(text)
+    assert import_circles(import_graph(tmp_path), NO_CIRCLES) == [
+        ["sts.adapters.sql", "sts.adapters.sql.setup", "sts.migrations"]
+    ]
+
+
+# -- the floors and the import graph (scripts/structure.py, docs/structure.md) -------------------
+
+
+def test_sts_has_no_import_circle() -> None:
+    graph = structure.import_graph()
+    circles = [structure.describe_circle(graph, c) for c in structure.find_cycles(graph)]
+    assert circles == [], "import circles:\n" + "\n".join(circles)
+
+
+def test_every_module_has_a_floor_and_none_imports_from_a_higher_one() -> None:
+    graph = structure.import_graph()
+    assert "sts.core.policy.evaluate" in graph and "sts" in graph and "sts.core" in graph
+    assert structure.unplaced(graph) == []
+    assert structure.upward_imports(graph) == []
+
+
+def test_the_floors_agree_with_the_layer_rules() -> None:
+    # Everything the pure packages may not import lives on a higher floor than they do.
+    pure = structure.floor_of("sts.core")
+    assert pure == structure.floor_of("sts.protocol") == 1
+    assert all(structure.floor_of(name) > pure for name in ABOVE_PURE)
+    assert structure.floor_of("sts.errors") == structure.floor_of("sts") == 0 < pure
+    assert structure.floor_of("sts.cli") == structure.floor_of("sts.serving") == len(structure.FLOORS) - 1
+
+
+def test_the_cycle_finder_finds_circles() -> None:
+    acyclic = {"a": {"b", "c"}, "b": {"c"}, "c": set()}
+    assert structure.find_cycles(acyclic) == []
+    circle = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert structure.find_cycles(circle) == [("a", "b", "c", "a")]
+    assert structure.find_cycles({"x": {"x"}}) == [("x", "x")]
+    # Two circles through one module are both reported; each starts at its first module by name.
+    tangle = {"m": {"r", "s"}, "r": {"m"}, "s": {"m"}, "t": {"u"}, "u": {"t"}}
+    assert structure.find_cycles(tangle) == [("m", "r", "m"), ("m", "s", "m"), ("t", "u", "t")]
+    # Modules imported but not scanned are leaves.
+    assert structure.find_cycles({"a": {"outside"}}) == []
+
+
+def test_the_floor_check_finds_upward_imports() -> None:
+    floors = (("low", ("p", "p.low")), ("high", ("p.high",)))
+    graph = {"p.low.x": {"p.high.y", "p"}, "p.high.y": {"p.low.x", "p.high.z"}, "p.high.z": set()}
+    assert structure.upward_imports(graph, floors) == ["p.low.x (floor 0) imports p.high.y (floor 1)"]
+    assert structure.upward_imports({"p.high.y": {"p.low.x"}}, floors) == []
+    # A name without a dot names only itself: ``p`` does not place ``p.other``.
+    assert structure.floor_of("p", floors) == 0 and structure.floor_of("p.other", floors) is None
+    assert structure.unplaced({"p.other": set(), "p.low": set()}, floors) == ["p.other"]
+    assert structure.floor_of("p.highway", floors) is None
+
+
+def test_the_graph_counts_imports_in_functions_and_for_the_type_checker(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from . import leaf\n")
+    (package / "sub" / "leaf.py").write_text("import pkg.top\n")
+    (package / "top.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .low import Thing\n"
+        "else:\n    import json\n"
+    )
+    (package / "low.py").write_text("import os\ndef later():\n    from .sub.leaf import name\n")
+    graph = structure.import_graph("pkg", tmp_path)
+    assert graph == {
+        "pkg": {},
+        "pkg.low": {"pkg.sub.leaf": structure.FUNCTION},
+        "pkg.sub": {"pkg.sub.leaf": structure.MODULE},
+        "pkg.sub.leaf": {"pkg.top": structure.MODULE},
+        "pkg.top": {"pkg.low": structure.TYPING},
+    }
+    [circle] = structure.find_cycles(graph)
+    assert circle == ("pkg.low", "pkg.sub.leaf", "pkg.top", "pkg.low")
+    assert structure.describe_circle(graph, circle) == (
+        "pkg.low -> pkg.sub.leaf (in function) -> pkg.top -> pkg.low (typing)"
+    )
+
+
+def test_the_structure_page_is_up_to_date() -> None:
+    expected = structure.render_markdown(structure.import_graph())
+    current = structure.DOC.read_text(encoding="utf-8")
+    assert current == expected, "docs/structure.md is out of date: run scripts/structure --write"
+
+
+@pytest.mark.parametrize("shown", ["--text", "--mermaid"])
+def test_the_drawing_shows_floors_from_the_lowest_up(shown: str) -> None:
+    args = [] if shown == "--text" else [shown]
+    completed = subprocess.run(  # our own interpreter, our own script
+        [sys.executable, str(REPO_ROOT / "scripts" / "structure.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=True,
+    )
+    drawing = completed.stdout
+    floors = [drawing.index(f"floor {n}: {name}") for n, (name, _) in enumerate(structure.FLOORS)]
+    assert floors == sorted(floors)
+    if shown == "--mermaid":
+        assert drawing.startswith("flowchart BT\n")
+        assert "m_sts_core_policy_evaluate --> m_sts_core_policy_index" in drawing
+    else:
+        assert "  sts.core.policy.evaluate -> " in drawing

@@ -21,8 +21,10 @@ from sts_client.assurance import satisfies
 from sts_client.errors import InsufficientUserAuthentication
 from sts_client.verifier import TokenVerifier
 
-from sts.adapters import redis_store, sql
 from sts.adapters.policy_files import load_policies
+from sts.adapters.redis.key_value import RedisBaselineStore
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.key_value import SqlBaselineStore
 from sts.core.assurance import (
     ACR_ATTESTED,
     ACR_POP,
@@ -46,6 +48,7 @@ from sts.core.drift import DriftSettings, progress, review
 from sts.core.risk import RiskContext, RiskSettings, assess
 from sts.core.stepup import DENY, NARROW, STEP_UP, decide
 from sts.errors import ConfigurationError, RiskRefused, StepUpRequired
+from sts.migrations import upgrade
 
 NOW = 1_800_000_000.0
 DEPLOY = "https://deploy.example.com"
@@ -284,11 +287,11 @@ def test_pending_facts_survive_both_stores(
     store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     if store == "redis":
-        backend: Any = redis_store.RedisBaselineStore(request.getfixturevalue("redis_client"))
+        backend: Any = RedisBaselineStore(request.getfixturevalue("redis_client"))
     else:
-        engine = sql.make_engine(f"sqlite:///{tmp_path / 'b.sqlite'}")
-        sql.create_schema(engine)
-        backend = sql.SqlBaselineStore(engine, clock=time.time)
+        engine = make_engine(f"sqlite:///{tmp_path / 'b.sqlite'}")
+        upgrade(engine)
+        backend = SqlBaselineStore(engine, clock=time.time)
     baseline = replace(
         drift(CONFIRMED, "self-hosted", NOW).baseline,
         confirmed={"runner_environment": {"how": "first_seen", "at": NOW - 9}},

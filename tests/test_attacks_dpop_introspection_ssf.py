@@ -67,7 +67,7 @@ from sts_client.dpop import DPoPKey, access_token_hash
 from sts_client.dpop import normalise_htu as client_normalise_htu
 from sts_client.flask import require_token
 
-from sts.adapters.jwks import HttpJWKS
+from sts.adapters.jwks_cache import HttpJWKS
 from sts.adapters.token_review import HttpTokenReviewer
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret

@@ -37,8 +37,14 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, delete, func, insert, select, text, update
 from test_stores import PgSchema, private_database
 
-from sts.adapters import audit_integrity, sql
+from sts.adapters import audit_integrity
 from sts.adapters.keyring import KeyRing
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.chain_heads import ChainHeads
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.retention import PruneWouldBreakChain, record_prune_anchors
+from sts.adapters.sql.schema import audit_chains, audit_events
+from sts.adapters.sql.statements import CommitOutcomeUnknown
 from sts.cli import main
 from sts.core.audit import AuditRecord
 from sts.core.audit_chain import (
@@ -52,11 +58,12 @@ from sts.core.audit_chain import (
     link_hash,
 )
 from sts.core.ports import AuditUnavailable, SingleUse
+from sts.migrations import upgrade
 
 NOW = 1_700_000_000.0
 ISSUER = "https://sts.example.com"
 MALLORY = "repo:mallory/app:ref:refs/heads/main"
-events, chains = sql.audit_events, sql.audit_chains
+events, chains = audit_events, audit_chains
 
 
 # -- the canonical form and the link ----------------------------------------------------------
@@ -267,8 +274,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = sql.make_engine(database_url)
-    sql.create_schema(engine)
+    engine = make_engine(database_url)
+    upgrade(engine)
     yield engine
     engine.dispose()
 
@@ -298,8 +305,8 @@ def decision(n: int, now: float = NOW) -> AuditRecord:
 def write_decisions(url: str, start: int, count: int, threads: int, barrier: Barrier | None) -> None:
     """One writer: its own engine and sink, ``threads`` threads, both write paths (every third
     record commits a single use with it)."""
-    engine = sql.make_engine(url)
-    sink = sql.SqlAuditSink(engine)
+    engine = make_engine(url)
+    sink = SqlAuditSink(engine)
     failures: list[BaseException] = []
 
     def work(first: int) -> None:
@@ -469,7 +476,7 @@ def test_two_writer_processes_verify_and_every_kind_of_tampering_is_detected(
 
 
 def test_a_chain_whose_records_are_all_deleted_or_never_registered_is_detected(engine: Engine) -> None:
-    sink_a, sink_b = sql.SqlAuditSink(engine), sql.SqlAuditSink(engine)
+    sink_a, sink_b = SqlAuditSink(engine), SqlAuditSink(engine)
     for n in range(4):
         (sink_a if n % 2 else sink_b).write(decision(n))
     heads = verify(engine).heads
@@ -485,11 +492,11 @@ def test_a_chain_whose_records_are_all_deleted_or_never_registered_is_detected(e
 
 
 def test_records_without_a_chain_after_chaining_began_are_reported(tmp_path: Path) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    sql.create_schema(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
     legacy = SqlLegacyRow(engine)
     legacy.insert(decision(0))  # as written before chaining (an older version)
-    sql.SqlAuditSink(engine).write(decision(1))
+    SqlAuditSink(engine).write(decision(1))
     report, unchained = audit_integrity.verify_trail(engine)
     assert report.records == 1 and (unchained.before, unchained.after) == (1, 0)
     legacy.insert(decision(2))  # inserted past the service: no chain
@@ -501,11 +508,11 @@ def test_records_without_a_chain_after_chaining_began_are_reported(tmp_path: Pat
 def test_a_database_upgraded_from_0_1_0_chains_new_records_and_counts_the_old(database_url: str) -> None:
     from test_migrations import V0_1_0_ROWS, make_0_1_0_database
 
-    engine = sql.make_engine(database_url)
+    engine = make_engine(database_url)
     try:
         make_0_1_0_database(engine)
-        sql.create_schema(engine)  # the migrations, 0004_audit_chains among them
-        sink = sql.SqlAuditSink(engine)
+        upgrade(engine)  # the migrations, 0004_audit_chains among them
+        sink = SqlAuditSink(engine)
         for n in range(5):
             sink.write(decision(n))
         report, unchained = audit_integrity.verify_trail(engine)
@@ -522,7 +529,7 @@ class SqlLegacyRow:
         self.engine = engine
 
     def insert(self, record: AuditRecord) -> None:
-        row = sql.SqlAuditSink._row(record)
+        row = SqlAuditSink._row(record)
         with self.engine.begin() as conn:
             conn.execute(insert(events).values(**row))
 
@@ -549,7 +556,7 @@ def key_for(ring: KeyRing) -> Callable[[str | None, str], Any]:
 def test_truncation_and_rewritten_history_are_detected_with_a_checkpoint(
     engine: Engine, ring: KeyRing
 ) -> None:
-    sinks = [sql.SqlAuditSink(engine), sql.SqlAuditSink(engine)]
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
     for n in range(12):
         sinks[n % 2].write(decision(n))
     seen = checkpoint(engine, ring)
@@ -606,7 +613,7 @@ def test_truncation_and_rewritten_history_are_detected_with_a_checkpoint(
 
 
 def test_a_checkpoint_must_be_signed_by_the_service(engine: Engine, ring: KeyRing, tmp_path: Path) -> None:
-    sql.SqlAuditSink(engine).write(decision(0))
+    SqlAuditSink(engine).write(decision(0))
     token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW)
     header, payload, signature = token.split(".")
     claims = json.loads(rfc8785_b64decode(payload))
@@ -643,12 +650,12 @@ def prune(engine: Engine, below_id: int, *, anchors: bool = True) -> None:
     """What ``sts audit prune`` does: delete an oldest prefix by id, anchors first."""
     with engine.begin() as conn:
         if anchors:
-            sql.record_prune_anchors(conn, below_id, NOW)
+            record_prune_anchors(conn, below_id, NOW)
         conn.execute(delete(events).where(events.c.id < below_id))
 
 
 def test_a_pruned_prefix_still_verifies(engine: Engine, ring: KeyRing) -> None:
-    sinks = [sql.SqlAuditSink(engine), sql.SqlAuditSink(engine)]
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
     for n in range(20):
         sinks[0 if n < 4 else n % 2].write(decision(n))  # the first chain's oldest records come first
     seen = checkpoint(engine, ring)
@@ -696,9 +703,9 @@ def test_malformed_stored_values_are_reported_as_broken_links(
     tmp_path: Path, statement: str, problem: str
 ) -> None:
     """Whatever was written into the columns, verification reports it; it never fails itself."""
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    sql.create_schema(engine)
-    sink = sql.SqlAuditSink(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
     for n in range(4):
         sink.write(decision(n))
     with engine.begin() as conn:
@@ -709,23 +716,23 @@ def test_malformed_stored_values_are_reported_as_broken_links(
 
 
 def test_pruning_refuses_to_cut_a_chain_that_is_broken_already(engine: Engine) -> None:
-    sink = sql.SqlAuditSink(engine)
+    sink = SqlAuditSink(engine)
     for n in range(6):
         sink.write(decision(n))
     rows = chain_rows(engine, longest_chain(engine))
     with engine.begin() as conn:
         conn.execute(delete(events).where(events.c.id == rows[1]["id"]))
-    with pytest.raises(sql.PruneWouldBreakChain), engine.begin() as conn:
-        sql.record_prune_anchors(conn, rows[4]["id"], NOW)
+    with pytest.raises(PruneWouldBreakChain), engine.begin() as conn:
+        record_prune_anchors(conn, rows[4]["id"], NOW)
 
 
 # -- failed commits leave no gap --------------------------------------------------------------
 
 
 def test_a_failed_commit_does_not_advance_the_chain(tmp_path: Path) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    sql.create_schema(engine)
-    sink = sql.SqlAuditSink(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
     sink.write(decision(0))
     sink.write_with_uses(decision(1), [SingleUse("subject_token", "a", NOW + 60, None)], NOW)
     with engine.begin() as conn:
@@ -752,10 +759,10 @@ def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
     a real rollback).  The sink asks the database which it was, and the chain has no gap."""
     schema = PgSchema(pg_database, f"t_{uuid.uuid4().hex[:12]}")
     schema.execute(f'CREATE SCHEMA "{schema.schema}"')
-    engine = sql.make_engine(schema.url)
+    engine = make_engine(schema.url)
     try:
-        sql.create_schema(engine)
-        sink = sql.SqlAuditSink(engine)
+        upgrade(engine)
+        sink = SqlAuditSink(engine)
         sink.write(decision(0))
         real = sink._raw.transaction
         lost = [True]
@@ -769,7 +776,7 @@ def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
             else:
                 with pytest.raises(RuntimeError):
                     real(lambda cur: (work(cur), _raise(RuntimeError("rolled back")))[0])
-            raise sql.CommitOutcomeUnknown("OperationalError")
+            raise CommitOutcomeUnknown("OperationalError")
 
         monkeypatch.setattr(sink._raw, "transaction", answer_lost)
         use = SingleUse("subject_token", secrets.token_hex(8), NOW + 60, None)
@@ -794,14 +801,14 @@ def _raise(exc: BaseException) -> None:
 
 def test_concurrent_commits_borrow_different_chains_up_to_the_limit() -> None:
     """PostgreSQL commits side by side, each on a chain of its own; SQLite's single writer has one."""
-    heads = sql._ChainHeads(2)
+    heads = ChainHeads(2)
     with heads.borrow(1) as first, heads.borrow(1) as second:
         assert first.chain_id != second.chain_id
         with pytest.raises(AuditUnavailable), heads.borrow(0.01):
             pass
     with heads.borrow(1) as again:
         assert again.chain_id in (first.chain_id, second.chain_id)  # free chains are reused
-    single = sql._ChainHeads(1)
+    single = ChainHeads(1)
     with single.borrow(1), pytest.raises(AuditUnavailable), single.borrow(0.01):
         pass
 
@@ -829,9 +836,9 @@ def sts(config: Path, *args: str) -> Any:
 
 def test_sts_audit_verify_and_checkpoint(config: Path, tmp_path: Path) -> None:
     KeyRing.open(tmp_path / "keys", now=time.time())
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
-    sql.create_schema(engine)
-    sink = sql.SqlAuditSink(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
     for n in range(5):
         sink.write(decision(n))
 
@@ -870,9 +877,9 @@ def test_sts_audit_verify_and_checkpoint(config: Path, tmp_path: Path) -> None:
 
 
 def test_sts_audit_verify_fails_on_unchained_records_unless_allowed(config: Path, tmp_path: Path) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
-    sql.create_schema(engine)
-    sql.SqlAuditSink(engine).write(decision(0))
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    SqlAuditSink(engine).write(decision(0))
     SqlLegacyRow(engine).insert(decision(1))
     engine.dispose()
     refused = sts(config, "audit", "verify")

@@ -25,11 +25,18 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, select
 from test_stores import PgSchema, pg, pg_database  # noqa: F401 - fixtures
 
-from sts.adapters import audit_query, sql
-from sts.adapters.audit_query import AuditQuery, audit_edges, audit_terms
+from sts.adapters import audit_charts
+from sts.adapters.audit_query import AuditQuery
+from sts.adapters.audit_retention import PruneAborted
+from sts.adapters.sql.audit_sink import SqlAuditSink, _PendingRow
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.retention import PruneWouldBreakChain
+from sts.adapters.sql.schema import audit_edges, audit_events, audit_terms
 from sts.cli import main
 from sts.core.audit import AuditRecord
 from sts.core.audit_filter import AuditFilter, FilterError, filter_from_params, parse_time
+from sts.core.audit_views import Bucket
+from sts.migrations import upgrade
 
 NOW = 1_780_000_000.0
 SIGNALS = ("unusual_network", "attestation_drift", "elevated_privilege", "unexpected_s2s")
@@ -182,17 +189,17 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     else:
         schema: PgSchema = request.getfixturevalue("pg")
         url = schema.url
-    engine = sql.make_engine(url)
-    sql.create_schema(engine)
+    engine = make_engine(url)
+    upgrade(engine)
     yield engine
     engine.dispose()
 
 
 def write(engine: Engine, records: list[AuditRecord]) -> None:
     """Through the sink's own path (one statement per 100 records, as its group commit writes)."""
-    sink = sql.SqlAuditSink(engine)
+    sink = SqlAuditSink(engine)
     for start in range(0, len(records), 100):
-        batch = [sql._PendingRow(sink._stored_row(r)) for r in records[start : start + 100]]
+        batch = [_PendingRow(sink._stored_row(r)) for r in records[start : start + 100]]
         sink._commit(batch)
         assert all(item.done and item.error is None for item in batch)
 
@@ -231,8 +238,8 @@ def trails(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             schema.execute(f'CREATE SCHEMA "{schema.schema}"')
             schemas.append(schema)
             url = schema.url
-        engine = sql.make_engine(url)
-        sql.create_schema(engine)
+        engine = make_engine(url)
+        upgrade(engine)
         write(engine, records)
         query = AuditQuery(engine, clock=Clock(NOW + 600), settle=60)
         if summarised:
@@ -287,7 +294,7 @@ def test_summaries_count_each_record_once_when_processes_race(engine: Engine) ->
     write(engine, records)
     first, second = (AuditQuery(engine, clock=Clock(NOW + 600), settle=0) for _ in range(2))
     with engine.connect() as conn:
-        stale = first._facts(conn, [sql.audit_events.c.id > 0], newest_first=False, limit=100)
+        stale = first._facts(conn, [audit_events.c.id > 0], newest_first=False, limit=100)
     second.refresh(budget=None)
     # The first process summarises the same batch from the watermark it read: refused.
     assert first._summarise(0, stale) is False
@@ -333,7 +340,7 @@ def test_charts_and_graph(engine: Engine) -> None:
     assert {e.audience for e in recent} == {DEPLOY, LEDGER, ODD, "https://reports.example.com"}
 
 
-def assert_counts(buckets: list[audit_query.Bucket], records: list[AuditRecord]) -> None:
+def assert_counts(buckets: list[Bucket], records: list[AuditRecord]) -> None:
     for b in buckets:
         inside = [r for r in records if b.start <= r.time < b.end]
         outcomes = ("granted", "refused", "error")
@@ -351,7 +358,7 @@ def test_hourly_charts_count_records_past_the_watermark(
     assert query.status().last_id == 25
     assert_counts(query.decisions_over_time(NOW - 7200, NOW, 3600), records)
     # A long unsummarised tail is not read record by record: the index counts instead.
-    monkeypatch.setattr(audit_query, "_TAIL_LIMIT", 5)
+    monkeypatch.setattr(audit_charts, "_TAIL_LIMIT", 5)
     assert_counts(query.decisions_over_time(NOW - 7200, NOW, 3600), records)
 
 
@@ -376,8 +383,8 @@ def test_identity_summary(engine: Engine) -> None:
 
 
 def test_export_streams_in_constant_memory(tmp_path: Path) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    sql.create_schema(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
     write(engine, [make_record(i, when=NOW + i, fired=("unusual_network",)) for i in range(3000)])
     query = AuditQuery(engine, settle=0)
     tracemalloc.start()
@@ -458,8 +465,8 @@ def cli_config(tmp_path: Path) -> Callable[..., Any]:
     config = tmp_path / "sts.yaml"
     database = f"sqlite:///{tmp_path / 'audit.sqlite'}"
     config.write_text(yaml.safe_dump({"database_url": database, "keys_dir": str(tmp_path / "keys")}))
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    sql.create_schema(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
     import time
 
     now = time.time()
@@ -533,8 +540,8 @@ def test_cli_prune(cli_config: Callable[..., Any], tmp_path: Path) -> None:
 def test_prune_deletes_nothing_when_the_trail_changes_while_archiving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    sql.create_schema(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
     write(engine, [make_record(i, when=NOW - (10 - i) * 86400) for i in range(10)])
     query = AuditQuery(engine, clock=Clock(NOW), settle=0)
     archive_all = AuditQuery._archive
@@ -543,11 +550,11 @@ def test_prune_deletes_nothing_when_the_trail_changes_while_archiving(
         written = archive_all(self, path, boundary)
         # Another process changes what lies below the boundary meanwhile.
         with engine.begin() as conn:
-            conn.execute(sql.audit_events.delete().where(sql.audit_events.c.id == 3))
+            conn.execute(audit_events.delete().where(audit_events.c.id == 3))
         return written
 
     monkeypatch.setattr(AuditQuery, "_archive", archive_then_change)
-    with pytest.raises(audit_query.PruneAborted):
+    with pytest.raises(PruneAborted):
         query.prune(cutoff=NOW - 5 * 86400 + 1, archive=tmp_path / "a.jsonl")
     assert [row["id"] for row in query.export(AuditFilter())] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
 
@@ -567,7 +574,7 @@ def test_prune_keeps_the_hash_chains_verifiable(engine: Engine, tmp_path: Path) 
     from sts.adapters.audit_integrity import verify_trail
     from sts.core.audit_chain import AuditTrailBroken
 
-    sinks = [sql.SqlAuditSink(engine), sql.SqlAuditSink(engine)]
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
     for i in range(12):
         sinks[i % 2].write(make_record(i, when=NOW - (12 - i) * 86400))
     query = AuditQuery(engine, clock=Clock(NOW), settle=0)
@@ -582,8 +589,8 @@ def test_prune_keeps_the_hash_chains_verifiable(engine: Engine, tmp_path: Path) 
 
     # A trail damaged inside the range to prune: refused before anything is deleted.
     with engine.begin() as conn:
-        conn.execute(sql.audit_events.delete().where(sql.audit_events.c.id == 9))
-    with pytest.raises(sql.PruneWouldBreakChain):
+        conn.execute(audit_events.delete().where(audit_events.c.id == 9))
+    with pytest.raises(PruneWouldBreakChain):
         query.prune(cutoff=NOW, archive=None)
     assert [row["id"] for row in query.export(AuditFilter())] == [7, 8, 10, 11, 12]
     with pytest.raises(AuditTrailBroken):

@@ -12,11 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import Engine, event, func, select
 
-from sts.adapters import sql
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.schema import audit_events
 from sts.core.audit import AuditRecord
 from sts.core.ports import AuditUnavailable
+from sts.migrations import upgrade
 
 
 def _record(event_id: str | None = None) -> AuditRecord:
@@ -25,22 +28,22 @@ def _record(event_id: str | None = None) -> AuditRecord:
     )
 
 
-def _count(engine: sql.Engine) -> int:
+def _count(engine: Engine) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(sql.audit_events)).scalar_one())
+        return int(conn.execute(select(func.count()).select_from(audit_events)).scalar_one())
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> sql.Engine:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    sql.create_schema(engine)
+def engine(tmp_path: Path) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
     return engine
 
 
-def test_concurrent_writers_share_commits_and_each_sees_its_own(engine: sql.Engine) -> None:
+def test_concurrent_writers_share_commits_and_each_sees_its_own(engine: Engine) -> None:
     commits = []
     event.listen(engine, "commit", lambda conn: commits.append(1))
-    sink = sql.SqlAuditSink(engine)
+    sink = SqlAuditSink(engine)
     seen_after_write: list[bool] = []
     lock = threading.Lock()
 
@@ -51,7 +54,7 @@ def test_concurrent_writers_share_commits_and_each_sees_its_own(engine: sql.Engi
             # Once write() returns, the record must be readable by anyone.
             with engine.connect() as conn:
                 found = conn.execute(
-                    select(sql.audit_events.c.id).where(sql.audit_events.c.event_id == rec.event_id)
+                    select(audit_events.c.id).where(audit_events.c.event_id == rec.event_id)
                 ).first()
             with lock:
                 seen_after_write.append(found is not None)
@@ -67,8 +70,8 @@ def test_concurrent_writers_share_commits_and_each_sees_its_own(engine: sql.Engi
     assert len(commits) < 320
 
 
-def test_one_bad_row_fails_only_its_writer(engine: sql.Engine) -> None:
-    sink = sql.SqlAuditSink(engine)
+def test_one_bad_row_fails_only_its_writer(engine: Engine) -> None:
+    sink = SqlAuditSink(engine)
     sink.write(_record())
     bad = _record()
     bad.request_id = None  # type: ignore[assignment]  # NOT NULL: the insert fails for real
@@ -79,8 +82,8 @@ def test_one_bad_row_fails_only_its_writer(engine: sql.Engine) -> None:
 
 
 def test_unreachable_database_raises(tmp_path: Path) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'gone.sqlite'}")
-    sink = sql.SqlAuditSink(engine)  # schema never created: the insert fails for real
+    engine = make_engine(f"sqlite:///{tmp_path / 'gone.sqlite'}")
+    sink = SqlAuditSink(engine)  # schema never created: the insert fails for real
     with pytest.raises(AuditUnavailable):
         sink.write(_record())
 
@@ -104,9 +107,9 @@ def _modes(database: Path) -> dict[str, int]:
 @pytest.mark.usefixtures("permissive_umask")
 def test_database_wal_and_shm_are_created_owner_only(tmp_path: Path) -> None:
     database = tmp_path / "data" / "audit.sqlite"
-    engine = sql.make_engine(f"sqlite:///{database}")
-    sql.create_schema(engine)
-    sql.SqlAuditSink(engine).write(_record())
+    engine = make_engine(f"sqlite:///{database}")
+    upgrade(engine)
+    SqlAuditSink(engine).write(_record())
     # The connection is still open, so the WAL and shared-memory files exist now.
     assert _modes(database) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
     engine.dispose()
@@ -122,11 +125,11 @@ def test_database_files_made_world_readable_before_are_restricted(tmp_path: Path
         conn.execute("CREATE TABLE t (x)")
         conn.execute("INSERT INTO t VALUES (1)")
         assert _modes(database) == {"": 0o644, "-wal": 0o644, "-shm": 0o644}
-        engine = sql.make_engine(f"sqlite:///{database}")
+        engine = make_engine(f"sqlite:///{database}")
         assert _modes(database) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
     finally:
         conn.close()
-    sql.create_schema(engine)
-    sql.SqlAuditSink(engine).write(_record())
+    upgrade(engine)
+    SqlAuditSink(engine).write(_record())
     assert _count(engine) == 1
     engine.dispose()

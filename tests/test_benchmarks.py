@@ -19,7 +19,7 @@ from joserfc.jwk import ECKey, KeySet
 
 from sts.app import create_app
 from sts.dev.issuer import DevIssuer
-from sts.settings import load_settings
+from sts.settings.load import load_settings
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

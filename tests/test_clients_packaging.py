@@ -73,7 +73,21 @@ def test_the_flask_module_says_which_extra_it_needs() -> None:
     assert "workload-sts-client[flask]" in result.stderr
 
 
-@pytest.mark.parametrize("module", ["verifier", "workload", "ci", "wsgi", "dpop", "jwks", "exchange"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "verifier",
+        "access_token",
+        "authorization",
+        "workload",
+        "workload_tokens",
+        "ci",
+        "wsgi",
+        "dpop",
+        "jwks",
+        "exchange",
+    ],
+)
 def test_nothing_but_the_flask_module_mentions_flask(module: str) -> None:
     source = (CLIENT / "sts_client" / f"{module}.py").read_text()
     assert "import flask" not in source and "from flask" not in source

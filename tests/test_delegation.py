@@ -34,7 +34,8 @@ from werkzeug.test import TestResponse
 
 from sts.app import create_app
 from sts.core.audit import token_hash
-from sts.core.policy import MAX_DELEGATION_DEPTH, compile_rule
+from sts.core.policy.compile import compile_rule
+from sts.core.policy.rules import MAX_DELEGATION_DEPTH
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings

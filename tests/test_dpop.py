@@ -55,7 +55,8 @@ from joserfc.jws import JWSRegistry
 from redis_server import url_of
 from werkzeug.test import TestResponse
 
-from sts.adapters import sql
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
 from sts.app import create_app, prepare
 from sts.core.client_secrets import hash_secret
 from sts.core.dpop import issue_nonce
@@ -877,9 +878,9 @@ def test_two_processes_sharing_redis_accept_a_proof_once(
             [("DPoP", proof(EC_KEY, time.time())), ("DPoP", proof(EC_KEY, time.time()))],
         )
         assert status == 400 and body["error"] == "invalid_dpop_proof"
-        engine = sql.make_engine(settings.database_url)
+        engine = make_engine(settings.database_url)
         try:
-            assert "dpop.not_exactly_one_proof" in sql.SqlAuditSink(engine).recent(1)[0]["reasons"]
+            assert "dpop.not_exactly_one_proof" in SqlAuditSink(engine).recent(1)[0]["reasons"]
         finally:
             engine.dispose()
     finally:

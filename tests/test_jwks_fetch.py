@@ -26,7 +26,9 @@ import requests
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 
-from sts.adapters.jwks import FileJWKS, HttpJWKS, StaticJWKS, validate_jwks_url
+from sts.adapters.jwks import FileJWKS, StaticJWKS
+from sts.adapters.jwks_cache import HttpJWKS
+from sts.adapters.jwks_fetch import validate_jwks_url
 from sts.core.ports import IssuerKeys, KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
 

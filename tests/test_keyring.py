@@ -18,13 +18,9 @@ from joserfc import jwt
 from joserfc.errors import BadSignatureError, SecurityWarning, UnsupportedAlgorithmError
 from joserfc.jwk import ECKey, KeySet, KeySetSerialization, thumbprint
 
-from sts.adapters.keyring import (
-    ROTATION_SKEW_SECONDS,
-    SUPPORTED_ALGORITHMS,
-    KeyEntry,
-    KeyRing,
-    KeyRotationRefused,
-)
+from sts.adapters.keyring import KeyRing
+from sts.adapters.signing_keys import SUPPORTED_ALGORITHMS
+from sts.core.key_rotation import ROTATION_SKEW_SECONDS, KeyEntry, KeyRotationRefused
 from sts.core.ports import Signer
 from sts.errors import ConfigurationError
 

@@ -42,7 +42,8 @@ from sts.core.stages import TOKEN_STAGES
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.protocol.trace_context import TraceContext, parse_traceparent
-from sts.settings import TracingSettings, load_settings
+from sts.settings import TracingSettings
+from sts.settings.load import load_settings
 
 DEPLOY = "https://deploy.example.com"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -40,11 +40,13 @@ from sts.adapters.metrics_exposition import (
     exposition_registry,
     prometheus_text,
 )
-from sts.app import Runtime, create_app
+from sts.app import create_app
 from sts.core import stages as stage
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
-from sts.settings import Settings, load_settings
+from sts.settings import Settings
+from sts.settings.load import load_settings
+from sts.wiring.runtime import Runtime
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STS = str(Path(sys.executable).with_name("sts"))

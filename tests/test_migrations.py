@@ -5,7 +5,7 @@
 ``metadata.create_all``.  The tests make databases the way 0.1.0 did, fill every
 table, upgrade them, and compare row by row, on SQLite and on PostgreSQL (a
 private database, or a private schema through ``search_path``).  The drift test
-compares the migrated database with ``sts.adapters.sql.metadata``: a table,
+compares the migrated database with ``sts.adapters.sql.schema.metadata``: a table,
 column or index added to the model without a migration fails it (see
 docs/migrations.md for how to add one).
 """
@@ -56,13 +56,18 @@ from test_stores import (  # noqa: F401 - pg and pg_database are fixtures
 )
 
 from sts import migrations
-from sts.adapters import sql
 from sts.adapters.readiness import DatabaseSchema
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine, schema_transaction
+from sts.adapters.sql.key_value import SqlLedgerEpochMemory, SqlRevokedTokens
+from sts.adapters.sql.replay import SqlReplayCache
+from sts.adapters.sql.schema import metadata
 from sts.app import create_app, prepare
 from sts.cli import main
 from sts.dev.issuer import RunningServer
 from sts.errors import ConfigurationError
-from sts.settings import Settings, load_settings
+from sts.settings import Settings
+from sts.settings.load import load_settings
 
 NOW = 1_700_000_000.0
 #: This version's newest revision (each new migration moves it; the drift test keeps it honest).
@@ -230,7 +235,7 @@ def schema_of(engine: Engine) -> dict[str, Any]:
     }
 
 
-def drift(engine: Engine, target: MetaData = sql.metadata) -> list[Any]:
+def drift(engine: Engine, target: MetaData = metadata) -> list[Any]:
     with engine.connect() as conn:
         context = MigrationContext.configure(
             conn, opts={"compare_type": True, "compare_server_default": True}
@@ -252,7 +257,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callabl
         url = request.getfixturevalue("pg").url
 
     def engine() -> Engine:
-        engines.append(sql.make_engine(url))
+        engines.append(make_engine(url))
         return engines[-1]
 
     yield engine
@@ -273,14 +278,14 @@ def test_the_first_revision_is_exactly_the_schema_of_0_1_0(
 
     # Reflected side by side with a database made as 0.1.0 made it: the same, index names and all.
     if migrated.dialect.name == "sqlite":
-        made = sql.make_engine(f"sqlite:///{tmp_path / 'made-by-0.1.0.sqlite'}")
+        made = make_engine(f"sqlite:///{tmp_path / 'made-by-0.1.0.sqlite'}")
         V0_1_0.create_all(made)
         assert schema_of(migrated) == schema_of(made)
         made.dispose()
     else:
         schema = PgSchema(str(migrated.url.database), "made_by_0_1_0")
         schema.execute('CREATE SCHEMA "made_by_0_1_0"')
-        made = sql.make_engine(schema.url)
+        made = make_engine(schema.url)
         V0_1_0.create_all(made)
         assert schema_of(migrated) == schema_of(made)
         made.dispose()
@@ -300,14 +305,14 @@ def test_upgrading_a_0_1_0_database_with_records_loses_none(database: Callable[[
     assert all_rows(engine) == before  # Row by row, every table of 0.1.0.
     assert drift(engine) == []
     # Today's code reads what 0.1.0 wrote, and the new tables take writes.
-    audit = sql.SqlAuditSink(engine)
+    audit = SqlAuditSink(engine)
     assert [r["event_id"] for r in audit.iter_all()] == [r["event_id"] for r in V0_1_0_ROWS["audit_events"]]
     assert list(audit.iter_all()) == [r["record"] for r in V0_1_0_ROWS["audit_events"]]
-    assert sql.SqlRevokedTokens(engine, clock=lambda: NOW).revoked("0123456789abcdef0123456789abcdef")
-    assert not sql.SqlReplayCache(engine).first_use("subject_token", "abc", NOW + 600, NOW)
-    assert sql.SqlReplayCache(engine).first_use("dpop", "k" * 190, NOW + 600, NOW)  # That one had expired.
+    assert SqlRevokedTokens(engine, clock=lambda: NOW).revoked("0123456789abcdef0123456789abcdef")
+    assert not SqlReplayCache(engine).first_use("subject_token", "abc", NOW + 600, NOW)
+    assert SqlReplayCache(engine).first_use("dpop", "k" * 190, NOW + 600, NOW)  # That one had expired.
     audit.check_commit("host:1", NOW)
-    epochs = sql.SqlLedgerEpochMemory(engine, clock=lambda: NOW)
+    epochs = SqlLedgerEpochMemory(engine, clock=lambda: NOW)
     epochs.save("sts", "epoch-1")
     assert epochs.load("sts") == "epoch-1"
 
@@ -316,12 +321,12 @@ def test_upgrading_twice_is_a_no_op(database: Callable[[], Engine]) -> None:
     engine = database()
     make_0_1_0_database(engine)
     migrations.upgrade(engine)
-    schema, rows = schema_of(engine), all_rows(engine, sql.metadata)
+    schema, rows = schema_of(engine), all_rows(engine, metadata)
 
     assert migrations.upgrade(engine) == migrations.Upgrade(before=HEAD, after=HEAD, stamped=False)
     migrations.ensure(engine, migrate=True)
     migrations.ensure(engine, migrate=False)
-    assert schema_of(engine) == schema and all_rows(engine, sql.metadata) == rows
+    assert schema_of(engine) == schema and all_rows(engine, metadata) == rows
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
 
@@ -330,11 +335,11 @@ def test_a_fresh_database_is_migrated_from_the_first_revision(database: Callable
     engine = database()
     done = migrations.upgrade(engine)
     assert done == migrations.Upgrade(before=None, after=HEAD, stamped=False)
-    assert set(inspect(engine).get_table_names()) == set(sql.metadata.tables) | {"alembic_version"}
+    assert set(inspect(engine).get_table_names()) == set(metadata.tables) | {"alembic_version"}
 
 
 def test_the_migrated_schema_matches_the_model(database: Callable[[], Engine]) -> None:
-    """No drift between the migrations and ``sts.adapters.sql.metadata``.
+    """No drift between the migrations and ``sts.adapters.sql.schema.metadata``.
 
     Failing?  A table, column or index was added to (or changed in) the model without
     a migration: add one in sts/migrations/versions/, as docs/migrations.md describes.
@@ -379,7 +384,7 @@ def test_downgrade_and_upgrade_again(database: Callable[[], Engine]) -> None:
     def down(conn: Any) -> None:
         command.downgrade(migrations.config(conn), "base")
 
-    sql.schema_transaction(engine, down)
+    schema_transaction(engine, down)
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     migrations.upgrade(engine)
     assert drift(engine) == []
@@ -389,9 +394,9 @@ def test_a_database_between_0_1_0_and_migrations_is_upgraded(database: Callable[
     """Versions after 0.1.0 made heartbeats with create_all, before migrations existed."""
     engine = database()
     make_0_1_0_database(engine)
-    sql.metadata.tables["heartbeats"].create(engine)
+    metadata.tables["heartbeats"].create(engine)
     with engine.begin() as conn:
-        conn.execute(sql.metadata.tables["heartbeats"].insert(), [{"instance": "old:1", "checked_at": NOW}])
+        conn.execute(metadata.tables["heartbeats"].insert(), [{"instance": "old:1", "checked_at": NOW}])
     before = all_rows(engine)
 
     assert migrations.upgrade(engine).stamped
@@ -428,9 +433,9 @@ UPGRADER = """
 import sys
 import tomllib
 from sts import migrations
-from sts.adapters import sql
+from sts.adapters.sql.engines import make_engine
 
-engine = sql.make_engine(sys.argv[1])
+engine = make_engine(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()
 done = migrations.upgrade(engine)
@@ -467,7 +472,7 @@ def upgrade_concurrently(url: str, count: int) -> list[str]:
 def test_concurrent_upgrades_from_several_processes_on_postgresql(start: str) -> None:
     with private_database() as name:
         url = f"{PG_SERVER}/{name}"
-        engine = sql.make_engine(url)
+        engine = make_engine(url)
         try:
             if start == "0.1.0":
                 make_0_1_0_database(engine)
@@ -500,7 +505,7 @@ def sts_db(*args: str, url: str, tmp_path: Path) -> Result:
 def test_sts_db_current_upgrade_history(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     url = f"sqlite:///{path}"
-    engine = sql.make_engine(url)
+    engine = make_engine(url)
     make_0_1_0_database(engine)
     before = all_rows(engine)
 
@@ -562,14 +567,14 @@ def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., F
 def test_the_service_upgrades_a_0_1_0_database_at_start_and_keeps_its_records(
     make_app: Callable[..., Flask], upstream: RunningServer, tmp_path: Path
 ) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")  # make_settings' database
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")  # make_settings' database
     make_0_1_0_database(engine)
     app = make_app()
     client = app.test_client()
     assert client.get("/readyz").status_code == 200
     assert gateway_exchange(client, ledger_token(upstream)).status_code == 200
 
-    records = list(sql.SqlAuditSink(engine).iter_all())
+    records = list(SqlAuditSink(engine).iter_all())
     assert records[:40] == [r["record"] for r in V0_1_0_ROWS["audit_events"]]
     assert [r["outcome"] for r in records[40:]] == ["granted"]
     with engine.connect() as conn:
@@ -585,7 +590,7 @@ def test_without_migrating_at_start_a_schema_behind_keeps_the_service_not_ready(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
     if start == "0.1.0":
         make_0_1_0_database(engine)
     with caplog.at_level(logging.WARNING, logger="sts"):
@@ -612,7 +617,7 @@ def test_without_migrating_at_start_a_schema_behind_keeps_the_service_not_ready(
 def test_prepare_migrates_only_when_told_to(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     settings = make_settings(database_migrate_on_start=False)
     assert prepare(settings, sleep=lambda _: None) is False
-    engine = sql.make_engine(settings.database_url)
+    engine = make_engine(settings.database_url)
     assert revision_of(engine) is None
     assert prepare(make_settings(), sleep=lambda _: None) is True
     assert revision_of(engine) == HEAD
@@ -620,7 +625,7 @@ def test_prepare_migrates_only_when_told_to(make_settings: Callable[..., Setting
 
 
 def test_schema_checks_after_start_see_an_upgrade(tmp_path: Path) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
     now = [0.0]
     schema = DatabaseSchema(engine, migrate=False, retry_interval=1.0, monotonic=lambda: now[0])
     assert schema.ensure() is False and "no schema yet" in str(schema.last_failure)

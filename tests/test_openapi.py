@@ -34,7 +34,7 @@ from referencing.jsonschema import DRAFT202012
 from werkzeug.test import TestResponse
 
 from sts import errors
-from sts.adapters.keyring import SUPPORTED_ALGORITHMS
+from sts.adapters.signing_keys import SUPPORTED_ALGORITHMS
 from sts.app import create_app
 from sts.core.risk import DEFAULT_WEIGHTS
 from sts.core.shared_signals import (

@@ -24,15 +24,10 @@ from sts.adapters.policy_files import load_policies
 from sts.app import create_app
 from sts.core.attest import VerifiedToken
 from sts.core.client_secrets import hash_secret
-from sts.core.policy import (
-    Grant,
-    PolicyRequest,
-    PolicySet,
-    compile_policy,
-    evaluate,
-    literal_prefix,
-    trace,
-)
+from sts.core.policy.compile import compile_policy
+from sts.core.policy.evaluate import evaluate, trace
+from sts.core.policy.index import PolicySet, literal_prefix
+from sts.core.policy.rules import Grant, PolicyRequest
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import (
     ConfigurationError,
@@ -1232,7 +1227,7 @@ def test_shipped_policies_compile_with_their_issuers() -> None:
 
 def test_default_lifetime_setting_applies_to_rules_without_max_lifetime(make_settings) -> None:  # type: ignore[no-untyped-def]
     """``default_lifetime`` is the max_lifetime of a rule that sets none."""
-    from sts.app import build_policy
+    from sts.wiring.trust import build_policy
 
     policy = {
         "version": 1,

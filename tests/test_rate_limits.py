@@ -44,9 +44,11 @@ from redis_server import RedisProcess
 from test_stores import PgSchema, private_database
 from werkzeug.test import TestResponse
 
-from sts.adapters import redis_store, sql
-from sts.adapters.redis_rate_limits import RedisRateLimits
-from sts.adapters.sql_rate_limits import SqlRateLimits
+from sts.adapters.redis.client import connect as connect_redis
+from sts.adapters.redis.rate_limits import RedisRateLimits
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.rate_limits import SqlRateLimits
+from sts.adapters.sql.schema import rate_limits
 from sts.app import create_app
 from sts.core.audit import AuditRecord
 from sts.core.ports import RateLimitStore, StoreUnavailable
@@ -61,6 +63,7 @@ from sts.core.rate_limit import (
 )
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError, RateLimited, TemporarilyUnavailable
+from sts.migrations import upgrade
 from sts.settings import DEFAULT_RATE_LIMITS, LimitSettings
 
 DEPLOY = "https://deploy.example.com"
@@ -227,14 +230,14 @@ def test_processes_racing_on_one_store_admit_exactly_the_burst(spec: StoreSpec) 
 
 
 def test_sql_store_purges_only_spent_keys(tmp_path: Path) -> None:
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'purge.sqlite'}")
-    sql.create_schema(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'purge.sqlite'}")
+    upgrade(engine)
     store = SqlRateLimits(engine, purge_probability=1.0)
     assert admitted(store.acquire([cell("short", 1, 10)], NOW))
     assert admitted(store.acquire([cell("long", 1, 1000)], NOW))
     assert admitted(store.acquire([cell("trigger", 1, 10)], NOW + 50))  # purges what ended before NOW + 50
     with engine.connect() as conn:
-        keys = {row[0] for row in conn.execute(sql.rate_limits.select())}
+        keys = {row[0] for row in conn.execute(rate_limits.select())}
     assert keys == {"long", "trigger"}
     engine.dispose()
 
@@ -249,14 +252,14 @@ def test_on_sqlite_the_counts_live_in_a_private_file_beside_the_database(
     side = tmp_path / "sts.sqlite.rate-limits"
     assert side.is_file() and side.stat().st_mode & 0o777 == 0o600
     with app.extensions["sts"].engine.connect() as conn:  # the main file's table stays empty
-        assert list(conn.execute(sql.rate_limits.select())) == []
+        assert list(conn.execute(rate_limits.select())) == []
 
 
 def test_unreachable_stores_are_store_unavailable(tmp_path: Path) -> None:
-    dead = RedisRateLimits(redis_store.connect("redis://127.0.0.1:1/0"))
+    dead = RedisRateLimits(connect_redis("redis://127.0.0.1:1/0"))
     with pytest.raises(StoreUnavailable):
         dead.acquire([cell("k", 1, 1)], NOW)
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'no-schema.sqlite'}")  # no table: every write fails
+    engine = make_engine(f"sqlite:///{tmp_path / 'no-schema.sqlite'}")  # no table: every write fails
     with pytest.raises(StoreUnavailable):
         SqlRateLimits(engine).acquire([cell("k", 1, 1)], NOW)
     engine.dispose()
@@ -265,7 +268,7 @@ def test_unreachable_stores_are_store_unavailable(tmp_path: Path) -> None:
 def test_the_limiter_fails_closed_when_its_store_is_down() -> None:
     limiter = RateLimiter(
         RateLimitPolicy({"token": {"network": Limit(1, 1, 1)}}),
-        RedisRateLimits(redis_store.connect("redis://127.0.0.1:1/0")),
+        RedisRateLimits(connect_redis("redis://127.0.0.1:1/0")),
     )
     with pytest.raises(TemporarilyUnavailable) as caught:
         limiter.on_arrival("token", "192.0.2.1", NOW, AuditRecord("e", NOW, "r", "token"))

@@ -32,7 +32,7 @@ import yaml
 from conftest import GATEWAY_SECRET, exchange_form
 from flask import Flask
 from redis_server import RedisProcess, free_port
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 from test_single_use import TcpRelay
 from test_stores import (
     PG_SERVER,
@@ -44,15 +44,18 @@ from test_stores import (
     private_database,
 )
 
-from sts.adapters import sql
 from sts.adapters.readiness import DatabaseSchema, Readiness, sql_store_check, wait_for_schema
-from sts.app import database_pool, prepare
+from sts.adapters.sql.engines import PoolOptions, make_engine
+from sts.adapters.sql.schema import metadata
+from sts.app import prepare
 from sts.dev.issuer import RunningServer
+from sts.migrations import upgrade
 from sts.settings import Settings
+from sts.wiring.stores import database_pool
 
 REPO = Path(__file__).resolve().parent.parent
 STS = str(Path(sys.executable).with_name("sts"))
-SCHEMA_TABLES = set(sql.metadata.tables) | {"alembic_version"}
+SCHEMA_TABLES = set(metadata.tables) | {"alembic_version"}
 
 
 def fresh_checks(app: Flask) -> None:
@@ -204,10 +207,10 @@ def app_runtime(app: Flask) -> Any:
 
 
 def test_default_pools_are_derived_from_the_threads(make_settings: Callable[..., Settings]) -> None:
-    assert database_pool(make_settings(threads=8)) == sql.PoolOptions(size=2, max_overflow=7, timeout=5.0)
-    assert database_pool(make_settings(threads=1)) == sql.PoolOptions(size=1, max_overflow=1, timeout=5.0)
+    assert database_pool(make_settings(threads=8)) == PoolOptions(size=2, max_overflow=7, timeout=5.0)
+    assert database_pool(make_settings(threads=1)) == PoolOptions(size=1, max_overflow=1, timeout=5.0)
     explicit = make_settings(database_pool_size=3, database_max_overflow=0, database_pool_timeout=2)
-    assert database_pool(explicit) == sql.PoolOptions(size=3, max_overflow=0, timeout=2.0)
+    assert database_pool(explicit) == PoolOptions(size=3, max_overflow=0, timeout=2.0)
 
 
 def test_the_pool_size_is_honoured_after_a_concurrent_burst(
@@ -312,7 +315,7 @@ def test_waiting_for_the_database_backs_off_with_one_line_per_attempt(
     database_relay: tuple[TcpRelay, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     relay, url = database_relay
-    engine = sql.make_engine(url)
+    engine = make_engine(url)
     now = [0.0]
     pauses: list[float] = []
 
@@ -419,14 +422,14 @@ def test_prepare_returns_when_the_database_does_not_answer(
 
 
 def create_schema_concurrently(url: str, count: int = 6) -> list[str]:
-    engines = [sql.make_engine(url) for _ in range(count)]
+    engines = [make_engine(url) for _ in range(count)]
     barrier = threading.Barrier(count)
     errors: list[str] = []
 
-    def create(engine: sql.Engine) -> None:
+    def create(engine: Engine) -> None:
         barrier.wait()
         try:
-            sql.create_schema(engine)
+            upgrade(engine)
         except Exception as exc:  # The test reports whatever went wrong.
             errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
@@ -445,7 +448,7 @@ def test_workers_starting_together_on_a_fresh_postgresql_database_create_the_sch
         with private_database() as name:
             url = f"{PG_SERVER}/{name}"
             assert create_schema_concurrently(url) == []
-            engine = sql.make_engine(url)
+            engine = make_engine(url)
             try:
                 assert set(inspect(engine).get_table_names()) == SCHEMA_TABLES
             finally:
@@ -456,7 +459,7 @@ def test_workers_starting_together_on_a_fresh_sqlite_file_create_the_schema_once
     for attempt in range(3):
         url = f"sqlite:///{tmp_path / f'fresh-{attempt}.sqlite'}"
         assert create_schema_concurrently(url) == []
-        engine = sql.make_engine(url)
+        engine = make_engine(url)
         try:
             assert set(inspect(engine).get_table_names()) == SCHEMA_TABLES
         finally:

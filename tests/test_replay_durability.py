@@ -38,7 +38,9 @@ from joserfc.jwk import ECKey
 from redis_server import RedisProcess
 from werkzeug.test import TestResponse
 
-from sts.adapters import redis_store
+from sts.adapters.redis.client import connect as connect_redis
+from sts.adapters.redis.ledger import RedisReplayCache
+from sts.adapters.redis.persistence import persistence_warnings
 from sts.app import create_app
 from sts.core.clients import REPLAY_WINDOW_LOST as ASSERTION_WINDOW_LOST
 from sts.core.dpop import REPLAY_WINDOW_LOST as PROOF_WINDOW_LOST
@@ -405,8 +407,8 @@ def test_the_replay_cache_raises_for_what_the_lost_records_may_have_seen(
     redis_servers: Callable[..., RedisProcess],
 ) -> None:
     server = redis_servers(appendonly=False)
-    client = redis_store.connect(server.url(0))
-    cache = redis_store.RedisReplayCache(client)
+    client = connect_redis(server.url(0))
+    cache = RedisReplayCache(client)
     now = time.time()
     assert cache.first_use("dpop", "a", now + 60, now, valid_from=now - 10) is True
     restart(server)
@@ -457,13 +459,13 @@ def test_persistence_settings_that_cannot_keep_the_ledger_are_warned_about(
 ) -> None:
     server = redis_servers(**options)
     client = redis.Redis(port=server.port)
-    warnings = redis_store.persistence_warnings(client)
+    warnings = persistence_warnings(client)
     client.close()
     assert len(warnings) == len(expected), warnings
     for warning, words in zip(warnings, expected, strict=True):
         assert words in warning
 
-    with caplog.at_level(logging.WARNING, logger="sts.adapters.redis_store"):
+    with caplog.at_level(logging.WARNING, logger="sts.adapters.redis.persistence"):
         make_service(server)
-    logged = [r.getMessage() for r in caplog.records if r.name == "sts.adapters.redis_store"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "sts.adapters.redis.persistence"]
     assert [w in m for w, m in zip(warnings, logged, strict=True)] == [True] * len(warnings)

@@ -46,7 +46,7 @@ from sts.cli import main
 from sts.core.audit import token_hash
 from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
-from sts.settings import load_settings
+from sts.settings.load import load_settings
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
 AGENT = "system:serviceaccount:agents:a1"

@@ -21,11 +21,12 @@ from flask.testing import FlaskClient
 from redis_server import url_of
 from werkzeug.test import TestResponse
 
-from sts.app import Runtime, create_app
+from sts.app import create_app
 from sts.core.baseline import LEARNING_EXCHANGES, Baseline
 from sts.core.subject_state import STATE_TTL, SubjectState
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
+from sts.wiring.runtime import Runtime
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
 IDENTITY = f"upstream|{SUBJECT}"

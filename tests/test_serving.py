@@ -23,11 +23,12 @@ import requests
 import yaml
 from conftest import DEFAULT_POLICY, JWT_TYPE, TOKEN_EXCHANGE
 
-from sts.adapters import sql
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.serving import per_worker_connections
-from sts.settings import load_settings
+from sts.settings.load import load_settings
 
 STS = str(Path(sys.executable).with_name("sts"))
 #: Connections held open by the slow-client test: a third idle, a third mid-headers, a third mid-body.
@@ -285,7 +286,7 @@ def test_a_body_cut_short_never_reaches_the_application(
 ) -> None:
     """A client that promises more body than it sends, then hangs up: the complete-looking form it
     did send is not exchanged (nothing is audited for it), while the same request sent whole is."""
-    audit = sql.SqlAuditSink(sql.make_engine(f"sqlite:///{served.directory / 'sts.sqlite'}"))
+    audit = SqlAuditSink(make_engine(f"sqlite:///{served.directory / 'sts.sqlite'}"))
 
     def request(request_id: str, extra_length: int) -> bytes:
         token = upstream_issuer.issuer.github_actions_token(audience=served.url)

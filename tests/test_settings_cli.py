@@ -28,7 +28,8 @@ from sts.cli import main
 from sts.core.client_secrets import check_hash_format, verify_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
-from sts.settings import Settings, load_settings
+from sts.settings import Settings
+from sts.settings.load import load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN = "repo:acme/app:ref:refs/heads/main"

@@ -36,8 +36,11 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 from redis_server import url_of
 from werkzeug.test import TestResponse
 
-from sts.adapters import redis_store, sql
-from sts.app import build_transmitters, create_app
+from sts.adapters.redis.client import connect as connect_redis
+from sts.adapters.redis.key_value import RedisSubjectStateStore
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
+from sts.app import create_app
 from sts.core.ports import StoreUnavailable
 from sts.core.shared_signals import (
     ACTED_ON,
@@ -59,6 +62,7 @@ from sts.core.subject_state import STATE_TTL, SubjectState, is_revoked
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
+from sts.wiring.trust import build_transmitters
 
 SET_CONTENT_TYPE = "application/secevent+jwt"
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -953,12 +957,12 @@ def test_state_store_failure_releases_the_jti_so_the_retry_is_applied(
         transmitter, set_claims(transmitter, clock, {SESSION_REVOKED: {}}, iss_sub(upstream=upstream))
     )
     delivery = SetDelivery(body=token.encode(), content_type=SET_CONTENT_TYPE, request_id="r1")
-    dead = redis_store.RedisSubjectStateStore(redis_store.connect(DEAD_PORT_URL))
+    dead = RedisSubjectStateStore(connect_redis(DEAD_PORT_URL))
     with pytest.raises(SetRefused) as caught:
         receiver(dead).receive(delivery)
     assert (caught.value.status, caught.value.err) == (503, "temporarily_unavailable")
 
-    live = redis_store.RedisSubjectStateStore(redis_db)
+    live = RedisSubjectStateStore(redis_db)
     receipt = receiver(live).receive(delivery)
     assert receipt.states[UPSTREAM_KEY].blocked_until == clock.now + 3600
     assert live.get([UPSTREAM_KEY])[0].blocked_until == clock.now + 3600
@@ -988,7 +992,7 @@ def test_audit_failure_on_an_accepted_set_is_503_and_the_retry_is_accepted(
     )
     delivery = SetDelivery(body=token.encode(), content_type=SET_CONTENT_TYPE, request_id="r1")
     # An audit sink on a database that cannot be reached (nothing listens on port 1).
-    broken = sql.SqlAuditSink(sql.make_engine("postgresql+psycopg://sts@127.0.0.1:1/sts"), timeout=2)
+    broken = SqlAuditSink(make_engine("postgresql+psycopg://sts@127.0.0.1:1/sts"), timeout=2)
     receiver.audit = broken
     with pytest.raises(SetRefused) as caught:
         receiver.receive(delivery)

@@ -56,7 +56,7 @@ from sqlalchemy import select
 from test_stores import PG_SERVER, PgSchema, private_database
 from werkzeug.serving import make_server
 
-from sts.adapters import sql
+from sts.adapters.sql.schema import replay_entries
 from sts.app import create_app
 from sts.core.audit import token_hash
 from sts.dev.issuer import DevIssuer, RunningServer
@@ -308,9 +308,7 @@ def stored_entries(app: Flask, redis_client: redis.Redis | None) -> dict[str, fl
             for key in redis_client.scan_iter(match="sts:replay:subject_token:*")
         }
     with app.extensions["sts"].engine.connect() as conn:
-        rows = conn.execute(
-            select(sql.replay_entries).where(sql.replay_entries.c.key.like("subject_token:%"))
-        )
+        rows = conn.execute(select(replay_entries).where(replay_entries.c.key.like("subject_token:%")))
         return {row.key: row.expires_at for row in rows}
 
 

@@ -611,14 +611,16 @@ def test_baseline_commands_and_policy_explain_show_the_session_and_the_levels(
     """The operator's side, in process: show, accept one fact, reset; and the levels a request reaches."""
     from click.testing import CliRunner
 
-    from sts.adapters import sql
+    from sts.adapters.sql.engines import make_engine
+    from sts.adapters.sql.key_value import SqlBaselineStore
     from sts.core.baseline import BASELINE_TTL, Baseline, PendingFact
+    from sts.migrations import upgrade
 
     requirement = {"scopes": ["secrets:read"], "acr": ACR_POP, "max_attestation_age": 60}
     config = write_config(tmp_path, upstream, policy(assurance=[requirement]), "http://127.0.0.1:8080")
-    engine = sql.make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
-    sql.create_schema(engine)
-    store = sql.SqlBaselineStore(engine, clock=time.time)
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    store = SqlBaselineStore(engine, clock=time.time)
     pending = {
         "runner_environment": PendingFact("self-hosted", 1.0, 2.0, 1, 2.0),
         "node": PendingFact("n2", 1.0, 2.0, 0, None),

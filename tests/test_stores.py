@@ -52,11 +52,19 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 from werkzeug.test import TestResponse
 
-from sts.adapters import redis_store, sql
+from sts.adapters.redis.client import connect as connect_redis
+from sts.adapters.redis.key_value import RedisSubjectStateStore
+from sts.adapters.redis.ledger import RedisReplayCache
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.replay import SqlReplayCache
+from sts.adapters.sql.schema import audit_events, replay_entries
+from sts.adapters.sql.subject_state import SqlSubjectStateStore
 from sts.app import create_app
 from sts.core.audit import AuditRecord, token_hash
 from sts.core.ports import ReplayCache, StoreUnavailable
 from sts.dev.issuer import RunningServer
+from sts.migrations import upgrade
 
 NOW = 1_700_000_000.0
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -125,10 +133,10 @@ def pg(pg_database: str) -> Iterator[PgSchema]:
 
 
 def audit_rows(url: str) -> list[dict[str, Any]]:
-    engine = sql.make_engine(url)
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(select(sql.audit_events))]
+            return [dict(row._mapping) for row in conn.execute(select(audit_events))]
     finally:
         engine.dispose()
 
@@ -140,7 +148,7 @@ def audit_rows(url: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def redis_client(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    client = redis_store.connect(fresh_redis_url)
+    client = connect_redis(fresh_redis_url)
     yield client
     client.close()
 
@@ -189,9 +197,9 @@ class ReplayStore:
 
 
 def _sql_store(name: str, url: str) -> Iterator[ReplayStore]:
-    engine = sql.make_engine(url)
-    sql.create_schema(engine)
-    yield ReplayStore(name, sql.SqlReplayCache(engine), FakeClock(NOW))
+    engine = make_engine(url)
+    upgrade(engine)
+    yield ReplayStore(name, SqlReplayCache(engine), FakeClock(NOW))
     engine.dispose()
 
 
@@ -205,7 +213,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ReplayStor
     else:
         client: redis.Redis = request.getfixturevalue("redis_client")
         prefix: str = request.getfixturevalue("redis_prefix")
-        yield ReplayStore("redis", redis_store.RedisReplayCache(client, prefix=prefix), WallClock())
+        yield ReplayStore("redis", RedisReplayCache(client, prefix=prefix), WallClock())
 
 
 def test_first_use_is_accepted_and_a_replay_is_not(store: ReplayStore) -> None:
@@ -276,8 +284,8 @@ def _race_for_keys(
     url: str, keys: list[str], barrier: Barrier, results: Queue[tuple[list[str], str]]
 ) -> None:
     try:
-        engine = sql.make_engine(url)
-        cache = sql.SqlReplayCache(engine)
+        engine = make_engine(url)
+        cache = SqlReplayCache(engine)
         barrier.wait(timeout=60)
         won = [key for key in keys if cache.first_use("client_assertion", key, NOW + 60, NOW)]
         engine.dispose()
@@ -288,8 +296,8 @@ def _race_for_keys(
 
 def test_sqlite_replay_cache_is_correct_across_processes(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
-    engine = sql.make_engine(url)
-    sql.create_schema(engine)
+    engine = make_engine(url)
+    upgrade(engine)
     keys = [f"jti-{i}" for i in range(150)]
     context = multiprocessing.get_context("spawn")
     workers = 4
@@ -309,7 +317,7 @@ def test_sqlite_replay_cache_is_correct_across_processes(tmp_path: Path) -> None
     wins = Counter(key for won, _ in outcomes for key in won)
     assert wins == Counter(keys), "each key must be won by exactly one process"
     with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(sql.replay_entries)).scalar_one() == len(keys)
+        assert conn.execute(select(func.count()).select_from(replay_entries)).scalar_one() == len(keys)
     engine.dispose()
 
 
@@ -320,21 +328,21 @@ def test_sql_purge_removes_only_expired_entries(
     url = (
         f"sqlite:///{tmp_path / 'purge.sqlite'}" if backend == "sqlite" else request.getfixturevalue("pg").url
     )
-    engine = sql.make_engine(url)
-    sql.create_schema(engine)
-    cache = sql.SqlReplayCache(engine, purge_probability=1.0)
+    engine = make_engine(url)
+    upgrade(engine)
+    cache = SqlReplayCache(engine, purge_probability=1.0)
     assert cache.first_use("p", "short-lived", NOW + 10, NOW) is True
     assert cache.first_use("p", "long-lived", NOW + 100, NOW) is True
     assert cache.first_use("p", "trigger", NOW + 100, NOW + 50) is True
     with engine.connect() as conn:
-        kept = sorted(conn.execute(select(sql.replay_entries.c.key)).scalars())
+        kept = sorted(conn.execute(select(replay_entries.c.key)).scalars())
     assert kept == ["p:long-lived", "p:trigger"]
     assert cache.first_use("p", "long-lived", NOW + 200, NOW + 60) is False
     engine.dispose()
 
 
 def test_redis_entry_lives_until_expires_at(redis_client: redis.Redis, redis_prefix: str) -> None:
-    cache = redis_store.RedisReplayCache(redis_client, prefix=redis_prefix)
+    cache = RedisReplayCache(redis_client, prefix=redis_prefix)
     now = time.time()
     expires_at = now + 42.5
     assert cache.first_use("client_assertion", "jti", expires_at, now) is True
@@ -347,8 +355,8 @@ def test_redis_entry_lives_until_expires_at(redis_client: redis.Redis, redis_pre
 
 def test_redis_prefixes_keep_deployments_apart(redis_client: redis.Redis, redis_prefix: str) -> None:
     now = time.time()
-    one = redis_store.RedisReplayCache(redis_client, prefix=f"{redis_prefix}:one")
-    two = redis_store.RedisReplayCache(redis_client, prefix=f"{redis_prefix}:two")
+    one = RedisReplayCache(redis_client, prefix=f"{redis_prefix}:one")
+    two = RedisReplayCache(redis_client, prefix=f"{redis_prefix}:two")
     assert one.first_use("client_assertion", "jti", now + 60, now) is True
     assert two.first_use("client_assertion", "jti", now + 60, now) is True
     assert one.first_use("client_assertion", "jti", now + 60, now) is False
@@ -360,8 +368,8 @@ def test_redis_prefixes_keep_deployments_apart(redis_client: redis.Redis, redis_
 
 
 def test_unreachable_redis_is_store_unavailable_promptly() -> None:
-    client = redis_store.connect(DEAD_REDIS_URL)
-    cache = redis_store.RedisReplayCache(client, prefix="unused")
+    client = connect_redis(DEAD_REDIS_URL)
+    cache = RedisReplayCache(client, prefix="unused")
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
         cache.first_use("client_assertion", "jti", time.time() + 60, time.time())
@@ -374,10 +382,10 @@ def test_a_redis_that_never_answers_is_store_unavailable_within_the_timeout() ->
     # The kernel completes the TCP handshake on a listening socket nobody serves.
     with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
         port = silent.getsockname()[1]
-        client = redis_store.connect(f"redis://127.0.0.1:{port}/0")
+        client = connect_redis(f"redis://127.0.0.1:{port}/0")
         started = time.monotonic()
         with pytest.raises(StoreUnavailable):
-            redis_store.RedisReplayCache(client, prefix="unused").first_use(
+            RedisReplayCache(client, prefix="unused").first_use(
                 "client_assertion", "jti", time.time() + 60, time.time()
             )
         assert time.monotonic() - started < 2
@@ -550,9 +558,9 @@ def test_recent_lists_newest_first_with_filters(
     url = (
         f"sqlite:///{tmp_path / 'audit.sqlite'}" if backend == "sqlite" else request.getfixturevalue("pg").url
     )
-    engine = sql.make_engine(url)
-    sql.create_schema(engine)
-    sink = sql.SqlAuditSink(engine)
+    engine = make_engine(url)
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
     records = []
     for i, (outcome, client_id) in enumerate([("granted", "a"), ("refused", "b"), ("refused", "a")]):
         record = AuditRecord(
@@ -645,7 +653,7 @@ def test_plain_postgresql_url_uses_the_psycopg_driver(
     make_app: Callable[..., Flask], upstream: RunningServer, pg: PgSchema
 ) -> None:
     plain = pg.url.replace("postgresql+psycopg://", "postgresql://", 1)
-    engine = sql.make_engine(plain)
+    engine = make_engine(plain)
     try:
         assert engine.url.drivername == "postgresql+psycopg"
         with engine.connect() as conn:
@@ -665,9 +673,9 @@ def test_audit_text_with_nul_and_lone_surrogate_is_stored_on_postgresql(pg: PgSc
     """PostgreSQL text refuses NUL and lone surrogates; such a claim must not lose the record."""
     from sts.core.audit import AuditRecord
 
-    engine = sql.make_engine(pg.url)
+    engine = make_engine(pg.url)
     try:
-        sql.create_schema(engine)
+        upgrade(engine)
         record = AuditRecord(
             event_id="nul-1",
             time=1_800_000_000.0,
@@ -676,7 +684,7 @@ def test_audit_text_with_nul_and_lone_surrogate_is_stored_on_postgresql(pg: PgSc
             subject="evil\x00sub\ud800",
             subject_token_jti="j\x00ti",
         )
-        sql.SqlAuditSink(engine).write(record)
+        SqlAuditSink(engine).write(record)
         rows = audit_rows(pg.url)
         assert len(rows) == 1
         assert rows[0]["subject"].startswith("evil") and "\x00" not in rows[0]["subject"]
@@ -689,15 +697,14 @@ def test_audit_text_with_nul_and_lone_surrogate_is_stored_on_postgresql(pg: PgSc
 def test_subject_state_updates_are_atomic(
     backend: str, tmp_path: Path, pg: PgSchema, redis_client: redis.Redis, redis_prefix: str
 ) -> None:
-    from sts.adapters import redis_store
     from sts.core.subject_state import SubjectState as State
 
     if backend == "redis":
-        store: Any = redis_store.RedisSubjectStateStore(redis_client, prefix=redis_prefix)
+        store: Any = RedisSubjectStateStore(redis_client, prefix=redis_prefix)
     else:
-        engine = sql.make_engine(pg.url if backend == "postgresql" else f"sqlite:///{tmp_path / 's.sqlite'}")
-        sql.create_schema(engine)
-        store = sql.SqlSubjectStateStore(engine)
+        engine = make_engine(pg.url if backend == "postgresql" else f"sqlite:///{tmp_path / 's.sqlite'}")
+        upgrade(engine)
+        store = SqlSubjectStateStore(engine)
     # Events are kept bounded (16), so count through a field every update increments.
     store.put("k|s", State(), 3600)
 

@@ -1,6 +1,6 @@
 """The audit trail's hash chains read back: ``sts audit verify`` and ``sts audit checkpoint``.
 
-The chains are written by :class:`~sts.adapters.sql.SqlAuditSink` and checked by
+The chains are written by :class:`~sts.adapters.sql.audit_sink.SqlAuditSink` and checked by
 :mod:`sts.core.audit_chain`; this module reads them from the database, in one
 snapshot (so that writers carrying on meanwhile cannot make an intact trail
 look broken), and signs and reads checkpoints: compact JWS (RFC 7515 §7.1)
@@ -38,7 +38,8 @@ from ..core.audit_chain import (
     verify_chains,
 )
 from ..core.ports import Signer, UnknownKeyId
-from .sql import SqlAuditSink, audit_chains, audit_events
+from .sql.audit_sink import SqlAuditSink
+from .sql.schema import audit_chains, audit_events
 
 #: A checkpoint lists every chain ever started (one or more per process start): far more than a
 #: token's claims, so joserfc's default payload limit (128 000 bytes) is raised for it.

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..core.audit import AuditRecord
 from ..core.ports import SingleUse
-from .sql import SqlAuditSink
+from .sql.audit_sink import SqlAuditSink
 from .tracing import annotate
 
 decision_log = logging.getLogger("sts.decision")

@@ -12,7 +12,7 @@ fed from outside the core:
   (:meth:`Metrics.observe_stage`, an ``observer(route, stage, seconds)``);
 * store, audit and upstream failures, by wrapping the ports where the
   pipeline meets them (:mod:`sts.adapters.metered_ports`);
-* JWKS fetches, from :class:`sts.adapters.jwks.HttpJWKS`'s ``on_fetch`` hook;
+* JWKS fetches, from :class:`sts.adapters.jwks_cache.HttpJWKS`'s ``on_fetch`` hook;
 * the signing keys' ages, read from the key ring when scraped
   (:class:`sts.adapters.metrics_exposition.ExpositionCollector`).
 
@@ -244,7 +244,7 @@ class Metrics:
     # -- JWKS -----------------------------------------------------------------------------------
 
     def jwks_fetch_recorder(self, source: str) -> Callable[[bool, int], None]:
-        """The ``on_fetch(ok, usable_keys)`` hook of :class:`~sts.adapters.jwks.HttpJWKS` for ``source``."""
+        """The ``on_fetch(ok, usable_keys)`` hook of :class:`~sts.adapters.jwks_cache.HttpJWKS` per source."""
         name = _label(source)
 
         def fetched(ok: bool, usable_keys: int) -> None:

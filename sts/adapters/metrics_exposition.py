@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from .keyring import KeyEntry
+    from sts.core.key_rotation import KeyEntry
 
 #: The variable ``prometheus_client`` reads to choose multiprocess mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -1,6 +1,6 @@
 """Reading policy files: YAML with line numbers, checked against the published JSON Schema.
 
-Compilation itself is pure and lives in :mod:`sts.core.policy`; this module
+Compilation itself is pure and lives in :mod:`sts.core.policy.compile`; this module
 only reads files and reports errors as ``file:line: rule 'name': reason``.
 """
 
@@ -17,7 +17,8 @@ import fastjsonschema
 import jsonschema
 import yaml
 
-from ..core.policy import PolicySet, compile_policy
+from ..core.policy.compile import compile_policy
+from ..core.policy.index import PolicySet
 from ..errors import ConfigurationError
 
 

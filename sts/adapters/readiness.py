@@ -29,8 +29,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import migrations
 from ..core.ports import AuditUnavailable, ReplayCache, StoreUnavailable
 from ..errors import ConfigurationError
-from . import sql
 from .keyring import KeyRing
+from .sql.audit_sink import SqlAuditSink
+from .sql.engines import where
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ def describe(exc: BaseException) -> str:
     lines = str(cause).strip().splitlines()
     first = lines[0].strip() if lines else ""
     return f"{type(cause).__name__}: {first[:200]}" if first else type(cause).__name__
-
-
-def where(engine: Engine) -> str:
-    """The database named without credentials: ``host:port/name`` or the SQLite file."""
-    url = engine.url
-    if url.get_backend_name() == "sqlite":
-        return str(url.database)
-    return f"{url.host}:{url.port or 5432}/{url.database}"
 
 
 class DatabaseSchema:
@@ -219,7 +212,7 @@ class Readiness:
         self,
         *,
         schema: DatabaseSchema,
-        audit: sql.SqlAuditSink,
+        audit: SqlAuditSink,
         store: StoreCheck,
         store_in_database: bool,
         keyring: KeyRing,

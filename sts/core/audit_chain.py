@@ -1,6 +1,6 @@
 """Hash chains over the audit trail: every record commits to the one before it.
 
-Each writer of the trail (one :class:`~sts.adapters.sql.SqlAuditSink` in one
+Each writer of the trail (one :class:`~sts.adapters.sql.audit_sink.SqlAuditSink` in one
 process) appends to chains of its own, so writers never contend for a shared
 head.  A chain is named by a random ``chain_id`` (32 hex digits); its records
 are numbered ``seq = 1, 2, 3 ...`` and linked::

@@ -60,7 +60,9 @@ from .dpop import DPoPConfig, VerifiedProof, verify_proof
 from .drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
 from .introspection import own_token_identities, revocation
 from .mint import mint_access_token
-from .policy import Grant, PolicyRequest, PolicySet, evaluate
+from .policy.evaluate import evaluate
+from .policy.index import PolicySet
+from .policy.rules import Grant, PolicyRequest
 from .ports import (
     AlreadyUsed,
     AuditSink,

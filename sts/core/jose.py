@@ -209,7 +209,7 @@ def rsa_key_problem(jwk: Mapping[str, Any]) -> str | None:
     warns about short keys): the modulus ``n`` is :data:`MIN_RSA_BITS` to
     :data:`MAX_RSA_BITS` bits and the exponent ``e`` is :data:`RSA_PUBLIC_EXPONENT`.
     Used for every RSA key this service verifies with: issuers', clients' and
-    transmitters' key sets (:mod:`sts.adapters.jwks`) and DPoP proof keys.
+    transmitters' key sets (:mod:`sts.adapters.jwks_acceptance`) and DPoP proof keys.
     """
     modulus, exponent = _base64url_uint(jwk.get("n")), _base64url_uint(jwk.get("e"))
     if not modulus:

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from joserfc.jwk import Key
 
 from .audit import AuditRecord
 from .baseline import Baseline
 from .subject_state import SubjectState
-
-if TYPE_CHECKING:
-    from .rate_limit import LimitedKey
 
 
 class StoreUnavailable(Exception):
@@ -221,6 +218,15 @@ class RevokedTokens(Protocol):
     def revoked(self, jti: str) -> bool:
         """Raises :class:`StoreUnavailable`; callers treat that as inactive (fail closed)."""
         ...
+
+
+@dataclass(frozen=True)
+class LimitedKey:
+    """One limit on one key, as the store sees it (GCRA, see :mod:`sts.core.rate_limit`)."""
+
+    key: str
+    interval: float
+    tolerance: float
 
 
 class RateLimitStore(Protocol):

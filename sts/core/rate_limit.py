@@ -49,7 +49,7 @@ from typing import NoReturn
 
 from ..errors import RateLimited, TemporarilyUnavailable
 from .audit import AuditRecord
-from .ports import RateLimitStore, StoreUnavailable
+from .ports import LimitedKey, RateLimitStore, StoreUnavailable
 
 #: Where limits apply, in the order they are checked.
 SCOPES = ("global", "network", "client", "identity", "rule")
@@ -85,15 +85,6 @@ class Limit:
 
     def describe(self) -> str:
         return f"{self.requests}/{self.period:g}s burst {self.burst}"
-
-
-@dataclass(frozen=True)
-class LimitedKey:
-    """One limit on one key, as the store sees it."""
-
-    key: str
-    interval: float
-    tolerance: float
 
 
 @dataclass(frozen=True)

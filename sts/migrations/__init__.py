@@ -3,7 +3,7 @@
 The revisions are in ``versions/``; the first one is the schema of the first
 release (0.1.0), each later one a change since.  Alembic runs them
 programmatically (:func:`upgrade`), in one transaction that holds the schema lock
-(:func:`sts.adapters.sql.schema_transaction`: a PostgreSQL advisory lock, SQLite's
+(:func:`sts.adapters.sql.engines.schema_transaction`: a PostgreSQL advisory lock, SQLite's
 write lock), so that any number of workers and instances may upgrade at once:
 the first one migrates, the others find the schema current.  PostgreSQL and
 SQLite both run DDL in a transaction: a failed upgrade leaves nothing half done.
@@ -30,7 +30,8 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, inspect
 
-from ..adapters import sql
+from ..adapters.sql.engines import schema_transaction, where
+from ..adapters.sql.schema import metadata
 
 log = logging.getLogger(__name__)
 # Alembic narrates every step at INFO ("Context impl SQLiteImpl."); this module logs what changed.
@@ -103,7 +104,7 @@ def _known(revision: str | None) -> None:
 
 
 def _our_tables(conn: Connection) -> set[str]:
-    names = set(sql.metadata.tables) | RELEASE_0_1_0_TABLES
+    names = set(metadata.tables) | RELEASE_0_1_0_TABLES
     return set(inspect(conn).get_table_names()) & names
 
 
@@ -146,10 +147,8 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
             raise SchemaError(str(exc)) from None
         return Upgrade(before, current(conn), stamped)
 
-    from ..adapters.readiness import where  # readiness checks the schema through this module
-
     with _PROCESS_LOCK:
-        done = sql.schema_transaction(engine, work)
+        done = schema_transaction(engine, work)
     if done.stamped:
         log.info(
             "database %s: the schema of 0.1.0, made before migrations, recognised and stamped at %s",

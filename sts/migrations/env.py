@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from sts.adapters.sql import metadata
+from sts.adapters.sql.schema import metadata
 
 config = context.config
 connection = config.attributes.get("connection")

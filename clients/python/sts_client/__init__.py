@@ -1,11 +1,12 @@
 """Client libraries for the workload token-exchange broker (an RFC 8693 STS).
 
 * :mod:`sts_client.verifier` -- resource servers: verify the STS's access
-  tokens (RFC 9068), DPoP proofs (RFC 9449), attestation age and assurance
-  level (RFC 9470, :mod:`sts_client.assurance`);
+  tokens (RFC 9068, :mod:`sts_client.access_token`), DPoP proofs (RFC 9449),
+  attestation age and assurance level (RFC 9470, :mod:`sts_client.assurance`);
   :mod:`sts_client.flask` and :mod:`sts_client.wsgi` plug it into an app.
 * :mod:`sts_client.workload` -- workloads: ``requests`` authentication that
-  exchanges the workload's credential and renews it on its own.
+  exchanges the workload's credential and renews it on its own
+  (:mod:`sts_client.workload_tokens` holds the tokens, whatever the HTTP client).
 * :mod:`sts_client.ci` -- the ``sts-ci`` command for GitHub Actions and GitLab CI.
 
 Only ``requests``, ``joserfc`` and ``cryptography`` are needed; Flask only for

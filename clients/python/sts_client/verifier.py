@@ -40,28 +40,25 @@ and ``body()`` are the answer to send.  What is checked, in order:
        WWW-Authenticate: Bearer error="insufficient_user_authentication",
          error_description="A higher assurance level is required.",
          acr_values="urn:workload-sts:acr:pop urn:workload-sts:acr:posture", max_age="60"
+
+Step 1 is :mod:`sts_client.authorization`, step 2 :mod:`sts_client.access_token`;
+this module puts the steps together and checks the rest.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Final
+from typing import Any
 
 import requests
-from joserfc import jws
-from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, MissingClaimError
-from joserfc.jws import JWSRegistry
-from joserfc.jwt import JWTClaimsRegistry
 
+from .access_token import VerifiedAccessToken, access_token_from_claims, verify_access_token_jwt
 from .assurance import at_least, parse_acr_values, rank, satisfies
-from .compact import MalformedJWS, extract_compact_jws
+from .authorization import HeaderSource, dpop_proof, header_values, request_credentials
 from .discovery import DiscoveryError, ServerMetadata, check_endpoint_url, fetch_metadata
 from .dpop import (
     DEFAULT_DPOP_ALGORITHMS,
@@ -75,74 +72,16 @@ from .errors import (
     InsufficientScope,
     InsufficientUserAuthentication,
     InvalidDPoPProof,
-    InvalidRequest,
     InvalidToken,
-    MissingToken,
     TemporarilyUnavailable,
     VerificationError,
 )
 from .introspection import IntrospectionClient, IntrospectionUnavailable
-from .jwks import ASYMMETRIC_ALGORITHMS, JWKSCache, KeysUnavailable, UnknownKey
+from .jwks import ASYMMETRIC_ALGORITHMS, JWKSCache
 
 __all__ = ["HeaderSource", "TokenVerifier", "VerifiedAccessToken", "header_values"]
 
 log = logging.getLogger(__name__)
-
-#: RFC 9068 §2.1.
-ACCESS_TOKEN_TYP: Final = "at+jwt"
-MAX_TOKEN_BYTES: Final = 16 * 1024
-#: RFC 6750 §2.1 ``b64token`` (RFC 9110 token68).
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-
-#: Anything that holds request headers: werkzeug ``Headers``, a ``dict``, ``requests``'
-#: ``CaseInsensitiveDict``, ``wsgiref.headers.Headers``, or a list of (name, value) pairs.
-HeaderSource = Mapping[str, str] | Iterable[tuple[str, str]] | Any
-
-
-def header_values(headers: HeaderSource, name: str) -> list[str]:
-    """Every value of header ``name`` (case-insensitive), one per field line.
-
-    A server that folds repeated fields into one line joins them with commas
-    (RFC 9110 §5.3), and neither a token68 credential nor a compact JWS
-    contains a comma, so callers can also split on commas to count them.
-    """
-    getlist = getattr(headers, "getlist", None)
-    if callable(getlist):
-        return [str(v) for v in getlist(name)]
-    get_all = getattr(headers, "get_all", None)
-    if callable(get_all):
-        return [str(v) for v in (get_all(name) or [])]
-    wanted = name.lower()
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    return [str(value) for key, value in items if str(key).lower() == wanted]
-
-
-@dataclass(frozen=True)
-class VerifiedAccessToken:
-    """What a verified access token says (RFC 9068 §2.2); the token itself is not kept."""
-
-    subject: str
-    client_id: str
-    audience: tuple[str, ...]
-    scopes: frozenset[str]
-    issued_at: int
-    expires_at: int
-    jti: str
-    auth_time: int | None = None
-    #: The RFC 7638 thumbprint of the key the token is bound to (``cnf.jkt``), if DPoP-bound.
-    jkt: str | None = None
-    #: RFC 8693 §4.1: the current actor (``act``), with earlier actors nested in it.
-    actor: Mapping[str, Any] | None = None
-    #: RFC 9470 / RFC 9068 §2.2.1: the assurance level the STS's exchange reached.
-    acr: str | None = None
-    claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def token_type(self) -> str:
-        return "DPoP" if self.jkt is not None else "Bearer"
-
-    def has_scopes(self, *scopes: str) -> bool:
-        return set(scopes) <= self.scopes
 
 
 def _scope_list(scopes: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -286,11 +225,19 @@ class TokenVerifier:
         current = self._clock() if now is None else now
         scheme = "Bearer"
         try:
-            scheme, token = self._credentials(headers)
-            claims = self._verify_jwt(token, current, scheme)
+            scheme, token = request_credentials(headers)
+            claims = verify_access_token_jwt(
+                token,
+                keys=self.keys,
+                issuer=self.issuer,
+                audience=self.audience,
+                leeway=self.leeway,
+                now=current,
+                scheme=scheme,
+            )
             jkt = self._check_binding(claims, scheme, method, url, headers, token, current)
             self._check_active(token, claims, current, scheme)
-            verified = self._result(claims, jkt)
+            verified = access_token_from_claims(claims, jkt)
             self._check_scopes(verified, _scope_list(scopes), scheme)
             self._check_authentication(verified, max_age, parse_acr_values(acr_values), current, scheme)
         except VerificationError as exc:
@@ -299,82 +246,6 @@ class TokenVerifier:
             log.info("access token refused: %s (%s %s)", exc.reason, method, _path_of(url))
             raise
         return verified
-
-    def _credentials(self, headers: HeaderSource) -> tuple[str, str]:
-        """RFC 6750 §2.1 / RFC 9449 §7.1: ``Authorization: Bearer <token>`` or ``DPoP <token>``."""
-        values = header_values(headers, "Authorization")
-        if not values:
-            raise MissingToken("authorization.missing")
-        if len(values) > 1 or "," in values[0]:
-            raise InvalidRequest("authorization.repeated")
-        auth_scheme, _, credentials = values[0].strip().partition(" ")
-        lowered = auth_scheme.lower()
-        if lowered not in ("bearer", "dpop"):
-            raise MissingToken("authorization.other_scheme")
-        scheme = "DPoP" if lowered == "dpop" else "Bearer"
-        credentials = credentials.strip(" ")
-        if not credentials or not _TOKEN68.fullmatch(credentials):
-            raise InvalidRequest("authorization.malformed", scheme=scheme)
-        return scheme, credentials
-
-    def _verify_jwt(self, token: str, now: float, scheme: str) -> dict[str, Any]:
-        if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
-            raise InvalidToken("token.not_a_jws", scheme=scheme)
-        try:
-            extracted = extract_compact_jws(token, max_bytes=MAX_TOKEN_BYTES)
-        except MalformedJWS as exc:
-            raise InvalidToken("token.malformed", str(exc), scheme=scheme) from None
-        compact, header, claims = extracted.compact, extracted.header, extracted.claims
-        # RFC 9068 §4: typ must be at+jwt ("application/" may be omitted; case-insensitive), so an
-        # ID token or an upstream workload token signed by the same keys cannot pass for one.
-        typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower().removeprefix("application/") != ACCESS_TOKEN_TYP:
-            raise InvalidToken("token.typ", scheme=scheme)
-        if "crit" in header:
-            raise InvalidToken("token.crit", scheme=scheme)
-        alg, kid = header.get("alg"), header.get("kid")
-        if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS:
-            raise InvalidToken("token.alg", str(alg)[:20], scheme=scheme)
-        if kid is not None and not isinstance(kid, str):
-            raise InvalidToken("token.kid", scheme=scheme)
-        try:
-            key = self.keys.key_for(kid, alg)
-        except UnknownKey as exc:
-            raise InvalidToken("token.unknown_key", str(exc), scheme=scheme) from None
-        except KeysUnavailable as exc:
-            raise TemporarilyUnavailable("keys.unavailable", str(exc), scheme=scheme) from None
-        try:
-            registry = JWSRegistry(algorithms=[alg], strict_check_header=False)
-            valid = jws.validate_compact(compact, key, registry=registry)
-        except (JoseError, ValueError) as exc:
-            raise InvalidToken("token.bad_signature", type(exc).__name__, scheme=scheme) from None
-        if not valid:
-            raise InvalidToken("token.bad_signature", scheme=scheme)
-        claims_registry = JWTClaimsRegistry(
-            now=int(now),
-            leeway=self.leeway,
-            iss={"essential": True, "value": self.issuer},
-            aud={"essential": True, "value": self.audience},
-            exp={"essential": True},
-            iat={"essential": True},
-            sub={"essential": True},
-            jti={"essential": True},
-            client_id={"essential": True},
-        )
-        try:
-            claims_registry.validate(claims)
-        except ExpiredTokenError:
-            raise InvalidToken("token.expired", scheme=scheme) from None
-        except MissingClaimError as exc:
-            raise InvalidToken("token.missing_claim", str(exc), scheme=scheme) from None
-        except InvalidClaimError as exc:
-            raise InvalidToken("token.invalid_claim", str(exc), scheme=scheme) from None
-        except JoseError as exc:
-            raise InvalidToken("token.claims", type(exc).__name__, scheme=scheme) from None
-        # joserfc compares iss with ==; make sure it is the exact string (RFC 8725 §3.8).
-        if claims.get("iss") != self.issuer or not isinstance(claims.get("iss"), str):
-            raise InvalidToken("token.iss", scheme=scheme)
-        return claims
 
     def _check_binding(
         self,
@@ -398,11 +269,8 @@ class TokenVerifier:
             raise InvalidToken("token.unsupported_cnf", scheme=scheme)
         if scheme != "DPoP":
             raise InvalidToken("token.dpop_bound_used_as_bearer", scheme=scheme, offer_dpop=True)
-        proofs = [part.strip() for value in header_values(headers, "DPoP") for part in value.split(",")]
-        if len(proofs) != 1 or not proofs[0]:
-            raise InvalidDPoPProof("dpop.count", str(len(proofs)))
         checked = check_proof(
-            proofs[0],
+            dpop_proof(headers),
             method=method,
             url=url,
             access_token=token,
@@ -432,30 +300,6 @@ class TokenVerifier:
             raise TemporarilyUnavailable("introspection.unavailable", str(exc), scheme=scheme) from None
         if not active:
             raise InvalidToken("token.inactive", scheme=scheme)
-
-    @staticmethod
-    def _result(claims: dict[str, Any], jkt: str | None) -> VerifiedAccessToken:
-        aud = claims["aud"]
-        scope = claims.get("scope")
-        auth_time = claims.get("auth_time")
-        act = claims.get("act")
-        acr = claims.get("acr")
-        return VerifiedAccessToken(
-            subject=claims["sub"],
-            client_id=str(claims["client_id"]),
-            audience=(aud,) if isinstance(aud, str) else tuple(aud),
-            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
-            issued_at=int(claims["iat"]),
-            expires_at=int(claims["exp"]),
-            jti=claims["jti"],
-            auth_time=int(auth_time)
-            if isinstance(auth_time, int | float) and not isinstance(auth_time, bool)
-            else None,
-            jkt=jkt,
-            actor=MappingProxyType(act) if isinstance(act, dict) else None,
-            acr=acr if isinstance(acr, str) else None,
-            claims=MappingProxyType(claims),
-        )
 
     def _check_scopes(self, token: VerifiedAccessToken, route_scopes: tuple[str, ...], scheme: str) -> None:
         required = tuple(dict.fromkeys((*self.required_scopes, *route_scopes)))

@@ -35,9 +35,11 @@ from collections.abc import Sequence
 from sqlalchemy import Engine
 from sqlalchemy.schema import CreateTable
 
-from ..core.ports import StoreUnavailable
-from ..core.rate_limit import LimitedKey, gcra_wait
-from .sql import RawStatement, make_engine, rate_limits, transaction
+from ...core.ports import LimitedKey, StoreUnavailable
+from ...core.rate_limit import gcra_wait
+from .engines import make_engine, transaction
+from .schema import rate_limits
+from .statements import RawStatement
 
 _MAX_KEY = 200
 

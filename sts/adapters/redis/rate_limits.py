@@ -20,8 +20,7 @@ from collections.abc import Sequence
 
 import redis
 
-from ..core.ports import StoreUnavailable
-from ..core.rate_limit import LimitedKey
+from ...core.ports import LimitedKey, StoreUnavailable
 
 #: KEYS: the limited keys.  ARGV[1]: now (seconds); then per key: interval, tolerance.
 #: Returns every key's wait in seconds, as strings (Redis would truncate numbers to integers).

@@ -1,0 +1,152 @@
+"""The key ring's directory on disk: permissions, the lock, and crash-safe writes.
+
+Layout of the directory (created ``0700``)::
+
+    keyring.json      metadata: one entry per key (kid, alg, state, times),
+                      see :mod:`sts.adapters.keyring_metadata`
+    <kid>.pem         the private key, PKCS#8 PEM, mode 0600, optionally
+                      encrypted at rest with a passphrase
+                      (see :mod:`sts.adapters.signing_keys`)
+    .keyring.lock     lock file: writers hold an exclusive flock(2) on it,
+                      readers a shared one
+
+Rotation runs in another process (the CLI) while servers are serving, so
+``keyring.json`` and every PEM are written to a temporary file and renamed
+over the target with :func:`os.replace` (readers see the old or the new file,
+never half of one), under the exclusive lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import stat
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Final
+
+from sts.errors import ConfigurationError
+
+# The key ring's modules log under one name, so one logging setting covers all of it.
+logger = logging.getLogger("sts.adapters.keyring")
+
+LOCK_FILE: Final = ".keyring.lock"
+
+# An RFC 7638 SHA-256 thumbprint is 32 bytes, i.e. 43 base64url characters.  The
+# pattern also keeps ``<kid>.pem`` inside the key directory.
+KID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def key_file(directory: Path, kid: str) -> Path:
+    """Where the private key ``kid`` is kept."""
+    return directory / f"{kid}.pem"
+
+
+def ensure_directory(directory: Path) -> None:
+    """Create ``directory`` (``0700``), or restrict an existing one that others can read."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(directory.stat().st_mode)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create key directory {directory}: {exc.strerror}") from None
+    if mode & 0o077:
+        # Only the service account may list or read the key files.
+        try:
+            directory.chmod(0o700)
+        except OSError as exc:
+            logger.warning(
+                "key directory %s has mode %o and cannot be restricted: %s", directory, mode, exc.strerror
+            )
+        else:
+            logger.warning("key directory %s had mode %o; restricted to 700", directory, mode)
+
+
+@contextlib.contextmanager
+def ring_lock(directory: Path, *, exclusive: bool, blocking: bool) -> Iterator[bool]:
+    """Hold flock(2) on the ring's lock file; yield whether it was taken.
+
+    A shared lock on a read-only directory without a lock file is skipped:
+    nobody can be writing there.
+    """
+    path = directory / LOCK_FILE
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exclusive or exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise ConfigurationError(f"cannot open key ring lock {path}: {exc.strerror}") from None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield True
+            return
+        except OSError as exc2:
+            raise ConfigurationError(f"cannot open key ring lock {path}: {exc2.strerror}") from None
+    try:
+        operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        if not blocking:
+            operation |= fcntl.LOCK_NB
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600: a new temporary file, fsync, then ``os.replace``."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(temporary, flags, 0o600)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    fsync_directory(path.parent)
+
+
+def delete_unlisted_key_files(directory: Path, listed: Collection[str]) -> None:
+    """Delete every ``<kid>.pem`` whose kid is not ``listed``, then make that durable.
+
+    Such files are pruned keys, or keys left by a crash between writing a key
+    and recording it.
+    """
+    for path in directory.glob("*.pem"):
+        if KID_PATTERN.fullmatch(path.stem) and path.stem not in listed:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames and deletions in ``directory`` durable (best effort)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

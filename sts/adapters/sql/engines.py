@@ -1,0 +1,210 @@
+"""Engines and connections of the audit and state database: SQLite files and pragmas, pools, locks.
+
+SQLite by default (WAL journal, so readers do not block the writer and commits
+survive a process crash; the file and its ``-wal``/``-shm`` companions made
+``0600``), PostgreSQL from a ``postgresql+psycopg://`` URL.  A SQLite lock
+collision between worker processes is retried here (:func:`retry_locked`) with
+sleeps near the time a write holds the lock; schema changes run under a lock of
+their own (:func:`schema_transaction`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+import stat
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """The connection pools of a PostgreSQL engine (SQLite opens files, and ignores these).
+
+    A process has two pools of this shape: the engine's own (transactions and reads, with
+    a liveness check on checkout) and one for the single-statement writes of every request
+    (:class:`RawStatement`).  Each keeps at most ``size`` connections open while idle and
+    opens up to ``max_overflow`` more under load; a request waits at most ``timeout``
+    seconds for one, then fails closed.
+    """
+
+    size: int = 2
+    max_overflow: int = 8
+    timeout: float = 5.0
+
+    def engine_arguments(self) -> dict[str, Any]:
+        return {"pool_size": self.size, "max_overflow": self.max_overflow, "pool_timeout": self.timeout}
+
+
+#: Seconds to wait for a PostgreSQL server to accept a connection (libpq waits forever by default),
+#: unless the URL sets ``connect_timeout`` itself.
+CONNECT_TIMEOUT = 5
+#: SQLite: an execution option that opens the connection's transaction with ``BEGIN IMMEDIATE``.
+_IMMEDIATE = "sts_sqlite_immediate"
+#: The keyword arguments each PostgreSQL engine was made with, for its statement pool.
+_ENGINE_ARGUMENTS: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
+_STATEMENT_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_STATEMENT_ENGINES_LOCK = threading.Lock()
+
+
+def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
+    """One engine (and pool) per process, created at start; no connection is opened here."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite_files(url.removeprefix("sqlite:///"))
+        # busy_timeout 0: SQLite's own busy handler sleeps 1 ms, then 2, 5, 10... on any lock
+        # collision between worker processes, though a write holds the lock for ~30 us.
+        # The callers retry instead, with sleeps of a tenth of a millisecond upward.
+        engine = create_engine(url, connect_args={"timeout": 0, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # SQLAlchemy's documented pysqlite recipe: the driver never opens transactions by
+            # itself (a statement outside one commits alone); the "begin" hook below opens them.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            retry_locked(lambda: cur.execute("PRAGMA journal_mode=WAL"))
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=0")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock at once (for a read-then-write such as the schema check).
+            conn.exec_driver_sql(
+                "BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN"
+            )
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    arguments = (pool or PoolOptions()).engine_arguments()
+    if "connect_timeout" not in make_url(url).query:
+        arguments["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    engine = create_engine(url, pool_pre_ping=True, **arguments)
+    _ENGINE_ARGUMENTS[engine] = arguments
+    return engine
+
+
+def statement_engine(engine: Engine) -> Engine:
+    """PostgreSQL: the pool for single statements, one per engine and shared by every
+    :class:`RawStatement` on it, shaped like the engine's own but without pre-ping."""
+    with _STATEMENT_ENGINES_LOCK:
+        statements = _STATEMENT_ENGINES.get(engine)
+        if statements is None:
+            statements = create_engine(
+                engine.url, **_ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())
+            )
+            _STATEMENT_ENGINES[engine] = statements
+            # Disposing of the engine (tests, the CLI) closes the statement pool's connections too.
+            event.listen(engine, "engine_disposed", lambda _engine, pool=statements: pool.dispose())
+        return statements
+
+
+def _private_sqlite_files(database: str) -> None:
+    """Create the SQLite file ``0600``, as the keys are, and restrict one made wider before.
+
+    The audit trail names subjects, clients and addresses: only the service
+    account may read it.  SQLite creates the ``-wal`` and ``-shm`` files with
+    the database file's permission bits, so creating the database file first,
+    ``0600``, covers them too; existing ones are restricted here as well.
+    """
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return
+    try:
+        fd = os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return  # SQLite reports the problem when it opens the file, with its own message.
+    os.close(fd)
+    for path in (database, database + "-wal", database + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, mode & 0o700)
+                log.warning("database file %s had mode %o; restricted to %o", path, mode, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("database file %s cannot be restricted to its owner: %s", path, exc.strerror)
+
+
+_LOCK_DEADLINE = 10.0
+T = TypeVar("T")
+
+
+def _is_locked(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc))
+    return isinstance(exc, sqlite3.OperationalError | OperationalError) and (
+        "locked" in text or "busy" in text
+    )
+
+
+def retry_locked(work: Callable[[], T], *, deadline: float = _LOCK_DEADLINE) -> T:
+    """Run ``work``; on a SQLite lock collision, retry with short, jittered sleeps.
+
+    A write holds the lock for tens of microseconds (one statement inside SQLite),
+    so sleeps stay near that: a long back-off would leave the lock idle while a
+    whole batch of requests waits behind this one.
+    """
+    delay, end = 0.00005, time.monotonic() + deadline
+    while True:
+        try:
+            return work()
+        except (sqlite3.OperationalError, OperationalError) as exc:
+            if not _is_locked(exc) or time.monotonic() > end:
+                raise
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not security
+            delay = min(delay * 1.5, 0.0005)
+
+
+def transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in one SQLAlchemy transaction, retrying SQLite lock collisions."""
+
+    def attempt() -> T:
+        with engine.begin() as conn:
+            return work(conn)
+
+    return retry_locked(attempt)
+
+
+def schema_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in one transaction under the schema lock, safely from any number of processes at once.
+
+    Schema migrations (:mod:`sts.migrations`) run here: reading the schema's revision and
+    changing it happen in one transaction under a database lock, so that of several workers
+    or instances starting together one migrates and the others find the schema current: on
+    PostgreSQL a transaction-scoped advisory lock (per database and schema), on SQLite
+    ``BEGIN IMMEDIATE`` (the write lock; a collision is retried).
+    """
+
+    def attempt() -> T:
+        with engine.connect() as conn, conn.execution_options(**{_IMMEDIATE: True}).begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext('sts.schema'), hashtext(current_schema()))")
+                )
+            return work(conn)
+
+    return retry_locked(attempt)
+
+
+def where(engine: Engine) -> str:
+    """The database named without credentials: ``host:port/name`` or the SQLite file."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        return str(url.database)
+    return f"{url.host}:{url.port or 5432}/{url.database}"

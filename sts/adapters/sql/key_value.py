@@ -1,0 +1,118 @@
+"""Small expiring key-value tables: baselines, revoked tokens, the Redis ledger's last epoch.
+
+Each is read and written with single raw statements; the subject state store
+(:mod:`sts.adapters.sql.subject_state`) keeps its values the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+
+from ...core.baseline import Baseline
+from ...core.ports import StoreUnavailable
+from .statements import RawStatement
+
+
+def store_key(identity: str) -> str:
+    """Identity keys are ``issuer|subject``; a digest keeps oversized or odd ones storable."""
+    if len(identity) <= 600 and identity.isprintable():
+        return identity
+    return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class KeyValueTable:
+    """A small expiring key-value table, read and written with single raw statements."""
+
+    def __init__(self, engine: Engine, table: str, column: str, clock: Callable[[], float]) -> None:
+        self._raw = RawStatement(engine)
+        self._engine = engine
+        self._clock = clock
+        p = self._raw.placeholder
+        # Table and column names are constants of this package; values are parameters.
+        self._put = (
+            f"INSERT INTO {table} (identity, {column}, expires_at) VALUES ({p}, {p}, {p}) "  # noqa: S608
+            f"ON CONFLICT (identity) DO UPDATE SET {column} = excluded.{column}, "
+            "expires_at = excluded.expires_at"
+        )
+        self._get = f"SELECT identity, {column} FROM {table} WHERE identity IN "  # noqa: S608
+        self._table, self._p = table, p
+
+    def put(self, identity: str, value: str, ttl: int) -> None:
+        try:
+            self._raw.run(self._put, (store_key(identity), value, self._clock() + ttl))
+        except self._raw.failures as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def get(self, identities: list[str]) -> dict[str, str]:
+        keys = [store_key(i) for i in identities]
+        sql = self._get + "(" + ", ".join([self._p] * len(keys)) + f") AND expires_at > {self._p}"
+        try:
+            rows = self._raw.query(sql, (*keys, self._clock()))
+        except self._raw.failures as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        found = {str(k): str(v) for k, v in rows}
+        return {i: found[k] for i, k in zip(identities, keys, strict=True) if k in found}
+
+
+def loads_or_none(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+class SqlBaselineStore:
+    """ports.BaselineStore on the embedded database."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = KeyValueTable(engine, "baselines", "baseline", clock)
+
+    def load(self, identity: str) -> Baseline:
+        return Baseline.from_json(self._kv.get([identity]).get(identity))
+
+    def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+        self._kv.put(identity, baseline.to_json(), ttl)
+
+
+class SqlRevokedTokens:
+    """ports.RevokedTokens on the embedded database."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = KeyValueTable(engine, "revoked_tokens", "revoked", clock)
+        self._clock = clock
+
+    def revoke(self, jti: str, expires_at: float) -> None:
+        self._kv.put(jti, "1", max(1, int(expires_at - self._clock()) + 1))
+
+    def revoked(self, jti: str) -> bool:
+        return bool(self._kv.get([jti]))
+
+
+#: How long the last known epoch of a replay store is remembered (a store unused for longer is new).
+_EPOCH_MEMORY_TTL = 366 * 24 * 3600
+
+
+class SqlLedgerEpochMemory:
+    """Remembers, in the durable database, which epoch of the Redis replay store was last seen.
+
+    A process that starts after Redis restarted empty has no memory of its own of
+    the old epoch; this is how it still knows the records were lost (see
+    :class:`sts.adapters.redis.epoch.LedgerEpoch`).
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = KeyValueTable(engine, "ledger_epochs", "epoch", clock)
+
+    def load(self, name: str) -> str | None:
+        return self._kv.get([name]).get(name)
+
+    def save(self, name: str, epoch_id: str) -> None:
+        self._kv.put(name, epoch_id, _EPOCH_MEMORY_TTL)

@@ -1,0 +1,166 @@
+"""``sts audit verify`` and ``sts audit checkpoint``: the audit trail's hash chains."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigurationError
+from ..settings import Settings
+from .context import settings_from
+from .keys import open_keyring
+
+
+def _audit_engine(settings: Settings) -> Any:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..adapters.sql.engines import make_engine
+    from ..migrations import SchemaError, ensure
+
+    try:
+        engine = make_engine(settings.database_url)
+        ensure(engine, migrate=settings.database_migrate_on_start)
+    except SchemaError as exc:
+        raise click.ClickException(f"setting database_url: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"setting database_url: cannot open the audit trail ({type(exc).__name__})"
+        ) from None
+    return engine
+
+
+@click.command("verify")
+@click.option(
+    "--checkpoint",
+    "checkpoint_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A checkpoint from `sts audit checkpoint`: every chain must still reach the head it saw "
+    "(repeatable).",
+)
+@click.option(
+    "--jwks",
+    "jwks_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Check checkpoint signatures with this JWK Set (default: the keys the key ring publishes).",
+)
+@click.option(
+    "--allow-unchained",
+    is_flag=True,
+    help="Accept records without a chain written after chaining began (by an older version).",
+)
+@click.pass_context
+def audit_verify(
+    ctx: click.Context, checkpoint_files: tuple[Path, ...], jwks_file: Path | None, allow_unchained: bool
+) -> None:
+    """Recompute the audit trail's hash chains; report the first broken link of each chain.
+
+    Exits 0 when every record is as it was written, 1 when a record was changed,
+    deleted or moved, or (with --checkpoint) the newest records were deleted.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..adapters import audit_integrity
+    from ..core.audit_chain import AuditTrailBroken, CheckpointInvalid
+
+    settings = settings_from(ctx)
+    checkpoints = []
+    if checkpoint_files:
+        key_for = _checkpoint_keys(settings, jwks_file)
+        for path in checkpoint_files:
+            try:
+                checkpoint = audit_integrity.read_checkpoint(path.read_text(), key_for, settings.issuer)
+            except (CheckpointInvalid, OSError, UnicodeError) as exc:
+                raise click.ClickException(f"{path}: not a valid checkpoint: {exc}") from None
+            checkpoints.append((path, checkpoint))
+    engine = _audit_engine(settings)
+    try:
+        report, unchained = audit_integrity.verify_trail(engine, [c.heads for _, c in checkpoints])
+    except AuditTrailBroken as exc:
+        for link in exc.report.broken:
+            click.echo(f"BROKEN {link}")
+        click.echo(f"audit trail does NOT verify: {len(exc.report.broken)} broken chain(s)")
+        ctx.exit(1)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
+        ) from None
+    finally:
+        engine.dispose()
+    click.echo(f"ok: {report.records} record(s) in {len(report.heads)} chain(s) verify")
+    for path, checkpoint in checkpoints:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(checkpoint.issued_at or 0))
+        click.echo(f"ok: every chain reaches the head checkpoint {path} saw ({when}, key {checkpoint.kid})")
+    if report.pruned_past_checkpoint:
+        pruned = len(set(report.pruned_past_checkpoint))
+        click.echo(f"note: {pruned} chain(s) pruned past a checkpoint's head (not checkable there)")
+    if unchained.before:
+        click.echo(f"note: {unchained.before} record(s) written before chaining began are not covered")
+    if unchained.after:
+        click.echo(
+            f"{'note' if allow_unchained else 'BROKEN'}: {unchained.after} record(s) without a chain "
+            f"written after chaining began (first: record id {unchained.first_after}); not by this version"
+        )
+        if not allow_unchained:
+            ctx.exit(1)
+
+
+def _checkpoint_keys(settings: Settings, jwks_file: Path | None) -> Any:
+    """``key_for(kid, alg)`` over the JWK Set given, else over what the key ring publishes."""
+    from ..adapters.jwks import StaticJWKS
+    from ..adapters.signing_keys import SUPPORTED_ALGORITHMS
+
+    try:
+        if jwks_file is not None:
+            document, source = json.loads(jwks_file.read_text()), str(jwks_file)
+        else:
+            document, source = open_keyring(settings, create=False).public_jwks(), "the key ring"
+        return StaticJWKS(document, algorithms=list(SUPPORTED_ALGORITHMS), source=source).key_for
+    except (ConfigurationError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("checkpoint")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the checkpoint to this new file (default: standard output).",
+)
+@click.pass_context
+def audit_checkpoint(ctx: click.Context, output: Path | None) -> None:
+    """Sign every audit chain's head with the service's signing key: a JWS to keep elsewhere.
+
+    `sts audit verify --checkpoint FILE` then detects the deletion of any record
+    the checkpoint covers, the newest ones included.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..adapters import audit_integrity
+
+    settings = settings_from(ctx)
+    signer = open_keyring(settings, create=False).signer()
+    engine = _audit_engine(settings)
+    try:
+        token, chains = audit_integrity.sign_checkpoint(engine, signer, settings.issuer, time.time())
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
+        ) from None
+    finally:
+        engine.dispose()
+    if output is None:
+        click.echo(token)
+    else:
+        try:
+            with output.open("x", encoding="ascii") as out:
+                out.write(token + "\n")
+        except OSError as exc:
+            raise click.ClickException(f"{output}: {exc.strerror}") from None
+    click.echo(f"checkpoint of {chains} chain(s) signed with key {signer.kid}", err=True)

@@ -1,0 +1,108 @@
+"""``sts baseline``: behaviour baselines (show, accept, reset)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from ..errors import ConfigurationError
+from .context import settings_from
+
+
+@click.group()
+def baseline() -> None:
+    """Behaviour baselines: show an identity's, confirm changed facts, or start it afresh.
+
+    IDENTITY is ISSUER_NAME|SUBJECT, as the audit record's risk section names it
+    (for example 'github|repo:acme/app:ref:refs/heads/main').
+    """
+
+
+def _baseline_store(ctx: click.Context, identity: str) -> Any:
+    if "|" not in identity or identity.startswith("|") or identity.endswith("|"):
+        raise click.UsageError("IDENTITY must be ISSUER_NAME|SUBJECT")
+    from ..app import create_app
+
+    settings = settings_from(ctx)
+    try:
+        return create_app(settings).extensions["sts"].baselines
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _load_baseline(store: Any, identity: str) -> Any:
+    from ..core.ports import StoreUnavailable
+
+    try:
+        return store.load(identity)
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"the store is unavailable: {exc}") from None
+
+
+def _save_baseline(store: Any, identity: str, value: Any) -> None:
+    from ..core.baseline import BASELINE_TTL
+    from ..core.ports import StoreUnavailable
+
+    try:
+        store.save(identity, value, BASELINE_TTL)
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"the store is unavailable: {exc}") from None
+
+
+@baseline.command("show")
+@click.argument("identity")
+@click.pass_context
+def baseline_show(ctx: click.Context, identity: str) -> None:
+    """Print IDENTITY's baseline as JSON: each stable fact, confirmed or pending (with its probation)."""
+    from ..core.drift import session_summary
+
+    current = _load_baseline(_baseline_store(ctx, identity), identity)
+    summary = session_summary(current, ())
+    summary.update(
+        identity=identity,
+        first_seen=current.first_seen,
+        last_seen=current.last_seen,
+        confirmed={name: dict(how) for name, how in current.confirmed.items()},
+        pending={name: p.as_dict() for name, p in current.pending.items()},
+        networks=list(current.networks),
+        audiences=list(current.audiences),
+        scopes=list(current.scopes),
+        recent_failures=len(current.failures),
+    )
+    click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+@baseline.command("accept")
+@click.argument("identity")
+@click.option("--fact", "facts", multiple=True, help="Accept only this pending fact (repeatable).")
+@click.pass_context
+def baseline_accept(ctx: click.Context, identity: str, facts: tuple[str, ...]) -> None:
+    """Confirm IDENTITY's pending (changed) facts: they become its baseline, and drift stops firing."""
+    from ..core.baseline import accept_pending
+
+    store = _baseline_store(ctx, identity)
+    current = _load_baseline(store, identity)
+    unknown = sorted(set(facts) - set(current.pending))
+    if unknown:
+        raise click.ClickException(f"nothing pending for {', '.join(unknown)} of {identity}")
+    if not current.pending:
+        raise click.ClickException(f"{identity} has no pending facts to accept")
+    chosen = facts or tuple(sorted(current.pending))
+    _save_baseline(store, identity, accept_pending(current, time.time(), chosen))
+    for name in chosen:
+        click.echo(f"accepted {name}={json.dumps(current.pending[name].value)} for {identity}")
+
+
+@baseline.command("reset")
+@click.argument("identity")
+@click.pass_context
+def baseline_reset(ctx: click.Context, identity: str) -> None:
+    """Forget IDENTITY's baseline: it learns afresh, and the next facts seen become its baseline."""
+    from ..core.baseline import Baseline
+
+    store = _baseline_store(ctx, identity)
+    _save_baseline(store, identity, Baseline())
+    click.echo(f"reset the baseline of {identity}: it is learning again")

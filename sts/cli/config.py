@@ -1,0 +1,69 @@
+"""``sts config check``: validate settings, keys and policies as a start would."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import ConfigurationError
+from ..settings import Settings
+from .context import settings_from
+
+
+@click.group()
+def config() -> None:
+    """Configuration."""
+
+
+@config.command("check")
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Validate settings, keys and policies, as a start would (without creating or changing anything).
+
+    The key ring is loaded as ``sts serve`` loads it, so a truncated or damaged
+    key file, or a missing or wrong ``STS_KEY_PASSPHRASE``, fails here rather
+    than at the start.  A directory without ``keyring.json`` is reported: the
+    first start creates the keys there.
+    """
+    from ..adapters.keyring import KeyRing
+    from ..adapters.keyring_metadata import METADATA_FILE
+    from ..wiring.trust import build_policy
+
+    settings = settings_from(ctx)
+    try:
+        policy = build_policy(settings)
+        if (settings.keys_dir / METADATA_FILE).exists():
+            # Read-only: create=False never writes a key or keyring.json.
+            ring = KeyRing.open(
+                settings.keys_dir,
+                passphrase=settings.key_passphrase,
+                create_alg=settings.signing_alg,
+                create=False,
+            )
+            signer = ring.signer()
+            keys_line = (
+                f"keys ok: {len(ring.entries())} key(s) in {settings.keys_dir}, "
+                f"active {signer.kid} ({signer.alg})"
+            )
+        else:
+            keys_line = f"keys: none yet in {settings.keys_dir}; the first start creates them"
+        _check_dpop_nonce_secret(settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"settings ok: issuer {settings.issuer}, {len(settings.issuers)} issuer(s), "
+        f"{len(settings.clients)} client(s), {len(policy.rules)} rule(s)"
+    )
+    click.echo(keys_line)
+
+
+def _check_dpop_nonce_secret(settings: Settings) -> None:
+    """The check ``create_app`` makes of an existing DPoP nonce secret, without creating one."""
+    path = settings.keys_dir / "dpop-nonce.secret"
+    if not settings.dpop_nonce or not path.exists():
+        return
+    try:
+        size = len(path.read_bytes())
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot read the DPoP nonce secret: {exc.strerror}") from None
+    if size < 32:
+        raise ConfigurationError(f"{path}: DPoP nonce secret is truncated; delete it to create a new one")

@@ -1,0 +1,83 @@
+"""``sts db``: schema migrations of the audit and state database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .context import settings_from
+
+
+@click.group()
+def db() -> None:
+    """The audit and state database: schema migrations (Alembic, shipped in the package)."""
+
+
+def _database(ctx: click.Context) -> Any:
+    from ..adapters.sql.engines import make_engine
+
+    return make_engine(settings_from(ctx).database_url)
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Upgrade the schema to REVISION (default: head, this version's newest).
+
+    Safe while the service runs and when several instances upgrade at once: the
+    upgrade holds a database lock and commits whole or not at all.  A database made
+    by 0.1.0 (no alembic_version table) is recognised and stamped first.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..adapters.readiness import describe
+    from ..adapters.sql.engines import where
+    from ..migrations import SchemaError, upgrade
+
+    engine = _database(ctx)
+    try:
+        done = upgrade(engine, revision)
+    except SchemaError as exc:
+        raise click.ClickException(f"database {where(engine)}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    if done.after == done.before:
+        click.echo(f"database {where(engine)}: schema already at {done.after}")
+    else:
+        start = done.before or ("the schema of 0.1.0, made before migrations," if done.stamped else "empty")
+        click.echo(f"database {where(engine)}: schema upgraded from {start} to {done.after}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the schema's revision; exit 1 unless it is this version's newest (head)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..adapters.readiness import describe
+    from ..adapters.sql.engines import where
+    from ..migrations import state
+
+    engine = _database(ctx)
+    try:
+        is_current, text = state(engine)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
+    finally:
+        engine.dispose()
+    click.echo(f"database {where(engine)}: {text}")
+    if not is_current:
+        ctx.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the schema revisions this version knows, oldest first."""
+    from ..migrations import history
+
+    for revision, _down, title in history():
+        click.echo(f"{revision}  {title}")

@@ -1,0 +1,118 @@
+"""``sts serve``: run the service under granian, with its metrics listener."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigurationError
+from ..settings import Settings
+from .context import settings_from
+
+
+@click.command()
+@click.option("--host", default=None, help="Listen address (setting host).")
+@click.option("--port", type=int, default=None, help="Listen port (setting port).")
+@click.option("--workers", type=int, default=None, help="Worker processes (setting workers).")
+@click.option("--threads", type=int, default=None, help="Threads per worker (setting threads).")
+@click.option("--metrics-listen", default=None, help="HOST:PORT of /metrics (setting metrics_listen).")
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    threads: int | None,
+    metrics_listen: str | None,
+) -> None:
+    """Run the service (granian; keys and database are created on first start)."""
+    from ..adapters import metrics_exposition as metrics
+    from ..adapters.log_format import configure_logging
+
+    settings = settings_from(
+        ctx, host=host, port=port, workers=workers, threads=threads, metrics_listen=metrics_listen
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    # Before any metric exists: every worker writes its values where this process's listener
+    # adds them up (prometheus_client's multiprocess mode), in a directory of this instance.
+    metrics_dir, owned = metrics.enable_multiprocess() if settings.metrics_address else (None, False)
+    try:
+        _serve(settings, metrics_dir)
+    finally:
+        if metrics_dir is not None and owned:
+            metrics.remove_directory(metrics_dir)
+
+
+def _serve(settings: Settings, metrics_dir: Path | None) -> None:
+    from .. import serving
+    from ..adapters import metrics_exposition as metrics
+    from ..app import create_app, prepare
+    from ..http.responses import request_id
+
+    if serving.port_in_use(settings.host, settings.port):
+        raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
+    listener: metrics.MetricsServer | None = None
+    if settings.metrics_address is not None and metrics_dir is not None:
+        collector = metrics.ExpositionCollector(directory=metrics_dir)
+        try:
+            listener = metrics.MetricsServer(
+                *settings.metrics_address, metrics.exposition_registry(collector)
+            )
+        except OSError as exc:
+            raise click.ClickException(f"metrics_listen {settings.metrics_listen}: {exc.strerror}") from None
+    try:
+        try:
+            prepare(settings)
+            # Build once in the parent too, so a bad policy or key stops the start here, with its message.
+            checked = create_app(settings)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+        # The workers open their own pools; the check's connections must not be inherited by them.
+        runtime = checked.extensions["sts"]
+        runtime.engine.dispose()
+        if runtime.redis_client is not None:
+            runtime.redis_client.close()
+        if listener is not None:
+            # The signing keys' ages are read, when scraped, from this process's copy of the key ring.
+            collector.key_entries = functools.partial(_key_entries, runtime.keyring)
+            # A first scrape imports what scrapes need before the workers are forked from this process.
+            metrics.prometheus_text(collector)
+            listener.start()
+            click.echo(
+                f"sts: metrics on http://{settings.metrics_listen}{metrics.METRICS_PATH} "
+                f"(worker values in {metrics_dir})",
+                err=True,
+            )
+
+        click.echo(
+            f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
+            f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
+            err=True,
+        )
+        serving.serve(
+            functools.partial(create_app, settings),
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            limits=serving.Limits(
+                threads=settings.threads,
+                header_read_timeout=settings.header_read_timeout,
+                body_read_timeout=settings.body_read_timeout,
+                max_body_bytes=settings.max_body_bytes,
+                max_connections=settings.max_connections,
+            ),
+            log_level=settings.log_level,
+            request_id=request_id,
+        )
+    finally:
+        if listener is not None:
+            listener.stop()
+
+
+def _key_entries(keyring: Any) -> list[Any]:
+    keyring.reload_if_changed(time.time())
+    return list(keyring.entries())

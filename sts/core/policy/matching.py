@@ -1,0 +1,66 @@
+"""Who a rule names: claim matchers and identity matchers (issuer, subject, claims, facts).
+
+Patterns are compiled once, when the policy is (:mod:`.compile`), and always
+matched whole (``fullmatch``), so ``repo:acme/.*`` cannot match
+``xrepo:acme/app``.  A value longer than :data:`MAX_MATCHED_LENGTH` never
+matches a pattern: no regular expression runs over attacker-sized input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..attest import VerifiedToken
+
+MAX_MATCHED_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class ClaimMatcher:
+    name: str
+    values: tuple[Any, ...] = ()
+    pattern: re.Pattern[str] | None = None
+
+    def matches(self, claims: Mapping[str, Any]) -> bool:
+        if self.name not in claims:
+            return False
+        value = claims[self.name]
+        if self.pattern is not None:
+            return (
+                isinstance(value, str)
+                and len(value) <= MAX_MATCHED_LENGTH
+                and self.pattern.fullmatch(value) is not None
+            )
+        # Type-sensitive: "123" does not match 123, and True does not match 1.
+        return any(type(value) is type(v) and value == v for v in self.values)
+
+
+@dataclass(frozen=True)
+class IdentityMatcher:
+    """Who a token names: issuer, subject (exact or anchored pattern), claims and profile facts."""
+
+    issuer: str
+    subject: str | None = None
+    subject_pattern: re.Pattern[str] | None = None
+    claims: tuple[ClaimMatcher, ...] = ()
+    facts: tuple[ClaimMatcher, ...] = ()
+
+    def mismatch(self, token: VerifiedToken) -> str | None:
+        if self.issuer != token.issuer_name:
+            return f"issuer is {token.issuer_name!r}, rule wants {self.issuer!r}"
+        if self.subject is not None and token.subject != self.subject:
+            return "subject differs"
+        if self.subject_pattern is not None and (
+            len(token.subject) > MAX_MATCHED_LENGTH or self.subject_pattern.fullmatch(token.subject) is None
+        ):
+            return "subject does not match subject_pattern"
+        for matcher in self.claims:
+            if not matcher.matches(token.claims):
+                return f"claim {matcher.name!r} does not match"
+        for matcher in self.facts:
+            if not matcher.matches(token.facts):
+                return f"fact {matcher.name!r} does not match"
+        return None

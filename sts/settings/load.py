@@ -1,0 +1,244 @@
+"""Loading the settings: one YAML file plus ``STS_*`` variables, validated, frozen.
+
+Order of precedence: built-in defaults < configuration file < environment.
+The file is named by ``--config`` or ``STS_CONFIG``; without either,
+``./sts.yaml`` is used when it exists.  Every scalar setting ``name`` can be
+overridden by the variable ``STS_NAME`` (``STS_ISSUER``, ``STS_PORT``...).
+Secrets come only from the environment (``STS_KEY_PASSPHRASE``).
+
+A bad setting raises :class:`~sts.errors.ConfigurationError` naming it, and
+the service does not start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ..errors import ConfigurationError
+from . import (
+    DEFAULT_RATE_LIMITS,
+    RATE_LIMIT_SCOPES,
+    ClientSettings,
+    IssuerSettings,
+    LimitSettings,
+    RateLimitSettings,
+    ReviewSettings,
+    ReviewUser,
+    Settings,
+    TracingSettings,
+    TransmitterSettings,
+)
+from .checks import check_settings
+
+_SCALARS = {
+    f.name: f.type
+    for f in fields(Settings)
+    if f.name
+    not in {
+        "issuers",
+        "clients",
+        "transmitters",
+        "review",
+        "key_passphrase",
+        "config_file",
+        "trusted_proxies",
+        "dpop_algorithms",
+        "rate_limits",
+        "tracing",
+    }
+}
+_INT_SETTINGS = {
+    "port",
+    "workers",
+    "threads",
+    "database_pool_size",
+    "database_max_overflow",
+    "database_pool_timeout",
+    "database_startup_timeout",
+    "header_read_timeout",
+    "body_read_timeout",
+    "max_connections",
+    "key_rotation_min_published",
+    "default_lifetime",
+    "max_lifetime",
+    "leeway",
+    "max_body_bytes",
+    "max_client_assertion_lifetime",
+    "dpop_max_age",
+}
+_BOOL_SETTINGS = {"dpop_nonce", "database_migrate_on_start"}
+_PATH_SETTINGS = {"keys_dir", "policies_dir"}
+
+
+def _schema() -> dict[str, Any]:
+    text = resources.files("sts.schemas").joinpath("config.schema.json").read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for name in _SCALARS:
+        var = "STS_" + name.upper()
+        if var in environ:
+            value: Any = environ[var]
+            if name in _BOOL_SETTINGS:
+                if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ConfigurationError(f"{var}: {value!r} is not a boolean")
+                value = value.lower() in {"true", "1", "yes"}
+            elif name in _INT_SETTINGS:
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ConfigurationError(f"{var}: {value!r} is not an integer") from None
+            raw[name] = value
+    return raw
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read, validate and freeze the settings.
+
+    ``overrides`` (used by tests and the CLI) win over the environment, which
+    wins over the file.
+    """
+    env = os.environ if environ is None else environ
+    path: Path | None = None
+    if config_file is not None:
+        path = Path(config_file)
+    elif env.get("STS_CONFIG"):
+        path = Path(env["STS_CONFIG"])
+    elif Path("sts.yaml").is_file():
+        path = Path("sts.yaml")
+
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"config file {path}: cannot be read ({exc.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"config file {path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigurationError(f"config file {path}: must be a mapping of settings")
+        raw.update(loaded or {})
+        base = path.resolve().parent
+    raw.update(_env_overrides(env))
+    if overrides:
+        raw.update(overrides)
+
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(raw), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        source = f"config file {path}" if path else "settings"
+        raise ConfigurationError(f"{source}: setting {where}: {err.message}")
+
+    kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in _SCALARS}
+    for name in _PATH_SETTINGS & kwargs.keys():
+        kwargs[name] = _resolve(base, kwargs[name])
+    for name in _PATH_SETTINGS - kwargs.keys():
+        kwargs[name] = _resolve(base, str(getattr(Settings, name)))
+    if "database_url" not in kwargs:
+        kwargs["database_url"] = "sqlite:///" + str(_resolve(base, "var/sts.sqlite"))
+    for name in ("trusted_proxies", "dpop_algorithms"):
+        if name in raw:
+            kwargs[name] = tuple(raw[name])
+    kwargs["issuers"] = tuple(_issuer(base, i) for i in raw.get("issuers", ()))
+    kwargs["clients"] = tuple(_client(base, c) for c in raw.get("clients", ()))
+    kwargs["transmitters"] = tuple(_transmitter(base, t) for t in raw.get("transmitters", ()))
+    kwargs["review"] = _review(raw.get("review") or {})
+    kwargs["rate_limits"] = _rate_limits(raw.get("rate_limits") or {})
+    kwargs["tracing"] = TracingSettings(**(raw.get("tracing") or {}))
+    passphrase = env.get("STS_KEY_PASSPHRASE")
+    kwargs["key_passphrase"] = passphrase.encode("utf-8") if passphrase else None
+    kwargs["config_file"] = path
+    settings = Settings(**kwargs)
+    check_settings(settings)
+    return settings
+
+
+def _issuer(base: Path, raw: Mapping[str, Any]) -> IssuerSettings:
+    values = dict(raw)
+    for key in ("algorithms", "audiences", "token_types", "typ"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if "jwks_file" in values:
+        values["jwks_file"] = _resolve(base, values["jwks_file"])
+    for key in ("token_review_token_file", "token_review_ca_file"):
+        if key in values:
+            values[key] = _resolve(base, values[key])
+    profile = values.get("profile", "generic")
+    if profile == "kubernetes":
+        # Clusters may silently extend a projected token's expiry: bound its age ourselves.
+        values.setdefault("max_token_age", 3600)
+    if profile == "spiffe":
+        # JWT-SVID: typ absent, JWT or JOSE.
+        values.setdefault("typ", (None, "JWT", "JOSE"))
+    return IssuerSettings(**values)
+
+
+def _client(base: Path, raw: Mapping[str, Any]) -> ClientSettings:
+    values = dict(raw)
+    for key in ("algorithms", "audiences"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if "jwks_file" in values:
+        values["jwks_file"] = _resolve(base, values["jwks_file"])
+    return ClientSettings(**values)
+
+
+def _rate_limits(raw: Mapping[str, Any]) -> RateLimitSettings:
+    """The defaults, with each limit the file names replaced (``null`` removes one)."""
+    limits = {endpoint: dict(scopes) for endpoint, scopes in DEFAULT_RATE_LIMITS.items()}
+    for endpoint in RATE_LIMIT_SCOPES:
+        for scope, spec in (raw.get(endpoint) or {}).items():
+            if spec is None:
+                limits[endpoint].pop(scope, None)
+            else:
+                requests = int(spec["requests"])
+                limits[endpoint][scope] = LimitSettings(
+                    requests, float(spec["period"]), int(spec.get("burst", requests))
+                )
+    return RateLimitSettings(
+        enabled=bool(raw.get("enabled", True)),
+        ipv4_prefix=int(raw.get("ipv4_prefix", 24)),
+        ipv6_prefix=int(raw.get("ipv6_prefix", 56)),
+        limits=limits,
+    )
+
+
+def _transmitter(base: Path, raw: Mapping[str, Any]) -> TransmitterSettings:
+    values = dict(raw)
+    for key in ("algorithms", "subject_issuers"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if "jwks_file" in values:
+        values["jwks_file"] = _resolve(base, values["jwks_file"])
+    return TransmitterSettings(**values)
+
+
+def _review(raw: Mapping[str, Any]) -> ReviewSettings:
+    values = dict(raw)
+    values["users"] = tuple(ReviewUser(**u) for u in values.get("users", ()))
+    return ReviewSettings(**values)

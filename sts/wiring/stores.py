@@ -1,0 +1,140 @@
+"""The shared state: the replay cache, subject states, baselines, revoked tokens and the
+single-use ledger, in Redis (``store: redis``) or in the database (``store: embedded``);
+the rate limits beside them; and the shape of the database pools."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import redis
+from sqlalchemy import Engine
+
+from ..adapters.metered_ports import count_store_errors
+from ..adapters.metrics import Metrics
+from ..adapters.readiness import StoreCheck, redis_store_check, sql_store_check
+from ..adapters.redis.client import connect as connect_redis
+from ..adapters.redis.epoch import LedgerEpoch
+from ..adapters.redis.key_value import RedisBaselineStore, RedisRevokedTokens, RedisSubjectStateStore
+from ..adapters.redis.ledger import RedisReplayCache, RedisSingleUseLedger
+from ..adapters.redis.persistence import check_at_start
+from ..adapters.redis.rate_limits import RedisRateLimits
+from ..adapters.sql.audit_sink import SqlAuditSink
+from ..adapters.sql.engines import PoolOptions
+from ..adapters.sql.key_value import SqlBaselineStore, SqlLedgerEpochMemory, SqlRevokedTokens
+from ..adapters.sql.rate_limits import SqlRateLimits, rate_limit_engine
+from ..adapters.sql.replay import SqlReplayCache
+from ..adapters.sql.single_use import SqlSingleUseLedger
+from ..adapters.sql.subject_state import SqlSubjectStateStore
+from ..core.ports import (
+    BaselineStore,
+    RateLimitStore,
+    ReplayCache,
+    RevokedTokens,
+    SingleUseLedger,
+    SubjectStateStore,
+)
+from ..core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
+from ..settings import Settings
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The stores the pipeline shares with every other instance, behind their ports."""
+
+    replay: ReplayCache
+    subject_states: SubjectStateStore
+    baselines: BaselineStore
+    revoked: RevokedTokens
+    #: The Redis client (``store: redis``); None when the state is kept in the database.
+    redis_client: redis.Redis | None = None
+    epoch: LedgerEpoch | None = None
+
+    def counted(self, metrics: Metrics) -> Stores:
+        """The same stores, with their failures counted (``sts_store_errors_total{store=...}``)."""
+        return replace(
+            self,
+            replay=count_store_errors(self.replay, "replay", metrics),
+            subject_states=count_store_errors(self.subject_states, "subject_state", metrics),
+            baselines=count_store_errors(self.baselines, "baseline", metrics),
+            revoked=count_store_errors(self.revoked, "revocation", metrics),
+        )
+
+
+def open_stores(settings: Settings, engine: Engine, clock: Callable[[], float]) -> Stores:
+    """The configured store; Redis is connected to and checked now."""
+    if settings.store != "redis":
+        return Stores(
+            replay=SqlReplayCache(engine),
+            subject_states=SqlSubjectStateStore(engine, clock=clock),
+            baselines=SqlBaselineStore(engine, clock=clock),
+            revoked=SqlRevokedTokens(engine, clock=clock),
+        )
+    redis_client = connect_redis(settings.redis_url)
+    # The durable database remembers the ledger's epoch, so that even a process started after
+    # Redis lost its records knows they were lost.
+    epoch = LedgerEpoch(redis_client, memory=SqlLedgerEpochMemory(engine, clock=clock))
+    check_at_start(redis_client, epoch, clock())
+    return Stores(
+        replay=RedisReplayCache(redis_client, epoch=epoch),
+        subject_states=RedisSubjectStateStore(redis_client),
+        baselines=RedisBaselineStore(redis_client),
+        revoked=RedisRevokedTokens(redis_client),
+        redis_client=redis_client,
+        epoch=epoch,
+    )
+
+
+def single_use_ledger(stores: Stores, audit: SqlAuditSink) -> SingleUseLedger:
+    """The ledger of single-use subject tokens, in the same store; each use is committed with
+    its decision's audit record."""
+    if stores.redis_client is not None:
+        return RedisSingleUseLedger(stores.redis_client, audit, epoch=stores.epoch)
+    return SqlSingleUseLedger(audit)
+
+
+def store_check(stores: Stores, instance: str) -> StoreCheck:
+    """Readiness's probe of the store.  Given the uncounted stores: readiness reports its own
+    failures (``/readyz``); they are not counted."""
+    if stores.redis_client is not None:
+        return redis_store_check(stores.redis_client, instance)
+    return sql_store_check(stores.replay, instance)
+
+
+def build_rate_limiter(
+    settings: Settings, engine: Engine, redis_client: redis.Redis | None, metrics: Metrics | None = None
+) -> RateLimiter:
+    """The configured limits, kept where the rest of the shared state is (Redis, else the database);
+    with ``metrics``, the store's failures are counted (``sts_store_errors_total{store="rate_limit"}``)."""
+    configured = settings.rate_limits
+    endpoints = {
+        endpoint: {scope: Limit(s.requests, s.period, s.burst) for scope, s in scopes.items()}
+        for endpoint, scopes in configured.limits.items()
+        if scopes
+    }
+    if not configured.enabled or not endpoints:
+        return NO_LIMITS
+    store: RateLimitStore = (
+        RedisRateLimits(redis_client)
+        if redis_client is not None
+        else SqlRateLimits(rate_limit_engine(engine))
+    )
+    if metrics is not None:
+        store = count_store_errors(store, "rate_limit", metrics)
+    return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)
+
+
+def database_pool(settings: Settings) -> PoolOptions:
+    """The shape of each of a process's two PostgreSQL pools (see :class:`PoolOptions`).
+
+    By default each pool can give every thread a connection at once (size + overflow =
+    threads + 1), and keeps few open while idle (size = threads // 4, at least 1): with
+    8 threads, 2 idle and at most 9 per pool.
+    """
+    size = settings.database_pool_size
+    if size is None:
+        size = max(1, settings.threads // 4)
+    overflow = settings.database_max_overflow
+    if overflow is None:
+        overflow = max(0, settings.threads + 1 - size)
+    return PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))

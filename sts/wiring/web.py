@@ -1,0 +1,70 @@
+"""The Flask application: its limits and middleware, and the blueprints, each given its services."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask
+
+from ..adapters.metrics import Metrics
+from ..core.token_status import TokenStatus
+from ..http import metrics as metrics_http
+from ..http import responses
+from ..http import tracing as tracing_http
+from ..http.body_limit import BodyLimit
+from ..http.oauth import discovery_blueprint, health_blueprint, token_blueprint
+from ..http.ssf import events_blueprint
+from ..http.token_status import token_status_blueprint
+from .review import build_review
+from .runtime import Runtime
+
+
+def build_flask_app(runtime: Runtime, *, token_status: TokenStatus, metrics: Metrics) -> Flask:
+    """The WSGI application serving ``runtime``'s services (kept in ``app.extensions["sts"]``)."""
+    settings, exchange, clock, keyring = runtime.settings, runtime.exchange, runtime.clock, runtime.keyring
+
+    def published_jwks() -> dict[str, Any]:
+        keyring.reload_if_changed(clock())
+        return keyring.public_jwks()
+
+    app = Flask("sts")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
+        MAX_FORM_PARTS=200,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["sts"] = runtime
+    app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
+    responses.install(
+        app, trusted_proxies=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
+    )
+    tracing_http.install(app, runtime.tracing)
+    metrics_http.install(app, metrics.observe_request)
+    # An issuer with a path: the endpoints its metadata names live under that path too
+    # (and stay at the root, for a proxy that strips the prefix).
+    path = urlsplit(settings.issuer).path.rstrip("/")
+    mtls_header = settings.mtls_client_cert_header
+    app.register_blueprint(
+        token_blueprint(
+            exchange,
+            clock=clock,
+            nonce_secret=exchange.config.dpop.nonce_secret if exchange.config.dpop else None,
+            database_ready=runtime.database_ready,
+            mtls_header=mtls_header,
+            issuer_path=path,
+        )
+    )
+    app.register_blueprint(discovery_blueprint(runtime.metadata, published_jwks, issuer_path=path))
+    app.register_blueprint(health_blueprint(runtime.health))
+    token_status_bp = token_status_blueprint(token_status, mtls_header=mtls_header)
+    app.register_blueprint(token_status_bp)
+    if path:
+        app.register_blueprint(token_status_bp, url_prefix=path, name="token_status_under_issuer_path")
+    if runtime.signals is not None:
+        app.register_blueprint(events_blueprint(runtime.signals))
+    if settings.review.enabled:
+        app.register_blueprint(build_review(settings, runtime.engine, runtime.baselines, clock))
+    return app
