@@ -67,7 +67,11 @@ def _exchange_app(work: Path, home: Path) -> Any:
     import yaml
 
     from sts.app import create_app
-    from sts.settings import load_settings
+
+    try:
+        from sts.settings.load import load_settings
+    except ImportError:  # a copy of sts/ from before settings became a package
+        from sts.settings import load_settings  # type: ignore[attr-defined,no-redef]
 
     (home / "policies").mkdir(parents=True)
     (home / "policies" / "bench.yaml").write_text(yaml.safe_dump({"version": 1, "rules": bench.rule_set(10)}))
