@@ -37,7 +37,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import redis  # noqa: E402
 import yaml  # noqa: E402

@@ -12,13 +12,14 @@ import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey
-from redis_server import RedisProcess
 
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from sts.settings.load import load_settings
+from tests.support.clock import Clock
+from tests.support.redis_server import RedisProcess
 
 STS_ISSUER = "https://sts.test"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -92,6 +93,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 def fresh_redis_url(redis_server: RedisProcess) -> str:
     """A database of the private server that no other test has used: empty, never flushed."""
     return redis_server.fresh_url()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """The test's clock, standing at the current whole second until the test moves it.
+
+    Give it to ``create_app(settings, clock=clock)`` and mint upstream tokens at ``clock()``.
+    """
+    return Clock(float(int(time.time())))
 
 
 @pytest.fixture

@@ -1,0 +1,466 @@
+"""Running as a fleet: honest readiness, small connection pools, a start while the database is down,
+and a schema that any number of workers can create at once (issue 9, items 4, 5, 6 and 8).
+
+Every failure is real: a PostgreSQL database switched to read-only (``default_transaction_read_only``
+with its sessions cut, as after a fail-over to a standby), a SQLite file the file system refuses to
+write (``chattr +i``, which binds root too), a Redis that answers ``PING`` but refuses writes (a
+replica of a master that is gone), and a database behind a TCP relay that a test cuts and restores.
+Each test uses its own PostgreSQL database (``private_database``) or its own ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+import yaml
+from flask import Flask
+from sqlalchemy import Engine, inspect, text
+
+from sts.adapters.readiness import DatabaseSchema, Readiness, sql_store_check, wait_for_schema
+from sts.adapters.sql.engines import PoolOptions, make_engine
+from sts.adapters.sql.schema import metadata
+from sts.app import prepare
+from sts.dev.issuer import RunningServer
+from sts.migrations import upgrade
+from sts.settings import Settings
+from sts.wiring.stores import database_pool
+from tests.adapters.test_stores import (
+    PG_SERVER,
+    admin_engine,
+    assert_withheld,
+    audit_rows,
+    gateway_exchange,
+    ledger_token,
+    private_database,
+)
+from tests.conftest import GATEWAY_SECRET, exchange_form
+from tests.core.test_single_use import TcpRelay
+from tests.support.redis_server import RedisProcess, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+STS = str(Path(sys.executable).with_name("sts"))
+SCHEMA_TABLES = set(metadata.tables) | {"alembic_version"}
+
+
+def fresh_checks(app: Flask) -> None:
+    """Readiness keeps a good result for a second; these tests change the world faster."""
+    app.extensions["sts"].readiness.cache_seconds = 0
+    app.extensions["sts"].schema.retry_interval = 0
+
+
+def cut_sessions(name: str) -> None:
+    with admin_engine().connect() as conn:
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+            {"name": name},
+        )
+
+
+@contextlib.contextmanager
+def read_only(name: str) -> Iterator[None]:
+    """The database answers every read and refuses every write, as a standby does after a fail-over."""
+    with admin_engine().connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    cut_sessions(name)  # The setting applies to new sessions: the app's pools reconnect.
+    try:
+        yield
+    finally:
+        with admin_engine().connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
+        cut_sessions(name)
+
+
+def basic_gateway() -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"gateway:{GATEWAY_SECRET}".encode()).decode()}
+
+
+# -- item 4: liveness is not readiness -------------------------------------------------------------
+
+
+def test_a_read_only_postgresql_database_is_not_ready_while_the_process_stays_live(
+    make_app: Callable[..., Flask], upstream: RunningServer
+) -> None:
+    with private_database() as name:
+        app = make_app(database_url=f"{PG_SERVER}/{name}")
+        fresh_checks(app)
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        assert gateway_exchange(client, ledger_token(upstream)).status_code == 200
+
+        with read_only(name):
+            # It still answers a query, which is all the former health check asked of it ...
+            with app.extensions["sts"].engine.connect() as conn:
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1
+            # ... but it cannot commit an audit record, so nothing can be issued.
+            assert_withheld(gateway_exchange(client, ledger_token(upstream)))
+            for path in ("/readyz", "/healthz"):
+                response = client.get(path)
+                assert response.status_code == 503, path
+                assert response.get_json() == {"status": "unavailable", "problems": ["database"]}
+            assert client.get("/livez").status_code == 200
+            assert client.get("/livez").get_json() == {"status": "ok"}
+
+        assert client.get("/readyz").status_code == 200
+        assert gateway_exchange(client, ledger_token(upstream)).status_code == 200
+        assert [row["outcome"] for row in audit_rows(f"{PG_SERVER}/{name}")] == ["granted", "granted"]
+
+
+def test_a_sqlite_file_that_cannot_be_written_is_not_ready(make_app: Callable[..., Flask]) -> None:
+    app = make_app()
+    fresh_checks(app)
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    database = Path(str(app.extensions["sts"].engine.url.database))
+    # The file and its write-ahead log; the shared-memory index stays writable, as SQLite maps it.
+    frozen = [str(database), f"{database}-wal"]
+    subprocess.run(["chattr", "+i", *frozen], check=True)
+    try:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.get_json()["problems"] == ["database"]
+        assert client.get("/livez").status_code == 200
+    finally:
+        subprocess.run(["chattr", "-i", *frozen], check=True)
+    assert client.get("/readyz").status_code == 200
+
+
+def test_a_redis_store_that_answers_ping_but_refuses_writes_is_not_ready(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+        app = make_app(store="redis", redis_url=f"redis://127.0.0.1:{server.port}/0")
+        fresh_checks(app)
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        admin = redis.Redis(port=server.port)
+        # A replica of a master that is gone: PING answers, every write is refused (READONLY).
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        try:
+            assert admin.ping()
+            response = client.get("/readyz")
+            assert response.status_code == 503
+            assert response.get_json()["problems"] == ["store"]
+            assert client.get("/livez").status_code == 200
+        finally:
+            admin.execute_command("REPLICAOF", "NO", "ONE")
+            admin.close()
+        assert client.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_good_readiness_result_is_kept_for_a_second(make_app: Callable[..., Flask]) -> None:
+    runtime = app_runtime(make_app())
+    ticks = iter(range(1_000_000))
+    elapsed = [0.0]
+    readiness = Readiness(
+        schema=runtime.schema,
+        audit=runtime.audit,
+        store=sql_store_check(runtime.replay, "test"),
+        store_in_database=True,
+        keyring=runtime.keyring,
+        clock=lambda: float(next(ticks)),
+        instance="test-instance",
+        monotonic=lambda: elapsed[0],
+    )
+
+    def heartbeat() -> float:
+        with runtime.engine.connect() as conn:
+            return float(
+                conn.execute(
+                    text("SELECT checked_at FROM heartbeats WHERE instance = 'test-instance'")
+                ).scalar_one()
+            )
+
+    assert readiness.problems() == []
+    first = heartbeat()
+    elapsed[0] = 0.9
+    assert readiness.problems() == []
+    assert heartbeat() == first  # Within the second: no new commit.
+    elapsed[0] = 1.1
+    assert readiness.problems() == []
+    assert heartbeat() > first
+
+
+def app_runtime(app: Flask) -> Any:
+    return app.extensions["sts"]
+
+
+# -- item 5: connection pools, and decisions that could not be audited -----------------------------
+
+
+def test_default_pools_are_derived_from_the_threads(make_settings: Callable[..., Settings]) -> None:
+    assert database_pool(make_settings(threads=8)) == PoolOptions(size=2, max_overflow=7, timeout=5.0)
+    assert database_pool(make_settings(threads=1)) == PoolOptions(size=1, max_overflow=1, timeout=5.0)
+    explicit = make_settings(database_pool_size=3, database_max_overflow=0, database_pool_timeout=2)
+    assert database_pool(explicit) == PoolOptions(size=3, max_overflow=0, timeout=2.0)
+
+
+def test_the_pool_size_is_honoured_after_a_concurrent_burst(
+    make_app: Callable[..., Flask], upstream: RunningServer
+) -> None:
+    with private_database() as name:
+        app = make_app(database_url=f"{PG_SERVER}/{name}", database_pool_size=1, database_max_overflow=2)
+        tokens = [ledger_token(upstream) for _ in range(48)]
+
+        def connections() -> int:
+            with admin_engine().connect() as conn:
+                return int(
+                    conn.execute(
+                        text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
+                    ).scalar_one()
+                )
+
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], connections())
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                responses = list(pool.map(lambda t: gateway_exchange(app.test_client(), t), tokens))
+        finally:
+            done.set()
+            sampler.join()
+        assert [r.status_code for r in responses] == [200] * 48
+        # Two pools (single statements; transactions and reads) of 1 + 2 overflow each.
+        assert 1 <= peak[0] <= 6, peak[0]
+        # Overflow connections are closed once returned: each pool keeps its one.
+        assert connections() <= 2
+
+
+def test_a_refusal_whose_audit_write_fails_is_logged_with_its_decision(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    with private_database() as name:
+        # Without rate limits: their counts live in this database too, and a read-only database
+        # would refuse every request at the first check (503, fail closed) before this refusal.
+        app = make_app(database_url=f"{PG_SERVER}/{name}", rate_limits={"enabled": False})
+        client = app.test_client()
+        bad_token = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJzZWNyZXQtc3ViamVjdCJ9."
+        with read_only(name), caplog.at_level(logging.ERROR, logger="sts"):
+            refused = client.post(
+                "/token",
+                data=exchange_form(bad_token, resource="https://ledger.example.com/api"),
+                headers={**basic_gateway(), "X-Request-Id": "refused-while-read-only"},
+            )
+            introspected = client.post(
+                "/introspect",
+                data={"token": bad_token},
+                headers={"Authorization": "Basic " + base64.b64encode(b"gateway:wrong").decode(),
+                         "X-Request-Id": "introspect-while-read-only"},
+            )  # fmt: skip
+        # The refusals stand, though they could not be audited ...
+        assert refused.status_code == 400 and refused.get_json()["error"] == "invalid_request"
+        assert introspected.status_code == 401
+        # ... and each decision is in the log, one line each, with no token.
+        decisions = {r.decision["request_id"]: r for r in caplog.records if hasattr(r, "decision")}
+        token = decisions["refused-while-read-only"]
+        assert token.decision["outcome"] == "refused"
+        assert token.decision["endpoint"] == "token"
+        assert token.decision["error"] == "invalid_request"
+        assert token.decision["client_id"] == "gateway"
+        assert token.decision["reasons"] and all(isinstance(r, str) for r in token.decision["reasons"])
+        assert token.decision["audit_failure"]
+        introspect = decisions["introspect-while-read-only"]
+        assert introspect.decision["endpoint"] == "introspect"
+        assert introspect.decision["error"] == "invalid_client"
+        for record in (token, introspect):
+            line = record.getMessage()
+            assert "\n" not in line and line.startswith("decision not audited")
+            assert json.loads(line.split(": ", 1)[1]) == json.loads(json.dumps(record.decision, default=str))
+        assert bad_token not in caplog.text
+        assert audit_rows(f"{PG_SERVER}/{name}") == []
+
+
+# -- item 6: starting while the database is down ---------------------------------------------------
+
+
+@pytest.fixture
+def database_relay() -> Iterator[tuple[TcpRelay, str]]:
+    """A private PostgreSQL database behind a relay that is cut (nothing listens) at first."""
+    with private_database() as name:
+        relay = TcpRelay(("127.0.0.1", 5432))
+        relay.restore()
+        relay.cut()
+        try:
+            yield relay, f"postgresql+psycopg://postgres@127.0.0.1:{relay.port}/{name}"
+        finally:
+            relay.cut()
+
+
+def test_waiting_for_the_database_backs_off_with_one_line_per_attempt(
+    database_relay: tuple[TcpRelay, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    relay, url = database_relay
+    engine = make_engine(url)
+    now = [0.0]
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        now[0] += seconds
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="sts"):
+            ready = wait_for_schema(DatabaseSchema(engine), 5, sleep=sleep, monotonic=lambda: now[0])
+    finally:
+        engine.dispose()
+    assert ready is False
+    assert pauses == [0.5, 1.0, 2.0, 1.5]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5
+    assert all("\n" not in line and f"127.0.0.1:{relay.port}" in line for line in lines)
+    assert "attempt 1, retrying in 0.5 s" in lines[0]
+    assert "starting not ready" in lines[-1]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_an_app_started_while_the_database_is_down_becomes_ready_by_itself(
+    database_relay: tuple[TcpRelay, str], make_app: Callable[..., Flask], upstream: RunningServer
+) -> None:
+    relay, url = database_relay
+    app = make_app(database_url=url)  # Does not raise.
+    fresh_checks(app)
+    client = app.test_client()
+    assert client.get("/livez").status_code == 200
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.get_json()["problems"] == ["database"]
+    assert_withheld(gateway_exchange(client, ledger_token(upstream)))
+
+    relay.restore()
+    assert client.get("/readyz").status_code == 200
+    assert gateway_exchange(client, ledger_token(upstream)).status_code == 200
+    assert [row["outcome"] for row in audit_rows(url)] == ["granted"]
+
+
+def test_sts_serve_starts_not_ready_without_a_traceback_and_becomes_ready(
+    database_relay: tuple[TcpRelay, str], tmp_path: Path
+) -> None:
+    relay, url = database_relay
+    port = free_port()
+    config = yaml.safe_load((REPO / "sts.yaml").read_text())
+    config.update(
+        port=port,
+        issuer=f"http://127.0.0.1:{port}",
+        workers=2,
+        threads=2,
+        database_url=url,
+        database_startup_timeout=1,
+    )
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    (tmp_path / "sts.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STS_")}
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("wb") as stderr:
+        serve = subprocess.Popen(
+            [STS, "serve"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for_status(f"{base}/livez", 200, serve), stderr_path.read_text()
+        assert requests.get(f"{base}/readyz", timeout=5).status_code == 503
+        assert requests.post(f"{base}/token", data={}, timeout=5).status_code == 503
+        relay.restore()
+        assert wait_for_status(f"{base}/readyz", 200, serve), stderr_path.read_text()
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    log = stderr_path.read_text()
+    assert "Traceback" not in log, log
+    waits = [line for line in log.splitlines() if "not answering" in line]
+    assert any("attempt 1, retrying in 0.5 s" in line for line in waits), log
+    assert any("starting not ready" in line for line in waits), log
+
+
+def wait_for_status(url: str, status: int, process: subprocess.Popen[bytes], deadline: float = 30.0) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end and process.poll() is None:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=2).status_code == status:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_prepare_returns_when_the_database_does_not_answer(
+    database_relay: tuple[TcpRelay, str], make_settings: Callable[..., Settings]
+) -> None:
+    _, url = database_relay
+    pauses: list[float] = []
+    settings = make_settings(database_url=url, database_startup_timeout=0)
+    assert prepare(settings, sleep=pauses.append) is False
+    assert pauses == []
+
+
+# -- item 8: one schema, however many start at once ------------------------------------------------
+
+
+def create_schema_concurrently(url: str, count: int = 6) -> list[str]:
+    engines = [make_engine(url) for _ in range(count)]
+    barrier = threading.Barrier(count)
+    errors: list[str] = []
+
+    def create(engine: Engine) -> None:
+        barrier.wait()
+        try:
+            upgrade(engine)
+        except Exception as exc:  # The test reports whatever went wrong.
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    threads = [threading.Thread(target=create, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for engine in engines:
+        engine.dispose()
+    return errors
+
+
+def test_workers_starting_together_on_a_fresh_postgresql_database_create_the_schema_once() -> None:
+    for _ in range(3):
+        with private_database() as name:
+            url = f"{PG_SERVER}/{name}"
+            assert create_schema_concurrently(url) == []
+            engine = make_engine(url)
+            try:
+                assert set(inspect(engine).get_table_names()) == SCHEMA_TABLES
+            finally:
+                engine.dispose()
+
+
+def test_workers_starting_together_on_a_fresh_sqlite_file_create_the_schema_once(tmp_path: Path) -> None:
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'fresh-{attempt}.sqlite'}"
+        assert create_schema_concurrently(url) == []
+        engine = make_engine(url)
+        try:
+            assert set(inspect(engine).get_table_names()) == SCHEMA_TABLES
+        finally:
+            engine.dispose()

@@ -1,0 +1,475 @@
+"""Replay records across a Redis restart: kept, or known to be lost (issue 9, item 2).
+
+With ``store: redis`` the single-use ledger and the ``jti`` caches (DPoP
+proofs, client assertions, SETs) live in Redis's memory.  Each test starts a
+redis-server of its own (``tests/support/redis_server.py``), exchanges, ``kill -9``s
+it and starts it again on the same port and directory:
+
+* without persistence it comes back empty.  Every credential that could have
+  been accepted before the loss is refused (reason ``*.replay_window_lost``)
+  until it expires; credentials issued after the loss (and the leeway) work;
+* with an append-only file it comes back whole: a replay is refused by the
+  ledger itself (``subject_token.replayed``), and nothing else is refused;
+* from an RDB snapshot it comes back without the latest records: a loss;
+* a process started after the loss still knows of it (the database remembers
+  the ledger's epoch).
+
+The app runs on the wall clock plus an offset the test moves (:class:`OffsetClock`):
+Redis expires entries on its own clock, and moving the offset stands for the
+time after which credentials issued after the loss are accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from joserfc import jwt
+from joserfc.jwk import ECKey
+from werkzeug.test import TestResponse
+
+from sts.adapters.redis.client import connect as connect_redis
+from sts.adapters.redis.ledger import RedisReplayCache
+from sts.adapters.redis.persistence import persistence_warnings
+from sts.app import create_app
+from sts.core.clients import REPLAY_WINDOW_LOST as ASSERTION_WINDOW_LOST
+from sts.core.dpop import REPLAY_WINDOW_LOST as PROOF_WINDOW_LOST
+from sts.core.exchange import REPLAY_WINDOW_LOST as TOKEN_WINDOW_LOST
+from sts.core.ports import ReplayWindowLost
+from sts.dev.issuer import DevIssuer, RunningServer
+from tests.conftest import SIGNER_KEY, STS_ISSUER, exchange_form, settings_for
+from tests.support.redis_server import RedisProcess
+
+#: Tokens exchanged before each restart (the issue measured 100; 20 keeps the file fast).
+N = 20
+LEEWAY = 30  # the settings default
+DEPLOY = "https://deploy.example.com"
+LEDGER = "https://ledger.example.com/api"
+TOKEN_URL = STS_ISSUER + "/token"
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+DPOP_KEY = ECKey.generate_key("P-256")
+
+POLICY: dict[str, Any] = {
+    "version": 1,
+    "rules": [
+        {
+            "name": "deploy-once",
+            "issuer": "upstream",
+            "subject": "repo:acme/app:ref:refs/heads/main",
+            "require_client_authentication": False,
+            "single_use": True,
+            "grant": {"audiences": [DEPLOY]},
+        },
+        {
+            "name": "ledger",
+            "issuer": "upstream",
+            "subject": "system:serviceaccount:payments:api",
+            "require_client_authentication": False,
+            "grant": {"resources": [LEDGER]},
+        },
+    ],
+}
+
+
+class OffsetClock:
+    """The wall clock plus an offset the test moves.
+
+    Not the shared standing ``Clock`` (tests/support/clock.py): Redis expires the replay
+    records on its own clock, which keeps running, so the app's time must run with it.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[RunningServer]:
+    """Overrides conftest's per-test issuer: one RSA key for the module."""
+    with DevIssuer.serve_ephemeral(alg="RS256") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_servers(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
+    """Start private redis-servers (each in a directory of its own); all stopped afterwards."""
+    started: list[RedisProcess] = []
+
+    def start(**kwargs: Any) -> RedisProcess:
+        server = RedisProcess(tmp_path / f"redis-{len(started)}", **kwargs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@dataclass
+class Service:
+    """One app (one process of the fleet) on ``store: redis``."""
+
+    app: Flask
+    clock: OffsetClock
+    upstream: RunningServer
+
+    def deploy_token(self) -> str:
+        """A single-use subject token, issued now (on the app's clock)."""
+        return self.upstream.issuer.github_actions_token(
+            audience=STS_ISSUER, jti=str(uuid.uuid4()), now=self.clock()
+        )
+
+    def workload_token(self) -> str:
+        return self.upstream.issuer.kubernetes_token(audience=[STS_ISSUER], now=self.clock())
+
+    def exchange(self, subject_token: str, **params: Any) -> TestResponse:
+        headers = {"DPoP": params.pop("dpop")} if "dpop" in params else {}
+        params.setdefault("audience", DEPLOY)
+        return self.app.test_client().post(
+            "/token", data=exchange_form(subject_token, **params), headers=headers
+        )
+
+    def ledger_exchange(self, subject_token: str, **params: Any) -> TestResponse:
+        return self.exchange(subject_token, audience=None, resource=LEDGER, **params)
+
+    def reasons(self) -> list[str]:
+        record: dict[str, Any] = self.app.extensions["sts"].audit.recent(1)[0]
+        return list(record["reasons"])
+
+    def proof(self, **claims: Any) -> str:
+        """A DPoP proof (RFC 9449 §4.2) for this token endpoint, made now."""
+        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": DPOP_KEY.as_dict(private=False)}
+        body = {"jti": uuid.uuid4().hex, "htm": "POST", "htu": TOKEN_URL, "iat": int(self.clock()), **claims}
+        return jwt.encode(header, body, DPOP_KEY, algorithms=["ES256"])
+
+    def assertion(self) -> str:
+        """A private_key_jwt client assertion of the ``signer`` client (RFC 7523 §3), made now."""
+        now = int(self.clock())
+        claims = {"iss": "signer", "sub": "signer", "aud": STS_ISSUER, "iat": now, "exp": now + 60}
+        claims["jti"] = uuid.uuid4().hex
+        return jwt.encode({"alg": "ES256", "kid": SIGNER_KEY.kid}, claims, SIGNER_KEY, algorithms=["ES256"])
+
+
+@pytest.fixture
+def make_service(tmp_path: Path, upstream: RunningServer) -> Iterator[Callable[..., Service]]:
+    apps: list[Flask] = []
+
+    def build(server: RedisProcess, clock: OffsetClock | None = None, **overrides: Any) -> Service:
+        settings = settings_for(
+            tmp_path, upstream, POLICY, store="redis", redis_url=server.url(0), **overrides
+        )
+        clock = clock or OffsetClock()
+        app = create_app(settings, clock=clock)
+        apps.append(app)
+        return Service(app, clock, upstream)
+
+    yield build
+    for app in apps:
+        close(app)
+
+
+def close(app: Flask) -> None:
+    runtime = app.extensions["sts"]
+    runtime.engine.dispose()
+    if runtime.redis_client is not None:
+        runtime.redis_client.close()
+
+
+def restart(server: RedisProcess) -> None:
+    """``kill -9`` the server and start it again on the same port and directory."""
+    server.kill()
+    server.start()
+
+
+def exchange_all(service: Service, tokens: list[str]) -> None:
+    for token in tokens:
+        resp = service.exchange(token)
+        assert resp.status_code == 200, (resp.get_json(), service.reasons())
+
+
+def assert_window_lost(service: Service, resp: TestResponse) -> None:
+    assert resp.status_code == 400, resp.get_json()
+    assert resp.get_json() == {"error": "invalid_request", "error_description": TOKEN_WINDOW_LOST}
+    assert "subject_token.replay_window_lost" in service.reasons()
+
+
+# -- single-use subject tokens ------------------------------------------------------------------------
+
+
+def test_an_empty_restart_refuses_every_replay_and_tokens_issued_after_it_work(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    server = redis_servers(appendonly=False)
+    service = make_service(server)
+    tokens = [service.deploy_token() for _ in range(N)]
+    exchange_all(service, tokens)
+
+    restart(server)
+    accepted = 0
+    for token in tokens:
+        resp = service.exchange(token)
+        accepted += resp.status_code == 200
+        assert_window_lost(service, resp)
+    assert accepted == 0  # was N of N before the ledger knew its epoch
+
+    # Tokens issued once the loss (and the leeway for issuers' clocks) has passed work, once.
+    service.clock.advance(LEEWAY + 2)
+    fresh = [service.deploy_token() for _ in range(3)]
+    exchange_all(service, fresh)
+    for token in fresh:
+        resp = service.exchange(token)
+        assert resp.status_code == 400 and service.reasons()[-1] == "subject_token.replayed"
+
+
+def test_a_restart_that_replays_its_append_only_file_keeps_the_ledger(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    server = redis_servers(appendonly=True)
+    service = make_service(server)
+    tokens = [service.deploy_token() for _ in range(N)]
+    exchange_all(service, tokens)
+
+    restart(server)
+    for token in tokens:
+        resp = service.exchange(token)
+        assert resp.status_code == 400, resp.get_json()
+        assert service.reasons()[-1] == "subject_token.replayed"
+    # Not treated as a loss: a token issued before the restart, never used, still works.
+    assert service.app.extensions["sts"].replay.epoch.lost_at is None
+    exchange_all(service, [service.deploy_token() for _ in range(3)])
+
+
+def test_a_restart_from_an_rdb_snapshot_is_a_loss(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    # The snapshot holds the epoch and the first records, not the ones written after it.
+    server = redis_servers(appendonly=False)
+    service = make_service(server)
+    before, after = [service.deploy_token() for _ in range(5)], [service.deploy_token() for _ in range(5)]
+    exchange_all(service, before)
+    redis.Redis(port=server.port).save()
+    exchange_all(service, after)
+
+    restart(server)
+    assert redis.Redis(port=server.port).exists(b"sts:ledger-epoch")  # the snapshot kept the epoch
+    for token in before + after:
+        assert_window_lost(service, service.exchange(token))
+
+
+def test_a_process_started_after_the_loss_knows_of_it(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    # The whole fleet restarts with Redis (a reboot): no process remembers the old epoch, but the
+    # database does.
+    server = redis_servers(appendonly=False)
+    first = make_service(server)
+    tokens = [first.deploy_token() for _ in range(5)]
+    exchange_all(first, tokens)
+    close(first.app)
+
+    restart(server)
+    second = make_service(server, clock=first.clock)
+    for token in tokens:
+        assert_window_lost(second, second.exchange(token))
+    assert second.app.extensions["sts"].replay.epoch.lost_at is not None
+
+
+def test_a_restart_while_another_process_runs_on_is_seen_by_both(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    server = redis_servers(appendonly=False)
+    one = make_service(server)
+    two = make_service(server, clock=one.clock)
+    tokens = [one.deploy_token() for _ in range(4)]
+    exchange_all(one, tokens)
+
+    restart(server)
+    # The first process to write after the restart begins the new epoch; the other sees it.
+    for service in (two, one, two, one):
+        assert_window_lost(service, service.exchange(tokens.pop()))
+    epochs = {s.app.extensions["sts"].replay.epoch.lost_at for s in (one, two)}
+    assert len(epochs) == 1 and None not in epochs
+
+
+# -- DPoP proofs, client assertions, SETs -------------------------------------------------------------
+
+
+def test_a_dpop_proof_replayed_after_an_empty_restart_is_refused(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    server = redis_servers(appendonly=False)
+    service = make_service(server)
+    token, proof = service.workload_token(), service.proof()
+    assert service.ledger_exchange(token, dpop=proof).status_code == 200
+
+    restart(server)
+    resp = service.ledger_exchange(token, dpop=proof)
+    assert resp.status_code == 400
+    assert resp.get_json() == {"error": "invalid_dpop_proof", "error_description": PROOF_WINDOW_LOST}
+    assert service.reasons()[-1] == "dpop.replay_window_lost"
+
+    service.clock.advance(LEEWAY + 2)
+    fresh = service.proof()
+    assert service.ledger_exchange(token, dpop=fresh).status_code == 200
+    assert service.ledger_exchange(token, dpop=fresh).status_code == 400
+    assert service.reasons()[-1] == "dpop.replayed_jti"
+
+
+def test_with_nonces_a_proof_with_the_nonce_given_after_the_loss_works_at_once(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    server = redis_servers(appendonly=False)
+    service = make_service(server, dpop_nonce=True)
+    token = service.workload_token()
+    challenge = service.ledger_exchange(token, dpop=service.proof())
+    assert challenge.get_json()["error"] == "use_dpop_nonce"
+    proof = service.proof(nonce=challenge.headers["DPoP-Nonce"])
+    assert service.ledger_exchange(token, dpop=proof).status_code == 200
+
+    restart(server)
+    resp = service.ledger_exchange(token, dpop=proof)
+    # RFC 9449 §8: a client answers use_dpop_nonce with a fresh proof carrying the new nonce.
+    assert resp.status_code == 400 and resp.get_json()["error"] == "use_dpop_nonce"
+    assert service.reasons()[-1] == "dpop.replay_window_lost"
+    retried = service.ledger_exchange(token, dpop=service.proof(nonce=resp.headers["DPoP-Nonce"]))
+    assert retried.status_code == 200, service.reasons()
+
+
+def test_a_client_assertion_replayed_after_an_empty_restart_is_refused(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    server = redis_servers(appendonly=False)
+    service = make_service(server)
+    token, assertion = service.workload_token(), service.assertion()
+    auth = {"client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": assertion}
+    assert service.ledger_exchange(token, **auth).status_code == 200
+
+    restart(server)
+    resp = service.ledger_exchange(token, **auth)
+    assert resp.status_code == 401
+    assert resp.get_json() == {"error": "invalid_client", "error_description": ASSERTION_WINDOW_LOST}
+    assert service.reasons()[-1] == "client_assertion.replay_window_lost"
+
+    service.clock.advance(LEEWAY + 2)
+    fresh = {"client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": service.assertion()}
+    assert service.ledger_exchange(token, **fresh).status_code == 200
+
+
+def test_a_set_replayed_after_an_empty_restart_is_refused(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service], upstream: RunningServer
+) -> None:
+    with DevIssuer.serve_ephemeral(alg="ES256", mint_endpoints=False) as transmitter:
+        entry = {
+            "name": "idp",
+            "issuer": transmitter.issuer.issuer_url,
+            "jwks_uri": transmitter.jwks_uri,
+            "algorithms": ["ES256"],
+        }
+        server = redis_servers(appendonly=False)
+        service = make_service(server, transmitters=[entry])
+
+        def set_token() -> str:
+            sub_id = {"format": "iss_sub", "iss": upstream.issuer.issuer_url, "sub": "someone"}
+            claims = {
+                "iss": transmitter.issuer.issuer_url,
+                "aud": STS_ISSUER,
+                "iat": int(service.clock()),
+                "jti": uuid.uuid4().hex,
+                "sub_id": sub_id,
+                "events": {"https://schemas.openid.net/secevent/caep/event-type/credential-change": {}},
+            }
+            return transmitter.issuer.mint(claims, header={"typ": "secevent+jwt"})
+
+        def push(token: str) -> TestResponse:
+            headers = {"Content-Type": "application/secevent+jwt"}
+            return service.app.test_client().post("/ssf/events", data=token, headers=headers)
+
+        event = set_token()
+        assert push(event).status_code == 202
+        restart(server)
+        refused = push(event)
+        assert refused.status_code == 400 and refused.get_json()["err"] == "invalid_request"
+        assert service.reasons() == ["set.replay_window_lost"]
+        service.clock.advance(LEEWAY + 2)
+        assert push(set_token()).status_code == 202
+
+
+def test_the_replay_cache_raises_for_what_the_lost_records_may_have_seen(
+    redis_servers: Callable[..., RedisProcess],
+) -> None:
+    server = redis_servers(appendonly=False)
+    client = connect_redis(server.url(0))
+    cache = RedisReplayCache(client)
+    now = time.time()
+    assert cache.first_use("dpop", "a", now + 60, now, valid_from=now - 10) is True
+    restart(server)
+    with pytest.raises(ReplayWindowLost) as lost:
+        cache.first_use("dpop", "a", now + 60, now, valid_from=now - 10)
+    assert now <= lost.value.lost_at <= time.time() + 1
+    with pytest.raises(ReplayWindowLost):
+        cache.first_use("dpop", "b", now + 60, now, valid_from=None)  # unknown: assume the worst
+    later = lost.value.lost_at
+    assert cache.first_use("dpop", "c", later + 60, later, valid_from=later) is True
+    assert cache.first_use("dpop", "c", later + 60, later, valid_from=later) is False
+    client.close()
+
+
+# -- persistence settings, checked at start -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        pytest.param({"appendonly": False}, ["appendonly no"], id="no-aof"),
+        pytest.param(
+            {"appendonly": True, "appendfsync": "everysec"}, ["appendfsync everysec"], id="everysec"
+        ),
+        pytest.param({"appendonly": True}, [], id="aof-always"),
+        pytest.param(
+            {"appendonly": True, "extra_args": ("--maxmemory-policy", "allkeys-lru")},
+            ["maxmemory-policy allkeys-lru"],
+            id="evicting",
+        ),
+        # CONFIG disabled (as on many managed services): INFO persistence still tells about the AOF.
+        pytest.param(
+            {"appendonly": False, "extra_args": ("--rename-command", "CONFIG", "")},
+            ["appendonly no"],
+            id="no-config-no-aof",
+        ),
+        pytest.param(
+            {"appendonly": True, "extra_args": ("--rename-command", "CONFIG", "")}, [], id="no-config-aof"
+        ),
+    ],
+)
+def test_persistence_settings_that_cannot_keep_the_ledger_are_warned_about(
+    redis_servers: Callable[..., RedisProcess],
+    make_service: Callable[..., Service],
+    caplog: pytest.LogCaptureFixture,
+    options: dict[str, Any],
+    expected: list[str],
+) -> None:
+    server = redis_servers(**options)
+    client = redis.Redis(port=server.port)
+    warnings = persistence_warnings(client)
+    client.close()
+    assert len(warnings) == len(expected), warnings
+    for warning, words in zip(warnings, expected, strict=True):
+        assert words in warning
+
+    with caplog.at_level(logging.WARNING, logger="sts.adapters.redis.persistence"):
+        make_service(server)
+    logged = [r.getMessage() for r in caplog.records if r.name == "sts.adapters.redis.persistence"]
+    assert [w in m for w, m in zip(warnings, logged, strict=True)] == [True] * len(warnings)

@@ -1,0 +1,847 @@
+"""The resource-server verifier, case by case against RFC 9068, RFC 6750 §3, RFC 9449 §4.3/§7 and RFC 9470.
+
+Tokens come from an authorization-server double with its own ES256 key,
+whose metadata and JWKS are served over real HTTP; DPoP proofs are signed in
+the tests with joserfc, independently of the library's own proof code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask, g
+from joserfc import jwt
+from joserfc.jwk import ECKey, Key, OctKey, RSAKey
+from joserfc.jws import JWSRegistry
+from sts_client.challenges import Challenge, parse_challenges
+from sts_client.dpop import DEFAULT_DPOP_ALGORITHMS, DPoPKey, InMemoryReplayCache, ReplayCacheFull
+from sts_client.errors import (
+    InsufficientScope,
+    InsufficientUserAuthentication,
+    InvalidDPoPProof,
+    InvalidRequest,
+    InvalidToken,
+    MissingToken,
+    TemporarilyUnavailable,
+    VerificationError,
+)
+from sts_client.flask import require_token
+from sts_client.jwks import JWKSCache, UnknownKey
+from sts_client.verifier import TokenVerifier, VerifiedAccessToken
+from sts_client.wsgi import ENVIRON_KEY, ProtectedPath, TokenMiddleware
+from werkzeug.test import Client
+from werkzeug.wrappers import Request, Response
+
+from tests.support.clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer
+from tests.support.clock import Clock
+from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
+
+URL = "https://deploy.example.com/releases"
+ALGS = " ".join(DEFAULT_DPOP_ALGORITHMS)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAuthorizationServer]:
+    server = FakeAuthorizationServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def verifier(fake: FakeAuthorizationServer) -> TokenVerifier:
+    return TokenVerifier(fake.issuer, AUDIENCE)
+
+
+@pytest.fixture(scope="module")
+def client_key() -> ECKey:
+    return ECKey.generate_key("P-256")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ath(token: str) -> str:
+    """RFC 9449 §4.2, computed here independently of the library."""
+    return base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).rstrip(b"=").decode()
+
+
+def sign_proof(
+    key: Key,
+    *,
+    method: str = "POST",
+    url: str = URL,
+    token: str | None = None,
+    iat: float | None = None,
+    jti: str | None = None,
+    alg: str = "ES256",
+    header: dict[str, Any] | None = None,
+    claims: dict[str, Any] | None = None,
+) -> str:
+    """A DPoP proof (RFC 9449 §4.2) signed with joserfc; ``header``/``claims`` override (None removes)."""
+    body: dict[str, Any] = {
+        "jti": jti or uuid.uuid4().hex,
+        "htm": method,
+        "htu": url,
+        "iat": int(time.time() if iat is None else iat),
+    }
+    if token is not None:
+        body["ath"] = ath(token)
+    protected: dict[str, Any] = {"typ": "dpop+jwt", "alg": alg, "jwk": key.as_dict(private=False)}
+    for target, changes in ((body, claims), (protected, header)):
+        for name, value in (changes or {}).items():
+            if value is None:
+                target.pop(name, None)
+            else:
+                target[name] = value
+    registry = JWSRegistry(algorithms=[alg], strict_check_header=False)
+    return jwt.encode(protected, body, key, algorithms=[alg], registry=registry)
+
+
+def dpop_headers(token: str, proof: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"DPoP {token}"), ("DPoP", proof)]
+
+
+def header_lines(error: VerificationError, name: str = "WWW-Authenticate") -> list[str]:
+    return [value for key, value in error.headers() if key == name]
+
+
+# -- bearer tokens (RFC 9068, RFC 6750) -----------------------------------------------------------
+
+
+def test_a_valid_token_gives_what_it_says(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
+    issued = int(time.time())
+    token = fake.mint(scope="deploy:read deploy:write", auth_time=issued - 5, act={"sub": "planner"})
+    result = verifier.verify("GET", URL, bearer(token))
+    assert isinstance(result, VerifiedAccessToken)
+    assert result.subject == "repo:acme/app:ref:refs/heads/main"
+    assert result.audience == (AUDIENCE,)
+    assert result.scopes == {"deploy:read", "deploy:write"}
+    assert result.auth_time == issued - 5
+    assert result.token_type == "Bearer" and result.jkt is None
+    assert result.actor == {"sub": "planner"}
+    assert token not in repr(result)
+
+
+def test_no_token_gets_a_bare_challenge_for_both_schemes(verifier: TokenVerifier) -> None:
+    with pytest.raises(MissingToken) as info:
+        verifier.verify("GET", URL, {})
+    assert info.value.status == 401
+    # RFC 6750 §3.1: no error code when the request carried no authentication at all.
+    assert header_lines(info.value) == ["Bearer", f'DPoP algs="{ALGS}"']
+    assert info.value.body() == {}
+    with pytest.raises(MissingToken):
+        verifier.verify("GET", URL, {"Authorization": "Basic dXNlcjpwYXNz"})
+
+
+def test_realm_is_named_in_every_challenge(fake: FakeAuthorizationServer) -> None:
+    verifier = TokenVerifier(fake.issuer, AUDIENCE, realm="deploy")
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer("not.a.token"))
+    assert header_lines(info.value) == [
+        'Bearer realm="deploy", error="invalid_token", error_description="The access token is invalid."'
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", "Bearer a.b.c"), ("Authorization", "Bearer d.e.f")],
+        {"Authorization": "Bearer a.b.c, Bearer d.e.f"},  # two fields folded into one line
+        {"Authorization": "Bearer two words"},
+        {"Authorization": "Bearer "},
+    ],
+)
+def test_malformed_or_repeated_authorization_is_invalid_request(
+    verifier: TokenVerifier, headers: Any
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        verifier.verify("GET", URL, headers)
+    assert info.value.status == 400
+    assert header_lines(info.value)[0].startswith('Bearer error="invalid_request"')
+    assert info.value.body()["error"] == "invalid_request"
+
+
+def at_run_time(values: dict[str, Any]) -> dict[str, Any]:
+    """A table row with its times computed now: a time in a parameter table is a function, called
+    when the test runs, because "in 120 s" computed at collection is past by then in a long run."""
+    return {key: value() if callable(value) else value for key, value in values.items()}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"header": {"typ": "JWT"}}, "token.typ"),
+        ({"header": {"typ": None}}, "token.typ"),
+        ({"header": {"crit": ["kid"]}}, "token.crit"),
+        ({"iss": "https://other.example"}, "token.invalid_claim"),
+        ({"audience": "https://elsewhere.example.com"}, "token.invalid_claim"),
+        ({"audience": ["https://a.example", "https://b.example"]}, "token.invalid_claim"),
+        ({"now": lambda: time.time() - 400, "lifetime": 300}, "token.expired"),
+        ({"nbf": lambda: int(time.time()) + 120}, "token.invalid_claim"),
+        ({"now": lambda: time.time() + 120}, "token.invalid_claim"),  # iat in the future
+        ({"sub": None}, "token.missing_claim"),
+        ({"jti": None}, "token.missing_claim"),
+        ({"client_id": None}, "token.missing_claim"),
+        ({"exp": None}, "token.missing_claim"),
+        ({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}, "token.unsupported_cnf"),
+    ],
+)
+def test_claims_and_header_are_checked(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, change: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(fake.mint(**at_run_time(change))))
+    assert info.value.reason == reason
+    assert info.value.status == 401
+    assert header_lines(info.value) == [
+        'Bearer error="invalid_token", error_description="The access token is invalid."'
+    ]
+
+
+def test_exp_and_nbf_allow_the_leeway(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
+    now = time.time()
+    expired_recently = fake.mint(now=now - 320, lifetime=300)  # expired 20 s ago, leeway 30
+    assert verifier.verify("GET", URL, bearer(expired_recently), now=now).subject
+    with pytest.raises(InvalidToken):
+        verifier.verify("GET", URL, bearer(expired_recently), now=now + 15)
+    early = fake.mint(nbf=int(now) + 20)
+    assert verifier.verify("GET", URL, bearer(early), now=now).subject
+
+
+def test_a_list_audience_naming_us_is_accepted(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    token = fake.mint(audience=["ledger", AUDIENCE])
+    assert verifier.verify("GET", URL, bearer(token)).audience == ("ledger", AUDIENCE)
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """An ``alg: none`` JWT, built by hand (no library will sign one): the classic attack."""
+
+    def part(value: dict[str, Any]) -> str:
+        import json
+
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part(claims)}."
+
+
+def test_algorithm_attacks_are_refused(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
+    good = fake.mint()
+    claims = jwt.decode(good, fake.key, algorithms=["ES256"]).claims
+    none_token = _unsigned({"typ": "at+jwt", "alg": "none", "kid": fake.key.kid}, claims)
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(none_token + "x"))
+    assert info.value.reason in ("token.alg", "token.not_a_jws")
+    secret = OctKey.generate_key(256)
+    hs = fake.mint(key=secret, alg="HS256", header={"kid": fake.key.kid})
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(hs))
+    assert info.value.reason == "token.alg"
+    # ES384 is asymmetric but neither ES256 nor declared by any published key.
+    p384 = ECKey.generate_key("P-384", auto_kid=True)
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(fake.mint(key=p384, alg="ES384", header={"kid": fake.key.kid})))
+    assert info.value.reason == "token.unknown_key"
+
+
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_a_token_not_in_utf8_is_refused(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, part: str
+) -> None:
+    """RFC 7515 §5.2, RFC 7519 §7.2: header and claims are UTF-8 JSON; UTF-16/32 or a BOM is malformed."""
+    claims = jwt.decode(fake.mint(), fake.key, algorithms=["ES256"]).claims
+    header = {"typ": "at+jwt", "alg": "ES256", "kid": fake.key.kid}
+    utf8 = sign_encoded(fake.key, header, claims, encoding="utf-8", part=part)
+    assert verifier.verify("GET", URL, bearer(utf8)).subject
+    for encoding in NOT_UTF8.values():
+        token = sign_encoded(fake.key, header, claims, encoding=encoding, part=part)
+        with pytest.raises(InvalidToken) as info:
+            verifier.verify("GET", URL, bearer(token))
+        assert info.value.reason == "token.malformed", encoding
+        assert "UTF-8" in info.value.detail or "byte-order mark" in info.value.detail, info.value.detail
+
+
+def test_the_key_never_comes_from_the_token(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
+    attacker = ECKey.generate_key("P-256", auto_kid=True)
+    embedded = fake.mint(key=attacker, header={"jwk": attacker.as_dict(private=False), "kid": attacker.kid})
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(embedded))
+    assert info.value.reason == "token.unknown_key"
+    # The real kid, the attacker's signature.
+    forged = fake.mint(key=attacker, header={"kid": fake.key.kid})
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(forged))
+    assert info.value.reason == "token.bad_signature"
+
+
+def test_an_algorithm_declared_by_a_published_key_is_accepted(fake: FakeAuthorizationServer) -> None:
+    rsa = RSAKey.generate_key(2048, parameters={"alg": "PS256", "use": "sig"}, auto_kid=True)
+    fake.published = [fake.key, rsa]
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    assert verifier.verify("GET", URL, bearer(fake.mint(key=rsa, alg="PS256"))).subject
+    assert verifier.keys.algorithms() == {"ES256", "PS256"}
+    # Declared PS256: the same key may not be used with RS256 (signed here with a copy without "alg").
+    undeclared = RSAKey.import_key({k: v for k, v in rsa.as_dict(private=True).items() if k != "alg"})
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(fake.mint(key=undeclared, alg="RS256", header={"kid": rsa.kid})))
+    assert info.value.reason == "token.unknown_key"
+
+
+# -- scopes and step-up -----------------------------------------------------------------------------
+
+
+def test_missing_scope_is_403_naming_what_is_needed(fake: FakeAuthorizationServer) -> None:
+    verifier = TokenVerifier(fake.issuer, AUDIENCE, required_scopes=["deploy:read"])
+    token = fake.mint(scope="deploy:read")
+    assert verifier.verify("GET", URL, bearer(token)).has_scopes("deploy:read")
+    with pytest.raises(InsufficientScope) as info:
+        verifier.verify("POST", URL, bearer(token), scopes="deploy:write")
+    assert info.value.status == 403
+    assert header_lines(info.value) == [
+        'Bearer error="insufficient_scope", error_description="The access token does not grant the scope'
+        ' this resource requires.", scope="deploy:read deploy:write"'
+    ]
+    with pytest.raises(InsufficientScope):
+        verifier.verify("GET", URL, bearer(fake.mint(scope=None)))
+
+
+def test_step_up_challenge_when_attestation_is_older_than_max_age(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    now = time.time()
+    token = fake.mint(now=now, auth_time=int(now) - 600)
+    assert verifier.verify("POST", URL, bearer(token), now=now).auth_time == int(now) - 600
+    with pytest.raises(InsufficientUserAuthentication) as info:
+        verifier.verify("POST", URL, bearer(token), max_age=60, now=now)
+    error = info.value
+    assert error.status == 401
+    # RFC 9470 §3 (its example quotes max_age; either form is a valid auth-param).
+    assert header_lines(error) == [
+        'Bearer error="insufficient_user_authentication", '
+        'error_description="More recent attestation is required.", max_age="60"'
+    ]
+    assert error.body() == {
+        "error": "insufficient_user_authentication",
+        "error_description": "More recent attestation is required.",
+        "max_age": 60,
+    }
+    fresh = fake.mint(now=now, auth_time=int(now) - 59)
+    assert verifier.verify("POST", URL, bearer(fresh), max_age=60, now=now).subject
+    without = fake.mint(now=now, omit=("auth_time",))
+    assert "auth_time" not in jwt.decode(without, fake.key, algorithms=["ES256"]).claims
+    assert verifier.verify("POST", URL, bearer(without), now=now).auth_time is None
+    with pytest.raises(InsufficientUserAuthentication) as info:
+        verifier.verify("POST", URL, bearer(without), max_age=60, now=now)
+    assert info.value.reason == "auth_time.missing"
+
+
+# -- DPoP (RFC 9449 §4.3, §7) ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bound(fake: FakeAuthorizationServer, client_key: ECKey) -> str:
+    return fake.mint(jkt=client_key.thumbprint())
+
+
+def test_a_valid_dpop_request_passes(verifier: TokenVerifier, bound: str, client_key: ECKey) -> None:
+    result = verifier.verify("POST", URL, dpop_headers(bound, sign_proof(client_key, token=bound)))
+    assert result.jkt == client_key.thumbprint()
+    assert result.token_type == "DPoP"
+
+
+def test_the_library_proof_passes_the_verifier(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    key = DPoPKey()
+    token = fake.mint(jkt=key.jkt)
+    proof = key.proof("post", URL + "?dry=1#frag", access_token=token)
+    assert verifier.verify("POST", URL + "?dry=1", dpop_headers(token, proof)).jkt == key.jkt
+
+
+def test_request_url_query_is_ignored_but_a_query_in_htu_is_refused(
+    verifier: TokenVerifier, bound: str, client_key: ECKey
+) -> None:
+    ok = sign_proof(client_key, token=bound)
+    assert verifier.verify("POST", URL + "?page=2", dpop_headers(bound, ok)).jkt
+    with_query = sign_proof(client_key, token=bound, url=URL + "?page=2")
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL + "?page=2", dpop_headers(bound, with_query))
+    assert info.value.reason == "dpop.htu_has_query"
+
+
+def test_htu_compares_normalised(verifier: TokenVerifier, bound: str, client_key: ECKey) -> None:
+    proof = sign_proof(client_key, token=bound, url="HTTPS://Deploy.Example.COM:443/%72eleases")
+    assert verifier.verify("POST", URL, dpop_headers(bound, proof)).jkt
+
+
+@pytest.mark.parametrize(
+    ("proof_args", "reason"),
+    [
+        ({"method": "GET"}, "dpop.htm_mismatch"),
+        ({"url": "https://deploy.example.com/other"}, "dpop.htu_mismatch"),
+        ({"url": "https://evil.example.com/releases"}, "dpop.htu_mismatch"),
+        ({"url": URL + "#frag"}, "dpop.htu_has_query"),
+        ({"iat": lambda: time.time() - 301}, "dpop.iat_stale"),
+        ({"iat": lambda: time.time() + 120}, "dpop.iat_future"),
+        ({"claims": {"ath": ath("some other token")}}, "dpop.ath_mismatch"),
+        ({"claims": {"ath": None}}, "dpop.ath_mismatch"),
+        ({"claims": {"jti": None}}, "dpop.jti"),
+        ({"claims": {"htu": None}}, "dpop.htm_htu_missing"),
+        ({"claims": {"iat": None}}, "dpop.iat_missing"),
+        ({"header": {"typ": "JWT"}}, "dpop.typ"),
+        ({"header": {"typ": None}}, "dpop.typ"),
+        ({"header": {"jwk": None}}, "dpop.jwk_missing"),
+        ({"header": {"crit": ["jwk"]}}, "dpop.crit"),
+    ],
+)
+def test_each_proof_check(
+    verifier: TokenVerifier, bound: str, client_key: ECKey, proof_args: dict[str, Any], reason: str
+) -> None:
+    proof = sign_proof(client_key, token=bound, **at_run_time(proof_args))
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(bound, proof))
+    assert info.value.reason == reason
+    assert info.value.status == 401
+    assert header_lines(info.value) == [
+        f'DPoP error="invalid_dpop_proof", error_description="The DPoP proof is invalid.", algs="{ALGS}"'
+    ]
+
+
+def test_a_replayed_jti_is_refused_within_the_window(
+    fake: FakeAuthorizationServer, bound: str, client_key: ECKey
+) -> None:
+    now = time.time()
+    verifier = TokenVerifier(fake.issuer, AUDIENCE, dpop_max_age=300)
+    proof = sign_proof(client_key, token=bound, iat=now, jti="once")
+    assert verifier.verify("POST", URL, dpop_headers(bound, proof), now=now).jkt
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(bound, proof), now=now + 1)
+    assert info.value.reason == "dpop.replayed"
+    # A new proof with the same jti is also a replay, not only the same bytes.
+    again = sign_proof(client_key, token=bound, iat=now + 2, jti="once")
+    with pytest.raises(InvalidDPoPProof):
+        verifier.verify("POST", URL, dpop_headers(bound, again), now=now + 2)
+
+
+def test_the_proof_key_must_be_the_bound_key(verifier: TokenVerifier, bound: str) -> None:
+    other = ECKey.generate_key("P-256")
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(bound, sign_proof(other, token=bound)))
+    assert info.value.reason == "dpop.key_mismatch"
+
+
+def test_a_proof_carrying_a_private_key_is_refused(
+    verifier: TokenVerifier, bound: str, client_key: ECKey
+) -> None:
+    leaky = sign_proof(client_key, token=bound, header={"jwk": client_key.as_dict(private=True)})
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(bound, leaky))
+    assert info.value.reason == "dpop.jwk_not_public"
+
+
+@pytest.mark.parametrize("part", ["payload", "header"])
+def test_a_proof_not_in_utf8_is_refused(
+    verifier: TokenVerifier, bound: str, client_key: ECKey, part: str
+) -> None:
+    def signed(encoding: str) -> str:
+        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": client_key.as_dict(private=False)}
+        claims = {
+            "jti": uuid.uuid4().hex,
+            "htm": "POST",
+            "htu": URL,
+            "iat": int(time.time()),
+            "ath": ath(bound),
+        }
+        return sign_encoded(client_key, header, claims, encoding=encoding, part=part)
+
+    assert verifier.verify("POST", URL, dpop_headers(bound, signed("utf-8"))).jkt == client_key.thumbprint()
+    for encoding in NOT_UTF8.values():
+        with pytest.raises(InvalidDPoPProof) as info:
+            verifier.verify("POST", URL, dpop_headers(bound, signed(encoding)))
+        assert info.value.reason == "dpop.malformed", encoding
+
+
+def test_an_rsa_proof_key_needs_exponent_65537(fake: FakeAuthorizationServer) -> None:
+    """An RSA-2048 proof key (its header is over joserfc's default 512 bytes) is accepted with e = 65537
+    and refused with e = 3."""
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    strong = RSAKey.generate_key(2048)
+    token = fake.mint(jkt=strong.thumbprint())
+    proof = sign_proof(strong, token=token, alg="RS256")
+    assert verifier.verify("POST", URL, dpop_headers(token, proof)).jkt == strong.thumbprint()
+    e3 = rsa_key_with_exponent_3()
+    token = fake.mint(jkt=e3.thumbprint())
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(token, sign_proof(e3, token=token, alg="RS256")))
+    assert info.value.reason == "dpop.jwk_not_public"
+    assert "exponent" in info.value.detail
+
+
+def test_symmetric_or_unlisted_proof_algorithms_are_refused(fake: FakeAuthorizationServer) -> None:
+    secret = OctKey.generate_key(256)
+    token = fake.mint(jkt=secret.thumbprint())
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    proof = sign_proof(secret, token=token, alg="HS256", header={"jwk": {"kty": "oct", "k": "c2VjcmV0"}})
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(token, proof))
+    assert info.value.reason == "dpop.alg"
+    only_es256 = TokenVerifier(fake.issuer, AUDIENCE, dpop_algorithms=["ES256"])
+    p384 = ECKey.generate_key("P-384")
+    token = fake.mint(jkt=p384.thumbprint())
+    with pytest.raises(InvalidDPoPProof) as info:
+        only_es256.verify("POST", URL, dpop_headers(token, sign_proof(p384, token=token, alg="ES384")))
+    assert info.value.reason == "dpop.alg"
+    assert header_lines(info.value)[0].endswith('algs="ES256"')
+
+
+def test_exactly_one_dpop_header(verifier: TokenVerifier, bound: str, client_key: ECKey) -> None:
+    one, two = sign_proof(client_key, token=bound), sign_proof(client_key, token=bound)
+    for headers in (
+        [("Authorization", f"DPoP {bound}"), ("DPoP", one), ("DPoP", two)],
+        {"Authorization": f"DPoP {bound}", "DPoP": f"{one}, {two}"},  # folded into one line
+        {"Authorization": f"DPoP {bound}"},
+    ):
+        with pytest.raises(InvalidDPoPProof) as info:
+            verifier.verify("POST", URL, headers)
+        assert info.value.reason == "dpop.count"
+
+
+def test_a_bound_token_used_as_bearer_is_refused(
+    verifier: TokenVerifier, bound: str, client_key: ECKey
+) -> None:
+    headers = [("Authorization", f"Bearer {bound}"), ("DPoP", sign_proof(client_key, token=bound))]
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("POST", URL, headers)
+    assert info.value.reason == "token.dpop_bound_used_as_bearer"
+    assert header_lines(info.value) == [
+        'Bearer error="invalid_token", error_description="The access token is invalid."',
+        f'DPoP algs="{ALGS}"',
+    ]
+
+
+def test_an_unbound_token_used_with_dpop_is_refused(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, client_key: ECKey
+) -> None:
+    token = fake.mint()
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("POST", URL, dpop_headers(token, sign_proof(client_key, token=token)))
+    assert info.value.reason == "token.not_dpop_bound"
+    assert header_lines(info.value)[0].startswith('DPoP error="invalid_token"')
+
+
+def test_dpop_challenges_use_the_dpop_scheme(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, client_key: ECKey
+) -> None:
+    now = time.time()
+    token = fake.mint(jkt=client_key.thumbprint(), auth_time=int(now) - 600, scope="deploy:read")
+    with pytest.raises(InsufficientUserAuthentication) as info:
+        verifier.verify("POST", URL, dpop_headers(token, sign_proof(client_key, token=token)), max_age=60)
+    assert header_lines(info.value) == [
+        'DPoP error="insufficient_user_authentication", error_description="More recent attestation is'
+        f' required.", max_age="60", algs="{ALGS}"'
+    ]
+
+
+def test_replay_cache_is_bounded_and_fails_closed() -> None:
+    cache = InMemoryReplayCache(max_entries=2)
+    assert cache.first_use("a", expires_at=100, now=0)
+    assert not cache.first_use("a", expires_at=100, now=50)
+    assert cache.first_use("b", expires_at=100, now=0)
+    with pytest.raises(ReplayCacheFull):
+        cache.first_use("c", expires_at=100, now=50)
+    assert cache.first_use("c", expires_at=300, now=100)  # a and b expired, purged
+    assert len(cache) == 1
+    assert cache.first_use("a", expires_at=400, now=150)  # seen before, but outside its window
+
+
+# -- JWKS fetching ----------------------------------------------------------------------------------
+
+
+def test_jwks_is_cached_and_refetched_once_for_an_unknown_kid(fake: FakeAuthorizationServer) -> None:
+    verifier = TokenVerifier(fake.issuer, AUDIENCE, jwks_min_refresh_interval=0)
+    for _ in range(5):
+        verifier.verify("GET", URL, bearer(fake.mint()))
+    assert fake.jwks_requests == 1
+    fake.rotate()
+    assert verifier.verify("GET", URL, bearer(fake.mint())).subject
+    assert fake.jwks_requests == 2
+    stranger = ECKey.generate_key("P-256", auto_kid=True)
+    with pytest.raises(InvalidToken):
+        verifier.verify("GET", URL, bearer(fake.mint(key=stranger)))
+    assert fake.jwks_requests == 3
+
+
+def test_unknown_kid_refetches_are_rate_limited(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    verifier.verify("GET", URL, bearer(fake.mint()))
+    for _ in range(5):
+        stranger = ECKey.generate_key("P-256", auto_kid=True)
+        with pytest.raises(InvalidToken):
+            verifier.verify("GET", URL, bearer(fake.mint(key=stranger)))
+    assert fake.jwks_requests == 1  # within min_refresh_interval (30 s): no refetch at all
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "refetch_after"),
+    [
+        ("public, max-age=120", 120),
+        ("max-age=5", 30),
+        ("no-store", 30),
+        (None, 300),
+        ("max-age=999999", 86400),
+    ],
+)
+def test_jwks_cache_control_is_honoured(
+    fake: FakeAuthorizationServer, cache_control: str | None, refetch_after: int
+) -> None:
+    fake.jwks_cache_control = cache_control or ""
+    clock = Clock(1000.0)
+    keys = JWKSCache(f"{fake.url}/.well-known/jwks.json", clock=clock)
+    keys.key_for(fake.key.kid, "ES256")
+    clock.now += refetch_after - 1
+    keys.key_for(fake.key.kid, "ES256")
+    assert fake.jwks_requests == 1
+    clock.now += 1
+    keys.key_for(fake.key.kid, "ES256")
+    assert fake.jwks_requests == 2
+
+
+def test_concurrent_fetches_are_single_flight(fake: FakeAuthorizationServer) -> None:
+    fake.jwks_gate = threading.Event()
+    # No rate limit, so only single flight can keep the waiting threads from fetching again.
+    keys = JWKSCache(f"{fake.url}/.well-known/jwks.json", min_refresh_interval=0)
+    found: list[Key] = []
+    threads = [
+        threading.Thread(target=lambda: found.append(keys.key_for(fake.key.kid, "ES256"))) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while fake.jwks_requests == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    fake.jwks_gate.set()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert len(found) == 8
+    assert fake.jwks_requests == 1
+
+
+def test_private_symmetric_and_weak_keys_in_the_jwks_are_skipped(fake: FakeAuthorizationServer) -> None:
+    weak = RSAKey.generate_key(2048, auto_kid=True).as_dict(private=False)
+    weak["n"] = weak["n"][: len(weak["n"]) // 2]  # a 1024-bit modulus
+    fake.jwks_document = {
+        "keys": [
+            fake.key.as_dict(private=True),
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "mac"},
+            {**weak, "kid": "weak"},
+            {**fake.key.as_dict(private=False), "kid": "enc", "use": "enc"},
+        ]
+    }
+    keys = JWKSCache(f"{fake.url}/.well-known/jwks.json")
+    for kid in (fake.key.kid, "mac", "weak", "enc"):
+        with pytest.raises(UnknownKey):
+            keys.key_for(kid, "ES256")
+
+
+def test_an_rsa_key_with_exponent_3_in_the_jwks_is_skipped(
+    fake: FakeAuthorizationServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NIST SP 800-56B: e = 65537 only, as at the STS; the key is skipped with a log line."""
+    e3 = rsa_key_with_exponent_3()
+    strong = RSAKey.generate_key(2048, parameters={"kid": "strong", "alg": "RS256"})
+    fake.jwks_document = {"keys": [e3.as_dict(private=False), strong.as_dict(private=False)]}
+    keys = JWKSCache(f"{fake.url}/.well-known/jwks.json")
+    with caplog.at_level("WARNING", logger="sts_client.jwks"):
+        assert keys.key_for("strong", "RS256").thumbprint() == strong.thumbprint()
+    with pytest.raises(UnknownKey):
+        keys.key_for("e3", "RS256")
+    assert any("exponent" in message for message in caplog.messages), caplog.messages
+
+
+def test_unreachable_keys_fail_closed_with_503(fake: FakeAuthorizationServer) -> None:
+    fake.jwks_available = False
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    with pytest.raises(TemporarilyUnavailable) as info:
+        verifier.verify("GET", URL, bearer(fake.mint()))
+    assert info.value.status == 503
+    assert header_lines(info.value) == []
+    assert header_lines(info.value, "Retry-After") == ["5"]
+
+
+def test_metadata_naming_another_issuer_is_refused(fake: FakeAuthorizationServer) -> None:
+    fake.metadata_issuer = "https://impostor.example"
+    with pytest.raises(TemporarilyUnavailable):
+        TokenVerifier(fake.issuer, AUDIENCE).verify("GET", URL, bearer(fake.mint()))
+    assert fake.jwks_requests == 0
+
+
+def test_plain_http_is_only_for_loopback() -> None:
+    with pytest.raises(ValueError, match="https"):
+        TokenVerifier("http://sts.example.com", AUDIENCE)
+    with pytest.raises(ValueError, match="https"):
+        TokenVerifier("https://sts.example.com", AUDIENCE, jwks_uri="http://keys.example.com/jwks")
+
+
+# -- revocation through introspection ---------------------------------------------------------------
+
+
+def test_revocation_is_seen_after_the_introspection_cache(fake: FakeAuthorizationServer) -> None:
+    verifier = TokenVerifier(fake.issuer, AUDIENCE, introspection=INTROSPECTION_CLIENT)
+    now = time.time()
+    token = fake.mint(now=now)
+    jti = jwt.decode(token, fake.key, algorithms=["ES256"]).claims["jti"]
+    assert verifier.verify("GET", URL, bearer(token), now=now)
+    fake.revoked.add(jti)
+    assert verifier.verify("GET", URL, bearer(token), now=now + 29)  # cached answer
+    assert fake.introspection_requests == 1
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(token), now=now + 31)
+    assert info.value.reason == "token.inactive"
+    assert fake.introspection_requests == 2
+
+
+def test_introspection_failures_fail_closed(fake: FakeAuthorizationServer) -> None:
+    fake.introspection_available = False
+    with pytest.raises(TemporarilyUnavailable):
+        TokenVerifier(fake.issuer, AUDIENCE, introspection=INTROSPECTION_CLIENT).verify(
+            "GET", URL, bearer(fake.mint())
+        )
+    fake.introspection_available = True
+    wrong = TokenVerifier(fake.issuer, AUDIENCE, introspection=("deploy-api", "wrong"))
+    with pytest.raises(TemporarilyUnavailable):
+        wrong.verify("GET", URL, bearer(fake.mint()))
+    assert "wrong" not in repr(wrong._introspection)
+
+
+# -- Flask and WSGI integration ---------------------------------------------------------------------
+
+
+def test_flask_decorator_sets_g_token_and_answers_challenges(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    app = Flask(__name__)
+
+    @app.post("/releases")
+    @require_token(verifier, scopes="deploy:write", max_age=60)
+    def release() -> dict[str, Any]:
+        return {"sub": g.token.subject, "scopes": sorted(g.token.scopes)}
+
+    web = app.test_client()
+    token = fake.mint(scope="deploy:read deploy:write")
+    resp = web.post("/releases", headers=bearer(token))
+    assert resp.status_code == 200
+    assert resp.get_json() == {
+        "sub": "repo:acme/app:ref:refs/heads/main",
+        "scopes": ["deploy:read", "deploy:write"],
+    }
+
+    resp = web.post("/releases", headers=bearer(fake.mint(scope="deploy:read")))
+    assert resp.status_code == 403
+    assert resp.get_json()["error"] == "insufficient_scope"
+    assert 'scope="deploy:write"' in resp.headers["WWW-Authenticate"]
+
+    old = fake.mint(scope="deploy:write", auth_time=int(time.time()) - 600)
+    resp = web.post("/releases", headers=bearer(old))
+    assert resp.status_code == 401
+    assert resp.headers["Cache-Control"] == "no-store"
+    [challenge] = parse_challenges(resp.headers.getlist("WWW-Authenticate"))
+    assert challenge.error == "insufficient_user_authentication"
+    assert challenge.params["max_age"] == "60"
+
+    resp = web.post("/releases")
+    assert resp.status_code == 401
+    assert resp.headers.getlist("WWW-Authenticate") == ["Bearer", f'DPoP algs="{ALGS}"']
+
+
+def test_flask_decorator_checks_dpop_against_the_request_url(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    app = Flask(__name__)
+
+    @app.get("/items")
+    @require_token(verifier)
+    def items() -> dict[str, Any]:
+        return {"jkt": g.token.jkt}
+
+    key = DPoPKey()
+    token = fake.mint(jkt=key.jkt)
+    web = app.test_client()
+    proof = key.proof("GET", "http://localhost/items", access_token=token)
+    resp = web.get("/items?x=1", headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+    assert resp.status_code == 200 and resp.get_json() == {"jkt": key.jkt}
+    wrong = key.proof("GET", "http://localhost/other", access_token=token)
+    resp = web.get("/items", headers={"Authorization": f"DPoP {token}", "DPoP": wrong})
+    assert resp.status_code == 401
+    assert resp.headers["WWW-Authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+
+
+def test_wsgi_middleware_protects_prefixes(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
+    seen: list[Any] = []
+
+    @Request.application
+    def inner(request: Request) -> Response:
+        seen.append(request.environ.get(ENVIRON_KEY))
+        return Response("ok")
+
+    app = TokenMiddleware(
+        inner,
+        verifier,
+        [
+            "/api",
+            ProtectedPath("/api/admin/", scopes=("deploy:admin",)),
+            ProtectedPath("/api/fresh", max_age=60),
+        ],
+    )
+    web = Client(app)
+    assert web.get("/health").status_code == 200
+    assert web.get("/apix").status_code == 200  # /api covers whole segments only
+    assert seen == [None, None]
+    resp = web.get("/api/things")
+    assert resp.status_code == 401 and resp.headers.getlist("WWW-Authenticate")[0] == "Bearer"
+    token = fake.mint(scope="deploy:read", auth_time=int(time.time()) - 600)
+    resp = web.get("/api/things", headers=bearer(token))
+    assert resp.status_code == 200
+    assert isinstance(seen[-1], VerifiedAccessToken) and seen[-1].scopes == {"deploy:read"}
+    resp = web.get("/api/admin/users", headers=bearer(token))
+    assert resp.status_code == 403 and resp.json == {
+        "error": "insufficient_scope",
+        "error_description": "The access token does not grant the scope this resource requires.",
+    }
+    resp = web.get("/api/fresh", headers=bearer(token))
+    assert resp.status_code == 401 and 'max_age="60"' in resp.headers["WWW-Authenticate"]
+    assert len(seen) == 3
+
+
+# -- challenges ------------------------------------------------------------------------------------
+
+
+def test_challenges_parse_what_servers_send() -> None:
+    line = (
+        'Bearer error="insufficient_user_authentication", error_description="More recent '
+        'authentication is required", max_age=5, DPoP algs="ES256 PS256", Basic dXNlcjpwYXNz==, '
+        'Newauth realm="apps", type=1, title="Login to \\"apps\\""'
+    )
+    parsed = parse_challenges(line)
+    assert [c.scheme for c in parsed] == ["Bearer", "DPoP", "Basic", "Newauth"]
+    assert parsed[0].params == {
+        "error": "insufficient_user_authentication",
+        "error_description": "More recent authentication is required",
+        "max_age": "5",
+    }
+    assert parsed[1].params == {"algs": "ES256 PS256"}
+    assert parsed[2].token68 == "dXNlcjpwYXNz=="
+    assert parsed[3].params["title"] == 'Login to "apps"'
+    assert parse_challenges(["Bearer", 'DPoP error="use_dpop_nonce"'])[1].error == "use_dpop_nonce"
+    rendered = Challenge("Bearer", {"error_description": 'a "quoted"\r\nvalue'}).render()
+    assert rendered == 'Bearer error_description="a \\"quoted\\"value"'
+    assert parse_challenges(rendered)[0].params["error_description"] == 'a "quoted"value'

@@ -1,0 +1,364 @@
+"""The workload library: ``StsAuth`` caching, renewal, retries and DPoP; the attestation sources.
+
+The STS here is the authorization-server double, because it does what RFC
+9449 asks of a token endpoint (nonce demand, ``cnf.jkt``, ``token_type:
+DPoP``) and the real STS does not do yet; the resource server is a Flask app
+using the library's own verifier, both over real HTTP.  The flows through the
+real STS are in ``test_clients_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask, Response, g, request
+from joserfc import jws
+from sts_client import (
+    AttestationUnavailable,
+    CallableAttestation,
+    ExchangeRefused,
+    FileAttestation,
+    GitHubActionsAttestation,
+    GitLabCIAttestation,
+    StsAuth,
+    StsUnavailable,
+    TokenVerifier,
+)
+from sts_client.flask import require_token
+from werkzeug.wrappers import Request
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from tests.support.clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer, Served
+from tests.support.clock import Clock
+
+RS_NONCE = "rs-nonce-1"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAuthorizationServer]:
+    server = FakeAuthorizationServer()
+    yield server
+    server.stop()
+
+
+def _proof_claims() -> dict[str, Any]:
+    proof = request.headers.get("DPoP")
+    if not proof:
+        return {}
+    claims: dict[str, Any] = json.loads(jws.extract_compact(proof.encode()).payload)
+    return claims
+
+
+@pytest.fixture
+def resource_server(fake: FakeAuthorizationServer) -> Iterator[Served]:
+    """A Flask API protected with ``@require_token``; revocation through the double's introspection."""
+    verifier = TokenVerifier(
+        fake.issuer, AUDIENCE, introspection=INTROSPECTION_CLIENT, introspection_cache_seconds=0
+    )
+    app = Flask("resource-server")
+    app.config["calls"] = []
+
+    @app.before_request
+    def record() -> None:
+        app.config["calls"].append(request.headers.get("Authorization", "").split(" ")[0])
+
+    @app.get("/items")
+    @require_token(verifier, scopes="deploy:read")
+    def items() -> dict[str, Any]:
+        return {"sub": g.token.subject, "jkt": g.token.jkt, "jti": g.token.jti}
+
+    @app.post("/fresh")
+    @require_token(verifier, max_age=60)
+    def fresh() -> dict[str, Any]:
+        return {"echo": request.get_json(), "auth_time": g.token.auth_time}
+
+    @app.get("/nonce")
+    def nonce() -> Any:
+        # RFC 9449 §9: a resource server may demand a nonce of its own.
+        if _proof_claims().get("nonce") != RS_NONCE:
+            refusal = Response(status=401)
+            refusal.headers["WWW-Authenticate"] = 'DPoP error="use_dpop_nonce", error_description="nonce"'
+            refusal.headers["DPoP-Nonce"] = RS_NONCE
+            return refusal
+        return require_token(verifier)(lambda: {"ok": True, "jkt": g.token.jkt})()
+
+    @app.get("/always-refused")
+    def refused() -> Any:
+        refusal = Response(status=401)
+        refusal.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        return refusal
+
+    served = Served(app)
+    served.app = app  # type: ignore[attr-defined]
+    yield served
+    served.stop()
+
+
+def calls(rs: Served) -> list[str]:
+    recorded: list[str] = rs.app.config["calls"]  # type: ignore[attr-defined]
+    return recorded
+
+
+def subjects(*names: str) -> CallableAttestation:
+    """An attestation source handing out the given subject tokens in turn (then the last one)."""
+    handed: list[str] = []
+
+    def next_subject() -> str:
+        value = names[min(len(handed), len(names) - 1)]
+        handed.append(value)
+        return value
+
+    source = CallableAttestation(next_subject)
+    source.handed = handed  # type: ignore[attr-defined]
+    return source
+
+
+# -- DPoP ------------------------------------------------------------------------------------------
+
+
+def test_dpop_bound_tokens_with_a_token_endpoint_nonce(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    fake.dpop_nonce = "as-nonce-7"
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("subject-1"), dpop=True)
+    assert auth.dpop_key is not None
+    first = requests.get(f"{resource_server.url}/items", auth=auth, timeout=5)
+    assert first.status_code == 200, first.text
+    assert first.json()["jkt"] == auth.dpop_key.jkt
+    # RFC 9449 §8: the first proof had no nonce, the STS said use_dpop_nonce, the retry carried it.
+    assert [(r["dpop"], r["nonce"]) for r in fake.token_requests] == [(True, None), (True, "as-nonce-7")]
+    assert auth.token().token_type == "DPoP"
+    # The token is reused with a fresh proof (the verifier refuses a replayed jti).
+    second = requests.get(f"{resource_server.url}/items", auth=auth, timeout=5)
+    assert second.status_code == 200 and second.json()["jti"] == first.json()["jti"]
+    assert len(fake.token_requests) == 2 and auth.exchanges == 1
+    assert calls(resource_server) == ["DPoP", "DPoP"]
+
+
+def test_resource_server_nonce_is_answered_once_then_remembered(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("subject-1"), dpop=True)
+    resp = requests.get(f"{resource_server.url}/nonce", auth=auth, timeout=5)
+    assert resp.status_code == 200, resp.text
+    assert [r.status_code for r in resp.history] == [401]
+    resp = requests.get(f"{resource_server.url}/nonce", auth=auth, timeout=5)
+    assert resp.status_code == 200 and resp.history == []
+    assert auth.exchanges == 1
+
+
+def test_without_dpop_the_token_is_a_bearer_token(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("subject-1"))
+    resp = requests.get(f"{resource_server.url}/items", auth=auth, timeout=5)
+    assert resp.status_code == 200 and resp.json()["jkt"] is None
+    assert fake.token_requests[0]["dpop"] is False
+    assert calls(resource_server) == ["Bearer"]
+
+
+# -- caching and renewal -----------------------------------------------------------------------------
+
+
+def test_token_is_cached_until_shortly_before_expiry(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    clock = Clock(time.time())
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), clock=clock)
+    session = requests.Session()
+    for _ in range(3):
+        assert session.get(f"{resource_server.url}/items", auth=auth, timeout=5).status_code == 200
+    assert auth.exchanges == 1
+    clock.now += 300 - 30 - 1  # 300 s token, renewed 30 s before expiry
+    assert auth.token() is auth.token()
+    assert auth.exchanges == 1
+    clock.now += 1
+    auth.token()
+    assert auth.exchanges == 2
+    # A short token is renewed when 10 % of its life is left.
+    fake.token_lifetime = 60
+    short = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), clock=clock)
+    short.token()
+    clock.now += 53
+    short.token()
+    assert short.exchanges == 1
+    clock.now += 1
+    short.token()
+    assert short.exchanges == 2
+
+
+def test_attestation_step_up_from_the_resource_server_renews_and_retries(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    now = int(time.time())
+    fake.auth_time = lambda subject: now - 600 if subject == "stale" else now
+    source = subjects("stale", "fresh")
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=source)
+    resp = requests.post(f"{resource_server.url}/fresh", json={"release": 42}, auth=auth, timeout=5)
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"echo": {"release": 42}, "auth_time": now}  # the body went again
+    assert [r.status_code for r in resp.history] == [401]
+    assert source.handed == ["stale", "fresh"]  # type: ignore[attr-defined]
+    assert fake.subjects_seen == ["stale", "fresh"]
+
+
+def test_invalid_token_renews_once(fake: FakeAuthorizationServer, resource_server: Served) -> None:
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s1", "s2"))
+    first = requests.get(f"{resource_server.url}/items", auth=auth, timeout=5).json()["jti"]
+    fake.revoked.add(first)  # RFC 7009 revocation, seen through introspection
+    resp = requests.get(f"{resource_server.url}/items", auth=auth, timeout=5)
+    assert resp.status_code == 200
+    assert resp.json()["jti"] != first
+    assert auth.exchanges == 2
+
+
+def test_a_refused_retry_is_not_retried_again(fake: FakeAuthorizationServer, resource_server: Served) -> None:
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s1", "s2", "s3"))
+    resp = requests.get(f"{resource_server.url}/always-refused", auth=auth, timeout=5)
+    assert resp.status_code == 401
+    assert len(resp.history) == 1
+    assert auth.exchanges == 2
+    assert len(calls(resource_server)) == 2
+
+
+def test_other_refusals_are_returned_as_they_are(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    fake_scope_auth = StsAuth(fake.issuer, AUDIENCE, scope="deploy:write", attestation=subjects("s"))
+    resp = requests.get(f"{resource_server.url}/items", auth=fake_scope_auth, timeout=5)
+    assert resp.status_code == 403  # insufficient_scope: a new token would not help
+    assert resp.history == [] and fake_scope_auth.exchanges == 1
+
+
+def test_sts_refusals_and_outages_are_raised(fake: FakeAuthorizationServer, resource_server: Served) -> None:
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"))
+    fake.token_answer = (400, {"error": "invalid_target", "error_description": "The server will not issue."})
+    with pytest.raises(ExchangeRefused) as refused:
+        requests.get(f"{resource_server.url}/items", auth=auth, timeout=5)
+    assert (refused.value.error, refused.value.status) == ("invalid_target", 400)
+    assert not refused.value.is_step_up
+    fake.token_answer = (503, {"error": "temporarily_unavailable"})
+    with pytest.raises(StsUnavailable) as unavailable:
+        requests.get(f"{resource_server.url}/items", auth=auth, timeout=5)
+    assert unavailable.value.error == "temporarily_unavailable"
+    wrong_endpoint = StsAuth(
+        fake.issuer, AUDIENCE, attestation=subjects("s"), token_endpoint=f"{fake.url}/nope"
+    )
+    with pytest.raises(StsUnavailable, match="HTTP 404"):
+        wrong_endpoint.token()
+    assert calls(resource_server) == []  # nothing reached the resource server without a token
+
+
+def test_client_credentials_are_sent_as_client_secret_basic(fake: FakeAuthorizationServer) -> None:
+    auth = StsAuth(
+        fake.issuer, AUDIENCE, attestation=subjects("s"), client_credentials=("my client", "p@ss:word/+")
+    )
+    auth.token()
+    header = fake.token_requests[0]["authorization"]
+    # RFC 6749 §2.3.1: form-urlencoded before base64.
+    assert base64.b64decode(header.removeprefix("Basic ")).decode() == "my%20client:p%40ss%3Aword%2F%2B"
+
+
+def test_tokens_never_reach_the_log_or_repr(
+    fake: FakeAuthorizationServer, resource_server: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    now = int(time.time())
+    fake.auth_time = lambda subject: now - 600 if subject == "stale-subject-token" else now
+    fake.dpop_nonce = "n"
+    auth = StsAuth(
+        fake.issuer,
+        AUDIENCE,
+        attestation=subjects("stale-subject-token", "fresh-subject-token"),
+        dpop=True,
+        client_credentials=("cid", "client-secret-value"),
+    )
+    resp = requests.post(f"{resource_server.url}/fresh", json={}, auth=auth, timeout=5)
+    assert resp.status_code == 200
+    token = auth.token()
+    assert "renewing" in caplog.text  # the renewal is logged...
+    for secret in (token.access_token, "stale-subject-token", "fresh-subject-token", "client-secret-value"):
+        assert secret not in caplog.text  # ...without any credential
+        assert secret not in repr(auth) + repr(token) + repr(auth._client)
+
+
+# -- attestation sources ----------------------------------------------------------------------------
+
+
+def test_file_attestation_is_read_again_on_every_fetch(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("first.token.value\n")
+    source = FileAttestation(path)
+    assert source.fetch() == "first.token.value"
+    path.write_text("second.token.value")  # the kubelet rotated it
+    assert source.fetch() == "second.token.value"
+    path.write_text("   ")
+    with pytest.raises(AttestationUnavailable, match="empty"):
+        source.fetch()
+    path.unlink()
+    with pytest.raises(AttestationUnavailable, match="cannot read"):
+        source.fetch()
+
+
+def test_github_actions_attestation_requests_a_token_for_the_audience() -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    @Request.application
+    def runtime(req: Request) -> WerkzeugResponse:
+        seen.append((req.full_path, req.headers.get("Authorization")))
+        if req.headers.get("Authorization") != "bearer request-token":
+            return WerkzeugResponse("{}", status=401)
+        return WerkzeugResponse(json.dumps({"value": f"oidc-for-{req.args['audience']}"}))
+
+    with Served(runtime) as served:
+        env = {
+            "ACTIONS_ID_TOKEN_REQUEST_URL": f"{served.url}/idtoken?api-version=2.0",
+            "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "request-token",
+        }
+        source = GitHubActionsAttestation("https://sts.example.com", environ=env)
+        assert source.fetch() == "oidc-for-https://sts.example.com"
+        assert seen == [
+            ("/idtoken?api-version=2.0&audience=https%3A%2F%2Fsts.example.com", "bearer request-token")
+        ]
+        env["ACTIONS_ID_TOKEN_REQUEST_TOKEN"] = "wrong"
+        with pytest.raises(AttestationUnavailable, match="HTTP 401"):
+            source.fetch()
+    with pytest.raises(AttestationUnavailable, match="id-token: write"):
+        GitHubActionsAttestation("https://sts.example.com", environ={}).fetch()
+
+
+def test_gitlab_and_callable_attestation() -> None:
+    assert GitLabCIAttestation("STS_ID_TOKEN", environ={"STS_ID_TOKEN": "a.b.c"}).fetch() == "a.b.c"
+    assert GitLabCIAttestation().renewable is False
+    with pytest.raises(AttestationUnavailable, match="id_tokens"):
+        GitLabCIAttestation("MISSING", environ={}).fetch()
+    with pytest.raises(AttestationUnavailable):
+        CallableAttestation(lambda: None).fetch()  # type: ignore[arg-type, return-value]
+    with pytest.raises(AttestationUnavailable, match="single token"):
+        CallableAttestation(lambda: "two tokens").fetch()
+
+
+def test_exchange_refused_reads_the_step_up_refusal() -> None:
+    refusal = ExchangeRefused(
+        400,
+        {
+            "error": "insufficient_user_authentication",
+            "error_description": "Fresh attestation is required.",
+            "max_age": 60,
+            "step_up": {
+                "required": "fresh_attestation",
+                "max_attestation_age": 60,
+                "signals": ["unusual_network"],
+            },
+        },
+    )
+    assert refusal.is_step_up and refusal.max_age == 60 and refusal.signals == ["unusual_network"]
+    assert str(refusal) == "insufficient_user_authentication: Fresh attestation is required."

@@ -1,0 +1,1 @@
+"""Tests of ``sts/core``: the decision pipeline (attestation, claims, policy, risk, delegation...)."""

@@ -1,0 +1,1 @@
+"""Tests of ``sts/core/profiles``: one file per attestation profile (see conftest.py)."""

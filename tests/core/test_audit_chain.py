@@ -1,0 +1,888 @@
+"""Tamper evidence of the audit trail: hash chains, ``sts audit verify`` and signed checkpoints.
+
+* The canonical form is RFC 8785 (JCS): the fast path agrees with the
+  ``rfc8785`` library on tricky values, and RFC 8785's own example.
+* Two writer processes (each several threads, through both write paths)
+  write to one database, SQLite and a private PostgreSQL database; the trail
+  verifies; then an edited record, an edited column, a deleted record and
+  two reordered records are each reported at the right link, and undoing
+  each makes the trail verify again.
+* Truncation (the newest records, a whole chain) and a rewritten history
+  pass the chain walk alone and are caught with a signed checkpoint.
+* Retention: a pruned oldest prefix still verifies from its anchors; a
+  prefix deleted without them does not.
+* A failed commit leaves no gap; a commit whose outcome is unknown is
+  settled without a gap either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import random
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rfc8785
+import yaml
+from click.testing import CliRunner
+from sqlalchemy import Engine, delete, func, insert, select, text, update
+
+from sts.adapters import audit_integrity
+from sts.adapters.keyring import KeyRing
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.chain_heads import ChainHeads
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.retention import PruneWouldBreakChain, record_prune_anchors
+from sts.adapters.sql.schema import audit_chains, audit_events
+from sts.adapters.sql.statements import CommitOutcomeUnknown
+from sts.cli import main
+from sts.core.audit import AuditRecord
+from sts.core.audit_chain import (
+    AuditTrailBroken,
+    BrokenLink,
+    CheckpointInvalid,
+    TrailReport,
+    canonical_json,
+    canonical_record,
+    genesis_hash,
+    link_hash,
+)
+from sts.core.ports import AuditUnavailable, SingleUse
+from sts.migrations import upgrade
+from tests.adapters.test_stores import PgSchema, private_database
+
+NOW = 1_700_000_000.0
+ISSUER = "https://sts.example.com"
+MALLORY = "repo:mallory/app:ref:refs/heads/main"
+events, chains = audit_events, audit_chains
+
+
+# -- the canonical form and the link ----------------------------------------------------------
+
+#: RFC 8785 §3.2.2 and §3.2.3: the example input and its canonical form.
+RFC8785_EXAMPLE = (
+    '{"numbers":[333333333.33333329,1E30,4.50,2e-3,0.000000000000000000000000001],'
+    '"string":"\\u20ac$\\u000F\\u000aA\'\\u0042\\u0022\\u005c\\\\\\"\\/","literals":[null,true,false]}'
+)
+RFC8785_CANONICAL = (
+    '{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
+    '"string":"\u20ac$\\u000f\\nA\'B\\"\\\\\\\\\\"/"}'
+)
+
+TRICKY: list[Any] = [
+    {"t": 1_700_000_000.0, "exp": 1_700_000_300.25, "zero": 0.0, "neg": -0.0, "one": 1.0},
+    {"small": [1e-4, 9.9e-5, 1e-6, 1e-7, 1.5e-10], "big": [1e15 + 0.5, 1e16, 1e21, 1e22, 2.0**53]},
+    {"ints": [0, -1, 2**53 - 1, -(2**53 - 1)], "bools": [True, False, None]},
+    {"s": "\x00\x01\x1f\x7f \u2028\u2029 \"'\\/ \t\n\r\b\f é 😀 \ufeff"},
+    {"\ue000": 1, "\U0001f600": 2, "a": 3, "é": 4, "B": 5},  # UTF-16 order differs from code points
+    {"nested": {"z": [{"y": 0.125, "x": [1.5, "2"]}], "a": {}}, "empty": [], "tuple": (1, 2.5)},
+    [0.1, 0.2, 0.30000000000000004, 123456789.123, 5e-324, 1.7976931348623157e308],
+    {"looks like numbers": ":1.0,", "more": "[1e-05]", "digits": ",1234567890123456789}"},
+    1.0,
+    -0.0,
+]
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_canonical_json_is_rfc8785(value: Any) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value).decode("utf-8")
+
+
+def test_canonical_json_is_rfc8785_on_random_values() -> None:
+    """Seeded random JSON, weighted toward what the fast path must recognise: integral, tiny and
+    huge floats, long integers, number-like strings, and characters from U+E000 up."""
+    rng = random.Random(8785)
+    alphabet = 'aZ09:,[]{}.e-+"\\/\x00\x1f\x7f é€\u2028\ue000\uffff😀'
+    specials = [0.0, -0.0, 1e-4, 9.999e-5, 1e-6, 1e-7, 1e15, 1e16, 1e21, 2.0**52 + 0.5, 5e-324]
+
+    def number() -> float:
+        kind = rng.random()
+        if kind < 0.25:
+            return float(rng.randint(-(10**6), 10**6))
+        if kind < 0.5:
+            return rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30)
+        if kind < 0.6:
+            return rng.choice(specials)
+        return rng.random() * 10 ** rng.randint(-6, 17)
+
+    def string() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+
+    def value(depth: int = 0) -> Any:
+        kind = rng.random()
+        if depth > 3 or kind < 0.5:
+            scalars = [None, True, rng.randint(-(2**53) + 1, 2**53 - 1), number(), number(), string()]
+            return rng.choice(scalars)
+        if kind < 0.75:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {string(): value(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    for _ in range(3000):
+        v = value()
+        assert canonical_json(v) == rfc8785.dumps(v).decode("utf-8"), v
+
+
+def _audit_shaped(rng: random.Random, *, unicode_names: bool = True) -> dict[str, Any]:
+    """A decision record as the pipeline builds one (``AuditRecord.as_dict``), with random values:
+    integral and fractional times, unicode subjects and user agents, nested risk evidence; with
+    ``unicode_names``, member names from U+E000 up too (which the fast path leaves to rfc8785)."""
+    text = 'aZ09:/|@.-_ é€ü中文 😀\u2028"\\\x01'
+
+    def string(limit: int = 24) -> str:
+        return "".join(rng.choice(text) for _ in range(rng.randint(0, limit)))
+
+    def when() -> float:
+        return rng.choice([float(rng.randint(1_600_000_000, 1_900_000_000)), rng.uniform(1.6e9, 1.9e9)])
+
+    signals = [
+        {
+            "name": rng.choice(["unusual_network", "attestation_drift", "recent_failures", "shared_signal"]),
+            "fired": rng.random() < 0.3,
+            "weight": rng.choice([0, 30, 60, 12.5, 100.0]),
+            "reason": string(40),
+            "evidence": {
+                "network": "10.0.0.0/24",
+                "count": rng.randint(0, 40),
+                "age": rng.choice([0, 0.0, 12.75, when()]),
+                "changed": {
+                    string(8) if unicode_names else rng.choice(["repository_id", "cnf_jkt", "ref"]): {
+                        "was": string(),
+                        "now": string(),
+                    }
+                },
+                "clears": [{"by": "probation", "exchanges_left": rng.randint(0, 3), "max_age": 60}],
+            },
+        }
+        for _ in range(rng.randint(0, 7))
+    ]
+    return {
+        "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "time": when(),
+        "request_id": string(),
+        "endpoint": rng.choice(["token", "introspect", "revoke", "ssf"]),
+        "source_ip": rng.choice(["127.0.0.1", "2001:db8::1", None]),
+        "user_agent": rng.choice([None, string(60)]),
+        "outcome": rng.choice(["granted", "refused", "error"]),
+        "error": rng.choice([None, "invalid_request", "invalid_target"]),
+        "client_id": rng.choice([None, string()]),
+        "subject": string(80),
+        "subject_token_iat": rng.choice([None, when(), float(rng.randint(0, 2**53 - 1))]),
+        "requested_audience": [string() for _ in range(rng.randint(0, 3))],
+        "requested_scope": rng.choice([None, [string(10) for _ in range(rng.randint(0, 3))]]),
+        "granted_lifetime": rng.choice([None, rng.randint(1, 86400)]),
+        "reasons": [string(30) for _ in range(rng.randint(0, 4))],
+        "issued_exp": rng.choice([None, rng.randint(1_600_000_000, 1_900_000_000), when()]),
+        "details": {
+            "trace_id": secrets.token_hex(16) if rng.random() < 0.5 else None,
+            "delegation_depth": rng.randint(0, 3),
+            "risk": {
+                "mode": "enforce",
+                "score": rng.choice([0, 30, 90.0, 42.5]),
+                "decision": {"action": "allow", "lifetime_factor": rng.choice([1.0, 0.5, 0.2, 1])},
+                "signals": signals,
+                "learning": rng.random() < 0.5,
+                "baseline": {"count": rng.randint(0, 9), "since": when()},
+            },
+            "assurance": {"presented": string(), "max_age": rng.choice([None, 300, 300.0])},
+        },
+    }
+
+
+def test_canonical_json_is_rfc8785_on_generated_audit_records() -> None:
+    rng = random.Random(1208)
+    for _ in range(2000):
+        record = _audit_shaped(rng)
+        assert canonical_json(record) == rfc8785.dumps(record).decode("utf-8"), record
+
+
+def test_audit_records_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records the pipeline writes (integral float times among them) never need the
+    pure-Python ``rfc8785`` library, which costs several times the rest of the audit write."""
+    rng = random.Random(12)
+    records = [_audit_shaped(rng, unicode_names=False) for _ in range(200)]
+    expected = [rfc8785.dumps(record).decode("utf-8") for record in records]
+
+    def refuse(value: Any) -> bytes:
+        raise AssertionError("fell back to the rfc8785 library")
+
+    monkeypatch.setattr(rfc8785, "dumps", refuse)
+    for record, canonical in zip(records, expected, strict=True):
+        before = json.dumps(record, sort_keys=True)
+        assert canonical_record(record) == (canonical, record)
+        assert json.dumps(record, sort_keys=True) == before  # the record itself is not changed
+
+
+def test_canonical_json_of_the_rfc8785_example() -> None:
+    assert canonical_json(json.loads(RFC8785_EXAMPLE)) == RFC8785_CANONICAL
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 2**53, "lone \ud800 surrogate"])
+def test_canonical_json_refuses_what_jcs_cannot_represent(value: Any) -> None:
+    with pytest.raises(rfc8785.CanonicalizationError):
+        canonical_json({"v": value})
+
+
+def test_a_record_jcs_cannot_represent_is_stored_representable() -> None:
+    record = {"subject": "a\ud800b", "details": {"score": float("nan"), "n": 2**60, "when": object}}
+    stored_text, stored = canonical_record(record)
+    assert stored["subject"] == "a\ufffdb" and stored["details"]["score"] == "nan"
+    assert stored["details"]["n"] == str(2**60)
+    # What is stored reads back as the value it stands for, and canonicalizes to itself.
+    assert json.loads(stored_text) == stored
+    assert canonical_json(json.loads(stored_text)) == stored_text
+
+
+def test_link_hash_is_sha256_of_the_previous_hash_and_the_jcs_of_the_link() -> None:
+    chain_id, record = secrets.token_hex(16), {"b": [1.5, None], "a": "x"}
+    prev = genesis_hash(chain_id)
+    assert prev == hashlib.sha256(b"sts.audit.chain.v1:" + chain_id.encode()).hexdigest()
+    link = rfc8785.dumps({"seq": 7, "record": record, "chain_id": chain_id})
+    expected = hashlib.sha256(bytes.fromhex(prev) + link).hexdigest()
+    assert link_hash(prev, chain_id, 7, canonical_json(record)) == expected
+
+
+# -- databases and writers --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    with private_database() as name:
+        yield name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'audit.sqlite'}"
+        return
+    schema = PgSchema(request.getfixturevalue("pg_database"), f"t_{uuid.uuid4().hex[:12]}")
+    schema.execute(f'CREATE SCHEMA "{schema.schema}"')
+    try:
+        yield schema.url
+    finally:
+        schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE')
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def decision(n: int, now: float = NOW) -> AuditRecord:
+    outcome = "granted" if n % 3 else "refused"
+    return AuditRecord(
+        event_id=str(uuid.uuid4()),
+        time=now + n * 0.001,
+        request_id=f"req-{n}",
+        endpoint="token",
+        outcome=outcome,
+        error=None if outcome == "granted" else "invalid_target",
+        client_id="ci",
+        issuer="upstream",
+        subject=f"repo:acme/app-{n % 5}:ref:refs/heads/main",
+        subject_token_sha256=hashlib.sha256(str(n).encode()).hexdigest(),
+        granted_audience=["https://deploy.example.com"] if outcome == "granted" else [],
+        rule="deploy" if outcome == "granted" else None,
+        reasons=["policy.rule_matched" if outcome == "granted" else "policy.no_rule"],
+        issued_jti=secrets.token_urlsafe(16) if outcome == "granted" else None,
+        issued_exp=now + 300.5 if outcome == "granted" else None,
+        details={"risk": {"score": 0.25, "signals": ["new_audience"]}, "n": n},
+    )
+
+
+def write_decisions(url: str, start: int, count: int, threads: int, barrier: Barrier | None) -> None:
+    """One writer: its own engine and sink, ``threads`` threads, both write paths (every third
+    record commits a single use with it)."""
+    engine = make_engine(url)
+    sink = SqlAuditSink(engine)
+    failures: list[BaseException] = []
+
+    def work(first: int) -> None:
+        try:
+            for n in range(first, start + count, threads):
+                record = decision(n)
+                if n % 3 == 1:
+                    use = SingleUse("subject_token", f"{url}:{n}", NOW + 600, None)
+                    sink.write_with_uses(record, [use], NOW)
+                else:
+                    sink.write(record)
+        except BaseException as exc:
+            failures.append(exc)
+
+    if barrier is not None:
+        barrier.wait(timeout=60)
+    pool = [threading.Thread(target=work, args=(start + i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    engine.dispose()
+    if failures:
+        raise failures[0]
+
+
+def two_writer_processes(url: str, per_writer: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    writers = [
+        context.Process(target=write_decisions, args=(url, i * per_writer, per_writer, 4, barrier))
+        for i in range(2)
+    ]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(timeout=120)
+    assert [p.exitcode for p in writers] == [0, 0]
+
+
+def verify(engine: Engine, *checkpoints: dict[str, tuple[int, str]]) -> TrailReport:
+    report, _ = audit_integrity.verify_trail(engine, checkpoints)
+    return report
+
+
+def broken(engine: Engine, *checkpoints: dict[str, tuple[int, str]]) -> list[BrokenLink]:
+    with pytest.raises(AuditTrailBroken) as caught:
+        audit_integrity.verify_trail(engine, checkpoints)
+    return caught.value.report.broken
+
+
+def chain_rows(engine: Engine, chain_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        query = select(events).where(events.c.chain_id == chain_id).order_by(events.c.seq)
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def longest_chain(engine: Engine) -> str:
+    with engine.connect() as conn:
+        query = (
+            select(events.c.chain_id)
+            .where(events.c.chain_id.is_not(None))
+            .group_by(events.c.chain_id)
+            .order_by(func.count().desc())
+            .limit(1)
+        )
+        return str(conn.execute(query).scalar_one())
+
+
+# -- tampering: detected, on both databases, with two writers at once -------------------------
+
+
+def test_two_writer_processes_verify_and_every_kind_of_tampering_is_detected(
+    database_url: str, engine: Engine
+) -> None:
+    two_writer_processes(database_url, per_writer=60)
+    report = verify(engine)
+    assert report.records == 120
+    assert len(report.heads) >= 2  # at least one chain per writer process
+    with engine.connect() as conn:
+        writers = conn.execute(select(func.count(func.distinct(chains.c.writer)))).scalar()
+    assert writers == 2
+
+    chain_id = longest_chain(engine)
+    rows = chain_rows(engine, chain_id)
+    assert len(rows) >= 6 and [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    victim, after = rows[2], rows[3]
+
+    def tampered(change: Callable[[Any], None], undo: Callable[[Any], None]) -> Any:
+        with engine.begin() as conn:
+            change(conn)
+        try:
+            found = broken(engine)
+        finally:
+            with engine.begin() as conn:
+                undo(conn)
+        assert verify(engine).records == 120  # undone: intact again
+        assert len(found) == 1 and found[0].chain_id == chain_id
+        return found[0]
+
+    def restore(row: dict[str, Any]) -> Callable[[Any], None]:
+        return lambda conn: conn.execute(update(events).where(events.c.id == row["id"]).values(**row))
+
+    # An edited record: who was granted what, changed in the record and its column alike.
+    edited = {**victim["record"], "subject": MALLORY}
+    link = tampered(
+        lambda conn: conn.execute(
+            update(events).where(events.c.id == victim["id"]).values(record=edited, subject=edited["subject"])
+        ),
+        restore(victim),
+    )
+    assert (link.seq, link.record_id) == (3, victim["id"])
+    assert "hash does not match the record" in link.problem
+
+    # An edited column alone: queries by outcome would find a refusal among grants.
+    flipped = "refused" if victim["outcome"] == "granted" else "granted"
+    link = tampered(
+        lambda conn: conn.execute(update(events).where(events.c.id == victim["id"]).values(outcome=flipped)),
+        restore(victim),
+    )
+    assert (link.seq, link.record_id) == (3, victim["id"])
+    assert "column outcome differs from the record" in link.problem
+
+    # A deleted record: a gap, reported at the record after it.
+    link = tampered(
+        lambda conn: conn.execute(delete(events).where(events.c.id == victim["id"])),
+        lambda conn: conn.execute(insert(events).values(**victim)),
+    )
+    assert (link.seq, link.record_id) == (4, after["id"])
+    assert "seq 3 missing" in link.problem
+
+    # Two records reordered (their places in the chain swapped).
+    def swap(conn: Any, first: dict[str, Any], second: dict[str, Any]) -> None:
+        conn.execute(update(events).where(events.c.id == first["id"]).values(seq=-1))
+        conn.execute(update(events).where(events.c.id == second["id"]).values(seq=first["seq"]))
+        conn.execute(update(events).where(events.c.id == first["id"]).values(seq=second["seq"]))
+
+    def unswap(conn: Any) -> None:
+        conn.execute(update(events).where(events.c.id == after["id"]).values(seq=-1))
+        restore(victim)(conn)
+        restore(after)(conn)
+
+    link = tampered(lambda conn: swap(conn, victim, after), unswap)
+    assert (link.seq, link.record_id) == (3, after["id"])
+    assert "prev_hash is not the hash of the record before it" in link.problem
+
+    # Reordered by moving the records' contents instead (hashes and all): the links stay, the
+    # seq inside each hash does not.
+    def move(conn: Any, first: dict[str, Any], second: dict[str, Any]) -> None:
+        keep = {"id", "seq"}
+        conn.execute(
+            update(events)
+            .where(events.c.id == first["id"])
+            .values(**{k: v for k, v in second.items() if k not in keep})
+        )
+        conn.execute(
+            update(events)
+            .where(events.c.id == second["id"])
+            .values(**{k: v for k, v in first.items() if k not in keep})
+        )
+
+    link = tampered(
+        lambda conn: move(conn, victim, after), lambda conn: [restore(r)(conn) for r in (victim, after)]
+    )
+    assert (link.seq, link.record_id) == (3, victim["id"])
+    assert "prev_hash is not the hash of the record before it" in link.problem
+
+
+def test_a_chain_whose_records_are_all_deleted_or_never_registered_is_detected(engine: Engine) -> None:
+    sink_a, sink_b = SqlAuditSink(engine), SqlAuditSink(engine)
+    for n in range(4):
+        (sink_a if n % 2 else sink_b).write(decision(n))
+    heads = verify(engine).heads
+    first, second = sorted(heads)
+    with engine.begin() as conn:
+        conn.execute(delete(events).where(events.c.chain_id == first))
+    [link] = broken(engine)
+    assert link.chain_id == first and "every record was deleted" in link.problem
+    with engine.begin() as conn:
+        conn.execute(delete(chains).where(chains.c.chain_id.in_([first, second])))
+    [link] = broken(engine)
+    assert link.chain_id == second and "not registered" in link.problem
+
+
+def test_records_without_a_chain_after_chaining_began_are_reported(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    legacy = SqlLegacyRow(engine)
+    legacy.insert(decision(0))  # as written before chaining (an older version)
+    SqlAuditSink(engine).write(decision(1))
+    report, unchained = audit_integrity.verify_trail(engine)
+    assert report.records == 1 and (unchained.before, unchained.after) == (1, 0)
+    legacy.insert(decision(2))  # inserted past the service: no chain
+    _, unchained = audit_integrity.verify_trail(engine)
+    assert (unchained.before, unchained.after) == (1, 1) and unchained.first_after == 3
+    engine.dispose()
+
+
+def test_a_database_upgraded_from_0_1_0_chains_new_records_and_counts_the_old(database_url: str) -> None:
+    from tests.adapters.test_migrations import V0_1_0_ROWS, make_0_1_0_database
+
+    engine = make_engine(database_url)
+    try:
+        make_0_1_0_database(engine)
+        upgrade(engine)  # the migrations, 0004_audit_chains among them
+        sink = SqlAuditSink(engine)
+        for n in range(5):
+            sink.write(decision(n))
+        report, unchained = audit_integrity.verify_trail(engine)
+        assert report.records == 5 and len(report.heads) == 1
+        assert (unchained.before, unchained.after) == (len(V0_1_0_ROWS["audit_events"]), 0)
+    finally:
+        engine.dispose()
+
+
+class SqlLegacyRow:
+    """Inserts a decision the way the service did before the trail was chained."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def insert(self, record: AuditRecord) -> None:
+        row = SqlAuditSink._row(record)
+        with self.engine.begin() as conn:
+            conn.execute(insert(events).values(**row))
+
+
+# -- checkpoints: truncation and rewritten history --------------------------------------------
+
+
+@pytest.fixture
+def ring(tmp_path: Path) -> KeyRing:
+    return KeyRing.open(tmp_path / "keys", now=NOW)
+
+
+def checkpoint(engine: Engine, ring: KeyRing) -> dict[str, tuple[int, str]]:
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW)
+    return audit_integrity.read_checkpoint(token, key_for(ring), ISSUER).heads
+
+
+def key_for(ring: KeyRing) -> Callable[[str | None, str], Any]:
+    from sts.adapters.jwks import StaticJWKS
+
+    return StaticJWKS(ring.public_jwks(), algorithms=["ES256"]).key_for
+
+
+def test_truncation_and_rewritten_history_are_detected_with_a_checkpoint(
+    engine: Engine, ring: KeyRing
+) -> None:
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
+    for n in range(12):
+        sinks[n % 2].write(decision(n))
+    seen = checkpoint(engine, ring)
+    assert sorted(seen.values()) == sorted((h.seq, h.hash) for h in verify(engine).heads.values())
+    for n in range(12, 16):  # the trail goes on after the checkpoint
+        sinks[n % 2].write(decision(n))
+    assert verify(engine, seen).records == 16
+    first, second = sorted(seen)
+
+    # The newest records deleted, back past the checkpoint's head: the chain alone still verifies.
+    rows = chain_rows(engine, first)
+    newest = [r for r in rows if r["seq"] >= seen[first][0]]
+    with engine.begin() as conn:
+        conn.execute(delete(events).where(events.c.id.in_([r["id"] for r in newest])))
+    assert verify(engine).records == 16 - len(newest)
+    [link] = broken(engine, seen)
+    assert link.chain_id == first and link.seq == seen[first][0]
+    assert "the newest records were deleted" in link.problem
+    with engine.begin() as conn:
+        conn.execute(insert(events), newest)
+    verify(engine, seen)
+
+    # A whole chain deleted, registration and all.
+    kept = chain_rows(engine, second)
+    with engine.connect() as conn:
+        registration = dict(conn.execute(select(chains).where(chains.c.chain_id == second)).one()._mapping)
+    with engine.begin() as conn:
+        conn.execute(delete(events).where(events.c.chain_id == second))
+        conn.execute(delete(chains).where(chains.c.chain_id == second))
+    verify(engine)
+    [link] = broken(engine, seen)
+    assert link.chain_id == second and "gone" in link.problem
+    with engine.begin() as conn:
+        conn.execute(insert(chains).values(**registration))
+        conn.execute(insert(events), kept)
+
+    # History rewritten: a record edited and every hash after it recomputed.  Only the
+    # checkpoint, signed before, knows the old hashes.
+    rows = chain_rows(engine, first)
+    prev = genesis_hash(first)
+    with engine.begin() as conn:
+        for row in rows:
+            record = {**row["record"], "subject": MALLORY} if row["seq"] == 2 else row["record"]
+            digest = link_hash(prev, first, row["seq"], canonical_json(record))
+            conn.execute(
+                update(events)
+                .where(events.c.id == row["id"])
+                .values(record=record, subject=record["subject"], prev_hash=prev, hash=digest)
+            )
+            prev = digest
+    verify(engine)
+    [link] = broken(engine, seen)
+    assert link.chain_id == first and "history rewritten" in link.problem
+
+
+def test_a_checkpoint_must_be_signed_by_the_service(engine: Engine, ring: KeyRing, tmp_path: Path) -> None:
+    SqlAuditSink(engine).write(decision(0))
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW)
+    header, payload, signature = token.split(".")
+    claims = json.loads(rfc8785_b64decode(payload))
+    claims["chains"] = {}
+    forged = ".".join([header, rfc8785_b64encode(json.dumps(claims).encode()), signature])
+    with pytest.raises(CheckpointInvalid, match="bad signature"):
+        audit_integrity.read_checkpoint(forged, key_for(ring), ISSUER)
+    other = KeyRing.open(tmp_path / "other-keys", now=NOW)
+    with pytest.raises(CheckpointInvalid, match="not in the key set"):
+        audit_integrity.read_checkpoint(token, key_for(other), ISSUER)
+    with pytest.raises(CheckpointInvalid, match="not by"):
+        audit_integrity.read_checkpoint(token, key_for(ring), "https://other.example.com")
+    access_token = ring.signer().sign({"typ": "at+jwt"}, {"iss": ISSUER, "chains": {}})
+    with pytest.raises(CheckpointInvalid, match="typ"):
+        audit_integrity.read_checkpoint(access_token, key_for(ring), ISSUER)
+
+
+def rfc8785_b64decode(segment: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def rfc8785_b64encode(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def prune(engine: Engine, below_id: int, *, anchors: bool = True) -> None:
+    """What ``sts audit prune`` does: delete an oldest prefix by id, anchors first."""
+    with engine.begin() as conn:
+        if anchors:
+            record_prune_anchors(conn, below_id, NOW)
+        conn.execute(delete(events).where(events.c.id < below_id))
+
+
+def test_a_pruned_prefix_still_verifies(engine: Engine, ring: KeyRing) -> None:
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
+    for n in range(20):
+        sinks[0 if n < 4 else n % 2].write(decision(n))  # the first chain's oldest records come first
+    seen = checkpoint(engine, ring)
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(select(events.c.id).order_by(events.c.id))]
+    prune(engine, ids[6])
+    report = verify(engine, seen)
+    assert report.records == 14
+    assert {h.seq for h in report.heads.values()} == {seq for seq, _ in seen.values()}
+    with engine.connect() as conn:
+        anchors = sorted(r.anchor_seq for r in conn.execute(select(chains.c.anchor_seq)))
+    assert anchors == [1, 5]  # 6 records removed: 5 of the first chain, 1 of the second
+
+    # Pruned again, past every record of both chains: the anchors carry the heads.
+    prune(engine, ids[-1] + 1)
+    report = verify(engine, seen)
+    assert report.records == 0 and len(report.heads) == 2
+
+    # A prefix deleted without anchors does not verify.
+    for n in range(20, 26):
+        sinks[n % 2].write(decision(n))
+    with engine.connect() as conn:
+        oldest = conn.execute(select(func.min(events.c.id))).scalar_one()
+    prune(engine, oldest + 1, anchors=False)
+    [link] = broken(engine)
+    assert "missing" in link.problem
+
+
+@pytest.mark.parametrize(
+    ("statement", "problem"),
+    [
+        ("UPDATE audit_events SET record = '{\"event_id\": ' WHERE seq = 2", "record (not JSON"),
+        (
+            "UPDATE audit_events SET record = replace(record, '{\"actor_issuer\"', "
+            '\'{"outcome":"granted","actor_issuer"\') WHERE seq = 2',
+            "duplicate member name",
+        ),
+        ("UPDATE audit_events SET record = '[1, 2]' WHERE seq = 2", "hash does not match"),
+        ("UPDATE audit_events SET seq = NULL WHERE seq = 2", "seq 0 is at or before"),
+        ("UPDATE audit_events SET hash = 'zz' WHERE seq = 2", "hash does not match"),
+        ("UPDATE audit_chains SET anchor_seq = 1, anchor_hash = 'not hex'", "anchor hash is malformed"),
+    ],
+)
+def test_malformed_stored_values_are_reported_as_broken_links(
+    tmp_path: Path, statement: str, problem: str
+) -> None:
+    """Whatever was written into the columns, verification reports it; it never fails itself."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
+    for n in range(4):
+        sink.write(decision(n))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(statement)
+    [link] = broken(engine)
+    assert problem in link.problem
+    engine.dispose()
+
+
+def test_pruning_refuses_to_cut_a_chain_that_is_broken_already(engine: Engine) -> None:
+    sink = SqlAuditSink(engine)
+    for n in range(6):
+        sink.write(decision(n))
+    rows = chain_rows(engine, longest_chain(engine))
+    with engine.begin() as conn:
+        conn.execute(delete(events).where(events.c.id == rows[1]["id"]))
+    with pytest.raises(PruneWouldBreakChain), engine.begin() as conn:
+        record_prune_anchors(conn, rows[4]["id"], NOW)
+
+
+# -- failed commits leave no gap --------------------------------------------------------------
+
+
+def test_a_failed_commit_does_not_advance_the_chain(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
+    sink.write(decision(0))
+    sink.write_with_uses(decision(1), [SingleUse("subject_token", "a", NOW + 60, None)], NOW)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE audit_events RENAME TO audit_events_away")
+    with pytest.raises(AuditUnavailable):
+        sink.write(decision(2))
+    with pytest.raises(AuditUnavailable):
+        sink.write_with_uses(decision(3), [SingleUse("subject_token", "b", NOW + 60, None)], NOW)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE audit_events_away RENAME TO audit_events")
+    sink.write(decision(4))
+    sink.write_with_uses(decision(5), [SingleUse("subject_token", "c", NOW + 60, None)], NOW)
+    report = verify(engine)
+    # One chain, four records, seq 1 to 4 without a gap.
+    assert [(h.seq, h.records) for h in report.heads.values()] == [(4, 4)]
+    engine.dispose()
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
+    pg_database: str, committed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the connection breaks during COMMIT (injected after the real commit, or after
+    a real rollback).  The sink asks the database which it was, and the chain has no gap."""
+    schema = PgSchema(pg_database, f"t_{uuid.uuid4().hex[:12]}")
+    schema.execute(f'CREATE SCHEMA "{schema.schema}"')
+    engine = make_engine(schema.url)
+    try:
+        upgrade(engine)
+        sink = SqlAuditSink(engine)
+        sink.write(decision(0))
+        real = sink._raw.transaction
+        lost = [True]
+
+        def answer_lost(work: Callable[[Any], Any]) -> Any:
+            if not lost:
+                return real(work)
+            lost.clear()
+            if committed:
+                real(work)
+            else:
+                with pytest.raises(RuntimeError):
+                    real(lambda cur: (work(cur), _raise(RuntimeError("rolled back")))[0])
+            raise CommitOutcomeUnknown("OperationalError")
+
+        monkeypatch.setattr(sink._raw, "transaction", answer_lost)
+        use = SingleUse("subject_token", secrets.token_hex(8), NOW + 60, None)
+        if committed:
+            sink.write_with_uses(decision(1), [use], NOW)  # confirmed: the token may leave
+        else:
+            with pytest.raises(AuditUnavailable):
+                sink.write_with_uses(decision(1), [use], NOW)
+        sink.write(decision(2))
+        report = verify(engine)
+        assert report.records == (3 if committed else 2)
+        # Confirmed: one chain goes on.  Not there: the chain is left for a new one, no gap either way.
+        assert sorted(h.records for h in report.heads.values()) == ([3] if committed else [1, 1])
+    finally:
+        engine.dispose()
+        schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE')
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def test_concurrent_commits_borrow_different_chains_up_to_the_limit() -> None:
+    """PostgreSQL commits side by side, each on a chain of its own; SQLite's single writer has one."""
+    heads = ChainHeads(2)
+    with heads.borrow(1) as first, heads.borrow(1) as second:
+        assert first.chain_id != second.chain_id
+        with pytest.raises(AuditUnavailable), heads.borrow(0.01):
+            pass
+    with heads.borrow(1) as again:
+        assert again.chain_id in (first.chain_id, second.chain_id)  # free chains are reused
+    single = ChainHeads(1)
+    with single.borrow(1), pytest.raises(AuditUnavailable), single.borrow(0.01):
+        pass
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "sts.yaml"
+    settings = {
+        "issuer": ISSUER,
+        "database_url": f"sqlite:///{tmp_path / 'sts.sqlite'}",
+        "keys_dir": str(tmp_path / "keys"),
+        "policies_dir": str(tmp_path / "policies"),
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def sts(config: Path, *args: str) -> Any:
+    return CliRunner().invoke(main, ["--config", str(config), *args])
+
+
+def test_sts_audit_verify_and_checkpoint(config: Path, tmp_path: Path) -> None:
+    KeyRing.open(tmp_path / "keys", now=time.time())
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
+    for n in range(5):
+        sink.write(decision(n))
+
+    intact = sts(config, "audit", "verify")
+    assert intact.exit_code == 0, intact.output
+    assert "ok: 5 record(s) in 1 chain(s) verify" in intact.output
+
+    made = sts(config, "audit", "checkpoint", "-o", str(tmp_path / "cp.jws"))
+    assert made.exit_code == 0, made.output
+    again = sts(config, "audit", "checkpoint", "-o", str(tmp_path / "cp.jws"))
+    assert again.exit_code != 0 and "exists" in again.output  # never overwritten
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(sts(config, "keys", "jwks").output)
+    checked = sts(config, "audit", "verify", "--checkpoint", str(tmp_path / "cp.jws"), "--jwks", str(jwks))
+    assert checked.exit_code == 0, checked.output
+    assert "every chain reaches the head checkpoint" in checked.output
+
+    with engine.begin() as conn:
+        newest = conn.execute(select(func.max(events.c.id))).scalar_one()
+        conn.execute(delete(events).where(events.c.id == newest))
+    truncated = sts(config, "audit", "verify", "--checkpoint", str(tmp_path / "cp.jws"))
+    assert truncated.exit_code == 1
+    assert "BROKEN chain" in truncated.output and "seq 5" in truncated.output
+    assert "the newest records were deleted" in truncated.output
+
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET subject = 'someone else' WHERE seq = 2"))
+    edited = sts(config, "audit", "verify")
+    assert edited.exit_code == 1
+    assert "seq 2 (record id 2): column subject differs from the record" in edited.output
+
+    (tmp_path / "bad.jws").write_text("not.a.checkpoint")
+    bad = sts(config, "audit", "verify", "--checkpoint", str(tmp_path / "bad.jws"))
+    assert bad.exit_code == 1 and "not a valid checkpoint" in bad.output
+    engine.dispose()
+
+
+def test_sts_audit_verify_fails_on_unchained_records_unless_allowed(config: Path, tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    SqlAuditSink(engine).write(decision(0))
+    SqlLegacyRow(engine).insert(decision(1))
+    engine.dispose()
+    refused = sts(config, "audit", "verify")
+    assert refused.exit_code == 1 and "BROKEN: 1 record(s) without a chain" in refused.output
+    allowed = sts(config, "audit", "verify", "--allow-unchained")
+    assert allowed.exit_code == 0 and "note: 1 record(s) without a chain" in allowed.output

@@ -1,0 +1,479 @@
+"""`sts serve` on its real server: slow and idle clients, deadlines, the connection limit, shutdown,
+and what malformed HTTP gets back (issue 9 item 1; issue 8, errors of the HTTP server itself).
+
+Every test talks to a real `sts serve` process over loopback sockets, the way a client (or an
+attacker) would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
+from sts.dev.issuer import DevIssuer, RunningServer
+from sts.errors import ConfigurationError
+from sts.serving import per_worker_connections
+from sts.settings.load import load_settings
+from tests.conftest import DEFAULT_POLICY, JWT_TYPE, TOKEN_EXCHANGE
+
+STS = str(Path(sys.executable).with_name("sts"))
+#: Connections held open by the slow-client test: a third idle, a third mid-headers, a third mid-body.
+SLOW_CLIENTS = 210
+SLOW_STARTS = (
+    b"",
+    b"POST /token HTTP/1.1\r\nHost: sts\r\nContent-Type: application/x-www-form-urlencoded\r\n",
+    b"POST /token HTTP/1.1\r\nHost: sts\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Content-Length: 900\r\n\r\ngrant_type=urn",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """One `sts serve` process with its own directory, port and settings."""
+
+    def __init__(
+        self,
+        directory: Path,
+        upstream: RunningServer,
+        *,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        **settings: Any,
+    ) -> None:
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.directory = directory
+        (directory / "policies").mkdir()
+        # The anonymous rule only: no clients are registered here.
+        policy = {"version": 1, "rules": [DEFAULT_POLICY["rules"][0]]}
+        (directory / "policies" / "test.yaml").write_text(yaml.safe_dump(policy))
+        config = {
+            "issuer": self.url,
+            "port": self.port,
+            "database_url": f"sqlite:///{directory / 'sts.sqlite'}",
+            "keys_dir": "keys",
+            "policies_dir": "policies",
+            "issuers": [
+                {
+                    "name": "upstream",
+                    "issuer": upstream.issuer.issuer_url,
+                    "jwks_uri": upstream.jwks_uri,
+                    "algorithms": ["RS256"],
+                    "audiences": [self.url],
+                }
+            ],
+            **settings,
+        }
+        self.config = directory / "sts.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("STS_")}
+        self.log = directory / "serve.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [STS, "--config", str(self.config), "serve", *args],
+                cwd=directory,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"sts serve did not come up:\n{self.log.read_text()}")
+
+    def connect(self, data: bytes = b"") -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        if data:
+            sock.sendall(data)
+        return sock
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+                return None
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def upstream_issuer() -> Iterator[RunningServer]:
+    with DevIssuer.serve_ephemeral(alg="RS256") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, upstream_issuer: RunningServer) -> Iterator[Served]:
+    """`sts serve` with its default workers, threads, deadlines and connection limit."""
+    server = Served(tmp_path_factory.mktemp("served"), upstream_issuer)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory: pytest.TempPathFactory, upstream_issuer: RunningServer) -> Iterator[Served]:
+    """One worker with one-second deadlines and the smallest connection limit."""
+    server = Served(
+        tmp_path_factory.mktemp("short"),
+        upstream_issuer,
+        workers=1,
+        header_read_timeout=1,
+        body_read_timeout=1,
+        max_connections=16,
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _exchange_form(token: str) -> dict[str, str]:
+    return {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": token,
+        "subject_token_type": JWT_TYPE,
+        "audience": "https://deploy.example.com",
+    }
+
+
+def _read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout`` passes)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return data + b"<still open>"
+    except ConnectionResetError:
+        return data + b"<reset>"
+    return data
+
+
+def _raw(served: Served, request: bytes) -> bytes:
+    with served.connect(request) as sock:
+        return _read_all(sock)
+
+
+def _response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Neither closed nor answered by the server."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+# -- slow and idle clients -----------------------------------------------------------------------
+
+
+def test_slow_and_idle_connections_do_not_starve_other_clients(
+    served: Served, upstream_issuer: RunningServer
+) -> None:
+    """Issue 9 item 1: with 200 slow connections held open, /healthz and exchanges answer within 1 s."""
+    held = [served.connect(SLOW_STARTS[i % 3]) for i in range(SLOW_CLIENTS)]
+    try:
+        session = requests.Session()
+        for _ in range(3):
+            started = time.monotonic()
+            health = session.get(f"{served.url}/healthz", timeout=2)
+            health_seconds = time.monotonic() - started
+            assert health.status_code == 200
+            token = upstream_issuer.issuer.github_actions_token(audience=served.url)
+            started = time.monotonic()
+            granted = requests.post(f"{served.url}/token", data=_exchange_form(token), timeout=2)
+            exchange_seconds = time.monotonic() - started
+            assert granted.status_code == 200, granted.text
+            assert health_seconds < 1.0 and exchange_seconds < 1.0, (health_seconds, exchange_seconds)
+        # They were held all along: neither closed nor answered.
+        assert all(_still_open(sock) for sock in held)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_deadlines_close_slow_heads_and_answer_slow_bodies(short: Served) -> None:
+    idle = short.connect()
+    slow_head = short.connect(b"POST /token HTTP/1.1\r\nHost: sts\r\n")
+    slow_body = short.connect(
+        b"POST /token HTTP/1.1\r\nHost: sts\r\nX-Request-Id: slow-body-1\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type="
+    )
+    keep_alive = short.connect(b"GET /healthz HTTP/1.1\r\nHost: sts\r\n\r\n")
+    started = time.monotonic()
+    try:
+        assert _read_all(idle) == b""
+        assert _read_all(slow_head) == b""
+        status, headers, body = _response(_read_all(slow_body))
+        assert status == 408
+        assert json.loads(body)["error"] == "invalid_request"
+        assert headers["x-request-id"] == "slow-body-1" and headers["connection"] == "close"
+        # A keep-alive connection is answered, then closed once idle for the header deadline.
+        answered = _read_all(keep_alive)
+        assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(b'{"status":"ok"}')
+        # The deadlines are 1 s; without them these connections stay open for minutes.
+        assert time.monotonic() - started < 4.5
+    finally:
+        for sock in (idle, slow_head, slow_body, keep_alive):
+            sock.close()
+
+
+def test_connections_beyond_the_limit_wait_until_one_is_freed(short: Served) -> None:
+    """max_connections 16 on one worker: the 17th connection is served only when one of 16 idle
+    ones reaches the header deadline (1 s) and is closed."""
+    held = [short.connect() for _ in range(16)]
+    try:
+        started = time.monotonic()
+        assert requests.get(f"{short.url}/healthz", timeout=5).status_code == 200
+        waited = time.monotonic() - started
+        assert 0.5 < waited < 4.0, waited
+    finally:
+        for sock in held:
+            sock.close()
+    started = time.monotonic()
+    assert requests.get(f"{short.url}/healthz", timeout=5).status_code == 200
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_body_cut_short_never_reaches_the_application(
+    served: Served, upstream_issuer: RunningServer
+) -> None:
+    """A client that promises more body than it sends, then hangs up: the complete-looking form it
+    did send is not exchanged (nothing is audited for it), while the same request sent whole is."""
+    audit = SqlAuditSink(make_engine(f"sqlite:///{served.directory / 'sts.sqlite'}"))
+
+    def request(request_id: str, extra_length: int) -> bytes:
+        token = upstream_issuer.issuer.github_actions_token(audience=served.url)
+        form = "&".join(f"{k}={v}" for k, v in _exchange_form(token).items()).encode()
+        return (
+            f"POST /token HTTP/1.1\r\nHost: sts\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form) + extra_length}"
+            "\r\n\r\n"
+        ).encode() + form
+
+    with served.connect(request("cut-short-1", 50)):
+        time.sleep(0.2)  # the head and the form reach the server before the hang-up
+    assert _response(_raw(served, request("whole-1", 0)))[0] == 200
+    seen: set[str] = set()
+    end = time.monotonic() + 5
+    while "whole-1" not in seen and time.monotonic() < end:
+        seen = {r["request_id"] for r in audit.recent(50)}
+        time.sleep(0.05)
+    time.sleep(0.5)
+    seen = {r["request_id"] for r in audit.recent(50)}
+    assert "whole-1" in seen and "cut-short-1" not in seen
+
+
+# -- what malformed HTTP gets --------------------------------------------------------------------
+
+_HOST = b"Host: sts\r\nConnection: close\r\n"
+#: Refused by the HTTP server (hyper) before the application sees them: a bare status line,
+#: an empty body, no request id (documented in the README).
+SERVER_REFUSALS = {
+    "bad request line": (b"GARBAGE\r\n\r\n", 400),
+    "bad method": (b"G@T / HTTP/1.1\r\n" + _HOST + b"\r\n", 400),
+    "bad HTTP version": (b"GET / HTTP/9.9\r\n" + _HOST + b"\r\n", 400),
+    "header block over 16 KiB": (
+        b"GET /healthz HTTP/1.1\r\n"
+        + _HOST
+        + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(17))
+        + b"\r\n",
+        431,
+    ),
+    "too many headers": (
+        b"GET /healthz HTTP/1.1\r\n" + _HOST + b"".join(b"X-H%d: 1\r\n" % i for i in range(120)) + b"\r\n",
+        431,
+    ),
+    "request line over 16 KiB": (b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n" + _HOST + b"\r\n", 431),
+    "Content-Length not a number": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Content-Length: abc\r\n\r\n",
+        400,
+    ),
+    "Content-Length negative": (b"POST /token HTTP/1.1\r\n" + _HOST + b"Content-Length: -1\r\n\r\n", 400),
+    "Content-Length overflowing": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Content-Length: 99999999999999999999999\r\n\r\n",
+        400,
+    ),
+    "two different Content-Lengths": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        400,
+    ),
+    "Transfer-Encoding not ending in chunked": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Transfer-Encoding: gzip\r\n\r\nabc",
+        400,
+    ),
+    "unknown Transfer-Encoding": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Transfer-Encoding: bogus\r\n\r\n",
+        400,
+    ),
+    "header without a colon": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"NoColon\r\n\r\n", 400),
+    "space before the colon": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"X-A : 1\r\n\r\n", 400),
+    "obsolete line folding": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"X-A: 1\r\n  folded\r\n\r\n", 400),
+    "NUL in a header": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"X-A: a\x00b\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SERVER_REFUSALS))
+def test_the_http_server_refuses_malformed_requests_with_an_empty_body(served: Served, case: str) -> None:
+    request, expected = SERVER_REFUSALS[case]
+    raw = _raw(served, request)
+    status, headers, body = _response(raw)
+    assert status == expected
+    # Not HTML, nothing about the server or the request: a status line, a length of 0, a close.
+    assert body == b"" and headers["content-length"] == "0" and headers["connection"] == "close"
+    assert set(headers) <= {"content-length", "connection", "date"}
+
+
+#: Refused by `sts serve` itself before the application: JSON, no-store, with a request id.
+ADAPTER_REFUSALS = {
+    "chunked body": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        411,
+    ),
+    "chunked body with a Content-Length": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+        411,
+    ),
+    "body over max_body_bytes": (
+        b"POST /token HTTP/1.1\r\n" + _HOST + b"Expect: 100-continue\r\nContent-Length: 16385\r\n\r\n",
+        413,
+    ),
+    "header value not ASCII": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"X-Note: caf\xc3\xa9\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_REFUSALS))
+def test_refusals_before_the_application_are_json_with_a_request_id(served: Served, case: str) -> None:
+    request, expected = ADAPTER_REFUSALS[case]
+    request = request.replace(b"Host: sts\r\n", b"Host: sts\r\nX-Request-Id: caller-42\r\n")
+    status, headers, body = _response(_raw(served, request))
+    assert status == expected
+    assert headers["content-type"] == "application/json" and headers["cache-control"] == "no-store"
+    assert json.loads(body)["error"] == "invalid_request"
+    assert headers["x-request-id"] == "caller-42"
+
+
+def test_requests_the_server_accepts_reach_the_application_and_get_json(served: Served) -> None:
+    for request, expected in (
+        (b"GET /%FF/x HTTP/1.1\r\n" + _HOST + b"\r\n", 404),
+        ("GET /é HTTP/1.1\r\n".encode() + _HOST + b"\r\n", 404),
+        (b"GET http://elsewhere/healthz HTTP/1.1\r\n" + _HOST + b"\r\n", 200),
+        (b"POST /token HTTP/1.1\r\n" + _HOST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+        (b"GET /healthz HTTP/1.0\r\n\r\n", 200),
+    ):
+        status, headers, body = _response(_raw(served, request))
+        assert status == expected, request
+        assert headers["content-type"] == "application/json" and headers["x-request-id"]
+        json.loads(body)
+
+
+def test_a_header_name_with_an_underscore_is_not_read_as_its_dashed_twin(served: Served) -> None:
+    """``X_Request_Id`` (or ``X_Client_Cert``) must not stand in for the header a proxy sets."""
+    raw = _raw(served, b"GET /healthz HTTP/1.1\r\n" + _HOST + b"X_Request_Id: spoofed\r\n\r\n")
+    status, headers, _ = _response(raw)
+    assert status == 200 and headers["x-request-id"] != "spoofed"
+
+
+# -- start and stop ------------------------------------------------------------------------------
+
+
+def test_a_second_service_on_the_same_port_refuses_to_start(served: Served) -> None:
+    """The workers bind with SO_REUSEPORT, which would let a second service share the port."""
+    second = subprocess.run(
+        [STS, "--config", str(served.config), "serve"],
+        cwd=served.directory,
+        env=served.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0
+    assert f"127.0.0.1:{served.port} is already in use" in second.stderr
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(
+    tmp_path: Path, upstream_issuer: RunningServer
+) -> None:
+    port = _free_port()
+    # The command-line flags win over the file (workers 2, threads 8 by default).
+    flags = ("--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--threads", "2")
+    server = Served(tmp_path, upstream_issuer, port=port, args=flags)
+    try:
+        assert "(1 workers x 2 threads" in server.log.read_text()
+        body = b"grant_type=nonsense"
+        in_flight = server.connect(
+            b"POST /token HTTP/1.1\r\nHost: sts\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:5]
+        )
+        time.sleep(0.2)  # the request has reached the worker
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        in_flight.sendall(body[5:])
+        status, _, answer = _response(_read_all(in_flight))
+        assert status == 400 and json.loads(answer)["error"] == "unsupported_grant_type"
+        assert server.proc.wait(timeout=20) == 0
+    finally:
+        server.stop()
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_server_settings_are_read_and_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./sts.yaml
+    environ = {"STS_HEADER_READ_TIMEOUT": "5", "STS_BODY_READ_TIMEOUT": "7", "STS_MAX_CONNECTIONS": "100"}
+    settings = load_settings(None, environ=environ, overrides={"database_url": f"sqlite:///{tmp_path}/x"})
+    assert (settings.header_read_timeout, settings.body_read_timeout, settings.max_connections) == (5, 7, 100)
+    assert per_worker_connections(settings.max_connections, 3) == 34
+    for bad in ({"header_read_timeout": 0}, {"header_read_timeout": 61}, {"body_read_timeout": 0}):
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            load_settings(None, environ={}, overrides=bad)
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        load_settings(None, environ={"STS_MAX_CONNECTIONS": "8"})

@@ -1,0 +1,1 @@
+"""Tests of ``sts/http``: the Flask blueprints, the routes' documentation, what a request carries."""

@@ -1,0 +1,318 @@
+"""The review page over HTTP (Flask test client): sign-in, what each page shows, and what it never shows.
+
+Decisions come from real exchanges (tests/support/review_support.py) against a
+development issuer serving its JWKS over HTTP; the app's clock is shared with
+the review page, so session ages and "new" edges move with it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import text
+from werkzeug.test import TestResponse
+
+from sts.app import create_app
+from sts.core.client_secrets import hash_secret
+from sts.dev.issuer import DevIssuer, RunningServer
+from sts.errors import ConfigurationError
+from sts.settings import Settings
+from tests.support.clock import Clock
+from tests.support.review_support import (
+    APP,
+    DEPLOY,
+    MARKUP_REPO,
+    PASSWORD,
+    REPORTS,
+    REPORTS_JOB,
+    REVIEWER,
+    make_decisions,
+    review_policy,
+    review_settings,
+)
+
+PAGES = ["/review/", "/review/timeline", "/review/graph", "/review/decision/1",
+         f"/review/identity?issuer=upstream&subject={APP}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[RunningServer]:
+    with DevIssuer.serve_ephemeral(alg="RS256") as server:
+        yield server
+
+
+@dataclass
+class Review:
+    app: Flask
+    web: FlaskClient
+    clock: Clock
+    made: dict[str, Any]
+
+    def sign_in(
+        self, username: str = REVIEWER, password: str = PASSWORD, target: str = "/review/"
+    ) -> TestResponse:
+        form_page = self.web.get("/review/login", query_string={"next": target})
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form_page.get_data(as_text=True))
+        assert csrf is not None
+        return self.web.post(
+            "/review/login",
+            data={"username": username, "password": password, "csrf": csrf.group(1), "next": target},
+        )
+
+    def page(self, path: str, **query: Any) -> str:
+        response = self.web.get(path, query_string=query) if query else self.web.get(path)
+        assert response.status_code == 200, (
+            path,
+            response.status_code,
+            response.get_data(as_text=True)[:500],
+        )
+        return response.get_data(as_text=True)
+
+
+@pytest.fixture
+def review(make_settings: Callable[..., Settings], upstream: RunningServer) -> Review:
+    clock = Clock(float(int(time.time())))
+    app = create_app(make_settings(review_policy(), **review_settings()), clock=clock)
+    web = app.test_client()
+
+    def post(form: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        response = web.post("/token", data=form, headers=headers)
+        return response.status_code, response.get_json()
+
+    made = make_decisions(post, upstream.issuer, clock)
+    return Review(app, app.test_client(), clock, made)
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_off_unless_enabled(make_settings: Callable[..., Settings]) -> None:
+    web = create_app(make_settings()).test_client()
+    assert web.get("/review/").status_code == 404
+    assert web.get("/review/login").status_code == 404
+
+
+def test_enabled_needs_users_with_recognised_hashes(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ConfigurationError, match=r"review\.users: at least one user"):
+        make_settings(review={"enabled": True})
+    settings = make_settings(
+        review={"enabled": True, "users": [{"username": "bob", "password_hash": "hunter2"}]}
+    )
+    with pytest.raises(ConfigurationError, match=r"review\.users\.bob\.password_hash: not a recognised hash"):
+        create_app(settings)
+    twice = [{"username": "bob", "password_hash": hash_secret("x")}] * 2
+    with pytest.raises(ConfigurationError, match=r"review\.users\.bob: duplicate username"):
+        make_settings(review={"enabled": True, "users": twice})
+
+
+# -- the sign-in wall -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_nothing_without_signing_in(review: Review, path: str) -> None:
+    response = review.web.get(path)
+    body = response.get_data(as_text=True)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith('Cookie realm="sts review"')
+    assert response.headers["Cache-Control"] == "no-store"
+    assert 'name="password"' in body
+    # Only what the request itself named comes back (as where to go after signing in).
+    for secret in (APP, REPORTS_JOB, DEPLOY, "granted", "upstream", "<svg"):
+        assert secret not in body.replace(f'next" value="{path}"', "").replace(path.replace("&", "&amp;"), "")
+
+
+def test_sign_in_sets_a_strict_session_cookie_and_goes_where_asked(review: Review) -> None:
+    response = review.sign_in(target="/review/timeline?outcome=refused")
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/review/timeline?outcome=refused"
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("sts_review="))
+    attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
+    assert {"httponly", "secure", "path", "samesite"} <= attributes  # the issuer is https
+    assert "SameSite=Strict" in cookie and "Path=/review" in cookie
+    assert "refused" in review.page("/review/timeline", outcome="refused")
+
+
+def test_wrong_password_unknown_user_and_missing_form_token(review: Review) -> None:
+    for username, password in ((REVIEWER, "wrong"), ("mallory", PASSWORD), (REVIEWER, "")):
+        response = review.sign_in(username, password)
+        assert response.status_code == 401
+        assert "Unknown user or wrong password." in response.get_data(as_text=True)
+        assert not any(c.startswith("sts_review=") for c in response.headers.getlist("Set-Cookie"))
+    fresh = review.app.test_client()
+    forged = fresh.post("/review/login", data={"username": REVIEWER, "password": PASSWORD, "csrf": "x"})
+    assert forged.status_code == 400
+    assert fresh.get("/review/").status_code == 401
+
+
+def test_a_slow_hash_signs_in_too(make_settings: Callable[..., Settings], upstream: RunningServer) -> None:
+    users = [{"username": "carol", "password_hash": hash_secret("a chosen passphrase", slow=True)}]
+    app = create_app(make_settings(review_policy(), review={"enabled": True, "users": users}))
+    review = Review(app, app.test_client(), Clock(0), {})
+    assert review.sign_in("carol", "a chosen passphrase").status_code == 303
+    assert review.web.get("/review/").status_code == 200
+
+
+def test_sessions_expire_end_with_a_new_password_and_cannot_be_forged(
+    review: Review, make_settings: Callable[..., Settings]
+) -> None:
+    review.sign_in()
+    assert review.web.get("/review/").status_code == 200
+    review.clock.now += 8 * 3600 + 1
+    assert review.web.get("/review/").status_code == 401
+    review.sign_in()
+    cookie = review.web.get_cookie("sts_review", path="/review")
+    assert cookie is not None
+    other = review.app.test_client()
+    other.set_cookie("sts_review", cookie.value[:-2] + "xx", path="/review")
+    assert other.get("/review/").status_code == 401
+    # The same cookie under a changed password (same key directory): refused.
+    new_password = [{"username": REVIEWER, "password_hash": hash_secret("new one")}]
+    settings = make_settings(
+        review_policy(), **review_settings(review={"enabled": True, "users": new_password})
+    )
+    changed = create_app(settings, clock=review.clock)
+    moved = changed.test_client()
+    moved.set_cookie("sts_review", cookie.value, path="/review")
+    assert moved.get("/review/").status_code == 401
+
+
+def test_sign_out(review: Review) -> None:
+    review.sign_in()
+    body = review.page("/review/")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', body)
+    assert csrf is not None
+    assert review.web.post("/review/logout", data={"csrf": "nope"}).status_code == 400
+    response = review.web.post("/review/logout", data={"csrf": csrf.group(1)})
+    assert response.status_code == 303
+    assert review.web.get("/review/").status_code == 401
+
+
+def test_no_open_redirect(review: Review) -> None:
+    for target in ("//evil.example/review/", "https://evil.example/", "/elsewhere", "/review\\@evil",
+                   "/review/\r\nSet-Cookie: x=1"):  # fmt: skip
+        assert review.sign_in(target=target).headers["Location"] == "/review/"
+        review.web.delete_cookie("sts_review", path="/review")
+
+
+# -- what the pages show --------------------------------------------------------------------------
+
+
+def test_every_page_is_locked_down(review: Review) -> None:
+    review.sign_in()
+    for path in PAGES:
+        response = review.web.get(path)
+        assert response.status_code == 200, path
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "script-src" not in csp and "frame-ancestors 'none'" in csp
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        body = response.get_data(as_text=True)
+        assert "<script" not in body and "http://" not in body.replace(
+            'xmlns="http://www.w3.org/2000/svg"', ""
+        )
+    css = review.web.get("/review/review.css")
+    assert css.status_code == 200 and css.mimetype == "text/css"
+
+
+def test_timeline_filters_and_pages(review: Review) -> None:
+    review.sign_in()
+    body = review.page("/review/timeline")
+    assert body.count('<tr class="decision ') == review.made["decisions"]
+    refused = review.page("/review/timeline", outcome="refused")
+    assert refused.count('<tr class="decision refused"') == 4 and 'class="decision granted"' not in refused
+    step_ups = review.page("/review/timeline", error="insufficient_user_authentication")
+    assert step_ups.count('<tr class="decision ') == 1 and "elevated_privilege" in step_ups
+    drift = review.page("/review/timeline", signal="attestation_drift")
+    assert drift.count('<tr class="decision refused"') == 1
+    narrowed = review.page("/review/timeline", signal="unusual_network")
+    assert narrowed.count('<tr class="decision ') == 1 and "elevated_privilege" in narrowed
+    assert review.page("/review/timeline", audience=REPORTS).count('<tr class="decision ') == 1
+    recent = review.page("/review/timeline", since="2h")
+    assert recent.count('<tr class="decision ') == review.made["decisions"] - 5
+    bad = review.web.get("/review/timeline", query_string={"since": "<b>soon</b>"})
+    assert bad.status_code == 400
+    assert "&lt;b&gt;soon&lt;/b&gt;" in bad.get_data(as_text=True) and "<b>soon" not in bad.get_data(
+        as_text=True
+    )
+
+
+def test_markup_in_a_record_is_shown_as_text(review: Review) -> None:
+    review.sign_in()
+    body = review.page("/review/timeline")
+    assert "onerror" in body and '<img src=x onerror="alert(1)">' not in body
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in body
+    assert MARKUP_REPO not in body
+
+
+def test_overview_charts(review: Review) -> None:
+    review.sign_in()
+    body = review.page("/review/")
+    assert (
+        '<svg id="outcomes-chart"' in body
+        and '<rect class="granted"' in body
+        and '<rect class="refused"' in body
+    )
+    assert '<svg id="signals-chart"' in body
+    for name in ("unusual_network", "elevated_privilege", "attestation_drift"):
+        assert f">{name}</tspan></text>" in body
+    assert 'id="chain-status"' in body
+    week = review.page("/review/", window="30d")
+    assert ">8</span> granted" in week and ">4</span> refused" in week
+
+
+def test_identity_page(review: Review) -> None:
+    review.sign_in()
+    body = review.page("/review/identity", issuer="upstream", subject=APP)
+    baseline = body[body.index('id="baseline"') : body.index('id="signals"')]
+    assert "<th>count</th><td>7</td>" in baseline.replace("\n", "")
+    assert "10.1.2.0/24" in baseline and "192.0.2.0/24" in baseline and "github-hosted" in baseline
+    signals = body[body.index('id="signals"') : body.index('id="step-ups"')]
+    assert "unusual_network" in signals and "elevated_privilege" in signals
+    step_ups = body[body.index('id="step-ups"') : body.index('id="tokens"')]
+    assert "elevated_privilege" in step_ups and "risk.step_up" in step_ups
+    tokens = body[body.index('id="tokens"') : body.index('id="recent"')]
+    assert tokens.count("<tr><td><a") == 7 and DEPLOY in tokens and "deploy:read" in tokens
+
+
+def test_no_token_is_ever_shown(review: Review) -> None:
+    review.sign_in()
+    pages = [review.page(p) for p in PAGES] + [
+        review.page(f"/review/decision/{i}") for i in range(1, review.made["decisions"] + 1)
+    ]
+    for token in review.made["issued"]:
+        signature = token.split(".")[2]
+        assert all(signature not in page for page in pages)
+    decision = review.page("/review/decision/1")
+    full_hashes = re.findall(r"\b[0-9a-f]{64}\b", decision)
+    assert full_hashes == []
+
+
+def test_graph_marks_new_edges(review: Review) -> None:
+    review.sign_in()
+    body = review.page("/review/graph")
+    assert '<svg id="edge-graph"' in body
+    assert body.count('<path class="edge new"') == 1 and body.count('<path class="edge"') == 1
+    assert f"upstream / {REPORTS_JOB}" in body and REPORTS in body
+    assert ">new</tspan></text>" in body
+    # A week later, the reports edge is no longer new (but still drawn: the window is 30 days).
+    review.clock.now += 8 * 86400
+    review.sign_in()
+    later = review.page("/review/graph")
+    assert '<path class="edge new"' not in later and later.count('<path class="edge"') == 2
+
+
+def test_an_unreadable_audit_trail_is_a_503_page(review: Review) -> None:
+    review.sign_in()
+    with review.app.extensions["sts"].engine.begin() as conn:
+        conn.execute(text("DROP TABLE audit_events"))
+    response = review.web.get("/review/timeline")
+    assert response.status_code == 503
+    body = response.get_data(as_text=True)
+    assert "The audit trail cannot be read right now." in body and "Traceback" not in body

@@ -1,0 +1,64 @@
+"""Key rotation seen from a relying party: publish-before-use and overlap, over the app's JWKS."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from sts.adapters.keyring import KeyRing
+from sts.app import create_app
+from sts.dev.issuer import RunningServer
+from sts.settings import Settings
+from tests.conftest import STS_ISSUER, exchange_form
+from tests.support.clock import Clock
+
+
+def _header_kid(token: str) -> str:
+    segment = token.split(".")[0]
+    header: dict[str, Any] = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    return str(header["kid"])
+
+
+def test_rotation_overlap_seen_by_a_relying_party(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    settings = make_settings()
+    clock = Clock(time.time())
+    client = create_app(settings, clock=clock).test_client()
+
+    def exchange() -> str:
+        subject = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=clock.now)
+        resp = client.post("/token", data=exchange_form(subject, audience="https://deploy.example.com"))
+        assert resp.status_code == 200, resp.get_json()
+        return str(resp.get_json()["access_token"])
+
+    jwks_before = client.get("/.well-known/jwks.json").get_json()
+    before = exchange()
+    kid_before = _header_kid(before)
+
+    # The operator rotates with the CLI's key ring, in another "process".
+    ring = KeyRing.open(settings.keys_dir, create=False)
+    next_kid = next(e.kid for e in ring.entries() if e.state == "next")
+    assert next_kid in {k["kid"] for k in jwks_before["keys"]}, "next key published before use"
+    ring.rotate(clock.now, max_token_lifetime=settings.max_lifetime, force=True)
+
+    clock.now += 6  # past the running app's reload interval (5 s)
+    after = exchange()
+    assert _header_kid(after) == next_kid != kid_before
+
+    # A relying party that cached the JWKS from before the rotation verifies the new token...
+    jwt.decode(after, KeySet.import_key_set(jwks_before), algorithms=["ES256"])
+    # ...and one that fetches now still verifies the old one (the retired key stays published).
+    jwks_after = client.get("/.well-known/jwks.json").get_json()
+    jwt.decode(before, KeySet.import_key_set(jwks_after), algorithms=["ES256"])
+    assert kid_before in {k["kid"] for k in jwks_after["keys"]}
+    # A new next key is already published for the following rotation.
+    states = {e.kid: e.state for e in KeyRing.open(settings.keys_dir, create=False).entries()}
+    assert sorted(states.values()) == ["active", "next", "retired"]
+    assert set(states) == {k["kid"] for k in jwks_after["keys"]}

@@ -1,0 +1,1 @@
+"""Helpers shared by tests in several directories: servers, crafted JOSE, client and review set-ups."""
