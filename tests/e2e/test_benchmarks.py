@@ -152,17 +152,30 @@ def test_wrk_output_is_read() -> None:
     assert result["first_failure"].startswith("400")
 
 
-def test_profile_shares_leave_idle_waits_out() -> None:
+@pytest.mark.parametrize(
+    ("pool", "idle"),
+    [
+        (
+            "Thread.run (threading.py:1);RequestThreads._serve (sts/serving.py:280)",
+            "Thread.run (threading.py:1);RequestThreads._serve (sts/serving.py:279)",
+        ),
+        (  # the thread pool of earlier versions (a --source copy)
+            "Thread.run (threading.py:1);_worker (concurrent/futures/thread.py:83);"
+            "_WorkItem.run (concurrent/futures/thread.py:58)",
+            "Thread.run (threading.py:1);_worker (concurrent/futures/thread.py:83)",
+        ),
+    ],
+    ids=["request-threads", "thread-pool"],
+)
+def test_profile_shares_leave_idle_waits_out(pool: str, idle: str) -> None:
     loop = "BaseEventLoop.run_forever (asyncio/base_events.py:1);BaseEventLoop._run_once (asyncio/x.py:2)"
-    pool = "Thread.run (threading.py:1);_WorkItem.run (concurrent/futures/thread.py:58)"
     stacks = collections.Counter(
         {
             f"{loop};EpollSelector.select (selectors.py:3)": 50,  # waiting for events: idle
             f"{loop};Handle._run (asyncio/events.py:4)": 25,
             f"{pool};TokenExchange.handle (sts/core/exchange.py:9);verify_token (sts/core/attest.py:1)": 60,
             f"{pool};TokenExchange.handle (sts/core/exchange.py:9);write (sts/adapters/sql.py:5)": 15,
-            # an idle pool thread
-            "Thread.run (threading.py:1);_worker (concurrent/futures/thread.py:83)": 500,
+            idle: 500,  # an idle request thread
         }
     )
     summary = bench.profile_summary(stacks)
