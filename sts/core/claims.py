@@ -1,7 +1,7 @@
 """JWT claims validation, one set of rules for every kind of token this service reads.
 
 Subject, actor and posture tokens (:mod:`.attest`), client assertions
-(:mod:`.clients`), Security Event Tokens (:mod:`.shared_signals`), this
+(:mod:`.clients`), Security Event Tokens (:mod:`.signals.verify`), this
 service's own access tokens (:mod:`.introspection`) and DPoP proofs
 (:mod:`.dpop`) are all checked here, after their signature has verified.
 Each caller states its rules as a :class:`ClaimRules`; :func:`check_claims`

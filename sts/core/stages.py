@@ -1,5 +1,6 @@
 """The names of the token-exchange pipeline's stages, and the default that times none of them.
 
+The steps each stage runs are listed, in order, in :mod:`sts.core.exchange`.
 The pipeline calls :meth:`~sts.core.ports.PipelineStages.enter` as it moves on;
 the adapter behind the port (:mod:`sts.adapters.tracing`) turns the stages into
 trace spans and reports each stage's duration to its observers (latency

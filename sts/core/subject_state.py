@@ -1,7 +1,7 @@
 """What other systems said about a workload identity: blocks, re-attestation demands, risk, posture.
 
 Filled in by Security Event Tokens (RFC 8417, OpenID CAEP) through
-:mod:`sts.core.shared_signals`; read on every exchange.  Identities are keyed
+:mod:`sts.core.signals`; read on every exchange.  Identities are keyed
 ``<issuer name>|<subject>``; an event that names a subject without an issuer
 (SSF ``opaque`` subject identifier) is stored under ``*|<subject>`` and
 applies to that subject from every issuer.

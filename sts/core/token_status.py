@@ -21,7 +21,7 @@ from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no
 from ..protocol.wire import WireRequest, check_content_type
 from .audit import AuditRecord, log_unaudited, token_hash
 from .clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
-from .exchange import trace_details
+from .exchange.request import trace_details
 from .introspection import OwnTokenVerifier, audiences_of, introspect, verify_own_token
 from .ports import (
     AuditSink,

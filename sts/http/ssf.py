@@ -12,7 +12,7 @@ answered ``202 Accepted`` with an empty body, ``400`` with
 ``{"err": ..., "description": ...}`` (RFC 8935 §2.4), or ``503``
 ``{"err": "temporarily_unavailable", ...}`` with ``Retry-After`` when a store,
 the audit trail or the transmitter's keys cannot be reached.  The decision is
-made in :mod:`sts.core.shared_signals`; this module only reads the body and
+made in :mod:`sts.core.signals`; this module only reads the body and
 writes the answer.
 """
 
@@ -23,7 +23,8 @@ from dataclasses import replace
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from ..core.shared_signals import ReceiverUnavailable, SetDelivery, SetRefused, SignalReceiver
+from ..core.signals.receiver import SignalReceiver
+from ..protocol.security_events import ReceiverUnavailable, SetDelivery, SetRefused
 from .responses import NO_STORE, json_response
 
 EVENTS_PATH = "/ssf/events"

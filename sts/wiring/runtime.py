@@ -19,7 +19,7 @@ from ..core.exchange import TokenExchange
 from ..core.policy.index import PolicySet
 from ..core.ports import BaselineStore, ReplayCache, SubjectStateStore
 from ..core.rate_limit import NO_LIMITS, RateLimiter
-from ..core.shared_signals import SignalReceiver
+from ..core.signals.receiver import SignalReceiver
 from ..core.token_status import TokenStatus
 from ..settings import Settings
 

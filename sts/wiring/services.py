@@ -19,7 +19,7 @@ from ..core.introspection import OwnTokenVerifier
 from ..core.policy.index import PolicySet
 from ..core.ports import AuditSink, SingleUseLedger
 from ..core.rate_limit import RateLimiter
-from ..core.shared_signals import SignalReceiver
+from ..core.signals.receiver import SignalReceiver
 from ..core.token_status import TokenStatus
 from ..settings import Settings
 from .metadata import introspection_endpoint, revocation_endpoint

@@ -21,7 +21,7 @@ from ..core.delegation import SELF_ISSUER
 from ..core.policy.index import PolicySet
 from ..core.ports import IssuerKeys, TokenReviewer
 from ..core.profiles import ProfileOptions, get_profile
-from ..core.shared_signals import Transmitter, TransmitterPolicy
+from ..core.signals.verify import Transmitter, TransmitterPolicy
 from ..errors import ConfigurationError
 from ..protocol.token_exchange import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
 from ..settings import ClientSettings, IssuerSettings, Settings, TransmitterSettings

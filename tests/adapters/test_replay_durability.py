@@ -42,7 +42,7 @@ from sts.adapters.redis.persistence import persistence_warnings
 from sts.app import create_app
 from sts.core.clients import REPLAY_WINDOW_LOST as ASSERTION_WINDOW_LOST
 from sts.core.dpop import REPLAY_WINDOW_LOST as PROOF_WINDOW_LOST
-from sts.core.exchange import REPLAY_WINDOW_LOST as TOKEN_WINDOW_LOST
+from sts.core.exchange.single_use import REPLAY_WINDOW_LOST as TOKEN_WINDOW_LOST
 from sts.core.ports import ReplayWindowLost
 from sts.dev.issuer import DevIssuer, RunningServer
 from tests.conftest import SIGNER_KEY, STS_ISSUER, exchange_form, settings_for

@@ -38,8 +38,13 @@ from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine
 from sts.app import create_app
 from sts.core.ports import StoreUnavailable
-from sts.core.shared_signals import (
-    ACTED_ON,
+from sts.core.signals.events import ACTED_ON, apply_event
+from sts.core.signals.receiver import SignalReceiver
+from sts.core.signals.subjects import SubjectScope, resolve_subject
+from sts.core.subject_state import STATE_TTL, SubjectState, is_revoked
+from sts.dev.issuer import DevIssuer, RunningServer
+from sts.errors import ConfigurationError
+from sts.protocol.security_events import (
     ASSURANCE_LEVEL_CHANGE,
     CREDENTIAL_CHANGE,
     DESCRIPTIONS,
@@ -49,14 +54,7 @@ from sts.core.shared_signals import (
     TOKEN_CLAIMS_CHANGE,
     SetDelivery,
     SetRefused,
-    SignalReceiver,
-    SubjectScope,
-    apply_event,
-    resolve_subject,
 )
-from sts.core.subject_state import STATE_TTL, SubjectState, is_revoked
-from sts.dev.issuer import DevIssuer, RunningServer
-from sts.errors import ConfigurationError
 from sts.settings import Settings
 from sts.wiring.trust import build_transmitters
 from tests.conftest import STS_ISSUER

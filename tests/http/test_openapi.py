@@ -36,16 +36,16 @@ from sts import errors
 from sts.adapters.signing_keys import SUPPORTED_ALGORITHMS
 from sts.app import create_app
 from sts.core.risk import DEFAULT_WEIGHTS
-from sts.core.shared_signals import (
+from sts.core.token_status import TOKEN_STATUS_PARAMETERS
+from sts.dev.issuer import DevIssuer, RunningServer
+from sts.protocol.client_auth import CLIENT_ASSERTION_TYPE_JWT
+from sts.protocol.security_events import (
     DESCRIPTIONS,
     SESSION_REVOKED,
     ReceiverRateLimited,
     ReceiverUnavailable,
     SetRefused,
 )
-from sts.core.token_status import TOKEN_STATUS_PARAMETERS
-from sts.dev.issuer import DevIssuer, RunningServer
-from sts.protocol.client_auth import CLIENT_ASSERTION_TYPE_JWT
 from sts.protocol.token_exchange import (
     ACCEPTED_INPUT_TOKEN_TYPES,
     GRANT_TYPE_TOKEN_EXCHANGE,

@@ -1,0 +1,352 @@
+"""The token-exchange pipeline (RFC 8693), in the order :meth:`TokenExchange._decide` runs it.
+
+Each step decides one thing and fills in its own part of the audit record.  The
+stages are those the pipeline reports (:mod:`sts.core.stages`: trace spans and
+latency histograms); "where" names a module of this package, or this module::
+
+    stage        step                                           where
+    parse        read the request (RFC 6749 §3.2, 8693 §2.1)    request.parse_request
+    client_auth  authenticate the client (RFC 6749 §2.3,        TokenExchange._authenticate_client
+                 RFC 7523 §3)
+    dpop         verify the DPoP proof (RFC 9449 §4.3)          binding.verify_request_proof
+    attest       attest the subject and the actor, build the    attestation.Attestation.attest
+                 act chain (RFC 8693 §4.1, §4.4)
+    policy       evaluate the policy                            TokenExchange._evaluate_policy
+                 keep a bound token bound (RFC 9449 §7)         binding.check_binding
+                 ... and certificate-bound (RFC 8705 §3)        binding.check_certificate_binding
+                 the attestation age the rule allows            check_attestation_age
+    risk         assess the risk                                risk_and_assurance.RiskAndAssurance.assess
+                 enforce it: refuse, step up or narrow          RiskAndAssurance.enforce
+                 the assurance level needed (RFC 9470 §3)       RiskAndAssurance.check_assurance
+    mint         the lifetime                                   issue.token_lifetime
+                 reserve the single use of the subject token    single_use.reserve_subject_token
+                 mint the token (RFC 9068)                      issue.mint_exchanged_token
+                 learn the behaviour baseline                   RiskAndAssurance.learn
+                 record the grant                               issue.record_grant
+    audit        commit the record (with the single use)        TokenExchange._commit
+
+Rate limits are checked where their key is known: on arrival (parse), per client
+(client_auth), per identity (attest) and per rule (policy).  Storage and keys are
+reached through :mod:`sts.core.ports`.  Whatever the outcome, the record is
+written (:class:`sts.core.audited.AuditedEndpoint`: refused, failed or granted),
+and a token is returned only after its record is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ...errors import (
+    InvalidClient,
+    InvalidRequest,
+    OAuthError,
+    ServerError,
+    TemporarilyUnavailable,
+)
+from ...protocol.client_auth import parse_client_credentials
+from ...protocol.token_exchange import TOKEN_TYPE_ACCESS_TOKEN, TokenExchangeRequest, TokenExchangeResponse
+from ...protocol.wire import WireRequest
+from .. import stages as stage
+from ..attest import IssuerDirectory, VerifiedToken
+from ..audit import AuditRecord, log_unaudited
+from ..audited import AuditedEndpoint
+from ..clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
+from ..delegation import attestation_time, narrow_reexchange
+from ..dpop import DPoPConfig
+from ..policy.evaluate import evaluate
+from ..policy.index import PolicySet
+from ..policy.rules import Grant, PolicyRequest
+from ..ports import (
+    AlreadyUsed,
+    AuditSink,
+    AuditUnavailable,
+    BaselineStore,
+    PipelineStages,
+    ReplayCache,
+    RevokedTokens,
+    Signer,
+    SingleUse,
+    SingleUseLedger,
+    StoreUnavailable,
+    SubjectStateStore,
+    TokenReviewer,
+)
+from ..rate_limit import NO_LIMITS, RateLimiter
+from .attestation import Attestation, Parties
+from .binding import check_binding, check_certificate_binding, verify_request_proof
+from .issue import mint_exchanged_token, record_grant, token_lifetime
+from .request import parse_request, presented_subject_token_hash, start_record
+from .risk_and_assurance import RiskAndAssurance
+from .single_use import reserve_subject_token, withdraw_grant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    issuer: str
+    token_endpoint: str
+    leeway: int
+    max_assertion_lifetime: int
+    dpop: DPoPConfig | None = None
+
+
+class TokenExchange(AuditedEndpoint[OAuthError]):
+    """The pipeline, with its ports wired in once at start."""
+
+    refusal = OAuthError
+    logger = log
+    decision_name = "token exchange"
+
+    def __init__(
+        self,
+        config: ExchangeConfig,
+        *,
+        clients: Mapping[str, RegisteredClient],
+        issuers: IssuerDirectory,
+        policy: PolicySet,
+        replay: ReplayCache,
+        ledger: SingleUseLedger,
+        signer: Callable[[], Signer],
+        audit: AuditSink,
+        clock: Callable[[], float],
+        token_reviewers: Mapping[str, TokenReviewer] | None = None,
+        subject_states: SubjectStateStore | None = None,
+        baselines: BaselineStore | None = None,
+        revoked_tokens: RevokedTokens | None = None,
+        limits: RateLimiter = NO_LIMITS,
+        stages: PipelineStages = stage.NO_STAGES,
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.stages = stages
+        self.clients = clients
+        self.issuers = issuers
+        self.policy = policy
+        self.replay = replay
+        self.ledger = ledger
+        self.signer = signer
+        self.audit = audit
+        self.clock = clock
+        self.assertion_audience = AssertionAudience(config.issuer, config.token_endpoint)
+        self.attestation = Attestation(
+            issuers,
+            leeway=config.leeway,
+            limits=limits,
+            token_reviewers=dict(token_reviewers or {}),
+            subject_states=subject_states,
+            revoked_tokens=revoked_tokens,
+        )
+        self.risk = RiskAndAssurance(
+            issuers, leeway=config.leeway, subject_states=subject_states, baselines=baselines
+        )
+
+    def handle(self, wire: WireRequest) -> TokenExchangeResponse:
+        """Run the pipeline; return the response or raise the :class:`OAuthError` to send."""
+        now = self.clock()
+        record = start_record(wire, now)
+        uses: list[SingleUse] = []
+        return self.decide_and_record(
+            record,
+            lambda: self._decide(wire, record, now, uses),
+            lambda _response: self._commit(record, uses, now),
+            abandon=lambda: self.ledger.cancel(uses),
+            refused=lambda exc: self._count_failure(record, exc, now),
+        )
+
+    def refuse_early(self, wire: WireRequest, exc: OAuthError) -> None:
+        """Record a request refused before the pipeline could read it (body too large, unparseable)."""
+        record = start_record(wire, self.clock())
+        record.subject_token_sha256 = presented_subject_token_hash(wire)
+        self.record_refusal(record, exc)
+
+    def _decide(
+        self, wire: WireRequest, record: AuditRecord, now: float, uses: list[SingleUse]
+    ) -> TokenExchangeResponse:
+        """The stages of the module docstring, in order: the response, with ``record`` filled in
+        (committed by :meth:`_commit`) and the single use to commit with it in ``uses``."""
+        # The hash goes into the record even when the request is refused before it is parsed.
+        record.subject_token_sha256 = presented_subject_token_hash(wire)
+        self.stages.enter(stage.PARSE)
+        # Global and per-network limits, before any work is done for the request.
+        self.limits.on_arrival("token", wire.source_ip, now, record)
+        request = parse_request(wire, record)
+
+        self.stages.enter(stage.CLIENT_AUTH)
+        client = self._authenticate_client(wire, record, now)
+
+        self.stages.enter(stage.DPOP)
+        proof = verify_request_proof(
+            wire, self.config.dpop, url=self.config.token_endpoint, replay=self.replay, record=record, now=now
+        )
+
+        self.stages.enter(stage.ATTEST)
+        parties = self.attestation.attest(request, record, now)
+
+        self.stages.enter(stage.POLICY)
+        grant, scopes = self._evaluate_policy(request, client, parties, record, now)
+        check_binding(parties.subject, parties.actor, grant, proof)
+        check_certificate_binding(parties.subject, wire.client_cert_thumbprint)
+        attested_at = check_attestation_age(parties.subject, grant, now)
+
+        self.stages.enter(stage.RISK)
+        risk = self.risk.assess(wire, request, parties, proof, grant, scopes, attested_at, record, now)
+        scopes = self.risk.enforce(risk, scopes, record)
+        self.risk.check_assurance(risk, grant, scopes, request.acr_values, attested_at, record, now)
+
+        self.stages.enter(stage.MINT)
+        lifetime = token_lifetime(parties.subject, grant, request, risk.decision, now)
+        if grant.single_use:
+            # Reserved last of all, so that a refusal does not burn the token.
+            uses.append(
+                reserve_subject_token(
+                    self.ledger, parties.subject, request.subject_token, leeway=self.config.leeway, now=now
+                )
+            )
+        issued = mint_exchanged_token(
+            self.signer(),
+            self.config.issuer,
+            client=client,
+            parties=parties,
+            proof=proof,
+            certificate=wire.client_cert_thumbprint,
+            grant=grant,
+            scopes=scopes,
+            lifetime=lifetime,
+            attested_at=attested_at,
+            acr=risk.level,
+            now=now,
+        )
+        self.risk.learn(risk, wire.source_ip, grant.audiences, scopes, parties.depth, now)
+        record_grant(record, grant, scopes, lifetime, issued)
+        return TokenExchangeResponse(
+            access_token=issued.token,
+            issued_token_type=request.requested_token_type or TOKEN_TYPE_ACCESS_TOKEN,
+            # RFC 9449 §5: a DPoP-bound token is token_type DPoP.
+            token_type="DPoP" if proof else "Bearer",
+            expires_in=lifetime,
+            scope=scopes,
+        )
+
+    def _authenticate_client(
+        self, wire: WireRequest, record: AuditRecord, now: float
+    ) -> AuthenticatedClient | None:
+        """The client (RFC 6749 §2.3, RFC 7523 §3), in the record; None when it presents no credentials
+        and some rule accepts the subject token as the only credential."""
+        creds = parse_client_credentials(wire.form, wire.authorization)
+        record.client_auth_method = creds.method
+        record.client_id = creds.client_id
+        client = authenticate_client(
+            creds,
+            self.clients,
+            self.replay,
+            self.assertion_audience,
+            now=now,
+            leeway=self.config.leeway,
+            max_assertion_lifetime=self.config.max_assertion_lifetime,
+        )
+        if client is None and not self.policy.allows_anonymous:
+            # No rule accepts the subject token as the only credential: stop before any work.
+            raise InvalidClient("client.authentication_required")
+        record.client_id = client.client_id if client else None
+        if client is not None:
+            self.limits.for_client("token", client.client_id, now, record)
+        return client
+
+    def _evaluate_policy(
+        self,
+        request: TokenExchangeRequest,
+        client: AuthenticatedClient | None,
+        parties: Parties,
+        record: AuditRecord,
+        now: float,
+    ) -> tuple[Grant, tuple[str, ...]]:
+        """The rule's grant and the scopes it allows; the rule and its reasons go into the record."""
+        subject = parties.subject
+        grant = evaluate(
+            self.policy,
+            subject,
+            PolicyRequest(
+                request.audiences,
+                request.resources,
+                request.scopes,
+                client.client_id if client else None,
+                actor=parties.actor,
+                delegation_depth=parties.depth,
+            ),
+        )
+        record.rule = grant.rule
+        record.reasons.extend(grant.reasons)
+        if grant.rate_limit is not None:
+            self.limits.for_rule(
+                grant.rule, grant.rate_limit, subject.issuer_name, subject.subject, now, record
+            )
+        # A re-exchanged token of ours can only be narrowed.
+        scopes = narrow_reexchange(subject, grant.audiences, grant.scopes, request.scopes)
+        if len(scopes) != len(grant.scopes):
+            record.reasons.append("reexchange.scope_narrowed")
+        return grant, scopes
+
+    def _commit(self, record: AuditRecord, uses: list[SingleUse], now: float) -> None:
+        """Commit the grant's record; with single use, the use of the subject token with it."""
+        try:
+            # Two-phase single use: the subject token is used up only together with (Redis: right
+            # after) the commit of this record, so a failure here leaves it usable for the retry.
+            if uses:
+                self.ledger.commit(record, uses, now)
+            else:
+                self.audit.write(record)
+        except AlreadyUsed:
+            # A concurrent request with the same token committed first (another worker or instance).
+            withdraw_grant(record)
+            replayed = InvalidRequest("subject_token.replayed", "used by a concurrent request")
+            self.record_refusal(record, replayed)
+            self._count_failure(record, replayed, now)
+            raise replayed from None
+        except AuditUnavailable as exc:
+            log.error(
+                "audit write failed; token %s withheld (request %s): %s",
+                record.issued_jti,
+                record.request_id,
+                exc,
+            )
+            log_unaudited(log, record, str(exc), outcome="withheld")
+            raise TemporarilyUnavailable("audit.unavailable", str(exc)) from None
+        except StoreUnavailable as exc:
+            log.error(
+                "single use of the subject token not confirmed after its audit record was committed; "
+                "token %s withheld (request %s): %s",
+                record.issued_jti,
+                record.request_id,
+                exc,
+            )
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+
+    def _count_failure(self, record: AuditRecord, exc: OAuthError, now: float) -> None:
+        """A refusal (not a service failure) counts towards the identity's recent_failures signal."""
+        if not isinstance(exc, TemporarilyUnavailable):
+            self.risk.record_failure(record, now)
+
+    # -- how this endpoint's refusals are recorded (sts.core.audited) ---------------------------------
+
+    def refusal_fields(self, exc: OAuthError) -> tuple[str, str, str]:
+        return exc.error, exc.reason, exc.detail
+
+    def unexpected_failure(self, reason: str) -> OAuthError:
+        return ServerError(reason)
+
+    def entering_audit(self) -> None:
+        self.stages.enter(stage.AUDIT)
+
+
+def check_attestation_age(subject: VerifiedToken, grant: Grant, now: float) -> float | None:
+    """When the workload last proved itself (:func:`~sts.core.delegation.attestation_time`); refused
+    when that is longer ago than the rule's ``max_attestation_age`` allows."""
+    attested_at = attestation_time(subject)
+    if grant.max_attestation_age is not None and (
+        attested_at is None or now - attested_at > grant.max_attestation_age
+    ):
+        raise InvalidRequest("policy.attestation_too_old")
+    return attested_at

@@ -1,0 +1,124 @@
+"""The ``attest`` stage: who the exchange is for (the subject) and who acts for it (the actor).
+
+Both tokens are verified against the trusted issuers (:func:`sts.core.attest.verify_token`);
+a token of ours must not have been revoked; a Kubernetes token's pod must still exist
+(TokenReview); the actor must be one the subject allows (RFC 8693 §4.4 ``may_act``); and
+the ``act`` chain of the token to issue is built (RFC 8693 §4.1).  None of this grants
+anything: the ``policy`` stage decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from ...errors import InvalidRequest, TemporarilyUnavailable
+from ...protocol.token_exchange import TokenExchangeRequest
+from ..attest import IssuerDirectory, VerifiedToken, verify_token
+from ..audit import AuditRecord
+from ..delegation import SELF_ISSUER, act_chain, check_may_act
+from ..introspection import revocation
+from ..ports import RevokedTokens, StoreUnavailable, SubjectStateStore, TokenReviewer, TokenReviewUnavailable
+from ..rate_limit import RateLimiter
+
+
+class Parties(NamedTuple):
+    """The attested parties of one exchange."""
+
+    subject: VerifiedToken
+    actor: VerifiedToken | None
+    #: The ``act`` claim of the token to issue (RFC 8693 §4.1), and the number of actors in it.
+    act: dict[str, Any] | None
+    depth: int
+    #: A live review of the subject token passed (posture evidence for the assurance levels).
+    live_review: bool
+
+
+class Attestation:
+    """The ``attest`` stage, with the ports it reads wired in once at start."""
+
+    def __init__(
+        self,
+        issuers: IssuerDirectory,
+        *,
+        leeway: int,
+        limits: RateLimiter,
+        token_reviewers: Mapping[str, TokenReviewer],
+        subject_states: SubjectStateStore | None,
+        revoked_tokens: RevokedTokens | None,
+    ) -> None:
+        self.issuers = issuers
+        self.leeway = leeway
+        self.limits = limits
+        self.token_reviewers = token_reviewers
+        self.subject_states = subject_states
+        self.revoked_tokens = revoked_tokens
+
+    def attest(self, request: TokenExchangeRequest, record: AuditRecord, now: float) -> Parties:
+        """Verify the subject (and actor) token; who they are, and the delegation, go into ``record``."""
+        subject = verify_token(
+            request.subject_token, request.subject_token_type, self.issuers, now=now, leeway=self.leeway
+        )
+        record.issuer = subject.issuer_name
+        record.subject = subject.subject[:500]
+        record.subject_token_jti = subject.jti
+        record.subject_token_iat = subject.issued_at
+        self.limits.for_identity("token", subject.issuer_name, subject.subject, now, record)
+        self._check_not_revoked(subject, "subject_token")
+        live_review = self._check_liveness(subject, request.subject_token)
+        actor: VerifiedToken | None = None
+        if request.actor_token is not None:
+            actor = verify_token(
+                request.actor_token,
+                request.actor_token_type or "",
+                self.issuers,
+                now=now,
+                leeway=self.leeway,
+                role="actor_token",
+            )
+            record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject[:500]
+            self._check_not_revoked(actor, "actor_token")
+            check_may_act(subject, actor)
+        trusted = self.issuers.by_name(subject.issuer_name)
+        trusted_delegation = trusted is not None and trusted.policy.trusted_delegation
+        if subject.issuer_name != SELF_ISSUER and subject.claims.get("act") is not None:
+            # An upstream act claim is that issuer's assertion: carried or refused, and recorded which.
+            record.details["upstream_act"] = "carried" if trusted_delegation else "refused"
+        act, depth = act_chain(subject, actor, trusted_delegation=trusted_delegation)
+        record.details["delegation_depth"] = depth
+        return Parties(subject, actor, act, depth, live_review)
+
+    def _check_not_revoked(self, token: VerifiedToken, role: str) -> None:
+        """A token of ours, presented as subject or actor token, must not have been revoked: by
+        ``jti`` (RFC 7009 ``POST /revoke``) or for its subject (a security event such as CAEP
+        ``session-revoked``, or ``sts revoke subject``).  The same answer as introspection gives,
+        read from the store every instance shares; a store that cannot answer refuses (fail closed).
+        """
+        if token.issuer_name != SELF_ISSUER:
+            return
+        if self.subject_states is None or self.revoked_tokens is None:
+            raise TemporarilyUnavailable("store.unavailable", "no revocation store")
+        try:
+            cause = revocation(token.claims, self.issuers.names(), self.subject_states, self.revoked_tokens)
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        if cause is not None:
+            raise InvalidRequest(f"{role}.revoked", cause)
+
+    def _check_liveness(self, subject: VerifiedToken, token: str) -> bool:
+        """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview).
+
+        True when a live review passed (posture evidence for the assurance levels)."""
+        reviewer = self.token_reviewers.get(subject.issuer_name)
+        if reviewer is None:
+            return False
+        try:
+            # Ask the API server to check the audience we require, not whatever the token says.
+            trusted = self.issuers.by_name(subject.issuer_name)
+            ours = trusted.policy.audiences if trusted else frozenset()
+            username = reviewer.review(token, tuple(a for a in subject.audiences if a in ours))
+        except TokenReviewUnavailable as exc:
+            raise TemporarilyUnavailable("subject_token.token_review_unavailable", str(exc)) from None
+        if username != subject.subject:
+            raise InvalidRequest("subject_token.kubernetes.not_live")
+        return True

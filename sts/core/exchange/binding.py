@@ -1,0 +1,109 @@
+"""Proof of possession: the key a request proves, and the key a token stays bound to.
+
+* The ``dpop`` stage verifies the request's DPoP proof (RFC 9449 §4.3):
+  :func:`verify_request_proof`.
+* The ``policy`` stage keeps a bound token of ours bound on re-exchange:
+  :func:`check_binding` (DPoP, RFC 9449 §7) and :func:`check_certificate_binding`
+  (a client certificate, RFC 8705 §3).
+* The ``risk`` stage treats the presented keys as facts, so a workload whose key
+  changes has drifted: :func:`presented_keys`.
+* The ``mint`` stage binds the new token to them: :func:`confirmation` (``cnf``, RFC 7800).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ...errors import InvalidDPoPProof, InvalidRequest
+from ...protocol.wire import WireRequest
+from ..attest import VerifiedToken
+from ..audit import AuditRecord
+from ..delegation import SELF_ISSUER
+from ..dpop import DPoPConfig, VerifiedProof, verify_proof
+from ..policy.rules import Grant
+from ..ports import ReplayCache
+
+
+def verify_request_proof(
+    wire: WireRequest,
+    config: DPoPConfig | None,
+    *,
+    url: str,
+    replay: ReplayCache,
+    record: AuditRecord,
+    now: float,
+) -> VerifiedProof | None:
+    """The request's DPoP proof (RFC 9449 §4.3), verified, its key's thumbprint in ``record``;
+    None when there is none.  The key is the one the issued token will be bound to."""
+    if not wire.dpop:
+        return None
+    if config is None:
+        raise InvalidDPoPProof("dpop.not_supported")
+    proof = verify_proof(wire.dpop, method="POST", url=url, config=config, replay=replay, now=now)
+    record.details["dpop_jkt"] = proof.jkt
+    return proof
+
+
+def check_binding(
+    subject: VerifiedToken, actor: VerifiedToken | None, grant: Grant, proof: VerifiedProof | None
+) -> None:
+    """DPoP required by the rule; a bound token of ours stays bound to its key on re-exchange.
+
+    A bound token of ours presented as the actor token is a credential too: whoever
+    presents it proves its key (RFC 9449 §7), else a stolen bound token would act as a
+    bearer token.  The one proof then binds the new token to the actor's key, so the
+    subject's own binding yields only where the rule lets the actor bind its key.
+    """
+    if grant.require_dpop and proof is None:
+        raise InvalidDPoPProof("dpop.required")
+    actor_bound = bound_key(actor) if actor is not None else None
+    if actor_bound is not None:
+        if proof is None:
+            raise InvalidDPoPProof("dpop.bound_actor_token_needs_proof")
+        if proof.jkt != actor_bound:
+            raise InvalidDPoPProof("dpop.key_differs_from_bound_actor_token")
+    bound = bound_key(subject)
+    if bound is None:
+        return
+    if proof is None:
+        raise InvalidDPoPProof("dpop.bound_token_needs_proof")
+    if proof.jkt != bound and not (actor is not None and grant.actor_may_bind_key):
+        raise InvalidDPoPProof("dpop.key_differs_from_bound_token")
+
+
+def check_certificate_binding(subject: VerifiedToken, thumbprint: str | None) -> None:
+    """RFC 8705 §3: a certificate-bound token of ours is re-exchanged over the same certificate."""
+    cnf = subject.claims.get("cnf")
+    bound = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
+    if subject.issuer_name == SELF_ISSUER and bound is not None and bound != thumbprint:
+        raise InvalidRequest("subject_token.certificate_binding_mismatch")
+
+
+def bound_key(token: VerifiedToken) -> str | None:
+    """``cnf.jkt`` of a DPoP-bound token of ours (RFC 9449 §6.1); None for any other token."""
+    cnf = token.claims.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, Mapping) else None
+    if token.issuer_name != SELF_ISSUER or jkt is None:
+        return None
+    return str(jkt)
+
+
+def presented_keys(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, str]:
+    """The proof-of-possession keys this request proves, as baseline facts (``cnf_jkt``, ``cnf_x5t``)."""
+    keys: dict[str, str] = {}
+    if proof is not None:
+        keys["cnf_jkt"] = proof.jkt
+    if thumbprint is not None:
+        keys["cnf_x5t"] = thumbprint
+    return keys
+
+
+def confirmation(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, Any]:
+    """``cnf`` (RFC 7800): the DPoP key (RFC 9449 §6) and/or the client certificate (RFC 8705 §3.1)."""
+    cnf: dict[str, str] = {}
+    if proof is not None:
+        cnf["jkt"] = proof.jkt
+    if thumbprint is not None:
+        cnf["x5t#S256"] = thumbprint
+    return {"cnf": cnf} if cnf else {}

@@ -1,0 +1,329 @@
+"""The ``risk`` stage: what other systems said about the subject, the rule's own risk signals,
+and the assurance level the request reaches (RFC 9470).
+
+* :meth:`RiskAndAssurance.assess` reads the subject's state (security events) and
+  behaviour baseline, weighs the signals (:mod:`sts.core.risk`) and decides
+  (:mod:`sts.core.stepup`); the decision and the level reached go into the record.
+* :meth:`RiskAndAssurance.enforce` applies an enforced decision: refuse, ask for a
+  step-up, or narrow the scopes.
+* :meth:`RiskAndAssurance.check_assurance` refuses, with a step-up challenge, what
+  the rule's ``assurance`` requirements (and the request's ``acr_values``) need
+  and this request does not reach.
+
+The baseline learns after a grant (:meth:`~RiskAndAssurance.learn`), a refusal
+counts towards ``recent_failures`` (:meth:`~RiskAndAssurance.record_failure`),
+and a refused exchange still counts for the probation of a changed fact.  All
+three are best effort: a lost update only delays learning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ...errors import InvalidRequest, RiskRefused, StepUpRequired, TemporarilyUnavailable
+from ...protocol.token_exchange import TOKEN_TYPE_JWT, TokenExchangeRequest
+from ...protocol.wire import WireRequest
+from ..assurance import (
+    KEY_CHANGED,
+    KEY_CONTINUES,
+    KEY_FACTS,
+    Evidence,
+    at_least,
+    key_state,
+    needed,
+    posture_is_good,
+    reached,
+    shortfall,
+)
+from ..attest import IssuerDirectory, VerifiedToken, verify_token
+from ..audit import AuditRecord, token_hash
+from ..baseline import BASELINE_TTL, Baseline, observe, record_failure
+from ..delegation import SELF_ISSUER
+from ..dpop import VerifiedProof
+from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
+from ..introspection import own_token_identities
+from ..policy.rules import Grant
+from ..ports import BaselineStore, StoreUnavailable, SubjectStateStore
+from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
+from ..stepup import DENY, STEP_UP, RiskDecision, decide
+from ..subject_state import SubjectState, identity_key, identity_keys, merge
+from .attestation import Parties
+from .binding import presented_keys
+
+log = logging.getLogger(__name__)
+
+#: Rules without a ``risk`` section still obey security events, with these thresholds.
+EVENTS_ONLY = RiskSettings()
+
+
+@dataclass(frozen=True)
+class ExchangeRisk:
+    """The risk of one exchange: the decision, what it was decided on, and the level reached."""
+
+    decision: RiskDecision
+    assessment: Assessment
+    cfg: RiskSettings
+    baseline: Baseline
+    baseline_key: str | None
+    #: The record's ``details.risk``.
+    record: dict[str, Any]
+    #: The assurance level this request reaches (sts.core.assurance), and what it showed for it.
+    level: str
+    evidence: Evidence
+
+
+class RiskAndAssurance:
+    """The ``risk`` stage, with the stores it reads and updates wired in once at start."""
+
+    def __init__(
+        self,
+        issuers: IssuerDirectory,
+        *,
+        leeway: int,
+        subject_states: SubjectStateStore | None,
+        baselines: BaselineStore | None,
+    ) -> None:
+        self.issuers = issuers
+        self.leeway = leeway
+        self.subject_states = subject_states
+        self.baselines = baselines
+
+    def assess(
+        self,
+        wire: WireRequest,
+        request: TokenExchangeRequest,
+        parties: Parties,
+        proof: VerifiedProof | None,
+        grant: Grant,
+        scopes: tuple[str, ...],
+        attested_at: float | None,
+        record: AuditRecord,
+        now: float,
+    ) -> ExchangeRisk:
+        """Assess the risk of granting ``scopes``; the assessment and the level go into ``record``."""
+        subject = parties.subject
+        # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
+        keys = presented_keys(proof, wire.client_cert_thumbprint)
+        observed = replace(subject, facts={**subject.facts, **keys}) if keys else subject
+        posture = None
+        if request.posture_token:
+            record.details["posture_token_sha256"] = token_hash(request.posture_token)
+            posture = self._posture(request.posture_token, subject, now)
+        # The baseline is kept where it is judged: by the rule's risk signals, or by the assurance
+        # levels (whose proof-of-possession level needs the identity's key), and whenever a key
+        # is presented, so the identity's first key is remembered.
+        keeps_baseline = bool(grant.risk or grant.assurance or keys)
+        try:
+            state = (
+                merge(self.subject_states.get(self._identity_keys(observed))) if self.subject_states else None
+            )
+            baseline_key = (
+                identity_key(observed.issuer_name, observed.subject)
+                if keeps_baseline and self.baselines
+                else None
+            )
+            baseline = self.baselines.load(baseline_key) if baseline_key and self.baselines else Baseline()
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        state = state or SubjectState()
+        cfg = grant.risk or EVENTS_ONLY
+        posture_claims = posture[0] if posture else None
+        posture_ok = posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
+        presented_key = key_state(keys, baseline.confirmed_keys())
+        shown = frozenset(
+            ([EVIDENCE_POP] if presented_key == KEY_CONTINUES else [])
+            + ([EVIDENCE_POSTURE] if posture_ok else [])
+        )
+        presentable = frozenset(
+            ([EVIDENCE_POP] if any(baseline.facts.get(f) is not None for f in KEY_FACTS) else [])
+            + ([EVIDENCE_POSTURE] if cfg.posture_fact is not None else [])
+        )
+        ctx = RiskContext(
+            identity=identity_key(observed.issuer_name, observed.subject),
+            facts=observed.facts,
+            claims=observed.claims,
+            source_ip=wire.source_ip,
+            audiences=grant.audiences,
+            scopes=scopes,
+            delegation_depth=parties.depth,
+            attested_at=attested_at,
+            now=now,
+            baseline=baseline,
+            state=state,
+            posture_claims=posture_claims,
+            posture_problem=posture[1] if posture else None,
+            evidence_shown=shown,
+            evidence_presentable=presentable,
+        )
+        assessment = assess(ctx, cfg) if grant.risk else assess_events(ctx, cfg)
+        decision = decide(assessment, cfg, scopes)
+        if presented_key == KEY_CHANGED and all(
+            v in assessment.drift.baseline.confirmed_values(f) for f, v in keys.items()
+        ):
+            # The new key completed its probation with this exchange: it is the identity's key now.
+            presented_key = KEY_CONTINUES
+        carried = None
+        if observed.issuer_name == SELF_ISSUER:
+            acr = observed.claims.get("acr")
+            carried = acr if isinstance(acr, str) else ""
+        evidence = Evidence(
+            key=presented_key, posture_token=posture_ok, live_review=parties.live_review, carried=carried
+        )
+        details = {
+            "mode": cfg.mode if grant.risk else "events",
+            "score": assessment.score,
+            "decision": decision.as_dict(),
+            "signals": [s.as_dict() for s in assessment.signals],
+            "learning": baseline.learning if grant.risk else None,
+            # The session state behind the decision: each watched fact, confirmed or pending.
+            "baseline": session_summary(assessment.drift.baseline, cfg.stable_facts if grant.risk else ())
+            if baseline_key
+            else None,
+        }
+        risk = ExchangeRisk(
+            decision,
+            assessment,
+            cfg,
+            baseline,
+            baseline_key,
+            details,
+            level=reached(evidence),
+            evidence=evidence,
+        )
+        record.details["risk"] = risk.record
+        record.details["assurance"] = {"presented": risk.level, "evidence": risk.evidence.as_dict()}
+        return risk
+
+    def enforce(self, risk: ExchangeRisk, scopes: tuple[str, ...], record: AuditRecord) -> tuple[str, ...]:
+        """The scopes left after an enforced risk decision; or refuse, or ask for a step-up."""
+        decision = risk.decision
+        if not decision.enforced:
+            return scopes
+        if decision.action == DENY:
+            self._save_progress(risk)
+            raise RiskRefused("risk.denied", signals=decision.fired, clears=decision.clears)
+        narrowed = decision.scopes
+        if scopes and not narrowed and risk.assessment.fresh:
+            # Nothing is left, and the attestation is already fresh: renewing it would
+            # change nothing, so asking for a step-up would send the workload round forever.
+            self._save_progress(risk)
+            raise RiskRefused("risk.narrowed_to_nothing", signals=decision.fired, clears=decision.clears)
+        if decision.action == STEP_UP or (scopes and not narrowed):
+            self._save_progress(risk)
+            raise StepUpRequired(
+                "risk.step_up",
+                max_age=decision.step_up_max_age,
+                signals=decision.fired,
+                acr_values=decision.acr_values if decision.action == STEP_UP else (),
+                clears=decision.clears,
+            )
+        if len(narrowed) != len(scopes):
+            record.reasons.append("risk.scope_narrowed")
+        return narrowed
+
+    def check_assurance(
+        self,
+        risk: ExchangeRisk,
+        grant: Grant,
+        scopes: tuple[str, ...],
+        requested: tuple[str, ...],
+        attested_at: float | None,
+        record: AuditRecord,
+        now: float,
+    ) -> None:
+        """RFC 9470 §3 at the token endpoint: refuse, naming ``acr_values`` and ``max_age``, what the
+        rule's ``assurance`` requirements (and the request's ``acr_values``) need and this request
+        does not reach: the level reached and the attestation age, for these scopes and audiences."""
+        need = needed(grant.assurance, grant.audiences, scopes, requested)
+        low, old = shortfall(need, risk.level, attested_at, now)
+        record.details["assurance"] = {
+            "presented": risk.level,
+            "required": need.acr,
+            "max_age": need.max_age,
+            "because": list(need.because),
+            "attestation_age": int(now - attested_at) if attested_at is not None else None,
+            "evidence": risk.evidence.as_dict(),
+        }
+        if low or old:
+            self._save_progress(risk)
+            raise StepUpRequired(
+                "assurance.level_too_low" if low else "assurance.attestation_too_old",
+                ", ".join(need.because),
+                max_age=need.max_age,
+                acr_values=at_least(need.acr) if low and need.acr else (),
+            )
+
+    def learn(
+        self,
+        risk: ExchangeRisk,
+        source_ip: str | None,
+        audiences: tuple[str, ...],
+        scopes: tuple[str, ...],
+        depth: int,
+        now: float,
+    ) -> None:
+        """Update the behaviour baseline after a grant (best effort: a lost update only delays learning)."""
+        if self.baselines is None or risk.baseline_key is None:
+            return
+        # The reviewed baseline: first-seen facts set, changed ones confirmed or left pending.
+        updated = observe(
+            risk.assessment.drift.baseline,
+            now=now,
+            source_ip=source_ip,
+            stable_facts={},
+            audiences=audiences,
+            scopes=scopes,
+            depth=depth,
+            rebaseline=False,
+        )
+        try:
+            self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
+        except StoreUnavailable:
+            log.warning("baseline update skipped: store unavailable")
+
+    def record_failure(self, record: AuditRecord, now: float) -> None:
+        """A refusal for a verified identity counts towards its recent_failures signal."""
+        if self.baselines is None or record.issuer is None or record.subject is None:
+            return
+        key = identity_key(record.issuer, record.subject)
+        try:
+            self.baselines.save(key, record_failure(self.baselines.load(key), now), BASELINE_TTL)
+        except StoreUnavailable:
+            log.warning("failure not recorded in baseline: store unavailable")
+
+    def _save_progress(self, risk: ExchangeRisk) -> None:
+        """A refused exchange still counts for the probation of a changed fact (best effort)."""
+        if self.baselines is None or risk.baseline_key is None:
+            return
+        updated = progress(risk.baseline, risk.assessment.drift)
+        if updated == risk.baseline:
+            return
+        try:
+            self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
+        except StoreUnavailable:
+            log.warning("drift probation progress not saved: store unavailable")
+
+    def _posture(
+        self, token: str, subject: VerifiedToken, now: float
+    ) -> tuple[Mapping[str, Any] | None, str | None]:
+        """A posture token (extension parameter): verified like any upstream token, about the same
+        subject.  Expired or otherwise unusable, it is evidence for the stale_posture signal; one
+        about another subject is refused outright (it would be someone else's evidence)."""
+        try:
+            posture = verify_token(
+                token, TOKEN_TYPE_JWT, self.issuers, now=now, leeway=self.leeway, role="posture_token"
+            )
+        except InvalidRequest as exc:
+            return None, exc.reason.removeprefix("posture_token.")
+        if posture.subject != subject.subject:
+            raise InvalidRequest("posture_token.subject_mismatch")
+        return {**posture.facts, **posture.claims}, None
+
+    def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
+        if subject.issuer_name == SELF_ISSUER:
+            # Our own token: events may name the subject under the issuer it first came from.
+            return tuple(own_token_identities(subject.subject, self.issuers.names()))
+        return identity_keys(subject.issuer_name, subject.subject)

@@ -1,0 +1,68 @@
+"""Single use of a subject token, in two phases (see :class:`~sts.core.ports.SingleUseLedger`).
+
+The ``mint`` stage reserves the token (:func:`reserve_subject_token`; a used one is
+refused there), last of all the checks, so that a refusal does not burn it.  The use
+is committed together with the grant's audit record, so of two concurrent exchanges
+of one token exactly one succeeds; the other's record, its token already minted,
+becomes a refusal (:func:`withdraw_grant`).
+"""
+
+from __future__ import annotations
+
+from ...errors import InvalidRequest, TemporarilyUnavailable
+from ..attest import VerifiedToken
+from ..audit import AuditRecord, token_hash
+from ..ports import AlreadyUsed, ReplayWindowLost, SingleUse, SingleUseLedger, StoreUnavailable
+
+#: Said to a workload whose single-use token the replay store can no longer vouch for.
+REPLAY_WINDOW_LOST = (
+    "The subject token was issued before the replay store lost its records, so its single use cannot "
+    "be checked; obtain a fresh subject token and exchange it."
+)
+
+
+def reserve_subject_token(
+    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
+) -> SingleUse:
+    """Phase 1 of single use: the reservation to commit with the record, or ``invalid_request``."""
+    # Keys are prefixed by purpose and issuer, so replay caches never collide.
+    use = SingleUse(
+        purpose=f"subject_token:{subject.issuer_name}",
+        key=subject.jti if subject.jti is not None else signed_part_hash(token),
+        expires_at=subject.expires_at + leeway,
+        valid_from=earliest_acceptance(subject, leeway),
+    )
+    try:
+        return ledger.reserve(use, now)
+    except AlreadyUsed:
+        raise InvalidRequest("subject_token.replayed") from None
+    except ReplayWindowLost as exc:
+        raise InvalidRequest(
+            "subject_token.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST
+        ) from None
+    except StoreUnavailable as exc:
+        raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+
+
+def earliest_acceptance(token: VerifiedToken, leeway: float) -> float | None:
+    """The earliest time (this service's clock) ``token`` could have been accepted: its ``iat``
+    (else ``nbf``) less the leeway a clock ahead of ours is given (RFC 7519 §4.1.5-6); None when
+    it has neither (any time)."""
+    start = token.issued_at if token.issued_at is not None else token.not_before
+    return None if start is None else start - leeway
+
+
+def signed_part_hash(token: str) -> str:
+    """SHA-256 of what the signature covers (RFC 7515 §5.1 signing input: header and payload).
+
+    Not of the whole token: an ECDSA signature ``(r, s)`` has a twin ``(r, n - s)`` that
+    verifies too, so one token has several encodings; its signed part has only one.
+    """
+    return token_hash(token.rpartition(".")[0])
+
+
+def withdraw_grant(record: AuditRecord) -> None:
+    """The record of a grant whose token was minted but will not leave: it becomes a refusal."""
+    record.granted_audience, record.granted_scope, record.granted_lifetime = [], [], None
+    record.issued_jti = record.issued_exp = None
+    record.issued_kid = None
