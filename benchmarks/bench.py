@@ -1072,10 +1072,15 @@ def _package(path: str) -> str:
     return parts[0]
 
 
-_ROOTS = frozenset({"BaseEventLoop._run_once", "_WorkItem.run"})
+#: What runs the request threads: ``sts.serving.RequestThreads`` (``_WorkItem.run``: the thread pool
+#: of earlier versions, for ``--source`` copies from before it).
+_REQUEST_THREADS = frozenset({"RequestThreads._serve", "_WorkItem.run"})
+_ROOTS = frozenset({"BaseEventLoop._run_once"}) | _REQUEST_THREADS
 #: Innermost frames that wait for work (an idle pool thread, the event loop in epoll): left out of the
 #: shares, counted apart.  py-spy does not always see such a thread as idle.
-_IDLE = frozenset({"_worker", "EpollSelector.select", "Condition.wait", "Event.wait", "Thread.join"})
+_IDLE = frozenset(
+    {"_worker", "RequestThreads._serve", "EpollSelector.select", "Condition.wait", "Event.wait", "Thread.join"}
+)
 
 
 def profile_summary(stacks: collections.Counter[str]) -> dict[str, Any]:
@@ -1094,7 +1099,9 @@ def profile_summary(stacks: collections.Counter[str]) -> dict[str, Any]:
             idle += count
             continue
         kind = (
-            "request threads (the WSGI app)" if any(n == "_WorkItem.run" for n, _ in frames) else "event loop"
+            "request threads (the WSGI app)"
+            if any(n in _REQUEST_THREADS for n, _ in frames)
+            else "event loop"
         )
         threads[kind] += count
         name, path = frames[-1]

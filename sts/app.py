@@ -16,7 +16,8 @@ from flask import Flask
 
 from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.keyring import KeyRing
-from .adapters.metrics import MeteredAuditSink, MeteredLedger, Metrics
+from .adapters.metered_ports import MeteredAuditSink, MeteredLedger
+from .adapters.metrics import Metrics
 from .adapters.readiness import DatabaseSchema, Readiness, instance_name, wait_for_schema
 from .adapters.sql.engines import make_engine
 from .adapters.tracing import build_tracing

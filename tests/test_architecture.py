@@ -9,7 +9,9 @@
   outer layer;
 * ``sts/http`` (the thin Flask layer) imports neither the app that wires it nor an adapter,
   and does not read the services out of the application's globals: each blueprint is built
-  by a factory given the services it uses (``sts/app.py`` and ``sts/wiring/`` wire the adapters in).
+  by a factory given the services it uses (``sts/app.py`` and ``sts/wiring/`` wire the adapters in);
+* ARCHITECTURE.md names only paths and modules that exist, and the token-exchange steps the
+  docstring of ``sts/core/exchange/__init__.py`` lists, each of which the code has.
 
 Checked statically, with :mod:`ast` (the scanner of ``scripts/structure.py``), over every
 module of each package and its subpackages, also for imports inside functions and under
@@ -21,6 +23,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +336,60 @@ def test_the_drawing_shows_floors_from_the_lowest_up(shown: str) -> None:
         assert "m_sts_core_policy_evaluate --> m_sts_core_policy_index" in drawing
     else:
         assert "  sts.core.policy.evaluate -> " in drawing
+
+
+# -- ARCHITECTURE.md names only what exists -------------------------------------------------------
+
+ARCHITECTURE = REPO_ROOT / "ARCHITECTURE.md"
+#: A path of the repository (``sts/core/ports.py``, ``tests/e2e/``), or a dotted module (``sts.core.ports``).
+NAMED_PATH = re.compile(r"(?<![\w./-])((?:sts|tests|scripts|docs)/[\w./-]*)")
+NAMED_MODULE = re.compile(r"(?<![\w./-])(sts(?:\.\w+)+)")
+
+
+def missing_names(text: str, root: Path = REPO_ROOT) -> list[str]:
+    """The paths and ``sts.*`` modules ``text`` names that do not exist under ``root``."""
+    missing = [path for path in NAMED_PATH.findall(text) if not (root / path.rstrip(".")).exists()]
+    for name in NAMED_MODULE.findall(text):
+        base = root.joinpath(*name.split("."))
+        if not (base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()):
+            missing.append(name)
+    return missing
+
+
+def exchange_steps() -> list[str]:
+    """The "where" column of the pipeline's table, in the docstring of :mod:`sts.core.exchange`."""
+    doc = ast.get_docstring(ast.parse((STS / "core" / "exchange" / "__init__.py").read_text()))
+    assert doc is not None
+    lines = doc.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split() == ["stage", "step", "where"]) + 1
+    end = lines.index("", start)
+    last_words = [line.split()[-1] for line in lines[start:end]]
+    # A step's name, not the end of a wrapped description ("§3)").
+    return [word for word in last_words if re.fullmatch(r"[A-Za-z_][\w.]*", word)]
+
+
+def test_architecture_names_only_paths_and_modules_that_exist() -> None:
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    assert "sts/core/exchange/__init__.py" in text and "sts/adapters/sql/single_use.py" in text
+    assert missing_names(text) == []
+
+
+def test_architecture_lists_the_pipeline_steps_the_exchange_runs() -> None:
+    import sts.core.exchange
+
+    steps = exchange_steps()
+    assert steps[0] == "request.parse_request" and steps[-1] == "TokenExchange._commit" and len(steps) == 17
+    for step in steps:
+        target: object = sts.core.exchange
+        for attribute in step.split("."):
+            target = getattr(target, attribute)  # the docstring names what the code has
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    assert [step for step in steps if f"`{step}`" not in text] == []
+
+
+def test_the_architecture_check_finds_what_is_gone(tmp_path: Path) -> None:
+    (tmp_path / "sts" / "core").mkdir(parents=True)
+    (tmp_path / "sts" / "core" / "__init__.py").write_text("")
+    (tmp_path / "sts" / "core" / "ports.py").write_text("")
+    text = "See `sts/core/ports.py`, `sts/core/`, sts.core.ports, sts.core; not sts/cli.py, sts.core.policy."
+    assert missing_names(text, tmp_path) == ["sts/cli.py", "sts.core.policy"]

@@ -64,18 +64,18 @@ def decision_summary(record: AuditRecord) -> dict[str, Any]:
 
 def log_decision(record: AuditRecord, logger: logging.Logger = decision_log) -> None:
     """Write the committed ``record`` to the decision log and onto the request's span."""
-    summary = decision_summary(record)
     annotate(
         {
             "sts.decision": record.outcome,
             "sts.error": record.error,
             "sts.rule": record.rule,
-            "sts.reason": summary.get("reason"),
+            "sts.reason": record.reasons[-1] if record.reasons else None,
         }
     )
     level = logging.WARNING if record.outcome == "error" else logging.INFO
     if not logger.isEnabledFor(level):
-        return
+        return  # Nothing to build the summary for.
+    summary = decision_summary(record)
     subject = f"{record.issuer}|{record.subject}" if record.issuer and record.subject else record.subject
     logger.log(
         level,

@@ -135,15 +135,17 @@ class Tracing:
         trace = current.get()
         if trace is None:
             return
-        self._end_stage(trace)
-        trace.stage, trace.stage_started = stage, self.timer()
+        # One reading of the clock ends the stage before and starts this one.
+        now = self.timer()
+        self._end_stage(trace, now)
+        trace.stage, trace.stage_started = stage, now
         if self.tracer is not None and trace.span is not None:
             trace.stage_span, trace.stage_context = _start_child_span(self.tracer, trace.span, stage)
 
-    def _end_stage(self, trace: RequestTrace) -> None:
+    def _end_stage(self, trace: RequestTrace, now: float | None = None) -> None:
         if trace.stage is None:
             return
-        seconds = self.timer() - trace.stage_started
+        seconds = (self.timer() if now is None else now) - trace.stage_started
         stage, trace.stage = trace.stage, None
         if trace.stage_span is not None:
             trace.stage_span.end()

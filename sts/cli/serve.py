@@ -30,7 +30,7 @@ def serve(
     metrics_listen: str | None,
 ) -> None:
     """Run the service (granian; keys and database are created on first start)."""
-    from ..adapters import metrics
+    from ..adapters import metrics_exposition as metrics
     from ..adapters.log_format import configure_logging
 
     settings = settings_from(
@@ -49,7 +49,7 @@ def serve(
 
 def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     from .. import serving
-    from ..adapters import metrics
+    from ..adapters import metrics_exposition as metrics
     from ..app import create_app, prepare
     from ..http.responses import request_id
 

@@ -21,6 +21,7 @@ one, a ``nonce`` it issued (§8).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -157,17 +158,38 @@ def _refuse(reason: str, detail: str = "") -> InvalidDPoPProof:
     return InvalidDPoPProof(f"dpop.{reason}", detail)
 
 
-def _public_key(jwk: Any, alg: str) -> Key:
+#: How many proof keys keep their parsed form (:func:`_imported_key`): one per workload replica
+#: that exchanges often.  A hostile client can only churn the cache, each entry a few kilobytes.
+PROOF_KEY_CACHE = 256
+
+
+def _public_key(jwk: Any, alg: str) -> tuple[Key, str]:
+    """The proof's public key and its RFC 7638 thumbprint (``jkt``), refused unless it is a public
+    key of the type ``alg`` names."""
     if not isinstance(jwk, dict):
         raise _refuse("missing_jwk")
     if _PRIVATE_MEMBERS & set(jwk):
         raise _refuse("private_jwk")
     expected = _KEY_TYPES.get(alg[:2])
-    if jwk.get("kty") != expected:
+    if expected is None or jwk.get("kty") != expected:
         raise _refuse("jwk_alg_mismatch")
+    if all(type(value) is str for value in jwk.values()):
+        # The same key signs every proof of a workload: it is parsed (and its thumbprint taken)
+        # once per exact set of members, which is also all a key import reads.
+        return _imported_key(tuple(sorted(jwk.items())), expected)
+    return _import_key(jwk, expected)
+
+
+@functools.lru_cache(maxsize=PROOF_KEY_CACHE)
+def _imported_key(members: tuple[tuple[str, str], ...], kty: str) -> tuple[Key, str]:
+    """:func:`_import_key`, remembered (a refusal raises again each time, and is not kept)."""
+    return _import_key(dict(members), kty)
+
+
+def _import_key(jwk: dict[str, Any], kty: str) -> tuple[Key, str]:
     # Before the import: a short key or an exponent other than 65537 is refused whatever joserfc
     # would say (it only warns about short keys).
-    if expected == "RSA" and (problem := rsa_key_problem(jwk)) is not None:
+    if kty == "RSA" and (problem := rsa_key_problem(jwk)) is not None:
         raise _refuse("weak_key", problem)
     try:
         key = JWKRegistry.import_key(dict(jwk))
@@ -176,10 +198,12 @@ def _public_key(jwk: Any, alg: str) -> Key:
         raise _refuse("malformed_jwk", type(exc).__name__) from None
     if key.is_private:
         raise _refuse("private_jwk")
-    return key
+    return key, key.thumbprint()
 
 
+@functools.lru_cache(maxsize=256)
 def _same_uri(htu: str, url: str) -> bool:
+    """Whether ``htu`` names ``url`` (remembered: a client sends the same ``htu`` every time)."""
     try:
         return normalise_htu(htu) == normalise_htu(url)
     except ValueError:
@@ -215,7 +239,7 @@ def verify_proof(
     alg = header["alg"]
     if alg not in config.algorithms:
         raise _refuse("algorithm_not_allowed", str(alg)[:20])
-    key = _public_key(header.get("jwk"), alg)
+    key, jkt = _public_key(header.get("jwk"), alg)
     try:
         valid = jws.validate_compact(peeked.compact, key, registry=registry_for(alg))
     except (JoseError, ValueError) as exc:
@@ -244,7 +268,6 @@ def verify_proof(
         if nonce_time is None:
             raise UseDPoPNonce(issue_nonce(config.nonce_secret, now))
         valid_from = max(valid_from, nonce_time)
-    jkt = key.thumbprint()
     try:
         first = replay.first_use(
             f"dpop:{jkt}", jti, iat + config.max_age + config.leeway, now, valid_from=valid_from
@@ -266,6 +289,7 @@ def verify_proof(
 
 #: The proof's claims (§4.2): ``jti`` of at least 8 characters (enough entropy to be unique, §11.1)
 #: and ``iat`` in the window ``[now - max_age, now + leeway]``; no ``aud``, ``exp`` or ``sub``.
+@functools.lru_cache(maxsize=8)
 def _proof_rules(config: DPoPConfig) -> ClaimRules:
     return ClaimRules(
         leeway=config.leeway,

@@ -9,13 +9,17 @@ the address it saw; anything further left is the client's own claim.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``value`` names (a bracketed IPv6 address too), or None.  Remembered for the
+    most recent values: every request parses its peer's address, and most come from a few."""
     value = value.strip()
     if value.startswith("[") and "]" in value:
         value = value[1 : value.index("]")]
@@ -49,5 +53,7 @@ def client_address(
 
 def is_trusted_proxy(remote_addr: str | None, trusted: Sequence[Network]) -> bool:
     """The connection itself comes from a configured trusted proxy."""
+    if not trusted:
+        return False
     peer = _parse(remote_addr or "")
     return peer is not None and any(peer in net for net in trusted)

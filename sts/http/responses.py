@@ -14,6 +14,7 @@ must not keep it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -21,11 +22,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from flask import Flask, Response, g, json, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import OAuthError
 from .client_address import Network, client_address, is_trusted_proxy
+from .wire import header_values
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sts.access")
@@ -40,8 +42,16 @@ UNMATCHED_ROUTE = "<unmatched>"
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
+def _json_default(value: Any) -> Any:
+    """What Flask's JSON provider makes of a value JSON has no type for (a date, a dataclass...)."""
+    return current_app.json.default(value)  # type: ignore[attr-defined]
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    response = Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
+    """``body`` as compact JSON, written as Flask's JSON provider writes it (sorted keys, non-ASCII
+    escaped) but without looking the provider up on every call."""
+    text = json.dumps(body, separators=(",", ":"), sort_keys=True, default=_json_default)
+    response = Response(text, status=status, mimetype="application/json")
     if headers:
         response.headers.update(headers)
     return response
@@ -95,12 +105,13 @@ def request_id(incoming: str) -> str:
 
 
 def _assign_request_id(trusted: Sequence[Network]) -> None:
-    g.request_started = time.perf_counter()
-    g.request_id = request_id(request.headers.get("X-Request-Id", ""))
-    g.client_address = client_address(
-        request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted
-    )
-    g.via_trusted_proxy = is_trusted_proxy(request.remote_addr, trusted)
+    started = time.perf_counter()
+    environ = request.environ
+    remote_addr = environ.get("REMOTE_ADDR")
+    g.request_started = started
+    g.request_id = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
+    g.client_address = client_address(remote_addr, header_values(environ, "X-Forwarded-For"), trusted)
+    g.via_trusted_proxy = is_trusted_proxy(remote_addr, trusted)
 
 
 def _echo_request_id(response: Response) -> Response:
@@ -115,6 +126,8 @@ def _log_access(response: Response) -> Response:
     The same values are attached to the record (``extra``) for structured log
     formatters.  The raw path and query are never logged.
     """
+    if not access_log.isEnabledFor(logging.INFO):
+        return response
     started = g.get("request_started")
     duration_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
     size = response.content_length

@@ -14,6 +14,7 @@ from flask import Flask, Response, g, request
 
 from ..protocol.trace_context import TraceContext, parse_traceparent
 from .responses import UNMATCHED_ROUTE
+from .wire import header_values
 
 
 class TracedRequest(Protocol):
@@ -45,7 +46,8 @@ def install(app: Flask, tracing: RequestTracing[Trace]) -> None:
     """Register the hooks; call after :func:`sts.http.responses.install` (the request id comes first)."""
 
     def start() -> None:
-        values = request.headers.getlist("traceparent")
+        environ = request.environ
+        values = header_values(environ, "traceparent")
         incoming = parse_traceparent(values[0]) if len(values) == 1 else None
         rule = request.url_rule
         trace = tracing.start_request(
@@ -56,7 +58,7 @@ def install(app: Flask, tracing: RequestTracing[Trace]) -> None:
         )
         # Kept with the request itself: ``g`` belongs to the application context, which a
         # request made from inside another one (tests do) shares with it.
-        request.environ[_TRACE] = trace
+        environ[_TRACE] = trace
         g.trace_id = trace.trace_id
 
     def status(response: Response) -> Response:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 import redis
 from sqlalchemy import Engine
 
-from ..adapters.metrics import Metrics, count_store_errors
+from ..adapters.metered_ports import count_store_errors
+from ..adapters.metrics import Metrics
 from ..adapters.readiness import StoreCheck, redis_store_check, sql_store_check
 from ..adapters.redis.client import connect as connect_redis
 from ..adapters.redis.epoch import LedgerEpoch

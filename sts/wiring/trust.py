@@ -8,7 +8,8 @@ from collections.abc import Callable
 from ..adapters.jwks import FileJWKS, StaticJWKS
 from ..adapters.jwks_cache import HttpJWKS
 from ..adapters.keyring import KeyRing
-from ..adapters.metrics import CountedIssuerKeys, CountedTokenReviewer, Metrics
+from ..adapters.metered_ports import CountedIssuerKeys, CountedTokenReviewer
+from ..adapters.metrics import Metrics
 from ..adapters.policy_files import load_policies, policy_files
 from ..adapters.published_keys import OwnTokenKeys
 from ..adapters.signing_keys import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS

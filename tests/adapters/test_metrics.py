@@ -32,7 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from sts.adapters.metrics import (
+from sts.adapters.metrics_exposition import (
     MULTIPROC_ENV,
     ExpositionCollector,
     MetricsServer,
@@ -614,3 +614,36 @@ def test_every_dashboard_panel_queries_metrics_the_service_exports(
     for panel in panels:
         assert panel["datasource"]["uid"] == "${datasource}"
         assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+
+
+def test_request_path_recording_matches_prometheus_client() -> None:
+    """The per-request observations skip ``observe()``'s and ``inc()``'s checks and bisect the
+    buckets; what a scrape shows is exactly what ``prometheus_client`` itself records, on every
+    bucket edge and between them (and a change of its internals makes this fail)."""
+    from sts.adapters.metrics import STAGE_BUCKETS, Metrics
+
+    ours = Metrics()
+    theirs = Metrics()
+    rng = random.Random(7)
+    amounts = [*STAGE_BUCKETS, 0.0, -1.0, 1e-9, 11.0, float("inf"), float("nan")]
+    amounts += [b * f for b in STAGE_BUCKETS for f in (0.999999, 1.000001)]
+    amounts += [rng.uniform(0, 12) for _ in range(500)] + [rng.expovariate(1000) for _ in range(500)]
+    for amount in amounts:
+        ours.observe_stage("/token", "policy", amount)
+        theirs.stage_seconds.labels("/token", "policy").observe(amount)
+        ours.observe_request("/token", 200, amount)
+        theirs.request_seconds.labels("/token").observe(amount)
+        theirs.responses.labels("/token", "200").inc()
+
+    def samples(metrics: Metrics) -> list[tuple[str, list[tuple[str, str]], float]]:
+        assert metrics.registry is not None
+        return sorted(
+            (s.name, sorted(s.labels.items()), -1.0 if s.value != s.value else s.value)
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        )
+
+    assert samples(ours) == samples(theirs)
+    buckets = [s for s in samples(ours) if s[0] == "sts_pipeline_stage_duration_seconds_bucket"]
+    assert len(buckets) == len(STAGE_BUCKETS) + 1 and buckets[-1][2] > 0

@@ -131,6 +131,96 @@ def test_canonical_json_is_rfc8785_on_random_values() -> None:
         assert canonical_json(v) == rfc8785.dumps(v).decode("utf-8"), v
 
 
+def _audit_shaped(rng: random.Random, *, unicode_names: bool = True) -> dict[str, Any]:
+    """A decision record as the pipeline builds one (``AuditRecord.as_dict``), with random values:
+    integral and fractional times, unicode subjects and user agents, nested risk evidence; with
+    ``unicode_names``, member names from U+E000 up too (which the fast path leaves to rfc8785)."""
+    text = 'aZ09:/|@.-_ é€ü中文 😀\u2028"\\\x01'
+
+    def string(limit: int = 24) -> str:
+        return "".join(rng.choice(text) for _ in range(rng.randint(0, limit)))
+
+    def when() -> float:
+        return rng.choice([float(rng.randint(1_600_000_000, 1_900_000_000)), rng.uniform(1.6e9, 1.9e9)])
+
+    signals = [
+        {
+            "name": rng.choice(["unusual_network", "attestation_drift", "recent_failures", "shared_signal"]),
+            "fired": rng.random() < 0.3,
+            "weight": rng.choice([0, 30, 60, 12.5, 100.0]),
+            "reason": string(40),
+            "evidence": {
+                "network": "10.0.0.0/24",
+                "count": rng.randint(0, 40),
+                "age": rng.choice([0, 0.0, 12.75, when()]),
+                "changed": {
+                    string(8) if unicode_names else rng.choice(["repository_id", "cnf_jkt", "ref"]): {
+                        "was": string(),
+                        "now": string(),
+                    }
+                },
+                "clears": [{"by": "probation", "exchanges_left": rng.randint(0, 3), "max_age": 60}],
+            },
+        }
+        for _ in range(rng.randint(0, 7))
+    ]
+    return {
+        "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "time": when(),
+        "request_id": string(),
+        "endpoint": rng.choice(["token", "introspect", "revoke", "ssf"]),
+        "source_ip": rng.choice(["127.0.0.1", "2001:db8::1", None]),
+        "user_agent": rng.choice([None, string(60)]),
+        "outcome": rng.choice(["granted", "refused", "error"]),
+        "error": rng.choice([None, "invalid_request", "invalid_target"]),
+        "client_id": rng.choice([None, string()]),
+        "subject": string(80),
+        "subject_token_iat": rng.choice([None, when(), float(rng.randint(0, 2**53 - 1))]),
+        "requested_audience": [string() for _ in range(rng.randint(0, 3))],
+        "requested_scope": rng.choice([None, [string(10) for _ in range(rng.randint(0, 3))]]),
+        "granted_lifetime": rng.choice([None, rng.randint(1, 86400)]),
+        "reasons": [string(30) for _ in range(rng.randint(0, 4))],
+        "issued_exp": rng.choice([None, rng.randint(1_600_000_000, 1_900_000_000), when()]),
+        "details": {
+            "trace_id": secrets.token_hex(16) if rng.random() < 0.5 else None,
+            "delegation_depth": rng.randint(0, 3),
+            "risk": {
+                "mode": "enforce",
+                "score": rng.choice([0, 30, 90.0, 42.5]),
+                "decision": {"action": "allow", "lifetime_factor": rng.choice([1.0, 0.5, 0.2, 1])},
+                "signals": signals,
+                "learning": rng.random() < 0.5,
+                "baseline": {"count": rng.randint(0, 9), "since": when()},
+            },
+            "assurance": {"presented": string(), "max_age": rng.choice([None, 300, 300.0])},
+        },
+    }
+
+
+def test_canonical_json_is_rfc8785_on_generated_audit_records() -> None:
+    rng = random.Random(1208)
+    for _ in range(2000):
+        record = _audit_shaped(rng)
+        assert canonical_json(record) == rfc8785.dumps(record).decode("utf-8"), record
+
+
+def test_audit_records_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records the pipeline writes (integral float times among them) never need the
+    pure-Python ``rfc8785`` library, which costs several times the rest of the audit write."""
+    rng = random.Random(12)
+    records = [_audit_shaped(rng, unicode_names=False) for _ in range(200)]
+    expected = [rfc8785.dumps(record).decode("utf-8") for record in records]
+
+    def refuse(value: Any) -> bytes:
+        raise AssertionError("fell back to the rfc8785 library")
+
+    monkeypatch.setattr(rfc8785, "dumps", refuse)
+    for record, canonical in zip(records, expected, strict=True):
+        before = json.dumps(record, sort_keys=True)
+        assert canonical_record(record) == (canonical, record)
+        assert json.dumps(record, sort_keys=True) == before  # the record itself is not changed
+
+
 def test_canonical_json_of_the_rfc8785_example() -> None:
     assert canonical_json(json.loads(RFC8785_EXAMPLE)) == RFC8785_CANONICAL
 

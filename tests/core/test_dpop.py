@@ -964,6 +964,83 @@ def test_garbage_dpop_headers_never_cause_a_server_error(sts: STS) -> None:
     assert outcomes.get(400, 0) > 200
 
 
+# -- the parsed proof keys, remembered ------------------------------------------------------------
+
+
+def _counting_imports(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every proof key the DPoP check parses from now on (the key cache starts empty)."""
+    from sts.core import dpop
+
+    dpop._imported_key.cache_clear()
+    imported: list[dict[str, Any]] = []
+    real = dpop._import_key
+
+    def counted(jwk: dict[str, Any], kty: str) -> Any:
+        imported.append(dict(jwk))
+        return real(jwk, kty)
+
+    monkeypatch.setattr(dpop, "_import_key", counted)
+    return imported
+
+
+def test_a_workloads_key_is_parsed_once(sts: STS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated proofs from one key reuse its parsed form and thumbprint; another key is its own."""
+    imported = _counting_imports(monkeypatch)
+    for _ in range(3):
+        body = sts.granted(sts.proof(EC_KEY))
+        assert sts.claims(body["access_token"])["cnf"] == {"jkt": thumbprint(public_jwk(EC_KEY))}
+    assert imported == [public_jwk(EC_KEY)]
+    body = sts.granted(sts.proof(EC_OTHER))
+    assert sts.claims(body["access_token"])["cnf"] == {"jkt": thumbprint(public_jwk(EC_OTHER))}
+    assert len(imported) == 2
+
+
+def test_a_remembered_key_verifies_only_its_own_signatures(sts: STS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache is keyed by every member of the ``jwk``: a proof naming a remembered key but signed
+    by another, or naming that key with one member changed, is checked as before."""
+    _counting_imports(monkeypatch)
+    sts.granted(sts.proof(EC_KEY))
+    assert_refused(sts, sts.exchange(sts.proof(EC_KEY, signer=EC_OTHER)), "dpop.bad_signature")
+    moved = {**public_jwk(EC_KEY), "x": public_jwk(EC_OTHER)["x"]}
+    resp = sts.exchange(sts.proof(EC_KEY, header={"jwk": moved}))
+    assert_refused(sts, resp, "dpop.malformed_jwk")  # not a point on the curve
+
+
+@pytest.mark.parametrize(
+    ("jwk", "reason", "imports"),
+    [
+        (public_jwk(RSA_1024), "dpop.weak_key", 2),
+        ({**public_jwk(EC_KEY), "x": public_jwk(EC_OTHER)["x"]}, "dpop.malformed_jwk", 2),
+        (dict(EC_KEY.as_dict(private=True)), "dpop.private_jwk", 0),
+    ],
+    ids=["weak", "not-on-the-curve", "private"],
+)
+def test_a_refused_key_is_refused_every_time(
+    sts: STS, monkeypatch: pytest.MonkeyPatch, jwk: dict[str, Any], reason: str, imports: int
+) -> None:
+    """A refusal is never remembered: the key is checked anew (a private key before any parsing)."""
+    from sts.core import dpop
+
+    imported = _counting_imports(monkeypatch)
+    signer = RSA_1024 if reason == "dpop.weak_key" else EC_KEY
+    for _ in range(2):
+        assert_refused(sts, sts.exchange(sts.proof(signer, header={"jwk": jwk})), reason)
+    assert dpop._imported_key.cache_info().currsize == 0
+    assert len(imported) == imports
+
+
+def test_the_key_cache_is_bounded() -> None:
+    from sts.core import dpop
+
+    dpop._imported_key.cache_clear()
+    assert dpop._imported_key.cache_info().maxsize == dpop.PROOF_KEY_CACHE
+    for _ in range(dpop.PROOF_KEY_CACHE + 20):
+        jwk = public_jwk(ECKey.generate_key("P-256"))
+        key, jkt = dpop._public_key(jwk, "ES256")
+        assert jkt == thumbprint(jwk) and not key.is_private
+    assert dpop._imported_key.cache_info().currsize == dpop.PROOF_KEY_CACHE
+
+
 # -- one write transaction per grant (SQL): the proof's jti commits with the audit record -----------
 
 

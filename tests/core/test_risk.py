@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from sts.core.baseline import (
     MAX_SCOPES,
     RATE_WINDOW,
     Baseline,
+    PendingFact,
     network_of,
     observe,
     record_failure,
@@ -1254,6 +1255,23 @@ def test_baseline_json_round_trip() -> None:
     assert Baseline.from_json(text) == baseline
     assert Baseline.from_json(text.encode()) == baseline
     assert json.loads(text)["networks"] == list(baseline.networks)
+
+
+def test_baseline_json_is_every_field_in_order() -> None:
+    """The stored text is what ``dataclasses.asdict`` gave (the form baselines were stored in), with
+    pending, confirmed and earlier keys too."""
+    baseline = replace(
+        seen(LEARNED, NOW, facts={"node": "n1", "cnf_jkt": "k2"}),
+        failures=(NOW - 3.5,),
+        pending={"node": PendingFact("n2", NOW - 10, NOW, 2, NOW - 5)},
+        confirmed={"node": {"how": "first_seen", "at": NOW - 100}},
+        other_keys={"cnf_jkt": ("k1",)},
+    )
+    data = asdict(baseline)
+    data["pending"] = {"node": asdict(baseline.pending["node"])}
+    data["other_keys"] = {"cnf_jkt": ["k1"]}
+    assert baseline.to_json() == json.dumps(data, separators=(",", ":"), default=str)
+    assert list(json.loads(baseline.to_json())) == [f.name for f in fields(Baseline)]
 
 
 @pytest.mark.parametrize(

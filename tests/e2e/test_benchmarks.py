@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import importlib
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,17 +152,30 @@ def test_wrk_output_is_read() -> None:
     assert result["first_failure"].startswith("400")
 
 
-def test_profile_shares_leave_idle_waits_out() -> None:
+@pytest.mark.parametrize(
+    ("pool", "idle"),
+    [
+        (
+            "Thread.run (threading.py:1);RequestThreads._serve (sts/serving.py:280)",
+            "Thread.run (threading.py:1);RequestThreads._serve (sts/serving.py:279)",
+        ),
+        (  # the thread pool of earlier versions (a --source copy)
+            "Thread.run (threading.py:1);_worker (concurrent/futures/thread.py:83);"
+            "_WorkItem.run (concurrent/futures/thread.py:58)",
+            "Thread.run (threading.py:1);_worker (concurrent/futures/thread.py:83)",
+        ),
+    ],
+    ids=["request-threads", "thread-pool"],
+)
+def test_profile_shares_leave_idle_waits_out(pool: str, idle: str) -> None:
     loop = "BaseEventLoop.run_forever (asyncio/base_events.py:1);BaseEventLoop._run_once (asyncio/x.py:2)"
-    pool = "Thread.run (threading.py:1);_WorkItem.run (concurrent/futures/thread.py:58)"
     stacks = collections.Counter(
         {
             f"{loop};EpollSelector.select (selectors.py:3)": 50,  # waiting for events: idle
             f"{loop};Handle._run (asyncio/events.py:4)": 25,
             f"{pool};TokenExchange.handle (sts/core/exchange.py:9);verify_token (sts/core/attest.py:1)": 60,
             f"{pool};TokenExchange.handle (sts/core/exchange.py:9);write (sts/adapters/sql.py:5)": 15,
-            # an idle pool thread
-            "Thread.run (threading.py:1);_worker (concurrent/futures/thread.py:83)": 500,
+            idle: 500,  # an idle request thread
         }
     )
     summary = bench.profile_summary(stacks)
@@ -168,3 +183,19 @@ def test_profile_shares_leave_idle_waits_out() -> None:
     assert dict(summary["threads"]) == {"request threads (the WSGI app)": 0.75, "event loop": 0.25}
     assert dict(summary["self_by_package"]) == {"sts.core": 0.6, "asyncio": 0.25, "sts.adapters": 0.15}
     assert dict(summary["inclusive_sts"])["TokenExchange.handle (sts/core/exchange.py)"] == 0.75
+
+
+def test_the_in_process_benchmark_grants_every_request(tmp_path: Path, upstream: DevIssuer) -> None:
+    """``benchmarks/exchange_cpu.py``'s worker, on this checkout and on the floor: every request is
+    granted (a refusal stops the run), and the copy of ``sts`` measured is the one asked for."""
+    (tmp_path / "jwks.json").write_text(json.dumps(upstream.jwks()))
+    tokens = [upstream.github_actions_token(audience=bench.SUBJECT_AUDIENCE, lifetime=600) for _ in range(4)]
+    (tmp_path / "tokens.txt").write_text("\n".join(tokens))
+    for floor in (False, True):
+        command = [sys.executable, str(BENCHMARKS / "exchange_cpu.py"), "--worker", "--work", str(tmp_path)]
+        command += ["--requests", "3", "--warmup", "1"] + (["--floor"] if floor else [])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=120)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["failed"] == 0 and result["cpu_us"] > 0, out.stderr
+        assert Path(result["package"]) == BENCHMARKS.parent / "sts"

@@ -477,3 +477,53 @@ def test_server_settings_are_read_and_validated(tmp_path: Path, monkeypatch: pyt
             load_settings(None, environ={}, overrides=bad)
     with pytest.raises(ConfigurationError, match="max_connections"):
         load_settings(None, environ={"STS_MAX_CONNECTIONS": "8"})
+
+
+# -- the request threads ------------------------------------------------------------------------
+
+
+def test_request_threads_answer_each_call_into_the_loop() -> None:
+    """Results and exceptions reach the awaiting coroutine; calls run side by side on the threads;
+    a call cancelled while it runs has its result dropped; shutdown finishes what was queued."""
+    import asyncio
+    import threading
+
+    from sts.serving import RequestThreads
+
+    started = threading.Barrier(3, timeout=10)
+    names: set[str] = set()
+    finished: list[int] = []
+
+    def meet(n: int) -> int:
+        names.add(threading.current_thread().name)
+        started.wait()  # three calls at once: only three threads can get here together
+        return n * 2
+
+    def fail() -> None:
+        raise ValueError("from the thread")
+
+    def slow(n: int) -> int:
+        time.sleep(0.2)
+        finished.append(n)
+        return n
+
+    async def scenario() -> RequestThreads:
+        threads = RequestThreads(asyncio.get_running_loop(), 3)
+        assert await asyncio.gather(*(threads.run(meet, n) for n in range(3))) == [0, 2, 4]
+        assert len(names) == 3 and all(name.startswith("sts-request_") for name in names)
+        with pytest.raises(ValueError, match="from the thread"):
+            await threads.run(fail)
+        cancelled = threads.run(slow, 1)
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        assert await threads.run(slow, 2) == 2
+        queued = threads.run(slow, 3)
+        threads.shutdown()
+        assert 3 in finished and not queued.done()  # finished in the thread, answered on the next turn
+        await asyncio.sleep(0)
+        assert queued.result() == 3 and cancelled.cancelled()
+        return threads
+
+    threads = asyncio.run(scenario())
+    assert sorted(finished) == [1, 2, 3]
+    assert not any(thread.is_alive() for thread in threads._threads)

@@ -1,0 +1,321 @@
+"""Benchmark: CPU time per full token exchange, in process, comparing copies of the code.
+
+    .venv/bin/python benchmarks/exchange_cpu.py [--source LABEL=DIR ...] [--rounds 5]
+        [--requests 1500] [--warmup 200] [--no-floor] [--profile LABEL] [--top 25]
+
+The request is the one ``benchmarks/bench.py`` sends: a distinct GitHub-Actions-shaped RS256
+subject token and a fresh ES256 DPoP proof per request, granted a DPoP-bound ES256 ``at+jwt``
+by the 10-rule benchmark policy (``single_use``, ``require_dpop``, a ``risk`` section), with the
+audit record committed to SQLite before the answer.  Each request goes through the same path
+``sts serve`` gives it after granian has read it: :class:`sts.serving.WSGIOverRSGI` builds the
+WSGI environ and calls the Flask application, here on the calling thread.
+
+Each system runs in a process of its own (a fresh database, so the tokens can be sent again),
+and the systems take turns, ``--rounds`` times: ``floor`` (``benchmarks/bare_app.py`` served the
+same way, unless ``--no-floor``), then each ``--source`` (the ``sts`` package of ``DIR``; without
+``--source``, this checkout).  Per run: the process's CPU time (``time.process_time``) per
+request over ``--requests`` requests after ``--warmup``.  CPU time, unlike requests per second
+under ``wrk``, hardly moves when other work shares the machine.  The table gives the median per
+system, and the median over rounds of each system's ratio to the first source and to the floor.
+
+``--profile LABEL`` runs one more process of that system under ``cProfile`` and prints the
+functions with the most time of their own and the most time in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+# -- the worker: one system, in this process ------------------------------------------------------
+
+
+class _Scope:
+    """What granian hands the RSGI application for ``POST /token`` (the attributes it reads)."""
+
+    proto = "http"
+    method = "POST"
+    path = "/token"
+    query_string = ""
+    server = "127.0.0.1:8080"
+    client = "127.0.0.1:50000"
+    scheme = "http"
+    http_version = "1.1"
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+
+def _exchange_app(work: Path, home: Path) -> Any:
+    import bench
+    import yaml
+
+    from sts.app import create_app
+
+    try:
+        from sts.settings.load import load_settings
+    except ImportError:  # a copy of sts/ from before settings became a package
+        from sts.settings import load_settings  # type: ignore[attr-defined,no-redef]
+
+    (home / "policies").mkdir(parents=True)
+    (home / "policies" / "bench.yaml").write_text(yaml.safe_dump({"version": 1, "rules": bench.rule_set(10)}))
+    config = {
+        "issuer": bench.STS_ISSUER,
+        "database_url": f"sqlite:///{home / 'sts.sqlite'}",
+        "keys_dir": str(home / "keys"),
+        "policies_dir": str(home / "policies"),
+        "log_level": "WARNING",
+        "rate_limits": {"enabled": False},
+        "issuers": [
+            {
+                "name": "github",
+                "issuer": bench.GITHUB_ISS,
+                "jwks_file": str(work / "jwks.json"),
+                "algorithms": ["RS256"],
+                "audiences": [bench.SUBJECT_AUDIENCE],
+                "profile": "github-actions",
+                "require_jti": True,
+            }
+        ],
+    }
+    return create_app(load_settings(config_file=None, environ={}, overrides=config))
+
+
+def _floor_app(work: Path) -> Any:
+    import bench
+
+    os.environ.update(
+        BARE_JWKS=(work / "jwks.json").read_text(),
+        BARE_ISSUER=bench.GITHUB_ISS,
+        BARE_AUDIENCE=bench.SUBJECT_AUDIENCE,
+        BARE_HTU=bench.HTU,
+        BARE_NULL="",
+    )
+    import bare_app
+
+    return bare_app.app
+
+
+def worker(args: argparse.Namespace) -> None:
+    import importlib
+    import logging
+
+    # The package from PYTHONPATH, imported before bench.py puts this checkout first on sys.path
+    # (a call, which import sorting leaves where it is).
+    sts = importlib.import_module("sts")
+    import bench
+
+    from sts.serving import Limits, WSGIOverRSGI
+
+    logging.disable(logging.WARNING)
+    work = Path(args.work)
+    with tempfile.TemporaryDirectory(prefix="sts-cpu-") as home:
+        app = _floor_app(work) if args.floor else _exchange_app(work, Path(home))
+        served = WSGIOverRSGI(app, Limits())
+        tokens = (work / "tokens.txt").read_text().split()[: args.warmup + args.requests]
+        proofs = bench.Proofs().make(len(tokens))
+        requests = []
+        for token, proof in zip(tokens, proofs, strict=True):
+            body = urlencode(
+                {
+                    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                    "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                    "audience": bench.AUDIENCE,
+                    "scope": bench.SCOPE,
+                    "subject_token": token,
+                }
+            ).encode()
+            headers = {
+                "host": "127.0.0.1:8080",
+                "content-type": FORM_TYPE,
+                "content-length": str(len(body)),
+                "dpop": proof,
+            }
+            requests.append((_Scope(headers), body))
+
+        def run(batch: list[tuple[_Scope, bytes]]) -> int:
+            failed = 0
+            for scope, body in batch:
+                status, _, payload = served._call(scope, body)
+                if status != 200:
+                    failed += 1
+                    if failed == 1:
+                        print(f"refused: {status} {payload[:300]!r}", file=sys.stderr)
+            return failed
+
+        run(requests[: args.warmup])
+        measured = requests[args.warmup :]
+        profiler = None
+        if args.profile_out:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        wall, cpu = time.perf_counter(), time.process_time()
+        failed = run(measured)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile_out)
+    result = {
+        "cpu_us": cpu / len(measured) * 1e6,
+        "wall_us": wall / len(measured) * 1e6,
+        "failed": failed,
+        "package": str(Path(sts.__file__).parent),
+    }
+    print(json.dumps(result))
+
+
+# -- the runner -----------------------------------------------------------------------------------
+
+
+def source_option(value: str) -> tuple[str, Path]:
+    label, sep, directory = value.partition("=")
+    if not sep or not label or not (Path(directory) / "sts").is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected LABEL=DIR with DIR/sts a package")
+    return label, Path(directory).resolve()
+
+
+def run_system(
+    work: Path, source: Path | None, args: argparse.Namespace, profile_out: Path | None = None
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--work",
+        str(work),
+        "--requests",
+        str(args.requests),
+        "--warmup",
+        str(args.warmup),
+    ]
+    if source is None:
+        command.append("--floor")
+    if profile_out is not None:
+        command += ["--profile-out", str(profile_out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STS_", "BARE_"))}
+    # The floor runs on this checkout's sts.serving; each source on its own copy of the package.
+    env["PYTHONPATH"] = os.pathsep.join([str(source or REPO), str(HERE)])
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"worker failed ({source or 'floor'}):\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if source is not None and Path(result["package"]) != source / "sts":
+        raise SystemExit(f"{source}: the worker imported the sts package of {result['package']}")
+    if result["failed"]:
+        raise SystemExit(f"{source or 'floor'}: {result['failed']} requests refused\n{out.stderr[-2000:]}")
+    return result
+
+
+def print_profile(path: Path, top: int) -> None:
+    stats = pstats.Stats(str(path))
+    total = max(stats.total_tt, 1e-9)  # type: ignore[attr-defined]
+    entries = stats.stats  # type: ignore[attr-defined]
+
+    def name(func: tuple[str, int, str]) -> str:
+        filename, line, function = func
+        for marker in ("site-packages/", "/sts/", "/benchmarks/", "/lib/python3"):
+            if marker in filename:
+                filename = filename.split(marker, 1)[1]
+                break
+        return f"{filename}:{line} {function}"
+
+    for title, column in (("own time", 2), ("inclusive time", 3)):
+        print(f"\ntop {top} by {title} (share of the profiled CPU time):")
+        ranked = sorted(entries.items(), key=lambda item: item[1][column], reverse=True)[:top]
+        for func, row in ranked:
+            print(f"  {row[column] / total * 100:5.1f}%  {row[1]:7d} calls  {name(func)}")
+
+
+def print_table(runs: dict[str, list[float]], systems: list[tuple[str, Path | None]], first: str) -> None:
+    print(f"\n{'system':12} {'CPU µs/request':>15} {'x ' + first:>10} {'floor / system':>15}")
+    for label, _ in systems:
+        cpu = statistics.median(runs[label])
+        versus_first = statistics.median(a / b for a, b in zip(runs[label], runs[first], strict=True))
+        floor = (
+            f"{statistics.median(f / a for f, a in zip(runs['floor'], runs[label], strict=True)):15.2f}"
+            if "floor" in runs
+            else f"{'-':>15}"
+        )
+        print(f"{label:12} {cpu:15.0f} {versus_first:10.2f} {floor}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", type=source_option, action="append", default=[], metavar="LABEL=DIR")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--profile", action="append", default=[], metavar="LABEL")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--keep-profile", default=None, metavar="FILE", help="write the cProfile stats here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    sys.path.insert(0, str(REPO))
+    from sts.dev.issuer import DevIssuer
+
+    sys.path.insert(0, str(HERE))
+    import bench
+
+    sources: list[tuple[str, Path]] = args.source or [("this", REPO)]
+    systems: list[tuple[str, Path | None]] = ([] if args.no_floor else [("floor", None)]) + list(sources)
+    with tempfile.TemporaryDirectory(prefix="sts-cpu-bench-") as tmp:
+        work = Path(tmp)
+        issuer = DevIssuer.ephemeral(bench.GITHUB_ISS, alg="RS256")
+        (work / "jwks.json").write_text(json.dumps(issuer.jwks()))
+        count = args.warmup + args.requests
+        print(f"signing {count} RS256 subject tokens ...", flush=True)
+        tokens = [
+            issuer.github_actions_token(audience=bench.SUBJECT_AUDIENCE, lifetime=bench.TOKEN_LIFETIME)
+            for _ in range(count)
+        ]
+        (work / "tokens.txt").write_text("\n".join(tokens))
+        runs: dict[str, list[float]] = {label: [] for label, _ in systems}
+        for round_number in range(1, args.rounds + 1):
+            for label, source in systems:
+                result = run_system(work, source, args)
+                runs[label].append(result["cpu_us"])
+                print(
+                    f"round {round_number} {label:12} {result['cpu_us']:7.0f} µs CPU per request "
+                    f"({result['wall_us']:.0f} µs wall)",
+                    flush=True,
+                )
+        if args.rounds:
+            print_table(runs, systems, sources[0][0])
+        for label in args.profile:
+            source = dict(systems).get(label)
+            out = Path(args.keep_profile) if args.keep_profile else work / f"{label}.prof"
+            run_system(work, source, args, profile_out=out)
+            print(f"\ncProfile of {label} ({args.requests} requests):")
+            print_profile(out, args.top)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Serving the metrics: prometheus_client's multiprocess mode, what a scrape shows, the listener.
+
+Several worker processes
+------------------------
+
+``sts serve`` runs several worker processes, and each counts what it serves.
+With ``metrics_listen`` set it puts ``prometheus_client`` in multiprocess mode
+(:func:`enable_multiprocess`): every worker writes its values to files in a
+directory private to the instance, and the listener, one per instance in the
+``sts serve`` process itself, adds them up when scraped (counters and
+histograms are summed; the values of a worker that died are kept, so totals
+never go back).  Gauges describing a worker's caches count only workers still
+alive (files of dead workers are swept at each scrape,
+:func:`prometheus_client.multiprocess.mark_process_dead`).  Each instance is
+its own scrape target; sum across instances in PromQL.
+
+What is counted is defined in :mod:`sts.adapters.metrics`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app, values
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from sts.core.key_rotation import KeyEntry
+
+#: The variable ``prometheus_client`` reads to choose multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+JWKS_LAST_SUCCESS = "sts_jwks_last_success_timestamp_seconds"
+JWKS_LAST_SUCCESS_AGE = "sts_jwks_last_success_age_seconds"
+
+
+# -- multiprocess mode ---------------------------------------------------------------------------
+
+
+def multiprocess_enabled() -> bool:
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def enable_multiprocess(directory: Path | None = None) -> tuple[Path, bool]:
+    """Put this process (and the workers it starts) in multiprocess mode; return ``(directory, owned)``.
+
+    ``directory`` (else ``$PROMETHEUS_MULTIPROC_DIR``) is created if missing and emptied of
+    the files of a previous run (``*.db``); without either a private directory is made
+    (``0700``), ``owned``: the caller removes it at exit (:func:`remove_directory`).
+    Call before any metric is created.
+    """
+    given = directory or (Path(os.environ[MULTIPROC_ENV]) if os.environ.get(MULTIPROC_ENV) else None)
+    if given is None:
+        path, owned = Path(tempfile.mkdtemp(prefix="sts-metrics-")), True
+    else:
+        path, owned = given, False
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(path)
+    # prometheus_client chose its value class when first imported: choose again, now.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return path, owned
+
+
+def remove_directory(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_processes(directory: Path) -> list[int]:
+    """Forget the live gauges of worker processes that have exited (crashed or replaced).
+
+    Their counters and histograms stay: what a worker counted before it died still happened.
+    """
+    dead = set()
+    for name in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        match = _LIVE_GAUGE_FILE.fullmatch(os.path.basename(name))
+        if match and not _alive(int(match.group(1))):
+            dead.add(int(match.group(1)))
+    for pid in dead:
+        mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+    return sorted(dead)
+
+
+# -- exposition ----------------------------------------------------------------------------------
+
+
+class ExpositionCollector(Collector):
+    """What ``/metrics`` shows: the workers' metrics, plus values computed at scrape time.
+
+    * ``directory`` (multiprocess mode): every worker's files, summed; else ``source``, a
+      registry of this process.
+    * ``sts_jwks_last_success_age_seconds``: seconds since each key source's last successful
+      fetch (from ``sts_jwks_last_success_timestamp_seconds``).
+    * ``key_entries``: the signing key ring (:meth:`sts.adapters.keyring.KeyRing.entries`),
+      read now: ``sts_signing_key_age_seconds`` by state (``active``: since it started
+      signing; ``next``: since it was published) and ``sts_signing_keys`` by state.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: Path | None = None,
+        source: Collector | None = None,
+        key_entries: Callable[[], Sequence[KeyEntry]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if (directory is None) == (source is None):
+            raise ValueError("give exactly one of directory and source")
+        self.directory = directory
+        self.source = source
+        self.key_entries = key_entries
+        self.clock = clock
+        # Concurrent scrapes: one sweeps and reads the directory at a time.
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        if self.directory is not None:
+            with self._lock:
+                sweep_dead_processes(self.directory)
+                files = MultiProcessCollector(None, path=str(self.directory))  # type: ignore[no-untyped-call]
+                families: Iterable[Metric] = list(files.collect())  # type: ignore[no-untyped-call]
+        else:
+            assert self.source is not None
+            families = self.source.collect()
+        for family in families:
+            yield family
+            if family.name == JWKS_LAST_SUCCESS:
+                yield _ages(family, now)
+        if self.key_entries is not None:
+            yield from _signing_key_families(self.key_entries(), now)
+
+
+def _ages(timestamps: Metric, now: float) -> Metric:
+    age = GaugeMetricFamily(
+        JWKS_LAST_SUCCESS_AGE,
+        "Seconds since the last successful JWK Set fetch, by key source.",
+        labels=("issuer",),
+    )
+    for sample in timestamps.samples:
+        if sample.name == JWKS_LAST_SUCCESS:
+            age.add_metric((sample.labels.get("issuer", ""),), max(0.0, now - sample.value))
+    return age
+
+
+def _signing_key_families(entries: Sequence[KeyEntry], now: float) -> Iterator[Metric]:
+    ages = GaugeMetricFamily(
+        "sts_signing_key_age_seconds",
+        "Age of the signing keys: active, since it started signing; next, since it was published.",
+        labels=("state",),
+    )
+    counts = GaugeMetricFamily(
+        "sts_signing_keys", "Keys in the signing key ring, by state.", labels=("state",)
+    )
+    by_state = {"active": 0, "next": 0, "retired": 0}
+    for entry in entries:
+        by_state[entry.state] = by_state.get(entry.state, 0) + 1
+        if entry.state == "active":
+            ages.add_metric(("active",), max(0.0, now - (entry.activated_at or entry.created_at)))
+        elif entry.state == "next":
+            ages.add_metric(("next",), max(0.0, now - entry.created_at))
+    for state, count in by_state.items():
+        counts.add_metric((state,), count)
+    yield ages
+    yield counts
+
+
+def exposition_registry(collector: ExpositionCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+METRICS_PATH = "/metrics"
+
+
+def metrics_wsgi_app(registry: CollectorRegistry) -> WSGIApplication:
+    """``GET /metrics`` (the Prometheus text format, or OpenMetrics when asked); 404 elsewhere."""
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"Not found: metrics are at /metrics\n"]
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
+            return [b"Method not allowed\n"]
+        answer: Iterable[bytes] = exposition(environ, start_response)
+        return answer
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+class MetricsServer:
+    """The instance's ``/metrics`` listener: a small threaded HTTP server, in a daemon thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        self._server: WSGIServer = make_server(
+            host, port, metrics_wsgi_app(registry), server_class=Server, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="sts-metrics", kwargs={"poll_interval": 0.5}, daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def prometheus_text(collector: Collector) -> bytes:
+    """One scrape of ``collector``, in the Prometheus text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry)
