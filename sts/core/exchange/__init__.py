@@ -8,8 +8,8 @@ latency histograms); "where" names a module of this package, or this module::
     parse        read the request (RFC 6749 §3.2, 8693 §2.1)    request.parse_request
     client_auth  authenticate the client (RFC 6749 §2.3,        TokenExchange._authenticate_client
                  RFC 7523 §3)
-    dpop         verify the DPoP proof (RFC 9449 §4.3), its     binding.verify_request_proof
-                 jti spent at once or with the record           binding.ProofUses
+    dpop         verify the DPoP proof (RFC 9449 §4.3)          binding.verify_request_proof
+                 (its jti spent by binding.ProofUses: on SQL with the record)
     attest       attest the subject and the actor, build the    attestation.Attestation.attest
                  act chain (RFC 8693 §4.1, §4.4)
     policy       evaluate the policy                            TokenExchange._evaluate_policy
