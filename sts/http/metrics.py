@@ -27,13 +27,17 @@ def _route() -> str:
     return rule.rule if rule is not None else UNMATCHED_ROUTE
 
 
+def observe_served(observe_request: RequestObserver, route: str, status: int, started: float | None) -> None:
+    """Count one request served, timed from ``started`` (its arrival; not counted without one)."""
+    if started is not None:
+        observe_request(route, status, time.perf_counter() - started)
+
+
 def install(app: Flask, observe_request: RequestObserver) -> None:
     """Register the hook; call after :func:`sts.http.responses.install` (it stamps the arrival)."""
 
     def observe(response: Response) -> Response:
-        started = g.get("request_started")
-        if started is not None:
-            observe_request(_route(), response.status_code, time.perf_counter() - started)
+        observe_served(observe_request, _route(), response.status_code, g.get("request_started"))
         return response
 
     app.after_request(observe)

@@ -15,26 +15,62 @@ from flask import Blueprint, Response
 from ..core.dpop import issue_nonce
 from ..core.exchange import TokenExchange
 from ..errors import TemporarilyUnavailable
-from .responses import NO_STORE, json_response
+from ..protocol.wire import WireRequest
+from .responses import NO_STORE, Answer, json_response
 from .wire import read_request
 
 
-def token_blueprint(
-    exchange: TokenExchange,
-    *,
-    clock: Callable[[], float],
-    nonce_secret: bytes | None,
-    database_ready: Callable[[], bool],
-    mtls_header: str | None = None,
-    issuer_path: str = "",
-) -> Blueprint:
-    """``POST /token`` (and ``POST {issuer_path}/token`` for an issuer with a path).
+class TokenEndpoint:
+    """What ``POST /token`` does with a request once it has been read, without Flask: served by
+    :func:`token_blueprint` and by the lean path in front of Flask (:mod:`sts.http.token_fast`).
 
     ``nonce_secret``: the DPoP nonce secret (RFC 9449 §8), when nonces are on.
     ``database_ready``: whether the audit database's schema is in place (the token
     endpoint fails closed until it is).  ``mtls_header``: the header a trusted proxy
     forwards the client certificate in (RFC 8705).
     """
+
+    def __init__(
+        self,
+        exchange: TokenExchange,
+        *,
+        clock: Callable[[], float],
+        nonce_secret: bytes | None,
+        database_ready: Callable[[], bool],
+        mtls_header: str | None = None,
+    ) -> None:
+        self.exchange = exchange
+        self.clock = clock
+        self.nonce_secret = nonce_secret
+        self.database_ready = database_ready
+        self.mtls_header = mtls_header
+        self.refuse_early = exchange.refuse_early
+
+    def answer(self, wire: WireRequest) -> Answer:
+        """The token response (RFC 8693 §2.2.1); raises the :class:`~sts.errors.OAuthError` to send."""
+        if not self.database_ready():
+            # Fail closed before anything is verified or used up: the database was down at start
+            # and its schema is not in place yet (the refusal goes to the log if it cannot be audited).
+            problem = TemporarilyUnavailable("database.not_ready")
+            self.exchange.refuse_early(wire, problem)
+            raise problem
+        result = self.exchange.handle(wire)
+        headers = dict(NO_STORE)
+        if self.nonce_secret is not None:
+            # RFC 9449 §8.2: a fresh nonce with every answer, so the client never has to fail first.
+            headers["DPoP-Nonce"] = issue_nonce(self.nonce_secret, self.clock())
+        return Answer(200, result.as_json(), headers)
+
+
+def token_paths(issuer_path: str = "") -> tuple[str, ...]:
+    """The token endpoint's routes: ``/token``, and ``{issuer_path}/token`` for an issuer with a path
+    (the endpoints its metadata names live under that path too, and stay at the root, for a proxy
+    that strips the prefix)."""
+    return ("/token", f"{issuer_path}/token") if issuer_path else ("/token",)
+
+
+def token_blueprint(endpoint: TokenEndpoint, *, issuer_path: str = "") -> Blueprint:
+    """``POST /token`` (and ``POST {issuer_path}/token`` for an issuer with a path)."""
     bp = Blueprint("oauth", __name__)
 
     def token() -> Response:
@@ -45,25 +81,11 @@ def token_blueprint(
 
         grant_type=urn:ietf:params:oauth:grant-type:token-exchange&subject_token=...
         """
-        wire = read_request(mtls_header, exchange.refuse_early)
-        if not database_ready():
-            # Fail closed before anything is verified or used up: the database was down at start
-            # and its schema is not in place yet (the refusal goes to the log if it cannot be audited).
-            problem = TemporarilyUnavailable("database.not_ready")
-            exchange.refuse_early(wire, problem)
-            raise problem
-        result = exchange.handle(wire)
-        headers = dict(NO_STORE)
-        if nonce_secret is not None:
-            # RFC 9449 §8.2: a fresh nonce with every answer, so the client never has to fail first.
-            headers["DPoP-Nonce"] = issue_nonce(nonce_secret, clock())
-        return json_response(result.as_json(), 200, headers)
+        answer = endpoint.answer(read_request(endpoint.mtls_header, endpoint.refuse_early))
+        return json_response(answer.body, answer.status, answer.headers)
 
-    bp.add_url_rule("/token", "token", token, methods=["POST"])
-    if issuer_path:
-        # An issuer with a path: the endpoints its metadata names live under that path too
-        # (and stay at the root, for a proxy that strips the prefix).
-        bp.add_url_rule(f"{issuer_path}/token", "token_under_issuer_path", token, methods=["POST"])
+    for path, name in zip(token_paths(issuer_path), ("token", "token_under_issuer_path"), strict=False):
+        bp.add_url_rule(path, name, token, methods=["POST"])
     return bp
 
 

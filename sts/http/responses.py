@@ -19,10 +19,12 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, g, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import OAuthError
@@ -42,42 +44,83 @@ UNMATCHED_ROUTE = "<unmatched>"
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def _json_default(value: Any) -> Any:
-    """What Flask's JSON provider makes of a value JSON has no type for (a date, a dataclass...)."""
-    return current_app.json.default(value)  # type: ignore[attr-defined]
+#: The body of every unexpected failure (RFC 6749 §5.2 ``server_error``, no detail).
+SERVER_ERROR = {"error": "server_error", "error_description": "The server could not complete the request."}
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+class Arrival:
+    """What is known of a request once it has arrived, before it is routed: when, its id, whom it
+    is from.  Flask keeps these in ``g`` (:func:`install`); the lean token endpoint
+    (:mod:`sts.http.token_fast`) keeps them here."""
+
+    __slots__ = ("client_address", "request_id", "started", "trace_id", "via_trusted_proxy")
+
+    def __init__(self, environ: Mapping[str, Any], trusted: Sequence[Network]) -> None:
+        self.started = time.perf_counter()
+        remote_addr = environ.get("REMOTE_ADDR")
+        self.request_id = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
+        self.client_address = client_address(remote_addr, header_values(environ, "X-Forwarded-For"), trusted)
+        self.via_trusted_proxy = is_trusted_proxy(remote_addr, trusted)
+        #: Set once the request's trace has started (:mod:`sts.http.tracing`).
+        self.trace_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A JSON answer before it is a response: status, body and the headers beyond ``Content-Type``."""
+
+    status: int
+    body: Any
+    headers: Mapping[str, str]
+
+
+def json_text(body: Any) -> str:
     """``body`` as compact JSON, written as Flask's JSON provider writes it (sorted keys, non-ASCII
     escaped) but without looking the provider up on every call."""
-    text = json.dumps(body, separators=(",", ":"), sort_keys=True, default=_json_default)
-    response = Response(text, status=status, mimetype="application/json")
+    return json.dumps(body, separators=(",", ":"), sort_keys=True, default=DefaultJSONProvider.default)
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """``body`` as a compact JSON response (:func:`json_text`)."""
+    response = Response(json_text(body), status=status, mimetype="application/json")
     if headers:
         response.headers.update(headers)
     return response
 
 
+def oauth_error_answer(exc: OAuthError) -> Answer:
+    """RFC 6749 §5.2: the error's code, fixed description and status, never stored."""
+    return Answer(exc.status, exc.body(), {**NO_STORE, **exc.headers()})
+
+
 def oauth_error_response(exc: OAuthError) -> Response:
-    return json_response(exc.body(), exc.status, {**NO_STORE, **exc.headers()})
+    answer = oauth_error_answer(exc)
+    return json_response(answer.body, answer.status, answer.headers)
 
 
-def _http_error(exc: HTTPException) -> Response:
+def http_error_answer(exc: HTTPException) -> Answer:
+    """A refusal of Werkzeug's (no route, a method not allowed, a body too large...) in JSON."""
     status = exc.code or 500
     if isinstance(exc, RequestEntityTooLarge):
         body = {"error": "invalid_request", "error_description": "The request body is too large."}
         status = 413
     elif status >= 500:
-        body = {"error": "server_error", "error_description": "The server could not complete the request."}
+        body = SERVER_ERROR
     elif isinstance(exc, MethodNotAllowed):
         body = {"error": "invalid_request", "error_description": "The HTTP method is not allowed here."}
     elif status == 404:
         body = {"error": "not_found", "error_description": "No such endpoint."}
     else:
         body = {"error": "invalid_request", "error_description": "The request is malformed."}
-    response = json_response(body, status, NO_STORE)
+    headers = dict(NO_STORE)
     if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
-        response.headers["Allow"] = ", ".join(exc.valid_methods)
-    return response
+        headers["Allow"] = ", ".join(exc.valid_methods)
+    return Answer(status, body, headers)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    answer = http_error_answer(exc)
+    return json_response(answer.body, answer.status, answer.headers)
 
 
 def _route() -> str:
@@ -86,17 +129,21 @@ def _route() -> str:
     return rule.rule if rule is not None else UNMATCHED_ROUTE
 
 
-def _method() -> str:
-    return request.method if request.method in _LOGGED_METHODS else "<other>"
+def logged_method(method: str) -> str:
+    """The method as the logs name it: a standard one by name, any other token as ``<other>``."""
+    return method if method in _LOGGED_METHODS else "<other>"
+
+
+def unexpected_answer(method: str, route: str, request_id: str) -> Answer:
+    """An unexpected failure: logged with its stack trace, answered ``server_error`` without one.
+    Call from an ``except`` block."""
+    log.exception("unhandled error on %s %s (request %s)", logged_method(method), route, request_id)
+    return Answer(500, SERVER_ERROR, NO_STORE)
 
 
 def _unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s (request %s)", _method(), _route(), getattr(g, "request_id", "-"))
-    return json_response(
-        {"error": "server_error", "error_description": "The server could not complete the request."},
-        500,
-        NO_STORE,
-    )
+    answer = unexpected_answer(request.method, _route(), getattr(g, "request_id", "-"))
+    return json_response(answer.body, answer.status, answer.headers)
 
 
 def request_id(incoming: str) -> str:
@@ -105,41 +152,72 @@ def request_id(incoming: str) -> str:
 
 
 def _assign_request_id(trusted: Sequence[Network]) -> None:
-    started = time.perf_counter()
-    environ = request.environ
-    remote_addr = environ.get("REMOTE_ADDR")
-    g.request_started = started
-    g.request_id = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
-    g.client_address = client_address(remote_addr, header_values(environ, "X-Forwarded-For"), trusted)
-    g.via_trusted_proxy = is_trusted_proxy(remote_addr, trusted)
+    arrival = Arrival(request.environ, trusted)
+    g.request_started = arrival.started
+    g.request_id = arrival.request_id
+    g.client_address = arrival.client_address
+    g.via_trusted_proxy = arrival.via_trusted_proxy
+
+
+class _Headers(Protocol):
+    def __setitem__(self, name: str, value: str, /) -> None: ...
+    def setdefault(self, name: str, value: str, /) -> Any: ...
+
+
+def stamp_headers(headers: _Headers, request_id: str) -> None:
+    """The headers every response carries: its request id, and ``nosniff``."""
+    headers["X-Request-Id"] = request_id
+    headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 def _echo_request_id(response: Response) -> Response:
-    response.headers["X-Request-Id"] = getattr(g, "request_id", "")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    stamp_headers(response.headers, getattr(g, "request_id", ""))
     return response
 
 
 def _log_access(response: Response) -> Response:
+    if access_log.isEnabledFor(logging.INFO):
+        log_access(
+            client=g.get("client_address") or request.remote_addr or "-",
+            method=request.method,
+            route=_route(),
+            status=response.status_code,
+            size=response.content_length,
+            started=g.get("request_started"),
+            request_id=g.get("request_id", "-"),
+            trace_id=g.get("trace_id"),
+        )
+    return response
+
+
+def log_access(
+    *,
+    client: str,
+    method: str,
+    route: str,
+    status: int,
+    size: int | None,
+    started: float | None,
+    request_id: str,
+    trace_id: str | None,
+) -> None:
     """One line per request: client, method, route rule, status, size, duration, request id.
 
     The same values are attached to the record (``extra``) for structured log
     formatters.  The raw path and query are never logged.
     """
     if not access_log.isEnabledFor(logging.INFO):
-        return response
-    started = g.get("request_started")
+        return
     duration_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
-    size = response.content_length
     fields = {
-        "client_address": g.get("client_address") or request.remote_addr or "-",
-        "http_method": _method(),
-        "http_route": _route(),
-        "http_status": response.status_code,
+        "client_address": client,
+        "http_method": logged_method(method),
+        "http_route": route,
+        "http_status": status,
         "response_bytes": size,
         "duration_ms": round(duration_ms, 3),
-        "request_id": g.get("request_id", "-"),
-        "trace_id": g.get("trace_id"),
+        "request_id": request_id,
+        "trace_id": trace_id,
     }
     access_log.info(
         '%s "%s %s" %d %s %.1fms request_id=%s',
@@ -152,7 +230,6 @@ def _log_access(response: Response) -> Response:
         fields["request_id"],
         extra=fields,
     )
-    return response
 
 
 def install(app: Flask, *, trusted_proxies: Sequence[Network] = ()) -> None:

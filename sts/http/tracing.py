@@ -8,7 +8,8 @@ trace id is in ``g.trace_id`` for the access log and the audit record.  No
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
 
 from flask import Flask, Response, g, request
 
@@ -42,19 +43,27 @@ _TRACE = "sts.request_trace"
 _STATUS = "sts.response_status"
 
 
+def start_trace(
+    tracing: RequestTracing[Trace], environ: Mapping[str, Any], request_id: str, method: str, route: str
+) -> Trace:
+    """Start the request's trace, continuing the caller's when it sent exactly one valid ``traceparent``."""
+    values = header_values(environ, "traceparent")
+    incoming = parse_traceparent(values[0]) if len(values) == 1 else None
+    return tracing.start_request(request_id, method, route, incoming)
+
+
 def install(app: Flask, tracing: RequestTracing[Trace]) -> None:
     """Register the hooks; call after :func:`sts.http.responses.install` (the request id comes first)."""
 
     def start() -> None:
         environ = request.environ
-        values = header_values(environ, "traceparent")
-        incoming = parse_traceparent(values[0]) if len(values) == 1 else None
         rule = request.url_rule
-        trace = tracing.start_request(
+        trace = start_trace(
+            tracing,
+            environ,
             g.get("request_id", "-"),
             request.method,
             rule.rule if rule is not None else UNMATCHED_ROUTE,
-            incoming,
         )
         # Kept with the request itself: ``g`` belongs to the application context, which a
         # request made from inside another one (tests do) shares with it.

@@ -10,11 +10,17 @@ endpoint's ``refuse_early``, so it is audited on every endpoint alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qsl
 
 from flask import g, request
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from ..errors import InvalidRequest, OAuthError
 from ..protocol.wire import WireRequest
@@ -38,35 +44,109 @@ def header_values(environ: Mapping[str, Any], name: str) -> list[str]:
     return [] if value is None else [value]
 
 
+@dataclass(frozen=True, slots=True)
+class FormLimits:
+    """The body limits Flask's request applies (``MAX_CONTENT_LENGTH``, ``MAX_FORM_MEMORY_SIZE``,
+    ``MAX_FORM_PARTS``)."""
+
+    max_content_length: int | None
+    max_form_memory_size: int | None
+    max_form_parts: int | None
+
+
+def _multi(items: Iterable[tuple[str, Any]] = ()) -> dict[str, list[Any]]:
+    """The form as ``MultiDict.to_dict(flat=False)`` gives it, built directly."""
+    values: dict[str, list[Any]] = {}
+    for name, value in items:
+        values.setdefault(name, []).append(value)
+    return values
+
+
+def parse_form(environ: Mapping[str, Any], limits: FormLimits) -> dict[str, list[str]]:
+    """The request's form, every value of each parameter in order: what Flask's ``request.form``
+    holds, parsed by the same Werkzeug parser with the same limits, without building a request.
+
+    Raises :class:`~werkzeug.exceptions.RequestEntityTooLarge` for a body over the limits and
+    :class:`~werkzeug.exceptions.BadRequest` for one that cannot be read, as ``request.form`` does.
+    Only a form content type is parsed; any other body is no form (``{}``).
+    """
+    content_type = environ.get("CONTENT_TYPE")
+    if not content_type:
+        return {}  # Werkzeug's ``want_form_data_parsed``: no Content-Type, no form.
+    mimetype, options = parse_options_header(content_type)
+    parser = FormDataParser(
+        max_form_memory_size=limits.max_form_memory_size,
+        max_content_length=limits.max_content_length,
+        max_form_parts=limits.max_form_parts,
+        cls=cast("type[MultiDict[str, Any]]", _multi),
+    )
+    wsgi_environ = cast("dict[str, Any]", environ)
+    stream = get_input_stream(wsgi_environ, max_content_length=limits.max_content_length)
+    _, form, _ = parser.parse(stream, mimetype.lower(), get_content_length(wsgi_environ), options)
+    return cast("dict[str, list[str]]", form)
+
+
+def parse_query(environ: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The query parameters, as ``request.args.to_dict(flat=False)`` gives them."""
+    query = environ.get("QUERY_STRING")
+    if not query:
+        return {}  # The usual case: nothing to parse.
+    return _multi(
+        parse_qsl(query.encode("latin1").decode(), keep_blank_values=True, errors="werkzeug.url_quote")
+    )
+
+
 def read_request(mtls_header: str | None, refuse_early: RefuseEarly) -> WireRequest:
-    """The current request as the pipeline takes it; raises the :class:`OAuthError` to send, after
-    ``refuse_early`` has recorded it, when the request cannot be read."""
+    """The current Flask request as the pipeline takes it (:func:`read_wire`)."""
+    return read_wire(
+        request.environ,
+        FormLimits(request.max_content_length, request.max_form_memory_size, request.max_form_parts),
+        request_id=g.request_id,
+        source_ip=g.get("client_address", request.remote_addr),
+        via_trusted_proxy=g.get("via_trusted_proxy", False),
+        trace_id=g.get("trace_id"),
+        mtls_header=mtls_header,
+        refuse_early=refuse_early,
+    )
+
+
+def read_wire(
+    environ: Mapping[str, Any],
+    limits: FormLimits,
+    *,
+    request_id: str,
+    source_ip: str | None,
+    via_trusted_proxy: bool,
+    trace_id: str | None,
+    mtls_header: str | None,
+    refuse_early: RefuseEarly,
+) -> WireRequest:
+    """The request in ``environ`` as the pipeline takes it; raises the :class:`OAuthError` to send,
+    after ``refuse_early`` has recorded it, when the request cannot be read."""
     problem: OAuthError | None = None
     form: dict[str, list[str]] = {}
     try:
-        form = request.form.to_dict(flat=False)
+        form = parse_form(environ, limits)
     except RequestEntityTooLarge:
         problem = InvalidRequest("request.body_too_large")
     except BadRequest:
         problem = InvalidRequest("request.malformed_body")
-    environ = request.environ
     authorizations = header_values(environ, "Authorization")
     if len(authorizations) > 1:
         problem = problem or InvalidRequest("request.repeated_authorization_header")
     wire = WireRequest(
         form=form,
-        # An empty query string is the usual case: nothing to parse.
-        query=request.args.to_dict(flat=False) if environ.get("QUERY_STRING") else {},
+        query=parse_query(environ),
         content_type=environ.get("CONTENT_TYPE"),
         authorization=authorizations[0] if authorizations else None,
-        request_id=g.request_id,
-        source_ip=g.get("client_address", request.remote_addr),
+        request_id=request_id,
+        source_ip=source_ip,
         user_agent=environ.get("HTTP_USER_AGENT"),
         # WSGI servers join repeated header fields with commas (RFC 9110 §5.3), and a JWS never
         # holds one: split them again so that two proofs count as two (RFC 9449 §4.3 step 1).
         dpop=tuple(part for value in header_values(environ, "DPoP") for part in value.split(",")),
-        client_cert_thumbprint=forwarded_certificate(mtls_header),
-        trace_id=g.get("trace_id"),
+        client_cert_thumbprint=forwarded_certificate(environ, mtls_header) if via_trusted_proxy else None,
+        trace_id=trace_id,
     )
     if problem is not None:
         refuse_early(wire, problem)
@@ -74,11 +154,10 @@ def read_request(mtls_header: str | None, refuse_early: RefuseEarly) -> WireRequ
     return wire
 
 
-def forwarded_certificate(header: str | None) -> str | None:
-    """The client certificate's ``x5t#S256``, only when a trusted proxy forwarded it in ``header``
-    (RFC 8705 §3)."""
-    if not header or not g.get("via_trusted_proxy", False):
-        # No header configured, or the connection did not come through a trusted proxy.
-        return None
-    value = request.headers.get(header)
-    return certificate_thumbprint(value) if value else None
+def forwarded_certificate(environ: Mapping[str, Any], header: str | None) -> str | None:
+    """The client certificate's ``x5t#S256`` forwarded in ``header`` (RFC 8705 §3); call only for a
+    connection from a trusted proxy."""
+    if not header:
+        return None  # No header configured.
+    values = header_values(environ, header)
+    return certificate_thumbprint(values[0]) if values and values[0] else None

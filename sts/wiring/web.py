@@ -14,15 +14,23 @@ from ..http import metrics as metrics_http
 from ..http import responses
 from ..http import tracing as tracing_http
 from ..http.body_limit import BodyLimit
-from ..http.oauth import discovery_blueprint, health_blueprint, token_blueprint
+from ..http.oauth import TokenEndpoint, discovery_blueprint, health_blueprint, token_blueprint, token_paths
 from ..http.ssf import events_blueprint
+from ..http.token_fast import LeanTokenEndpoint
 from ..http.token_status import token_status_blueprint
+from ..http.wire import FormLimits
 from .review import build_review
 from .runtime import Runtime
 
 
-def build_flask_app(runtime: Runtime, *, token_status: TokenStatus, metrics: Metrics) -> Flask:
-    """The WSGI application serving ``runtime``'s services (kept in ``app.extensions["sts"]``)."""
+def build_flask_app(
+    runtime: Runtime, *, token_status: TokenStatus, metrics: Metrics, lean_token: bool = True
+) -> Flask:
+    """The WSGI application serving ``runtime``'s services (kept in ``app.extensions["sts"]``).
+
+    ``lean_token``: ``POST /token`` is answered in front of Flask (:mod:`sts.http.token_fast`),
+    with the same answer Flask's route gives (which serves it when this is off).
+    """
     settings, exchange, clock, keyring = runtime.settings, runtime.exchange, runtime.clock, runtime.keyring
 
     def published_jwks() -> dict[str, Any]:
@@ -37,26 +45,22 @@ def build_flask_app(runtime: Runtime, *, token_status: TokenStatus, metrics: Met
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime
-    app.wsgi_app = BodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
-    responses.install(
-        app, trusted_proxies=tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
-    )
+    trusted = tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
+    responses.install(app, trusted_proxies=trusted)
     tracing_http.install(app, runtime.tracing)
     metrics_http.install(app, metrics.observe_request)
     # An issuer with a path: the endpoints its metadata names live under that path too
     # (and stay at the root, for a proxy that strips the prefix).
     path = urlsplit(settings.issuer).path.rstrip("/")
     mtls_header = settings.mtls_client_cert_header
-    app.register_blueprint(
-        token_blueprint(
-            exchange,
-            clock=clock,
-            nonce_secret=exchange.config.dpop.nonce_secret if exchange.config.dpop else None,
-            database_ready=runtime.database_ready,
-            mtls_header=mtls_header,
-            issuer_path=path,
-        )
+    token_endpoint = TokenEndpoint(
+        exchange,
+        clock=clock,
+        nonce_secret=exchange.config.dpop.nonce_secret if exchange.config.dpop else None,
+        database_ready=runtime.database_ready,
+        mtls_header=mtls_header,
     )
+    app.register_blueprint(token_blueprint(token_endpoint, issuer_path=path))
     app.register_blueprint(discovery_blueprint(runtime.metadata, published_jwks, issuer_path=path))
     app.register_blueprint(health_blueprint(runtime.health))
     token_status_bp = token_status_blueprint(token_status, mtls_header=mtls_header)
@@ -67,4 +71,21 @@ def build_flask_app(runtime: Runtime, *, token_status: TokenStatus, metrics: Met
         app.register_blueprint(events_blueprint(runtime.signals))
     if settings.review.enabled:
         app.register_blueprint(build_review(settings, runtime.engine, runtime.baselines, clock))
+    served: Any = app.wsgi_app
+    if lean_token:
+        served = LeanTokenEndpoint(
+            served,
+            token_endpoint,
+            paths=token_paths(path),
+            trusted_proxies=trusted,
+            tracing=runtime.tracing,
+            observe_request=metrics.observe_request,
+            limits=FormLimits(
+                app.config["MAX_CONTENT_LENGTH"],
+                app.config["MAX_FORM_MEMORY_SIZE"],
+                app.config["MAX_FORM_PARTS"],
+            ),
+        )
+    # Outermost: a chunked body is read (at most the cap) before either path sees it.
+    app.wsgi_app = BodyLimit(served, settings.max_body_bytes)  # type: ignore[method-assign]
     return app
