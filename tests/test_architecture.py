@@ -393,3 +393,13 @@ def test_the_architecture_check_finds_what_is_gone(tmp_path: Path) -> None:
     (tmp_path / "sts" / "core" / "ports.py").write_text("")
     text = "See `sts/core/ports.py`, `sts/core/`, sts.core.ports, sts.core; not sts/cli.py, sts.core.policy."
     assert missing_names(text, tmp_path) == ["sts/cli.py", "sts.core.policy"]
+
+
+#: The largest a module of ``sts/`` may grow before it is split by responsibility (issue 11).
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_of_sts_is_over_the_size_limit() -> None:
+    sizes = {path.relative_to(REPO_ROOT): len(path.read_text().splitlines()) for path in STS.rglob("*.py")}
+    assert len(sizes) > 100
+    assert {str(path): lines for path, lines in sizes.items() if lines > MAX_MODULE_LINES} == {}

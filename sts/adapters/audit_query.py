@@ -45,7 +45,7 @@ from .audit_charts import AuditCharts
 from .audit_retention import AuditRetention
 from .audit_summaries import AuditSummaries
 from .audit_tables import AUDIENCE, RECORD, SIGNAL, term_value
-from .sql.audit_sink import _text
+from .sql.group_commit import column_text
 from .sql.schema import audit_events, audit_terms
 
 
@@ -60,7 +60,7 @@ class AuditQuery(AuditCharts, AuditSummaries, AuditRetention):
         """Conditions on columns, or None when the time range holds no record at all."""
         c = audit_events.c
         conditions: list[ColumnElement[bool]] = []
-        # The sink stores these truncated and cleaned (sql._text); a filter compares the same form.
+        # The sink stores these truncated and cleaned (column_text); a filter compares the same form.
         for column, value, limit in (
             (c.issuer, f.issuer, 64),
             (c.subject, f.subject, 512),
@@ -68,7 +68,7 @@ class AuditQuery(AuditCharts, AuditSummaries, AuditRetention):
             (c.rule, f.rule, 128),
         ):
             if value is not None:
-                conditions.append(column == _text(value, limit))
+                conditions.append(column == column_text(value, limit))
         if f.outcome is not None:
             conditions.append(c.outcome == f.outcome)
         if f.error is not None:

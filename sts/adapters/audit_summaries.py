@@ -25,8 +25,8 @@ from sqlalchemy import Connection, case, func, select, update
 
 from ..core.audit_views import SummaryStatus
 from .audit_tables import AUDIENCE, SIGNAL, SUMMARY_STATE, AuditTables, DecisionFacts, term_value
-from .sql.audit_sink import _text
 from .sql.engines import transaction
+from .sql.group_commit import column_text
 from .sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
 
 
@@ -83,7 +83,7 @@ class AuditSummaries(AuditTables):
                 edge = edges.get(key)
                 if edge is None:
                     edges[key] = edge = {"edge": key, "issuer": fact.issuer, "subject": fact.subject,
-                                         "audience": _text(audience, 512), "first_seen": fact.time,
+                                         "audience": column_text(audience, 512), "first_seen": fact.time,
                                          "last_seen": fact.time, "decisions": 0}  # fmt: skip
                 edge["first_seen"] = min(edge["first_seen"], fact.time)
                 edge["last_seen"] = max(edge["last_seen"], fact.time)

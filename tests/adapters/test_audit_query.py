@@ -27,8 +27,9 @@ from sqlalchemy import Engine, func, select
 from sts.adapters import audit_charts
 from sts.adapters.audit_query import AuditQuery
 from sts.adapters.audit_retention import PruneAborted
-from sts.adapters.sql.audit_sink import SqlAuditSink, _PendingRow
+from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.group_commit import PendingRow
 from sts.adapters.sql.retention import PruneWouldBreakChain
 from sts.adapters.sql.schema import audit_edges, audit_events, audit_terms
 from sts.cli import main
@@ -192,7 +193,7 @@ def write(engine: Engine, records: list[AuditRecord]) -> None:
     """Through the sink's own path (one statement per 100 records, as its group commit writes)."""
     sink = SqlAuditSink(engine)
     for start in range(0, len(records), 100):
-        batch = [_PendingRow(sink._stored_row(r)) for r in records[start : start + 100]]
+        batch = [PendingRow(sink._stored_row(r)) for r in records[start : start + 100]]
         sink._commit(batch)
         assert all(item.done and item.error is None for item in batch)
 

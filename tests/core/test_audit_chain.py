@@ -51,11 +51,10 @@ from sts.core.audit_chain import (
     BrokenLink,
     CheckpointInvalid,
     TrailReport,
-    canonical_json,
-    canonical_record,
     genesis_hash,
     link_hash,
 )
+from sts.core.canonical_json import canonical_json, canonical_record
 from sts.core.ports import AlreadyUsed, AuditUnavailable, SingleUse
 from sts.migrations import upgrade
 from tests.adapters.test_stores import PgSchema, private_database

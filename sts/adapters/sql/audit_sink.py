@@ -11,106 +11,27 @@ Every record is linked into a hash chain of its writer (:mod:`sts.adapters.sql.c
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, select
 
 from ...core.audit import AuditRecord
-from ...core.audit_chain import canonical_record, genesis_hash, link_hash
+from ...core.audit_chain import genesis_hash, link_hash
+from ...core.canonical_json import canonical_record
 from ...core.ports import AlreadyUsed, AuditUnavailable, BaselineUpdate, SingleUse
 from .chain_heads import ChainHead, ChainHeads
+from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, column_text, utc
 from .key_value import store_key, upsert_statement
 from .replay import first_use_statement, replay_key
 from .schema import audit_events
 from .statements import CommitOutcomeUnknown, RawStatement
 
 log = logging.getLogger(__name__)
-
-
-def _text(value: str | None, limit: int) -> str | None:
-    """A value safe for any text column: PostgreSQL refuses NUL and lone surrogates."""
-    if value is None:
-        return None
-    value = value[:limit]
-    if value.isprintable():
-        return value
-    return value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\N{REPLACEMENT CHARACTER}")
-
-
-def _utc(epoch: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
-
-
-@dataclass(eq=False)
-class _PendingRow:
-    row: dict[str, Any]
-    done: bool = False
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class _PendingUses(_PendingRow):
-    """A record to commit with the replay entries of its uses and its baseline update."""
-
-    entries: list[tuple[SingleUse, tuple[Any, ...]]] = field(default_factory=list)
-    baseline: tuple[Any, ...] | None = None
-    #: The use a concurrent request had committed first: this record was not written.
-    taken: SingleUse | None = None
-    #: Committed, but known only after its connection broke during COMMIT.
-    settled: bool = False
-
-
-class _Group:
-    """Group commit: while one caller commits a batch, others queue, and the next committer
-    takes them all.  Each caller returns once its own item is done (or it timed out queued)."""
-
-    def __init__(self, commit: Callable[[Any], None], max_batch: int, timeout: float) -> None:
-        self._commit = commit
-        self.max_batch = max_batch
-        self.timeout = timeout
-        self._cond = threading.Condition()
-        self._pending: list[_PendingRow] = []
-        self._committing = False
-
-    def join(self, item: _PendingRow) -> None:
-        deadline = time.monotonic() + self.timeout
-        with self._cond:
-            self._pending.append(item)
-            while not item.done and self._committing:
-                remaining = deadline - time.monotonic()
-                if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
-                    # Too slow: withdraw the record if it is still queued and refuse. (If a
-                    # commit already holds it, the trail shows a token that was never sent.)
-                    if item in self._pending:
-                        self._pending.remove(item)
-                    raise AuditUnavailable("timeout waiting for the audit commit")
-            if not item.done:
-                self._committing = True
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-        if not item.done:
-            try:
-                self._commit(batch)
-            finally:
-                with self._cond:
-                    self._committing = False
-                    self._cond.notify_all()
-
-
-class _UseTaken(Exception):
-    """Inside :meth:`SqlAuditSink.write_with_uses`: roll back, the use is someone else's."""
-
-    def __init__(self, use: SingleUse) -> None:
-        super().__init__()
-        self.use = use
 
 
 class SqlAuditSink:
@@ -159,33 +80,33 @@ class SqlAuditSink:
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
         self._entry_sql = first_use_statement(p)
-        self._writes = _Group(self._commit, max_batch, timeout)
-        self._writes_with_uses = _Group(self._commit_with_uses, max_batch, timeout)
+        self._writes = GroupCommit(self._commit, max_batch, timeout)
+        self._writes_with_uses = GroupCommit(self._commit_with_uses, max_batch, timeout)
 
     @staticmethod
     def _row(record: AuditRecord) -> dict[str, Any]:
         return {
             "event_id": record.event_id,
-            "time": _utc(record.time),
-            "request_id": _text(record.request_id, 128),
+            "time": utc(record.time),
+            "request_id": column_text(record.request_id, 128),
             "endpoint": record.endpoint,
             "outcome": record.outcome,
             "error": record.error,
-            "client_id": _text(record.client_id or None, 128),
-            "client_auth_method": _text(record.client_auth_method, 32),
-            "issuer": _text(record.issuer, 64),
-            "subject": _text(record.subject, 512),
-            "subject_token_type": _text(record.subject_token_type, 128),
+            "client_id": column_text(record.client_id or None, 128),
+            "client_auth_method": column_text(record.client_auth_method, 32),
+            "issuer": column_text(record.issuer, 64),
+            "subject": column_text(record.subject, 512),
+            "subject_token_type": column_text(record.subject_token_type, 128),
             "subject_token_sha256": record.subject_token_sha256,
-            "subject_token_jti": _text(record.subject_token_jti, 256),
-            "actor_issuer": _text(record.actor_issuer, 64),
-            "actor_subject": _text(record.actor_subject, 512),
+            "subject_token_jti": column_text(record.subject_token_jti, 256),
+            "actor_issuer": column_text(record.actor_issuer, 64),
+            "actor_subject": column_text(record.actor_subject, 512),
             "actor_token_sha256": record.actor_token_sha256,
-            "rule": _text(record.rule, 128),
+            "rule": column_text(record.rule, 128),
             "issued_jti": record.issued_jti,
             "issued_exp": record.issued_exp,
             "issued_kid": record.issued_kid,
-            "source_ip": _text(record.source_ip, 64),
+            "source_ip": column_text(record.source_ip, 64),
             "record": record.as_dict(),
         }
 
@@ -205,7 +126,7 @@ class SqlAuditSink:
         return row
 
     def write(self, record: AuditRecord) -> None:
-        item = _PendingRow(self._stored_row(record))
+        item = PendingRow(self._stored_row(record))
         self._writes.join(item)
         if item.error is not None:
             raise AuditUnavailable(item.error)
@@ -230,7 +151,7 @@ class SqlAuditSink:
         its own record, entries and baseline; the hash chain links only the records that
         stay, in commit order.
         """
-        item = _PendingUses(
+        item = PendingUses(
             self._stored_row(record),
             entries=[(use, (replay_key(use.purpose, use.key), use.expires_at, now)) for use in uses],
             baseline=(
@@ -247,7 +168,7 @@ class SqlAuditSink:
         if item.settled:
             log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
 
-    def _commit_with_uses(self, batch: list[_PendingUses]) -> None:
+    def _commit_with_uses(self, batch: list[PendingUses]) -> None:
         try:
             with self._chains.borrow(self.timeout) as head:
                 self._commit_uses_linked(head, batch)
@@ -263,14 +184,14 @@ class SqlAuditSink:
         for item in batch:
             item.done = True
 
-    def _commit_uses_linked(self, head: ChainHead, batch: list[_PendingUses]) -> None:
+    def _commit_uses_linked(self, head: ChainHead, batch: list[PendingUses]) -> None:
         """Commit ``batch`` in one transaction on ``head``'s chain, each item in a savepoint of its
         own (when there are several); if the transaction fails, each item alone, so one bad row
         fails only its own writer."""
         savepoints = len(batch) > 1
 
-        def work(cur: Any) -> tuple[list[_PendingUses], int, str]:
-            kept: list[_PendingUses] = []
+        def work(cur: Any) -> tuple[list[PendingUses], int, str]:
+            kept: list[PendingUses] = []
             seq, prev, registered = head.seq, head.hash, head.registered
             for item in batch:
                 item.taken = None
@@ -280,8 +201,8 @@ class SqlAuditSink:
                     for use, params in item.entries:
                         cur.execute(self._entry_sql, params)
                         if cur.rowcount != 1:
-                            raise _UseTaken(use)
-                except _UseTaken as taken:
+                            raise UseTaken(use)
+                except UseTaken as taken:
                     if not savepoints:
                         raise
                     cur.execute("ROLLBACK TO SAVEPOINT item")
@@ -308,7 +229,7 @@ class SqlAuditSink:
 
         try:
             kept, seq, digest = self._raw.transaction(work)
-        except _UseTaken as taken:  # One item, no savepoint: nothing was committed.
+        except UseTaken as taken:  # One item, no savepoint: nothing was committed.
             batch[0].taken = taken.use
             return
         except CommitOutcomeUnknown as exc:
@@ -344,7 +265,7 @@ class SqlAuditSink:
         genesis = genesis_hash(head.chain_id)
         return (head.chain_id, time.time(), f"{socket.gethostname()}:{head.pid}"[:200], genesis, genesis)
 
-    def _link(self, head: ChainHead, batch: list[_PendingRow]) -> tuple[list[Any], int, str]:
+    def _link(self, head: ChainHead, batch: list[PendingRow]) -> tuple[list[Any], int, str]:
         """Link ``batch`` onto ``head`` (in order): its parameters, and the new head's seq and hash.
 
         ``head`` itself moves only once the rows are committed (:meth:`ChainHead.advance`).
@@ -386,7 +307,7 @@ class SqlAuditSink:
             self._sql_by_size[rows] = sql
         return sql
 
-    def _params(self, batch: list[_PendingRow]) -> list[Any]:
+    def _params(self, batch: list[PendingRow]) -> list[Any]:
         params: list[Any] = []
         for item in batch:
             row = item.row
@@ -396,7 +317,7 @@ class SqlAuditSink:
                 params.append(convert(value) if convert is not None and value is not None else value)
         return params
 
-    def _commit(self, batch: list[_PendingRow]) -> None:
+    def _commit(self, batch: list[PendingRow]) -> None:
         try:
             with self._chains.borrow(self.timeout) as head:
                 self._commit_linked(head, batch)
@@ -411,7 +332,7 @@ class SqlAuditSink:
         for item in batch:
             item.done = True
 
-    def _commit_linked(self, head: ChainHead, batch: list[_PendingRow]) -> None:
+    def _commit_linked(self, head: ChainHead, batch: list[PendingRow]) -> None:
         """Commit ``batch`` on ``head``'s chain; if it fails, each record alone, so one bad row
         fails only its own writer."""
         params, seq, digest = self._link(head, batch)

@@ -1,0 +1,95 @@
+"""Group commit for the audit sink: the rows waiting to be committed, and the queue they wait in.
+
+While one caller commits a batch, others queue behind it and the next committer
+takes them all in one transaction (:class:`~sts.adapters.sql.audit_sink.SqlAuditSink`);
+each caller returns only once its own row is committed, or refuses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...core.ports import AuditUnavailable, SingleUse
+
+
+def column_text(value: str | None, limit: int) -> str | None:
+    """A value safe for any text column: PostgreSQL refuses NUL and lone surrogates."""
+    if value is None:
+        return None
+    value = value[:limit]
+    if value.isprintable():
+        return value
+    return value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\N{REPLACEMENT CHARACTER}")
+
+
+def utc(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
+
+
+@dataclass(eq=False)
+class PendingRow:
+    row: dict[str, Any]
+    done: bool = False
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class PendingUses(PendingRow):
+    """A record to commit with the replay entries of its uses and its baseline update."""
+
+    entries: list[tuple[SingleUse, tuple[Any, ...]]] = field(default_factory=list)
+    baseline: tuple[Any, ...] | None = None
+    #: The use a concurrent request had committed first: this record was not written.
+    taken: SingleUse | None = None
+    #: Committed, but known only after its connection broke during COMMIT.
+    settled: bool = False
+
+
+class GroupCommit:
+    """Group commit: while one caller commits a batch, others queue, and the next committer
+    takes them all.  Each caller returns once its own item is done (or it timed out queued)."""
+
+    def __init__(self, commit: Callable[[Any], None], max_batch: int, timeout: float) -> None:
+        self._commit = commit
+        self.max_batch = max_batch
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._pending: list[PendingRow] = []
+        self._committing = False
+
+    def join(self, item: PendingRow) -> None:
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            self._pending.append(item)
+            while not item.done and self._committing:
+                remaining = deadline - time.monotonic()
+                if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
+                    # Too slow: withdraw the record if it is still queued and refuse. (If a
+                    # commit already holds it, the trail shows a token that was never sent.)
+                    if item in self._pending:
+                        self._pending.remove(item)
+                    raise AuditUnavailable("timeout waiting for the audit commit")
+            if not item.done:
+                self._committing = True
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+        if not item.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
+
+
+class UseTaken(Exception):
+    """Inside :meth:`SqlAuditSink.write_with_uses`: roll back, the use is someone else's."""
+
+    def __init__(self, use: SingleUse) -> None:
+        super().__init__()
+        self.use = use
