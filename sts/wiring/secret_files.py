@@ -12,21 +12,10 @@ from ..errors import ConfigurationError
 def dpop_nonce_secret(keys_dir: Path) -> bytes:
     """The secret behind stateless DPoP nonces (RFC 9449 §8), shared by every instance that shares
     the key directory; created on first use, mode 0600."""
-    path = keys_dir / "dpop-nonce.secret"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(32))
-    data = path.read_bytes()
-    if len(data) < 32:
-        raise ConfigurationError(f"{path}: DPoP nonce secret is truncated; delete it to create a new one")
-    return data
+    return secret_file(keys_dir / "dpop-nonce.secret", what="DPoP nonce secret")
 
 
-def secret_file(path: Path) -> bytes:
+def secret_file(path: Path, *, what: str = "secret") -> bytes:
     """32 random bytes kept in ``path`` (mode 0600), created on first use; shared by every
     instance that shares the directory."""
     try:
@@ -38,5 +27,5 @@ def secret_file(path: Path) -> bytes:
             out.write(secrets.token_bytes(32))
     data = path.read_bytes()
     if len(data) < 32:
-        raise ConfigurationError(f"{path}: secret is truncated; delete it to create a new one")
+        raise ConfigurationError(f"{path}: {what} is truncated; delete it to create a new one")
     return data

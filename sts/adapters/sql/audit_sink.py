@@ -169,20 +169,7 @@ class SqlAuditSink:
             log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
 
     def _commit_with_uses(self, batch: list[PendingUses]) -> None:
-        try:
-            with self._chains.borrow(self.timeout) as head:
-                self._commit_uses_linked(head, batch)
-        except AuditUnavailable as exc:
-            for item in batch:
-                if item.taken is None:
-                    item.error = item.error or str(exc)
-        except BaseException:
-            for item in batch:
-                item.error = item.error or "interrupted"
-                item.done = True
-            raise
-        for item in batch:
-            item.done = True
+        self._commit_batch(batch, lambda head: self._commit_uses_linked(head, batch))
 
     def _commit_uses_linked(self, head: ChainHead, batch: list[PendingUses]) -> None:
         """Commit ``batch`` in one transaction on ``head``'s chain, each item in a savepoint of its
@@ -318,12 +305,18 @@ class SqlAuditSink:
         return params
 
     def _commit(self, batch: list[PendingRow]) -> None:
+        self._commit_batch(batch, lambda head: self._commit_linked(head, batch))
+
+    def _commit_batch(self, batch: Sequence[PendingRow], commit: Callable[[ChainHead], None]) -> None:
+        """Run ``commit`` on a borrowed chain head and mark every item of ``batch`` done: an
+        unavailable audit fails the items not already refused (a use taken by another request)."""
         try:
             with self._chains.borrow(self.timeout) as head:
-                self._commit_linked(head, batch)
+                commit(head)
         except AuditUnavailable as exc:
             for item in batch:
-                item.error = item.error or str(exc)
+                if getattr(item, "taken", None) is None:
+                    item.error = item.error or str(exc)
         except BaseException:
             for item in batch:
                 item.error = item.error or "interrupted"
