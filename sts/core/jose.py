@@ -23,7 +23,7 @@ from typing import Any
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
-from joserfc.jws import JWSRegistry
+from joserfc.jws import CompactSignature, JWSRegistry
 from joserfc.util import urlsafe_b64decode
 
 MAX_JWT_BYTES = 16 * 1024
@@ -174,6 +174,9 @@ def parse_compact(token: str, *, parser: JWSRegistry | None = None) -> Unverifie
     if token.count(".") != 2:
         # Five segments would be a JWE; unsigned or detached forms are refused too.
         raise JWSInvalid("jws.not_compact_jws")
+    parsed = _parse_plain_compact(token, parser or jws.default_registry)
+    if parsed is not None:
+        return parsed
     try:
         obj = jws.extract_compact(token.encode("ascii"), registry=parser)
         # joserfc has parsed the header with json.loads(bytes) already; parse it again, strictly.
@@ -186,6 +189,39 @@ def parse_compact(token: str, *, parser: JWSRegistry | None = None) -> Unverifie
         raise JWSInvalid("jws.crit_not_understood")
     if not isinstance(header.get("alg"), str):
         raise JWSInvalid("jws.missing_alg")
+    return UnverifiedJWS(header=header, claims=claims, compact=obj)
+
+
+def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | None:
+    """:func:`parse_compact` of a well-formed token with a plain (base64url) payload, decoding each
+    segment once; None for anything else, which :func:`parse_compact` then reads the long way
+    (through :func:`joserfc.jws.extract_compact`), to refuse it with the same reason as ever.
+
+    It applies the size limits of ``registry`` as ``extract_compact`` does, and builds the same
+    :class:`~joserfc.jws.CompactSignature` (header, decoded payload, the three segments), so the
+    signature is verified by joserfc exactly as before.  A header naming ``b64`` (RFC 7797) or
+    ``crit``, or without a string ``alg``, takes the long way.
+    """
+    try:
+        value = token.encode("ascii")
+        registry.validate_compact_value_size(value)
+        header_segment, payload_segment, signature_segment = value.split(b".")
+        registry.validate_header_size(header_segment)
+        registry.validate_signature_size(signature_segment)
+        registry.validate_payload_size(payload_segment)
+        if not payload_segment:
+            return None
+        header = _json_object(urlsafe_b64decode(header_segment), "header")
+        if "b64" in header or "crit" in header or not isinstance(header.get("alg"), str):
+            return None
+        payload = urlsafe_b64decode(payload_segment)
+        claims = _json_object(payload, "payload")
+    except (JWSInvalid, JoseError, ValueError, UnicodeError, RecursionError):
+        return None
+    obj = CompactSignature(header, payload)
+    obj.segments.update(
+        {"header": header_segment, "payload": payload_segment, "signature": signature_segment}
+    )
     return UnverifiedJWS(header=header, claims=claims, compact=obj)
 
 
