@@ -24,6 +24,7 @@ The signals (issue "Risk signals and step-up"):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,7 +153,10 @@ def _yes(name: str, weight: int, reason: str, **evidence: Any) -> SignalResult:
     return SignalResult(name, True, weight, reason, evidence)
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The source address, parsed (remembered for the most recent ones: addresses are immutable, and
+    parsing one costs more than the signal that reads it)."""
     if not value:
         return None
     try:

@@ -101,10 +101,13 @@ class TokenExchangeRequest:
 
 def single(form: Mapping[str, Sequence[str]], name: str) -> str | None:
     """The one value of ``name``; RFC 6749 §3.1: empty means omitted, repeated is an error."""
-    values = [v for v in form.get(name, ()) if v != ""]
-    if len(form.get(name, ())) > 1:
+    values = form.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
         raise InvalidRequest("request.repeated_parameter", name)
-    return values[0] if values else None
+    value = values[0]
+    return None if value == "" else value
 
 
 def check_no_repeats(form: Mapping[str, Sequence[str]], defined: AbstractSet[str]) -> None:

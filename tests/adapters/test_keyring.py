@@ -378,3 +378,52 @@ def test_each_supported_algorithm_signs_and_verifies(tmp_path: Path, alg: str) -
     other = "ES384" if alg != "ES384" else "ES256"
     with pytest.raises(UnsupportedAlgorithmError):
         _verify(token, jwks, other)
+
+
+# -- the signer's lean ECDSA path (sts.adapters.key_signer) ------------------------------------------
+
+
+@pytest.mark.parametrize(("alg", "curve"), [("ES256", "P-256"), ("ES384", "P-384")])
+def test_lean_ecdsa_signer_writes_what_joserfc_writes(alg: str, curve: str) -> None:
+    """The header and payload segments are byte for byte those of ``joserfc.jwt.encode``, and
+    joserfc verifies every signature (ECDSA is randomised, so the signatures themselves differ)."""
+    from joserfc.jwk import ECKey as JoseECKey
+
+    from sts.adapters.key_signer import KeySigner
+
+    key = JoseECKey.generate_key(cast(Any, curve))
+    signer = KeySigner(key, "kid-1", alg)
+    claims = {"sub": "repo:acme/app", "name": "é\u2028", "n": 0, "aud": ["a", "b"], "cnf": {"jkt": "x"}}
+    for n in range(50):
+        claims["n"] = n
+        token = signer.sign({"typ": "at+jwt"}, claims)
+        expected = jwt.encode(
+            {"typ": "at+jwt", "alg": alg, "kid": "kid-1"}, dict(claims), key, algorithms=[alg], default_type=None
+        )
+        assert token.split(".")[:2] == expected.split(".")[:2]
+        assert jwt.decode(token, key, algorithms=[alg]).claims == claims
+    # The header given by the caller cannot override alg or kid; a second header is encoded anew.
+    other = signer.sign({"typ": "JWT", "alg": "none", "kid": "evil"}, {"sub": "x"})
+    assert jwt.decode(other, key, algorithms=[alg]).header == {"typ": "JWT", "alg": alg, "kid": "kid-1"}
+
+
+def test_ecdsa_signature_keeps_leading_zero_octets() -> None:
+    """RFC 7518 §3.4: R and S are written at the curve's full width, however small they are."""
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from sts.adapters.key_signer import ecdsa_signature
+
+    assert ecdsa_signature(encode_dss_signature(1, 2), 256) == (1).to_bytes(32, "big") + (2).to_bytes(32, "big")
+    assert len(ecdsa_signature(encode_dss_signature(3, 2**383), 384)) == 96
+    assert len(ecdsa_signature(encode_dss_signature(3, 2**520), 521)) == 132
+
+
+def test_signer_with_a_header_joserfc_refuses_still_refuses() -> None:
+    """The protected header goes through joserfc's registry check, as ``jwt.encode`` does."""
+    from joserfc.errors import JoseError
+
+    from sts.adapters.key_signer import KeySigner
+
+    signer = KeySigner(ECKey.generate_key("P-256"), "kid-1", "ES256")
+    with pytest.raises(JoseError):
+        signer.sign({"typ": "at+jwt", "jku": 5}, {"sub": "x"})

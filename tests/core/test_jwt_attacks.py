@@ -1081,3 +1081,29 @@ def test_outage_with_a_cold_cache_is_temporarily_unavailable(
     # A retry (within the refetch interval, so no new fetch is even tried) still issues nothing.
     assert_unavailable(app, post_token(client, token))
     assert issuer.jwks_requests == 0
+
+
+def test_parse_compact_reads_a_plain_token_as_joserfc_does() -> None:
+    """The one-pass parse of a plain compact JWS builds what ``jws.extract_compact`` builds (header,
+    decoded payload, segments), so joserfc verifies it the same way; and what it does not take
+    (an RFC 7797 ``b64`` header with ``crit``) is still refused as before."""
+    from joserfc import jws
+
+    from sts.core.jose import JWSInvalid, parse_compact
+
+    key = ECKey.generate_key("P-256")
+    token = jwt.encode({"alg": "ES256", "kid": "k"}, {"sub": "é", "n": 1}, key, algorithms=["ES256"])
+    parsed = parse_compact(token)
+    reference = jws.extract_compact(token.encode("ascii"))
+    assert parsed.compact is not None
+    assert parsed.compact.protected == reference.protected == parsed.header
+    assert parsed.compact.payload == reference.payload
+    assert parsed.compact.segments == reference.segments
+    assert parsed.claims == {"sub": "é", "n": 1}
+    assert jws.validate_compact(parsed.compact, key, algorithms=["ES256"])
+    unencoded = jws.serialize_compact(
+        {"alg": "ES256", "b64": False, "crit": ["b64"]}, b"payload", key, algorithms=["ES256"]
+    )
+    with pytest.raises(JWSInvalid) as refused:
+        parse_compact(unencoded)
+    assert refused.value.reason == "jws.malformed"  # joserfc reads no b64 payload: as on main
