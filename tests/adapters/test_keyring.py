@@ -397,9 +397,8 @@ def test_lean_ecdsa_signer_writes_what_joserfc_writes(alg: str, curve: str) -> N
     for n in range(50):
         claims["n"] = n
         token = signer.sign({"typ": "at+jwt"}, claims)
-        expected = jwt.encode(
-            {"typ": "at+jwt", "alg": alg, "kid": "kid-1"}, dict(claims), key, algorithms=[alg], default_type=None
-        )
+        header = {"typ": "at+jwt", "alg": alg, "kid": "kid-1"}
+        expected = jwt.encode(header, dict(claims), key, algorithms=[alg], default_type=None)
         assert token.split(".")[:2] == expected.split(".")[:2]
         assert jwt.decode(token, key, algorithms=[alg]).claims == claims
     # The header given by the caller cannot override alg or kid; a second header is encoded anew.
@@ -413,7 +412,8 @@ def test_ecdsa_signature_keeps_leading_zero_octets() -> None:
 
     from sts.adapters.key_signer import ecdsa_signature
 
-    assert ecdsa_signature(encode_dss_signature(1, 2), 256) == (1).to_bytes(32, "big") + (2).to_bytes(32, "big")
+    small = ecdsa_signature(encode_dss_signature(1, 2), 256)
+    assert small == (1).to_bytes(32, "big") + (2).to_bytes(32, "big")
     assert len(ecdsa_signature(encode_dss_signature(3, 2**383), 384)) == 96
     assert len(ecdsa_signature(encode_dss_signature(3, 2**520), 521)) == 132
 
