@@ -2,8 +2,8 @@
 
 An ECDSA key (``ES256``, ``ES384``, the default) signs through a lean path: the
 protected header is checked by joserfc's registry and base64url-encoded once per
-distinct header, the claims are serialised by joserfc's own
-:func:`~joserfc._rfc7519.claims.convert_claims`, and the signing input
+distinct header, the claims are serialised as :func:`joserfc.jwt.encode` serialises
+them, and the signing input
 (RFC 7515 §5.1) is signed with the ``cryptography`` key parsed when the ring was
 loaded.  The signature is R || S as fixed-width big-endian integers (RFC 7518
 §3.4), which is what joserfc writes too.  Every other key type signs through
@@ -12,6 +12,7 @@ loaded.  The signature is R || S as fixed-width big-endian integers (RFC 7518
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ec import ECDSA, EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc import jwt
-from joserfc._rfc7519.claims import convert_claims
 from joserfc.jwk import ECKey
 from joserfc.jws import JWSRegistry
 from joserfc.util import json_b64encode, urlsafe_b64encode
@@ -35,6 +35,10 @@ _ECDSA_HASHES: Mapping[str, type[hashes.HashAlgorithm]] = {
 #: Header parameters that change how the payload is encoded or must be understood (RFC 7797 ``b64``
 #: with ``crit``, RFC 7515 §4.1.11): left to joserfc.  The minter never sets them.
 _UNENCODED_PAYLOAD = frozenset({"b64", "crit"})
+#: The claims as :func:`joserfc.jwt.encode` serialises them (``convert_claims``: UTF-8 JSON, no
+#: ASCII escaping, no whitespace), with one encoder built once.  The minter's claims are plain
+#: JSON values (``exp``, ``iat`` and ``nbf`` integers, never the datetimes joserfc also converts).
+_CLAIMS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 #: How many distinct protected headers keep their encoded form (the minter uses one).
 _HEADER_CACHE = 16
 
@@ -92,12 +96,20 @@ class KeySigner:
         """
         protected = {**header, "alg": self._alg, "kid": self._kid}
         if self._private is None or self._ecdsa is None or _UNENCODED_PAYLOAD & protected.keys():
-            return jwt.encode(protected, dict(claims), self._key, algorithms=[self._alg], default_type=None)
-        payload_segment = urlsafe_b64encode(convert_claims(dict(claims)))
+            return self._encode(protected, claims)
+        try:
+            payload = _CLAIMS_JSON.encode(claims)
+        except TypeError:
+            # Not plain JSON (a datetime, which joserfc converts, or something it refuses too).
+            return self._encode(protected, claims)
+        payload_segment = urlsafe_b64encode(payload.encode("utf-8"))
         signing_input = self._header_segment(protected) + b"." + payload_segment
         der = self._private.sign(signing_input, self._ecdsa)
         signature = urlsafe_b64encode(ecdsa_signature(der, self._key_size))
         return (signing_input + b"." + signature).decode("ascii")
+
+    def _encode(self, protected: dict[str, Any], claims: Mapping[str, Any]) -> str:
+        return jwt.encode(protected, dict(claims), self._key, algorithms=[self._alg], default_type=None)
 
     def _header_segment(self, protected: dict[str, Any]) -> bytes:
         """BASE64URL(UTF8(JWS Protected Header)), checked by joserfc's registry (RFC 7515 §4.1)

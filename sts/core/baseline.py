@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -167,12 +168,18 @@ class Baseline:
         data["pending"] = {name: p.as_dict() for name, p in self.pending.items()}
         data["confirmed"] = {name: dict(how) for name, how in self.confirmed.items()}
         data["other_keys"] = {name: list(keys) for name, keys in self.other_keys.items()}
-        return json.dumps(data, separators=(",", ":"), default=str)
+        text = json.dumps(data, separators=(",", ":"), default=str)
+        if _reads_back_as_itself(self):
+            _WRITTEN.remember(text, self)
+        return text
 
     @classmethod
     def from_json(cls, text: str | bytes | None) -> Baseline:
         if not text:
             return cls()
+        written = _WRITTEN.get(text)
+        if written is not None:
+            return written
         try:
             data = json.loads(text)
             return cls(
@@ -204,6 +211,76 @@ class Baseline:
 
 
 _BASELINE_FIELDS = tuple(f.name for f in fields(Baseline))
+
+#: Scalars that JSON gives back as they were written: same type, same value.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+#: Pending values :meth:`PendingFact.from_dict` reads back (any other makes the baseline unreadable).
+_PENDING_VALUES = frozenset({str, int, bool, type(None)})
+_STR = frozenset({str})
+_FLOAT = frozenset({float})
+_FLOAT_OR_NONE = frozenset({float, type(None)})
+
+
+def _reads_back_as_itself(b: Baseline) -> bool:
+    """Whether :meth:`Baseline.from_json` of :meth:`Baseline.to_json` gives a baseline equal to this
+    one, field for field and type for type: every value one that JSON and ``from_json`` give back as
+    it was (float timestamps, tuples of strings, plain fact values).  Only such a baseline is
+    remembered by :data:`_WRITTEN`.  (The types are gathered with ``map`` and compared as sets.)"""
+    if not (
+        {type(b.first_seen), type(b.last_seen)} <= _FLOAT_OR_NONE
+        and type(b.count) is int
+        and type(b.max_depth) is int
+        and type(b.window_count) is int
+        and {type(b.window_start), type(b.usual_rate), *map(type, b.failures)} <= _FLOAT
+        and {type(b.failures), type(b.networks), type(b.audiences), type(b.scopes)} == {tuple}
+        and set(map(type, b.networks + b.audiences + b.scopes)) <= _STR
+        and {type(b.facts), type(b.pending), type(b.confirmed), type(b.other_keys)} == {dict}
+        and set(map(type, b.facts.values())) <= _PLAIN
+        and {*map(type, b.facts), *map(type, b.pending), *map(type, b.confirmed), *map(type, b.other_keys)}
+        <= _STR
+    ):
+        return False
+    for p in b.pending.values():
+        if not (
+            type(p) is PendingFact
+            and type(p.value) in _PENDING_VALUES
+            and {type(p.first_seen), type(p.last_seen)} <= _FLOAT
+            and type(p.fresh_count) is int
+            and type(p.fresh_since) in _FLOAT_OR_NONE
+        ):
+            return False
+    for how in b.confirmed.values():
+        if not (type(how) is dict and set(map(type, how)) <= _STR and set(map(type, how.values())) <= _PLAIN):
+            return False
+    return all(type(keys) is tuple and set(map(type, keys)) <= _STR for keys in b.other_keys.values())
+
+
+class _WrittenBaselines:
+    """The baselines this process wrote lately, by their stored text (at most ``size``, the oldest
+    forgotten first).  Reading one of those texts back gives the baseline that was written, which
+    equals what parsing the text gives (:func:`_reads_back_as_itself`): after every grant the
+    pipeline reads back the text it wrote on the identity's previous exchange, and parsing it cost
+    more than the rest of reading the baseline.  Baselines are immutable values, so sharing one
+    between requests is safe; a text written by another process is simply parsed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: dict[str, Baseline] = {}
+        self.lock = threading.Lock()
+
+    def get(self, text: str | bytes) -> Baseline | None:
+        return self.entries.get(text) if type(text) is str else None
+
+    def remember(self, text: str, baseline: Baseline) -> None:
+        with self.lock:
+            self.entries.pop(text, None)
+            self.entries[text] = baseline
+            while len(self.entries) > self.size:
+                del self.entries[next(iter(self.entries))]
+
+
+#: One text per identity that exchanges often, a few hundred bytes each.
+_WRITTEN = _WrittenBaselines(1024)
 
 
 def observe(

@@ -85,17 +85,25 @@ class _NotJsonConstant(ValueError):
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook``: an object whose member names are unique, else :class:`_DuplicateMember`."""
-    value: dict[str, Any] = {}
-    for name, member in pairs:
-        if name in value:
-            raise _DuplicateMember(name)
-        value[name] = member
+    """``object_pairs_hook``: an object whose member names are unique, else :class:`_DuplicateMember`
+    (naming the first repeated member)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateMember(name)
+            seen.add(name)
     return value
 
 
 def _refuse_constant(name: str) -> Any:
     raise _NotJsonConstant(name)
+
+
+#: The strict reader of :func:`_json_object`, built once (``json.loads`` with these hooks builds a
+#: new decoder on every call).
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_refuse_constant)
 
 
 #: A UTF-16 surrogate code point: in a Python string only from a ``\uD800``-style escape with no
@@ -137,7 +145,7 @@ def _json_object(segment: bytes, part: str) -> dict[str, Any]:
     if "\x00" in text:
         raise JWSInvalid("jws.not_utf8", f"{part} holds a NUL byte (UTF-16 or UTF-32)")
     try:
-        value = json.loads(text, object_pairs_hook=_unique_members, parse_constant=_refuse_constant)
+        value = _STRICT_JSON.decode(text)
     except _DuplicateMember as exc:
         raise JWSInvalid("jws.duplicate_member", f"{part} repeats member {str(exc)[:40]!r}") from None
     except _NotJsonConstant as exc:

@@ -427,3 +427,15 @@ def test_signer_with_a_header_joserfc_refuses_still_refuses() -> None:
     signer = KeySigner(ECKey.generate_key("P-256"), "kid-1", "ES256")
     with pytest.raises(JoseError):
         signer.sign({"typ": "at+jwt", "jku": 5}, {"sub": "x"})
+
+
+def test_lean_signer_converts_datetimes_as_joserfc_does() -> None:
+    """Claims that are not plain JSON take joserfc's path, which writes a datetime ``exp`` as seconds."""
+    import datetime as dt
+
+    from sts.adapters.key_signer import KeySigner
+
+    key = ECKey.generate_key("P-256")
+    when = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    token = KeySigner(key, "kid-1", "ES256").sign({}, {"sub": "x", "exp": when})
+    assert jwt.decode(token, key, algorithms=["ES256"]).claims == {"sub": "x", "exp": int(when.timestamp())}

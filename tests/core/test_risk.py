@@ -1274,6 +1274,70 @@ def test_baseline_json_is_every_field_in_order() -> None:
     assert list(json.loads(baseline.to_json())) == [f.name for f in fields(Baseline)]
 
 
+def _parsed_afresh(text: str) -> Baseline:
+    """:meth:`Baseline.from_json` of ``text`` without the written-baselines memory."""
+    from sts.core import baseline as baseline_module
+
+    saved = baseline_module._WRITTEN.entries.copy()
+    baseline_module._WRITTEN.entries.clear()
+    try:
+        return Baseline.from_json(text)
+    finally:
+        baseline_module._WRITTEN.entries.update(saved)
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with the type of every part spelled out, so that ``1 == 1.0`` and ``() == []`` differ."""
+    if isinstance(value, Baseline | PendingFact):
+        return (type(value).__name__, [(f.name, _typed(getattr(value, f.name))) for f in fields(value)])
+    if isinstance(value, dict):
+        return ("dict", [(_typed(k), _typed(v)) for k, v in value.items()])
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [_typed(v) for v in value])
+    return (type(value).__name__, value)
+
+
+@pytest.mark.parametrize(
+    "baseline",
+    [
+        pytest.param(Baseline(), id="new"),
+        pytest.param(
+            replace(
+                seen(LEARNED, NOW, facts={"node": "n1", "immutable": True, "uid": 7, "cnf_jkt": "k2"}),
+                failures=(NOW - 3.5, NOW - 1.0),
+                pending={"node": PendingFact("n2", NOW - 10, NOW, 2, NOW - 5)},
+                confirmed={"node": {"how": "first_seen", "at": NOW - 100}},
+                other_keys={"cnf_jkt": ("k1",)},
+            ),
+            id="learned",
+        ),
+        # Values JSON does not give back as they were: parsed, never the written object.
+        pytest.param(replace(LEARNED, facts={"list": ("a", "b")}), id="tuple-fact"),
+        pytest.param(replace(LEARNED, first_seen=5, failures=(1,)), id="int-times"),
+        pytest.param(replace(LEARNED, facts={"when": Path("/x")}), id="non-json-fact"),
+        pytest.param(replace(LEARNED, pending={"node": PendingFact(1.5, NOW, NOW)}), id="unreadable-pending"),
+        pytest.param(replace(LEARNED, confirmed={"node": {"how": "op", "at": [1]}}), id="list-in-confirmed"),
+    ],
+)
+def test_baseline_read_back_is_what_parsing_gives(baseline: Baseline) -> None:
+    """A baseline written by this process and read back (which may give the written object) is the
+    same, type for type, as parsing the stored text afresh."""
+    text = baseline.to_json()
+    assert _typed(Baseline.from_json(text)) == _typed(_parsed_afresh(text))
+
+
+def test_written_baselines_are_remembered_in_bounds() -> None:
+    from sts.core.baseline import _WrittenBaselines
+
+    memory = _WrittenBaselines(2)
+    first, second, third = (replace(LEARNED, count=n) for n in (10, 11, 12))
+    for b in (first, second, third):
+        memory.remember(b.to_json(), b)
+    assert memory.get(first.to_json()) is None
+    assert memory.get(second.to_json()) is second and memory.get(third.to_json()) is third
+    assert memory.get(third.to_json().encode()) is None  # bytes are parsed
+
+
 @pytest.mark.parametrize(
     "text",
     [
