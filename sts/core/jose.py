@@ -18,11 +18,17 @@ import json
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ec import ECDSA
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc import jws
 from joserfc.errors import JoseError
-from joserfc.jwk import Key
+from joserfc.jwk import ECKey, Key, RSAKey
 from joserfc.jws import CompactSignature, JWSRegistry
 from joserfc.util import urlsafe_b64decode
 
@@ -277,6 +283,65 @@ def _base64url_uint(value: object) -> int | None:
         return None
 
 
+#: RFC 7518 §3.4 (ECDSA) and §3.3 (RSASSA-PKCS1-v1_5): the algorithms whose signature
+#: :func:`verify_compact_signature` checks with the key's ``cryptography`` object directly.
+_ECDSA: Mapping[str, ECDSA] = {
+    "ES256": ECDSA(hashes.SHA256()),
+    "ES384": ECDSA(hashes.SHA384()),
+    "ES512": ECDSA(hashes.SHA512()),
+}
+_PKCS1: Mapping[str, hashes.HashAlgorithm] = {
+    "RS256": hashes.SHA256(),
+    "RS384": hashes.SHA384(),
+    "RS512": hashes.SHA512(),
+}
+_PKCS1_PADDING = PKCS1v15()
+
+
+def verify_compact_signature(compact: CompactSignature, key: Key, alg: str) -> bool:
+    """Whether the signature of ``compact`` (from :func:`parse_compact`) verifies with ``key`` under
+    ``alg``, the one algorithm allowed: :func:`joserfc.jws.validate_compact` with
+    :func:`registry_for` ``(alg)``, step for step.
+
+    joserfc checks the header (RFC 7515 §4.1) and allows only ``alg`` (its registry), and checks
+    the key: its ``use``, type, ``alg`` and curve (``check_key``), and that its ``key_ops`` allow
+    ``verify`` (``get_op_key``), which gives the key's parsed ``cryptography`` object.  For ECDSA
+    and RSASSA-PKCS1-v1_5 the signature is then checked with that object directly, as joserfc's
+    algorithm would check it (an ECDSA signature is R || S of exactly twice the curve's octet
+    length, RFC 7518 §3.4), without its per-call wrappers.  Any other algorithm or key goes to
+    ``validate_compact``.
+    """
+    registry = registry_for(alg)
+    kind = type(key)
+    if not ((kind is ECKey and alg in _ECDSA) or (kind is RSAKey and alg in _PKCS1)):
+        return jws.validate_compact(compact, key, registry=registry)
+    header = compact.headers()
+    registry.check_header(header)
+    registry.get_alg(header["alg"]).check_key(key)
+    try:
+        signature = urlsafe_b64decode(compact.segments["signature"])
+    except (TypeError, ValueError):
+        return False
+    signing_input = compact.segments["header"] + b"." + compact.segments["payload"]
+    # In joserfc's order: a signature of the wrong length is refused before the key's operations
+    # are looked at.
+    try:
+        if isinstance(key, ECKey):
+            length = (key.curve_key_size + 7) // 8
+            if len(signature) != 2 * length:
+                return False
+            der = encode_dss_signature(
+                int.from_bytes(signature[:length], "big"), int.from_bytes(signature[length:], "big")
+            )
+            key.get_op_key("verify").verify(der, signing_input, _ECDSA[alg])
+        else:
+            rsa_public = cast(RSAPublicKey, key.get_op_key("verify"))
+            rsa_public.verify(signature, signing_input, _PKCS1_PADDING, _PKCS1[alg])
+    except InvalidSignature:
+        return False
+    return True
+
+
 def verify_signature(
     token: str,
     peeked: UnverifiedJWS,
@@ -294,7 +359,7 @@ def verify_signature(
     key = resolve_key(peeked.header.get("kid"), alg)
     try:
         if peeked.compact is not None:
-            valid = jws.validate_compact(peeked.compact, key, registry=registry_for(alg))
+            valid = verify_compact_signature(peeked.compact, key, alg)
         else:
             jws.deserialize_compact(token, key, algorithms=[alg], registry=registry_for(alg))
             valid = True

@@ -26,7 +26,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -1107,3 +1107,64 @@ def test_parse_compact_reads_a_plain_token_as_joserfc_does() -> None:
     with pytest.raises(JWSInvalid) as refused:
         parse_compact(unencoded)
     assert refused.value.reason == "jws.malformed"  # joserfc reads no b64 payload: as on main
+
+
+def _outcome(check: Callable[[], bool]) -> object:
+    try:
+        return check()
+    except Exception as exc:  # The exception's type is the outcome compared.
+        return type(exc)
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "ES512", "RS256", "RS384", "PS256"])
+def test_direct_signature_check_answers_as_joserfc_does(alg: str) -> None:
+    """:func:`verify_compact_signature` gives what ``jws.validate_compact`` gives (True, False or the
+    same exception) for good and tampered signatures and for keys joserfc refuses (wrong curve,
+    ``use: enc``, ``key_ops`` without ``verify``, another ``alg``)."""
+    from joserfc import jws
+
+    from sts.core.jose import parse_compact, registry_for, verify_compact_signature
+
+    curve = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}.get(alg)
+
+    def new_key(**parameters: Any) -> Any:
+        if curve is None:
+            return RSAKey.generate_key(2048, parameters=parameters)
+        return ECKey.generate_key(cast(Any, curve), parameters=parameters)
+
+    key = new_key()
+    token = jwt.encode({"alg": alg}, {"sub": "x"}, key, algorithms=[alg])
+    header, payload, signature = token.split(".")
+    flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
+    tokens = [
+        token,
+        f"{header}.{payload}.{flipped}",
+        f"{header}.{payload}.{signature[:-4]}",
+        f"{header}.{payload}.AA",
+    ]
+    public = key.as_dict(private=False)
+    keys = [
+        key,
+        new_key(),
+        ECKey.generate_key("P-256" if curve != "P-256" else "P-384"),
+        RSAKey.import_key({**public, "use": "enc"})
+        if curve is None
+        else ECKey.import_key({**public, "use": "enc"}),
+        RSAKey.import_key({**public, "key_ops": ["sign"]})
+        if curve is None
+        else ECKey.import_key({**public, "key_ops": ["sign"]}),
+        RSAKey.import_key({**public, "alg": "RS512"})
+        if curve is None
+        else ECKey.import_key({**public, "alg": "ES512"}),
+    ]
+    outcomes = []
+    for text in tokens:
+        compact = parse_compact(text).compact
+        for candidate in keys:
+            ours = _outcome(lambda c=compact, k=candidate: verify_compact_signature(c, k, alg))
+            theirs = _outcome(
+                lambda c=compact, k=candidate: jws.validate_compact(c, k, registry=registry_for(alg))
+            )
+            assert ours == theirs, (text, candidate.as_dict(private=False))
+            outcomes.append(ours)
+    assert outcomes[0] is True and False in outcomes  # both kinds of answer were compared
