@@ -226,10 +226,11 @@ class Metrics:
             1
         )
         risk = record.details.get("risk")
-        if isinstance(risk, Mapping):
+        if isinstance(risk, (dict, Mapping)):
             mode = _label(risk.get("mode"))
             for signal in risk.get("signals") or ():
-                if isinstance(signal, Mapping) and signal.get("fired"):
+                # A plain dict is told apart first: the ABC check costs more than the rest.
+                if isinstance(signal, (dict, Mapping)) and signal.get("fired"):
                     self._signals(_label(signal.get("name")), mode)(1)
 
     def audit_failed(self, record: AuditRecord) -> None:
