@@ -118,7 +118,7 @@ class SingleUseLedger(Protocol):
     """
 
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
-        """Phase 1: claim ``use``; returns the reservation to pass to :meth:`commit`.
+        """Phase 1: claim (or only check) ``use``; returns the reservation to pass to :meth:`commit`.
 
         Raises :class:`AlreadyUsed` (a committed use, or a concurrent one that
         committed while this waited), :class:`ReplayWindowLost` and
@@ -129,10 +129,10 @@ class SingleUseLedger(Protocol):
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         """A one-time credential (a DPoP proof's ``jti``), checked when it is verified.
 
-        Returns None when its use is recorded now, in one atomic write (Redis); else
-        ``use``, found unused, to pass to :meth:`commit` with the grant's record, which
-        records it in the record's own transaction (SQL) and raises :class:`AlreadyUsed`
-        naming it should a concurrent request have recorded it first.  Raises
+        Returns None when its use is recorded now, in one atomic write; else ``use``, not
+        found used, to pass to :meth:`commit` with the grant's record, which records it with
+        the record (SQL: in its transaction; Redis: just before it) and raises
+        :class:`AlreadyUsed` naming it should a concurrent request have recorded it first.  Raises
         :class:`AlreadyUsed` (a replay), :class:`ReplayWindowLost` and :class:`StoreUnavailable`.
         """
         ...
