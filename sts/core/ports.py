@@ -57,6 +57,10 @@ class AlreadyUsed(Exception):
         self.use = use
 
 
+class UsesNotClaimed(StoreUnavailable):
+    """:meth:`SingleUseLedger.commit` could not claim the uses before the record: nothing is committed."""
+
+
 class ReplayCache(Protocol):
     """One-time-use registry (client assertion ``jti``, DPoP ``jti``, SET ``jti``)."""
 
@@ -149,9 +153,10 @@ class SingleUseLedger(Protocol):
 
         Raises :class:`AuditUnavailable` (nothing committed, no use recorded),
         :class:`AlreadyUsed` (a concurrent request committed one of the uses
-        first, named by the exception; ``record`` is not written) or
-        :class:`StoreUnavailable` (the record is committed but a use could not be
-        confirmed: the token is withheld).
+        first, named by the exception; ``record`` is not written),
+        :class:`UsesNotClaimed` (a ledger that claims the uses before the record could
+        not: ``record`` is not written) or :class:`StoreUnavailable` (the record is
+        committed but a use could not be confirmed: the token is withheld).
         """
         ...
 

@@ -11,6 +11,8 @@ with the behaviour baseline, in one script after it.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -188,3 +190,40 @@ def test_a_dpop_exchange_without_single_use_is_two_writes(
     seen = counted(app, monitor, upstream)
     shape = [(r.command, r.writes) for r in seen]
     assert shape == [("MGET", False), ("GET", False), ("EVALSHA", True), ("SET", True)], seen
+
+
+def test_a_token_held_by_a_request_in_flight_is_refused_on_record_and_then_granted(
+    redis_app: Callable[..., tuple[Flask, Monitor]], upstream: RunningServer, fresh_redis_url: str
+) -> None:
+    """The claim comes after the decision, so a 503 there (the token still held by another
+    request's reservation) must be recorded as a refusal by the pipeline: no record was written."""
+    app, _ = redis_app()
+    app.extensions["sts"].exchange.ledger.inner.wait = 0.1  # (behind the metrics) a short wait
+    token = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+    payload = token.split(".")[1]
+    jti = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"]
+    held = f"sts:replay:subject_token:upstream:{jti}"
+    other = redis.Redis.from_url(fresh_redis_url)
+    other.set(held, b"r:another-request", px=60_000)
+
+    def send() -> Any:
+        return app.test_client().post(
+            "/token",
+            data=exchange_form(token, audience=DEPLOY),
+            headers={"DPoP": proof(EC_KEY, time.time())},
+        )
+
+    refused = send()
+    assert refused.status_code == 503, refused.get_json()
+    assert refused.get_json()["error"] == "temporarily_unavailable"
+    [record] = app.extensions["sts"].audit.recent(limit=5)
+    assert (record["outcome"], record["error"], record["issued_jti"]) == (
+        "refused",
+        "temporarily_unavailable",
+        None,
+    )
+    assert "store.unavailable" in record["reasons"]
+    other.delete(held)  # The other request gave up: this one's retry gets the token.
+    assert send().status_code == 200
+    assert other.get(held) == b"1"
+    other.close()

@@ -29,6 +29,7 @@ from ...core.ports import (
     ReplayWindowLost,
     SingleUse,
     StoreUnavailable,
+    UsesNotClaimed,
 )
 from .epoch import LedgerEpoch
 from .key_value import baseline_name
@@ -180,7 +181,8 @@ class RedisSingleUseLedger(_RedisLedgerBase):
     * :meth:`commit` claims every use in one script, all or none: the proof's ``jti`` as used, the
       subject token as ``r:<holder>`` held for :data:`RESERVATION_HOLD`.  One found used raises
       :class:`AlreadyUsed` naming it before anything is committed; one held by a request still in
-      flight is waited for (:data:`RESERVATION_WAIT`): its outcome decides.  Then the audit record
+      flight is waited for (:data:`RESERVATION_WAIT`): its outcome decides (else, as when Redis
+      cannot be reached, :class:`UsesNotClaimed`: nothing committed, the pipeline records a 503).  Then the audit record
       is committed (if that fails, the reservation is dropped; if the request dies, it lapses),
       then one script confirms the reservations as uses until the tokens expire and saves the
       baseline update (best effort) with them.
@@ -268,7 +270,7 @@ class RedisSingleUseLedger(_RedisLedgerBase):
                 log.warning("baseline update skipped: store unavailable")
 
     def _claim_all(self, uses: Sequence[SingleUse], now: float) -> None:
-        """Claim every use at once (see the class); raises AlreadyUsed or StoreUnavailable."""
+        """Claim every use at once (see the class); raises AlreadyUsed or UsesNotClaimed."""
         names = [self._name(u.purpose, u.key) for u in uses]
         args: list[bytes | int | str] = []
         for u in uses:
@@ -285,14 +287,16 @@ class RedisSingleUseLedger(_RedisLedgerBase):
                 result = self._under_epoch(self._claim, names, args, now, [u.valid_from for u in uses])
             except ReplayWindowLost as exc:
                 # Redis lost its records since this request checked: refused by the retry's check.
-                raise StoreUnavailable(f"the replay store's epoch changed: {exc}") from None
+                raise UsesNotClaimed(f"the replay store's epoch changed: {exc}") from None
+            except StoreUnavailable as exc:
+                raise UsesNotClaimed(str(exc)) from None
             if result[0] == 0:
                 return
             if result[0] == 1:
                 raise AlreadyUsed(uses[result[1] - 1])
             # Held by a request still in flight: its outcome decides.
             if time.monotonic() + delay > deadline:
-                raise StoreUnavailable("single-use token held by a concurrent request")
+                raise UsesNotClaimed("single-use token held by a concurrent request")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
