@@ -182,10 +182,10 @@ class RedisSingleUseLedger(_RedisLedgerBase):
       subject token as ``r:<holder>`` held for :data:`RESERVATION_HOLD`.  One found used raises
       :class:`AlreadyUsed` naming it before anything is committed; one held by a request still in
       flight is waited for (:data:`RESERVATION_WAIT`): its outcome decides (else, as when Redis
-      cannot be reached, :class:`UsesNotClaimed`: nothing committed, the pipeline records a 503).  Then the audit record
-      is committed (if that fails, the reservation is dropped; if the request dies, it lapses),
-      then one script confirms the reservations as uses until the tokens expire and saves the
-      baseline update (best effort) with them.
+      cannot be reached, :class:`UsesNotClaimed`: nothing committed, the pipeline records a 503).
+      Then the audit record is committed (if that fails, the reservation is dropped; if the
+      request dies, it lapses), then one script confirms the reservations as uses until the
+      tokens expire and saves the baseline update (best effort) with them.
 
     Of concurrent requests with one subject token or one proof, across instances, exactly one
     claims it; the others are refused as replays, their records not written.  A proof verified
