@@ -30,6 +30,7 @@ from ..core.ports import (
     StoreUnavailable,
     TokenReviewer,
     TokenReviewUnavailable,
+    UsesNotClaimed,
 )
 from .metrics import Metrics
 
@@ -95,6 +96,10 @@ class MeteredLedger:
         except AuditUnavailable:
             self.metrics.audit_failed(record)
             self.metrics.decided(record, delivered=False)
+            raise
+        except UsesNotClaimed:
+            # Nothing committed: the pipeline records the refusal through the audit sink.
+            self.metrics.store_failed("ledger", "commit")
             raise
         except StoreUnavailable:
             # The record is committed, but the use could not be confirmed: the token is withheld.

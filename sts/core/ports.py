@@ -57,6 +57,10 @@ class AlreadyUsed(Exception):
         self.use = use
 
 
+class UsesNotClaimed(StoreUnavailable):
+    """:meth:`SingleUseLedger.commit` could not claim the uses before the record: nothing is committed."""
+
+
 class ReplayCache(Protocol):
     """One-time-use registry (client assertion ``jti``, DPoP ``jti``, SET ``jti``)."""
 
@@ -118,7 +122,7 @@ class SingleUseLedger(Protocol):
     """
 
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
-        """Phase 1: claim ``use``; returns the reservation to pass to :meth:`commit`.
+        """Phase 1: claim (or only check) ``use``; returns the reservation to pass to :meth:`commit`.
 
         Raises :class:`AlreadyUsed` (a committed use, or a concurrent one that
         committed while this waited), :class:`ReplayWindowLost` and
@@ -129,10 +133,10 @@ class SingleUseLedger(Protocol):
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         """A one-time credential (a DPoP proof's ``jti``), checked when it is verified.
 
-        Returns None when its use is recorded now, in one atomic write (Redis); else
-        ``use``, found unused, to pass to :meth:`commit` with the grant's record, which
-        records it in the record's own transaction (SQL) and raises :class:`AlreadyUsed`
-        naming it should a concurrent request have recorded it first.  Raises
+        Returns None when its use is recorded now, in one atomic write; else ``use``, not
+        found used, to pass to :meth:`commit` with the grant's record, which records it with
+        the record (SQL: in its transaction; Redis: just before it) and raises
+        :class:`AlreadyUsed` naming it should a concurrent request have recorded it first.  Raises
         :class:`AlreadyUsed` (a replay), :class:`ReplayWindowLost` and :class:`StoreUnavailable`.
         """
         ...
@@ -149,9 +153,10 @@ class SingleUseLedger(Protocol):
 
         Raises :class:`AuditUnavailable` (nothing committed, no use recorded),
         :class:`AlreadyUsed` (a concurrent request committed one of the uses
-        first, named by the exception; ``record`` is not written) or
-        :class:`StoreUnavailable` (the record is committed but a use could not be
-        confirmed: the token is withheld).
+        first, named by the exception; ``record`` is not written),
+        :class:`UsesNotClaimed` (a ledger that claims the uses before the record could
+        not: ``record`` is not written) or :class:`StoreUnavailable` (the record is
+        committed but a use could not be confirmed: the token is withheld).
         """
         ...
 

@@ -90,7 +90,7 @@ def single_use_ledger(stores: Stores, audit: SqlAuditSink) -> SingleUseLedger:
     the grant's baseline update, is committed with its decision's audit record."""
     if stores.redis_client is not None:
         return RedisSingleUseLedger(
-            stores.redis_client, audit, epoch=stores.epoch, baselines=stores.baselines
+            stores.redis_client, audit, epoch=stores.epoch, baselines=stores.baselines, baselines_here=True
         )
     return SqlSingleUseLedger(audit)
 

@@ -1094,7 +1094,7 @@ def test_a_proof_replayed_by_a_concurrent_request_to_another_instance_is_granted
 ) -> None:
     """Two instances, one store: the second instance's request replays the proof while the first's
     is between its check and its commit.  Exactly one of them gets a token; the other is refused
-    as a replayed proof (SQL: at the commit; Redis: at the check), and the trail says so."""
+    as a replayed proof (SQL: at the commit; Redis: at the claim just before it), and the trail says so."""
     settings = make_settings(policy(), clients=CLIENTS, **shared_store)
     one = make_sts(clock=Clock(float(int(time.time()))), **shared_store)
     two = STS(create_app(settings, clock=one.clock), None, one.clock, one.issuer)  # type: ignore[arg-type]

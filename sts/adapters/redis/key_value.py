@@ -55,6 +55,11 @@ class RedisSubjectStateStore:
             raise StoreUnavailable(type(exc).__name__) from None
 
 
+def baseline_name(prefix: str, identity: str) -> bytes:
+    """The key of an identity's baseline (also written by the single-use ledger's confirmation)."""
+    return f"{prefix}:baseline:{identity}".encode("utf-8", "surrogatepass")
+
+
 class RedisBaselineStore:
     """ports.BaselineStore on Redis."""
 
@@ -63,7 +68,7 @@ class RedisBaselineStore:
         self.prefix = prefix
 
     def _name(self, identity: str) -> bytes:
-        return f"{self.prefix}:baseline:{identity}".encode("utf-8", "surrogatepass")
+        return baseline_name(self.prefix, identity)
 
     def load(self, identity: str) -> Baseline:
         try:

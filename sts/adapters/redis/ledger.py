@@ -26,10 +26,13 @@ from ...core.ports import (
     AuditSink,
     BaselineStore,
     BaselineUpdate,
+    ReplayWindowLost,
     SingleUse,
     StoreUnavailable,
+    UsesNotClaimed,
 )
 from .epoch import LedgerEpoch
+from .key_value import baseline_name
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,10 @@ RESERVATION_HOLD = 30.0
 #: How long a request waits for a concurrent one holding the same token to commit or give up.
 RESERVATION_WAIT = 2.0
 
-# KEYS[1] is the epoch, KEYS[2] the entry.  ARGV[1] is the epoch the caller knows: if Redis holds
-# another (or none), nothing is written and -1 says so.
+# Every script: KEYS[1] is the epoch, ARGV[1] the epoch the caller knows.  If Redis holds another
+# (or none), nothing is written and -1 (first element) says so.
+# _USE: KEYS[2] the entry, written with ARGV[2] until ARGV[3] unless it exists; 0 when it is used,
+# 2 when a reservation holds it.
 _USE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PXAT', ARGV[3]) then return 1 end
@@ -48,20 +53,48 @@ local held = redis.call('GET', KEYS[2])
 if held and string.sub(held, 1, 2) == 'r:' then return 2 end
 return 0
 """
-# Confirm a reservation (ARGV[2]) as a use until ARGV[3]; also when it lapsed and nobody took it.
-_CONFIRM = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local held = redis.call('GET', KEYS[2])
-if held == ARGV[2] or not held then
-  redis.call('SET', KEYS[2], '1', 'PXAT', ARGV[3])
-  return 1
+# _CLAIM: all of KEYS[2..] or none; use i (KEYS[i + 1]) is written with ARGV[2i] until ARGV[2i + 1].
+# {0}: all written; {1, i}: use i is used; {2, i}: another request's reservation holds it.  A use
+# that already holds this request's own reservation counts as free (a retried claim).
+_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
+local held_by = 0
+for i = 2, #KEYS do
+  local held = redis.call('GET', KEYS[i])
+  if held then
+    if string.sub(held, 1, 2) ~= 'r:' then return {1, i - 1} end
+    if held ~= ARGV[2 * i - 2] then held_by = i - 1 end
+  end
 end
-return 0
+if held_by > 0 then return {2, held_by} end
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'PXAT', ARGV[2 * i - 1]) end
+return {0}
+"""
+# _CONFIRM: the ARGV[2] reservations KEYS[2..] become uses: reservation i (KEYS[i + 1]) is ARGV[2i + 1],
+# used until ARGV[2i + 2] (also when it lapsed and nobody took it); then the key after them, if any,
+# is set to the next ARGV for the one after that (seconds): the baseline.  All or nothing:
+# {0, i} when another request took reservation i.
+_CONFIRM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  local held = redis.call('GET', KEYS[i + 1])
+  if held and held ~= ARGV[2 * i + 1] then return {0, i} end
+end
+for i = 1, n do redis.call('SET', KEYS[i + 1], '1', 'PXAT', ARGV[2 * i + 2]) end
+if #KEYS > n + 1 then redis.call('SET', KEYS[n + 2], ARGV[2 * n + 3], 'EX', ARGV[2 * n + 4]) end
+return {1}
 """
 _CANCEL = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _pxat(expires_at: float, now: float) -> int:
+    """``expires_at`` in Redis's milliseconds; if already past, a second from now (Redis refuses
+    a past PXAT)."""
+    return math.ceil((expires_at if expires_at > now else now + 1) * 1000)
 
 
 class _RedisLedgerBase:
@@ -76,36 +109,33 @@ class _RedisLedgerBase:
         # instead of failing to encode.
         return f"{self.prefix}:replay:{purpose}:{key}".encode("utf-8", "surrogatepass")
 
+    def _check(self, valid_from: Sequence[float | None]) -> None:
+        for start in valid_from:
+            self.epoch.check(start)
+
     def _under_epoch(
         self,
         script: Callable[..., Any],
-        name: bytes,
-        value: bytes,
-        expires_at: float,
+        names: Sequence[bytes],
+        args: Sequence[bytes | int | str],
         now: float,
-        valid_from: float | None,
-        *,
-        check: bool = True,
-    ) -> int:
-        """Run ``script`` on ``name`` under the current epoch; re-sync and retry when it changed.
-
-        With ``check``, a credential the lost records may have seen is refused
-        (:class:`ReplayWindowLost`), also when the loss is found only after the write.
-        """
-        # Already expired: nothing to remember, and Redis refuses a past PXAT.
-        pxat = math.ceil((expires_at if expires_at > now else now + 1) * 1000)
+        valid_from: Sequence[float | None] = (),
+    ) -> list[int]:
+        """Run ``script`` on ``names`` under the current epoch (one round trip); re-sync and retry
+        when it changed.  A credential (given by when it could first have been accepted,
+        ``valid_from``) the lost records may have seen is refused (:class:`ReplayWindowLost`), also
+        when the loss is found only after the write."""
         try:
             for _ in range(3):
                 expected = self.epoch.expected(now)
-                if check:
-                    self.epoch.check(valid_from)
-                result = int(script(keys=[self.epoch.key, name], args=[expected, value, pxat]))
-                if result == -1 or self.epoch.stale():
+                self._check(valid_from)
+                answer = script(keys=[self.epoch.key, *names], args=[expected, *args])
+                result = [int(x) for x in answer] if isinstance(answer, list) else [int(answer)]
+                if result[0] == -1 or self.epoch.stale():
                     # The epoch changed, or this ran on a new connection (a restarted server?).
                     self.epoch.sync(now)
-                    if check:
-                        self.epoch.check(valid_from)
-                    if result == -1:
+                    self._check(valid_from)
+                    if result[0] == -1:
                         continue
                 return result
         except redis.RedisError as exc:
@@ -128,7 +158,9 @@ class RedisReplayCache(_RedisLedgerBase):
     def first_use(
         self, purpose: str, key: str, expires_at: float, now: float, *, valid_from: float | None = None
     ) -> bool:
-        return self._under_epoch(self._use, self._name(purpose, key), b"1", expires_at, now, valid_from) == 1
+        name = self._name(purpose, key)
+        [result] = self._under_epoch(self._use, [name], [b"1", _pxat(expires_at, now)], now, [valid_from])
+        return result == 1
 
     def release(self, purpose: str, key: str) -> None:
         try:
@@ -140,14 +172,25 @@ class RedisReplayCache(_RedisLedgerBase):
 class RedisSingleUseLedger(_RedisLedgerBase):
     """ports.SingleUseLedger with the uses in Redis and the audit trail elsewhere (SQL).
 
-    ``reserve`` writes ``r:<holder>`` with a short expiry (:data:`RESERVATION_HOLD`);
-    ``commit`` commits the audit record, then confirms the reservation as a use until
-    the token expires.  If the audit commit fails, the reservation is dropped; if the
-    request dies, it lapses.  A request that finds another's reservation waits
-    (briefly) for it to be confirmed (a replay) or dropped (then it takes over).
+    Each write waits for Redis's append-only file to reach the disk (``appendfsync always``), so
+    an exchange writes twice, whatever it uses up:
 
-    A DPoP proof's ``jti`` is spent at once (:meth:`spend`: one ``SET NX``, as the
-    replay cache does), and a baseline update is saved after the record (best effort).
+    * :meth:`reserve` (the subject token) and :meth:`spend` (a DPoP proof's ``jti``) write nothing:
+      they check the ledger's epoch (a credential the lost records may have seen is refused
+      there) and hand the use on to :meth:`commit`;
+    * :meth:`commit` claims every use in one script, all or none: the proof's ``jti`` as used, the
+      subject token as ``r:<holder>`` held for :data:`RESERVATION_HOLD`.  One found used raises
+      :class:`AlreadyUsed` naming it before anything is committed; one held by a request still in
+      flight is waited for (:data:`RESERVATION_WAIT`): its outcome decides (else, as when Redis
+      cannot be reached, :class:`UsesNotClaimed`: nothing committed, the pipeline records a 503).
+      Then the audit record is committed (if that fails, the reservation is dropped; if the
+      request dies, it lapses), then one script confirms the reservations as uses until the
+      tokens expire and saves the baseline update (best effort) with them.
+
+    Of concurrent requests with one subject token or one proof, across instances, exactly one
+    claims it; the others are refused as replays, their records not written.  A proof verified
+    but claimed by nobody (its request refused) is spent by the pipeline all the same
+    (``ProofUses.spend_now``, through the replay cache).
     """
 
     def __init__(
@@ -160,37 +203,36 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         hold: float = RESERVATION_HOLD,
         wait: float = RESERVATION_WAIT,
         baselines: BaselineStore | None = None,
+        baselines_here: bool = False,
     ) -> None:
+        """``baselines_here``: ``baselines`` is a :class:`RedisBaselineStore` on this client and
+        prefix, so the confirmation script saves the update (no round trip of its own)."""
         super().__init__(client, prefix=prefix, epoch=epoch)
         self.audit = audit
         self.baselines = baselines
+        self.baselines_here = baselines_here
         self.hold = hold
         self.wait = wait
+        self._claim = client.register_script(_CLAIM)
         self._confirm = client.register_script(_CONFIRM)
         self._cancel = client.register_script(_CANCEL)
 
+    def _checked(self, use: SingleUse, now: float) -> None:
+        try:
+            self.epoch.expected(now)  # No round trip unless the connection may be to a new server.
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        self.epoch.check(use.valid_from)
+
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
-        holder = f"r:{secrets.token_hex(12)}"
-        name = self._name(use.purpose, use.key)
-        deadline = time.monotonic() + self.wait
-        delay = 0.002
-        while True:
-            result = self._under_epoch(self._use, name, holder.encode(), now + self.hold, now, use.valid_from)
-            if result == 1:
-                return replace(use, holder=holder)
-            if result == 0:
-                raise AlreadyUsed
-            # Held by a request still in flight: its outcome decides.
-            if time.monotonic() + delay > deadline:
-                raise StoreUnavailable("single-use token held by a concurrent request")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        """The reservation :meth:`commit` claims (nothing is written yet)."""
+        self._checked(use, now)
+        return replace(use, holder=f"r:{secrets.token_hex(12)}")
 
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
-        name = self._name(use.purpose, use.key)
-        if self._under_epoch(self._use, name, b"1", use.expires_at, now, use.valid_from) != 1:
-            raise AlreadyUsed(use)
-        return None
+        """The use :meth:`commit` claims (nothing is written yet)."""
+        self._checked(use, now)
+        return replace(use, holder="")
 
     def commit(
         self,
@@ -199,20 +241,27 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         now: float,
         baseline: BaselineUpdate | None = None,
     ) -> None:
+        if uses:
+            self._claim_all(uses, now)
         try:
             self.audit.write(record)
         except BaseException:
             self.cancel(uses)
             raise
-        for use in uses:
-            # The reservation proved this request first in its epoch; should the epoch have ended
+        reserved = [u for u in uses if u.holder]
+        if reserved:
+            # The claim proved this request first in its epoch; should the epoch have ended
             # meanwhile, the new one refuses the token for its whole validity, so recording the
             # use there is still right.
-            name = self._name(use.purpose, use.key)
-            confirmed = self._under_epoch(
-                self._confirm, name, use.holder.encode(), use.expires_at, now, None, check=False
-            )
-            if confirmed != 1:
+            names = [self._name(u.purpose, u.key) for u in reserved]
+            args: list[bytes | int | str] = [len(reserved)]
+            for u in reserved:
+                args += [u.holder.encode(), _pxat(u.expires_at, now)]
+            if baseline is not None and self.baselines_here:
+                names.append(baseline_name(self.prefix, baseline.identity))
+                args += [baseline.baseline.to_json(), baseline.ttl]
+                baseline = None
+            if self._under_epoch(self._confirm, names, args, now)[0] != 1:
                 raise StoreUnavailable("single-use reservation lost before it was confirmed")
         if baseline is not None and self.baselines is not None:
             try:
@@ -220,8 +269,41 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             except StoreUnavailable:
                 log.warning("baseline update skipped: store unavailable")
 
+    def _claim_all(self, uses: Sequence[SingleUse], now: float) -> None:
+        """Claim every use at once (see the class); raises AlreadyUsed or UsesNotClaimed."""
+        names = [self._name(u.purpose, u.key) for u in uses]
+        args: list[bytes | int | str] = []
+        for u in uses:
+            # A reservation lapses after the hold; a proof's jti is used (and kept) at once.
+            args += (
+                [u.holder.encode(), _pxat(now + self.hold, now)]
+                if u.holder
+                else [b"1", _pxat(u.expires_at, now)]
+            )
+        deadline = time.monotonic() + self.wait
+        delay = 0.002
+        while True:
+            try:
+                result = self._under_epoch(self._claim, names, args, now, [u.valid_from for u in uses])
+            except ReplayWindowLost as exc:
+                # Redis lost its records since this request checked: refused by the retry's check.
+                raise UsesNotClaimed(f"the replay store's epoch changed: {exc}") from None
+            except StoreUnavailable as exc:
+                raise UsesNotClaimed(str(exc)) from None
+            if result[0] == 0:
+                return
+            if result[0] == 1:
+                raise AlreadyUsed(uses[result[1] - 1])
+            # Held by a request still in flight: its outcome decides.
+            if time.monotonic() + delay > deadline:
+                raise UsesNotClaimed("single-use token held by a concurrent request")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     def cancel(self, uses: Sequence[SingleUse]) -> None:
         for use in uses:
+            if not use.holder:
+                continue  # A proof's jti stays used.
             try:
                 self._cancel(keys=[self._name(use.purpose, use.key)], args=[use.holder.encode()])
             except redis.RedisError as exc:

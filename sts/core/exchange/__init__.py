@@ -76,6 +76,7 @@ from ..ports import (
     StoreUnavailable,
     SubjectStateStore,
     TokenReviewer,
+    UsesNotClaimed,
 )
 from ..rate_limit import NO_LIMITS, RateLimiter
 from .attestation import Attestation, Parties
@@ -338,6 +339,13 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             self.record_refusal(record, replayed)
             self._count_failure(record, replayed, now)
             raise replayed from None
+        except UsesNotClaimed as exc:
+            # Nothing committed (Redis could not claim the uses before the record): refused, on record.
+            withdraw_grant(record)
+            unavailable = TemporarilyUnavailable("store.unavailable", str(exc))
+            pending.proofs.spend_now(now)
+            self.record_refusal(record, unavailable)
+            raise unavailable from None
         except AuditUnavailable as exc:
             log.error(
                 "audit write failed; token %s withheld (request %s): %s",

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 class ProofUses:
     """The replay cache the DPoP check sees: the ledger spends a proof's ``jti``
-    (:meth:`~sts.core.ports.SingleUseLedger.spend`), at once (Redis) or, found unused, with
-    the grant's audit record (SQL: one write transaction per exchange).  A deferred use is
+    (:meth:`~sts.core.ports.SingleUseLedger.spend`), at once or, found unused, with the
+    grant's audit record (SQL: one write transaction per exchange; Redis: one claim).  A deferred use is
     kept in :attr:`pending`; should the request be refused, :meth:`spend_now` records it
     all the same, so a verified proof is spent whatever the outcome."""
 
