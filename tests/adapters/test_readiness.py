@@ -207,8 +207,9 @@ def app_runtime(app: Flask) -> Any:
 
 
 def test_default_pools_are_derived_from_the_threads(make_settings: Callable[..., Settings]) -> None:
-    assert database_pool(make_settings(threads=8)) == PoolOptions(size=2, max_overflow=7, timeout=5.0)
-    assert database_pool(make_settings(threads=1)) == PoolOptions(size=1, max_overflow=1, timeout=5.0)
+    # A connection for every thread and one more, kept: none opened or closed under load.
+    assert database_pool(make_settings(threads=8)) == PoolOptions(size=9, max_overflow=0, timeout=5.0)
+    assert database_pool(make_settings(threads=1)) == PoolOptions(size=2, max_overflow=0, timeout=5.0)
     explicit = make_settings(database_pool_size=3, database_max_overflow=0, database_pool_timeout=2)
     assert database_pool(explicit) == PoolOptions(size=3, max_overflow=0, timeout=2.0)
 

@@ -215,7 +215,10 @@ class SqlAuditSink:
             return kept, seq, prev
 
         try:
-            kept, seq, digest = self._raw.transaction(work)
+            if self._raw.sqlite:
+                kept, seq, digest = self._raw.transaction(work)
+            else:
+                kept, seq, digest = self._pipelined_uses(head, batch, work)
         except UseTaken as taken:  # One item, no savepoint: nothing was committed.
             batch[0].taken = taken.use
             return
@@ -246,6 +249,51 @@ class SqlAuditSink:
         else:
             for item in batch:
                 self._commit_uses_linked(head, [item])
+
+    def _pipelined_uses(
+        self, head: ChainHead, batch: list[PendingUses], work: Callable[[Any], tuple[list[PendingUses], int, str]]
+    ) -> tuple[list[PendingUses], int, str]:
+        """PostgreSQL: commit ``batch`` in two round trips, its statements pipelined, if every use is free.
+
+        The statements of :meth:`_commit_uses_linked`'s ``work`` without its savepoints go to
+        the server at once (:meth:`RawStatement.pipelined`), and ``COMMIT`` follows only if
+        every replay entry was inserted.  Else nothing is committed: a single item is refused
+        (:class:`UseTaken`, as ``work`` would), and a batch is done again by ``work``, statement
+        by statement, so that a taken use rolls back only its own item.
+        """
+
+        def queue(conn: Any) -> Callable[[], tuple[list[PendingUses], int, str]]:
+            entries: list[tuple[SingleUse, Any]] = []
+            seq, prev, registered = head.seq, head.hash, head.registered
+            for item in batch:
+                item.taken = None
+                entries.extend((use, conn.execute(self._entry_sql, params)) for use, params in item.entries)
+                if item.baseline is not None:
+                    conn.execute(self._save_baseline, item.baseline)
+                if not registered:
+                    conn.execute(self._register_chain, self._registration(head))
+                    registered = True
+                row = item.row
+                seq += 1
+                digest = link_hash(prev, head.chain_id, seq, row["record"])
+                row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
+                conn.execute(self._sql(1), self._params([item]))
+                prev = digest
+
+            def finish() -> tuple[list[PendingUses], int, str]:
+                for use, cursor in entries:
+                    if cursor.rowcount != 1:
+                        raise UseTaken(use)
+                return list(batch), seq, prev
+
+            return finish
+
+        try:
+            return self._raw.pipelined(queue)
+        except UseTaken:
+            if len(batch) == 1:
+                raise
+        return self._raw.transaction(work)
 
     def _registration(self, head: ChainHead) -> tuple[Any, ...]:
         """The ``audit_chains`` row of ``head``'s chain, committed with its first record."""
