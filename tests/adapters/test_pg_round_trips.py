@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 import pytest
 import yaml
 from flask import Flask
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine, statement_engine
@@ -35,7 +35,7 @@ from sts.core.ports import AlreadyUsed, SingleUse
 from sts.dev.issuer import DevIssuer
 from sts.migrations import upgrade
 from sts.settings.load import load_settings
-from tests.adapters.test_stores import PgSchema, private_database
+from tests.adapters.test_stores import PG_SERVER, PgSchema, admin_engine, private_database
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
@@ -201,9 +201,7 @@ def test_a_full_exchange_costs_six_round_trips_at_most_and_opens_no_connection(
         runtime.engine.dispose()
 
 
-def test_concurrent_exchanges_keep_their_connections(
-    tmp_path: Path, pg: PgSchema, issuer: DevIssuer
-) -> None:
+def test_concurrent_exchanges_keep_their_connections(tmp_path: Path, pg: PgSchema, issuer: DevIssuer) -> None:
     """With the default pool (a connection for each of the 8 threads and one more, kept), requests
     on every thread at once open no connection beyond the pool's: none is closed on its return and
     opened again for the next request (PostgreSQL forks a backend for each one)."""
@@ -259,3 +257,32 @@ def test_a_grant_commits_in_two_round_trips_and_a_replay_in_two_with_nothing_kep
     finally:
         wire.close()
         engine.dispose()
+
+
+def test_a_restarted_server_costs_no_request_though_every_pooled_connection_is_dead(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    """The request pool is not pinged on checkout.  When the server cuts every connection (a
+    restart), the first statement to find its connection dead has the pool replace every
+    connection as old as it, so its one retry, and the requests after it, get live ones."""
+    with private_database() as name:
+        app = bench_app(tmp_path / "app", issuer, f"{PG_SERVER}/{name}", threads=8)
+        runtime = app.extensions["sts"]
+        exchanges = Exchanges(app, issuer)
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(lambda form: exchanges.send(*form), exchanges.forms(64))) == {200}
+            assert statement_engine(runtime.engine).pool.checkedin() >= 2  # type: ignore[attr-defined]
+            admin = admin_engine()
+            try:
+                with admin.connect() as conn:
+                    cut = conn.execute(
+                        text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                        {"name": name},
+                    ).all()
+            finally:
+                admin.dispose()
+            assert len(cut) >= 2
+            assert [exchanges.send(*form) for form in exchanges.forms(3)] == [200] * 3
+        finally:
+            runtime.engine.dispose()

@@ -251,7 +251,10 @@ class SqlAuditSink:
                 self._commit_uses_linked(head, [item])
 
     def _pipelined_uses(
-        self, head: ChainHead, batch: list[PendingUses], work: Callable[[Any], tuple[list[PendingUses], int, str]]
+        self,
+        head: ChainHead,
+        batch: list[PendingUses],
+        work: Callable[[Any], tuple[list[PendingUses], int, str]],
     ) -> tuple[list[PendingUses], int, str]:
         """PostgreSQL: commit ``batch`` in two round trips, its statements pipelined, if every use is free.
 

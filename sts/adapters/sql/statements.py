@@ -83,7 +83,9 @@ class RawStatement:
         on its next checkout too, as SQLAlchemy does on a disconnect (its documentation, "Dealing
         with Disconnects"), so the retry does not take another dead one."""
         if isinstance(exc, self._disconnects) and self.engine.dialect.is_disconnect(
-            exc, raw.dbapi_connection, None
+            exc,  # type: ignore[arg-type]  # one of the driver's errors, as the dialect expects
+            raw.dbapi_connection,
+            None,
         ):
             self.engine.pool._invalidate(raw, exc)
         else:
@@ -148,7 +150,7 @@ class RawStatement:
             stage[0] = "connect"
             raw = self.engine.raw_connection()
             try:
-                connection = raw.driver_connection
+                connection: Any = raw.driver_connection  # the psycopg connection
                 with connection.pipeline():
                     connection.execute("BEGIN", prepare=False)
                     stage[0] = "work"
