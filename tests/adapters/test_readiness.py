@@ -246,7 +246,7 @@ def test_the_pool_size_is_honoured_after_a_concurrent_burst(
             done.set()
             sampler.join()
         assert [r.status_code for r in responses] == [200] * 48
-        # Two pools (single statements; transactions and reads) of 1 + 2 overflow each.
+        # Two pools: the request pool of 1 + 2 overflow, and the transaction pool (1 + 2).
         assert 1 <= peak[0] <= 6, peak[0]
         # Overflow connections are closed once returned: each pool keeps its one.
         assert connections() <= 2
