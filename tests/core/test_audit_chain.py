@@ -767,15 +767,15 @@ def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
         real = sink._raw.pipelined
         lost = [True]
 
-        def answer_lost(work: Callable[[Any], Callable[[], Any]]) -> Any:
+        def answer_lost(work: Callable[[Any], Any], **options: Any) -> Any:
             if not lost:
-                return real(work)
+                return real(work, **options)
             lost.clear()
             if committed:
-                real(work)
+                real(work, **options)
             else:
                 with pytest.raises(RuntimeError):
-                    real(lambda conn: (work(conn), lambda: _raise(RuntimeError("rolled back")))[1])
+                    real(lambda conn: (work(conn), _raise(RuntimeError("rolled back")))[0], **options)
             raise CommitOutcomeUnknown("OperationalError")
 
         monkeypatch.setattr(sink._raw, "pipelined", answer_lost)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select
 import sqlite3
 import stat
 import threading
@@ -25,7 +26,7 @@ from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +126,37 @@ def statement_engine(engine: Engine) -> Engine:
     round trip instead of three (psycopg would otherwise send ``BEGIN`` before it and
     ``COMMIT`` after it); a transaction is opened explicitly with ``BEGIN``
     (psycopg: "Transactions management", autocommit).  No ping on checkout (a round trip
-    each time): a connection found dead is replaced, with every other pooled connection
-    as old as it, and the statement tried once more (:class:`RawStatement`).
+    each time), but a look at the socket (:func:`_closed_by_server`); a connection found
+    dead later is replaced, with every other pooled connection as old as it, and the
+    statement tried once more (:class:`RawStatement`).
     """
     with _STATEMENT_ENGINES_LOCK:
         statements = _STATEMENT_ENGINES.get(engine)
         if statements is None:
             arguments = _ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())
             statements = create_engine(engine.url, isolation_level="AUTOCOMMIT", **arguments)
+            event.listen(statements, "checkout", _closed_by_server)
             _STATEMENT_ENGINES[engine] = statements
             # Disposing of the engine (tests, the CLI) closes the statement pool's connections too.
             event.listen(engine, "engine_disposed", lambda _engine, pool=statements: pool.dispose())
         return statements
+
+
+def _closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """On checkout from the request pool: refuse a connection the server has closed, without a round trip.
+
+    An idle connection receives nothing unless the server ends it: a backend terminated
+    (``pg_terminate_backend``, a server shut down or restarted) sends its ``FATAL`` error
+    and closes the socket.  So a socket with something to read is a dead connection;
+    :class:`sqlalchemy.exc.DisconnectionError` has the pool open a new one in its place
+    (SQLAlchemy's documentation, "Disconnect Handling - Pessimistic", custom checks).
+    """
+    try:
+        readable, _, _ = select.select([dbapi_connection.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, dbapi_connection.Error) as exc:
+        raise DisconnectionError(f"connection unusable: {type(exc).__name__}") from exc
+    if readable:
+        raise DisconnectionError("the server closed the connection while it was idle")
 
 
 def _private_sqlite_files(database: str) -> None:

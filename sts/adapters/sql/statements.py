@@ -133,37 +133,39 @@ class RawStatement:
             return retry_locked(attempt)
         return self._postgresql_attempts(attempt, stage)
 
-    def pipelined(self, work: Callable[[Any], Callable[[], T]]) -> T:
-        """PostgreSQL: run ``work(connection)`` in one transaction, its statements pipelined.
+    def pipelined(self, work: Callable[[Any], T], *, refusal: str) -> T:
+        """PostgreSQL: run ``work(connection)`` in one transaction and commit it, in one round trip.
 
-        ``work`` queues its statements on the psycopg connection (a cursor each) and returns
-        ``finish``.  ``BEGIN`` and the statements reach the server together and their results
-        come back together, in one round trip (psycopg's pipeline mode:
-        https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html); then ``finish()``
-        decides: it returns the result and ``COMMIT`` follows (a second round trip), or it
-        raises and the transaction is rolled back.  A failed statement fails the transaction.
-        Failures otherwise as in :meth:`transaction`.
+        ``work`` queues its statements on the psycopg connection; ``BEGIN``, they and ``COMMIT``
+        reach the server together and their answers come back together (psycopg's pipeline
+        mode: https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html).  A statement
+        refuses the commit by failing with the SQLSTATE ``refusal``: the server then skips the
+        rest, ``COMMIT`` included (PostgreSQL's documentation, "Pipeline Mode"), the error
+        propagates, and the connection is kept.  Once ``COMMIT`` is queued, the outcome is
+        unknown (:class:`CommitOutcomeUnknown`) only if the connection breaks: an error the
+        server reports means that nothing was committed.  Otherwise as :meth:`transaction`.
         """
         stage = ["connect"]
 
         def attempt() -> T:
             stage[0] = "connect"
             raw = self.engine.raw_connection()
+            connection: Any = raw.driver_connection  # the psycopg connection
             try:
-                connection: Any = raw.driver_connection  # the psycopg connection
                 with connection.pipeline():
                     connection.execute("BEGIN", prepare=False)
                     stage[0] = "work"
-                    finish = work(connection)
-                # Leaving the block synchronises the pipeline: every result is in.
-                result = finish()
-                stage[0] = "commit"
-                raw.commit()
+                    result = work(connection)
+                    stage[0] = "commit"
+                    connection.execute("COMMIT", prepare=False)
+                # Leaving the block sends what is queued and waits for every answer.
                 return result
             except BaseException as exc:
+                if stage[0] == "commit" and not connection.broken:
+                    stage[0] = "work"  # The server answered with an error: it did not commit.
                 with contextlib.suppress(*self.errors):
                     raw.rollback()
-                if isinstance(exc, self.errors):
+                if isinstance(exc, self.errors) and getattr(exc, "sqlstate", None) != refusal:
                     self._discard(raw, exc)
                 raise
             finally:
