@@ -29,6 +29,7 @@ from sqlalchemy import Engine, event, text
 
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine, statement_engine
+from sts.adapters.sql.statements import RawStatement
 from sts.app import create_app
 from sts.core.audit import AuditRecord
 from sts.core.ports import AlreadyUsed, SingleUse
@@ -284,3 +285,25 @@ def test_a_restarted_server_costs_no_request_though_every_pooled_connection_is_d
             assert [exchanges.send(*form) for form in exchanges.forms(3)] == [200] * 3
         finally:
             runtime.engine.dispose()
+
+
+def test_a_connection_the_server_closed_is_replaced_on_checkout_without_a_round_trip(
+    tmp_path: Path, pg: PgSchema
+) -> None:
+    """The request pool looks at an idle connection's socket before lending it: one whose backend
+    was terminated is replaced there, and no statement is sent to it (and failed) first."""
+    engine = make_engine(pg.url)
+    raw = RawStatement(engine)
+    try:
+        first = raw.query("SELECT pg_backend_pid()", ())[0][0]
+        pg.execute(f"SELECT pg_terminate_backend({int(first)})")
+        wire = Wire(engine, tmp_path)
+        try:
+            second = raw.query("SELECT pg_backend_pid()", ())[0][0]
+            assert second != first
+            assert wire.opened == 1
+            assert wire.round_trips() == 1
+        finally:
+            wire.close()
+    finally:
+        engine.dispose()

@@ -147,16 +147,31 @@ def _closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 
     An idle connection receives nothing unless the server ends it: a backend terminated
     (``pg_terminate_backend``, a server shut down or restarted) sends its ``FATAL`` error
-    and closes the socket.  So a socket with something to read is a dead connection;
+    and closes the socket.  If the socket has something to read, libpq reads it
+    (``PQconsumeInput``, which does not block); a connection then broken, or whose socket
+    still has something to read (the end of the stream), is dead, and
     :class:`sqlalchemy.exc.DisconnectionError` has the pool open a new one in its place
     (SQLAlchemy's documentation, "Disconnect Handling - Pessimistic", custom checks).
+    Anything else (a TLS record, say) leaves the connection in use.
     """
+    pgconn = dbapi_connection.pgconn
     try:
-        readable, _, _ = select.select([dbapi_connection.pgconn.socket], [], [], 0)
+        if not _readable(pgconn.socket):
+            return
+        pgconn.consume_input()
+        if pgconn.status == _CONNECTION_OK and not _readable(pgconn.socket):
+            return
     except (OSError, ValueError, dbapi_connection.Error) as exc:
         raise DisconnectionError(f"connection unusable: {type(exc).__name__}") from exc
-    if readable:
-        raise DisconnectionError("the server closed the connection while it was idle")
+    raise DisconnectionError("the server closed the connection while it was idle")
+
+
+#: libpq's CONNECTION_OK (``PQstatus``).
+_CONNECTION_OK = 0
+
+
+def _readable(socket: int) -> bool:
+    return bool(select.select([socket], [], [], 0)[0])
 
 
 def _private_sqlite_files(database: str) -> None:
