@@ -171,7 +171,13 @@ _CONNECTION_OK = 0
 
 
 def _readable(socket: int) -> bool:
-    return bool(select.select([socket], [], [], 0)[0])
+    """Whether ``socket`` has something to read (or is closed or in error), without waiting.
+
+    ``poll``, not ``select``: a process serving many clients has descriptors above ``select``'s
+    limit (``FD_SETSIZE``, 1024)."""
+    poller = select.poll()
+    poller.register(socket, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _private_sqlite_files(database: str) -> None:
