@@ -296,7 +296,8 @@ def test_a_connection_the_server_closed_is_replaced_on_checkout_without_a_round_
     raw = RawStatement(engine)
     try:
         first = raw.query("SELECT pg_backend_pid()", ())[0][0]
-        pg.execute(f"SELECT pg_terminate_backend({int(first)})")
+        # With a timeout, pg_terminate_backend returns once the backend has ended (PostgreSQL 14+).
+        assert pg.execute(f"SELECT pg_terminate_backend({int(first)}, 10000)") == [(True,)]
         wire = Wire(engine, tmp_path)
         try:
             second = raw.query("SELECT pg_backend_pid()", ())[0][0]
