@@ -606,6 +606,16 @@ class Bench:
             self.start_exchange(
                 f"exchange-embedded@{label}", source=directory, compare_with="exchange-embedded"
             )
+            if "exchange-pg" in wanted:
+                url, backends, sessions = self.create_database(f"pg_{label}")
+                self.start_exchange(
+                    f"exchange-pg@{label}",
+                    database_url=url,
+                    source=directory,
+                    store_pids=backends,
+                    store_sessions=sessions,
+                    compare_with="exchange-pg",
+                )
         for system in self.systems.values():
             assert system.proc is not None and system.log is not None
             probe = "/.well-known/openid-configuration" if system.kind == "peer" else "/healthz"

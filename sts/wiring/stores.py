@@ -127,16 +127,18 @@ def build_rate_limiter(
 
 
 def database_pool(settings: Settings) -> PoolOptions:
-    """The shape of each of a process's two PostgreSQL pools (see :class:`PoolOptions`).
+    """The shape of a process's PostgreSQL request pool (see :class:`PoolOptions`).
 
-    By default each pool can give every thread a connection at once (size + overflow =
-    threads + 1), and keeps few open while idle (size = threads // 4, at least 1): with
-    8 threads, 2 idle and at most 9 per pool.
+    By default it keeps a connection for every thread, and one more (size = threads + 1,
+    no overflow): a thread holds one connection at a time, so under load none is opened or
+    closed (an overflow connection is closed when returned, and PostgreSQL forks a backend
+    for each one opened).  With 8 threads: 9 connections, and at most 3 more in the
+    engine's own pool for the rare transactions.
     """
     size = settings.database_pool_size
     if size is None:
-        size = max(1, settings.threads // 4)
+        size = settings.threads + 1
     overflow = settings.database_max_overflow
     if overflow is None:
-        overflow = max(0, settings.threads + 1 - size)
+        overflow = 0
     return PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))

@@ -207,8 +207,9 @@ def app_runtime(app: Flask) -> Any:
 
 
 def test_default_pools_are_derived_from_the_threads(make_settings: Callable[..., Settings]) -> None:
-    assert database_pool(make_settings(threads=8)) == PoolOptions(size=2, max_overflow=7, timeout=5.0)
-    assert database_pool(make_settings(threads=1)) == PoolOptions(size=1, max_overflow=1, timeout=5.0)
+    # A connection for every thread and one more, kept: none opened or closed under load.
+    assert database_pool(make_settings(threads=8)) == PoolOptions(size=9, max_overflow=0, timeout=5.0)
+    assert database_pool(make_settings(threads=1)) == PoolOptions(size=2, max_overflow=0, timeout=5.0)
     explicit = make_settings(database_pool_size=3, database_max_overflow=0, database_pool_timeout=2)
     assert database_pool(explicit) == PoolOptions(size=3, max_overflow=0, timeout=2.0)
 
@@ -245,7 +246,7 @@ def test_the_pool_size_is_honoured_after_a_concurrent_burst(
             done.set()
             sampler.join()
         assert [r.status_code for r in responses] == [200] * 48
-        # Two pools (single statements; transactions and reads) of 1 + 2 overflow each.
+        # Two pools: the request pool of 1 + 2 overflow, and the transaction pool (1 + 2).
         assert 1 <= peak[0] <= 6, peak[0]
         # Overflow connections are closed once returned: each pool keeps its one.
         assert connections() <= 2

@@ -763,21 +763,22 @@ def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
         upgrade(engine)
         sink = SqlAuditSink(engine)
         sink.write(decision(0))
-        real = sink._raw.transaction
+        # On PostgreSQL a write with uses pipelines its statements (RawStatement.pipelined).
+        real = sink._raw.pipelined
         lost = [True]
 
-        def answer_lost(work: Callable[[Any], Any]) -> Any:
+        def answer_lost(work: Callable[[Any], Any], **options: Any) -> Any:
             if not lost:
-                return real(work)
+                return real(work, **options)
             lost.clear()
             if committed:
-                real(work)
+                real(work, **options)
             else:
                 with pytest.raises(RuntimeError):
-                    real(lambda cur: (work(cur), _raise(RuntimeError("rolled back")))[0])
+                    real(lambda conn: (work(conn), _raise(RuntimeError("rolled back")))[0], **options)
             raise CommitOutcomeUnknown("OperationalError")
 
-        monkeypatch.setattr(sink._raw, "transaction", answer_lost)
+        monkeypatch.setattr(sink._raw, "pipelined", answer_lost)
         use = SingleUse("subject_token", secrets.token_hex(8), NOW + 60, None)
         if committed:
             sink.write_with_uses(decision(1), [use], NOW)  # confirmed: the token may leave

@@ -781,8 +781,9 @@ class CommitAnswerDropper(TcpRelay):
     """A relay that, once armed, passes the next ``COMMIT`` on and breaks the connection instead of
     passing the server's answer back: the transaction is committed, and the app cannot know it."""
 
-    #: psycopg sends COMMIT as a simple query: 'Q', length 11, "COMMIT\0".
-    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+    #: The text of a COMMIT, NUL-terminated: in a simple query ('Q', length 11, "COMMIT\0") or, at
+    #: the end of a pipelined transaction, in the extended protocol's Parse message.
+    COMMIT = b"COMMIT\x00"
 
     def __init__(self, target: tuple[str, int]) -> None:
         super().__init__(target)

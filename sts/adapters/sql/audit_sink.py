@@ -33,6 +33,10 @@ from .statements import CommitOutcomeUnknown, RawStatement
 
 log = logging.getLogger(__name__)
 
+#: PostgreSQL: the SQLSTATE (``division_by_zero``) with which a pipelined replay entry's insert
+#: fails the transaction when the entry is taken, so that the ``COMMIT`` behind it is skipped.
+_USE_TAKEN = "22012"
+
 
 class SqlAuditSink:
     """Commits audit records; the caller returns only once its record is committed.
@@ -80,6 +84,10 @@ class SqlAuditSink:
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
         self._entry_sql = first_use_statement(p)
+        # PostgreSQL: the same insert, failing with _USE_TAKEN when it inserts nothing (a live entry).
+        self._guarded_entry_sql = (
+            f"WITH entry AS ({self._entry_sql} RETURNING 1) SELECT 1 / count(*) FROM entry"  # noqa: S608
+        )
         self._writes = GroupCommit(self._commit, max_batch, timeout)
         self._writes_with_uses = GroupCommit(self._commit_with_uses, max_batch, timeout)
 
@@ -215,7 +223,10 @@ class SqlAuditSink:
             return kept, seq, prev
 
         try:
-            kept, seq, digest = self._raw.transaction(work)
+            if self._raw.sqlite:
+                kept, seq, digest = self._raw.transaction(work)
+            else:
+                kept, seq, digest = self._pipelined_uses(head, batch, work)
         except UseTaken as taken:  # One item, no savepoint: nothing was committed.
             batch[0].taken = taken.use
             return
@@ -246,6 +257,47 @@ class SqlAuditSink:
         else:
             for item in batch:
                 self._commit_uses_linked(head, [item])
+
+    def _pipelined_uses(
+        self,
+        head: ChainHead,
+        batch: list[PendingUses],
+        work: Callable[[Any], tuple[list[PendingUses], int, str]],
+    ) -> tuple[list[PendingUses], int, str]:
+        """PostgreSQL: commit ``batch`` in one round trip if every use is free (the usual case).
+
+        The statements of :meth:`_commit_uses_linked`'s ``work``, without its savepoints, are
+        pipelined with ``BEGIN`` and ``COMMIT`` (:meth:`RawStatement.pipelined`); each replay
+        entry's insert fails the transaction if its use is taken (:data:`_USE_TAKEN`), and
+        then nothing is committed and ``work`` does the batch again, statement by statement,
+        to refuse exactly the items whose uses are taken.
+        """
+
+        def queue(conn: Any) -> tuple[list[PendingUses], int, str]:
+            seq, prev, registered = head.seq, head.hash, head.registered
+            for item in batch:
+                item.taken = None
+                for _use, params in item.entries:
+                    conn.execute(self._guarded_entry_sql, params)
+                if item.baseline is not None:
+                    conn.execute(self._save_baseline, item.baseline)
+                if not registered:
+                    conn.execute(self._register_chain, self._registration(head))
+                    registered = True
+                row = item.row
+                seq += 1
+                digest = link_hash(prev, head.chain_id, seq, row["record"])
+                row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
+                conn.execute(self._sql(1), self._params([item]))
+                prev = digest
+            return list(batch), seq, prev
+
+        try:
+            return self._raw.pipelined(queue, refusal=_USE_TAKEN)
+        except self._raw.errors as exc:
+            if getattr(exc, "sqlstate", None) != _USE_TAKEN:
+                raise
+        return self._raw.transaction(work)
 
     def _registration(self, head: ChainHead) -> tuple[Any, ...]:
         """The ``audit_chains`` row of ``head``'s chain, committed with its first record."""

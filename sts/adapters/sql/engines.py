@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select
 import sqlite3
 import stat
 import threading
@@ -21,11 +22,11 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +35,35 @@ log = logging.getLogger(__name__)
 class PoolOptions:
     """The connection pools of a PostgreSQL engine (SQLite opens files, and ignores these).
 
-    A process has two pools of this shape: the engine's own (transactions and reads, with
-    a liveness check on checkout) and one for the single-statement writes of every request
-    (:class:`RawStatement`).  Each keeps at most ``size`` connections open while idle and
-    opens up to ``max_overflow`` more under load; a request waits at most ``timeout``
-    seconds for one, then fails closed.
+    A process has two pools.  The request pool (:func:`statement_engine`) serves every
+    statement of a request (:class:`~sts.adapters.sql.statements.RawStatement`): it keeps
+    ``size`` connections open and opens up to ``max_overflow`` more under load, closed
+    again when returned, so ``size`` should cover every thread (each holds at most one
+    connection at a time).  The engine's own pool serves the rare SQLAlchemy transactions
+    (schema migrations, readiness, security-event state updates): one connection kept,
+    ``TRANSACTION_OVERFLOW`` more at most, checked with a ping on checkout.  A request waits
+    at most ``timeout`` seconds for a connection, then fails closed.
     """
 
-    size: int = 2
-    max_overflow: int = 8
+    size: int = 9
+    max_overflow: int = 0
     timeout: float = 5.0
 
+    #: The engine's own pool: connections kept, and opened beyond them at most.
+    TRANSACTION_SIZE: ClassVar[int] = 1
+    TRANSACTION_OVERFLOW: ClassVar[int] = 2
+
     def engine_arguments(self) -> dict[str, Any]:
+        """The request pool's arguments to :func:`sqlalchemy.create_engine`."""
         return {"pool_size": self.size, "max_overflow": self.max_overflow, "pool_timeout": self.timeout}
+
+    def transaction_arguments(self) -> dict[str, Any]:
+        """The engine's own pool's arguments to :func:`sqlalchemy.create_engine`."""
+        return {
+            "pool_size": self.TRANSACTION_SIZE,
+            "max_overflow": self.TRANSACTION_OVERFLOW,
+            "pool_timeout": self.timeout,
+        }
 
 
 #: Seconds to wait for a PostgreSQL server to accept a connection (libpq waits forever by default),
@@ -92,27 +109,75 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    arguments = (pool or PoolOptions()).engine_arguments()
+    options = pool or PoolOptions()
+    connect: dict[str, Any] = {}
     if "connect_timeout" not in make_url(url).query:
-        arguments["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
-    engine = create_engine(url, pool_pre_ping=True, **arguments)
-    _ENGINE_ARGUMENTS[engine] = arguments
+        connect["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    engine = create_engine(url, pool_pre_ping=True, **options.transaction_arguments(), **connect)
+    _ENGINE_ARGUMENTS[engine] = {**options.engine_arguments(), **connect}
     return engine
 
 
 def statement_engine(engine: Engine) -> Engine:
-    """PostgreSQL: the pool for single statements, one per engine and shared by every
-    :class:`RawStatement` on it, shaped like the engine's own but without pre-ping."""
+    """PostgreSQL: the request pool, one per engine and shared by every :class:`RawStatement` on it
+    (shaped by :class:`PoolOptions`).
+
+    Its connections are in autocommit mode: a single statement is its own transaction, one
+    round trip instead of three (psycopg would otherwise send ``BEGIN`` before it and
+    ``COMMIT`` after it); a transaction is opened explicitly with ``BEGIN``
+    (psycopg: "Transactions management", autocommit).  No ping on checkout (a round trip
+    each time), but a look at the socket (:func:`_closed_by_server`); a connection found
+    dead later is replaced, with every other pooled connection as old as it, and the
+    statement tried once more (:class:`RawStatement`).
+    """
     with _STATEMENT_ENGINES_LOCK:
         statements = _STATEMENT_ENGINES.get(engine)
         if statements is None:
-            statements = create_engine(
-                engine.url, **_ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())
-            )
+            arguments = _ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())
+            statements = create_engine(engine.url, isolation_level="AUTOCOMMIT", **arguments)
+            event.listen(statements, "checkout", _closed_by_server)
             _STATEMENT_ENGINES[engine] = statements
             # Disposing of the engine (tests, the CLI) closes the statement pool's connections too.
             event.listen(engine, "engine_disposed", lambda _engine, pool=statements: pool.dispose())
         return statements
+
+
+def _closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """On checkout from the request pool: refuse a connection the server has closed, without a round trip.
+
+    An idle connection receives nothing unless the server ends it: a backend terminated
+    (``pg_terminate_backend``, a server shut down or restarted) sends its ``FATAL`` error
+    and closes the socket.  If the socket has something to read, libpq reads it
+    (``PQconsumeInput``, which does not block); a connection then broken, or whose socket
+    still has something to read (the end of the stream), is dead, and
+    :class:`sqlalchemy.exc.DisconnectionError` has the pool open a new one in its place
+    (SQLAlchemy's documentation, "Disconnect Handling - Pessimistic", custom checks).
+    Anything else (a TLS record, say) leaves the connection in use.
+    """
+    pgconn = dbapi_connection.pgconn
+    try:
+        if not _readable(pgconn.socket):
+            return
+        pgconn.consume_input()
+        if pgconn.status == _CONNECTION_OK and not _readable(pgconn.socket):
+            return
+    except (OSError, ValueError, dbapi_connection.Error) as exc:
+        raise DisconnectionError(f"connection unusable: {type(exc).__name__}") from exc
+    raise DisconnectionError("the server closed the connection while it was idle")
+
+
+#: libpq's CONNECTION_OK (``PQstatus``).
+_CONNECTION_OK = 0
+
+
+def _readable(socket: int) -> bool:
+    """Whether ``socket`` has something to read (or is closed or in error), without waiting.
+
+    ``poll``, not ``select``: a process serving many clients has descriptors above ``select``'s
+    limit (``FD_SETSIZE``, 1024)."""
+    poller = select.poll()
+    poller.register(socket, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _private_sqlite_files(database: str) -> None:

@@ -27,14 +27,14 @@ class RawStatement:
     transaction and the write lock is taken and released inside one call into
     SQLite with the GIL released: a thread never holds the lock while it waits
     for the GIL, which would stall every other worker process.  On PostgreSQL
-    it is followed by a commit.
+    the connection is in autocommit mode too: one statement, one round trip.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.sqlite = engine.dialect.name == "sqlite"
-        # PostgreSQL: a pool without pre-ping (a round trip on every checkout), shared by every
-        # statement on this engine; a connection found dead is replaced and the statement tried
-        # once more instead.
+        # PostgreSQL: the request pool, without pre-ping (a round trip on every checkout), shared
+        # by every statement on this engine; a connection found dead is replaced and the statement
+        # tried once more instead.
         self.engine = engine if self.sqlite else statement_engine(engine)
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
@@ -58,14 +58,13 @@ class RawStatement:
             try:
                 cur = raw.cursor()
                 cur.execute(sql, params)
+                # PostgreSQL: the request pool's connections are in autocommit mode, so the
+                # statement commits by itself, in its one round trip (see statement_engine).
                 result = [tuple(r) for r in cur.fetchall()] if fetch else int(cur.rowcount)
-                if not self.sqlite:
-                    raw.commit()
                 return result
-            except BaseException:
+            except BaseException as exc:
                 if not self.sqlite:
-                    # A connection with a failed statement is not reused as it is.
-                    raw.invalidate()
+                    self._discard(raw, exc)
                 raise
             finally:
                 raw.close()
@@ -78,11 +77,25 @@ class RawStatement:
             # Nothing was committed on a connection that died; one fresh try.
             return attempt()
 
+    def _discard(self, raw: Any, exc: BaseException) -> None:
+        """PostgreSQL: a connection with a failed statement is not reused as it is.  If it was cut
+        (a restarted server cuts them all), every pooled connection opened before it is replaced
+        on its next checkout too, as SQLAlchemy does on a disconnect (its documentation, "Dealing
+        with Disconnects"), so the retry does not take another dead one."""
+        if isinstance(exc, self._disconnects) and self.engine.dialect.is_disconnect(
+            exc,  # type: ignore[arg-type]  # one of the driver's errors, as the dialect expects
+            raw.dbapi_connection,
+            None,
+        ):
+            self.engine.pool._invalidate(raw, exc)
+        else:
+            raw.invalidate()
+
     def transaction(self, work: Callable[[Any], T]) -> T:
         """Run ``work(cursor)`` in one transaction and commit it; on any error, roll back.
 
         SQLite: ``BEGIN IMMEDIATE`` takes the write lock up front (a lock collision is
-        retried like any other); PostgreSQL: the driver's implicit transaction.  A
+        retried like any other); PostgreSQL: ``BEGIN`` on the autocommit connection.  A
         connection found dead before anything was sent is replaced and the work tried
         once more.  On PostgreSQL a failure during ``COMMIT`` (the connection broke) is
         :class:`CommitOutcomeUnknown`: the server may have committed.  Other DBAPI
@@ -97,6 +110,8 @@ class RawStatement:
                 cur = raw.cursor()
                 if self.sqlite:
                     cur.execute("BEGIN IMMEDIATE")
+                else:
+                    cur.execute("BEGIN")
                 stage[0] = "work"
                 result = work(cur)
                 stage[0] = "commit"
@@ -109,14 +124,58 @@ class RawStatement:
                 with contextlib.suppress(*self.errors):
                     raw.rollback()
                 if not self.sqlite and isinstance(exc, self.errors):
-                    # A connection with a failed statement is not reused as it is.
-                    raw.invalidate()
+                    self._discard(raw, exc)
                 raise
             finally:
                 raw.close()
 
         if self.sqlite:
             return retry_locked(attempt)
+        return self._postgresql_attempts(attempt, stage)
+
+    def pipelined(self, work: Callable[[Any], T], *, refusal: str) -> T:
+        """PostgreSQL: run ``work(connection)`` in one transaction and commit it, in one round trip.
+
+        ``work`` queues its statements on the psycopg connection; ``BEGIN``, they and ``COMMIT``
+        reach the server together and their answers come back together (psycopg's pipeline
+        mode: https://www.psycopg.org/psycopg3/docs/advanced/pipeline.html).  A statement
+        refuses the commit by failing with the SQLSTATE ``refusal``: the server then skips the
+        rest, ``COMMIT`` included (PostgreSQL's documentation, "Pipeline Mode"), the error
+        propagates, and the connection is kept.  Once ``COMMIT`` is queued, the outcome is
+        unknown (:class:`CommitOutcomeUnknown`) only if the connection breaks: an error the
+        server reports means that nothing was committed.  Otherwise as :meth:`transaction`.
+        """
+        stage = ["connect"]
+
+        def attempt() -> T:
+            stage[0] = "connect"
+            raw = self.engine.raw_connection()
+            connection: Any = raw.driver_connection  # the psycopg connection
+            try:
+                with connection.pipeline():
+                    connection.execute("BEGIN", prepare=False)
+                    stage[0] = "work"
+                    result = work(connection)
+                    stage[0] = "commit"
+                    connection.execute("COMMIT", prepare=False)
+                # Leaving the block sends what is queued and waits for every answer.
+                return result
+            except BaseException as exc:
+                if stage[0] == "commit" and not connection.broken:
+                    stage[0] = "work"  # The server answered with an error: it did not commit.
+                with contextlib.suppress(*self.errors):
+                    raw.rollback()
+                if isinstance(exc, self.errors) and getattr(exc, "sqlstate", None) != refusal:
+                    self._discard(raw, exc)
+                raise
+            finally:
+                raw.close()
+
+        return self._postgresql_attempts(attempt, stage)
+
+    def _postgresql_attempts(self, attempt: Callable[[], T], stage: list[str]) -> T:
+        """Run a transaction's ``attempt``; once more if its connection was dead before ``COMMIT``,
+        and :class:`CommitOutcomeUnknown` if it broke during ``COMMIT``."""
         try:
             try:
                 return attempt()

@@ -1,0 +1,310 @@
+"""What one exchange costs on PostgreSQL, counted: round trips to the server and connections opened.
+
+The exchange is latency-bound on PostgreSQL (threads wait for the server, not for the
+CPU), so its cost is pinned here as counts rather than timings: every message the
+client sends is traced by libpq (``PQtrace``, through psycopg's ``PGconn.trace``), and
+a round trip is one ``Sync`` (the end of an extended-protocol exchange, or of a
+pipeline) or one simple ``Query``.  Connections opened are counted by the pools'
+``connect`` events.  Each test has its own schema in a private database
+(:mod:`tests.adapters.test_stores`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlencode
+
+import pytest
+import yaml
+from flask import Flask
+from sqlalchemy import Engine, event, text
+
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine, statement_engine
+from sts.adapters.sql.statements import RawStatement
+from sts.app import create_app
+from sts.core.audit import AuditRecord
+from sts.core.ports import AlreadyUsed, SingleUse
+from sts.dev.issuer import DevIssuer
+from sts.migrations import upgrade
+from sts.settings.load import load_settings
+from tests.adapters.test_stores import PG_SERVER, PgSchema, admin_engine, private_database
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+import bench  # noqa: E402 - the benchmark's own request, policy and configuration
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    with private_database() as name:
+        yield name
+
+
+@pytest.fixture
+def pg(pg_database: str) -> Iterator[PgSchema]:
+    schema = PgSchema(pg_database, f"t_{uuid.uuid4().hex[:12]}")
+    schema.execute(f'CREATE SCHEMA "{schema.schema}"')
+    yield schema
+    schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE')
+
+
+class Wire:
+    """Counts what the pools of ``engine`` (its own and the request pool) send and open."""
+
+    def __init__(self, engine: Engine, directory: Path) -> None:
+        self.directory = directory
+        self.opened = 0
+        self._files: list[TextIO] = []
+        self._traced: set[int] = set()
+        self._lock = threading.Lock()
+        self._pools = [engine.pool, statement_engine(engine).pool]
+        for pool in self._pools:
+            event.listen(pool, "connect", self._connect)
+            event.listen(pool, "checkout", self._checkout)
+
+    def close(self) -> None:
+        for pool in self._pools:
+            event.remove(pool, "connect", self._connect)
+            event.remove(pool, "checkout", self._checkout)
+        for file in self._files:
+            file.close()
+
+    def _connect(self, _dbapi_connection: Any, _record: Any) -> None:
+        with self._lock:
+            self.opened += 1
+
+    def _checkout(self, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        with self._lock:
+            if id(dbapi_connection) in self._traced:
+                return
+            self._traced.add(id(dbapi_connection))
+            file = (self.directory / f"{len(self._files)}.trace").open("w")
+            self._files.append(file)
+        dbapi_connection.pgconn.trace(file.fileno())
+
+    def round_trips(self) -> int:
+        """Round trips so far, on every connection traced: each ``Sync`` and each simple ``Query``."""
+        count = 0
+        for file in self._files:
+            file.flush()
+        for path in self.directory.glob("*.trace"):
+            for line in path.read_text(errors="replace").splitlines():
+                fields = line.split("\t")
+                # timestamp, direction (F: from the client), length, message type and its contents
+                if len(fields) >= 4 and fields[1] == "F" and fields[3].split(" ")[0] in ("Sync", "Query"):
+                    count += 1
+        return count
+
+
+@pytest.fixture
+def no_purges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Housekeeping (purging expired replay entries) runs at random, now and then: not here."""
+    monkeypatch.setattr(random, "random", lambda: 0.5)
+
+
+def bench_app(tmp_path: Path, issuer: DevIssuer, database_url: str, **overrides: Any) -> Flask:
+    """The application ``benchmarks/bench.py`` measures as ``exchange-pg``."""
+    tmp_path.mkdir()
+    (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks()))
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "bench.yaml").write_text(
+        yaml.safe_dump({"version": 1, "rules": bench.rule_set(10)})
+    )
+    config = {
+        "issuer": bench.STS_ISSUER,
+        "database_url": database_url,
+        "keys_dir": str(tmp_path / "keys"),
+        "policies_dir": str(tmp_path / "policies"),
+        "rate_limits": {"enabled": False},
+        "issuers": [
+            {
+                "name": "github",
+                "issuer": bench.GITHUB_ISS,
+                "jwks_file": str(tmp_path / "jwks.json"),
+                "algorithms": ["RS256"],
+                "audiences": [bench.SUBJECT_AUDIENCE],
+                "profile": "github-actions",
+                "require_jti": True,
+            }
+        ],
+        **overrides,
+    }
+    return create_app(load_settings(config_file=None, environ={}, overrides=config))
+
+
+class Exchanges:
+    """The benchmark's request: a fresh single-use subject token and DPoP proof each time."""
+
+    def __init__(self, app: Flask, issuer: DevIssuer) -> None:
+        self.app, self.issuer = app, issuer
+        self.proofs = bench.Proofs()
+
+    def forms(self, count: int) -> list[tuple[str, str]]:
+        tokens = [self.issuer.github_actions_token(audience=bench.SUBJECT_AUDIENCE) for _ in range(count)]
+        return list(zip(tokens, self.proofs.make(count), strict=True))
+
+    def send(self, token: str, proof: str) -> int:
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": bench.AUDIENCE,
+            "scope": bench.SCOPE,
+            "subject_token": token,
+        }
+        answer = self.app.test_client().post(
+            "/token",
+            data=urlencode(form),
+            headers={"Content-Type": "application/x-www-form-urlencoded", "DPoP": proof},
+        )
+        return answer.status_code
+
+
+@pytest.fixture(scope="module")
+def issuer() -> DevIssuer:
+    return DevIssuer.ephemeral(bench.GITHUB_ISS, alg="RS256")
+
+
+def test_a_full_exchange_costs_five_round_trips_at_most_and_opens_no_connection(
+    tmp_path: Path, pg: PgSchema, issuer: DevIssuer, no_purges: None
+) -> None:
+    """A granted exchange: its reads one round trip each (autocommit: no ``BEGIN``/``COMMIT`` around
+    them), and its write transaction (two replay entries, the baseline, the audit record) one:
+    ``BEGIN``, the statements and ``COMMIT`` pipelined.  Before: 18 round trips."""
+    app = bench_app(tmp_path / "app", issuer, pg.url)
+    runtime = app.extensions["sts"]
+    exchanges = Exchanges(app, issuer)
+    # psycopg prepares a statement on its fifth use on a connection (a round trip of its own, once).
+    warm, measured = exchanges.forms(6), exchanges.forms(10)
+    assert [exchanges.send(*form) for form in warm] == [200] * 6
+    (tmp_path / "wire").mkdir()
+    wire = Wire(runtime.engine, tmp_path / "wire")
+    try:
+        assert [exchanges.send(*form) for form in measured] == [200] * 10
+        round_trips = wire.round_trips()
+        # Four reads (the subject token's and the proof's replay entries, the subject's state,
+        # its baseline) and the commit.  Reads the ledger does without cost fewer.
+        assert round_trips <= 5 * len(measured), round_trips / len(measured)
+        assert wire.opened == 0
+    finally:
+        wire.close()
+        runtime.engine.dispose()
+
+
+def test_concurrent_exchanges_keep_their_connections(tmp_path: Path, pg: PgSchema, issuer: DevIssuer) -> None:
+    """With the default pool (a connection for each of the 8 threads and one more, kept), requests
+    on every thread at once open no connection beyond the pool's: none is closed on its return and
+    opened again for the next request (PostgreSQL forks a backend for each one)."""
+    app = bench_app(tmp_path / "app", issuer, pg.url, threads=8)
+    runtime = app.extensions["sts"]
+    exchanges = Exchanges(app, issuer)
+    forms = exchanges.forms(160)
+    (tmp_path / "wire").mkdir()
+    wire = Wire(runtime.engine, tmp_path / "wire")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda form: exchanges.send(*form), forms))
+        assert statuses == [200] * len(forms)
+        # At most one connection per thread, and the one the application opened at start; the
+        # old pools (2 kept, 7 more closed on return) opened hundreds here.
+        assert wire.opened <= 9, wire.opened
+    finally:
+        wire.close()
+        runtime.engine.dispose()
+
+
+def record(n: int) -> AuditRecord:
+    return AuditRecord(
+        event_id=str(uuid.uuid4()), time=NOW + n, request_id=f"req-{n}", endpoint="token", outcome="granted"
+    )
+
+
+def test_a_grant_commits_in_one_round_trip_and_a_replay_keeps_nothing(tmp_path: Path, pg: PgSchema) -> None:
+    """``write_with_uses`` on PostgreSQL: ``BEGIN``, the entries, the record and ``COMMIT`` in one
+    pipeline.  A use already taken fails the transaction before ``COMMIT`` (nothing of the refused
+    grant is kept), without closing the connection; the grant is then refused by the slower path
+    that tells which use was taken."""
+    engine = make_engine(pg.url)
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
+    sink.write(record(0))  # The chain's registration goes with its first record.
+    wire = Wire(engine, tmp_path)
+    try:
+        uses = [SingleUse("subject_token", "a", NOW + 60, None), SingleUse("dpop:jkt", "b", NOW + 60, None)]
+        sink.write_with_uses(record(1), uses, NOW)
+        assert wire.round_trips() == 1
+        replayed = record(2)
+        with pytest.raises(AlreadyUsed) as refused:
+            sink.write_with_uses(replayed, [SingleUse("dpop:jkt", "c", NOW + 60, None), uses[0]], NOW)
+        assert refused.value.use == uses[0]
+        assert wire.opened == 0
+        stored = [r["event_id"] for r in sink.iter_all()]
+        assert replayed.event_id not in stored and len(stored) == 2
+        # The other use of the refused grant was rolled back with it: it is still free.
+        sink.write_with_uses(record(3), [SingleUse("dpop:jkt", "c", NOW + 60, None)], NOW)
+    finally:
+        wire.close()
+        engine.dispose()
+
+
+def test_a_restarted_server_costs_no_request_though_every_pooled_connection_is_dead(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    """The request pool is not pinged on checkout.  When the server cuts every connection (a
+    restart), the first statement to find its connection dead has the pool replace every
+    connection as old as it, so its one retry, and the requests after it, get live ones."""
+    with private_database() as name:
+        app = bench_app(tmp_path / "app", issuer, f"{PG_SERVER}/{name}", threads=8)
+        runtime = app.extensions["sts"]
+        exchanges = Exchanges(app, issuer)
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(lambda form: exchanges.send(*form), exchanges.forms(64))) == {200}
+            assert statement_engine(runtime.engine).pool.checkedin() >= 2  # type: ignore[attr-defined]
+            admin = admin_engine()
+            try:
+                with admin.connect() as conn:
+                    cut = conn.execute(
+                        text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                        {"name": name},
+                    ).all()
+            finally:
+                admin.dispose()
+            assert len(cut) >= 2
+            assert [exchanges.send(*form) for form in exchanges.forms(3)] == [200] * 3
+        finally:
+            runtime.engine.dispose()
+
+
+def test_a_connection_the_server_closed_is_replaced_on_checkout_without_a_round_trip(
+    tmp_path: Path, pg: PgSchema
+) -> None:
+    """The request pool looks at an idle connection's socket before lending it: one whose backend
+    was terminated is replaced there, and no statement is sent to it (and failed) first."""
+    engine = make_engine(pg.url)
+    raw = RawStatement(engine)
+    try:
+        first = raw.query("SELECT pg_backend_pid()", ())[0][0]
+        # With a timeout, pg_terminate_backend returns once the backend has ended (PostgreSQL 14+).
+        assert pg.execute(f"SELECT pg_terminate_backend({int(first)}, 10000)") == [(True,)]
+        wire = Wire(engine, tmp_path)
+        try:
+            second = raw.query("SELECT pg_backend_pid()", ())[0][0]
+            assert second != first
+            assert wire.opened == 1
+            assert wire.round_trips() == 1
+        finally:
+            wire.close()
+    finally:
+        engine.dispose()
