@@ -33,7 +33,8 @@ sends them from a file (``benchmarks/token_requests.lua``).
 
 The systems are measured in turn, ``--rounds`` times (floor, exchange..., peer, floor, ...), each
 for ``--seconds`` with ``wrk -t1 -c<connections> --latency``.  Per run: requests per second, p50 and
-p99 latency, CPU per request (utime + stime of the server's process tree from ``/proc``, and of the
+p99 latency, CPU per request (utime + stime of the server's process tree from ``/proc``; ``loop``: of
+the workers' main threads, which run granian's event loops; and of the
 store's processes: redis-server, the PostgreSQL backends of the database still open at the end, so
 a lower bound when the pool opens and closes connections, which is counted too), the resident
 memory of
@@ -57,7 +58,10 @@ Options adding systems or runs:
     ``--profile-seconds`` (``--profile-mode gil``: the thread holding the GIL; ``cpu``: every thread
     py-spy does not see as idle), keeps the stacks in the work directory and prints the top frames
     as shares (samples waiting for work left out): by thread (event loop or request threads), self
-    time by package and by function, inclusive time by function.
+    time by package and by function, inclusive time by function.  uvloop runs in C: its work, and
+    its waits for the GIL, show as the frame that started the loop (granian's
+    ``MPServer._spawn_rsgi_worker``), where asyncio's waits showed as ``EpollSelector.select``
+    (left out); the per-round ``loop`` CPU is the exact cost of the loops.
 ``--source LABEL=DIR``
     adds ``exchange-embedded@LABEL``: the embedded exchange run from another copy of the ``sts``
     package (``DIR/sts``), to compare a change in the same interleaved run.
@@ -187,9 +191,11 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_ticks(pid: int) -> int:
+def cpu_ticks(pid: int, thread: int | None = None) -> int:
+    """CPU ticks of process ``pid``, or of its thread ``thread`` only."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
@@ -655,6 +661,8 @@ class Bench:
         workers = system.workers()
         stores = system.store_pids()
         before = {pid: cpu_ticks(pid) for pid in tree}
+        # A worker's main thread runs its event loop (granian): the loop's own cost, apart.
+        loops_before = {pid: cpu_ticks(pid, pid) for pid in workers}
         store_before = {pid: cpu_ticks(pid) for pid in stores}
         sessions_before = system.store_sessions() if system.store_sessions else 0
         result = self.wrk(system, requests_file, self.args.seconds)
@@ -666,9 +674,11 @@ class Bench:
             time.sleep(1.2)  # PostgreSQL flushes its session counts about every second
             result["store_connections"] = system.store_sessions() - sessions_before
         worker_spent = [spent.get(pid, 0) for pid in workers]
+        loop_spent = sum(max(0, cpu_ticks(pid, pid) - ticks) for pid, ticks in loops_before.items())
         total = max(1, result["requests"])
         result.update(
             cpu_ms=sum(spent.values()) / CLK_TCK * 1000 / total,
+            loop_cpu_ms=loop_spent / CLK_TCK * 1000 / total,
             store_cpu_ms=store_spent / CLK_TCK * 1000 / total if stores else None,
             rss_mb=rss_bytes(after_tree) / 2**20,
             busiest_worker=max(worker_spent) / max(1, sum(worker_spent)) if len(worker_spent) > 1 else 1.0,
@@ -730,7 +740,8 @@ class Bench:
                 r = result
                 print(
                     f"round {round_number} {name:34} {r['rps']:8.0f} req/s  p50 {r['p50']:6.1f} ms  "
-                    f"p99 {r['p99']:6.1f} ms  cpu {r['cpu_ms']:5.2f} ms/req  rss {r['rss_mb']:5.0f} MB  "
+                    f"p99 {r['p99']:6.1f} ms  cpu {r['cpu_ms']:5.2f} ms/req (loop {r['loop_cpu_ms']:4.2f})  "
+                    f"rss {r['rss_mb']:5.0f} MB  "
                     f"busiest worker {r['busiest_worker']:.2f}"
                     + (f"  new db connections {r['store_connections']}" if "store_connections" in r else ""),
                     flush=True,
@@ -1089,7 +1100,14 @@ _ROOTS = frozenset({"BaseEventLoop._run_once"}) | _REQUEST_THREADS
 #: Innermost frames that wait for work (an idle pool thread, the event loop in epoll): left out of the
 #: shares, counted apart.  py-spy does not always see such a thread as idle.
 _IDLE = frozenset(
-    {"_worker", "RequestThreads._serve", "EpollSelector.select", "Condition.wait", "Event.wait", "Thread.join"}
+    {
+        "_worker",
+        "RequestThreads._serve",
+        "EpollSelector.select",
+        "Condition.wait",
+        "Event.wait",
+        "Thread.join",
+    }
 )
 
 

@@ -2,38 +2,40 @@
 
 granian (Rust, hyper) owns the sockets.  In each worker process:
 
-* hyper accepts connections and reads request lines and headers in Rust.  A
-  connection whose request head (request line and headers) has not fully
-  arrived within ``header_read_timeout`` seconds is closed; the same deadline
-  ends an idle keep-alive connection.  A head larger than ``MAX_HEAD_BYTES``
-  is refused by hyper (``431``), as are malformed request lines and framing
-  headers (``400``): those answers come from the HTTP server, with an empty
-  body, before any Python code sees the request.
-* At most ``ceil(max_connections / workers)`` connections are open per worker
-  (granian's *backpressure*); further connections wait in the kernel's listen
-  queue until one closes.
-* The request body is read here, in the worker's event loop (granian's RSGI
-  interface), within ``body_read_timeout`` seconds and ``max_body_bytes``
-  bytes: a slow body holds a coroutine, never a thread.  (granian's own WSGI
-  interface would hand the request to a Python thread as soon as its headers
-  arrive, and that thread would wait for the body.)
-* Only a complete request reaches the Flask application, on one of
-  ``threads`` Python threads of the worker.
+* hyper accepts connections and reads request lines and headers in Rust.  A connection whose
+  request head (request line and headers) has not fully arrived within ``header_read_timeout``
+  seconds is closed; the same deadline ends an idle keep-alive connection.  A head larger than
+  ``MAX_HEAD_BYTES`` is refused by hyper (``431``), as are malformed request lines and framing
+  headers (``400``): those answers come from the HTTP server, with an empty body, before any
+  Python code sees the request.
+* At most ``ceil(max_connections / workers)`` connections are open per worker (granian's
+  *backpressure*); further connections wait in the kernel's listen queue until one closes.
+* The request body is read here, in the worker's event loop (granian's RSGI interface), within
+  ``body_read_timeout`` seconds and ``max_body_bytes`` bytes: a slow body holds a coroutine,
+  never a thread.  (granian's own WSGI interface would hand the request to a Python thread as
+  soon as its headers arrive, and that thread would wait for the body.)
+* Only a complete request reaches the Flask application, on one of ``threads`` Python threads
+  of the worker.
 
-Each worker listens on its own socket with ``SO_REUSEPORT``: the kernel
-spreads new connections over the workers by a hash of the address pair, so a
-client's connections do not all land on whichever worker accepted first.  A
-keep-alive connection stays with its worker.
+The event loop is uvloop's.  Every request wakes it from other threads (granian's runtime hands
+it the request, then the body; a request thread hands back the answer): the standard library's
+loop writes a byte to its self-pipe for each wake-up and reads it back, where libuv coalesces the
+wake-ups that arrive before the loop runs (``uv_async_send``, libuv's "uv_async_t" docs).
 
-Refusals answered here (a body too slow ``408``, chunked ``411``, too large
-``413``; a header value granian cannot pass on ``400``; a failure of this
-adapter ``500``) are JSON like the application's, with ``X-Request-Id``.
+Each worker listens on its own socket with ``SO_REUSEPORT``: the kernel spreads new connections
+over the workers by a hash of the address pair, so a client's connections do not all land on
+whichever worker accepted first.  A keep-alive connection stays with its worker.
+
+Refusals answered here (a body too slow ``408``, chunked ``411``, too large ``413``; a header
+value granian cannot pass on ``400``; a failure of this adapter ``500``) are JSON like the
+application's, with ``X-Request-Id``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import importlib
@@ -82,28 +84,23 @@ class Limits:
 class _RequestError(Exception):
     def __init__(self, status: int, description: str) -> None:
         super().__init__(description)
-        self.status = status
-        self.description = description
+        self.status, self.description = status, description
 
 
 class WSGIOverRSGI:
     """An RSGI application that reads the whole body asynchronously, then calls a WSGI app in a thread pool.
 
-    A request body must come with ``Content-Length`` (a chunked one is
-    answered ``411``), of at most ``max_body_bytes`` (else ``413``, unread),
-    received in full within ``body_read_timeout`` (else ``408``).  A body cut
-    short by the client is dropped with its connection, unanswered.
+    A request body must come with ``Content-Length`` (a chunked one is answered ``411``), of at
+    most ``max_body_bytes`` (else ``413``, unread), received in full within ``body_read_timeout``
+    (else ``408``).  A body cut short by the client is dropped with its connection, unanswered.
 
-    The environ follows PEP 3333: ``PATH_INFO`` is the percent-decoded path as
-    latin-1, and headers whose name holds an underscore are dropped, since
-    ``X_Client_Cert`` would otherwise become the same variable as the
-    ``X-Client-Cert`` a proxy sets.  Repeated headers are joined with ``,``.
+    The environ follows PEP 3333: ``PATH_INFO`` is the percent-decoded path as latin-1, and headers
+    whose name holds an underscore are dropped, since ``X_Client_Cert`` would otherwise become the
+    same variable as the ``X-Client-Cert`` a proxy sets.  Repeated headers are joined with ``,``.
     """
 
     def __init__(self, app: WSGIApp, limits: Limits, request_id: Callable[[str], str] | None = None) -> None:
-        self.app = app
-        self.limits = limits
-        self.request_id = request_id or _request_id
+        self.app, self.limits, self.request_id = app, limits, request_id or _request_id
         self._threads: RequestThreads | None = None
 
     # -- RSGI hooks (granian calls these in the worker) --------------------------------------------
@@ -248,17 +245,22 @@ class WSGIOverRSGI:
 class RequestThreads:
     """The threads that run the WSGI application, each call awaited from the event loop.
 
-    What ``loop.run_in_executor`` does for a thread pool, with less work per call: a call and
-    the loop's future for its result go on one queue; a thread runs the call and hands the
-    result (or exception) back with one ``call_soon_threadsafe``.  (The executor wraps a
-    ``concurrent.futures`` future in an asyncio one, and copies its state across with
-    callbacks; measured here, that hand-off cost about twice as much CPU per request.)  A call
-    already running cannot be cancelled, as with the executor: its result is then dropped.
+    What ``loop.run_in_executor`` does for a thread pool, with less work per call (the executor
+    wraps a ``concurrent.futures`` future in an asyncio one: measured here, about twice the CPU
+    per request).  A call and the loop's future go on one queue; a thread runs the call and puts
+    the result (or exception) on a queue of finished calls, and wakes the loop only if no wake-up
+    is pending: one callback settles every call finished by the time it runs.  (Each wake-up
+    from another thread costs the loop a write and a read on its self-pipe.)  A call already
+    running cannot be cancelled, as with the executor: its result is then dropped.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
         self.loop = loop
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        #: Calls finished and not yet settled in the loop (``deque`` appends and pops are atomic).
+        self._finished: collections.deque[_Finished] = collections.deque()
+        #: Whether a callback to settle ``_finished`` is scheduled and has not started yet.
+        self._wake_pending = False
         self._threads = [
             threading.Thread(target=self._serve, name=f"sts-request_{n}", daemon=True) for n in range(count)
         ]
@@ -285,17 +287,32 @@ class RequestThreads:
                 result, error = function(*args), None
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, as the executor does
                 result, error = None, exc
-            # RuntimeError: the loop has closed, and nobody awaits the answer any more.
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(_settle, future, result, error)
+            self._finished.append((future, result, error))
             del call, future, result, error  # Nothing of this request outlives it in the thread.
+            self._wake()
+
+    def _wake(self) -> None:
+        """Schedule ``_settle_finished`` unless it is scheduled and has not started: it clears the
+        flag before it takes the first call, so a call appended meanwhile is never left behind."""
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        # RuntimeError: the loop has closed, and nobody awaits the answers any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._settle_finished)
+
+    def _settle_finished(self) -> None:
+        self._wake_pending = False
+        while self._finished:
+            _settle(*self._finished.popleft())
 
 
 _Call = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+_Finished = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # cancelled while the call ran (the client went away)
+    if future.done():  # cancelled while the call ran
         return
     if error is not None:
         future.set_exception(error)
@@ -321,9 +338,9 @@ def _request_id(incoming: str) -> str:
 def port_in_use(host: str, port: int) -> bool:
     """Whether something already listens on ``host:port``.
 
-    The workers bind with ``SO_REUSEPORT``, which would let a second service
-    on the same port silently share its connections; a plain bind (with
-    ``SO_REUSEADDR``, so connections in TIME_WAIT do not count) finds out.
+    The workers bind with ``SO_REUSEPORT``, which would let a second service on the same port
+    silently share its connections; a plain bind (with ``SO_REUSEADDR``, so connections in
+    TIME_WAIT do not count) finds out.
     """
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -357,7 +374,7 @@ def serve(
     are killed if they have not within 10 seconds.  A worker that dies is
     replaced.
     """
-    from granian.constants import HTTPModes, Interfaces
+    from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import Server
@@ -367,6 +384,8 @@ def serve(
         address=host,
         port=port,
         interface=Interfaces.RSGI,
+        # Named, not granian's "auto", which takes whichever loop package happens to be installed.
+        loop=Loops.uvloop,
         workers=workers,
         http=HTTPModes.http1,
         websockets=False,

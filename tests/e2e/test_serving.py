@@ -527,3 +527,66 @@ def test_request_threads_answer_each_call_into_the_loop() -> None:
     threads = asyncio.run(scenario())
     assert sorted(finished) == [1, 2, 3]
     assert not any(thread.is_alive() for thread in threads._threads)
+
+
+def test_calls_finished_before_the_loop_runs_wake_it_once() -> None:
+    """Waking the loop costs a write to its self-pipe and a read back: a thread wakes it only
+    when no wake-up is pending, and that one wake-up settles every call finished by then."""
+    import asyncio
+
+    from sts.serving import RequestThreads
+
+    async def scenario() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakes
+            wakes += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        threads = RequestThreads(loop, 4)
+        futures = [threads.run(lambda n=n: n * 3) for n in range(4)]
+        # The loop is busy (blocked here) while every call finishes.
+        deadline = time.monotonic() + 10
+        while len(threads._finished) < 4 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        results = list(await asyncio.gather(*futures))
+        threads.shutdown()
+        return results, wakes
+
+    results, wakes = asyncio.run(scenario())
+    assert results == [0, 3, 6, 9]
+    assert wakes == 1
+
+
+def test_the_workers_run_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named, not left to granian's "auto" (whichever loop package is installed): libuv coalesces
+    the wake-ups other threads send the loop, where asyncio's own loop pays two system calls each."""
+    import granian.server
+    import uvloop
+    from granian.constants import Loops
+
+    from sts import serving
+
+    given: dict[str, Any] = {}
+
+    class Server:
+        def __init__(self, target: str, **options: Any) -> None:
+            given.update(options)
+
+        def serve(self, **options: Any) -> None:
+            pass
+
+    monkeypatch.setattr(granian.server, "Server", Server)
+    serving.serve(
+        lambda: lambda environ, start_response: [],
+        host="127.0.0.1",
+        port=1,
+        workers=1,
+        limits=serving.Limits(),
+    )
+    assert given["loop"] == Loops.uvloop
+    assert uvloop.new_event_loop  # installed with the service
