@@ -2,7 +2,8 @@
 
 The writes of every request (an audit record, a replay entry, a subject's state)
 go through :class:`RawStatement`: one prepared statement, or a few in one
-transaction, with no SQL compiled per call.
+transaction, with no SQL compiled per call.  On a SQLite file each thread runs them
+on a connection of its own (:mod:`sts.adapters.sql.sqlite_local`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .engines import retry_locked, statement_engine
+from .sqlite_local import local_connections
 
 T = TypeVar("T")
 
@@ -36,6 +38,8 @@ class RawStatement:
         # statement on this engine; a connection found dead is replaced and the statement tried
         # once more instead.
         self.engine = engine if self.sqlite else statement_engine(engine)
+        #: SQLite file: this thread's connection (none for an in-memory database).
+        self._local = local_connections(engine) if self.sqlite else None
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
         self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
@@ -53,6 +57,20 @@ class RawStatement:
         return rows
 
     def _execute(self, sql: str, params: list[Any] | tuple[Any, ...], *, fetch: bool) -> Any:
+        local = self._local
+        if local is not None:
+
+            def local_attempt() -> Any:
+                with local.cursor() as cur:
+                    cur.execute(sql, params)
+                    if fetch:
+                        return cur.fetchall()
+                    if cur.rowcount > 0:
+                        local.checkpoints.wrote()
+                    return cur.rowcount
+
+            return retry_locked(local_attempt)
+
         def attempt() -> Any:
             raw = self.engine.raw_connection()
             try:
@@ -88,6 +106,18 @@ class RawStatement:
         :class:`CommitOutcomeUnknown`: the server may have committed.  Other DBAPI
         errors, and whatever ``work`` raises, propagate.
         """
+        local = self._local
+        if local is not None:
+
+            def local_attempt() -> T:
+                with local.cursor() as cur:
+                    cur.execute("BEGIN IMMEDIATE")
+                    result = work(cur)
+                    cur.execute("COMMIT")
+                local.checkpoints.wrote()
+                return result
+
+            return retry_locked(local_attempt)
         stage = ["connect"]
 
         def attempt() -> T:

@@ -1,0 +1,227 @@
+"""SQLite: one connection per request thread for the per-request statements, and WAL checkpoints
+in a thread of their own.
+
+:class:`~sts.adapters.sql.statements.RawStatement` runs every request's reads and writes on
+SQLite through :class:`LocalConnections`: each thread keeps one connection of the engine
+(opened through the engine, so with its pragmas and connect events, then detached from its
+pool, see SQLAlchemy's ``PoolProxiedConnection.detach``).  A statement then costs what SQLite
+costs, not a pool checkout and a rollback on return as well.  Disposing of the engine
+(``Engine.dispose``) closes them; the next statement opens a new one.
+
+A WAL commit only appends to the ``-wal`` file; the checkpoint that copies the WAL back into
+the database (and syncs both files) is the slow part of a write.  SQLite runs it in whichever
+commit finds the WAL past ``wal_autocheckpoint`` pages, so one request in some dozens waited
+for two syncs, and, as the audit sink's group commit holds every other committer of its
+process behind it, so did they.  Here :class:`WalCheckpoints` runs it in a thread of its own,
+every :data:`CHECKPOINT_EVERY` writes (``PRAGMA wal_checkpoint(PASSIVE)``: it never holds the
+write lock, https://www.sqlite.org/wal.html#ckpt); the request connections keep SQLite's own
+automatic checkpoint only as a safety net, at :data:`AUTOCHECKPOINT_PAGES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Engine, event
+
+log = logging.getLogger(__name__)
+
+#: Writes between two checkpoints of the WAL (an exchange writes some 15 pages).
+CHECKPOINT_EVERY = 100
+#: The automatic checkpoint of the request connections: a safety net should the thread fall behind.
+AUTOCHECKPOINT_PAGES = 20000
+#: Seconds between two checkpoints at least, and at most while anything was written.
+_MIN_INTERVAL, _MAX_INTERVAL = 0.02, 5.0
+
+_REGISTRY: weakref.WeakKeyDictionary[Engine, LocalConnections] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def local_connections(engine: Engine) -> LocalConnections | None:
+    """The per-thread connections of a SQLite file engine (one set per engine); None for an
+    in-memory database (each connection is a database of its own) or another database."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    with _REGISTRY_LOCK:
+        connections = _REGISTRY.get(engine)
+        if connections is None:
+            connections = _REGISTRY[engine] = LocalConnections(engine)
+        return connections
+
+
+class _Held:
+    """One thread's connection, its cursor, and the engine generation it was opened in."""
+
+    __slots__ = ("__weakref__", "busy", "conn", "cursor", "generation", "pid", "proxy")
+
+    def __init__(self, proxy: Any, generation: int) -> None:
+        self.proxy = proxy
+        self.conn: sqlite3.Connection = proxy.dbapi_connection
+        self.cursor = self.conn.cursor()
+        self.generation = generation
+        self.pid = os.getpid()
+        self.busy = False
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.proxy.close()
+
+
+class LocalConnections:
+    """One connection per thread for the statements of a SQLite engine (see the module docstring)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = weakref.ref(engine)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
+        self.checkpoints = WalCheckpoints(self._engine)
+        event.listen(engine, "engine_disposed", self._disposed)
+
+    def _disposed(self, _engine: Engine) -> None:
+        """``Engine.dispose``: close every thread's connection; each opens a new one when next used."""
+        with self._lock:
+            self._generation += 1
+            held, self._held = list(self._held), weakref.WeakSet()
+        self.checkpoints.stop()
+        for one in held:
+            if not one.busy and one.pid == os.getpid():
+                one.close()
+
+    def _open(self) -> _Held:
+        engine = self._engine()
+        if engine is None:  # pragma: no cover - the statements hold their engine
+            raise sqlite3.ProgrammingError("the engine is gone")
+        proxy = engine.raw_connection()
+        try:
+            proxy.detach()  # Ours until closed: never returned to the pool, so never reset there.
+            proxy.dbapi_connection.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        except BaseException:
+            proxy.close()
+            raise
+        with self._lock:
+            held = _Held(proxy, self._generation)
+            self._held.add(held)
+        return held
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[sqlite3.Cursor]:
+        """This thread's cursor, on a connection outside any transaction (autocommit).
+
+        A thread already using its connection (a statement run from within a transaction's
+        work) gets one of the engine's pool, as every statement did before.
+        """
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is not None and held.busy:
+            engine = self._engine()
+            assert engine is not None
+            proxy = engine.raw_connection()
+            try:
+                yield proxy.cursor()
+            finally:
+                proxy.close()
+            return
+        if held is None or held.generation != self._generation or held.pid != os.getpid():
+            if held is not None and held.pid == os.getpid():
+                held.close()
+            # A connection inherited over fork() is left alone (SQLite: never use one in the child).
+            held = self._local.held = None
+            held = self._local.held = self._open()
+        held.busy = True
+        try:
+            yield held.cursor
+        except BaseException:
+            if held.conn.in_transaction:
+                try:
+                    held.cursor.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # A connection that cannot roll back is not used again.
+                    self._local.held = None
+                    held.close()
+            raise
+        finally:
+            held.busy = False
+
+
+class WalCheckpoints:
+    """Checkpoints of the WAL in a daemon thread of this process (see the module docstring).
+
+    :meth:`wrote` counts the writes; every :data:`CHECKPOINT_EVERY` of them (and, while any
+    was written, every few seconds) the thread runs a passive checkpoint on a connection of
+    its own.  Another process's checkpoint running at the time makes this one a no-op.
+    """
+
+    def __init__(self, engine: weakref.ref[Engine], every: int = CHECKPOINT_EVERY) -> None:
+        self._engine = engine
+        self.every = every
+        self._writes = 0
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stopped = False
+        self._lock = threading.Lock()
+        #: Checkpoints run (for tests and diagnostics).
+        self.runs = 0
+
+    def wrote(self) -> None:
+        self._writes += 1
+        if self._thread is None or self._pid != os.getpid():
+            self._start()
+        if self._writes >= self.every:
+            self._wake.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._stopped or (self._thread is not None and self._pid == os.getpid()):
+                return
+            self._pid = os.getpid()
+            self._wake = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="sts-wal-checkpoint", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.set()
+
+    def _run(self) -> None:
+        wake, conn = self._wake, None
+        try:
+            while True:
+                wake.wait(_MAX_INTERVAL)
+                wake.clear()
+                if self._stopped:
+                    return
+                if not self._writes:
+                    continue
+                self._writes = 0
+                engine = self._engine()
+                if engine is None:
+                    return
+                try:
+                    if conn is None:
+                        conn = engine.raw_connection()
+                        conn.detach()
+                    conn.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.runs += 1
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    log.debug("WAL checkpoint not run: %s", exc)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                del engine
+                time.sleep(_MIN_INTERVAL)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
