@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 #: Writes between two checkpoints of the WAL (an exchange writes some 15 pages).
 CHECKPOINT_EVERY = 100
+#: WAL frames (pages) past which a checkpoint also restarts the WAL (the file is not shrunk).
+RESTART_FRAMES = 8192
+#: Bytes the WAL file is cut back to when it starts over (``PRAGMA journal_size_limit``).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: The automatic checkpoint of the request connections: a safety net should the thread fall behind.
 AUTOCHECKPOINT_PAGES = 20000
 #: Seconds between two checkpoints at least, and at most while anything was written.
@@ -105,7 +109,8 @@ class LocalConnections:
         proxy = engine.raw_connection()
         try:
             proxy.detach()  # Ours until closed: never returned to the pool, so never reset there.
-            proxy.dbapi_connection.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+            for pragma in (f"wal_autocheckpoint={AUTOCHECKPOINT_PAGES}", f"journal_size_limit={WAL_SIZE_LIMIT}"):
+                proxy.dbapi_connection.execute(f"PRAGMA {pragma}")
         except BaseException:
             proxy.close()
             raise
@@ -212,7 +217,7 @@ class WalCheckpoints:
                     if conn is None:
                         conn = engine.raw_connection()
                         conn.detach()
-                    conn.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    checkpoint(conn.dbapi_connection)
                     self.runs += 1
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
                     log.debug("WAL checkpoint not run: %s", exc)
@@ -225,3 +230,20 @@ class WalCheckpoints:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Copy the WAL into the database; when it has grown past :data:`RESTART_FRAMES`, restart it.
+
+    A passive checkpoint copies what it can without taking a lock anyone waits for.  It
+    never lets the WAL start over while writes keep coming (SQLite restarts it only when a
+    writer finds every frame copied, https://www.sqlite.org/wal.html#avoiding_excessively_large_wal_files),
+    so a long one is then checkpointed once more with ``RESTART``: that takes the write lock
+    (if free at once: ``busy_timeout`` is 0, so it never queues behind a writer) for the few
+    frames written since, and lets the next writer start the WAL over.  Returns the frames in
+    the WAL and those copied, as SQLite reports them.
+    """
+    _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if frames > RESTART_FRAMES:
+        _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    return int(frames), int(copied)
