@@ -170,42 +170,47 @@ class WalCheckpoints:
         self._engine = engine
         self.every = every
         self._writes = 0
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: The running thread's wake-up call; None while no thread runs (in this process).
+        self._wake: threading.Event | None = None
         self._pid = 0
-        self._stopped = False
         self._lock = threading.Lock()
         #: Checkpoints run (for tests and diagnostics).
         self.runs = 0
 
     def wrote(self) -> None:
         self._writes += 1
-        if self._thread is None or self._pid != os.getpid():
-            self._start()
+        wake = self._wake
+        if wake is None or self._pid != os.getpid():
+            wake = self._start()
         if self._writes >= self.every:
-            self._wake.set()
+            wake.set()
 
-    def _start(self) -> None:
+    def _start(self) -> threading.Event:
         with self._lock:
-            if self._stopped or (self._thread is not None and self._pid == os.getpid()):
-                return
-            self._pid = os.getpid()
-            self._wake = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="sts-wal-checkpoint", daemon=True)
-            self._thread.start()
+            if self._wake is None or self._pid != os.getpid():
+                self._pid, self._wake = os.getpid(), threading.Event()
+                stop = threading.Event()
+                self._stop = stop
+                threading.Thread(
+                    target=self._run, args=(self._wake, stop), name="sts-wal-checkpoint", daemon=True
+                ).start()
+            return self._wake
 
     def stop(self) -> None:
+        """End the thread (the engine was disposed of); the next write starts another."""
         with self._lock:
-            self._stopped = True
-            self._wake.set()
+            wake, self._wake = self._wake, None
+            if wake is not None:
+                self._stop.set()
+                wake.set()
 
-    def _run(self) -> None:
-        wake, conn = self._wake, None
+    def _run(self, wake: threading.Event, stop: threading.Event) -> None:
+        conn = None
         try:
             while True:
                 wake.wait(_MAX_INTERVAL)
                 wake.clear()
-                if self._stopped:
+                if stop.is_set():
                     return
                 if not self._writes:
                     continue
