@@ -95,7 +95,8 @@ def test_a_failed_transaction_is_rolled_back_and_the_connection_stays_usable(eng
     with pytest.raises(RuntimeError):
         raw.transaction(work)
     assert raw.query("SELECT count(*) FROM replay_entries", ()) == [(0,)]
-    assert raw.transaction(lambda cur: cur.execute("INSERT INTO replay_entries VALUES ('y', 1)").rowcount) == 1
+    insert = "INSERT INTO replay_entries VALUES ('y', 1)"
+    assert raw.transaction(lambda cur: cur.execute(insert).rowcount) == 1
     assert raw.query("SELECT key FROM replay_entries", ()) == [("y",)]
 
 

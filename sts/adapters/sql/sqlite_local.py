@@ -109,7 +109,10 @@ class LocalConnections:
         proxy = engine.raw_connection()
         try:
             proxy.detach()  # Ours until closed: never returned to the pool, so never reset there.
-            for pragma in (f"wal_autocheckpoint={AUTOCHECKPOINT_PAGES}", f"journal_size_limit={WAL_SIZE_LIMIT}"):
+            for pragma in (
+                f"wal_autocheckpoint={AUTOCHECKPOINT_PAGES}",
+                f"journal_size_limit={WAL_SIZE_LIMIT}",
+            ):
                 proxy.dbapi_connection.execute(f"PRAGMA {pragma}")
         except BaseException:
             proxy.close()
