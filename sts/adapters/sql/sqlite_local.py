@@ -62,6 +62,14 @@ def local_connections(engine: Engine) -> LocalConnections | None:
         return connections
 
 
+def _sqlite(proxy: Any) -> sqlite3.Connection:
+    """The driver's connection behind a pool's proxy."""
+    conn = proxy.dbapi_connection
+    if not isinstance(conn, sqlite3.Connection):  # pragma: no cover - pysqlite is the only driver
+        raise TypeError(f"not a sqlite3 connection: {type(conn).__name__}")
+    return conn
+
+
 class _Held:
     """One thread's connection, its cursor, and the engine generation it was opened in."""
 
@@ -69,7 +77,7 @@ class _Held:
 
     def __init__(self, proxy: Any, generation: int) -> None:
         self.proxy = proxy
-        self.conn: sqlite3.Connection = proxy.dbapi_connection
+        self.conn = _sqlite(proxy)
         self.cursor = self.conn.cursor()
         self.generation = generation
         self.pid = os.getpid()
@@ -113,7 +121,7 @@ class LocalConnections:
                 f"wal_autocheckpoint={AUTOCHECKPOINT_PAGES}",
                 f"journal_size_limit={WAL_SIZE_LIMIT}",
             ):
-                proxy.dbapi_connection.execute(f"PRAGMA {pragma}")
+                _sqlite(proxy).execute(f"PRAGMA {pragma}")
         except BaseException:
             proxy.close()
             raise
@@ -135,7 +143,7 @@ class LocalConnections:
             assert engine is not None
             proxy = engine.raw_connection()
             try:
-                yield proxy.cursor()
+                yield _sqlite(proxy).cursor()
             finally:
                 proxy.close()
             return
@@ -225,7 +233,7 @@ class WalCheckpoints:
                     if conn is None:
                         conn = engine.raw_connection()
                         conn.detach()
-                    checkpoint(conn.dbapi_connection)
+                    checkpoint(_sqlite(conn))
                     self.runs += 1
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
                     log.debug("WAL checkpoint not run: %s", exc)
