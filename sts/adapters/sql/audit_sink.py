@@ -27,7 +27,7 @@ from ...core.ports import AlreadyUsed, AuditUnavailable, BaselineUpdate, SingleU
 from .chain_heads import ChainHead, ChainHeads
 from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, column_text, utc
 from .key_value import store_key, upsert_statement
-from .replay import first_use_statement, replay_key
+from .replay import first_uses_statement, replay_key
 from .schema import audit_events
 from .statements import CommitOutcomeUnknown, RawStatement
 
@@ -79,7 +79,7 @@ class SqlAuditSink:
         self._count_links = (
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
-        self._entry_sql = first_use_statement(p)
+        self._entry_sql = {rows: first_uses_statement(p, rows) for rows in (1, 2, 3)}
         self._writes = GroupCommit(self._commit, max_batch, timeout)
         self._writes_with_uses = GroupCommit(self._commit_with_uses, max_batch, timeout)
 
@@ -151,9 +151,15 @@ class SqlAuditSink:
         its own record, entries and baseline; the hash chain links only the records that
         stay, in commit order.
         """
+        entries = [(use, replay_key(use.purpose, use.key)) for use in uses]
+        if len({key for _, key in entries}) < len(entries):
+            # One use twice in one grant (one statement cannot insert a key twice): the second is a replay.
+            keys = [key for _, key in entries]
+            raise AlreadyUsed(next(use for i, (use, key) in enumerate(entries) if key in keys[:i]))
         item = PendingUses(
             self._stored_row(record),
-            entries=[(use, (replay_key(use.purpose, use.key), use.expires_at, now)) for use in uses],
+            entries=entries,
+            entry_params=[*(v for use, key in entries for v in (key, use.expires_at)), now],
             baseline=(
                 (store_key(baseline.identity), baseline.baseline.to_json(), now + baseline.ttl)
                 if baseline is not None
@@ -185,10 +191,13 @@ class SqlAuditSink:
                 if savepoints:
                     cur.execute("SAVEPOINT item")
                 try:
-                    for use, params in item.entries:
-                        cur.execute(self._entry_sql, params)
-                        if cur.rowcount != 1:
-                            raise UseTaken(use)
+                    if item.entries:
+                        # One statement for all the uses; a use whose key it did not write is taken.
+                        cur.execute(self._entries_sql(len(item.entries)), item.entry_params)
+                        written = {row[0] for row in cur.fetchall()}
+                        for use, key in item.entries:
+                            if key not in written:
+                                raise UseTaken(use)
                 except UseTaken as taken:
                     if not savepoints:
                         raise
@@ -215,7 +224,8 @@ class SqlAuditSink:
             return kept, seq, prev
 
         try:
-            kept, seq, digest = self._raw.transaction(work)
+            # The transaction starts with a write, so it needs no BEGIN IMMEDIATE (see RawStatement).
+            kept, seq, digest = self._raw.transaction(work, immediate=False)
         except UseTaken as taken:  # One item, no savepoint: nothing was committed.
             batch[0].taken = taken.use
             return
@@ -246,6 +256,12 @@ class SqlAuditSink:
         else:
             for item in batch:
                 self._commit_uses_linked(head, [item])
+
+    def _entries_sql(self, rows: int) -> str:
+        sql = self._entry_sql.get(rows)
+        if sql is None:
+            sql = self._entry_sql[rows] = first_uses_statement(self._raw.placeholder, rows)
+        return sql
 
     def _registration(self, head: ChainHead) -> tuple[Any, ...]:
         """The ``audit_chains`` row of ``head``'s chain, committed with its first record."""
@@ -342,7 +358,7 @@ class SqlAuditSink:
                         cur.execute(self._register_chain, self._registration(head))
                     cur.execute(sql, params)
 
-                self._raw.transaction(work)
+                self._raw.transaction(work, immediate=False)
             head.advance(seq, digest)
             return
         except CommitOutcomeUnknown as exc:

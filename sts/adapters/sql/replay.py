@@ -39,6 +39,19 @@ def first_use_statement(placeholder: str) -> str:
     )
 
 
+def first_uses_statement(placeholder: str, rows: int) -> str:
+    """:func:`first_use_statement` for ``rows`` entries in one statement, returning the key of each
+    entry it wrote: a key not returned has a live entry already (a replay).  Parameters: the key
+    and ``expires_at`` of each entry, then ``now``."""
+    p = placeholder
+    values = ", ".join([f"({p}, {p})"] * rows)
+    return (
+        f"INSERT INTO replay_entries (key, expires_at) VALUES {values} "  # noqa: S608 - placeholders
+        "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
+        f"WHERE replay_entries.expires_at <= {p} RETURNING key"
+    )
+
+
 class SqlReplayCache:
     """The embedded replay store (ports.ReplayCache) on the same database.
 
