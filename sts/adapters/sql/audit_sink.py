@@ -52,7 +52,8 @@ class SqlAuditSink:
         self.engine = engine
         self.max_batch = max_batch
         self.timeout = timeout
-        self._raw = RawStatement(engine)
+        # Each transaction of the sink starts with a write (see RawStatement.transaction).
+        self._raw = RawStatement(engine, writes_first=True)
         self._chains = ChainHeads(1 if self._raw.sqlite else max_chains)
         dbapi = engine.dialect.loaded_dbapi
         self._integrity_errors: tuple[type[BaseException], ...] = (dbapi.IntegrityError,)
@@ -224,8 +225,7 @@ class SqlAuditSink:
             return kept, seq, prev
 
         try:
-            # The transaction starts with a write, so it needs no BEGIN IMMEDIATE (see RawStatement).
-            kept, seq, digest = self._raw.transaction(work, immediate=False)
+            kept, seq, digest = self._raw.transaction(work)
         except UseTaken as taken:  # One item, no savepoint: nothing was committed.
             batch[0].taken = taken.use
             return
@@ -358,7 +358,7 @@ class SqlAuditSink:
                         cur.execute(self._register_chain, self._registration(head))
                     cur.execute(sql, params)
 
-                self._raw.transaction(work, immediate=False)
+                self._raw.transaction(work)
             head.advance(seq, digest)
             return
         except CommitOutcomeUnknown as exc:

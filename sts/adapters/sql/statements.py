@@ -32,8 +32,9 @@ class RawStatement:
     it is followed by a commit.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, writes_first: bool = False) -> None:
         self.sqlite = engine.dialect.name == "sqlite"
+        self.writes_first = writes_first
         # PostgreSQL: a pool without pre-ping (a round trip on every checkout), shared by every
         # statement on this engine; a connection found dead is replaced and the statement tried
         # once more instead.
@@ -96,13 +97,13 @@ class RawStatement:
             # Nothing was committed on a connection that died; one fresh try.
             return attempt()
 
-    def transaction(self, work: Callable[[Any], T], *, immediate: bool = True) -> T:
+    def transaction(self, work: Callable[[Any], T]) -> T:
         """Run ``work(cursor)`` in one transaction and commit it; on any error, roll back.
 
         SQLite: ``BEGIN IMMEDIATE`` takes the write lock up front (a lock collision is
-        retried like any other); with ``immediate=False``, for a ``work`` whose first
-        statement writes, a plain ``BEGIN``, so that the lock is taken by that statement:
-        a thread holding the lock waits for the GIL after each statement (while other
+        retried like any other); made with ``writes_first`` (every ``work`` starts with a
+        write), a plain ``BEGIN``, so that the lock is taken by that first statement: a
+        thread holding the lock waits for the GIL after each statement (while the other
         processes wait for the lock), so one statement fewer under the lock counts.
         PostgreSQL: the driver's implicit transaction.  A
         connection found dead before anything was sent is replaced and the work tried
@@ -112,7 +113,7 @@ class RawStatement:
         """
         local = self._local
         if local is not None:
-            begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+            begin = "BEGIN" if self.writes_first else "BEGIN IMMEDIATE"
 
             def local_attempt() -> T:
                 with local.cursor() as cur:
