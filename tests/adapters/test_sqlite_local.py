@@ -178,3 +178,14 @@ def test_a_long_wal_is_restarted_though_writes_keep_coming(
     restarted = frames_after_rounds(10)
     assert passive_only >= 100
     assert restarted < 10
+
+
+def test_writes_returning_rows_count_towards_the_next_checkpoint(engine: Engine) -> None:
+    connections = local_connections(engine)
+    assert connections is not None
+    raw = RawStatement(engine)
+    raw.query("SELECT count(*) FROM replay_entries", ())
+    assert connections.checkpoints._writes == 0
+    raw.query("INSERT INTO replay_entries VALUES ('r', 1) RETURNING key", ())
+    raw.run("INSERT INTO replay_entries VALUES ('s', 1)", ())
+    assert connections.checkpoints._writes == 2

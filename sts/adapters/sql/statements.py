@@ -63,12 +63,12 @@ class RawStatement:
 
             def local_attempt() -> Any:
                 with local.cursor() as cur:
+                    changes = cur.connection.total_changes
                     cur.execute(sql, params)
-                    if fetch:
-                        return cur.fetchall()
-                    if cur.rowcount > 0:
+                    result = cur.fetchall() if fetch else cur.rowcount
+                    if cur.connection.total_changes != changes:  # a write (also INSERT ... RETURNING)
                         local.checkpoints.wrote()
-                    return cur.rowcount
+                    return result
 
             return retry_locked(local_attempt)
 
