@@ -34,9 +34,9 @@ from sqlalchemy import Engine, event
 
 log = logging.getLogger(__name__)
 
-#: Writes between two checkpoints of the WAL (an exchange writes some 15 pages).
+#: Writes between two checkpoints of the WAL (an exchange's transaction writes some 20 pages).
 CHECKPOINT_EVERY = 100
-#: WAL frames (pages) past which a checkpoint also restarts the WAL (the file is not shrunk).
+#: WAL frames (pages) past which a checkpoint also restarts the WAL.
 RESTART_FRAMES = 8192
 #: Bytes the WAL file is cut back to when it starts over (``PRAGMA journal_size_limit``).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
