@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = 100
 #: WAL frames (pages) past which a checkpoint also restarts the WAL.
 RESTART_FRAMES = 8192
+#: How long (ms) a restart waits for the lock and for the readers (writers wait meanwhile).
+RESTART_WAIT_MS = 10
 #: Bytes the WAL file is cut back to when it starts over (``PRAGMA journal_size_limit``).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: The automatic checkpoint of the request connections: a safety net should the thread fall behind.
@@ -233,6 +235,8 @@ class WalCheckpoints:
                     if conn is None:
                         conn = engine.raw_connection()
                         conn.detach()
+                        # A restart waits this long (ms) for the writer and the readers of the moment.
+                        _sqlite(conn).execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
                     checkpoint(_sqlite(conn))
                     self.runs += 1
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
@@ -255,8 +259,9 @@ def checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
     never lets the WAL start over while writes keep coming (SQLite restarts it only when a
     writer finds every frame copied, https://www.sqlite.org/wal.html#avoiding_excessively_large_wal_files),
     so a long one is then checkpointed once more with ``RESTART``: that takes the write lock
-    (if free at once: ``busy_timeout`` is 0, so it never queues behind a writer) for the few
-    frames written since, and lets the next writer start the WAL over.  Returns the frames in
+    for the few frames written since and waits for the readers of the moment (the checkpoint
+    thread's ``busy_timeout`` is :data:`RESTART_WAIT_MS`; writers wait meanwhile), so that the
+    next writer starts the WAL over.  Returns the frames in
     the WAL and those copied, as SQLite reports them.
     """
     _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
