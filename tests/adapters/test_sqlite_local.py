@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import sqlite3
 import threading
 import time
@@ -189,3 +190,22 @@ def test_writes_returning_rows_count_towards_the_next_checkpoint(engine: Engine)
     raw.query("INSERT INTO replay_entries VALUES ('r', 1) RETURNING key", ())
     raw.run("INSERT INTO replay_entries VALUES ('s', 1)", ())
     assert connections.checkpoints._writes == 2
+
+
+def _write_in_child(raw: RawStatement) -> None:
+    raw.run("INSERT INTO replay_entries VALUES ('child', 1)", ())
+
+
+def test_a_forked_child_opens_a_connection_of_its_own(engine: Engine) -> None:
+    raw = RawStatement(engine)
+    raw.run("INSERT INTO replay_entries VALUES ('parent', 1)", ())
+    connections = local_connections(engine)
+    assert connections is not None
+    before = connections._local.held
+    child = multiprocessing.get_context("fork").Process(target=_write_in_child, args=(raw,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    # The parent's connection is untouched by the child, and still its own.
+    assert raw.query("SELECT key FROM replay_entries ORDER BY key", ()) == [("child",), ("parent",)]
+    assert connections._local.held is before

@@ -49,6 +49,8 @@ _MIN_INTERVAL, _MAX_INTERVAL = 0.02, 5.0
 
 _REGISTRY: weakref.WeakKeyDictionary[Engine, LocalConnections] = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
+#: Connections a forked child found in its thread (kept open, never used).
+_INHERITED: list[_Held] = []
 
 
 def local_connections(engine: Engine) -> LocalConnections | None:
@@ -152,7 +154,9 @@ class LocalConnections:
         if held is None or held.generation != self._generation or held.pid != os.getpid():
             if held is not None and held.pid == os.getpid():
                 held.close()
-            # A connection inherited over fork() is left alone (SQLite: never use one in the child).
+            elif held is not None:
+                # Inherited over fork(): left alone, not even closed (SQLite: never use one in the child).
+                _INHERITED.append(held)
             held = self._local.held = None
             held = self._local.held = self._open()
         held.busy = True
