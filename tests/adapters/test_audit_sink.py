@@ -16,9 +16,10 @@ from sqlalchemy import Engine, event, func, select
 
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine
-from sts.adapters.sql.schema import audit_events
+from sts.adapters.sql.replay import replay_key
+from sts.adapters.sql.schema import audit_events, replay_entries
 from sts.core.audit import AuditRecord
-from sts.core.ports import AuditUnavailable
+from sts.core.ports import AlreadyUsed, AuditUnavailable, SingleUse
 from sts.migrations import upgrade
 
 
@@ -133,3 +134,57 @@ def test_database_files_made_world_readable_before_are_restricted(tmp_path: Path
     SqlAuditSink(engine).write(_record())
     assert _count(engine) == 1
     engine.dispose()
+
+
+# -- a grant's single uses: one statement, in the record's transaction -------------------------------
+
+NOW = 1_700_000_000.0
+
+
+def _use(purpose: str, key: str) -> SingleUse:
+    return SingleUse(purpose, key, NOW + 300, None)
+
+
+def _entries(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return {row[0] for row in conn.execute(select(replay_entries.c.key))}
+
+
+def test_the_uses_of_a_grant_are_inserted_by_one_statement_after_a_plain_begin(engine: Engine) -> None:
+    statements: list[str] = []
+    event.listen(engine, "connect", lambda conn, _record: conn.set_trace_callback(statements.append))
+    engine.dispose()
+    sink = SqlAuditSink(engine)
+    sink.write_with_uses(_record(), [_use("dpop:k", "a")], NOW)  # registers the chain
+    statements.clear()
+    sink.write_with_uses(_record(), [_use("dpop:k", "b"), _use("subject_token:github", "b")], NOW)
+    reads = {"SELECT", "PRAGMA"}
+    written = [" ".join(s.split()[:3]) for s in statements if s.split()[0].upper() not in reads]
+    # BEGIN, not BEGIN IMMEDIATE: the lock is taken by the first insert, one statement fewer under it.
+    assert written == ["BEGIN", "INSERT INTO replay_entries", "INSERT INTO audit_events", "COMMIT"]
+    assert _entries(engine) == {"dpop:k:a", "dpop:k:b", "subject_token:github:b"}
+
+
+@pytest.mark.parametrize("taken", [0, 1])
+def test_a_taken_use_among_several_is_named_and_nothing_is_committed(engine: Engine, taken: int) -> None:
+    sink = SqlAuditSink(engine)
+    uses = [_use("dpop:k", "p"), _use("subject_token:github", "t")]
+    sink.write_with_uses(_record(), [uses[taken]], NOW)
+    before = _count(engine)
+    with pytest.raises(AlreadyUsed) as raised:
+        sink.write_with_uses(_record(), uses, NOW)
+    assert raised.value.use == uses[taken]
+    assert _count(engine) == before
+    assert _entries(engine) == {replay_key(uses[taken].purpose, uses[taken].key)}
+    # An expired entry is no longer a use: it is replaced.
+    sink.write_with_uses(_record(), uses, NOW + 301)
+    assert _count(engine) == before + 1
+
+
+def test_one_use_twice_in_one_grant_is_a_replay_of_the_second(engine: Engine) -> None:
+    sink = SqlAuditSink(engine)
+    first, second = _use("dpop:k", "x"), _use("dpop:k", "x")
+    with pytest.raises(AlreadyUsed) as raised:
+        sink.write_with_uses(_record(), [first, second], NOW)
+    assert raised.value.use is second
+    assert _count(engine) == 0 and not _entries(engine)

@@ -1081,7 +1081,7 @@ def test_a_grant_is_one_write_transaction_on_the_embedded_database(sts: STS) -> 
         " ".join(s.split()[:3]) for s in statements if s.split()[0].upper() not in {"SELECT", "PRAGMA"}
     ]
     assert written == [
-        "BEGIN IMMEDIATE",
+        "BEGIN",
         "INSERT INTO replay_entries",
         "INSERT INTO baselines",
         "INSERT INTO audit_events",

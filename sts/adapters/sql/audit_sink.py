@@ -27,7 +27,7 @@ from ...core.ports import AlreadyUsed, AuditUnavailable, BaselineUpdate, SingleU
 from .chain_heads import ChainHead, ChainHeads
 from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, column_text, utc
 from .key_value import store_key, upsert_statement
-from .replay import first_use_statement, replay_key
+from .replay import all_first_uses_statement, first_uses_statement, replay_key
 from .schema import audit_events
 from .statements import CommitOutcomeUnknown, RawStatement
 
@@ -56,7 +56,8 @@ class SqlAuditSink:
         self.engine = engine
         self.max_batch = max_batch
         self.timeout = timeout
-        self._raw = RawStatement(engine)
+        # Each transaction of the sink starts with a write (see RawStatement.transaction).
+        self._raw = RawStatement(engine, writes_first=True)
         self._chains = ChainHeads(1 if self._raw.sqlite else max_chains)
         dbapi = engine.dialect.loaded_dbapi
         self._integrity_errors: tuple[type[BaseException], ...] = (dbapi.IntegrityError,)
@@ -82,11 +83,6 @@ class SqlAuditSink:
         self._save_baseline = upsert_statement("baselines", "baseline", p)
         self._count_links = (
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
-        )
-        self._entry_sql = first_use_statement(p)
-        # PostgreSQL: the same insert, failing with _USE_TAKEN when it inserts nothing (a live entry).
-        self._guarded_entry_sql = (
-            f"WITH entry AS ({self._entry_sql} RETURNING 1) SELECT 1 / count(*) FROM entry"  # noqa: S608
         )
         self._writes = GroupCommit(self._commit, max_batch, timeout)
         self._writes_with_uses = GroupCommit(self._commit_with_uses, max_batch, timeout)
@@ -159,9 +155,15 @@ class SqlAuditSink:
         its own record, entries and baseline; the hash chain links only the records that
         stay, in commit order.
         """
+        entries = [(use, replay_key(use.purpose, use.key)) for use in uses]
+        if len({key for _, key in entries}) < len(entries):
+            # One use twice in one grant (one statement cannot insert a key twice): the second is a replay.
+            keys = [key for _, key in entries]
+            raise AlreadyUsed(next(use for i, (use, key) in enumerate(entries) if key in keys[:i]))
         item = PendingUses(
             self._stored_row(record),
-            entries=[(use, (replay_key(use.purpose, use.key), use.expires_at, now)) for use in uses],
+            entries=entries,
+            entry_params=[*(v for use, key in entries for v in (key, use.expires_at)), now],
             baseline=(
                 (store_key(baseline.identity), baseline.baseline.to_json(), now + baseline.ttl)
                 if baseline is not None
@@ -193,10 +195,14 @@ class SqlAuditSink:
                 if savepoints:
                     cur.execute("SAVEPOINT item")
                 try:
-                    for use, params in item.entries:
-                        cur.execute(self._entry_sql, params)
-                        if cur.rowcount != 1:
-                            raise UseTaken(use)
+                    if item.entries:
+                        # One statement for all the uses; a use whose key it did not write is taken.
+                        entries = first_uses_statement(self._raw.placeholder, len(item.entries))
+                        cur.execute(entries, item.entry_params)
+                        written = {row[0] for row in cur.fetchall()}
+                        for use, key in item.entries:
+                            if key not in written:
+                                raise UseTaken(use)
                 except UseTaken as taken:
                     if not savepoints:
                         raise
@@ -277,8 +283,8 @@ class SqlAuditSink:
             seq, prev, registered = head.seq, head.hash, head.registered
             for item in batch:
                 item.taken = None
-                for _use, params in item.entries:
-                    conn.execute(self._guarded_entry_sql, params)
+                if item.entries:
+                    conn.execute(all_first_uses_statement("%s", len(item.entries)), item.entry_params)
                 if item.baseline is not None:
                     conn.execute(self._save_baseline, item.baseline)
                 if not registered:

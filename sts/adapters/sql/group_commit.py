@@ -42,7 +42,9 @@ class PendingRow:
 class PendingUses(PendingRow):
     """A record to commit with the replay entries of its uses and its baseline update."""
 
-    entries: list[tuple[SingleUse, tuple[Any, ...]]] = field(default_factory=list)
+    #: Each use with its ``replay_entries`` key, and the parameters of the statement inserting them.
+    entries: list[tuple[SingleUse, str]] = field(default_factory=list)
+    entry_params: list[Any] = field(default_factory=list)
     baseline: tuple[Any, ...] | None = None
     #: The use a concurrent request had committed first: this record was not written.
     taken: SingleUse | None = None

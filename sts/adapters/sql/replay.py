@@ -6,6 +6,7 @@ statement, so of two concurrent first uses exactly one succeeds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 
@@ -37,6 +38,28 @@ def first_use_statement(placeholder: str) -> str:
         "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
         f"WHERE replay_entries.expires_at <= {p}"
     )
+
+
+@functools.cache
+def first_uses_statement(placeholder: str, rows: int) -> str:
+    """:func:`first_use_statement` for ``rows`` entries in one statement, returning the key of each
+    entry it wrote: a key not returned has a live entry already (a replay).  Parameters: the key
+    and ``expires_at`` of each entry, then ``now``."""
+    p = placeholder
+    values = ", ".join([f"({p}, {p})"] * rows)
+    return (
+        f"INSERT INTO replay_entries (key, expires_at) VALUES {values} "  # noqa: S608 - placeholders
+        "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
+        f"WHERE replay_entries.expires_at <= {p} RETURNING key"
+    )
+
+
+@functools.cache
+def all_first_uses_statement(placeholder: str, rows: int) -> str:
+    """PostgreSQL: :func:`first_uses_statement`, failing with SQLSTATE ``22012`` (division by zero)
+    unless it wrote every one of the ``rows`` entries, so that a pipelined transaction stops there."""
+    inserted = first_uses_statement(placeholder, rows)
+    return f"WITH entry AS ({inserted}) SELECT 1 / (count(*) / {rows}) FROM entry"  # noqa: S608
 
 
 class SqlReplayCache:

@@ -2,7 +2,8 @@
 
 The writes of every request (an audit record, a replay entry, a subject's state)
 go through :class:`RawStatement`: one prepared statement, or a few in one
-transaction, with no SQL compiled per call.
+transaction, with no SQL compiled per call.  On a SQLite file each thread runs them
+on a connection of its own (:mod:`sts.adapters.sql.sqlite_local`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .engines import retry_locked, statement_engine
+from .sqlite_local import local_connections
 
 T = TypeVar("T")
 
@@ -30,12 +32,15 @@ class RawStatement:
     the connection is in autocommit mode too: one statement, one round trip.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, writes_first: bool = False) -> None:
         self.sqlite = engine.dialect.name == "sqlite"
+        self.writes_first = writes_first
         # PostgreSQL: the request pool, without pre-ping (a round trip on every checkout), shared
         # by every statement on this engine; a connection found dead is replaced and the statement
         # tried once more instead.
         self.engine = engine if self.sqlite else statement_engine(engine)
+        #: SQLite file: this thread's connection (none for an in-memory database).
+        self._local = local_connections(engine) if self.sqlite else None
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
         self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
@@ -53,6 +58,20 @@ class RawStatement:
         return rows
 
     def _execute(self, sql: str, params: list[Any] | tuple[Any, ...], *, fetch: bool) -> Any:
+        local = self._local
+        if local is not None:
+
+            def local_attempt() -> Any:
+                with local.cursor() as cur:
+                    changes = cur.connection.total_changes
+                    cur.execute(sql, params)
+                    result = cur.fetchall() if fetch else cur.rowcount
+                    if cur.connection.total_changes != changes:  # a write (also INSERT ... RETURNING)
+                        local.checkpoints.wrote()
+                    return result
+
+            return retry_locked(local_attempt)
+
         def attempt() -> Any:
             raw = self.engine.raw_connection()
             try:
@@ -95,12 +114,29 @@ class RawStatement:
         """Run ``work(cursor)`` in one transaction and commit it; on any error, roll back.
 
         SQLite: ``BEGIN IMMEDIATE`` takes the write lock up front (a lock collision is
-        retried like any other); PostgreSQL: ``BEGIN`` on the autocommit connection.  A
+        retried like any other); made with ``writes_first`` (every ``work`` starts with a
+        write), a plain ``BEGIN``, so that the lock is taken by that first statement: a
+        thread holding the lock waits for the GIL after each statement (while the other
+        processes wait for the lock), so one statement fewer under the lock counts.
+        PostgreSQL: ``BEGIN`` on the autocommit connection.  A
         connection found dead before anything was sent is replaced and the work tried
         once more.  On PostgreSQL a failure during ``COMMIT`` (the connection broke) is
         :class:`CommitOutcomeUnknown`: the server may have committed.  Other DBAPI
         errors, and whatever ``work`` raises, propagate.
         """
+        local = self._local
+        if local is not None:
+            begin = "BEGIN" if self.writes_first else "BEGIN IMMEDIATE"
+
+            def local_attempt() -> T:
+                with local.cursor() as cur:
+                    cur.execute(begin)
+                    result = work(cur)
+                    cur.execute("COMMIT")
+                local.checkpoints.wrote()
+                return result
+
+            return retry_locked(local_attempt)
         stage = ["connect"]
 
         def attempt() -> T:

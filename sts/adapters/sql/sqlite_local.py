@@ -1,0 +1,274 @@
+"""SQLite: one connection per request thread for the per-request statements, and WAL checkpoints
+in a thread of their own.
+
+:class:`~sts.adapters.sql.statements.RawStatement` runs every request's reads and writes on
+SQLite through :class:`LocalConnections`: each thread keeps one connection of the engine
+(opened through the engine, so with its pragmas and connect events, then detached from its
+pool, see SQLAlchemy's ``PoolProxiedConnection.detach``).  A statement then costs what SQLite
+costs, not a pool checkout and a rollback on return as well.  Disposing of the engine
+(``Engine.dispose``) closes them; the next statement opens a new one.
+
+A WAL commit only appends to the ``-wal`` file; the checkpoint that copies the WAL back into
+the database (and syncs both files) is the slow part of a write.  SQLite runs it in whichever
+commit finds the WAL past ``wal_autocheckpoint`` pages, so one request in some dozens waited
+for two syncs, and, as the audit sink's group commit holds every other committer of its
+process behind it, so did they.  Here :class:`WalCheckpoints` runs it in a thread of its own,
+every :data:`CHECKPOINT_EVERY` writes (``PRAGMA wal_checkpoint(PASSIVE)``: it never holds the
+write lock, https://www.sqlite.org/wal.html#ckpt); the request connections keep SQLite's own
+automatic checkpoint only as a safety net, at :data:`AUTOCHECKPOINT_PAGES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Engine, event
+
+log = logging.getLogger(__name__)
+
+#: Writes between two checkpoints of the WAL (an exchange's transaction writes some 20 pages).
+CHECKPOINT_EVERY = 100
+#: WAL frames (pages) past which a checkpoint also restarts the WAL.
+RESTART_FRAMES = 8192
+#: How long (ms) a restart waits for the lock and for the readers (writers wait meanwhile).
+RESTART_WAIT_MS = 10
+#: Bytes the WAL file is cut back to when it starts over (``PRAGMA journal_size_limit``).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+#: The automatic checkpoint of the request connections: a safety net should the thread fall behind.
+AUTOCHECKPOINT_PAGES = 20000
+#: Seconds between two checkpoints at least, and at most while anything was written.
+_MIN_INTERVAL, _MAX_INTERVAL = 0.02, 5.0
+
+_REGISTRY: weakref.WeakKeyDictionary[Engine, LocalConnections] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()
+#: Connections a forked child found in its thread (kept open, never used).
+_INHERITED: list[_Held] = []
+
+
+def local_connections(engine: Engine) -> LocalConnections | None:
+    """The per-thread connections of a SQLite file engine (one set per engine); None for an
+    in-memory database (each connection is a database of its own) or another database."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    with _REGISTRY_LOCK:
+        connections = _REGISTRY.get(engine)
+        if connections is None:
+            connections = _REGISTRY[engine] = LocalConnections(engine)
+        return connections
+
+
+def _sqlite(proxy: Any) -> sqlite3.Connection:
+    """The driver's connection behind a pool's proxy."""
+    conn = proxy.dbapi_connection
+    if not isinstance(conn, sqlite3.Connection):  # pragma: no cover - pysqlite is the only driver
+        raise TypeError(f"not a sqlite3 connection: {type(conn).__name__}")
+    return conn
+
+
+class _Held:
+    """One thread's connection, its cursor, and the engine generation it was opened in."""
+
+    __slots__ = ("__weakref__", "busy", "conn", "cursor", "generation", "pid", "proxy")
+
+    def __init__(self, proxy: Any, generation: int) -> None:
+        self.proxy = proxy
+        self.conn = _sqlite(proxy)
+        self.cursor = self.conn.cursor()
+        self.generation = generation
+        self.pid = os.getpid()
+        self.busy = False
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.proxy.close()
+
+
+class LocalConnections:
+    """One connection per thread for the statements of a SQLite engine (see the module docstring)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = weakref.ref(engine)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
+        self.checkpoints = WalCheckpoints(self._engine)
+        event.listen(engine, "engine_disposed", self._disposed)
+
+    def _disposed(self, _engine: Engine) -> None:
+        """``Engine.dispose``: close every thread's connection; each opens a new one when next used."""
+        with self._lock:
+            self._generation += 1
+            held, self._held = list(self._held), weakref.WeakSet()
+        self.checkpoints.stop()
+        for one in held:
+            if not one.busy and one.pid == os.getpid():
+                one.close()
+
+    def _open(self) -> _Held:
+        engine = self._engine()
+        if engine is None:  # pragma: no cover - the statements hold their engine
+            raise sqlite3.ProgrammingError("the engine is gone")
+        proxy = engine.raw_connection()
+        try:
+            proxy.detach()  # Ours until closed: never returned to the pool, so never reset there.
+            for pragma in (
+                f"wal_autocheckpoint={AUTOCHECKPOINT_PAGES}",
+                f"journal_size_limit={WAL_SIZE_LIMIT}",
+            ):
+                _sqlite(proxy).execute(f"PRAGMA {pragma}")
+        except BaseException:
+            proxy.close()
+            raise
+        with self._lock:
+            held = _Held(proxy, self._generation)
+            self._held.add(held)
+        return held
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[sqlite3.Cursor]:
+        """This thread's cursor, on a connection outside any transaction (autocommit).
+
+        A thread already using its connection (a statement run from within a transaction's
+        work) gets one of the engine's pool, as every statement did before.
+        """
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is not None and held.busy:
+            engine = self._engine()
+            assert engine is not None
+            proxy = engine.raw_connection()
+            try:
+                yield _sqlite(proxy).cursor()
+            finally:
+                proxy.close()
+            return
+        if held is None or held.generation != self._generation or held.pid != os.getpid():
+            if held is not None and held.pid == os.getpid():
+                held.close()
+            elif held is not None:
+                # Inherited over fork(): left alone, not even closed (SQLite: never use one in the child).
+                _INHERITED.append(held)
+            held = self._local.held = None
+            held = self._local.held = self._open()
+        held.busy = True
+        try:
+            yield held.cursor
+        except BaseException:
+            if held.conn.in_transaction:
+                try:
+                    held.cursor.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # A connection that cannot roll back is not used again.
+                    self._local.held = None
+                    held.close()
+            raise
+        finally:
+            held.busy = False
+
+
+class WalCheckpoints:
+    """Checkpoints of the WAL in a daemon thread of this process (see the module docstring).
+
+    :meth:`wrote` counts the writes; every :data:`CHECKPOINT_EVERY` of them (and, while any
+    was written, every few seconds) the thread runs a passive checkpoint on a connection of
+    its own.  Another process's checkpoint running at the time makes this one a no-op.
+    """
+
+    def __init__(self, engine: weakref.ref[Engine], every: int = CHECKPOINT_EVERY) -> None:
+        self._engine = engine
+        self.every = every
+        self._writes = 0
+        #: The running thread's wake-up call; None while no thread runs (in this process).
+        self._wake: threading.Event | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        #: Checkpoints run (for tests and diagnostics).
+        self.runs = 0
+
+    def wrote(self) -> None:
+        self._writes += 1
+        wake = self._wake
+        if wake is None or self._pid != os.getpid():
+            wake = self._start()
+        if self._writes >= self.every:
+            wake.set()
+
+    def _start(self) -> threading.Event:
+        with self._lock:
+            if self._wake is None or self._pid != os.getpid():
+                self._pid, self._wake = os.getpid(), threading.Event()
+                stop = threading.Event()
+                self._stop = stop
+                threading.Thread(
+                    target=self._run, args=(self._wake, stop), name="sts-wal-checkpoint", daemon=True
+                ).start()
+            return self._wake
+
+    def stop(self) -> None:
+        """End the thread (the engine was disposed of); the next write starts another."""
+        with self._lock:
+            wake, self._wake = self._wake, None
+            if wake is not None:
+                self._stop.set()
+                wake.set()
+
+    def _run(self, wake: threading.Event, stop: threading.Event) -> None:
+        conn = None
+        try:
+            while True:
+                wake.wait(_MAX_INTERVAL)
+                wake.clear()
+                if stop.is_set():
+                    return
+                if not self._writes:
+                    continue
+                self._writes = 0
+                engine = self._engine()
+                if engine is None:
+                    return
+                try:
+                    if conn is None:
+                        conn = engine.raw_connection()
+                        conn.detach()
+                        # A restart waits this long (ms) for the writer and the readers of the moment.
+                        _sqlite(conn).execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+                    checkpoint(_sqlite(conn))
+                    self.runs += 1
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    log.debug("WAL checkpoint not run: %s", exc)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                del engine
+                time.sleep(_MIN_INTERVAL)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Copy the WAL into the database; when it has grown past :data:`RESTART_FRAMES`, restart it.
+
+    A passive checkpoint copies what it can without taking a lock anyone waits for.  It
+    never lets the WAL start over while writes keep coming (SQLite restarts it only when a
+    writer finds every frame copied, https://www.sqlite.org/wal.html#avoiding_excessively_large_wal_files),
+    so a long one is then checkpointed once more with ``RESTART``: that takes the write lock
+    for the few frames written since and waits for the readers of the moment (the checkpoint
+    thread's ``busy_timeout`` is :data:`RESTART_WAIT_MS`; writers wait meanwhile), so that the
+    next writer starts the WAL over.  Returns the frames in
+    the WAL and those copied, as SQLite reports them.
+    """
+    _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if frames > RESTART_FRAMES:
+        _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    return int(frames), int(copied)
