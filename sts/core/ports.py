@@ -47,7 +47,7 @@ class ReplayWindowLost(Exception):
 
 
 class AlreadyUsed(Exception):
-    """A single-use credential whose use is already recorded (or committed by a concurrent request).
+    """A single-use credential whose use is already recorded (earlier, or by a concurrent request).
 
     ``use`` names it when a commit of several uses found it taken (:meth:`SingleUseLedger.commit`).
     """

@@ -7,9 +7,8 @@ import random
 from collections.abc import Sequence
 
 from ...core.audit import AuditRecord
-from ...core.ports import AlreadyUsed, BaselineUpdate, SingleUse, StoreUnavailable
+from ...core.ports import BaselineUpdate, SingleUse
 from .audit_sink import SqlAuditSink
-from .replay import replay_key
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +17,11 @@ class SqlSingleUseLedger:
     """ports.SingleUseLedger on the embedded database: the uses, the baseline update and the
     audit record of a grant commit together, in one write transaction.
 
-    ``reserve`` and ``spend`` only look (a committed use refuses the request before a
-    token is minted); the entries themselves are inserted by :meth:`commit`, in the
-    transaction that commits the grant's audit record.  Two concurrent requests with
-    one subject token (or one DPoP proof) both get that far; the database lets exactly
-    one insert the entry, and the other is refused as a replay.
+    ``reserve`` and ``spend`` look nothing up; the entries are inserted by :meth:`commit`,
+    in the transaction that commits the grant's audit record, and the insert decides: of
+    any number of requests with one subject token (or one DPoP proof), at once or one
+    after another, the database lets exactly one insert the entry, and every other is
+    refused as a replay (its record rolled back, its token withheld).
     """
 
     def __init__(self, audit: SqlAuditSink, *, purge_probability: float = 0.001) -> None:
@@ -31,21 +30,23 @@ class SqlSingleUseLedger:
         self._audit = audit
         self.purge_probability = purge_probability
         p = self._raw.placeholder
-        self._seen = f"SELECT 1 FROM replay_entries WHERE key = {p} AND expires_at > {p}"  # noqa: S608
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
 
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
-        try:
-            seen = self._raw.query(self._seen, (replay_key(use.purpose, use.key), now))
-        except self._raw.failures as exc:
-            raise StoreUnavailable(type(exc).__name__) from None
-        if seen:
-            raise AlreadyUsed(use)
+        """Nothing to look up: the insert in :meth:`commit` decides (a used token raises
+        :class:`AlreadyUsed` there, and the grant becomes a refusal before its token leaves).
+
+        A read here would only move the refusal of a replay earlier, at the price of one
+        statement (on PostgreSQL one round trip) for every request that is not a replay.
+        """
         return use
 
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
-        """Look now, insert with the record (the database never forgets: ``valid_from`` is not needed)."""
-        return self.reserve(use, now)
+        """As :meth:`reserve`: the proof's ``jti`` is inserted with the record, or found used there.
+
+        The database never forgets, so ``valid_from`` is not needed.
+        """
+        return use
 
     def commit(
         self,

@@ -327,14 +327,15 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             else:
                 self.audit.write(record)
         except AlreadyUsed as exc:
-            # A concurrent request with the same proof or token committed first (another worker or
-            # instance).  The proof was verified, so it is spent, whichever it was.
+            # The proof or the token was used already: by an earlier request (the stores decide
+            # single use at the commit, not before) or by a concurrent one committed first, in
+            # any worker or instance.  The proof was verified, so it is spent, whichever it was.
             withdraw_grant(record)
             replayed: OAuthError
             if exc.use is not None and exc.use in proofs:
-                replayed = InvalidDPoPProof("dpop.replayed_jti", "used by a concurrent request")
+                replayed = InvalidDPoPProof("dpop.replayed_jti", "found used at commit")
             else:
-                replayed = InvalidRequest("subject_token.replayed", "used by a concurrent request")
+                replayed = InvalidRequest("subject_token.replayed", "found used at commit")
                 pending.proofs.spend_now(now)
             self.record_refusal(record, replayed)
             self._count_failure(record, replayed, now)

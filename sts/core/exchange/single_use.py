@@ -1,10 +1,11 @@
 """Single use of a subject token, in two phases (see :class:`~sts.core.ports.SingleUseLedger`).
 
-The ``mint`` stage reserves the token (:func:`reserve_subject_token`; a used one is
-refused there), last of all the checks, so that a refusal does not burn it.  The use
-is committed together with the grant's audit record, so of two concurrent exchanges
-of one token exactly one succeeds; the other's record, its token already minted,
-becomes a refusal (:func:`withdraw_grant`).
+The ``mint`` stage reserves the token (:func:`reserve_subject_token`), last of all the
+checks, so that a refusal does not burn it; a ledger may refuse a used one there, or
+(the SQL and Redis ledgers, to save a round trip) only at the commit.  The use is
+committed together with the grant's audit record, so of any exchanges of one token
+exactly one succeeds; another's record, its token already minted, becomes a refusal
+(:func:`withdraw_grant`).
 """
 
 from __future__ import annotations
