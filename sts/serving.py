@@ -38,13 +38,13 @@ import asyncio
 import collections
 import contextlib
 import functools
+import gc
 import importlib
 import io
 import json
 import logging
 import math
 import queue
-import socket
 import sys
 import threading
 import uuid
@@ -335,25 +335,6 @@ def _request_id(incoming: str) -> str:
     return str(uuid.uuid4())
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on ``host:port``.
-
-    The workers bind with ``SO_REUSEPORT``, which would let a second service on the same port
-    silently share its connections; a plain bind (with ``SO_REUSEADDR``, so connections in
-    TIME_WAIT do not count) finds out.
-    """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError:
-            return True
-    return False
-
-
 def per_worker_connections(max_connections: int, workers: int) -> int:
     return max(1, math.ceil(max_connections / workers))
 
@@ -413,7 +394,13 @@ class _Loader:
     request_id: Callable[[str], str] | None
 
     def __call__(self) -> Any:  # granian types its loaders as returning callables
-        return WSGIOverRSGI(self.load_app(), self.limits, self.request_id)
+        app = WSGIOverRSGI(self.load_app(), self.limits, self.request_id)
+        # What start-up built (keys, compiled policies, modules) lives as long as the worker: out
+        # of the collector's sight, so that a full collection no longer walks it on a request
+        # thread (``gc.freeze``, https://docs.python.org/3/library/gc.html#gc.freeze).
+        gc.collect()
+        gc.freeze()
+        return app
 
 
 def _import_app(target: str) -> WSGIApp:

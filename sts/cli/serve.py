@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     from ..app import create_app, prepare
     from ..http.responses import request_id
 
-    if serving.port_in_use(settings.host, settings.port):
+    if port_in_use(settings.host, settings.port):
         raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
     listener: metrics.MetricsServer | None = None
     if settings.metrics_address is not None and metrics_dir is not None:
@@ -116,3 +117,22 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
 def _key_entries(keyring: Any) -> list[Any]:
     keyring.reload_if_changed(time.time())
     return list(keyring.entries())
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port``.
+
+    The workers bind with ``SO_REUSEPORT``, which would let a second service on the same port
+    silently share its connections; a plain bind (with ``SO_REUSEADDR``, so connections in
+    TIME_WAIT do not count) finds out.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False

@@ -590,3 +590,22 @@ def test_the_workers_run_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert given["loop"] == Loops.uvloop
     assert uvloop.new_event_loop  # installed with the service
+
+
+def test_what_a_worker_built_at_start_is_frozen_out_of_the_collectors_sight() -> None:
+    """The loader freezes what start-up allocated (``gc.freeze``), so full collections during
+    requests no longer walk the keys, policies and modules every worker keeps."""
+    import gc
+
+    from sts import serving
+
+    kept = object.__new__(type("BuiltAtStart", (), {}))
+    loader = serving._Loader(lambda: lambda environ, start_response: [kept], serving.Limits(), None)
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        loader()
+        assert gc.get_freeze_count() > 0
+        assert kept not in gc.get_objects()  # frozen objects are left out of every generation
+    finally:
+        gc.unfreeze()
