@@ -210,21 +210,12 @@ class SqlAuditSink:
                     cur.execute("RELEASE SAVEPOINT item")
                     item.taken = taken.use
                     continue
-                if item.baseline is not None:
-                    cur.execute(self._save_baseline, item.baseline)
-                if not registered:
-                    # The chain's row goes with its first record.
-                    cur.execute(self._register_chain, self._registration(head))
-                    registered = True
                 # Linked only now, so the chain holds the records that stay, in commit order.
-                row = item.row
                 seq += 1
-                digest = link_hash(prev, head.chain_id, seq, row["record"])
-                row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
-                cur.execute(self._sql(1), self._params([item]))
+                prev = self._write_item(cur.execute, head, item, seq, prev, registered)
+                registered = True
                 if savepoints:
                     cur.execute("RELEASE SAVEPOINT item")
-                prev = digest
                 kept.append(item)
             return kept, seq, prev
 
@@ -285,17 +276,9 @@ class SqlAuditSink:
                 item.taken = None
                 if item.entries:
                     conn.execute(all_first_uses_statement("%s", len(item.entries)), item.entry_params)
-                if item.baseline is not None:
-                    conn.execute(self._save_baseline, item.baseline)
-                if not registered:
-                    conn.execute(self._register_chain, self._registration(head))
-                    registered = True
-                row = item.row
                 seq += 1
-                digest = link_hash(prev, head.chain_id, seq, row["record"])
-                row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
-                conn.execute(self._sql(1), self._params([item]))
-                prev = digest
+                prev = self._write_item(conn.execute, head, item, seq, prev, registered)
+                registered = True
             return list(batch), seq, prev
 
         try:
@@ -304,6 +287,26 @@ class SqlAuditSink:
             if getattr(exc, "sqlstate", None) != _USE_TAKEN:
                 raise
         return self._raw.transaction(work)
+
+    def _write_item(
+        self,
+        execute: Callable[..., Any],
+        head: ChainHead,
+        item: PendingUses,
+        seq: int,
+        prev: str,
+        registered: bool,
+    ) -> str:
+        """Write ``item``: its baseline, the chain's row with its first record, the record as ``seq``."""
+        if item.baseline is not None:
+            execute(self._save_baseline, item.baseline)
+        if not registered:
+            execute(self._register_chain, self._registration(head))
+        row = item.row
+        digest = link_hash(prev, head.chain_id, seq, row["record"])
+        row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
+        execute(self._sql(1), self._params([item]))
+        return digest
 
     def _registration(self, head: ChainHead) -> tuple[Any, ...]:
         """The ``audit_chains`` row of ``head``'s chain, committed with its first record."""
