@@ -18,6 +18,7 @@ Time is an injected clock everywhere; no test sleeps.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
@@ -700,15 +701,14 @@ def test_the_limit_holds_across_the_worker_processes_of_a_running_server(tmp_pat
     with (tmp_path / "serve.log").open("wb") as log:
         server = subprocess.Popen([sts, "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
+            # Until both workers answer (each request on a new connection, spread over the workers'
+            # sockets by the kernel): a worker still starting would leave the other every request.
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if requests.get(f"{base}/healthz", timeout=0.5).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                assert time.monotonic() < deadline, "sts serve did not come up"
-                time.sleep(0.1)
+            while len(_access_pids(tmp_path / "serve.log", "/healthz")) < 2:
+                with contextlib.suppress(requests.RequestException):
+                    requests.get(f"{base}/healthz", timeout=0.5)
+                assert time.monotonic() < deadline, "sts serve did not come up with two workers"
+                time.sleep(0.05)
 
             def post(_: int) -> int:
                 return requests.post(f"{base}/token", data={"grant_type": "x"}, timeout=10).status_code
@@ -727,3 +727,15 @@ def test_the_limit_holds_across_the_worker_processes_of_a_running_server(tmp_pat
     ]
     assert len(token_lines) == 40
     assert len({line["pid"] for line in token_lines}) == 2, "one worker served every request"
+
+
+def _access_pids(log: Path, route: str) -> set[int]:
+    """The processes that have answered ``route``, from the JSON access log."""
+    pids = set()
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("logger") == "sts.access" and entry.get("http_route") == route:
+                    pids.add(entry["pid"])
+    return pids
