@@ -190,7 +190,7 @@ def bulk_insert(engine: Engine, count: int, days: float, now: float, batch: int 
         cur = raw.cursor()
         if engine.dialect.name == "sqlite":
             placeholders = ", ".join("?" for _ in COLUMNS)
-            statement = f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES ({placeholders})"  # noqa: S608
+            statement = f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES ({placeholders})"
             buffer: list[tuple[Any, ...]] = []
             cur.execute("BEGIN")
             for record in rows(count, days, now):
