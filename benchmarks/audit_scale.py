@@ -20,6 +20,7 @@ is the best of three runs after one warm-up; the target is under a second.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import secrets
@@ -271,10 +272,10 @@ def measure(engine: Engine, now: float, days: float) -> list[tuple[str, float, s
     for label, since, step in (("24 h, hourly", day, 3600.0), ("7 d, 6-hourly", week, 6 * 3600.0),
                                (f"{days:g} d, daily", now - days * 86400, 86400.0)):  # fmt: skip
         timed(f"chart: decisions by outcome, {label}",
-              lambda since=since, step=step: query.decisions_over_time(since, now, step),
+              functools.partial(query.decisions_over_time, since, now, step),
               lambda r: f"{len(r)} buckets, {sum(b.total for b in r):,} decisions")  # fmt: skip
     for label, since in (("24 h", day), ("7 d", week), (f"{days:g} d", now - days * 86400)):
-        timed(f"chart: signals that fire most, {label}", lambda since=since: query.top_signals(since, now),
+        timed(f"chart: signals that fire most, {label}", functools.partial(query.top_signals, since, now),
               lambda r: ", ".join(f"{k}={v:,}" for k, v in r[:2]))  # fmt: skip
     timed("graph: edges seen in 7 d, new in 1 d", lambda: query.edges(since=week, new_since=day),
           lambda r: f"{len(r[0])} of {r[1]:,} edges drawn, {sum(e.new for e in r[0])} new")  # fmt: skip
@@ -286,7 +287,7 @@ def measure(engine: Engine, now: float, days: float) -> list[tuple[str, float, s
     pages = ["/review/", "/review/?window=30d", "/review/timeline", "/review/timeline?signal=shared_signal",
              f"/review/identity?issuer={issuer}&subject={subject}", "/review/graph"]  # fmt: skip
     for path in pages:
-        timed(f"page GET {path[:40]}", lambda path=path: web.get(path),
+        timed(f"page GET {path[:40]}", functools.partial(web.get, path),
               lambda r: f"{r.status_code}, {len(r.data):,} bytes")  # fmt: skip
     return results
 

@@ -481,7 +481,12 @@ class Bench:
              "--maxmemory-policy", "noeviction"],
             stdout=(home / "redis.log").open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.cleanups.append(lambda: (proc.terminate(), proc.wait(10)))
+
+        def stop() -> None:
+            proc.terminate()
+            proc.wait(10)
+
+        self.cleanups.append(stop)
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break
@@ -939,11 +944,11 @@ def fill_audit_rows(url: str, count: int) -> None:
         return
     import psycopg
 
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1)) as conn:
-        with conn.cursor() as cur, cur.copy(f"COPY audit_events ({AUDIT_COLUMNS}) FROM STDIN") as copy:
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1)) as pg:
+        with pg.cursor() as cur, cur.copy(f"COPY audit_events ({AUDIT_COLUMNS}) FROM STDIN") as copy:
             for row in audit_rows(count):
                 copy.write_row((*row[:1], row[1] + "+00", *row[2:]))
-        conn.execute("ANALYZE audit_events")
+        pg.execute("ANALYZE audit_events")
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -997,13 +1002,14 @@ def summarise(runs: dict[str, list[dict[str, Any]]], systems: dict[str, System])
     def ratio(name: str, other: str | None) -> float | None:
         if other is None or other not in runs or not runs[name]:
             return None
-        return statistics.median(a["rps"] / b["rps"] for a, b in zip(runs[name], runs[other], strict=True))
+        pairs = zip(runs[name], runs[other], strict=True)
+        return float(statistics.median(a["rps"] / b["rps"] for a, b in pairs))
 
     def cpu_ratio(name: str) -> float | None:
         if "floor" not in runs or name == "floor" or not runs[name]:
             return None
         pairs = zip(runs["floor"], runs[name], strict=True)
-        return statistics.median(f["cpu_ms"] / s["cpu_ms"] for f, s in pairs if s["cpu_ms"])
+        return float(statistics.median(f["cpu_ms"] / s["cpu_ms"] for f, s in pairs if s["cpu_ms"]))
 
     rows = {}
     for name, system in systems.items():

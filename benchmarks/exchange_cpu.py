@@ -177,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
         "cpu_us": cpu / len(measured) * 1e6,
         "wall_us": wall / len(measured) * 1e6,
         "failed": failed,
-        "package": str(Path(sts.__file__).parent),
+        "package": str(Path(str(sts.__file__)).parent),
     }
     print(json.dumps(result))
 
