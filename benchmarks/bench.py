@@ -447,17 +447,7 @@ class Bench:
             # would answer most requests 429 (benchmarks/rate_limits.py measures what they cost;
             # --setting 'rate_limits={enabled: true}' turns them back on here).
             "rate_limits": {"enabled": False},
-            "issuers": [
-                {
-                    "name": "github",
-                    "issuer": GITHUB_ISS,
-                    "jwks_file": str(self.jwks_file),
-                    "algorithms": ["RS256"],
-                    "audiences": [SUBJECT_AUDIENCE],
-                    "profile": "github-actions",
-                    "require_jti": True,
-                }
-            ],
+            "issuers": [github_issuer(self.jwks_file)],
         }
         if redis_url:
             config["redis_url"] = redis_url
@@ -978,6 +968,20 @@ def parse_wrk(out: str) -> dict[str, Any]:
         "reused": int(lua.group(4)),
         "first_failure": lua.group(5).strip(),
         "socket_errors": sum(int(x) for x in socket_errors.groups()) if socket_errors else 0,
+    }
+
+
+def github_issuer(jwks_file: Path | str) -> dict[str, Any]:
+    """The trusted issuer of the benchmark's subject tokens, as an ``issuers`` entry of the settings
+    (also used by ``exchange_cpu.py`` and the tests that run the benchmark's exchange)."""
+    return {
+        "name": "github",
+        "issuer": GITHUB_ISS,
+        "jwks_file": str(jwks_file),
+        "algorithms": ["RS256"],
+        "audiences": [SUBJECT_AUDIENCE],
+        "profile": "github-actions",
+        "require_jti": True,
     }
 
 

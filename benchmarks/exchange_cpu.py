@@ -82,17 +82,7 @@ def _exchange_app(work: Path, home: Path) -> Any:
         "policies_dir": str(home / "policies"),
         "log_level": "WARNING",
         "rate_limits": {"enabled": False},
-        "issuers": [
-            {
-                "name": "github",
-                "issuer": bench.GITHUB_ISS,
-                "jwks_file": str(work / "jwks.json"),
-                "algorithms": ["RS256"],
-                "audiences": [bench.SUBJECT_AUDIENCE],
-                "profile": "github-actions",
-                "require_jti": True,
-            }
-        ],
+        "issuers": [bench.github_issuer(work / "jwks.json")],
     }
     return create_app(load_settings(config_file=None, environ={}, overrides=config))
 

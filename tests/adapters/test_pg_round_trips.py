@@ -128,17 +128,7 @@ def bench_app(tmp_path: Path, issuer: DevIssuer, database_url: str, **overrides:
         "keys_dir": str(tmp_path / "keys"),
         "policies_dir": str(tmp_path / "policies"),
         "rate_limits": {"enabled": False},
-        "issuers": [
-            {
-                "name": "github",
-                "issuer": bench.GITHUB_ISS,
-                "jwks_file": str(tmp_path / "jwks.json"),
-                "algorithms": ["RS256"],
-                "audiences": [bench.SUBJECT_AUDIENCE],
-                "profile": "github-actions",
-                "require_jti": True,
-            }
-        ],
+        "issuers": [bench.github_issuer(tmp_path / "jwks.json")],
         **overrides,
     }
     return create_app(load_settings(config_file=None, environ={}, overrides=config))

@@ -61,17 +61,7 @@ def test_the_benchmark_request_is_the_full_exchange(tmp_path: Path, upstream: De
             "database_url": f"sqlite:///{tmp_path / 'sts.sqlite'}",
             "keys_dir": str(tmp_path / "keys"),
             "policies_dir": str(tmp_path / "policies"),
-            "issuers": [
-                {
-                    "name": "github",
-                    "issuer": bench.GITHUB_ISS,
-                    "jwks_file": str(tmp_path / "jwks.json"),
-                    "algorithms": ["RS256"],
-                    "audiences": [bench.SUBJECT_AUDIENCE],
-                    "profile": "github-actions",
-                    "require_jti": True,
-                }
-            ],
+            "issuers": [bench.github_issuer(tmp_path / "jwks.json")],
         },
     )
     client = create_app(settings).test_client()
