@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/exchange_cpu.py [--source LABEL=DIR ...] [--rounds 5]
         [--requests 1500] [--warmup 200] [--no-floor] [--profile LABEL] [--top 25]
+        [--store embedded|redis|pg] [--postgres postgresql://postgres@127.0.0.1:5432]
 
 The request is the one ``benchmarks/bench.py`` sends: a distinct GitHub-Actions-shaped RS256
 subject token and a fresh ES256 DPoP proof per request, granted a DPoP-bound ES256 ``at+jwt``
@@ -18,6 +19,11 @@ request over ``--requests`` requests after ``--warmup``.  CPU time, unlike reque
 under ``wrk``, hardly moves when other work shares the machine.  The table gives the median per
 system, and the median over rounds of each system's ratio to the first source and to the floor.
 
+``--store`` picks the exchange's store: ``embedded`` (SQLite, the default), ``redis`` (a private
+``redis-server`` started for each run, append-only file synced on every write, the audit trail on
+SQLite) or ``pg`` (a private PostgreSQL database on ``--postgres`` created for each run and dropped
+after it).  The CPU column counts this process only, not the store's server.
+
 ``--profile LABEL`` runs one more process of that system under ``cProfile`` and prints the
 functions with the most time of their own and the most time in total.
 """
@@ -25,14 +31,18 @@ functions with the most time of their own and the most time in total.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pstats
+import secrets
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -62,7 +72,7 @@ class _Scope:
         self.headers = headers
 
 
-def _exchange_app(work: Path, home: Path) -> Any:
+def _exchange_app(work: Path, home: Path, store: dict[str, str]) -> Any:
     import bench
     import yaml
 
@@ -83,6 +93,7 @@ def _exchange_app(work: Path, home: Path) -> Any:
         "log_level": "WARNING",
         "rate_limits": {"enabled": False},
         "issuers": [bench.github_issuer(work / "jwks.json")],
+        **store,
     }
     return create_app(load_settings(config_file=None, environ={}, overrides=config))
 
@@ -116,7 +127,8 @@ def worker(args: argparse.Namespace) -> None:
     logging.disable(logging.WARNING)
     work = Path(args.work)
     with tempfile.TemporaryDirectory(prefix="sts-cpu-") as home:
-        app = _floor_app(work) if args.floor else _exchange_app(work, Path(home))
+        store = json.loads(args.store_settings)
+        app = _floor_app(work) if args.floor else _exchange_app(work, Path(home), store)
         served = WSGIOverRSGI(app, Limits())
         tokens = (work / "tokens.txt").read_text().split()[: args.warmup + args.requests]
         proofs = bench.Proofs().make(len(tokens))
@@ -182,8 +194,59 @@ def source_option(value: str) -> tuple[str, Path]:
     return label, Path(directory).resolve()
 
 
+@contextlib.contextmanager
+def private_store(args: argparse.Namespace, work: Path) -> Iterator[dict[str, str]]:
+    """The exchange's store settings for one run, on a store no other run has written to."""
+    if args.store == "embedded":
+        yield {}
+        return
+    if args.store == "redis":
+        import bench
+
+        port, home = bench.free_port(), Path(tempfile.mkdtemp(prefix="redis-", dir=work))
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(100):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                    break
+                time.sleep(0.05)
+            yield {"store": "redis", "redis_url": f"redis://127.0.0.1:{port}/0"}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        return
+    import psycopg
+
+    name = f"sts_cpu_{os.getpid()}_{secrets.token_hex(3)}"
+    with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = args.postgres.replace("postgresql://", "postgresql+psycopg://", 1) + "/" + name
+        yield {"store": "embedded", "database_url": url}
+    finally:
+        with psycopg.connect(f"{args.postgres}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def run_system(
     work: Path, source: Path | None, args: argparse.Namespace, profile_out: Path | None = None
+) -> dict[str, Any]:
+    if source is None:
+        return _run_system(work, source, args, profile_out, {})
+    with private_store(args, work) as store:
+        return _run_system(work, source, args, profile_out, store)
+
+
+def _run_system(
+    work: Path,
+    source: Path | None,
+    args: argparse.Namespace,
+    profile_out: Path | None,
+    store: dict[str, str],
 ) -> dict[str, Any]:
     command = [
         sys.executable,
@@ -195,6 +258,8 @@ def run_system(
         str(args.requests),
         "--warmup",
         str(args.warmup),
+        "--store-settings",
+        json.dumps(store),
     ]
     if source is None:
         command.append("--floor")
@@ -259,7 +324,10 @@ def main() -> None:
     parser.add_argument("--profile", action="append", default=[], metavar="LABEL")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--keep-profile", default=None, metavar="FILE", help="write the cProfile stats here")
+    parser.add_argument("--store", choices=("embedded", "redis", "pg"), default="embedded")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--store-settings", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", help=argparse.SUPPRESS)
