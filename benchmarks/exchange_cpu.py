@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/exchange_cpu.py [--source LABEL=DIR ...] [--rounds 5]
         [--requests 1500] [--warmup 200] [--no-floor] [--profile LABEL] [--top 25]
-        [--store embedded|redis|pg] [--postgres postgresql://postgres@127.0.0.1:5432]
+        [--store embedded|redis|pg] [--postgres postgresql://postgres@127.0.0.1:5432] [--threads 1]
 
 The request is the one ``benchmarks/bench.py`` sends: a distinct GitHub-Actions-shaped RS256
 subject token and a fresh ES256 DPoP proof per request, granted a DPoP-bound ES256 ``at+jwt``
@@ -23,6 +23,9 @@ system, and the median over rounds of each system's ratio to the first source an
 ``redis-server`` started for each run, append-only file synced on every write, the audit trail on
 SQLite) or ``pg`` (a private PostgreSQL database on ``--postgres`` created for each run and dropped
 after it).  The CPU column counts this process only, not the store's server.
+
+``--threads N`` sends the requests from N threads at once, as a worker's request threads do
+(what the GIL hand-offs and the store's group commit cost).
 
 ``--profile LABEL`` runs one more process of that system under ``cProfile`` and prints the
 functions with the most time of their own and the most time in total.
@@ -170,7 +173,13 @@ def worker(args: argparse.Namespace) -> None:
             profiler = cProfile.Profile()
             profiler.enable()
         wall, cpu = time.perf_counter(), time.process_time()
-        failed = run(measured)
+        if args.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(args.threads) as pool:
+                failed = sum(pool.map(run, [measured[i :: args.threads] for i in range(args.threads)]))
+        else:
+            failed = run(measured)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         if profiler is not None:
             profiler.disable()
@@ -258,6 +267,8 @@ def _run_system(
         str(args.requests),
         "--warmup",
         str(args.warmup),
+        "--threads",
+        str(args.threads),
         "--store-settings",
         json.dumps(store),
     ]
@@ -324,6 +335,7 @@ def main() -> None:
     parser.add_argument("--profile", action="append", default=[], metavar="LABEL")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--keep-profile", default=None, metavar="FILE", help="write the cProfile stats here")
+    parser.add_argument("--threads", type=int, default=1, help="request threads sending the requests")
     parser.add_argument("--store", choices=("embedded", "redis", "pg"), default="embedded")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
