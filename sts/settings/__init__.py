@@ -22,9 +22,6 @@ TOKEN_TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
 SPIFFE_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
 )
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,8 @@ class ClientSettings:
     jwks: Mapping[str, Any] | None = None
     jwks_file: Path | None = None
     jwks_uri: str | None = None
-    algorithms: tuple[str, ...] = ("ES256", "RS256", "PS256", "EdDSA")
+    #: Ed25519 (RFC 9864) and its deprecated name EdDSA (RFC 8037), as for DPoP proofs.
+    algorithms: tuple[str, ...] = ("ES256", "RS256", "PS256", "Ed25519", "EdDSA")
     audiences: tuple[str, ...] = ()
 
 

@@ -34,7 +34,7 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
     # What registered private_key_jwt clients may actually use (RFC 8414 §2).
     assertion_algs = sorted(
         {a for c in settings.clients if c.auth_method == "private_key_jwt" for a in c.algorithms}
-        or {"ES256", "ES384", "RS256", "PS256", "EdDSA"}
+        or {"ES256", "ES384", "RS256", "PS256", "Ed25519", "EdDSA"}
     )
     if policy.allows_anonymous:
         methods.append("none")

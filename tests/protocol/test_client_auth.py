@@ -28,6 +28,7 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc import jwt
-from joserfc.jwk import ECKey, Key, RSAKey
+from joserfc.errors import SecurityWarning
+from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
+from joserfc.jws import JWSRegistry
 from werkzeug.serving import make_server
 from werkzeug.test import TestResponse
 
@@ -71,8 +74,17 @@ ODD_SECRET = "p@ss:w rd+/%20&=~é"
 SLOW_CLIENT = "operator-chosen"
 SLOW_SECRET = "correct horse battery staple"
 
+#: A private_key_jwt client with an Ed25519 key and no ``algorithms`` setting (the default list).
+ED_CLIENT = "ed-signer"
+ED_KEY = OKPKey.generate_key("Ed25519", auto_kid=True)
+
 CLIENTS: list[dict[str, Any]] = [
     *DEFAULT_CLIENTS,
+    {
+        "client_id": ED_CLIENT,
+        "auth_method": "private_key_jwt",
+        "jwks": {"keys": [ED_KEY.as_dict(private=False)]},
+    },
     {"client_id": ODD_CLIENT, "auth_method": "client_secret_basic", "secret_hash": hash_secret(ODD_SECRET)},
     {
         "client_id": SLOW_CLIENT,
@@ -85,7 +97,7 @@ CLIENTS: list[dict[str, Any]] = [
 def policy_with_extra_clients() -> dict[str, Any]:
     policy = copy.deepcopy(DEFAULT_POLICY)
     ledger = next(rule for rule in policy["rules"] if rule["name"] == "ledger-with-client")
-    ledger["clients"] = [*ledger["clients"], ODD_CLIENT, SLOW_CLIENT]
+    ledger["clients"] = [*ledger["clients"], ODD_CLIENT, SLOW_CLIENT, ED_CLIENT]
     return policy
 
 
@@ -508,6 +520,25 @@ def test_private_key_jwt_with_an_explicit_typ_is_accepted(
 ) -> None:
     response = post(client, jwt_form(issuer, assertion(header={"typ": typ})))
     assert_granted(app, response, "signer", "private_key_jwt")
+
+
+@pytest.mark.parametrize("alg", ["Ed25519", "EdDSA"])
+def test_ed25519_assertion_is_accepted_by_default(
+    app: Flask, client: FlaskClient, issuer: DevIssuer, alg: str
+) -> None:
+    """RFC 9864 names the algorithm ``Ed25519``; RFC 8037's ``EdDSA`` stays accepted.  The client
+    sets no ``algorithms``: both are in the default list, and both are advertised in metadata."""
+    claims = {"iss": ED_CLIENT, "sub": ED_CLIENT, "aud": STS_ISSUER, "iat": int(time.time())}
+    claims.update(exp=claims["iat"] + 60, jti=str(uuid.uuid4()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SecurityWarning)  # joserfc warns on every use of "EdDSA"
+        signed = jwt.encode(
+            {"alg": alg, "kid": ED_KEY.kid}, claims, ED_KEY, registry=JWSRegistry(algorithms=[alg])
+        )
+        response = post(client, jwt_form(issuer, signed))
+    assert_granted(app, response, ED_CLIENT, "private_key_jwt")
+    metadata = client.get("/.well-known/oauth-authorization-server").get_json()
+    assert alg in metadata["token_endpoint_auth_signing_alg_values_supported"]
 
 
 def test_private_key_jwt_with_a_matching_client_id_is_accepted(
