@@ -24,6 +24,7 @@ from .attestation import (
     GitLabCIAttestation,
 )
 from .dpop import DPoPKey, InMemoryReplayCache, ReplayCache
+from .dpop_nonce import DPoPNonces
 from .errors import (
     AttestationUnavailable,
     ExchangeError,
@@ -37,6 +38,7 @@ from .errors import (
     StepUpFailed,
     StsUnavailable,
     TemporarilyUnavailable,
+    UseDPoPNonce,
     VerificationError,
 )
 from .exchange import IssuedToken, TokenExchangeClient
@@ -53,6 +55,7 @@ __all__ = [
     "AttestationUnavailable",
     "CallableAttestation",
     "DPoPKey",
+    "DPoPNonces",
     "ExchangeError",
     "ExchangeRefused",
     "FileAttestation",
@@ -73,6 +76,7 @@ __all__ = [
     "TemporarilyUnavailable",
     "TokenExchangeClient",
     "TokenVerifier",
+    "UseDPoPNonce",
     "VerificationError",
     "VerifiedAccessToken",
 ]

@@ -48,6 +48,9 @@ class VerifiedAccessToken:
     #: RFC 9470 / RFC 9068 §2.2.1: the assurance level the STS's exchange reached.
     acr: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: A fresher DPoP nonce for the client's next proof, to send as the ``DPoP-Nonce`` response
+    #: header (RFC 9449 §9), when the verifier demands nonces and the proof's was not the current one.
+    dpop_nonce: str | None = None
 
     @property
     def token_type(self) -> str:

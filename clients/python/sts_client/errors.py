@@ -34,6 +34,7 @@ __all__ = [
     "StepUpFailed",
     "StsUnavailable",
     "TemporarilyUnavailable",
+    "UseDPoPNonce",
     "VerificationError",
 ]
 
@@ -219,6 +220,23 @@ class InvalidDPoPProof(VerificationError):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason, detail, scheme="DPoP")
+
+
+class UseDPoPNonce(VerificationError):
+    """RFC 9449 §9 ``use_dpop_nonce``: the proof needs this resource server's current nonce.
+
+    A ``DPoP`` challenge, and the nonce to use in the ``DPoP-Nonce`` response header.
+    """
+
+    error = "use_dpop_nonce"
+    description = "Resource server requires nonce in DPoP proof"
+
+    def __init__(self, reason: str, nonce: str) -> None:
+        super().__init__(reason, scheme="DPoP")
+        self.nonce = nonce
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [*super().headers(), ("DPoP-Nonce", self.nonce)]
 
 
 class TemporarilyUnavailable(VerificationError):

@@ -84,7 +84,11 @@ def require_token(
                 )
             except VerificationError as error:
                 return error_response(error)
-            return view(*args, **kwargs)
+            if flask.g.token.dpop_nonce is None:
+                return view(*args, **kwargs)
+            response = flask.make_response(view(*args, **kwargs))
+            response.headers["DPoP-Nonce"] = flask.g.token.dpop_nonce  # RFC 9449 §9
+            return response
 
         return cast("F", wrapper)
 

@@ -27,6 +27,9 @@ and ``body()`` are the answer to send.  What is checked, in order:
    bound token presented as ``Bearer`` is refused, and so is an unbound token
    presented as ``DPoP``.  Other confirmation methods (``x5t#S256``) cannot
    be checked here and are refused.
+   With ``dpop_nonces`` (:class:`~sts_client.dpop_nonce.DPoPNonces`), the
+   proof must also carry a nonce this resource server issued recently, else
+   ``use_dpop_nonce`` with a ``DPoP-Nonce`` header (RFC 9449 §9).
 4. Revocation, when ``introspection`` credentials are given (RFC 7662).
 5. Scopes: ``required_scopes`` and the route's ``scopes`` (403
    ``insufficient_scope``).
@@ -47,6 +50,7 @@ this module puts the steps together and checks the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -68,12 +72,14 @@ from .dpop import (
     check_proof,
     proof_replay_key,
 )
+from .dpop_nonce import DPoPNonces
 from .errors import (
     InsufficientScope,
     InsufficientUserAuthentication,
     InvalidDPoPProof,
     InvalidToken,
     TemporarilyUnavailable,
+    UseDPoPNonce,
     VerificationError,
 )
 from .introspection import IntrospectionClient, IntrospectionUnavailable
@@ -104,7 +110,9 @@ class TokenVerifier:
     at the STS; with it every token is also checked for revocation (answers
     cached ``introspection_cache_seconds``).  ``dpop_max_age`` is how old a
     DPoP proof's ``iat`` may be; its ``jti`` is remembered that long in
-    ``replay_cache``.  ``clock`` gives the time (tests pass their own).
+    ``replay_cache``.  ``dpop_nonces`` makes every DPoP proof carry a nonce
+    this resource server issued (RFC 9449 §9; :mod:`sts_client.dpop_nonce`).
+    ``clock`` gives the time (tests pass their own).
     """
 
     def __init__(
@@ -121,6 +129,7 @@ class TokenVerifier:
         dpop_max_age: int = 300,
         dpop_algorithms: Iterable[str] = DEFAULT_DPOP_ALGORITHMS,
         replay_cache: ReplayCache | None = None,
+        dpop_nonces: DPoPNonces | None = None,
         algorithms: Iterable[str] = ("ES256",),
         realm: str | None = None,
         session: requests.Session | None = None,
@@ -147,6 +156,7 @@ class TokenVerifier:
         self._timeout = timeout
         self._clock = clock
         self._replay: ReplayCache = replay_cache if replay_cache is not None else InMemoryReplayCache()
+        self.dpop_nonces = dpop_nonces
         self._jwks_uri = jwks_uri
         self._introspection_endpoint = introspection_endpoint
         self._metadata: ServerMetadata | None = None
@@ -235,9 +245,12 @@ class TokenVerifier:
                 now=current,
                 scheme=scheme,
             )
-            jkt = self._check_binding(claims, scheme, method, url, headers, token, current)
+            jkt, nonce = self._check_binding(claims, scheme, method, url, headers, token, current)
             self._check_active(token, claims, current, scheme)
             verified = access_token_from_claims(claims, jkt)
+            nonces = self.dpop_nonces
+            if nonces is not None and jkt is not None and not nonces.is_current(nonce, current):
+                verified = dataclasses.replace(verified, dpop_nonce=nonces.current(current))
             self._check_scopes(verified, _scope_list(scopes), scheme)
             self._check_authentication(verified, max_age, parse_acr_values(acr_values), current, scheme)
         except VerificationError as exc:
@@ -256,13 +269,16 @@ class TokenVerifier:
         headers: HeaderSource,
         token: str,
         now: float,
-    ) -> str | None:
-        """RFC 9449 §7.1-7.2: the token's key binding and the request's proof of possession."""
+    ) -> tuple[str | None, str | None]:
+        """RFC 9449 §7.1-7.2 and §9: the token's key binding and the request's proof of possession.
+
+        The thumbprint of the key the token is bound to, and the proof's nonce.
+        """
         cnf = claims.get("cnf")
         if cnf is None:
             if scheme == "DPoP":
                 raise InvalidToken("token.not_dpop_bound", scheme=scheme)
-            return None
+            return None, None
         jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
         if not isinstance(jkt, str) or not jkt:
             # An mTLS-bound token (x5t#S256) or a confirmation we cannot check: refuse, never ignore.
@@ -281,6 +297,10 @@ class TokenVerifier:
         )
         if not secrets.compare_digest(checked.jkt, jkt):
             raise InvalidDPoPProof("dpop.key_mismatch")
+        if self.dpop_nonces is not None and not self.dpop_nonces.accepts(checked.nonce, now):
+            # §9: checked before the jti is recorded, so the client's retry with a new proof is clean.
+            reason = "dpop.nonce_missing" if checked.nonce is None else "dpop.nonce_unknown"
+            raise UseDPoPNonce(reason, self.dpop_nonces.current(now))
         try:
             first = self._replay.first_use(
                 proof_replay_key(checked), checked.iat + self.dpop_max_age + self.leeway, now
@@ -289,7 +309,7 @@ class TokenVerifier:
             raise TemporarilyUnavailable("dpop.replay_cache_full", str(exc), scheme=scheme) from None
         if not first:
             raise InvalidDPoPProof("dpop.replayed")
-        return jkt
+        return jkt, checked.nonce
 
     def _check_active(self, token: str, claims: Mapping[str, Any], now: float, scheme: str) -> None:
         if self._introspection is None:

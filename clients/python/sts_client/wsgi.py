@@ -110,7 +110,15 @@ class TokenMiddleware:
             )
         except VerificationError as error:
             return _refuse(error, start_response)
-        return self.app(environ, start_response)
+        nonce = environ[ENVIRON_KEY].dpop_nonce
+        if nonce is None:
+            return self.app(environ, start_response)
+
+        def with_nonce(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # RFC 9449 §9: a fresher nonce for the client's next proof.
+            return start_response(status, [*headers, ("DPoP-Nonce", nonce)], exc_info)
+
+        return self.app(environ, with_nonce)
 
 
 def _refuse(error: VerificationError, start_response: StartResponse) -> list[bytes]:
