@@ -58,6 +58,12 @@ def network_of(address: str) -> str:
 def _bounded(existing: Iterable[str], new: Iterable[str], limit: int) -> tuple[str, ...]:
     """Most recent last; oldest dropped beyond ``limit``."""
     fresh = list(dict.fromkeys(new))  # read once: ``new`` may be an iterator
+    if type(existing) is tuple and len(existing) <= limit:
+        # What an identity asks for is mostly what it asked for last: the new items already end
+        # ``existing``, in order, and appear nowhere before, so nothing moves.
+        cut = len(existing) - len(fresh)
+        if cut >= 0 and list(existing[cut:]) == fresh and set(fresh).isdisjoint(existing[:cut]):
+            return existing
     seen = set(fresh)
     items = [x for x in existing if x not in seen] + fresh
     return tuple(items[-limit:])
@@ -78,7 +84,15 @@ class PendingFact:
     fresh_since: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What :func:`dataclasses.asdict` gives (the stored form), built field by field."""
+        value = self.value
+        return {
+            "value": value if type(value) in _PENDING_VALUES else asdict(self)["value"],
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "fresh_count": self.fresh_count,
+            "fresh_since": self.fresh_since,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PendingFact:
@@ -163,13 +177,37 @@ class Baseline:
         copy cost more than the rest of saving a baseline (it runs after every grant); the text
         is the same.
         """
-        data = {name: getattr(self, name) for name in _BASELINE_FIELDS}
-        data["facts"] = dict(self.facts)
-        data["pending"] = {name: p.as_dict() for name, p in self.pending.items()}
-        data["confirmed"] = {name: dict(how) for name, how in self.confirmed.items()}
-        data["other_keys"] = {name: list(keys) for name, keys in self.other_keys.items()}
-        text = json.dumps(data, separators=(",", ":"), default=str)
-        if _reads_back_as_itself(self):
+        plain = _reads_back_as_itself(self)
+        pending = {name: p.as_dict() for name, p in self.pending.items()} if self.pending else {}
+        if plain:
+            # Plain dicts of plain values (what the check found): written as they are, which is the
+            # same text as the copies below (a tuple is written as the list it would be copied to).
+            facts, confirmed, other_keys = self.facts, self.confirmed, self.other_keys
+        else:
+            facts = dict(self.facts)
+            confirmed = {name: dict(how) for name, how in self.confirmed.items()}
+            other_keys = {name: list(keys) for name, keys in self.other_keys.items()}
+        # Every field, in declaration order (a test holds this to ``dataclasses.fields``).
+        text = _ENCODER.encode(
+            {
+                "first_seen": self.first_seen,
+                "last_seen": self.last_seen,
+                "count": self.count,
+                "networks": self.networks,
+                "facts": facts,
+                "audiences": self.audiences,
+                "scopes": self.scopes,
+                "max_depth": self.max_depth,
+                "failures": self.failures,
+                "window_start": self.window_start,
+                "window_count": self.window_count,
+                "usual_rate": self.usual_rate,
+                "pending": pending,
+                "confirmed": confirmed,
+                "other_keys": other_keys,
+            }
+        )
+        if plain:
             _WRITTEN.remember(text, self)
         return text
 
@@ -211,6 +249,9 @@ class Baseline:
 
 
 _BASELINE_FIELDS = tuple(f.name for f in fields(Baseline))
+#: ``json.dumps(..., separators=(",", ":"), default=str)``, built once: the same encoder ``dumps``
+#: would build for each call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 #: Scalars that JSON gives back as they were written: same type, same value.
 _PLAIN = frozenset({str, int, float, bool, type(None)})
@@ -313,8 +354,8 @@ def observe(
             baseline.window_start,
             baseline.window_count + 1,
         )
-    return replace(
-        baseline,
+    # Every field named (what ``dataclasses.replace`` would do, without its per-call introspection).
+    return Baseline(
         first_seen=baseline.first_seen if baseline.first_seen is not None else now,
         last_seen=now,
         count=baseline.count + 1,
@@ -323,9 +364,13 @@ def observe(
         audiences=_bounded(baseline.audiences, audiences, MAX_AUDIENCES),
         scopes=_bounded(baseline.scopes, scopes, MAX_SCOPES),
         max_depth=max(baseline.max_depth, depth),
+        failures=baseline.failures,
         window_start=window_start,
         window_count=window_count,
         usual_rate=usual,
+        pending=baseline.pending,
+        confirmed=baseline.confirmed,
+        other_keys=baseline.other_keys,
     )
 
 
