@@ -28,6 +28,7 @@ import functools
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .assurance import KEY_FACTS
@@ -164,9 +165,25 @@ class Assessment:
     #: The stable facts reviewed against the baseline (confirmations, unconfirmed changes).
     drift: DriftReview = field(default_factory=DriftReview)
 
-    @property
+    @functools.cached_property
     def fired(self) -> tuple[SignalResult, ...]:
+        # Read several times per decision (sts.core.stepup); cached_property writes the instance
+        # dict directly, so it works on a frozen dataclass.
         return tuple(s for s in self.signals if s.fired)
+
+
+def _quiet(name: str, reason: str) -> SignalResult:
+    """A signal that did not fire and shows no evidence: the same value on every exchange, so it is
+    built once (its evidence read-only: it is shared)."""
+    return SignalResult(name, False, 0, reason, MappingProxyType({}))
+
+
+_NO_BASELINE_YET = _quiet("attestation_drift", "no baseline yet")
+_FACTS_UNCHANGED = _quiet("attestation_drift", "stable facts unchanged")
+_USUAL_SCOPES = _quiet("elevated_privilege", "usual scopes")
+_S2S_LEARNING = _quiet("unexpected_s2s", "learning: edges and rate are being recorded")
+_USUAL_S2S = _quiet("unexpected_s2s", "usual edges, depth and rate")
+_NO_EVENTS = _quiet("shared_signal", "no security events in force")
 
 
 def _no(name: str, reason: str, **evidence: Any) -> SignalResult:
@@ -229,7 +246,7 @@ def unusual_network(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
 def attestation_drift(ctx: RiskContext, cfg: RiskSettings, drift: DriftReview) -> SignalResult:
     name = "attestation_drift"
     if not ctx.baseline.facts:
-        return SignalResult(name, False, 0, "no baseline yet", {})
+        return _NO_BASELINE_YET
     if drift.changed:
         return SignalResult(
             name,
@@ -245,7 +262,7 @@ def attestation_drift(ctx: RiskContext, cfg: RiskSettings, drift: DriftReview) -
         return SignalResult(
             name, False, 0, "changed facts confirmed", {"confirmed": dict(drift.confirmed_now)}
         )
-    return SignalResult(name, False, 0, "stable facts unchanged", {})
+    return _FACTS_UNCHANGED
 
 
 def review_drift(
@@ -348,7 +365,7 @@ def elevated_privilege(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
             return _yes(
                 name, cfg.signal_weights[name] // 2 or 1, "scopes never asked for before", scopes=unusual
             )
-    return SignalResult(name, False, 0, "usual scopes", {})
+    return _USUAL_SCOPES
 
 
 def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
@@ -363,7 +380,7 @@ def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
         if outside:
             return _yes(name, weight, "audiences outside the declared intent", audiences=outside)
     if ctx.baseline.learning:
-        return SignalResult(name, False, 0, "learning: edges and rate are being recorded", {})
+        return _S2S_LEARNING
     new_edges = sorted(set(ctx.audiences).difference(ctx.baseline.audiences))
     if new_edges:
         return _yes(name, weight, "subject-to-audience edge never seen", audiences=new_edges)
@@ -374,7 +391,7 @@ def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     if usual > 0 and rate > usual * cfg.burst_factor and rate >= 10:
         return _yes(name, weight, "burst far above the usual rate", per_minute=round(rate, 1),
                     usual=round(usual, 2))  # fmt: skip
-    return SignalResult(name, False, 0, "usual edges, depth and rate", {})
+    return _USUAL_S2S
 
 
 _RISK_LEVEL_WEIGHT = {"low": 0, "medium": 30, "high": 60, "critical": 100}
@@ -392,7 +409,7 @@ def shared_signal(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     level = (state.risk_level or "").lower()
     if _RISK_LEVEL_WEIGHT.get(level, 0):
         return _yes(name, _RISK_LEVEL_WEIGHT[level], "risk level raised by a security event", level=level)
-    return SignalResult(name, False, 0, "no security events in force", {})
+    return _NO_EVENTS
 
 
 def is_fresh(ctx: RiskContext, cfg: RiskSettings) -> bool:
