@@ -179,6 +179,9 @@ class Baseline:
         """
         plain = _reads_back_as_itself(self)
         pending = {name: p.as_dict() for name, p in self.pending.items()} if self.pending else {}
+        facts: Mapping[str, Any]
+        confirmed: Mapping[str, Any]
+        other_keys: Mapping[str, Any]
         if plain:
             # Plain dicts of plain values (what the check found): written as they are, which is the
             # same text as the copies below (a tuple is written as the list it would be copied to).

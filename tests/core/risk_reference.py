@@ -1,4 +1,4 @@
-"""The risk stage as it was computed before it was made cheaper (main at ba30187), kept verbatim
+"""The risk stage (and the policy's choice of rule) as it was computed before it was made cheaper (main at ba30187), kept verbatim
 as the reference that ``test_risk_equivalence.py`` holds the current code to: over varied inputs,
 the same signals, scores, reviews, summaries, baselines, stored text and audit details.
 
@@ -61,7 +61,17 @@ from sts.core.risk import (
 )
 from sts.core.stepup import decide
 from sts.core.subject_state import SubjectState, identity_key, merge
-from sts.errors import TemporarilyUnavailable
+from sts.core.policy.evaluate import _actor_mismatch, _client_mismatch, _identity_mismatch, _targets
+from sts.core.policy.index import PolicySet
+from sts.core.policy.rules import Grant, PolicyRequest, Rule
+from sts.errors import (
+    InvalidClient,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    TemporarilyUnavailable,
+    UnauthorizedClient,
+)
 
 
 def baseline_json(b: Baseline) -> str:
@@ -556,3 +566,60 @@ def learn_exchange(
     if updated == risk.baseline:
         return None
     return BaselineUpdate(risk.baseline_key, updated, BASELINE_TTL)
+
+
+def _candidates(policy: PolicySet, token: VerifiedToken) -> list[Rule]:
+    """What ``PolicySet.candidates`` computed on every call."""
+    issuer_rules = policy._index.get(token.issuer_name)
+    if issuer_rules is None:
+        return []
+    return [policy.rules[i] for i in sorted(issuer_rules.candidates(token.subject))]
+
+
+def evaluate_policy(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) -> Grant:
+    """Decide what may be granted, or raise the OAuth error (see the module docstring)."""
+    identity = [r for r in _candidates(policy, facts) if _identity_mismatch(r, facts, request) is None]
+    if not identity:
+        # RFC 8693 §2.2.2: a subject token "unacceptable based on policy" is invalid_request.
+        raise InvalidRequest("policy.no_rule_for_identity")
+    clients_ok = [r for r in identity if _client_mismatch(r, request.client_id) is None]
+    if not clients_ok:
+        if request.client_id is None:
+            raise InvalidClient("policy.client_authentication_required")
+        raise UnauthorizedClient("policy.client_not_allowed", request.client_id)
+    actors_ok = [r for r in clients_ok if _actor_mismatch(r, request) is None]
+    if not actors_ok:
+        mismatches = {_actor_mismatch(r, request) for r in clients_ok}
+        if mismatches == {"delegation chain too deep"}:
+            raise InvalidRequest("policy.delegation_too_deep", str(request.delegation_depth))
+        if request.actor is None:
+            raise InvalidRequest("policy.actor_required")
+        raise InvalidRequest("policy.actor_not_allowed", request.actor.subject[:200])
+    for rule in actors_ok:
+        targets = _targets(rule, request)
+        if targets is None:
+            continue
+        if request.scopes is None:
+            scopes, narrowed = rule.default_scopes, False
+        else:
+            scopes = tuple(s for s in request.scopes if s in rule.scopes)
+            if not scopes:
+                raise InvalidScope("policy.scope_not_allowed", rule.name)
+            narrowed = len(scopes) != len(request.scopes)
+        reasons = ("policy.rule_matched",) + (("policy.scope_narrowed",) if narrowed else ())
+        return Grant(
+            rule.name,
+            targets,
+            scopes,
+            rule.max_lifetime,
+            narrowed,
+            reasons,
+            single_use=rule.single_use,
+            max_attestation_age=rule.max_attestation_age,
+            risk=rule.risk,
+            require_dpop=rule.require_dpop,
+            actor_may_bind_key=rule.actor_may_bind_key,
+            assurance=rule.assurance,
+            rate_limit=rule.rate_limit,
+        )
+    raise InvalidTarget("policy.target_not_allowed")

@@ -420,3 +420,90 @@ def test_exchange_risk_and_record_are_what_they_were(seed: int) -> None:
         assert learned == learned_before
         if learned is not None and learned_before is not None:
             assert _typed(learned.baseline) == _typed(learned_before.baseline)
+
+
+# -- the policy's choice of rule and what it grants ----------------------------------------------
+
+POLICY_SUBJECTS = (
+    "repo:acme/app:ref:refs/heads/main",
+    "repo:acme/app:ref:refs/heads/dev",
+    "repo:org1/x:main",
+)
+POLICY_SCOPES = ("deploy:read", "deploy:write", "admin")
+POLICY_TARGETS = ("https://deploy.example.com", "https://reports.example.com")
+
+
+def random_rule(rng: random.Random, index: int) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": f"r{index}",
+        "issuer": rng.choice(("gh", "k8s")),
+        "require_client_authentication": rng.random() < 0.3,
+        "grant": {
+            "audiences": list(_some(rng, POLICY_TARGETS, 2)) or [POLICY_TARGETS[0]],
+            "scopes": list(_some(rng, POLICY_SCOPES)) or ["deploy:read"],
+        },
+    }
+    if rng.random() < 0.4:
+        raw["grant"]["default_scopes"] = raw["grant"]["scopes"][:1]
+    if rng.random() < 0.2:
+        raw["grant"]["resources"] = ["urn:resource:db"]
+    kind = rng.random()
+    if kind < 0.4:
+        raw["subject"] = rng.choice(POLICY_SUBJECTS)
+    elif kind < 0.7:
+        raw["subject_pattern"] = rng.choice(("repo:acme/app:.*", "repo:org1/.*", "repo:.*:main"))
+    else:
+        raw["claims"] = {"env": rng.choice(("prod", "dev"))}
+    if raw["require_client_authentication"] and rng.random() < 0.5:
+        raw["clients"] = ["gateway"]
+    return raw
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_policy_decision_is_what_it_was(seed: int) -> None:
+    from sts.core.policy.compile import compile_policy
+    from sts.core.policy.evaluate import evaluate
+    from sts.core.policy.rules import PolicyRequest
+    from sts.errors import OAuthError
+
+    rng = random.Random(seed)
+    granted = 0
+    for _ in range(20):
+        policy = compile_policy(
+            [("random.yaml", {"rules": [random_rule(rng, i) for i in range(rng.randint(1, 8))]})],
+            issuers=frozenset({"gh", "k8s"}),
+            clients=frozenset({"gateway", "other"}),
+            max_lifetime=3600,
+        )
+        for _ in range(CASES // 10):
+            subject = rng.choice(POLICY_SUBJECTS)
+            token = VerifiedToken(
+                issuer_name=rng.choice(("gh", "k8s", "none")),
+                issuer="https://issuer.example",
+                subject=subject,
+                claims={"sub": subject, "env": rng.choice(("prod", "dev", 1))},
+                token_type="urn:ietf:params:oauth:token-type:jwt",
+                issued_at=NOW,
+                expires_at=NOW + 300,
+                not_before=None,
+                jti=None,
+                sha256="0" * 64,
+                typ="jwt",
+            )
+            request = PolicyRequest(
+                _some(rng, POLICY_TARGETS, 2),
+                rng.choice(((), ("urn:resource:db",))),
+                rng.choice((None, _some(rng, (*POLICY_SCOPES, "unknown")))),
+                rng.choice((None, "gateway", "other")),
+            )
+            # Each request twice: the second one is answered from what the first remembered.
+            for _ in range(2):
+                outcomes = []
+                for decide_with in (evaluate, ref.evaluate_policy):
+                    try:
+                        outcomes.append(decide_with(policy, token, request))
+                    except OAuthError as exc:
+                        outcomes.append((type(exc), exc.reason, exc.detail))
+                assert outcomes[0] == outcomes[1]
+                granted += isinstance(outcomes[0], Grant)
+    assert granted > CASES // 4  # the cases grant, not only refuse
