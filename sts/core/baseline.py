@@ -170,6 +170,13 @@ class Baseline:
             return 1.0
         return float(self.window_count + 1)
 
+    @functools.cached_property
+    def reads_back_as_itself(self) -> bool:
+        """:func:`_reads_back_as_itself`, once per baseline (baselines are immutable); :func:`observe`
+        carries it over to the baseline it derives when it can tell without looking again.
+        (``cached_property`` writes the instance dict directly, so it works on a frozen dataclass.)"""
+        return _reads_back_as_itself(self)
+
     def to_json(self) -> str:
         """The stored form: every field in declaration order, tuples as arrays.
 
@@ -177,7 +184,7 @@ class Baseline:
         copy cost more than the rest of saving a baseline (it runs after every grant); the text
         is the same.
         """
-        plain = _reads_back_as_itself(self)
+        plain = self.reads_back_as_itself
         pending = {name: p.as_dict() for name, p in self.pending.items()} if self.pending else {}
         facts: Mapping[str, Any]
         confirmed: Mapping[str, Any]
@@ -358,7 +365,7 @@ def observe(
             baseline.window_count + 1,
         )
     # Every field named (what ``dataclasses.replace`` would do, without its per-call introspection).
-    return Baseline(
+    updated = Baseline(
         first_seen=baseline.first_seen if baseline.first_seen is not None else now,
         last_seen=now,
         count=baseline.count + 1,
@@ -375,6 +382,19 @@ def observe(
         confirmed=baseline.confirmed,
         other_keys=baseline.other_keys,
     )
+    if (
+        baseline.__dict__.get("reads_back_as_itself") is True
+        and type(now) is float
+        and type(depth) is int
+        and type(usual) is float
+        and all(type(k) is str and type(v) in _PLAIN for k, v in stable_facts.items())
+        and set(map(type, updated.audiences + updated.scopes)) <= _STR
+    ):
+        # Derived from a baseline that reads back as itself, with values that do too (the networks
+        # are network_of's strings, the rest is the old baseline's): so does this one.  Otherwise
+        # it is checked field by field when it is written.
+        updated.__dict__["reads_back_as_itself"] = True
+    return updated
 
 
 def record_failure(baseline: Baseline, now: float) -> Baseline:

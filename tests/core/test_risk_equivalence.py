@@ -280,6 +280,33 @@ def test_learning_is_what_it_was(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_reading_back_as_itself_is_carried_over_only_when_true(seed: int) -> None:
+    """``observe`` marks the baseline it derives as reading back as itself only when the full check
+    says so (:func:`_reads_back_as_itself`, which decides what is remembered when written)."""
+    rng = random.Random(seed)
+    carried = 0
+    for _ in range(CASES):
+        baseline = random_baseline(rng, plain=rng.random() < 0.7)
+        if rng.random() < 0.8:
+            assert baseline.reads_back_as_itself == baseline_module._reads_back_as_itself(baseline)
+        updated = observe(
+            baseline,
+            now=rng.choice((NOW, NOW + 61, 1_800_000_100)),
+            source_ip=rng.choice(ADDRESSES),
+            stable_facts=rng.choice(({}, {"node": "n1"}, {"node": ("a",)}, {"uid": 7}, {"path": Path("/x")})),
+            audiences=_some(rng, AUDIENCES) if rng.random() < 0.8 else ("https://deploy.example.com", 5),
+            scopes=_some(rng, SCOPES),
+            depth=rng.choice((0, 1, 2, 0, 1, 2, 1.0, True)),
+            rebaseline=rng.random() < 0.5,
+        )
+        if "reads_back_as_itself" in updated.__dict__:
+            carried += 1
+            assert updated.reads_back_as_itself is baseline_module._reads_back_as_itself(updated) is True
+        assert updated.to_json() == ref.baseline_json(updated)
+    assert carried > CASES // 10
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_bounded_is_what_it_was(seed: int) -> None:
     rng = random.Random(seed)
     items = ("a", "b", "c", "d", "e")
