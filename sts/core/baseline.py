@@ -24,6 +24,7 @@ import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from .assurance import KEY_FACTS
@@ -198,24 +199,27 @@ class Baseline:
             confirmed = {name: dict(how) for name, how in self.confirmed.items()}
             other_keys = {name: list(keys) for name, keys in self.other_keys.items()}
         # Every field, in declaration order (a test holds this to ``dataclasses.fields``).
-        text = _ENCODER.encode(
-            {
-                "first_seen": self.first_seen,
-                "last_seen": self.last_seen,
-                "count": self.count,
-                "networks": self.networks,
-                "facts": facts,
-                "audiences": self.audiences,
-                "scopes": self.scopes,
-                "max_depth": self.max_depth,
-                "failures": self.failures,
-                "window_start": self.window_start,
-                "window_count": self.window_count,
-                "usual_rate": self.usual_rate,
-                "pending": pending,
-                "confirmed": confirmed,
-                "other_keys": other_keys,
-            }
+        data = {
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "count": self.count,
+            "networks": self.networks,
+            "facts": facts,
+            "audiences": self.audiences,
+            "scopes": self.scopes,
+            "max_depth": self.max_depth,
+            "failures": self.failures,
+            "window_start": self.window_start,
+            "window_count": self.window_count,
+            "usual_rate": self.usual_rate,
+            "pending": pending,
+            "confirmed": confirmed,
+            "other_keys": other_keys,
+        }
+        text = (
+            "".join(_PLAIN_ENCODER(data, 0))
+            if plain and _PLAIN_ENCODER is not None
+            else _ENCODER.encode(data)
         )
         if plain:
             _WRITTEN.remember(text, self)
@@ -262,6 +266,15 @@ _BASELINE_FIELDS = tuple(f.name for f in fields(Baseline))
 #: ``json.dumps(..., separators=(",", ":"), default=str)``, built once: the same encoder ``dumps``
 #: would build for each call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+#: The C encoder that :data:`_ENCODER` makes for each call (the same settings: ASCII escapes,
+#: ``default=str``, no indent, those separators, unsorted, NaN allowed), made once, without the
+#: circular-reference bookkeeping: used only for a baseline that reads back as itself, which holds
+#: no container inside another that could lead back to it.  None where ``json`` has no C speedups.
+_PLAIN_ENCODER = (
+    c_make_encoder(None, str, encode_basestring_ascii, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
 
 #: Scalars that JSON gives back as they were written: same type, same value.
 _PLAIN = frozenset({str, int, float, bool, type(None)})
