@@ -24,6 +24,7 @@ import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from .assurance import KEY_FACTS
@@ -58,6 +59,12 @@ def network_of(address: str) -> str:
 def _bounded(existing: Iterable[str], new: Iterable[str], limit: int) -> tuple[str, ...]:
     """Most recent last; oldest dropped beyond ``limit``."""
     fresh = list(dict.fromkeys(new))  # read once: ``new`` may be an iterator
+    if type(existing) is tuple and len(existing) <= limit:
+        # What an identity asks for is mostly what it asked for last: the new items already end
+        # ``existing``, in order, and appear nowhere before, so nothing moves.
+        cut = len(existing) - len(fresh)
+        if cut >= 0 and list(existing[cut:]) == fresh and set(fresh).isdisjoint(existing[:cut]):
+            return existing
     seen = set(fresh)
     items = [x for x in existing if x not in seen] + fresh
     return tuple(items[-limit:])
@@ -78,7 +85,15 @@ class PendingFact:
     fresh_since: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What :func:`dataclasses.asdict` gives (the stored form), built field by field."""
+        value = self.value
+        return {
+            "value": value if type(value) in _PENDING_VALUES else asdict(self)["value"],
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "fresh_count": self.fresh_count,
+            "fresh_since": self.fresh_since,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PendingFact:
@@ -156,6 +171,13 @@ class Baseline:
             return 1.0
         return float(self.window_count + 1)
 
+    @functools.cached_property
+    def reads_back_as_itself(self) -> bool:
+        """:func:`_reads_back_as_itself`, once per baseline (baselines are immutable); :func:`observe`
+        carries it over to the baseline it derives when it can tell without looking again.
+        (``cached_property`` writes the instance dict directly, so it works on a frozen dataclass.)"""
+        return _reads_back_as_itself(self)
+
     def to_json(self) -> str:
         """The stored form: every field in declaration order, tuples as arrays.
 
@@ -163,13 +185,43 @@ class Baseline:
         copy cost more than the rest of saving a baseline (it runs after every grant); the text
         is the same.
         """
-        data = {name: getattr(self, name) for name in _BASELINE_FIELDS}
-        data["facts"] = dict(self.facts)
-        data["pending"] = {name: p.as_dict() for name, p in self.pending.items()}
-        data["confirmed"] = {name: dict(how) for name, how in self.confirmed.items()}
-        data["other_keys"] = {name: list(keys) for name, keys in self.other_keys.items()}
-        text = json.dumps(data, separators=(",", ":"), default=str)
-        if _reads_back_as_itself(self):
+        plain = self.reads_back_as_itself
+        pending = {name: p.as_dict() for name, p in self.pending.items()} if self.pending else {}
+        facts: Mapping[str, Any]
+        confirmed: Mapping[str, Any]
+        other_keys: Mapping[str, Any]
+        if plain:
+            # Plain dicts of plain values (what the check found): written as they are, which is the
+            # same text as the copies below (a tuple is written as the list it would be copied to).
+            facts, confirmed, other_keys = self.facts, self.confirmed, self.other_keys
+        else:
+            facts = dict(self.facts)
+            confirmed = {name: dict(how) for name, how in self.confirmed.items()}
+            other_keys = {name: list(keys) for name, keys in self.other_keys.items()}
+        # Every field, in declaration order (a test holds this to ``dataclasses.fields``).
+        data = {
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "count": self.count,
+            "networks": self.networks,
+            "facts": facts,
+            "audiences": self.audiences,
+            "scopes": self.scopes,
+            "max_depth": self.max_depth,
+            "failures": self.failures,
+            "window_start": self.window_start,
+            "window_count": self.window_count,
+            "usual_rate": self.usual_rate,
+            "pending": pending,
+            "confirmed": confirmed,
+            "other_keys": other_keys,
+        }
+        text = (
+            "".join(_PLAIN_ENCODER(data, 0))
+            if plain and _PLAIN_ENCODER is not None
+            else _ENCODER.encode(data)
+        )
+        if plain:
             _WRITTEN.remember(text, self)
         return text
 
@@ -211,6 +263,18 @@ class Baseline:
 
 
 _BASELINE_FIELDS = tuple(f.name for f in fields(Baseline))
+#: ``json.dumps(..., separators=(",", ":"), default=str)``, built once: the same encoder ``dumps``
+#: would build for each call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+#: The C encoder that :data:`_ENCODER` makes for each call (the same settings: ASCII escapes,
+#: ``default=str``, no indent, those separators, unsorted, NaN allowed), made once, without the
+#: circular-reference bookkeeping: used only for a baseline that reads back as itself, which holds
+#: no container inside another that could lead back to it.  None where ``json`` has no C speedups.
+_PLAIN_ENCODER = (
+    c_make_encoder(None, str, encode_basestring_ascii, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
 
 #: Scalars that JSON gives back as they were written: same type, same value.
 _PLAIN = frozenset({str, int, float, bool, type(None)})
@@ -313,8 +377,8 @@ def observe(
             baseline.window_start,
             baseline.window_count + 1,
         )
-    return replace(
-        baseline,
+    # Every field named (what ``dataclasses.replace`` would do, without its per-call introspection).
+    updated = Baseline(
         first_seen=baseline.first_seen if baseline.first_seen is not None else now,
         last_seen=now,
         count=baseline.count + 1,
@@ -323,10 +387,27 @@ def observe(
         audiences=_bounded(baseline.audiences, audiences, MAX_AUDIENCES),
         scopes=_bounded(baseline.scopes, scopes, MAX_SCOPES),
         max_depth=max(baseline.max_depth, depth),
+        failures=baseline.failures,
         window_start=window_start,
         window_count=window_count,
         usual_rate=usual,
+        pending=baseline.pending,
+        confirmed=baseline.confirmed,
+        other_keys=baseline.other_keys,
     )
+    if (
+        baseline.__dict__.get("reads_back_as_itself") is True
+        and type(now) is float
+        and type(depth) is int
+        and type(usual) is float
+        and all(type(k) is str and type(v) in _PLAIN for k, v in stable_facts.items())
+        and set(map(type, updated.audiences + updated.scopes)) <= _STR
+    ):
+        # Derived from a baseline that reads back as itself, with values that do too (the networks
+        # are network_of's strings, the rest is the old baseline's): so does this one.  Otherwise
+        # it is checked field by field when it is written.
+        updated.__dict__["reads_back_as_itself"] = True
+    return updated
 
 
 def record_failure(baseline: Baseline, now: float) -> Baseline:

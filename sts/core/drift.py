@@ -31,6 +31,7 @@ the machine-readable form a refusal carries (``clears``)::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -114,17 +115,19 @@ def review(
     changed: dict[str, dict[str, Any]] = {}
     confirmed_now: dict[str, str] = {}
     evidence = settings.evidence & shown
-    tracked = tuple(dict.fromkeys((*watched, *KEY_FACTS)))
-    for name in tracked:
+    for name in _tracked(watched):
         value = current.get(name)
-        if name not in watched and value is None:
+        if value is None and name not in watched:
             # A key fact only the levels look at: a bearer request leaves the identity's key alone.
             continue
-        if name not in updated.facts:
+        facts = updated.facts
+        if name not in facts:
             if value is not None:
                 updated = updated.with_confirmed(name, value, "first_seen", now)
             continue
-        if value in updated.confirmed_values(name):
+        # ``value in updated.confirmed_values(name)``, without building the tuple.
+        known = facts[name]
+        if known is value or known == value or value in updated.other_keys.get(name, ()):
             continue
         entry = updated.pending.get(name)
         if entry is None or entry.value != value:
@@ -160,6 +163,13 @@ def review(
         clears=_clears(updated, tuple(changed), settings, remedies, max_age, now, identity),
         remedies=remedies,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _tracked(watched: tuple[str, ...]) -> tuple[str, ...]:
+    """The facts :func:`review` looks at: the watched ones, then the proof-of-possession keys (the
+    same few tuples of watched facts come with every exchange: one per rule)."""
+    return tuple(dict.fromkeys((*watched, *KEY_FACTS)))
 
 
 def _clears(
@@ -201,19 +211,27 @@ def session_summary(baseline: Baseline, watched: tuple[str, ...]) -> dict[str, A
     """The baseline as the audit record and ``sts baseline show`` present it: each fact's value,
     whether it is confirmed (and how), and what is pending with its probation progress."""
     facts: dict[str, Any] = {}
-    for name in dict.fromkeys((*watched, *baseline.facts)):
-        if name not in baseline.facts and name not in baseline.pending:
+    known, pending, confirmed, other_keys = (
+        baseline.facts,
+        baseline.pending,
+        baseline.confirmed,
+        baseline.other_keys,
+    )
+    for name in dict.fromkeys((*watched, *known)) if watched else known:
+        p = pending.get(name)
+        if p is None and name not in known:
             continue
+        how = confirmed.get(name)
         entry: dict[str, Any] = {
-            "value": baseline.facts.get(name),
-            "confirmed": name not in baseline.pending,
-            "how": dict(baseline.confirmed.get(name, {})).get("how", "first_seen"),
+            "value": known.get(name),
+            "confirmed": p is None,
+            "how": "first_seen" if how is None else how.get("how", "first_seen"),
         }
-        if name in baseline.pending:
-            p = baseline.pending[name]
+        if p is not None:
             entry["pending"] = {"value": p.value, "fresh_exchanges": p.fresh_count, "since": p.fresh_since}
-        if baseline.other_keys.get(name):
-            entry["also"] = list(baseline.other_keys[name])
+        also = other_keys.get(name)
+        if also:
+            entry["also"] = list(also)
         facts[name] = entry
     return {"count": baseline.count, "learning": baseline.learning, "facts": facts}
 

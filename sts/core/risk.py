@@ -28,6 +28,7 @@ import functools
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .assurance import KEY_FACTS
@@ -81,6 +82,30 @@ class RiskSettings:
 
     def weight(self, name: str) -> int:
         return int(self.weights.get(name, DEFAULT_WEIGHTS[name]))
+
+    # What the signals derive from the settings on every exchange, derived once per rule instead
+    # (``cached_property`` writes the instance dict directly, so it works on a frozen dataclass).
+
+    @functools.cached_property
+    def signal_weights(self) -> Mapping[str, int]:
+        """:meth:`weight` of every signal."""
+        return {name: self.weight(name) for name in DEFAULT_WEIGHTS}
+
+    @functools.cached_property
+    def watched_plain(self) -> tuple[str, ...]:
+        """The watched facts other than the proof-of-possession keys (those come from the pipeline)."""
+        return tuple(f for f in self.stable_facts if f not in KEY_FACTS)
+
+    @functools.cached_property
+    def network_masks(self) -> tuple[tuple[int, int, int], ...]:
+        """``networks`` as (IP version, network address, netmask) integers: an address is in a
+        network when its integer masked is the network's (what ``address in network`` computes)."""
+        return tuple((n.version, int(n.network_address), int(n.netmask)) for n in self.networks)
+
+    def admits(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether ``address`` is in one of ``networks`` (``any(address in n for n in networks)``)."""
+        version, value = address.version, int(address)
+        return any(v == version and value & mask == net for v, net, mask in self.network_masks)
 
 
 #: Facts watched for drift when a rule names none: the ones each profile knows to be stable.
@@ -140,9 +165,25 @@ class Assessment:
     #: The stable facts reviewed against the baseline (confirmations, unconfirmed changes).
     drift: DriftReview = field(default_factory=DriftReview)
 
-    @property
+    @functools.cached_property
     def fired(self) -> tuple[SignalResult, ...]:
+        # Read several times per decision (sts.core.stepup); cached_property writes the instance
+        # dict directly, so it works on a frozen dataclass.
         return tuple(s for s in self.signals if s.fired)
+
+
+def _quiet(name: str, reason: str) -> SignalResult:
+    """A signal that did not fire and shows no evidence: the same value on every exchange, so it is
+    built once (its evidence read-only: it is shared)."""
+    return SignalResult(name, False, 0, reason, MappingProxyType({}))
+
+
+_NO_BASELINE_YET = _quiet("attestation_drift", "no baseline yet")
+_FACTS_UNCHANGED = _quiet("attestation_drift", "stable facts unchanged")
+_USUAL_SCOPES = _quiet("elevated_privilege", "usual scopes")
+_S2S_LEARNING = _quiet("unexpected_s2s", "learning: edges and rate are being recorded")
+_USUAL_S2S = _quiet("unexpected_s2s", "usual edges, depth and rate")
+_NO_EVENTS = _quiet("shared_signal", "no security events in force")
 
 
 def _no(name: str, reason: str, **evidence: Any) -> SignalResult:
@@ -165,36 +206,63 @@ def _address(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _source(value: str | None) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str, str] | None:
+    """The source address parsed, written back (``str``: normalised) and its network
+    (:func:`~sts.core.baseline.network_of`); None when it is missing or not an address.  Remembered
+    like :func:`_address`: writing an address back costs more than the signal that reads it."""
+    address = _address(value)
+    if address is None:
+        return None
+    text = str(address)
+    return address, text, network_of(text)
+
+
 def unusual_network(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     name = "unusual_network"
-    address = _address(ctx.source_ip)
-    if address is None:
-        return _yes(name, cfg.weight(name), "source address unknown", source=ctx.source_ip)
-    if cfg.networks and not any(address in net for net in cfg.networks):
-        return _yes(name, cfg.weight(name), "source outside the rule's networks", source=str(address))
-    net = network_of(str(address))
+    source = _source(ctx.source_ip)
+    if source is None:
+        return SignalResult(
+            name, True, cfg.signal_weights[name], "source address unknown", {"source": ctx.source_ip}
+        )
+    address, text, net = source
+    if cfg.networks and not cfg.admits(address):
+        return SignalResult(
+            name, True, cfg.signal_weights[name], "source outside the rule's networks", {"source": text}
+        )
     if ctx.baseline.learning:
-        return _no(name, "learning: networks are being recorded", network=net)
+        return SignalResult(name, False, 0, "learning: networks are being recorded", {"network": net})
     if net not in ctx.baseline.networks:
-        return _yes(name, cfg.weight(name) // 2 or 1, "network never seen for this identity", network=net)
-    return _no(name, "known network", network=net)
+        return SignalResult(
+            name,
+            True,
+            cfg.signal_weights[name] // 2 or 1,
+            "network never seen for this identity",
+            {"network": net},
+        )
+    return SignalResult(name, False, 0, "known network", {"network": net})
 
 
 def attestation_drift(ctx: RiskContext, cfg: RiskSettings, drift: DriftReview) -> SignalResult:
     name = "attestation_drift"
     if not ctx.baseline.facts:
-        return _no(name, "no baseline yet")
+        return _NO_BASELINE_YET
     if drift.changed:
-        return _yes(
+        return SignalResult(
             name,
-            cfg.weight(name),
+            True,
+            cfg.signal_weights[name],
             "stable facts changed since the baseline and not confirmed",
-            changed={fact: dict(change) for fact, change in drift.changed.items()},
-            clears=[dict(c) for c in drift.clears],
+            {
+                "changed": {fact: dict(change) for fact, change in drift.changed.items()},
+                "clears": [dict(c) for c in drift.clears],
+            },
         )
     if drift.confirmed_now:
-        return _no(name, "changed facts confirmed", confirmed=dict(drift.confirmed_now))
-    return _no(name, "stable facts unchanged")
+        return SignalResult(
+            name, False, 0, "changed facts confirmed", {"confirmed": dict(drift.confirmed_now)}
+        )
+    return _FACTS_UNCHANGED
 
 
 def review_drift(
@@ -205,8 +273,15 @@ def review_drift(
     Key facts come from what the pipeline observed (the DPoP proof, the client
     certificate), never from a token's claims.
     """
-    current = stable_values(ctx.facts, ctx.claims, tuple(f for f in watched if f not in KEY_FACTS))
-    current.update({f: ctx.facts[f] for f in KEY_FACTS if ctx.facts.get(f) is not None})
+    facts = ctx.facts
+    plain = (
+        cfg.watched_plain if watched is cfg.stable_facts else tuple(f for f in watched if f not in KEY_FACTS)
+    )
+    current = stable_values(facts, ctx.claims, plain)
+    for f in KEY_FACTS:
+        value = facts.get(f)
+        if value is not None:
+            current[f] = value
     return review(
         ctx.baseline,
         current,
@@ -221,34 +296,41 @@ def review_drift(
     )
 
 
+#: Tells a fact that is absent from one that is None (:func:`stable_values`).
+_ABSENT: Any = object()
+
+
 def stable_values(
     facts: Mapping[str, Any], claims: Mapping[str, Any], names: Sequence[str]
 ) -> dict[str, Any]:
     """The watched values: a profile fact when there is one, else the claim of that name."""
     out: dict[str, Any] = {}
     for name in names:
-        value = facts.get(name, claims.get(name))
+        value = facts.get(name, _ABSENT)
+        if value is _ABSENT:
+            value = claims.get(name)
         if value is not None:
-            out[name] = value if isinstance(value, str | int | bool) else str(value)
+            # (str, int) holds bool too.
+            out[name] = value if isinstance(value, (str, int)) else str(value)
     return out
 
 
 def stale_posture(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     name = "stale_posture"
     if ctx.attested_at is None:
-        return _yes(name, cfg.weight(name), "attestation time unknown")
+        return _yes(name, cfg.signal_weights[name], "attestation time unknown")
     age = ctx.now - ctx.attested_at
     if cfg.posture_max_age is not None and age > cfg.posture_max_age:
-        return _yes(name, cfg.weight(name), "attestation older than allowed", age=int(age))
+        return _yes(name, cfg.signal_weights[name], "attestation older than allowed", age=int(age))
     if ctx.posture_problem is not None:
-        return _yes(name, cfg.weight(name), "posture token unusable", problem=ctx.posture_problem)
+        return _yes(name, cfg.signal_weights[name], "posture token unusable", problem=ctx.posture_problem)
     if cfg.posture_fact is not None:
         posture = ctx.state.posture or _posture(ctx, cfg.posture_fact)
         if posture is None:
-            return _yes(name, cfg.weight(name), "posture evidence missing", fact=cfg.posture_fact)
+            return _yes(name, cfg.signal_weights[name], "posture evidence missing", fact=cfg.posture_fact)
         if posture not in cfg.posture_good:
-            return _yes(name, cfg.weight(name), "posture negative", posture=posture)
-    return _no(name, "attestation and posture current", age=int(age))
+            return _yes(name, cfg.signal_weights[name], "posture negative", posture=posture)
+    return SignalResult(name, False, 0, "attestation and posture current", {"age": int(age)})
 
 
 def _posture(ctx: RiskContext, fact: str) -> str | None:
@@ -264,28 +346,31 @@ def _posture(ctx: RiskContext, fact: str) -> str | None:
 
 def recent_failures(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     name = "recent_failures"
-    recent = [t for t in ctx.baseline.failures if ctx.now - t <= cfg.failure_window]
+    now, window = ctx.now, cfg.failure_window
+    recent = [t for t in ctx.baseline.failures if now - t <= window]
     if len(recent) >= cfg.max_failures:
-        return _yes(name, cfg.weight(name), "refusals within the window", count=len(recent),
+        return _yes(name, cfg.signal_weights[name], "refusals within the window", count=len(recent),
                     window=cfg.failure_window)  # fmt: skip
-    return _no(name, "few recent refusals", count=len(recent))
+    return SignalResult(name, False, 0, "few recent refusals", {"count": len(recent)})
 
 
 def elevated_privilege(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     name = "elevated_privilege"
-    privileged = sorted(set(ctx.scopes) & cfg.privileged_scopes)
+    privileged = sorted(cfg.privileged_scopes.intersection(ctx.scopes)) if cfg.privileged_scopes else None
     if privileged:
-        return _yes(name, cfg.weight(name), "privileged scopes requested", scopes=privileged)
+        return _yes(name, cfg.signal_weights[name], "privileged scopes requested", scopes=privileged)
     if not ctx.baseline.learning:
-        unusual = sorted(set(ctx.scopes) - set(ctx.baseline.scopes))
+        unusual = sorted(set(ctx.scopes).difference(ctx.baseline.scopes))
         if unusual:
-            return _yes(name, cfg.weight(name) // 2 or 1, "scopes never asked for before", scopes=unusual)
-    return _no(name, "usual scopes")
+            return _yes(
+                name, cfg.signal_weights[name] // 2 or 1, "scopes never asked for before", scopes=unusual
+            )
+    return _USUAL_SCOPES
 
 
 def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     name = "unexpected_s2s"
-    weight = cfg.weight(name)
+    weight = cfg.signal_weights[name]
     intent = ctx.claims.get(cfg.intent_claim) if cfg.intent_claim else None
     if isinstance(intent, str):
         # A single declared audience, as ``aud`` may be (RFC 7519 §4.1.3); never ignored.
@@ -295,8 +380,8 @@ def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
         if outside:
             return _yes(name, weight, "audiences outside the declared intent", audiences=outside)
     if ctx.baseline.learning:
-        return _no(name, "learning: edges and rate are being recorded")
-    new_edges = sorted(set(ctx.audiences) - set(ctx.baseline.audiences))
+        return _S2S_LEARNING
+    new_edges = sorted(set(ctx.audiences).difference(ctx.baseline.audiences))
     if new_edges:
         return _yes(name, weight, "subject-to-audience edge never seen", audiences=new_edges)
     if ctx.delegation_depth > ctx.baseline.max_depth:
@@ -306,7 +391,7 @@ def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     if usual > 0 and rate > usual * cfg.burst_factor and rate >= 10:
         return _yes(name, weight, "burst far above the usual rate", per_minute=round(rate, 1),
                     usual=round(usual, 2))  # fmt: skip
-    return _no(name, "usual edges, depth and rate")
+    return _USUAL_S2S
 
 
 _RISK_LEVEL_WEIGHT = {"low": 0, "medium": 30, "high": 60, "critical": 100}
@@ -324,7 +409,7 @@ def shared_signal(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     level = (state.risk_level or "").lower()
     if _RISK_LEVEL_WEIGHT.get(level, 0):
         return _yes(name, _RISK_LEVEL_WEIGHT[level], "risk level raised by a security event", level=level)
-    return _no(name, "no security events in force")
+    return _NO_EVENTS
 
 
 def is_fresh(ctx: RiskContext, cfg: RiskSettings) -> bool:

@@ -45,7 +45,7 @@ class SubjectState:
 
     @property
     def empty(self) -> bool:
-        return self == SubjectState()
+        return self == _NO_STATE
 
     def to_json_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -78,6 +78,10 @@ class SubjectState:
 
     def with_event(self, event: str, now: float, **changes: Any) -> SubjectState:
         return replace(self, events=(*self.events, event)[-16:], updated_at=now, **changes)
+
+
+#: The state of a subject no event has named (compared with on every exchange: built once).
+_NO_STATE = SubjectState()
 
 
 def _latest(values: Iterable[float | None]) -> float | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ...errors import InvalidRequest, RiskRefused, StepUpRequired, TemporarilyUnavailable
@@ -31,6 +31,7 @@ from ..assurance import (
     KEY_CHANGED,
     KEY_CONTINUES,
     KEY_FACTS,
+    KEY_NONE,
     Evidence,
     at_least,
     key_state,
@@ -58,6 +59,18 @@ log = logging.getLogger(__name__)
 
 #: Rules without a ``risk`` section still obey security events, with these thresholds.
 EVENTS_ONLY = RiskSettings()
+
+#: The evidence a request shows (or could show), by (proof-of-possession key continuity, posture
+#: token): the four sets, built once.
+_EVIDENCE: Mapping[tuple[bool, bool], frozenset[str]] = {
+    (pop, posture): frozenset(([EVIDENCE_POP] if pop else []) + ([EVIDENCE_POSTURE] if posture else []))
+    for pop in (False, True)
+    for posture in (False, True)
+}
+
+
+def _evidence(pop: bool, posture: bool) -> frozenset[str]:
+    return _EVIDENCE[pop, posture]
 
 
 @dataclass(frozen=True)
@@ -106,9 +119,11 @@ class RiskAndAssurance:
     ) -> ExchangeRisk:
         """Assess the risk of granting ``scopes``; the assessment and the level go into ``record``."""
         subject = parties.subject
-        # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
+        # The proof-of-possession key is a fact too: a workload whose key changes has drifted.  (Only
+        # the facts differ from the subject's: its issuer, subject and claims are read from it.)
         keys = presented_keys(proof, wire.client_cert_thumbprint)
-        observed = replace(subject, facts={**subject.facts, **keys}) if keys else subject
+        facts = {**subject.facts, **keys} if keys else subject.facts
+        identity = identity_key(subject.issuer_name, subject.subject)
         posture = None
         if request.posture_token:
             record.details["posture_token_sha256"] = token_hash(request.posture_token)
@@ -119,13 +134,9 @@ class RiskAndAssurance:
         keeps_baseline = bool(grant.risk or grant.assurance or keys)
         try:
             state = (
-                merge(self.subject_states.get(self._identity_keys(observed))) if self.subject_states else None
+                merge(self.subject_states.get(self._identity_keys(subject))) if self.subject_states else None
             )
-            baseline_key = (
-                identity_key(observed.issuer_name, observed.subject)
-                if keeps_baseline and self.baselines
-                else None
-            )
+            baseline_key = identity if keeps_baseline and self.baselines else None
             baseline = self.baselines.load(baseline_key) if baseline_key and self.baselines else Baseline()
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
@@ -133,19 +144,15 @@ class RiskAndAssurance:
         cfg = grant.risk or EVENTS_ONLY
         posture_claims = posture[0] if posture else None
         posture_ok = posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
-        presented_key = key_state(keys, baseline.confirmed_keys())
-        shown = frozenset(
-            ([EVIDENCE_POP] if presented_key == KEY_CONTINUES else [])
-            + ([EVIDENCE_POSTURE] if posture_ok else [])
-        )
-        presentable = frozenset(
-            ([EVIDENCE_POP] if any(baseline.facts.get(f) is not None for f in KEY_FACTS) else [])
-            + ([EVIDENCE_POSTURE] if cfg.posture_fact is not None else [])
+        presented_key = key_state(keys, baseline.confirmed_keys()) if keys else KEY_NONE
+        shown = _evidence(presented_key == KEY_CONTINUES, posture_ok)
+        presentable = _evidence(
+            any(baseline.facts.get(f) is not None for f in KEY_FACTS), cfg.posture_fact is not None
         )
         ctx = RiskContext(
-            identity=identity_key(observed.issuer_name, observed.subject),
-            facts=observed.facts,
-            claims=observed.claims,
+            identity=identity,
+            facts=facts,
+            claims=subject.claims,
             source_ip=wire.source_ip,
             audiences=grant.audiences,
             scopes=scopes,
@@ -167,8 +174,8 @@ class RiskAndAssurance:
             # The new key completed its probation with this exchange: it is the identity's key now.
             presented_key = KEY_CONTINUES
         carried = None
-        if observed.issuer_name == SELF_ISSUER:
-            acr = observed.claims.get("acr")
+        if subject.issuer_name == SELF_ISSUER:
+            acr = subject.claims.get("acr")
             carried = acr if isinstance(acr, str) else ""
         evidence = Evidence(
             key=presented_key, posture_token=posture_ok, live_review=parties.live_review, carried=carried
@@ -282,7 +289,9 @@ class RiskAndAssurance:
             depth=depth,
             rebaseline=False,
         )
-        if updated == risk.baseline:
+        # ``observe`` counts the exchange, so the baseline always changed (compared as before, but
+        # count first: it decides without comparing every field).
+        if updated.count == risk.baseline.count and updated == risk.baseline:
             return None
         return BaselineUpdate(risk.baseline_key, updated, BASELINE_TTL)
 

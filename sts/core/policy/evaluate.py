@@ -146,20 +146,5 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
             if not scopes:
                 raise InvalidScope("policy.scope_not_allowed", rule.name)
             narrowed = len(scopes) != len(request.scopes)
-        reasons = ("policy.rule_matched",) + (("policy.scope_narrowed",) if narrowed else ())
-        return Grant(
-            rule.name,
-            targets,
-            scopes,
-            rule.max_lifetime,
-            narrowed,
-            reasons,
-            single_use=rule.single_use,
-            max_attestation_age=rule.max_attestation_age,
-            risk=rule.risk,
-            require_dpop=rule.require_dpop,
-            actor_may_bind_key=rule.actor_may_bind_key,
-            assurance=rule.assurance,
-            rate_limit=rule.rate_limit,
-        )
+        return rule.grant(targets, scopes, narrowed)
     raise InvalidTarget("policy.target_not_allowed")

@@ -7,7 +7,8 @@ The index is built once, when the :class:`PolicySet` is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..attest import VerifiedToken
@@ -103,7 +104,17 @@ class PolicySet:
 
     def candidates(self, token: VerifiedToken) -> list[Rule]:
         """The rules that may match ``token``'s issuer and subject, in policy order."""
-        issuer_rules = self._index.get(token.issuer_name)
+        return list(self._candidates(token.issuer_name, token.subject))
+
+    def _candidates_of(self, issuer: str, subject: str) -> tuple[Rule, ...]:
+        issuer_rules = self._index.get(issuer)
         if issuer_rules is None:
-            return []
-        return [self.rules[i] for i in sorted(issuer_rules.candidates(token.subject))]
+            return ()
+        return tuple(self.rules[i] for i in sorted(issuer_rules.candidates(subject)))
+
+    @functools.cached_property
+    def _candidates(self) -> Callable[[str, str], tuple[Rule, ...]]:
+        """:meth:`_candidates_of`, remembered for the most recent identities: a workload exchanges
+        again and again, and the policy is frozen.  (``cached_property`` writes the instance dict
+        directly, so it works on a frozen dataclass.)"""
+        return functools.lru_cache(maxsize=4096)(self._candidates_of)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,34 @@ class Rule:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(sorted(self.audiences)) + tuple(sorted(self.resources))
+
+    def grant(self, audiences: tuple[str, ...], scopes: tuple[str, ...], narrowed: bool) -> Grant:
+        """What this rule grants for ``audiences`` and ``scopes`` (``narrowed``: fewer scopes than
+        asked).  A grant is a frozen value, so the same one is given for the same request (the
+        most recent ones are remembered: a workload asks for the same again and again)."""
+        return self._grants(audiences, scopes, narrowed)
+
+    def _build_grant(self, audiences: tuple[str, ...], scopes: tuple[str, ...], narrowed: bool) -> Grant:
+        reasons = ("policy.rule_matched",) + (("policy.scope_narrowed",) if narrowed else ())
+        return Grant(
+            self.name,
+            audiences,
+            scopes,
+            self.max_lifetime,
+            narrowed,
+            reasons,
+            single_use=self.single_use,
+            max_attestation_age=self.max_attestation_age,
+            risk=self.risk,
+            require_dpop=self.require_dpop,
+            actor_may_bind_key=self.actor_may_bind_key,
+            assurance=self.assurance,
+            rate_limit=self.rate_limit,
+        )
+
+    @functools.cached_property
+    def _grants(self) -> Callable[[tuple[str, ...], tuple[str, ...], bool], Grant]:
+        return functools.lru_cache(maxsize=64)(self._build_grant)
 
 
 @dataclass(frozen=True)
