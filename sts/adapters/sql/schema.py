@@ -26,6 +26,7 @@ from sqlalchemy import (
 metadata = MetaData()
 
 _STEP_UP = text("error = 'insufficient_user_authentication'")
+_HAS_CLIENT = text("client_id IS NOT NULL")
 audit_events = Table(
     "audit_events",
     metadata,
@@ -64,7 +65,15 @@ audit_events = Table(
     # What `sts audit` and the review page filter and aggregate by (sts/adapters/audit_query.py):
     # keyset pages by id within an identity, client, outcome or rule; decisions over time by outcome.
     Index("ix_audit_events_identity", "issuer", "subject", "id"),
-    Index("ix_audit_events_client", "client_id", "id"),
+    # Partial: a decision without a client (a public client, or a refusal before the client was
+    # known) is never found by a client filter, so it does not pay for the index either.
+    Index(
+        "ix_audit_events_by_client",
+        "client_id",
+        "id",
+        sqlite_where=_HAS_CLIENT,
+        postgresql_where=_HAS_CLIENT,
+    ),
     Index("ix_audit_events_outcome", "outcome", "id"),
     Index("ix_audit_events_rule", "rule", "id"),
     Index("ix_audit_events_time_outcome", "time", "outcome"),
