@@ -17,13 +17,12 @@ from typing import Any
 import rfc8785
 
 _SAFE_INT = 2**53 - 1
-_CONTAINERS = (dict, list, tuple)
 
 
 def canonical_json(value: Any) -> str:
     """The RFC 8785 (JCS) text of a JSON value.
 
-    The common case is written by :func:`json.dumps` (a C encoder, several times
+    The common case is written by Python's C JSON encoder (several times
     faster than a pure-Python JCS): sorted keys, no whitespace, no ASCII
     escaping; :func:`_written_alike` first checks that its text is the JCS text,
     and gives integral floats as the integers JCS writes for them.  Anything
@@ -34,7 +33,7 @@ def canonical_json(value: Any) -> str:
     """
     alike = _written_alike(value, 0)
     if alike is not _NOT_ALIKE:
-        text = json.dumps(alike, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text = _ENCODER.encode(alike)
         if text.isascii():
             return text
         try:
@@ -47,6 +46,14 @@ def canonical_json(value: Any) -> str:
 
 #: What :func:`_written_alike` answers for a value ``json.dumps`` would not write as JCS does.
 _NOT_ALIKE: Any = object()
+
+#: ``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``, made once.
+#: Without its check for circular references: :func:`_written_alike` has already refused
+#: anything nested deeper than 32 levels, a cycle included.  ``allow_nan=False`` only in
+#: depth: the walk refuses NaN and the infinities first.
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False, allow_nan=False
+)
 
 
 def _written_alike(value: Any, depth: int) -> Any:
@@ -63,9 +70,10 @@ def _written_alike(value: Any, depth: int) -> Any:
     switches to an exponent below 1e-4 (``1e-05`` against ``0.00001``); JCS
     refuses NaN, infinities and integers beyond 2**53; and member names holding
     characters from U+E000 up may sort differently (code points against UTF-16
-    code units): all of those are not alike.  Scalars are checked inline and
-    only containers recurse, since this runs on every audit write: it costs
-    less than the ``json.dumps`` it vouches for.
+    code units): all of those are not alike.  Only exact types are alike (a
+    subclass goes to ``rfc8785``).  Scalars are checked inline and only
+    containers recurse, since this runs on every audit write: it costs less
+    than the encoding it vouches for.
     """
     if depth > 32:
         return _NOT_ALIKE
@@ -82,7 +90,12 @@ def _written_alike(value: Any, depth: int) -> Any:
                 if -_SAFE_INT <= item <= _SAFE_INT:
                     continue
                 return _NOT_ALIKE
-            alike = _item_alike(item, kind, depth)
+            if kind is dict or kind is list or kind is tuple:
+                alike = _written_alike(item, depth + 1)
+            elif kind is float:
+                alike = _float_alike(item)
+            else:
+                return _NOT_ALIKE
             if alike is not item:
                 if alike is _NOT_ALIKE:
                     return _NOT_ALIKE
@@ -100,7 +113,12 @@ def _written_alike(value: Any, depth: int) -> Any:
                 if -_SAFE_INT <= item <= _SAFE_INT:
                     continue
                 return _NOT_ALIKE
-            alike = _item_alike(item, kind, depth)
+            if kind is dict or kind is list or kind is tuple:
+                alike = _written_alike(item, depth + 1)
+            elif kind is float:
+                alike = _float_alike(item)
+            else:
+                return _NOT_ALIKE
             if alike is not item:
                 if alike is _NOT_ALIKE:
                     return _NOT_ALIKE
@@ -108,23 +126,22 @@ def _written_alike(value: Any, depth: int) -> Any:
                     listed = list(value)
                 listed[index] = alike
         return value if listed is None else listed
-    return _item_alike(value, kind, depth - 1)
-
-
-def _item_alike(item: Any, kind: type, depth: int) -> Any:
-    """:func:`_written_alike` of one member or element (a float, a container, or anything else)."""
     if kind is float:
-        if item.is_integer():  # False for NaN and the infinities
-            return int(item) if -_SAFE_INT <= item <= _SAFE_INT else _NOT_ALIKE
-        # Non-integral floats are below 2**52, where Python's repr has no exponent either.
-        return item if math.isfinite(item) and abs(item) >= 1e-4 else _NOT_ALIKE
-    if kind in _CONTAINERS:
-        return _written_alike(item, depth + 1)
-    if kind is str or item is None or kind is bool:
-        return item
+        return _float_alike(value)
+    if kind is str or value is None or kind is bool:
+        return value
     if kind is int:
-        return item if -_SAFE_INT <= item <= _SAFE_INT else _NOT_ALIKE
+        return value if -_SAFE_INT <= value <= _SAFE_INT else _NOT_ALIKE
     return _NOT_ALIKE
+
+
+def _float_alike(item: float) -> Any:
+    """:func:`_written_alike` of a float: an integral one as its ``int``, a tiny or non-finite one
+    not alike."""
+    if item.is_integer():  # False for NaN and the infinities
+        return int(item) if -_SAFE_INT <= item <= _SAFE_INT else _NOT_ALIKE
+    # Non-integral floats are below 2**52, where Python's repr has no exponent either.
+    return item if math.isfinite(item) and abs(item) >= 1e-4 else _NOT_ALIKE
 
 
 def canonical_record(record: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:

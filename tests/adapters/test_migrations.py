@@ -390,6 +390,44 @@ def test_downgrade_and_upgrade_again(database: Callable[[], Engine]) -> None:
     assert drift(engine) == []
 
 
+def test_audit_events_keeps_no_index_that_no_query_reads(database: Callable[[], Engine]) -> None:
+    """Revision 0006 drops the indexes no query of the service reads (each is written on every
+    decision, two of them at random places) and makes the client's partial; the ones the
+    queries use stay, and its downgrade brings the old ones back."""
+    engine = database()
+    migrations.upgrade(engine)
+    dropped = {
+        "ix_audit_events_time",
+        "ix_audit_events_subject_token_sha256",
+        "ix_audit_events_issued_jti",
+        "ix_audit_events_client",
+    }
+    kept = {
+        "ix_audit_events_subject",
+        "ix_audit_events_identity",
+        "ix_audit_events_outcome",
+        "ix_audit_events_rule",
+        "ix_audit_events_time_outcome",
+        "ix_audit_events_step_ups",
+        "ux_audit_events_chain_seq",
+    }
+    names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
+    assert names == kept | {"ix_audit_events_by_client"}
+    (client,) = [
+        i for i in inspect(engine).get_indexes("audit_events") if i["name"] == "ix_audit_events_by_client"
+    ]
+    assert "client_id IS NOT NULL" in str(next(iter(client["dialect_options"].values())))
+
+    def down(conn: Any) -> None:
+        command.downgrade(migrations.config(conn), "0005_audit_queries")
+
+    schema_transaction(engine, down)
+    names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
+    assert names == kept | dropped
+    migrations.upgrade(engine)
+    assert drift(engine) == []
+
+
 def test_a_database_between_0_1_0_and_migrations_is_upgraded(database: Callable[[], Engine]) -> None:
     """Versions after 0.1.0 made heartbeats with create_all, before migrations existed."""
     engine = database()
