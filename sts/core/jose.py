@@ -14,6 +14,7 @@ claims themselves are checked by :mod:`.claims`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -225,8 +226,8 @@ def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | N
         registry.validate_payload_size(payload_segment)
         if not payload_segment:
             return None
-        header = _json_object(urlsafe_b64decode(header_segment), "header")
-        if "b64" in header or "crit" in header or not isinstance(header.get("alg"), str):
+        header = _plain_header(header_segment)
+        if header is None:
             return None
         payload = urlsafe_b64decode(payload_segment)
         claims = _json_object(payload, "payload")
@@ -237,6 +238,31 @@ def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | N
         {"header": header_segment, "payload": payload_segment, "signature": signature_segment}
     )
     return UnverifiedJWS(header=header, claims=claims, compact=obj)
+
+
+#: How many protected headers keep their parsed form (:func:`_plain_header`).  An issuer signs every
+#: token with one header per key, and a workload every DPoP proof with one header (its key); a
+#: hostile client can only churn the cache, each entry at most a header's size.
+HEADER_CACHE = 256
+
+
+@functools.lru_cache(maxsize=HEADER_CACHE)
+def _parsed_header(segment: bytes) -> dict[str, Any] | None:
+    """The header of the segment, parsed strictly (:func:`_json_object`), when it is one
+    :func:`_parse_plain_compact` reads; None for one it leaves to the long way.  A segment that is
+    no header at all raises each time (a refusal is not kept)."""
+    header = _json_object(urlsafe_b64decode(segment), "header")
+    if "b64" in header or "crit" in header or not isinstance(header.get("alg"), str):
+        return None
+    return header
+
+
+def _plain_header(segment: bytes) -> dict[str, Any] | None:
+    """:func:`_parsed_header`, remembered by the segment's exact bytes: decoding and parsing are a
+    function of those bytes alone, so a remembered header is the one parsing would give.  Each
+    caller gets a dict of its own (the members' values are shared and never changed)."""
+    header = _parsed_header(segment)
+    return None if header is None else dict(header)
 
 
 def peek(token: str) -> UnverifiedJWS:
