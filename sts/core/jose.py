@@ -246,14 +246,33 @@ def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | N
 HEADER_CACHE = 256
 
 
+#: RFC 7517 §4, RFC 7518 §6.2.2, §6.3.2, §6.4: the members of a JWK that hold private or secret key
+#: material.
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+class _NotKept(Exception):
+    """A header :func:`_parsed_header` gives but must not remember (raised: ``lru_cache`` keeps no
+    call that raises)."""
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        super().__init__("not kept")
+        self.header = header
+
+
 @functools.lru_cache(maxsize=HEADER_CACHE)
 def _parsed_header(segment: bytes) -> dict[str, Any] | None:
     """The header of the segment, parsed strictly (:func:`_json_object`), when it is one
     :func:`_parse_plain_compact` reads; None for one it leaves to the long way.  A segment that is
-    no header at all raises each time (a refusal is not kept)."""
+    no header at all raises each time (a refusal is not kept), and so does a header whose ``jwk``
+    holds private key material (:class:`_NotKept`): a client's secret, sent by mistake in a DPoP
+    proof (which is refused, RFC 9449 §4.3), is not kept in memory."""
     header = _json_object(urlsafe_b64decode(segment), "header")
     if "b64" in header or "crit" in header or not isinstance(header.get("alg"), str):
         return None
+    jwk = header.get("jwk")
+    if isinstance(jwk, dict) and not PRIVATE_JWK_MEMBERS.isdisjoint(jwk):
+        raise _NotKept(header)
     return header
 
 
@@ -261,7 +280,10 @@ def _plain_header(segment: bytes) -> dict[str, Any] | None:
     """:func:`_parsed_header`, remembered by the segment's exact bytes: decoding and parsing are a
     function of those bytes alone, so a remembered header is the one parsing would give.  Each
     caller gets a dict of its own (the members' values are shared and never changed)."""
-    header = _parsed_header(segment)
+    try:
+        header = _parsed_header(segment)
+    except _NotKept as not_kept:
+        return not_kept.header
     return None if header is None else dict(header)
 
 
