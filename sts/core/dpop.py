@@ -37,11 +37,17 @@ from joserfc.jws import JWSRegistry
 
 from ..errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
-from .jose import JWSInvalid, UnverifiedJWS, parse_compact, rsa_key_problem, verify_compact_signature
+from .jose import (
+    PRIVATE_JWK_MEMBERS,
+    JWSInvalid,
+    UnverifiedJWS,
+    parse_compact,
+    rsa_key_problem,
+    verify_compact_signature,
+)
 from .ports import ReplayCache, ReplayWindowLost, StoreUnavailable
 
 DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "Ed25519", "EdDSA")
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _KEY_TYPES = {"ES": "EC", "RS": "RSA", "PS": "RSA", "Ed": "OKP"}
 
 #: Parses proofs only.  joserfc's default registry refuses a protected header over 512 bytes, but a
@@ -167,7 +173,7 @@ def _public_key(jwk: Any, alg: str) -> tuple[Key, str]:
     key of the type ``alg`` names."""
     if not isinstance(jwk, dict):
         raise _refuse("missing_jwk")
-    if _PRIVATE_MEMBERS & set(jwk):
+    if not PRIVATE_JWK_MEMBERS.isdisjoint(jwk):
         raise _refuse("private_jwk")
     expected = _KEY_TYPES.get(alg[:2])
     if expected is None or jwk.get("kty") != expected:

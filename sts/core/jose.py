@@ -14,6 +14,7 @@ claims themselves are checked by :mod:`.claims`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -225,8 +226,8 @@ def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | N
         registry.validate_payload_size(payload_segment)
         if not payload_segment:
             return None
-        header = _json_object(urlsafe_b64decode(header_segment), "header")
-        if "b64" in header or "crit" in header or not isinstance(header.get("alg"), str):
+        header = _plain_header(header_segment)
+        if header is None:
             return None
         payload = urlsafe_b64decode(payload_segment)
         claims = _json_object(payload, "payload")
@@ -237,6 +238,53 @@ def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | N
         {"header": header_segment, "payload": payload_segment, "signature": signature_segment}
     )
     return UnverifiedJWS(header=header, claims=claims, compact=obj)
+
+
+#: How many protected headers keep their parsed form (:func:`_plain_header`).  An issuer signs every
+#: token with one header per key, and a workload every DPoP proof with one header (its key); a
+#: hostile client can only churn the cache, each entry at most a header's size.
+HEADER_CACHE = 256
+
+
+#: RFC 7517 §4, RFC 7518 §6.2.2, §6.3.2, §6.4: the members of a JWK that hold private or secret key
+#: material.
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+class _NotKept(Exception):
+    """A header :func:`_parsed_header` gives but must not remember (raised: ``lru_cache`` keeps no
+    call that raises)."""
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        super().__init__("not kept")
+        self.header = header
+
+
+@functools.lru_cache(maxsize=HEADER_CACHE)
+def _parsed_header(segment: bytes) -> dict[str, Any] | None:
+    """The header of the segment, parsed strictly (:func:`_json_object`), when it is one
+    :func:`_parse_plain_compact` reads; None for one it leaves to the long way.  A segment that is
+    no header at all raises each time (a refusal is not kept), and so does a header whose ``jwk``
+    holds private key material (:class:`_NotKept`): a client's secret, sent by mistake in a DPoP
+    proof (which is refused, RFC 9449 §4.3), is not kept in memory."""
+    header = _json_object(urlsafe_b64decode(segment), "header")
+    if "b64" in header or "crit" in header or not isinstance(header.get("alg"), str):
+        return None
+    jwk = header.get("jwk")
+    if isinstance(jwk, dict) and not PRIVATE_JWK_MEMBERS.isdisjoint(jwk):
+        raise _NotKept(header)
+    return header
+
+
+def _plain_header(segment: bytes) -> dict[str, Any] | None:
+    """:func:`_parsed_header`, remembered by the segment's exact bytes: decoding and parsing are a
+    function of those bytes alone, so a remembered header is the one parsing would give.  Each
+    caller gets a dict of its own (the members' values are shared and never changed)."""
+    try:
+        header = _parsed_header(segment)
+    except _NotKept as not_kept:
+        return not_kept.header
+    return None if header is None else dict(header)
 
 
 def peek(token: str) -> UnverifiedJWS:

@@ -74,10 +74,14 @@ class Answer:
     headers: Mapping[str, str]
 
 
+#: The encoder :func:`json.dumps` would build on every call with these arguments, built once.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=DefaultJSONProvider.default)
+
+
 def json_text(body: Any) -> str:
     """``body`` as compact JSON, written as Flask's JSON provider writes it (sorted keys, non-ASCII
     escaped) but without looking the provider up on every call."""
-    return json.dumps(body, separators=(",", ":"), sort_keys=True, default=DefaultJSONProvider.default)
+    return _COMPACT_JSON.encode(body)
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

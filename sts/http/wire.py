@@ -10,6 +10,7 @@ endpoint's ``refuse_early``, so it is audited on every endpoint alike.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,7 +24,7 @@ from werkzeug.http import parse_options_header
 from werkzeug.wsgi import get_content_length, get_input_stream
 
 from ..errors import InvalidRequest, OAuthError
-from ..protocol.wire import WireRequest
+from ..protocol.wire import FORM_CONTENT_TYPE, WireRequest
 from .client_cert import certificate_thumbprint
 
 #: Records a request refused before it could be read (its audit record), e.g.
@@ -73,6 +74,10 @@ def parse_form(environ: Mapping[str, Any], limits: FormLimits) -> dict[str, list
     content_type = environ.get("CONTENT_TYPE")
     if not content_type:
         return {}  # Werkzeug's ``want_form_data_parsed``: no Content-Type, no form.
+    if content_type == FORM_CONTENT_TYPE:
+        body = _whole_body(environ, limits.max_content_length)
+        if body is not None:
+            return _parse_urlencoded(body)
     mimetype, options = parse_options_header(content_type)
     parser = FormDataParser(
         max_form_memory_size=limits.max_form_memory_size,
@@ -84,6 +89,40 @@ def parse_form(environ: Mapping[str, Any], limits: FormLimits) -> dict[str, list
     stream = get_input_stream(wsgi_environ, max_content_length=limits.max_content_length)
     _, form, _ = parser.parse(stream, mimetype.lower(), get_content_length(wsgi_environ), options)
     return cast("dict[str, list[str]]", form)
+
+
+def _whole_body(environ: Mapping[str, Any], max_content_length: int | None) -> bytes | None:
+    """The body the server read whole (``wsgi.input_terminated``, in memory: what
+    :class:`sts.serving.WSGIOverRSGI` and :class:`~sts.http.body_limit.BodyLimit` hand over),
+    when it fits ``max_content_length``; None for any other body, which is read by Werkzeug.
+
+    Werkzeug reads such a stream to its end through a :class:`~werkzeug.wsgi.LimitedStream` capped at
+    ``max_content_length``; a body within the cap comes out whole, as it does here.  A declared
+    ``Content-Length`` over the cap is refused first, as :func:`~werkzeug.wsgi.get_input_stream`
+    refuses it.
+    """
+    stream = environ.get("wsgi.input")
+    if type(stream) is not io.BytesIO or "wsgi.input_terminated" not in environ:
+        return None
+    declared = get_content_length(cast("dict[str, Any]", environ))
+    if declared is not None and max_content_length is not None and declared > max_content_length:
+        raise RequestEntityTooLarge()
+    if max_content_length is not None and stream.getbuffer().nbytes - stream.tell() > max_content_length:
+        return None
+    return stream.read()
+
+
+def _parse_urlencoded(body: bytes) -> dict[str, list[str]]:
+    """The form in an ``application/x-www-form-urlencoded`` body, as Werkzeug's
+    ``FormDataParser`` parses it (``_parse_urlencoded``): the body decoded as UTF-8, then
+    :func:`urllib.parse.parse_qsl` keeping blank values, bytes that are not UTF-8 in a
+    percent-encoding kept percent-encoded (``werkzeug.url_quote``); a body that is not UTF-8 is no
+    form (``{}``: the parser is silent on a ``ValueError``)."""
+    try:
+        items = parse_qsl(body.decode(), keep_blank_values=True, errors="werkzeug.url_quote")
+    except ValueError:
+        return {}
+    return _multi(items)
 
 
 def parse_query(environ: Mapping[str, Any]) -> dict[str, list[str]]:

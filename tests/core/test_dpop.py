@@ -1029,6 +1029,29 @@ def test_a_refused_key_is_refused_every_time(
     assert len(imported) == imports
 
 
+def test_a_header_with_private_key_material_is_not_remembered(sts: STS) -> None:
+    """A proof whose ``jwk`` holds a private key is refused every time, and its header is kept
+    neither by the key cache nor by the header cache (``jose._parsed_header``), as a public
+    key's is."""
+    from sts.core import dpop, jose
+
+    jose._parsed_header.cache_clear()
+    dpop._imported_key.cache_clear()
+    private = dict(EC_KEY.as_dict(private=True))
+    for _ in range(2):
+        assert_refused(sts, sts.exchange(sts.proof(EC_KEY, header={"jwk": private})), "dpop.private_jwk")
+    assert jose._parsed_header.cache_info().currsize == 0
+    assert dpop._imported_key.cache_info().currsize == 0
+    assert_refused(
+        sts,
+        sts.exchange(sts.proof(EC_KEY, header={"jwk": {"k": "c2VjcmV0", "kty": "oct"}})),
+        "dpop.private_jwk",
+    )
+    assert jose._parsed_header.cache_info().currsize == 0
+    sts.granted(sts.proof(EC_KEY))
+    assert jose._parsed_header.cache_info().currsize == 2  # the proof's header and the subject token's
+
+
 def test_the_key_cache_is_bounded() -> None:
     from sts.core import dpop
 

@@ -1109,6 +1109,49 @@ def test_parse_compact_reads_a_plain_token_as_joserfc_does() -> None:
     assert refused.value.reason == "jws.malformed"  # joserfc reads no b64 payload: as on main
 
 
+def test_a_remembered_header_is_the_one_each_token_carries() -> None:
+    """Protected headers are remembered by their exact segment (``jose._parsed_header``): a token
+    with the same header is read without parsing it again, yet its signature is checked over its
+    own bytes; a header differing in one member is its own; a caller changing its header changes
+    nobody else's; and a header refused once is refused again."""
+    from sts.core.jose import (
+        HEADER_CACHE,
+        JWSInvalid,
+        _parsed_header,
+        parse_compact,
+        verify_compact_signature,
+    )
+
+    _parsed_header.cache_clear()
+    key, other = ECKey.generate_key("P-256"), ECKey.generate_key("P-256")
+    token = jwt.encode({"alg": "ES256", "kid": "a"}, {"sub": "x"}, key, algorithms=["ES256"])
+    first = parse_compact(token)
+    first.header["kid"] = "changed"
+    again = parse_compact(token)
+    assert _parsed_header.cache_info().hits == 1
+    assert again.header == {"typ": "JWT", "alg": "ES256", "kid": "a"}
+    assert again.compact is not None and again.compact.protected == again.header
+    assert verify_compact_signature(again.compact, key, "ES256") is True
+    # The same header segment, signed by another key or over another payload: refused.
+    forged = jwt.encode({"alg": "ES256", "kid": "a"}, {"sub": "y"}, other, algorithms=["ES256"])
+    assert forged.split(".")[0] == token.split(".")[0]
+    for text in (forged, ".".join([*forged.split(".")[:2], token.split(".")[2]])):
+        parsed = parse_compact(text)
+        assert parsed.claims == {"sub": "y"}
+        assert parsed.compact is not None and verify_compact_signature(parsed.compact, key, "ES256") is False
+    # One member changed: a header of its own.
+    moved = jwt.encode({"alg": "ES256", "kid": "b"}, {"sub": "x"}, key, algorithms=["ES256"])
+    assert parse_compact(moved).header == {"typ": "JWT", "alg": "ES256", "kid": "b"}
+    # A refusal is not remembered.
+    duplicated = base64.urlsafe_b64encode(b'{"alg":"ES256","alg":"none"}').rstrip(b"=").decode()
+    for _ in range(2):
+        with pytest.raises(JWSInvalid) as refused:
+            parse_compact(f"{duplicated}.{token.split('.', 1)[1]}")
+        assert refused.value.reason == "jws.duplicate_member"
+    assert _parsed_header.cache_info().currsize == 2
+    assert _parsed_header.cache_info().maxsize == HEADER_CACHE
+
+
 def _outcome(check: Callable[[], bool]) -> object:
     try:
         return check()
