@@ -30,7 +30,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from joserfc.errors import InvalidKeyTypeError, JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey
 
-from sts.core.jose import rsa_key_problem
+from sts.core.jose import PRIVATE_JWK_MEMBERS, rsa_key_problem
 from sts.core.ports import UnknownKeyId
 from sts.errors import ConfigurationError
 
@@ -56,9 +56,6 @@ _ALGORITHM_KEYS: Final[Mapping[str, tuple[str, str | None]]] = MappingProxyType(
     }
 )
 
-#: JWK members that only a private or symmetric key has (RFC 7518 §6.2.2,
-#: §6.3.2, §6.4.1; RFC 8037 §2).
-_PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 _SHOWN_CHARS: Final = 64
 
@@ -135,7 +132,7 @@ def _import_public_key(entry: object, position: int, set_size: int, source: str)
     if kty == "oct":
         _skip(source, position, kid, "symmetric key (kty 'oct'); a JWK Set must hold only public keys")
         return None
-    private = sorted(_PRIVATE_MEMBERS.intersection(entry))
+    private = sorted(PRIVATE_JWK_MEMBERS.intersection(entry))
     if private:
         _skip(source, position, kid, f"private key members {private}; a JWK Set must hold only public keys")
         return None
