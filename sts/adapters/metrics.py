@@ -35,7 +35,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -94,23 +94,29 @@ def _counter_values(child: Any) -> list[Any]:
 
 class _Series:
     """The slots (:class:`~sts.adapters.metrics_tally.Tally`) of one metric's labelled children,
-    each child looked up once: ``labels()`` validates and takes a lock on every call."""
+    each child looked up once: ``labels()`` validates and takes a lock on every call.
+
+    ``first_slot`` maps what the caller has at hand (the record's fields, a status code) to the
+    child's first slot; the label values are made from it only the first time it is seen.
+    """
 
     def __init__(self, metric: Any, tally: Tally, values_of: Callable[[Any], list[Any]]) -> None:
         self.metric = metric
         self.tally = tally
         self.values_of = values_of
-        #: Label values -> the first slot of that child.
-        self.first_slot: dict[tuple[str, ...], int] = {}
+        self.first_slot: dict[Hashable, int] = {}
+        #: One child, one set of slots, whichever keys lead to it.
+        self._by_labels: dict[tuple[str, ...], int] = {}
         self._lock = threading.Lock()
 
-    def new(self, labels: tuple[str, ...]) -> int:
-        """The first slot of a child not seen before (once only, whichever thread comes first)."""
+    def new(self, key: Hashable, labels: tuple[str, ...]) -> int:
+        """The first slot of the child with ``labels``, found for ``key`` (once per key)."""
         with self._lock:
-            slot = self.first_slot.get(labels)
+            slot = self._by_labels.get(labels)
             if slot is None:
                 slot = self.tally.slots(self.values_of(self.metric.labels(*labels)))
-                self.first_slot[labels] = slot
+                self._by_labels[labels] = slot
+            self.first_slot[key] = slot
             return slot
 
 
@@ -207,19 +213,21 @@ class Metrics:
         self._request_seconds = _Series(self.request_seconds, tally, _histogram_values)
         self._responses = _Series(self.responses, tally, _counter_values)
         self._stage_seconds = _Series(self.stage_seconds, tally, _histogram_values)
+        #: Route -> stage -> the first slot of that child of ``stage_seconds``.
+        self._stage_slots: dict[str, dict[str, int]] = {}
         self._decisions = _Series(self.decisions, tally, _counter_values)
         self._signals = _Series(self.signals, tally, _counter_values)
 
     # -- requests and stages --------------------------------------------------------------------
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        latency = self._request_seconds.first_slot.get((route,))
+        latency = self._request_seconds.first_slot.get(route)
         if latency is None:
-            latency = self._request_seconds.new((route,))
-        key = (route, str(status))
+            latency = self._request_seconds.new(route, (route,))
+        key = (route, status)
         response = self._responses.first_slot.get(key)
         if response is None:
-            response = self._responses.new(key)
+            response = self._responses.new(key, (route, str(status)))
         if seconds == seconds:  # not NaN: NaN goes in no bucket
             bucket = latency + 1 + bisect_left(_REQUEST_BOUNDS, seconds)
             self.tally.add((latency, seconds, bucket, 1.0, response, 1.0))
@@ -229,14 +237,14 @@ class Metrics:
     def observe_stages(self, route: str, timings: Iterable[tuple[str, float]]) -> None:
         """A request's stages, ``(stage, seconds)`` in order, counted together (one lock): the
         observer of the pipeline's stage port (:meth:`sts.adapters.tracing.Tracing.add_stages_observer`)."""
-        series = self._stage_seconds
-        first_slot = series.first_slot
+        slots = self._stage_slots.get(route)
+        if slots is None:
+            slots = self._stage_slots.setdefault(route, {})
         batch: list[Any] = []
         for stage, seconds in timings:
-            key = (route, stage)
-            first = first_slot.get(key)
+            first = slots.get(stage)
             if first is None:
-                first = series.new(key)
+                first = slots[stage] = self._stage_seconds.new((route, stage), (route, stage))
             if seconds == seconds:
                 batch += (first, seconds, first + 1 + bisect_left(_STAGE_BOUNDS, seconds), 1.0)
             else:
@@ -252,20 +260,22 @@ class Metrics:
     def decided(self, record: AuditRecord, *, delivered: bool = True) -> None:
         """Count one decision; ``delivered`` is False when its answer was withheld (not audited)."""
         outcome = record.outcome if delivered or record.outcome in _REFUSALS else "withheld"
-        key = (_label(record.endpoint), _label(outcome), _label(record.error), _label(record.rule))
+        key = (record.endpoint, outcome, record.error, record.rule)
         decision = self._decisions.first_slot.get(key)
         if decision is None:
-            decision = self._decisions.new(key)
+            decision = self._decisions.new(key, tuple(_label(value) for value in key))
         batch: list[Any] = [decision, 1.0]
         risk = record.details.get("risk")
         if isinstance(risk, (dict, Mapping)):
-            mode = _label(risk.get("mode"))
+            mode = risk.get("mode")
             for signal in risk.get("signals") or ():
                 # A plain dict is told apart first: the ABC check costs more than the rest.
                 if isinstance(signal, (dict, Mapping)) and signal.get("fired"):
-                    fired = (_label(signal.get("name")), mode)
+                    fired = (signal.get("name"), mode)
                     slot = self._signals.first_slot.get(fired)
-                    batch += (self._signals.new(fired) if slot is None else slot, 1.0)
+                    if slot is None:
+                        slot = self._signals.new(fired, (_label(fired[0]), _label(mode)))
+                    batch += (slot, 1.0)
         self.tally.add(batch)
 
     def audit_failed(self, record: AuditRecord) -> None:

@@ -28,11 +28,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from operator import sub
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..protocol.trace_context import TraceContext, new_trace
+from ..protocol.trace_context import TraceContext, new_span_id, new_trace_id
 from ..settings import TracingSettings
 
 #: ``observer(route, stage, seconds)``, called for each pipeline stage as the request ends.
@@ -44,26 +44,61 @@ StagesObserver = Callable[[str, Sequence[tuple[str, float]]], None]
 current: ContextVar[RequestTrace | None] = ContextVar("sts_request_trace", default=None)
 
 
-@dataclass
 class RequestTrace:
-    """One request: its id, its place in the trace, and the stage its pipeline is in."""
+    """One request: its id, its place in the trace, and the stages its pipeline has entered.
 
-    request_id: str
-    route: str
-    #: This service's span of the trace: the parent of whatever it calls.
-    context: TraceContext
-    span: Any = None
-    #: The stages entered, in order, each with the clock's reading as it was entered.
-    stages: list[tuple[str, float]] = field(default_factory=list)
-    stage_span: Any = None
-    stage_context: TraceContext | None = None
-    #: The request this one started inside of (a nested call in tests), restored when it ends.
-    previous: RequestTrace | None = None
-    finished: bool = False
+    A plain class with slots: one is made per request.  Its :class:`TraceContext` is made when
+    first asked for (an outbound call, a span), from the ids the request's logs and record carry.
+    """
+
+    __slots__ = (
+        "_context",
+        "finished",
+        "flags",
+        "previous",
+        "request_id",
+        "route",
+        "span",
+        "span_id",
+        "stage_context",
+        "stage_span",
+        "stages",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        route: str,
+        trace_id: str,
+        span_id: str,
+        flags: int = 0,
+        *,
+        span: Any = None,
+        context: TraceContext | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.route = route
+        self.trace_id = trace_id
+        #: This service's span of the trace: the parent of whatever it calls.
+        self.span_id = span_id
+        self.flags = flags
+        self._context = context
+        self.span = span
+        #: The stages entered, in order, each with the clock's reading as it was entered.
+        self.stages: list[tuple[str, float]] = []
+        self.stage_span: Any = None
+        self.stage_context: TraceContext | None = None
+        #: The request this one started inside of (a nested call in tests), restored when it ends.
+        self.previous: RequestTrace | None = None
+        self.finished = False
 
     @property
-    def trace_id(self) -> str:
-        return self.context.trace_id
+    def context(self) -> TraceContext:
+        """This service's place in the trace: the parent of whatever it calls."""
+        if self._context is None:
+            self._context = TraceContext(self.trace_id, self.span_id, self.flags)
+        return self._context
 
     @property
     def stage(self) -> str | None:
@@ -119,14 +154,22 @@ class Tracing:
         self, request_id: str, method: str, route: str, incoming: TraceContext | None
     ) -> RequestTrace:
         """Begin serving a request, continuing ``incoming`` when the caller sent a valid one."""
-        span = None
         if self.tracer is not None:
             span, context = self._start_server_span(method, route, request_id, incoming)
+            trace = RequestTrace(
+                request_id,
+                route,
+                context.trace_id,
+                context.span_id,
+                context.flags,
+                span=span,
+                context=context,
+            )
         elif incoming is not None:
-            context = incoming.child()
+            # This service's span of the caller's trace (TraceContext.child, made when needed).
+            trace = RequestTrace(request_id, route, incoming.trace_id, new_span_id(), incoming.flags)
         else:
-            context = new_trace()
-        trace = RequestTrace(request_id=request_id, route=route, context=context, span=span)
+            trace = RequestTrace(request_id, route, new_trace_id(), new_span_id())  # as new_trace()
         trace.previous = current.get()
         current.set(trace)
         return trace
@@ -170,10 +213,8 @@ class Tracing:
 
     def _report_stages(self, trace: RequestTrace, now: float) -> None:
         """Each stage's time, from its start to the next one's (the last: to ``now``)."""
-        stages = trace.stages
-        ends = [started for _, started in stages[1:]]
-        ends.append(now)
-        timings = [(stage, end - started) for (stage, started), end in zip(stages, ends, strict=True)]
+        names, starts = zip(*trace.stages, strict=True)
+        timings = list(zip(names, map(sub, (*starts[1:], now), starts), strict=True))
         route = trace.route
         for observe_stages in self.stages_observers:
             observe_stages(route, timings)
