@@ -72,6 +72,8 @@ class Tally(Collector):
     def add(self, batch: Batch) -> None:
         """Add ``amount`` to each ``slot`` of ``batch`` (``slot, amount, slot, amount, ...``)."""
         with self.lock:
+            if self.write_through and os.getpid() != self._pid:
+                self._after_fork()
             totals = self.totals
             for i in range(0, len(batch), 2):
                 totals[batch[i]] += batch[i + 1]
@@ -80,8 +82,6 @@ class Tally(Collector):
 
     def _write(self, batch: Batch) -> None:
         """Multiprocess mode: the batch's slots, written to this process's files (lock held)."""
-        if os.getpid() != self._pid:
-            self._after_fork()
         totals, values, places = self.totals, self.values, self._places
         for i in range(0, len(batch), 2):
             slot = batch[i]
