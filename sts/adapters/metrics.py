@@ -9,7 +9,7 @@ fed from outside the core:
   signals that fired in it (:meth:`Metrics.decided`);
 * request latency per route, from the HTTP layer (:mod:`sts.http.metrics`),
   and per pipeline stage, from the pipeline's stage port
-  (:meth:`Metrics.observe_stage`, an ``observer(route, stage, seconds)``);
+  (:meth:`Metrics.observe_stages`: a request's stages, as the request ends);
 * store, audit and upstream failures, by wrapping the ports where the
   pipeline meets them (:mod:`sts.adapters.metered_ports`);
 * JWKS fetches, from :class:`sts.adapters.jwks_cache.HttpJWKS`'s ``on_fetch`` hook;
