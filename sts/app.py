@@ -86,7 +86,7 @@ def create_app(
     limits = build_rate_limiter(settings, engine, stores.redis_client, metrics)
     # The pipeline's stages: trace spans (when tracing is on) and the per-stage latency histogram.
     tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
-    tracing.add_observer(metrics.observe_stage)
+    tracing.add_stages_observer(metrics.observe_stages)
     clients = build_clients(settings, clock, metrics)
     exchange = build_exchange(
         settings,

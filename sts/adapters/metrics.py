@@ -9,7 +9,7 @@ fed from outside the core:
   signals that fired in it (:meth:`Metrics.decided`);
 * request latency per route, from the HTTP layer (:mod:`sts.http.metrics`),
   and per pipeline stage, from the pipeline's stage port
-  (:meth:`Metrics.observe_stage`, an ``observer(route, stage, seconds)``);
+  (:meth:`Metrics.observe_stages`: a request's stages, as the request ends);
 * store, audit and upstream failures, by wrapping the ports where the
   pipeline meets them (:mod:`sts.adapters.metered_ports`);
 * JWKS fetches, from :class:`sts.adapters.jwks_cache.HttpJWKS`'s ``on_fetch`` hook;
@@ -20,25 +20,29 @@ Labels are bounded: endpoints, routes, stages, outcomes, errors, stores and
 signals are fixed by the code; rules, issuers and clients come from the
 configuration.  No label ever holds a subject, a client address or a token.
 
-The per-request observations (about a dozen per token exchange) go straight to
-the values of each labelled child, looked up once (:class:`_Children`): what
-``prometheus_client``'s ``labels()``, ``observe()`` and ``inc()`` check on
-every call holds by construction here.  Several worker processes, and what a
-scrape shows: :mod:`sts.adapters.metrics_exposition`.
+The per-request observations (about twenty per token exchange: the request,
+its stages, its decision) are added up as plain numbers, a request's stages in
+one batch, and reach ``prometheus_client``'s values when the registry is
+collected, or as each batch is added in multiprocess mode
+(:mod:`sts.adapters.metrics_tally`); each labelled child is looked up once
+(:class:`_Series`).  Several worker processes, and what a scrape shows:
+:mod:`sts.adapters.metrics_exposition`.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..core.audit import AuditRecord
 from .metrics_exposition import JWKS_LAST_SUCCESS, multiprocess_enabled
+from .metrics_tally import Tally
 
 #: Whole requests: from a millisecond (a cached JWKS answer) to the 10 s deadlines.
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -66,55 +70,54 @@ STAGE_BUCKETS = (
 _REFUSALS = frozenset({"refused", "error"})
 _LABEL_MAX = 128
 
-#: Records one observation (a histogram) or increment (a counter) on one labelled child.
-Record = Callable[[float], None]
+#: The bucket bounds as ``prometheus_client`` keeps them (its last bucket is ``+Inf``).
+_REQUEST_BOUNDS = (*REQUEST_BUCKETS, math.inf)
+_STAGE_BOUNDS = (*STAGE_BUCKETS, math.inf)
 
 
 def _label(value: object) -> str:
     return "" if value is None else str(value)[:_LABEL_MAX]
 
 
-def _histogram_observer(child: Any) -> Record:
-    """``child.observe`` for the request path: the sum, then the first bucket whose upper bound is
-    at least the amount, found by bisection (``observe`` walks the bounds one by one, and checks on
-    each call that the child is observable, which a child of ``labels()`` always is).
+def _histogram_values(child: Any) -> list[Any]:
+    """A histogram child's values, in its slots' order: the sum, then each bucket (not cumulative).
 
-    Reads ``prometheus_client``'s ``_sum``, ``_buckets`` and ``_upper_bounds``: the test of this
-    module compares the result with ``observe`` on every bucket edge, so a change there shows.
+    An observation adds to the sum and to the first bucket whose upper bound is at least the
+    amount (NaN: to no bucket), as ``Histogram.observe`` does; the count is the buckets' total.
     """
-    total, buckets, bounds = child._sum, child._buckets, tuple(child._upper_bounds)
-
-    def observe(amount: float) -> None:
-        total.inc(amount)
-        if not math.isnan(amount):  # ``observe`` counts NaN in no bucket
-            buckets[bisect_left(bounds, amount)].inc(1)
-
-    return observe
+    return [child._sum, *child._buckets]
 
 
-def _counter_increment(child: Any) -> Record:
-    """``child.inc`` for the request path: the value's own ``inc`` (the amounts here are never
-    negative, and no exemplars are kept)."""
-    increment: Record = child._value.inc
-    return increment
+def _counter_values(child: Any) -> list[Any]:
+    return [child._value]
 
 
-class _Children:
-    """The labelled children of one metric, each looked up once: ``labels()`` validates and takes a
-    lock on every call, which doubled the cost of an observation on the request path.  Each child
-    is kept as the function that records on it (:func:`_histogram_observer`,
-    :func:`_counter_increment`)."""
+class _Series:
+    """The slots (:class:`~sts.adapters.metrics_tally.Tally`) of one metric's labelled children,
+    each child looked up once: ``labels()`` validates and takes a lock on every call.
 
-    def __init__(self, metric: Any, recorder: Callable[[Any], Record]) -> None:
+    ``first_slot`` maps what the caller has at hand (the record's fields, a status code) to the
+    child's first slot; the label values are made from it only the first time it is seen.
+    """
+
+    def __init__(self, metric: Any, tally: Tally, values_of: Callable[[Any], list[Any]]) -> None:
         self.metric = metric
-        self.recorder = recorder
-        self.cache: dict[tuple[str, ...], Record] = {}
+        self.tally = tally
+        self.values_of = values_of
+        self.first_slot: dict[Hashable, int] = {}
+        #: One child, one set of slots, whichever keys lead to it.
+        self._by_labels: dict[tuple[str, ...], int] = {}
+        self._lock = threading.Lock()
 
-    def __call__(self, *values: str) -> Record:
-        record = self.cache.get(values)
-        if record is None:
-            record = self.cache[values] = self.recorder(self.metric.labels(*values))
-        return record
+    def new(self, key: Hashable, labels: tuple[str, ...]) -> int:
+        """The first slot of the child with ``labels``, found for ``key`` (once per key)."""
+        with self._lock:
+            slot = self._by_labels.get(labels)
+            if slot is None:
+                slot = self.tally.slots(self.values_of(self.metric.labels(*labels)))
+                self._by_labels[labels] = slot
+            self.first_slot[key] = slot
+            return slot
 
 
 class Metrics:
@@ -130,6 +133,9 @@ class Metrics:
         self.clock = clock
         reg = None if multiprocess_enabled() else (registry if registry is not None else CollectorRegistry())
         self.registry = reg
+        self.tally = Tally()
+        if reg is not None:
+            reg.register(self.tally)  # first: collecting the registry sets the values it keeps
         self.decisions = Counter(
             "sts_decisions",
             "Decisions (one per audit record) by endpoint, outcome, OAuth error and policy rule.",
@@ -201,37 +207,76 @@ class Metrics:
             multiprocess_mode="max",
         )
 
-        self._request_seconds = _Children(self.request_seconds, _histogram_observer)
-        self._responses = _Children(self.responses, _counter_increment)
-        self._stage_seconds = _Children(self.stage_seconds, _histogram_observer)
-        self._decisions = _Children(self.decisions, _counter_increment)
-        self._signals = _Children(self.signals, _counter_increment)
+        # The request path's metrics, counted in the tally (registered before them, it sets their
+        # values when the registry is collected; in multiprocess mode it writes them through).
+        tally = self.tally
+        self._request_seconds = _Series(self.request_seconds, tally, _histogram_values)
+        self._responses = _Series(self.responses, tally, _counter_values)
+        self._stage_seconds = _Series(self.stage_seconds, tally, _histogram_values)
+        #: Route -> stage -> the first slot of that child of ``stage_seconds``.
+        self._stage_slots: dict[str, dict[str, int]] = {}
+        self._decisions = _Series(self.decisions, tally, _counter_values)
+        self._signals = _Series(self.signals, tally, _counter_values)
 
     # -- requests and stages --------------------------------------------------------------------
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self._request_seconds(route)(seconds)
-        self._responses(route, str(status))(1)
+        latency = self._request_seconds.first_slot.get(route)
+        if latency is None:
+            latency = self._request_seconds.new(route, (route,))
+        key = (route, status)
+        response = self._responses.first_slot.get(key)
+        if response is None:
+            response = self._responses.new(key, (route, str(status)))
+        if seconds == seconds:  # not NaN: NaN goes in no bucket
+            bucket = latency + 1 + bisect_left(_REQUEST_BOUNDS, seconds)
+            self.tally.add((latency, seconds, bucket, 1.0, response, 1.0))
+        else:
+            self.tally.add((latency, seconds, response, 1.0))
+
+    def observe_stages(self, route: str, timings: Iterable[tuple[str, float]]) -> None:
+        """A request's stages, ``(stage, seconds)`` in order, counted together (one lock): the
+        observer of the pipeline's stage port (:meth:`sts.adapters.tracing.Tracing.add_stages_observer`)."""
+        slots = self._stage_slots.get(route)
+        if slots is None:
+            slots = self._stage_slots.setdefault(route, {})
+        batch: list[Any] = []
+        for stage, seconds in timings:
+            first = slots.get(stage)
+            if first is None:
+                first = slots[stage] = self._stage_seconds.new((route, stage), (route, stage))
+            if seconds == seconds:
+                batch += (first, seconds, first + 1 + bisect_left(_STAGE_BOUNDS, seconds), 1.0)
+            else:
+                batch += (first, seconds)
+        self.tally.add(batch)
 
     def observe_stage(self, route: str, stage: str, seconds: float) -> None:
-        """A stage observer, ``observer(route, stage, seconds)``, for the pipeline's stage port."""
-        self._stage_seconds(route, stage)(seconds)
+        """One stage, ``observer(route, stage, seconds)``."""
+        self.observe_stages(route, ((stage, seconds),))
 
     # -- decisions ------------------------------------------------------------------------------
 
     def decided(self, record: AuditRecord, *, delivered: bool = True) -> None:
         """Count one decision; ``delivered`` is False when its answer was withheld (not audited)."""
         outcome = record.outcome if delivered or record.outcome in _REFUSALS else "withheld"
-        self._decisions(_label(record.endpoint), _label(outcome), _label(record.error), _label(record.rule))(
-            1
-        )
+        key = (record.endpoint, outcome, record.error, record.rule)
+        decision = self._decisions.first_slot.get(key)
+        if decision is None:
+            decision = self._decisions.new(key, tuple(_label(value) for value in key))
+        batch: list[Any] = [decision, 1.0]
         risk = record.details.get("risk")
         if isinstance(risk, (dict, Mapping)):
-            mode = _label(risk.get("mode"))
+            mode = risk.get("mode")
             for signal in risk.get("signals") or ():
                 # A plain dict is told apart first: the ABC check costs more than the rest.
                 if isinstance(signal, (dict, Mapping)) and signal.get("fired"):
-                    self._signals(_label(signal.get("name")), mode)(1)
+                    fired = (signal.get("name"), mode)
+                    slot = self._signals.first_slot.get(fired)
+                    if slot is None:
+                        slot = self._signals.new(fired, (_label(fired[0]), _label(mode)))
+                    batch += (slot, 1.0)
+        self.tally.add(batch)
 
     def audit_failed(self, record: AuditRecord) -> None:
         self.audit_errors.labels(_label(record.endpoint), _label(record.outcome)).inc()

@@ -7,12 +7,17 @@ the audit record; :func:`outbound_headers` passes the trace on to the calls
 this service makes while serving the request (JWKS fetches, TokenReview).
 
 :class:`Tracing` is also the pipeline's :class:`~sts.core.ports.PipelineStages`:
-each stage the pipeline enters ends the one before, and every ended stage is
+each stage the pipeline enters ends the one before (one reading of the clock
+marks both), and the last ends with the request.  Every stage is
 
-* reported to each *observer*, ``observer(route, stage, seconds)`` (per-stage
-  latency histograms plug in here with :meth:`Tracing.add_observer`), and
+* reported when the request ends, all of them together, to each *stages
+  observer*, ``observer(route, [(stage, seconds), ...])`` (the per-stage
+  latency histograms plug in here with :meth:`Tracing.add_stages_observer`,
+  and count a request's stages in one go), and to each *observer*,
+  ``observer(route, stage, seconds)`` (:meth:`Tracing.add_observer`), and
 * with OpenTelemetry switched on (setting ``tracing``, the ``otel`` extra), a
-  span, child of the request's server span, itself child of the caller's span.
+  span, child of the request's server span, itself child of the caller's span,
+  which ends as the stage does.
 
 The decision core never imports OpenTelemetry; only this module does, and
 only when tracing is on.
@@ -21,42 +26,84 @@ only when tracing is on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from operator import sub
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..protocol.trace_context import TraceContext, new_trace
+from ..protocol.trace_context import TraceContext, new_span_id, new_trace_id
 from ..settings import TracingSettings
 
-#: ``observer(route, stage, seconds)``, called as each pipeline stage ends.
+#: ``observer(route, stage, seconds)``, called for each pipeline stage as the request ends.
 StageObserver = Callable[[str, str, float], None]
+#: ``observer(route, [(stage, seconds), ...])``: a request's stages in order, as the request ends.
+StagesObserver = Callable[[str, Sequence[tuple[str, float]]], None]
 
 #: The request being served by this thread (or task), if any.
 current: ContextVar[RequestTrace | None] = ContextVar("sts_request_trace", default=None)
 
 
-@dataclass
 class RequestTrace:
-    """One request: its id, its place in the trace, and the stage its pipeline is in."""
+    """One request: its id, its place in the trace, and the stages its pipeline has entered.
 
-    request_id: str
-    route: str
-    #: This service's span of the trace: the parent of whatever it calls.
-    context: TraceContext
-    span: Any = None
-    stage: str | None = None
-    stage_started: float = 0.0
-    stage_span: Any = None
-    stage_context: TraceContext | None = None
-    #: The request this one started inside of (a nested call in tests), restored when it ends.
-    previous: RequestTrace | None = None
-    finished: bool = False
+    A plain class with slots: one is made per request.  Its :class:`TraceContext` is made when
+    first asked for (an outbound call, a span), from the ids the request's logs and record carry.
+    """
+
+    __slots__ = (
+        "_context",
+        "finished",
+        "flags",
+        "previous",
+        "request_id",
+        "route",
+        "span",
+        "span_id",
+        "stage_context",
+        "stage_span",
+        "stages",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        route: str,
+        trace_id: str,
+        span_id: str,
+        flags: int = 0,
+        *,
+        span: Any = None,
+        context: TraceContext | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.route = route
+        self.trace_id = trace_id
+        #: This service's span of the trace: the parent of whatever it calls.
+        self.span_id = span_id
+        self.flags = flags
+        self._context = context
+        self.span = span
+        #: The stages entered, in order, each with the clock's reading as it was entered.
+        self.stages: list[tuple[str, float]] = []
+        self.stage_span: Any = None
+        self.stage_context: TraceContext | None = None
+        #: The request this one started inside of (a nested call in tests), restored when it ends.
+        self.previous: RequestTrace | None = None
+        self.finished = False
 
     @property
-    def trace_id(self) -> str:
-        return self.context.trace_id
+    def context(self) -> TraceContext:
+        """This service's place in the trace: the parent of whatever it calls."""
+        if self._context is None:
+            self._context = TraceContext(self.trace_id, self.span_id, self.flags)
+        return self._context
+
+    @property
+    def stage(self) -> str | None:
+        """The stage the request is in (None before the first and once the request has ended)."""
+        return self.stages[-1][0] if self.stages and not self.finished else None
 
     def outbound(self) -> TraceContext:
         """The context an outbound call continues: the current stage's span, else the request's."""
@@ -89,6 +136,7 @@ class Tracing:
         self.provider = provider
         self.timer = timer
         self.observers: list[StageObserver] = []
+        self.stages_observers: list[StagesObserver] = []
 
     def flush(self, timeout_millis: int = 5000) -> bool:
         """Export the spans still queued (the SDK also does so at exit); True when all went."""
@@ -97,27 +145,43 @@ class Tracing:
     def add_observer(self, observer: StageObserver) -> None:
         self.observers.append(observer)
 
+    def add_stages_observer(self, observer: StagesObserver) -> None:
+        self.stages_observers.append(observer)
+
     # -- requests ------------------------------------------------------------------------------
 
     def start_request(
         self, request_id: str, method: str, route: str, incoming: TraceContext | None
     ) -> RequestTrace:
         """Begin serving a request, continuing ``incoming`` when the caller sent a valid one."""
-        span = None
         if self.tracer is not None:
             span, context = self._start_server_span(method, route, request_id, incoming)
+            trace = RequestTrace(
+                request_id,
+                route,
+                context.trace_id,
+                context.span_id,
+                context.flags,
+                span=span,
+                context=context,
+            )
         elif incoming is not None:
-            context = incoming.child()
+            # This service's span of the caller's trace (TraceContext.child, made when needed).
+            trace = RequestTrace(request_id, route, incoming.trace_id, new_span_id(), incoming.flags)
         else:
-            context = new_trace()
-        trace = RequestTrace(request_id=request_id, route=route, context=context, span=span)
+            trace = RequestTrace(request_id, route, new_trace_id(), new_span_id())  # as new_trace()
         trace.previous = current.get()
         current.set(trace)
         return trace
 
     def finish_request(self, trace: RequestTrace, status: int | None) -> None:
         """End the last stage and the request (its span records the status)."""
-        self._end_stage(trace)
+        if trace.stages and not trace.finished:
+            now = self.timer()
+            if trace.stage_span is not None:
+                self._end_stage_span(trace)
+            if self.stages_observers or self.observers:
+                self._report_stages(trace, now)
         if trace.span is not None:
             _finish_server_span(trace.span, status)
             trace.span = None
@@ -136,22 +200,27 @@ class Tracing:
         if trace is None:
             return
         # One reading of the clock ends the stage before and starts this one.
-        now = self.timer()
-        self._end_stage(trace, now)
-        trace.stage, trace.stage_started = stage, now
+        trace.stages.append((stage, self.timer()))
         if self.tracer is not None and trace.span is not None:
+            if trace.stage_span is not None:
+                self._end_stage_span(trace)
             trace.stage_span, trace.stage_context = _start_child_span(self.tracer, trace.span, stage)
 
-    def _end_stage(self, trace: RequestTrace, now: float | None = None) -> None:
-        if trace.stage is None:
-            return
-        seconds = (self.timer() if now is None else now) - trace.stage_started
-        stage, trace.stage = trace.stage, None
-        if trace.stage_span is not None:
-            trace.stage_span.end()
-            trace.stage_span, trace.stage_context = None, None
+    @staticmethod
+    def _end_stage_span(trace: RequestTrace) -> None:
+        trace.stage_span.end()
+        trace.stage_span, trace.stage_context = None, None
+
+    def _report_stages(self, trace: RequestTrace, now: float) -> None:
+        """Each stage's time, from its start to the next one's (the last: to ``now``)."""
+        names, starts = zip(*trace.stages, strict=True)
+        timings = list(zip(names, map(sub, (*starts[1:], now), starts), strict=True))
+        route = trace.route
+        for observe_stages in self.stages_observers:
+            observe_stages(route, timings)
         for observe in self.observers:
-            observe(trace.route, stage, seconds)
+            for stage, seconds in timings:
+                observe(route, stage, seconds)
 
     def _start_server_span(
         self, method: str, route: str, request_id: str, incoming: TraceContext | None
