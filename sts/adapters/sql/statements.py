@@ -169,7 +169,7 @@ class RawStatement:
             return retry_locked(attempt)
         return self._postgresql_attempts(attempt, stage)
 
-    def pipelined(self, work: Callable[[Any], T], *, refusal: str) -> T:
+    def pipelined(self, work: Callable[[Any], T], *, refusal: str, single: bool = False) -> T:
         """PostgreSQL: run ``work(connection)`` in one transaction and commit it, in one round trip.
 
         ``work`` queues its statements on the psycopg connection; ``BEGIN``, they and ``COMMIT``
@@ -180,6 +180,8 @@ class RawStatement:
         propagates, and the connection is kept.  Once ``COMMIT`` is queued, the outcome is
         unknown (:class:`CommitOutcomeUnknown`) only if the connection breaks: an error the
         server reports means that nothing was committed.  Otherwise as :meth:`transaction`.
+        ``single``: ``work`` runs one statement, its own transaction (autocommit), so neither
+        ``BEGIN`` nor ``COMMIT`` nor the pipeline is needed; its outcome is unknown in the same case.
         """
         stage = ["connect"]
 
@@ -188,6 +190,9 @@ class RawStatement:
             raw = self.engine.raw_connection()
             connection: Any = raw.driver_connection  # the psycopg connection
             try:
+                if single:
+                    stage[0] = "commit"
+                    return work(connection)
                 with connection.pipeline():
                     connection.execute("BEGIN", prepare=False)
                     stage[0] = "work"
