@@ -16,7 +16,7 @@ import random
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,10 +29,14 @@ from sqlalchemy import Engine, event, text
 
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine, statement_engine
+from sts.adapters.sql.key_value import SqlBaselineStore
 from sts.adapters.sql.statements import RawStatement
+from sts.adapters.sql.subject_state import SqlSubjectStateStore
 from sts.app import create_app
 from sts.core.audit import AuditRecord
+from sts.core.baseline import Baseline
 from sts.core.ports import AlreadyUsed, SingleUse
+from sts.core.subject_state import SubjectState
 from sts.dev.issuer import DevIssuer
 from sts.migrations import upgrade
 from sts.settings.load import load_settings
@@ -300,4 +304,46 @@ def test_a_connection_the_server_closed_is_replaced_on_checkout_without_a_round_
         finally:
             wire.close()
     finally:
+        engine.dispose()
+
+
+def test_the_baseline_read_with_the_subject_state_serves_one_load_of_its_thread(
+    tmp_path: Path, pg: PgSchema
+) -> None:
+    """The subject state's read brings the identity's baseline too (one round trip for both), and
+    the next load of that baseline on the same thread takes it instead of reading.  Anything else
+    reads again: a load on another thread, of another identity, a second load, and a load after
+    this thread saved the baseline (it would otherwise hand back the value before the save)."""
+    engine = make_engine(pg.url)
+    upgrade(engine)
+    states, baselines = SqlSubjectStateStore(engine), SqlBaselineStore(engine)
+    first, second = Baseline(scopes=("read",)), Baseline(scopes=("write",))
+    baselines.save("github|alice", first, 3600)
+    states.put("github|alice", SubjectState(blocked_until=NOW), 3600)
+    wire = Wire(engine, tmp_path)
+    try:
+
+        def trips(work: Callable[[], Any]) -> tuple[Any, int]:
+            before = wire.round_trips()
+            result = work()
+            return result, wire.round_trips() - before
+
+        read, count = trips(lambda: states.get(["github|alice", "*|alice"]))
+        assert read == [SubjectState(blocked_until=NOW), SubjectState()] and count == 1
+        assert trips(lambda: baselines.load("github|alice")) == (first, 0)
+        assert trips(lambda: baselines.load("github|alice")) == (first, 1)  # taken once only
+
+        states.get(["github|alice"])
+        assert trips(lambda: baselines.load("github|bob")) == (Baseline(), 1)
+        assert trips(lambda: baselines.load("github|alice")) == (first, 1)
+
+        states.get(["github|alice"])
+        with ThreadPoolExecutor(1) as other:
+            assert other.submit(trips, lambda: baselines.load("github|alice")).result() == (first, 1)
+
+        states.get(["github|alice"])
+        baselines.save("github|alice", second, 3600)
+        assert trips(lambda: baselines.load("github|alice")) == (second, 1)
+    finally:
+        wire.close()
         engine.dispose()
