@@ -100,6 +100,13 @@ class Wire:
 
     def round_trips(self) -> int:
         """Round trips so far, on every connection traced: each ``Sync`` and each simple ``Query``."""
+        return self._sent("Sync", "Query")
+
+    def statements(self) -> int:
+        """Statements run so far (``BEGIN``, ``COMMIT`` too): each ``Execute`` and each simple ``Query``."""
+        return self._sent("Execute", "Query")
+
+    def _sent(self, *kinds: str) -> int:
         count = 0
         for file in self._files:
             file.flush()
@@ -107,7 +114,7 @@ class Wire:
             for line in path.read_text(errors="replace").splitlines():
                 fields = line.split("\t")
                 # timestamp, direction (F: from the client), length, message type and its contents
-                if len(fields) >= 4 and fields[1] == "F" and fields[3].split(" ")[0] in ("Sync", "Query"):
+                if len(fields) >= 4 and fields[1] == "F" and fields[3].split(" ")[0] in kinds:
                     count += 1
         return count
 
@@ -193,6 +200,8 @@ def test_a_full_exchange_costs_two_round_trips_and_opens_no_connection(
         round_trips = wire.round_trips()
         # The reads, and the commit.
         assert round_trips == 2 * len(measured), round_trips / len(measured)
+        # One statement each (before: 7, two reads and BEGIN, three writes and COMMIT).
+        assert wire.statements() == 2 * len(measured), wire.statements() / len(measured)
         assert wire.opened == 0
     finally:
         wire.close()
@@ -228,10 +237,10 @@ def record(n: int) -> AuditRecord:
 
 
 def test_a_grant_commits_in_one_round_trip_and_a_replay_keeps_nothing(tmp_path: Path, pg: PgSchema) -> None:
-    """``write_with_uses`` on PostgreSQL: ``BEGIN``, the entries, the record and ``COMMIT`` in one
-    pipeline.  A use already taken fails the transaction before ``COMMIT`` (nothing of the refused
-    grant is kept), without closing the connection; the grant is then refused by the slower path
-    that tells which use was taken."""
+    """``write_with_uses`` on PostgreSQL: the entries and the record in one statement, in autocommit
+    its own transaction.  A use already taken fails the statement (nothing of the refused grant is
+    kept), without closing the connection; the grant is then refused by the slower path that tells
+    which use was taken."""
     engine = make_engine(pg.url)
     upgrade(engine)
     sink = SqlAuditSink(engine)
@@ -240,7 +249,8 @@ def test_a_grant_commits_in_one_round_trip_and_a_replay_keeps_nothing(tmp_path: 
     try:
         uses = [SingleUse("subject_token", "a", NOW + 60, None), SingleUse("dpop:jkt", "b", NOW + 60, None)]
         sink.write_with_uses(record(1), uses, NOW)
-        assert wire.round_trips() == 1
+        # One statement, its own transaction (before: BEGIN, the entries, the record and COMMIT).
+        assert (wire.round_trips(), wire.statements()) == (1, 1)
         replayed = record(2)
         with pytest.raises(AlreadyUsed) as refused:
             sink.write_with_uses(replayed, [SingleUse("dpop:jkt", "c", NOW + 60, None), uses[0]], NOW)
