@@ -16,7 +16,7 @@ import random
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,10 +29,14 @@ from sqlalchemy import Engine, event, text
 
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine, statement_engine
+from sts.adapters.sql.key_value import SqlBaselineStore
 from sts.adapters.sql.statements import RawStatement
+from sts.adapters.sql.subject_state import SqlSubjectStateStore
 from sts.app import create_app
 from sts.core.audit import AuditRecord
+from sts.core.baseline import Baseline
 from sts.core.ports import AlreadyUsed, SingleUse
+from sts.core.subject_state import SubjectState
 from sts.dev.issuer import DevIssuer
 from sts.migrations import upgrade
 from sts.settings.load import load_settings
@@ -96,6 +100,13 @@ class Wire:
 
     def round_trips(self) -> int:
         """Round trips so far, on every connection traced: each ``Sync`` and each simple ``Query``."""
+        return self._sent("Sync", "Query")
+
+    def statements(self) -> int:
+        """Statements run so far (``BEGIN``, ``COMMIT`` too): each ``Execute`` and each simple ``Query``."""
+        return self._sent("Execute", "Query")
+
+    def _sent(self, *kinds: str) -> int:
         count = 0
         for file in self._files:
             file.flush()
@@ -103,7 +114,7 @@ class Wire:
             for line in path.read_text(errors="replace").splitlines():
                 fields = line.split("\t")
                 # timestamp, direction (F: from the client), length, message type and its contents
-                if len(fields) >= 4 and fields[1] == "F" and fields[3].split(" ")[0] in ("Sync", "Query"):
+                if len(fields) >= 4 and fields[1] == "F" and fields[3].split(" ")[0] in kinds:
                     count += 1
         return count
 
@@ -166,26 +177,31 @@ def issuer() -> DevIssuer:
     return DevIssuer.ephemeral(bench.GITHUB_ISS, alg="RS256")
 
 
-def test_a_full_exchange_costs_three_round_trips_and_opens_no_connection(
+def test_a_full_exchange_costs_two_round_trips_and_opens_no_connection(
     tmp_path: Path, pg: PgSchema, issuer: DevIssuer, no_purges: None
 ) -> None:
-    """A granted exchange: its two reads one round trip each (autocommit: no ``BEGIN``/``COMMIT``
-    around them), and its write transaction (two replay entries, the baseline, the audit record)
-    one: ``BEGIN``, the statements and ``COMMIT`` pipelined.  Nothing is read from the replay table
-    first: the insert in the transaction decides.  Before: 18 round trips."""
+    """A granted exchange: its two reads (the subject's state and its baseline) in one statement,
+    one round trip (autocommit: no ``BEGIN``/``COMMIT`` around it), and its writes (two replay
+    entries, the baseline, the audit record) in one statement, its own transaction, one round trip.
+    Nothing is read from the replay table first: the insert in the transaction decides.  Before:
+    18 round trips, then 3 (each read one, and ``BEGIN``, the statements and ``COMMIT`` pipelined)."""
     app = bench_app(tmp_path / "app", issuer, pg.url)
     runtime = app.extensions["sts"]
     exchanges = Exchanges(app, issuer)
-    # psycopg prepares a statement on its fifth use on a connection (a round trip of its own, once).
-    warm, measured = exchanges.forms(6), exchanges.forms(10)
-    assert [exchanges.send(*form) for form in warm] == [200] * 6
+    # psycopg prepares a statement once it has run 5 times on a connection (a round trip of its own,
+    # once);
+    # the first grant's statement, which registers the audit chain, is another statement.
+    warm, measured = exchanges.forms(8), exchanges.forms(10)
+    assert [exchanges.send(*form) for form in warm] == [200] * 8
     (tmp_path / "wire").mkdir()
     wire = Wire(runtime.engine, tmp_path / "wire")
     try:
         assert [exchanges.send(*form) for form in measured] == [200] * 10
         round_trips = wire.round_trips()
-        # Two reads (the subject's state, its baseline) and the commit.
-        assert round_trips == 3 * len(measured), round_trips / len(measured)
+        # The reads, and the commit.
+        assert round_trips == 2 * len(measured), round_trips / len(measured)
+        # One statement each (before: 7, two reads and BEGIN, three writes and COMMIT).
+        assert wire.statements() == 2 * len(measured), wire.statements() / len(measured)
         assert wire.opened == 0
     finally:
         wire.close()
@@ -221,10 +237,10 @@ def record(n: int) -> AuditRecord:
 
 
 def test_a_grant_commits_in_one_round_trip_and_a_replay_keeps_nothing(tmp_path: Path, pg: PgSchema) -> None:
-    """``write_with_uses`` on PostgreSQL: ``BEGIN``, the entries, the record and ``COMMIT`` in one
-    pipeline.  A use already taken fails the transaction before ``COMMIT`` (nothing of the refused
-    grant is kept), without closing the connection; the grant is then refused by the slower path
-    that tells which use was taken."""
+    """``write_with_uses`` on PostgreSQL: the entries and the record in one statement, in autocommit
+    its own transaction.  A use already taken fails the statement (nothing of the refused grant is
+    kept), without closing the connection; the grant is then refused by the slower path that tells
+    which use was taken."""
     engine = make_engine(pg.url)
     upgrade(engine)
     sink = SqlAuditSink(engine)
@@ -233,7 +249,8 @@ def test_a_grant_commits_in_one_round_trip_and_a_replay_keeps_nothing(tmp_path: 
     try:
         uses = [SingleUse("subject_token", "a", NOW + 60, None), SingleUse("dpop:jkt", "b", NOW + 60, None)]
         sink.write_with_uses(record(1), uses, NOW)
-        assert wire.round_trips() == 1
+        # One statement, its own transaction (before: BEGIN, the entries, the record and COMMIT).
+        assert (wire.round_trips(), wire.statements()) == (1, 1)
         replayed = record(2)
         with pytest.raises(AlreadyUsed) as refused:
             sink.write_with_uses(replayed, [SingleUse("dpop:jkt", "c", NOW + 60, None), uses[0]], NOW)
@@ -297,4 +314,46 @@ def test_a_connection_the_server_closed_is_replaced_on_checkout_without_a_round_
         finally:
             wire.close()
     finally:
+        engine.dispose()
+
+
+def test_the_baseline_read_with_the_subject_state_serves_one_load_of_its_thread(
+    tmp_path: Path, pg: PgSchema
+) -> None:
+    """The subject state's read brings the identity's baseline too (one round trip for both), and
+    the next load of that baseline on the same thread takes it instead of reading.  Anything else
+    reads again: a load on another thread, of another identity, a second load, and a load after
+    this thread saved the baseline (it would otherwise hand back the value before the save)."""
+    engine = make_engine(pg.url)
+    upgrade(engine)
+    states, baselines = SqlSubjectStateStore(engine), SqlBaselineStore(engine)
+    first, second = Baseline(scopes=("read",)), Baseline(scopes=("write",))
+    baselines.save("github|alice", first, 3600)
+    states.put("github|alice", SubjectState(blocked_until=NOW), 3600)
+    wire = Wire(engine, tmp_path)
+    try:
+
+        def trips(work: Callable[[], Any]) -> tuple[Any, int]:
+            before = wire.round_trips()
+            result = work()
+            return result, wire.round_trips() - before
+
+        read, count = trips(lambda: states.get(["github|alice", "*|alice"]))
+        assert read == [SubjectState(blocked_until=NOW), SubjectState()] and count == 1
+        assert trips(lambda: baselines.load("github|alice")) == (first, 0)
+        assert trips(lambda: baselines.load("github|alice")) == (first, 1)  # taken once only
+
+        states.get(["github|alice"])
+        assert trips(lambda: baselines.load("github|bob")) == (Baseline(), 1)
+        assert trips(lambda: baselines.load("github|alice")) == (first, 1)
+
+        states.get(["github|alice"])
+        with ThreadPoolExecutor(1) as other:
+            assert other.submit(trips, lambda: baselines.load("github|alice")).result() == (first, 1)
+
+        states.get(["github|alice"])
+        baselines.save("github|alice", second, 3600)
+        assert trips(lambda: baselines.load("github|alice")) == (second, 1)
+    finally:
+        wire.close()
         engine.dispose()

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -754,8 +755,8 @@ def test_a_failed_commit_does_not_advance_the_chain(tmp_path: Path) -> None:
 def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
     pg_database: str, committed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PostgreSQL: the connection breaks during COMMIT (injected after the real commit, or after
-    a real rollback).  The sink asks the database which it was, and the chain has no gap."""
+    """PostgreSQL: the connection breaks during COMMIT (injected after the real commit, or with
+    nothing committed).  The sink asks the database which it was, and the chain has no gap."""
     schema = PgSchema(pg_database, f"t_{uuid.uuid4().hex[:12]}")
     schema.execute(f'CREATE SCHEMA "{schema.schema}"')
     engine = make_engine(schema.url)
@@ -763,7 +764,7 @@ def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
         upgrade(engine)
         sink = SqlAuditSink(engine)
         sink.write(decision(0))
-        # On PostgreSQL a write with uses pipelines its statements (RawStatement.pipelined).
+        # On PostgreSQL a write with uses goes through RawStatement.pipelined.
         real = sink._raw.pipelined
         lost = [True]
 
@@ -774,8 +775,10 @@ def test_a_commit_whose_answer_was_lost_is_settled_without_a_gap(
             if committed:
                 real(work, **options)
             else:
+                # Its statements built, none sent: a grant's one statement commits as it runs.
+                unsent = SimpleNamespace(execute=lambda *_args: None)
                 with pytest.raises(RuntimeError):
-                    real(lambda conn: (work(conn), _raise(RuntimeError("rolled back")))[0], **options)
+                    real(lambda _conn: (work(unsent), _raise(RuntimeError("not committed")))[0], **options)
             raise CommitOutcomeUnknown("OperationalError")
 
         monkeypatch.setattr(sink._raw, "pipelined", answer_lost)

@@ -778,12 +778,13 @@ def test_redis_lost_after_the_audit_commit_withholds_the_token_and_frees_it(
 
 
 class CommitAnswerDropper(TcpRelay):
-    """A relay that, once armed, passes the next ``COMMIT`` on and breaks the connection instead of
+    """A relay that, once armed, passes the next commit on and breaks the connection instead of
     passing the server's answer back: the transaction is committed, and the app cannot know it."""
 
-    #: The text of a COMMIT, NUL-terminated: in a simple query ('Q', length 11, "COMMIT\0") or, at
-    #: the end of a pipelined transaction, in the extended protocol's Parse message.
-    COMMIT = b"COMMIT\x00"
+    #: What commits: a COMMIT, NUL-terminated, in a simple query ('Q', length 11, "COMMIT\0") or, at
+    #: the end of a pipelined transaction, in the extended protocol's Parse message; or a grant's
+    #: one statement, its own transaction in autocommit, in its Parse message.
+    COMMITS = (b"COMMIT\x00", b"WITH entry AS (INSERT INTO replay_entries")
 
     def __init__(self, target: tuple[str, int]) -> None:
         super().__init__(target)
@@ -795,7 +796,7 @@ class CommitAnswerDropper(TcpRelay):
             while data := src.recv(65536):
                 if dst in self._answer_lost_for:
                     break  # the server's answer to COMMIT: drop it, and the connection
-                if self.armed and self.COMMIT in data:
+                if self.armed and any(commit in data for commit in self.COMMITS):
                     self.armed = False
                     self._answer_lost_for.add(src)
                 dst.sendall(data)

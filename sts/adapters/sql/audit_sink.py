@@ -27,7 +27,8 @@ from ...core.ports import AlreadyUsed, AuditUnavailable, BaselineUpdate, SingleU
 from .chain_heads import ChainHead, ChainHeads
 from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, column_text, utc
 from .key_value import store_key, upsert_statement
-from .replay import all_first_uses_statement, first_uses_statement, replay_key
+from .pg_exchange import pipelined_grants
+from .replay import first_uses_statement, replay_key
 from .schema import audit_events
 from .statements import CommitOutcomeUnknown, RawStatement
 
@@ -263,26 +264,14 @@ class SqlAuditSink:
     ) -> tuple[list[PendingUses], int, str]:
         """PostgreSQL: commit ``batch`` in one round trip if every use is free (the usual case).
 
-        The statements of :meth:`_commit_uses_linked`'s ``work``, without its savepoints, are
-        pipelined with ``BEGIN`` and ``COMMIT`` (:meth:`RawStatement.pipelined`); each replay
-        entry's insert fails the transaction if its use is taken (:data:`_USE_TAKEN`), and
-        then nothing is committed and ``work`` does the batch again, statement by statement,
-        to refuse exactly the items whose uses are taken.
+        Each item's statements become one statement, which fails if a use is taken
+        (:data:`_USE_TAKEN`; :func:`~sts.adapters.sql.pg_exchange.pipelined_grants`).  If one is,
+        nothing is committed, and ``work`` does the batch again, statement by statement, to
+        refuse exactly the items whose uses are taken.
         """
 
-        def queue(conn: Any) -> tuple[list[PendingUses], int, str]:
-            seq, prev, registered = head.seq, head.hash, head.registered
-            for item in batch:
-                item.taken = None
-                if item.entries:
-                    conn.execute(all_first_uses_statement("%s", len(item.entries)), item.entry_params)
-                seq += 1
-                prev = self._write_item(conn.execute, head, item, seq, prev, registered)
-                registered = True
-            return list(batch), seq, prev
-
         try:
-            return self._raw.pipelined(queue, refusal=_USE_TAKEN)
+            return pipelined_grants(self._raw, head, batch, self._write_item, refusal=_USE_TAKEN)
         except self._raw.errors as exc:
             if getattr(exc, "sqlstate", None) != _USE_TAKEN:
                 raise

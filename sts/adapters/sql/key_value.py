@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from ...core.baseline import Baseline
 from ...core.ports import StoreUnavailable
+from .pg_exchange import states_with_baseline
 from .statements import RawStatement
 
 
@@ -81,11 +82,19 @@ class SqlBaselineStore:
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
         self._kv = KeyValueTable(engine, "baselines", "baseline", clock)
+        #: PostgreSQL: the baseline read with the subject's state, just before (one round trip).
+        self._with_states = states_with_baseline(engine)
 
     def load(self, identity: str) -> Baseline:
+        if self._with_states is not None:
+            read, value = self._with_states.baseline(store_key(identity))
+            if read:
+                return Baseline.from_json(value)
         return Baseline.from_json(self._kv.get([identity]).get(identity))
 
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+        if self._with_states is not None:
+            self._with_states.forget()
         self._kv.put(identity, baseline.to_json(), ttl)
 
 

@@ -54,14 +54,6 @@ def first_uses_statement(placeholder: str, rows: int) -> str:
     )
 
 
-@functools.cache
-def all_first_uses_statement(placeholder: str, rows: int) -> str:
-    """PostgreSQL: :func:`first_uses_statement`, failing with SQLSTATE ``22012`` (division by zero)
-    unless it wrote every one of the ``rows`` entries, so that a pipelined transaction stops there."""
-    inserted = first_uses_statement(placeholder, rows)
-    return f"WITH entry AS ({inserted}) SELECT 1 / (count(*) / {rows}) FROM entry"  # noqa: S608
-
-
 class SqlReplayCache:
     """The embedded replay store (ports.ReplayCache) on the same database.
 

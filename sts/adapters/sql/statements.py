@@ -75,7 +75,7 @@ class RawStatement:
         def attempt() -> Any:
             raw = self.engine.raw_connection()
             try:
-                cur = raw.cursor()
+                cur = raw.cursor() if self.sqlite else _kept_cursor(raw)
                 cur.execute(sql, params)
                 # PostgreSQL: the request pool's connections are in autocommit mode, so the
                 # statement commits by itself, in its one round trip (see statement_engine).
@@ -143,7 +143,7 @@ class RawStatement:
             stage[0] = "connect"
             raw = self.engine.raw_connection()
             try:
-                cur = raw.cursor()
+                cur = raw.cursor() if self.sqlite else _kept_cursor(raw)
                 if self.sqlite:
                     cur.execute("BEGIN IMMEDIATE")
                 else:
@@ -169,7 +169,7 @@ class RawStatement:
             return retry_locked(attempt)
         return self._postgresql_attempts(attempt, stage)
 
-    def pipelined(self, work: Callable[[Any], T], *, refusal: str) -> T:
+    def pipelined(self, work: Callable[[Any], T], *, refusal: str, single: bool = False) -> T:
         """PostgreSQL: run ``work(connection)`` in one transaction and commit it, in one round trip.
 
         ``work`` queues its statements on the psycopg connection; ``BEGIN``, they and ``COMMIT``
@@ -180,6 +180,9 @@ class RawStatement:
         propagates, and the connection is kept.  Once ``COMMIT`` is queued, the outcome is
         unknown (:class:`CommitOutcomeUnknown`) only if the connection breaks: an error the
         server reports means that nothing was committed.  Otherwise as :meth:`transaction`.
+        ``single``: ``work`` runs one statement, its own transaction (autocommit), so neither
+        ``BEGIN`` nor ``COMMIT`` nor the pipeline is needed (``work`` is given the connection's
+        kept cursor, which executes as the connection does); its outcome is unknown in the same case.
         """
         stage = ["connect"]
 
@@ -188,6 +191,9 @@ class RawStatement:
             raw = self.engine.raw_connection()
             connection: Any = raw.driver_connection  # the psycopg connection
             try:
+                if single:
+                    stage[0] = "commit"
+                    return work(_kept_cursor(raw))
                 with connection.pipeline():
                     connection.execute("BEGIN", prepare=False)
                     stage[0] = "work"
@@ -225,6 +231,26 @@ class RawStatement:
             if stage[0] == "commit":
                 raise CommitOutcomeUnknown(type(exc).__name__) from exc
             raise
+
+
+#: PostgreSQL: the key, in a pooled connection's ``info``, of the cursor kept for its statements.
+_CURSOR = "sts_cursor"
+
+
+def _kept_cursor(raw: Any) -> Any:
+    """PostgreSQL: the cursor of pooled connection ``raw``, made once and kept for its next statements.
+
+    A psycopg cursor can run any number of statements, one after another (its ``execute``
+    forgets the previous results), and making one costs about as much as running a short
+    statement's Python side.  It is kept in the pool's ``info`` of the connection, which the
+    pool empties when it replaces the connection (SQLAlchemy's documentation,
+    ``PoolProxiedConnection.info``).
+    """
+    info = raw.info
+    cur = info.get(_CURSOR)
+    if cur is None or cur.connection is not raw.dbapi_connection:
+        cur = info[_CURSOR] = raw.dbapi_connection.cursor()
+    return cur
 
 
 class CommitOutcomeUnknown(Exception):

@@ -19,6 +19,7 @@ from ...core.ports import StoreUnavailable
 from ...core.subject_state import SubjectState
 from .engines import transaction
 from .key_value import KeyValueTable, loads_or_none, store_key
+from .pg_exchange import states_with_baseline
 from .schema import subject_states
 
 _STATE_CACHE_SIZE = 10_000
@@ -62,6 +63,8 @@ class SqlSubjectStateStore:
         self, engine: Engine, *, clock: Callable[[], float] = time.time, max_cache_age: float = 30.0
     ) -> None:
         self._kv = KeyValueTable(engine, "subject_states", "state", clock)
+        #: PostgreSQL: the states read with the identity's baseline, in one round trip.
+        self._with_baseline = states_with_baseline(engine)
         self._engine = engine
         self._clock = clock
         self._counter: ChangeCounter | None = None
@@ -73,6 +76,10 @@ class SqlSubjectStateStore:
         self._max_cache_age = max_cache_age
 
     def get(self, identities: Sequence[str]) -> list[SubjectState]:
+        if self._with_baseline is not None:
+            keys = [store_key(i) for i in identities]
+            by_key = self._with_baseline.states(keys, self._clock())
+            return [SubjectState.from_json_dict(loads_or_none(by_key.get(k))) for k in keys]
         if self._counter is None:
             found = self._kv.get(list(identities))
             return [SubjectState.from_json_dict(loads_or_none(found.get(i))) for i in identities]
