@@ -28,7 +28,9 @@ after it).  The CPU column counts this process only, not the store's server.
 (what the GIL hand-offs and the store's group commit cost).
 
 ``--profile LABEL`` runs one more process of that system under ``cProfile`` and prints the
-functions with the most time of their own and the most time in total.
+functions with the most time of their own and the most time in total.  cProfile's clock is the
+wall clock: a store's round trips show as time, and its per-call overhead inflates code that makes
+many small calls (count instructions, e.g. with valgrind, to compare small costs).
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ def print_profile(path: Path, top: int) -> None:
         return f"{filename}:{line} {function}"
 
     for title, column in (("own time", 2), ("inclusive time", 3)):
-        print(f"\ntop {top} by {title} (share of the profiled CPU time):")
+        print(f"\ntop {top} by {title} (share of the profiled wall time, waits included):")
         ranked = sorted(entries.items(), key=lambda item: item[1][column], reverse=True)[:top]
         for func, row in ranked:
             print(f"  {row[column] / total * 100:5.1f}%  {row[1]:7d} calls  {name(func)}")
