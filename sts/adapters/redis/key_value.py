@@ -11,6 +11,7 @@ import redis
 from ...core.baseline import Baseline
 from ...core.ports import StoreUnavailable
 from ...core.subject_state import SubjectState
+from .client import commands
 
 
 class RedisSubjectStateStore:
@@ -19,13 +20,14 @@ class RedisSubjectStateStore:
     def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
         self.client = client
         self.prefix = prefix
+        self.commands = commands(client)
 
     def _name(self, identity: str) -> bytes:
         return f"{self.prefix}:subject:{identity}".encode("utf-8", "surrogatepass")
 
     def get(self, identities: Sequence[str]) -> list[SubjectState]:
         try:
-            values = self.client.mget([self._name(i) for i in identities])
+            values = self.commands(b"MGET", *[self._name(i) for i in identities])
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return [SubjectState.from_json_dict(_loads(v)) for v in values]
@@ -66,20 +68,21 @@ class RedisBaselineStore:
     def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
         self.client = client
         self.prefix = prefix
+        self.commands = commands(client)
 
     def _name(self, identity: str) -> bytes:
         return baseline_name(self.prefix, identity)
 
     def load(self, identity: str) -> Baseline:
         try:
-            value = self.client.get(self._name(identity))
+            value = self.commands(b"GET", self._name(identity))
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return Baseline.from_json(value)
 
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
         try:
-            self.client.set(self._name(identity), baseline.to_json(), ex=ttl)
+            self.commands(b"SET", self._name(identity), baseline.to_json(), b"EX", ttl)
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
@@ -99,6 +102,7 @@ class RedisRevokedTokens:
     def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
         self.client = client
         self.prefix = prefix
+        self.commands = commands(client)
 
     def _name(self, jti: str) -> bytes:
         return f"{self.prefix}:revoked:{jti}".encode("utf-8", "surrogatepass")
@@ -111,6 +115,6 @@ class RedisRevokedTokens:
 
     def revoked(self, jti: str) -> bool:
         try:
-            return bool(self.client.exists(self._name(jti)))
+            return bool(self.commands(b"EXISTS", self._name(jti)))
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
