@@ -91,8 +91,15 @@ class Commands:
         connection: Connection = local.slot.connection
         return connection
 
+    def sent(self) -> int:
+        """How many commands the calling thread has sent (what one may have changed is read anew)."""
+        sent: int = getattr(self._local, "sent", 0)
+        return sent
+
     def __call__(self, *args: Arg) -> Any:
         connection = self.connection()
+        local = self._local
+        local.sent = getattr(local, "sent", 0) + 1
         # (hiredis's stub types the tuple as of one element.)
         packed = (hiredis.pack_command(args),)  # type: ignore[arg-type]
 
