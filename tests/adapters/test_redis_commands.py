@@ -9,6 +9,7 @@ follows it at once, on the same thread, with no command sent between.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 
@@ -43,6 +44,23 @@ def test_one_commands_per_client_and_one_connection_per_thread(client: redis.Red
     thread.join()
     assert other and other[0] is not mine
     assert sent.connection() is mine
+
+
+def test_a_thread_that_ends_gives_its_connection_back_to_the_pool(client: redis.Redis) -> None:
+    sent = commands(client)
+    taken: list[object] = []
+
+    def work() -> None:
+        sent(b"PING")
+        taken.append(sent.connection())
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    gc.collect()
+    pool = client.connection_pool
+    assert taken[0] in pool._available_connections
+    assert taken[0] not in pool._in_use_connections
 
 
 def test_an_error_reply_raises_as_with_the_client(client: redis.Redis) -> None:
