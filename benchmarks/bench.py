@@ -64,7 +64,8 @@ Options adding systems or runs:
     (left out); the per-round ``loop`` CPU is the exact cost of the loops.
 ``--source LABEL=DIR``
     adds ``exchange-embedded@LABEL``: the embedded exchange run from another copy of the ``sts``
-    package (``DIR/sts``), to compare a change in the same interleaved run.
+    package (``DIR/sts``), to compare a change in the same interleaved run (and
+    ``exchange-redis@LABEL``, ``exchange-pg@LABEL`` on a store of their own when those run).
 ``--setting NAME=VALUE``
     a setting for every exchange's ``sts.yaml`` (``database_pool_size=9``).
 ``--redis-appendfsync always|everysec|no``
@@ -461,9 +462,9 @@ class Bench:
         command = [sys.executable, "-c", _STS_MAIN, "serve", *self.sizing(system.port)]
         self.spawn(system, command, env, home)
 
-    def start_redis(self) -> tuple[str, Callable[[], list[int]]]:
+    def start_redis(self, name: str = "redis") -> tuple[str, Callable[[], list[int]]]:
         server = need("redis-server", "apt-get install redis-server", apt="redis-server")
-        port, home = free_port(), self.work / "redis"
+        port, home = free_port(), self.work / name
         home.mkdir()
         proc = subprocess.Popen(
             [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home), "--save", "",
@@ -607,6 +608,16 @@ class Bench:
             self.start_exchange(
                 f"exchange-embedded@{label}", source=directory, compare_with="exchange-embedded"
             )
+            if "exchange-redis" in wanted:
+                redis_url, redis_pids = self.start_redis(f"redis-{label}")
+                self.start_exchange(
+                    f"exchange-redis@{label}",
+                    store="redis",
+                    redis_url=redis_url,
+                    source=directory,
+                    store_pids=redis_pids,
+                    compare_with="exchange-redis",
+                )
             if "exchange-pg" in wanted:
                 url, backends, sessions = self.create_database(f"pg_{label}")
                 self.start_exchange(

@@ -75,10 +75,12 @@ def open_stores(settings: Settings, engine: Engine, clock: Callable[[], float]) 
     # Redis lost its records knows they were lost.
     epoch = LedgerEpoch(redis_client, memory=SqlLedgerEpochMemory(engine, clock=clock))
     check_at_start(redis_client, epoch, clock())
+    baselines = RedisBaselineStore(redis_client)
     return Stores(
         replay=RedisReplayCache(redis_client, epoch=epoch),
-        subject_states=RedisSubjectStateStore(redis_client),
-        baselines=RedisBaselineStore(redis_client),
+        # The subject's state and baseline in one round trip.
+        subject_states=RedisSubjectStateStore(redis_client, baselines=baselines),
+        baselines=baselines,
         revoked=RedisRevokedTokens(redis_client),
         redis_client=redis_client,
         epoch=epoch,

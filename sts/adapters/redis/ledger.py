@@ -14,9 +14,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import redis
 
@@ -31,6 +30,7 @@ from ...core.ports import (
     StoreUnavailable,
     UsesNotClaimed,
 )
+from .client import LuaScript, commands
 from .epoch import LedgerEpoch
 from .key_value import baseline_name
 
@@ -102,7 +102,8 @@ class _RedisLedgerBase:
         self.client = client
         self.prefix = prefix
         self.epoch = epoch if epoch is not None else LedgerEpoch(client, prefix=prefix)
-        self._use = client.register_script(_USE)
+        self.commands = commands(client)
+        self._use = LuaScript(self.commands, _USE)
 
     def _name(self, purpose: str, key: str) -> bytes:
         # Redis keys are bytes; "surrogatepass" keeps a jti with lone surrogates (valid JSON) distinct
@@ -115,7 +116,7 @@ class _RedisLedgerBase:
 
     def _under_epoch(
         self,
-        script: Callable[..., Any],
+        script: LuaScript,
         names: Sequence[bytes],
         args: Sequence[bytes | int | str],
         now: float,
@@ -213,9 +214,9 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         self.baselines_here = baselines_here
         self.hold = hold
         self.wait = wait
-        self._claim = client.register_script(_CLAIM)
-        self._confirm = client.register_script(_CONFIRM)
-        self._cancel = client.register_script(_CANCEL)
+        self._claim = LuaScript(self.commands, _CLAIM)
+        self._confirm = LuaScript(self.commands, _CONFIRM)
+        self._cancel = LuaScript(self.commands, _CANCEL)
 
     def _checked(self, use: SingleUse, now: float) -> None:
         try:

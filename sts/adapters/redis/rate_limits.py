@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import redis
 
 from ...core.ports import LimitedKey, StoreUnavailable
+from .client import LuaScript, commands
 
 #: KEYS: the limited keys.  ARGV[1]: now (seconds); then per key: interval, tolerance.
 #: Returns every key's wait in seconds, as strings (Redis would truncate numbers to integers).
@@ -54,7 +55,7 @@ class RedisRateLimits:
     def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
         self.client = client
         self.prefix = prefix
-        self._script = client.register_script(GCRA_SCRIPT)
+        self._script = LuaScript(commands(client), GCRA_SCRIPT)
 
     def _name(self, key: str) -> bytes:
         return f"{self.prefix}:ratelimit:{key}".encode("utf-8", "surrogatepass")
