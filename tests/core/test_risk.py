@@ -46,6 +46,7 @@ from sts.core.risk import (
 from sts.core.stepup import DENY, GRANT, NARROW, STEP_UP, decide
 from sts.core.subject_state import SubjectState
 from sts.errors import ConfigurationError
+from tests.support.typed import typed as _typed
 
 NOW = 1_800_000_000.0
 DEPLOY = "https://deploy.example.com"
@@ -1284,17 +1285,6 @@ def _parsed_afresh(text: str) -> Baseline:
         return Baseline.from_json(text)
     finally:
         baseline_module._WRITTEN.entries.update(saved)
-
-
-def _typed(value: Any) -> Any:
-    """``value`` with the type of every part spelled out, so that ``1 == 1.0`` and ``() == []`` differ."""
-    if isinstance(value, Baseline | PendingFact):
-        return (type(value).__name__, [(f.name, _typed(getattr(value, f.name))) for f in fields(value)])
-    if isinstance(value, dict):
-        return ("dict", [(_typed(k), _typed(v)) for k, v in value.items()])
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [_typed(v) for v in value])
-    return (type(value).__name__, value)
 
 
 @pytest.mark.parametrize(

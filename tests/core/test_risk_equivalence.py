@@ -35,6 +35,7 @@ from sts.core.stepup import decide
 from sts.core.subject_state import SubjectState
 from sts.protocol.token_exchange import TokenExchangeRequest
 from sts.protocol.wire import WireRequest
+from tests.support.typed import typed as _typed
 
 from . import risk_reference as ref
 
@@ -196,17 +197,6 @@ def random_context(rng: random.Random, cfg: RiskSettings) -> RiskContext:
         evidence_shown=frozenset(_some(rng, EVIDENCE)),
         evidence_presentable=frozenset(_some(rng, EVIDENCE)),
     )
-
-
-def _typed(value: Any) -> Any:
-    """``value`` with the type of every part spelled out, so that ``1 == 1.0`` and ``() == []`` differ."""
-    if isinstance(value, Baseline | PendingFact):
-        return (type(value).__name__, [(f.name, _typed(getattr(value, f.name))) for f in fields(value)])
-    if isinstance(value, dict):
-        return ("dict", [(_typed(k), _typed(v)) for k, v in value.items()])
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [_typed(v) for v in value])
-    return (type(value).__name__, value)
 
 
 def _text(value: Any) -> str:
