@@ -19,6 +19,7 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from sts.settings.load import load_settings
 from tests.support.clock import Clock
+from tests.support.postgres import pg, pg_database  # noqa: F401 - fixtures for every test module
 from tests.support.redis_server import RedisProcess
 
 STS_ISSUER = "https://sts.test"

@@ -37,8 +37,8 @@ from sts.core.audit import AuditRecord
 from sts.core.audit_filter import AuditFilter, FilterError, filter_from_params, parse_time
 from sts.core.audit_views import Bucket
 from sts.migrations import upgrade
-from tests.adapters.test_stores import PgSchema, pg, pg_database  # noqa: F401 - fixtures
 from tests.support.clock import Clock
+from tests.support.postgres import PgSchema
 
 NOW = 1_780_000_000.0
 SIGNALS = ("unusual_network", "attestation_drift", "elevated_privilege", "unexpected_s2s")

@@ -59,15 +59,8 @@ from sts.dev.issuer import RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
 from sts.settings.load import load_settings
-from tests.adapters.test_stores import (  # noqa: F401 - pg and pg_database are fixtures
-    PG_SERVER,
-    PgSchema,
-    gateway_exchange,
-    ledger_token,
-    pg,
-    pg_database,
-    private_database,
-)
+from tests.adapters.test_stores import gateway_exchange, ledger_token
+from tests.support.postgres import PG_SERVER, PgSchema, private_database
 
 NOW = 1_700_000_000.0
 #: This version's newest revision (each new migration moves it; the drift test keeps it honest).

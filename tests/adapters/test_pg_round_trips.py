@@ -16,7 +16,7 @@ import random
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,7 +40,7 @@ from sts.core.subject_state import SubjectState
 from sts.dev.issuer import DevIssuer
 from sts.migrations import upgrade
 from sts.settings.load import load_settings
-from tests.adapters.test_stores import PG_SERVER, PgSchema, admin_engine, private_database
+from tests.support.postgres import PG_SERVER, PgSchema, admin_engine, private_database
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
@@ -48,20 +48,6 @@ if str(BENCHMARKS) not in sys.path:
 import bench  # noqa: E402 - the benchmark's own request, policy and configuration
 
 NOW = 1_700_000_000.0
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    with private_database() as name:
-        yield name
-
-
-@pytest.fixture
-def pg(pg_database: str) -> Iterator[PgSchema]:
-    schema = PgSchema(pg_database, f"t_{uuid.uuid4().hex[:12]}")
-    schema.execute(f'CREATE SCHEMA "{schema.schema}"')
-    yield schema
-    schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE')
 
 
 class Wire:

@@ -40,17 +40,10 @@ from sts.dev.issuer import RunningServer
 from sts.migrations import upgrade
 from sts.settings import Settings
 from sts.wiring.stores import database_pool
-from tests.adapters.test_stores import (
-    PG_SERVER,
-    admin_engine,
-    assert_withheld,
-    audit_rows,
-    gateway_exchange,
-    ledger_token,
-    private_database,
-)
+from tests.adapters.test_stores import assert_withheld, audit_rows, gateway_exchange, ledger_token
 from tests.conftest import GATEWAY_SECRET, exchange_form
 from tests.core.test_single_use import TcpRelay
+from tests.support.postgres import PG_SERVER, admin_engine, private_database
 from tests.support.redis_server import RedisProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]

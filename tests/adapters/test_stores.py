@@ -20,7 +20,6 @@ Redis, whose expiry runs on the server's own clock.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -46,8 +45,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from joserfc import jwt
 from joserfc.jwk import KeySet
-from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import func, select, text
 from werkzeug.test import TestResponse
 
 from sts.adapters.redis.client import connect as connect_redis
@@ -65,10 +63,10 @@ from sts.dev.issuer import RunningServer
 from sts.migrations import upgrade
 from tests.conftest import GATEWAY_SECRET, SIGNER_KEY, STS_ISSUER, exchange_form
 from tests.support.clock import Clock
+from tests.support.postgres import PG_SERVER, PgSchema, admin_engine, private_database
 from tests.support.redis_server import url_of
 
 NOW = 1_700_000_000.0
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 #: Nothing listens on port 1: connections are refused at once.
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 LEDGER = "https://ledger.example.com/api"
@@ -78,59 +76,6 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # ---------------------------------------------------------------------------
 # PostgreSQL: a private database per session, a fresh schema per test
 # ---------------------------------------------------------------------------
-
-
-def admin_engine(database: str = "postgres") -> Engine:
-    return create_engine(f"{PG_SERVER}/{database}", isolation_level="AUTOCOMMIT", poolclass=NullPool)
-
-
-@contextlib.contextmanager
-def private_database() -> Iterator[str]:
-    """A new, empty database only this test run knows, dropped (connections and all) afterwards."""
-    name = f"sts_test_{secrets.token_hex(6)}"
-    admin = admin_engine()
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    with private_database() as name:
-        yield name
-
-
-@dataclass(frozen=True)
-class PgSchema:
-    database: str
-    schema: str
-
-    @property
-    def url(self) -> str:
-        # libpq ``options``: every connection of the app's pool starts in this schema.
-        return f"{PG_SERVER}/{self.database}?options=-csearch_path%3D{self.schema}"
-
-    def execute(self, statement: str) -> list[Any]:
-        engine = admin_engine(self.database)
-        try:
-            with engine.connect() as conn:
-                result = conn.execute(text(statement))
-                return list(result) if result.returns_rows else []
-        finally:
-            engine.dispose()
-
-
-@pytest.fixture
-def pg(pg_database: str) -> Iterator[PgSchema]:
-    schema = PgSchema(pg_database, f"t_{secrets.token_hex(6)}")
-    schema.execute(f'CREATE SCHEMA "{schema.schema}"')
-    yield schema
-    schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE')
 
 
 def audit_rows(url: str) -> list[dict[str, Any]]:

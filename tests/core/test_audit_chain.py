@@ -58,7 +58,7 @@ from sts.core.audit_chain import (
 from sts.core.canonical_json import canonical_json, canonical_record
 from sts.core.ports import AlreadyUsed, AuditUnavailable, SingleUse
 from sts.migrations import upgrade
-from tests.adapters.test_stores import PgSchema, private_database
+from tests.support.postgres import PgSchema
 
 NOW = 1_700_000_000.0
 ISSUER = "https://sts.example.com"
@@ -251,12 +251,6 @@ def test_link_hash_is_sha256_of_the_previous_hash_and_the_jcs_of_the_link() -> N
 
 
 # -- databases and writers --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    with private_database() as name:
-        yield name
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -60,10 +60,10 @@ from sts.core.client_secrets import hash_secret
 from sts.core.dpop import issue_nonce
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
-from tests.adapters.test_stores import PgSchema, private_database
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, FORM, JWT_TYPE, STS_ISSUER, exchange_form
 from tests.support.clock import Clock
 from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
+from tests.support.postgres import PgSchema
 from tests.support.redis_server import url_of
 
 TOKEN_URL = STS_ISSUER + "/token"
@@ -1065,12 +1065,6 @@ def test_the_key_cache_is_bounded() -> None:
 
 
 # -- one write transaction per grant (SQL): the proof's jti commits with the audit record -----------
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    with private_database() as name:
-        yield name
 
 
 @pytest.fixture(params=["embedded", "postgresql", "redis"])

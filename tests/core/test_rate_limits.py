@@ -62,7 +62,6 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError, RateLimited, TemporarilyUnavailable
 from sts.migrations import upgrade
 from sts.settings import DEFAULT_RATE_LIMITS, LimitSettings
-from tests.adapters.test_stores import PgSchema, private_database
 from tests.conftest import DEFAULT_POLICY, GATEWAY_SECRET, STS_ISSUER, exchange_form, settings_for
 from tests.core.rate_limit_support import NOW, StoreSpec, admitted, build_store, cell, race
 from tests.support.clock import Clock
@@ -130,20 +129,6 @@ def test_configured_limits_need_a_store() -> None:
 
 
 # -- the store contract, on every backend -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    with private_database() as name:
-        yield name
-
-
-@pytest.fixture
-def pg(pg_database: str) -> Iterator[PgSchema]:
-    schema = PgSchema(pg_database, f"t_{secrets.token_hex(6)}")
-    schema.execute(f'CREATE SCHEMA "{schema.schema}"')
-    yield schema
-    schema.execute(f'DROP SCHEMA IF EXISTS "{schema.schema}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "redis"])

@@ -58,8 +58,8 @@ from sts.app import create_app
 from sts.core.audit import token_hash
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
-from tests.adapters.test_stores import PG_SERVER, PgSchema, private_database
 from tests.conftest import STS_ISSUER, exchange_form
+from tests.support.postgres import PG_SERVER, PgSchema
 from tests.support.redis_server import url_of
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -130,12 +130,6 @@ def redis_db(fresh_redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(fresh_redis_url, socket_timeout=2)
     yield client
     client.close()
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    with private_database() as name:
-        yield name
 
 
 @pytest.fixture

@@ -43,10 +43,10 @@ from sts.core.audit import token_hash
 from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings.load import load_settings
-from tests.adapters.test_stores import PG_SERVER, private_database
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, JWT_TYPE, STS_ISSUER, exchange_form
 from tests.support.clients_support import Served
 from tests.support.clock import Clock
+from tests.support.postgres import PG_SERVER
 from tests.support.redis_server import RedisProcess
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -181,12 +181,6 @@ def transmitter() -> Iterator[RunningServer]:
     """A Shared Signals transmitter (an identity provider) whose JWKS is served over HTTP."""
     with DevIssuer.serve_ephemeral(alg="ES256", mint_endpoints=False) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    with private_database() as name:
-        yield name
 
 
 def base_config(directory: Path, upstream: RunningServer, transmitter: RunningServer) -> dict[str, Any]:
