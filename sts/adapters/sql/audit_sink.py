@@ -30,6 +30,7 @@ from .key_value import store_key, upsert_statement
 from .pg_exchange import pipelined_grants
 from .replay import first_uses_statement, replay_key
 from .schema import audit_events
+from .sqlite_grants import SqliteGrants
 from .statements import CommitOutcomeUnknown, RawStatement
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class SqlAuditSink:
         self._count_links = (
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
+        #: SQLite: a batch of grants in one statement.
+        self._grants = SqliteGrants(self._raw, self._columns) if self._raw.sqlite else None
         self._writes = GroupCommit(self._commit, max_batch, timeout)
         self._writes_with_uses = GroupCommit(self._commit_with_uses, max_batch, timeout)
 
@@ -221,8 +224,8 @@ class SqlAuditSink:
             return kept, seq, prev
 
         try:
-            if self._raw.sqlite:
-                kept, seq, digest = self._raw.transaction(work)
+            if self._grants is not None:  # In one statement if every use is free; else by ``work``.
+                kept, seq, digest = self._grants.commit(head, batch, self._linked, work)
             else:
                 kept, seq, digest = self._pipelined_uses(head, batch, work)
         except UseTaken as taken:  # One item, no savepoint: nothing was committed.
@@ -291,11 +294,16 @@ class SqlAuditSink:
             execute(self._save_baseline, item.baseline)
         if not registered:
             execute(self._register_chain, self._registration(head))
+        digest, params = self._linked(head, item, seq, prev)
+        execute(self._sql(1), params)
+        return digest
+
+    def _linked(self, head: ChainHead, item: PendingRow, seq: int, prev: str) -> tuple[str, list[Any]]:
+        """Link ``item`` as ``seq`` of ``head``'s chain, after ``prev``: its hash and its parameters."""
         row = item.row
         digest = link_hash(prev, head.chain_id, seq, row["record"])
         row["chain_id"], row["seq"], row["prev_hash"], row["hash"] = head.chain_id, seq, prev, digest
-        execute(self._sql(1), self._params([item]))
-        return digest
+        return digest, self._params([item])
 
     def _registration(self, head: ChainHead) -> tuple[Any, ...]:
         """The ``audit_chains`` row of ``head``'s chain, committed with its first record."""

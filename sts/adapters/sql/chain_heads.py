@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import threading
 import time
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 
 from ...core.audit_chain import genesis_hash
 from ...core.ports import AuditUnavailable
+from .process_id import current_pid
 
 
 class ChainHead:
@@ -35,7 +35,7 @@ class ChainHead:
         self.hash = genesis_hash(self.chain_id)
         #: Whether the chain's ``audit_chains`` row is committed (it goes with the first record).
         self.registered = False
-        self.pid = os.getpid()
+        self.pid = current_pid()
 
     def advance(self, seq: int, digest: str) -> None:
         self.seq, self.hash, self.registered = seq, digest, True
@@ -70,7 +70,7 @@ class ChainHeads:
                 self._made += 1
         if head is None:
             head = ChainHead()
-        elif head.pid != os.getpid():
+        elif head.pid != current_pid():
             head.restart()  # A forked child never appends to its parent's chain.
         try:
             yield head

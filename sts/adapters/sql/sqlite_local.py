@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -31,6 +30,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Engine, event
+
+from .process_id import current_pid
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,17 @@ def _sqlite(proxy: Any) -> sqlite3.Connection:
 class _Held:
     """One thread's connection, its cursor, and the engine generation it was opened in."""
 
-    __slots__ = ("__weakref__", "busy", "conn", "cursor", "generation", "pid", "proxy")
+    __slots__ = ("__weakref__", "busy", "conn", "cursor", "generation", "pid", "proxy", "set_up")
 
     def __init__(self, proxy: Any, generation: int) -> None:
         self.proxy = proxy
         self.conn = _sqlite(proxy)
         self.cursor = self.conn.cursor()
         self.generation = generation
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.busy = False
+        #: How many of :attr:`LocalConnections.setup` this connection has run.
+        self.set_up = 0
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -101,6 +104,8 @@ class LocalConnections:
         self._lock = threading.Lock()
         self._generation = 0
         self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
+        #: Statements each connection runs once, before its first statement (see :meth:`set_up`).
+        self.setup: list[str] = []
         self.checkpoints = WalCheckpoints(self._engine)
         event.listen(engine, "engine_disposed", self._disposed)
 
@@ -111,8 +116,15 @@ class LocalConnections:
             held, self._held = list(self._held), weakref.WeakSet()
         self.checkpoints.stop()
         for one in held:
-            if not one.busy and one.pid == os.getpid():
+            if not one.busy and one.pid == current_pid():
                 one.close()
+
+    def set_up(self, statements: list[str]) -> None:
+        """Have every connection run ``statements`` once, before its next statement (a TEMP view and
+        its trigger, say: they live as long as the connection, and only in it)."""
+        with self._lock:
+            if not all(sql in self.setup for sql in statements):
+                self.setup = [*self.setup, *statements]
 
     def _open(self) -> _Held:
         engine = self._engine()
@@ -147,12 +159,16 @@ class LocalConnections:
             assert engine is not None
             proxy = engine.raw_connection()
             try:
-                yield _sqlite(proxy).cursor()
+                cursor = _sqlite(proxy).cursor()
+                for sql in self.setup:  # Rare: run them each time (they are written to allow it).
+                    cursor.execute(sql)
+                yield cursor
             finally:
                 proxy.close()
             return
-        if held is None or held.generation != self._generation or held.pid != os.getpid():
-            if held is not None and held.pid == os.getpid():
+        pid = current_pid()
+        if held is None or held.generation != self._generation or held.pid != pid:
+            if held is not None and held.pid == pid:
                 held.close()
             elif held is not None:
                 # Inherited over fork(): left alone, not even closed (SQLite: never use one in the child).
@@ -161,6 +177,11 @@ class LocalConnections:
             held = self._local.held = self._open()
         held.busy = True
         try:
+            if held.set_up != len(self.setup):
+                setup = self.setup
+                for sql in setup[held.set_up :]:
+                    held.cursor.execute(sql)
+                held.set_up = len(setup)
             yield held.cursor
         except BaseException:
             if held.conn.in_transaction:
@@ -197,15 +218,15 @@ class WalCheckpoints:
     def wrote(self) -> None:
         self._writes += 1
         wake = self._wake
-        if wake is None or self._pid != os.getpid():
+        if wake is None or self._pid != current_pid():
             wake = self._start()
         if self._writes >= self.every:
             wake.set()
 
     def _start(self) -> threading.Event:
         with self._lock:
-            if self._wake is None or self._pid != os.getpid():
-                self._pid, self._wake = os.getpid(), threading.Event()
+            if self._wake is None or self._pid != current_pid():
+                self._pid, self._wake = current_pid(), threading.Event()
                 stop = threading.Event()
                 self._stop = stop
                 threading.Thread(

@@ -48,6 +48,14 @@ class RawStatement:
         self.failures: tuple[type[BaseException], ...] = (dbapi.Error, SQLAlchemyError)
         self._disconnects: tuple[type[BaseException], ...] = (dbapi.OperationalError, dbapi.InterfaceError)
 
+    def set_up_connections(self, statements: list[str]) -> bool:
+        """SQLite file: have each of this engine's per-thread connections run ``statements`` once,
+        before its next statement (:meth:`LocalConnections.set_up`); False elsewhere (nothing is run)."""
+        if self._local is None:
+            return False
+        self._local.set_up(statements)
+        return True
+
     def run(self, sql: str, params: list[Any] | tuple[Any, ...]) -> int:
         """Execute and commit; return the row count.  DBAPI errors propagate."""
         return int(self._execute(sql, params, fetch=False))
