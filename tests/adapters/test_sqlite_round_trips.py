@@ -29,7 +29,7 @@ from sts.adapters.sql.engines import make_engine
 from sts.adapters.sql.statements import RawStatement
 from sts.core.audit import AuditRecord
 from sts.core.baseline import Baseline
-from sts.core.ports import AlreadyUsed, BaselineUpdate, SingleUse
+from sts.core.ports import AlreadyUsed, AuditUnavailable, BaselineUpdate, SingleUse
 from sts.dev.issuer import DevIssuer
 from sts.migrations import upgrade
 from tests.adapters.test_pg_round_trips import Exchanges, bench, bench_app
@@ -169,6 +169,26 @@ def test_a_replay_fails_the_one_statement_and_keeps_nothing_of_its_grant(engine:
     stored = [r["event_id"] for r in sink.iter_all()]
     assert replayed.event_id not in stored and len(stored) == 2
     sink.write_with_uses(record(3), [use("dpop:jkt", "c")], NOW)
+
+
+def test_grants_commit_again_once_a_table_another_connection_took_away_is_back(engine: Engine) -> None:
+    """While ``audit_events`` is renamed away (by another connection) a grant fails and writes
+    nothing; once it is back, the next grant commits.  (A trigger's statement that misses a table
+    does not have SQLite reload the schema: on its own, the connection would keep failing.)"""
+    sink = SqlAuditSink(engine)
+    sink.write_with_uses(record(0), [], NOW)
+
+    def rename(old: str, new: str) -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+    rename("audit_events", "audit_events_away")
+    with pytest.raises(AuditUnavailable):
+        sink.write_with_uses(record(1), [use("subject_token", "a")], NOW)
+    rename("audit_events_away", "audit_events")
+    sink.write_with_uses(record(2), [use("subject_token", "a")], NOW)
+    sink.write_with_uses(record(3), [use("subject_token", "b")], NOW)
+    assert [r["request_id"] for r in sink.iter_all()] == ["req-0", "req-2", "req-3"]
 
 
 def _stored(engine: Engine, event_id: str) -> list[Any]:

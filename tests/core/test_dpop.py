@@ -1094,16 +1094,11 @@ def test_a_grant_is_one_write_transaction_on_the_embedded_database(sts: STS) -> 
     sts.granted(sts.proof())
     statements.clear()
     assert sts.granted(sts.proof())["token_type"] == "DPoP"
-    written = [
-        " ".join(s.split()[:3]) for s in statements if s.split()[0].upper() not in {"SELECT", "PRAGMA"}
-    ]
-    assert written == [
-        "BEGIN",
-        "INSERT INTO replay_entries",
-        "INSERT INTO baselines",
-        "INSERT INTO audit_events",
-        "COMMIT",
-    ], statements
+    # Python's trace callback names the statement again for each statement of a trigger it runs.
+    ran = [s for n, s in enumerate(statements) if n == 0 or s != statements[n - 1]]
+    written = [" ".join(s.split()[:3]) for s in ran if s.split()[0].upper() not in {"SELECT", "PRAGMA"}]
+    # One statement, its own transaction (sts/adapters/sql/sqlite_grants.py).
+    assert written == ["INSERT INTO sts_grants"], statements
     # Nothing is looked up in the replay table first: the insert in the transaction decides.
     assert not [s for s in statements if s.lstrip().upper().startswith("SELECT") and "replay_entries" in s]
 

@@ -17,13 +17,16 @@ use and, finding one (committed by anyone, or written by an earlier grant of the
 batch), fails the statement with ``RAISE(ABORT)``, which undoes all of it
 (https://www.sqlite.org/lang_createtrigger.html#raise).  The batch is then committed
 statement by statement, which refuses exactly the grants whose uses are taken (as on
-PostgreSQL, :mod:`sts.adapters.sql.pg_exchange`).  The view and its trigger are made on
-each connection before its first statement (:meth:`~sts.adapters.sql.sqlite_local.LocalConnections.set_up`);
-they live in the connection's ``temp`` schema, never in the database file.
+PostgreSQL, :mod:`sts.adapters.sql.pg_exchange`); so is a batch whose statement fails for any
+other reason, so that each failure is met, and reported, as the statements always met it.
+The view and its trigger are made on each connection before its first statement
+(:meth:`~sts.adapters.sql.sqlite_local.LocalConnections.set_up`); they live in the
+connection's ``temp`` schema, never in the database file.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -32,6 +35,7 @@ from .chain_heads import ChainHead
 from .group_commit import PendingUses
 from .statements import RawStatement
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Uses a grant can have in the view's row (its subject token and its DPoP proof); more go the slow way.
@@ -107,8 +111,9 @@ class SqliteGrants:
         """Commit ``batch`` on ``head``'s chain in one statement; ``link`` links an item as ``seq``
         after ``prev`` and gives its digest and its ``audit_events`` parameters.  Returns the items
         and the chain's new ``seq`` and hash.  If the batch does not fit (:meth:`fits`) or a use is
-        taken (nothing is then committed), ``work`` does it statement by statement, in a transaction
-        (:meth:`RawStatement.transaction`), and its result is returned.  Other errors propagate."""
+        taken or the statement fails (nothing is then committed), ``work`` does it statement by
+        statement, in a transaction (:meth:`RawStatement.transaction`): its result is returned, its
+        errors propagate."""
         if not self.fits(head, batch):
             return self._raw.transaction(work)
         seq, prev = head.seq, head.hash
@@ -125,9 +130,14 @@ class SqliteGrants:
             params += audit
         try:
             self._raw.run(self._sql(len(batch)), params)
-        except sqlite3.IntegrityError as exc:
+        except sqlite3.Error as exc:
+            # Nothing was written: a statement outside a transaction that fails is rolled back whole.
+            # ``work`` decides again: a use taken, or any other failure, which it meets and reports
+            # as the statements always did.  (A trigger's statement that finds a table gone does not
+            # have SQLite reload a schema another connection changed, as a plain statement does:
+            # without ``work`` the connection would keep failing once the table is back.)
             if str(exc) != TAKEN:
-                raise
+                log.debug("grants not committed in one statement: %s", type(exc).__name__)
             return self._raw.transaction(work)
         return list(batch), seq, prev
 

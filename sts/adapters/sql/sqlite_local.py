@@ -120,8 +120,9 @@ class LocalConnections:
                 one.close()
 
     def set_up(self, statements: list[str]) -> None:
-        """Have every connection run ``statements`` once, before its next statement (a TEMP view and
-        its trigger, say: they live as long as the connection, and only in it)."""
+        """Have each thread's connection run ``statements`` once, before its next statement (a TEMP
+        view and its trigger, say: they live as long as the connection, and only in it).  Not the
+        connections lent from the pool to a thread already using its own (see :meth:`cursor`)."""
         with self._lock:
             if not all(sql in self.setup for sql in statements):
                 self.setup = [*self.setup, *statements]
@@ -159,10 +160,9 @@ class LocalConnections:
             assert engine is not None
             proxy = engine.raw_connection()
             try:
-                cursor = _sqlite(proxy).cursor()
-                for sql in self.setup:  # Rare: run them each time (they are written to allow it).
-                    cursor.execute(sql)
-                yield cursor
+                # Without :attr:`setup`: a pooled connection may yet run a migration, which must not
+                # meet TEMP objects of ours (a statement needing them fails, and its caller knows).
+                yield _sqlite(proxy).cursor()
             finally:
                 proxy.close()
             return
