@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,59 @@ def test_grants_commit_again_once_a_table_another_connection_took_away_is_back(e
     sink.write_with_uses(record(2), [use("subject_token", "a")], NOW)
     sink.write_with_uses(record(3), [use("subject_token", "b")], NOW)
     assert [r["request_id"] for r in sink.iter_all()] == ["req-0", "req-2", "req-3"]
+
+
+def _grant_keys(url: str, keys: list[str], barrier: Any, results: Any) -> None:
+    """In a process of its own: 4 threads try to grant every key once each (one use per grant)."""
+    try:
+        engine = make_engine(url)
+        sink = SqlAuditSink(engine)
+        sink.write_with_uses(record(0), [], NOW)  # the chain's registration, before the race
+        won: list[str] = []
+        barrier.wait(timeout=60)
+
+        def grant(part: list[str]) -> None:
+            for key in part:
+                try:
+                    sink.write_with_uses(record(1), [use("subject_token", key)], NOW)
+                    won.append(key)
+                except AlreadyUsed:
+                    pass
+
+        threads = [threading.Thread(target=grant, args=(keys[n::4],)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        engine.dispose()
+        results.put((won, ""))
+    except Exception as exc:  # reported to the parent
+        results.put(([], repr(exc)))
+
+
+def test_grants_racing_from_processes_and_threads_take_each_use_once(tmp_path: Path) -> None:
+    """Four processes of four threads each grant the same 200 uses (their statements batched by the
+    group commit, a batch with a taken use decided again statement by statement): each use is
+    granted exactly once, and only the granted decisions are recorded, on chains that verify."""
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    keys = [f"token-{n}" for n in range(200)]
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(4), context.Queue()
+    processes = [context.Process(target=_grant_keys, args=(url, keys, barrier, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(60)
+    assert [error for _, error in outcomes] == [""] * 4
+    wins = Counter(key for won, _ in outcomes for key in won)
+    assert wins == Counter(keys)
+    raw = RawStatement(engine)
+    assert raw.query("SELECT count(*) FROM audit_events WHERE request_id = 'req-1'", ()) == [(200,)]
+    report, _ = audit_integrity.verify_trail(engine, ())
+    assert sorted(h.records for h in report.heads.values()) == sorted(len(won) + 1 for won, _ in outcomes)
 
 
 def _stored(engine: Engine, event_id: str) -> list[Any]:
