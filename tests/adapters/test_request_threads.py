@@ -255,3 +255,48 @@ def test_a_thread_waiting_for_another_threads_group_commit_gives_up_its_turn() -
     elapsed = scenario(body, 6, active=1, patience=2.0)
     assert elapsed < 1.0  # two or three batches of 0.05 s, never a wait for patience (2 s)
     assert lent and set(lent) == {0}
+
+
+@pytest.mark.parametrize("active", [1, 2])
+def test_turns_add_up_after_a_storm_of_calls_waits_and_stalls(active: int) -> None:
+    """Seeded random calls: some wait (given up), some nest waits, some stall holding their turn,
+    some fail.  Every call is answered, and afterwards every turn is back and none is lent."""
+    import random
+
+    rng = random.Random(1234 + active)
+    plans = [[rng.choice("pwsx") for _ in range(rng.randint(1, 4))] for _ in range(300)]
+    running = Running()
+
+    def call(plan: list[str]) -> int:
+        for step in plan:
+            if step == "w":
+                with waiting():
+                    time.sleep(rng.random() * 0.002)
+                    if rng.random() < 0.3:
+                        with waiting():
+                            time.sleep(0.0005)
+            elif step == "s":
+                time.sleep(rng.random() * 0.003)  # unmarked: the turn is kept
+            elif step == "x":
+                raise ValueError("planned")
+            else:
+                with running:
+                    sum(range(200))
+        return len(plan)
+
+    async def body(threads: RequestThreads) -> list[object]:
+        futures = [threads.run(call, plan) for plan in plans]
+        results = list(await asyncio.gather(*futures, return_exceptions=True))
+        deadline = time.monotonic() + 5
+        while len(threads._idle) < 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert threads._free == active and threads._lent == 0
+        assert not threads._calls and not threads._returning and len(threads._idle) == 8
+        return results
+
+    results = scenario(body, 8, active=active, patience=0.02)
+    for plan, result in zip(plans, results, strict=True):
+        if "x" in plan:
+            assert isinstance(result, ValueError)
+        else:
+            assert result == len(plan)
