@@ -5,7 +5,8 @@
         [--policy-rules 10000] [--audit-rows 1000000] [--memory-requests 100000]
         [--profile exchange-embedded] [--source LABEL=DIR] [--json FILE]
 
-Systems (every server gets ``--workers`` processes with ``--server-threads`` threads, on loopback):
+Systems (every server gets ``--workers`` processes with ``--server-threads`` threads, of which
+``--active-threads`` run Python at once, on loopback):
 
 ``floor``
     ``benchmarks/bare_app.py`` served by granian exactly as ``sts serve`` serves the exchange
@@ -406,6 +407,8 @@ class Bench:
             BARE_NULL="1" if name == "serving" else "",
         )
         command = [sys.executable, "-m", "sts.serving", "bare_app:app", *self.sizing(system.port)]
+        if self.args.active_threads != 1:
+            command += ["--active-threads", str(self.args.active_threads)]
         self.spawn(system, command, env, self.work)
 
     def start_exchange(
@@ -452,6 +455,8 @@ class Bench:
         }
         if redis_url:
             config["redis_url"] = redis_url
+        if self.args.active_threads != 1:
+            config["active_threads"] = self.args.active_threads
         config.update(self.args.setting)
         (home / "sts.yaml").write_text(yaml.safe_dump(config))
         if prepare is not None:
@@ -1004,6 +1009,7 @@ def settings(a: argparse.Namespace) -> dict[str, Any]:
         "wrk_threads": a.wrk_threads,
         "workers": a.workers,
         "server_threads": a.server_threads,
+        "active_threads": a.active_threads,
         "cpus": os.cpu_count(),
         "load_before": os.getloadavg(),
     }
@@ -1062,7 +1068,8 @@ def render(summary: dict[str, Any], a: argparse.Namespace) -> str:
 
     lines = [
         f"Medians of {a.rounds} interleaved rounds, wrk -t{a.wrk_threads} -c{a.connections} -d{a.seconds}s; "
-        f"servers {a.workers} workers x {a.server_threads} threads; {os.cpu_count()} CPUs.",
+        f"servers {a.workers} workers x {a.server_threads} threads ({a.active_threads} running at once); "
+        f"{os.cpu_count()} CPUs.",
         "",
         "| System | req/s | p50 ms | p99 ms | CPU ms/req | store CPU ms/req | RSS MB | busiest worker "
         "| x floor | x floor by CPU | x peer | x twin |",
@@ -1223,6 +1230,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes of every server (and of the peer)")
     parser.add_argument(
         "--server-threads", type=int, default=8, help="threads per worker (floor and exchange)"
+    )
+    parser.add_argument(
+        "--active-threads",
+        type=int,
+        default=1,
+        help="of those, how many run Python at once (setting active_threads; a --source twin of code "
+        "from before the setting takes only the default)",
     )
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per system, once")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between runs")

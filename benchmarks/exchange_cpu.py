@@ -25,7 +25,9 @@ SQLite) or ``pg`` (a private PostgreSQL database on ``--postgres`` created for e
 after it).  The CPU column counts this process only, not the store's server.
 
 ``--threads N`` sends the requests from N threads at once, as a worker's request threads do
-(what the GIL hand-offs and the store's group commit cost).
+(what the GIL hand-offs and the store's group commit cost).  ``--in-flight N`` sends them from a
+uvloop event loop through the measured copy's own request threads (``sts.serving``'s adapter, as a
+worker of ``sts serve`` runs them), N at once: what the threads' hand-overs cost, turns included.
 
 ``--profile LABEL`` runs one more process of that system under ``cProfile`` and prints the
 functions with the most time of their own and the most time in total.  cProfile's clock is the
@@ -47,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -156,7 +158,7 @@ def worker(args: argparse.Namespace) -> None:
             }
             requests.append((_Scope(headers), body))
 
-        def run(batch: list[tuple[_Scope, bytes]]) -> int:
+        def direct(batch: list[tuple[_Scope, bytes]]) -> int:
             failed = 0
             for scope, body in batch:
                 status, _, payload = served._call(scope, body)
@@ -166,6 +168,7 @@ def worker(args: argparse.Namespace) -> None:
                         print(f"refused: {status} {payload[:300]!r}", file=sys.stderr)
             return failed
 
+        run = _served_runner(served, args.in_flight) if args.in_flight else direct
         run(requests[: args.warmup])
         measured = requests[args.warmup :]
         profiler = None
@@ -175,7 +178,7 @@ def worker(args: argparse.Namespace) -> None:
             profiler = cProfile.Profile()
             profiler.enable()
         wall, cpu = time.perf_counter(), time.process_time()
-        if args.threads > 1:
+        if args.threads > 1 and not args.in_flight:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(args.threads) as pool:
@@ -193,6 +196,37 @@ def worker(args: argparse.Namespace) -> None:
         "package": str(Path(str(sts.__file__)).parent),
     }
     print(json.dumps(result))
+
+
+def _served_runner(served: Any, in_flight: int) -> Callable[[list[tuple[_Scope, bytes]]], int]:
+    """Send a batch as ``sts serve``'s worker does, from a uvloop event loop through the request
+    threads of the copy measured (``WSGIOverRSGI.__rsgi_init__``), ``in_flight`` requests at once."""
+    import asyncio
+
+    import uvloop
+
+    async def drive(batch: list[tuple[_Scope, bytes]]) -> int:
+        loop = asyncio.get_running_loop()
+        served.__rsgi_init__(loop)
+        slots = asyncio.Semaphore(in_flight)
+
+        async def one(scope: _Scope, body: bytes) -> int:
+            async with slots:
+                status, _, payload = await served._threads.run(served._call, scope, body)
+            if status != 200:
+                print(f"refused: {status} {payload[:300]!r}", file=sys.stderr)
+                return 1
+            return 0
+
+        try:
+            return sum(await asyncio.gather(*(one(scope, body) for scope, body in batch)))
+        finally:
+            served.__rsgi_del__(loop)
+
+    def run(batch: list[tuple[_Scope, bytes]]) -> int:
+        return uvloop.run(drive(batch))
+
+    return run
 
 
 # -- the runner -----------------------------------------------------------------------------------
@@ -271,6 +305,8 @@ def _run_system(
         str(args.warmup),
         "--threads",
         str(args.threads),
+        "--in-flight",
+        str(args.in_flight),
         "--store-settings",
         json.dumps(store),
     ]
@@ -338,6 +374,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--keep-profile", default=None, metavar="FILE", help="write the cProfile stats here")
     parser.add_argument("--threads", type=int, default=1, help="request threads sending the requests")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=0,
+        help="send the requests from an event loop through the measured copy's request threads "
+        "(sts.serving, as a worker of sts serve does), this many at once (0: call the app directly)",
+    )
     parser.add_argument("--store", choices=("embedded", "redis", "pg"), default="embedded")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

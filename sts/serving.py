@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import contextlib
 import functools
 import gc
 import importlib
@@ -44,15 +42,15 @@ import io
 import json
 import logging
 import math
-import queue
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from granian._granian import RSGIProtocolClosed, RSGIProtocolError
+
+from .adapters.request_threads import RequestThreads
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +73,8 @@ class Limits:
     """What one worker allows a client."""
 
     threads: int = 8
+    #: Threads that run Python at once (turns, see :mod:`sts.adapters.request_threads`).
+    active_threads: int = 1
     header_read_timeout: float = 10.0
     body_read_timeout: float = 10.0
     max_body_bytes: int = 16384
@@ -106,7 +106,7 @@ class WSGIOverRSGI:
     # -- RSGI hooks (granian calls these in the worker) --------------------------------------------
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._threads = RequestThreads(loop, self.limits.threads)
+        self._threads = RequestThreads(loop, self.limits.threads, self.limits.active_threads)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._threads is not None:
@@ -125,7 +125,9 @@ class WSGIOverRSGI:
             return  # nobody to answer
         try:
             if self._threads is None:  # called without __rsgi_init__ (not by granian)
-                self._threads = RequestThreads(asyncio.get_running_loop(), self.limits.threads)
+                self._threads = RequestThreads(
+                    asyncio.get_running_loop(), self.limits.threads, self.limits.active_threads
+                )
             status, headers, payload = await self._threads.run(self._call, scope, body)
         except Exception:
             log.exception("the request could not be handed to the application")
@@ -242,84 +244,6 @@ class WSGIOverRSGI:
         proto.response_bytes(status, headers, body.encode())
 
 
-class RequestThreads:
-    """The threads that run the WSGI application, each call awaited from the event loop.
-
-    What ``loop.run_in_executor`` does for a thread pool, with less work per call (the executor
-    wraps a ``concurrent.futures`` future in an asyncio one: measured here, about twice the CPU
-    per request).  A call and the loop's future go on one queue; a thread runs the call and puts
-    the result (or exception) on a queue of finished calls, and wakes the loop only if no wake-up
-    is pending: one callback settles every call finished by the time it runs.  (Each wake-up
-    from another thread costs the loop a write and a read on its self-pipe.)  A call already
-    running cannot be cancelled, as with the executor: its result is then dropped.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
-        self.loop = loop
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        #: Calls finished and not yet settled in the loop (``deque`` appends and pops are atomic).
-        self._finished: collections.deque[_Finished] = collections.deque()
-        #: Whether a callback to settle ``_finished`` is scheduled and has not started yet.
-        self._wake_pending = False
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"sts-request_{n}", daemon=True) for n in range(count)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run ``function(*args)`` on one of the threads; await the returned future for its result."""
-        future: asyncio.Future[T] = self.loop.create_future()
-        self._calls.put((future, function, args))
-        return future
-
-    def shutdown(self) -> None:
-        """Finish the calls queued so far, then stop every thread."""
-        for _ in self._threads:
-            self._calls.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def _serve(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, function, args = call
-            try:
-                result, error = function(*args), None
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, as the executor does
-                result, error = None, exc
-            self._finished.append((future, result, error))
-            del call, future, result, error  # Nothing of this request outlives it in the thread.
-            self._wake()
-
-    def _wake(self) -> None:
-        """Schedule ``_settle_finished`` unless it is scheduled and has not started: it clears the
-        flag before it takes the first call, so a call appended meanwhile is never left behind."""
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        # RuntimeError: the loop has closed, and nobody awaits the answers any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._settle_finished)
-
-    def _settle_finished(self) -> None:
-        self._wake_pending = False
-        while self._finished:
-            _settle(*self._finished.popleft())
-
-
-_Call = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
-_Finished = tuple["asyncio.Future[Any]", Any, BaseException | None]
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # cancelled while the call ran
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 #: granian's own log lines, in the format `sts serve` uses for the others (on stderr, with a time).
 _LOG_FORMAT = {"()": "logging.Formatter", "fmt": "%(asctime)s %(levelname)s granian: %(message)s"}
 _LOG_CONFIG = {
@@ -420,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--active-threads", type=int, default=1)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     serve(
@@ -427,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        limits=Limits(threads=args.threads),
+        limits=Limits(threads=args.threads, active_threads=args.active_threads),
         log_level=args.log_level,
     )
 

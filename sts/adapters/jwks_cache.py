@@ -33,6 +33,7 @@ from .jwks_acceptance import (
     quote_untrusted,
 )
 from .jwks_fetch import FetchFailed, fetch_document, validate_jwks_url
+from .request_threads import waiting
 
 # The JWKS modules log under one name, so one logging setting covers all of them.
 logger = logging.getLogger("sts.adapters.jwks")
@@ -164,7 +165,8 @@ class HttpJWKS:
         # Expired cache or unknown kid.  A caller that already holds a usable
         # (if stale) key need not wait for another thread's fetch; one
         # without a key must, so that concurrent callers share one request.
-        state = self._refresh(state, wait=key is None)
+        with waiting():  # a fetch, or another thread's: this request thread's turn goes meanwhile
+            state = self._refresh(state, wait=key is None)
         return self._choose(state, kid, alg)
 
     def _choose(self, state: _CacheState, kid: str | None, alg: str) -> Key:

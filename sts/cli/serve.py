@@ -91,7 +91,8 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
 
         click.echo(
             f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
-            f"({settings.workers} workers x {settings.threads} threads, store={settings.store})",
+            f"({settings.workers} workers x {settings.threads} threads, "
+            f"{settings.active_threads} running at once, store={settings.store})",
             err=True,
         )
         serving.serve(
@@ -101,6 +102,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
             workers=settings.workers,
             limits=serving.Limits(
                 threads=settings.threads,
+                active_threads=settings.active_threads,
                 header_read_timeout=settings.header_read_timeout,
                 body_read_timeout=settings.body_read_timeout,
                 max_body_bytes=settings.max_body_bytes,

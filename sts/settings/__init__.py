@@ -160,6 +160,8 @@ class Settings:
     port: int = 8080
     workers: int = 2
     threads: int = 8
+    #: Of ``threads``, how many run Python at once; the others run while one waits on the network.
+    active_threads: int = 1
     #: Seconds to receive a request line and headers (also how long an idle keep-alive connection stays).
     header_read_timeout: int = 10
     #: Seconds to receive a request body, once its headers are in.

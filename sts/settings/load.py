@@ -60,6 +60,7 @@ _INT_SETTINGS = {
     "port",
     "workers",
     "threads",
+    "active_threads",
     "database_pool_size",
     "database_max_overflow",
     "database_pool_timeout",

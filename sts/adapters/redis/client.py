@@ -15,6 +15,8 @@ import redis
 from redis.connection import Connection
 from redis.exceptions import NoScriptError
 
+from ..request_threads import waiting
+
 
 class ConnectionCounter:
     """Counts the connections a client opens: each new one may be to a restarted server."""
@@ -111,7 +113,8 @@ class Commands:
             connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
             return connection.read_response()
 
-        return connection.retry.call_with_retry(send, lambda _error: connection.disconnect())  # type: ignore[no-untyped-call]
+        with waiting():  # a round trip: another request runs meanwhile
+            return connection.retry.call_with_retry(send, lambda _error: connection.disconnect())  # type: ignore[no-untyped-call]
 
 
 _COMMANDS: weakref.WeakKeyDictionary[redis.Redis, Commands] = weakref.WeakKeyDictionary()

@@ -30,6 +30,7 @@ from ...core.ports import (
     StoreUnavailable,
     UsesNotClaimed,
 )
+from ..request_threads import waiting
 from .client import LuaScript, commands
 from .epoch import LedgerEpoch
 from .key_value import baseline_name
@@ -298,7 +299,8 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             # Held by a request still in flight: its outcome decides.
             if time.monotonic() + delay > deadline:
                 raise UsesNotClaimed("single-use token held by a concurrent request")
-            time.sleep(delay)
+            with waiting():
+                time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
     def cancel(self, uses: Sequence[SingleUse]) -> None:

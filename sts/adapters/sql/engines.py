@@ -28,6 +28,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError
 
+from ..request_threads import waiting
+
 log = logging.getLogger(__name__)
 
 
@@ -232,7 +234,8 @@ def retry_locked(work: Callable[[], T], *, deadline: float = _LOCK_DEADLINE) -> 
         except (sqlite3.OperationalError, OperationalError) as exc:
             if not _is_locked(exc) or time.monotonic() > end:
                 raise
-            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not security
+            with waiting():
+                time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not security
             delay = min(delay * 1.5, 0.0005)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...core.ports import AuditUnavailable, SingleUse
+from ..request_threads import waiting
 
 
 def column_text(value: str | None, limit: int) -> str | None:
@@ -68,25 +69,35 @@ class GroupCommit:
         deadline = time.monotonic() + self.timeout
         with self._cond:
             self._pending.append(item)
-            while not item.done and self._committing:
-                remaining = deadline - time.monotonic()
-                if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
-                    # Too slow: withdraw the record if it is still queued and refuse. (If a
-                    # commit already holds it, the trail shows a token that was never sent.)
-                    if item in self._pending:
-                        self._pending.remove(item)
-                    raise AuditUnavailable("timeout waiting for the audit commit")
-            if not item.done:
-                self._committing = True
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-        if not item.done:
+            batch = None if self._committing else self._take()
+        if batch is None:
+            # Another thread commits: its round trip (or SQLite's) is a wait, so this request
+            # thread gives up its turn meanwhile (and takes one back only after the lock).
+            with waiting(), self._cond:
+                while not item.done and self._committing:
+                    remaining = deadline - time.monotonic()
+                    if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
+                        # Too slow: withdraw the record if it is still queued and refuse. (If a
+                        # commit already holds it, the trail shows a token that was never sent.)
+                        if item in self._pending:
+                            self._pending.remove(item)
+                        raise AuditUnavailable("timeout waiting for the audit commit")
+                if not item.done:
+                    batch = self._take()
+        if batch is not None:
             try:
                 self._commit(batch)
             finally:
                 with self._cond:
                     self._committing = False
                     self._cond.notify_all()
+
+    def _take(self) -> list[PendingRow]:
+        """Become the committer of the next batch (the caller's item is in it); lock held."""
+        self._committing = True
+        batch = self._pending[: self.max_batch]
+        del self._pending[: self.max_batch]
+        return batch
 
 
 class UseTaken(Exception):

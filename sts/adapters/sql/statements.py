@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..request_threads import waiting
 from .engines import retry_locked, statement_engine
 from .sqlite_local import local_connections
 
@@ -98,11 +99,12 @@ class RawStatement:
 
         if self.sqlite:
             return retry_locked(attempt)
-        try:
-            return attempt()
-        except self._disconnects:
-            # Nothing was committed on a connection that died; one fresh try.
-            return attempt()
+        with waiting():  # PostgreSQL: a round trip (and perhaps a connection to wait for)
+            try:
+                return attempt()
+            except self._disconnects:
+                # Nothing was committed on a connection that died; one fresh try.
+                return attempt()
 
     def _discard(self, raw: Any, exc: BaseException) -> None:
         """PostgreSQL: a connection with a failed statement is not reused as it is.  If it was cut
@@ -175,7 +177,8 @@ class RawStatement:
 
         if self.sqlite:
             return retry_locked(attempt)
-        return self._postgresql_attempts(attempt, stage)
+        with waiting():
+            return self._postgresql_attempts(attempt, stage)
 
     def pipelined(self, work: Callable[[Any], T], *, refusal: str, single: bool = False) -> T:
         """PostgreSQL: run ``work(connection)`` in one transaction and commit it, in one round trip.
@@ -221,7 +224,8 @@ class RawStatement:
             finally:
                 raw.close()
 
-        return self._postgresql_attempts(attempt, stage)
+        with waiting():
+            return self._postgresql_attempts(attempt, stage)
 
     def _postgresql_attempts(self, attempt: Callable[[], T], stage: list[str]) -> T:
         """Run a transaction's ``attempt``; once more if its connection was dead before ``COMMIT``,
