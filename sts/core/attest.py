@@ -121,8 +121,11 @@ def verify_token(
     now: float,
     leeway: int,
     role: str = "subject_token",
+    sha256: str | None = None,
 ) -> VerifiedToken:
     """Verify an upstream JWT and return its facts, or raise the OAuth error.
+
+    ``sha256`` is the token's :func:`~sts.core.audit.token_hash` when the caller has it already.
 
     RFC 8693 §2.2.2: a subject or actor token that fails validation is
     ``invalid_request``.  An issuer whose keys cannot be had is
@@ -196,7 +199,7 @@ def verify_token(
         expires_at=exp,
         not_before=checked.nbf,
         jti=checked.jti,
-        sha256=token_hash(token),
+        sha256=token_hash(token) if sha256 is None else sha256,
         typ=typ,
         audiences=checked.audiences,
         facts=facts,

@@ -35,12 +35,13 @@ def canonical_json(value: Any) -> str:
     if alike is not _NOT_ALIKE:
         text = _ENCODER.encode(alike)
         if text.isascii():
-            return text
-        try:
-            text.encode("utf-8")  # A lone surrogate cannot be encoded: JCS refuses it too.
-            return text
-        except UnicodeEncodeError:
-            pass
+            return text  # Every member name is ASCII, so they sort alike.
+        if _names_sort_alike(alike):
+            try:
+                text.encode("utf-8")  # A lone surrogate cannot be encoded: JCS refuses it too.
+                return text
+            except UnicodeEncodeError:
+                pass
     return rfc8785.dumps(value).decode("utf-8")
 
 
@@ -70,10 +71,12 @@ def _written_alike(value: Any, depth: int) -> Any:
     switches to an exponent below 1e-4 (``1e-05`` against ``0.00001``); JCS
     refuses NaN, infinities and integers beyond 2**53; and member names holding
     characters from U+E000 up may sort differently (code points against UTF-16
-    code units): all of those are not alike.  Only exact types are alike (a
-    subclass goes to ``rfc8785``).  Scalars are checked inline and only
-    containers recurse, since this runs on every audit write: it costs less
-    than the encoding it vouches for.
+    code units): all of those are not alike, but the names are checked by
+    :func:`_names_sort_alike`, and only for a text that is not ASCII (a name
+    from U+E000 up is not ASCII, and ``json.dumps`` writes it as it is).
+    Only exact types are alike (a subclass goes to ``rfc8785``).  Scalars are
+    checked inline and only containers recurse, since this runs on every audit
+    write: it costs less than the encoding it vouches for.
     """
     if depth > 32:
         return _NOT_ALIKE
@@ -81,7 +84,7 @@ def _written_alike(value: Any, depth: int) -> Any:
     if kind is dict:
         copied: dict[str, Any] | None = None
         for key, item in value.items():
-            if type(key) is not str or (not key.isascii() and max(key) >= "\ue000"):
+            if type(key) is not str:
                 return _NOT_ALIKE
             kind = type(item)
             if kind is str or item is None or kind is bool:
@@ -105,7 +108,9 @@ def _written_alike(value: Any, depth: int) -> Any:
         return value if copied is None else copied
     if kind is list or kind is tuple:
         listed: list[Any] | None = None
-        for index, item in enumerate(value):
+        index = -1
+        for item in value:
+            index += 1
             kind = type(item)
             if kind is str or item is None or kind is bool:
                 continue
@@ -133,6 +138,28 @@ def _written_alike(value: Any, depth: int) -> Any:
     if kind is int:
         return value if -_SAFE_INT <= value <= _SAFE_INT else _NOT_ALIKE
     return _NOT_ALIKE
+
+
+def _names_sort_alike(value: Any) -> bool:
+    """Whether every member name in ``value`` (a value :func:`_written_alike` gave) sorts alike by
+    code points and by UTF-16 code units: true unless a name holds a character from U+E000 up
+    (the surrogates, which hold the code points past U+FFFF in UTF-16, sort below those)."""
+    if type(value) is dict:
+        for key, item in value.items():
+            if not key.isascii() and max(key) >= "\ue000":
+                return False
+            if (type(item) is dict or type(item) is list or type(item) is tuple) and not _names_sort_alike(
+                item
+            ):
+                return False
+        return True
+    if type(value) is list or type(value) is tuple:
+        return all(
+            _names_sort_alike(item)
+            for item in value
+            if type(item) is dict or type(item) is list or type(item) is tuple
+        )
+    return True
 
 
 def _float_alike(item: float) -> Any:

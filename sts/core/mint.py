@@ -9,11 +9,11 @@ resource server can demand fresh attestation (RFC 9470).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..protocol.identifiers import random_urlsafe
 from .ports import Signer
 
 ACCESS_TOKEN_TYP = "at+jwt"
@@ -32,7 +32,7 @@ class IssuedToken:
 
 
 def new_jti() -> str:
-    return secrets.token_urlsafe(16)
+    return random_urlsafe(16)
 
 
 def mint_access_token(

@@ -10,13 +10,13 @@ Both need an authenticated client (RFC 7662 §2.1, RFC 7009 §2.1)::
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
 from ..protocol.client_auth import parse_client_credentials
+from ..protocol.identifiers import uuid4_text
 from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no_repeats, single
 from ..protocol.wire import WireRequest, check_content_type
 from .audit import AuditRecord, log_unaudited, token_hash
@@ -62,7 +62,7 @@ class TokenStatus:
     def _start(self, wire: WireRequest, endpoint: str) -> tuple[AuditRecord, float]:
         now = self.clock()
         record = AuditRecord(
-            event_id=str(uuid.uuid4()),
+            event_id=uuid4_text(),
             time=now,
             request_id=wire.request_id,
             endpoint=endpoint,

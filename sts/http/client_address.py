@@ -29,6 +29,13 @@ def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``str(address)``, remembered like :func:`_parse` (equal addresses have one text: an IPv4 and
+    an IPv6 address are never equal, and IPv6 addresses compare their scope ids too)."""
+    return str(address)
+
+
 def client_address(
     remote_addr: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]
 ) -> str | None:
@@ -37,18 +44,18 @@ def client_address(
     if peer is None:
         return remote_addr
     if not trusted or not any(peer in net for net in trusted):
-        return str(peer)
+        return _text(peer)
     hops = [h for header in forwarded_for for h in header.split(",")]
     current = peer
     for hop in reversed(hops):
         address = _parse(hop)
         if address is None:
             # A malformed entry: stop at the last hop we could vouch for.
-            return str(current)
+            return _text(current)
         current = address
         if not any(address in net for net in trusted):
-            return str(address)
-    return str(current)
+            return _text(address)
+    return _text(current)
 
 
 def is_trusted_proxy(remote_addr: str | None, trusted: Sequence[Network]) -> bool:

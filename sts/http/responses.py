@@ -18,7 +18,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..errors import OAuthError
+from ..protocol.identifiers import uuid4_text
 from .client_address import Network, client_address, is_trusted_proxy
 from .wire import header_values
 
@@ -152,7 +152,7 @@ def _unexpected(exc: Exception) -> Response:
 
 def request_id(incoming: str) -> str:
     """The caller's ``X-Request-Id`` when well formed, else a fresh one (also for the server's own errors)."""
-    return incoming if _REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+    return incoming if _REQUEST_ID.fullmatch(incoming) else uuid4_text()
 
 
 def _assign_request_id(trusted: Sequence[Network]) -> None:

@@ -10,11 +10,12 @@ endpoint's ``refuse_early``, so it is audited on every endpoint alike.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from flask import g, request
 from werkzeug.datastructures import MultiDict
@@ -119,10 +120,59 @@ def _parse_urlencoded(body: bytes) -> dict[str, list[str]]:
     percent-encoding kept percent-encoded (``werkzeug.url_quote``); a body that is not UTF-8 is no
     form (``{}``: the parser is silent on a ``ValueError``)."""
     try:
-        items = parse_qsl(body.decode(), keep_blank_values=True, errors="werkzeug.url_quote")
+        items = form_pairs(body.decode())
     except ValueError:
         return {}
     return _multi(items)
+
+
+#: The codec error handler Werkzeug registers and its form parser decodes with (bytes that are not
+#: UTF-8 in a percent-encoding stay percent-encoded).
+_URL_QUOTE = "werkzeug.url_quote"
+#: Parameters whose values name a grant, token types or targets, never a credential.  Clients send
+#: the same few of them on every request, percent-encoded (``urn%3Aietf%3A...``); their decoded
+#: text is remembered (:func:`_decoded`), up to :data:`_REMEMBERED_LENGTH` characters each.
+_REMEMBERED_PARAMETERS = frozenset(
+    {
+        "grant_type",
+        "subject_token_type",
+        "actor_token_type",
+        "requested_token_type",
+        "audience",
+        "resource",
+        "scope",
+        "client_assertion_type",
+        "token_type_hint",
+    }
+)
+_REMEMBERED_LENGTH = 512
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded(text: str) -> str:
+    """``unquote`` of a remembered parameter's value: a function of the text alone."""
+    return unquote(text, errors=_URL_QUOTE)
+
+
+def form_pairs(text: str) -> list[tuple[str, str]]:
+    """``parse_qsl(text, keep_blank_values=True, errors="werkzeug.url_quote")``, step for step:
+    split on ``&``, empty fields skipped, each split at its first ``=`` (no ``=``: a blank value),
+    ``+`` read as a space, then percent-decoded; only the decoding of a remembered parameter's value
+    (:data:`_REMEMBERED_PARAMETERS`) is looked up instead of done again."""
+    pairs: list[tuple[str, str]] = []
+    for field in text.split("&") if text else ():
+        if not field:
+            continue
+        name, _, value = field.partition("=")
+        name = unquote(name.replace("+", " "), errors=_URL_QUOTE)
+        value = value.replace("+", " ")
+        if "%" in value:
+            if name in _REMEMBERED_PARAMETERS and len(value) <= _REMEMBERED_LENGTH:
+                value = _decoded(value)
+            else:
+                value = unquote(value, errors=_URL_QUOTE)
+        pairs.append((name, value))
+    return pairs
 
 
 def parse_query(environ: Mapping[str, Any]) -> dict[str, list[str]]:

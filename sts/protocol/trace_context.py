@@ -18,8 +18,9 @@ This module only reads and writes the header; it decides nothing.
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass
+
+from .identifiers import random_hex
 
 _VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _LATER_VERSION = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?", re.DOTALL)
@@ -71,7 +72,7 @@ def parse_traceparent(value: str | None) -> TraceContext | None:
 def new_trace_id() -> str:
     """16 random bytes, lower-case hex, never all zero (§3.2.2.3)."""
     while True:
-        value = secrets.token_hex(16)
+        value = random_hex(16)
         if value != _ZERO_TRACE:
             return value
 
@@ -79,7 +80,7 @@ def new_trace_id() -> str:
 def new_span_id() -> str:
     """8 random bytes, lower-case hex, never all zero (§3.2.2.4)."""
     while True:
-        value = secrets.token_hex(8)
+        value = random_hex(8)
         if value != _ZERO_SPAN:
             return value
 

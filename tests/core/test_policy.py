@@ -1320,3 +1320,24 @@ def test_a_400_rule_file_loads_with_every_rule_line(tmp_path: Path) -> None:
     assert [r.source for r in policy.rules] == [f"{path}:{3 + 5 * i}" for i in range(400)]
     grant = evaluate(policy, _facts("repo:acme/app399"), _request())
     assert grant.rule == "r399"
+
+
+@pytest.mark.parametrize(
+    ("requirements", "anonymous"),
+    [((True,), False), ((False,), True), ((True, True, False), True), ((True, True), False), ((), False)],
+)
+def test_allows_anonymous_is_found_once_from_the_rules(
+    requirements: tuple[bool, ...], anonymous: bool
+) -> None:
+    """Whether some rule takes a request without client authentication: asked on every such
+    exchange, so it is found when the policy is compiled, not by walking the rules each time."""
+    rules = [
+        _rule(f"r{i}", subject=MAIN, require_client_authentication=required)
+        if not required
+        else _rule(f"r{i}", subject=MAIN, require_client_authentication=True, clients=["gateway"])
+        for i, required in enumerate(requirements)
+    ]
+    policy = _compile(*rules) if rules else PolicySet()
+    assert policy.allows_anonymous is anonymous
+    object.__setattr__(policy, "rules", ())  # the rules are not walked again
+    assert policy.allows_anonymous is anonymous

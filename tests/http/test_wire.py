@@ -5,14 +5,16 @@ form read straight from the body gives what Werkzeug's ``request.form`` gives.""
 from __future__ import annotations
 
 import io
+import random
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from sts.http.wire import FormLimits, header_values, parse_form
+from sts.http.wire import FormLimits, form_pairs, header_values, parse_form
 
 NAMES = ["Authorization", "DPoP", "X-Forwarded-For", "traceparent", "X-Client-Cert", "User-Agent"]
 
@@ -125,3 +127,45 @@ def test_a_served_form_body_is_read_without_werkzeugs_parser(monkeypatch: pytest
     assert parsed == []
     assert parse_form(_environ(body, served=False, length=str(len(body))), LIMITS) == {"a": ["1", "2"]}
     assert parsed == ["werkzeug"]
+
+
+FORM_TEXTS = [
+    "",
+    "&",
+    "&&a=1&&",
+    "a",
+    "a=",
+    "=a",
+    "=",
+    "a=1=2",
+    "a+b=c+d",
+    "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange",
+    "audience=%E2%82%AC&audience=%E2%82&scope=%ZZ%2",
+    "scope=%FF%FE+x&resource=%25%2525",
+    "subject_token_type=" + "%41" * 600,
+    "client_secret=s%3Dcret&subject_token=eyJ.eyJ.sig",
+    "n%61me=v%61lue&%2B=%2B&+=+",
+    "audience=a;b&scope=a%20b%2Bc",
+]
+
+
+@pytest.mark.parametrize("text", FORM_TEXTS)
+def test_form_pairs_are_what_parse_qsl_gives(text: str) -> None:
+    expected = parse_qsl(text, keep_blank_values=True, errors="werkzeug.url_quote")
+    assert form_pairs(text) == expected
+    assert form_pairs(text) == expected  # the second time from what was remembered
+
+
+def test_form_pairs_are_what_parse_qsl_gives_for_random_forms() -> None:
+    rng = random.Random(12)
+    alphabet = ["a", "b", "=", "&", "+", "%", "%3A", "%2B", "%E2%82%AC", "%E2", "%zz", "%4", " ", "é", ";"]
+    names = ["scope", "audience", "grant_type", "subject_token", "client_secret", "x"]
+    for _ in range(3000):
+        fields = [
+            rng.choice(names) + "=" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+            if rng.random() < 0.7
+            else "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+            for _ in range(rng.randrange(5))
+        ]
+        text = "&".join(fields)
+        assert form_pairs(text) == parse_qsl(text, keep_blank_values=True, errors="werkzeug.url_quote"), text

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 import uuid
@@ -360,6 +361,51 @@ def test_every_issued_token_has_a_fresh_jti(web: FlaskClient, ctx: Ctx, clock: C
     jtis = {issued_claims(web, post(web, form(ctx.deploy())).get_json()["access_token"], clock)[1]["jti"]}
     jtis.add(issued_claims(web, post(web, form(ctx.deploy())).get_json()["access_token"], clock)[1]["jti"])
     assert len(jtis) == 2
+
+
+def test_exchanges_draw_their_random_identifiers_in_one_call_for_many(
+    web: FlaskClient, ctx: Ctx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request id, trace and span ids, audit event id, ``jti``: one ``os.urandom`` for many exchanges
+    (was one call each, five per exchange)."""
+    tokens = [ctx.deploy() for _ in range(11)]  # signed first: the issuer draws its own
+    assert post(web, form(tokens.pop())).status_code == 200
+    calls: list[int] = []
+
+    def counting(real: Callable[[int], bytes]) -> Callable[[int], bytes]:
+        def draw(count: int) -> bytes:
+            calls.append(count)
+            return real(count)
+
+        return draw
+
+    monkeypatch.setattr(os, "urandom", counting(os.urandom))
+    monkeypatch.setattr(random, "_urandom", counting(random._urandom))  # type: ignore[attr-defined]
+    ids = set()
+    for token in tokens:
+        resp = post(web, form(token))
+        assert resp.status_code == 200
+        ids.add(resp.headers["X-Request-Id"])
+    assert len(ids) == len(tokens)
+    assert len(calls) <= 1
+
+
+def test_the_subject_token_is_hashed_once(
+    sts: Flask, web: FlaskClient, ctx: Ctx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = ctx.deploy()
+    hashed: list[bytes] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes = b"", **kwargs: Any) -> Any:
+        hashed.append(bytes(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    before = audit_count(sts)
+    assert post(web, form(token)).status_code == 200
+    assert hashed.count(token.encode()) == 1
+    assert new_record(sts, before)["subject_token_sha256"] == real(token.encode()).hexdigest()
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ from ..rate_limit import NO_LIMITS, RateLimiter
 from .attestation import Attestation, Parties
 from .binding import ProofUses, check_binding, check_certificate_binding, verify_request_proof
 from .issue import mint_exchanged_token, record_grant, token_lifetime
-from .request import parse_request, presented_subject_token_hash, start_record
+from .request import hashed_subject_token, parse_request, presented_subject_token_hash, start_record
 from .risk_and_assurance import RiskAndAssurance
 from .single_use import reserve_subject_token, withdraw_grant
 
@@ -208,7 +208,9 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         )
 
         self.stages.enter(stage.ATTEST)
-        parties = self.attestation.attest(request, record, now)
+        parties = self.attestation.attest(
+            request, record, now, subject_sha256=hashed_subject_token(wire, request, record)
+        )
 
         self.stages.enter(stage.POLICY)
         grant, scopes = self._evaluate_policy(request, client, parties, record, now)

@@ -54,10 +54,23 @@ class Attestation:
         self.subject_states = subject_states
         self.revoked_tokens = revoked_tokens
 
-    def attest(self, request: TokenExchangeRequest, record: AuditRecord, now: float) -> Parties:
-        """Verify the subject (and actor) token; who they are, and the delegation, go into ``record``."""
+    def attest(
+        self,
+        request: TokenExchangeRequest,
+        record: AuditRecord,
+        now: float,
+        *,
+        subject_sha256: str | None = None,
+    ) -> Parties:
+        """Verify the subject (and actor) token; who they are, and the delegation, go into ``record``.
+        ``subject_sha256``: the subject token's hash, when the caller has it already."""
         subject = verify_token(
-            request.subject_token, request.subject_token_type, self.issuers, now=now, leeway=self.leeway
+            request.subject_token,
+            request.subject_token_type,
+            self.issuers,
+            now=now,
+            leeway=self.leeway,
+            sha256=subject_sha256,
         )
         record.issuer = subject.issuer_name
         record.subject = subject.subject[:500]

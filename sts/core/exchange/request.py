@@ -16,10 +16,10 @@ refuses what the token endpoint does not take and records what was asked.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from ...errors import InvalidRequest
+from ...protocol.identifiers import uuid4_text
 from ...protocol.token_exchange import TokenExchangeRequest, parse_grant_type, parse_token_exchange
 from ...protocol.wire import WireRequest, check_content_type
 from ..assurance import lowest_known
@@ -29,7 +29,7 @@ from ..audit import AuditRecord, token_hash
 def start_record(wire: WireRequest, now: float) -> AuditRecord:
     """The audit record of one request to the token endpoint, before anything is decided."""
     return AuditRecord(
-        event_id=str(uuid.uuid4()),
+        event_id=uuid4_text(),
         time=now,
         request_id=wire.request_id,
         endpoint="token",
@@ -54,6 +54,15 @@ def presented_subject_token_hash(wire: WireRequest) -> str | None:
         for value in source.get("subject_token", ()):
             if value:
                 return token_hash(value)
+    return None
+
+
+def hashed_subject_token(wire: WireRequest, request: TokenExchangeRequest, record: AuditRecord) -> str | None:
+    """The record's ``subject_token_sha256`` when it is the hash of ``request.subject_token`` (the very
+    string :func:`presented_subject_token_hash` hashed: the form's first value), else None."""
+    values = wire.form.get("subject_token")
+    if values and request.subject_token and values[0] is request.subject_token:
+        return record.subject_token_sha256
     return None
 
 

@@ -94,13 +94,19 @@ class PolicySet:
     rules: tuple[Rule, ...] = ()
     files: tuple[str, ...] = field(default=())
     _index: Mapping[str, _IssuerRules] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _allows_anonymous: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", index_rules(self.rules))
+        # Asked on every exchange without client authentication: found once, not per request.
+        object.__setattr__(
+            self, "_allows_anonymous", any(not r.require_client_authentication for r in self.rules)
+        )
 
     @property
     def allows_anonymous(self) -> bool:
-        return any(not r.require_client_authentication for r in self.rules)
+        """Some rule takes a request without client authentication."""
+        return self._allows_anonymous
 
     def candidates(self, token: VerifiedToken) -> list[Rule]:
         """The rules that may match ``token``'s issuer and subject, in policy order."""

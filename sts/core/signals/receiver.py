@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ...errors import RateLimited, TemporarilyUnavailable
+from ...protocol.identifiers import uuid4_text
 from ...protocol.security_events import (
     MAX_EVENTS,
     SET_MEDIA_TYPE,
@@ -89,7 +89,7 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
 
     def _record(self, delivery: SetDelivery, now: float) -> AuditRecord:
         return AuditRecord(
-            event_id=str(uuid.uuid4()),
+            event_id=uuid4_text(),
             time=now,
             request_id=delivery.request_id,
             endpoint="ssf",

@@ -1,0 +1,142 @@
+"""Canonical JSON as it was computed before its member names were checked only for a text that is
+not ASCII (main at ed1140a), kept verbatim as the reference ``test_canonical_json_equivalence.py``
+holds the current code to."""
+
+# ruff: noqa
+# mypy: ignore-errors
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import rfc8785
+
+_SAFE_INT = 2**53 - 1
+
+
+def canonical_json(value: Any) -> str:
+    """The RFC 8785 (JCS) text of a JSON value.
+
+    The common case is written by Python's C JSON encoder (several times
+    faster than a pure-Python JCS): sorted keys, no whitespace, no ASCII
+    escaping; :func:`_written_alike` first checks that its text is the JCS text,
+    and gives integral floats as the integers JCS writes for them.  Anything
+    else (tiny or huge floats, member names from U+E000 up, long integers, lone
+    surrogates) goes to the ``rfc8785`` library.  Raises
+    :class:`rfc8785.CanonicalizationError` for what JCS cannot represent (NaN,
+    infinities, lone surrogates, integers beyond 2**53).
+    """
+    alike = _written_alike(value, 0)
+    if alike is not _NOT_ALIKE:
+        text = _ENCODER.encode(alike)
+        if text.isascii():
+            return text
+        try:
+            text.encode("utf-8")  # A lone surrogate cannot be encoded: JCS refuses it too.
+            return text
+        except UnicodeEncodeError:
+            pass
+    return rfc8785.dumps(value).decode("utf-8")
+
+
+#: What :func:`_written_alike` answers for a value ``json.dumps`` would not write as JCS does.
+_NOT_ALIKE: Any = object()
+
+#: ``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``, made once.
+#: Without its check for circular references: :func:`_written_alike` has already refused
+#: anything nested deeper than 32 levels, a cycle included.  ``allow_nan=False`` only in
+#: depth: the walk refuses NaN and the infinities first.
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False, allow_nan=False
+)
+
+
+def _written_alike(value: Any, depth: int) -> Any:
+    """``value`` in a form ``json.dumps`` writes exactly as RFC 8785 does (lone surrogates aside),
+    else :data:`_NOT_ALIKE`.
+
+    Both escape strings alike (``"``, backslash, and controls below U+0020, with
+    the same short forms and lowercase ``\\u00xx``), and both write the shortest
+    digits that round-trip a float.  But Python writes integral floats with
+    ``.0`` where JCS writes an integer (``1.0`` against ``1``): below 2**53 an
+    integral float is exactly the integer JCS writes, so it is given as that
+    ``int`` (the containers holding one are copied; the value itself is never
+    changed, and is returned as it is when nothing needs to change).  Python
+    switches to an exponent below 1e-4 (``1e-05`` against ``0.00001``); JCS
+    refuses NaN, infinities and integers beyond 2**53; and member names holding
+    characters from U+E000 up may sort differently (code points against UTF-16
+    code units): all of those are not alike.  Only exact types are alike (a
+    subclass goes to ``rfc8785``).  Scalars are checked inline and only
+    containers recurse, since this runs on every audit write: it costs less
+    than the encoding it vouches for.
+    """
+    if depth > 32:
+        return _NOT_ALIKE
+    kind = type(value)
+    if kind is dict:
+        copied: dict[str, Any] | None = None
+        for key, item in value.items():
+            if type(key) is not str or (not key.isascii() and max(key) >= "\ue000"):
+                return _NOT_ALIKE
+            kind = type(item)
+            if kind is str or item is None or kind is bool:
+                continue
+            if kind is int:
+                if -_SAFE_INT <= item <= _SAFE_INT:
+                    continue
+                return _NOT_ALIKE
+            if kind is dict or kind is list or kind is tuple:
+                alike = _written_alike(item, depth + 1)
+            elif kind is float:
+                alike = _float_alike(item)
+            else:
+                return _NOT_ALIKE
+            if alike is not item:
+                if alike is _NOT_ALIKE:
+                    return _NOT_ALIKE
+                if copied is None:
+                    copied = dict(value)
+                copied[key] = alike
+        return value if copied is None else copied
+    if kind is list or kind is tuple:
+        listed: list[Any] | None = None
+        for index, item in enumerate(value):
+            kind = type(item)
+            if kind is str or item is None or kind is bool:
+                continue
+            if kind is int:
+                if -_SAFE_INT <= item <= _SAFE_INT:
+                    continue
+                return _NOT_ALIKE
+            if kind is dict or kind is list or kind is tuple:
+                alike = _written_alike(item, depth + 1)
+            elif kind is float:
+                alike = _float_alike(item)
+            else:
+                return _NOT_ALIKE
+            if alike is not item:
+                if alike is _NOT_ALIKE:
+                    return _NOT_ALIKE
+                if listed is None:
+                    listed = list(value)
+                listed[index] = alike
+        return value if listed is None else listed
+    if kind is float:
+        return _float_alike(value)
+    if kind is str or value is None or kind is bool:
+        return value
+    if kind is int:
+        return value if -_SAFE_INT <= value <= _SAFE_INT else _NOT_ALIKE
+    return _NOT_ALIKE
+
+
+def _float_alike(item: float) -> Any:
+    """:func:`_written_alike` of a float: an integral one as its ``int``, a tiny or non-finite one
+    not alike."""
+    if item.is_integer():  # False for NaN and the infinities
+        return int(item) if -_SAFE_INT <= item <= _SAFE_INT else _NOT_ALIKE
+    # Non-integral floats are below 2**52, where Python's repr has no exponent either.
+    return item if math.isfinite(item) and abs(item) >= 1e-4 else _NOT_ALIKE
