@@ -111,6 +111,9 @@ def main() -> None:
                     "database_url": f"sqlite:///{root / name}.sqlite",
                     "keys_dir": str(root / "keys"),
                     "policies_dir": str(policies),
+                    # One identity, thousands of times a second: the flood guards would refuse most
+                    # (as in bench.py; benchmarks/rate_limits.py measures what they cost).
+                    "rate_limits": {"enabled": False},
                     "issuers": [
                         {
                             "name": "upstream",
