@@ -15,7 +15,8 @@ It is put together from one module per concern:
 It stays fast on millions of records by never reading more rows than it shows:
 
 * **Keyset pages by id.**  Newest first, ``id < before``; each column filter
-  has an index that ends in ``id`` (see ``audit_events`` in :mod:`.sql`).
+  has an index that ends in ``id`` (see ``audit_events`` in :mod:`.sql`); a subject
+  without its issuer is looked up issuer by issuer (:mod:`.sql.subject_lookup`).
 * **Time bounds become id bounds.**  Records are written in about the order of
   their ``time`` (the start of the request): one is written when its request
   ends, so it can lag later ones by at most a request's duration plus clock
@@ -47,6 +48,7 @@ from .audit_summaries import AuditSummaries
 from .audit_tables import AUDIENCE, RECORD, SIGNAL, term_value
 from .sql.group_commit import column_text
 from .sql.schema import audit_events, audit_terms
+from .sql.subject_lookup import subject_condition
 
 
 class AuditQuery(AuditCharts, AuditSummaries, AuditRetention):
@@ -63,12 +65,15 @@ class AuditQuery(AuditCharts, AuditSummaries, AuditRetention):
         # The sink stores these truncated and cleaned (column_text); a filter compares the same form.
         for column, value, limit in (
             (c.issuer, f.issuer, 64),
-            (c.subject, f.subject, 512),
+            (c.subject, f.subject if f.issuer is not None else None, 512),
             (c.client_id, f.client_id, 128),
             (c.rule, f.rule, 128),
         ):
             if value is not None:
                 conditions.append(column == column_text(value, limit))
+        if f.subject is not None and f.issuer is None:
+            # No index on subject alone: the identity index, issuer by issuer (subject_lookup).
+            conditions.append(subject_condition(conn, column_text(f.subject, 512) or ""))
         if f.outcome is not None:
             conditions.append(c.outcome == f.outcome)
         if f.error is not None:

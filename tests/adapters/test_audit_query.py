@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 
 from sts.adapters import audit_charts
 from sts.adapters.audit_query import AuditQuery
@@ -589,3 +589,87 @@ def test_prune_keeps_the_hash_chains_verifiable(engine: Engine, tmp_path: Path) 
     assert [row["id"] for row in query.export(AuditFilter())] == [7, 8, 10, 11, 12]
     with pytest.raises(AuditTrailBroken):
         verify_trail(engine)
+
+
+# -- a subject without its issuer: found on the identity index (no index on subject alone) -------
+
+SHARED = "repo:acme/shared:ref:refs/heads/main"
+
+
+def shared_subject_records() -> list[AuditRecord]:
+    """One subject under two issuers and under none (a refusal before the issuer was known),
+    among records of other subjects."""
+    records = []
+    for i in range(40):
+        issuer: str | None = ("github", "gitlab", None, "kubernetes")[i % 4]
+        subject = SHARED if i % 3 != 2 else f"system:serviceaccount:ns:sa{i}"
+        if issuer == "kubernetes":
+            subject = "system:serviceaccount:pay:api"
+        records.append(make_record(i, when=NOW - 600 + i, issuer=issuer, subject=subject))  # type: ignore[arg-type]
+    return records
+
+
+def test_a_subject_alone_is_found_under_every_issuer(engine: Engine) -> None:
+    records = shared_subject_records()
+    write(engine, records)
+    query = AuditQuery(engine, clock=Clock(NOW + 600), settle=60)
+    for f in (
+        AuditFilter(subject=SHARED),
+        AuditFilter(subject=SHARED, outcome="granted", client_id="gateway"),
+        AuditFilter(subject="system:serviceaccount:pay:api"),
+        AuditFilter(subject="repo:nobody/nothing:ref:refs/heads/main"),
+        AuditFilter(subject=SHARED, since=NOW - 590, until=NOW - 570),
+    ):
+        want = expected(records, f)
+        assert all_pages(query, f, limit=4) == want
+        assert [row["id"] for row in query.export(f, batch=3)] == want[::-1]
+    # The subject's records are under two issuers and under none.
+    assert {records[i - 1].issuer for i in expected(records, AuditFilter(subject=SHARED))} == {
+        "github",
+        "gitlab",
+        None,
+    }
+    recent = SqlAuditSink(engine).recent(100, subject=SHARED)
+    assert [r["request_id"] for r in recent] == [
+        f"req-{i - 1}" for i in expected(records, AuditFilter(subject=SHARED))
+    ]
+    assert SqlAuditSink(engine).recent(5, subject="repo:nobody/nothing:ref:refs/heads/main") == []
+
+
+def test_a_subject_alone_is_read_on_the_identity_index(engine: Engine) -> None:
+    """The page query of a subject filter can be answered from ``ix_audit_events_identity``:
+    SQLite's plan searches it; PostgreSQL, told not to scan the table, uses it.  With the
+    subject compared alone, neither could (no index on subject alone since revision 0007)."""
+    write(engine, shared_subject_records())
+    query = AuditQuery(engine, clock=Clock(NOW + 600), settle=60)
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "FROM audit_events" in statement and "ORDER BY audit_events.id DESC" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        assert query.page(AuditFilter(subject="system:serviceaccount:pay:api"), limit=5).rows
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    statement, parameters = seen[-1]
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        if engine.dialect.name == "sqlite":
+            cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+            plan = " ".join(str(row[-1]) for row in cursor.fetchall())
+            searched = "SEARCH audit_events USING INDEX ix_audit_events_identity (issuer=? AND subject=?)"
+            assert searched in plan, plan
+            assert "SCAN audit_events" not in plan and "TEMP B-TREE" not in plan, plan
+        else:
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plan = " ".join(str(row[0]) for row in cursor.fetchall())
+            # Searched by issuer and subject, already in id order: not a whole-index scan, no sort.
+            assert "ix_audit_events_identity" in plan, plan
+            assert "Index Cond: (((issuer)::text = " in plan, plan
+            assert "Sort Key" not in plan and "Seq Scan on audit_events" not in plan, plan
+    finally:
+        raw.close()

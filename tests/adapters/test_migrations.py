@@ -385,8 +385,9 @@ def test_downgrade_and_upgrade_again(database: Callable[[], Engine]) -> None:
 
 def test_audit_events_keeps_no_index_that_no_query_reads(database: Callable[[], Engine]) -> None:
     """Revision 0006 drops the indexes no query of the service reads (each is written on every
-    decision, two of them at random places) and makes the client's partial; the ones the
-    queries use stay, and its downgrade brings the old ones back."""
+    decision, two of them at random places) and makes the client's partial; 0007 drops the one
+    on subject alone (found on the identity index instead); the ones the queries use stay, and
+    the downgrades bring the old ones back."""
     engine = database()
     migrations.upgrade(engine)
     dropped = {
@@ -405,16 +406,19 @@ def test_audit_events_keeps_no_index_that_no_query_reads(database: Callable[[], 
         "ux_audit_events_chain_seq",
     }
     names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
-    assert names == kept | {"ix_audit_events_by_client"}
+    assert names == (kept - {"ix_audit_events_subject"}) | {"ix_audit_events_by_client"}
     (client,) = [
         i for i in inspect(engine).get_indexes("audit_events") if i["name"] == "ix_audit_events_by_client"
     ]
     assert "client_id IS NOT NULL" in str(next(iter(client["dialect_options"].values())))
 
-    def down(conn: Any) -> None:
-        command.downgrade(migrations.config(conn), "0005_audit_queries")
+    def down_to(revision: str) -> Callable[[Any], None]:
+        return lambda conn: command.downgrade(migrations.config(conn), revision)
 
-    schema_transaction(engine, down)
+    schema_transaction(engine, down_to("0006_audit_write_indexes"))
+    names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
+    assert names == kept | {"ix_audit_events_by_client"}
+    schema_transaction(engine, down_to("0005_audit_queries"))
     names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
     assert names == kept | dropped
     migrations.upgrade(engine)

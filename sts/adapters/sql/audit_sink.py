@@ -32,6 +32,7 @@ from .replay import first_uses_statement, replay_key
 from .schema import audit_events
 from .sqlite_grants import SqliteGrants
 from .statements import CommitOutcomeUnknown, RawStatement
+from .subject_lookup import column_conditions
 
 log = logging.getLogger(__name__)
 
@@ -436,9 +437,8 @@ class SqlAuditSink:
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; ``filters`` match columns exactly (``outcome="refused"``)."""
         query = select(audit_events.c.record).order_by(audit_events.c.id.desc()).limit(limit)
-        for name, value in filters.items():
-            query = query.where(audit_events.c[name] == value)
         with self.engine.connect() as conn:
+            query = query.where(*column_conditions(conn, filters))
             return [dict(r[0]) for r in conn.execute(query)]
 
     def iter_all(self) -> Iterator[dict[str, Any]]:

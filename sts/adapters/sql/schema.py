@@ -48,8 +48,9 @@ audit_events = Table(
     Column("client_id", String(128)),
     Column("client_auth_method", String(32)),
     Column("issuer", String(64)),
-    # ``sts audit tail --subject`` and a filter on the subject alone (newest first, by id).
-    Column("subject", String(512), index=True),
+    # No index of its own: a filter on the subject alone (``sts audit tail --subject``) reads the
+    # identity index below, issuer by issuer (sts/adapters/sql/subject_lookup.py; revision 0007).
+    Column("subject", String(512)),
     Column("subject_token_type", String(128)),
     Column("subject_token_sha256", String(64)),
     Column("subject_token_jti", String(256)),
