@@ -96,7 +96,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
             err=True,
         )
         serving.serve(
-            functools.partial(create_app, settings),
+            functools.partial(worker_app, settings),
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
@@ -114,6 +114,17 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     finally:
         if listener is not None:
             listener.stop()
+
+
+def worker_app(settings: Settings) -> Any:
+    """A worker's application, its PostgreSQL request pool opened before the first request
+    (:func:`~sts.adapters.sql.engines.open_request_pool`)."""
+    from ..adapters.sql.engines import open_request_pool
+    from ..app import create_app
+
+    app = create_app(settings)
+    open_request_pool(app.extensions["sts"].engine)
+    return app
 
 
 def _key_entries(keyring: Any) -> list[Any]:

@@ -28,17 +28,19 @@ from flask import Flask
 from sqlalchemy import Engine, event, text
 
 from sts.adapters.sql.audit_sink import SqlAuditSink
-from sts.adapters.sql.engines import make_engine, statement_engine
+from sts.adapters.sql.engines import make_engine, open_request_pool, statement_engine
 from sts.adapters.sql.key_value import SqlBaselineStore
 from sts.adapters.sql.statements import RawStatement
 from sts.adapters.sql.subject_state import SqlSubjectStateStore
 from sts.app import create_app
+from sts.cli.serve import worker_app
 from sts.core.audit import AuditRecord
 from sts.core.baseline import Baseline
 from sts.core.ports import AlreadyUsed, SingleUse
 from sts.core.subject_state import SubjectState
 from sts.dev.issuer import DevIssuer
 from sts.migrations import upgrade
+from sts.settings import Settings
 from sts.settings.load import load_settings
 from tests.support.postgres import PG_SERVER, PgSchema, admin_engine, private_database
 
@@ -113,6 +115,10 @@ def no_purges(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def bench_app(tmp_path: Path, issuer: DevIssuer, database_url: str, **overrides: Any) -> Flask:
     """The application ``benchmarks/bench.py`` measures as ``exchange-pg``."""
+    return create_app(bench_settings(tmp_path, issuer, database_url, **overrides))
+
+
+def bench_settings(tmp_path: Path, issuer: DevIssuer, database_url: str, **overrides: Any) -> Settings:
     tmp_path.mkdir()
     (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks()))
     (tmp_path / "policies").mkdir()
@@ -128,7 +134,7 @@ def bench_app(tmp_path: Path, issuer: DevIssuer, database_url: str, **overrides:
         "issuers": [bench.github_issuer(tmp_path / "jwks.json")],
         **overrides,
     }
-    return create_app(load_settings(config_file=None, environ={}, overrides=config))
+    return load_settings(config_file=None, environ={}, overrides=config)
 
 
 class Exchanges:
@@ -214,6 +220,55 @@ def test_concurrent_exchanges_keep_their_connections(tmp_path: Path, pg: PgSchem
     finally:
         wire.close()
         runtime.engine.dispose()
+
+
+def test_a_worker_opens_its_request_pool_before_the_first_request(
+    tmp_path: Path, pg: PgSchema, issuer: DevIssuer
+) -> None:
+    """``sts serve`` builds each worker's application with its request pool open (``worker_app``):
+    requests on every thread at once then open no connection at all, where a pool opened lazily
+    forks a new backend while a request waits, at any time under load (the test above)."""
+    app = worker_app(bench_settings(tmp_path / "app", issuer, pg.url, threads=8))
+    runtime = app.extensions["sts"]
+    requests_pool = statement_engine(runtime.engine).pool
+    assert requests_pool.checkedin() == 9  # threads + 1, open and idle
+    # Most recently used first: one thread at a time keeps using one connection (warm on the
+    # server too), the others stay idle for when more threads need one at once.
+    first = requests_pool.connect()
+    used = first.dbapi_connection
+    first.close()
+    again = requests_pool.connect()
+    assert again.dbapi_connection is used
+    again.close()
+    exchanges = Exchanges(app, issuer)
+    forms = exchanges.forms(80)
+    (tmp_path / "wire").mkdir()
+    wire = Wire(runtime.engine, tmp_path / "wire")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda form: exchanges.send(*form), forms))
+        assert statuses == [200] * len(forms)
+        assert wire.opened == 0
+        assert requests_pool.checkedin() == 9
+    finally:
+        wire.close()
+        runtime.engine.dispose()
+
+
+def test_opening_the_request_pool_needs_no_reachable_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server down at a worker's start is the readiness check's to report: nothing raised here."""
+    engine = make_engine("postgresql://postgres@127.0.0.1:1/nothing?connect_timeout=1")
+    try:
+        with caplog.at_level("WARNING"):
+            assert open_request_pool(engine) == 0
+        assert "0 of 9 connections opened at start" in caplog.text
+    finally:
+        engine.dispose()
+    sqlite = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    assert open_request_pool(sqlite) == 0  # SQLite: files, no pool to open
+    sqlite.dispose()
 
 
 def record(n: int) -> AuditRecord:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 
 from ..request_threads import waiting
 
@@ -124,6 +124,9 @@ def statement_engine(engine: Engine) -> Engine:
     """PostgreSQL: the request pool, one per engine and shared by every :class:`RawStatement` on it
     (shaped by :class:`PoolOptions`).
 
+    ``sts serve`` opens its connections when a worker starts (:func:`open_request_pool`); they are
+    handed out most recently used first (``pool_use_lifo``, SQLAlchemy's "Using FIFO vs. LIFO"), so
+    the few a worker needs at a time stay warm and the rest idle until a burst needs them.
     Its connections are in autocommit mode: a single statement is its own transaction, one
     round trip instead of three (psycopg would otherwise send ``BEGIN`` before it and
     ``COMMIT`` after it); a transaction is opened explicitly with ``BEGIN``
@@ -136,12 +139,42 @@ def statement_engine(engine: Engine) -> Engine:
         statements = _STATEMENT_ENGINES.get(engine)
         if statements is None:
             arguments = _ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())
-            statements = create_engine(engine.url, isolation_level="AUTOCOMMIT", **arguments)
+            statements = create_engine(
+                engine.url, isolation_level="AUTOCOMMIT", pool_use_lifo=True, **arguments
+            )
             event.listen(statements, "checkout", _closed_by_server)
             _STATEMENT_ENGINES[engine] = statements
             # Disposing of the engine (tests, the CLI) closes the statement pool's connections too.
             event.listen(engine, "engine_disposed", lambda _engine, pool=statements: pool.dispose())
         return statements
+
+
+def open_request_pool(engine: Engine) -> int:
+    """PostgreSQL: open the request pool's ``size`` connections now (a worker's start), not one by
+    one under load; returns how many are open and idle.  SQLite: nothing to open (0).
+
+    The pool opens a connection the first time more threads than it holds need one at once:
+    that request waits for a new backend (PostgreSQL forks one per connection), at any time
+    under load.  Opened here, before the first request, every thread finds one idle.  A server
+    that cannot be reached is not an error here (the readiness check reports it, and the
+    pool opens connections when it can): the ones opened are kept, the failure is logged.
+    """
+    if engine.dialect.name != "postgresql":
+        return 0
+    pool = statement_engine(engine)
+    size = int(_ENGINE_ARGUMENTS.get(engine, PoolOptions().engine_arguments())["pool_size"])
+    opened: list[Any] = []
+    try:
+        while len(opened) < size:
+            opened.append(pool.raw_connection())
+    except (SQLAlchemyError, pool.dialect.loaded_dbapi.Error, OSError) as exc:
+        log.warning(
+            "request pool: %d of %d connections opened at start (%s)", len(opened), size, type(exc).__name__
+        )
+    finally:
+        for connection in opened:
+            connection.close()  # back to the pool, open and idle
+    return len(opened)
 
 
 def _closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
