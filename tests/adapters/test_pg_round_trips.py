@@ -205,21 +205,31 @@ def test_concurrent_exchanges_keep_their_connections(tmp_path: Path, pg: PgSchem
     on every thread at once open no connection beyond the pool's: none is closed on its return and
     opened again for the next request (PostgreSQL forks a backend for each one)."""
     app = bench_app(tmp_path / "app", issuer, pg.url, threads=8)
+    try:
+        opened = connections_opened_by_concurrent_exchanges(app, issuer, tmp_path / "wire", 160)
+    finally:
+        app.extensions["sts"].engine.dispose()
+    # At most one connection per thread, and the one the application opened at start; the
+    # old pools (2 kept, 7 more closed on return) opened hundreds here.
+    assert opened <= 9, opened
+
+
+def connections_opened_by_concurrent_exchanges(
+    app: Flask, issuer: DevIssuer, wire_dir: Path, count: int
+) -> int:
+    """Send ``count`` exchanges on 8 threads at once, each granted; the connections the pools opened."""
     runtime = app.extensions["sts"]
     exchanges = Exchanges(app, issuer)
-    forms = exchanges.forms(160)
-    (tmp_path / "wire").mkdir()
-    wire = Wire(runtime.engine, tmp_path / "wire")
+    forms = exchanges.forms(count)
+    wire_dir.mkdir()
+    wire = Wire(runtime.engine, wire_dir)
     try:
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda form: exchanges.send(*form), forms))
         assert statuses == [200] * len(forms)
-        # At most one connection per thread, and the one the application opened at start; the
-        # old pools (2 kept, 7 more closed on return) opened hundreds here.
-        assert wire.opened <= 9, wire.opened
+        return wire.opened
     finally:
         wire.close()
-        runtime.engine.dispose()
 
 
 def test_a_worker_opens_its_request_pool_before_the_first_request(
@@ -240,18 +250,10 @@ def test_a_worker_opens_its_request_pool_before_the_first_request(
     again = requests_pool.connect()
     assert again.dbapi_connection is used
     again.close()
-    exchanges = Exchanges(app, issuer)
-    forms = exchanges.forms(80)
-    (tmp_path / "wire").mkdir()
-    wire = Wire(runtime.engine, tmp_path / "wire")
     try:
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(lambda form: exchanges.send(*form), forms))
-        assert statuses == [200] * len(forms)
-        assert wire.opened == 0
+        assert connections_opened_by_concurrent_exchanges(app, issuer, tmp_path / "wire", 80) == 0
         assert requests_pool.checkedin() == 9
     finally:
-        wire.close()
         runtime.engine.dispose()
 
 
