@@ -24,7 +24,9 @@ wake-ups that arrive before the loop runs (``uv_async_send``, libuv's "uv_async_
 
 Each worker listens on its own socket with ``SO_REUSEPORT``: the kernel spreads new connections
 over the workers by a hash of the address pair, so a client's connections do not all land on
-whichever worker accepted first.  A keep-alive connection stays with its worker.
+whichever worker accepted first.  A keep-alive connection stays with its worker; with few
+clients a worker that holds more than its share closes one now and then
+(:mod:`.adapters.connection_balance`).
 
 Refusals answered here (a body too slow ``408``, chunked ``411``, too large ``413``; a header
 value granian cannot pass on ``400``; a failure of this adapter ``500``) are JSON like the
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import importlib
@@ -42,6 +45,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -50,6 +54,9 @@ from typing import Any, TypeVar
 
 from granian._granian import RSGIProtocolClosed, RSGIProtocolError
 
+from .adapters.connection_balance import INTERVAL as BALANCE_INTERVAL
+from .adapters.connection_balance import ConnectionBalance, SharedCounts
+from .adapters.connection_balance import create_file as create_counts_file
 from .adapters.request_threads import RequestThreads
 
 log = logging.getLogger(__name__)
@@ -99,18 +106,43 @@ class WSGIOverRSGI:
     same variable as the ``X-Client-Cert`` a proxy sets.  Repeated headers are joined with ``,``.
     """
 
-    def __init__(self, app: WSGIApp, limits: Limits, request_id: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        app: WSGIApp,
+        limits: Limits,
+        request_id: Callable[[str], str] | None = None,
+        counts_file: str | None = None,
+    ) -> None:
         self.app, self.limits, self.request_id = app, limits, request_id or _request_id
         self._threads: RequestThreads | None = None
+        #: The workers' shared connection counts (several workers), see :mod:`.adapters.connection_balance`.
+        self.counts_file = counts_file
+        self._balance: ConnectionBalance | None = None
 
     # -- RSGI hooks (granian calls these in the worker) --------------------------------------------
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._threads = RequestThreads(loop, self.limits.threads, self.limits.active_threads)
+        if self.counts_file is not None:
+            self._balance = ConnectionBalance(SharedCounts(self.counts_file))
+            loop.call_later(BALANCE_INTERVAL, self._rebalance, loop)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._threads is not None:
             self._threads.shutdown()
+        if self._balance is not None:
+            self._balance.counts.close()
+            self._balance = None
+
+    def _rebalance(self, loop: asyncio.AbstractEventLoop) -> None:
+        balance = self._balance
+        if balance is None:
+            return
+        try:
+            balance.tick()
+        except Exception:  # a shared count is an optimisation, never the worker's end
+            log.exception("connection balance: could not share this worker's count")
+        loop.call_later(BALANCE_INTERVAL, self._rebalance, loop)
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         if scope.proto != "http":
@@ -133,6 +165,8 @@ class WSGIOverRSGI:
             log.exception("the request could not be handed to the application")
             self._error(scope, proto, 500, "The server could not complete the request.", error="server_error")
             return
+        if self._balance is not None and self._balance.after_request(scope.client, scope.http_version):
+            headers = [*headers, ("connection", "close")]  # to even out the workers' connections
         proto.response_bytes(status, headers, payload)
 
     # -- the body, read in the event loop ----------------------------------------------------------
@@ -306,7 +340,19 @@ def serve(
         respawn_failed_workers=True,
         workers_kill_timeout=10,
     )
-    server.serve(target_loader=_Loader(load_app, limits, request_id), wrap_loader=False)
+    # Several workers share their counts of active connections (one file per server).
+    counts_file = None
+    if workers > 1:
+        try:
+            counts_file = create_counts_file()
+        except OSError as exc:
+            log.warning("connections are not balanced over the workers: %s", exc)
+    try:
+        server.serve(target_loader=_Loader(load_app, limits, request_id, counts_file), wrap_loader=False)
+    finally:
+        if counts_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(counts_file)
 
 
 @dataclass(frozen=True)
@@ -316,9 +362,10 @@ class _Loader:
     load_app: Callable[[], WSGIApp]
     limits: Limits
     request_id: Callable[[str], str] | None
+    counts_file: str | None = None
 
     def __call__(self) -> Any:  # granian types its loaders as returning callables
-        app = WSGIOverRSGI(self.load_app(), self.limits, self.request_id)
+        app = WSGIOverRSGI(self.load_app(), self.limits, self.request_id, self.counts_file)
         # What start-up built (keys, compiled policies, modules) lives as long as the worker: out
         # of the collector's sight, so that a full collection no longer walks it on a request
         # thread (``gc.freeze``, https://docs.python.org/3/library/gc.html#gc.freeze).
