@@ -13,7 +13,8 @@ request within the last :data:`ACTIVE` seconds, by the client's address and port
 keep-alive connection costs nothing and is not counted).  Every :data:`INTERVAL` seconds it
 writes its count into its slot of a small file the workers of one server map into memory
 (:class:`SharedCounts`), and reads the others'.  A worker above its share (``ceil(total /
-workers)``) and two or more above the lightest worker answers the next request it finishes
+workers)``) and two or more above the lightest worker (a tenth of a share, with many
+connections) answers the next request it finishes
 with ``Connection: close`` (RFC 9112 §9.6), at most one per interval.  The client opens a new
 connection, which the kernel places anew (on the lighter worker half the time with two), and
 the counts settle at their fair split within a few intervals.  Every HTTP/1.1 client handles a
@@ -47,12 +48,15 @@ SIZE = _SLOT.size * SLOTS
 
 def surplus(mine: int, others: Sequence[int]) -> bool:
     """Whether a worker with ``mine`` active connections should close one, the other live workers
-    having ``others``: it holds more than its share (``ceil(total / workers)``) and at least two
-    more than the lightest worker, so that a split as fair as the total allows is left alone."""
+    having ``others``: it holds more than its share (``ceil(total / workers)``) and more than the
+    lightest worker by two, or by a tenth of a share if that is more.  A split as fair as the
+    total allows is left alone, and so is the small wobble of many clients' counts (500 and 490
+    over 2 workers), which the kernel's hash already keeps near even."""
     if not others:
         return False
     total = mine + sum(others)
-    return mine > math.ceil(total / (len(others) + 1)) and mine - min(others) >= 2
+    share = total / (len(others) + 1)
+    return mine > math.ceil(share) and mine - min(others) >= max(2, share / 10)
 
 
 def create_file(directory: str | None = None) -> str:
