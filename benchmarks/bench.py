@@ -277,8 +277,8 @@ class TokenPool:
 class Proofs:
     """DPoP proofs by one key (one workload), each with its own jti, dated when made (RFC 9449 §4.2)."""
 
-    def __init__(self) -> None:
-        self.key = ECKey.generate_key("P-256")
+    def __init__(self, key: ECKey | None = None) -> None:
+        self.key = key if key is not None else ECKey.generate_key("P-256")
         self.header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": self.key.as_dict(private=False)}
 
     def make(self, count: int) -> list[str]:

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/exchange_cpu.py [--source LABEL=DIR ...] [--rounds 5]
         [--requests 1500] [--warmup 200] [--no-floor] [--profile LABEL] [--top 25]
         [--store embedded|redis|pg] [--postgres postgresql://postgres@127.0.0.1:5432] [--threads 1]
+        [--in-flight 0] [--processes 1]
 
 The request is the one ``benchmarks/bench.py`` sends: a distinct GitHub-Actions-shaped RS256
 subject token and a fresh ES256 DPoP proof per request, granted a DPoP-bound ES256 ``at+jwt``
@@ -28,6 +29,12 @@ after it).  The CPU column counts this process only, not the store's server.
 (what the GIL hand-offs and the store's group commit cost).  ``--in-flight N`` sends them from a
 uvloop event loop through the measured copy's own request threads (``sts.serving``'s adapter, as a
 worker of ``sts serve`` runs them), N at once: what the threads' hand-overs cost, turns included.
+
+``--processes N`` runs each system as N processes at once, as a server's N workers, on one database
+(each sends its own share of the tokens, with the same DPoP key); they start measuring together,
+after each has warmed up.  The CPU column is then the mean per process: what the workers' sharing
+of the SQLite file costs (a commit by one process empties the other's page cache).  The machine's
+other load moves these figures far more than those of one process: run more rounds.
 
 ``--profile LABEL`` runs one more process of that system under ``cProfile`` and prints the
 functions with the most time of their own and the most time in total.  cProfile's clock is the
@@ -90,7 +97,7 @@ def _exchange_app(work: Path, home: Path, store: dict[str, str]) -> Any:
     except ImportError:  # a copy of sts/ from before settings became a package
         from sts.settings import load_settings  # type: ignore[attr-defined,no-redef]
 
-    (home / "policies").mkdir(parents=True)
+    (home / "policies").mkdir(parents=True, exist_ok=True)
     (home / "policies" / "bench.yaml").write_text(yaml.safe_dump({"version": 1, "rules": bench.rule_set(10)}))
     config = {
         "issuer": bench.STS_ISSUER,
@@ -128,17 +135,24 @@ def worker(args: argparse.Namespace) -> None:
     # (a call, which import sorting leaves where it is).
     sts = importlib.import_module("sts")
     import bench
+    from joserfc.jwk import ECKey
 
     from sts.serving import Limits, WSGIOverRSGI
 
     logging.disable(logging.WARNING)
     work = Path(args.work)
-    with tempfile.TemporaryDirectory(prefix="sts-cpu-") as home:
+    with contextlib.ExitStack() as stack:
+        home = args.home or stack.enter_context(tempfile.TemporaryDirectory(prefix="sts-cpu-"))
         store = json.loads(args.store_settings)
         app = _floor_app(work) if args.floor else _exchange_app(work, Path(home), store)
         served = WSGIOverRSGI(app, Limits())
-        tokens = (work / "tokens.txt").read_text().split()[: args.warmup + args.requests]
-        proofs = bench.Proofs().make(len(tokens))
+        per_process = args.warmup + args.requests
+        tokens = (work / "tokens.txt").read_text().split()
+        tokens = tokens[args.process * per_process : (args.process + 1) * per_process]
+        # One workload's key for every process of a run (a new key would be drift to the risk checks).
+        key_file = work / "dpop-key.json"
+        key = ECKey.import_key(json.loads(key_file.read_text())) if key_file.exists() else None
+        proofs = bench.Proofs(key).make(len(tokens))
         requests = []
         for token, proof in zip(tokens, proofs, strict=True):
             body = urlencode(
@@ -171,6 +185,11 @@ def worker(args: argparse.Namespace) -> None:
         run = _served_runner(served, args.in_flight) if args.in_flight else direct
         run(requests[: args.warmup])
         measured = requests[args.warmup :]
+        if args.go:
+            # The other processes of the run are set up and warmed up too: all start at once.
+            Path(f"{args.go}.ready{args.process}").touch()
+            while not Path(args.go).exists():
+                time.sleep(0.005)
         profiler = None
         if args.profile_out:
             import cProfile
@@ -293,23 +312,9 @@ def _run_system(
     profile_out: Path | None,
     store: dict[str, str],
 ) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        "--work",
-        str(work),
-        "--requests",
-        str(args.requests),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
-        "--in-flight",
-        str(args.in_flight),
-        "--store-settings",
-        json.dumps(store),
-    ]
+    if args.processes > 1:
+        return _run_processes(work, source, args, store)
+    command = _worker_command(work, args, store)
     if source is None:
         command.append("--floor")
     if profile_out is not None:
@@ -326,6 +331,69 @@ def _run_system(
     if result["failed"]:
         raise SystemExit(f"{source or 'floor'}: {result['failed']} requests refused\n{out.stderr[-2000:]}")
     return result
+
+
+def _worker_command(work: Path, args: argparse.Namespace, store: dict[str, str]) -> list[str]:
+    return [
+        sys.executable, str(Path(__file__).resolve()), "--worker", "--work", str(work),
+        "--requests", str(args.requests), "--warmup", str(args.warmup), "--threads", str(args.threads),
+        "--in-flight", str(args.in_flight), "--store-settings", json.dumps(store),
+    ]  # fmt: skip
+
+
+def _run_processes(
+    work: Path, source: Path | None, args: argparse.Namespace, store: dict[str, str]
+) -> dict[str, Any]:
+    """``--processes N``: N processes of one system at once, as the workers of one server, on one
+    database (each its own share of the tokens); they start measuring together.  The result is the
+    mean of their CPU per request, and the wall time per request of all of them together."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STS_", "BARE_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(source or REPO), str(HERE)])
+    with (
+        tempfile.TemporaryDirectory(prefix="sts-cpu-home-", dir=work) as home,
+        contextlib.ExitStack() as stack,
+    ):
+        go = Path(home) / "go"
+        base = [*_worker_command(work, args, store), "--home", home, "--go", str(go)]
+        if source is None:
+            base.append("--floor")
+        procs: list[subprocess.Popen[str]] = []
+        errors: list[Any] = []
+
+        def waiting_for(ready: int) -> bool:
+            """Whether processes up to ``ready`` are still setting up (False once one has exited)."""
+            done = all((Path(home) / f"go.ready{n}").exists() for n in range(ready + 1))
+            return not done and all(proc.poll() is None for proc in procs)
+
+        for n in range(args.processes):
+            err = stack.enter_context((Path(home) / f"stderr{n}").open("w+"))
+            command = [*base, "--process", str(n)]
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
+            errors.append(err)
+            if n == 0:
+                # The first one creates the keys and the schema before the others start.
+                while waiting_for(0):
+                    time.sleep(0.01)
+        while waiting_for(args.processes - 1):
+            time.sleep(0.01)
+        go.touch()
+        results = []
+        for proc, err_file in zip(procs, errors, strict=True):
+            out, _ = proc.communicate()
+            err_file.seek(0)
+            err = err_file.read()
+            if proc.returncode != 0:
+                raise SystemExit(f"worker failed ({source or 'floor'}):\n{err[-3000:]}")
+            result = json.loads(out.strip().splitlines()[-1])
+            if result["failed"]:
+                raise SystemExit(f"{source or 'floor'}: {result['failed']} requests refused\n{err[-2000:]}")
+            results.append(result)
+    return {
+        "cpu_us": statistics.mean(r["cpu_us"] for r in results),
+        "wall_us": max(r["wall_us"] for r in results) / args.processes,
+        "failed": 0,
+        "package": results[0]["package"],
+    }
 
 
 def print_profile(path: Path, top: int) -> None:
@@ -383,7 +451,17 @@ def main() -> None:
     )
     parser.add_argument("--store", choices=("embedded", "redis", "pg"), default="embedded")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run each system as this many processes at once on one database, as a server's "
+        "workers (what their sharing of the SQLite file costs); CPU is the mean per process",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--home", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--go", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--process", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store-settings", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -394,6 +472,8 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
+    from joserfc.jwk import ECKey
+
     from sts.dev.issuer import DevIssuer
 
     sys.path.insert(0, str(HERE))
@@ -405,13 +485,14 @@ def main() -> None:
         work = Path(tmp)
         issuer = DevIssuer.ephemeral(bench.GITHUB_ISS, alg="RS256")
         (work / "jwks.json").write_text(json.dumps(issuer.jwks()))
-        count = args.warmup + args.requests
+        count = (args.warmup + args.requests) * args.processes
         print(f"signing {count} RS256 subject tokens ...", flush=True)
         tokens = [
             issuer.github_actions_token(audience=bench.SUBJECT_AUDIENCE, lifetime=bench.TOKEN_LIFETIME)
             for _ in range(count)
         ]
         (work / "tokens.txt").write_text("\n".join(tokens))
+        (work / "dpop-key.json").write_text(json.dumps(ECKey.generate_key("P-256").as_dict(private=True)))
         runs: dict[str, list[float]] = {label: [] for label, _ in systems}
         for round_number in range(1, args.rounds + 1):
             for label, source in systems:

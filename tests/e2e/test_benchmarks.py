@@ -7,6 +7,7 @@ import collections
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -189,3 +190,15 @@ def test_the_in_process_benchmark_grants_every_request(tmp_path: Path, upstream:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["failed"] == 0 and result["cpu_us"] > 0, out.stderr
         assert Path(result["package"]) == BENCHMARKS.parent / "sts"
+
+
+def test_the_in_process_benchmark_runs_workers_side_by_side_on_one_database() -> None:
+    """``exchange_cpu.py --processes 2``: two processes of the exchange on one SQLite file, each
+    with its own tokens and the run's one DPoP key (a key per process would be drift to the risk
+    checks, and its refusals stop the run), both granted every request."""
+    command = [sys.executable, str(BENCHMARKS / "exchange_cpu.py"), "--no-floor", "--processes", "2"]
+    command += ["--rounds", "1", "--requests", "6", "--warmup", "2", "--in-flight", "2"]
+    out = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "signing 16 RS256 subject tokens" in out.stdout
+    assert re.search(r"^round 1 this +\d+ µs CPU per request", out.stdout, re.MULTILINE), out.stdout
