@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..core.audit_filter import MAX_RECORD_ID
 from .audit_integrity import audit_checkpoint, audit_verify
 from .context import settings_from
 
@@ -24,7 +25,7 @@ audit.add_command(audit_checkpoint)
 
 
 @audit.command("tail")
-@click.option("-n", "limit", default=20, show_default=True)
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--outcome", type=click.Choice(["granted", "refused", "error"]), default=None)
 @click.option("--subject", default=None)
 @click.pass_context
@@ -102,7 +103,8 @@ def _audit_failed(exc: Exception) -> click.ClickException:
 @audit.command("query")
 @_audit_filter_options
 @click.option("-n", "limit", default=50, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--before", type=int, default=None, help="Only records with an id below this (the next page).")
+@click.option("--before", type=click.IntRange(1, MAX_RECORD_ID), default=None,
+              help="Only records with an id below this (the next page).")  # fmt: skip
 @click.pass_context
 def audit_query_cmd(ctx: click.Context, /, limit: int, before: int | None, **filters: Any) -> None:
     """Decisions matching the filters, newest first, as JSON lines (with their "id").
@@ -170,8 +172,8 @@ def _new_file(path: Path) -> Any:
 
 
 @audit.command("prune")
-@click.option("--older-than", "days", type=click.IntRange(min=1), required=True,
-              help="Remove records older than this many days (at least 1).")  # fmt: skip
+@click.option("--older-than", "days", type=click.IntRange(1, 36500), required=True,
+              help="Remove records older than this many days (1 to 36500).")  # fmt: skip
 @click.option("--archive", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write them to this new file (JSON lines, fsynced) before deleting.")  # fmt: skip
 @click.option("--delete", "delete_only", is_flag=True, help="Delete without an archive.")

@@ -25,6 +25,14 @@ SIGNAL_NAMES = tuple(DEFAULT_WEIGHTS)
 #: Longest value accepted for a text field: the widest audit column is 512 characters.
 MAX_VALUE_LENGTH = 600
 
+#: The times a filter can name: from the epoch to the start of the year 9000.  An ISO time or an
+#: age outside them is taken as the bound (no record is older or newer), so that ``--since
+#: 0001-01-01`` means "from the first record" instead of a date the database cannot compare.
+EARLIEST = 0.0
+LATEST = dt.datetime(9000, 1, 1, tzinfo=dt.UTC).timestamp()
+#: The largest record id: ``audit_events.id`` is a signed 64-bit integer.
+MAX_RECORD_ID = 2**63 - 1
+
 _RELATIVE = re.compile(r"(\d{1,6})([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -39,7 +47,7 @@ def parse_time(value: str, now: float, *, field: str = "time") -> float:
     text = value.strip()
     relative = _RELATIVE.fullmatch(text)
     if relative:
-        return now - int(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]
+        return _bounded(now - int(relative.group(1)) * _UNIT_SECONDS[relative.group(2)])
     try:
         parsed = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -48,7 +56,22 @@ def parse_time(value: str, now: float, *, field: str = "time") -> float:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+    try:
+        return _bounded(parsed.timestamp())
+    except (OverflowError, ValueError):  # an offset that moves 0001-01-01 or 9999-12-31 off the calendar
+        return EARLIEST if parsed.year < 1970 else LATEST
+
+
+def _bounded(epoch: float) -> float:
+    return min(max(epoch, EARLIEST), LATEST)
+
+
+def parse_record_id(value: str, *, field: str = "before") -> int:
+    """A record id as typed in a query string: digits, 1 to :data:`MAX_RECORD_ID`."""
+    text = value.strip()
+    if not (text.isascii() and text.isdecimal()) or len(text) > 19 or not 1 <= int(text) <= MAX_RECORD_ID:
+        raise FilterError(f"{field}: must be a record id (1 to {MAX_RECORD_ID})")
+    return int(text)
 
 
 def format_time(epoch: float) -> str:
@@ -86,6 +109,12 @@ class AuditFilter:
             raise FilterError(f"outcome: must be one of {', '.join(OUTCOMES)}")
         if self.signal is not None and self.signal not in SIGNAL_NAMES:
             raise FilterError(f"signal: must be one of {', '.join(SIGNAL_NAMES)}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            # Also refuses NaN (no comparison holds for it).
+            if value is not None and not EARLIEST <= value <= LATEST:
+                bounds = f"{format_time(EARLIEST)} and {format_time(LATEST)}"
+                raise FilterError(f"{name}: must be between {bounds}")
         if self.since is not None and self.until is not None and self.since > self.until:
             raise FilterError("since: must not be later than until")
 

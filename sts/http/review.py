@@ -44,6 +44,7 @@ from flask import Blueprint, Response, g, redirect, render_template, request
 from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
 from ..core.audit_filter import (
+    MAX_RECORD_ID,
     OUTCOMES,
     SIGNAL_NAMES,
     STEP_UP_ERROR,
@@ -51,6 +52,7 @@ from ..core.audit_filter import (
     FilterError,
     filter_from_params,
     format_time,
+    parse_record_id,
 )
 from ..core.audit_views import COUNT_CAP, AuditReader, fired_signals
 from ..core.client_secrets import hash_secret, verify_secret
@@ -193,7 +195,7 @@ def blueprint(
 
     @bp.before_request
     def require_sign_in() -> Response | None:
-        if request.endpoint in ("review.login", "review.login_submit", "review.stylesheet"):
+        if request.endpoint in ("review.login", "review.login_submit", "review.stylesheet", "review.root"):
             return None
         found = session_user()
         if found is None:
@@ -283,6 +285,13 @@ def blueprint(
     for error in query.errors:
         bp.register_error_handler(error, unavailable)
 
+    @bp.get("", strict_slashes=False)
+    def root() -> Response:
+        """``/review``: to the overview, by a path (a redirect Werkzeug makes for a missing
+        slash names the Host header's host, which a request chooses).  Without a session too:
+        the session cookie's path is ``/review/``, and the redirect shows nothing."""
+        return redirect(f"{PREFIX}/", 308)  # type: ignore[return-value]
+
     @bp.get("/")
     def overview() -> Response:
         now = clock()
@@ -300,9 +309,9 @@ def blueprint(
     def timeline() -> Response:
         try:
             wanted = filter_from_params(request.args, clock())
-            before = int(request.args["before"]) if request.args.get("before") else None
-        except (FilterError, ValueError) as exc:
-            message = str(exc) if isinstance(exc, FilterError) else "before: must be a record id"
+            before = parse_record_id(request.args["before"]) if request.args.get("before") else None
+        except FilterError as exc:
+            message = str(exc)
             return page("review/timeline.html", 400, error=message, rows=[], older=None, params=request.args,
                         outcomes=OUTCOMES, signals=SIGNAL_NAMES, link=link, filtered=True)  # fmt: skip
         if wanted.signal or wanted.audience:
@@ -339,7 +348,7 @@ def blueprint(
 
     @bp.get("/decision/<int:audit_id>")
     def decision(audit_id: int) -> Response:
-        record = query.get(audit_id)
+        record = query.get(audit_id) if audit_id <= MAX_RECORD_ID else None
         if record is None:
             return page("review/error.html", 404, message=f"No decision {audit_id}.")
         shown = {k: _display(k, v) for k, v in record.items()}

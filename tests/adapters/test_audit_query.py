@@ -34,7 +34,17 @@ from sts.adapters.sql.retention import PruneWouldBreakChain
 from sts.adapters.sql.schema import audit_edges, audit_events, audit_terms
 from sts.cli import main
 from sts.core.audit import AuditRecord
-from sts.core.audit_filter import AuditFilter, FilterError, filter_from_params, parse_time
+from sts.core.audit_filter import (
+    EARLIEST,
+    LATEST,
+    MAX_RECORD_ID,
+    AuditFilter,
+    FilterError,
+    filter_from_params,
+    format_time,
+    parse_record_id,
+    parse_time,
+)
 from sts.core.audit_views import Bucket
 from sts.migrations import upgrade
 from tests.support.clock import Clock
@@ -435,6 +445,34 @@ def test_times_are_iso_8601_or_an_age() -> None:
             parse_time(bad, NOW)
 
 
+def test_times_beyond_what_the_database_compares_are_taken_as_the_bounds() -> None:
+    """A time before 1970 (or an age reaching there) or from the year 9000 on is the bound itself:
+    no record lies beyond it, and the database can compare it (a datetime of the year 0 or 10000,
+    which the query's slack would make of 0001-01-01 or 9999-12-31, cannot even be built)."""
+    assert parse_time("0001-01-01", NOW) == EARLIEST == 0.0
+    assert parse_time("0001-01-01T00:00:00+05:00", NOW) == EARLIEST
+    assert parse_time("1969-12-31T23:59:59Z", NOW) == EARLIEST
+    assert parse_time("999999w", NOW) == EARLIEST
+    assert parse_time("9999-12-31T23:59:59", NOW) == LATEST
+    assert parse_time("9999-12-31T23:59:59-05:00", NOW) == LATEST
+    assert format_time(LATEST) == "9000-01-01T00:00:00Z"
+    f = filter_from_params({"since": "0001-01-01", "until": "9999-12-31"}, NOW)
+    assert (f.since, f.until) == (EARLIEST, LATEST)
+    assert f.as_params() == {"since": "1970-01-01T00:00:00Z", "until": "9000-01-01T00:00:00Z"}
+    # Built by hand, a filter still holds only comparable times.
+    for bad in (-1.0, LATEST + 1, float("nan"), float("inf")):
+        with pytest.raises(FilterError, match="since: must be between 1970-01-01T00:00:00Z and 9000"):
+            AuditFilter(since=bad)
+
+
+def test_record_ids_are_signed_64_bit() -> None:
+    assert parse_record_id("1") == 1
+    assert parse_record_id(" 9223372036854775807 ") == MAX_RECORD_ID == 2**63 - 1
+    for bad in ("0", "-1", "9223372036854775808", "99999999999999999999999", "1e3", "", "0x10", "\u0661"):
+        with pytest.raises(FilterError, match=r"before: must be a record id \(1 to 9223372036854775807\)"):
+            parse_record_id(bad)
+
+
 def test_filter_values_are_checked() -> None:
     with pytest.raises(FilterError, match="outcome: must be one of granted, refused, error"):
         AuditFilter(outcome="maybe")
@@ -497,6 +535,25 @@ def test_cli_refuses_a_bad_filter(cli_config: Callable[..., Any]) -> None:
     assert "since: 'last tuesday' is neither an ISO-8601 time nor an age" in result.output
     result = cli_config("export", "--signal", "nope")
     assert result.exit_code == 2 and "signal: must be one of" in result.output
+
+
+def test_cli_takes_times_beyond_the_calendar_and_refuses_ids_beyond_64_bits(
+    cli_config: Callable[..., Any],
+) -> None:
+    every = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+    for args in (("--since", "0001-01-01"), ("--until", "9999-12-31T23:59:59"), ("--since", "999999w")):
+        result = cli_config("query", *args)
+        assert result.exit_code == 0, result.output
+        assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == every, args
+    assert cli_config("query", "--until", "0001-01-01").stdout == ""
+    for args in (("query", "--before", "9223372036854775808"), ("query", "--before", "0"),
+                 ("tail", "-n", "99999999999999999999"), ("tail", "-n", "-5"),
+                 ("prune", "--older-than", "999999999", "--dry-run")):  # fmt: skip
+        result = cli_config(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "is not in the range" in result.output and "Traceback" not in result.output
+    result = cli_config("query", "--before", "9223372036854775807")
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == every
 
 
 def test_cli_export_to_a_new_file(cli_config: Callable[..., Any], tmp_path: Path) -> None:

@@ -248,6 +248,37 @@ def test_timeline_filters_and_pages(review: Review) -> None:
     )
 
 
+def test_review_without_its_slash_goes_to_the_overview_by_a_path(review: Review) -> None:
+    """Not to an address made from the Host header (Werkzeug's own redirect for a missing slash),
+    which a request chooses and a shared cache could keep for others."""
+    for signed_in in (False, True):
+        if signed_in:
+            review.sign_in()
+        response = review.web.get("/review", headers={"Host": "evil.example.com"})
+        assert response.status_code == 308, signed_in
+        assert response.headers["Location"] == "/review/"
+        assert response.headers["Cache-Control"] == "no-store"
+    assert "outcomes-chart" in review.page("/review/")
+
+
+def test_numbers_and_times_out_of_range_are_refused_or_taken_as_bounds(review: Review) -> None:
+    """Ids past 64 bits and times past the calendar never reach the database as such: an unknown
+    decision is 404, a page bound that is no record id 400, a time beyond the bounds the bound."""
+    review.sign_in()
+    every = review.made["decisions"]
+    for since, until in (("0001-01-01", None), (None, "9999-12-31T23:59:59"), ("999999w", None)):
+        query = {k: v for k, v in (("since", since), ("until", until)) if v}
+        assert review.page("/review/timeline", **query).count('<tr class="decision ') == every, query
+    for before in ("9223372036854775808", "99999999999999999999999", "0", "-3", "1.5"):
+        response = review.web.get("/review/timeline", query_string={"before": before})
+        assert response.status_code == 400, before
+        assert "before: must be a record id" in response.get_data(as_text=True)
+    for audit_id in ("9223372036854775808", "99999999999999999999999"):
+        response = review.web.get(f"/review/decision/{audit_id}")
+        assert response.status_code == 404 and f"No decision {audit_id}." in response.get_data(as_text=True)
+    assert review.web.get("/review/decision/9223372036854775807").status_code == 404
+
+
 def test_markup_in_a_record_is_shown_as_text(review: Review) -> None:
     review.sign_in()
     body = review.page("/review/timeline")
