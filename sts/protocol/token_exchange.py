@@ -163,14 +163,16 @@ def check_resource(value: str) -> str:
 
 
 def _targets(form: Mapping[str, Sequence[str]], name: str) -> tuple[str, ...]:
-    values = [v for v in form.get(name, ()) if v != ""]
+    """The distinct values of ``name`` (RFC 8693 §2.1 allows it several times), in order: at most
+    :data:`_MAX_TARGETS` once repeats are dropped (the body's size limit bounds the rest)."""
+    values = list(dict.fromkeys(v for v in form.get(name, ()) if v != ""))
     if len(values) > _MAX_TARGETS:
         raise InvalidTarget("request.too_many_targets", name)
     if name == "resource":
         values = [check_resource(v) for v in values]
     elif any(any(ord(c) < 0x20 for c in v) for v in values):
         raise InvalidTarget("request.malformed_audience")
-    return tuple(dict.fromkeys(values))
+    return tuple(values)
 
 
 def parse_acr_values(value: str | None) -> tuple[str, ...]:

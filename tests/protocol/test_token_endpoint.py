@@ -539,6 +539,13 @@ def test_default_scopes_when_none_requested(web: FlaskClient, ctx: Ctx, clock: C
             [("audience", "ledger"), ("resource", LEDGER_RESOURCE)], {"ledger", LEDGER_RESOURCE}, id="both"
         ),
         pytest.param([("audience", "ledger"), ("audience", "ledger")], "ledger", id="repeated-same"),
+        # The cap of 16 counts distinct targets: repeats are dropped first (docs/openapi.yaml).
+        pytest.param([("audience", "ledger")] * 17, "ledger", id="seventeen-copies"),
+        pytest.param(
+            [("resource", LEDGER_RESOURCE)] * 40 + [("audience", "ledger")] * 40,
+            {"ledger", LEDGER_RESOURCE},
+            id="forty-copies-of-each",
+        ),
     ],
 )
 def test_audiences_and_resources_all_granted(
