@@ -52,6 +52,12 @@ class RegisteredClient:
     algorithms: frozenset[str] = frozenset()
 
 
+def is_public(clients: Mapping[str, RegisteredClient], client_id: str) -> bool:
+    """Whether ``client_id`` is registered as a public client (``auth_method: none``)."""
+    client = clients.get(client_id)
+    return client is not None and client.auth_method == NONE
+
+
 @dataclass(frozen=True)
 class AuthenticatedClient:
     client_id: str
@@ -89,8 +95,16 @@ def authenticate_client(
     leeway: int,
     max_assertion_lifetime: int,
 ) -> AuthenticatedClient | None:
-    """Return the authenticated client, None for an anonymous request, or raise ``invalid_client``."""
+    """Return the authenticated client, None for an anonymous request, or raise ``invalid_client``.
+
+    A ``client_id`` without a credential is anonymous too when it names a public client
+    (``auth_method: none``, RFC 7591 §2: what client libraries configured for ``none``
+    send, RFC 6749 §3.2.1); it proves nothing, so it is never an authenticated client.  Any
+    other ``client_id`` without a credential is ``invalid_client`` (RFC 6749 §5.2).
+    """
     if creds.method == NONE:
+        if creds.client_id is not None and not is_public(clients, creds.client_id):
+            raise InvalidClient("client.unauthenticated_client_id", creds.client_id[:100])
         return None
     if creds.method == PRIVATE_KEY_JWT:
         return _authenticate_assertion(

@@ -114,7 +114,6 @@ def parse_client_credentials(
         if assertion_type != CLIENT_ASSERTION_TYPE_JWT:
             raise InvalidClient("client.unsupported_assertion_type")
         return ClientCredentials(PRIVATE_KEY_JWT, form_id, assertion=assertion)
-    if form_id is not None:
-        # A client_id alone proves nothing; no public clients are registered here.
-        raise InvalidClient("client.unauthenticated_client_id")
-    return ClientCredentials(NONE)
+    # No credential: anonymous, or a client_id alone, which only a public client may send
+    # (authenticate_client decides: it proves nothing either way).
+    return ClientCredentials(NONE, form_id)

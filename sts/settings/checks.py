@@ -126,6 +126,14 @@ def _check_clients(s: Settings) -> None:
         if client.client_id in ids:
             raise ConfigurationError(f"setting {where}: duplicate client_id")
         ids.add(client.client_id)
+        if client.auth_method == "none":
+            # RFC 7591 §2: a public client, named by its client_id alone, which proves nothing.
+            if client.secret_hash or client.jwks or client.jwks_file or client.jwks_uri or client.audiences:
+                raise ConfigurationError(
+                    f"setting {where}: a public client (auth_method none) "
+                    "has no secret_hash, keys or audiences"
+                )
+            continue
         if client.auth_method.startswith("client_secret"):
             if not client.secret_hash:
                 raise ConfigurationError(f"setting {where}.secret_hash: required for {client.auth_method}")

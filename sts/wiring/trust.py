@@ -23,6 +23,7 @@ from ..core.ports import IssuerKeys, TokenReviewer
 from ..core.profiles import ProfileOptions, get_profile
 from ..core.signals.verify import Transmitter, TransmitterPolicy
 from ..errors import ConfigurationError
+from ..protocol.client_auth import NONE
 from ..protocol.token_exchange import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT
 from ..settings import ClientSettings, IssuerSettings, Settings, TransmitterSettings
 
@@ -159,6 +160,8 @@ def build_client(
             )
             if metrics is not None:
                 keys = CountedIssuerKeys(keys, metrics, "client_keys", source)
+    elif c.auth_method == NONE:
+        pass  # a public client: nothing to check it by
     elif not check_hash_format(c.secret_hash or ""):
         raise ConfigurationError(
             f"setting clients.{c.client_id}.secret_hash: not a recognised hash "
@@ -180,7 +183,8 @@ def build_policy(settings: Settings) -> PolicySet:
     return load_policies(
         policy_files(settings.policies_dir),
         issuers=frozenset(i.name for i in settings.issuers) | {SELF_ISSUER},
-        clients=frozenset(c.client_id for c in settings.clients),
+        # A public client proves nothing, so no rule can name it (only authenticated clients).
+        clients=frozenset(c.client_id for c in settings.clients if c.auth_method != NONE),
         max_lifetime=settings.max_lifetime,
         default_lifetime=settings.default_lifetime,
     )

@@ -94,6 +94,12 @@ CLIENTS: list[dict[str, Any]] = [
 ]
 
 
+#: A public client (RFC 7591 ``none``): what libraries configured for "none" send, a client_id alone.
+PUBLIC_CLIENT = "cli-public"
+CLIENTS.append({"client_id": PUBLIC_CLIENT, "auth_method": "none"})
+DEPLOY = "https://deploy.example.com"
+
+
 def policy_with_extra_clients() -> dict[str, Any]:
     policy = copy.deepcopy(DEFAULT_POLICY)
     ledger = next(rule for rule in policy["rules"] if rule["name"] == "ledger-with-client")
@@ -461,6 +467,58 @@ def test_body_secret_and_an_assertion_at_once_is_invalid_request(
 def test_client_id_alone_is_invalid_client(app: Flask, client: FlaskClient, issuer: DevIssuer) -> None:
     response = post(client, form(issuer, client_id="gateway"))
     assert_invalid_client(app, response, "client.unauthenticated_client_id")
+
+
+def test_a_public_client_id_alone_is_anonymous(app: Flask, client: FlaskClient, issuer: DevIssuer) -> None:
+    """RFC 7591 §2 ``none``, RFC 6749 §3.2.1: a registered public client may name itself; the
+    request is anonymous all the same (the id proves nothing): granted only by a rule that takes
+    the subject token as the only credential, and the token's ``client_id`` is not the claim."""
+    github = issuer.github_actions_token(audience=STS_ISSUER)
+    response = post(client, exchange_form(github, audience=DEPLOY, client_id=PUBLIC_CLIENT))
+    body = response.get_json()
+    assert response.status_code == 200, body
+    claims = json.loads(base64.urlsafe_b64decode(body["access_token"].split(".")[1] + "=="))
+    assert claims["client_id"] == claims["sub"] == "repo:acme/app:ref:refs/heads/main"
+    record = last_record(app)
+    assert (record["outcome"], record["client_id"], record["client_auth_method"]) == (
+        "granted",
+        PUBLIC_CLIENT,
+        "none",
+    )
+    # Where a rule wants an authenticated client, a public one is none.
+    assert_invalid_client(app, post(client, form(issuer, client_id=PUBLIC_CLIENT)))
+    # It has no secret to send, and no other client_id alone is anonymous.
+    response = post(client, form(issuer), authorization=basic(PUBLIC_CLIENT, "guess"))
+    assert_invalid_client(app, response, "client.wrong_auth_method")
+    response = post(client, exchange_form(github, audience=DEPLOY, client_id="cli-unknown"))
+    assert_invalid_client(app, response, "client.unauthenticated_client_id")
+
+
+def test_a_public_client_is_not_a_client_for_introspection(app: Flask, client: FlaskClient) -> None:
+    response = client.post("/introspect", data={"token": "x", "client_id": PUBLIC_CLIENT}, content_type=FORM)
+    assert response.status_code == 401 and response.get_json()["error"] == "invalid_client"
+    assert "client.authentication_required" in last_record(app)["reasons"]
+
+
+def test_a_public_client_has_no_credentials_and_no_rule_names_it(
+    tmp_path: Path, shared_upstream: RunningServer
+) -> None:
+    for extra in (
+        {"secret_hash": hash_secret("x")},
+        {"jwks_uri": "https://keys.example/jwks"},
+        {"audiences": ["a"]},
+    ):
+        public = {"client_id": "pub", "auth_method": "none", **extra}
+        with pytest.raises(
+            ConfigurationError, match=r"clients\.pub: a public client \(auth_method none\) has no"
+        ):
+            settings_for(tmp_path, shared_upstream, DEFAULT_POLICY, clients=[*DEFAULT_CLIENTS, public])
+    policy = copy.deepcopy(DEFAULT_POLICY)
+    policy["rules"][1]["clients"] = ["gateway", "pub"]
+    public = {"client_id": "pub", "auth_method": "none"}
+    settings = settings_for(tmp_path, shared_upstream, policy, clients=[*DEFAULT_CLIENTS, public])
+    with pytest.raises(ConfigurationError, match=r"unknown client\(s\) pub"):
+        create_app(settings)
 
 
 def test_no_client_authentication_is_invalid_client_for_a_rule_that_requires_it(

@@ -277,7 +277,8 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         if client is None and not self.policy.allows_anonymous:
             # No rule accepts the subject token as the only credential: stop before any work.
             raise InvalidClient("client.authentication_required")
-        record.client_id = client.client_id if client else None
+        # A public client's id stays in the record, with the method "none": named, not authenticated.
+        record.client_id = client.client_id if client else creds.client_id
         if client is not None:
             self.limits.for_client("token", client.client_id, now, record)
         return client
