@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, event, func, select
+from sqlalchemy.exc import DBAPIError
 
-from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.audit_sink import SqlAuditSink, failure_text
 from sts.adapters.sql.engines import make_engine
 from sts.adapters.sql.replay import replay_key
 from sts.adapters.sql.schema import audit_events, replay_entries
+from sts.adapters.sql.sqlite_local import local_connections
 from sts.core.audit import AuditRecord
 from sts.core.ports import AlreadyUsed, AuditUnavailable, SingleUse
 from sts.migrations import upgrade
@@ -80,6 +82,26 @@ def test_one_bad_row_fails_only_its_writer(engine: Engine) -> None:
         sink.write(bad)
     sink.write(_record())
     assert _count(engine) == 2
+
+
+def test_a_failed_commit_says_what_sqlite_said_and_the_next_one_recovers(engine: Engine) -> None:
+    """A read-only connection (a file opened while it was not writable): the failure names
+    SQLite's message, which says why (a class name alone did not), and the next record is
+    committed on a new connection (sts.adapters.sql.sqlite_local.read_only)."""
+    sink = SqlAuditSink(engine)
+    sink.write(_record())
+    connections = local_connections(engine)
+    assert connections is not None
+    with connections.cursor() as cur:
+        cur.execute("PRAGMA query_only=1")
+    with pytest.raises(AuditUnavailable, match=r"^OperationalError: attempt to write a readonly database$"):
+        sink.write(_record())
+    sink.write(_record())
+    assert _count(engine) == 2
+    # Only SQLite's own message: SQLAlchemy's wrapper quotes the statement and its values.
+    wrapped = DBAPIError("INSERT ...", {"record": "secret"}, sqlite3.OperationalError("disk I/O error"))
+    assert failure_text(wrapped) == "OperationalError: disk I/O error"
+    assert failure_text(ValueError("value 'secret'")) == "ValueError"
 
 
 def test_unreachable_database_raises(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
 
 from sts.adapters.sql import sqlite_local
 from sts.adapters.sql.engines import make_engine
@@ -99,6 +100,35 @@ def test_a_failed_transaction_is_rolled_back_and_the_connection_stays_usable(eng
     insert = "INSERT INTO replay_entries VALUES ('y', 1)"
     assert raw.transaction(lambda cur: cur.execute(insert).rowcount) == 1
     assert raw.query("SELECT key FROM replay_entries", ()) == [("y",)]
+
+
+def test_a_connection_opened_read_only_is_replaced(engine: Engine) -> None:
+    """SQLite opens a file it cannot write read-only, silently, and the connection stays so once
+    the file is writable again (found from outside: after a chmod fault, one worker failed every
+    write until restarted).  Such a connection is closed on its first SQLITE_READONLY, this
+    thread's and the pool's alike, and the next statement runs on a new one.  (``query_only``
+    makes one here: the tests run as root, whom file modes do not stop.)"""
+    raw = RawStatement(engine)
+    insert = "INSERT INTO replay_entries (key, expires_at) VALUES (?, ?)"
+    raw.run(insert, ("before", NOW))
+    connections = local_connections(engine)
+    assert connections is not None
+    with connections.cursor() as cur:
+        cur.execute("PRAGMA query_only=1")
+    with pytest.raises(sqlite3.OperationalError, match="readonly database") as failed:
+        raw.run(insert, ("during", NOW))
+    assert sqlite_local.read_only(failed.value)
+    raw.run(insert, ("after", NOW))
+    # The pool's connections (transactions, migrations, the audit queries) too.
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA query_only=1")
+    with pytest.raises(OperationalError, match="readonly database"), engine.begin() as conn:
+        conn.exec_driver_sql(insert, ("pooled-during", NOW))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(insert, ("pooled-after", NOW))
+    keys = {row[0] for row in raw.query("SELECT key FROM replay_entries", ())}
+    assert keys == {"before", "after", "pooled-after"}
+    assert not sqlite_local.read_only(sqlite3.OperationalError("database is locked"))
 
 
 def test_a_statement_inside_a_transaction_of_the_same_thread_runs_on_its_own_connection(

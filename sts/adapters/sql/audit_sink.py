@@ -14,11 +14,13 @@ import contextlib
 import logging
 import random
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError
 
 from ...core.audit import AuditRecord
 from ...core.audit_chain import genesis_hash, link_hash
@@ -39,6 +41,17 @@ log = logging.getLogger(__name__)
 #: PostgreSQL: the SQLSTATE (``division_by_zero``) with which a pipelined replay entry's insert
 #: fails the transaction when the entry is taken, so that the ``COMMIT`` behind it is skipped.
 _USE_TAKEN = "22012"
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a failed audit commit is logged as: the error's class, and SQLite's message (``attempt
+    to write a readonly database``, ``database or disk is full``: no values of the row).  Not the
+    message of other drivers or of SQLAlchemy's wrappers, which can quote the statement's values."""
+    cause = getattr(exc, "orig", None) if isinstance(exc, DBAPIError) else exc
+    if isinstance(cause, sqlite3.Error):
+        message = str(cause).splitlines()[0][:120] if str(cause) else ""
+        return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    return type(exc).__name__
 
 
 class SqlAuditSink:
@@ -245,9 +258,9 @@ class SqlAuditSink:
             return
         except self._integrity_errors as exc:
             head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
-            failure = type(exc).__name__
+            failure = failure_text(exc)
         except self._raw.failures as exc:
-            failure = type(exc).__name__
+            failure = failure_text(exc)
         else:
             if kept:
                 head.advance(seq, digest)
@@ -407,12 +420,12 @@ class SqlAuditSink:
         except CommitOutcomeUnknown as exc:
             if self._settle(head, seq, len(batch), digest):
                 return
-            failure = type(exc).__name__
+            failure = failure_text(exc)
         except self._integrity_errors as exc:
             head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
-            failure = type(exc).__name__
+            failure = failure_text(exc)
         except self._raw.failures as exc:
-            failure = type(exc).__name__
+            failure = failure_text(exc)
         if len(batch) == 1:
             batch[0].error = failure
         else:

@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 
 from ..request_threads import waiting
+from .sqlite_local import read_only
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,13 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=0")
             cur.close()
+
+        @event.listens_for(engine, "handle_error")
+        def _sqlite_read_only(context: Any) -> None:
+            # A pooled connection opened read-only is dropped as if disconnected (SQLAlchemy
+            # "Custom disconnect detection"): the pool opens another (see sqlite_local.read_only).
+            if read_only(context.original_exception):
+                context.is_disconnect = True
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:

@@ -67,6 +67,23 @@ def local_connections(engine: Engine) -> LocalConnections | None:
         return connections
 
 
+#: SQLITE_READONLY, the primary code of every "attempt to write a readonly database".
+_SQLITE_READONLY = 8
+
+
+def read_only(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's SQLITE_READONLY (or one of its extended codes).
+
+    A connection opened while its file (or directory) was not writable is opened read-only,
+    silently: SQLite falls back to reading when it cannot write ("SQLITE_OPEN_READWRITE: ... or
+    reading only if the file is write protected by the operating system",
+    https://www.sqlite.org/c3ref/open.html).  It stays so after the file is writable again, so
+    such a connection is closed, and the next statement opens another.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and isinstance(code, int) and code & 0xFF == _SQLITE_READONLY
+
+
 def _sqlite(proxy: Any) -> sqlite3.Connection:
     """The driver's connection behind a pool's proxy."""
     conn = proxy.dbapi_connection
@@ -183,7 +200,12 @@ class LocalConnections:
                     held.cursor.execute(sql)
                 held.set_up = len(setup)
             yield held.cursor
-        except BaseException:
+        except BaseException as exc:
+            if read_only(exc):
+                # Opened read-only (see read_only): never used again.
+                self._local.held = None
+                held.close()
+                raise
             if held.conn.in_transaction:
                 try:
                     held.cursor.execute("ROLLBACK")
