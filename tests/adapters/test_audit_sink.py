@@ -15,11 +15,12 @@ import pytest
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.exc import DBAPIError
 
-from sts.adapters.sql.audit_sink import SqlAuditSink, failure_text
+from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine
 from sts.adapters.sql.replay import replay_key
 from sts.adapters.sql.schema import audit_events, replay_entries
 from sts.adapters.sql.sqlite_local import local_connections
+from sts.adapters.sql.statements import failure_text
 from sts.core.audit import AuditRecord
 from sts.core.ports import AlreadyUsed, AuditUnavailable, SingleUse
 from sts.migrations import upgrade

@@ -14,13 +14,11 @@ import contextlib
 import logging
 import random
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import DBAPIError
 
 from ...core.audit import AuditRecord
 from ...core.audit_chain import genesis_hash, link_hash
@@ -33,7 +31,7 @@ from .pg_exchange import pipelined_grants
 from .replay import first_uses_statement, replay_key
 from .schema import audit_events
 from .sqlite_grants import SqliteGrants
-from .statements import CommitOutcomeUnknown, RawStatement
+from .statements import CommitOutcomeUnknown, RawStatement, failure_text
 from .subject_lookup import column_conditions
 
 log = logging.getLogger(__name__)
@@ -41,17 +39,6 @@ log = logging.getLogger(__name__)
 #: PostgreSQL: the SQLSTATE (``division_by_zero``) with which a pipelined replay entry's insert
 #: fails the transaction when the entry is taken, so that the ``COMMIT`` behind it is skipped.
 _USE_TAKEN = "22012"
-
-
-def failure_text(exc: BaseException) -> str:
-    """What a failed audit commit is logged as: the error's class, and SQLite's message (``attempt
-    to write a readonly database``, ``database or disk is full``: no values of the row).  Not the
-    message of other drivers or of SQLAlchemy's wrappers, which can quote the statement's values."""
-    cause = getattr(exc, "orig", None) if isinstance(exc, DBAPIError) else exc
-    if isinstance(cause, sqlite3.Error):
-        message = str(cause).splitlines()[0][:120] if str(cause) else ""
-        return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
-    return type(exc).__name__
 
 
 class SqlAuditSink:

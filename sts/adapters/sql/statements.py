@@ -9,11 +9,12 @@ on a connection of its own (:mod:`sts.adapters.sql.sqlite_local`).
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ..request_threads import waiting
 from .engines import retry_locked, statement_engine
@@ -267,3 +268,14 @@ def _kept_cursor(raw: Any) -> Any:
 
 class CommitOutcomeUnknown(Exception):
     """``COMMIT`` was sent, and no answer came back: the transaction may or may not be committed."""
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a failed audit commit is logged as: the error's class, and SQLite's message (``attempt
+    to write a readonly database``, ``database or disk is full``: no values of the row).  Not the
+    message of other drivers or of SQLAlchemy's wrappers, which can quote the statement's values."""
+    cause = getattr(exc, "orig", None) if isinstance(exc, DBAPIError) else exc
+    if isinstance(cause, sqlite3.Error):
+        message = str(cause).splitlines()[0][:120] if str(cause) else ""
+        return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    return type(exc).__name__
