@@ -80,15 +80,32 @@ def audiences_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return ()
 
 
-def own_token_identities(subject: str, issuer_names: Collection[str]) -> list[str]:
+#: The claim of our tokens naming the configured upstream issuer whose token began the chain (the
+#: name ``issuers[].name``); carried over when one of our tokens is exchanged again.
+UPSTREAM_CLAIM = "upstream_issuer"
+
+
+def upstream_issuer(claims: Mapping[str, Any], issuer_names: Collection[str]) -> str | None:
+    """The configured issuer a token of ours came from (:data:`UPSTREAM_CLAIM`), if it names one."""
+    name = claims.get(UPSTREAM_CLAIM)
+    return name if isinstance(name, str) and name in issuer_names and name != ANY_ISSUER else None
+
+
+def own_token_identities(
+    subject: str, issuer_names: Collection[str], upstream: str | None = None
+) -> list[str]:
     """The identity keys whose state applies to a token of ours issued to ``subject``.
 
     Our token's ``sub`` is the subject of the upstream token it came from, so a security event
-    or an operator may name that subject under any configured issuer, under this service itself
-    (``self``: a SET whose ``iss_sub`` names our own issuer, ``sts revoke subject self ...``), or
-    under every issuer (``*``).
+    or an operator may name that subject under the issuer it came from (``upstream``, the token's
+    :data:`UPSTREAM_CLAIM`), under this service itself (``self``: a SET whose ``iss_sub`` names
+    our own issuer, ``sts revoke subject self ...``), or under every issuer (``*``).  Not under
+    another issuer: the same ``sub`` there is another workload (``system:serviceaccount:ns:sa``
+    in two clusters), and a transmitter allowed to speak for that issuer only must not reach it.
+    A token without the claim (issued before it existed) is checked under every issuer.
     """
-    names = sorted({*issuer_names, SELF_ISSUER} - {ANY_ISSUER})
+    named = {upstream} if upstream is not None else set(issuer_names)
+    names = sorted({*named, SELF_ISSUER} - {ANY_ISSUER})
     return [identity_key(name, subject) for name in names] + [identity_key(ANY_ISSUER, subject)]
 
 
@@ -103,7 +120,7 @@ def revocation(
     """
     if tokens.revoked(str(claims["jti"])):
         return "jti"
-    keys = own_token_identities(str(claims["sub"]), issuer_names)
+    keys = own_token_identities(str(claims["sub"]), issuer_names, upstream_issuer(claims, issuer_names))
     if is_revoked(merge(states.get(keys)), numeric_date_value(claims.get("iat"))):
         return "subject"
     return None

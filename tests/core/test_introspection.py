@@ -17,10 +17,11 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
+from sts.core.introspection import own_token_identities
 from sts.core.subject_state import SubjectState
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
-from tests.conftest import DEFAULT_CLIENTS, STS_ISSUER, exchange_form
+from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, STS_ISSUER, exchange_form
 
 DEPLOY = "https://deploy.example.com"
 RS_SECRET = "deploy-api-secret-0123456789-abcdefghijkl"
@@ -145,6 +146,63 @@ def test_a_security_event_revokes_earlier_tokens_of_the_subject(
         "upstream|repo:acme/app:ref:refs/heads/main", SubjectState(revoked_before=before["iat"] + 1), 3600
     )
     assert introspect(web, issued) == {"active": False}
+
+
+def test_an_event_about_another_issuers_subject_of_the_same_name_does_not_reach_the_token(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """Our tokens name the issuer they came from (``upstream_issuer``, carried on re-exchange): a
+    security event or an operator naming the same ``sub`` under another configured issuer (another
+    cluster's ``system:serviceaccount:ns:sa``; a transmitter allowed to speak for that issuer only)
+    does not revoke them.  Found from outside: it did, the subject being checked under every issuer."""
+    first = {
+        "name": "upstream",
+        "issuer": upstream.issuer.issuer_url,
+        "jwks_uri": upstream.jwks_uri,
+        "algorithms": ["RS256"],
+        "audiences": [STS_ISSUER],
+        "max_token_age": 3600,
+    }
+    other = {**first, "name": "other", "issuer": "https://other.example.com"}
+    policy = {"version": 1, "rules": [
+        {"name": "deploy", "issuer": "upstream", "subject": "repo:acme/app:ref:refs/heads/main",
+         "require_client_authentication": False, "grant": {"audiences": [DEPLOY]}},
+        {"name": "again", "issuer": "self", "subject": "repo:acme/app:ref:refs/heads/main",
+         "require_client_authentication": False, "grant": {"audiences": [DEPLOY]}},
+    ]}  # fmt: skip
+    clients = [*DEFAULT_CLIENTS, _rs("deploy-api", RS_SECRET, DEPLOY)]
+    app = create_app(make_settings(policy, issuers=[first, other], clients=clients))
+    web, states = app.test_client(), app.extensions["sts"].subject_states
+    subject = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+    token = web.post("/token", data=exchange_form(subject, audience=DEPLOY)).get_json()["access_token"]
+    claims = introspect(web, token)
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert payload["upstream_issuer"] == "upstream"
+    again = web.post(
+        "/token", data=exchange_form(token, audience=DEPLOY, subject_token_type=ACCESS_TOKEN_TYPE)
+    )
+    assert again.status_code == 200, again.get_json()
+    renewed = again.get_json()["access_token"]
+    assert json.loads(base64.urlsafe_b64decode(renewed.split(".")[1] + "=="))["upstream_issuer"] == "upstream"
+    sub = "repo:acme/app:ref:refs/heads/main"
+    states.put(f"other|{sub}", SubjectState(revoked_before=claims["iat"] + 10), 3600)
+    assert introspect(web, token)["active"] is True and introspect(web, renewed)["active"] is True
+    for name in ("upstream", "self", "*"):
+        states.put(f"{name}|{sub}", SubjectState(revoked_before=claims["iat"] + 10), 3600)
+        assert introspect(web, token) == {"active": False} == introspect(web, renewed), name
+        states.put(f"{name}|{sub}", SubjectState(), 3600)
+    # A token of ours without the claim (issued before it existed) is checked under every issuer.
+    assert own_token_identities(sub, ["upstream", "other"]) == [
+        f"other|{sub}",
+        f"self|{sub}",
+        f"upstream|{sub}",
+        f"*|{sub}",
+    ]
+    assert own_token_identities(sub, ["upstream", "other"], "upstream") == [
+        f"self|{sub}",
+        f"upstream|{sub}",
+        f"*|{sub}",
+    ]
 
 
 def test_every_call_is_audited_without_the_token(app: Flask, web: FlaskClient, issued: str) -> None:

@@ -17,7 +17,9 @@ from ...protocol.token_exchange import TokenExchangeRequest
 from ..attest import VerifiedToken
 from ..audit import AuditRecord
 from ..clients import AuthenticatedClient
+from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
+from ..introspection import UPSTREAM_CLAIM
 from ..mint import IssuedToken, mint_access_token
 from ..policy.rules import Grant
 from ..ports import Signer
@@ -71,6 +73,7 @@ def mint_exchanged_token(
         auth_time=attested_at,
         extra={
             **(carried_claims(subject, parties.act) or {}),
+            **upstream_claim(subject),
             **confirmation(proof, certificate),
             "acr": acr,
         },
@@ -86,6 +89,16 @@ def record_grant(
     record.granted_scope = list(scopes)
     record.granted_lifetime = lifetime
     record.issued_jti, record.issued_exp, record.issued_kid = issued.jti, issued.expires_at, issued.kid
+
+
+def upstream_claim(subject: VerifiedToken) -> dict[str, str]:
+    """:data:`~sts.core.introspection.UPSTREAM_CLAIM`: the configured issuer the subject token came
+    from, or, for one of our own tokens, the one it carries (none if it carries none), so that a
+    security event about that issuer's subject reaches the token and one about another's does not."""
+    if subject.issuer_name != SELF_ISSUER:
+        return {UPSTREAM_CLAIM: subject.issuer_name}
+    carried = subject.claims.get(UPSTREAM_CLAIM)
+    return {UPSTREAM_CLAIM: carried} if isinstance(carried, str) and carried != SELF_ISSUER else {}
 
 
 def carried_claims(subject: VerifiedToken, act: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ from ..baseline import BASELINE_TTL, Baseline, observe, record_failure
 from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
-from ..introspection import own_token_identities
+from ..introspection import own_token_identities, upstream_issuer
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
 from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
@@ -336,5 +336,7 @@ class RiskAndAssurance:
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         if subject.issuer_name == SELF_ISSUER:
             # Our own token: events may name the subject under the issuer it first came from.
-            return tuple(own_token_identities(subject.subject, self.issuers.names()))
+            names = self.issuers.names()
+            upstream = upstream_issuer(subject.claims, names)
+            return tuple(own_token_identities(subject.subject, names, upstream))
         return identity_keys(subject.issuer_name, subject.subject)
