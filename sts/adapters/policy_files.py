@@ -138,6 +138,8 @@ def read_policy_file(path: Path) -> dict[str, Any]:
         text = path.read_text("utf-8")
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{path}: not UTF-8 (byte {exc.start})") from None
     loader = _UniqueKeyLoader(text)
     root: yaml.Node | None = None
     try:
@@ -153,6 +155,9 @@ def read_policy_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"{where}: not valid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigurationError(f"{path}: not valid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # An integer of thousands of digits (int() refuses it), or nesting deeper than Python's stack.
+        raise ConfigurationError(f"{path}: not usable YAML ({type(exc).__name__})") from None
     finally:
         loader.dispose()
     if doc is None:

@@ -19,7 +19,7 @@ _DEV_KEY_DIR = Path("keys") / "dev-issuer"
 
 @dev.command("issuer")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback only.")
-@click.option("--port", default=8081, show_default=True)
+@click.option("--port", default=8081, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--key-dir", type=click.Path(file_okay=False, path_type=Path), default=_DEV_KEY_DIR, show_default=True
 )
@@ -87,7 +87,10 @@ def dev_token(kind: str, issuer_url: str, key_dir: Path, audience: str, claims: 
     """Print a workload token of KIND signed by the development issuer's key."""
     from ..dev.issuer import DevIssuer
 
-    issuer = DevIssuer.load_or_create(key_dir, issuer_url)
+    try:
+        issuer = DevIssuer.load_or_create(key_dir, issuer_url)
+    except ValueError as exc:  # an empty --issuer-url, say
+        raise click.UsageError(str(exc)) from None
     extra = _claim_options(claims)
     if kind == "github-actions":
         token = issuer.github_actions_token(audience=audience, **extra)

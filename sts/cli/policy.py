@@ -14,6 +14,24 @@ from ..errors import ConfigurationError, OAuthError
 from .context import settings_from
 
 
+def _claim_time(value: Any) -> float:
+    """A what-if claim's time: a number, else a usage error (``"exp": "soon"`` is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise click.UsageError("--claims: exp must be a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise click.UsageError("--claims: exp must be a number a float can hold") from None
+
+
+def _read_input(stream: Any, option: str) -> str:
+    """A text option's file (or stdin) read whole; not UTF-8 is a usage error, not a traceback."""
+    try:
+        return str(stream.read())
+    except UnicodeDecodeError as exc:
+        raise click.UsageError(f"{option}: not UTF-8 (byte {exc.start})") from None
+
+
 @click.group()
 def policy() -> None:
     """Policies: check (lint), explain (dry run), schema."""
@@ -124,7 +142,7 @@ def policy_explain(
     try:
         compiled = build_policy(settings)
         if token_file is not None:
-            token = token_file.read().strip()
+            token = _read_input(token_file, "--token").strip()
             facts = verify_token(
                 token,
                 TOKEN_TYPE_JWT,
@@ -133,7 +151,11 @@ def policy_explain(
                 leeway=settings.leeway,
             )
         elif claims_file is not None and issuer_name:
-            claims = json.load(claims_file)
+            try:
+                claims = json.loads(_read_input(claims_file, "--claims"))
+            except (ValueError, RecursionError) as exc:
+                # Not JSON, an integer of thousands of digits, or nesting deeper than Python's stack.
+                raise click.UsageError(f"--claims: not a usable JSON object ({type(exc).__name__})") from None
             if not isinstance(claims, dict):
                 raise click.UsageError("--claims must hold a JSON object")
             subject = str(claims.get("sub", ""))
@@ -153,7 +175,7 @@ def policy_explain(
                 claims=claims,
                 token_type=TOKEN_TYPE_JWT,
                 issued_at=claims.get("iat"),
-                expires_at=float(claims.get("exp", time.time() + 300)),
+                expires_at=_claim_time(claims.get("exp", time.time() + 300)),
                 not_before=None,
                 jti=claims.get("jti"),
                 sha256=token_hash(json.dumps(claims)),

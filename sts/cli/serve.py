@@ -54,7 +54,12 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     from ..app import create_app, prepare
     from ..http.responses import request_id
 
-    if port_in_use(settings.host, settings.port):
+    try:
+        in_use = port_in_use(settings.host, settings.port)
+    except OSError as exc:  # a host that does not resolve (socket.gaierror), say
+        reason = exc.strerror or exc
+        raise click.ClickException(f"setting host: cannot listen on {settings.host!r} ({reason})") from None
+    if in_use:
         raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
     listener: metrics.MetricsServer | None = None
     if settings.metrics_address is not None and metrics_dir is not None:

@@ -133,6 +133,11 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
     version cannot migrate, SQLAlchemy's errors when the database fails.
     """
 
+    known = {s.revision for s in scripts().walk_revisions()}
+    if revision != "head" and revision not in known:
+        # Checked here: alembic meets some malformed targets ('', 'head+99') with an assertion.
+        raise SchemaError(f"unknown revision {revision[:80]!r}: head, or one of `sts db history`")
+
     def work(conn: Connection) -> Upgrade:
         before = current(conn)
         _known(before)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import fields
 from importlib import resources
@@ -38,6 +39,9 @@ from . import (
     TransmitterSettings,
 )
 from .checks import check_settings
+
+#: The largest configuration file read (a real one is a few kilobytes).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 _SCALARS = {
     f.name: f.type
@@ -133,13 +137,25 @@ def load_settings(
     base = Path.cwd()
     if path is not None:
         try:
-            text = path.read_text("utf-8")
+            with path.open("rb") as stream:
+                if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                    # /dev/zero, a FIFO: reading would never end, or wait for a writer.
+                    raise ConfigurationError(f"config file {path}: not a regular file")
+                data = stream.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigurationError(f"config file {path}: over {MAX_CONFIG_BYTES} bytes")
+            text = data.decode("utf-8")
         except OSError as exc:
             raise ConfigurationError(f"config file {path}: cannot be read ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigurationError(f"config file {path}: not valid YAML: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            # An integer of thousands of digits (int() refuses it), or nesting deeper than Python's stack.
+            raise ConfigurationError(f"config file {path}: not usable YAML ({type(exc).__name__})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigurationError(f"config file {path}: must be a mapping of settings")
         raw.update(loaded or {})

@@ -1,0 +1,76 @@
+"""The ``sts`` command meets odd inputs with a message and exit 1 or 2, never a traceback.
+
+Found from outside (every subcommand given non-UTF-8 files, integers of thousands of digits,
+nesting deeper than Python's stack, devices, empty values): each of these ended in a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sts.cli import main
+
+NOT_UTF8 = b"issuer: \xff\xfe\n"
+HUGE_INT = ("9" * 5000).encode()
+DEEP = b"[" * 100_000
+
+
+#: (name, arguments, files written first, stdin, what the message says); ``@NAME`` is the path of file NAME.
+CASES: list[tuple[str, list[str], dict[str, bytes], bytes | None, str]] = [
+    ("config not UTF-8", ["--config", "@c.yaml", "config", "check"], {"c.yaml": NOT_UTF8}, None, "not UTF-8"),
+    ("config with a huge integer", ["--config", "@c.yaml", "config", "check"],
+     {"c.yaml": b"port: " + HUGE_INT}, None, "not usable YAML (ValueError)"),
+    ("config nested too deep", ["--config", "@c.yaml", "config", "check"], {"c.yaml": DEEP}, None,
+     "not usable YAML (RecursionError)"),
+    ("config that is a device", ["--config", "/dev/zero", "config", "check"], {}, None, "not a regular file"),
+    ("config over a megabyte", ["--config", "@c.yaml", "config", "check"], {"c.yaml": b"a" * 2_000_000}, None,
+     "over 1048576 bytes"),
+    ("policy not UTF-8", ["policy", "check", "@p.yaml"], {"p.yaml": b"version: 1\nrules: \xff\n"}, None,
+     "not UTF-8"),
+    ("policy with a huge integer", ["policy", "check", "@p.yaml"],
+     {"p.yaml": b"version: 1\nrules:\n- name: x\n  max_lifetime: " + HUGE_INT}, None,
+     "not usable YAML (ValueError)"),
+    ("explain a token not UTF-8", ["policy", "explain", "--token", "@tok"], {"tok": b"\xff\xfe"}, None,
+     "--token: not UTF-8"),
+    ("explain claims nested too deep", ["policy", "explain", "--claims", "@c.json", "--issuer", "upstream"],
+     {"c.json": DEEP}, None, "not a usable JSON object"),
+    ("explain claims with a huge int", ["policy", "explain", "--claims", "@c.json", "--issuer", "upstream"],
+     {"c.json": b'{"a": ' + HUGE_INT + b"}"}, None, "not a usable JSON object"),
+    ("a chosen secret not UTF-8", ["clients", "secret", "--stdin"], {}, b"\xff" * 20 + b"\n", "not UTF-8"),
+    ("an empty chosen secret", ["clients", "secret", "--stdin"], {}, b"\n", "at least 16 characters"),
+    ("an empty revision", ["db", "upgrade", ""], {}, None, "unknown revision ''"),
+    ("a relative revision", ["db", "upgrade", "head+99999999"], {}, None, "unknown revision"),
+    ("a host that does not resolve", ["serve", "--host", "\u00e9.invalid", "--port", "1"], {}, None,
+     "setting host: cannot listen on"),
+    ("a dev issuer port out of range", ["dev", "issuer", "--port", "-1"], {}, None, "not in the range"),
+    ("an empty dev issuer URL", ["dev", "token", "kubernetes", "--issuer-url", "", "--key-dir", "@keys"],
+     {}, None, "issuer_url must not be empty"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "files", "stdin", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_odd_input_is_a_message_not_a_traceback(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    files: dict[str, bytes],
+    stdin: bytes | None,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STS_CONFIG", raising=False)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "sts.yaml").write_text(f"database_url: sqlite:///{tmp_path / 'db.sqlite'}\n")
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    argv = [str(tmp_path / a[1:]) if a.startswith("@") else a for a in args]
+    result = CliRunner().invoke(main, argv, input=io.BytesIO(stdin) if stdin is not None else None)
+    assert result.exit_code in (1, 2), (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert message in result.output, result.output
