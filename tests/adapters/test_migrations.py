@@ -565,7 +565,8 @@ def test_sts_db_current_upgrade_history(tmp_path: Path) -> None:
     unknown = db("upgrade", "no-such-revision")
     assert unknown.exit_code == 1
     assert (
-        unknown.output == f"Error: database {path}: unknown revision 'no-such-revision': head, or one of `sts db history`\n"
+        unknown.output
+        == f"Error: database {path}: unknown revision 'no-such-revision': head, or one of `sts db history`\n"
     )
 
     history = db("history").output.splitlines()

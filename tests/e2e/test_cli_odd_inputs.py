@@ -41,7 +41,7 @@ CASES: list[tuple[str, list[str], dict[str, bytes], bytes | None, str]] = [
     ("explain claims with a huge int", ["policy", "explain", "--claims", "@c.json", "--issuer", "upstream"],
      {"c.json": b'{"a": ' + HUGE_INT + b"}"}, None, "not a usable JSON object"),
     ("a chosen secret not UTF-8", ["clients", "secret", "--stdin"], {}, b"\xff" * 20 + b"\n", "not UTF-8"),
-    ("an empty chosen secret", ["clients", "secret", "--stdin"], {}, b"\n", "at least 16 characters"),
+    ("an empty chosen secret", ["clients", "secret", "--stdin"], {}, b"\n", "at least 15 characters"),
     ("an empty revision", ["db", "upgrade", ""], {}, None, "unknown revision ''"),
     ("a relative revision", ["db", "upgrade", "head+99999999"], {}, None, "unknown revision"),
     ("a host that does not resolve", ["serve", "--host", "\u00e9.invalid", "--port", "1"], {}, None,
