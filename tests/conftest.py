@@ -112,6 +112,18 @@ def upstream() -> Iterator[RunningServer]:
         yield server
 
 
+def upstream_issuer(upstream: RunningServer) -> dict[str, Any]:
+    """The ``issuers`` entry of the test settings: ``upstream``, the development issuer served here."""
+    return {
+        "name": "upstream",
+        "issuer": upstream.issuer.issuer_url,
+        "jwks_uri": upstream.jwks_uri,
+        "algorithms": ["RS256"],
+        "audiences": [STS_ISSUER],
+        "max_token_age": 3600,
+    }
+
+
 def settings_for(
     directory: Path,
     upstream: RunningServer,
@@ -130,18 +142,7 @@ def settings_for(
         "keys_dir": str(directory / "keys"),
         "policies_dir": str(policies),
         "clients": DEFAULT_CLIENTS,
-        "issuers": issuers
-        if issuers is not None
-        else [
-            {
-                "name": "upstream",
-                "issuer": upstream.issuer.issuer_url,
-                "jwks_uri": upstream.jwks_uri,
-                "algorithms": ["RS256"],
-                "audiences": [STS_ISSUER],
-                "max_token_age": 3600,
-            }
-        ],
+        "issuers": issuers if issuers is not None else [upstream_issuer(upstream)],
     }
     values.update(overrides)
     return load_settings(config_file=None, environ={}, overrides=values)

@@ -21,7 +21,7 @@ from sts.core.introspection import own_token_identities
 from sts.core.subject_state import SubjectState
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
-from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, STS_ISSUER, exchange_form
+from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, STS_ISSUER, exchange_form, upstream_issuer
 
 DEPLOY = "https://deploy.example.com"
 RS_SECRET = "deploy-api-secret-0123456789-abcdefghijkl"
@@ -155,14 +155,7 @@ def test_an_event_about_another_issuers_subject_of_the_same_name_does_not_reach_
     security event or an operator naming the same ``sub`` under another configured issuer (another
     cluster's ``system:serviceaccount:ns:sa``; a transmitter allowed to speak for that issuer only)
     does not revoke them.  Found from outside: it did, the subject being checked under every issuer."""
-    first = {
-        "name": "upstream",
-        "issuer": upstream.issuer.issuer_url,
-        "jwks_uri": upstream.jwks_uri,
-        "algorithms": ["RS256"],
-        "audiences": [STS_ISSUER],
-        "max_token_age": 3600,
-    }
+    first = upstream_issuer(upstream)
     other = {**first, "name": "other", "issuer": "https://other.example.com"}
     policy = {"version": 1, "rules": [
         {"name": "deploy", "issuer": "upstream", "subject": "repo:acme/app:ref:refs/heads/main",

@@ -43,7 +43,14 @@ from sts.core.audit import token_hash
 from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings.load import load_settings
-from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, JWT_TYPE, STS_ISSUER, exchange_form
+from tests.conftest import (
+    ACCESS_TOKEN_TYPE,
+    DEFAULT_CLIENTS,
+    JWT_TYPE,
+    STS_ISSUER,
+    exchange_form,
+    upstream_issuer,
+)
 from tests.support.clients_support import Served
 from tests.support.clock import Clock
 from tests.support.postgres import PG_SERVER
@@ -194,16 +201,7 @@ def base_config(directory: Path, upstream: RunningServer, transmitter: RunningSe
         "keys_dir": str(directory / "keys"),
         "policies_dir": str(policies),
         "clients": CLIENTS,
-        "issuers": [
-            {
-                "name": "upstream",
-                "issuer": upstream.issuer.issuer_url,
-                "jwks_uri": upstream.jwks_uri,
-                "algorithms": ["RS256"],
-                "audiences": [STS_ISSUER],
-                "max_token_age": 3600,
-            }
-        ],
+        "issuers": [upstream_issuer(upstream)],
         "transmitters": [
             {
                 "name": "idp",
