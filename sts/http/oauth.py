@@ -1,4 +1,5 @@
-"""Endpoints: the token endpoint (RFC 8693), metadata (RFC 8414), JWKS, liveness and readiness.
+"""Endpoints: the token endpoint (RFC 8693), metadata (RFC 8414 and OpenID Connect Discovery),
+JWKS, liveness and readiness.
 
 Each blueprint is built by a factory that is given the services it uses
 (:func:`sts.app.create_app` wires them); nothing here reaches for the
@@ -92,7 +93,8 @@ def token_blueprint(endpoint: TokenEndpoint, *, issuer_path: str = "") -> Bluepr
 def discovery_blueprint(
     metadata: Mapping[str, Any], public_jwks: Callable[[], Mapping[str, Any]], *, issuer_path: str = ""
 ) -> Blueprint:
-    """RFC 8414 metadata and the JWK Set (RFC 7517 §5); under the issuer's path too, if it has one.
+    """RFC 8414 metadata, the same as an OpenID Connect Discovery document, and the JWK Set (RFC 7517
+    §5); under the issuer's path too, if it has one.
 
     ``public_jwks``: every published signing key, public parts only (read at each request,
     so that a rotation is seen).
@@ -107,15 +109,57 @@ def discovery_blueprint(
         """The JWK Set (RFC 7517 §5) of every published signing key, public parts only."""
         return json_response(public_jwks(), 200, {"Cache-Control": "public, max-age=300"})
 
+    def openid_configuration() -> Response:
+        """The same metadata as an OpenID Connect Discovery document, for token verifiers that
+        find keys that way (see :func:`openid_configuration_document`).  The algorithms are read
+        from the published keys at each request, as the JWK Set is, so a rotation to another
+        algorithm is seen; cached as long as the JWK Set."""
+        document = openid_configuration_document(metadata, public_jwks())
+        return json_response(document, 200, {"Cache-Control": "public, max-age=300"})
+
     bp.add_url_rule("/.well-known/oauth-authorization-server", "metadata", metadata_document)
+    bp.add_url_rule("/.well-known/openid-configuration", "openid_configuration", openid_configuration)
     bp.add_url_rule("/.well-known/jwks.json", "jwks", jwks)
     if issuer_path:
+        # OpenID Connect Discovery 1.0 §4: the well-known segment is appended to the issuer.
+        bp.add_url_rule(
+            f"{issuer_path}/.well-known/openid-configuration",
+            "openid_configuration_under_issuer_path",
+            openid_configuration,
+        )
         # RFC 8414 §3.1: the well-known segment goes between host and the issuer's path.
         bp.add_url_rule(
             f"/.well-known/oauth-authorization-server{issuer_path}", "metadata_path", metadata_document
         )
         bp.add_url_rule(f"{issuer_path}/.well-known/jwks.json", "jwks_under_issuer_path", jwks)
     return bp
+
+
+def openid_configuration_document(
+    metadata: Mapping[str, Any], published_jwks: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The RFC 8414 ``metadata`` with the members OpenID Connect Discovery 1.0 §3 requires that
+    RFC 8414 does not: ``subject_types_supported`` (``public``: a token's ``sub`` is the upstream
+    workload's, the same for every audience) and ``id_token_signing_alg_values_supported``, the
+    algorithms of the published signing keys (``alg`` of each key, RFC 7517 §4.4).
+
+    This service issues access tokens, not ID tokens, and has no authorization endpoint; the
+    document is served because verifiers of workload tokens find the issuer's keys this way:
+    Kubernetes serves the same subset for its service-account tokens (KEP-1393), and cloud
+    workload-identity federation (AWS IAM OIDC providers, Google Cloud workload identity pools),
+    Vault's JWT auth and go-oidc read ``jwks_uri`` from it; go-oidc accepts only the algorithms
+    listed in ``id_token_signing_alg_values_supported`` (RS256 when the member is absent).
+    """
+    keys = published_jwks.get("keys")
+    algs = sorted(
+        {key["alg"] for key in keys if isinstance(key, Mapping) and isinstance(key.get("alg"), str)}
+        if isinstance(keys, list)
+        else set()
+    )
+    document = {**metadata, "subject_types_supported": ["public"]}
+    if algs:  # RFC 8414 §3.2: never an empty array.
+        document["id_token_signing_alg_values_supported"] = algs
+    return document
 
 
 def health_blueprint(problems: Callable[[], list[str]]) -> Blueprint:
