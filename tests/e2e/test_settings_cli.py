@@ -230,6 +230,24 @@ def test_unreadable_config_file_names_the_file(tmp_path: Path, text: str, fragme
         load_settings(tmp_path / "missing.yaml", environ={})
 
 
+def test_ed25519_is_accepted_wherever_algorithms_are_named(tmp_path: Path) -> None:
+    """RFC 9864's fully specified ``Ed25519``, beside its deprecated name ``EdDSA`` (the key ring
+    tells operators to prefer it): for new signing keys, upstream issuers, client assertions and
+    transmitters alike."""
+    config = _base_config(tmp_path)
+    config["signing_alg"] = "Ed25519"
+    config["issuers"][0]["algorithms"] = ["Ed25519", "EdDSA"]
+    config["clients"].append({"client_id": "ed", "auth_method": "private_key_jwt", "jwks": {"keys": []}})
+    config["clients"][-1]["algorithms"] = ["Ed25519"]
+    transmitter = {"name": "idp", "issuer": "https://idp.test", "jwks_uri": "https://idp.test/jwks"}
+    config["transmitters"] = [{**transmitter, "algorithms": ["Ed25519"]}]
+    settings = load_settings(_write_config(tmp_path, config), environ={})
+    assert settings.signing_alg == "Ed25519"
+    assert settings.issuers[0].algorithms == ("Ed25519", "EdDSA")
+    assert settings.clients[-1].algorithms == ("Ed25519",)
+    assert settings.transmitters[0].algorithms == ("Ed25519",)
+
+
 def test_http_issuer_on_loopback_is_allowed_for_development(tmp_path: Path) -> None:
     config = {**_base_config(tmp_path), "issuer": "http://127.0.0.1:8080"}
     assert load_settings(_write_config(tmp_path, config), environ={}).issuer == "http://127.0.0.1:8080"

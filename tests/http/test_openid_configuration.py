@@ -63,7 +63,7 @@ def test_an_issuer_with_a_path_serves_it_appended_to_the_issuer(make_app: Callab
     assert web.post(WELL_KNOWN).status_code == 405
 
 
-@pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256"])
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "RS256", "PS256", "Ed25519"])
 def test_a_token_verifies_as_a_discovery_client_verifies_it(make_app: Callable[..., Flask], alg: str) -> None:
     """What go-oidc does: the keys from ``jwks_uri``, only the listed algorithms."""
     app = make_app(signing_alg=alg)
