@@ -146,6 +146,11 @@ def introspect(
     claims = verify_own_token(token, verifier, now)
     if claims is None or not set(audiences_of(claims)) & set(caller_audiences):
         return dict(INACTIVE)
+    expires_at = numeric_date_value(claims.get("exp"))
+    if expires_at is None or expires_at <= now:
+        # RFC 7662 §2.2: active only while unexpired.  The leeway that covers other parties' clocks
+        # does not apply to our own expiry, which our clock decides (as at the token endpoint).
+        return dict(INACTIVE)
     try:
         if revoked(claims, issuer_names, states, tokens):
             return dict(INACTIVE)

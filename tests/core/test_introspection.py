@@ -22,6 +22,7 @@ from sts.core.subject_state import SubjectState
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, STS_ISSUER, exchange_form, upstream_issuer
+from tests.support.clock import Clock
 
 DEPLOY = "https://deploy.example.com"
 RS_SECRET = "deploy-api-secret-0123456789-abcdefghijkl"
@@ -77,6 +78,24 @@ def test_active_token_for_its_audience(web: FlaskClient, issued: str) -> None:
     assert body["aud"] == DEPLOY and body["scope"] == "deploy:read" and body["token_type"] == "Bearer"
     assert body["sub"] == "repo:acme/app:ref:refs/heads/main" and body["iss"] == STS_ISSUER
     assert {"exp", "iat", "jti", "client_id", "auth_time"} <= set(body)
+
+
+def test_a_token_is_inactive_from_its_exp_though_within_the_leeway(
+    make_settings: Callable[..., Settings], upstream: RunningServer, clock: Clock
+) -> None:
+    """RFC 7662 §2.2: active only while unexpired.  Our own expiry is decided by our clock, as at
+    the token endpoint; the leeway (30 s here) is for other parties' clocks."""
+    clients = [*DEFAULT_CLIENTS, _rs("deploy-api", RS_SECRET, DEPLOY)]
+    web = create_app(make_settings(clients=clients), clock=clock).test_client()
+    subject = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=clock.now)
+    resp = web.post("/token", data=exchange_form(subject, audience=DEPLOY, scope="deploy:read"))
+    token = resp.get_json()["access_token"]
+    exp = introspect(web, token)["exp"]
+    clock.now = exp - 1
+    assert introspect(web, token)["active"] is True
+    for moment in (exp, exp + 1, exp + 29):
+        clock.now = moment
+        assert introspect(web, token) == {"active": False}, moment
 
 
 def test_token_for_another_audience_is_inactive_to_that_caller(web: FlaskClient, issued: str) -> None:
