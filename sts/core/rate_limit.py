@@ -213,7 +213,25 @@ class RateLimiter:
         key = f"token:rule:{rule}:{_digest(identity)}"
         self._admit([Check("rule", key, limit, f"{rule} {identity[:300]}")], now, record)
 
-    def _admit(self, checks: Sequence[Check], now: float, record: AuditRecord) -> None:
+    def for_sign_in(self, endpoint: str, username: str, source_ip: str | None, now: float) -> None:
+        """A password sign-in (the review page's): ``global``, ``network`` and ``client`` (here the
+        user name tried, known or not) admitted together, before the password hash is computed,
+        so that guessing is slow and a flood cannot spend the CPU that issues tokens.  Not audited
+        as a decision: raises :class:`RateLimited` or :class:`TemporarilyUnavailable`."""
+        checks = []
+        everyone = self.policy.limit(endpoint, "global")
+        if everyone is not None:
+            checks.append(Check("global", f"{endpoint}:global", everyone, "*"))
+        per_network = self.policy.limit(endpoint, "network")
+        if per_network is not None:
+            network = network_of(source_ip, self.policy.ipv4_prefix, self.policy.ipv6_prefix)
+            checks.append(Check("network", f"{endpoint}:network:{network}", per_network, network))
+        per_user = self.policy.limit(endpoint, "client")
+        if per_user is not None:
+            checks.append(Check("client", f"{endpoint}:user:{_digest(username)}", per_user, "user"))
+        self._admit(checks, now, None)
+
+    def _admit(self, checks: Sequence[Check], now: float, record: AuditRecord | None) -> None:
         if not checks:
             return
         with self._lock:
@@ -241,14 +259,15 @@ class RateLimiter:
         self._refuse(checks[worst], waits[worst], record)
 
     @staticmethod
-    def _refuse(check: Check, wait: float, record: AuditRecord) -> NoReturn:
+    def _refuse(check: Check, wait: float, record: AuditRecord | None) -> NoReturn:
         retry_after = max(1, math.ceil(wait))
-        record.details["rate_limit"] = {
-            "scope": check.scope,
-            "limited": check.shown,
-            "limit": check.limit.describe(),
-            "retry_after": retry_after,
-        }
+        if record is not None:
+            record.details["rate_limit"] = {
+                "scope": check.scope,
+                "limited": check.shown,
+                "limit": check.limit.describe(),
+                "retry_after": retry_after,
+            }
         raise RateLimited(f"rate_limit.{check.scope}", check.shown, retry_after=retry_after)
 
     def _refused_until(self, key: str, now: float) -> float | None:

@@ -29,6 +29,7 @@ token hashes, never tokens; hashes are shown shortened.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -56,8 +57,9 @@ from ..core.audit_filter import (
 )
 from ..core.audit_views import COUNT_CAP, AuditReader, fired_signals
 from ..core.client_secrets import hash_secret, verify_secret
-from ..core.ports import BaselineStore, StoreUnavailable
+from ..core.ports import BaselineStore, RevokedTokens, StoreUnavailable
 from ..core.subject_state import identity_key
+from ..errors import RateLimited, TemporarilyUnavailable
 from . import review_svg
 
 log = logging.getLogger(__name__)
@@ -90,11 +92,23 @@ class ReviewConfig:
     new_edge_days: int = 7
     #: Tamper evidence (issue 14) plugs in here; None shows "not available".
     chain_status: Callable[[], ChainStatus] | None = None
+    #: Admits a sign-in attempt (user name, client address, now) before its password hash is
+    #: computed; raises :class:`RateLimited` or :class:`TemporarilyUnavailable`.
+    admit_sign_in: Callable[[str, str | None, float], None] | None = None
+    #: Sessions ended by signing out, for every instance (a copied cookie stops working).
+    ended: RevokedTokens | None = None
+    #: Runs the password check, letting the worker's other requests run meanwhile.
+    slow: Callable[[Callable[[], bool]], bool] | None = None
 
 
 def _fingerprint(password_hash: str) -> str:
     """Sessions name the hash they were made under: changing a password ends them."""
     return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
+def _session_key(nonce: str) -> str:
+    """A session's entry among the ended ones: a hash of its random nonce."""
+    return "review-session:" + hashlib.sha256(nonce.encode()).hexdigest()[:32]
 
 
 def short_hash(value: Any) -> str:
@@ -165,7 +179,13 @@ def blueprint(
         user, stored = data.get("u"), config.users.get(str(data.get("u")))
         if stored is None or not hmac.compare_digest(str(data.get("h")), _fingerprint(stored)):
             return None
-        return str(user), str(data.get("c", ""))
+        nonce = str(data.get("c", ""))
+        try:
+            if config.ended is not None and config.ended.revoked(_session_key(nonce)):
+                return None
+        except StoreUnavailable:
+            return None  # Whether it was ended cannot be told: not signed in (fail closed).
+        return str(user), nonce
 
     def safe_next(target: str | None) -> str:
         """Only a path of this page: never another site (an open redirect)."""
@@ -233,8 +253,20 @@ def blueprint(
         if not expected or not hmac.compare_digest(form.get("csrf", "").encode(), expected.encode()):
             return login_page(400, "The sign-in form expired; please try again.", target)
         username, password = form.get("username", "")[:64], form.get("password", "")[:1024]
+        try:
+            if config.admit_sign_in is not None:
+                config.admit_sign_in(username, g.get("client_address"), clock())
+        except RateLimited as exc:
+            log.warning("review sign-in throttled (%s) from %s", exc.reason, g.get("client_address"))
+            message = f"Too many sign-in attempts; try again in {exc.retry_after} s."
+            throttled = login_page(429, message, target)
+            throttled.headers["Retry-After"] = str(exc.retry_after)
+            return throttled
+        except TemporarilyUnavailable:
+            return login_page(503, "Signing in is unavailable for a moment; try again.", target)
         stored = config.users.get(username)
-        ok = verify_secret(password, stored or dummy_hash())
+        check = functools.partial(verify_secret, password, stored or dummy_hash())
+        ok = config.slow(check) if config.slow is not None else check()
         if not ok or stored is None:
             # A mistyped password can land in the username field: only a configured name is logged.
             who = repr(username) if stored is not None else "an unknown user"
@@ -251,6 +283,11 @@ def blueprint(
     def logout() -> Response:
         if not hmac.compare_digest(request.form.get("csrf", "").encode(), g.review_csrf.encode()):
             return page("review/error.html", 400, message="The sign-out form expired; please try again.")
+        try:
+            if config.ended is not None:
+                config.ended.revoke(_session_key(g.review_csrf), clock() + config.session_lifetime)
+        except StoreUnavailable:
+            return page("review/error.html", 503, message="Could not sign out just now; please try again.")
         response: Response = redirect(PREFIX + "/login", 303)  # type: ignore[assignment]
         response.delete_cookie(SESSION_COOKIE, path=PREFIX, secure=config.secure_cookie, httponly=True,
                                samesite="Strict")  # fmt: skip

@@ -2,23 +2,53 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import redis
 from sqlalchemy import Engine
 
+from ..adapters.request_threads import waiting
 from ..core.client_secrets import check_hash_format
-from ..core.ports import BaselineStore
+from ..core.ports import BaselineStore, RevokedTokens
+from ..core.rate_limit import Limit, RateLimiter, RateLimitPolicy
 from ..errors import ConfigurationError
 from ..settings import Settings
 from .secret_files import secret_file
+from .stores import rate_limit_store
+
+#: The rate-limit endpoint of review sign-ins, and its limits: everyone together, per source network
+#: (``rate_limits.ipv4_prefix``/``ipv6_prefix``) and per user name tried.  A password hash costs
+#: about 0.15 s of CPU (PBKDF2, 600,000 iterations): 60 a minute spend at most a sixth of one core.
+SIGN_IN = "review_sign_in"
+SIGN_IN_LIMITS: Mapping[str, Limit] = {
+    "global": Limit(requests=60, period=60, burst=20),
+    "network": Limit(requests=10, period=60, burst=10),
+    "client": Limit(requests=5, period=60, burst=5),
+}
+
+
+def _slow(check: Callable[[], bool]) -> bool:
+    """A password check gives up the worker's turn (hashlib lets go of the interpreter lock while it
+    hashes), so the worker's token requests run meanwhile."""
+    with waiting():
+        return check()
 
 
 def build_review(
-    settings: Settings, engine: Engine, baselines: BaselineStore | None, clock: Callable[[], float]
+    settings: Settings,
+    engine: Engine,
+    baselines: BaselineStore | None,
+    clock: Callable[[], float],
+    *,
+    redis_client: redis.Redis | None = None,
+    ended: RevokedTokens | None = None,
 ) -> Any:
     """The review page's blueprint (``review.enabled``), given what it reads.  Nothing here
-    needs the database: its tables come with the schema's migrations."""
+    needs the database: its tables come with the schema's migrations.  Sign-ins are rate-limited
+    (:data:`SIGN_IN_LIMITS`) in the shared store, whether or not ``rate_limits`` is enabled; a
+    signed-out session is remembered in ``ended`` (the revoked-tokens store)."""
     from ..adapters import audit_query
     from ..http import review
 
@@ -28,12 +58,22 @@ def build_review(
                 f"setting review.users.{user.username}.password_hash: not a recognised hash "
                 "(make one with `sts clients secret --stdin`)"
             )
+    limiter = _sign_in_limiter(settings, engine, redis_client)
     config = review.ReviewConfig(
         users={u.username: u.password_hash for u in settings.review.users},
         session_secret=secret_file(settings.keys_dir / "review-session.secret"),
         session_lifetime=settings.review.session_lifetime,
         secure_cookie=settings.issuer.startswith("https://"),
         new_edge_days=settings.review.new_edge_days,
+        admit_sign_in=functools.partial(limiter.for_sign_in, SIGN_IN),
+        ended=ended,
+        slow=_slow,
     )
     query = audit_query.AuditQuery(engine, clock=clock)
     return review.blueprint(config, query=query, baselines=baselines, clock=clock)
+
+
+def _sign_in_limiter(settings: Settings, engine: Engine, redis_client: redis.Redis | None) -> RateLimiter:
+    limits = settings.rate_limits
+    policy = RateLimitPolicy({SIGN_IN: SIGN_IN_LIMITS}, limits.ipv4_prefix, limits.ipv6_prefix)
+    return RateLimiter(policy, rate_limit_store(engine, redis_client))

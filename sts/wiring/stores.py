@@ -105,6 +105,13 @@ def store_check(stores: Stores, instance: str) -> StoreCheck:
     return sql_store_check(stores.replay, instance)
 
 
+def rate_limit_store(engine: Engine, redis_client: redis.Redis | None) -> RateLimitStore:
+    """Where rate-limit counts are kept: with the rest of the shared state (Redis, else the database)."""
+    if redis_client is not None:
+        return RedisRateLimits(redis_client)
+    return SqlRateLimits(rate_limit_engine(engine))
+
+
 def build_rate_limiter(
     settings: Settings, engine: Engine, redis_client: redis.Redis | None, metrics: Metrics | None = None
 ) -> RateLimiter:
@@ -118,11 +125,7 @@ def build_rate_limiter(
     }
     if not configured.enabled or not endpoints:
         return NO_LIMITS
-    store: RateLimitStore = (
-        RedisRateLimits(redis_client)
-        if redis_client is not None
-        else SqlRateLimits(rate_limit_engine(engine))
-    )
+    store = rate_limit_store(engine, redis_client)
     if metrics is not None:
         store = count_store_errors(store, "rate_limit", metrics)
     return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)

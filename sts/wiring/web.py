@@ -37,7 +37,12 @@ def build_flask_app(
         keyring.reload_if_changed(clock())
         return keyring.public_jwks()
 
-    app = Flask("sts")
+    # No static route: the review page serves its stylesheet itself (``/review.css``), and nothing
+    # else is a file.
+    app = Flask("sts", static_folder=None)
+    # Werkzeug answers a path with ``//`` by a 308 to an absolute URL built from the Host header
+    # (a cacheable off-site redirect for a spoofed Host); here such a path is simply not found.
+    app.url_map.merge_slashes = False
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
@@ -70,7 +75,11 @@ def build_flask_app(
     if runtime.signals is not None:
         app.register_blueprint(events_blueprint(runtime.signals))
     if settings.review.enabled:
-        app.register_blueprint(build_review(settings, runtime.engine, runtime.baselines, clock))
+        ended = runtime.token_status.revoked if runtime.token_status is not None else None
+        review = build_review(
+            settings, runtime.engine, runtime.baselines, clock, redis_client=runtime.redis_client, ended=ended
+        )
+        app.register_blueprint(review)
     served: Any = app.wsgi_app
     if lean_token:
         served = LeanTokenEndpoint(

@@ -346,6 +346,20 @@ def test_options_is_a_json_405_with_allow_on_every_route(app: Flask, path_app: F
     assert checked >= 15
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/.well-known//jwks.json", "/.well-known//oauth-authorization-server", "/static/review/review.css"],
+)
+def test_no_redirect_is_built_from_the_host_header(app: Flask, path: str) -> None:
+    """Werkzeug's slash merging answered ``//`` paths with a cacheable 308 to an absolute URL made
+    from the Host header (an off-site redirect for a spoofed Host), and Flask's static route served
+    a file the service never links to: both are plain 404s now."""
+    response = app.test_client().get(path, headers={"Host": "evil.example"})
+    assert response.status_code == 404
+    assert "Location" not in response.headers
+    assert response.get_json()["error"] == "not_found"
+
+
 def test_unknown_metadata_path_is_a_documented_404(app: Flask, path_app: Flask) -> None:
     template = "/.well-known/oauth-authorization-server/{issuer_path}"
     for flask_app, path in (

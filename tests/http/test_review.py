@@ -151,6 +151,93 @@ def test_wrong_password_unknown_user_and_missing_form_token(review: Review) -> N
     assert fresh.get("/review/").status_code == 401
 
 
+def attempt(review: Review, username: str, password: str, address: str = "127.0.0.1") -> TestResponse:
+    """One sign-in from ``address`` (a client of its own), with a fresh form token."""
+    web = review.app.test_client()
+    web.environ_base["REMOTE_ADDR"] = address
+    review.web = web
+    return review.sign_in(username, password)
+
+
+def test_sign_ins_are_throttled_per_user_before_the_hash_is_computed(
+    review: Review, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five tries a minute per user name (OWASP ASVS V2.2.1): the sixth is 429 with Retry-After,
+    even with the right password, and costs no hash; a minute later the user signs in."""
+    import sts.http.review as review_module
+
+    hashed: list[str] = []
+    verify = review_module.verify_secret
+    monkeypatch.setattr(review_module, "verify_secret", lambda *a: hashed.append("h") or verify(*a))
+    for number in range(5):
+        assert attempt(review, REVIEWER, "wrong", f"10.0.{number}.1").status_code == 401
+    assert len(hashed) == 5
+    throttled = attempt(review, REVIEWER, PASSWORD, "10.0.9.1")
+    assert throttled.status_code == 429
+    assert 1 <= int(throttled.headers["Retry-After"]) <= 60
+    assert "Too many sign-in attempts" in throttled.get_data(as_text=True)
+    assert not any(c.startswith("sts_review=") for c in throttled.headers.getlist("Set-Cookie"))
+    assert len(hashed) == 5
+    # Another user is not held back by it.
+    assert attempt(review, "mallory", "x", "10.0.9.1").status_code == 401
+    review.clock.now += 60
+    assert attempt(review, REVIEWER, PASSWORD, "10.0.9.1").status_code == 303
+
+
+def test_sign_ins_are_throttled_per_network_and_for_everyone(review: Review) -> None:
+    """Ten tries a minute from one /24 network, whatever the user names; twenty at once from
+    everywhere (then one a second): a flood cannot spend the CPU that issues tokens on hashes."""
+    for number in range(10):
+        assert attempt(review, f"guess{number}", "x", f"192.0.2.{number}").status_code == 401
+    assert attempt(review, "guess-next", "x", "192.0.2.77").status_code == 429
+    assert attempt(review, "elsewhere", "x", "198.51.100.1").status_code == 401
+    review.clock.now += 120
+    statuses = [attempt(review, f"u{n}", "x", f"203.0.{n}.1").status_code for n in range(21)]
+    assert statuses == [401] * 20 + [429]
+
+
+def test_the_password_check_lets_the_workers_other_requests_run(
+    review: Review, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash runs outside the worker's turn (:func:`sts.adapters.request_threads.waiting`)."""
+    import contextlib
+
+    import sts.wiring.review as wiring
+
+    entered: list[bool] = []
+
+    @contextlib.contextmanager
+    def recording() -> Iterator[None]:
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(wiring, "waiting", recording)
+    assert attempt(review, REVIEWER, PASSWORD).status_code == 303
+    assert entered == [True]
+
+
+def test_signing_out_ends_the_session_for_every_copy_of_the_cookie(review: Review) -> None:
+    """OWASP ASVS V3.3.1: a copied cookie stops working once its session signs out, on this
+    instance and on another sharing the store."""
+    review.sign_in()
+    cookie = review.web.get_cookie("sts_review", path="/review")
+    assert cookie is not None
+    copy = review.app.test_client()
+    copy.set_cookie("sts_review", cookie.value, path="/review")
+    other = create_app(review.app.extensions["sts"].settings, clock=review.clock).test_client()
+    other.set_cookie("sts_review", cookie.value, path="/review")
+    assert copy.get("/review/timeline").status_code == 200
+    assert other.get("/review/timeline").status_code == 200
+    csrf = re.search(r'name="csrf" value="([^"]+)"', review.page("/review/"))
+    assert csrf is not None
+    assert review.web.post("/review/logout", data={"csrf": csrf.group(1)}).status_code == 303
+    assert copy.get("/review/timeline").status_code == 401
+    assert other.get("/review/timeline").status_code == 401
+    # A new sign-in is a new session.
+    review.sign_in()
+    assert review.web.get("/review/timeline").status_code == 200
+
+
 def test_a_slow_hash_signs_in_too(make_settings: Callable[..., Settings], upstream: RunningServer) -> None:
     users = [{"username": "carol", "password_hash": hash_secret("a chosen passphrase", slow=True)}]
     app = create_app(make_settings(review_policy(), review={"enabled": True, "users": users}))
@@ -258,6 +345,9 @@ def test_review_without_its_slash_goes_to_the_overview_by_a_path(review: Review)
         assert response.status_code == 308, signed_in
         assert response.headers["Location"] == "/review/"
         assert response.headers["Cache-Control"] == "no-store"
+        # Nor does a doubled slash get Werkzeug's redirect to the Host header's address.
+        doubled = review.web.get("/review//timeline", headers={"Host": "evil.example.com"})
+        assert doubled.status_code == 404 and "Location" not in doubled.headers, signed_in
     assert "outcomes-chart" in review.page("/review/")
 
 
