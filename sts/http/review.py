@@ -61,6 +61,7 @@ from ..core.ports import BaselineStore, RevokedTokens, StoreUnavailable
 from ..core.subject_state import identity_key
 from ..errors import RateLimited, TemporarilyUnavailable
 from . import review_svg
+from .review_text import visible
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ def blueprint(
 ) -> Blueprint:
     """The review blueprint, given everything it uses (it never reaches into the app)."""
     bp = Blueprint("review", __name__, url_prefix=PREFIX, template_folder="../templates")
+    # Every value the templates print shows its invisible characters (see review_text).
+    bp.record_once(lambda state: setattr(state.app.jinja_env, "finalize", visible))
 
     class ClockedSigner(TimestampSigner):
         """Session ages by the service's clock (a parameter), not the machine's."""

@@ -24,6 +24,7 @@ from sts.core.client_secrets import hash_secret
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
+from tests.conftest import STS_ISSUER, exchange_form
 from tests.support.clock import Clock
 from tests.support.review_support import (
     APP,
@@ -375,6 +376,23 @@ def test_markup_in_a_record_is_shown_as_text(review: Review) -> None:
     assert "onerror" in body and '<img src=x onerror="alert(1)">' not in body
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in body
     assert MARKUP_REPO not in body
+
+
+def test_invisible_characters_in_a_record_are_shown_as_escapes(
+    review: Review, upstream: RunningServer
+) -> None:
+    """A bidi override or a zero-width space would make two identities look alike (or reverse the
+    text after it): the page writes them as ``\\u202e``, as ``sts audit`` does."""
+    sneaky = "https://deploy.example.com/\u202eniam\u200b\u00a0"
+    subject = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=review.clock.now)
+    refused = review.app.test_client().post("/token", data=exchange_form(subject, audience=sneaky))
+    assert refused.status_code == 400
+    review.sign_in()
+    for path in ("/review/timeline", "/review/decision/13"):
+        body = review.page(path)
+        assert "niam" in body, path
+        assert not {"\u202e", "\u200b", "\u00a0"} & set(body), path
+        assert "\\u202eniam\\u200b\\u00a0" in body, path
 
 
 def test_overview_charts(review: Review) -> None:
