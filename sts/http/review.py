@@ -232,6 +232,8 @@ def blueprint(
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["X-Content-Type-Options"] = "nosniff"
+        if config.secure_cookie:  # An https issuer: browsers keep to https (RFC 6797).
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         if request.endpoint != "review.stylesheet":
             response.headers["Cache-Control"] = "no-store"
         return response

@@ -306,12 +306,21 @@ def test_every_page_is_locked_down(review: Review) -> None:
         assert "default-src 'none'" in csp and "script-src" not in csp and "frame-ancestors 'none'" in csp
         assert response.headers["Cache-Control"] == "no-store"
         assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert response.headers["Strict-Transport-Security"] == "max-age=31536000"  # the issuer is https
         body = response.get_data(as_text=True)
         assert "<script" not in body and "http://" not in body.replace(
             'xmlns="http://www.w3.org/2000/svg"', ""
         )
     css = review.web.get("/review/review.css")
     assert css.status_code == 200 and css.mimetype == "text/css"
+    assert "Strict-Transport-Security" in review.web.get("/review/login").headers
+
+
+def test_no_hsts_under_an_http_issuer(make_settings: Callable[..., Settings]) -> None:
+    """Strict-Transport-Security only with an https issuer (a loopback http one is for development)."""
+    app = create_app(make_settings(review_policy(), **review_settings(issuer="http://127.0.0.1:8080")))
+    response = app.test_client().get("/review/login")
+    assert response.status_code == 200 and "Strict-Transport-Security" not in response.headers
 
 
 def test_timeline_filters_and_pages(review: Review) -> None:
