@@ -239,6 +239,37 @@ def test_signing_out_ends_the_session_for_every_copy_of_the_cookie(review: Revie
     assert review.web.get("/review/timeline").status_code == 200
 
 
+@pytest.mark.parametrize("backend", ["embedded", "redis", "postgresql"])
+def test_throttle_and_sign_out_hold_on_every_store(
+    backend: str, request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> None:
+    """The sign-in counts and the ended sessions live in the shared store: two instances on one
+    Redis or PostgreSQL (or SQLite file) see the same ones."""
+    stores: dict[str, Any] = {}
+    if backend == "redis":
+        stores = {"store": "redis", "redis_url": request.getfixturevalue("fresh_redis_url")}
+    elif backend == "postgresql":
+        stores = {"database_url": request.getfixturevalue("pg").url}
+    settings = make_settings(review_policy(), **review_settings(**stores))
+    clock = Clock(float(int(time.time())))
+    apps = [create_app(settings, clock=clock) for _ in range(2)]
+    one, two = (Review(app, app.test_client(), clock, {}) for app in apps)
+    assert attempt(one, REVIEWER, PASSWORD).status_code == 303
+    session = one.web.get_cookie("sts_review", path="/review")
+    assert session is not None
+    for number in range(4):
+        assert attempt(two if number % 2 else one, REVIEWER, "wrong", f"10.9.{number}.1").status_code == 401
+    assert attempt(two, REVIEWER, PASSWORD, "10.9.8.1").status_code == 429
+    copy = two.app.test_client()
+    copy.set_cookie("sts_review", session.value, path="/review")
+    assert copy.get("/review/timeline").status_code == 200
+    one.web.set_cookie("sts_review", session.value, path="/review")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', one.page("/review/"))
+    assert csrf is not None
+    assert one.web.post("/review/logout", data={"csrf": csrf.group(1)}).status_code == 303
+    assert copy.get("/review/timeline").status_code == 401
+
+
 def test_a_slow_hash_signs_in_too(make_settings: Callable[..., Settings], upstream: RunningServer) -> None:
     users = [{"username": "carol", "password_hash": hash_secret("a chosen passphrase", slow=True)}]
     app = create_app(make_settings(review_policy(), review={"enabled": True, "users": users}))
