@@ -93,6 +93,8 @@ class IssuerDirectory:
             for i in issuers
             if i.policy.profile == "spiffe" and i.policy.profile_options.trust_domain
         }
+        #: Each issuer's name by its ``iss`` (whose state applies to the actor an ``act`` names).
+        self.names_by_iss: dict[str, str] = {iss: i.policy.name for iss, i in self._by_iss.items()}
 
     def by_iss(self, iss: str) -> TrustedIssuer | None:
         return self._by_iss.get(iss)

@@ -109,11 +109,43 @@ def own_token_identities(
     return [identity_key(name, subject) for name in names] + [identity_key(ANY_ISSUER, subject)]
 
 
+def actor_identities(act: Any, issuer_names: Collection[str], issuer_of: Mapping[str, str]) -> list[str]:
+    """The identity keys whose state applies to the current actor a token of ours names (its
+    top-level ``act``, RFC 8693 §4.1: the party exercising the token).
+
+    The actor's issuer is found by the ``iss`` it was verified under (``issuer_of``: issuer URL to
+    configured name).  An actor that was a token of ours (``iss`` is ours: its upstream issuer is not
+    carried in ``act``), or whose issuer is no longer configured, is checked under every issuer.
+    """
+    if not isinstance(act, Mapping) or not isinstance(act.get("sub"), str):
+        return []
+    iss = act.get("iss")
+    name = issuer_of.get(iss) if isinstance(iss, str) else None
+    known = name is not None and name != SELF_ISSUER and name in issuer_names
+    return own_token_identities(act["sub"], issuer_names, name if known else None)
+
+
+def token_identities(
+    token_issuer: str, subject: str, claims: Mapping[str, Any], issuer_names: Collection[str]
+) -> list[str]:
+    """The identity keys whose state applies to a verified token's subject: the upstream
+    identity's own and the any-issuer one; for a token of ours, see :func:`own_token_identities`."""
+    if token_issuer == SELF_ISSUER:
+        return own_token_identities(subject, issuer_names, upstream_issuer(claims, issuer_names))
+    return [identity_key(token_issuer, subject), identity_key(ANY_ISSUER, subject)]
+
+
 def revocation(
-    claims: Mapping[str, Any], issuer_names: Collection[str], states: SubjectStateStore, tokens: RevokedTokens
+    claims: Mapping[str, Any],
+    issuer_names: Collection[str],
+    states: SubjectStateStore,
+    tokens: RevokedTokens,
+    issuer_of: Mapping[str, str] | None = None,
 ) -> str | None:
     """Why a token of ours is revoked: ``"jti"`` (RFC 7009, ``POST /revoke``), ``"subject"`` (issued
-    before its subject's ``revoked_before``: a security event or ``sts revoke subject``), or None.
+    before its subject's ``revoked_before``: a security event or ``sts revoke subject``), ``"actor"``
+    (issued before that of the actor it names, with ``issuer_of``: see :func:`actor_identities`), or
+    None.
 
     Every instance sharing the store sees the same answer.  Raises :class:`StoreUnavailable` when the
     store cannot answer; callers fail closed (introspection says inactive, the exchange refuses).
@@ -121,16 +153,26 @@ def revocation(
     if tokens.revoked(str(claims["jti"])):
         return "jti"
     keys = own_token_identities(str(claims["sub"]), issuer_names, upstream_issuer(claims, issuer_names))
-    if is_revoked(merge(states.get(keys)), numeric_date_value(claims.get("iat"))):
+    actor_keys = actor_identities(claims.get("act"), issuer_names, issuer_of) if issuer_of is not None else []
+    found = states.get([*keys, *actor_keys])  # One read for both.
+    issued_at = numeric_date_value(claims.get("iat"))
+    if is_revoked(merge(found[: len(keys)]), issued_at):
         return "subject"
+    if actor_keys and is_revoked(merge(found[len(keys) :]), issued_at):
+        return "actor"
     return None
 
 
 def revoked(
-    claims: Mapping[str, Any], issuer_names: Collection[str], states: SubjectStateStore, tokens: RevokedTokens
+    claims: Mapping[str, Any],
+    issuer_names: Collection[str],
+    states: SubjectStateStore,
+    tokens: RevokedTokens,
+    issuer_of: Mapping[str, str] | None = None,
 ) -> bool:
-    """Revoked by jti, or issued before a security event revoked its subject.  Store errors propagate."""
-    return revocation(claims, issuer_names, states, tokens) is not None
+    """Revoked by jti, or issued before a security event revoked its subject or its actor.  Store
+    errors propagate."""
+    return revocation(claims, issuer_names, states, tokens, issuer_of) is not None
 
 
 def introspect(
@@ -141,8 +183,10 @@ def introspect(
     states: SubjectStateStore,
     tokens: RevokedTokens,
     now: float,
+    issuer_of: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """RFC 7662 §2.2 response for ``token`` as seen by a caller serving ``caller_audiences``."""
+    """RFC 7662 §2.2 response for ``token`` as seen by a caller serving ``caller_audiences``
+    (``issuer_of``: issuer URL to configured name, see :func:`revocation`)."""
     claims = verify_own_token(token, verifier, now)
     if claims is None or not set(audiences_of(claims)) & set(caller_audiences):
         return dict(INACTIVE)
@@ -152,7 +196,7 @@ def introspect(
         # does not apply to our own expiry, which our clock decides (as at the token endpoint).
         return dict(INACTIVE)
     try:
-        if revoked(claims, issuer_names, states, tokens):
+        if revoked(claims, issuer_names, states, tokens, issuer_of):
             return dict(INACTIVE)
     except StoreUnavailable:
         # Cannot tell whether it was revoked: say inactive (fail closed).

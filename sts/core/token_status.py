@@ -58,6 +58,8 @@ class TokenStatus:
     #: client assertion presented there (see :class:`.clients.AssertionAudience`).
     endpoint_urls: Mapping[str, str] = field(default_factory=dict)
     limits: RateLimiter = field(default=NO_LIMITS)
+    #: Each trusted issuer's configured name by its ``iss``: whose state applies to a token's actor.
+    issuer_of: Mapping[str, str] = field(default_factory=dict)
 
     def _start(self, wire: WireRequest, endpoint: str) -> tuple[AuditRecord, float]:
         now = self.clock()
@@ -128,7 +130,7 @@ class TokenStatus:
             raise
         audiences = self.client_audiences.get(client.client_id, ())
         response = introspect(
-            token, audiences, self.verifier, self.issuer_names, self.states, self.revoked, now
+            token, audiences, self.verifier, self.issuer_names, self.states, self.revoked, now, self.issuer_of
         )
         record.outcome = "active" if response["active"] else "inactive"
         record.subject = response.get("sub")

@@ -100,6 +100,7 @@ def build_token_status(
         clients=clients,
         client_audiences={c.client_id: c.audiences for c in settings.clients},
         issuer_names=frozenset(i.name for i in settings.issuers),
+        issuer_of={i.issuer: i.name for i in settings.issuers},
         replay=stores.replay,
         states=stores.subject_states,
         revoked=stores.revoked,

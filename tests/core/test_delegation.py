@@ -33,12 +33,14 @@ from werkzeug.test import TestResponse
 
 from sts.app import create_app
 from sts.core.audit import token_hash
+from sts.core.client_secrets import hash_secret
 from sts.core.policy.compile import compile_rule
 from sts.core.policy.rules import MAX_DELEGATION_DEPTH
+from sts.core.subject_state import SubjectState, identity_key
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
-from tests.conftest import ACCESS_TOKEN_TYPE, JWT_TYPE, STS_ISSUER, exchange_form
+from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, JWT_TYPE, STS_ISSUER, exchange_form
 from tests.support.clock import Clock
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -779,3 +781,63 @@ def test_may_act_binds_later_hops_too(make_sts: Callable[..., STS]) -> None:
     assert sts.claims(first)["may_act"] == {"sub": agent(1)}
     refused = sts.exchange(first, subject_token_type=ACCESS_TOKEN_TYPE, actor=sts.actor(2), audience=DEPLOY)
     assert_refused(sts, refused, "invalid_request", "actor_token.not_in_may_act")
+
+
+# -- what security events say of the actor --------------------------------------------------------
+
+RS_SECRET = "deploy-api-secret-0123456789-abcdefghijkl"
+
+
+def set_actor_state(sts: STS, n: int, **state: Any) -> None:
+    """What a security event (or ``sts revoke subject upstream ...``) leaves for actor ``n``."""
+    runtime = sts.app.extensions["sts"]
+    runtime.subject_states.put(identity_key("upstream", agent(n)), SubjectState(**state), 3600)
+
+
+def test_a_blocked_actor_acts_for_nobody(sts: STS) -> None:
+    """RFC 8693 §4.1: the actor is the party exercising the token; a security event that blocks it
+    holds for its actor tokens, fresh ones too, as for its own exchanges."""
+    set_actor_state(sts, 1, blocked_until=sts.clock.now + 600, events=("session-revoked",))
+    resp = sts.exchange(sts.subject(), actor=sts.actor(1))
+    assert_refused(sts, resp, "invalid_request", "actor_token.blocked")
+    assert "blocked the actor" in resp.get_json()["error_description"]
+    sts.granted(sts.subject(), actor=sts.actor(2))
+    sts.clock.now += 601
+    sts.granted(sts.subject(), actor=sts.actor(1))
+
+
+def test_an_actor_asked_to_attest_again_needs_a_fresh_actor_token(sts: STS) -> None:
+    before = sts.actor(1)
+    sts.clock.now += 10
+    set_actor_state(sts, 1, reauth_after=sts.clock.now - 5, events=("credential-change",))
+    resp = sts.exchange(sts.subject(), actor=before)
+    assert_refused(sts, resp, "invalid_request", "actor_token.attestation_predates_security_event")
+    assert "fresh actor token" in resp.get_json()["error_description"]
+    sts.granted(sts.subject(), actor=sts.actor(1))
+
+
+def test_tokens_naming_a_revoked_actor_are_revoked_with_it(make_sts: Callable[..., STS]) -> None:
+    """Introspection says inactive and re-exchange refuses, for the tokens whose ``act`` names the
+    actor; tokens with another actor (or none) are untouched."""
+    rs = {"client_id": "deploy-api", "auth_method": "client_secret_basic",
+          "secret_hash": hash_secret(RS_SECRET), "audiences": [DEPLOY]}  # fmt: skip
+    sts = make_sts(clients=[*DEFAULT_CLIENTS, rs])
+    named = sts.granted(sts.subject(), actor=sts.actor(1))
+    again = sts.reexchange(named)
+    other = sts.granted(sts.subject(), actor=sts.actor(2))
+    alone = sts.granted(sts.subject())
+
+    def active(token: str) -> bool:
+        resp = sts.web.post("/introspect", data={"token": token}, auth=("deploy-api", RS_SECRET))
+        return bool(resp.get_json()["active"])
+
+    assert active(named) and active(again) and active(other) and active(alone)
+    sts.clock.now += 1
+    set_actor_state(sts, 1, revoked_before=sts.clock.now, events=("session-revoked",))
+    assert [active(t) for t in (named, again, other, alone)] == [False, False, True, True]
+    resp = sts.exchange(named, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
+    assert_refused(sts, resp, "invalid_request", "subject_token.revoked")  # the subject was not revoked
+    sts.reexchange(other)
+    # A token issued to the actor after the event is not touched by it.
+    sts.clock.now += 1
+    assert active(sts.granted(sts.subject(), actor=sts.actor(1)))

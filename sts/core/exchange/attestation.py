@@ -16,10 +16,19 @@ from ...errors import InvalidRequest, TemporarilyUnavailable
 from ...protocol.token_exchange import TokenExchangeRequest
 from ..attest import IssuerDirectory, VerifiedToken, verify_token
 from ..audit import AuditRecord
-from ..delegation import SELF_ISSUER, act_chain, check_may_act
-from ..introspection import revocation
+from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act
+from ..introspection import revocation, token_identities
 from ..ports import RevokedTokens, StoreUnavailable, SubjectStateStore, TokenReviewer, TokenReviewUnavailable
 from ..rate_limit import RateLimiter
+from ..subject_state import merge
+
+#: Said to a workload whose actor a security event has blocked (fixed texts, never from input).
+ACTOR_BLOCKED = "A security event has blocked the actor; it cannot act for anyone until the block ends."
+#: Said when a security event asks the actor to attest again.
+ACTOR_REATTEST = (
+    "The actor token was issued before a security event concerning the actor; obtain a fresh actor "
+    "token and exchange again."
+)
 
 
 class Parties(NamedTuple):
@@ -91,6 +100,7 @@ class Attestation:
             )
             record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject[:500]
             self._check_not_revoked(actor, "actor_token")
+            self._check_actor_state(actor, now)
             check_may_act(subject, actor)
         trusted = self.issuers.by_name(subject.issuer_name)
         trusted_delegation = trusted is not None and trusted.policy.trusted_delegation
@@ -112,11 +122,43 @@ class Attestation:
         if self.subject_states is None or self.revoked_tokens is None:
             raise TemporarilyUnavailable("store.unavailable", "no revocation store")
         try:
-            cause = revocation(token.claims, self.issuers.names(), self.subject_states, self.revoked_tokens)
+            cause = revocation(
+                token.claims,
+                self.issuers.names(),
+                self.subject_states,
+                self.revoked_tokens,
+                self.issuers.names_by_iss,
+            )
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         if cause is not None:
             raise InvalidRequest(f"{role}.revoked", cause)
+
+    def _check_actor_state(self, actor: VerifiedToken, now: float) -> None:
+        """The actor is a party to the exchange (RFC 8693 §4.1: the one exercising the token), so
+        what a security event says of it holds for its actor tokens as for its own exchanges: while
+        it is blocked it acts for nobody, and after an event that asks it to attest again only an
+        actor token attested since then is taken.  (Its revocation is :meth:`_check_not_revoked`'s,
+        and the tokens of ours that name it are revoked with it, see
+        :func:`~sts.core.introspection.revocation`.)"""
+        if self.subject_states is None:
+            return
+        keys = token_identities(actor.issuer_name, actor.subject, actor.claims, self.issuers.names())
+        try:
+            state = merge(self.subject_states.get(keys))
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        if state.blocked_until is not None and now < state.blocked_until:
+            raise InvalidRequest(
+                "actor_token.blocked", ",".join(state.events[-3:]), description=ACTOR_BLOCKED
+            )
+        attested_at = attestation_time(actor)
+        if state.reauth_after is not None and (attested_at is None or attested_at < state.reauth_after):
+            raise InvalidRequest(
+                "actor_token.attestation_predates_security_event",
+                ",".join(state.events[-3:]),
+                description=ACTOR_REATTEST,
+            )
 
     def _check_liveness(self, subject: VerifiedToken, token: str) -> bool:
         """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview).

@@ -46,12 +46,12 @@ from ..baseline import BASELINE_TTL, Baseline, observe, record_failure
 from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
-from ..introspection import own_token_identities, upstream_issuer
+from ..introspection import token_identities
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
 from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
-from ..subject_state import SubjectState, identity_key, identity_keys, merge
+from ..subject_state import SubjectState, identity_key, merge
 from .attestation import Parties
 from .binding import presented_keys
 
@@ -334,9 +334,7 @@ class RiskAndAssurance:
         return {**posture.facts, **posture.claims}, None
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
-        if subject.issuer_name == SELF_ISSUER:
-            # Our own token: events may name the subject under the issuer it first came from.
-            names = self.issuers.names()
-            upstream = upstream_issuer(subject.claims, names)
-            return tuple(own_token_identities(subject.subject, names, upstream))
-        return identity_keys(subject.issuer_name, subject.subject)
+        # Our own token: events may name the subject under the issuer it first came from.
+        return tuple(
+            token_identities(subject.issuer_name, subject.subject, subject.claims, self.issuers.names())
+        )
