@@ -67,6 +67,8 @@ class RiskSettings:
     stable_facts: tuple[str, ...] = ()
     posture_fact: str | None = None
     posture_good: frozenset[str] = frozenset({"compliant", "healthy", "true"})
+    #: Issuers whose posture tokens speak for this rule's subjects; empty: the subject's own issuer.
+    posture_issuers: frozenset[str] = frozenset()
     posture_max_age: int | None = None
     max_failures: int = 3
     failure_window: int = 600

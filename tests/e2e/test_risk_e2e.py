@@ -23,9 +23,10 @@ from sts.app import create_app
 from sts.core.baseline import LEARNING_EXCHANGES, Baseline
 from sts.core.subject_state import STATE_TTL, SubjectState
 from sts.dev.issuer import DevIssuer, RunningServer
+from sts.errors import ConfigurationError
 from sts.settings import Settings
 from sts.wiring.runtime import Runtime
-from tests.conftest import ACCESS_TOKEN_TYPE, STS_ISSUER, exchange_form
+from tests.conftest import ACCESS_TOKEN_TYPE, STS_ISSUER, exchange_form, upstream_issuer
 from tests.support.clock import Clock
 from tests.support.redis_server import url_of
 
@@ -561,3 +562,46 @@ def test_a_separately_presented_posture_token_feeds_stale_posture(
     other = exchange(posture_token("compliant", sub="repo:evil/app:ref:refs/heads/main"))
     assert other.status_code == 400
     assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1] == "posture_token.subject_mismatch"
+
+
+def test_posture_evidence_comes_only_from_an_issuer_that_speaks_for_the_subject(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """The same ``sub`` under another trusted issuer is another workload: its posture token is not
+    this subject's evidence (nor does it confirm drift), unless the rule names that issuer in
+    ``risk.posture_issuers``; by default only the subject token's own issuer speaks for it."""
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    with DevIssuer.serve_ephemeral(alg="ES256") as other:
+        second = {**upstream_issuer(other), "name": "posture-svc", "algorithms": ["ES256"]}
+        issuers = [upstream_issuer(upstream), second]
+
+        def build(**risk: Any) -> FlaskClient:
+            posture_rule = rule("posture", subject=subject_name)
+            posture_rule["risk"] = {
+                "posture_fact": "device_posture",
+                "weights": {"stale_posture": 100},
+                **risk,
+            }
+            return create_app(make_settings(policy(posture_rule), issuers=issuers)).test_client()
+
+        def posture_token(issuer: DevIssuer) -> str:
+            now = int(time.time())
+            claims = {"iss": issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER, "iat": now,
+                      "exp": now + 300, "device_posture": "compliant"}  # fmt: skip
+            return issuer.mint(claims)
+
+        def exchange(web: FlaskClient, posture: str) -> TestResponse:
+            subject = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+            form = {**exchange_form(subject, audience="https://deploy.example.com"), "posture_token": posture}
+            return web.post("/token", data=form, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+
+        default = build()
+        assert exchange(default, posture_token(upstream.issuer)).status_code == 200
+        foreign = exchange(default, posture_token(other.issuer))
+        assert foreign.status_code == 400 and foreign.get_json()["error"] == "invalid_request"
+        named = build(posture_issuers=["posture-svc"])
+        assert exchange(named, posture_token(other.issuer)).status_code == 200
+        assert exchange(named, posture_token(upstream.issuer)).status_code == 400
+        for unknown in ("nobody", "self"):
+            with pytest.raises(ConfigurationError, match="posture_issuers"):
+                build(posture_issuers=[unknown])

@@ -46,7 +46,7 @@ from ..baseline import BASELINE_TTL, Baseline, observe, record_failure
 from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
-from ..introspection import token_identities
+from ..introspection import token_identities, upstream_issuer
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
 from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
@@ -127,7 +127,7 @@ class RiskAndAssurance:
         posture = None
         if request.posture_token:
             record.details["posture_token_sha256"] = token_hash(request.posture_token)
-            posture = self._posture(request.posture_token, subject, now)
+            posture = self._posture(request.posture_token, subject, grant.risk, now)
         # The baseline is kept where it is judged: by the rule's risk signals, or by the assurance
         # levels (whose proof-of-possession level needs the identity's key), and whenever a key
         # is presented, so the identity's first key is remembered.
@@ -318,17 +318,30 @@ class RiskAndAssurance:
             log.warning("drift probation progress not saved: store unavailable")
 
     def _posture(
-        self, token: str, subject: VerifiedToken, now: float
+        self, token: str, subject: VerifiedToken, risk: RiskSettings | None, now: float
     ) -> tuple[Mapping[str, Any] | None, str | None]:
-        """A posture token (extension parameter): verified like any upstream token, about the same
-        subject.  Expired or otherwise unusable, it is evidence for the stale_posture signal; one
-        about another subject is refused outright (it would be someone else's evidence)."""
+        """A posture token (extension parameter): verified like any upstream token, from an issuer
+        that speaks for the subject's posture, about the same subject.  Expired or otherwise
+        unusable, it is evidence for the stale_posture signal; one from another issuer, or about
+        another subject, is refused outright (it would be someone else's evidence: the same ``sub``
+        under another issuer is another workload).
+
+        Which issuers speak for it: the rule's ``risk.posture_issuers``, else the subject token's own
+        issuer (for a token of ours, the issuer it first came from).  Never this service itself."""
         try:
             posture = verify_token(
                 token, TOKEN_TYPE_JWT, self.issuers, now=now, leeway=self.leeway, role="posture_token"
             )
         except InvalidRequest as exc:
             return None, exc.reason.removeprefix("posture_token.")
+        allowed = risk.posture_issuers if risk is not None and risk.posture_issuers else None
+        if allowed is None:
+            own = subject.issuer_name
+            if own == SELF_ISSUER:
+                own = upstream_issuer(subject.claims, self.issuers.names()) or SELF_ISSUER
+            allowed = frozenset({own})
+        if posture.issuer_name == SELF_ISSUER or posture.issuer_name not in allowed:
+            raise InvalidRequest("posture_token.issuer_not_allowed", posture.issuer_name)
         if posture.subject != subject.subject:
             raise InvalidRequest("posture_token.subject_mismatch")
         return {**posture.facts, **posture.claims}, None

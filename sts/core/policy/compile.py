@@ -102,8 +102,11 @@ def _actor(raw: Mapping[str, Any], where: str, issuers: frozenset[str]) -> Ident
     return matcher
 
 
-def compile_risk(raw: Mapping[str, Any], where: str, scopes: tuple[str, ...]) -> RiskSettings:
-    """A rule's ``risk`` section, checked: thresholds ordered, networks valid, scopes known."""
+def compile_risk(
+    raw: Mapping[str, Any], where: str, scopes: tuple[str, ...], issuers: frozenset[str] | None = None
+) -> RiskSettings:
+    """A rule's ``risk`` section, checked: thresholds ordered, networks valid, scopes known, posture
+    issuers configured (``issuers``: the configured names; None checks nothing, for a file alone)."""
     networks = []
     for value in raw.get("networks", ()):
         try:
@@ -121,8 +124,16 @@ def compile_risk(raw: Mapping[str, Any], where: str, scopes: tuple[str, ...]) ->
         raise ConfigurationError(f"{where}: risk.drift_evidence: unknown {', '.join(unknown_evidence)}")
     if EVIDENCE_POSTURE in evidence and not raw.get("posture_fact"):
         raise ConfigurationError(f"{where}: risk.drift_evidence posture_token needs risk.posture_fact")
+    posture_issuers = tuple(raw.get("posture_issuers", ()))
+    for name in posture_issuers:
+        if name == "self" or (issuers is not None and name not in issuers):
+            shown = ", ".join(sorted(issuers or ())) or "none"
+            raise ConfigurationError(
+                f"{where}: risk.posture_issuers: unknown issuer {name!r} (configured: {shown})"
+            )
     settings = RiskSettings(
         mode=raw.get("mode", "enforce"),
+        posture_issuers=frozenset(posture_issuers),
         networks=tuple(networks),
         privileged_scopes=privileged,
         stable_facts=tuple(raw.get("stable_facts", DEFAULT_STABLE_FACTS)),
@@ -274,7 +285,7 @@ def compile_rule(
         require_actor=require_actor,
         single_use=bool(raw.get("single_use", False)),
         max_attestation_age=raw.get("max_attestation_age"),
-        risk=compile_risk(raw["risk"], where, scopes) if "risk" in raw else None,
+        risk=compile_risk(raw["risk"], where, scopes, issuers) if "risk" in raw else None,
         require_dpop=bool(raw.get("require_dpop", False)),
         actor_may_bind_key=bool(raw.get("actor_may_bind_key", False)),
         assurance=compile_assurance(raw.get("assurance", ()), where, scopes, audiences | resources),
