@@ -142,7 +142,9 @@ def review(
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
-        elif _probation_done(entry, settings):
+        elif fresh and _probation_done(entry, settings):
+            # The exchange that completes probation is one of its fresh ones (the last of them
+            # ``probation_period`` after the first): a stale token, replayed at the end, cannot.
             how = "probation"
         if how is not None:
             updated = updated.with_confirmed(name, value, how, now)
@@ -186,10 +188,9 @@ def _clears(
     for name in changed:
         entry = baseline.pending[name]
         since = entry.fresh_since if entry.fresh_since is not None else None
-        needed = max(settings.probation_exchanges - entry.fresh_count, 0)
+        # Still pending, so at least one more fresh exchange (at ``ready_at`` or later) is needed.
+        needed = max(settings.probation_exchanges - entry.fresh_count, 1)
         ready_at = (since if since is not None else now) + settings.probation_period
-        if needed == 0 and (since is None or entry.last_seen < ready_at):
-            needed = 1
         left = max(left, needed)
         not_before = max(not_before, ready_at)
     clears: list[Mapping[str, Any]] = [

@@ -335,7 +335,7 @@ def drift_review(
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
-        elif _probation_done(entry, settings):
+        elif fresh and _probation_done(entry, settings):  # Only a fresh exchange completes it.
             how = "probation"
         if how is not None:
             updated = updated.with_confirmed(name, value, how, now)

@@ -169,6 +169,19 @@ def test_probation_needs_n_fresh_exchanges_spread_over_t() -> None:
     assert result.baseline.confirmed["runner_environment"] == {"how": "probation", "at": NOW + 3600}
 
 
+def test_probation_is_completed_only_by_a_fresh_exchange() -> None:
+    """N fresh exchanges at the start, then a stale token (a replayed old one) once the period has
+    passed: not confirmed; the next fresh exchange confirms it."""
+    baseline = CONFIRMED
+    for moved in (0, 1, 2):
+        baseline = drift(baseline, "self-hosted", NOW + moved).baseline
+    stale = drift(baseline, "self-hosted", NOW + 3601, fresh=False)
+    assert stale.changed and not stale.confirmed_now
+    assert stale.clears[1]["exchanges_left"] == 1
+    fresh = drift(stale.baseline, "self-hosted", NOW + 3602)
+    assert fresh.confirmed_now == {"runner_environment": "probation"}
+
+
 def test_another_new_value_restarts_the_probation() -> None:
     first = drift(CONFIRMED, "self-hosted", NOW).baseline
     other = drift(first, "another-runner", NOW + 10)
