@@ -730,6 +730,28 @@ def test_a_bound_token_stays_bound_on_reexchange(sts: STS) -> None:
     assert sts.claims(again["access_token"])["cnf"] == {"jkt": thumbprint(public_jwk(EC_KEY))}
 
 
+def test_a_bound_upstream_token_needs_its_key_too(sts: STS) -> None:
+    """RFC 9449 §7: whoever presents a DPoP-bound token proves its key.  A bound token from
+    upstream (a peer STS's ``cnf.jkt``) is no bearer token here either, nor can another key
+    take it over; a certificate-bound one (``cnf.x5t#S256``) needs its certificate."""
+    jkt = thumbprint(public_jwk(EC_KEY))
+
+    def bound(cnf: dict[str, str]) -> str:
+        return sts.issuer.github_actions_token(audience=STS_ISSUER, now=sts.clock.now, cnf=cnf)
+
+    token = bound({"jkt": jkt})
+    assert_refused(sts, sts.exchange(subject_token=token), "dpop.bound_token_needs_proof")
+    assert_refused(
+        sts, sts.exchange(sts.proof(EC_OTHER), subject_token=token), "dpop.key_differs_from_bound_token"
+    )
+    body = sts.granted(sts.proof(EC_KEY), subject_token=token)
+    assert body["token_type"] == "DPoP" and sts.claims(body["access_token"])["cnf"] == {"jkt": jkt}
+    certificate_bound = sts.exchange(
+        subject_token=bound({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"})
+    )
+    assert_refused(sts, certificate_bound, "subject_token.certificate_binding_mismatch", "invalid_request")
+
+
 def test_an_unbound_token_of_ours_may_be_bound_on_reexchange(sts: STS) -> None:
     bearer = sts.granted()["access_token"]
     body = sts.granted(sts.proof(EC_KEY), subject_token=bearer, subject_token_type=ACCESS_TOKEN_TYPE)

@@ -21,7 +21,6 @@ from ...errors import InvalidDPoPProof, InvalidRequest
 from ...protocol.wire import WireRequest
 from ..attest import VerifiedToken
 from ..audit import AuditRecord
-from ..delegation import SELF_ISSUER
 from ..dpop import DPoPConfig, VerifiedProof, verify_proof
 from ..policy.rules import Grant
 from ..ports import AlreadyUsed, ReplayCache, ReplayWindowLost, SingleUse, SingleUseLedger, StoreUnavailable
@@ -113,20 +112,21 @@ def check_binding(
 
 
 def check_certificate_binding(subject: VerifiedToken, thumbprint: str | None) -> None:
-    """RFC 8705 §3: a certificate-bound token of ours is re-exchanged over the same certificate."""
+    """RFC 8705 §3: a certificate-bound token (``cnf.x5t#S256``), ours or an upstream one, is
+    exchanged over the same certificate."""
     cnf = subject.claims.get("cnf")
     bound = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
-    if subject.issuer_name == SELF_ISSUER and bound is not None and bound != thumbprint:
+    if bound is not None and bound != thumbprint:
         raise InvalidRequest("subject_token.certificate_binding_mismatch")
 
 
 def bound_key(token: VerifiedToken) -> str | None:
-    """``cnf.jkt`` of a DPoP-bound token of ours (RFC 9449 §6.1); None for any other token."""
+    """``cnf.jkt`` of a DPoP-bound token (RFC 9449 §6.1), ours or an upstream one (a peer STS's, say:
+    whoever presents it must prove the key, else a stolen bound token would pass as a bearer
+    token, RFC 9449 §7); None for a token without one."""
     cnf = token.claims.get("cnf")
     jkt = cnf.get("jkt") if isinstance(cnf, Mapping) else None
-    if token.issuer_name != SELF_ISSUER or jkt is None:
-        return None
-    return str(jkt)
+    return None if jkt is None else str(jkt)
 
 
 def presented_keys(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, str]:
