@@ -203,9 +203,12 @@ def _address(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     if not value:
         return None
     try:
-        return ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # An IPv4-mapped address counts as its IPv4 address (RFC 4291 §2.5.5.2).
+    return address
 
 
 @functools.lru_cache(maxsize=4096)

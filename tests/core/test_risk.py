@@ -150,6 +150,28 @@ SIGNAL_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], bool, int, st
         "known network",
         {"network": "10.1.2.0/24"},
     ),
+    (
+        # A dual-stack listener's IPv4-mapped address is the IPv4 address: inside, and known.
+        "network-ipv4-mapped-inside-declared-and-known",
+        "unusual_network",
+        {"source_ip": "::ffff:10.1.2.9"},
+        {"networks": (ipaddress.ip_network("10.0.0.0/8"),)},
+        False,
+        0,
+        "known network",
+        {"network": "10.1.2.0/24"},
+    ),
+    (
+        # ... and another IPv4 network, mapped, is as unknown as it is unmapped.
+        "network-ipv4-mapped-never-seen",
+        "unusual_network",
+        {"source_ip": "::ffff:192.168.5.5"},
+        {},
+        True,
+        15,
+        "never seen",
+        {"network": "192.168.5.0/24"},
+    ),
     ("network-source-missing", "unusual_network", {"source_ip": None}, {}, True, 30, "unknown", {}),
     (
         "network-source-unparsable",
@@ -1134,6 +1156,7 @@ def seen(
         ("10.1.2.3", "10.1.2.0/24"),
         ("10.1.2.255", "10.1.2.0/24"),
         ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("::ffff:10.1.2.3", "10.1.2.0/24"),
         ("::1", "::/64"),
         ("10.1.2", "unknown"),
         ("", "unknown"),
