@@ -42,6 +42,9 @@ from ..errors import InvalidRequest, InvalidScope, InvalidTarget
 from .attest import VerifiedToken
 
 SELF_ISSUER = "self"
+#: The claim of our tokens naming the configured upstream issuer whose token began the chain
+#: (``issuers[].name``); also in the ``act`` entry of an actor that was a token of ours.
+UPSTREAM_ISSUER_CLAIM = "upstream_issuer"
 #: Structural ceiling on nested ``act`` claims we accept or produce.
 MAX_CHAIN = 8
 
@@ -60,7 +63,14 @@ def chain_depth(act: Any) -> int:
 
 
 def _actor_entry(actor: VerifiedToken) -> dict[str, Any]:
-    return {"sub": actor.subject, "iss": actor.issuer}
+    """The actor as ``act`` names it (RFC 8693 §4.1): ``sub`` and ``iss``; for a token of ours also
+    the issuer it first came from (its ``upstream_issuer``), so that the same ``sub`` from two
+    issuers stays two actors: for policies, for readers of the token, and for revocation."""
+    entry: dict[str, Any] = {"sub": actor.subject, "iss": actor.issuer}
+    upstream = actor.claims.get(UPSTREAM_ISSUER_CLAIM) if actor.issuer_name == SELF_ISSUER else None
+    if isinstance(upstream, str):
+        entry[UPSTREAM_ISSUER_CLAIM] = upstream
+    return entry
 
 
 def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:

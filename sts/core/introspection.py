@@ -20,7 +20,7 @@ from typing import Any
 from joserfc.jwk import Key
 
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date_value
-from .delegation import SELF_ISSUER
+from .delegation import SELF_ISSUER, UPSTREAM_ISSUER_CLAIM
 from .jose import JWSInvalid, peek, verify_signature
 from .ports import KeysUnavailable, RevokedTokens, StoreUnavailable, SubjectStateStore, UnknownKeyId
 from .subject_state import ANY_ISSUER, identity_key, is_revoked, merge
@@ -82,7 +82,7 @@ def audiences_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
 
 #: The claim of our tokens naming the configured upstream issuer whose token began the chain (the
 #: name ``issuers[].name``); carried over when one of our tokens is exchanged again.
-UPSTREAM_CLAIM = "upstream_issuer"
+UPSTREAM_CLAIM = UPSTREAM_ISSUER_CLAIM
 
 
 def upstream_issuer(claims: Mapping[str, Any], issuer_names: Collection[str]) -> str | None:
@@ -121,7 +121,10 @@ def actor_identities(act: Any, issuer_names: Collection[str], issuer_of: Mapping
         return []
     iss = act.get("iss")
     name = issuer_of.get(iss) if isinstance(iss, str) else None
-    known = name is not None and name != SELF_ISSUER and name in issuer_names
+    if name is None or name == SELF_ISSUER:
+        # An actor that was a token of ours: the issuer it came from, when the entry names it.
+        name = upstream_issuer(act, issuer_names)
+    known = name is not None and name in issuer_names
     return own_token_identities(act["sub"], issuer_names, name if known else None)
 
 

@@ -841,3 +841,24 @@ def test_tokens_naming_a_revoked_actor_are_revoked_with_it(make_sts: Callable[..
     # A token issued to the actor after the event is not touched by it.
     sts.clock.now += 1
     assert active(sts.granted(sts.subject(), actor=sts.actor(1)))
+
+
+@pytest.mark.parametrize(("named", "granted"), [("upstream", True), ("elsewhere", False)])
+def test_a_self_actor_entry_can_name_the_issuer_the_actor_came_from(
+    make_sts: Callable[..., STS], named: str, granted: bool
+) -> None:
+    """The same ``sub`` under two issuers is two workloads: an ``issuer: self`` actor entry says
+    which by the token's ``upstream_issuer`` claim, and the issued ``act`` keeps it."""
+    doc = policy()
+    doc["rules"][0]["delegation"]["actors"].append(
+        {"issuer": "self", "subject": SUBJECT, "claims": {"upstream_issuer": named}}
+    )
+    sts = make_sts(doc)
+    ours = sts.granted(sts.subject())
+    resp = sts.exchange(sts.subject(), actor=ours)
+    if not granted:
+        assert_refused(sts, resp, "invalid_request", "policy.actor_not_allowed")
+        return
+    assert resp.status_code == 200, sts.last_record()["reasons"]
+    act = sts.claims(resp.get_json()["access_token"])["act"]
+    assert act == {"sub": SUBJECT, "iss": STS_ISSUER, "upstream_issuer": "upstream"}

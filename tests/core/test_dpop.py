@@ -795,7 +795,8 @@ def test_a_bound_token_of_ours_as_actor_needs_its_key(make_sts: Callable[..., ST
     body = sts.granted(sts.proof(EC_KEY), actor=bound_actor)
     claims = sts.claims(body["access_token"])
     assert body["token_type"] == "DPoP" and claims["cnf"] == {"jkt": thumbprint(public_jwk(EC_KEY))}
-    assert claims["act"] == {"sub": SUBJECT, "iss": STS_ISSUER}
+    # An actor that was a token of ours names the issuer its own chain began with.
+    assert claims["act"] == {"sub": SUBJECT, "iss": STS_ISSUER, "upstream_issuer": "upstream"}
 
 
 @pytest.mark.parametrize("actor_may_bind_key", [False, True])

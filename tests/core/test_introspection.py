@@ -17,7 +17,7 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from sts.app import create_app
 from sts.core.client_secrets import hash_secret
-from sts.core.introspection import own_token_identities
+from sts.core.introspection import actor_identities, own_token_identities
 from sts.core.subject_state import SubjectState
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
@@ -325,3 +325,17 @@ def test_a_request_that_cannot_be_read_is_refused_and_audited_on_every_endpoint(
     [record] = app.extensions["sts"].audit.recent(5, request_id=request_id)
     assert record["endpoint"] == endpoint.strip("/")
     assert record["outcome"] == "refused" and record["reasons"] == [reason]
+
+
+def test_an_actor_of_ours_is_looked_up_under_the_issuer_it_came_from() -> None:
+    """The ``act`` entry of an actor that was a token of ours names its ``upstream_issuer``: the
+    same ``sub`` in another cluster is another workload, and an event about it does not reach."""
+    names = frozenset({"k8s", "k8s2"})
+    ours = {"sub": "system:serviceaccount:agents:executor", "iss": STS_ISSUER}
+    named = actor_identities({**ours, "upstream_issuer": "k8s"}, names, {})
+    assert named == [f"{n}|system:serviceaccount:agents:executor" for n in ("k8s", "self", "*")]
+    # Without it (a token issued before the entry carried it): under every issuer.
+    assert len(actor_identities(ours, names, {})) == 4
+    upstream = {"sub": "x", "iss": "https://k8s2.example"}
+    assert actor_identities(upstream, names, {"https://k8s2.example": "k8s2"}) == ["k8s2|x", "self|x", "*|x"]
+    assert actor_identities(None, names, {}) == [] and actor_identities({"iss": "a"}, names, {}) == []
