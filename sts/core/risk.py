@@ -67,8 +67,7 @@ class RiskSettings:
     stable_facts: tuple[str, ...] = ()
     posture_fact: str | None = None
     posture_good: frozenset[str] = frozenset({"compliant", "healthy", "true"})
-    #: Issuers whose posture tokens speak for this rule's subjects; empty: the subject's own issuer.
-    posture_issuers: frozenset[str] = frozenset()
+    posture_issuers: frozenset[str] = frozenset()  # Empty: the subject's own issuer speaks for it.
     posture_max_age: int | None = None
     max_failures: int = 3
     failure_window: int = 600
@@ -206,9 +205,8 @@ def _address(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         address = ipaddress.ip_address(value)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # An IPv4-mapped address counts as its IPv4 address (RFC 4291 §2.5.5.2).
-    return address
+    # An IPv4-mapped address (RFC 4291 §2.5.5.2) counts as its IPv4 address.
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 @functools.lru_cache(maxsize=4096)
