@@ -180,6 +180,9 @@ class RateLimiter:
 
     def on_arrival(self, endpoint: str, source_ip: str | None, now: float, record: AuditRecord) -> None:
         """``global`` and ``network``: before any work is done for the request."""
+        self._admit(self._arrival_checks(endpoint, source_ip), now, record)
+
+    def _arrival_checks(self, endpoint: str, source_ip: str | None) -> list[Check]:
         checks = []
         everyone = self.policy.limit(endpoint, "global")
         if everyone is not None:
@@ -188,7 +191,7 @@ class RateLimiter:
         if per_network is not None:
             network = network_of(source_ip, self.policy.ipv4_prefix, self.policy.ipv6_prefix)
             checks.append(Check("network", f"{endpoint}:network:{network}", per_network, network))
-        self._admit(checks, now, record)
+        return checks
 
     def for_client(self, endpoint: str, client_id: str, now: float, record: AuditRecord) -> None:
         """``client``: once the client has authenticated (an unauthenticated name is not counted)."""
@@ -218,14 +221,7 @@ class RateLimiter:
         user name tried, known or not) admitted together, before the password hash is computed,
         so that guessing is slow and a flood cannot spend the CPU that issues tokens.  Not audited
         as a decision: raises :class:`RateLimited` or :class:`TemporarilyUnavailable`."""
-        checks = []
-        everyone = self.policy.limit(endpoint, "global")
-        if everyone is not None:
-            checks.append(Check("global", f"{endpoint}:global", everyone, "*"))
-        per_network = self.policy.limit(endpoint, "network")
-        if per_network is not None:
-            network = network_of(source_ip, self.policy.ipv4_prefix, self.policy.ipv6_prefix)
-            checks.append(Check("network", f"{endpoint}:network:{network}", per_network, network))
+        checks = self._arrival_checks(endpoint, source_ip)
         per_user = self.policy.limit(endpoint, "client")
         if per_user is not None:
             checks.append(Check("client", f"{endpoint}:user:{_digest(username)}", per_user, "user"))
