@@ -28,6 +28,7 @@ from sts_client import (
     FileAttestation,
     GitHubActionsAttestation,
     GitLabCIAttestation,
+    StepUpFailed,
     StsAuth,
     StsUnavailable,
     TokenVerifier,
@@ -227,6 +228,55 @@ def test_a_refused_retry_is_not_retried_again(fake: FakeAuthorizationServer, res
     assert len(resp.history) == 1
     assert auth.exchanges == 2
     assert len(calls(resource_server)) == 2
+
+
+def test_a_redirect_to_another_host_gets_no_fresh_token(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    """requests drops Authorization when a redirect changes host; a 401 from there must not make
+    the hook renew and hand the new token over (RFC 6750 §5.3)."""
+    seen: list[str | None] = []
+    elsewhere = Flask("elsewhere")
+
+    @elsewhere.get("/steal")
+    def steal() -> Any:
+        seen.append(request.headers.get("Authorization"))
+        refusal = Response(status=401)
+        refusal.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        return refusal
+
+    other = Served(elsewhere)
+    try:
+        app: Flask = resource_server.app  # type: ignore[attr-defined]
+        app.add_url_rule(
+            "/moved", "moved", lambda: Response(status=302, headers={"Location": f"{other.url}/steal"})
+        )
+        auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s1", "s2"))
+        resp = requests.get(f"{resource_server.url}/moved", auth=auth, timeout=5)
+    finally:
+        other.stop()
+    assert resp.status_code == 401 and [r.status_code for r in resp.history] == [302]
+    assert seen == [None]
+    assert auth.exchanges == 1
+
+
+def test_a_renewed_token_refused_again_raises_step_up_failed(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    """RFC 9470: one renewal for a step-up; a resource server that refuses the renewed token too is
+    StepUpFailed, as documented (the retry is answered by the adapter, which runs no hooks)."""
+    app: Flask = resource_server.app  # type: ignore[attr-defined]
+
+    def never_enough() -> Any:
+        refusal = Response(status=401)
+        refusal.headers["WWW-Authenticate"] = 'Bearer error="insufficient_user_authentication", max_age="60"'
+        return refusal
+
+    app.add_url_rule("/never-enough", "never_enough", never_enough)
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s1", "s2", "s3"))
+    with pytest.raises(StepUpFailed):
+        requests.get(f"{resource_server.url}/never-enough", auth=auth, timeout=5)
+    assert auth.exchanges == 2
 
 
 def test_other_refusals_are_returned_as_they_are(

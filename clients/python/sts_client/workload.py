@@ -117,6 +117,11 @@ class StsAuth(WorkloadTokens, AuthBase):
 
     def _on_response(self, response: Response, **kwargs: Any) -> Response:
         sent = response.request
+        if getattr(sent, "_sts_token", None) is None:
+            # Not a request this object authorised: a redirect's copy (requests carries the hook
+            # over, and strips Authorization when the host changes).  Renewing and retrying here
+            # would hand a fresh token to wherever the redirect led (RFC 6750 §5.3).
+            return response
         nonce = response.headers.get("DPoP-Nonce")
         if nonce and self.dpop_key is not None and sent.url:
             self._remember_nonce(sent.url, nonce)
@@ -175,7 +180,9 @@ class StsAuth(WorkloadTokens, AuthBase):
         again: Response = connection.send(retry, **kwargs)
         again.history.append(response)
         again.request = retry
-        return again
+        # The adapter runs no hooks: the retried answer is looked at here (a nonce to remember;
+        # a resource server refusing the renewed token as well raises StepUpFailed).
+        return self._on_response(again, **kwargs)
 
 
 def _asked_by(challenge: Challenge, url: str) -> StepUpRequest:
