@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import threading
 import time
 import uuid
@@ -41,7 +42,7 @@ from werkzeug.wrappers import Request, Response
 
 from tests.support.clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer
 from tests.support.clock import Clock
-from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
+from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_bytes, sign_encoded
 
 URL = "https://deploy.example.com/releases"
 ALGS = " ".join(DEFAULT_DPOP_ALGORITHMS)
@@ -845,3 +846,34 @@ def test_challenges_parse_what_servers_send() -> None:
     rendered = Challenge("Bearer", {"error_description": 'a "quoted"\r\nvalue'}).render()
     assert rendered == 'Bearer error_description="a \\"quoted\\"value"'
     assert parse_challenges(rendered)[0].params["error_description"] == 'a "quoted"value'
+
+
+@pytest.mark.parametrize("constant", [float("nan"), float("inf")])
+def test_a_proof_with_a_number_that_is_not_json_is_refused(
+    verifier: TokenVerifier, bound: str, client_key: ECKey, constant: float
+) -> None:
+    """``NaN``/``Infinity`` are not JSON (RFC 8259 §6): a proof carrying one is an invalid proof (401),
+    never an error of the resource server (it used to pass the window checks, then fail in ``int``)."""
+    proof = sign_proof(client_key, token=bound, claims={"iat": constant})
+    assert "NaN" in proof_payload(proof) or "Infinity" in proof_payload(proof)
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(bound, proof))
+    assert info.value.status == 401
+
+
+def test_a_token_whose_member_names_repeat_is_refused(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    """RFC 7519 §4: which of two ``sub`` values counts would be the parser's choice, so neither does."""
+    claims = jwt.decode(fake.mint(), fake.key, algorithms=["ES256"]).claims
+    header = {"typ": "at+jwt", "alg": "ES256", "kid": fake.key.kid}
+    payload = json.dumps(claims)[:-1] + ', "sub": "someone-else"}'
+    token = sign_bytes(fake.key, "ES256", json.dumps(header).encode(), payload.encode())
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(token))
+    assert info.value.reason == "token.malformed"
+
+
+def proof_payload(proof: str) -> str:
+    segment = proof.split(".")[1]
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)).decode()

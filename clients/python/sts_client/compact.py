@@ -38,6 +38,20 @@ class CompactJWS:
     claims: dict[str, Any]
 
 
+def _not_json(constant: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259 §6); Python reads them."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose member names repeat is refused (RFC 7515 §5.2, RFC 7519 §4), as by the STS:
+    which of two values counts would be the parser's choice."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("a member name repeats")
+    return value
+
+
 def _json_object(segment: bytes, part: str) -> dict[str, Any]:
     try:
         text = segment.decode("utf-8")
@@ -49,7 +63,7 @@ def _json_object(segment: bytes, part: str) -> dict[str, Any]:
         # No NUL byte can occur in UTF-8 JSON text: this is UTF-16 or UTF-32 without a byte-order mark.
         raise MalformedJWS(f"{part} is not UTF-8 (NUL byte)")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json, object_pairs_hook=_unique_members)
     except (ValueError, RecursionError) as exc:
         raise MalformedJWS(f"{part}: {type(exc).__name__}") from None
     if not isinstance(value, dict):
