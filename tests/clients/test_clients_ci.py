@@ -324,3 +324,38 @@ def test_the_console_script_is_installed(sts: Sts, upstream: RunningServer, tmp_
     )
     assert result.returncode == EXIT_OK, result.stderr
     assert (tmp_path / "out.env").read_text().startswith("STS_TOKEN=ey")
+
+
+@pytest.mark.parametrize("granted", [True, False], ids=["granted", "refused"])
+def test_a_hostile_sts_cannot_inject_workflow_commands_or_outputs(
+    oidc: OidcEndpoint, tmp_path: Path, granted: bool
+) -> None:
+    """Whatever the STS answers, each line sts-ci writes is its own: a ``scope`` with a line break
+    (which would add ``token=...`` to ``$GITHUB_OUTPUT``) is a malformed answer (RFC 6749 §3.3), and
+    an error text with line breaks cannot start a line the runner reads as a workflow command."""
+    hostile = Served()
+
+    @Request.application
+    def app(request: Request) -> Response:
+        if request.path.startswith("/.well-known/"):
+            metadata = {"issuer": hostile.url, "token_endpoint": f"{hostile.url}/token"}
+            return Response(json.dumps(metadata), mimetype="application/json")
+        if granted:
+            body = {"access_token": "a.b.c", "token_type": "Bearer", "expires_in": 300,
+                    "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                    "scope": "deploy:read\ntoken=ATTACKER"}  # fmt: skip
+            return Response(json.dumps(body), mimetype="application/json")
+        body = {"error": "invalid_target\n::stop-commands::x", "error_description": "no\n::add-mask::foo"}
+        return Response(json.dumps(body), status=400, mimetype="application/json")
+
+    hostile.start(app)
+    try:
+        env = github_env(tmp_path, oidc)
+        code, out, err = run(["exchange", "--sts", hostile.url, "--audience", DEPLOY], env)
+    finally:
+        hostile.stop()
+    assert code == (EXIT_UNAVAILABLE if granted else EXIT_REFUSED), err
+    assert "ATTACKER" not in (tmp_path / "github_output").read_text()
+    assert (tmp_path / "github_output").read_text() == ""
+    assert not any(line.startswith("::") for line in err.splitlines())
+    assert all(line.startswith("::add-mask::ey") for line in out.splitlines())

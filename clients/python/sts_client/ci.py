@@ -153,6 +153,11 @@ def _level_beyond_attestation(refusal: ExchangeRefused) -> str | None:
     return None
 
 
+def _one_line(text: str) -> str:
+    """``text`` with every character that is not printable (line breaks included) as ``?``."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _how_to_confirm(clears: list[dict[str, object]]) -> str:
     """What would confirm a changed fact, from the refusal's ``clears``, in plain words."""
     ways = []
@@ -296,7 +301,9 @@ def main(
         subject = _subject_of(subject_tokens[-1]) if subject_tokens else "this job"
         mask_subject_tokens()
         for line in explain_refusal(refusal, subject=subject, audience=args.audience, scope=args.scope):
-            print(line, file=err)
+            # One line each, whatever the STS answered: a line break in its error text would start
+            # a line of its own, which the runner reads as a workflow command (``::stop-commands::``).
+            print(_one_line(line), file=err)
         return EXIT_REFUSED
     except StsUnavailable as exc:
         mask_subject_tokens()

@@ -52,6 +52,8 @@ JWT_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
 #: A token we hand on must be a token68-like string: never something that could break a header or a file.
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+#: RFC 6749 §3.3 ``scope``: scope-tokens (%x21 / %x23-5B / %x5D-7E) one space apart, or empty.
+_SCOPE = re.compile(r"(?:[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*)?")
 #: Used when the STS does not say how long the token lives (RFC 8693 only recommends expires_in).
 _ASSUMED_LIFETIME: Final = 60
 
@@ -220,6 +222,10 @@ class TokenExchangeClient:
             else _ASSUMED_LIFETIME
         )
         scope = body.get("scope")
+        if scope is not None and (not isinstance(scope, str) or not _SCOPE.fullmatch(scope)):
+            # RFC 6749 §3.3: scope-tokens of %x21 / %x23-5B / %x5D-7E, one space apart; anything else
+            # (a line break, say) would be carried into logs and CI outputs as it is.
+            raise StsUnavailable("the STS answered 200 with a malformed scope")
         issued_type = body.get("issued_token_type")
         return IssuedToken(
             access_token=token,
