@@ -34,7 +34,7 @@ from sts_client.errors import (
     VerificationError,
 )
 from sts_client.flask import require_token
-from sts_client.jwks import JWKSCache, UnknownKey
+from sts_client.jwks import JWKSCache, KeysUnavailable, UnknownKey
 from sts_client.verifier import TokenVerifier, VerifiedAccessToken
 from sts_client.wsgi import ENVIRON_KEY, ProtectedPath, TokenMiddleware
 from werkzeug.test import Client
@@ -590,6 +590,32 @@ def test_unknown_kid_refetches_are_rate_limited(
         with pytest.raises(InvalidToken):
             verifier.verify("GET", URL, bearer(fake.mint(key=stranger)))
     assert fake.jwks_requests == 1  # within min_refresh_interval (30 s): no refetch at all
+
+
+def test_a_failed_refetch_is_not_tried_again_before_the_interval(fake: FakeAuthorizationServer) -> None:
+    """While the issuer's JWKS fails, neither made-up kids nor expired keys make a request each: one
+    attempt per ``min_refresh_interval``; the keys fetched before serve while not too stale."""
+    clock = Clock(1000.0)
+    keys = JWKSCache(f"{fake.url}/.well-known/jwks.json", clock=clock, min_refresh_interval=30, max_stale=600)
+    keys.key_for(fake.key.kid, "ES256")
+    fake.jwks_available = False
+    clock.now += 31  # the keys may be refetched now (unknown kids), but the issuer fails
+    for n in range(10):
+        with pytest.raises(UnknownKey):
+            keys.key_for(f"made-up-{n}", "ES256")
+    assert fake.jwks_requests == 2
+    clock.now += 300  # past the keys' max-age: every request wants a refetch
+    for _ in range(10):
+        assert keys.key_for(fake.key.kid, "ES256") is not None
+    assert fake.jwks_requests == 3
+    clock.now += 600  # too stale to use, and still failing: refused, one attempt per interval
+    for _ in range(5):
+        with pytest.raises(KeysUnavailable):
+            keys.key_for(fake.key.kid, "ES256")
+    assert fake.jwks_requests == 4
+    fake.jwks_available = True
+    clock.now += 30
+    assert keys.key_for(fake.key.kid, "ES256") is not None and fake.jwks_requests == 5
 
 
 @pytest.mark.parametrize(

@@ -249,6 +249,16 @@ class JWKSCache:
                 # Rate limit: tokens with made-up kids must not make us hammer the issuer.
                 return current
             if (
+                current is not None
+                and self._last_attempt is not None
+                and now - self._last_attempt < self._min_refresh_interval
+            ):
+                # The last attempt failed moments ago (threads that waited for it land here too):
+                # no new request to the issuer, whatever the kid, until the interval has passed.
+                if now < current.expires_at + self._max_stale:
+                    return current
+                raise KeysUnavailable("the issuer's keys could not be fetched moments ago")
+            if (
                 current is None
                 and self._last_attempt is not None
                 and now - self._last_attempt < min(self._min_refresh_interval, 5.0)
