@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from joserfc import jws
@@ -28,15 +28,19 @@ from ..core.audit import AuditRecord
 from ..core.audit_chain import (
     CHECKPOINT_TYP,
     AuditTrailBroken,
+    BrokenLink,
     ChainStart,
     CheckpointInvalid,
     StoredLink,
     TrailReport,
     checkpoint_claims,
     checkpoint_heads,
+    checkpoint_ids,
     genesis_hash,
+    prune_inconsistencies,
     verify_chains,
 )
+from ..core.audit_filter import format_time
 from ..core.ports import Signer, UnknownKeyId
 from .sql.audit_sink import SqlAuditSink
 from .sql.schema import audit_chains, audit_events
@@ -107,9 +111,21 @@ def _parse_record(text: str | None) -> tuple[Any, str | None]:
     if text is None:
         return None, "record (empty)"
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates), None
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_int=_integer), None
     except (ValueError, RecursionError) as exc:
         return None, f"record (not JSON: {exc})"[:120]
+
+
+def _integer(literal: str) -> int | float:
+    """An integer literal as the writer meant it.  The writer never stores an integer beyond 2**53
+    (RFC 8785 refuses them: they become strings), but it writes an integral float of 2**53 or more
+    as digits (``1e20`` as ``100000000000000000000``, JCS's number form); read back as an ``int`` it
+    would not canonicalise again, and an intact record would look edited."""
+    value = int(literal)
+    return value if -_SAFE_INTEGER <= value <= _SAFE_INTEGER else float(value)
+
+
+_SAFE_INTEGER = 2**53 - 1
 
 
 def _column_mismatch(row: Mapping[Any, Any], record: Any) -> str | None:
@@ -166,21 +182,69 @@ def unchained(conn: Connection) -> Unchained:
     return Unchained(int(total) - int(after or 0), int(after or 0), first_after)
 
 
+#: Seconds a record may predate the checkpoint that did not see its chain (clocks of other hosts).
+CHECKPOINT_CLOCK_SKEW = 300
+
+
 def verify_trail(
-    engine: Engine, checkpoints: Iterable[Mapping[str, tuple[int, str]]] = ()
+    engine: Engine, checkpoints: Iterable[Mapping[str, tuple[int, str]] | Checkpoint] = ()
 ) -> tuple[TrailReport, Unchained]:
     """Verify every chain, and that each chain still reaches the head each checkpoint saw.
 
+    With a :class:`Checkpoint` (not only its heads): pruning must explain every chain whose
+    checkpointed head is behind its anchor (:func:`~sts.core.audit_chain.prune_inconsistencies`),
+    and a chain the checkpoint does not name must hold no record older than the checkpoint
+    (less :data:`CHECKPOINT_CLOCK_SKEW`): it would have been named.
+
     Raises :class:`~sts.core.audit_chain.AuditTrailBroken`.
     """
+    given = [c if isinstance(c, Checkpoint) else Checkpoint(None, None, dict(c)) for c in checkpoints]
     pins: dict[str, list[tuple[int, str]]] = {}
-    for heads in checkpoints:
-        for chain_id, head in heads.items():
+    for checkpoint in given:
+        for chain_id, head in checkpoint.heads.items():
             pins.setdefault(chain_id, []).append(head)
     with snapshot(engine) as conn:
         starts = chain_starts(conn)
-        report = verify_chains(starts, stored_links(conn), checkpoint=pins)
+        try:
+            report = verify_chains(starts, stored_links(conn), checkpoint=pins)
+        except AuditTrailBroken as exc:
+            report = exc.report
+        report.broken.extend(_beyond_pruning(conn, starts, given))
+        if report.broken:
+            report.broken.sort(key=lambda b: (b.chain_id, b.seq or 0))
+            raise AuditTrailBroken(report)
         return report, unchained(conn)
+
+
+def _beyond_pruning(
+    conn: Connection, starts: list[ChainStart], checkpoints: list[Checkpoint]
+) -> list[BrokenLink]:
+    """What the checkpoints say that pruning and new chains cannot explain (see :func:`verify_trail`)."""
+    if not any(c.ids or c.issued_at is not None for c in checkpoints):
+        return []
+    c = audit_events.c
+    lowest = conn.execute(select(func.min(c.id))).scalar()
+    oldest: dict[str, Any] = dict(
+        conn.execute(
+            select(c.chain_id, func.min(c.time)).where(c.chain_id.is_not(None)).group_by(c.chain_id)
+        ).all()
+    )
+    found: list[BrokenLink] = []
+    for checkpoint in checkpoints:
+        found += prune_inconsistencies(starts, checkpoint.heads, checkpoint.ids, lowest)
+        if checkpoint.issued_at is None:
+            continue
+        for chain_id, first in oldest.items():
+            if chain_id in checkpoint.heads or not isinstance(first, dt.datetime):
+                continue
+            when = (first if first.tzinfo else first.replace(tzinfo=dt.UTC)).timestamp()
+            if when < checkpoint.issued_at - CHECKPOINT_CLOCK_SKEW:
+                problem = (
+                    f"holds a record from {format_time(when)}, before a checkpoint that does not name "
+                    "the chain (a chain made up, or history moved)"
+                )
+                found.append(BrokenLink(chain_id, None, None, problem))
+    return found
 
 
 def chain_heads(conn: Connection) -> dict[str, tuple[int, str]]:
@@ -202,7 +266,19 @@ def sign_checkpoint(engine: Engine, signer: Signer, issuer: str, now: float) -> 
     """A checkpoint of every chain's head now, signed by ``signer``; and how many chains it names."""
     with snapshot(engine) as conn:
         heads = chain_heads(conn)
-    return signer.sign({"typ": CHECKPOINT_TYP}, checkpoint_claims(issuer, now, heads)), len(heads)
+        ids = head_record_ids(conn, heads)
+    return signer.sign({"typ": CHECKPOINT_TYP}, checkpoint_claims(issuer, now, heads, ids)), len(heads)
+
+
+def head_record_ids(conn: Connection, heads: Mapping[str, tuple[int, str]]) -> dict[str, int]:
+    """The record id of each head a record holds (a head only the anchor holds has none)."""
+    c = audit_events.c
+    ids = {}
+    for chain_id, (seq, _hash) in heads.items():
+        found = conn.execute(select(c.id).where(c.chain_id == chain_id, c.seq == seq)).scalar()
+        if found is not None:
+            ids[chain_id] = int(found)
+    return ids
 
 
 @dataclass(frozen=True)
@@ -210,6 +286,8 @@ class Checkpoint:
     issued_at: int | None
     kid: str | None
     heads: dict[str, tuple[int, str]]
+    #: The heads' record ids (checkpoints signed before they carried them have none).
+    ids: dict[str, int] = field(default_factory=dict)
 
 
 def read_checkpoint(token: str, key_for: Callable[[str | None, str], Key], issuer: str) -> Checkpoint:
@@ -253,7 +331,8 @@ def read_checkpoint(token: str, key_for: Callable[[str | None, str], Key], issue
     if not isinstance(claims, dict):
         raise CheckpointInvalid("claims are not a JSON object")
     iat = claims.get("iat")
-    return Checkpoint(iat if type(iat) is int else None, kid, checkpoint_heads(claims, issuer))
+    heads = checkpoint_heads(claims, issuer)
+    return Checkpoint(iat if type(iat) is int else None, kid, heads, checkpoint_ids(claims))
 
 
 __all__ = [

@@ -80,7 +80,7 @@ def audit_verify(
             checkpoints.append((path, checkpoint))
     engine = _audit_engine(settings)
     try:
-        report, unchained = audit_integrity.verify_trail(engine, [c.heads for _, c in checkpoints])
+        report, unchained = audit_integrity.verify_trail(engine, [c for _, c in checkpoints])
     except AuditTrailBroken as exc:
         for link in exc.report.broken:
             click.echo(f"BROKEN {link}")
@@ -90,6 +90,12 @@ def audit_verify(
         raise click.ClickException(
             f"setting database_url: cannot read the audit trail ({type(exc).__name__})"
         ) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # A column holding what no writer stores (text in a number column, a time that is no
+        # time: SQLite takes anything): edited.  Said as a failed verification, not a traceback.
+        click.echo(f"BROKEN a stored value cannot be read as its column's type (edited): {exc}"[:300])
+        click.echo("audit trail does NOT verify")
+        ctx.exit(1)
     finally:
         engine.dispose()
     click.echo(f"ok: {report.records} record(s) in {len(report.heads)} chain(s) verify")

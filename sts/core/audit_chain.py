@@ -280,19 +280,62 @@ def _check_pins(
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def checkpoint_claims(issuer: str, now: float, heads: Mapping[str, tuple[int, str]]) -> dict[str, Any]:
-    """The claims of a checkpoint: who signed it, when, and every chain's head at that time.
+def checkpoint_claims(
+    issuer: str, now: float, heads: Mapping[str, tuple[int, str]], ids: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """The claims of a checkpoint: who signed it, when, and every chain's head at that time, with
+    the head's record ``id`` where a record holds it (``ids``; not where only the anchor does).
 
     Signed as a JWT (RFC 7519) with ``typ`` :data:`CHECKPOINT_TYP`; it has no
     ``aud`` or ``exp``: it is evidence, kept as long as the records it covers.
     """
-    return {
-        "iss": issuer,
-        "iat": int(now),
-        "chains": {
-            chain_id: {"seq": seq, "hash": digest} for chain_id, (seq, digest) in sorted(heads.items())
-        },
-    }
+    chains: dict[str, dict[str, Any]] = {}
+    for chain_id, (seq, digest) in sorted(heads.items()):
+        chains[chain_id] = {"seq": seq, "hash": digest}
+        if ids is not None and chain_id in ids:
+            chains[chain_id]["id"] = ids[chain_id]
+    return {"iss": issuer, "iat": int(now), "chains": chains}
+
+
+def checkpoint_ids(claims: Mapping[str, Any]) -> dict[str, int]:
+    """The record ids of the heads a checkpoint names (checkpoints signed before they carried ids
+    have none); call after :func:`checkpoint_heads` has checked the claims' shape."""
+    ids: dict[str, int] = {}
+    for chain_id, head in claims["chains"].items():
+        record_id = head.get("id")
+        if record_id is not None:
+            if type(record_id) is not int or record_id < 1:
+                raise CheckpointInvalid(f"malformed record id of chain {chain_id[:40]!r}")
+            ids[chain_id] = record_id
+    return ids
+
+
+def prune_inconsistencies(
+    starts: Iterable[ChainStart],
+    heads: Mapping[str, tuple[int, str]],
+    ids: Mapping[str, int],
+    lowest_record_id: int | None,
+) -> list[BrokenLink]:
+    """What pruning cannot explain, given one checkpoint (its heads and their record ids).
+
+    Pruning deletes an oldest prefix of the whole trail, by record id (``sts audit prune``).  So a
+    chain whose checkpointed head is gone behind its anchor lost every record up to that head's id,
+    and no record of any chain at or below that id can remain.  One that does means the anchor was
+    moved by hand (anchors are not signed): the records were deleted or moved to another chain.
+    """
+    found = []
+    anchors = {s.chain_id: s.anchor_seq for s in starts}
+    for chain_id, (pin_seq, _hash) in heads.items():
+        record_id = ids.get(chain_id)
+        if record_id is None or chain_id not in anchors or anchors[chain_id] < pin_seq:
+            continue
+        if lowest_record_id is not None and lowest_record_id <= record_id:
+            problem = (
+                f"the checkpoint's head (record id {record_id}) is behind the chain's anchor, yet record "
+                f"id {lowest_record_id} is still there: not what pruning does (anchor moved by hand)"
+            )
+            found.append(BrokenLink(chain_id, pin_seq, None, problem))
+    return found
 
 
 class CheckpointInvalid(Exception):

@@ -606,6 +606,85 @@ def test_truncation_and_rewritten_history_are_detected_with_a_checkpoint(
     assert link.chain_id == first and "history rewritten" in link.problem
 
 
+def test_an_anchor_moved_by_hand_and_a_made_up_chain_do_not_hide_rewritten_history(
+    engine: Engine, ring: KeyRing
+) -> None:
+    """Write access to the database, no signing key: register a new chain, move a checkpointed
+    chain's records into it (one edited, the newest deleted, every hash recomputed from the new
+    genesis), and set the old chain's unsigned anchor to the head the checkpoint saw, as if
+    pruned there.  Pruning cuts an oldest prefix by record id, so records at or below the
+    checkpointed head's id cannot remain; and a chain a later checkpoint did not name cannot hold
+    records from before it."""
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
+    for n in range(12):
+        sinks[n % 2].write(decision(n))
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 3600)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    assert set(seen.ids) == set(seen.heads)
+    verify(engine, seen)  # type: ignore[arg-type]
+    victim = sorted(seen.heads)[0]
+    forged = uuid.uuid4().hex
+    rows = [r for r in chain_rows(engine, victim) if r["seq"] < seen.heads[victim][0] - 1]
+    with engine.begin() as conn:
+        registration = dict(conn.execute(select(chains).where(chains.c.chain_id == victim)).one()._mapping)
+        conn.execute(
+            insert(chains).values(
+                **{
+                    **registration,
+                    "chain_id": forged,
+                    "genesis_hash": genesis_hash(forged),
+                    "anchor_hash": genesis_hash(forged),
+                }
+            )
+        )
+        conn.execute(delete(events).where(events.c.chain_id == victim))
+        prev = genesis_hash(forged)
+        for seq, row in enumerate(rows, start=1):
+            record = {**row["record"], "subject": MALLORY} if seq == 2 else row["record"]
+            digest = link_hash(prev, forged, seq, canonical_json(record))
+            conn.execute(
+                insert(events).values(
+                    **{
+                        **row,
+                        "record": record,
+                        "subject": record["subject"],
+                        "chain_id": forged,
+                        "seq": seq,
+                        "prev_hash": prev,
+                        "hash": digest,
+                    }
+                )
+            )
+            prev = digest
+        pin_seq, pin_hash = seen.heads[victim]
+        conn.execute(
+            update(chains).where(chains.c.chain_id == victim).values(anchor_seq=pin_seq, anchor_hash=pin_hash)
+        )
+    verify(engine)  # Every chain alone verifies: only the checkpoint can tell.
+    verify(engine, seen.heads)  # Nor can its heads alone (the anchor sits exactly on the pin).
+    problems = {(b.chain_id, b.problem) for b in broken(engine, seen)}  # type: ignore[arg-type]
+    assert any(chain == victim and "not what pruning does" in p for chain, p in problems), problems
+    assert any(chain == forged and "does not name" in p for chain, p in problems), problems
+
+
+def test_a_checkpoint_with_record_ids_accepts_real_pruning_and_new_chains(
+    engine: Engine, ring: KeyRing
+) -> None:
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
+    for n in range(10):
+        sinks[n % 2].write(decision(n))
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 60)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    later = SqlAuditSink(engine)  # a new process after the checkpoint: a chain it does not name
+    for n in range(10, 14):
+        later.write(decision(n, now=NOW + 120))
+    verify(engine, seen)  # type: ignore[arg-type]
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(select(events.c.id).order_by(events.c.id))]
+    prune(engine, ids[10])  # every record the checkpoint saw, and none after
+    assert verify(engine, seen).records == 4  # type: ignore[arg-type]
+
+
 def test_a_checkpoint_must_be_signed_by_the_service(engine: Engine, ring: KeyRing, tmp_path: Path) -> None:
     SqlAuditSink(engine).write(decision(0))
     token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW)
@@ -934,7 +1013,25 @@ def test_sts_audit_verify_and_checkpoint(config: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.jws").write_text("not.a.checkpoint")
     bad = sts(config, "audit", "verify", "--checkpoint", str(tmp_path / "bad.jws"))
     assert bad.exit_code == 1 and "not a valid checkpoint" in bad.output
+
+    # SQLite takes text in a number column: a verification that fails, not a traceback.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET seq = 'x' WHERE seq = 3"))
+    unreadable = sts(config, "audit", "verify")
+    assert unreadable.exit_code == 1 and not isinstance(unreadable.exception, ValueError)
+    assert "BROKEN" in unreadable.output and "Traceback" not in unreadable.output
     engine.dispose()
+
+
+def test_an_intact_record_with_a_huge_whole_float_verifies(engine: Engine) -> None:
+    """A float of 2**53 or more with no fraction is written as digits (JCS): read back, it is that
+    float again, not an integer JCS cannot write (an intact record reported as edited)."""
+    sink = SqlAuditSink(engine)
+    for value in (-1e16, 1e20, 2.0**53):
+        record = decision(int(abs(value)) % 7)
+        record.subject_token_iat = value
+        sink.write(record)
+    assert verify(engine).records == 3
 
 
 def test_sts_audit_verify_fails_on_unchained_records_unless_allowed(config: Path, tmp_path: Path) -> None:
