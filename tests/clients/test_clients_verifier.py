@@ -750,6 +750,21 @@ def test_introspection_failures_fail_closed(fake: FakeAuthorizationServer) -> No
     assert "wrong" not in repr(wrong._introspection)
 
 
+def test_unusable_metadata_for_introspection_fails_closed_and_is_not_fetched_per_request(
+    fake: FakeAuthorizationServer,
+) -> None:
+    """Metadata naming another issuer (a mix-up): introspection is unavailable (a 503, fail closed),
+    never an error of the resource server, and the metadata is not fetched again for each request."""
+    fake.metadata_issuer = "https://someone-else.example"
+    jwks = f"{fake.url}/.well-known/jwks.json"
+    verifier = TokenVerifier(fake.issuer, AUDIENCE, jwks_uri=jwks, introspection=INTROSPECTION_CLIENT)
+    fetched = len(fake.metadata_requests)
+    for _ in range(10):
+        with pytest.raises(TemporarilyUnavailable):
+            verifier.verify("GET", URL, bearer(fake.mint()))
+    assert len(fake.metadata_requests) - fetched == 1
+
+
 # -- Flask and WSGI integration ---------------------------------------------------------------------
 
 

@@ -172,6 +172,8 @@ class FakeAuthorizationServer:
         self.revoked: set[str] = set()
         self.introspection_requests = 0
         self.introspection_available = True
+        #: Every metadata request, as its time (to count them).
+        self.metadata_requests: list[float] = []
         #: When set, the token endpoint demands this nonce in DPoP proofs (RFC 9449 §8).
         self.dpop_nonce: str | None = None
         self.token_requests: list[dict[str, Any]] = []
@@ -254,6 +256,7 @@ class FakeAuthorizationServer:
         return response(environ, start_response)
 
     def _metadata(self, request: Request) -> Response:
+        self.metadata_requests.append(time.time())
         return _json(
             {
                 "issuer": self.metadata_issuer or self.issuer,

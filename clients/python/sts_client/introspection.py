@@ -93,10 +93,12 @@ class IntrospectionClient:
         return active
 
     def _ask(self, token: str) -> bool:
-        endpoint = self._endpoint() if callable(self._endpoint) else self._endpoint
         try:
+            # Resolved from the issuer's metadata: one that cannot be read, or names no usable
+            # endpoint, leaves introspection unavailable (fail closed, a 503), never a crash.
+            endpoint = self._endpoint() if callable(self._endpoint) else self._endpoint
             check_endpoint_url(endpoint, "introspection_endpoint")
-        except ValueError as exc:
+        except (ValueError, DiscoveryError) as exc:
             raise IntrospectionUnavailable(str(exc)) from None
         self.requests += 1
         try:

@@ -89,6 +89,9 @@ __all__ = ["HeaderSource", "TokenVerifier", "VerifiedAccessToken", "header_value
 
 log = logging.getLogger(__name__)
 
+#: Seconds before the issuer's metadata is asked for again after a failed fetch.
+METADATA_RETRY_SECONDS = 5.0
+
 
 def _scope_list(scopes: str | Iterable[str] | None) -> tuple[str, ...]:
     if scopes is None:
@@ -161,6 +164,8 @@ class TokenVerifier:
         self._introspection_endpoint = introspection_endpoint
         self._metadata: ServerMetadata | None = None
         self._metadata_lock = threading.Lock()
+        #: When fetching the metadata last failed, and why.
+        self._metadata_failure: tuple[float, str] | None = None
         self.keys = JWKSCache(
             self._resolve_jwks_uri,
             session=self._session,
@@ -189,7 +194,16 @@ class TokenVerifier:
     def _server_metadata(self) -> ServerMetadata:
         with self._metadata_lock:
             if self._metadata is None:
-                self._metadata = fetch_metadata(self.issuer, session=self._session, timeout=self._timeout)
+                now = self._clock()
+                failed = self._metadata_failure
+                if failed is not None and now - failed[0] < METADATA_RETRY_SECONDS:
+                    # Failed moments ago: not asked again for every request meanwhile.
+                    raise DiscoveryError(failed[1])
+                try:
+                    self._metadata = fetch_metadata(self.issuer, session=self._session, timeout=self._timeout)
+                except DiscoveryError as exc:
+                    self._metadata_failure = (now, str(exc))
+                    raise
             return self._metadata
 
     def _resolve_jwks_uri(self) -> str:
