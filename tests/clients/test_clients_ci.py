@@ -326,6 +326,29 @@ def test_the_console_script_is_installed(sts: Sts, upstream: RunningServer, tmp_
     assert (tmp_path / "out.env").read_text().startswith("STS_TOKEN=ey")
 
 
+def test_the_wait_the_sts_asks_for_is_said(oidc: OidcEndpoint, tmp_path: Path) -> None:
+    """A 503 (or 429) with ``Retry-After`` (RFC 9110 §10.2.3): the job is told how long to wait."""
+    busy = Served()
+
+    @Request.application
+    def app(request: Request) -> Response:
+        if request.path.startswith("/.well-known/"):
+            metadata = {"issuer": busy.url, "token_endpoint": f"{busy.url}/token"}
+            return Response(json.dumps(metadata), mimetype="application/json")
+        answer = Response(
+            json.dumps({"error": "temporarily_unavailable"}), status=503, mimetype="application/json"
+        )
+        answer.headers["Retry-After"] = "12"
+        return answer
+
+    busy.start(app)
+    try:
+        code, _, err = run(["exchange", "--sts", busy.url, "--audience", DEPLOY], github_env(tmp_path, oidc))
+    finally:
+        busy.stop()
+    assert code == EXIT_UNAVAILABLE and "retry in 12 s" in err
+
+
 @pytest.mark.parametrize("granted", [True, False], ids=["granted", "refused"])
 def test_a_hostile_sts_cannot_inject_workflow_commands_or_outputs(
     oidc: OidcEndpoint, tmp_path: Path, granted: bool

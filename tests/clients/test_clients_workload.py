@@ -298,7 +298,22 @@ def test_sts_refusals_and_outages_are_raised(fake: FakeAuthorizationServer, reso
     fake.token_answer = (503, {"error": "temporarily_unavailable"})
     with pytest.raises(StsUnavailable) as unavailable:
         requests.get(f"{resource_server.url}/items", auth=auth, timeout=5)
-    assert unavailable.value.error == "temporarily_unavailable"
+    assert unavailable.value.error == "temporarily_unavailable" and unavailable.value.retry_after is None
+    # RFC 9110 §10.2.3: the wait the STS asks for (a rate limit's 429, an outage's 503) is kept.
+    for status, header, kept in (
+        (429, "7", 7),
+        (503, " 30 ", 30),
+        (503, "soon", None),
+        (429, "99999999", 86400),
+    ):
+        fake.token_answer, fake.token_answer_headers = (
+            (status, {"error": "temporarily_unavailable"}),
+            {"Retry-After": header},
+        )
+        with pytest.raises(StsUnavailable) as waited:
+            auth.token()
+        assert (waited.value.status, waited.value.retry_after) == (status, kept)
+    fake.token_answer_headers = {}
     wrong_endpoint = StsAuth(
         fake.issuer, AUDIENCE, attestation=subjects("s"), token_endpoint=f"{fake.url}/nope"
     )

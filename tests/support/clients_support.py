@@ -181,6 +181,8 @@ class FakeAuthorizationServer:
         self.token_lifetime = 300
         #: When set, the token endpoint answers this (status, body) instead of issuing.
         self.token_answer: tuple[int, dict[str, Any]] | None = None
+        #: Headers sent with ``token_answer``.
+        self.token_answer_headers: dict[str, str] = {}
         #: The ``auth_time`` of an issued token, from the subject token presented.
         self.auth_time: Callable[[str], int] = lambda subject: int(time.time())
         self.served.start(self.wsgi)
@@ -313,7 +315,9 @@ class FakeAuthorizationServer:
             return _json({"error": "invalid_request"}, 400)
         self.subjects_seen.append(subject)
         if self.token_answer is not None:
-            return _json(self.token_answer[1], self.token_answer[0])
+            answer = _json(self.token_answer[1], self.token_answer[0])
+            answer.headers.update(self.token_answer_headers)
+            return answer
         jkt = None
         if proof is not None:
             try:

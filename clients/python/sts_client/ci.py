@@ -307,8 +307,9 @@ def main(
         return EXIT_REFUSED
     except StsUnavailable as exc:
         mask_subject_tokens()
-        print(f"sts-ci: the STS is unavailable: {exc}", file=err)
-        print("  what to change: nothing in the job; retry later, or tell the platform team", file=err)
+        print(_one_line(f"sts-ci: the STS is unavailable: {exc}"), file=err)
+        later = f"in {exc.retry_after} s" if exc.retry_after is not None else "later"
+        print(f"  what to change: nothing in the job; retry {later}, or tell the platform team", file=err)
         return EXIT_UNAVAILABLE
     mask_subject_tokens()
 

@@ -266,10 +266,19 @@ class ExchangeError(Exception):
 class StsUnavailable(ExchangeError):
     """The STS could not be reached, answered ``temporarily_unavailable``/5xx, or answered nonsense."""
 
-    def __init__(self, message: str, *, status: int | None = None, error: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
+        #: Seconds the STS asked the caller to wait (``Retry-After``, RFC 9110 §10.2.3), if it said.
+        self.retry_after = retry_after
 
 
 class ExchangeRefused(ExchangeError):

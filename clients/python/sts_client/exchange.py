@@ -181,9 +181,14 @@ class TokenExchangeClient:
         if error is not None and status in (400, 401, 403) and error != "temporarily_unavailable":
             # RFC 6749 §5.2: an OAuth error response is 400 (401 for invalid_client).
             raise ExchangeRefused(status, body)
+        wait = retry_after(headers)
         if error is not None:
-            raise StsUnavailable(f"the STS answered {error} (HTTP {status})", status=status, error=error)
-        raise StsUnavailable(f"the STS answered HTTP {status} without an OAuth response", status=status)
+            raise StsUnavailable(
+                f"the STS answered {error} (HTTP {status})", status=status, error=error, retry_after=wait
+            )
+        raise StsUnavailable(
+            f"the STS answered HTTP {status} without an OAuth response", status=status, retry_after=wait
+        )
 
     def _post(self, endpoint: str, form: list[tuple[str, str]]) -> tuple[int, Any, Any]:
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -235,6 +240,15 @@ class TokenExchangeClient:
             scope=scope if isinstance(scope, str) else None,
             issued_token_type=issued_type if isinstance(issued_type, str) else ACCESS_TOKEN_TYPE,
         )
+
+
+def retry_after(headers: Any) -> int | None:
+    """``Retry-After`` as delay-seconds (RFC 9110 §10.2.3; the STS sends no HTTP-date), capped at a
+    day; None when absent or not a number."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not isinstance(value, str) or not value.strip().isdigit() or not value.strip().isascii():
+        return None
+    return min(int(value.strip()), 86400)
 
 
 def _error_of(body: Any) -> str | None:
