@@ -384,6 +384,16 @@ def test_htu_compares_normalised(verifier: TokenVerifier, bound: str, client_key
     assert verifier.verify("POST", URL, dpop_headers(bound, proof)).jkt
 
 
+def test_htu_of_an_iri_is_compared_as_its_uri() -> None:
+    """RFC 3987 §3.1: ``/api/€`` (a server's decoded path) is the client's ``/api/%E2%82%AC``."""
+    from sts_client.dpop import normalise_htu
+
+    assert normalise_htu("https://api.example/v1/caf\u00e9") == normalise_htu(
+        "https://api.example/v1/caf%c3%a9"
+    )
+    assert normalise_htu("https://api.example/\u20ac") == "https://api.example/%E2%82%AC"
+
+
 @pytest.mark.parametrize(
     ("proof_args", "reason"),
     [

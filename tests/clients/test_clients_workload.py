@@ -144,6 +144,28 @@ def test_dpop_bound_tokens_with_a_token_endpoint_nonce(
     assert calls(resource_server) == ["DPoP", "DPoP"]
 
 
+@pytest.mark.parametrize(
+    "path", ["/files/plain", "/files/caf%C3%A9", "/files/a%2Fb", "/files/100%25", "/files/%7Euser"]
+)
+def test_dpop_paths_with_percent_encodings_pass_the_libraries_own_resource_server(
+    fake: FakeAuthorizationServer, resource_server: Served, path: str
+) -> None:
+    """RFC 9449 §4.3: ``htu`` is compared with the URI the client used.  A decoded path has lost
+    ``%2F`` and ``%25``, and shows ``café`` for ``caf%C3%A9``: the decorator takes the path as sent
+    (``RAW_URI``/``REQUEST_URI``) and compares IRIs as URIs."""
+    app: Flask = resource_server.app  # type: ignore[attr-defined]
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    app.add_url_rule(
+        "/files/<path:name>",
+        "files",
+        require_token(verifier)(lambda name: {"name": name, "jkt": g.token.jkt}),
+    )
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), dpop=True)
+    resp = requests.get(f"{resource_server.url}{path}", auth=auth, timeout=5)
+    assert resp.status_code == 200, (resp.status_code, resp.headers.get("WWW-Authenticate"))
+    assert resp.json()["jkt"] == auth.dpop_key.jkt  # type: ignore[union-attr]
+
+
 def test_resource_server_nonce_is_answered_once_then_remembered(
     fake: FakeAuthorizationServer, resource_server: Served
 ) -> None:

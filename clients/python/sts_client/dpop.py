@@ -28,10 +28,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
@@ -112,8 +112,26 @@ def normalise_htu(url: str) -> str:
         host = f"[{host}]"
     port = parts.port  # A port that is not a number in range raises ValueError: no match.
     netloc = host if port is None or _DEFAULT_PORTS.get(scheme) == port else f"{host}:{port}"
-    path = _remove_dot_segments(_PERCENT.sub(_normalise_percent, parts.path)) or "/"
+    # An IRI's characters beyond ASCII as their UTF-8 percent-encodings (RFC 3987 §3.1), as the
+    # client wrote them: a server's decoded ``/api/€`` is the client's ``/api/%E2%82%AC``.
+    path = parts.path if parts.path.isascii() else quote(parts.path, safe=_PATH_SAFE)
+    path = _remove_dot_segments(_PERCENT.sub(_normalise_percent, path)) or "/"
     return urlunsplit((scheme, netloc, path, "", ""))
+
+
+#: Every ASCII character a path may hold as it is (so only the others are encoded).
+_PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def request_target_url(base_url: str, environ: Mapping[str, Any]) -> str | None:
+    """``base_url`` (scheme and authority, as the request is served) with the request's path as the
+    client sent it: the server's ``RAW_URI`` or ``REQUEST_URI`` (gunicorn, uWSGI, Werkzeug, granian),
+    in which ``%2F`` and ``%25`` are still what they were (a decoded ``PATH_INFO`` has lost them).
+    None when the server gives neither."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not isinstance(raw, str) or not raw.startswith("/"):
+        return None
+    return base_url.rstrip("/") + raw.partition("?")[0].partition("#")[0]
 
 
 class DPoPKey:

@@ -34,6 +34,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("sts_client.flask needs Flask: pip install 'workload-sts-client[flask]'") from exc
 
+from .dpop import request_target_url
 from .errors import VerificationError
 from .verifier import TokenVerifier
 
@@ -76,7 +77,7 @@ def require_token(
             try:
                 flask.g.token = verifier.verify(
                     request.method,
-                    url(request) if url is not None else request.url,
+                    url(request) if url is not None else _url_of(request),
                     request.headers,
                     scopes=route_scopes,
                     max_age=max_age,
@@ -93,3 +94,9 @@ def require_token(
         return cast("F", wrapper)
 
     return decorate
+
+
+def _url_of(request: flask.Request) -> str:
+    """The URL a proof's ``htu`` names: scheme and host as served (``ProxyFix`` applied), the path as
+    the client sent it (see :func:`~sts_client.dpop.request_target_url`), else ``request.url``."""
+    return request_target_url(request.host_url, request.environ) or request.url

@@ -25,8 +25,10 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 from wsgiref.util import request_uri
 
+from .dpop import request_target_url
 from .errors import VerificationError
 from .verifier import TokenVerifier
 
@@ -93,12 +95,20 @@ class TokenMiddleware:
     def _rule_for(self, path: str) -> ProtectedPath | None:
         return next((rule for rule in self.paths if rule.matches(path)), None)
 
+    @staticmethod
+    def _target(environ: WSGIEnvironment) -> str:
+        """The request's URL for ``htu``: the path as the client sent it where the server says so
+        (:func:`~sts_client.dpop.request_target_url`), else rebuilt from the decoded ``PATH_INFO``."""
+        rebuilt = request_uri(environ, include_query=False)
+        parts = urlsplit(rebuilt)
+        return request_target_url(f"{parts.scheme}://{parts.netloc}", environ) or rebuilt
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
         rule = self._rule_for(path or "/")
         if rule is None:
             return self.app(environ, start_response)
-        url = self._url(environ) if self._url is not None else request_uri(environ, include_query=False)
+        url = self._url(environ) if self._url is not None else self._target(environ)
         try:
             environ[ENVIRON_KEY] = self.verifier.verify(
                 str(environ.get("REQUEST_METHOD", "GET")),
