@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +30,49 @@ SIGN_IN_LIMITS: Mapping[str, Limit] = {
     "network": Limit(requests=10, period=60, burst=10),
     "client": Limit(requests=5, period=60, burst=5),
 }
+
+
+#: How many of the newest records the overview verifies, and how long its answer is kept.
+RECENT_RECORDS = 2000
+CHAIN_STATUS_SECONDS = 60.0
+
+
+def _chain_status(engine: Engine) -> Callable[[], Any]:
+    """The overview's audit-chain card: the newest :data:`RECENT_RECORDS` records verified
+    (:func:`sts.adapters.audit_integrity.verify_recent`, a fraction of a second), at most once a
+    minute per process; the whole trail and checkpoints are ``sts audit verify``'s."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..adapters import audit_integrity
+    from ..http.review import ChainStatus
+
+    lock = threading.Lock()
+    kept: list[tuple[float, ChainStatus]] = []
+
+    def status() -> ChainStatus:
+        now = time.monotonic()
+        with lock:
+            if kept and now - kept[0][0] < CHAIN_STATUS_SECONDS:
+                return kept[0][1]
+        try:
+            checked, broken = audit_integrity.verify_recent(engine, RECENT_RECORDS)
+        except (SQLAlchemyError, ValueError, TypeError, OverflowError) as exc:
+            found = ChainStatus("unknown", f"the trail could not be read ({type(exc).__name__})")
+        else:
+            whole = "run sts audit verify for the whole trail and the checkpoints"
+            if broken:
+                found = ChainStatus("broken", f"{broken[0]}; {len(broken)} chain(s) broken; {whole}")
+            elif checked:
+                found = ChainStatus(
+                    "verified", f"the newest {checked:,} records, a minute ago at most; {whole}"
+                )
+            else:
+                found = ChainStatus("unknown", "no chained record yet")
+        with lock:
+            kept[:] = [(now, found)]
+        return found
+
+    return status
 
 
 def _slow(check: Callable[[], bool]) -> bool:
@@ -69,6 +115,7 @@ def build_review(
         ended=ended,
         slow=_slow,
     )
+    config = dataclasses.replace(config, chain_status=_chain_status(engine))
     query = audit_query.AuditQuery(engine, clock=clock)
     return review.blueprint(config, query=query, baselines=baselines, clock=clock)
 

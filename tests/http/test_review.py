@@ -451,6 +451,24 @@ def test_overview_charts(review: Review) -> None:
     assert ">8</span> granted" in week and ">4</span> refused" in week
 
 
+def test_the_overview_verifies_the_newest_records_and_shows_an_edit(
+    review: Review, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain card checks the newest records itself (at most once a minute per process)."""
+    import sts.wiring.review as wiring
+
+    review.sign_in()
+    body = review.page("/review/")
+    assert '<span class="chain-verified">verified</span>' in body and "the newest 12 records" in body
+    engine = review.app.extensions["sts"].engine
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET outcome = 'granted', error = NULL WHERE id = 12"))
+    assert "chain-verified" in review.page("/review/")  # the answer is kept for a minute
+    monkeypatch.setattr(wiring, "CHAIN_STATUS_SECONDS", 0.0)
+    edited = review.page("/review/")
+    assert '<span class="chain-broken">broken</span>' in edited and "(record id 12)" in edited
+
+
 def test_identity_page(review: Review) -> None:
     review.sign_in()
     body = review.page("/review/identity", issuer="upstream", subject=APP)
