@@ -326,26 +326,32 @@ def test_the_console_script_is_installed(sts: Sts, upstream: RunningServer, tmp_
     assert (tmp_path / "out.env").read_text().startswith("STS_TOKEN=ey")
 
 
-def test_the_wait_the_sts_asks_for_is_said(oidc: OidcEndpoint, tmp_path: Path) -> None:
-    """A 503 (or 429) with ``Retry-After`` (RFC 9110 §10.2.3): the job is told how long to wait."""
-    busy = Served()
+def run_against(answer: Callable[[], Response], tmp_path: Path, oidc: OidcEndpoint) -> tuple[int, str, str]:
+    """sts-ci against a stand-in STS: its metadata, and ``answer()`` at its token endpoint."""
+    served = Served()
 
     @Request.application
     def app(request: Request) -> Response:
         if request.path.startswith("/.well-known/"):
-            metadata = {"issuer": busy.url, "token_endpoint": f"{busy.url}/token"}
+            metadata = {"issuer": served.url, "token_endpoint": f"{served.url}/token"}
             return Response(json.dumps(metadata), mimetype="application/json")
-        answer = Response(
-            json.dumps({"error": "temporarily_unavailable"}), status=503, mimetype="application/json"
-        )
-        answer.headers["Retry-After"] = "12"
-        return answer
+        return answer()
 
-    busy.start(app)
+    served.start(app)
     try:
-        code, _, err = run(["exchange", "--sts", busy.url, "--audience", DEPLOY], github_env(tmp_path, oidc))
+        return run(["exchange", "--sts", served.url, "--audience", DEPLOY], github_env(tmp_path, oidc))
     finally:
-        busy.stop()
+        served.stop()
+
+
+def test_the_wait_the_sts_asks_for_is_said(oidc: OidcEndpoint, tmp_path: Path) -> None:
+    """A 503 (or 429) with ``Retry-After`` (RFC 9110 §10.2.3): the job is told how long to wait."""
+
+    def busy() -> Response:
+        body = json.dumps({"error": "temporarily_unavailable"})
+        return Response(body, status=503, mimetype="application/json", headers={"Retry-After": "12"})
+
+    code, _, err = run_against(busy, tmp_path, oidc)
     assert code == EXIT_UNAVAILABLE and "retry in 12 s" in err
 
 
@@ -356,13 +362,8 @@ def test_a_hostile_sts_cannot_inject_workflow_commands_or_outputs(
     """Whatever the STS answers, each line sts-ci writes is its own: a ``scope`` with a line break
     (which would add ``token=...`` to ``$GITHUB_OUTPUT``) is a malformed answer (RFC 6749 §3.3), and
     an error text with line breaks cannot start a line the runner reads as a workflow command."""
-    hostile = Served()
 
-    @Request.application
-    def app(request: Request) -> Response:
-        if request.path.startswith("/.well-known/"):
-            metadata = {"issuer": hostile.url, "token_endpoint": f"{hostile.url}/token"}
-            return Response(json.dumps(metadata), mimetype="application/json")
+    def hostile() -> Response:
         if granted:
             body = {"access_token": "a.b.c", "token_type": "Bearer", "expires_in": 300,
                     "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
@@ -371,12 +372,7 @@ def test_a_hostile_sts_cannot_inject_workflow_commands_or_outputs(
         body = {"error": "invalid_target\n::stop-commands::x", "error_description": "no\n::add-mask::foo"}
         return Response(json.dumps(body), status=400, mimetype="application/json")
 
-    hostile.start(app)
-    try:
-        env = github_env(tmp_path, oidc)
-        code, out, err = run(["exchange", "--sts", hostile.url, "--audience", DEPLOY], env)
-    finally:
-        hostile.stop()
+    code, out, err = run_against(hostile, tmp_path, oidc)
     assert code == (EXIT_UNAVAILABLE if granted else EXIT_REFUSED), err
     assert "ATTACKER" not in (tmp_path / "github_output").read_text()
     assert (tmp_path / "github_output").read_text() == ""
