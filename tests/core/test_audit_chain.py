@@ -770,6 +770,12 @@ def test_a_pruned_prefix_still_verifies(engine: Engine, ring: KeyRing) -> None:
         ("UPDATE audit_events SET seq = NULL WHERE seq = 2", "seq 0 is at or before"),
         ("UPDATE audit_events SET hash = 'zz' WHERE seq = 2", "hash does not match"),
         ("UPDATE audit_chains SET anchor_seq = 1, anchor_hash = 'not hex'", "anchor hash is malformed"),
+        # The same instant in other words: equal as a time, but time-bounded queries compare text.
+        ("UPDATE audit_events SET time = replace(time, ' ', 'T') WHERE seq = 2", "column time differs"),
+        (
+            "UPDATE audit_events SET time = substr(time, 1, 10) || ' 23:59:59.999999-23:59' WHERE seq = 2",
+            "column time differs",
+        ),
     ],
 )
 def test_malformed_stored_values_are_reported_as_broken_links(
