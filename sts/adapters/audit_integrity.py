@@ -23,7 +23,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
 from joserfc.jws import JWSRegistry
-from sqlalchemy import Connection, Engine, Text, cast, func, select
+from sqlalchemy import Connection, Engine, Text, and_, cast, func, not_, select
 
 from ..core.audit import AuditRecord
 from ..core.audit_chain import (
@@ -218,15 +218,24 @@ class Unchained:
 
 
 def unchained(conn: Connection) -> Unchained:
+    """Count the records without a chain.  Before chaining began means both an id below the first
+    chained record's and a time before the first chain was registered: a record copied in with a
+    low id (or one a prune freed) but a time of its own is not taken for an old one."""
     c = audit_events.c
     first_chained = conn.execute(select(func.min(c.id)).where(c.chain_id.is_not(None))).scalar()
     total = conn.execute(select(func.count()).where(c.chain_id.is_(None))).scalar() or 0
-    if first_chained is None:
+    first_started = conn.execute(select(func.min(audit_chains.c.started_at))).scalar()
+    if first_chained is None and first_started is None:
         return Unchained(int(total), 0, None)
-    after, first_after = conn.execute(
-        select(func.count(), func.min(c.id)).where(c.chain_id.is_(None), c.id > first_chained)
-    ).one()
-    return Unchained(int(total) - int(after or 0), int(after or 0), first_after)
+    conditions: list[Any] = [c.chain_id.is_(None)]
+    if first_chained is not None:
+        conditions.append(c.id < first_chained)
+    if first_started is not None:
+        conditions.append(c.time < dt.datetime.fromtimestamp(float(first_started), tz=dt.UTC))
+    old = and_(*conditions)
+    before = conn.execute(select(func.count()).where(old)).scalar() or 0
+    first_after = conn.execute(select(func.min(c.id)).where(c.chain_id.is_(None), not_(old))).scalar()
+    return Unchained(int(before), int(total) - int(before), first_after)
 
 
 #: Seconds a record may predate the checkpoint that did not see its chain (clocks of other hosts).

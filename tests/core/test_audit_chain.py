@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import multiprocessing
@@ -496,6 +497,24 @@ def test_records_without_a_chain_after_chaining_began_are_reported(tmp_path: Pat
     legacy.insert(decision(2))  # inserted past the service: no chain
     _, unchained = audit_integrity.verify_trail(engine)
     assert (unchained.before, unchained.after) == (1, 1) and unchained.first_after == 3
+    # A record made up with a low id (below the first chained one, as a prune frees) but a time
+    # after chaining began is not taken for one written before it.
+    with engine.begin() as conn:
+        row = {k: v for k, v in conn.execute(select(events).where(events.c.id == 2)).one()._mapping.items()}
+        conn.execute(
+            insert(events).values(
+                **{
+                    **row,
+                    "id": -5,
+                    "chain_id": None,
+                    "seq": None,
+                    "event_id": "x",
+                    "time": dt.datetime.now(dt.UTC),
+                }
+            )
+        )
+    _, unchained = audit_integrity.verify_trail(engine)
+    assert (unchained.before, unchained.after) == (1, 2) and unchained.first_after == -5
     engine.dispose()
 
 
