@@ -65,6 +65,8 @@ SIGNING_USES = frozenset({"sig", "jwt-svid"})
 
 def quote_untrusted(value: object) -> str:
     """A short, quoted rendering of an untrusted value (a ``kid`` or ``alg``) for logs."""
+    if value is None:
+        return "(none)"  # No kid at all: not the name of a type.
     text = value if isinstance(value, str) else str(type(value).__name__)
     return repr(text[:_SHOWN_CHARS] + ("..." if len(text) > _SHOWN_CHARS else ""))
 

@@ -823,3 +823,11 @@ def test_static_jwks_refuses_a_bad_document(document: dict[str, Any], reason: st
     with pytest.raises(ConfigurationError, match=reason) as caught:
         StaticJWKS(document, algorithms={"ES256"}, source="client c1")
     assert "client c1" in str(caught.value)
+
+
+def test_a_missing_kid_is_said_as_missing() -> None:
+    """Not as the name of Python's type for None."""
+    from sts.adapters.jwks_acceptance import quote_untrusted
+
+    assert quote_untrusted(None) == "(none)"
+    assert quote_untrusted("k1") == "'k1'" and quote_untrusted(7) == "'int'"
