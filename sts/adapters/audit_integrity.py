@@ -288,6 +288,14 @@ def _beyond_pruning(
     found: list[BrokenLink] = []
     for checkpoint in checkpoints:
         found += prune_inconsistencies(starts, checkpoint.heads, checkpoint.ids, lowest)
+        for chain_id, record_id in checkpoint.ids.items():
+            # Record ids are not hashed: renumbered records would make a hand-made "prune" look
+            # consistent.  The head a checkpoint saw keeps the id it saw while it is there.
+            seq = checkpoint.heads[chain_id][0]
+            now_id = conn.execute(select(c.id).where(c.chain_id == chain_id, c.seq == seq)).scalar()
+            if now_id is not None and int(now_id) != record_id:
+                problem = f"record id is {now_id}, the checkpoint saw {record_id} (records renumbered)"
+                found.append(BrokenLink(chain_id, seq, int(now_id), problem))
         if checkpoint.issued_at is None:
             continue
         for chain_id, first in oldest.items():

@@ -686,6 +686,30 @@ def test_an_anchor_moved_by_hand_and_a_made_up_chain_do_not_hide_rewritten_histo
     assert any(chain == forged and "does not name" in p for chain, p in problems), problems
 
 
+def test_renumbered_records_do_not_make_a_hand_made_prune_look_real(engine: Engine, ring: KeyRing) -> None:
+    """Record ids are not hashed: delete the newest chain, move its anchor to the checkpointed head,
+    and renumber the other chain above it, so that no older record seems to remain.  The head the
+    checkpoint saw of that other chain still has to carry the id the checkpoint saw."""
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
+    for n in range(8):
+        sinks[0].write(decision(n))
+    for n in range(8, 12):
+        sinks[1].write(decision(n))
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 60)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    older, newer = sorted(seen.heads, key=lambda chain: seen.ids[chain])
+    with engine.begin() as conn:
+        conn.execute(delete(events).where(events.c.chain_id == newer))
+        seq, digest = seen.heads[newer]
+        conn.execute(
+            update(chains).where(chains.c.chain_id == newer).values(anchor_seq=seq, anchor_hash=digest)
+        )
+        conn.execute(update(events).where(events.c.chain_id == older).values(id=events.c.id + 1000))
+    verify(engine)  # Alone, every chain verifies.
+    [link] = broken(engine, seen)  # type: ignore[arg-type]
+    assert link.chain_id == older and "renumbered" in link.problem
+
+
 def test_a_checkpoint_with_record_ids_accepts_real_pruning_and_new_chains(
     engine: Engine, ring: KeyRing
 ) -> None:

@@ -234,10 +234,18 @@ def _private_sqlite_files(database: str) -> None:
     if database in ("", ":memory:") or database.startswith("file:"):
         return
     try:
-        fd = os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Only a file that does not exist yet is opened here (O_EXCL).  Opening and closing one
+        # that exists would release every POSIX lock this process holds on it (fcntl locks belong
+        # to the process, and any close drops them): a connection already open in this process
+        # would lose its shared lock, and another process could then take itself for the last
+        # connection, checkpoint and delete the -wal and -shm files under it.
+        fd = os.open(database, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
     except OSError:
         return  # SQLite reports the problem when it opens the file, with its own message.
-    os.close(fd)
+    else:
+        os.close(fd)
     for path in (database, database + "-wal", database + "-shm"):
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)

@@ -29,7 +29,10 @@ that these writes do not compete with the audit trail's.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import threading
+import weakref
 from collections.abc import Sequence
 
 from sqlalchemy import Engine
@@ -63,9 +66,22 @@ def rate_limit_engine(engine: Engine) -> Engine:
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:" or database.startswith("file:"):
         return engine
-    own = make_engine(f"sqlite:///{database}.rate-limits")
-    transaction(own, lambda conn: conn.execute(CreateTable(rate_limits, if_not_exists=True)))
+    path = f"{database}.rate-limits"
+    with _OWN_ENGINES_LOCK:
+        # One engine per file and process, whoever asks (the limits of the endpoints, the review
+        # page's sign-ins): one pool, one set of per-thread connections and checkpoints.
+        key = (os.path.abspath(path), os.getpid())
+        own = _OWN_ENGINES.get(key)
+        if own is None:
+            own = make_engine(f"sqlite:///{path}")
+            transaction(own, lambda conn: conn.execute(CreateTable(rate_limits, if_not_exists=True)))
+            _OWN_ENGINES[key] = own
     return own
+
+
+#: Weak: an engine nobody uses any more (an app of the tests, say) closes as before.
+_OWN_ENGINES: weakref.WeakValueDictionary[tuple[str, int], Engine] = weakref.WeakValueDictionary()
+_OWN_ENGINES_LOCK = threading.Lock()
 
 
 class SqlRateLimits:

@@ -1,0 +1,47 @@
+"""A second engine on a SQLite file this process has open must not release the process's locks.
+
+POSIX ``fcntl`` locks belong to the process, and closing *any* descriptor of the file drops them
+all.  Creating an engine used to open and close the database file (to create it ``0600``), which
+dropped the shared lock of the connections already open: another process closing its connection
+then took itself for the last one, checkpointed and deleted the ``-wal`` and ``-shm`` files under
+them, and this process's connections failed (``DatabaseError``) until it restarted.  Seen with the
+rate-limit file, which the endpoints' limits and the review page's sign-in limits both opened.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.rate_limits import rate_limit_engine
+
+
+def test_a_second_engine_leaves_the_open_connections_their_locks(tmp_path: Path) -> None:
+    path = tmp_path / "locks.sqlite"
+    first = make_engine(f"sqlite:///{path}")
+    conn = first.raw_connection()
+    try:
+        conn.cursor().execute("CREATE TABLE t (x)")
+        conn.commit()
+        make_engine(f"sqlite:///{path}")  # the review page's rate limits did this, say
+        other = (
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+            "c.execute('SELECT count(*) FROM t').fetchall(); c.close()"
+        )
+        subprocess.run([sys.executable, "-c", other, str(path)], check=True, timeout=30)
+        assert Path(f"{path}-shm").exists() and Path(f"{path}-wal").exists()
+        conn.cursor().execute("INSERT INTO t VALUES (1)")
+        conn.commit()
+    finally:
+        conn.close()
+        first.dispose()
+
+
+def test_one_rate_limit_engine_per_file_and_process(tmp_path: Path) -> None:
+    main: Engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    assert rate_limit_engine(main) is rate_limit_engine(main)
+    main.dispose()
