@@ -47,7 +47,9 @@ def keys_list(ctx: click.Context) -> None:
 @click.option("--force", is_flag=True, help="Rotate even if the next key was published only recently.")
 @click.pass_context
 def keys_rotate(ctx: click.Context, force: bool) -> None:
-    """Promote the published next key to active; retire the current one; publish a new next key."""
+    """Promote the published next key to active; retire the current one; publish a new next key
+    of the configured ``signing_alg`` (after a change of it, the rotation after this one signs
+    with the new algorithm, its key published a whole rotation before)."""
     settings = settings_from(ctx)
     ring = open_keyring(settings)
     try:
@@ -56,6 +58,7 @@ def keys_rotate(ctx: click.Context, force: bool) -> None:
             max_token_lifetime=settings.max_lifetime,
             min_published=settings.key_rotation_min_published,
             force=force,
+            next_alg=settings.signing_alg,
         )
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None

@@ -595,6 +595,20 @@ def test_keys_list_rotate_jwks_prune(config_path: Path) -> None:
     assert old_active not in _sts(config_path, "keys", "jwks").output
 
 
+def test_keys_rotate_moves_to_the_configured_signing_alg(config_path: Path) -> None:
+    """A changed ``signing_alg`` reaches the key ring through rotation: the next key published is
+    of the new algorithm (a whole rotation before it signs), then the one after signs with it."""
+    _sts(config_path, "keys", "list")  # creates the ring: ES256, active and next
+    env = {"STS_SIGNING_ALG": "RS256"}
+    first = _sts(config_path, "keys", "rotate", "--force", env=env)
+    assert first.exit_code == 0, first.output
+    lines = dict(line.split(" ", 1) for line in first.output.splitlines() if line.strip())
+    assert lines["active"].split()[-1] == "ES256" and lines["next"].split()[-1] == "RS256"
+    second = _sts(config_path, "keys", "rotate", "--force", env=env)
+    lines = dict(line.split(" ", 1) for line in second.output.splitlines() if line.strip())
+    assert lines["active"].split()[-1] == "RS256"
+
+
 def test_clients_secret_prints_a_secret_and_a_matching_hash() -> None:
     result = CliRunner().invoke(main, ["clients", "secret"])
     assert result.exit_code == 0, result.output
