@@ -280,7 +280,9 @@ def blueprint(
         value = signer.dumps({"u": username, "h": _fingerprint(stored), "c": secrets.token_urlsafe(16)})
         response: Response = redirect(safe_next(target), 303)  # type: ignore[assignment]
         cookie(response, SESSION_COOKIE, value, config.session_lifetime)
-        response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
+        response.delete_cookie(
+            LOGIN_COOKIE, path=PREFIX, secure=config.secure_cookie, httponly=True, samesite="Strict"
+        )
         log.info("review sign-in by %r", username)
         return response
 

@@ -11,20 +11,35 @@ left alone.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 #: Written as they are: line breaks and tabs (the decision's JSON is shown as it is indented).
 _KEPT = frozenset("\n\t")
 
 
+#: Printable by Python's reckoning, yet showing nothing: Unicode's Default_Ignorable_Code_Point
+#: characters (DerivedCoreProperties.txt: the combining grapheme joiner, the Hangul fillers,
+#: Khmer inherent vowels, Mongolian variation selectors, variation selectors, tag characters...)
+#: and the blank-looking Braille pattern U+2800.
+_BLANK = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+
 def visible(value: Any) -> Any:
-    """``value`` with each character that is not printable (``str.isprintable``: the format,
-    control, separator other than the space, private-use, surrogate and unassigned code
-    points) written as its escape; anything but a plain string is returned unchanged.
-    Used as the review templates' ``finalize``, so it applies to every expression they print."""
-    if type(value) is not str or value.isprintable():
+    """``value`` with each character that shows nothing of itself written as its escape: those
+    that are not printable (``str.isprintable``: the format, control, separator other than the
+    space, private-use, surrogate and unassigned code points) and the default-ignorable ones
+    (:data:`_BLANK`); anything but a plain string is returned unchanged.  Used as the review
+    templates' ``finalize``, so it applies to every expression they print."""
+    if type(value) is not str or (value.isprintable() and not _BLANK.search(value)):
         return value
-    return "".join(c if c.isprintable() or c in _KEPT else _escape(c) for c in value)
+    return "".join(
+        c if (c.isprintable() and not _BLANK.match(c)) or c in _KEPT else _escape(c) for c in value
+    )
 
 
 def _escape(char: str) -> str:

@@ -137,6 +137,8 @@ def test_sign_in_sets_a_strict_session_cookie_and_goes_where_asked(review: Revie
     attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
     assert {"httponly", "secure", "path", "samesite"} <= attributes  # the issuer is https
     assert "SameSite=Strict" in cookie and "Path=/review" in cookie
+    cleared = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("sts_review_login="))
+    assert "Secure" in cleared and "HttpOnly" in cleared and "SameSite=Strict" in cleared
     assert "refused" in review.page("/review/timeline", outcome="refused")
 
 
@@ -423,7 +425,7 @@ def test_invisible_characters_in_a_record_are_shown_as_escapes(
 ) -> None:
     """A bidi override or a zero-width space would make two identities look alike (or reverse the
     text after it): the page writes them as ``\\u202e``, as ``sts audit`` does."""
-    sneaky = "https://deploy.example.com/\u202eniam\u200b\u00a0"
+    sneaky = "https://deploy.example.com/\u202eniam\u200b\u00a0\u3164\u034f\u2800"
     subject = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=review.clock.now)
     refused = review.app.test_client().post("/token", data=exchange_form(subject, audience=sneaky))
     assert refused.status_code == 400
@@ -431,8 +433,9 @@ def test_invisible_characters_in_a_record_are_shown_as_escapes(
     for path in ("/review/timeline", "/review/decision/13"):
         body = review.page(path)
         assert "niam" in body, path
-        assert not {"\u202e", "\u200b", "\u00a0"} & set(body), path
-        assert "\\u202eniam\\u200b\\u00a0" in body, path
+        # Also those Python calls printable that show nothing: Hangul filler, grapheme joiner, blank.
+        assert not {"\u202e", "\u200b", "\u00a0", "\u3164", "\u034f", "\u2800"} & set(body), path
+        assert "\\u202eniam\\u200b\\u00a0\\u3164\\u034f\\u2800" in body, path
 
 
 def test_overview_charts(review: Review) -> None:
