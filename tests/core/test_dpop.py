@@ -750,6 +750,11 @@ def test_a_bound_upstream_token_needs_its_key_too(sts: STS) -> None:
         subject_token=bound({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"})
     )
     assert_refused(sts, certificate_bound, "subject_token.certificate_binding_mismatch", "invalid_request")
+    # A confirmation method this service cannot check (RFC 7800 §3.2 jwk, a kid, an empty one):
+    # refused, never taken for a bearer token.
+    for cnf in ({"jwk": public_jwk(EC_KEY)}, {"kid": "k1"}, {}, {"jkt": jkt, "jwk": public_jwk(EC_KEY)}):
+        refused = sts.exchange(sts.proof(EC_KEY), subject_token=bound(cnf))
+        assert_refused(sts, refused, "subject_token.unsupported_confirmation", "invalid_request")
 
 
 def test_an_unbound_token_of_ours_may_be_bound_on_reexchange(sts: STS) -> None:

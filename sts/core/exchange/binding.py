@@ -96,6 +96,11 @@ def check_binding(
     """
     if grant.require_dpop and proof is None:
         raise InvalidDPoPProof("dpop.required")
+    for token, role in ((subject, "subject_token"), (actor, "actor_token")):
+        if token is not None and not _confirmation_checkable(token.claims.get("cnf", _NONE)):
+            # RFC 7800: ``cnf`` says the presenter must prove a key.  One this service cannot check
+            # (``jwk``, ``kid``, ``jku``, anything else) is refused, never taken as a bearer token.
+            raise InvalidRequest(f"{role}.unsupported_confirmation")
     actor_bound = bound_key(actor) if actor is not None else None
     if actor_bound is not None:
         if proof is None:
@@ -118,6 +123,18 @@ def check_certificate_binding(subject: VerifiedToken, thumbprint: str | None) ->
     bound = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
     if bound is not None and bound != thumbprint:
         raise InvalidRequest("subject_token.certificate_binding_mismatch")
+
+
+#: The confirmation methods checked here: DPoP (RFC 9449 §6) and the client certificate (RFC 8705 §3).
+CHECKED_CONFIRMATIONS = frozenset({"jkt", "x5t#S256"})
+_NONE = object()
+
+
+def _confirmation_checkable(cnf: object) -> bool:
+    """No ``cnf``, or one whose every member is a method :data:`CHECKED_CONFIRMATIONS` names."""
+    if cnf is _NONE:
+        return True
+    return isinstance(cnf, Mapping) and bool(cnf) and set(cnf) <= CHECKED_CONFIRMATIONS
 
 
 def bound_key(token: VerifiedToken) -> str | None:
