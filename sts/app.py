@@ -25,7 +25,14 @@ from .settings import Settings
 from .wiring.metadata import build_metadata
 from .wiring.runtime import Runtime
 from .wiring.services import build_exchange, build_signal_receiver, build_token_status
-from .wiring.stores import build_rate_limiter, database_pool, open_stores, single_use_ledger, store_check
+from .wiring.stores import (
+    build_rate_limiter,
+    database_pool,
+    open_stores,
+    rate_limit_check,
+    single_use_ledger,
+    store_check,
+)
 from .wiring.trust import build_clients, build_policy
 from .wiring.web import build_flask_app
 
@@ -137,6 +144,7 @@ def create_app(
             keyring=keyring,
             clock=clock,
             instance=instance,
+            rate_limits=rate_limit_check(settings, engine, stores.redis_client),
         ),
         metrics=metrics,
     )

@@ -202,7 +202,8 @@ class Readiness:
     """What ``/readyz`` reports: the problems that stop this process from issuing tokens now.
 
     ``database``: the schema is not current, or the audit database does not commit a
-    write; ``store``: the replay store does not answer or take a write; ``keys``: no
+    write; ``store``: the replay store does not answer or take a write; ``rate_limits``:
+    the rate-limit store (when limits are on) does not take a count; ``keys``: no
     signing key can be loaded.  A good result is kept for ``cache_seconds``, so that
     frequent probes cost at most one small commit per second and process; a bad one is
     checked again on the next probe, so that recovery shows at once.
@@ -220,7 +221,9 @@ class Readiness:
         instance: str,
         cache_seconds: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
+        rate_limits: StoreCheck | None = None,
     ) -> None:
+        self.rate_limits = rate_limits
         self.schema = schema
         self.audit = audit
         self.store = store
@@ -267,6 +270,13 @@ class Readiness:
                 self.store(now)
             except StoreUnavailable:
                 problems.append("store")
+        if self.rate_limits is not None:
+            # Every token request passes the rate limits first: a store that cannot count them
+            # refuses every one (fail closed), so the process is not ready either.
+            try:
+                self.rate_limits(now)
+            except StoreUnavailable:
+                problems.append("rate_limits")
         try:
             self.keyring.reload_if_changed(now)
             self.keyring.signer()

@@ -28,6 +28,7 @@ from ..adapters.sql.single_use import SqlSingleUseLedger
 from ..adapters.sql.subject_state import SqlSubjectStateStore
 from ..core.ports import (
     BaselineStore,
+    LimitedKey,
     RateLimitStore,
     ReplayCache,
     RevokedTokens,
@@ -110,6 +111,23 @@ def rate_limit_store(engine: Engine, redis_client: redis.Redis | None) -> RateLi
     if redis_client is not None:
         return RedisRateLimits(redis_client)
     return SqlRateLimits(rate_limit_engine(engine))
+
+
+def rate_limit_check(
+    settings: Settings, engine: Engine, redis_client: redis.Redis | None
+) -> StoreCheck | None:
+    """Readiness's probe of the rate-limit store, when limits are on: one count on a key of its own
+    (admitted whatever came before: a day of tolerance), so a store that cannot count shows."""
+    configured = settings.rate_limits
+    if not configured.enabled or not any(configured.limits.values()):
+        return None
+    store = rate_limit_store(engine, redis_client)
+    key = [LimitedKey("readyz", 0.001, 86400.0)]
+
+    def check(now: float) -> None:
+        store.acquire(key, now)
+
+    return check
 
 
 def build_rate_limiter(

@@ -133,6 +133,25 @@ def test_a_sqlite_file_that_cannot_be_written_is_not_ready(make_app: Callable[..
     assert client.get("/readyz").status_code == 200
 
 
+def test_a_rate_limit_file_that_cannot_be_written_is_not_ready(make_app: Callable[..., Flask]) -> None:
+    """Every token request is counted first: a rate-limit store that cannot count refuses them all
+    (503, fail closed), so readiness says so too, and the database is fine meanwhile."""
+    app = make_app()
+    fresh_checks(app)
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    limits = Path(f"{app.extensions['sts'].engine.url.database}.rate-limits")
+    frozen = [str(limits), f"{limits}-wal"]
+    subprocess.run(["chattr", "+i", *frozen], check=True)
+    try:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.get_json()["problems"] == ["rate_limits"]
+    finally:
+        subprocess.run(["chattr", "-i", *frozen], check=True)
+    assert client.get("/readyz").status_code == 200
+
+
 def test_a_redis_store_that_answers_ping_but_refuses_writes_is_not_ready(
     make_app: Callable[..., Flask], tmp_path: Path
 ) -> None:
