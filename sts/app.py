@@ -30,6 +30,7 @@ from .wiring.stores import (
     database_pool,
     open_stores,
     rate_limit_check,
+    rate_limits_home,
     single_use_ledger,
     store_check,
 )
@@ -145,6 +146,7 @@ def create_app(
             clock=clock,
             instance=instance,
             rate_limits=rate_limit_check(settings, engine, stores.redis_client),
+            rate_limits_in=rate_limits_home(engine, stores.redis_client),
         ),
         metrics=metrics,
     )

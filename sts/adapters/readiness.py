@@ -222,8 +222,12 @@ class Readiness:
         cache_seconds: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
         rate_limits: StoreCheck | None = None,
+        rate_limits_in: str = "own",
     ) -> None:
         self.rate_limits = rate_limits
+        #: Where the rate limits are kept: ``database`` (PostgreSQL), ``store`` (Redis) or ``own``
+        #: (SQLite's file of their own); a failure of that one is not reported twice.
+        self.rate_limits_in = rate_limits_in
         self.schema = schema
         self.audit = audit
         self.store = store
@@ -270,7 +274,8 @@ class Readiness:
                 self.store(now)
             except StoreUnavailable:
                 problems.append("store")
-        if self.rate_limits is not None:
+        shared = {"database": "database" in problems, "store": "store" in problems}.get(self.rate_limits_in)
+        if self.rate_limits is not None and not shared:
             # Every token request passes the rate limits first: a store that cannot count them
             # refuses every one (fail closed), so the process is not ready either.
             try:

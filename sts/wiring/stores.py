@@ -130,6 +130,14 @@ def rate_limit_check(
     return check
 
 
+def rate_limits_home(engine: Engine, redis_client: redis.Redis | None) -> str:
+    """Where the rate limits are kept, for readiness: ``store`` (Redis), ``own`` (a SQLite file of
+    their own, see ``rate_limit_engine``) or ``database`` (PostgreSQL's table)."""
+    if redis_client is not None:
+        return "store"
+    return "own" if rate_limit_engine(engine) is not engine else "database"
+
+
 def build_rate_limiter(
     settings: Settings, engine: Engine, redis_client: redis.Redis | None, metrics: Metrics | None = None
 ) -> RateLimiter:
