@@ -48,6 +48,19 @@ def serve(
             metrics.remove_directory(metrics_dir)
 
 
+def release_before_fork(runtime: Any) -> None:
+    """Close every connection the parent's check opened: the database's, the rate limits' (a file of
+    their own on SQLite) and Redis's.  A SQLite connection carried across a fork leaves the child
+    believing it holds its parent's locks: it takes none, and another process may then delete the
+    ``-wal`` and ``-shm`` under it."""
+    from ..adapters.sql.rate_limits import dispose_rate_limit_engines
+
+    runtime.engine.dispose()
+    dispose_rate_limit_engines()
+    if runtime.redis_client is not None:
+        runtime.redis_client.close()
+
+
 def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     from .. import serving
     from ..adapters import metrics_exposition as metrics
@@ -79,9 +92,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
             raise click.ClickException(str(exc)) from None
         # The workers open their own pools; the check's connections must not be inherited by them.
         runtime = checked.extensions["sts"]
-        runtime.engine.dispose()
-        if runtime.redis_client is not None:
-            runtime.redis_client.close()
+        release_before_fork(runtime)
         if listener is not None:
             # The signing keys' ages are read, when scraped, from this process's copy of the key ring.
             collector.key_entries = functools.partial(_key_entries, runtime.keyring)

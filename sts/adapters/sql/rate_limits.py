@@ -79,6 +79,16 @@ def rate_limit_engine(engine: Engine) -> Engine:
     return own
 
 
+def dispose_rate_limit_engines() -> None:
+    """Close every connection of this process's rate-limit engines (the next statement opens new
+    ones).  Before a fork: a SQLite connection must not cross one (SQLite keeps the locks it holds
+    per process, so a child would believe it holds its parent's locks and take none)."""
+    with _OWN_ENGINES_LOCK:
+        engines = list(_OWN_ENGINES.values())
+    for engine in engines:
+        engine.dispose()
+
+
 #: Weak: an engine nobody uses any more (an app of the tests, say) closes as before.
 _OWN_ENGINES: weakref.WeakValueDictionary[tuple[str, int], Engine] = weakref.WeakValueDictionary()
 _OWN_ENGINES_LOCK = threading.Lock()
