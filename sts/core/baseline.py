@@ -77,7 +77,9 @@ class PendingFact:
     """A changed stable fact that is not confirmed yet, and how far its probation has got.
 
     ``value`` None means the fact is gone.  ``fresh_count`` counts exchanges
-    with fresh attestation that presented this value, the first at ``fresh_since``.
+    with fresh attestation that presented this value, the first at ``fresh_since``;
+    ``fresh_attested`` is the attestation time (``iat``) of the last one counted, so
+    that one token counts once however often it is presented.
     """
 
     value: Any
@@ -85,6 +87,7 @@ class PendingFact:
     last_seen: float
     fresh_count: int = 0
     fresh_since: float | None = None
+    fresh_attested: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """What :func:`dataclasses.asdict` gives (the stored form), built field by field."""
@@ -95,11 +98,12 @@ class PendingFact:
             "last_seen": self.last_seen,
             "fresh_count": self.fresh_count,
             "fresh_since": self.fresh_since,
+            "fresh_attested": self.fresh_attested,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PendingFact:
-        since = data.get("fresh_since")
+        since, attested = data.get("fresh_since"), data.get("fresh_attested")
         value = data.get("value")
         if value is not None and not isinstance(value, str | int | bool):
             raise ValueError("pending value")
@@ -109,6 +113,7 @@ class PendingFact:
             last_seen=float(data.get("last_seen", data["first_seen"])),
             fresh_count=int(data.get("fresh_count", 0)),
             fresh_since=float(since) if since is not None else None,
+            fresh_attested=float(attested) if attested is not None else None,
         )
 
 
@@ -313,6 +318,7 @@ def _reads_back_as_itself(b: Baseline) -> bool:
             and {type(p.first_seen), type(p.last_seen)} <= _FLOAT
             and type(p.fresh_count) is int
             and type(p.fresh_since) in _FLOAT_OR_NONE
+            and type(p.fresh_attested) in _FLOAT_OR_NONE
         ):
             return False
     for how in b.confirmed.values():

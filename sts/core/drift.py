@@ -103,13 +103,15 @@ def review(
     presentable: frozenset[str] = frozenset(),
     max_age: int = 60,
     identity: str = "",
+    attested_at: float | None = None,
 ) -> DriftReview:
     """Compare ``current`` (the watched facts and presented key facts) with the baseline.
 
     ``shown`` is the evidence this request shows; ``presentable`` the evidence
     the workload could show that it has not (both only count when the rule
     names them in ``settings.evidence``).  ``max_age`` is how fresh an
-    exchange must be to count for probation.
+    exchange must be to count for probation; ``attested_at`` is its attestation
+    time, so that a token presented again is not counted again.
     """
     updated = baseline
     changed: dict[str, dict[str, Any]] = {}
@@ -130,19 +132,31 @@ def review(
         if known is value or known == value or value in updated.other_keys.get(name, ()):
             continue
         entry = updated.pending.get(name)
+        if entry is not None and entry.value != value and not fresh:
+            # A stale token with yet another value is refused, and leaves the probation under way
+            # alone (an old token must not restart someone else's progress).
+            if name in watched:
+                changed[name] = {"was": baseline.facts.get(name), "now": value}
+            continue
         if entry is None or entry.value != value:
             entry = PendingFact(value=value, first_seen=now, last_seen=now)
         entry = replace(entry, last_seen=now)
-        if fresh:
+        # A fresh exchange counts once per attestation: the same token presented again (its iat
+        # not newer than the last one counted) is no new evidence.
+        counted = fresh and (
+            entry.fresh_attested is None or attested_at is None or attested_at > entry.fresh_attested
+        )
+        if counted:
             entry = replace(
                 entry,
                 fresh_count=entry.fresh_count + 1,
                 fresh_since=entry.fresh_since if entry.fresh_since is not None else now,
+                fresh_attested=attested_at,
             )
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
-        elif fresh and _probation_done(entry, settings):
+        elif counted and _probation_done(entry, settings):
             # The exchange that completes probation is one of its fresh ones (the last of them
             # ``probation_period`` after the first): a stale token, replayed at the end, cannot.
             how = "probation"

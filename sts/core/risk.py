@@ -273,9 +273,8 @@ def review_drift(
 ) -> DriftReview:
     """The watched facts (and the presented proof-of-possession keys) against the baseline.
 
-    Key facts come from what the pipeline observed (the DPoP proof, the client
-    certificate), never from a token's claims.
-    """
+    Key facts come from what the pipeline observed (the DPoP proof, the client certificate), never
+    from a token's claims."""
     facts = ctx.facts
     plain = (
         cfg.watched_plain if watched is cfg.stable_facts else tuple(f for f in watched if f not in KEY_FACTS)
@@ -296,6 +295,7 @@ def review_drift(
         presentable=ctx.evidence_presentable,
         max_age=cfg.step_up_max_age,
         identity=ctx.identity,
+        attested_at=ctx.attested_at,
     )
 
 

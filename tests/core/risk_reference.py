@@ -145,6 +145,7 @@ def review_drift(
         presentable=ctx.evidence_presentable,
         max_age=cfg.step_up_max_age,
         identity=ctx.identity,
+        attested_at=ctx.attested_at,
     )
 
 
@@ -298,6 +299,7 @@ def drift_review(
     presentable: frozenset[str] = frozenset(),
     max_age: int = 60,
     identity: str = "",
+    attested_at: float | None = None,
 ) -> DriftReview:
     """Compare ``current`` (the watched facts and presented key facts) with the baseline.
 
@@ -323,19 +325,29 @@ def drift_review(
         if value in updated.confirmed_values(name):
             continue
         entry = updated.pending.get(name)
+        if entry is not None and entry.value != value and not fresh:
+            # A stale token with another value leaves the probation under way alone (refused).
+            if name in watched:
+                changed[name] = {"was": baseline.facts.get(name), "now": value}
+            continue
         if entry is None or entry.value != value:
             entry = PendingFact(value=value, first_seen=now, last_seen=now)
         entry = replace(entry, last_seen=now)
-        if fresh:
+        # Once per attestation: a token presented again is no new evidence.
+        counted = fresh and (
+            entry.fresh_attested is None or attested_at is None or attested_at > entry.fresh_attested
+        )
+        if counted:
             entry = replace(
                 entry,
                 fresh_count=entry.fresh_count + 1,
                 fresh_since=entry.fresh_since if entry.fresh_since is not None else now,
+                fresh_attested=attested_at,
             )
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
-        elif fresh and _probation_done(entry, settings):  # Only a fresh exchange completes it.
+        elif counted and _probation_done(entry, settings):  # Only a counted fresh exchange completes it.
             how = "probation"
         if how is not None:
             updated = updated.with_confirmed(name, value, how, now)

@@ -182,6 +182,40 @@ def test_probation_is_completed_only_by_a_fresh_exchange() -> None:
     assert fresh.confirmed_now == {"runner_environment": "probation"}
 
 
+def test_a_token_presented_again_counts_once_for_probation() -> None:
+    """Replaying one fresh token is not several attestations: three presentations of one token
+    (one iat), then one new token after the period, is two fresh exchanges, not four."""
+    baseline = CONFIRMED
+    for moved in (0, 1, 2):
+        baseline = drift(baseline, "self-hosted", NOW + moved, attested_at=NOW).baseline
+    assert baseline.pending["runner_environment"].fresh_count == 1
+    later = drift(baseline, "self-hosted", NOW + 3600, attested_at=NOW + 3599)
+    assert later.changed and not later.confirmed_now
+    assert later.clears[1]["exchanges_left"] == 1
+
+
+def test_one_token_alone_cannot_complete_a_short_probation() -> None:
+    """With ``probation_period`` within ``step_up_max_age`` one token stays fresh for the whole
+    period: presented again and again, it is still one attestation."""
+    settings = replace(PROBATION, probation_period=40)
+    baseline = CONFIRMED
+    for moved in (0, 20, 41, 42):
+        result = drift(baseline, "self-hosted", NOW + moved, attested_at=NOW, settings=settings)
+        assert result.changed, moved
+        baseline = result.baseline
+    assert baseline.pending["runner_environment"].fresh_count == 1
+
+
+def test_a_stale_token_with_another_value_leaves_the_probation_under_way() -> None:
+    baseline = CONFIRMED
+    for moved in (0, 1):
+        baseline = drift(baseline, "self-hosted", NOW + moved, attested_at=NOW + moved).baseline
+    stale = drift(baseline, "another-runner", NOW + 5, fresh=False)
+    assert stale.changed  # refused all the same
+    pending = stale.baseline.pending["runner_environment"]
+    assert (pending.value, pending.fresh_count) == ("self-hosted", 2)
+
+
 def test_another_new_value_restarts_the_probation() -> None:
     first = drift(CONFIRMED, "self-hosted", NOW).baseline
     other = drift(first, "another-runner", NOW + 10)

@@ -260,7 +260,9 @@ def test_ci_drift_is_not_a_full_grant_until_an_operator_accepts_it(
         assert "changed since the STS first saw it" in err
         assert f"sts baseline accept '{IDENTITY}'" in err
         assert "2 more run(s) with a fresh token" in err
-        # A second fresh token from the same runner is no better: nothing is laundered.
+        # A second fresh token from the same runner is no better: nothing is laundered.  (A
+        # second later: an attestation counts once, and its iat has whole seconds.)
+        time.sleep(1.1)
         code, _, err = ci_job(sts, oidc, tmp_path)
         assert code == 1 and "1 more run(s)" in err
 
