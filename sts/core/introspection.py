@@ -114,8 +114,9 @@ def actor_identities(act: Any, issuer_names: Collection[str], issuer_of: Mapping
     top-level ``act``, RFC 8693 §4.1: the party exercising the token).
 
     The actor's issuer is found by the ``iss`` it was verified under (``issuer_of``: issuer URL to
-    configured name).  An actor that was a token of ours (``iss`` is ours: its upstream issuer is not
-    carried in ``act``), or whose issuer is no longer configured, is checked under every issuer.
+    configured name).  An actor that was a token of ours (``iss`` is ours) is looked up under the
+    ``upstream_issuer`` its entry carries; one whose entry carries none (issued before entries did),
+    or whose issuer is no longer configured, under every issuer.
     """
     if not isinstance(act, Mapping) or not isinstance(act.get("sub"), str):
         return []
