@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
 import importlib
@@ -46,6 +47,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -365,6 +367,7 @@ class _Loader:
     counts_file: str | None = None
 
     def __call__(self) -> Any:  # granian types its loaders as returning callables
+        die_with_parent()
         app = WSGIOverRSGI(self.load_app(), self.limits, self.request_id, self.counts_file)
         # What start-up built (keys, compiled policies, modules) lives as long as the worker: out
         # of the collector's sight, so that a full collection no longer walks it on a request
@@ -372,6 +375,32 @@ class _Loader:
         gc.collect()
         gc.freeze()
         return app
+
+
+#: ``prctl`` option: the signal a process gets when the thread that forked it ends (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a worker: end (``SIGTERM``, granian's own stop signal) when the server's main process does.
+
+    Granian's workers outlive a main process killed outright (``kill -9``, an OOM kill): they go
+    on accepting connections on the shared port with what they loaded, and hold their files
+    without the main process watching them.  Linux's ``PR_SET_PDEATHSIG`` (prctl(2)) ends them
+    with it; granian forks every worker, respawned ones too, from the main thread, which lives as
+    long as the process.  Elsewhere, or without ``prctl``, nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # The main process ended before the request took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _import_app(target: str) -> WSGIApp:

@@ -7,6 +7,7 @@ attacker) would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -463,6 +464,46 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(
         server.stop()
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue
+        ppid = next((line.split()[1] for line in lines if line.startswith("PPid:")), None)
+        if ppid == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def test_the_workers_end_with_a_main_process_killed_outright(
+    tmp_path: Path, upstream_issuer: RunningServer
+) -> None:
+    """``kill -9`` of the main process (an OOM kill): its workers end too, rather than serving on the
+    shared port with what they loaded and nobody watching them (PR_SET_PDEATHSIG)."""
+    server = Served(tmp_path, upstream_issuer, args=("--workers", "2"))
+    workers = children_of(server.proc.pid)
+    try:
+        assert len(workers) == 2, workers
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.1)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        assert alive == [], "workers outlived the main process"
+        with pytest.raises(requests.RequestException):
+            requests.get(f"{server.url}/livez", timeout=2)
+    finally:
+        for pid in workers:  # Whatever happened, none is left behind.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
+
+
+# -- settings ------------------------------------------------------------------------------------
 # -- settings ------------------------------------------------------------------------------------
 
 
