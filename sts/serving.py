@@ -350,7 +350,8 @@ def serve(
         except OSError as exc:
             log.warning("connections are not balanced over the workers: %s", exc)
     try:
-        server.serve(target_loader=_Loader(load_app, limits, request_id, counts_file), wrap_loader=False)
+        loader = _Loader(load_app, limits, request_id, counts_file, parent=os.getpid())
+        server.serve(target_loader=loader, wrap_loader=False)
     finally:
         if counts_file is not None:
             with contextlib.suppress(OSError):
@@ -365,9 +366,11 @@ class _Loader:
     limits: Limits
     request_id: Callable[[str], str] | None
     counts_file: str | None = None
+    #: The server's main process (the workers' parent), as it was when it started them.
+    parent: int | None = None
 
     def __call__(self) -> Any:  # granian types its loaders as returning callables
-        die_with_parent()
+        die_with_parent(self.parent)
         app = WSGIOverRSGI(self.load_app(), self.limits, self.request_id, self.counts_file)
         # What start-up built (keys, compiled policies, modules) lives as long as the worker: out
         # of the collector's sight, so that a full collection no longer walks it on a request
@@ -381,18 +384,20 @@ class _Loader:
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """In a worker: end (``SIGTERM``, granian's own stop signal) when the server's main process does.
 
     Granian's workers outlive a main process killed outright (``kill -9``, an OOM kill): they go
     on accepting connections on the shared port with what they loaded, and hold their files
     without the main process watching them.  Linux's ``PR_SET_PDEATHSIG`` (prctl(2)) ends them
     with it; granian forks every worker, respawned ones too, from the main thread, which lives as
-    long as the process.  Elsewhere, or without ``prctl``, nothing changes.
+    long as the process.  Elsewhere, or without ``prctl``, nothing changes.  ``parent``: the main
+    process's pid, known before the fork (a worker still starting when the main process died has
+    a new parent already).
     """
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    parent = parent if parent is not None else os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
