@@ -22,7 +22,7 @@ from ..adapters.redis.rate_limits import RedisRateLimits
 from ..adapters.sql.audit_sink import SqlAuditSink
 from ..adapters.sql.engines import PoolOptions
 from ..adapters.sql.key_value import SqlBaselineStore, SqlLedgerEpochMemory, SqlRevokedTokens
-from ..adapters.sql.rate_limits import SqlRateLimits, rate_limit_engine
+from ..adapters.sql.rate_limits import SqlRateLimits, own_rate_limit_file, rate_limit_engine
 from ..adapters.sql.replay import SqlReplayCache
 from ..adapters.sql.single_use import SqlSingleUseLedger
 from ..adapters.sql.subject_state import SqlSubjectStateStore
@@ -135,7 +135,7 @@ def rate_limits_home(engine: Engine, redis_client: redis.Redis | None) -> str:
     their own, see ``rate_limit_engine``) or ``database`` (PostgreSQL's table)."""
     if redis_client is not None:
         return "store"
-    return "own" if rate_limit_engine(engine) is not engine else "database"
+    return "own" if own_rate_limit_file(engine) is not None else "database"
 
 
 def build_rate_limiter(

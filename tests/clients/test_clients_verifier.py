@@ -778,6 +778,32 @@ def test_unusable_metadata_for_introspection_fails_closed_and_is_not_fetched_per
 # -- Flask and WSGI integration ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_the_decorator_takes_the_url_the_client_used_behind_a_prefixing_proxy(
+    verifier: TokenVerifier, bound: str, client_key: ECKey, prefixed: bool
+) -> None:
+    """The path as sent (``REQUEST_URI``) serves for ``htu`` only when it is the application's whole
+    path: behind a proxy that strips a prefix and says so (``X-Forwarded-Prefix``, ``ProxyFix``),
+    the client used the prefixed URL, which ``request.url`` rebuilds."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    app = Flask(__name__)
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1, x_prefix=1)  # type: ignore[method-assign]
+
+    @app.post("/releases")
+    @require_token(verifier)
+    def release() -> dict[str, Any]:
+        return {"sub": g.token.subject}
+
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "deploy.example.com"}
+    used = "https://deploy.example.com/api/releases" if prefixed else URL
+    if prefixed:
+        forwarded["X-Forwarded-Prefix"] = "/api"
+    proof = sign_proof(client_key, url=used, token=bound)
+    resp = app.test_client().post("/releases", headers=[*dpop_headers(bound, proof), *forwarded.items()])
+    assert resp.status_code == 200, resp.headers.get("WWW-Authenticate")
+
+
 def test_flask_decorator_sets_g_token_and_answers_challenges(
     fake: FakeAuthorizationServer, verifier: TokenVerifier
 ) -> None:

@@ -123,15 +123,20 @@ def normalise_htu(url: str) -> str:
 _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
-def request_target_url(base_url: str, environ: Mapping[str, Any]) -> str | None:
+def request_target_url(base_url: str, environ: Mapping[str, Any], decoded_path: str) -> str | None:
     """``base_url`` (scheme and authority, as the request is served) with the request's path as the
     client sent it: the server's ``RAW_URI`` or ``REQUEST_URI`` (gunicorn, uWSGI, Werkzeug, granian),
     in which ``%2F`` and ``%25`` are still what they were (a decoded ``PATH_INFO`` has lost them).
-    None when the server gives neither."""
+    None when the server gives neither, or when it names another path than ``decoded_path`` (the
+    application's whole path, decoded): a proxy's prefix (``X-Forwarded-Prefix``) is then part of
+    the URL the client used, and the raw path the server saw lacks it."""
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if not isinstance(raw, str) or not raw.startswith("/"):
         return None
-    return base_url.rstrip("/") + raw.partition("?")[0].partition("#")[0]
+    path = raw.partition("?")[0].partition("#")[0]
+    if unquote(path) != decoded_path:
+        return None
+    return base_url.rstrip("/") + path
 
 
 class DPoPKey:

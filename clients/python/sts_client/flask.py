@@ -99,4 +99,7 @@ def require_token(
 def _url_of(request: flask.Request) -> str:
     """The URL a proof's ``htu`` names: scheme and host as served (``ProxyFix`` applied), the path as
     the client sent it (see :func:`~sts_client.dpop.request_target_url`), else ``request.url``."""
-    return request_target_url(request.host_url, request.environ) or request.url
+    return (
+        request_target_url(request.host_url, request.environ, request.script_root + request.path)
+        or request.url
+    )

@@ -101,7 +101,13 @@ class TokenMiddleware:
         (:func:`~sts_client.dpop.request_target_url`), else rebuilt from the decoded ``PATH_INFO``."""
         rebuilt = request_uri(environ, include_query=False)
         parts = urlsplit(rebuilt)
-        return request_target_url(f"{parts.scheme}://{parts.netloc}", environ) or rebuilt
+        # PEP 3333: the decoded path's bytes, as latin-1; the client's text is UTF-8.
+        whole = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+        try:
+            path = whole.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            return rebuilt
+        return request_target_url(f"{parts.scheme}://{parts.netloc}", environ, path) or rebuilt
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))

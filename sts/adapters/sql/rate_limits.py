@@ -53,6 +53,15 @@ def _stored_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def own_rate_limit_file(engine: Engine) -> str | None:
+    """The file of their own the counts are kept in (see :func:`rate_limit_engine`); None when
+    they are kept in the main database."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return f"{database}.rate-limits"
+
+
 def rate_limit_engine(engine: Engine) -> Engine:
     """Where the counts are kept: on SQLite, a database file of their own beside the main one.
 
@@ -63,10 +72,9 @@ def rate_limit_engine(engine: Engine) -> Engine:
     audit database.  On PostgreSQL (and an in-memory SQLite database) the ``rate_limits``
     table of the main database is used.
     """
-    database = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not database or database == ":memory:" or database.startswith("file:"):
+    path = own_rate_limit_file(engine)
+    if path is None:
         return engine
-    path = f"{database}.rate-limits"
     with _OWN_ENGINES_LOCK:
         # One engine per file and process, whoever asks (the limits of the endpoints, the review
         # page's sign-ins): one pool, one set of per-thread connections and checkpoints.
