@@ -605,3 +605,39 @@ def test_posture_evidence_comes_only_from_an_issuer_that_speaks_for_the_subject(
         for unknown in ("nobody", "self"):
             with pytest.raises(ConfigurationError, match="posture_issuers"):
                 build(posture_issuers=[unknown])
+
+
+def test_the_subject_token_is_not_its_own_posture_token(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """A posture token is separate evidence: the subject token itself (or a copy with another
+    signature, or the same token signed anew with a claim added) is refused as its posture token,
+    where a separately issued one raises the assurance level."""
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    posture_rule = rule("posture", subject=subject_name)
+    posture_rule["risk"] = {"posture_fact": "device_posture"}
+    web = create_app(make_settings(policy(posture_rule))).test_client()
+    now = int(time.time())
+    claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER, "iat": now,
+              "exp": now + 300, "jti": "subject-1", "device_posture": "compliant"}  # fmt: skip
+    subject = upstream.issuer.mint(claims)
+
+    def exchange(posture: str) -> TestResponse:
+        form = {**exchange_form(subject, audience="https://deploy.example.com"), "posture_token": posture}
+        return web.post("/token", data=form, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+
+    for same in (
+        subject,
+        subject.rpartition(".")[0] + ".AAAA",
+        upstream.issuer.mint({**claims, "posture_checked": True}),
+    ):
+        refused = exchange(same)
+        assert refused.status_code == 400 and refused.get_json()["error"] == "invalid_request"
+        assert (
+            web.application.extensions["sts"].audit.recent(1)[0]["reasons"][-1]
+            == "posture_token.not_separate"
+        )
+    separate = exchange(upstream.issuer.mint({**claims, "jti": "posture-1"}))
+    assert separate.status_code == 200, separate.get_json()
+    evidence = web.application.extensions["sts"].audit.recent(1)[0]["details"]["assurance"]["evidence"]
+    assert evidence["posture_token"] is True

@@ -127,6 +127,9 @@ class RiskAndAssurance:
         posture = None
         if request.posture_token:
             record.details["posture_token_sha256"] = token_hash(request.posture_token)
+            if not _separate(request.posture_token, request.subject_token, request.actor_token):
+                # The subject token's own claims are not separate evidence of its posture.
+                raise InvalidRequest("posture_token.not_separate")
             posture = self._posture(request.posture_token, subject, grant.risk, now)
         # The baseline is kept where it is judged: by the rule's risk signals, or by the assurance
         # levels (whose proof-of-possession level needs the identity's key), and whenever a key
@@ -344,6 +347,11 @@ class RiskAndAssurance:
             raise InvalidRequest("posture_token.issuer_not_allowed", posture.issuer_name)
         if posture.subject != subject.subject:
             raise InvalidRequest("posture_token.subject_mismatch")
+        if posture.jti is not None and (posture.issuer_name, posture.jti) == (
+            subject.issuer_name,
+            subject.jti,
+        ):
+            raise InvalidRequest("posture_token.not_separate")  # The subject token, signed anew.
         return {**posture.facts, **posture.claims}, None
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
@@ -351,3 +359,10 @@ class RiskAndAssurance:
         return tuple(
             token_identities(subject.issuer_name, subject.subject, subject.claims, self.issuers.names())
         )
+
+
+def _separate(posture: str, *tokens: str | None) -> bool:
+    """Whether the posture token is another token than ``tokens``: not one of them, nor one of them
+    with another signature (a high-S ECDSA copy, re-encoded base64): its signed part differs."""
+    signed = posture.rpartition(".")[0]
+    return all(token is None or token.rpartition(".")[0] != signed for token in tokens)
