@@ -144,7 +144,9 @@ def nonce_issued_at(secret: bytes, nonce: object, now: float, lifetime: int) -> 
         raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
     except ValueError:
         return None
-    if len(raw) != 24:
+    if len(raw) != 24 or _b64(raw) != nonce:
+        # Exactly the text we issued (RFC 9449 §8): the lenient decoder also takes padding,
+        # whitespace, other characters and the ``+/`` alphabet for the same bytes.
         return None
     stamp, mac = raw[:8], raw[8:]
     if not hmac.compare_digest(mac, hmac.new(secret, stamp, hashlib.sha256).digest()[:16]):

@@ -61,6 +61,12 @@ def test_a_nonce_of_another_secret_or_altered_is_refused() -> None:
     raw = bytearray(base64.urlsafe_b64decode(nonce))
     raw[3] ^= 1  # another period with the same MAC
     assert not nonces.accepts(base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("="), NOW)
+    # Another spelling of the same bytes (the standard alphabet's ``+/``) is not the nonce issued:
+    # a nonce of a later period that has ``-`` or ``_``, checked in its own period.
+    when = next(NOW + 150 * n for n in range(1000) if set("-_") & set(nonces.current(NOW + 150 * n)))
+    spelled = nonces.current(when)
+    assert not nonces.accepts(base64.b64encode(base64.urlsafe_b64decode(spelled)).decode().rstrip("="), when)
+    assert nonces.accepts(spelled, when)
     for bad in (None, 7, "", nonce[:-1], nonce + "A", "!" * 32, "é" * 32, nonce.upper()):
         assert not nonces.accepts(bad, NOW), bad
 

@@ -660,7 +660,16 @@ def test_forged_tampered_and_expired_nonces_are_refused(make_sts: Callable[..., 
     nonce = sts.exchange(sts.proof()).headers["DPoP-Nonce"]
     forged = issue_nonce(b"\x00" * 32, sts.clock.now)
     flipped = nonce[:-2] + ("A" if nonce[-2] != "A" else "B") + nonce[-1]
-    for bad in (forged, flipped, "", 12345, "x" * 100, "é" * 8):
+    # Other spellings of the same bytes are not the nonce issued (RFC 9449 §8).
+    spellings = [
+        " " + nonce,
+        nonce + "\n",
+        nonce + "=",
+        nonce[:5] + "!" + nonce[5:],
+        nonce[:5] + "\x00" + nonce[5:],
+    ]
+    spellings.append(nonce.replace("-", "+").replace("_", "/") if set("-_") & set(nonce) else nonce + "==")
+    for bad in (forged, flipped, "", 12345, "x" * 100, "é" * 8, *spellings):
         resp = sts.exchange(sts.proof(claims={"nonce": bad}))
         assert_refused(sts, resp, "dpop.nonce_required", "use_dpop_nonce")
         assert resp.headers["DPoP-Nonce"]

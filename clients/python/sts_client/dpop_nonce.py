@@ -87,6 +87,8 @@ class DPoPNonces:
             raw = base64.urlsafe_b64decode(nonce.encode("ascii"))
         except (UnicodeEncodeError, binascii.Error, ValueError):
             return False
+        if base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=") != nonce:
+            return False  # Exactly the text issued, not another spelling of its bytes (``+/``).
         period, mac = raw[: _PERIOD.size], raw[_PERIOD.size :]
         if not hmac.compare_digest(mac, self._mac(period)):
             return False
