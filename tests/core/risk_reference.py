@@ -634,4 +634,15 @@ def evaluate_policy(policy: PolicySet, facts: VerifiedToken, request: PolicyRequ
             assurance=rule.assurance,
             rate_limit=rule.rate_limit,
         )
+    # Changed on purpose since ba30187 (an outside client saw invalid_target where a rule covering
+    # the target needs client authentication): the client is what to change.
+    for rule in identity:
+        if (
+            _client_mismatch(rule, request.client_id) is not None
+            and _actor_mismatch(rule, request) is None
+            and _targets(rule, request) is not None
+        ):
+            if request.client_id is None:
+                raise InvalidClient("policy.client_authentication_required")
+            raise UnauthorizedClient("policy.client_not_allowed", request.client_id)
     raise InvalidTarget("policy.target_not_allowed")

@@ -736,6 +736,56 @@ EVALUATION: list[tuple[str, list[dict[str, Any]], VerifiedToken, PolicyRequest, 
         _request(client_id="gateway"),
         ("r", (DEPLOY,), ("deploy:read",), False),
     ),
+    # The rules open to the request do not cover the target; one that needs a client does: the
+    # client is what to change (the anonymous rule first, as in the quickstart's policy).
+    (
+        "target-only-for-authenticated-clients",
+        [
+            _rule(subject=MAIN),
+            _rule(
+                "api",
+                subject=MAIN,
+                require_client_authentication=True,
+                clients=["gateway"],
+                grant={"audiences": [LEDGER]},
+            ),
+        ],
+        _facts(MAIN),
+        _request(audiences=(LEDGER,)),
+        (InvalidClient, "policy.client_authentication_required"),
+    ),
+    (
+        "target-only-for-another-client",
+        [
+            _rule(subject=MAIN),
+            _rule(
+                "api",
+                subject=MAIN,
+                require_client_authentication=True,
+                clients=["gateway"],
+                grant={"audiences": [LEDGER]},
+            ),
+        ],
+        _facts(MAIN),
+        _request(audiences=(LEDGER,), client_id="payments-gateway"),
+        (UnauthorizedClient, "policy.client_not_allowed"),
+    ),
+    (
+        "target-for-no-rule-at-all",
+        [
+            _rule(subject=MAIN),
+            _rule(
+                "api",
+                subject=MAIN,
+                require_client_authentication=True,
+                clients=["gateway"],
+                grant={"audiences": [LEDGER]},
+            ),
+        ],
+        _facts(MAIN),
+        _request(audiences=("https://evil.example.com",)),
+        (InvalidTarget, "policy.target_not_allowed"),
+    ),
     # Targets.
     (
         "nothing-requested-single-resource",

@@ -13,8 +13,11 @@ and RFC 6749 §5.2:
   token "unacceptable based on policy"); rules for it, but none for the
   requested target: ``invalid_target``;
 * rules for this identity exist but only for authenticated clients and none
-  authenticated: ``invalid_client`` (401);
-* the authenticated client is not one the rules allow: ``unauthorized_client``;
+  authenticated: ``invalid_client`` (401); so too when the rules open to an
+  unauthenticated request do not cover the target and one that needs client
+  authentication does;
+* the authenticated client is not one the rules allow (or not one that the
+  rules covering the target allow): ``unauthorized_client``;
 * none of the requested scopes may be granted: ``invalid_scope``; some may:
   the token is narrowed to those and the response says so (RFC 6749 §5.1).
 """
@@ -147,4 +150,15 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
                 raise InvalidScope("policy.scope_not_allowed", rule.name)
             narrowed = len(scopes) != len(request.scopes)
         return rule.grant(targets, scopes, narrowed)
+    # No rule open to this client covers the target.  If one that needs another client (or an
+    # authenticated one) does, the client is what to change, not the target.
+    for rule in identity:
+        if (
+            _client_mismatch(rule, request.client_id) is not None
+            and _actor_mismatch(rule, request) is None
+            and _targets(rule, request) is not None
+        ):
+            if request.client_id is None:
+                raise InvalidClient("policy.client_authentication_required")
+            raise UnauthorizedClient("policy.client_not_allowed", request.client_id)
     raise InvalidTarget("policy.target_not_allowed")
