@@ -473,3 +473,30 @@ def test_persistence_settings_that_cannot_keep_the_ledger_are_warned_about(
         make_service(server)
     logged = [r.getMessage() for r in caplog.records if r.name == "sts.adapters.redis.persistence"]
     assert [w in m for w, m in zip(warnings, logged, strict=True)] == [True] * len(warnings)
+
+
+def test_redis_pointed_away_and_back_is_a_loss(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    """``redis_url`` moved to another Redis (a loss there), used, then moved back: the first Redis
+    still holds its old epoch, and none of the records written meanwhile.  Its epoch began before
+    the one in force since, which the database remembers: a loss again, found at the first use."""
+    first, second = redis_servers(appendonly=True), redis_servers(appendonly=True)
+    on_first = make_service(first)
+    exchange_all(on_first, [on_first.deploy_token()])
+    close(on_first.app)
+
+    on_first.clock.advance(5)
+    on_second = make_service(second, clock=on_first.clock)  # the move is a loss, as documented
+    assert on_second.app.extensions["sts"].replay.epoch.lost_at is not None
+    on_second.clock.advance(LEEWAY + 2)
+    used = [on_second.deploy_token() for _ in range(4)]
+    exchange_all(on_second, used)
+    close(on_second.app)
+
+    back = make_service(first, clock=on_first.clock)
+    for token in used:
+        assert_window_lost(back, back.exchange(token))  # were granted again before
+    assert back.app.extensions["sts"].replay.epoch.lost_at is not None
+    back.clock.advance(LEEWAY + 2)
+    exchange_all(back, [back.deploy_token() for _ in range(2)])

@@ -94,7 +94,11 @@ class LedgerEpoch:
       write); otherwise the data came from an RDB snapshot, which misses the
       latest records: a new epoch, after a loss;
     * another epoch than the one this process knew: one of the above, seen first
-      by another process.
+      by another process;
+    * an epoch that began *before* the one this process (or the durable ``memory``)
+      knew: another Redis, or another database of it, than the one written to since
+      (``redis_url`` pointed away and back), or a restored backup.  The records
+      written under the newer epoch are not in it: a new epoch begins, after a loss.
 
     After a loss, :meth:`check` refuses credentials that could have been accepted
     before the new epoch began, until they expire.
@@ -148,7 +152,8 @@ class LedgerEpoch:
     def _sync(self, now: float) -> None:
         synced = self._connections.count
         run_id, aof = self._server()
-        previous = self._known.id if self._known is not None else self._remembered()
+        known = self._known
+        previous, previous_at = (known.id, known.created_at) if known is not None else self._remembered()
         for _ in range(8):
             raw: bytes | None = self.client.get(self.key)  # type: ignore[assignment]
             epoch = Epoch.load(raw)
@@ -168,6 +173,18 @@ class LedgerEpoch:
                         "the replay store (Redis) lost its records: credentials issued before now "
                         "are refused until they expire; see docs/configuration.md"
                     )
+            elif previous_at is not None and epoch.id != previous and epoch.created_at < previous_at:
+                # Older than an epoch already in force: what was written under that one is not here.
+                assert raw is not None
+                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True)
+                current = epoch.dump()
+                if not self._replace(keys=[self.key], args=[raw, current]):
+                    continue
+                log.error(
+                    "the replay store (Redis) holds an older epoch than the one last in force (another "
+                    "Redis or database, or a restored backup): its records are incomplete; credentials "
+                    "issued before now are refused until they expire"
+                )
             else:
                 changed = epoch
                 if run_id is not None and epoch.run_id != run_id:
@@ -197,7 +214,7 @@ class LedgerEpoch:
         if epoch.after_loss:
             self.lost_at = max(self.lost_at or epoch.created_at, epoch.created_at)
         if self.memory is not None and epoch.id != previous:
-            self._remember(epoch.id)
+            self._remember(epoch)
         self._known, self._raw, self._synced = epoch, current, synced
 
     def _server(self) -> tuple[str | None, bool]:
@@ -213,14 +230,20 @@ class LedgerEpoch:
         run_id = server.get("run_id")
         return (str(run_id) if run_id else None), bool(persistence.get("aof_enabled"))
 
-    def _remembered(self) -> str | None:
+    def _remembered(self) -> tuple[str | None, int | None]:
+        """The epoch last seen, as remembered in the database: its id and when it began (None when
+        remembered by an older version, which kept the id alone)."""
         if self.memory is None:
-            return None
-        return self.memory.load(self._memory_name)
+            return None, None
+        value = self.memory.load(self._memory_name)
+        if value is None:
+            return None, None
+        epoch_id, _, began = value.partition("@")
+        return epoch_id, int(began) if began.isdigit() else None
 
-    def _remember(self, epoch_id: str) -> None:
+    def _remember(self, epoch: Epoch) -> None:
         assert self.memory is not None
         try:
-            self.memory.save(self._memory_name, epoch_id)
+            self.memory.save(self._memory_name, f"{epoch.id}@{epoch.created_at}")
         except StoreUnavailable:
             log.warning("could not remember the replay store's epoch in the database")
