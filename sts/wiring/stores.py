@@ -14,6 +14,7 @@ from ..adapters.metered_ports import count_store_errors
 from ..adapters.metrics import Metrics
 from ..adapters.readiness import StoreCheck, redis_store_check, sql_store_check
 from ..adapters.redis.client import connect as connect_redis
+from ..adapters.redis.durable import DurableRevokedTokens, DurableSubjectStates
 from ..adapters.redis.epoch import LedgerEpoch
 from ..adapters.redis.key_value import RedisBaselineStore, RedisRevokedTokens, RedisSubjectStateStore
 from ..adapters.redis.ledger import RedisReplayCache, RedisSingleUseLedger
@@ -77,12 +78,27 @@ def open_stores(settings: Settings, engine: Engine, clock: Callable[[], float]) 
     epoch = LedgerEpoch(redis_client, memory=SqlLedgerEpochMemory(engine, clock=clock))
     check_at_start(redis_client, epoch, clock())
     baselines = RedisBaselineStore(redis_client)
+    # Blocks, re-attestation demands and revocations are kept in the database too: a Redis that
+    # loses its records must not forget them (sts/adapters/redis/durable.py).
+    subject_states = DurableSubjectStates(
+        # The subject's state, its baseline and the ledger's epoch in one round trip.
+        RedisSubjectStateStore(redis_client, baselines=baselines),
+        SqlSubjectStateStore(engine, clock=clock),
+        epoch,
+        clock=clock,
+    )
+    revoked = DurableRevokedTokens(
+        RedisRevokedTokens(redis_client),
+        SqlRevokedTokens(engine, clock=clock),
+        epoch,
+        max_lifetime=settings.max_lifetime + settings.leeway,
+        clock=clock,
+    )
     return Stores(
         replay=RedisReplayCache(redis_client, epoch=epoch),
-        # The subject's state and baseline in one round trip.
-        subject_states=RedisSubjectStateStore(redis_client, baselines=baselines),
+        subject_states=subject_states,
         baselines=baselines,
-        revoked=RedisRevokedTokens(redis_client),
+        revoked=revoked,
         redis_client=redis_client,
         epoch=epoch,
     )

@@ -40,10 +40,12 @@ from sts.adapters.redis.client import connect as connect_redis
 from sts.adapters.redis.ledger import RedisReplayCache
 from sts.adapters.redis.persistence import persistence_warnings
 from sts.app import create_app
+from sts.core.client_secrets import hash_secret
 from sts.core.clients import REPLAY_WINDOW_LOST as ASSERTION_WINDOW_LOST
 from sts.core.dpop import REPLAY_WINDOW_LOST as PROOF_WINDOW_LOST
 from sts.core.exchange.single_use import REPLAY_WINDOW_LOST as TOKEN_WINDOW_LOST
 from sts.core.ports import ReplayWindowLost
+from sts.core.subject_state import STATE_TTL, SubjectState, identity_key
 from sts.dev.issuer import DevIssuer, RunningServer
 from tests.conftest import SIGNER_KEY, STS_ISSUER, exchange_form, settings_for
 from tests.support.redis_server import RedisProcess
@@ -500,3 +502,51 @@ def test_redis_pointed_away_and_back_is_a_loss(
     assert back.app.extensions["sts"].replay.epoch.lost_at is not None
     back.clock.advance(LEEWAY + 2)
     exchange_all(back, [back.deploy_token() for _ in range(2)])
+
+
+# -- blocks and revocations ----------------------------------------------------------------------------
+
+RS_SECRET = "resource-server-secret-0123456789abcdef"
+
+
+@pytest.mark.parametrize("loss", ["flushall", "empty-restart"])
+def test_blocks_and_revocations_outlive_a_redis_that_lost_its_records(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service], loss: str
+) -> None:
+    """A revoked token stays inactive, and a blocked workload blocked, after Redis loses its
+    records: the database keeps a durable copy, read until what was written before the loss
+    has expired (before, the token introspected as active again and the workload was granted)."""
+    server = redis_servers(appendonly=False)
+    rs = {"client_id": "rs", "auth_method": "client_secret_post", "secret_hash": hash_secret(RS_SECRET),
+          "audiences": [LEDGER]}  # fmt: skip
+    service = make_service(server, clients=[rs])
+    web = service.app.test_client()
+    auth = {"client_id": "rs", "client_secret": RS_SECRET}
+
+    def active(token: str) -> bool:
+        answer = web.post("/introspect", data={"token": token, **auth})
+        assert answer.status_code == 200, answer.get_json()
+        return bool(answer.get_json()["active"])
+
+    granted = service.ledger_exchange(service.workload_token())
+    assert granted.status_code == 200, granted.get_json()
+    token = granted.get_json()["access_token"]
+    assert web.post("/revoke", data={"token": token, **auth}).status_code == 200
+    assert not active(token)
+    now = service.clock()
+
+    def block(state: SubjectState) -> SubjectState:
+        return state.with_event("operator.revoke", now, blocked_until=now + 3600)
+
+    states = service.app.extensions["sts"].subject_states
+    states.update(identity_key("upstream", "system:serviceaccount:payments:api"), block, STATE_TTL)
+    assert service.ledger_exchange(service.workload_token()).status_code == 400
+
+    if loss == "flushall":
+        redis.Redis(port=server.port).flushall()
+    else:
+        restart(server)
+    assert not active(token)
+    refused = service.ledger_exchange(service.workload_token())
+    assert refused.status_code == 400, refused.get_json()
+    assert service.reasons()[-1] == "risk.denied"

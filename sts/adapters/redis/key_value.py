@@ -14,6 +14,7 @@ from ...core.baseline import Baseline
 from ...core.ports import StoreUnavailable
 from ...core.subject_state import SubjectState
 from .client import commands
+from .epoch import LedgerEpoch
 
 
 class RedisSubjectStateStore:
@@ -36,15 +37,23 @@ class RedisSubjectStateStore:
     def _name(self, identity: str) -> bytes:
         return f"{self.prefix}:subject:{identity}".encode("utf-8", "surrogatepass")
 
-    def get(self, identities: Sequence[str]) -> list[SubjectState]:
+    def get(
+        self, identities: Sequence[str], *, epoch: LedgerEpoch | None = None, now: float = 0.0
+    ) -> list[SubjectState]:
+        """The states; given the ledger's ``epoch``, it is read in the same ``MGET`` and synced
+        when Redis holds another (:func:`look_at_epoch`)."""
         names = [self._name(i) for i in identities]
         baselines = self.baselines if identities else None
         if baselines is not None:
             names.append(baseline_name(baselines.prefix, identities[0]))
+        if epoch is not None:
+            names.append(epoch.key)
         try:
             values = self.commands(b"MGET", *names)
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+        if epoch is not None:
+            look_at_epoch(epoch, values.pop(), now)
         if baselines is not None:
             baselines.read_ahead(identities[0], values.pop())
         return [SubjectState.from_json_dict(_loads(v)) for v in values]
@@ -167,8 +176,21 @@ class RedisRevokedTokens:
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
-    def revoked(self, jti: str) -> bool:
+    def revoked(self, jti: str, *, epoch: LedgerEpoch | None = None, now: float = 0.0) -> bool:
+        """Given the ledger's ``epoch``, it is read in the same round trip (:func:`look_at_epoch`)."""
         try:
-            return bool(self.commands(b"EXISTS", self._name(jti)))
+            if epoch is None:
+                return bool(self.commands(b"EXISTS", self._name(jti)))
+            revoked, seen = self.commands(b"MGET", self._name(jti), epoch.key)
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+        look_at_epoch(epoch, seen, now)
+        return revoked is not None
+
+
+def look_at_epoch(epoch: LedgerEpoch, seen: bytes | None, now: float) -> None:
+    """Sync the ledger's ``epoch`` when Redis holds another than this process knows (``seen``):
+    it lost its records since (a flush, a restart), and the sync marks the loss.  Raises
+    StoreUnavailable."""
+    if seen != epoch.expected(now):
+        epoch.sync(now)
