@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..core.ports import StoreUnavailable
 from ..core.subject_state import STATE_TTL
 from ..errors import ConfigurationError
 from .context import settings_from
@@ -57,7 +58,10 @@ def revoke_subject(ctx: click.Context, issuer_name: str, subject: str, block: in
         return state.with_event("operator.revoke", now, **changes)
 
     key = identity_key(issuer_name, subject)
-    runtime.subject_states.update(key, change, STATE_TTL)
+    try:
+        runtime.subject_states.update(key, change, STATE_TTL)
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"nothing revoked: the store is unavailable ({exc})") from None
     click.echo(
         f"revoked tokens issued to {key} before {int(now)}" + (f"; blocked for {block}s" if block else "")
     )

@@ -417,6 +417,15 @@ def test_a_redis_store_that_is_down_is_503_for_subject_and_actor_tokens_of_ours(
         assert not Instance(introspection, introspection.test_client(), clock, upstream.issuer).active(token)
         # With its rate limits (kept in the same Redis), introspection is refused outright.
         assert sts.web.post("/introspect", data={"token": token}, headers=basic(*RS)).status_code == 503
+        # The operator's revocation says so in one line, not a traceback, and fails.
+        cli_config = tmp_path / "cli.yaml"
+        cli_config.write_text(yaml.safe_dump(config))
+        result = CliRunner().invoke(
+            main, ["--config", str(cli_config), "revoke", "subject", "upstream", SUBJECT]
+        )
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        assert "nothing revoked: the store is unavailable" in result.output, result.output
+        assert "Traceback" not in result.output
         for instance in (app, introspection):
             instance.extensions["sts"].engine.dispose()
     finally:
