@@ -677,3 +677,31 @@ def test_cached_subject_state_follows_writes_from_another_instance(
     assert exchange() == 200
     counter = Path(settings.database_url.removeprefix("sqlite:///") + ".state-generation")
     assert oct(counter.stat().st_mode & 0o777) == "0o600"
+
+
+def test_subject_states_without_a_writable_counter_file_are_read_uncached(
+    make_settings: Callable[..., Any], upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory the counter file cannot be made in (``chattr +i``, a read-only mount) was a
+    traceback at start; the service starts, and states are read from the database each time."""
+    import sts.adapters.sql.subject_state as module
+    from sts.core.subject_state import SubjectState as State
+    from tests.conftest import STS_ISSUER, exchange_form
+
+    def refused(counter: object, path: Path) -> None:
+        raise PermissionError(13, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(module.ChangeCounter, "__init__", refused)
+    app = create_app(make_settings())
+    web = app.test_client()
+    key = "upstream|repo:acme/app:ref:refs/heads/main"
+
+    def exchange() -> int:
+        subject = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+        return int(
+            web.post("/token", data=exchange_form(subject, audience="https://deploy.example.com")).status_code
+        )
+
+    assert exchange() == 200
+    app.extensions["sts"].subject_states.put(key, State(blocked_until=time.time() + 600), 3600)
+    assert exchange() == 400

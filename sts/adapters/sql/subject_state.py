@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import secrets
@@ -21,6 +22,8 @@ from .engines import transaction
 from .key_value import KeyValueTable, loads_or_none, store_key
 from .pg_exchange import states_with_baseline
 from .schema import subject_states
+
+log = logging.getLogger(__name__)
 
 _STATE_CACHE_SIZE = 10_000
 
@@ -70,7 +73,12 @@ class SqlSubjectStateStore:
         self._counter: ChangeCounter | None = None
         database = engine.url.database if engine.dialect.name == "sqlite" else None
         if database and database != ":memory:":
-            self._counter = ChangeCounter(Path(f"{database}.state-generation"))
+            try:
+                self._counter = ChangeCounter(Path(f"{database}.state-generation"))
+            except OSError as exc:
+                # A directory that cannot be written to: every read goes to the database (which
+                # readiness reports on), rather than a crash at start.
+                log.warning("subject states are not cached: %s", type(exc).__name__)
         self._cache: OrderedDict[str, tuple[bytes, float, SubjectState]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._max_cache_age = max_cache_age
