@@ -550,3 +550,18 @@ def test_blocks_and_revocations_outlive_a_redis_that_lost_its_records(
     refused = service.ledger_exchange(service.workload_token())
     assert refused.status_code == 400, refused.get_json()
     assert service.reasons()[-1] == "risk.denied"
+
+
+def test_a_flush_is_found_by_the_first_request_after_it(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service]
+) -> None:
+    """``FLUSHALL`` (no restart, the same connections): the first request after it reads the epoch
+    with the subject's state, before anything is decided, and gets the loss's own answer (it was a
+    ``503`` when the loss was found only by the claim at commit)."""
+    server = redis_servers(appendonly=True)
+    service = make_service(server)
+    tokens = [service.deploy_token() for _ in range(3)]
+    exchange_all(service, tokens[:1])
+    redis.Redis(port=server.port).flushall()
+    for token in tokens:
+        assert_window_lost(service, service.exchange(token))
