@@ -38,6 +38,42 @@ log = logging.getLogger(__name__)
 #: A check of the replay store at ``now``; raises :class:`StoreUnavailable`.
 StoreCheck = Callable[[float], None]
 
+#: Seconds a readiness probe waits for the checks (a hung backend is not ready, not a hung probe).
+DEADLINE = 2.0
+
+
+class _Check:
+    """One run of the readiness checks on a daemon thread of its own (a hung backend holds that
+    thread, never a request thread for long, nor the process at exit)."""
+
+    def __init__(self, check: Callable[[Callable[[str], None]], list[str]]) -> None:
+        self.done = threading.Event()
+        self.result: list[str] = []
+        #: The part under way (the problem to report if it does not finish in time).
+        self.part = "database"
+        self._late = False
+        threading.Thread(target=self._run, args=(check,), name="sts-readiness", daemon=True).start()
+
+    def _at(self, part: str) -> None:
+        self.part = part
+
+    def _run(self, check: Callable[[Callable[[str], None]], list[str]]) -> None:
+        try:
+            self.result = check(self._at)
+        except Exception as exc:  # noqa: BLE001 - a check that fails is a problem, never a crash
+            log.warning("readiness check of %s failed: %s", self.part, describe(exc))
+            self.result = [self.part]
+        finally:
+            self.done.set()
+
+    def late(self) -> bool:
+        return self._late
+
+    def mark_late(self) -> None:
+        if not self._late:
+            log.warning("readiness: the %s check did not answer within the deadline", self.part)
+        self._late = True
+
 
 def instance_name() -> str:
     """This process, as named in the ``heartbeats`` table and the store's readiness key."""
@@ -207,6 +243,12 @@ class Readiness:
     signing key can be loaded.  A good result is kept for ``cache_seconds``, so that
     frequent probes cost at most one small commit per second and process; a bad one is
     checked again on the next probe, so that recovery shows at once.
+
+    The checks run on a thread of their own, and a probe waits for them at most
+    ``deadline`` seconds: a backend that hangs (a frozen database server, a lock held
+    on a table) makes the probe answer not ready, naming the check still waiting,
+    instead of hanging with it.  While that check waits, later probes answer at once
+    from it, and no second check starts.
     """
 
     def __init__(
@@ -223,7 +265,11 @@ class Readiness:
         monotonic: Callable[[], float] = time.monotonic,
         rate_limits: StoreCheck | None = None,
         rate_limits_in: str = "own",
+        deadline: float = DEADLINE,
     ) -> None:
+        self.deadline = deadline
+        #: The check under way (its thread, and its result once there), and the part it is at.
+        self._running: _Check | None = None
         self.rate_limits = rate_limits
         #: Where the rate limits are kept: ``database`` (PostgreSQL), ``store`` (Redis) or ``own``
         #: (SQLite's file of their own); a failure of that one is not reported twice.
@@ -245,7 +291,16 @@ class Readiness:
         with self._lock:
             if self._monotonic() < self._good_until:
                 return []
-            problems = self._check()
+            running = self._running
+            if running is None or running.done.is_set():
+                running = self._running = _Check(self._check)
+        waited = running.done.wait(self.deadline if not running.late() else 0)
+        with self._lock:
+            if waited:
+                problems = list(running.result)
+            else:
+                problems = [running.part]
+                running.mark_late()
             if not problems:
                 self._good_until = self._monotonic() + self.cache_seconds
             if problems != self._last:
@@ -256,9 +311,10 @@ class Readiness:
             self._last = problems
             return problems
 
-    def _check(self) -> list[str]:
+    def _check(self, at: Callable[[str], None]) -> list[str]:
         now = self.clock()
         problems = []
+        at("database")
         database = self.schema.ensure()
         if database:
             try:
@@ -270,6 +326,7 @@ class Readiness:
         # The embedded store is a table of the same database: checking it again would only
         # repeat the database's failure.
         if database or not self.store_in_database:
+            at("store")
             try:
                 self.store(now)
             except StoreUnavailable:
@@ -278,10 +335,12 @@ class Readiness:
         if self.rate_limits is not None and not shared:
             # Every token request passes the rate limits first: a store that cannot count them
             # refuses every one (fail closed), so the process is not ready either.
+            at("rate_limits")
             try:
                 self.rate_limits(now)
             except StoreUnavailable:
                 problems.append("rate_limits")
+        at("keys")
         try:
             self.keyring.reload_if_changed(now)
             self.keyring.signer()

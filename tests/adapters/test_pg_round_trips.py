@@ -400,3 +400,22 @@ def test_the_baseline_read_with_the_subject_state_serves_one_load_of_its_thread(
     finally:
         wire.close()
         engine.dispose()
+
+
+def test_postgresql_connections_drop_a_partitioned_peer_and_the_url_can_say_otherwise() -> None:
+    """libpq waits on unacknowledged data for the kernel's ~15 minutes by default: connections are
+    made with ``tcp_user_timeout`` (and keepalives) unless the URL sets them."""
+
+    def parameters(url: str) -> dict[str, str]:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return dict(conn.connection.driver_connection.info.get_parameters())
+        finally:
+            engine.dispose()
+
+    found = parameters("postgresql://postgres@127.0.0.1:5432/test")
+    assert found["tcp_user_timeout"] == "10000" and found["keepalives"] == "1"
+    assert found["connect_timeout"] == "5"
+    own = parameters("postgresql://postgres@127.0.0.1:5432/test?tcp_user_timeout=2500&connect_timeout=3")
+    assert own["tcp_user_timeout"] == "2500" and own["connect_timeout"] == "3"

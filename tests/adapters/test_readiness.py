@@ -477,3 +477,38 @@ def test_workers_starting_together_on_a_fresh_sqlite_file_create_the_schema_once
             assert set(inspect(engine).get_table_names()) == SCHEMA_TABLES
         finally:
             engine.dispose()
+
+
+def test_a_hung_backend_is_not_ready_within_the_deadline(make_app: Callable[..., Flask]) -> None:
+    """A check that hangs (a frozen database server, a lock held on a table) makes the probe
+    answer not ready, naming it, within the deadline; later probes answer at once from the same
+    check, and none starts another until it is over (it held /readyz for as long before)."""
+    runtime = app_runtime(make_app())
+    release, calls = threading.Event(), []
+
+    def hanging_store(now: float) -> None:
+        calls.append(now)
+        release.wait(30)
+
+    readiness = Readiness(
+        schema=runtime.schema,
+        audit=runtime.audit,
+        store=hanging_store,
+        store_in_database=False,
+        keyring=runtime.keyring,
+        clock=time.time,
+        instance="test-instance",
+        deadline=0.3,
+    )
+    started = time.monotonic()
+    assert readiness.problems() == ["store"]
+    assert 0.25 < time.monotonic() - started < 5
+    started = time.monotonic()
+    assert readiness.problems() == ["store"]
+    assert time.monotonic() - started < 0.2
+    assert len(calls) == 1
+    release.set()
+    deadline = time.monotonic() + 5
+    while readiness.problems() != [] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert readiness.problems() == []

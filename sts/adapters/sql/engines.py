@@ -72,6 +72,9 @@ class PoolOptions:
 #: Seconds to wait for a PostgreSQL server to accept a connection (libpq waits forever by default),
 #: unless the URL sets ``connect_timeout`` itself.
 CONNECT_TIMEOUT = 5
+#: Milliseconds data sent to PostgreSQL may stay unacknowledged before the connection is dropped
+#: (libpq ``tcp_user_timeout``, Linux's ``TCP_USER_TIMEOUT``), unless the URL sets it.
+TCP_USER_TIMEOUT_MS = 10_000
 #: SQLite: an execution option that opens the connection's transaction with ``BEGIN IMMEDIATE``.
 _IMMEDIATE = "sts_sqlite_immediate"
 #: The keyword arguments each PostgreSQL engine was made with, for its statement pool.
@@ -120,9 +123,21 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     options = pool or PoolOptions()
-    connect: dict[str, Any] = {}
-    if "connect_timeout" not in make_url(url).query:
-        connect["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    query = make_url(url).query
+    # libpq's own defaults unless the URL says otherwise: bounded connection attempts, and a
+    # connection whose sent data goes unacknowledged for TCP_USER_TIMEOUT ms (a network partition,
+    # a host gone) is dropped instead of waited on for the kernel's ~15 minutes.
+    arguments = {
+        name: value
+        for name, value in (
+            ("connect_timeout", CONNECT_TIMEOUT),
+            ("tcp_user_timeout", TCP_USER_TIMEOUT_MS),
+            ("keepalives", 1),
+            ("keepalives_idle", 30),
+        )
+        if name not in query
+    }
+    connect: dict[str, Any] = {"connect_args": arguments} if arguments else {}
     engine = create_engine(url, pool_pre_ping=True, **options.transaction_arguments(), **connect)
     _ENGINE_ARGUMENTS[engine] = {**options.engine_arguments(), **connect}
     return engine
