@@ -18,7 +18,7 @@ from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.keyring import KeyRing
 from .adapters.metered_ports import MeteredAuditSink, MeteredLedger
 from .adapters.metrics import Metrics
-from .adapters.readiness import DatabaseSchema, Readiness, instance_name, wait_for_schema
+from .adapters.readiness import DatabaseSchema, Readiness, instance_name, sqlite_file, wait_for_schema
 from .adapters.sql.engines import make_engine
 from .adapters.tracing import build_tracing
 from .settings import Settings
@@ -147,6 +147,7 @@ def create_app(
             instance=instance,
             rate_limits=rate_limit_check(settings, engine, stores.redis_client),
             rate_limits_in=rate_limits_home(engine, stores.redis_client),
+            sqlite_file=sqlite_file(engine),
         ),
         metrics=metrics,
     )

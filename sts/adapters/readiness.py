@@ -234,6 +234,46 @@ def redis_store_check(client: redis.Redis, instance: str, *, prefix: str = "sts"
     return check
 
 
+class SqliteFile:
+    """The SQLite file this process writes is still the one at its path, with its write-ahead log.
+
+    Deleting or replacing the file, its ``-wal`` or their directory does not stop the
+    process's connections: they write on into files no one can open again, and a crash (or
+    the last connection's close) loses what they hold.  Readiness reports ``database`` then.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.identity = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def problem(self) -> str | None:
+        """What is wrong with the files, or None.  Call right after a commit on a connection of
+        this process that is still open (the log exists while one is)."""
+        identity = self._identity()
+        if identity is None:
+            return "the database file is gone"
+        if self.identity is None:
+            self.identity = identity
+        elif identity != self.identity:
+            return "the database file was replaced"
+        if not os.path.exists(self.path + "-wal"):
+            return "the database's write-ahead log is gone"
+        return None
+
+
+def sqlite_file(engine: Engine) -> SqliteFile | None:
+    """The SQLite file of ``engine`` to watch (None for PostgreSQL or an in-memory database)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    return SqliteFile(database) if database and database != ":memory:" else None
+
+
 class Readiness:
     """What ``/readyz`` reports: the problems that stop this process from issuing tokens now.
 
@@ -266,8 +306,11 @@ class Readiness:
         rate_limits: StoreCheck | None = None,
         rate_limits_in: str = "own",
         deadline: float = DEADLINE,
+        sqlite_file: SqliteFile | None = None,
     ) -> None:
         self.deadline = deadline
+        self.sqlite_file = sqlite_file
+        self._file_problem: str | None = None
         #: The check under way (its thread, and its result once there), and the part it is at.
         self._running: _Check | None = None
         self.rate_limits = rate_limits
@@ -321,6 +364,14 @@ class Readiness:
                 self.audit.check_commit(self.instance, now)
             except AuditUnavailable:
                 database = False
+            else:
+                files = self.sqlite_file
+                problem = files.problem() if files is not None else None
+                if problem != self._file_problem:
+                    self._file_problem = problem
+                    if files is not None and problem is not None:
+                        log.error("not ready: %s (%s); restart the service", problem, files.path)
+                database = problem is None
         if not database:
             problems.append("database")
         # The embedded store is a table of the same database: checking it again would only

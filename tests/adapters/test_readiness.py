@@ -512,3 +512,25 @@ def test_a_hung_backend_is_not_ready_within_the_deadline(make_app: Callable[...,
     while readiness.problems() != [] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert readiness.problems() == []
+
+
+@pytest.mark.parametrize("change", ["wal-deleted", "file-replaced", "file-deleted"])
+def test_a_sqlite_file_deleted_or_replaced_under_the_process_is_not_ready(
+    make_app: Callable[..., Flask], change: str
+) -> None:
+    """The connections write on into unlinked files (lost at a crash, or at the last close): the
+    process is not ready (it was, and issued tokens into deleted files)."""
+    app = make_app()
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    path = Path(app_runtime(app).engine.url.database)
+    if change == "wal-deleted":
+        Path(f"{path}-wal").unlink()
+    elif change == "file-replaced":
+        shutil.copyfile(path, path.with_suffix(".copy"))
+        os.replace(path.with_suffix(".copy"), path)
+    else:
+        path.unlink()
+    time.sleep(1.1)  # past the second a good result is kept
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and answer.get_json()["problems"] == ["database"]
