@@ -32,6 +32,7 @@ from ..errors import ConfigurationError
 from .keyring import KeyRing
 from .sql.audit_sink import SqlAuditSink
 from .sql.engines import where
+from .sql.write_check import check_grant_tables
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,9 @@ class Readiness:
         if database:
             try:
                 self.audit.check_commit(self.instance, now)
-            except AuditUnavailable:
+                check_grant_tables(self.audit.engine)
+            except AuditUnavailable as exc:
+                log.debug("audit database not taking writes: %s", exc)
                 database = False
             else:
                 files = self.sqlite_file

@@ -534,3 +534,26 @@ def test_a_sqlite_file_deleted_or_replaced_under_the_process_is_not_ready(
     time.sleep(1.1)  # past the second a good result is kept
     answer = client.get("/readyz")
     assert answer.status_code == 503 and answer.get_json()["problems"] == ["database"]
+
+
+def test_a_lock_held_on_the_audit_table_is_not_ready(make_app: Callable[..., Flask]) -> None:
+    """PostgreSQL: ``LOCK TABLE audit_events`` held elsewhere leaves the heartbeat committing while
+    every grant waits: not ready at once (it said ready while /token waited 10 s and more)."""
+    with private_database() as name:
+        app = make_app(database_url=f"{PG_SERVER}/{name}")
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        locker = make_engine(f"{PG_SERVER}/{name}")
+        try:
+            with locker.connect() as conn, conn.begin():
+                conn.exec_driver_sql("LOCK TABLE audit_events IN SHARE MODE")
+                time.sleep(1.1)  # past the second a good result is kept
+                started = time.monotonic()
+                answer = client.get("/readyz")
+                assert answer.status_code == 503 and answer.get_json()["problems"] == ["database"]
+                assert time.monotonic() - started < 1.5  # NOWAIT: no wait for the lock
+            time.sleep(1.1)
+            assert client.get("/readyz").status_code == 200
+        finally:
+            locker.dispose()
+            app_runtime(app).engine.dispose()
