@@ -246,6 +246,7 @@ class SqliteFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self.identity = self._identity()
+        self._wal_seen = False
 
     def _identity(self) -> tuple[int, int] | None:
         try:
@@ -264,7 +265,9 @@ class SqliteFile:
             self.identity = identity
         elif identity != self.identity:
             return "the database file was replaced"
-        if not os.path.exists(self.path + "-wal"):
+        if os.path.exists(self.path + "-wal"):
+            self._wal_seen = True
+        elif self._wal_seen:  # (Never seen: not in WAL mode, which the engine asks for.)
             return "the database's write-ahead log is gone"
         return None
 
