@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -44,23 +45,22 @@ DEADLINE = 2.0
 
 
 class _Check:
-    """One run of the readiness checks on a daemon thread of its own (a hung backend holds that
-    thread, never a request thread for long, nor the process at exit)."""
+    """One run of the readiness checks, on the checker's thread (:class:`_Checker`)."""
 
     def __init__(self, check: Callable[[Callable[[str], None]], list[str]]) -> None:
+        self.check = check
         self.done = threading.Event()
         self.result: list[str] = []
         #: The part under way (the problem to report if it does not finish in time).
         self.part = "database"
         self._late = False
-        threading.Thread(target=self._run, args=(check,), name="sts-readiness", daemon=True).start()
 
     def _at(self, part: str) -> None:
         self.part = part
 
-    def _run(self, check: Callable[[Callable[[str], None]], list[str]]) -> None:
+    def run(self) -> None:
         try:
-            self.result = check(self._at)
+            self.result = self.check(self._at)
         except Exception as exc:  # noqa: BLE001 - a check that fails is a problem, never a crash
             log.warning("readiness check of %s failed: %s", self.part, describe(exc))
             self.result = [self.part]
@@ -74,6 +74,35 @@ class _Check:
         if not self._late:
             log.warning("readiness: the %s check did not answer within the deadline", self.part)
         self._late = True
+
+
+class _Checker:
+    """The daemon thread the readiness checks of a process run on, one after another: a hung
+    backend holds it, never a request thread for long, nor the process at exit.  One thread for
+    the process's life, so its database connections are the engine's to close (a fork, a dispose),
+    as every request thread's are."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Check] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, check: _Check) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or forked without it
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._work, args=(self._jobs,), name="sts-readiness", daemon=True
+                )
+                self._pid = os.getpid()
+                self._thread.start()
+            self._jobs.put(check)
+
+    @staticmethod
+    def _work(jobs: queue.SimpleQueue[_Check]) -> None:
+        while True:
+            jobs.get().run()
 
 
 def instance_name() -> str:
@@ -315,8 +344,9 @@ class Readiness:
         self.deadline = deadline
         self.sqlite_file = sqlite_file
         self._file_problem: str | None = None
-        #: The check under way (its thread, and its result once there), and the part it is at.
+        #: The check under way (its result once there, and the part it is at), and its thread.
         self._running: _Check | None = None
+        self._checker = _Checker()
         self.rate_limits = rate_limits
         #: Where the rate limits are kept: ``database`` (PostgreSQL), ``store`` (Redis) or ``own``
         #: (SQLite's file of their own); a failure of that one is not reported twice.
@@ -341,6 +371,7 @@ class Readiness:
             running = self._running
             if running is None or running.done.is_set():
                 running = self._running = _Check(self._check)
+                self._checker.submit(running)
         waited = running.done.wait(self.deadline if not running.late() else 0)
         with self._lock:
             if waited:
