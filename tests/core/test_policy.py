@@ -422,6 +422,19 @@ def _rule(name: str = "r", **fields: Any) -> dict[str, Any]:
     return raw
 
 
+#: An anonymous rule for DEPLOY, then one for LEDGER that needs the ``gateway`` client.
+ANONYMOUS_AND_GATEWAY_RULES = [
+    _rule(subject=MAIN),
+    _rule(
+        "api",
+        subject=MAIN,
+        require_client_authentication=True,
+        clients=["gateway"],
+        grant={"audiences": [LEDGER]},
+    ),
+]
+
+
 def _compile(*rules: Mapping[str, Any]) -> PolicySet:
     return compile_policy(
         [("table.yaml", {"rules": [dict(r) for r in rules]})],
@@ -740,48 +753,21 @@ EVALUATION: list[tuple[str, list[dict[str, Any]], VerifiedToken, PolicyRequest, 
     # client is what to change (the anonymous rule first, as in the quickstart's policy).
     (
         "target-only-for-authenticated-clients",
-        [
-            _rule(subject=MAIN),
-            _rule(
-                "api",
-                subject=MAIN,
-                require_client_authentication=True,
-                clients=["gateway"],
-                grant={"audiences": [LEDGER]},
-            ),
-        ],
+        ANONYMOUS_AND_GATEWAY_RULES,
         _facts(MAIN),
         _request(audiences=(LEDGER,)),
         (InvalidClient, "policy.client_authentication_required"),
     ),
     (
         "target-only-for-another-client",
-        [
-            _rule(subject=MAIN),
-            _rule(
-                "api",
-                subject=MAIN,
-                require_client_authentication=True,
-                clients=["gateway"],
-                grant={"audiences": [LEDGER]},
-            ),
-        ],
+        ANONYMOUS_AND_GATEWAY_RULES,
         _facts(MAIN),
         _request(audiences=(LEDGER,), client_id="payments-gateway"),
         (UnauthorizedClient, "policy.client_not_allowed"),
     ),
     (
         "target-for-no-rule-at-all",
-        [
-            _rule(subject=MAIN),
-            _rule(
-                "api",
-                subject=MAIN,
-                require_client_authentication=True,
-                clients=["gateway"],
-                grant={"audiences": [LEDGER]},
-            ),
-        ],
+        ANONYMOUS_AND_GATEWAY_RULES,
         _facts(MAIN),
         _request(audiences=("https://evil.example.com",)),
         (InvalidTarget, "policy.target_not_allowed"),
