@@ -514,26 +514,37 @@ def test_a_hung_backend_is_not_ready_within_the_deadline(make_app: Callable[...,
     assert readiness.problems() == []
 
 
-@pytest.mark.parametrize("change", ["wal-deleted", "file-replaced", "file-deleted"])
+@pytest.mark.parametrize(
+    ("change", "probed_first"),
+    [("wal-deleted", True), ("wal-deleted", False), ("file-replaced", True), ("file-deleted", True)],
+)
 def test_a_sqlite_file_deleted_or_replaced_under_the_process_is_not_ready(
-    make_app: Callable[..., Flask], change: str
+    make_app: Callable[..., Flask], upstream: RunningServer, change: str, probed_first: bool
 ) -> None:
     """The connections write on into unlinked files (lost at a crash, or at the last close): the
-    process is not ready (it was, and issued tokens into deleted files)."""
+    process is not ready, and stays so when another process makes a new ``-wal`` beside them (it
+    was ready, and issued tokens into deleted files; then it saw only a ``-wal`` missing, for the
+    seconds until another connection made a new one)."""
     app = make_app()
     client = app.test_client()
-    assert client.get("/readyz").status_code == 200
+    token = ledger_token(upstream)
+    assert gateway_exchange(client, token).status_code == 200  # the request threads' connections
+    if probed_first:
+        assert client.get("/readyz").status_code == 200
     path = Path(app_runtime(app).engine.url.database)
     if change == "wal-deleted":
         Path(f"{path}-wal").unlink()
+        # A new, empty -wal at the path, as a new connection (a CLI command) makes one.
+        Path(f"{path}-wal").touch()
     elif change == "file-replaced":
         shutil.copyfile(path, path.with_suffix(".copy"))
         os.replace(path.with_suffix(".copy"), path)
     else:
         path.unlink()
-    time.sleep(1.1)  # past the second a good result is kept
-    answer = client.get("/readyz")
-    assert answer.status_code == 503 and answer.get_json()["problems"] == ["database"]
+    for _ in range(2):
+        time.sleep(1.1)  # past the second a good result is kept
+        answer = client.get("/readyz")
+        assert answer.status_code == 503 and answer.get_json()["problems"] == ["database"]
 
 
 def test_a_lock_held_on_the_audit_table_is_not_ready(make_app: Callable[..., Flask]) -> None:
