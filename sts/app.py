@@ -18,8 +18,9 @@ from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.keyring import KeyRing
 from .adapters.metered_ports import MeteredAuditSink, MeteredLedger
 from .adapters.metrics import Metrics
-from .adapters.readiness import DatabaseSchema, Readiness, instance_name, sqlite_file, wait_for_schema
+from .adapters.readiness import DatabaseSchema, Readiness, instance_name, wait_for_schema
 from .adapters.sql.engines import make_engine
+from .adapters.sql.files_in_use import sqlite_file
 from .adapters.tracing import build_tracing
 from .settings import Settings
 from .wiring.metadata import build_metadata
