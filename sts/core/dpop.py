@@ -35,7 +35,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key
 from joserfc.jws import JWSRegistry
 
-from ..errors import InvalidDPoPProof, TemporarilyUnavailable, UseDPoPNonce
+from ..errors import InvalidDPoPProof, OAuthError, TemporarilyUnavailable, UseDPoPNonce
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
 from .jose import (
     PRIVATE_JWK_MEMBERS,
@@ -161,6 +161,16 @@ REPLAY_WINDOW_LOST = (
 )
 
 
+def window_lost(config: DPoPConfig, exc: ReplayWindowLost, now: float) -> OAuthError:
+    """The refusal of a proof the replay store's lost records may have seen.  A fresh proof fixes
+    it: with nonces, one carrying a nonce issued now (which RFC 9449 §8 clients send on their
+    own); without, one made after the loss (and the leeway) has passed."""
+    if config.nonce_secret is not None:
+        nonce = issue_nonce(config.nonce_secret, max(now, exc.lost_at))
+        return UseDPoPNonce(nonce, "dpop.replay_window_lost", str(exc))
+    return InvalidDPoPProof("dpop.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST)
+
+
 def _refuse(reason: str, detail: str = "") -> InvalidDPoPProof:
     return InvalidDPoPProof(f"dpop.{reason}", detail)
 
@@ -282,13 +292,7 @@ def verify_proof(
     except StoreUnavailable as exc:
         raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
     except ReplayWindowLost as exc:
-        # The replay store lost its records after this proof could have been used.  A fresh proof
-        # fixes it: with nonces, one carrying a nonce issued now (which RFC 9449 §8 clients send
-        # on their own); without, one made after the loss (and the leeway) has passed.
-        if config.nonce_secret is not None:
-            nonce = issue_nonce(config.nonce_secret, max(now, exc.lost_at))
-            raise UseDPoPNonce(nonce, "dpop.replay_window_lost", str(exc)) from None
-        raise InvalidDPoPProof("dpop.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST) from None
+        raise window_lost(config, exc, now) from None
     if not first:
         raise _refuse("replayed_jti")
     return VerifiedProof(jkt=jkt, jti=jti, iat=iat)

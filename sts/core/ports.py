@@ -41,9 +41,11 @@ class ReplayWindowLost(Exception):
     ``lost_at`` is on this service's clock.
     """
 
-    def __init__(self, lost_at: float) -> None:
+    def __init__(self, lost_at: float, use: SingleUse | None = None) -> None:
         super().__init__(f"replay records lost at {lost_at:.0f}")
         self.lost_at = lost_at
+        #: The use found to predate the loss, when the ledger knows which (a claim at commit).
+        self.use = use
 
 
 class AlreadyUsed(Exception):
@@ -155,7 +157,9 @@ class SingleUseLedger(Protocol):
         :class:`AlreadyUsed` (a concurrent request committed one of the uses
         first, named by the exception; ``record`` is not written),
         :class:`UsesNotClaimed` (a ledger that claims the uses before the record could
-        not: ``record`` is not written) or :class:`StoreUnavailable` (the record is
+        not: ``record`` is not written), :class:`ReplayWindowLost` naming a use the
+        store's records, lost since it was checked, may have seen (``record`` is not
+        written) or :class:`StoreUnavailable` (the record is
         committed but a use could not be confirmed: the token is withheld).
         """
         ...

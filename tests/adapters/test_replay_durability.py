@@ -574,3 +574,31 @@ def test_a_flush_is_found_by_the_first_request_after_it(
     delete_every_key(server)
     for token in tokens:
         assert_window_lost(service, service.exchange(token))
+
+
+@pytest.mark.parametrize("nonces", [True, False])
+def test_a_dpop_proof_met_by_a_flush_gets_the_loss_answer_not_a_503(
+    redis_servers: Callable[..., RedisProcess], make_service: Callable[..., Service], nonces: bool
+) -> None:
+    """Every key deleted (no restart, the same connection): the proof is verified before the loss is
+    seen (by the read of the subject's state), and its claim at commit meets it.  The answer is the
+    documented one for a proof the lost records may have seen (it was a 503 on each worker)."""
+    server = redis_servers(appendonly=True)
+    service = make_service(server, dpop_nonce=nonces)
+    token = service.workload_token()
+    claims: dict[str, Any] = {}
+    if nonces:
+        challenge = service.ledger_exchange(token, dpop=service.proof())
+        claims["nonce"] = challenge.headers["DPoP-Nonce"]
+    assert service.ledger_exchange(token, dpop=service.proof(**claims)).status_code == 200
+
+    delete_every_key(server)
+    resp = service.ledger_exchange(token, dpop=service.proof(**claims))
+    assert resp.status_code == 400, resp.get_json()
+    assert service.reasons()[-1] == "dpop.replay_window_lost"
+    if nonces:
+        assert resp.get_json()["error"] == "use_dpop_nonce"
+        retried = service.ledger_exchange(token, dpop=service.proof(nonce=resp.headers["DPoP-Nonce"]))
+        assert retried.status_code == 200, service.reasons()
+    else:
+        assert resp.get_json() == {"error": "invalid_dpop_proof", "error_description": PROOF_WINDOW_LOST}

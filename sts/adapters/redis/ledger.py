@@ -288,8 +288,12 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             try:
                 result = self._under_epoch(self._claim, names, args, now, [u.valid_from for u in uses])
             except ReplayWindowLost as exc:
-                # Redis lost its records since this request checked: refused by the retry's check.
-                raise UsesNotClaimed(f"the replay store's epoch changed: {exc}") from None
+                # Redis lost its records since this request checked: the use they may have seen
+                # is named, for the refusal the loss calls for.
+                lost = next((u for u in uses if u.valid_from is None or u.valid_from < exc.lost_at), None)
+                if lost is None:
+                    raise UsesNotClaimed(f"the replay store's epoch changed: {exc}") from None
+                raise ReplayWindowLost(exc.lost_at, lost) from None
             except StoreUnavailable as exc:
                 raise UsesNotClaimed(str(exc)) from None
             if result[0] == 0:

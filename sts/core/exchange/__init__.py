@@ -57,7 +57,7 @@ from ..audit import AuditRecord, log_unaudited
 from ..audited import AuditedEndpoint
 from ..clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
 from ..delegation import attestation_time, narrow_reexchange
-from ..dpop import DPoPConfig
+from ..dpop import DPoPConfig, window_lost
 from ..policy.evaluate import evaluate
 from ..policy.index import PolicySet
 from ..policy.rules import Grant, PolicyRequest
@@ -69,6 +69,7 @@ from ..ports import (
     BaselineUpdate,
     PipelineStages,
     ReplayCache,
+    ReplayWindowLost,
     RevokedTokens,
     Signer,
     SingleUse,
@@ -84,6 +85,7 @@ from .binding import ProofUses, check_binding, check_certificate_binding, verify
 from .issue import mint_exchanged_token, record_grant, token_lifetime
 from .request import hashed_subject_token, parse_request, presented_subject_token_hash, start_record
 from .risk_and_assurance import RiskAndAssurance
+from .single_use import REPLAY_WINDOW_LOST as TOKEN_WINDOW_LOST
 from .single_use import reserve_subject_token, withdraw_grant
 
 log = logging.getLogger(__name__)
@@ -343,6 +345,19 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             self.record_refusal(record, replayed)
             self._count_failure(record, replayed, now)
             raise replayed from None
+        except ReplayWindowLost as exc:
+            # The replay store lost its records since the proof (or token) was checked: nothing
+            # committed; the answer is the loss's own, as when it is found before.
+            withdraw_grant(record)
+            lost: OAuthError
+            if exc.use is not None and exc.use in proofs and self.config.dpop is not None:
+                lost = window_lost(self.config.dpop, exc, now)
+            else:
+                lost = InvalidRequest(
+                    "subject_token.replay_window_lost", str(exc), description=TOKEN_WINDOW_LOST
+                )
+            self.record_refusal(record, lost)
+            raise lost from None
         except UsesNotClaimed as exc:
             # Nothing committed (Redis could not claim the uses before the record): refused, on record.
             withdraw_grant(record)
