@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -568,3 +569,28 @@ def test_a_lock_held_on_the_audit_table_is_not_ready(make_app: Callable[..., Fla
         finally:
             locker.dispose()
             app_runtime(app).engine.dispose()
+
+
+def test_the_sqlite_files_are_watched_through_a_symbolic_link(tmp_path: Path) -> None:
+    """A database path through a symbolic link (``/var/lib`` -> ``/data``): /proc/self/fd names the
+    real file, which the check compares with (a path compared as written matched nothing, and the
+    ``-wal`` went unwatched)."""
+    from sts.adapters.sql.files_in_use import SqliteFile
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    path = tmp_path / "link" / "sts.sqlite"
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.commit()
+        files = SqliteFile(str(path))
+        assert files.problem() is None
+        Path(f"{path}-wal").unlink()
+        Path(f"{path}-wal").touch()
+        assert files.problem() == "sts.sqlite-wal in use was deleted or replaced"
+    finally:
+        conn.close()

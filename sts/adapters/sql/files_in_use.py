@@ -20,7 +20,8 @@ class SqliteFile:
     """
 
     def __init__(self, path: str, fd_directory: str = "/proc/self/fd") -> None:
-        self.path = os.path.abspath(path)
+        # As /proc/self/fd names the files: absolute, with symbolic links resolved.
+        self.path = os.path.realpath(path)
         self.fd_directory = fd_directory
         self.identity = _identity(self.path)
 
