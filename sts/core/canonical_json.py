@@ -3,17 +3,17 @@
 :func:`canonical_json` gives the JCS text the audit hash chains cover
 (:mod:`sts.core.audit_chain`); :func:`canonical_record` gives the text a record is
 stored as, and the record as a verifier will read it back.  Common values take a
-fast path through :func:`json.dumps` that is checked to write exactly what JCS
-writes; anything else goes to the ``rfc8785`` library.  Pure: no I/O.
+fast path through ``orjson`` that is checked to write exactly what JCS writes;
+anything else goes to the ``rfc8785`` library.  Pure: no I/O.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 import rfc8785
 
 _SAFE_INT = 2**53 - 1
@@ -22,58 +22,52 @@ _SAFE_INT = 2**53 - 1
 def canonical_json(value: Any) -> str:
     """The RFC 8785 (JCS) text of a JSON value.
 
-    The common case is written by Python's C JSON encoder (several times
-    faster than a pure-Python JCS): sorted keys, no whitespace, no ASCII
-    escaping; :func:`_written_alike` first checks that its text is the JCS text,
-    and gives integral floats as the integers JCS writes for them.  Anything
-    else (tiny or huge floats, member names from U+E000 up, long integers, lone
-    surrogates) goes to the ``rfc8785`` library.  Raises
+    The common case is written by ``orjson`` (https://github.com/ijl/orjson, ten
+    times faster than Python's own encoder here): sorted keys, no whitespace,
+    UTF-8 rather than ASCII escapes, the same escapes as ``json.dumps`` and JCS
+    (``"``, backslash, the short forms and lowercase ``\\u00xx`` below U+0020),
+    the shortest digits that round-trip a float; :func:`_written_alike` first
+    checks that its text is the JCS text, and gives integral floats as the
+    integers JCS writes for them.  Anything else (tiny or huge floats, member
+    names from U+E000 up, long integers, lone surrogates, which ``orjson``
+    refuses) goes to the ``rfc8785`` library.  Raises
     :class:`rfc8785.CanonicalizationError` for what JCS cannot represent (NaN,
     infinities, lone surrogates, integers beyond 2**53).
     """
     alike = _written_alike(value, 0)
     if alike is not _NOT_ALIKE:
-        text = _ENCODER.encode(alike)
-        if text.isascii():
-            return text  # Every member name is ASCII, so they sort alike.
-        if _names_sort_alike(alike):
-            try:
-                text.encode("utf-8")  # A lone surrogate cannot be encoded: JCS refuses it too.
-                return text
-            except UnicodeEncodeError:
-                pass
+        try:
+            text = orjson.dumps(alike, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # A lone surrogate (not UTF-8): JCS refuses it too, as rfc8785 says below.
+        else:
+            if text.isascii() or _names_sort_alike(alike):
+                return text.decode("utf-8")  # ASCII member names sort alike.
     return rfc8785.dumps(value).decode("utf-8")
 
 
-#: What :func:`_written_alike` answers for a value ``json.dumps`` would not write as JCS does.
+#: What :func:`_written_alike` answers for a value ``orjson`` would not write as JCS does.
 _NOT_ALIKE: Any = object()
-
-#: ``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``, made once.
-#: Without its check for circular references: :func:`_written_alike` has already refused
-#: anything nested deeper than 32 levels, a cycle included.  ``allow_nan=False`` only in
-#: depth: the walk refuses NaN and the infinities first.
-_ENCODER = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False, allow_nan=False
-)
 
 
 def _written_alike(value: Any, depth: int) -> Any:
-    """``value`` in a form ``json.dumps`` writes exactly as RFC 8785 does (lone surrogates aside),
+    """``value`` in a form ``orjson`` writes exactly as RFC 8785 does (lone surrogates aside),
     else :data:`_NOT_ALIKE`.
 
     Both escape strings alike (``"``, backslash, and controls below U+0020, with
     the same short forms and lowercase ``\\u00xx``), and both write the shortest
-    digits that round-trip a float.  But Python writes integral floats with
+    digits that round-trip a float.  But ``orjson`` writes integral floats with
     ``.0`` where JCS writes an integer (``1.0`` against ``1``): below 2**53 an
     integral float is exactly the integer JCS writes, so it is given as that
     ``int`` (the containers holding one are copied; the value itself is never
-    changed, and is returned as it is when nothing needs to change).  Python
-    switches to an exponent below 1e-4 (``1e-05`` against ``0.00001``); JCS
-    refuses NaN, infinities and integers beyond 2**53; and member names holding
-    characters from U+E000 up may sort differently (code points against UTF-16
-    code units): all of those are not alike, but the names are checked by
-    :func:`_names_sort_alike`, and only for a text that is not ASCII (a name
-    from U+E000 up is not ASCII, and ``json.dumps`` writes it as it is).
+    changed, and is returned as it is when nothing needs to change).  Tiny and
+    huge floats are left to ``rfc8785`` (``orjson`` and JCS agree on ``0.00001``
+    but the exponents of the two, and of Python's ``repr``, are not checked
+    here); JCS refuses NaN, infinities and integers beyond 2**53; and member
+    names holding characters from U+E000 up may sort differently (code points
+    against UTF-16 code units): all of those are not alike, but the names are
+    checked by :func:`_names_sort_alike`, and only for a text that is not ASCII
+    (a name from U+E000 up is not ASCII, and ``orjson`` writes it as it is).
     Only exact types are alike (a subclass goes to ``rfc8785``).  Scalars are
     checked inline and only containers recurse, since this runs on every audit
     write: it costs less than the encoding it vouches for.
