@@ -175,6 +175,8 @@ class Settings:
     database_pool_size: int | None = None
     database_max_overflow: int | None = None
     database_pool_timeout: int = 5
+    #: PostgreSQL: seconds a request's statement may go unanswered (cancelled, then cut); 0: no deadline.
+    database_deadline: int = 5
     database_startup_timeout: int = 10
     #: Upgrade the schema at start (under a database lock); off: not ready until ``sts db upgrade``.
     database_migrate_on_start: bool = True

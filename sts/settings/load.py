@@ -68,6 +68,7 @@ _INT_SETTINGS = {
     "database_pool_size",
     "database_max_overflow",
     "database_pool_timeout",
+    "database_deadline",
     "database_startup_timeout",
     "header_read_timeout",
     "body_read_timeout",

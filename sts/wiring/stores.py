@@ -188,4 +188,9 @@ def database_pool(settings: Settings) -> PoolOptions:
     overflow = settings.database_max_overflow
     if overflow is None:
         overflow = 0
-    return PoolOptions(size=size, max_overflow=overflow, timeout=float(settings.database_pool_timeout))
+    return PoolOptions(
+        size=size,
+        max_overflow=overflow,
+        timeout=float(settings.database_pool_timeout),
+        deadline=float(settings.database_deadline),
+    )

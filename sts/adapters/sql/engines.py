@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 
 from ..request_threads import waiting
+from .deadline import StatementDeadlines
 from .sqlite_local import read_only
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,16 @@ class PoolOptions:
     connection at a time).  The engine's own pool serves the rare SQLAlchemy transactions
     (schema migrations, readiness, security-event state updates): one connection kept,
     ``TRANSACTION_OVERFLOW`` more at most, checked with a ping on checkout.  A request waits
-    at most ``timeout`` seconds for a connection, then fails closed.
+    at most ``timeout`` seconds for a connection, then fails closed, and at most ``deadline``
+    seconds for the answer to a statement of the request pool.
     """
 
     size: int = 9
     max_overflow: int = 0
     timeout: float = 5.0
+    #: Seconds a request's statement may go unanswered before it is cancelled (then cut): see
+    #: :mod:`sts.adapters.sql.deadline`; 0 waits as long as the connection stands.
+    deadline: float = 5.0
 
     #: The engine's own pool: connections kept, and opened beyond them at most.
     TRANSACTION_SIZE: ClassVar[int] = 1
@@ -81,6 +86,8 @@ _IMMEDIATE = "sts_sqlite_immediate"
 _ENGINE_ARGUMENTS: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 _STATEMENT_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 _STATEMENT_ENGINES_LOCK = threading.Lock()
+#: The deadlines of each PostgreSQL engine's request pool.
+_DEADLINES: weakref.WeakKeyDictionary[Engine, StatementDeadlines] = weakref.WeakKeyDictionary()
 
 
 def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
@@ -140,7 +147,17 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
     connect: dict[str, Any] = {"connect_args": arguments} if arguments else {}
     engine = create_engine(url, pool_pre_ping=True, **options.transaction_arguments(), **connect)
     _ENGINE_ARGUMENTS[engine] = {**options.engine_arguments(), **connect}
+    _DEADLINES[engine] = StatementDeadlines(options.deadline)
     return engine
+
+
+def statement_deadlines(engine: Engine) -> StatementDeadlines:
+    """PostgreSQL: the deadlines of ``engine``'s request pool (:mod:`sts.adapters.sql.deadline`)."""
+    with _STATEMENT_ENGINES_LOCK:
+        deadlines = _DEADLINES.get(engine)
+        if deadlines is None:
+            deadlines = _DEADLINES[engine] = StatementDeadlines(PoolOptions().deadline)
+        return deadlines
 
 
 def statement_engine(engine: Engine) -> Engine:

@@ -17,7 +17,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ..request_threads import waiting
-from .engines import retry_locked, statement_engine
+from .deadline import DeadlinePassed
+from .engines import retry_locked, statement_deadlines, statement_engine
 from .sqlite_local import local_connections
 
 T = TypeVar("T")
@@ -41,13 +42,16 @@ class RawStatement:
         # by every statement on this engine; a connection found dead is replaced and the statement
         # tried once more instead.
         self.engine = engine if self.sqlite else statement_engine(engine)
+        #: PostgreSQL: the deadline of each statement (SQLite answers or fails by itself).
+        self._deadlines = None if self.sqlite else statement_deadlines(engine)
         #: SQLite file: this thread's connection (none for an in-memory database).
         self._local = local_connections(engine) if self.sqlite else None
         self.placeholder = "?" if self.sqlite else "%s"
         dbapi = engine.dialect.loaded_dbapi
-        self.errors: tuple[type[BaseException], ...] = (dbapi.Error,)
-        #: Every failure a statement can end in: the driver's errors and SQLAlchemy's (the pool's).
-        self.failures: tuple[type[BaseException], ...] = (dbapi.Error, SQLAlchemyError)
+        self.errors: tuple[type[BaseException], ...] = (dbapi.Error, DeadlinePassed)
+        #: Every failure a statement can end in: the driver's errors, SQLAlchemy's (the pool's), and
+        #: a PostgreSQL statement's deadline (:mod:`sts.adapters.sql.deadline`).
+        self.failures: tuple[type[BaseException], ...] = (dbapi.Error, SQLAlchemyError, DeadlinePassed)
         self._disconnects: tuple[type[BaseException], ...] = (dbapi.OperationalError, dbapi.InterfaceError)
 
     def set_up_connections(self, statements: list[str]) -> bool:
@@ -83,14 +87,18 @@ class RawStatement:
             return retry_locked(local_attempt)
 
         def attempt() -> Any:
-            raw = self.engine.raw_connection()
+            raw = self.engine.raw_connection() if self.sqlite else self._checkout()
             try:
-                cur = raw.cursor() if self.sqlite else _kept_cursor(raw)
-                cur.execute(sql, params)
-                # PostgreSQL: the request pool's connections are in autocommit mode, so the
-                # statement commits by itself, in its one round trip (see statement_engine).
-                result = [tuple(r) for r in cur.fetchall()] if fetch else int(cur.rowcount)
-                return result
+                if self.sqlite:
+                    cur = raw.cursor()
+                    cur.execute(sql, params)
+                    return [tuple(r) for r in cur.fetchall()] if fetch else int(cur.rowcount)
+                cur = _kept_cursor(raw)
+                with self._watch(raw):
+                    cur.execute(sql, params)
+                    # The request pool's connections are in autocommit mode, so the statement
+                    # commits by itself, in its one round trip (see statement_engine).
+                    return [tuple(r) for r in cur.fetchall()] if fetch else int(cur.rowcount)
             except BaseException as exc:
                 if not self.sqlite:
                     self._discard(raw, exc)
@@ -106,6 +114,27 @@ class RawStatement:
             except self._disconnects:
                 # Nothing was committed on a connection that died; one fresh try.
                 return attempt()
+
+    def _checkout(self) -> Any:
+        """PostgreSQL: a connection of the request pool; none while the server is silent
+        (:meth:`StatementDeadlines.silent`), and a new connection that timed out makes it so."""
+        deadlines = self._deadlines
+        assert deadlines is not None
+        if deadlines.silent():
+            raise DeadlinePassed("PostgreSQL answered nothing a moment ago: not tried again yet")
+        try:
+            return self.engine.raw_connection()
+        except DBAPIError as exc:
+            from psycopg.errors import ConnectionTimeout  # the postgres extra, there with PostgreSQL
+
+            if isinstance(exc.orig, ConnectionTimeout):
+                deadlines.heard_nothing()
+            raise
+
+    def _watch(self, raw: Any) -> contextlib.AbstractContextManager[None]:
+        """PostgreSQL: the deadline of what runs on pooled connection ``raw`` in the block."""
+        assert self._deadlines is not None
+        return self._deadlines.watch(raw.driver_connection)
 
     def _discard(self, raw: Any, exc: BaseException) -> None:
         """PostgreSQL: a connection with a failed statement is not reused as it is.  If it was cut
@@ -152,19 +181,22 @@ class RawStatement:
 
         def attempt() -> T:
             stage[0] = "connect"
-            raw = self.engine.raw_connection()
+            raw = self.engine.raw_connection() if self.sqlite else self._checkout()
             try:
-                cur = raw.cursor() if self.sqlite else _kept_cursor(raw)
                 if self.sqlite:
+                    cur = raw.cursor()
                     cur.execute("BEGIN IMMEDIATE")
-                else:
-                    cur.execute("BEGIN")
-                stage[0] = "work"
-                result = work(cur)
-                stage[0] = "commit"
-                if self.sqlite:
+                    stage[0] = "work"
+                    result = work(cur)
+                    stage[0] = "commit"
                     cur.execute("COMMIT")
-                else:
+                    return result
+                cur = _kept_cursor(raw)
+                with self._watch(raw):
+                    cur.execute("BEGIN")
+                    stage[0] = "work"
+                    result = work(cur)
+                    stage[0] = "commit"
                     raw.commit()
                 return result
             except BaseException as exc:
@@ -200,20 +232,21 @@ class RawStatement:
 
         def attempt() -> T:
             stage[0] = "connect"
-            raw = self.engine.raw_connection()
+            raw = self._checkout()
             connection: Any = raw.driver_connection  # the psycopg connection
             try:
-                if single:
-                    stage[0] = "commit"
-                    return work(_kept_cursor(raw))
-                with connection.pipeline():
-                    connection.execute("BEGIN", prepare=False)
-                    stage[0] = "work"
-                    result = work(connection)
-                    stage[0] = "commit"
-                    connection.execute("COMMIT", prepare=False)
-                # Leaving the block sends what is queued and waits for every answer.
-                return result
+                with self._watch(raw):
+                    if single:
+                        stage[0] = "commit"
+                        return work(_kept_cursor(raw))
+                    with connection.pipeline():
+                        connection.execute("BEGIN", prepare=False)
+                        stage[0] = "work"
+                        result = work(connection)
+                        stage[0] = "commit"
+                        connection.execute("COMMIT", prepare=False)
+                    # Leaving the block sends what is queued and waits for every answer.
+                    return result
             except BaseException as exc:
                 if stage[0] == "commit" and not connection.broken:
                     stage[0] = "work"  # The server answered with an error: it did not commit.
