@@ -7,10 +7,10 @@ and takes what is sent, but passes nothing on either way until it is thawed, as 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class FrozenProxy:
@@ -34,10 +34,8 @@ class FrozenProxy:
         self._closed = True
         self._running.set()
         for sock in [self._listener, *self._sockets]:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def _accept(self) -> None:
         while not self._closed:
@@ -66,13 +64,11 @@ class FrozenProxy:
             pass
         finally:
             for sock in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
-@contextmanager
+@contextlib.contextmanager
 def frozen_proxy(upstream: tuple[str, int]) -> Iterator[FrozenProxy]:
     proxy = FrozenProxy(upstream)
     try:
