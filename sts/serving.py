@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import uuid
@@ -88,6 +89,14 @@ class Limits:
     body_read_timeout: float = 10.0
     max_body_bytes: int = 16384
     max_connections: int = 1024
+
+
+#: A ``Host`` value (RFC 9112 §3.2, RFC 3986 §3.2.2): ``uri-host [ ":" port ]``, an IP literal
+#: in brackets or a reg-name (unreserved, percent-encoded, sub-delims), possibly empty.
+_HOST = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|\[[vV][0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+\]"
+    r"|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
 
 
 class _RequestError(Exception):
@@ -180,6 +189,15 @@ class WSGIOverRSGI:
             # granian leaves out a header whose value is not visible ASCII; refuse rather than
             # act on a request without it (an Authorization, a DPoP proof, a client certificate).
             raise _RequestError(400, "A header value is not valid.")
+        hosts = headers.get_all("host")
+        if (
+            len(hosts) > 1
+            or (not hosts and scope.http_version == "1.1")
+            or (hosts and not _HOST.fullmatch(hosts[0]))
+        ):
+            # RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host, and to
+            # any with more than one Host or an invalid one (hyper lets all three through).
+            raise _RequestError(400, "The request needs one valid Host header.")
         if "transfer-encoding" in names:
             # RFC 9110 §15.5.12: a chunked body has no length to check before it is read, and a
             # truncated one cannot be told from a complete one here.  (With both framings hyper

@@ -396,6 +396,14 @@ ADAPTER_REFUSALS = {
         413,
     ),
     "header value not ASCII": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"X-Note: caf\xc3\xa9\r\n\r\n", 400),
+    # RFC 9112 §3.2: an HTTP/1.1 request without Host, or with two, or with an invalid one (each
+    # reached the application, and a token was issued for one without Host).
+    "no Host": (b"POST /token HTTP/1.1\r\nX-Request-Id: caller-42\r\nContent-Length: 3\r\n\r\nabc", 400),
+    "two Host lines": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"Host: other\r\n\r\n", 400),
+    "invalid Host": (
+        b"GET /healthz HTTP/1.1\r\n" + _HOST.replace(b"sts", b"sts b/c") + b"X-Request-Id: caller-42\r\n\r\n",
+        400,
+    ),
 }
 
 
@@ -417,6 +425,8 @@ def test_requests_the_server_accepts_reach_the_application_and_get_json(served: 
         (b"GET http://elsewhere/healthz HTTP/1.1\r\n" + _HOST + b"\r\n", 200),
         (b"POST /token HTTP/1.1\r\n" + _HOST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
         (b"GET /healthz HTTP/1.0\r\n\r\n", 200),
+        (b"GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n", 200),
+        (b"GET /healthz HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n", 200),
     ):
         status, headers, body = _response(_raw(served, request))
         assert status == expected, request
