@@ -645,4 +645,11 @@ def evaluate_policy(policy: PolicySet, facts: VerifiedToken, request: PolicyRequ
             if request.client_id is None:
                 raise InvalidClient("policy.client_authentication_required")
             raise UnauthorizedClient("policy.client_not_allowed", request.client_id)
+    # Nor one that needs an actor token, which the request lacks: the actor token is what is
+    # missing (RFC 8693 §2.2.2, invalid_request), not the target.
+    if request.actor is None and any(
+        _actor_mismatch(rule, request) is not None and _targets(rule, request) is not None
+        for rule in clients_ok
+    ):
+        raise InvalidRequest("policy.actor_required")
     raise InvalidTarget("policy.target_not_allowed")

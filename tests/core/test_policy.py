@@ -765,6 +765,24 @@ EVALUATION: list[tuple[str, list[dict[str, Any]], VerifiedToken, PolicyRequest, 
         _request(audiences=(LEDGER,), client_id="payments-gateway"),
         (UnauthorizedClient, "policy.client_not_allowed"),
     ),
+    # The rule open to the request without an actor does not cover the target; one that needs an
+    # actor does: the missing actor token is what to change (it was invalid_target).
+    (
+        "target-only-for-delegation",
+        [
+            _rule(subject=MAIN),
+            _rule(
+                "delegated",
+                subject=MAIN,
+                require_actor=True,
+                delegation={"actors": [{"issuer": "gh", "subject": "agent"}]},
+                grant={"audiences": [LEDGER]},
+            ),
+        ],
+        _facts(MAIN),
+        _request(audiences=(LEDGER,)),
+        (InvalidRequest, "policy.actor_required"),
+    ),
     (
         "target-for-no-rule-at-all",
         ANONYMOUS_AND_GATEWAY_RULES,

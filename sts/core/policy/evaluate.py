@@ -18,6 +18,8 @@ and RFC 6749 §5.2:
   authentication does;
 * the authenticated client is not one the rules allow (or not one that the
   rules covering the target allow): ``unauthorized_client``;
+* an actor token is missing where every rule for the identity, or every rule
+  covering the target, needs one (``require_actor``): ``invalid_request``;
 * none of the requested scopes may be granted: ``invalid_scope``; some may:
   the token is narrowed to those and the response says so (RFC 6749 §5.1).
 """
@@ -161,4 +163,11 @@ def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) ->
             if request.client_id is None:
                 raise InvalidClient("policy.client_authentication_required")
             raise UnauthorizedClient("policy.client_not_allowed", request.client_id)
+    # Nor one that needs an actor token, which the request lacks: the actor token is what is
+    # missing (RFC 8693 §2.2.2, invalid_request), not the target.
+    if request.actor is None and any(
+        _actor_mismatch(rule, request) is not None and _targets(rule, request) is not None
+        for rule in clients_ok
+    ):
+        raise InvalidRequest("policy.actor_required")
     raise InvalidTarget("policy.target_not_allowed")
