@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import uuid
@@ -60,6 +59,7 @@ from granian._granian import RSGIProtocolClosed, RSGIProtocolError
 from .adapters.connection_balance import INTERVAL as BALANCE_INTERVAL
 from .adapters.connection_balance import ConnectionBalance, SharedCounts
 from .adapters.connection_balance import create_file as create_counts_file
+from .adapters.request_head import host_is_valid
 from .adapters.request_threads import RequestThreads
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,6 @@ class Limits:
     body_read_timeout: float = 10.0
     max_body_bytes: int = 16384
     max_connections: int = 1024
-
-
-#: A ``Host`` value (RFC 9112 §3.2, RFC 3986 §3.2.2): ``uri-host [ ":" port ]``, an IP literal
-#: in brackets or a reg-name (unreserved, percent-encoded, sub-delims), possibly empty.
-_HOST = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+\]|\[[vV][0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+\]"
-    r"|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
-)
 
 
 class _RequestError(Exception):
@@ -189,14 +181,7 @@ class WSGIOverRSGI:
             # granian leaves out a header whose value is not visible ASCII; refuse rather than
             # act on a request without it (an Authorization, a DPoP proof, a client certificate).
             raise _RequestError(400, "A header value is not valid.")
-        hosts = headers.get_all("host")
-        if (
-            len(hosts) > 1
-            or (not hosts and scope.http_version == "1.1")
-            or (hosts and not _HOST.fullmatch(hosts[0]))
-        ):
-            # RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host, and to
-            # any with more than one Host or an invalid one (hyper lets all three through).
+        if not host_is_valid(headers.get_all("host"), scope.http_version):
             raise _RequestError(400, "The request needs one valid Host header.")
         if "transfer-encoding" in names:
             # RFC 9110 §15.5.12: a chunked body has no length to check before it is read, and a
