@@ -43,7 +43,7 @@ from ..core.audit_chain import (
 )
 from ..core.audit_filter import format_time
 from ..core.ports import Signer, UnknownKeyId
-from .sql.audit_sink import SqlAuditSink
+from .sql.group_commit import audit_row
 from .sql.schema import audit_chains, audit_events
 
 #: A checkpoint lists every chain ever started (one or more per process start): far more than a
@@ -166,14 +166,14 @@ _SAFE_INTEGER = 2**53 - 1
 def _column_mismatch(row: Mapping[Any, Any], record: Any) -> str | None:
     """The first indexed column whose value is not what the record says, or None.
 
-    The sink fills the columns from the record (:meth:`SqlAuditSink._row`); doing it
+    The sink fills the columns from the record (:func:`~sts.adapters.sql.group_commit.audit_row`); doing it
     again here catches a column edited alone (an ``outcome`` turned from ``refused``
     into ``granted`` changes what a query finds, not the record's hash).
     """
     if not isinstance(record, dict):
         return None  # The hash check reports it.
     try:
-        expected = SqlAuditSink._row(AuditRecord(**{k: v for k, v in record.items() if k in _FIELDS}))
+        expected = audit_row(AuditRecord(**{k: v for k, v in record.items() if k in _FIELDS}))
     except (TypeError, ValueError, OverflowError, AttributeError):
         return "record (not a decision record)"
     for name, value in expected.items():

@@ -33,6 +33,12 @@ class AuditUnavailable(Exception):
     """The audit record could not be committed."""
 
 
+class AuditOutcomeUnknown(AuditUnavailable):
+    """The audit record's commit was sent and no answer came (its connection was cut): it may yet
+    be committed, when the database resumes.  The token is withheld all the same; what the grant
+    would have used must stay used, so that the trail never holds two grants of one token."""
+
+
 class ReplayWindowLost(Exception):
     """The replay store forgot what it remembered (it restarted empty) at ``lost_at``.
 

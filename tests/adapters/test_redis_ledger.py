@@ -24,6 +24,7 @@ from sts.core.audit import AuditRecord
 from sts.core.baseline import Baseline
 from sts.core.ports import (
     AlreadyUsed,
+    AuditOutcomeUnknown,
     AuditUnavailable,
     BaselineUpdate,
     ReplayWindowLost,
@@ -38,8 +39,11 @@ class Trail:
     def __init__(self) -> None:
         self.records: list[object] = []
         self.failing = False
+        self.unknown = False
 
     def write(self, record: AuditRecord) -> None:
+        if self.unknown:
+            raise AuditOutcomeUnknown("commit outcome unknown (the test)")
         if self.failing:
             raise AuditUnavailable("refused by the test")
         self.records.append(record)
@@ -164,6 +168,25 @@ def test_a_failed_audit_commit_drops_the_reservation_and_the_proof_stays_spent(
     _, fresh_proof = uses(now)
     ledger.commit(record(), prepared(ledger, subject, fresh_proof, now), now)
     assert stored(client, subject) == b"1"
+
+
+def test_an_audit_commit_of_unknown_outcome_keeps_the_token_used(
+    ledger: RedisSingleUseLedger, client: redis.Redis, trail: Trail
+) -> None:
+    """The record may yet be committed (its connection was cut during COMMIT): the reservation is
+    confirmed, not dropped, so a retry cannot be granted a second time (the trail showed two grants
+    of one single-use token after a PostgreSQL pause)."""
+    now = time.time()
+    subject, dpop = uses(now)
+    trail.unknown = True
+    with pytest.raises(AuditOutcomeUnknown):
+        ledger.commit(record(), prepared(ledger, subject, dpop, now), now)
+    assert stored(client, subject) == b"1" and stored(client, dpop) == b"1"
+    trail.unknown = False
+    _, fresh_proof = uses(now)
+    with pytest.raises(AlreadyUsed):
+        ledger.commit(record(), prepared(ledger, subject, fresh_proof, now), now)
+    assert trail.records == []
 
 
 def test_the_confirmation_saves_the_baseline(

@@ -8,9 +8,11 @@ The server is the machine's shared one, never stopped: a proxy in front of it fr
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from flask import Flask
@@ -21,6 +23,7 @@ from sts.adapters.sql.engines import PoolOptions, make_engine
 from sts.adapters.sql.statements import RawStatement
 from sts.dev.issuer import RunningServer
 from tests.adapters.test_stores import assert_withheld, gateway_exchange, ledger_token
+from tests.conftest import DEFAULT_POLICY
 from tests.support.frozen_proxy import FrozenProxy, frozen_proxy
 from tests.support.postgres import PG_SERVER, private_database
 
@@ -175,3 +178,38 @@ def test_a_grant_on_a_frozen_database_is_refused_503_in_seconds(
         proxy.thaw()
     time.sleep(1.0)
     assert gateway_exchange(client, ledger_token(upstream)).status_code == 200
+
+
+def test_concurrent_grants_under_a_lock_are_refused_together_and_their_tokens_stay_usable(
+    make_app: Callable[..., Flask], upstream: RunningServer, database: str
+) -> None:
+    """``LOCK TABLE audit_events`` held elsewhere: the batch of waiting grants is cancelled once,
+    not tried again record by record (each waiting out a deadline of its own, while the requests
+    behind it waited, and gave up, and their records committed when the lock went: tokens spent
+    that were never sent).  Every single-use token refused so stays usable."""
+    policy = copy.deepcopy(DEFAULT_POLICY)
+    policy["rules"][1]["single_use"] = True
+    url = f"{PG_SERVER}/{database}"
+    app = make_app(policy=policy, database_url=url, database_deadline=1)
+    assert gateway_exchange(app.test_client(), ledger_token(upstream)).status_code == 200
+    tokens = [ledger_token(upstream) for _ in range(4)]
+
+    def exchange(token: str) -> tuple[int, float]:
+        started = time.monotonic()
+        answer = gateway_exchange(app.test_client(), token)
+        return answer.status_code, time.monotonic() - started
+
+    locker = make_engine(url)
+    try:
+        with locker.connect() as conn, conn.begin():
+            conn.exec_driver_sql("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            with ThreadPoolExecutor(len(tokens)) as pool:
+                answers = list(pool.map(exchange, tokens))
+        assert [status for status, _ in answers] == [503] * len(tokens)
+        # Two batches at most (the first grant's, then the rest), a deadline each; record by
+        # record it took a deadline per grant more.
+        assert max(waited for _, waited in answers) < 4.0
+        for token in tokens:
+            assert gateway_exchange(app.test_client(), token).status_code == 200
+    finally:
+        locker.dispose()

@@ -43,6 +43,7 @@ from sts.adapters.keyring import KeyRing
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.chain_heads import ChainHeads
 from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.group_commit import audit_row
 from sts.adapters.sql.retention import PruneWouldBreakChain, record_prune_anchors
 from sts.adapters.sql.schema import audit_chains, audit_events
 from sts.adapters.sql.statements import CommitOutcomeUnknown
@@ -542,7 +543,7 @@ class SqlLegacyRow:
         self.engine = engine
 
     def insert(self, record: AuditRecord) -> None:
-        row = SqlAuditSink._row(record)
+        row = audit_row(record)
         with self.engine.begin() as conn:
             conn.execute(insert(events).values(**row))
 

@@ -10,6 +10,7 @@ Every record is written under the ledger's epoch (:mod:`sts.adapters.redis.epoch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -22,6 +23,7 @@ import redis
 from ...core.audit import AuditRecord
 from ...core.ports import (
     AlreadyUsed,
+    AuditOutcomeUnknown,
     AuditSink,
     BaselineStore,
     BaselineUpdate,
@@ -247,6 +249,12 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             self._claim_all(uses, now)
         try:
             self.audit.write(record)
+        except AuditOutcomeUnknown:
+            # The record may yet be committed: its uses stay used (confirmed), so that the trail
+            # never shows the token granted twice.  The token is withheld; it fails closed.
+            with contextlib.suppress(StoreUnavailable, ReplayWindowLost, redis.RedisError):
+                self._confirm_uses([u for u in uses if u.holder], now, None)
+            raise
         except BaseException:
             self.cancel(uses)
             raise
@@ -255,21 +263,31 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             # The claim proved this request first in its epoch; should the epoch have ended
             # meanwhile, the new one refuses the token for its whole validity, so recording the
             # use there is still right.
-            names = [self._name(u.purpose, u.key) for u in reserved]
-            args: list[bytes | int | str] = [len(reserved)]
-            for u in reserved:
-                args += [u.holder.encode(), _pxat(u.expires_at, now)]
-            if baseline is not None and self.baselines_here:
-                names.append(baseline_name(self.prefix, baseline.identity))
-                args += [baseline.baseline.to_json(), baseline.ttl]
-                baseline = None
-            if self._under_epoch(self._confirm, names, args, now)[0] != 1:
-                raise StoreUnavailable("single-use reservation lost before it was confirmed")
+            baseline = self._confirm_uses(reserved, now, baseline)
         if baseline is not None and self.baselines is not None:
             try:
                 self.baselines.save(baseline.identity, baseline.baseline, baseline.ttl)
             except StoreUnavailable:
                 log.warning("baseline update skipped: store unavailable")
+
+    def _confirm_uses(
+        self, reserved: Sequence[SingleUse], now: float, baseline: BaselineUpdate | None
+    ) -> BaselineUpdate | None:
+        """Confirm the reservations as uses, with ``baseline`` when it is kept here (then None is
+        returned: saved; else ``baseline``, for the caller to save)."""
+        if not reserved:
+            return baseline
+        names = [self._name(u.purpose, u.key) for u in reserved]
+        args: list[bytes | int | str] = [len(reserved)]
+        for u in reserved:
+            args += [u.holder.encode(), _pxat(u.expires_at, now)]
+        if baseline is not None and self.baselines_here:
+            names.append(baseline_name(self.prefix, baseline.identity))
+            args += [baseline.baseline.to_json(), baseline.ttl]
+            baseline = None
+        if self._under_epoch(self._confirm, names, args, now)[0] != 1:
+            raise StoreUnavailable("single-use reservation lost before it was confirmed")
+        return baseline
 
     def _claim_all(self, uses: Sequence[SingleUse], now: float) -> None:
         """Claim every use at once (see the class); raises AlreadyUsed or UsesNotClaimed."""

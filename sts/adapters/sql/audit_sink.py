@@ -23,9 +23,10 @@ from sqlalchemy import Engine, select
 from ...core.audit import AuditRecord
 from ...core.audit_chain import genesis_hash, link_hash
 from ...core.canonical_json import canonical_record
-from ...core.ports import AlreadyUsed, AuditUnavailable, BaselineUpdate, SingleUse
+from ...core.ports import AlreadyUsed, AuditOutcomeUnknown, AuditUnavailable, BaselineUpdate, SingleUse
 from .chain_heads import ChainHead, ChainHeads
-from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, column_text, utc
+from .deadline import DeadlinePassed
+from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, audit_row
 from .key_value import store_key, upsert_statement
 from .pg_exchange import pipelined_grants
 from .replay import first_uses_statement, replay_key
@@ -50,7 +51,8 @@ class SqlAuditSink:
     "no token leaves unless its audit record is committed" holds, and under
     load the cost of a commit is shared (the same idea as PostgreSQL's own
     group commit).  If a batch fails, its rows are retried one by one so one
-    bad row cannot fail the others.
+    bad row cannot fail the others (not when the database did not answer:
+    each would wait out a statement deadline of its own).
     """
 
     def __init__(
@@ -92,33 +94,6 @@ class SqlAuditSink:
         self._writes = GroupCommit(self._commit, max_batch, timeout)
         self._writes_with_uses = GroupCommit(self._commit_with_uses, max_batch, timeout)
 
-    @staticmethod
-    def _row(record: AuditRecord) -> dict[str, Any]:
-        return {
-            "event_id": record.event_id,
-            "time": utc(record.time),
-            "request_id": column_text(record.request_id, 128),
-            "endpoint": record.endpoint,
-            "outcome": record.outcome,
-            "error": record.error,
-            "client_id": column_text(record.client_id or None, 128),
-            "client_auth_method": column_text(record.client_auth_method, 32),
-            "issuer": column_text(record.issuer, 64),
-            "subject": column_text(record.subject, 512),
-            "subject_token_type": column_text(record.subject_token_type, 128),
-            "subject_token_sha256": record.subject_token_sha256,
-            "subject_token_jti": column_text(record.subject_token_jti, 256),
-            "actor_issuer": column_text(record.actor_issuer, 64),
-            "actor_subject": column_text(record.actor_subject, 512),
-            "actor_token_sha256": record.actor_token_sha256,
-            "rule": column_text(record.rule, 128),
-            "issued_jti": record.issued_jti,
-            "issued_exp": record.issued_exp,
-            "issued_kid": record.issued_kid,
-            "source_ip": column_text(record.source_ip, 64),
-            "record": record.as_dict(),
-        }
-
     def _stored_row(self, record: AuditRecord) -> dict[str, Any]:
         """The row of ``record``, with the record as its canonical JSON text (what the chain hashes).
 
@@ -126,11 +101,11 @@ class SqlAuditSink:
         stored record back finds them equal (they differ from ``record`` only where
         it held something JSON cannot carry, see :func:`canonical_record`).
         """
-        row = self._row(record)
+        row = audit_row(record)
         stored_text, stored = canonical_record(row["record"])
         if stored is not row["record"]:
             with contextlib.suppress(TypeError, ValueError, OverflowError):
-                row = self._row(AuditRecord(**stored))
+                row = audit_row(AuditRecord(**stored))
         row["record"] = stored_text
         return row
 
@@ -138,7 +113,7 @@ class SqlAuditSink:
         item = PendingRow(self._stored_row(record))
         self._writes.join(item)
         if item.error is not None:
-            raise AuditUnavailable(item.error)
+            raise (AuditOutcomeUnknown if item.unknown else AuditUnavailable)(item.error)
 
     def write_with_uses(
         self,
@@ -179,7 +154,7 @@ class SqlAuditSink:
         if item.taken is not None:
             raise AlreadyUsed(item.taken)
         if item.error is not None:
-            raise AuditUnavailable(item.error)
+            raise (AuditOutcomeUnknown if item.unknown else AuditUnavailable)(item.error)
         if item.settled:
             log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
 
@@ -241,21 +216,24 @@ class SqlAuditSink:
                     item.settled = True
             else:
                 for item in kept:
-                    item.error = f"commit outcome unknown: {exc}"
+                    item.error, item.unknown = f"commit outcome unknown: {exc}", True
             return
         except self._integrity_errors as exc:
             head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
             failure = failure_text(exc)
         except self._raw.failures as exc:
             failure = failure_text(exc)
+            silent = isinstance(exc, DeadlinePassed)
         else:
             if kept:
                 head.advance(seq, digest)
             return
         for item in batch:
             item.taken = None
-        if len(batch) == 1:
-            batch[0].error = failure
+        if len(batch) == 1 or silent:
+            # The database is not answering: each item alone would wait out a deadline of its own.
+            for item in batch:
+                item.error = failure
         else:
             for item in batch:
                 self._commit_uses_linked(head, [item])
@@ -336,7 +314,7 @@ class SqlAuditSink:
             found = self._raw.query(self._count_links, (head.chain_id, last - count + 1, last))[0][0]
         except self._raw.failures as exc:
             head.restart()
-            raise AuditUnavailable(f"commit outcome unknown: {type(exc).__name__}") from None
+            raise AuditOutcomeUnknown(f"commit outcome unknown: {type(exc).__name__}") from None
         if found == count:
             head.advance(last, digest)
             return True
@@ -374,8 +352,8 @@ class SqlAuditSink:
                 commit(head)
         except AuditUnavailable as exc:
             for item in batch:
-                if getattr(item, "taken", None) is None:
-                    item.error = item.error or str(exc)
+                if getattr(item, "taken", None) is None and item.error is None:
+                    item.error, item.unknown = str(exc), isinstance(exc, AuditOutcomeUnknown)
         except BaseException:
             for item in batch:
                 item.error = item.error or "interrupted"
@@ -407,14 +385,21 @@ class SqlAuditSink:
         except CommitOutcomeUnknown as exc:
             if self._settle(head, seq, len(batch), digest):
                 return
-            failure = failure_text(exc)
+            # Not there now; the server may yet finish the commit (see _settle).
+            for item in batch:
+                item.error, item.unknown = f"commit outcome unknown: {failure_text(exc)}", True
+            return
         except self._integrity_errors as exc:
             head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
             failure = failure_text(exc)
+            silent = False
         except self._raw.failures as exc:
             failure = failure_text(exc)
-        if len(batch) == 1:
-            batch[0].error = failure
+            silent = isinstance(exc, DeadlinePassed)
+        if len(batch) == 1 or silent:
+            # The database is not answering: each record alone would wait out a deadline of its own.
+            for item in batch:
+                item.error = failure
         else:
             for item in batch:
                 self._commit_linked(head, [item])

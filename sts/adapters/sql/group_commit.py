@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...core.audit import AuditRecord
 from ...core.ports import AuditUnavailable, SingleUse
 from ..request_threads import waiting
 
@@ -32,11 +33,41 @@ def utc(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
 
 
+def audit_row(record: AuditRecord) -> dict[str, Any]:
+    """The ``audit_events`` row of ``record`` (its ``record`` column the record's dictionary)."""
+    return {
+        "event_id": record.event_id,
+        "time": utc(record.time),
+        "request_id": column_text(record.request_id, 128),
+        "endpoint": record.endpoint,
+        "outcome": record.outcome,
+        "error": record.error,
+        "client_id": column_text(record.client_id or None, 128),
+        "client_auth_method": column_text(record.client_auth_method, 32),
+        "issuer": column_text(record.issuer, 64),
+        "subject": column_text(record.subject, 512),
+        "subject_token_type": column_text(record.subject_token_type, 128),
+        "subject_token_sha256": record.subject_token_sha256,
+        "subject_token_jti": column_text(record.subject_token_jti, 256),
+        "actor_issuer": column_text(record.actor_issuer, 64),
+        "actor_subject": column_text(record.actor_subject, 512),
+        "actor_token_sha256": record.actor_token_sha256,
+        "rule": column_text(record.rule, 128),
+        "issued_jti": record.issued_jti,
+        "issued_exp": record.issued_exp,
+        "issued_kid": record.issued_kid,
+        "source_ip": column_text(record.source_ip, 64),
+        "record": record.as_dict(),
+    }
+
+
 @dataclass(eq=False)
 class PendingRow:
     row: dict[str, Any]
     done: bool = False
     error: str | None = None
+    #: With ``error``: the commit was sent and no answer came; the record may yet be committed.
+    unknown: bool = False
 
 
 @dataclass(eq=False)
@@ -76,12 +107,18 @@ class GroupCommit:
             with waiting(), self._cond:
                 while not item.done and self._committing:
                     remaining = deadline - time.monotonic()
-                    if (remaining <= 0 or not self._cond.wait(remaining)) and not item.done:
-                        # Too slow: withdraw the record if it is still queued and refuse. (If a
-                        # commit already holds it, the trail shows a token that was never sent.)
-                        if item in self._pending:
-                            self._pending.remove(item)
+                    if remaining > 0:
+                        self._cond.wait(remaining)
+                    elif item in self._pending:
+                        # Too slow: withdraw the record while it is still queued, and refuse.
+                        self._pending.remove(item)
                         raise AuditUnavailable("timeout waiting for the audit commit")
+                    else:
+                        # A commit holds it: its outcome is this request's (refusing now would
+                        # leave in the trail a grant whose token was never sent, and its single-use
+                        # token spent).  Commits end: statement deadlines on PostgreSQL, the lock
+                        # deadline on SQLite.
+                        self._cond.wait()
                 if not item.done:
                     batch = self._take()
         if batch is not None:

@@ -1,0 +1,129 @@
+"""The audit sink's group commit when a commit is slow or the database does not answer.
+
+A record a commit holds must get that commit's outcome: a request that gave up on it after its
+timeout was refused ``503`` while its record (and its single-use token) was committed, so the
+trail showed a grant whose token was never sent.  And a batch whose database did not answer (a
+statement past its deadline) is not tried again record by record: each record would wait out a
+deadline of its own while the requests behind them wait (seen under a PostgreSQL ``LOCK TABLE``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.deadline import DeadlinePassed
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.group_commit import GroupCommit, PendingRow
+from sts.core.ports import AuditUnavailable
+from sts.migrations import upgrade
+from tests.core.test_audit_chain import decision
+
+
+def test_a_record_held_by_a_slow_commit_gets_its_outcome_not_a_timeout() -> None:
+    committed: list[int] = []
+
+    def commit(batch: list[PendingRow]) -> None:
+        time.sleep(0.3)
+        committed.extend(item.row["n"] for item in batch)
+        for item in batch:
+            item.done = True
+
+    group = GroupCommit(commit, max_batch=16, timeout=0.4)
+    outcomes: dict[int, str] = {}
+
+    def write(n: int) -> None:
+        try:
+            group.join(PendingRow({"n": n}))
+            outcomes[n] = "committed"
+        except AuditUnavailable as exc:
+            outcomes[n] = str(exc)
+
+    first = threading.Thread(target=write, args=(0,))
+    first.start()
+    time.sleep(0.05)  # the first commits; the next two queue behind it
+    others = [threading.Thread(target=write, args=(n,)) for n in (1, 2)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(5)
+    # When the first commit ends (0.3 s), one of the two takes both records into its batch (until
+    # 0.6 s); the other, past its timeout (0.45 s), waits for that batch: it gave up, and was
+    # refused, while its record was committed.
+    assert sorted(committed) == [0, 1, 2]
+    assert outcomes == {0: "committed", 1: "committed", 2: "committed"}
+
+
+def test_a_queued_record_past_its_timeout_is_withdrawn_and_refused() -> None:
+    release = threading.Event()
+    committed: list[int] = []
+
+    def commit(batch: list[PendingRow]) -> None:
+        release.wait(5)
+        committed.extend(item.row["n"] for item in batch)
+        for item in batch:
+            item.done = True
+
+    group = GroupCommit(commit, max_batch=16, timeout=0.2)
+    first = threading.Thread(target=group.join, args=(PendingRow({"n": 0}),))
+    first.start()
+    time.sleep(0.05)
+    with pytest.raises(AuditUnavailable, match="timeout waiting for the audit commit"):
+        group.join(PendingRow({"n": 1}))  # still queued behind the first commit at its timeout
+    release.set()
+    first.join(5)
+    assert committed == [0]  # withdrawn: never committed
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    made = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(made)
+    yield made
+    made.dispose()
+
+
+def test_a_batch_the_database_did_not_answer_is_not_retried_record_by_record(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = SqlAuditSink(engine)
+    calls: list[str] = []
+
+    def silent(*_args: Any, **_kwargs: Any) -> Any:
+        calls.append("statement")
+        raise DeadlinePassed("no answer from PostgreSQL within 5 s")
+
+    monkeypatch.setattr(sink._raw, "run", silent)
+    monkeypatch.setattr(sink._raw, "transaction", silent)
+    batch = [PendingRow(sink._stored_row(decision(n))) for n in range(4)]
+    sink._commit(batch)
+    assert calls == ["statement"]  # it was tried again for each of the four records
+    assert all(item.done and item.error == "DeadlinePassed" for item in batch)
+
+
+def test_a_batch_with_one_bad_row_is_still_retried_record_by_record(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the record-by-record retry is for (one bad row must not fail the others) still holds."""
+    sink = SqlAuditSink(engine)
+    sink.write(decision(100))  # the chain is registered: a batch is then one statement
+    run = sink._raw.run
+    calls: list[int] = []
+
+    def failing_once(sql: str, params: Any) -> int:
+        calls.append(len(params))
+        if len(calls) == 1:
+            raise engine.dialect.loaded_dbapi.OperationalError("disk I/O error")
+        return run(sql, params)
+
+    monkeypatch.setattr(sink._raw, "run", failing_once)
+    batch = [PendingRow(sink._stored_row(decision(n))) for n in range(3)]
+    sink._commit(batch)
+    assert len(calls) == 4 and all(item.done and item.error is None for item in batch)
