@@ -78,7 +78,8 @@ def test_a_statement_on_a_frozen_server_is_cut_after_the_grace(database: str, pr
     """The cancellation cannot reach a stopped server either: the socket is shut down after the
     grace, and the request's thread gets its answer; statements then fail at once for a deadline's
     time (not each waiting out its own); after that, a new connection serves."""
-    raw = _statements(f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{database}", 1)
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{database}?connect_timeout=2"
+    raw = _statements(url, 1)
     try:
         assert raw.query("SELECT 1", ()) == [(1,)]
         proxy.freeze()
@@ -92,9 +93,23 @@ def test_a_statement_on_a_frozen_server_is_cut_after_the_grace(database: str, pr
         with pytest.raises(DeadlinePassed, match="not tried again yet"):
             raw.query("SELECT 3", ())
         assert time.monotonic() - started < 0.2
+        time.sleep(1.0)
+        # Then one statement tries the server: its new connection times out (connect_timeout=2),
+        # the silence is renewed, and the statement after it fails at once.
+        started = time.monotonic()
+        with pytest.raises(DeadlinePassed):
+            raw.query("SELECT 4", ())
+        assert 1.9 < time.monotonic() - started < 3.0
+        started = time.monotonic()
+        with pytest.raises(DeadlinePassed, match="not tried again yet"):
+            raw.query("SELECT 5", ())
+        assert time.monotonic() - started < 0.2
         proxy.thaw()
         time.sleep(1.0)
-        assert raw.query("SELECT 4", ()) == [(4,)]
+        # The next try gets its answer, which ends the silence (the try that timed out held the
+        # others off for a minute).
+        assert raw.query("SELECT 6", ()) == [(6,)]
+        assert raw.query("SELECT 7", ()) == [(7,)]
     finally:
         proxy.thaw()
         raw.engine.dispose()

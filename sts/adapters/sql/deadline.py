@@ -15,9 +15,9 @@ still running ``grace`` seconds later (the server cannot answer even that), its 
 down, so that libpq sees the connection end.  Either way the request's thread raises
 :class:`DeadlinePassed`, which is not tried again, and the request is refused
 ``503 temporarily_unavailable``; the connection is not pooled again.  After a cut (or a new
-connection that timed out), the pool's statements fail at once for ``seconds``
-(:meth:`StatementDeadlines.silent`): one request then tries again, rather than every request
-waiting out a deadline of its own.
+connection that timed out), the pool's statements fail at once (:meth:`StatementDeadlines.admit`):
+every ``seconds`` one of them tries the server again, and an answer ends the silence, rather
+than every request waiting out a deadline (or a ``connect_timeout``) of its own.
 
 A statement the server had already received when its connection was cut still runs if the
 server resumes, and a single statement commits: a grant refused that way may find its single-use
@@ -62,6 +62,11 @@ class _Watched:
         #: so that it cannot reach a statement the connection runs next.
         self.settling = False
         self.cut = False
+
+
+#: Seconds a statement let through to try a silent server (:meth:`StatementDeadlines.admit`) holds
+#: the others off at most, should it never report (its connection and deadline end it far sooner).
+PROBE_LIMIT = 60.0
 
 
 class _Watch:
@@ -109,16 +114,33 @@ class StatementDeadlines:
         self._silent_until = 0.0
         _INSTANCES.add(self)
 
-    def silent(self) -> bool:
-        """Whether the server answered neither a statement nor its cancellation (or a new
-        connection timed out) within the last ``seconds``: the request pool's statements then fail
-        at once, without a connection, instead of each waiting out a deadline of its own (and a
-        new connection's ``connect_timeout``, twice over with ``sslmode=prefer``)."""
-        return self.seconds > 0 and self._clock() < self._silent_until
+    def admit(self) -> None:
+        """Before a statement of the request pool takes a connection: while the server is silent
+        (it answered neither a statement nor its cancellation, or a new connection timed out),
+        raise :class:`DeadlinePassed` at once, instead of letting each statement wait out a
+        deadline of its own (or a new connection its ``connect_timeout``).  Once every
+        ``seconds``, one statement is let through to try the server; its outcome ends the silence
+        (:meth:`answered`) or renews it (:meth:`heard_nothing`).  One that never reports stops
+        holding the others off after :data:`PROBE_LIMIT` seconds."""
+        if not self._silent_until:
+            return
+        with self._changed:
+            now = self._clock()
+            if not self._silent_until:
+                return
+            if now < self._silent_until:
+                raise DeadlinePassed("PostgreSQL answered nothing a moment ago: not tried again yet")
+            self._silent_until = now + PROBE_LIMIT  # this one tries; the others wait for its outcome
 
     def heard_nothing(self) -> None:
         """The server answered nothing: statements fail at once for the next ``seconds``."""
-        self._silent_until = self._clock() + self.seconds
+        if self.seconds > 0:
+            self._silent_until = self._clock() + self.seconds
+
+    def answered(self) -> None:
+        """The server answered (a result, or an error of its own): it is not silent."""
+        if self._silent_until:
+            self._silent_until = 0.0
 
     def watch(self, connection: Any) -> contextlib.AbstractContextManager[None]:
         """Watch what runs on psycopg connection ``connection`` inside the block; raises
@@ -141,6 +163,8 @@ class StatementDeadlines:
             del self._watched[id(entry)]
             while entry.settling:
                 self._changed.wait()
+        if not entry.cut:
+            self.answered()
 
     def _run(self) -> None:
         idle = 0.0

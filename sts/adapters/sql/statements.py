@@ -117,18 +117,20 @@ class RawStatement:
 
     def _checkout(self) -> Any:
         """PostgreSQL: a connection of the request pool; none while the server is silent
-        (:meth:`StatementDeadlines.silent`), and a new connection that timed out makes it so."""
+        (:meth:`StatementDeadlines.admit`), which a new connection that timed out makes it."""
         deadlines = self._deadlines
         assert deadlines is not None
-        if deadlines.silent():
-            raise DeadlinePassed("PostgreSQL answered nothing a moment ago: not tried again yet")
+        deadlines.admit()
         try:
             return self.engine.raw_connection()
-        except DBAPIError as exc:
+        except Exception as exc:
             from psycopg.errors import ConnectionTimeout  # the postgres extra, there with PostgreSQL
 
-            if isinstance(exc.orig, ConnectionTimeout):
+            # The pool raises the driver's own errors (SQLAlchemy wraps them only on a Connection).
+            if isinstance(exc.orig if isinstance(exc, DBAPIError) else exc, ConnectionTimeout):
                 deadlines.heard_nothing()
+            else:
+                deadlines.answered()  # refused, say: an answer, and no wait for the next one
             raise
 
     def _watch(self, raw: Any) -> contextlib.AbstractContextManager[None]:
