@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import Engine, create_engine, text  # noqa: E402
 
 from sts.adapters import audit_query  # noqa: E402
-from sts.adapters.sql.audit_sink import SqlAuditSink  # noqa: E402
 from sts.adapters.sql.engines import make_engine  # noqa: E402
+from sts.adapters.sql.group_commit import audit_row  # noqa: E402
 from sts.adapters.sql.schema import audit_events  # noqa: E402
 from sts.core.audit_filter import AuditFilter  # noqa: E402
 from sts.migrations import upgrade  # noqa: E402
@@ -179,7 +179,7 @@ def _row_values(record: dict[str, Any]) -> dict[str, Any]:
     from sts.core.audit import AuditRecord
 
     fields = {k: v for k, v in record.items()}
-    row = SqlAuditSink._row(AuditRecord(**fields))
+    row = audit_row(AuditRecord(**fields))
     return row
 
 
