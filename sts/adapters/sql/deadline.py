@@ -14,10 +14,11 @@ a live server aborts the statement and rolls it back, and the answer comes at on
 still running ``grace`` seconds later (the server cannot answer even that), its socket is shut
 down, so that libpq sees the connection end.  Either way the request's thread raises
 :class:`DeadlinePassed`, which is not tried again, and the request is refused
-``503 temporarily_unavailable``; the connection is not pooled again.  After a cut (or a new
-connection that timed out), the pool's statements fail at once (:meth:`StatementDeadlines.admit`):
-every ``seconds`` one of them tries the server again, and an answer ends the silence, rather
-than every request waiting out a deadline (or a ``connect_timeout``) of its own.
+``503 temporarily_unavailable``; the connection is not pooled again.  Once a statement has
+passed its deadline (or a new connection timed out), the pool's statements fail at once
+(:meth:`StatementDeadlines.admit`): every ``seconds`` one of them tries the server again, and an
+answer in time ends the silence, rather than every request waiting out a deadline (or a
+``connect_timeout``) of its own while the requests behind it queue.
 
 A statement the server had already received when its connection was cut still runs if the
 server resumes, and a single statement commits: a grant refused that way may find its single-use
@@ -116,7 +117,7 @@ class StatementDeadlines:
 
     def admit(self) -> None:
         """Before a statement of the request pool takes a connection: while the server is silent
-        (it answered neither a statement nor its cancellation, or a new connection timed out),
+        (a statement went unanswered past its deadline, or a new connection timed out),
         raise :class:`DeadlinePassed` at once, instead of letting each statement wait out a
         deadline of its own (or a new connection its ``connect_timeout``).  Once every
         ``seconds``, one statement is let through to try the server; its outcome ends the silence
@@ -138,7 +139,7 @@ class StatementDeadlines:
             self._silent_until = self._clock() + self.seconds
 
     def answered(self) -> None:
-        """The server answered (a result, or an error of its own): it is not silent."""
+        """The server answered in time (a result, or an error of its own): it is not silent."""
         if self._silent_until:
             self._silent_until = 0.0
 
@@ -163,7 +164,7 @@ class StatementDeadlines:
             del self._watched[id(entry)]
             while entry.settling:
                 self._changed.wait()
-        if not entry.cut:
+        if not entry.fired:
             self.answered()
 
     def _run(self) -> None:
@@ -182,6 +183,11 @@ class StatementDeadlines:
                 due = [e for e in self._watched.values() if not e.fired and e.deadline <= now]
                 for entry in due:
                     entry.fired = entry.settling = True
+                if due:
+                    # Answering late is answering too late: the statements after it would wait as
+                    # long (a LOCK TABLE held for a minute filled every request thread, and the
+                    # requests queued behind them ran after their clients had gone).
+                    self.heard_nothing()
                 for entry in self._watched.values():
                     if entry.fired and not entry.cut and entry.deadline + self.grace <= now:
                         # Under the lock: the statement's thread cannot leave its watch, and the
