@@ -59,8 +59,9 @@ from granian._granian import RSGIProtocolClosed, RSGIProtocolError
 from .adapters.connection_balance import INTERVAL as BALANCE_INTERVAL
 from .adapters.connection_balance import ConnectionBalance, SharedCounts
 from .adapters.connection_balance import create_file as create_counts_file
+from .adapters.log_format import GRANIAN_LOG_CONFIG
 from .adapters.request_head import host_is_valid
-from .adapters.request_threads import RequestThreads
+from .adapters.request_threads import QueuedTooLong, RequestThreads
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class Limits:
     body_read_timeout: float = 10.0
     max_body_bytes: int = 16384
     max_connections: int = 1024
+    #: Seconds a request may wait for a request thread: longer, and it is refused ``503``.
+    queue_timeout: float = 10.0
 
 
 class _RequestError(Exception):
@@ -125,10 +128,14 @@ class WSGIOverRSGI:
     # -- RSGI hooks (granian calls these in the worker) --------------------------------------------
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._threads = RequestThreads(loop, self.limits.threads, self.limits.active_threads)
+        self._threads = self._request_threads(loop)
         if self.counts_file is not None:
             self._balance = ConnectionBalance(SharedCounts(self.counts_file))
             loop.call_later(BALANCE_INTERVAL, self._rebalance, loop)
+
+    def _request_threads(self, loop: asyncio.AbstractEventLoop) -> RequestThreads:
+        limits = self.limits
+        return RequestThreads(loop, limits.threads, limits.active_threads, queue_timeout=limits.queue_timeout)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._threads is not None:
@@ -160,10 +167,15 @@ class WSGIOverRSGI:
             return  # nobody to answer
         try:
             if self._threads is None:  # called without __rsgi_init__ (not by granian)
-                self._threads = RequestThreads(
-                    asyncio.get_running_loop(), self.limits.threads, self.limits.active_threads
-                )
+                self._threads = self._request_threads(asyncio.get_running_loop())
             status, headers, payload = await self._threads.run(self._call, scope, body)
+        except QueuedTooLong:
+            # Every request thread was busy that long: refused before the application, not run
+            # after the client may have gone (it is not audited: no decision was made).
+            self._error(
+                scope, proto, 503, "The server is busy; retry later.", error="temporarily_unavailable"
+            )
+            return
         except Exception:
             log.exception("the request could not be handed to the application")
             self._error(scope, proto, 500, "The server could not complete the request.", error="server_error")
@@ -280,18 +292,9 @@ class WSGIOverRSGI:
         ]
         if close:
             headers.append(("Connection", "close"))
+        if status == 503:
+            headers.append(("Retry-After", "1"))
         proto.response_bytes(status, headers, body.encode())
-
-
-#: granian's own log lines, in the format `sts serve` uses for the others (on stderr, with a time).
-_LOG_FORMAT = {"()": "logging.Formatter", "fmt": "%(asctime)s %(levelname)s granian: %(message)s"}
-_LOG_CONFIG = {
-    "formatters": {"generic": _LOG_FORMAT, "access": _LOG_FORMAT},
-    "handlers": {
-        "console": {"formatter": "generic", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
-        "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
-    },
-}
 
 
 def _request_id(incoming: str) -> str:
@@ -340,7 +343,7 @@ def serve(
             max_buffer_size=MAX_HEAD_BYTES,
         ),
         log_level=LogLevels(log_level.lower()),
-        log_dictconfig=_LOG_CONFIG,
+        log_dictconfig=GRANIAN_LOG_CONFIG,
         log_access=False,  # the application logs its requests, without raw paths or query strings
         respawn_failed_workers=True,
         workers_kill_timeout=10,

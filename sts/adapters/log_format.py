@@ -75,3 +75,14 @@ def configure_logging(level: str, log_format: str) -> None:
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("sts").setLevel(level)
+
+
+#: granian's own log lines, in the format ``sts serve`` uses for the others (on stderr, with a time).
+_GRANIAN_FORMAT = {"()": "logging.Formatter", "fmt": "%(asctime)s %(levelname)s granian: %(message)s"}
+GRANIAN_LOG_CONFIG = {
+    "formatters": {"generic": _GRANIAN_FORMAT, "access": _GRANIAN_FORMAT},
+    "handlers": {
+        "console": {"formatter": "generic", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+        "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+    },
+}

@@ -104,6 +104,13 @@ class _Worker:
         self.has_turn = False
 
 
+class QueuedTooLong(Exception):
+    """A call waited in the queue longer than :attr:`RequestThreads.queue_timeout`: it was not run.
+    Every thread was busy that long (a backend answering slowly, an overload): the request is
+    refused, rather than run after its client may have gone (a single-use token spent on an
+    answer nobody reads)."""
+
+
 class RequestThreads:
     """The request threads of a worker, each call awaited from the event loop.
 
@@ -121,9 +128,13 @@ class RequestThreads:
         count: int,
         active: int | None = None,
         patience: float = PATIENCE,
+        queue_timeout: float | None = None,
     ) -> None:
         self.loop = loop
         self.patience = patience
+        #: Seconds a call may wait in the queue: one that waited longer is not run (it raises
+        #: :class:`QueuedTooLong`), as its client may have gone, or will soon (None: no limit).
+        self.queue_timeout = queue_timeout
         self._lock = threading.Lock()
         self._calls: collections.deque[_Call] = collections.deque()
         #: Threads with nothing to do, the most recently idle last (woken first: its caches are warm).
@@ -218,8 +229,11 @@ class RequestThreads:
                     call = self._next_or_idle(worker)
 
     def _run(self, call: _Call) -> None:
-        future, function, args, _queued = call
+        future, function, args, queued = call
         try:
+            limit = self.queue_timeout
+            if limit is not None and time.monotonic() - queued > limit:
+                raise QueuedTooLong(f"queued for more than {limit:g} s")
             result, error = function(*args), None
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, as the executor does
             result, error = None, exc

@@ -123,6 +123,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
                 body_read_timeout=settings.body_read_timeout,
                 max_body_bytes=settings.max_body_bytes,
                 max_connections=settings.max_connections,
+                queue_timeout=settings.request_queue_timeout,
             ),
             log_level=settings.log_level,
             request_id=request_id,

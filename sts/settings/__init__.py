@@ -166,6 +166,8 @@ class Settings:
     header_read_timeout: int = 10
     #: Seconds to receive a request body, once its headers are in.
     body_read_timeout: int = 10
+    #: Seconds a request may wait for a free request thread; longer: ``503`` before the application.
+    request_queue_timeout: int = 10
     #: Connections served at once by all workers together; more wait in the listen queue.
     max_connections: int = 1024
     #: ``HOST:PORT`` of the Prometheus ``/metrics`` listener (one per instance); None serves none.

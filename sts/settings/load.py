@@ -72,6 +72,7 @@ _INT_SETTINGS = {
     "database_startup_timeout",
     "header_read_timeout",
     "body_read_timeout",
+    "request_queue_timeout",
     "max_connections",
     "key_rotation_min_published",
     "default_lifetime",

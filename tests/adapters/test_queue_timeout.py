@@ -1,0 +1,116 @@
+"""A request that waited for a request thread longer than ``request_queue_timeout`` is refused
+``503`` before the application runs it: not run after its client may have gone (with every
+thread held by a slow backend, requests queued for a minute and were then granted, spending
+single-use tokens on answers nobody read)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+from sts.adapters.request_threads import QueuedTooLong, RequestThreads
+from sts.serving import Limits, WSGIOverRSGI
+
+
+class _Headers:
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = values
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._values.get(name, default)
+
+    def get_all(self, name: str) -> list[str]:
+        return [self._values[name]] if name in self._values else []
+
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._values.items())
+
+
+class _Scope:
+    proto = "http"
+    method = "GET"
+    query_string = ""
+    server = "127.0.0.1:8080"
+    client = "127.0.0.1:40000"
+    scheme = "http"
+    http_version = "1.1"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.headers = _Headers({"host": "sts", "x-request-id": f"req{path}"})
+
+
+class _Proto:
+    def __init__(self) -> None:
+        self.answer: tuple[int, dict[str, str], bytes] | None = None
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.answer = (status, dict(headers), body)
+
+
+def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(0.8)  # holds the only request thread (a backend answering slowly)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+def _serve_two(queue_timeout: float) -> tuple[_Proto, _Proto]:
+    served = WSGIOverRSGI(_app, Limits(threads=1, active_threads=1, queue_timeout=queue_timeout))
+    slow, queued = _Proto(), _Proto()
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        served.__rsgi_init__(loop)
+        try:
+            first = asyncio.ensure_future(served.__rsgi__(_Scope("/slow"), slow))
+            await asyncio.sleep(0.05)
+            await served.__rsgi__(_Scope("/fast"), queued)  # waits for the only thread
+            await first
+        finally:
+            served.__rsgi_del__(loop)
+
+    asyncio.run(body())
+    return slow, queued
+
+
+def test_a_request_queued_past_the_timeout_is_refused_before_the_application() -> None:
+    slow, queued = _serve_two(queue_timeout=0.3)
+    assert slow.answer is not None and slow.answer[0] == 200
+    assert queued.answer is not None
+    status, headers, body = queued.answer
+    assert status == 503
+    assert json.loads(body)["error"] == "temporarily_unavailable"
+    assert headers["Retry-After"] == "1" and headers["Cache-Control"] == "no-store"
+    assert headers["X-Request-Id"]
+
+
+def test_a_request_queued_within_the_timeout_is_served() -> None:
+    _, queued = _serve_two(queue_timeout=5)
+    assert queued.answer is not None and queued.answer[0] == 200
+
+
+def test_the_threads_do_not_run_a_call_that_waited_too_long() -> None:
+    ran: list[str] = []
+
+    async def body() -> None:
+        threads = RequestThreads(asyncio.get_running_loop(), 1, 1, queue_timeout=0.2)
+        try:
+            first = threads.run(lambda: (time.sleep(0.5), ran.append("first")))
+            second = threads.run(lambda: ran.append("second"))
+            await first
+            with pytest.raises(QueuedTooLong):
+                await second
+        finally:
+            threads.shutdown()
+
+    asyncio.run(body())
+    assert ran == ["first"]
