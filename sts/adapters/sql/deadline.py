@@ -111,7 +111,7 @@ class StatementDeadlines:
         self._watched: dict[int, _Watched] = {}
         #: The process whose thread is running (0: none).
         self._running = 0
-        #: Until when statements fail at once: the server answered nothing (see :meth:`silent`).
+        #: Until when statements fail at once: the server answered nothing (see :meth:`admit`).
         self._silent_until = 0.0
         _INSTANCES.add(self)
 
