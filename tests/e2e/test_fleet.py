@@ -509,10 +509,14 @@ def test_an_instance_killed_under_load_leaves_every_token_audited(fleet: Fleet) 
             thread.join(timeout=60)
 
     statuses = Counter(status for _, _, status, _ in results)
-    assert set(statuses) <= {200, 502, 503, 504}, statuses
+    # 429: the fleet runs deploy/sts.yaml's flood guard, 100 exchanges a second per identity with a
+    # burst of 2000, and every thread here sends the same identity's token: a fast machine gets past
+    # 2,500 requests in these five seconds (CI saw 39 refused so, none near the kill).  They are
+    # refusals of the rate limit, not failures of the kill.
+    assert set(statuses) <= {200, 429, 502, 503, 504}, statuses
     after = [r for r in results if r[0] > dead_at]
     assert sum(1 for r in after if r[2] == 200) >= 10, "the remaining instances kept serving"
-    failures = [r for r in results if r[2] != 200]
+    failures = [r for r in results if r[2] not in (200, 429)]
     # In flight: sent before the instance was gone, answered after the kill.
     in_flight = [(s, e) for s, e, _, _ in failures if s <= dead_at and e >= killed_at]
     assert len(in_flight) == len(failures), (killed_at, dead_at, failures)
