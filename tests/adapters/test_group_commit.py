@@ -21,8 +21,8 @@ from sqlalchemy import Engine
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.deadline import DeadlinePassed
 from sts.adapters.sql.engines import make_engine
-from sts.adapters.sql.group_commit import GroupCommit, PendingRow
-from sts.core.ports import AuditUnavailable
+from sts.adapters.sql.group_commit import GroupCommit, PendingRow, PendingUses
+from sts.core.ports import AuditUnavailable, SingleUse
 from sts.migrations import upgrade
 from tests.core.test_audit_chain import decision
 
@@ -127,3 +127,34 @@ def test_a_batch_with_one_bad_row_is_still_retried_record_by_record(
     batch = [PendingRow(sink._stored_row(decision(n))) for n in range(3)]
     sink._commit(batch)
     assert len(calls) == 4 and all(item.done and item.error is None for item in batch)
+
+
+def test_a_batch_of_grants_failing_on_integrity_is_retried_grant_by_grant(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An integrity error (a chain link taken by a commit thought lost) still sends the grants of
+    a batch one by one, on a new chain (the branch once left ``silent`` unset: an UnboundLocalError)."""
+    sink = SqlAuditSink(engine)
+    assert sink._grants is not None
+    commit = sink._grants.commit
+    calls: list[int] = []
+
+    def failing_once(head: Any, batch: list[PendingUses], *rest: Any) -> Any:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise engine.dialect.loaded_dbapi.IntegrityError("UNIQUE constraint failed")
+        return commit(head, batch, *rest)
+
+    monkeypatch.setattr(sink._grants, "commit", failing_once)
+    now = time.time()
+    batch = [
+        PendingUses(
+            sink._stored_row(decision(n)),
+            entries=[(SingleUse("subject_token", f"t{n}", now + 300, None), f"subject_token:t{n}")],
+            entry_params=[f"subject_token:t{n}", now + 300, now],
+        )
+        for n in range(2)
+    ]
+    sink._commit_with_uses(batch)
+    assert calls == [2, 1, 1]
+    assert all(item.done and item.error is None and item.taken is None for item in batch)

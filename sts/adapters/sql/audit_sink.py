@@ -221,6 +221,7 @@ class SqlAuditSink:
         except self._integrity_errors as exc:
             head.restart()  # Perhaps a link taken by a commit thought lost: go on on a new chain.
             failure = failure_text(exc)
+            silent = False
         except self._raw.failures as exc:
             failure = failure_text(exc)
             silent = isinstance(exc, DeadlinePassed)
