@@ -34,7 +34,7 @@ sends them from a file (``benchmarks/token_requests.lua``).
 
 The systems are measured in turn, ``--rounds`` times (floor, exchange..., peer, floor, ...), each
 for ``--seconds`` with ``wrk -t1 -c<connections> --latency``.  Per run: requests per second, p50 and
-p99 latency, CPU per request (utime + stime of the server's process tree from ``/proc``; ``loop``: of
+p99 latency, CPU per request (utime + stime of the server's process tree from ``/proc``, and its stime apart as ``of it kernel``; ``loop``: of
 the workers' main threads, which run granian's event loops; and of the
 store's processes: redis-server, the PostgreSQL backends of the database still open at the end, so
 a lower bound when the pool opens and closes connections, which is counted too), the resident
@@ -193,14 +193,15 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_ticks(pid: int, thread: int | None = None) -> int:
-    """CPU ticks of process ``pid``, or of its thread ``thread`` only."""
+def cpu_ticks(pid: int, thread: int | None = None, *, kernel_only: bool = False) -> int:
+    """CPU ticks of process ``pid``, or of its thread ``thread`` only; ``kernel_only``: in the kernel."""
     stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
         fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+    # utime + stime (fields 14 and 15 of stat)
+    return int(fields[12]) if kernel_only else int(fields[11]) + int(fields[12])
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -672,6 +673,7 @@ class Bench:
         workers = system.workers()
         stores = system.store_pids()
         before = {pid: cpu_ticks(pid) for pid in tree}
+        kernel_before = {pid: cpu_ticks(pid, kernel_only=True) for pid in tree}
         # A worker's main thread runs its event loop (granian): the loop's own cost, apart.
         loops_before = {pid: cpu_ticks(pid, pid) for pid in workers}
         store_before = {pid: cpu_ticks(pid) for pid in stores}
@@ -679,6 +681,9 @@ class Bench:
         result = self.wrk(system, requests_file, self.args.seconds)
         after_tree = process_tree(system.proc.pid)
         spent = {pid: max(0, cpu_ticks(pid) - before.get(pid, 0)) for pid in after_tree}
+        kernel = sum(
+            max(0, cpu_ticks(pid, kernel_only=True) - kernel_before.get(pid, 0)) for pid in after_tree
+        )
         # Store processes alive at the end (a PostgreSQL backend that closed took its CPU time along).
         store_spent = sum(max(0, cpu_ticks(pid) - store_before.get(pid, 0)) for pid in system.store_pids())
         if system.store_sessions:
@@ -689,6 +694,7 @@ class Bench:
         total = max(1, result["requests"])
         result.update(
             cpu_ms=sum(spent.values()) / CLK_TCK * 1000 / total,
+            kernel_cpu_ms=kernel / CLK_TCK * 1000 / total,
             loop_cpu_ms=loop_spent / CLK_TCK * 1000 / total,
             store_cpu_ms=store_spent / CLK_TCK * 1000 / total if stores else None,
             rss_mb=rss_bytes(after_tree) / 2**20,
@@ -1041,6 +1047,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], systems: dict[str, System])
             "p50": median(name, "p50"),
             "p99": median(name, "p99"),
             "cpu_ms": median(name, "cpu_ms"),
+            "kernel_cpu_ms": median(name, "kernel_cpu_ms"),
             "store_cpu_ms": median(name, "store_cpu_ms"),
             "store_connections_per_1k": (
                 statistics.median(1000 * r["store_connections"] / max(1, r["requests"]) for r in runs[name])
@@ -1071,9 +1078,9 @@ def render(summary: dict[str, Any], a: argparse.Namespace) -> str:
         f"servers {a.workers} workers x {a.server_threads} threads ({a.active_threads} running at once); "
         f"{os.cpu_count()} CPUs.",
         "",
-        "| System | req/s | p50 ms | p99 ms | CPU ms/req | store CPU ms/req | RSS MB | busiest worker "
-        "| x floor | x floor by CPU | x peer | x twin |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| System | req/s | p50 ms | p99 ms | CPU ms/req | of it kernel | store CPU ms/req | RSS MB "
+        "| busiest worker | x floor | x floor by CPU | x peer | x twin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary.items():
         twin = f"{fmt(row['x_twin'], '.2f')} ({row['twin']})" if row["x_twin"] is not None else ""
@@ -1084,6 +1091,7 @@ def render(summary: dict[str, Any], a: argparse.Namespace) -> str:
             fmt(row["p50"], ".1f"),
             fmt(row["p99"], ".1f"),
             fmt(row["cpu_ms"], ".2f"),
+            fmt(row["kernel_cpu_ms"], ".2f"),
             fmt(row["store_cpu_ms"], ".2f"),
             fmt(row["rss_mb"], ".0f"),
             fmt(row["busiest_worker"], ".2f"),

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import functools
 import gc
 import importlib
@@ -47,7 +46,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -60,8 +58,10 @@ from .adapters.connection_balance import INTERVAL as BALANCE_INTERVAL
 from .adapters.connection_balance import ConnectionBalance, SharedCounts
 from .adapters.connection_balance import create_file as create_counts_file
 from .adapters.log_format import GRANIAN_LOG_CONFIG
+from .adapters.probe_lane import LIVENESS_PATH, PROBE_PATHS, stalled_answer
 from .adapters.request_head import host_is_valid
 from .adapters.request_threads import QueuedTooLong, RequestThreads
+from .adapters.worker_process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ class Limits:
     max_connections: int = 1024
     #: Seconds a request may wait for a request thread: longer, and it is refused ``503``.
     queue_timeout: float = 10.0
+    #: Seconds the request threads may hold requests without finishing any before ``/livez``
+    #: answers ``503`` (see :mod:`sts.adapters.probe_lane`).
+    liveness_stall: float = 60.0
 
 
 class _RequestError(Exception):
@@ -121,6 +124,8 @@ class WSGIOverRSGI:
     ) -> None:
         self.app, self.limits, self.request_id = app, limits, request_id or _request_id
         self._threads: RequestThreads | None = None
+        #: The health probes' own thread (:mod:`.adapters.probe_lane`).
+        self._probes: RequestThreads | None = None
         #: The workers' shared connection counts (several workers), see :mod:`.adapters.connection_balance`.
         self.counts_file = counts_file
         self._balance: ConnectionBalance | None = None
@@ -129,6 +134,7 @@ class WSGIOverRSGI:
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._threads = self._request_threads(loop)
+        self._probes = RequestThreads(loop, 1, queue_timeout=self.limits.queue_timeout)
         if self.counts_file is not None:
             self._balance = ConnectionBalance(SharedCounts(self.counts_file))
             loop.call_later(BALANCE_INTERVAL, self._rebalance, loop)
@@ -138,8 +144,9 @@ class WSGIOverRSGI:
         return RequestThreads(loop, limits.threads, limits.active_threads, queue_timeout=limits.queue_timeout)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._threads is not None:
-            self._threads.shutdown()
+        for threads in (self._threads, self._probes):
+            if threads is not None:
+                threads.shutdown()
         if self._balance is not None:
             self._balance.counts.close()
             self._balance = None
@@ -168,7 +175,17 @@ class WSGIOverRSGI:
         try:
             if self._threads is None:  # called without __rsgi_init__ (not by granian)
                 self._threads = self._request_threads(asyncio.get_running_loop())
-            status, headers, payload = await self._threads.run(self._call, scope, body)
+            threads = self._threads
+            if scope.path in PROBE_PATHS and self._probes is not None:
+                stalled = threads.stalled_for()
+                if scope.path == LIVENESS_PATH and stalled > self.limits.liveness_stall:
+                    log.error("liveness: the request threads have finished nothing for %.0f s", stalled)
+                    status, headers, payload = stalled_answer()
+                    request_id = self.request_id(scope.headers.get("x-request-id") or "")
+                    proto.response_bytes(status, [*headers, ("X-Request-Id", request_id)], payload)
+                    return
+                threads = self._probes
+            status, headers, payload = await threads.run(self._call, scope, body)
         except QueuedTooLong:
             # Every request thread was busy that long: refused before the application, not run
             # after the client may have gone (it is not audited: no decision was made).
@@ -384,36 +401,6 @@ class _Loader:
         gc.collect()
         gc.freeze()
         return app
-
-
-#: ``prctl`` option: the signal a process gets when the thread that forked it ends (Linux).
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int | None = None) -> None:
-    """In a worker: end (``SIGKILL``) when the server's main process does.
-
-    Granian's workers outlive a main process killed outright (``kill -9``, an OOM kill): they go
-    on accepting connections on the shared port with what they loaded, and hold their files
-    without the main process watching them.  Linux's ``PR_SET_PDEATHSIG`` (prctl(2)) ends them
-    with it; granian forks every worker, respawned ones too, from the main thread, which lives as
-    long as the process.  The signal is ``SIGKILL``: a ``SIGTERM`` reaching a worker that is still
-    starting (granian's handler installed, its server not yet running) was seen to leave it
-    waiting for good, and a main process that ends normally has stopped its workers first.
-    Elsewhere, or without ``prctl``, nothing changes.  ``parent``: the main process's pid, known
-    before the fork (a worker still starting when the main process died has a new parent already).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    parent = parent if parent is not None else os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            return
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # The main process ended before the request took effect.
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _import_app(target: str) -> WSGIApp:

@@ -153,6 +153,9 @@ class RequestThreads:
         self._finished: collections.deque[_Finished] = collections.deque()
         #: Whether a callback to settle ``_finished`` is scheduled and has not started yet.
         self._wake_pending = False
+        #: Calls queued or running, and when one last finished (or the first of them came).
+        self._in_flight = 0
+        self._progress_at = time.monotonic()
         self._workers = [_Worker(self) for _ in range(count)]
         self._idle.extend(reversed(self._workers))  # sts-request_0 first
         self._threads = [
@@ -176,6 +179,9 @@ class RequestThreads:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the request threads are stopping")
+            if not self._in_flight:
+                self._progress_at = call[3]
+            self._in_flight += 1
             if self._free > 0 and self._idle:
                 self._free -= 1
                 self._hand(self._idle.pop(), call)
@@ -186,6 +192,12 @@ class RequestThreads:
         if watch:
             self.loop.call_later(self.patience, self._watch)
         return future
+
+    def stalled_for(self) -> float:
+        """Seconds the threads have held calls (queued or running) without finishing any; 0 when
+        none is held.  A worker whose every thread is stuck shows here (what ``/livez`` reports)."""
+        with self._lock:
+            return time.monotonic() - self._progress_at if self._in_flight else 0.0
 
     def shutdown(self) -> None:
         """Finish the calls queued so far, then stop every thread."""
@@ -226,6 +238,8 @@ class RequestThreads:
                 self._run(call)
                 del call
                 with self._lock:
+                    self._in_flight -= 1
+                    self._progress_at = time.monotonic()
                     call = self._next_or_idle(worker)
 
     def _run(self, call: _Call) -> None:

@@ -16,44 +16,8 @@ import pytest
 from sts.adapters.request_threads import QueuedTooLong, RequestThreads
 from sts.serving import Limits, WSGIOverRSGI
 
-
-class _Headers:
-    def __init__(self, values: dict[str, str]) -> None:
-        self._values = values
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        return self._values.get(name, default)
-
-    def get_all(self, name: str) -> list[str]:
-        return [self._values[name]] if name in self._values else []
-
-    def keys(self) -> list[str]:
-        return list(self._values)
-
-    def items(self) -> list[tuple[str, str]]:
-        return list(self._values.items())
-
-
-class _Scope:
-    proto = "http"
-    method = "GET"
-    query_string = ""
-    server = "127.0.0.1:8080"
-    client = "127.0.0.1:40000"
-    scheme = "http"
-    http_version = "1.1"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.headers = _Headers({"host": "sts", "x-request-id": f"req{path}"})
-
-
-class _Proto:
-    def __init__(self) -> None:
-        self.answer: tuple[int, dict[str, str], bytes] | None = None
-
-    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.answer = (status, dict(headers), body)
+from ..support.rsgi_fakes import FakeProto as _Proto
+from ..support.rsgi_fakes import FakeScope as _Scope
 
 
 def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
