@@ -34,11 +34,11 @@ sends them from a file (``benchmarks/token_requests.lua``).
 
 The systems are measured in turn, ``--rounds`` times (floor, exchange..., peer, floor, ...), each
 for ``--seconds`` with ``wrk -t1 -c<connections> --latency``.  Per run: requests per second, p50 and
-p99 latency, CPU per request (utime + stime of the server's process tree from ``/proc``, and its stime apart as ``of it kernel``; ``loop``: of
-the workers' main threads, which run granian's event loops; and of the
-store's processes: redis-server, the PostgreSQL backends of the database still open at the end, so
-a lower bound when the pool opens and closes connections, which is counted too), the resident
-memory of
+p99 latency, CPU per request (utime + stime of the server's process tree from ``/proc``, with the
+stime alone as ``of it kernel``; ``loop``: of the workers' main threads, which run granian's event
+loops; and of the store's processes: redis-server, the PostgreSQL backends of the database still
+open at the end, so a lower bound when the pool opens and closes connections, which is counted
+too), the resident memory of
 the tree, and the busiest worker's share of the CPU (0.5 is even over 2 workers).  The table gives
 medians over rounds; the ratios are medians of the per-round ratios (``x floor by CPU``: the floor's
 CPU per request over the system's, what the throughput ratio would be if CPU alone limited both).
