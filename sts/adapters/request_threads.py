@@ -78,6 +78,22 @@ def waiting() -> _Waiting:
     )
 
 
+def yield_turn() -> bool:
+    """If the calling request thread holds a turn and a queued request or a thread back from a
+    wait wants one, give the turn to it and take one back after it: the caller resumes once that
+    request has run up to its own wait (or its end).  Returns whether the turn was given up
+    (False outside a request thread, or with nobody waiting: then it costs a lookup)."""
+    worker: _Worker | None = getattr(_local, "worker", None)
+    if worker is None or not worker.has_turn:
+        return False
+    pool = worker.pool
+    if not (pool._calls and pool._idle) and not pool._returning:  # a racy look; _leave decides
+        return False
+    pool._leave(worker)
+    pool._enter(worker)
+    return True
+
+
 class _NotWaiting:
     __slots__ = ()
 

@@ -158,3 +158,62 @@ def test_a_batch_of_grants_failing_on_integrity_is_retried_grant_by_grant(
     sink._commit_with_uses(batch)
     assert calls == [2, 1, 1]
     assert all(item.done and item.error is None and item.taken is None for item in batch)
+
+
+def _batches_of_concurrent_requests(monkeypatch: pytest.MonkeyPatch, *, gather: bool) -> list[int]:
+    """Four requests on one worker's request threads (one turn), each committing one record; the
+    commit holds the turn as SQLite's does (no wait marked).  The sizes of the batches committed."""
+    import asyncio
+
+    from sts.adapters import request_threads
+    from sts.adapters.sql import group_commit
+
+    monkeypatch.setattr(group_commit, "GATHER_SECONDS", 5.0)  # the turns decide, not the machine's speed
+    sizes: list[int] = []
+
+    def commit(batch: list[PendingRow]) -> None:
+        sizes.append(len(batch))
+        time.sleep(0.01)
+        for item in batch:
+            item.done = True
+
+    group = GroupCommit(commit, max_batch=16, timeout=5, gather=gather)
+    items = [PendingRow({"n": n}) for n in range(4)]
+
+    async def body() -> None:
+        threads = request_threads.RequestThreads(asyncio.get_running_loop(), 4, 1)
+        try:
+            await asyncio.gather(*(threads.run(group.join, item) for item in items))
+        finally:
+            threads.shutdown()
+
+    asyncio.run(body())
+    assert all(item.done and item.error is None for item in items)
+    return sizes
+
+
+def test_a_committer_that_gathers_lets_the_waiting_requests_join_its_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _batches_of_concurrent_requests(monkeypatch, gather=True) == [4]
+
+
+def test_without_gathering_each_request_commits_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The commit holds the turn: the queued requests reach the group only after it.
+    assert _batches_of_concurrent_requests(monkeypatch, gather=False) == [1, 1, 1, 1]
+
+
+def test_a_committer_outside_request_threads_does_not_wait_to_gather() -> None:
+    from sts.adapters.request_threads import yield_turn
+
+    assert yield_turn() is False
+    sizes: list[int] = []
+
+    def commit(batch: list[PendingRow]) -> None:
+        sizes.append(len(batch))
+        for item in batch:
+            item.done = True
+
+    started = time.monotonic()
+    GroupCommit(commit, max_batch=16, timeout=5, gather=True).join(PendingRow({}))
+    assert sizes == [1] and time.monotonic() - started < 0.1
