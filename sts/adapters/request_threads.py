@@ -163,6 +163,11 @@ class RequestThreads:
         #: Turns lent since the start.
         self.lent_total = 0
         self._reported_at = -LENT_LOG_INTERVAL
+        #: Calls refused for waiting longer than ``queue_timeout``, since the start and since the
+        #: last warning (see :meth:`_report_refused`), and when that warning was.
+        self.refused_total = 0
+        self._refused_unreported = 0
+        self._refused_reported_at = -LENT_LOG_INTERVAL
         self._watching = False
         self._stopping = False
         #: Calls finished and not yet settled in the loop (``deque`` appends and pops are atomic).
@@ -263,6 +268,7 @@ class RequestThreads:
         try:
             limit = self.queue_timeout
             if limit is not None and time.monotonic() - queued > limit:
+                self._report_refused(limit)
                 raise QueuedTooLong(f"queued for more than {limit:g} s")
             result, error = function(*args), None
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, as the executor does
@@ -354,6 +360,24 @@ class RequestThreads:
             self.lent_total,
             self._lent,
             self.patience * 1000,
+        )
+
+    def _report_refused(self, limit: float) -> None:
+        """Count a call refused for waiting too long; warn at most every ``LENT_LOG_INTERVAL`` s
+        (one line per refusal would flood the log in the overload that causes them)."""
+        with self._lock:
+            self.refused_total += 1
+            self._refused_unreported += 1
+            now = time.monotonic()
+            if now - self._refused_reported_at < LENT_LOG_INTERVAL:
+                return
+            self._refused_reported_at, count, self._refused_unreported = now, self._refused_unreported, 0
+        log.warning(
+            "request threads: %d request(s) refused 503 after waiting more than %g s for a thread "
+            "(%d in all): every thread was busy that long (a slow backend, an overload)",
+            count,
+            limit,
+            self.refused_total,
         )
 
     # -- answers back to the loop ------------------------------------------------------------------

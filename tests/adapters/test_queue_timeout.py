@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -78,3 +79,28 @@ def test_the_threads_do_not_run_a_call_that_waited_too_long() -> None:
 
     asyncio.run(body())
     assert ran == ["first"]
+
+
+def test_refusals_are_counted_and_warned_about_at_most_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> RequestThreads:
+        threads = RequestThreads(asyncio.get_running_loop(), 1, 1, queue_timeout=0.1)
+        try:
+            first = threads.run(time.sleep, 0.4)
+            late = [threads.run(lambda: None) for _ in range(3)]
+            await first
+            for call in late:
+                with pytest.raises(QueuedTooLong):
+                    await call
+        finally:
+            threads.shutdown()
+        return threads
+
+    with caplog.at_level(logging.WARNING, logger="sts.adapters.request_threads"):
+        threads = asyncio.run(body())
+    assert threads.refused_total == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "request threads: 1 request(s) refused 503 after waiting more than 0.1 s for a thread (1 in all): "
+        "every thread was busy that long (a slow backend, an overload)"
+    ]
