@@ -546,6 +546,9 @@ def test_a_sqlite_file_deleted_or_replaced_under_the_process_is_not_ready(
         time.sleep(1.1)  # past the second a good result is kept
         answer = client.get("/readyz")
         assert answer.status_code == 503 and answer.get_json()["problems"] == ["database"]
+    # Nor is a token granted: its audit record and its use would go into files no one can open.
+    refused = gateway_exchange(client, ledger_token(upstream))
+    assert refused.status_code == 503 and refused.get_json()["error"] == "temporarily_unavailable"
 
 
 def test_a_lock_held_on_the_audit_table_is_not_ready(make_app: Callable[..., Flask]) -> None:
@@ -594,3 +597,28 @@ def test_the_sqlite_files_are_watched_through_a_symbolic_link(tmp_path: Path) ->
         assert files.problem() == "sts.sqlite-wal in use was deleted or replaced"
     finally:
         conn.close()
+
+
+def test_the_audit_sink_checks_its_files_at_most_once_a_second_and_remembers_a_problem() -> None:
+    from sts.adapters.sql.files_in_use import SqliteFile, WatchedFile
+
+    answers = [None, "the database file is gone", None]
+    asked: list[float] = []
+    clock = [100.0]
+
+    class Files(SqliteFile):
+        def __init__(self) -> None:
+            pass
+
+        def problem(self) -> str | None:
+            asked.append(clock[0])
+            return answers[len(asked) - 1]
+
+    watched = WatchedFile(Files(), interval=1.0, monotonic=lambda: clock[0])
+    assert watched.problem() is None
+    clock[0] = 100.5
+    assert watched.problem() is None and asked == [100.0]  # within the second: not asked again
+    clock[0] = 101.2
+    assert watched.problem() == "the database file is gone"
+    clock[0] = 105.0
+    assert watched.problem() == "the database file is gone" and asked == [100.0, 101.2]  # it stays

@@ -26,6 +26,7 @@ from ...core.canonical_json import canonical_record
 from ...core.ports import AlreadyUsed, AuditOutcomeUnknown, AuditUnavailable, BaselineUpdate, SingleUse
 from .chain_heads import ChainHead, ChainHeads
 from .deadline import DeadlinePassed
+from .files_in_use import WatchedFile, sqlite_file
 from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, audit_row
 from .key_value import store_key, upsert_statement
 from .pg_exchange import pipelined_grants
@@ -64,6 +65,9 @@ class SqlAuditSink:
         # Each transaction of the sink starts with a write (see RawStatement.transaction).
         self._raw = RawStatement(engine, writes_first=True)
         self._chains = ChainHeads(1 if self._raw.sqlite else max_chains)
+        # SQLite: no commit into files deleted or replaced under the process (lost at its restart).
+        file = sqlite_file(engine)
+        self._file = WatchedFile(file) if file is not None else None
         dbapi = engine.dialect.loaded_dbapi
         self._integrity_errors: tuple[type[BaseException], ...] = (dbapi.IntegrityError,)
         self._columns = [c.name for c in audit_events.columns if c.name != "id"]
@@ -351,6 +355,9 @@ class SqlAuditSink:
         """Run ``commit`` on a borrowed chain head and mark every item of ``batch`` done: an
         unavailable audit fails the items not already refused (a use taken by another request)."""
         try:
+            problem = self._file.problem() if self._file is not None else None
+            if problem is not None:
+                raise AuditUnavailable(f"the audit database: {problem} (restart the process)")
             with self._chains.borrow(self.timeout) as head:
                 commit(head)
         except AuditUnavailable as exc:

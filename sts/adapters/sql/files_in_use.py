@@ -1,10 +1,17 @@
-"""SQLite: whether the files a process writes are still the ones at their paths (a readiness check)."""
+"""SQLite: whether the files a process writes are still the ones at their paths (checked by
+readiness, and by the audit sink before its commits)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 
 from sqlalchemy import Engine
+
+log = logging.getLogger(__name__)
 
 
 class SqliteFile:
@@ -61,6 +68,32 @@ class SqliteFile:
                     continue
                 return found.st_dev, found.st_ino
         return None
+
+
+class WatchedFile:
+    """:meth:`SqliteFile.problem` for the request path: checked at most every ``interval`` seconds
+    (reading ``/proc/self/fd`` costs tens of microseconds), the last answer given in between.  A
+    problem stays: the process's connections hold the old files until it restarts."""
+
+    def __init__(
+        self, file: SqliteFile, interval: float = 1.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.file, self.interval, self._monotonic = file, interval, monotonic
+        self._lock = threading.Lock()
+        self._next = -1.0
+        self._problem: str | None = None
+
+    def problem(self) -> str | None:
+        if self._problem is not None or self._monotonic() < self._next:
+            return self._problem
+        with self._lock:
+            now = self._monotonic()
+            if self._problem is None and now >= self._next:
+                self._next = now + self.interval
+                self._problem = self.file.problem()
+                if self._problem is not None:
+                    log.error("SQLite: %s: nothing more is committed; restart the process", self._problem)
+        return self._problem
 
 
 def _identity(path: str) -> tuple[int, int] | None:
