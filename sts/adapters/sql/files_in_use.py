@@ -72,8 +72,9 @@ class SqliteFile:
 
 class WatchedFile:
     """:meth:`SqliteFile.problem` for the request path: checked at most every ``interval`` seconds
-    (reading ``/proc/self/fd`` costs tens of microseconds), the last answer given in between.  A
-    problem stays: the process's connections hold the old files until it restarts."""
+    (reading ``/proc/self/fd`` costs a system call per open file, client sockets included), the
+    last answer given in between.  A problem stays: the process's connections hold the old files
+    until it restarts."""
 
     def __init__(
         self, file: SqliteFile, interval: float = 1.0, monotonic: Callable[[], float] = time.monotonic
