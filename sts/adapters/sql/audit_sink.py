@@ -95,10 +95,8 @@ class SqlAuditSink:
         )
         #: SQLite: a batch of grants in one statement.
         self._grants = SqliteGrants(self._raw, self._columns) if self._raw.sqlite else None
-        self._writes = GroupCommit(self._commit, max_batch, timeout, gather=self._raw.sqlite)
-        self._writes_with_uses = GroupCommit(
-            self._commit_with_uses, max_batch, timeout, gather=self._raw.sqlite
-        )
+        self._writes = GroupCommit(self._commit, max_batch, timeout, gather=True)
+        self._writes_with_uses = GroupCommit(self._commit_with_uses, max_batch, timeout, gather=True)
 
     def _stored_row(self, record: AuditRecord) -> dict[str, Any]:
         """The row of ``record``, with the record as its canonical JSON text (what the chain hashes).
