@@ -217,3 +217,51 @@ def test_a_committer_outside_request_threads_does_not_wait_to_gather() -> None:
     started = time.monotonic()
     GroupCommit(commit, max_batch=16, timeout=5, gather=True).join(PendingRow({}))
     assert sizes == [1] and time.monotonic() - started < 0.1
+
+
+def test_gathering_stops_when_a_request_given_the_turn_goes_to_wait_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a Redis store a request makes a round trip before its record: given the turn, it
+    gives it back from that wait without joining.  One such turn is enough to stop gathering."""
+    import asyncio
+
+    from sts.adapters import request_threads
+    from sts.adapters.sql import group_commit
+
+    monkeypatch.setattr(group_commit, "GATHER_SECONDS", 5.0)
+    yields: list[tuple[int, bool]] = []  # (commits before it, whether the turn was given up)
+
+    def counted_yield() -> bool:
+        given = request_threads.yield_turn()
+        yields.append((len(sizes), given))
+        return given
+
+    monkeypatch.setattr(group_commit, "yield_turn", counted_yield)
+    sizes: list[int] = []
+
+    def commit(batch: list[PendingRow]) -> None:
+        sizes.append(len(batch))
+        for item in batch:
+            item.done = True
+
+    group = GroupCommit(commit, max_batch=16, timeout=5, gather=True)
+
+    def request(n: int) -> None:
+        if n:
+            with request_threads.waiting():
+                time.sleep(0.2)  # a round trip before its record
+        group.join(PendingRow({"n": n}))
+
+    async def body() -> None:
+        threads = request_threads.RequestThreads(asyncio.get_running_loop(), 4, 1)
+        try:
+            await asyncio.gather(*(threads.run(request, n) for n in range(4)))
+        finally:
+            threads.shutdown()
+
+    asyncio.run(body())
+    # The first committer gave its turn up once, nobody joined, and it committed alone (it gave
+    # the turn to each request in turn, all three going to wait, before).
+    assert [given for before, given in yields if before == 0] == [True]
+    assert sizes[0] == 1 and sum(sizes) == 4

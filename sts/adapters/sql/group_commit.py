@@ -94,17 +94,17 @@ class GroupCommit:
     ``gather``: before it takes its batch, the committer lets the requests waiting for this
     worker's turn run first (:func:`~sts.adapters.request_threads.yield_turn`), each up to its
     own commit, where it joins the batch; for at most :data:`GATHER_SECONDS`, ``max_batch``
-    items, and only while requests wait.  On SQLite a commit runs in the process and holds the
-    turn, so without it the requests queued behind a commit reached the group only after it
-    (batches of one); a batch of grants is one statement there (:mod:`.sqlite_grants`), and most
-    of a grant's cost is per statement, not per row: every commit re-reads the pages it needs (a
-    commit by another connection empties a connection's page cache) and writes a WAL frame for
-    each page it changed (page 1, the audit table's last leaf and the leaves of its indexes,
-    shared by the batch).  Measured with ``strace -c`` on ``benchmarks/exchange_cpu.py
-    --processes 2 --in-flight 4``: 26.5 ``pwrite64`` and 19.6 ``pread64`` per request without it,
-    19.6 and 14.9 with it.  On PostgreSQL requests run during the commit's round trip anyway, but
-    a bigger batch shares one round trip, one ``BEGIN``/``COMMIT`` and one WAL flush among more
-    grants (``benchmarks/bench.py``: PostgreSQL's own CPU 0.48 against 0.57 ms per request).
+    items, and only while requests wait and each turn given up brings one more.  On SQLite a
+    commit runs in the process and holds the turn, so without it the requests queued behind a
+    commit reached the group only after it (batches of one); a batch of grants is one statement
+    there (:mod:`.sqlite_grants`), and most of a grant's cost is per statement, not per row:
+    every commit re-reads the pages it needs (a commit by another connection empties a
+    connection's page cache) and writes a WAL frame for each page it changed (page 1, the audit
+    table's last leaf and the leaves of its indexes, shared by the batch).  Measured with
+    ``strace -c`` on ``benchmarks/exchange_cpu.py --processes 2 --in-flight 4``: 26.5
+    ``pwrite64`` and 19.6 ``pread64`` per request without it, 19.6 and 14.9 with it.  On
+    PostgreSQL requests run during the commit's round trip anyway, but a bigger batch shares one
+    round trip, one ``BEGIN``/``COMMIT`` and one WAL flush among more grants.
     """
 
     def __init__(
@@ -165,10 +165,16 @@ class GroupCommit:
                 self._cond.notify_all()
 
     def _gather(self) -> None:
-        """Let the requests waiting for a turn join the batch first (see the class docstring)."""
+        """Let the requests waiting for a turn join the batch first (see the class docstring), as
+        long as each turn given up brings one: a request that gave the turn back without joining
+        went to wait on something else (a Redis round trip before its record), and the next
+        would most likely do the same."""
         end = time.monotonic() + GATHER_SECONDS
-        while len(self._pending) < self.max_batch and time.monotonic() < end and yield_turn():
-            pass
+        pending = len(self._pending)
+        while pending < self.max_batch and time.monotonic() < end and yield_turn():
+            joined, pending = len(self._pending) - pending, len(self._pending)
+            if joined <= 0:
+                return
 
 
 class UseTaken(Exception):
