@@ -9,15 +9,18 @@ deadline of its own while the requests behind them wait (seen under a PostgreSQL
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
+from sts.adapters import request_threads
+from sts.adapters.sql import group_commit
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.deadline import DeadlinePassed
 from sts.adapters.sql.engines import make_engine
@@ -160,24 +163,25 @@ def test_a_batch_of_grants_failing_on_integrity_is_retried_grant_by_grant(
     assert all(item.done and item.error is None and item.taken is None for item in batch)
 
 
-def _batches_of_concurrent_requests(monkeypatch: pytest.MonkeyPatch, *, gather: bool) -> list[int]:
-    """Four requests on one worker's request threads (one turn), each committing one record; the
-    commit holds the turn as SQLite's does (no wait marked).  The sizes of the batches committed."""
-    import asyncio
-
-    from sts.adapters import request_threads
-    from sts.adapters.sql import group_commit
-
-    monkeypatch.setattr(group_commit, "GATHER_SECONDS", 5.0)  # the turns decide, not the machine's speed
-    sizes: list[int] = []
+def _recording(sizes: list[int], pause: float = 0.0) -> Callable[[list[PendingRow]], None]:
+    """A commit that records each batch's size, holds the thread ``pause`` seconds (as SQLite's
+    commit holds its turn: no wait marked) and marks the batch done."""
 
     def commit(batch: list[PendingRow]) -> None:
         sizes.append(len(batch))
-        time.sleep(0.01)
+        time.sleep(pause)
         for item in batch:
             item.done = True
 
-    group = GroupCommit(commit, max_batch=16, timeout=5, gather=gather)
+    return commit
+
+
+def _batches_of_concurrent_requests(monkeypatch: pytest.MonkeyPatch, *, gather: bool) -> list[int]:
+    """Four requests on one worker's request threads (one turn), each committing one record; the
+    commit holds the turn as SQLite's does (no wait marked).  The sizes of the batches committed."""
+    monkeypatch.setattr(group_commit, "GATHER_SECONDS", 5.0)  # the turns decide, not the machine's speed
+    sizes: list[int] = []
+    group = GroupCommit(_recording(sizes, pause=0.01), max_batch=16, timeout=5, gather=gather)
     items = [PendingRow({"n": n}) for n in range(4)]
 
     async def body() -> None:
@@ -204,18 +208,10 @@ def test_without_gathering_each_request_commits_alone(monkeypatch: pytest.Monkey
 
 
 def test_a_committer_outside_request_threads_does_not_wait_to_gather() -> None:
-    from sts.adapters.request_threads import yield_turn
-
-    assert yield_turn() is False
+    assert request_threads.yield_turn() is False
     sizes: list[int] = []
-
-    def commit(batch: list[PendingRow]) -> None:
-        sizes.append(len(batch))
-        for item in batch:
-            item.done = True
-
     started = time.monotonic()
-    GroupCommit(commit, max_batch=16, timeout=5, gather=True).join(PendingRow({}))
+    GroupCommit(_recording(sizes), max_batch=16, timeout=5, gather=True).join(PendingRow({}))
     assert sizes == [1] and time.monotonic() - started < 0.1
 
 
@@ -224,12 +220,8 @@ def test_gathering_stops_when_a_request_given_the_turn_goes_to_wait_elsewhere(
 ) -> None:
     """With a Redis store a request makes a round trip before its record: given the turn, it
     gives it back from that wait without joining.  One such turn is enough to stop gathering."""
-    import asyncio
-
-    from sts.adapters import request_threads
-    from sts.adapters.sql import group_commit
-
     monkeypatch.setattr(group_commit, "GATHER_SECONDS", 5.0)
+    sizes: list[int] = []
     yields: list[tuple[int, bool]] = []  # (commits before it, whether the turn was given up)
 
     def counted_yield() -> bool:
@@ -238,14 +230,7 @@ def test_gathering_stops_when_a_request_given_the_turn_goes_to_wait_elsewhere(
         return given
 
     monkeypatch.setattr(group_commit, "yield_turn", counted_yield)
-    sizes: list[int] = []
-
-    def commit(batch: list[PendingRow]) -> None:
-        sizes.append(len(batch))
-        for item in batch:
-            item.done = True
-
-    group = GroupCommit(commit, max_batch=16, timeout=5, gather=True)
+    group = GroupCommit(_recording(sizes), max_batch=16, timeout=5, gather=True)
 
     def request(n: int) -> None:
         if n:
