@@ -212,6 +212,10 @@ class WSGIOverRSGI:
             raise _RequestError(400, "A header value is not valid.")
         if not host_is_valid(headers.get_all("host"), scope.http_version):
             raise _RequestError(400, "The request needs one valid Host header.")
+        if len(headers.get_all("content-type")) > 1:
+            # RFC 9110 §8.3: one media type per message; of two, an intermediary and this service
+            # could each act on a different one.
+            raise _RequestError(400, "The request may have only one Content-Type header.")
         if "transfer-encoding" in names:
             # RFC 9110 §15.5.12: a chunked body has no length to check before it is read, and a
             # truncated one cannot be told from a complete one here.  (With both framings hyper

@@ -26,11 +26,13 @@ import hashlib
 import hmac
 import re
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key
 from joserfc.jws import JWSRegistry
@@ -76,6 +78,10 @@ class VerifiedProof:
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+#: The characters a URI is written with (RFC 3986 §2: unreserved, reserved, percent-encodings).
+#: ``urlsplit`` drops tabs and line breaks anywhere and strips leading controls and spaces: a
+#: text holding any of those, or any other character, is not a URI and names nothing.
+_URI_TEXT = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -107,8 +113,11 @@ def normalise_htu(url: str) -> str:
 
     Scheme and host lower-cased; the default (or an empty) port dropped; percent-encodings
     normalised; dot segments removed; an empty path made ``/``.  A URI with user information is
-    refused (``ValueError``): an ``http(s)`` URI never carries it (RFC 9110 §4.2.4).
+    refused (``ValueError``): an ``http(s)`` URI never carries it (RFC 9110 §4.2.4); so is a text
+    that is not a URI at all (a space, a control character, a bare ``%``, see :data:`_URI_TEXT`).
     """
+    if not _URI_TEXT.fullmatch(url):
+        raise ValueError("not a URI")
     parts = urlsplit(url)
     if "@" in parts.netloc:
         raise ValueError("user information in the URI")
@@ -208,6 +217,8 @@ def _import_key(jwk: dict[str, Any], kty: str) -> tuple[Key, str]:
     # would say (it only warns about short keys).
     if kty == "RSA" and (problem := rsa_key_problem(jwk)) is not None:
         raise _refuse("weak_key", problem)
+    if (problem := _encoding_problem(jwk, kty)) is not None:
+        raise _refuse("malformed_jwk", problem)
     try:
         key = JWKRegistry.import_key(dict(jwk))
     except (JoseError, ValueError, TypeError, KeyError) as exc:
@@ -215,7 +226,57 @@ def _import_key(jwk: dict[str, Any], kty: str) -> tuple[Key, str]:
         raise _refuse("malformed_jwk", type(exc).__name__) from None
     if key.is_private:
         raise _refuse("private_jwk")
+    if "x5c" in jwk and not _certificate_holds(jwk["x5c"], key):
+        raise _refuse("malformed_jwk", "x5c does not hold this key")
     return key, key.thumbprint()
+
+
+#: Octets of an EC coordinate (RFC 7518 §6.2.1.2) and of an OKP public key (RFC 8037 §2), by curve.
+_KEY_OCTETS = {"P-256": 32, "P-384": 48, "P-521": 66, "secp256k1": 32, "Ed25519": 32, "Ed448": 57}
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _encoding_problem(jwk: Mapping[str, Any], kty: str) -> str | None:
+    """Why the key members of a proof's ``jwk`` are not written the one way they may be, or None.
+
+    The thumbprint (RFC 7638) is taken over the members as written, so a key written two ways
+    would be two ``jkt`` values: the token would be bound to a text, not to a key, and a
+    resource server that reads the key and takes its thumbprint would refuse the holder.  Hence:
+    base64url without padding whose last character carries no extra bits (RFC 7515 §2, RFC 4648
+    §3.5); an RSA ``n`` and ``e`` in the fewest octets (Base64urlUInt, RFC 7518 §2); EC
+    coordinates of the curve's full size (RFC 7518 §6.2.1.2, §6.2.1.3) and an OKP key of its
+    curve's size (RFC 8037 §2).
+    """
+    names = ("n", "e") if kty == "RSA" else ("x", "y") if kty == "EC" else ("x",)
+    for name in names:
+        value = jwk.get(name)
+        if not isinstance(value, str) or not _BASE64URL.fullmatch(value):
+            return f"{name} is not base64url"
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        if _b64(raw) != value:
+            return f"{name} is not base64url as written by its octets"
+        if kty == "RSA":
+            if raw[0] == 0:
+                return f"{name} has a leading zero octet"
+        elif len(raw) != _KEY_OCTETS.get(str(jwk.get("crv")), len(raw)):
+            return f"{name} is not {_KEY_OCTETS[str(jwk.get('crv'))]} octets"
+    return None
+
+
+def _certificate_holds(chain: Any, key: Key) -> bool:
+    """Whether the first certificate of an ``x5c`` chain (RFC 7517 §4.7: it MUST hold the key)
+    holds ``key``.  The chain is not otherwise trusted or checked: the proof key is the client's own."""
+    if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
+        return False
+    public = key.public_key
+    if isinstance(public, bytes):  # a symmetric key: never a proof key
+        return False
+    try:
+        certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+        held = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except ValueError:
+        return False
+    return held == public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 @functools.lru_cache(maxsize=256)

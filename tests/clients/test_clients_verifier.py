@@ -401,6 +401,9 @@ def test_htu_of_an_iri_is_compared_as_its_uri() -> None:
         ({"url": "https://deploy.example.com/other"}, "dpop.htu_mismatch"),
         ({"url": "https://evil.example.com/releases"}, "dpop.htu_mismatch"),
         ({"url": URL + "#frag"}, "dpop.htu_has_query"),
+        # No URI (urlsplit would drop the tab and strip the leading space).
+        ({"url": URL.replace("releases", "rele\tases")}, "dpop.htu_mismatch"),
+        ({"url": " " + URL}, "dpop.htu_mismatch"),
         ({"iat": lambda: time.time() - 301}, "dpop.iat_stale"),
         ({"iat": lambda: time.time() + 120}, "dpop.iat_future"),
         ({"claims": {"ath": ath("some other token")}}, "dpop.ath_mismatch"),

@@ -527,6 +527,17 @@ REFUSALS: dict[str, tuple[Builder, str]] = {
     "htu-fragment": (lambda s: s.proof(claims={"htu": TOKEN_URL + "#frag"}), "dpop.htu_mismatch"),
     "htu-missing": (lambda s: s.proof(claims={"htu": None}), "dpop.htu_mismatch"),
     "htu-bad-ipv6": (lambda s: s.proof(claims={"htu": "https://[::1/token"}), "dpop.htu_mismatch"),
+    # Not a URI (RFC 3986 §2), though Python's urlsplit drops tabs and line breaks and strips
+    # leading controls and spaces: each named the token endpoint.
+    "htu-tab": (lambda s: s.proof(claims={"htu": STS_ISSUER + "/to\tken"}), "dpop.htu_mismatch"),
+    "htu-line-feed": (lambda s: s.proof(claims={"htu": STS_ISSUER + "/to\nken"}), "dpop.htu_mismatch"),
+    "htu-carriage-return-in-host": (
+        lambda s: s.proof(claims={"htu": TOKEN_URL.replace("sts.test", "sts.\rtest")}),
+        "dpop.htu_mismatch",
+    ),
+    "htu-leading-nul": (lambda s: s.proof(claims={"htu": "\x00" + TOKEN_URL}), "dpop.htu_mismatch"),
+    "htu-leading-space": (lambda s: s.proof(claims={"htu": " " + TOKEN_URL}), "dpop.htu_mismatch"),
+    "htu-bare-percent": (lambda s: s.proof(claims={"htu": TOKEN_URL + "%"}), "dpop.htu_mismatch"),
     # Step 11: iat within the window (dpop_max_age 300, leeway 30).
     "iat-missing": (lambda s: s.proof(claims={"iat": None}), "dpop.missing_iat"),
     "iat-string": (lambda s: s.proof(claims={"iat": str(int(s.clock.now))}), "dpop.malformed_iat"),
@@ -561,6 +572,81 @@ def test_htu_is_compared_after_normalisation(sts: STS, htu: str) -> None:
     the default port may be written out.  The path stays case-sensitive."""
     assert sts.granted(sts.proof(claims={"htu": htu}))["token_type"] == "DPoP"
     assert_refused(sts, sts.exchange(sts.proof(claims={"htu": STS_ISSUER + "/TOKEN"})), "dpop.htu_mismatch")
+
+
+def _rewritten(key: Key, name: str, change: Callable[[bytes], bytes]) -> dict[str, Any]:
+    """``key``'s public JWK with member ``name`` written from other octets (``change`` of its own)."""
+    jwk = public_jwk(key)
+    raw = base64.urlsafe_b64decode(jwk[name] + "=" * (-len(jwk[name]) % 4))
+    jwk[name] = b64url(change(raw))
+    return jwk
+
+
+def _self_signed(key: Key) -> str:
+    """A self-signed certificate of ``key`` (its private part signs), as an ``x5c`` entry."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "workload")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.private_key.public_key())  # type: ignore[union-attr]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key.private_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode("ascii")
+
+
+_BASE64URL = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+
+
+def _spare_bit_set(text: str) -> str:
+    """``text`` (base64url of 32 octets) with a spare bit of its last character set: the same octets."""
+    return text[:-1] + _BASE64URL[_BASE64URL.index(text[-1]) | 1]
+
+
+#: One key written another way than RFC 7518 allows: each would have been another ``jkt``.
+NON_CANONICAL_JWKS: dict[str, Callable[[], tuple[Key, dict[str, Any]]]] = {
+    "rsa-n-leading-zero": lambda: (RSA_KEY, _rewritten(RSA_KEY, "n", lambda raw: b"\0" + raw)),
+    "rsa-e-leading-zero": lambda: (RSA_KEY, {**public_jwk(RSA_KEY), "e": "AAEAAQ"}),
+    "ec-x-33-octets": lambda: (EC_KEY, _rewritten(EC_KEY, "x", lambda raw: b"\0" + raw)),
+    "ec-y-padded": lambda: (EC_KEY, {**public_jwk(EC_KEY), "y": public_jwk(EC_KEY)["y"] + "="}),
+    # 32 octets are 43 characters whose last carries 2 spare bits: set, they decode alike.
+    "ec-x-spare-bits-set": lambda: (
+        EC_KEY,
+        {**public_jwk(EC_KEY), "x": _spare_bit_set(public_jwk(EC_KEY)["x"])},
+    ),
+    "okp-x-33-octets": lambda: (OKP_KEY, _rewritten(OKP_KEY, "x", lambda raw: raw + b"\0")),
+    "x5c-of-another-key": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x5c": [_self_signed(EC_OTHER)]}),
+    "x5c-not-a-certificate": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x5c": ["AAAA"]}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(NON_CANONICAL_JWKS))
+def test_a_proof_key_is_written_one_way_only(sts: STS, variant: str) -> None:
+    """RFC 7518 §2 (Base64urlUInt in the fewest octets), §6.2.1.2 (full-size coordinates), RFC 7515
+    §2 (base64url without padding), RFC 7517 §4.7 (``x5c`` holds the key): the ``jkt`` a token is
+    bound to names one key, the one a resource server's thumbprint of it gives."""
+    key, jwk = NON_CANONICAL_JWKS[variant]()
+    if variant == "ec-x-spare-bits-set":
+        assert jwk["x"] != public_jwk(EC_KEY)["x"]
+        written = base64.urlsafe_b64decode(jwk["x"] + "=")
+        assert written == base64.urlsafe_b64decode(public_jwk(EC_KEY)["x"] + "=")
+    assert_refused(sts, sts.exchange(sts.proof(key, header={"jwk": jwk})), "dpop.malformed_jwk")
+
+
+def test_a_proof_key_with_its_own_certificate_is_bound_by_its_thumbprint(sts: STS) -> None:
+    jwk = {**public_jwk(EC_KEY), "x5c": [_self_signed(EC_KEY)]}
+    token = sts.granted(sts.proof(EC_KEY, header={"jwk": jwk}))["access_token"]
+    assert sts.claims(token)["cnf"] == {"jkt": thumbprint(jwk)}
 
 
 def test_typ_is_a_media_type(sts: STS) -> None:

@@ -400,6 +400,12 @@ ADAPTER_REFUSALS = {
     # reached the application, and a token was issued for one without Host).
     "no Host": (b"POST /token HTTP/1.1\r\nX-Request-Id: caller-42\r\nContent-Length: 3\r\n\r\nabc", 400),
     "two Host lines": (b"GET /healthz HTTP/1.1\r\n" + _HOST + b"Host: other\r\n\r\n", 400),
+    # RFC 9110 §8.3: one media type (the application read the last of two, a proxy may read the first).
+    "two Content-Type lines": (
+        b"GET /.well-known/oauth-authorization-server HTTP/1.1\r\n" + _HOST + b"Content-Type: text/plain\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n",
+        400,
+    ),
     "invalid Host": (
         b"GET /healthz HTTP/1.1\r\n" + _HOST.replace(b"sts", b"sts b/c") + b"X-Request-Id: caller-42\r\n\r\n",
         400,

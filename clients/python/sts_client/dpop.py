@@ -64,6 +64,8 @@ DPOP_TYP: Final = "dpop+jwt"
 MAX_PROOF_BYTES: Final = 8 * 1024
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+#: A URI or IRI as written: no space, no control character (RFC 3986 §2, RFC 3987 §2.2).
+_PRINTABLE_URI = re.compile(r"[^\x00-\x20\x7f-\x9f]+")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -287,7 +289,9 @@ def check_proof(
     if htu_parts.query or htu_parts.fragment or "?" in htu or "#" in htu:
         raise InvalidDPoPProof("dpop.htu_has_query")
     try:
-        same = normalise_htu(htu) == normalise_htu(url)
+        # A space or a control character makes it no URI (RFC 3986 §2), though urlsplit drops tabs
+        # and line breaks and strips leading ones: such an htu names nothing.
+        same = _PRINTABLE_URI.fullmatch(htu) is not None and normalise_htu(htu) == normalise_htu(url)
     except ValueError:
         same = False
     if not same:
