@@ -49,6 +49,7 @@ import contextlib
 import json
 import os
 import pstats
+import resource
 import secrets
 import socket
 import statistics
@@ -196,6 +197,7 @@ def worker(args: argparse.Namespace) -> None:
 
             profiler = cProfile.Profile()
             profiler.enable()
+        switches = _switches()
         wall, cpu = time.perf_counter(), time.process_time()
         if args.threads > 1 and not args.in_flight:
             from concurrent.futures import ThreadPoolExecutor
@@ -205,6 +207,7 @@ def worker(args: argparse.Namespace) -> None:
         else:
             failed = run(measured)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        switches = _switches() - switches
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile_out)
@@ -212,9 +215,16 @@ def worker(args: argparse.Namespace) -> None:
         "cpu_us": cpu / len(measured) * 1e6,
         "wall_us": wall / len(measured) * 1e6,
         "failed": failed,
+        "switches": switches / len(measured),
         "package": str(Path(str(sts.__file__)).parent),
     }
     print(json.dumps(result))
+
+
+def _switches() -> int:
+    """Context switches of this process so far, voluntary and not (every thread's)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def _served_runner(served: Any, in_flight: int) -> Callable[[list[tuple[_Scope, bytes]]], int]:
@@ -391,6 +401,7 @@ def _run_processes(
     return {
         "cpu_us": statistics.mean(r["cpu_us"] for r in results),
         "wall_us": max(r["wall_us"] for r in results) / args.processes,
+        "switches": statistics.mean(r["switches"] for r in results),
         "failed": 0,
         "package": results[0]["package"],
     }
@@ -500,7 +511,7 @@ def main() -> None:
                 runs[label].append(result["cpu_us"])
                 print(
                     f"round {round_number} {label:12} {result['cpu_us']:7.0f} µs CPU per request "
-                    f"({result['wall_us']:.0f} µs wall)",
+                    f"({result['wall_us']:.0f} µs wall, {result['switches']:.1f} context switches)",
                     flush=True,
                 )
         if args.rounds:
