@@ -6,7 +6,8 @@ import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask
+from flask import Flask, request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..adapters.metrics import Metrics
 from ..core.token_status import TokenStatus
@@ -52,6 +53,7 @@ def build_flask_app(
     app.extensions["sts"] = runtime
     trusted = tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
     responses.install(app, trusted_proxies=trusted)
+    app.before_request(_as_routed)
     tracing_http.install(app, runtime.tracing)
     metrics_http.install(app, metrics.observe_request)
     # An issuer with a path: the endpoints its metadata names live under that path too
@@ -98,3 +100,16 @@ def build_flask_app(
     # Outermost: a chunked body is read (at most the cap) before either path sees it.
     app.wsgi_app = BodyLimit(served, settings.max_body_bytes)  # type: ignore[method-assign]
     return app
+
+
+def _as_routed() -> None:
+    """Refuse what Werkzeug's routing matched only by reading the request loosely: it strips every
+    leading slash of the path (``//token`` is matched as ``/token``: here it is not found, as any
+    unknown path) and upper-cases the method (RFC 9110 §9.1: a method is case-sensitive, so
+    ``post`` is not ``POST``: ``405`` with the methods the path serves, as for any other)."""
+    if request.url_rule is None:
+        return  # not routed: Werkzeug's own 404 or 405 follows
+    if request.environ.get("PATH_INFO", "").startswith("//"):
+        raise NotFound()
+    if request.environ.get("REQUEST_METHOD") != request.method:
+        raise MethodNotAllowed(valid_methods=sorted(request.url_rule.methods or ()))

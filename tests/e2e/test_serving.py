@@ -433,11 +433,18 @@ def test_requests_the_server_accepts_reach_the_application_and_get_json(served: 
         (b"GET /healthz HTTP/1.0\r\n\r\n", 200),
         (b"GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n", 200),
         (b"GET /healthz HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n", 200),
+        # Werkzeug matched these by stripping leading slashes and upper-casing the method.
+        (b"POST //token HTTP/1.1\r\n" + _HOST + b"Content-Length: 3\r\n\r\nabc", 404),
+        (b"GET ///healthz HTTP/1.1\r\n" + _HOST + b"\r\n", 404),
+        (b"post /token HTTP/1.1\r\n" + _HOST + b"Content-Length: 3\r\n\r\nabc", 405),
+        (b"head /.well-known/jwks.json HTTP/1.1\r\n" + _HOST + b"\r\n", 405),
     ):
         status, headers, body = _response(_raw(served, request))
         assert status == expected, request
         assert headers["content-type"] == "application/json" and headers["x-request-id"]
         json.loads(body)
+        if status == 405:
+            assert "POST" in headers["allow"] or "GET" in headers["allow"]
 
 
 def test_a_header_name_with_an_underscore_is_not_read_as_its_dashed_twin(served: Served) -> None:
