@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import pstats
@@ -184,6 +185,9 @@ def worker(args: argparse.Namespace) -> None:
             return failed
 
         run = _served_runner(served, args.in_flight) if args.in_flight else direct
+        # As a worker of ``sts serve`` does once the application is built (sts.serving.WorkerApp).
+        gc.collect()
+        gc.freeze()
         run(requests[: args.warmup])
         measured = requests[args.warmup :]
         if args.go:
@@ -197,7 +201,7 @@ def worker(args: argparse.Namespace) -> None:
 
             profiler = cProfile.Profile()
             profiler.enable()
-        switches = _switches()
+        switches, collections = _switches(), sum(g["collections"] for g in gc.get_stats())
         wall, cpu = time.perf_counter(), time.process_time()
         if args.threads > 1 and not args.in_flight:
             from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +212,7 @@ def worker(args: argparse.Namespace) -> None:
             failed = run(measured)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         switches = _switches() - switches
+        collections = sum(g["collections"] for g in gc.get_stats()) - collections
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile_out)
@@ -216,6 +221,7 @@ def worker(args: argparse.Namespace) -> None:
         "wall_us": wall / len(measured) * 1e6,
         "failed": failed,
         "switches": switches / len(measured),
+        "collections": collections / len(measured),
         "package": str(Path(str(sts.__file__)).parent),
     }
     print(json.dumps(result))
@@ -402,6 +408,7 @@ def _run_processes(
         "cpu_us": statistics.mean(r["cpu_us"] for r in results),
         "wall_us": max(r["wall_us"] for r in results) / args.processes,
         "switches": statistics.mean(r["switches"] for r in results),
+        "collections": statistics.mean(r["collections"] for r in results),
         "failed": 0,
         "package": results[0]["package"],
     }
@@ -511,7 +518,8 @@ def main() -> None:
                 runs[label].append(result["cpu_us"])
                 print(
                     f"round {round_number} {label:12} {result['cpu_us']:7.0f} µs CPU per request "
-                    f"({result['wall_us']:.0f} µs wall, {result['switches']:.1f} context switches)",
+                    f"({result['wall_us']:.0f} µs wall, {result['switches']:.1f} context switches, "
+                    f"{result['collections']:.2f} collections)",
                     flush=True,
                 )
         if args.rounds:
