@@ -79,6 +79,12 @@ class SqlAuditSink:
                 self._processors[column.name] = processor
         # The record is stored as its canonical JSON text, the text its hash covers.
         self._processors.pop("record", None)
+        #: Each converted column's position among ``_columns``, and its conversion.
+        self._conversions = [
+            (index, self._processors[name])
+            for index, name in enumerate(self._columns)
+            if name in self._processors
+        ]
         self._sql_by_size: dict[int, str] = {}
         p = self._raw.placeholder
         # Table and column names are constants of this module; values are parameters.
@@ -339,11 +345,11 @@ class SqlAuditSink:
     def _params(self, batch: list[PendingRow]) -> list[Any]:
         params: list[Any] = []
         for item in batch:
-            row = item.row
-            for name in self._columns:
-                value = row.get(name)
-                convert = self._processors.get(name)
-                params.append(convert(value) if convert is not None and value is not None else value)
+            values = list(map(item.row.get, self._columns))  # (one call per row, not per column)
+            for index, convert in self._conversions:
+                if values[index] is not None:
+                    values[index] = convert(values[index])
+            params += values
         return params
 
     def _commit(self, batch: list[PendingRow]) -> None:
