@@ -209,7 +209,7 @@ def _walk(
     start: ChainStart, links: Iterator[StoredLink], pins: list[tuple[int, str]], report: TrailReport
 ) -> None:
     chain_id = start.chain_id
-    seq, prev, count = start.anchor_seq, start.anchor_hash, 0
+    seq, prev, count, last_id = start.anchor_seq, start.anchor_hash, 0, 0
     if not HASH.fullmatch(prev):
         report.broken.append(BrokenLink(chain_id, seq, None, "the chain's anchor hash is malformed (edited)"))
         return
@@ -243,7 +243,12 @@ def _walk(
             return broken(link, "hash does not match the record (the record was edited)")
         if link.column_mismatch is not None:
             return broken(link, f"column {link.column_mismatch} differs from the record (edited)")
-        seq, prev, count = link.seq, link.hash, count + 1
+        if link.record_id <= last_id:
+            # The hash does not cover the row's id, but its chain's writer inserted the records
+            # in seq order: an id out of that order was changed, which moves the record in the
+            # timeline, out of an export's time window, or past pruning.
+            return broken(link, f"id {link.record_id} is not after the id of seq {seq} ({last_id}): moved")
+        seq, prev, count, last_id = link.seq, link.hash, count + 1, link.record_id
         if seq in wanted:
             seen_at[seq] = prev
     head = ChainHead(seq, prev, count)

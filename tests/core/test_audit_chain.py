@@ -470,6 +470,28 @@ def test_two_writer_processes_verify_and_every_kind_of_tampering_is_detected(
     assert (link.seq, link.record_id) == (3, victim["id"])
     assert "prev_hash is not the hash of the record before it" in link.problem
 
+    # A record's id changed (the hash does not cover it): a query by time window (its ids) or the
+    # timeline would no longer find it there, nor would pruning, which takes the lowest ids.
+    def renumber(conn: Any, row: dict[str, Any], new_id: int) -> None:
+        conn.execute(update(events).where(events.c.id == row["id"]).values(id=new_id))
+
+    link = tampered(
+        lambda conn: renumber(conn, victim, 10**9),
+        lambda conn: conn.execute(update(events).where(events.c.id == 10**9).values(id=victim["id"])),
+    )
+    assert (link.seq, link.record_id) == (4, after["id"])
+    assert f"is not after the id of seq 3 ({10**9}): moved" in link.problem
+
+    # Two records' ids swapped: each keeps its place in the chain, the timeline shows them reordered.
+    def swap_ids(conn: Any) -> None:
+        renumber(conn, victim, -7)
+        renumber(conn, after, victim["id"])
+        conn.execute(update(events).where(events.c.id == -7).values(id=after["id"]))
+
+    link = tampered(swap_ids, swap_ids)
+    assert (link.seq, link.record_id) == (4, victim["id"])
+    assert "moved" in link.problem
+
 
 def test_a_chain_whose_records_are_all_deleted_or_never_registered_is_detected(engine: Engine) -> None:
     sink_a, sink_b = SqlAuditSink(engine), SqlAuditSink(engine)
