@@ -62,7 +62,7 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, FORM, JWT_TYPE, STS_ISSUER, exchange_form
 from tests.support.clock import Clock
-from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_encoded
+from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, self_signed_x5c, sign_encoded
 from tests.support.postgres import PgSchema
 from tests.support.redis_server import url_of
 
@@ -582,29 +582,6 @@ def _rewritten(key: Key, name: str, change: Callable[[bytes], bytes]) -> dict[st
     return jwk
 
 
-def _self_signed(key: Key) -> str:
-    """A self-signed certificate of ``key`` (its private part signs), as an ``x5c`` entry."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
-
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "workload")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.private_key.public_key())  # type: ignore[union-attr]
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key.private_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode("ascii")
-
-
 _BASE64URL = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
 
 
@@ -625,7 +602,7 @@ NON_CANONICAL_JWKS: dict[str, Callable[[], tuple[Key, dict[str, Any]]]] = {
         {**public_jwk(EC_KEY), "x": _spare_bit_set(public_jwk(EC_KEY)["x"])},
     ),
     "okp-x-33-octets": lambda: (OKP_KEY, _rewritten(OKP_KEY, "x", lambda raw: raw + b"\0")),
-    "x5c-of-another-key": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x5c": [_self_signed(EC_OTHER)]}),
+    "x5c-of-another-key": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x5c": self_signed_x5c(EC_OTHER)}),
     "x5c-not-a-certificate": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x5c": ["AAAA"]}),
 }
 
@@ -644,7 +621,7 @@ def test_a_proof_key_is_written_one_way_only(sts: STS, variant: str) -> None:
 
 
 def test_a_proof_key_with_its_own_certificate_is_bound_by_its_thumbprint(sts: STS) -> None:
-    jwk = {**public_jwk(EC_KEY), "x5c": [_self_signed(EC_KEY)]}
+    jwk = {**public_jwk(EC_KEY), "x5c": self_signed_x5c(EC_KEY)}
     token = sts.granted(sts.proof(EC_KEY, header={"jwk": jwk}))["access_token"]
     assert sts.claims(token)["cnf"] == {"jkt": thumbprint(jwk)}
 

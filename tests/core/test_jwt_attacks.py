@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime as dt
 import hashlib
 import hmac
 import json
@@ -29,10 +28,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc import jwe, jwt
@@ -47,7 +44,13 @@ from sts.errors import InvalidRequest
 from sts.settings import Settings
 from tests.conftest import DEFAULT_POLICY, FORM, JWT_TYPE, STS_ISSUER, exchange_form, settings_for
 from tests.support.clock import Clock
-from tests.support.crafted_jose import NOT_UTF8, KeySetServer, rsa_key_with_exponent_3, sign_encoded
+from tests.support.crafted_jose import (
+    NOT_UTF8,
+    KeySetServer,
+    rsa_key_with_exponent_3,
+    self_signed_x5c,
+    sign_encoded,
+)
 
 DEPLOY_AUDIENCE = "https://deploy.example.com"
 DEPLOY_SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -150,25 +153,6 @@ def weak_rsa_key() -> RSAKey:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return RSAKey.import_key(pem, {"kid": "weak-1024", "use": "sig", "alg": "RS256"})
-
-
-def self_signed_x5c(key: RSAKey | ECKey) -> list[str]:
-    """An attacker's self-signed certificate for ``key``, as an ``x5c`` header value (kept small)."""
-    private = key.private_key
-    assert isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")])
-    start = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(private.public_key())
-        .serial_number(1)
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=1))
-        .sign(private, hashes.SHA256())
-    )
-    return [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")]
 
 
 @pytest.fixture

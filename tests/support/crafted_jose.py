@@ -12,13 +12,16 @@ loopback by :class:`KeySetServer`.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import threading
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from joserfc.jwk import Key, RSAKey
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from joserfc.jwk import ECKey, Key, RSAKey
 from joserfc.jws import JWSRegistry
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
@@ -97,3 +100,22 @@ class KeySetServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def self_signed_x5c(key: RSAKey | ECKey) -> list[str]:
+    """An attacker's self-signed certificate for ``key``, as an ``x5c`` header value (kept small)."""
+    private = key.private_key
+    assert isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")])
+    start = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=1))
+        .sign(private, hashes.SHA256())
+    )
+    return [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")]
