@@ -137,7 +137,6 @@ def narrow_reexchange(
     subject: VerifiedToken,
     audiences: tuple[str, ...],
     scopes: tuple[str, ...],
-    requested_scopes: tuple[str, ...] | None,
 ) -> tuple[str, ...]:
     """For a token of ours presented again: the result must be within it; returns the scopes to grant."""
     if subject.issuer_name != SELF_ISSUER:
@@ -147,6 +146,8 @@ def narrow_reexchange(
     held_raw = subject.claims.get("scope")
     held = set(held_raw.split()) if isinstance(held_raw, str) else set()
     narrowed = tuple(s for s in scopes if s in held)
-    if requested_scopes and not narrowed:
+    if scopes and not narrowed:
+        # Asked for, or the rule's defaults: a token of no scope must not come of one with scopes
+        # to grant (docs/policies.md, re-exchange: none left is invalid_scope).
         raise InvalidScope("reexchange.scope_not_within_presented_token")
     return narrowed

@@ -511,13 +511,26 @@ def test_reexchange_without_an_actor_keeps_the_whole_chain(sts: STS, depth: int)
 def test_a_foreign_chain_from_an_issuer_trusted_for_delegation_is_carried_over(
     make_sts: Callable[..., STS], upstream: RunningServer
 ) -> None:
-    # Carrying a chain over adds no actor, so the rule's max_depth (1 here) does not apply;
-    # only the service's ceiling does (test_a_chain_beyond_the_global_cap_...).
-    sts = make_sts(policy(max_depth=1), issuers=trusted_for_delegation(upstream))
+    # The carried actors count towards the rule's max_depth (docs/policies.md): 3 fit a rule of 3,
+    # one more actor does not.
+    sts = make_sts(policy(max_depth=3), issuers=trusted_for_delegation(upstream))
     chain = chain_of(3, "https://partner.example")
     assert sts.claims(sts.granted(sts.crafted(act=chain)))["act"] == asserted(chain, sts.issuer.issuer_url)
     resp = sts.exchange(sts.crafted(act=chain), actor=sts.actor(1))
     assert_refused(sts, resp, "invalid_request", "policy.delegation_too_deep")
+
+
+def test_a_carried_chain_deeper_than_the_rule_allows_is_refused_even_without_an_actor(
+    make_sts: Callable[..., STS], upstream: RunningServer
+) -> None:
+    """A rule of one actor at most (the default) must not issue a token holding three, though the
+    request adds none: the limit is on the issued token's chain, earlier actors included."""
+    sts = make_sts(policy(max_depth=1), issuers=trusted_for_delegation(upstream))
+    resp = sts.exchange(sts.crafted(act=chain_of(3, "https://partner.example")))
+    assert_refused(sts, resp, "invalid_request", "policy.delegation_too_deep")
+    # One carried actor is within it.
+    chain = chain_of(1, "https://partner.example")
+    assert sts.claims(sts.granted(sts.crafted(act=chain)))["act"] == asserted(chain, sts.issuer.issuer_url)
 
 
 # -- act from upstream: an assertion we did not verify ----------------------------------------------
@@ -676,10 +689,11 @@ def test_asking_only_for_scopes_not_held_is_invalid_scope(sts: STS) -> None:
 def test_default_scopes_never_widen_a_reexchange(sts: STS) -> None:
     token = sts.granted(sts.subject(), scope="deploy:write")
     resp = sts.exchange(token, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
-    assert resp.status_code == 200, resp.get_json()
-    # The self rule's default (deploy:read) is not held, so nothing is granted, not deploy:read.
-    assert "scope" not in resp.get_json()
-    assert "scope" not in sts.claims(resp.get_json()["access_token"])
+    # The self rule's default (deploy:read) is not held: not deploy:read, and not a token of no
+    # scope either (docs/policies.md: none left is invalid_scope).
+    assert_refused(sts, resp, "invalid_scope", "reexchange.scope_not_within_presented_token")
+    # Asked for what it holds, it is granted that.
+    assert sts.claims(sts.reexchange(token, scope="deploy:write"))["scope"] == "deploy:write"
 
 
 def test_narrowing_is_repeated_at_every_level(sts: STS) -> None:

@@ -314,7 +314,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
                 grant.rule, grant.rate_limit, subject.issuer_name, subject.subject, now, record
             )
         # A re-exchanged token of ours can only be narrowed.
-        scopes = narrow_reexchange(subject, grant.audiences, grant.scopes, request.scopes)
+        scopes = narrow_reexchange(subject, grant.audiences, grant.scopes)
         if len(scopes) != len(grant.scopes):
             record.reasons.append("reexchange.scope_narrowed")
         return grant, scopes

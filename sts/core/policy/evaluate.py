@@ -79,7 +79,11 @@ def _actor_mismatch(rule: Rule, request: PolicyRequest) -> str | None:
         # The hard ceiling holds for every token issued, also for a presented chain carried over.
         return "delegation chain too deep"
     if request.actor is None:
-        return "an actor token is required (delegation only)" if rule.require_actor else None
+        if rule.require_actor:
+            return "an actor token is required (delegation only)"
+        # The chain the subject token carries goes into the issued token as it is: the rule's
+        # limit counts those earlier actors too (docs/policies.md, ``delegation.max_depth``).
+        return "delegation chain too deep" if request.delegation_depth > rule.max_delegation_depth else None
     if not rule.actors:
         return "rule allows no actor"
     if all(m.mismatch(request.actor) is not None for m in rule.actors):

@@ -32,6 +32,11 @@ _OPTIONAL = (
 PULL_REQUEST_EVENTS = frozenset({"pull_request", "pull_request_target"})
 
 
+def _digits(value: str) -> bool:
+    """ASCII decimal digits only (``str.isdigit`` also takes fullwidth, superscript, Arabic-Indic)."""
+    return value.isascii() and value.isdigit()
+
+
 class GitHubActionsProfile:
     name = NAME
 
@@ -44,7 +49,7 @@ class GitHubActionsProfile:
         owner = string_claim(claims, "repository_owner", NAME)
         owner_id = string_claim(claims, "repository_owner_id", NAME)
         assert repository and repository_id and owner and owner_id
-        if not repository_id.isdigit() or not owner_id.isdigit():
+        if not _digits(repository_id) or not _digits(owner_id):
             raise refuse(NAME, "malformed_ids")
         match = _SUB.fullmatch(subject)
         if match is None:

@@ -49,7 +49,7 @@ class GitLabCIProfile:
         for name in ("project_id", "namespace_id"):
             value = claims.get(name)
             # GitLab sends ids as strings; refuse anything else rather than guess.
-            if not isinstance(value, str) or not value.isdigit():
+            if not isinstance(value, str) or not (value.isascii() and value.isdigit()):
                 raise refuse(NAME, f"malformed_{name}")
             facts[name] = value
         if not subject.startswith(f"project_path:{project_path}:"):

@@ -178,6 +178,14 @@ EXAMPLE_CASES: list[tuple[str, str, Callable[[Mint], str], dict[str, str], tuple
         None,
         Refused("invalid_request", "subject_token.gitlab-ci.malformed_project_id"),
     ),
+    (
+        "gitlab-fullwidth-project-id",
+        "gitlab-deploy",
+        lambda m: m.gitlab(project_id="\uff14\uff12\uff14\uff12", **GITLAB_PRODUCTION),
+        {},
+        None,
+        Refused("invalid_request", "subject_token.gitlab-ci.malformed_project_id"),
+    ),
     # spiffe-service.yaml
     (
         "spiffe-billing-writes-ledger",

@@ -90,6 +90,15 @@ def test_github_ids_must_be_strings_of_digits(github_app: Flask, mint: Mint) -> 
         "subject_token.github-actions.malformed_ids",
         audience=DEPLOY,
     )
+    # Digits of other scripts are digits to str.isdigit, not decimal ids (fullwidth, superscript,
+    # Arabic-Indic).
+    for other in ("\uff11\uff12\uff13", "\u00b2", "\u0661\u0662\u0663"):
+        refused(
+            github_app,
+            mint.github(repository_id=other),
+            "subject_token.github-actions.malformed_ids",
+            audience=DEPLOY,
+        )
 
 
 def test_github_pull_request_events_are_exposed_as_is_pull_request(github_app: Flask, mint: Mint) -> None:
