@@ -252,6 +252,31 @@ def test_gitlab_writes_a_dotenv_and_never_prints_the_token(
     assert verified.subject == "project_path:acme/app:ref_type:branch:ref:main"
 
 
+def test_gitlab_dotenv_is_made_private_and_never_written_through_a_link(
+    sts: Sts, upstream: RunningServer, tmp_path: Path
+) -> None:
+    """``--dotenv`` names a file that may be there already: readable by others (0644), it is made
+    0600 before the token goes in; a symbolic link (to a file the job publishes, say) is refused."""
+    env = {"GITLAB_CI": "true", "ID_TOKEN_1": upstream.issuer.gitlab_token(audience=sts.url)}
+    command = ["exchange", "--sts", sts.url, "--audience", DEPLOY, "--id-token-var", "ID_TOKEN_1", "--dotenv"]
+    there = tmp_path / "there.env"
+    there.write_text("OLD=1\nOLDER=2\n")
+    there.chmod(0o644)
+    code, _, err = run([*command, str(there)], env)
+    assert (code, err) == (EXIT_OK, "")
+    assert stat.S_IMODE(there.stat().st_mode) == 0o600
+    assert there.read_text().startswith("STS_TOKEN=") and "OLD" not in there.read_text()
+
+    public = tmp_path / "public.txt"
+    public.write_text("release notes\n")
+    link = tmp_path / "link.env"
+    link.symlink_to(public)
+    env["ID_TOKEN_1"] = upstream.issuer.gitlab_token(audience=sts.url)
+    code, _, err = run([*command, str(link)], env)
+    assert code == EXIT_ENVIRONMENT and "cannot write the dotenv file" in err
+    assert public.read_text() == "release notes\n"
+
+
 def test_gitlab_stale_token_step_up_says_re_run_the_job(
     stepping_up_sts: Sts, upstream: RunningServer, tmp_path: Path
 ) -> None:
@@ -353,6 +378,47 @@ def test_the_wait_the_sts_asks_for_is_said(oidc: OidcEndpoint, tmp_path: Path) -
 
     code, _, err = run_against(busy, tmp_path, oidc)
     assert code == EXIT_UNAVAILABLE and "retry in 12 s" in err
+
+
+@pytest.mark.parametrize(
+    "lifetime", ["Infinity", "1e400", "9" * 400], ids=["infinity", "1e400", "400-digits"]
+)
+def test_a_lifetime_beyond_any_clock_is_taken_as_a_day(
+    oidc: OidcEndpoint, tmp_path: Path, lifetime: str
+) -> None:
+    """``expires_in`` out of every range (a broken STS): the token is handed on, its lifetime capped,
+    rather than the job failing in ``int()`` or ``float()``."""
+
+    def answer() -> Response:
+        body = (
+            '{"access_token": "a.b.c", "token_type": "Bearer", "expires_in": ' + lifetime + ", "
+            '"issued_token_type": "urn:ietf:params:oauth:token-type:access_token"}'
+        )
+        return Response(body, mimetype="application/json")
+
+    code, _, err = run_against(answer, tmp_path, oidc)
+    assert code == EXIT_OK, err
+    outputs = dict(
+        line.partition("=")[::2]
+        for line in (tmp_path / "github_output").read_text().splitlines()
+        if "=" in line
+    )
+    assert outputs["expires_in"] == "86400"
+
+
+def test_a_probation_end_beyond_any_calendar_is_said_as_later(oidc: OidcEndpoint, tmp_path: Path) -> None:
+    def refusal() -> Response:
+        body = {
+            "error": "invalid_grant",
+            "error_description": "drift",
+            "risk": {"decision": "deny", "signals": ["attestation_drift"],
+                     "clears": [{"by": "probation", "exchanges_left": 2, "not_before": 10**20}]},
+        }  # fmt: skip
+        return Response(json.dumps(body), status=400, mimetype="application/json")
+
+    code, _, err = run_against(refusal, tmp_path, oidc)
+    assert code == EXIT_REFUSED, err
+    assert "the last one not before later" in err
 
 
 @pytest.mark.parametrize("granted", [True, False], ids=["granted", "refused"])

@@ -408,6 +408,7 @@ def test_htu_of_an_iri_is_compared_as_its_uri() -> None:
         ({"iat": lambda: time.time() + 120}, "dpop.iat_future"),
         ({"claims": {"ath": ath("some other token")}}, "dpop.ath_mismatch"),
         ({"claims": {"ath": None}}, "dpop.ath_mismatch"),
+        ({"claims": {"ath": "\u00e9" * 43}}, "dpop.ath_mismatch"),  # compare_digest raised on it
         ({"claims": {"jti": None}}, "dpop.jti"),
         ({"claims": {"htu": None}}, "dpop.htm_htu_missing"),
         ({"claims": {"iat": None}}, "dpop.iat_missing"),

@@ -233,6 +233,25 @@ def test_attestation_step_up_from_the_resource_server_renews_and_retries(
     assert fake.subjects_seen == ["stale", "fresh"]
 
 
+def test_a_request_whose_body_was_an_iterator_is_not_sent_again_without_it(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    """A generator's body is read once: a retry would have gone out empty (and been served)."""
+    now = int(time.time())
+    fake.auth_time = lambda subject: now - 600 if subject == "stale" else now
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("stale", "fresh"))
+    body = (part for part in [b'{"release": ', b"42}"])
+    resp = requests.post(
+        f"{resource_server.url}/fresh",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        auth=auth,
+        timeout=5,
+    )
+    assert resp.status_code == 401 and resp.history == []
+    assert fake.subjects_seen == ["stale", "fresh"]  # renewed: the caller's next call uses it
+
+
 def test_invalid_token_renews_once(fake: FakeAuthorizationServer, resource_server: Served) -> None:
     auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s1", "s2"))
     first = requests.get(f"{resource_server.url}/items", auth=auth, timeout=5).json()["jti"]

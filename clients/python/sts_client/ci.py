@@ -27,9 +27,11 @@ reached or is temporarily unavailable (retry).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -173,11 +175,11 @@ def _how_to_confirm(clears: list[dict[str, object]]) -> str:
         elif by == "probation":
             left = clear.get("exchanges_left")
             when = clear.get("not_before")
-            at = (
-                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
-                if isinstance(when, int) and not isinstance(when, bool)
-                else "later"
-            )
+            at = "later"
+            if isinstance(when, int) and not isinstance(when, bool):
+                # A time far beyond any calendar (a broken or hostile answer) stays "later".
+                with contextlib.suppress(OverflowError, OSError, ValueError):
+                    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
             ways.append(
                 f"otherwise it is confirmed after {left} more run(s) with a fresh token, "
                 f"the last one not before {at}"
@@ -217,9 +219,17 @@ def _append(path_value: str | None, variable: str, line: str) -> None:
 
 
 def _write_dotenv(path: Path, line: str) -> None:
+    """Write the token's line to ``path``, mode 0600 (also a file that was there, looser), and
+    never through a symbolic link (another file, perhaps one the job publishes, would hold it)."""
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # (O_NONBLOCK: a FIFO without a reader fails at once instead of hanging the job.)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        descriptor = os.open(path, flags, 0o600)
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise IsADirectoryError(path)  # (a FIFO, a device: not a file to leave a token in)
+            os.fchmod(descriptor, 0o600)  # before anything is written to it
+            handle.truncate()
             handle.write(line)
     except OSError as exc:
         raise _Environment(f"cannot write the dotenv file {path} ({type(exc).__name__})") from None

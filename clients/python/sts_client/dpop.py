@@ -304,7 +304,12 @@ def check_proof(
     # §4.3 (12) / §7.1: ath binds the proof to this access token.
     if access_token is not None:
         ath = claims.get("ath")
-        if not isinstance(ath, str) or not secrets.compare_digest(ath, access_token_hash(access_token)):
+        # (compare_digest refuses str with other than ASCII: such an ath is no hash of ours anyway.)
+        if (
+            not isinstance(ath, str)
+            or not ath.isascii()
+            or not secrets.compare_digest(ath, access_token_hash(access_token))
+        ):
             raise InvalidDPoPProof("dpop.ath_mismatch")
     nonce = claims.get("nonce")
     return CheckedProof(

@@ -97,4 +97,7 @@ class DPoPNonces:
 
     def is_current(self, nonce: str | None, now: float | None = None) -> bool:
         """Whether ``nonce`` is the one :meth:`current` gives now (no fresher one to send)."""
-        return nonce is not None and hmac.compare_digest(nonce, self.current(now))
+        # As bytes: compare_digest raises on a str holding other than ASCII.
+        return nonce is not None and hmac.compare_digest(
+            nonce.encode("utf-8", "surrogatepass"), self.current(now).encode("ascii")
+        )

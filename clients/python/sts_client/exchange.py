@@ -56,6 +56,8 @@ _TOKEN_CHARS = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _SCOPE = re.compile(r"(?:[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*)?")
 #: Used when the STS does not say how long the token lives (RFC 8693 only recommends expires_in).
 _ASSUMED_LIFETIME: Final = 60
+#: The longest lifetime taken from an answer's ``expires_in`` (seconds).
+_MAX_LIFETIME: Final = 86400
 
 
 def origin_of(url: str) -> str:
@@ -222,7 +224,9 @@ class TokenExchangeClient:
             raise StsUnavailable("the STS issued a DPoP-bound token without being asked")
         expires_in = body.get("expires_in")
         lifetime = (
-            int(expires_in)
+            # At most a day: an infinite or 400-digit lifetime from a broken STS is no reason to
+            # keep a token forever (nor to fail in int() or float()).  NaN is not > 0.
+            int(min(expires_in, _MAX_LIFETIME))
             if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0
             else _ASSUMED_LIFETIME
         )

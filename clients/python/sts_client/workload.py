@@ -161,6 +161,11 @@ class StsAuth(WorkloadTokens, AuthBase):
         """Send the request again, once, with ``token`` (and a new proof)."""
         sent = response.request
         position = getattr(sent, "_sts_body_position", None)
+        if position is None and sent.body is not None and not isinstance(sent.body, bytes | str):
+            # A body read from an iterator is gone: sent again, the request would go without it.
+            # The refusal is the answer (the token is renewed: the caller's next call uses it).
+            log.warning("the request is not sent again: its body was an iterator, read once")
+            return response
         if position is not None and sent.body is not None:
             sent.body.seek(position)  # type: ignore[union-attr]
         # Consume and release the refused response, so its connection can be reused.
