@@ -252,7 +252,10 @@ def _encoding_problem(jwk: Mapping[str, Any], kty: str) -> str | None:
         value = jwk.get(name)
         if not isinstance(value, str) or not _BASE64URL.fullmatch(value):
             return f"{name} is not base64url"
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        except ValueError:  # a length no octets have (one character past a multiple of four)
+            return f"{name} is not base64url"
         if _b64(raw) != value:
             return f"{name} is not base64url as written by its octets"
         if kty == "RSA":

@@ -601,6 +601,7 @@ NON_CANONICAL_JWKS: dict[str, Callable[[], tuple[Key, dict[str, Any]]]] = {
         EC_KEY,
         {**public_jwk(EC_KEY), "x": _spare_bit_set(public_jwk(EC_KEY)["x"])},
     ),
+    "ec-x-one-character": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x": "A"}),
     "okp-x-33-octets": lambda: (OKP_KEY, _rewritten(OKP_KEY, "x", lambda raw: raw + b"\0")),
     "x5c-of-another-key": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x5c": self_signed_x5c(EC_OTHER)}),
     "x5c-not-a-certificate": lambda: (EC_KEY, {**public_jwk(EC_KEY), "x5c": ["AAAA"]}),
