@@ -141,7 +141,7 @@ def _import_public_key(entry: object, position: int, set_size: int, source: str)
     use = entry.get("use")
     # SPIFFE bundles mark JWT-SVID signing keys ``use: jwt-svid`` (SPIFFE Trust Domain and
     # Bundle, §4.2.2); ``x509-svid`` and ``enc`` keys never verify a JWT here.
-    if use is not None and use not in SIGNING_USES:
+    if use is not None and (not isinstance(use, str) or use not in SIGNING_USES):
         _skip(source, position, kid, f"use is {quote_untrusted(use)}, not 'sig' (RFC 7517 §4.2)")
         return None
     key_ops = entry.get("key_ops")

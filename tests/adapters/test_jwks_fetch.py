@@ -642,6 +642,9 @@ def test_unsafe_or_malformed_keys_are_skipped_and_logged_by_kid(
             dict(oct_key.as_dict(private=True), kid="k-oct"),
             public_jwk(weak_rsa, kid="k-weak-rsa"),
             public_jwk(ec_keys[1], kid="k-enc", use="enc"),
+            # Not a string: membership in a set raised TypeError (a 500) for the whole key set.
+            public_jwk(ec_keys[1], kid="k-use-list", use=["sig"]),
+            public_jwk(ec_keys[1], kid="k-use-object", use={"a": 1}),
             public_jwk(ec_keys[1], kid="k-ops", key_ops=["encrypt"]),
             truncated,
             off_curve,
@@ -650,14 +653,15 @@ def test_unsafe_or_malformed_keys_are_skipped_and_logged_by_kid(
             "not-an-object",
         )
         assert same_key(keys.key_for("k-good", "ES256"), ec_keys[0])
-        for kid in ("k-private", "k-oct", "k-weak-rsa", "k-enc", "k-ops", "k-malformed", "k-off-curve"):
+        skipped = ("k-private", "k-oct", "k-weak-rsa", "k-enc", "k-use-list", "k-use-object", "k-ops")
+        for kid in (*skipped, "k-malformed", "k-off-curve"):
             for alg in ("ES256", "RS256"):
                 with pytest.raises(UnknownKeyId):
                     keys.key_for(kid, alg)
         # The kid-less key was dropped, so ES256 without a kid still has exactly one candidate.
         assert same_key(keys.key_for(None, "ES256"), ec_keys[0])
 
-    for kid in ("k-private", "k-oct", "k-weak-rsa", "k-enc", "k-ops", "k-malformed", "k-off-curve"):
+    for kid in (*skipped, "k-malformed", "k-off-curve"):
         assert kid in caplog.text, f"no warning names {kid}"
     assert "1024 bits" in caplog.text
     # Key material never reaches the log.
