@@ -18,13 +18,19 @@ grow past the limit).
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import requests
 import urllib3.exceptions
 
-__all__ = ["BodyUnreadable", "read_body"]
+from .request_threads import waiting
+
+__all__ = ["BodyUnreadable", "Outbound", "read_body"]
+
+T = TypeVar("T")
 
 _READ_SIZE: Final = 16 * 1024
 _DIGITS: Final = frozenset("0123456789")
@@ -62,3 +68,46 @@ def read_body(response: requests.Response, *, max_bytes: int, timeout: float) ->
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
         raise BodyUnreadable(f"reading the body failed: {type(exc).__name__}") from None
     return b"".join(chunks)
+
+
+class Outbound:
+    """Runs each outbound HTTP exchange on a helper thread and waits for it at most a deadline.
+
+    :func:`read_body` bounds the body, but not what comes before it: ``requests`` bounds each
+    socket read, so a server that sends its status line and headers a byte (or a header line)
+    a second, or ``100 Continue`` after ``100 Continue``, held the request thread for as long as
+    it liked (an outside audit held ``/token`` for 90 s, and with 8 such requests the whole
+    worker).  Here the caller stops waiting at ``seconds`` and raises :class:`BodyUnreadable`;
+    the helper (a daemon thread: it never holds up the process's exit) ends when the server
+    lets it, each of its reads still bounded by the request's own timeout.  At most ``limit``
+    helpers run at once: while that many hang, further calls fail at once instead of adding
+    threads.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def run(self, call: Callable[[], T], seconds: float) -> T:
+        if not self._slots.acquire(blocking=False):
+            raise BodyUnreadable("earlier requests to this server have not ended")
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                outcome["error"] = exc
+            finally:
+                self._slots.release()
+                done.set()
+
+        threading.Thread(target=work, name="sts-outbound", daemon=True).start()
+        with waiting():  # outside the process: another request runs meanwhile
+            ended = done.wait(seconds)
+        if not ended:
+            raise BodyUnreadable(f"no complete answer within {seconds:.1f}s")
+        if "error" in outcome:
+            raise outcome["error"]
+        result: T = outcome["result"]
+        return result

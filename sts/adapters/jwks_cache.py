@@ -24,6 +24,7 @@ from joserfc.jwk import Key
 from sts.core.ports import KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
 
+from .http_body import Outbound
 from .jwks_acceptance import (
     BadKeySet,
     KeyIndex,
@@ -130,6 +131,8 @@ class HttpJWKS:
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
         self._timeout = float(timeout)
+        #: The fetch's helper thread: one at a time (a server that hangs holds no more than one).
+        self._outbound = Outbound(1)
         self._min_ttl = float(min_ttl)
         self._max_ttl = float(max_ttl)
         self._default_ttl = float(default_ttl)
@@ -242,7 +245,13 @@ class HttpJWKS:
 
     def _fetch(self) -> tuple[KeyIndex, float]:
         """GET the key set; return its index and freshness lifetime, or raise :class:`FetchFailed`."""
-        document = fetch_document(self._session, self._url, timeout=self._timeout, max_bytes=self._max_bytes)
+        document = fetch_document(
+            self._session,
+            self._url,
+            timeout=self._timeout,
+            max_bytes=self._max_bytes,
+            outbound=self._outbound,
+        )
         try:
             index = parse_key_set(document.body, self._algorithms, self._url)
         except BadKeySet as exc:

@@ -17,7 +17,9 @@ A request for the keys, on the wire::
 Redirects are not followed, the body is capped at ``max_bytes`` (read in
 chunks, stopping as soon as it is exceeded), and ``timeout`` bounds the
 connection, each read, and reading the whole body, however slowly the server
-trickles it (:func:`sts.adapters.http_body.read_body`).  What the response
+trickles it (:func:`sts.adapters.http_body.read_body`); the whole answer, status
+line and headers included, must come within twice ``timeout``
+(:class:`sts.adapters.http_body.Outbound`).  What the response
 means for the cache is :mod:`sts.adapters.jwks_cache`'s business.
 """
 
@@ -29,7 +31,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from sts.adapters.http_body import BodyUnreadable, read_body
+from sts.adapters.http_body import BodyUnreadable, Outbound, read_body
 from sts.adapters.tracing import outbound_headers
 from sts.errors import ConfigurationError
 
@@ -88,22 +90,25 @@ class FetchedDocument:
     age: str | None
 
 
-def fetch_document(session: requests.Session, url: str, *, timeout: float, max_bytes: int) -> FetchedDocument:
-    """GET ``url``; return the body and caching headers of a 200, or raise :class:`FetchFailed`."""
-    try:
-        with session.get(
-            url,
-            headers={
-                "Accept": "application/jwk-set+json, application/json",
-                # Asking for no compression keeps max_bytes meaningful.
-                "Accept-Encoding": "identity",
-                # W3C Trace Context: the fetch is part of the request that needed the keys.
-                **outbound_headers(),
-            },
-            timeout=timeout,
-            allow_redirects=False,
-            stream=True,
-        ) as response:
+def fetch_document(
+    session: requests.Session, url: str, *, timeout: float, max_bytes: int, outbound: Outbound | None = None
+) -> FetchedDocument:
+    """GET ``url``; return the body and caching headers of a 200, or raise :class:`FetchFailed`.
+
+    The whole answer, status line and headers included, must arrive within twice ``timeout``
+    (on ``outbound``'s helper thread: see :class:`~sts.adapters.http_body.Outbound`).
+    """
+    headers = {
+        "Accept": "application/jwk-set+json, application/json",
+        # Asking for no compression keeps max_bytes meaningful.
+        "Accept-Encoding": "identity",
+        # W3C Trace Context: the fetch is part of the request that needed the keys.
+        **outbound_headers(),
+    }
+
+    def get() -> FetchedDocument:
+        answer = session.get(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True)
+        with answer as response:
             status = response.status_code
             if 300 <= status < 400:
                 raise FetchFailed(f"HTTP {status} redirect (redirects are not followed)")
@@ -111,6 +116,9 @@ def fetch_document(session: requests.Session, url: str, *, timeout: float, max_b
                 raise FetchFailed(f"HTTP {status}")
             body = read_body(response, max_bytes=max_bytes, timeout=timeout)
             return FetchedDocument(body, response.headers.get("Cache-Control"), response.headers.get("Age"))
+
+    try:
+        return (outbound or Outbound(1)).run(get, 2 * timeout)
     except requests.RequestException as exc:
         raise FetchFailed(f"request failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
     except BodyUnreadable as exc:

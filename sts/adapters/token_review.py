@@ -24,11 +24,13 @@ from typing import Any
 import requests
 
 from ..core.ports import TokenReviewUnavailable
-from .http_body import BodyUnreadable, read_body
+from .http_body import BodyUnreadable, Outbound, read_body
 from .tracing import outbound_headers
 
 PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 _MAX_BYTES = 256 * 1024
+#: Reviews in flight at once per reviewer; while that many hang, more are refused at once (503).
+_CONCURRENT_REVIEWS = 8
 
 
 class HttpTokenReviewer:
@@ -46,6 +48,8 @@ class HttpTokenReviewer:
         self.verify: bool | str = str(ca_file) if ca_file else True
         self.timeout = timeout
         self.session = session or requests.Session()
+        #: Each review's helper thread (see :class:`~sts.adapters.http_body.Outbound`).
+        self._outbound = Outbound(_CONCURRENT_REVIEWS)
 
     def review(self, token: str, audiences: tuple[str, ...]) -> str | None:
         headers = {"Content-Type": "application/json", "Accept": "application/json", **outbound_headers()}
@@ -60,7 +64,8 @@ class HttpTokenReviewer:
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": list(audiences)},
         }
-        try:
+
+        def post() -> bytes:
             with self.session.post(
                 self.url,
                 data=json.dumps(body),
@@ -73,7 +78,11 @@ class HttpTokenReviewer:
                 if response.status_code != 201 and response.status_code != 200:
                     raise TokenReviewUnavailable(f"HTTP {response.status_code}")
                 # Bounded in size and time: a huge or trickled answer must not hold the exchange.
-                content = read_body(response, max_bytes=_MAX_BYTES, timeout=self.timeout)
+                return read_body(response, max_bytes=_MAX_BYTES, timeout=self.timeout)
+
+        try:
+            # The whole answer, status line and headers included, within twice the timeout.
+            content = self._outbound.run(post, 2 * self.timeout)
         except requests.RequestException as exc:
             raise TokenReviewUnavailable(type(exc).__name__) from None
         except BodyUnreadable as exc:

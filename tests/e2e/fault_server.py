@@ -6,6 +6,8 @@ could do to the service that calls it.
 * ``Serve(body, status, headers)``: an ordinary answer;
 * ``Trickle(body, interval)``: the headers at once, then the body one byte every ``interval``
   seconds (a "slow loris": each socket read succeeds, the whole takes forever);
+* ``TrickleHead(interval)``: the status line, then a header line every ``interval`` seconds,
+  never ending the head (each socket read succeeds; no body ever starts);
 * ``Hang()``: accept, read the request, answer nothing until the server stops;
 * ``Reset()``: close the connection without a word.
 
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FaultServer", "Hang", "Reset", "Serve", "Trickle"]
+__all__ = ["FaultServer", "Hang", "Reset", "Serve", "Trickle", "TrickleHead"]
 
 _REASONS = {200: "OK", 201: "Created", 302: "Found", 404: "Not Found", 500: "Internal Server Error"}
 
@@ -44,6 +46,11 @@ class Trickle:
 
 
 @dataclass(frozen=True)
+class TrickleHead:
+    interval: float = 0.05
+
+
+@dataclass(frozen=True)
 class Hang:
     pass
 
@@ -53,7 +60,7 @@ class Reset:
     pass
 
 
-Behaviour = Serve | Trickle | Hang | Reset
+Behaviour = Serve | Trickle | TrickleHead | Hang | Reset
 
 
 def _head(status: int, headers: dict[str, str], length: int) -> bytes:
@@ -104,6 +111,11 @@ class FaultServer:
             return
         if isinstance(behaviour, Hang):
             self._stopping.wait(30)
+            return
+        if isinstance(behaviour, TrickleHead):
+            connection.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not self._stopping.wait(behaviour.interval):
+                connection.sendall(b"X-Pad: a\r\n")
             return
         if isinstance(behaviour, Serve):
             connection.sendall(

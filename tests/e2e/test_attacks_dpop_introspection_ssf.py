@@ -71,7 +71,7 @@ from sts.core.ports import KeysUnavailable, TokenReviewUnavailable
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from tests.conftest import settings_for
-from tests.e2e.fault_server import FaultServer, Hang, Serve, Trickle
+from tests.e2e.fault_server import FaultServer, Hang, Serve, Trickle, TrickleHead
 from tests.e2e.live_sts import serve_sts
 from tests.support.clients_support import Served
 from tests.support.crafted_jose import KeySetServer
@@ -1255,6 +1255,8 @@ BROKEN_JWKS = [
     pytest.param(Serve(b"", status=500), id="http-500"),
     pytest.param(Serve(b"", status=302, headers={"Location": "http://127.0.0.2:9/jwks"}), id="redirect"),
     pytest.param(Trickle(JWK_SET, interval=0.05), id="trickled-slow-loris"),
+    # A header line at a time: each read succeeds, so the read timeout never fired (90 s held).
+    pytest.param(TrickleHead(interval=0.1), id="trickled-headers"),
     pytest.param(Hang(), id="hangs"),
 ]
 
@@ -1280,6 +1282,7 @@ def test_broken_jwks_server_is_keys_unavailable_quickly(behaviour: Any) -> None:
         ),
         pytest.param(Serve(b'{"status": {}, "pad": "' + b"x" * 400_000 + b'"}', status=201), id="huge"),
         pytest.param(Hang(), id="hangs"),
+        pytest.param(TrickleHead(interval=0.1), id="trickled-headers"),
         pytest.param(Serve(b"not json", status=201), id="garbage"),
     ],
 )
