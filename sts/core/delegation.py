@@ -73,18 +73,26 @@ def _actor_entry(actor: VerifiedToken) -> dict[str, Any]:
     return entry
 
 
-def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:
-    """RFC 8693 §4.4: when the subject token says who may act for it, the actor must be one."""
+def may_act_of(subject: VerifiedToken) -> Mapping[str, Any] | None:
+    """The subject token's ``may_act`` (RFC 8693 §4.4), or None; a malformed one (not an object,
+    or naming neither ``sub`` nor ``iss``) is refused whether or not an actor is presented: it is
+    a restriction, and dropped from the issued token it would let a later exchange act freely."""
     may_act = subject.claims.get("may_act")
     if may_act is None:
-        return
-    if not isinstance(may_act, Mapping):
+        return None
+    if not isinstance(may_act, Mapping) or ("sub" not in may_act and "iss" not in may_act):
         raise InvalidRequest("subject_token.malformed_may_act")
+    return may_act
+
+
+def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:
+    """RFC 8693 §4.4: when the subject token says who may act for it, the actor must be one."""
+    may_act = may_act_of(subject)
+    if may_act is None:
+        return
     for claim, value in (("sub", actor.subject), ("iss", actor.issuer)):
         if claim in may_act and may_act[claim] != value:
             raise InvalidRequest("actor_token.not_in_may_act")
-    if "sub" not in may_act and "iss" not in may_act:
-        raise InvalidRequest("subject_token.malformed_may_act")
 
 
 def _asserted_by(act: Mapping[str, Any], issuer: str) -> dict[str, Any]:

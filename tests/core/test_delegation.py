@@ -462,6 +462,17 @@ def test_may_act_naming_the_actor_is_granted(sts: STS, with_iss: bool) -> None:
     assert sts.claims(token)["act"] == nested(sts, 1)
 
 
+@pytest.mark.parametrize(
+    "may_act",
+    [pytest.param(agent(1), id="a-string"), pytest.param({}, id="empty"), pytest.param([], id="a-list")],
+)
+def test_a_malformed_may_act_is_refused_without_an_actor_too(sts: STS, may_act: Any) -> None:
+    """Granted without an actor, the token came out without the restriction (only an object is
+    carried), and a re-exchange of it then let any actor in."""
+    resp = sts.exchange(sts.crafted(may_act=may_act))
+    assert_refused(sts, resp, "invalid_request", "subject_token.malformed_may_act")
+
+
 def test_may_act_without_an_actor_token_is_impersonation(sts: STS) -> None:
     token = sts.granted(sts.crafted(may_act={"sub": agent(1)}))
     claims = sts.claims(token)

@@ -16,7 +16,7 @@ from ...errors import InvalidRequest, TemporarilyUnavailable
 from ...protocol.token_exchange import TokenExchangeRequest
 from ..attest import IssuerDirectory, VerifiedToken, verify_token
 from ..audit import AuditRecord
-from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act
+from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, may_act_of
 from ..introspection import revocation, token_identities
 from ..ports import RevokedTokens, StoreUnavailable, SubjectStateStore, TokenReviewer, TokenReviewUnavailable
 from ..rate_limit import RateLimiter
@@ -88,6 +88,7 @@ class Attestation:
         self.limits.for_identity("token", subject.issuer_name, subject.subject, now, record)
         self._check_not_revoked(subject, "subject_token")
         live_review = self._check_liveness(subject, request.subject_token)
+        may_act_of(subject)  # a malformed one is refused with or without an actor
         actor: VerifiedToken | None = None
         if request.actor_token is not None:
             actor = verify_token(
