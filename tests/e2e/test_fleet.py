@@ -61,6 +61,8 @@ from joserfc.jwk import KeySet
 
 from sts.core.audit import token_hash
 from sts.dev.issuer import DevIssuer
+from sts.http import responses
+from sts.settings.load import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 FLEET = str(REPO / "scripts" / "fleet")
@@ -280,6 +282,10 @@ def test_compose_runs_three_instances_behind_nginx_with_healthchecks_and_restart
                 assert (REPO / "docker" / source).resolve().exists() or source == "../deploy/tls", volume
     for name in ("sts1", "sts2", "sts3"):
         assert re.search(r"/(healthz|readyz)'", services[name]["healthcheck"]["test"][-1])
+        # The secrets come from the operator's environment, each required (never stored in clear).
+        environment = services[name]["environment"]
+        assert "${POSTGRES_PASSWORD:?" in environment["STS_DATABASE_URL"]
+        assert environment["STS_KEY_PASSPHRASE"].startswith("${STS_KEY_PASSPHRASE:?")
     assert services["redis"]["command"] == [
         "redis-server", "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction",
         "--dir", "/data",
@@ -292,6 +298,9 @@ def test_compose_runs_three_instances_behind_nginx_with_healthchecks_and_restart
     assert f"proxy_set_header {settings['mtls_client_cert_header']} $sts_client_cert;" in site
     assert "proxy_set_header X-Forwarded-For $remote_addr;" in site
     assert "ssl_verify_client optional;" in site and "proxy_request_buffering on;" in site
+    # nginx keeps a client's request id by the service's own rule, so both log the same id.
+    kept = re.search(r'map \$http_x_request_id \$sts_request_id \{\s*"~\^(.+?)\$" \$http_x_request_id;', site)
+    assert kept is not None and kept.group(1) == responses._REQUEST_ID.pattern
 
 
 def test_the_image_creates_the_key_directory_and_the_build_context_leaves_secrets_out() -> None:
@@ -301,6 +310,24 @@ def test_the_image_creates_the_key_directory_and_the_build_context_leaves_secret
     assert "HEALTHCHECK" in dockerfile
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".venv", "keys", "var", "deploy/tls", ".git"} <= ignored
+
+
+def test_the_image_sets_no_setting_a_mounted_configuration_would_lose_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """STS_* variables win over the file: set in the image, they silently overrode a mounted
+    configuration (its database_url, keys_dir, port).  The image's defaults are a file instead."""
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    environment = dockerfile.split("ENV ", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"\b(STS_[A-Z_]+)=", environment)) == {"STS_CONFIG", "STS_LOG_FORMAT"}
+    assert "COPY docker/sts.yaml /etc/sts/sts.yaml" in dockerfile
+    for name in [n for n in os.environ if n.startswith("STS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("STS_ISSUER", "https://sts.example.com")
+    image = load_settings(REPO / "docker" / "sts.yaml")
+    assert (image.host, image.port, image.store) == ("0.0.0.0", 8080, "embedded")
+    assert image.database_url == "sqlite:////var/lib/sts/sts.sqlite"
+    assert str(image.keys_dir) == "/var/lib/sts/keys"
 
 
 def test_the_example_configuration_and_policies_are_valid(tmp_path: Path) -> None:
