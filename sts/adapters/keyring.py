@@ -85,6 +85,8 @@ class KeyRing:
         self._passphrase = passphrase
         self._check_interval = check_interval
         self._snapshot: RingView | None = None
+        #: The published view of a snapshot holding retired keys past their publication (see _published).
+        self._published_view: tuple[RingView, RingView] | None = None
         self._last_check = -math.inf
         self._reload_lock = threading.Lock()
 
@@ -134,18 +136,34 @@ class KeyRing:
         """The :class:`sts.core.ports.Signer` of the current ``active`` key."""
         return self._current().signer
 
-    def public_jwks(self) -> dict[str, Any]:
+    def public_jwks(self, now: float | None = None) -> dict[str, Any]:
         """The RFC 7517 §5 JWK Set to serve at ``jwks_uri``.
 
-        Holds the public part of every ``next``, ``active`` and not yet pruned
-        ``retired`` key, each with ``kid`` (RFC 7638 thumbprint), ``alg`` and
-        ``use: "sig"`` (RFC 7517 §4.2-4.5).  The result is a fresh copy.
+        Holds the public part of every ``next``, ``active`` and ``retired`` key, each with
+        ``kid`` (RFC 7638 thumbprint), ``alg`` and ``use: "sig"`` (RFC 7517 §4.2-4.5); with
+        ``now``, a retired key only until its ``publish_until`` (``sts keys prune`` deletes it
+        later).  The result is a fresh copy.
         """
-        return copy.deepcopy(dict(self._current().jwks))
+        return copy.deepcopy(dict(self._published(now).jwks))
 
-    def verification_keys(self) -> KeySet:
+    def verification_keys(self, now: float | None = None) -> KeySet:
         """The published public keys as a joserfc key set, to verify our own tokens."""
-        return KeySet(list(self._current().public_keys))
+        return KeySet(list(self._published(now).public_keys))
+
+    def _published(self, now: float | None) -> RingView:
+        """The ring as published at ``now``: without retired keys past their ``publish_until``,
+        which no valid token of ours was signed by (the JWK Set served, our own tokens verified).
+        ``now`` None: every key the ring holds (checkpoints of the audit trail, signed long ago,
+        are verified with those)."""
+        view = self._current()
+        if now is None or now < view.lapses_at:
+            return view
+        cached = self._published_view
+        if cached is not None and cached[0] is view and now < cached[1].lapses_at:
+            return cached[1]
+        published = view.published_at(now)
+        self._published_view = (view, published)
+        return published
 
     def entries(self) -> list[KeyEntry]:
         """Every key of the ring: active first, then next, then retired (newest first)."""

@@ -10,6 +10,7 @@ against exactly those keys.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class RingView:
     jwks: Mapping[str, Any]
     public_keys: tuple[AsymmetricJWK, ...]
     file_id: FileId
+    #: When the first retired key's publication ends (its ``publish_until``); inf when none does.
+    lapses_at: float = math.inf
 
     @classmethod
     def build(cls, entries: Sequence[KeyEntry], keys: Sequence[AsymmetricJWK], file_id: FileId) -> RingView:
@@ -49,13 +52,38 @@ class RingView:
                 signer = KeySigner(key, entry.kid, entry.alg)
             public_keys.append(public_part(key, kid=entry.kid, alg=entry.alg))
         assert signer is not None  # keyring.json is refused unless it has exactly one active key
+        return cls._of(tuple(entries), signer, tuple(public_keys), file_id)
+
+    @classmethod
+    def _of(
+        cls,
+        entries: tuple[KeyEntry, ...],
+        signer: KeySigner,
+        public_keys: tuple[AsymmetricJWK, ...],
+        file_id: FileId,
+    ) -> RingView:
+        ends = [e.publish_until for e in entries if e.state == "retired" and e.publish_until is not None]
         return cls(
-            entries=tuple(entries),
+            entries=entries,
             signer=signer,
             jwks={"keys": [k.as_dict(private=False) for k in public_keys]},
-            public_keys=tuple(public_keys),
+            public_keys=public_keys,
             file_id=file_id,
+            lapses_at=min(ends, default=math.inf),
         )
+
+    def published_at(self, now: float) -> RingView:
+        """This view without the retired keys whose publication ended by ``now`` (``publish_until``):
+        no token they signed is valid any more, so they verify nothing and leave the JWK Set, also
+        before ``sts keys prune`` deletes them."""
+        if now < self.lapses_at:
+            return self
+        kept = [
+            (entry, key)
+            for entry, key in zip(self.entries, self.public_keys, strict=True)
+            if not (entry.state == "retired" and (entry.publish_until or math.inf) <= now)
+        ]
+        return RingView._of(tuple(e for e, _ in kept), self.signer, tuple(k for _, k in kept), self.file_id)
 
 
 class PublishingRing(Protocol):
@@ -63,7 +91,7 @@ class PublishingRing(Protocol):
 
     def reload_if_changed(self, now: float) -> Any: ...
 
-    def public_jwks(self) -> Mapping[str, Any]: ...
+    def public_jwks(self, now: float | None = None) -> Mapping[str, Any]: ...
 
 
 class OwnTokenKeys:
@@ -81,7 +109,7 @@ class OwnTokenKeys:
 
     def key_for(self, kid: str | None, alg: str) -> Key:
         self._ring.reload_if_changed(self._clock())
-        jwks = self._ring.public_jwks()
+        jwks = self._ring.public_jwks(self._clock())
         kids = tuple(sorted(k["kid"] for k in jwks["keys"]))
         cached = self._cached
         if cached is None or cached[0] != kids:

@@ -36,7 +36,7 @@ def build_flask_app(
 
     def published_jwks() -> dict[str, Any]:
         keyring.reload_if_changed(clock())
-        return keyring.public_jwks()
+        return keyring.public_jwks(clock())
 
     # No static route: the review page serves its stylesheet itself (``/review.css``), and nothing
     # else is a file.

@@ -193,7 +193,12 @@ def test_prune_removes_retired_keys_only_after_publish_until(key_dir: Path) -> N
 
     assert ring.prune(publish_until - 1) == []
     assert (key_dir / f"{old_active}.pem").exists()
-    assert old_active in {k["kid"] for k in ring.public_jwks()["keys"]}
+    assert old_active in {k["kid"] for k in ring.public_jwks(publish_until - 1)["keys"]}
+    # Past its publication, and not yet pruned: the ring holds it, it is no longer published.
+    assert old_active not in {k["kid"] for k in ring.public_jwks(publish_until)["keys"]}
+    assert old_active not in {k.kid for k in ring.verification_keys(publish_until).keys}
+    assert old_active in {k["kid"] for k in ring.public_jwks()["keys"]}  # (checkpoints: every key)
+    assert old_active in {e.kid for e in ring.entries()}
 
     pruned = ring.prune(publish_until)
     assert [e.kid for e in pruned] == [old_active]
