@@ -24,13 +24,20 @@ def config_check(ctx: click.Context) -> None:
     than at the start.  A directory without ``keyring.json`` is reported: the
     first start creates the keys there.
     """
+    import time
+
     from ..adapters.keyring import KeyRing
     from ..adapters.keyring_metadata import METADATA_FILE
-    from ..wiring.trust import build_policy
+    from ..wiring.trust import build_clients, build_issuers, build_policy, build_transmitters
 
     settings = settings_from(ctx)
     try:
         policy = build_policy(settings)
+        # The key sources, as a start builds them: a jwks_file (or a client's inline jwks) is read
+        # and checked now; a jwks_uri only checked as a URL (it is fetched at the first token).
+        build_issuers(settings, time.time)
+        build_transmitters(settings, time.time)
+        build_clients(settings, time.time)
         if (settings.keys_dir / METADATA_FILE).exists():
             # Read-only: create=False never writes a key or keyring.json.
             ring = KeyRing.open(

@@ -314,6 +314,32 @@ def test_config_check_refuses_a_bad_setting(tmp_path: Path, config_path: Path) -
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param('{"keys": [', "not valid JSON", id="not-json"),
+        pytest.param(None, "no usable public signature key", id="only-encryption-keys"),
+    ],
+)
+def test_config_check_reads_a_jwks_file_as_a_start_would(
+    tmp_path: Path, config_path: Path, content: str | None, message: str
+) -> None:
+    """It said "settings ok" for a key file ``sts serve`` refused to start with."""
+    keys = tmp_path / "issuer-keys.json"
+    if content is None:
+        public = ECKey.generate_key("P-256").as_dict(private=False)
+        content = json.dumps({"keys": [dict(public, kid="k1", use="enc")]})
+    keys.write_text(content)
+    config = yaml.safe_load(config_path.read_text())
+    config["issuers"][0].pop("jwks_uri")
+    config["issuers"][0]["jwks_file"] = str(keys)
+    config["issuers"][0]["algorithms"] = ["ES256"]
+    result = _sts(_write_config(tmp_path, config), "config", "check")
+    assert _failed_cleanly(result), result.output
+    assert message in result.output and str(keys) in result.output
+    assert "Traceback" not in result.output
+
+
 def test_config_check_refuses_a_bad_policy(config_path: Path) -> None:
     (config_path.parent / "policies" / "z.yaml").write_text(
         "rules:\n  - name: open\n    issuer: upstream\n    grant: {audiences: [x]}\n"
