@@ -480,9 +480,21 @@ def test_a_certificate_bound_token_through_nginx(fleet: Fleet, tmp_path: Path) -
 
 def test_nginx_answers_its_own_errors_in_json_and_carries_request_ids(fleet: Fleet) -> None:
     client = fleet.session()
-    too_large = client.post(f"{fleet.issuer}/token", data=b"a" * 100_000, timeout=10)
+    too_large = client.post(
+        f"{fleet.issuer}/token?leak=SECRET",
+        data=b"a" * 100_000,
+        headers={"X-Request-Id": "big-1"},
+        timeout=10,
+    )
     assert too_large.status_code == 413 and too_large.json()["error"] == "invalid_request"
     assert too_large.headers["Cache-Control"] == "no-store"
+    # Logged as the request it was (not as nginx's error page, "GET /_sts/error/413"), no query.
+    log = Path(fleet.state["nginx"]["access_log"])
+    deadline = time.monotonic() + 5
+    while not (line := next((x for x in log.read_text().splitlines() if "rid=big-1 " in x), "")):
+        assert time.monotonic() < deadline, "request big-1 not in nginx's access log"
+        time.sleep(0.05)
+    assert '"POST /token" 413 ' in line and "SECRET" not in line
     headers_too_large = client.get(f"{fleet.issuer}/healthz", headers={"X-Big": "a" * 20_000}, timeout=10)
     assert headers_too_large.status_code == 431 and headers_too_large.json()["error"] == "invalid_request"
     plain = direct_session().get(fleet.issuer.replace("https://", "http://") + "/healthz", timeout=10)
