@@ -9,6 +9,7 @@ follows it at once, on the same thread, with no command sent between.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from sts.adapters.redis import client as client_module
 from sts.adapters.redis import key_value
 from sts.adapters.redis.client import Commands, LuaScript, commands, connection_counter
 from sts.adapters.redis.client import connect as connect_redis
@@ -61,6 +63,35 @@ def test_a_thread_that_ends_gives_its_connection_back_to_the_pool(client: redis.
     pool = client.connection_pool
     assert taken[0] in pool._available_connections
     assert taken[0] not in pool._in_use_connections
+
+
+def test_the_connection_check_is_a_wait_too(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's check before a command (a health check's PING, a new connection) is a round trip:
+    it runs inside ``waiting()``, so the request thread's turn goes meanwhile (on a paused Redis it
+    held the turn for the socket timeout)."""
+    inside: list[bool] = []
+    waits = [False]
+
+    @contextlib.contextmanager
+    def waiting() -> Iterator[None]:
+        waits[0] = True
+        try:
+            yield
+        finally:
+            waits[0] = False
+
+    monkeypatch.setattr(client_module, "waiting", waiting)
+    sent = Commands(client)
+    check = sent.pool.ensure_connection
+
+    def recorded(connection: object) -> None:
+        inside.append(waits[0])
+        check(connection)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sent.pool, "ensure_connection", recorded)
+    assert sent(b"PING") == b"PONG"  # the thread's first command: its connection is taken too
+    assert sent(b"PING") == b"PONG"
+    assert inside and all(inside), inside
 
 
 def test_an_error_reply_raises_as_with_the_client(client: redis.Redis) -> None:

@@ -99,21 +99,22 @@ class Commands:
         return sent
 
     def __call__(self, *args: Arg) -> Any:
-        connection = self.connection()
         local = self._local
         local.sent = getattr(local, "sent", 0) + 1
         # (hiredis's stub types the tuple as of one element.)
         packed = (hiredis.pack_command(args),)  # type: ignore[arg-type]
-
-        def send() -> Any:
-            connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
-            return connection.read_response()
-
         with waiting():  # a round trip: another request runs meanwhile
-            # As the pool does at each checkout: a connection the server closed (a restart), or
-            # with a reply nobody read, is made anew before the command is sent.  Also a wait (a
-            # health check's PING, a new connection): on a paused Redis it held the turn 0.5 s.
+            # The thread's first connection is opened here, and, as the pool does at each
+            # checkout, a connection the server closed (a restart) or with a reply nobody read is
+            # made anew before the command is sent: waits too (a handshake, a health check's
+            # PING), which on a paused Redis held the turn for the socket timeout.
+            connection = self.connection()
             self.pool.ensure_connection(connection)
+
+            def send() -> Any:
+                connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                return connection.read_response()
+
             return connection.retry.call_with_retry(send, lambda _error: connection.disconnect())  # type: ignore[no-untyped-call]
 
 
