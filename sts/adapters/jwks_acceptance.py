@@ -6,6 +6,7 @@ Every key set, given in the configuration, read from a file or fetched
 JWK Set published by an issuer must not hold private or symmetric keys, RSA
 keys must have at least 2048 bits (RFC 7518 §3.3, §3.5) and the public
 exponent 65537 (NIST SP 800-56B; see :func:`sts.core.jose.rsa_key_problem`),
+Ed25519 and Ed448 keys must not be of small order (:mod:`sts.core.okp_keys`),
 and a key whose ``use`` is not ``sig`` (RFC 7517 §4.2) or whose ``key_ops``
 lacks ``verify`` (RFC 7517 §4.3) is not a verification key.  A skipped key is
 logged by ``kid``, never by its material.
@@ -31,6 +32,7 @@ from joserfc.errors import InvalidKeyTypeError, JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey
 
 from sts.core.jose import PRIVATE_JWK_MEMBERS, rsa_key_problem
+from sts.core.okp_keys import okp_key_problem
 from sts.core.ports import UnknownKeyId
 from sts.errors import ConfigurationError
 
@@ -154,6 +156,11 @@ def _import_public_key(entry: object, position: int, set_size: int, source: str)
     if kty == "RSA":
         # Measured before import: joserfc only warns about short RSA keys, and accepts any exponent.
         problem = rsa_key_problem(entry)
+        if problem is not None:
+            _skip(source, position, kid, problem)
+            return None
+    if kty == "OKP":
+        problem = okp_key_problem(entry)
         if problem is not None:
             _skip(source, position, kid, problem)
             return None

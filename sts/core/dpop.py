@@ -47,6 +47,7 @@ from .jose import (
     rsa_key_problem,
     verify_compact_signature,
 )
+from .okp_keys import okp_key_problem
 from .ports import ReplayCache, ReplayWindowLost, StoreUnavailable
 
 DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "Ed25519", "EdDSA")
@@ -216,6 +217,8 @@ def _import_key(jwk: dict[str, Any], kty: str) -> tuple[Key, str]:
     # Before the import: a short key or an exponent other than 65537 is refused whatever joserfc
     # would say (it only warns about short keys).
     if kty == "RSA" and (problem := rsa_key_problem(jwk)) is not None:
+        raise _refuse("weak_key", problem)
+    if kty == "OKP" and (problem := okp_key_problem(jwk)) is not None:
         raise _refuse("weak_key", problem)
     if (problem := _encoding_problem(jwk, kty)) is not None:
         raise _refuse("malformed_jwk", problem)

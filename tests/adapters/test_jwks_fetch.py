@@ -646,6 +646,8 @@ def test_unsafe_or_malformed_keys_are_skipped_and_logged_by_kid(
             public_jwk(ec_keys[1], kid="k-use-list", use=["sig"]),
             public_jwk(ec_keys[1], kid="k-use-object", use={"a": 1}),
             public_jwk(ec_keys[1], kid="k-ops", key_ops=["encrypt"]),
+            # The Ed25519 neutral point: a key of small order verifies forged signatures.
+            {"kty": "OKP", "crv": "Ed25519", "x": "AQ" + "A" * 41, "kid": "k-small-order"},
             truncated,
             off_curve,
             public_jwk(ec_keys[1]),  # no kid, in a set of many keys
@@ -653,9 +655,18 @@ def test_unsafe_or_malformed_keys_are_skipped_and_logged_by_kid(
             "not-an-object",
         )
         assert same_key(keys.key_for("k-good", "ES256"), ec_keys[0])
-        skipped = ("k-private", "k-oct", "k-weak-rsa", "k-enc", "k-use-list", "k-use-object", "k-ops")
+        skipped = (
+            "k-private",
+            "k-oct",
+            "k-weak-rsa",
+            "k-enc",
+            "k-use-list",
+            "k-use-object",
+            "k-ops",
+            "k-small-order",
+        )
         for kid in (*skipped, "k-malformed", "k-off-curve"):
-            for alg in ("ES256", "RS256"):
+            for alg in ("ES256", "RS256", "Ed25519"):
                 with pytest.raises(UnknownKeyId):
                     keys.key_for(kid, alg)
         # The kid-less key was dropped, so ES256 without a kid still has exactly one candidate.
@@ -664,6 +675,7 @@ def test_unsafe_or_malformed_keys_are_skipped_and_logged_by_kid(
     for kid in (*skipped, "k-malformed", "k-off-curve"):
         assert kid in caplog.text, f"no warning names {kid}"
     assert "1024 bits" in caplog.text
+    assert "small order" in caplog.text
     # Key material never reaches the log.
     assert str(private_jwk["d"]) not in caplog.text
     assert str(oct_key.as_dict(private=True)["k"]) not in caplog.text

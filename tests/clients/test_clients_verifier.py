@@ -501,6 +501,27 @@ def test_an_rsa_proof_key_needs_exponent_65537(fake: FakeAuthorizationServer) ->
     assert "exponent" in info.value.detail
 
 
+@pytest.mark.parametrize("x", [b"\x01" + bytes(31), bytes(32)], ids=["neutral", "order-4"])
+def test_an_ed25519_proof_key_of_small_order_is_refused(fake: FakeAuthorizationServer, x: bytes) -> None:
+    """A small-order public key verifies a forged signature (R = that point, S = 0; for the neutral
+    point, for every message): such a proof proves possession of no key (RFC 9449 §4.3)."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    jwk = {"crv": "Ed25519", "kty": "OKP", "x": b64(x)}
+    jkt = b64(hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode()).digest())
+    token = fake.mint(jkt=jkt)
+    header = {"typ": "dpop+jwt", "alg": "Ed25519", "jwk": jwk}
+    claims = {"jti": uuid.uuid4().hex, "htm": "POST", "htu": URL, "iat": int(time.time()), "ath": ath(token)}
+    signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
+    forged = signing_input + "." + b64(x + bytes(32))
+    with pytest.raises(InvalidDPoPProof) as info:
+        TokenVerifier(fake.issuer, AUDIENCE).verify("POST", URL, dpop_headers(token, forged))
+    assert info.value.reason == "dpop.jwk_not_public"
+    assert "small order" in info.value.detail
+
+
 def test_symmetric_or_unlisted_proof_algorithms_are_refused(fake: FakeAuthorizationServer) -> None:
     secret = OctKey.generate_key(256)
     token = fake.mint(jkt=secret.thumbprint())

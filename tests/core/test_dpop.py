@@ -562,6 +562,53 @@ def test_a_refused_proof_does_not_become_a_bearer_token(sts: STS) -> None:
     assert sts.app.extensions["sts"].audit.recent(1, outcome="granted") == []
 
 
+def _forged_without_key(sts: STS, curve: str, alg: str, point: bytes) -> str:
+    """A proof whose ``jwk`` is the small-order ``point`` and whose signature is ``R = point`` (for
+    the neutral point, ``R = O``) and ``S = 0``: RFC 8032 verification holds (for the neutral point,
+    for every message), though no private key exists."""
+    jwk = {"kty": "OKP", "crv": curve, "x": b64url(point)}
+    header = {"typ": "dpop+jwt", "alg": alg, "jwk": jwk}
+    claims = {"jti": secrets.token_urlsafe(16), "htm": "POST", "htu": TOKEN_URL, "iat": int(sts.clock.now)}
+    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+    return signing_input + "." + b64url(point + bytes(len(point)))
+
+
+@pytest.mark.parametrize(
+    ("curve", "alg", "point"),
+    [
+        ("Ed25519", "Ed25519", b"\x01" + bytes(31)),  # the neutral point
+        ("Ed25519", "EdDSA", b"\x01" + bytes(31)),
+        ("Ed25519", "Ed25519", bytes(32)),  # order 4
+        (
+            "Ed25519",
+            "Ed25519",
+            bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+        ),
+        ("Ed448", "EdDSA", b"\x01" + bytes(56)),  # the neutral point
+        ("Ed448", "EdDSA", bytes(57)),  # order 4
+    ],
+    ids=[
+        "Ed25519-neutral",
+        "EdDSA-Ed25519-neutral",
+        "Ed25519-order-4",
+        "Ed25519-order-8",
+        "Ed448-neutral",
+        "Ed448-order-4",
+    ],
+)
+def test_a_proof_key_of_small_order_is_refused(sts: STS, curve: str, alg: str, point: bytes) -> None:
+    """RFC 9449 §4.3: the signature must prove possession of the key.  With a small-order public key
+    (RFC 8032 verification, as OpenSSL does it, accepts R = O, S = 0 for the neutral point and
+    every message) it proves nothing: found by an outside audit, where such a proof was granted a
+    bound token, and the token re-exchanged with another forged proof."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SecurityWarning)  # joserfc warns on "EdDSA"
+        record = assert_refused(
+            sts, sts.exchange(_forged_without_key(sts, curve, alg, point)), "dpop.weak_key"
+        )
+    assert "small order" in json.dumps(record)
+
+
 @pytest.mark.parametrize(
     "htu",
     ["HTTPS://STS.TEST/token", "https://sts.test:443/token", "https://STS.Test:443/token"],

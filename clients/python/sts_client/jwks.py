@@ -25,6 +25,7 @@ While the issuer is unreachable the last good set keeps serving for
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
@@ -95,6 +96,43 @@ def key_fits(key: Key, alg: str) -> bool:
     return key.alg is None or key.alg == alg
 
 
+_ED25519_P: Final = 2**255 - 19
+_ED448_P: Final = 2**448 - 2**224 - 1
+#: By curve: the field prime and the y-coordinates of the points of small order (RFC 8032 curves;
+#: libsodium's ``ge25519_has_small_order`` list for Ed25519).  A public key of small order verifies
+#: a forged signature (R a small-order point, S = 0) without any private key: a DPoP proof's
+#: ``jwk`` comes from the sender, so such a key proves nothing (RFC 9449 §4.3).
+_SMALL_ORDER_Y: Final = {
+    "Ed25519": (
+        _ED25519_P,
+        {
+            0,
+            1,
+            _ED25519_P - 1,
+            0x05FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826,
+            0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,
+        },
+    ),
+    "Ed448": (_ED448_P, {0, 1, _ED448_P - 1}),
+}
+
+
+def _okp_problem(entry: Mapping[str, object]) -> str | None:
+    """Why an Ed25519 or Ed448 key must not verify: its ``x`` not a canonical point encoding, or a
+    point of small order (a point and its negation share ``y``, read with the sign bit cleared)."""
+    curve, value = _SMALL_ORDER_Y.get(str(entry.get("crv"))), entry.get("x")
+    if curve is None or not isinstance(value, str):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except ValueError:
+        return None
+    y = int.from_bytes(raw, "little") & ~(1 << (8 * len(raw) - 1))
+    if y >= curve[0]:
+        return "OKP key not canonically encoded"
+    return "OKP key of small order" if y in curve[1] else None
+
+
 def import_public_key(entry: object) -> tuple[Key | None, str]:
     """Import one JWK if it is a well-formed public signature key; else ``(None, why)``.
 
@@ -129,6 +167,8 @@ def import_public_key(entry: object) -> tuple[Key | None, str]:
             e = 0
         if e != RSA_PUBLIC_EXPONENT:
             return None, f"RSA public exponent other than {RSA_PUBLIC_EXPONENT}"
+    if entry.get("kty") == "OKP" and (problem := _okp_problem(entry)) is not None:
+        return None, problem
     try:
         key = JWKRegistry.import_key(entry)
     except (JoseError, ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:
