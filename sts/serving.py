@@ -170,8 +170,15 @@ class WSGIOverRSGI:
             self._error(scope, proto, exc.status, exc.description, close=True)
             return
         except (ConnectionError, RSGIProtocolClosed, RSGIProtocolError):
+            # The client ended its side before the body it announced (a half-close) or hung up:
+            # answered all the same, since after a half-close it may still read (granian sends a
+            # bare 500 for a request left unanswered); to a closed connection nothing is sent.
             log.debug("request body not received: the client closed the connection")
-            return  # nobody to answer
+            with contextlib.suppress(RSGIProtocolClosed, RSGIProtocolError, ConnectionError, RuntimeError):
+                self._error(
+                    scope, proto, 400, "The request body ended before its Content-Length.", close=True
+                )
+            return
         try:
             if self._threads is None:  # called without __rsgi_init__ (not by granian)
                 self._threads = self._request_threads(asyncio.get_running_loop())

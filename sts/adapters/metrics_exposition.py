@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -212,30 +213,79 @@ def metrics_wsgi_app(registry: CollectorRegistry) -> WSGIApplication:
         if environ.get("PATH_INFO") != METRICS_PATH:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"Not found: metrics are at /metrics\n"]
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
             return [b"Method not allowed\n"]
+        if method == "HEAD":
+            # RFC 9110 §9.3.2: GET's status and headers, with the Content-Length GET sends, and no
+            # body (prometheus_client answers HEAD 405, and wsgiref would send a body).
+            answered: list[Any] = []
+            body = b"".join(
+                exposition({**environ, "REQUEST_METHOD": "GET"}, lambda *answer: answered.extend(answer))
+            )
+            status, headers = answered[0], list(answered[1])
+            if not any(name.lower() == "content-length" for name, _ in headers):
+                headers.append(("Content-Length", str(len(body))))
+            start_response(status, headers)
+            return []
         answer: Iterable[bytes] = exposition(environ, start_response)
         return answer
 
     return app
 
 
+#: Connections the listener serves at once (one thread each); more are closed at once.
+MAX_METRICS_CONNECTIONS = 16
+#: Seconds the listener waits for each read of a request before it drops the connection.
+METRICS_READ_TIMEOUT = 5.0
+
+
 class _QuietHandler(WSGIRequestHandler):
-    """No line on stderr per scrape."""
+    """No line on stderr per scrape; a read that waits :data:`METRICS_READ_TIMEOUT` drops the
+    connection (socketserver's ``StreamRequestHandler.timeout``)."""
+
+    timeout = METRICS_READ_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
 
 
 class MetricsServer:
-    """The instance's ``/metrics`` listener: a small threaded HTTP server, in a daemon thread."""
+    """The instance's ``/metrics`` listener: a small threaded HTTP server, in a daemon thread.
+
+    It runs in the ``sts serve`` process that supervises the workers, so it is bounded: at most
+    :data:`MAX_METRICS_CONNECTIONS` connections at once (one thread each; one more is closed at
+    once), each dropped after a read waits :data:`METRICS_READ_TIMEOUT`.  Before, idle or
+    half-sent connections each held a thread and a descriptor of that process for ever."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
 
         class Server(ThreadingWSGIServer):
             address_family = family
+            request_queue_size = 64  # socketserver's 5 drops the handshakes of a burst of scrapers
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], OSError):  # a slow or vanished client is no error
+                    super().handle_error(request, client_address)
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not slots.acquire(blocking=False):
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
 
         self._server: WSGIServer = make_server(
             host, port, metrics_wsgi_app(registry), server_class=Server, handler_class=_QuietHandler

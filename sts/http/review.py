@@ -204,7 +204,7 @@ def blueprint(
 
     def login_page(status: int, message: str = "", target: str | None = None) -> Response:
         token = secrets.token_urlsafe(24)
-        here = request.full_path.rstrip("?") if request.method == "GET" else None
+        here = request.full_path.rstrip("?") if request.method in ("GET", "HEAD") else None
         body = render_template(
             "review/login.html", csrf=token, message=message, next=safe_next(target or here)
         )

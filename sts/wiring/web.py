@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, request
+from flask.globals import request_ctx
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..adapters.metrics import Metrics
@@ -112,4 +113,8 @@ def _as_routed() -> None:
     if request.environ.get("PATH_INFO", "").startswith("//"):
         raise NotFound()
     if request.environ.get("REQUEST_METHOD") != request.method:
-        raise MethodNotAllowed(valid_methods=sorted(request.url_rule.methods or ()))
+        # Every method of every rule of the path, as Werkzeug's own 405 lists (a path may have
+        # several rules: ``/review/login`` has one for GET and one for POST).
+        adapter = request_ctx.url_adapter
+        allowed = adapter.allowed_methods() if adapter is not None else list(request.url_rule.methods or ())
+        raise MethodNotAllowed(valid_methods=sorted(allowed))

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from sts.adapters import metrics_exposition
 from sts.adapters.metrics_exposition import (
     MULTIPROC_ENV,
     ExpositionCollector,
@@ -496,7 +498,55 @@ def test_the_listener_serves_metrics_at_metrics_only(
         assert requests.get(f"{base}/", timeout=5).status_code == 404
         assert requests.get(f"{base}/metrics/x", timeout=5).status_code == 404
         assert requests.post(f"{base}/metrics", timeout=5).status_code == 405
+        # RFC 9110 §9.1, §9.3.2: HEAD is served, with the length GET sends and no body.
+        head = requests.head(f"{base}/metrics", timeout=5)
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["Content-Length"]) > 0
+        assert requests.options(f"{base}/metrics", timeout=5).headers["Allow"] == "GET, HEAD"
     finally:
+        server.stop()
+
+
+def test_the_listener_bounds_its_connections_and_drops_idle_ones(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It runs in the process that supervises the workers: idle or half-sent connections each
+    held a thread there for ever (an outside audit held 300 open)."""
+    monkeypatch.setattr(metrics_exposition._QuietHandler, "timeout", 1.0)
+    metrics = runtime(create_app(make_settings())).metrics
+    assert metrics is not None and metrics.registry is not None
+    registry = exposition_registry(ExpositionCollector(source=metrics.registry))
+    server = MetricsServer("127.0.0.1", 0, registry).start()
+    held: list[socket.socket] = []
+    threads = threading.active_count()
+    try:
+        for _ in range(metrics_exposition.MAX_METRICS_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request
+            held.append(sock)
+        end = time.monotonic() + 0.4  # (before the first of them is dropped)
+        while threading.active_count() < threads + len(held) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert threading.active_count() == threads + len(held)
+        # One more is closed at once: no thread for it.
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert extra.recv(100) == b""
+        extra.close()
+        # The idle ones are dropped after the read timeout, and scrapes are served again.
+        for sock in held:
+            assert sock.recv(100) == b""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).status_code == 200
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
         server.stop()
 
 

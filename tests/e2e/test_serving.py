@@ -320,6 +320,21 @@ def test_a_body_cut_short_never_reaches_the_application(
     assert "whole-1" in seen and "cut-short-1" not in seen
 
 
+def test_a_body_ended_by_a_half_close_is_answered_400(served: Served) -> None:
+    """The client sends part of the body it announced, then ends its side (``shutdown(SHUT_WR)``)
+    and reads: a 400 with a JSON error, not granian's bare 500 for a request left unanswered."""
+    form = b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
+    request = (
+        f"POST /token HTTP/1.1\r\nHost: sts\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(form) + 40}\r\n\r\n"
+    ).encode() + form
+    with served.connect(request) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        status, headers, body = _response(_read_all(sock))
+    assert status == 400, body
+    assert json.loads(body)["error"] == "invalid_request" and headers.get("x-request-id")
+
+
 # -- what malformed HTTP gets --------------------------------------------------------------------
 
 _HOST = b"Host: sts\r\nConnection: close\r\n"

@@ -129,6 +129,24 @@ def test_nothing_without_signing_in(review: Review, path: str) -> None:
         assert secret not in body.replace(f'next" value="{path}"', "").replace(path.replace("&", "&amp;"), "")
 
 
+@pytest.mark.parametrize("path", [*PAGES, "/review/login"])
+def test_head_announces_the_length_get_sends(review: Review, path: str) -> None:
+    """RFC 9110 §9.3.2, §8.6: a HEAD answer's Content-Length is the one GET would send (the sign-in
+    form named the page to return to only for GET, and was 5 to 33 bytes shorter for HEAD)."""
+    got, head = review.web.get(path), review.web.head(path)
+    assert head.status_code == got.status_code and head.get_data() == b""
+    assert head.headers["Content-Length"] == got.headers["Content-Length"]
+
+
+@pytest.mark.parametrize("method", ["get", "post", "FOO"])
+def test_a_method_not_served_lists_every_method_of_the_path(review: Review, method: str) -> None:
+    """RFC 9110 §15.5.6: ``Allow`` names every method of the resource; ``/review/login`` has one rule
+    for GET and one for POST (a lower-case method was answered with the methods of one of them)."""
+    response = review.web.open("/review/login", method=method)
+    assert response.status_code == 405
+    assert {m.strip() for m in response.headers["Allow"].split(",")} >= {"GET", "HEAD", "POST"}
+
+
 def test_sign_in_sets_a_strict_session_cookie_and_goes_where_asked(review: Review) -> None:
     response = review.sign_in(target="/review/timeline?outcome=refused")
     assert response.status_code == 303
