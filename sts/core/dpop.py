@@ -218,10 +218,10 @@ def _import_key(jwk: dict[str, Any], kty: str) -> tuple[Key, str]:
     # would say (it only warns about short keys).
     if kty == "RSA" and (problem := rsa_key_problem(jwk)) is not None:
         raise _refuse("weak_key", problem)
-    if kty == "OKP" and (problem := okp_key_problem(jwk)) is not None:
-        raise _refuse("weak_key", problem)
     if (problem := _encoding_problem(jwk, kty)) is not None:
         raise _refuse("malformed_jwk", problem)
+    if kty == "OKP" and (problem := okp_key_problem(jwk)) is not None:
+        raise _refuse("weak_key", problem)
     try:
         key = JWKRegistry.import_key(dict(jwk))
     except (JoseError, ValueError, TypeError, KeyError) as exc:
