@@ -57,5 +57,9 @@ def build_metadata(settings: Settings, policy: PolicySet) -> dict[str, Any]:
         "revocation_endpoint_auth_signing_alg_values_supported": assertion_algs,
         "service_documentation": "https://github.com/workload-sts/workload-sts#readme",
     }
+    if settings.mtls_client_cert_header:
+        # RFC 8705 §3.3: tokens are bound to the client certificate a trusted proxy forwards
+        # (``cnf.x5t#S256``); left out, the member means false.
+        metadata["tls_client_certificate_bound_access_tokens"] = True
     # RFC 8414 §3.2: "Claims with zero elements MUST be omitted from the response."
     return {name: value for name, value in metadata.items() if value != []}

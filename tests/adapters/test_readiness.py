@@ -32,6 +32,7 @@ import requests
 import yaml
 from flask import Flask
 from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import OperationalError
 
 from sts.adapters.readiness import DatabaseSchema, Readiness, sql_store_check, wait_for_schema
 from sts.adapters.sql.engines import PoolOptions, make_engine
@@ -549,6 +550,12 @@ def test_a_sqlite_file_deleted_or_replaced_under_the_process_is_not_ready(
     # Nor is a token granted: its audit record and its use would go into files no one can open.
     refused = gateway_exchange(client, ledger_token(upstream))
     assert refused.status_code == 503 and refused.get_json()["error"] == "temporarily_unavailable"
+    if change == "file-deleted":
+        # Nor does a connection opened now make a new, empty file in its place (one did, with the
+        # process's umask: 0644, and a restart then started on it).
+        with pytest.raises(OperationalError):
+            app_runtime(app).engine.connect().close()
+        assert not path.exists()
 
 
 def test_a_lock_held_on_the_audit_table_is_not_ready(make_app: Callable[..., Flask]) -> None:

@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from psycopg.errors import QueryCanceled
 
-from sts.adapters.sql.deadline import DeadlinePassed, StatementDeadlines
+from sts.adapters.sql.deadline import TRIAL_WAIT, DeadlinePassed, StatementDeadlines
 from sts.adapters.sql.engines import PoolOptions, make_engine
 from sts.adapters.sql.statements import RawStatement
 from sts.dev.issuer import RunningServer
@@ -238,3 +238,49 @@ def test_concurrent_grants_under_a_lock_are_refused_together_and_their_tokens_st
             assert gateway_exchange(app.test_client(), token).status_code == 200
     finally:
         locker.dispose()
+
+
+def test_statements_arriving_while_one_tries_a_silent_server_wait_for_its_outcome() -> None:
+    """After an outage, the first statement tries the server; a burst arriving with it was refused
+    at once, though the server had long been back (an outside fault campaign: 3 of 16 requests
+    refused 503 while ``/readyz`` said ready).  Now they wait for its outcome, briefly."""
+    now = [100.0]
+    deadlines = StatementDeadlines(5, clock=lambda: now[0])
+    deadlines.heard_nothing()  # silent until 105
+    with pytest.raises(DeadlinePassed):
+        deadlines.admit()  # within the silence: at once
+    outcomes: list[str] = []
+
+    def admit() -> None:
+        try:
+            deadlines.admit()
+            outcomes.append("admitted")
+        except DeadlinePassed:
+            outcomes.append("refused")
+
+    def meanwhile(report: Callable[[], None]) -> None:
+        waiting = threading.Thread(target=admit)
+        waiting.start()
+        time.sleep(0.05)
+        assert waiting.is_alive(), "a statement arriving during the trial waits for its outcome"
+        report()
+        waiting.join(2)
+
+    now[0] = 106
+    deadlines.admit()  # this one tries the server
+    meanwhile(deadlines.answered)
+    assert outcomes == ["admitted"]
+    deadlines.admit()  # no longer silent: nothing to wait for
+
+    deadlines.heard_nothing()
+    now[0] = 112
+    deadlines.admit()  # the next trial
+    meanwhile(deadlines.heard_nothing)  # the server is still silent: the one waiting fails
+    assert outcomes == ["admitted", "refused"]
+
+    now[0] = 118
+    deadlines.admit()  # a trial that does not report: the others fail after TRIAL_WAIT
+    started = time.monotonic()
+    with pytest.raises(DeadlinePassed):
+        deadlines.admit()
+    assert TRIAL_WAIT - 0.05 < time.monotonic() - started < TRIAL_WAIT + 1

@@ -106,6 +106,19 @@ def test_bound_only_through_a_trusted_proxy_and_re_exchanged_over_the_same_cert(
     assert same.status_code == 200, same.get_json()
 
 
+def test_the_metadata_says_tokens_are_certificate_bound_when_they_can_be(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """RFC 8705 §3.3: ``tls_client_certificate_bound_access_tokens``, false when left out."""
+    path = "/.well-known/oauth-authorization-server"
+    plain = create_app(make_settings(POLICY)).test_client().get(path).get_json()
+    assert "tls_client_certificate_bound_access_tokens" not in plain
+    bound = create_app(
+        make_settings(POLICY, trusted_proxies=["10.0.0.0/8"], mtls_client_cert_header="X-Client-Cert")
+    )
+    assert bound.test_client().get(path).get_json()["tls_client_certificate_bound_access_tokens"] is True
+
+
 def test_introspection_of_a_certificate_bound_token_is_bearer(
     make_settings: Callable[..., Settings], upstream: RunningServer
 ) -> None:

@@ -68,6 +68,9 @@ class _Watched:
 #: Seconds a statement let through to try a silent server (:meth:`StatementDeadlines.admit`) holds
 #: the others off at most, should it never report (its connection and deadline end it far sooner).
 PROBE_LIMIT = 60.0
+#: Seconds a statement waits for the outcome of another one trying a silent server before it fails:
+#: a server back since answers that one in milliseconds, and the statements of a burst go on.
+TRIAL_WAIT = 0.25
 
 
 class _Watch:
@@ -113,6 +116,8 @@ class StatementDeadlines:
         self._running = 0
         #: Until when statements fail at once: the server answered nothing (see :meth:`admit`).
         self._silent_until = 0.0
+        #: A statement let through by :meth:`admit` is trying the silent server.
+        self._trying = False
         _INSTANCES.add(self)
 
     def admit(self) -> None:
@@ -121,7 +126,10 @@ class StatementDeadlines:
         raise :class:`DeadlinePassed` at once, instead of letting each statement wait out a
         deadline of its own (or a new connection its ``connect_timeout``).  Once every
         ``seconds``, one statement is let through to try the server; its outcome ends the silence
-        (:meth:`answered`) or renews it (:meth:`heard_nothing`).  One that never reports stops
+        (:meth:`answered`) or renews it (:meth:`heard_nothing`).  Statements arriving meanwhile
+        wait for that outcome up to :data:`TRIAL_WAIT` seconds: after an outage the first burst
+        of requests went on, but for the one trying, refused, though the server had long been
+        back (and ``/readyz``, on another worker, said so).  One that never reports stops
         holding the others off after :data:`PROBE_LIMIT` seconds."""
         if not self._silent_until:
             return
@@ -129,19 +137,33 @@ class StatementDeadlines:
             now = self._clock()
             if not self._silent_until:
                 return
-            if now < self._silent_until:
-                raise DeadlinePassed("PostgreSQL answered nothing a moment ago: not tried again yet")
-            self._silent_until = now + PROBE_LIMIT  # this one tries; the others wait for its outcome
+            if now >= self._silent_until:
+                self._silent_until = now + PROBE_LIMIT  # this one tries; the others wait for its outcome
+                self._trying = True
+                return
+            if self._trying:
+                end = time.monotonic() + TRIAL_WAIT
+                while self._silent_until and self._trying and (left := end - time.monotonic()) > 0:
+                    self._changed.wait(left)
+                if not self._silent_until:
+                    return
+            raise DeadlinePassed("PostgreSQL answered nothing a moment ago: not tried again yet")
 
     def heard_nothing(self) -> None:
         """The server answered nothing: statements fail at once for the next ``seconds``."""
         if self.seconds > 0:
-            self._silent_until = self._clock() + self.seconds
+            with self._changed:
+                self._silent_until = self._clock() + self.seconds
+                self._trying = False
+                self._changed.notify_all()
 
     def answered(self) -> None:
         """The server answered in time (a result, or an error of its own): it is not silent."""
         if self._silent_until:
-            self._silent_until = 0.0
+            with self._changed:
+                self._silent_until = 0.0
+                self._trying = False
+                self._changed.notify_all()
 
     def watch(self, connection: Any) -> contextlib.AbstractContextManager[None]:
         """Watch what runs on psycopg connection ``connection`` inside the block; raises
@@ -211,6 +233,7 @@ class StatementDeadlines:
     def _forked(self) -> None:
         """In a forked child: the parent's thread, lock holder and statements are not this process's."""
         self._changed = threading.Condition()
+        self._trying = False
         self._watched.clear()
         self._running = 0
 

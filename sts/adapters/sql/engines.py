@@ -18,6 +18,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,7 +99,18 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
         # busy_timeout 0: SQLite's own busy handler sleeps 1 ms, then 2, 5, 10... on any lock
         # collision between worker processes, though a write holds the lock for ~30 us.
         # The callers retry instead, with sleeps of a tenth of a millisecond upward.
-        engine = create_engine(url, connect_args={"timeout": 0, "check_same_thread": False})
+        database = url.removeprefix("sqlite:///")
+        if database not in ("", ":memory:") and not database.startswith("file:"):
+            # Every connection after this start opens the file as it is (SQLite's ``mode=rw``,
+            # https://www.sqlite.org/uri.html): one deleted under the process is not made again,
+            # empty and with the process's umask (an outside audit found a new 0644 file a
+            # second after deleting it), and the process stays not ready until a restart.
+            opened = "file:" + urllib.parse.quote(str(Path(database).absolute())) + "?mode=rw"
+            engine = create_engine(
+                url, creator=lambda: sqlite3.connect(opened, timeout=0, check_same_thread=False, uri=True)
+            )
+        else:
+            engine = create_engine(url, connect_args={"timeout": 0, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
