@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -1395,3 +1396,41 @@ def test_allows_anonymous_is_found_once_from_the_rules(
     assert policy.allows_anonymous is anonymous
     object.__setattr__(policy, "rules", ())  # the rules are not walked again
     assert policy.allows_anonymous is anonymous
+
+
+# -- patterns: RE2, linear time ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["subject_pattern", "claim"])
+def test_a_pattern_prone_to_backtracking_matches_in_linear_time(where: str) -> None:
+    """``v([0-9]+\\.?)+`` over ``v`` and 26 digits and a ``!``: Python's backtracking engine spent
+    3.5 s of CPU holding the worker's every request (an outside audit; 2 more digits, 4 times as
+    long).  RE2 answers in microseconds, and the pattern still matches what it should."""
+    pattern = r"repo:acme/app:ref:refs/tags/v([0-9]+\.?)+"
+    rule = (
+        _rule(subject_pattern=pattern)
+        if where == "subject_pattern"
+        else _rule(subject=MAIN, claims={"ref": {"pattern": r"refs/tags/v([0-9]+\.?)+"}})
+    )
+    policy = _compile(rule)
+    hostile = "repo:acme/app:ref:refs/tags/v" + "1" * 26 + "!"
+    token = _facts(hostile) if where == "subject_pattern" else _facts(MAIN, ref=hostile.split(":ref:")[1])
+    started = time.process_time()
+    with pytest.raises(InvalidRequest):
+        evaluate(policy, token, _request())
+    assert time.process_time() - started < 0.1
+    good = "repo:acme/app:ref:refs/tags/v1.22.3"
+    token = _facts(good) if where == "subject_pattern" else _facts(MAIN, ref="refs/tags/v1.22.3")
+    assert evaluate(policy, token, _request()).rule == "r"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"(a+)\1", r"repo:(?=acme).*", r"repo:(?<!x)acme", r"repo:a++"],
+    ids=["backreference", "lookahead", "lookbehind", "possessive"],
+)
+def test_a_pattern_outside_re2_is_refused_at_load(pattern: str) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"subject_pattern: invalid regular expression \(RE2 syntax\)"
+    ):
+        _compile(_rule(subject_pattern=pattern))

@@ -6,7 +6,6 @@ All frozen: built once by :mod:`.compile`, read by :mod:`.evaluate`.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from ..assurance import Requirement
 from ..attest import VerifiedToken
 from ..rate_limit import Limit
 from ..risk import RiskSettings
-from .matching import ClaimMatcher, IdentityMatcher
+from .matching import ClaimMatcher, IdentityMatcher, Pattern
 
 DEFAULT_MAX_LIFETIME = 300
 #: The hard ceiling on delegation chains, whatever a rule says (RFC 8693 §4.1 nested ``act``).
@@ -28,7 +27,7 @@ class Rule:
     source: str
     issuer: str
     subject: str | None = None
-    subject_pattern: re.Pattern[str] | None = None
+    subject_pattern: Pattern | None = None
     claims: tuple[ClaimMatcher, ...] = ()
     facts: tuple[ClaimMatcher, ...] = ()
     condition: Any = None  # a compiled cel.Program
