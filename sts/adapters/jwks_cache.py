@@ -60,6 +60,11 @@ class _CacheState:
     last_error: str | None = None
 
 
+#: Callers of one key source that may wait for its fetch under way at once (with the one fetching,
+#: half of a worker's default 8 request threads).
+MAX_WAITERS = 3
+
+
 class HttpJWKS:
     """An issuer's keys from its ``jwks_uri``, cached and refreshed on demand.
 
@@ -99,6 +104,14 @@ class HttpJWKS:
 
     ``on_fetch(ok, usable_keys)`` is told of every fetch attempt once it is over
     (the metrics): whether it succeeded, and how many usable keys the cache holds.
+
+    A caller with no usable key waits for the fetch under way, but at most ``max_waiters`` of
+    them at once (:data:`MAX_WAITERS`, with the fetching one half a worker's 8 request threads);
+    one more is refused at once (:class:`KeysUnavailable`, answered ``503``, to retry).  Each
+    waiter holds a request thread for up to the fetch's bound: tokens naming new ``kid`` values
+    of a slow key server (an issuer's in an outage, or a client's own ``jwks_uri``) held every
+    request thread of a worker for 3 s at each refetch, stalling every other client's request
+    (an outside audit).  None: no bound.
     """
 
     def __init__(
@@ -116,6 +129,7 @@ class HttpJWKS:
         clock: Callable[[], float] = time.time,
         max_bytes: int = 512 * 1024,
         on_fetch: Callable[[bool, int], None] | None = None,
+        max_waiters: int | None = MAX_WAITERS,
     ) -> None:
         validate_jwks_url(url)
         self._url = url
@@ -143,6 +157,8 @@ class HttpJWKS:
         self._on_fetch = on_fetch
         self._lock = threading.Lock()
         self._state = _CacheState()
+        #: Callers that may still wait for a fetch under way (see the class; None: any number).
+        self._wait_slots = threading.BoundedSemaphore(max_waiters) if max_waiters is not None else None
 
     @property
     def url(self) -> str:
@@ -203,8 +219,17 @@ class HttpJWKS:
         """
         if self._rate_limited(seen, self._clock()):
             return self._state
-        if not self._lock.acquire(blocking=wait):
-            return self._state  # Another thread is fetching; serve the stale set meanwhile.
+        if not self._lock.acquire(blocking=False):
+            if not wait:
+                return self._state  # Another thread is fetching; serve the stale set meanwhile.
+            slots = self._wait_slots
+            if slots is not None and not slots.acquire(blocking=False):
+                raise KeysUnavailable(f"{self._url}: the key set is being fetched; retry")
+            try:
+                self._lock.acquire()
+            finally:
+                if slots is not None:
+                    slots.release()
         try:
             state = self._state
             if state.attempts != seen.attempts:

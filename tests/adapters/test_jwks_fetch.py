@@ -27,7 +27,7 @@ from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 
 from sts.adapters.jwks import FileJWKS, StaticJWKS
-from sts.adapters.jwks_cache import HttpJWKS
+from sts.adapters.jwks_cache import MAX_WAITERS, HttpJWKS
 from sts.adapters.jwks_fetch import validate_jwks_url
 from sts.core.ports import IssuerKeys, KeysUnavailable, UnknownKeyId
 from sts.errors import ConfigurationError
@@ -289,8 +289,8 @@ def test_concurrent_callers_share_one_request(
     issuer: Issuer, make_jwks: Callable[..., HttpJWKS], ec_keys: list[ECKey], cold: bool
 ) -> None:
     # refetch_interval=0 so that only single-flight, not the rate limit,
-    # can keep the 20 callers from each fetching.
-    jwks = make_jwks(refetch_interval=0)
+    # can keep the 20 callers from each fetching (any number may wait for it here).
+    jwks = make_jwks(refetch_interval=0, max_waiters=None)
     if not cold:
         issuer.serve(public_jwk(ec_keys[0], kid="k1"))
         jwks.key_for("k1", "ES256")
@@ -325,7 +325,7 @@ def test_concurrent_callers_with_an_unknown_kid_share_one_request(
     issuer: Issuer, make_jwks: Callable[..., HttpJWKS], ec_keys: list[ECKey]
 ) -> None:
     issuer.serve(public_jwk(ec_keys[0], kid="k1"))
-    jwks = make_jwks(refetch_interval=0)
+    jwks = make_jwks(refetch_interval=0, max_waiters=None)  # any number may wait for the fetch here
     jwks.key_for("k1", "ES256")
     issuer.serve(public_jwk(ec_keys[0], kid="k1"), delay=0.3)
 
@@ -493,6 +493,40 @@ def test_unreachable_issuer_raises_keys_unavailable(make_jwks: Callable[..., Htt
     jwks = make_jwks(url=f"http://127.0.0.1:{unused_port()}/jwks")
     with pytest.raises(KeysUnavailable, match="ConnectionError"):
         jwks.key_for("k1", "ES256")
+
+
+def test_only_a_few_callers_wait_for_a_slow_fetch_and_the_others_are_refused_at_once(
+    issuer: Issuer, make_jwks: Callable[..., HttpJWKS], ec_keys: list[ECKey]
+) -> None:
+    """Each caller waiting for a fetch holds a request thread: tokens naming new ``kid`` values of a
+    slow key server held every thread of a worker for the fetch's 3 s (an outside audit).  One
+    fetches, MAX_WAITERS wait, the rest are refused at once, to retry."""
+    issuer.serve(public_jwk(ec_keys[0], kid="k1"), delay=0.6)
+    jwks = make_jwks(refetch_interval=0)
+    barrier = threading.Barrier(8)
+    outcomes: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        barrier.wait()
+        started = time.monotonic()
+        try:
+            jwks.key_for("k1", "ES256")
+            outcome = "key"
+        except KeysUnavailable:
+            outcome = "unavailable"
+        with lock:
+            outcomes.append((outcome, time.monotonic() - started))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    keys = [took for outcome, took in outcomes if outcome == "key"]
+    refused = [took for outcome, took in outcomes if outcome == "unavailable"]
+    assert len(keys) == 1 + MAX_WAITERS and len(refused) == 8 - 1 - MAX_WAITERS
+    assert max(refused) < 0.3 < min(keys)
 
 
 def test_slow_issuer_times_out(
