@@ -30,7 +30,9 @@ from .tracing import outbound_headers
 PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 _MAX_BYTES = 256 * 1024
 #: Reviews in flight at once per reviewer; while that many hang, more are refused at once (503).
-_CONCURRENT_REVIEWS = 8
+#: Half of a worker's default 8 request threads: an API server that hangs holds no more of them
+#: (as a key set's fetch, sts/adapters/jwks_cache.py).
+_CONCURRENT_REVIEWS = 4
 
 
 class HttpTokenReviewer:

@@ -36,6 +36,7 @@ import base64
 import http.client
 import json
 import secrets
+import threading
 import time
 import uuid
 import warnings
@@ -1294,6 +1295,31 @@ def test_broken_token_review_api_is_unavailable_quickly(behaviour: Any) -> None:
         with pytest.raises(TokenReviewUnavailable):
             reviewer.review("token", ("https://sts.test",))
         assert time.monotonic() - started < 1.5
+
+
+def test_a_hanging_token_review_api_holds_at_most_half_the_request_threads() -> None:
+    """Each review waiting on an API server that hangs holds a request thread: at most 4 wait (of a
+    worker's 8 threads); the rest are refused at once."""
+    with FaultServer(Hang()) as server:
+        reviewer = HttpTokenReviewer(server.url, timeout=0.3)
+        outcomes: list[float] = []
+        lock = threading.Lock()
+
+        def review() -> None:
+            started = time.monotonic()
+            with pytest.raises(TokenReviewUnavailable):
+                reviewer.review("token", ("https://sts.test",))
+            with lock:
+                outcomes.append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=review) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.01)  # in order: the first ones hold the slots
+        for thread in threads:
+            thread.join(5)
+        waited = [took for took in outcomes if took >= 0.3]
+        assert len(outcomes) == 8 and len(waited) == 4, sorted(outcomes)
 
 
 def test_resource_server_fetch_from_a_trickling_sts_ends_quickly() -> None:
