@@ -63,6 +63,8 @@ class _CacheState:
 #: Callers of one key source that may wait for its fetch under way at once (with the one fetching,
 #: half of a worker's default 8 request threads).
 MAX_WAITERS = 3
+#: Seconds a caller beyond :data:`MAX_WAITERS` waits for the fetch under way before it is refused.
+BRIEF_WAIT = 0.5
 
 
 class HttpJWKS:
@@ -105,13 +107,14 @@ class HttpJWKS:
     ``on_fetch(ok, usable_keys)`` is told of every fetch attempt once it is over
     (the metrics): whether it succeeded, and how many usable keys the cache holds.
 
-    A caller with no usable key waits for the fetch under way, but at most ``max_waiters`` of
-    them at once (:data:`MAX_WAITERS`, with the fetching one half a worker's 8 request threads);
-    one more is refused at once (:class:`KeysUnavailable`, answered ``503``, to retry).  Each
-    waiter holds a request thread for up to the fetch's bound: tokens naming new ``kid`` values
-    of a slow key server (an issuer's in an outage, or a client's own ``jwks_uri``) held every
-    request thread of a worker for 3 s at each refetch, stalling every other client's request
-    (an outside audit).  None: no bound.
+    A caller with no usable key waits for the fetch under way; up to ``max_waiters`` of them
+    (:data:`MAX_WAITERS`, with the fetching one half a worker's 8 request threads) as long as the
+    fetch may take, any more only :data:`BRIEF_WAIT` seconds, then it is refused
+    (:class:`KeysUnavailable`, answered ``503``, to retry).  Each waiter holds a request thread:
+    tokens naming new ``kid`` values of a slow key server (an issuer's in an outage, or a
+    client's own ``jwks_uri``) held every request thread of a worker for 3 s at each refetch,
+    stalling every other client's request (an outside audit), while a burst at a cold start
+    still shares one quick fetch.  None: any number wait as long as the fetch.
     """
 
     def __init__(
@@ -224,12 +227,16 @@ class HttpJWKS:
                 return self._state  # Another thread is fetching; serve the stale set meanwhile.
             slots = self._wait_slots
             if slots is not None and not slots.acquire(blocking=False):
-                raise KeysUnavailable(f"{self._url}: the key set is being fetched; retry")
-            try:
-                self._lock.acquire()
-            finally:
-                if slots is not None:
-                    slots.release()
+                # Enough threads wait for this fetch: one more waits only as long as a key server
+                # that answers takes (a burst at a cold start shares the fetch), not the fetch's bound.
+                if not self._lock.acquire(timeout=BRIEF_WAIT):
+                    raise KeysUnavailable(f"{self._url}: the key set is being fetched; retry")
+            else:
+                try:
+                    self._lock.acquire()
+                finally:
+                    if slots is not None:
+                        slots.release()
         try:
             state = self._state
             if state.attempts != seen.attempts:
