@@ -63,7 +63,8 @@ class _CacheState:
 #: Callers of one key source that may wait for its fetch under way at once (with the one fetching,
 #: half of a worker's default 8 request threads).
 MAX_WAITERS = 3
-#: Seconds a caller beyond :data:`MAX_WAITERS` waits for the fetch under way before it is refused.
+#: Seconds into a fetch until which callers beyond :data:`MAX_WAITERS` wait for it too; later
+#: ones are refused at once.
 BRIEF_WAIT = 0.5
 
 
@@ -109,8 +110,8 @@ class HttpJWKS:
 
     A caller with no usable key waits for the fetch under way; up to ``max_waiters`` of them
     (:data:`MAX_WAITERS`, with the fetching one half a worker's 8 request threads) as long as the
-    fetch may take, any more only :data:`BRIEF_WAIT` seconds, then it is refused
-    (:class:`KeysUnavailable`, answered ``503``, to retry).  Each waiter holds a request thread:
+    fetch may take, any more only until the fetch is :data:`BRIEF_WAIT` seconds old, then they
+    are refused (:class:`KeysUnavailable`, answered ``503``, to retry).  Each waiter holds a request thread:
     tokens naming new ``kid`` values of a slow key server (an issuer's in an outage, or a
     client's own ``jwks_uri``) held every request thread of a worker for 3 s at each refetch,
     stalling every other client's request (an outside audit), while a burst at a cold start
@@ -160,6 +161,8 @@ class HttpJWKS:
         self._on_fetch = on_fetch
         self._lock = threading.Lock()
         self._state = _CacheState()
+        #: When the fetch under way started (``time.monotonic()``).
+        self._fetch_started = 0.0
         #: Callers that may still wait for a fetch under way (see the class; None: any number).
         self._wait_slots = threading.BoundedSemaphore(max_waiters) if max_waiters is not None else None
 
@@ -227,9 +230,10 @@ class HttpJWKS:
                 return self._state  # Another thread is fetching; serve the stale set meanwhile.
             slots = self._wait_slots
             if slots is not None and not slots.acquire(blocking=False):
-                # Enough threads wait for this fetch: one more waits only as long as a key server
-                # that answers takes (a burst at a cold start shares the fetch), not the fetch's bound.
-                if not self._lock.acquire(timeout=BRIEF_WAIT):
+                # Enough threads wait for this fetch: one more waits only while the fetch is young
+                # (a burst at a cold start shares a quick fetch), never for a slow fetch's bound.
+                left = self._fetch_started + BRIEF_WAIT - time.monotonic()
+                if left <= 0 or not self._lock.acquire(timeout=left):
                     raise KeysUnavailable(f"{self._url}: the key set is being fetched; retry")
             else:
                 try:
@@ -244,6 +248,7 @@ class HttpJWKS:
             now = self._clock()
             if self._rate_limited(state, now):
                 return state
+            self._fetch_started = time.monotonic()
             fetched: tuple[KeyIndex, float] | None = None
             error = "unexpected error while fetching"
             try:

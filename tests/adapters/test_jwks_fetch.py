@@ -529,6 +529,26 @@ def test_only_a_few_callers_wait_for_a_slow_fetch_and_the_others_are_refused_at_
     assert min(refused) > BRIEF_WAIT - 0.05 and max(refused) < BRIEF_WAIT + 0.3 < 1.2 < min(keys)
 
 
+def test_a_caller_beyond_the_waiters_of_a_fetch_older_than_the_brief_wait_is_refused_at_once(
+    issuer: Issuer, make_jwks: Callable[..., HttpJWKS], ec_keys: list[ECKey]
+) -> None:
+    """So a stream of tokens naming new ``kid`` values holds no more threads than MAX_WAITERS and
+    the fetching one for a slow fetch's whole bound, beyond its first BRIEF_WAIT."""
+    issuer.serve(public_jwk(ec_keys[0], kid="k1"), delay=1.5)
+    jwks = make_jwks(refetch_interval=0)
+    waiting = [threading.Thread(target=lambda: jwks.key_for("k1", "ES256")) for _ in range(1 + MAX_WAITERS)]
+    for thread in waiting:
+        thread.start()
+    time.sleep(BRIEF_WAIT + 0.2)
+    started = time.monotonic()
+    with pytest.raises(KeysUnavailable, match="being fetched"):
+        jwks.key_for("k1", "ES256")
+    assert time.monotonic() - started < 0.1
+    for thread in waiting:
+        thread.join(5)
+    assert same_key(jwks.key_for("k1", "ES256"), ec_keys[0])
+
+
 def test_slow_issuer_times_out(
     issuer: Issuer, make_jwks: Callable[..., HttpJWKS], ec_keys: list[ECKey]
 ) -> None:
