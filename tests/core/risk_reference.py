@@ -483,7 +483,10 @@ def assess_exchange(
     state = state or SubjectState()
     cfg = grant.risk or EVENTS_ONLY
     posture_claims = posture[0] if posture else None
-    posture_ok = posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
+    # Changed since the copy, on purpose (an outside audit): a posture a security event declared
+    # bad outweighs a posture token's and a live review, as in the stale_posture signal.
+    declared_bad = state.posture is not None and state.posture not in cfg.posture_good
+    posture_ok = not declared_bad and posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
     presented_key = key_state(keys, baseline.confirmed_keys())
     shown = frozenset(
         ([EVIDENCE_POP] if presented_key == KEY_CONTINUES else [])
@@ -522,7 +525,10 @@ def assess_exchange(
         acr = observed.claims.get("acr")
         carried = acr if isinstance(acr, str) else ""
     evidence = Evidence(
-        key=presented_key, posture_token=posture_ok, live_review=parties.live_review, carried=carried
+        key=presented_key,
+        posture_token=posture_ok,
+        live_review=parties.live_review and not declared_bad,
+        carried=carried,
     )
     details = {
         "mode": cfg.mode if grant.risk else "events",

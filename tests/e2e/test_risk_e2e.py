@@ -296,6 +296,25 @@ def test_recent_failures_accumulate_from_refusals_and_then_fire(make_sts: Callab
     assert sts.fired() == []
 
 
+def test_recent_failures_count_for_a_subject_longer_than_the_record_keeps(
+    make_sts: Callable[..., STS],
+) -> None:
+    """The record keeps 500 characters of the subject; refusals were counted under that cut
+    subject, an identity nobody reads, so a long branch name never fired recent_failures (an
+    outside audit)."""
+    ref = "refs/heads/" + "b" * 530
+    subject = f"repo:acme/app:ref:{ref}"
+    sts = make_sts(policy({**rule(risk={"max_failures": 3, "failure_window": 600}), "subject": subject}))
+    for _ in range(3):
+        resp = sts.exchange(sts.token(ref=ref), audience="https://elsewhere.example.com")
+        assert resp.get_json()["error"] == "invalid_target"
+        sts.clock.now += 10
+    assert sts.runtime.baselines is not None
+    assert len(sts.runtime.baselines.load(f"upstream|{subject}").failures) == 3
+    assert sts.granted(sts.token(ref=ref), scope="deploy:read")["expires_in"] == 210
+    assert sts.fired() == ["recent_failures"]
+
+
 def test_baselines_on_both_stores(make_sts: Callable[..., STS], store: dict[str, Any]) -> None:
     sts = make_sts(policy(rule(risk={})), **store)
     sts.learn()
@@ -562,6 +581,41 @@ def test_a_separately_presented_posture_token_feeds_stale_posture(
     other = exchange(posture_token("compliant", sub="repo:evil/app:ref:refs/heads/main"))
     assert other.status_code == 400
     assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1] == "posture_token.subject_mismatch"
+
+
+def test_a_posture_declared_bad_by_a_security_event_outweighs_a_good_posture_token(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """docs/policies.md: a posture asserted by a security event takes precedence over the token's.
+    The signal said so, but the assurance evidence still counted the compliant posture token (an
+    outside audit got ``acr:posture`` after a CAEP ``not-compliant``)."""
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    policy = {"version": 1, "rules": [{
+        "name": "posture", "issuer": "upstream", "subject": subject_name,
+        "require_client_authentication": False,
+        "risk": {"posture_fact": "device_posture", "weights": {"stale_posture": 10}},
+        "grant": {"audiences": ["https://deploy.example.com"]},
+    }]}  # fmt: skip
+    app = create_app(make_settings(policy))
+    web = app.test_client()
+    now = time.time()
+    claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
+              "iat": int(now), "exp": int(now + 300), "device_posture": "compliant"}  # fmt: skip
+
+    def evidence() -> dict[str, Any]:
+        form = exchange_form(
+            upstream.issuer.github_actions_token(audience=STS_ISSUER, now=now),
+            audience="https://deploy.example.com",
+        )
+        form["posture_token"] = upstream.issuer.mint(claims)
+        assert web.post("/token", data=form).status_code == 200
+        found: dict[str, Any] = app.extensions["sts"].audit.recent(1)[0]["details"]["assurance"]["evidence"]
+        return found
+
+    assert evidence()["posture_token"] is True
+    states = app.extensions["sts"].subject_states
+    states.put(f"upstream|{subject_name}", SubjectState(posture="not-compliant"), 600)
+    assert evidence()["posture_token"] is False
 
 
 def test_posture_evidence_comes_only_from_an_issuer_that_speaks_for_the_subject(

@@ -80,6 +80,7 @@ from ..ports import (
     UsesNotClaimed,
 )
 from ..rate_limit import NO_LIMITS, RateLimiter
+from ..subject_state import identity_key
 from .attestation import Attestation, Parties
 from .binding import ProofUses, check_binding, check_certificate_binding, verify_request_proof
 from .issue import mint_exchanged_token, record_grant, token_lifetime
@@ -99,6 +100,12 @@ class PendingWrites:
     proofs: ProofUses
     uses: list[SingleUse] = field(default_factory=list)
     baseline: BaselineUpdate | None = None
+    #: The verified subject's identity (:func:`~sts.core.subject_state.identity_key`), under which
+    #: a refusal counts towards its recent_failures (the record's subject is cut to 500 characters).
+    identity: str | None = None
+
+    def verified(self, subject: VerifiedToken) -> None:
+        self.identity = identity_key(subject.issuer_name, subject.subject)
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             lambda: self._decide(wire, record, now, pending),
             lambda _response: self._commit(record, pending, now),
             abandon=lambda: self._abandon(pending, now),
-            refused=lambda exc: self._count_failure(record, exc, now),
+            refused=lambda exc: self._count_failure(pending, exc, now),
         )
 
     def _abandon(self, pending: PendingWrites, now: float) -> None:
@@ -211,7 +218,11 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
 
         self.stages.enter(stage.ATTEST)
         parties = self.attestation.attest(
-            request, record, now, subject_sha256=hashed_subject_token(wire, request, record)
+            request,
+            record,
+            now,
+            subject_sha256=hashed_subject_token(wire, request, record),
+            verified=pending.verified,
         )
 
         self.stages.enter(stage.POLICY)
@@ -343,7 +354,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
                 replayed = InvalidRequest("subject_token.replayed", "found used at commit")
                 pending.proofs.spend_now(now)
             self.record_refusal(record, replayed)
-            self._count_failure(record, replayed, now)
+            self._count_failure(pending, replayed, now)
             raise replayed from None
         except ReplayWindowLost as exc:
             # The replay store lost its records since the proof (or token) was checked: nothing
@@ -384,10 +395,10 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             )
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
 
-    def _count_failure(self, record: AuditRecord, exc: OAuthError, now: float) -> None:
+    def _count_failure(self, pending: PendingWrites, exc: OAuthError, now: float) -> None:
         """A refusal (not a service failure) counts towards the identity's recent_failures signal."""
-        if not isinstance(exc, TemporarilyUnavailable):
-            self.risk.record_failure(record, now)
+        if not isinstance(exc, TemporarilyUnavailable) and pending.identity is not None:
+            self.risk.record_failure(pending.identity, now)
 
     # -- how this endpoint's refusals are recorded (sts.core.audited) ---------------------------------
 

@@ -9,7 +9,7 @@ anything: the ``policy`` stage decides.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from ...errors import InvalidRequest, TemporarilyUnavailable
@@ -70,9 +70,12 @@ class Attestation:
         now: float,
         *,
         subject_sha256: str | None = None,
+        verified: Callable[[VerifiedToken], None] | None = None,
     ) -> Parties:
         """Verify the subject (and actor) token; who they are, and the delegation, go into ``record``.
-        ``subject_sha256``: the subject token's hash, when the caller has it already."""
+        ``subject_sha256``: the subject token's hash, when the caller has it already; ``verified``
+        is told the subject as soon as its token verifies (what is refused after that counts
+        towards its recent_failures)."""
         subject = verify_token(
             request.subject_token,
             request.subject_token_type,
@@ -83,6 +86,8 @@ class Attestation:
         )
         record.issuer = subject.issuer_name
         record.subject = subject.subject[:500]
+        if verified is not None:
+            verified(subject)
         record.subject_token_jti = subject.jti
         record.subject_token_iat = subject.issued_at
         self.limits.for_identity("token", subject.issuer_name, subject.subject, now, record)

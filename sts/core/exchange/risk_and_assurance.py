@@ -146,7 +146,12 @@ class RiskAndAssurance:
         state = state or SubjectState()
         cfg = grant.risk or EVENTS_ONLY
         posture_claims = posture[0] if posture else None
-        posture_ok = posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
+        # A posture asserted by a security event (device-compliance-change) takes precedence over a
+        # posture token's, as in the stale_posture signal, and over a live review: a workload its
+        # EDR declared not compliant shows no posture evidence, so no posture-level ``acr`` (it
+        # was issued one on a compliant posture token older than the event; an outside audit).
+        declared_bad = state.posture is not None and state.posture not in cfg.posture_good
+        posture_ok = not declared_bad and posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
         presented_key = key_state(keys, baseline.confirmed_keys()) if keys else KEY_NONE
         shown = _evidence(presented_key == KEY_CONTINUES, posture_ok)
         presentable = _evidence(
@@ -181,7 +186,10 @@ class RiskAndAssurance:
             acr = subject.claims.get("acr")
             carried = acr if isinstance(acr, str) else ""
         evidence = Evidence(
-            key=presented_key, posture_token=posture_ok, live_review=parties.live_review, carried=carried
+            key=presented_key,
+            posture_token=posture_ok,
+            live_review=parties.live_review and not declared_bad,
+            carried=carried,
         )
         details = {
             "mode": cfg.mode if grant.risk else "events",
@@ -298,11 +306,12 @@ class RiskAndAssurance:
             return None
         return BaselineUpdate(risk.baseline_key, updated, BASELINE_TTL)
 
-    def record_failure(self, record: AuditRecord, now: float) -> None:
-        """A refusal for a verified identity counts towards its recent_failures signal."""
-        if self.baselines is None or record.issuer is None or record.subject is None:
+    def record_failure(self, key: str, now: float) -> None:
+        """A refusal for a verified identity (``key``, its whole subject: the record's is cut to 500
+        characters, and failures counted under it were never read) counts towards its
+        recent_failures signal."""
+        if self.baselines is None:
             return
-        key = identity_key(record.issuer, record.subject)
         try:
             self.baselines.save(key, record_failure(self.baselines.load(key), now), BASELINE_TTL)
         except StoreUnavailable:
