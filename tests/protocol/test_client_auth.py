@@ -521,6 +521,35 @@ def test_a_public_client_has_no_credentials_and_no_rule_names_it(
         create_app(settings)
 
 
+def test_an_anonymous_grant_whose_subject_names_a_registered_client_is_refused(
+    tmp_path: Path, shared_upstream: RunningServer
+) -> None:
+    """An anonymous token's ``client_id`` is its subject: one naming a registered client read, to
+    resource servers and to ``/revoke``, as issued to that client (an outside audit had that client
+    revoke it).  Such an exchange is refused; any other subject is granted as before."""
+    subject = "repo:acme/app:ref:refs/heads/main"
+    clashing = {
+        "client_id": subject,
+        "auth_method": "client_secret_basic",
+        "secret_hash": hash_secret("s" * 32),
+    }
+    app = create_app(
+        settings_for(tmp_path, shared_upstream, DEFAULT_POLICY, clients=[*DEFAULT_CLIENTS, clashing])
+    )
+    issuer = shared_upstream.issuer
+
+    def anonymous() -> dict[str, str]:
+        token = issuer.github_actions_token(audience=STS_ISSUER)
+        return exchange_form(token, audience="https://deploy.example.com")
+
+    response = post(app.test_client(), anonymous())
+    assert_invalid_request(app, response, "client.subject_names_a_client")
+    (tmp_path / "other").mkdir()
+    other = create_app(settings_for(tmp_path / "other", shared_upstream, DEFAULT_POLICY))
+    granted = post(other.test_client(), anonymous())
+    assert granted.status_code == 200, granted.get_json()
+
+
 def test_no_client_authentication_is_invalid_client_for_a_rule_that_requires_it(
     app: Flask, client: FlaskClient, issuer: DevIssuer
 ) -> None:

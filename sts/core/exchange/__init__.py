@@ -227,6 +227,11 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
 
         self.stages.enter(stage.POLICY)
         grant, scopes = self._evaluate_policy(request, client, parties, record, now)
+        if client is None and parties.subject.subject in self.clients:
+            # An anonymous token's client_id is its subject (RFC 9068 §2.2 requires one): one naming
+            # a registered client would read, to resource servers and to /revoke, as that client's
+            # (an outside audit had a registered client revoke a token it never asked for).
+            raise InvalidRequest("client.subject_names_a_client", parties.subject.subject[:100])
         check_binding(parties.subject, parties.actor, grant, proof)
         check_certificate_binding(parties.subject, wire.client_cert_thumbprint)
         attested_at = check_attestation_age(parties.subject, grant, now)
