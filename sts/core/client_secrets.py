@@ -18,6 +18,10 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
 
 PBKDF2_ITERATIONS = 600_000
 _DUMMY = "sha256$AAAAAAAAAAAAAAAAAAAAAA$" + "A" * 43
@@ -67,3 +71,89 @@ def verify_secret(secret: str, stored: str | None) -> bool:
         salt, expected = _unb64(parts[1]), _unb64(parts[2])
         digest = hashlib.sha256(salt + candidate).digest()
     return hmac.compare_digest(digest, expected) and stored is not None
+
+
+#: Seconds after a secret failed against a slow (PBKDF2) hash during which that hash checks no
+#: secret it has not verified before (:func:`check_secrets`).
+FAILURE_PAUSE = 2.0
+#: Slow hashes whose last verified secret is remembered, at most.
+REMEMBERED = 1024
+
+
+class SecretChecksPaused(Exception):
+    """A secret was not checked: the client's slow hash refused another one a moment ago."""
+
+
+class _SlowHashes:
+    """What the process knows of its slow (PBKDF2) hashes: for each, a keyed digest of the last
+    secret that verified against it (the key is random, in memory only: no secret is kept), and
+    when a secret last failed against it."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._known: OrderedDict[str, bytes] = OrderedDict()
+        self._failed_at: dict[str, float] = {}
+        self.clock = time.monotonic
+
+    def _tag(self, secret: str, stored: str) -> bytes:
+        message = stored.encode() + b"\0" + secret.encode("utf-8", "surrogateescape")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def known(self, secret: str, stored: str) -> bool:
+        with self._lock:
+            tag = self._known.get(stored)
+        return tag is not None and hmac.compare_digest(tag, self._tag(secret, stored))
+
+    def admit(self, stored: str) -> None:
+        with self._lock:
+            failed = self._failed_at.get(stored)
+        if failed is not None and self.clock() - failed < FAILURE_PAUSE:
+            raise SecretChecksPaused(stored.split("$", 1)[0])
+
+    def verified(self, secret: str, stored: str) -> None:
+        tag = self._tag(secret, stored)
+        with self._lock:
+            self._known[stored] = tag
+            self._known.move_to_end(stored)
+            while len(self._known) > REMEMBERED:
+                self._known.popitem(last=False)
+            self._failed_at.pop(stored, None)
+
+    def failed(self, stored: str) -> None:
+        now = self.clock()
+        with self._lock:
+            if len(self._failed_at) >= REMEMBERED:
+                self._failed_at = {k: t for k, t in self._failed_at.items() if now - t < FAILURE_PAUSE}
+            self._failed_at[stored] = now
+
+
+_SLOW = _SlowHashes()
+
+
+def check_secrets(candidates: Sequence[str], stored: str | None) -> bool:
+    """Whether any of ``candidates`` (one secret, as sent and as decoded) verifies against ``stored``,
+    each checked by :func:`verify_secret`.
+
+    A slow hash (PBKDF2, 600,000 iterations: 0.2 to 0.3 s of CPU) checked every request of its
+    client, and any request naming its ``client_id`` with a wrong secret, before any rate limit
+    that counts by client (an outside audit: one client id and a network's request rate kept
+    the CPU busy, and the check's time told which clients have one).  So a secret that verified
+    once is recognised by a keyed digest afterwards (microseconds), and for :data:`FAILURE_PAUSE`
+    seconds after a failure such a hash checks no other secret (:class:`SecretChecksPaused`:
+    the caller answers ``503``, to retry): at most one slow check per hash and pause."""
+    slow = stored is not None and stored.startswith("pbkdf2-sha256$")
+    if not slow or stored is None:
+        ok = False
+        for candidate in candidates:
+            ok = verify_secret(candidate, stored) or ok
+        return ok
+    if any(_SLOW.known(candidate, stored) for candidate in candidates):
+        return True
+    _SLOW.admit(stored)
+    for candidate in candidates:
+        if verify_secret(candidate, stored):
+            _SLOW.verified(candidate, stored)
+            return True
+    _SLOW.failed(stored)
+    return False

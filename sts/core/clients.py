@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..errors import InvalidClient, TemporarilyUnavailable
 from ..protocol.client_auth import NONE, PRIVATE_KEY_JWT, ClientCredentials
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
-from .client_secrets import verify_secret
+from .client_secrets import SecretChecksPaused, check_secrets
 from .jose import JWSInvalid, peek, verify_signature
 from .ports import (
     IssuerKeys,
@@ -112,10 +112,14 @@ def authenticate_client(
         )
     client = clients.get(creds.client_id or "")
     stored = client.secret_hash if client else None
-    ok = verify_secret(creds.secret or "", stored)
+    candidates = [creds.secret or ""]
     if creds.literal_secret is not None and creds.literal_secret != creds.secret:
         # The same secret as the client literally sent it (see ClientCredentials.literal_secret).
-        ok = verify_secret(creds.literal_secret, stored) or ok
+        candidates.append(creds.literal_secret)
+    try:
+        ok = check_secrets(candidates, stored)
+    except SecretChecksPaused:
+        raise TemporarilyUnavailable("client.secret_checks_paused", (creds.client_id or "")[:100]) from None
     if client is None:
         raise InvalidClient("client.unknown", (creds.client_id or "")[:100])
     if client.auth_method != creds.method:

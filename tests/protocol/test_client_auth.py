@@ -301,6 +301,13 @@ def test_basic_with_a_pbkdf2_stored_secret(app: Flask, client: FlaskClient, issu
     assert_granted(app, response, SLOW_CLIENT, "client_secret_basic")
     response = post(client, form(issuer), authorization=basic(SLOW_CLIENT, SLOW_SECRET + " "))
     assert_invalid_client(app, response, "client.bad_secret")
+    # Within the pause after that failure, a secret the hash has not verified is not checked (503,
+    # to retry): one PBKDF2 check per pause; the client's own secret, verified before, still passes.
+    paused = post(client, form(issuer), authorization=basic(SLOW_CLIENT, "another guess"))
+    assert paused.status_code == 503 and paused.get_json()["error"] == "temporarily_unavailable"
+    assert "client.secret_checks_paused" in last_record(app)["reasons"]
+    again = post(client, form(issuer), authorization=basic(SLOW_CLIENT, SLOW_SECRET))
+    assert_granted(app, again, SLOW_CLIENT, "client_secret_basic")
 
 
 def test_post_with_the_right_secret_is_accepted(app: Flask, client: FlaskClient, issuer: DevIssuer) -> None:
