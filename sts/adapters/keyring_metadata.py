@@ -55,9 +55,12 @@ def read_metadata(directory: Path) -> tuple[list[KeyEntry], FileId]:
         ) from None
     except OSError as exc:
         raise ConfigurationError(f"cannot open {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        identity = file_id(os.fstat(fh.fileno()))
-        raw = fh.read()
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            identity = file_id(os.fstat(fh.fileno()))
+            raw = fh.read()
+    except OSError as exc:  # a directory in its place, an I/O error: one line, not a traceback
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
     return parse_metadata(raw, path), identity
 
 

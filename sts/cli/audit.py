@@ -38,7 +38,7 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     from ..migrations import SchemaError, ensure
 
     settings = settings_from(ctx)
-    filters = {k: v for k, v in {"outcome": outcome, "subject": subject}.items() if v}
+    filters = {k: v for k, v in _text_options({"outcome": outcome, "subject": subject}).items() if v}
     try:
         engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
@@ -72,10 +72,22 @@ def _audit_filter_options(command: Any) -> Any:
     return command
 
 
+def _text_options(values: dict[str, Any]) -> dict[str, str]:
+    """The options given as text; one that is not UTF-8 (bytes a shell passed through, which Python
+    holds as surrogates) is a usage error, not a traceback when the database is asked for it."""
+    params = {k: v for k, v in values.items() if isinstance(v, str)}
+    for name, value in params.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise click.UsageError(f"--{name.removesuffix('_id')} is not valid UTF-8") from None
+    return params
+
+
 def _audit_filter(values: dict[str, Any]) -> Any:
     from ..core.audit_filter import FilterError, filter_from_params
 
-    params = {k: v for k, v in values.items() if isinstance(v, str)}
+    params = _text_options(values)
     try:
         return filter_from_params(params, time.time())
     except FilterError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..errors import ConfigurationError
@@ -38,7 +40,7 @@ def config_check(ctx: click.Context) -> None:
         build_issuers(settings, time.time)
         build_transmitters(settings, time.time)
         build_clients(settings, time.time)
-        if (settings.keys_dir / METADATA_FILE).exists():
+        if _exists(settings.keys_dir / METADATA_FILE):
             # Read-only: create=False never writes a key or keyring.json.
             ring = KeyRing.open(
                 settings.keys_dir,
@@ -74,3 +76,12 @@ def _check_dpop_nonce_secret(settings: Settings) -> None:
         raise ConfigurationError(f"{path}: cannot read the DPoP nonce secret: {exc.strerror}") from None
     if size < 32:
         raise ConfigurationError(f"{path}: DPoP nonce secret is truncated; delete it to create a new one")
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; one that cannot even be looked at (a directory on the way this user
+    may not enter) is a ConfigurationError, one line, not a traceback."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot look at {path}: {exc.strerror}") from None

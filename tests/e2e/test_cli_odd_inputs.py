@@ -49,6 +49,12 @@ CASES: list[tuple[str, list[str], dict[str, bytes], bytes | None, str]] = [
     ("a dev issuer port out of range", ["dev", "issuer", "--port", "-1"], {}, None, "not in the range"),
     ("an empty dev issuer URL", ["dev", "token", "kubernetes", "--issuer-url", "", "--key-dir", "@keys"],
      {}, None, "issuer_url must not be empty"),
+    # Bytes a shell passes through that are not UTF-8 (Python holds them as surrogates): a
+    # traceback from the database driver before.
+    ("an audit tail subject not UTF-8", ["audit", "tail", "--subject", "x\udcff\udcfey"], {}, None,
+     "--subject is not valid UTF-8"),
+    ("an audit query error not UTF-8", ["audit", "query", "--error", "\udcff"], {}, None,
+     "--error is not valid UTF-8"),
 ]  # fmt: skip
 
 
@@ -74,3 +80,21 @@ def test_odd_input_is_a_message_not_a_traceback(
     assert result.exit_code in (1, 2), (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert message in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [["config", "check"], ["keys", "list"]], ids=["config-check", "keys-list"])
+def test_a_key_ring_file_that_cannot_be_read_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """``keyring.json`` a directory: a traceback ending in IsADirectoryError before."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STS_CONFIG", raising=False)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "sts.yaml").write_text(
+        f"database_url: sqlite:///{tmp_path / 'db.sqlite'}\nkeys_dir: {tmp_path / 'keys'}\n"
+    )
+    (tmp_path / "keys" / "keyring.json").mkdir(parents=True)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (1, 2), (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "keyring.json" in result.output and "Traceback" not in result.output, result.output
