@@ -189,7 +189,12 @@ def verify_token(
         facts = get_profile(policy.profile).facts(sub, claims, policy.profile_options)
     except ProfileViolation as exc:
         raise InvalidRequest(f"{role}.{exc.reason}", exc.detail) from None
-    warnafter = facts.get("warnafter")
+    valid_until = numeric_date_value(facts.get("warnafter"))
+    if valid_until is not None and now >= valid_until:
+        # The expiry its issuer intended (Kubernetes ``warnafter``: the pod asked for no longer)
+        # has passed: refused as expired, as subject and as actor alike (an actor token past it
+        # was taken, for up to max_token_age more; an outside audit).
+        raise InvalidRequest(f"{role}.expired", "past warnafter")
 
     return VerifiedToken(
         issuer_name=policy.name,
@@ -206,5 +211,5 @@ def verify_token(
         audiences=checked.audiences,
         facts=facts,
         profile=policy.profile,
-        valid_until=numeric_date_value(warnafter),
+        valid_until=valid_until,
     )

@@ -36,10 +36,12 @@ def token_lifetime(
     its risk context; ``invalid_request`` when nothing is left."""
     remaining = math.floor(subject.lifetime_end - now)
     lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
-    if decision.enforced and decision.lifetime_factor < 1:
-        lifetime = max(1, math.floor(lifetime * decision.lifetime_factor))
+    # Before the narrowing, which lifts what it shrinks to at least a second: a token past what its
+    # issuer intended (``warnafter``) was granted a second when risk narrowed it (an outside audit).
     if lifetime < 1:
         raise InvalidRequest("subject_token.expired")
+    if decision.enforced and decision.lifetime_factor < 1:
+        lifetime = max(1, math.floor(lifetime * decision.lifetime_factor))
     return lifetime
 
 

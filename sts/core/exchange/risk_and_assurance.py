@@ -361,7 +361,9 @@ class RiskAndAssurance:
             subject.jti,
         ):
             raise InvalidRequest("posture_token.not_separate")  # The subject token, signed anew.
-        return {**posture.facts, **posture.claims}, None
+        # The profile's facts over raw claims of the same name, as for the subject token (the
+        # raw claim won here: a look-alike top-level claim outvoted the checked fact; an outside audit).
+        return {**posture.claims, **posture.facts}, None
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         # Our own token: events may name the subject under the issuer it first came from.

@@ -28,11 +28,13 @@ _OPTIONAL = (
 
 
 def _boolean(value: Any, name: str) -> bool | None:
+    """``"true"``/``"false"``, as GitLab sends them; anything else is refused (compared by type:
+    ``1 in ("true", True)`` held, so ``1`` and ``1.0`` read as true; an outside audit)."""
     if value is None:
         return None
-    if value in ("true", True):
+    if value == "true" and type(value) is str:
         return True
-    if value in ("false", False):
+    if value == "false" and type(value) is str:
         return False
     raise refuse(NAME, f"malformed_{name}")
 
@@ -58,6 +60,8 @@ class GitLabCIProfile:
             value = claims.get(name)
             if isinstance(value, str):
                 facts[name] = value
+        if claims.get("environment_protected") is not None and "environment_protected" not in facts:
+            raise refuse(NAME, "malformed_environment_protected")  # not a string: not left out quietly
         # The one id GitLab sends as a JSON integer; normalised to a string like every other id.
         runner_id = claims.get("runner_id")
         if isinstance(runner_id, int) and not isinstance(runner_id, bool):

@@ -60,6 +60,12 @@ def test_gitlab_ref_protected_is_a_boolean_fact(gitlab_app: Flask, mint: Mint) -
     # GitLab sends "true" or "false"; anything else is not guessed at.
     odd = mint.remint("gitlab", mint.gitlab(), header={"typ": "JWT"}, ref_protected="yes")
     refused(gitlab_app, odd, "subject_token.gitlab-ci.malformed_ref_protected", audience=DEPLOY)
+    # Nor a number or a JSON boolean (1 and 1.0 read as true before: 1 == True; an outside audit).
+    for value in (1, 1.0, True):
+        odd = mint.remint("gitlab", mint.gitlab(), header={"typ": "JWT"}, ref_protected=value)
+        refused(gitlab_app, odd, "subject_token.gitlab-ci.malformed_ref_protected", audience=DEPLOY)
+        odd = mint.remint("gitlab", mint.gitlab(), header={"typ": "JWT"}, environment_protected=value)
+        refused(gitlab_app, odd, "subject_token.gitlab-ci.malformed_environment_protected", audience=DEPLOY)
 
 
 @pytest.mark.parametrize(

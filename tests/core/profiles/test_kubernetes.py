@@ -26,7 +26,7 @@ from sts.core.profiles import PROFILES, ProfileOptions, ProfileViolation
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
-from tests.conftest import STS_ISSUER
+from tests.conftest import JWT_TYPE, STS_ISSUER
 from tests.core.profiles.conftest import (
     KUBERNETES_ISS,
     LEDGER_AUDIENCE,
@@ -140,6 +140,9 @@ def test_kubernetes_warnafter_bounds_the_issued_lifetime(kubernetes_app: Flask, 
     # Past warnafter (but within exp and max_token_age) the pod should have a fresh token.
     stale = mint.kubernetes(now=iat, lifetime=YEAR, warnafter=int(mint.now) - 1)
     refused(kubernetes_app, stale, "subject_token.expired")
+    # So is an actor token past it (it was taken, for up to max_token_age more; an outside audit).
+    fresh = mint.kubernetes(now=iat, lifetime=YEAR, warnafter=warnafter)
+    refused(kubernetes_app, fresh, "actor_token.expired", actor_token=stale, actor_token_type=JWT_TYPE)
 
 
 @pytest.mark.parametrize("warnafter", [10**400, "1800000000", True], ids=["huge", "string", "true"])
