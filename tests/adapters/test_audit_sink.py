@@ -215,3 +215,22 @@ def test_one_use_twice_in_one_grant_is_a_replay_of_the_second(engine: Engine) ->
         sink.write_with_uses(_record(), [first, second], NOW)
     assert raised.value.use is second
     assert _count(engine) == 0 and not _entries(engine)
+
+
+def test_timestamps_are_written_without_the_drivers_default_adapter(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.12 deprecates ``sqlite3``'s default datetime adapter: without it, records are still
+    written (a plain one and a grant, which takes the one-statement path), with the same text."""
+    import datetime as dt
+
+    monkeypatch.delitem(sqlite3.adapters, (dt.datetime, sqlite3.PrepareProtocol))
+    sink = SqlAuditSink(engine)
+    plain, granted = _record(), _record()
+    sink.write(plain)
+    sink.write_with_uses(granted, [_use("subject_token:github", "jti-adapter")], NOW)
+    with engine.connect() as conn:
+        stored = dict(conn.exec_driver_sql("SELECT event_id, time FROM audit_events").all())
+    for record in (plain, granted):
+        expected = dt.datetime.fromtimestamp(record.time, tz=dt.UTC).isoformat(" ")
+        assert stored[record.event_id] == expected

@@ -27,7 +27,7 @@ from ...core.ports import AlreadyUsed, AuditOutcomeUnknown, AuditUnavailable, Ba
 from .chain_heads import ChainHead, ChainHeads
 from .deadline import DeadlinePassed
 from .files_in_use import WatchedFile, sqlite_file
-from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, audit_row
+from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, audit_row, sqlite_timestamp
 from .key_value import store_key, upsert_statement
 from .pg_exchange import pipelined_grants
 from .replay import first_uses_statement, replay_key
@@ -79,6 +79,9 @@ class SqlAuditSink:
                 self._processors[column.name] = processor
         # The record is stored as its canonical JSON text, the text its hash covers.
         self._processors.pop("record", None)
+        if self._raw.sqlite:
+            # The same text the driver's (deprecated) default adapter gave, which the trail holds.
+            self._processors["time"] = sqlite_timestamp
         #: Each converted column's position among ``_columns``, and its conversion.
         self._conversions = [
             (index, self._processors[name])

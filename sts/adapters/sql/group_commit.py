@@ -36,6 +36,15 @@ def utc(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
 
 
+def sqlite_timestamp(value: dt.datetime) -> str:
+    """A timestamp as SQLite stores it here: the text ``sqlite3``'s default datetime adapter
+    writes (``isoformat`` with a space, ``2026-12-06 22:34:06.470474+00:00``), written by this
+    package instead, since Python 3.12 deprecates the default adapters
+    (https://docs.python.org/3/library/sqlite3.html#default-adapters-and-converters-deprecated).
+    """
+    return value.isoformat(" ")
+
+
 def audit_row(record: AuditRecord) -> dict[str, Any]:
     """The ``audit_events`` row of ``record`` (its ``record`` column the record's dictionary)."""
     return {
