@@ -617,17 +617,78 @@ def test_an_actor_token_that_carries_act_is_refused(
     assert record["actor_subject"] == agent(1)
 
 
+def with_agent_tokens(doc: dict[str, Any], *, actors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``doc`` with a rule that gives the agents tokens of ours for this service (their actor
+    credentials here), and those tokens as actors of the job's first rule (``actors``: instead)."""
+    doc["rules"].append(
+        {
+            "name": "agents",
+            "issuer": "upstream",
+            "subject_pattern": AGENTS,
+            "require_client_authentication": False,
+            "delegation": {"actors": [{"issuer": "upstream", "subject_pattern": AGENTS}]},
+            "grant": {"audiences": [STS_ISSUER, DEPLOY], "max_lifetime": 300},
+        }
+    )
+    doc["rules"][0]["delegation"]["actors"] += actors or [{"issuer": "self", "subject_pattern": AGENTS}]
+    return doc
+
+
 def test_a_delegated_token_of_ours_as_actor_token_is_refused(make_sts: Callable[..., STS]) -> None:
-    """Our own token with an ``act`` (a2 acting for a1... here a1 acting for the job) as the actor
-    of another exchange: the chain it carries would be dropped, so it is refused."""
-    doc = policy()
-    doc["rules"][0]["delegation"]["actors"].append({"issuer": "self", "subject": SUBJECT})
-    sts = make_sts(doc)
-    ours = sts.granted(sts.subject(), actor=sts.actor(1))
-    assert sts.claims(ours)["act"] == nested(sts, 1)
+    """Our own token with an ``act`` (a2's, with a1 acting for it) as the actor of another
+    exchange: the chain it carries would be dropped, so it is refused."""
+    sts = make_sts(with_agent_tokens(policy()))
+    ours = sts.granted(sts.actor(2), actor=sts.actor(1), audience=STS_ISSUER)
     resp = sts.exchange(sts.subject(), actor=ours)
     record = assert_refused(sts, resp, "invalid_request", "actor_token.carries_act")
     assert record["actor_issuer"] == "self"
+
+
+def test_the_subject_cannot_act_for_itself(make_sts: Callable[..., STS]) -> None:
+    """Delegation is one party acting for another (RFC 8693 §1.1): the subject token in the actor's
+    seat, or another token of the same workload (ours, naming where it came from), would meet
+    ``require_actor`` with one credential."""
+    doc = policy(upstream={"require_actor": True})
+    doc["rules"][0]["delegation"]["actors"] += [
+        {"issuer": "upstream", "subject": SUBJECT},
+        {"issuer": "self", "subject": SUBJECT},
+    ]
+    sts = make_sts(with_agent_tokens(doc))
+    subject = sts.subject()
+    assert_refused(sts, sts.exchange(subject, actor=subject), "invalid_request", "actor_token.is_subject")
+    assert_refused(
+        sts, sts.exchange(subject, actor=sts.subject()), "invalid_request", "actor_token.is_subject"
+    )
+    ours = sts.granted(sts.actor(1), audience=STS_ISSUER)
+    assert sts.claims(sts.granted(subject, actor=ours))["act"]["sub"] == agent(1)
+
+
+def test_a_bearer_token_of_ours_acts_only_if_it_names_this_service(make_sts: Callable[..., STS]) -> None:
+    """A token of ours in the actor's seat is the actor's credential to this service: one issued
+    for another audience (the deploy API, which could replay it) is refused there (RFC 8725 §3.9);
+    one for this service acts."""
+    sts = make_sts(with_agent_tokens(policy()))
+    for_deploy = sts.granted(sts.actor(1), audience=DEPLOY)
+    resp = sts.exchange(sts.subject(), actor=for_deploy)
+    record = assert_refused(sts, resp, "invalid_request", "actor_token.audience_not_this_service")
+    assert (record["actor_issuer"], record["actor_subject"]) == ("self", agent(1))
+    for_us = sts.granted(sts.actor(1), audience=STS_ISSUER)
+    assert sts.claims(sts.granted(sts.subject(), actor=for_us))["act"]["sub"] == agent(1)
+
+
+def test_a_delegated_token_never_outlives_the_actors_token(make_sts: Callable[..., STS]) -> None:
+    """The issued token expires no later than the actor token, as it does with the subject token."""
+    sts = make_sts()
+    now = sts.clock.now
+
+    def actor(**kwargs: Any) -> str:
+        return sts.issuer.kubernetes_token(
+            audience=[STS_ISSUER], namespace="agents", service_account="a1", now=now, **kwargs
+        )
+
+    short = sts.granted(sts.subject(), actor=actor(lifetime=100))
+    assert sts.claims(short)["exp"] - now <= 100
+    # (``warnafter``, which only the Kubernetes profile reads: tests/core/profiles/test_kubernetes.py.)
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
@@ -874,16 +935,13 @@ def test_a_self_actor_entry_can_name_the_issuer_the_actor_came_from(
 ) -> None:
     """The same ``sub`` under two issuers is two workloads: an ``issuer: self`` actor entry says
     which by the token's ``upstream_issuer`` claim, and the issued ``act`` keeps it."""
-    doc = policy()
-    doc["rules"][0]["delegation"]["actors"].append(
-        {"issuer": "self", "subject": SUBJECT, "claims": {"upstream_issuer": named}}
-    )
-    sts = make_sts(doc)
-    ours = sts.granted(sts.subject())
+    actors = [{"issuer": "self", "subject": agent(1), "claims": {"upstream_issuer": named}}]
+    sts = make_sts(with_agent_tokens(policy(), actors=actors))
+    ours = sts.granted(sts.actor(1), audience=STS_ISSUER)
     resp = sts.exchange(sts.subject(), actor=ours)
     if not granted:
         assert_refused(sts, resp, "invalid_request", "policy.actor_not_allowed")
         return
     assert resp.status_code == 200, sts.last_record()["reasons"]
     act = sts.claims(resp.get_json()["access_token"])["act"]
-    assert act == {"sub": SUBJECT, "iss": STS_ISSUER, "upstream_issuer": "upstream"}
+    assert act == {"sub": agent(1), "iss": STS_ISSUER, "upstream_issuer": "upstream"}

@@ -184,7 +184,8 @@ def policy(*, actor_may_bind_key: bool = False, self_actors: bool = False) -> di
     re-exchange of our tokens (``self``)."""
     actors: list[dict[str, Any]] = [{"issuer": "upstream", "subject_pattern": AGENTS}]
     if self_actors:
-        actors.append({"issuer": "self", "subject": SUBJECT})
+        # The agents' own tokens of ours (rule "agents"): another workload than the subject.
+        actors.append({"issuer": "self", "subject_pattern": AGENTS})
     delegation = {"actors": actors, "max_depth": 3}
     grant = {
         "audiences": [DEPLOY],
@@ -218,6 +219,13 @@ def policy(*, actor_may_bind_key: bool = False, self_actors: bool = False) -> di
                 "subject": "system:serviceaccount:payments:api",
                 "clients": ["gateway"],
                 "grant": {"audiences": ["ledger"], "scopes": ["ledger:read"], "max_lifetime": 300},
+            },
+            {
+                "name": "agents",
+                "issuer": "upstream",
+                "subject_pattern": AGENTS,
+                "require_client_authentication": False,
+                "grant": {"audiences": [DEPLOY], "max_lifetime": 300},
             },
             {
                 "name": "reexchange",
@@ -870,6 +878,16 @@ def test_a_bound_upstream_token_needs_its_key_too(sts: STS) -> None:
         subject_token=bound({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"})
     )
     assert_refused(sts, certificate_bound, "subject_token.certificate_binding_mismatch", "invalid_request")
+    # The actor's seat too (RFC 8705 §3): a certificate-bound actor token needs its certificate.
+    bound_actor = sts.issuer.kubernetes_token(
+        audience=[STS_ISSUER],
+        namespace="agents",
+        service_account="a1",
+        now=sts.clock.now,
+        cnf={"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"},
+    )
+    refused = sts.exchange(actor=bound_actor)
+    assert_refused(sts, refused, "actor_token.certificate_binding_mismatch", "invalid_request")
     # A confirmation method this service cannot check (RFC 7800 §3.2 jwk, a kid, an empty one):
     # refused, never taken for a bearer token.
     for cnf in ({"jwk": public_jwk(EC_KEY)}, {"kid": "k1"}, {}, {"jkt": jkt, "jwk": public_jwk(EC_KEY)}):
@@ -912,7 +930,7 @@ def test_an_actor_binds_its_own_key_only_where_the_rule_allows(make_sts: Callabl
 def test_a_bound_token_of_ours_as_actor_needs_its_key(make_sts: Callable[..., STS]) -> None:
     """A stolen bound token must not work as a bearer credential in the actor's seat either."""
     sts = make_sts(policy(self_actors=True))
-    bound_actor = sts.granted(sts.proof(EC_KEY))["access_token"]
+    bound_actor = sts.granted(sts.proof(EC_KEY), subject_token=sts.actor(1))["access_token"]
     assert_refused(sts, sts.exchange(actor=bound_actor), "dpop.bound_actor_token_needs_proof")
     assert_refused(
         sts, sts.exchange(sts.proof(EC_OTHER), actor=bound_actor), "dpop.key_differs_from_bound_actor_token"
@@ -921,7 +939,11 @@ def test_a_bound_token_of_ours_as_actor_needs_its_key(make_sts: Callable[..., ST
     claims = sts.claims(body["access_token"])
     assert body["token_type"] == "DPoP" and claims["cnf"] == {"jkt": thumbprint(public_jwk(EC_KEY))}
     # An actor that was a token of ours names the issuer its own chain began with.
-    assert claims["act"] == {"sub": SUBJECT, "iss": STS_ISSUER, "upstream_issuer": "upstream"}
+    assert claims["act"] == {
+        "sub": "system:serviceaccount:agents:a1",
+        "iss": STS_ISSUER,
+        "upstream_issuer": "upstream",
+    }
 
 
 @pytest.mark.parametrize("actor_may_bind_key", [False, True])
@@ -929,7 +951,7 @@ def test_bound_subject_and_bound_actor(make_sts: Callable[..., STS], actor_may_b
     """One proof, two bound tokens: the actor's key must be proved, and may bind only where allowed."""
     sts = make_sts(policy(self_actors=True, actor_may_bind_key=actor_may_bind_key))
     subject = sts.granted(sts.proof(EC_KEY))["access_token"]
-    actor = sts.granted(sts.proof(EC_OTHER))["access_token"]
+    actor = sts.granted(sts.proof(EC_OTHER), subject_token=sts.actor(1))["access_token"]
     both = {"subject_token": subject, "subject_token_type": ACCESS_TOKEN_TYPE, "actor": actor}
     assert_refused(sts, sts.exchange(sts.proof(EC_KEY), **both), "dpop.key_differs_from_bound_actor_token")
     resp = sts.exchange(sts.proof(EC_OTHER), **both)

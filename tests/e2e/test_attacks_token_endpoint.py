@@ -636,7 +636,7 @@ OWN_TOKEN_ATTACKS = [
         lambda t: Probe(exchange(subject(), actor_token=t.own_token(), actor_token_type=ACCESS_TOKEN_TYPE)),
         400,
         "invalid_request",
-        "policy.actor_not_allowed",
+        "actor_token.is_subject",
     ),
 ]
 

@@ -78,11 +78,13 @@ POLICY: dict[str, Any] = {
             "grant": {"audiences": [DEPLOY], "scopes": ["deploy:read"], "max_lifetime": 300},
         },
         {
+            # The agent's token of ours names this service too: as an actor token it is the agent's
+            # credential here (a bearer token of ours for another audience is refused in that seat).
             "name": "agent",
             "issuer": "upstream",
             "subject": AGENT,
             "require_client_authentication": False,
-            "grant": {"audiences": [DEPLOY], "max_lifetime": 300},
+            "grant": {"audiences": [DEPLOY, STS_ISSUER], "max_lifetime": 300},
         },
         {
             "name": "reexchange",
@@ -127,10 +129,15 @@ class Instance:
             audience=[STS_ISSUER], namespace="agents", service_account="a1", now=self.clock.now
         )
 
+    def agent(self) -> str:
+        """The agent's token of ours, for the deploy API and this service (its actor credential)."""
+        return self.issue(self.agent_token(), audience=[DEPLOY, STS_ISSUER])
+
     # -- the endpoints
 
     def exchange(self, subject_token: str, *, actor: str | None = None, **params: Any) -> TestResponse:
-        form = exchange_form(subject_token, audience=DEPLOY, **params)
+        params.setdefault("audience", DEPLOY)
+        form = exchange_form(subject_token, **params)
         if actor is not None:
             form.update(actor_token=actor, actor_token_type=ACCESS_TOKEN_TYPE)
         return self.web.post("/token", data=form)
@@ -286,7 +293,7 @@ def test_a_token_revoked_at_one_instance_is_refused_as_subject_token_at_every_in
 
 def test_a_token_revoked_at_one_instance_is_refused_as_actor_token_at_every_instance(fleet: Fleet) -> None:
     one, two = fleet.both
-    agent = one.issue(one.agent_token())
+    agent = one.agent()
     assert one.exchange(one.job_token(), actor=agent).status_code == 200
     two.revoke(agent)
     for instance in fleet.both:
@@ -308,7 +315,7 @@ def test_operator_revocation_holds_for_subject_and_actor_tokens_at_every_instanc
     or every issuer (``*``); each of them revokes the tokens of ours issued to it before."""
     one, two = fleet.both
     token = one.issue(one.job_token())
-    agent = two.issue(two.agent_token())
+    agent = two.agent()
     config = fleet.directory / "cli.yaml"
     config.write_text(yaml.safe_dump(fleet.config))
 
@@ -325,7 +332,7 @@ def test_operator_revocation_holds_for_subject_and_actor_tokens_at_every_instanc
         assert_refused(instance, instance.exchange(instance.job_token(), actor=agent), "actor_token.revoked")
         assert not instance.active(token) and not instance.active(agent)
     # Tokens issued after the revocation are good (no --block).
-    fresh_agent = one.issue(one.agent_token())
+    fresh_agent = one.agent()
     assert two.reexchange(two.issue(two.job_token(), actor=fresh_agent)).status_code == 200
 
 
@@ -354,7 +361,7 @@ def test_session_revoked_holds_for_subject_and_actor_tokens_at_every_instance(
     it names the subject under its upstream issuer or under this service's own issuer."""
     one, two = fleet.both
     token = one.issue(one.job_token())
-    agent = one.issue(one.agent_token())
+    agent = one.agent()
     one.clock.now += 5
     iss = upstream.issuer.issuer_url if named_by == "upstream" else STS_ISSUER
     # The agent first: the job itself is not blocked yet, so only the actor token is at fault.
@@ -383,7 +390,7 @@ def test_a_revocation_list_that_cannot_answer_is_503_for_subject_and_actor_token
     clock = Clock(float(int(time.time())))
     app = create_app(load_settings(None, {}, overrides=config), clock=clock)
     sts = Instance(app, app.test_client(), clock, upstream.issuer)
-    token, agent = sts.issue(sts.job_token()), sts.issue(sts.agent_token())
+    token, agent = sts.issue(sts.job_token()), sts.agent()
     # Break only the revocation list, in this test's own database file.
     engine = create_engine(config["database_url"])
     with engine.begin() as conn:
@@ -410,7 +417,7 @@ def test_a_redis_store_that_is_down_is_503_for_subject_and_actor_tokens_of_ours(
         unlimited = {**config, "rate_limits": {"introspect": {"network": None, "client": None}}}
         introspection = create_app(load_settings(None, {}, overrides=unlimited), clock=clock)
         sts = Instance(app, app.test_client(), clock, upstream.issuer)
-        token, agent = sts.issue(sts.job_token()), sts.issue(sts.agent_token())
+        token, agent = sts.issue(sts.job_token()), sts.agent()
         server.kill()
         assert_refused(sts, sts.reexchange(token), "store.unavailable", status=503)
         assert_refused(sts, sts.exchange(sts.job_token(), actor=agent), "store.unavailable", status=503)
@@ -440,7 +447,7 @@ def test_revocation_outlasts_the_leeway_in_which_an_expired_token_still_verifies
     clock = Clock(float(int(time.time())))
     app = create_app(load_settings(None, {}, overrides=config), clock=clock)
     sts = Instance(app, app.test_client(), clock, upstream.issuer)
-    agent = sts.issue(sts.agent_token())
+    agent = sts.agent()
     sts.revoke(agent)
     clock.now += 300 + LEEWAY - 5  # past the agent token's exp, inside the leeway
     assert_refused(sts, sts.exchange(sts.job_token(), actor=agent), "actor_token.revoked")

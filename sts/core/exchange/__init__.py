@@ -233,7 +233,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             # (an outside audit had a registered client revoke a token it never asked for).
             raise InvalidRequest("client.subject_names_a_client", parties.subject.subject[:100])
         check_binding(parties.subject, parties.actor, grant, proof)
-        check_certificate_binding(parties.subject, wire.client_cert_thumbprint)
+        check_certificate_binding(parties.subject, parties.actor, wire.client_cert_thumbprint)
         attested_at = check_attestation_age(parties.subject, grant, now)
 
         self.stages.enter(stage.RISK)
@@ -242,7 +242,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         self.risk.check_assurance(risk, grant, scopes, request.acr_values, attested_at, record, now)
 
         self.stages.enter(stage.MINT)
-        lifetime = token_lifetime(parties.subject, grant, request, risk.decision, now)
+        lifetime = token_lifetime(parties.subject, grant, request, risk.decision, now, actor=parties.actor)
         if grant.single_use:
             # Reserved last of all, so that a refusal does not burn the token.
             pending.uses.append(

@@ -108,6 +108,8 @@ class Attestation:
             self._check_not_revoked(actor, "actor_token")
             self._check_actor_state(actor, now)
             check_may_act(subject, actor)
+            check_actor_is_another(request, subject, actor)
+            check_actor_audience(actor)
         trusted = self.issuers.by_name(subject.issuer_name)
         trusted_delegation = trusted is not None and trusted.policy.trusted_delegation
         if subject.issuer_name != SELF_ISSUER and subject.claims.get("act") is not None:
@@ -183,3 +185,40 @@ class Attestation:
         if username != subject.subject:
             raise InvalidRequest("subject_token.kubernetes.not_live")
         return True
+
+
+def check_actor_is_another(
+    request: TokenExchangeRequest, subject: VerifiedToken, actor: VerifiedToken
+) -> None:
+    """Delegation is one party acting for another (RFC 8693 §1.1): an actor token that is the
+    subject token, or names the same workload, would meet ``require_actor`` with one credential
+    (an outside audit had one token in both seats)."""
+    if request.actor_token == request.subject_token or _workload(actor) == _workload(subject):
+        raise InvalidRequest("actor_token.is_subject")
+
+
+def _workload(token: VerifiedToken) -> tuple[str, str]:
+    """Who a token names: its issuer and ``sub``; for a token of ours, the issuer it came from
+    (``upstream_issuer``), since the same ``sub`` under two issuers is two workloads."""
+    if token.issuer_name == SELF_ISSUER:
+        upstream = token.claims.get("upstream_issuer")
+        if isinstance(upstream, str) and upstream:
+            return upstream, token.subject
+    return token.issuer_name, token.subject
+
+
+def check_actor_audience(actor: VerifiedToken) -> None:
+    """A token of ours in the actor's seat is the actor's credential to this service, so it must
+    name this service in ``aud`` (RFC 8725 §3.9), unless it is sender-constrained (``cnf.jkt`` or
+    ``cnf.x5t#S256``, whose key or certificate the request must then prove, see
+    :func:`~sts.core.exchange.binding.check_binding` and
+    :func:`~sts.core.exchange.binding.check_certificate_binding`).  Otherwise whoever a bearer
+    token of ours was issued to (an API it was meant for, or anyone who captured it there) could act
+    as the actor it names (an outside audit).  Upstream actor tokens are held to their issuer's
+    audiences when verified."""
+    if actor.issuer_name != SELF_ISSUER or actor.issuer in actor.audiences:
+        return
+    cnf = actor.claims.get("cnf")
+    if isinstance(cnf, Mapping) and ("jkt" in cnf or "x5t#S256" in cnf):
+        return
+    raise InvalidRequest("actor_token.audience_not_this_service")

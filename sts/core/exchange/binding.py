@@ -116,13 +116,19 @@ def check_binding(
         raise InvalidDPoPProof("dpop.key_differs_from_bound_token")
 
 
-def check_certificate_binding(subject: VerifiedToken, thumbprint: str | None) -> None:
+def check_certificate_binding(
+    subject: VerifiedToken, actor: VerifiedToken | None, thumbprint: str | None
+) -> None:
     """RFC 8705 §3: a certificate-bound token (``cnf.x5t#S256``), ours or an upstream one, is
-    exchanged over the same certificate."""
-    cnf = subject.claims.get("cnf")
-    bound = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
-    if bound is not None and bound != thumbprint:
-        raise InvalidRequest("subject_token.certificate_binding_mismatch")
+    exchanged over the same certificate, in the subject's seat and in the actor's (whose token
+    is a credential too: an outside audit had a certificate-bound actor token act without it)."""
+    for token, role in ((subject, "subject_token"), (actor, "actor_token")):
+        if token is None:
+            continue
+        cnf = token.claims.get("cnf")
+        bound = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
+        if bound is not None and bound != thumbprint:
+            raise InvalidRequest(f"{role}.certificate_binding_mismatch")
 
 
 #: The confirmation methods checked here: DPoP (RFC 9449 §6) and the client certificate (RFC 8705 §3).

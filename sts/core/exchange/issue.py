@@ -29,12 +29,24 @@ from .binding import confirmation
 
 
 def token_lifetime(
-    subject: VerifiedToken, grant: Grant, request: TokenExchangeRequest, decision: RiskDecision, now: float
+    subject: VerifiedToken,
+    grant: Grant,
+    request: TokenExchangeRequest,
+    decision: RiskDecision,
+    now: float,
+    *,
+    actor: VerifiedToken | None = None,
 ) -> int:
-    """The smallest of the rule's maximum, what was asked and what is left of the subject token (or
-    of what its issuer intended, e.g. ``warnafter``), shrunk as risk grows so the token expires with
+    """The smallest of the rule's maximum, what was asked and what is left of the subject token and
+    of the actor token (or of what their issuers intended, e.g. ``warnafter``: a delegated token
+    never outlives the actor's credential either), shrunk as risk grows so the token expires with
     its risk context; ``invalid_request`` when nothing is left."""
     remaining = math.floor(subject.lifetime_end - now)
+    if actor is not None:
+        actor_remaining = math.floor(actor.lifetime_end - now)
+        if actor_remaining < 1:
+            raise InvalidRequest("actor_token.expired")
+        remaining = min(remaining, actor_remaining)
     lifetime = min(grant.max_lifetime, request.requested_lifetime or grant.max_lifetime, remaining)
     # Before the narrowing, which lifts what it shrinks to at least a second: a token past what its
     # issuer intended (``warnafter``) was granted a second when risk narrowed it (an outside audit).

@@ -145,6 +145,27 @@ def test_kubernetes_warnafter_bounds_the_issued_lifetime(kubernetes_app: Flask, 
     refused(kubernetes_app, fresh, "actor_token.expired", actor_token=stale, actor_token_type=JWT_TYPE)
 
 
+def test_kubernetes_warnafter_of_the_actor_bounds_the_issued_lifetime(
+    build: Callable[..., Flask], mint: Mint
+) -> None:
+    """A delegated token never outlives the actor's token either: its ``warnafter`` decides as the
+    subject's does (docs/configuration.md: an issued token never outlives it; an outside audit)."""
+    rule = {
+        **KUBERNETES_RULES[0],
+        "delegation": {"actors": [{"issuer": "kubernetes", "facts": {"service_account": "planner"}}]},
+    }
+    app = build([rule])
+    iat = int(mint.now) - 600
+    subject = mint.kubernetes(now=iat, lifetime=YEAR, warnafter=iat + 3607)
+    actor_warnafter = int(mint.now) + 90
+    actor = mint.kubernetes(
+        now=iat, lifetime=YEAR, warnafter=actor_warnafter, service_account="planner", pod="planner-5c2b"
+    )
+    body, claims = granted(app, subject, "k8s-ledger", actor_token=actor, actor_token_type=JWT_TYPE)
+    assert body["expires_in"] <= 90
+    assert claims["exp"] <= actor_warnafter
+
+
 @pytest.mark.parametrize("warnafter", [10**400, "1800000000", True], ids=["huge", "string", "true"])
 def test_kubernetes_warnafter_that_is_not_a_numeric_date_is_refused(
     kubernetes_app: Flask, mint: Mint, warnafter: Any
