@@ -337,7 +337,9 @@ def verify_proof(
     htm, htu = claims.get("htm"), claims.get("htu")
     if htm != method:
         raise _refuse("htm_mismatch")
-    if not isinstance(htu, str) or "?" in htu or "#" in htu or not _same_uri(htu, url):
+    # §4.3 (9): "ignoring any query and fragment parts" (normalise_htu drops them); a proof whose
+    # htu has them is off §4.2, which leaves them out, but still names this endpoint.
+    if not isinstance(htu, str) or not _same_uri(htu, url):
         raise _refuse("htu_mismatch")
     if access_token_hash is not None and claims.get("ath") != access_token_hash:
         raise _refuse("ath_mismatch")

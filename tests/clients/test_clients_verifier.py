@@ -368,15 +368,19 @@ def test_the_library_proof_passes_the_verifier(
     assert verifier.verify("POST", URL + "?dry=1", dpop_headers(token, proof)).jkt == key.jkt
 
 
-def test_request_url_query_is_ignored_but_a_query_in_htu_is_refused(
+def test_htu_and_request_url_are_compared_without_query_and_fragment(
     verifier: TokenVerifier, bound: str, client_key: ECKey
 ) -> None:
+    """RFC 9449 §4.3 (9): "ignoring any query and fragment parts", of the request and of ``htu``."""
     ok = sign_proof(client_key, token=bound)
     assert verifier.verify("POST", URL + "?page=2", dpop_headers(bound, ok)).jkt
-    with_query = sign_proof(client_key, token=bound, url=URL + "?page=2")
+    for htu in (URL + "?page=2", URL + "?page=3", URL + "#frag", URL + "?"):
+        proof = sign_proof(client_key, token=bound, url=htu)
+        assert verifier.verify("POST", URL + "?page=2", dpop_headers(bound, proof)).jkt
+    elsewhere = sign_proof(client_key, token=bound, url="https://deploy.example.com/other?x=" + URL)
     with pytest.raises(InvalidDPoPProof) as info:
-        verifier.verify("POST", URL + "?page=2", dpop_headers(bound, with_query))
-    assert info.value.reason == "dpop.htu_has_query"
+        verifier.verify("POST", URL, dpop_headers(bound, elsewhere))
+    assert info.value.reason == "dpop.htu_mismatch"
 
 
 def test_htu_compares_normalised(verifier: TokenVerifier, bound: str, client_key: ECKey) -> None:
@@ -400,7 +404,6 @@ def test_htu_of_an_iri_is_compared_as_its_uri() -> None:
         ({"method": "GET"}, "dpop.htm_mismatch"),
         ({"url": "https://deploy.example.com/other"}, "dpop.htu_mismatch"),
         ({"url": "https://evil.example.com/releases"}, "dpop.htu_mismatch"),
-        ({"url": URL + "#frag"}, "dpop.htu_has_query"),
         # No URI (urlsplit would drop the tab and strip the leading space).
         ({"url": URL.replace("releases", "rele\tases")}, "dpop.htu_mismatch"),
         ({"url": " " + URL}, "dpop.htu_mismatch"),
