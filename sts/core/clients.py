@@ -52,6 +52,17 @@ class RegisteredClient:
     algorithms: frozenset[str] = frozenset()
 
 
+def recorded_client_id(clients: Mapping[str, RegisteredClient], client_id: str | None) -> str | None:
+    """How a presented ``client_id`` is written to the audit trail and its reasons: as it is when
+    it names a registered client; otherwise only as a digest (``unregistered:`` and 16 bytes of its
+    SHA-256), since an unknown "client id" is often a secret sent in the wrong place (credentials
+    swapped in a Basic header): an outside audit found a client's secret stored in the clear."""
+    if client_id is None or client_id in clients:
+        return client_id
+    digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"unregistered:{digest}"
+
+
 def is_public(clients: Mapping[str, RegisteredClient], client_id: str) -> bool:
     """Whether ``client_id`` is registered as a public client (``auth_method: none``)."""
     client = clients.get(client_id)
@@ -104,7 +115,9 @@ def authenticate_client(
     """
     if creds.method == NONE:
         if creds.client_id is not None and not is_public(clients, creds.client_id):
-            raise InvalidClient("client.unauthenticated_client_id", creds.client_id[:100])
+            raise InvalidClient(
+                "client.unauthenticated_client_id", recorded_client_id(clients, creds.client_id) or ""
+            )
         return None
     if creds.method == PRIVATE_KEY_JWT:
         return _authenticate_assertion(
@@ -119,9 +132,11 @@ def authenticate_client(
     try:
         ok = check_secrets(candidates, stored)
     except SecretChecksPaused:
-        raise TemporarilyUnavailable("client.secret_checks_paused", (creds.client_id or "")[:100]) from None
+        raise TemporarilyUnavailable(
+            "client.secret_checks_paused", recorded_client_id(clients, creds.client_id) or ""
+        ) from None
     if client is None:
-        raise InvalidClient("client.unknown", (creds.client_id or "")[:100])
+        raise InvalidClient("client.unknown", recorded_client_id(clients, creds.client_id) or "")
     if client.auth_method != creds.method:
         raise InvalidClient("client.wrong_auth_method", creds.method)
     if not ok:
@@ -158,7 +173,7 @@ def _authenticate_assertion(
         raise InvalidClient("client_assertion.client_id_mismatch")
     client = clients.get(iss)
     if client is None:
-        raise InvalidClient("client.unknown", iss[:100])
+        raise InvalidClient("client.unknown", recorded_client_id(clients, iss) or "")
     if client.auth_method != PRIVATE_KEY_JWT or client.keys is None:
         raise InvalidClient("client.wrong_auth_method", PRIVATE_KEY_JWT)
     typ = normalise_typ(peeked.header.get("typ"))

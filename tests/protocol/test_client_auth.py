@@ -175,14 +175,18 @@ def form(issuer: DevIssuer, **params: str) -> dict[str, str]:
 
 
 def post(
-    client: FlaskClient, data: dict[str, str], *, authorization: str | list[str] | None = None
+    client: FlaskClient,
+    data: dict[str, str],
+    *,
+    authorization: str | list[str] | None = None,
+    path: str = "/token",
 ) -> TestResponse:
     headers: list[tuple[str, str]] = []
     if isinstance(authorization, str):
         headers.append(("Authorization", authorization))
     elif authorization is not None:
         headers.extend(("Authorization", value) for value in authorization)
-    return client.post("/token", data=data, content_type=FORM, headers=headers)
+    return client.post(path, data=data, content_type=FORM, headers=headers)
 
 
 def assertion(
@@ -1064,3 +1068,23 @@ def test_app_refuses_to_start_with_a_plaintext_secret(make_settings: Callable[..
     ]
     with pytest.raises(ConfigurationError, match="secret_hash"):
         create_app(make_settings(clients=clients))
+
+
+@pytest.mark.parametrize("endpoint", ["/token", "/introspect", "/revoke"])
+def test_an_unregistered_client_id_is_recorded_only_as_a_digest(
+    app: Flask, client: FlaskClient, issuer: DevIssuer, endpoint: str
+) -> None:
+    """A client that swaps its credentials in a Basic header sends its secret as the client id:
+    that "id" names no client, so the audit trail keeps only a digest of it (an outside audit found
+    a client secret stored in the clear, and shown by the review page and ``sts audit``)."""
+    data = form(issuer) if endpoint == "/token" else {"token": "x"}
+    response = post(client, data, authorization=basic(GATEWAY_SECRET, GATEWAY_SECRET), path=endpoint)
+    assert_invalid_client(app, response, "client.unknown")
+    record = last_record(app)
+    stored = json.dumps(record, ensure_ascii=False)
+    assert GATEWAY_SECRET not in stored
+    digest = hashlib.sha256(GATEWAY_SECRET.encode()).hexdigest()[:32]
+    assert f"unregistered:{digest}" in stored
+    # A registered client's id is recorded as it is, refused or not.
+    post(client, data, authorization=basic("gateway", "wrong"), path=endpoint)
+    assert "gateway" in json.dumps(last_record(app))

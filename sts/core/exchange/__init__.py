@@ -55,7 +55,13 @@ from .. import stages as stage
 from ..attest import IssuerDirectory, VerifiedToken
 from ..audit import AuditRecord, log_unaudited
 from ..audited import AuditedEndpoint
-from ..clients import AssertionAudience, AuthenticatedClient, RegisteredClient, authenticate_client
+from ..clients import (
+    AssertionAudience,
+    AuthenticatedClient,
+    RegisteredClient,
+    authenticate_client,
+    recorded_client_id,
+)
 from ..delegation import attestation_time, narrow_reexchange
 from ..dpop import DPoPConfig, window_lost
 from ..policy.evaluate import evaluate
@@ -282,7 +288,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         and some rule accepts the subject token as the only credential."""
         creds = parse_client_credentials(wire.form, wire.authorization)
         record.client_auth_method = creds.method
-        record.client_id = creds.client_id
+        record.client_id = recorded_client_id(self.clients, creds.client_id)
         client = authenticate_client(
             creds,
             self.clients,
@@ -296,7 +302,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             # No rule accepts the subject token as the only credential: stop before any work.
             raise InvalidClient("client.authentication_required")
         # A public client's id stays in the record, with the method "none": named, not authenticated.
-        record.client_id = client.client_id if client else creds.client_id
+        record.client_id = client.client_id if client else recorded_client_id(self.clients, creds.client_id)
         if client is not None:
             self.limits.for_client("token", client.client_id, now, record)
         return client
