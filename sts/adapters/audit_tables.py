@@ -28,16 +28,17 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..core.audit_filter import AuditFilter
-from .sql.schema import audit_events, audit_summary_state
+from ..core.audit_views import readable_record
+from .sql.schema import STORED_RECORD, audit_events, audit_summary_state
 
 SIGNAL, AUDIENCE = "signal", "audience"
 #: The columns a record is read with (see ``AuditTables._rows``).
 RECORD = (
     audit_events.c.id,
-    audit_events.c.record,
+    STORED_RECORD.label("record"),
     audit_events.c.chain_id,
     audit_events.c.seq,
     audit_events.c.prev_hash,
@@ -55,6 +56,14 @@ def term_value(value: str) -> str:
     if len(value) <= 200 and value.isprintable():
         return value
     return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _seconds(value: Any) -> float:
+    """A record's ``time`` as read from its JSON; 0 for one that is not a number (edited by hand)."""
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _strings(value: Any) -> list[str]:
@@ -101,6 +110,12 @@ _SQLITE_FACTS = (
     "json_extract(audit_events.record, '$.requested_audience')",
     "json_extract(audit_events.record, '$.requested_resource')",
     "json_extract(audit_events.record, '$.granted_audience')",
+)
+#: The same, for a trail holding a record that is not JSON (edited by hand): SQLite's JSON functions
+#: fail on it, so each reads it as NULL (a second try only, as ``json_valid`` parses each record again).
+_SQLITE_GUARDED_FACTS = tuple(
+    e.replace("audit_events.record", "CASE WHEN json_valid(audit_events.record) THEN audit_events.record END")
+    for e in _SQLITE_FACTS
 )
 _POSTGRESQL_FACTS = (
     "(audit_events.record ->> 'time')",
@@ -160,7 +175,7 @@ class AuditTables:
         chaining), so that an archive verifies as the start of each chain (docs/audit.md)."""
         rows = []
         for audit_id, record, chain_id, seq, prev_hash, digest in conn.execute(query):
-            data = dict(record) if isinstance(record, dict) else json.loads(record)
+            data = readable_record(record)
             link = {"chain_id": chain_id, "seq": seq, "prev_hash": prev_hash, "hash": digest}
             rows.append({"id": int(audit_id), **data, **link})
         return rows
@@ -169,18 +184,28 @@ class AuditTables:
         self, conn: Connection, conditions: list[ColumnElement[bool]], *, newest_first: bool, limit: int
     ) -> list[DecisionFacts]:
         c = audit_events.c
-        extracted: list[ColumnElement[Any]] = [
-            literal_column(e) for e in (_SQLITE_FACTS if self.sqlite else _POSTGRESQL_FACTS)
-        ]
-        query = select(c.id, c.outcome, c.issuer, c.subject, *extracted).where(*conditions)
-        query = query.order_by(c.id.desc() if newest_first else c.id).limit(limit)
+
+        def query(expressions: tuple[str, ...]) -> Select[Any]:
+            extracted: list[ColumnElement[Any]] = [literal_column(e) for e in expressions]
+            chosen = select(c.id, c.outcome, c.issuer, c.subject, *extracted).where(*conditions)
+            return chosen.order_by(c.id.desc() if newest_first else c.id).limit(limit)
+
+        if not self.sqlite:
+            rows = conn.execute(query(_POSTGRESQL_FACTS)).all()
+        else:
+            try:
+                rows = conn.execute(query(_SQLITE_FACTS)).all()
+            except OperationalError as exc:
+                if "malformed JSON" not in str(exc):
+                    raise
+                rows = conn.execute(query(_SQLITE_GUARDED_FACTS)).all()
         facts = []
-        for audit_id, outcome, issuer, subject, when, fired, *lists in conn.execute(query):
+        for audit_id, outcome, issuer, subject, when, fired, *lists in rows:
             requested, resources, granted = (_json_list(x) for x in lists)
             facts.append(
                 DecisionFacts(
                     id=int(audit_id),
-                    time=float(when or 0),
+                    time=_seconds(when),
                     outcome=str(outcome),
                     issuer=issuer,
                     subject=subject,

@@ -8,6 +8,7 @@ that produce them run in :class:`sts.adapters.audit_query.AuditQuery`, behind
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,6 +16,26 @@ from .audit_filter import AuditFilter
 
 #: An identity's decisions are counted up to this many (beyond, ``COUNT_CAP + 1``).
 COUNT_CAP = 10_000
+
+
+#: The reason a record that cannot be read as a JSON object is listed with.
+UNREADABLE = "audit.record_unreadable"
+
+
+def readable_record(stored: Any) -> dict[str, Any]:
+    """A stored record (its JSON text, or what the driver parsed it to) as a dictionary.  One that
+    is not a JSON object (a trail edited by hand) reads as an ``unreadable`` decision, so that
+    every page and command still lists it rather than failing (an outside audit had the review
+    pages answer 500); ``sts audit verify`` tells what changed."""
+    value = stored
+    if isinstance(stored, str | bytes):
+        try:
+            value = json.loads(stored)
+        except ValueError:
+            value = None
+    if isinstance(value, dict):
+        return dict(value)
+    return {"outcome": "unreadable", "reasons": [UNREADABLE]}
 
 
 def fired_signals(record: dict[str, Any]) -> list[str]:

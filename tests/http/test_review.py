@@ -539,3 +539,35 @@ def test_an_unreadable_audit_trail_is_a_503_page(review: Review) -> None:
     assert response.status_code == 503
     body = response.get_data(as_text=True)
     assert "The audit trail cannot be read right now." in body and "Traceback" not in body
+
+
+def test_records_that_are_not_json_objects_are_listed_not_a_500(
+    review: Review, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trail edited by hand (a record that is an array, a string, or not JSON at all) still shows
+    every page, each such record marked unreadable, and the overview calls the chain broken: an
+    outside audit had the timeline, the identity page and the decision answer 500."""
+    import sts.wiring.review as wiring
+
+    monkeypatch.setattr(wiring, "CHAIN_STATUS_SECONDS", 0.0)
+    review.sign_in()
+    engine = review.app.extensions["sts"].engine
+    with engine.begin() as conn:
+        for audit_id, text_value in ((4, "[]"), (5, '"x"'), (6, "not json {")):
+            conn.execute(
+                text("UPDATE audit_events SET record = :r WHERE id = :i"), {"r": text_value, "i": audit_id}
+            )
+    for path in (
+        "/review/timeline",
+        "/review/",
+        "/review/decision/4",
+        "/review/decision/5",
+        "/review/decision/6",
+    ):
+        assert "unreadable" in review.page(path) or path == "/review/", path
+    review.page("/review/identity", issuer="upstream", subject=APP)
+    review.page("/review/graph")
+    assert '<span class="chain-broken">broken</span>' in review.page("/review/")
+    # ``sts audit tail`` and ``export`` read them the same way.
+    outcomes = [r["outcome"] for r in review.app.extensions["sts"].audit.recent()]
+    assert outcomes.count("unreadable") == 3

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, select
 
 from ...core.audit import AuditRecord
 from ...core.audit_chain import genesis_hash, link_hash
+from ...core.audit_views import readable_record
 from ...core.canonical_json import canonical_record
 from ...core.ports import AlreadyUsed, AuditOutcomeUnknown, AuditUnavailable, BaselineUpdate, SingleUse
 from .chain_heads import ChainHead, ChainHeads
@@ -31,7 +32,7 @@ from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, audit_
 from .key_value import store_key, upsert_statement
 from .pg_exchange import pipelined_grants
 from .replay import first_uses_statement, replay_key
-from .schema import audit_events
+from .schema import STORED_RECORD, audit_events
 from .sqlite_grants import SqliteGrants
 from .statements import CommitOutcomeUnknown, RawStatement, failure_text
 from .subject_lookup import column_conditions
@@ -438,12 +439,12 @@ class SqlAuditSink:
 
     def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
         """Newest first; ``filters`` match columns exactly (``outcome="refused"``)."""
-        query = select(audit_events.c.record).order_by(audit_events.c.id.desc()).limit(limit)
+        query = select(STORED_RECORD).order_by(audit_events.c.id.desc()).limit(limit)
         with self.engine.connect() as conn:
             query = query.where(*column_conditions(conn, filters))
-            return [dict(r[0]) for r in conn.execute(query)]
+            return [readable_record(r[0]) for r in conn.execute(query)]
 
     def iter_all(self) -> Iterator[dict[str, Any]]:
         with self.engine.connect() as conn:
-            for row in conn.execute(select(audit_events.c.record).order_by(audit_events.c.id)):
-                yield dict(row[0])
+            for row in conn.execute(select(STORED_RECORD).order_by(audit_events.c.id)):
+                yield readable_record(row[0])

@@ -20,7 +20,9 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     text,
+    type_coerce,
 )
 
 metadata = MetaData()
@@ -212,3 +214,7 @@ rate_limits = Table(
     Column("tat", Float, nullable=False),
     Column("tolerance", Float, nullable=False),
 )
+
+#: A record as stored, its JSON text (the driver's JSON reader would fail on one edited by hand
+#: into something else; readers parse it with :func:`sts.core.audit_views.readable_record`).
+STORED_RECORD = type_coerce(audit_events.c.record, Text)
