@@ -214,12 +214,20 @@ def read_wire(
     after ``refuse_early`` has recorded it, when the request cannot be read."""
     problem: OAuthError | None = None
     form: dict[str, list[str]] = {}
-    try:
-        form = parse_form(environ, limits)
-    except RequestEntityTooLarge:
-        problem = InvalidRequest("request.body_too_large")
-    except BadRequest:
-        problem = InvalidRequest("request.malformed_body")
+    encodings = [
+        v.strip().lower() for value in header_values(environ, "Content-Encoding") for v in value.split(",")
+    ]
+    if any(coding not in ("", "identity") for coding in encodings):
+        # A coded body (gzip...) is not decoded here; read as it is, it would be another body than
+        # the one a proxy that decodes it saw (RFC 9110 §8.4): refused, not read (an outside check).
+        problem = InvalidRequest("request.content_encoding", ",".join(encodings)[:60])
+    else:
+        try:
+            form = parse_form(environ, limits)
+        except RequestEntityTooLarge:
+            problem = InvalidRequest("request.body_too_large")
+        except BadRequest:
+            problem = InvalidRequest("request.malformed_body")
     authorizations = header_values(environ, "Authorization")
     if len(authorizations) > 1:
         problem = problem or InvalidRequest("request.repeated_authorization_header")

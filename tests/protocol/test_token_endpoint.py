@@ -11,6 +11,7 @@ subject token's SHA-256 but never a token or a secret.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -1060,6 +1061,27 @@ REFUSALS: dict[str, Refusal] = {
     "content-type-text-plain": Refusal(
         lambda c: Call(encode(form(t := c.deploy())), content_type="text/plain", secrets=(t,)),
         "invalid_request",
+    ),
+    # RFC 9110 §8.4: a coded body is not decoded here, and must not be read as if it were plain
+    # (a proxy that decodes it sees another body): an outside check had one granted.
+    "content-encoding-gzip-plain-body": Refusal(
+        lambda c: Call(form(t := c.deploy()), headers={"Content-Encoding": "gzip"}, secrets=(t,)),
+        "invalid_request",
+        reason="request.content_encoding",
+    ),
+    "content-encoding-gzip": Refusal(
+        lambda c: Call(
+            gzip.compress(encode(form(t := c.deploy()))),
+            headers={"Content-Encoding": "gzip"},
+            secrets=(t,),
+        ),
+        "invalid_request",
+        reason="request.content_encoding",
+    ),
+    "content-encoding-listed-after-identity": Refusal(
+        lambda c: Call(form(t := c.deploy()), headers={"Content-Encoding": "identity, br"}, secrets=(t,)),
+        "invalid_request",
+        reason="request.content_encoding",
     ),
     "charset-latin1": Refusal(
         lambda c: Call(
