@@ -95,9 +95,15 @@ class InvalidClient(OAuthError):
     description = "Client authentication failed."
 
     realm: ClassVar[str] = "sts"
+    #: The scheme the client used in ``Authorization`` when it is not Basic (one of a fixed set):
+    #: RFC 6749 §5.2 asks for a challenge "matching the authentication scheme used by the client".
+    used_scheme: str | None = None
 
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": f'Basic realm="{self.realm}", error="invalid_client"'}
+        basic = f'Basic realm="{self.realm}", error="invalid_client"'
+        if self.used_scheme is None:
+            return {"WWW-Authenticate": basic}
+        return {"WWW-Authenticate": f'{self.used_scheme} realm="{self.realm}", {basic}'}
 
 
 class InvalidGrant(OAuthError):

@@ -23,7 +23,17 @@ from urllib.parse import unquote_plus
 from ..errors import InvalidClient, InvalidRequest
 from .token_exchange import single
 
-_KNOWN_SCHEMES = frozenset({"bearer", "dpop", "digest", "negotiate", "token", "mac", "hoba", "gnap"})
+#: Authorization schemes a client may mistakenly use here, as each is written in a challenge.
+_KNOWN_SCHEMES = {
+    "bearer": "Bearer",
+    "dpop": "DPoP",
+    "digest": "Digest",
+    "negotiate": "Negotiate",
+    "token": "Token",
+    "mac": "MAC",
+    "hoba": "HOBA",
+    "gnap": "GNAP",
+}
 CLIENT_ASSERTION_TYPE_JWT = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 NONE = "none"
@@ -88,7 +98,9 @@ def parse_client_credentials(
         if scheme.lower() != "basic":
             # Record only a known scheme name: a bare secret in the header must not reach the audit trail.
             known = scheme.lower() if scheme.lower() in _KNOWN_SCHEMES else "other"
-            raise InvalidClient("client.unsupported_authorization_scheme", known)
+            refused = InvalidClient("client.unsupported_authorization_scheme", known)
+            refused.used_scheme = _KNOWN_SCHEMES.get(known)
+            raise refused
         if "," in rest:
             # WSGI servers join a repeated header with ", "; base64 never holds a comma.
             raise InvalidRequest("request.repeated_authorization_header")

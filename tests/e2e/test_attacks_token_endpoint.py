@@ -957,6 +957,12 @@ CLIENT_ATTACKS = [
         headers={"Authorization": "Bearer abc"},
     ),
     bad_client(
+        "DPoP scheme",
+        ledger,
+        "client.unsupported_authorization_scheme",
+        headers={"Authorization": "DPoP abc"},
+    ),
+    bad_client(
         "Basic client using client_secret_post",
         lambda: ledger(client_id="gateway", client_secret=GATEWAY_SECRET),
         "client.wrong_auth_method",
@@ -1109,7 +1115,8 @@ def send(target: Target, probe: Probe, request_id: str) -> requests.Response:
 @pytest.mark.parametrize("row", TABLE, ids=[row.attack for row in TABLE])
 def test_attack(target: Target, row: Row) -> None:
     request_id = "attack-" + uuid.uuid4().hex
-    response = send(target, row.probe(target), request_id)
+    probe = row.probe(target)
+    response = send(target, probe, request_id)
 
     assert response.status_code == row.status, (response.text, audit_reasons(target, request_id))
     # RFC 6749 §5.1, §5.2: every answer is JSON and never cached.
@@ -1125,8 +1132,12 @@ def test_attack(target: Target, row: Row) -> None:
     assert ERROR_CODE.fullmatch(body["error"])
     assert ERROR_DESCRIPTION.fullmatch(body["error_description"]), body
     if row.status == 401:
-        # RFC 6749 §5.2: a 401 names the scheme the client may use (here always Basic).
-        assert response.headers["WWW-Authenticate"].startswith("Basic ")
+        # RFC 6749 §5.2: a 401 names the scheme the client may use (Basic), and first the scheme the
+        # client used in its Authorization header when that was another one.
+        challenge = response.headers["WWW-Authenticate"]
+        used = (probe.headers.get("Authorization") or "Basic").split(" ")[0]
+        assert challenge.startswith(f'{used} realm="sts"'), challenge
+        assert 'Basic realm="sts", error="invalid_client"' in challenge
     if row.reason is not None:
         assert row.reason in audit_reasons(target, request_id)
 

@@ -248,7 +248,7 @@ def assert_invalid_client(app: Flask, response: TestResponse, reason: str | None
     assert body["error"] == "invalid_client"
     assert body["error_description"] == "Client authentication failed."
     assert "access_token" not in body
-    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+    assert response.headers["WWW-Authenticate"].endswith('Basic realm="sts", error="invalid_client"')
     assert response.headers["Cache-Control"] == "no-store"
     record = last_record(app)
     assert record["outcome"] == "refused"
