@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InvalidClient, TemporarilyUnavailable
 from ..protocol.client_auth import NONE, PRIVATE_KEY_JWT, ClientCredentials
@@ -124,6 +124,13 @@ def authenticate_client(
             creds, clients, replay, audience, now=now, leeway=leeway, max_lifetime=max_assertion_lifetime
         )
     client = clients.get(creds.client_id or "")
+    if client is None:
+        # A client id holding ":" sent as it is (no form encoding): the split naming a client.
+        for later_id, later_secret in creds.later_splits:
+            if later_id in clients and later_id.isprintable():
+                creds = replace(creds, client_id=later_id, secret=later_secret, literal_secret=None)
+                client = clients[later_id]
+                break
     stored = client.secret_hash if client else None
     candidates = [creds.secret or ""]
     if creds.literal_secret is not None and creds.literal_secret != creds.secret:

@@ -54,23 +54,37 @@ class ClientCredentials:
     #: Basic credentials as sent, before form-decoding: many clients (google-auth, Authlib)
     #: skip RFC 6749 §2.3.1's encoding, so a secret with ``+`` or ``%`` is tried both ways.
     literal_secret: str | None = field(default=None, repr=False)
+    #: Basic credentials as sent, split at each later ``:`` (id, secret): a client id holding ``:``
+    #: sent without the form encoding (Authlib, requests, google-auth do so) is found by the split
+    #: whose id is registered (see :func:`sts.core.clients.authenticate_client`).
+    later_splits: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
-def _decode_basic(value: str) -> tuple[str, str, str]:
-    """RFC 6749 §2.3.1 / RFC 7617: base64 of ``urlencoded-id:urlencoded-secret``."""
+def _decode_basic(value: str) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+    """RFC 6749 §2.3.1 / RFC 7617: base64 of ``urlencoded-id:urlencoded-secret``.
+
+    Bytes that are not UTF-8 are read as ISO-8859-1: RFC 7617 §2.1 leaves the charset to the
+    server, and clients that skip the form encoding send a secret's non-ASCII characters in that
+    charset (Authlib, and requests' ``HTTPBasicAuth`` under requests-oauthlib: an outside interop
+    check had them refused).  A client id must be ASCII either way (``_check_client_id``)."""
     try:
         raw = base64.b64decode(value.strip(), validate=True)
-        text = raw.decode("utf-8")
     except (binascii.Error, ValueError):
         raise InvalidClient("client.malformed_basic_credentials") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
     client_id, sep, literal = text.partition(":")
     if not sep:
         raise InvalidClient("client.malformed_basic_credentials")
+    parts = text.split(":")
+    later = tuple((":".join(parts[:n]), ":".join(parts[n:])) for n in range(2, min(len(parts), 9)))
     client_id, secret = unquote_plus(client_id), unquote_plus(literal)
     if not client_id:
         raise InvalidClient("client.malformed_basic_credentials")
     _check_client_id(client_id)
-    return client_id, secret, literal
+    return client_id, secret, literal, later
 
 
 def _check_client_id(client_id: str | None) -> None:
@@ -92,7 +106,7 @@ def parse_client_credentials(
     assertion = single(form, "client_assertion")
     assertion_type = single(form, "client_assertion_type")
 
-    basic: tuple[str, str, str] | None = None
+    basic: tuple[str, str, str, tuple[tuple[str, str], ...]] | None = None
     if authorization is not None:
         scheme, _, rest = authorization.strip().partition(" ")
         if scheme.lower() != "basic":
@@ -113,7 +127,9 @@ def parse_client_credentials(
     if basic is not None:
         if form_id is not None and form_id != basic[0]:
             raise InvalidClient("client.client_id_mismatch")
-        return ClientCredentials(CLIENT_SECRET_BASIC, basic[0], secret=basic[1], literal_secret=basic[2])
+        return ClientCredentials(
+            CLIENT_SECRET_BASIC, basic[0], secret=basic[1], literal_secret=basic[2], later_splits=basic[3]
+        )
     if form_secret is not None:
         if form_id is None:
             raise InvalidClient("client.missing_client_id")

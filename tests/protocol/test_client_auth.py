@@ -371,6 +371,30 @@ def test_private_key_jwt_client_using_a_secret_is_refused(
     assert_invalid_client(app, response, "client.wrong_auth_method")
 
 
+def test_a_client_id_with_a_colon_sent_without_form_encoding_is_found(
+    app: Flask, client: FlaskClient, issuer: DevIssuer
+) -> None:
+    """Authlib, requests and google-auth put the client id in Basic as it is: at the first ``:``
+    it names no client, so the split that names a registered one is taken (an outside interop
+    check); only that client's own secret passes."""
+    raw = raw_basic(f"{ODD_CLIENT}:{ODD_SECRET}".encode())
+    assert_granted(app, post(client, form(issuer), authorization=raw), ODD_CLIENT, "client_secret_basic")
+    wrong = raw_basic(f"{ODD_CLIENT}:{GATEWAY_SECRET}".encode())
+    assert_invalid_client(app, post(client, form(issuer), authorization=wrong), "client.bad_secret")
+    assert ODD_CLIENT in json.dumps(last_record(app))
+
+
+def test_basic_credentials_in_latin1_are_read_as_such(
+    app: Flask, client: FlaskClient, issuer: DevIssuer
+) -> None:
+    """RFC 7617 §2.1 leaves the charset open: Authlib and requests' ``HTTPBasicAuth`` send a
+    secret's non-ASCII characters (here ``é``) in ISO-8859-1, not encoded; UTF-8 is read first."""
+    latin1 = raw_basic(f"{ODD_CLIENT}:{ODD_SECRET}".encode("latin-1"))
+    assert_granted(app, post(client, form(issuer), authorization=latin1), ODD_CLIENT, "client_secret_basic")
+    wrong = raw_basic(f"{ODD_CLIENT}:{ODD_SECRET}x".encode("latin-1"))
+    assert_invalid_client(app, post(client, form(issuer), authorization=wrong), "client.bad_secret")
+
+
 @pytest.mark.parametrize(
     "authorization",
     [
