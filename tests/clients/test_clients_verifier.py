@@ -13,12 +13,14 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from flask import Flask, g
 from joserfc import jwt
+from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, Key, OctKey, RSAKey
 from joserfc.jws import JWSRegistry
 from sts_client.challenges import Challenge, parse_challenges
@@ -982,3 +984,30 @@ def test_a_token_whose_member_names_repeat_is_refused(
 def proof_payload(proof: str) -> str:
     segment = proof.split(".")[1]
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)).decode()
+
+
+def test_eddsa_tokens_and_proofs_verify_as_ed25519(fake: FakeAuthorizationServer) -> None:
+    """``EdDSA`` (RFC 8037), which the STS issues with ``signing_alg: EdDSA`` and accepts in DPoP
+    proofs by default, is the Ed25519 signature on an Ed25519 key (RFC 9864): the verifier takes
+    both names (an outside interop check had every such token and proof refused), without
+    joserfc's warning about the deprecated name (the test suite turns it into an error)."""
+    from joserfc.jwk import OKPKey
+
+    signer = OKPKey.generate_key("Ed25519", parameters={"alg": "EdDSA", "use": "sig"}, auto_kid=True)
+    fake.published = [signer, *fake.published]
+    client_key = OKPKey.generate_key("Ed25519")
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SecurityWarning)  # signing them here, with joserfc's EdDSA
+        token = fake.mint(key=signer, alg="EdDSA", jkt=client_key.thumbprint())
+        proof = sign_proof(client_key, token=token, alg="EdDSA")
+        forged = sign_proof(OKPKey.generate_key("Ed25519"), token=token, alg="EdDSA")
+    result = verifier.verify("POST", URL, dpop_headers(token, proof))
+    assert result.jkt == client_key.thumbprint() and result.token_type == "DPoP"
+    with pytest.raises(InvalidDPoPProof):
+        verifier.verify("POST", URL, dpop_headers(token, forged))
+    tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(VerificationError):
+        verifier.verify(
+            "POST", URL, dpop_headers(tampered, sign_proof(client_key, token=tampered, alg="Ed25519"))
+        )

@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from joserfc import jws
 from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, MissingClaimError
-from joserfc.jws import JWSRegistry
 from joserfc.jwt import JWTClaimsRegistry
 
-from .compact import MalformedJWS, extract_compact_jws
+from .compact import MalformedJWS, extract_compact_jws, validate_signature
 from .errors import InvalidToken, TemporarilyUnavailable
 from .jwks import ASYMMETRIC_ALGORITHMS, JWKSCache, KeysUnavailable, UnknownKey
 
@@ -98,8 +96,7 @@ def verify_access_token_jwt(
     except KeysUnavailable as exc:
         raise TemporarilyUnavailable("keys.unavailable", str(exc), scheme=scheme) from None
     try:
-        registry = JWSRegistry(algorithms=[alg], strict_check_header=False)
-        valid = jws.validate_compact(compact, key, registry=registry)
+        valid = validate_signature(compact, key, alg)
     except (JoseError, ValueError) as exc:
         raise InvalidToken("token.bad_signature", type(exc).__name__, scheme=scheme) from None
     if not valid:

@@ -22,7 +22,7 @@ from joserfc.errors import JoseError
 from joserfc.jws import CompactSignature, JWSRegistry
 from joserfc.util import urlsafe_b64decode
 
-__all__ = ["CompactJWS", "MalformedJWS", "extract_compact_jws"]
+__all__ = ["CompactJWS", "MalformedJWS", "extract_compact_jws", "validate_signature"]
 
 
 class MalformedJWS(ValueError):
@@ -81,3 +81,29 @@ def extract_compact_jws(token: str, *, max_bytes: int, registry: JWSRegistry | N
     except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
         raise MalformedJWS(type(exc).__name__) from None
     return CompactJWS(compact, _json_object(header_bytes, "header"), _json_object(compact.payload, "payload"))
+
+
+#: Ed25519 (RFC 9864 §2.2), the scheme RFC 8037's ``EdDSA`` names on an Ed25519 key.
+_ED25519 = JWSRegistry(algorithms=["Ed25519"], strict_check_header=False).get_alg("Ed25519")
+_REGISTRIES: dict[str, JWSRegistry] = {}
+
+
+def validate_signature(compact: CompactSignature, key: Any, alg: str) -> bool:
+    """Whether ``compact``'s signature verifies with ``key`` under ``alg`` (and only ``alg``).
+
+    ``EdDSA`` (RFC 8037) is checked as ``Ed25519`` (RFC 9864), the same signature on the Ed25519
+    keys :func:`~sts_client.jwks.key_fits` lets it use: joserfc warns on every use of the deprecated
+    name, which the service still issues and accepts in DPoP proofs (an outside interop check
+    found such tokens and proofs refused here).  Raises joserfc's errors as ``jws.validate_compact``.
+    """
+    if alg == "EdDSA":
+        signing_input = compact.segments["header"] + b"." + compact.segments["payload"]
+        try:
+            signature = urlsafe_b64decode(compact.segments["signature"])
+        except (TypeError, ValueError):
+            return False
+        return bool(_ED25519.verify(signing_input, signature, key))
+    registry = _REGISTRIES.get(alg)
+    if registry is None:
+        registry = _REGISTRIES.setdefault(alg, JWSRegistry(algorithms=[alg], strict_check_header=False))
+    return bool(jws.validate_compact(compact, key, registry=registry))

@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from joserfc import jws, jwt
+from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key
 from joserfc.jws import JWSRegistry
 from joserfc.util import to_str, urlsafe_b64encode
 
-from .compact import MalformedJWS, extract_compact_jws
+from .compact import MalformedJWS, extract_compact_jws, validate_signature
 from .errors import InvalidDPoPProof
 from .jwks import ASYMMETRIC_ALGORITHMS, import_public_key, key_fits
 
@@ -58,7 +58,17 @@ __all__ = [
 
 #: What a resource server accepts by default (announced as ``algs``).  No ``none``, no ``HS*``:
 #: a proof must be verifiable with the public key it carries (RFC 9449 §4.2).
-DEFAULT_DPOP_ALGORITHMS: Final = ("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "Ed25519")
+DEFAULT_DPOP_ALGORITHMS: Final = (
+    "ES256",
+    "ES384",
+    "ES512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "RS256",
+    "Ed25519",
+    "EdDSA",
+)
 
 DPOP_TYP: Final = "dpop+jwt"
 MAX_PROOF_BYTES: Final = 8 * 1024
@@ -207,20 +217,11 @@ class CheckedProof:
     nonce: str | None
 
 
-_REGISTRIES: dict[str, JWSRegistry] = {}
-
 #: Parses proofs only.  joserfc's default registry refuses a protected header over 512 bytes, but a
 #: proof's header carries the whole public key (§4.2): with an RSA-2048 ``jwk`` it is about 550.
 #: 2048 bytes holds any RSA key whose signature fits joserfc's 1024-byte signature limit (as the STS).
 _PROOF_PARSER = JWSRegistry(strict_check_header=False)
 _PROOF_PARSER.max_header_length = 2048
-
-
-def _registry(alg: str) -> JWSRegistry:
-    registry = _REGISTRIES.get(alg)
-    if registry is None:
-        registry = _REGISTRIES.setdefault(alg, JWSRegistry(algorithms=[alg], strict_check_header=False))
-    return registry
 
 
 def check_proof(
@@ -267,7 +268,7 @@ def check_proof(
         raise InvalidDPoPProof("dpop.jwk_alg_mismatch")
     # §4.3 (6): the signature verifies with that key.
     try:
-        valid = jws.validate_compact(extracted, key, registry=_registry(alg))
+        valid = validate_signature(extracted, key, alg)
     except (JoseError, ValueError) as exc:
         raise InvalidDPoPProof("dpop.bad_signature", type(exc).__name__) from None
     if not valid:

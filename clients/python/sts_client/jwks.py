@@ -60,6 +60,8 @@ ASYMMETRIC_ALGORITHMS: Final[Mapping[str, tuple[str, str | None]]] = MappingProx
         "PS384": ("RSA", None),
         "PS512": ("RSA", None),
         "Ed25519": ("OKP", "Ed25519"),
+        # RFC 8037's name for the same, deprecated by RFC 9864 but what many issuers and clients send.
+        "EdDSA": ("OKP", "Ed25519"),
     }
 )
 
