@@ -105,6 +105,7 @@ def _link_of(row: Any) -> StoredLink:
         hash=row.hash or "",
         record=record,
         column_mismatch=problem or _column_mismatch(row._mapping, record),
+        text=row.record_text,
     )
 
 

@@ -98,6 +98,9 @@ class StoredLink:
     hash: str
     record: Any
     column_mismatch: str | None = None
+    #: The record's text as stored (None: not read), which must be its canonical JSON: what the
+    #: hash covers is the text the database's own JSON functions read (summaries, filters).
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,10 @@ def _walk(
             return broken(link, "the record is not representable as canonical JSON (edited)")
         if link_hash(prev, chain_id, link.seq, text) != link.hash:
             return broken(link, "hash does not match the record (the record was edited)")
+        if link.text is not None and link.text != text:
+            # Same values, other text (an escape, spacing, member order): what the hash vouches for
+            # is not what the database's JSON functions read (an outside audit: "fir\u0065d").
+            return broken(link, "the record's text is not its canonical JSON (edited)")
         if link.column_mismatch is not None:
             return broken(link, f"column {link.column_mismatch} differs from the record (edited)")
         if link.record_id <= last_id:

@@ -36,7 +36,7 @@ import pytest
 import rfc8785
 import yaml
 from click.testing import CliRunner
-from sqlalchemy import Engine, delete, func, insert, select, text, update
+from sqlalchemy import JSON, Engine, Text, cast, delete, func, insert, select, text, type_coerce, update
 
 from sts.adapters import audit_integrity
 from sts.adapters.keyring import KeyRing
@@ -425,6 +425,19 @@ def test_two_writer_processes_verify_and_every_kind_of_tampering_is_detected(
     )
     assert (link.seq, link.record_id) == (3, victim["id"])
     assert "column outcome differs from the record" in link.problem
+
+    # The same values in another text (an escaped member name): the hash, over the canonical text,
+    # still matches, but the database's JSON functions read another record (an outside audit).
+    escaped = canonical_json(victim["record"]).replace('"outcome"', '"outc\\u006fme"', 1)
+    assert escaped != canonical_json(victim["record"]) and json.loads(escaped) == victim["record"]
+    as_text = type_coerce(escaped, Text)
+    written = as_text if engine.dialect.name == "sqlite" else cast(as_text, JSON)
+    link = tampered(
+        lambda conn: conn.execute(update(events).where(events.c.id == victim["id"]).values(record=written)),
+        restore(victim),
+    )
+    assert (link.seq, link.record_id) == (3, victim["id"])
+    assert "text is not its canonical JSON" in link.problem
 
     # A deleted record: a gap, reported at the record after it.
     link = tampered(

@@ -25,7 +25,8 @@ Design choices that these rows pin down (and the README documents):
 revocation by a client the token was neither issued to nor meant for is
 refused with ``unauthorized_client`` (RFC 7009 §2.1: "the request is refused
 and the client is informed of the error"); a DPoP ``htu`` carrying a query or
-fragment is refused (§4.2: htu is sent "without query and fragment parts");
+fragment names the endpoint without them (§4.3 step 9: "ignoring any query and
+fragment parts"; it was refused until an outside conformance check);
 introspection answers JSON whatever the ``Accept`` (RFC 9701 JWT responses are
 not offered: the metadata lists no ``introspection_signing_alg_values_supported``).
 """
@@ -395,8 +396,13 @@ TOKEN_ENDPOINT_PROOFS: list[tuple[str, Callable[[str], str], int]] = [
     ("htu-percent-encoded-unreserved", lambda url: proof(with_path(url, "/%74oken")), 200),
     ("htu-lower-case-percent-hex", lambda url: proof(with_path(url, "/%74oke%6e")), 200),
     ("htu-dot-segments", lambda url: proof(with_path(url, "/x/../token")), 200),
-    ("htu-with-query (design: refused)", lambda url: proof(url + "?a=1"), 400),
-    ("htu-with-fragment (design: refused)", lambda url: proof(url + "#f"), 400),
+    ("htu-with-query (step 9: ignored)", lambda url: proof(url + "?a=1"), 200),
+    ("htu-with-fragment (step 9: ignored)", lambda url: proof(url + "#f"), 200),
+    (
+        "htu-other-path-with-query (step 9)",
+        lambda url: proof(with_path(url, "/introspect") + "?t=/token"),
+        400,
+    ),
     ("htu-with-userinfo", lambda url: proof(url.replace("://", "://user@", 1)), 400),
     ("htu-not-a-string", lambda url: proof(url, claims={"htu": ["x"]}), 400),
     ("iat-an-hour-old (step 11)", lambda url: proof(url, iat=time.time() - 3600), 400),

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 
+from ...core.canonical_json import canonical_json, canonical_record
 from ..request_threads import waiting
 from .deadline import StatementDeadlines
 from .sqlite_local import read_only
@@ -91,6 +92,13 @@ _STATEMENT_ENGINES_LOCK = threading.Lock()
 _DEADLINES: weakref.WeakKeyDictionary[Engine, StatementDeadlines] = weakref.WeakKeyDictionary()
 
 
+def json_text(value: Any) -> str:
+    """A JSON column's text when SQLAlchemy writes one (a tool, a test): canonical, as the audit
+    sink writes records (:func:`~sts.core.canonical_json.canonical_record`), since verification
+    holds a record's text to its canonical JSON."""
+    return canonical_record(value)[0] if isinstance(value, Mapping) else canonical_json(value)
+
+
 def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
     """One engine (and pool) per process, created at start; no connection is opened here."""
     if url.startswith("sqlite:///"):
@@ -107,10 +115,14 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
             # second after deleting it), and the process stays not ready until a restart.
             opened = "file:" + urllib.parse.quote(str(Path(database).absolute())) + "?mode=rw"
             engine = create_engine(
-                url, creator=lambda: sqlite3.connect(opened, timeout=0, check_same_thread=False, uri=True)
+                url,
+                creator=lambda: sqlite3.connect(opened, timeout=0, check_same_thread=False, uri=True),
+                json_serializer=json_text,
             )
         else:
-            engine = create_engine(url, connect_args={"timeout": 0, "check_same_thread": False})
+            engine = create_engine(
+                url, connect_args={"timeout": 0, "check_same_thread": False}, json_serializer=json_text
+            )
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -157,7 +169,9 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
         if name not in query
     }
     connect: dict[str, Any] = {"connect_args": arguments} if arguments else {}
-    engine = create_engine(url, pool_pre_ping=True, **options.transaction_arguments(), **connect)
+    engine = create_engine(
+        url, pool_pre_ping=True, json_serializer=json_text, **options.transaction_arguments(), **connect
+    )
     _ENGINE_ARGUMENTS[engine] = {**options.engine_arguments(), **connect}
     _DEADLINES[engine] = StatementDeadlines(options.deadline)
     return engine
