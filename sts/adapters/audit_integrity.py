@@ -87,10 +87,13 @@ def _chained_rows(conn: Connection) -> Any:
     return select(*columns).where(c.chain_id.is_not(None))
 
 
-def stored_links(conn: Connection, *, batch: int = 2000) -> Iterator[StoredLink]:
-    """Every chained record, ordered by ``(chain_id, seq)``, streamed ``batch`` rows at a time."""
+def stored_links(conn: Connection, *, batch: int = 2000, below_id: int | None = None) -> Iterator[StoredLink]:
+    """Every chained record (with ``below_id``: those with a lower id), ordered by ``(chain_id,
+    seq)``, streamed ``batch`` rows at a time."""
     c = audit_events.c
     query = _chained_rows(conn).order_by(c.chain_id, c.seq)
+    if below_id is not None:
+        query = query.where(c.id < below_id)
     for row in conn.execution_options(yield_per=batch).execute(query):
         yield _link_of(row)
 
@@ -107,6 +110,20 @@ def _link_of(row: Any) -> StoredLink:
         column_mismatch=problem or _column_mismatch(row._mapping, record),
         text=row.record_text,
     )
+
+
+def verify_prefix(conn: Connection, below_id: int) -> list[BrokenLink]:
+    """Verify the chained records with ``id < below_id`` from their chains' anchors: what a prune is
+    about to remove, which must be intact (an outside audit had a prune carry an edited record
+    out of the trail, after which ``sts audit verify`` said all was well).  The broken links."""
+    links = list(stored_links(conn, below_id=below_id)) if below_id > 0 else []
+    named = {link.chain_id for link in links}
+    starts = [start for start in chain_starts(conn) if start.chain_id in named]
+    try:
+        verify_chains(starts, links)
+    except AuditTrailBroken as exc:
+        return exc.report.broken
+    return []
 
 
 def verify_recent(engine: Engine, limit: int = 2000) -> tuple[int, list[BrokenLink]]:

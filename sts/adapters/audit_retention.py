@@ -17,9 +17,10 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
+from .audit_integrity import verify_prefix
 from .audit_tables import RECORD, AuditTables
 from .sql.engines import transaction
-from .sql.retention import record_prune_anchors
+from .sql.retention import PruneWouldBreakChain, record_prune_anchors
 from .sql.schema import audit_counts, audit_edges, audit_events, audit_terms
 
 
@@ -86,6 +87,13 @@ class AuditRetention(AuditTables):
             # leaves everything in place.
             record_prune_anchors(conn, boundary, self.clock())
             checking.rollback()
+        with self.engine.connect() as conn, conn.begin():
+            # What goes must verify: a prune never carries an edited record out of the trail.
+            broken = verify_prefix(conn, boundary)
+        if broken:
+            raise PruneWouldBreakChain(
+                f"the records to remove do not verify ({broken[0]}); run `sts audit verify`"
+            )
         if archive is not None:
             written = self._archive(archive, boundary)
             again, _ = self.prune_boundary(cutoff)

@@ -730,3 +730,27 @@ def test_a_subject_alone_is_read_on_the_identity_index(engine: Engine) -> None:
             assert "Sort Key" not in plan and "Seq Scan on audit_events" not in plan, plan
     finally:
         raw.close()
+
+
+def test_prune_refuses_to_remove_an_edited_record(engine: Engine, tmp_path: Path) -> None:
+    """What a prune removes must verify: an edited record below the cutoff (a grant rewritten as a
+    refusal) is reported, nothing is deleted, and ``sts audit verify`` still sees the edit (an
+    outside audit had the prune carry it out of the trail, after which verify said all was well)."""
+    from sts.adapters.audit_integrity import verify_trail
+    from sts.core.audit_chain import AuditTrailBroken
+
+    sink = SqlAuditSink(engine)
+    for i in range(8):
+        sink.write(make_record(i, when=NOW - (8 - i) * 86400))
+    with engine.begin() as conn:
+        conn.execute(
+            audit_events.update()
+            .where(audit_events.c.id == 2)
+            .values(outcome="refused", error="invalid_target")
+        )
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    with pytest.raises(PruneWouldBreakChain, match="do not verify"):
+        query.prune(cutoff=NOW - 4 * 86400 - 1, archive=tmp_path / "old.jsonl")
+    assert len(list(query.export(AuditFilter()))) == 8
+    with pytest.raises(AuditTrailBroken):
+        verify_trail(engine)
