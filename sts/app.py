@@ -92,7 +92,9 @@ def create_app(
     counted = stores.counted(metrics)
     # Given the counted stores: a baseline the Redis ledger saves after a grant counts its failures.
     ledger = MeteredLedger(single_use_ledger(counted, audit), metrics)
-    limits = build_rate_limiter(settings, engine, stores.redis_client, metrics)
+    # On the real clock, Redis counts by its own (one clock for the fleet); a test's clock is its own.
+    real_clock = clock is time.time
+    limits = build_rate_limiter(settings, engine, stores.redis_client, metrics, server_clock=real_clock)
     # The pipeline's stages: trace spans (when tracing is on) and the per-stage latency histogram.
     tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
     tracing.add_stages_observer(metrics.observe_stages)

@@ -122,10 +122,13 @@ def store_check(stores: Stores, instance: str) -> StoreCheck:
     return sql_store_check(stores.replay, instance)
 
 
-def rate_limit_store(engine: Engine, redis_client: redis.Redis | None) -> RateLimitStore:
-    """Where rate-limit counts are kept: with the rest of the shared state (Redis, else the database)."""
+def rate_limit_store(
+    engine: Engine, redis_client: redis.Redis | None, *, server_clock: bool = True
+) -> RateLimitStore:
+    """Where rate-limit counts are kept: with the rest of the shared state (Redis, else the database).
+    ``server_clock``: Redis counts by its own clock, one for the fleet (off when tests move time)."""
     if redis_client is not None:
-        return RedisRateLimits(redis_client)
+        return RedisRateLimits(redis_client, server_clock=server_clock)
     return SqlRateLimits(rate_limit_engine(engine))
 
 
@@ -155,7 +158,12 @@ def rate_limits_home(engine: Engine, redis_client: redis.Redis | None) -> str:
 
 
 def build_rate_limiter(
-    settings: Settings, engine: Engine, redis_client: redis.Redis | None, metrics: Metrics | None = None
+    settings: Settings,
+    engine: Engine,
+    redis_client: redis.Redis | None,
+    metrics: Metrics | None = None,
+    *,
+    server_clock: bool = True,
 ) -> RateLimiter:
     """The configured limits, kept where the rest of the shared state is (Redis, else the database);
     with ``metrics``, the store's failures are counted (``sts_store_errors_total{store="rate_limit"}``)."""
@@ -167,7 +175,7 @@ def build_rate_limiter(
     }
     if not configured.enabled or not endpoints:
         return NO_LIMITS
-    store = rate_limit_store(engine, redis_client)
+    store = rate_limit_store(engine, redis_client, server_clock=server_clock)
     if metrics is not None:
         store = count_store_errors(store, "rate_limit", metrics)
     return RateLimiter(RateLimitPolicy(endpoints, configured.ipv4_prefix, configured.ipv6_prefix), store)

@@ -203,6 +203,23 @@ def test_processes_racing_on_one_store_admit_exactly_the_burst(spec: StoreSpec) 
     assert sum(won for won, _ in outcomes) == 25
 
 
+def test_on_redis_instances_with_skewed_clocks_count_by_one_clock(fresh_redis_url: str) -> None:
+    """An instance whose clock runs a minute ahead must not lock the others out: with the server's
+    clock (as ``sts serve`` runs) every instance counts by Redis's ``TIME``; by each caller's clock
+    the ahead one writes arrival times the others read as a minute away (an outside fault campaign:
+    one skewed instance had every instance answer 429)."""
+    import time as real_time
+
+    key = [cell("skew", requests=2, period=20, burst=2)]
+    for server_clock, admitted_after in ((True, True), (False, False)):
+        prefix = f"t{secrets.token_hex(4)}"
+        ahead = RedisRateLimits(connect_redis(fresh_redis_url), prefix=prefix, server_clock=server_clock)
+        on_time = RedisRateLimits(connect_redis(fresh_redis_url), prefix=prefix, server_clock=server_clock)
+        assert admitted(ahead.acquire(key, real_time.time() + 60))
+        real_time.sleep(0.2)
+        assert admitted(on_time.acquire(key, real_time.time())) is admitted_after
+
+
 def test_sql_store_purges_only_spent_keys(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'purge.sqlite'}")
     upgrade(engine)

@@ -5,9 +5,12 @@ runs a script atomically, so no other command sees a half-applied request
 (the GCRA in Lua after rwz/redis-gcra's ``perform_gcra_ratelimit.lua``, taken
 to several keys at once).  Each key holds its theoretical arrival time as a
 decimal string and expires when that time has passed (``PX``), so idle keys
-cost nothing.  ``now`` comes from the caller's clock (the instances' clocks
-are assumed NTP-synchronised; a skew of a few milliseconds moves a limit by
-as much), which also lets tests move time.
+cost nothing.  ``now`` is Redis's own clock (``TIME``) with ``server_clock``
+(how the service runs): one clock for the whole fleet, so that an instance
+whose clock is off cannot write arrival times the others read as far in the
+future (an outside fault campaign had one instance 60 s ahead make every
+instance answer 429 for most of a minute, and one 60 s behind refuse
+everything itself); otherwise the caller's clock, which lets tests move time.
 
 One round trip per check (``EVALSHA``; the script is loaded once).  Every key
 of one call must live on the same Redis node: this service uses one Redis
@@ -23,10 +26,17 @@ import redis
 from ...core.ports import LimitedKey, StoreUnavailable
 from .client import LuaScript, commands
 
-#: KEYS: the limited keys.  ARGV[1]: now (seconds); then per key: interval, tolerance.
-#: Returns every key's wait in seconds, as strings (Redis would truncate numbers to integers).
+#: KEYS: the limited keys.  ARGV[1]: now (seconds), or ``server`` for Redis's clock; then per key:
+#: interval, tolerance.  Returns every key's wait in seconds, as strings (Redis would truncate
+#: numbers to integers).  (``TIME`` in a script: Redis 7 replicates a script's effects.)
 GCRA_SCRIPT = """
-local now = tonumber(ARGV[1])
+local now
+if ARGV[1] == 'server' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+else
+  now = tonumber(ARGV[1])
+end
 local waits, tats = {}, {}
 local refused = false
 for i, key in ipairs(KEYS) do
@@ -52,16 +62,17 @@ return waits
 class RedisRateLimits:
     """ports.RateLimitStore on Redis."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str = "sts", server_clock: bool = False) -> None:
         self.client = client
         self.prefix = prefix
+        self.server_clock = server_clock
         self._script = LuaScript(commands(client), GCRA_SCRIPT)
 
     def _name(self, key: str) -> bytes:
         return f"{self.prefix}:ratelimit:{key}".encode("utf-8", "surrogatepass")
 
     def acquire(self, keys: Sequence[LimitedKey], now: float) -> Sequence[float]:
-        args: list[str] = [repr(float(now))]
+        args: list[str] = ["server" if self.server_clock else repr(float(now))]
         for k in keys:
             args.extend((repr(float(k.interval)), repr(float(k.tolerance))))
         try:
