@@ -251,16 +251,30 @@ def sql_store_check(replay: ReplayCache, instance: str) -> StoreCheck:
     return check
 
 
-def redis_store_check(client: redis.Redis, instance: str, *, prefix: str = "sts") -> StoreCheck:
-    """Redis: ``PING``, then a ``SET`` with a short expiry (refused by a read-only replica or a
-    server out of memory, which still answer ``PING``)."""
+#: Seconds this host's clock may differ from Redis's before the store is not ready: Redis keeps
+#: spent uses by its clock, this process judges expiry by its own (see
+#: :data:`sts.adapters.redis.ledger.CLOCK_MARGIN`, five times this).
+MAX_CLOCK_SKEW = 60.0
+
+
+def redis_store_check(
+    client: redis.Redis, instance: str, *, prefix: str = "sts", wall_clock: Callable[[], float] = time.time
+) -> StoreCheck:
+    """Redis: ``TIME`` (which also tells a clock of this host that is off, :data:`MAX_CLOCK_SKEW`),
+    then a ``SET`` with a short expiry (refused by a read-only replica or a server out of memory,
+    which still answer ``PING``)."""
 
     def check(_now: float) -> None:
         try:
-            client.ping()
+            seconds, micros = client.time()
             client.set(f"{prefix}:readiness:{instance}", b"1", px=60_000)
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+        # This host's own clock (a test's clock may be moved on purpose).
+        skew = wall_clock() - (seconds + micros / 1e6)
+        if abs(skew) > MAX_CLOCK_SKEW:
+            log.error("this host's clock differs from Redis's by %.0f s: not ready", skew)
+            raise StoreUnavailable(f"clock off by {skew:.0f} s from Redis's")
 
     return check
 

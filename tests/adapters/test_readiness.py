@@ -629,3 +629,19 @@ def test_the_audit_sink_checks_its_files_at_most_once_a_second_and_remembers_a_p
     assert watched.problem() == "the database file is gone"
     clock[0] = 105.0
     assert watched.problem() == "the database file is gone" and asked == [100.0, 101.2]  # it stays
+
+
+def test_a_clock_off_from_redis_is_not_ready(fresh_redis_url: str) -> None:
+    """Redis keeps spent uses by its clock and this process judges expiry by its own: a host clock
+    more than MAX_CLOCK_SKEW off makes the store not ready (an outside fault campaign had an
+    instance 60 s behind, ready, grant a single-use token a second time)."""
+    from sts.adapters.readiness import MAX_CLOCK_SKEW, redis_store_check
+    from sts.core.ports import StoreUnavailable
+
+    client = redis.Redis.from_url(fresh_redis_url)
+    redis_store_check(client, "on-time")(time.time())
+    for offset in (MAX_CLOCK_SKEW + 30, -(MAX_CLOCK_SKEW + 30)):
+        check = redis_store_check(client, "skewed", wall_clock=lambda o=offset: time.time() + o)
+        with pytest.raises(StoreUnavailable, match="clock off"):
+            check(time.time())
+    client.close()

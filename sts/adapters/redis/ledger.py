@@ -94,6 +94,19 @@ return 0
 """
 
 
+#: Seconds a spent use is kept past its expiry.  Instances judge a token's (or proof's) expiry by
+#: their own clocks and Redis drops the record by its own: an instance whose clock is behind would
+#: still take a token whose record is gone (an outside fault campaign with a 60 s skew had a
+#: single-use token granted twice).  Readiness refuses a clock off by more than a fifth of this
+#: (:data:`sts.adapters.readiness.MAX_CLOCK_SKEW`).
+CLOCK_MARGIN = 300.0
+
+
+def _kept_until(expires_at: float, now: float) -> int:
+    """When Redis may drop a spent use (``PXAT``): its expiry and :data:`CLOCK_MARGIN`."""
+    return _pxat(expires_at + CLOCK_MARGIN, now)
+
+
 def _pxat(expires_at: float, now: float) -> int:
     """``expires_at`` in Redis's milliseconds; if already past, a second from now (Redis refuses
     a past PXAT)."""
@@ -163,7 +176,8 @@ class RedisReplayCache(_RedisLedgerBase):
         self, purpose: str, key: str, expires_at: float, now: float, *, valid_from: float | None = None
     ) -> bool:
         name = self._name(purpose, key)
-        [result] = self._under_epoch(self._use, [name], [b"1", _pxat(expires_at, now)], now, [valid_from])
+        kept = _kept_until(expires_at, now)
+        [result] = self._under_epoch(self._use, [name], [b"1", kept], now, [valid_from])
         return result == 1
 
     def release(self, purpose: str, key: str) -> None:
@@ -280,7 +294,7 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         names = [self._name(u.purpose, u.key) for u in reserved]
         args: list[bytes | int | str] = [len(reserved)]
         for u in reserved:
-            args += [u.holder.encode(), _pxat(u.expires_at, now)]
+            args += [u.holder.encode(), _kept_until(u.expires_at, now)]
         if baseline is not None and self.baselines_here:
             names.append(baseline_name(self.prefix, baseline.identity))
             args += [baseline.baseline.to_json(), baseline.ttl]
@@ -298,7 +312,7 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             args += (
                 [u.holder.encode(), _pxat(now + self.hold, now)]
                 if u.holder
-                else [b"1", _pxat(u.expires_at, now)]
+                else [b"1", _kept_until(u.expires_at, now)]
             )
         deadline = time.monotonic() + self.wait
         delay = 0.002
