@@ -94,6 +94,14 @@ class ReplayCache(Protocol):
         ...
 
 
+#: Seconds past its expiry a store keeps a spent use (a single-use token, a DPoP proof's ``jti``...).
+#: Instances judge a token's expiry by their own clocks, while a store drops (Redis) or purges
+#: (the database, by whichever instance purges) the record by another: an instance whose clock is
+#: behind would still take a token whose record is gone (an outside fault campaign: a 60 s skew
+#: had a single-use token granted twice).
+CLOCK_MARGIN = 300.0
+
+
 @dataclass(frozen=True)
 class SingleUse:
     """One use of a single-use credential, recorded under ``purpose:key`` until ``expires_at``.

@@ -19,10 +19,11 @@ import redis
 
 from sts.adapters.redis.client import connect as connect_redis
 from sts.adapters.redis.key_value import RedisBaselineStore
-from sts.adapters.redis.ledger import CLOCK_MARGIN, RedisReplayCache, RedisSingleUseLedger
+from sts.adapters.redis.ledger import RedisReplayCache, RedisSingleUseLedger
 from sts.core.audit import AuditRecord
 from sts.core.baseline import Baseline
 from sts.core.ports import (
+    CLOCK_MARGIN,
     AlreadyUsed,
     AuditOutcomeUnknown,
     AuditUnavailable,

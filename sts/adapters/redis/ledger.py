@@ -22,6 +22,7 @@ import redis
 
 from ...core.audit import AuditRecord
 from ...core.ports import (
+    CLOCK_MARGIN,
     AlreadyUsed,
     AuditOutcomeUnknown,
     AuditSink,
@@ -94,16 +95,10 @@ return 0
 """
 
 
-#: Seconds a spent use is kept past its expiry.  Instances judge a token's (or proof's) expiry by
-#: their own clocks and Redis drops the record by its own: an instance whose clock is behind would
-#: still take a token whose record is gone (an outside fault campaign with a 60 s skew had a
-#: single-use token granted twice).  Readiness refuses a clock off by more than a fifth of this
-#: (:data:`sts.adapters.readiness.MAX_CLOCK_SKEW`).
-CLOCK_MARGIN = 300.0
-
-
 def _kept_until(expires_at: float, now: float) -> int:
-    """When Redis may drop a spent use (``PXAT``): its expiry and :data:`CLOCK_MARGIN`."""
+    """When Redis may drop a spent use (``PXAT``): its expiry and
+    :data:`~sts.core.ports.CLOCK_MARGIN` (readiness refuses a clock off by more than a fifth of it,
+    :data:`sts.adapters.readiness.MAX_CLOCK_SKEW`)."""
     return _pxat(expires_at + CLOCK_MARGIN, now)
 
 

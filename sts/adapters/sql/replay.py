@@ -12,7 +12,7 @@ import random
 
 from sqlalchemy import Engine
 
-from ...core.ports import StoreUnavailable
+from ...core.ports import CLOCK_MARGIN, StoreUnavailable
 from .statements import RawStatement
 
 
@@ -85,7 +85,7 @@ class SqlReplayCache:
         try:
             first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
-                self._raw.run(self._purge, (now,))
+                self._raw.run(self._purge, (now - CLOCK_MARGIN,))  # (see CLOCK_MARGIN)
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return first

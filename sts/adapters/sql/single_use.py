@@ -7,7 +7,7 @@ import random
 from collections.abc import Sequence
 
 from ...core.audit import AuditRecord
-from ...core.ports import BaselineUpdate, SingleUse
+from ...core.ports import CLOCK_MARGIN, BaselineUpdate, SingleUse
 from .audit_sink import SqlAuditSink
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class SqlSingleUseLedger:
         self._audit.write_with_uses(record, uses, now, baseline)
         if random.random() < self.purge_probability:  # noqa: S311 - housekeeping, not security relevant
             try:
-                self._raw.run(self._purge, (now,))
+                self._raw.run(self._purge, (now - CLOCK_MARGIN,))  # (see CLOCK_MARGIN)
             except self._raw.failures as exc:
                 log.warning("expired replay entries not purged: %s", type(exc).__name__)
 
