@@ -508,6 +508,39 @@ def test_nginx_answers_its_own_errors_in_json_and_carries_request_ids(fleet: Fle
         assert fleet.upstream_of(made).startswith("127.0.0.1:")
 
 
+def test_one_address_holding_slow_requests_is_capped_not_served_forever(fleet: Fleet) -> None:
+    """nginx holds at most 256 connections of one client address in a request: one more gets 429 in
+    JSON, and the held ones, once let go, leave room again (an outside fault campaign took nginx
+    down with 2,100 connections each trickling a body)."""
+    import socket
+    import ssl
+
+    host, port = fleet.issuer.removeprefix("https://").split(":")
+    context = ssl.create_default_context(cafile=fleet.ca)
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(256):
+            conn = context.wrap_socket(
+                socket.create_connection((host, int(port)), timeout=10), server_hostname=host
+            )
+            conn.sendall(
+                f"POST /token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                "Content-Length: 100\r\n\r\n".encode()
+            )
+            held.append(conn)
+        time.sleep(0.2)  # every one of them is in its request by now
+        refused = fleet.session().get(f"{fleet.issuer}/healthz", timeout=10)
+        assert refused.status_code == 429 and refused.json()["error"] == "temporarily_unavailable"
+        assert refused.headers["Retry-After"] and refused.headers["Cache-Control"] == "no-store"
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.monotonic() + 10
+    while fleet.session().get(f"{fleet.issuer}/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "nginx did not serve the address again"
+        time.sleep(0.1)
+
+
 def test_an_instance_killed_under_load_leaves_every_token_audited(fleet: Fleet) -> None:
     """Runs last: it kills sts2 (its whole process group, kill -9) while clients exchange."""
     victim = fleet.instances[1]
