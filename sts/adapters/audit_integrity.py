@@ -133,22 +133,40 @@ def verify_recent(engine: Engine, limit: int = 2000) -> tuple[int, list[BrokenLi
     Within a chain ids grow with ``seq``, so the newest records of each chain are a run of its
     links: each is checked from its first record's ``prev_hash`` (the genesis for ``seq`` 1), as
     :func:`verify_trail` checks a whole chain.  What this cannot see: a change before the run, a
-    deleted prefix or a truncation (``sts audit verify [--checkpoint]`` sees those).
+    deleted prefix or a truncation (``sts audit verify [--checkpoint]`` sees those).  A chain not
+    registered, or a record without a chain after the oldest one checked, is broken too.
     """
     c = audit_events.c
     with snapshot(engine) as conn:
         rows = conn.execute(_chained_rows(conn).order_by(c.id.desc()).limit(limit)).all()
         links = sorted((_link_of(row) for row in rows), key=lambda link: (link.chain_id, link.seq))
+        registered = set(conn.execute(select(audit_chains.c.chain_id)).scalars())
+        # A record without a chain among (or after) these: the service never writes one (an outside
+        # audit had forged records top the timeline while this check said "verified").
+        oldest = min((link.record_id for link in links), default=None)
+        stray = (
+            conn.execute(select(func.min(c.id)).where(c.chain_id.is_(None), c.id > oldest)).scalar()
+            if oldest is not None
+            else None
+        )
+    broken: list[BrokenLink] = []
+    if stray is not None:
+        broken.append(BrokenLink("(none)", None, int(stray), "a record without a chain after chaining began"))
     starts = []
     for chain_id, chain_links in itertools.groupby(links, key=lambda link: link.chain_id):
         first = next(chain_links)
+        if chain_id not in registered:
+            broken.append(
+                BrokenLink(chain_id, first.seq, first.record_id, "chain is not registered in audit_chains")
+            )
+            continue
         start_hash = genesis_hash(chain_id) if first.seq == 1 else first.prev_hash
         starts.append(ChainStart(chain_id, first.seq - 1, start_hash))
     try:
-        verify_chains(starts, links)
+        verify_chains(starts, [link for link in links if link.chain_id in registered])
     except AuditTrailBroken as exc:
-        return len(links), exc.report.broken
-    return len(links), []
+        broken.extend(exc.report.broken)
+    return len(links), broken
 
 
 def _parse_record(text: str | None) -> tuple[Any, str | None]:

@@ -571,3 +571,38 @@ def test_records_that_are_not_json_objects_are_listed_not_a_500(
     # ``sts audit tail`` and ``export`` read them the same way.
     outcomes = [r["outcome"] for r in review.app.extensions["sts"].audit.recent()]
     assert outcomes.count("unreadable") == 3
+
+
+@pytest.mark.parametrize("forgery", ["unchained", "unregistered chain"])
+def test_the_overview_sees_forged_records_on_top_of_the_timeline(
+    review: Review, monkeypatch: pytest.MonkeyPatch, forgery: str
+) -> None:
+    """A grant inserted as the newest record, without a chain or in a chain never registered, is no
+    record the service wrote: the chain card says broken (an outside audit had it say verified)."""
+    import sts.wiring.review as wiring
+
+    monkeypatch.setattr(wiring, "CHAIN_STATUS_SECONDS", 0.0)
+    review.sign_in()
+    assert '<span class="chain-verified">verified</span>' in review.page("/review/")
+    from sts.core.audit_chain import genesis_hash, link_hash
+
+    engine = review.app.extensions["sts"].engine
+    with engine.begin() as conn:
+        record = conn.execute(text("SELECT record FROM audit_events WHERE id = 3")).scalar_one()
+        # A made-up chain whose one record links and hashes as a chain's first would.
+        chain = None if forgery == "unchained" else "0123456789abcdef0123456789abcdef"
+        prev = genesis_hash(chain) if chain else None
+        digest = link_hash(prev, chain, 1, record) if chain and prev else None
+        conn.execute(
+            text(
+                "INSERT INTO audit_events (chain_id, seq, prev_hash, hash, event_id, time, request_id,"
+                " endpoint, outcome, error, client_id, client_auth_method, issuer, subject,"
+                " subject_token_type, subject_token_sha256, subject_token_jti, rule, issued_jti,"
+                " issued_exp, issued_kid, source_ip, record) SELECT :chain, :seq, :prev, :hash, event_id,"
+                " time, request_id, endpoint, outcome, error, client_id, client_auth_method, issuer,"
+                " subject, subject_token_type, subject_token_sha256, subject_token_jti, rule, issued_jti,"
+                " issued_exp, issued_kid, source_ip, record FROM audit_events WHERE id = 3"
+            ),
+            {"chain": chain, "seq": 1 if chain else None, "prev": prev, "hash": digest},
+        )
+    assert '<span class="chain-broken">broken</span>' in review.page("/review/")
