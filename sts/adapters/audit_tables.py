@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,9 +62,10 @@ def term_value(value: str) -> str:
 def _seconds(value: Any) -> float:
     """A record's ``time`` as read from its JSON; 0 for one that is not a number (edited by hand)."""
     try:
-        return float(value or 0)
+        seconds = float(value or 0)
     except (TypeError, ValueError):
         return 0.0
+    return seconds if math.isfinite(seconds) else 0.0
 
 
 def _strings(value: Any) -> list[str]:
@@ -114,7 +116,11 @@ _SQLITE_FACTS = (
 #: The same, for a trail holding a record that is not JSON (edited by hand): SQLite's JSON functions
 #: fail on it, so each reads it as NULL (a second try only, as ``json_valid`` parses each record again).
 _SQLITE_GUARDED_FACTS = tuple(
-    e.replace("audit_events.record", "CASE WHEN json_valid(audit_events.record) THEN audit_events.record END")
+    e.replace(
+        "json_each(audit_events.record, '$.details.risk.signals')",
+        "json_each(CASE WHEN json_valid(audit_events.record) AND json_type(audit_events.record,"
+        " '$.details.risk.signals') = 'array' THEN audit_events.record END, '$.details.risk.signals')",
+    ).replace("audit_events.record", "CASE WHEN json_valid(audit_events.record) THEN audit_events.record END")
     for e in _SQLITE_FACTS
 )
 _POSTGRESQL_FACTS = (
@@ -137,7 +143,10 @@ class AuditTables:
     """
 
     #: What a failing database raises (so callers need not import SQLAlchemy to catch it).
-    errors: tuple[type[Exception], ...] = (SQLAlchemyError,)
+    #: What reading the trail may raise: the database's errors, and what a record edited by hand
+    #: into something the service never writes makes the readers raise (the review page answers
+    #: "cannot be read" for each, never a 500; ``sts audit verify`` tells what changed).
+    errors: tuple[type[Exception], ...] = (SQLAlchemyError, ValueError, TypeError, OverflowError)
 
     def __init__(
         self,

@@ -323,7 +323,7 @@ def blueprint(
         return f"{PREFIX}/{view}" + ("?" + urlencode(kept) if kept else "")
 
     def unavailable(exc: Exception) -> Response:
-        log.error("review: the audit trail cannot be read: %s", type(exc).__name__)
+        log.error("review: the audit trail cannot be read: %s", type(exc).__name__, exc_info=exc)
         return page("review/error.html", 503, message="The audit trail cannot be read right now.")
 
     for error in query.errors:
