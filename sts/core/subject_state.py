@@ -39,6 +39,10 @@ class SubjectState:
     risk_level: str | None = None
     #: Device/workload compliance asserted by a transmitter (compliant, not-compliant).
     posture: str | None = None
+    #: When the events that said ``risk_level`` and ``posture`` happened (their ``event_timestamp``):
+    #: an older statement delivered later does not replace a newer one.
+    risk_level_at: float | None = None
+    posture_at: float | None = None
     #: Event types that shaped this state, newest last (bounded), for the audit record.
     events: tuple[str, ...] = ()
     updated_at: float | None = None
@@ -72,6 +76,8 @@ class SubjectState:
             revoked_before=number("revoked_before"),
             risk_level=text("risk_level"),
             posture=text("posture"),
+            risk_level_at=number("risk_level_at"),
+            posture_at=number("posture_at"),
             events=tuple(e for e in events if isinstance(e, str))[-16:] if isinstance(events, list) else (),
             updated_at=number("updated_at"),
         )
@@ -107,6 +113,8 @@ def merge(states: Iterable[SubjectState]) -> SubjectState:
         revoked_before=_latest(s.revoked_before for s in states),
         risk_level=max(levels, key=lambda lv: _LEVELS.get(lv, 0)) if levels else None,
         posture=next((p for p in postures if p != "compliant"), postures[0] if postures else None),
+        risk_level_at=_latest(s.risk_level_at for s in states),
+        posture_at=_latest(s.posture_at for s in states),
         events=tuple(e for s in states for e in s.events)[-16:],
         updated_at=_latest(s.updated_at for s in states),
     )

@@ -128,7 +128,9 @@ def apply_event(
 
     Blocks, step-up and revocation only ever move later (an older event
     delivered late cannot lift a newer one); risk level and posture are the
-    transmitter's latest statement.  Any other event type leaves the state
+    statement of the latest event (by its time, :func:`event_time`), so an
+    older one delivered later (a retry, a reordered push) leaves them as they
+    are (an outside audit had a late LOW lift a newer critical).  Any other event type leaves the state
     unchanged.  Raises :class:`SetRefused` for a payload that does not
     conform (see :func:`check_payload`).
     """
@@ -155,13 +157,16 @@ def apply_event(
         return state.with_event(name, now, reauth_after=_later(state.reauth_after, when))
     if event_type == RISK_LEVEL_CHANGE:
         level = str(payload["current_level"]).lower()
+        changes: dict[str, Any] = {}
+        if state.risk_level_at is None or when >= state.risk_level_at:
+            changes.update(risk_level=level, risk_level_at=when)
         if level in STEP_UP_RISK_LEVELS:
-            return state.with_event(
-                name, now, risk_level=level, reauth_after=_later(state.reauth_after, when)
-            )
-        return state.with_event(name, now, risk_level=level)
+            changes["reauth_after"] = _later(state.reauth_after, when)
+        return state.with_event(name, now, **changes)
     # DEVICE_COMPLIANCE_CHANGE
-    return state.with_event(name, now, posture=str(payload["current_status"]))
+    if state.posture_at is not None and when < state.posture_at:
+        return state.with_event(name, now)
+    return state.with_event(name, now, posture=str(payload["current_status"]), posture_at=when)
 
 
 def parse_events(claims: Mapping[str, Any], scope: SubjectScope) -> tuple[SecurityEvent, ...]:

@@ -114,8 +114,9 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
         )
         return receipt
 
-    def _commit(self, record: AuditRecord, consumed: tuple[str, str]) -> None:
-        """Commit the record of an accepted SET."""
+    def _commit(self, record: AuditRecord, consumed: tuple[str, str] | None) -> None:
+        """Commit the record of an accepted SET (``consumed``: its ``jti``'s use, None for a SET
+        received before, whose use is the first delivery's)."""
         try:
             self.audit.write(record)
         except AuditUnavailable as exc:
@@ -124,7 +125,8 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
             log.error("audit write of an accepted SET failed (request %s): %s", record.request_id, exc)
             log_unaudited(log, record, str(exc), outcome="withheld")
             try:
-                self.replay.release(*consumed)
+                if consumed is not None:
+                    self.replay.release(*consumed)
             except StoreUnavailable:
                 log.error("could not release a SET jti after an audit failure")
             raise ReceiverUnavailable("audit.unavailable", str(exc)) from None
@@ -141,7 +143,7 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
 
     def _receive(
         self, delivery: SetDelivery, record: AuditRecord, now: float
-    ) -> tuple[SetReceipt, tuple[str, str]]:
+    ) -> tuple[SetReceipt, tuple[str, str] | None]:
         if delivery.body:
             record.subject_token_sha256 = hashlib.sha256(delivery.body).hexdigest()
         self._limit(lambda: self.limits.on_arrival("ssf", delivery.source_ip, now, record))
@@ -168,6 +170,14 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
 
         # Single use (RFC 8417 §2.2 jti), checked last so that a refused SET does not burn its jti.
         consumed = self._use_once(verified, jti_hash, now)
+        if consumed is None:
+            # Received before: RFC 8935 §2 has the recipient "respond as it would if the SET had not
+            # been previously received" (a transmitter resends when an answer was lost), and
+            # RFC 8417 §2.2's jti tells it apart: accepted, and not applied again (an outside
+            # conformance check found it refused as invalid, which a transmitter never retries).
+            record.outcome = "accepted"
+            record.reasons.append("set.already_received")
+            return SetReceipt(policy.name, verified.jti, events, {}), None
         try:
             states = self._apply(events, verified, now)
         except StoreUnavailable as exc:
@@ -213,9 +223,9 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
             current[key] = self.states.update(key, change, STATE_TTL)
         return current
 
-    def _use_once(self, verified: VerifiedSET, jti_hash: str, now: float) -> tuple[str, str]:
-        """Record the first use of the SET's ``jti`` (a second delivery is refused): what to release
-        should the SET not be applied after all."""
+    def _use_once(self, verified: VerifiedSET, jti_hash: str, now: float) -> tuple[str, str] | None:
+        """Record the first use of the SET's ``jti``: what to release should the SET not be applied
+        after all; None when it was received (and applied) before."""
         policy = verified.transmitter
         purpose = f"set:{policy.name}"
         try:
@@ -233,7 +243,7 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
             # a replay.  The transmitter must send the event again as a new SET (new jti and iat).
             raise invalid_set("set.replay_window_lost", str(exc)) from None
         if not first:
-            raise invalid_set("set.replayed")
+            return None
         return purpose, jti_hash
 
     # -- how this endpoint's refusals are recorded (sts.core.audited) ---------------------------------
