@@ -810,7 +810,7 @@ def test_token_status_endpoints_refuse(
     assert (response.status_code, response.json()["error"]) == (status, error)
     assert response.headers["Cache-Control"] == "no-store"
     if status == 401:
-        assert response.headers["WWW-Authenticate"].startswith("Basic ")
+        assert 'Basic realm="sts"' in response.headers["WWW-Authenticate"]
 
 
 def test_introspection_ignores_a_jwt_response_request(world: World) -> None:

@@ -284,7 +284,7 @@ def assert_oauth_error(
         if len(value) >= 8:
             assert value not in raw, "the error response echoes request input"
     if resp.status_code == 401:
-        assert resp.headers.get("WWW-Authenticate", "").startswith("Basic ")
+        assert 'Basic realm="sts"' in resp.headers.get("WWW-Authenticate", "")
     return body
 
 
