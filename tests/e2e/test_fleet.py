@@ -301,6 +301,9 @@ def test_compose_runs_three_instances_behind_nginx_with_healthchecks_and_restart
     # nginx keeps a client's request id by the service's own rule, so both log the same id.
     kept = re.search(r'map \$http_x_request_id \$sts_request_id \{\s*"~\^(.+?)\$" \$http_x_request_id;', site)
     assert kept is not None and kept.group(1) == responses._REQUEST_ID.pattern
+    # A stopped instance drains before Docker kills it: longer than granian's worker kill timeout.
+    for name in ("sts1", "sts2", "sts3"):
+        assert int(services[name]["stop_grace_period"].removesuffix("s")) > 10
 
 
 def test_the_image_creates_the_key_directory_and_the_build_context_leaves_secrets_out() -> None:
