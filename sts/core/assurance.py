@@ -167,13 +167,27 @@ def key_state(presented: Mapping[str, str], confirmed: Mapping[str, Collection[A
     keys of each kind (an identity may have several: one per replica)."""
     if not presented:
         return KEY_NONE
+    any_confirmed = any(confirmed.get(fact) for fact in KEY_FACTS)
     states = []
     for fact, value in presented.items():
         known = confirmed.get(fact) or ()
-        states.append(KEY_FIRST if not known else KEY_CONTINUES if value in known else KEY_CHANGED)
+        if known:
+            states.append(KEY_CONTINUES if value in known else KEY_CHANGED)
+        else:
+            # A first key of this kind is a first key only for an identity with no confirmed key
+            # at all: beside a confirmed key of the other kind it is a new key, unless that key is
+            # proven too (an outside audit had a copied token with a new DPoP key reach pop where
+            # the workload's key was its client certificate).
+            states.append(KEY_FIRST if not any_confirmed else _NEW_KIND)
     if KEY_CHANGED in states:
         return KEY_CHANGED
-    return KEY_CONTINUES if KEY_CONTINUES in states else KEY_FIRST
+    if KEY_CONTINUES in states:
+        return KEY_CONTINUES
+    return KEY_CHANGED if _NEW_KIND in states else KEY_FIRST
+
+
+#: :func:`key_state`'s mark for a first key of one kind beside a confirmed key of the other.
+_NEW_KIND = "new_kind"
 
 
 def reached(evidence: Evidence) -> str:

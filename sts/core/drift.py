@@ -124,13 +124,18 @@ def review(
             continue
         facts = updated.facts
         if name not in facts:
-            if value is not None:
+            if value is None:
+                continue
+            if not (name in KEY_FACTS and _other_key_unproven(updated, current, name)):
                 updated = updated.with_confirmed(name, value, "first_seen", now)
-            continue
-        # ``value in updated.confirmed_values(name)``, without building the tuple.
-        known = facts[name]
-        if known is value or known == value or value in updated.other_keys.get(name, ()):
-            continue
+                continue
+            # A first key of this kind beside a confirmed key of the other kind, not proven in
+            # this request: a new key, confirmed as a changed one is (see assurance.key_state).
+        else:
+            # ``value in updated.confirmed_values(name)``, without building the tuple.
+            known = facts[name]
+            if known is value or known == value or value in updated.other_keys.get(name, ()):
+                continue
         entry = updated.pending.get(name)
         if entry is not None and entry.value != value and not fresh:
             # A stale token with yet another value is refused, and leaves the probation under way
@@ -178,6 +183,17 @@ def review(
         baseline=updated,
         clears=_clears(updated, tuple(changed), settings, remedies, max_age, now, identity),
         remedies=remedies,
+    )
+
+
+def _other_key_unproven(baseline: Baseline, current: Mapping[str, Any], name: str) -> bool:
+    """Whether the identity has a confirmed key of another kind than ``name`` and this request
+    does not prove one (a DPoP key beside a confirmed client certificate, or the reverse)."""
+    others = [fact for fact in KEY_FACTS if fact != name and fact in baseline.facts]
+    return bool(others) and not any(
+        current.get(fact) is not None
+        and (current[fact] == baseline.facts[fact] or current[fact] in baseline.other_keys.get(fact, ()))
+        for fact in others
     )
 
 

@@ -319,10 +319,19 @@ def drift_review(
             # A key fact only the levels look at: a bearer request leaves the identity's key alone.
             continue
         if name not in updated.facts:
-            if value is not None:
+            if value is None:
+                continue
+            # Changed after an outside audit (December 2026), as in sts/core/drift.py: a first key of
+            # one kind beside a confirmed key of the other kind, not proven in the same request, is
+            # a new key (pending), not confirmed on sight.
+            others = [f for f in KEY_FACTS if f != name and f in updated.facts]
+            unproven = bool(others) and not any(
+                current.get(f) is not None and current[f] in updated.confirmed_values(f) for f in others
+            )
+            if not (name in KEY_FACTS and unproven):
                 updated = updated.with_confirmed(name, value, "first_seen", now)
-            continue
-        if value in updated.confirmed_values(name):
+                continue
+        elif value in updated.confirmed_values(name):
             continue
         entry = updated.pending.get(name)
         if entry is not None and entry.value != value and not fresh:

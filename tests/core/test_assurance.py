@@ -92,6 +92,12 @@ def test_key_state_against_the_confirmed_keys() -> None:
     assert key_state({"cnf_jkt": "b"}, {"cnf_jkt": ("a", "b")}) == KEY_CONTINUES  # another replica's key
     assert key_state({"cnf_jkt": "a", "cnf_x5t": "c"}, {"cnf_jkt": ("a",)}) == KEY_CONTINUES
     assert key_state({"cnf_jkt": "a", "cnf_x5t": "c"}, {"cnf_jkt": ("a",), "cnf_x5t": ("d",)}) == KEY_CHANGED
+    # A first key of one kind beside a confirmed key of the other, not proven too, is a new key: a
+    # copied token with a fresh DPoP key must not reach pop where the workload's key is its client
+    # certificate, nor a new certificate where it is a DPoP key (an outside audit).
+    assert key_state({"cnf_jkt": "new"}, {"cnf_x5t": ("cert",)}) == KEY_CHANGED
+    assert key_state({"cnf_x5t": "new"}, {"cnf_jkt": ("a",)}) == KEY_CHANGED
+    assert key_state({"cnf_jkt": "new", "cnf_x5t": "cert"}, {"cnf_x5t": ("cert",)}) == KEY_CONTINUES
 
 
 def test_requirements_combine_the_highest_level_and_the_smallest_age() -> None:
@@ -263,6 +269,21 @@ def test_keys_are_kept_for_the_levels_even_when_not_watched() -> None:
     assert changed.baseline.facts == {"cnf_jkt": "k1"} and changed.baseline.pending["cnf_jkt"].value == "k2"
     bearer = review(first.baseline, {}, watched=(), now=NOW, fresh=True, settings=PROBATION)
     assert bearer.baseline == first.baseline  # a bearer request leaves the key alone
+
+
+def test_a_key_of_the_other_kind_is_not_confirmed_on_sight() -> None:
+    """The identity's key is its client certificate: a DPoP key alone is a new key, which waits for
+    confirmation like a changed one (else the next request with it would be continuity, and pop);
+    shown beside the confirmed certificate, it is the same holder's, confirmed at once."""
+    certified = review(Baseline(), {"cnf_x5t": "cert"}, watched=(), now=NOW, fresh=True, settings=PROBATION)
+    alone = review(
+        certified.baseline, {"cnf_jkt": "k"}, watched=("cnf_jkt",), now=NOW, fresh=True, settings=PROBATION
+    )
+    assert "cnf_jkt" not in alone.baseline.facts and alone.baseline.pending["cnf_jkt"].value == "k"
+    assert alone.changed == {"cnf_jkt": {"was": None, "now": "k"}}
+    both = {"cnf_x5t": "cert", "cnf_jkt": "k"}
+    together = review(certified.baseline, both, watched=("cnf_jkt",), now=NOW, fresh=True, settings=PROBATION)
+    assert together.baseline.facts["cnf_jkt"] == "k" and not together.changed
 
 
 def test_a_confirmed_new_key_joins_the_identitys_keys() -> None:
