@@ -1318,3 +1318,16 @@ def test_a_proof_replayed_by_a_concurrent_request_to_another_instance_is_granted
     # Spent for good: each instance refuses it again.
     for instance in (one, two):
         assert_refused(instance, instance.exchange(dpop), "dpop.replayed_jti")
+
+
+def test_an_actors_key_is_not_the_subjects_key(make_sts: Callable[..., STS]) -> None:
+    """With an actor token the proof is the actor's: its key binds the new token, but is no evidence
+    of the subject's key (its level, its baseline); else an agent's key would reach pop for the
+    subject and become the subject's key (an outside audit)."""
+    sts = make_sts(policy())
+    delegated = sts.claims(sts.granted(sts.proof(EC_OTHER), actor=sts.actor(1))["access_token"])
+    assert delegated["cnf"] == {"jkt": thumbprint(public_jwk(EC_OTHER))}
+    assert delegated["acr"] == "urn:workload-sts:acr:attested"
+    # The subject's own first key is still its first key.
+    own = sts.claims(sts.granted(sts.proof(EC_KEY))["access_token"])
+    assert own["acr"] == "urn:workload-sts:acr:pop"

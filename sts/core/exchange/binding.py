@@ -162,6 +162,18 @@ def presented_keys(proof: VerifiedProof | None, thumbprint: str | None) -> dict[
     return keys
 
 
+def keys_of_the_subject(keys: Mapping[str, str], subject: VerifiedToken) -> dict[str, str]:
+    """With an actor token, which of the request's ``keys`` are the subject's evidence: the proof
+    is the presenter's, the actor's, so a key counts for the subject (its continuity, its
+    baseline) only where it is the key the subject token itself is bound to (an outside audit had
+    the actor's DPoP key raise the subject's level, and become the subject's key)."""
+    cnf = subject.claims.get("cnf")
+    if not isinstance(cnf, Mapping):
+        return {}
+    bound = {"cnf_jkt": cnf.get("jkt"), "cnf_x5t": cnf.get("x5t#S256")}
+    return {fact: value for fact, value in keys.items() if bound.get(fact) == value}
+
+
 def confirmation(proof: VerifiedProof | None, thumbprint: str | None) -> dict[str, Any]:
     """``cnf`` (RFC 7800): the DPoP key (RFC 9449 §6) and/or the client certificate (RFC 8705 §3.1)."""
     cnf: dict[str, str] = {}

@@ -53,7 +53,7 @@ from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
 from ..subject_state import SubjectState, identity_key, merge
 from .attestation import Parties
-from .binding import presented_keys
+from .binding import keys_of_the_subject, presented_keys
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class RiskAndAssurance:
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.  (Only
         # the facts differ from the subject's: its issuer, subject and claims are read from it.)
         keys = presented_keys(proof, wire.client_cert_thumbprint)
+        if parties.actor is not None and keys:
+            keys = keys_of_the_subject(keys, subject)
         facts = {**subject.facts, **keys} if keys else subject.facts
         identity = identity_key(subject.issuer_name, subject.subject)
         posture = None
