@@ -40,6 +40,7 @@ from typing import Any
 
 from ..errors import InvalidRequest, InvalidScope, InvalidTarget
 from .attest import VerifiedToken
+from .claims import numeric_date_value
 
 SELF_ISSUER = "self"
 #: The claim of our tokens naming the configured upstream issuer whose token began the chain
@@ -132,13 +133,20 @@ def act_chain(
 
 
 def attestation_time(subject: VerifiedToken) -> float | None:
-    """When the workload last proved itself: ``auth_time`` of our own token, else ``iat`` (or ``nbf``)."""
+    """When the workload last proved itself: ``auth_time`` of our own token, else ``iat`` (or
+    ``nbf``), or the token's own ``auth_time`` when that is earlier: another STS's token carries
+    the attestation it was issued on there (RFC 9068 §2.2.1), and its ``iat`` is only when it was
+    re-issued (an outside audit had a peer's re-exchange keep stale attestation fresh here)."""
     if subject.issuer_name == SELF_ISSUER:
         auth_time = subject.claims.get("auth_time")
         if isinstance(auth_time, int | float) and not isinstance(auth_time, bool):
             return float(auth_time)
         return None
-    return subject.issued_at if subject.issued_at is not None else subject.not_before
+    issued = subject.issued_at if subject.issued_at is not None else subject.not_before
+    carried = numeric_date_value(subject.claims.get("auth_time"))
+    if carried is None:
+        return issued
+    return carried if issued is None else min(issued, carried)
 
 
 def narrow_reexchange(

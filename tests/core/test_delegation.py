@@ -830,6 +830,20 @@ def test_max_attestation_age_on_upstream_tokens(
     assert claims["auth_time"] == sts.clock.now - age
 
 
+def test_a_carried_auth_time_older_than_iat_is_the_attestation_time(make_sts: Callable[..., STS]) -> None:
+    """Another STS's token (or any token carrying ``auth_time``, RFC 9068 §2.2.1) was re-issued at
+    its ``iat`` on attestation made at its ``auth_time``: the earlier of the two counts, so a peer's
+    re-exchange cannot keep stale attestation fresh here (an outside audit)."""
+    sts = make_sts(policy(upstream={"max_attestation_age": 600}))
+    stale = sts.crafted(auth_time=int(sts.clock.now) - 1200)
+    assert_refused(sts, sts.exchange(stale), "invalid_request", "policy.attestation_too_old")
+    recent = sts.crafted(auth_time=int(sts.clock.now) - 100)
+    assert sts.claims(sts.granted(recent))["auth_time"] == int(sts.clock.now) - 100
+    # A later auth_time than iat is no reason to believe the token younger.
+    later = sts.crafted(auth_time=int(sts.clock.now) + 20, iat=int(sts.clock.now) - 300)
+    assert sts.claims(sts.granted(later))["auth_time"] == int(sts.clock.now) - 300
+
+
 def test_max_attestation_age_on_reexchange_uses_the_original_attestation(
     make_sts: Callable[..., STS],
 ) -> None:
