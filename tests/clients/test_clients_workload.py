@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -468,3 +469,65 @@ def test_exchange_refused_reads_the_step_up_refusal() -> None:
     )
     assert refusal.is_step_up and refusal.max_age == 60 and refusal.signals == ["unusual_network"]
     assert str(refusal) == "insufficient_user_authentication: Fresh attestation is required."
+
+
+def test_a_server_trickling_its_headers_cannot_hold_the_caller() -> None:
+    """``timeout`` bounds each socket read, so a server sending its status line and headers a byte at
+    a time reset it forever (an outside audit held ``exchange()``, and every thread waiting for its
+    lock, for as long as it liked): the answer's headers must come within ``timeout`` too."""
+    import socket
+    import threading as _threading
+
+    import requests
+    from sts_client.discovery import DiscoveryError, get_json
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = _threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
+                if stop.wait(0.2):
+                    return
+                conn.sendall(bytes([byte]))
+
+    thread = _threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    with pytest.raises(DiscoveryError):
+        get_json(requests.Session(), f"http://127.0.0.1:{listener.getsockname()[1]}/", timeout=1.0)
+    assert time.monotonic() - started < 3
+    stop.set()
+    listener.close()
+
+
+def test_a_token_file_is_read_only_if_regular_and_only_so_far(tmp_path: Path) -> None:
+    """Not a FIFO (which would block), nor /dev/zero, nor a huge file read whole before its size is
+    checked (an outside audit); a symlink to a regular file, as the kubelet's ``..data``, is read."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(AttestationUnavailable, match="not a regular file"):
+        FileAttestation(fifo).fetch()
+    with pytest.raises(AttestationUnavailable, match="not a regular file"):
+        FileAttestation("/dev/zero").fetch()
+    huge = tmp_path / "huge"
+    with huge.open("wb") as file:
+        file.truncate(300 * 1024 * 1024)  # sparse: nothing written, 300 MiB long
+    with pytest.raises(AttestationUnavailable):
+        FileAttestation(huge).fetch()
+    (tmp_path / "real").write_text("header.payload.signature")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert FileAttestation(tmp_path / "link").fetch() == "header.payload.signature"
+
+
+def test_the_github_request_token_goes_only_over_tls() -> None:
+    env = {
+        "ACTIONS_ID_TOKEN_REQUEST_URL": "http://attacker.example/oidc",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "t",
+    }
+    with pytest.raises(AttestationUnavailable, match="https"):
+        GitHubActionsAttestation("https://sts.example.com", environ=env).fetch()

@@ -18,6 +18,7 @@ Tokens are credentials: none of these log them or put them in messages.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -25,7 +26,7 @@ from urllib.parse import quote
 
 import requests
 
-from .discovery import DiscoveryError, get_json
+from .discovery import DiscoveryError, check_endpoint_url, get_json
 from .errors import AttestationUnavailable
 
 __all__ = [
@@ -78,7 +79,14 @@ class FileAttestation:
 
     def fetch(self) -> str:
         try:
-            text = self.path.read_text(encoding="ascii")
+            # A regular file (symlinks followed, as the kubelet's ``..data`` swap needs), read up to
+            # just past the largest token taken: not a FIFO that blocks, nor /dev/zero, nor a huge
+            # file read whole before the size check (an outside audit).
+            if not stat.S_ISREG(self.path.stat().st_mode):
+                raise AttestationUnavailable(f"the token file {self.path} is not a regular file")
+            with self.path.open("rb") as file:
+                raw = file.read(_MAX_TOKEN_BYTES + 1)
+            text = raw.decode("ascii")
         except (OSError, UnicodeError) as exc:
             raise AttestationUnavailable(
                 f"cannot read the token file {self.path}: {type(exc).__name__}"
@@ -125,6 +133,11 @@ class GitHubActionsAttestation:
                 "ACTIONS_ID_TOKEN_REQUEST_URL / ACTIONS_ID_TOKEN_REQUEST_TOKEN are not set: "
                 "give the job `permissions: id-token: write`"
             )
+        try:
+            # The job's request token goes only over TLS (or to a loopback host), as every URL here.
+            check_endpoint_url(url, "ACTIONS_ID_TOKEN_REQUEST_URL")
+        except ValueError as exc:
+            raise AttestationUnavailable(str(exc)) from None
         separator = "&" if "?" in url else "?"
         full = f"{url}{separator}audience={quote(self.audience, safe='')}"
         try:
@@ -136,6 +149,9 @@ class GitHubActionsAttestation:
             )
         except DiscoveryError as exc:
             raise AttestationUnavailable(f"the GitHub OIDC token request failed: {exc}") from None
+        except UnicodeError:
+            # requests sends header values in ISO-8859-1: a request token outside it is not the runner's.
+            raise AttestationUnavailable("ACTIONS_ID_TOKEN_REQUEST_TOKEN is not a usable token") from None
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("value"), str):
             raise AttestationUnavailable(f"the GitHub OIDC token request answered HTTP {status}")
         return _checked(body["value"], "the GitHub OIDC token")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,9 +99,11 @@ def get_json(
     """
     request_headers = {"Accept": "application/json", **(headers or {})}
     try:
-        response = session.request(
-            method,
-            url,
+        response = _request_within(
+            session,
+            timeout,
+            method=method,
+            url=url,
             headers=request_headers,
             data=data,
             timeout=timeout,
@@ -130,6 +133,46 @@ def get_json(
     except (ValueError, RecursionError):
         document = None
     return response.status_code, document, response.headers
+
+
+def _request_within(session: requests.Session, seconds: float, **arguments: Any) -> requests.Response:
+    """``session.request(**arguments)`` up to its response's headers, waited for at most ``seconds``.
+
+    Its ``timeout`` bounds each socket read, so a server sending its status line and headers a byte
+    at a time (up to 100 lines of 64 KiB each, which ``http.client`` takes) would hold the caller,
+    and the locks it holds, for hours (an outside audit).  The request runs on a helper thread; past
+    ``seconds`` the caller gets :class:`requests.Timeout`, and the thread, once the server lets it
+    go, closes what it got.
+    """
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            response = session.request(**arguments)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+        else:
+            with lock:
+                if outcome.get("abandoned"):
+                    response.close()
+                else:
+                    outcome["response"] = response
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="sts-client-request", daemon=True).start()
+    if not done.wait(seconds):
+        with lock:
+            if "response" not in outcome and "error" not in outcome:
+                outcome["abandoned"] = True
+                raise requests.Timeout(f"no answer within {seconds:.1f}s")
+    done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    response: requests.Response = outcome["response"]
+    return response
 
 
 def _origin(url: str) -> str:
