@@ -350,6 +350,36 @@ def test_malformed_file_is_a_configuration_error(tmp_path: Path, text: str) -> N
         load_policies([path], issuers=ISSUERS, clients=CLIENTS, max_lifetime=SERVICE_MAX_LIFETIME)
 
 
+def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """Nine levels of nested aliases, in fields the schema refuses: 9**8 values in a few hundred
+    bytes. Refused before anything expands them (an outside audit had the schema check's error
+    message take 40 s and 4 GB); aliases within reason still load."""
+    levels = ["networks: &l0 [" + ",".join(["x"] * 9) + "]"]
+    levels += [f"f{n}: &l{n} [" + ",".join([f"*l{n - 1}"] * 9) + "]" for n in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        "version: 1\nrules:\n  - name: r\n    issuer: gh\n    subject: s\n"
+        "    grant: {audiences: [https://a.example]}\n    risk:\n"
+        + "".join(f"      {line}\n" for line in levels)
+    )
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match="aliases expand to more than"):
+        load_policies([bomb], issuers=ISSUERS, clients=CLIENTS, max_lifetime=SERVICE_MAX_LIFETIME)
+    assert time.monotonic() - started < 5
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(
+        "version: 1\nrules:\n  - name: a\n    issuer: gh\n    subject: s\n"
+        "    grant: &g {audiences: [https://a.example]}\n"
+        "  - name: b\n    issuer: gh\n    subject: t\n    grant: *g\n"
+    )
+    assert (
+        len(
+            load_policies([shared], issuers=ISSUERS, clients=CLIENTS, max_lifetime=SERVICE_MAX_LIFETIME).rules
+        )
+        == 2
+    )
+
+
 def test_good_file_compiles_to_frozen_rules_with_their_lines(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     text = "# comment\nversion: 1\nrules:\n" + GOOD_RULE
@@ -606,6 +636,21 @@ EVALUATION: list[tuple[str, list[dict[str, Any]], VerifiedToken, PolicyRequest, 
         _facts(MAIN, event_name="pull_request"),
         _request(),
         (InvalidRequest, "policy.no_rule_for_identity"),
+    ),
+    (
+        # A claim list long enough to make CEL's filter/map quadratic cost: not evaluated, no match.
+        "condition-over-a-huge-claim-list-is-a-non-match",
+        [_rule(subject=MAIN, condition="size(claims.ids.filter(i, i > 0)) >= 0")],
+        _facts(MAIN, ids=list(range(1, 5001))),
+        _request(),
+        (InvalidRequest, "policy.no_rule_for_identity"),
+    ),
+    (
+        "condition-over-a-claim-list-within-the-cap",
+        [_rule(subject=MAIN, condition="size(claims.ids.filter(i, i > 0)) >= 0")],
+        _facts(MAIN, ids=list(range(1, 257))),
+        _request(),
+        ("r", (DEPLOY,), ("deploy:read",), False),
     ),
     (
         "condition-missing-key-is-a-non-match",
