@@ -303,9 +303,14 @@ class MetricsServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        # ``shutdown`` waits for ``serve_forever`` to stop: a listener never started (``sts serve``
+        # failing before it starts it, on a bad policy, say) would wait for ever (an outside audit
+        # had such a start hang silently instead of printing its error).
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
 
 
 def prometheus_text(collector: Collector) -> bytes:

@@ -697,3 +697,16 @@ def test_request_path_recording_matches_prometheus_client() -> None:
     assert samples(ours) == samples(theirs)
     buckets = [s for s in samples(ours) if s[0] == "sts_pipeline_stage_duration_seconds_bucket"]
     assert len(buckets) == len(STAGE_BUCKETS) + 1 and buckets[-1][2] > 0
+
+
+def test_a_listener_never_started_stops_at_once() -> None:
+    """``sts serve`` builds its metrics listener before the application and stops it when that fails
+    (a bad policy): stopping one whose thread never ran waited for ever, so the start hung silently
+    instead of printing its error (an outside audit)."""
+    listener = MetricsServer("127.0.0.1", 0, CollectorRegistry(auto_describe=False))
+    port = listener.port
+    done = threading.Event()
+    threading.Thread(target=lambda: (listener.stop(), done.set()), daemon=True).start()
+    assert done.wait(5), "stop() of a listener never started did not return"
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # its socket is closed
