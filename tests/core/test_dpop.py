@@ -874,7 +874,7 @@ def test_a_bound_upstream_token_needs_its_key_too(sts: STS) -> None:
     take it over; a certificate-bound one (``cnf.x5t#S256``) needs its certificate."""
     jkt = thumbprint(public_jwk(EC_KEY))
 
-    def bound(cnf: dict[str, str]) -> str:
+    def bound(cnf: dict[str, Any]) -> str:
         return sts.issuer.github_actions_token(audience=STS_ISSUER, now=sts.clock.now, cnf=cnf)
 
     token = bound({"jkt": jkt})
@@ -903,6 +903,27 @@ def test_a_bound_upstream_token_needs_its_key_too(sts: STS) -> None:
     for cnf in ({"jwk": public_jwk(EC_KEY)}, {"kid": "k1"}, {}, {"jkt": jkt, "jwk": public_jwk(EC_KEY)}):
         refused = sts.exchange(sts.proof(EC_KEY), subject_token=bound(cnf))
         assert_refused(sts, refused, "subject_token.unsupported_confirmation", "invalid_request")
+    # A method whose value is no thumbprint names no key to hold the token to: refused as malformed,
+    # never taken for a bearer token (an outside audit had ``{"jkt": null}`` granted as one), and not
+    # ``invalid_dpop_proof``, which no proof could ever answer (RFC 8693 §2.2.2).
+    malformed: list[dict[str, Any]] = [
+        {"jkt": None},
+        {"x5t#S256": None},
+        {"jkt": 1},
+        {"jkt": ""},
+        {"jkt": [jkt]},
+        {"jkt": jkt + "="},
+        {"jkt": jkt[:-1]},
+        {"jkt": jkt, "x5t#S256": None},
+    ]
+    for cnf in malformed:
+        refused = sts.exchange(sts.proof(EC_KEY), subject_token=bound(cnf))
+        assert_refused(sts, refused, "subject_token.malformed_confirmation", "invalid_request")
+    null_bound_actor = sts.issuer.kubernetes_token(
+        audience=[STS_ISSUER], namespace="agents", service_account="a1", now=sts.clock.now, cnf={"jkt": None}
+    )
+    refused = sts.exchange(actor=null_bound_actor)
+    assert_refused(sts, refused, "actor_token.malformed_confirmation", "invalid_request")
 
 
 def test_an_unbound_token_of_ours_may_be_bound_on_reexchange(sts: STS) -> None:

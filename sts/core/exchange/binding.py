@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,10 +98,12 @@ def check_binding(
     if grant.require_dpop and proof is None:
         raise InvalidDPoPProof("dpop.required")
     for token, role in ((subject, "subject_token"), (actor, "actor_token")):
-        if token is not None and not _confirmation_checkable(token.claims.get("cnf", _NONE)):
+        problem = None if token is None else _confirmation_problem(token.claims.get("cnf", _NONE))
+        if problem is not None:
             # RFC 7800: ``cnf`` says the presenter must prove a key.  One this service cannot check
-            # (``jwk``, ``kid``, ``jku``, anything else) is refused, never taken as a bearer token.
-            raise InvalidRequest(f"{role}.unsupported_confirmation")
+            # (``jwk``, ``kid``, ``jku``, anything else, or a method whose value is no thumbprint)
+            # is refused, never taken as a bearer token.
+            raise InvalidRequest(f"{role}.{problem}")
     actor_bound = bound_key(actor) if actor is not None else None
     if actor_bound is not None:
         if proof is None:
@@ -136,11 +139,25 @@ CHECKED_CONFIRMATIONS = frozenset({"jkt", "x5t#S256"})
 _NONE = object()
 
 
-def _confirmation_checkable(cnf: object) -> bool:
-    """No ``cnf``, or one whose every member is a method :data:`CHECKED_CONFIRMATIONS` names."""
+#: A base64url SHA-256 digest without padding: ``jkt`` (RFC 9449 §6.1, the RFC 7638 thumbprint of
+#: the key) and ``x5t#S256`` (RFC 8705 §3.1, of the certificate's DER) are both one.
+_THUMBPRINT = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _confirmation_problem(cnf: object) -> str | None:
+    """Why a token's ``cnf`` cannot be checked here, or None: no ``cnf`` at all, or one whose every
+    member is a method :data:`CHECKED_CONFIRMATIONS` names, holding a thumbprint.  Any other
+    value (``null``, a number, an empty or padded string) is malformed: a token that says it is
+    bound but names no key it could be held to (an outside audit had ``{"jkt": null}`` exchanged
+    as a bearer token).  A ``cnf`` that is present is checked: ``null`` is malformed too."""
     if cnf is _NONE:
-        return True
-    return isinstance(cnf, Mapping) and bool(cnf) and set(cnf) <= CHECKED_CONFIRMATIONS
+        return None
+    if not isinstance(cnf, Mapping) or not cnf or not set(cnf) <= CHECKED_CONFIRMATIONS:
+        return "unsupported_confirmation"
+    for value in cnf.values():
+        if type(value) is not str or not _THUMBPRINT.fullmatch(value):
+            return "malformed_confirmation"
+    return None
 
 
 def bound_key(token: VerifiedToken) -> str | None:
