@@ -23,7 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import InvalidClient, TemporarilyUnavailable
-from ..protocol.client_auth import NONE, PRIVATE_KEY_JWT, ClientCredentials
+from ..protocol.client_auth import (
+    CLIENT_SECRET_BASIC,
+    CLIENT_SECRET_POST,
+    NONE,
+    PRIVATE_KEY_JWT,
+    ClientCredentials,
+)
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
 from .client_secrets import SecretChecksPaused, check_secrets
 from .jose import JWSInvalid, peek, verify_signature
@@ -144,11 +150,20 @@ def authenticate_client(
         ) from None
     if client is None:
         raise InvalidClient("client.unknown", recorded_client_id(clients, creds.client_id) or "")
-    if client.auth_method != creds.method:
+    if client.auth_method != creds.method and not _basic_for_post(client, creds):
         raise InvalidClient("client.wrong_auth_method", creds.method)
     if not ok:
         raise InvalidClient("client.bad_secret", client.client_id)
     return AuthenticatedClient(client.client_id, creds.method)
+
+
+def _basic_for_post(client: RegisteredClient, creds: ClientCredentials) -> bool:
+    """A ``client_secret_post`` client may send its secret with HTTP Basic too: "The authorization
+    server MUST support the HTTP Basic authentication scheme for authenticating clients that were
+    issued a client password" (RFC 6749 §2.3.1, where the form parameters are the exception, for
+    clients that cannot use Basic).  Not the reverse: a ``client_secret_basic`` client keeps its
+    secret out of request bodies."""
+    return client.auth_method == CLIENT_SECRET_POST and creds.method == CLIENT_SECRET_BASIC
 
 
 #: Said to a client whose assertion the replay store can no longer vouch for.

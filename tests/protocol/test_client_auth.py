@@ -357,11 +357,17 @@ def test_basic_client_using_post_is_refused_even_with_the_right_secret(
     assert_invalid_client(app, response, "client.wrong_auth_method")
 
 
-def test_post_client_using_basic_is_refused_even_with_the_right_secret(
+def test_post_client_may_use_basic_as_rfc_6749_requires(
     app: Flask, client: FlaskClient, issuer: DevIssuer
 ) -> None:
+    """RFC 6749 §2.3.1: the server MUST support HTTP Basic for every client issued a password (an
+    outside conformance audit); the form parameters are the exception, not the other way round."""
     response = post(client, form(issuer), authorization=basic("poster", POSTER_SECRET))
-    assert_invalid_client(app, response, "client.wrong_auth_method")
+    assert response.status_code == 200, response.get_json()
+    record = last_record(app)
+    assert (record["client_id"], record["client_auth_method"]) == ("poster", "client_secret_basic")
+    response = post(client, form(issuer), authorization=basic("poster", GATEWAY_SECRET))
+    assert_invalid_client(app, response, "client.bad_secret")
 
 
 def test_private_key_jwt_client_using_a_secret_is_refused(
@@ -993,7 +999,9 @@ def test_no_secret_or_assertion_reaches_the_audit_trail_or_a_response(
         subject_tokens.append(data["subject_token"])
         response = post(client, data, authorization=authorization)
         responses.append(response.get_data(as_text=True) + json.dumps(dict(response.headers)))
-    assert sum(1 for body in responses if '"access_token"' in body) == 4
+    assert (
+        sum(1 for body in responses if '"access_token"' in body) == 5
+    )  # poster by Basic too (RFC 6749 §2.3.1)
 
     secrets = [GATEWAY_SECRET, POSTER_SECRET, ODD_SECRET, wrong_secret, quote_plus(ODD_SECRET)]
     secrets += [basic("gateway", GATEWAY_SECRET).removeprefix("Basic ")]
