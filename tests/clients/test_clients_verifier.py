@@ -194,7 +194,12 @@ def at_run_time(values: dict[str, Any]) -> dict[str, Any]:
         ({"jti": None}, "token.missing_claim"),
         ({"client_id": None}, "token.missing_claim"),
         ({"exp": None}, "token.missing_claim"),
-        ({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}, "token.unsupported_cnf"),
+        # Certificate-bound (RFC 8705 §3), with no certificate to hold it to.
+        ({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}, "token.certificate_required"),
+        ({"cnf": {"x5t#S256": None}}, "token.unsupported_cnf"),
+        ({"cnf": {"jwk": {"kty": "EC"}}}, "token.unsupported_cnf"),
+        ({"cnf": {}}, "token.unsupported_cnf"),
+        ({"cnf": "bound"}, "token.unsupported_cnf"),
     ],
 )
 def test_claims_and_header_are_checked(
@@ -1011,3 +1016,140 @@ def test_eddsa_tokens_and_proofs_verify_as_ed25519(fake: FakeAuthorizationServer
         verifier.verify(
             "POST", URL, dpop_headers(tampered, sign_proof(client_key, token=tampered, alg="Ed25519"))
         )
+
+
+# ---------------------------------------------------------------------------
+# Certificate-bound tokens (RFC 8705 §3)
+# ---------------------------------------------------------------------------
+
+
+def _certificate(name: str) -> Any:
+    """A self-signed client certificate (the TLS layer verified its chain: not this library's part)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    start = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _x5t(certificate: Any) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    digest = hashlib.sha256(certificate.public_bytes(Encoding.DER)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_a_certificate_bound_token_is_accepted_over_its_certificate_only(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, client_key: ECKey
+) -> None:
+    """RFC 8705 §3: the resource server compares ``cnf.x5t#S256`` with the certificate of the
+    mutual-TLS connection, 401 ``invalid_token`` when they differ (an outside audit: the library
+    refused every certificate-bound token the STS issues, so a route demanding ``acr:pop`` could
+    only ever be served DPoP tokens)."""
+    from urllib.parse import quote
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    mine, other = _certificate("workload"), _certificate("someone-else")
+    token = fake.mint(cnf={"x5t#S256": _x5t(mine)})
+    pem = mine.public_bytes(Encoding.PEM)
+    for presented in (mine.public_bytes(Encoding.DER), pem, pem.decode(), quote(pem.decode())):
+        result = verifier.verify("GET", URL, bearer(token), client_certificate=presented)
+        assert result.token_type == "Bearer" and result.jkt is None
+    for presented, reason in (
+        (None, "token.certificate_required"),
+        (other.public_bytes(Encoding.PEM), "token.certificate_mismatch"),
+        (b"not a certificate", "token.certificate_unreadable"),
+        ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----", "token.certificate_unreadable"),
+    ):
+        with pytest.raises(InvalidToken) as info:
+            verifier.verify("GET", URL, bearer(token), client_certificate=presented)
+        assert info.value.reason == reason
+        assert info.value.status == 401
+    # Bound to a certificate only: it is no DPoP-bound token.
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify(
+            "GET",
+            URL,
+            dpop_headers(token, sign_proof(client_key, method="GET", token=token)),
+            client_certificate=pem,
+        )
+    assert info.value.reason == "token.not_dpop_bound"
+    # Bound to both (a DPoP proof and a client certificate at the STS): both are needed.
+    both = fake.mint(cnf={"x5t#S256": _x5t(mine), "jkt": client_key.thumbprint()})
+    proof = sign_proof(client_key, method="GET", token=both)
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, dpop_headers(both, proof))
+    assert info.value.reason == "token.certificate_required"
+    assert verifier.verify("GET", URL, dpop_headers(both, proof), client_certificate=pem).jkt == (
+        client_key.thumbprint()
+    )
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(both), client_certificate=pem)
+    assert info.value.reason == "token.dpop_bound_used_as_bearer"
+
+
+def test_the_flask_decorator_and_the_middleware_take_the_certificate_from_the_server(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier
+) -> None:
+    """By default the certificate is the environ's ``SSL_CLIENT_CERT``, which the server sets: a
+    client sending a header of that name (``HTTP_SSL_CLIENT_CERT``) proves nothing."""
+    from urllib.parse import quote
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    mine = _certificate("workload")
+    pem = mine.public_bytes(Encoding.PEM).decode()
+    token = fake.mint(cnf={"x5t#S256": _x5t(mine)})
+
+    app = Flask(__name__)
+
+    @app.get("/releases")
+    @require_token(verifier)
+    def release() -> dict[str, Any]:
+        return {"sub": g.token.subject}
+
+    web = app.test_client()
+    assert (
+        web.get("/releases", headers=bearer(token), environ_base={"SSL_CLIENT_CERT": pem}).status_code == 200
+    )
+    refused = web.get("/releases", headers={**bearer(token), "SSL-Client-Cert": quote(pem)})
+    assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
+
+    forwarded = Flask(__name__)
+
+    @forwarded.get("/releases")
+    @require_token(verifier, client_certificate=lambda request: request.headers.get("X-Client-Cert"))
+    def release_behind_proxy() -> dict[str, Any]:
+        return {"sub": g.token.subject}
+
+    resp = forwarded.test_client().get("/releases", headers={**bearer(token), "X-Client-Cert": quote(pem)})
+    assert resp.status_code == 200
+
+    @Request.application
+    def inner(request: Request) -> Response:
+        return Response("ok")
+
+    middleware = Client(TokenMiddleware(inner, verifier, ["/api"]))
+    assert (
+        middleware.get("/api/x", headers=bearer(token), environ_base={"SSL_CLIENT_CERT": pem}).status_code
+        == 200
+    )
+    assert (
+        middleware.get("/api/x", headers={**bearer(token), "SSL-Client-Cert": quote(pem)}).status_code == 401
+    )

@@ -34,11 +34,12 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("sts_client.flask needs Flask: pip install 'workload-sts-client[flask]'") from exc
 
+from .certificate import ClientCertificate
 from .dpop import request_target_url
 from .errors import VerificationError
 from .verifier import TokenVerifier
 
-__all__ = ["error_response", "require_token"]
+__all__ = ["environ_certificate", "error_response", "require_token"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,6 +60,7 @@ def require_token(
     *,
     acr_values: str | Iterable[str] | None = None,
     url: Callable[[flask.Request], str] | None = None,
+    client_certificate: Callable[[flask.Request], ClientCertificate | None] | None = None,
 ) -> Callable[[F], F]:
     """Protect a view: verify the request's token, then set ``flask.g.token`` and call the view.
 
@@ -66,8 +68,13 @@ def require_token(
     ``max_age`` demands attestation at most that many seconds old and
     ``acr_values`` one of these assurance levels or a higher one (RFC 9470;
     see :mod:`sts_client.assurance`), e.g. ``acr_values=ACR_POP`` for a route
-    that needs a proof-of-possession token.
+    that needs a proof-of-possession token.  ``client_certificate`` gives the client
+    certificate of the request's mutual-TLS connection, for certificate-bound tokens
+    (RFC 8705 §3); by default the WSGI environ's ``SSL_CLIENT_CERT`` (PEM, as Apache's
+    mod_ssl exports it), which a server sets and a client cannot.  Behind a proxy that
+    terminates TLS, pass a function reading the header the proxy sets (and overwrites).
     """
+    certificate_of = client_certificate or environ_certificate
     route_scopes = tuple(scopes.split()) if isinstance(scopes, str) else tuple(scopes)
 
     def decorate(view: F) -> F:
@@ -82,6 +89,7 @@ def require_token(
                     scopes=route_scopes,
                     max_age=max_age,
                     acr_values=acr_values,
+                    client_certificate=certificate_of(request),
                 )
             except VerificationError as error:
                 return error_response(error)
@@ -94,6 +102,12 @@ def require_token(
         return cast("F", wrapper)
 
     return decorate
+
+
+def environ_certificate(request: flask.Request) -> ClientCertificate | None:
+    """The client certificate the server put in the WSGI environ (``SSL_CLIENT_CERT``), if any."""
+    value = request.environ.get("SSL_CLIENT_CERT")
+    return value if isinstance(value, str | bytes) and value else None
 
 
 def _url_of(request: flask.Request) -> str:

@@ -25,8 +25,10 @@ and ``body()`` are the answer to send.  What is checked, in order:
    :func:`~sts_client.dpop.check_proof`, whose key's thumbprint is
    ``cnf.jkt`` and whose ``jti`` was not seen before within the window; a
    bound token presented as ``Bearer`` is refused, and so is an unbound token
-   presented as ``DPoP``.  Other confirmation methods (``x5t#S256``) cannot
-   be checked here and are refused.
+   presented as ``DPoP``.  A token with ``cnf.x5t#S256`` (RFC 8705 §3) needs
+   ``client_certificate``, the certificate of the request's mutual-TLS
+   connection, whose SHA-256 thumbprint it must be; any other confirmation
+   method cannot be checked here and is refused.
    With ``dpop_nonces`` (:class:`~sts_client.dpop_nonce.DPoPNonces`), the
    proof must also carry a nonce this resource server issued recently, else
    ``use_dpop_nonce`` with a ``DPoP-Nonce`` header (RFC 9449 §9).
@@ -63,6 +65,7 @@ import requests
 from .access_token import VerifiedAccessToken, access_token_from_claims, verify_access_token_jwt
 from .assurance import at_least, parse_acr_values, rank, satisfies
 from .authorization import HeaderSource, dpop_proof, header_values, request_credentials
+from .certificate import ClientCertificate, certificate_thumbprint
 from .discovery import DiscoveryError, ServerMetadata, check_endpoint_url, fetch_metadata
 from .dpop import (
     DEFAULT_DPOP_ALGORITHMS,
@@ -237,6 +240,7 @@ class TokenVerifier:
         max_age: int | None = None,
         acr_values: str | Iterable[str] | None = None,
         now: float | None = None,
+        client_certificate: ClientCertificate | None = None,
     ) -> VerifiedAccessToken:
         """Verify the request's access token (and DPoP proof); see the module docstring for the checks.
 
@@ -245,6 +249,9 @@ class TokenVerifier:
         behind a TLS-terminating proxy, pass the public URL.  ``max_age`` and
         ``acr_values`` are this route's demands on the attestation (RFC 9470):
         ``acr_values`` lists the levels it accepts (any higher level will do).
+        ``client_certificate`` is the client certificate of the request's mutual-TLS
+        connection (DER, or PEM), as the TLS layer verified it: a certificate-bound token
+        (``cnf.x5t#S256``, RFC 8705 §3) is accepted only over that certificate.
         """
         current = self._clock() if now is None else now
         scheme = "Bearer"
@@ -259,6 +266,7 @@ class TokenVerifier:
                 now=current,
                 scheme=scheme,
             )
+            _check_certificate(claims, client_certificate, scheme)
             jkt, nonce = self._check_binding(claims, scheme, method, url, headers, token, current)
             self._check_active(token, claims, current, scheme)
             verified = access_token_from_claims(claims, jkt)
@@ -289,13 +297,14 @@ class TokenVerifier:
         The thumbprint of the key the token is bound to, and the proof's nonce.
         """
         cnf = claims.get("cnf")
-        if cnf is None:
+        if cnf is None or (isinstance(cnf, dict) and "jkt" not in cnf):
+            # Unbound, or bound to a certificate only (checked by _check_certificate).
             if scheme == "DPoP":
                 raise InvalidToken("token.not_dpop_bound", scheme=scheme)
             return None, None
         jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
         if not isinstance(jkt, str) or not jkt:
-            # An mTLS-bound token (x5t#S256) or a confirmation we cannot check: refuse, never ignore.
+            # A confirmation we cannot check: refuse, never ignore.
             raise InvalidToken("token.unsupported_cnf", scheme=scheme)
         if scheme != "DPoP":
             raise InvalidToken("token.dpop_bound_used_as_bearer", scheme=scheme, offer_dpop=True)
@@ -365,6 +374,35 @@ class TokenVerifier:
         known = [v for v in acr_values if rank(v) >= 0]
         named = at_least(min(known, key=rank)) if known else acr_values
         raise InsufficientUserAuthentication(reason, scheme=scheme, max_age=max_age, acr_values=named)
+
+
+#: The confirmation methods checked here: DPoP (RFC 9449 §6) and the client certificate (RFC 8705 §3).
+_CHECKED_CNF = frozenset({"jkt", "x5t#S256"})
+
+
+def _check_certificate(claims: Mapping[str, Any], certificate: ClientCertificate | None, scheme: str) -> None:
+    """RFC 8705 §3: a token bound to a client certificate (``cnf.x5t#S256``) is accepted only over
+    the mutual-TLS connection of that certificate; a mismatch is 401 ``invalid_token``.  A ``cnf``
+    naming any other method, or none, is refused: it cannot be checked here, and ignoring it
+    would take a bound token for a bearer token."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        return
+    if not isinstance(cnf, dict) or not cnf or not set(cnf) <= _CHECKED_CNF:
+        raise InvalidToken("token.unsupported_cnf", scheme=scheme)
+    if "x5t#S256" not in cnf:
+        return
+    bound = cnf["x5t#S256"]
+    if not isinstance(bound, str) or not bound:
+        raise InvalidToken("token.unsupported_cnf", scheme=scheme)
+    if certificate is None:
+        raise InvalidToken("token.certificate_required", scheme=scheme)
+    try:
+        presented = certificate_thumbprint(certificate)
+    except (ValueError, TypeError, UnicodeError):
+        raise InvalidToken("token.certificate_unreadable", scheme=scheme) from None
+    if not secrets.compare_digest(presented, bound):
+        raise InvalidToken("token.certificate_mismatch", scheme=scheme)
 
 
 def _path_of(url: str) -> str:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 from wsgiref.util import request_uri
 
+from .certificate import ClientCertificate
 from .dpop import request_target_url
 from .errors import VerificationError
 from .verifier import TokenVerifier
@@ -35,7 +36,7 @@ from .verifier import TokenVerifier
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["ENVIRON_KEY", "ProtectedPath", "TokenMiddleware"]
+__all__ = ["ENVIRON_KEY", "ProtectedPath", "TokenMiddleware", "environ_certificate"]
 
 #: Where the :class:`~sts_client.verifier.VerifiedAccessToken` is put in the WSGI environ.
 ENVIRON_KEY: Final = "sts_client.token"
@@ -84,6 +85,7 @@ class TokenMiddleware:
         paths: Iterable[ProtectedPath | str],
         *,
         url: Callable[[WSGIEnvironment], str] | None = None,
+        client_certificate: Callable[[WSGIEnvironment], ClientCertificate | None] | None = None,
     ) -> None:
         self.app = app
         self.verifier = verifier
@@ -91,6 +93,9 @@ class TokenMiddleware:
         # Longest prefix first, so the most specific rule decides.
         self.paths = sorted(protected, key=lambda p: len(p.prefix), reverse=True)
         self._url = url
+        #: The request's mutual-TLS client certificate, for certificate-bound tokens (RFC 8705 §3):
+        #: by default ``SSL_CLIENT_CERT`` of the environ, which a server sets and a client cannot.
+        self._certificate = client_certificate or environ_certificate
 
     def _rule_for(self, path: str) -> ProtectedPath | None:
         return next((rule for rule in self.paths if rule.matches(path)), None)
@@ -123,6 +128,7 @@ class TokenMiddleware:
                 scopes=rule.scopes,
                 max_age=rule.max_age,
                 acr_values=rule.acr_values,
+                client_certificate=self._certificate(environ),
             )
         except VerificationError as error:
             return _refuse(error, start_response)
@@ -135,6 +141,12 @@ class TokenMiddleware:
             return start_response(status, [*headers, ("DPoP-Nonce", nonce)], exc_info)
 
         return self.app(environ, with_nonce)
+
+
+def environ_certificate(environ: WSGIEnvironment) -> ClientCertificate | None:
+    """The client certificate the server put in the environ (``SSL_CLIENT_CERT``, PEM), if any."""
+    value = environ.get("SSL_CLIENT_CERT")
+    return value if isinstance(value, str | bytes) and value else None
 
 
 def _refuse(error: VerificationError, start_response: StartResponse) -> list[bytes]:
