@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import sqlite3
 import threading
@@ -54,7 +53,9 @@ def test_statements_of_a_thread_share_one_connection_without_pool_checkouts(engi
     assert len(checkouts) == 1
 
 
-def test_each_thread_has_its_own_connection_and_it_closes_with_the_thread(engine: Engine) -> None:
+def test_the_threads_of_a_process_share_one_connection_one_at_a_time(engine: Engine) -> None:
+    """One connection per process (a commit by another connection of the process would empty its
+    page cache): each thread's statement waits while another thread uses it."""
     connections = local_connections(engine)
     assert connections is not None
     replay = SqlReplayCache(engine)
@@ -62,16 +63,44 @@ def test_each_thread_has_its_own_connection_and_it_closes_with_the_thread(engine
 
     def use() -> None:
         replay.first_use("p", threading.current_thread().name, NOW + 60, NOW)
-        seen.append(id(connections._local.held.conn))
+        held = connections._slot.held
+        assert held is not None
+        seen.append(id(held.conn))
 
     threads = [threading.Thread(target=use, name=f"t{i}") for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(seen)) == 4
-    gc.collect()
-    assert len(connections._held) == 0
+    assert len(seen) == 4
+    assert len(set(seen)) == 1
+    assert len(connections._held) == 1
+
+    # While one thread holds the connection, another's statement waits for it.
+    holding, release = threading.Event(), threading.Event()
+    done: list[float] = []
+
+    def hold() -> None:
+        with connections.cursor():
+            holding.set()
+            release.wait(10)
+
+    def query() -> None:
+        RawStatement(engine).query("SELECT count(*) FROM replay_entries", ())
+        done.append(time.monotonic())
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    other = threading.Thread(target=query)
+    other.start()
+    time.sleep(0.2)
+    assert not done
+    released = time.monotonic()
+    release.set()
+    holder.join(10)
+    other.join(10)
+    assert done and done[0] >= released
 
 
 def test_dispose_closes_the_connections_and_the_next_statement_opens_a_new_one(engine: Engine) -> None:
@@ -79,7 +108,7 @@ def test_dispose_closes_the_connections_and_the_next_statement_opens_a_new_one(e
     assert replay.first_use("p", "a", NOW + 60, NOW)
     connections = local_connections(engine)
     assert connections is not None
-    before = connections._local.held.conn
+    before = connections._slot.held.conn
     statements = _traced(engine)  # disposes of the engine
     with pytest.raises(sqlite3.ProgrammingError):
         before.execute("SELECT 1")  # closed
@@ -231,11 +260,44 @@ def test_a_forked_child_opens_a_connection_of_its_own(engine: Engine) -> None:
     raw.run("INSERT INTO replay_entries VALUES ('parent', 1)", ())
     connections = local_connections(engine)
     assert connections is not None
-    before = connections._local.held
+    before = connections._slot.held
     child = multiprocessing.get_context("fork").Process(target=_write_in_child, args=(raw,))
     child.start()
     child.join(60)
     assert child.exitcode == 0
     # The parent's connection is untouched by the child, and still its own.
     assert raw.query("SELECT key FROM replay_entries ORDER BY key", ()) == [("child",), ("parent",)]
-    assert connections._local.held is before
+    assert connections._slot.held is before
+
+
+def _query_in_child(raw: RawStatement) -> None:
+    import signal
+
+    signal.alarm(20)  # a child that inherited a held lock would wait for ever
+    assert raw.query("SELECT count(*) FROM replay_entries", ()) == [(0,)]
+
+
+def test_a_child_forked_while_another_thread_holds_the_connection_can_use_its_own(engine: Engine) -> None:
+    """A forked child has only the forking thread: the lock of the connection, held in the parent by
+    another thread at the time, would be held for ever in the child."""
+    raw = RawStatement(engine)
+    connections = local_connections(engine)
+    assert connections is not None
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with connections.cursor():
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        child = multiprocessing.get_context("fork").Process(target=_query_in_child, args=(raw,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        release.set()
+        holder.join(10)

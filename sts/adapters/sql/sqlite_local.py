@@ -1,12 +1,23 @@
-"""SQLite: one connection per request thread for the per-request statements, and WAL checkpoints
+"""SQLite: one connection per process for the per-request statements, and WAL checkpoints
 in a thread of their own.
 
 :class:`~sts.adapters.sql.statements.RawStatement` runs every request's reads and writes on
-SQLite through :class:`LocalConnections`: each thread keeps one connection of the engine
+SQLite through :class:`LocalConnections`: each process keeps one connection of the engine
 (opened through the engine, so with its pragmas and connect events, then detached from its
-pool, see SQLAlchemy's ``PoolProxiedConnection.detach``).  A statement then costs what SQLite
-costs, not a pool checkout and a rollback on return as well.  Disposing of the engine
-(``Engine.dispose``) closes them; the next statement opens a new one.
+pool, see SQLAlchemy's ``PoolProxiedConnection.detach``), which its threads take in turn, one
+statement (or one short transaction) at a time.  A statement then costs what SQLite costs, not
+a pool checkout and a rollback on return as well.  Disposing of the engine (``Engine.dispose``)
+closes it; the next statement opens a new one.
+
+Why one and not one per thread: in WAL mode a connection that finds the database changed since
+its last transaction, by any other connection, drops its whole page cache and reads again every
+page its next statement touches (https://www.sqlite.org/wal.html; the pager resets its cache when
+the WAL's index header has changed).  With a connection per request thread every commit emptied
+the cache of the others, so nearly every statement started cold; with one per process only the
+other workers' commits do.  Measured with ``strace -c`` on ``benchmarks/exchange_cpu.py
+--processes 2 --in-flight 4`` (2,400 exchanges): 21,035 ``pread64`` against 33,966.  The threads
+lose nothing by sharing it: a worker runs one request thread at a time
+(:mod:`sts.adapters.request_threads`), and SQLite serialises the statements of a process anyway.
 
 A WAL commit only appends to the ``-wal`` file; the checkpoint that copies the WAL back into
 the database (and syncs both files) is the slow part of a write.  SQLite runs it in whichever
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -52,6 +64,18 @@ _REGISTRY: weakref.WeakKeyDictionary[Engine, LocalConnections] = weakref.WeakKey
 _REGISTRY_LOCK = threading.Lock()
 #: Connections a forked child found in its thread (kept open, never used).
 _INHERITED: list[_Held] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: locks another thread held stay held in it
+    for ever, so each is made anew (the connections themselves are left alone, see :meth:`cursor`)."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    for connections in list(_REGISTRY.values()):
+        connections.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def local_connections(engine: Engine) -> LocalConnections | None:
@@ -93,7 +117,7 @@ def _sqlite(proxy: Any) -> sqlite3.Connection:
 
 
 class _Held:
-    """One thread's connection, its cursor, and the engine generation it was opened in."""
+    """The process's connection, its cursor, and the engine generation it was opened in."""
 
     __slots__ = ("__weakref__", "busy", "conn", "cursor", "generation", "pid", "proxy", "set_up")
 
@@ -112,12 +136,26 @@ class _Held:
             self.proxy.close()
 
 
+class _Slot:
+    """Where the process's connection is kept (None until the first statement)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held: _Held | None = None
+
+
 class LocalConnections:
-    """One connection per thread for the statements of a SQLite engine (see the module docstring)."""
+    """One connection per process for the statements of a SQLite engine, which its threads take
+    in turn (see the module docstring)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = weakref.ref(engine)
-        self._local = threading.local()
+        self._slot = _Slot()
+        #: Held by the thread using the connection, for one statement or transaction.
+        self._use = threading.Lock()
+        #: The thread holding :attr:`_use` (its ``threading.get_ident()``), 0 when none does.
+        self._user = 0
         self._lock = threading.Lock()
         self._generation = 0
         self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
@@ -126,8 +164,14 @@ class LocalConnections:
         self.checkpoints = WalCheckpoints(self._engine)
         event.listen(engine, "engine_disposed", self._disposed)
 
+    def forked(self) -> None:
+        """In a forked child (see :func:`_after_fork_in_child`): fresh locks, no user."""
+        self._use = threading.Lock()
+        self._user = 0
+        self._lock = threading.Lock()
+
     def _disposed(self, _engine: Engine) -> None:
-        """``Engine.dispose``: close every thread's connection; each opens a new one when next used."""
+        """``Engine.dispose``: close the connection; the next statement opens a new one."""
         with self._lock:
             self._generation += 1
             held, self._held = list(self._held), weakref.WeakSet()
@@ -137,9 +181,9 @@ class LocalConnections:
                 one.close()
 
     def set_up(self, statements: list[str]) -> None:
-        """Have each thread's connection run ``statements`` once, before its next statement (a TEMP
-        view and its trigger, say: they live as long as the connection, and only in it).  Not the
-        connections lent from the pool to a thread already using its own (see :meth:`cursor`)."""
+        """Have the connection run ``statements`` once, before its next statement (a TEMP view and
+        its trigger, say: they live as long as the connection, and only in it).  Not the
+        connections lent from the pool to a thread already using this one (see :meth:`cursor`)."""
         with self._lock:
             if not all(sql in self.setup for sql in statements):
                 self.setup = [*self.setup, *statements]
@@ -166,23 +210,41 @@ class LocalConnections:
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[sqlite3.Cursor]:
-        """This thread's cursor, on a connection outside any transaction (autocommit).
+        """The process's cursor, on a connection outside any transaction (autocommit), for this
+        thread alone until the block ends (other threads wait for it).
 
-        A thread already using its connection (a statement run from within a transaction's
-        work) gets one of the engine's pool, as every statement did before.
+        A thread already using the connection (a statement run from within a transaction's
+        work) gets one of the engine's pool instead, as every statement did before.
         """
-        held: _Held | None = getattr(self._local, "held", None)
-        if held is not None and held.busy:
-            engine = self._engine()
-            assert engine is not None
-            proxy = engine.raw_connection()
-            try:
-                # Without :attr:`setup`: a pooled connection may yet run a migration, which must not
-                # meet TEMP objects of ours (a statement needing them fails, and its caller knows).
-                yield _sqlite(proxy).cursor()
-            finally:
-                proxy.close()
+        me = threading.get_ident()
+        if self._user == me:
+            with self._pooled_cursor() as cur:
+                yield cur
             return
+        with self._use:
+            self._user = me
+            try:
+                with self._held_cursor() as cur:
+                    yield cur
+            finally:
+                self._user = 0
+
+    @contextlib.contextmanager
+    def _pooled_cursor(self) -> Iterator[sqlite3.Cursor]:
+        engine = self._engine()
+        assert engine is not None
+        proxy = engine.raw_connection()
+        try:
+            # Without :attr:`setup`: a pooled connection may yet run a migration, which must not
+            # meet TEMP objects of ours (a statement needing them fails, and its caller knows).
+            yield _sqlite(proxy).cursor()
+        finally:
+            proxy.close()
+
+    @contextlib.contextmanager
+    def _held_cursor(self) -> Iterator[sqlite3.Cursor]:
+        """The cursor of the process's connection (opened first if need be); under :attr:`_use`."""
+        held = self._slot.held
         pid = current_pid()
         if held is None or held.generation != self._generation or held.pid != pid:
             if held is not None and held.pid == pid:
@@ -190,8 +252,8 @@ class LocalConnections:
             elif held is not None:
                 # Inherited over fork(): left alone, not even closed (SQLite: never use one in the child).
                 _INHERITED.append(held)
-            held = self._local.held = None
-            held = self._local.held = self._open()
+            held = self._slot.held = None
+            held = self._slot.held = self._open()
         held.busy = True
         try:
             if held.set_up != len(self.setup):
@@ -203,7 +265,7 @@ class LocalConnections:
         except BaseException as exc:
             if read_only(exc):
                 # Opened read-only (see read_only): never used again.
-                self._local.held = None
+                self._slot.held = None
                 held.close()
                 raise
             if held.conn.in_transaction:
@@ -211,7 +273,7 @@ class LocalConnections:
                     held.cursor.execute("ROLLBACK")
                 except sqlite3.Error:
                     # A connection that cannot roll back is not used again.
-                    self._local.held = None
+                    self._slot.held = None
                     held.close()
             raise
         finally:
