@@ -106,6 +106,9 @@ class Attestation:
             )
             record.actor_issuer, record.actor_subject = actor.issuer_name, actor.subject[:500]
             self._check_not_revoked(actor, "actor_token")
+            # The actor's pod too: a token a deleted pod left behind must not act for anyone (an
+            # outside audit: only the subject's was reviewed, though the setting says every token).
+            self._check_liveness(actor, request.actor_token, role="actor_token")
             self._check_actor_state(actor, now)
             check_may_act(subject, actor)
             check_actor_is_another(request, subject, actor)
@@ -168,22 +171,22 @@ class Attestation:
                 description=ACTOR_REATTEST,
             )
 
-    def _check_liveness(self, subject: VerifiedToken, token: str) -> bool:
+    def _check_liveness(self, token: VerifiedToken, raw: str, role: str = "subject_token") -> bool:
         """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview).
 
         True when a live review passed (posture evidence for the assurance levels)."""
-        reviewer = self.token_reviewers.get(subject.issuer_name)
+        reviewer = self.token_reviewers.get(token.issuer_name)
         if reviewer is None:
             return False
         try:
             # Ask the API server to check the audience we require, not whatever the token says.
-            trusted = self.issuers.by_name(subject.issuer_name)
+            trusted = self.issuers.by_name(token.issuer_name)
             ours = trusted.policy.audiences if trusted else frozenset()
-            username = reviewer.review(token, tuple(a for a in subject.audiences if a in ours))
+            username = reviewer.review(raw, tuple(a for a in token.audiences if a in ours))
         except TokenReviewUnavailable as exc:
-            raise TemporarilyUnavailable("subject_token.token_review_unavailable", str(exc)) from None
-        if username != subject.subject:
-            raise InvalidRequest("subject_token.kubernetes.not_live")
+            raise TemporarilyUnavailable(f"{role}.token_review_unavailable", str(exc)) from None
+        if username != token.subject:
+            raise InvalidRequest(f"{role}.kubernetes.not_live")
         return True
 
 

@@ -535,3 +535,26 @@ def test_token_review_settings_accepted(
         kubernetes = {i.name: i for i in settings.issuers}["kubernetes"]
         assert kubernetes.token_review_url == url
         assert kubernetes.token_review_ca_file is not None and kubernetes.token_review_ca_file.is_absolute()
+
+
+def test_token_review_checks_the_actor_token_too(
+    build: Callable[..., Flask], kube_api: tuple[FakeKubeAPI, Path], mint: Mint
+) -> None:
+    """``token_review_url`` checks every token, the actor's too: a token a deleted pod left behind
+    must not act for another workload (an outside audit: only the subject's pod was reviewed)."""
+    api, credential = kube_api
+    rule = {
+        **KUBERNETES_RULES[0],
+        "delegation": {"actors": [{"issuer": "kubernetes", "facts": {"service_account": "planner"}}]},
+    }
+    app = build(
+        [rule],
+        changes={"kubernetes": {"token_review_url": api.url, "token_review_token_file": str(credential)}},
+    )
+    actor = mint.kubernetes(service_account="planner", pod="planner-5c2b")
+    delegated = {"actor_token": actor, "actor_token_type": JWT_TYPE}
+    refused(app, mint.kubernetes(), "actor_token.kubernetes.not_live", **delegated)
+    assert [json.loads(r.body)["spec"]["token"] for r in api.reviews][-1] == actor
+    api.live_pods.add("planner-5c2b")
+    _, claims = granted(app, mint.kubernetes(), "k8s-ledger", **delegated)
+    assert claims["act"]["sub"] == "system:serviceaccount:payments:planner"
