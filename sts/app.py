@@ -18,6 +18,7 @@ from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.keyring import KeyRing
 from .adapters.metered_ports import MeteredAuditSink, MeteredLedger
 from .adapters.metrics import Metrics
+from .adapters.policy_files import PolicySources
 from .adapters.readiness import DatabaseSchema, Readiness, instance_name, wait_for_schema
 from .adapters.sql.engines import make_engine
 from .adapters.sql.files_in_use import sqlite_file
@@ -66,13 +67,19 @@ def prepare(
 
 
 def create_app(
-    settings: Settings, *, clock: Callable[[], float] = time.time, span_exporter: Any = None
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    span_exporter: Any = None,
+    policy_sources: PolicySources | None = None,
 ) -> Flask:
     """Build the WSGI application for ``settings`` (tests pass their own settings and clock).
 
     Nothing here needs the database to answer: if it does not, the app starts not ready
     and migrates the schema when it does (see :class:`DatabaseSchema`).  ``span_exporter``
     (tests): an OpenTelemetry span exporter used instead of the configured one.
+    ``policy_sources``: the policy files' texts as read once (``sts serve`` gives every worker
+    those its main process read), instead of the files themselves.
     """
     logging.getLogger("sts").setLevel(settings.log_level)
     engine = make_engine(settings.database_url, database_pool(settings))
@@ -82,7 +89,7 @@ def create_app(
         settings.keys_dir, passphrase=settings.key_passphrase, create_alg=settings.signing_alg, now=clock()
     )
     stores = open_stores(settings, engine, clock)
-    policy = build_policy(settings)
+    policy = build_policy(settings, policy_sources)
     # Every decision whose record is committed is also summarised on the decision log (sts.decision).
     audit = LoggedSqlAuditSink(engine)
     # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the

@@ -61,7 +61,7 @@ from .adapters.log_format import GRANIAN_LOG_CONFIG
 from .adapters.probe_lane import LIVENESS_PATH, PROBE_PATHS, stalled_answer
 from .adapters.request_head import host_is_valid
 from .adapters.request_threads import QueuedTooLong, RequestThreads
-from .adapters.worker_process import die_with_parent
+from .adapters.worker_process import die_with_parent, load_or_wait
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class _Loader:
 
     def __call__(self) -> Any:  # granian types its loaders as returning callables
         die_with_parent(self.parent)
-        app = WSGIOverRSGI(self.load_app(), self.limits, self.request_id, self.counts_file)
+        app = WSGIOverRSGI(load_or_wait(self.load_app), self.limits, self.request_id, self.counts_file)
         # What start-up built (keys, compiled policies, modules) lives as long as the worker: out
         # of the collector's sight, so that a full collection no longer walks it on a request
         # thread (``gc.freeze``, https://docs.python.org/3/library/gc.html#gc.freeze).

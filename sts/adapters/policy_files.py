@@ -160,19 +160,42 @@ def _expanded_size(root: yaml.Node) -> int:
     return sizes[id(root)]
 
 
-def read_policy_file(path: Path) -> dict[str, Any]:
-    """Parse and schema-check one file; errors name the file, line and rule.
+def read_policy_text(path: Path) -> str:
+    """The text of one policy file; :class:`ConfigurationError` when it cannot be read or is not UTF-8."""
+    try:
+        return path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{path}: not UTF-8 (byte {exc.start})") from None
+
+
+#: The policy files as read once: each path with its text (see :func:`read_policy_sources`).
+PolicySources = tuple[tuple[Path, str], ...]
+
+
+def read_policy_sources(directory: Path) -> PolicySources:
+    """The texts of the policy files of ``directory`` (:func:`policy_files`), read once.
+
+    ``sts serve`` reads them in its main process and gives every worker these texts, never the
+    files: a worker started later (one replacing a worker that died) compiles what the others
+    compiled, not what the files hold by then (an outside audit: after an edit on disk and a
+    worker's death, the two workers of one instance enforced two policies; with a broken file,
+    the replacement failed, and granian took the whole server down).
+    """
+    return tuple((path, read_policy_text(path)) for path in policy_files(directory))
+
+
+def read_policy_file(path: Path, text: str | None = None) -> dict[str, Any]:
+    """Parse and schema-check one file (its ``text``, if given, else what the file holds); errors
+    name the file, line and rule.
 
     The YAML is composed into a node tree once; the tree gives each rule's line and the
     document is constructed from the same tree (loading used to re-parse the whole file for
     every rule, which made a 400-rule file take a minute).
     """
-    try:
-        text = path.read_text("utf-8")
-    except OSError as exc:
-        raise ConfigurationError(f"{path}: cannot be read ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigurationError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    if text is None:
+        text = read_policy_text(path)
     loader = _UniqueKeyLoader(text)
     root: yaml.Node | None = None
     try:
@@ -280,11 +303,14 @@ def load_policies(
     clients: frozenset[str],
     max_lifetime: int,
     default_lifetime: int = 300,
+    texts: PolicySources | None = None,
 ) -> PolicySet:
+    """Compile the policy files ``paths`` or, given ``texts``, those texts (``paths`` unused)."""
+    sources = texts if texts is not None else tuple((path, None) for path in paths)
     with collection_paused():
         documents = []
-        for path in paths:
-            doc = read_policy_file(path)
+        for path, text in sources:
+            doc = read_policy_file(path, text)
             for rule in doc.get("rules", []):
                 line = rule.pop("__line__", None)
                 rule.setdefault("__source__", f"{path}:{line}" if line else str(path))

@@ -6,13 +6,16 @@ import functools
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import ConfigurationError
 from ..settings import Settings
 from .context import settings_from
+
+if TYPE_CHECKING:
+    from ..adapters.policy_files import PolicySources
 
 
 @click.command()
@@ -64,6 +67,7 @@ def release_before_fork(runtime: Any) -> None:
 def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     from .. import serving
     from ..adapters import metrics_exposition as metrics
+    from ..adapters.policy_files import read_policy_sources
     from ..app import create_app, prepare
     from ..http.responses import request_id
 
@@ -86,8 +90,11 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     try:
         try:
             prepare(settings)
+            # The policy files are read once, here: every worker compiles these texts, a worker
+            # replacing one that died too, whatever the files hold by then (one policy per instance).
+            policy_sources = read_policy_sources(settings.policies_dir)
             # Build once in the parent too, so a bad policy or key stops the start here, with its message.
-            checked = create_app(settings)
+            checked = create_app(settings, policy_sources=policy_sources)
         except ConfigurationError as exc:
             raise click.ClickException(str(exc)) from None
         # The workers open their own pools; the check's connections must not be inherited by them.
@@ -112,7 +119,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
             err=True,
         )
         serving.serve(
-            functools.partial(worker_app, settings),
+            functools.partial(worker_app, settings, policy_sources),
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
@@ -133,13 +140,14 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
             listener.stop()
 
 
-def worker_app(settings: Settings) -> Any:
-    """A worker's application, its PostgreSQL request pool opened before the first request
+def worker_app(settings: Settings, policy_sources: PolicySources | None = None) -> Any:
+    """A worker's application, its policy compiled from ``policy_sources`` (the texts the main
+    process read), its PostgreSQL request pool opened before the first request
     (:func:`~sts.adapters.sql.engines.open_request_pool`)."""
     from ..adapters.sql.engines import open_request_pool
     from ..app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, policy_sources=policy_sources)
     open_request_pool(app.extensions["sts"].engine)
     return app
 

@@ -10,7 +10,7 @@ from ..adapters.jwks_cache import HttpJWKS
 from ..adapters.keyring import KeyRing
 from ..adapters.metered_ports import CountedIssuerKeys, CountedTokenReviewer
 from ..adapters.metrics import Metrics
-from ..adapters.policy_files import load_policies, policy_files
+from ..adapters.policy_files import PolicySources, load_policies, policy_files
 from ..adapters.published_keys import OwnTokenKeys
 from ..adapters.signing_keys import SUPPORTED_ALGORITHMS as SIGNING_ALGORITHMS
 from ..adapters.token_review import HttpTokenReviewer
@@ -177,11 +177,12 @@ def build_clients(
     return {c.client_id: build_client(c, clock, metrics) for c in settings.clients}
 
 
-def build_policy(settings: Settings) -> PolicySet:
-    """The policy files of ``policies_dir``, compiled against the configured issuers (and
-    ``self``) and clients."""
+def build_policy(settings: Settings, sources: PolicySources | None = None) -> PolicySet:
+    """The policy files of ``policies_dir`` (or their texts as read once, ``sources``), compiled
+    against the configured issuers (and ``self``) and clients."""
     return load_policies(
-        policy_files(settings.policies_dir),
+        policy_files(settings.policies_dir) if sources is None else (),
+        texts=sources,
         issuers=frozenset(i.name for i in settings.issuers) | {SELF_ISSUER},
         # A public client proves nothing, so no rule can name it (only authenticated clients).
         clients=frozenset(c.client_id for c in settings.clients if c.auth_method != NONE),

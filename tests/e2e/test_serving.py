@@ -552,6 +552,74 @@ def test_the_workers_end_with_a_main_process_killed_outright(
         server.stop()
 
 
+def _statuses(server: Served, token_for: Any, seconds: float) -> list[int]:
+    """Exchanges on new connections (so both workers get some) for ``seconds``: their statuses."""
+    statuses = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        answer = requests.post(
+            f"{server.url}/token",
+            data=_exchange_form(token_for()),
+            headers={"Connection": "close"},
+            timeout=10,
+        )
+        statuses.append(answer.status_code)
+        if answer.status_code != 200:
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"] == "temporarily_unavailable"
+            assert answer.headers["Retry-After"]
+        time.sleep(0.05)
+    return statuses
+
+
+def test_a_worker_that_cannot_start_neither_takes_the_instance_down_nor_changes_its_policy(
+    tmp_path: Path, upstream_issuer: RunningServer
+) -> None:
+    """An outside fault-injection audit: with the policy file broken on disk, or the keys directory
+    unreadable, the worker replacing one killed failed to start, granian took that for a crash
+    loop and stopped the whole server, healthy worker and all; with a valid but different policy
+    on disk, the replacement enforced it while the other worker kept the old one.  Now every
+    worker compiles the policy texts the main process read at start, and one that cannot build
+    its application answers 503 and tries again until it can."""
+    server = Served(tmp_path, upstream_issuer, args=("--workers", "2"))
+    try:
+
+        def token() -> str:
+            return upstream_issuer.issuer.github_actions_token(audience=server.url)
+
+        assert set(_statuses(server, token, 1.0)) == {200}
+        (tmp_path / "policies" / "test.yaml").write_text("version: 1\nrules: [\n")  # broken YAML
+        keys = tmp_path / "keys"
+        keys.rename(tmp_path / "keys.away")
+        keys.write_text("not a directory")  # the key ring cannot be opened (root ignores chmod)
+        before = children_of(server.proc.pid)
+        assert len(before) == 2, before
+        os.kill(before[0], signal.SIGKILL)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and sorted(children_of(server.proc.pid)) in (
+            [],
+            sorted(before),
+            [before[1]],
+        ):
+            time.sleep(0.1)
+        assert len(children_of(server.proc.pid)) == 2
+        # Past granian's crash-loop window (5.5 s): the instance serves; the new worker answers 503.
+        during = _statuses(server, token, 7.0)
+        assert server.proc.poll() is None, server.log.read_text()[-3000:]
+        assert 200 in during and 503 in during, during
+        keys.unlink()
+        (tmp_path / "keys.away").rename(keys)
+        # The replacement builds its application within its retry period, with the policy of the
+        # start (the file on disk is still broken): every exchange is granted again.
+        end = time.monotonic() + 20
+        while time.monotonic() < end and set(_statuses(server, token, 1.0)) != {200}:
+            pass
+        assert set(_statuses(server, token, 2.0)) == {200}
+        assert "cannot build the application" in server.log.read_text()
+    finally:
+        server.stop()
+
+
 # -- settings ------------------------------------------------------------------------------------
 # -- settings ------------------------------------------------------------------------------------
 
