@@ -91,7 +91,8 @@ def create_app(
     stores = open_stores(settings, engine, clock)
     policy = build_policy(settings, policy_sources)
     # Every decision whose record is committed is also summarised on the decision log (sts.decision).
-    audit = LoggedSqlAuditSink(engine)
+    # No grant committed later than database_deadline after its request began (0: no deadline).
+    audit = LoggedSqlAuditSink(engine, commit_deadline=float(settings.database_deadline) or None, clock=clock)
     # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the
     # failures of the stores, the audit trail and upstream services where the pipeline meets them.
     metrics = Metrics(clock=clock)

@@ -234,3 +234,36 @@ def test_timestamps_are_written_without_the_drivers_default_adapter(
     for record in (plain, granted):
         expected = dt.datetime.fromtimestamp(record.time, tz=dt.UTC).isoformat(" ")
         assert stored[record.event_id] == expected
+
+
+def test_no_grant_is_committed_past_its_deadline_and_its_uses_stay_unspent(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """``database_deadline`` on SQLite: a grant that would wait for a write lock held elsewhere past
+    its request's start plus the deadline is refused unwritten, and one already that late is not
+    tried (an outside audit had a lock held 15 s commit grants 13 to 14.5 s after their requests
+    began, after their clients had given up: sent again, they found their tokens spent)."""
+    sink = SqlAuditSink(engine, commit_deadline=1.0)
+    now = time.time()
+    use = SingleUse("subject_token", "k1", now + 300, None)
+    holder = sqlite3.connect(tmp_path / "audit.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a backup, or a sqlite3 shell left in a transaction
+    try:
+        started = time.monotonic()
+        with pytest.raises(AuditUnavailable, match="(?i)deadline"):
+            sink.write_with_uses(_record(), [use], now)
+        assert time.monotonic() - started < 3.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert _count(engine) == 0
+    # A request already older than the deadline is refused without a commit, lock or no lock.
+    late = AuditRecord(event_id=str(uuid.uuid4()), time=time.time() - 2, request_id="r", endpoint="token")
+    with pytest.raises(AuditUnavailable, match="(?i)deadline"):
+        sink.write_with_uses(late, [use], time.time())
+    assert _count(engine) == 0
+    # The use was never spent: sent again in time, it is granted.
+    sink.write_with_uses(_record(), [use], time.time())
+    assert _count(engine) == 1
+    with pytest.raises(AlreadyUsed):
+        sink.write_with_uses(_record(), [use], time.time())

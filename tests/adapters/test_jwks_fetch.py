@@ -294,7 +294,9 @@ def test_concurrent_callers_share_one_request(
     if not cold:
         issuer.serve(public_jwk(ec_keys[0], kid="k1"))
         jwks.key_for("k1", "ES256")
-    issuer.serve(public_jwk(ec_keys[0], kid="k1"), public_jwk(ec_keys[1], kid="k2"), delay=0.3)
+    # A quick fetch (0.1 s): callers beyond the waiters wait for it while it is younger than
+    # BRIEF_WAIT (0.5 s); 0.3 s left too little margin on a loaded machine (a CI run failed).
+    issuer.serve(public_jwk(ec_keys[0], kid="k1"), public_jwk(ec_keys[1], kid="k2"), delay=0.1)
     before = issuer.requests
 
     barrier = threading.Barrier(20)

@@ -15,27 +15,35 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from ...core.audit import AuditRecord
 from ...core.audit_chain import genesis_hash, link_hash
-from ...core.audit_views import readable_record
 from ...core.canonical_json import canonical_record
 from ...core.ports import AlreadyUsed, AuditOutcomeUnknown, AuditUnavailable, BaselineUpdate, SingleUse
+from .audit_reads import AuditReads
 from .chain_heads import ChainHead, ChainHeads
 from .deadline import DeadlinePassed
+from .engines import commit_by
 from .files_in_use import WatchedFile, sqlite_file
-from .group_commit import GroupCommit, PendingRow, PendingUses, UseTaken, audit_row, sqlite_timestamp
+from .group_commit import (
+    GroupCommit,
+    PendingRow,
+    PendingUses,
+    UseTaken,
+    audit_row,
+    sqlite_timestamp,
+    within_deadline,
+)
 from .key_value import store_key, upsert_statement
-from .pg_exchange import pipelined_grants
+from .pg_exchange import pipelined_uses
 from .replay import first_uses_statement, replay_key
-from .schema import STORED_RECORD, audit_events
+from .schema import audit_events
 from .sqlite_grants import SqliteGrants
 from .statements import CommitOutcomeUnknown, RawStatement, failure_text
-from .subject_lookup import column_conditions
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ log = logging.getLogger(__name__)
 _USE_TAKEN = "22012"
 
 
-class SqlAuditSink:
+class SqlAuditSink(AuditReads):
     """Commits audit records; the caller returns only once its record is committed.
 
     Group commit: while one thread commits, records arriving from other
@@ -58,11 +66,20 @@ class SqlAuditSink:
     """
 
     def __init__(
-        self, engine: Engine, *, max_batch: int = 128, timeout: float = 10.0, max_chains: int = 8
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 128,
+        timeout: float = 10.0,
+        max_chains: int = 8,
+        commit_deadline: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.timeout = timeout
+        #: Seconds after its request's start past which a grant is not committed (see _commit_with_uses).
+        self.commit_deadline, self.clock = commit_deadline, clock
         # Each transaction of the sink starts with a write (see RawStatement.transaction).
         self._raw = RawStatement(engine, writes_first=True)
         self._chains = ChainHeads(1 if self._raw.sqlite else max_chains)
@@ -156,6 +173,7 @@ class SqlAuditSink:
             raise AlreadyUsed(next(use for i, (use, key) in enumerate(entries) if key in keys[:i]))
         item = PendingUses(
             self._stored_row(record),
+            started=record.time,
             entries=entries,
             entry_params=[*(v for use, key in entries for v in (key, use.expires_at)), now],
             baseline=(
@@ -173,7 +191,16 @@ class SqlAuditSink:
             log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
 
     def _commit_with_uses(self, batch: list[PendingUses]) -> None:
-        self._commit_batch(batch, lambda head: self._commit_uses_linked(head, batch))
+        """Commit grants; with :attr:`commit_deadline`, none after its request's start plus that
+        many seconds (:func:`~.group_commit.within_deadline`, :func:`~.engines.commit_by`)."""
+        if self.commit_deadline is None:
+            self._commit_batch(batch, lambda head: self._commit_uses_linked(head, batch))
+            return
+        now = self.clock()
+        live, by = within_deadline(batch, self.commit_deadline, now)
+        if live:
+            with commit_by(time.monotonic() + (by - now)):
+                self._commit_batch(live, lambda head: self._commit_uses_linked(head, live))
 
     def _commit_uses_linked(self, head: ChainHead, batch: list[PendingUses]) -> None:
         """Commit ``batch`` in one transaction on ``head``'s chain, each item in a savepoint of its
@@ -217,7 +244,7 @@ class SqlAuditSink:
             if self._grants is not None:  # In one statement if every use is free; else by ``work``.
                 kept, seq, digest = self._grants.commit(head, batch, self._linked, work)
             else:
-                kept, seq, digest = self._pipelined_uses(head, batch, work)
+                kept, seq, digest = pipelined_uses(self._raw, head, batch, self._write_item, work, _USE_TAKEN)
         except UseTaken as taken:  # One item, no savepoint: nothing was committed.
             batch[0].taken = taken.use
             return
@@ -252,27 +279,6 @@ class SqlAuditSink:
         else:
             for item in batch:
                 self._commit_uses_linked(head, [item])
-
-    def _pipelined_uses(
-        self,
-        head: ChainHead,
-        batch: list[PendingUses],
-        work: Callable[[Any], tuple[list[PendingUses], int, str]],
-    ) -> tuple[list[PendingUses], int, str]:
-        """PostgreSQL: commit ``batch`` in one round trip if every use is free (the usual case).
-
-        Each item's statements become one statement, which fails if a use is taken
-        (:data:`_USE_TAKEN`; :func:`~sts.adapters.sql.pg_exchange.pipelined_grants`).  If one is,
-        nothing is committed, and ``work`` does the batch again, statement by statement, to
-        refuse exactly the items whose uses are taken.
-        """
-
-        try:
-            return pipelined_grants(self._raw, head, batch, self._write_item, refusal=_USE_TAKEN)
-        except self._raw.errors as exc:
-            if getattr(exc, "sqlstate", None) != _USE_TAKEN:
-                raise
-        return self._raw.transaction(work)
 
     def _write_item(
         self,
@@ -436,15 +442,3 @@ class SqlAuditSink:
                 self._raw.run(self._forget_heartbeats, (now - 86400,))
         except self._raw.failures as exc:
             raise AuditUnavailable(type(exc).__name__) from None
-
-    def recent(self, limit: int = 50, **filters: str) -> list[dict[str, Any]]:
-        """Newest first; ``filters`` match columns exactly (``outcome="refused"``)."""
-        query = select(STORED_RECORD).order_by(audit_events.c.id.desc()).limit(limit)
-        with self.engine.connect() as conn:
-            query = query.where(*column_conditions(conn, filters))
-            return [readable_record(r[0]) for r in conn.execute(query)]
-
-    def iter_all(self) -> Iterator[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            for row in conn.execute(select(STORED_RECORD).order_by(audit_events.c.id)):
-                yield readable_record(row[0])

@@ -10,6 +10,7 @@ their own (:func:`schema_transaction`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -20,7 +21,8 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -31,7 +33,7 @@ from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 
 from ...core.canonical_json import canonical_json, canonical_record
 from ..request_threads import waiting
-from .deadline import StatementDeadlines
+from .deadline import DeadlinePassed, StatementDeadlines
 from .sqlite_local import read_only
 
 log = logging.getLogger(__name__)
@@ -327,15 +329,39 @@ def _is_locked(exc: BaseException) -> bool:
     )
 
 
+#: The time (``time.monotonic()``) after which this thread's commit of the moment must not wait
+#: for SQLite's lock, nor start (see :func:`commit_by`); None: only ``retry_locked``'s own.
+_COMMIT_BY: ContextVar[float | None] = ContextVar("sts_commit_by", default=None)
+
+
+@contextlib.contextmanager
+def commit_by(moment: float) -> Iterator[None]:
+    """Within the block, :func:`retry_locked` neither waits for the lock nor starts past ``moment``
+    (``time.monotonic()``):
+    it raises :class:`~.deadline.DeadlinePassed` (the audit sink's group commit sets it to its
+    oldest request's start plus ``database_deadline``, so that no grant is committed after its
+    client is likely gone: an outside audit had a write lock held elsewhere for 15 s spend
+    single-use tokens whose clients had timed out after 10 s)."""
+    token = _COMMIT_BY.set(moment)
+    try:
+        yield
+    finally:
+        _COMMIT_BY.reset(token)
+
+
 def retry_locked(work: Callable[[], T], *, deadline: float = _LOCK_DEADLINE) -> T:
     """Run ``work``; on a SQLite lock collision, retry with short, jittered sleeps.
 
     A write holds the lock for tens of microseconds (one statement inside SQLite),
     so sleeps stay near that: a long back-off would leave the lock idle while a
-    whole batch of requests waits behind this one.
+    whole batch of requests waits behind this one.  Within :func:`commit_by`, past its
+    time: :class:`~.deadline.DeadlinePassed`, without trying (again).
     """
     delay, end = 0.00005, time.monotonic() + deadline
+    by = _COMMIT_BY.get()
     while True:
+        if by is not None and time.monotonic() > by:
+            raise DeadlinePassed("not committed within database_deadline of the request's start")
         try:
             return work()
         except (sqlite3.OperationalError, OperationalError) as exc:

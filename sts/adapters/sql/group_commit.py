@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ...core.audit import AuditRecord
 from ...core.ports import AuditUnavailable, SingleUse
@@ -80,6 +80,8 @@ class PendingRow:
     error: str | None = None
     #: With ``error``: the commit was sent and no answer came; the record may yet be committed.
     unknown: bool = False
+    #: When its request started (epoch seconds; :attr:`AuditRecord.time`), for a commit deadline.
+    started: float | None = None
 
 
 @dataclass(eq=False)
@@ -192,3 +194,28 @@ class UseTaken(Exception):
     def __init__(self, use: SingleUse) -> None:
         super().__init__()
         self.use = use
+
+
+#: Why a grant past its commit deadline is refused (see :func:`within_deadline`).
+LATE = "not committed within database_deadline of the request's start"
+
+P = TypeVar("P", bound=PendingRow)
+
+
+def within_deadline(batch: list[P], deadline: float, now: float) -> tuple[list[P], float]:
+    """The items of ``batch`` whose request started at most ``deadline`` seconds before ``now``, and
+    the time (epoch) their commit must end by: the earliest of their starts plus ``deadline``.
+
+    The others are refused now, unwritten (:data:`LATE`): a grant committed after its client
+    gave up spends its single-use token on an answer nobody reads (an outside audit: a write
+    lock held elsewhere for 15 s had grants committed 13 to 14.5 s after their requests began,
+    their clients gone after 10 s).
+    """
+    live = []
+    for item in batch:
+        if item.started is not None and now > item.started + deadline:
+            item.error, item.done = LATE, True
+        else:
+            live.append(item)
+    starts = [now if item.started is None else item.started for item in live]
+    return live, min(starts, default=now) + deadline

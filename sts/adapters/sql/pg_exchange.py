@@ -162,3 +162,25 @@ def pipelined_grants(
 
 def _collect(writes: list[tuple[str, Sequence[Any]]], sql: str, params: Sequence[Any]) -> None:
     writes.append((sql, params))
+
+
+def pipelined_uses(
+    raw: RawStatement,
+    head: ChainHead,
+    batch: list[PendingUses],
+    write_item: Callable[..., str],
+    work: Callable[[Any], tuple[list[PendingUses], int, str]],
+    refusal: str,
+) -> tuple[list[PendingUses], int, str]:
+    """Commit ``batch`` in one round trip if every use is free (the usual case).
+
+    Each item's statements become one statement, which fails with SQLSTATE ``refusal`` if a use
+    is taken (:func:`pipelined_grants`).  If one is, nothing is committed, and ``work`` does the
+    batch again, statement by statement, to refuse exactly the items whose uses are taken.
+    """
+    try:
+        return pipelined_grants(raw, head, batch, write_item, refusal=refusal)
+    except raw.errors as exc:
+        if getattr(exc, "sqlstate", None) != refusal:
+            raise
+    return raw.transaction(work)
