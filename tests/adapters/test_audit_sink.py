@@ -250,7 +250,7 @@ def test_no_grant_is_committed_past_its_deadline_and_its_uses_stay_unspent(
     holder.execute("BEGIN IMMEDIATE")  # a backup, or a sqlite3 shell left in a transaction
     try:
         started = time.monotonic()
-        with pytest.raises(AuditUnavailable, match="(?i)deadline"):
+        with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
             sink.write_with_uses(_record(), [use], now)
         assert time.monotonic() - started < 3.0
     finally:
@@ -259,7 +259,7 @@ def test_no_grant_is_committed_past_its_deadline_and_its_uses_stay_unspent(
     assert _count(engine) == 0
     # A request already older than the deadline is refused without a commit, lock or no lock.
     late = AuditRecord(event_id=str(uuid.uuid4()), time=time.time() - 2, request_id="r", endpoint="token")
-    with pytest.raises(AuditUnavailable, match="(?i)deadline"):
+    with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
         sink.write_with_uses(late, [use], time.time())
     assert _count(engine) == 0
     # The use was never spent: sent again in time, it is granted.

@@ -35,10 +35,12 @@ from .group_commit import (
     PendingUses,
     UseTaken,
     audit_row,
+    newest_committed,
     sqlite_timestamp,
     within_deadline,
 )
 from .key_value import store_key, upsert_statement
+from .ledger_mark import ledger_mark
 from .pg_exchange import pipelined_uses
 from .replay import first_uses_statement, replay_key
 from .schema import audit_events
@@ -86,6 +88,7 @@ class SqlAuditSink(AuditReads):
         # SQLite: no commit into files deleted or replaced under the process (lost at its restart).
         file = sqlite_file(engine)
         self._file = WatchedFile(file) if file is not None else None
+        self.mark = ledger_mark(engine)  # SQLite: its lost commits noticed (see .ledger_mark)
         dbapi = engine.dialect.loaded_dbapi
         self._integrity_errors: tuple[type[BaseException], ...] = (dbapi.IntegrityError,)
         self._columns = [c.name for c in audit_events.columns if c.name != "id"]
@@ -193,14 +196,11 @@ class SqlAuditSink(AuditReads):
     def _commit_with_uses(self, batch: list[PendingUses]) -> None:
         """Commit grants; with :attr:`commit_deadline`, none after its request's start plus that
         many seconds (:func:`~.group_commit.within_deadline`, :func:`~.engines.commit_by`)."""
-        if self.commit_deadline is None:
-            self._commit_batch(batch, lambda head: self._commit_uses_linked(head, batch))
-            return
-        now = self.clock()
-        live, by = within_deadline(batch, self.commit_deadline, now)
-        if live:
-            with commit_by(time.monotonic() + (by - now)):
-                self._commit_batch(live, lambda head: self._commit_uses_linked(head, live))
+        live, by = within_deadline(batch, self.commit_deadline, self.clock())
+        with commit_by(by):
+            self._commit_batch(live, lambda head: self._commit_uses_linked(head, live))
+        if self.mark is not None:
+            self.mark.granted(newest_committed(live))
 
     def _commit_uses_linked(self, head: ChainHead, batch: list[PendingUses]) -> None:
         """Commit ``batch`` in one transaction on ``head``'s chain, each item in a savepoint of its
@@ -371,6 +371,8 @@ class SqlAuditSink(AuditReads):
         try:
             problem = self._file.problem() if self._file is not None else None
             if problem is not None:
+                if self.mark is not None:
+                    self.mark.lost(self.clock())  # the commits in those files are lost
                 raise AuditUnavailable(f"the audit database: {problem} (restart the process)")
             with self._chains.borrow(self.timeout) as head:
                 commit(head)

@@ -202,20 +202,35 @@ LATE = "not committed within database_deadline of the request's start"
 P = TypeVar("P", bound=PendingRow)
 
 
-def within_deadline(batch: list[P], deadline: float, now: float) -> tuple[list[P], float]:
+def within_deadline(batch: list[P], deadline: float | None, now: float) -> tuple[list[P], float | None]:
     """The items of ``batch`` whose request started at most ``deadline`` seconds before ``now``, and
-    the time (epoch) their commit must end by: the earliest of their starts plus ``deadline``.
+    the moment (``time.monotonic()``) their commit must end by: the earliest of their starts plus
+    ``deadline`` (None, and every item, without a deadline).
 
     The others are refused now, unwritten (:data:`LATE`): a grant committed after its client
     gave up spends its single-use token on an answer nobody reads (an outside audit: a write
     lock held elsewhere for 15 s had grants committed 13 to 14.5 s after their requests began,
     their clients gone after 10 s).
     """
+    if deadline is None:
+        return batch, None
     live = []
     for item in batch:
         if item.started is not None and now > item.started + deadline:
             item.error, item.done = LATE, True
         else:
             live.append(item)
-    starts = [now if item.started is None else item.started for item in live]
-    return live, min(starts, default=now) + deadline
+    earliest = min((now if item.started is None else item.started for item in live), default=now)
+    return live, time.monotonic() + (earliest + deadline - now)
+
+
+def newest_committed(batch: list[P]) -> float:
+    """The latest start of the requests of ``batch`` whose record was committed (0.0: none)."""
+    return max(
+        (item.started or 0.0 for item in batch if item.done and item.error is None and not _taken(item)),
+        default=0.0,
+    )
+
+
+def _taken(item: PendingRow) -> bool:
+    return getattr(item, "taken", None) is not None

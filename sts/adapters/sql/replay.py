@@ -13,6 +13,7 @@ import random
 from sqlalchemy import Engine
 
 from ...core.ports import CLOCK_MARGIN, StoreUnavailable
+from .ledger_mark import ledger_mark
 from .statements import RawStatement
 
 
@@ -57,7 +58,9 @@ def first_uses_statement(placeholder: str, rows: int) -> str:
 class SqlReplayCache:
     """The embedded replay store (ports.ReplayCache) on the same database.
 
-    It lives in the database, so it never forgets: ``valid_from`` is not needed.
+    It lives in the database, which forgets nothing unless it loses commits (SQLite: its ``-wal``
+    deleted, an older copy restored; :mod:`.ledger_mark`): a credential valid before such a loss
+    is refused, :class:`~sts.core.ports.ReplayWindowLost`.
     """
 
     def __init__(self, engine: Engine, *, purge_probability: float = 0.001) -> None:
@@ -68,6 +71,8 @@ class SqlReplayCache:
         self._first_use = first_use_statement(p)
         self._release = f"DELETE FROM replay_entries WHERE key = {p}"  # noqa: S608 - placeholder only
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
+        #: SQLite: a credential that predates commits the database lost is refused (.ledger_mark).
+        self._mark = ledger_mark(engine)
 
     @staticmethod
     def _key(purpose: str, key: str) -> str:
@@ -82,6 +87,8 @@ class SqlReplayCache:
     def first_use(
         self, purpose: str, key: str, expires_at: float, now: float, *, valid_from: float | None = None
     ) -> bool:
+        if self._mark is not None:
+            self._mark.check_use(valid_from, now)
         try:
             first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant

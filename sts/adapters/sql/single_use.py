@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from ...core.audit import AuditRecord
 from ...core.ports import CLOCK_MARGIN, BaselineUpdate, SingleUse
 from .audit_sink import SqlAuditSink
+from .ledger_mark import check_at_start
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ class SqlSingleUseLedger:
         self.purge_probability = purge_probability
         p = self._raw.placeholder
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
+        #: SQLite: whether the database lost commits (see :mod:`.ledger_mark`), checked at start.
+        self._mark = audit.mark
+        if self._mark is not None:
+            check_at_start(self._mark, audit.engine, audit.clock())
 
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
         """Nothing to look up: the insert in :meth:`commit` decides (a used token raises
@@ -38,14 +43,20 @@ class SqlSingleUseLedger:
 
         A read here would only move the refusal of a replay earlier, at the price of one
         statement (on PostgreSQL one round trip) for every request that is not a replay.
+        A credential that predates commits the database lost (SQLite, :mod:`.ledger_mark`) is
+        refused: :class:`~sts.core.ports.ReplayWindowLost`.
         """
+        if self._mark is not None:
+            self._mark.check_use(use.valid_from, now)
         return use
 
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         """As :meth:`reserve`: the proof's ``jti`` is inserted with the record, or found used there.
 
-        The database never forgets, so ``valid_from`` is not needed.
+        The database forgets nothing unless it loses commits, which :meth:`reserve` checks for.
         """
+        if self._mark is not None:
+            self._mark.check_use(use.valid_from, now)
         return use
 
     def commit(

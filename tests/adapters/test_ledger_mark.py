@@ -1,0 +1,113 @@
+"""SQLite: a database that lost commits (its -wal deleted, an older copy restored) does not re-open
+the single uses they spent (an outside fault-injection audit exchanged such tokens twice)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from sts.adapters.sql.audit_sink import SqlAuditSink
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.ledger_mark import LOSS_HORIZON, ledger_mark
+from sts.adapters.sql.replay import SqlReplayCache
+from sts.adapters.sql.single_use import SqlSingleUseLedger
+from sts.core.audit import AuditRecord
+from sts.core.ports import AuditUnavailable, ReplayWindowLost, SingleUse
+from sts.migrations import upgrade
+
+
+def _grant(ledger: SqlSingleUseLedger, use: SingleUse, now: float) -> None:
+    record = AuditRecord(event_id=str(uuid.uuid4()), time=now, request_id="r", endpoint="token")
+    ledger.reserve(use, now)
+    ledger.commit(record, [use], now)
+
+
+def _open(path: Path) -> tuple[SqlAuditSink, SqlSingleUseLedger]:
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
+    return sink, SqlSingleUseLedger(sink)
+
+
+def test_an_older_copy_restored_refuses_the_credentials_it_may_have_forgotten(tmp_path: Path) -> None:
+    database = tmp_path / "sts.sqlite"
+    sink, ledger = _open(database)
+    now = time.time()
+    _grant(ledger, SingleUse("subject_token:github", "warm-up", now + 300, now - 60), now)
+    sink.engine.dispose()
+    shutil.copy(database, tmp_path / "backup.sqlite")  # the backup: one grant
+    sink, ledger = _open(database)
+    spent = SingleUse("subject_token:github", "spent", now + 300, now - 30)
+    _grant(ledger, spent, now + 1)
+    sink.engine.dispose()
+    # The service stopped; the older copy restored (without the old -wal and -shm).
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.sqlite", database)
+
+    sink, ledger = _open(database)  # a new process: it checks the database against the mark
+    later = time.time() + 2
+    with pytest.raises(ReplayWindowLost):
+        ledger.reserve(spent, later)
+    # A DPoP proof or client assertion of before the loss too (the replay cache).
+    with pytest.raises(ReplayWindowLost):
+        SqlReplayCache(sink.engine).first_use("dpop", "jti-1", later + 60, later, valid_from=now)
+    # A credential without a known start could predate it as well; one issued since is taken.
+    with pytest.raises(ReplayWindowLost):
+        ledger.reserve(SingleUse("subject_token:github", "no-iat", now + 300, None), later)
+    fresh = SingleUse("subject_token:github", "fresh", later + 300, later)
+    _grant(ledger, fresh, later)
+    # Remembered by every process from now on (the mark is a file), until the horizon.
+    sink.engine.dispose()
+    sink, ledger = _open(database)
+    with pytest.raises(ReplayWindowLost):
+        ledger.reserve(spent, later + 10)
+    ledger.reserve(spent, later + LOSS_HORIZON + 1)
+
+
+def test_the_same_database_reopened_has_lost_nothing(tmp_path: Path) -> None:
+    database = tmp_path / "sts.sqlite"
+    sink, ledger = _open(database)
+    now = time.time()
+    use = SingleUse("subject_token:github", "k", now + 300, now - 30)
+    _grant(ledger, use, now)
+    sink.engine.dispose()
+    sink, ledger = _open(database)
+    ledger.reserve(SingleUse("subject_token:github", "other", now + 300, now - 30), now + 1)
+    mark = ledger_mark(sink.engine)
+    assert mark is not None and mark._read()[1] == 0.0
+
+
+def test_a_wal_deleted_under_the_process_marks_its_commits_lost(tmp_path: Path) -> None:
+    database = tmp_path / "sts.sqlite"
+    sink, ledger = _open(database)
+    now = time.time()
+    _grant(ledger, SingleUse("subject_token:github", "k", now + 300, now - 30), now)
+    os.unlink(f"{database}-wal")
+    time.sleep(1.1)  # the file is looked at once a second
+    with pytest.raises(AuditUnavailable, match="restart"):
+        _grant(ledger, SingleUse("subject_token:github", "k2", now + 300, now - 30), time.time())
+    mark = ledger_mark(sink.engine)
+    assert mark is not None and mark._read()[1] > 0
+    with pytest.raises(ReplayWindowLost):
+        ledger.reserve(SingleUse("subject_token:github", "k", now + 300, now - 30), time.time())
+
+
+def test_a_trail_pruned_of_grants_older_than_a_day_is_no_loss(tmp_path: Path) -> None:
+    """``sts audit prune`` removes only records older than a day: the newest grant gone that way is
+    no loss (its credentials expired long ago)."""
+    database = tmp_path / "sts.sqlite"
+    sink, ledger = _open(database)
+    then = time.time() - LOSS_HORIZON - 60
+    _grant(ledger, SingleUse("subject_token:github", "old", then + 300, then - 30), then)
+    with sink.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM audit_events")
+    sink.engine.dispose()
+    sink, ledger = _open(database)
+    now = time.time()
+    ledger.reserve(SingleUse("subject_token:github", "k", now + 300, now - 30), now)
