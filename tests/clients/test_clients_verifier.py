@@ -1025,26 +1025,9 @@ def test_eddsa_tokens_and_proofs_verify_as_ed25519(fake: FakeAuthorizationServer
 
 def _certificate(name: str) -> Any:
     """A self-signed client certificate (the TLS layer verified its chain: not this library's part)."""
-    import datetime as dt
+    from tests.http.test_mtls import certificate
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    start = dt.datetime.now(dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    return certificate(name)
 
 
 def _x5t(certificate: Any) -> str:
