@@ -246,7 +246,9 @@ def sql_store_check(replay: ReplayCache, instance: str) -> StoreCheck:
     """The embedded store: a write to its replay table (a readiness key that expires in a minute)."""
 
     def check(now: float) -> None:
-        replay.first_use("readiness", instance, now + 60, now)
+        # Valid from now: a key of this moment, never one a loss of the database's commits could
+        # have spent (sts.adapters.sql.ledger_mark), so readiness stays honest after one.
+        replay.first_use("readiness", instance, now + 60, now, valid_from=now)
 
     return check
 

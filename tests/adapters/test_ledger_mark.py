@@ -111,3 +111,16 @@ def test_a_trail_pruned_of_grants_older_than_a_day_is_no_loss(tmp_path: Path) ->
     sink, ledger = _open(database)
     now = time.time()
     ledger.reserve(SingleUse("subject_token:github", "k", now + 300, now - 30), now)
+
+
+def test_readiness_stays_honest_after_a_loss(tmp_path: Path) -> None:
+    """The store's readiness write is a key of this moment: a loss refuses old credentials, it does
+    not make the instance unready for a day (a review of this change found it did)."""
+    from sts.adapters.readiness import sql_store_check
+
+    database = tmp_path / "sts.sqlite"
+    sink, _ = _open(database)
+    mark = ledger_mark(sink.engine)
+    assert mark is not None
+    mark.lost(time.time())
+    sql_store_check(SqlReplayCache(sink.engine), "host:1")(time.time() + 1)

@@ -197,6 +197,8 @@ class SqlAuditSink(AuditReads):
         """Commit grants; with :attr:`commit_deadline`, none after its request's start plus that
         many seconds (:func:`~.group_commit.within_deadline`, :func:`~.engines.commit_by`)."""
         live, by = within_deadline(batch, self.commit_deadline, self.clock())
+        if not live:
+            return
         with commit_by(by):
             self._commit_batch(live, lambda head: self._commit_uses_linked(head, live))
         if self.mark is not None:
