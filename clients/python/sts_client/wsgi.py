@@ -47,7 +47,11 @@ _REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 50
 @dataclass(frozen=True)
 class ProtectedPath:
     """A path prefix and what it needs: scopes, attestation no older than ``max_age`` seconds, and
-    one of the assurance levels ``acr_values`` (or a higher one; RFC 9470)."""
+    one of the assurance levels ``acr_values`` (or a higher one; RFC 9470).
+
+    The prefix is matched against the request's whole path, ``SCRIPT_NAME`` + ``PATH_INFO``:
+    under a dispatcher that mounts the application at ``/mw``, protect ``/mw/api``, not ``/api``
+    (which would match nothing there, and leave ``/mw/api`` open)."""
 
     prefix: str
     scopes: tuple[str, ...] = ()
