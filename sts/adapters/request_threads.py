@@ -78,6 +78,14 @@ def waiting() -> _Waiting:
     )
 
 
+def queue_wait() -> float:
+    """Seconds the calling request thread's current request waited in the queue before it ran
+    (0.0 outside a request thread): its age at its start, which deadlines counted from its
+    arrival add (a grant's commit deadline, see :mod:`sts.adapters.sql.group_commit`)."""
+    waited: float = getattr(_local, "waited", 0.0)
+    return waited
+
+
 def yield_turn() -> bool:
     """If the calling request thread holds a turn and a queued request or a thread back from a
     wait wants one, give the turn to it and take one back after it: the caller resumes once that
@@ -267,7 +275,8 @@ class RequestThreads:
         future, function, args, queued = call
         try:
             limit = self.queue_timeout
-            if limit is not None and time.monotonic() - queued > limit:
+            _local.waited = waited = time.monotonic() - queued
+            if limit is not None and waited > limit:
                 self._report_refused(limit)
                 raise QueuedTooLong(f"queued for more than {limit:g} s")
             result, error = function(*args), None

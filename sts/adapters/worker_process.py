@@ -77,9 +77,10 @@ def _log_failure(exc: BaseException, retry: float) -> None:
 
 
 class StartingApp:
-    """A worker's WSGI application until its own can be built: every request, the health probes
-    too, is answered ``503 temporarily_unavailable`` with ``Retry-After``; a daemon thread tries
-    to build the application every ``retry`` seconds, and requests go to it once one is built."""
+    """A worker's WSGI application until its own can be built: every request, ``/readyz`` too, is
+    answered ``503 temporarily_unavailable`` with ``Retry-After`` (``/livez``: ``200``, alive); a
+    daemon thread tries to build the application every ``retry`` seconds, and requests go to it
+    once one is built."""
 
     def __init__(self, load_app: Callable[[], WSGIApp], retry: float = START_RETRY_SECONDS) -> None:
         self._load = load_app
@@ -108,14 +109,24 @@ class StartingApp:
         app = self.app
         if app is not None:
             return app(environ, start_response)
+        if environ.get("PATH_INFO") == "/livez":
+            # Alive: it serves requests, and recovers by itself (README, /livez); a restart of the
+            # instance, its healthy workers too, would not bring back what it misses.
+            body, status, extra = _ALIVE, "200 OK", []
+        else:
+            body, status = self._body, "503 Service Unavailable"
+            extra = [("Retry-After", str(max(1, round(self._retry))))]
         start_response(
-            "503 Service Unavailable",
+            status,
             [
                 ("Content-Type", "application/json"),
-                ("Content-Length", str(len(self._body))),
+                ("Content-Length", str(len(body))),
                 ("Cache-Control", "no-store"),
                 ("Pragma", "no-cache"),
-                ("Retry-After", str(max(1, round(self._retry)))),
+                *extra,
             ],
         )
-        return [self._body]
+        return [body]
+
+
+_ALIVE = json.dumps({"status": "ok"}).encode()

@@ -267,3 +267,24 @@ def test_no_grant_is_committed_past_its_deadline_and_its_uses_stay_unspent(
     assert _count(engine) == 1
     with pytest.raises(AlreadyUsed):
         sink.write_with_uses(_record(), [use], time.time())
+
+
+def test_the_commit_deadline_counts_the_time_a_request_queued_for_a_thread(engine: Engine) -> None:
+    """The deadline runs from the request's arrival: a grant that waited 6 s for a request thread
+    (``request_queue_timeout`` allows 10) is already late (a re-run of the fault audit had grants
+    committed 10 s after they were sent, counted from their start on a thread)."""
+    from sts.adapters import request_threads
+
+    sink = SqlAuditSink(engine, commit_deadline=5.0)
+    now = time.time()
+    request_threads._local.waited = 6.0
+    try:
+        assert request_threads.queue_wait() == 6.0
+        with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
+            sink.write_with_uses(_record(), [SingleUse("subject_token", "q1", now + 300, None)], now)
+        assert _count(engine) == 0
+        request_threads._local.waited = 1.0
+        sink.write_with_uses(_record(), [SingleUse("subject_token", "q1", now + 300, None)], now)
+        assert _count(engine) == 1
+    finally:
+        request_threads._local.waited = 0.0

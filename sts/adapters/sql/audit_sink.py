@@ -24,6 +24,7 @@ from ...core.audit import AuditRecord
 from ...core.audit_chain import genesis_hash, link_hash
 from ...core.canonical_json import canonical_record
 from ...core.ports import AlreadyUsed, AuditOutcomeUnknown, AuditUnavailable, BaselineUpdate, SingleUse
+from ..request_threads import queue_wait
 from .audit_reads import AuditReads
 from .chain_heads import ChainHead, ChainHeads
 from .deadline import DeadlinePassed
@@ -176,7 +177,7 @@ class SqlAuditSink(AuditReads):
             raise AlreadyUsed(next(use for i, (use, key) in enumerate(entries) if key in keys[:i]))
         item = PendingUses(
             self._stored_row(record),
-            started=record.time,
+            started=record.time - queue_wait(),  # counted from its arrival, queue included
             entries=entries,
             entry_params=[*(v for use, key in entries for v in (key, use.expires_at)), now],
             baseline=(

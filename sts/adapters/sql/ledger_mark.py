@@ -100,8 +100,9 @@ class LedgerMark:
         self.lost(now)
         log.error(
             "the database %s has lost commits (its newest record is older than the newest grant "
-            "committed: its -wal deleted, or an older copy restored); credentials issued before "
-            "now are refused as possibly spent, for %d hours",
+            "committed: its -wal deleted, or an older copy restored); credentials that could have "
+            "been accepted before now (issued before now plus the leeway) are refused as possibly "
+            "spent, for %d hours",
             engine.url.database,
             LOSS_HORIZON // 3600,
         )
