@@ -60,7 +60,7 @@ from .adapters.connection_balance import create_file as create_counts_file
 from .adapters.log_format import GRANIAN_LOG_CONFIG
 from .adapters.probe_lane import LIVENESS_PATH, PROBE_PATHS, stalled_answer
 from .adapters.request_head import host_is_valid
-from .adapters.request_threads import QueuedTooLong, RequestThreads
+from .adapters.request_threads import QueuedTooLong, RequestThreads, queue_wait
 from .adapters.worker_process import die_with_parent, load_or_wait
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ class WSGIOverRSGI:
             "wsgi.multithread": True,
             "wsgi.multiprocess": True,
             "wsgi.run_once": False,
+            "sts.queued_seconds": queue_wait(),  # (sts.http.responses.QUEUED, for the access log)
         }
         for name, value in scope.headers.items():
             if "_" in name:

@@ -33,6 +33,7 @@ from .client_address import Network
 from .metrics import RequestObserver, observe_served
 from .oauth import TokenEndpoint
 from .responses import (
+    QUEUED,
     Answer,
     Arrival,
     http_error_answer,
@@ -130,6 +131,7 @@ class LeanTokenEndpoint:
             started=arrival.started,
             request_id=arrival.request_id,
             trace_id=arrival.trace_id,
+            queued=environ.get(QUEUED, 0.0),
         )
         try:
             start_response(status_line(status), list(headers.items()))

@@ -1678,6 +1678,14 @@ def test_access_log_names_the_route_never_the_path_or_query(
     assert first.response_bytes == len(granted.get_data())  # type: ignore[attr-defined]
     assert first.request_id == "req-1" and first.client_address == "127.0.0.1"  # type: ignore[attr-defined]
     assert 0 <= first.duration_ms < 60_000  # type: ignore[attr-defined]
+    assert first.queued_ms == 0.0  # type: ignore[attr-defined]  # (not served by sts serve here)
+    # Under `sts serve`, the wait for a request thread is in the duration (a fault audit saw 10 s
+    # answers logged as 1.8 s): the server puts it in the environ.
+    caplog.clear()
+    queued = post(web, form(ctx.deploy()), environ_base={"sts.queued_seconds": 2.5})
+    assert queued.status_code == 200
+    [record] = _access_lines(caplog)
+    assert record.queued_ms == 2500.0 and 2500 <= record.duration_ms < 62_500  # type: ignore[attr-defined]
 
 
 def test_unexpected_error_log_names_the_route_not_the_path(
