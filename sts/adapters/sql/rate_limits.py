@@ -77,7 +77,7 @@ def rate_limit_engine(engine: Engine) -> Engine:
         return engine
     with _OWN_ENGINES_LOCK:
         # One engine per file and process, whoever asks (the limits of the endpoints, the review
-        # page's sign-ins): one pool, one set of per-thread connections and checkpoints.
+        # page's sign-ins): one pool, one per-process connection and checkpoints.
         key = (os.path.abspath(path), os.getpid())
         own = _OWN_ENGINES.get(key)
         if own is None:

@@ -91,7 +91,7 @@ class SqliteGrants:
 
     def __init__(self, raw: RawStatement, columns: Sequence[str]) -> None:
         self._raw = raw
-        #: Whether the statement can run: SQLite, with per-thread connections (a file, not ``:memory:``).
+        #: Whether the statement can run: SQLite, with its per-process connection (a file, not ``:memory:``).
         self.ready = raw.set_up_connections(grant_view_statements(columns))
         self._width = len(_SLOTS) + len(columns)
         self._sql_by_size: dict[int, str] = {}

@@ -79,7 +79,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def local_connections(engine: Engine) -> LocalConnections | None:
-    """The per-thread connections of a SQLite file engine (one set per engine); None for an
+    """The per-process connection of a SQLite file engine (one per engine); None for an
     in-memory database (each connection is a database of its own) or another database."""
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:" or database.startswith("file:"):

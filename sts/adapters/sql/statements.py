@@ -2,8 +2,8 @@
 
 The writes of every request (an audit record, a replay entry, a subject's state)
 go through :class:`RawStatement`: one prepared statement, or a few in one
-transaction, with no SQL compiled per call.  On a SQLite file each thread runs them
-on a connection of its own (:mod:`sts.adapters.sql.sqlite_local`).
+transaction, with no SQL compiled per call.  On a SQLite file the threads of a process run them
+on one connection, in turn (:mod:`sts.adapters.sql.sqlite_local`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class RawStatement:
         self._disconnects: tuple[type[BaseException], ...] = (dbapi.OperationalError, dbapi.InterfaceError)
 
     def set_up_connections(self, statements: list[str]) -> bool:
-        """SQLite file: have each of this engine's per-thread connections run ``statements`` once,
+        """SQLite file: have this engine's per-process connection run ``statements`` once,
         before its next statement (:meth:`LocalConnections.set_up`); False elsewhere (nothing is run)."""
         if self._local is None:
             return False
