@@ -73,8 +73,29 @@ class StaticJWKS:
         return key
 
 
+#: The key-set files this process read (path to bytes), and those it reads from instead of the files
+#: (see :func:`use_file_snapshot`).
+_READ: dict[str, bytes] = {}
+_SNAPSHOT: dict[str, bytes] = {}
+
+
+def files_read() -> dict[str, bytes]:
+    """The key-set files read so far by this process, as read: ``sts serve``'s main process gives
+    them to its workers (:func:`use_file_snapshot`)."""
+    return dict(_READ)
+
+
+def use_file_snapshot(files: Mapping[str, bytes]) -> None:
+    """Read these key-set files from ``files`` rather than from disk: a worker of ``sts serve``
+    (one replacing a worker that died too) trusts the keys its main process read at start, not
+    whatever the files hold by then, so one instance trusts one key set (as with its policies)."""
+    _SNAPSHOT.clear()
+    _SNAPSHOT.update(files)
+
+
 class FileJWKS(StaticJWKS):
-    """An issuer's keys from a local JWK Set file, read once at construction.
+    """An issuer's keys from a local JWK Set file, read once at construction (under ``sts serve``,
+    once by the main process: see :func:`use_file_snapshot`).
 
     For issuers whose keys are distributed out of band (a SPIFFE trust bundle,
     an air-gapped cluster's service-account keys).  A file that cannot be
@@ -87,10 +108,13 @@ class FileJWKS(StaticJWKS):
         self._path = Path(path)
         source = str(self._path)
         allowed_algorithms(algorithms, source)
-        try:
-            body = self._path.read_bytes()
-        except OSError as exc:
-            raise ConfigurationError(f"{source}: cannot read JWKS file: {exc.strerror or exc}") from exc
+        body = _SNAPSHOT.get(source)
+        if body is None:
+            try:
+                body = self._path.read_bytes()
+            except OSError as exc:
+                raise ConfigurationError(f"{source}: cannot read JWKS file: {exc.strerror or exc}") from exc
+        _READ[source] = body
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as exc:

@@ -67,6 +67,7 @@ def release_before_fork(runtime: Any) -> None:
 def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     from .. import serving
     from ..adapters import metrics_exposition as metrics
+    from ..adapters.jwks import files_read
     from ..adapters.policy_files import read_policy_sources
     from ..app import create_app, prepare
     from ..http.responses import request_id
@@ -119,7 +120,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
             err=True,
         )
         serving.serve(
-            functools.partial(worker_app, settings, policy_sources),
+            functools.partial(worker_app, settings, policy_sources, files_read()),
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
@@ -140,12 +141,18 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
             listener.stop()
 
 
-def worker_app(settings: Settings, policy_sources: PolicySources | None = None) -> Any:
-    """A worker's application, its policy compiled from ``policy_sources`` (the texts the main
-    process read), its PostgreSQL request pool opened before the first request
-    (:func:`~sts.adapters.sql.engines.open_request_pool`)."""
+def worker_app(
+    settings: Settings, policy_sources: PolicySources | None = None, key_files: dict[str, bytes] | None = None
+) -> Any:
+    """A worker's application, its policy compiled from ``policy_sources`` and its key-set files
+    read from ``key_files`` (what the main process read), its PostgreSQL request pool opened
+    before the first request (:func:`~sts.adapters.sql.engines.open_request_pool`)."""
+    from ..adapters.jwks import use_file_snapshot
     from ..adapters.sql.engines import open_request_pool
     from ..app import create_app
+
+    if key_files is not None:
+        use_file_snapshot(key_files)
 
     app = create_app(settings, policy_sources=policy_sources)
     open_request_pool(app.extensions["sts"].engine)

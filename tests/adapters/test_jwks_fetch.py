@@ -848,6 +848,29 @@ def test_file_jwks_reads_the_file_once(tmp_path: Path, ec_keys: list[ECKey]) -> 
         keys.key_for("k2", "ES256")
 
 
+def test_a_worker_reads_the_key_files_its_main_process_read(tmp_path: Path, ec_keys: list[ECKey]) -> None:
+    """``sts serve`` gives its workers the key-set files as its main process read them: a worker
+    replacing one that died trusts those keys, not what the file holds by then (as with the
+    policies; an outside fault audit saw two policies enforced in one instance)."""
+    from sts.adapters.jwks import files_read, use_file_snapshot
+
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps({"keys": [public_jwk(ec_keys[0], kid="k1", use="sig")]}))
+    FileJWKS(path, algorithms={"ES256"})  # the main process, at start
+    snapshot = files_read()
+    assert str(path) in snapshot
+    path.write_text(json.dumps({"keys": [public_jwk(ec_keys[1], kid="k2", use="sig")]}))  # changed later
+    try:
+        use_file_snapshot(snapshot)  # a worker, started after the change
+        keys = FileJWKS(path, algorithms={"ES256"})
+        assert same_key(keys.key_for("k1", "ES256"), ec_keys[0])
+        with pytest.raises(UnknownKeyId):
+            keys.key_for("k2", "ES256")
+    finally:
+        use_file_snapshot({})
+    assert same_key(FileJWKS(path, algorithms={"ES256"}).key_for("k2", "ES256"), ec_keys[1])
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
