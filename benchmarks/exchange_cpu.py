@@ -40,6 +40,10 @@ other load moves these figures far more than those of one process: run more roun
 functions with the most time of their own and the most time in total.  cProfile's clock is the
 wall clock: a store's round trips show as time, and its per-call overhead inflates code that makes
 many small calls (count instructions, e.g. with valgrind, to compare small costs).
+
+``--stages LABEL`` runs one more process of that system with each stage of the exchange timed
+(``benchmarks/stage_times.py``: about thirty functions, from serving to the commit's statement)
+and prints the wall time inside each per request, one request at a time unless ``--in-flight``.
 """
 
 from __future__ import annotations
@@ -146,6 +150,12 @@ def worker(args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         home = args.home or stack.enter_context(tempfile.TemporaryDirectory(prefix="sts-cpu-"))
         store = json.loads(args.store_settings)
+        # Before the application is built: it keeps bound methods of the stages.
+        stage_times = None
+        if args.time_stages:
+            from stage_times import StageTimes
+
+            stage_times = StageTimes()
         app = _floor_app(work) if args.floor else _exchange_app(work, Path(home), store)
         served = WSGIOverRSGI(app, Limits())
         per_process = args.warmup + args.requests
@@ -195,6 +205,8 @@ def worker(args: argparse.Namespace) -> None:
             Path(f"{args.go}.ready{args.process}").touch()
             while not Path(args.go).exists():
                 time.sleep(0.005)
+        if stage_times is not None:
+            stage_times.reset()
         profiler = None
         if args.profile_out:
             import cProfile
@@ -223,6 +235,7 @@ def worker(args: argparse.Namespace) -> None:
         "switches": switches / len(measured),
         "collections": collections / len(measured),
         "package": str(Path(str(sts.__file__)).parent),
+        "stages": stage_times.per_request(len(measured)) if stage_times is not None else None,
     }
     print(json.dumps(result))
 
@@ -313,12 +326,17 @@ def private_store(args: argparse.Namespace, work: Path) -> Iterator[dict[str, st
 
 
 def run_system(
-    work: Path, source: Path | None, args: argparse.Namespace, profile_out: Path | None = None
+    work: Path,
+    source: Path | None,
+    args: argparse.Namespace,
+    profile_out: Path | None = None,
+    *,
+    time_stages: bool = False,
 ) -> dict[str, Any]:
     if source is None:
-        return _run_system(work, source, args, profile_out, {})
+        return _run_system(work, source, args, profile_out, {}, time_stages)
     with private_store(args, work) as store:
-        return _run_system(work, source, args, profile_out, store)
+        return _run_system(work, source, args, profile_out, store, time_stages)
 
 
 def _run_system(
@@ -327,14 +345,17 @@ def _run_system(
     args: argparse.Namespace,
     profile_out: Path | None,
     store: dict[str, str],
+    time_stages: bool,
 ) -> dict[str, Any]:
-    if args.processes > 1:
+    if args.processes > 1 and not time_stages:
         return _run_processes(work, source, args, store)
     command = _worker_command(work, args, store)
     if source is None:
         command.append("--floor")
     if profile_out is not None:
         command += ["--profile-out", str(profile_out)]
+    if time_stages:
+        command.append("--time-stages")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STS_", "BARE_"))}
     # The floor runs on this checkout's sts.serving; each source on its own copy of the package.
     env["PYTHONPATH"] = os.pathsep.join([str(source or REPO), str(HERE)])
@@ -484,6 +505,8 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", help=argparse.SUPPRESS)
+    parser.add_argument("--stages", action="append", default=[], metavar="LABEL")
+    parser.add_argument("--time-stages", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -530,6 +553,11 @@ def main() -> None:
             run_system(work, source, args, profile_out=out)
             print(f"\ncProfile of {label} ({args.requests} requests):")
             print_profile(out, args.top)
+        from stage_times import print_stages
+
+        for label in args.stages:
+            result = run_system(work, dict(systems).get(label), args, time_stages=True)
+            print_stages(label, result["stages"])
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ that caller* only when its audience includes one the caller is registered
 for (``clients[].audiences``): a resource server learns nothing about tokens
 meant for others.  An inactive token reveals nothing but ``{"active": false}``
 (RFC 7662 §2.2).  A token is inactive when it is not ours, does not verify,
-has expired or is not yet valid, was revoked by ``jti`` (RFC 7009), or was
-issued to a subject before its ``revoked_before`` (a security event such as
-CAEP ``session-revoked``, or ``sts revoke subject``).  The token endpoint asks
+has expired or is not yet valid, was revoked by ``jti`` (RFC 7009), was
+issued to a subject, or through an actor of its delegation chain, before its
+``revoked_before`` (a security event such as CAEP ``session-revoked``, or
+``sts revoke subject``), or holds the posture level (``acr``) while a security
+event declares the subject's posture bad.  The token endpoint asks
 :func:`revocation` the same question of a token of ours presented again.
 """
 
@@ -19,13 +21,21 @@ from typing import Any
 
 from joserfc.jwk import Key
 
+from .assurance import ACR_POSTURE
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ, numeric_date_value
 from .delegation import SELF_ISSUER, UPSTREAM_ISSUER_CLAIM
 from .jose import JWSInvalid, peek, verify_signature
 from .ports import KeysUnavailable, RevokedTokens, StoreUnavailable, SubjectStateStore, UnknownKeyId
-from .subject_state import ANY_ISSUER, identity_key, is_revoked, merge
+from .risk import RiskSettings
+from .subject_state import ANY_ISSUER, SubjectState, identity_key, is_revoked, merge
 
 INACTIVE: dict[str, Any] = {"active": False}
+#: Postures a security event may declare that still count as posture evidence (the default of a
+#: rule's ``risk.posture_good``; CAEP ``device-compliance-change`` says ``compliant`` or not).
+GOOD_POSTURES = RiskSettings().posture_good
+#: How many actors of a delegation chain (``act`` nested in ``act``) are looked up: tokens of ours
+#: nest no deeper than a rule's ``delegation.max_depth`` allows, far below this.
+MAX_CHAIN_ACTORS = 16
 #: Claims an active introspection response may carry (RFC 7662 §2.2, RFC 8693 §4, RFC 9449 §6.2).
 REPORTED = (
     "scope",
@@ -111,7 +121,8 @@ def own_token_identities(
 
 def actor_identities(act: Any, issuer_names: Collection[str], issuer_of: Mapping[str, str]) -> list[str]:
     """The identity keys whose state applies to the current actor a token of ours names (its
-    top-level ``act``, RFC 8693 §4.1: the party exercising the token).
+    top-level ``act``, RFC 8693 §4.1: the party exercising the token).  See
+    :func:`chain_actor_identities` for every actor of the chain.
 
     The actor's issuer is found by the ``iss`` it was verified under (``issuer_of``: issuer URL to
     configured name).  An actor that was a token of ours (``iss`` is ours) is looked up under the
@@ -127,6 +138,28 @@ def actor_identities(act: Any, issuer_names: Collection[str], issuer_of: Mapping
         name = upstream_issuer(act, issuer_names)
     known = name is not None and name in issuer_names
     return own_token_identities(act["sub"], issuer_names, name if known else None)
+
+
+def chain_actor_identities(
+    act: Any, issuer_names: Collection[str], issuer_of: Mapping[str, str]
+) -> list[str]:
+    """:func:`actor_identities` of every actor of a token's delegation chain: the current one and
+    the earlier ones nested in its ``act`` (RFC 8693 §4.1), up to :data:`MAX_CHAIN_ACTORS`.
+
+    For access control §4.1 counts only the current actor; for revocation every actor counts: a
+    token derived through a delegation an actor exercised came from that actor's session, and a
+    security event that ends the session (CAEP ``session-revoked``) reaches what was derived
+    from it, as it reaches what was derived from a revoked subject (an outside audit: a token
+    re-exchanged with a second actor kept the first actor's revoked delegation alive, and could
+    be exchanged again for new tokens naming it).
+    """
+    keys: list[str] = []
+    for _ in range(MAX_CHAIN_ACTORS):
+        if not isinstance(act, Mapping):
+            break
+        keys += [key for key in actor_identities(act, issuer_names, issuer_of) if key not in keys]
+        act = act.get("act")
+    return keys
 
 
 def token_identities(
@@ -148,8 +181,10 @@ def revocation(
 ) -> str | None:
     """Why a token of ours is revoked: ``"jti"`` (RFC 7009, ``POST /revoke``), ``"subject"`` (issued
     before its subject's ``revoked_before``: a security event or ``sts revoke subject``), ``"actor"``
-    (issued before that of the actor it names, with ``issuer_of``: see :func:`actor_identities`), or
-    None.
+    (issued before that of an actor of its delegation chain, with ``issuer_of``: see
+    :func:`chain_actor_identities`), ``"posture"`` (its ``acr`` is the posture level, and a security
+    event, CAEP ``device-compliance-change``, has since declared the subject's posture bad: the
+    evidence its level rested on is withdrawn, see :func:`posture_withdrawn`), or None.
 
     Every instance sharing the store sees the same answer.  Raises :class:`StoreUnavailable` when the
     store cannot answer; callers fail closed (introspection says inactive, the exchange refuses).
@@ -157,14 +192,28 @@ def revocation(
     if tokens.revoked(str(claims["jti"])):
         return "jti"
     keys = own_token_identities(str(claims["sub"]), issuer_names, upstream_issuer(claims, issuer_names))
-    actor_keys = actor_identities(claims.get("act"), issuer_names, issuer_of) if issuer_of is not None else []
+    act = claims.get("act")
+    actor_keys = chain_actor_identities(act, issuer_names, issuer_of) if issuer_of is not None else []
     found = states.get([*keys, *actor_keys])  # One read for both.
     issued_at = numeric_date_value(claims.get("iat"))
-    if is_revoked(merge(found[: len(keys)]), issued_at):
+    subject_state = merge(found[: len(keys)])
+    if is_revoked(subject_state, issued_at):
         return "subject"
     if actor_keys and is_revoked(merge(found[len(keys) :]), issued_at):
         return "actor"
+    if claims.get("acr") == ACR_POSTURE and posture_withdrawn(subject_state):
+        return "posture"
     return None
+
+
+def posture_withdrawn(state: SubjectState) -> bool:
+    """Whether a security event declares the subject's posture outside :data:`GOOD_POSTURES`: a
+    posture-level token issued on earlier evidence no longer holds that level.  Inactive at
+    introspection (RFC 7662 §2.2 answers for the token's state now), so a resource server that
+    demands the level stops granting it at once rather than at the token's ``exp``, and refused
+    when presented again: the workload renews from its own credential, at the level it reaches.
+    (The exchange refuses the level as long as the event stands: see the risk stage.)"""
+    return state.posture is not None and state.posture not in GOOD_POSTURES
 
 
 def revoked(

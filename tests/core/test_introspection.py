@@ -16,8 +16,15 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from sts.app import create_app
+from sts.core.assurance import ACR_POP, ACR_POSTURE
 from sts.core.client_secrets import hash_secret
-from sts.core.introspection import actor_identities, own_token_identities
+from sts.core.introspection import (
+    MAX_CHAIN_ACTORS,
+    actor_identities,
+    chain_actor_identities,
+    own_token_identities,
+    revocation,
+)
 from sts.core.subject_state import SubjectState
 from sts.dev.issuer import RunningServer
 from sts.settings import Settings
@@ -339,3 +346,81 @@ def test_an_actor_of_ours_is_looked_up_under_the_issuer_it_came_from() -> None:
     upstream = {"sub": "x", "iss": "https://k8s2.example"}
     assert actor_identities(upstream, names, {"https://k8s2.example": "k8s2"}) == ["k8s2|x", "self|x", "*|x"]
     assert actor_identities(None, names, {}) == [] and actor_identities({"iss": "a"}, names, {}) == []
+
+
+class _States:
+    """A subject-state store over a dictionary (the port's two calls revocation makes)."""
+
+    def __init__(self, states: dict[str, SubjectState]) -> None:
+        self.states = states
+
+    def get(self, identities: Any) -> list[SubjectState]:
+        return [self.states.get(key, SubjectState()) for key in identities]
+
+
+class _NoRevokedTokens:
+    def revoked(self, jti: str) -> bool:
+        return False
+
+
+NAMES = frozenset({"github", "agents"})
+ISSUER_OF = {"https://agents.example": "agents", STS_ISSUER: "self"}
+
+
+def _chained(iat: float, acr: str | None = None) -> dict[str, Any]:
+    """A token of ours issued at ``iat`` to a subject, acted for by agent B, which acted for agent A
+    (the ``act`` chain of a token re-exchanged with a second actor)."""
+    claims: dict[str, Any] = {
+        "jti": "j1",
+        "sub": "repo:acme/app",
+        "iat": iat,
+        "upstream_issuer": "github",
+        "act": {
+            "sub": "agent-b",
+            "iss": "https://agents.example",
+            "act": {"sub": "agent-a", "iss": "https://agents.example"},
+        },
+    }
+    if acr is not None:
+        claims["acr"] = acr
+    return claims
+
+
+def test_revoking_an_earlier_actor_of_the_chain_revokes_the_token() -> None:
+    """A security event ending agent A's session reaches a token derived through A's delegation,
+    though agent B acts for it now (an outside audit found it active, and re-exchangeable)."""
+    claims = _chained(1000.0)
+    assert revocation(claims, NAMES, _States({}), _NoRevokedTokens(), ISSUER_OF) is None
+    for agent in ("agent-a", "agent-b"):
+        states = _States({f"agents|{agent}": SubjectState(revoked_before=1001.0)})
+        assert revocation(claims, NAMES, states, _NoRevokedTokens(), ISSUER_OF) == "actor"
+    # An event before the token was issued does not reach it; nor one about another agent.
+    earlier = _States({"agents|agent-a": SubjectState(revoked_before=999.0)})
+    assert revocation(claims, NAMES, earlier, _NoRevokedTokens(), ISSUER_OF) is None
+    other = _States({"agents|agent-c": SubjectState(revoked_before=1001.0)})
+    assert revocation(claims, NAMES, other, _NoRevokedTokens(), ISSUER_OF) is None
+    chain = chain_actor_identities(claims["act"], NAMES, ISSUER_OF)
+    assert chain == [f"{issuer}|agent-{n}" for n in "ba" for issuer in ("agents", "self", "*")]
+
+
+def test_a_deep_chain_is_read_only_so_far() -> None:
+    act: dict[str, Any] = {"sub": "agent-0", "iss": "https://agents.example"}
+    for n in range(1, 100):
+        act = {"sub": f"agent-{n}", "iss": "https://agents.example", "act": act}
+    assert len(chain_actor_identities(act, NAMES, ISSUER_OF)) == 3 * MAX_CHAIN_ACTORS
+
+
+def test_a_posture_level_token_is_withdrawn_once_an_event_declares_the_posture_bad() -> None:
+    """CAEP device-compliance-change ``not-compliant``: a token holding the posture level no longer
+    holds it (inactive at introspection, refused when presented again); the subject's other tokens
+    are untouched, and a later ``compliant`` restores nothing but the state."""
+    bad = _States({"github|repo:acme/app": SubjectState(posture="not-compliant", posture_at=2000.0)})
+    posture = _chained(1000.0, acr=ACR_POSTURE)
+    assert revocation(posture, NAMES, bad, _NoRevokedTokens(), ISSUER_OF) == "posture"
+    assert revocation(_chained(1000.0, acr=ACR_POP), NAMES, bad, _NoRevokedTokens(), ISSUER_OF) is None
+    good = _States({"github|repo:acme/app": SubjectState(posture="compliant", posture_at=3000.0)})
+    assert revocation(posture, NAMES, good, _NoRevokedTokens(), ISSUER_OF) is None
+    assert revocation(posture, NAMES, _States({}), _NoRevokedTokens(), ISSUER_OF) is None
+    # Declared about the subject under every issuer (``*``), as a transmitter may.
+    anywhere = _States({"*|repo:acme/app": SubjectState(posture="not-compliant")})
+    assert revocation(posture, NAMES, anywhere, _NoRevokedTokens(), ISSUER_OF) == "posture"

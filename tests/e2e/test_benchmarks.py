@@ -27,6 +27,7 @@ from sts.settings.load import load_settings
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 bench: Any = importlib.import_module("bench")
+stage_times: Any = importlib.import_module("stage_times")
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +203,24 @@ def test_the_in_process_benchmark_runs_workers_side_by_side_on_one_database() ->
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "signing 16 RS256 subject tokens" in out.stdout
     assert re.search(r"^round 1 this +\d+ µs CPU per request", out.stdout, re.MULTILINE), out.stdout
+
+
+def test_the_stage_times_cover_every_stage_of_this_checkout(tmp_path: Path, upstream: DevIssuer) -> None:
+    """``exchange_cpu.py --stages``: every stage listed in ``benchmarks/stage_times.py`` exists in
+    this checkout and is called by the exchange (a renamed or moved stage would drop out of the
+    table unseen), and the rows nest: no stage takes longer than the serving around it."""
+    (tmp_path / "jwks.json").write_text(json.dumps(upstream.jwks()))
+    tokens = [upstream.github_actions_token(audience=bench.SUBJECT_AUDIENCE, lifetime=600) for _ in range(5)]
+    (tmp_path / "tokens.txt").write_text("\n".join(tokens))
+    command = [sys.executable, str(BENCHMARKS / "exchange_cpu.py"), "--worker", "--work", str(tmp_path)]
+    command += ["--requests", "4", "--warmup", "1", "--time-stages"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failed"] == 0, out.stderr
+    stages = result["stages"]
+    assert len(stages) == len(stage_times.STAGES), sorted(stages)
+    called = {name: calls for name, (calls, _) in stages.items()}
+    assert all(calls >= 1 for calls in called.values()), called
+    outer = stages["WSGIOverRSGI._call"][1]
+    assert all(0 < micros <= outer for _, micros in stages.values()), stages
