@@ -21,7 +21,7 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import Connection, case, func, select, update
+from sqlalchemy import Connection, case, delete, func, select, update
 
 from ..core.audit_views import SummaryStatus
 from .audit_tables import AUDIENCE, SIGNAL, SUMMARY_STATE, AuditTables, DecisionFacts, term_value
@@ -30,9 +30,44 @@ from .sql.group_commit import column_text
 from .sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
 
 
-def _edge_key(issuer: str | None, subject: str | None, audience: str) -> str:
+def edge_key(issuer: str | None, subject: str | None, audience: str) -> str:
     raw = json.dumps([issuer, subject, audience])
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+Terms = dict[tuple[str, str, int], float]
+Edges = dict[str, dict[str, Any]]
+Hourly = dict[tuple[int, str], int]
+
+
+def aggregate(facts: list[DecisionFacts]) -> tuple[Terms, Edges, Hourly]:
+    """What ``facts`` add to the summaries: their terms (kind, value, record id: time), their
+    subject-to-audience edges (by key: the row, first and last seen within ``facts`` and how
+    many grants), and their decisions per hour and outcome.  :mod:`.audit_summary_check` compares
+    the tables with what the records themselves say through this same function."""
+    terms: Terms = {}
+    edges: Edges = {}
+    hourly: Hourly = {}
+    for fact in facts:
+        hour = (int(fact.time) // 3600 * 3600, fact.outcome)
+        hourly[hour] = hourly.get(hour, 0) + 1
+        for name in fact.fired:
+            terms[(SIGNAL, term_value(name), fact.id)] = fact.time
+        for audience in fact.audiences:
+            terms[(AUDIENCE, term_value(audience), fact.id)] = fact.time
+        if fact.outcome != "granted":
+            continue
+        for audience in fact.granted:
+            key = edge_key(fact.issuer, fact.subject, audience)
+            edge = edges.get(key)
+            if edge is None:
+                edges[key] = edge = {"edge": key, "issuer": fact.issuer, "subject": fact.subject,
+                                     "audience": column_text(audience, 512), "first_seen": fact.time,
+                                     "last_seen": fact.time, "decisions": 0}  # fmt: skip
+            edge["first_seen"] = min(edge["first_seen"], fact.time)
+            edge["last_seen"] = max(edge["last_seen"], fact.time)
+            edge["decisions"] += 1
+    return terms, edges, hourly
 
 
 class AuditSummaries(AuditTables):
@@ -42,6 +77,17 @@ class AuditSummaries(AuditTables):
         with self.engine.connect() as conn:
             newest = conn.execute(select(func.max(audit_events.c.id))).scalar() or 0
             return SummaryStatus(self._watermark(conn), int(newest))
+
+    def forget_summaries(self) -> None:
+        """Delete every summary and the watermark, in one transaction, so that :meth:`refresh` makes
+        them again from the records.  A refresh running elsewhere meanwhile finds the watermark
+        gone and drops its batch (see :meth:`refresh`)."""
+
+        def work(conn: Connection) -> None:
+            for table in (audit_summary_state, audit_terms, audit_edges, audit_counts):
+                conn.execute(delete(table))
+
+        transaction(self.engine, work)
 
     def refresh(self, *, budget: float | None = 0.25, batch: int = 5000) -> SummaryStatus:
         """Summarise records after the watermark, in id order, for about ``budget`` seconds
@@ -66,28 +112,7 @@ class AuditSummaries(AuditTables):
         return self.status()
 
     def _summarise(self, last: int, facts: list[DecisionFacts]) -> bool:
-        terms: dict[tuple[str, str, int], float] = {}
-        edges: dict[str, dict[str, Any]] = {}
-        hourly: dict[tuple[int, str], int] = {}
-        for fact in facts:
-            hour = (int(fact.time) // 3600 * 3600, fact.outcome)
-            hourly[hour] = hourly.get(hour, 0) + 1
-            for name in fact.fired:
-                terms[(SIGNAL, term_value(name), fact.id)] = fact.time
-            for audience in fact.audiences:
-                terms[(AUDIENCE, term_value(audience), fact.id)] = fact.time
-            if fact.outcome != "granted":
-                continue
-            for audience in fact.granted:
-                key = _edge_key(fact.issuer, fact.subject, audience)
-                edge = edges.get(key)
-                if edge is None:
-                    edges[key] = edge = {"edge": key, "issuer": fact.issuer, "subject": fact.subject,
-                                         "audience": column_text(audience, 512), "first_seen": fact.time,
-                                         "last_seen": fact.time, "decisions": 0}  # fmt: skip
-                edge["first_seen"] = min(edge["first_seen"], fact.time)
-                edge["last_seen"] = max(edge["last_seen"], fact.time)
-                edge["decisions"] += 1
+        terms, edges, hourly = aggregate(facts)
         new_last = facts[-1].id
 
         def work(conn: Connection) -> bool:

@@ -230,17 +230,27 @@ def audit_prune(
 
 
 @audit.command("summarize")
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Delete the summaries and make them again from the records (after `sts audit verify` "
+    "found them disagreeing with the records).",
+)
 @click.pass_context
-def audit_summarize(ctx: click.Context) -> None:
+def audit_summarize(ctx: click.Context, rebuild: bool) -> None:
     """Bring the summaries behind signal and audience filters, charts and the graph up to date.
 
     The review page and the queries do this a little at a time; run it once after an
-    upgrade on a large trail (thousands of records a second), or from cron.
+    upgrade on a large trail (thousands of records a second), or from cron. With --rebuild,
+    from the records alone: what pruned records had added to the graph and the charts is gone.
     """
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        status = _audit_query(ctx).refresh(budget=None)
+        query = _audit_query(ctx)
+        if rebuild:
+            query.forget_summaries()
+        status = query.refresh(budget=None)
     except SQLAlchemyError as exc:
         raise _audit_failed(exc) from None
     click.echo(f"summaries up to record {status.last_id} ({status.behind} newer record(s) not yet settled)")

@@ -66,6 +66,7 @@ def audit_verify(
     from sqlalchemy.exc import SQLAlchemyError
 
     from ..adapters import audit_integrity
+    from ..adapters.audit_summary_check import SummaryCheck
     from ..core.audit_chain import AuditTrailBroken, CheckpointInvalid
 
     settings = settings_from(ctx)
@@ -81,6 +82,7 @@ def audit_verify(
     engine = _audit_engine(settings)
     try:
         report, unchained = audit_integrity.verify_trail(engine, [c for _, c in checkpoints])
+        summaries = SummaryCheck(engine).check()
     except AuditTrailBroken as exc:
         for link in exc.report.broken:
             click.echo(f"BROKEN {link}")
@@ -99,6 +101,15 @@ def audit_verify(
     finally:
         engine.dispose()
     click.echo(f"ok: {report.records} record(s) in {len(report.heads)} chain(s) verify")
+    if summaries:
+        # The records verify; what the review page and `sts audit query` read from them does not.
+        for problem in summaries:
+            click.echo(f"BROKEN summaries: {problem}")
+        click.echo(
+            "audit summaries do NOT agree with the records (the review page's charts, graph and "
+            "signal/audience filters read them): `sts audit summarize --rebuild` makes them again"
+        )
+        ctx.exit(1)
     for path, checkpoint in checkpoints:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(checkpoint.issued_at or 0))
         click.echo(f"ok: every chain reaches the head checkpoint {path} saw ({when}, key {checkpoint.kid})")

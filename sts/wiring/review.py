@@ -39,11 +39,13 @@ CHAIN_STATUS_SECONDS = 60.0
 
 def _chain_status(engine: Engine) -> Callable[[], Any]:
     """The overview's audit-chain card: the newest :data:`RECENT_RECORDS` records verified
-    (:func:`sts.adapters.audit_integrity.verify_recent`, a fraction of a second), at most once a
+    (:func:`sts.adapters.audit_integrity.verify_recent`, a fraction of a second), and the summaries
+    of those records checked against them (:mod:`sts.adapters.audit_summary_check`), at most once a
     minute per process; the whole trail and checkpoints are ``sts audit verify``'s."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from ..adapters import audit_integrity
+    from ..adapters.audit_summary_check import SummaryCheck
     from ..http.review import ChainStatus
 
     lock = threading.Lock()
@@ -56,12 +58,19 @@ def _chain_status(engine: Engine) -> Callable[[], Any]:
                 return kept[0][1]
         try:
             checked, broken = audit_integrity.verify_recent(engine, RECENT_RECORDS)
+            summaries = [] if broken else SummaryCheck(engine).check(RECENT_RECORDS)
         except (SQLAlchemyError, ValueError, TypeError, OverflowError) as exc:
             found = ChainStatus("unknown", f"the trail could not be read ({type(exc).__name__})")
         else:
             whole = "run sts audit verify for the whole trail and the checkpoints"
             if broken:
                 found = ChainStatus("broken", f"{broken[0]}; {len(broken)} chain(s) broken; {whole}")
+            elif summaries:
+                # The records verify, but what the charts, the graph and the filters read from
+                # them does not say what they say (sts.adapters.audit_summary_check).
+                found = ChainStatus(
+                    "broken", f"the summaries disagree with the records: {summaries[0]}; {whole}"
+                )
             elif checked:
                 found = ChainStatus(
                     "verified", f"the newest {checked:,} records, a minute ago at most; {whole}"

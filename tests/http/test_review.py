@@ -490,6 +490,25 @@ def test_the_overview_verifies_the_newest_records_and_shows_an_edit(
     assert '<span class="chain-broken">broken</span>' in edited and "(record id 12)" in edited
 
 
+def test_the_overview_finds_summaries_that_disagree_with_the_records(
+    review: Review, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The charts, the graph and the signal and audience filters read the summary tables, which no
+    chain covers: the watermark moved past the newest record hid every later decision from them
+    while the card said *verified* (an outside audit)."""
+    import sts.wiring.review as wiring
+
+    monkeypatch.setattr(wiring, "CHAIN_STATUS_SECONDS", 0.0)
+    review.sign_in()
+    assert '<span class="chain-verified">verified</span>' in review.page("/review/")
+    engine = review.app.extensions["sts"].engine
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_summary_state SET last_id = last_id + 1000000"))
+    body = review.page("/review/")
+    assert '<span class="chain-broken">broken</span>' in body
+    assert "the summaries disagree with the records: summaries claim records up to id" in body
+
+
 def test_identity_page(review: Review) -> None:
     review.sign_in()
     body = review.page("/review/identity", issuer="upstream", subject=APP)

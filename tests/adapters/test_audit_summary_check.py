@@ -1,0 +1,176 @@
+"""The summary tables against the records they were read from (sts.adapters.audit_summary_check).
+
+Each test writes the same trail (shaped like the exchange's records, through the real sink),
+summarises it, changes one summary the way someone with write access to the database could,
+and expects the check to name what no record says; the records and their chains stay intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from sqlalchemy import Engine, delete, func, insert, select, update
+
+from sts.adapters.audit_query import AuditQuery
+from sts.adapters.audit_summary_check import SummaryCheck
+from sts.adapters.sql.engines import make_engine
+from sts.adapters.sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
+from sts.cli import main
+from sts.migrations import upgrade
+from tests.adapters.test_audit_query import DEPLOY, LEDGER, NOW, engine, make_record, workload, write
+from tests.support.clock import Clock
+
+__all__ = ["engine"]  # the fixture, on SQLite and PostgreSQL
+
+
+def summarised(engine: Engine) -> AuditQuery:
+    write(engine, workload())
+    query = AuditQuery(engine, clock=Clock(NOW + 600), settle=60)
+    query.refresh(budget=None)
+    assert query.status().behind == 0
+    return query
+
+
+def change(engine: Engine, statement: Any) -> None:
+    with engine.begin() as conn:
+        assert conn.execute(statement).rowcount in (1, -1)  # (psycopg does not count an INSERT)
+
+
+def test_summaries_made_by_refresh_agree_with_the_records(engine: Engine) -> None:
+    query = summarised(engine)
+    assert SummaryCheck(engine).check() == []
+    assert SummaryCheck(engine).check(20) == []
+    # Records after the watermark are not summarised yet: nothing is expected of them.
+    write(engine, [make_record(70, when=NOW + 5, fired=("unusual_network",))])
+    assert SummaryCheck(engine).check() == [] and SummaryCheck(engine).check(20) == []
+    query.refresh(budget=None)
+    assert SummaryCheck(engine).check() == []
+
+
+def test_a_watermark_moved_past_the_newest_record_is_found(engine: Engine) -> None:
+    """The outside audit's change: every later decision would leave the charts, graph and filters."""
+    summarised(engine)
+    change(engine, update(audit_summary_state).values(last_id=1_000_060))
+    for problems in (SummaryCheck(engine).check(), SummaryCheck(engine).check(2000)):
+        assert problems == [
+            "summaries claim records up to id 1000060, the newest record is 60 "
+            "(the records after it would never be summarised)"
+        ]
+
+
+@pytest.mark.parametrize("newest", [None, 2000])
+def test_a_term_removed_or_added_is_found(engine: Engine, newest: int | None) -> None:
+    summarised(engine)
+    t = audit_terms.c
+    with engine.connect() as conn:
+        kind, value, audit_id = conn.execute(
+            select(t.kind, t.value, t.audit_id).where(t.kind == "signal").order_by(t.audit_id.desc()).limit(1)
+        ).one()
+    change(engine, delete(audit_terms).where(t.kind == kind, t.value == value, t.audit_id == audit_id))
+    assert SummaryCheck(engine).check(newest) == [
+        f"record {audit_id}: its {kind} {value!r} is not in the summaries"
+    ]
+    change(engine, insert(audit_terms).values(kind=kind, value=value, audit_id=audit_id, time=NOW))
+    problems = SummaryCheck(engine).check(newest)
+    assert problems == [f"record {audit_id}: its {kind} {value!r} is summarised at another time"]
+    same = (t.audit_id == audit_id, t.kind == kind, t.value == value)
+    change(engine, update(audit_terms).where(*same).values(value="elsewhere"))
+    assert f"record {audit_id}: the summaries give it the {kind} 'elsewhere', not on record" in (
+        SummaryCheck(engine).check(newest)
+    )
+
+
+@pytest.mark.parametrize("newest", [None, 2000])
+def test_an_edge_removed_or_made_new_again_is_found(engine: Engine, newest: int | None) -> None:
+    summarised(engine)
+    e = audit_edges.c
+    change(engine, delete(audit_edges).where(e.audience == LEDGER))
+    problems = SummaryCheck(engine).check(newest)
+    assert len(problems) == 1 and "to 'https://ledger.example.com'" in problems[0]
+    assert "is not in the summaries" in problems[0]
+
+
+def test_an_edge_made_to_look_old_or_busier_is_found_over_the_whole_trail(engine: Engine) -> None:
+    """Its first sighting moved back loses its *new* mark; nothing was pruned, so the records
+    account for every edge exactly."""
+    summarised(engine)
+    e = audit_edges.c
+    change(engine, update(audit_edges).where(e.audience == DEPLOY, e.subject.like("%acme/app%")).values(
+        first_seen=NOW - 400 * 86400
+    ))  # fmt: skip
+    problems = SummaryCheck(engine).check()
+    assert len(problems) == 1 and "first seen at another time than its first grant" in problems[0]
+    change(engine, update(audit_edges).where(e.audience == LEDGER).values(decisions=e.decisions + 5))
+    assert any("grant(s), the records hold" in p for p in SummaryCheck(engine).check())
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(audit_events)).scalar() == 60
+
+
+def test_a_count_changed_is_found(engine: Engine) -> None:
+    summarised(engine)
+    n = audit_counts.c
+    with engine.connect() as conn:
+        hour, outcome = conn.execute(select(n.hour, n.outcome).order_by(n.hour.desc()).limit(1)).one()
+    change(engine, update(audit_counts).where(n.hour == hour, n.outcome == outcome).values(decisions=0))
+    assert any(
+        p.startswith(f"the hour from {hour} (epoch seconds): 0 {outcome}")
+        for p in SummaryCheck(engine).check()
+    )
+
+
+def test_after_pruning_edges_may_be_older_than_the_records_left(engine: Engine) -> None:
+    """Retention keeps what pruned records added to an edge: no problem then."""
+    day = 86400.0
+    write(engine, [make_record(i, when=NOW - (40 - i) * day) for i in range(40)])
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    query.refresh(budget=None)
+    assert query.prune(cutoff=NOW - 30 * day).records == 10
+    assert SummaryCheck(engine).check() == []
+
+
+def test_rebuilt_summaries_agree_again(engine: Engine) -> None:
+    query = summarised(engine)
+    change(engine, update(audit_summary_state).values(last_id=1_000_060))
+    change(engine, delete(audit_edges).where(audit_edges.c.audience == LEDGER))
+    assert SummaryCheck(engine).check()
+    query.forget_summaries()
+    query.refresh(budget=None)
+    assert SummaryCheck(engine).check() == []
+
+
+@pytest.fixture
+def configured(tmp_path: Path) -> Callable[..., Any]:
+    database = tmp_path / "sts.sqlite"
+    engine = make_engine(f"sqlite:///{database}")
+    upgrade(engine)
+    write(engine, workload())
+    AuditQuery(engine, clock=Clock(NOW + 600), settle=0).refresh(budget=None)
+    config = tmp_path / "sts.yaml"
+    config.write_text(
+        yaml.safe_dump({"database_url": f"sqlite:///{database}", "keys_dir": str(tmp_path / "k")})
+    )
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, ["--config", str(config), "audit", *args])
+
+    run.engine = engine  # type: ignore[attr-defined]
+    return run
+
+
+def test_sts_audit_verify_fails_on_summaries_that_disagree_and_summarize_rebuild_mends_them(
+    configured: Callable[..., Any],
+) -> None:
+    assert configured("verify").exit_code == 0
+    change(configured.engine, update(audit_summary_state).values(last_id=1_000_060))  # type: ignore[attr-defined]
+    verified = configured("verify")
+    assert verified.exit_code == 1, verified.output
+    assert "ok: 60 record(s)" in verified.output  # the records themselves are intact
+    assert "BROKEN summaries: summaries claim records up to id 1000060" in verified.output
+    rebuilt = configured("summarize", "--rebuild")
+    assert rebuilt.exit_code == 0 and "summaries up to record 60" in rebuilt.output
+    assert configured("verify").exit_code == 0
