@@ -53,8 +53,10 @@ def config_check(ctx: click.Context) -> None:
                 f"keys ok: {len(ring.entries())} key(s) in {settings.keys_dir}, "
                 f"active {signer.kid} ({signer.alg})"
             )
+            published = {key.get("alg") for key in ring.public_jwks(time.time()).get("keys", [])}
         else:
             keys_line = f"keys: none yet in {settings.keys_dir}; the first start creates them"
+            published = {settings.signing_alg}
         _check_dpop_nonce_secret(settings)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
@@ -63,6 +65,15 @@ def config_check(ctx: click.Context) -> None:
         f"{len(settings.clients)} client(s), {len(policy.rules)} rule(s)"
     )
     click.echo(keys_line)
+    if "RS256" not in published:
+        # Not an error: RFC 8414 metadata and the verifiers that read jwks_uri are content.
+        click.echo(
+            "note: no RS256 key is published, so /.well-known/openid-configuration lists only "
+            f"{', '.join(sorted(a for a in published if isinstance(a, str)))} as "
+            "id_token_signing_alg_values_supported; OpenID Connect Discovery 1.0 §3 asks for RS256 "
+            "there, and strict OpenID Provider validators (Authlib's) refuse the document without "
+            "it: set signing_alg: RS256 (new keys) if a relying party checks it so"
+        )
 
 
 def _check_dpop_nonce_secret(settings: Settings) -> None:

@@ -305,6 +305,19 @@ def test_config_check(config_path: Path) -> None:
     assert f"settings ok: issuer {STS_ISSUER}, 1 issuer(s), 3 client(s), 2 rule(s)" in result.output
 
 
+def test_config_check_notes_an_openid_configuration_without_rs256(tmp_path: Path, config_path: Path) -> None:
+    """OpenID Connect Discovery 1.0 §3 asks for RS256 among id_token_signing_alg_values_supported,
+    and Authlib's validator refuses the document without it (an interoperability audit): said,
+    not refused, for the default ES256 keys; nothing said once the keys are RS256."""
+    result = _sts(config_path, "config", "check")
+    assert result.exit_code == 0 and "note: no RS256 key is published" in result.output
+    assert "lists only ES256 as id_token_signing_alg_values_supported" in result.output
+    config = yaml.safe_load(config_path.read_text())
+    config["signing_alg"] = "RS256"
+    rs256 = _sts(_write_config(tmp_path, config), "config", "check")
+    assert rs256.exit_code == 0 and "note: no RS256 key" not in rs256.output
+
+
 def test_config_check_refuses_a_bad_setting(tmp_path: Path, config_path: Path) -> None:
     config = yaml.safe_load(config_path.read_text())
     config["issuer"] = "http://sts.example.com"
