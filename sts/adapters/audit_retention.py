@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, delete, func, select, update
 
 from .audit_integrity import verify_prefix
-from .audit_tables import RECORD, AuditTables
+from .audit_tables import RECORD, SUMMARY_STATE, AuditTables
 from .sql.engines import transaction
 from .sql.retention import PruneWouldBreakChain, record_prune_anchors
-from .sql.schema import audit_counts, audit_edges, audit_events, audit_terms
+from .sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
 
 
 class PruneAborted(Exception):
@@ -114,13 +114,29 @@ class AuditRetention(AuditTables):
                 # (docs/audit.md, Retention); a chain whose oldest run this is not refuses the batch.
                 record_prune_anchors(conn, upper, self.clock())
                 conn.execute(delete(audit_terms).where(audit_terms.c.audit_id < upper))
-                return int(conn.execute(delete(audit_events).where(c.id < upper)).rowcount or 0)
+                gone = int(conn.execute(delete(audit_events).where(c.id < upper)).rowcount or 0)
+                if self.sqlite and conn.execute(select(func.max(c.id))).scalar() is None:
+                    # SQLite numbers the next record from 1 in an empty table (no AUTOINCREMENT):
+                    # the summaries' watermark starts again with it, or it would never be
+                    # summarised (an outside review of the summary check).
+                    conn.execute(
+                        update(audit_summary_state)
+                        .where(audit_summary_state.c.name == SUMMARY_STATE)
+                        .values(last_id=0)
+                    )
+                return gone
 
             removed += transaction(self.engine, work)
 
         def forget(conn: Connection) -> None:
-            # Edges unused since the cutoff, and hours that ended before it.
-            conn.execute(delete(audit_edges).where(audit_edges.c.last_seen < cutoff))
+            # Edges unused since the cutoff, and hours that ended before it.  A record older than
+            # the cutoff that stays (written after a newer one) keeps its edge: only edges last
+            # seen before every record left are unused.
+            staying = self._facts(
+                conn, [c.id >= boundary, c.time < self._time(cutoff)], newest_first=False, limit=10_000
+            )
+            unused_before = min([cutoff, *(fact.time for fact in staying)])
+            conn.execute(delete(audit_edges).where(audit_edges.c.last_seen < unused_before))
             conn.execute(delete(audit_counts).where(audit_counts.c.hour <= int(cutoff) - 3600))
 
         transaction(self.engine, forget)

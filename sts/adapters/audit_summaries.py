@@ -11,7 +11,11 @@ reads the JSON of the few records after it (:mod:`.audit_query`), so results are
 exact even when summaries lag.  On PostgreSQL, ids come from a sequence and a
 transaction may commit after a later one, so records younger than ``settle``
 seconds are left for the next refresh; SQLite has one writer at a time, so ids
-are in commit order.
+are in commit order.  A record's ``time`` is its request's start, which may be up to
+:data:`~.audit_tables.SLACK` before it is written: a slow request's record written after
+another's id was drawn would pass for settled at once, move the watermark past that id
+before it commits, and leave it out of the summaries for good (an outside review of the
+summary check): so PostgreSQL's ``settle`` is ``SLACK`` and a minute more.
 """
 
 from __future__ import annotations

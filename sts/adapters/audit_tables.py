@@ -138,7 +138,8 @@ class AuditTables:
     """The engine, its dialect, and reads every query over ``audit_events`` shares.
 
     ``clock`` gives the time; ``settle`` is how young a record may be and still be left for the
-    next summary refresh (PostgreSQL: 60 s, SQLite: 0, see :mod:`.audit_summaries`); ``slack``
+    next summary refresh (PostgreSQL: :data:`SLACK` + 60 s, SQLite: 0, see :mod:`.audit_summaries`);
+    ``slack``
     is how far a record's ``time`` may lag the order it was written in (see :mod:`.audit_query`).
     """
 
@@ -159,7 +160,7 @@ class AuditTables:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
         self.clock = clock
-        self.settle = settle if settle is not None else (0.0 if self.sqlite else 60.0)
+        self.settle = settle if settle is not None else (0.0 if self.sqlite else SLACK + 60.0)
         self.slack = slack
 
     # -- values as stored ------------------------------------------------------------------

@@ -68,8 +68,9 @@ def _chain_status(engine: Engine) -> Callable[[], Any]:
             elif summaries:
                 # The records verify, but what the charts, the graph and the filters read from
                 # them does not say what they say (sts.adapters.audit_summary_check).
+                mend = "`sts audit summarize --rebuild` makes them again from the records"
                 found = ChainStatus(
-                    "broken", f"the summaries disagree with the records: {summaries[0]}; {whole}"
+                    "broken", f"the summaries disagree with the records: {summaries[0]}; {whole}; {mend}"
                 )
             elif checked:
                 found = ChainStatus(

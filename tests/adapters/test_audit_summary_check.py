@@ -7,6 +7,8 @@ and expects the check to name what no record says; the records and their chains 
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from sqlalchemy import Engine, delete, func, insert, select, update
 
 from sts.adapters.audit_query import AuditQuery
 from sts.adapters.audit_summary_check import SummaryCheck
+from sts.adapters.audit_tables import SLACK
+from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine
 from sts.adapters.sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
 from sts.cli import main
@@ -174,3 +178,75 @@ def test_sts_audit_verify_fails_on_summaries_that_disagree_and_summarize_rebuild
     rebuilt = configured("summarize", "--rebuild")
     assert rebuilt.exit_code == 0 and "summaries up to record 60" in rebuilt.output
     assert configured("verify").exit_code == 0
+
+
+def test_names_of_an_edge_rewritten_are_found(engine: Engine) -> None:
+    """The service graph shows an edge's subject and audience: its key is their digest, so the
+    names cannot change while the edge stays the same (an outside review rewrote them unseen)."""
+    summarised(engine)
+    e = audit_edges.c
+    change(engine, update(audit_edges).where(e.audience == LEDGER).values(subject="repo:evil/other"))
+    for newest in (None, 2000):
+        problems = SummaryCheck(engine).check(newest)
+        assert len(problems) == 1 and "summarised under other names ('repo:evil/other'" in problems[0]
+
+
+def test_a_record_older_than_the_cutoff_that_stays_keeps_its_edge(engine: Engine) -> None:
+    """Prune removes a contiguous oldest prefix by id: a record older than the cutoff written after a
+    newer one stays, and its edge (its only grant) stays with it."""
+    day = 86400.0
+    records = [make_record(i, when=NOW - (40 - i) * day) for i in range(40)]
+    records.insert(
+        35,
+        make_record(99, when=NOW - 31 * day, subject="repo:acme/rare:ref:refs/heads/main", audience=LEDGER),
+    )
+    write(engine, records)
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    query.refresh(budget=None)
+    assert query.prune(cutoff=NOW - 30 * day).records == 10
+    assert SummaryCheck(engine).check() == [] and SummaryCheck(engine).check(2000) == []
+    edges, _ = query.edges(since=NOW - 60 * day, new_since=NOW)
+    assert "repo:acme/rare:ref:refs/heads/main" in {edge.subject for edge in edges}
+
+
+def test_summaries_start_again_with_the_records_after_a_prune_of_every_record(tmp_path: Path) -> None:
+    """SQLite numbers the records of an empty table from 1 again: the watermark goes back with them,
+    or they would never be summarised (and the check would say so forever)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    day = 86400.0
+    write(engine, [make_record(i, when=NOW - (40 - i) * day) for i in range(5)])
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    query.refresh(budget=None)
+    assert query.prune(cutoff=NOW - day).records == 5
+    write(engine, [make_record(i, when=NOW - 60, fired=("unusual_network",)) for i in range(3)])
+    status = query.refresh(budget=None)
+    assert (status.last_id, status.newest_id) == (3, 3)
+    assert SummaryCheck(engine).check() == [] and SummaryCheck(engine).check(2000) == []
+    assert query.top_signals(NOW - 3600, NOW) == [("unusual_network", 3)]
+    engine.dispose()
+
+
+def test_postgresql_leaves_a_slow_requests_record_until_every_lower_id_is_committed(pg: Any) -> None:
+    """A record's time is its request's start, up to SLACK before its write: settled by that time
+    alone, a slow request's record moved the watermark past a lower id another instance was still
+    committing, which was then never summarised (an outside review)."""
+    engine = make_engine(pg.url)
+    upgrade(engine)
+    now = time.time()
+    write(engine, [make_record(i, when=now - 900 + i) for i in range(10)])
+    AuditQuery(engine).refresh(budget=None)
+    with engine.connect() as inflight:
+        committing = inflight.begin()  # another instance's grant: its id drawn, not yet committed
+        sink = SqlAuditSink(engine)
+        row = sink._stored_row(make_record(50, when=now - 1))
+        row.update(chain_id=None, seq=None, prev_hash=None, hash=None)
+        inflight.execute(insert(audit_events).values(**{k: v for k, v in row.items() if k != "record"},
+                                                     record=json.loads(row["record"])))  # fmt: skip
+        write(engine, [make_record(99, when=now - 120, subject="repo:acme/slow:ref:refs/heads/main")])
+        assert AuditQuery(engine).refresh(budget=None).last_id == 10  # the slow one waits too
+        committing.commit()
+    later = AuditQuery(engine, clock=lambda: time.time() + SLACK + 61)
+    assert later.refresh(budget=None).behind == 0
+    assert SummaryCheck(engine).check() == [] and SummaryCheck(engine).check(2000) == []
+    engine.dispose()

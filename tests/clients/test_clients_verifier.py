@@ -214,6 +214,25 @@ def test_claims_and_header_are_checked(
     ]
 
 
+@pytest.mark.parametrize("auth_time", ["1e999", "-1e999", '"1700000000"', "true", "{}"])
+def test_an_auth_time_that_is_no_finite_number_is_refused(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, auth_time: str
+) -> None:
+    """RFC 7519 §2: a NumericDate is a number; JSON's 1e999 reads as infinity, which made verify()
+    fail with OverflowError (a 500) rather than refuse the token (an outside audit)."""
+    from joserfc import jws
+
+    good = fake.mint(auth_time=1234567890)
+    payload = base64.urlsafe_b64decode(good.split(".")[1] + "==").decode()
+    assert '"auth_time":1234567890' in payload.replace(" ", "")
+    edited = payload.replace(" ", "").replace('"auth_time":1234567890', f'"auth_time":{auth_time}')
+    header = {"typ": "at+jwt", "alg": "ES256", "kid": fake.key.kid}
+    token = jws.serialize_compact(header, edited.encode(), fake.key, algorithms=["ES256"])
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(token), max_age=60)
+    assert info.value.reason == "token.invalid_claim" and info.value.status == 401
+
+
 def test_exp_and_nbf_allow_the_leeway(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
     now = time.time()
     expired_recently = fake.mint(now=now - 320, lifetime=300)  # expired 20 s ago, leeway 30

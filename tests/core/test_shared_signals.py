@@ -825,6 +825,42 @@ def test_an_older_event_delivered_later_does_not_undo_a_newer_one(
     assert (state.risk_level if kind == RISK_LEVEL_CHANGE else state.posture) == next(iter(good.values()))
 
 
+@pytest.mark.parametrize("kind", [RISK_LEVEL_CHANGE, DEVICE_COMPLIANCE_CHANGE], ids=["risk", "posture"])
+def test_an_event_without_a_time_of_its_own_is_as_old_as_its_set(
+    ssf_app: Flask, transmitter: RunningServer, upstream: RunningServer, clock: Clock, kind: str
+) -> None:
+    """With neither ``event_timestamp`` nor ``toe``, the event happened no later than its SET was
+    issued (``iat``): dated at its receipt, a SET issued ten minutes before a critical and delivered
+    after it lifted it, and then hid the next critical, dated before that receipt (an outside audit)."""
+    client = ssf_app.test_client()
+    bad, good = (
+        ({"current_level": "critical"}, {"current_level": "low"})
+        if kind == RISK_LEVEL_CHANGE
+        else ({"current_status": "not-compliant"}, {"current_status": "compliant"})
+    )
+
+    def said() -> Any:
+        [state] = states(ssf_app, UPSTREAM_KEY)
+        return state.risk_level if kind == RISK_LEVEL_CHANGE else state.posture
+
+    def deliver(payload: dict[str, Any], *, issued_ago: int, event_ago: int | None = None) -> None:
+        event = {**PAYLOADS[kind], **payload}
+        if event_ago is not None:
+            event["event_timestamp"] = int(clock.now) - event_ago
+        claims = set_claims(transmitter, clock, {kind: event}, iss_sub(upstream=upstream))
+        claims["iat"] = int(clock.now) - issued_ago
+        assert push(client, sign(transmitter, claims)).status_code == 202
+
+    deliver(good, issued_ago=600)  # the first statement: as of ten minutes ago
+    assert said() == next(iter(good.values()))
+    deliver(bad, issued_ago=0, event_ago=60)  # happened after that SET was issued: it counts
+    assert said() == next(iter(bad.values()))
+    deliver(good, issued_ago=300)  # older than the critical, delivered later (a retry): it does not
+    assert said() == next(iter(bad.values()))
+    deliver(good, issued_ago=1)  # newer: it does
+    assert said() == next(iter(good.values()))
+
+
 def test_a_refused_set_does_not_use_up_its_jti(
     build_app: Callable[..., Flask],
     transmitter_entry: dict[str, Any],

@@ -8,6 +8,7 @@ assurance are checked by :class:`~sts_client.verifier.TokenVerifier`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -125,6 +126,13 @@ def verify_access_token_jwt(
     # joserfc compares iss with ==; make sure it is the exact string (RFC 8725 §3.8).
     if claims.get("iss") != issuer or not isinstance(claims.get("iss"), str):
         raise InvalidToken("token.iss", scheme=scheme)
+    # joserfc checks exp, nbf and iat are finite numbers, not auth_time (RFC 7519 §2 NumericDate; a
+    # JSON 1e999 reads as infinity, and made the verifier fail with OverflowError: an outside audit).
+    auth_time = claims.get("auth_time")
+    if auth_time is not None and (
+        not isinstance(auth_time, int | float) or isinstance(auth_time, bool) or not math.isfinite(auth_time)
+    ):
+        raise InvalidToken("token.invalid_claim", "auth_time", scheme=scheme)
     return claims
 
 

@@ -85,14 +85,26 @@ def check_payload(event_type: str, payload: Mapping[str, Any]) -> None:
             raise invalid_set("event.risk_level_change.current_level", shown(level))
 
 
-def event_time(payload: Mapping[str, Any], now: float, *, leeway: int, toe: float | None = None) -> float:
-    """When the event happened: ``event_timestamp`` (CAEP), else the SET's ``toe``, else ``now``.
+def event_time(
+    payload: Mapping[str, Any],
+    now: float,
+    *,
+    leeway: int,
+    toe: float | None = None,
+    issued: float | None = None,
+) -> float:
+    """When the event happened: ``event_timestamp`` (CAEP), else the SET's ``toe``, else the SET's
+    ``iat`` (``issued``: the event cannot have happened after its SET was issued, RFC 8417 §2.2),
+    else ``now``.
 
     A time in the future beyond ``leeway`` is not believed (``now`` is used), and
     one within it is clamped to ``now``: a transmitter's clock must not make a
-    step-up requirement reach into the future.
+    step-up requirement reach into the future.  (Dating an event with neither
+    time at its receipt let an older SET delivered late, a retry, pass for the
+    newest statement: an outside audit had a LOW issued ten minutes before a
+    critical, delivered after it, lift it.)
     """
-    for candidate in (numeric_date_value(payload.get("event_timestamp")), toe):
+    for candidate in (numeric_date_value(payload.get("event_timestamp")), toe, issued):
         if candidate is not None:
             return min(candidate, now) if candidate <= now + leeway else now
     return now
@@ -111,6 +123,7 @@ def apply_event(
     *,
     leeway: int = 30,
     toe: float | None = None,
+    issued: float | None = None,
 ) -> SubjectState:
     """The subject's state after one CAEP event (a pure transition).
 
@@ -137,7 +150,7 @@ def apply_event(
     if event_type not in ACTED_ON:
         return state
     check_payload(event_type, payload)
-    when = event_time(payload, now, leeway=leeway, toe=toe)
+    when = event_time(payload, now, leeway=leeway, toe=toe, issued=issued)
     name = event_type.removeprefix(CAEP_PREFIX)
     if event_type == SESSION_REVOKED:
         return state.with_event(

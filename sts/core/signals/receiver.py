@@ -200,6 +200,7 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
         if not keys:
             return {}
         toe = numeric_date_value(verified.claims.get("toe"))
+        issued = verified.iat
         policy = verified.transmitter
         current: dict[str, SubjectState] = {}
         for key in keys:
@@ -215,6 +216,7 @@ class SignalReceiver(AuditedEndpoint[SetRefused]):
                             policy.block_duration,
                             leeway=self.leeway,
                             toe=toe,
+                            issued=issued,
                         )
                 return state
 
