@@ -42,11 +42,11 @@ import functools
 import gc
 import importlib
 import io
-import json
 import logging
 import math
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,14 +54,16 @@ from typing import Any, TypeVar
 
 from granian._granian import RSGIProtocolClosed, RSGIProtocolError
 
+from .adapters.client_watch import watched
 from .adapters.connection_balance import INTERVAL as BALANCE_INTERVAL
 from .adapters.connection_balance import ConnectionBalance, SharedCounts
 from .adapters.connection_balance import create_file as create_counts_file
 from .adapters.log_format import GRANIAN_LOG_CONFIG
 from .adapters.probe_lane import LIVENESS_PATH, PROBE_PATHS, stalled_answer
 from .adapters.request_head import host_is_valid
-from .adapters.request_threads import QueuedTooLong, RequestThreads, queue_wait
+from .adapters.request_threads import ClientGone, QueuedTooLong, RequestThreads, queue_wait
 from .adapters.worker_process import die_with_parent, load_or_wait
+from .http.responses import answer_before_app
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,6 @@ T = TypeVar("T")
 
 #: The largest request head (request line and headers) accepted; hyper answers 431 above it.
 MAX_HEAD_BYTES = 16384
-
-_ERROR_HEADERS = [
-    ("Content-Type", "application/json"),
-    ("Cache-Control", "no-store"),
-    ("Pragma", "no-cache"),
-    ("X-Content-Type-Options", "nosniff"),
-]
 
 
 @dataclass(frozen=True)
@@ -164,10 +159,11 @@ class WSGIOverRSGI:
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         if scope.proto != "http":
             return
+        arrived = time.perf_counter()
         try:
             body = await self._read_body(scope, proto)
         except _RequestError as exc:
-            self._error(scope, proto, exc.status, exc.description, close=True)
+            self._error(scope, proto, exc.status, exc.description, close=True, started=arrived)
             return
         except (ConnectionError, RSGIProtocolClosed, RSGIProtocolError):
             # The client ended its side before the body it announced (a half-close) or hung up:
@@ -175,9 +171,8 @@ class WSGIOverRSGI:
             # bare 500 for a request left unanswered); to a closed connection nothing is sent.
             log.debug("request body not received: the client closed the connection")
             with contextlib.suppress(RSGIProtocolClosed, RSGIProtocolError, ConnectionError, RuntimeError):
-                self._error(
-                    scope, proto, 400, "The request body ended before its Content-Length.", close=True
-                )
+                ended = "The request body ended before its Content-Length."
+                self._error(scope, proto, 400, ended, close=True, started=arrived)
             return
         try:
             if self._threads is None:  # called without __rsgi_init__ (not by granian)
@@ -192,13 +187,17 @@ class WSGIOverRSGI:
                     proto.response_bytes(status, [*headers, ("X-Request-Id", request_id)], payload)
                     return
                 threads = self._probes
-            status, headers, payload = await threads.run(self._call, scope, body)
+            status, headers, payload = await watched(threads, threads.run(self._call, scope, body), proto)
         except QueuedTooLong:
             # Every request thread was busy that long: refused before the application, not run
             # after the client may have gone (it is not audited: no decision was made).
-            self._error(
-                scope, proto, 503, "The server is busy; retry later.", error="temporarily_unavailable"
-            )
+            busy = "The server is busy; retry later."
+            self._error(scope, proto, 503, busy, error="temporarily_unavailable", started=arrived)
+            return
+        except ClientGone:
+            # Hung up while its request waited for a thread: not run; logged as nginx logs it (499).
+            with contextlib.suppress(RSGIProtocolClosed, RSGIProtocolError, ConnectionError, RuntimeError):
+                self._error(scope, proto, 499, "The client closed the connection.", started=arrived)
             return
         except Exception:
             log.exception("the request could not be handed to the application")
@@ -313,17 +312,19 @@ class WSGIOverRSGI:
         *,
         error: str = "invalid_request",
         close: bool = False,
+        started: float | None = None,
     ) -> None:
-        body = json.dumps({"error": error, "error_description": description}, separators=(",", ":"))
-        headers = [
-            *_ERROR_HEADERS,
-            ("X-Request-Id", self.request_id(scope.headers.get("x-request-id") or "")),
-        ]
-        if close:
-            headers.append(("Connection", "close"))
-        if status == 503:
-            headers.append(("Retry-After", "1"))
-        proto.response_bytes(status, headers, body.encode())
+        headers, body = answer_before_app(
+            status,
+            description,
+            error=error,
+            request_id=self.request_id(scope.headers.get("x-request-id") or ""),
+            close=close,
+            client=scope.client.rpartition(":")[0].strip("[]") or "-",
+            method=scope.method,
+            started=started,
+        )
+        proto.response_bytes(status, headers, body)
 
 
 def _request_id(incoming: str) -> str:

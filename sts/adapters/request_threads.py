@@ -135,6 +135,11 @@ class QueuedTooLong(Exception):
     answer nobody reads)."""
 
 
+class ClientGone(Exception):
+    """A call withdrawn while it waited in the queue (:meth:`RequestThreads.withdraw`): its client
+    hung up, so it was not run."""
+
+
 class RequestThreads:
     """The request threads of a worker, each call awaited from the event loop.
 
@@ -221,6 +226,17 @@ class RequestThreads:
         if watch:
             self.loop.call_later(self.patience, self._watch)
         return future
+
+    def withdraw(self, future: asyncio.Future[Any]) -> None:
+        """Take the call of ``future`` out of the queue, unrun (it raises :class:`ClientGone`); a
+        call already running is left to finish.  Called from the event loop's thread."""
+        with self._lock:
+            call = next((c for c in self._calls if c[0] is future), None)
+            if call is None:
+                return
+            self._calls.remove(call)
+            self._in_flight -= 1
+        _settle(future, None, ClientGone("the client closed the connection"))
 
     def stalled_for(self) -> float:
         """Seconds the threads have held calls (queued or running) without finishing any; 0 when
@@ -339,10 +355,17 @@ class RequestThreads:
         worker.wake.acquire()  # a turn was handed just as the wait ended: it is ours
 
     def _watch(self) -> None:
-        """In the loop, every ``patience`` while calls are queued: lend a turn to the oldest call
-        that has waited ``patience`` for one, if a thread is idle to run it."""
+        """In the loop, every ``patience`` while calls are queued: refuse the calls that waited
+        longer than ``queue_timeout`` (:class:`QueuedTooLong`, answered now, not once a thread is
+        free: an outside audit waited 8 s for a 503 due after 1), and lend a turn to the oldest
+        call that has waited ``patience`` for one, if a thread is idle to run it."""
         now = time.monotonic()
+        limit = self.queue_timeout
+        expired: list[_Call] = []
         with self._lock:
+            while limit is not None and self._calls and now - self._calls[0][3] > limit:
+                expired.append(self._calls.popleft())  # oldest first: the queue is in arrival order
+                self._in_flight -= 1
             lent = self.lent_total
             while self._calls and self._idle and now - self._calls[0][3] >= self.patience:
                 self._lent += 1
@@ -350,6 +373,9 @@ class RequestThreads:
                 self._hand(self._idle.pop(), self._calls.popleft())
             lent = self.lent_total - lent
             self._watching = bool(self._calls)
+        for call in expired:
+            self._report_refused(limit or 0.0)
+            _settle(call[0], None, QueuedTooLong(f"queued for more than {limit:g} s"))
         if lent:
             self._report_lent()
         if self._watching:

@@ -247,6 +247,49 @@ def log_access(
     )
 
 
+#: The headers of every answer given before the application (by ``sts serve``), as the application's.
+_BEFORE_APP_HEADERS = (
+    ("Content-Type", "application/json"),
+    ("Cache-Control", "no-store"),
+    ("Pragma", "no-cache"),
+    ("X-Content-Type-Options", "nosniff"),
+)
+
+
+def answer_before_app(
+    status: int,
+    description: str,
+    *,
+    error: str,
+    request_id: str,
+    close: bool,
+    client: str,
+    method: str,
+    started: float | None,
+) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers and body of a refusal ``sts serve`` answers before the application (a body too slow,
+    too large or chunked, a bad header, a full queue): JSON like the application's, with its
+    ``X-Request-Id``, and an access-log line like every request's (route ``-``: none was matched;
+    an outside audit found those request ids in no log line)."""
+    body = json.dumps({"error": error, "error_description": description}, separators=(",", ":")).encode()
+    headers = [*_BEFORE_APP_HEADERS, ("X-Request-Id", request_id)]
+    if close:
+        headers.append(("Connection", "close"))
+    if status == 503:
+        headers.append(("Retry-After", "1"))
+    log_access(
+        client=client,
+        method=method,
+        route="-",
+        status=status,
+        size=len(body),
+        started=started,
+        request_id=request_id,
+        trace_id=None,
+    )
+    return headers, body
+
+
 def install(app: Flask, *, trusted_proxies: Sequence[Network] = ()) -> None:
     """Install the request id, access log and error handlers; call before any route is added.
 

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, select
@@ -269,6 +270,30 @@ def test_no_grant_is_committed_past_its_deadline_and_its_uses_stay_unspent(
         sink.write_with_uses(_record(), [use], time.time())
 
 
+def test_a_record_without_uses_is_not_committed_past_its_deadline_either(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A grant with no single-use credential and no DPoP proof has no uses: it waited out a write
+    lock held by another process and was issued 8 s after its request arrived (an outside audit)."""
+    sink = SqlAuditSink(engine, commit_deadline=1.0)
+    holder = sqlite3.connect(tmp_path / "audit.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
+            sink.write(_record())
+        assert time.monotonic() - started < 3.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    late = AuditRecord(event_id=str(uuid.uuid4()), time=time.time() - 2, request_id="r", endpoint="token")
+    with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
+        sink.write(late)
+    assert _count(engine) == 0
+    sink.write(_record())
+    assert _count(engine) == 1
+
+
 def test_the_commit_deadline_counts_the_time_a_request_queued_for_a_thread(engine: Engine) -> None:
     """The deadline runs from the request's arrival: a grant that waited 6 s for a request thread
     (``request_queue_timeout`` allows 10) is already late (a re-run of the fault audit had grants
@@ -288,3 +313,37 @@ def test_the_commit_deadline_counts_the_time_a_request_queued_for_a_thread(engin
         assert _count(engine) == 1
     finally:
         request_threads._local.waited = 0.0
+
+
+def test_a_session_ended_after_its_commit_is_an_unknown_outcome_not_a_refusal(
+    pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: ``pg_terminate_backend`` (SQLSTATE 57P01) may be read after ``COMMIT`` went
+    through, before psycopg finds the connection closed.  Taken for "the server refused, nothing
+    committed", the grant ran again and found its own uses there: refused as a replay, its
+    single-use token spent and no token sent (an outside fault-injection audit).  It is an unknown
+    outcome: the record is found committed, and the grant stands."""
+    import psycopg
+
+    engine = make_engine(pg.url)
+    upgrade(engine)
+    real = psycopg.Cursor.execute
+    ended: list[bool] = []
+
+    def then_ended(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        # A grant alone is one statement, its own transaction: committed once it has run.
+        result = real(self, query, *args, **kwargs)
+        if not ended and "audit_events" in str(query):
+            ended.append(True)
+            raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+        return result
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", then_ended)
+    sink = SqlAuditSink(engine)
+    use = SingleUse("subject_token", "ended-1", time.time() + 300, None)
+    record = _record()
+    sink.write_with_uses(record, [use], time.time())  # granted: its record was committed
+    assert ended == [True] and _count(engine) == 1
+    with pytest.raises(AlreadyUsed):
+        sink.write_with_uses(_record(), [use], time.time())
+    engine.dispose()

@@ -502,6 +502,14 @@ def test_nginx_answers_its_own_errors_in_json_and_carries_request_ids(fleet: Fle
     assert headers_too_large.status_code == 431 and headers_too_large.json()["error"] == "invalid_request"
     plain = direct_session().get(fleet.issuer.replace("https://", "http://") + "/healthz", timeout=10)
     assert plain.status_code == 400 and plain.json()["error"] == "invalid_request"
+    # What nginx refuses before proxying: JSON too, not its HTML pages (an outside audit).
+    refused = [
+        client.request("TRACE", f"{fleet.issuer}/token", timeout=10),
+        client.get(f"{fleet.issuer}/healthz?" + "a" * 20_000, timeout=10),
+        client.post(f"{fleet.issuer}/token", data=b"x", headers={"Transfer-Encoding": "gzip"}, timeout=10),
+    ]
+    assert [r.status_code for r in refused] == [405, 414, 501]
+    assert all(r.json()["error"] == "invalid_request" and r.headers["X-Request-Id"] for r in refused)
 
     kept = client.get(f"{fleet.issuer}/healthz", headers={"X-Request-Id": "client-id.1"}, timeout=10)
     assert kept.headers["X-Request-Id"] == "client-id.1"

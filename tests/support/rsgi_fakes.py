@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 
 class FakeHeaders:
     def __init__(self, values: dict[str, str]) -> None:
@@ -35,8 +37,17 @@ class FakeScope:
 
 
 class FakeProto:
-    def __init__(self) -> None:
+    """``hangs_up_after``: seconds after which ``client_disconnect()`` resolves (None: never)."""
+
+    def __init__(self, hangs_up_after: float | None = None) -> None:
         self.answer: tuple[int, dict[str, str], bytes] | None = None
+        self.hangs_up_after = hangs_up_after
+
+    async def client_disconnect(self) -> None:
+        if self.hangs_up_after is None:
+            await asyncio.Event().wait()
+        else:
+            await asyncio.sleep(self.hangs_up_after)
 
     def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.answer = (status, dict(headers), body)

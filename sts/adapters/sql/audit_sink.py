@@ -32,6 +32,7 @@ from .engines import commit_by
 from .files_in_use import WatchedFile, sqlite_file
 from .group_commit import (
     GroupCommit,
+    P,
     PendingRow,
     PendingUses,
     UseTaken,
@@ -58,14 +59,12 @@ _USE_TAKEN = "22012"
 class SqlAuditSink(AuditReads):
     """Commits audit records; the caller returns only once its record is committed.
 
-    Group commit: while one thread commits, records arriving from other
-    threads queue up, and the next committer writes them all in one
-    transaction.  Each caller still waits for its own record's commit, so
-    "no token leaves unless its audit record is committed" holds, and under
-    load the cost of a commit is shared (the same idea as PostgreSQL's own
-    group commit).  If a batch fails, its rows are retried one by one so one
-    bad row cannot fail the others (not when the database did not answer:
-    each would wait out a statement deadline of its own).
+    Group commit: while one thread commits, records from other threads queue up, and the next
+    committer writes them all in one transaction.  Each caller still waits for its own record's
+    commit, so "no token leaves unless its audit record is committed" holds, and under load the
+    cost of a commit is shared (as PostgreSQL's own group commit).  If a batch fails, its rows
+    are retried one by one so one bad row cannot fail the others (not when the database did not
+    answer: each would wait out a statement deadline of its own).
     """
 
     def __init__(
@@ -81,7 +80,7 @@ class SqlAuditSink(AuditReads):
         self.engine = engine
         self.max_batch = max_batch
         self.timeout = timeout
-        #: Seconds after its request's start past which a grant is not committed (see _commit_with_uses).
+        #: Seconds after its request's start past which no record is committed (see _commit_batch).
         self.commit_deadline, self.clock = commit_deadline, clock
         # Each transaction of the sink starts with a write (see RawStatement.transaction).
         self._raw = RawStatement(engine, writes_first=True)
@@ -145,7 +144,10 @@ class SqlAuditSink(AuditReads):
         return row
 
     def write(self, record: AuditRecord) -> None:
-        item = PendingRow(self._stored_row(record))
+        # Counted from its arrival, queue included, as a grant with uses is: a grant without
+        # any (no single-use rule, no DPoP) waited out another process's write lock and was
+        # issued 8 s after its request arrived, past database_deadline (an outside audit).
+        item = PendingRow(self._stored_row(record), started=record.time - queue_wait())
         self._writes.join(item)
         if item.error is not None:
             raise (AuditOutcomeUnknown if item.unknown else AuditUnavailable)(item.error)
@@ -195,14 +197,8 @@ class SqlAuditSink(AuditReads):
             log.warning("audit commit confirmed after its connection broke (event %s)", record.event_id)
 
     def _commit_with_uses(self, batch: list[PendingUses]) -> None:
-        """Commit grants; with :attr:`commit_deadline`, none after its request's start plus that
-        many seconds (:func:`~.group_commit.within_deadline`, :func:`~.engines.commit_by`)."""
-        live, by = within_deadline(batch, self.commit_deadline, self.clock())
-        if not live:
-            return
-        with commit_by(by):
-            self._commit_batch(live, lambda head: self._commit_uses_linked(head, live))
-        if self.mark is not None:
+        live = self._commit_batch(batch, self._commit_uses_linked)
+        if live and self.mark is not None:
             self.mark.granted(newest_committed(live))
 
     def _commit_uses_linked(self, head: ChainHead, batch: list[PendingUses]) -> None:
@@ -366,19 +362,23 @@ class SqlAuditSink(AuditReads):
         return params
 
     def _commit(self, batch: list[PendingRow]) -> None:
-        self._commit_batch(batch, lambda head: self._commit_linked(head, batch))
+        self._commit_batch(batch, self._commit_linked)
 
-    def _commit_batch(self, batch: Sequence[PendingRow], commit: Callable[[ChainHead], None]) -> None:
-        """Run ``commit`` on a borrowed chain head and mark every item of ``batch`` done: an
-        unavailable audit fails the items not already refused (a use taken by another request)."""
+    def _commit_batch(self, batch: list[P], commit: Callable[[ChainHead, list[P]], None]) -> list[P]:
+        """Run ``commit`` on a borrowed chain head, on the items within :attr:`commit_deadline`
+        (:func:`~.group_commit.within_deadline`), and mark each done: an unavailable audit fails
+        those not already refused (a use taken by another request).  Returns the items tried."""
+        batch, by = within_deadline(batch, self.commit_deadline, self.clock())
+        if not batch:
+            return batch
         try:
             problem = self._file.problem() if self._file is not None else None
             if problem is not None:
                 if self.mark is not None:
                     self.mark.lost(self.clock())  # the commits in those files are lost
                 raise AuditUnavailable(f"the audit database: {problem} (restart the process)")
-            with self._chains.borrow(self.timeout) as head:
-                commit(head)
+            with commit_by(by), self._chains.borrow(self.timeout) as head:
+                commit(head, batch)
         except AuditUnavailable as exc:
             for item in batch:
                 if getattr(item, "taken", None) is None and item.error is None:
@@ -390,10 +390,10 @@ class SqlAuditSink(AuditReads):
             raise
         for item in batch:
             item.done = True
+        return batch
 
     def _commit_linked(self, head: ChainHead, batch: list[PendingRow]) -> None:
-        """Commit ``batch`` on ``head``'s chain; if it fails, each record alone, so one bad row
-        fails only its own writer."""
+        """Commit ``batch`` on ``head``'s chain; if it fails, each alone (one bad row fails one)."""
         params, seq, digest = self._link(head, batch)
         register = not head.registered
         sql = self._sql(len(batch))

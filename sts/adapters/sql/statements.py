@@ -250,7 +250,7 @@ class RawStatement:
                     # Leaving the block sends what is queued and waits for every answer.
                     return result
             except BaseException as exc:
-                if stage[0] == "commit" and not connection.broken:
+                if stage[0] == "commit" and not connection.broken and not _session_ended(exc):
                     stage[0] = "work"  # The server answered with an error: it did not commit.
                 with contextlib.suppress(*self.errors):
                     raw.rollback()
@@ -279,6 +279,16 @@ class RawStatement:
             if stage[0] == "commit":
                 raise CommitOutcomeUnknown(type(exc).__name__) from exc
             raise
+
+
+def _session_ended(exc: BaseException) -> bool:
+    """Whether PostgreSQL reported the end of the session (SQLSTATE class 57P, operator
+    intervention: ``pg_terminate_backend``, a shutdown; or class 08, connection exception): it may
+    come after ``COMMIT`` went through, before psycopg has found the connection closed, so it does
+    not say that nothing was committed (an outside fault-injection audit: grants committed, then
+    run again, refused as replays of their own uses)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(("57P", "08"))
 
 
 #: PostgreSQL: the key, in a pooled connection's ``info``, of the cursor kept for its statements.
