@@ -27,8 +27,9 @@ after it).  The CPU column counts this process only, not the store's server.
 
 ``--threads N`` sends the requests from N threads at once, as a worker's request threads do
 (what the GIL hand-offs and the store's group commit cost).  ``--in-flight N`` sends them from a
-uvloop event loop through the measured copy's own request threads (``sts.serving``'s adapter, as a
-worker of ``sts serve`` runs them), N at once: what the threads' hand-overs cost, turns included.
+uvloop event loop through the measured copy's own RSGI adapter (``sts.serving``'s ``__rsgi__``: the
+body read, the request threads, the answer, as a worker of ``sts serve`` runs them), N at once:
+what the adapter and the threads' hand-overs cost, turns included.
 
 ``--processes N`` runs each system as N processes at once, as a server's N workers, on one database
 (each sends its own share of the tokens, with the same DPoP key); they start measuring together,
@@ -49,6 +50,7 @@ and prints the wall time inside each per request, one request at a time unless `
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import json
@@ -89,7 +91,31 @@ class _Scope:
     http_version = "1.1"
 
     def __init__(self, headers: dict[str, str]) -> None:
-        self.headers = headers
+        self.headers = _Headers(headers)
+
+
+class _Headers(dict[str, str]):
+    """granian's header map, as the adapter reads it (one value per name here)."""
+
+    def get_all(self, name: str) -> list[str]:
+        return [self[name]] if name in self else []
+
+
+class _Proto:
+    """What granian hands the RSGI application to read the body and answer on (``--in-flight``)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.answer: tuple[int, list[tuple[str, str]], bytes] = (0, [], b"")
+
+    async def __call__(self) -> bytes:
+        return self.body
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.answer = (status, headers, body)
+
+    async def client_disconnect(self) -> None:
+        await asyncio.Event().wait()  # the client stays
 
 
 def _exchange_app(work: Path, home: Path, store: dict[str, str]) -> Any:
@@ -260,7 +286,10 @@ def _served_runner(served: Any, in_flight: int) -> Callable[[list[tuple[_Scope, 
 
         async def one(scope: _Scope, body: bytes) -> int:
             async with slots:
-                status, _, payload = await served._threads.run(served._call, scope, body)
+                # The whole of the adapter's request: the body read, the thread, the answer.
+                proto = _Proto(body)
+                await served.__rsgi__(scope, proto)
+                status, _, payload = proto.answer
             if status != 200:
                 print(f"refused: {status} {payload[:300]!r}", file=sys.stderr)
                 return 1
