@@ -347,3 +347,34 @@ def test_a_session_ended_after_its_commit_is_an_unknown_outcome_not_a_refusal(
     with pytest.raises(AlreadyUsed):
         sink.write_with_uses(_record(), [use], time.time())
     engine.dispose()
+
+
+def test_a_session_ended_after_a_first_use_is_no_replay_but_unavailable(
+    pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a single statement outside the grant (a replay entry of its own, its own
+    transaction): run again on a fresh connection, it found its own entry and said "replayed"."""
+    import psycopg
+
+    from sts.adapters.sql.replay import SqlReplayCache
+    from sts.core.ports import StoreUnavailable
+
+    engine = make_engine(pg.url)
+    upgrade(engine)
+    real = psycopg.Cursor.execute
+    ended: list[bool] = []
+
+    def then_ended(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real(self, query, *args, **kwargs)
+        if not ended and "replay_entries" in str(query):
+            ended.append(True)
+            raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+        return result
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", then_ended)
+    replay = SqlReplayCache(engine)
+    now = time.time()
+    with pytest.raises(StoreUnavailable):
+        replay.first_use("dpop:k", "jti-1", now + 300, now)  # unknown: refused 503, never "replayed"
+    assert ended == [True]
+    engine.dispose()

@@ -111,8 +111,12 @@ class RawStatement:
         with waiting():  # PostgreSQL: a round trip (and perhaps a connection to wait for)
             try:
                 return attempt()
-            except self._disconnects:
-                # Nothing was committed on a connection that died; one fresh try.
+            except self._disconnects as exc:
+                if _session_ended(exc) and not sql.lstrip()[:6].upper() == "SELECT":
+                    # Ended by the server: a write, its own transaction, may have committed first,
+                    # and run again would find its own entry (a first use refused as a replay).
+                    raise
+                # Nothing was committed on a connection that died (idle in the pool): one fresh try.
                 return attempt()
 
     def _checkout(self) -> Any:
