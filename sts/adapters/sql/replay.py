@@ -90,7 +90,7 @@ class SqlReplayCache:
         if self._mark is not None:
             self._mark.check_use(valid_from, now)
         try:
-            first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now)) == 1
+            first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now), once=True) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant
                 self._raw.run(self._purge, (now - CLOCK_MARGIN,))  # (see CLOCK_MARGIN)
         except self._raw.failures as exc:

@@ -62,16 +62,21 @@ class RawStatement:
         self._local.set_up(statements)
         return True
 
-    def run(self, sql: str, params: list[Any] | tuple[Any, ...]) -> int:
-        """Execute and commit; return the row count.  DBAPI errors propagate."""
-        return int(self._execute(sql, params, fetch=False))
+    def run(self, sql: str, params: list[Any] | tuple[Any, ...], *, once: bool = False) -> int:
+        """Execute and commit; return the row count.  DBAPI errors propagate.  ``once``: a write
+        whose second run would answer otherwise (a first use): not run again on PostgreSQL after
+        the server ended its session (:func:`_session_ended`), which may have come after it
+        committed."""
+        return int(self._execute(sql, params, fetch=False, once=once))
 
     def query(self, sql: str, params: list[Any] | tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Execute a read; return the rows.  DBAPI errors propagate."""
         rows: list[tuple[Any, ...]] = self._execute(sql, params, fetch=True)
         return rows
 
-    def _execute(self, sql: str, params: list[Any] | tuple[Any, ...], *, fetch: bool) -> Any:
+    def _execute(
+        self, sql: str, params: list[Any] | tuple[Any, ...], *, fetch: bool, once: bool = False
+    ) -> Any:
         local = self._local
         if local is not None:
 
@@ -112,11 +117,12 @@ class RawStatement:
             try:
                 return attempt()
             except self._disconnects as exc:
-                if _session_ended(exc) and not sql.lstrip()[:6].upper() == "SELECT":
-                    # Ended by the server: a write, its own transaction, may have committed first,
+                if once and _session_ended(exc):
+                    # Ended by the server: the write, its own transaction, may have committed first,
                     # and run again would find its own entry (a first use refused as a replay).
                     raise
-                # Nothing was committed on a connection that died (idle in the pool): one fresh try.
+                # Nothing was committed on a connection that died (idle in the pool), or a second
+                # run does no harm: one fresh try.
                 return attempt()
 
     def _checkout(self) -> Any:
