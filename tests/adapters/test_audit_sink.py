@@ -315,6 +315,25 @@ def test_the_commit_deadline_counts_the_time_a_request_queued_for_a_thread(engin
         request_threads._local.waited = 0.0
 
 
+def _session_ended_after(monkeypatch: pytest.MonkeyPatch, table: str) -> list[bool]:
+    """Have the first statement on ``table`` run (and, being its own transaction, commit), then
+    fail as psycopg reports ``pg_terminate_backend`` (SQLSTATE 57P01); the list says it happened."""
+    import psycopg
+
+    real = psycopg.Cursor.execute
+    ended: list[bool] = []
+
+    def then_ended(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real(self, query, *args, **kwargs)
+        if not ended and table in str(query):
+            ended.append(True)
+            raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+        return result
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", then_ended)
+    return ended
+
+
 def test_a_session_ended_after_its_commit_is_an_unknown_outcome_not_a_refusal(
     pg: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,26 +342,12 @@ def test_a_session_ended_after_its_commit_is_an_unknown_outcome_not_a_refusal(
     committed", the grant ran again and found its own uses there: refused as a replay, its
     single-use token spent and no token sent (an outside fault-injection audit).  It is an unknown
     outcome: the record is found committed, and the grant stands."""
-    import psycopg
-
     engine = make_engine(pg.url)
     upgrade(engine)
-    real = psycopg.Cursor.execute
-    ended: list[bool] = []
-
-    def then_ended(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        # A grant alone is one statement, its own transaction: committed once it has run.
-        result = real(self, query, *args, **kwargs)
-        if not ended and "audit_events" in str(query):
-            ended.append(True)
-            raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
-        return result
-
-    monkeypatch.setattr(psycopg.Cursor, "execute", then_ended)
+    ended = _session_ended_after(monkeypatch, "audit_events")  # a grant alone is one statement
     sink = SqlAuditSink(engine)
     use = SingleUse("subject_token", "ended-1", time.time() + 300, None)
-    record = _record()
-    sink.write_with_uses(record, [use], time.time())  # granted: its record was committed
+    sink.write_with_uses(_record(), [use], time.time())  # granted: its record was committed
     assert ended == [True] and _count(engine) == 1
     with pytest.raises(AlreadyUsed):
         sink.write_with_uses(_record(), [use], time.time())
@@ -354,24 +359,12 @@ def test_a_session_ended_after_a_first_use_is_no_replay_but_unavailable(
 ) -> None:
     """The same for a single statement outside the grant (a replay entry of its own, its own
     transaction): run again on a fresh connection, it found its own entry and said "replayed"."""
-    import psycopg
-
     from sts.adapters.sql.replay import SqlReplayCache
     from sts.core.ports import StoreUnavailable
 
     engine = make_engine(pg.url)
     upgrade(engine)
-    real = psycopg.Cursor.execute
-    ended: list[bool] = []
-
-    def then_ended(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        result = real(self, query, *args, **kwargs)
-        if not ended and "replay_entries" in str(query):
-            ended.append(True)
-            raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
-        return result
-
-    monkeypatch.setattr(psycopg.Cursor, "execute", then_ended)
+    ended = _session_ended_after(monkeypatch, "replay_entries")
     replay = SqlReplayCache(engine)
     now = time.time()
     with pytest.raises(StoreUnavailable):
