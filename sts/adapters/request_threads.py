@@ -283,8 +283,6 @@ class RequestThreads:
                 self._run(call)
                 del call
                 with self._lock:
-                    self._in_flight -= 1
-                    self._progress_at = time.monotonic()
                     call = self._next_or_idle(worker)
 
     def _run(self, call: _Call) -> None:
@@ -298,6 +296,9 @@ class RequestThreads:
             result, error = function(*args), None
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, as the executor does
             result, error = None, exc
+        with self._lock:  # counted before the loop hears of it (stalled_for, seen from the loop)
+            self._in_flight -= 1
+            self._progress_at = time.monotonic()
         self._finished.append((future, result, error))
         del future, result, error  # Nothing of this request outlives it in the thread.
         self._wake_loop()
