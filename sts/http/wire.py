@@ -26,7 +26,7 @@ from werkzeug.wsgi import get_content_length, get_input_stream
 
 from ..errors import InvalidRequest, OAuthError
 from ..protocol.wire import FORM_CONTENT_TYPE, WireRequest
-from .client_cert import certificate_thumbprint
+from .client_cert import UnreadableCertificate, certificate_thumbprint
 
 #: Records a request refused before it could be read (its audit record), e.g.
 #: :meth:`sts.core.exchange.TokenExchange.refuse_early`.
@@ -231,6 +231,17 @@ def read_wire(
     authorizations = header_values(environ, "Authorization")
     if len(authorizations) > 1:
         problem = problem or InvalidRequest("request.repeated_authorization_header")
+    certificate = None
+    if via_trusted_proxy:
+        try:
+            certificate = forwarded_certificate(environ, mtls_header)
+        except UnreadableCertificate as exc:
+            # Fail closed: never a token left unbound because its certificate could not be read.
+            problem = problem or InvalidRequest(
+                "request.client_certificate_unreadable",
+                str(exc),
+                description="The client certificate the proxy forwarded is not one certificate.",
+            )
     wire = WireRequest(
         form=form,
         query=parse_query(environ),
@@ -242,7 +253,7 @@ def read_wire(
         # WSGI servers join repeated header fields with commas (RFC 9110 §5.3), and a JWS never
         # holds one: split them again so that two proofs count as two (RFC 9449 §4.3 step 1).
         dpop=tuple(part for value in header_values(environ, "DPoP") for part in value.split(",")),
-        client_cert_thumbprint=forwarded_certificate(environ, mtls_header) if via_trusted_proxy else None,
+        client_cert_thumbprint=certificate,
         trace_id=trace_id,
     )
     if problem is not None:
@@ -252,9 +263,10 @@ def read_wire(
 
 
 def forwarded_certificate(environ: Mapping[str, Any], header: str | None) -> str | None:
-    """The client certificate's ``x5t#S256`` forwarded in ``header`` (RFC 8705 §3); call only for a
-    connection from a trusted proxy."""
+    """The client certificate's ``x5t#S256`` forwarded in ``header`` (RFC 8705 §3), None without
+    one; raises :class:`UnreadableCertificate` for a header that holds anything but one certificate.
+    Call only for a connection from a trusted proxy."""
     if not header:
         return None  # No header configured.
     values = header_values(environ, header)
-    return certificate_thumbprint(values[0]) if values and values[0] else None
+    return certificate_thumbprint(values[0]) if values else None

@@ -108,10 +108,10 @@ def _as_routed() -> None:
     leading slash of the path (``//token`` is matched as ``/token``: here it is not found, as any
     unknown path) and upper-cases the method (RFC 9110 §9.1: a method is case-sensitive, so
     ``post`` is not ``POST``: ``405`` with the methods the path serves, as for any other)."""
+    if request.environ.get("PATH_INFO", "").startswith("//"):
+        raise NotFound()  # also where Werkzeug's own 405 would follow: no method is served there
     if request.url_rule is None:
         return  # not routed: Werkzeug's own 404 or 405 follows
-    if request.environ.get("PATH_INFO", "").startswith("//"):
-        raise NotFound()
     if request.environ.get("REQUEST_METHOD") != request.method:
         # Every method of every rule of the path, as Werkzeug's own 405 lists (a path may have
         # several rules: ``/review/login`` has one for GET and one for POST).

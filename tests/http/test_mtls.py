@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Callable
 from urllib.parse import quote
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,7 +19,7 @@ from joserfc.jwk import KeySet
 
 from sts.app import create_app
 from sts.dev.issuer import RunningServer
-from sts.http.client_cert import certificate_thumbprint
+from sts.http.client_cert import UnreadableCertificate, certificate_thumbprint
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, STS_ISSUER, exchange_form
 
@@ -65,15 +66,82 @@ POLICY = {
 }  # fmt: skip
 
 
+def der_base64(cert: x509.Certificate) -> str:
+    return base64.b64encode(cert.public_bytes(Encoding.DER)).decode()
+
+
 def test_thumbprint_formats() -> None:
     cert = certificate("workload")
     expected = x5t(cert)
+    digest = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
     assert certificate_thumbprint(pem(cert)) == expected
     assert certificate_thumbprint(quote(pem(cert))) == expected  # nginx $ssl_client_escaped_cert
-    assert (
-        certificate_thumbprint(f'By=spiffe://x;Hash=ab;Cert="{quote(pem(cert))}"') == expected
-    )  # envoy XFCC
-    assert certificate_thumbprint("not a certificate") is None
+    assert certificate_thumbprint(der_base64(cert)) == expected  # Caddy's certificate_der_base64
+    assert certificate_thumbprint(quote(der_base64(cert))) == expected  # Traefik, one certificate
+    xfcc = f'By=spiffe://x;Hash={digest};Cert="{quote(pem(cert))}";Subject="CN=workload,O=acme";URI='
+    assert certificate_thumbprint(xfcc) == expected  # envoy XFCC, SANITIZE_SET
+    assert certificate_thumbprint(f"By=spiffe://x;Hash={digest.upper()}") == expected  # no Cert
+    assert certificate_thumbprint("") is None and certificate_thumbprint("  ") is None  # none sent
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("not a certificate", id="junk"),
+        pytest.param(quote("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), id="bad-pem"),
+        pytest.param("QUJD", id="base64-not-der"),
+        pytest.param("%ff%fe", id="not-utf8"),
+        pytest.param("two", id="two-pem"),
+        pytest.param("chain", id="comma-chain"),
+        pytest.param("xfcc-two", id="xfcc-appended"),
+        pytest.param("xfcc-disagree", id="xfcc-hash-and-cert-disagree"),
+        pytest.param("By=spiffe://x;Subject=x", id="xfcc-no-certificate"),
+        pytest.param("By=spiffe://x;Hash=abc", id="xfcc-short-hash"),
+        pytest.param('By=spiffe://x;Cert="unterminated', id="xfcc-unterminated"),
+    ],
+)
+def test_a_header_that_is_not_one_certificate_is_unreadable(value: str) -> None:
+    """Fail closed (an outside check): an unreadable header made the token silently unbound, and
+    envoy's appended XFCC let the client's own first element (a victim's public certificate) win."""
+    victim, attacker = certificate("victim"), certificate("attacker")
+    examples = {
+        "two": quote(pem(victim) + pem(attacker)),
+        "chain": f"{der_base64(attacker)},{der_base64(victim)}",
+        "xfcc-two": f'Cert="{quote(pem(victim))}",By=spiffe://proxy;Cert="{quote(pem(attacker))}"',
+        "xfcc-disagree": (
+            f"Hash={hashlib.sha256(victim.public_bytes(Encoding.DER)).hexdigest()};"
+            f'Cert="{quote(pem(attacker))}"'
+        ),
+    }
+    with pytest.raises(UnreadableCertificate):
+        certificate_thumbprint(examples.get(value, value))
+
+
+@pytest.mark.parametrize("header", ["junk", "xfcc-two"])
+def test_an_unreadable_certificate_from_the_proxy_is_refused_and_recorded(
+    make_settings: Callable[..., Settings], upstream: RunningServer, header: str
+) -> None:
+    app = create_app(
+        make_settings(POLICY, trusted_proxies=["10.0.0.0/8"], mtls_client_cert_header="X-Client-Cert")
+    )
+    web = app.test_client()
+    victim, attacker = certificate("victim"), certificate("attacker")
+    value = {
+        "junk": "bm90IGEgY2VydGlmaWNhdGU=",
+        "xfcc-two": f'Cert="{quote(pem(victim))}",By=spiffe://proxy;Cert="{quote(pem(attacker))}"',
+    }[header]
+    form = exchange_form(upstream.issuer.github_actions_token(audience=STS_ISSUER), audience=DEPLOY)
+    refused = web.post("/token", data=form, headers={"X-Client-Cert": value}, environ_base=PROXY)
+    assert refused.status_code == 400, refused.get_json()
+    assert refused.get_json()["error"] == "invalid_request"
+    [record] = app.extensions["sts"].audit.recent(1)
+    assert record["outcome"] == "refused", record
+    assert record["reasons"] == ["request.client_certificate_unreadable"], record
+    # From an untrusted peer the header is ignored, as ever: a token, not bound.
+    direct = web.post(
+        "/token", data=form, headers={"X-Client-Cert": value}, environ_base={"REMOTE_ADDR": "203.0.113.5"}
+    )
+    assert direct.status_code == 200, direct.get_json()
 
 
 def test_bound_only_through_a_trusted_proxy_and_re_exchanged_over_the_same_cert(

@@ -360,6 +360,20 @@ def test_no_redirect_is_built_from_the_host_header(app: Flask, path: str) -> Non
     assert response.get_json()["error"] == "not_found"
 
 
+@pytest.mark.parametrize("path", ["//token", "//introspect", "//revoke", "///token", "//healthz"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "POST", "DELETE", "OPTIONS"])
+def test_a_double_slash_path_is_not_found_whatever_the_method(app: Flask, path: str, method: str) -> None:
+    """No method is served at a ``//`` path, so none is a 405 naming an ``Allow`` that would then
+    be a 404 too (RFC 9110 §15.5.6; an outside check found ``GET //token`` a 405 ``Allow: POST``)."""
+    # (Werkzeug's test client reads ``//token`` as a URL with a host: the path goes in as it is.)
+    response = app.test_client().open(
+        "/", method=method, data={"grant_type": "x"}, environ_overrides={"PATH_INFO": path}
+    )
+    assert response.status_code == 404, (method, path, response.status_code)
+    assert "Allow" not in response.headers
+    assert response.get_json()["error"] == "not_found"
+
+
 def test_unknown_metadata_path_is_a_documented_404(app: Flask, path_app: Flask) -> None:
     template = "/.well-known/oauth-authorization-server/{issuer_path}"
     for flask_app, path in (
