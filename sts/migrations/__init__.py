@@ -28,10 +28,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy import Connection, Engine, delete, insert, inspect, select
 
 from ..adapters.sql.engines import schema_transaction, where
-from ..adapters.sql.schema import metadata
+from ..adapters.sql.schema import metadata, schema_readers
 
 log = logging.getLogger(__name__)
 # Alembic narrates every step at INFO ("Context impl SQLiteImpl."); this module logs what changed.
@@ -95,12 +95,58 @@ def current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def _known(revision: str | None) -> None:
-    if revision is not None and revision not in {s.revision for s in scripts().walk_revisions()}:
-        raise SchemaError(
-            f"schema at revision {revision}, which this version does not know (a newer version migrated "
-            "it?): run a version that knows it; downgrades are not supported"
-        )
+def known_revisions() -> frozenset[str]:
+    return frozenset(s.revision for s in scripts().walk_revisions())
+
+
+def oldest_reader(revision: str) -> str:
+    """The oldest revision whose code runs on the schema ``revision`` leaves: the revision's
+    ``oldest_reader`` (see ``versions/0008_schema_readers.py``), else the revision itself."""
+    script = scripts().get_revision(revision)
+    declared = getattr(script.module, "oldest_reader", None) if script is not None else None
+    return declared if isinstance(declared, str) else revision
+
+
+def recorded_reader(conn: Connection) -> str | None:
+    """The ``oldest_reader`` the schema records (``schema_readers``), None without one."""
+    if not inspect(conn).has_table(schema_readers.name):
+        return None
+    value = conn.execute(select(schema_readers.c.oldest_reader).limit(1)).scalar()
+    return value if isinstance(value, str) else None
+
+
+def _newer_but_readable(conn: Connection, revision: str | None) -> str | None:
+    """None for a revision this version knows (or none at all); for a newer one, the oldest reader
+    it records, when this version is one of those (it runs on the schema as it is).  Raises
+    :class:`SchemaError` for a newer schema this version may not run on."""
+    if revision is None or revision in known_revisions():
+        return None
+    reader = recorded_reader(conn)
+    if reader is not None and reader in known_revisions():
+        return reader
+    raise SchemaError(
+        f"schema at revision {revision}, which this version does not know (a newer version migrated "
+        "it?) and which does not record that this version may run on it: run a version that knows it; "
+        "downgrades are not supported"
+    )
+
+
+def _newer(revision: str, reader: str) -> str:
+    return (
+        f"schema at revision {revision}, newer than this version's {head()}; it records that versions "
+        f"from {reader} on run on it"
+    )
+
+
+def _record_reader(conn: Connection, revision: str | None) -> None:
+    """Write the oldest reader of ``revision`` (the schema's revision after an upgrade), once the
+    schema has the table for it."""
+    if revision is None or not inspect(conn).has_table(schema_readers.name):
+        return
+    reader = oldest_reader(revision)
+    if recorded_reader(conn) != reader:
+        conn.execute(delete(schema_readers))
+        conn.execute(insert(schema_readers).values(oldest_reader=reader))
 
 
 def _our_tables(conn: Connection) -> set[str]:
@@ -133,14 +179,14 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
     version cannot migrate, SQLAlchemy's errors when the database fails.
     """
 
-    known = {s.revision for s in scripts().walk_revisions()}
-    if revision != "head" and revision not in known:
+    if revision != "head" and revision not in known_revisions():
         # Checked here: alembic meets some malformed targets ('', 'head+99') with an assertion.
         raise SchemaError(f"unknown revision {revision[:80]!r}: head, or one of `sts db history`")
 
     def work(conn: Connection) -> Upgrade:
         before = current(conn)
-        _known(before)
+        if _newer_but_readable(conn, before) is not None:
+            return Upgrade(before, before)  # newer than this version's, and it runs on it
         stamped = False
         cfg = config(conn)
         try:
@@ -150,7 +196,9 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
             command.upgrade(cfg, revision)
         except CommandError as exc:  # An unknown or older target revision, say.
             raise SchemaError(str(exc)) from None
-        return Upgrade(before, current(conn), stamped)
+        after = current(conn)
+        _record_reader(conn, after)
+        return Upgrade(before, after, stamped)
 
     with _PROCESS_LOCK:
         done = schema_transaction(engine, work)
@@ -187,10 +235,12 @@ def state(engine: Engine) -> tuple[bool, str]:
         if revision == head():
             return True, f"schema at {revision} (head)"
         try:
-            _known(revision)
-            return False, _behind(conn, revision)
+            reader = _newer_but_readable(conn, revision)
         except SchemaError as exc:
             return False, str(exc)
+        if reader is not None and revision is not None:
+            return True, _newer(revision, reader)
+        return False, _behind(conn, revision)
 
 
 def ensure(engine: Engine, *, migrate: bool) -> None:
@@ -204,7 +254,10 @@ def ensure(engine: Engine, *, migrate: bool) -> None:
         revision = current(conn)
         if revision == head():
             return
-        _known(revision)
+        reader = _newer_but_readable(conn, revision)
+        if reader is not None and revision is not None:
+            log.info("database %s: %s", where(engine), _newer(revision, reader))
+            return
         if not migrate:
             raise SchemaBehind(
                 f"{_behind(conn, revision)}: run `sts db upgrade`, or set database_migrate_on_start: true"

@@ -453,12 +453,49 @@ def test_a_schema_from_a_newer_version_is_refused(database: Callable[[], Engine]
     migrations.upgrade(engine)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+        # A later revision that removed something this version uses names itself the oldest reader.
+        conn.execute(text("UPDATE schema_readers SET oldest_reader = '0099_from_the_future'"))
     for migrate in (True, False):
         with pytest.raises(
             migrations.SchemaError, match="0099_from_the_future, which this version does not know"
         ):
             migrations.ensure(engine, migrate=migrate)
     assert migrations.state(engine)[0] is False
+    with engine.begin() as conn:  # a schema that records no reader at all: refused too
+        conn.execute(text("DELETE FROM schema_readers"))
+    with pytest.raises(migrations.SchemaError, match="does not record that this version may run on it"):
+        migrations.ensure(engine, migrate=True)
+
+
+def test_each_upgrade_records_the_oldest_version_that_may_run_on_the_schema(
+    database: Callable[[], Engine],
+) -> None:
+    engine = database()
+    migrations.upgrade(engine)
+    with engine.connect() as conn:
+        assert migrations.recorded_reader(conn) == migrations.oldest_reader(HEAD) == "0005_audit_queries"
+    # A revision that declares nothing is read only by the versions that know it.
+    assert migrations.oldest_reader("0004_audit_chains") == "0004_audit_chains"
+
+
+def test_a_newer_schema_that_this_version_may_run_on_is_current(database: Callable[[], Engine]) -> None:
+    """A rolling deploy: a process of this version started after a later version's upgrade (a
+    restart, a rollback) runs, when the later schema records this version among its readers (an
+    outside audit restarted an older worker after the upgrade: every request was a 503)."""
+    engine = database()
+    migrations.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+        conn.execute(text("UPDATE schema_readers SET oldest_reader = :head"), {"head": HEAD})
+    for migrate in (True, False):
+        migrations.ensure(engine, migrate=migrate)  # no error: current enough
+    ready, line = migrations.state(engine)
+    assert ready and "newer than this version's" in line and HEAD in line
+    done = migrations.upgrade(engine)  # nothing to do, nothing changed
+    assert done.before == done.after == "0099_from_the_future"
+    with engine.connect() as conn:
+        assert migrations.current(conn) == "0099_from_the_future"
+        assert migrations.recorded_reader(conn) == HEAD
 
 
 # -- several processes at once -----------------------------------------------------------------------

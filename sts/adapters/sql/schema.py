@@ -215,6 +215,15 @@ rate_limits = Table(
     Column("tolerance", Float, nullable=False),
 )
 
+#: The oldest schema revision whose code may run on this schema (one row), written by each upgrade:
+#: a version that finds a revision it does not know runs on it if it knows this one
+#: (:mod:`sts.migrations`).
+schema_readers = Table(
+    "schema_readers",
+    metadata,
+    Column("oldest_reader", String(64), primary_key=True),
+)
+
 #: A record as stored, its JSON text (the driver's JSON reader would fail on one edited by hand
 #: into something else; readers parse it with :func:`sts.core.audit_views.readable_record`).
 STORED_RECORD = type_coerce(audit_events.c.record, Text)
