@@ -109,7 +109,10 @@ def _as_routed() -> None:
     unknown path) and upper-cases the method (RFC 9110 §9.1: a method is case-sensitive, so
     ``post`` is not ``POST``: ``405`` with the methods the path serves, as for any other)."""
     if request.environ.get("PATH_INFO", "").startswith("//"):
-        raise NotFound()  # also where Werkzeug's own 405 would follow: no method is served there
+        # Also where Werkzeug's own 405 would follow: no method is served there.  Unrouted, so the
+        # access log and the metrics name it ``<unmatched>``, not the rule Werkzeug read it as.
+        request.url_rule = None
+        raise NotFound()
     if request.url_rule is None:
         return  # not routed: Werkzeug's own 404 or 405 follows
     if request.environ.get("REQUEST_METHOD") != request.method:

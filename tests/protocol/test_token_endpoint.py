@@ -1662,9 +1662,15 @@ def test_access_log_names_the_route_never_the_path_or_query(
     assert web.get(f"/token/{secret}").status_code == 404
     assert web.open("/token", method="OPTIONS").status_code == 405
     assert web.open("/token", method=secret.replace(".", "")).status_code == 405
+    # A path Werkzeug reads as ``/token`` (its leading slashes stripped) is still unmatched.
+    for method in ("POST", "GET"):
+        doubled = web.open("/", method=method, data=form(secret), environ_overrides={"PATH_INFO": "//token"})
+        assert doubled.status_code == 404
     records = _access_lines(caplog)
     lines = [r.getMessage() for r in records]
-    assert len(lines) == 7, lines
+    assert len(lines) == 9, lines
+    assert lines[7].startswith('127.0.0.1 "POST <unmatched>" 404 '), lines[7]
+    assert lines[8].startswith('127.0.0.1 "GET <unmatched>" 404 '), lines[8]
     assert re.fullmatch(r'127\.0\.0\.1 "POST /token" 200 \d+ \d+\.\dms request_id=req-1', lines[0]), lines[0]
     assert lines[1].startswith('127.0.0.1 "POST /token" 400 ')
     for line in lines[2:5]:
