@@ -1361,7 +1361,12 @@ def test_default_lifetime_setting_applies_to_rules_without_max_lifetime(make_set
         ("(?i)repo:acme/.*", ""),  # inline flags: no literal prefix
         ("repo:a.*|repo:b.*", ""),  # alternation: no prefix
         ("(repo):x", ""),
-        (r"x\d+", "x"),  # \d is a class, not a literal
+        (r"x\d+", ""),  # \d is a class, not a literal (and an escape of a letter may be empty)
+        ("repo:acme/app-v2(?i)?:ref:main", "repo:acme/app-v"),  # RE2: the ? makes the 2 optional
+        ("ab(?i)*c", "a"),
+        (r"ab\Q\E?c", "a"),  # an empty quote: the ? quantifies the b
+        ("repo:acme/(?:app|web)", ""),
+        ("repo:acme/(?:app).*", "repo:acme"),
         (r"\Arepo", ""),
         ("^repo:.*", ""),
         ("spiffe://example.org/ns/[a-z]+/sa/.*", "spiffe://example"),  # "." is any character
@@ -1405,6 +1410,28 @@ def test_indexed_evaluation_picks_the_same_rule_as_trying_every_rule() -> None:
                 assert chosen == first, (subject, issuer, repo)
                 decided += chosen is not None
     assert decided > 50  # the table exercises grants, not only refusals
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject"),
+    [
+        ("repo:acme/app-v2(?i)?:ref:refs/heads/main", "repo:acme/app-v:ref:refs/heads/main"),
+        (r"repo:acme/app-v2\Q\E?:ref:main", "repo:acme/app-v:ref:main"),
+        ("repo:acme/app-v2(?s)*:ref:main", "repo:acme/app-v:ref:main"),
+    ],
+)
+def test_a_quantifier_after_an_empty_group_is_not_skipped_by_the_index(pattern: str, subject: str) -> None:
+    """An outside audit: RE2 lets the quantifier after an inline-flag group (or an empty quote)
+    make the character before it optional; the index took that character as part of the literal
+    prefix, skipped the rule, and a later rule granted what the first would have refused."""
+    policy = _compile(
+        _rule("first-pattern", subject_pattern=pattern),
+        _rule("later-claims", claims={"repository_id": "7"}),
+    )
+    facts = _facts(subject, "gh", repository_id="7")
+    first = next((t.rule for t in trace(policy, facts, _request()) if t.applies), None)
+    assert first == "first-pattern"
+    assert evaluate(policy, facts, _request()).rule == "first-pattern"
 
 
 def test_a_400_rule_file_loads_with_every_rule_line(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ def literal_prefix(pattern: str) -> str:
     """The text every string that ``re.fullmatch(pattern, s)`` accepts starts with.
 
     Conservative: a pattern with any alternation, a leading group or inline flags has no
-    prefix (``""``), and so does a character made optional by a quantifier.  Only escapes of
+    prefix (``""``), and so does a character made optional by a quantifier; the prefix ends
+    before the character in front of any group or escape of a letter.  Only escapes of
     punctuation (``\\.``, ``\\:``) count as literals.
     """
     if "|" in pattern:
@@ -39,8 +40,11 @@ def literal_prefix(pattern: str) -> str:
             char, step = pattern[i + 1], 2
         elif char in _REGEX_SPECIAL:
             break
-        if i + step < len(pattern) and pattern[i + step] in _QUANTIFIERS:
-            # ``ab*``: the b may be absent (and ``ab+``: the rest is not literal any more).
+        after = pattern[i + step : i + step + 2]
+        if after[:1] in _QUANTIFIERS or after[:1] == "(" or (after[:1] == "\\" and after[1:].isalnum()):
+            # ``ab*``: the b may be absent (and ``ab+``: the rest is not literal any more).  So may
+            # it before a group or an escape that can be empty, such as RE2's inline flags or an
+            # empty quote: ``ab(?i)?`` and ``ab\Q\E?`` quantify the ``b`` (an outside audit).
             break
         prefix.append(char)
         i += step

@@ -73,6 +73,9 @@ class GitHubActionsProfile:
             value = claims.get(name)
             if isinstance(value, str):
                 facts[name] = value
+        # ``is_pull_request`` is decided on it: one that is not a string (a list, an object) is
+        # refused, not read as "not a pull request" (an outside audit; GitHub sends a string).
+        string_claim(claims, "event_name", NAME, required=False)
         facts["is_pull_request"] = (
             facts.get("event_name") in PULL_REQUEST_EVENTS or match["context"] == "pull_request"
         )

@@ -60,8 +60,11 @@ class GitLabCIProfile:
             value = claims.get(name)
             if isinstance(value, str):
                 facts[name] = value
-        if claims.get("environment_protected") is not None and "environment_protected" not in facts:
-            raise refuse(NAME, "malformed_environment_protected")  # not a string: not left out quietly
+        for name in ("environment_protected", "pipeline_source"):
+            # Not a string: refused, not left out quietly (``is_merge_request`` is decided on
+            # ``pipeline_source``: a list would read as "not a merge request").
+            if claims.get(name) is not None and name not in facts:
+                raise refuse(NAME, f"malformed_{name}")
         # The one id GitLab sends as a JSON integer; normalised to a string like every other id.
         runner_id = claims.get("runner_id")
         if isinstance(runner_id, int) and not isinstance(runner_id, bool):

@@ -150,3 +150,15 @@ def test_github_profile_facts() -> None:
         with pytest.raises(ProfileViolation) as caught:
             profile.facts(claims["sub"], claims, ProfileOptions())
         assert caught.value.reason == f"github-actions.missing_{missing}"
+
+
+@pytest.mark.parametrize("event_name", [["pull_request_target"], {"name": "pull_request"}, 1, True, ""])
+def test_github_an_event_name_that_is_not_a_string_is_refused(event_name: object) -> None:
+    """``is_pull_request`` is decided on ``event_name``: a list or an object read as "not a pull
+    request", which a rule on ``is_pull_request: false`` then granted (an outside audit)."""
+    issuer = DevIssuer.ephemeral(GITHUB_ISS, "ES256")
+    claims = _github_claims(issuer)
+    claims["event_name"] = event_name
+    with pytest.raises(ProfileViolation) as caught:
+        PROFILES["github-actions"].facts(claims["sub"], claims, ProfileOptions())
+    assert caught.value.reason == "github-actions.malformed_event_name"
