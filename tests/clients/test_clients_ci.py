@@ -444,3 +444,25 @@ def test_a_hostile_sts_cannot_inject_workflow_commands_or_outputs(
     assert (tmp_path / "github_output").read_text() == ""
     assert not any(line.startswith("::") for line in err.splitlines())
     assert all(line.startswith("::add-mask::ey") for line in out.splitlines())
+
+
+def test_a_token_the_sts_says_is_no_access_token_is_not_handed_on(oidc: OidcEndpoint, tmp_path: Path) -> None:
+    """RFC 8693 §2.2.1: ``token_type: N_A`` is not an access token; the next steps would send it as
+    one (an outside audit: ``sts-ci`` exported it and exited 0, where ``StsAuth`` refused it)."""
+
+    def answer() -> Response:
+        body = {
+            "access_token": "an.id.token",
+            "token_type": "N_A",
+            "expires_in": 60,
+            "issued_token_type": "urn:ietf:params:oauth:token-type:id_token",
+        }
+        return Response(json.dumps(body), mimetype="application/json")
+
+    code, out, err = run_against(answer, tmp_path, oidc)
+    assert code == EXIT_UNAVAILABLE, (out, err)
+    assert "not an access token" in err
+    assert "an.id.token" not in out + err
+    for name in ("github_env", "github_output"):
+        written = tmp_path / name
+        assert not written.exists() or "an.id.token" not in written.read_text()

@@ -167,6 +167,38 @@ def test_dpop_paths_with_percent_encodings_pass_the_libraries_own_resource_serve
     assert resp.json()["jkt"] == auth.dpop_key.jkt  # type: ignore[union-attr]
 
 
+def test_a_url_with_user_information_gets_a_proof_without_it(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    """RFC 9110 §4.2.4: an http(s) target URI carries no user information, so neither does ``htu``
+    (an outside audit: the proof carried ``alice:s3cret@``, leaked it in a header, and failed)."""
+    app: Flask = resource_server.app  # type: ignore[attr-defined]
+    seen: list[str] = []
+    app.before_request(lambda: seen.append(request.headers.get("DPoP", "")) and None)
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), dpop=True)
+    url = resource_server.url.replace("://", "://alice:s3cret@", 1)
+    resp = requests.get(f"{url}/items", auth=auth, timeout=5)
+    assert resp.status_code == 200, (resp.status_code, resp.headers.get("WWW-Authenticate"))
+    [proof] = seen
+    htu = json.loads(jws.extract_compact(proof.encode()).payload)["htu"]
+    assert htu == f"{resource_server.url}/items" and "s3cret" not in htu
+
+
+def test_a_session_shared_with_the_sts_is_not_sent_through_its_own_auth(
+    fake: FakeAuthorizationServer, resource_server: Served
+) -> None:
+    """The README's two patterns together: the session given to ``StsAuth`` for the STS also has it
+    as its ``auth``.  The STS requests went through that auth, which waited for the lock its caller
+    held (an outside audit: a stall for the whole timeout, then a failure)."""
+    session = requests.Session()
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), session=session, timeout=3)
+    session.auth = auth
+    started = time.monotonic()
+    resp = session.get(f"{resource_server.url}/items", timeout=5)
+    assert resp.status_code == 200, resp.text
+    assert time.monotonic() - started < 2.5 and auth.exchanges == 1
+
+
 def test_resource_server_nonce_is_answered_once_then_remembered(
     fake: FakeAuthorizationServer, resource_server: Served
 ) -> None:

@@ -45,7 +45,7 @@ from joserfc.errors import JoseError
 from .assurance import ACR_ATTESTED, rank
 from .attestation import AttestationSource, GitHubActionsAttestation, GitLabCIAttestation
 from .errors import AttestationUnavailable, ExchangeRefused, StsUnavailable
-from .exchange import IssuedToken, TokenExchangeClient
+from .exchange import IssuedToken, TokenExchangeClient, access_token_only
 
 __all__ = ["EXIT_ENVIRONMENT", "EXIT_OK", "EXIT_REFUSED", "EXIT_UNAVAILABLE", "explain_refusal", "main"]
 
@@ -242,14 +242,15 @@ def _exchange(
     subject_token = source.fetch()
     on_token.append(subject_token)
     try:
-        return client.exchange(subject_token, audience=args.audience, scope=args.scope)
+        # Handed on as an access token: never one the STS says is not (an outside audit).
+        return access_token_only(client.exchange(subject_token, audience=args.audience, scope=args.scope))
     except ExchangeRefused as refusal:
         # A new token answers a demand for fresh attestation, never one for a key or posture.
         if not refusal.is_step_up or not source.renewable or _level_beyond_attestation(refusal):
             raise
     subject_token = source.fetch()
     on_token.append(subject_token)
-    return client.exchange(subject_token, audience=args.audience, scope=args.scope)
+    return access_token_only(client.exchange(subject_token, audience=args.audience, scope=args.scope))
 
 
 def main(

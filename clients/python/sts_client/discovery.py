@@ -104,6 +104,10 @@ def get_json(
             timeout,
             method=method,
             url=url,
+            # Only what the caller wrote: never the session's own ``auth`` (an ``StsAuth`` set on a
+            # session shared with the STS would wait, on this request's thread, for the lock its
+            # caller holds: an outside audit), nor credentials from ``~/.netrc``.
+            auth=_no_auth,
             headers=request_headers,
             data=data,
             timeout=timeout,
@@ -133,6 +137,11 @@ def get_json(
     except (ValueError, RecursionError):
         document = None
     return response.status_code, document, response.headers
+
+
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    """A request ``auth`` that adds nothing (see :func:`get_json`)."""
+    return request
 
 
 def _request_within(session: requests.Session, seconds: float, **arguments: Any) -> requests.Response:

@@ -190,10 +190,14 @@ class DPoPKey:
     ) -> str:
         """A fresh proof for one request (RFC 9449 §4.2): new ``jti``, ``htu`` without query or fragment."""
         parts = urlsplit(url)
+        # Without user information (``https://alice:secret@host/``, which requests keeps in the
+        # URL when an ``auth=`` is given): an http(s) target URI never carries it (RFC 9110
+        # §4.2.4), and in the proof it would send the password on in a header (an outside audit).
+        netloc = parts.netloc.rpartition("@")[2]
         claims: dict[str, Any] = {
             "jti": secrets.token_urlsafe(16),
             "htm": method.upper(),
-            "htu": urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", "")),
+            "htu": urlunsplit((parts.scheme, netloc, parts.path or "/", "", "")),
             "iat": int(time.time() if now is None else now),
         }
         if access_token is not None:

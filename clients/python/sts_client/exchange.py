@@ -86,6 +86,14 @@ class IssuedToken:
         return self.token_type.lower() == "dpop"
 
 
+def access_token_only(issued: IssuedToken) -> IssuedToken:
+    """``issued``, when it may be presented as an access token; RFC 8693 §2.2.1: ``N_A`` says the
+    token is not one, so it never is (:class:`StsUnavailable`)."""
+    if issued.token_type.lower() == "n_a":
+        raise StsUnavailable("the STS issued a token that is not an access token (token_type N_A)")
+    return issued
+
+
 class TokenExchangeClient:
     """Exchanges workload credentials at one STS.
 

@@ -25,8 +25,8 @@ from joserfc.errors import JoseError
 from .assurance import ACR_POP, ACR_POSTURE, LEVELS, StepUpRequest, at_least, rank, satisfies
 from .attestation import AttestationSource
 from .dpop import DPoPKey
-from .errors import AttestationUnavailable, ExchangeRefused, StepUpFailed, StsUnavailable
-from .exchange import JWT_TOKEN_TYPE, IssuedToken, TokenExchangeClient, origin_of
+from .errors import AttestationUnavailable, ExchangeRefused, StepUpFailed
+from .exchange import JWT_TOKEN_TYPE, IssuedToken, TokenExchangeClient, access_token_only, origin_of
 
 __all__ = ["WorkloadTokens"]
 
@@ -244,9 +244,7 @@ class WorkloadTokens:
             posture_token=posture_token,
             acr_values=at_least(self.level) if self.level else None,
         )
-        if issued.token_type.lower() == "n_a":
-            # RFC 8693 §2.2.1: "N_A" says the token is not an access token: never presented as one.
-            raise StsUnavailable("the STS issued a token that is not an access token (token_type N_A)")
+        access_token_only(issued)
         log.info(
             "obtained a %s token for %s (scope %s, %d s)",
             issued.token_type,
