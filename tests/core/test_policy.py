@@ -1506,3 +1506,27 @@ def test_a_pattern_outside_re2_is_refused_at_load(pattern: str) -> None:
         ConfigurationError, match=r"subject_pattern: invalid regular expression \(RE2 syntax\)"
     ):
         _compile(_rule(subject_pattern=pattern))
+
+
+def test_a_condition_is_not_evaluated_over_an_actor_claim_with_too_many_items() -> None:
+    """CEL over a long list costs the square of its length: the actor's claims are bounded as the
+    subject's are (an outside audit found only the subject's checked)."""
+    policy = _compile(
+        _rule(
+            "delegated",
+            subject=MAIN,
+            require_actor=True,
+            delegation={"actors": [{"issuer": "gh", "subject": "agent"}]},
+            condition="actor.claims.tools.all(t, t != 'x')",
+        )
+    )
+
+    def request(tools: int) -> PolicyRequest:
+        actor = _facts("agent", tools=[f"t{i}" for i in range(tools)])
+        return PolicyRequest((DEPLOY,), (), None, None, actor=actor, delegation_depth=1)
+
+    assert evaluate(policy, _facts(MAIN), request(256)).rule == "delegated"
+    reasons = [t.reason for t in trace(policy, _facts(MAIN), request(257))]
+    assert any("more than 256 items" in (r or "") for r in reasons), reasons
+    with pytest.raises(OAuthError):
+        evaluate(policy, _facts(MAIN), request(257))
