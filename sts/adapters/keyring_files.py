@@ -66,6 +66,22 @@ def ensure_directory(directory: Path) -> None:
             logger.warning("key directory %s had mode %o; restricted to 700", directory, mode)
 
 
+def check_creatable(directory: Path) -> None:
+    """What :func:`ensure_directory` would meet, without creating anything (``sts config check``):
+    ``directory``, or its nearest existing ancestor, must be a directory this process may write
+    in; else :class:`ConfigurationError`, with the message a start would give."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = "File exists" if existing == directory else "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "Permission denied"
+    if problem is not None:
+        raise ConfigurationError(f"cannot create key directory {directory}: {problem}")
+
+
 @contextlib.contextmanager
 def ring_lock(directory: Path, *, exclusive: bool, blocking: bool) -> Iterator[bool]:
     """Hold flock(2) on the ring's lock file; yield whether it was taken.

@@ -162,7 +162,8 @@ def load_settings(
             raise ConfigurationError(f"config file {path}: must be a mapping of settings")
         raw.update(loaded or {})
         base = path.resolve().parent
-    raw.update(_env_overrides(env))
+    from_env = _env_overrides(env)
+    raw.update(from_env)
     if overrides:
         raw.update(overrides)
 
@@ -170,6 +171,10 @@ def load_settings(
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        top = str(err.absolute_path[0]) if err.absolute_path else None
+        if top in from_env and not (overrides and top in overrides):
+            # The value came from the environment, not from the file: name the variable.
+            raise ConfigurationError(f"STS_{top.upper()}: setting {where}: {err.message}")
         source = f"config file {path}" if path else "settings"
         raise ConfigurationError(f"{source}: setting {where}: {err.message}")
 

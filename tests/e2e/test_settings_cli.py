@@ -88,6 +88,17 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
     assert overridden.port == 9200
 
 
+def test_a_bad_value_from_the_environment_is_blamed_on_its_variable(tmp_path: Path) -> None:
+    """An outside audit: ``STS_WORKERS=-1`` was reported as the config file's ``workers``."""
+    config = _write_config(tmp_path, {**_base_config(tmp_path), "workers": 2})
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(config, environ={"STS_WORKERS": "-1"})
+    assert str(caught.value).startswith("STS_WORKERS: setting workers:"), caught.value
+    bad_file = _write_config(tmp_path, {**_base_config(tmp_path), "workers": -1})
+    with pytest.raises(ConfigurationError, match=r"^config file .*: setting workers:"):
+        load_settings(bad_file, environ={})
+
+
 def test_config_file_from_sts_config_then_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -325,6 +336,26 @@ def test_config_check_refuses_a_bad_setting(tmp_path: Path, config_path: Path) -
     assert _failed_cleanly(result)
     assert "setting issuer" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_config_check_refuses_a_keys_dir_a_start_cannot_create(
+    tmp_path: Path, config_path: Path, where: str
+) -> None:
+    """An outside audit: "keys: none yet in /etc/passwd; the first start creates them", then the
+    start refused, "cannot create key directory"."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    config = yaml.safe_load(config_path.read_text())
+    config["keys_dir"] = str(blocker if where == "a-file" else blocker / "keys")
+    result = _sts(_write_config(tmp_path, config), "config", "check")
+    assert _failed_cleanly(result), result.output
+    assert "cannot create key directory" in result.output
+    assert not (blocker.parent / "keys").exists()
+    config["keys_dir"] = str(tmp_path / "new" / "keys")
+    fine = _sts(_write_config(tmp_path, config), "config", "check")
+    assert fine.exit_code == 0 and "the first start creates them" in fine.output, fine.output
+    assert not (tmp_path / "new").exists(), "check creates nothing"
 
 
 @pytest.mark.parametrize(
