@@ -318,6 +318,7 @@ class Readiness:
         self.deadline = deadline
         self.sqlite_file = sqlite_file
         self._file_problem: str | None = None
+        self._space_problem: str | None = None
         #: The check under way (its result once there, and the part it is at), and its thread.
         self._running: _Check | None = None
         self._checker = _Checker()
@@ -382,7 +383,12 @@ class Readiness:
                     self._file_problem = problem
                     if files is not None and problem is not None:
                         log.error("not ready: %s (%s); restart the service", problem, files.path)
-                database = problem is None
+                space = files.space_problem() if files is not None and problem is None else None
+                if space != self._space_problem:
+                    self._space_problem = space
+                    if files is not None and space is not None:
+                        log.error("not ready: %s (%s)", space, files.path)
+                database = problem is None and space is None
         if not database:
             problems.append("database")
         # The embedded store is a table of the same database: checking it again would only

@@ -606,6 +606,26 @@ def test_the_sqlite_files_are_watched_through_a_symbolic_link(tmp_path: Path) ->
         conn.close()
 
 
+def test_a_full_disk_under_the_database_is_not_ready(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outside audit filled a small file system: every grant failed while ``/readyz`` still said
+    ready (its one-row check commit fitted in the reused ``-wal``).  Here the threshold is raised
+    above what the disk has free, which is what a full disk looks like to the check."""
+    from sts.adapters.sql import files_in_use
+
+    client = make_app().test_client()
+    assert client.get("/readyz").status_code == 200
+    free = os.statvfs(os.path.dirname(str(app_runtime(client.application).engine.url.database)))
+    monkeypatch.setattr(files_in_use, "MIN_FREE_BYTES", free.f_bavail * free.f_frsize + (1 << 30))
+    time.sleep(1.1)  # past the second a good result is kept
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and answer.get_json()["problems"] == ["database"]
+    assert "the disk holding the database is full" in caplog.text
+    monkeypatch.setattr(files_in_use, "MIN_FREE_BYTES", 0)
+    assert client.get("/readyz").status_code == 200  # space again: ready at once
+
+
 def test_the_audit_sink_checks_its_files_at_most_once_a_second_and_remembers_a_problem() -> None:
     from sts.adapters.sql.files_in_use import SqliteFile, WatchedFile
 

@@ -13,6 +13,9 @@ from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
+#: Free bytes below which the database's file system counts as full (readiness: ``database``).
+MIN_FREE_BYTES = 1 << 20
+
 
 class SqliteFile:
     """The SQLite files this process writes are still the ones at their paths.
@@ -45,6 +48,20 @@ class SqliteFile:
             held = self._held(name)
             if held is not None and held != _identity(name):
                 return f"{os.path.basename(name)} in use was deleted or replaced"
+        return None
+
+    def space_problem(self) -> str | None:
+        """Whether the file system holding the database has less than :data:`MIN_FREE_BYTES` left
+        for this process (then a commit that must grow the ``-wal`` or the file soon fails: an
+        outside audit filled the disk, and readiness said ready for seconds after every grant
+        had failed, as a short check commit still fitted in the reused ``-wal``)."""
+        try:
+            found = os.statvfs(os.path.dirname(self.path))
+        except OSError:
+            return None  # the file checks say what is wrong with the directory
+        free = found.f_bavail * found.f_frsize
+        if free < MIN_FREE_BYTES:
+            return f"the disk holding the database is full ({free // 1024} KiB free)"
         return None
 
     def _held(self, name: str) -> tuple[int, int] | None:
