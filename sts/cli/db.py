@@ -34,7 +34,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 
     from ..adapters.readiness import describe
     from ..adapters.sql.engines import where
-    from ..migrations import SchemaError, upgrade
+    from ..migrations import SchemaError, known_revisions, upgrade
 
     engine = _database(ctx)
     try:
@@ -45,7 +45,10 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
         raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
     finally:
         engine.dispose()
-    if done.after == done.before:
+    if done.after == done.before and done.after is not None and done.after not in known_revisions():
+        newer = f"schema at {done.after}, newer than this version's; it may run on it"
+        click.echo(f"database {where(engine)}: {newer}")
+    elif done.after == done.before:
         click.echo(f"database {where(engine)}: schema already at {done.after}")
     else:
         start = done.before or ("the schema of 0.1.0, made before migrations," if done.stamped else "empty")
