@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -443,6 +444,40 @@ def test_file_attestation_is_read_again_on_every_fetch(tmp_path: Path) -> None:
     with pytest.raises(AttestationUnavailable, match="empty"):
         source.fetch()
     path.unlink()
+    with pytest.raises(AttestationUnavailable, match="cannot read"):
+        source.fetch()
+
+
+def test_file_attestation_reads_through_the_kubelets_swap(tmp_path: Path) -> None:
+    """The kubelet writes a new ``..data_tmp`` directory, renames the link over ``..data`` and
+    removes the old directory: a read that resolved the old one in between found nothing, and the
+    workload failed (an outside audit).  A file that is gone for longer still fails."""
+    old = tmp_path / "..2026_12_07_old"
+    old.mkdir()
+    (old / "token").write_text("first.token.value")
+    (tmp_path / "..data").symlink_to(old.name)
+    (tmp_path / "token").symlink_to("..data/token")
+    source = FileAttestation(tmp_path / "token")
+    assert source.fetch() == "first.token.value"
+
+    # Mid-swap: the old directory removed, the link not yet turned (done 20 ms later).
+    new = tmp_path / "..2026_12_07_new"
+    new.mkdir()
+    (new / "token").write_text("second.token.value")
+    (old / "token").unlink()
+    old.rmdir()
+
+    def turn() -> None:
+        (tmp_path / "..data_tmp").symlink_to(new.name)
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+
+    timer = threading.Timer(0.02, turn)
+    timer.start()
+    try:
+        assert source.fetch() == "second.token.value"
+    finally:
+        timer.join()
+    (new / "token").unlink()
     with pytest.raises(AttestationUnavailable, match="cannot read"):
         source.fetch()
 

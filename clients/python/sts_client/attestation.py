@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -61,6 +62,10 @@ def _checked(token: str, where: str) -> str:
     return token
 
 
+#: Seconds a token file that was not found is waited for before one more read (see ``fetch``).
+_SWAP_WAIT = 0.05
+
+
 class FileAttestation:
     """A token file, read again on every fetch (the kubelet or a SPIFFE helper rewrites it).
 
@@ -79,19 +84,29 @@ class FileAttestation:
 
     def fetch(self) -> str:
         try:
-            # A regular file (symlinks followed, as the kubelet's ``..data`` swap needs), read up to
-            # just past the largest token taken: not a FIFO that blocks, nor /dev/zero, nor a huge
-            # file read whole before the size check (an outside audit).
-            if not stat.S_ISREG(self.path.stat().st_mode):
-                raise AttestationUnavailable(f"the token file {self.path} is not a regular file")
-            with self.path.open("rb") as file:
-                raw = file.read(_MAX_TOKEN_BYTES + 1)
+            try:
+                raw = self._read()
+            except FileNotFoundError:
+                # The kubelet swaps its ``..data`` link to a new directory, then removes the old
+                # one: a read that resolved the old path in between finds nothing.  Once more,
+                # after the swap (an outside audit saw 10 in 21,564 reads during rotation).
+                time.sleep(_SWAP_WAIT)
+                raw = self._read()
             text = raw.decode("ascii")
         except (OSError, UnicodeError) as exc:
             raise AttestationUnavailable(
                 f"cannot read the token file {self.path}: {type(exc).__name__}"
             ) from None
         return _checked(text, f"the token file {self.path}")
+
+    def _read(self) -> bytes:
+        # A regular file (symlinks followed, as the kubelet's ``..data`` swap needs), read up to
+        # just past the largest token taken: not a FIFO that blocks, nor /dev/zero, nor a huge
+        # file read whole before the size check (an outside audit).
+        if not stat.S_ISREG(self.path.stat().st_mode):
+            raise AttestationUnavailable(f"the token file {self.path} is not a regular file")
+        with self.path.open("rb") as file:
+            return file.read(_MAX_TOKEN_BYTES + 1)
 
 
 class GitHubActionsAttestation:
