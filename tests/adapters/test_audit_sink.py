@@ -276,21 +276,40 @@ def test_a_record_without_uses_is_not_committed_past_its_deadline_either(
     """A grant with no single-use credential and no DPoP proof has no uses: it waited out a write
     lock held by another process and was issued 8 s after its request arrived (an outside audit)."""
     sink = SqlAuditSink(engine, commit_deadline=1.0)
+
+    def granted(age: float = 0.0) -> AuditRecord:
+        record = AuditRecord(
+            event_id=str(uuid.uuid4()), time=time.time() - age, request_id="r", endpoint="token"
+        )
+        record.outcome = "granted"
+        return record
+
     holder = sqlite3.connect(tmp_path / "audit.sqlite", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
-        started = time.monotonic()
-        with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
-            sink.write(_record())
-        assert time.monotonic() - started < 3.0
+        for record in (granted(), _record()):  # a refusal waits no longer for the lock either
+            started = time.monotonic()
+            with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
+                sink.write(record)
+            assert time.monotonic() - started < 3.0
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    late = AuditRecord(event_id=str(uuid.uuid4()), time=time.time() - 2, request_id="r", endpoint="token")
     with pytest.raises(AuditUnavailable, match=r"(?i)deadline"):
-        sink.write(late)
+        sink.write(granted(age=2))
     assert _count(engine) == 0
-    sink.write(_record())
+    sink.write(granted())
+    assert _count(engine) == 1
+
+
+def test_a_refusal_decided_late_is_still_written(engine: Engine) -> None:
+    """A record that grants nothing gets the whole deadline from its write: a refusal that waited 6 s
+    for an issuer's key server (its limit) was past a 5 s deadline counted from its arrival, and
+    never written while the database was fine (an outside audit)."""
+    sink = SqlAuditSink(engine, commit_deadline=1.0)
+    late = AuditRecord(event_id=str(uuid.uuid4()), time=time.time() - 6, request_id="r", endpoint="token")
+    assert late.outcome == "refused"
+    sink.write(late)
     assert _count(engine) == 1
 
 

@@ -144,10 +144,12 @@ class SqlAuditSink(AuditReads):
         return row
 
     def write(self, record: AuditRecord) -> None:
-        # Counted from its arrival, queue included, as a grant with uses is: a grant without
-        # any (no single-use rule, no DPoP) waited out another process's write lock and was
-        # issued 8 s after its request arrived, past database_deadline (an outside audit).
-        item = PendingRow(self._stored_row(record), started=record.time - queue_wait())
+        # A grant's deadline counts from its arrival, queue included (outside audits: a grant issued
+        # 8 s after it arrived); any other record's from now (a refusal after a 6 s key fetch was
+        # never written).  ``started`` stays the arrival: the ledger mark reads it.
+        started = record.time - queue_wait()
+        due = started if record.outcome == "granted" else self.clock()
+        item = PendingRow(self._stored_row(record), started=started, deadline_from=due)
         self._writes.join(item)
         if item.error is not None:
             raise (AuditOutcomeUnknown if item.unknown else AuditUnavailable)(item.error)

@@ -82,6 +82,8 @@ class PendingRow:
     unknown: bool = False
     #: When its request started (epoch seconds; :attr:`AuditRecord.time`), for a commit deadline.
     started: float | None = None
+    #: When the commit deadline starts, if not at ``started`` (a record that grants nothing).
+    deadline_from: float | None = None
 
 
 @dataclass(eq=False)
@@ -202,10 +204,16 @@ LATE = "not committed within database_deadline of the request's start"
 P = TypeVar("P", bound=PendingRow)
 
 
+def _deadline_start(item: PendingRow) -> float | None:
+    return item.started if item.deadline_from is None else item.deadline_from
+
+
 def within_deadline(batch: list[P], deadline: float | None, now: float) -> tuple[list[P], float | None]:
     """The items of ``batch`` whose request started at most ``deadline`` seconds before ``now``, and
     the moment (``time.monotonic()``) their commit must end by: the earliest of their starts plus
-    ``deadline`` (None, and every item, without a deadline).
+    ``deadline`` (None, and every item, without a deadline).  An item's ``deadline_from``, when
+    set, stands for its start: a record that grants nothing is given the whole deadline from its
+    write, however long its request took to decide.
 
     The others are refused now, unwritten (:data:`LATE`): a grant committed after its client
     gave up spends its single-use token on an answer nobody reads (an outside audit: a write
@@ -216,11 +224,12 @@ def within_deadline(batch: list[P], deadline: float | None, now: float) -> tuple
         return batch, None
     live = []
     for item in batch:
-        if item.started is not None and now > item.started + deadline:
+        start = _deadline_start(item)
+        if start is not None and now > start + deadline:
             item.error, item.done = LATE, True
         else:
             live.append(item)
-    earliest = min((now if item.started is None else item.started for item in live), default=now)
+    earliest = min((_deadline_start(item) or now for item in live), default=now)
     return live, time.monotonic() + (earliest + deadline - now)
 
 
