@@ -3,7 +3,9 @@
 A projected service-account token stays cryptographically valid after its
 pod is deleted; only the API server knows.  ``POST
 /apis/authentication.k8s.io/v1/tokenreviews`` answers with
-``status.authenticated`` and ``status.user.username``::
+``status.authenticated``, ``status.user.username`` and ``status.audiences`` (which must hold
+one of the audiences asked for,
+https://kubernetes.io/docs/reference/kubernetes-api/authentication-resources/token-review-v1/)::
 
     POST /apis/authentication.k8s.io/v1/tokenreviews
     Authorization: Bearer <reviewer's own service-account token>
@@ -105,5 +107,12 @@ class HttpTokenReviewer:
         user = status.get("user")
         if not isinstance(user, dict):
             raise TokenReviewUnavailable("malformed response")
+        # The API reference (TokenReviewStatus.audiences): a client that sets spec.audiences should
+        # find one of them in status.audiences; none there means the token was valid for the API
+        # server's own audience only, or a server unaware of audiences: not authenticated for us
+        # (an outside audit had both answers granted, as live posture evidence).
+        answered = status.get("audiences")
+        if not isinstance(answered, list) or not {a for a in answered if isinstance(a, str)} & set(audiences):
+            return None
         username = user.get("username")
         return username if isinstance(username, str) else None

@@ -119,7 +119,11 @@ class RecordingServer:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 review = {
-                    "status": {"authenticated": True, "user": {"username": "system:serviceaccount:a:b"}}
+                    "status": {
+                        "authenticated": True,
+                        "user": {"username": "system:serviceaccount:a:b"},
+                        "audiences": ["https://sts.test"],
+                    }
                 }
                 self._answer(201, json.dumps(review).encode())
 

@@ -366,6 +366,23 @@ def test_token_review_is_not_asked_before_the_token_verifies(
     assert api.reviews == []
 
 
+@pytest.mark.parametrize("audiences", [None, [], ["https://kubernetes.default.svc"], "x"])
+def test_token_review_must_name_an_audience_asked_for(
+    reviewed_app: Flask, kube_api: tuple[FakeKubeAPI, Path], mint: Mint, audiences: Any
+) -> None:
+    """TokenReviewStatus.audiences: authenticated for none of the audiences asked for (the API
+    server's own, or a server unaware of audiences) is not live for us (an outside audit had such
+    answers granted)."""
+    api, _ = kube_api
+    token = mint.kubernetes()
+    claims = payload(token)
+    status: dict[str, Any] = {"authenticated": True, "user": {"username": claims["sub"]}}
+    if audiences is not None:
+        status["audiences"] = audiences
+    api.raw_answer = (201, {"kind": "TokenReview", "status": status})
+    refused(reviewed_app, token, "subject_token.kubernetes.not_live")
+
+
 @pytest.mark.parametrize(
     "answer",
     [
