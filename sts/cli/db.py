@@ -63,11 +63,13 @@ def db_current(ctx: click.Context) -> None:
 
     from ..adapters.readiness import describe
     from ..adapters.sql.engines import where
-    from ..migrations import state
+    from ..migrations import SchemaError, state
 
     engine = _database(ctx)
     try:
         is_current, text = state(engine)
+    except SchemaError as exc:
+        raise click.ClickException(f"database {where(engine)}: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
     finally:

@@ -39,11 +39,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_END = "-----END CERTIFICATE-----"
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _HEX_SHA256 = re.compile(r"[0-9A-Fa-f]{64}")
 # An XFCC element: ``key=value`` pairs separated by ``;``, a value quoted when it holds ``,;=``.
 _XFCC_KEY = re.compile(r"\s*(By|Hash|Cert|Chain|Subject|URI|DNS)=", re.IGNORECASE)
-_XFCC_PAIR = re.compile(r'\s*([A-Za-z]+)=("(?:[^"\\]|\\.)*"|[^;,"]*)\s*(;|,|$)')
+# No two parts can match the same character (an unquoted value keeps its spaces, stripped after):
+# one pass, whatever the value (with ``\s*`` after the value as well, a run of spaces was
+# backtracked over quadratically, seconds of a worker for one header: an outside audit).
+_XFCC_PAIR = re.compile(r' *([A-Za-z]+)=("(?:[^"\\]|\\.)*"|[^;,"]*)(;|,|$)')
+#: The longest header value read (a certificate is 1 to 4 KB as URL-encoded PEM).
+MAX_HEADER_CHARS = 16384
 
 
 class UnreadableCertificate(ValueError):
@@ -58,6 +64,8 @@ def certificate_thumbprint(header_value: str) -> str | None:
     value = header_value.strip()
     if not value:
         return None
+    if len(value) > MAX_HEADER_CHARS:
+        raise UnreadableCertificate(f"longer than {MAX_HEADER_CHARS} characters")
     if _XFCC_KEY.match(value):
         return _xfcc_thumbprint(value)
     return _thumbprint(_one_certificate(value))
@@ -76,8 +84,10 @@ def _one_certificate(value: str) -> x509.Certificate:
         if "%" in value:
             value = unquote(value, errors="strict").strip()
         if value.startswith(_PEM_BEGIN):
-            if value.count(_PEM_BEGIN) != 1:
-                raise UnreadableCertificate("more than one certificate")
+            # One block and nothing after it (cryptography reads the first block and ignores the
+            # rest, a second certificate under another label included: an outside audit).
+            if value.count("-----BEGIN ") != 1 or not value.endswith(_PEM_END):
+                raise UnreadableCertificate("not exactly one PEM certificate")
             return x509.load_pem_x509_certificate(value.encode("ascii"))
         compact = "".join(value.split())
         if not _BASE64.fullmatch(compact):

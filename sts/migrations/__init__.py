@@ -91,8 +91,12 @@ def head() -> str:
 
 
 def current(conn: Connection) -> str | None:
-    """The revision recorded in ``alembic_version``; None when the table is absent or empty."""
-    return MigrationContext.configure(conn).get_current_revision()
+    """The revision recorded in ``alembic_version``; None when the table is absent or empty.
+    Raises :class:`SchemaError` when it holds more than one (not a schema this service wrote)."""
+    try:
+        return MigrationContext.configure(conn).get_current_revision()
+    except CommandError as exc:
+        raise SchemaError(f"alembic_version is not one revision ({exc})") from None
 
 
 def known_revisions() -> frozenset[str]:
@@ -111,8 +115,9 @@ def recorded_reader(conn: Connection) -> str | None:
     """The ``oldest_reader`` the schema records (``schema_readers``), None without one."""
     if not inspect(conn).has_table(schema_readers.name):
         return None
-    value = conn.execute(select(schema_readers.c.oldest_reader).limit(1)).scalar()
-    return value if isinstance(value, str) else None
+    rows = conn.execute(select(schema_readers.c.oldest_reader).limit(2)).scalars().all()
+    # Exactly one: two (a hand edit) would leave the answer to the order they are read in.
+    return rows[0] if len(rows) == 1 and isinstance(rows[0], str) else None
 
 
 def _newer_but_readable(conn: Connection, revision: str | None) -> str | None:

@@ -467,6 +467,26 @@ def test_a_schema_from_a_newer_version_is_refused(database: Callable[[], Engine]
         migrations.ensure(engine, migrate=True)
 
 
+def test_a_schema_record_edited_by_hand_fails_closed(database: Callable[[], Engine]) -> None:
+    """Two ``schema_readers`` rows left the verdict to the order they were read in, and two
+    ``alembic_version`` rows ended ``sts db current`` in a traceback (an outside audit)."""
+    engine = database()
+    migrations.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+        conn.execute(text("INSERT INTO schema_readers (oldest_reader) VALUES ('0090_unknown')"))
+    with pytest.raises(migrations.SchemaError, match="does not record that this version may run on it"):
+        migrations.ensure(engine, migrate=True)
+    assert migrations.state(engine)[0] is False
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM schema_readers WHERE oldest_reader = '0090_unknown'"))
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('0008_schema_readers')"))
+    with pytest.raises(migrations.SchemaError, match="not one revision"):
+        migrations.state(engine)
+    with pytest.raises(migrations.SchemaError, match="not one revision"):
+        migrations.ensure(engine, migrate=True)
+
+
 def test_each_upgrade_records_the_oldest_version_that_may_run_on_the_schema(
     database: Callable[[], Engine],
 ) -> None:

@@ -200,6 +200,17 @@ def test_a_session_shared_with_the_sts_is_not_sent_through_its_own_auth(
     assert time.monotonic() - started < 2.5 and auth.exchanges == 1
 
 
+def test_a_session_auth_of_another_kind_still_reaches_the_sts(fake: FakeAuthorizationServer) -> None:
+    """A proxy's ``HTTPProxyAuth`` on the session given to ``StsAuth`` goes with the STS requests:
+    only this library's own auth is left out (the re-check found every STS request sent without
+    ``Proxy-Authorization``, refused 407 by the proxy)."""
+    session = requests.Session()
+    session.auth = requests.auth.HTTPProxyAuth("user", "pass")
+    auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), session=session)
+    auth.token()
+    assert fake.token_requests and fake.token_requests[0]["proxy_authorization"] is not None
+
+
 def test_resource_server_nonce_is_answered_once_then_remembered(
     fake: FakeAuthorizationServer, resource_server: Served
 ) -> None:

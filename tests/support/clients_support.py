@@ -306,6 +306,7 @@ class FakeAuthorizationServer:
             "nonce": None,
             "form": form.to_dict(flat=False),
             "authorization": request.headers.get("Authorization"),
+            "proxy_authorization": request.headers.get("Proxy-Authorization"),
         }
         self.token_requests.append(record)
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange":

@@ -104,10 +104,10 @@ def get_json(
             timeout,
             method=method,
             url=url,
-            # Only what the caller wrote: never the session's own ``auth`` (an ``StsAuth`` set on a
-            # session shared with the STS would wait, on this request's thread, for the lock its
-            # caller holds: an outside audit), nor credentials from ``~/.netrc``.
-            auth=_no_auth,
+            # Never through this library's own auth set on the session (an ``StsAuth`` on a session
+            # shared with the STS would wait, on this request's thread, for the lock its caller
+            # holds: an outside audit); any other (a proxy's ``HTTPProxyAuth``) as ever.
+            auth=_no_auth if getattr(session.auth, "sts_client_auth", False) else None,
             headers=request_headers,
             data=data,
             timeout=timeout,
@@ -140,7 +140,7 @@ def get_json(
 
 
 def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    """A request ``auth`` that adds nothing (see :func:`get_json`)."""
+    """A request ``auth`` that adds nothing, in place of the session's (see :func:`get_json`)."""
     return request
 
 
