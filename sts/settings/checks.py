@@ -67,6 +67,8 @@ def _check_service(s: Settings) -> None:
             raise ConfigurationError("setting metrics_listen: must not be the service's own address")
     if s.default_lifetime > s.max_lifetime:
         raise ConfigurationError("setting default_lifetime: must not exceed max_lifetime")
+    if s.active_threads > s.threads:
+        raise ConfigurationError("setting active_threads: must not exceed threads")
     if s.store == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigurationError(f"setting redis_url: {s.redis_url!r} is not a redis:// URL")
     if not s.database_url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):

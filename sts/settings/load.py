@@ -111,6 +111,19 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return raw
 
 
+def _sqlite_resolved(base: Path, url: str) -> str:
+    """A SQLite URL's relative path made relative to ``base`` (the config file's directory), as
+    every other path of the file is (an outside check: ``sqlite:///var/sts.sqlite`` in a file was
+    read from the working directory, where ``sts --config`` found no database); ``:memory:``,
+    absolute paths (``sqlite:////abs``) and other databases are left as they are."""
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:////"):
+        return url
+    path, separator, query = url[len("sqlite:///") :].partition("?")
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return url
+    return "sqlite:///" + str(_resolve(base, path)) + separator + query
+
+
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
@@ -183,8 +196,7 @@ def load_settings(
         kwargs[name] = _resolve(base, kwargs[name])
     for name in _PATH_SETTINGS - kwargs.keys():
         kwargs[name] = _resolve(base, str(getattr(Settings, name)))
-    if "database_url" not in kwargs:
-        kwargs["database_url"] = "sqlite:///" + str(_resolve(base, "var/sts.sqlite"))
+    kwargs["database_url"] = _sqlite_resolved(base, kwargs.get("database_url", "sqlite:///var/sts.sqlite"))
     for name in ("trusted_proxies", "dpop_algorithms"):
         if name in raw:
             kwargs[name] = tuple(raw[name])

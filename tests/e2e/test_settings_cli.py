@@ -99,6 +99,31 @@ def test_a_bad_value_from_the_environment_is_blamed_on_its_variable(tmp_path: Pa
         load_settings(bad_file, environ={})
 
 
+def test_active_threads_can_be_set_within_threads(tmp_path: Path) -> None:
+    """Documented as a setting, it was refused by the schema from the file and the environment
+    alike (an outside check)."""
+    config = _write_config(tmp_path, {**_base_config(tmp_path), "active_threads": 2})
+    assert load_settings(config, environ={}).active_threads == 2
+    assert load_settings(config, environ={"STS_ACTIVE_THREADS": "3"}).active_threads == 3
+    with pytest.raises(ConfigurationError, match="active_threads: must not exceed threads"):
+        load_settings(config, environ={"STS_ACTIVE_THREADS": "9", "STS_THREADS": "8"})
+
+
+def test_a_relative_sqlite_path_in_the_file_is_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As every other path of the file (an outside check: ``sts --config`` from another directory
+    made a new empty database there)."""
+    config = _write_config(tmp_path, {**_base_config(tmp_path), "database_url": "sqlite:///var/x.sqlite"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_settings(config, environ={}).database_url == f"sqlite:///{tmp_path}/var/x.sqlite"
+    for kept in ("sqlite:////abs/x.sqlite", "sqlite:///:memory:", "postgresql://u@h/db"):
+        raw = {**_base_config(tmp_path), "database_url": kept}
+        assert load_settings(_write_config(tmp_path, raw), environ={}).database_url == kept
+
+
 def test_config_file_from_sts_config_then_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
