@@ -144,9 +144,8 @@ class SqlAuditSink(AuditReads):
         return row
 
     def write(self, record: AuditRecord) -> None:
-        # A grant's deadline counts from its arrival, queue included (outside audits: a grant issued
-        # 8 s after it arrived); any other record's from now (a refusal after a 6 s key fetch was
-        # never written).  ``started`` stays the arrival: the ledger mark reads it.
+        # A grant's deadline counts from its arrival, queue included; any other record's from now
+        # (outside audits; see within_deadline).  ``started`` stays the arrival: the mark reads it.
         started = record.time - queue_wait()
         due = started if record.outcome == "granted" else self.clock()
         item = PendingRow(self._stored_row(record), started=started, deadline_from=due)
