@@ -73,6 +73,9 @@ def _check_service(s: Settings) -> None:
         raise ConfigurationError(f"setting redis_url: {s.redis_url!r} is not a redis:// URL")
     if not s.database_url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         raise ConfigurationError("setting database_url: only sqlite and postgresql URLs are supported")
+    if s.database_url.startswith("sqlite:") and "?" in s.database_url:
+        # The driver takes none, and the path would be read with it (a new file named "x?mode=ro").
+        raise ConfigurationError("setting database_url: a sqlite URL takes no query string")
 
 
 def _check_issuers(s: Settings) -> set[str]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -416,6 +417,30 @@ def test_client_credentials_are_sent_as_client_secret_basic(fake: FakeAuthorizat
     header = fake.token_requests[0]["authorization"]
     # RFC 6749 §2.3.1: form-urlencoded before base64.
     assert base64.b64decode(header.removeprefix("Basic ")).decode() == "my%20client:p%40ss%3Aword%2F%2B"
+
+
+def test_no_other_credentials_take_the_place_of_the_clients(
+    fake: FakeAuthorizationServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's auth for another service and ``~/.netrc`` never reach the STS in place of the
+    client's credentials, nor without any (the re-check: requests let both replace the header)."""
+    host = urlsplit(fake.issuer).hostname
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine {host} login netrc-user password netrc-pass\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    for credentials in (("my client", "secret"), None):
+        session = requests.Session()
+        session.auth = requests.auth.HTTPBasicAuth("other-service", "its-password")
+        fake.token_requests.clear()
+        StsAuth(
+            fake.issuer, AUDIENCE, attestation=subjects("s"), session=session, client_credentials=credentials
+        ).token()
+        header = fake.token_requests[0]["authorization"]
+        if credentials is None:
+            assert header is None
+        else:
+            assert base64.b64decode(header.removeprefix("Basic ")).decode() == "my%20client:secret"
 
 
 def test_tokens_never_reach_the_log_or_repr(

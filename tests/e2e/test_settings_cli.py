@@ -122,6 +122,11 @@ def test_a_relative_sqlite_path_in_the_file_is_relative_to_the_file(
     for kept in ("sqlite:////abs/x.sqlite", "sqlite:///:memory:", "postgresql://u@h/db"):
         raw = {**_base_config(tmp_path), "database_url": kept}
         assert load_settings(_write_config(tmp_path, raw), environ={}).database_url == kept
+    # The driver takes no query string, and the path would be read with it (the re-check: a new
+    # database file named "sts.sqlite?mode=ro").
+    raw = {**_base_config(tmp_path), "database_url": "sqlite:///var/x.sqlite?mode=ro"}
+    with pytest.raises(ConfigurationError, match="sqlite URL takes no query string"):
+        load_settings(_write_config(tmp_path, raw), environ={})
 
 
 def test_config_file_from_sts_config_then_working_directory(

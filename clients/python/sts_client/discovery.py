@@ -33,6 +33,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import requests.auth
 import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 
@@ -98,16 +99,14 @@ def get_json(
     too large.
     """
     request_headers = {"Accept": "application/json", **(headers or {})}
+    authorization = CaseInsensitiveDict(request_headers).get("Authorization")
     try:
         response = _request_within(
             session,
             timeout,
             method=method,
             url=url,
-            # Never through this library's own auth set on the session (an ``StsAuth`` on a session
-            # shared with the STS would wait, on this request's thread, for the lock its caller
-            # holds: an outside audit); any other (a proxy's ``HTTPProxyAuth``) as ever.
-            auth=_no_auth if getattr(session.auth, "sts_client_auth", False) else None,
+            auth=_CallersAuthorization(session.auth, authorization),
             headers=request_headers,
             data=data,
             timeout=timeout,
@@ -139,9 +138,32 @@ def get_json(
     return response.status_code, document, response.headers
 
 
-def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    """A request ``auth`` that adds nothing, in place of the session's (see :func:`get_json`)."""
-    return request
+class _CallersAuthorization(requests.auth.AuthBase):
+    """The request's ``auth``: the session's own (a proxy's ``HTTPProxyAuth``) may add its headers,
+    but ``Authorization`` is exactly the caller's (the client's credentials, or none), and this
+    library's own auth set on the session is never run.
+
+    Outside audits: an ``StsAuth`` that was also the session's auth ran on this request's thread
+    and waited for the lock its caller held; without an auth of its own here, requests sent the
+    session's (another service's password) or ``~/.netrc``'s credentials in place of the
+    client's, and dropping the session's auth altogether dropped a proxy's credentials.
+    """
+
+    def __init__(self, session_auth: Any, authorization: str | None) -> None:
+        self.session_auth = session_auth
+        self.authorization = authorization
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        auth = self.session_auth
+        if isinstance(auth, tuple):
+            auth = requests.auth.HTTPBasicAuth(*auth)
+        if callable(auth) and not getattr(auth, "sts_client_auth", False):
+            request = auth(request)
+        if self.authorization is None:
+            request.headers.pop("Authorization", None)
+        else:
+            request.headers["Authorization"] = self.authorization
+        return request
 
 
 def _request_within(session: requests.Session, seconds: float, **arguments: Any) -> requests.Response:
