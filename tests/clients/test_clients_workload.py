@@ -201,15 +201,60 @@ def test_a_session_shared_with_the_sts_is_not_sent_through_its_own_auth(
     assert time.monotonic() - started < 2.5 and auth.exchanges == 1
 
 
-def test_a_session_auth_of_another_kind_still_reaches_the_sts(fake: FakeAuthorizationServer) -> None:
-    """A proxy's ``HTTPProxyAuth`` on the session given to ``StsAuth`` goes with the STS requests:
-    only this library's own auth is left out (the re-check found every STS request sent without
-    ``Proxy-Authorization``, refused 407 by the proxy)."""
+@pytest.mark.parametrize(
+    "session_auth",
+    [
+        requests.auth.HTTPProxyAuth("proxy-user", "proxy-pass"),
+        requests.auth.HTTPDigestAuth("other-service", "its-password"),
+    ],
+    ids=["proxy-auth", "digest-auth"],
+)
+def test_no_session_auth_runs_on_the_sts_requests(fake: FakeAuthorizationServer, session_auth: Any) -> None:
+    """The session's own auth never runs on the STS requests: over https ``HTTPProxyAuth`` sends the
+    proxy's password to the endpoint itself (it reaches no proxy there; proxy credentials go in
+    the proxy URL), and ``HTTPDigestAuth`` answers a server's 401 challenge with a digest of
+    another service's password (outside re-checks)."""
     session = requests.Session()
-    session.auth = requests.auth.HTTPProxyAuth("user", "pass")
+    session.auth = session_auth
     auth = StsAuth(fake.issuer, AUDIENCE, attestation=subjects("s"), session=session)
     auth.token()
-    assert fake.token_requests and fake.token_requests[0]["proxy_authorization"] is not None
+    [sent] = fake.token_requests
+    assert sent["proxy_authorization"] is None and sent["authorization"] is None
+
+
+def test_a_digest_challenge_gets_no_digest_of_a_session_password() -> None:
+    """A server answering 401 with a Digest challenge got, from a session's ``HTTPDigestAuth``, a
+    digest of another service's password in place of the caller's credentials (a re-check)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sts_client.discovery import get_json
+
+    seen: list[str | None] = []
+
+    class Challenge(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Digest realm="x", nonce="n", qop="auth"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Challenge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        session = requests.Session()
+        session.auth = requests.auth.HTTPDigestAuth("other-service", "its-password")
+        url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/x"
+        client = {"Authorization": "Basic Y2xpZW50OnNlY3JldA=="}
+        status, _, _ = get_json(session, url, timeout=5, headers=client)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 401
+    assert seen == ["Basic Y2xpZW50OnNlY3JldA=="], seen
 
 
 def test_resource_server_nonce_is_answered_once_then_remembered(

@@ -106,7 +106,7 @@ def get_json(
             timeout,
             method=method,
             url=url,
-            auth=_CallersAuthorization(session.auth, authorization),
+            auth=_CallersAuthorization(authorization),
             headers=request_headers,
             data=data,
             timeout=timeout,
@@ -139,26 +139,23 @@ def get_json(
 
 
 class _CallersAuthorization(requests.auth.AuthBase):
-    """The request's ``auth``: the session's own (a proxy's ``HTTPProxyAuth``) may add its headers,
-    but ``Authorization`` is exactly the caller's (the client's credentials, or none), and this
-    library's own auth set on the session is never run.
+    """The request's ``auth``: ``Authorization`` is exactly the caller's (the client's credentials,
+    GitHub's request token, or none), and nothing else runs: not the session's own ``auth``, not
+    ``~/.netrc``'s credentials.
 
     Outside audits: an ``StsAuth`` that was also the session's auth ran on this request's thread
-    and waited for the lock its caller held; without an auth of its own here, requests sent the
-    session's (another service's password) or ``~/.netrc``'s credentials in place of the
-    client's, and dropping the session's auth altogether dropped a proxy's credentials.
+    and waited for the lock its caller held; another service's ``HTTPBasicAuth`` or ``~/.netrc``
+    replaced the client's credentials; an ``HTTPDigestAuth`` answered a server's ``401`` challenge
+    with a digest of another service's password; and ``HTTPProxyAuth`` sends the proxy's password
+    to the endpoint itself over https (it reaches no proxy there).  Proxy credentials go in the
+    proxy's URL (``HTTPS_PROXY=http://user:password@proxy:3128``), which urllib3 sends on
+    ``CONNECT``.
     """
 
-    def __init__(self, session_auth: Any, authorization: str | None) -> None:
-        self.session_auth = session_auth
+    def __init__(self, authorization: str | None) -> None:
         self.authorization = authorization
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        auth = self.session_auth
-        if isinstance(auth, tuple):
-            auth = requests.auth.HTTPBasicAuth(*auth)
-        if callable(auth) and not getattr(auth, "sts_client_auth", False):
-            request = auth(request)
         if self.authorization is None:
             request.headers.pop("Authorization", None)
         else:

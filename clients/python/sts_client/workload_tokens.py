@@ -53,9 +53,6 @@ class WorkloadTokens:
     every exchange when set.
     """
 
-    #: Marks this library's own request auth: its calls to the STS never go through it.
-    sts_client_auth = True
-
     def __init__(
         self,
         sts_url: str,
