@@ -102,7 +102,9 @@ class HttpTokenReviewer:
         status = document.get("status") or {}
         if not isinstance(status, dict):
             raise TokenReviewUnavailable("malformed response")
-        if status.get("authenticated") is not True:
+        # An error beside authenticated (the API reference: "error indicates that the token
+        # couldn't be checked") leaves the answer in doubt: not authenticated, fail closed.
+        if status.get("authenticated") is not True or status.get("error"):
             return None
         user = status.get("user")
         if not isinstance(user, dict):

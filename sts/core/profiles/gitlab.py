@@ -65,6 +65,9 @@ class GitLabCIProfile:
             # ``pipeline_source``: a list would read as "not a merge request").
             if claims.get(name) is not None and name not in facts:
                 raise refuse(NAME, f"malformed_{name}")
+        if facts.get("pipeline_source") == "":
+            # Empty is no source GitLab sends: refused as GitHub's empty ``event_name`` is.
+            raise refuse(NAME, "malformed_pipeline_source")
         # The one id GitLab sends as a JSON integer; normalised to a string like every other id.
         runner_id = claims.get("runner_id")
         if isinstance(runner_id, int) and not isinstance(runner_id, bool):

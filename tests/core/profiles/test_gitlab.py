@@ -138,7 +138,7 @@ def test_gitlab_profile_facts() -> None:
         PROFILES["gitlab-ci"].facts(claims["sub"], claims, ProfileOptions())
     assert caught.value.reason == "gitlab-ci.malformed_environment_protected"
     claims["environment_protected"] = "true"
-    for source in (["merge_request_event"], {"source": "merge_request_event"}, 1):
+    for source in (["merge_request_event"], {"source": "merge_request_event"}, 1, ""):
         # ``is_merge_request`` is decided on it: not read as "not a merge request" (an outside audit).
         with pytest.raises(ProfileViolation) as caught:
             odd = {**claims, "pipeline_source": source}

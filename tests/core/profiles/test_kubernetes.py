@@ -383,6 +383,26 @@ def test_token_review_must_name_an_audience_asked_for(
     refused(reviewed_app, token, "subject_token.kubernetes.not_live")
 
 
+def test_token_review_with_an_error_is_not_live(
+    reviewed_app: Flask, kube_api: tuple[FakeKubeAPI, Path], mint: Mint
+) -> None:
+    """TokenReviewStatus.error ("the token couldn't be checked") beside authenticated: true leaves
+    the answer in doubt, so the token is not live (fail closed); without the error it is."""
+    api, _ = kube_api
+    token = mint.kubernetes()
+    claims = payload(token)
+    status: dict[str, Any] = {
+        "authenticated": True,
+        "user": {"username": claims["sub"]},
+        "audiences": [STS_ISSUER],
+        "error": "webhook authenticator timed out",
+    }
+    api.raw_answer = (201, {"kind": "TokenReview", "status": status})
+    refused(reviewed_app, token, "subject_token.kubernetes.not_live")
+    status["error"] = ""
+    granted(reviewed_app, mint.kubernetes(), "k8s-ledger")
+
+
 @pytest.mark.parametrize(
     "answer",
     [
