@@ -35,7 +35,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key
-from joserfc.jws import JWSRegistry
 
 from ..errors import InvalidDPoPProof, OAuthError, TemporarilyUnavailable, UseDPoPNonce
 from .claims import ClaimInvalid, ClaimRules, check_claims, normalise_typ
@@ -52,12 +51,6 @@ from .ports import ReplayCache, ReplayWindowLost, StoreUnavailable
 
 DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "PS256", "Ed25519", "EdDSA")
 _KEY_TYPES = {"ES": "EC", "RS": "RSA", "PS": "RSA", "Ed": "OKP"}
-
-#: Parses proofs only.  joserfc's default registry refuses a protected header over 512 bytes, but a
-#: proof's header carries the whole public key (§4.2): with an RSA-2048 ``jwk`` it is about 550.
-#: 2048 bytes holds any RSA key whose signature fits joserfc's 1024-byte signature limit.
-_PROOF_PARSER = JWSRegistry(strict_check_header=False)
-_PROOF_PARSER.max_header_length = 2048
 
 
 @dataclass(frozen=True)
@@ -298,7 +291,7 @@ def _same_uri(htu: str, url: str) -> bool:
 def _parse(proof: str) -> UnverifiedJWS:
     """Header and claims of the proof, verifying nothing (:func:`.jose.parse_compact`, room for a key)."""
     try:
-        return parse_compact(proof, parser=_PROOF_PARSER)
+        return parse_compact(proof)
     except JWSInvalid as exc:
         raise _refuse(exc.reason.removeprefix("jws."), exc.detail) from None
 

@@ -47,6 +47,17 @@ MAX_RSA_BITS = 16384
 #: Bleichenbacher'06 forgery of PKCS #1 v1.5 signatures against lax verifiers; other values in the
 #: NIST range are not seen in practice, so they are refused too rather than carried as an untested case.
 RSA_PUBLIC_EXPONENT = 65537
+#: joserfc's default limits (a header of 512 base64url characters, a signature of 1024) refuse what
+#: this service accepts: the signature of an RSA key of :data:`MAX_RSA_BITS` bits is 2,731
+#: characters, and a header with an ``x5c`` chain (ignored: keys only come from the key set) or a
+#: DPoP proof's RSA ``jwk`` passes 512.  The whole token is bounded by :data:`MAX_JWT_BYTES`.
+MAX_HEADER_CHARS = 8192
+MAX_SIGNATURE_CHARS = 4 * -(-(MAX_RSA_BITS // 8) // 3)
+
+#: Parses every JWS (no algorithm allowed: signatures are verified with :func:`registry_for`).
+_PARSER = JWSRegistry(algorithms=[], strict_check_header=False)
+_PARSER.max_header_length = MAX_HEADER_CHARS
+_PARSER.max_signature_length = MAX_SIGNATURE_CHARS
 
 
 def registry_for(alg: str) -> JWSRegistry:
@@ -178,7 +189,7 @@ def parse_compact(token: str, *, parser: JWSRegistry | None = None) -> Unverifie
 
     The one parser for every JWS this service reads (upstream tokens, client
     assertions, SETs, our own tokens, DPoP proofs).  ``parser`` sets
-    joserfc's size limits (a DPoP proof's header carries a whole key).
+    joserfc's size limits (default: :data:`MAX_HEADER_CHARS`, :data:`MAX_SIGNATURE_CHARS`).
     Raises :class:`JWSInvalid`: ``jws.too_large``, ``jws.not_compact_jws``
     (a JWE, an unsecured or detached JWS), ``jws.not_utf8``, ``jws.malformed``,
     ``jws.crit_not_understood`` (RFC 7515 §4.1.11: no extension is
@@ -189,11 +200,12 @@ def parse_compact(token: str, *, parser: JWSRegistry | None = None) -> Unverifie
     if token.count(".") != 2:
         # Five segments would be a JWE; unsigned or detached forms are refused too.
         raise JWSInvalid("jws.not_compact_jws")
-    parsed = _parse_plain_compact(token, parser or jws.default_registry)
+    registry = parser or _PARSER
+    parsed = _parse_plain_compact(token, registry)
     if parsed is not None:
         return parsed
     try:
-        obj = jws.extract_compact(token.encode("ascii"), registry=parser)
+        obj = jws.extract_compact(token.encode("ascii"), registry=registry)
         # joserfc has parsed the header with json.loads(bytes) already; parse it again, strictly.
         header_bytes = urlsafe_b64decode(obj.segments["header"])
     except (JoseError, ValueError, UnicodeError, RecursionError) as exc:

@@ -36,7 +36,7 @@ from sts_client.errors import (
     VerificationError,
 )
 from sts_client.flask import require_token
-from sts_client.jwks import JWKSCache, KeysUnavailable, UnknownKey
+from sts_client.jwks import MAX_RSA_BITS, JWKSCache, KeysUnavailable, UnknownKey
 from sts_client.verifier import TokenVerifier, VerifiedAccessToken
 from sts_client.wsgi import ENVIRON_KEY, ProtectedPath, TokenMiddleware
 from werkzeug.test import Client
@@ -44,7 +44,7 @@ from werkzeug.wrappers import Request, Response
 
 from tests.support.clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer
 from tests.support.clock import Clock
-from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, sign_bytes, sign_encoded
+from tests.support.crafted_jose import NOT_UTF8, b64url, rsa_key_with_exponent_3, sign_bytes, sign_encoded
 
 URL = "https://deploy.example.com/releases"
 ALGS = " ".join(DEFAULT_DPOP_ALGORITHMS)
@@ -1155,3 +1155,21 @@ def test_the_flask_decorator_and_the_middleware_take_the_certificate_from_the_se
     assert (
         middleware.get("/api/x", headers={**bearer(token), "SSL-Client-Cert": quote(pem)}).status_code == 401
     )
+
+
+def test_a_proof_of_the_largest_rsa_key_allowed_is_read(fake: FakeAuthorizationServer) -> None:
+    """A proof by an RSA key of ``MAX_RSA_BITS`` bits (the key rules allow it) has a header of
+    about 3,700 characters and a signature of 2,731: joserfc's default limits (512 and 1024)
+    refused it as malformed, before its key or signature were looked at.  Here the signature is
+    not the key's, so it is refused for that."""
+    verifier = TokenVerifier(fake.issuer, AUDIENCE)
+    modulus = (1 << (MAX_RSA_BITS - 1)) | 1
+    jwk = {"kty": "RSA", "n": b64url(modulus.to_bytes(MAX_RSA_BITS // 8, "big")), "e": "AQAB"}
+    token = fake.mint(jkt=RSAKey.import_key(jwk).thumbprint())
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": jwk}
+    claims = {"jti": uuid.uuid4().hex, "htm": "POST", "htu": URL, "iat": int(time.time()), "ath": ath(token)}
+    signature = b64url(b"\x01" * (MAX_RSA_BITS // 8))
+    proof = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}.{signature}"
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(token, proof))
+    assert info.value.reason == "dpop.bad_signature"

@@ -38,7 +38,7 @@ from werkzeug.test import TestResponse
 
 from sts.app import create_app
 from sts.core.attest import VerifiedToken, verify_token
-from sts.core.jose import MAX_JWT_BYTES
+from sts.core.jose import MAX_HEADER_CHARS, MAX_JWT_BYTES, MAX_RSA_BITS, JWSInvalid, parse_compact
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import InvalidRequest
 from sts.settings import Settings
@@ -374,17 +374,36 @@ def test_attackers_own_kid_with_an_offered_key_is_unknown(
         assert attacker.jwks_requests == 0
 
 
-def test_large_header_is_refused_as_malformed(app: Flask, client: FlaskClient, issuer: DevIssuer) -> None:
-    """An RSA ``jwk`` or certificate chain does not fit joserfc's 512-byte header limit."""
+def test_certificate_chain_in_the_header_is_read_and_ignored(
+    app: Flask, client: FlaskClient, issuer: DevIssuer
+) -> None:
+    """An ``x5c`` chain makes a header longer than joserfc's default 512-character limit, which
+    refused it as malformed; it is read (up to ``MAX_HEADER_CHARS``) and never trusted: the key
+    comes from the issuer's set, so the attacker's key in the chain verifies nothing."""
     attacker = RSAKey.generate_key(2048, auto_kid=True)
-    token = issuer.mint(
-        deploy_claims(issuer, time.time()),
-        header={"kid": issuer.kid, "x5c": self_signed_x5c(attacker)},
-        key=attacker,
+    header = {"kid": issuer.kid, "x5c": self_signed_x5c(attacker)}
+    forged = issuer.mint(deploy_claims(issuer, time.time()), header=header, key=attacker)
+    assert len(segments(forged)[0]) > 512
+    assert_refused(app, post_token(client, forged), "jws.bad_signature")
+    genuine = issuer.mint(deploy_claims(issuer, time.time()), header=header)
+    assert_granted(app, post_token(client, genuine))
+    too_long = issuer.mint(
+        deploy_claims(issuer, time.time()), header={**header, "pad": "x" * MAX_HEADER_CHARS}
     )
-    assert len(segments(token)[0]) > 512
-    assert_refused(app, post_token(client, token), "jws.malformed")
+    assert_refused(app, post_token(client, too_long), "jws.malformed")
     assert last_record(app)["details"]["detail"] == "ExceededSizeError"
+
+
+def test_signature_of_the_largest_rsa_key_allowed_is_parsed() -> None:
+    """An RSA key of ``MAX_RSA_BITS`` bits (which the key rules accept) signs 2,731 characters:
+    joserfc's default limit of 1024 refused every token of a key over 6,144 bits as malformed."""
+    header, payload = b64json({"alg": "RS256", "kid": "big"}), b64json({"sub": "x"})
+    signature = base64.urlsafe_b64encode(b"\x01" * (MAX_RSA_BITS // 8)).rstrip(b"=").decode()
+    assert len(signature) == 2731
+    assert parse_compact(f"{header}.{payload}.{signature}").header["kid"] == "big"
+    with pytest.raises(JWSInvalid) as caught:
+        parse_compact(f"{header}.{payload}.{signature}AAAA")
+    assert caught.value.reason == "jws.malformed"
 
 
 # ---------------------------------------------------------------------------

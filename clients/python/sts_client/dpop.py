@@ -41,7 +41,7 @@ from joserfc.util import to_str, urlsafe_b64encode
 
 from .compact import MalformedJWS, extract_compact_jws, validate_signature
 from .errors import InvalidDPoPProof
-from .jwks import ASYMMETRIC_ALGORITHMS, import_public_key, key_fits
+from .jwks import ASYMMETRIC_ALGORITHMS, MAX_RSA_BITS, import_public_key, key_fits
 
 __all__ = [
     "DEFAULT_DPOP_ALGORITHMS",
@@ -221,11 +221,13 @@ class CheckedProof:
     nonce: str | None
 
 
-#: Parses proofs only.  joserfc's default registry refuses a protected header over 512 bytes, but a
-#: proof's header carries the whole public key (§4.2): with an RSA-2048 ``jwk`` it is about 550.
-#: 2048 bytes holds any RSA key whose signature fits joserfc's 1024-byte signature limit (as the STS).
+#: Parses proofs only.  joserfc's default registry refuses a protected header over 512 characters
+#: and a signature over 1024, but a proof's header carries the whole public key (§4.2): with an
+#: RSA-2048 ``jwk`` it is about 550.  These limits hold a proof by any RSA key the key rules allow
+#: (up to ``MAX_RSA_BITS``: a header of about 3,700 characters, a signature of 2,731), as the STS's.
 _PROOF_PARSER = JWSRegistry(strict_check_header=False)
-_PROOF_PARSER.max_header_length = 2048
+_PROOF_PARSER.max_header_length = 8192
+_PROOF_PARSER.max_signature_length = 4 * -(-(MAX_RSA_BITS // 8) // 3)
 
 
 def check_proof(
