@@ -119,6 +119,15 @@ def authenticate_client(
     send, RFC 6749 §3.2.1); it proves nothing, so it is never an authenticated client.  Any
     other ``client_id`` without a credential is ``invalid_client`` (RFC 6749 §5.2).
     """
+    if (
+        creds.method == CLIENT_SECRET_BASIC
+        and creds.secret == ""
+        and creds.client_id is not None
+        and is_public(clients, creds.client_id)
+    ):
+        # A public client's id in Basic with an empty password: what requests-oauthlib sends for a
+        # client without a secret.  It proves nothing, as the id alone in the body (below).
+        return None
     if creds.method == NONE:
         if creds.client_id is not None and not is_public(clients, creds.client_id):
             raise InvalidClient(

@@ -126,6 +126,11 @@ def parse_client_credentials(
 
     if basic is not None:
         if form_id is not None and form_id != basic[0]:
+            # A client id holding ":" sent as it is (no form encoding), with the same id in the
+            # body (requests-oauthlib's include_client_id): the body names the split.
+            for later_id, later_secret in basic[3]:
+                if later_id == form_id:
+                    return ClientCredentials(CLIENT_SECRET_BASIC, form_id, secret=later_secret)
             raise InvalidClient("client.client_id_mismatch")
         return ClientCredentials(
             CLIENT_SECRET_BASIC, basic[0], secret=basic[1], literal_secret=basic[2], later_splits=basic[3]

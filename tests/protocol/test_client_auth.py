@@ -388,6 +388,12 @@ def test_a_client_id_with_a_colon_sent_without_form_encoding_is_found(
     wrong = raw_basic(f"{ODD_CLIENT}:{GATEWAY_SECRET}".encode())
     assert_invalid_client(app, post(client, form(issuer), authorization=wrong), "client.bad_secret")
     assert ODD_CLIENT in json.dumps(last_record(app))
+    # requests-oauthlib with include_client_id and HTTPBasicAuth: the same id in the body too.
+    with_id = {**form(issuer), "client_id": ODD_CLIENT}
+    assert_granted(app, post(client, with_id, authorization=raw), ODD_CLIENT, "client_secret_basic")
+    assert_invalid_client(app, post(client, with_id, authorization=wrong), "client.bad_secret")
+    other_id = {**form(issuer), "client_id": "gateway"}
+    assert_invalid_client(app, post(client, other_id, authorization=raw), "client.client_id_mismatch")
 
 
 def test_basic_credentials_in_latin1_are_read_as_such(
@@ -528,9 +534,16 @@ def test_a_public_client_id_alone_is_anonymous(app: Flask, client: FlaskClient, 
     )
     # Where a rule wants an authenticated client, a public one is none.
     assert_invalid_client(app, post(client, form(issuer, client_id=PUBLIC_CLIENT)))
+    # requests-oauthlib sends a client without a secret as Basic with an empty password: the same.
+    response = post(client, exchange_form(github, audience=DEPLOY), authorization=basic(PUBLIC_CLIENT, ""))
+    assert response.status_code == 200, response.get_json()
+    record = last_record(app)
+    assert (record["client_id"], record["client_auth_method"]) == (PUBLIC_CLIENT, "none")
     # It has no secret to send, and no other client_id alone is anonymous.
     response = post(client, form(issuer), authorization=basic(PUBLIC_CLIENT, "guess"))
     assert_invalid_client(app, response, "client.wrong_auth_method")
+    response = post(client, form(issuer), authorization=basic("gateway", ""))
+    assert_invalid_client(app, response, "client.bad_secret")
     response = post(client, exchange_form(github, audience=DEPLOY, client_id="cli-unknown"))
     assert_invalid_client(app, response, "client.unauthenticated_client_id")
 

@@ -48,7 +48,7 @@ from ...errors import (
     ServerError,
     TemporarilyUnavailable,
 )
-from ...protocol.client_auth import parse_client_credentials
+from ...protocol.client_auth import NONE, parse_client_credentials
 from ...protocol.token_exchange import TOKEN_TYPE_ACCESS_TOKEN, TokenExchangeRequest, TokenExchangeResponse
 from ...protocol.wire import WireRequest
 from .. import stages as stage
@@ -301,8 +301,11 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         if client is None and not self.policy.allows_anonymous:
             # No rule accepts the subject token as the only credential: stop before any work.
             raise InvalidClient("client.authentication_required")
-        # A public client's id stays in the record, with the method "none": named, not authenticated.
+        # A public client's id stays in the record, with the method "none": named, not authenticated
+        # (also when its id came in Basic with an empty password).
         record.client_id = client.client_id if client else recorded_client_id(self.clients, creds.client_id)
+        if client is None:
+            record.client_auth_method = NONE
         if client is not None:
             self.limits.for_client("token", client.client_id, now, record)
         return client
