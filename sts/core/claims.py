@@ -24,8 +24,9 @@ The rules (RFC 7519 §4.1, RFC 8725 §3.8-§3.9):
 * ``aud`` is a string or a non-empty array of strings (RFC 7519 §4.1.3).
 * ``iss``, ``sub``, ``jti`` are non-empty strings (StringOrURI, RFC 7519
   §4.1.1, §4.1.2, §4.1.7); ``iss`` is compared exactly, never normalised.
-  A ``sub`` holding a control character (U+0000-U+001F, U+007F-U+009F) is
-  ``malformed_sub``: it would be copied into the token this service issues.
+  A ``sub`` holding a control character (U+0000-U+001F, U+007F-U+009F), a
+  line or paragraph separator or a bidirectional control is ``malformed_sub``:
+  it would be copied into the token this service issues.
 * ``typ`` (a header parameter, RFC 7515 §4.1.9) is a media type:
   :func:`normalise_typ` lower-cases it and drops ``application/``.
 """
@@ -42,6 +43,11 @@ from typing import Any
 #: GitLab, Kubernetes and SPIFFE subjects are printable.  A NUL or a line break in the subject of an
 #: issued token is what a C-string or line-oriented reader downstream would cut or split.
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: Unicode's line and paragraph separators (U+2028, U+2029: line breaks to JavaScript and many
+#: log readers) and its bidirectional controls (marks, embeddings, overrides, isolates; Unicode
+#: UAX #9): they reorder how a subject is displayed (the review page, a log line), so that one
+#: subject reads as another ("Trojan Source", CVE-2021-42574).  No issuer puts one in a ``sub``.
+_DISPLAY_CONTROL = re.compile("[\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class ClaimInvalid(Exception):
@@ -212,8 +218,11 @@ def check_claims(claims: Mapping[str, Any], rules: ClaimRules, *, now: float) ->
             raise ClaimInvalid("lifetime_too_long")
 
     sub = string_claim(claims, "sub", required=rules.require_sub)
-    if sub is not None and _CONTROL_CHARACTER.search(sub):
-        raise ClaimInvalid("malformed_sub", "control character")
+    if sub is not None:
+        if _CONTROL_CHARACTER.search(sub):
+            raise ClaimInvalid("malformed_sub", "control character")
+        if _DISPLAY_CONTROL.search(sub):
+            raise ClaimInvalid("malformed_sub", "line separator or bidirectional control")
     jti = string_claim(
         claims,
         "jti",

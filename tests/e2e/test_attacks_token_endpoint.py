@@ -544,6 +544,16 @@ JWT_ATTACKS = [
         "subject_token.malformed_sub",
     ),
     refused(
+        "sub with a right-to-left override (display spoofing)",
+        lambda: exchange(subject(sub=SUBJECT + "\u202enimda")),
+        "subject_token.malformed_sub",
+    ),
+    refused(
+        "sub with a line separator",
+        lambda: exchange(subject(sub=SUBJECT + "\u2028admin")),
+        "subject_token.malformed_sub",
+    ),
+    refused(
         "upstream token typed at+jwt (token confusion)",
         lambda: exchange(signed(header(typ="at+jwt"), claims())),
         "subject_token.typ_not_accepted",
