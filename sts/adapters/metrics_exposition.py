@@ -210,6 +210,9 @@ def metrics_wsgi_app(registry: CollectorRegistry) -> WSGIApplication:
     exposition = make_wsgi_app(registry)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        return answer(environ, _named(start_response))
+
+    def answer(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != METRICS_PATH:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"Not found: metrics are at /metrics\n"]
@@ -229,12 +232,24 @@ def metrics_wsgi_app(registry: CollectorRegistry) -> WSGIApplication:
                 headers.append(("Content-Length", str(len(body))))
             start_response(status, headers)
             return []
-        answer: Iterable[bytes] = exposition(environ, start_response)
-        return answer
+        answered_body: Iterable[bytes] = exposition(environ, start_response)
+        return answered_body
 
     return app
 
 
+def _named(start_response: StartResponse) -> StartResponse:
+    """``start_response`` with a ``Server`` header naming no software version (wsgiref's own names
+    its version and Python's: ``WSGIServer/0.2 CPython/3.11.7``, an outside audit)."""
+
+    def named(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        return start_response(status, [*headers, ("Server", SERVER_NAME)], exc_info)
+
+    return named
+
+
+#: The ``Server`` header of every answer: no software version.
+SERVER_NAME = "sts"
 #: Connections the listener serves at once (one thread each); more are closed at once.
 MAX_METRICS_CONNECTIONS = 16
 #: Seconds the listener waits for each read of a request before it drops the connection.
@@ -249,6 +264,9 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
+
+    def version_string(self) -> str:  # the Server header of http.server's own errors (a bad request line)
+        return SERVER_NAME
 
 
 class MetricsServer:

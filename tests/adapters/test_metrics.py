@@ -503,6 +503,14 @@ def test_the_listener_serves_metrics_at_metrics_only(
         assert head.status_code == 200 and head.content == b""
         assert int(head.headers["Content-Length"]) > 0
         assert requests.options(f"{base}/metrics", timeout=5).headers["Allow"] == "GET, HEAD"
+        # No software version in any answer (wsgiref's own: "WSGIServer/0.2 CPython/3.11.7").
+        for answer in (scraped, head, requests.get(f"{base}/", timeout=5)):
+            assert answer.headers["Server"] == "sts", answer.headers
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            # http.server's own refusal (more than 100 header lines): its status line and headers.
+            raw.sendall(b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n")
+            reply = raw.recv(4096).decode("latin-1")
+        assert reply.startswith("HTTP/1.0 431") and "\r\nServer: sts\r\n" in reply, reply
     finally:
         server.stop()
 
