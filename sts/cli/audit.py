@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -236,8 +237,31 @@ def audit_prune(
     help="Delete the summaries and make them again from the records (after `sts audit verify` "
     "found them disagreeing with the records).",
 )
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Then keep them up to date, at the lowest CPU priority, until SIGTERM: what `sts serve` "
+    "runs with the review page enabled.",
+)
+@click.option(
+    "--behind",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="With --follow: catch up when this many records wait.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1),
+    default=5.0,
+    show_default=True,
+    help="With --follow: seconds between looks.",
+)
+@click.option("--parent", type=int, default=None, hidden=True, help="With --follow: end with this process.")
 @click.pass_context
-def audit_summarize(ctx: click.Context, rebuild: bool) -> None:
+def audit_summarize(
+    ctx: click.Context, rebuild: bool, follow: bool, behind: int, interval: float, parent: int | None
+) -> None:
     """Bring the summaries behind signal and audience filters, charts and the graph up to date.
 
     The review page and the queries do this a little at a time; run it once after an
@@ -246,6 +270,12 @@ def audit_summarize(ctx: click.Context, rebuild: bool) -> None:
     """
     from sqlalchemy.exc import SQLAlchemyError
 
+    if parent is not None:
+        from ..adapters.worker_process import die_with_parent
+
+        die_with_parent(parent)
+    if follow:
+        os.nice(19)  # the first catch-up too: the CPU requests leave, never theirs
     try:
         query = _audit_query(ctx)
         if rebuild:
@@ -253,4 +283,25 @@ def audit_summarize(ctx: click.Context, rebuild: bool) -> None:
         status = query.refresh(budget=None)
     except SQLAlchemyError as exc:
         raise _audit_failed(exc) from None
+    if follow:
+        _follow(ctx, query, behind=behind, interval=interval)
+        return
     click.echo(f"summaries up to record {status.last_id} ({status.behind} newer record(s) not yet settled)")
+
+
+def _follow(ctx: click.Context, query: Any, *, behind: int, interval: float) -> None:
+    """``--follow``: until SIGTERM or SIGINT (see :mod:`sts.adapters.summary_follower`)."""
+    import signal
+    import threading
+
+    from ..adapters.log_format import configure_logging
+    from ..adapters.summary_follower import follow
+
+    settings = settings_from(ctx)
+    configure_logging(settings.log_level, settings.log_format)
+
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    click.echo("sts: keeping the audit summaries up to date", err=True)
+    follow(query, stop, behind=behind, interval=interval)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +48,9 @@ def serve(
     # Before any metric exists: every worker writes its values where this process's listener
     # adds them up (prometheus_client's multiprocess mode), in a directory of this instance.
     metrics_dir, owned = metrics.enable_multiprocess() if settings.metrics_address else (None, False)
+    follower = functools.partial(summary_follower, ctx.obj.get("config")) if settings.review.enabled else None
     try:
-        _serve(settings, metrics_dir)
+        _serve(settings, metrics_dir, follower)
     finally:
         if metrics_dir is not None and owned:
             metrics.remove_directory(metrics_dir)
@@ -64,7 +69,21 @@ def release_before_fork(runtime: Any) -> None:
         runtime.redis_client.close()
 
 
-def _serve(settings: Settings, metrics_dir: Path | None) -> None:
+def summary_follower(config: Path | None) -> subprocess.Popen[bytes]:
+    """``sts audit summarize --follow`` (:mod:`sts.adapters.summary_follower`) for the review page,
+    as a process of its own at the lowest CPU priority, ended with this one (its ``--parent``)."""
+    command = [sys.executable, "-c", "from sts.cli import main; main()"]
+    if config is not None:
+        command += ["--config", str(config)]
+    command += ["audit", "summarize", "--follow", "--parent", str(os.getpid())]
+    # The command is this interpreter and fixed arguments (the configuration's path at most).
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0)  # noqa: S603
+
+
+Follower = Callable[[], "subprocess.Popen[bytes]"]
+
+
+def _serve(settings: Settings, metrics_dir: Path | None, follower: Follower | None = None) -> None:
     from .. import serving
     from ..adapters import metrics_exposition as metrics
     from ..adapters.jwks import files_read
@@ -80,6 +99,7 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     if in_use:
         raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
     listener: metrics.MetricsServer | None = None
+    summarizing: subprocess.Popen[bytes] | None = None
     if settings.metrics_address is not None and metrics_dir is not None:
         collector = metrics.ExpositionCollector(directory=metrics_dir)
         try:
@@ -113,6 +133,8 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
                 err=True,
             )
 
+        # Once the schema is migrated (prepare, above).
+        summarizing = follower() if follower is not None else None
         click.echo(
             f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
             f"({settings.workers} workers x {settings.threads} threads, "
@@ -139,6 +161,17 @@ def _serve(settings: Settings, metrics_dir: Path | None) -> None:
     finally:
         if listener is not None:
             listener.stop()
+        if summarizing is not None:
+            _stop(summarizing)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def worker_app(

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from sts.errors import ConfigurationError
 from sts.serving import per_worker_connections
 from sts.settings.load import load_settings
 from tests.conftest import DEFAULT_POLICY, JWT_TYPE, TOKEN_EXCHANGE
+from tests.support.review_support import review_settings
 
 STS = str(Path(sys.executable).with_name("sts"))
 #: Connections held open by the slow-client test: a third idle, a third mid-headers, a third mid-body.
@@ -550,6 +552,101 @@ def test_the_workers_end_with_a_main_process_killed_outright(
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         server.stop()
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def _nice(pid: int) -> int:
+    """Field 19 of /proc/PID/stat (proc(5)), counted after the command's closing parenthesis."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def _summarised_up_to(database: Path) -> int:
+    with sqlite3.connect(database) as conn:
+        row = conn.execute("SELECT last_id FROM audit_summary_state").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_the_review_page_gets_a_summary_follower_that_ends_with_the_server(
+    tmp_path: Path, upstream_issuer: RunningServer
+) -> None:
+    """With the review page enabled, ``sts serve`` runs ``sts audit summarize --follow`` beside its
+    workers, at nice 19, and it ends with the main process, also one killed outright: summaries
+    no longer wait for someone to open the page (an outside audit flooded the trail with refusals,
+    and each filtered view then read every record not yet summarised)."""
+    server = Served(tmp_path, upstream_issuer, args=("--workers", "1"), **review_settings())
+    children = children_of(server.proc.pid)
+    try:
+        [follower] = [pid for pid in children if "--follow" in _command_line(pid)]
+        assert _command_line(follower)[-5:] == ["summarize", "--follow", "--parent", str(server.proc.pid), ""]
+        end = time.monotonic() + 20
+        while time.monotonic() < end and _nice(follower) != 19:
+            time.sleep(0.1)
+        assert _nice(follower) == 19
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and Path(f"/proc/{follower}").exists():
+            time.sleep(0.1)
+        assert not Path(f"/proc/{follower}").exists(), "the follower outlived the server"
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
+    # Without the review page, no follower.
+    (tmp_path / "plain").mkdir()
+    plain = Served(tmp_path / "plain", upstream_issuer, args=("--workers", "1"))
+    try:
+        assert not [pid for pid in children_of(plain.proc.pid) if "--follow" in _command_line(pid)]
+    finally:
+        plain.stop()
+
+
+def test_the_follower_catches_up_once_enough_records_wait(
+    tmp_path: Path, upstream_issuer: RunningServer
+) -> None:
+    """``sts audit summarize --follow --behind 5``: nothing while fewer wait, then up to the newest."""
+    server = Served(tmp_path, upstream_issuer, args=("--workers", "1"))
+    database = tmp_path / "sts.sqlite"
+    command = ["audit", "summarize", "--follow", "--behind", "5", "--interval", "0.2"]
+    follower = subprocess.Popen(
+        [STS, "--config", str(server.config), *command],
+        cwd=tmp_path,
+        env=server.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert follower.stderr is not None
+        assert b"keeping the audit summaries up to date" in follower.stderr.readline()
+        refusal = {"grant_type": "nonsense"}
+        for _ in range(2):
+            assert requests.post(f"{server.url}/token", data=refusal, timeout=10).status_code == 400
+        time.sleep(1.5)
+        start = _summarised_up_to(database)
+        assert start < max_audit_id(database), "two records are fewer than --behind"
+        for _ in range(6):
+            assert requests.post(f"{server.url}/token", data=refusal, timeout=10).status_code == 400
+        end = time.monotonic() + 15
+        while time.monotonic() < end and _summarised_up_to(database) < max_audit_id(database):
+            time.sleep(0.1)
+        assert _summarised_up_to(database) == max_audit_id(database)
+    finally:
+        follower.terminate()
+        _, errors = follower.communicate(timeout=10)
+        server.stop()
+    assert follower.returncode == 0, errors
+
+
+def max_audit_id(database: Path) -> int:
+    with sqlite3.connect(database) as conn:
+        return int(conn.execute("SELECT max(id) FROM audit_events").fetchone()[0] or 0)
 
 
 def _statuses(server: Served, token_for: Any, seconds: float) -> list[int]:
