@@ -406,7 +406,14 @@ def test_audit_events_keeps_no_index_that_no_query_reads(database: Callable[[], 
         "ux_audit_events_chain_seq",
     }
     names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
-    assert names == (kept - {"ix_audit_events_subject"}) | {"ix_audit_events_by_client"}
+    assert names == (kept - {"ix_audit_events_subject"}) | {
+        "ix_audit_events_by_client",
+        "ix_audit_events_by_error",
+    }
+    (by_error,) = [
+        i for i in inspect(engine).get_indexes("audit_events") if i["name"] == "ix_audit_events_by_error"
+    ]
+    assert "error IS NOT NULL" in str(next(iter(by_error["dialect_options"].values())))
     (client,) = [
         i for i in inspect(engine).get_indexes("audit_events") if i["name"] == "ix_audit_events_by_client"
     ]
@@ -415,6 +422,9 @@ def test_audit_events_keeps_no_index_that_no_query_reads(database: Callable[[], 
     def down_to(revision: str) -> Callable[[Any], None]:
         return lambda conn: command.downgrade(migrations.config(conn), revision)
 
+    schema_transaction(engine, down_to("0008_schema_readers"))
+    names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
+    assert names == (kept - {"ix_audit_events_subject"}) | {"ix_audit_events_by_client"}
     schema_transaction(engine, down_to("0006_audit_write_indexes"))
     names = {index["name"] for index in inspect(engine).get_indexes("audit_events")}
     assert names == kept | {"ix_audit_events_by_client"}

@@ -29,6 +29,7 @@ metadata = MetaData()
 
 _STEP_UP = text("error = 'insufficient_user_authentication'")
 _HAS_CLIENT = text("client_id IS NOT NULL")
+_HAS_ERROR = text("error IS NOT NULL")
 audit_events = Table(
     "audit_events",
     metadata,
@@ -76,6 +77,14 @@ audit_events = Table(
         "id",
         sqlite_where=_HAS_CLIENT,
         postgresql_where=_HAS_CLIENT,
+    ),
+    # Partial: a grant has no error, so the exchanges that grant do not pay for it (0009).
+    Index(
+        "ix_audit_events_by_error",
+        "error",
+        "id",
+        sqlite_where=_HAS_ERROR,
+        postgresql_where=_HAS_ERROR,
     ),
     Index("ix_audit_events_outcome", "outcome", "id"),
     Index("ix_audit_events_rule", "rule", "id"),
