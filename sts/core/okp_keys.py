@@ -24,6 +24,8 @@ from typing import Any
 
 _ED25519_P = 2**255 - 19
 _ED448_P = 2**448 - 2**224 - 1
+#: RFC 8032 §5.1.2, §5.2.2: the length of a public key's encoding.
+_KEY_BYTES = {"Ed25519": 32, "Ed448": 57}
 
 #: By curve: its field prime, and the ``y``-coordinates of its points of small order.
 SMALL_ORDER_Y: Mapping[str, tuple[int, frozenset[int]]] = {
@@ -59,6 +61,9 @@ def okp_key_problem(jwk: Mapping[str, Any]) -> str | None:
     except ValueError:
         return None
     prime, small = curve
+    if len(raw) != _KEY_BYTES[str(jwk.get("crv"))]:
+        # Empty (``""``, ``"===="``), short or long: no point of the curve (and no shift below).
+        return f"x is not {_KEY_BYTES[str(jwk.get('crv'))]} bytes (RFC 8037 §2)"
     y = int.from_bytes(raw, "little") & ~(1 << (8 * len(raw) - 1))
     if y >= prime:
         return "x is not a canonical point encoding (RFC 8032 §5.1.3, §5.2.3)"

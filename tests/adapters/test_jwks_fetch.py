@@ -704,6 +704,8 @@ def test_unsafe_or_malformed_keys_are_skipped_and_logged_by_kid(
             public_jwk(ec_keys[1], kid="k-ops", key_ops=["encrypt"]),
             # The Ed25519 neutral point: a key of small order verifies forged signatures.
             {"kty": "OKP", "crv": "Ed25519", "x": "AQ" + "A" * 41, "kid": "k-small-order"},
+            # Empty: the small-order check shifted by -1 (ValueError) for the whole key set.
+            {"kty": "OKP", "crv": "Ed25519", "x": "", "kid": "k-empty-okp"},
             truncated,
             off_curve,
             public_jwk(ec_keys[1]),  # no kid, in a set of many keys
@@ -720,6 +722,7 @@ def test_unsafe_or_malformed_keys_are_skipped_and_logged_by_kid(
             "k-use-object",
             "k-ops",
             "k-small-order",
+            "k-empty-okp",
         )
         for kid in (*skipped, "k-malformed", "k-off-curve"):
             for alg in ("ES256", "RS256", "Ed25519"):

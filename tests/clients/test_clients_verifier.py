@@ -551,6 +551,21 @@ def test_an_ed25519_proof_key_of_small_order_is_refused(fake: FakeAuthorizationS
     assert "small order" in info.value.detail
 
 
+@pytest.mark.parametrize("x", ["", "====", "AQ"], ids=["empty", "padding-only", "one-byte"])
+def test_an_ed25519_proof_key_of_the_wrong_length_is_refused(fake: FakeAuthorizationServer, x: str) -> None:
+    """``x`` decoding to no 32 bytes raised "negative shift count" out of ``verify`` (a 500 under
+    ``@require_token`` and ``TokenMiddleware``; an outside audit)."""
+    jwk = {"crv": "Ed25519", "kty": "OKP", "x": x}
+    token = fake.mint(jkt=b64url(hashlib.sha256(json.dumps(jwk, sort_keys=True).encode()).digest()))
+    header = {"typ": "dpop+jwt", "alg": "Ed25519", "jwk": jwk}
+    claims = {"jti": uuid.uuid4().hex, "htm": "POST", "htu": URL, "iat": int(time.time()), "ath": ath(token)}
+    proof = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}.{'A' * 86}"
+    with pytest.raises(InvalidDPoPProof) as info:
+        TokenVerifier(fake.issuer, AUDIENCE).verify("POST", URL, dpop_headers(token, proof))
+    assert info.value.reason == "dpop.jwk_not_public"
+    assert "wrong length" in info.value.detail
+
+
 def test_symmetric_or_unlisted_proof_algorithms_are_refused(fake: FakeAuthorizationServer) -> None:
     secret = OctKey.generate_key(256)
     token = fake.mint(jkt=secret.thumbprint())

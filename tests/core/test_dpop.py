@@ -619,6 +619,17 @@ def test_a_proof_key_of_small_order_is_refused(sts: STS, curve: str, alg: str, p
     assert "small order" in json.dumps(record)
 
 
+@pytest.mark.parametrize("x", ["", "====", "AQ"], ids=["empty", "padding-only", "one-byte"])
+def test_a_proof_key_of_the_wrong_length_is_refused(sts: STS, x: str) -> None:
+    """An Ed25519 ``jwk`` whose ``x`` decodes to no 32 bytes: refused, never a 500 (the small-order
+    check shifted by ``8 * len - 1``; the encoding check before it refuses these)."""
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": x}
+    header = {"typ": "dpop+jwt", "alg": "Ed25519", "jwk": jwk}
+    claims = {"jti": secrets.token_urlsafe(16), "htm": "POST", "htu": TOKEN_URL, "iat": int(sts.clock.now)}
+    proof = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode()) + "." + "A" * 86
+    assert_refused(sts, sts.exchange(proof), "dpop.malformed_jwk")
+
+
 @pytest.mark.parametrize(
     "htu",
     [

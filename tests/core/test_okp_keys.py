@@ -80,3 +80,8 @@ def test_small_order_and_non_canonical_keys_are_refused_and_real_keys_pass(curve
     # Not a signature key, or not this function's to judge: left to the import.
     assert okp_key_problem({"kty": "OKP", "crv": "X25519", "x": _jwk(curve, 1)["x"]}) is None
     assert okp_key_problem({"kty": "OKP", "crv": curve, "x": 5}) is None
+    # Empty, short or long: refused, never a "negative shift count" (a 500 on a DPoP proof, and a
+    # JWKS refresh that failed, found by an outside audit in the client library's copy).
+    for x in ("", "====", "AA", _jwk(curve, 9)["x"] + "AAAA"):
+        problem = okp_key_problem({"kty": "OKP", "crv": curve, "x": x})
+        assert problem is not None and "bytes" in problem, x

@@ -100,6 +100,8 @@ def key_fits(key: Key, alg: str) -> bool:
 
 _ED25519_P: Final = 2**255 - 19
 _ED448_P: Final = 2**448 - 2**224 - 1
+#: RFC 8032 §5.1.2, §5.2.2: the length of a public key's encoding.
+_KEY_BYTES: Final = {"Ed25519": 32, "Ed448": 57}
 #: By curve: the field prime and the y-coordinates of the points of small order (RFC 8032 curves;
 #: libsodium's ``ge25519_has_small_order`` list for Ed25519).  A public key of small order verifies
 #: a forged signature (R a small-order point, S = 0) without any private key: a DPoP proof's
@@ -129,6 +131,8 @@ def _okp_problem(entry: Mapping[str, object]) -> str | None:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     except ValueError:
         return None
+    if len(raw) != _KEY_BYTES[str(entry.get("crv"))]:
+        return "OKP key of the wrong length"  # empty ("", "===="), short or long: no point
     y = int.from_bytes(raw, "little") & ~(1 << (8 * len(raw) - 1))
     if y >= curve[0]:
         return "OKP key not canonically encoded"
