@@ -214,7 +214,7 @@ def test_claims_and_header_are_checked(
     ]
 
 
-@pytest.mark.parametrize("auth_time", ["1e999", "-1e999", '"1700000000"', "true", "{}"])
+@pytest.mark.parametrize("auth_time", ["1e999", "-1e999", "1" + "0" * 400, '"1700000000"', "true", "{}"])
 def test_an_auth_time_that_is_no_finite_number_is_refused(
     fake: FakeAuthorizationServer, verifier: TokenVerifier, auth_time: str
 ) -> None:
@@ -474,6 +474,22 @@ def test_a_replayed_jti_is_refused_within_the_window(
     again = sign_proof(client_key, token=bound, iat=now + 2, jti="once")
     with pytest.raises(InvalidDPoPProof):
         verifier.verify("POST", URL, dpop_headers(bound, again), now=now + 2)
+
+
+def test_a_proof_with_a_fractional_iat_is_remembered_as_long_as_it_is_accepted(
+    fake: FakeAuthorizationServer, client_key: ECKey
+) -> None:
+    """With ``leeway=0`` a proof stays acceptable while ``iat >= now - dpop_max_age``: its jti was
+    remembered until ``int(iat) + dpop_max_age``, up to a second less, so the same proof was
+    accepted again in that second (an outside audit)."""
+    start = float(int(time.time()))
+    bound = fake.mint(jkt=client_key.thumbprint(), now=start)
+    verifier = TokenVerifier(fake.issuer, AUDIENCE, dpop_max_age=60, leeway=0)
+    proof = sign_proof(client_key, token=bound, claims={"iat": start + 0.9})
+    assert verifier.verify("POST", URL, dpop_headers(bound, proof), now=start + 1).jkt
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(bound, proof), now=start + 60.5)
+    assert info.value.reason == "dpop.replayed"
 
 
 def test_the_proof_key_must_be_the_bound_key(verifier: TokenVerifier, bound: str) -> None:
@@ -967,6 +983,40 @@ def test_wsgi_middleware_protects_prefixes(fake: FakeAuthorizationServer, verifi
     resp = web.get("/api/fresh", headers=bearer(token))
     assert resp.status_code == 401 and 'max_age="60"' in resp.headers["WWW-Authenticate"]
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize(
+    "host", ["deploy.example.com/releases#", "deploy.example.com/releases?", "x@deploy.example.com/releases#"]
+)
+def test_the_middleware_takes_no_path_from_the_host_header(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, client_key: ECKey, host: str
+) -> None:
+    """granian and wsgiref pass ``Host`` on as sent, and the URL for ``htu`` pasted it in: with
+    ``Host: deploy.example.com/releases#``, ``/admin`` read as ``/releases``, so a proof for
+    ``/releases`` passed at ``/admin`` (an outside audit).  A ``Host`` that is no authority is
+    ignored for the server's own name."""
+    token = fake.mint(jkt=client_key.thumbprint())
+
+    def call(host_header: str, proof_url: str) -> str:
+        answers: list[str] = []
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "wsgi.url_scheme": "https",
+            "SERVER_NAME": "internal",
+            "SERVER_PORT": "443",
+            "SCRIPT_NAME": "",
+            "PATH_INFO": "/admin",
+            "HTTP_HOST": host_header,
+            "HTTP_AUTHORIZATION": f"DPoP {token}",
+            "HTTP_DPOP": sign_proof(client_key, url=proof_url, token=token),
+        }
+        app = TokenMiddleware(lambda e, start: start("200 OK", []) or [b"ok"], verifier, ["/"])
+        app(environ, lambda status, headers, exc_info=None: answers.append(status))
+        return answers[0]
+
+    assert call("deploy.example.com", "https://deploy.example.com/admin") == "200 OK"
+    assert call(host, URL).startswith("401")
+    assert call(host, "https://internal/admin") == "200 OK", "the server's own name stands in"
 
 
 # -- challenges ------------------------------------------------------------------------------------

@@ -128,12 +128,21 @@ def verify_access_token_jwt(
         raise InvalidToken("token.iss", scheme=scheme)
     # joserfc checks exp, nbf and iat are finite numbers, not auth_time (RFC 7519 §2 NumericDate; a
     # JSON 1e999 reads as infinity, and made the verifier fail with OverflowError: an outside audit).
+    # An integer too large for a float (10**400) raised OverflowError there too.
     auth_time = claims.get("auth_time")
-    if auth_time is not None and (
-        not isinstance(auth_time, int | float) or isinstance(auth_time, bool) or not math.isfinite(auth_time)
-    ):
+    if auth_time is not None and not _numeric_date(auth_time):
         raise InvalidToken("token.invalid_claim", "auth_time", scheme=scheme)
     return claims
+
+
+def _numeric_date(value: object) -> bool:
+    """A finite JSON number a float can hold (RFC 7519 §2 NumericDate)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def access_token_from_claims(claims: dict[str, Any], jkt: str | None) -> VerifiedAccessToken:

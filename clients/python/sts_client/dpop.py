@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import threading
@@ -316,8 +317,11 @@ def check_proof(
         ):
             raise InvalidDPoPProof("dpop.ath_mismatch")
     nonce = claims.get("nonce")
+    # Rounded up: the proof is accepted while ``iat >= now - max_age``, so its jti is remembered
+    # until at least ``iat + max_age`` (truncated, a fractional iat outlived its replay entry by up
+    # to a second, and with leeway 0 was accepted twice: an outside audit).
     return CheckedProof(
-        jkt=key.thumbprint(), jti=jti, iat=int(iat), nonce=nonce if isinstance(nonce, str) else None
+        jkt=key.thumbprint(), jti=jti, iat=math.ceil(iat), nonce=nonce if isinstance(nonce, str) else None
     )
 
 

@@ -22,6 +22,7 @@ reaches the application.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -42,6 +43,11 @@ __all__ = ["ENVIRON_KEY", "ProtectedPath", "TokenMiddleware", "environ_certifica
 ENVIRON_KEY: Final = "sts_client.token"
 
 _REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
+
+
+#: RFC 3986 §3.2.2-3.2.3: an IP literal or a reg-name (unreserved, percent-encoded, sub-delims),
+#: then an optional port; no userinfo, and none of ``/?#`` that would end the authority.
+_AUTHORITY: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?")
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,17 @@ class TokenMiddleware:
     @staticmethod
     def _target(environ: WSGIEnvironment) -> str:
         """The request's URL for ``htu``: the path as the client sent it where the server says so
-        (:func:`~sts_client.dpop.request_target_url`), else rebuilt from the decoded ``PATH_INFO``."""
+        (:func:`~sts_client.dpop.request_target_url`), else rebuilt from the decoded ``PATH_INFO``.
+
+        The authority is the ``Host`` header only when it is one (RFC 3986 §3.2: a host and a
+        port, nothing more): servers such as granian and wsgiref pass any ``Host`` on, and
+        :func:`wsgiref.util.request_uri` pastes it in as it is, so ``Host: api.example/y#`` made
+        ``/admin``'s URL read as ``/y`` and a proof for ``/y`` passed there (an outside audit).
+        Any other ``Host`` is ignored: the server's own ``SERVER_NAME`` and ``SERVER_PORT`` stand
+        in, as for a request without one (PEP 3333's URL reconstruction)."""
+        host = environ.get("HTTP_HOST")
+        if host is not None and not _AUTHORITY.fullmatch(str(host)):
+            environ = {**environ, "HTTP_HOST": ""}
         rebuilt = request_uri(environ, include_query=False)
         parts = urlsplit(rebuilt)
         # PEP 3333: the decoded path's bytes, as latin-1; the client's text is UTF-8.
