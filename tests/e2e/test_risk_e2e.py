@@ -393,6 +393,47 @@ def test_blocked_subject_is_refused_even_without_a_risk_section(
     assert sts.granted(sts.token())["expires_in"] == 300
 
 
+@pytest.mark.parametrize("cause", ["blocked", "outside-networks", "recent-failures"])
+def test_a_refusal_for_more_than_the_drift_does_not_count_for_its_probation(
+    make_sts: Callable[..., STS], cause: str
+) -> None:
+    """Baseline poisoning (an outside audit): while the subject's session was revoked, three fresh
+    exchanges as a self-hosted runner, all refused, completed that runner's probation; once the
+    block lapsed it was granted and the real, github-hosted workload was refused as the drift.
+    A refusal counts for probation only when the drift is all that fired."""
+    failures = 2 if cause == "recent-failures" else 100
+    risk = {
+        "probation_exchanges": 3,
+        "probation_period": 5,
+        "networks": ["10.0.0.0/8"],
+        "max_failures": failures,
+    }
+    sts = make_sts(policy(rule(risk=risk)))
+    sts.learn()
+    assert sts.baseline().facts["runner_environment"] == "github-hosted"
+    source = HOME
+    if cause == "blocked":
+        put_state(sts, SubjectState(blocked_until=sts.clock.now + 60, events=("session-revoked",)))
+    elif cause == "outside-networks":
+        source = "203.0.113.5"
+    else:
+        for _ in range(2):  # refused for an audience the rule does not grant: failures
+            assert sts.exchange(sts.token(), audience="https://elsewhere.example.com").status_code == 400
+    for _ in range(4):
+        sts.clock.now += 3
+        resp = sts.exchange(sts.token(runner_environment="self-hosted"), source=source)
+        assert resp.status_code == 400, resp.get_json()
+        assert "attestation_drift" in sts.fired() and len(sts.fired()) > 1, sts.fired()
+    assert sts.baseline().facts["runner_environment"] == "github-hosted"
+    assert "runner_environment" not in sts.baseline().pending
+    if cause != "recent-failures":
+        sts.clock.now += 61  # the block lapsed; back home
+        refused = sts.exchange(sts.token(runner_environment="self-hosted"))
+        assert refused.status_code == 400 and sts.fired() == ["attestation_drift"]
+        # The drift alone counts as before: this refusal starts the probation.
+        assert sts.baseline().pending["runner_environment"].fresh_count == 1
+
+
 def test_raised_risk_level_shortens_tokens_and_high_asks_for_fresh_attestation(
     make_sts: Callable[..., STS],
 ) -> None:

@@ -55,6 +55,9 @@ from ..subject_state import SubjectState, identity_key, merge
 from .attestation import Parties
 from .binding import keys_of_the_subject, presented_keys
 
+#: The signal a changed fact fires (:func:`sts.core.risk.assess`).
+DRIFT_SIGNAL = "attestation_drift"
+
 log = logging.getLogger(__name__)
 
 #: Rules without a ``risk`` section still obey security events, with these thresholds.
@@ -320,8 +323,15 @@ class RiskAndAssurance:
             log.warning("failure not recorded in baseline: store unavailable")
 
     def _save_progress(self, risk: ExchangeRisk) -> None:
-        """A refused exchange still counts for the probation of a changed fact (best effort)."""
+        """A refused exchange still counts for the probation of a changed fact (best effort), when
+        the drift is all that fired: one refused for anything else as well (a block by a security
+        event, an unusual network, recent failures, ...) is no evidence for the new value.  Else a
+        workload refused while its session is revoked, or from outside its networks, completed
+        its own probation, and was granted as the identity's usual self once the block lapsed,
+        while the real workload was then the drift (an outside audit: baseline poisoning)."""
         if self.baselines is None or risk.baseline_key is None:
+            return
+        if any(signal.name != DRIFT_SIGNAL for signal in risk.assessment.fired):
             return
         updated = progress(risk.baseline, risk.assessment.drift)
         if updated == risk.baseline:
