@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +19,7 @@ from sts.adapters.sql.ledger_mark import LOSS_HORIZON, ledger_mark
 from sts.adapters.sql.replay import SqlReplayCache
 from sts.adapters.sql.single_use import SqlSingleUseLedger
 from sts.core.audit import AuditRecord
-from sts.core.ports import AuditUnavailable, ReplayWindowLost, SingleUse
+from sts.core.ports import AuditUnavailable, ReplayWindowLost, SingleUse, StoreUnavailable
 from sts.migrations import upgrade
 
 
@@ -90,12 +92,42 @@ def test_a_wal_deleted_under_the_process_marks_its_commits_lost(tmp_path: Path) 
     _grant(ledger, SingleUse("subject_token:github", "k", now + 300, now - 30), now)
     os.unlink(f"{database}-wal")
     time.sleep(1.1)  # the file is looked at once a second
-    with pytest.raises(AuditUnavailable, match="restart"):
+    with pytest.raises(StoreUnavailable, match="restart"):
         _grant(ledger, SingleUse("subject_token:github", "k2", now + 300, now - 30), time.time())
+    # The audit sink refuses to commit into those files too (a grant that took no single use).
+    record = AuditRecord(event_id=str(uuid.uuid4()), time=time.time(), request_id="r", endpoint="token")
+    with pytest.raises(AuditUnavailable, match="restart"):
+        ledger.commit(record, [], time.time())
     mark = ledger_mark(sink.engine)
     assert mark is not None and mark._read()[1] > 0
-    with pytest.raises(ReplayWindowLost):
-        ledger.reserve(SingleUse("subject_token:github", "k", now + 300, now - 30), time.time())
+    # This process commits nothing more: every credential, old or new, is a 503 (StoreUnavailable),
+    # not a 400 asking for a fresh one (an outside audit had fresh ones refused so for a minute).
+    later = time.time()
+    for use in (
+        SingleUse("subject_token:github", "k", now + 300, now - 30),
+        SingleUse("subject_token:github", "new", later + 300, later),
+    ):
+        with pytest.raises(StoreUnavailable, match="restart"):
+            ledger.reserve(use, later)
+    with pytest.raises(StoreUnavailable, match="restart"):
+        SqlReplayCache(sink.engine).first_use("dpop", "jti-new", later + 60, later, valid_from=later)
+    # Restarted (a new process: new connections, a new -wal): the credentials the lost commits may
+    # have spent are refused as such, new ones are taken.
+    restarted = f"""
+import time
+from sts.core.ports import ReplayWindowLost, SingleUse
+from tests.adapters.test_ledger_mark import _grant, _open
+_, ledger = _open({str(database)!r})
+try:
+    ledger.reserve(SingleUse("subject_token:github", "k", {now} + 300, {now} - 30), time.time())
+except ReplayWindowLost:
+    fresh = time.time() + 1
+    _grant(ledger, SingleUse("subject_token:github", "fresh", fresh + 300, fresh), fresh)
+    print("refused old, granted new")
+"""
+    sink.engine.dispose()  # this process ends: its connections close
+    done = subprocess.run([sys.executable, "-c", restarted], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "refused old, granted new", done.stderr
 
 
 def test_a_trail_pruned_of_grants_older_than_a_day_is_no_loss(tmp_path: Path) -> None:

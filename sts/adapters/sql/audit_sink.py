@@ -85,10 +85,10 @@ class SqlAuditSink(AuditReads):
         # Each transaction of the sink starts with a write (see RawStatement.transaction).
         self._raw = RawStatement(engine, writes_first=True)
         self._chains = ChainHeads(1 if self._raw.sqlite else max_chains)
-        # SQLite: no commit into files deleted or replaced under the process (lost at its restart).
-        file = sqlite_file(engine)
-        self._file = WatchedFile(file) if file is not None else None
         self.mark = ledger_mark(engine)  # SQLite: its lost commits noticed (see .ledger_mark)
+        # SQLite: no commit into files deleted or replaced under the process (lost at its restart).
+        file = sqlite_file(engine) if self.mark is None else None
+        self._file = self.mark.watched if self.mark is not None else WatchedFile(file) if file else None
         dbapi = engine.dialect.loaded_dbapi
         self._integrity_errors: tuple[type[BaseException], ...] = (dbapi.IntegrityError,)
         self._columns = [c.name for c in audit_events.columns if c.name != "id"]

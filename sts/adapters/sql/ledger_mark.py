@@ -37,7 +37,8 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ...core.ports import ReplayWindowLost
+from ...core.ports import ReplayWindowLost, StoreUnavailable
+from .files_in_use import WatchedFile, sqlite_file
 from .schema import audit_events
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,10 @@ _MARKS_LOCK = threading.Lock()
 class LedgerMark:
     """The mark of one SQLite database (see the module docstring)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, watched: WatchedFile | None = None) -> None:
+        #: This process's SQLite files, checked before a credential is (see :meth:`check_use`).
+        self.watched = watched
+        self._noticed = False
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < _LAYOUT.size:
@@ -78,7 +82,19 @@ class LedgerMark:
             self._map[8:16] = struct.pack("<d", now)
 
     def check_use(self, valid_from: float | None, now: float) -> None:
-        """Raise :class:`ReplayWindowLost` for a credential the lost commits may have spent."""
+        """Raise :class:`ReplayWindowLost` for a credential the lost commits may have spent.
+
+        First, :class:`StoreUnavailable` while the files this process writes are deleted or
+        replaced (:class:`~.files_in_use.WatchedFile`): nothing can be committed until it
+        restarts, so every request is a ``503``, as readiness says, rather than a ``400`` that
+        asks for fresh credentials, which an outside audit had answered to new ones too (their
+        ``iat`` less the leeway precedes a loss found a moment ago) for a minute and more."""
+        problem = self.watched.problem() if self.watched is not None else None
+        if problem is not None:
+            if not self._noticed:  # the commits in those files are lost (as the audit sink marks)
+                self._noticed = True
+                self.lost(now)
+            raise StoreUnavailable(f"the database: {problem} (restart the process)")
         lost = self._read()[1]
         if lost and now - lost < LOSS_HORIZON and (valid_from is None or valid_from < lost):
             raise ReplayWindowLost(lost)
@@ -133,7 +149,8 @@ def ledger_mark(engine: Engine) -> LedgerMark | None:
         mark = None
         if database and database != ":memory:" and not database.startswith("file:"):
             try:
-                mark = LedgerMark(Path(f"{database}.ledger-mark"))
+                file = sqlite_file(engine)
+                mark = LedgerMark(Path(f"{database}.ledger-mark"), WatchedFile(file) if file else None)
             except OSError as exc:
                 log.warning("lost commits of the database will not be noticed: %s", exc)
         _MARKS[engine] = mark
