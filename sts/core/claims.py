@@ -90,6 +90,17 @@ def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     return number
 
 
+def identifier_problem(value: str) -> str | None:
+    """Why ``value`` may not name a party in a token this service issues (``sub``, and the ``sub``
+    and ``iss`` of ``act`` and ``may_act``), or None: a control character, a line separator or a
+    bidirectional control (see :data:`_CONTROL_CHARACTER`, :data:`_DISPLAY_CONTROL`)."""
+    if _CONTROL_CHARACTER.search(value):
+        return "control character"
+    if _DISPLAY_CONTROL.search(value):
+        return "line separator or bidirectional control"
+    return None
+
+
 def string_claim(
     claims: Mapping[str, Any],
     name: str,
@@ -218,11 +229,8 @@ def check_claims(claims: Mapping[str, Any], rules: ClaimRules, *, now: float) ->
             raise ClaimInvalid("lifetime_too_long")
 
     sub = string_claim(claims, "sub", required=rules.require_sub)
-    if sub is not None:
-        if _CONTROL_CHARACTER.search(sub):
-            raise ClaimInvalid("malformed_sub", "control character")
-        if _DISPLAY_CONTROL.search(sub):
-            raise ClaimInvalid("malformed_sub", "line separator or bidirectional control")
+    if sub is not None and (problem := identifier_problem(sub)) is not None:
+        raise ClaimInvalid("malformed_sub", problem)
     jti = string_claim(
         claims,
         "jti",

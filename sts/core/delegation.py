@@ -40,7 +40,7 @@ from typing import Any
 
 from ..errors import InvalidRequest, InvalidScope, InvalidTarget
 from .attest import VerifiedToken
-from .claims import numeric_date_value
+from .claims import identifier_problem, numeric_date_value
 
 SELF_ISSUER = "self"
 #: The claim of our tokens naming the configured upstream issuer whose token began the chain
@@ -54,7 +54,9 @@ def chain_depth(act: Any) -> int:
     """Number of actors in an ``act`` chain; raises ``invalid_request`` on a malformed one."""
     depth = 0
     while act is not None:
-        if not isinstance(act, Mapping) or not isinstance(act.get("sub"), str) or not act["sub"]:
+        if not isinstance(act, Mapping) or not _names_a_party(act, "sub", required=True):
+            raise InvalidRequest("subject_token.malformed_act")
+        if not _names_a_party(act, "iss", required=False):
             raise InvalidRequest("subject_token.malformed_act")
         depth += 1
         if depth > MAX_CHAIN:
@@ -81,9 +83,23 @@ def may_act_of(subject: VerifiedToken) -> Mapping[str, Any] | None:
     may_act = subject.claims.get("may_act")
     if may_act is None:
         return None
-    if not isinstance(may_act, Mapping) or ("sub" not in may_act and "iss" not in may_act):
+    if (
+        not isinstance(may_act, Mapping)
+        or ("sub" not in may_act and "iss" not in may_act)
+        or not all(_names_a_party(may_act, claim, required=False) for claim in ("sub", "iss"))
+    ):
         raise InvalidRequest("subject_token.malformed_may_act")
     return may_act
+
+
+def _names_a_party(entry: Mapping[str, Any], claim: str, *, required: bool) -> bool:
+    """Whether ``entry[claim]`` is a non-empty string this service may copy into a token it issues
+    (:func:`~sts.core.claims.identifier_problem`: the rule for ``sub``); absent is fine unless
+    ``required``."""
+    if claim not in entry:
+        return not required
+    value = entry[claim]
+    return isinstance(value, str) and bool(value) and identifier_problem(value) is None
 
 
 def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:

@@ -435,6 +435,29 @@ def test_audit_events_keeps_no_index_that_no_query_reads(database: Callable[[], 
     assert drift(engine) == []
 
 
+def test_an_invalid_error_index_left_by_a_failed_concurrent_build_is_built_again(pg: PgSchema) -> None:
+    """0009 advises building its index beforehand with ``CREATE INDEX CONCURRENTLY``; one that
+    failed or was cancelled leaves an INVALID index of the name, which the revision skipped (its
+    queries then scanned the trail; an outside re-check).  PostgreSQL only: SQLite has no such
+    state (it builds an index whole or not at all)."""
+    engine = make_engine(pg.url)
+    migrations.upgrade(engine, "0008_schema_readers")
+    valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('ix_audit_events_by_error')"
+    with engine.begin() as conn:
+        conn.execute(
+            text("CREATE INDEX ix_audit_events_by_error ON audit_events (error, id) WHERE error IS NOT NULL")
+        )
+        # What a cancelled CREATE INDEX CONCURRENTLY leaves behind.
+        invalidate = "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass('{}')"
+        conn.execute(text(invalidate.format("ix_audit_events_by_error")))
+        assert conn.execute(text(valid)).scalar() is False
+    migrations.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text(valid)).scalar() is True
+    assert drift(engine) == []
+    engine.dispose()
+
+
 def test_a_database_between_0_1_0_and_migrations_is_upgraded(database: Callable[[], Engine]) -> None:
     """Versions after 0.1.0 made heartbeats with create_all, before migrations existed."""
     engine = database()

@@ -382,6 +382,13 @@ def test_a_chain_beyond_the_global_cap_is_never_issued_even_without_an_actor(
         pytest.param({"iss": "https://partner.example"}, "subject_token.malformed_act", id="no-sub"),
         pytest.param({"sub": ""}, "subject_token.malformed_act", id="empty-sub"),
         pytest.param({"sub": "x", "act": ["y"]}, "subject_token.malformed_act", id="nested-not-an-object"),
+        # Copied into the issued token: the rule for ``sub`` (an outside re-check).
+        pytest.param(
+            {"sub": "x", "act": {"sub": "y\u202enimda"}}, "subject_token.malformed_act", id="bidi-sub"
+        ),
+        pytest.param({"sub": "x\u2028admin"}, "subject_token.malformed_act", id="line-separator"),
+        pytest.param({"sub": "x\x00"}, "subject_token.malformed_act", id="nul"),
+        pytest.param({"sub": "x", "iss": 5}, "subject_token.malformed_act", id="iss-not-a-string"),
         pytest.param(chain_of(9, "https://partner.example"), "subject_token.act_chain_too_long", id="9-deep"),
     ],
 )
@@ -464,7 +471,16 @@ def test_may_act_naming_the_actor_is_granted(sts: STS, with_iss: bool) -> None:
 
 @pytest.mark.parametrize(
     "may_act",
-    [pytest.param(agent(1), id="a-string"), pytest.param({}, id="empty"), pytest.param([], id="a-list")],
+    [
+        pytest.param(agent(1), id="a-string"),
+        pytest.param({}, id="empty"),
+        pytest.param([], id="a-list"),
+        # Carried into the issued token: the rule for ``sub`` (an outside re-check).
+        pytest.param({"sub": "x\u2028admin"}, id="line-separator"),
+        pytest.param({"sub": "x\x1b[31m"}, id="escape"),
+        pytest.param({"sub": agent(1), "iss": "\u202eexample"}, id="bidi-iss"),
+        pytest.param({"sub": 7}, id="sub-not-a-string"),
+    ],
 )
 def test_a_malformed_may_act_is_refused_without_an_actor_too(sts: STS, may_act: Any) -> None:
     """Granted without an actor, the token came out without the restriction (only an object is
@@ -474,7 +490,7 @@ def test_a_malformed_may_act_is_refused_without_an_actor_too(sts: STS, may_act: 
 
 
 def test_may_act_without_an_actor_token_is_impersonation(sts: STS) -> None:
-    token = sts.granted(sts.crafted(may_act={"sub": agent(1)}))
+    token = sts.granted(sts.crafted(may_act={"sub": agent(1), "note": "not ours to sign for"}))
     claims = sts.claims(token)
     assert "act" not in claims
     # may_act travels with the token, so a later re-exchange is still bound by it (RFC 8693 §4.4).

@@ -123,5 +123,7 @@ def carried_claims(subject: VerifiedToken, act: dict[str, Any] | None) -> dict[s
         extra["act"] = act
     may_act = subject.claims.get("may_act")
     if isinstance(may_act, Mapping):
-        extra["may_act"] = dict(may_act)
+        # Only what is enforced (``sub``, ``iss``: check_may_act), checked by may_act_of; whatever
+        # else an upstream issuer put there is not this service's to sign for.
+        extra["may_act"] = {claim: may_act[claim] for claim in ("sub", "iss") if claim in may_act}
     return extra or None

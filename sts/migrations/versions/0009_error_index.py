@@ -12,7 +12,8 @@ for keyset pages.
 
 Building it reads the table once: on a large PostgreSQL trail, build it beforehand with
 ``CREATE INDEX CONCURRENTLY ix_audit_events_by_error ON audit_events (error, id) WHERE
-error IS NOT NULL`` (this revision skips an index that exists).  Versions before this one
+error IS NOT NULL`` (this revision skips an index that exists and is valid; one left invalid by
+a build that failed is built again).  Versions before this one
 run on the schema as well (they do not read the index; SQLite and PostgreSQL keep it).
 
 Revision ID: 0009_error_index
@@ -38,7 +39,13 @@ _HAS_ERROR = "error IS NOT NULL"
 
 
 def upgrade() -> None:
-    existing = {index["name"] for index in sa.inspect(op.get_bind()).get_indexes("audit_events")}
+    bind = op.get_bind()
+    existing = {index["name"] for index in sa.inspect(bind).get_indexes("audit_events")}
+    if NAME in existing and bind.dialect.name == "postgresql" and not _valid(bind):
+        # A CREATE INDEX CONCURRENTLY that failed or was cancelled leaves an INVALID index of the
+        # name, which no query uses (an outside re-check): built again here.
+        op.drop_index(NAME, table_name="audit_events")
+        existing.discard(NAME)
     if NAME not in existing:
         op.create_index(
             NAME,
@@ -47,6 +54,12 @@ def upgrade() -> None:
             sqlite_where=sa.text(_HAS_ERROR),
             postgresql_where=sa.text(_HAS_ERROR),
         )
+
+
+def _valid(bind: sa.Connection) -> bool:
+    """PostgreSQL: whether the index of that name in the search path is valid (``pg_index``)."""
+    query = sa.text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
+    return bool(bind.execute(query, {"name": NAME}).scalar())
 
 
 def downgrade() -> None:
