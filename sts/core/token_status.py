@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidClient, InvalidRequest, OAuthError, TemporarilyUnavailable, UnauthorizedClient
-from ..protocol.client_auth import parse_client_credentials
+from ..protocol.client_auth import NONE, parse_client_credentials
 from ..protocol.identifiers import uuid4_text
 from ..protocol.token_exchange import CLIENT_AUTHENTICATION_PARAMETERS, check_no_repeats, single
 from ..protocol.wire import WireRequest, check_content_type
@@ -96,6 +96,7 @@ class TokenStatus:
             max_assertion_lifetime=self.max_assertion_lifetime,
         )
         if client is None:
+            record.client_auth_method = NONE  # a public client's id, in the body or in Basic: no credential
             raise InvalidClient("client.authentication_required")
         record.client_id = client.client_id
         self.limits.for_client(record.endpoint, client.client_id, now, record)

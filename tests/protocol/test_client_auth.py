@@ -552,6 +552,14 @@ def test_a_public_client_is_not_a_client_for_introspection(app: Flask, client: F
     response = client.post("/introspect", data={"token": "x", "client_id": PUBLIC_CLIENT}, content_type=FORM)
     assert response.status_code == 401 and response.get_json()["error"] == "invalid_client"
     assert "client.authentication_required" in last_record(app)["reasons"]
+    # Its id in Basic with an empty password is no credential either, and recorded as none.
+    empty = basic(PUBLIC_CLIENT, "")
+    response = client.post(
+        "/introspect", data={"token": "x"}, content_type=FORM, headers={"Authorization": empty}
+    )
+    assert response.status_code == 401 and response.get_json()["error"] == "invalid_client"
+    record = last_record(app)
+    assert "client.authentication_required" in record["reasons"] and record["client_auth_method"] == "none"
 
 
 def test_a_public_client_has_no_credentials_and_no_rule_names_it(
