@@ -29,8 +29,9 @@ Decisions (see README "Shared signals"):
   ``invalid_key`` as "keys used to sign the SET [are] invalid or otherwise
   unacceptable".  ``authentication_failed`` is not used (no HTTP-level
   transmitter credential exists to fail).
-* A second delivery of a ``jti`` is ``invalid_request``: the first one was
-  applied, and RFC 8417 §2.2 makes ``jti`` the replay guard.
+* A second delivery of a ``jti`` is accepted (``202``, reason ``set.already_received``) and not
+  applied again: the first one was applied, RFC 8417 §2.2 makes ``jti`` the replay guard, and a
+  transmitter retrying a delivery whose answer it lost must not be told it failed.
 * A subject the receiver cannot place (an ``iss_sub`` whose ``iss`` is no
   configured issuer, an unknown format, a ``complex`` subject without a
   usable member) refuses the whole SET with ``invalid_request``: accepting it
