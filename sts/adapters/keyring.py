@@ -47,6 +47,7 @@ from .keyring_files import (
     delete_unlisted_key_files,
     ensure_directory,
     key_file,
+    refuse_orphaned_keys,
     ring_lock,
     write_file_atomically,
 )
@@ -115,6 +116,10 @@ class KeyRing:
         if create:
             ring.initialize(now, alg=create_alg)
         else:
+            if not ring._directory.is_dir():
+                raise ConfigurationError(
+                    f"no key ring in {ring._directory} (no such directory); the first start creates it"
+                )
             with ring_lock(ring._directory, exclusive=False, blocking=True) as locked:
                 if not locked:  # pragma: no cover - blocking locks are always taken
                     raise ConfigurationError(f"cannot lock the key ring in {ring._directory}")
@@ -222,6 +227,7 @@ class KeyRing:
             if self.metadata_path.exists():
                 self._snapshot = self._read_snapshot()
                 return False
+            refuse_orphaned_keys(self._directory, METADATA_FILE)
             active, upcoming = initial_entries(
                 active_kid=self._create_key(alg), next_kid=self._create_key(alg), alg=alg, now=now
             )

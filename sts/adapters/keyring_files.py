@@ -141,6 +141,22 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+def refuse_orphaned_keys(directory: Path, metadata_file: str) -> None:
+    """Raise :class:`ConfigurationError` when ``directory`` holds key files but no key ring (its
+    ``metadata_file`` is missing; the caller has looked).
+
+    Keys without their ring are a lost or moved ``keyring.json``: a new ring made over them would
+    sign with keys no resource server knows, cut off every token issued, and ``keys prune`` would
+    then delete the old keys (an outside audit had ``sts keys list`` do all of that)."""
+    orphans = sorted(path.name for path in directory.glob("*.pem"))
+    if orphans:
+        shown = ", ".join(orphans[:3]) + (", ..." if len(orphans) > 3 else "")
+        raise ConfigurationError(
+            f"keys_dir {directory} holds key files ({shown}) but no {metadata_file}: restore it "
+            "(from a backup), or move the key files away to start a new key ring"
+        )
+
+
 def delete_unlisted_key_files(directory: Path, listed: Collection[str]) -> None:
     """Delete every ``<kid>.pem`` whose kid is not ``listed``, then make that durable.
 

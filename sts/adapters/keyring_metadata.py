@@ -29,7 +29,7 @@ from typing import Final, TypeAlias
 from sts.core.key_rotation import KEY_STATES, KeyEntry, ring_problem
 from sts.errors import ConfigurationError
 
-from .keyring_files import KID_PATTERN, write_file_atomically
+from .keyring_files import KID_PATTERN, refuse_orphaned_keys, write_file_atomically
 from .signing_keys import SUPPORTED_ALGORITHMS
 
 METADATA_FILE: Final = "keyring.json"
@@ -50,6 +50,7 @@ def read_metadata(directory: Path) -> tuple[list[KeyEntry], FileId]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
+        refuse_orphaned_keys(directory, METADATA_FILE)  # keys without their ring: say so
         raise ConfigurationError(
             f"no key ring in {directory} ({METADATA_FILE} is missing); initialise it first"
         ) from None

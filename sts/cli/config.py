@@ -29,7 +29,7 @@ def config_check(ctx: click.Context) -> None:
     import time
 
     from ..adapters.keyring import KeyRing
-    from ..adapters.keyring_files import check_creatable
+    from ..adapters.keyring_files import check_creatable, refuse_orphaned_keys
     from ..adapters.keyring_metadata import METADATA_FILE
     from ..wiring.trust import build_clients, build_issuers, build_policy, build_transmitters
 
@@ -57,6 +57,7 @@ def config_check(ctx: click.Context) -> None:
             published = {key.get("alg") for key in ring.public_jwks(time.time()).get("keys", [])}
         else:
             check_creatable(settings.keys_dir)  # as the first start would find it
+            refuse_orphaned_keys(settings.keys_dir, METADATA_FILE)  # ... and refuse it
             keys_line = f"keys: none yet in {settings.keys_dir}; the first start creates them"
             published = {settings.signing_alg}
         _check_dpop_nonce_secret(settings)

@@ -37,7 +37,7 @@ def open_keyring(settings: Settings, create: bool = True) -> Any:
 @click.pass_context
 def keys_list(ctx: click.Context) -> None:
     """Show every key with its state (next, active, retired) and dates."""
-    ring = open_keyring(settings_from(ctx))
+    ring = open_keyring(settings_from(ctx), create=False)  # reading creates nothing
     for entry in ring.entries():
         # KeyEntry is a slotted dataclass: it has no __dict__ for vars().
         click.echo(json.dumps(dataclasses.asdict(entry), default=str))
@@ -70,7 +70,7 @@ def keys_rotate(ctx: click.Context, force: bool) -> None:
 @click.pass_context
 def keys_prune(ctx: click.Context) -> None:
     """Remove retired keys whose tokens have all expired."""
-    ring = open_keyring(settings_from(ctx))
+    ring = open_keyring(settings_from(ctx), create=False)
     for entry in ring.prune(time.time()):
         click.echo(f"removed {entry.kid}")
 
@@ -78,5 +78,7 @@ def keys_prune(ctx: click.Context) -> None:
 @keys.command("jwks")
 @click.pass_context
 def keys_jwks(ctx: click.Context) -> None:
-    """Print the public JWK Set."""
-    click.echo(json.dumps(open_keyring(settings_from(ctx)).public_jwks(), indent=2))
+    """Print the public JWK Set, as jwks_uri serves it now (without retired keys past their
+    publication)."""
+    ring = open_keyring(settings_from(ctx), create=False)
+    click.echo(json.dumps(ring.public_jwks(time.time()), indent=2))

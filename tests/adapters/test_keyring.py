@@ -261,6 +261,22 @@ def test_open_without_create_on_an_empty_directory_fails(key_dir: Path) -> None:
     assert not (key_dir / "keyring.json").exists()
 
 
+def test_key_files_without_their_ring_are_never_replaced_by_a_new_one(key_dir: Path) -> None:
+    """A lost or moved keyring.json beside its keys: a new ring would sign with keys no resource
+    server knows, cut off every token, and ``keys prune`` delete the old keys (an outside audit
+    had ``sts keys list`` create one).  Creating refuses; the key files stay."""
+    KeyRing.open(key_dir, now=NOW)
+    kept = sorted(p.name for p in key_dir.glob("*.pem"))
+    (key_dir / "keyring.json").rename(key_dir.parent / "keyring.json.moved")
+    for create in (True, False):
+        with pytest.raises(ConfigurationError, match=r"holds key files .* but no keyring.json: restore it"):
+            KeyRing.open(key_dir, create=create, now=NOW)
+    assert sorted(p.name for p in key_dir.glob("*.pem")) == kept
+    assert not (key_dir / "keyring.json").exists()
+    (key_dir.parent / "keyring.json.moved").rename(key_dir / "keyring.json")
+    assert KeyRing.open(key_dir, create=False, now=NOW).signer().kid in [n.removesuffix(".pem") for n in kept]
+
+
 def test_a_swapped_key_file_is_detected_by_its_thumbprint(key_dir: Path) -> None:
     ring = KeyRing.open(key_dir, now=NOW)
     active, upcoming = _by_state(ring)["active"][0], _by_state(ring)["next"][0]

@@ -658,6 +658,11 @@ def _key_entries(output: str) -> dict[str, list[str]]:
 
 
 def test_keys_list_rotate_jwks_prune(config_path: Path) -> None:
+    # Reading creates nothing (an outside audit had `keys list` make a ring over orphaned keys).
+    none = _sts(config_path, "keys", "list")
+    assert _failed_cleanly(none) and "no key ring" in none.output
+    assert not (config_path.parent / "keys" / "keyring.json").exists()
+    KeyRing.open(config_path.parent / "keys", passphrase=None, create_alg="ES256")  # the first start
     listed = _sts(config_path, "keys", "list")
     assert listed.exit_code == 0, listed.output
     before = _key_entries(listed.output)
@@ -698,7 +703,7 @@ def test_keys_list_rotate_jwks_prune(config_path: Path) -> None:
 def test_keys_rotate_moves_to_the_configured_signing_alg(config_path: Path) -> None:
     """A changed ``signing_alg`` reaches the key ring through rotation: the next key published is
     of the new algorithm (a whole rotation before it signs), then the one after signs with it."""
-    _sts(config_path, "keys", "list")  # creates the ring: ES256, active and next
+    KeyRing.open(config_path.parent / "keys", passphrase=None, create_alg="ES256")  # active and next
     env = {"STS_SIGNING_ALG": "RS256"}
     first = _sts(config_path, "keys", "rotate", "--force", env=env)
     assert first.exit_code == 0, first.output
