@@ -90,6 +90,8 @@ class KeyRing:
         self._published_view: tuple[RingView, RingView] | None = None
         self._last_check = -math.inf
         self._reload_lock = threading.Lock()
+        #: Why the last reload of a changed ring failed (None: it did not); see :attr:`reload_problem`.
+        self._reload_problem: str | None = None
 
     @classmethod
     def open(
@@ -193,9 +195,11 @@ class KeyRing:
             try:
                 current = file_id(os.stat(self.metadata_path))
             except OSError as exc:
+                self._reload_problem = f"cannot stat {self.metadata_path}: {exc.strerror}"
                 logger.error("cannot stat key ring metadata %s: %s", self.metadata_path, exc.strerror)
                 return False
             if current == self._current().file_id:
+                self._reload_problem = None
                 return False
             with ring_lock(self._directory, exclusive=False, blocking=False) as locked:
                 if not locked:
@@ -204,13 +208,25 @@ class KeyRing:
                 try:
                     snapshot = self._read_snapshot()
                 except ConfigurationError as exc:
+                    self._reload_problem = str(exc)
                     logger.error("key ring reload failed, keeping the previous keys: %s", exc)
                     return False
+            self._reload_problem = None
             self._snapshot = snapshot
             logger.info("key ring reloaded; active kid %s", snapshot.signer.kid)
             return True
         finally:
             self._reload_lock.release()
+
+    @property
+    def reload_problem(self) -> str | None:
+        """Why the ring on disk, changed since it was loaded, could not be loaded again (a
+        passphrase this process lacks, a damaged file, ``keyring.json`` gone), or None.  The
+        previous keys keep serving, but another instance sharing the directory publishes the ring
+        on disk: tokens this one signs may carry a key it no longer publishes, and its own key
+        set miss the new ones.  Readiness reports ``keys`` meanwhile (an outside audit saw an
+        instance stay ready for minutes while signing with a key pruned from disk)."""
+        return self._reload_problem
 
     # -- writing -----------------------------------------------------------------
 

@@ -412,6 +412,8 @@ class Readiness:
         try:
             self.keyring.reload_if_changed(now)
             self.keyring.signer()
+            if self.keyring.reload_problem is not None:
+                problems.append("keys")
         except ConfigurationError:
             problems.append("keys")
         return problems

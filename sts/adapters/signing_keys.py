@@ -93,8 +93,11 @@ def private_pem(key: AsymmetricJWK, passphrase: bytes | None) -> bytes:
 def load_private_key(path: Path, *, kid: str, alg: str, passphrase: bytes | None) -> AsymmetricJWK:
     """Parse the PEM file ``path`` and check it holds the key ``kid`` for ``alg`` (type, curve, size)."""
     try:
-        info = os.stat(path, follow_symlinks=False)
-        data = path.read_bytes()
+        # The mode of the file read, not of a symbolic link to it (whose own mode is 777: an
+        # outside audit had a link to a world-readable copy pass without a word).
+        with path.open("rb") as file:
+            info = os.fstat(file.fileno())
+            data = file.read()
     except FileNotFoundError:
         raise ConfigurationError(f"key file {path} listed in keyring.json is missing") from None
     except OSError as exc:

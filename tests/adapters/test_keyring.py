@@ -329,11 +329,34 @@ def test_reload_if_changed_picks_up_a_rotation_by_another_instance(
 def test_a_broken_reload_keeps_the_previous_keys(key_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     server = KeyRing.open(key_dir, now=NOW, check_interval=5)
     kid = server.signer().kid
+    good = (key_dir / "keyring.json").read_bytes()
+    assert server.reload_problem is None
     (key_dir / "keyring.json").write_text("{not json")
     with caplog.at_level(logging.ERROR, logger="sts.adapters.keyring"):
         assert server.reload_if_changed(NOW + 5) is False
     assert server.signer().kid == kid
     assert any("reload failed" in r.getMessage() for r in caplog.records)
+    assert server.reload_problem is not None  # readiness says "keys" meanwhile
+    (key_dir / "keyring.json").unlink()
+    assert server.reload_if_changed(NOW + 10) is False and "cannot stat" in str(server.reload_problem)
+    (key_dir / "keyring.json").write_bytes(good)
+    assert server.reload_if_changed(NOW + 15) is True and server.reload_problem is None
+
+
+def test_the_mode_checked_is_the_key_files_own_not_a_links(
+    key_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ring = KeyRing.open(key_dir, now=NOW)
+    kid = ring.signer().kid
+    key = key_dir / f"{kid}.pem"
+    elsewhere = key_dir.parent / "copy.pem"
+    elsewhere.write_bytes(key.read_bytes())
+    elsewhere.chmod(0o644)
+    key.unlink()
+    key.symlink_to(elsewhere)
+    with caplog.at_level(logging.WARNING, logger="sts.adapters.keyring"):
+        assert KeyRing.open(key_dir, create=False, now=NOW).signer().kid == kid
+    assert any("readable by group or others (mode 644)" in r.getMessage() for r in caplog.records)
 
 
 def _open_concurrently(directory: str, barrier: Barrier, results: Queue[list[tuple[str, str]]]) -> None:

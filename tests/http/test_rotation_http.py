@@ -62,3 +62,31 @@ def test_rotation_overlap_seen_by_a_relying_party(
     states = {e.kid: e.state for e in KeyRing.open(settings.keys_dir, create=False).entries()}
     assert sorted(states.values()) == ["active", "next", "retired"]
     assert set(states) == {k["kid"] for k in jwks_after["keys"]}
+
+
+def test_a_ring_on_disk_this_process_cannot_load_makes_it_unready_until_it_can(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """Another instance rotated with a passphrase this one lacks (or the file is damaged): this one
+    kept serving the keys it had, ready, while its key set and the one on disk parted (an outside
+    audit had it sign with a key pruned from disk).  Readiness says ``keys`` until it loads again."""
+    settings = make_settings()
+    clock = Clock(time.time())
+    client = create_app(settings, clock=clock).test_client()
+    assert client.get("/readyz").status_code == 200
+    metadata = settings.keys_dir / "keyring.json"
+    good = metadata.read_bytes()
+    metadata.write_text("{not json")
+    clock.now += 6  # past the reload interval (5 s)
+    time.sleep(1.1)  # past readiness's memory of a good result (one second, on the real clock)
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and "keys" in answer.get_json()["problems"], answer.get_json()
+    # The previous keys still sign meanwhile (a grant is not refused for it).
+    subject = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=clock.now)
+    granted = client.post("/token", data=exchange_form(subject, audience="https://deploy.example.com"))
+    assert granted.status_code == 200, granted.get_json()
+    metadata.unlink()
+    metadata.write_bytes(good)  # restored: a new file, loaded at the next check
+    clock.now += 6
+    answer = client.get("/readyz")
+    assert answer.status_code == 200, answer.get_json()
