@@ -42,12 +42,15 @@ def _load_baseline(store: Any, identity: str) -> Any:
         raise click.ClickException(f"the store is unavailable: {exc}") from None
 
 
-def _save_baseline(store: Any, identity: str, value: Any) -> None:
+def _save_baseline(store: Any, identity: str, value: Any, *, clear_failures: bool = False) -> None:
+    """Save ``value``; ``clear_failures``: forget the recent refusals too (kept apart from it)."""
     from ..core.baseline import BASELINE_TTL
     from ..core.ports import StoreUnavailable
 
     try:
         store.save(identity, value, BASELINE_TTL)
+        if clear_failures:
+            store.save_failures(identity, (), BASELINE_TTL)
     except StoreUnavailable as exc:
         raise click.ClickException(f"the store is unavailable: {exc}") from None
 
@@ -100,9 +103,10 @@ def baseline_accept(ctx: click.Context, identity: str, facts: tuple[str, ...]) -
 @click.argument("identity")
 @click.pass_context
 def baseline_reset(ctx: click.Context, identity: str) -> None:
-    """Forget IDENTITY's baseline: it learns afresh, and the next facts seen become its baseline."""
+    """Forget IDENTITY's baseline and recent refusals: it learns afresh, and the next facts seen
+    become its baseline."""
     from ..core.baseline import Baseline
 
     store = _baseline_store(ctx, identity)
-    _save_baseline(store, identity, Baseline())
+    _save_baseline(store, identity, Baseline(), clear_failures=True)
     click.echo(f"reset the baseline of {identity}: it is learning again")

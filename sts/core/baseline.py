@@ -422,6 +422,23 @@ def record_failure(baseline: Baseline, now: float) -> Baseline:
     return replace(baseline, failures=(*baseline.failures, now)[-MAX_FAILURES:], last_seen=now)
 
 
+def failures_to_json(failures: Iterable[float]) -> str:
+    """The stored form of an identity's recent refusals, kept apart from its baseline: a grant
+    writes back the whole baseline it read, and would undo a refusal recorded in between."""
+    return _ENCODER.encode([float(t) for t in failures])
+
+
+def with_failures(baseline: Baseline, failures: str | bytes | None) -> Baseline:
+    """``baseline`` with the refusals kept apart from it (:func:`failures_to_json`); None (or an
+    unreadable value) leaves the baseline's own, which is where they were kept before."""
+    try:
+        data = json.loads(failures) if failures else None
+        kept = tuple(float(t) for t in data) if isinstance(data, list) else None
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        kept = None
+    return baseline if kept is None or kept == baseline.failures else replace(baseline, failures=kept)
+
+
 def accept_pending(baseline: Baseline, now: float, names: Iterable[str] | None = None) -> Baseline:
     """An operator confirms pending values (all, or those ``names``): they become the baseline's facts."""
     chosen = sorted(set(baseline.pending) if names is None else set(names) & set(baseline.pending))

@@ -262,7 +262,15 @@ class BaselineStore(Protocol):
         ...
 
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
-        """Raises :class:`StoreUnavailable`."""
+        """Save the baseline but not its ``failures``, which only :meth:`save_failures` writes.
+        Raises :class:`StoreUnavailable`."""
+        ...
+
+    def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
+        """Save the identity's recent refusals alone, kept apart from the rest of its baseline: a
+        grant saves the baseline it read before it was decided, and would otherwise undo a refusal
+        recorded meanwhile.  :meth:`load` gives them as the baseline's ``failures``.  Raises
+        :class:`StoreUnavailable`."""
         ...
 
 

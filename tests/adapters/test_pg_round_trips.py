@@ -370,8 +370,9 @@ def test_the_baseline_read_with_the_subject_state_serves_one_load_of_its_thread(
     engine = make_engine(pg.url)
     upgrade(engine)
     states, baselines = SqlSubjectStateStore(engine), SqlBaselineStore(engine)
-    first, second = Baseline(scopes=("read",)), Baseline(scopes=("write",))
+    first, second = Baseline(scopes=("read",), failures=(NOW,)), Baseline(scopes=("write",), failures=(NOW,))
     baselines.save("github|alice", first, 3600)
+    baselines.save_failures("github|alice", (NOW,), 3600)  # Kept apart, and read with the rest.
     states.put("github|alice", SubjectState(blocked_until=NOW), 3600)
     wire = Wire(engine, tmp_path)
     try:

@@ -108,7 +108,7 @@ def test_a_full_exchange_runs_two_statements(tmp_path: Path, no_purges: None) ->
         statements.clear()
         assert [exchanges.send(*form) for form in exchanges.forms(10)] == [200] * 10
         ran = statements.ran()
-        assert ran == ["SELECT identity, baseline", "INSERT INTO sts_grants"] * 10, ran[:8]
+        assert ran == ["SELECT identity, baseline,", "INSERT INTO sts_grants"] * 10, ran[:8]
     finally:
         runtime.engine.dispose()
 

@@ -345,6 +345,9 @@ class _Baselines:
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
         raise AssertionError("assess and learn save nothing")
 
+    def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
+        raise AssertionError("assess and learn save nothing")
+
 
 class _States:
     def __init__(self, states: dict[str, SubjectState]) -> None:

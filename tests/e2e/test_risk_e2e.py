@@ -28,6 +28,7 @@ from sts.settings import Settings
 from sts.wiring.runtime import Runtime
 from tests.conftest import ACCESS_TOKEN_TYPE, STS_ISSUER, exchange_form, upstream_issuer
 from tests.support.clock import Clock
+from tests.support.postgres import PgSchema
 from tests.support.redis_server import url_of
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -313,6 +314,69 @@ def test_recent_failures_count_for_a_subject_longer_than_the_record_keeps(
     assert len(sts.runtime.baselines.load(f"upstream|{subject}").failures) == 3
     assert sts.granted(sts.token(ref=ref), scope="deploy:read")["expires_in"] == 210
     assert sts.fired() == ["recent_failures"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+def every_store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The settings of each store: embedded SQLite, embedded PostgreSQL, Redis."""
+    if request.param == "redis":
+        db: redis.Redis = request.getfixturevalue("redis_db")
+        return {"store": "redis", "redis_url": url_of(db)}
+    if request.param == "postgresql":
+        pg: PgSchema = request.getfixturevalue("pg")
+        return {"database_url": pg.url}
+    return {}
+
+
+def test_a_refusal_recorded_while_a_grant_is_decided_survives_the_grant(
+    make_sts: Callable[..., STS], every_store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grant writes back the baseline it read when it was decided; a refusal recorded by another
+    instance between that read and the grant's commit was undone by it (last writer wins), so that
+    a workload that is granted could probe with refusals and stay under max_failures (an outside
+    audit: 4 refusals sent with 12 grants, 2 kept).  The refusals are kept apart now."""
+    sts = make_sts(policy(rule(risk={"max_failures": 3, "failure_window": 600})), **every_store)
+    other = create_app(sts.runtime.settings, clock=sts.clock)  # another instance, the same store
+    elsewhere = other.test_client()
+
+    def refuse() -> None:
+        resp = elsewhere.post(
+            "/token",
+            data=exchange_form(sts.token(), audience="https://elsewhere.example.com"),
+            environ_base={"REMOTE_ADDR": HOME},
+        )
+        assert resp.get_json()["error"] == "invalid_target"
+
+    assert sts.granted(sts.token(), scope="deploy:read")["expires_in"] == 300
+    sts.clock.now += 1
+    refuse()
+    assert sts.baseline().failures == (sts.clock.now,)
+
+    baselines = sts.runtime.baselines
+    assert baselines is not None
+    read = baselines.load
+
+    def read_then_refused_elsewhere(identity: str) -> Baseline:
+        """The grant's read of the baseline, then a refusal recorded before the grant commits."""
+        baseline = read(identity)
+        sts.clock.now += 1
+        refuse()
+        return baseline
+
+    for _ in range(2):
+        monkeypatch.setattr(baselines, "load", read_then_refused_elsewhere)
+        assert sts.granted(sts.token(), scope="deploy:read")["expires_in"] == 300
+        monkeypatch.setattr(baselines, "load", read)
+    baseline = sts.baseline()
+    assert baseline.count == 3  # Every grant learned ...
+    assert len(baseline.failures) == 3  # ... and no refusal was lost.
+    # The third refusal makes recent_failures fire on the next exchange.
+    assert sts.granted(sts.token(), scope="deploy:read")["expires_in"] == 210
+    assert sts.fired() == ["recent_failures"]
+    runtime = other.extensions["sts"]
+    runtime.engine.dispose()
+    if runtime.redis_client is not None:
+        runtime.redis_client.close()
 
 
 def test_baselines_on_both_stores(make_sts: Callable[..., STS], store: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from ...core.baseline import Baseline
+from ...core.baseline import Baseline, failures_to_json, with_failures
 from ...core.ports import StoreUnavailable
 from ...core.subject_state import SubjectState
 from .client import commands
@@ -21,7 +21,8 @@ class RedisSubjectStateStore:
     """ports.SubjectStateStore on Redis: one JSON value per identity, with expiry.
 
     Given ``baselines`` (a :class:`RedisBaselineStore` on this client), :meth:`get` reads the first
-    identity's baseline in the same ``MGET`` and hands it to that store, which answers the
+    identity's baseline (and its refusals, :func:`failures_name`) in the same ``MGET`` and hands it
+    to that store, which answers the
     exchange's :meth:`RedisBaselineStore.load` that follows with it: the risk stage reads both,
     one after the other, and saves a round trip.
     """
@@ -45,7 +46,10 @@ class RedisSubjectStateStore:
         names = [self._name(i) for i in identities]
         baselines = self.baselines if identities else None
         if baselines is not None:
-            names.append(baseline_name(baselines.prefix, identities[0]))
+            names += (
+                baseline_name(baselines.prefix, identities[0]),
+                failures_name(baselines.prefix, identities[0]),
+            )
         if epoch is not None:
             names.append(epoch.key)
         try:
@@ -55,7 +59,8 @@ class RedisSubjectStateStore:
         if epoch is not None:
             look_at_epoch(epoch, values.pop(), now)
         if baselines is not None:
-            baselines.read_ahead(identities[0], values.pop())
+            failures = values.pop()
+            baselines.read_ahead(identities[0], values.pop(), failures)
         return [SubjectState.from_json_dict(_loads(v)) for v in values]
 
     def put(self, identity: str, state: SubjectState, ttl: int) -> None:
@@ -88,17 +93,24 @@ def baseline_name(prefix: str, identity: str) -> bytes:
     return f"{prefix}:baseline:{identity}".encode("utf-8", "surrogatepass")
 
 
+def failures_name(prefix: str, identity: str) -> bytes:
+    """The key of an identity's recent refusals, kept apart from its baseline, which the single-use
+    ledger's confirmation writes back whole: only :meth:`RedisBaselineStore.save_failures` writes it."""
+    return f"{prefix}:failures:{identity}".encode("utf-8", "surrogatepass")
+
+
 #: How long a baseline read ahead (:meth:`RedisBaselineStore.read_ahead`) answers a load: the
 #: risk stage loads it microseconds after; a thread held up longer reads it again.
 READ_AHEAD_FOR = 0.01
 
 
 class _ReadAhead(threading.local):
-    """The calling thread's baseline read ahead: the identity, its value, and when it was read
-    (``time.monotonic()``, and the thread's count of commands sent, :meth:`Commands.sent`)."""
+    """The calling thread's baseline read ahead: the identity, its value and refusals, and when it
+    was read (``time.monotonic()``, and the thread's count of commands sent, :meth:`Commands.sent`)."""
 
     identity: str | None = None
     value: bytes | None = None
+    failures: bytes | None = None
     at: float = 0.0
     sent: int = -1
 
@@ -110,6 +122,10 @@ class RedisBaselineStore:
     same identity on the same thread, once, if it is the thread's next read of Redis (no command
     sent since, which could have changed it) and comes within :data:`READ_AHEAD_FOR`: as fresh as
     a ``GET`` sent then, in a request that ran that much slower.
+
+    The identity's recent refusals are a key of their own (:func:`failures_name`, with the same
+    expiry), read with the baseline and written only by :meth:`save_failures`: a grant's
+    confirmation writes back the baseline it read, and never undoes a refusal recorded since.
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
@@ -121,9 +137,9 @@ class RedisBaselineStore:
     def _name(self, identity: str) -> bytes:
         return baseline_name(self.prefix, identity)
 
-    def read_ahead(self, identity: str, value: bytes | None) -> None:
+    def read_ahead(self, identity: str, value: bytes | None, failures: bytes | None = None) -> None:
         ahead = self._ahead
-        ahead.identity, ahead.value = identity, value
+        ahead.identity, ahead.value, ahead.failures = identity, value, failures
         ahead.at, ahead.sent = time.monotonic(), self.commands.sent()
 
     def load(self, identity: str) -> Baseline:
@@ -134,18 +150,29 @@ class RedisBaselineStore:
                 and ahead.sent == self.commands.sent()
                 and time.monotonic() - ahead.at < READ_AHEAD_FOR
             )
-            value, ahead.identity, ahead.value = ahead.value, None, None
+            value, failures = ahead.value, ahead.failures
+            ahead.identity = ahead.value = ahead.failures = None
             if fresh:
-                return Baseline.from_json(value)
+                return with_failures(Baseline.from_json(value), failures)
         try:
-            value = self.commands(b"GET", self._name(identity))
+            value, failures = self.commands(
+                b"MGET", self._name(identity), failures_name(self.prefix, identity)
+            )
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
-        return Baseline.from_json(value)
+        return with_failures(Baseline.from_json(value), failures)
 
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
         try:
             self.commands(b"SET", self._name(identity), baseline.to_json(), b"EX", ttl)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
+        try:
+            self.commands(
+                b"SET", failures_name(self.prefix, identity), failures_to_json(failures), b"EX", ttl
+            )
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 

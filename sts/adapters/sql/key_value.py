@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ...core.baseline import Baseline
+from ...core.baseline import Baseline, failures_to_json, with_failures
 from ...core.ports import StoreUnavailable
 from .pg_exchange import states_with_baseline
 from .statements import RawStatement
@@ -38,18 +38,40 @@ def upsert_statement(table: str, column: str, placeholder: str) -> str:
     )
 
 
-class KeyValueTable:
-    """A small expiring key-value table, read and written with single raw statements."""
+def failures_upsert_statement(placeholder: str) -> str:
+    """Write one identity's recent refusals (the ``failures`` column) and nothing else of a live
+    baseline: the row is made if there is none, and an expired baseline under it is replaced by a
+    new one (``{}``), never brought back to life.  Parameters ``(store_key(identity), failures,
+    expires_at, now)``."""
+    p = placeholder
+    # Placeholders only: the values are parameters.
+    return (
+        "INSERT INTO baselines (identity, baseline, failures, expires_at) "  # noqa: S608
+        f"VALUES ({p}, '{{}}', {p}, {p}) "
+        "ON CONFLICT (identity) DO UPDATE SET failures = excluded.failures, "
+        f"baseline = CASE WHEN baselines.expires_at > {p} THEN baselines.baseline "
+        "ELSE excluded.baseline END, expires_at = excluded.expires_at"
+    )
 
-    def __init__(self, engine: Engine, table: str, column: str, clock: Callable[[], float]) -> None:
+
+class KeyValueTable:
+    """A small expiring key-value table, read and written with single raw statements.
+
+    ``also``: another column read with the value in the same statement (:meth:`get_with`)."""
+
+    def __init__(
+        self, engine: Engine, table: str, column: str, clock: Callable[[], float], *, also: str | None = None
+    ) -> None:
         self._raw = RawStatement(engine)
         self._engine = engine
         self._clock = clock
         p = self._raw.placeholder
         self._put = upsert_statement(table, column, p)
+        columns = f"{column}, {also}" if also else column
         # Table and column names are constants of this package; values are parameters.
-        self._get = f"SELECT identity, {column} FROM {table} WHERE identity IN "  # noqa: S608
+        self._get = f"SELECT identity, {columns} FROM {table} WHERE identity IN "  # noqa: S608
         self._table, self._p = table, p
+        self.placeholder = p
 
     def put(self, identity: str, value: str, ttl: int) -> None:
         try:
@@ -58,14 +80,27 @@ class KeyValueTable:
             raise StoreUnavailable(type(exc).__name__) from None
 
     def get(self, identities: list[str]) -> dict[str, str]:
+        return {i: value for i, (value, *_) in self.get_with(identities).items()}
+
+    def get_with(self, identities: list[str]) -> dict[str, tuple[str, str | None]]:
+        """The live values, each with its ``also`` column (None when it is NULL, or without one)."""
         keys = [store_key(i) for i in identities]
         sql = self._get + "(" + ", ".join([self._p] * len(keys)) + f") AND expires_at > {self._p}"
         try:
             rows = self._raw.query(sql, (*keys, self._clock()))
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
-        found = {str(k): str(v) for k, v in rows}
+        found = {
+            str(k): (str(v), str(rest[0]) if rest and rest[0] is not None else None) for k, v, *rest in rows
+        }
         return {i: found[k] for i, k in zip(identities, keys, strict=True) if k in found}
+
+    def run(self, sql: str, params: tuple[object, ...]) -> None:
+        """Run one more writing statement of this table."""
+        try:
+            self._raw.run(sql, params)
+        except self._raw.failures as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
 
 
 def loads_or_none(text: str | None) -> Any:
@@ -78,24 +113,39 @@ def loads_or_none(text: str | None) -> Any:
 
 
 class SqlBaselineStore:
-    """ports.BaselineStore on the embedded database."""
+    """ports.BaselineStore on the embedded database.
+
+    The identity's recent refusals are the ``failures`` column (revision 0010), which only
+    :meth:`save_failures` writes; a grant writes the ``baseline`` column alone, so it never undoes
+    a refusal recorded after it read the baseline.  NULL (a row written before 0010, or by a
+    version before it): the refusals are those of the baseline's JSON.
+    """
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
-        self._kv = KeyValueTable(engine, "baselines", "baseline", clock)
+        self._kv = KeyValueTable(engine, "baselines", "baseline", clock, also="failures")
+        self._clock = clock
+        self._put_failures = failures_upsert_statement(self._kv.placeholder)
         #: PostgreSQL: the baseline read with the subject's state, just before (one round trip).
         self._with_states = states_with_baseline(engine)
 
     def load(self, identity: str) -> Baseline:
         if self._with_states is not None:
-            read, value = self._with_states.baseline(store_key(identity))
+            read, value, failures = self._with_states.baseline(store_key(identity))
             if read:
-                return Baseline.from_json(value)
-        return Baseline.from_json(self._kv.get([identity]).get(identity))
+                return with_failures(Baseline.from_json(value), failures)
+        found = self._kv.get_with([identity]).get(identity)
+        return with_failures(Baseline.from_json(found[0]), found[1]) if found else Baseline()
 
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
         if self._with_states is not None:
             self._with_states.forget()
         self._kv.put(identity, baseline.to_json(), ttl)
+
+    def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
+        if self._with_states is not None:
+            self._with_states.forget()
+        now = self._clock()
+        self._kv.run(self._put_failures, (store_key(identity), failures_to_json(failures), now + ttl, now))
 
 
 class SqlRevokedTokens:

@@ -52,13 +52,16 @@ def states_with_baseline(engine: Engine) -> StatesWithBaseline | None:
 
 @functools.cache
 def _states_and_baseline_statement(keys: int) -> str:
-    """Rows ``(kind, identity, value)``: ``s`` for each live state of the ``keys`` identities, ``b``
-    for the live baseline of the first.  Parameters: the keys, now, the first key, now."""
+    """Rows ``(kind, identity, value, failures)``: ``s`` for each live state of the ``keys``
+    identities, ``b`` for the live baseline of the first, with its refusals (``failures``, kept
+    apart: :class:`~sts.adapters.sql.key_value.SqlBaselineStore`).  Parameters: the keys, now, the
+    first key, now."""
     placeholders = ", ".join(["%s"] * keys)
     return (
-        "SELECT 's', identity, state FROM subject_states "  # noqa: S608 - placeholders only
+        "SELECT 's', identity, state, NULL FROM subject_states "  # noqa: S608 - placeholders only
         f"WHERE identity IN ({placeholders}) AND expires_at > %s "
-        "UNION ALL SELECT 'b', identity, baseline FROM baselines WHERE identity = %s AND expires_at > %s"
+        "UNION ALL SELECT 'b', identity, baseline, failures FROM baselines "
+        "WHERE identity = %s AND expires_at > %s"
     )
 
 
@@ -89,23 +92,24 @@ class StatesWithBaseline:
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         found: dict[str, str] = {}
-        baseline = None
-        for kind, key, value in rows:
+        baseline = failures = None
+        for kind, key, value, refusals in rows:
             if kind == "s":
                 found[str(key)] = str(value)
             else:
-                baseline = str(value)
-        self._kept.value = (keys[0], baseline, time.monotonic())
+                baseline, failures = str(value), refusals
+        self._kept.value = (keys[0], baseline, failures, time.monotonic())
         return found
 
-    def baseline(self, key: str) -> tuple[bool, str | None]:
-        """``(True, value)`` if this thread's last :meth:`states` read the baseline under ``key``
-        (``None``: there is none) moments ago; else ``(False, None)``, and it is to be read."""
+    def baseline(self, key: str) -> tuple[bool, str | None, str | None]:
+        """``(True, value, failures)`` if this thread's last :meth:`states` read the baseline under
+        ``key`` (``None``: there is none; its ``failures`` column, None when NULL) moments ago; else
+        ``(False, None, None)``, and it is to be read."""
         kept = getattr(self._kept, "value", None)
         self._kept.value = None
-        if kept is None or kept[0] != key or time.monotonic() - kept[2] > READ_AHEAD_AGE:
-            return False, None
-        return True, kept[1]
+        if kept is None or kept[0] != key or time.monotonic() - kept[3] > READ_AHEAD_AGE:
+            return False, None, None
+        return True, kept[1], kept[2]
 
     def forget(self) -> None:
         """This thread wrote a baseline: what it read ahead is no longer the latest it knows."""
@@ -154,7 +158,11 @@ def pipelined_grants(
             prev = write_item(functools.partial(_collect, writes), head, item, seq, prev, registered)
             registered = True
             sql = grant_statement(len(item.entries), tuple(sql for sql, _ in writes))
-            conn.execute(sql, [*item.entry_params, *(value for _, params in writes for value in params)])
+            # Without uses the statement has no entry part, so none of its parameters (the
+            # entries' end with ``now``, which alone was one parameter too many: every grant that
+            # learned a baseline without a single use failed).
+            entries = item.entry_params if item.entries else []
+            conn.execute(sql, [*entries, *(value for _, params in writes for value in params)])
         return list(batch), seq, prev
 
     return raw.pipelined(queue, refusal=refusal, single=len(batch) == 1)

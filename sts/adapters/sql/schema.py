@@ -196,6 +196,9 @@ baselines = Table(
     Column("identity", String(600), primary_key=True),
     Column("baseline", String(16000), nullable=False),
     Column("expires_at", Float, nullable=False),
+    #: The identity's recent refusals (a JSON array of times), kept apart from ``baseline``, which a
+    #: grant writes back whole (revision 0010); NULL: those of ``baseline``.
+    Column("failures", String(2000)),
 )
 
 revoked_tokens = Table(

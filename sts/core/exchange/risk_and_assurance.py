@@ -314,11 +314,14 @@ class RiskAndAssurance:
     def record_failure(self, key: str, now: float) -> None:
         """A refusal for a verified identity (``key``, its whole subject: the record's is cut to 500
         characters, and failures counted under it were never read) counts towards its
-        recent_failures signal."""
+        recent_failures signal.  Saved apart from the baseline, which a grant decided meanwhile
+        writes back as it read it (last writer wins: refusals sent with grants were lost, and
+        stayed under ``max_failures``; an outside audit)."""
         if self.baselines is None:
             return
         try:
-            self.baselines.save(key, record_failure(self.baselines.load(key), now), BASELINE_TTL)
+            failures = record_failure(self.baselines.load(key), now).failures
+            self.baselines.save_failures(key, failures, BASELINE_TTL)
         except StoreUnavailable:
             log.warning("failure not recorded in baseline: store unavailable")
 
