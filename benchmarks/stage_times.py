@@ -42,7 +42,7 @@ STAGES: tuple[tuple[str, str | None, str], ...] = (
     ("sts.core.attest", None, "verify_token"),
     ("sts.core.exchange", "TokenExchange", "_evaluate_policy"),
     ("sts.core.exchange.risk_and_assurance", "RiskAndAssurance", "assess"),
-    ("sts.adapters.sql.key_value", "KeyValueTable", "get"),
+    ("sts.adapters.sql.key_value", "KeyValueTable", "get_with"),
     ("sts.core.risk", None, "assess"),
     ("sts.core.exchange.risk_and_assurance", "RiskAndAssurance", "learn"),
     ("sts.core.exchange.issue", None, "mint_exchanged_token"),
