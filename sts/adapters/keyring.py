@@ -44,8 +44,10 @@ from sts.errors import ConfigurationError
 
 from .key_signer import KeySigner
 from .keyring_files import (
+    CREATING_FILE,
     delete_unlisted_key_files,
     ensure_directory,
+    fsync_directory,
     key_file,
     refuse_orphaned_keys,
     ring_lock,
@@ -244,10 +246,17 @@ class KeyRing:
                 self._snapshot = self._read_snapshot()
                 return False
             refuse_orphaned_keys(self._directory, METADATA_FILE)
+            # Marked first: a start killed before keyring.json is written leaves keys that never
+            # signed anything, which the next start replaces instead of refusing them as a lost ring.
+            creating = self._directory / CREATING_FILE
+            write_file_atomically(creating, b"")
+            delete_unlisted_key_files(self._directory, ())  # such leftovers, if any
             active, upcoming = initial_entries(
                 active_kid=self._create_key(alg), next_kid=self._create_key(alg), alg=alg, now=now
             )
             write_metadata(self._directory, [active, upcoming])
+            creating.unlink()
+            fsync_directory(self._directory)
             self._snapshot = self._read_snapshot()
         logger.info(
             "key ring created in %s: active %s, next %s (%s)", self._directory, active.kid, upcoming.kid, alg

@@ -141,14 +141,23 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+#: Present while a first start creates the ring's keys (removed once ``keyring.json`` is written):
+#: key files beside it are that unfinished creation's, which never signed anything.
+CREATING_FILE: Final = ".keyring.creating"
+
+
 def refuse_orphaned_keys(directory: Path, metadata_file: str) -> None:
-    """Raise :class:`ConfigurationError` when ``directory`` holds key files but no key ring (its
-    ``metadata_file`` is missing; the caller has looked).
+    """Raise :class:`ConfigurationError` when ``directory`` holds key files (``<kid>.pem``) but no
+    key ring (its ``metadata_file`` is missing; the caller has looked), unless a first start that
+    created them was cut short (:data:`CREATING_FILE` is there: they never signed anything).
 
     Keys without their ring are a lost or moved ``keyring.json``: a new ring made over them would
     sign with keys no resource server knows, cut off every token issued, and ``keys prune`` would
-    then delete the old keys (an outside audit had ``sts keys list`` do all of that)."""
-    orphans = sorted(path.name for path in directory.glob("*.pem"))
+    then delete the old keys (an outside audit had ``sts keys list`` do all of that).  Other
+    ``.pem`` files (a TLS certificate kept there) are no key of the ring."""
+    if (directory / CREATING_FILE).exists():
+        return
+    orphans = sorted(path.name for path in directory.glob("*.pem") if KID_PATTERN.fullmatch(path.stem))
     if orphans:
         shown = ", ".join(orphans[:3]) + (", ..." if len(orphans) > 3 else "")
         raise ConfigurationError(

@@ -277,6 +277,26 @@ def test_key_files_without_their_ring_are_never_replaced_by_a_new_one(key_dir: P
     assert KeyRing.open(key_dir, create=False, now=NOW).signer().kid in [n.removesuffix(".pem") for n in kept]
 
 
+def test_a_first_start_cut_short_or_other_pem_files_do_not_block_the_next_start(key_dir: Path) -> None:
+    """Keys of a first start killed before keyring.json was written never signed anything: the next
+    start replaces them (an outside re-check found every later start refused).  A ``.pem`` that is
+    no key of the ring (a TLS certificate kept there) is not an orphan either."""
+    leftover = KeyRing.open(key_dir, now=NOW)
+    kids = [e.kid for e in leftover.entries()]
+    (key_dir / "keyring.json").unlink()
+    (key_dir / ".keyring.creating").write_bytes(b"")  # the mark the cut-short start left
+    ring = KeyRing.open(key_dir, now=NOW)
+    assert not set(kids) & {e.kid for e in ring.entries()}
+    assert sorted(p.stem for p in key_dir.glob("*.pem")) == sorted(e.kid for e in ring.entries())
+    assert not (key_dir / ".keyring.creating").exists()
+
+    other = key_dir.parent / "other-keys"
+    other.mkdir()
+    (other / "tls.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    assert KeyRing.open(other, now=NOW).signer().alg == "ES256"
+    assert (other / "tls.pem").exists()
+
+
 def test_a_swapped_key_file_is_detected_by_its_thumbprint(key_dir: Path) -> None:
     ring = KeyRing.open(key_dir, now=NOW)
     active, upcoming = _by_state(ring)["active"][0], _by_state(ring)["next"][0]
