@@ -141,7 +141,7 @@ class _StoreErrorCounter:
 STORE_OPERATIONS: Mapping[str, tuple[str, ...]] = {
     "replay": ("first_use", "release"),
     "subject_state": ("get", "put", "update"),
-    "baseline": ("load", "save", "save_failures"),
+    "baseline": ("load", "save", "save_failures", "add_failure"),
     "revocation": ("revoke", "revoked"),
     "rate_limit": ("acquire",),
 }

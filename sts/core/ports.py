@@ -266,6 +266,12 @@ class BaselineStore(Protocol):
         Raises :class:`StoreUnavailable`."""
         ...
 
+    def add_failure(self, identity: str, at: float, ttl: int) -> None:
+        """Append a refusal at ``at`` to the identity's recent refusals (keeping the newest
+        :data:`~sts.core.baseline.MAX_FAILURES`), atomically: refusals at the same instant each
+        count.  Raises :class:`StoreUnavailable`."""
+        ...
+
     def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
         """Save the identity's recent refusals alone, kept apart from the rest of its baseline: a
         grant saves the baseline it read before it was decided, and would otherwise undo a refusal

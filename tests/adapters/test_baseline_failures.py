@@ -8,8 +8,10 @@ meanwhile (an outside audit; the whole exchange is in ``tests/e2e/test_risk_e2e.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from sts.adapters.redis.key_value import RedisBaselineStore, RedisSubjectStateSt
 from sts.adapters.sql.engines import make_engine
 from sts.adapters.sql.key_value import SqlBaselineStore
 from sts.adapters.sql.subject_state import SqlSubjectStateStore
-from sts.core.baseline import Baseline, with_failures
+from sts.core.baseline import MAX_FAILURES, Baseline, with_failures
 from sts.migrations import upgrade
 from tests.support.postgres import PgSchema
 
@@ -143,3 +145,27 @@ def test_redis_keeps_the_refusals_under_a_key_of_their_own(fresh_redis_url: str)
     finally:
         client.delete(f"own:failures:{IDENTITY}")
         client.close()
+
+
+def test_refusals_recorded_at_the_same_instant_each_count(stores: tuple[str, Any, Any, Any]) -> None:
+    """Each refusal read the list, added itself and wrote the list back: of 8 sent at once, 4 to 6
+    were kept (an outside re-check), and parallel probes stayed under ``max_failures``.
+    ``add_failure`` appends atomically (a compare and swap on SQL, ``WATCH``/``MULTI`` on Redis),
+    starting from the refusals a baseline of before kept in itself."""
+    _, baselines, _, _ = stores
+    baselines.save(IDENTITY, Baseline(count=1, failures=(NOW - 5,)), 3600)  # kept in the baseline
+    start = threading.Barrier(8)
+
+    def refuse(n: int) -> None:
+        start.wait(timeout=30)
+        for i in range(3):
+            baselines.add_failure(IDENTITY, NOW + n + i / 10, 3600)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(refuse, range(8)))
+    kept = baselines.load(IDENTITY).failures
+    assert sorted(kept) == sorted([NOW - 5, *(NOW + n + i / 10 for n in range(8) for i in range(3))])
+    # Bounded to the newest MAX_FAILURES, as one refusal after another always was.
+    for n in range(MAX_FAILURES):
+        baselines.add_failure(IDENTITY, NOW + 100 + n, 3600)
+    assert baselines.load(IDENTITY).failures == tuple(NOW + 100 + n for n in range(MAX_FAILURES))

@@ -348,6 +348,9 @@ class _Baselines:
     def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
         raise AssertionError("assess and learn save nothing")
 
+    def add_failure(self, identity: str, at: float, ttl: int) -> None:
+        raise AssertionError("assess and learn save nothing")
+
 
 class _States:
     def __init__(self, states: dict[str, SubjectState]) -> None:

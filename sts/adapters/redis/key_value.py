@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from ...core.baseline import Baseline, failures_to_json, with_failures
+from ...core.baseline import MAX_FAILURES, Baseline, failures_to_json, with_failures
 from ...core.ports import StoreUnavailable
 from ...core.subject_state import SubjectState
 from .client import commands
@@ -173,6 +173,31 @@ class RedisBaselineStore:
             self.commands(
                 b"SET", failures_name(self.prefix, identity), failures_to_json(failures), b"EX", ttl
             )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def add_failure(self, identity: str, at: float, ttl: int) -> None:
+        """Append ``at`` to the identity's refusals, atomically (``WATCH``, ``MULTI``, tried again
+        when another refusal got there first): refusals at the same instant undid each other."""
+        name = failures_name(self.prefix, identity)
+        try:
+            with self.client.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(name)  # type: ignore[no-untyped-call]  # redis-py leaves watch() untyped
+                        stored = pipe.get(name)
+                        if stored is None:  # none kept apart yet: the baseline's own, if any
+                            earlier = Baseline.from_json(
+                                pipe.get(baseline_name(self.prefix, identity))
+                            ).failures
+                        else:
+                            earlier = with_failures(Baseline(), stored).failures
+                        pipe.multi()
+                        pipe.set(name, failures_to_json((*earlier, at)[-MAX_FAILURES:]), ex=ttl)
+                        pipe.execute()
+                        return
+                    except redis.WatchError:
+                        continue
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ...core.baseline import Baseline, failures_to_json, with_failures
+from ...core.baseline import MAX_FAILURES, Baseline, failures_to_json, with_failures
 from ...core.ports import StoreUnavailable
 from .pg_exchange import states_with_baseline
 from .statements import RawStatement
@@ -95,10 +95,17 @@ class KeyValueTable:
         }
         return {i: found[k] for i, k in zip(identities, keys, strict=True) if k in found}
 
-    def run(self, sql: str, params: tuple[object, ...]) -> None:
-        """Run one more writing statement of this table."""
+    def run(self, sql: str, params: tuple[object, ...]) -> int:
+        """Run one more writing statement of this table; its row count."""
         try:
-            self._raw.run(sql, params)
+            return self._raw.run(sql, params)
+        except self._raw.failures as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def query(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        """Run one more reading statement of this table."""
+        try:
+            return self._raw.query(sql, params)
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
@@ -110,6 +117,11 @@ def loads_or_none(text: str | None) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+#: Compare-and-swap tries of :meth:`SqlBaselineStore.add_failure` before giving up (a refusal then
+#: goes unrecorded, logged, as when the store is unavailable).
+_SWAP_TRIES = 16
 
 
 class SqlBaselineStore:
@@ -125,6 +137,15 @@ class SqlBaselineStore:
         self._kv = KeyValueTable(engine, "baselines", "baseline", clock, also="failures")
         self._clock = clock
         self._put_failures = failures_upsert_statement(self._kv.placeholder)
+        p = self._kv.placeholder
+        same = "IS" if engine.dialect.name == "sqlite" else "IS NOT DISTINCT FROM"
+        self._read_failures = f"SELECT baseline, failures, expires_at FROM baselines WHERE identity = {p}"  # noqa: S608
+        # Placeholders only; the swap happens only if the stored list is still the one read.
+        self._swap_failures = (
+            f"UPDATE baselines SET failures = {p}, expires_at = {p}, "  # noqa: S608
+            f"baseline = CASE WHEN expires_at > {p} THEN baseline ELSE '{{}}' END "
+            f"WHERE identity = {p} AND failures {same} {p}"
+        )
         #: PostgreSQL: the baseline read with the subject's state, just before (one round trip).
         self._with_states = states_with_baseline(engine)
 
@@ -146,6 +167,29 @@ class SqlBaselineStore:
             self._with_states.forget()
         now = self._clock()
         self._kv.run(self._put_failures, (store_key(identity), failures_to_json(failures), now + ttl, now))
+
+    def add_failure(self, identity: str, at: float, ttl: int) -> None:
+        """Append ``at`` to the identity's refusals, atomically: the list read is written back only
+        if it is still the stored one (compare and swap, tried again otherwise).  Each refusal
+        wrote back the list it had read, so refusals at the same instant undid each other (an
+        outside re-check kept 4 of 8 sent at once)."""
+        if self._with_states is not None:
+            self._with_states.forget()
+        key = store_key(identity)
+        for _ in range(_SWAP_TRIES):
+            now = self._clock()
+            rows = self._kv.query(self._read_failures, (key,))
+            if not rows:
+                first = failures_to_json((at,))
+                if self._kv.run(self._put_failures, (key, first, now + ttl, now)) == 1:
+                    return
+                continue
+            baseline, old, expires_at = rows[0]
+            earlier = with_failures(Baseline.from_json(baseline), old).failures if expires_at > now else ()
+            new = failures_to_json((*earlier, at)[-MAX_FAILURES:])
+            if self._kv.run(self._swap_failures, (new, now + ttl, now, key, old)) == 1:
+                return
+        raise StoreUnavailable("the refusals kept changing")
 
 
 class SqlRevokedTokens:

@@ -42,7 +42,7 @@ from ..assurance import (
 )
 from ..attest import IssuerDirectory, VerifiedToken, verify_token
 from ..audit import AuditRecord, token_hash
-from ..baseline import BASELINE_TTL, Baseline, observe, record_failure
+from ..baseline import BASELINE_TTL, Baseline, observe
 from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
@@ -320,8 +320,7 @@ class RiskAndAssurance:
         if self.baselines is None:
             return
         try:
-            failures = record_failure(self.baselines.load(key), now).failures
-            self.baselines.save_failures(key, failures, BASELINE_TTL)
+            self.baselines.add_failure(key, now, BASELINE_TTL)
         except StoreUnavailable:
             log.warning("failure not recorded in baseline: store unavailable")
 
