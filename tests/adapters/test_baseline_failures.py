@@ -154,17 +154,20 @@ def test_refusals_recorded_at_the_same_instant_each_count(stores: tuple[str, Any
     starting from the refusals a baseline of before kept in itself."""
     _, baselines, _, _ = stores
     baselines.save(IDENTITY, Baseline(count=1, failures=(NOW - 5,)), 3600)  # kept in the baseline
-    start = threading.Barrier(8)
+    newcomer = "github|repo:acme/new:ref:refs/heads/main"  # no row, no key yet: the first ones race too
 
     def refuse(n: int) -> None:
         start.wait(timeout=30)
         for i in range(3):
             baselines.add_failure(IDENTITY, NOW + n + i / 10, 3600)
+            baselines.add_failure(newcomer, NOW + n + i / 10, 3600)
 
+    start = threading.Barrier(8)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(refuse, range(8)))
-    kept = baselines.load(IDENTITY).failures
-    assert sorted(kept) == sorted([NOW - 5, *(NOW + n + i / 10 for n in range(8) for i in range(3))])
+    sent = [NOW + n + i / 10 for n in range(8) for i in range(3)]
+    assert sorted(baselines.load(IDENTITY).failures) == sorted([NOW - 5, *sent])
+    assert sorted(baselines.load(newcomer).failures) == sorted(sent)
     # Bounded to the newest MAX_FAILURES, as one refusal after another always was.
     for n in range(MAX_FAILURES):
         baselines.add_failure(IDENTITY, NOW + 100 + n, 3600)

@@ -139,7 +139,12 @@ class SqlBaselineStore:
         self._put_failures = failures_upsert_statement(self._kv.placeholder)
         p = self._kv.placeholder
         same = "IS" if engine.dialect.name == "sqlite" else "IS NOT DISTINCT FROM"
+        # Placeholders only: the values are parameters.
         self._read_failures = f"SELECT baseline, failures, expires_at FROM baselines WHERE identity = {p}"  # noqa: S608
+        self._insert_failures = (
+            "INSERT INTO baselines (identity, baseline, failures, expires_at) "  # noqa: S608
+            f"VALUES ({p}, '{{}}', {p}, {p}) ON CONFLICT (identity) DO NOTHING"
+        )
         # Placeholders only; the swap happens only if the stored list is still the one read.
         self._swap_failures = (
             f"UPDATE baselines SET failures = {p}, expires_at = {p}, "  # noqa: S608
@@ -179,9 +184,8 @@ class SqlBaselineStore:
         for _ in range(_SWAP_TRIES):
             now = self._clock()
             rows = self._kv.query(self._read_failures, (key,))
-            if not rows:
-                first = failures_to_json((at,))
-                if self._kv.run(self._put_failures, (key, first, now + ttl, now)) == 1:
+            if not rows:  # the first refusal: a row of its own, unless another was made meanwhile
+                if self._kv.run(self._insert_failures, (key, failures_to_json((at,)), now + ttl)) == 1:
                     return
                 continue
             baseline, old, expires_at = rows[0]
