@@ -262,8 +262,8 @@ class BaselineStore(Protocol):
         ...
 
     def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
-        """Save the baseline but not its ``failures``, which only :meth:`save_failures` writes.
-        Raises :class:`StoreUnavailable`."""
+        """Save the baseline but not its ``failures``, which only :meth:`add_failure` and
+        :meth:`save_failures` write.  Raises :class:`StoreUnavailable`."""
         ...
 
     def add_failure(self, identity: str, at: float, ttl: int) -> None:

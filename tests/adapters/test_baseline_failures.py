@@ -1,8 +1,8 @@
 """An identity's recent refusals are kept apart from its baseline, on every store.
 
 A grant writes back the whole baseline it read when it was decided (with its record); the
-refusals are written only by ``save_failures``, so that a grant never undoes one recorded
-meanwhile (an outside audit; the whole exchange is in ``tests/e2e/test_risk_e2e.py``,
+refusals are written only by ``add_failure`` and ``save_failures``, so that a grant never undoes
+one recorded meanwhile (an outside audit; the whole exchange is in ``tests/e2e/test_risk_e2e.py``,
 ``test_a_refusal_recorded_while_a_grant_is_decided_survives_the_grant``).
 """
 
@@ -36,7 +36,6 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
     """(name, baseline store, subject state store, the engine or the Redis client)."""
     if request.param == "redis":
         client = connect_redis(request.getfixturevalue("fresh_redis_url"))
-        client.flushdb()
         baselines: Any = RedisBaselineStore(client)
         yield "redis", baselines, RedisSubjectStateStore(client, baselines=baselines), client
         client.close()

@@ -95,7 +95,8 @@ def baseline_name(prefix: str, identity: str) -> bytes:
 
 def failures_name(prefix: str, identity: str) -> bytes:
     """The key of an identity's recent refusals, kept apart from its baseline, which the single-use
-    ledger's confirmation writes back whole: only :meth:`RedisBaselineStore.save_failures` writes it."""
+    ledger's confirmation writes back whole: only :meth:`RedisBaselineStore.add_failure` (a refusal)
+    and :meth:`RedisBaselineStore.save_failures` (a reset) write it."""
     return f"{prefix}:failures:{identity}".encode("utf-8", "surrogatepass")
 
 
@@ -124,7 +125,8 @@ class RedisBaselineStore:
     a ``GET`` sent then, in a request that ran that much slower.
 
     The identity's recent refusals are a key of their own (:func:`failures_name`, with the same
-    expiry), read with the baseline and written only by :meth:`save_failures`: a grant's
+    expiry), read with the baseline and written only by :meth:`add_failure` and
+    :meth:`save_failures`: a grant's
     confirmation writes back the baseline it read, and never undoes a refusal recorded since.
     """
 

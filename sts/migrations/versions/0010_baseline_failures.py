@@ -8,8 +8,9 @@ refusals sent at the same instant as 12 grants of the identity, 2 were kept), so
 is granted could probe with refusals and stay under ``max_failures``.
 
 ``baselines.failures`` (nullable, a JSON array of times) holds them now: only a refusal writes
-it, and a grant writes ``baseline`` alone.  NULL, in every row this revision finds, means the
-refusals are those of the baseline's JSON, as before; the first refusal recorded fills it in.
+it (appended atomically) or a reset clears it, and a grant writes ``baseline`` alone.  NULL, in
+every row this revision finds, means the refusals are those of the baseline's JSON, as before;
+the first refusal recorded fills it in.
 
 Adding a nullable column is quick on both databases (no table rewrite), and a version before this
 one runs on the schema as well: it neither reads nor writes the column (the refusals it records
@@ -17,7 +18,7 @@ go into the baseline's JSON, which a version from this one on reads only while t
 
 Revision ID: 0010_baseline_failures
 Revises: 0009_error_index
-Create Date: 2026-12-08
+Create Date: 2026-12-07
 """
 
 from __future__ import annotations
