@@ -418,8 +418,10 @@ def observe(
     return updated
 
 
-def record_failure(baseline: Baseline, now: float) -> Baseline:
-    return replace(baseline, failures=(*baseline.failures, now)[-MAX_FAILURES:], last_seen=now)
+def appended_failure(failures: tuple[float, ...], at: float) -> tuple[float, ...]:
+    """``failures`` with a refusal at ``at`` appended, the oldest dropped past :data:`MAX_FAILURES`:
+    what each store's atomic ``add_failure`` writes."""
+    return (*failures, at)[-MAX_FAILURES:]
 
 
 def failures_to_json(failures: Iterable[float]) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from ...core.baseline import MAX_FAILURES, Baseline, failures_to_json, with_failures
+from ...core.baseline import Baseline, appended_failure, failures_to_json, with_failures
 from ...core.ports import StoreUnavailable
 from ...core.subject_state import SubjectState
 from .client import commands
@@ -195,7 +195,7 @@ class RedisBaselineStore:
                         else:
                             earlier = with_failures(Baseline(), stored).failures
                         pipe.multi()
-                        pipe.set(name, failures_to_json((*earlier, at)[-MAX_FAILURES:]), ex=ttl)
+                        pipe.set(name, failures_to_json(appended_failure(earlier, at)), ex=ttl)
                         pipe.execute()
                         return
                     except redis.WatchError:

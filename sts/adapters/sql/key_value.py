@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ...core.baseline import MAX_FAILURES, Baseline, failures_to_json, with_failures
+from ...core.baseline import Baseline, appended_failure, failures_to_json, with_failures
 from ...core.ports import StoreUnavailable
 from .pg_exchange import states_with_baseline
 from .statements import RawStatement
@@ -190,7 +190,7 @@ class SqlBaselineStore:
                 continue
             baseline, old, expires_at = rows[0]
             earlier = with_failures(Baseline.from_json(baseline), old).failures if expires_at > now else ()
-            new = failures_to_json((*earlier, at)[-MAX_FAILURES:])
+            new = failures_to_json(appended_failure(earlier, at))
             if self._kv.run(self._swap_failures, (new, now + ttl, now, key, old)) == 1:
                 return
         raise StoreUnavailable("the refusals kept changing")
