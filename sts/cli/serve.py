@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,8 @@ from .context import settings_from
 
 if TYPE_CHECKING:
     from ..adapters.policy_files import PolicySources
+
+log = logging.getLogger(__name__)
 
 
 @click.command()
@@ -82,6 +86,59 @@ def summary_follower(config: Path | None) -> subprocess.Popen[bytes]:
 
 Follower = Callable[[], "subprocess.Popen[bytes]"]
 
+#: Seconds before a follower that ended is started again, doubling up to :data:`RESTART_MAX_PAUSE`
+#: while it keeps ending (back to the first once one ran that long).
+RESTART_FIRST_PAUSE = 1.0
+RESTART_MAX_PAUSE = 60.0
+
+
+class KeptRunning:
+    """A child process started again whenever it ends, until :meth:`stop`: the summary follower,
+    which a crash, the kernel's out-of-memory killer or an operator's ``kill`` would otherwise end
+    for good (the review page then summarised on its own again, slowly under a flood).  Each
+    ending is logged with its exit status; the pause before the next start doubles while it keeps
+    ending soon after its start."""
+
+    def __init__(self, start: Follower) -> None:
+        self._start = start
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self.process = start()
+        self._watcher = threading.Thread(target=self._watch, name="sts-follower-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        pause = RESTART_FIRST_PAUSE
+        while True:
+            started = time.monotonic()
+            status = self.process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started >= RESTART_MAX_PAUSE:
+                pause = RESTART_FIRST_PAUSE
+            log.warning("summary follower ended (exit status %s); starting it again in %.0f s", status, pause)
+            if self._stopping.wait(pause):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self.process = self._start()
+                except OSError as exc:  # no process to be had now (EAGAIN, ENOMEM): try again later
+                    log.warning("summary follower not started again: %s", exc)
+                    pause = min(pause * 2, RESTART_MAX_PAUSE)
+                    continue
+                self.restarts += 1
+            pause = min(pause * 2, RESTART_MAX_PAUSE)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            process = self.process
+        _stop(process)
+        self._watcher.join(timeout=10)
+
 
 def _serve(settings: Settings, metrics_dir: Path | None, follower: Follower | None = None) -> None:
     from .. import serving
@@ -99,7 +156,7 @@ def _serve(settings: Settings, metrics_dir: Path | None, follower: Follower | No
     if in_use:
         raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
     listener: metrics.MetricsServer | None = None
-    summarizing: subprocess.Popen[bytes] | None = None
+    summarizing: KeptRunning | None = None
     if settings.metrics_address is not None and metrics_dir is not None:
         collector = metrics.ExpositionCollector(directory=metrics_dir)
         try:
@@ -134,7 +191,7 @@ def _serve(settings: Settings, metrics_dir: Path | None, follower: Follower | No
             )
 
         # Once the schema is migrated (prepare, above).
-        summarizing = follower() if follower is not None else None
+        summarizing = KeptRunning(follower) if follower is not None else None
         click.echo(
             f"sts: serving {settings.issuer} on http://{settings.host}:{settings.port} "
             f"({settings.workers} workers x {settings.threads} threads, "
@@ -162,7 +219,7 @@ def _serve(settings: Settings, metrics_dir: Path | None, follower: Follower | No
         if listener is not None:
             listener.stop()
         if summarizing is not None:
-            _stop(summarizing)
+            summarizing.stop()
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

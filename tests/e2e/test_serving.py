@@ -588,12 +588,24 @@ def test_the_review_page_gets_a_summary_follower_that_ends_with_the_server(
         while time.monotonic() < end and _nice(follower) != 19:
             time.sleep(0.1)
         assert _nice(follower) == 19
+        # A follower that ends (a crash, the OOM killer, an operator's kill) is started again.
+        os.kill(follower, signal.SIGKILL)
+        end = time.monotonic() + 20
+        again: list[int] = []
+        while time.monotonic() < end and not again:
+            time.sleep(0.1)
+            again = [pid for pid in children_of(server.proc.pid) if "--follow" in _command_line(pid)]
+            again = [pid for pid in again if pid != follower]
+        assert again, "the follower was not started again"
+        children += again
+        [follower] = again
+        assert "summary follower ended (exit status -9)" in server.log.read_text()
         server.proc.kill()
         server.proc.wait(timeout=10)
         end = time.monotonic() + 20
         while time.monotonic() < end and Path(f"/proc/{follower}").exists():
             time.sleep(0.1)
-        assert not Path(f"/proc/{follower}").exists(), "the follower outlived the server"
+        assert not Path(f"/proc/{follower}").exists(), "the restarted follower outlived the server"
     finally:
         for pid in children:
             with contextlib.suppress(OSError):
