@@ -4,7 +4,13 @@ tests/e2e/test_serving.py, against a real trail."""
 
 from __future__ import annotations
 
+import itertools
+import subprocess
+import sys
 import threading
+import time
+
+import pytest
 
 from sts.adapters.summary_follower import MAX_INTERVAL, follow
 from sts.core.audit_views import SummaryStatus
@@ -71,3 +77,44 @@ def test_a_look_that_moves_nothing_or_fails_backs_off_then_recovers() -> None:
     stop = Stop(10)
     follow(endless, stop, behind=10, interval=1.0)
     assert max(stop.pauses) == MAX_INTERVAL and stop.pauses[-1] == MAX_INTERVAL
+
+
+def test_a_follower_that_keeps_ending_is_started_again_ever_more_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``sts serve``'s supervision of the follower: each ending starts a new one, the pause doubling
+    up to the longest; after :meth:`KeptRunning.stop` nothing more is started."""
+    from sts.cli import serve
+
+    monkeypatch.setattr(serve, "RESTART_FIRST_PAUSE", 0.05)
+    monkeypatch.setattr(serve, "RESTART_MAX_PAUSE", 0.2)
+    starts: list[float] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        starts.append(time.monotonic())
+        return subprocess.Popen(["true"])
+
+    kept = serve.KeptRunning(start)
+    deadline = time.monotonic() + 20
+    while len(starts) < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kept.stop()
+    stopped_with = len(starts)
+    assert stopped_with >= 6
+    pauses = [b - a for a, b in itertools.pairwise(starts)]
+    assert pauses[0] < pauses[3], pauses  # 0.05 s, 0.1, 0.2, 0.2
+    assert all(p >= 0.05 for p in pauses)
+    assert max(pauses) < 0.2 + 2.0, pauses  # capped (the process's own start time aside)
+    assert kept.restarts == stopped_with - 1
+    time.sleep(0.5)
+    assert len(starts) == stopped_with, "started after stop"
+
+
+def test_stopping_ends_the_running_follower() -> None:
+    from sts.cli import serve
+
+    kept = serve.KeptRunning(lambda: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+    process = kept.process
+    kept.stop()
+    assert process.poll() is not None
+    assert kept.restarts == 0
