@@ -26,6 +26,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from ..core.signals.receiver import SignalReceiver
 from ..protocol.security_events import ReceiverUnavailable, SetDelivery, SetRefused
 from .responses import NO_STORE, json_response
+from .wire import content_coding
 
 EVENTS_PATH = "/ssf/events"
 
@@ -59,6 +60,10 @@ def _receive(receiver: SignalReceiver) -> Response:
         user_agent=request.headers.get("User-Agent"),
         trace_id=g.get("trace_id"),
     )
+    if content_coding(request.environ) is not None:
+        problem = SetRefused("invalid_request", "request.content_encoding")
+        receiver.refuse_early(delivery, problem)
+        return _error(problem)
     try:
         # MAX_CONTENT_LENGTH (max_body_bytes) bounds the read, with or without Content-Length.
         body = request.get_data(cache=False)

@@ -64,6 +64,19 @@ def _multi(items: Iterable[tuple[str, Any]] = ()) -> dict[str, list[Any]]:
     return values
 
 
+def content_coding(environ: Mapping[str, Any]) -> str | None:
+    """The request's ``Content-Encoding`` codings (cut to 60 characters), when any is not
+    ``identity``, else None.  A coded body (gzip...) is not decoded here; read as it is, it would be
+    another body than the one a proxy that decodes it saw (RFC 9110 §8.4): every endpoint that
+    reads a body refuses it, unread (outside checks: ``/token``, then the SET receiver)."""
+    encodings = [
+        v.strip().lower() for value in header_values(environ, "Content-Encoding") for v in value.split(",")
+    ]
+    if all(coding in ("", "identity") for coding in encodings):
+        return None
+    return ",".join(encodings)[:60]
+
+
 def parse_form(environ: Mapping[str, Any], limits: FormLimits) -> dict[str, list[str]]:
     """The request's form, every value of each parameter in order: what Flask's ``request.form``
     holds, parsed by the same Werkzeug parser with the same limits, without building a request.
@@ -214,13 +227,9 @@ def read_wire(
     after ``refuse_early`` has recorded it, when the request cannot be read."""
     problem: OAuthError | None = None
     form: dict[str, list[str]] = {}
-    encodings = [
-        v.strip().lower() for value in header_values(environ, "Content-Encoding") for v in value.split(",")
-    ]
-    if any(coding not in ("", "identity") for coding in encodings):
-        # A coded body (gzip...) is not decoded here; read as it is, it would be another body than
-        # the one a proxy that decodes it saw (RFC 9110 §8.4): refused, not read (an outside check).
-        problem = InvalidRequest("request.content_encoding", ",".join(encodings)[:60])
+    coded = content_coding(environ)
+    if coded is not None:
+        problem = InvalidRequest("request.content_encoding", coded)
     else:
         try:
             form = parse_form(environ, limits)

@@ -535,6 +535,24 @@ def test_wrong_content_type_is_invalid_request(
     assert states(ssf_app, "*|job-1") == [SubjectState()]
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate, identity", "br", "x-anything"])
+def test_a_coded_body_is_invalid_request_and_not_read(
+    coding: str, ssf_app: Flask, transmitter: RunningServer, clock: Clock
+) -> None:
+    """A valid SET sent as it is, but marked ``Content-Encoding: gzip``, was applied (202): read as
+    other bytes than the message declares (RFC 9110 §8.4), as ``/token`` already refuses (an
+    outside audit).  ``identity`` is no coding."""
+    claims = set_claims(transmitter, clock, {SESSION_REVOKED: {}}, {"format": "opaque", "id": "job-1"})
+    token = sign(transmitter, claims)
+    headers = {"Content-Type": SET_CONTENT_TYPE, "Content-Encoding": coding}
+    assert_refused(ssf_app.test_client().post("/ssf/events", data=token, headers=headers), "invalid_request")
+    assert states(ssf_app, "*|job-1") == [SubjectState()]
+    [record] = audit_records(ssf_app)
+    assert record["reasons"] == ["request.content_encoding"]
+    headers["Content-Encoding"] = "identity"
+    assert ssf_app.test_client().post("/ssf/events", data=token, headers=headers).status_code == 202
+
+
 @pytest.mark.parametrize("typ", ["JWT", "at+jwt", "application/at+jwt", "secevent", "jwt+secevent", None])
 def test_wrong_typ_is_invalid_request(
     typ: Any, ssf_app: Flask, transmitter: RunningServer, clock: Clock
