@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -24,9 +25,16 @@ def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if value.startswith("[") and "]" in value:
         value = value[1 : value.index("]")]
     try:
-        return ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
+    # ``::ffff:10.1.2.3`` (RFC 4291 §2.5.5.2) is how a dual-stack listener (``host: "::"``) sees an
+    # IPv4 peer: the IPv4 address, as the risk signals and rate limits read it.  Else IPv4
+    # ``trusted_proxies`` matched no proxy there, and its forwarded certificate (the token's
+    # binding) and client address were dropped unannounced (an outside audit).
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 @functools.lru_cache(maxsize=4096)
@@ -34,6 +42,20 @@ def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """``str(address)``, remembered like :func:`_parse` (equal addresses have one text: an IPv4 and
     an IPv6 address are never equal, and IPv6 addresses compare their scope ids too)."""
     return str(address)
+
+
+def trusted_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """The ``trusted_proxies`` setting's networks, an IPv4-mapped one (``::ffff:10.0.0.0/104``) as
+    the IPv4 network it maps: peers are compared as IPv4 addresses (:func:`_parse`)."""
+    networks: list[Network] = []
+    for value in values:
+        network = ipaddress.ip_network(value, strict=False)
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            mapped = network.network_address.ipv4_mapped
+            assert mapped is not None  # within ::ffff:0:0/96
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        networks.append(network)
+    return tuple(networks)
 
 
 def client_address(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,6 +15,7 @@ from ..http import metrics as metrics_http
 from ..http import responses
 from ..http import tracing as tracing_http
 from ..http.body_limit import BodyLimit
+from ..http.client_address import trusted_networks
 from ..http.oauth import TokenEndpoint, discovery_blueprint, health_blueprint, token_blueprint, token_paths
 from ..http.ssf import events_blueprint
 from ..http.token_fast import LeanTokenEndpoint
@@ -52,7 +52,7 @@ def build_flask_app(
         JSON_SORT_KEYS=False,
     )
     app.extensions["sts"] = runtime
-    trusted = tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
+    trusted = trusted_networks(settings.trusted_proxies)
     responses.install(app, trusted_proxies=trusted)
     app.before_request(_as_routed)
     tracing_http.install(app, runtime.tracing)

@@ -29,6 +29,9 @@ PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
         ("10.0.0.5", ["198.51.100.1, garbage"], PROXIES, "10.0.0.5"),
         ("::1", ["[2001:db8::1]"], PROXIES, "2001:db8::1"),
         ("10.0.0.5", [], PROXIES, "10.0.0.5"),
+        # IPv4-mapped addresses (a dual-stack listener's peers, or a proxy's) are the IPv4 ones.
+        ("::ffff:10.0.0.5", ["::ffff:198.51.100.1"], PROXIES, "198.51.100.1"),
+        ("::ffff:203.0.113.7", ["198.51.100.1"], PROXIES, "203.0.113.7"),
         ("10.0.0.5", ["198.51.100.1"], [], "10.0.0.5"),
     ],
 )

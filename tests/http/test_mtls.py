@@ -192,6 +192,35 @@ def test_bound_only_through_a_trusted_proxy_and_re_exchanged_over_the_same_cert(
     assert same.status_code == 200, same.get_json()
 
 
+@pytest.mark.parametrize("trusted", ["10.0.0.0/8", "::ffff:10.0.0.0/104"])
+def test_a_dual_stack_listener_sees_an_ipv4_proxy_as_trusted(
+    make_settings: Callable[..., Settings], upstream: RunningServer, trusted: str
+) -> None:
+    """With ``host: "::"`` an IPv4 proxy's connection arrives as ``::ffff:10.0.0.2`` (RFC 4291
+    §2.5.5.2).  It matched no IPv4 ``trusted_proxies``: the forwarded certificate was dropped, and
+    the token issued unbound, to every client behind the proxy under one address (an outside
+    audit).  A mapped network in the setting names the same proxies."""
+    app = create_app(
+        make_settings(POLICY, trusted_proxies=[trusted], mtls_client_cert_header="X-Client-Cert")
+    )
+    web = app.test_client()
+    cert = certificate("workload")
+    form = exchange_form(upstream.issuer.github_actions_token(audience=STS_ISSUER), audience=DEPLOY)
+    headers = {"X-Client-Cert": quote(pem(cert)), "X-Forwarded-For": "203.0.113.7"}
+    for peer in ("::ffff:10.0.0.2", "10.0.0.2"):
+        bound = web.post("/token", data=form, headers=headers, environ_base={"REMOTE_ADDR": peer})
+        assert bound.status_code == 200, bound.get_json()
+        jwks = KeySet.import_key_set(web.get("/.well-known/jwks.json").get_json())
+        claims = jwt.decode(bound.get_json()["access_token"], jwks, algorithms=["ES256"]).claims
+        assert claims["cnf"] == {"x5t#S256": x5t(cert)}, peer
+    records = app.extensions["sts"].audit.recent(2)
+    assert [r["source_ip"] for r in records] == ["203.0.113.7", "203.0.113.7"]
+    # An untrusted mapped peer is recorded as the IPv4 address it is.
+    direct = web.post("/token", data=form, environ_base={"REMOTE_ADDR": "::ffff:203.0.113.5"})
+    assert direct.status_code == 200
+    assert app.extensions["sts"].audit.recent(1)[0]["source_ip"] == "203.0.113.5"
+
+
 def test_the_metadata_says_tokens_are_certificate_bound_when_they_can_be(
     make_settings: Callable[..., Settings],
 ) -> None:
