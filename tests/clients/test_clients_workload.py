@@ -10,12 +10,13 @@ real STS are in ``test_clients_e2e.py``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -651,6 +652,136 @@ def test_a_server_trickling_its_headers_cannot_hold_the_caller() -> None:
     assert time.monotonic() - started < 3
     stop.set()
     listener.close()
+
+
+def _hostile_server(answer: Callable[[Any, Any], None]) -> tuple[int, Callable[[], None]]:
+    """A server on a free loopback port that reads one request per connection and then runs
+    ``answer(connection, stop)``; returns its port and a function that stops it."""
+    import socket
+    import threading as _threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = _threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                with contextlib.suppress(OSError):
+                    answer(conn, stop)
+
+    _threading.Thread(target=serve, daemon=True).start()
+
+    def close() -> None:
+        stop.set()
+        listener.close()
+
+    return listener.getsockname()[1], close
+
+
+def _gzip_of_nothing(conn: Any, stop: Any) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n")
+    conn.sendall(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # a gzip member's header
+    while not stop.wait(0.2):
+        conn.sendall(b"\x00\x00\x00\xff\xff")  # an empty stored deflate block: decodes to nothing
+
+
+def _endless_trailer(conn: Any, stop: Any) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n")
+    while not stop.wait(0.2):
+        conn.sendall(b"X-Trailer: y\r\n")
+
+
+def _raised_within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """What ``call`` raised, asserting it returned within 3 s; a call still running after
+    ``seconds`` fails the test (its daemon thread left behind) rather than hanging it."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still waiting after {seconds} s"
+    assert time.monotonic() - started < 3
+    return outcome[0]
+
+
+@pytest.mark.parametrize("answer", [_gzip_of_nothing, _endless_trailer], ids=["gzip", "trailer"])
+def test_a_body_that_never_ends_cannot_hold_the_caller(answer: Callable[[Any, Any], None]) -> None:
+    """Each socket read brings something, so no read times out, and no ``read1`` returns: a gzip
+    body of empty deflate blocks (urllib3 reads on while nothing decodes), or a chunked body's
+    trailer lines (``http.client`` reads them without limit).  An outside audit held ``sts-ci
+    exchange --timeout 3`` for good with either; the whole answer must come within ``timeout``."""
+    import requests
+    from sts_client import TokenExchangeClient
+    from sts_client.discovery import DiscoveryError, get_json
+
+    port, close = _hostile_server(answer)
+    try:
+        error = _raised_within(
+            10, lambda: get_json(requests.Session(), f"http://127.0.0.1:{port}/", timeout=1.0)
+        )
+        assert isinstance(error, DiscoveryError) and "did not answer within" in str(error), error
+        client = TokenExchangeClient(f"http://127.0.0.1:{port}", timeout=1.0)
+        error = _raised_within(
+            10, lambda: client.exchange("header.payload.signature", audience="https://api.example")
+        )
+        assert isinstance(error, StsUnavailable), error
+        # The helper threads' reads end too (their sockets shut down), while the server goes on.
+        end = time.monotonic() + 5
+        while time.monotonic() < end and any(t.name == "sts-client-request" for t in threading.enumerate()):
+            time.sleep(0.05)
+        assert not [t for t in threading.enumerate() if t.name == "sts-client-request"]
+    finally:
+        close()
+
+
+def test_a_loopback_url_is_never_fetched_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain http is allowed for a loopback host only because the traffic stays on this machine;
+    through ``HTTP_PROXY`` (self-hosted runners set it) the subject token crossed the network in
+    clear to the proxy, which then asked its own localhost (an outside audit)."""
+    import requests
+    from sts_client.discovery import get_json
+
+    proxied: list[bytes] = []
+
+    def proxy(conn: Any, stop: Any) -> None:
+        proxied.append(b"request")
+        conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    def service(conn: Any, stop: Any) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    proxy_port, close_proxy = _hostile_server(proxy)
+    port, close = _hostile_server(service)
+    try:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy_port}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        session = requests.Session()
+        session.proxies = {"http": f"http://127.0.0.1:{proxy_port}"}
+        for host in ("127.0.0.1", "localhost"):
+            status, document, _ = get_json(session, f"http://{host}:{port}/token", timeout=5.0)
+            assert (status, document) == (200, {}), host
+        assert proxied == []
+    finally:
+        close()
+        close_proxy()
 
 
 def test_a_token_file_is_read_only_if_regular_and_only_so_far(tmp_path: Path) -> None:

@@ -23,10 +23,11 @@ name another's keys.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import socket
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -94,14 +95,19 @@ def get_json(
 
     Returns the status, the parsed body (``None`` when it is not JSON) and
     the response headers.  Redirects are not followed: a redirected key or
-    metadata URL is a misconfiguration, not something to chase.  Raises
-    :class:`DiscoveryError` when the server cannot be reached or the body is
-    too large.
+    metadata URL is a misconfiguration, not something to chase.  A loopback
+    URL is fetched directly, never through a proxy from the environment
+    (``HTTP_PROXY``): plain http is allowed there only because the traffic
+    stays on this machine (an outside audit saw a subject token sent in clear
+    to the proxy).  Raises :class:`DiscoveryError` when the server cannot be
+    reached, has not answered in full within ``timeout`` seconds, or sends
+    too large a body.
     """
     request_headers = {"Accept": "application/json", **(headers or {})}
     authorization = CaseInsensitiveDict(request_headers).get("Authorization")
+    direct = _is_loopback(urlsplit(url).hostname or "")
     try:
-        response = _request_within(
+        status, body, response_headers = _fetch_within(
             session,
             timeout,
             method=method,
@@ -112,30 +118,34 @@ def get_json(
             timeout=timeout,
             allow_redirects=False,
             stream=True,
+            proxies=dict(_NO_PROXIES) if direct else None,
         )
+    except requests.Timeout:
+        raise DiscoveryError(f"{_origin(url)} did not answer within {timeout:.1f}s") from None
     except requests.RequestException as exc:
         raise DiscoveryError(f"cannot reach {_origin(url)}: {type(exc).__name__}") from None
-    # ``timeout`` bounds each socket read; the deadline bounds the body as a whole, so a server
-    # that trickles its answer a byte at a time cannot hold the caller (and its locks) for hours.
-    # ``read1`` returns what one socket read brought, so the deadline is checked after each.
-    deadline = time.monotonic() + timeout
-    try:
-        body = bytearray()
-        while chunk := response.raw.read1(_CHUNK, decode_content=True):
-            body.extend(chunk)
-            if len(body) > MAX_DOCUMENT_BYTES:
-                raise DiscoveryError(f"{_origin(url)} answered more than {MAX_DOCUMENT_BYTES} bytes")
-            if time.monotonic() > deadline:
-                raise DiscoveryError(f"{_origin(url)} did not answer within {timeout:.1f}s")
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise DiscoveryError(f"reading from {_origin(url)} failed: {type(exc).__name__}") from None
-    finally:
-        response.close()
     try:
         document = json.loads(bytes(body)) if body else None
     except (ValueError, RecursionError):
         document = None
-    return response.status_code, document, response.headers
+    return status, document, response_headers
+
+
+#: ``proxies`` for a request that must not go through the environment's proxies: a key set to
+#: None keeps ``requests`` from filling it in from ``HTTP_PROXY`` and the like (and drops the
+#: session's own).
+_NO_PROXIES: Final = {"http": None, "https": None, "all": None}
+
+
+def _read_body(response: requests.Response, url: str) -> bytes:
+    body = bytearray()
+    while chunk := response.raw.read1(_CHUNK, decode_content=True):
+        body.extend(chunk)
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise DiscoveryError(f"{_origin(url)} answered more than {MAX_DOCUMENT_BYTES} bytes")
+    return bytes(body)
 
 
 class _CallersAuthorization(requests.auth.AuthBase):
@@ -163,44 +173,67 @@ class _CallersAuthorization(requests.auth.AuthBase):
         return request
 
 
-def _request_within(session: requests.Session, seconds: float, **arguments: Any) -> requests.Response:
-    """``session.request(**arguments)`` up to its response's headers, waited for at most ``seconds``.
+def _fetch_within(
+    session: requests.Session, seconds: float, **arguments: Any
+) -> tuple[int, bytes, CaseInsensitiveDict[str]]:
+    """``session.request(**arguments)`` and its whole body, waited for at most ``seconds``.
 
-    Its ``timeout`` bounds each socket read, so a server sending its status line and headers a byte
-    at a time (up to 100 lines of 64 KiB each, which ``http.client`` takes) would hold the caller,
-    and the locks it holds, for hours (an outside audit).  The request runs on a helper thread; past
-    ``seconds`` the caller gets :class:`requests.Timeout`, and the thread, once the server lets it
-    go, closes what it got.
+    Its ``timeout`` bounds each socket read only.  Outside audits held the caller (and every
+    thread waiting for the lock it held) for as long as the server liked: a status line and
+    headers sent a byte at a time; a gzip body of empty deflate blocks, which ``read1`` keeps
+    reading because they decode to nothing; a chunked body's trailer lines, which ``http.client``
+    reads without limit.  So the whole exchange runs on a helper thread; past ``seconds`` the
+    caller gets :class:`requests.Timeout`, and the response's socket is shut down so that the
+    helper's read ends too (a helper still waiting for the headers closes what it gets).
     """
     outcome: dict[str, Any] = {}
     done = threading.Event()
     lock = threading.Lock()
 
     def run() -> None:
+        response: requests.Response | None = None
         try:
             response = session.request(**arguments)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = exc
-        else:
             with lock:
                 if outcome.get("abandoned"):
-                    response.close()
-                else:
-                    outcome["response"] = response
+                    return
+                outcome["reading"] = response
+            body = _read_body(response, arguments["url"])
+            outcome["result"] = (response.status_code, body, response.headers)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
         finally:
+            if response is not None:
+                response.close()
             done.set()
 
     threading.Thread(target=run, name="sts-client-request", daemon=True).start()
     if not done.wait(seconds):
         with lock:
-            if "response" not in outcome and "error" not in outcome:
-                outcome["abandoned"] = True
-                raise requests.Timeout(f"no answer within {seconds:.1f}s")
-    done.wait()
+            outcome["abandoned"] = True
+            reading = outcome.get("reading")
+        if reading is not None:
+            _shut_down(reading)  # what the helper then reads (an end, or an error) is not used
+        raise requests.Timeout(f"no complete answer within {seconds:.1f}s")
     if "error" in outcome:
         raise outcome["error"]
-    response: requests.Response = outcome["response"]
-    return response
+    result: tuple[int, bytes, CaseInsensitiveDict[str]] = outcome["result"]
+    return result
+
+
+def _shut_down(response: requests.Response) -> None:
+    """Shut down the socket a streamed response reads from: a read blocked in another thread then
+    returns (closing the socket would not wake it).  Found through urllib3's connection, else
+    through ``http.client``'s file; when neither is there, the helper's reads end by their own
+    timeout once the server stops sending."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        file = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(file, "raw", None), "_sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _origin(url: str) -> str:
