@@ -18,6 +18,8 @@ grow past the limit).
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +56,15 @@ def read_body(response: requests.Response, *, max_bytes: int, timeout: float) ->
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     size = 0
+    # Some bodies never let one ``read1`` return, though every socket read brings something: a
+    # gzip body of empty deflate blocks (urllib3 reads on while nothing decodes), a chunked body's
+    # trailer lines (``http.client`` reads them without limit).  The helper thread of
+    # :class:`Outbound` then hung for good and kept its slot: once ``limit`` had, that server's
+    # keys were refused until a restart (an outside audit found it in the client library).  A
+    # timer shuts the socket down at the deadline, which ends any read.
+    watchdog = threading.Timer(timeout, _shut_down, (response,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         while True:
             chunk = response.raw.read1(_READ_SIZE, decode_content=True)
@@ -66,8 +77,28 @@ def read_body(response: requests.Response, *, max_bytes: int, timeout: float) ->
             if time.monotonic() > deadline:
                 raise BodyUnreadable(f"body not received within {timeout:.1f}s")
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+        if time.monotonic() > deadline:
+            raise BodyUnreadable(f"body not received within {timeout:.1f}s") from None
         raise BodyUnreadable(f"reading the body failed: {type(exc).__name__}") from None
+    finally:
+        watchdog.cancel()
+    if time.monotonic() > deadline:  # the end may be the shut-down's, not the body's
+        raise BodyUnreadable(f"body not received within {timeout:.1f}s")
     return b"".join(chunks)
+
+
+def _shut_down(response: requests.Response) -> None:
+    """Shut down the socket a streamed response reads from: a read blocked in another thread then
+    returns (closing the socket would not wake it).  Found through urllib3's connection, else
+    through ``http.client``'s file; when neither is there, nothing is done."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        file = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(file, "raw", None), "_sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class Outbound:
