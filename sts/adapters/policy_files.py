@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -22,6 +22,7 @@ import yaml
 from ..core.policy.compile import compile_policy
 from ..core.policy.index import PolicySet
 from ..errors import ConfigurationError
+from ..settings.yaml_reader import AliasesTooLarge, DuplicateKey, read_yaml
 
 
 @functools.cache
@@ -68,43 +69,6 @@ def _schema_errors(doc: Any) -> list[jsonschema.ValidationError]:
     )
 
 
-#: libyaml's parser when PyYAML was built with it (it is, in the wheels), else the pure-Python one.
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _UniqueKeyLoader(_BaseLoader):  # type: ignore[valid-type,misc]
-    """A safe loader that refuses duplicate keys (YAML would silently keep the last)."""
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, line: int, key: Any) -> None:
-        super().__init__(f"line {line}: duplicate key {key!r}")
-        self.line = line
-        self.key = key
-
-
-def _construct_mapping(
-    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, Hashable):
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping",
-                node.start_mark,
-                "found an unhashable key",
-                key_node.start_mark,
-            )
-        if key in mapping:
-            raise _DuplicateKey(key_node.start_mark.line + 1, key)
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _rules_node(root: yaml.Node | None) -> yaml.SequenceNode | None:
     if not isinstance(root, yaml.MappingNode):
         return None
@@ -125,39 +89,6 @@ def _rule_containing(root: yaml.Node | None, line: int) -> str:
                 if k.value == "name" and isinstance(v, yaml.ScalarNode):
                     return f": rule {v.value!r}"
     return ""
-
-
-#: The most values a policy file may stand for once its YAML aliases are expanded: a few hundred
-#: bytes of nested aliases stand for billions (an outside audit had 557 bytes take 40 s and 4 GB
-#: to refuse, in the schema check's error message); 10,000 rules are about 300,000.
-MAX_EXPANDED_NODES = 2_000_000
-
-
-def _expanded_size(root: yaml.Node) -> int:
-    """How many nodes ``root`` stands for with its aliases expanded (an alias is the node it names,
-    so shared nodes are counted once per use; each distinct node is looked at once)."""
-    sizes: dict[int, int] = {}
-    order: list[yaml.Node] = []
-    stack: list[yaml.Node] = [root]
-    while stack:  # every distinct node, parents before children
-        node = stack.pop()
-        if id(node) in sizes:
-            continue
-        sizes[id(node)] = 1
-        order.append(node)
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            stack.extend(part for pair in node.value for part in pair)
-    for node in reversed(order):  # children first
-        if isinstance(node, yaml.SequenceNode):
-            children: list[yaml.Node] = list(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            children = [part for pair in node.value for part in pair]
-        else:
-            continue
-        sizes[id(node)] = min(1 + sum(sizes[id(child)] for child in children), MAX_EXPANDED_NODES + 1)
-    return sizes[id(root)]
 
 
 def read_policy_text(path: Path) -> str:
@@ -196,20 +127,15 @@ def read_policy_file(path: Path, text: str | None = None) -> dict[str, Any]:
     """
     if text is None:
         text = read_policy_text(path)
-    loader = _UniqueKeyLoader(text)
-    root: yaml.Node | None = None
     try:
-        root = loader.get_single_node()
-        if root is not None and "*" in text and _expanded_size(root) > MAX_EXPANDED_NODES:
-            raise ConfigurationError(
-                f"{path}: YAML aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?)"
-            )
-        doc = loader.construct_document(root) if root is not None else None
-    except _DuplicateKey as exc:
+        document = read_yaml(text)
+    except DuplicateKey as exc:
         raise ConfigurationError(
-            f"{path}:{exc.line}{_rule_containing(root, exc.line)}: duplicate key {exc.key!r} "
+            f"{path}:{exc.line}{_rule_containing(exc.root, exc.line)}: duplicate key {exc.key!r} "
             "(YAML would silently keep the last value)"
         ) from None
+    except AliasesTooLarge as exc:
+        raise ConfigurationError(f"{path}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         where = f"{path}:{exc.problem_mark.line + 1}" if exc.problem_mark else str(path)
         raise ConfigurationError(f"{where}: not valid YAML: {exc.problem or exc}") from None
@@ -218,8 +144,7 @@ def read_policy_file(path: Path, text: str | None = None) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:
         # An integer of thousands of digits (int() refuses it), or nesting deeper than Python's stack.
         raise ConfigurationError(f"{path}: not usable YAML ({type(exc).__name__})") from None
-    finally:
-        loader.dispose()
+    root, doc = document.root, document.value
     if doc is None:
         doc = {"rules": []}
     rules_node = _rules_node(root)

@@ -39,6 +39,7 @@ from . import (
     TransmitterSettings,
 )
 from .checks import check_settings
+from .yaml_reader import AliasesTooLarge, DuplicateKey, read_yaml
 
 #: The largest configuration file read (a real one is a few kilobytes).
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -165,7 +166,16 @@ def load_settings(
         except UnicodeDecodeError as exc:
             raise ConfigurationError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
         try:
-            loaded = yaml.safe_load(text)
+            # Duplicate keys refused and aliases capped, as in policy files (an outside audit: a
+            # second ``require_jti`` or ``trusted_proxies`` silently replaced the first).
+            loaded = read_yaml(text).value
+        except DuplicateKey as exc:
+            raise ConfigurationError(
+                f"config file {path}:{exc.line}: duplicate key {exc.key!r} "
+                "(YAML would silently keep the last value)"
+            ) from None
+        except AliasesTooLarge as exc:
+            raise ConfigurationError(f"config file {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigurationError(f"config file {path}: not valid YAML: {exc}") from None
         except (ValueError, RecursionError) as exc:

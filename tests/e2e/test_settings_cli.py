@@ -254,6 +254,70 @@ def test_invalid_setting_names_the_setting(
         assert fragment in str(caught.value)
 
 
+#: A configuration file with a key named twice: where, and the key (the second one's line).
+DUPLICATE_KEYS = {
+    "top-level": (
+        'trusted_proxies: ["10.0.0.5/32"]\nport: 9000\ntrusted_proxies: ["0.0.0.0/0"]\n',
+        3,
+        "trusted_proxies",
+    ),
+    "in-an-issuer": (
+        "issuers:\n  - name: dev\n    issuer: https://ci.example.com\n"
+        "    jwks_uri: https://ci.example.com/jwks\n    audiences: [https://sts.example.com]\n"
+        "    require_jti: true\n    require_jti: false\n",
+        7,
+        "require_jti",
+    ),
+    "in-rate-limits": (
+        "rate_limits:\n  token:\n    network: {requests: 1, period: 60}\n"
+        "    network: {requests: 100000, period: 1}\n",
+        4,
+        "network",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "line", "key"), DUPLICATE_KEYS.values(), ids=DUPLICATE_KEYS.keys())
+def test_a_key_named_twice_in_the_config_file_stops_the_start(
+    tmp_path: Path, text: str, line: int, key: str
+) -> None:
+    """YAML 1.2.2 §3.2.1.1: the keys of a mapping are unique.  PyYAML kept the last one without a
+    word (an outside audit: a second ``require_jti`` turned single use off, a second
+    ``trusted_proxies`` pasted further down trusted every address); policy files refused it."""
+    path = tmp_path / "sts.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path, environ={})
+    assert str(caught.value) == (
+        f"config file {path}:{line}: duplicate key {key!r} (YAML would silently keep the last value)"
+    )
+    result = CliRunner().invoke(main, ["--config", str(path), "config", "check"])
+    assert _failed_cleanly(result) and f"duplicate key {key!r}" in result.output
+
+
+def test_aliases_that_stand_for_too_much_stop_the_start(tmp_path: Path) -> None:
+    """A few hundred bytes of nested aliases stand for billions of values, which the schema check
+    would walk (as in policy files, an outside audit); aliases within reason still load."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "sts.yaml"
+    path.write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigurationError, match=r"aliases expand to more than 2,000,000 values"):
+        load_settings(path, environ={})
+    issuer = (
+        "{name: %s, issuer: https://%s.example.com, jwks_uri: https://%s.example.com/jwks, audiences: %s}"
+    )
+    path.write_text(
+        "issuers:\n"
+        f"  - {issuer % ('a', 'a', 'a', '&audiences [https://sts.example.com, https://sts2.example.com]')}\n"
+        f"  - {issuer % ('b', 'b', 'b', '*audiences')}\n"
+    )
+    assert load_settings(path, environ={}).issuers[1].audiences == (
+        "https://sts.example.com",
+        "https://sts2.example.com",
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
