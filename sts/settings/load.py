@@ -3,7 +3,9 @@
 Order of precedence: built-in defaults < configuration file < environment.
 The file is named by ``--config`` or ``STS_CONFIG``; without either,
 ``./sts.yaml`` is used when it exists.  Every scalar setting ``name`` can be
-overridden by the variable ``STS_NAME`` (``STS_ISSUER``, ``STS_PORT``...).
+overridden by the variable ``STS_NAME`` (``STS_ISSUER``, ``STS_PORT``...); any
+other ``STS_*`` variable is refused, but for the few that are no setting
+(:data:`NOT_SETTINGS`) and Kubernetes' links to other Services.
 Secrets come only from the environment (``STS_KEY_PASSPHRASE``).
 
 A bad setting raises :class:`~sts.errors.ConfigurationError` naming it, and
@@ -12,8 +14,10 @@ the service does not start.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import fields
@@ -44,22 +48,19 @@ from .yaml_reader import AliasesTooLarge, DuplicateKey, read_yaml
 #: The largest configuration file read (a real one is a few kilobytes).
 MAX_CONFIG_BYTES = 1024 * 1024
 
+#: Settings that are lists or mappings: the configuration file only.
+FILE_ONLY = (
+    "issuers",
+    "clients",
+    "transmitters",
+    "review",
+    "trusted_proxies",
+    "dpop_algorithms",
+    "rate_limits",
+    "tracing",
+)
 _SCALARS = {
-    f.name: f.type
-    for f in fields(Settings)
-    if f.name
-    not in {
-        "issuers",
-        "clients",
-        "transmitters",
-        "review",
-        "key_passphrase",
-        "config_file",
-        "trusted_proxies",
-        "dpop_algorithms",
-        "rate_limits",
-        "tracing",
-    }
+    f.name: f.type for f in fields(Settings) if f.name not in {*FILE_ONLY, "key_passphrase", "config_file"}
 }
 _INT_SETTINGS = {
     "port",
@@ -93,12 +94,41 @@ def _schema() -> dict[str, Any]:
     return loaded
 
 
+#: ``STS_*`` variables that name no setting but are read elsewhere: the file and the passphrase
+#: (here), the client library's CI command (``sts-client``: its id token and the token it writes,
+#: which a job running the STS beside it has set), the client examples' STS address, and the
+#: review page's browser test (where its screenshots go).
+NOT_SETTINGS = frozenset(
+    {"STS_CONFIG", "STS_KEY_PASSPHRASE", "STS_ID_TOKEN", "STS_TOKEN", "STS_URL", "STS_REVIEW_SCREENSHOTS"}
+)
+#: What Kubernetes sets for every Service of the namespace (``enableServiceLinks``, on by default):
+#: ``<SERVICE>_SERVICE_HOST``, ``<SERVICE>_SERVICE_PORT[_<NAME>]`` and ``<SERVICE>_PORT_<n>_<PROTO>[_...]``,
+#: a Service ``sts-redis`` giving ``STS_REDIS_SERVICE_HOST``; its ``<SERVICE>_PORT`` is told by its
+#: value (``tcp://10.0.0.7:6379``).
+_SERVICE_LINK = re.compile(
+    r"STS_\w+?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)"
+)
+_SERVICE_LINK_PORT = re.compile(r"(tcp|udp|sctp)://[^/]*")
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the ``STS_*`` variables set; every other ``STS_*`` variable is refused.
+
+    A variable naming no setting was ignored, and so was one naming a list (an outside audit:
+    ``STS_DPOP_NONCES=true`` left nonces off and ``STS_TRUSTED_PROXIES=10.0.0.0/8`` trusted no
+    proxy, while ``sts config check`` said ok; the same misspelling in the file is refused).
+    """
+    _check_variable_names(environ)
     raw: dict[str, Any] = {}
     for name in _SCALARS:
         var = "STS_" + name.upper()
         if var in environ:
             value: Any = environ[var]
+            if name in _PATH_SETTINGS and not value.strip():
+                # Empty became Path(""), the config file's own directory (an outside audit).
+                raise ConfigurationError(
+                    f"{var}: empty; name a directory, or unset it to use the file's {name}"
+                )
             if name in _BOOL_SETTINGS:
                 if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
                     raise ConfigurationError(f"{var}: {value!r} is not a boolean")
@@ -110,6 +140,27 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                     raise ConfigurationError(f"{var}: {value!r} is not an integer") from None
             raw[name] = value
     return raw
+
+
+def _check_variable_names(environ: Mapping[str, str]) -> None:
+    """Refuse an ``STS_*`` variable that sets nothing: a misspelling, or a list or mapping."""
+    for var in sorted(environ):
+        is_setting = var == var.upper() and var[4:].lower() in _SCALARS
+        if not var.startswith("STS_") or var in NOT_SETTINGS or is_setting:
+            continue
+        if _SERVICE_LINK.fullmatch(var) or (
+            var.endswith("_PORT") and _SERVICE_LINK_PORT.fullmatch(environ[var])
+        ):
+            continue  # Kubernetes' link to another Service, not meant for us
+        name = var[4:].lower()
+        within = next((s for s in FILE_ONLY if name == s or name.startswith(s + "_")), None)
+        if within is not None:
+            raise ConfigurationError(
+                f"{var}: {within} is a list or mapping and is set in the configuration file only"
+            )
+        close = difflib.get_close_matches(name, [*_SCALARS, *FILE_ONLY], n=1)
+        hint = f" (did you mean STS_{close[0].upper()}?)" if close else ""
+        raise ConfigurationError(f"{var}: no such setting{hint}; unset it, or see docs/configuration.md")
 
 
 def _sqlite_resolved(base: Path, url: str) -> str:

@@ -99,6 +99,60 @@ def test_a_bad_value_from_the_environment_is_blamed_on_its_variable(tmp_path: Pa
         load_settings(bad_file, environ={})
 
 
+#: ``STS_*`` variables that set no setting: what the message says.
+NO_SUCH_SETTING = {
+    "misspelt": (
+        {"STS_DPOP_NONCES": "true"},
+        "STS_DPOP_NONCES: no such setting (did you mean STS_DPOP_NONCE?)",
+    ),
+    "a-list": (
+        {"STS_TRUSTED_PROXIES": "10.0.0.0/8"},
+        "STS_TRUSTED_PROXIES: trusted_proxies is a list or mapping and is set in the configuration file only",
+    ),
+    "under-a-mapping": (
+        {"STS_RATE_LIMITS_ENABLED": "false"},
+        "STS_RATE_LIMITS_ENABLED: rate_limits is a list or mapping and is set in the configuration file only",
+    ),
+    "not-upper-case": ({"STS_Port": "9000"}, "STS_Port: no such setting (did you mean STS_PORT?)"),
+    "empty-keys-dir": ({"STS_KEYS_DIR": ""}, "STS_KEYS_DIR: empty; name a directory"),
+    "blank-policies-dir": ({"STS_POLICIES_DIR": " "}, "STS_POLICIES_DIR: empty; name a directory"),
+}
+
+
+@pytest.mark.parametrize(("environ", "message"), NO_SUCH_SETTING.values(), ids=NO_SUCH_SETTING.keys())
+def test_an_sts_variable_that_sets_nothing_stops_the_start(
+    tmp_path: Path, environ: dict[str, str], message: str
+) -> None:
+    """An outside audit: ``STS_DPOP_NONCES=true`` and ``STS_TRUSTED_PROXIES=10.0.0.0/8`` were ignored
+    (``sts config check`` said ok; the same misspelling in the file is refused), and an empty
+    ``STS_KEYS_DIR`` was the config file's directory.  The variables read elsewhere (the client
+    library's, the browser test's) and Kubernetes' links to the namespace's Services still pass."""
+    config = _write_config(tmp_path, _base_config(tmp_path))
+    elsewhere = {
+        "STS_CONFIG": str(config),
+        "STS_KEY_PASSPHRASE": "hunter2-hunter2",
+        "STS_ID_TOKEN": "a.b.c",
+        "STS_TOKEN": "d.e.f",
+        "STS_URL": "https://sts.example.com",
+        "STS_REVIEW_SCREENSHOTS": "docs/screenshots",
+        # A Service "sts-redis" in the namespace (enableServiceLinks):
+        "STS_REDIS_SERVICE_HOST": "10.0.0.7",
+        "STS_REDIS_SERVICE_PORT": "6379",
+        "STS_REDIS_SERVICE_PORT_CLIENT": "6379",
+        "STS_REDIS_PORT": "tcp://10.0.0.7:6379",
+        "STS_REDIS_PORT_6379_TCP": "tcp://10.0.0.7:6379",
+        "STS_REDIS_PORT_6379_TCP_PROTO": "tcp",
+        "STS_REDIS_PORT_6379_TCP_PORT": "6379",
+        "STS_REDIS_PORT_6379_TCP_ADDR": "10.0.0.7",
+    }
+    assert load_settings(config, environ=elsewhere).keys_dir == tmp_path / "keys"
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(config, environ={**elsewhere, **environ})
+    assert str(caught.value).startswith(message), caught.value
+    result = CliRunner().invoke(main, ["--config", str(config), "config", "check"], env=environ)
+    assert _failed_cleanly(result) and message in result.output, result.output
+
+
 def test_active_threads_can_be_set_within_threads(tmp_path: Path) -> None:
     """Documented as a setting, it was refused by the schema from the file and the environment
     alike (an outside check)."""
