@@ -76,6 +76,35 @@ def _check_service(s: Settings) -> None:
     if s.database_url.startswith("sqlite:") and "?" in s.database_url:
         # The driver takes none, and the path would be read with it (a new file named "x?mode=ro").
         raise ConfigurationError("setting database_url: a sqlite URL takes no query string")
+    if s.database_url.startswith("sqlite:"):
+        _check_sqlite_file(s.database_url)
+
+
+def _check_sqlite_file(url: str) -> None:
+    """A SQLite URL must name a file: every worker process, and every command, opens it.
+
+    ``sqlite://`` (no path) made ``sts serve`` die with a ``TypeError`` traceback, and
+    ``sqlite:///:memory:`` started a service that stayed not ready for ever: each connection of
+    each process has a database of its own there, with no schema, no audit trail and no
+    single-use record that another process sees (an outside audit).  ``file:`` URI names
+    (``file::memory:``) are refused too: the driver is not opened in URI mode, so it would be a
+    file of that odd name in the working directory, or with ``mode=memory``, memory again.
+    """
+    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+    if not path.strip():
+        raise ConfigurationError(
+            f"setting database_url: {url!r} names no database file (sqlite:///PATH, or sqlite:////ABSOLUTE/PATH)"
+        )
+    if path.strip().lower() == ":memory:" or "mode=memory" in path:
+        raise ConfigurationError(
+            f"setting database_url: {url!r} is a database in memory, one per connection and process "
+            "(no shared schema, audit trail or single-use records): name a file"
+        )
+    if path.startswith("file:"):
+        raise ConfigurationError(
+            f"setting database_url: {url!r}: SQLite URI names (file:...) are not supported: "
+            "name the file's path"
+        )
 
 
 def _check_issuers(s: Settings) -> set[str]:
