@@ -309,7 +309,9 @@ class RateLimitStore(Protocol):
 
         Returns each key's wait in seconds: all ``<= 0`` when the request was admitted
         (and every key's TAT advanced by its interval, atomically); otherwise at least
-        one is positive and no key changed.  Keys are distinct.  Raises
+        one is positive and no key was charged (a TAT left further ahead than the key's
+        tolerance by an earlier, stricter limit may be lowered to ``now + tolerance``, and
+        no wait is longer than the key's interval).  Keys are distinct.  Raises
         :class:`StoreUnavailable`; callers fail closed.
         """
         ...

@@ -11,7 +11,9 @@ keeps one number, its *theoretical arrival time* (TAT)::
     admitted  when tat' - tolerance <= now;  else retry after tat' - tolerance - now
 
 so the state is a single value per key that expires by itself once ``tat <= now``;
-there are no windows to line up across instances and no counters to reset.
+there are no windows to line up across instances and no counters to reset.  A TAT
+further ahead than ``now + tolerance`` (left by an earlier, stricter limit) counts as
+``now + tolerance``: the current limit's burst spent, never more (:func:`gcra_start`).
 
 The limits are checked as the pipeline learns who is asking:
 
@@ -103,17 +105,36 @@ class Check:
         return LimitedKey(self.key, self.limit.interval, self.limit.tolerance + ROUNDING_SLACK)
 
 
+def gcra_start(tat: float | None, now: float, tolerance: float) -> float:
+    """The TAT a request is counted from: ``now`` for a key at rest, and at most ``now + tolerance``.
+
+    Under one limit a TAT never runs further ahead than that (a request is admitted only when
+    its new TAT is within ``tolerance`` of now); one that does was written under another,
+    stricter limit, since relaxed.  Read as it is, it kept refusing the key under the new limit
+    for as long as the old one would have (an outside audit: a /24 refused for 110 s, and up to
+    an hour with a period of 3600, after the limit was raised to the default 200/s), and told
+    the caller to wait that long.  Capped, it means the most it can under the current limit:
+    its whole burst spent just now, so the next request waits one interval at most.
+    The decision is the same either way (a TAT at the cap refuses, as any beyond it does);
+    what changes is the wait given, and what a store writes back (see the stores).
+    """
+    if tat is None or tat < now:
+        return now
+    return min(tat, now + tolerance)
+
+
 def gcra_wait(tat: float | None, now: float, interval: float, tolerance: float) -> float:
-    """Seconds until one more request on a key with this TAT is admitted; ``<= 0`` means now."""
-    start = now if tat is None or tat < now else tat
-    return start + interval - tolerance - now
+    """Seconds until one more request on a key with this TAT is admitted; ``<= 0`` means now.
+
+    At most ``interval``: a TAT beyond what the limit allows is capped (:func:`gcra_start`)."""
+    return gcra_start(tat, now, tolerance) + interval - tolerance - now
 
 
 def gcra_admit(tat: float | None, now: float, interval: float, tolerance: float) -> float | None:
     """The key's new TAT when one more request is admitted now, else None (the reference algorithm)."""
     if gcra_wait(tat, now, interval, tolerance) > 0:
         return None
-    return max(tat if tat is not None else now, now) + interval
+    return gcra_start(tat, now, tolerance) + interval
 
 
 @functools.lru_cache(maxsize=4096)

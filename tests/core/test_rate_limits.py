@@ -56,6 +56,8 @@ from sts.core.rate_limit import (
     RateLimiter,
     RateLimitPolicy,
     gcra_admit,
+    gcra_start,
+    gcra_wait,
     network_of,
 )
 from sts.dev.issuer import DevIssuer, RunningServer
@@ -93,6 +95,21 @@ def test_gcra_admits_the_burst_then_one_request_per_interval() -> None:
     # After a long rest the whole burst is back, never more.
     rested = [gcra_admit(tat, NOW + 3600, key.interval, key.tolerance) is not None]
     assert rested == [True]
+
+
+def test_gcra_reads_a_tat_beyond_the_limits_tolerance_as_its_burst_spent() -> None:
+    """A TAT an earlier, stricter limit left far ahead: the current limit's wait at most, and its
+    sustained rate from there (an outside audit: 109 s to wait under 200/s burst 2000)."""
+    key = Check("t", "k", Limit(requests=200, period=1, burst=2000), "k").cell()
+    stale = NOW + 120  # 1/60s burst 2, spent
+    assert 0 < gcra_wait(stale, NOW, key.interval, key.tolerance) <= key.interval + 1e-6
+    assert gcra_admit(stale, NOW, key.interval, key.tolerance) is None
+    # What a store writes back on that refusal: the burst spent at NOW; one interval on, admitted.
+    capped = gcra_start(stale, NOW, key.tolerance)
+    assert capped == NOW + key.tolerance
+    assert gcra_admit(capped, NOW + key.interval, key.interval, key.tolerance) == pytest.approx(
+        capped + key.interval
+    )
 
 
 @pytest.mark.parametrize(
@@ -176,6 +193,29 @@ def test_a_refusal_charges_none_of_the_keys(store: RateLimitStore) -> None:
     other = cell("net:203.0.113.0/24", requests=2, period=60)
     assert admitted(store.acquire([everyone, other], NOW)), "global was charged by refused requests"
     assert not admitted(store.acquire([everyone, other], NOW))
+
+
+def test_a_relaxed_limit_is_not_held_to_the_stricter_limits_state(store: RateLimitStore) -> None:
+    """The limit raised (a restart with another configuration): the key's state of the old one
+    counts as the new limit's burst spent, no more.  An outside audit had a /24 refused 429 with
+    ``Retry-After: 109`` under 200/s burst 2000, until the old limit's state (1/60s burst 2) ran
+    out; with a period of 3600, for up to an hour."""
+    strict = cell("net:192.0.2.0/24", requests=1, period=60, burst=2)
+    assert [admitted(store.acquire([strict], NOW)) for _ in range(3)] == [True, True, False]
+    relaxed = cell("net:192.0.2.0/24", requests=200, period=1, burst=2000)
+    later = NOW + 1
+    [wait] = store.acquire([relaxed], later)
+    assert 0 < wait <= relaxed.interval + 1e-6  # Retry-After: 1, not 109
+    # One interval of the new limit on, admitted, and then at the new limit's rate (half an
+    # interval more each time, so that rounding at 1.7e9 s decides nothing).
+    step = relaxed.interval
+    assert admitted(store.acquire([relaxed], later + 1.5 * step))
+    assert not admitted(store.acquire([relaxed], later + 1.5 * step))
+    assert admitted(store.acquire([relaxed], later + 2.5 * step))
+    # Stricter again: the refusals are the new limit's own, as long as it says.
+    stricter = cell("net:192.0.2.0/24", requests=1, period=3600, burst=1)
+    [wait] = store.acquire([stricter], later + 3 * step)
+    assert 0 < wait <= stricter.interval + 1e-6
 
 
 def test_keys_are_independent(store: RateLimitStore) -> None:

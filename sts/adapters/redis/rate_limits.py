@@ -12,6 +12,14 @@ future (an outside fault campaign had one instance 60 s ahead make every
 instance answer 429 for most of a minute, and one 60 s behind refuse
 everything itself); otherwise the caller's clock, which lets tests move time.
 
+A TAT further ahead than the key's tolerance allows (written under an earlier, stricter
+limit) is read as ``now + tolerance``, and written back so on a refusal
+(:func:`~sts.core.rate_limit.gcra_start`): the next request waits one interval of the
+current limit, not out the old limit's state (an outside audit had a /24 refused for
+110 s after its limit was raised to the default).  A capped key always refuses, so the
+admission is what it was; Redis's clock (``server_clock``) is one for the fleet, so a TAT
+that far ahead cannot come from another instance's clock.
+
 One round trip per check (``EVALSHA``; the script is loaded once).  Every key
 of one call must live on the same Redis node: this service uses one Redis
 (no cluster), so they do.
@@ -37,13 +45,17 @@ if ARGV[1] == 'server' then
 else
   now = tonumber(ARGV[1])
 end
-local waits, tats = {}, {}
+local waits, tats, capped = {}, {}, {}
 local refused = false
 for i, key in ipairs(KEYS) do
   local interval = tonumber(ARGV[2 * i])
   local tolerance = tonumber(ARGV[2 * i + 1])
   local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then tat = now end
+  if tat > now + tolerance then
+    tat = now + tolerance
+    capped[i] = tat
+  end
   tats[i] = tat + interval
   local wait = tats[i] - tolerance - now
   if wait > 0 then refused = true end
@@ -53,6 +65,13 @@ if not refused then
   for i, key in ipairs(KEYS) do
     local ttl = math.max(1, math.ceil((tats[i] - now) * 1000))
     redis.call('SET', key, string.format('%.6f', tats[i]), 'PX', ttl)
+  end
+else
+  for i, key in ipairs(KEYS) do
+    if capped[i] then
+      local ttl = math.max(1, math.ceil((capped[i] - now) * 1000))
+      redis.call('SET', key, string.format('%.6f', capped[i]), 'PX', ttl)
+    end
   end
 end
 return waits

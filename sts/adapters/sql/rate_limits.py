@@ -19,7 +19,9 @@ key's last cell, and in the rare race where one key of several refuses, the
 others keep the charge (a refusal for them a little sooner, never an excess).
 
 The request was admitted when every key came back from ``RETURNING``.  Only
-on a refusal are the keys read again, to say how long to wait.
+on a refusal are the keys read again, to say how long to wait; a TAT written
+under an earlier, stricter limit is lowered then to what the current limit
+allows (``SqlRateLimits._capped``).
 
 This is the hot path: one write per check (``benchmarks/rate_limits.py`` measures it).
 On SQLite the counts are kept in a file of their own (:func:`rate_limit_engine`), so
@@ -127,8 +129,13 @@ class SqlRateLimits:
         )
         self._commit_join = " CROSS JOIN async_commit" if postgres else ""
         self._sql_by_size: dict[int, str] = {}
-        self._select = "SELECT key, tat FROM rate_limits WHERE key IN "
+        self._select = "SELECT key, tat, tolerance FROM rate_limits WHERE key IN "
         self._purge = f"DELETE FROM rate_limits WHERE tat < {p}"  # noqa: S608 - placeholder only
+        # Only lowers a TAT, and only one written under another limit (see _capped).
+        self._cap = (
+            f"UPDATE rate_limits SET tat = {p}, tolerance = {p} "  # noqa: S608 - placeholders only
+            f"WHERE key = {p} AND tat > {p} AND tolerance <> {p}"
+        )
 
     def _acquire_sql(self, size: int) -> str:
         sql = self._sql_by_size.get(size)
@@ -165,7 +172,9 @@ class SqlRateLimits:
                     self._raw.run(self._purge, (now,))
                 return [0.0] * len(keys)
             placeholders = ", ".join([self._raw.placeholder] * len(keys))
-            tats = dict(self._raw.query(self._select + f"({placeholders})", stored))
+            rows = self._raw.query(self._select + f"({placeholders})", stored)
+            tats = {name: tat for name, tat, _ in rows}
+            self._capped(keys, stored, {name: tolerance for name, _, tolerance in rows}, tats, now)
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         waits = [
@@ -177,3 +186,31 @@ class SqlRateLimits:
             worst = max(range(len(keys)), key=lambda i: keys[i].interval)
             waits[worst] = keys[worst].interval
         return waits
+
+    def _capped(
+        self,
+        keys: Sequence[LimitedKey],
+        stored: Sequence[str],
+        tolerances: dict[str, float],
+        tats: dict[str, float],
+        now: float,
+    ) -> None:
+        """On a refusal: lower each TAT written under another limit to what the current one allows.
+
+        A TAT further ahead than ``now + tolerance`` is read as that much
+        (:func:`~sts.core.rate_limit.gcra_start`), but the statement above refuses it and
+        writes nothing, so it would refuse the key again until the old limit's state ran out (an
+        outside audit: a /24 refused for 110 s, up to an hour with a period of 3600, after its
+        limit was raised to the default).  Written back as ``now + tolerance`` (the current
+        limit's burst spent), the key is admitted again one interval later.  Only a row whose
+        stored tolerance is another limit's: with PostgreSQL, instances count by their own
+        clocks, and one whose clock is behind must not lower the TATs another one wrote under
+        the same limit (that would hand the other one the difference, again and again).
+        """
+        for name, k in zip(stored, keys, strict=True):
+            tat, tolerance = tats.get(name), tolerances.get(name)
+            if tat is None or tolerance is None or tolerance == k.tolerance or tat <= now + k.tolerance:
+                continue
+            cap = now + k.tolerance
+            self._raw.run(self._cap, (cap, k.tolerance, name, cap, k.tolerance))
+            tats[name] = cap
