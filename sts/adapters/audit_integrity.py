@@ -11,7 +11,6 @@ service's own signing key.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -23,34 +22,36 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
 from joserfc.jws import JWSRegistry
-from sqlalchemy import Connection, Engine, Text, and_, cast, func, not_, select
+from sqlalchemy import Connection, Engine, and_, func, not_, select
 
-from ..core.audit import AuditRecord
 from ..core.audit_chain import (
-    CHECKPOINT_TYP,
     AuditTrailBroken,
     BrokenLink,
     ChainStart,
-    CheckpointInvalid,
-    StoredLink,
     TrailReport,
+    genesis_hash,
+    verify_chains,
+)
+from ..core.audit_checkpoint import (
+    CHECKPOINT_TYP,
+    CheckpointInvalid,
+    TrailFacts,
+    below_cutoff,
     checkpoint_claims,
+    checkpoint_firsts,
     checkpoint_heads,
     checkpoint_ids,
-    genesis_hash,
+    checkpoint_trail,
     prune_inconsistencies,
-    verify_chains,
 )
 from ..core.audit_filter import format_time
 from ..core.ports import Signer, UnknownKeyId
-from .sql.group_commit import audit_row
-from .sql.schema import audit_chains, audit_events
+from .audit_links import chained_rows, link_of, stored_links
+from .sql.schema import audit_chains, audit_events, audit_trail
 
 #: A checkpoint lists every chain ever started (one or more per process start): far more than a
 #: token's claims, so joserfc's default payload limit (128 000 bytes) is raised for it.
 MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
-
-_FIELDS = frozenset(f.name for f in dataclasses.fields(AuditRecord))
 
 
 @contextlib.contextmanager
@@ -76,40 +77,6 @@ def chain_starts(conn: Connection) -> list[ChainStart]:
         start_hash = str(anchor_hash or "") if anchor_seq else genesis_hash(chain_id)
         starts.append(ChainStart(chain_id, int(anchor_seq), start_hash))
     return starts
-
-
-def _chained_rows(conn: Connection) -> Any:
-    c = audit_events.c
-    columns = [*(col for col in c if col.name != "record"), cast(c.record, Text).label("record_text")]
-    if conn.dialect.name == "sqlite":
-        # SQLite keeps a time as text, and queries compare the text: see _column_mismatch.
-        columns.append(cast(c.time, Text).label("time_text"))
-    return select(*columns).where(c.chain_id.is_not(None))
-
-
-def stored_links(conn: Connection, *, batch: int = 2000, below_id: int | None = None) -> Iterator[StoredLink]:
-    """Every chained record (with ``below_id``: those with a lower id), ordered by ``(chain_id,
-    seq)``, streamed ``batch`` rows at a time."""
-    c = audit_events.c
-    query = _chained_rows(conn).order_by(c.chain_id, c.seq)
-    if below_id is not None:
-        query = query.where(c.id < below_id)
-    for row in conn.execution_options(yield_per=batch).execute(query):
-        yield _link_of(row)
-
-
-def _link_of(row: Any) -> StoredLink:
-    record, problem = _parse_record(row.record_text)
-    return StoredLink(
-        record_id=int(row.id),
-        chain_id=row.chain_id,
-        seq=int(row.seq) if row.seq is not None else 0,
-        prev_hash=row.prev_hash or "",
-        hash=row.hash or "",
-        record=record,
-        column_mismatch=problem or _column_mismatch(row._mapping, record),
-        text=row.record_text,
-    )
 
 
 def verify_prefix(conn: Connection, below_id: int) -> list[BrokenLink]:
@@ -138,8 +105,8 @@ def verify_recent(engine: Engine, limit: int = 2000) -> tuple[int, list[BrokenLi
     """
     c = audit_events.c
     with snapshot(engine) as conn:
-        rows = conn.execute(_chained_rows(conn).order_by(c.id.desc()).limit(limit)).all()
-        links = sorted((_link_of(row) for row in rows), key=lambda link: (link.chain_id, link.seq))
+        rows = conn.execute(chained_rows(conn).order_by(c.id.desc()).limit(limit)).all()
+        links = sorted((link_of(row) for row in rows), key=lambda link: (link.chain_id, link.seq))
         registered = set(conn.execute(select(audit_chains.c.chain_id)).scalars())
         # A record without a chain among (or after) these: the service never writes one (an outside
         # audit had forged records top the timeline while this check said "verified").
@@ -169,83 +136,14 @@ def verify_recent(engine: Engine, limit: int = 2000) -> tuple[int, list[BrokenLi
     return len(links), broken
 
 
-def _parse_record(text: str | None) -> tuple[Any, str | None]:
-    """The stored record, and what is wrong with its text (a repeated member name: two readers
-    could disagree about what it says)."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        names = [name for name, _ in pairs]
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate member name")
-        return dict(pairs)
-
-    if text is None:
-        return None, "record (empty)"
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_int=_integer), None
-    except (ValueError, RecursionError) as exc:
-        return None, f"record (not JSON: {exc})"[:120]
-
-
-def _integer(literal: str) -> int | float:
-    """An integer literal as the writer meant it.  The writer never stores an integer beyond 2**53
-    (RFC 8785 refuses them: they become strings), but it writes an integral float of 2**53 or more
-    as digits (``1e20`` as ``100000000000000000000``, JCS's number form); read back as an ``int`` it
-    would not canonicalise again, and an intact record would look edited."""
-    value = int(literal)
-    return value if -_SAFE_INTEGER <= value <= _SAFE_INTEGER else float(value)
-
-
-_SAFE_INTEGER = 2**53 - 1
-
-
-def _column_mismatch(row: Mapping[Any, Any], record: Any) -> str | None:
-    """The first indexed column whose value is not what the record says, or None.
-
-    The sink fills the columns from the record (:func:`~sts.adapters.sql.group_commit.audit_row`); doing it
-    again here catches a column edited alone (an ``outcome`` turned from ``refused``
-    into ``granted`` changes what a query finds, not the record's hash).
-    """
-    if not isinstance(record, dict):
-        return None  # The hash check reports it.
-    try:
-        expected = audit_row(AuditRecord(**{k: v for k, v in record.items() if k in _FIELDS}))
-    except (TypeError, ValueError, OverflowError, AttributeError):
-        return "record (not a decision record)"
-    for name, value in expected.items():
-        if name != "record" and not _same(row[name], value):
-            return name
-    text = row.get("time_text")
-    if text is not None and text not in _sqlite_time_texts(expected["time"]):
-        # The same instant written otherwise (another offset, a "T"): equal as times, but queries
-        # by time compare the text, so such a record drops out of time-bounded views.
-        return "time"
-    return None
-
-
-def _sqlite_time_texts(when: dt.datetime) -> tuple[str, str]:
-    """The texts SQLite holds for ``when``: as the sink writes it (the driver's ``isoformat(" ")``),
-    and as SQLAlchemy's SQLite ``DATETIME`` does (UTC, no offset, six-digit microseconds)."""
-    naive = when.astimezone(dt.UTC).replace(tzinfo=None)
-    return when.isoformat(" "), naive.strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _same(stored: Any, expected: Any) -> bool:
-    if isinstance(stored, dt.datetime) and isinstance(expected, dt.datetime):
-        if stored.tzinfo is None:
-            stored = stored.replace(tzinfo=dt.UTC)
-        return bool(stored == expected)
-    return bool(stored == expected)
-
-
 @dataclass(frozen=True)
 class Unchained:
     """Records without a chain: written before chaining began, or inserted by something else.
 
-    ``before`` were written before the first chained record (older versions of the
-    service): nothing can vouch for them.  ``after`` came later, which the service
-    never does: another writer put them there (or an instance of an older version,
-    during an upgrade); ``first_after`` is the id of the first of them.
+    ``before`` were written before chaining began (older versions of the service): nothing can
+    vouch for them.  ``after`` came later, which the service never does: another writer put them
+    there (or an instance of an older version, during an upgrade); ``first_after`` is the id of
+    the first of them.
     """
 
     before: int
@@ -253,25 +151,57 @@ class Unchained:
     first_after: int | None
 
 
-def unchained(conn: Connection) -> Unchained:
-    """Count the records without a chain.  Before chaining began means both an id below the first
-    chained record's and a time before the first chain was registered: a record copied in with a
-    low id (or one a prune freed) but a time of its own is not taken for an old one."""
+def trail_facts(conn: Connection) -> TrailFacts | None:
+    """What ``audit_trail`` records of the trail (revision 0011); None when it does not hold its one
+    row (someone deleted or added one)."""
+    t = audit_trail.c
+    rows = conn.execute(
+        select(t.name, t.prechain_records, t.prechain_highest_id, t.pruned_below).limit(2)
+    ).all()
+    if len(rows) != 1 or rows[0].name != "trail":
+        return None
+    _name, records, highest, below = rows[0]
+    return TrailFacts(
+        int(records), None if highest is None else int(highest), None if below is None else int(below)
+    )
+
+
+def unchained(conn: Connection, bounds: Iterable[TrailFacts] = ()) -> Unchained:
+    """Count the records without a chain.  Before chaining began means an id no higher than the
+    highest of the records that ``audit_trail`` (or, where given, a checkpoint: ``bounds``, of
+    which the tightest counts) says were written before chaining, no more of them than it says
+    there were, and a time before the first chain was registered.  An outside audit inserted a made
+    up grant with id 0, without a chain, dated before the first chain: it passed for an old one
+    (verify said only ``note:``), even with a checkpoint.  Without any bound (the row deleted, no
+    checkpoint), an id below the first chained record's is taken, as before revision 0011."""
     c = audit_events.c
-    first_chained = conn.execute(select(func.min(c.id)).where(c.chain_id.is_not(None))).scalar()
+    bounds = list(bounds)
     total = conn.execute(select(func.count()).where(c.chain_id.is_(None))).scalar() or 0
     first_started = conn.execute(select(func.min(audit_chains.c.started_at))).scalar()
-    if first_chained is None and first_started is None:
-        return Unchained(int(total), 0, None)
-    conditions: list[Any] = [c.chain_id.is_(None)]
-    if first_chained is not None:
-        conditions.append(c.id < first_chained)
+    old: list[Any] = [c.chain_id.is_(None)]
+    allowed: int | None = None
+    if bounds:
+        allowed = min(bound.prechain_records for bound in bounds)
+        highest = [bound.prechain_highest_id for bound in bounds]
+        if allowed == 0 or None in highest:
+            return Unchained(0, int(total), conn.execute(select(func.min(c.id)).where(old[0])).scalar())
+        old.append(c.id <= min(h for h in highest if h is not None))
+    else:
+        first_chained = conn.execute(select(func.min(c.id)).where(c.chain_id.is_not(None))).scalar()
+        if first_chained is None and first_started is None:
+            return Unchained(int(total), 0, None)
+        if first_chained is not None:
+            old.append(c.id < first_chained)
     if first_started is not None:
-        conditions.append(c.time < dt.datetime.fromtimestamp(float(first_started), tz=dt.UTC))
-    old = and_(*conditions)
-    before = conn.execute(select(func.count()).where(old)).scalar() or 0
-    first_after = conn.execute(select(func.min(c.id)).where(c.chain_id.is_(None), not_(old))).scalar()
-    return Unchained(int(before), int(total) - int(before), first_after)
+        old.append(c.time < dt.datetime.fromtimestamp(float(first_started), tz=dt.UTC))
+    before = int(conn.execute(select(func.count()).where(and_(*old))).scalar() or 0)
+    first_after = conn.execute(select(func.min(c.id)).where(c.chain_id.is_(None), not_(and_(*old)))).scalar()
+    if allowed is not None and before > allowed:
+        # More of them than there were: some were made up (which ones, nothing can tell).
+        if first_after is None:
+            first_after = conn.execute(select(func.max(c.id)).where(and_(*old))).scalar()
+        before = allowed
+    return Unchained(before, int(total) - before, first_after)
 
 
 #: Seconds a record may predate the checkpoint that did not see its chain (clocks of other hosts).
@@ -283,10 +213,12 @@ def verify_trail(
 ) -> tuple[TrailReport, Unchained]:
     """Verify every chain, and that each chain still reaches the head each checkpoint saw.
 
+    No record may be left below the cutoff the last prune recorded (``audit_trail.pruned_below``).
     With a :class:`Checkpoint` (not only its heads): pruning must explain every chain whose
-    checkpointed head is behind its anchor (:func:`~sts.core.audit_chain.prune_inconsistencies`),
-    and a chain the checkpoint does not name must hold no record older than the checkpoint
-    (less :data:`CHECKPOINT_CLOCK_SKEW`): it would have been named.
+    anchor is past a record the checkpoint saw (:func:`~sts.core.audit_checkpoint.prune_inconsistencies`),
+    no record may be left below the cutoff it signed, a chain the checkpoint does not name must
+    hold no record older than the checkpoint (less :data:`CHECKPOINT_CLOCK_SKEW`): it would have
+    been named, and the records without a chain are counted against what it signed of them.
 
     Raises :class:`~sts.core.audit_chain.AuditTrailBroken`.
     """
@@ -301,35 +233,56 @@ def verify_trail(
             report = verify_chains(starts, stored_links(conn), checkpoint=pins)
         except AuditTrailBroken as exc:
             report = exc.report
-        report.broken.extend(_beyond_pruning(conn, starts, given))
+        lowest = conn.execute(select(func.min(audit_events.c.id))).scalar()
+        facts = trail_facts(conn)
+        signed = [c.trail for c in given if c.trail is not None]
+        if facts is None:
+            problem = "audit_trail does not hold its one row (deleted, or one added): edited"
+            report.broken.append(BrokenLink("(trail)", None, None, problem))
+        else:
+            report.broken += below_cutoff(facts.pruned_below, lowest, "recorded in audit_trail")
+        anchors = {start.chain_id: start.anchor_seq for start in starts}
+        for checkpoint in given:
+            if checkpoint.trail is not None and _covers_a_record(checkpoint, anchors):
+                report.broken += below_cutoff(checkpoint.trail.pruned_below, lowest, "signed by a checkpoint")
+        report.broken.extend(_beyond_pruning(conn, starts, given, lowest))
         if report.broken:
             report.broken.sort(key=lambda b: (b.chain_id, b.seq or 0))
             raise AuditTrailBroken(report)
-        return report, unchained(conn)
+        return report, unchained(conn, [*signed, *([facts] if facts is not None else [])])
 
 
 def _beyond_pruning(
-    conn: Connection, starts: list[ChainStart], checkpoints: list[Checkpoint]
+    conn: Connection, starts: list[ChainStart], checkpoints: list[Checkpoint], lowest: int | None
 ) -> list[BrokenLink]:
     """What the checkpoints say that pruning and new chains cannot explain (see :func:`verify_trail`)."""
-    if not any(c.ids or c.issued_at is not None for c in checkpoints):
+    if not any(c.ids or c.firsts or c.issued_at is not None for c in checkpoints):
         return []
     c = audit_events.c
-    lowest = conn.execute(select(func.min(c.id))).scalar()
     oldest: dict[str, Any] = dict(
         conn.execute(
             select(c.chain_id, func.min(c.time)).where(c.chain_id.is_not(None)).group_by(c.chain_id)
         ).all()
     )
     found: list[BrokenLink] = []
+    anchors = {start.chain_id: start.anchor_seq for start in starts}
     for checkpoint in checkpoints:
-        found += prune_inconsistencies(starts, checkpoint.heads, checkpoint.ids, lowest)
-        for chain_id, record_id in checkpoint.ids.items():
+        if _covers_a_record(checkpoint, anchors):
+            found += prune_inconsistencies(
+                starts, checkpoint.heads, checkpoint.ids, lowest, checkpoint.firsts
+            )
+        seen = [
+            (chain_id, checkpoint.heads[chain_id][0], record_id)
+            for chain_id, record_id in checkpoint.ids.items()
+        ]
+        seen += [(chain_id, anchor + 1, first) for chain_id, (anchor, first) in checkpoint.firsts.items()]
+        renumbered: set[str] = set()
+        for chain_id, seq, record_id in sorted(seen, key=lambda point: point[1]):
             # Record ids are not hashed: renumbered records would make a hand-made "prune" look
-            # consistent.  The head a checkpoint saw keeps the id it saw while it is there.
-            seq = checkpoint.heads[chain_id][0]
+            # consistent.  A record a checkpoint saw keeps the id it saw while it is there.
             now_id = conn.execute(select(c.id).where(c.chain_id == chain_id, c.seq == seq)).scalar()
-            if now_id is not None and int(now_id) != record_id:
+            if now_id is not None and int(now_id) != record_id and chain_id not in renumbered:
+                renumbered.add(chain_id)
                 problem = f"record id is {now_id}, the checkpoint saw {record_id} (records renumbered)"
                 found.append(BrokenLink(chain_id, seq, int(now_id), problem))
         if checkpoint.issued_at is None:
@@ -345,6 +298,13 @@ def _beyond_pruning(
                 )
                 found.append(BrokenLink(chain_id, None, None, problem))
     return found
+
+
+def _covers_a_record(checkpoint: Checkpoint, anchors: Mapping[str, int]) -> bool:
+    """Whether a record the checkpoint saw may still be there: some chain it names is not pruned
+    past the head it saw.  When none is, the ids of what is left say nothing of the prunes since:
+    on SQLite a prune of every record numbers the next ones from 1 again, below every id it saw."""
+    return any(anchors.get(chain_id, -1) < seq for chain_id, (seq, _hash) in checkpoint.heads.items())
 
 
 def chain_heads(conn: Connection) -> dict[str, tuple[int, str]]:
@@ -367,7 +327,10 @@ def sign_checkpoint(engine: Engine, signer: Signer, issuer: str, now: float) -> 
     with snapshot(engine) as conn:
         heads = chain_heads(conn)
         ids = head_record_ids(conn, heads)
-    return signer.sign({"typ": CHECKPOINT_TYP}, checkpoint_claims(issuer, now, heads, ids)), len(heads)
+        firsts = first_record_ids(conn)
+        facts = trail_facts(conn)
+    claims = checkpoint_claims(issuer, now, heads, ids, firsts=firsts, trail=facts)
+    return signer.sign({"typ": CHECKPOINT_TYP}, claims), len(heads)
 
 
 def head_record_ids(conn: Connection, heads: Mapping[str, tuple[int, str]]) -> dict[str, int]:
@@ -381,6 +344,18 @@ def head_record_ids(conn: Connection, heads: Mapping[str, tuple[int, str]]) -> d
     return ids
 
 
+def first_record_ids(conn: Connection) -> dict[str, tuple[int, int]]:
+    """Each chain's anchor ``seq`` and the id of the record after it (where one is there)."""
+    c = audit_events.c
+    firsts = {}
+    for start in chain_starts(conn):
+        after = start.anchor_seq + 1
+        found = conn.execute(select(c.id).where(c.chain_id == start.chain_id, c.seq == after)).scalar()
+        if found is not None:
+            firsts[start.chain_id] = (start.anchor_seq, int(found))
+    return firsts
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     issued_at: int | None
@@ -388,6 +363,10 @@ class Checkpoint:
     heads: dict[str, tuple[int, str]]
     #: The heads' record ids (checkpoints signed before they carried them have none).
     ids: dict[str, int] = field(default_factory=dict)
+    #: Each chain's anchor seq and the id of the record after it (none before December 2026).
+    firsts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: What it signed of the trail (None before December 2026).
+    trail: TrailFacts | None = None
 
 
 def read_checkpoint(token: str, key_for: Callable[[str | None, str], Key], issuer: str) -> Checkpoint:
@@ -432,7 +411,14 @@ def read_checkpoint(token: str, key_for: Callable[[str | None, str], Key], issue
         raise CheckpointInvalid("claims are not a JSON object")
     iat = claims.get("iat")
     heads = checkpoint_heads(claims, issuer)
-    return Checkpoint(iat if type(iat) is int else None, kid, heads, checkpoint_ids(claims))
+    return Checkpoint(
+        iat if type(iat) is int else None,
+        kid,
+        heads,
+        checkpoint_ids(claims),
+        checkpoint_firsts(claims),
+        checkpoint_trail(claims),
+    )
 
 
 __all__ = [
@@ -445,6 +431,7 @@ __all__ = [
     "sign_checkpoint",
     "snapshot",
     "stored_links",
+    "trail_facts",
     "unchained",
     "verify_trail",
 ]

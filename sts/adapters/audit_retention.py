@@ -15,13 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, delete, func, or_, select, update
 
 from .audit_integrity import verify_prefix
 from .audit_tables import RECORD, SUMMARY_STATE, AuditTables
 from .sql.engines import transaction
 from .sql.retention import PruneWouldBreakChain, record_prune_anchors
-from .sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
+from .sql.schema import (
+    audit_counts,
+    audit_edges,
+    audit_events,
+    audit_summary_state,
+    audit_terms,
+    audit_trail,
+)
 
 
 class PruneAborted(Exception):
@@ -138,6 +145,14 @@ class AuditRetention(AuditTables):
             unused_before = min([cutoff, *(fact.time for fact in staying)])
             conn.execute(delete(audit_edges).where(audit_edges.c.last_seen < unused_before))
             conn.execute(delete(audit_counts).where(audit_counts.c.hour <= int(cutoff) - 3600))
+            # Which hours' counts a prune may have changed: `sts audit verify` checks the rest
+            # exactly (an outside audit had the oldest hours' counts go unchecked).
+            t = audit_trail.c
+            conn.execute(
+                update(audit_trail)
+                .where(or_(t.pruned_before.is_(None), t.pruned_before < cutoff))
+                .values(pruned_before=cutoff)
+            )
 
         transaction(self.engine, forget)
         return PruneResult(removed, boundary, archive)

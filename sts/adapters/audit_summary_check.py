@@ -16,7 +16,8 @@ are kept with (:func:`.audit_summaries.aggregate`), and compares:
 - each edge a granted record up to the watermark makes is there, first seen no later and last seen
   no earlier than the record, with at least as many grants;
 - each hour's count of decisions by outcome is the number of records of that hour up to the
-  watermark, for every hour whose records are all in the part checked.
+  watermark, for every hour whose records are all in the part checked; over the whole trail, the
+  hours before too (see :func:`_count_problems`).
 
 Over the whole trail (``sts audit verify``) it also finds edges and counts that no record
 accounts for, and, while nothing has been pruned (every chain still starts at its genesis),
@@ -34,7 +35,7 @@ from sqlalchemy import Connection, func, select
 from .audit_integrity import chain_starts, snapshot
 from .audit_summaries import Edges, Hourly, Terms, aggregate
 from .audit_tables import AuditTables, DecisionFacts
-from .sql.schema import audit_counts, audit_edges, audit_events, audit_terms
+from .sql.schema import audit_counts, audit_edges, audit_events, audit_terms, audit_trail
 
 #: Seconds two stored times may differ by and be the same time (a float through a REAL column).
 _SAME_TIME = 1e-3
@@ -88,9 +89,16 @@ class SummaryCheck(AuditTables):
                     first_hour = int(facts[0].time + self.slack) // 3600 * 3600
                 after = facts[-1].id
             if first_hour is not None and len(problems) < MAX_PROBLEMS:
-                pruned = any(chain.anchor_seq > 0 for chain in chain_starts(conn))
+                t = audit_trail.c
+                cut = conn.execute(select(t.pruned_below, t.pruned_before)).first()
+                pruned_before = None if cut is None or cut.pruned_before is None else float(cut.pruned_before)
+                pruned = any(chain.anchor_seq > 0 for chain in chain_starts(conn)) or (
+                    cut is not None and (cut.pruned_below is not None or pruned_before is not None)
+                )
                 problems += _edge_problems(conn, edges, exact=whole and not pruned)
-                problems += _count_problems(conn, hourly, first_hour, every=whole)
+                problems += _count_problems(
+                    conn, hourly, first_hour, every=whole, pruned=pruned, pruned_before=pruned_before
+                )
         return problems[:MAX_PROBLEMS]
 
     @staticmethod
@@ -166,18 +174,42 @@ def _edge_problems(conn: Connection, expected: Edges, *, exact: bool) -> list[st
     return problems
 
 
-def _count_problems(conn: Connection, expected: Hourly, first_hour: int, *, every: bool) -> list[str]:
-    """Decisions per hour and outcome, for the hours after ``first_hour`` (the earliest hour
-    checked, which may hold records before the part checked, or pruned ones)."""
+def _count_problems(
+    conn: Connection,
+    expected: Hourly,
+    first_hour: int,
+    *,
+    every: bool,
+    pruned: bool = False,
+    pruned_before: float | None = None,
+) -> list[str]:
+    """Decisions per hour and outcome: each hour after ``first_hour`` (the earliest hour checked,
+    which may hold records before the part checked, or pruned ones) exactly.
+
+    Over the whole trail (``every``) the earlier hours too, which an outside audit found were never
+    read (the oldest hour's refusals zeroed, every count deleted, thousands of decisions made up in
+    hours before the first record, all unseen): exactly while nothing was pruned; after a prune,
+    an hour whose count retention removed (before ``pruned_before``, its cutoff time, less an hour)
+    holds no more than the records left in it, and a later hour, which may count pruned records
+    too, no fewer.  What pruned records added to the hours in between cannot be checked.
+    """
     n = audit_counts.c
-    rows = conn.execute(select(n.hour, n.outcome, n.decisions).where(n.hour > first_hour)).all()
+    query = select(n.hour, n.outcome, n.decisions)
+    rows = conn.execute(query if every else query.where(n.hour > first_hour)).all()
     stored = {(int(hour), str(outcome)): int(decisions) for hour, outcome, decisions in rows}
+    forgotten = None if pruned_before is None else int(pruned_before) - 3600
     problems = []
     for key in sorted(expected.keys() | (stored.keys() if every else set())):
-        if key[0] <= first_hour:
-            continue
         have, want = stored.get(key, 0), expected.get(key, 0)
-        if have != want:
+        if key[0] > first_hour or (every and not pruned):
+            wrong = have != want
+        elif not every:
+            continue
+        elif forgotten is not None and key[0] <= forgotten:
+            wrong = have > want
+        else:
+            wrong = have < want
+        if wrong:
             problems.append(
                 f"the hour from {key[0]} (epoch seconds): {have} {key[1]} decision(s) summarised, "
                 f"{want} on record"

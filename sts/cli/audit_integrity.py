@@ -67,7 +67,8 @@ def audit_verify(
 
     from ..adapters import audit_integrity
     from ..adapters.audit_summary_check import SummaryCheck
-    from ..core.audit_chain import AuditTrailBroken, CheckpointInvalid
+    from ..core.audit_chain import AuditTrailBroken
+    from ..core.audit_checkpoint import CheckpointInvalid
 
     settings = settings_from(ctx)
     checkpoints = []
@@ -101,6 +102,14 @@ def audit_verify(
     finally:
         engine.dispose()
     click.echo(f"ok: {report.records} record(s) in {len(report.heads)} chain(s) verify")
+    failed = False
+    if unchained.after:
+        # Said before the summaries: a made-up record shows in both (an outside audit).
+        click.echo(
+            f"{'note' if allow_unchained else 'BROKEN'}: {unchained.after} record(s) without a chain "
+            f"written after chaining began (first: record id {unchained.first_after}); not by this version"
+        )
+        failed = not allow_unchained
     if summaries:
         # The records verify; what the review page and `sts audit query` read from them does not.
         for problem in summaries:
@@ -109,6 +118,8 @@ def audit_verify(
             "audit summaries do NOT agree with the records (the review page's charts, graph and "
             "signal/audience filters read them): `sts audit summarize --rebuild` makes them again"
         )
+        failed = True
+    if failed:
         ctx.exit(1)
     for path, checkpoint in checkpoints:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(checkpoint.issued_at or 0))
@@ -118,13 +129,6 @@ def audit_verify(
         click.echo(f"note: {pruned} chain(s) pruned past a checkpoint's head (not checkable there)")
     if unchained.before:
         click.echo(f"note: {unchained.before} record(s) written before chaining began are not covered")
-    if unchained.after:
-        click.echo(
-            f"{'note' if allow_unchained else 'BROKEN'}: {unchained.after} record(s) without a chain "
-            f"written after chaining began (first: record id {unchained.first_after}); not by this version"
-        )
-        if not allow_unchained:
-            ctx.exit(1)
 
 
 def _checkpoint_keys(settings: Settings, jwks_file: Path | None) -> Any:
@@ -155,7 +159,8 @@ def audit_checkpoint(ctx: click.Context, output: Path | None) -> None:
     """Sign every audit chain's head with the service's signing key: a JWS to keep elsewhere.
 
     `sts audit verify --checkpoint FILE` then detects the deletion of any record
-    the checkpoint covers, the newest ones included.
+    the checkpoint covers, the newest ones included, but for an oldest run of the
+    whole trail, which is what a prune removes (docs/audit.md, Checkpoints).
     """
     from sqlalchemy.exc import SQLAlchemyError
 

@@ -22,7 +22,7 @@ Changing a record changes its hash; deleting one leaves a gap in ``seq``;
 moving one breaks the ``prev_hash`` of its new neighbour (``seq`` is inside
 the hash).  Deleting the newest records of a chain leaves a shorter, intact
 chain: that is what signed checkpoints of the chain heads are for (see
-:func:`checkpoint_claims`).  Retention deletes the oldest records of a chain;
+:mod:`sts.core.audit_checkpoint`).  Retention deletes the oldest records of a chain;
 the chain's *anchor* (the ``seq`` and hash of the last record removed) is
 where verification of the rest starts.
 
@@ -46,9 +46,6 @@ from .canonical_json import canonical_json
 GENESIS_PREFIX = b"sts.audit.chain.v1:"
 CHAIN_ID = re.compile(r"[0-9a-f]{32}")
 HASH = re.compile(r"[0-9a-f]{64}")
-#: The ``typ`` of a checkpoint JWT (RFC 8725 §3.11: explicit typing, so that a checkpoint is
-#: never mistaken for an access token).
-CHECKPOINT_TYP = "audit-checkpoint+jwt"
 
 
 def genesis_hash(chain_id: str) -> str:
@@ -287,91 +284,3 @@ def _check_pins(
             continue
         report.broken.append(BrokenLink(start.chain_id, pin_seq, None, problem))
         return
-
-
-# -- checkpoints -------------------------------------------------------------------------------
-
-
-def checkpoint_claims(
-    issuer: str, now: float, heads: Mapping[str, tuple[int, str]], ids: Mapping[str, int] | None = None
-) -> dict[str, Any]:
-    """The claims of a checkpoint: who signed it, when, and every chain's head at that time, with
-    the head's record ``id`` where a record holds it (``ids``; not where only the anchor does).
-
-    Signed as a JWT (RFC 7519) with ``typ`` :data:`CHECKPOINT_TYP`; it has no
-    ``aud`` or ``exp``: it is evidence, kept as long as the records it covers.
-    """
-    chains: dict[str, dict[str, Any]] = {}
-    for chain_id, (seq, digest) in sorted(heads.items()):
-        chains[chain_id] = {"seq": seq, "hash": digest}
-        if ids is not None and chain_id in ids:
-            chains[chain_id]["id"] = ids[chain_id]
-    return {"iss": issuer, "iat": int(now), "chains": chains}
-
-
-def checkpoint_ids(claims: Mapping[str, Any]) -> dict[str, int]:
-    """The record ids of the heads a checkpoint names (checkpoints signed before they carried ids
-    have none); call after :func:`checkpoint_heads` has checked the claims' shape."""
-    ids: dict[str, int] = {}
-    for chain_id, head in claims["chains"].items():
-        record_id = head.get("id")
-        if record_id is not None:
-            if type(record_id) is not int or record_id < 1:
-                raise CheckpointInvalid(f"malformed record id of chain {chain_id[:40]!r}")
-            ids[chain_id] = record_id
-    return ids
-
-
-def prune_inconsistencies(
-    starts: Iterable[ChainStart],
-    heads: Mapping[str, tuple[int, str]],
-    ids: Mapping[str, int],
-    lowest_record_id: int | None,
-) -> list[BrokenLink]:
-    """What pruning cannot explain, given one checkpoint (its heads and their record ids).
-
-    Pruning deletes an oldest prefix of the whole trail, by record id (``sts audit prune``).  So a
-    chain whose checkpointed head is gone behind its anchor lost every record up to that head's id,
-    and no record of any chain at or below that id can remain.  One that does means the anchor was
-    moved by hand (anchors are not signed): the records were deleted or moved to another chain.
-    """
-    found = []
-    anchors = {s.chain_id: s.anchor_seq for s in starts}
-    for chain_id, (pin_seq, _hash) in heads.items():
-        record_id = ids.get(chain_id)
-        if record_id is None or chain_id not in anchors or anchors[chain_id] < pin_seq:
-            continue
-        if lowest_record_id is not None and lowest_record_id <= record_id:
-            problem = (
-                f"the checkpoint's head (record id {record_id}) is behind the chain's anchor, yet record "
-                f"id {lowest_record_id} is still there: not what pruning does (anchor moved by hand)"
-            )
-            found.append(BrokenLink(chain_id, pin_seq, None, problem))
-    return found
-
-
-class CheckpointInvalid(Exception):
-    """A checkpoint that is not one of ours, or not well formed."""
-
-
-def checkpoint_heads(claims: Mapping[str, Any], issuer: str) -> dict[str, tuple[int, str]]:
-    """The chain heads of a checkpoint whose signature has been verified; checks its shape and issuer."""
-    if claims.get("iss") != issuer:
-        raise CheckpointInvalid(f"issued by {str(claims.get('iss'))[:100]!r}, not by {issuer!r}")
-    chains = claims.get("chains")
-    if not isinstance(chains, dict):
-        raise CheckpointInvalid("no chains")
-    heads: dict[str, tuple[int, str]] = {}
-    for chain_id, head in chains.items():
-        seq = head.get("seq") if isinstance(head, dict) else None
-        digest = head.get("hash") if isinstance(head, dict) else None
-        if (
-            not CHAIN_ID.fullmatch(chain_id)
-            or type(seq) is not int
-            or seq < 0
-            or not isinstance(digest, str)
-            or not HASH.fullmatch(digest)
-        ):
-            raise CheckpointInvalid(f"malformed head of chain {chain_id[:40]!r}")
-        heads[chain_id] = (seq, digest)
-    return heads

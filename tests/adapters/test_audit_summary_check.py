@@ -250,3 +250,63 @@ def test_postgresql_leaves_a_slow_requests_record_until_every_lower_id_is_commit
     assert later.refresh(budget=None).behind == 0
     assert SummaryCheck(engine).check() == [] and SummaryCheck(engine).check(2000) == []
     engine.dispose()
+
+
+def _oldest_hour(engine: Engine) -> tuple[int, str, int]:
+    n = audit_counts.c
+    with engine.connect() as conn:
+        hour, outcome, decisions = conn.execute(
+            select(n.hour, n.outcome, n.decisions).order_by(n.hour, n.outcome.desc()).limit(1)
+        ).one()
+    return int(hour), str(outcome), int(decisions)
+
+
+@pytest.mark.parametrize("edit", ["oldest hour zeroed", "every count deleted", "hours made up before"])
+def test_counts_of_the_oldest_hours_are_checked_while_nothing_was_pruned(engine: Engine, edit: str) -> None:
+    """An outside audit: the hour of the oldest record, and every hour before it, were never read,
+    so their counts (the review page's decisions-over-time chart) could be zeroed or made up."""
+    summarised(engine)
+    hour, outcome, decisions = _oldest_hour(engine)
+    assert decisions > 0
+    n = audit_counts.c
+    if edit == "oldest hour zeroed":
+        change(engine, update(audit_counts).where(n.hour == hour, n.outcome == outcome).values(decisions=0))
+        expected = f"the hour from {hour} (epoch seconds): 0 {outcome} decision(s) summarised, {decisions} on"
+    elif edit == "every count deleted":
+        with engine.begin() as conn:
+            conn.execute(delete(audit_counts))
+        expected = f"the hour from {hour} (epoch seconds): 0 {outcome} decision(s) summarised, {decisions} on"
+    else:
+        change(engine, insert(audit_counts).values(hour=hour - 7200, outcome="refused", decisions=5000))
+        change(engine, insert(audit_counts).values(hour=hour - 86400, outcome="granted", decisions=900))
+        expected = f"the hour from {hour - 86400} (epoch seconds): 900 granted decision(s) summarised, 0 on"
+    problems = SummaryCheck(engine).check()
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_after_a_prune_counts_of_pruned_hours_cannot_exceed_the_records_left_nor_later_ones_fall_short(
+    engine: Engine,
+) -> None:
+    """After a prune the oldest hours may count pruned records: an hour whose count retention
+    removed holds no more than the records left in it, and a later one no fewer."""
+    day = 86400.0
+    write(engine, [make_record(i, when=NOW - (40 - i) * day + 0.5 * (i % 2) * 3600) for i in range(40)])
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    query.refresh(budget=None)
+    cutoff = NOW - 30 * day
+    assert query.prune(cutoff=cutoff).records == 10
+    assert SummaryCheck(engine).check() == []
+    n = audit_counts.c
+    made_up = int(cutoff - 2 * day) // 3600 * 3600
+    change(engine, insert(audit_counts).values(hour=made_up, outcome="refused", decisions=5000))
+    problems = SummaryCheck(engine).check()
+    assert problems == [
+        f"the hour from {made_up} (epoch seconds): 5000 refused decision(s) summarised, 0 on record"
+    ]
+    change(engine, delete(audit_counts).where(n.hour == made_up))
+    hour, outcome, decisions = _oldest_hour(engine)
+    change(engine, update(audit_counts).where(n.hour == hour, n.outcome == outcome).values(decisions=0))
+    problems = SummaryCheck(engine).check()
+    assert problems == [
+        f"the hour from {hour} (epoch seconds): 0 {outcome} decision(s) summarised, {decisions} on record"
+    ]

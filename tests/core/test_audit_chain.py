@@ -52,7 +52,6 @@ from sts.core.audit import AuditRecord
 from sts.core.audit_chain import (
     AuditTrailBroken,
     BrokenLink,
-    CheckpointInvalid,
     TrailReport,
     genesis_hash,
     link_hash,
@@ -66,6 +65,7 @@ NOW = 1_700_000_000.0
 ISSUER = "https://sts.example.com"
 MALLORY = "repo:mallory/app:ref:refs/heads/main"
 events, chains = audit_events, audit_chains
+CheckpointInvalid = audit_integrity.CheckpointInvalid
 
 
 # -- the canonical form and the link ----------------------------------------------------------
@@ -524,9 +524,10 @@ def test_a_chain_whose_records_are_all_deleted_or_never_registered_is_detected(e
 
 def test_records_without_a_chain_after_chaining_began_are_reported(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-    upgrade(engine)
+    upgrade(engine, "0010_baseline_failures")
     legacy = SqlLegacyRow(engine)
     legacy.insert(decision(0))  # as written before chaining (an older version)
+    upgrade(engine)  # 0011 counts it
     SqlAuditSink(engine).write(decision(1))
     report, unchained = audit_integrity.verify_trail(engine)
     assert report.records == 1 and (unchained.before, unchained.after) == (1, 0)
@@ -764,6 +765,132 @@ def test_a_checkpoint_with_record_ids_accepts_real_pruning_and_new_chains(
     assert verify(engine, seen).records == 4  # type: ignore[arg-type]
 
 
+def _interleaved(engine: Engine) -> tuple[str, str]:
+    """Two writers, their records interleaved by id: ``(older, other)``, the chain holding the
+    trail's first record and the other one."""
+    sinks = [SqlAuditSink(engine), SqlAuditSink(engine)]
+    for n in range(12):
+        sinks[n % 2].write(decision(n))
+    with engine.connect() as conn:
+        rows = conn.execute(select(events.c.id, events.c.chain_id).order_by(events.c.id)).all()
+    return rows[0].chain_id, rows[1].chain_id
+
+
+def _hide_oldest(engine: Engine, chain_id: str, count: int) -> None:
+    """Delete a chain's ``count`` oldest records and move its anchor past them, as a prune would
+    for that chain alone (an outside audit's ``anchor_hide.py``)."""
+    rows = chain_rows(engine, chain_id)[:count]
+    with engine.begin() as conn:
+        conn.execute(delete(events).where(events.c.id.in_([r["id"] for r in rows])))
+        conn.execute(
+            update(chains)
+            .where(chains.c.chain_id == chain_id)
+            .values(anchor_seq=rows[-1]["seq"], anchor_hash=rows[-1]["hash"], pruned_at=NOW)
+        )
+
+
+def test_a_chains_oldest_records_deleted_while_older_ones_stay_are_found_with_a_checkpoint(
+    engine: Engine, ring: KeyRing
+) -> None:
+    """An outside audit: deleting one chain's two oldest records (not the oldest of the trail: an
+    older record of the other chain stays) and moving its anchor passed a checkpoint taken before,
+    since only the checkpoint's heads were compared with anchors.  A prune removes every record
+    below one id: the checkpoint now signs each chain's anchor and the id of the record after it,
+    and whatever the database says of prunes, the record still there gives the deletion away."""
+    older, victim = _interleaved(engine)
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 60)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    _hide_oldest(engine, victim, 2)
+    verify(engine)  # Alone, every chain verifies (anchors are not signed).
+    for cutoff in (None, 1):  # Whatever the database says the last prune's cutoff was.
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE audit_trail SET pruned_below = :cutoff"), {"cutoff": cutoff})
+        [link] = broken(engine, seen)  # type: ignore[arg-type]
+        assert link.chain_id == victim and link.seq == 1, link
+        assert "yet record id 1 is still there: not what pruning does" in link.problem
+    assert older != victim
+
+
+def test_a_record_left_below_the_last_prunes_cutoff_is_found(engine: Engine) -> None:
+    """Each prune records its cutoff id: a record of any chain left below it was not pruned, so the
+    records around it were deleted by hand (or the cutoff set by hand to make them look pruned)."""
+    _, victim = _interleaved(engine)
+    _hide_oldest(engine, victim, 2)
+    with engine.connect() as conn:
+        first_left = conn.execute(
+            select(func.min(events.c.id)).where(events.c.chain_id == victim)
+        ).scalar_one()
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_trail SET pruned_below = :cutoff"), {"cutoff": first_left})
+    [link] = broken(engine)
+    assert (
+        link.record_id == 1 and f"below the cutoff (recorded in audit_trail: id {first_left})" in link.problem
+    )
+
+
+def test_real_pruning_after_a_checkpoint_that_signs_anchors_still_verifies(
+    engine: Engine, ring: KeyRing
+) -> None:
+    _interleaved(engine)
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 60)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    assert len(seen.firsts) == 2 and seen.trail is not None
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(select(events.c.id).order_by(events.c.id))]
+    for below in (ids[3], ids[8]):  # twice, each a prefix of the whole trail
+        prune(engine, below)
+        assert verify(engine, seen).records == len(ids) - ids.index(below)  # type: ignore[arg-type]
+        token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 120)
+        later = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+        assert later.trail is not None and later.trail.pruned_below == below
+        verify(engine, seen, later)  # type: ignore[arg-type]
+
+
+def test_a_made_up_record_without_a_chain_does_not_pass_for_one_written_before_chaining(
+    engine: Engine, ring: KeyRing
+) -> None:
+    """An outside audit: on a trail written entirely with chains, a grant inserted without a chain,
+    with id 0 and dated before the first chain, was taken for one written before chaining began
+    (a ``note:``), even with a checkpoint.  How many such records there were, and their highest
+    id, is recorded once (revision 0011), and signed by checkpoints."""
+    _interleaved(engine)
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 60)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    with engine.connect() as conn:
+        first_started = conn.execute(select(func.min(chains.c.started_at))).scalar_one()
+    forged = audit_row(decision(99, now=first_started - 86400))
+    with engine.begin() as conn:
+        conn.execute(insert(events).values(**{**forged, "id": 0, "subject": MALLORY}))
+    _, found = audit_integrity.verify_trail(engine)
+    assert (found.before, found.after, found.first_after) == (0, 1, 0)
+    # Someone who also rewrites what audit_trail says passes without a checkpoint, not with one.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_trail SET prechain_records = 1, prechain_highest_id = 0"))
+    assert audit_integrity.verify_trail(engine)[1].before == 1
+    _, found = audit_integrity.verify_trail(engine, [seen])
+    assert (found.before, found.after, found.first_after) == (0, 1, 0)
+
+
+def test_records_written_before_chaining_are_counted_and_none_can_be_added(database_url: str) -> None:
+    from tests.adapters.test_migrations import V0_1_0_ROWS, make_0_1_0_database
+
+    engine = make_engine(database_url)
+    try:
+        make_0_1_0_database(engine)
+        upgrade(engine)
+        SqlAuditSink(engine).write(decision(0))
+        legacy = len(V0_1_0_ROWS["audit_events"])
+        assert audit_integrity.verify_trail(engine)[1] == audit_integrity.Unchained(legacy, 0, None)
+        with engine.connect() as conn:
+            oldest = dict(conn.execute(select(events).order_by(events.c.id).limit(1)).one()._mapping)
+        with engine.begin() as conn:  # a copy of the oldest, with a lower id: one too many
+            conn.execute(insert(events).values(**{**oldest, "id": -1, "event_id": str(uuid.uuid4())}))
+        _, found = audit_integrity.verify_trail(engine)
+        assert (found.before, found.after) == (legacy, 1)
+    finally:
+        engine.dispose()
+
+
 def test_a_checkpoint_must_be_signed_by_the_service(engine: Engine, ring: KeyRing, tmp_path: Path) -> None:
     SqlAuditSink(engine).write(decision(0))
     token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW)
@@ -834,6 +961,26 @@ def test_a_pruned_prefix_still_verifies(engine: Engine, ring: KeyRing) -> None:
     prune(engine, oldest + 1, anchors=False)
     [link] = broken(engine)
     assert "missing" in link.problem
+
+
+def test_sqlite_numbering_again_after_a_prune_of_every_record_is_not_taken_for_tampering(
+    tmp_path: Path, ring: KeyRing
+) -> None:
+    """SQLite numbers the records of an empty table from 1 again: below the ids a checkpoint saw and
+    the cutoff of the prune.  Nothing the checkpoint saw is left, so its ids are not compared."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    upgrade(engine)
+    _interleaved(engine)
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 60)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    prune(engine, 13)
+    sink = SqlAuditSink(engine)
+    for n in range(3):
+        sink.write(decision(20 + n))
+    with engine.connect() as conn:
+        assert conn.execute(select(func.min(events.c.id))).scalar_one() == 1
+    assert verify(engine, seen).records == 3  # type: ignore[arg-type]
+    engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -1129,3 +1276,37 @@ def test_sts_audit_verify_fails_on_unchained_records_unless_allowed(config: Path
     assert refused.exit_code == 1 and "BROKEN: 1 record(s) without a chain" in refused.output
     allowed = sts(config, "audit", "verify", "--allow-unchained")
     assert allowed.exit_code == 0 and "note: 1 record(s) without a chain" in allowed.output
+
+
+def test_sts_audit_verify_reports_a_hidden_oldest_run_and_a_made_up_old_record(
+    config: Path, tmp_path: Path
+) -> None:
+    """The outside audit's two cases through the command: a checkpoint taken before each."""
+    KeyRing.open(tmp_path / "keys", now=time.time())
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    _, victim = _interleaved(engine)
+    assert sts(config, "audit", "checkpoint", "-o", str(tmp_path / "cp.jws")).exit_code == 0
+    _hide_oldest(engine, victim, 2)
+    assert sts(config, "audit", "verify").exit_code == 0  # anchors are not signed
+    hidden = sts(config, "audit", "verify", "--checkpoint", str(tmp_path / "cp.jws"))
+    assert hidden.exit_code == 1, hidden.output
+    assert f"BROKEN chain {victim} seq 1: the checkpoint's record after its anchor" in hidden.output
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'other.sqlite'}")
+    upgrade(engine)
+    _interleaved(engine)
+    with engine.connect() as conn:
+        first_started = conn.execute(select(func.min(chains.c.started_at))).scalar_one()
+    made_up = decision(99, now=first_started - 86400)
+    made_up.details = {"risk": {"score": 0.0, "signals": []}}  # as `sts audit verify` summarises it
+    with engine.begin() as conn:
+        conn.execute(insert(events).values(**{**audit_row(made_up), "id": 0}))
+    engine.dispose()
+    config.write_text(config.read_text().replace("sts.sqlite", "other.sqlite"))
+    forged = sts(config, "audit", "verify")
+    assert forged.exit_code == 1, forged.output
+    assert (
+        "BROKEN: 1 record(s) without a chain written after chaining began (first: record id 0)"
+        in forged.output
+    )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, func, or_, select, update
 
-from .schema import audit_chains, audit_events
+from .schema import audit_chains, audit_events, audit_trail
 
 
 class PruneWouldBreakChain(Exception):
@@ -21,6 +21,12 @@ def record_prune_anchors(conn: Connection, below_id: int, now: float) -> int:
     Raises :class:`PruneWouldBreakChain` (delete nothing then) when a chain's removed
     records are not such a run: the trail is damaged already, and ``sts audit verify``
     says where.  Records written before chaining (no ``chain_id``) need no anchor.
+
+    ``below_id`` is recorded too (``audit_trail.pruned_below``, when higher than the one there):
+    anchors alone do not say where a prune cut, and an outside audit deleted one chain's oldest
+    records, kept older ones of another chain and moved the anchor, which passed for a prune.
+    ``sts audit verify`` now fails on any record left below it.  On SQLite, a prune of every record
+    leaves none: the next records are numbered from 1 again.
     Returns the number of chains whose anchor moved.
     """
     c, chains = audit_events.c, audit_chains.c
@@ -41,5 +47,19 @@ def record_prune_anchors(conn: Connection, below_id: int, now: float) -> int:
             update(audit_chains)
             .where(chains.chain_id == chain_id)
             .values(anchor_seq=high, anchor_hash=digest, pruned_at=now)
+        )
+    t = audit_trail.c
+    if (
+        conn.dialect.name == "sqlite"
+        and conn.execute(select(c.id).where(c.id >= below_id).limit(1)).first() is None
+    ):
+        # Every record goes, and SQLite numbers the next one from 1 in an empty table: below this
+        # cutoff, so it is forgotten (as the summaries' watermark is, see audit_retention).
+        conn.execute(update(audit_trail).where(t.name == "trail").values(pruned_below=None))
+    else:
+        conn.execute(
+            update(audit_trail)
+            .where(t.name == "trail", or_(t.pruned_below.is_(None), t.pruned_below < below_id))
+            .values(pruned_below=below_id)
         )
     return len(cuts)

@@ -165,6 +165,22 @@ audit_chains = Table(
     Column("pruned_at", Float),
 )
 
+#: What the trail says of itself, in one row (``name`` = ``"trail"``; revision 0011): how many
+#: records were written before chaining began and the highest id among them (any other record
+#: without a chain came later), and the newest prune's cutoff: every record with an id below
+#: ``pruned_below`` was removed, and the counts of the hours before ``pruned_before`` (a time) with
+#: them.  An outside audit found a forged record passed for a pre-chaining one, and a chain's
+#: oldest records deleted by hand passed for a prune, while nothing recorded either.
+audit_trail = Table(
+    "audit_trail",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("prechain_records", BigInteger, nullable=False),
+    Column("prechain_highest_id", BigInteger),
+    Column("pruned_below", BigInteger),
+    Column("pruned_before", Float),
+)
+
 replay_entries = Table(
     "replay_entries",
     metadata,
