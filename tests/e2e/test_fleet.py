@@ -519,6 +519,49 @@ def test_nginx_answers_its_own_errors_in_json_and_carries_request_ids(fleet: Fle
         assert fleet.upstream_of(made).startswith("127.0.0.1:")
 
 
+def test_nginx_keeps_tokens_in_paths_and_query_strings_out_of_its_logs(fleet: Fleet) -> None:
+    """A path that is none of the service's routes is answered 404 by nginx and logged as
+    <unmatched>, and a query string on an endpoint that takes none 400: the access log logged
+    the path as sent (GET /eyJ...), and the error log the whole request line, query included,
+    whenever an instance failed (an outside audit)."""
+    client = fleet.session()
+    secret = "eyJhbGciOiJSUzI1NiJ9.SECRETPAYLOAD.SIGNATURE"
+    stray = client.get(f"{fleet.issuer}/{secret}", headers={"X-Request-Id": "stray-1"}, timeout=10)
+    assert stray.status_code == 404 and stray.json()["error"] == "not_found"
+    assert stray.headers["Cache-Control"] == "no-store"
+    queried = client.post(
+        f"{fleet.issuer}/token?subject_token={secret}",
+        data={"grant_type": "x"},
+        headers={"X-Request-Id": "query-1"},
+        timeout=10,
+    )
+    assert queried.status_code == 400 and queried.json()["error"] == "invalid_request"
+    # Routes still reach the service (its own JSON, its own headers).
+    assert client.get(f"{fleet.issuer}/.well-known/jwks.json", timeout=10).json()["keys"]
+    assert client.post(f"{fleet.issuer}/token", data={"grant_type": "x"}, timeout=10).status_code == 400
+    log = Path(fleet.state["nginx"]["access_log"])
+    deadline = time.monotonic() + 5
+    while "rid=query-1 " not in log.read_text():
+        assert time.monotonic() < deadline, "request query-1 not in nginx's access log"
+        time.sleep(0.05)
+    lines = log.read_text().splitlines()
+    assert '"GET <unmatched>" 404 ' in next(x for x in lines if "rid=stray-1 " in x)
+    assert '"POST /token" 400 ' in next(x for x in lines if "rid=query-1 " in x)
+    error_log = log.parent / "nginx-error.log"
+    for text in (log.read_text(), error_log.read_text() if error_log.exists() else ""):
+        assert "SECRETPAYLOAD" not in text
+
+
+def test_nginx_offers_tls_1_2_only_with_forward_secrecy_and_aead() -> None:
+    """nginx's default ciphers offer static-RSA key transport with an RSA certificate (RFC 9325
+    §4.2 says not to; an outside audit negotiated AES128-SHA): the shipped site names its own."""
+    site = (REPO / "deploy" / "nginx.conf").read_text()
+    [ciphers] = re.findall(r"^\s*ssl_ciphers\s+([^;]+);", site, flags=re.MULTILINE)
+    suites = ciphers.split(":")
+    allowed = r"ECDHE-(ECDSA|RSA)-(AES(128|256)-GCM-SHA(256|384)|CHACHA20-POLY1305)"
+    assert suites and all(re.fullmatch(allowed, suite) for suite in suites), suites
+
+
 def test_one_address_holding_slow_requests_is_capped_not_served_forever(fleet: Fleet) -> None:
     """nginx holds at most 256 connections of one client address in a request: one more gets 429 in
     JSON, and the held ones, once let go, leave room again (an outside fault campaign took nginx
