@@ -141,7 +141,7 @@ class _StoreErrorCounter:
 STORE_OPERATIONS: Mapping[str, tuple[str, ...]] = {
     "replay": ("first_use", "release"),
     "subject_state": ("get", "put", "update"),
-    "baseline": ("load", "save", "save_failures", "add_failure"),
+    "baseline": ("load", "save", "save_failures", "add_failure", "update_drift"),
     "revocation": ("revoke", "revoked"),
     "rate_limit": ("acquire",),
 }

@@ -32,6 +32,7 @@ the machine-readable form a refusal carries (``clears``)::
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -276,3 +277,64 @@ def progress(original: Baseline, reviewed: DriftReview) -> Baseline:
             name, reviewed.baseline.facts.get(name), how, reviewed.baseline.confirmed[name]["at"]
         )
     return replace(kept, pending=dict(reviewed.baseline.pending))
+
+
+#: The fields of a baseline that make its drift state: the confirmed facts, the pending values with
+#: their probation, how each value was confirmed, and the earlier confirmed keys.
+DRIFT_FIELDS = ("facts", "pending", "confirmed", "other_keys")
+_DRIFT_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+def same_drift(a: Baseline, b: Baseline) -> bool:
+    """Whether ``a`` and ``b`` hold the same drift state (:data:`DRIFT_FIELDS`)."""
+    return a is b or (
+        a.facts == b.facts
+        and a.pending == b.pending
+        and a.confirmed == b.confirmed
+        and a.other_keys == b.other_keys
+    )
+
+
+def drift_to_json(baseline: Baseline) -> str:
+    """The stored form of a baseline's drift state, kept apart from the rest of it: a grant writes
+    back the whole baseline it read before it was decided, and a probation step or a confirmation
+    recorded meanwhile by another request was undone by it (last writer wins: concurrent grants of
+    the confirmed value kept a drifted workload's probation from ever completing; an outside
+    audit).  Only a change of the drift state writes it."""
+    return _DRIFT_ENCODER.encode(
+        {
+            "facts": dict(baseline.facts),
+            "pending": {name: p.as_dict() for name, p in baseline.pending.items()},
+            "confirmed": {name: dict(how) for name, how in baseline.confirmed.items()},
+            "other_keys": {name: list(keys) for name, keys in baseline.other_keys.items()},
+        }
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_drift(text: str | bytes) -> Baseline | None:
+    """The drift state stored as ``text`` (:func:`drift_to_json`), as a baseline holding only it;
+    None when it cannot be read.  Remembered for the most recent texts: every exchange of an
+    identity reads the same text until its drift state changes."""
+    try:
+        data = json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not all(isinstance(data.get(name), dict) for name in DRIFT_FIELDS):
+        return None
+    read = Baseline.from_json(text)
+    if read == Baseline() and any(data[name] for name in DRIFT_FIELDS):
+        return None  # ``from_json`` met something it cannot read (it then gives a new baseline).
+    return read
+
+
+def with_drift(baseline: Baseline, drift: str | bytes | None) -> Baseline:
+    """``baseline`` with the drift state kept apart from it (:func:`drift_to_json`); None (or an
+    unreadable value) leaves the baseline's own, which is what a grant read and wrote back with
+    it (and where it was kept before revision ``0012_baseline_drift``)."""
+    kept = _read_drift(drift) if drift else None
+    if kept is None or same_drift(kept, baseline):
+        return baseline
+    return replace(
+        baseline, facts=kept.facts, pending=kept.pending, confirmed=kept.confirmed, other_keys=kept.other_keys
+    )

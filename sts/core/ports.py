@@ -124,6 +124,10 @@ class BaselineUpdate:
     identity: str
     baseline: Baseline
     ttl: int
+    #: Whether the grant changed the drift state (:data:`sts.core.drift.DRIFT_FIELDS`) from what it
+    #: read.  If not, the store leaves the drift state it holds, which another request may have
+    #: changed since this grant read it (a probation step, a confirmation).
+    drift_changed: bool = True
 
 
 class SingleUseLedger(Protocol):
@@ -261,9 +265,19 @@ class BaselineStore(Protocol):
         """The identity's baseline, or a new (learning) one.  Raises :class:`StoreUnavailable`."""
         ...
 
-    def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+    def save(self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True) -> None:
         """Save the baseline but not its ``failures``, which only :meth:`add_failure` and
-        :meth:`save_failures` write.  Raises :class:`StoreUnavailable`."""
+        :meth:`save_failures` write; its drift state (:data:`sts.core.drift.DRIFT_FIELDS`) only
+        with ``drift`` (else the stored one is left as it is: a grant that did not change it).
+        Raises :class:`StoreUnavailable`."""
+        ...
+
+    def update_drift(self, identity: str, change: Callable[[Baseline], Baseline], ttl: int) -> None:
+        """Atomically replace the identity's drift state with that of ``change(baseline)``, where
+        ``baseline`` is the one stored now (compare and swap, ``change`` run again if another
+        request changed it first): two refused exchanges each count for the probation, and no
+        grant undoes either (an outside audit).  Nothing is written if ``change`` leaves the drift
+        state as it was.  ``change`` must be pure.  Raises :class:`StoreUnavailable`."""
         ...
 
     def add_failure(self, identity: str, at: float, ttl: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -377,6 +377,75 @@ def test_a_refusal_recorded_while_a_grant_is_decided_survives_the_grant(
     runtime.engine.dispose()
     if runtime.redis_client is not None:
         runtime.redis_client.close()
+
+
+def test_a_probation_step_refused_while_a_grant_is_decided_survives_the_grant(
+    make_sts: Callable[..., STS], every_store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused exchange whose only signal is the drift counts for the probation of the new
+    value; it saved its step with the whole baseline it had read, and a grant of the confirmed
+    value decided meanwhile (on another instance) wrote back the baseline it had read before, so
+    that the step was undone (an outside audit: with 29 grants at the same moment, the count went
+    back to nothing or stayed at 1, and the third drifted exchange was refused every time).  A
+    grant that did not change the drift state now leaves the stored one."""
+    risk = {"stable_facts": ["runner_environment"], "probation_exchanges": 3, "probation_period": 1,
+            "max_failures": 1000}  # fmt: skip
+    sts = make_sts(policy(rule(risk=risk)), **every_store)
+    other = create_app(sts.runtime.settings, clock=sts.clock)  # another instance, the same store
+    elsewhere = other.test_client()
+
+    def drifted() -> TestResponse:
+        return elsewhere.post(
+            "/token",
+            data=exchange_form(sts.token(runner_environment="self-hosted"), audience=DEPLOY),
+            environ_base={"REMOTE_ADDR": HOME},
+        )
+
+    assert sts.granted(sts.token(), scope="deploy:read")["expires_in"] == 300
+    baselines = sts.runtime.baselines
+    assert baselines is not None
+    read = baselines.load
+
+    def read_then_drift_refused_elsewhere(identity: str) -> Baseline:
+        """The grant's read of the baseline, then a drifted exchange refused before it commits."""
+        baseline = read(identity)
+        sts.clock.now += 1  # A newer token (its iat in seconds), which counts again.
+        resp = drifted()
+        assert resp.status_code == 400 and resp.get_json()["risk"]["signals"] == ["attestation_drift"]
+        return baseline
+
+    for step in (1, 2):
+        monkeypatch.setattr(baselines, "load", read_then_drift_refused_elsewhere)
+        assert sts.granted(sts.token(), scope="deploy:read")["expires_in"] == 300
+        monkeypatch.setattr(baselines, "load", read)
+        pending = sts.baseline().pending["runner_environment"]
+        assert (pending.value, pending.fresh_count) == ("self-hosted", step)  # Not undone by the grant.
+    # The third completes the probation (the first was more than probation_period before).
+    sts.clock.now += 1
+    resp = drifted()
+    assert resp.status_code == 200, resp.get_json()
+    baseline = sts.baseline()
+    assert baseline.facts["runner_environment"] == "self-hosted" and not baseline.pending
+    assert baseline.confirmed["runner_environment"]["how"] == "probation"
+    # And a grant that read the baseline before the confirmation does not undo it either.
+    monkeypatch.setattr(baselines, "load", lambda identity: replace(read(identity), **_before(baseline)))
+    resp = sts.exchange(sts.token(), scope="deploy:read")
+    monkeypatch.setattr(baselines, "load", read)
+    assert resp.status_code == 200  # github-hosted, as it read.
+    assert sts.baseline().facts["runner_environment"] == "self-hosted"
+    runtime = other.extensions["sts"]
+    runtime.engine.dispose()
+    if runtime.redis_client is not None:
+        runtime.redis_client.close()
+
+
+def _before(confirmed: Baseline) -> dict[str, Any]:
+    """The drift state of ``confirmed`` as it was before its confirmation by probation."""
+    return {
+        "facts": {**confirmed.facts, "runner_environment": "github-hosted"},
+        "confirmed": {},
+        "pending": {},
+    }
 
 
 def test_baselines_on_both_stores(make_sts: Callable[..., STS], store: dict[str, Any]) -> None:

@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 import redis
 
 from ...core.baseline import Baseline, appended_failure, failures_to_json, with_failures
+from ...core.drift import drift_to_json, same_drift, with_drift
 from ...core.ports import StoreUnavailable
 from ...core.subject_state import SubjectState
-from .client import commands
+from .client import LuaScript, commands
 from .epoch import LedgerEpoch
 
 
@@ -21,7 +22,8 @@ class RedisSubjectStateStore:
     """ports.SubjectStateStore on Redis: one JSON value per identity, with expiry.
 
     Given ``baselines`` (a :class:`RedisBaselineStore` on this client), :meth:`get` reads the first
-    identity's baseline (and its refusals, :func:`failures_name`) in the same ``MGET`` and hands it
+    identity's baseline (and the parts kept apart from it, :func:`failures_name` and
+    :func:`drift_name`) in the same ``MGET`` and hands it
     to that store, which answers the
     exchange's :meth:`RedisBaselineStore.load` that follows with it: the risk stage reads both,
     one after the other, and saves a round trip.
@@ -46,10 +48,7 @@ class RedisSubjectStateStore:
         names = [self._name(i) for i in identities]
         baselines = self.baselines if identities else None
         if baselines is not None:
-            names += (
-                baseline_name(baselines.prefix, identities[0]),
-                failures_name(baselines.prefix, identities[0]),
-            )
+            names += baselines.names(identities[0])
         if epoch is not None:
             names.append(epoch.key)
         try:
@@ -59,8 +58,8 @@ class RedisSubjectStateStore:
         if epoch is not None:
             look_at_epoch(epoch, values.pop(), now)
         if baselines is not None:
-            failures = values.pop()
-            baselines.read_ahead(identities[0], values.pop(), failures)
+            drift, failures = values.pop(), values.pop()
+            baselines.read_ahead(identities[0], values.pop(), failures, drift)
         return [SubjectState.from_json_dict(_loads(v)) for v in values]
 
     def put(self, identity: str, state: SubjectState, ttl: int) -> None:
@@ -100,18 +99,35 @@ def failures_name(prefix: str, identity: str) -> bytes:
     return f"{prefix}:failures:{identity}".encode("utf-8", "surrogatepass")
 
 
+def drift_name(prefix: str, identity: str) -> bytes:
+    """The key of an identity's drift state (:func:`~sts.core.drift.drift_to_json`), kept apart
+    from its baseline, which the single-use ledger's confirmation writes back whole: written by a
+    grant only when it changed it, by a refusal's probation step
+    (:meth:`RedisBaselineStore.update_drift`) and by :meth:`RedisBaselineStore.save`."""
+    return f"{prefix}:drift:{identity}".encode("utf-8", "surrogatepass")
+
+
+#: KEYS[1] (the baseline) set to ARGV[1] and KEYS[2] (its drift state) to ARGV[2], for ARGV[3] seconds.
+_SAVE_BOTH = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
 #: How long a baseline read ahead (:meth:`RedisBaselineStore.read_ahead`) answers a load: the
 #: risk stage loads it microseconds after; a thread held up longer reads it again.
 READ_AHEAD_FOR = 0.01
 
 
 class _ReadAhead(threading.local):
-    """The calling thread's baseline read ahead: the identity, its value and refusals, and when it
-    was read (``time.monotonic()``, and the thread's count of commands sent, :meth:`Commands.sent`)."""
+    """The calling thread's baseline read ahead: the identity, its value, refusals and drift state,
+    and when it was read (``time.monotonic()``, and the thread's count of commands sent,
+    :meth:`Commands.sent`)."""
 
     identity: str | None = None
     value: bytes | None = None
     failures: bytes | None = None
+    drift: bytes | None = None
     at: float = 0.0
     sent: int = -1
 
@@ -127,7 +143,10 @@ class RedisBaselineStore:
     The identity's recent refusals are a key of their own (:func:`failures_name`, with the same
     expiry), read with the baseline and written only by :meth:`add_failure` and
     :meth:`save_failures`: a grant's
-    confirmation writes back the baseline it read, and never undoes a refusal recorded since.
+    confirmation writes back the baseline it read, and never undoes a refusal recorded since.  So
+    is its drift state (:func:`drift_name`), which a grant writes only when it changed it, and a
+    refusal's probation step with :meth:`update_drift`.  A key that is not there: the part is the
+    baseline's own (every write of the baseline carries it too).
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
@@ -135,13 +154,24 @@ class RedisBaselineStore:
         self.prefix = prefix
         self.commands = commands(client)
         self._ahead = _ReadAhead()
+        self._save_both = LuaScript(self.commands, _SAVE_BOTH)
 
     def _name(self, identity: str) -> bytes:
         return baseline_name(self.prefix, identity)
 
-    def read_ahead(self, identity: str, value: bytes | None, failures: bytes | None = None) -> None:
+    def names(self, identity: str) -> tuple[bytes, bytes, bytes]:
+        """The keys of the identity's baseline, its refusals and its drift state, read together."""
+        return (
+            baseline_name(self.prefix, identity),
+            failures_name(self.prefix, identity),
+            drift_name(self.prefix, identity),
+        )
+
+    def read_ahead(
+        self, identity: str, value: bytes | None, failures: bytes | None = None, drift: bytes | None = None
+    ) -> None:
         ahead = self._ahead
-        ahead.identity, ahead.value, ahead.failures = identity, value, failures
+        ahead.identity, ahead.value, ahead.failures, ahead.drift = identity, value, failures, drift
         ahead.at, ahead.sent = time.monotonic(), self.commands.sent()
 
     def load(self, identity: str) -> Baseline:
@@ -152,21 +182,25 @@ class RedisBaselineStore:
                 and ahead.sent == self.commands.sent()
                 and time.monotonic() - ahead.at < READ_AHEAD_FOR
             )
-            value, failures = ahead.value, ahead.failures
-            ahead.identity = ahead.value = ahead.failures = None
+            value, failures, drift = ahead.value, ahead.failures, ahead.drift
+            ahead.identity = ahead.value = ahead.failures = ahead.drift = None
             if fresh:
-                return with_failures(Baseline.from_json(value), failures)
+                return _merged(value, failures, drift)
         try:
-            value, failures = self.commands(
-                b"MGET", self._name(identity), failures_name(self.prefix, identity)
-            )
+            value, failures, drift = self.commands(b"MGET", *self.names(identity))
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
-        return with_failures(Baseline.from_json(value), failures)
+        return _merged(value, failures, drift)
 
-    def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+    def save(self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True) -> None:
+        """One ``SET``; with ``drift``, the drift state too, in one script (``MSET`` cannot give
+        an expiry), on this thread's connection as every other command."""
         try:
-            self.commands(b"SET", self._name(identity), baseline.to_json(), b"EX", ttl)
+            if not drift:
+                self.commands(b"SET", self._name(identity), baseline.to_json(), b"EX", ttl)
+                return
+            names = [self._name(identity), drift_name(self.prefix, identity)]
+            self._save_both(keys=names, args=[baseline.to_json(), drift_to_json(baseline), ttl])
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
@@ -202,6 +236,41 @@ class RedisBaselineStore:
                         continue
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+
+    def update_drift(self, identity: str, change: Callable[[Baseline], Baseline], ttl: int) -> None:
+        """Replace the drift state with that of ``change`` of the stored baseline, atomically
+        (``WATCH`` of the drift key, ``MULTI``, tried again when another request changed it first):
+        a refused exchange's probation step was saved with the whole baseline it had read, and a
+        grant or another refusal in between undid it, or was undone (an outside audit)."""
+        self._ahead.identity = None  # Written by this thread: what it read ahead is not the latest.
+        names = self.names(identity)
+        try:
+            with self.client.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(names[2])  # type: ignore[no-untyped-call]  # redis-py leaves watch() untyped
+                        stored = _merged(*pipe.mget(names))
+                        changed = change(stored)
+                        if same_drift(changed, stored):
+                            pipe.reset()
+                            return
+                        pipe.multi()
+                        pipe.set(names[2], drift_to_json(changed), ex=ttl)
+                        pipe.execute()
+                        return
+                    except redis.WatchError:
+                        continue
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+
+#: A value as Redis gives it back (none: the key is not there).
+_Stored = bytes | str | None
+
+
+def _merged(baseline: _Stored, failures: _Stored, drift: _Stored) -> Baseline:
+    """The baseline stored as ``baseline`` with the parts kept apart from it (none: its own)."""
+    return with_drift(with_failures(Baseline.from_json(baseline), failures), drift)
 
 
 def _loads(value: object) -> object:

@@ -21,6 +21,7 @@ from dataclasses import replace
 import redis
 
 from ...core.audit import AuditRecord
+from ...core.drift import drift_to_json
 from ...core.ports import (
     CLOCK_MARGIN,
     AlreadyUsed,
@@ -36,7 +37,7 @@ from ...core.ports import (
 from ..request_threads import waiting
 from .client import LuaScript, commands
 from .epoch import LedgerEpoch
-from .key_value import baseline_name
+from .key_value import baseline_name, drift_name
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ return {0}
 """
 # _CONFIRM: the ARGV[2] reservations KEYS[2..] become uses: reservation i (KEYS[i + 1]) is ARGV[2i + 1],
 # used until ARGV[2i + 2] (also when it lapsed and nobody took it); then the key after them, if any,
-# is set to the next ARGV for the one after that (seconds): the baseline.  All or nothing:
+# is set to the next ARGV for the one after that (seconds): the baseline; and the key after it, if
+# any, to the ARGV after those, for as long: the drift state (a grant that changed it; one that did
+# not leaves the stored one, which a refusal may have moved on since).  All or nothing:
 # {0, i} when another request took reservation i.
 _CONFIRM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
@@ -87,6 +90,7 @@ for i = 1, n do
 end
 for i = 1, n do redis.call('SET', KEYS[i + 1], '1', 'PXAT', ARGV[2 * i + 2]) end
 if #KEYS > n + 1 then redis.call('SET', KEYS[n + 2], ARGV[2 * n + 3], 'EX', ARGV[2 * n + 4]) end
+if #KEYS > n + 2 then redis.call('SET', KEYS[n + 3], ARGV[2 * n + 5], 'EX', ARGV[2 * n + 4]) end
 return {1}
 """
 _CANCEL = """
@@ -275,7 +279,9 @@ class RedisSingleUseLedger(_RedisLedgerBase):
             baseline = self._confirm_uses(reserved, now, baseline)
         if baseline is not None and self.baselines is not None:
             try:
-                self.baselines.save(baseline.identity, baseline.baseline, baseline.ttl)
+                self.baselines.save(
+                    baseline.identity, baseline.baseline, baseline.ttl, drift=baseline.drift_changed
+                )
             except StoreUnavailable:
                 log.warning("baseline update skipped: store unavailable")
 
@@ -293,6 +299,9 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         if baseline is not None and self.baselines_here:
             names.append(baseline_name(self.prefix, baseline.identity))
             args += [baseline.baseline.to_json(), baseline.ttl]
+            if baseline.drift_changed:
+                names.append(drift_name(self.prefix, baseline.identity))
+                args.append(drift_to_json(baseline.baseline))
             baseline = None
         if self._under_epoch(self._confirm, names, args, now)[0] != 1:
             raise StoreUnavailable("single-use reservation lost before it was confirmed")

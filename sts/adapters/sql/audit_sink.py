@@ -41,7 +41,7 @@ from .group_commit import (
     sqlite_timestamp,
     within_deadline,
 )
-from .key_value import store_key, upsert_statement
+from .key_value import baseline_params, baseline_upsert_statement
 from .ledger_mark import ledger_mark
 from .pg_exchange import pipelined_uses
 from .replay import first_uses_statement, replay_key
@@ -119,7 +119,7 @@ class SqlAuditSink(AuditReads):
         self._forget_heartbeats = f"DELETE FROM heartbeats WHERE checked_at < {p}"  # noqa: S608
         columns = "chain_id, started_at, writer, genesis_hash, anchor_seq, anchor_hash"
         self._register_chain = f"INSERT INTO audit_chains ({columns}) VALUES ({p}, {p}, {p}, {p}, 0, {p})"  # noqa: S608
-        self._save_baseline = upsert_statement("baselines", "baseline", p)
+        self._save_baseline = baseline_upsert_statement(p)
         self._count_links = (
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
@@ -183,11 +183,7 @@ class SqlAuditSink(AuditReads):
             started=record.time - queue_wait(),  # counted from its arrival, queue included
             entries=entries,
             entry_params=[*(v for use, key in entries for v in (key, use.expires_at)), now],
-            baseline=(
-                (store_key(baseline.identity), baseline.baseline.to_json(), now + baseline.ttl)
-                if baseline is not None
-                else None
-            ),
+            baseline=baseline_params(baseline, now) if baseline is not None else None,
         )
         self._writes_with_uses.join(item)
         if item.taken is not None:

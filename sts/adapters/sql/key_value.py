@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ...core.baseline import Baseline, appended_failure, failures_to_json, with_failures
-from ...core.ports import StoreUnavailable
+from ...core.drift import drift_to_json, same_drift, with_drift
+from ...core.ports import BaselineUpdate, StoreUnavailable
 from .pg_exchange import states_with_baseline
 from .statements import RawStatement
 
@@ -38,11 +39,34 @@ def upsert_statement(table: str, column: str, placeholder: str) -> str:
     )
 
 
+def baseline_upsert_statement(placeholder: str) -> str:
+    """Write one identity's baseline, as a grant does: its drift state (the ``drift`` column) only
+    when the grant changed it, else the stored one is kept (one a refused exchange wrote since the
+    grant read the baseline: an outside audit), unless it expired with the row (then NULL: the
+    baseline's own).  Parameters :func:`baseline_params`."""
+    p = placeholder
+    # Placeholders only: the values are parameters.
+    return (
+        f"INSERT INTO baselines (identity, baseline, drift, expires_at) VALUES ({p}, {p}, {p}, {p}) "  # noqa: S608
+        "ON CONFLICT (identity) DO UPDATE SET baseline = excluded.baseline, drift = CASE "
+        "WHEN excluded.drift IS NOT NULL THEN excluded.drift "
+        f"WHEN baselines.expires_at > {p} THEN baselines.drift END, expires_at = excluded.expires_at"
+    )
+
+
+def baseline_params(update: BaselineUpdate, now: float) -> tuple[Any, ...]:
+    """The parameters of :func:`baseline_upsert_statement` for ``update``, written at ``now``:
+    ``(store_key(identity), baseline, drift or None, expires_at, now)``."""
+    baseline = update.baseline
+    drift = drift_to_json(baseline) if update.drift_changed else None
+    return store_key(update.identity), baseline.to_json(), drift, now + update.ttl, now
+
+
 def failures_upsert_statement(placeholder: str) -> str:
     """Write one identity's recent refusals (the ``failures`` column) and nothing else of a live
-    baseline: the row is made if there is none, and an expired baseline under it is replaced by a
-    new one (``{}``), never brought back to life.  Parameters ``(store_key(identity), failures,
-    expires_at, now)``."""
+    baseline: the row is made if there is none, and an expired baseline under it (with its drift
+    state) is replaced by a new one (``{}``), never brought back to life.  Parameters
+    ``(store_key(identity), failures, expires_at, now, now)``."""
     p = placeholder
     # Placeholders only: the values are parameters.
     return (
@@ -50,24 +74,31 @@ def failures_upsert_statement(placeholder: str) -> str:
         f"VALUES ({p}, '{{}}', {p}, {p}) "
         "ON CONFLICT (identity) DO UPDATE SET failures = excluded.failures, "
         f"baseline = CASE WHEN baselines.expires_at > {p} THEN baselines.baseline "
-        "ELSE excluded.baseline END, expires_at = excluded.expires_at"
+        f"ELSE excluded.baseline END, drift = CASE WHEN baselines.expires_at > {p} THEN baselines.drift "
+        "END, expires_at = excluded.expires_at"
     )
 
 
 class KeyValueTable:
     """A small expiring key-value table, read and written with single raw statements.
 
-    ``also``: another column read with the value in the same statement (:meth:`get_with`)."""
+    ``also``: other columns read with the value in the same statement (:meth:`get_with`)."""
 
     def __init__(
-        self, engine: Engine, table: str, column: str, clock: Callable[[], float], *, also: str | None = None
+        self,
+        engine: Engine,
+        table: str,
+        column: str,
+        clock: Callable[[], float],
+        *,
+        also: tuple[str, ...] = (),
     ) -> None:
         self._raw = RawStatement(engine)
         self._engine = engine
         self._clock = clock
         p = self._raw.placeholder
         self._put = upsert_statement(table, column, p)
-        columns = f"{column}, {also}" if also else column
+        columns = ", ".join((column, *also))
         # Table and column names are constants of this package; values are parameters.
         self._get = f"SELECT identity, {columns} FROM {table} WHERE identity IN "  # noqa: S608
         self._table, self._p = table, p
@@ -80,10 +111,10 @@ class KeyValueTable:
             raise StoreUnavailable(type(exc).__name__) from None
 
     def get(self, identities: list[str]) -> dict[str, str]:
-        return {i: value for i, (value, *_) in self.get_with(identities).items()}
+        return {i: value for i, (value, _) in self.get_with(identities).items()}
 
-    def get_with(self, identities: list[str]) -> dict[str, tuple[str, str | None]]:
-        """The live values, each with its ``also`` column (None when it is NULL, or without one)."""
+    def get_with(self, identities: list[str]) -> dict[str, tuple[str, tuple[str | None, ...]]]:
+        """The live values, each with its ``also`` columns (None where NULL)."""
         keys = [store_key(i) for i in identities]
         sql = self._get + "(" + ", ".join([self._p] * len(keys)) + f") AND expires_at > {self._p}"
         try:
@@ -91,7 +122,7 @@ class KeyValueTable:
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         found = {
-            str(k): (str(v), str(rest[0]) if rest and rest[0] is not None else None) for k, v, *rest in rows
+            str(k): (str(v), tuple(str(r) if r is not None else None for r in rest)) for k, v, *rest in rows
         }
         return {i: found[k] for i, k in zip(identities, keys, strict=True) if k in found}
 
@@ -119,7 +150,8 @@ def loads_or_none(text: str | None) -> Any:
         return None
 
 
-#: Compare-and-swap tries of :meth:`SqlBaselineStore.add_failure` before giving up (a refusal then
+#: Compare-and-swap tries of :meth:`SqlBaselineStore.add_failure` and
+#: :meth:`SqlBaselineStore.update_drift` before giving up (the refusal or the probation step then
 #: goes unrecorded, logged, as when the store is unavailable).
 _SWAP_TRIES = 16
 
@@ -127,51 +159,73 @@ _SWAP_TRIES = 16
 class SqlBaselineStore:
     """ports.BaselineStore on the embedded database.
 
-    The identity's recent refusals are the ``failures`` column (revision 0010), which only
-    :meth:`save_failures` writes; a grant writes the ``baseline`` column alone, so it never undoes
-    a refusal recorded after it read the baseline.  NULL (a row written before 0010, or by a
-    version before it): the refusals are those of the baseline's JSON.
+    Two parts of an identity's baseline have columns of their own, which a grant (it writes back
+    the baseline it read before it was decided) never writes over with what it read:
+
+    * its recent refusals, the ``failures`` column (revision 0010), written only by
+      :meth:`add_failure` and :meth:`save_failures`;
+    * its drift state (stable facts, pending values with their probation, confirmations), the
+      ``drift`` column (revision 0012), written by a grant only when it changed it
+      (:func:`baseline_upsert_statement`), by a refusal's probation step (:meth:`update_drift`,
+      compare and swap) and by :meth:`save`.
+
+    NULL (a row written before those revisions, or by a version before them): the part is the
+    one of the baseline's JSON, which every write of the baseline carries too.
     """
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
-        self._kv = KeyValueTable(engine, "baselines", "baseline", clock, also="failures")
+        self._kv = KeyValueTable(engine, "baselines", "baseline", clock, also=("failures", "drift"))
         self._clock = clock
-        self._put_failures = failures_upsert_statement(self._kv.placeholder)
         p = self._kv.placeholder
+        self._put = baseline_upsert_statement(p)
+        self._put_failures = failures_upsert_statement(p)
         same = "IS" if engine.dialect.name == "sqlite" else "IS NOT DISTINCT FROM"
+        live = f"CASE WHEN expires_at > {p} THEN"
         # Placeholders only: the values are parameters.
-        self._read_failures = f"SELECT baseline, failures, expires_at FROM baselines WHERE identity = {p}"  # noqa: S608
+        self._read = f"SELECT baseline, failures, drift, expires_at FROM baselines WHERE identity = {p}"  # noqa: S608
         self._insert_failures = (
             "INSERT INTO baselines (identity, baseline, failures, expires_at) "  # noqa: S608
             f"VALUES ({p}, '{{}}', {p}, {p}) ON CONFLICT (identity) DO NOTHING"
         )
-        # Placeholders only; the swap happens only if the stored list is still the one read.
+        self._insert_drift = (
+            "INSERT INTO baselines (identity, baseline, drift, expires_at) "  # noqa: S608
+            f"VALUES ({p}, '{{}}', {p}, {p}) ON CONFLICT (identity) DO NOTHING"
+        )
+        # Placeholders only; each swap happens only if the stored part is still the one read.  An
+        # expired row's other parts are not brought back to life.
         self._swap_failures = (
             f"UPDATE baselines SET failures = {p}, expires_at = {p}, "  # noqa: S608
-            f"baseline = CASE WHEN expires_at > {p} THEN baseline ELSE '{{}}' END "
+            f"baseline = {live} baseline ELSE '{{}}' END, drift = {live} drift END "
             f"WHERE identity = {p} AND failures {same} {p}"
+        )
+        self._swap_drift = (
+            f"UPDATE baselines SET drift = {p}, expires_at = {p}, "  # noqa: S608
+            f"baseline = {live} baseline ELSE '{{}}' END, failures = {live} failures END "
+            f"WHERE identity = {p} AND drift {same} {p}"
         )
         #: PostgreSQL: the baseline read with the subject's state, just before (one round trip).
         self._with_states = states_with_baseline(engine)
 
     def load(self, identity: str) -> Baseline:
         if self._with_states is not None:
-            read, value, failures = self._with_states.baseline(store_key(identity))
+            read, value, failures, drift = self._with_states.baseline(store_key(identity))
             if read:
-                return with_failures(Baseline.from_json(value), failures)
+                return _merged(value, failures, drift)
         found = self._kv.get_with([identity]).get(identity)
-        return with_failures(Baseline.from_json(found[0]), found[1]) if found else Baseline()
+        return _merged(found[0], *found[1]) if found else Baseline()
 
-    def save(self, identity: str, baseline: Baseline, ttl: int) -> None:
+    def save(self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True) -> None:
         if self._with_states is not None:
             self._with_states.forget()
-        self._kv.put(identity, baseline.to_json(), ttl)
+        update = BaselineUpdate(identity, baseline, ttl, drift_changed=drift)
+        self._kv.run(self._put, baseline_params(update, self._clock()))
 
     def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
         if self._with_states is not None:
             self._with_states.forget()
         now = self._clock()
-        self._kv.run(self._put_failures, (store_key(identity), failures_to_json(failures), now + ttl, now))
+        kept = failures_to_json(failures)
+        self._kv.run(self._put_failures, (store_key(identity), kept, now + ttl, now, now))
 
     def add_failure(self, identity: str, at: float, ttl: int) -> None:
         """Append ``at`` to the identity's refusals, atomically: the list read is written back only
@@ -183,17 +237,47 @@ class SqlBaselineStore:
         key = store_key(identity)
         for _ in range(_SWAP_TRIES):
             now = self._clock()
-            rows = self._kv.query(self._read_failures, (key,))
+            rows = self._kv.query(self._read, (key,))
             if not rows:  # the first refusal: a row of its own, unless another was made meanwhile
                 if self._kv.run(self._insert_failures, (key, failures_to_json((at,)), now + ttl)) == 1:
                     return
                 continue
-            baseline, old, expires_at = rows[0]
+            baseline, old, _, expires_at = rows[0]
             earlier = with_failures(Baseline.from_json(baseline), old).failures if expires_at > now else ()
             new = failures_to_json(appended_failure(earlier, at))
-            if self._kv.run(self._swap_failures, (new, now + ttl, now, key, old)) == 1:
+            if self._kv.run(self._swap_failures, (new, now + ttl, now, now, key, old)) == 1:
                 return
         raise StoreUnavailable("the refusals kept changing")
+
+    def update_drift(self, identity: str, change: Callable[[Baseline], Baseline], ttl: int) -> None:
+        """Replace the drift state with that of ``change`` of the stored baseline, if the ``drift``
+        column is still the one read (compare and swap, tried again otherwise).  A refused
+        exchange's probation step was saved with the whole baseline it had read, and a grant or
+        another refusal in between undid it, or was undone (an outside audit)."""
+        if self._with_states is not None:
+            self._with_states.forget()
+        key = store_key(identity)
+        for _ in range(_SWAP_TRIES):
+            now = self._clock()
+            rows = self._kv.query(self._read, (key,))
+            live = bool(rows) and rows[0][3] > now
+            stored = _merged(*rows[0][:3]) if live else Baseline()
+            changed = change(stored)
+            if same_drift(changed, stored):
+                return
+            new = drift_to_json(changed)
+            if not rows:  # a row of its own, unless another was made meanwhile
+                if self._kv.run(self._insert_drift, (key, new, now + ttl)) == 1:
+                    return
+                continue
+            if self._kv.run(self._swap_drift, (new, now + ttl, now, now, key, rows[0][2])) == 1:
+                return
+        raise StoreUnavailable("the drift state kept changing")
+
+
+def _merged(baseline: str | None, failures: str | None, drift: str | None) -> Baseline:
+    """The baseline stored as ``baseline`` with the parts kept apart from it (NULL: its own)."""
+    return with_drift(with_failures(Baseline.from_json(baseline), failures), drift)
 
 
 class SqlRevokedTokens:

@@ -215,6 +215,10 @@ baselines = Table(
     #: The identity's recent refusals (a JSON array of times), kept apart from ``baseline``, which a
     #: grant writes back whole (revision 0010); NULL: those of ``baseline``.
     Column("failures", String(2000)),
+    #: The identity's drift state (confirmed facts, pending values with their probation, how each
+    #: was confirmed, earlier keys: :func:`sts.core.drift.drift_to_json`), kept apart from
+    #: ``baseline``, which a grant writes back whole (revision 0012); NULL: that of ``baseline``.
+    Column("drift", String(16000)),
 )
 
 revoked_tokens = Table(

@@ -47,6 +47,7 @@ _SLOTS = [
     "now",
     "baseline_identity",
     "baseline_value",
+    "baseline_drift",
     "baseline_expires",
 ]
 
@@ -71,10 +72,14 @@ def grant_view_statements(columns: Sequence[str]) -> list[str]:
         "SELECT RAISE(ABORT, '" + TAKEN + "') WHERE EXISTS (SELECT 1 FROM replay_entries "  # noqa: S608
         f"WHERE key IN ({keys}) AND expires_at > NEW.now);",
         *uses,
-        "INSERT INTO baselines (identity, baseline, expires_at) "
-        "SELECT NEW.baseline_identity, NEW.baseline_value, NEW.baseline_expires "
+        # The drift state only if the grant changed it (else the stored one, unless expired: one a
+        # refusal wrote since the grant read it), as :func:`~.key_value.baseline_upsert_statement`.
+        "INSERT INTO baselines (identity, baseline, drift, expires_at) "
+        "SELECT NEW.baseline_identity, NEW.baseline_value, NEW.baseline_drift, NEW.baseline_expires "
         "WHERE NEW.baseline_identity IS NOT NULL ON CONFLICT (identity) "
-        "DO UPDATE SET baseline = excluded.baseline, expires_at = excluded.expires_at;",
+        "DO UPDATE SET baseline = excluded.baseline, drift = CASE WHEN excluded.drift IS NOT NULL "
+        "THEN excluded.drift WHEN baselines.expires_at > NEW.now THEN baselines.drift END, "
+        "expires_at = excluded.expires_at;",
         audit,
     ]
     return [
@@ -126,7 +131,8 @@ class SqliteGrants:
             slots += [None] * (2 * USE_SLOTS - len(slots))
             params += slots
             params.append(item.entry_params[-1])
-            params += item.baseline if item.baseline is not None else (None, None, None)
+            # The baseline's parameters but its last (``now``, which the row has already).
+            params += item.baseline[:4] if item.baseline is not None else (None, None, None, None)
             params += audit
         try:
             self._raw.run(self._sql(len(batch)), params)

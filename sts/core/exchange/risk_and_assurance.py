@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ...errors import InvalidRequest, RiskRefused, StepUpRequired, TemporarilyUnavailable
@@ -45,11 +45,11 @@ from ..audit import AuditRecord, token_hash
 from ..baseline import BASELINE_TTL, Baseline, observe
 from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
-from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, session_summary
+from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, same_drift, session_summary
 from ..introspection import token_identities, upstream_issuer
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
-from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events
+from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events, review_drift
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
 from ..subject_state import SubjectState, identity_key, merge
 from .attestation import Parties
@@ -90,6 +90,10 @@ class ExchangeRisk:
     #: The assurance level this request reaches (sts.core.assurance), and what it showed for it.
     level: str
     evidence: Evidence
+    #: What the risk was assessed on: a refusal's probation step is reviewed again on the baseline
+    #: stored when it is saved (:meth:`RiskAndAssurance._save_progress`).  Not compared: it is what
+    #: the rest was decided on.
+    context: RiskContext | None = field(default=None, compare=False)
 
 
 class RiskAndAssurance:
@@ -216,6 +220,7 @@ class RiskAndAssurance:
             details,
             level=reached(evidence),
             evidence=evidence,
+            context=ctx,
         )
         record.details["risk"] = risk.record
         record.details["assurance"] = {"presented": risk.level, "evidence": risk.evidence.as_dict()}
@@ -309,7 +314,10 @@ class RiskAndAssurance:
         # count first: it decides without comparing every field).
         if updated.count == risk.baseline.count and updated == risk.baseline:
             return None
-        return BaselineUpdate(risk.baseline_key, updated, BASELINE_TTL)
+        # A grant that left the drift state as it read it (most: the confirmed values) leaves the
+        # stored one alone, which a refused exchange may have moved on meanwhile (an outside audit).
+        changed = not same_drift(risk.assessment.drift.baseline, risk.baseline)
+        return BaselineUpdate(risk.baseline_key, updated, BASELINE_TTL, drift_changed=changed)
 
     def record_failure(self, key: str, now: float) -> None:
         """A refusal for a verified identity (``key``, its whole subject: the record's is cut to 500
@@ -330,16 +338,30 @@ class RiskAndAssurance:
         event, an unusual network, recent failures, ...) is no evidence for the new value.  Else a
         workload refused while its session is revoked, or from outside its networks, completed
         its own probation, and was granted as the identity's usual self once the block lapsed,
-        while the real workload was then the drift (an outside audit: baseline poisoning)."""
-        if self.baselines is None or risk.baseline_key is None:
+        while the real workload was then the drift (an outside audit: baseline poisoning).
+
+        The step is reviewed again on the drift state stored when it is saved, and saved only if
+        that is still the state (:meth:`~sts.core.ports.BaselineStore.update_drift`): it was
+        saved with the whole baseline read before, so that a grant in flight wrote it back over
+        the step, and so did another refusal (an outside audit: a drifted workload whose identity
+        was granted on other instances at the same moment never completed its probation)."""
+        if self.baselines is None or risk.baseline_key is None or risk.context is None:
             return
         if any(signal.name != DRIFT_SIGNAL for signal in risk.assessment.fired):
             return
-        updated = progress(risk.baseline, risk.assessment.drift)
-        if updated == risk.baseline:
+        if same_drift(progress(risk.baseline, risk.assessment.drift), risk.baseline):
             return
+        ctx, cfg, fresh = risk.context, risk.cfg, risk.assessment.fresh
+        # What :meth:`assess` reviewed: a rule without ``risk`` (EVENTS_ONLY) watches keys alone.
+        watched = cfg.stable_facts if cfg is not EVENTS_ONLY else ()
+
+        def step(stored: Baseline) -> Baseline:
+            """This exchange's probation step, on the drift state ``stored``."""
+            again = review_drift(replace(ctx, baseline=stored), cfg, watched=watched, fresh=fresh)
+            return progress(stored, again)
+
         try:
-            self.baselines.save(risk.baseline_key, updated, BASELINE_TTL)
+            self.baselines.update_drift(risk.baseline_key, step, BASELINE_TTL)
         except StoreUnavailable:
             log.warning("drift probation progress not saved: store unavailable")
 
