@@ -48,8 +48,14 @@ class AliasesTooLarge(Exception):
 
 
 def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
+    """The mapping, refusing a key the mapping itself names twice.  Merge keys (``<<: *base``, as
+    ``safe_load`` reads them) are resolved first, and a key named in the mapping overrides a
+    merged one, as YAML's merge key type says: that is no duplicate (an outside re-check: a
+    configuration file sharing an issuer's fields by ``<<`` stopped loading)."""
+    own: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, Hashable):
             raise yaml.constructor.ConstructorError(
@@ -58,9 +64,13 @@ def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bo
                 "found an unhashable key",
                 key_node.start_mark,
             )
-        if key in mapping:
+        if key in own:
             raise DuplicateKey(key_node.start_mark.line + 1, key)
-        mapping[key] = loader.construct_object(value_node, deep=deep)
+        own.add(key)
+    loader.flatten_mapping(node)  # the merged pairs first, then the mapping's own
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        mapping[loader.construct_object(key_node, deep=deep)] = loader.construct_object(value_node, deep=deep)
     return mapping
 
 

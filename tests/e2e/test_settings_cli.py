@@ -370,6 +370,39 @@ def test_a_key_named_twice_in_the_config_file_stops_the_start(
     assert _failed_cleanly(result) and f"duplicate key {key!r}" in result.output
 
 
+def test_merge_keys_share_fields_and_a_key_of_the_mapping_overrides_a_merged_one(tmp_path: Path) -> None:
+    """``<<: *base`` (YAML's merge key type, which ``safe_load`` reads) loaded before duplicate keys
+    were refused, and stopped the start after (an outside re-check): merged keys are no duplicates,
+    a key the mapping names itself wins, and one it names twice is still refused."""
+    path = tmp_path / "sts.yaml"
+    path.write_text(
+        "issuers:\n"
+        "  - &gitlab\n"
+        "    name: gitlab\n"
+        "    issuer: https://gitlab.example.com\n"
+        "    jwks_uri: https://gitlab.example.com/oauth/discovery/keys\n"
+        "    audiences: [https://sts.example.com]\n"
+        "    require_jti: true\n"
+        "  - <<: *gitlab\n"
+        "    name: gitlab-eu\n"
+        "    issuer: https://gitlab.eu.example.com\n"
+        "    jwks_uri: https://gitlab.eu.example.com/oauth/discovery/keys\n"
+    )
+    (tmp_path / "policies").mkdir()
+    first, second = load_settings(path, environ={}).issuers
+    assert (second.name, second.issuer, second.require_jti) == (
+        "gitlab-eu",
+        "https://gitlab.eu.example.com",
+        True,
+    )
+    assert second.audiences == first.audiences == ("https://sts.example.com",)
+    result = CliRunner().invoke(main, ["--config", str(path), "config", "check"])
+    assert result.exit_code == 0, result.output
+    path.write_text(path.read_text() + "    name: twice\n")
+    with pytest.raises(ConfigurationError, match="duplicate key 'name'"):
+        load_settings(path, environ={})
+
+
 def test_aliases_that_stand_for_too_much_stop_the_start(tmp_path: Path) -> None:
     """A few hundred bytes of nested aliases stand for billions of values, which the schema check
     would walk (as in policy files, an outside audit); aliases within reason still load."""
