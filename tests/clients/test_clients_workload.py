@@ -662,8 +662,13 @@ def _hostile_server(answer: Callable[[Any, Any], None]) -> tuple[int, Callable[[
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+    listener.listen(64)
     stop = _threading.Event()
+
+    def one(conn: Any) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            answer(conn, stop)
 
     def serve() -> None:
         while not stop.is_set():
@@ -671,10 +676,7 @@ def _hostile_server(answer: Callable[[Any, Any], None]) -> tuple[int, Callable[[
                 conn, _ = listener.accept()
             except OSError:
                 return
-            with conn:
-                conn.recv(65536)
-                with contextlib.suppress(OSError):
-                    answer(conn, stop)
+            _threading.Thread(target=one, args=(conn,), daemon=True).start()
 
     _threading.Thread(target=serve, daemon=True).start()
 
@@ -747,6 +749,49 @@ def test_a_body_that_never_ends_cannot_hold_the_caller(answer: Callable[[Any, An
             time.sleep(0.05)
         assert not [t for t in threading.enumerate() if t.name == "sts-client-request"]
     finally:
+        close()
+
+
+def test_helpers_left_waiting_for_dribbled_headers_are_bounded_per_server() -> None:
+    """A helper still waiting for the headers cannot be shut down (``requests`` shows no socket
+    yet): a server dribbling its headers cost a thread and a socket per timed-out call, without
+    limit (an outside re-check).  Past ``ABANDONED_PER_ORIGIN`` of them, calls to that server fail
+    at once; once it lets them go, calls go through again."""
+    import requests
+    from sts_client import discovery
+    from sts_client.discovery import DiscoveryError, get_json
+
+    release = threading.Event()
+
+    def dribble(conn: Any, stop: Any) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        while not stop.wait(0.05) and not release.is_set():
+            conn.sendall(b"X")
+        conn.sendall(b"-Done: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    port, close = _hostile_server(dribble)
+    url = f"http://127.0.0.1:{port}/"
+
+    def helpers() -> int:
+        return len([t for t in threading.enumerate() if t.name == "sts-client-request"])
+
+    try:
+        for _ in range(3 * discovery.ABANDONED_PER_ORIGIN):
+            with pytest.raises(DiscoveryError):
+                get_json(requests.Session(), url, timeout=0.2)
+        assert helpers() <= discovery.ABANDONED_PER_ORIGIN
+        started = time.monotonic()
+        with pytest.raises(DiscoveryError):
+            get_json(requests.Session(), url, timeout=5.0)
+        assert time.monotonic() - started < 1, "refused at once while the helpers hang"
+        release.set()
+        end = time.monotonic() + 10
+        while helpers() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert helpers() == 0
+        assert get_json(requests.Session(), url, timeout=5.0)[:2] == (200, {})
+    finally:
+        release.set()
         close()
 
 

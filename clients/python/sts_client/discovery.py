@@ -184,8 +184,16 @@ def _fetch_within(
     reading because they decode to nothing; a chunked body's trailer lines, which ``http.client``
     reads without limit.  So the whole exchange runs on a helper thread; past ``seconds`` the
     caller gets :class:`requests.Timeout`, and the response's socket is shut down so that the
-    helper's read ends too (a helper still waiting for the headers closes what it gets).
+    helper's read ends too.  A helper still waiting for the headers cannot be reached (``requests``
+    shows no socket before the response); it ends when the server stops sending, or its read
+    times out.  While :data:`ABANDONED_PER_ORIGIN` such helpers of one origin are still running,
+    a further call to it fails at once: a server dribbling its headers cost the caller a thread
+    and a socket per call, without limit (an outside re-check).  Calls in time are not counted.
     """
+    origin = _origin_of(arguments["url"])
+    with _abandoned_lock:
+        if _abandoned.get(origin, 0) >= ABANDONED_PER_ORIGIN:
+            raise requests.Timeout("earlier requests to this server have not ended")
     outcome: dict[str, Any] = {}
     done = threading.Event()
     lock = threading.Lock()
@@ -205,12 +213,17 @@ def _fetch_within(
         finally:
             if response is not None:
                 response.close()
-            done.set()
+            with lock:
+                done.set()
+                if outcome.get("abandoned"):
+                    _count_abandoned(origin, -1)
 
     threading.Thread(target=run, name="sts-client-request", daemon=True).start()
     if not done.wait(seconds):
         with lock:
-            outcome["abandoned"] = True
+            if not done.is_set():
+                outcome["abandoned"] = True
+                _count_abandoned(origin, +1)
             reading = outcome.get("reading")
         if reading is not None:
             _shut_down(reading)  # what the helper then reads (an end, or an error) is not used
@@ -219,6 +232,31 @@ def _fetch_within(
         raise outcome["error"]
     result: tuple[int, bytes, CaseInsensitiveDict[str]] = outcome["result"]
     return result
+
+
+#: How many helper threads of :func:`_fetch_within` whose callers stopped waiting may still run
+#: for one origin (scheme, host, port) before further calls to it fail at once.
+ABANDONED_PER_ORIGIN: Final = 8
+_abandoned: dict[tuple[str, str, int | None], int] = {}
+_abandoned_lock = threading.Lock()
+
+
+def _origin_of(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return (parts.scheme, (parts.hostname or "").lower(), port)
+
+
+def _count_abandoned(origin: tuple[str, str, int | None], change: int) -> None:
+    with _abandoned_lock:
+        count = _abandoned.get(origin, 0) + change
+        if count > 0:
+            _abandoned[origin] = count
+        else:
+            _abandoned.pop(origin, None)
 
 
 def _shut_down(response: requests.Response) -> None:
