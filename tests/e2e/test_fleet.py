@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,6 +550,38 @@ def test_nginx_keeps_tokens_in_paths_and_query_strings_out_of_its_logs(fleet: Fl
     error_log = log.parent / "nginx-error.log"
     for text in (log.read_text(), error_log.read_text() if error_log.exists() else ""):
         assert "SECRETPAYLOAD" not in text
+
+
+def test_nginx_proxies_every_route_of_the_service_and_logs_it_as_that_route(
+    make_settings: Callable[..., Any],
+) -> None:
+    """nginx proxies only the service's routes (any other path is its own 404): each route of the
+    application (the review page's too) must reach a location that proxies it, and be logged as
+    itself, never as <unmatched>.  Guards the list in deploy/nginx.conf against new routes."""
+    from sts.app import create_app
+    from tests.support.review_support import review_settings
+
+    app = create_app(make_settings(**review_settings()))
+    paths = {re.sub(r"<int:audit_id>", "42", rule.rule) for rule in app.url_map.iter_rules()}
+    paths.add("/ssf/events")  # only with transmitters configured
+    site = (REPO / "deploy" / "nginx.conf").read_text()
+    blocks = re.findall(r"^    location (=|~) \"?([^\"\s]+)\"? \{(.*?)^    \}", site, flags=re.M | re.S)
+    proxied = [(kind, pattern) for kind, pattern, body in blocks if "proxy_pass http://sts;" in body]
+    map_line = r'^\s*"~\^\(\?<method>\[A-Za-z\]\+\) \(\?<route>(.*?)\)\(\[\?#\\s\]\|\$\)" '
+    [logged] = re.findall(map_line, site, re.M)
+
+    def proxies(path: str) -> bool:
+        return any(
+            path == pattern if kind == "=" else re.fullmatch(pattern.strip("^$"), path) is not None
+            for kind, pattern in proxied
+        )
+
+    for path in sorted(paths):
+        assert proxies(path), f"{path} is not proxied"
+        assert re.fullmatch(logged, path), f"{path} would be logged as <unmatched>"
+    for stray in ("/eyJhbGciOi.x.y", "/token/", "/review/x", "/static/app.css", "/.well-known/other"):
+        assert not proxies(stray), stray
+        assert not re.fullmatch(logged, stray), stray
 
 
 def test_nginx_offers_tls_1_2_only_with_forward_secrecy_and_aead() -> None:
