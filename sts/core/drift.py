@@ -300,9 +300,11 @@ def drift_to_json(baseline: Baseline) -> str:
     back the whole baseline it read before it was decided, and a probation step or a confirmation
     recorded meanwhile by another request was undone by it (last writer wins: concurrent grants of
     the confirmed value kept a drifted workload's probation from ever completing; an outside
-    audit).  Only a change of the drift state writes it."""
+    audit).  Only a change of the drift state writes it.  It names the baseline it belongs to (its
+    ``first_seen``): see :func:`with_drift`."""
     return _DRIFT_ENCODER.encode(
         {
+            "first_seen": baseline.first_seen,
             "facts": dict(baseline.facts),
             "pending": {name: p.as_dict() for name, p in baseline.pending.items()},
             "confirmed": {name: dict(how) for name, how in baseline.confirmed.items()},
@@ -331,9 +333,20 @@ def _read_drift(text: str | bytes) -> Baseline | None:
 def with_drift(baseline: Baseline, drift: str | bytes | None) -> Baseline:
     """``baseline`` with the drift state kept apart from it (:func:`drift_to_json`); None (or an
     unreadable value) leaves the baseline's own, which is what a grant read and wrote back with
-    it (and where it was kept before revision ``0012_baseline_drift``)."""
+    it (and where it was kept before revision ``0012_baseline_drift``).
+
+    A drift state of another baseline (another ``first_seen``: both known) is not this one's: a
+    version before 0012 that starts a new baseline in the row of an expired one writes the
+    baseline alone, and the expired drift state came back to life beside it (an outside re-check:
+    the value from before the expiry was then granted, and the current one refused)."""
     kept = _read_drift(drift) if drift else None
     if kept is None or same_drift(kept, baseline):
+        return baseline
+    if (
+        kept.first_seen is not None
+        and baseline.first_seen is not None
+        and kept.first_seen != baseline.first_seen
+    ):
         return baseline
     return replace(
         baseline, facts=kept.facts, pending=kept.pending, confirmed=kept.confirmed, other_keys=kept.other_keys

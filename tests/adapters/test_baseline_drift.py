@@ -164,6 +164,40 @@ def test_an_expired_drift_state_is_not_brought_back(
         engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_new_baseline_written_by_an_older_version_into_an_expired_row_is_not_given_its_drift_state(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A version before 0012 writes the baseline alone: a new baseline it starts in the row of an
+    expired one left the expired drift state beside it, which came back to life, and the value
+    from before the expiry was granted, the current one refused (an outside re-check of a rolling
+    deploy).  The drift state names its baseline (``first_seen``); another baseline's is not read."""
+    url = (
+        request.getfixturevalue("pg").url if backend == "postgresql" else f"sqlite:///{tmp_path / 'b.sqlite'}"
+    )
+    engine = make_engine(url)
+    upgrade(engine)
+    try:
+        clock = [NOW]
+        baselines = SqlBaselineStore(engine, clock=lambda: clock[0])
+        before = replace(
+            CONFIRMED, first_seen=NOW - 86_400, confirmed={"runner_environment": {"how": "first_seen"}}
+        )
+        baselines.save(IDENTITY, before, 60)  # the drift column written too
+        clock[0] = NOW + 120  # expired
+        after = Baseline(count=1, first_seen=NOW + 120, facts={"runner_environment": "self-hosted"})
+        with engine.begin() as conn:  # as a version before 0012 writes a grant's baseline
+            conn.execute(
+                text(OLD_GRANT), {"identity": IDENTITY, "baseline": after.to_json(), "at": NOW + 180}
+            )
+        assert baselines.load(IDENTITY) == after
+        # A drift state of the same baseline is still read (a probation step recorded apart).
+        baselines.update_drift(IDENTITY, step, 60)
+        assert count(baselines.load(IDENTITY)) == 1
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("stored", [None, "", "not json", "{}", '"text"', '{"facts": []}', "1e999x"])
 def test_an_unreadable_drift_state_leaves_the_baseline_own(stored: str | None) -> None:
     from sts.core.drift import drift_to_json, with_drift
