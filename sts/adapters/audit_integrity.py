@@ -22,7 +22,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
 from joserfc.jws import JWSRegistry
-from sqlalchemy import Connection, Engine, and_, func, not_, select
+from sqlalchemy import Connection, Engine, func, select
 
 from ..core.audit_chain import (
     AuditTrailBroken,
@@ -42,12 +42,14 @@ from ..core.audit_checkpoint import (
     checkpoint_heads,
     checkpoint_ids,
     checkpoint_trail,
+    compares_ids,
     prune_inconsistencies,
 )
 from ..core.audit_filter import format_time
 from ..core.ports import Signer, UnknownKeyId
 from .audit_links import chained_rows, link_of, stored_links
-from .sql.schema import audit_chains, audit_events, audit_trail
+from .audit_unchained import Unchained, trail_facts, unchained
+from .sql.schema import audit_chains, audit_events
 
 #: A checkpoint lists every chain ever started (one or more per process start): far more than a
 #: token's claims, so joserfc's default payload limit (128 000 bytes) is raised for it.
@@ -136,74 +138,6 @@ def verify_recent(engine: Engine, limit: int = 2000) -> tuple[int, list[BrokenLi
     return len(links), broken
 
 
-@dataclass(frozen=True)
-class Unchained:
-    """Records without a chain: written before chaining began, or inserted by something else.
-
-    ``before`` were written before chaining began (older versions of the service): nothing can
-    vouch for them.  ``after`` came later, which the service never does: another writer put them
-    there (or an instance of an older version, during an upgrade); ``first_after`` is the id of
-    the first of them.
-    """
-
-    before: int
-    after: int
-    first_after: int | None
-
-
-def trail_facts(conn: Connection) -> TrailFacts | None:
-    """What ``audit_trail`` records of the trail (revision 0011); None when it does not hold its one
-    row (someone deleted or added one)."""
-    t = audit_trail.c
-    rows = conn.execute(
-        select(t.name, t.prechain_records, t.prechain_highest_id, t.pruned_below).limit(2)
-    ).all()
-    if len(rows) != 1 or rows[0].name != "trail":
-        return None
-    _name, records, highest, below = rows[0]
-    return TrailFacts(
-        int(records), None if highest is None else int(highest), None if below is None else int(below)
-    )
-
-
-def unchained(conn: Connection, bounds: Iterable[TrailFacts] = ()) -> Unchained:
-    """Count the records without a chain.  Before chaining began means an id no higher than the
-    highest of the records that ``audit_trail`` (or, where given, a checkpoint: ``bounds``, of
-    which the tightest counts) says were written before chaining, no more of them than it says
-    there were, and a time before the first chain was registered.  An outside audit inserted a made
-    up grant with id 0, without a chain, dated before the first chain: it passed for an old one
-    (verify said only ``note:``), even with a checkpoint.  Without any bound (the row deleted, no
-    checkpoint), an id below the first chained record's is taken, as before revision 0011."""
-    c = audit_events.c
-    bounds = list(bounds)
-    total = conn.execute(select(func.count()).where(c.chain_id.is_(None))).scalar() or 0
-    first_started = conn.execute(select(func.min(audit_chains.c.started_at))).scalar()
-    old: list[Any] = [c.chain_id.is_(None)]
-    allowed: int | None = None
-    if bounds:
-        allowed = min(bound.prechain_records for bound in bounds)
-        highest = [bound.prechain_highest_id for bound in bounds]
-        if allowed == 0 or None in highest:
-            return Unchained(0, int(total), conn.execute(select(func.min(c.id)).where(old[0])).scalar())
-        old.append(c.id <= min(h for h in highest if h is not None))
-    else:
-        first_chained = conn.execute(select(func.min(c.id)).where(c.chain_id.is_not(None))).scalar()
-        if first_chained is None and first_started is None:
-            return Unchained(int(total), 0, None)
-        if first_chained is not None:
-            old.append(c.id < first_chained)
-    if first_started is not None:
-        old.append(c.time < dt.datetime.fromtimestamp(float(first_started), tz=dt.UTC))
-    before = int(conn.execute(select(func.count()).where(and_(*old))).scalar() or 0)
-    first_after = conn.execute(select(func.min(c.id)).where(c.chain_id.is_(None), not_(and_(*old)))).scalar()
-    if allowed is not None and before > allowed:
-        # More of them than there were: some were made up (which ones, nothing can tell).
-        if first_after is None:
-            first_after = conn.execute(select(func.max(c.id)).where(and_(*old))).scalar()
-        before = allowed
-    return Unchained(before, int(total) - before, first_after)
-
-
 #: Seconds a record may predate the checkpoint that did not see its chain (clocks of other hosts).
 CHECKPOINT_CLOCK_SKEW = 300
 
@@ -216,9 +150,10 @@ def verify_trail(
     No record may be left below the cutoff the last prune recorded (``audit_trail.pruned_below``).
     With a :class:`Checkpoint` (not only its heads): pruning must explain every chain whose
     anchor is past a record the checkpoint saw (:func:`~sts.core.audit_checkpoint.prune_inconsistencies`),
-    no record may be left below the cutoff it signed, a chain the checkpoint does not name must
-    hold no record older than the checkpoint (less :data:`CHECKPOINT_CLOCK_SKEW`): it would have
-    been named, and the records without a chain are counted against what it signed of them.
+    and no record may be left below the cutoff it signed, unless SQLite numbered the records
+    from 1 again (:func:`_compared`); a chain the checkpoint does not name must hold no record
+    older than the checkpoint (less :data:`CHECKPOINT_CLOCK_SKEW`): it would have been named;
+    and the records without a chain are counted against what it signed of them.
 
     Raises :class:`~sts.core.audit_chain.AuditTrailBroken`.
     """
@@ -241,11 +176,11 @@ def verify_trail(
             report.broken.append(BrokenLink("(trail)", None, None, problem))
         else:
             report.broken += below_cutoff(facts.pruned_below, lowest, "recorded in audit_trail")
-        anchors = {start.chain_id: start.anchor_seq for start in starts}
-        for checkpoint in given:
-            if checkpoint.trail is not None and _covers_a_record(checkpoint, anchors):
+        compared = _compared(conn, starts, given)
+        for checkpoint, compare in zip(given, compared, strict=True):
+            if checkpoint.trail is not None and compare:
                 report.broken += below_cutoff(checkpoint.trail.pruned_below, lowest, "signed by a checkpoint")
-        report.broken.extend(_beyond_pruning(conn, starts, given, lowest))
+        report.broken.extend(_beyond_pruning(conn, starts, given, lowest, compared))
         if report.broken:
             report.broken.sort(key=lambda b: (b.chain_id, b.seq or 0))
             raise AuditTrailBroken(report)
@@ -253,9 +188,14 @@ def verify_trail(
 
 
 def _beyond_pruning(
-    conn: Connection, starts: list[ChainStart], checkpoints: list[Checkpoint], lowest: int | None
+    conn: Connection,
+    starts: list[ChainStart],
+    checkpoints: list[Checkpoint],
+    lowest: int | None,
+    compared: list[bool],
 ) -> list[BrokenLink]:
-    """What the checkpoints say that pruning and new chains cannot explain (see :func:`verify_trail`)."""
+    """What the checkpoints say that pruning and new chains cannot explain (see :func:`verify_trail`);
+    ``compared``: whether each checkpoint's ids are compared (:func:`_compared`)."""
     if not any(c.ids or c.firsts or c.issued_at is not None for c in checkpoints):
         return []
     c = audit_events.c
@@ -265,9 +205,8 @@ def _beyond_pruning(
         ).all()
     )
     found: list[BrokenLink] = []
-    anchors = {start.chain_id: start.anchor_seq for start in starts}
-    for checkpoint in checkpoints:
-        if _covers_a_record(checkpoint, anchors):
+    for checkpoint, compare in zip(checkpoints, compared, strict=True):
+        if compare:
             found += prune_inconsistencies(
                 starts, checkpoint.heads, checkpoint.ids, lowest, checkpoint.firsts
             )
@@ -300,11 +239,28 @@ def _beyond_pruning(
     return found
 
 
-def _covers_a_record(checkpoint: Checkpoint, anchors: Mapping[str, int]) -> bool:
-    """Whether a record the checkpoint saw may still be there: some chain it names is not pruned
-    past the head it saw.  When none is, the ids of what is left say nothing of the prunes since:
-    on SQLite a prune of every record numbers the next ones from 1 again, below every id it saw."""
-    return any(anchors.get(chain_id, -1) < seq for chain_id, (seq, _hash) in checkpoint.heads.items())
+def _compared(conn: Connection, starts: list[ChainStart], checkpoints: list[Checkpoint]) -> list[bool]:
+    """Whether the ids left are held to what each checkpoint saw: unless SQLite numbered them from 1
+    again after a prune of every record (:func:`~sts.core.audit_checkpoint.compares_ids`)."""
+    anchors = {start.chain_id: start.anchor_seq for start in starts}
+    sqlite = conn.dialect.name == "sqlite"
+    c = audit_events.c
+    lowest_chained = (
+        conn.execute(select(func.min(c.id)).where(c.chain_id.is_not(None))).scalar()
+        if sqlite and checkpoints
+        else None
+    )
+    return [
+        compares_ids(
+            checkpoint.heads,
+            checkpoint.ids,
+            checkpoint.firsts,
+            anchors,
+            sqlite=sqlite,
+            lowest_chained_id=None if lowest_chained is None else int(lowest_chained),
+        )
+        for checkpoint in checkpoints
+    ]
 
 
 def chain_heads(conn: Connection) -> dict[str, tuple[int, str]]:

@@ -169,6 +169,40 @@ def prune_inconsistencies(
     return found
 
 
+def compares_ids(
+    heads: Mapping[str, tuple[int, str]],
+    ids: Mapping[str, int],
+    firsts: Mapping[str, tuple[int, int]],
+    anchors: Mapping[str, int],
+    *,
+    sqlite: bool,
+    lowest_chained_id: int | None,
+) -> bool:
+    """Whether the ids of the records left are held to what one checkpoint saw: by
+    :func:`prune_inconsistencies`, and by :func:`below_cutoff` with the cutoff it signed.
+
+    Always, unless the ids really started again, which SQLite does (no ``AUTOINCREMENT``) after a
+    prune of every record: the next record is numbered 1, at or below every id a checkpoint signed.
+    That takes SQLite (``sqlite``), every chain the checkpoint names pruned past the head it saw
+    (``anchors``: chain id → anchor seq), and a chained record left whose id (``lowest_chained_id``,
+    the lowest) is at or below the lowest id it signed, its heads' (``ids``) and the records after
+    its anchors' (``firsts``): the id of a record it saw that is gone, or a lower one, was given
+    again.  An outside audit moved one chain's anchor a few records past a checkpoint's head, with
+    records of another chain left above every id it signed: that alone exempted it (every chain
+    named "pruned past").  A checkpoint that signed no id (older ones) is compared, as before,
+    while a chain it names is not pruned past the head it saw; and so is one of PostgreSQL, whose
+    ids never start again.
+    """
+    covers = any(anchors.get(chain_id, -1) < seq for chain_id, (seq, _hash) in heads.items())
+    signed = [*ids.values(), *(first for _anchor, first in firsts.values())]
+    if not signed:
+        return covers
+    if covers or not sqlite or lowest_chained_id is None:
+        return True
+    # SQLite numbers from 1: an id below it was not given by a prune of every record.
+    return not 1 <= lowest_chained_id <= min(signed)
+
+
 def below_cutoff(pruned_below: int | None, lowest_record_id: int | None, source: str) -> list[BrokenLink]:
     """A record still there with an id below a prune's cutoff (which removes every record below
     it, in every chain): the records after it were deleted by hand and anchors moved to look

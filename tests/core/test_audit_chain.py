@@ -811,6 +811,34 @@ def test_a_chains_oldest_records_deleted_while_older_ones_stay_are_found_with_a_
     assert older != victim
 
 
+def test_a_chain_pruned_by_hand_past_a_checkpoints_head_is_found(engine: Engine, ring: KeyRing) -> None:
+    """An outside re-check: with the anchor moved a few records past the head a checkpoint saw,
+    every chain it names looked pruned past it, and then the ids left were not compared with it at
+    all, on PostgreSQL too (only SQLite, numbering from 1 again after a prune of every record, needs
+    that).  One chain writes five records and a checkpoint names it alone; a second chain starts
+    and the two write in turn; the first chain's ten oldest records are deleted and its anchor moved
+    to the tenth, while five older records of the second chain stay."""
+    first = SqlAuditSink(engine)
+    for n in range(5):
+        first.write(decision(n))
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), ISSUER, NOW + 60)
+    seen = audit_integrity.read_checkpoint(token, key_for(ring), ISSUER)
+    [victim] = seen.heads
+    second = SqlAuditSink(engine)
+    for n in range(5, 25):
+        (first if n % 2 else second).write(decision(n))
+    _hide_oldest(engine, victim, 10)
+    with engine.connect() as conn:
+        left = [tuple(r) for r in conn.execute(select(events.c.id, events.c.chain_id).order_by(events.c.id))]
+    # The second chain's five oldest records, older than the first's record at its new anchor (14).
+    assert [record_id for record_id, _ in left[:5]] == [7, 9, 11, 13, 15]
+    assert all(chain_id != victim for _, chain_id in left[:5])
+    verify(engine)  # Alone, every chain verifies (anchors are not signed).
+    [link] = broken(engine, seen)  # type: ignore[arg-type]
+    assert link.chain_id == victim and link.seq == 5, link
+    assert "behind the chain's anchor (seq 10), yet record id 7 is still there" in link.problem
+
+
 def test_a_record_left_below_the_last_prunes_cutoff_is_found(engine: Engine) -> None:
     """Each prune records its cutoff id: a record of any chain left below it was not pruned, so the
     records around it were deleted by hand (or the cutoff set by hand to make them look pruned)."""
