@@ -43,6 +43,7 @@ from ..core.audit_checkpoint import (
     checkpoint_ids,
     checkpoint_trail,
     compares_ids,
+    prechain_edited,
     prune_inconsistencies,
 )
 from ..core.audit_filter import format_time
@@ -153,7 +154,8 @@ def verify_trail(
     and no record may be left below the cutoff it signed, unless SQLite numbered the records
     from 1 again (:func:`_compared`); a chain the checkpoint does not name must hold no record
     older than the checkpoint (less :data:`CHECKPOINT_CLOCK_SKEW`): it would have been named;
-    and the records without a chain are counted against what it signed of them.
+    the records without a chain are counted against what it signed of them, and ``audit_trail``
+    must count as many written before chaining as it signed.
 
     Raises :class:`~sts.core.audit_chain.AuditTrailBroken`.
     """
@@ -176,6 +178,7 @@ def verify_trail(
             report.broken.append(BrokenLink("(trail)", None, None, problem))
         else:
             report.broken += below_cutoff(facts.pruned_below, lowest, "recorded in audit_trail")
+            report.broken += prechain_edited(facts, signed)
         compared = _compared(conn, starts, given)
         for checkpoint, compare in zip(given, compared, strict=True):
             if checkpoint.trail is not None and compare:

@@ -20,21 +20,23 @@ are kept with (:func:`.audit_summaries.aggregate`), and compares:
   hours before too (see :func:`_count_problems`).
 
 Over the whole trail (``sts audit verify``) it also finds edges and counts that no record
-accounts for, and, while nothing has been pruned (every chain still starts at its genesis),
-edges first seen earlier, or holding more grants, than their records say.  Retention deletes
-records but keeps the edges and counts they made until the edge or the hour is past its
-cutoff: once something was pruned, an edge may rightly be older and bigger than its records.
-The review page checks the newest records only, as it verifies their chains, in a fraction of a
-second.
+accounts for, and, while nothing has been pruned (every chain still starts at its genesis, and
+every record written before chaining is still there: :func:`_pruned`), edges first seen
+earlier, or holding more grants, than their records say.  Retention deletes records but keeps
+the edges and counts they made until the edge or the hour is past its cutoff: once something
+was pruned, an edge may rightly be older and bigger than its records.  The review page checks
+the newest records only, as it verifies their chains, in a fraction of a second.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import Connection, func, select
 
+from ..core.audit_filter import format_time
 from .audit_integrity import chain_starts, snapshot
 from .audit_summaries import Edges, Hourly, Terms, aggregate
 from .audit_tables import AuditTables, DecisionFacts
+from .audit_unchained import trail_facts
 from .sql.schema import audit_counts, audit_edges, audit_events, audit_terms, audit_trail
 
 #: Seconds two stored times may differ by and be the same time (a float through a REAL column).
@@ -72,6 +74,7 @@ class SummaryCheck(AuditTables):
             edges: Edges = {}
             hourly: Hourly = {}
             first_hour: int | None = None
+            oldest_time: float | None = None
             after = lowest - 1
             while after < watermark and len(problems) < MAX_PROBLEMS:
                 span = [c.id > after, c.id <= watermark]
@@ -87,14 +90,12 @@ class SummaryCheck(AuditTables):
                     # Records before the part checked (or pruned) may be up to ``slack`` later than
                     # its first: the hours that may hold them are not compared.
                     first_hour = int(facts[0].time + self.slack) // 3600 * 3600
+                    oldest_time = facts[0].time if facts[0].id == oldest else None
                 after = facts[-1].id
             if first_hour is not None and len(problems) < MAX_PROBLEMS:
-                t = audit_trail.c
-                cut = conn.execute(select(t.pruned_below, t.pruned_before)).first()
-                pruned_before = None if cut is None or cut.pruned_before is None else float(cut.pruned_before)
-                pruned = any(chain.anchor_seq > 0 for chain in chain_starts(conn)) or (
-                    cut is not None and (cut.pruned_below is not None or pruned_before is not None)
-                )
+                pruned = _pruned(conn)
+                pruned_before, wrong = _pruned_before(conn, oldest, oldest_time) if whole else (None, [])
+                problems += wrong
                 problems += _edge_problems(conn, edges, exact=whole and not pruned)
                 problems += _count_problems(
                     conn, hourly, first_hour, every=whole, pruned=pruned, pruned_before=pruned_before
@@ -119,6 +120,49 @@ class SummaryCheck(AuditTables):
             if abs(expected[key] - stored[key]) > _SAME_TIME:
                 problems.append(f"record {key[2]}: its {key[0]} {key[1]!r} is summarised at another time")
         return problems
+
+
+def _pruned(conn: Connection) -> bool:
+    """Whether records were removed: a chain's anchor moved, or fewer records written before
+    chaining are left than ``audit_trail`` counted (revision 0011; a checkpoint signs the count).
+
+    Not what ``audit_trail.pruned_below`` or ``pruned_before`` say: an outside audit set them on a
+    trail never pruned, nothing deleted, and the oldest hours' counts were compared no more (the
+    oldest hour's refusals zeroed unseen).  A prune of nothing moves no anchor either."""
+    if any(chain.anchor_seq > 0 for chain in chain_starts(conn)):
+        return True
+    facts = trail_facts(conn)
+    if facts is None or facts.prechain_highest_id is None:
+        return False
+    c = audit_events.c
+    left = conn.execute(
+        select(func.count()).where(c.chain_id.is_(None), c.id <= facts.prechain_highest_id)
+    ).scalar()
+    return int(left or 0) < facts.prechain_records
+
+
+def _pruned_before(
+    conn: Connection, oldest: int, oldest_time: float | None
+) -> tuple[float | None, list[str]]:
+    """The newest prune's cutoff time (``audit_trail.pruned_before``) where it can be one, and the
+    problem found when it cannot.
+
+    A prune removes the records below the first one at or after its cutoff, which stays (a later
+    prune with an earlier cutoff removes nothing more; after a prune of every record the next
+    ones come later): the oldest record left (``oldest``, from ``oldest_time``) is never older
+    than the cutoff.  When it is, the cutoff was set by hand (an outside audit set it to now, so
+    that the oldest hours' counts could be zeroed): reported, and not used.
+    """
+    before = conn.execute(select(audit_trail.c.pruned_before)).scalar()
+    if before is None:
+        return None, []
+    if oldest_time is None or oldest_time >= float(before) - _SAME_TIME:
+        return float(before), []
+    problem = (
+        f"audit_trail says the newest prune cut at {format_time(float(before))}, yet the oldest record "
+        f"left (id {oldest}) is from {format_time(oldest_time)}, before it: not what a prune does (edited)"
+    )
+    return None, [problem]
 
 
 def _merge_edges(into: Edges, found: Edges) -> None:

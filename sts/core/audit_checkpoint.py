@@ -217,6 +217,23 @@ def below_cutoff(pruned_below: int | None, lowest_record_id: int | None, source:
     return [BrokenLink("(trail)", None, lowest_record_id, problem)]
 
 
+def prechain_edited(recorded: TrailFacts, signed: Iterable[TrailFacts]) -> list[BrokenLink]:
+    """The records written before chaining as ``audit_trail`` counts them (``recorded``) against
+    what checkpoints signed of them (``signed``): revision 0011 counted them once, and nothing
+    changes the count since (a prune leaves it; fewer of them left than it says is how ``sts audit
+    verify`` tells they were pruned).  Raised by hand, it made up a prune, which relaxes the check
+    of the oldest hours' counts (an outside audit): only a checkpoint can tell."""
+    mine = (recorded.prechain_records, recorded.prechain_highest_id)
+    others = sorted({(s.prechain_records, s.prechain_highest_id) for s in signed} - {mine}, key=str)
+    if not others:
+        return []
+    problem = (
+        f"audit_trail says {mine[0]} record(s) were written before chaining (highest id {mine[1]}), "
+        f"a checkpoint signed {others[0][0]} (highest id {others[0][1]}): counted once, so edited"
+    )
+    return [BrokenLink("(trail)", None, None, problem)]
+
+
 class CheckpointInvalid(Exception):
     """A checkpoint that is not one of ours, or not well formed."""
 

@@ -21,10 +21,19 @@ from sqlalchemy import Engine, delete, func, insert, select, update
 from sts.adapters.audit_query import AuditQuery
 from sts.adapters.audit_summary_check import SummaryCheck
 from sts.adapters.audit_tables import SLACK
+from sts.adapters.keyring import KeyRing
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine
-from sts.adapters.sql.schema import audit_counts, audit_edges, audit_events, audit_summary_state, audit_terms
+from sts.adapters.sql.schema import (
+    audit_counts,
+    audit_edges,
+    audit_events,
+    audit_summary_state,
+    audit_terms,
+    audit_trail,
+)
 from sts.cli import main
+from sts.core.audit_filter import format_time
 from sts.migrations import upgrade
 from tests.adapters.test_audit_query import DEPLOY, LEDGER, NOW, engine, make_record, workload, write
 from tests.support.clock import Clock
@@ -310,3 +319,75 @@ def test_after_a_prune_counts_of_pruned_hours_cannot_exceed_the_records_left_nor
     assert problems == [
         f"the hour from {hour} (epoch seconds): 0 {outcome} decision(s) summarised, {decisions} on record"
     ]
+
+
+def test_a_prune_made_up_in_audit_trail_does_not_turn_the_exact_checks_off(engine: Engine) -> None:
+    """An outside re-check: on a trail never pruned, a cutoff id and time written into
+    ``audit_trail`` (nothing deleted, no anchor moved) had the check take the trail for pruned, so
+    hours made up before the first record and an edge made to look old passed.  Whether records
+    were removed is read from what a removal leaves: a chain's anchor moved, or fewer records
+    written before chaining than were counted; ``sts audit prune`` of nothing changes neither."""
+    query = summarised(engine)
+    assert query.prune(cutoff=NOW - 86400).records == 0  # before every record: nothing goes
+    hour, _, _ = _oldest_hour(engine)
+    with engine.connect() as conn:
+        lowest = conn.execute(select(func.min(audit_events.c.id))).scalar_one()
+    change(engine, update(audit_trail).values(pruned_below=lowest, pruned_before=hour - 86400))
+    change(engine, insert(audit_counts).values(hour=hour - 7200, outcome="refused", decisions=5000))
+    e = audit_edges.c
+    change(engine, update(audit_edges).where(e.audience == LEDGER).values(first_seen=NOW - 400 * 86400))
+    problems = SummaryCheck(engine).check()
+    made_up = f"the hour from {hour - 7200} (epoch seconds): 5000 refused decision(s) summarised, 0 on record"
+    assert made_up in problems, problems
+    assert any("first seen at another time than its first grant" in p for p in problems), problems
+
+
+def test_a_prunes_cutoff_time_moved_past_the_oldest_record_left_is_found(engine: Engine) -> None:
+    """A prune leaves the first record at or after its cutoff time, so the oldest record left is
+    never older than the cutoff ``audit_trail`` records.  An outside re-check moved it on to now:
+    every hour up to the oldest record's was then held only to no more than its records, and its
+    refusals could be zeroed unseen."""
+    day = 86400.0
+    write(engine, [make_record(i, when=NOW - (40 - i) * day + 0.5 * (i % 2) * 3600) for i in range(40)])
+    query = AuditQuery(engine, clock=Clock(NOW), settle=0)
+    query.refresh(budget=None)
+    assert query.prune(cutoff=NOW - 30 * day).records == 10
+    assert SummaryCheck(engine).check() == []
+    hour, outcome, decisions = _oldest_hour(engine)
+    n = audit_counts.c
+    change(engine, update(audit_counts).where(n.hour == hour, n.outcome == outcome).values(decisions=0))
+    zeroed = f"the hour from {hour} (epoch seconds): 0 {outcome} decision(s) summarised"
+    zeroed += f", {decisions} on record"
+    assert SummaryCheck(engine).check() == [zeroed]
+    change(engine, update(audit_trail).values(pruned_before=NOW))
+    problems = SummaryCheck(engine).check()
+    assert problems == [
+        f"audit_trail says the newest prune cut at {format_time(NOW)}, yet the oldest record left "
+        f"(id 11) is from {format_time(NOW - 30 * day)}, before it: not what a prune does (edited)",
+        zeroed,
+    ]
+
+
+def test_sts_audit_verify_with_a_checkpoint_sees_through_a_made_up_prune(
+    configured: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The outside re-check's case through the command: a checkpoint that signed no prune, the
+    oldest hour's refusals zeroed, then a prune made up in ``audit_trail``: its cutoff id and time,
+    or records written before chaining that never were (a checkpoint signs how many there were)."""
+    KeyRing.open(tmp_path / "k", now=time.time())
+    assert configured("checkpoint", "-o", str(tmp_path / "cp.jws")).exit_code == 0
+    engine = configured.engine  # type: ignore[attr-defined]
+    hour, outcome, decisions = _oldest_hour(engine)
+    n = audit_counts.c
+    change(engine, update(audit_counts).where(n.hour == hour, n.outcome == outcome).values(decisions=0))
+    zeroed = f"the hour from {hour} (epoch seconds): 0 {outcome} decision(s) summarised"
+    zeroed += f", {decisions} on record"
+    with engine.connect() as conn:
+        lowest = conn.execute(select(func.min(audit_events.c.id))).scalar_one()
+    change(engine, update(audit_trail).values(pruned_below=lowest, pruned_before=time.time()))
+    verified = configured("verify", "--checkpoint", str(tmp_path / "cp.jws"))
+    assert verified.exit_code == 1 and f"BROKEN summaries: {zeroed}" in verified.output, verified.output
+    change(engine, update(audit_trail).values(pruned_before=None, prechain_records=1, prechain_highest_id=0))
+    verified = configured("verify", "--checkpoint", str(tmp_path / "cp.jws"))
+    assert verified.exit_code == 1, verified.output
+    assert "a checkpoint signed 0 (highest id None): counted once, so edited" in verified.output
