@@ -18,9 +18,11 @@ import yaml
 from click.testing import CliRunner
 from sqlalchemy import Engine, delete, func, insert, select, update
 
+from sts.adapters import audit_integrity
 from sts.adapters.audit_query import AuditQuery
 from sts.adapters.audit_summary_check import SummaryCheck
 from sts.adapters.audit_tables import SLACK
+from sts.adapters.jwks import StaticJWKS
 from sts.adapters.keyring import KeyRing
 from sts.adapters.sql.audit_sink import SqlAuditSink
 from sts.adapters.sql.engines import make_engine
@@ -218,21 +220,37 @@ def test_a_record_older_than_the_cutoff_that_stays_keeps_its_edge(engine: Engine
     assert "repo:acme/rare:ref:refs/heads/main" in {edge.subject for edge in edges}
 
 
-def test_summaries_start_again_with_the_records_after_a_prune_of_every_record(tmp_path: Path) -> None:
-    """SQLite numbers the records of an empty table from 1 again: the watermark goes back with them,
-    or they would never be summarised (and the check would say so forever)."""
+def test_a_prune_of_every_record_keeps_the_newest_on_sqlite_so_ids_never_start_again(tmp_path: Path) -> None:
+    """SQLite numbers the records of an empty table from 1 again (no AUTOINCREMENT), below the ids a
+    checkpoint saw: a later prune then looked hand-made to ``sts audit verify`` (an outside
+    re-check).  A prune whose cutoff is past every record keeps the newest; the records after it go
+    on from its id, and summaries, checks and checkpoints hold."""
     engine = make_engine(f"sqlite:///{tmp_path / 'audit.sqlite'}")
     upgrade(engine)
     day = 86400.0
     write(engine, [make_record(i, when=NOW - (40 - i) * day) for i in range(5)])
     query = AuditQuery(engine, clock=Clock(NOW), settle=0)
     query.refresh(budget=None)
-    assert query.prune(cutoff=NOW - day).records == 5
+    ring = KeyRing.open(tmp_path / "keys", now=NOW)
+    token, _ = audit_integrity.sign_checkpoint(engine, ring.signer(), "https://sts.example.com", NOW)
+    jwks = StaticJWKS(ring.public_jwks(), algorithms=["ES256"])
+    seen = audit_integrity.read_checkpoint(token, jwks.key_for, "https://sts.example.com")
+    assert query.prune(cutoff=NOW - day).records == 4
     write(engine, [make_record(i, when=NOW - 60, fired=("unusual_network",)) for i in range(3)])
+    with engine.connect() as conn:
+        assert [r[0] for r in conn.execute(select(audit_events.c.id).order_by(audit_events.c.id))] == [
+            5,
+            6,
+            7,
+            8,
+        ]
     status = query.refresh(budget=None)
-    assert (status.last_id, status.newest_id) == (3, 3)
+    assert (status.last_id, status.newest_id) == (8, 8)
     assert SummaryCheck(engine).check() == [] and SummaryCheck(engine).check(2000) == []
     assert query.top_signals(NOW - 3600, NOW) == [("unusual_network", 3)]
+    # A later prune of some of the new records, verified against the checkpoint from before.
+    assert query.prune(cutoff=NOW - 30).records == 3
+    audit_integrity.verify_trail(engine, [seen])
     engine.dispose()
 
 
