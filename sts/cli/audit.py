@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..core.audit_filter import MAX_RECORD_ID
+from ..errors import ConfigurationError
 from .audit_integrity import audit_checkpoint, audit_verify
 from .context import settings_from
 
@@ -44,7 +45,7 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
         engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
         records = SqlAuditSink(engine).recent(limit, **filters)
-    except SchemaError as exc:
+    except (SchemaError, ConfigurationError) as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(
@@ -101,10 +102,10 @@ def _audit_query(ctx: click.Context) -> Any:
     from ..migrations import SchemaError, ensure
 
     settings = settings_from(ctx)
-    engine = make_engine(settings.database_url)
     try:
+        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
-    except SchemaError as exc:
+    except (SchemaError, ConfigurationError) as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     return audit_query.AuditQuery(engine)
 

@@ -24,7 +24,7 @@ def _audit_engine(settings: Settings) -> Any:
     try:
         engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
-    except SchemaError as exc:
+    except (SchemaError, ConfigurationError) as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(

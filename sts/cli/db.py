@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from ..errors import ConfigurationError
 from .context import settings_from
 
 
@@ -17,7 +18,10 @@ def db() -> None:
 def _database(ctx: click.Context) -> Any:
     from ..adapters.sql.engines import make_engine
 
-    return make_engine(settings_from(ctx).database_url)
+    try:
+        return make_engine(settings_from(ctx).database_url)
+    except ConfigurationError as exc:  # a SQLite file refused (see sts.adapters.sql.sqlite_files)
+        raise click.ClickException(f"setting database_url: {exc}") from None
 
 
 @db.command("upgrade")

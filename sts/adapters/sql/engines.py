@@ -2,8 +2,8 @@
 
 SQLite by default (WAL journal, so readers do not block the writer and commits
 survive a process crash; the file and its ``-wal``/``-shm`` companions made
-``0600``), PostgreSQL from a ``postgresql+psycopg://`` URL.  A SQLite lock
-collision between worker processes is retried here (:func:`retry_locked`) with
+``0600``, see :mod:`.sqlite_files`), PostgreSQL from a ``postgresql+psycopg://``
+URL.  A SQLite lock collision between worker processes is retried here (:func:`retry_locked`) with
 sleeps near the time a write holds the lock; schema changes run under a lock of
 their own (:func:`schema_transaction`).
 """
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import select
 import sqlite3
-import stat
 import threading
 import time
 import urllib.parse
@@ -34,6 +32,7 @@ from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from ...core.canonical_json import canonical_json, canonical_record
 from ..request_threads import waiting
 from .deadline import DeadlinePassed, StatementDeadlines
+from .sqlite_files import private_sqlite_files
 from .sqlite_local import read_only
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
     """One engine (and pool) per process, created at start; no connection is opened here."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        _private_sqlite_files(url.removeprefix("sqlite:///"))
+        private_sqlite_files(url.removeprefix("sqlite:///"))
         # busy_timeout 0: SQLite's own busy handler sleeps 1 ms, then 2, 5, 10... on any lock
         # collision between worker processes, though a write holds the lock for ~30 us.
         # The callers retry instead, with sleeps of a tenth of a millisecond upward.
@@ -281,41 +280,6 @@ def _readable(socket: int) -> bool:
     poller = select.poll()
     poller.register(socket, select.POLLIN)
     return bool(poller.poll(0))
-
-
-def _private_sqlite_files(database: str) -> None:
-    """Create the SQLite file ``0600``, as the keys are, and restrict one made wider before.
-
-    The audit trail names subjects, clients and addresses: only the service
-    account may read it.  SQLite creates the ``-wal`` and ``-shm`` files with
-    the database file's permission bits, so creating the database file first,
-    ``0600``, covers them too; existing ones are restricted here as well.
-    """
-    if database in ("", ":memory:") or database.startswith("file:"):
-        return
-    try:
-        # Only a file that does not exist yet is opened here (O_EXCL).  Opening and closing one
-        # that exists would release every POSIX lock this process holds on it (fcntl locks belong
-        # to the process, and any close drops them): a connection already open in this process
-        # would lose its shared lock, and another process could then take itself for the last
-        # connection, checkpoint and delete the -wal and -shm files under it.
-        fd = os.open(database, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        pass
-    except OSError:
-        return  # SQLite reports the problem when it opens the file, with its own message.
-    else:
-        os.close(fd)
-    for path in (database, database + "-wal", database + "-shm"):
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-            if mode & 0o077:
-                os.chmod(path, mode & 0o700)
-                log.warning("database file %s had mode %o; restricted to %o", path, mode, mode & 0o700)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("database file %s cannot be restricted to its owner: %s", path, exc.strerror)
 
 
 _LOCK_DEADLINE = 10.0
