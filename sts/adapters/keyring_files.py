@@ -48,12 +48,15 @@ def key_file(directory: Path, kid: str) -> Path:
 
 
 def ensure_directory(directory: Path) -> None:
-    """Create ``directory`` (``0700``), or restrict an existing one that others can read."""
+    """Create ``directory`` (``0700``), or restrict an existing one that others can read; refuse
+    one that belongs to another user (:func:`check_owner`) before changing anything in it."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = stat.S_IMODE(directory.stat().st_mode)
+        info = directory.stat()
     except OSError as exc:
         raise ConfigurationError(f"cannot create key directory {directory}: {exc.strerror}") from None
+    check_owner(directory, info, "key directory")
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         # Only the service account may list or read the key files.
         try:
@@ -64,6 +67,28 @@ def ensure_directory(directory: Path) -> None:
             )
         else:
             logger.warning("key directory %s had mode %o; restricted to 700", directory, mode)
+
+
+def check_owner(path: Path, info: os.stat_result, what: str) -> None:
+    """Raise :class:`ConfigurationError` unless ``path`` (``info``, its ``stat`` or ``fstat``, of
+    the file itself and not of a link to it) belongs to this process's user or to root.
+
+    The owner of the key directory may replace the key ring at any time (whatever its mode: an
+    owner may change that back), and the owner of ``keyring.json`` or of a key file may rewrite
+    it: the service would then sign with, and publish, keys of theirs.  An outside audit had
+    another local user create ``keys_dir`` before the first start, the service adopt it (only
+    restricting its mode) and write its keys there, and that user then swap in a key ring of
+    their own, which ``sts keys list`` showed active.  As OpenSSH does for its key files
+    (``StrictModes``), the files must be the service's own; root's are accepted too, as OpenSSH
+    accepts them: only root could have made them, and Kubernetes mounts a Secret's files (links
+    into ``..data``) owned by root, whichever user the service runs as.
+    """
+    if info.st_uid not in (os.geteuid(), 0):
+        raise ConfigurationError(
+            f"{what} {path} belongs to uid {info.st_uid}, neither this service's user "
+            f"(uid {os.geteuid()}) nor root: refused, as its owner could replace the signing keys; "
+            "give it to the service's user (chown), or remove it for a new one"
+        )
 
 
 def check_creatable(directory: Path) -> None:
@@ -80,6 +105,8 @@ def check_creatable(directory: Path) -> None:
         problem = "Permission denied"
     if problem is not None:
         raise ConfigurationError(f"cannot create key directory {directory}: {problem}")
+    if existing == directory:
+        check_owner(directory, directory.stat(), "key directory")
 
 
 @contextlib.contextmanager

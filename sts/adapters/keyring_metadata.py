@@ -29,7 +29,7 @@ from typing import Final, TypeAlias
 from sts.core.key_rotation import KEY_STATES, KeyEntry, ring_problem
 from sts.errors import ConfigurationError
 
-from .keyring_files import KID_PATTERN, refuse_orphaned_keys, write_file_atomically
+from .keyring_files import KID_PATTERN, check_owner, refuse_orphaned_keys, write_file_atomically
 from .signing_keys import SUPPORTED_ALGORITHMS
 
 METADATA_FILE: Final = "keyring.json"
@@ -48,6 +48,13 @@ def read_metadata(directory: Path) -> tuple[list[KeyEntry], FileId]:
     """Read and validate ``keyring.json`` (the caller holds a lock); return its entries and identity."""
     path = directory / METADATA_FILE
     try:
+        # The directory's owner could replace every file in it (see check_owner).
+        check_owner(directory, directory.stat(), "key directory")
+    except FileNotFoundError:
+        pass  # no key ring there: said below
+    except OSError as exc:
+        raise ConfigurationError(f"cannot look at key directory {directory}: {exc.strerror}") from None
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         refuse_orphaned_keys(directory, METADATA_FILE)  # keys without their ring: say so
@@ -58,7 +65,9 @@ def read_metadata(directory: Path) -> tuple[list[KeyEntry], FileId]:
         raise ConfigurationError(f"cannot open {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "rb") as fh:
-            identity = file_id(os.fstat(fh.fileno()))
+            info = os.fstat(fh.fileno())
+            check_owner(path, info, "key ring file")  # the file read, not a link to it
+            identity = file_id(info)
             raw = fh.read()
     except OSError as exc:  # a directory in its place, an I/O error: one line, not a traceback
         raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None

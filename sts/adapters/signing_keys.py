@@ -29,6 +29,8 @@ from joserfc.jwk import ECKey, KeyParameters, OKPKey, RSAKey
 
 from sts.errors import ConfigurationError
 
+from .keyring_files import check_owner
+
 # The key ring's modules log under one name, so one logging setting covers all of it.
 logger = logging.getLogger("sts.adapters.keyring")
 
@@ -102,6 +104,7 @@ def load_private_key(path: Path, *, kid: str, alg: str, passphrase: bytes | None
         raise ConfigurationError(f"key file {path} listed in keyring.json is missing") from None
     except OSError as exc:
         raise ConfigurationError(f"cannot read key file {path}: {exc.strerror}") from None
+    check_owner(path, info, "key file")  # its owner could put a key of theirs in it
     if stat.S_IMODE(info.st_mode) & 0o077:
         logger.warning(
             "key file %s is readable by group or others (mode %o); it should be 600",

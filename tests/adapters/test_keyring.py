@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import stat
 from collections.abc import Callable
 from multiprocessing.queues import Queue
@@ -19,6 +20,7 @@ from joserfc.errors import BadSignatureError, SecurityWarning, UnsupportedAlgori
 from joserfc.jwk import ECKey, KeySet, KeySetSerialization, thumbprint
 
 from sts.adapters.keyring import KeyRing
+from sts.adapters.keyring_files import check_creatable
 from sts.adapters.signing_keys import SUPPORTED_ALGORITHMS
 from sts.core.key_rotation import ROTATION_SKEW_SECONDS, KeyEntry, KeyRotationRefused
 from sts.core.ports import Signer
@@ -83,6 +85,67 @@ def test_existing_directory_is_restricted_to_owner(tmp_path: Path) -> None:
     loose.chmod(0o755)
     KeyRing.open(loose, now=NOW)
     assert _mode(loose) == 0o700
+
+
+#: Another local user (``nobody``): the tests run as root and give it files with os.chown.
+OTHER_UID = 65534
+
+
+def test_a_key_directory_of_another_user_is_refused_and_left_alone(key_dir: Path) -> None:
+    """An outside audit: another user made ``keys_dir`` before the first start; the service only
+    restricted its mode, wrote its keys there, and the owner then swapped in a ring of its own."""
+    key_dir.mkdir(mode=0o777)
+    key_dir.chmod(0o777)
+    os.chown(key_dir, OTHER_UID, OTHER_UID)
+    refused = rf"key directory {key_dir} belongs to uid {OTHER_UID}, neither this service's user"
+    with pytest.raises(ConfigurationError, match=refused):
+        KeyRing.open(key_dir, now=NOW)
+    assert _mode(key_dir) == 0o777 and list(key_dir.iterdir()) == []
+    with pytest.raises(ConfigurationError, match=refused):
+        check_creatable(key_dir)  # sts config check says what a start would
+    with pytest.raises(ConfigurationError, match=refused):
+        KeyRing.open(key_dir, create=False, now=NOW)
+
+
+def test_a_ring_swapped_in_by_another_user_is_refused(key_dir: Path) -> None:
+    server = KeyRing.open(key_dir, now=NOW, check_interval=5)
+    kid = server.signer().kid
+    metadata = key_dir / "keyring.json"
+    swapped = key_dir / "swapped.json"
+    swapped.write_bytes(metadata.read_bytes())
+    os.chown(swapped, OTHER_UID, OTHER_UID)
+    swapped.replace(metadata)
+    refused = rf"key ring file {metadata} belongs to uid {OTHER_UID}"
+    with pytest.raises(ConfigurationError, match=refused):
+        KeyRing.open(key_dir, create=False, now=NOW)
+    assert server.reload_if_changed(NOW + 5) is False  # the running service keeps its keys
+    assert server.signer().kid == kid and re.search(refused, str(server.reload_problem))
+
+
+def test_key_files_must_be_the_services_or_roots_as_in_a_kubernetes_secret(
+    key_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Secret volume: root's files, 0644, behind links into ``..data``; the service runs as
+    another user (here uid 10001, as in the image).  Root's files load; another user's do not."""
+    KeyRing.open(key_dir, now=NOW)
+    secret = tmp_path / "secret"
+    data = secret / "..2024_01_01_00_00_00.000000001"
+    data.mkdir(parents=True)
+    names = [path.name for path in key_dir.iterdir() if not path.name.startswith(".")]
+    for name in names:
+        (data / name).write_bytes((key_dir / name).read_bytes())
+        (data / name).chmod(0o644)
+        (secret / name).symlink_to(Path("..data") / name)
+    (secret / "..data").symlink_to(data.name)
+    monkeypatch.setattr(os, "geteuid", lambda: 10001)
+    ring = KeyRing.open(secret, create=False, now=NOW)
+    assert {e.kid for e in ring.entries()} == {
+        name.removesuffix(".pem") for name in names if name != "keyring.json"
+    }
+    pem = next(data.glob("*.pem"))
+    os.chown(pem, OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigurationError, match=rf"key file {secret / pem.name} belongs to uid {OTHER_UID}"):
+        KeyRing.open(secret, create=False, now=NOW)
 
 
 def test_kid_is_the_rfc7638_thumbprint(key_dir: Path) -> None:
