@@ -12,9 +12,10 @@ from typing import Any
 import click
 
 from ..core.audit_filter import MAX_RECORD_ID
-from ..errors import ConfigurationError
+from ..core.terminal_text import printable
 from .audit_integrity import audit_checkpoint, audit_verify
 from .context import settings_from
+from .database import open_database
 
 
 @click.group()
@@ -36,16 +37,15 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     from sqlalchemy.exc import SQLAlchemyError
 
     from ..adapters.sql.audit_sink import SqlAuditSink
-    from ..adapters.sql.engines import make_engine
     from ..migrations import SchemaError, ensure
 
     settings = settings_from(ctx)
     filters = {k: v for k, v in _text_options({"outcome": outcome, "subject": subject}).items() if v}
+    engine = open_database(settings)
     try:
-        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
         records = SqlAuditSink(engine).recent(limit, **filters)
-    except (SchemaError, ConfigurationError) as exc:
+    except SchemaError as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(
@@ -98,14 +98,13 @@ def _audit_filter(values: dict[str, Any]) -> Any:
 
 def _audit_query(ctx: click.Context) -> Any:
     from ..adapters import audit_query
-    from ..adapters.sql.engines import make_engine
     from ..migrations import SchemaError, ensure
 
     settings = settings_from(ctx)
+    engine = open_database(settings)
     try:
-        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
-    except (SchemaError, ConfigurationError) as exc:
+    except SchemaError as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     return audit_query.AuditQuery(engine)
 
@@ -221,7 +220,8 @@ def audit_prune(
     except PruneAborted as exc:
         raise click.ClickException(f"the trail changed while archiving ({exc}); nothing deleted") from None
     except PruneWouldBreakChain as exc:
-        raise click.ClickException(f"{exc}; nothing deleted") from None
+        # It names a chain id read from the database: escaped (sts.core.terminal_text).
+        raise click.ClickException(f"{printable(exc)}; nothing deleted") from None
     older = f"{result.records} record(s) older than {format_time(cutoff)}"
     if dry_run:
         click.echo(f"would remove {older} (ids below {result.boundary_id})")

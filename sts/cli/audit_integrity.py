@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ..core.terminal_text import printable
 from ..errors import ConfigurationError
 from ..settings import Settings
 from .context import settings_from
+from .database import open_database
 from .keys import open_keyring
 
 
 def _audit_engine(settings: Settings) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ..adapters.sql.engines import make_engine
     from ..migrations import SchemaError, ensure
 
+    engine = open_database(settings)
     try:
-        engine = make_engine(settings.database_url)
         ensure(engine, migrate=settings.database_migrate_on_start)
     except (SchemaError, ConfigurationError) as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
@@ -62,6 +64,9 @@ def audit_verify(
 
     Exits 0 when every record is as it was written, 1 when a record was changed,
     deleted or moved, or (with --checkpoint) the newest records were deleted.
+    Whoever changed the trail also chose what its columns hold: every value read from
+    it is printed escaped (sts.core.terminal_text), since a terminal control sequence
+    in a chain id erased the BROKEN lines and printed a fake verdict (an outside audit).
     """
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -77,7 +82,7 @@ def audit_verify(
         for path in checkpoint_files:
             try:
                 checkpoint = audit_integrity.read_checkpoint(path.read_text(), key_for, settings.issuer)
-            except (CheckpointInvalid, OSError, UnicodeError) as exc:
+            except (CheckpointInvalid, OSError, UnicodeError, RecursionError) as exc:
                 raise click.ClickException(f"{path}: not a valid checkpoint: {exc}") from None
             checkpoints.append((path, checkpoint))
     engine = _audit_engine(settings)
@@ -96,7 +101,9 @@ def audit_verify(
     except (ValueError, TypeError, OverflowError) as exc:
         # A column holding what no writer stores (text in a number column, a time that is no
         # time: SQLite takes anything): edited.  Said as a failed verification, not a traceback.
-        click.echo(f"BROKEN a stored value cannot be read as its column's type (edited): {exc}"[:300])
+        click.echo(
+            f"BROKEN a stored value cannot be read as its column's type (edited): {printable(exc)}"[:300]
+        )
         click.echo("audit trail does NOT verify")
         ctx.exit(1)
     finally:
@@ -113,7 +120,7 @@ def audit_verify(
     if summaries:
         # The records verify; what the review page and `sts audit query` read from them does not.
         for problem in summaries:
-            click.echo(f"BROKEN summaries: {problem}")
+            click.echo(f"BROKEN summaries: {printable(problem)}")
         click.echo(
             "audit summaries do NOT agree with the records (the review page's charts, graph and "
             "signal/audience filters read them): `sts audit summarize --rebuild` makes them again"
@@ -132,18 +139,49 @@ def audit_verify(
 
 
 def _checkpoint_keys(settings: Settings, jwks_file: Path | None) -> Any:
-    """``key_for(kid, alg)`` over the JWK Set given, else over what the key ring publishes."""
+    """``key_for(kid, alg)`` over the JWK Set given, else over what the key ring publishes.
+
+    A ``--jwks`` file that cannot be read as JSON is one line naming it: nested deeper than
+    Python's stack it ended in a ``RecursionError`` traceback, and text that is not JSON in
+    "Error: Expecting value" naming no file (an outside audit)."""
     from ..adapters.jwks import StaticJWKS
     from ..adapters.signing_keys import SUPPORTED_ALGORITHMS
 
     try:
         if jwks_file is not None:
-            document, source = json.loads(jwks_file.read_text()), str(jwks_file)
+            document, source = _jwks_document(jwks_file), str(jwks_file)
         else:
             document, source = open_keyring(settings, create=False).public_jwks(), "the key ring"
         return StaticJWKS(document, algorithms=list(SUPPORTED_ALGORITHMS), source=source).key_for
     except (ConfigurationError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _jwks_document(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise click.ClickException(f"--jwks {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise click.ClickException(f"--jwks {path}: not UTF-8") from None
+    except RecursionError:
+        raise click.ClickException(f"--jwks {path}: not a usable JWK Set (JSON nested too deep)") from None
+    except ValueError as exc:
+        raise click.ClickException(f"--jwks {path}: not JSON ({exc})") from None
+
+
+def _new_checkpoint_file(path: Path) -> Any:
+    """A new file, ``0644`` at most whatever the umask: a checkpoint is no secret, but one that
+    others may write can be swapped for an older one, still validly signed, that no longer shows
+    a truncation (an outside audit found it ``0666`` under umask 000).  Never an existing file
+    (``O_EXCL``), nor through a symbolic link (``O_NOFOLLOW``), as ``sts audit export -o``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.fdopen(os.open(path, flags, 0o644), "w", encoding="ascii")
+    except FileExistsError:
+        raise click.ClickException(f"{path}: already exists (never overwritten)") from None
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot be created ({exc.strerror})") from None
 
 
 @click.command("checkpoint")
@@ -181,7 +219,7 @@ def audit_checkpoint(ctx: click.Context, output: Path | None) -> None:
         click.echo(token)
     else:
         try:
-            with output.open("x", encoding="ascii") as out:
+            with _new_checkpoint_file(output) as out:
                 out.write(token + "\n")
         except OSError as exc:
             raise click.ClickException(f"{output}: {exc.strerror}") from None

@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from ..errors import ConfigurationError
+from ..core.terminal_text import printable
 from .context import settings_from
+from .database import open_shared_state
 
 
 @click.group()
@@ -22,15 +23,23 @@ def baseline() -> None:
 
 
 def _baseline_store(ctx: click.Context, identity: str) -> Any:
+    """The baseline store, once IDENTITY names a configured issuer (or ``self``, this service's
+    own tokens re-exchanged), as ``sts revoke subject`` checks: an unknown name showed an empty
+    baseline and "reset" one that never existed, exit 0 (an outside audit).  Only the store is
+    opened: a database that does not exist ends the command, and no signing key is created."""
+    from ..core.delegation import SELF_ISSUER
+
     if "|" not in identity or identity.startswith("|") or identity.endswith("|"):
         raise click.UsageError("IDENTITY must be ISSUER_NAME|SUBJECT")
-    from ..app import create_app
-
     settings = settings_from(ctx)
-    try:
-        return create_app(settings).extensions["sts"].baselines
-    except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+    issuer_name = identity.split("|", 1)[0]
+    known = [i.name for i in settings.issuers] + [SELF_ISSUER]
+    if issuer_name not in known:
+        raise click.BadParameter(
+            f"{issuer_name!r} is not a configured issuer; choose one of {', '.join(map(repr, known))}",
+            param_hint="IDENTITY",
+        )
+    return open_shared_state(settings).baselines
 
 
 def _load_baseline(store: Any, identity: str) -> Any:
@@ -96,7 +105,8 @@ def baseline_accept(ctx: click.Context, identity: str, facts: tuple[str, ...]) -
     chosen = facts or tuple(sorted(current.pending))
     _save_baseline(store, identity, accept_pending(current, time.time(), chosen))
     for name in chosen:
-        click.echo(f"accepted {name}={json.dumps(current.pending[name].value)} for {identity}")
+        # The fact's name is read from the store: escaped, as every stored value printed as text.
+        click.echo(f"accepted {printable(name)}={json.dumps(current.pending[name].value)} for {identity}")
 
 
 @baseline.command("reset")

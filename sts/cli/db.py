@@ -6,8 +6,10 @@ from typing import Any
 
 import click
 
+from ..core.terminal_text import printable
 from ..errors import ConfigurationError
 from .context import settings_from
+from .database import open_database
 
 
 @click.group()
@@ -16,6 +18,7 @@ def db() -> None:
 
 
 def _database(ctx: click.Context) -> Any:
+    """The database ``sts db upgrade`` creates when it is not there yet."""
     from ..adapters.sql.engines import make_engine
 
     try:
@@ -49,27 +52,32 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
         raise click.ClickException(f"database {where(engine)}: {describe(exc)}") from None
     finally:
         engine.dispose()
+    # The revisions are read from the database: escaped (sts.core.terminal_text).
+    after = printable(done.after)
     if done.after == done.before and done.after is not None and done.after not in known_revisions():
-        newer = f"schema at {done.after}, newer than this version's; it may run on it"
+        newer = f"schema at {after}, newer than this version's; it may run on it"
         click.echo(f"database {where(engine)}: {newer}")
     elif done.after == done.before:
-        click.echo(f"database {where(engine)}: schema already at {done.after}")
+        click.echo(f"database {where(engine)}: schema already at {after}")
     else:
-        start = done.before or ("the schema of 0.1.0, made before migrations," if done.stamped else "empty")
-        click.echo(f"database {where(engine)}: schema upgraded from {start} to {done.after}")
+        before = printable(done.before) if done.before else None
+        start = before or ("the schema of 0.1.0, made before migrations," if done.stamped else "empty")
+        click.echo(f"database {where(engine)}: schema upgraded from {start} to {after}")
 
 
 @db.command("current")
 @click.pass_context
 def db_current(ctx: click.Context) -> None:
-    """Print the schema's revision; exit 1 unless it is this version's newest (head)."""
+    """Print the schema's revision; exit 1 unless it is this version's newest (head).
+
+    A SQLite database that does not exist is said so (exit 1), not created."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from ..adapters.readiness import describe
     from ..adapters.sql.engines import where
     from ..migrations import SchemaError, state
 
-    engine = _database(ctx)
+    engine = open_database(settings_from(ctx))
     try:
         is_current, text = state(engine)
     except SchemaError as exc:

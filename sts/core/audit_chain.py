@@ -41,6 +41,7 @@ from typing import Any
 import rfc8785
 
 from .canonical_json import canonical_json
+from .terminal_text import printable
 
 #: Prefix of a chain's genesis hash; ``v1`` names the link format above.
 GENESIS_PREFIX = b"sts.audit.chain.v1:"
@@ -110,12 +111,16 @@ class BrokenLink:
     problem: str
 
     def __str__(self) -> str:
+        """One line for ``sts audit verify`` and the review page.  The chain id is read from the
+        database, which whoever edits the trail writes: escaped (:func:`printable`), since a
+        terminal sequence in it erased the ``BROKEN`` lines and printed a fake verdict (an outside
+        audit)."""
         where = f"chain {self.chain_id}"
         if self.seq is not None:
             where += f" seq {self.seq}"
         if self.record_id is not None:
             where += f" (record id {self.record_id})"
-        return f"{where}: {self.problem}"
+        return printable(f"{where}: {self.problem}")
 
 
 @dataclass(frozen=True)

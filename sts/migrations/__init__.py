@@ -13,6 +13,10 @@ A database created before migrations existed has the 0.1.0 tables and no
 revision (its schema is exactly that revision's) and upgrades it from there.
 
 No ``alembic.ini`` is needed: :func:`config` builds Alembic's configuration.
+
+A revision read from the database (``alembic_version``, ``schema_readers``) is written into a
+message only escaped (:func:`~sts.core.terminal_text.printable`): whoever can write the database
+chooses it, and ``sts db current`` printed a terminal control sequence in it raw (an outside audit).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from sqlalchemy import Connection, Engine, delete, insert, inspect, select
 
 from ..adapters.sql.engines import schema_transaction, where
 from ..adapters.sql.schema import metadata, schema_readers
+from ..core.terminal_text import printable
 
 log = logging.getLogger(__name__)
 # Alembic narrates every step at INFO ("Context impl SQLiteImpl."); this module logs what changed.
@@ -96,7 +101,7 @@ def current(conn: Connection) -> str | None:
     try:
         return MigrationContext.configure(conn).get_current_revision()
     except CommandError as exc:
-        raise SchemaError(f"alembic_version is not one revision ({exc})") from None
+        raise SchemaError(f"alembic_version is not one revision ({printable(exc)})") from None
 
 
 def known_revisions() -> frozenset[str]:
@@ -130,16 +135,16 @@ def _newer_but_readable(conn: Connection, revision: str | None) -> str | None:
     if reader is not None and reader in known_revisions():
         return reader
     raise SchemaError(
-        f"schema at revision {revision}, which this version does not know (a newer version migrated "
-        "it?) and which does not record that this version may run on it: run a version that knows it; "
-        "downgrades are not supported"
+        f"schema at revision {printable(revision)}, which this version does not know (a newer version "
+        "migrated it?) and which does not record that this version may run on it: run a version that "
+        "knows it; downgrades are not supported"
     )
 
 
 def _newer(revision: str, reader: str) -> str:
     return (
-        f"schema at revision {revision}, newer than this version's {head()}; it records that versions "
-        f"from {reader} on run on it"
+        f"schema at revision {printable(revision)}, newer than this version's {head()}; it records that "
+        f"versions from {printable(reader)} on run on it"
     )
 
 
@@ -200,7 +205,7 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
                 stamped = True
             command.upgrade(cfg, revision)
         except CommandError as exc:  # An unknown or older target revision, say.
-            raise SchemaError(str(exc)) from None
+            raise SchemaError(printable(exc)) from None
         after = current(conn)
         _record_reader(conn, after)
         return Upgrade(before, after, stamped)
@@ -227,7 +232,7 @@ def _behind(conn: Connection, revision: str | None) -> str:
     """Why a schema that this version knows is not current."""
     want = head()
     if revision is not None:
-        return f"schema at revision {revision}, this version needs {want}"
+        return f"schema at revision {printable(revision)}, this version needs {want}"
     if _unversioned(conn):
         return f"the schema of 0.1.0, made before migrations (no alembic_version); this version needs {want}"
     return f"no schema yet; this version needs {want}"

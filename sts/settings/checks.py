@@ -6,6 +6,7 @@ Each rule raises :class:`~sts.errors.ConfigurationError` naming the setting it r
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
@@ -71,6 +72,9 @@ def _check_service(s: Settings) -> None:
         raise ConfigurationError("setting active_threads: must not exceed threads")
     if s.store == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigurationError(f"setting redis_url: {s.redis_url!r} is not a redis:// URL")
+    if s.store == "redis" and not s.redis_url.startswith("unix://"):
+        # As redis-py reads it (``parse_url``: urllib's port; a unix:// URL's netloc is not read).
+        _check_port("redis_url", lambda: urlsplit(s.redis_url).port)
     if not s.database_url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         raise ConfigurationError("setting database_url: only sqlite and postgresql URLs are supported")
     if s.database_url.startswith("sqlite:") and "?" in s.database_url:
@@ -78,6 +82,38 @@ def _check_service(s: Settings) -> None:
         raise ConfigurationError("setting database_url: a sqlite URL takes no query string")
     if s.database_url.startswith("sqlite:"):
         _check_sqlite_file(s.database_url)
+    else:
+        _check_port("database_url", lambda: _database_port(s.database_url))
+
+
+def _database_port(url: str) -> int | None:
+    """The port of a PostgreSQL URL as the engine reads it (SQLAlchemy's ``make_url``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).port
+    except ArgumentError:
+        # Its message holds the whole URL, password included: said here without it.
+        raise ConfigurationError(
+            "setting database_url: not a URL (postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME)"
+        ) from None
+
+
+def _check_port(setting: str, port_of: Callable[[], int | None]) -> None:
+    """A URL's port, when it has one, is a number from 1 to 65535.
+
+    The URLs are parsed only when a connection is made: a port that is not a number (or out of
+    range) passed ``sts config check``, then every command that opened the database or the
+    store ended in a ``ValueError`` traceback (an outside audit).  The message names the
+    setting and never the URL, whose password it would show.
+    """
+    try:
+        port = port_of()
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigurationError(f"setting {setting}: the port is not a number from 1 to 65535")
 
 
 def _check_sqlite_file(url: str) -> None:

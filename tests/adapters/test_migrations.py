@@ -670,6 +670,30 @@ def test_sts_db_current_upgrade_history(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_sts_db_prints_a_stored_revision_escaped(tmp_path: Path) -> None:
+    """``alembic_version`` holds what whoever can write the database put there: ``sts db current``
+    printed a terminal control sequence in it raw, which can erase the line and print another
+    (an outside audit).  ``current`` and ``upgrade``, on a newer schema this version may run on
+    and on one it may not, print it escaped."""
+    path = tmp_path / "sts.sqlite"
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    migrations.upgrade(engine)
+    forged = "9999_future\r\x1b[2K\x1b[1A\u202eschema at head\x1b[8m"
+    escaped = "9999_future\\x0d\\x1b[2K\\x1b[1A\\u202eschema at head\\x1b[8m"
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = :forged"), {"forged": forged})
+    readable = [sts_db("current", url=url, tmp_path=tmp_path), sts_db("upgrade", url=url, tmp_path=tmp_path)]
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM schema_readers"))  # now a newer schema this version may not run on
+    refused = [sts_db("current", url=url, tmp_path=tmp_path), sts_db("upgrade", url=url, tmp_path=tmp_path)]
+    engine.dispose()
+    assert [r.exit_code for r in readable + refused] == [0, 0, 1, 1], [r.output for r in readable + refused]
+    for result in readable + refused:
+        assert f"schema at revision {escaped}" in result.output or f"schema at {escaped}" in result.output
+        assert "\x1b" not in result.output and "\r" not in result.output and "\u202e" not in result.output
+
+
 # -- the service: migrating at start, or refusing to be ready ---------------------------------------
 
 

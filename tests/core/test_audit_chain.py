@@ -21,8 +21,10 @@ import datetime as dt
 import hashlib
 import json
 import multiprocessing
+import os
 import random
 import secrets
+import stat
 import threading
 import time
 import uuid
@@ -1338,3 +1340,45 @@ def test_sts_audit_verify_reports_a_hidden_oldest_run_and_a_made_up_old_record(
         "BROKEN: 1 record(s) without a chain written after chaining began (first: record id 0)"
         in forged.output
     )
+
+
+def test_sts_audit_verify_prints_a_stored_chain_id_escaped(config: Path, tmp_path: Path) -> None:
+    """Whoever can write the trail chooses its columns: a terminal sequence appended to a
+    ``chain_id`` erased the BROKEN lines, printed a fake verdict and concealed the rest
+    (an outside audit).  It is printed escaped, on one line, and the command still fails."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    SqlAuditSink(engine).write(decision(0))
+    fake = "\r\x1b[2K\x1b[1A\x1b[2Kok: 1 record(s) in 1 chain(s) verify\x1b[8m"
+    with engine.begin() as conn:
+        conn.execute(update(events).values(chain_id=events.c.chain_id + fake))
+    engine.dispose()
+    result = sts(config, "audit", "verify")
+    assert result.exit_code == 1, result.output
+    assert "\x1b" not in result.output and "\r" not in result.output
+    assert "\\x0d\\x1b[2K\\x1b[1A\\x1b[2Kok: 1 record(s) in 1 chain(s) verify\\x1b[8m seq 1" in result.output
+    assert result.output.splitlines()[-1] == "audit trail does NOT verify: 2 broken chain(s)"
+
+
+def test_sts_audit_checkpoint_file_is_not_writable_by_others_whatever_the_umask(
+    config: Path, tmp_path: Path
+) -> None:
+    """Under umask 000 the checkpoint was 0666: another local user could put an older checkpoint,
+    still validly signed, in its place, hiding a truncation from ``verify`` (an outside audit)."""
+    KeyRing.open(tmp_path / "keys", now=time.time())
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    SqlAuditSink(engine).write(decision(0))
+    engine.dispose()
+    (tmp_path / "elsewhere").write_text("not to be written through a link\n")
+    (tmp_path / "link.jws").symlink_to(tmp_path / "elsewhere")
+    previous = os.umask(0)
+    try:
+        made = sts(config, "audit", "checkpoint", "-o", str(tmp_path / "cp.jws"))
+        through_link = sts(config, "audit", "checkpoint", "-o", str(tmp_path / "link.jws"))
+    finally:
+        os.umask(previous)
+    assert made.exit_code == 0, made.output
+    assert stat.S_IMODE((tmp_path / "cp.jws").stat().st_mode) == 0o644
+    assert through_link.exit_code == 1 and "already exists" in through_link.output
+    assert (tmp_path / "elsewhere").read_text() == "not to be written through a link\n"

@@ -57,6 +57,11 @@ CASES: list[tuple[str, list[str], dict[str, bytes], bytes | None, str]] = [
      "--subject is not valid UTF-8"),
     ("an audit query error not UTF-8", ["audit", "query", "--error", "\udcff"], {}, None,
      "--error is not valid UTF-8"),
+    # `sts audit verify --jwks`: a RecursionError traceback, and a JSON error naming no file, before.
+    ("verify --jwks nested too deep", ["audit", "verify", "--checkpoint", "@cp.jws", "--jwks", "@j.json"],
+     {"cp.jws": b"x.y.z\n", "j.json": DEEP}, None, "j.json: not a usable JWK Set (JSON nested too deep)"),
+    ("verify --jwks not JSON", ["audit", "verify", "--checkpoint", "@cp.jws", "--jwks", "@j.json"],
+     {"cp.jws": b"x.y.z\n", "j.json": b"not json\n"}, None, "j.json: not JSON (Expecting value"),
 ]  # fmt: skip
 
 

@@ -250,6 +250,8 @@ def fleet(
         config.update(store="redis", redis_url=request.getfixturevalue("fresh_redis_url"))
         # Only Redis is shared: each instance keeps its own audit database.
         per_instance = [{"database_url": f"sqlite:///{tmp_path / f'audit-{n}.sqlite'}"} for n in (1, 2)]
+        # The operator's CLI runs beside the first instance, on its database (it creates none).
+        config["database_url"] = per_instance[0]["database_url"]
     clock = Clock(float(int(time.time())))
     apps = [
         create_app(load_settings(None, {}, overrides={**config, **extra}), clock=clock)

@@ -329,6 +329,73 @@ def test_invalid_setting_names_the_setting(
         assert fragment in str(caught.value)
 
 
+#: URLs whose port is no port (or whose text is no URL), the line the start stops with, and the
+#: URL mended (a port, or none: the default), which is accepted.
+BAD_URL_PORTS = {
+    "database-port-not-a-number": (
+        "database_url",
+        "postgresql://sts:s3cret-pw@127.0.0.1:notaport/sts",
+        "setting database_url: the port is not a number from 1 to 65535",
+        "postgresql://sts:s3cret-pw@127.0.0.1:5432/sts",
+    ),
+    "database-port-out-of-range": (
+        "database_url",
+        "postgresql+psycopg://sts:s3cret-pw@127.0.0.1:99999/sts",
+        "setting database_url: the port is not a number from 1 to 65535",
+        "postgresql+psycopg://sts:s3cret-pw@[::1]:65535/sts?connect_timeout=2",
+    ),
+    "database-port-zero": (
+        "database_url",
+        "postgresql://sts:s3cret-pw@db:0/sts",
+        "setting database_url: the port is not a number from 1 to 65535",
+        "postgresql://sts:s3cret-pw@db/sts",
+    ),
+    "database-url-not-a-url": (
+        "database_url",
+        "postgresql:s3cret-pw@db",
+        "setting database_url: not a URL (postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME)",
+        "postgresql://s3cret-pw@db/sts",
+    ),
+    "redis-port-out-of-range": (
+        "redis_url",
+        "redis://:s3cret-pw@127.0.0.1:99999/0",
+        "setting redis_url: the port is not a number from 1 to 65535",
+        "redis://:s3cret-pw@127.0.0.1/0",
+    ),
+    "redis-port-not-a-number": (
+        "redis_url",
+        "rediss://user:s3cret-pw@127.0.0.1:port/0",
+        "setting redis_url: the port is not a number from 1 to 65535",
+        "unix:///run/redis.sock?db=0",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("setting", "url", "message", "mended"), BAD_URL_PORTS.values(), ids=BAD_URL_PORTS.keys()
+)
+def test_a_url_port_that_is_no_port_stops_the_start_without_showing_the_password(
+    tmp_path: Path, setting: str, url: str, message: str, mended: str
+) -> None:
+    """The URLs were parsed only when a connection was made: ``sts config check`` said "settings
+    ok", then every command that opened the database or Redis ended in a ``ValueError``
+    traceback (an outside audit).  The message names the setting, never the URL."""
+    (tmp_path / "policies").mkdir()
+    config = {**_base_config(tmp_path), setting: url}
+    if setting == "redis_url":
+        config["store"] = "redis"
+    path = _write_config(tmp_path, config)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path, environ={})
+    assert str(caught.value) == message
+    for command in (("config", "check"), ("db", "current"), ("revoke", "subject", "upstream", "x")):
+        result = _sts(path, *command)
+        assert _failed_cleanly(result), (command, result.output, result.exception)
+        assert result.output == f"Error: {message}\n", command
+    fixed = load_settings(_write_config(tmp_path, {**config, setting: mended}), environ={})
+    assert getattr(fixed, setting) == mended
+
+
 #: A configuration file with a key named twice: where, and the key (the second one's line).
 DUPLICATE_KEYS = {
     "top-level": (
@@ -687,10 +754,12 @@ def test_revoke_subject_refuses_what_would_revoke_nothing(
 
 @pytest.mark.parametrize("issuer_name", ["upstream", "self", "*"])
 def test_revoke_subject_of_a_known_issuer(config_path: Path, issuer_name: str) -> None:
+    assert _sts(config_path, "db", "upgrade").exit_code == 0  # revoke creates no database (nor keys)
     result = _sts(config_path, "revoke", "subject", issuer_name, "repo:acme/app", "--block", "60")
     assert result.exit_code == 0, result.output
     assert f"revoked tokens issued to {issuer_name}|repo:acme/app before" in result.output
     assert result.output.rstrip().endswith("; blocked for 60s")
+    assert not (config_path.parent / "keys").exists()
 
 
 def test_policy_check_lists_rules(config_path: Path) -> None:

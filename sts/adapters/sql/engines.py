@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import select
 import sqlite3
@@ -100,8 +101,30 @@ def json_text(value: Any) -> str:
     return canonical_record(value)[0] if isinstance(value, Mapping) else canonical_json(value)
 
 
-def make_engine(url: str, pool: PoolOptions | None = None) -> Engine:
-    """One engine (and pool) per process, created at start; no connection is opened here."""
+class DatabaseMissing(Exception):
+    """``existing``: the SQLite file named does not exist (nothing was created)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"no database at {path}")
+        self.path = path
+
+
+def make_engine(url: str, pool: PoolOptions | None = None, *, existing: bool = False) -> Engine:
+    """One engine (and pool) per process, created at start; no connection is opened here.
+
+    A SQLite file that does not exist is created (with its directories), unless ``existing``:
+    then :class:`DatabaseMissing` is raised and nothing is made.  The commands that read or
+    repair the trail ask for that: pointed at a path with a typo, ``sts audit verify`` made a
+    new, empty, migrated database there and reported it intact (an outside audit).
+    """
+    if url.startswith("sqlite:///") and existing:
+        missing = url.removeprefix("sqlite:///")
+        if (
+            missing not in ("", ":memory:")
+            and not missing.startswith("file:")
+            and not os.path.exists(missing)
+        ):
+            raise DatabaseMissing(missing)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         private_sqlite_files(url.removeprefix("sqlite:///"))
