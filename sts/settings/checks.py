@@ -71,7 +71,11 @@ def _check_service(s: Settings) -> None:
     if s.active_threads > s.threads:
         raise ConfigurationError("setting active_threads: must not exceed threads")
     if s.store == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigurationError(f"setting redis_url: {s.redis_url!r} is not a redis:// URL")
+        # The scheme alone: the URL may hold a password (redis://:secret@host).
+        scheme = s.redis_url.partition(":")[0][:20] if ":" in s.redis_url else "none"
+        raise ConfigurationError(
+            f"setting redis_url: the scheme {scheme!r} is not redis://, rediss:// or unix://"
+        )
     if s.store == "redis" and not s.redis_url.startswith("unix://"):
         # As redis-py reads it (``parse_url``: urllib's port; a unix:// URL's netloc is not read).
         _check_port("redis_url", lambda: urlsplit(s.redis_url).port)

@@ -285,6 +285,13 @@ INVALID_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], None], dict[str, st
         {},
         ("setting redis_url",),
     ),
+    # The message names the scheme, never the URL: it may hold a password.
+    (
+        "redis-url-not-redis-with-a-password",
+        _set(store="redis", redis_url="http://:hunter2secret@127.0.0.1:6379"),
+        {},
+        ("setting redis_url: the scheme 'http' is not redis://",),
+    ),
     ("database-not-supported", _set(database_url="mysql://db/sts"), {}, ("setting database_url",)),
     # SQLite in memory: sts serve died with a TypeError (no path), or was never ready (one
     # database per connection and process, none with a schema): an outside audit.
@@ -327,6 +334,7 @@ def test_invalid_setting_names_the_setting(
         load_settings(_write_config(tmp_path, config), environ=environ)
     for fragment in fragments:
         assert fragment in str(caught.value)
+    assert "hunter2secret" not in str(caught.value)
 
 
 #: URLs whose port is no port (or whose text is no URL), the line the start stops with, and the
