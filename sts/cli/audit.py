@@ -13,6 +13,7 @@ import click
 
 from ..core.audit_filter import MAX_RECORD_ID
 from ..core.terminal_text import printable
+from ..errors import ConfigurationError
 from .audit_integrity import audit_checkpoint, audit_verify
 from .context import settings_from
 from .database import open_database
@@ -45,7 +46,7 @@ def audit_tail(ctx: click.Context, limit: int, outcome: str | None, subject: str
     try:
         ensure(engine, migrate=settings.database_migrate_on_start)
         records = SqlAuditSink(engine).recent(limit, **filters)
-    except SchemaError as exc:
+    except (SchemaError, ConfigurationError) as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     except SQLAlchemyError as exc:
         raise click.ClickException(
@@ -104,7 +105,7 @@ def _audit_query(ctx: click.Context) -> Any:
     engine = open_database(settings)
     try:
         ensure(engine, migrate=settings.database_migrate_on_start)
-    except SchemaError as exc:
+    except (SchemaError, ConfigurationError) as exc:
         raise click.ClickException(f"setting database_url: {exc}") from None
     return audit_query.AuditQuery(engine)
 

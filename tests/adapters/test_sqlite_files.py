@@ -167,3 +167,54 @@ def test_sts_db_current_names_a_planted_link_and_changes_nothing(
         "in database_url, or remove the link\n"
     )
     assert _mode(victim) == 0o644 and _mode(database) == 0o644
+
+
+@pytest.mark.parametrize("suffix", [".ledger-mark", ".state-generation"])
+def test_the_files_beside_the_database_are_never_opened_through_a_link(
+    shared_directory: Path, victim: Path, tmp_path: Path, suffix: str
+) -> None:
+    """The ledger mark and the subject states' change counter were opened as they came: a link a
+    member of the directory's group planted made ``sts audit tail`` run by root overwrite a file of
+    root's with zeros, and ``sts revoke`` with random bytes; a link to no file made one (an outside
+    re-check).  They are refused as the database's own files are, and their target left alone."""
+    from sts.adapters.sql.ledger_mark import LedgerMark
+    from sts.adapters.sql.subject_state import ChangeCounter
+
+    opener = LedgerMark if suffix == ".ledger-mark" else ChangeCounter
+    database = shared_directory / "sts.sqlite"
+    (shared_directory / f"sts.sqlite{suffix}").symlink_to(victim)
+    with pytest.raises(ConfigurationError, match="symbolic link"):
+        opener(Path(f"{database}{suffix}"))
+    assert victim.read_text() == "secret-but-public\n"
+    missing = tmp_path / "made-through-the-link"
+    (shared_directory / f"sts.sqlite{suffix}").unlink()
+    (shared_directory / f"sts.sqlite{suffix}").symlink_to(missing)
+    with pytest.raises(ConfigurationError, match="symbolic link"):
+        opener(Path(f"{database}{suffix}"))
+    assert not missing.exists()
+    # Another user's file there is refused too; this process's own is used.
+    (shared_directory / f"sts.sqlite{suffix}").unlink()
+    planted = shared_directory / f"sts.sqlite{suffix}"
+    planted.write_bytes(b"\0" * 16)
+    os.chown(planted, OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigurationError, match="belongs to uid"):
+        opener(planted)
+    planted.unlink()
+    opener(planted)
+    assert _mode(planted) == 0o600 and planted.stat().st_uid == os.geteuid()
+
+
+def test_sts_audit_tail_refuses_a_planted_ledger_mark_in_one_line(
+    shared_directory: Path, victim: Path, tmp_path: Path
+) -> None:
+    database = shared_directory / "sts.sqlite"
+    config = tmp_path / "sts.yaml"
+    config.write_text(f"database_url: sqlite:///{database}\nkeys_dir: {tmp_path / 'keys'}\n")
+    (tmp_path / "policies").mkdir()
+    assert CliRunner().invoke(main, ["--config", str(config), "db", "upgrade"]).exit_code == 0
+    (shared_directory / "sts.sqlite.ledger-mark").unlink(missing_ok=True)
+    (shared_directory / "sts.sqlite.ledger-mark").symlink_to(victim)
+    result = CliRunner().invoke(main, ["--config", str(config), "audit", "tail"])
+    assert result.exit_code != 0 and "symbolic link" in result.output, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert victim.read_text() == "secret-but-public\n"

@@ -40,6 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ...core.ports import ReplayWindowLost, StoreUnavailable
 from .files_in_use import WatchedFile, sqlite_file
 from .schema import audit_events
+from .sqlite_files import open_beside_database
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class LedgerMark:
         #: This process's SQLite files, checked before a credential is (see :meth:`check_use`).
         self.watched = watched
         self._noticed = False
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_beside_database(str(path))  # never through a link (see sqlite_files)
         try:
             if os.fstat(fd).st_size < _LAYOUT.size:
                 os.pwrite(fd, bytes(_LAYOUT.size), 0)

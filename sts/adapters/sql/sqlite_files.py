@@ -81,6 +81,33 @@ def private_sqlite_files(database: str) -> None:
             _restrict(path, shared_directory=shared)
 
 
+def open_beside_database(path: str) -> int:
+    """Open for reading and writing, creating it ``0600``, a small file of this service's beside
+    the database (the ledger mark, the subject states' change counter): never through a symbolic
+    link, and refused as the database's own files are (:func:`check_database_file`).  These were
+    opened as they came: a link planted by another user who may write in the directory made a
+    command run by root (``sts audit tail``) overwrite a file of root's (an outside re-check).
+    Raises :class:`~sts.errors.ConfigurationError` when refused, ``OSError`` when it cannot be
+    opened; the caller closes the descriptor."""
+    shared = bool(stat.S_IMODE(os.stat(Path(path).absolute().parent).st_mode) & 0o022)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigurationError(
+                f"database file {path} is a symbolic link: refused (another user who may write in "
+                "its directory could have made it); remove the link"
+            ) from None
+        raise
+    try:
+        check_database_file(path, os.fstat(fd), shared_directory=shared)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _look_at(database: str, *, shared_directory: bool) -> dict[str, os.stat_result]:
     """The database file and its companions that exist, each checked (:func:`check_database_file`)."""
     found = {}

@@ -22,6 +22,7 @@ from .engines import transaction
 from .key_value import KeyValueTable, loads_or_none, store_key
 from .pg_exchange import states_with_baseline
 from .schema import subject_states
+from .sqlite_files import open_beside_database
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class ChangeCounter:
     """
 
     def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_beside_database(str(path))  # never through a link (see sqlite_files)
         try:
             if os.fstat(fd).st_size < 8:
                 os.pwrite(fd, secrets.token_bytes(8), 0)
