@@ -241,6 +241,15 @@ class KeyRing:
         """
         check_alg(alg)
         ensure_directory(self._directory)
+        if self.metadata_path.exists():
+            # A ring there is read under the shared lock, which a read-only directory without a
+            # lock file skips: a Kubernetes Secret mounted as keys_dir (read-only, root's files)
+            # loaded for `sts config check` and `sts keys list`, but `sts serve` stopped at the
+            # exclusive lock it took first ("Read-only file system"; an outside re-check).
+            with ring_lock(self._directory, exclusive=False, blocking=True):
+                if self.metadata_path.exists():
+                    self._snapshot = self._read_snapshot()
+                    return False
         with ring_lock(self._directory, exclusive=True, blocking=True):
             if self.metadata_path.exists():
                 self._snapshot = self._read_snapshot()

@@ -566,3 +566,30 @@ def test_lean_signer_converts_datetimes_as_joserfc_does() -> None:
     when = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
     token = KeySigner(key, "kid-1", "ES256").sign({}, {"sub": "x", "exp": when})
     assert jwt.decode(token, key, algorithms=["ES256"]).claims == {"sub": "x", "exp": int(when.timestamp())}
+
+
+def test_a_ring_in_a_read_only_directory_loads_for_serving(
+    key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes Secret mounted as keys_dir is read-only and holds no lock file: `sts config
+    check` and `sts keys list` loaded it, but `sts serve` (``KeyRing.open``, which creates a ring
+    when there is none) stopped at the exclusive lock it took first: "cannot open key ring lock
+    ...: Read-only file system" (an outside re-check).  A ring there is read under the shared
+    lock, which a read-only directory without a lock file skips."""
+    import errno
+
+    from sts.adapters import keyring_files
+
+    made = KeyRing.open(key_dir, now=1_800_000_000.0)
+    (key_dir / keyring_files.LOCK_FILE).unlink()
+    real_open = os.open
+
+    def read_only_file_system(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(str(key_dir)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(keyring_files.os, "open", read_only_file_system)
+    loaded = KeyRing.open(key_dir, now=1_800_000_100.0)
+    assert [(e.kid, e.state) for e in loaded.entries()] == [(e.kid, e.state) for e in made.entries()]
+    assert loaded.public_jwks(1_800_000_100.0) == made.public_jwks(1_800_000_100.0)
