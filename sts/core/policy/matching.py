@@ -26,6 +26,8 @@ class Pattern(Protocol):
 
     def fullmatch(self, string: str) -> object | None: ...
 
+    def search(self, string: str) -> object | None: ...
+
 
 @dataclass(frozen=True)
 class ClaimMatcher:
