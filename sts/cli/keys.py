@@ -71,7 +71,11 @@ def keys_rotate(ctx: click.Context, force: bool) -> None:
 def keys_prune(ctx: click.Context) -> None:
     """Remove retired keys whose tokens have all expired."""
     ring = open_keyring(settings_from(ctx), create=False)
-    for entry in ring.prune(time.time()):
+    try:
+        removed = ring.prune(time.time())
+    except ConfigurationError as exc:  # a read-only keys_dir (a Kubernetes Secret), say
+        raise click.ClickException(str(exc)) from None
+    for entry in removed:
         click.echo(f"removed {entry.kid}")
 
 

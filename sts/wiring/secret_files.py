@@ -22,10 +22,20 @@ def secret_file(path: Path, *, what: str = "secret") -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         pass
+    except OSError as exc:
+        # A read-only keys_dir (a Kubernetes Secret) without the file: one line, not a traceback
+        # at start (an outside re-check); the file is then to be put in the Secret.
+        raise ConfigurationError(
+            f"{path}: {what} cannot be created ({exc.strerror}); create it (32 random bytes, mode "
+            "0600) where the keys are, e.g. in the Secret mounted as keys_dir"
+        ) from None
     else:
         with os.fdopen(fd, "wb") as out:
             out.write(secrets.token_bytes(32))
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: {what} cannot be read ({exc.strerror})") from None
     if len(data) < 32:
         raise ConfigurationError(f"{path}: {what} is truncated; delete it to create a new one")
     return data

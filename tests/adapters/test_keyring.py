@@ -593,3 +593,37 @@ def test_a_ring_in_a_read_only_directory_loads_for_serving(
     loaded = KeyRing.open(key_dir, now=1_800_000_100.0)
     assert [(e.kid, e.state) for e in loaded.entries()] == [(e.kid, e.state) for e in made.entries()]
     assert loaded.public_jwks(1_800_000_100.0) == made.public_jwks(1_800_000_100.0)
+
+
+def test_a_read_only_keys_dir_refuses_prune_and_a_missing_secret_in_one_line(
+    key_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On a read-only keys_dir (a Kubernetes Secret), `sts keys prune` ended in a traceback, and a
+    DPoP nonce secret missing from it stopped `sts serve` with one (an outside re-check): one line
+    each, naming what to do."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from sts.adapters import keyring_files
+    from sts.cli import main
+    from sts.wiring.secret_files import dpop_nonce_secret
+
+    KeyRing.open(key_dir, now=1_800_000_000.0)
+    (key_dir / keyring_files.LOCK_FILE).unlink()
+    real_open = os.open
+
+    def read_only_file_system(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(str(key_dir)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(keyring_files.os, "open", read_only_file_system)
+    with pytest.raises(ConfigurationError, match=r"DPoP nonce secret cannot be created \(Read-only"):
+        dpop_nonce_secret(key_dir)
+    config = tmp_path / "sts.yaml"
+    config.write_text(f"keys_dir: {key_dir}\ndatabase_url: sqlite:///{tmp_path / 'db.sqlite'}\n")
+    (tmp_path / "policies").mkdir()
+    result = CliRunner().invoke(main, ["--config", str(config), "keys", "prune"])
+    assert result.exit_code == 1 and "Read-only file system" in result.output, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)

@@ -218,3 +218,27 @@ def test_sts_audit_tail_refuses_a_planted_ledger_mark_in_one_line(
     assert result.exit_code != 0 and "symbolic link" in result.output, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert victim.read_text() == "secret-but-public\n"
+
+
+def test_files_made_beside_the_database_by_root_go_to_the_databases_owner(tmp_path: Path) -> None:
+    """Root running `sts audit tail` or `sts revoke` first made ``.ledger-mark`` and
+    ``.state-generation`` root's: the service, as its own user, could not open them and ran with
+    its ledger mark off, while ready (an outside re-check).  As SQLite does for ``-wal`` and
+    ``-shm``, a file root makes there goes to the database file's owner."""
+    from sts.adapters.sql.ledger_mark import LedgerMark
+    from sts.adapters.sql.subject_state import ChangeCounter
+
+    directory = tmp_path / "service"
+    directory.mkdir(mode=0o700)
+    database = directory / "sts.sqlite"
+    sqlite3.connect(database).close()
+    os.chown(directory, OTHER_UID, OTHER_UID)
+    os.chown(database, OTHER_UID, OTHER_UID)
+    LedgerMark(Path(f"{database}.ledger-mark"))
+    ChangeCounter(Path(f"{database}.state-generation"))
+    for suffix in (".ledger-mark", ".state-generation"):
+        made = directory / f"sts.sqlite{suffix}"
+        assert (made.stat().st_uid, made.stat().st_gid) == (OTHER_UID, OTHER_UID), suffix
+        assert _mode(made) == 0o600
+    # The database's owner's own files are reused as they are.
+    LedgerMark(Path(f"{database}.ledger-mark"))

@@ -90,9 +90,14 @@ def open_beside_database(path: str) -> int:
     Raises :class:`~sts.errors.ConfigurationError` when refused, ``OSError`` when it cannot be
     opened; the caller closes the descriptor."""
     shared = bool(stat.S_IMODE(os.stat(Path(path).absolute().parent).st_mode) & 0o022)
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    created = False
     try:
-        fd = os.open(path, flags, 0o600)
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ConfigurationError(
@@ -102,10 +107,26 @@ def open_beside_database(path: str) -> int:
         raise
     try:
         check_database_file(path, os.fstat(fd), shared_directory=shared)
+        if created:
+            _give_to_database_owner(fd, path)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _give_to_database_owner(fd: int, path: str) -> None:
+    """A file just made beside the database by another user than the database's owner (root
+    running ``sts audit tail`` on the service account's database) goes to that owner, as SQLite
+    gives it the ``-wal`` and ``-shm`` it makes: else the service could not open it and ran with
+    its ledger mark off, while ready (an outside re-check)."""
+    database = path.rpartition(".")[0]
+    try:
+        owner = os.stat(database, follow_symlinks=False)
+    except OSError:
+        return
+    if owner.st_uid != os.geteuid() and os.geteuid() == 0:
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def _look_at(database: str, *, shared_directory: bool) -> dict[str, os.stat_result]:
