@@ -383,6 +383,11 @@ class Readiness:
                     self._file_problem = problem
                     if files is not None and problem is not None:
                         log.error("not ready: %s (%s); restart the service", problem, files.path)
+                if problem is None and files is not None and self.audit.mark is None:
+                    # The ledger mark (SQLite: lost commits noticed, so that a single-use token
+                    # is not accepted again) could not be opened: a file of another user's
+                    # beside the database, say.  Serving without it would fail open.
+                    problem = "the database's ledger mark could not be opened (see the log at start)"
                 space = files.space_problem() if files is not None and problem is None else None
                 if space != self._space_problem:
                     self._space_problem = space

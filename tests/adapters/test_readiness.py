@@ -135,6 +135,22 @@ def test_a_sqlite_file_that_cannot_be_written_is_not_ready(make_app: Callable[..
     assert client.get("/readyz").status_code == 200
 
 
+def test_a_ledger_mark_that_cannot_be_opened_is_not_ready(tmp_path: Path, upstream: Any) -> None:
+    """Without its ledger mark a SQLite instance no longer notices lost commits, and a single-use
+    token could be accepted again after a restored file: it ran so, ready, when the mark could not
+    be opened (an outside re-check found a root-owned mark the service could not open).  Now it
+    is not ready (``database``), and the log at start says why."""
+    from sts.app import create_app
+    from tests.conftest import settings_for
+
+    (tmp_path / "sts.sqlite.ledger-mark").mkdir()  # no file can be opened there
+    app = create_app(settings_for(tmp_path, upstream))
+    fresh_checks(app)
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["problems"] == ["database"]
+
+
 def test_a_rate_limit_file_that_cannot_be_written_is_not_ready(make_app: Callable[..., Flask]) -> None:
     """Every token request is counted first: a rate-limit store that cannot count refuses them all
     (503, fail closed), so readiness says so too, and the database is fine meanwhile."""
