@@ -568,6 +568,21 @@ def test_lean_signer_converts_datetimes_as_joserfc_does() -> None:
     assert jwt.decode(token, key, algorithms=["ES256"]).claims == {"sub": "x", "exp": int(when.timestamp())}
 
 
+def _read_only(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every open of ``directory``'s files for writing fail as on a read-only mount (EROFS):
+    root ignores permissions, and a test cannot mount a file system."""
+    import errno
+
+    real_open = os.open
+
+    def read_only_file_system(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(str(directory)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_file_system)
+
+
 def test_a_ring_in_a_read_only_directory_loads_for_serving(
     key_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -576,20 +591,11 @@ def test_a_ring_in_a_read_only_directory_loads_for_serving(
     when there is none) stopped at the exclusive lock it took first: "cannot open key ring lock
     ...: Read-only file system" (an outside re-check).  A ring there is read under the shared
     lock, which a read-only directory without a lock file skips."""
-    import errno
-
     from sts.adapters import keyring_files
 
     made = KeyRing.open(key_dir, now=1_800_000_000.0)
     (key_dir / keyring_files.LOCK_FILE).unlink()
-    real_open = os.open
-
-    def read_only_file_system(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if str(path).startswith(str(key_dir)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(keyring_files.os, "open", read_only_file_system)
+    _read_only(key_dir, monkeypatch)
     loaded = KeyRing.open(key_dir, now=1_800_000_100.0)
     assert [(e.kid, e.state) for e in loaded.entries()] == [(e.kid, e.state) for e in made.entries()]
     assert loaded.public_jwks(1_800_000_100.0) == made.public_jwks(1_800_000_100.0)
@@ -601,8 +607,6 @@ def test_a_read_only_keys_dir_refuses_prune_and_a_missing_secret_in_one_line(
     """On a read-only keys_dir (a Kubernetes Secret), `sts keys prune` ended in a traceback, and a
     DPoP nonce secret missing from it stopped `sts serve` with one (an outside re-check): one line
     each, naming what to do."""
-    import errno
-
     from click.testing import CliRunner
 
     from sts.adapters import keyring_files
@@ -611,14 +615,7 @@ def test_a_read_only_keys_dir_refuses_prune_and_a_missing_secret_in_one_line(
 
     KeyRing.open(key_dir, now=1_800_000_000.0)
     (key_dir / keyring_files.LOCK_FILE).unlink()
-    real_open = os.open
-
-    def read_only_file_system(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if str(path).startswith(str(key_dir)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(keyring_files.os, "open", read_only_file_system)
+    _read_only(key_dir, monkeypatch)
     with pytest.raises(ConfigurationError, match=r"DPoP nonce secret cannot be created \(Read-only"):
         dpop_nonce_secret(key_dir)
     config = tmp_path / "sts.yaml"
