@@ -69,7 +69,9 @@ def ensure_directory(directory: Path) -> None:
             logger.warning("key directory %s had mode %o; restricted to 700", directory, mode)
 
 
-def check_owner(path: Path, info: os.stat_result, what: str) -> None:
+def check_owner(
+    path: Path, info: os.stat_result, what: str, *, risk: str = "its owner could replace the signing keys"
+) -> None:
     """Raise :class:`ConfigurationError` unless ``path`` (``info``, its ``stat`` or ``fstat``, of
     the file itself and not of a link to it) belongs to this process's user or to root.
 
@@ -86,7 +88,7 @@ def check_owner(path: Path, info: os.stat_result, what: str) -> None:
     if info.st_uid not in (os.geteuid(), 0):
         raise ConfigurationError(
             f"{what} {path} belongs to uid {info.st_uid}, neither this service's user "
-            f"(uid {os.geteuid()}) nor root: refused, as its owner could replace the signing keys; "
+            f"(uid {os.geteuid()}) nor root: refused, as {risk}; "
             "give it to the service's user (chown), or remove it for a new one"
         )
 

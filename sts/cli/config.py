@@ -82,14 +82,10 @@ def config_check(ctx: click.Context) -> None:
 def _check_dpop_nonce_secret(settings: Settings) -> None:
     """The check ``create_app`` makes of an existing DPoP nonce secret, without creating one."""
     path = settings.keys_dir / "dpop-nonce.secret"
-    if not settings.dpop_nonce or not path.exists():
-        return
-    try:
-        size = len(path.read_bytes())
-    except OSError as exc:
-        raise ConfigurationError(f"{path}: cannot read the DPoP nonce secret: {exc.strerror}") from None
-    if size < 32:
-        raise ConfigurationError(f"{path}: DPoP nonce secret is truncated; delete it to create a new one")
+    if settings.dpop_nonce and path.exists():
+        from ..wiring.secret_files import read_secret
+
+        read_secret(path, what="DPoP nonce secret")
 
 
 def _exists(path: Path) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
+from ..adapters.keyring_files import check_owner
 from ..errors import ConfigurationError
 
 
@@ -32,8 +34,22 @@ def secret_file(path: Path, *, what: str = "secret") -> bytes:
     else:
         with os.fdopen(fd, "wb") as out:
             out.write(secrets.token_bytes(32))
+    return read_secret(path, what=what)
+
+
+def read_secret(path: Path, *, what: str = "secret") -> bytes:
+    """The secret kept in ``path``: a regular file of this service's user or root's, of at least 32
+    bytes; else :class:`ConfigurationError`, one line."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as existing:
+            info = os.fstat(existing.fileno())
+            # The file read, not a link to it (a Kubernetes Secret's files are links into ``..data``,
+            # owned by root).  Another user's file could hold a secret they know: they could then
+            # forge the nonces or the review page's sessions (an outside audit).
+            check_owner(path, info, what, risk=f"its owner could know the {what}")
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigurationError(f"{path}: {what} is not a regular file")
+            data = existing.read(4096)
     except OSError as exc:
         raise ConfigurationError(f"{path}: {what} cannot be read ({exc.strerror})") from None
     if len(data) < 32:

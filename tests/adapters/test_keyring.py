@@ -624,3 +624,39 @@ def test_a_read_only_keys_dir_refuses_prune_and_a_missing_secret_in_one_line(
     result = CliRunner().invoke(main, ["--config", str(config), "keys", "prune"])
     assert result.exit_code == 1 and "Read-only file system" in result.output, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def test_a_secret_beside_the_keys_must_be_the_services_or_roots(key_dir: Path) -> None:
+    """The DPoP nonce secret and the review page's session secret were read whoever owned them:
+    another user's file could hold a secret they know, to forge nonces or review sessions (an
+    outside audit).  As for the key files: the file read counts, not a link to it, and root's is
+    accepted (a Kubernetes Secret); a directory in its place is one line, not a traceback."""
+    from sts.cli.config import _check_dpop_nonce_secret
+    from sts.settings import Settings
+    from sts.wiring.secret_files import dpop_nonce_secret, secret_file
+
+    KeyRing.open(key_dir, now=NOW)
+    made = dpop_nonce_secret(key_dir)
+    assert len(made) == 32 and dpop_nonce_secret(key_dir) == made
+    nonce = key_dir / "dpop-nonce.secret"
+    os.chown(nonce, OTHER_UID, OTHER_UID)
+    refused = rf"DPoP nonce secret {nonce} belongs to uid {OTHER_UID}.*could know the DPoP nonce secret"
+    with pytest.raises(ConfigurationError, match=refused):
+        dpop_nonce_secret(key_dir)
+    settings = Settings(keys_dir=key_dir, dpop_nonce=True)
+    with pytest.raises(ConfigurationError, match=refused):
+        _check_dpop_nonce_secret(settings)  # sts config check says what a start would
+    os.chown(nonce, 0, 0)
+    assert dpop_nonce_secret(key_dir) == made
+    # A link to another user's file: the file read is the one checked.
+    session = key_dir / "review-session.secret"
+    planted = key_dir.parent / "planted.secret"
+    planted.write_bytes(b"k" * 32)
+    os.chown(planted, OTHER_UID, OTHER_UID)
+    session.symlink_to(planted)
+    with pytest.raises(ConfigurationError, match=rf"secret {session} belongs to uid {OTHER_UID}"):
+        secret_file(session)
+    session.unlink()
+    session.mkdir()
+    with pytest.raises(ConfigurationError, match=rf"{session}: secret cannot be read \(Is a directory\)"):
+        secret_file(session)
