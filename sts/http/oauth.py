@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from ..core.dpop import issue_nonce
 from ..core.exchange import TokenExchange
@@ -103,11 +103,11 @@ def discovery_blueprint(
 
     def metadata_document() -> Response:
         """RFC 8414 §3 authorization server metadata."""
-        return json_response(metadata, 200, {"Cache-Control": "public, max-age=3600"})
+        return _conditional(json_response(metadata, 200, {"Cache-Control": "public, max-age=3600"}))
 
     def jwks() -> Response:
         """The JWK Set (RFC 7517 §5) of every published signing key, public parts only."""
-        return json_response(public_jwks(), 200, {"Cache-Control": "public, max-age=300"})
+        return _conditional(json_response(public_jwks(), 200, {"Cache-Control": "public, max-age=300"}))
 
     def openid_configuration() -> Response:
         """The same metadata as an OpenID Connect Discovery document, for token verifiers that
@@ -115,7 +115,7 @@ def discovery_blueprint(
         from the published keys at each request, as the JWK Set is, so a rotation to another
         algorithm is seen; cached as long as the JWK Set."""
         document = openid_configuration_document(metadata, public_jwks())
-        return json_response(document, 200, {"Cache-Control": "public, max-age=300"})
+        return _conditional(json_response(document, 200, {"Cache-Control": "public, max-age=300"}))
 
     bp.add_url_rule("/.well-known/oauth-authorization-server", "metadata", metadata_document)
     bp.add_url_rule("/.well-known/openid-configuration", "openid_configuration", openid_configuration)
@@ -133,6 +133,14 @@ def discovery_blueprint(
         )
         bp.add_url_rule(f"{issuer_path}/.well-known/jwks.json", "jwks_under_issuer_path", jwks)
     return bp
+
+
+def _conditional(response: Response) -> Response:
+    """``response`` with a strong ``ETag`` of its body (RFC 9110 §8.8.3), answered ``304 Not
+    Modified`` to a request whose ``If-None-Match`` names it (§13.1.2): a verifier polling the
+    JWK Set or the metadata is told cheaply that nothing changed (a rotation changes the tag)."""
+    response.add_etag()
+    return response.make_conditional(request)
 
 
 def openid_configuration_document(

@@ -597,6 +597,29 @@ def test_jwks(client: FlaskClient) -> None:
     assert len(body["keys"]) >= 2  # active and next
 
 
+DISCOVERY = [
+    "/.well-known/jwks.json",
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/openid-configuration",
+]
+
+
+@pytest.mark.parametrize("path", DISCOVERY)
+def test_discovery_documents_answer_a_conditional_request(client: FlaskClient, path: str) -> None:
+    """Verifiers polling the JWK Set (and the metadata) get an ETag, and 304 without a body while it
+    still names the current document (RFC 9110 §13.1.2); any other tag gets the document."""
+    first = client.get(path)
+    check_response(first, path, "get")
+    tag = first.headers["ETag"]
+    again = client.get(path, headers={"If-None-Match": tag})
+    check_response(again, path, "get")
+    assert again.status_code == 304 and again.headers["ETag"] == tag and again.get_data() == b""
+    assert again.headers["Cache-Control"] == first.headers["Cache-Control"]
+    other = client.get(path, headers={"If-None-Match": '"stale"'})
+    assert other.status_code == 200 and other.get_json() == first.get_json()
+    assert client.get(path, headers={"If-None-Match": "*"}).status_code == 304
+
+
 @pytest.mark.parametrize("path", ["/readyz", "/healthz"])
 def test_readiness(client: FlaskClient, make_settings: Callable[..., Any], path: str) -> None:
     response = client.get(path)

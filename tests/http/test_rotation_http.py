@@ -38,7 +38,9 @@ def test_rotation_overlap_seen_by_a_relying_party(
         assert resp.status_code == 200, resp.get_json()
         return str(resp.get_json()["access_token"])
 
-    jwks_before = client.get("/.well-known/jwks.json").get_json()
+    answer_before = client.get("/.well-known/jwks.json")
+    jwks_before = answer_before.get_json()
+    tag_before = answer_before.headers["ETag"]
     before = exchange()
     kid_before = _header_kid(before)
 
@@ -55,7 +57,10 @@ def test_rotation_overlap_seen_by_a_relying_party(
     # A relying party that cached the JWKS from before the rotation verifies the new token...
     jwt.decode(after, KeySet.import_key_set(jwks_before), algorithms=["ES256"])
     # ...and one that fetches now still verifies the old one (the retired key stays published).
-    jwks_after = client.get("/.well-known/jwks.json").get_json()
+    # A cache revalidating its copy from before the rotation is sent the new set (a new ETag).
+    answer_after = client.get("/.well-known/jwks.json", headers={"If-None-Match": tag_before})
+    assert answer_after.status_code == 200 and answer_after.headers["ETag"] != tag_before
+    jwks_after = answer_after.get_json()
     jwt.decode(before, KeySet.import_key_set(jwks_after), algorithms=["ES256"])
     assert kid_before in {k["kid"] for k in jwks_after["keys"]}
     # A new next key is already published for the following rotation.
