@@ -258,3 +258,21 @@ def test_dpop_end_to_end_with_server_nonces(
     )
     assert stolen.status_code == 401
     assert "DPoP" in stolen.headers["WWW-Authenticate"]
+
+
+def test_the_verifiers_key_cache_revalidates_the_sts_jwks(start_sts: Callable[..., Sts]) -> None:
+    """The resource server's key cache and the STS agree on conditional requests: once the set's
+    max-age (300 s) has passed it is revalidated with the STS's ETag, and the STS answers 304."""
+    from sts_client.jwks import JWKSCache
+
+    sts = start_sts()
+    statuses: list[int] = []
+    session = requests.Session()
+    session.hooks["response"].append(lambda response, *args, **kwargs: statuses.append(response.status_code))
+    now = [1000.0]
+    keys = JWKSCache(f"{sts.url}/.well-known/jwks.json", session=session, clock=lambda: now[0])
+    kid = requests.get(f"{sts.url}/.well-known/jwks.json", timeout=10).json()["keys"][0]["kid"]
+    first = keys.key_for(kid, "ES256")
+    now[0] += 300
+    assert keys.key_for(kid, "ES256") is first
+    assert statuses == [200, 304]

@@ -738,6 +738,32 @@ def test_jwks_cache_control_is_honoured(
     assert fake.jwks_requests == 2
 
 
+def test_a_jwks_with_an_etag_is_revalidated_not_fetched_again(fake: FakeAuthorizationServer) -> None:
+    """A set served with a strong ETag is asked for with If-None-Match once it expires: a 304 keeps
+    the keys for another max-age; a rotation (a new tag) brings the new set; a weak tag is not used."""
+    fake.jwks_etag = True
+    clock = Clock(1000.0)
+    keys = JWKSCache(f"{fake.url}/.well-known/jwks.json", clock=clock)
+    first = keys.key_for(fake.key.kid, "ES256")
+    for _ in range(2):
+        clock.now += 300  # past max-age: revalidated
+        assert keys.key_for(fake.key.kid, "ES256") is first
+    assert fake.jwks_statuses == [200, 304, 304]
+    clock.now += 299  # the 304's max-age counts from the revalidation
+    keys.key_for(fake.key.kid, "ES256")
+    assert fake.jwks_requests == 3
+    kid = fake.rotate().kid
+    clock.now += 31  # an unknown kid refetches after min_refresh_interval: the set changed
+    assert keys.key_for(kid, "ES256") is not None
+    assert fake.jwks_statuses == [200, 304, 304, 200]
+    fake.jwks_etag = "weak"
+    clock.now += 300
+    keys.key_for(kid, "ES256")
+    clock.now += 300
+    keys.key_for(kid, "ES256")
+    assert fake.jwks_statuses[-2:] == [200, 200]
+
+
 def test_concurrent_fetches_are_single_flight(fake: FakeAuthorizationServer) -> None:
     fake.jwks_gate = threading.Event()
     # No rate limit, so only single flight can keep the waiting threads from fetching again.

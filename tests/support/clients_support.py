@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import threading
 import time
@@ -168,6 +169,10 @@ class FakeAuthorizationServer:
         #: When set, a JWKS request waits for it (to hold concurrent fetches together).
         self.jwks_gate: threading.Event | None = None
         self.jwks_requests = 0
+        #: Whether the JWKS carries an ETag of its document (``"weak"``: a weak one) and answers 304.
+        self.jwks_etag: bool | str = False
+        #: The statuses of the JWKS answers, in order.
+        self.jwks_statuses: list[int] = []
         self.metadata_issuer: str | None = None
         self.revoked: set[str] = set()
         self.introspection_requests = 0
@@ -277,8 +282,15 @@ class FakeAuthorizationServer:
             return _json({"error": "unavailable"}, 503)
         document = self.jwks_document or {"keys": [k.as_dict(private=False) for k in self.published]}
         response = _json(document)
+        if self.jwks_etag:
+            tag = '"' + hashlib.sha256(response.get_data()).hexdigest()[:16] + '"'
+            tag = "W/" + tag if self.jwks_etag == "weak" else tag
+            response.headers["ETag"] = tag
+            if request.headers.get("If-None-Match") == tag:
+                response = Response(status=304, headers={"ETag": tag})
         if self.jwks_cache_control:
             response.headers["Cache-Control"] = self.jwks_cache_control
+        self.jwks_statuses.append(response.status_code)
         return response
 
     def _introspect(self, request: Request) -> Response:

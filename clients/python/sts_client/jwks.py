@@ -19,6 +19,9 @@ when next needed"), with a floor of ``min_refresh_interval`` so a server
 cannot turn every request into a fetch, and a cap.  A token naming an unknown
 ``kid`` causes one refetch (a key rotation), at most once per
 ``min_refresh_interval``; concurrent callers share one fetch (single flight).
+A set served with a strong ``ETag`` is revalidated with ``If-None-Match``: a
+``304 Not Modified`` keeps it for another lifetime without sending it again
+(RFC 9110 §13.1.2).
 While the issuer is unreachable the last good set keeps serving for
 ``max_stale`` seconds past its expiry.
 """
@@ -31,7 +34,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
 
@@ -192,6 +195,8 @@ class _KeySet:
     algorithms: frozenset[str]
     fetched_at: float
     expires_at: float
+    #: The set's strong ``ETag``, sent as ``If-None-Match`` when it is next fetched (RFC 9110 §13.1.2).
+    etag: str | None = None
 
 
 def _cache_lifetime(cache_control: str | None, default: float, floor: float, cap: float) -> float:
@@ -312,7 +317,7 @@ class JWKSCache:
                 raise KeysUnavailable("the issuer's keys could not be fetched moments ago")
             self._last_attempt = now
             try:
-                fresh = self._fetch(now)
+                fresh = self._fetch(now, current)
             except (DiscoveryError, ValueError) as exc:
                 if current is not None and now < current.expires_at + self._max_stale:
                     log.warning("JWKS refetch failed (%s); still using the keys fetched before", exc)
@@ -322,16 +327,25 @@ class JWKSCache:
             self._generation += 1
             return fresh
 
-    def _fetch(self, now: float) -> _KeySet:
+    def _fetch(self, now: float, current: _KeySet | None) -> _KeySet:
         uri = self._jwks_uri() if callable(self._jwks_uri) else self._jwks_uri
         check_endpoint_url(uri, "jwks_uri")
         self._fetches += 1
+        request_headers = {"Accept": "application/jwk-set+json, application/json"}
+        if current is not None and current.etag is not None:
+            request_headers["If-None-Match"] = current.etag
         status, document, headers = get_json(
-            self._session,
-            uri,
-            timeout=self._timeout,
-            headers={"Accept": "application/jwk-set+json, application/json"},
+            self._session, uri, timeout=self._timeout, headers=request_headers
         )
+        lifetime = _cache_lifetime(
+            headers.get("Cache-Control"),
+            self._default_max_age,
+            self._min_refresh_interval,
+            self._max_cache_age,
+        )
+        if status == 304 and current is not None and current.etag is not None:
+            # The set held is still the published one (RFC 9110 §15.4.5): kept for another lifetime.
+            return replace(current, fetched_at=now, expires_at=now + lifetime)
         if status != 200 or not isinstance(document, dict) or not isinstance(document.get("keys"), list):
             raise DiscoveryError(f"jwks_uri answered HTTP {status} without a JWK Set")
         entries = document["keys"]
@@ -358,16 +372,13 @@ class JWKSCache:
             usable.append(key)
         declared = frozenset(alg for key in usable if (alg := key.alg) is not None and key_fits(key, alg))
         only_key = usable[0] if len(entries) == 1 and usable and usable[0].kid is None else None
-        lifetime = _cache_lifetime(
-            headers.get("Cache-Control"),
-            self._default_max_age,
-            self._min_refresh_interval,
-            self._max_cache_age,
-        )
+        etag = headers.get("ETag")
         return _KeySet(
             by_kid=MappingProxyType(by_kid),
             only_key=only_key,
             algorithms=declared,
             fetched_at=now,
             expires_at=now + lifetime,
+            # Only a strong tag of reasonable size: a weak one (``W/``) names a set only loosely.
+            etag=etag if etag and len(etag) <= 256 and etag.startswith('"') else None,
         )
