@@ -541,6 +541,8 @@ def test_a_route_requiring_a_level_answers_rfc_9470_style(fake: FakeAuthorizatio
         60,
         (ACR_POP, ACR_POSTURE),
     )
+    # ... but says what fell short: the attestation's age, not the level (an outside audit).
+    assert info.value.body()["error_description"] == "More recent attestation is required."
 
 
 # -- the token endpoint ----------------------------------------------------------------------------

@@ -792,6 +792,60 @@ def test_a_posture_declared_bad_by_a_security_event_outweighs_a_good_posture_tok
     assert evidence()["posture_token"] is False
 
 
+def test_the_posture_level_is_refused_not_stepped_up_while_an_event_declares_the_posture_bad(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """While a security event says the posture is bad, no renewal reaches the posture level: it was
+    answered with a step-up naming that level, which the workload met (a fresh platform token, its
+    key, a good posture token) and got again, forever (an outside audit).  docs/policies.md: what
+    renewing cannot fix is a refusal for risk, naming the signals."""
+    import uuid
+
+    from joserfc import jwt as jose_jwt
+    from joserfc.jwk import ECKey
+
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    posture = "urn:workload-sts:acr:posture"
+    policy = {"version": 1, "rules": [{
+        "name": "posture", "issuer": "upstream", "subject": subject_name,
+        "require_client_authentication": False,
+        "risk": {"posture_fact": "device_posture", "weights": {"stale_posture": 10}},
+        "grant": {"audiences": ["https://deploy.example.com", "https://vault.example.com"]},
+        "assurance": [{"acr": posture, "audiences": ["https://vault.example.com"]}],
+    }]}  # fmt: skip
+    app = create_app(make_settings(policy))
+    web = app.test_client()
+    key = ECKey.generate_key("P-256")
+
+    def exchange(audience: str) -> TestResponse:
+        now = time.time()
+        claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
+                  "iat": int(now), "exp": int(now + 300), "device_posture": "compliant"}  # fmt: skip
+        form = exchange_form(upstream.issuer.github_actions_token(audience=STS_ISSUER), audience=audience)
+        form["posture_token"] = upstream.issuer.mint(claims)
+        proof = jose_jwt.encode(
+            {"typ": "dpop+jwt", "alg": "ES256", "jwk": key.as_dict(private=False)},
+            {"jti": uuid.uuid4().hex, "htm": "POST", "htu": STS_ISSUER + "/token", "iat": int(now)},
+            key,
+            algorithms=["ES256"],
+        )
+        return web.post("/token", data=form, headers={"DPoP": proof})
+
+    assert exchange("https://vault.example.com").status_code == 200
+    states = app.extensions["sts"].subject_states
+    states.put(f"upstream|{subject_name}", SubjectState(posture="not-compliant"), 600)
+    for _ in range(2):  # what the step-up asked for, presented again: the same refusal, not a loop
+        refused = exchange("https://vault.example.com")
+        body = refused.get_json()
+        assert refused.status_code == 400 and body["error"] == "invalid_request", body
+        assert body["risk"] == {"decision": "deny", "signals": ["stale_posture"]}
+        record = app.extensions["sts"].audit.recent(1)[0]
+        assert record["reasons"][-1] == "assurance.posture_declared_bad"
+        assert record["details"]["assurance"]["required"] == posture
+    # What needs no posture level is still granted.
+    assert exchange("https://deploy.example.com").status_code == 200
+
+
 def test_posture_evidence_comes_only_from_an_issuer_that_speaks_for_the_subject(
     make_settings: Callable[..., Settings], upstream: RunningServer
 ) -> None:

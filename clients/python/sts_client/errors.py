@@ -192,8 +192,11 @@ class InsufficientUserAuthentication(VerificationError):
 
     @property
     def text(self) -> str:
-        """The error_description: a fixed text chosen by what is asked for."""
-        return self.level_description if self.acr_values else self.description
+        """The error_description: a fixed text chosen by what fell short (the level, or the age of
+        the attestation behind a token whose level would do: the challenge names both)."""
+        return (
+            self.level_description if self.acr_values and self.reason.startswith("acr.") else self.description
+        )
 
     def params(self) -> dict[str, str]:
         params = {"error": self.error, "error_description": self.text}

@@ -28,6 +28,7 @@ from ...errors import InvalidRequest, RiskRefused, StepUpRequired, TemporarilyUn
 from ...protocol.token_exchange import TOKEN_TYPE_JWT, TokenExchangeRequest
 from ...protocol.wire import WireRequest
 from ..assurance import (
+    ACR_POSTURE,
     KEY_CHANGED,
     KEY_CONTINUES,
     KEY_FACTS,
@@ -37,6 +38,7 @@ from ..assurance import (
     key_state,
     needed,
     posture_is_good,
+    rank,
     reached,
     shortfall,
 )
@@ -59,6 +61,9 @@ from .binding import keys_of_the_subject, presented_keys
 DRIFT_SIGNAL = "attestation_drift"
 
 log = logging.getLogger(__name__)
+
+#: The signals a posture declared by a security event fires, in the order a refusal names them.
+_POSTURE_SIGNALS = ("shared_signal", "stale_posture")
 
 #: Rules without a ``risk`` section still obey security events, with these thresholds.
 EVENTS_ONLY = RiskSettings()
@@ -90,6 +95,10 @@ class ExchangeRisk:
     #: The assurance level this request reaches (sts.core.assurance), and what it showed for it.
     level: str
     evidence: Evidence
+    #: A security event (device-compliance-change) declared the subject's posture outside the rule's
+    #: ``posture_good``: no posture evidence counts while it stands.  Not compared: it is read from
+    #: the subject's state, which the rest was decided on.
+    posture_declared_bad: bool = field(default=False, compare=False)
     #: What the risk was assessed on: a refusal's probation step is reviewed again on the baseline
     #: stored when it is saved (:meth:`RiskAndAssurance._save_progress`).  Not compared: it is what
     #: the rest was decided on.
@@ -220,6 +229,7 @@ class RiskAndAssurance:
             details,
             level=reached(evidence),
             evidence=evidence,
+            posture_declared_bad=declared_bad,
             context=ctx,
         )
         record.details["risk"] = risk.record
@@ -276,6 +286,17 @@ class RiskAndAssurance:
             "attestation_age": int(now - attested_at) if attested_at is not None else None,
             "evidence": risk.evidence.as_dict(),
         }
+        if low and risk.posture_declared_bad and rank(need.acr) >= rank(ACR_POSTURE):
+            # No renewal reaches the posture level while the event stands: a step-up would send the
+            # workload round with evidence that cannot count, so this is a refusal for risk, naming
+            # the signals behind it (an outside audit; docs/policies.md "Refusals and renewing").
+            self._save_progress(risk)
+            fired = {s.name for s in risk.assessment.fired}
+            raise RiskRefused(
+                "assurance.posture_declared_bad",
+                ", ".join(need.because),
+                signals=tuple(s for s in _POSTURE_SIGNALS if s in fired) or ("shared_signal",),
+            )
         if low or old:
             self._save_progress(risk)
             raise StepUpRequired(
