@@ -383,11 +383,12 @@ class Readiness:
                     self._file_problem = problem
                     if files is not None and problem is not None:
                         log.error("not ready: %s (%s); restart the service", problem, files.path)
-                if problem is None and files is not None and self.audit.mark is None:
+                mark = self.audit.mark
+                if problem is None and mark is not None and mark.reopen(now) is not None:
                     # The ledger mark (SQLite: lost commits noticed, so that a single-use token
-                    # is not accepted again) could not be opened: a file of another user's
-                    # beside the database, say.  Serving without it would fail open.
-                    problem = "the database's ledger mark could not be opened (see the log at start)"
+                    # is not accepted again) cannot be opened: a directory in its place, a
+                    # read-only mount.  Every credential is refused meanwhile; tried again.
+                    problem = f"the database's ledger mark cannot be opened ({mark.problem})"
                 space = files.space_problem() if files is not None and problem is None else None
                 if space != self._space_problem:
                     self._space_problem = space

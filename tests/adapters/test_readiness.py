@@ -43,7 +43,7 @@ from sts.migrations import upgrade
 from sts.settings import Settings
 from sts.wiring.stores import database_pool
 from tests.adapters.test_stores import assert_withheld, audit_rows, gateway_exchange, ledger_token
-from tests.conftest import GATEWAY_SECRET, exchange_form
+from tests.conftest import GATEWAY_SECRET, STS_ISSUER, exchange_form
 from tests.core.test_single_use import TcpRelay
 from tests.support.postgres import PG_SERVER, admin_engine, private_database
 from tests.support.redis_server import RedisProcess, free_port
@@ -140,15 +140,36 @@ def test_a_ledger_mark_that_cannot_be_opened_is_not_ready(tmp_path: Path, upstre
     token could be accepted again after a restored file: it ran so, ready, when the mark could not
     be opened (an outside re-check found a root-owned mark the service could not open).  Now it
     is not ready (``database``), and the log at start says why."""
-    from sts.app import create_app
-    from tests.conftest import settings_for
+    import copy
 
+    from sts.app import create_app
+    from tests.conftest import DEFAULT_POLICY, settings_for
+
+    policy = copy.deepcopy(DEFAULT_POLICY)
+    policy["rules"][0]["single_use"] = True
     (tmp_path / "sts.sqlite.ledger-mark").mkdir()  # no file can be opened there
-    app = create_app(settings_for(tmp_path, upstream))
+    app = create_app(settings_for(tmp_path, upstream, policy))
     fresh_checks(app)
-    response = app.test_client().get("/readyz")
+    client = app.test_client()
+    response = client.get("/readyz")
     assert response.status_code == 503
     assert response.get_json()["problems"] == ["database"]
+    # Not ready, and refusing a single-use token too: it granted meanwhile, and after a restored
+    # older copy of the database the same token was granted again (an outside re-check).
+    token = upstream.issuer.github_actions_token(audience=STS_ISSUER)
+    form = exchange_form(token, audience="https://deploy.example.com")
+    refused = client.post("/token", data=form)
+    assert refused.status_code == 503 and refused.get_json()["error"] == "temporarily_unavailable"
+    record = app.extensions["sts"].audit.recent(1)[0]
+    assert record["outcome"] == "refused" and "ledger mark cannot be opened" in json.dumps(record)
+    # The fault passes (the directory goes): the mark is opened again, without a restart.
+    (tmp_path / "sts.sqlite.ledger-mark").rmdir()
+    mark = app.extensions["sts"].audit.mark
+    mark._next_try = 0.0  # the retry interval (a second) passed
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/token", data=form).status_code == 200
+    assert (tmp_path / "sts.sqlite.ledger-mark").stat().st_size == 16
+    assert client.post("/token", data=form).get_json()["error"] == "invalid_request"  # spent now
 
 
 def test_a_rate_limit_file_that_cannot_be_written_is_not_ready(make_app: Callable[..., Flask]) -> None:

@@ -38,12 +38,15 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ...core.ports import ReplayWindowLost, StoreUnavailable
+from ...errors import ConfigurationError
 from .files_in_use import WatchedFile, sqlite_file
 from .schema import audit_events
 from .sqlite_files import open_beside_database
 
 log = logging.getLogger(__name__)
 
+#: Seconds between attempts to open a mark file that could not be opened.
+RETRY_INTERVAL = 1.0
 #: Seconds after a loss during which credentials that predate it are refused.
 LOSS_HORIZON = 86400.0
 _LAYOUT = struct.Struct("<dd")  # the newest grant's start, the loss (0.0: none)
@@ -53,33 +56,82 @@ _MARKS_LOCK = threading.Lock()
 
 
 class LedgerMark:
-    """The mark of one SQLite database (see the module docstring)."""
+    """The mark of one SQLite database (see the module docstring).
 
-    def __init__(self, path: Path, watched: WatchedFile | None = None) -> None:
+    A mark file that cannot be opened (a directory in its place, a read-only mount, a full disk)
+    is tried again, at most once every :data:`RETRY_INTERVAL` seconds, by each use and by
+    readiness; until it opens every credential is refused, :class:`StoreUnavailable` (a ``503``),
+    and the instance is not ready: without the mark, a restored older copy of the database would
+    accept spent tokens again (an outside re-check had ``/token`` grant while ``/readyz`` said not
+    ready).  Once it opens, the database is checked against it as at start (:meth:`check`).
+    """
+
+    def __init__(self, path: Path, watched: WatchedFile | None = None, engine: Engine | None = None) -> None:
         #: This process's SQLite files, checked before a credential is (see :meth:`check_use`).
         self.watched = watched
+        self.path = path
+        self._engine = engine
         self._noticed = False
-        fd = open_beside_database(str(path))  # never through a link (see sqlite_files)
+        self._map: mmap.mmap | None = None
+        #: Why the mark file could not be opened, while it cannot; None once open.
+        self.problem: str | None = None
+        self._next_try = 0.0
+        self._opening = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        """Open (or create) the mark file and map it; a :class:`~sts.errors.ConfigurationError`
+        (a link or another user's file in its place) is raised, an ``OSError`` kept as
+        :attr:`problem`."""
+        try:
+            fd = open_beside_database(str(self.path))  # never through a link (see sqlite_files)
+        except OSError as exc:
+            self.problem = f"{self.path}: {exc.strerror or type(exc).__name__}"
+            return
         try:
             if os.fstat(fd).st_size < _LAYOUT.size:
                 os.pwrite(fd, bytes(_LAYOUT.size), 0)
             self._map = mmap.mmap(fd, _LAYOUT.size)
+        except OSError as exc:
+            self.problem = f"{self.path}: {exc.strerror or type(exc).__name__}"
+            return
         finally:
             os.close(fd)
-        self.path = path
+        self.problem = None
+
+    def reopen(self, now: float) -> str | None:
+        """While the mark is not open: try again (at most once every :data:`RETRY_INTERVAL`
+        seconds); once open, check the database against it as at start.  The problem left, or
+        None."""
+        if self._map is not None:
+            return None
+        with self._opening:
+            if self._map is None and now >= self._next_try:
+                self._next_try = now + RETRY_INTERVAL
+                try:
+                    self._open()
+                except ConfigurationError as exc:
+                    self.problem = str(exc)
+                if self._map is not None:
+                    log.warning("the database's ledger mark %s is open now", self.path)
+                    if self._engine is not None:
+                        check_at_start(self, self._engine, now)
+            return self.problem
 
     def _read(self) -> tuple[float, float]:
+        if self._map is None:
+            return 0.0, 0.0
         newest, lost = _LAYOUT.unpack(self._map[: _LAYOUT.size])
         return float(newest), float(lost)
 
     def granted(self, started: float) -> None:
         """A grant whose request started at ``started`` is committed (an 8-byte store, atomic)."""
-        if started > self._read()[0]:
+        if self._map is not None and started > self._read()[0]:
             self._map[0:8] = struct.pack("<d", started)
 
     def lost(self, now: float) -> None:
         """The database lost commits, found at ``now``."""
-        if self._read()[1] < now:
+        if self._map is not None and self._read()[1] < now:
             self._map[8:16] = struct.pack("<d", now)
 
     def check_use(self, valid_from: float | None, now: float) -> None:
@@ -96,6 +148,10 @@ class LedgerMark:
                 self._noticed = True
                 self.lost(now)
             raise StoreUnavailable(f"the database: {problem} (restart the process)")
+        if self._map is None:
+            unopened = self.reopen(now)
+            if unopened is not None:
+                raise StoreUnavailable(f"the database's ledger mark cannot be opened: {unopened}")
         lost = self._read()[1]
         if lost and now - lost < LOSS_HORIZON and (valid_from is None or valid_from < lost):
             raise ReplayWindowLost(lost)
@@ -106,6 +162,8 @@ class LedgerMark:
         Only a grant of the last :data:`LOSS_HORIZON` seconds counts: an older one's credentials
         have expired, and ``sts audit prune`` removes only records older than a day, so a trail
         pruned to nothing is no loss."""
+        if self._map is None:
+            return  # checked once it opens (:meth:`reopen`)
         newest_grant = self._read()[0]
         if not newest_grant or now - newest_grant >= LOSS_HORIZON:
             return
@@ -140,9 +198,10 @@ def _epoch(value: object) -> float | None:
 
 
 def ledger_mark(engine: Engine) -> LedgerMark | None:
-    """The mark of a SQLite file engine (one per engine and process); None for another database,
-    an in-memory one, or a directory the mark cannot be made in (logged: readiness reports on
-    the database itself)."""
+    """The mark of a SQLite file engine (one per engine and process); None for another database or
+    an in-memory one.  A mark file that cannot be opened is logged, and tried again
+    (:meth:`LedgerMark.reopen`): until then the mark refuses every credential, and readiness
+    reports it."""
     with _MARKS_LOCK:
         if engine in _MARKS:
             return _MARKS[engine]
@@ -151,9 +210,17 @@ def ledger_mark(engine: Engine) -> LedgerMark | None:
         if database and database != ":memory:" and not database.startswith("file:"):
             try:
                 file = sqlite_file(engine)
-                mark = LedgerMark(Path(f"{database}.ledger-mark"), WatchedFile(file) if file else None)
             except OSError as exc:
-                log.warning("lost commits of the database will not be noticed: %s", exc)
+                log.warning("the database's files cannot be watched: %s", exc)
+                file = None
+            mark = LedgerMark(Path(f"{database}.ledger-mark"), WatchedFile(file) if file else None, engine)
+            if mark.problem is not None:
+                log.error(
+                    "the database's ledger mark cannot be opened (%s): every credential is refused "
+                    "(503) and the instance is not ready until it can be; it is tried again every %d s",
+                    mark.problem,
+                    RETRY_INTERVAL,
+                )
         _MARKS[engine] = mark
         return mark
 
