@@ -127,6 +127,30 @@ COMPILE_ERRORS: list[tuple[str, dict[str, str], str, str | None, str | None, tup
         "bad",
         ("uses matches()", "use re_matches(value, pattern)"),
     ),
+    *(
+        (
+            # A pattern RE2 refuses, or none written in the condition, was accepted at load and the
+            # rule then never applied, without a word (an outside re-check).
+            f"re-matches-refused-{name}",
+            {
+                "a.yaml": "rules:\n  - name: bad\n    issuer: gh\n"
+                f"    condition: '{condition}'\n"
+                "    grant: {audiences: [x]}\n"
+            },
+            "a.yaml",
+            "name: bad",
+            "bad",
+            (message,),
+        )
+        for name, condition, message in (
+            ("look-ahead", 're_matches(subject, "^team-(?=x)")', "re_matches: invalid regular expression"),
+            ("backreference", 're_matches(subject, "(a)\\\\1")', "re_matches: invalid regular expression"),
+            ("from-a-claim", "re_matches(subject, claims.p)", "the second a string literal"),
+            ("concatenated", 're_matches(subject, "^a" + "b")', "the second a string literal"),
+            ("one-argument", 're_matches("x")', "re_matches takes two arguments"),
+            ("method-form", 'subject.re_matches("^x")', "write re_matches(value, pattern)"),
+        )
+    ),
     (
         "cel-unknown-variable",
         {
@@ -680,12 +704,12 @@ EVALUATION: list[tuple[str, list[dict[str, Any]], VerifiedToken, PolicyRequest, 
         (InvalidRequest, "policy.no_rule_for_identity"),
     ),
     (
-        # A pattern not written in the condition (here the token's own) is an evaluation error.
-        "condition-re-matches-pattern-from-the-token-is-a-non-match",
-        [_rule(subject=MAIN, condition="re_matches(subject, claims.p)")],
-        _facts(MAIN, p=".*"),
+        # Another literal of the condition need not be a pattern: only re_matches' second argument is.
+        "condition-re-matches-beside-a-literal-that-is-no-pattern",
+        [_rule(subject=MAIN, condition='claims.env != "a(" && re_matches(subject, "^repo:acme/")')],
+        _facts(MAIN, env="prod"),
         _request(),
-        (InvalidRequest, "policy.no_rule_for_identity"),
+        ("r", (DEPLOY,), ("deploy:read",), False),
     ),
     (
         "condition-missing-key-is-a-non-match",

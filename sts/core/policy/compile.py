@@ -56,7 +56,7 @@ def _pattern(source: str, where: str) -> Pattern:
         raise ConfigurationError(f"{where}: invalid regular expression (RE2 syntax): {reason}") from None
 
 
-#: CEL string literals in a condition's source (quoted, optionally raw), for :func:`_literals`.
+#: CEL string literals in a condition's source (quoted, optionally raw), for :func:`_re_matches_patterns`.
 _CEL_STRING = re.compile(r"""[rR]?(?:"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')""")
 
 
@@ -69,8 +69,8 @@ class Condition:
     ``claims.groups.exists(g, g.matches("^team-[\\w-]{1,64}$"))`` (an outside audit).  It is
     refused at load; ``re_matches(value, pattern)`` replaces it: RE2 (linear time, ASCII ``\\w``,
     as patterns elsewhere in policies), searched like ``matches``, each pattern compiled once when
-    the policy is read.  Only patterns written literally in the condition are used: one computed
-    from a token's claims is an evaluation error (the rule does not apply)."""
+    the policy is read.  Each pattern must be a string literal RE2 compiles: anything else is
+    refused at load (:func:`_re_matches_patterns`)."""
 
     def __init__(self, program: Any, patterns: dict[str, Pattern], *, re_matches: bool = False) -> None:
         self.program = program
@@ -87,19 +87,6 @@ class Condition:
         if not self._functions:
             return self.program.execute(variables)
         return self.program.execute(cel.Context(variables=variables, functions=self._functions))
-
-
-def _literals(source: str) -> list[str]:
-    """The values of the string literals in ``source`` (decoded by CEL itself)."""
-    values = []
-    for literal in _CEL_STRING.findall(source):
-        try:
-            value = cel.evaluate(literal)
-        except Exception:  # noqa: BLE001, S112 - not a literal CEL reads alone: not a pattern either
-            continue
-        if isinstance(value, str):
-            values.append(value)
-    return values
 
 
 def _condition(source: str, where: str) -> Condition:
@@ -121,14 +108,52 @@ def _condition(source: str, where: str) -> Condition:
             "every call (seconds for one crafted token): use re_matches(value, pattern) (RE2, "
             'compiled once), e.g. claims.groups.exists(g, re_matches(g, "^team-[a-z-]+$"))'
         )
-    patterns: dict[str, Pattern] = {}
-    if "re_matches" in functions:
-        for literal in _literals(source):
-            try:
-                patterns[literal] = compile_pattern(literal)
-            except re2.error:
-                continue  # a string that is no pattern (a claim's value compared, say)
+    patterns = _re_matches_patterns(source, where) if "re_matches" in functions else {}
     return Condition(program, patterns, re_matches="re_matches" in functions)
+
+
+def _re_matches_patterns(source: str, where: str) -> dict[str, Pattern]:
+    """The pattern of every ``re_matches(value, pattern)`` call in ``source``, compiled: each must
+    be a string literal RE2 compiles, else :class:`ConfigurationError`.  A pattern RE2 refuses (a
+    look-ahead, a backreference) was skipped at load, and the rule then never applied, without a
+    word (an outside re-check); one computed at evaluation could never apply either."""
+    # String literals blanked out (same length), so that their brackets and commas do not count.
+    blank = _CEL_STRING.sub(lambda m: " " * len(m.group()), source)
+    patterns: dict[str, Pattern] = {}
+    for call in re.finditer(r"(\.\s*)?\bre_matches\s*\(", blank):
+        if call.group(1):
+            raise ConfigurationError(f"{where}: write re_matches(value, pattern), not value.re_matches(...)")
+        args = _arguments(blank, call.end())
+        literal = source[args[1][0] : args[1][1]].strip() if len(args) == 2 else ""
+        if not _CEL_STRING.fullmatch(literal):
+            raise ConfigurationError(
+                f"{where}: re_matches takes two arguments, the second a string literal: the pattern, "
+                "compiled once when the policy is read"
+            )
+        value = cel.evaluate(literal)
+        if isinstance(value, str):
+            patterns[value] = _pattern(value, f"{where}: re_matches")
+    return patterns
+
+
+def _arguments(blank: str, start: int) -> list[tuple[int, int]]:
+    """The spans of the top-level arguments of the call whose ``(`` ends just before ``start`` in
+    ``blank`` (its string literals blanked out)."""
+    spans: list[tuple[int, int]] = []
+    depth, begin = 0, start
+    for index in range(start, len(blank)):
+        char = blank[index]
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            if depth == 0:
+                spans.append((begin, index))
+                return spans
+            depth -= 1
+        elif char == "," and depth == 0:
+            spans.append((begin, index))
+            begin = index + 1
+    return spans  # unbalanced: CEL compiled it, so not reached
 
 
 def _comprehension_names(source: str) -> set[str]:
