@@ -13,8 +13,9 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+from ..core.networks import Network, parse_network
+
+__all__ = ["Network", "client_address", "is_trusted_proxy", "trusted_networks"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -47,15 +48,7 @@ def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 def trusted_networks(values: Iterable[str]) -> tuple[Network, ...]:
     """The ``trusted_proxies`` setting's networks, an IPv4-mapped one (``::ffff:10.0.0.0/104``) as
     the IPv4 network it maps: peers are compared as IPv4 addresses (:func:`_parse`)."""
-    networks: list[Network] = []
-    for value in values:
-        network = ipaddress.ip_network(value, strict=False)
-        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
-            mapped = network.network_address.ipv4_mapped
-            assert mapped is not None  # within ::ffff:0:0/96
-            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-        networks.append(network)
-    return tuple(networks)
+    return tuple(parse_network(value) for value in values)
 
 
 def client_address(

@@ -140,7 +140,8 @@ def _conditional(response: Response) -> Response:
     Modified`` to a request whose ``If-None-Match`` names it (§13.1.2): a verifier polling the
     JWK Set or the metadata is told cheaply that nothing changed (a rotation changes the tag)."""
     response.add_etag()
-    return response.make_conditional(request)
+    response.make_conditional(request)  # in place: 304, its body dropped, when the tag matches
+    return response
 
 
 def openid_configuration_document(

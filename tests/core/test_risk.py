@@ -1513,3 +1513,17 @@ def test_documented_example_loads_and_grants_a_privileged_scope_alone(tmp_path: 
     elsewhere = replace(ctx, source_ip="10.9.9.9", scopes=("deploy:read", "deploy:write"))
     narrowed = decide(assess(elsewhere, rule.risk), rule.risk, elsewhere.scopes)
     assert (narrowed.action, narrowed.scopes) == (NARROW, ("deploy:read",))
+
+
+def test_risk_networks_written_ipv4_mapped_are_the_ipv4_networks_they_map() -> None:
+    """Sources are compared as IPv4 addresses (a dual-stack listener's ``::ffff:127.0.0.1`` too),
+    so ``risk.networks: ["::ffff:127.0.0.0/104"]`` admitted no client at all (an outside re-check),
+    where ``trusted_proxies`` written so was already read as ``127.0.0.0/8``."""
+    from sts.core.policy.compile import compile_risk
+
+    cfg = compile_risk({"networks": ["::ffff:127.0.0.0/104", "::ffff:0:0/96", "2001:db8::/32"]}, "r", ())
+    assert [str(n) for n in cfg.networks] == ["127.0.0.0/8", "0.0.0.0/0", "2001:db8::/32"]
+    only = replace(CFG, networks=compile_risk({"networks": ["::ffff:127.0.0.0/104"]}, "r", ()).networks)
+    for source, inside in (("127.0.0.1", True), ("::ffff:127.0.0.1", True), ("10.0.0.1", False)):
+        result = signal("unusual_network", context(source_ip=source, baseline=Baseline()), only)
+        assert result.fired is not inside, (source, result)

@@ -10,7 +10,6 @@ the JSON Schema is :mod:`sts.adapters.policy_files`.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from ...errors import ConfigurationError, InvalidTarget
 from ...protocol.token_exchange import check_resource
 from ..assurance import LEVELS, Requirement
 from ..drift import EVIDENCE_KINDS, EVIDENCE_POSTURE, DriftSettings
+from ..networks import parse_network
 from ..rate_limit import Limit
 from ..risk import DEFAULT_STABLE_FACTS, RiskSettings
 from .index import PolicySet
@@ -214,7 +214,9 @@ def compile_risk(
     networks = []
     for value in raw.get("networks", ()):
         try:
-            networks.append(ipaddress.ip_network(value, strict=False))
+            # An IPv4-mapped network is the IPv4 one it maps, as sources are compared (an outside
+            # re-check: ``::ffff:127.0.0.0/104`` never admitted 127.0.0.1).
+            networks.append(parse_network(value))
         except ValueError:
             raise ConfigurationError(f"{where}: risk.networks: {value!r} is not a network") from None
     privileged = frozenset(raw.get("privileged_scopes", ()))
