@@ -66,7 +66,14 @@ class AlreadyUsed(Exception):
 
 
 class UsesNotClaimed(StoreUnavailable):
-    """:meth:`SingleUseLedger.commit` could not claim the uses before the record: nothing is committed."""
+    """:meth:`SingleUseLedger.commit` could not claim the uses before the record: nothing is committed.
+
+    ``retry_after``: seconds until a use held by another request (perhaps one that died) lapses,
+    when that is why; the refusal's ``Retry-After``."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ReplayCache(Protocol):

@@ -147,9 +147,10 @@ def test_a_reservation_in_flight_is_waited_for_then_its_outcome_decides(
     client.set(name, b"r:another-request", px=60_000)
     pending = prepared(ledger, subject, dpop, now)
     started = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="held by a concurrent request"):
+    with pytest.raises(StoreUnavailable, match="held by a concurrent request") as held:
         ledger.commit(record(), pending, now)
     assert time.monotonic() - started >= ledger.wait * 0.5
+    assert 55 <= getattr(held.value, "retry_after", 0) <= 60  # the hold left: when to retry
     assert trail.records == [] and stored(client, dpop) is None
     client.delete(name)  # The other request failed and dropped its reservation: this one takes over.
     ledger.commit(record(), pending, now)

@@ -846,3 +846,25 @@ def test_a_replay_racing_the_commit_loses_on_postgresql(
     assert outer.body["error"] == "invalid_request"
     assert records(app)[0]["reasons"][-1] == "subject_token.replayed"
     assert records(app)[0]["issued_jti"] is None
+
+
+def test_a_token_held_by_another_request_is_refused_with_the_holds_retry_after(
+    make_app: Callable[..., Flask], upstream: RunningServer, redis_db: redis.Redis
+) -> None:
+    """With Redis, a grant claims the token for 30 s before its record is committed; a request
+    that dies there leaves it held until the hold lapses.  The same token sent meanwhile was told
+    ``Retry-After: 5``, four times over, and got through only after the 30 s (an outside
+    re-check): the answer now says how long the hold has left (RFC 9110 §10.2.3)."""
+    app = make_app(store="redis", redis_url=url_of(redis_db))
+    web = app.test_client()
+    token = deploy_token(upstream)
+    jti = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["jti"]
+    # Another request (of any instance) claimed the token and died: its reservation stays 20 s.
+    held = f"sts:replay:subject_token:upstream:{jti}"
+    redis_db.set(held, b"r:a-request-that-died", px=20_000)
+    app.extensions["sts"].exchange.ledger.inner.wait = 0.2  # waited for the holder (2 s by default)
+    refused = web.post("/token", data=exchange_form(token, audience=DEPLOY))
+    assert refused.status_code == 503 and refused.get_json()["error"] == "temporarily_unavailable"
+    assert 18 <= int(refused.headers["Retry-After"]) <= 20, refused.headers
+    redis_db.delete(held)  # the hold lapses: the token is the next request's
+    assert web.post("/token", data=exchange_form(token, audience=DEPLOY)).status_code == 200

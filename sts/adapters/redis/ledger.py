@@ -71,7 +71,7 @@ for i = 2, #KEYS do
     if held ~= ARGV[2 * i - 2] then held_by = i - 1 end
   end
 end
-if held_by > 0 then return {2, held_by} end
+if held_by > 0 then return {2, held_by, redis.call('PTTL', KEYS[held_by + 1])} end
 for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'PXAT', ARGV[2 * i - 1]) end
 return {0}
 """
@@ -338,7 +338,10 @@ class RedisSingleUseLedger(_RedisLedgerBase):
                 raise AlreadyUsed(uses[result[1] - 1])
             # Held by a request still in flight: its outcome decides.
             if time.monotonic() + delay > deadline:
-                raise UsesNotClaimed("single-use token held by a concurrent request")
+                # Retry once the hold lapses (a crashed holder's does): an outside re-check was
+                # told 5 s, four times over, while the token stayed held for 30 (RFC 9110 §10.2.3).
+                held_for = result[2] / 1000 if len(result) > 2 and result[2] > 0 else None
+                raise UsesNotClaimed("single-use token held by a concurrent request", retry_after=held_for)
             with waiting():
                 time.sleep(delay)
             delay = min(delay * 2, 0.05)

@@ -37,6 +37,7 @@ and a token is returned only after its record is committed.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -386,7 +387,13 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         except UsesNotClaimed as exc:
             # Nothing committed (Redis could not claim the uses before the record): refused, on record.
             withdraw_grant(record)
-            unavailable = TemporarilyUnavailable("store.unavailable", str(exc))
+            unavailable = (
+                TemporarilyUnavailable("store.unavailable", str(exc))
+                if exc.retry_after is None
+                else TemporarilyUnavailable(
+                    "store.unavailable", str(exc), retry_after=max(1, math.ceil(exc.retry_after))
+                )
+            )
             pending.proofs.spend_now(now)
             self.record_refusal(record, unavailable)
             raise unavailable from None
