@@ -35,6 +35,8 @@ import json
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -46,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import psycopg
 import pytest
@@ -536,6 +538,12 @@ def test_nginx_keeps_tokens_in_paths_and_query_strings_out_of_its_logs(fleet: Fl
         timeout=10,
     )
     assert queried.status_code == 400 and queried.json()["error"] == "invalid_request"
+    # A route reached through dot segments or doubled slashes is no route: nginx matched it on
+    # its normalised path but forwarded it as sent, token included (an outside re-check).  Sent
+    # raw: requests (urllib3) would remove the dot segments itself.
+    for n, target in enumerate((f"/{secret}/../readyz", f"//token?{secret}", "/./token", "/tok%65n")):
+        status, body = _raw_get(fleet, target, f"dotted-{n}")
+        assert status == 404 and json.loads(body)["error"] == "not_found", (target, status, body)
     # Routes still reach the service (its own JSON, its own headers).
     assert client.get(f"{fleet.issuer}/.well-known/jwks.json", timeout=10).json()["keys"]
     assert client.post(f"{fleet.issuer}/token", data={"grant_type": "x"}, timeout=10).status_code == 400
@@ -550,6 +558,21 @@ def test_nginx_keeps_tokens_in_paths_and_query_strings_out_of_its_logs(fleet: Fl
     error_log = log.parent / "nginx-error.log"
     for text in (log.read_text(), error_log.read_text() if error_log.exists() else ""):
         assert "SECRETPAYLOAD" not in text
+
+
+def _raw_get(fleet: Fleet, target: str, request_id: str) -> tuple[int, bytes]:
+    """``GET target`` sent to nginx exactly as written (over TLS); its status and body."""
+    url = urlsplit(fleet.issuer)
+    context = ssl.create_default_context(cafile=fleet.ca)
+    raw = socket.create_connection((url.hostname, url.port), timeout=10)
+    with context.wrap_socket(raw, server_hostname=url.hostname) as tls:
+        head = f"GET {target} HTTP/1.1\r\nHost: {url.netloc}\r\nX-Request-Id: {request_id}\r\n"
+        tls.sendall((head + "Connection: close\r\n\r\n").encode())
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
 
 def test_nginx_proxies_every_route_of_the_service_and_logs_it_as_that_route(
