@@ -156,3 +156,63 @@ def test_readiness_stays_honest_after_a_loss(tmp_path: Path) -> None:
     assert mark is not None
     mark.lost(time.time())
     sql_store_check(SqlReplayCache(sink.engine), "host:1")(time.time() + 1)
+
+
+def test_a_mark_that_opens_late_refuses_until_the_restore_check_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older copy of the database restored while its mark could not be opened: once the mark
+    opens, the database is checked against it before anything is accepted.  An outside re-check
+    had a concurrent request accepted while the late check's query ran."""
+    import threading
+
+    from sts.adapters.sql import ledger_mark as module
+
+    database = tmp_path / "sts.sqlite"
+    sink, ledger = _open(database)
+    now = time.time()
+    _grant(ledger, SingleUse("subject_token:github", "warm-up", now + 300, now - 60), now)
+    sink.engine.dispose()
+    shutil.copy(database, tmp_path / "backup.sqlite")
+    sink, ledger = _open(database)
+    spent = SingleUse("subject_token:github", "spent", now + 300, now - 30)
+    _grant(ledger, spent, now + 1)
+    sink.engine.dispose()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.sqlite", database)
+    mark_file = Path(f"{database}.ledger-mark")
+    kept = mark_file.read_bytes()
+    mark_file.unlink()
+    mark_file.mkdir()  # the mark cannot be opened at start
+
+    sink, ledger = _open(database)
+    later = time.time() + 2
+    with pytest.raises(StoreUnavailable, match="ledger mark cannot be opened"):
+        ledger.reserve(spent, later)
+    mark_file.rmdir()
+    mark_file.write_bytes(kept)  # back, saying a grant the restored database does not hold
+    mark = ledger_mark(sink.engine)
+    assert mark is not None
+    checking, go_on = threading.Event(), threading.Event()
+    check = module._check
+
+    def slow_check(*args: object) -> None:
+        checking.set()
+        assert go_on.wait(10)
+        check(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "_check", slow_check)
+    mark._next_try = 0.0
+    opener = threading.Thread(target=lambda: mark.reopen(later))
+    opener.start()
+    assert checking.wait(10)
+    # Meanwhile another request: refused, never accepted.
+    with pytest.raises(StoreUnavailable):
+        ledger.reserve(SingleUse("subject_token:github", "spent", now + 300, now - 30), later)
+    go_on.set()
+    opener.join(10)
+    with pytest.raises(ReplayWindowLost):
+        ledger.reserve(spent, later)
+    fresh = SingleUse("subject_token:github", "fresh", later + 300, later + 1)
+    _grant(ledger, fresh, later + 1)

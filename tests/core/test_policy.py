@@ -24,7 +24,7 @@ from sts.adapters.policy_files import load_policies
 from sts.app import create_app
 from sts.core.attest import VerifiedToken
 from sts.core.client_secrets import hash_secret
-from sts.core.policy.compile import compile_policy
+from sts.core.policy.compile import _condition, compile_policy
 from sts.core.policy.evaluate import evaluate, trace
 from sts.core.policy.index import PolicySet, literal_prefix
 from sts.core.policy.rules import Grant, PolicyRequest
@@ -149,6 +149,13 @@ COMPILE_ERRORS: list[tuple[str, dict[str, str], str, str | None, str | None, tup
             ("concatenated", 're_matches(subject, "^a" + "b")', "the second a string literal"),
             ("one-argument", 're_matches("x")', "re_matches takes two arguments"),
             ("method-form", 'subject.re_matches("^x")', "write re_matches(value, pattern)"),
+            # Read as CEL reads its strings: a raw string's backslash escapes nothing, and triple
+            # quotes span lines; a call behind them was not seen (an outside re-check).
+            (
+                "behind-a-raw-string",
+                'claims.p == r"C:\\" || re_matches(subject, claims.q)',
+                "a string literal",
+            ),
         )
     ),
     (
@@ -702,6 +709,20 @@ EVALUATION: list[tuple[str, list[dict[str, Any]], VerifiedToken, PolicyRequest, 
         _facts(MAIN, groups=["x", "team-é"]),  # RE2's \w is ASCII
         _request(),
         (InvalidRequest, "policy.no_rule_for_identity"),
+    ),
+    (
+        # Calls named in a comment or a string are no calls (they were refused at load).
+        "condition-re-matches-named-in-a-comment-and-a-string",
+        [
+            _rule(
+                subject=MAIN,
+                condition="claims.env != '''re_matches(x, y)''' // re_matches(z)\n"
+                '&& re_matches(subject, r"^repo:acme/app:ref:refs/heads/\\w+$")',
+            )
+        ],
+        _facts(MAIN, env="prod"),
+        _request(),
+        ("r", (DEPLOY,), ("deploy:read",), False),
     ),
     (
         # Another literal of the condition need not be a pattern: only re_matches' second argument is.
@@ -1596,9 +1617,31 @@ def test_re_matches_over_a_claim_list_at_the_cap_is_cheap() -> None:
     worker 5 s (an outside audit); re_matches compiles each pattern once, when the policy is read."""
     import time
 
-    from sts.core.policy.compile import _condition
-
     condition = _condition('claims.groups.exists(g, re_matches(g, "^team-[\\\\w-]{1,64}$"))', "rule")
     started = time.perf_counter()
     assert condition.execute({"claims": {"groups": ["x"] * 256}}) is False
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    ("source", "refused"),
+    [
+        # A call hidden from a lexer that reads strings otherwise than CEL (an outside re-check).
+        ('claims.p == r"C:\\" || re_matches(subject, "(?=a)")', "RE2"),
+        ("claims.p == r'C:\\' || re_matches(subject, claims.q)", "a string literal"),
+        ('claims.p == """a\nb""" || re_matches(subject, "(?=a)")', "RE2"),
+        ("claims.p == '''it's\nre_matches(x)''' || re_matches(subject, claims.q)", "a string literal"),
+        ('claims.p == "a\\"(" || re_matches(subject, claims.q)', "a string literal"),
+        ('re_matches(subject, "^a" // a comment\n + "b")', "a string literal"),
+        # Calls named in comments and strings are none.
+        ('claims.p == "re_matches(x)" // re_matches(y)\n|| re_matches(subject, "^b")', None),
+        ('claims.p == b"re_matches(" || re_matches(subject, R"^\\w+$")', None),
+        ("re_matches(subject, \"\"\"^a\"\"\") && re_matches(claims.p, '''^b''')", None),
+    ],
+)
+def test_re_matches_calls_are_found_as_cel_reads_the_condition(source: str, refused: str | None) -> None:
+    if refused is None:
+        assert _condition(source, "rule").patterns
+    else:
+        with pytest.raises(ConfigurationError, match=refused):
+            _condition(source, "rule")

@@ -77,52 +77,61 @@ class LedgerMark:
         self.problem: str | None = None
         self._next_try = 0.0
         self._opening = threading.Lock()
-        self._open()
+        self._map = self._open()
 
-    def _open(self) -> None:
-        """Open (or create) the mark file and map it; a :class:`~sts.errors.ConfigurationError`
-        (a link or another user's file in its place) is raised, an ``OSError`` kept as
-        :attr:`problem`."""
+    def _open(self) -> mmap.mmap | None:
+        """The mark file opened (or created) and mapped; None, with :attr:`problem` set, when it
+        cannot be (an ``OSError``).  A :class:`~sts.errors.ConfigurationError` (a link or another
+        user's file in its place) is raised."""
         try:
             fd = open_beside_database(str(self.path))  # never through a link (see sqlite_files)
         except OSError as exc:
             self.problem = f"{self.path}: {exc.strerror or type(exc).__name__}"
-            return
+            return None
         try:
             if os.fstat(fd).st_size < _LAYOUT.size:
                 os.pwrite(fd, bytes(_LAYOUT.size), 0)
-            self._map = mmap.mmap(fd, _LAYOUT.size)
+            mapped = mmap.mmap(fd, _LAYOUT.size)
         except OSError as exc:
             self.problem = f"{self.path}: {exc.strerror or type(exc).__name__}"
-            return
+            return None
         finally:
             os.close(fd)
         self.problem = None
+        return mapped
 
     def reopen(self, now: float) -> str | None:
         """While the mark is not open: try again (at most once every :data:`RETRY_INTERVAL`
-        seconds); once open, check the database against it as at start.  The problem left, or
-        None."""
+        seconds), and check the database against it as at start before it is used: until that
+        check is done every credential is still refused (an outside re-check had one accepted
+        while the check's query ran).  The problem left, or None."""
         if self._map is not None:
             return None
-        with self._opening:
+        if not self._opening.acquire(blocking=False):  # another thread opens it: no waiting
+            return f"{self.path}: being opened and checked against the database"
+        try:
             if self._map is None and now >= self._next_try:
                 self._next_try = now + RETRY_INTERVAL
                 try:
-                    self._open()
+                    opened = self._open()
                 except ConfigurationError as exc:
-                    self.problem = str(exc)
-                if self._map is not None:
-                    log.warning("the database's ledger mark %s is open now", self.path)
-                    if self._engine is not None:
-                        check_at_start(self, self._engine, now)
-            return self.problem
+                    opened, self.problem = None, str(exc)
+                if opened is not None:
+                    try:
+                        if self._engine is not None:
+                            _check(opened, self._engine, now)
+                    except SQLAlchemyError as exc:
+                        opened.close()
+                        self.problem = f"the database could not be checked against it: {type(exc).__name__}"
+                    else:
+                        log.warning("the database's ledger mark %s is open now", self.path)
+                        self._map = opened
+            return None if self._map is not None else self.problem
+        finally:
+            self._opening.release()
 
     def _read(self) -> tuple[float, float]:
-        if self._map is None:
-            return 0.0, 0.0
-        newest, lost = _LAYOUT.unpack(self._map[: _LAYOUT.size])
-        return float(newest), float(lost)
+        return _read(self._map) if self._map is not None else (0.0, 0.0)
 
     def granted(self, started: float) -> None:
         """A grant whose request started at ``started`` is committed (an 8-byte store, atomic)."""
@@ -131,8 +140,8 @@ class LedgerMark:
 
     def lost(self, now: float) -> None:
         """The database lost commits, found at ``now``."""
-        if self._map is not None and self._read()[1] < now:
-            self._map[8:16] = struct.pack("<d", now)
+        if self._map is not None:
+            _lost(self._map, now)
 
     def check_use(self, valid_from: float | None, now: float) -> None:
         """Raise :class:`ReplayWindowLost` for a credential the lost commits may have spent.
@@ -157,30 +166,46 @@ class LedgerMark:
             raise ReplayWindowLost(lost)
 
     def check(self, engine: Engine, now: float) -> None:
-        """At start: a database holding nothing as new as the newest grant committed has lost it.
+        """At start: a database holding nothing as new as the newest grant committed has lost it
+        (see :func:`_check`); a mark not open yet is checked once it opens (:meth:`reopen`)."""
+        if self._map is not None:
+            _check(self._map, engine, now)
 
-        Only a grant of the last :data:`LOSS_HORIZON` seconds counts: an older one's credentials
-        have expired, and ``sts audit prune`` removes only records older than a day, so a trail
-        pruned to nothing is no loss."""
-        if self._map is None:
-            return  # checked once it opens (:meth:`reopen`)
-        newest_grant = self._read()[0]
-        if not newest_grant or now - newest_grant >= LOSS_HORIZON:
-            return
-        with engine.connect() as conn:
-            newest = conn.execute(select(func.max(audit_events.c.time))).scalar()
-        newest_time = _epoch(newest)
-        if newest_time is not None and newest_time + 1e-6 >= newest_grant:
-            return
-        self.lost(now)
-        log.error(
-            "the database %s has lost commits (its newest record is older than the newest grant "
-            "committed: its -wal deleted, or an older copy restored); credentials that could have "
-            "been accepted before now (issued before now plus the leeway) are refused as possibly "
-            "spent, for %d hours",
-            engine.url.database,
-            LOSS_HORIZON // 3600,
-        )
+
+def _read(mapped: mmap.mmap) -> tuple[float, float]:
+    newest, lost = _LAYOUT.unpack(mapped[: _LAYOUT.size])
+    return float(newest), float(lost)
+
+
+def _lost(mapped: mmap.mmap, now: float) -> None:
+    if _read(mapped)[1] < now:
+        mapped[8:16] = struct.pack("<d", now)
+
+
+def _check(mapped: mmap.mmap, engine: Engine, now: float) -> None:
+    """A database holding nothing as new as the newest grant the mark ``mapped`` says was committed
+    has lost it: the loss is marked.
+
+    Only a grant of the last :data:`LOSS_HORIZON` seconds counts: an older one's credentials
+    have expired, and ``sts audit prune`` removes only records older than a day, so a trail
+    pruned to nothing is no loss."""
+    newest_grant = _read(mapped)[0]
+    if not newest_grant or now - newest_grant >= LOSS_HORIZON:
+        return
+    with engine.connect() as conn:
+        newest = conn.execute(select(func.max(audit_events.c.time))).scalar()
+    newest_time = _epoch(newest)
+    if newest_time is not None and newest_time + 1e-6 >= newest_grant:
+        return
+    _lost(mapped, now)
+    log.error(
+        "the database %s has lost commits (its newest record is older than the newest grant "
+        "committed: its -wal deleted, or an older copy restored); credentials that could have "
+        "been accepted before now (issued before now plus the leeway) are refused as possibly "
+        "spent, for %d hours",
+        engine.url.database,
+        LOSS_HORIZON // 3600,
+    )
 
 
 def _epoch(value: object) -> float | None:

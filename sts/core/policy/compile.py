@@ -117,23 +117,68 @@ def _re_matches_patterns(source: str, where: str) -> dict[str, Pattern]:
     be a string literal RE2 compiles, else :class:`ConfigurationError`.  A pattern RE2 refuses (a
     look-ahead, a backreference) was skipped at load, and the rule then never applied, without a
     word (an outside re-check); one computed at evaluation could never apply either."""
-    # String literals blanked out (same length), so that their brackets and commas do not count.
-    blank = _CEL_STRING.sub(lambda m: " " * len(m.group()), source)
+    # String literals and comments blanked out (same length), as CEL reads them: their brackets,
+    # commas and words do not count (an outside re-check hid a call behind r"C:\" and behind a
+    # triple-quoted string, and had one named in a comment refused).
+    blank, literals = _blank_literals(source)
     patterns: dict[str, Pattern] = {}
     for call in re.finditer(r"(\.\s*)?\bre_matches\s*\(", blank):
         if call.group(1):
             raise ConfigurationError(f"{where}: write re_matches(value, pattern), not value.re_matches(...)")
         args = _arguments(blank, call.end())
-        literal = source[args[1][0] : args[1][1]].strip() if len(args) == 2 else ""
-        if not _CEL_STRING.fullmatch(literal):
+        span = _stripped(source, *args[1]) if len(args) == 2 else None
+        if span not in literals:
             raise ConfigurationError(
                 f"{where}: re_matches takes two arguments, the second a string literal: the pattern, "
                 "compiled once when the policy is read"
             )
-        value = cel.evaluate(literal)
-        if isinstance(value, str):
-            patterns[value] = _pattern(value, f"{where}: re_matches")
+        value = cel.evaluate(source[span[0] : span[1]])
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{where}: re_matches: the pattern must be a string, not bytes")
+        patterns[value] = _pattern(value, f"{where}: re_matches")
     return patterns
+
+
+def _stripped(source: str, start: int, end: int) -> tuple[int, int]:
+    """The span ``start:end`` of ``source`` without the white space around it."""
+    while start < end and source[start].isspace():
+        start += 1
+    while end > start and source[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+#: Where a CEL string literal starts: an optional prefix (raw, bytes), then its quotes.
+_LITERAL_START = re.compile(r"(?i:rb|br|r|b)?(\"\"\"|'''|\"|')")
+
+
+def _blank_literals(source: str) -> tuple[str, set[tuple[int, int]]]:
+    """``source`` with its string literals and ``//`` comments replaced by spaces, as CEL's lexer
+    reads them (a raw string's backslash escapes nothing; triple quotes may span lines), and the
+    spans of its string literals."""
+    out = list(source)
+    literals: set[tuple[int, int]] = set()
+    index, size = 0, len(source)
+    while index < size:
+        if source.startswith("//", index):
+            end = source.find("\n", index)
+            end = size if end < 0 else end
+        else:
+            start = _LITERAL_START.match(source, index)
+            follows_name = index > 0 and (source[index - 1].isalnum() or source[index - 1] == "_")
+            if start is None or (follows_name and start.start(1) > index):
+                index += 1
+                continue
+            quote = start.group(1)
+            raw = "r" in source[index : start.start(1)].lower()
+            end = start.end()
+            while end < size and not source.startswith(quote, end):
+                end += 2 if source[end] == "\\" and not raw else 1
+            end = min(end + len(quote), size)
+            literals.add((index, end))
+        out[index:end] = " " * (end - index)
+        index = end
+    return "".join(out), literals
 
 
 def _arguments(blank: str, start: int) -> list[tuple[int, int]]:
