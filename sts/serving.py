@@ -183,7 +183,7 @@ class WSGIOverRSGI:
                 if scope.path == LIVENESS_PATH and stalled > self.limits.liveness_stall:
                     log.error("liveness: the request threads have finished nothing for %.0f s", stalled)
                     status, headers, payload = stalled_answer()
-                    request_id = self.request_id(scope.headers.get("x-request-id") or "")
+                    request_id = self.request_id(_sent_request_id(scope.headers))
                     proto.response_bytes(status, [*headers, ("X-Request-Id", request_id)], payload)
                     return
                 threads = self._probes
@@ -318,13 +318,20 @@ class WSGIOverRSGI:
             status,
             description,
             error=error,
-            request_id=self.request_id(scope.headers.get("x-request-id") or ""),
+            request_id=self.request_id(_sent_request_id(scope.headers)),
             close=close,
             client=scope.client.rpartition(":")[0].strip("[]") or "-",
             method=scope.method,
             started=started,
         )
         proto.response_bytes(status, headers, body)
+
+
+def _sent_request_id(headers: Any) -> str:
+    """The ``X-Request-Id`` the request sent, its values joined as the application reads them (a
+    repeated header is then no acceptable id, and a new one is made): answers given before the
+    application echoed the first of them (an outside audit)."""
+    return ", ".join(headers.get_all("x-request-id"))
 
 
 def _request_id(incoming: str) -> str:

@@ -19,6 +19,8 @@ What is counted is defined in :mod:`sts.adapters.metrics`.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import glob
 import os
 import re
@@ -252,15 +254,37 @@ def _named(start_response: StartResponse) -> StartResponse:
 SERVER_NAME = "sts"
 #: Connections the listener serves at once (one thread each); more are closed at once.
 MAX_METRICS_CONNECTIONS = 16
+#: Of those, connections one client address may hold at once: one client sending its requests a
+#: byte at a time held every slot, and no scrape was answered for as long as it liked (an outside
+#: audit).  A scraper uses one.
+MAX_METRICS_CONNECTIONS_PER_ADDRESS = 4
 #: Seconds the listener waits for each read of a request before it drops the connection.
 METRICS_READ_TIMEOUT = 5.0
+#: Seconds a connection may last, whatever it sends: a scrape takes milliseconds, and a scraper
+#: that keeps its connection open connects again for its next scrape.
+METRICS_CONNECTION_DEADLINE = 10.0
 
 
 class _QuietHandler(WSGIRequestHandler):
     """No line on stderr per scrape; a read that waits :data:`METRICS_READ_TIMEOUT` drops the
-    connection (socketserver's ``StreamRequestHandler.timeout``)."""
+    connection (socketserver's ``StreamRequestHandler.timeout``), and so does the end of
+    :data:`METRICS_CONNECTION_DEADLINE`, however the client sends (a byte every few seconds)."""
 
     timeout = METRICS_READ_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(METRICS_CONNECTION_DEADLINE, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        with contextlib.suppress(OSError):  # a read blocked in the handler's thread returns
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
@@ -274,12 +298,32 @@ class MetricsServer:
 
     It runs in the ``sts serve`` process that supervises the workers, so it is bounded: at most
     :data:`MAX_METRICS_CONNECTIONS` connections at once (one thread each; one more is closed at
-    once), each dropped after a read waits :data:`METRICS_READ_TIMEOUT`.  Before, idle or
+    once), :data:`MAX_METRICS_CONNECTIONS_PER_ADDRESS` of them from one address, each dropped
+    after a read waits :data:`METRICS_READ_TIMEOUT` and after :data:`METRICS_CONNECTION_DEADLINE`
+    in all.  Before, idle or
     half-sent connections each held a thread and a descriptor of that process for ever."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+        by_address: collections.Counter[str] = collections.Counter()
+        counting = threading.Lock()
+
+        def admit(address: str) -> bool:
+            with counting:
+                if by_address[address] >= MAX_METRICS_CONNECTIONS_PER_ADDRESS:
+                    return False
+                if not slots.acquire(blocking=False):
+                    return False
+                by_address[address] += 1
+                return True
+
+        def leave(address: str) -> None:
+            with counting:
+                by_address[address] -= 1
+                if by_address[address] <= 0:
+                    del by_address[address]
+            slots.release()
 
         class Server(ThreadingWSGIServer):
             address_family = family
@@ -290,20 +334,20 @@ class MetricsServer:
                     super().handle_error(request, client_address)
 
             def process_request(self, request: Any, client_address: Any) -> None:
-                if not slots.acquire(blocking=False):
+                if not admit(client_address[0]):
                     self.shutdown_request(request)
                     return
                 try:
                     super().process_request(request, client_address)
                 except BaseException:
-                    slots.release()
+                    leave(client_address[0])
                     raise
 
             def process_request_thread(self, request: Any, client_address: Any) -> None:
                 try:
                     super().process_request_thread(request, client_address)
                 finally:
-                    slots.release()
+                    leave(client_address[0])
 
         self._server: WSGIServer = make_server(
             host, port, metrics_wsgi_app(registry), server_class=Server, handler_class=_QuietHandler

@@ -10,6 +10,7 @@ does not answer, an issuer whose JWKS cannot be fetched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -535,6 +536,8 @@ def test_the_listener_bounds_its_connections_and_drops_idle_ones(
     """It runs in the process that supervises the workers: idle or half-sent connections each
     held a thread there for ever (an outside audit held 300 open)."""
     monkeypatch.setattr(metrics_exposition._QuietHandler, "timeout", 1.0)
+    # All from one address here: the cap per address is the next test's.
+    monkeypatch.setattr(metrics_exposition, "MAX_METRICS_CONNECTIONS_PER_ADDRESS", 100)
     metrics = runtime(create_app(make_settings())).metrics
     assert metrics is not None and metrics.registry is not None
     registry = exposition_registry(ExpositionCollector(source=metrics.registry))
@@ -547,9 +550,10 @@ def test_the_listener_bounds_its_connections_and_drops_idle_ones(
             sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request
             held.append(sock)
         end = time.monotonic() + 0.4  # (before the first of them is dropped)
-        while threading.active_count() < threads + len(held) and time.monotonic() < end:
+        # A thread for each, and the timer of its deadline.
+        while threading.active_count() < threads + 2 * len(held) and time.monotonic() < end:
             time.sleep(0.01)
-        assert threading.active_count() == threads + len(held)
+        assert threading.active_count() == threads + 2 * len(held)
         # One more is closed at once: no thread for it.
         extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
@@ -566,6 +570,39 @@ def test_the_listener_bounds_its_connections_and_drops_idle_ones(
             except requests.ConnectionError:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_one_address_sending_a_byte_at_a_time_cannot_keep_scrapes_out(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sixteen connections from one client, each sending a byte of its request every few seconds
+    (within the read timeout), held every slot: no scrape was answered for as long as it went on
+    (an outside audit).  One address holds at most four, and none lasts past its deadline."""
+    monkeypatch.setattr(metrics_exposition, "METRICS_CONNECTION_DEADLINE", 1.5, raising=False)
+    metrics = runtime(create_app(make_settings())).metrics
+    assert metrics is not None and metrics.registry is not None
+    server = MetricsServer("127.0.0.1", 0, exposition_registry(ExpositionCollector(source=metrics.registry)))
+    server.start()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(metrics_exposition.MAX_METRICS_CONNECTIONS):
+            sock = socket.create_connection(
+                ("127.0.0.1", server.port), timeout=5, source_address=("127.0.0.2", 0)
+            )
+            sock.sendall(b"G")
+            held.append(sock)
+        started = time.monotonic()
+        scrape = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5)  # another address
+        assert scrape.status_code == 200 and time.monotonic() - started < 1.0
+        # The four let in are cut at their deadline (1.5 s here), before any read times out (5 s).
+        for sock in held:
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(100) == b""
+        assert time.monotonic() - started < 4
     finally:
         for sock in held:
             sock.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -439,6 +440,18 @@ def test_refusals_before_the_application_are_json_with_a_request_id(served: Serv
     assert headers["content-type"] == "application/json" and headers["cache-control"] == "no-store"
     assert json.loads(body)["error"] == "invalid_request"
     assert headers["x-request-id"] == "caller-42"
+
+
+@pytest.mark.parametrize("case", ["body over max_body_bytes", "chunked body with a Content-Length"])
+def test_a_repeated_request_id_is_replaced_before_the_application_too(served: Served, case: str) -> None:
+    """The README: a repeated X-Request-Id is no acceptable id, and a new one is made; answers given
+    before the application echoed the first (an outside audit)."""
+    request, expected = ADAPTER_REFUSALS[case]
+    twice = b"Host: sts\r\nX-Request-Id: first-id\r\nX-Request-Id: second-id\r\n"
+    status, headers, _ = _response(_raw(served, request.replace(b"Host: sts\r\n", twice)))
+    assert status == expected
+    assert headers["x-request-id"] not in ("first-id", "second-id", "first-id, second-id")
+    assert re.fullmatch(r"[0-9a-f-]{36}", headers["x-request-id"]), headers["x-request-id"]
 
 
 def test_requests_the_server_accepts_reach_the_application_and_get_json(served: Served) -> None:
