@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import glob
+import ipaddress
 import os
 import re
 import shutil
@@ -253,16 +254,31 @@ def _named(start_response: StartResponse) -> StartResponse:
 #: The ``Server`` header of every answer: no software version.
 SERVER_NAME = "sts"
 #: Connections the listener serves at once (one thread each); more are closed at once.
-MAX_METRICS_CONNECTIONS = 16
-#: Of those, connections one client address may hold at once: one client sending its requests a
-#: byte at a time held every slot, and no scrape was answered for as long as it liked (an outside
-#: audit).  A scraper uses one.
+MAX_METRICS_CONNECTIONS = 64
+#: Of those, connections one client may hold at once, counted per IPv4 address and per IPv6 /64
+#: (one host's addresses): one client sending its requests a byte at a time held every slot, and
+#: no scrape was answered for as long as it liked (an outside audit; a re-check then used four
+#: addresses).  A scraper uses one; keeping the whole listener busy now takes sixteen networks.
 MAX_METRICS_CONNECTIONS_PER_ADDRESS = 4
 #: Seconds the listener waits for each read of a request before it drops the connection.
 METRICS_READ_TIMEOUT = 5.0
 #: Seconds a connection may last, whatever it sends: a scrape takes milliseconds, and a scraper
 #: that keeps its connection open connects again for its next scrape.
 METRICS_CONNECTION_DEADLINE = 10.0
+
+
+def _client_network(host: str) -> str:
+    """What one client's connections are counted under: its IPv4 address (an IPv4-mapped one's too),
+    or its IPv6 /64."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -298,7 +314,7 @@ class MetricsServer:
 
     It runs in the ``sts serve`` process that supervises the workers, so it is bounded: at most
     :data:`MAX_METRICS_CONNECTIONS` connections at once (one thread each; one more is closed at
-    once), :data:`MAX_METRICS_CONNECTIONS_PER_ADDRESS` of them from one address, each dropped
+    once), :data:`MAX_METRICS_CONNECTIONS_PER_ADDRESS` of them from one address (an IPv6 /64), each dropped
     after a read waits :data:`METRICS_READ_TIMEOUT` and after :data:`METRICS_CONNECTION_DEADLINE`
     in all.  Before, idle or
     half-sent connections each held a thread and a descriptor of that process for ever."""
@@ -334,20 +350,21 @@ class MetricsServer:
                     super().handle_error(request, client_address)
 
             def process_request(self, request: Any, client_address: Any) -> None:
-                if not admit(client_address[0]):
+                client = _client_network(client_address[0])
+                if not admit(client):
                     self.shutdown_request(request)
                     return
                 try:
                     super().process_request(request, client_address)
                 except BaseException:
-                    leave(client_address[0])
+                    leave(client)
                     raise
 
             def process_request_thread(self, request: Any, client_address: Any) -> None:
                 try:
                     super().process_request_thread(request, client_address)
                 finally:
-                    leave(client_address[0])
+                    leave(_client_network(client_address[0]))
 
         self._server: WSGIServer = make_server(
             host, port, metrics_wsgi_app(registry), server_class=Server, handler_class=_QuietHandler

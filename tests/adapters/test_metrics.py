@@ -589,12 +589,14 @@ def test_one_address_sending_a_byte_at_a_time_cannot_keep_scrapes_out(
     server.start()
     held: list[socket.socket] = []
     try:
-        for _ in range(metrics_exposition.MAX_METRICS_CONNECTIONS):
-            sock = socket.create_connection(
-                ("127.0.0.1", server.port), timeout=5, source_address=("127.0.0.2", 0)
-            )
-            sock.sendall(b"G")
-            held.append(sock)
+        # Four addresses (a re-check's), each trying for the listener's every slot.
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            for _ in range(16):
+                sock = socket.create_connection(
+                    ("127.0.0.1", server.port), timeout=5, source_address=(source, 0)
+                )
+                sock.sendall(b"G")
+                held.append(sock)
         started = time.monotonic()
         scrape = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5)  # another address
         assert scrape.status_code == 200 and time.monotonic() - started < 1.0
@@ -607,6 +609,14 @@ def test_one_address_sending_a_byte_at_a_time_cannot_keep_scrapes_out(
         for sock in held:
             sock.close()
         server.stop()
+
+
+def test_a_clients_connections_are_counted_per_ipv4_address_and_ipv6_64() -> None:
+    network = metrics_exposition._client_network
+    assert network("10.1.2.3") == "10.1.2.3" == network("::ffff:10.1.2.3")
+    assert network("2001:db8:1:2::5") == network("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert network("2001:db8:1:3::5") != network("2001:db8:1:2::5")
+    assert network("fe80::1%eth0") == "fe80::/64"
 
 
 def test_metrics_listen_setting(tmp_path: Path) -> None:

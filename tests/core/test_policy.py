@@ -1633,7 +1633,12 @@ def test_re_matches_over_a_claim_list_at_the_cap_is_cheap() -> None:
         ("claims.p == '''it's\nre_matches(x)''' || re_matches(subject, claims.q)", "a string literal"),
         ('claims.p == "a\\"(" || re_matches(subject, claims.q)', "a string literal"),
         ('re_matches(subject, "^a" // a comment\n + "b")', "a string literal"),
-        # Calls named in comments and strings are none.
+        # A root-scoped name is no function (its evaluation always failed, the rule never applied).
+        ('.re_matches(subject, "(?=a)")', "no such function"),
+        ('.matches(subject, "^a")', "no such function"),
+        # Calls named in comments and strings are none; a comment beside the pattern is no part of it.
+        ('re_matches(subject, // CI only\n "^ci-")', None),
+        ('re_matches(\n  subject,\n  "^ci-"  // CI only\n)', None),
         ('claims.p == "re_matches(x)" // re_matches(y)\n|| re_matches(subject, "^b")', None),
         ('claims.p == b"re_matches(" || re_matches(subject, R"^\\w+$")', None),
         ("re_matches(subject, \"\"\"^a\"\"\") && re_matches(claims.p, '''^b''')", None),

@@ -102,6 +102,14 @@ def _condition(source: str, where: str) -> Condition:
             f"available: {', '.join(sorted(CEL_VARIABLES))}"
         )
     functions = set(program.functions())
+    rooted = sorted(f for f in functions if f.startswith("."))
+    if rooted:
+        # CEL's root-scoped name (``.re_matches(...)``) names no function of ours nor a built-in:
+        # every evaluation would fail, and the rule never apply, without a word (an outside
+        # re-check loaded a pattern RE2 refuses that way).
+        raise ConfigurationError(
+            f"{where}: CEL condition calls {', '.join(rooted)}: no such function (drop the leading dot)"
+        )
     if "matches" in functions:
         raise ConfigurationError(
             f"{where}: CEL condition uses matches(), which compiles its regular expression again on "
@@ -120,13 +128,15 @@ def _re_matches_patterns(source: str, where: str) -> dict[str, Pattern]:
     # String literals and comments blanked out (same length), as CEL reads them: their brackets,
     # commas and words do not count (an outside re-check hid a call behind r"C:\" and behind a
     # triple-quoted string, and had one named in a comment refused).
-    blank, literals = _blank_literals(source)
+    blank, uncommented, literals = _blank_literals(source)
     patterns: dict[str, Pattern] = {}
     for call in re.finditer(r"(\.\s*)?\bre_matches\s*\(", blank):
         if call.group(1):
             raise ConfigurationError(f"{where}: write re_matches(value, pattern), not value.re_matches(...)")
         args = _arguments(blank, call.end())
-        span = _stripped(source, *args[1]) if len(args) == 2 else None
+        # The argument without the white space and comments around it (a comment beside the
+        # pattern was taken for part of the argument, and a valid condition refused).
+        span = _stripped(uncommented, *args[1]) if len(args) == 2 else None
         if span not in literals:
             raise ConfigurationError(
                 f"{where}: re_matches takes two arguments, the second a string literal: the pattern, "
@@ -152,17 +162,19 @@ def _stripped(source: str, start: int, end: int) -> tuple[int, int]:
 _LITERAL_START = re.compile(r"(?i:rb|br|r|b)?(\"\"\"|'''|\"|')")
 
 
-def _blank_literals(source: str) -> tuple[str, set[tuple[int, int]]]:
+def _blank_literals(source: str) -> tuple[str, str, set[tuple[int, int]]]:
     """``source`` with its string literals and ``//`` comments replaced by spaces, as CEL's lexer
-    reads them (a raw string's backslash escapes nothing; triple quotes may span lines), and the
-    spans of its string literals."""
+    reads them (a raw string's backslash escapes nothing; triple quotes may span lines); the same
+    with only its comments so replaced; and the spans of its string literals."""
     out = list(source)
+    uncommented = list(source)
     literals: set[tuple[int, int]] = set()
     index, size = 0, len(source)
     while index < size:
         if source.startswith("//", index):
             end = source.find("\n", index)
             end = size if end < 0 else end
+            uncommented[index:end] = " " * (end - index)
         else:
             start = _LITERAL_START.match(source, index)
             follows_name = index > 0 and (source[index - 1].isalnum() or source[index - 1] == "_")
@@ -178,7 +190,7 @@ def _blank_literals(source: str) -> tuple[str, set[tuple[int, int]]]:
             literals.add((index, end))
         out[index:end] = " " * (end - index)
         index = end
-    return "".join(out), literals
+    return "".join(out), "".join(uncommented), literals
 
 
 def _arguments(blank: str, start: int) -> list[tuple[int, int]]:
