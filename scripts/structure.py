@@ -19,7 +19,7 @@ Floors, lowest first; an import may point down or stay on its floor, never up:
     2  settings      sts.settings: read by the outer floors only
     3  I/O and HTTP  sts.adapters, sts.http, sts.migrations, sts.dev
     4  wiring        sts.app
-    5  entry points  sts.cli, sts.serving
+    5  entry points  sts.cli, sts.serving, sts.serving_limits
 
 ``tests/test_architecture.py`` checks the graph (no import circle, no import from a
 higher floor) with the functions here, and that docs/structure.md is up to date.
@@ -55,7 +55,7 @@ FLOORS: Floors = (
     ("settings", ("sts.settings",)),
     ("I/O and HTTP", ("sts.adapters", "sts.http", "sts.migrations", "sts.dev")),
     ("wiring", ("sts.app", "sts.wiring")),
-    ("entry points", ("sts.cli", "sts.serving")),
+    ("entry points", ("sts.cli", "sts.serving", "sts.serving_limits")),
 )
 #: What each floor is for, in the drawing.
 FLOOR_NOTES = {

@@ -64,32 +64,14 @@ from .adapters.request_head import host_is_valid
 from .adapters.request_threads import ClientGone, QueuedTooLong, RequestThreads, queue_wait
 from .adapters.worker_process import die_with_parent, load_or_wait
 from .http.responses import answer_before_app
+from .serving_limits import MAX_HEAD_BYTES, Limits
 
 log = logging.getLogger(__name__)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 T = TypeVar("T")
 
-#: The largest request head (request line and headers) accepted; hyper answers 431 above it.
-MAX_HEAD_BYTES = 16384
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one worker allows a client."""
-
-    threads: int = 8
-    #: Threads that run Python at once (turns, see :mod:`sts.adapters.request_threads`).
-    active_threads: int = 1
-    header_read_timeout: float = 10.0
-    body_read_timeout: float = 10.0
-    max_body_bytes: int = 16384
-    max_connections: int = 1024
-    #: Seconds a request may wait for a request thread: longer, and it is refused ``503``.
-    queue_timeout: float = 10.0
-    #: Seconds the request threads may hold requests without finishing any before ``/livez``
-    #: answers ``503`` (see :mod:`sts.adapters.probe_lane`).
-    liveness_stall: float = 60.0
+__all__ = ["MAX_HEAD_BYTES", "Limits", "WSGIOverRSGI", "per_worker_connections", "serve"]
 
 
 class _RequestError(Exception):
@@ -183,7 +165,7 @@ class WSGIOverRSGI:
                 if scope.path == LIVENESS_PATH and stalled > self.limits.liveness_stall:
                     log.error("liveness: the request threads have finished nothing for %.0f s", stalled)
                     status, headers, payload = stalled_answer()
-                    request_id = self.request_id(_sent_request_id(scope.headers))
+                    request_id = self.request_id(", ".join(scope.headers.get_all("x-request-id")))
                     proto.response_bytes(status, [*headers, ("X-Request-Id", request_id)], payload)
                     return
                 threads = self._probes
@@ -318,20 +300,15 @@ class WSGIOverRSGI:
             status,
             description,
             error=error,
-            request_id=self.request_id(_sent_request_id(scope.headers)),
+            # Its values joined, as the application reads them: a repeated one is no acceptable id
+            # (answers given here echoed the first; an outside audit).
+            request_id=self.request_id(", ".join(scope.headers.get_all("x-request-id"))),
             close=close,
             client=scope.client.rpartition(":")[0].strip("[]") or "-",
             method=scope.method,
             started=started,
         )
         proto.response_bytes(status, headers, body)
-
-
-def _sent_request_id(headers: Any) -> str:
-    """The ``X-Request-Id`` the request sent, its values joined as the application reads them (a
-    repeated header is then no acceptable id, and a new one is made): answers given before the
-    application echoed the first of them (an outside audit)."""
-    return ", ".join(headers.get_all("x-request-id"))
 
 
 def _request_id(incoming: str) -> str:

@@ -75,6 +75,9 @@ def configure_logging(level: str, log_format: str) -> None:
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("sts").setLevel(level)
+    # Alembic narrates at INFO (its plugins, "Context impl SQLiteImpl."): sts.migrations logs
+    # what changed.  Set here too: its import may come before this (and ``force`` keeps levels).
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("sts").level))
 
 
 #: granian's own log lines, in the format ``sts serve`` uses for the others (on stderr, with a time).

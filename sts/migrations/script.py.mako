@@ -14,6 +14,9 @@ revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
 branch_labels = ${repr(branch_labels)}
 depends_on = ${repr(depends_on)}
+#: The oldest revision whose code runs correctly on the schema this one leaves (docs/migrations.md,
+#: "Declare the oldest reader"): the previous revision's value when this one only adds.
+oldest_reader = ...
 
 
 def upgrade() -> None:

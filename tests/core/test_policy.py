@@ -24,7 +24,8 @@ from sts.adapters.policy_files import load_policies
 from sts.app import create_app
 from sts.core.attest import VerifiedToken
 from sts.core.client_secrets import hash_secret
-from sts.core.policy.compile import _condition, compile_policy
+from sts.core.policy.compile import compile_policy
+from sts.core.policy.conditions import compile_condition as _condition
 from sts.core.policy.evaluate import evaluate, trace
 from sts.core.policy.index import PolicySet, literal_prefix
 from sts.core.policy.rules import Grant, PolicyRequest

@@ -13,13 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import re2
+
+from ...errors import ConfigurationError
 from ..attest import VerifiedToken
 
 MAX_MATCHED_LENGTH = 4096
 
 
 class Pattern(Protocol):
-    """A compiled pattern (:func:`.compile.compile_pattern`)."""
+    """A compiled pattern (:func:`compile_pattern`)."""
 
     @property
     def pattern(self) -> str: ...
@@ -75,3 +78,29 @@ class IdentityMatcher:
             if not matcher.matches(token.facts):
                 return f"fact {matcher.name!r} does not match"
         return None
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is raised, with the rule's name, not logged by RE2
+
+
+def compile_pattern(source: str) -> Pattern:
+    """``source`` compiled by RE2 (https://github.com/google/re2/wiki/Syntax), which matches in
+    time linear in the text, whatever the pattern: Python's backtracking engine spent 3.5 s of a
+    worker's CPU, holding its every request, on one 70-character subject against a pattern an
+    operator would write (``refs/tags/v([0-9]+\\.?)+``; an outside audit).  RE2 has no
+    backreferences and no look-around (such a pattern is refused), and its ``\\d``, ``\\w`` and
+    ``\\s`` are ASCII.  Raises ``re2.error``."""
+    compiled: Pattern = re2.compile(source, _RE2_OPTIONS)
+    return compiled
+
+
+def pattern_or_refusal(source: str, where: str) -> Pattern:
+    """``source`` compiled (:func:`compile_pattern`), or :class:`ConfigurationError` naming ``where``."""
+    try:
+        return compile_pattern(source)
+    except re2.error as exc:
+        reason = (
+            exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        )
+        raise ConfigurationError(f"{where}: invalid regular expression (RE2 syntax): {reason}") from None
