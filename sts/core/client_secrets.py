@@ -141,7 +141,11 @@ def check_secrets(candidates: Sequence[str], stored: str | None) -> bool:
     the CPU busy, and the check's time told which clients have one).  So a secret that verified
     once is recognised by a keyed digest afterwards (microseconds), and for :data:`FAILURE_PAUSE`
     seconds after a failure such a hash checks no other secret (:class:`SecretChecksPaused`:
-    the caller answers ``503``, to retry): at most one slow check per hash and pause."""
+    the caller answers ``503``, to retry): at most one slow check per hash and pause.  A client
+    with a slow hash still shows (the first wrong secret's time, then the pause's ``503``) where an
+    unregistered ``client_id`` answers ``401`` at once: checking unknown ids slowly too would give
+    anyone unbounded PBKDF2 work.  Client ids are not secret (RFC 6749 §2.2); generated secrets
+    (``sha256$``) cost a known and an unknown id the same (docs/configuration.md)."""
     slow = stored is not None and stored.startswith("pbkdf2-sha256$")
     if not slow or stored is None:
         ok = False
