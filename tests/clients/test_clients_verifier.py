@@ -233,6 +233,43 @@ def test_an_auth_time_that_is_no_finite_number_is_refused(
     assert info.value.reason == "token.invalid_claim" and info.value.status == 401
 
 
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [("exp", "1" + "0" * 400), ("iat", "1" + "0" * 400), ("nbf", "1" + "0" * 400), ("client_id", "7")],
+)
+def test_time_claims_beyond_a_float_and_a_numeric_client_id_are_refused(
+    fake: FakeAuthorizationServer, verifier: TokenVerifier, claim: str, value: str
+) -> None:
+    """An ``exp`` of 10**400 was accepted (joserfc compares the integer as it is), and with
+    introspection failed with OverflowError; ``client_id: 7`` was read as "7".  The STS refuses
+    both (an outside audit); RFC 7519 §2 NumericDate, RFC 9068 §2.2."""
+    from joserfc import jws
+
+    good = fake.mint(nbf=1234567890)
+    payload = json.loads(base64.urlsafe_b64decode(good.split(".")[1] + "=="))
+    text = json.dumps({**payload, claim: "@@"}, separators=(",", ":")).replace('"@@"', value)
+    header = {"typ": "at+jwt", "alg": "ES256", "kid": fake.key.kid}
+    token = jws.serialize_compact(header, text.encode(), fake.key, algorithms=["ES256"])
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify("GET", URL, bearer(token))
+    assert info.value.reason in ("token.invalid_claim", "token.claims") and info.value.status == 401
+
+
+def test_a_null_cnf_is_never_a_bearer_token(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
+    """``"cnf": null`` was read as no cnf, and the token accepted as a bearer token; the STS refuses
+    it (an outside audit; RFC 9449 §7.1)."""
+    from joserfc import jws
+
+    payload = json.loads(base64.urlsafe_b64decode(fake.mint().split(".")[1] + "=="))
+    text = json.dumps({**payload, "cnf": None}, separators=(",", ":"))
+    header = {"typ": "at+jwt", "alg": "ES256", "kid": fake.key.kid}
+    token = jws.serialize_compact(header, text.encode(), fake.key, algorithms=["ES256"])
+    for scheme in ("Bearer", "DPoP"):
+        with pytest.raises(InvalidToken) as info:
+            verifier.verify("GET", URL, [("Authorization", f"{scheme} {token}")])
+        assert info.value.reason == "token.unsupported_cnf", scheme
+
+
 def test_exp_and_nbf_allow_the_leeway(fake: FakeAuthorizationServer, verifier: TokenVerifier) -> None:
     now = time.time()
     expired_recently = fake.mint(now=now - 320, lifetime=300)  # expired 20 s ago, leeway 30
@@ -377,6 +414,30 @@ def test_step_up_challenge_when_attestation_is_older_than_max_age(
 @pytest.fixture
 def bound(fake: FakeAuthorizationServer, client_key: ECKey) -> str:
     return fake.mint(jkt=client_key.thumbprint())
+
+
+@pytest.mark.parametrize(
+    ("claims", "accepted"),
+    [
+        ({"exp": -120}, False),  # its own exp passed two minutes ago
+        ({"nbf": 3600}, False),  # not valid for an hour
+        ({"exp": "soon"}, False),
+        ({"exp": 60, "nbf": -5}, True),
+    ],
+)
+def test_a_proof_is_not_accepted_outside_its_own_exp_and_nbf(
+    verifier: TokenVerifier, bound: str, client_key: ECKey, claims: dict[str, Any], accepted: bool
+) -> None:
+    """RFC 7519 §4.1.4-5: a proof that sets exp or nbf was accepted outside them (the STS refuses
+    them: an outside audit)."""
+    now = int(time.time())
+    timed = {name: now + offset if isinstance(offset, int) else offset for name, offset in claims.items()}
+    proof = sign_proof(client_key, token=bound, claims=timed)
+    if accepted:
+        assert verifier.verify("POST", URL, dpop_headers(bound, proof)).jkt == client_key.thumbprint()
+    else:
+        with pytest.raises(InvalidDPoPProof):
+            verifier.verify("POST", URL, dpop_headers(bound, proof))
 
 
 def test_a_valid_dpop_request_passes(verifier: TokenVerifier, bound: str, client_key: ECKey) -> None:

@@ -126,12 +126,18 @@ def verify_access_token_jwt(
     # joserfc compares iss with ==; make sure it is the exact string (RFC 8725 §3.8).
     if claims.get("iss") != issuer or not isinstance(claims.get("iss"), str):
         raise InvalidToken("token.iss", scheme=scheme)
-    # joserfc checks exp, nbf and iat are finite numbers, not auth_time (RFC 7519 §2 NumericDate; a
-    # JSON 1e999 reads as infinity, and made the verifier fail with OverflowError: an outside audit).
-    # An integer too large for a float (10**400) raised OverflowError there too.
-    auth_time = claims.get("auth_time")
-    if auth_time is not None and not _numeric_date(auth_time):
-        raise InvalidToken("token.invalid_claim", "auth_time", scheme=scheme)
+    # RFC 7519 §2 NumericDate: a JSON 1e999 reads as infinity, and made the verifier fail with
+    # OverflowError (an outside audit); an integer too large for a float (10**400) too.
+    # joserfc left an ``exp`` of 10**400 (an integer) compared as it was, so such a token was
+    # accepted and then failed with OverflowError (an outside audit); each time claim must be a
+    # number a float holds, as at the STS.
+    for name in ("exp", "iat", "nbf", "auth_time"):
+        value = claims.get(name)
+        if (value is not None or name in ("exp", "iat")) and not _numeric_date(value):
+            raise InvalidToken("token.invalid_claim", name, scheme=scheme)
+    # RFC 9068 §2.2, RFC 8693 §4.3: client_id is a string (a number was read as its text).
+    if not isinstance(claims.get("client_id"), str):
+        raise InvalidToken("token.invalid_claim", "client_id", scheme=scheme)
     return claims
 
 
@@ -154,7 +160,7 @@ def access_token_from_claims(claims: dict[str, Any], jkt: str | None) -> Verifie
     acr = claims.get("acr")
     return VerifiedAccessToken(
         subject=claims["sub"],
-        client_id=str(claims["client_id"]),
+        client_id=claims["client_id"],
         audience=(aud,) if isinstance(aud, str) else tuple(aud),
         scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
         issued_at=int(claims["iat"]),

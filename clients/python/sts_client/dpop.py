@@ -306,6 +306,16 @@ def check_proof(
         raise InvalidDPoPProof("dpop.iat_future")
     if iat < now - max_age:
         raise InvalidDPoPProof("dpop.iat_stale")
+    # RFC 7519 §4.1.4-5: a proof that sets exp or nbf is not accepted outside them (a client that
+    # shortens its proofs' life keeps that protection; the STS refuses them too: an outside audit).
+    for name in ("exp", "nbf"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise InvalidDPoPProof(f"dpop.{name}")
+        if (name == "exp" and value <= now - leeway) or (name == "nbf" and value > now + leeway):
+            raise InvalidDPoPProof(f"dpop.{name}")
     # §4.3 (12) / §7.1: ath binds the proof to this access token.
     if access_token is not None:
         ath = claims.get("ath")

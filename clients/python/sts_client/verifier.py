@@ -296,13 +296,17 @@ class TokenVerifier:
 
         The thumbprint of the key the token is bound to, and the proof's nonce.
         """
+        if "cnf" in claims and not isinstance(claims["cnf"], dict):
+            # ``"cnf": null`` (or any other non-object) is no absent cnf: never a bearer token
+            # (RFC 9449 §7.1; the STS refuses it too: an outside audit).
+            raise InvalidToken("token.unsupported_cnf", scheme=scheme)
         cnf = claims.get("cnf")
-        if cnf is None or (isinstance(cnf, dict) and "jkt" not in cnf):
+        if cnf is None or "jkt" not in cnf:
             # Unbound, or bound to a certificate only (checked by _check_certificate).
             if scheme == "DPoP":
                 raise InvalidToken("token.not_dpop_bound", scheme=scheme)
             return None, None
-        jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+        jkt = cnf.get("jkt")
         if not isinstance(jkt, str) or not jkt:
             # A confirmation we cannot check: refuse, never ignore.
             raise InvalidToken("token.unsupported_cnf", scheme=scheme)
@@ -385,9 +389,9 @@ def _check_certificate(claims: Mapping[str, Any], certificate: ClientCertificate
     the mutual-TLS connection of that certificate; a mismatch is 401 ``invalid_token``.  A ``cnf``
     naming any other method, or none, is refused: it cannot be checked here, and ignoring it
     would take a bound token for a bearer token."""
-    cnf = claims.get("cnf")
-    if cnf is None:
+    if "cnf" not in claims:
         return
+    cnf = claims["cnf"]
     if not isinstance(cnf, dict) or not cnf or not set(cnf) <= _CHECKED_CNF:
         raise InvalidToken("token.unsupported_cnf", scheme=scheme)
     if "x5t#S256" not in cnf:
