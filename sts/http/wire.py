@@ -193,9 +193,10 @@ def parse_query(environ: Mapping[str, Any]) -> dict[str, list[str]]:
     query = environ.get("QUERY_STRING")
     if not query:
         return {}  # The usual case: nothing to parse.
-    return _multi(
-        parse_qsl(query.encode("latin1").decode(), keep_blank_values=True, errors="werkzeug.url_quote")
-    )
+    # Bytes that are no UTF-8 are replaced, as werkzeug does: they raised UnicodeDecodeError, a 500,
+    # under WSGI servers that pass them on (an outside fuzzing run; granian refuses them first).
+    text = query.encode("latin1", "replace").decode("utf-8", "replace")
+    return _multi(parse_qsl(text, keep_blank_values=True, errors="werkzeug.url_quote"))
 
 
 def read_request(mtls_header: str | None, refuse_early: RefuseEarly) -> WireRequest:

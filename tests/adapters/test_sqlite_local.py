@@ -301,3 +301,37 @@ def test_a_child_forked_while_another_thread_holds_the_connection_can_use_its_ow
     finally:
         release.set()
         holder.join(10)
+
+
+def test_an_engine_let_go_is_garbage_and_its_checkpoint_thread_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process's connection (and the checkpoint thread's) held its pool, the pool its engine,
+    and the registry keyed weakly by that engine kept it for ever, with a checkpoint thread waking
+    every few seconds: a test run's thousand apps left a thousand threads fighting for the
+    interpreter lock (the suite ran 25 minutes instead of 10; so did the ledger mark's map)."""
+    import gc
+    import weakref
+
+    from sts.adapters.sql.audit_sink import SqlAuditSink
+    from sts.adapters.sql.ledger_mark import ledger_mark
+
+    monkeypatch.setattr(sqlite_local, "_MAX_INTERVAL", 0.05)
+    before = {t for t in threading.enumerate() if t.name == "sts-wal-checkpoint"}
+    engine = make_engine(f"sqlite:///{tmp_path / 'state.sqlite'}")
+    upgrade(engine)
+    assert ledger_mark(engine) is not None  # the mark's map, keyed by the engine, too
+    SqlAuditSink(engine)
+    cache = SqlReplayCache(engine)
+    for n in range(3):
+        assert cache.first_use("dpop", f"jti-{n}", NOW + 60, NOW)
+    started = {t for t in threading.enumerate() if t.name == "sts-wal-checkpoint"} - before
+    assert started, "no checkpoint thread started"
+    gone = weakref.ref(engine)
+    del engine, cache
+    deadline = time.monotonic() + 5
+    while (gone() is not None or any(t.is_alive() for t in started)) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert gone() is None, "the engine is still referenced"
+    assert not any(t.is_alive() for t in started)

@@ -855,3 +855,17 @@ def test_the_github_request_token_goes_only_over_tls() -> None:
     }
     with pytest.raises(AttestationUnavailable, match="https"):
         GitHubActionsAttestation("https://sts.example.com", environ=env).fetch()
+
+
+@pytest.mark.parametrize(
+    ("max_age", "read"), [("60", 60), ("9" * 10, 9_999_999_999), ("1" * 4301, None), ("", None)]
+)
+def test_a_step_up_challenges_max_age_is_read_only_when_usable(max_age: str, read: int | None) -> None:
+    """A max_age of 4,301 digits made int() raise ValueError out of StsAuth (an outside fuzzing
+    run); a value that is no usable number of seconds is read as none, as a malformed one is."""
+    from sts_client.challenges import parse_challenges
+    from sts_client.workload import _asked_by
+
+    header = f'Bearer error="insufficient_user_authentication", max_age="{max_age}"'
+    [challenge] = parse_challenges(header)
+    assert _asked_by(challenge, "https://rs.example.com/x").max_age == read

@@ -169,3 +169,20 @@ def test_form_pairs_are_what_parse_qsl_gives_for_random_forms() -> None:
         ]
         text = "&".join(fields)
         assert form_pairs(text) == parse_qsl(text, keep_blank_values=True, errors="werkzeug.url_quote"), text
+
+
+@pytest.mark.parametrize("path", ["/token", "/introspect", "/revoke"])
+def test_a_query_string_that_is_no_utf8_is_refused_not_a_500(client: Any, path: str) -> None:
+    """A WSGI server that passes such bytes on (granian refuses them first) got a 500 from a
+    UnicodeDecodeError (an outside fuzzing run): any query parameter is refused, 400."""
+    environ = {"QUERY_STRING": b"x=%ff\xff\xfe".decode("latin1")}
+    response = client.post(path, data={"grant_type": "x"}, environ_overrides=environ)
+    assert response.status_code in (400, 401), response.get_json()
+    assert response.get_json()["error"] in ("invalid_request", "invalid_client")
+
+
+def test_parse_query_reads_bytes_that_are_no_utf8() -> None:
+    from sts.http.wire import parse_query
+
+    query = b"a=1&b=\xff\xfe".decode("latin1")  # as a WSGI server passes raw bytes (PEP 3333)
+    assert parse_query({"QUERY_STRING": query}) == {"a": ["1"], "b": ["\ufffd\ufffd"]}

@@ -193,7 +193,10 @@ class StsAuth(WorkloadTokens, AuthBase):
 def _asked_by(challenge: Challenge, url: str) -> StepUpRequest:
     """RFC 9470 §3: what an ``insufficient_user_authentication`` challenge asks for."""
     raw_age = challenge.params.get("max_age")
-    max_age = int(raw_age) if raw_age is not None and raw_age.isascii() and raw_age.isdigit() else None
+    # Seconds: ten digits at most (4,301 made int() raise ValueError, out of StsAuth: an outside
+    # fuzzing run); a longer value is no usable max_age, as a malformed one is not.
+    usable = raw_age is not None and raw_age.isascii() and raw_age.isdigit() and len(raw_age) <= 10
+    max_age = int(raw_age) if usable and raw_age is not None else None
     return StepUpRequest(
         parse_acr_values(challenge.params.get("acr_values")), max_age, f"the resource server {origin_of(url)}"
     )

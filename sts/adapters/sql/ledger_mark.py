@@ -70,7 +70,9 @@ class LedgerMark:
         #: This process's SQLite files, checked before a credential is (see :meth:`check_use`).
         self.watched = watched
         self.path = path
-        self._engine = engine
+        # Weakly: the mark is the value of a weak-keyed map keyed by this engine (_MARKS), which a
+        # strong reference would keep alive for ever, and with it the engine's threads.
+        self._engine = weakref.ref(engine) if engine is not None else None
         self._noticed = False
         self._map: mmap.mmap | None = None
         #: Why the mark file could not be opened, while it cannot; None once open.
@@ -118,8 +120,9 @@ class LedgerMark:
                     opened, self.problem = None, str(exc)
                 if opened is not None:
                     try:
-                        if self._engine is not None:
-                            _check(opened, self._engine, now)
+                        engine = self._engine() if self._engine is not None else None
+                        if engine is not None:
+                            _check(opened, engine, now)
                     except SQLAlchemyError as exc:
                         opened.close()
                         self.problem = f"the database could not be checked against it: {type(exc).__name__}"

@@ -119,10 +119,12 @@ def _sqlite(proxy: Any) -> sqlite3.Connection:
 class _Held:
     """The process's connection, its cursor, and the engine generation it was opened in."""
 
-    __slots__ = ("__weakref__", "busy", "conn", "cursor", "generation", "pid", "proxy", "set_up")
+    __slots__ = ("__weakref__", "busy", "conn", "cursor", "generation", "pid", "set_up")
 
     def __init__(self, proxy: Any, generation: int) -> None:
-        self.proxy = proxy
+        # The driver's connection only, not the pool's proxy of it (detached: the pool has let it
+        # go): the proxy holds its pool, and through the pool's listeners its engine, which the
+        # registry (keyed weakly by the engine) could then never let go, with its threads.
         self.conn = _sqlite(proxy)
         self.cursor = self.conn.cursor()
         self.generation = generation
@@ -133,7 +135,7 @@ class _Held:
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
-            self.proxy.close()
+            self.conn.close()
 
 
 class _Slot:
@@ -327,14 +329,22 @@ class WalCheckpoints:
                 wake.set()
 
     def _run(self, wake: threading.Event, stop: threading.Event) -> None:
-        conn = None
+        conn: sqlite3.Connection | None = None
         try:
             while True:
                 wake.wait(_MAX_INTERVAL)
                 wake.clear()
-                if stop.is_set():
+                if stop.is_set() or self._engine() is None:
+                    # Stopped, or its engine is gone (garbage, never disposed of: a test suite's
+                    # thousand apps left as many threads, all waking every few seconds).
                     return
                 if not self._writes:
+                    # Idle: the connection goes, since through its pool it holds the engine, which
+                    # could then never be garbage; the next checkpoint opens another.
+                    if conn is not None:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.close()
+                        conn = None
                     continue
                 self._writes = 0
                 engine = self._engine()
@@ -342,11 +352,13 @@ class WalCheckpoints:
                     return
                 try:
                     if conn is None:
-                        conn = engine.raw_connection()
-                        conn.detach()
+                        proxy = engine.raw_connection()
+                        proxy.detach()
+                        conn = _sqlite(proxy)  # the driver's alone (see _Held)
+                        del proxy
                         # A restart waits this long (ms) for the writer and the readers of the moment.
-                        _sqlite(conn).execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
-                    checkpoint(_sqlite(conn))
+                        conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+                    checkpoint(conn)
                     self.runs += 1
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
                     log.debug("WAL checkpoint not run: %s", exc)
