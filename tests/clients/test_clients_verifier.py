@@ -440,6 +440,24 @@ def test_a_proof_is_not_accepted_outside_its_own_exp_and_nbf(
             verifier.verify("POST", URL, dpop_headers(bound, proof))
 
 
+@pytest.mark.parametrize("value", ["null", "1e999", "-1e999", "NaN", "1" + "0" * 400, "true"])
+@pytest.mark.parametrize("name", ["exp", "nbf"])
+def test_a_proofs_exp_or_nbf_that_is_no_numeric_date_is_refused(
+    verifier: TokenVerifier, bound: str, client_key: ECKey, name: str, value: str
+) -> None:
+    """RFC 7519 §2: a NumericDate is a finite number; the STS refuses a proof whose exp or nbf is
+    null, infinite or beyond a float, and the library accepted it (an outside re-check)."""
+    from joserfc import jws
+
+    body = {"jti": uuid.uuid4().hex, "htm": "POST", "htu": URL, "iat": int(time.time()), "ath": ath(bound)}
+    text = json.dumps({**body, name: "@@"}, separators=(",", ":")).replace('"@@"', value)
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": client_key.as_dict(private=False)}
+    proof = jws.serialize_compact(header, text.encode(), client_key, algorithms=["ES256"])
+    with pytest.raises(InvalidDPoPProof) as info:
+        verifier.verify("POST", URL, dpop_headers(bound, proof))
+    assert info.value.reason in (f"dpop.{name}", "dpop.malformed")  # (NaN: no JSON the parser reads)
+
+
 def test_a_valid_dpop_request_passes(verifier: TokenVerifier, bound: str, client_key: ECKey) -> None:
     result = verifier.verify("POST", URL, dpop_headers(bound, sign_proof(client_key, token=bound)))
     assert result.jkt == client_key.thumbprint()

@@ -869,3 +869,21 @@ def test_a_step_up_challenges_max_age_is_read_only_when_usable(max_age: str, rea
     header = f'Bearer error="insufficient_user_authentication", max_age="{max_age}"'
     [challenge] = parse_challenges(header)
     assert _asked_by(challenge, "https://rs.example.com/x").max_age == read
+
+
+@pytest.mark.parametrize("auth_time", ["1" + "0" * 400, "-1e999", "1e999", "NaN", '"1"'])
+def test_a_renewed_tokens_auth_time_that_is_no_numeric_date_is_no_attestation_time(auth_time: str) -> None:
+    """A broken STS's ``auth_time`` of 10**400, an infinity or NaN raised OverflowError or ValueError
+    out of StsAuth when it weighed the renewed token against a step-up's max_age (an outside
+    re-check); such a value tells no attestation time: the token does not meet the max_age."""
+    from sts_client.assurance import StepUpRequest
+    from sts_client.exchange import IssuedToken
+    from sts_client.workload_tokens import WorkloadTokens, token_summary
+
+    payload = base64.urlsafe_b64encode(f'{{"auth_time":{auth_time}}}'.encode()).rstrip(b"=").decode()
+    token = IssuedToken(f"eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln", "Bearer", 300, time.time())
+    assert "attested" not in token_summary(token)
+    asked = StepUpRequest((), 60, "the resource server https://rs.example.com")
+    tokens = WorkloadTokens.__new__(WorkloadTokens)
+    tokens._clock = time.time
+    assert tokens._meets(token, asked) is False

@@ -309,10 +309,12 @@ def check_proof(
     # RFC 7519 §4.1.4-5: a proof that sets exp or nbf is not accepted outside them (a client that
     # shortens its proofs' life keeps that protection; the STS refuses them too: an outside audit).
     for name in ("exp", "nbf"):
-        value = claims.get(name)
-        if value is None:
+        if name not in claims:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        value = claims[name]
+        # A NumericDate (RFC 7519 §2): a finite number a float holds; null, NaN, 1e999 and 10**400
+        # are refused, as the STS refuses them (an outside re-check).
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             raise InvalidDPoPProof(f"dpop.{name}")
         if (name == "exp" and value <= now - leeway) or (name == "nbf" and value > now + leeway):
             raise InvalidDPoPProof(f"dpop.{name}")
@@ -333,6 +335,13 @@ def check_proof(
     return CheckedProof(
         jkt=key.thumbprint(), jti=jti, iat=math.ceil(iat), nonce=nonce if isinstance(nonce, str) else None
     )
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer no float holds
+        return False
 
 
 # -- jti replay cache ------------------------------------------------------------------------------

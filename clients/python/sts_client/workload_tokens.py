@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -221,8 +222,8 @@ class WorkloadTokens:
             return False
         if asked.max_age is None:
             return True
-        auth_time = claims.get("auth_time")
-        return isinstance(auth_time, int | float) and self._clock() - auth_time <= asked.max_age
+        auth_time = _seconds(claims.get("auth_time"))
+        return auth_time is not None and self._clock() - auth_time <= asked.max_age
 
     def _exchange_once(self) -> IssuedToken:
         subject_token = self.attestation.fetch()
@@ -283,10 +284,23 @@ def _unverified_claims(token: str) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
+def _seconds(value: object) -> float | None:
+    """A NumericDate (RFC 7519 §2) as a float; None for anything else: a string, a boolean, or a
+    number no float holds or no finite one (a broken STS's ``10**400`` or ``NaN`` raised out of
+    StsAuth: an outside re-check)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
 def token_summary(token: IssuedToken) -> str:
     claims = _unverified_claims(token.access_token) or {}
-    auth_time = claims.get("auth_time")
-    age = f", attested {int(time.time() - auth_time)} s ago" if isinstance(auth_time, int | float) else ""
+    auth_time = _seconds(claims.get("auth_time"))
+    age = f", attested {int(time.time() - auth_time)} s ago" if auth_time is not None else ""
     return f"acr {claims.get('acr') or 'none'}{age}"
 
 
