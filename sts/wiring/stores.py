@@ -37,7 +37,7 @@ from ..core.ports import (
     SubjectStateStore,
 )
 from ..core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
-from ..settings import Settings
+from ..settings import MAX_SESSION_LIFETIME, Settings
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,11 @@ def open_stores(settings: Settings, engine: Engine, clock: Callable[[], float]) 
         RedisRevokedTokens(redis_client),
         SqlRevokedTokens(engine, clock=clock),
         epoch,
-        max_lifetime=settings.max_lifetime + settings.leeway,
+        # What is revoked there is read from the database for as long as it can matter after a
+        # Redis loss: a token's lifetime, and with the review page a sign-out's (the sessions share
+        # the store; only a token's lifetime brought a signed-out session back: a re-check).
+        max_lifetime=max(settings.max_lifetime, MAX_SESSION_LIFETIME if settings.review.enabled else 0)
+        + settings.leeway,
         clock=clock,
     )
     return Stores(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -664,3 +664,53 @@ def test_records_with_members_of_other_types_are_never_a_500(review: Review, edi
         response = review.web.get(path, query_string=query)
         assert response.status_code in (200, 503), (path, response.status_code)
         assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_a_signed_out_session_stays_out_when_the_lifetime_is_raised(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The sign-out was kept for the lifetime set at the time, the cookie checked against the one
+    set now: raising ``session_lifetime`` brought a signed-out session back once the first had
+    passed (a re-check).  It is kept as long as any setting lets a session last."""
+    users = [{"username": REVIEWER, "password_hash": hash_secret(PASSWORD)}]
+    clock = Clock(float(int(time.time())))
+    short = make_settings(review_policy(), **review_settings(review={"enabled": True, "users": users,
+                                                                     "session_lifetime": 300}))  # fmt: skip
+    app = create_app(short, clock=clock)
+    one = Review(app, app.test_client(), clock, {})
+    assert one.sign_in().status_code == 303
+    session = one.web.get_cookie("sts_review", path="/review")
+    assert session is not None
+    csrf = re.search(r'name="csrf" value="([^"]+)"', one.page("/review/"))
+    assert csrf is not None
+    assert one.web.post("/review/logout", data={"csrf": csrf.group(1)}).status_code == 303
+    longer = replace(short, review=replace(short.review, session_lifetime=86400))
+    copy = create_app(longer, clock=clock).test_client()
+    copy.set_cookie("sts_review", session.value, path="/review")
+    assert copy.get("/review/timeline").status_code == 401
+    clock.now += 301
+    assert copy.get("/review/timeline").status_code == 401
+
+
+def test_with_redis_sign_outs_are_read_from_the_database_as_long_as_a_session_lasts(
+    make_settings: Callable[..., Settings], fresh_redis_url: str
+) -> None:
+    """After a Redis loss, what was revoked is read from the database for a token's lifetime: a
+    signed-out review session (up to 24 h) came back an hour after the loss (a re-check)."""
+    from sts.adapters.sql.engines import make_engine
+    from sts.migrations import upgrade
+    from sts.settings import MAX_SESSION_LIFETIME
+    from sts.wiring.stores import open_stores
+
+    settings = make_settings(review_policy(), **review_settings(store="redis", redis_url=fresh_redis_url))
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    try:
+        stores = open_stores(settings, engine, time.time)
+        assert getattr(stores.revoked, "max_lifetime", 0) >= MAX_SESSION_LIFETIME
+        without = replace(settings, review=replace(settings.review, enabled=False))
+        assert (
+            getattr(open_stores(without, engine, time.time).revoked, "max_lifetime", 0) < MAX_SESSION_LIFETIME
+        )
+    finally:
+        engine.dispose()
