@@ -60,11 +60,12 @@ from ..core.client_secrets import hash_secret, verify_secret
 from ..core.ports import BaselineStore, RevokedTokens, StoreUnavailable
 from ..core.subject_state import identity_key
 from ..errors import RateLimited, TemporarilyUnavailable
-from ..settings import MAX_SESSION_LIFETIME
 from . import review_svg
 from .review_text import visible
 
 log = logging.getLogger(__name__)
+#: The longest a sign-in may last (``review.session_lifetime``'s maximum in the config schema).
+MAX_SESSION_LIFETIME = 86400
 
 PREFIX = "/review"
 SESSION_COOKIE = "sts_review"
@@ -293,8 +294,7 @@ def blueprint(
             return page("review/error.html", 400, message="The sign-out form expired; please try again.")
         try:
             if config.ended is not None:
-                # Kept as long as any setting lets a session last: kept only for the lifetime set
-                # now, a session signed out came back once the setting was raised (a re-check).
+                # As long as any setting lets a session last (a raised lifetime revived it: a re-check).
                 config.ended.revoke(_session_key(g.review_csrf), clock() + MAX_SESSION_LIFETIME)
         except StoreUnavailable:
             return page("review/error.html", 503, message="Could not sign out just now; please try again.")

@@ -93,10 +93,6 @@ class ReviewUser:
     password_hash: str = field(repr=False)
 
 
-#: The longest a review sign-in may last (``review.session_lifetime``'s maximum in the schema).
-MAX_SESSION_LIFETIME = 86400
-
-
 @dataclass(frozen=True)
 class ReviewSettings:
     """The review page (``/review/``): off unless enabled, with its own users."""

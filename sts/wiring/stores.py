@@ -37,7 +37,8 @@ from ..core.ports import (
     SubjectStateStore,
 )
 from ..core.rate_limit import NO_LIMITS, Limit, RateLimiter, RateLimitPolicy
-from ..settings import MAX_SESSION_LIFETIME, Settings
+from ..http.review import MAX_SESSION_LIFETIME
+from ..settings import Settings
 
 
 @dataclass(frozen=True)

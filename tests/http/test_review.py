@@ -698,8 +698,8 @@ def test_with_redis_sign_outs_are_read_from_the_database_as_long_as_a_session_la
     """After a Redis loss, what was revoked is read from the database for a token's lifetime: a
     signed-out review session (up to 24 h) came back an hour after the loss (a re-check)."""
     from sts.adapters.sql.engines import make_engine
+    from sts.http.review import MAX_SESSION_LIFETIME
     from sts.migrations import upgrade
-    from sts.settings import MAX_SESSION_LIFETIME
     from sts.wiring.stores import open_stores
 
     settings = make_settings(review_policy(), **review_settings(store="redis", redis_url=fresh_redis_url))
