@@ -228,12 +228,12 @@ def blueprint(
         g.review_user, g.review_csrf = found
         return None
 
-    @bp.after_request
+    @bp.after_app_request  # every answer under /review, the app's own 404 and 405 there too (a re-check)
     def headers(response: Response) -> Response:
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["X-Content-Type-Options"] = "nosniff"
+        if not request.path.lstrip("/").startswith(PREFIX.lstrip("/")):
+            return response
+        response.headers.update({"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer"})
+        response.headers.update({"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"})
         if config.secure_cookie:  # An https issuer: browsers keep to https (RFC 6797).
             response.headers["Strict-Transport-Security"] = "max-age=31536000"
         if request.endpoint != "review.stylesheet":

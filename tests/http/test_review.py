@@ -714,3 +714,23 @@ def test_with_redis_sign_outs_are_read_from_the_database_as_long_as_a_session_la
         )
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("get", "/review/nope"), ("get", "/review/timeline/"), ("get", "/review/logout"), ("put", "/review/")],
+)
+def test_the_apps_own_errors_under_review_carry_the_pages_headers(
+    review: Review, method: str, path: str
+) -> None:
+    """Routing's 404 and 405 under /review had no CSP nor frame headers (an outside audit; the module
+    promises them on every answer there)."""
+    response = getattr(review.web, method)(path)
+    assert response.status_code in (404, 405)
+    assert response.headers["Content-Security-Policy"] and response.headers["X-Frame-Options"] == "DENY"
+    assert (
+        response.headers["Referrer-Policy"] == "no-referrer"
+        and response.headers["Cache-Control"] == "no-store"
+    )
+    outside = review.web.get("/nope")
+    assert outside.status_code == 404 and "Content-Security-Policy" not in outside.headers
