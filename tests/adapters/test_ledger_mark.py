@@ -36,7 +36,9 @@ def _open(path: Path) -> tuple[SqlAuditSink, SqlSingleUseLedger]:
     return sink, SqlSingleUseLedger(sink)
 
 
-def test_an_older_copy_restored_refuses_the_credentials_it_may_have_forgotten(tmp_path: Path) -> None:
+def _an_older_copy_restored(tmp_path: Path) -> tuple[Path, SingleUse, float]:
+    """A database whose backup was taken after one grant, then one more grant (``spent``), then
+    the service stopped and the older copy restored (without the old -wal and -shm)."""
     database = tmp_path / "sts.sqlite"
     sink, ledger = _open(database)
     now = time.time()
@@ -47,10 +49,14 @@ def test_an_older_copy_restored_refuses_the_credentials_it_may_have_forgotten(tm
     spent = SingleUse("subject_token:github", "spent", now + 300, now - 30)
     _grant(ledger, spent, now + 1)
     sink.engine.dispose()
-    # The service stopped; the older copy restored (without the old -wal and -shm).
     for suffix in ("", "-wal", "-shm"):
         Path(f"{database}{suffix}").unlink(missing_ok=True)
     shutil.copy(tmp_path / "backup.sqlite", database)
+    return database, spent, now
+
+
+def test_an_older_copy_restored_refuses_the_credentials_it_may_have_forgotten(tmp_path: Path) -> None:
+    database, spent, now = _an_older_copy_restored(tmp_path)
 
     sink, ledger = _open(database)  # a new process: it checks the database against the mark
     later = time.time() + 2
@@ -168,19 +174,7 @@ def test_a_mark_that_opens_late_refuses_until_the_restore_check_is_done(
 
     from sts.adapters.sql import ledger_mark as module
 
-    database = tmp_path / "sts.sqlite"
-    sink, ledger = _open(database)
-    now = time.time()
-    _grant(ledger, SingleUse("subject_token:github", "warm-up", now + 300, now - 60), now)
-    sink.engine.dispose()
-    shutil.copy(database, tmp_path / "backup.sqlite")
-    sink, ledger = _open(database)
-    spent = SingleUse("subject_token:github", "spent", now + 300, now - 30)
-    _grant(ledger, spent, now + 1)
-    sink.engine.dispose()
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{database}{suffix}").unlink(missing_ok=True)
-    shutil.copy(tmp_path / "backup.sqlite", database)
+    database, spent, now = _an_older_copy_restored(tmp_path)
     mark_file = Path(f"{database}.ledger-mark")
     kept = mark_file.read_bytes()
     mark_file.unlink()
