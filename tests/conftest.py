@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -196,3 +197,13 @@ def exchange_form(subject_token: str, **params: Any) -> dict[str, Any]:
 
 def now() -> float:
     return time.time()
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """The common default umask (022), under which a file created 0644 would be world-readable."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +109,6 @@ def test_unreachable_database_raises(tmp_path: Path) -> None:
     sink = SqlAuditSink(engine)  # schema never created: the insert fails for real
     with pytest.raises(AuditUnavailable):
         sink.write(_record())
-
-
-@pytest.fixture
-def permissive_umask() -> Iterator[None]:
-    """The common default umask (022), under which a file created 0644 would be world-readable."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 def _modes(database: Path) -> dict[str, int]:

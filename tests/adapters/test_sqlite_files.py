@@ -14,7 +14,6 @@ import json
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,16 +29,6 @@ OTHER_UID = 65534
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
-
-
-@pytest.fixture
-def permissive_umask() -> Iterator[None]:
-    """The common default umask (022), under which a file created 0644 would be world-readable."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 @pytest.fixture
