@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -153,7 +154,14 @@ def loads_or_none(text: str | None) -> Any:
 #: Compare-and-swap tries of :meth:`SqlBaselineStore.add_failure` and
 #: :meth:`SqlBaselineStore.update_drift` before giving up (the refusal or the probation step then
 #: goes unrecorded, logged, as when the store is unavailable).
-_SWAP_TRIES = 16
+_SWAP_TRIES = 32
+
+
+def _after_a_lost_swap(attempt: int) -> None:
+    """A short random pause after a lost compare and swap, longer with each: writers that keep
+    colliding spread out (of 8 threads refusing at one instant, one lost 16 swaps in a row now and
+    then, in a CI run)."""
+    time.sleep(random.uniform(0, 0.0005 * min(attempt + 1, 8)))  # noqa: S311 - not security relevant
 
 
 class SqlBaselineStore:
@@ -235,7 +243,7 @@ class SqlBaselineStore:
         if self._with_states is not None:
             self._with_states.forget()
         key = store_key(identity)
-        for _ in range(_SWAP_TRIES):
+        for attempt in range(_SWAP_TRIES):
             now = self._clock()
             rows = self._kv.query(self._read, (key,))
             if not rows:  # the first refusal: a row of its own, unless another was made meanwhile
@@ -247,6 +255,7 @@ class SqlBaselineStore:
             new = failures_to_json(appended_failure(earlier, at))
             if self._kv.run(self._swap_failures, (new, now + ttl, now, now, key, old)) == 1:
                 return
+            _after_a_lost_swap(attempt)
         raise StoreUnavailable("the refusals kept changing")
 
     def update_drift(self, identity: str, change: Callable[[Baseline], Baseline], ttl: int) -> None:
@@ -257,7 +266,7 @@ class SqlBaselineStore:
         if self._with_states is not None:
             self._with_states.forget()
         key = store_key(identity)
-        for _ in range(_SWAP_TRIES):
+        for attempt in range(_SWAP_TRIES):
             now = self._clock()
             rows = self._kv.query(self._read, (key,))
             live = bool(rows) and rows[0][3] > now
@@ -272,6 +281,7 @@ class SqlBaselineStore:
                 continue
             if self._kv.run(self._swap_drift, (new, now + ttl, now, now, key, rows[0][2])) == 1:
                 return
+            _after_a_lost_swap(attempt)
         raise StoreUnavailable("the drift state kept changing")
 
 
