@@ -697,11 +697,17 @@ def test_with_redis_sign_outs_are_read_from_the_database_as_long_as_a_session_la
 ) -> None:
     """After a Redis loss, what was revoked is read from the database for a token's lifetime: a
     signed-out review session (up to 24 h) came back an hour after the loss (a re-check)."""
+    import json as json_module
+    from importlib import resources
+
     from sts.adapters.sql.engines import make_engine
     from sts.http.review import MAX_SESSION_LIFETIME
     from sts.migrations import upgrade
     from sts.wiring.stores import open_stores
 
+    schema = json_module.loads(resources.files("sts.schemas").joinpath("config.schema.json").read_text())
+    lifetime = schema["properties"]["review"]["properties"]["session_lifetime"]
+    assert lifetime["maximum"] == MAX_SESSION_LIFETIME  # the constant is the setting's bound
     settings = make_settings(review_policy(), **review_settings(store="redis", redis_url=fresh_redis_url))
     engine = make_engine(settings.database_url)
     upgrade(engine)
