@@ -20,7 +20,8 @@
   issuer is configured ``trusted_delegation`` (another STS); then its chain is
   carried with every entry marked ``"asserted_by": <that issuer's iss>``, so a
   resource server sees who vouched for those actors.  An entry's own ``iss``
-  names the actor's issuer (§4.1) and is kept.  Entries without
+  names the actor's issuer (§4.1) and is kept, with its ``sub``; nothing else
+  of an upstream entry is carried.  Entries without
   ``asserted_by`` are vouched for by the issuer of the token that carries them.
 * An actor token that itself carries ``act`` (someone acting as the actor)
   is refused (``actor_token.carries_act``), from any issuer: one linear chain
@@ -112,9 +113,17 @@ def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:
             raise InvalidRequest("actor_token.not_in_may_act")
 
 
+#: The members of an upstream ``act`` entry this service carries: who the actor is (RFC 8693 §4.1:
+#: "claims that identify the actor"; other claims are not meaningful inside ``act``).
+ACTOR_IDENTITY_CLAIMS = ("sub", "iss")
+
+
 def _asserted_by(act: Mapping[str, Any], issuer: str) -> dict[str, Any]:
-    """An upstream chain as we carry it: every entry names the issuer that asserted it."""
-    entry = {name: value for name, value in act.items() if name != "act"}
+    """An upstream chain as we carry it: every entry names the actor (``sub``, ``iss``) and the issuer
+    that asserted it.  Whatever else the upstream put in an entry (a ``scope``, a ``cnf``, our own
+    ``upstream_issuer``, which revocation reads to find an actor's issuer) is not this service's to
+    sign for, and is dropped, as with ``may_act`` (an outside audit found it all copied)."""
+    entry = {claim: act[claim] for claim in ACTOR_IDENTITY_CLAIMS if claim in act}
     entry["asserted_by"] = issuer
     inner = act.get("act")
     if isinstance(inner, Mapping):

@@ -266,7 +266,7 @@ def asserted(chain: dict[str, Any] | None, issuer: str) -> dict[str, Any] | None
     """``chain`` as carried from an issuer trusted for delegation: every entry names that issuer."""
     if chain is None:
         return None
-    entry = {k: v for k, v in chain.items() if k != "act"} | {"asserted_by": issuer}
+    entry = {k: v for k, v in chain.items() if k in ("sub", "iss")} | {"asserted_by": issuer}
     inner = asserted(chain.get("act"), issuer)
     return entry | ({"act": inner} if inner is not None else {})
 
@@ -592,7 +592,12 @@ def test_a_carried_chain_names_who_asserted_it_and_keeps_doing_so_on_re_exchange
     presented = {
         "sub": "spiffe://partner.example/planner",
         "asserted_by": "https://sts.test",
-        "act": {"sub": "spiffe://partner.example/scheduler", "iss": "https://partner.example"},
+        # Not identity claims (RFC 8693 §4.1): not ours to sign for, so not carried (an outside
+        # audit had them all copied, our own upstream_issuer too, which revocation reads).
+        "scope": "deploy:write admin",
+        "cnf": {"jkt": "attacker-key"},
+        "upstream_issuer": "kubernetes",
+        "act": {"sub": "spiffe://partner.example/scheduler", "iss": "https://partner.example", "exp": 1},
     }
     expected = {
         "sub": "spiffe://partner.example/planner",
