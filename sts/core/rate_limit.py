@@ -195,8 +195,8 @@ class RateLimiter:
             raise ValueError("rate limits are configured but no store holds them")
         self.policy = policy
         self.store = store
-        #: Keys the store refused, until the time it said to come back.
-        self._refused: OrderedDict[str, float] = OrderedDict()
+        #: Keys the store refused: until the time it said to come back, and how long that was.
+        self._refused: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def on_arrival(self, endpoint: str, source_ip: str | None, now: float, record: AuditRecord) -> None:
@@ -268,7 +268,7 @@ class RateLimiter:
         with self._lock:
             for check, wait in zip(checks, waits, strict=True):
                 if wait > 0:
-                    self._refused[check.key] = now + wait
+                    self._refused[check.key] = (now + wait, wait)
                     self._refused.move_to_end(check.key)
             while len(self._refused) > MAX_REMEMBERED:
                 self._refused.popitem(last=False)
@@ -288,11 +288,14 @@ class RateLimiter:
         raise RateLimited(f"rate_limit.{check.scope}", check.shown, retry_after=retry_after)
 
     def _refused_until(self, key: str, now: float) -> float | None:
-        """Until when ``key`` stays refused (called with the lock held); None once it may pass."""
-        until = self._refused.get(key)
-        if until is None:
+        """Until when ``key`` stays refused (called with the lock held); None once it may pass, or
+        once the clock has been set back (further from that time than the wait the store gave: the
+        refusal would otherwise hold for as long as the clock was ahead)."""
+        remembered = self._refused.get(key)
+        if remembered is None:
             return None
-        if now >= until:
+        until, wait = remembered
+        if now >= until or until - now > wait:
             del self._refused[key]
             return None
         return until

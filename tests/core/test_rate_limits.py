@@ -218,6 +218,44 @@ def test_a_relaxed_limit_is_not_held_to_the_stricter_limits_state(store: RateLim
     assert 0 < wait <= stricter.interval + 1e-6
 
 
+def test_a_clock_set_back_does_not_hold_keys_for_as_long_as_it_was_ahead(store: RateLimitStore) -> None:
+    """The clock an hour ahead, then set right (or an instance an hour ahead, on a shared store): the
+    state it wrote counts as the limit's burst spent, no more.  An outside fault campaign had every
+    client of a network refused for as long as the clock had been ahead, told ``Retry-After: 1``."""
+    key = cell("net:192.0.2.0/24", requests=2, period=20, burst=2)  # one every 10 s, 2 at once
+    ahead = NOW + 3600
+    assert [admitted(store.acquire([key], ahead)) for _ in range(3)] == [True, True, False]
+    [wait] = store.acquire([key], NOW)
+    assert 0 < wait <= key.interval + 1e-6
+    assert admitted(store.acquire([key], NOW + key.interval))
+    assert not admitted(store.acquire([key], NOW + key.interval))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_tat_a_little_ahead_is_another_instances_on_postgresql_and_a_wrong_clocks_on_sqlite(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Instances sharing PostgreSQL count by their own clocks: a TAT another one wrote under the same
+    limit, up to ``CLOCK_SKEW`` beyond what the limit allows, is counted as it is (lowering it would
+    hand the difference to the instance ahead, again and again), and the wait says how long it
+    really is.  On SQLite every worker reads one clock, so it was a wrong clock's, and is lowered."""
+    url = f"sqlite:///{tmp_path / 'limits.sqlite'}" if kind == "sqlite" else request.getfixturevalue("pg").url
+    store, close = build_store(StoreSpec(kind, url))
+    try:
+        key = cell("net:198.51.100.0/24", requests=2, period=20, burst=2)  # interval 10 s, tolerance 20 s
+        assert [admitted(store.acquire([key], NOW + 30)) for _ in range(2)] == [True, True]  # TAT: NOW + 50
+        [wait] = store.acquire([key], NOW)
+        if kind == "postgresql":
+            assert wait == pytest.approx(40, abs=0.01)  # NOW + 50 + 10 - 20: due then, and said so
+            assert not admitted(store.acquire([key], NOW + 39))
+            assert admitted(store.acquire([key], NOW + 40))
+        else:
+            assert wait == pytest.approx(key.interval, abs=0.01)
+            assert admitted(store.acquire([key], NOW + key.interval))
+    finally:
+        close()
+
+
 def test_keys_are_independent(store: RateLimitStore) -> None:
     one, two = cell("client:one", 1, 60), cell("client:two", 1, 60)
     assert admitted(store.acquire([one], NOW))
@@ -369,6 +407,24 @@ def test_a_small_limit_is_exact_and_a_refusal_is_remembered_until_its_time(
     assert arrivals(limiter, 100, NOW + 5) == 0 and counted.calls == 4
     assert arrivals(limiter, 1, NOW + 10) == 1 and counted.calls == 5
     assert arrivals(limiter, 1, NOW + 5, "198.51.100.1") == 1  # another network: its own count
+
+
+def test_a_refusal_remembered_before_the_clock_was_set_back_is_forgotten(
+    sqlite_store: RateLimitStore,
+) -> None:
+    """A running worker whose clock is set back an hour: what it remembers refusing (until a time by
+    the old clock) would refuse the key from memory for that hour; it asks the store again."""
+    policy = RateLimitPolicy({"token": {"network": Limit(6, 60, 3)}})
+    counted = CountingStore(sqlite_store)
+    limiter = RateLimiter(policy, counted)
+    ahead = NOW + 3600
+    assert arrivals(limiter, 4, ahead) == 3 and counted.calls == 4  # the fourth refused, remembered
+    assert arrivals(limiter, 1, ahead + 1) == 0 and counted.calls == 4  # from memory
+    # Set back: the store is asked (and lowers what the clock ahead wrote: one interval to wait).
+    with pytest.raises(RateLimited) as refused:
+        limiter.on_arrival("token", "192.0.2.1", NOW, AuditRecord("e", NOW, "r", "token"))
+    assert refused.value.retry_after == 10 and counted.calls == 5
+    assert arrivals(limiter, 1, NOW + 10) == 1
 
 
 def limits(**endpoints: dict[str, Any]) -> dict[str, Any]:

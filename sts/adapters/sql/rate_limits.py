@@ -41,7 +41,6 @@ from sqlalchemy import Engine
 from sqlalchemy.schema import CreateTable
 
 from ...core.ports import LimitedKey, StoreUnavailable
-from ...core.rate_limit import gcra_wait
 from .engines import make_engine, transaction
 from .schema import rate_limits
 from .statements import RawStatement
@@ -99,6 +98,10 @@ def dispose_rate_limit_engines() -> None:
         engine.dispose()
 
 
+#: Seconds by which instances sharing PostgreSQL may disagree on the time before a TAT one of them
+#: wrote under the same limit is taken for a wrong clock's (see :meth:`SqlRateLimits._capped`).
+CLOCK_SKEW = 60.0
+
 #: Weak: an engine nobody uses any more (an app of the tests, say) closes as before.
 _OWN_ENGINES: weakref.WeakValueDictionary[tuple[str, int], Engine] = weakref.WeakValueDictionary()
 _OWN_ENGINES_LOCK = threading.Lock()
@@ -111,6 +114,9 @@ class SqlRateLimits:
         self._raw = RawStatement(engine)
         self.purge_probability = purge_probability
         postgres = engine.dialect.name == "postgresql"
+        #: How far beyond what a limit allows a TAT of that same limit is believed (see _capped):
+        #: on SQLite the workers share one machine's clock, so not at all.
+        self._clock_skew = CLOCK_SKEW if postgres else 0.0
         self._greatest = "GREATEST" if postgres else "max"
         p = self._raw.placeholder
         # PostgreSQL infers no types for bare parameters in VALUES: say them.
@@ -131,10 +137,10 @@ class SqlRateLimits:
         self._sql_by_size: dict[int, str] = {}
         self._select = "SELECT key, tat, tolerance FROM rate_limits WHERE key IN "
         self._purge = f"DELETE FROM rate_limits WHERE tat < {p}"  # noqa: S608 - placeholder only
-        # Only lowers a TAT, and only one written under another limit (see _capped).
+        # Only lowers a TAT, and only one written under another limit or by a wrong clock (see _capped).
         self._cap = (
             f"UPDATE rate_limits SET tat = {p}, tolerance = {p} "  # noqa: S608 - placeholders only
-            f"WHERE key = {p} AND tat > {p} AND tolerance <> {p}"
+            f"WHERE key = {p} AND tat > {p} AND (tolerance <> {p} OR tat > {p})"
         )
 
     def _acquire_sql(self, size: int) -> str:
@@ -177,8 +183,10 @@ class SqlRateLimits:
             self._capped(keys, stored, {name: tolerance for name, _, tolerance in rows}, tats, now)
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+        # As the statement counted: a TAT still beyond the tolerance (another instance's, within
+        # CLOCK_SKEW) refuses until it is due, and the wait says so.
         waits = [
-            gcra_wait(tats.get(name), now, k.interval, k.tolerance)
+            max(tats.get(name) or now, now) + k.interval - k.tolerance - now
             for name, k in zip(stored, keys, strict=True)
         ]
         if max(waits) <= 0:
@@ -195,7 +203,8 @@ class SqlRateLimits:
         tats: dict[str, float],
         now: float,
     ) -> None:
-        """On a refusal: lower each TAT written under another limit to what the current one allows.
+        """On a refusal: lower each TAT written under another limit, or by a clock that was ahead, to
+        what the current limit allows.
 
         A TAT further ahead than ``now + tolerance`` is read as that much
         (:func:`~sts.core.rate_limit.gcra_start`), but the statement above refuses it and
@@ -205,12 +214,20 @@ class SqlRateLimits:
         limit's burst spent), the key is admitted again one interval later.  Only a row whose
         stored tolerance is another limit's: with PostgreSQL, instances count by their own
         clocks, and one whose clock is behind must not lower the TATs another one wrote under
-        the same limit (that would hand the other one the difference, again and again).
+        the same limit (that would hand the other one the difference, again and again), unless
+        the TAT is more than :data:`CLOCK_SKEW` beyond: a clock that far ahead was wrong (this
+        one's, since corrected, or another instance's), and counting what it wrote refused the
+        key for as long as it had been ahead (an outside fault campaign: an hour ahead, then set
+        right, and every client of one network refused with ``Retry-After: 1``).  On SQLite
+        every worker reads one machine's clock, so a TAT of the same limit beyond the tolerance
+        is always such a clock's, and is lowered too.
         """
         for name, k in zip(stored, keys, strict=True):
             tat, tolerance = tats.get(name), tolerances.get(name)
-            if tat is None or tolerance is None or tolerance == k.tolerance or tat <= now + k.tolerance:
+            if tat is None or tolerance is None or tat <= now + k.tolerance:
+                continue
+            if tolerance == k.tolerance and tat <= now + k.tolerance + self._clock_skew:
                 continue
             cap = now + k.tolerance
-            self._raw.run(self._cap, (cap, k.tolerance, name, cap, k.tolerance))
+            self._raw.run(self._cap, (cap, k.tolerance, name, cap, k.tolerance, cap + self._clock_skew))
             tats[name] = cap
