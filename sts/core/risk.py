@@ -156,6 +156,8 @@ class RiskContext:
     evidence_shown: frozenset[str] = frozenset()
     #: Evidence the workload could present that this request does not show.
     evidence_presentable: frozenset[str] = frozenset()
+    #: What the novelty signals judge by, if not ``baseline`` (:func:`sts.core.history.joined`).
+    history: Baseline | None = None
 
 
 @dataclass(frozen=True)
@@ -185,10 +187,6 @@ _USUAL_SCOPES = _quiet("elevated_privilege", "usual scopes")
 _S2S_LEARNING = _quiet("unexpected_s2s", "learning: edges and rate are being recorded")
 _USUAL_S2S = _quiet("unexpected_s2s", "usual edges, depth and rate")
 _NO_EVENTS = _quiet("shared_signal", "no security events in force")
-
-
-def _no(name: str, reason: str, **evidence: Any) -> SignalResult:
-    return SignalResult(name, False, 0, reason, evidence)
 
 
 def _yes(name: str, weight: int, reason: str, **evidence: Any) -> SignalResult:
@@ -233,9 +231,9 @@ def unusual_network(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
         return SignalResult(
             name, True, cfg.signal_weights[name], "source outside the rule's networks", {"source": text}
         )
-    if ctx.baseline.learning:
+    if (seen := ctx.history or ctx.baseline).learning:
         return SignalResult(name, False, 0, "learning: networks are being recorded", {"network": net})
-    if net not in ctx.baseline.networks:
+    if net not in seen.networks:
         return SignalResult(
             name,
             True,
@@ -362,8 +360,8 @@ def elevated_privilege(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     privileged = sorted(cfg.privileged_scopes.intersection(ctx.scopes)) if cfg.privileged_scopes else None
     if privileged:
         return _yes(name, cfg.signal_weights[name], "privileged scopes requested", scopes=privileged)
-    if not ctx.baseline.learning:
-        unusual = sorted(set(ctx.scopes).difference(ctx.baseline.scopes))
+    if not (seen := ctx.history or ctx.baseline).learning:
+        unusual = sorted(set(ctx.scopes).difference(seen.scopes))
         if unusual:
             return _yes(
                 name, cfg.signal_weights[name] // 2 or 1, "scopes never asked for before", scopes=unusual
@@ -382,15 +380,15 @@ def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
         outside = sorted(set(ctx.audiences) - {str(i) for i in intent})
         if outside:
             return _yes(name, weight, "audiences outside the declared intent", audiences=outside)
-    if ctx.baseline.learning:
+    if (seen := ctx.history or ctx.baseline).learning:
         return _S2S_LEARNING
-    new_edges = sorted(set(ctx.audiences).difference(ctx.baseline.audiences))
+    new_edges = sorted(set(ctx.audiences).difference(seen.audiences))
     if new_edges:
         return _yes(name, weight, "subject-to-audience edge never seen", audiences=new_edges)
-    if ctx.delegation_depth > ctx.baseline.max_depth:
+    if ctx.delegation_depth > seen.max_depth:
         return _yes(name, weight, "delegation chain deeper than usual", depth=ctx.delegation_depth,
-                    usual=ctx.baseline.max_depth)  # fmt: skip
-    rate, usual = ctx.baseline.current_rate(ctx.now), ctx.baseline.usual_rate
+                    usual=seen.max_depth)  # fmt: skip
+    rate, usual = seen.current_rate(ctx.now), seen.usual_rate
     if usual > 0 and rate > usual * cfg.burst_factor and rate >= 10:
         return _yes(name, weight, "burst far above the usual rate", per_minute=round(rate, 1),
                     usual=round(usual, 2))  # fmt: skip

@@ -980,3 +980,41 @@ def test_a_self_actor_entry_can_name_the_issuer_the_actor_came_from(
     assert resp.status_code == 200, sts.last_record()["reasons"]
     act = sts.claims(resp.get_json()["access_token"])["act"]
     assert act == {"sub": agent(1), "iss": STS_ISSUER, "upstream_issuer": "upstream"}
+
+
+# -- risk: a re-exchange is judged with the workload's upstream history ----------------------------
+
+
+def s2s_signal(record: dict[str, Any]) -> dict[str, Any]:
+    [signal] = [s for s in record["details"]["risk"]["signals"] if s["name"] == "unexpected_s2s"]
+    return signal
+
+
+def test_a_chain_built_by_re_exchange_is_deeper_than_the_mature_workload_ever_was(
+    make_sts: Callable[..., STS],
+) -> None:
+    """A workload past learning, only ever seen at depth 0: an actor added by re-exchanging its token
+    fires ``unexpected_s2s`` as the same actor on its upstream token does.  The re-exchange's own
+    identity (``self|<sub>``) was new, so learning: an outside audit built a chain to the rule's
+    ``max_depth`` that way without the signal, and once the ``self`` identity had learned it, deep
+    chains looked usual.  A re-exchange the workload's history has seen does not fire."""
+    risk = {"risk": {"networks": ["127.0.0.0/8"]}}
+    sts = make_sts(policy(upstream=risk, own=risk))
+    for _ in range(5):  # learning ends with the fifth grant
+        sts.granted(sts.subject(), audience=DEPLOY)
+        assert s2s_signal(sts.last_record())["reason"].startswith("learning")
+    plain = sts.granted(sts.subject(), audience=DEPLOY)
+    assert not s2s_signal(sts.last_record())["fired"]
+
+    sts.reexchange(plain)  # the same workload, at its usual depth: nothing new
+    record = sts.last_record()
+    assert (record["issuer"], record["details"]["risk"]["learning"]) == ("self", False)
+    assert not s2s_signal(record)["fired"]
+
+    sts.reexchange(plain, actor=sts.actor(1))
+    signal = s2s_signal(sts.last_record())
+    assert signal["fired"] and signal["reason"] == "delegation chain deeper than usual"
+    assert signal["evidence"] == {"depth": 1, "usual": 0}
+    # The direct path says the same.
+    sts.granted(sts.subject(), audience=DEPLOY, actor=sts.actor(1))
+    assert s2s_signal(sts.last_record())["reason"] == "delegation chain deeper than usual"

@@ -48,6 +48,7 @@ from ..baseline import BASELINE_TTL, Baseline, observe
 from ..delegation import SELF_ISSUER
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, same_drift, session_summary
+from ..history import joined
 from ..introspection import token_identities, upstream_issuer
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
@@ -159,6 +160,7 @@ class RiskAndAssurance:
             )
             baseline_key = identity if keeps_baseline and self.baselines else None
             baseline = self.baselines.load(baseline_key) if baseline_key and self.baselines else Baseline()
+            history = self._history(subject, baseline) if baseline_key and grant.risk else None
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         state = state or SubjectState()
@@ -191,6 +193,7 @@ class RiskAndAssurance:
             posture_problem=posture[1] if posture else None,
             evidence_shown=shown,
             evidence_presentable=presentable,
+            history=history,
         )
         assessment = assess(ctx, cfg) if grant.risk else assess_events(ctx, cfg)
         decision = decide(assessment, cfg, scopes)
@@ -214,7 +217,7 @@ class RiskAndAssurance:
             "score": assessment.score,
             "decision": decision.as_dict(),
             "signals": [s.as_dict() for s in assessment.signals],
-            "learning": baseline.learning if grant.risk else None,
+            "learning": (history or baseline).learning if grant.risk else None,
             # The session state behind the decision: each watched fact, confirmed or pending.
             "baseline": session_summary(assessment.drift.baseline, cfg.stable_facts if grant.risk else ())
             if baseline_key
@@ -421,6 +424,16 @@ class RiskAndAssurance:
         # The profile's facts over raw claims of the same name, as for the subject token (the
         # raw claim won here: a look-alike top-level claim outvoted the checked fact; an outside audit).
         return {**posture.claims, **posture.facts}, None
+
+    def _history(self, subject: VerifiedToken, baseline: Baseline) -> Baseline | None:
+        """For a token of ours presented again: its baseline joined with its upstream identity's
+        (:func:`~sts.core.history.joined`; one more read, on re-exchanges only); else None."""
+        if subject.issuer_name != SELF_ISSUER or self.baselines is None:
+            return None
+        upstream = upstream_issuer(subject.claims, self.issuers.names())
+        if upstream is None:
+            return None
+        return joined(baseline, self.baselines.load(identity_key(upstream, subject.subject)))
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         # Our own token: events may name the subject under the issuer it first came from.
