@@ -31,6 +31,7 @@ def config_check(ctx: click.Context) -> None:
     from ..adapters.keyring import KeyRing
     from ..adapters.keyring_files import check_creatable, refuse_orphaned_keys
     from ..adapters.keyring_metadata import METADATA_FILE
+    from ..wiring.review import check_review_users
     from ..wiring.trust import build_clients, build_issuers, build_policy, build_transmitters
 
     settings = settings_from(ctx)
@@ -41,6 +42,8 @@ def config_check(ctx: click.Context) -> None:
         build_issuers(settings, time.time)
         build_transmitters(settings, time.time)
         build_clients(settings, time.time)
+        if settings.review.enabled:
+            check_review_users(settings)
         if _exists(settings.keys_dir / METADATA_FILE):
             # Read-only: create=False never writes a key or keyring.json.
             ring = KeyRing.open(

@@ -63,9 +63,13 @@ def _check_service(s: Settings) -> None:
             metrics_host, metrics_port = split_listen_address(s.metrics_listen)
         except ConfigurationError as exc:
             raise ConfigurationError(f"setting metrics_listen: {exc}") from None
-        wildcard = {"0.0.0.0", "::"} & {metrics_host, s.host.strip("[]")}
-        if metrics_port == s.port and (metrics_host == s.host.strip("[]") or wildcard):
-            raise ConfigurationError("setting metrics_listen: must not be the service's own address")
+        if metrics_port == s.port:
+            # Whatever the hosts: two names of one address (``localhost``, ``127.0.0.1``) were let
+            # through, and the service then failed to bind with a traceback (an outside audit).
+            raise ConfigurationError(
+                f"setting metrics_listen: must not be on the service's own port ({s.port}); "
+                f"{metrics_host or '*'}:{metrics_port} is"
+            )
     if s.default_lifetime > s.max_lifetime:
         raise ConfigurationError("setting default_lifetime: must not exceed max_lifetime")
     if s.active_threads > s.threads:

@@ -92,6 +92,17 @@ def _slow(check: Callable[[], bool]) -> bool:
         return check()
 
 
+def check_review_users(settings: Settings) -> None:
+    """Refuse a review user's password hash this service cannot check (as the start does, and
+    ``sts config check``: it passed one that the start then refused)."""
+    for user in settings.review.users:
+        if not check_hash_format(user.password_hash):
+            raise ConfigurationError(
+                f"setting review.users.{user.username}.password_hash: not a recognised hash "
+                "(make one with `sts clients secret --stdin`)"
+            )
+
+
 def build_review(
     settings: Settings,
     engine: Engine,
@@ -108,12 +119,7 @@ def build_review(
     from ..adapters import audit_query
     from ..http import review
 
-    for user in settings.review.users:
-        if not check_hash_format(user.password_hash):
-            raise ConfigurationError(
-                f"setting review.users.{user.username}.password_hash: not a recognised hash "
-                "(make one with `sts clients secret --stdin`)"
-            )
+    check_review_users(settings)
     limiter = _sign_in_limiter(settings, engine, redis_client)
     config = review.ReviewConfig(
         users={u.username: u.password_hash for u in settings.review.users},

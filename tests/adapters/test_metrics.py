@@ -631,8 +631,12 @@ def test_metrics_listen_setting(tmp_path: Path) -> None:
     for bad in ("9464", "localhost", "127.0.0.1:", "127.0.0.1:99999", "127.0.0.1:0", "http://x:1"):
         with pytest.raises(ConfigurationError, match="metrics_listen"):
             load(metrics_listen=bad)
-    with pytest.raises(ConfigurationError, match="metrics_listen: must not be the service's own address"):
-        load(port=8080, metrics_listen="127.0.0.1:8080")
+    # The service's port under any name of any address: ``localhost`` for ``127.0.0.1`` passed the
+    # check, and the start then failed to bind with a traceback (an outside audit).
+    for same in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "0.0.0.0:8080", "10.9.8.7:8080"):
+        with pytest.raises(ConfigurationError, match="metrics_listen: must not be on the service's own port"):
+            load(host="127.0.0.1", port=8080, metrics_listen=same)
+    assert load(port=8080, metrics_listen="localhost:8081").metrics_address == ("localhost", 8081)
 
 
 def test_the_compose_file_exposes_metrics_on_the_backend_network_only() -> None:

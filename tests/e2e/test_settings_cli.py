@@ -615,6 +615,31 @@ def test_config_check_refuses_a_bad_setting(tmp_path: Path, config_path: Path) -
     assert "Traceback" not in result.output
 
 
+def test_config_check_refuses_a_review_password_hash_the_start_refuses(
+    tmp_path: Path, config_path: Path
+) -> None:
+    """An outside audit: ``config check`` said "settings ok" for a review user's hash that the
+    start then refused (it was checked only when the page was built)."""
+    config = yaml.safe_load(config_path.read_text())
+    config["review"] = {"enabled": True, "users": [{"username": "alice", "password_hash": "not-a-hash"}]}
+    result = _sts(_write_config(tmp_path, config), "config", "check")
+    assert _failed_cleanly(result), result.output
+    assert "setting review.users.alice.password_hash: not a recognised hash" in result.output
+    config["review"]["enabled"] = False  # not checked where the start does not read it either
+    assert _sts(_write_config(tmp_path, config), "config", "check").exit_code == 0
+
+
+def test_a_bad_command_line_option_is_named_not_the_config_file(config_path: Path) -> None:
+    """``--port 70000`` was reported as ``config file sts.yaml: setting port: ...`` (an outside audit),
+    sending the operator to a file whose port was fine."""
+    result = _sts(config_path, "config", "check")
+    assert result.exit_code == 0, result.output
+    bad = _sts(config_path, "serve", "--port", "70000")
+    assert _failed_cleanly(bad), bad.output
+    assert "option --port: setting port: 70000 is greater than the maximum of 65535" in bad.output
+    assert "config file" not in bad.output
+
+
 @pytest.mark.parametrize("where", ["a-file", "under-a-file"])
 def test_config_check_refuses_a_keys_dir_a_start_cannot_create(
     tmp_path: Path, config_path: Path, where: str
