@@ -48,6 +48,17 @@ def hash_secret(secret: str, *, slow: bool = False) -> str:
     return f"sha256${_b64(salt)}${_b64(hashlib.sha256(salt + secret.encode()).digest())}"
 
 
+def dummy_hash_like(stored: Sequence[str]) -> str:
+    """A hash no secret matches that costs to check what the dearest of ``stored`` costs: what a
+    name that is no user's is checked against, so that it takes as long as the slowest user's (its
+    digest is random bytes: checking it needs the work, making it none).  It was a new PBKDF2 hash
+    of the default cost, made at the first unknown name: a user with another count (or a fast hash,
+    beside PBKDF2 ones) was told apart by time, and so was that first attempt (an outside audit)."""
+    rounds = [int(h.split("$")[1]) for h in stored if h.startswith("pbkdf2-sha256$") and check_hash_format(h)]
+    salt, digest = _b64(secrets.token_bytes(16)), _b64(secrets.token_bytes(32))
+    return f"pbkdf2-sha256${max(rounds)}${salt}${digest}" if rounds else f"sha256${salt}${digest}"
+
+
 def check_hash_format(stored: str) -> bool:
     parts = stored.split("$")
     try:

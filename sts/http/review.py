@@ -56,7 +56,7 @@ from ..core.audit_filter import (
     parse_record_id,
 )
 from ..core.audit_views import COUNT_CAP, AuditReader, fired_signals
-from ..core.client_secrets import hash_secret, verify_secret
+from ..core.client_secrets import dummy_hash_like, verify_secret
 from ..core.ports import BaselineStore, RevokedTokens, StoreUnavailable
 from ..core.subject_state import identity_key
 from ..errors import RateLimited, TemporarilyUnavailable
@@ -158,14 +158,7 @@ def blueprint(
 
     signer = URLSafeTimedSerializer(config.session_secret, salt="sts-review-session", signer=ClockedSigner)
     css = resources.files("sts").joinpath("static/review/review.css").read_bytes()
-    dummy: list[str] = []
-
-    def dummy_hash() -> str:
-        # An unknown user costs what a known one does: the same kind of hash is checked.
-        if not dummy:
-            slow = any(h.startswith("pbkdf2") for h in config.users.values())
-            dummy.append(hash_secret(secrets.token_urlsafe(16), slow=slow))
-        return dummy[0]
+    unknown_user = dummy_hash_like(list(config.users.values()))  # costs what the slowest user's does
 
     def cookie(response: Response, name: str, value: str, max_age: int) -> None:
         response.set_cookie(name, value, max_age=max_age, path=PREFIX, secure=config.secure_cookie,
@@ -272,7 +265,7 @@ def blueprint(
         except TemporarilyUnavailable:
             return login_page(503, "Signing in is unavailable for a moment; try again.", target)
         stored = config.users.get(username)
-        check = functools.partial(verify_secret, password, stored or dummy_hash())
+        check = functools.partial(verify_secret, password, stored or unknown_user)
         ok = config.slow(check) if config.slow is not None else check()
         if not ok or stored is None:
             # A mistyped password can land in the username field: only a configured name is logged.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -101,6 +102,15 @@ def check_review_users(settings: Settings) -> None:
                 f"setting review.users.{user.username}.password_hash: not a recognised hash "
                 "(make one with `sts clients secret --stdin`)"
             )
+    kinds = {u.password_hash.rsplit("$", 2)[0] for u in settings.review.users}
+    if len(kinds) > 1:
+        logging.getLogger(__name__).warning(
+            "review.users: password hashes of %d kinds or costs (%s): a sign-in with a wrong password "
+            "takes less time for a user whose hash is cheaper than the dearest, which tells that the "
+            "name is a user's; make them all with `sts clients secret --stdin`",
+            len(kinds),
+            ", ".join(sorted(kinds)),
+        )
 
 
 def build_review(

@@ -51,3 +51,23 @@ def test_after_a_failure_a_slow_hash_checks_no_new_secret_for_a_while(
     assert check_secrets([secret], stored)  # the known secret still passes, at once
     now[0] += FAILURE_PAUSE
     assert not check_secrets(["another wrong one"], stored)  # checked again after the pause
+
+
+def test_the_hash_an_unknown_name_is_checked_against_costs_what_the_dearest_users_does() -> None:
+    """The review page checks a name that is no user's against this hash, so that it takes as long
+    as the slowest user's: the highest PBKDF2 count among the users, made without doing the work
+    (its digest is random: no secret matches it).  It was a PBKDF2 hash of the default count, made
+    at the first unknown name: a user with another count was told apart by time (an outside audit)."""
+    fast = hash_secret("generated")
+    cheap = "pbkdf2-sha256$200000$" + hash_secret("x", slow=True).split("$", 2)[2]
+    slow = hash_secret("chosen", slow=True)
+    dearer = "pbkdf2-sha256$900000$" + slow.split("$", 2)[2]
+    assert client_secrets.check_hash_format(cheap) and client_secrets.check_hash_format(dearer)
+    started = time.process_time()
+    dummy = client_secrets.dummy_hash_like([fast, cheap, dearer, slow])
+    assert time.process_time() - started < 0.05  # made without the work
+    assert dummy.startswith("pbkdf2-sha256$900000$") and client_secrets.check_hash_format(dummy)
+    assert dummy != client_secrets.dummy_hash_like([dearer])  # random: nothing to precompute
+    assert not client_secrets.verify_secret("chosen", dummy)
+    only_fast = client_secrets.dummy_hash_like([fast])
+    assert only_fast.startswith("sha256$") and client_secrets.check_hash_format(only_fast)

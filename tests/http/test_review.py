@@ -7,6 +7,7 @@ the review page, so session ages and "new" edges move with it.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -288,6 +289,21 @@ def test_throttle_and_sign_out_hold_on_every_store(
     assert csrf is not None
     assert one.web.post("/review/logout", data={"csrf": csrf.group(1)}).status_code == 303
     assert copy.get("/review/timeline").status_code == 401
+
+
+def test_users_with_hashes_of_several_costs_are_warned_about(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong password takes less time for a user whose hash is cheaper than the dearest (which an
+    unknown name costs): that tells the name is a user's.  Said at start; one kind, nothing said."""
+    one_kind = [{"username": n, "password_hash": hash_secret("p", slow=True)} for n in ("ann", "cy")]
+    with caplog.at_level(logging.WARNING, logger="sts.wiring.review"):
+        create_app(make_settings(review={"enabled": True, "users": one_kind}))
+    assert "hashes of" not in caplog.text
+    mixed = [*one_kind, {"username": "dee", "password_hash": hash_secret("generated")}]
+    with caplog.at_level(logging.WARNING, logger="sts.wiring.review"):
+        create_app(make_settings(review={"enabled": True, "users": mixed}))
+    assert "review.users: password hashes of 2 kinds or costs (pbkdf2-sha256$600000, sha256)" in caplog.text
 
 
 def test_a_slow_hash_signs_in_too(make_settings: Callable[..., Settings], upstream: RunningServer) -> None:
