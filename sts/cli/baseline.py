@@ -18,22 +18,26 @@ def baseline() -> None:
     """Behaviour baselines: show an identity's, confirm changed facts, or start it afresh.
 
     IDENTITY is ISSUER_NAME|SUBJECT, as the audit record's risk section names it
-    (for example 'github|repo:acme/app:ref:refs/heads/main').
+    (for example 'github|repo:acme/app:ref:refs/heads/main'; 'self:github|...' for
+    that workload's tokens of ours, re-exchanged).
     """
 
 
 def _baseline_store(ctx: click.Context, identity: str) -> Any:
-    """The baseline store, once IDENTITY names a configured issuer (or ``self``, this service's
-    own tokens re-exchanged), as ``sts revoke subject`` checks: an unknown name showed an empty
-    baseline and "reset" one that never existed, exit 0 (an outside audit).  Only the store is
-    opened: a database that does not exist ends the command, and no signing key is created."""
+    """The baseline store, once IDENTITY names a configured issuer (or ``self:<issuer>``, this
+    service's own tokens first issued for that issuer's workload and re-exchanged, or ``self``), as
+    ``sts revoke subject`` checks: an unknown name showed an empty baseline and "reset" one that
+    never existed, exit 0 (an outside audit).  Only the store is opened: a database that does not
+    exist ends the command, and no signing key is created."""
     from ..core.delegation import SELF_ISSUER
 
     if "|" not in identity or identity.startswith("|") or identity.endswith("|"):
         raise click.UsageError("IDENTITY must be ISSUER_NAME|SUBJECT")
     settings = settings_from(ctx)
     issuer_name = identity.split("|", 1)[0]
-    known = [i.name for i in settings.issuers] + [SELF_ISSUER]
+    # ``self:<issuer>``: our own tokens re-exchanged, first issued for that issuer's workload.
+    names = [i.name for i in settings.issuers]
+    known = [*names, SELF_ISSUER, *(f"{SELF_ISSUER}:{name}" for name in names)]
     if issuer_name not in known:
         raise click.BadParameter(
             f"{issuer_name!r} is not a configured issuer; choose one of {', '.join(map(repr, known))}",

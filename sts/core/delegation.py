@@ -51,6 +51,21 @@ UPSTREAM_ISSUER_CLAIM = "upstream_issuer"
 MAX_CHAIN = 8
 
 
+def workload_issuer(subject: VerifiedToken) -> str:
+    """The issuer part of the identity (``<issuer>|<sub>``) a subject's behaviour baseline, refusals
+    and rate limit are kept under: its issuer's name; for a token of ours, ``self:<upstream>``, with
+    the issuer the token first came from (``self`` for one that names none).  The same ``sub`` under
+    two issuers is two workloads: one ``self|<sub>`` for both let one workload's re-exchanges teach
+    the other's baseline (its chains deeper, then usual for both) and confirm the key the other was
+    then judged by (an outside audit).  Issuer names hold no ``:`` or ``|``."""
+    if subject.issuer_name != SELF_ISSUER:
+        return subject.issuer_name
+    upstream = subject.claims.get(UPSTREAM_ISSUER_CLAIM)
+    if isinstance(upstream, str) and upstream and upstream != SELF_ISSUER and "|" not in upstream:
+        return f"{SELF_ISSUER}:{upstream}"
+    return SELF_ISSUER
+
+
 def chain_depth(act: Any) -> int:
     """Number of actors in an ``act`` chain; raises ``invalid_request`` on a malformed one."""
     depth = 0

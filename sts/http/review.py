@@ -102,6 +102,8 @@ class ReviewConfig:
     ended: RevokedTokens | None = None
     #: Runs the password check, letting the worker's other requests run meanwhile.
     slow: Callable[[Callable[[], bool]], bool] | None = None
+    #: The configured issuers' names: re-exchanges of our tokens keep baselines as ``self:<name>``.
+    issuer_names: tuple[str, ...] = ()
 
 
 def _fingerprint(password_hash: str) -> str:
@@ -375,8 +377,12 @@ def blueprint(
         if baselines is None:
             baseline_problem = "No baseline store is configured."
         else:
+            # A record's issuer ``self`` (a token of ours): the workload it was first issued for has
+            # its own re-exchange baseline, ``self:<issuer>`` (the first of them that has one).
+            names = [issuer] + ([f"self:{n}" for n in config.issuer_names] if issuer == "self" else [])
             try:
-                baseline = json.loads(baselines.load(identity_key(issuer, subject)).to_json())
+                loaded = [baselines.load(identity_key(name, subject)) for name in names]
+                baseline = json.loads(next((b for b in loaded if b.count), loaded[0]).to_json())
             except StoreUnavailable:
                 baseline_problem = "The baseline store cannot be reached."
         return page("review/identity.html", issuer=issuer, subject=subject, summary=summary,

@@ -137,6 +137,7 @@ def build_review(
         session_lifetime=settings.review.session_lifetime,
         secure_cookie=settings.issuer.startswith("https://"),
         new_edge_days=settings.review.new_edge_days,
+        issuer_names=tuple(i.name for i in settings.issuers),
         admit_sign_in=functools.partial(limiter.for_sign_in, SIGN_IN),
         ended=ended,
         slow=_slow,

@@ -40,7 +40,14 @@ from sts.core.subject_state import SubjectState, identity_key
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
-from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, JWT_TYPE, STS_ISSUER, exchange_form
+from tests.conftest import (
+    ACCESS_TOKEN_TYPE,
+    DEFAULT_CLIENTS,
+    JWT_TYPE,
+    STS_ISSUER,
+    exchange_form,
+    upstream_issuer,
+)
 from tests.support.clock import Clock
 
 SUBJECT = "repo:acme/app:ref:refs/heads/main"
@@ -1018,3 +1025,34 @@ def test_a_chain_built_by_re_exchange_is_deeper_than_the_mature_workload_ever_wa
     # The direct path says the same.
     sts.granted(sts.subject(), audience=DEPLOY, actor=sts.actor(1))
     assert s2s_signal(sts.last_record())["reason"] == "delegation chain deeper than usual"
+
+
+def test_one_sub_under_two_issuers_keeps_two_re_exchange_baselines(
+    make_sts: Callable[..., STS], upstream: RunningServer
+) -> None:
+    """The same ``sub`` under two issuers is two workloads, and so are the tokens of ours issued to
+    them: their re-exchanges keep baselines apart (``self:<issuer>|<sub>``).  One ``self|<sub>`` for
+    both let the other workload's deep chains make this one's look usual (an outside audit, after
+    the re-exchange history above), and let the first key confirmed there judge the other."""
+    with DevIssuer.serve_ephemeral(alg="RS256") as second:
+        risk = {"risk": {"networks": ["127.0.0.0/8"]}}
+        doc = policy(upstream=risk, own=risk)
+        other_rule = {**deepcopy(doc["rules"][0]), "name": "other-workload", "issuer": "other"}
+        doc["rules"].insert(1, other_rule)
+        other = {**upstream_issuer(second), "name": "other"}
+        sts = make_sts(doc, issuers=[upstream_issuer(upstream), other])
+        # The other workload, same sub: a chain two deep, built by re-exchange.
+        theirs = second.issuer.github_actions_token(audience=STS_ISSUER, now=sts.clock.now, lifetime=600)
+        deep = sts.reexchange(sts.granted(theirs, audience=DEPLOY, actor=sts.actor(1)), actor=sts.actor(2))
+        assert sts.last_record()["details"]["delegation_depth"] == 2
+        # This workload: mature at depth 0, then one actor added by re-exchange.
+        for _ in range(6):
+            plain = sts.granted(sts.subject(), audience=DEPLOY)
+        sts.reexchange(plain, actor=sts.actor(1))
+        signal = s2s_signal(sts.last_record())
+        assert signal["fired"] and signal["evidence"] == {"depth": 1, "usual": 0}
+        baselines = sts.app.extensions["sts"].baselines
+        assert baselines.load(identity_key("self:other", SUBJECT)).max_depth == 2
+        assert baselines.load(identity_key("self:upstream", SUBJECT)).max_depth == 1
+        assert baselines.load(identity_key("self", SUBJECT)).count == 0
+        assert sts.claims(deep)["act"] == nested(sts, 2, 1)

@@ -91,8 +91,13 @@ def test_a_database_that_does_not_exist_is_one_line_and_nothing_is_created(
         ),
         (["baseline", "show", "github-actions|repo:acme/app"], '"identity": "github-actions|repo:acme/app"'),
         (["baseline", "reset", "self|repo:acme/app"], "reset the baseline of self|repo:acme/app"),
+        # A re-exchange's baseline: our tokens first issued for that issuer's workload.
+        (
+            ["baseline", "show", "self:github-actions|repo:acme/app"],
+            '"identity": "self:github-actions|repo:acme/app"',
+        ),
     ],
-    ids=["revoke", "baseline-show", "baseline-reset"],
+    ids=["revoke", "baseline-show", "baseline-reset", "baseline-show-re-exchange"],
 )
 def test_revoke_and_baseline_work_on_the_database_db_upgrade_made_and_create_no_signing_keys(
     tmp_path: Path, args: list[str], said: str
@@ -109,7 +114,7 @@ def test_revoke_and_baseline_work_on_the_database_db_upgrade_made_and_create_no_
 
 
 @pytest.mark.parametrize("command", ["show", "accept", "reset"])
-@pytest.mark.parametrize("issuer_name", ["github", "*", "GitHub-Actions"])
+@pytest.mark.parametrize("issuer_name", ["github", "*", "GitHub-Actions", "self:github", "self:self"])
 def test_baseline_refuses_an_issuer_name_that_no_issuer_has(
     tmp_path: Path, command: str, issuer_name: str
 ) -> None:

@@ -21,7 +21,9 @@ from sqlalchemy import text
 from werkzeug.test import TestResponse
 
 from sts.app import create_app
+from sts.core.baseline import Baseline
 from sts.core.client_secrets import hash_secret
+from sts.core.subject_state import identity_key
 from sts.dev.issuer import DevIssuer, RunningServer
 from sts.errors import ConfigurationError
 from sts.settings import Settings
@@ -537,6 +539,19 @@ def test_identity_page(review: Review) -> None:
     assert "elevated_privilege" in step_ups and "risk.step_up" in step_ups
     tokens = body[body.index('id="tokens"') : body.index('id="recent"')]
     assert tokens.count("<tr><td><a") == 7 and DEPLOY in tokens and "deploy:read" in tokens
+
+
+def test_identity_page_of_self_shows_the_re_exchange_baseline_of_the_workload(review: Review) -> None:
+    """A record's issuer ``self`` (a token of ours re-exchanged): the baseline is kept per upstream
+    issuer, ``self:<issuer>|<sub>``, and the page shows it (it looked at ``self|<sub>`` alone)."""
+    review.sign_in()
+    baselines = review.app.extensions["sts"].baselines
+    baselines.save(identity_key("self:upstream", APP), Baseline(count=3, max_depth=2), 3600)
+    body = review.page("/review/identity", issuer="self", subject=APP)
+    baseline = body[body.index('id="baseline"') : body.index('id="signals"')].replace("\n", "")
+    assert "<th>count</th><td>3</td>" in baseline and "<th>max_depth</th><td>2</td>" in baseline
+    direct = review.page("/review/identity", issuer="self:upstream", subject=APP)
+    assert "<th>count</th><td>3</td>" in direct.replace("\n", "")
 
 
 def test_no_token_is_ever_shown(review: Review) -> None:

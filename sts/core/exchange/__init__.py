@@ -63,7 +63,7 @@ from ..clients import (
     authenticate_client,
     recorded_client_id,
 )
-from ..delegation import attestation_time, narrow_reexchange
+from ..delegation import attestation_time, narrow_reexchange, workload_issuer
 from ..dpop import DPoPConfig, window_lost
 from ..policy.evaluate import evaluate
 from ..policy.index import PolicySet
@@ -112,7 +112,7 @@ class PendingWrites:
     identity: str | None = None
 
     def verified(self, subject: VerifiedToken) -> None:
-        self.identity = identity_key(subject.issuer_name, subject.subject)
+        self.identity = identity_key(workload_issuer(subject), subject.subject)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from ...errors import InvalidRequest, TemporarilyUnavailable
 from ...protocol.token_exchange import TokenExchangeRequest
 from ..attest import IssuerDirectory, VerifiedToken, verify_token
 from ..audit import AuditRecord
-from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, may_act_of
+from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, may_act_of, workload_issuer
 from ..introspection import revocation, token_identities
 from ..ports import RevokedTokens, StoreUnavailable, SubjectStateStore, TokenReviewer, TokenReviewUnavailable
 from ..rate_limit import RateLimiter
@@ -90,7 +90,7 @@ class Attestation:
             verified(subject)
         record.subject_token_jti = subject.jti
         record.subject_token_iat = subject.issued_at
-        self.limits.for_identity("token", subject.issuer_name, subject.subject, now, record)
+        self.limits.for_identity("token", workload_issuer(subject), subject.subject, now, record)
         self._check_not_revoked(subject, "subject_token")
         live_review = self._check_liveness(subject, request.subject_token)
         may_act_of(subject)  # a malformed one is refused with or without an actor

@@ -45,7 +45,7 @@ from ..assurance import (
 from ..attest import IssuerDirectory, VerifiedToken, verify_token
 from ..audit import AuditRecord, token_hash
 from ..baseline import BASELINE_TTL, Baseline, observe
-from ..delegation import SELF_ISSUER
+from ..delegation import SELF_ISSUER, workload_issuer
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, same_drift, session_summary
 from ..history import joined
@@ -142,7 +142,7 @@ class RiskAndAssurance:
         if parties.actor is not None and keys:
             keys = keys_of_the_subject(keys, subject)
         facts = {**subject.facts, **keys} if keys else subject.facts
-        identity = identity_key(subject.issuer_name, subject.subject)
+        identity = identity_key(workload_issuer(subject), subject.subject)
         posture = None
         if request.posture_token:
             record.details["posture_token_sha256"] = token_hash(request.posture_token)
