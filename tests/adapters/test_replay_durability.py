@@ -22,12 +22,13 @@ time after which credentials issued after the loss are accepted.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -36,7 +37,9 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 from werkzeug.test import TestResponse
 
+from sts.adapters.redis import persistence
 from sts.adapters.redis.client import connect as connect_redis
+from sts.adapters.redis.epoch import LedgerEpoch
 from sts.adapters.redis.ledger import RedisReplayCache
 from sts.adapters.redis.persistence import persistence_warnings
 from sts.app import create_app
@@ -48,7 +51,7 @@ from sts.core.ports import ReplayWindowLost
 from sts.core.subject_state import STATE_TTL, SubjectState, identity_key
 from sts.dev.issuer import DevIssuer, RunningServer
 from tests.conftest import SIGNER_KEY, STS_ISSUER, exchange_form, settings_for
-from tests.support.redis_server import RedisProcess
+from tests.support.redis_server import RedisProcess, free_port
 
 #: Tokens exchanged before each restart (the issue measured 100; 20 keeps the file fast).
 N = 20
@@ -460,8 +463,20 @@ def test_the_replay_cache_raises_for_what_the_lost_records_may_have_seen(
             ["appendonly no"],
             id="no-config-no-aof",
         ),
+        # INFO never shows appendfsync: said so.  The eviction policy it shows (INFO memory): it was
+        # taken for noeviction, and single-use records were evicted unwarned (an outside audit).
         pytest.param(
-            {"appendonly": True, "extra_args": ("--rename-command", "CONFIG", "")}, [], id="no-config-aof"
+            {"appendonly": True, "extra_args": ("--rename-command", "CONFIG", "")},
+            ["cannot read Redis's appendfsync"],
+            id="no-config-aof",
+        ),
+        pytest.param(
+            {
+                "appendonly": True,
+                "extra_args": ("--rename-command", "CONFIG", "", "--maxmemory-policy", "volatile-lru"),
+            },
+            ["cannot read Redis's appendfsync", "maxmemory-policy volatile-lru"],
+            id="no-config-evicting",
         ),
     ],
 )
@@ -484,6 +499,31 @@ def test_persistence_settings_that_cannot_keep_the_ledger_are_warned_about(
         make_service(server)
     logged = [r.getMessage() for r in caplog.records if r.name == "sts.adapters.redis.persistence"]
     assert [w in m for w, m in zip(warnings, logged, strict=True)] == [True] * len(warnings)
+
+
+def test_a_redis_down_at_start_has_its_settings_read_once_it_answers(
+    redis_servers: Callable[..., RedisProcess],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The service started before Redis (as compose and Kubernetes often start them): the settings
+    were never read, and a Redis without an append-only file and evicting went unwarned (an outside
+    fault campaign).  They are read once it answers."""
+    monkeypatch.setattr(persistence, "RETRY_SECONDS", 0.05)
+    port = free_port()
+    client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    with caplog.at_level(logging.INFO, logger="sts.adapters.redis.persistence"):
+        persistence.check_at_start(client, cast(LedgerEpoch, None), time.time())  # never reached
+        assert "its persistence is checked once it answers" in caplog.text
+        redis_servers(port=port, appendonly=False, extra_args=("--maxmemory-policy", "volatile-lru"))
+        deadline = time.monotonic() + 10
+        while "persistence settings were read" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("appendonly no" in m for m in logged), logged
+    assert any("maxmemory-policy volatile-lru" in m for m in logged), logged
+    assert not [t for t in threading.enumerate() if t.name == "sts-redis-settings"]  # it ended
+    client.close()
 
 
 def test_redis_pointed_away_and_back_is_a_loss(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import weakref
 
 import redis
 
@@ -12,17 +15,51 @@ from .epoch import LedgerEpoch
 log = logging.getLogger(__name__)
 
 
+#: Seconds between two tries to read the settings of a Redis that could not be reached at start.
+RETRY_SECONDS = 5.0
+
+
 def check_at_start(client: redis.Redis, epoch: LedgerEpoch, now: float) -> None:
     """Warn about settings that can lose replay records, and learn the ledger's epoch.
 
-    Redis may be down at start: then both happen later (the epoch at the first use).
+    Redis may be down at start: then both happen later, the epoch at the first use, and the
+    settings once Redis answers (a thread tries every :data:`RETRY_SECONDS`; they were never read
+    then, and a Redis started after the service, as compose and Kubernetes often start them, was
+    never checked: an outside fault campaign).  Settings changed while the service runs
+    (``CONFIG SET``) are not read again.
     """
     try:
-        for warning in persistence_warnings(client):
-            log.warning("%s (see docs/configuration.md, Redis)", warning)
+        _warn(persistence_warnings(client))
         epoch.sync(now)
     except StoreUnavailable as exc:
-        log.warning("Redis cannot be reached at start (%s); its persistence was not checked", exc)
+        log.warning("Redis cannot be reached at start (%s); its persistence is checked once it answers", exc)
+        threading.Thread(
+            target=_check_later, args=(weakref.ref(client),), name="sts-redis-settings", daemon=True
+        ).start()
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        log.warning("%s (see docs/configuration.md, Redis)", warning)
+
+
+def _check_later(client_ref: weakref.ref[redis.Redis]) -> None:
+    """Read the settings once Redis answers; ends then, or once the client is gone (held weakly:
+    an application dropped, in tests, takes its thread with it)."""
+    while True:
+        time.sleep(RETRY_SECONDS)
+        client = client_ref()
+        if client is None:
+            return
+        try:
+            warnings = persistence_warnings(client)
+        except StoreUnavailable:
+            continue
+        finally:
+            del client
+        _warn(warnings)
+        log.info("Redis answers: its persistence settings were read")
+        return
 
 
 def persistence_warnings(client: redis.Redis) -> list[str]:
@@ -39,14 +76,20 @@ def persistence_warnings(client: redis.Redis) -> list[str]:
         except redis.ResponseError:
             config = {}
         if not config:
+            # CONFIG refused (renamed away on many managed services): INFO says what it can, the
+            # append-only file and the eviction policy (before, the policy was taken for noeviction:
+            # an outside audit evicted single-use records unwarned); never appendfsync.
             try:
                 aof = client.info("persistence").get("aof_enabled")
+                policy = client.info("memory").get("maxmemory_policy")
             except redis.ResponseError:
                 return [
                     "cannot read Redis's persistence settings (CONFIG and INFO refused): make sure "
                     "it runs with appendonly yes, appendfsync always, maxmemory-policy noeviction"
                 ]
-            config = {"appendonly": "yes" if aof else "no"}
+            config = {"appendonly": "yes" if aof else "no", "appendfsync": "(unknown)"}
+            if policy is not None:
+                config["maxmemory-policy"] = str(policy)
     except redis.RedisError as exc:
         raise StoreUnavailable(type(exc).__name__) from None
     warnings = []
@@ -54,6 +97,11 @@ def persistence_warnings(client: redis.Redis) -> list[str]:
         warnings.append(
             "Redis runs without an append-only file (appendonly no): a restart loses the single-use "
             "records, and credentials issued before it are refused until they expire"
+        )
+    elif config.get("appendfsync") == "(unknown)":
+        warnings.append(
+            "cannot read Redis's appendfsync (CONFIG refused): make sure it is always, or a crash of "
+            "the machine can lose the last records unnoticed"
         )
     elif config.get("appendfsync", "always") != "always":
         warnings.append(
