@@ -1,6 +1,7 @@
 """What a token of ours presented again (a re-exchange) is judged by for novelty.
 
-Its identity is ``self|<sub>``, with a baseline of its own that learns and is written as ever;
+Its identity is ``self:<issuer>|<sub>`` (:func:`~sts.core.delegation.workload_issuer`), with a
+baseline of its own that learns and is written as ever;
 but it is the same workload as the upstream identity it was first issued to, and judged by its
 own baseline alone a mature workload's first re-exchanges were learning: a delegation chain built
 by re-exchange never looked deeper than usual (an outside audit).  Pure: no I/O.
@@ -14,7 +15,7 @@ from .baseline import Baseline
 
 
 def joined(own: Baseline, upstream: Baseline) -> Baseline:
-    """``own`` (the ``self`` identity's baseline) joined with ``upstream`` (that of the identity the
+    """``own`` (the re-exchange identity's baseline) joined with ``upstream`` (that of the identity the
     token was first issued to), for the novelty signals (:attr:`sts.core.risk.RiskContext.history`).
     Seen by either counts as seen (networks, audiences, scopes, the deepest chain), their exchanges
     count together towards the end of learning, and the rate is ``own``'s (re-exchanges, as ever);
