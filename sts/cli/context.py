@@ -4,6 +4,7 @@ with a clear message."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -14,10 +15,22 @@ from ..settings.load import load_settings
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
-    """The settings, with the command's options that were given (not None) overriding them."""
+    """The settings, with the command's options that were given (not None) overriding them.  A
+    setting refused that an option gave is said of the option (``option --port: setting port:
+    ...``), not of the config file or "settings", whose value it replaced (an outside audit)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return load_settings(
-            ctx.obj.get("config"), overrides={k: v for k, v in overrides.items() if v is not None}
-        )
+        return load_settings(ctx.obj.get("config"), overrides=given)
     except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(_naming_the_option(str(exc), given)) from None
+
+
+def _naming_the_option(message: str, given: Mapping[str, Any]) -> str:
+    for name in given:
+        at = message.find(f"setting {name}")
+        if (
+            at >= 0
+            and message[at + len("setting ") + len(name) : at + len("setting ") + len(name) + 1] in ":."
+        ):
+            return f"option --{name.replace('_', '-')}: {message[at:]}"
+    return message

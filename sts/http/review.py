@@ -377,15 +377,15 @@ def blueprint(
         if baselines is None:
             baseline_problem = "No baseline store is configured."
         else:
-            # A record's issuer ``self`` (a token of ours): the workload it was first issued for has
-            # its own re-exchange baseline, ``self:<issuer>`` (the first of them that has one).
+            # Issuer ``self`` (tokens of ours): each workload's re-exchanges have ``self:<issuer>``.
             names = [issuer] + ([f"self:{n}" for n in config.issuer_names] if issuer == "self" else [])
             try:
-                loaded = [baselines.load(identity_key(name, subject)) for name in names]
-                baseline = json.loads(next((b for b in loaded if b.count), loaded[0]).to_json())
+                held = [(n, b) for n in names if (b := baselines.load(identity_key(n, subject))).count]
+                baseline = json.loads(held[0][1].to_json()) if held else None
             except StoreUnavailable:
                 baseline_problem = "The baseline store cannot be reached."
-        return page("review/identity.html", issuer=issuer, subject=subject, summary=summary,
+        kept = [n for n, _ in held] if baselines is not None and not baseline_problem else []
+        return page("review/identity.html", issuer=issuer, subject=subject, summary=summary, kept=kept,
                     recent=[_timeline_row(r) for r in recent.rows], baseline=baseline,
                     baseline_problem=baseline_problem, step_up_error=STEP_UP_ERROR, link=link,
                     count_cap=COUNT_CAP,

@@ -249,9 +249,6 @@ def load_settings(
         if top in from_env and not (overrides and top in overrides):
             # The value came from the environment, not from the file: name the variable.
             raise ConfigurationError(f"STS_{top.upper()}: setting {where}: {err.message}")
-        if path is not None and overrides and top in overrides:
-            # A command-line option (``sts serve --port``) over the file's value: name the option.
-            raise ConfigurationError(f"option --{str(top).replace('_', '-')}: setting {where}: {err.message}")
         source = f"config file {path}" if path else "settings"
         raise ConfigurationError(f"{source}: setting {where}: {err.message}")
 

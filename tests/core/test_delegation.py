@@ -1056,3 +1056,25 @@ def test_one_sub_under_two_issuers_keeps_two_re_exchange_baselines(
         assert baselines.load(identity_key("self:upstream", SUBJECT)).max_depth == 1
         assert baselines.load(identity_key("self", SUBJECT)).count == 0
         assert sts.claims(deep)["act"] == nested(sts, 2, 1)
+
+
+def test_a_re_exchange_rules_own_rate_limit_is_per_workload(
+    make_sts: Callable[..., STS], upstream: RunningServer
+) -> None:
+    """A rule's ``rate_limit`` is per workload identity: on an ``issuer: self`` rule, per workload the
+    token was first issued for, not shared by two with one ``sub`` (an outside re-check: one used up
+    the other's allowance)."""
+    with DevIssuer.serve_ephemeral(alg="RS256") as second:
+        doc = policy(own={"rate_limit": {"requests": 1, "period": 3600}})
+        doc["rules"].insert(1, {**deepcopy(doc["rules"][0]), "name": "other-workload", "issuer": "other"})
+        sts = make_sts(doc, issuers=[upstream_issuer(upstream), {**upstream_issuer(second), "name": "other"}])
+        ours = sts.granted(sts.subject(), audience=DEPLOY)
+        theirs = second.issuer.github_actions_token(audience=STS_ISSUER, now=sts.clock.now, lifetime=600)
+        theirs_ours = sts.granted(theirs, audience=DEPLOY)
+        sts.reexchange(ours)
+        refused = sts.exchange(ours, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
+        assert refused.status_code == 429
+        assert sts.last_record()["details"]["rate_limit"]["limited"].startswith(
+            f"reexchange self:upstream|{SUBJECT}"
+        )
+        sts.reexchange(theirs_ours)  # the other workload's allowance is its own

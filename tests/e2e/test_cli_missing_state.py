@@ -127,3 +127,25 @@ def test_baseline_refuses_an_issuer_name_that_no_issuer_has(
         "choose one of 'github-actions', 'self'"
     ) in result.output
     assert not (tmp_path / "sts.sqlite").exists() and not (tmp_path / "keys").exists()
+
+
+def test_baseline_takes_the_re_exchange_identity_of_an_issuer_removed_from_the_settings(
+    tmp_path: Path,
+) -> None:
+    """A token of ours outlives its issuer's removal from the settings: its re-exchanges keep their
+    baseline under ``self:<that issuer>``, and a drift refusal tells the operator to accept it there
+    (an outside re-check had the command refuse the name).  Taken when the store holds something
+    under it; a name nothing is held under is still refused."""
+    from sts.cli.database import open_shared_state
+    from sts.core.baseline import Baseline
+    from sts.settings.load import load_settings
+
+    config = write_config(tmp_path, tmp_path / "sts.sqlite")
+    assert sts(config, "db", "upgrade").exit_code == 0
+    store = open_shared_state(load_settings(config)).baselines
+    store.save("self:gone|repo:acme/app", Baseline(count=4), 3600)
+    shown = sts(config, "baseline", "show", "self:gone|repo:acme/app")
+    assert shown.exit_code == 0 and '"identity": "self:gone|repo:acme/app"' in shown.output, shown.output
+    assert sts(config, "baseline", "reset", "self:gone|repo:acme/app").exit_code == 0
+    refused = sts(config, "baseline", "show", "self:never|repo:acme/app")
+    assert refused.exit_code == 2 and "'self:never' is not a configured issuer" in refused.output

@@ -638,6 +638,18 @@ def test_a_bad_command_line_option_is_named_not_the_config_file(config_path: Pat
     assert _failed_cleanly(bad), bad.output
     assert "option --port: setting port: 70000 is greater than the maximum of 65535" in bad.output
     assert "config file" not in bad.output
+    # The checks across settings too (the re-check: these still named the setting alone).
+    port = yaml.safe_load(config_path.read_text()).get("port", 8080)
+    for args, said in (
+        (
+            ("--metrics-listen", f"127.0.0.1:{port}"),
+            "option --metrics-listen: setting metrics_listen: must not",
+        ),
+        (("--metrics-listen", "127.0.0.1:99999"), "option --metrics-listen: setting metrics_listen:"),
+        (("--workers", "0"), "option --workers: setting workers:"),
+    ):
+        refused = _sts(config_path, "serve", *args)
+        assert _failed_cleanly(refused) and said in refused.output, refused.output
 
 
 @pytest.mark.parametrize("where", ["a-file", "under-a-file"])

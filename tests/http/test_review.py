@@ -550,6 +550,11 @@ def test_identity_page_of_self_shows_the_re_exchange_baseline_of_the_workload(re
     body = review.page("/review/identity", issuer="self", subject=APP)
     baseline = body[body.index('id="baseline"') : body.index('id="signals"')].replace("\n", "")
     assert "<th>count</th><td>3</td>" in baseline and "<th>max_depth</th><td>2</td>" in baseline
+    assert f"Baseline of self:upstream / {APP}" in baseline  # which one is shown is said
+    assert "Also kept" not in baseline
+    baselines.save(identity_key("self", APP), Baseline(count=1), 3600)  # and one of an older token
+    both = review.page("/review/identity", issuer="self", subject=APP)
+    assert "Also kept for this subject" in both and "identity?issuer=self%3Aupstream" in both
     direct = review.page("/review/identity", issuer="self:upstream", subject=APP)
     assert "<th>count</th><td>3</td>" in direct.replace("\n", "")
 

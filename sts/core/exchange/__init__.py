@@ -337,7 +337,7 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         record.reasons.extend(grant.reasons)
         if grant.rate_limit is not None:
             self.limits.for_rule(
-                grant.rule, grant.rate_limit, subject.issuer_name, subject.subject, now, record
+                grant.rule, grant.rate_limit, workload_issuer(subject), subject.subject, now, record
             )
         # A re-exchanged token of ours can only be narrowed.
         scopes = narrow_reexchange(subject, grant.audiences, grant.scopes)
