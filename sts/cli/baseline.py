@@ -39,7 +39,8 @@ def _baseline_store(ctx: click.Context, identity: str) -> Any:
     names = [i.name for i in settings.issuers]
     known = [*names, SELF_ISSUER, *(f"{SELF_ISSUER}:{name}" for name in names)]
     refusal = click.BadParameter(
-        f"{issuer_name!r} is not a configured issuer; choose one of {', '.join(map(repr, known))}",
+        f"{issuer_name!r} is not a configured issuer; choose one of {', '.join(map(repr, known))} "
+        "(or 'self:<issuer>' of an issuer since removed, while a baseline is kept under it)",
         param_hint="IDENTITY",
     )
     if issuer_name in known:
@@ -49,11 +50,14 @@ def _baseline_store(ctx: click.Context, identity: str) -> Any:
     # A token of ours outlives its issuer's removal from the settings: its re-exchanges keep their
     # baseline under that name, which a drift refusal tells the operator to accept (an outside
     # re-check had it refused here).  Taken when the store holds something under it.
+    from ..adapters.sql.engines import DatabaseMissing, make_engine
+
     try:
-        store = open_shared_state(settings).baselines
-        held = _load_baseline(store, identity)
-    except click.ClickException:  # no database (or no store): nothing is held under it
+        make_engine(settings.database_url, existing=True).dispose()
+    except DatabaseMissing:  # no database: nothing is held under it
         raise refusal from None
+    store = open_shared_state(settings).baselines  # a store that cannot answer says so
+    held = _load_baseline(store, identity)
     if held.count == 0 and not held.pending and not held.failures:
         raise refusal
     return store

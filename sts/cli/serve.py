@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -55,6 +56,11 @@ def serve(
     follower = functools.partial(summary_follower, ctx.obj.get("config")) if settings.review.enabled else None
     try:
         _serve(settings, metrics_dir, follower)
+    except click.ClickException as exc:
+        if host is not None and exc.message.startswith("setting host:"):
+            # As settings_from names the other options.
+            raise click.ClickException(f"option --host: {exc.message}") from None
+        raise
     finally:
         if metrics_dir is not None and owned:
             metrics.remove_directory(metrics_dir)
@@ -268,6 +274,8 @@ def port_in_use(host: str, port: int) -> bool:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
-        except OSError:
-            return True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise  # not in use: an address not on this machine, a port it may not bind (the caller says)
     return False

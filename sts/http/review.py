@@ -369,9 +369,9 @@ def blueprint(
         issuer, subject = request.args.get("issuer", ""), request.args.get("subject", "")
         if not issuer or not subject or len(issuer) > 600 or len(subject) > 600:
             return page("review/error.html", 400, message="An identity needs an issuer and a subject.")
-        refresh()
-        summary = query.identity_summary(issuer, subject)
-        recent = query.page(AuditFilter(issuer=issuer, subject=subject), limit=20)
+        refresh()  # (the trail names ``self:<issuer>`` baselines' decisions ``self``: both are shown)
+        summary = query.identity_summary(trail_issuer := issuer.partition(":")[0], subject)
+        recent = query.page(AuditFilter(issuer=trail_issuer, subject=subject), limit=20)
         baseline: dict[str, Any] | None = None
         baseline_problem = None
         if baselines is None:

@@ -149,3 +149,19 @@ def test_baseline_takes_the_re_exchange_identity_of_an_issuer_removed_from_the_s
     assert sts(config, "baseline", "reset", "self:gone|repo:acme/app").exit_code == 0
     refused = sts(config, "baseline", "show", "self:never|repo:acme/app")
     assert refused.exit_code == 2 and "'self:never' is not a configured issuer" in refused.output
+
+
+def test_baseline_of_a_removed_issuer_says_when_the_store_cannot_answer(tmp_path: Path) -> None:
+    """A ``self:<issuer>`` name not in the settings is looked up in the store: a store that cannot
+    answer says so (exit 1), as for a configured name; it was reported as "not a configured issuer"
+    (a re-check)."""
+    config = write_config(tmp_path, tmp_path / "sts.sqlite")
+    settings = yaml.safe_load(config.read_text())
+    settings["database_url"] = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
+    config.write_text(yaml.safe_dump(settings))
+    for name in ("self:github-actions", "self:gone"):
+        result = sts(config, "baseline", "show", f"{name}|repo:acme/app")
+        assert result.exit_code == 1, (name, result.output)
+        assert (
+            "the database is unavailable" in result.output and "not a configured issuer" not in result.output
+        )

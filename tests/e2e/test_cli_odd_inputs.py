@@ -47,7 +47,10 @@ CASES: list[tuple[str, list[str], dict[str, bytes], bytes | None, str]] = [
     ("an empty revision", ["db", "upgrade", ""], {}, None, "unknown revision ''"),
     ("a relative revision", ["db", "upgrade", "head+99999999"], {}, None, "unknown revision"),
     ("a host that does not resolve", ["serve", "--host", "\u00e9.invalid", "--port", "1"], {}, None,
-     "setting host: cannot listen on"),
+     "option --host: setting host: cannot listen on"),
+    # An address not on this machine was "already in use" (a re-check), and --host was not named.
+    ("a host not on this machine", ["serve", "--host", "203.0.113.7", "--port", "19999"], {}, None,
+     "option --host: setting host: cannot listen on '203.0.113.7' (Cannot assign requested address)"),
     ("a dev issuer port out of range", ["dev", "issuer", "--port", "-1"], {}, None, "not in the range"),
     ("an empty dev issuer URL", ["dev", "token", "kubernetes", "--issuer-url", "", "--key-dir", "@keys"],
      {}, None, "issuer_url must not be empty"),

@@ -557,6 +557,9 @@ def test_identity_page_of_self_shows_the_re_exchange_baseline_of_the_workload(re
     assert "Also kept for this subject" in both and "identity?issuer=self%3Aupstream" in both
     direct = review.page("/review/identity", issuer="self:upstream", subject=APP)
     assert "<th>count</th><td>3</td>" in direct.replace("\n", "")
+    # Its decisions are the trail's ``self`` ones (the re-check: the linked page said none), and
+    # the page links back to the ``self`` view.
+    assert "timeline?issuer=self&amp;subject=" in direct and "identity?issuer=self&amp;subject=" in direct
 
 
 def test_no_token_is_ever_shown(review: Review) -> None:
