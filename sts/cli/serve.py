@@ -60,6 +60,9 @@ def serve(
         if host is not None and exc.message.startswith("setting host:"):
             # As settings_from names the other options.
             raise click.ClickException(f"option --host: {exc.message}") from None
+        if (host is not None or port is not None) and exc.message.startswith("settings host and port:"):
+            given = " and ".join(f"--{name}" for name, value in (("host", host), ("port", port)) if value)
+            raise click.ClickException(f"option {given}: {exc.message}") from None
         raise
     finally:
         if metrics_dir is not None and owned:
@@ -156,9 +159,14 @@ def _serve(settings: Settings, metrics_dir: Path | None, follower: Follower | No
 
     try:
         in_use = port_in_use(settings.host, settings.port)
-    except OSError as exc:  # a host that does not resolve (socket.gaierror), say
+    except socket.gaierror as exc:  # a host that does not resolve
         reason = exc.strerror or exc
         raise click.ClickException(f"setting host: cannot listen on {settings.host!r} ({reason})") from None
+    except OSError as exc:  # an address not on this machine, a port it may not bind: either setting
+        raise click.ClickException(
+            f"settings host and port: cannot listen on {settings.host!r} port {settings.port} "
+            f"({exc.strerror or exc})"
+        ) from None
     if in_use:
         raise click.ClickException(f"{settings.host}:{settings.port} is already in use")
     listener: metrics.MetricsServer | None = None

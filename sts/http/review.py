@@ -367,7 +367,7 @@ def blueprint(
     @bp.get("/identity")
     def identity() -> Response:
         issuer, subject = request.args.get("issuer", ""), request.args.get("subject", "")
-        if not issuer or not subject or len(issuer) > 600 or len(subject) > 600:
+        if not issuer.partition(":")[0] or not subject or len(issuer) > 600 or len(subject) > 600:
             return page("review/error.html", 400, message="An identity needs an issuer and a subject.")
         refresh()  # (the trail names ``self:<issuer>`` baselines' decisions ``self``: both are shown)
         summary = query.identity_summary(trail_issuer := issuer.partition(":")[0], subject)

@@ -47,7 +47,7 @@ from sts.core.client_secrets import hash_secret
 from sts.core.clients import REPLAY_WINDOW_LOST as ASSERTION_WINDOW_LOST
 from sts.core.dpop import REPLAY_WINDOW_LOST as PROOF_WINDOW_LOST
 from sts.core.exchange.single_use import REPLAY_WINDOW_LOST as TOKEN_WINDOW_LOST
-from sts.core.ports import ReplayWindowLost
+from sts.core.ports import ReplayWindowLost, StoreUnavailable
 from sts.core.subject_state import STATE_TTL, SubjectState, identity_key
 from sts.dev.issuer import DevIssuer, RunningServer
 from tests.conftest import SIGNER_KEY, STS_ISSUER, exchange_form, settings_for
@@ -510,6 +510,7 @@ def test_a_redis_down_at_start_has_its_settings_read_once_it_answers(
     were never read, and a Redis without an append-only file and evicting went unwarned (an outside
     fault campaign).  They are read once it answers."""
     monkeypatch.setattr(persistence, "RETRY_SECONDS", 0.05)
+    earlier = set(threading.enumerate())
     port = free_port()
     client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
     with caplog.at_level(logging.INFO, logger="sts.adapters.redis.persistence"):
@@ -522,7 +523,35 @@ def test_a_redis_down_at_start_has_its_settings_read_once_it_answers(
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("appendonly no" in m for m in logged), logged
     assert any("maxmemory-policy volatile-lru" in m for m in logged), logged
-    assert not [t for t in threading.enumerate() if t.name == "sts-redis-settings"]  # it ended
+    [thread] = [t for t in threading.enumerate() if t.name == "sts-redis-settings" and t not in earlier] or [
+        None
+    ]
+    if thread is not None:  # (it logs, then returns)
+        thread.join(timeout=5)
+        assert not thread.is_alive()  # it ended
+    client.close()
+
+
+def test_an_epoch_unreadable_at_start_is_not_a_redis_that_cannot_be_reached(
+    redis_servers: Callable[..., RedisProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The epoch's read also reads the database: failing there, after the settings were read and
+    warned about, started the retry thread, which warned again (a review)."""
+
+    class Unreadable:
+        def sync(self, now: float) -> None:
+            raise StoreUnavailable("database")
+
+    server = redis_servers(appendonly=False)
+    client = redis.Redis(port=server.port)
+    earlier = set(threading.enumerate())
+    with caplog.at_level(logging.WARNING, logger="sts.adapters.redis.persistence"):
+        persistence.check_at_start(client, cast(LedgerEpoch, Unreadable()), time.time())
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("appendonly no" in m for m in logged) == 1
+    assert any("ledger epoch could not be read at start" in m for m in logged)
+    assert not any("cannot be reached" in m for m in logged)
+    assert not [t for t in threading.enumerate() if t.name == "sts-redis-settings" and t not in earlier]
     client.close()
 
 

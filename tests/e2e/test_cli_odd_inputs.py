@@ -50,7 +50,8 @@ CASES: list[tuple[str, list[str], dict[str, bytes], bytes | None, str]] = [
      "option --host: setting host: cannot listen on"),
     # An address not on this machine was "already in use" (a re-check), and --host was not named.
     ("a host not on this machine", ["serve", "--host", "203.0.113.7", "--port", "19999"], {}, None,
-     "option --host: setting host: cannot listen on '203.0.113.7' (Cannot assign requested address)"),
+     "option --host and --port: settings host and port: cannot listen on '203.0.113.7' port 19999 "
+     "(Cannot assign requested address)"),
     ("a dev issuer port out of range", ["dev", "issuer", "--port", "-1"], {}, None, "not in the range"),
     ("an empty dev issuer URL", ["dev", "token", "kubernetes", "--issuer-url", "", "--key-dir", "@keys"],
      {}, None, "issuer_url must not be empty"),

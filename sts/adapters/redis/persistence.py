@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two tries to read the settings of a Redis that could not be reached at start.
 RETRY_SECONDS = 5.0
+#: Tries before giving up (an hour): a Redis that never answers refuses every token anyway.
+RETRIES = 720
 
 
 def check_at_start(client: redis.Redis, epoch: LedgerEpoch, now: float) -> None:
@@ -30,12 +32,16 @@ def check_at_start(client: redis.Redis, epoch: LedgerEpoch, now: float) -> None:
     """
     try:
         _warn(persistence_warnings(client))
-        epoch.sync(now)
     except StoreUnavailable as exc:
         log.warning("Redis cannot be reached at start (%s); its persistence is checked once it answers", exc)
         threading.Thread(
             target=_check_later, args=(weakref.ref(client),), name="sts-redis-settings", daemon=True
         ).start()
+        return
+    try:
+        epoch.sync(now)
+    except StoreUnavailable as exc:  # (it reads the database too) learnt at the first use instead
+        log.warning("the ledger epoch could not be read at start (%s); it is read at the first use", exc)
 
 
 def _warn(warnings: list[str]) -> None:
@@ -46,7 +52,7 @@ def _warn(warnings: list[str]) -> None:
 def _check_later(client_ref: weakref.ref[redis.Redis]) -> None:
     """Read the settings once Redis answers; ends then, or once the client is gone (held weakly:
     an application dropped, in tests, takes its thread with it)."""
-    while True:
+    for _ in range(RETRIES):
         time.sleep(RETRY_SECONDS)
         client = client_ref()
         if client is None:

@@ -41,6 +41,7 @@ from sqlalchemy import Engine
 from sqlalchemy.schema import CreateTable
 
 from ...core.ports import LimitedKey, StoreUnavailable
+from ...core.rate_limit import CLOCK_SKEW
 from .engines import make_engine, transaction
 from .schema import rate_limits
 from .statements import RawStatement
@@ -98,10 +99,6 @@ def dispose_rate_limit_engines() -> None:
         engine.dispose()
 
 
-#: Seconds by which instances sharing PostgreSQL may disagree on the time before a TAT one of them
-#: wrote under the same limit is taken for a wrong clock's (see :meth:`SqlRateLimits._capped`).
-CLOCK_SKEW = 60.0
-
 #: Weak: an engine nobody uses any more (an app of the tests, say) closes as before.
 _OWN_ENGINES: weakref.WeakValueDictionary[tuple[str, int], Engine] = weakref.WeakValueDictionary()
 _OWN_ENGINES_LOCK = threading.Lock()
@@ -114,9 +111,8 @@ class SqlRateLimits:
         self._raw = RawStatement(engine)
         self.purge_probability = purge_probability
         postgres = engine.dialect.name == "postgresql"
-        #: How far beyond what a limit allows a TAT of that same limit is believed (see _capped):
-        #: on SQLite the workers share one machine's clock, so not at all.
-        self._clock_skew = CLOCK_SKEW if postgres else 0.0
+        #: How far beyond what a limit allows a TAT of that same limit is believed (see _capped).
+        self._clock_skew = CLOCK_SKEW
         self._greatest = "GREATEST" if postgres else "max"
         p = self._raw.placeholder
         # PostgreSQL infers no types for bare parameters in VALUES: say them.
@@ -218,9 +214,10 @@ class SqlRateLimits:
         the TAT is more than :data:`CLOCK_SKEW` beyond: a clock that far ahead was wrong (this
         one's, since corrected, or another instance's), and counting what it wrote refused the
         key for as long as it had been ahead (an outside fault campaign: an hour ahead, then set
-        right, and every client of one network refused with ``Retry-After: 1``).  On SQLite
-        every worker reads one machine's clock, so a TAT of the same limit beyond the tolerance
-        is always such a clock's, and is lowered too.
+        right, and every client of one network refused with ``Retry-After: 1``).  SQLite's
+        workers read one machine's clock, but each request counts by the time it started, so a
+        later check of an earlier request reads TATs written after it: within ``CLOCK_SKEW`` they
+        are counted as they are there too (lowered, a flood got 4.5 times its limit: a review).
         """
         for name, k in zip(stored, keys, strict=True):
             tat, tolerance = tats.get(name), tolerances.get(name)
