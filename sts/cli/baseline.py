@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..core.terminal_text import printable
+from ..errors import ConfigurationError
 from .context import settings_from
 from .database import open_shared_state
 
@@ -56,6 +57,8 @@ def _baseline_store(ctx: click.Context, identity: str) -> Any:
         make_engine(settings.database_url, existing=True).dispose()
     except DatabaseMissing:  # no database: nothing is held under it
         raise refusal from None
+    except ConfigurationError as exc:  # a SQLite file refused, as open_database says it
+        raise click.ClickException(f"setting database_url: {exc}") from None
     store = open_shared_state(settings).baselines  # a store that cannot answer says so
     held = _load_baseline(store, identity)
     if held.count == 0 and not held.pending and not held.failures:

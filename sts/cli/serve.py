@@ -159,8 +159,8 @@ def _serve(settings: Settings, metrics_dir: Path | None, follower: Follower | No
 
     try:
         in_use = port_in_use(settings.host, settings.port)
-    except socket.gaierror as exc:  # a host that does not resolve
-        reason = exc.strerror or exc
+    except (socket.gaierror, UnicodeError) as exc:  # a host that does not resolve, or no IDNA name
+        reason = getattr(exc, "strerror", None) or exc
         raise click.ClickException(f"setting host: cannot listen on {settings.host!r} ({reason})") from None
     except OSError as exc:  # an address not on this machine, a port it may not bind: either setting
         raise click.ClickException(

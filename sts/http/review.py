@@ -61,7 +61,7 @@ from ..core.ports import BaselineStore, RevokedTokens, StoreUnavailable
 from ..core.subject_state import identity_key
 from ..errors import RateLimited, TemporarilyUnavailable
 from . import review_svg
-from .review_text import visible
+from .review_text import identity_issuer_ok, visible
 
 log = logging.getLogger(__name__)
 #: The longest a sign-in may last (``review.session_lifetime``'s maximum in the config schema).
@@ -367,7 +367,7 @@ def blueprint(
     @bp.get("/identity")
     def identity() -> Response:
         issuer, subject = request.args.get("issuer", ""), request.args.get("subject", "")
-        if not issuer.partition(":")[0] or not subject or len(issuer) > 600 or len(subject) > 600:
+        if not identity_issuer_ok(issuer) or not subject or max(len(issuer), len(subject)) > 600:
             return page("review/error.html", 400, message="An identity needs an issuer and a subject.")
         refresh()  # (the trail names ``self:<issuer>`` baselines' decisions ``self``: both are shown)
         summary = query.identity_summary(trail_issuer := issuer.partition(":")[0], subject)

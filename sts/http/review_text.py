@@ -45,3 +45,11 @@ def visible(value: Any) -> Any:
 def _escape(char: str) -> str:
     code = ord(char)
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def identity_issuer_ok(issuer: str) -> bool:
+    """Whether ``issuer`` can name an identity on the review page: an issuer name (which holds no
+    ``:``), or ``self:<name>``, the baseline of a workload's re-exchanges (a review: ``:x`` was a
+    ``503`` and a traceback, ``upstream:bogus`` showed upstream's decisions under another title)."""
+    name = issuer.removeprefix("self:")
+    return bool(name) and ":" not in name

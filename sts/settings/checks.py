@@ -50,6 +50,14 @@ def _check_service(s: Settings) -> None:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             raise ConfigurationError(f"setting trusted_proxies: {proxy!r} is not a network") from None
+    try:
+        ipaddress.ip_address(s.host.strip("[]"))
+    except ValueError:
+        # granian binds addresses, not names: ``localhost`` got past the start's checks (it
+        # resolves), created the keys, then ended in a traceback (a review).
+        raise ConfigurationError(
+            f"setting host: {s.host!r} is not an IP address (127.0.0.1, ::1, 0.0.0.0, ::)"
+        ) from None
     check_https_url(s.issuer, "setting issuer")
     if s.tracing.endpoint is not None:
         # Spans hold route names and ids, never tokens: plain http to a collector is allowed.

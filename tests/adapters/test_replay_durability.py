@@ -35,6 +35,8 @@ import redis
 from flask import Flask
 from joserfc import jwt
 from joserfc.jwk import ECKey
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from werkzeug.test import TestResponse
 
 from sts.adapters.redis import persistence
@@ -52,6 +54,9 @@ from sts.core.subject_state import STATE_TTL, SubjectState, identity_key
 from sts.dev.issuer import DevIssuer, RunningServer
 from tests.conftest import SIGNER_KEY, STS_ISSUER, exchange_form, settings_for
 from tests.support.redis_server import RedisProcess, free_port
+
+#: A client that fails at once (redis-py retries a connection error for seconds by default).
+NO_RETRY = Retry(NoBackoff(), 0)
 
 #: Tokens exchanged before each restart (the issue measured 100; 20 keeps the file fast).
 N = 20
@@ -512,7 +517,7 @@ def test_a_redis_down_at_start_has_its_settings_read_once_it_answers(
     monkeypatch.setattr(persistence, "RETRY_SECONDS", 0.05)
     earlier = set(threading.enumerate())
     port = free_port()
-    client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5, retry=NO_RETRY)
     with caplog.at_level(logging.INFO, logger="sts.adapters.redis.persistence"):
         persistence.check_at_start(client, cast(LedgerEpoch, None), time.time())  # never reached
         assert "its persistence is checked once it answers" in caplog.text
@@ -529,6 +534,23 @@ def test_a_redis_down_at_start_has_its_settings_read_once_it_answers(
     if thread is not None:  # (it logs, then returns)
         thread.join(timeout=5)
         assert not thread.is_alive()  # it ended
+    client.close()
+
+
+def test_a_redis_that_never_answers_is_said_to_have_gone_unchecked(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread gives up after ``RETRIES`` and says so (a review: it ended silently)."""
+    monkeypatch.setattr(persistence, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(persistence, "RETRIES", 3)
+    client = redis.Redis(port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2, retry=NO_RETRY)
+    earlier = set(threading.enumerate())
+    with caplog.at_level(logging.WARNING, logger="sts.adapters.redis.persistence"):
+        persistence.check_at_start(client, cast(LedgerEpoch, None), time.time())
+        [thread] = [t for t in threading.enumerate() if t.name == "sts-redis-settings" and t not in earlier]
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert "its persistence settings were not read" in caplog.text
     client.close()
 
 

@@ -165,3 +165,18 @@ def test_baseline_of_a_removed_issuer_says_when_the_store_cannot_answer(tmp_path
         assert (
             "the database is unavailable" in result.output and "not a configured issuer" not in result.output
         )
+
+
+@pytest.mark.parametrize("name", ["self:github-actions", "self:gone"])
+def test_a_refused_database_file_is_one_line_for_every_name(tmp_path: Path, name: str) -> None:
+    """A SQLite file the service refuses (a symbolic link in its place): one line naming the
+    setting, for a removed issuer's name too (a review: a traceback there)."""
+    real = tmp_path / "real.sqlite"
+    config = write_config(tmp_path, real)
+    assert sts(config, "db", "upgrade").exit_code == 0
+    link = tmp_path / "sts.sqlite"
+    link.symlink_to(real)
+    config = write_config(tmp_path, link)
+    result = sts(config, "baseline", "show", f"{name}|repo:acme/app")
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 1 and "setting database_url" in result.output, result.output

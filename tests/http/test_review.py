@@ -557,9 +557,11 @@ def test_identity_page_of_self_shows_the_re_exchange_baseline_of_the_workload(re
     assert "Also kept for this subject" in both and "identity?issuer=self%3Aupstream" in both
     # An issuer of nothing before the colon is no identity: 400, as an empty one (it was a 503
     # and a traceback in the log: a review).
-    assert (
-        review.web.get("/review/identity", query_string={"issuer": ":x", "subject": APP}).status_code == 400
-    )
+    for bad in (":x", "self:", "upstream:bogus", "self:up:stream"):  # (``upstream:bogus`` showed upstream's)
+        assert (
+            review.web.get("/review/identity", query_string={"issuer": bad, "subject": APP}).status_code
+            == 400
+        )
     direct = review.page("/review/identity", issuer="self:upstream", subject=APP)
     assert "<th>count</th><td>3</td>" in direct.replace("\n", "")
     # Its decisions are the trail's ``self`` ones (the re-check: the linked page said none), and

@@ -25,7 +25,8 @@ def check_at_start(client: redis.Redis, epoch: LedgerEpoch, now: float) -> None:
     """Warn about settings that can lose replay records, and learn the ledger's epoch.
 
     Redis may be down at start: then both happen later, the epoch at the first use, and the
-    settings once Redis answers (a thread tries every :data:`RETRY_SECONDS`; they were never read
+    settings once Redis answers (a thread tries every :data:`RETRY_SECONDS`, :data:`RETRIES`
+    times, and says so if it gives up; they were never read
     then, and a Redis started after the service, as compose and Kubernetes often start them, was
     never checked: an outside fault campaign).  Settings changed while the service runs
     (``CONFIG SET``) are not read again.
@@ -66,6 +67,11 @@ def _check_later(client_ref: weakref.ref[redis.Redis]) -> None:
         _warn(warnings)
         log.info("Redis answers: its persistence settings were read")
         return
+    log.warning(
+        "Redis did not answer for %.0f s after the start: its persistence settings were not read "
+        "(see docs/configuration.md, Redis)",
+        RETRIES * RETRY_SECONDS,
+    )
 
 
 def persistence_warnings(client: redis.Redis) -> list[str]:
