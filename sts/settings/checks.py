@@ -51,12 +51,15 @@ def _check_service(s: Settings) -> None:
         except ValueError:
             raise ConfigurationError(f"setting trusted_proxies: {proxy!r} is not a network") from None
     try:
-        ipaddress.ip_address(s.host.strip("[]"))
+        # A bare address, as granian binds it: no name (``localhost`` got past the start's checks,
+        # created the keys, then ended in a traceback: a review), no brackets, no IPv6 zone.
+        if "%" in s.host:
+            raise ValueError("zone")
+        ipaddress.ip_address(s.host)
     except ValueError:
-        # granian binds addresses, not names: ``localhost`` got past the start's checks (it
-        # resolves), created the keys, then ended in a traceback (a review).
         raise ConfigurationError(
-            f"setting host: {s.host!r} is not an IP address (127.0.0.1, ::1, 0.0.0.0, ::)"
+            f"setting host: {s.host!r} is not an IP address as granian binds it "
+            "(127.0.0.1, ::1, 0.0.0.0, ::; no brackets, no %zone)"
         ) from None
     check_https_url(s.issuer, "setting issuer")
     if s.tracing.endpoint is not None:
