@@ -271,17 +271,7 @@ def load_settings(
     kwargs["key_passphrase"] = passphrase.encode("utf-8") if passphrase else None
     kwargs["config_file"] = path
     settings = Settings(**kwargs)
-    try:
-        check_settings(settings)
-    except ConfigurationError as exc:
-        # The checks across settings name a setting: when its value came from the environment,
-        # name the variable, as for the schema's refusals (a review: STS_HOST=localhost read as
-        # the file's fault).
-        message = str(exc)
-        for name in from_env.keys() - (overrides or {}).keys():
-            if message.startswith(f"setting {name}:"):
-                raise ConfigurationError(f"STS_{name.upper()}: {message}") from None
-        raise
+    check_settings(settings)
     return settings
 
 
