@@ -4,6 +4,7 @@ with a clear message."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,11 +27,9 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 
 
 def _naming_the_option(message: str, given: Mapping[str, Any]) -> str:
+    """``message`` from the first ``setting <name>:`` (or ``<name>.``) of an option given, said of it."""
     for name in given:
-        at = message.find(f"setting {name}")
-        if (
-            at >= 0
-            and message[at + len("setting ") + len(name) : at + len("setting ") + len(name) + 1] in ":."
-        ):
-            return f"option --{name.replace('_', '-')}: {message[at:]}"
+        found = re.search(rf"setting {re.escape(name)}[:.]", message)
+        if found:
+            return f"option --{name.replace('_', '-')}: {message[found.start() :]}"
     return message

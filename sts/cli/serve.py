@@ -57,9 +57,7 @@ def serve(
     try:
         _serve(settings, metrics_dir, follower)
     except click.ClickException as exc:
-        if host is not None and exc.message.startswith("setting host:"):
-            # As settings_from names the other options.
-            raise click.ClickException(f"option --host: {exc.message}") from None
+        # (A host that is no IP address is refused with the settings, naming --host there.)
         if (host is not None or port is not None) and exc.message.startswith("settings host and port:"):
             given = " and ".join(f"--{name}" for name, value in (("host", host), ("port", port)) if value)
             raise click.ClickException(f"option {given}: {exc.message}") from None

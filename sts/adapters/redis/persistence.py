@@ -26,10 +26,9 @@ def check_at_start(client: redis.Redis, epoch: LedgerEpoch, now: float) -> None:
 
     Redis may be down at start: then both happen later, the epoch at the first use, and the
     settings once Redis answers (a thread tries every :data:`RETRY_SECONDS`, :data:`RETRIES`
-    times, and says so if it gives up; they were never read
-    then, and a Redis started after the service, as compose and Kubernetes often start them, was
-    never checked: an outside fault campaign).  Settings changed while the service runs
-    (``CONFIG SET``) are not read again.
+    times, and says so if it gives up).  They were never read then, and a Redis started after the
+    service, as compose and Kubernetes often start them, went unchecked (an outside fault
+    campaign).  Settings changed while the service runs (``CONFIG SET``) are not read again.
     """
     try:
         _warn(persistence_warnings(client))
