@@ -272,11 +272,16 @@ class BaselineStore(Protocol):
         """The identity's baseline, or a new (learning) one.  Raises :class:`StoreUnavailable`."""
         ...
 
-    def save(self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True) -> None:
+    def save(
+        self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True, grant: bool = False
+    ) -> None:
         """Save the baseline but not its ``failures``, which only :meth:`add_failure` and
         :meth:`save_failures` write; its drift state (:data:`sts.core.drift.DRIFT_FIELDS`) only
         with ``drift`` (else the stored one is left as it is: a grant that did not change it).
-        Raises :class:`StoreUnavailable`."""
+        ``grant``: a grant's update (:func:`sts.core.baseline.observe` of what it read), whose
+        counters are advanced from the stored ones by one grant
+        (:func:`sts.core.baseline_counts.advanced`), atomically: grants decided at once each
+        count.  Raises :class:`StoreUnavailable`."""
         ...
 
     def update_drift(self, identity: str, change: Callable[[Baseline], Baseline], ttl: int) -> None:

@@ -181,17 +181,20 @@ def test_a_single_use_dpop_exchange_is_two_writes(
     assert shape == [("MGET", False), ("EVALSHA", True), ("EVALSHA", True)], seen
     claim, confirm = seen[1:]
     assert claim.inside == ["GET", "GET", "GET", "SET", "SET"], seen
-    assert confirm.inside == ["GET", "GET", "SET", "SET"], seen
+    # The epoch, the reservation, the use; the baseline, its counters read and advanced.
+    assert confirm.inside == ["GET", "GET", "SET", "SET", "GET", "SET"], seen
 
 
 def test_a_dpop_exchange_without_single_use_is_two_writes(
     redis_app: Callable[..., tuple[Flask, Monitor]], upstream: RunningServer
 ) -> None:
-    """As before: the proof's jti (now claimed at the commit, before the record), the baseline."""
+    """As before: the proof's jti (now claimed at the commit, before the record), the baseline (a
+    script: its counters are advanced from the stored ones)."""
     app, monitor = redis_app(single_use=False)
     seen = counted(app, monitor, upstream)
     shape = [(r.command, r.writes) for r in seen]
-    assert shape == [("MGET", False), ("EVALSHA", True), ("SET", True)], seen
+    assert shape == [("MGET", False), ("EVALSHA", True), ("EVALSHA", True)], seen
+    assert seen[2].inside == ["SET", "GET", "SET"], seen
 
 
 def test_a_token_held_by_a_request_in_flight_is_refused_on_record_and_then_granted(

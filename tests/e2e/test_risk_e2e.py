@@ -923,3 +923,48 @@ def test_the_subject_token_is_not_its_own_posture_token(
     assert separate.status_code == 200, separate.get_json()
     evidence = web.application.extensions["sts"].audit.recent(1)[0]["details"]["assurance"]["evidence"]
     assert evidence["posture_token"] is True
+
+
+@pytest.mark.parametrize("single_use", [False, True], ids=["reusable", "single-use"])
+def test_grants_decided_at_the_same_time_each_count(
+    make_sts: Callable[..., STS],
+    every_store: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    single_use: bool,
+) -> None:
+    """A grant writes back the baseline it read when it was decided, its count one more: grants
+    of one identity decided at the same time counted once between them (last writer wins), so a
+    burst sent all at once was counted low (an outside audit: 14 parallel exchanges where 10 make
+    a burst did not fire) and a workload stayed learning longer than its grants.  The store
+    advances the counters from the stored ones now (on Redis with a single-use token, in the
+    script that confirms its use)."""
+    sts = make_sts(policy(rule(risk={}, single_use=single_use)), **every_store)
+    other = create_app(sts.runtime.settings, clock=sts.clock)  # another instance, the same store
+    elsewhere = other.test_client()
+    baselines = sts.runtime.baselines
+    assert baselines is not None
+    read = baselines.load
+
+    def read_then_granted_elsewhere(identity: str) -> Baseline:
+        """The grant's read of the baseline, then a grant elsewhere before this one commits."""
+        baseline = read(identity)
+        resp = elsewhere.post(
+            "/token",
+            data=exchange_form(sts.token(), audience=DEPLOY, scope="deploy:read"),
+            environ_base={"REMOTE_ADDR": HOME},
+        )
+        assert resp.status_code == 200, resp.get_json()
+        return baseline
+
+    for _ in range(3):
+        monkeypatch.setattr(baselines, "load", read_then_granted_elsewhere)
+        assert sts.granted(sts.token(), scope="deploy:read")["expires_in"] == 300
+        monkeypatch.setattr(baselines, "load", read)
+        sts.clock.now += 1
+    baseline = sts.baseline()
+    assert (baseline.count, baseline.window_count) == (6, 6)  # every grant counted, in one window
+    assert not baseline.learning  # five grants learn a workload
+    runtime = other.extensions["sts"]
+    runtime.engine.dispose()
+    if runtime.redis_client is not None:
+        runtime.redis_client.close()

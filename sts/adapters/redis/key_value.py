@@ -11,9 +11,11 @@ from collections.abc import Callable, Sequence
 import redis
 
 from ...core.baseline import Baseline, appended_failure, failures_to_json, with_failures
+from ...core.baseline_counts import read_counts_text, with_counts
 from ...core.drift import drift_to_json, same_drift, with_drift
-from ...core.ports import StoreUnavailable
+from ...core.ports import BaselineUpdate, StoreUnavailable
 from ...core.subject_state import SubjectState
+from .baseline_writes import WRITE_BASELINE, baseline_name, baseline_write, counts_name, drift_name
 from .client import LuaScript, commands
 from .epoch import LedgerEpoch
 
@@ -58,8 +60,8 @@ class RedisSubjectStateStore:
         if epoch is not None:
             look_at_epoch(epoch, values.pop(), now)
         if baselines is not None:
-            drift, failures = values.pop(), values.pop()
-            baselines.read_ahead(identities[0], values.pop(), failures, drift)
+            counts, drift, failures = values.pop(), values.pop(), values.pop()
+            baselines.read_ahead(identities[0], values.pop(), failures, drift, counts)
         return [SubjectState.from_json_dict(_loads(v)) for v in values]
 
     def put(self, identity: str, state: SubjectState, ttl: int) -> None:
@@ -87,11 +89,6 @@ class RedisSubjectStateStore:
             raise StoreUnavailable(type(exc).__name__) from None
 
 
-def baseline_name(prefix: str, identity: str) -> bytes:
-    """The key of an identity's baseline (also written by the single-use ledger's confirmation)."""
-    return f"{prefix}:baseline:{identity}".encode("utf-8", "surrogatepass")
-
-
 def failures_name(prefix: str, identity: str) -> bytes:
     """The key of an identity's recent refusals, kept apart from its baseline, which the single-use
     ledger's confirmation writes back whole: only :meth:`RedisBaselineStore.add_failure` (a refusal)
@@ -99,20 +96,8 @@ def failures_name(prefix: str, identity: str) -> bytes:
     return f"{prefix}:failures:{identity}".encode("utf-8", "surrogatepass")
 
 
-def drift_name(prefix: str, identity: str) -> bytes:
-    """The key of an identity's drift state (:func:`~sts.core.drift.drift_to_json`), kept apart
-    from its baseline, which the single-use ledger's confirmation writes back whole: written by a
-    grant only when it changed it, by a refusal's probation step
-    (:meth:`RedisBaselineStore.update_drift`) and by :meth:`RedisBaselineStore.save`."""
-    return f"{prefix}:drift:{identity}".encode("utf-8", "surrogatepass")
-
-
-#: KEYS[1] (the baseline) set to ARGV[1] and KEYS[2] (its drift state) to ARGV[2], for ARGV[3] seconds.
-_SAVE_BOTH = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
+#: A baseline's write (:func:`~.baseline_writes.baseline_write`).
+_SAVE = WRITE_BASELINE + "write_baseline(1, 1)\nreturn 1\n"
 
 #: How long a baseline read ahead (:meth:`RedisBaselineStore.read_ahead`) answers a load: the
 #: risk stage loads it microseconds after; a thread held up longer reads it again.
@@ -120,7 +105,8 @@ READ_AHEAD_FOR = 0.01
 
 
 class _ReadAhead(threading.local):
-    """The calling thread's baseline read ahead: the identity, its value, refusals and drift state,
+    """The calling thread's baseline read ahead: the identity, its value, refusals, drift state and
+    counters,
     and when it was read (``time.monotonic()``, and the thread's count of commands sent,
     :meth:`Commands.sent`)."""
 
@@ -128,6 +114,7 @@ class _ReadAhead(threading.local):
     value: bytes | None = None
     failures: bytes | None = None
     drift: bytes | None = None
+    counts: bytes | None = None
     at: float = 0.0
     sent: int = -1
 
@@ -145,8 +132,10 @@ class RedisBaselineStore:
     :meth:`save_failures`: a grant's
     confirmation writes back the baseline it read, and never undoes a refusal recorded since.  So
     is its drift state (:func:`drift_name`), which a grant writes only when it changed it, and a
-    refusal's probation step with :meth:`update_drift`.  A key that is not there: the part is the
-    baseline's own (every write of the baseline carries it too).
+    refusal's probation step with :meth:`update_drift`; and so are its counters
+    (:func:`~.baseline_writes.counts_name`), which a grant's write advances from the stored ones.
+    A key that is not there: the part is the baseline's own (every write of the baseline carries
+    it too).
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "sts") -> None:
@@ -154,25 +143,32 @@ class RedisBaselineStore:
         self.prefix = prefix
         self.commands = commands(client)
         self._ahead = _ReadAhead()
-        self._save_both = LuaScript(self.commands, _SAVE_BOTH)
+        self._save = LuaScript(self.commands, _SAVE)
 
     def _name(self, identity: str) -> bytes:
         return baseline_name(self.prefix, identity)
 
-    def names(self, identity: str) -> tuple[bytes, bytes, bytes]:
-        """The keys of the identity's baseline, its refusals and its drift state, read together."""
+    def names(self, identity: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """The keys of the identity's baseline, its refusals, its drift state and its counters,
+        read together."""
         return (
             baseline_name(self.prefix, identity),
             failures_name(self.prefix, identity),
             drift_name(self.prefix, identity),
+            counts_name(self.prefix, identity),
         )
 
     def read_ahead(
-        self, identity: str, value: bytes | None, failures: bytes | None = None, drift: bytes | None = None
+        self,
+        identity: str,
+        value: bytes | None,
+        failures: bytes | None = None,
+        drift: bytes | None = None,
+        counts: bytes | None = None,
     ) -> None:
         ahead = self._ahead
         ahead.identity, ahead.value, ahead.failures, ahead.drift = identity, value, failures, drift
-        ahead.at, ahead.sent = time.monotonic(), self.commands.sent()
+        ahead.counts, ahead.at, ahead.sent = counts, time.monotonic(), self.commands.sent()
 
     def load(self, identity: str) -> Baseline:
         ahead = self._ahead
@@ -182,25 +178,26 @@ class RedisBaselineStore:
                 and ahead.sent == self.commands.sent()
                 and time.monotonic() - ahead.at < READ_AHEAD_FOR
             )
-            value, failures, drift = ahead.value, ahead.failures, ahead.drift
-            ahead.identity = ahead.value = ahead.failures = ahead.drift = None
+            value, failures, drift, counts = ahead.value, ahead.failures, ahead.drift, ahead.counts
+            ahead.identity = ahead.value = ahead.failures = ahead.drift = ahead.counts = None
             if fresh:
-                return _merged(value, failures, drift)
+                return _merged(value, failures, drift, counts)
         try:
-            value, failures, drift = self.commands(b"MGET", *self.names(identity))
+            value, failures, drift, counts = self.commands(b"MGET", *self.names(identity))
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
-        return _merged(value, failures, drift)
+        return _merged(value, failures, drift, counts)
 
-    def save(self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True) -> None:
-        """One ``SET``; with ``drift``, the drift state too, in one script (``MSET`` cannot give
-        an expiry), on this thread's connection as every other command."""
+    def save(
+        self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True, grant: bool = False
+    ) -> None:
+        """One script (:func:`~.baseline_writes.baseline_write`), on this thread's connection as
+        every other command."""
+        names, args = baseline_write(
+            self.prefix, BaselineUpdate(identity, baseline, ttl, drift_changed=drift), grant=grant
+        )
         try:
-            if not drift:
-                self.commands(b"SET", self._name(identity), baseline.to_json(), b"EX", ttl)
-                return
-            names = [self._name(identity), drift_name(self.prefix, identity)]
-            self._save_both(keys=names, args=[baseline.to_json(), drift_to_json(baseline), ttl])
+            self._save(keys=names, args=args)
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
@@ -268,9 +265,10 @@ class RedisBaselineStore:
 _Stored = bytes | str | None
 
 
-def _merged(baseline: _Stored, failures: _Stored, drift: _Stored) -> Baseline:
+def _merged(baseline: _Stored, failures: _Stored, drift: _Stored, counts: _Stored = None) -> Baseline:
     """The baseline stored as ``baseline`` with the parts kept apart from it (none: its own)."""
-    return with_drift(with_failures(Baseline.from_json(baseline), failures), drift)
+    merged = with_counts(Baseline.from_json(baseline), read_counts_text(counts))
+    return with_drift(with_failures(merged, failures), drift)
 
 
 def _loads(value: object) -> object:

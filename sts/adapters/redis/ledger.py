@@ -21,7 +21,6 @@ from dataclasses import replace
 import redis
 
 from ...core.audit import AuditRecord
-from ...core.drift import drift_to_json
 from ...core.ports import (
     CLOCK_MARGIN,
     AlreadyUsed,
@@ -35,9 +34,9 @@ from ...core.ports import (
     UsesNotClaimed,
 )
 from ..request_threads import waiting
+from .baseline_writes import WRITE_BASELINE, baseline_write
 from .client import LuaScript, commands
 from .epoch import LedgerEpoch
-from .key_value import baseline_name, drift_name
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +75,13 @@ for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'PXAT', ARGV[2 *
 return {0}
 """
 # _CONFIRM: the ARGV[2] reservations KEYS[2..] become uses: reservation i (KEYS[i + 1]) is ARGV[2i + 1],
-# used until ARGV[2i + 2] (also when it lapsed and nobody took it); then the key after them, if any,
-# is set to the next ARGV for the one after that (seconds): the baseline; and the key after it, if
-# any, to the ARGV after those, for as long: the drift state (a grant that changed it; one that did
-# not leaves the stored one, which a refusal may have moved on since).  All or nothing:
+# used until ARGV[2i + 2] (also when it lapsed and nobody took it); then, if more keys follow, the
+# grant's baseline update is written with them (``write_baseline`` of .baseline_writes: its drift
+# state only if the grant changed it, its counters advanced from the stored ones).  All or nothing:
 # {0, i} when another request took reservation i.
-_CONFIRM = """
+_CONFIRM = (
+    WRITE_BASELINE
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 local n = tonumber(ARGV[2])
 for i = 1, n do
@@ -89,10 +89,10 @@ for i = 1, n do
   if held and held ~= ARGV[2 * i + 1] then return {0, i} end
 end
 for i = 1, n do redis.call('SET', KEYS[i + 1], '1', 'PXAT', ARGV[2 * i + 2]) end
-if #KEYS > n + 1 then redis.call('SET', KEYS[n + 2], ARGV[2 * n + 3], 'EX', ARGV[2 * n + 4]) end
-if #KEYS > n + 2 then redis.call('SET', KEYS[n + 3], ARGV[2 * n + 5], 'EX', ARGV[2 * n + 4]) end
+if #KEYS > n + 1 then write_baseline(n + 2, 2 * n + 3) end
 return {1}
 """
+)
 _CANCEL = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -280,7 +280,11 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         if baseline is not None and self.baselines is not None:
             try:
                 self.baselines.save(
-                    baseline.identity, baseline.baseline, baseline.ttl, drift=baseline.drift_changed
+                    baseline.identity,
+                    baseline.baseline,
+                    baseline.ttl,
+                    drift=baseline.drift_changed,
+                    grant=True,
                 )
             except StoreUnavailable:
                 log.warning("baseline update skipped: store unavailable")
@@ -297,11 +301,9 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         for u in reserved:
             args += [u.holder.encode(), _kept_until(u.expires_at, now)]
         if baseline is not None and self.baselines_here:
-            names.append(baseline_name(self.prefix, baseline.identity))
-            args += [baseline.baseline.to_json(), baseline.ttl]
-            if baseline.drift_changed:
-                names.append(drift_name(self.prefix, baseline.identity))
-                args.append(drift_to_json(baseline.baseline))
+            more_names, more_args = baseline_write(self.prefix, baseline, grant=True)
+            names += more_names
+            args += more_args
             baseline = None
         if self._under_epoch(self._confirm, names, args, now)[0] != 1:
             raise StoreUnavailable("single-use reservation lost before it was confirmed")

@@ -26,6 +26,7 @@ from ...core.canonical_json import canonical_record
 from ...core.ports import AlreadyUsed, AuditOutcomeUnknown, AuditUnavailable, BaselineUpdate, SingleUse
 from ..request_threads import queue_wait
 from .audit_reads import AuditReads
+from .baseline_writes import BaselineWrite
 from .chain_heads import ChainHead, ChainHeads
 from .deadline import DeadlinePassed
 from .engines import commit_by
@@ -41,7 +42,7 @@ from .group_commit import (
     sqlite_timestamp,
     within_deadline,
 )
-from .key_value import baseline_params, baseline_upsert_statement
+from .key_value import baseline_params
 from .ledger_mark import ledger_mark
 from .pg_exchange import pipelined_uses
 from .replay import first_uses_statement, replay_key
@@ -119,7 +120,7 @@ class SqlAuditSink(AuditReads):
         self._forget_heartbeats = f"DELETE FROM heartbeats WHERE checked_at < {p}"  # noqa: S608
         columns = "chain_id, started_at, writer, genesis_hash, anchor_seq, anchor_hash"
         self._register_chain = f"INSERT INTO audit_chains ({columns}) VALUES ({p}, {p}, {p}, {p}, 0, {p})"  # noqa: S608
-        self._save_baseline = baseline_upsert_statement(p)
+        self._save_baseline = BaselineWrite(p, grant=True)
         self._count_links = (
             f"SELECT count(*) FROM audit_events WHERE chain_id = {p} AND seq >= {p} AND seq <= {p}"  # noqa: S608
         )
@@ -287,7 +288,7 @@ class SqlAuditSink(AuditReads):
     ) -> str:
         """Write ``item``: its baseline, the chain's row with its first record, the record as ``seq``."""
         if item.baseline is not None:
-            execute(self._save_baseline, item.baseline)
+            execute(self._save_baseline.sql, self._save_baseline.params(item.baseline))
         if not registered:
             execute(self._register_chain, self._registration(head))
         digest, params = self._linked(head, item, seq, prev)

@@ -16,8 +16,10 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ...core.baseline import Baseline, appended_failure, failures_to_json, with_failures
+from ...core.baseline_counts import counts_of, stored_counts, with_counts
 from ...core.drift import drift_to_json, same_drift, with_drift
 from ...core.ports import BaselineUpdate, StoreUnavailable
+from .baseline_writes import COUNT_COLUMNS, BaselineWrite
 from .pg_exchange import states_with_baseline
 from .statements import RawStatement
 
@@ -40,43 +42,47 @@ def upsert_statement(table: str, column: str, placeholder: str) -> str:
     )
 
 
-def baseline_upsert_statement(placeholder: str) -> str:
-    """Write one identity's baseline, as a grant does: its drift state (the ``drift`` column) only
-    when the grant changed it, else the stored one is kept (one a refused exchange wrote since the
-    grant read the baseline: an outside audit), unless it expired with the row (then NULL: the
-    baseline's own).  Parameters :func:`baseline_params`."""
-    p = placeholder
-    # Placeholders only: the values are parameters.
+def baseline_params(update: BaselineUpdate, now: float) -> tuple[Any, ...]:
+    """The values of ``update``'s write at ``now`` (:class:`~.baseline_writes.BaselineWrite`):
+    ``(store_key(identity), baseline, drift or None, expires_at, grants, window_start,
+    window_count, usual_rate, at, now)``, ``at`` the grant's time (its ``last_seen``)."""
+    baseline = update.baseline
+    drift = drift_to_json(baseline) if update.drift_changed else None
+    at = baseline.last_seen if baseline.last_seen is not None else now
+    expires_at = now + update.ttl
     return (
-        f"INSERT INTO baselines (identity, baseline, drift, expires_at) VALUES ({p}, {p}, {p}, {p}) "  # noqa: S608
-        "ON CONFLICT (identity) DO UPDATE SET baseline = excluded.baseline, drift = CASE "
-        "WHEN excluded.drift IS NOT NULL THEN excluded.drift "
-        f"WHEN baselines.expires_at > {p} THEN baselines.drift END, expires_at = excluded.expires_at"
+        store_key(update.identity),
+        baseline.to_json(),
+        drift,
+        expires_at,
+        *counts_of(baseline),
+        float(at),
+        now,
     )
 
 
-def baseline_params(update: BaselineUpdate, now: float) -> tuple[Any, ...]:
-    """The parameters of :func:`baseline_upsert_statement` for ``update``, written at ``now``:
-    ``(store_key(identity), baseline, drift or None, expires_at, now)``."""
-    baseline = update.baseline
-    drift = drift_to_json(baseline) if update.drift_changed else None
-    return store_key(update.identity), baseline.to_json(), drift, now + update.ttl, now
+#: How many times the writes of refusals or of a drift state alone name ``now``: for the
+#: baseline, its drift state or refusals, and each counter (an expired row's are not kept).
+_NOWS = 2 + len(COUNT_COLUMNS)
 
 
 def failures_upsert_statement(placeholder: str) -> str:
     """Write one identity's recent refusals (the ``failures`` column) and nothing else of a live
     baseline: the row is made if there is none, and an expired baseline under it (with its drift
-    state) is replaced by a new one (``{}``), never brought back to life.  Parameters
-    ``(store_key(identity), failures, expires_at, now, now)``."""
+    state and counters) is replaced by a new one (``{}``), never brought back to life.  Parameters
+    ``(store_key(identity), failures, expires_at)`` and ``now`` :data:`_NOWS` times."""
     p = placeholder
-    # Placeholders only: the values are parameters.
+    counts = "".join(
+        f", {c} = CASE WHEN baselines.expires_at > {p} THEN baselines.{c} END" for c in COUNT_COLUMNS
+    )
+    # Placeholders and constant column names only: the values are parameters.
     return (
         "INSERT INTO baselines (identity, baseline, failures, expires_at) "  # noqa: S608
         f"VALUES ({p}, '{{}}', {p}, {p}) "
         "ON CONFLICT (identity) DO UPDATE SET failures = excluded.failures, "
         f"baseline = CASE WHEN baselines.expires_at > {p} THEN baselines.baseline "
         f"ELSE excluded.baseline END, drift = CASE WHEN baselines.expires_at > {p} THEN baselines.drift "
-        "END, expires_at = excluded.expires_at"
+        f"END, expires_at = excluded.expires_at{counts}"
     )
 
 
@@ -177,20 +183,30 @@ class SqlBaselineStore:
       (:func:`baseline_upsert_statement`), by a refusal's probation step (:meth:`update_drift`,
       compare and swap) and by :meth:`save`.
 
+    * its counters (grant count, rate window: :mod:`sts.core.baseline_counts`), four columns
+      (revision 0013), which a grant's statement advances from the stored ones
+      (:class:`~.baseline_writes.BaselineWrite`), so that grants decided at once each count.
+
     NULL (a row written before those revisions, or by a version before them): the part is the
     one of the baseline's JSON, which every write of the baseline carries too.
     """
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
-        self._kv = KeyValueTable(engine, "baselines", "baseline", clock, also=("failures", "drift"))
+        self._kv = KeyValueTable(
+            engine, "baselines", "baseline", clock, also=("failures", "drift", *COUNT_COLUMNS)
+        )
         self._clock = clock
         p = self._kv.placeholder
-        self._put = baseline_upsert_statement(p)
+        self._put = BaselineWrite(p, grant=False)
+        self._put_grant = BaselineWrite(p, grant=True)
         self._put_failures = failures_upsert_statement(p)
         same = "IS" if engine.dialect.name == "sqlite" else "IS NOT DISTINCT FROM"
         live = f"CASE WHEN expires_at > {p} THEN"
         # Placeholders only: the values are parameters.
-        self._read = f"SELECT baseline, failures, drift, expires_at FROM baselines WHERE identity = {p}"  # noqa: S608
+        self._read = (
+            f"SELECT baseline, failures, drift, {', '.join(COUNT_COLUMNS)}, expires_at "  # noqa: S608
+            f"FROM baselines WHERE identity = {p}"
+        )
         self._insert_failures = (
             "INSERT INTO baselines (identity, baseline, failures, expires_at) "  # noqa: S608
             f"VALUES ({p}, '{{}}', {p}, {p}) ON CONFLICT (identity) DO NOTHING"
@@ -199,16 +215,17 @@ class SqlBaselineStore:
             "INSERT INTO baselines (identity, baseline, drift, expires_at) "  # noqa: S608
             f"VALUES ({p}, '{{}}', {p}, {p}) ON CONFLICT (identity) DO NOTHING"
         )
-        # Placeholders only; each swap happens only if the stored part is still the one read.  An
-        # expired row's other parts are not brought back to life.
+        counts = "".join(f", {c} = {live} {c} END" for c in COUNT_COLUMNS)
+        # Placeholders and column names only; each swap happens only if the stored part is still
+        # the one read.  An expired row's other parts are not brought back to life.
         self._swap_failures = (
             f"UPDATE baselines SET failures = {p}, expires_at = {p}, "  # noqa: S608
-            f"baseline = {live} baseline ELSE '{{}}' END, drift = {live} drift END "
+            f"baseline = {live} baseline ELSE '{{}}' END, drift = {live} drift END{counts} "
             f"WHERE identity = {p} AND failures {same} {p}"
         )
         self._swap_drift = (
             f"UPDATE baselines SET drift = {p}, expires_at = {p}, "  # noqa: S608
-            f"baseline = {live} baseline ELSE '{{}}' END, failures = {live} failures END "
+            f"baseline = {live} baseline ELSE '{{}}' END, failures = {live} failures END{counts} "
             f"WHERE identity = {p} AND drift {same} {p}"
         )
         #: PostgreSQL: the baseline read with the subject's state, just before (one round trip).
@@ -216,24 +233,27 @@ class SqlBaselineStore:
 
     def load(self, identity: str) -> Baseline:
         if self._with_states is not None:
-            read, value, failures, drift = self._with_states.baseline(store_key(identity))
+            read, value, failures, drift, counts = self._with_states.baseline(store_key(identity))
             if read:
-                return _merged(value, failures, drift)
+                return _merged(value, failures, drift, *counts)
         found = self._kv.get_with([identity]).get(identity)
         return _merged(found[0], *found[1]) if found else Baseline()
 
-    def save(self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True) -> None:
+    def save(
+        self, identity: str, baseline: Baseline, ttl: int, *, drift: bool = True, grant: bool = False
+    ) -> None:
         if self._with_states is not None:
             self._with_states.forget()
         update = BaselineUpdate(identity, baseline, ttl, drift_changed=drift)
-        self._kv.run(self._put, baseline_params(update, self._clock()))
+        write = self._put_grant if grant else self._put
+        self._kv.run(write.sql, write.params(baseline_params(update, self._clock())))
 
     def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:
         if self._with_states is not None:
             self._with_states.forget()
         now = self._clock()
         kept = failures_to_json(failures)
-        self._kv.run(self._put_failures, (store_key(identity), kept, now + ttl, now, now))
+        self._kv.run(self._put_failures, (store_key(identity), kept, now + ttl, *[now] * _NOWS))
 
     def add_failure(self, identity: str, at: float, ttl: int) -> None:
         """Append ``at`` to the identity's refusals, atomically: the list read is written back only
@@ -250,10 +270,10 @@ class SqlBaselineStore:
                 if self._kv.run(self._insert_failures, (key, failures_to_json((at,)), now + ttl)) == 1:
                     return
                 continue
-            baseline, old, _, expires_at = rows[0]
+            baseline, old, expires_at = rows[0][0], rows[0][1], rows[0][-1]
             earlier = with_failures(Baseline.from_json(baseline), old).failures if expires_at > now else ()
             new = failures_to_json(appended_failure(earlier, at))
-            if self._kv.run(self._swap_failures, (new, now + ttl, now, now, key, old)) == 1:
+            if self._kv.run(self._swap_failures, (new, now + ttl, *[now] * _NOWS, key, old)) == 1:
                 return
             _after_a_lost_swap(attempt)
         raise StoreUnavailable("the refusals kept changing")
@@ -269,8 +289,8 @@ class SqlBaselineStore:
         for attempt in range(_SWAP_TRIES):
             now = self._clock()
             rows = self._kv.query(self._read, (key,))
-            live = bool(rows) and rows[0][3] > now
-            stored = _merged(*rows[0][:3]) if live else Baseline()
+            live = bool(rows) and rows[0][-1] > now
+            stored = _merged(*rows[0][:-1]) if live else Baseline()
             changed = change(stored)
             if same_drift(changed, stored):
                 return
@@ -279,15 +299,17 @@ class SqlBaselineStore:
                 if self._kv.run(self._insert_drift, (key, new, now + ttl)) == 1:
                     return
                 continue
-            if self._kv.run(self._swap_drift, (new, now + ttl, now, now, key, rows[0][2])) == 1:
+            if self._kv.run(self._swap_drift, (new, now + ttl, *[now] * _NOWS, key, rows[0][2])) == 1:
                 return
             _after_a_lost_swap(attempt)
         raise StoreUnavailable("the drift state kept changing")
 
 
-def _merged(baseline: str | None, failures: str | None, drift: str | None) -> Baseline:
-    """The baseline stored as ``baseline`` with the parts kept apart from it (NULL: its own)."""
-    return with_drift(with_failures(Baseline.from_json(baseline), failures), drift)
+def _merged(baseline: str | None, failures: str | None, drift: str | None, *counts: Any) -> Baseline:
+    """The baseline stored as ``baseline`` with the parts kept apart from it (NULL: its own):
+    its refusals, its drift state and its four counters."""
+    merged = with_counts(Baseline.from_json(baseline), stored_counts(counts))
+    return with_drift(with_failures(merged, failures), drift)
 
 
 class SqlRevokedTokens:

@@ -50,18 +50,23 @@ def states_with_baseline(engine: Engine) -> StatesWithBaseline | None:
         return reads
 
 
+#: The counters of no baseline.
+_NO_COUNTS: tuple[Any, ...] = (None, None, None, None, None)
+
+
 @functools.cache
 def _states_and_baseline_statement(keys: int) -> str:
-    """Rows ``(kind, identity, value, failures, drift)``: ``s`` for each live state of the ``keys``
-    identities, ``b`` for the live baseline of the first, with its refusals and its drift state
-    (``failures``, ``drift``, kept apart: :class:`~sts.adapters.sql.key_value.SqlBaselineStore`).
-    Parameters: the keys, now, the first key, now."""
+    """Rows ``(kind, identity, value, failures, drift, *counters)``: ``s`` for each live state of
+    the ``keys`` identities, ``b`` for the live baseline of the first, with the parts kept apart
+    from it (its refusals, its drift state, its four counters:
+    :class:`~sts.adapters.sql.key_value.SqlBaselineStore`).  Parameters: the keys, now, the first
+    key, now."""
     placeholders = ", ".join(["%s"] * keys)
     return (
-        "SELECT 's', identity, state, NULL, NULL FROM subject_states "  # noqa: S608 - placeholders only
+        "SELECT 's', identity, state, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM subject_states "  # noqa: S608 - placeholders only
         f"WHERE identity IN ({placeholders}) AND expires_at > %s "
-        "UNION ALL SELECT 'b', identity, baseline, failures, drift FROM baselines "
-        "WHERE identity = %s AND expires_at > %s"
+        "UNION ALL SELECT 'b', identity, baseline, failures, drift, grants, window_start, window_count, "
+        "usual_rate, counts_first_seen FROM baselines WHERE identity = %s AND expires_at > %s"
     )
 
 
@@ -93,23 +98,25 @@ class StatesWithBaseline:
             raise StoreUnavailable(type(exc).__name__) from None
         found: dict[str, str] = {}
         baseline = failures = drift = None
-        for kind, key, value, refusals, facts in rows:
+        counts: tuple[Any, ...] = _NO_COUNTS
+        for kind, key, value, refusals, facts, *counters in rows:
             if kind == "s":
                 found[str(key)] = str(value)
             else:
-                baseline, failures, drift = str(value), refusals, facts
-        self._kept.value = (keys[0], baseline, failures, drift, time.monotonic())
+                baseline, failures, drift, counts = str(value), refusals, facts, tuple(counters)
+        self._kept.value = (keys[0], baseline, failures, drift, counts, time.monotonic())
         return found
 
-    def baseline(self, key: str) -> tuple[bool, str | None, str | None, str | None]:
-        """``(True, value, failures, drift)`` if this thread's last :meth:`states` read the baseline
-        under ``key`` (``None``: there is none; its ``failures`` and ``drift`` columns, None when
-        NULL) moments ago; else ``(False, None, None, None)``, and it is to be read."""
+    def baseline(self, key: str) -> tuple[bool, str | None, str | None, str | None, tuple[Any, ...]]:
+        """``(True, value, failures, drift, counters)`` if this thread's last :meth:`states` read
+        the baseline under ``key`` (``None``: there is none; its ``failures``, ``drift`` and
+        counters columns, None when NULL) moments ago; else ``(False, None, None, None, (None,) *
+        5)``, and it is to be read."""
         kept = getattr(self._kept, "value", None)
         self._kept.value = None
-        if kept is None or kept[0] != key or time.monotonic() - kept[4] > READ_AHEAD_AGE:
-            return False, None, None, None
-        return True, kept[1], kept[2], kept[3]
+        if kept is None or kept[0] != key or time.monotonic() - kept[5] > READ_AHEAD_AGE:
+            return False, None, None, None, _NO_COUNTS
+        return True, kept[1], kept[2], kept[3], kept[4]
 
     def forget(self) -> None:
         """This thread wrote a baseline: what it read ahead is no longer the latest it knows."""

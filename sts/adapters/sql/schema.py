@@ -219,6 +219,15 @@ baselines = Table(
     #: was confirmed, earlier keys: :func:`sts.core.drift.drift_to_json`), kept apart from
     #: ``baseline``, which a grant writes back whole (revision 0012); NULL: that of ``baseline``.
     Column("drift", String(16000)),
+    #: The identity's counters (:mod:`sts.core.baseline_counts`: grants, the rate window's start
+    #: and count, the usual rate), which a grant advances from the stored ones rather than writing
+    #: back those it read, and the ``first_seen`` of the baseline they count (revision 0013);
+    #: NULL: those of ``baseline``.
+    Column("grants", Integer),
+    Column("window_start", Float),
+    Column("window_count", Integer),
+    Column("usual_rate", Float),
+    Column("counts_first_seen", Float),
 )
 
 revoked_tokens = Table(

@@ -31,6 +31,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from .baseline_writes import COUNT_COLUMNS, ROW_VALUES, advanced_counts_sql
 from .chain_heads import ChainHead
 from .group_commit import PendingUses
 from .statements import RawStatement
@@ -49,6 +50,8 @@ _SLOTS = [
     "baseline_value",
     "baseline_drift",
     "baseline_expires",
+    *(f"baseline_{column}" for column in COUNT_COLUMNS),
+    "baseline_at",
 ]
 
 
@@ -73,13 +76,15 @@ def grant_view_statements(columns: Sequence[str]) -> list[str]:
         f"WHERE key IN ({keys}) AND expires_at > NEW.now);",
         *uses,
         # The drift state only if the grant changed it (else the stored one, unless expired: one a
-        # refusal wrote since the grant read it), as :func:`~.key_value.baseline_upsert_statement`.
-        "INSERT INTO baselines (identity, baseline, drift, expires_at) "
-        "SELECT NEW.baseline_identity, NEW.baseline_value, NEW.baseline_drift, NEW.baseline_expires "
-        "WHERE NEW.baseline_identity IS NOT NULL ON CONFLICT (identity) "
+        # refusal wrote since the grant read it), the counters advanced from the stored ones, as
+        # :class:`~.baseline_writes.BaselineWrite` does.
+        f"INSERT INTO baselines (identity, baseline, drift, expires_at, {', '.join(COUNT_COLUMNS)}) "
+        "SELECT NEW.baseline_identity, NEW.baseline_value, NEW.baseline_drift, NEW.baseline_expires, "
+        + ", ".join(f"NEW.baseline_{column}" for column in COUNT_COLUMNS)
+        + " WHERE NEW.baseline_identity IS NOT NULL ON CONFLICT (identity) "
         "DO UPDATE SET baseline = excluded.baseline, drift = CASE WHEN excluded.drift IS NOT NULL "
         "THEN excluded.drift WHEN baselines.expires_at > NEW.now THEN baselines.drift END, "
-        "expires_at = excluded.expires_at;",
+        f"expires_at = excluded.expires_at, {advanced_counts_sql('NEW.now', 'NEW.baseline_at')};",
         audit,
     ]
     return [
@@ -131,8 +136,8 @@ class SqliteGrants:
             slots += [None] * (2 * USE_SLOTS - len(slots))
             params += slots
             params.append(item.entry_params[-1])
-            # The baseline's parameters but its last (``now``, which the row has already).
-            params += item.baseline[:4] if item.baseline is not None else (None, None, None, None)
+            # The baseline's values but its last (``now``, which the row has already).
+            params += item.baseline[:ROW_VALUES] if item.baseline is not None else (None,) * ROW_VALUES
             params += audit
         try:
             self._raw.run(self._sql(len(batch)), params)
