@@ -159,6 +159,28 @@ COMPILE_ERRORS: list[tuple[str, dict[str, str], str, str | None, str | None, tup
             ),
         )
     ),
+    *(
+        (
+            # A function this CEL does not define loaded, every evaluation failed, and the rule
+            # never applied, without a word.
+            f"cel-unknown-function-{name}",
+            {
+                "a.yaml": "rules:\n  - name: bad\n    issuer: gh\n"
+                f"    condition: '{condition}'\n"
+                "    grant: {audiences: [x]}\n"
+            },
+            "a.yaml",
+            "name: bad",
+            "bad",
+            (f"calls {called}: no such function here",),
+        )
+        for name, condition, called in (
+            ("max", "max(size(claims.a), 1) == 1", "max"),
+            ("cel-go-string-extension", 'claims.a.lowerAscii() == "x"', "lowerAscii"),
+            ("misspelt", 'subject.startswith("repo:") && claims.a.size() > 0', "startswith"),
+            ("two", 'foo(subject) || bar("x")', "bar, foo"),
+        )
+    ),
     (
         "cel-unknown-variable",
         {
@@ -1651,3 +1673,72 @@ def test_re_matches_calls_are_found_as_cel_reads_the_condition(source: str, refu
     else:
         with pytest.raises(ConfigurationError, match=refused):
             _condition(source, "rule")
+
+
+def test_every_function_a_condition_may_call_is_defined() -> None:
+    """The allowed names (``CEL_FUNCTIONS``) are the CEL implementation's: each evaluates."""
+    from sts.core.policy.conditions import CEL_FUNCTIONS
+
+    ts = 'timestamp("2020-03-04T05:06:07Z")'
+    calls = {
+        "size": 'size("ab") == 2',
+        "contains": '"ab".contains("a")',
+        "startsWith": '"ab".startsWith("a")',
+        "endsWith": '"ab".endsWith("b")',
+        "type": "type(1) == type(2)",
+        "dyn": "dyn(1) == 1",
+        "int": 'int("1") == 1',
+        "uint": "uint(1) == 1u",
+        "double": "double(1) == 1.0",
+        "string": 'string(1) == "1"',
+        "bytes": 'bytes("a") == b"a"',
+        "timestamp": f'{ts} > timestamp("2020-01-01T00:00:00Z")',
+        "duration": 'duration("2s") > duration("1s")',
+        **{
+            name: f"{ts}.{name}() == {value}"
+            for name, value in (
+                ("getFullYear", 2020),
+                ("getMonth", 2),
+                ("getDayOfYear", 63),
+                ("getDayOfMonth", 3),
+                ("getDate", 4),
+                ("getDayOfWeek", 3),
+                ("getHours", 5),
+                ("getMinutes", 6),
+                ("getSeconds", 7),
+                ("getMilliseconds", 0),
+            )
+        },
+        "re_matches": 're_matches(subject, "^repo:")',
+    }
+    assert set(calls) == CEL_FUNCTIONS
+    for name, source in calls.items():
+        assert _condition(source, name).execute({"subject": "repo:x"}) is True, name
+
+
+@pytest.mark.parametrize(
+    ("type_name", "value"),
+    [
+        ("string", "a"),
+        ("int", 1),
+        ("double", 1.5),
+        ("bool", True),
+        ("bytes", b"a"),
+        ("list", [1]),
+        ("map", {"a": 1}),
+        ("null_type", None),
+    ],
+)
+def test_a_condition_may_compare_types(type_name: str, value: Any) -> None:
+    """``type(claims.event_name) == string``, the guard docs/policies.md recommends, was refused
+    as an unknown variable ``string``."""
+    condition = _condition(f"type(claims.x) == {type_name}", "guard")
+    assert condition.execute({"claims": {"x": value}}) is True
+    assert condition.execute({"claims": {"x": 1 if type_name == "string" else "a"}}) is False
+
+
+def test_every_type_name_loads() -> None:
+    from sts.core.policy.conditions import CEL_TYPES
+
+    for name in CEL_TYPES:
+        _condition(f"type(claims.x) != {name}", name)

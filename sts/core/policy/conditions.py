@@ -1,9 +1,9 @@
 """Rule conditions: CEL expressions, compiled and checked once, when the policy is read.
 
-A condition may use the variables :data:`CEL_VARIABLES`, CEL's own functions except
-``matches()``, and ``re_matches(value, pattern)``, whose patterns are string literals RE2
-compiles (see :class:`Condition`).  Anything else is refused with the rule's name and the
-reason (:class:`~sts.errors.ConfigurationError`).  Pure: no I/O.
+A condition may use the variables :data:`CEL_VARIABLES`, CEL's type names, CEL's own functions
+(:data:`CEL_FUNCTIONS`) except ``matches()``, and ``re_matches(value, pattern)``, whose patterns
+are string literals RE2 compiles (see :class:`Condition`).  Anything else is refused with the
+rule's name and the reason (:class:`~sts.errors.ConfigurationError`).  Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -17,6 +17,27 @@ from ...errors import ConfigurationError
 from .matching import Pattern, pattern_or_refusal
 
 CEL_VARIABLES = frozenset({"claims", "facts", "subject", "issuer", "client_id", "request", "actor"})
+#: CEL's type names, which the implementation reports as variables: ``type(claims.x) == string``
+#: (the guard docs/policies.md recommends) was refused as an unknown variable ``string``.  (Its
+#: ``timestamp`` and ``duration`` are functions only: ``== timestamp`` fails at evaluation.)
+CEL_TYPES = frozenset(
+    {"bool", "int", "uint", "double", "string", "bytes", "list", "map", "null_type", "type"}
+)
+#: The functions a condition may call by name: those the CEL implementation (the Rust ``cel``
+#: crate of ``common-expression-language`` 0.10, without its opt-in Python ``stdlib``) defines
+#: (a test evaluates each), and ours.  (Its optional values need ``optional.``, refused as an
+#: unknown variable, or ``.?``, which it cannot parse.)  Any other
+#: name (``max``, ``lowerAscii``, a misspelling) loaded and failed at every evaluation, and the
+#: rule never applied, without a word.  Operators (``_&&_``, ``@in``, ``!_``) are not names.
+CEL_FUNCTIONS = frozenset(
+    {
+        *("size", "contains", "startsWith", "endsWith", "type", "dyn"),
+        *("int", "uint", "double", "string", "bytes", "timestamp", "duration"),
+        *("getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate", "getDayOfWeek"),
+        *("getHours", "getMinutes", "getSeconds", "getMilliseconds"),
+        "re_matches",
+    }
+)
 
 
 class Condition:
@@ -55,7 +76,7 @@ def compile_condition(source: str, where: str) -> Condition:
     except ValueError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "syntax error"
         raise ConfigurationError(f"{where}: invalid CEL condition: {first}") from None
-    unknown = sorted(set(program.variables()) - CEL_VARIABLES - _comprehension_names(source))
+    unknown = sorted(set(program.variables()) - CEL_VARIABLES - CEL_TYPES - _comprehension_names(source))
     if unknown:
         raise ConfigurationError(
             f"{where}: CEL condition uses unknown variable(s) {', '.join(unknown)}; "
@@ -75,6 +96,12 @@ def compile_condition(source: str, where: str) -> Condition:
             f"{where}: CEL condition uses matches(), which compiles its regular expression again on "
             "every call (seconds for one crafted token): use re_matches(value, pattern) (RE2, "
             'compiled once), e.g. claims.groups.exists(g, re_matches(g, "^team-[a-z-]+$"))'
+        )
+    unknown = sorted(f for f in functions if f[:1].isalpha() and f not in CEL_FUNCTIONS)
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: CEL condition calls {', '.join(unknown)}: no such function here (every "
+            "evaluation would fail and the rule never apply); see docs/policies.md, condition"
         )
     patterns = _re_matches_patterns(source, where) if "re_matches" in functions else {}
     return Condition(program, patterns, re_matches="re_matches" in functions)
