@@ -9,9 +9,23 @@ by re-exchange never looked deeper than usual (an outside audit).  Pure: no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 
+from .attest import VerifiedToken
 from .baseline import Baseline
+from .delegation import SELF_ISSUER
+from .introspection import upstream_issuer
+from .subject_state import identity_key
+
+
+def upstream_identity(subject: VerifiedToken, issuers: Collection[str]) -> str | None:
+    """For a token of ours presented again: the identity it was first issued to (whose baseline
+    :func:`joined` joins); else None."""
+    if subject.issuer_name != SELF_ISSUER:
+        return None
+    upstream = upstream_issuer(subject.claims, issuers)
+    return identity_key(upstream, subject.subject) if upstream is not None else None
 
 
 def joined(own: Baseline, upstream: Baseline) -> Baseline:

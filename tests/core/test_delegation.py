@@ -1016,6 +1016,10 @@ def test_a_chain_built_by_re_exchange_is_deeper_than_the_mature_workload_ever_wa
     sts.reexchange(plain)  # the same workload, at its usual depth: nothing new
     record = sts.last_record()
     assert (record["issuer"], record["details"]["risk"]["learning"]) == ("self", False)
+    # The record names the identity it was judged with, and both's exchanges (its own baseline,
+    # new, is learning: the record said learning false beside it, without saying why).
+    assert record["details"]["risk"]["history"] == {"joined_with": f"upstream|{SUBJECT}", "count": 6}
+    assert record["details"]["risk"]["baseline"]["learning"] is True
     assert not s2s_signal(record)["fired"]
 
     sts.reexchange(plain, actor=sts.actor(1))

@@ -13,8 +13,7 @@ and the assurance level the request reaches (RFC 9470).
 The baseline learns after a grant (:meth:`~RiskAndAssurance.learn`: saved with the
 grant's record, :meth:`sts.core.ports.SingleUseLedger.commit`), a refusal
 counts towards ``recent_failures`` (:meth:`~RiskAndAssurance.record_failure`),
-and a refused exchange still counts for the probation of a changed fact.  All
-three are best effort: a lost update only delays learning.
+and a refused exchange still counts for the probation of a changed fact (best effort).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from ..baseline import BASELINE_TTL, Baseline, observe
 from ..delegation import SELF_ISSUER, workload_issuer
 from ..dpop import VerifiedProof
 from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, same_drift, session_summary
-from ..history import joined
+from ..history import joined, upstream_identity
 from ..introspection import token_identities, upstream_issuer
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
@@ -160,7 +159,10 @@ class RiskAndAssurance:
             )
             baseline_key = identity if keeps_baseline and self.baselines else None
             baseline = self.baselines.load(baseline_key) if baseline_key and self.baselines else Baseline()
-            history = self._history(subject, baseline) if baseline_key and grant.risk else None
+            upstream = (
+                upstream_identity(subject, self.issuers.names()) if baseline_key and grant.risk else None
+            )
+            history = joined(baseline, self.baselines.load(upstream)) if upstream and self.baselines else None
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
         state = state or SubjectState()
@@ -223,6 +225,8 @@ class RiskAndAssurance:
             if baseline_key
             else None,
         }
+        if upstream and history:  # a re-exchange: the upstream identity it was judged with, as ``learning``
+            details["history"] = {"joined_with": upstream[:600], "count": history.count}
         risk = ExchangeRisk(
             decision,
             assessment,
@@ -424,16 +428,6 @@ class RiskAndAssurance:
         # The profile's facts over raw claims of the same name, as for the subject token (the
         # raw claim won here: a look-alike top-level claim outvoted the checked fact; an outside audit).
         return {**posture.claims, **posture.facts}, None
-
-    def _history(self, subject: VerifiedToken, baseline: Baseline) -> Baseline | None:
-        """For a token of ours presented again: its baseline joined with its upstream identity's
-        (:func:`~sts.core.history.joined`; one more read, on re-exchanges only); else None."""
-        if subject.issuer_name != SELF_ISSUER or self.baselines is None:
-            return None
-        upstream = upstream_issuer(subject.claims, self.issuers.names())
-        if upstream is None:
-            return None
-        return joined(baseline, self.baselines.load(identity_key(upstream, subject.subject)))
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         # Our own token: events may name the subject under the issuer it first came from.
