@@ -242,8 +242,8 @@ class Baseline:
         try:
             data = json.loads(text)
             return cls(
-                first_seen=data.get("first_seen"),
-                last_seen=data.get("last_seen"),
+                first_seen=None if (first := data.get("first_seen")) is None else float(first),
+                last_seen=None if (last := data.get("last_seen")) is None else float(last),
                 count=int(data.get("count", 0)),
                 networks=tuple(data.get("networks", ())),
                 facts=dict(data.get("facts", {})),

@@ -8,16 +8,18 @@ fire ``unexpected_s2s``; 30 fired on the 17th), and a workload stayed ``learning
 its grants.  So the counters (the grant count, and the rate window ``unexpected_s2s`` reads:
 its start, its count, the usual rate) are stored apart from the baseline's JSON as well, and
 a grant's write advances the stored ones by one (:func:`advanced`), in the same statement or
-script: SQL ``CASE`` expressions (:mod:`sts.adapters.sql.key_value`), a Lua script
-(:mod:`sts.adapters.redis.key_value`).  Each is this module's rule, which is
+script: SQL ``CASE`` expressions (:mod:`sts.adapters.sql.baseline_writes`), a Lua function
+(:mod:`sts.adapters.redis.baseline_writes`).  Each is this module's rule, which is
 :func:`~sts.core.baseline.observe`'s for those fields (a test holds the three to it).
 
 Stored counters that are behind what a grant read (none yet, an expired row, or a version
-before this one that wrote only the JSON) are not advanced: the grant's own are written, as
-before.  A load takes the stored counters unless the JSON's count is ahead of them
-(:func:`with_counts`).  The sets a baseline learns (networks, audiences, scopes, the deepest
-delegation) are still written back as the grant read them: one lost in a race is new again
-next time, so its signal fires rather than stays quiet.
+before this one that wrote only the JSON), or that count another baseline, are not advanced: the
+grant's own are written, as before.  A load takes the stored counters unless the JSON's count is
+ahead of them (:func:`with_counts`).  The first grants of a new identity, decided at once, each
+begin a baseline of their own ``first_seen``: the store keeps the first one written, and the
+others count in it (:func:`same_baseline`).  The sets a baseline learns (networks, audiences,
+scopes, the deepest delegation) are still written back as the grant read them: one lost in a
+race is new again next time, so its signal fires rather than stays quiet.
 """
 
 from __future__ import annotations
@@ -46,12 +48,23 @@ def counts_of(baseline: Baseline) -> Counts:
     )
 
 
+def same_baseline(stored: Counts, own: Counts) -> bool:
+    """Whether ``stored`` counters count the baseline a grant that computed ``own`` read: the same
+    ``first_seen``; or, for a grant that read none (its count is 1), one begun at most
+    :data:`~sts.core.baseline.RATE_WINDOW` before or after its own: the first grants of a new
+    identity, decided at once, each begin one (each its own ``first_seen``), and the first
+    written is the one the others count in.  Counters of a baseline that expired are older."""
+    if stored[4] is None or own[4] is None:
+        return False
+    return stored[4] == own[4] or (own[0] == 1 and abs(stored[4] - own[4]) <= RATE_WINDOW)
+
+
 def advanced(stored: Counts | None, own: Counts, at: float) -> Counts:
     """The counters a grant at ``at`` leaves, given the ``stored`` ones (None: none) and its
     ``own`` (those it computed from what it read): the stored ones advanced by one grant, or
-    its own where the stored ones count another baseline (another ``first_seen``, or none) or
-    are behind what it read (``own``'s count less one)."""
-    if stored is None or stored[4] is None or stored[4] != own[4] or stored[0] < own[0] - 1:
+    its own where the stored ones count another baseline (:func:`same_baseline`) or are behind
+    what it read (``own``'s count less one)."""
+    if stored is None or not same_baseline(stored, own) or stored[0] < own[0] - 1:
         return own
     count, window_start, window_count, usual_rate, first_seen = stored
     if at - window_start > RATE_WINDOW:
@@ -74,19 +87,25 @@ def stored_counts(values: Sequence[Any]) -> Counts | None:
 
 
 def with_counts(baseline: Baseline, counts: Counts | None) -> Baseline:
-    """``baseline`` with the counters kept apart from it, unless there are none, they count
-    another baseline (another ``first_seen``) or the JSON's count is ahead of them (a version
-    before this one wrote only the JSON)."""
-    if (
-        counts is None
-        or counts[4] != baseline.first_seen
-        or counts[0] < baseline.count
-        or counts == counts_of(baseline)
+    """``baseline`` with the counters kept apart from it, and their ``first_seen`` (the first
+    writer's: :func:`same_baseline`), unless there are none, they count another baseline or the
+    JSON's count is ahead of them (a version before this one wrote only the JSON)."""
+    if counts is None or counts == counts_of(baseline) or counts[0] < baseline.count:
+        return baseline
+    count, window_start, window_count, usual_rate, first_seen = counts
+    if first_seen != baseline.first_seen and not (
+        first_seen is not None
+        and baseline.first_seen is not None
+        and abs(first_seen - baseline.first_seen) <= RATE_WINDOW
     ):
         return baseline
-    count, window_start, window_count, usual_rate, _ = counts
     return replace(
-        baseline, count=count, window_start=window_start, window_count=window_count, usual_rate=usual_rate
+        baseline,
+        first_seen=first_seen,
+        count=count,
+        window_start=window_start,
+        window_count=window_count,
+        usual_rate=usual_rate,
     )
 
 

@@ -106,6 +106,28 @@ def test_grants_decided_at_the_same_time_each_count(stores: tuple[str, Any, Any]
     assert after.current_rate(NOW + 15) == 15.0
 
 
+def test_the_first_grants_of_a_new_identity_decided_at_once_each_count(stores: tuple[str, Any, Any]) -> None:
+    """Each grant that read no baseline begins one, of its own ``first_seen``: the first written is
+    kept, and the others count in it (an outside review: three such grants left a count of 1)."""
+    _, baselines, _ = stores
+    read = baselines.load(IDENTITY)
+    for i in range(3):
+        baselines.save(IDENTITY, grant(read, NOW + 0.001 * (2 - i)), 3600, grant=True)  # out of order
+    first = baselines.load(IDENTITY)
+    assert (first.count, first.window_count, first.first_seen, first.window_start) == (
+        3,
+        3,
+        NOW + 0.002,
+        NOW + 0.002,
+    )
+    baselines.save(IDENTITY, grant(first, NOW + 1), 3600, grant=True)
+    assert baselines.load(IDENTITY).count == 4
+    # A grant that read none more than a rate window after the baseline began did not race it: it
+    # found an expired one (or a reset) and begins anew.
+    baselines.save(IDENTITY, grant(Baseline(), NOW + 70), 3600, grant=True)
+    assert counts_of(baselines.load(IDENTITY)) == (1, NOW + 70, 1, 0.0, NOW + 70)
+
+
 def test_the_stores_advance_the_counters_as_observe_does(stores: tuple[str, Any, Any]) -> None:
     """Grants one after the other, with gaps that end the rate window, give the counters that
     ``observe`` gives, to the last bit (IEEE doubles in SQLite, PostgreSQL and Lua)."""
@@ -157,9 +179,13 @@ def test_counters_of_another_baseline_are_not_advanced(stores: tuple[str, Any, A
     _, baselines, _ = stores
     for i in range(4):
         baselines.save(IDENTITY, grant(baselines.load(IDENTITY), NOW + i), 3600, grant=True)
-    other = grant(Baseline(), NOW + 10)  # a grant that read no baseline at all
+    other = grant(Baseline(), NOW + 100)  # a grant that read no baseline, long after this one began
     baselines.save(IDENTITY, other, 3600, grant=True)
-    assert counts_of(baselines.load(IDENTITY)) == counts_of(other) == (1, NOW + 10, 1, 0.0, NOW + 10)
+    assert counts_of(baselines.load(IDENTITY)) == counts_of(other) == (1, NOW + 100, 1, 0.0, NOW + 100)
+    # One that read this one, with another first_seen (an older version's JSON): its own.
+    stranger = replace(grant(grant(Baseline(), NOW + 5), NOW + 101), first_seen=NOW + 6)
+    baselines.save(IDENTITY, stranger, 3600, grant=True)
+    assert counts_of(baselines.load(IDENTITY)) == counts_of(stranger)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -246,6 +272,44 @@ def test_the_read_with_the_subject_state_brings_the_counters(stores: tuple[str, 
     assert baselines.load(IDENTITY).count == 4
 
 
+def test_a_count_past_32_bits(stores: tuple[str, Any, Any]) -> None:
+    """PostgreSQL's ``integer`` ends at 2**31 - 1: every grant of such an identity would fail."""
+    _, baselines, _ = stores
+    baselines.save(IDENTITY, replace(grant(Baseline(), NOW), count=2**31 - 1), 3600)
+    baselines.save(IDENTITY, grant(baselines.load(IDENTITY), NOW + 1), 3600, grant=True)
+    assert baselines.load(IDENTITY).count == 2**31
+
+
+@pytest.mark.parametrize("value", ['"yesterday"', "[1]", "{}"])
+def test_a_baseline_with_an_unreadable_time_is_a_new_one(stores: tuple[str, Any, Any], value: str) -> None:
+    """Read as corrupt (a new baseline, learning), and written over by the next grant: a time not a
+    number failed the grant's write (a 500 on Redis, after the record was committed)."""
+    name, baselines, handle = stores
+    corrupt = grant(Baseline(), NOW).to_json().replace(f'"first_seen":{NOW!r}', f'"first_seen":{value}')
+    assert value in corrupt
+    if name == "redis":
+        handle.set(f"sts:baseline:{IDENTITY}", corrupt)
+    else:
+        with handle.begin() as conn:
+            conn.execute(
+                text("INSERT INTO baselines (identity, baseline, expires_at) VALUES (:i, :b, :e)"),
+                {"i": IDENTITY, "b": corrupt, "e": NOW + 3600},
+            )
+    read = baselines.load(IDENTITY)
+    assert (read.count, read.first_seen) == (0, None)
+    baselines.save(IDENTITY, grant(read, NOW + 1), 3600, grant=True)
+    assert baselines.load(IDENTITY).count >= 1
+
+
+def test_redis_writes_over_a_counters_key_of_another_type(fresh_redis_url: str) -> None:
+    client = redis.Redis.from_url(fresh_redis_url)
+    client.hset(f"sts:counts:{IDENTITY}", "count", 5)
+    baselines = RedisBaselineStore(connect_redis(fresh_redis_url))
+    baselines.save(IDENTITY, grant(Baseline(), NOW), 3600, grant=True)
+    assert baselines.load(IDENTITY).count == 1
+    client.close()
+
+
 def test_redis_keeps_the_counters_under_a_key_of_their_own(fresh_redis_url: str) -> None:
     client = redis.Redis.from_url(fresh_redis_url)
     baselines = RedisBaselineStore(connect_redis(fresh_redis_url), prefix="t")
@@ -279,7 +343,9 @@ def test_counters_are_taken_only_for_their_own_baseline() -> None:
     baseline = grant(grant(Baseline(), NOW), NOW + 1)
     ahead = (5, NOW, 5, 0.0, NOW)
     assert with_counts(baseline, ahead).count == 5
-    assert with_counts(baseline, (5, NOW, 5, 0.0, NOW + 1)) is baseline  # another baseline's
+    assert with_counts(baseline, (5, NOW, 5, 0.0, NOW + 61)) is baseline  # another baseline's
+    # The first grants' race: each began one; the first written is the one counted in.
+    assert with_counts(baseline, (5, NOW, 5, 0.0, NOW + 1)).first_seen == NOW + 1
     assert with_counts(baseline, (1, NOW, 1, 0.0, NOW)) is baseline  # behind the JSON's
     assert with_counts(baseline, None) is baseline
     assert stored_counts((None, 1.0, 1, 0.0, NOW)) is None

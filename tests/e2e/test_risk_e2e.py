@@ -946,8 +946,10 @@ def test_grants_decided_at_the_same_time_each_count(
     read = baselines.load
 
     def read_then_granted_elsewhere(identity: str) -> Baseline:
-        """The grant's read of the baseline, then a grant elsewhere before this one commits."""
+        """The grant's read of the baseline, then a grant elsewhere (decided a moment later: the
+        first two, of a new identity, each begin a baseline) before this one commits."""
         baseline = read(identity)
+        sts.clock.now += 0.25
         resp = elsewhere.post(
             "/token",
             data=exchange_form(sts.token(), audience=DEPLOY, scope="deploy:read"),

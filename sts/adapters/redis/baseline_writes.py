@@ -40,9 +40,10 @@ def counts_name(prefix: str, identity: str) -> bytes:
 #: counters) for ARGV[a + 1] seconds; the counters are ARGV[a + 2] (``counts_text``), advanced from
 #: the stored ones by a grant at ARGV[a + 3] unless that is empty (a whole baseline), the stored
 #: ones count another baseline (their last word, the ``first_seen`` written with them, kept as
-#: text) or are behind what the grant read (its count less one); KEYS[k + 2], if given, (the
-#: drift state) is set to ARGV[a + 4].  Numbers are written with 17 significant digits: read back
-#: as the same doubles.
+#: text: :func:`~sts.core.baseline_counts.same_baseline`) or are behind what the grant read (its
+#: count less one); KEYS[k + 2], if given, (the drift state) is set to ARGV[a + 4].  Numbers are
+#: written with 17 significant digits: read back as the same doubles.  A counters key that is not
+#: a string (``pcall``) is written over.
 WRITE_BASELINE = f"""
 local function parse_counts(text)
   local v = {{}}
@@ -59,10 +60,14 @@ local function write_baseline(k, a)
   redis.call('SET', KEYS[k], ARGV[a], 'EX', ttl)
   local new = parse_counts(ARGV[a + 2])
   local at = tonumber(ARGV[a + 3])
-  local held = redis.call('GET', KEYS[k + 1])
+  local held = redis.pcall('GET', KEYS[k + 1])
   local s = nil
-  if at and held then s = parse_counts(held) end
-  if s and s[5] ~= '-' and s[5] == new[5] and s[1] >= new[1] - 1 then
+  if at and type(held) == 'string' then s = parse_counts(held) end
+  local same = false
+  if s and s[5] ~= '-' and new[5] ~= '-' then
+    same = s[5] == new[5] or (new[1] == 1 and math.abs(tonumber(s[5]) - tonumber(new[5])) <= {RATE_WINDOW!r})
+  end
+  if same and s[1] >= new[1] - 1 then
     if at - s[2] > {RATE_WINDOW!r} then
       local usual = 0
       if s[1] > 0 then usual = s[4] * {KEEP!r} + s[3] * {TAKE!r} end

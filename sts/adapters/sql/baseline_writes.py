@@ -37,10 +37,12 @@ def advanced_counts_sql(now: str, at: str) -> str:
     counters (``excluded``) where the stored ones are NULL, expired, count another baseline
     (``counts_first_seen``, the ``first_seen`` of the baseline written with them) or are behind
     what it read."""
-    ahead = (
-        f"baselines.expires_at > {now} AND baselines.counts_first_seen = excluded.counts_first_seen "
-        "AND baselines.grants >= excluded.grants - 1"
+    # :func:`~sts.core.baseline_counts.same_baseline` and not behind what the grant read.
+    same = (
+        "(baselines.counts_first_seen = excluded.counts_first_seen OR (excluded.grants = 1 AND "
+        f"abs(baselines.counts_first_seen - excluded.counts_first_seen) <= {_double(RATE_WINDOW)}))"
     )
+    ahead = f"baselines.expires_at > {now} AND {same} AND baselines.grants >= excluded.grants - 1"
     rolled = f"{at} - baselines.window_start > {_double(RATE_WINDOW)}"
     usual = (
         f"CASE WHEN baselines.grants > 0 THEN baselines.usual_rate * {_double(KEEP)} "
@@ -51,7 +53,7 @@ def advanced_counts_sql(now: str, at: str) -> str:
         "window_start": f"CASE WHEN {rolled} THEN {at} ELSE baselines.window_start END",
         "window_count": f"CASE WHEN {rolled} THEN 1 ELSE baselines.window_count + 1 END",
         "usual_rate": f"CASE WHEN {rolled} THEN {usual} ELSE baselines.usual_rate END",
-        "counts_first_seen": "excluded.counts_first_seen",
+        "counts_first_seen": "baselines.counts_first_seen",
     }
     return ", ".join(
         f"{column} = CASE WHEN {ahead} THEN {stored[column]} ELSE excluded.{column} END"

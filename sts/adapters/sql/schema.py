@@ -223,9 +223,9 @@ baselines = Table(
     #: and count, the usual rate), which a grant advances from the stored ones rather than writing
     #: back those it read, and the ``first_seen`` of the baseline they count (revision 0013);
     #: NULL: those of ``baseline``.
-    Column("grants", Integer),
+    Column("grants", BigInteger),
     Column("window_start", Float),
-    Column("window_count", Integer),
+    Column("window_count", BigInteger),
     Column("usual_rate", Float),
     Column("counts_first_seen", Float),
 )

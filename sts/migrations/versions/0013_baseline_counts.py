@@ -39,9 +39,9 @@ depends_on = None
 oldest_reader = "0005_audit_queries"
 
 _COLUMNS = (
-    ("grants", sa.Integer),
+    ("grants", sa.BigInteger),
     ("window_start", sa.Float),
-    ("window_count", sa.Integer),
+    ("window_count", sa.BigInteger),
     ("usual_rate", sa.Float),
     ("counts_first_seen", sa.Float),
 )
