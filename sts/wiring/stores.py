@@ -18,7 +18,7 @@ from ..adapters.redis.durable import DurableRevokedTokens, DurableSubjectStates
 from ..adapters.redis.epoch import LedgerEpoch
 from ..adapters.redis.key_value import RedisBaselineStore, RedisRevokedTokens, RedisSubjectStateStore
 from ..adapters.redis.ledger import RedisReplayCache, RedisSingleUseLedger
-from ..adapters.redis.persistence import check_at_start
+from ..adapters.redis.persistence import check_at_start, watch_evictions
 from ..adapters.redis.rate_limits import RedisRateLimits
 from ..adapters.sql.audit_sink import SqlAuditSink
 from ..adapters.sql.engines import PoolOptions
@@ -78,6 +78,7 @@ def open_stores(settings: Settings, engine: Engine, clock: Callable[[], float]) 
     # Redis lost its records knows they were lost.
     epoch = LedgerEpoch(redis_client, memory=SqlLedgerEpochMemory(engine, clock=clock))
     check_at_start(redis_client, epoch, clock())
+    watch_evictions(epoch, clock)
     baselines = RedisBaselineStore(redis_client)
     # Blocks, re-attestation demands and revocations are kept in the database too: a Redis that
     # loses its records must not forget them (sts/adapters/redis/durable.py).

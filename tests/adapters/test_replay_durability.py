@@ -21,7 +21,9 @@ time after which credentials issued after the loss are accepted.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -693,3 +695,99 @@ def test_a_dpop_proof_met_by_a_flush_gets_the_loss_answer_not_a_503(
         assert retried.status_code == 200, service.reasons()
     else:
         assert resp.get_json() == {"error": "invalid_dpop_proof", "error_description": PROOF_WINDOW_LOST}
+
+
+# -- keys evicted under maxmemory ---------------------------------------------------------------------
+
+#: A Redis that evicts keys with an expiry (replay records have one) when its memory runs out: the
+#: default of several managed services.
+EVICTING = ("--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru")
+
+
+def evict_some(server: RedisProcess) -> int:
+    """Fill ``server`` with expiring keys until it evicts some; how many it evicted."""
+    client = redis.Redis(port=server.port)
+    try:
+        for batch in range(400):
+            with client.pipeline(transaction=False) as pipe:
+                for i in range(100):
+                    pipe.set(f"fill:{batch}:{i}", b"x" * 1024, ex=3600)
+                pipe.execute()
+            evicted = int(client.info("stats")["evicted_keys"])
+            if evicted:
+                return evicted
+        raise AssertionError("nothing was evicted")
+    finally:
+        client.close()
+
+
+def test_keys_evicted_since_the_epoch_began_are_a_loss(redis_servers: Callable[..., RedisProcess]) -> None:
+    """An evicting Redis dropped replay records unnoticed (the start only warned of its policy): an
+    outside audit replayed 9 of 10 single-use tokens.  Keys evicted since the epoch was confirmed
+    begin a new epoch, after a loss."""
+    server = redis_servers(extra_args=EVICTING)
+    client = connect_redis(server.url(0))
+    epoch = LedgerEpoch(client)
+    now = time.time()
+    epoch.sync(now)
+    before = client.get(epoch.key)
+    epoch.sync(now + 1)  # nothing evicted: the epoch stays as it is, unwritten
+    assert client.get(epoch.key) == before and epoch.lost_at is None
+    evict_some(server)
+    epoch.sync(now + 2)
+    assert epoch.lost_at == math.ceil(now + 2)
+    with pytest.raises(ReplayWindowLost):
+        epoch.check(now + 1)
+    epoch.check(now + 3)  # credentials from after the loss are fine
+    # Another process finds the new epoch, and the loss, at its next sync.  (A Redis over its
+    # memory evicts at every write, the new epoch's too: that process may find more, and a later
+    # loss.)
+    other = LedgerEpoch(connect_redis(server.url(0)))
+    other.sync(now + 3)
+    assert other.lost_at is not None and other.lost_at >= epoch.lost_at
+    client.close()
+
+
+def test_an_epoch_written_before_evictions_were_counted_learns_the_count(
+    redis_servers: Callable[..., RedisProcess],
+) -> None:
+    """An older version's epoch names no count: the current one is taken, without a loss."""
+    server = redis_servers(extra_args=EVICTING)
+    evict_some(server)
+    client = connect_redis(server.url(0))
+    run_id = client.info("server")["run_id"]
+    old = {"id": "0123456789abcdef", "created_at": 1, "run_id": run_id, "after_loss": False}
+    client.set(b"sts:ledger-epoch", json.dumps(old))
+    epoch = LedgerEpoch(client)
+    epoch.sync(time.time())
+    assert epoch.lost_at is None
+    stored = json.loads(client.get(b"sts:ledger-epoch"))  # type: ignore[arg-type]
+    assert stored["id"] == old["id"] and 0 < stored["evicted"] <= client.info("stats")["evicted_keys"]
+    client.close()
+
+
+def test_an_eviction_is_found_while_the_service_runs_and_replays_are_refused(
+    redis_servers: Callable[..., RedisProcess],
+    make_service: Callable[..., Service],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each worker looks at Redis's evicted keys every ``EVICTION_CHECK`` seconds: once it has seen
+    them, single-use tokens exchanged before are refused (their records may be gone), and tokens
+    issued after the loss work, once."""
+    monkeypatch.setattr(persistence, "EVICTION_CHECK", 0.05)
+    server = redis_servers(extra_args=EVICTING)
+    service = make_service(server)
+    tokens = [service.deploy_token() for _ in range(3)]
+    exchange_all(service, tokens)
+    evict_some(server)
+    epoch = service.app.extensions["sts"].replay.epoch
+    deadline = time.monotonic() + 10
+    while epoch.lost_at is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert epoch.lost_at is not None
+    for token in tokens:
+        assert_window_lost(service, service.exchange(token))
+    service.clock.advance(LEEWAY + 2)
+    fresh = service.deploy_token()
+    exchange_all(service, [fresh])
+    assert service.exchange(fresh).status_code == 400 and service.reasons()[-1] == "subject_token.replayed"

@@ -46,6 +46,9 @@ class Epoch:
     run_id: str | None
     #: True when it replaced an epoch whose records were lost.
     after_loss: bool
+    #: The keys Redis had evicted (``INFO stats`` ``evicted_keys``, under ``run_id``) when this
+    #: epoch was last confirmed; None: not known (an older version's epoch, or ``INFO`` refused).
+    evicted: int | None = None
 
     def dump(self) -> bytes:
         value = {
@@ -53,6 +56,7 @@ class Epoch:
             "created_at": self.created_at,
             "run_id": self.run_id,
             "after_loss": self.after_loss,
+            "evicted": self.evicted,
         }
         return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
@@ -67,8 +71,9 @@ class Epoch:
                 int(value["created_at"]),
                 None if value["run_id"] is None else str(value["run_id"]),
                 bool(value["after_loss"]),
+                None if value.get("evicted") is None else int(value["evicted"]),
             )
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
 
@@ -98,7 +103,13 @@ class LedgerEpoch:
     * an epoch that began *before* the one this process (or the durable ``memory``)
       knew: another Redis, or another database of it, than the one written to since
       (``redis_url`` pointed away and back), or a restored backup.  The records
-      written under the newer epoch are not in it: a new epoch begins, after a loss.
+      written under the newer epoch are not in it: a new epoch begins, after a loss;
+    * Redis evicted keys since the epoch was confirmed (``INFO stats`` ``evicted_keys``
+      above the count the epoch records, under the same ``run_id``): any ``maxmemory-policy``
+      but ``noeviction`` drops keys with an expiry first or at random, replay records among
+      them.  A new epoch begins, after a loss.  Besides the syncs above, :func:`watch_evictions`
+      syncs every :data:`EVICTION_CHECK` seconds: a credential whose record was evicted could be
+      used again until then (before, never noticed at all: the start only warned of the policy).
 
     After a loss, :meth:`check` refuses credentials that could have been accepted
     before the new epoch began, until they expire.
@@ -151,7 +162,7 @@ class LedgerEpoch:
 
     def _sync(self, now: float) -> None:
         synced = self._connections.count
-        run_id, aof = self._server()
+        run_id, aof, evicted = self._server()
         known = self._known
         previous, previous_at = (known.id, known.created_at) if known is not None else self._remembered()
         for _ in range(8):
@@ -161,7 +172,7 @@ class LedgerEpoch:
             current = raw
             if epoch is None:
                 # Empty (or unreadable): a new epoch; after a loss if an earlier one was known.
-                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, previous is not None)
+                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, previous is not None, evicted)
                 current = epoch.dump()
                 if raw is None:
                     if not self.client.set(self.key, current, nx=True):
@@ -176,7 +187,7 @@ class LedgerEpoch:
             elif previous_at is not None and epoch.id != previous and epoch.created_at < previous_at:
                 # Older than an epoch already in force: what was written under that one is not here.
                 assert raw is not None
-                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True)
+                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
                 current = epoch.dump()
                 if not self._replace(keys=[self.key], args=[raw, current]):
                     continue
@@ -190,15 +201,26 @@ class LedgerEpoch:
                 if run_id is not None and epoch.run_id != run_id:
                     if aof:
                         # Restarted and replayed its append-only file: every record is back.
-                        changed = replace(epoch, run_id=run_id)
+                        changed = replace(epoch, run_id=run_id, evicted=evicted)
                     else:
                         # Restarted from a snapshot (or nothing): the latest records are missing.
-                        changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True)
+                        changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
                         log.error(
                             "the replay store (Redis) restarted without an append-only file: records "
                             "written after its last snapshot are lost; credentials issued before now "
                             "are refused until they expire"
                         )
+                elif evicted is not None and epoch.evicted is not None and evicted > epoch.evicted:
+                    # Keys evicted since the epoch was confirmed: replay records may be among them.
+                    changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
+                    log.error(
+                        "the replay store (Redis) evicted %d keys (maxmemory-policy): replay records may be "
+                        "among them; credentials issued before now are refused until they expire",
+                        evicted - epoch.evicted,
+                    )
+                elif evicted != changed.evicted and evicted is not None:
+                    # Not known yet (an older version's epoch), or counted anew (``CONFIG RESETSTAT``).
+                    changed = replace(changed, evicted=evicted)
                 if previous is not None and changed.id != previous and not changed.after_loss:
                     # Another process began this epoch without knowing the one before: we do.
                     changed = replace(changed, after_loss=True)
@@ -217,18 +239,26 @@ class LedgerEpoch:
             self._remember(epoch)
         self._known, self._raw, self._synced = epoch, current, synced
 
-    def _server(self) -> tuple[str | None, bool]:
-        """``run_id`` and whether the append-only file is on; (None, False) when INFO is refused."""
+    def _server(self) -> tuple[str | None, bool, int | None]:
+        """``run_id``, whether the append-only file is on, and the keys evicted since the start
+        (``INFO``'s default sections, in one round trip); (None, False, None) when INFO is refused."""
         try:
-            server = self.client.info("server")
-            persistence = self.client.info("persistence")
+            info = self.client.info()
         except redis.ResponseError:
             if not self._warned_info:
                 self._warned_info = True
-                log.warning("Redis refuses INFO: a restart that reloads an old snapshot cannot be detected")
-            return None, False
-        run_id = server.get("run_id")
-        return (str(run_id) if run_id else None), bool(persistence.get("aof_enabled"))
+                log.warning(
+                    "Redis refuses INFO: a restart that reloads an old snapshot, or evicted replay "
+                    "records, cannot be detected"
+                )
+            return None, False, None
+        run_id = info.get("run_id")
+        evicted = info.get("evicted_keys")
+        return (
+            str(run_id) if run_id else None,
+            bool(info.get("aof_enabled")),
+            int(evicted) if isinstance(evicted, int) else None,
+        )
 
     def _remembered(self) -> tuple[str | None, int | None]:
         """The epoch last seen, as remembered in the database: its id and when it began (None when

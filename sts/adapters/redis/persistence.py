@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import redis
 
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 5.0
 #: Tries before giving up (an hour): a Redis that never answers refuses every token anyway.
 RETRIES = 720
+#: Seconds between two looks at the keys Redis evicted (:func:`watch_evictions`), in each worker.
+EVICTION_CHECK = 2.0
 
 
 def check_at_start(client: redis.Redis, epoch: LedgerEpoch, now: float) -> None:
@@ -125,3 +128,32 @@ def persistence_warnings(client: redis.Redis) -> list[str]:
             f"Redis may evict replay records when memory runs out (maxmemory-policy {policy}); use noeviction"
         )
     return warnings
+
+
+def watch_evictions(epoch: LedgerEpoch, clock: Callable[[], float]) -> threading.Thread:
+    """Sync ``epoch`` every :data:`EVICTION_CHECK` seconds (one ``GET`` and one ``INFO``), in a
+    daemon thread, until the epoch is gone (held weakly: an application dropped, in tests, takes
+    its thread with it): keys Redis evicted since the epoch was confirmed begin a new one, after a
+    loss (:class:`~.epoch.LedgerEpoch`).  A Redis that cannot be reached is tried again at the next
+    look; a request finds it so on its own."""
+    thread = threading.Thread(
+        target=_watch, args=(weakref.ref(epoch), clock), name="sts-redis-evictions", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _watch(epoch_ref: weakref.ref[LedgerEpoch], clock: Callable[[], float]) -> None:
+    while True:
+        time.sleep(EVICTION_CHECK)
+        epoch = epoch_ref()
+        if epoch is None:
+            return
+        try:
+            epoch.sync(clock())
+        except StoreUnavailable:
+            pass
+        except Exception:  # never let a surprise end the watch silently
+            log.exception("the look at Redis's evicted keys failed")
+        finally:
+            del epoch
