@@ -301,6 +301,18 @@ def test_a_baseline_with_an_unreadable_time_is_a_new_one(stores: tuple[str, Any,
     assert baselines.load(IDENTITY).count >= 1
 
 
+@pytest.mark.parametrize("stored", [b"3 1000.0 1 0.0 x", b"3 1000.0 1 0.0", b"a b c d e"])
+def test_redis_writes_over_unreadable_counters(fresh_redis_url: str, stored: bytes) -> None:
+    """Read as none, as Python reads them: the script failed on them (it confirms single uses too)."""
+    client = redis.Redis.from_url(fresh_redis_url)
+    client.set(f"sts:counts:{IDENTITY}", stored)
+    baselines = RedisBaselineStore(connect_redis(fresh_redis_url))
+    assert read_counts_text(stored) is None
+    baselines.save(IDENTITY, grant(Baseline(), NOW), 3600, grant=True)
+    assert baselines.load(IDENTITY).count == 1
+    client.close()
+
+
 def test_redis_writes_over_a_counters_key_of_another_type(fresh_redis_url: str) -> None:
     client = redis.Redis.from_url(fresh_redis_url)
     client.hset(f"sts:counts:{IDENTITY}", "count", 5)

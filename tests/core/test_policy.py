@@ -179,6 +179,7 @@ COMPILE_ERRORS: list[tuple[str, dict[str, str], str, str | None, str | None, tup
             ("cel-go-string-extension", 'claims.a.lowerAscii() == "x"', "lowerAscii"),
             ("misspelt", 'subject.startswith("repo:") && claims.a.size() > 0', "startswith"),
             ("two", 'foo(subject) || bar("x")', "bar, foo"),
+            ("underscore", "_lower(subject) == subject", "_lower"),
         )
     ),
     (

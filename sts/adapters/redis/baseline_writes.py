@@ -48,7 +48,7 @@ WRITE_BASELINE = f"""
 local function parse_counts(text)
   local v = {{}}
   for x in string.gmatch(text, '%S+') do v[#v + 1] = x end
-  if #v ~= 5 then return nil end
+  if #v ~= 5 or (v[5] ~= '-' and not tonumber(v[5])) then return nil end
   for i = 1, 4 do
     v[i] = tonumber(v[i])
     if not v[i] then return nil end

@@ -162,11 +162,13 @@ class LedgerEpoch:
 
     def _sync(self, now: float) -> None:
         synced = self._connections.count
-        run_id, aof, evicted = self._server()
         known = self._known
         previous, previous_at = (known.id, known.created_at) if known is not None else self._remembered()
         for _ in range(8):
             raw: bytes | None = self.client.get(self.key)  # type: ignore[assignment]
+            # Read after the epoch (each try): a count read before it, reused, could be older than
+            # the one another process wrote into it meanwhile, and taken for a reset (a review).
+            run_id, aof, evicted, evicting = self._server()
             epoch = Epoch.load(raw)
             # What the scripts compare with: exactly the bytes Redis holds.
             current = raw
@@ -199,27 +201,38 @@ class LedgerEpoch:
             else:
                 changed = epoch
                 if run_id is not None and epoch.run_id != run_id:
-                    if aof:
-                        # Restarted and replayed its append-only file: every record is back.
+                    if aof and not evicting:
+                        # Restarted and replayed its append-only file: every record is back.  (Not
+                        # under an evicting policy: keys evicted before the restart, after the last
+                        # look, are gone from the file too, and the count began again; a review.)
                         changed = replace(epoch, run_id=run_id, evicted=evicted)
                     else:
                         # Restarted from a snapshot (or nothing): the latest records are missing.
                         changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
                         log.error(
-                            "the replay store (Redis) restarted without an append-only file: records "
-                            "written after its last snapshot are lost; credentials issued before now "
-                            "are refused until they expire"
+                            "the replay store (Redis) restarted %s: records written after its last "
+                            "snapshot, or evicted, are lost; credentials issued before now are refused "
+                            "until they expire",
+                            "under an evicting maxmemory-policy" if aof else "without an append-only file",
                         )
-                elif evicted is not None and epoch.evicted is not None and evicted > epoch.evicted:
+                elif (
+                    evicted is not None
+                    and epoch.evicted is not None
+                    and evicted != epoch.evicted
+                    and (evicted > epoch.evicted or evicted > 0)
+                ):
                     # Keys evicted since the epoch was confirmed: replay records may be among them.
+                    # (Fewer than it recorded: counted anew, ``CONFIG RESETSTAT``, and some since.)
                     changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
                     log.error(
-                        "the replay store (Redis) evicted %d keys (maxmemory-policy): replay records may be "
-                        "among them; credentials issued before now are refused until they expire",
-                        evicted - epoch.evicted,
+                        "the replay store (Redis) evicted keys (maxmemory-policy; %d counted, %d when last "
+                        "seen): replay records may be among them; credentials issued before now are "
+                        "refused until they expire",
+                        evicted,
+                        epoch.evicted,
                     )
                 elif evicted != changed.evicted and evicted is not None:
-                    # Not known yet (an older version's epoch), or counted anew (``CONFIG RESETSTAT``).
+                    # Not known yet (an older version's epoch), or counted anew with none since.
                     changed = replace(changed, evicted=evicted)
                 if previous is not None and changed.id != previous and not changed.after_loss:
                     # Another process began this epoch without knowing the one before: we do.
@@ -239,9 +252,11 @@ class LedgerEpoch:
             self._remember(epoch)
         self._known, self._raw, self._synced = epoch, current, synced
 
-    def _server(self) -> tuple[str | None, bool, int | None]:
-        """``run_id``, whether the append-only file is on, and the keys evicted since the start
-        (``INFO``'s default sections, in one round trip); (None, False, None) when INFO is refused."""
+    def _server(self) -> tuple[str | None, bool, int | None, bool]:
+        """``run_id``, whether the append-only file is on, the keys evicted since the start, and
+        whether Redis may evict (a ``maxmemory`` and a policy other than ``noeviction``):
+        ``INFO``'s default sections, in one round trip; (None, False, None, False) when INFO is
+        refused."""
         try:
             info = self.client.info()
         except redis.ResponseError:
@@ -251,13 +266,15 @@ class LedgerEpoch:
                     "Redis refuses INFO: a restart that reloads an old snapshot, or evicted replay "
                     "records, cannot be detected"
                 )
-            return None, False, None
+            return None, False, None, False
         run_id = info.get("run_id")
         evicted = info.get("evicted_keys")
+        evicting = bool(info.get("maxmemory")) and info.get("maxmemory_policy", "noeviction") != "noeviction"
         return (
             str(run_id) if run_id else None,
             bool(info.get("aof_enabled")),
             int(evicted) if isinstance(evicted, int) else None,
+            evicting,
         )
 
     def _remembered(self) -> tuple[str | None, int | None]:

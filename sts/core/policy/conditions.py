@@ -16,6 +16,7 @@ import cel
 from ...errors import ConfigurationError
 from .matching import Pattern, pattern_or_refusal
 
+_NAME = re.compile(r"[A-Za-z_]\w*")
 CEL_VARIABLES = frozenset({"claims", "facts", "subject", "issuer", "client_id", "request", "actor"})
 #: CEL's type names, which the implementation reports as variables: ``type(claims.x) == string``
 #: (the guard docs/policies.md recommends) was refused as an unknown variable ``string``.  (Its
@@ -97,7 +98,8 @@ def compile_condition(source: str, where: str) -> Condition:
             "every call (seconds for one crafted token): use re_matches(value, pattern) (RE2, "
             'compiled once), e.g. claims.groups.exists(g, re_matches(g, "^team-[a-z-]+$"))'
         )
-    unknown = sorted(f for f in functions if f[:1].isalpha() and f not in CEL_FUNCTIONS)
+    # Every name (operators, ``_&&_``, ``@in``, ``!_``, are not names; ``_lower`` is one).
+    unknown = sorted(f for f in functions if _NAME.fullmatch(f) and f not in CEL_FUNCTIONS)
     if unknown:
         raise ConfigurationError(
             f"{where}: CEL condition calls {', '.join(unknown)}: no such function here (every "
