@@ -317,6 +317,9 @@ def verify_proof(
     if alg not in config.algorithms:
         raise _refuse("algorithm_not_allowed", str(alg)[:20])
     key, jkt = _public_key(header.get("jwk"), alg)
+    if "x5c" in header and not _certificate_holds(header["x5c"], key):
+        # RFC 7515 §4.1.6: its first certificate MUST hold the signing key (as in the ``jwk``'s own).
+        raise _refuse("malformed_jwk", "the header's x5c does not hold the proof's key")
     try:
         valid = verify_compact_signature(peeked.compact, key, alg)
     except (JoseError, ValueError) as exc:

@@ -193,7 +193,8 @@ def parse_compact(token: str, *, parser: JWSRegistry | None = None) -> Unverifie
     Raises :class:`JWSInvalid`: ``jws.too_large``, ``jws.not_compact_jws``
     (a JWE, an unsecured or detached JWS), ``jws.not_utf8``, ``jws.malformed``,
     ``jws.crit_not_understood`` (RFC 7515 §4.1.11: no extension is
-    understood here), ``jws.missing_alg``.
+    understood here), ``jws.missing_alg``, ``jws.nested_jwt`` (a ``cty`` of ``JWT``: RFC 7519
+    §5.2; or one not a string).
     """
     if len(token) > MAX_JWT_BYTES:
         raise JWSInvalid("jws.too_large")
@@ -216,7 +217,16 @@ def parse_compact(token: str, *, parser: JWSRegistry | None = None) -> Unverifie
         raise JWSInvalid("jws.crit_not_understood")
     if not isinstance(header.get("alg"), str):
         raise JWSInvalid("jws.missing_alg")
+    cty = header.get("cty")
+    if cty is not None and (not isinstance(cty, str) or cty.lower() in _NESTED):
+        # RFC 7519 §5.2, §7.2 step 8: the payload would be another JWT, to be verified in turn;
+        # read as claims, it was this token's (an outside audit).  No token here is nested.
+        raise JWSInvalid("jws.nested_jwt", "cty")
     return UnverifiedJWS(header=header, claims=claims, compact=obj)
+
+
+#: ``cty`` values that say the payload is itself a JWT (RFC 7519 §5.2: ``JWT``; the media type).
+_NESTED = frozenset({"jwt", "application/jwt"})
 
 
 def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | None:
@@ -226,8 +236,8 @@ def _parse_plain_compact(token: str, registry: JWSRegistry) -> UnverifiedJWS | N
 
     It applies the size limits of ``registry`` as ``extract_compact`` does, and builds the same
     :class:`~joserfc.jws.CompactSignature` (header, decoded payload, the three segments), so the
-    signature is verified by joserfc exactly as before.  A header naming ``b64`` (RFC 7797) or
-    ``crit``, or without a string ``alg``, takes the long way.
+    signature is verified by joserfc exactly as before.  A header naming ``b64`` (RFC 7797),
+    ``crit`` or ``cty``, or without a string ``alg``, takes the long way.
     """
     try:
         value = token.encode("ascii")
@@ -280,7 +290,7 @@ def _parsed_header(segment: bytes) -> dict[str, Any] | None:
     holds private key material (:class:`_NotKept`): a client's secret, sent by mistake in a DPoP
     proof (which is refused, RFC 9449 §4.3), is not kept in memory."""
     header = _json_object(urlsafe_b64decode(segment), "header")
-    if "b64" in header or "crit" in header or not isinstance(header.get("alg"), str):
+    if "b64" in header or "crit" in header or "cty" in header or not isinstance(header.get("alg"), str):
         return None
     jwk = header.get("jwk")
     if isinstance(jwk, dict) and not PRIVATE_JWK_MEMBERS.isdisjoint(jwk):

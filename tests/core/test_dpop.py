@@ -703,6 +703,25 @@ def test_a_proof_key_with_its_own_certificate_is_bound_by_its_thumbprint(sts: ST
     assert sts.claims(token)["cnf"] == {"jkt": thumbprint(jwk)}
 
 
+@pytest.mark.parametrize(("x5c", "granted"), [("own", True), ("another", False), ("garbage", False)])
+def test_a_certificate_beside_the_proof_key_holds_it(sts: STS, x5c: str, granted: bool) -> None:
+    """RFC 7515 §4.1.6: the first certificate of the header's ``x5c`` MUST hold the signing key; one
+    of another key was accepted there, where inside the ``jwk`` it was refused (an outside audit)."""
+    chain = {"own": self_signed_x5c(EC_KEY), "another": self_signed_x5c(EC_OTHER), "garbage": ["AAAA"]}[x5c]
+    response = sts.exchange(sts.proof(EC_KEY, header={"x5c": chain}))
+    if granted:
+        assert response.status_code == 200, response.get_json()
+    else:
+        assert_refused(sts, response, "dpop.malformed_jwk")
+
+
+@pytest.mark.parametrize("cty", ["JWT", "jwt", "application/jwt", 7])
+def test_a_proof_that_says_its_payload_is_a_jwt_is_refused(sts: STS, cty: Any) -> None:
+    """RFC 7519 §5.2, §7.2: ``cty: JWT`` makes the payload another JWT to verify; it was read as
+    the proof's own claims (an outside audit)."""
+    assert_refused(sts, sts.exchange(sts.proof(header={"cty": cty})), "dpop.nested_jwt")
+
+
 def test_typ_is_a_media_type(sts: STS) -> None:
     """RFC 7515 §4.1.9: ``application/`` may be written out and case does not matter."""
     for typ in ("application/dpop+jwt", "DPoP+JWT"):

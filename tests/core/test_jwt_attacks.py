@@ -419,6 +419,21 @@ def test_unknown_crit_extension_is_refused(app: Flask, client: FlaskClient, issu
     assert_refused(app, post_token(client, token), "jws.crit_not_understood")
 
 
+@pytest.mark.parametrize(("cty", "nested"), [("JWT", True), ("Application/JWT", True), ("json", False)])
+def test_a_token_that_says_its_payload_is_a_jwt_is_refused(
+    app: Flask, client: FlaskClient, issuer: DevIssuer, cty: Any, nested: bool
+) -> None:
+    """RFC 7519 §5.2, §7.2 step 8: ``cty: JWT`` makes the payload another JWT, to verify in turn; a
+    token saying so was read as if its payload were its claims (an outside audit).  Another
+    media type is the payload's, which is JSON claims here: ignored."""
+    token = issuer.mint(deploy_claims(issuer, time.time()), header={"typ": "JWT", "cty": cty})
+    response = post_token(client, token)
+    if nested:
+        assert_refused(app, response, "jws.nested_jwt")
+    else:
+        assert response.status_code == 200, response.get_json()
+
+
 @pytest.mark.parametrize(
     "typ", ["at+jwt", "application/at+jwt", "dpop+jwt", "secevent+jwt", "JOSE", "", "jwt+other"]
 )
