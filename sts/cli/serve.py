@@ -77,6 +77,9 @@ def release_before_fork(runtime: Any) -> None:
     runtime.engine.dispose()
     dispose_rate_limit_engines()
     if runtime.redis_client is not None:
+        epoch = getattr(runtime.replay, "epoch", None)
+        if epoch is not None:  # its eviction watcher would open a connection again
+            epoch.unwatched.set()
         runtime.redis_client.close()
 
 

@@ -873,3 +873,54 @@ def test_a_count_read_before_another_process_began_an_epoch_is_no_second_loss(
     assert begun is not None and two._known is not None and two._known.id == begun.id
     one.sync(now + 10)  # nothing evicted since: the same epoch
     assert one._known is not None and one._known.id == begun.id and one.lost_at == begun.created_at
+
+
+def test_a_restart_of_a_redis_that_could_evict_is_a_loss_whatever_it_comes_back_with(
+    redis_servers: Callable[..., RedisProcess],
+) -> None:
+    """Keys evicted just before a restart are gone from the append-only file: the epoch records
+    whether Redis could evict, and a restart of one that could is a loss even if it comes back
+    with ``noeviction`` (an outside test)."""
+    server = redis_servers(appendonly=True, extra_args=EVICTING)
+    client = connect_redis(server.url(0))
+    epoch = LedgerEpoch(client)
+    now = time.time()
+    epoch.sync(now)
+    assert json.loads(client.get(epoch.key))["evicting"] is True  # type: ignore[arg-type]
+    server.kill()
+    server.extra_args = ("--maxmemory-policy", "noeviction")
+    server.start()
+    for _ in range(20):  # the first command after the restart may find its connection closed
+        try:
+            epoch.sync(now + 1)
+            break
+        except StoreUnavailable:
+            time.sleep(0.05)
+    assert epoch.lost_at == math.ceil(now + 1)
+    stored = json.loads(client.get(epoch.key))  # type: ignore[arg-type]
+    assert stored["evicting"] is False and stored["after_loss"] is True
+    # A policy changed while Redis runs is recorded (no loss: nothing restarted).
+    client.config_set("maxmemory", "64mb")
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    epoch.sync(now + 2)
+    assert json.loads(client.get(epoch.key))["evicting"] is True  # type: ignore[arg-type]
+    assert epoch.lost_at == math.ceil(now + 1)
+    client.close()
+
+
+def test_the_check_application_of_sts_serve_stops_watching(
+    redis_servers: Callable[..., RedisProcess],
+    make_service: Callable[..., Service],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``sts serve`` builds the application once before it forks its workers, and closes its
+    connections; its eviction watcher opened one again, and looked every 2 s beside the workers'."""
+    from sts.cli.serve import release_before_fork
+
+    monkeypatch.setattr(persistence, "EVICTION_CHECK", 0.05)
+    earlier = set(threading.enumerate())
+    service = make_service(redis_servers())
+    [watcher] = [t for t in threading.enumerate() if t.name == "sts-redis-evictions" and t not in earlier]
+    release_before_fork(service.app.extensions["sts"])
+    watcher.join(timeout=2)
+    assert not watcher.is_alive()

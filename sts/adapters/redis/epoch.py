@@ -49,6 +49,9 @@ class Epoch:
     #: The keys Redis had evicted (``INFO stats`` ``evicted_keys``, under ``run_id``) when this
     #: epoch was last confirmed; None: not known (an older version's epoch, or ``INFO`` refused).
     evicted: int | None = None
+    #: Whether Redis could evict then (a ``maxmemory`` and a policy other than ``noeviction``): a
+    #: restart of such a Redis is a loss, whatever policy it comes back with.
+    evicting: bool = False
 
     def dump(self) -> bytes:
         value = {
@@ -57,6 +60,7 @@ class Epoch:
             "run_id": self.run_id,
             "after_loss": self.after_loss,
             "evicted": self.evicted,
+            "evicting": self.evicting,
         }
         return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
@@ -72,6 +76,7 @@ class Epoch:
                 None if value["run_id"] is None else str(value["run_id"]),
                 bool(value["after_loss"]),
                 None if value.get("evicted") is None else int(value["evicted"]),
+                bool(value.get("evicting", False)),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
@@ -129,6 +134,8 @@ class LedgerEpoch:
         self._connections = connection_counter(client)
         self._replace = client.register_script(_REPLACE)
         self._lock = threading.Lock()
+        #: Set to end :func:`~.persistence.watch_evictions`'s thread (a process about to fork).
+        self.unwatched = threading.Event()
         self._known: Epoch | None = None
         self._raw: bytes | None = None
         self._synced = -1
@@ -174,7 +181,9 @@ class LedgerEpoch:
             current = raw
             if epoch is None:
                 # Empty (or unreadable): a new epoch; after a loss if an earlier one was known.
-                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, previous is not None, evicted)
+                epoch = Epoch(
+                    secrets.token_hex(8), math.ceil(now), run_id, previous is not None, evicted, evicting
+                )
                 current = epoch.dump()
                 if raw is None:
                     if not self.client.set(self.key, current, nx=True):
@@ -189,7 +198,7 @@ class LedgerEpoch:
             elif previous_at is not None and epoch.id != previous and epoch.created_at < previous_at:
                 # Older than an epoch already in force: what was written under that one is not here.
                 assert raw is not None
-                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
+                epoch = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted, evicting)
                 current = epoch.dump()
                 if not self._replace(keys=[self.key], args=[raw, current]):
                     continue
@@ -201,14 +210,14 @@ class LedgerEpoch:
             else:
                 changed = epoch
                 if run_id is not None and epoch.run_id != run_id:
-                    if aof and not evicting:
+                    if aof and not evicting and not epoch.evicting:
                         # Restarted and replayed its append-only file: every record is back.  (Not
                         # under an evicting policy: keys evicted before the restart, after the last
                         # look, are gone from the file too, and the count began again; a review.)
-                        changed = replace(epoch, run_id=run_id, evicted=evicted)
+                        changed = replace(epoch, run_id=run_id, evicted=evicted, evicting=evicting)
                     else:
                         # Restarted from a snapshot (or nothing): the latest records are missing.
-                        changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
+                        changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted, evicting)
                         log.error(
                             "the replay store (Redis) restarted %s: records written after its last "
                             "snapshot, or evicted, are lost; credentials issued before now are refused "
@@ -223,7 +232,7 @@ class LedgerEpoch:
                 ):
                     # Keys evicted since the epoch was confirmed: replay records may be among them.
                     # (Fewer than it recorded: counted anew, ``CONFIG RESETSTAT``, and some since.)
-                    changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted)
+                    changed = Epoch(secrets.token_hex(8), math.ceil(now), run_id, True, evicted, evicting)
                     log.error(
                         "the replay store (Redis) evicted keys (maxmemory-policy; %d counted, %d when last "
                         "seen): replay records may be among them; credentials issued before now are "
@@ -231,9 +240,14 @@ class LedgerEpoch:
                         evicted,
                         epoch.evicted,
                     )
-                elif evicted != changed.evicted and evicted is not None:
-                    # Not known yet (an older version's epoch), or counted anew with none since.
-                    changed = replace(changed, evicted=evicted)
+                elif (evicted != changed.evicted and evicted is not None) or evicting != changed.evicting:
+                    # Not known yet (an older version's epoch), counted anew with none since, or the
+                    # policy changed (``CONFIG SET``).
+                    changed = replace(
+                        changed,
+                        evicted=evicted if evicted is not None else changed.evicted,
+                        evicting=evicting,
+                    )
                 if previous is not None and changed.id != previous and not changed.after_loss:
                     # Another process began this epoch without knowing the one before: we do.
                     changed = replace(changed, after_loss=True)
@@ -276,6 +290,16 @@ class LedgerEpoch:
             int(evicted) if isinstance(evicted, int) else None,
             evicting,
         )
+
+    def evicted_now(self) -> int | None:
+        """Redis's count of evicted keys (``INFO stats``, a short answer); None when refused."""
+        try:
+            evicted = self.client.info("stats").get("evicted_keys")
+        except redis.ResponseError:
+            return None
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return int(evicted) if isinstance(evicted, int) else None
 
     def _remembered(self) -> tuple[str | None, int | None]:
         """The epoch last seen, as remembered in the database: its id and when it began (None when
