@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key
@@ -273,7 +274,8 @@ def _certificate_holds(chain: Any, key: Key) -> bool:
     try:
         certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
         held = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    except ValueError:
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # UnsupportedAlgorithm: a key type or curve the library does not know (it was a 500; a review).
         return False
     return held == public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 

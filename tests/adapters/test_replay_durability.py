@@ -924,3 +924,27 @@ def test_the_check_application_of_sts_serve_stops_watching(
     release_before_fork(service.app.extensions["sts"])
     watcher.join(timeout=2)
     assert not watcher.is_alive()
+
+
+def test_the_watcher_records_a_policy_changed_while_redis_runs(
+    redis_servers: Callable[..., RedisProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without evictions the count does not move, but the epoch is re-read every few looks all the
+    same: a policy made to evict while Redis runs is recorded, so that a restart that drops it is
+    still a loss (a review)."""
+    monkeypatch.setattr(persistence, "EVICTION_CHECK", 0.02)
+    server = redis_servers(appendonly=True)
+    client = connect_redis(server.url(0))
+    epoch = LedgerEpoch(client)
+    epoch.sync(time.time())
+    persistence.watch_evictions(epoch, time.time)
+    time.sleep(0.3)  # its first looks (the first re-reads the epoch: the count was not known)
+    client.config_set("maxmemory", "64mb")
+    client.config_set("maxmemory-policy", "volatile-lru")
+    deadline = time.monotonic() + 5
+    while not json.loads(client.get(epoch.key))["evicting"] and time.monotonic() < deadline:  # type: ignore[arg-type]
+        time.sleep(0.02)
+    assert json.loads(client.get(epoch.key))["evicting"] is True  # type: ignore[arg-type]
+    assert epoch.lost_at is None
+    epoch.unwatched.set()
+    client.close()

@@ -44,7 +44,15 @@ from werkzeug.wrappers import Request, Response
 
 from tests.support.clients_support import AUDIENCE, INTROSPECTION_CLIENT, FakeAuthorizationServer
 from tests.support.clock import Clock
-from tests.support.crafted_jose import NOT_UTF8, b64url, rsa_key_with_exponent_3, sign_bytes, sign_encoded
+from tests.support.crafted_jose import (
+    NOT_UTF8,
+    b64url,
+    rsa_key_with_exponent_3,
+    self_signed_x5c,
+    sign_bytes,
+    sign_encoded,
+    unsupported_x5c,
+)
 
 URL = "https://deploy.example.com/releases"
 ALGS = " ".join(DEFAULT_DPOP_ALGORITHMS)
@@ -524,6 +532,11 @@ def test_htu_of_an_iri_is_compared_as_its_uri() -> None:
         ({"header": {"typ": None}}, "dpop.typ"),
         ({"header": {"jwk": None}}, "dpop.jwk_missing"),
         ({"header": {"crit": ["jwk"]}}, "dpop.crit"),
+        # A nested JWT (RFC 7519 §5.2); a certificate of another key beside the proof key (RFC 7515
+        # §4.1.6), or one the library cannot read: refused by the service, accepted here before.
+        ({"header": {"cty": "JWT"}}, "dpop.malformed"),
+        ({"header": {"x5c": self_signed_x5c(ECKey.generate_key("P-256"))}}, "dpop.x5c_mismatch"),
+        ({"header": {"x5c": unsupported_x5c()}}, "dpop.x5c_mismatch"),
     ],
 )
 def test_each_proof_check(

@@ -62,7 +62,13 @@ from sts.dev.issuer import DevIssuer, RunningServer
 from sts.settings import Settings
 from tests.conftest import ACCESS_TOKEN_TYPE, DEFAULT_CLIENTS, FORM, JWT_TYPE, STS_ISSUER, exchange_form
 from tests.support.clock import Clock
-from tests.support.crafted_jose import NOT_UTF8, rsa_key_with_exponent_3, self_signed_x5c, sign_encoded
+from tests.support.crafted_jose import (
+    NOT_UTF8,
+    rsa_key_with_exponent_3,
+    self_signed_x5c,
+    sign_encoded,
+    unsupported_x5c,
+)
 from tests.support.postgres import PgSchema
 from tests.support.redis_server import url_of
 
@@ -703,12 +709,22 @@ def test_a_proof_key_with_its_own_certificate_is_bound_by_its_thumbprint(sts: ST
     assert sts.claims(token)["cnf"] == {"jkt": thumbprint(jwk)}
 
 
-@pytest.mark.parametrize(("x5c", "granted"), [("own", True), ("another", False), ("garbage", False)])
-def test_a_certificate_beside_the_proof_key_holds_it(sts: STS, x5c: str, granted: bool) -> None:
+@pytest.mark.parametrize(
+    ("x5c", "granted"), [("own", True), ("another", False), ("garbage", False), ("unsupported", False)]
+)
+@pytest.mark.parametrize("where", ["header", "jwk"])
+def test_a_certificate_beside_the_proof_key_holds_it(sts: STS, x5c: str, granted: bool, where: str) -> None:
     """RFC 7515 §4.1.6: the first certificate of the header's ``x5c`` MUST hold the signing key; one
-    of another key was accepted there, where inside the ``jwk`` it was refused (an outside audit)."""
-    chain = {"own": self_signed_x5c(EC_KEY), "another": self_signed_x5c(EC_OTHER), "garbage": ["AAAA"]}[x5c]
-    response = sts.exchange(sts.proof(EC_KEY, header={"x5c": chain}))
+    of another key was accepted there, where inside the ``jwk`` it was refused (an outside audit).
+    A certificate of a key algorithm no library knows was a ``500`` in both places (a review)."""
+    chain = {
+        "own": lambda: self_signed_x5c(EC_KEY),
+        "another": lambda: self_signed_x5c(EC_OTHER),
+        "garbage": lambda: ["AAAA"],
+        "unsupported": unsupported_x5c,
+    }[x5c]()
+    header = {"x5c": chain} if where == "header" else {"jwk": {**public_jwk(EC_KEY), "x5c": chain}}
+    response = sts.exchange(sts.proof(EC_KEY, header=header))
     if granted:
         assert response.status_code == 200, response.get_json()
     else:

@@ -119,3 +119,13 @@ def self_signed_x5c(key: RSAKey | ECKey) -> list[str]:
         .sign(private, hashes.SHA256())
     )
     return [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")]
+
+
+def unsupported_x5c() -> list[str]:
+    """An ``x5c`` whose certificate names a key algorithm no library knows (its EC key's OID,
+    ``id-ecPublicKey``, changed): reading its key raises ``UnsupportedAlgorithm``, which is no
+    ``ValueError`` (a proof carrying it was answered ``500``; a review)."""
+    der = base64.b64decode(self_signed_x5c(ECKey.generate_key("P-256"))[0])
+    known, unknown = bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0209")
+    assert der.count(known) == 1
+    return [base64.b64encode(der.replace(known, unknown)).decode("ascii")]

@@ -80,7 +80,12 @@ def extract_compact_jws(token: str, *, max_bytes: int, registry: JWSRegistry | N
         header_bytes = urlsafe_b64decode(compact.segments["header"])
     except (JoseError, ValueError, UnicodeError, RecursionError) as exc:
         raise MalformedJWS(type(exc).__name__) from None
-    return CompactJWS(compact, _json_object(header_bytes, "header"), _json_object(compact.payload, "payload"))
+    header = _json_object(header_bytes, "header")
+    cty = header.get("cty")
+    if cty is not None and (not isinstance(cty, str) or cty.lower() in ("jwt", "application/jwt")):
+        # RFC 7519 §5.2, §7.2 step 8: the payload would be another JWT; none is nested here.
+        raise MalformedJWS("a nested JWT (cty)")
+    return CompactJWS(compact, header, _json_object(compact.payload, "payload"))
 
 
 #: Ed25519 (RFC 9864 §2.2), the scheme RFC 8037's ``EdDSA`` names on an Ed25519 key.

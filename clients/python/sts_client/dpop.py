@@ -21,6 +21,7 @@ the binding to ``cnf.jkt`` (§7.1) and the ``jti`` replay check (§11.1) with a
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -34,6 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key
@@ -273,6 +277,10 @@ def check_proof(
         raise InvalidDPoPProof("dpop.jwk_not_public", why)
     if not key_fits(key, alg):
         raise InvalidDPoPProof("dpop.jwk_alg_mismatch")
+    for chain in (jwk.get("x5c"), header.get("x5c")):
+        # RFC 7517 §4.7, RFC 7515 §4.1.6: a certificate chain's first certificate holds the key.
+        if chain is not None and not _certificate_holds(chain, key):
+            raise InvalidDPoPProof("dpop.x5c_mismatch", "x5c does not hold the proof's key")
     # §4.3 (6): the signature verifies with that key.
     try:
         valid = validate_signature(extracted, key, alg)
@@ -402,3 +410,19 @@ class InMemoryReplayCache:
 def proof_replay_key(checked: CheckedProof) -> str:
     """The cache key: ``jti`` per proof key, hashed so the cache holds no client data."""
     return hashlib.sha256(json.dumps([checked.jkt, checked.jti]).encode()).hexdigest()
+
+
+def _certificate_holds(chain: Any, key: Key) -> bool:
+    """Whether the first certificate of an ``x5c`` chain holds ``key`` (the chain is not trusted
+    otherwise: the proof key is the client's own)."""
+    if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
+        return False
+    public = key.public_key
+    if isinstance(public, bytes):
+        return False
+    try:
+        certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+        held = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return bool(held == public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))

@@ -222,7 +222,7 @@ class LedgerEpoch:
                             "the replay store (Redis) restarted %s: records written after its last "
                             "snapshot, or evicted, are lost; credentials issued before now are refused "
                             "until they expire",
-                            "under an evicting maxmemory-policy" if aof else "without an append-only file",
+                            "(it could evict keys)" if aof else "without an append-only file",
                         )
                 elif (
                     evicted is not None

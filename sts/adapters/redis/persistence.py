@@ -136,10 +136,11 @@ def persistence_warnings(client: redis.Redis) -> list[str]:
 def watch_evictions(epoch: LedgerEpoch, clock: Callable[[], float]) -> threading.Thread:
     """Look at Redis's count of evicted keys every :data:`EVICTION_CHECK` seconds (``INFO stats``),
     and sync ``epoch`` when it moved (keys evicted since the epoch was confirmed begin a new one,
-    after a loss: :class:`~.epoch.LedgerEpoch`), in a daemon thread, until the epoch is gone (held
-    weakly: an application dropped, in tests, takes its thread with it) or unwatched (the check
-    application ``sts serve`` builds before it forks).  A Redis that cannot be reached is tried
-    again at the next look; a request finds it so on its own."""
+    after a loss: :class:`~.epoch.LedgerEpoch`) and every :data:`FULL_LOOK` looks, in a daemon
+    thread, until the epoch is gone (held weakly: an application dropped, in tests, takes its
+    thread with it) or unwatched (the check application ``sts serve`` builds before it forks).
+    A Redis that cannot be reached is tried again at the next look; a request finds it so on its
+    own."""
     thread = threading.Thread(
         target=_watch, args=(weakref.ref(epoch), clock), name="sts-redis-evictions", daemon=True
     )
@@ -147,16 +148,24 @@ def watch_evictions(epoch: LedgerEpoch, clock: Callable[[], float]) -> threading
     return thread
 
 
+#: Every this many looks the epoch is re-read whether or not the count moved: a policy changed
+#: while Redis runs (``CONFIG SET``) is recorded in it within 2 s (a review: a restart of a Redis
+#: made to evict that way, the policy gone with the restart, went unnoticed).
+FULL_LOOK = 4
+
+
 def _watch(epoch_ref: weakref.ref[LedgerEpoch], clock: Callable[[], float]) -> None:
     seen: int | None = None
+    looks = 0
     while True:
         time.sleep(EVICTION_CHECK)
         epoch = epoch_ref()
         if epoch is None or epoch.unwatched.is_set():
             return
+        looks += 1
         try:
             evicted = epoch.evicted_now()
-            if evicted != seen:
+            if evicted != seen or looks % FULL_LOOK == 0:
                 epoch.sync(clock())
                 seen = evicted
         except StoreUnavailable:
