@@ -34,6 +34,10 @@ from .baseline import RATE_WINDOW, Baseline
 #: ``first_seen`` of the baseline they count (a version before this one may have started another
 #: in the row of an expired one, writing only the JSON).
 Counts = tuple[int, float, int, float, float | None]
+#: How a baseline without a ``first_seen`` begins, as :meth:`~sts.core.baseline.Baseline.to_json`
+#: writes it (every field in declaration order): a reset one, whose counters (left by a version
+#: before this one) count nothing (the stores' writes check it; a test holds it to ``to_json``).
+RESET = '{"first_seen":null,'
 #: How the usual rate follows each finished window (:func:`~sts.core.baseline.observe`).
 KEEP, TAKE = 0.8, 0.2
 

@@ -27,6 +27,7 @@ from sts.adapters.sql.key_value import SqlBaselineStore
 from sts.adapters.sql.subject_state import SqlSubjectStateStore
 from sts.core.baseline import Baseline, observe
 from sts.core.baseline_counts import (
+    RESET,
     advanced,
     counts_of,
     counts_text,
@@ -126,6 +127,28 @@ def test_the_first_grants_of_a_new_identity_decided_at_once_each_count(stores: t
     # found an expired one (or a reset) and begins anew.
     baselines.save(IDENTITY, grant(Baseline(), NOW + 70), 3600, grant=True)
     assert counts_of(baselines.load(IDENTITY)) == (1, NOW + 70, 1, 0.0, NOW + 70)
+
+
+def test_a_reset_by_an_older_version_is_not_counted_on(stores: tuple[str, Any, Any]) -> None:
+    """An older version's ``sts baseline reset`` writes the baseline alone, and leaves the counters:
+    a grant within a minute of the baseline's start took them for the first grants' race and
+    counted on (an outside check of a rolling deploy: 5 where 1 was due)."""
+    name, baselines, handle = stores
+    for i in range(4):
+        baselines.save(IDENTITY, grant(baselines.load(IDENTITY), NOW + i), 3600, grant=True)
+    reset = Baseline().to_json()
+    assert reset.startswith(RESET)
+    if name == "redis":  # what that version's reset writes
+        handle.set(f"sts:baseline:{IDENTITY}", reset, ex=3600)
+    else:
+        with handle.begin() as conn:
+            conn.execute(
+                text("UPDATE baselines SET baseline = :b WHERE identity = :i"), {"b": reset, "i": IDENTITY}
+            )
+    read = baselines.load(IDENTITY)
+    assert read.count == 0
+    baselines.save(IDENTITY, grant(read, NOW + 10), 3600, grant=True)
+    assert counts_of(baselines.load(IDENTITY)) == (1, NOW + 10, 1, 0.0, NOW + 10)
 
 
 def test_the_stores_advance_the_counters_as_observe_does(stores: tuple[str, Any, Any]) -> None:

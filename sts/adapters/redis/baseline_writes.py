@@ -13,7 +13,7 @@ confirmation script writes a grant's update with its uses (:mod:`.ledger`);
 from __future__ import annotations
 
 from ...core.baseline import RATE_WINDOW
-from ...core.baseline_counts import KEEP, TAKE, counts_of, counts_text
+from ...core.baseline_counts import KEEP, RESET, TAKE, counts_of, counts_text
 from ...core.drift import drift_to_json
 from ...core.ports import BaselineUpdate
 
@@ -57,6 +57,8 @@ local function parse_counts(text)
 end
 local function write_baseline(k, a)
   local ttl = ARGV[a + 1]
+  local before = redis.pcall('GET', KEYS[k])
+  local reset = type(before) == 'string' and string.sub(before, 1, {len(RESET)}) == '{RESET}'
   redis.call('SET', KEYS[k], ARGV[a], 'EX', ttl)
   local new = parse_counts(ARGV[a + 2])
   local at = tonumber(ARGV[a + 3])
@@ -65,7 +67,8 @@ local function write_baseline(k, a)
   if at and type(held) == 'string' then s = parse_counts(held) end
   local same = false
   if s and s[5] ~= '-' and new[5] ~= '-' then
-    same = s[5] == new[5] or (new[1] == 1 and math.abs(tonumber(s[5]) - tonumber(new[5])) <= {RATE_WINDOW!r})
+    local near = math.abs(tonumber(s[5]) - tonumber(new[5])) <= {RATE_WINDOW!r}
+    same = s[5] == new[5] or (new[1] == 1 and not reset and near)
   end
   if same and s[1] >= new[1] - 1 then
     if at - s[2] > {RATE_WINDOW!r} then

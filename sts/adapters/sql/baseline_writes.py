@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...core.baseline import RATE_WINDOW
-from ...core.baseline_counts import KEEP, TAKE
+from ...core.baseline_counts import KEEP, RESET, TAKE
 
 #: The counters' columns, in the order of :func:`~sts.core.baseline_counts.counts_of`.
 COUNT_COLUMNS = ("grants", "window_start", "window_count", "usual_rate", "counts_first_seen")
@@ -37,9 +37,12 @@ def advanced_counts_sql(now: str, at: str) -> str:
     counters (``excluded``) where the stored ones are NULL, expired, count another baseline
     (``counts_first_seen``, the ``first_seen`` of the baseline written with them) or are behind
     what it read."""
-    # :func:`~sts.core.baseline_counts.same_baseline` and not behind what the grant read.
+    # :func:`~sts.core.baseline_counts.same_baseline` and not behind what the grant read.  (Not the
+    # first grants' race when the stored baseline has no ``first_seen``: an older version's
+    # ``sts baseline reset``, which left the counters; a rolling deploy's check.)
     same = (
         "(baselines.counts_first_seen = excluded.counts_first_seen OR (excluded.grants = 1 AND "
+        f"substr(baselines.baseline, 1, {len(RESET)}) <> '{RESET}' AND "
         f"abs(baselines.counts_first_seen - excluded.counts_first_seen) <= {_double(RATE_WINDOW)}))"
     )
     ahead = f"baselines.expires_at > {now} AND {same} AND baselines.grants >= excluded.grants - 1"
