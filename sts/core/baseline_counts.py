@@ -57,7 +57,10 @@ def same_baseline(stored: Counts, own: Counts) -> bool:
     ``first_seen``; or, for a grant that read none (its count is 1), one begun at most
     :data:`~sts.core.baseline.RATE_WINDOW` before or after its own: the first grants of a new
     identity, decided at once, each begin one (each its own ``first_seen``), and the first
-    written is the one the others count in.  Counters of a baseline that expired are older."""
+    written is the one the others count in.  Counters of a baseline that expired are older.  (The
+    stores' writes also keep a grant out of that race when the stored baseline's JSON has no
+    ``first_seen``, :data:`RESET`: an older version's reset, which left its counters; the JSON is
+    not among the counters this rule sees.)"""
     if stored[4] is None or own[4] is None:
         return False
     return stored[4] == own[4] or (own[0] == 1 and abs(stored[4] - own[4]) <= RATE_WINDOW)

@@ -799,6 +799,18 @@ def test_an_eviction_is_found_while_the_service_runs_and_replays_are_refused(
     assert service.exchange(fresh).status_code == 400 and service.reasons()[-1] == "subject_token.replayed"
 
 
+def sync_after_restart(epoch: LedgerEpoch, now: float) -> None:
+    """``epoch.sync(now)``, tried again while the first commands after a restart find their
+    connections closed."""
+    for _ in range(20):
+        try:
+            epoch.sync(now)
+            return
+        except StoreUnavailable:
+            time.sleep(0.05)
+    raise AssertionError("Redis did not answer after its restart")
+
+
 def test_evictions_after_the_count_was_reset_are_a_loss(redis_servers: Callable[..., RedisProcess]) -> None:
     """``CONFIG RESETSTAT`` (monitoring tools send it) starts the count again: fewer than the epoch
     recorded, but not none, is evictions since (a review: they were taken for the reset alone)."""
@@ -832,12 +844,7 @@ def test_a_restart_of_an_evicting_redis_is_a_loss_even_with_its_append_only_file
     now = time.time()
     epoch.sync(now)
     restart(server)
-    for _ in range(20):  # the first command after the restart may find its connection closed
-        try:
-            epoch.sync(now + 1)
-            break
-        except StoreUnavailable:
-            time.sleep(0.05)
+    sync_after_restart(epoch, now + 1)
     assert epoch._known is not None and epoch._known.run_id == client.info("server")["run_id"]
     assert (epoch.lost_at is not None) is lost
     client.close()
@@ -890,12 +897,7 @@ def test_a_restart_of_a_redis_that_could_evict_is_a_loss_whatever_it_comes_back_
     server.kill()
     server.extra_args = ("--maxmemory-policy", "noeviction")
     server.start()
-    for _ in range(20):  # the first command after the restart may find its connection closed
-        try:
-            epoch.sync(now + 1)
-            break
-        except StoreUnavailable:
-            time.sleep(0.05)
+    sync_after_restart(epoch, now + 1)
     assert epoch.lost_at == math.ceil(now + 1)
     stored = json.loads(client.get(epoch.key))  # type: ignore[arg-type]
     assert stored["evicting"] is False and stored["after_loss"] is True

@@ -112,9 +112,10 @@ class LedgerEpoch:
     * Redis evicted keys since the epoch was confirmed (``INFO stats`` ``evicted_keys``
       above the count the epoch records, under the same ``run_id``): any ``maxmemory-policy``
       but ``noeviction`` drops keys with an expiry first or at random, replay records among
-      them.  A new epoch begins, after a loss.  Besides the syncs above, :func:`watch_evictions`
-      syncs every :data:`EVICTION_CHECK` seconds: a credential whose record was evicted could be
-      used again until then (before, never noticed at all: the start only warned of the policy).
+      them.  A new epoch begins, after a loss.  Besides the syncs above,
+      :func:`~.persistence.watch_evictions` looks at the count every half second and syncs when
+      it moved (and every 2 s): a credential whose record was evicted could be used again until
+      then (before, never noticed at all: the start only warned of the policy).
 
     After a loss, :meth:`check` refuses credentials that could have been accepted
     before the new epoch began, until they expire.

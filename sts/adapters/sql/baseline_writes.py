@@ -22,8 +22,7 @@ from ...core.baseline_counts import KEEP, RESET, TAKE
 COUNT_COLUMNS = ("grants", "window_start", "window_count", "usual_rate", "counts_first_seen")
 #: The values of a baseline write (:func:`~sts.adapters.sql.key_value.baseline_params`) before
 #: its ``now``: the row's columns (``identity, baseline, drift, expires_at``, the counters and
-#: ``counts_first_seen``)
-#: and the grant's time.
+#: ``counts_first_seen``) and the grant's time.
 ROW_VALUES = 10
 
 

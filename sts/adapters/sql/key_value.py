@@ -45,7 +45,7 @@ def upsert_statement(table: str, column: str, placeholder: str) -> str:
 def baseline_params(update: BaselineUpdate, now: float) -> tuple[Any, ...]:
     """The values of ``update``'s write at ``now`` (:class:`~.baseline_writes.BaselineWrite`):
     ``(store_key(identity), baseline, drift or None, expires_at, grants, window_start,
-    window_count, usual_rate, at, now)``, ``at`` the grant's time (its ``last_seen``)."""
+    window_count, usual_rate, counts_first_seen, at, now)``, ``at`` the grant's time (its ``last_seen``)."""
     baseline = update.baseline
     drift = drift_to_json(baseline) if update.drift_changed else None
     at = baseline.last_seen if baseline.last_seen is not None else now
@@ -183,9 +183,10 @@ class SqlBaselineStore:
       (:func:`baseline_upsert_statement`), by a refusal's probation step (:meth:`update_drift`,
       compare and swap) and by :meth:`save`.
 
-    * its counters (grant count, rate window: :mod:`sts.core.baseline_counts`), four columns
-      (revision 0013), which a grant's statement advances from the stored ones
-      (:class:`~.baseline_writes.BaselineWrite`), so that grants decided at once each count.
+    * its counters (grant count, rate window: :mod:`sts.core.baseline_counts`) and the
+      ``first_seen`` of the baseline they count, five columns (revision 0013), which a grant's
+      statement advances from the stored ones (:class:`~.baseline_writes.BaselineWrite`), so
+      that grants decided at once each count.
 
     NULL (a row written before those revisions, or by a version before them): the part is the
     one of the baseline's JSON, which every write of the baseline carries too.
@@ -307,7 +308,7 @@ class SqlBaselineStore:
 
 def _merged(baseline: str | None, failures: str | None, drift: str | None, *counts: Any) -> Baseline:
     """The baseline stored as ``baseline`` with the parts kept apart from it (NULL: its own):
-    its refusals, its drift state and its four counters."""
+    its refusals, its drift state and its counters."""
     merged = with_counts(Baseline.from_json(baseline), stored_counts(counts))
     return with_drift(with_failures(merged, failures), drift)
 

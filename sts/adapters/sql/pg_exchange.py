@@ -58,7 +58,7 @@ _NO_COUNTS: tuple[Any, ...] = (None, None, None, None, None)
 def _states_and_baseline_statement(keys: int) -> str:
     """Rows ``(kind, identity, value, failures, drift, *counters)``: ``s`` for each live state of
     the ``keys`` identities, ``b`` for the live baseline of the first, with the parts kept apart
-    from it (its refusals, its drift state, its four counters:
+    from it (its refusals, its drift state, its counters:
     :class:`~sts.adapters.sql.key_value.SqlBaselineStore`).  Parameters: the keys, now, the first
     key, now."""
     placeholders = ", ".join(["%s"] * keys)
