@@ -48,7 +48,7 @@ from sts.core.drift import (
     _clears,
     _probation_done,
 )
-from sts.core.exchange.binding import presented_keys
+from sts.core.exchange.binding import presented_keys, subject_keys
 from sts.core.exchange.risk_and_assurance import EVENTS_ONLY, ExchangeRisk
 from sts.core.ports import BaselineUpdate, StoreUnavailable
 from sts.core.risk import (
@@ -470,6 +470,11 @@ def assess_exchange(
     subject = parties.subject
     # The proof-of-possession key is a fact too: a workload whose key changes has drifted.
     keys = presented_keys(proof, wire.client_cert_thumbprint)
+    if keys and subject.issuer_name == SELF_ISSUER:
+        # A later change of behaviour, not of speed: a token of ours shows only the key it is bound
+        # to, issued at pop (see sts.core.exchange.binding.subject_keys).
+        acr = subject.claims.get("acr")
+        keys = subject_keys(keys, subject, actor=False, carried=acr if isinstance(acr, str) else "")
     observed = replace(subject, facts={**subject.facts, **keys}) if keys else subject
     posture = None
     if request.posture_token:

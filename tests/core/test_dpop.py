@@ -896,6 +896,51 @@ def test_a_rule_can_require_dpop(sts: STS) -> None:
     assert sts.claims(body["access_token"])["cnf"] == {"jkt": thumbprint(public_jwk(EC_KEY))}
 
 
+def test_a_key_shown_with_a_bearer_token_of_ours_is_not_the_identitys_key(
+    make_sts: Callable[..., STS],
+) -> None:
+    """A token of ours re-exchanged with a DPoP proof: the key binds the new token, but is evidence
+    of the identity's key only when the token is bound to it and its issuance reached ``pop``.  An
+    outside audit had the holder of a bearer token of ours (a resource server it was sent to)
+    re-exchange it once with a key of its own, which became the first key of the re-exchanges'
+    identity: the workload's own ``pop`` tokens were re-exchanged at ``attested`` from then on."""
+    sts = make_sts(policy())
+    attested, pop = "urn:workload-sts:acr:attested", "urn:workload-sts:acr:pop"
+
+    def reexchange(token: str, key: Key) -> dict[str, Any]:
+        body = sts.granted(sts.proof(key), subject_token=token, subject_token_type=ACCESS_TOKEN_TYPE)
+        return sts.claims(body["access_token"])
+
+    bearer = sts.granted()["access_token"]
+    assert sts.claims(bearer)["acr"] == attested
+    taken = reexchange(bearer, EC_OTHER)
+    assert taken["cnf"] == {"jkt": thumbprint(public_jwk(EC_OTHER))} and taken["acr"] == attested
+    # The workload's first key upstream, and its pop token re-exchanged with it: pop, as before.
+    own = sts.granted(sts.proof(EC_KEY))["access_token"]
+    assert sts.claims(own)["acr"] == pop
+    assert reexchange(own, EC_KEY)["acr"] == pop
+    # A token bound to another key at issuance, but not at pop (that key was not the identity's
+    # upstream): re-exchanged with its key, it does not make that key the identity's either.
+    other = sts.granted(sts.proof(EC_OTHER))["access_token"]
+    assert sts.claims(other)["acr"] == attested
+    assert reexchange(other, EC_OTHER)["acr"] == attested
+    assert reexchange(own, EC_KEY)["acr"] == pop
+
+
+def test_a_key_first_shown_with_an_attested_bound_token_of_ours_is_not_pinned(
+    make_sts: Callable[..., STS],
+) -> None:
+    """The order the audit used: the other key's attested token re-exchanged first, before the
+    workload's pop token ever was; the pop token's key is still the first key of the re-exchanges."""
+    sts = make_sts(policy())
+    own = sts.granted(sts.proof(EC_KEY))["access_token"]
+    other = sts.granted(sts.proof(EC_OTHER))["access_token"]
+    body = sts.granted(sts.proof(EC_OTHER), subject_token=other, subject_token_type=ACCESS_TOKEN_TYPE)
+    assert sts.claims(body["access_token"])["acr"] == "urn:workload-sts:acr:attested"
+    body = sts.granted(sts.proof(EC_KEY), subject_token=own, subject_token_type=ACCESS_TOKEN_TYPE)
+    assert sts.claims(body["access_token"])["acr"] == "urn:workload-sts:acr:pop"
+
+
 def test_a_bound_token_stays_bound_on_reexchange(sts: STS) -> None:
     bound = sts.granted(sts.proof(EC_KEY))["access_token"]
 

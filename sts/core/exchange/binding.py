@@ -20,6 +20,7 @@ from typing import Any
 
 from ...errors import InvalidDPoPProof, InvalidRequest
 from ...protocol.wire import WireRequest
+from ..assurance import ACR_POP, rank
 from ..attest import VerifiedToken
 from ..audit import AuditRecord
 from ..dpop import DPoPConfig, VerifiedProof, verify_proof
@@ -177,6 +178,25 @@ def presented_keys(proof: VerifiedProof | None, thumbprint: str | None) -> dict[
     if thumbprint is not None:
         keys["cnf_x5t"] = thumbprint
     return keys
+
+
+def subject_keys(
+    keys: Mapping[str, str], subject: VerifiedToken, *, actor: bool, carried: str | None
+) -> dict[str, str]:
+    """Which of the request's ``keys`` are evidence of the subject's key (its continuity, its
+    ``pop`` level, its baseline's first key): all of them for an upstream token presented by its
+    subject; with an actor token, only the key the subject token is bound to
+    (:func:`keys_of_the_subject`); with a token of ours (``carried``: its ``acr``), only the key it
+    is bound to, and only when its issuance reached ``pop``, i.e. judged that key the identity's.
+    A key shown with a bearer token of ours, or with one whose key was not the identity's, is
+    no evidence: it binds the new token, but is not learned as the identity's key.  An outside
+    audit had the holder of a bearer token of ours re-exchange it once with a key of its own,
+    which became the first key of the re-exchanges' identity, so that the workload's own
+    ``pop`` tokens were re-exchanged at ``attested`` from then on, for the baseline's lifetime.
+    """
+    if carried is not None and rank(carried) < rank(ACR_POP):
+        return {}
+    return keys_of_the_subject(keys, subject) if actor or carried is not None else dict(keys)
 
 
 def keys_of_the_subject(keys: Mapping[str, str], subject: VerifiedToken) -> dict[str, str]:

@@ -55,7 +55,7 @@ from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events,
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
 from ..subject_state import SubjectState, identity_key, merge
 from .attestation import Parties
-from .binding import keys_of_the_subject, presented_keys
+from .binding import presented_keys, subject_keys
 
 #: The signal a changed fact fires (:func:`sts.core.risk.assess`).
 DRIFT_SIGNAL = "attestation_drift"
@@ -138,8 +138,12 @@ class RiskAndAssurance:
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.  (Only
         # the facts differ from the subject's: its issuer, subject and claims are read from it.)
         keys = presented_keys(proof, wire.client_cert_thumbprint)
-        if parties.actor is not None and keys:
-            keys = keys_of_the_subject(keys, subject)
+        carried = None
+        if subject.issuer_name == SELF_ISSUER:
+            acr = subject.claims.get("acr")
+            carried = acr if isinstance(acr, str) else ""
+        if keys:
+            keys = subject_keys(keys, subject, actor=parties.actor is not None, carried=carried)
         facts = {**subject.facts, **keys} if keys else subject.facts
         identity = identity_key(workload_issuer(subject), subject.subject)
         posture = None
@@ -204,10 +208,6 @@ class RiskAndAssurance:
         ):
             # The new key completed its probation with this exchange: it is the identity's key now.
             presented_key = KEY_CONTINUES
-        carried = None
-        if subject.issuer_name == SELF_ISSUER:
-            acr = subject.claims.get("acr")
-            carried = acr if isinstance(acr, str) else ""
         evidence = Evidence(
             key=presented_key,
             posture_token=posture_ok,
