@@ -220,6 +220,17 @@ def posture_is_good(claims: Mapping[str, Any] | None, fact: str | None, good: It
     return isinstance(value, str) and value in set(good)
 
 
+def posture_describes(posture: Mapping[str, Any] | None, subject: Mapping[str, Any]) -> bool:
+    """Whether a posture token is about this workload as the subject token describes it: the same
+    value of each stable fact both name (``posture`` and ``subject``: their watched values, see
+    :func:`sts.core.risk.stable_values`).  A posture token is bearer evidence about a ``sub`` that
+    replicas share (a Kubernetes service account): one minted for another pod, on another node, is
+    no evidence of this one's posture, nor does it confirm a change of those facts (an outside red
+    team replayed a pod's posture token from another pod on another node, and confirmed that node
+    as the identity's at once)."""
+    return posture is None or all(posture[n] == v for n, v in subject.items() if n in posture)
+
+
 def explain(
     requirements: Sequence[Requirement],
     audiences: Sequence[str],

@@ -792,6 +792,56 @@ def test_a_posture_declared_bad_by_a_security_event_outweighs_a_good_posture_tok
     assert evidence()["posture_token"] is False
 
 
+def test_a_posture_token_about_another_instance_is_no_evidence_and_confirms_no_drift(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """A posture token is bearer evidence about a ``sub`` replicas share: one whose facts say another
+    instance (another runner, node or pod) is no evidence of this one's posture, and does not confirm
+    a change of those facts.  An outside red team replayed a pod's posture token from another pod on
+    another node (``drift_evidence: [posture_token]``), which confirmed that node as the identity's at
+    once, and the real pod was then refused for drift."""
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    policy = {"version": 1, "rules": [{
+        "name": "posture", "issuer": "upstream", "subject": subject_name,
+        "require_client_authentication": False,
+        "risk": {"posture_fact": "device_posture", "drift_evidence": ["posture_token"],
+                 "stable_facts": ["runner_environment"]},
+        "grant": {"audiences": [DEPLOY]},
+    }]}  # fmt: skip
+    app = create_app(make_settings(policy))
+    web = app.test_client()
+    now = time.time()
+
+    def posture(**facts: str) -> str:
+        claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
+                  "iat": int(now), "exp": int(now + 300), "device_posture": "compliant", **facts}  # fmt: skip
+        return upstream.issuer.mint(claims)
+
+    def exchange(runner: str, posture_token: str | None = None) -> TestResponse:
+        token = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=now, runner_environment=runner)
+        form = exchange_form(token, audience=DEPLOY)
+        if posture_token is not None:
+            form["posture_token"] = posture_token
+        return web.post("/token", data=form)
+
+    def last() -> dict[str, Any]:
+        record: dict[str, Any] = app.extensions["sts"].audit.recent(1)[0]
+        return record
+
+    assert exchange("github-hosted", posture(runner_environment="github-hosted")).status_code == 200
+    assert last()["details"]["assurance"]["evidence"]["posture_token"] is True
+    # Another runner, with the posture token of the identity's own runner: the drift stands.
+    refused = exchange("self-hosted", posture(runner_environment="github-hosted"))
+    assert refused.status_code != 200, last()["details"]["risk"]
+    assert "attestation_drift" in [s["name"] for s in last()["details"]["risk"]["signals"] if s["fired"]]
+    assert exchange("self-hosted").status_code != 200
+    assert exchange("github-hosted").status_code == 200
+    # A posture token about the new runner, or one that does not name it, confirms the change.
+    assert exchange("self-hosted", posture(runner_environment="self-hosted")).status_code == 200
+    assert exchange("self-hosted").status_code == 200
+    assert exchange("github-hosted", posture()).status_code == 200
+
+
 def test_the_posture_level_is_refused_not_stepped_up_while_an_event_declares_the_posture_bad(
     make_settings: Callable[..., Settings], upstream: RunningServer
 ) -> None:

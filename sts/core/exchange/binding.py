@@ -23,6 +23,7 @@ from ...protocol.wire import WireRequest
 from ..assurance import ACR_POP, rank
 from ..attest import VerifiedToken
 from ..audit import AuditRecord
+from ..delegation import SELF_ISSUER
 from ..dpop import DPoPConfig, VerifiedProof, verify_proof
 from ..policy.rules import Grant
 from ..ports import AlreadyUsed, ReplayCache, ReplayWindowLost, SingleUse, SingleUseLedger, StoreUnavailable
@@ -178,6 +179,15 @@ def presented_keys(proof: VerifiedProof | None, thumbprint: str | None) -> dict[
     if thumbprint is not None:
         keys["cnf_x5t"] = thumbprint
     return keys
+
+
+def carried_level(subject: VerifiedToken) -> str | None:
+    """The ``acr`` a token of ours carries into its re-exchange ("" when it has none: the lowest);
+    None for any other token."""
+    if subject.issuer_name != SELF_ISSUER:
+        return None
+    acr = subject.claims.get("acr")
+    return acr if isinstance(acr, str) else ""
 
 
 def subject_keys(

@@ -36,6 +36,7 @@ from ..assurance import (
     at_least,
     key_state,
     needed,
+    posture_describes,
     posture_is_good,
     rank,
     reached,
@@ -51,11 +52,11 @@ from ..history import joined, upstream_identity
 from ..introspection import token_identities, upstream_issuer
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
-from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events, review_drift
+from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events, review_drift, stable_values
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
 from ..subject_state import SubjectState, identity_key, merge
 from .attestation import Parties
-from .binding import presented_keys, subject_keys
+from .binding import carried_level, presented_keys, subject_keys
 
 #: The signal a changed fact fires (:func:`sts.core.risk.assess`).
 DRIFT_SIGNAL = "attestation_drift"
@@ -138,10 +139,7 @@ class RiskAndAssurance:
         # The proof-of-possession key is a fact too: a workload whose key changes has drifted.  (Only
         # the facts differ from the subject's: its issuer, subject and claims are read from it.)
         keys = presented_keys(proof, wire.client_cert_thumbprint)
-        carried = None
-        if subject.issuer_name == SELF_ISSUER:
-            acr = subject.claims.get("acr")
-            carried = acr if isinstance(acr, str) else ""
+        carried = carried_level(subject)
         if keys:
             keys = subject_keys(keys, subject, actor=parties.actor is not None, carried=carried)
         facts = {**subject.facts, **keys} if keys else subject.facts
@@ -177,7 +175,14 @@ class RiskAndAssurance:
         # EDR declared not compliant shows no posture evidence, so no posture-level ``acr`` (it
         # was issued one on a compliant posture token older than the event; an outside audit).
         declared_bad = state.posture is not None and state.posture not in cfg.posture_good
-        posture_ok = not declared_bad and posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
+        posture_ok = (
+            not declared_bad
+            and posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
+            and posture_describes(
+                posture_claims and stable_values(posture_claims, {}, cfg.stable_facts),
+                stable_values(facts, subject.claims, cfg.stable_facts),
+            )
+        )
         presented_key = key_state(keys, baseline.confirmed_keys()) if keys else KEY_NONE
         shown = _evidence(presented_key == KEY_CONTINUES, posture_ok)
         presentable = _evidence(
