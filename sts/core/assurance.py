@@ -30,6 +30,7 @@ Everything here is a pure function of plain values.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -220,15 +221,28 @@ def posture_is_good(claims: Mapping[str, Any] | None, fact: str | None, good: It
     return isinstance(value, str) and value in set(good)
 
 
-def posture_describes(posture: Mapping[str, Any] | None, subject: Mapping[str, Any]) -> bool:
+def posture_describes(posture: Mapping[str, Any], subject: Mapping[str, Any], names: Iterable[str]) -> bool:
     """Whether a posture token is about this workload as the subject token describes it: the same
-    value of each stable fact both name (``posture`` and ``subject``: their watched values, see
-    :func:`sts.core.risk.stable_values`).  A posture token is bearer evidence about a ``sub`` that
+    value of each of ``names`` (the rule's stable facts) that both name (``posture`` and ``subject``:
+    the token's profile facts over its claims of the same name), compared as JSON values (``"7"``
+    and ``7`` alike, a member order aside).  A posture token is bearer evidence about a ``sub`` that
     replicas share (a Kubernetes service account): one minted for another pod, on another node, is
     no evidence of this one's posture, nor does it confirm a change of those facts (an outside red
     team replayed a pod's posture token from another pod on another node, and confirmed that node
     as the identity's at once)."""
-    return posture is None or all(posture[n] == v for n, v in subject.items() if n in posture)
+    for name in names:
+        mine, theirs = subject.get(name), posture.get(name)
+        if mine is not None and theirs is not None and _plain(mine) != _plain(theirs):
+            return False
+    return True
+
+
+def _plain(value: Any) -> str:
+    """A fact's value as one text whatever JSON type carries it: a string as it is, a boolean as
+    ``true``/``false``, anything else as its canonical JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def explain(

@@ -44,6 +44,10 @@ from .baseline import Baseline, PendingFact
 EVIDENCE_POP = "pop_key_continuity"
 EVIDENCE_POSTURE = "posture_token"
 EVIDENCE_KINDS: frozenset[str] = frozenset({EVIDENCE_POP, EVIDENCE_POSTURE})
+#: Shown (never named by a rule) by a token of ours bound to the key it presents and issued at ``pop``
+#: or above: its issuance judged that key the identity's, so its re-exchanges' identity takes it so
+#: at once (else a rotated key went through a second probation there, after the upstream one).
+EVIDENCE_ISSUED = "issued_at_pop"
 #: The level a workload presents to show each kind of evidence.
 EVIDENCE_LEVEL: Mapping[str, str] = {EVIDENCE_POP: ACR_POP, EVIDENCE_POSTURE: ACR_POSTURE}
 
@@ -162,6 +166,8 @@ def review(
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
+        elif name in KEY_FACTS and EVIDENCE_ISSUED in shown:
+            how = EVIDENCE_ISSUED
         elif counted and _probation_done(entry, settings):
             # The exchange that completes probation is one of its fresh ones (the last of them
             # ``probation_period`` after the first): a stale token, replayed at the end, cannot.

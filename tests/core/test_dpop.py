@@ -927,6 +927,33 @@ def test_a_key_shown_with_a_bearer_token_of_ours_is_not_the_identitys_key(
     assert reexchange(own, EC_KEY)["acr"] == pop
 
 
+def test_a_key_the_upstream_identity_confirmed_is_the_reexchanges_key_at_once(
+    make_sts: Callable[..., STS],
+) -> None:
+    """A rotated key goes through probation upstream; from the first token issued at pop with it,
+    its re-exchanges are at pop too (an outside review of the fix above: they went through a
+    probation of their own after the upstream one, at attested meanwhile)."""
+    sts = make_sts(policy())
+
+    def upstream(key: Key) -> tuple[str, str]:
+        token = sts.granted(sts.proof(key))["access_token"]
+        return token, str(sts.claims(token)["acr"]).rpartition(":")[2]
+
+    def reexchange(token: str, key: Key) -> str:
+        body = sts.granted(sts.proof(key), subject_token=token, subject_token_type=ACCESS_TOKEN_TYPE)
+        return str(sts.claims(body["access_token"])["acr"]).rpartition(":")[2]
+
+    token, level = upstream(EC_KEY)
+    assert (level, reexchange(token, EC_KEY)) == ("pop", "pop")
+    levels = []
+    for _ in range(6):
+        sts.clock.advance(1300)
+        token, level = upstream(EC_OTHER)
+        levels.append((level, reexchange(token, EC_OTHER)))
+    assert levels[0] == ("attested", "attested") and levels[-1] == ("pop", "pop"), levels
+    assert all(up == again for up, again in levels), levels
+
+
 def test_a_key_first_shown_with_an_attested_bound_token_of_ours_is_not_pinned(
     make_sts: Callable[..., STS],
 ) -> None:

@@ -833,13 +833,58 @@ def test_a_posture_token_about_another_instance_is_no_evidence_and_confirms_no_d
     # Another runner, with the posture token of the identity's own runner: the drift stands.
     refused = exchange("self-hosted", posture(runner_environment="github-hosted"))
     assert refused.status_code != 200, last()["details"]["risk"]
-    assert "attestation_drift" in [s["name"] for s in last()["details"]["risk"]["signals"] if s["fired"]]
+    signals = {s["name"]: s for s in last()["details"]["risk"]["signals"]}
+    assert signals["attestation_drift"]["fired"]
+    # Unusable, as an expired one is: the record says why, and it is no evidence of posture either.
+    assert signals["stale_posture"]["fired"] and signals["stale_posture"]["evidence"] == {
+        "problem": "another_instance"
+    }
+    assert last()["details"]["assurance"]["evidence"]["posture_token"] is False
     assert exchange("self-hosted").status_code != 200
     assert exchange("github-hosted").status_code == 200
     # A posture token about the new runner, or one that does not name it, confirms the change.
     assert exchange("self-hosted", posture(runner_environment="self-hosted")).status_code == 200
     assert exchange("self-hosted").status_code == 200
     assert exchange("github-hosted", posture()).status_code == 200
+
+
+def test_a_posture_token_about_another_instance_does_not_outweigh_the_subjects_own_posture(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """The posture a token about another instance states is not read in place of the subject's own
+    (an outside review of the fix above: a non-compliant runner with another runner's compliant
+    posture token was granted where ``stale_posture`` refused it alone).  Facts compare as JSON
+    values: a posture issuer's number is the subject token's string of the same digits."""
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    policy = {"version": 1, "rules": [{
+        "name": "posture", "issuer": "upstream", "subject": subject_name,
+        "require_client_authentication": False,
+        "risk": {"posture_fact": "device_posture", "stable_facts": ["runner_environment", "repository_id"],
+                 "weights": {"stale_posture": 100}},
+        "grant": {"audiences": [DEPLOY]},
+    }]}  # fmt: skip
+    app = create_app(make_settings(policy))
+    web = app.test_client()
+    now = time.time()
+
+    def posture(**facts: Any) -> str:
+        claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
+                  "iat": int(now), "exp": int(now + 300), "device_posture": "compliant", **facts}  # fmt: skip
+        return upstream.issuer.mint(claims)
+
+    def exchange(posture_token: str | None) -> int:
+        token = upstream.issuer.github_actions_token(
+            audience=STS_ISSUER, now=now, runner_environment="self-hosted", device_posture="noncompliant"
+        )
+        form = exchange_form(token, audience=DEPLOY)
+        if posture_token is not None:
+            form["posture_token"] = posture_token
+        return web.post("/token", data=form).status_code
+
+    assert exchange(None) == 400
+    assert exchange(posture(runner_environment="github-hosted")) == 400
+    assert exchange(posture(runner_environment="self-hosted", repository_id=123456)) == 200
+    assert exchange(posture(repository_id="654321")) == 400
 
 
 def test_the_posture_level_is_refused_not_stepped_up_while_an_event_declares_the_posture_bad(

@@ -47,12 +47,12 @@ from ..audit import AuditRecord, token_hash
 from ..baseline import BASELINE_TTL, Baseline, observe
 from ..delegation import SELF_ISSUER, workload_issuer
 from ..dpop import VerifiedProof
-from ..drift import EVIDENCE_POP, EVIDENCE_POSTURE, progress, same_drift, session_summary
+from ..drift import EVIDENCE_ISSUED, EVIDENCE_POP, EVIDENCE_POSTURE, progress, same_drift, session_summary
 from ..history import joined, upstream_identity
 from ..introspection import token_identities, upstream_issuer
 from ..policy.rules import Grant
 from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStateStore
-from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events, review_drift, stable_values
+from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events, review_drift
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
 from ..subject_state import SubjectState, identity_key, merge
 from .attestation import Parties
@@ -175,16 +175,11 @@ class RiskAndAssurance:
         # EDR declared not compliant shows no posture evidence, so no posture-level ``acr`` (it
         # was issued one on a compliant posture token older than the event; an outside audit).
         declared_bad = state.posture is not None and state.posture not in cfg.posture_good
-        posture_ok = (
-            not declared_bad
-            and posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
-            and posture_describes(
-                posture_claims and stable_values(posture_claims, {}, cfg.stable_facts),
-                stable_values(facts, subject.claims, cfg.stable_facts),
-            )
-        )
+        posture_ok = not declared_bad and posture_is_good(posture_claims, cfg.posture_fact, cfg.posture_good)
         presented_key = key_state(keys, baseline.confirmed_keys()) if keys else KEY_NONE
         shown = _evidence(presented_key == KEY_CONTINUES, posture_ok)
+        if carried is not None and keys:  # a token of ours bound to them, issued at pop (subject_keys)
+            shown |= {EVIDENCE_ISSUED}
         presentable = _evidence(
             any(baseline.facts.get(f) is not None for f in KEY_FACTS), cfg.posture_fact is not None
         )
@@ -432,7 +427,12 @@ class RiskAndAssurance:
             raise InvalidRequest("posture_token.not_separate")  # The subject token, signed anew.
         # The profile's facts over raw claims of the same name, as for the subject token (the
         # raw claim won here: a look-alike top-level claim outvoted the checked fact; an outside audit).
-        return {**posture.claims, **posture.facts}, None
+        claims = {**posture.claims, **posture.facts}
+        if not posture_describes(
+            claims, {**subject.claims, **subject.facts}, (risk or EVENTS_ONLY).stable_facts
+        ):
+            return None, "another_instance"  # Unusable: about another pod, node or runner of this ``sub``.
+        return claims, None
 
     def _identity_keys(self, subject: VerifiedToken) -> tuple[str, ...]:
         # Our own token: events may name the subject under the issuer it first came from.
