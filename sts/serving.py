@@ -64,7 +64,7 @@ from .adapters.request_head import host_is_valid
 from .adapters.request_threads import ClientGone, QueuedTooLong, RequestThreads, queue_wait
 from .adapters.worker_process import die_with_parent, load_or_wait
 from .http.responses import answer_before_app
-from .serving_limits import MAX_HEAD_BYTES, Limits
+from .serving_limits import MAX_HEAD_BYTES, Limits, within
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +219,8 @@ class WSGIOverRSGI:
         if length == 0:
             return b""
         try:
-            async with asyncio.timeout(self.limits.body_read_timeout):
-                # Raises if the client goes away first: a truncated body never reaches the app.
-                body = bytes(await proto())
+            # Raises if the client goes away first: a truncated body never reaches the app.
+            body = bytes(await within(proto(), self.limits.body_read_timeout))
         except TimeoutError:
             raise _RequestError(408, "The request body was not received in time.") from None
         if len(body) != length:

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: Seconds past its deadline a client's timer may fire before it is taken for a worker that was not
+#: running meanwhile (stopped, starved): then the client gets :data:`GRACE` seconds more.
+LATE = 0.5
+GRACE = 1.0
 
 #: The largest request head (request line and headers) accepted; hyper answers 431 above it.
 MAX_HEAD_BYTES = 16384
@@ -24,3 +34,28 @@ class Limits:
     #: Seconds the request threads may hold requests without finishing any before ``/livez``
     #: answers ``503`` (see :mod:`sts.adapters.probe_lane`).
     liveness_stall: float = 60.0
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """``await awaitable``, raising :class:`TimeoutError` after ``seconds`` of the worker's own
+    running time: a deadline that passed while the worker was not running (stopped with SIGSTOP,
+    starved of CPU) is no fault of the client's, whose request may have arrived meanwhile, so a
+    timer that fires more than :data:`LATE` late gives it :data:`GRACE` seconds more.  An outside
+    fault test froze a worker for 40 s: requests whose whole body had been sent before were
+    answered ``408``, their bodies delivered just after the timer fired."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as timeout:
+
+        def expire(due: float) -> None:
+            now = loop.time()
+            if now - due > LATE:
+                handle[0] = loop.call_at(now + GRACE, expire, now + GRACE)
+            else:
+                timeout.reschedule(now)
+
+        due = loop.time() + seconds
+        handle = [loop.call_at(due, expire, due)]
+        try:
+            return await awaitable
+        finally:
+            handle[0].cancel()
