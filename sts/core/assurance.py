@@ -222,26 +222,31 @@ def posture_is_good(claims: Mapping[str, Any] | None, fact: str | None, good: It
 
 
 def posture_describes(posture: Mapping[str, Any], subject: Mapping[str, Any], names: Iterable[str]) -> bool:
-    """Whether a posture token is about this workload as the subject token describes it: the same
-    value of each of ``names`` (the rule's stable facts) that both name (``posture`` and ``subject``:
-    the token's profile facts over its claims of the same name), compared as JSON values (``"7"``
-    and ``7`` alike, a member order aside).  A posture token is bearer evidence about a ``sub`` that
-    replicas share (a Kubernetes service account): one minted for another pod, on another node, is
-    no evidence of this one's posture, nor does it confirm a change of those facts (an outside red
-    team replayed a pod's posture token from another pod on another node, and confirmed that node
-    as the identity's at once)."""
+    """Whether a posture token is about this workload as the subject token describes it: each of
+    ``names`` (the rule's stable facts) that the posture token names, the subject token shows with
+    the same value (``posture`` and ``subject``: the tokens' profile facts over their claims of the
+    same name), compared as JSON values (``"7"``, ``7`` and ``7.0`` alike, a member order aside).
+    A posture token is bearer evidence about a ``sub`` that replicas share (a Kubernetes service
+    account): one minted for another pod, on another node, is no evidence of this one's posture,
+    nor does it confirm a change of those facts (an outside red team replayed a pod's posture
+    token from another pod on another node, and confirmed that node as the identity's at once).
+    One that names a fact the subject token does not show cannot be tied to this instance either
+    (a token of ours, re-exchanged, shows none of the upstream facts: a review had another
+    runner's posture token pass there)."""
     for name in names:
-        mine, theirs = subject.get(name), posture.get(name)
-        if mine is not None and theirs is not None and _plain(mine) != _plain(theirs):
+        theirs = posture.get(name)
+        if theirs is not None and _plain(subject.get(name)) != _plain(theirs):
             return False
     return True
 
 
 def _plain(value: Any) -> str:
-    """A fact's value as one text whatever JSON type carries it: a string as it is, a boolean as
-    ``true``/``false``, anything else as its canonical JSON."""
+    """A fact's value as one text whatever JSON type carries it: a string as it is, an integral
+    number as an integer, anything else as its canonical JSON (a boolean ``true``/``false``)."""
     if isinstance(value, str):
         return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 

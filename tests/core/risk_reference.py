@@ -41,6 +41,7 @@ from sts.core.baseline import (
 )
 from sts.core.delegation import SELF_ISSUER
 from sts.core.drift import (
+    EVIDENCE_ISSUED,
     EVIDENCE_POP,
     EVIDENCE_POSTURE,
     DriftReview,
@@ -356,6 +357,8 @@ def drift_review(
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
+        elif name in KEY_FACTS and EVIDENCE_ISSUED in shown:  # Later, on purpose: see sts/core/drift.py.
+            how = EVIDENCE_ISSUED
         elif counted and _probation_done(entry, settings):  # Only a counted fresh exchange completes it.
             how = "probation"
         if how is not None:
@@ -506,6 +509,8 @@ def assess_exchange(
         ([EVIDENCE_POP] if presented_key == KEY_CONTINUES else [])
         + ([EVIDENCE_POSTURE] if posture_ok else [])
     )
+    if keys and subject.issuer_name == SELF_ISSUER:  # Later, on purpose: bound, issued at pop.
+        shown |= {EVIDENCE_ISSUED}
     presentable = frozenset(
         ([EVIDENCE_POP] if any(baseline.facts.get(f) is not None for f in KEY_FACTS) else [])
         + ([EVIDENCE_POSTURE] if cfg.posture_fact is not None else [])

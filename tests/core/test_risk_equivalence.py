@@ -373,6 +373,12 @@ def _subject(rng: random.Random) -> VerifiedToken:
     claims = random_claims(rng)
     if issuer == SELF_ISSUER:
         claims["acr"] = rng.choice(("urn:workload-sts:acr:pop", "urn:workload-sts:acr:attested", 5, "other"))
+        # Bound to one of the proofs' keys, the certificate, both, or none (a bearer token of ours).
+        cnf = rng.choice(
+            (None, {"jkt": "k1"}, {"jkt": "k2"}, {"x5t#S256": "t1"}, {"jkt": "k1", "x5t#S256": "t1"})
+        )
+        if cnf is not None:
+            claims["cnf"] = cnf
     return VerifiedToken(
         issuer_name=issuer,
         issuer="https://issuer.example",

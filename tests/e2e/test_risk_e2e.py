@@ -887,6 +887,45 @@ def test_a_posture_token_about_another_instance_does_not_outweigh_the_subjects_o
     assert exchange(posture(repository_id="654321")) == 400
 
 
+def test_a_posture_token_naming_facts_a_re_exchanged_token_does_not_show_is_unusable(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """A token of ours shows none of the upstream token's facts, so a posture token that names one
+    cannot be tied to the instance re-exchanging it (a review: another runner's posture token was
+    taken as this one's there).  One that names no stable fact is read, as upstream."""
+    subject_name = "repo:acme/app:ref:refs/heads/main"
+    policy = {"version": 1, "rules": [
+        {"name": "deploy", "issuer": "upstream", "subject": subject_name,
+         "require_client_authentication": False, "grant": {"audiences": [DEPLOY]}},
+        {"name": "again", "issuer": "self", "subject": subject_name, "require_client_authentication": False,
+         "risk": {"posture_fact": "device_posture", "stable_facts": ["runner_environment"],
+                  "weights": {"stale_posture": 100}},
+         "grant": {"audiences": [DEPLOY]}},
+    ]}  # fmt: skip
+    app = create_app(make_settings(policy))
+    web = app.test_client()
+    now = time.time()
+    token = upstream.issuer.github_actions_token(
+        audience=STS_ISSUER, now=now, runner_environment="self-hosted", device_posture="noncompliant"
+    )
+    ours = web.post("/token", data=exchange_form(token, audience=DEPLOY)).get_json()["access_token"]
+
+    def again(**facts: Any) -> TestResponse:
+        form = exchange_form(ours, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
+        if facts:
+            claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
+                      "iat": int(now), "exp": int(now + 300), "device_posture": "compliant"}  # fmt: skip
+            form["posture_token"] = upstream.issuer.mint({**claims, **facts})
+        return web.post("/token", data=form)
+
+    assert again().status_code == 400
+    refused = again(runner_environment="github-hosted")
+    assert refused.status_code == 400, refused.get_json()
+    signals = {s["name"]: s for s in app.extensions["sts"].audit.recent(1)[0]["details"]["risk"]["signals"]}
+    assert signals["stale_posture"]["evidence"] == {"problem": "another_instance"}
+    assert again(placeholder="unrelated").status_code == 200
+
+
 def test_the_posture_level_is_refused_not_stepped_up_while_an_event_declares_the_posture_bad(
     make_settings: Callable[..., Settings], upstream: RunningServer
 ) -> None:

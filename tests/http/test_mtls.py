@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -265,3 +266,53 @@ def test_introspection_of_a_certificate_bound_token_is_bearer(
     ).get_json()
     assert body["active"] is True and body["token_type"] == "Bearer"
     assert body["cnf"] == {"x5t#S256": x5t(cert)}
+
+
+def test_a_key_no_exchange_judged_is_never_confirmed_on_re_exchange(
+    make_settings: Callable[..., Settings], upstream: RunningServer
+) -> None:
+    """A token of ours re-exchanged with its bound DPoP key and a certificate it is not bound to:
+    the new token is bound to both, so the pair is no evidence (``attested``), and the certificate
+    is never the re-exchanges' identity's key.  A review had it ride on the bound key into a
+    ``pop`` token, whose own re-exchange then confirmed it ``issued_at_pop``."""
+    from tests.core.test_dpop import EC_KEY, proof
+
+    app = create_app(
+        make_settings(POLICY, trusted_proxies=["10.0.0.0/8"], mtls_client_cert_header="X-Client-Cert")
+    )
+    web = app.test_client()
+    jwks = KeySet.import_key_set(web.get("/.well-known/jwks.json").get_json())
+    workload, unknown = certificate("workload"), certificate("unknown")
+
+    def exchange(cert: x509.Certificate | None, token: str | None = None) -> dict[str, Any]:
+        if token is None:
+            form = exchange_form(upstream.issuer.github_actions_token(audience=STS_ISSUER), audience=DEPLOY)
+        else:
+            form = exchange_form(token, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
+        headers = {"DPoP": proof(EC_KEY, time.time())}
+        if cert is not None:
+            headers["X-Client-Cert"] = quote(pem(cert))
+        resp = web.post("/token", data=form, headers=headers, environ_base=PROXY)
+        assert resp.status_code == 200, resp.get_json()
+        token = resp.get_json()["access_token"]
+        claims = dict(jwt.decode(token, jwks, algorithms=["ES256"]).claims)
+        record = app.extensions["sts"].audit.recent(1)[0]
+        return {
+            "token": token,
+            "acr": claims["acr"].rpartition(":")[2],
+            "cnf": claims["cnf"],
+            "record": record,
+        }
+
+    first = exchange(workload)
+    assert first["acr"] == "pop"
+    assert exchange(workload, first["token"])["acr"] == "pop"
+    bound_to_key = exchange(None)
+    assert bound_to_key["acr"] == "pop" and set(bound_to_key["cnf"]) == {"jkt"}
+    ridden = exchange(unknown, bound_to_key["token"])
+    assert ridden["cnf"]["x5t#S256"] == x5t(unknown) and ridden["acr"] == "attested"
+    again = exchange(unknown, ridden["token"])
+    assert again["acr"] == "attested"
+    stored = app.extensions["sts"].baselines.load("self:upstream|repo:acme/app:ref:refs/heads/main")
+    assert stored.confirmed_values("cnf_x5t") == (x5t(workload),), stored
+    assert "cnf_x5t" not in stored.pending

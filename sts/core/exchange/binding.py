@@ -203,10 +203,18 @@ def subject_keys(
     audit had the holder of a bearer token of ours re-exchange it once with a key of its own,
     which became the first key of the re-exchanges' identity, so that the workload's own
     ``pop`` tokens were re-exchanged at ``attested`` from then on, for the baseline's lifetime.
+
+    Without an actor, a token of ours whose request also proves a key it is not bound to shows
+    none: the new token is bound to every key the request proves, so a key judged nowhere would
+    ride on the bound one into a ``pop`` token, and then pass as judged at its issuance (a review
+    had a new client certificate confirmed so for the re-exchanges' identity).
     """
     if carried is not None and rank(carried) < rank(ACR_POP):
         return {}
-    return keys_of_the_subject(keys, subject) if actor or carried is not None else dict(keys)
+    if actor or carried is None:
+        return keys_of_the_subject(keys, subject) if actor else dict(keys)
+    bound = keys_of_the_subject(keys, subject)
+    return bound if len(bound) == len(keys) else {}
 
 
 def keys_of_the_subject(keys: Mapping[str, str], subject: VerifiedToken) -> dict[str, str]:
