@@ -235,19 +235,31 @@ def posture_describes(posture: Mapping[str, Any], subject: Mapping[str, Any], na
     runner's posture token pass there)."""
     for name in names:
         theirs = posture.get(name)
-        if theirs is not None and _plain(subject.get(name)) != _plain(theirs):
+        if theirs is None:
+            continue  # Not named (a JSON null names no value either).
+        mine = subject.get(name)
+        if mine is None or _plain(mine) != _plain(theirs):
             return False
     return True
 
 
 def _plain(value: Any) -> str:
-    """A fact's value as one text whatever JSON type carries it: a string as it is, an integral
-    number as an integer, anything else as its canonical JSON (a boolean ``true``/``false``)."""
+    """A fact's value as one text whatever JSON type carries it: a string as it is, anything else
+    as its canonical JSON with integral numbers as integers (so ``7``, ``7.0`` and ``"7"`` alike,
+    and a boolean as ``true``/``false``)."""
     if isinstance(value, str):
         return value
+    return json.dumps(_integral(value), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _integral(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_integral(item) for item in value]
+    return value
 
 
 def explain(

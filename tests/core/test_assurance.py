@@ -38,6 +38,7 @@ from sts.core.assurance import (
     at_least,
     key_state,
     needed,
+    posture_describes,
     posture_is_good,
     reached,
     shortfall,
@@ -586,3 +587,21 @@ def test_the_request_can_ask_for_a_level_and_the_token_says_which_it_reached(
         resp = exchange(acr_values=bad)
         assert resp.get_json()["error"] == "invalid_request", bad
         assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1].startswith(reason)
+
+
+def test_a_posture_token_is_about_this_instance_where_it_names_a_stable_fact() -> None:
+    """Each stable fact a posture token names, the subject token must show with the same value,
+    compared as JSON values (reviews: the text ``"null"`` matched a fact the subject does not show,
+    and numbers nested in a fact were compared as written)."""
+    names = ("runner_environment", "node")
+    assert posture_describes({"runner_environment": "a"}, {"runner_environment": "a"}, names)
+    assert not posture_describes({"runner_environment": "a"}, {"runner_environment": "b"}, names)
+    assert not posture_describes({"runner_environment": "null"}, {}, names)
+    assert not posture_describes({"runner_environment": "a"}, {"node": "n"}, names)
+    assert posture_describes({"runner_environment": None}, {"runner_environment": "a"}, names)
+    assert posture_describes({"device": "x"}, {}, names)
+    assert posture_describes({"node": 7.0}, {"node": "7"}, names)
+    assert posture_describes(
+        {"node": {"id": 123456.0, "z": [1.0]}}, {"node": {"z": [1], "id": 123456}}, names
+    )
+    assert not posture_describes({"node": True}, {"node": "True"}, names)

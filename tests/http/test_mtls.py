@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from flask import Flask
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
@@ -316,3 +318,79 @@ def test_a_key_no_exchange_judged_is_never_confirmed_on_re_exchange(
     stored = app.extensions["sts"].baselines.load("self:upstream|repo:acme/app:ref:refs/heads/main")
     assert stored.confirmed_values("cnf_x5t") == (x5t(workload),), stored
     assert "cnf_x5t" not in stored.pending
+
+
+@pytest.mark.parametrize("actor_may_bind_key", [False, True])
+def test_with_an_actor_a_key_the_subject_token_is_not_bound_to_is_no_evidence(
+    make_settings: Callable[..., Settings], upstream: RunningServer, actor_may_bind_key: bool, tmp_path: Path
+) -> None:
+    """With an actor token, as without: a request proving a key the subject token is not bound to
+    (a new certificate, the actor's own DPoP key) shows no key, since the new token is bound to it
+    too.  A review had either ride on the subject's bound key into a ``pop`` token, whose plain
+    re-exchange then made it the re-exchanges' identity's key (``issued_at_pop``)."""
+    from tests.core.test_dpop import AGENTS, EC_KEY, EC_OTHER, SUBJECT, proof, public_jwk, thumbprint
+
+    delegation = {"actors": [{"issuer": "upstream", "subject_pattern": AGENTS}], "max_depth": 3}
+    policy = {"version": 1, "rules": [
+        *POLICY["rules"][:1],
+        {"name": "agents", "issuer": "upstream", "subject_pattern": AGENTS,
+         "require_client_authentication": False, "grant": {"audiences": [DEPLOY]}},
+        {"name": "again", "issuer": "self", "subject": SUBJECT, "require_client_authentication": False,
+         "actor_may_bind_key": actor_may_bind_key, "delegation": delegation,
+         "grant": {"audiences": [DEPLOY]}},
+    ]}  # fmt: skip
+    actor = upstream.issuer.kubernetes_token(audience=[STS_ISSUER], namespace="agents", service_account="a1")
+    identity = f"self:upstream|{SUBJECT}"
+
+    def service(name: str) -> tuple[Flask, Callable[..., tuple[str, str]]]:
+        """A service and database of its own: each case starts with an identity that has no key yet."""
+        settings = make_settings(
+            policy,
+            trusted_proxies=["10.0.0.0/8"],
+            mtls_client_cert_header="X-Client-Cert",
+            database_url=f"sqlite:///{tmp_path / name}.sqlite",
+        )
+        app = create_app(settings)
+        web = app.test_client()
+        jwks = KeySet.import_key_set(web.get("/.well-known/jwks.json").get_json())
+
+        def exchange(
+            key: Any, cert: x509.Certificate | None, token: str | None = None, *, acting: bool = False
+        ) -> tuple[str, str]:
+            if token is None:
+                form = exchange_form(
+                    upstream.issuer.github_actions_token(audience=STS_ISSUER), audience=DEPLOY
+                )
+            else:
+                form = exchange_form(token, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
+            if acting:
+                form.update(actor_token=actor, actor_token_type="urn:ietf:params:oauth:token-type:jwt")
+            headers = {"DPoP": proof(key, time.time())} if key is not None else {}
+            if cert is not None:
+                headers["X-Client-Cert"] = quote(pem(cert))
+            resp = web.post("/token", data=form, headers=headers, environ_base=PROXY)
+            assert resp.status_code == 200, resp.get_json()
+            token = resp.get_json()["access_token"]
+            return token, jwt.decode(token, jwks, algorithms=["ES256"]).claims["acr"].rpartition(":")[2]
+
+        return app, exchange
+
+    # The subject's DPoP key, and an unknown certificate beside it, with an actor.
+    app, exchange = service("dpop")
+    bound, level = exchange(EC_KEY, None)
+    assert level == "pop"
+    unknown = certificate("unknown")
+    ridden, level = exchange(EC_KEY, unknown, bound, acting=True)
+    assert level == "attested"
+    exchange(EC_KEY, unknown, ridden)
+    assert x5t(unknown) not in app.extensions["sts"].baselines.load(identity).confirmed_values("cnf_x5t")
+    # The subject's certificate, and the actor's own DPoP key beside it.
+    app, exchange = service("certificate")
+    workload = certificate("workload")
+    bound, level = exchange(None, workload)
+    assert level == "pop"
+    acted, level = exchange(EC_OTHER, workload, bound, acting=True)
+    assert level == "attested"
+    exchange(EC_OTHER, workload, acted)
+    stored = app.extensions["sts"].baselines.load(identity)
+    assert thumbprint(public_jwk(EC_OTHER)) not in stored.confirmed_values("cnf_jkt")

@@ -204,15 +204,16 @@ def subject_keys(
     which became the first key of the re-exchanges' identity, so that the workload's own
     ``pop`` tokens were re-exchanged at ``attested`` from then on, for the baseline's lifetime.
 
-    Without an actor, a token of ours whose request also proves a key it is not bound to shows
-    none: the new token is bound to every key the request proves, so a key judged nowhere would
-    ride on the bound one into a ``pop`` token, and then pass as judged at its issuance (a review
-    had a new client certificate confirmed so for the re-exchanges' identity).
+    With an actor, or a token of ours, a request that also proves a key the subject token is not
+    bound to shows none: the new token is bound to every key the request proves, so a key judged
+    nowhere (a new client certificate, the actor's own DPoP key) would ride on the bound one into
+    a ``pop`` token, and then pass as judged at its issuance (two reviews had such keys confirmed
+    for the re-exchanges' identity).
     """
     if carried is not None and rank(carried) < rank(ACR_POP):
         return {}
-    if actor or carried is None:
-        return keys_of_the_subject(keys, subject) if actor else dict(keys)
+    if not actor and carried is None:
+        return dict(keys)
     bound = keys_of_the_subject(keys, subject)
     return bound if len(bound) == len(keys) else {}
 
