@@ -602,6 +602,24 @@ def test_a_rules_own_limit_applies_per_identity_after_the_rule_is_chosen(
     assert deploy(client, upstream).status_code == 429
 
 
+def test_a_rules_limit_is_spent_only_by_requests_that_passed_every_check(
+    build: Callable[..., Flask], upstream: RunningServer, clock: Clock
+) -> None:
+    """A request the rule refuses after choosing it (an attestation too old, here; a bound token
+    without its key, risk, assurance) spends none of the workload's quota: whoever holds such a
+    copy of the identity's token drained it (an outside red team)."""
+    rules = [dict(rule) for rule in DEFAULT_POLICY["rules"]]
+    rules[0]["rate_limit"] = {"requests": 2, "period": 60, "burst": 2}
+    rules[0]["max_attestation_age"] = 60
+    app = build({**DEFAULT_POLICY, "rules": rules})
+    client = app.test_client()
+    old = exchange_form(github_token(upstream, now=clock.now - 120), audience=DEPLOY)
+    assert [client.post("/token", data=old).status_code for _ in range(3)] == [400, 400, 400]
+    assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1] == "policy.attestation_too_old"
+    assert [deploy(client, upstream).status_code for _ in range(2)] == [200, 200]
+    assert_limited(deploy(client, upstream), app, "rule")
+
+
 def test_limits_can_be_switched_off(build: Callable[..., Flask], upstream: RunningServer) -> None:
     app = build(**{"rate_limits": {"enabled": False, "token": {"network": {"requests": 1, "period": 60}}}})
     assert app.extensions["sts"].limits is NO_LIMITS

@@ -33,6 +33,14 @@ PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
         ("::ffff:10.0.0.5", ["::ffff:198.51.100.1"], PROXIES, "198.51.100.1"),
         ("::ffff:203.0.113.7", ["198.51.100.1"], PROXIES, "203.0.113.7"),
         ("10.0.0.5", ["198.51.100.1"], [], "10.0.0.5"),
+        # A zone is no part of the address: none of its text is kept (an outside red team forged
+        # log lines and 8 KB addresses through it), from a forwarded hop or the connection.
+        ("10.0.0.5", ['fe80::1%eth0" 200 1 request_id=forged'], PROXIES, "fe80::1"),
+        ("10.0.0.5", ["fe80::1%" + "x" * 8000], PROXIES, "fe80::1"),
+        ("fe80::2%eth0", [], PROXIES, "fe80::2"),
+        # An IPv4 client translated into the well-known NAT64 prefix is that IPv4 client.
+        ("10.0.0.5", ["64:ff9b::c000:201"], PROXIES, "192.0.2.1"),
+        ("64:ff9b::cb00:7107", [], PROXIES, "203.0.113.7"),
     ],
 )
 def test_client_address(remote: str, xff: list[str], trusted: list, expected: str) -> None:  # type: ignore[type-arg]

@@ -249,6 +249,14 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         self.risk.check_assurance(risk, grant, scopes, request.acr_values, attested_at, record, now)
 
         self.stages.enter(stage.MINT)
+        if grant.rate_limit is not None:
+            # The rule's quota, once every check that can refuse has passed: a request refused for
+            # its client, its binding, risk or assurance spends none of the workload's (an outside
+            # audit drained it so).  A replay is found at the commit, and is counted.
+            subject = parties.subject
+            self.limits.for_rule(
+                grant.rule, grant.rate_limit, workload_issuer(subject), subject.subject, now, record
+            )
         lifetime = token_lifetime(parties.subject, grant, request, risk.decision, now, actor=parties.actor)
         if grant.single_use:
             # Reserved last of all, so that a refusal does not burn the token.
@@ -335,10 +343,6 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
         )
         record.rule = grant.rule
         record.reasons.extend(grant.reasons)
-        if grant.rate_limit is not None:
-            self.limits.for_rule(
-                grant.rule, grant.rate_limit, workload_issuer(subject), subject.subject, now, record
-            )
         # A re-exchanged token of ours can only be narrowed.
         scopes = narrow_reexchange(subject, grant.audiences, grant.scopes)
         if len(scopes) != len(grant.scopes):
