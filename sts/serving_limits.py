@@ -10,7 +10,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 #: Seconds past its deadline a client's timer may fire before it is taken for a worker that was not
-#: running meanwhile (stopped, starved): then the client gets :data:`GRACE` seconds more.
+#: running meanwhile (stopped, starved): then the client gets :data:`GRACE` seconds more, once.
 LATE = 0.5
 GRACE = 1.0
 
@@ -40,21 +40,23 @@ async def within(awaitable: Awaitable[T], seconds: float) -> T:
     """``await awaitable``, raising :class:`TimeoutError` after ``seconds`` of the worker's own
     running time: a deadline that passed while the worker was not running (stopped with SIGSTOP,
     starved of CPU) is no fault of the client's, whose request may have arrived meanwhile, so a
-    timer that fires more than :data:`LATE` late gives it :data:`GRACE` seconds more.  An outside
-    fault test froze a worker for 40 s: requests whose whole body had been sent before were
-    answered ``408``, their bodies delivered just after the timer fired."""
+    timer that fires more than :data:`LATE` late gives it :data:`GRACE` seconds more, once (a
+    worker kept busy in long stretches fires every timer late: a review held a body's deadline
+    open for as long as that lasted).  An outside fault test froze a worker for 40 s: requests
+    whose whole body had been sent before were answered ``408``, their bodies delivered just
+    after the timer fired."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(None) as timeout:
 
-        def expire(due: float) -> None:
+        def expire(due: float, graced: bool) -> None:
             now = loop.time()
-            if now - due > LATE:
-                handle[0] = loop.call_at(now + GRACE, expire, now + GRACE)
+            if now - due > LATE and not graced:
+                handle[0] = loop.call_at(now + GRACE, expire, now + GRACE, True)
             else:
                 timeout.reschedule(now)
 
         due = loop.time() + seconds
-        handle = [loop.call_at(due, expire, due)]
+        handle = [loop.call_at(due, expire, due, False)]
         try:
             return await awaitable
         finally:

@@ -18,10 +18,6 @@ from ..core.networks import Network, parse_network
 __all__ = ["Network", "client_address", "is_trusted_proxy", "trusted_networks"]
 
 
-#: The well-known NAT64 prefix (RFC 6052 §2.1): an IPv4 address in its last 32 bits.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
 @functools.lru_cache(maxsize=4096)
 def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address ``value`` names (a bracketed IPv6 address too), or None.  Remembered for the
@@ -32,7 +28,8 @@ def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     # An IPv6 zone (``fe80::1%eth0``, RFC 4007 §11) names an interface of the sender's, not an
     # address: left out, so that no text of the sender's choosing (``ipaddress`` takes any after
     # the ``%``) reaches the audit record, the log or a rate-limit key (an outside red team).
-    value = value.partition("%")[0]
+    if ":" in value:
+        value = value.partition("%")[0]
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
@@ -40,15 +37,9 @@ def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     # ``::ffff:10.1.2.3`` (RFC 4291 §2.5.5.2) is how a dual-stack listener (``host: "::"``) sees an
     # IPv4 peer: the IPv4 address, as the risk signals and rate limits read it.  Else IPv4
     # ``trusted_proxies`` matched no proxy there, and its forwarded certificate (the token's
-    # binding) and client address were dropped unannounced (an outside audit).  So is an IPv4
-    # client translated into the well-known NAT64 prefix ``64:ff9b::/96`` (RFC 6052 §2.1, as
-    # stateless translation presents IPv4 clients to an IPv6-only service): else every such client
-    # shared one IPv6 /56 of the rate limits (an outside red team).
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-        if address in _NAT64:
-            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    # binding) and client address were dropped unannounced (an outside audit).
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
     return address
 
 

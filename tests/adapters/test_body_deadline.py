@@ -31,7 +31,7 @@ class _BodyProto(FakeProto):
         return body
 
 
-def _read(after: float | None, *, frozen: float | None) -> Any:
+def _read(after: float | None, *, frozen: float | None, busy: float | None = None) -> Any:
     served = WSGIOverRSGI(lambda environ, start: [], Limits(body_read_timeout=0.2))
     scope = FakeScope("/token")
     scope.method = "POST"
@@ -41,6 +41,10 @@ def _read(after: float | None, *, frozen: float | None) -> Any:
         loop = asyncio.get_running_loop()
         if frozen is not None:
             loop.call_later(0.05, time.sleep, frozen)  # the worker runs nothing meanwhile
+        if busy is not None:
+            # The worker runs, but in stretches of 1.8 s (other requests' work on the loop).
+            for start in range(int(busy / 1.81)):
+                loop.call_later(0.05 + start * 1.81, time.sleep, 1.8)
         started = loop.time()
         try:
             return await served._read_body(scope, _BodyProto(after))
@@ -65,3 +69,13 @@ def test_a_body_that_never_comes_is_refused_408(frozen: float | None) -> None:
     assert (name, status) == ("_RequestError", 408)
     # Frozen from 0.05 to 1.05 s: the timer due at 0.2 s fires 0.85 s late, so GRACE (1 s) follows.
     assert 0.2 <= took < 0.9 if frozen is None else 2.0 <= took < 3.5, took
+
+
+def test_a_busy_worker_gives_a_client_the_grace_once() -> None:
+    """Every timer fires late on a worker busy in long stretches: the grace is given once, so a
+    body that never comes is refused within its deadline, the grace and a stretch (a review held
+    the deadline open for as long as the worker stayed busy, 20 s and more)."""
+    name, status, took = _read(None, frozen=None, busy=9.0)
+    assert (name, status) == ("_RequestError", 408)
+    # Due at 0.2 s, fired at 1.85 s, its grace due at 2.85 s fired at 3.66 s: refused then.
+    assert took < 5.0, took

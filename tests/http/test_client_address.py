@@ -38,9 +38,8 @@ PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
         ("10.0.0.5", ['fe80::1%eth0" 200 1 request_id=forged'], PROXIES, "fe80::1"),
         ("10.0.0.5", ["fe80::1%" + "x" * 8000], PROXIES, "fe80::1"),
         ("fe80::2%eth0", [], PROXIES, "fe80::2"),
-        # An IPv4 client translated into the well-known NAT64 prefix is that IPv4 client.
-        ("10.0.0.5", ["64:ff9b::c000:201"], PROXIES, "192.0.2.1"),
-        ("64:ff9b::cb00:7107", [], PROXIES, "203.0.113.7"),
+        # Only an IPv6 address has a zone: an IPv4 one with a ``%`` is no address.
+        ("10.0.0.5", ["198.51.100.1, 192.0.2.1%evil"], PROXIES, "10.0.0.5"),
     ],
 )
 def test_client_address(remote: str, xff: list[str], trusted: list, expected: str) -> None:  # type: ignore[type-arg]
