@@ -37,10 +37,10 @@ class Limits:
 
 
 async def within(awaitable: Awaitable[T], seconds: float) -> T:
-    """``await awaitable``, raising :class:`TimeoutError` after ``seconds`` of the worker's own
-    running time: a deadline that passed while the worker was not running (stopped with SIGSTOP,
-    starved of CPU) is no fault of the client's, whose request may have arrived meanwhile, so a
-    timer that fires more than :data:`LATE` late gives it :data:`GRACE` seconds more, once (a
+    """``await awaitable``, raising :class:`TimeoutError` after ``seconds``, with one allowance: a
+    deadline that passed while the worker was not running (stopped with SIGSTOP, starved of CPU)
+    is no fault of the client's, whose request may have arrived meanwhile, so a timer that fires
+    more than :data:`LATE` late gives it :data:`GRACE` seconds more, once (a
     worker kept busy in long stretches fires every timer late: a review held a body's deadline
     open for as long as that lasted).  An outside fault test froze a worker for 40 s: requests
     whose whole body had been sent before were answered ``408``, their bodies delivered just

@@ -17,8 +17,11 @@ attestation or not, until one of these confirms the new value:
   about the subject whose posture fact is good).
 
 A changed proof-of-possession key (``cnf_jkt``, ``cnf_x5t``) is confirmed only
-by an operator or probation: a new key cannot vouch for itself.  Facts seen
-for the first time are confirmed on sight (``first_seen``).
+by an operator or probation: a new key cannot vouch for itself.  One exception,
+which no rule names: the key a re-exchanged token of ours is bound to, issued at
+``pop`` or above, is confirmed at once (:data:`EVIDENCE_ISSUED`; its issuance
+judged it the identity's).  Facts seen for the first time are confirmed on
+sight (``first_seen``).
 
 :func:`review` is pure: it returns the baseline's facts as they stand after
 this exchange, which facts remain unconfirmed, and what would clear them, in
@@ -114,7 +117,8 @@ def review(
 
     ``shown`` is the evidence this request shows; ``presentable`` the evidence
     the workload could show that it has not (both only count when the rule
-    names them in ``settings.evidence``).  ``max_age`` is how fresh an
+    names them in ``settings.evidence``, but for :data:`EVIDENCE_ISSUED`, which
+    confirms a presented key at once).  ``max_age`` is how fresh an
     exchange must be to count for probation; ``attested_at`` is its attestation
     time, so that a token presented again is not counted again.
     """
@@ -166,7 +170,7 @@ def review(
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
-        elif name in KEY_FACTS and EVIDENCE_ISSUED in shown:
+        elif name in KEY_FACTS and value is not None and EVIDENCE_ISSUED in shown:
             how = EVIDENCE_ISSUED
         elif counted and _probation_done(entry, settings):
             # The exchange that completes probation is one of its fresh ones (the last of them

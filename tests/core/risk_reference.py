@@ -357,7 +357,9 @@ def drift_review(
         how: str | None = None
         if evidence and name not in KEY_FACTS:
             how = sorted(evidence)[0]
-        elif name in KEY_FACTS and EVIDENCE_ISSUED in shown:  # Later, on purpose: see sts/core/drift.py.
+        elif (
+            name in KEY_FACTS and value is not None and EVIDENCE_ISSUED in shown
+        ):  # Later, on purpose: see sts/core/drift.py.
             how = EVIDENCE_ISSUED
         elif counted and _probation_done(entry, settings):  # Only a counted fresh exchange completes it.
             how = "probation"

@@ -44,7 +44,7 @@ from sts.core.assurance import (
     shortfall,
 )
 from sts.core.baseline import BASELINE_TTL, Baseline, accept_pending
-from sts.core.drift import DriftSettings, progress, review
+from sts.core.drift import EVIDENCE_ISSUED, DriftSettings, progress, review
 from sts.core.risk import RiskContext, RiskSettings, assess
 from sts.core.stepup import DENY, NARROW, STEP_UP, decide
 from sts.errors import ConfigurationError, RiskRefused, StepUpRequired
@@ -260,6 +260,31 @@ def test_a_new_key_cannot_vouch_for_itself() -> None:
     assert set(result.changed) == {"cnf_jkt"}  # the runner is confirmed by the evidence...
     assert result.confirmed_now == {"runner_environment": "pop_key_continuity"}
     assert result.remedies == ()  # ...but nothing the workload can present confirms a new key
+
+
+def test_a_key_issued_at_pop_confirms_only_the_keys_presented() -> None:
+    """``issued_at_pop`` confirms the keys a re-exchanged token of ours is bound to and presents, at
+    once; a watched key the request does not present stays the identity's (a review: a token bound
+    to a certificate alone, re-exchanged, wiped the identity's confirmed DPoP key)."""
+    baseline = Baseline(count=5, facts={"cnf_jkt": "k1"})
+    result = review(
+        baseline,
+        {"cnf_x5t": "t1"},
+        watched=(*WATCHED, "cnf_jkt"),
+        now=NOW,
+        fresh=True,
+        settings=PROBATION,
+        shown=frozenset({EVIDENCE_ISSUED}),
+    )
+    assert result.baseline.facts["cnf_jkt"] == "k1"
+    assert "cnf_jkt" not in result.confirmed_now
+    # A presented key of the token of ours is confirmed at once, the earlier one kept beside it.
+    moved = review(
+        baseline, {"cnf_jkt": "k2"}, watched=WATCHED, now=NOW, fresh=False, settings=PROBATION,
+        shown=frozenset({EVIDENCE_ISSUED}),
+    )  # fmt: skip
+    assert moved.confirmed_now == {"cnf_jkt": EVIDENCE_ISSUED} and not moved.changed
+    assert moved.baseline.confirmed_values("cnf_jkt") == ("k2", "k1")
 
 
 def test_keys_are_kept_for_the_levels_even_when_not_watched() -> None:

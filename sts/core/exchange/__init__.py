@@ -28,7 +28,8 @@ latency histograms); "where" names a module of this package, or this module::
                  the baseline: on SQL, one transaction)
 
 Rate limits are checked where their key is known: on arrival (parse), per client
-(client_auth), per identity (attest) and per rule (policy).  Storage and keys are
+(client_auth), per identity (attest) and per rule (mint: once every check that can refuse
+has passed, so that refused requests spend none of the workload's quota).  Storage and keys are
 reached through :mod:`sts.core.ports`.  Whatever the outcome, the record is
 written (:class:`sts.core.audited.AuditedEndpoint`: refused, failed or granted),
 and a token is returned only after its record is committed.

@@ -219,10 +219,10 @@ def subject_keys(
 
 
 def keys_of_the_subject(keys: Mapping[str, str], subject: VerifiedToken) -> dict[str, str]:
-    """With an actor token, which of the request's ``keys`` are the subject's evidence: the proof
-    is the presenter's, the actor's, so a key counts for the subject (its continuity, its
-    baseline) only where it is the key the subject token itself is bound to (an outside audit had
-    the actor's DPoP key raise the subject's level, and become the subject's key)."""
+    """Which of the request's ``keys`` the subject token itself is bound to (``cnf``): with an actor
+    token the proof is the presenter's, the actor's, and on re-exchange of a token of ours its
+    issuance judged only those (see :func:`subject_keys`; an outside audit had the actor's DPoP key
+    raise the subject's level, and become the subject's key)."""
     cnf = subject.claims.get("cnf")
     if not isinstance(cnf, Mapping):
         return {}
