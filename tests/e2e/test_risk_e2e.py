@@ -792,6 +792,13 @@ def test_a_posture_declared_bad_by_a_security_event_outweighs_a_good_posture_tok
     assert evidence()["posture_token"] is False
 
 
+def _posture_token(upstream: RunningServer, subject: str, now: float, **facts: Any) -> str:
+    """A compliant posture token about ``subject`` from the upstream issuer, naming ``facts``."""
+    claims = {"iss": upstream.issuer.issuer_url, "sub": subject, "aud": STS_ISSUER,
+              "iat": int(now), "exp": int(now + 300), "device_posture": "compliant"}  # fmt: skip
+    return upstream.issuer.mint({**claims, **facts})
+
+
 def test_a_posture_token_about_another_instance_is_no_evidence_and_confirms_no_drift(
     make_settings: Callable[..., Settings], upstream: RunningServer
 ) -> None:
@@ -813,9 +820,7 @@ def test_a_posture_token_about_another_instance_is_no_evidence_and_confirms_no_d
     now = time.time()
 
     def posture(**facts: str) -> str:
-        claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
-                  "iat": int(now), "exp": int(now + 300), "device_posture": "compliant", **facts}  # fmt: skip
-        return upstream.issuer.mint(claims)
+        return _posture_token(upstream, subject_name, now, **facts)
 
     def exchange(runner: str, posture_token: str | None = None) -> TestResponse:
         token = upstream.issuer.github_actions_token(audience=STS_ISSUER, now=now, runner_environment=runner)
@@ -868,9 +873,7 @@ def test_a_posture_token_about_another_instance_does_not_outweigh_the_subjects_o
     now = time.time()
 
     def posture(**facts: Any) -> str:
-        claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
-                  "iat": int(now), "exp": int(now + 300), "device_posture": "compliant", **facts}  # fmt: skip
-        return upstream.issuer.mint(claims)
+        return _posture_token(upstream, subject_name, now, **facts)
 
     def exchange(posture_token: str | None) -> int:
         token = upstream.issuer.github_actions_token(
@@ -913,9 +916,7 @@ def test_a_posture_token_naming_facts_a_re_exchanged_token_does_not_show_is_unus
     def again(**facts: Any) -> TestResponse:
         form = exchange_form(ours, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
         if facts:
-            claims = {"iss": upstream.issuer.issuer_url, "sub": subject_name, "aud": STS_ISSUER,
-                      "iat": int(now), "exp": int(now + 300), "device_posture": "compliant"}  # fmt: skip
-            form["posture_token"] = upstream.issuer.mint({**claims, **facts})
+            form["posture_token"] = _posture_token(upstream, subject_name, now, **facts)
         return web.post("/token", data=form)
 
     assert again().status_code == 400
