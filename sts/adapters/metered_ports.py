@@ -75,6 +75,13 @@ class MeteredLedger:
             self.metrics.store_failed("ledger", "reserve")
             raise
 
+    def used(self, use: SingleUse, now: float) -> bool:
+        try:
+            return self.inner.used(use, now)
+        except StoreUnavailable:
+            self.metrics.store_failed("ledger", "used")
+            raise
+
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         try:
             return self.inner.spend(use, now)

@@ -157,6 +157,12 @@ class SingleUseLedger(Protocol):
         """
         ...
 
+    def used(self, use: SingleUse, now: float) -> bool:
+        """Whether ``use`` is committed as used (one read; a reservation a request in flight holds
+        is not a use: the commit decides those).  Raises :class:`ReplayWindowLost` and
+        :class:`StoreUnavailable`."""
+        ...
+
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         """A one-time credential (a DPoP proof's ``jti``), checked when it is verified.
 

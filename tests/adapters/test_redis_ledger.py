@@ -108,6 +108,22 @@ def test_reserve_and_spend_write_nothing_and_the_commit_records_both(
     assert abs(kept - (subject.expires_at + CLOCK_MARGIN)) < 5
 
 
+def test_used_reads_a_confirmed_use_but_not_a_reservation_in_flight(
+    ledger: RedisSingleUseLedger, client: redis.Redis
+) -> None:
+    """``used`` (the read before a rule's quota): a confirmed use is used; a reservation another
+    request holds is not (its commit decides)."""
+    now = time.time()
+    subject, dpop = uses(now)
+    assert ledger.used(subject, now) is False
+    claimed = ledger.reserve(subject, now)
+    ledger._claim_all([claimed], now)
+    assert stored(client, subject).startswith(b"r:") and ledger.used(subject, now) is False
+    ledger.cancel([claimed])
+    ledger.commit(record(), prepared(ledger, subject, dpop, now), now)
+    assert stored(client, subject) == b"1" and ledger.used(subject, now) is True
+
+
 def test_a_replayed_proof_claims_nothing_and_no_record_is_committed(
     ledger: RedisSingleUseLedger, client: redis.Redis, trail: Trail
 ) -> None:

@@ -620,6 +620,35 @@ def test_a_rules_limit_is_spent_only_by_requests_that_passed_every_check(
     assert_limited(deploy(client, upstream), app, "rule")
 
 
+@pytest.mark.parametrize("store", ["embedded", "redis", "postgresql"])
+def test_a_single_use_token_presented_again_spends_none_of_a_rules_limit(
+    build: Callable[..., Flask], upstream: RunningServer, request: pytest.FixtureRequest, store: str
+) -> None:
+    """A spent single-use token presented again is refused before the rule's quota is counted (one
+    read of the replay store, only for a rule with both): an outside red team held a workload off
+    for twenty minutes with three replays of a token it had already used."""
+    rules = [dict(rule) for rule in DEFAULT_POLICY["rules"]]
+    rules[0]["rate_limit"] = {"requests": 3, "period": 3600, "burst": 3}
+    rules[0]["single_use"] = True
+    stores: dict[str, Any] = {
+        "embedded": {},
+        "redis": {"store": "redis", "redis_url": request.getfixturevalue("fresh_redis_url")}
+        if store == "redis"
+        else {},
+        "postgresql": {"database_url": request.getfixturevalue("pg").url} if store == "postgresql" else {},
+    }
+    app = build({**DEFAULT_POLICY, "rules": rules}, **stores[store])
+    client = app.test_client()
+    spent = exchange_form(github_token(upstream), audience=DEPLOY)
+    assert client.post("/token", data=spent).status_code == 200
+    for _ in range(3):
+        again = client.post("/token", data=spent)
+        assert again.status_code == 400, again.get_json()
+        assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1] == "subject_token.replayed"
+    assert [deploy(client, upstream).status_code for _ in range(2)] == [200, 200]
+    assert_limited(deploy(client, upstream), app, "rule")
+
+
 def test_limits_can_be_switched_off(build: Callable[..., Flask], upstream: RunningServer) -> None:
     app = build(**{"rate_limits": {"enabled": False, "token": {"network": {"requests": 1, "period": 60}}}})
     assert app.extensions["sts"].limits is NO_LIMITS

@@ -246,6 +246,15 @@ class RedisSingleUseLedger(_RedisLedgerBase):
         self._checked(use, now)
         return replace(use, holder=f"r:{secrets.token_hex(12)}")
 
+    def used(self, use: SingleUse, now: float) -> bool:
+        """A confirmed use of ``use`` (a reservation, ``r:<holder>``, is not one: its commit decides)."""
+        self._checked(use, now)
+        try:
+            held = self.commands(b"GET", self._name(use.purpose, use.key))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return isinstance(held, bytes) and not held.startswith(b"r:")
+
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         """The use :meth:`commit` claims (nothing is written yet)."""
         self._checked(use, now)

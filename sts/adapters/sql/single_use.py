@@ -7,9 +7,10 @@ import random
 from collections.abc import Sequence
 
 from ...core.audit import AuditRecord
-from ...core.ports import CLOCK_MARGIN, BaselineUpdate, SingleUse
+from ...core.ports import CLOCK_MARGIN, BaselineUpdate, SingleUse, StoreUnavailable
 from .audit_sink import SqlAuditSink
 from .ledger_mark import check_at_start
+from .replay import replay_key
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class SqlSingleUseLedger:
         self.purge_probability = purge_probability
         p = self._raw.placeholder
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
+        self._live = f"SELECT 1 FROM replay_entries WHERE key = {p} AND expires_at > {p}"  # noqa: S608
         #: SQLite: whether the database lost commits (see :mod:`.ledger_mark`), checked at start.
         self._mark = audit.mark
         if self._mark is not None:
@@ -49,6 +51,15 @@ class SqlSingleUseLedger:
         if self._mark is not None:
             self._mark.check_use(use.valid_from, now)
         return use
+
+    def used(self, use: SingleUse, now: float) -> bool:
+        """A live entry of ``use`` (committed: entries are written only with a grant's record)."""
+        if self._mark is not None:
+            self._mark.check_use(use.valid_from, now)
+        try:
+            return bool(self._raw.query(self._live, (replay_key(use.purpose, use.key), now)))
+        except self._raw.failures as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
 
     def spend(self, use: SingleUse, now: float) -> SingleUse | None:
         """As :meth:`reserve`: the proof's ``jti`` is inserted with the record, or found used there.

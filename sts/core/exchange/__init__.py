@@ -95,7 +95,7 @@ from .issue import mint_exchanged_token, record_grant, token_lifetime
 from .request import hashed_subject_token, parse_request, presented_subject_token_hash, start_record
 from .risk_and_assurance import RiskAndAssurance
 from .single_use import REPLAY_WINDOW_LOST as TOKEN_WINDOW_LOST
-from .single_use import reserve_subject_token, withdraw_grant
+from .single_use import refuse_if_used, reserve_subject_token, withdraw_grant
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +251,11 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
 
         self.stages.enter(stage.MINT)
         if grant.rate_limit is not None:
-            # The rule's quota, once every check that can refuse has passed: a request refused for
-            # its client, its binding, risk or assurance spends none of the workload's (an outside
-            # audit drained it so).  A replay is found at the commit, and is counted.
-            subject = parties.subject
+            # The rule's quota, once every check that can refuse has passed (a used single-use token
+            # too): a refused request spends none of the workload's (an outside audit drained it so).
+            subject, leeway = parties.subject, self.config.leeway
+            if grant.single_use:
+                refuse_if_used(self.ledger, subject, request.subject_token, leeway=leeway, now=now)
             self.limits.for_rule(
                 grant.rule, grant.rate_limit, workload_issuer(subject), subject.subject, now, record
             )

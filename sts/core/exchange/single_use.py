@@ -22,17 +22,41 @@ REPLAY_WINDOW_LOST = (
 )
 
 
-def reserve_subject_token(
-    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
-) -> SingleUse:
-    """Phase 1 of single use: the reservation to commit with the record, or ``invalid_request``."""
+def subject_token_use(subject: VerifiedToken, token: str, *, leeway: int) -> SingleUse:
+    """The single use of the subject token ``token``: keyed by its ``jti``, else its signed part."""
     # Keys are prefixed by purpose and issuer, so replay caches never collide.
-    use = SingleUse(
+    return SingleUse(
         purpose=f"subject_token:{subject.issuer_name}",
         key=subject.jti if subject.jti is not None else signed_part_hash(token),
         expires_at=subject.expires_at + leeway,
         valid_from=earliest_acceptance(subject, leeway),
     )
+
+
+def refuse_if_used(
+    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
+) -> None:
+    """``invalid_request`` (``subject_token.replayed``) for a single-use token already used: one read,
+    only where a rule's quota is to be counted next, so that a replayed token spends none of it
+    (an outside red team drained a workload's quota with three replays of a spent token).  A use a
+    request in flight holds is left to the commit, as ever."""
+    try:
+        used = ledger.used(subject_token_use(subject, token, leeway=leeway), now)
+    except ReplayWindowLost as exc:
+        raise InvalidRequest(
+            "subject_token.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST
+        ) from None
+    except StoreUnavailable as exc:
+        raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+    if used:
+        raise InvalidRequest("subject_token.replayed")
+
+
+def reserve_subject_token(
+    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
+) -> SingleUse:
+    """Phase 1 of single use: the reservation to commit with the record, or ``invalid_request``."""
+    use = subject_token_use(subject, token, leeway=leeway)
     try:
         return ledger.reserve(use, now)
     except AlreadyUsed:
