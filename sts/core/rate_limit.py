@@ -239,7 +239,11 @@ class RateLimiter:
     def for_rule(
         self, rule: str, limit: Limit, issuer: str, subject: str, now: float, record: AuditRecord
     ) -> None:
-        """A policy rule's own limit, per identity, once the rule is chosen."""
+        """A policy rule's own limit, per identity, once every check that can refuse has passed.
+        Nothing with rate limits switched off (``enabled: false``: no limit at all; a review found
+        such a rule answered ``500``, there being no store)."""
+        if self.store is None:
+            return
         identity = f"{issuer}|{subject}"
         key = f"token:rule:{rule}:{_digest(identity)}"
         self._admit([Check("rule", key, limit, f"{rule} {identity[:300]}")], now, record)

@@ -179,8 +179,10 @@ def build_rate_limiter(
         for endpoint, scopes in configured.limits.items()
         if scopes
     }
-    if not configured.enabled or not endpoints:
+    if not configured.enabled:
         return NO_LIMITS
+    # With every service-wide limit removed, the store is kept all the same: a policy rule's own
+    # ``rate_limit`` counts there (it cost nothing else: no scope is checked).
     store = rate_limit_store(engine, redis_client, server_clock=server_clock)
     if metrics is not None:
         store = count_store_errors(store, "rate_limit", metrics)

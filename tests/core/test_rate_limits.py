@@ -644,9 +644,33 @@ def test_a_single_use_token_presented_again_spends_none_of_a_rules_limit(
     for _ in range(3):
         again = client.post("/token", data=spent)
         assert again.status_code == 400, again.get_json()
-        assert app.extensions["sts"].audit.recent(1)[0]["reasons"][-1] == "subject_token.replayed"
+        refused = app.extensions["sts"].audit.recent(1)[0]
+        assert refused["reasons"][-1] == "subject_token.replayed"
+        assert refused["details"]["detail"] == "found used before the rule's quota"
     assert [deploy(client, upstream).status_code for _ in range(2)] == [200, 200]
     assert_limited(deploy(client, upstream), app, "rule")
+
+
+@pytest.mark.parametrize(
+    ("rate_limits", "answers"),
+    [
+        # ``enabled: false``: no limit at all, a rule's own included (a review: such a rule, there
+        # being no store, answered 500).
+        ({"enabled": False}, [200, 200, 200]),
+        # Every service-wide limit removed: the rule's own still holds (it was silently dropped).
+        ({"token": {"network": None, "identity": None}, "introspect": {"network": None, "client": None},
+          "revoke": {"network": None, "client": None}, "ssf": {"network": None, "client": None}},
+         [200, 200, 429]),
+    ],
+)  # fmt: skip
+def test_a_rules_limit_with_the_services_limits_off(
+    build: Callable[..., Flask], upstream: RunningServer, rate_limits: dict[str, Any], answers: list[int]
+) -> None:
+    rules = [dict(rule) for rule in DEFAULT_POLICY["rules"]]
+    rules[0]["rate_limit"] = {"requests": 2, "period": 3600, "burst": 2}
+    app = build({**DEFAULT_POLICY, "rules": rules}, rate_limits=rate_limits)
+    client = app.test_client()
+    assert [deploy(client, upstream).status_code for _ in range(3)] == answers
 
 
 def test_limits_can_be_switched_off(build: Callable[..., Flask], upstream: RunningServer) -> None:

@@ -49,7 +49,7 @@ def refuse_if_used(
     except StoreUnavailable as exc:
         raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
     if used:
-        raise InvalidRequest("subject_token.replayed")
+        raise InvalidRequest("subject_token.replayed", "found used before the rule's quota")
 
 
 def reserve_subject_token(
