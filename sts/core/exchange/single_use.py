@@ -10,6 +10,9 @@ exactly one succeeds; another's record, its token already minted, becomes a refu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from ...errors import InvalidRequest, TemporarilyUnavailable
 from ..attest import VerifiedToken
 from ..audit import AuditRecord, token_hash
@@ -33,32 +36,11 @@ def subject_token_use(subject: VerifiedToken, token: str, *, leeway: int) -> Sin
     )
 
 
-def refuse_if_used(
-    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
-) -> None:
-    """``invalid_request`` (``subject_token.replayed``) for a single-use token already used: one read,
-    only where a rule's quota is to be counted next, so that a replayed token spends none of it
-    (an outside red team drained a workload's quota with three replays of a spent token).  A use a
-    request in flight holds is left to the commit, as ever."""
+@contextlib.contextmanager
+def _ledger_refusals() -> Iterator[None]:
+    """The ledger's failures as the OAuth errors a subject token's single use answers with."""
     try:
-        used = ledger.used(subject_token_use(subject, token, leeway=leeway), now)
-    except ReplayWindowLost as exc:
-        raise InvalidRequest(
-            "subject_token.replay_window_lost", str(exc), description=REPLAY_WINDOW_LOST
-        ) from None
-    except StoreUnavailable as exc:
-        raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
-    if used:
-        raise InvalidRequest("subject_token.replayed", "found used before the rule's quota")
-
-
-def reserve_subject_token(
-    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
-) -> SingleUse:
-    """Phase 1 of single use: the reservation to commit with the record, or ``invalid_request``."""
-    use = subject_token_use(subject, token, leeway=leeway)
-    try:
-        return ledger.reserve(use, now)
+        yield
     except AlreadyUsed:
         raise InvalidRequest("subject_token.replayed") from None
     except ReplayWindowLost as exc:
@@ -67,6 +49,27 @@ def reserve_subject_token(
         ) from None
     except StoreUnavailable as exc:
         raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+
+
+def refuse_if_used(
+    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
+) -> None:
+    """``invalid_request`` (``subject_token.replayed``) for a single-use token already used: one read,
+    only where a rule's quota is to be counted next, so that a replayed token spends none of it
+    (an outside red team drained a workload's quota with three replays of a spent token).  A use a
+    request in flight holds is left to the commit, as ever."""
+    with _ledger_refusals():
+        used = ledger.used(subject_token_use(subject, token, leeway=leeway), now)
+    if used:
+        raise InvalidRequest("subject_token.replayed", "found used before the rule's quota")
+
+
+def reserve_subject_token(
+    ledger: SingleUseLedger, subject: VerifiedToken, token: str, *, leeway: int, now: float
+) -> SingleUse:
+    """Phase 1 of single use: the reservation to commit with the record, or ``invalid_request``."""
+    with _ledger_refusals():
+        return ledger.reserve(subject_token_use(subject, token, leeway=leeway), now)
 
 
 def earliest_acceptance(token: VerifiedToken, leeway: float) -> float | None:
