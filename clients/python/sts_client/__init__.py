@@ -10,7 +10,7 @@
 * :mod:`sts_client.ci` -- the ``sts-ci`` command for GitHub Actions and GitLab CI.
 
 Only ``requests``, ``joserfc`` and ``cryptography`` are needed; Flask only for
-:mod:`sts_client.flask`.
+:mod:`sts_client.flask`, a Redis client only for :mod:`sts_client.redis_replay`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .attestation import (
     GitHubActionsAttestation,
     GitLabCIAttestation,
 )
-from .dpop import DPoPKey, InMemoryReplayCache, ReplayCache
+from .dpop import DPoPKey, InMemoryReplayCache, ReplayCache, ReplayCacheUnavailable
 from .dpop_nonce import DPoPNonces
 from .errors import (
     AttestationUnavailable,
@@ -42,6 +42,7 @@ from .errors import (
     VerificationError,
 )
 from .exchange import IssuedToken, TokenExchangeClient
+from .redis_replay import RedisReplayCache
 from .verifier import TokenVerifier, VerifiedAccessToken
 from .workload import StsAuth
 
@@ -69,7 +70,9 @@ __all__ = [
     "InvalidToken",
     "IssuedToken",
     "MissingToken",
+    "RedisReplayCache",
     "ReplayCache",
+    "ReplayCacheUnavailable",
     "StepUpFailed",
     "StsAuth",
     "StsUnavailable",

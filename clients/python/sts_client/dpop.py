@@ -55,6 +55,7 @@ __all__ = [
     "InMemoryReplayCache",
     "ReplayCache",
     "ReplayCacheFull",
+    "ReplayCacheUnavailable",
     "access_token_hash",
     "check_proof",
     "normalise_htu",
@@ -355,7 +356,12 @@ def _finite(value: float) -> bool:
 # -- jti replay cache ------------------------------------------------------------------------------
 
 
-class ReplayCacheFull(Exception):
+class ReplayCacheUnavailable(Exception):
+    """The cache cannot say whether a ``jti`` was seen (a shared cache unreachable): the caller
+    fails closed, with ``503`` and ``Retry-After``, since the client did nothing wrong."""
+
+
+class ReplayCacheFull(ReplayCacheUnavailable):
     """The cache holds its maximum of unexpired entries; the caller fails closed."""
 
 
@@ -363,11 +369,12 @@ class ReplayCache(Protocol):
     """Where proof ``jti`` values are remembered (RFC 9449 §11.1).
 
     Several resource-server processes behind one load balancer should share
-    one (a Redis ``SET key NX EX`` is enough to implement it).
+    one: :class:`sts_client.redis_replay.RedisReplayCache`, or anything with this method.
     """
 
     def first_use(self, key: str, expires_at: float, now: float) -> bool:
-        """Record ``key`` until ``expires_at``; True if it was not recorded already (atomically)."""
+        """Record ``key`` until at least ``expires_at``; True if it was not recorded already
+        (atomically).  Raises :class:`ReplayCacheUnavailable` when it cannot tell."""
         ...
 
 

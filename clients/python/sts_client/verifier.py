@@ -72,6 +72,7 @@ from .dpop import (
     InMemoryReplayCache,
     ReplayCache,
     ReplayCacheFull,
+    ReplayCacheUnavailable,
     check_proof,
     proof_replay_key,
 )
@@ -334,6 +335,8 @@ class TokenVerifier:
             )
         except ReplayCacheFull as exc:
             raise TemporarilyUnavailable("dpop.replay_cache_full", str(exc), scheme=scheme) from None
+        except ReplayCacheUnavailable as exc:
+            raise TemporarilyUnavailable("dpop.replay_cache_unavailable", str(exc), scheme=scheme) from None
         if not first:
             raise InvalidDPoPProof("dpop.replayed")
         return jkt, checked.nonce
