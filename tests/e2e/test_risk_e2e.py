@@ -316,6 +316,33 @@ def test_recent_failures_count_for_a_subject_longer_than_the_record_keeps(
     assert sts.fired() == ["recent_failures"]
 
 
+def test_a_strangers_refusals_leave_no_failures(
+    make_sts: Callable[..., STS], every_store: dict[str, Any]
+) -> None:
+    """Any repository can get a valid token from a public issuer: its refusals (no rule names it)
+    left a baseline row or Redis key each, kept 30 days, that nothing reads (an outside audit grew
+    them by one per request).  Only identities a rule names count failures, whatever else the
+    rule asks (here a pattern, and a condition that is false)."""
+    patterned = {
+        k: v for k, v in rule(risk={"max_failures": 3, "failure_window": 600}).items() if k != "subject"
+    }
+    patterned |= {
+        "subject_pattern": "repo:acme/app:ref:refs/heads/.*",
+        "condition": "claims.ref != 'refs/heads/frozen'",
+    }
+    sts = make_sts(policy(patterned), **every_store)
+    baselines = sts.runtime.baselines
+    assert baselines is not None
+    for repository in ("evil/app", "acme/lib"):
+        resp = sts.exchange(sts.token(repository=repository, owner=repository.split("/")[0]))
+        assert resp.status_code == 400 and sts.last()["reasons"][-1] == "policy.no_rule_for_identity"
+        assert baselines.load(f"upstream|repo:{repository}:ref:refs/heads/main").failures == ()
+    # A workload the rule names (its condition false this time) still counts its refusals.
+    resp = sts.exchange(sts.token(ref="refs/heads/frozen"))
+    assert resp.status_code == 400 and sts.last()["reasons"][-1] == "policy.no_rule_for_identity"
+    assert len(baselines.load("upstream|repo:acme/app:ref:refs/heads/frozen").failures) == 1
+
+
 @pytest.fixture(params=["sqlite", "postgresql", "redis"])
 def every_store(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The settings of each store: embedded SQLite, embedded PostgreSQL, Redis."""

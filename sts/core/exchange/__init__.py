@@ -108,12 +108,11 @@ class PendingWrites:
     proofs: ProofUses
     uses: list[SingleUse] = field(default_factory=list)
     baseline: BaselineUpdate | None = None
-    #: The verified subject's identity (:func:`~sts.core.subject_state.identity_key`), under which
-    #: a refusal counts towards its recent_failures (the record's subject is cut to 500 characters).
-    identity: str | None = None
+    #: The verified subject, whose identity a refusal counts towards (recent_failures).
+    subject: VerifiedToken | None = None
 
     def verified(self, subject: VerifiedToken) -> None:
-        self.identity = identity_key(workload_issuer(subject), subject.subject)
+        self.subject = subject
 
 
 @dataclass(frozen=True)
@@ -423,9 +422,10 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
 
     def _count_failure(self, pending: PendingWrites, exc: OAuthError, now: float) -> None:
-        """A refusal (not a service failure) counts towards the identity's recent_failures signal."""
-        if not isinstance(exc, TemporarilyUnavailable) and pending.identity is not None:
-            self.risk.record_failure(pending.identity, now)
+        """A refusal (not a service failure) counts towards recent_failures of an identity a rule names
+        (a stranger's, with a valid token of a public issuer, left state nothing reads: an audit)."""
+        if not isinstance(exc, TemporarilyUnavailable) and (s := pending.subject) and self.policy.names(s):
+            self.risk.record_failure(identity_key(workload_issuer(s), s.subject), now)
 
     # -- how this endpoint's refusals are recorded (sts.core.audited) ---------------------------------
 

@@ -116,6 +116,14 @@ class PolicySet:
         """The rules that may match ``token``'s issuer and subject, in policy order."""
         return list(self._candidates(token.issuer_name, token.subject))
 
+    def names(self, token: VerifiedToken) -> bool:
+        """Some rule's identity (issuer, subject, claims and facts) matches ``token``, whatever its
+        condition, clients, actors and targets: the workload is one this policy knows."""
+        return any(
+            rule.identity.mismatch(token) is None
+            for rule in self._candidates(token.issuer_name, token.subject)
+        )
+
     def _candidates_of(self, issuer: str, subject: str) -> tuple[Rule, ...]:
         issuer_rules = self._index.get(issuer)
         if issuer_rules is None:
