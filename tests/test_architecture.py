@@ -403,3 +403,41 @@ def test_no_module_of_sts_is_over_the_size_limit() -> None:
     sizes = {path.relative_to(REPO_ROOT): len(path.read_text().splitlines()) for path in STS.rglob("*.py")}
     assert len(sizes) > 100
     assert {str(path): lines for path, lines in sizes.items() if lines > MAX_MODULE_LINES} == {}
+
+
+#: A PEM private key block (PKCS#1, PKCS#8, SEC 1, OpenSSH): written as two parts here, so this file
+#: is not one.
+_PRIVATE_PEM = re.compile(rb"-----BEGIN (?:RSA |EC |OPENSSH |ENCRYPTED )?" + rb"PRIVATE KEY-----")
+
+
+def _tracked_files_holding_a_private_key(repo: Path) -> list[str]:
+    listed = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    found = []
+    for name in filter(None, listed.decode().split("\0")):
+        path = repo / name
+        if path.is_file() and _PRIVATE_PEM.search(path.read_bytes()):
+            found.append(name)
+    return found
+
+
+def test_no_private_key_is_committed() -> None:
+    """Tests and the service generate their keys; a key file written into the checkout (a
+    development issuer's, by a command run in the wrong directory) was once committed."""
+    assert _tracked_files_holding_a_private_key(REPO_ROOT) == []
+
+
+def test_the_private_key_check_finds_one(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "signing-key.pem").write_bytes(pem)
+    (tmp_path / "public.txt").write_text("nothing here")
+    assert _tracked_files_holding_a_private_key(tmp_path) == ["signing-key.pem"]
