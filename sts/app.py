@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Flask
 
+from .adapters.coalesced_refusals import CoalescingAuditSink
 from .adapters.decision_log import LoggedSqlAuditSink
 from .adapters.keyring import KeyRing
 from .adapters.metered_ports import MeteredAuditSink, MeteredLedger
@@ -96,7 +97,10 @@ def create_app(
     # Metrics (sts.adapters.metrics): every decision is counted as it is committed, and the
     # failures of the stores, the audit trail and upstream services where the pipeline meets them.
     metrics = Metrics(clock=clock)
-    decisions = MeteredAuditSink(audit, metrics)
+    # A flood's refusals of one rate-limit key are audited as two records per period, not one each
+    # (sts.adapters.coalesced_refusals); each is still counted by the metrics in front of it.
+    coalesced = CoalescingAuditSink(audit, settings.rate_limits.coalesce_refusals, clock)
+    decisions = MeteredAuditSink(coalesced, metrics)
     counted = stores.counted(metrics)
     # Given the counted stores: a baseline the Redis ledger saves after a grant counts its failures.
     ledger = MeteredLedger(single_use_ledger(counted, audit), metrics)

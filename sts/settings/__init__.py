@@ -139,6 +139,9 @@ class RateLimitSettings:
     ipv4_prefix: int = 24
     ipv6_prefix: int = 56
     limits: Mapping[str, Mapping[str, LimitSettings]] = field(default_factory=lambda: DEFAULT_RATE_LIMITS)
+    #: Seconds over which one key's refusals are written as two audit records, not one each
+    #: (:mod:`sts.adapters.coalesced_refusals`); 0 writes every refusal.
+    coalesce_refusals: float = 10.0
 
 
 @dataclass(frozen=True)

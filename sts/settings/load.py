@@ -322,6 +322,7 @@ def _rate_limits(raw: Mapping[str, Any]) -> RateLimitSettings:
         ipv4_prefix=int(raw.get("ipv4_prefix", 24)),
         ipv6_prefix=int(raw.get("ipv6_prefix", 56)),
         limits=limits,
+        coalesce_refusals=float(raw.get("coalesce_refusals", 10)),
     )
 
 
