@@ -113,14 +113,18 @@ _SQLITE_FACTS = (
     "json_extract(audit_events.record, '$.requested_resource')",
     "json_extract(audit_events.record, '$.granted_audience')",
 )
-#: The same, for a trail holding a record that is not JSON (edited by hand): SQLite's JSON functions
-#: fail on it, so each reads it as NULL (a second try only, as ``json_valid`` parses each record again).
+#: The same, for a trail holding a record that is not JSON, or a signal that is no object (edited by
+#: hand): SQLite's JSON functions fail on either, so each reads it as NULL (a second try only, as
+#: ``json_valid`` parses each record again).  (An item that is a string made the summaries and every
+#: filter by signal fail on each run: an outside audit.)
 _SQLITE_GUARDED_FACTS = tuple(
     e.replace(
         "json_each(audit_events.record, '$.details.risk.signals')",
         "json_each(CASE WHEN json_valid(audit_events.record) AND json_type(audit_events.record,"
         " '$.details.risk.signals') = 'array' THEN audit_events.record END, '$.details.risk.signals')",
-    ).replace("audit_events.record", "CASE WHEN json_valid(audit_events.record) THEN audit_events.record END")
+    )
+    .replace("audit_events.record", "CASE WHEN json_valid(audit_events.record) THEN audit_events.record END")
+    .replace("json_extract(s.value,", "json_extract(CASE WHEN s.type = 'object' THEN s.value END,")
     for e in _SQLITE_FACTS
 )
 _POSTGRESQL_FACTS = (

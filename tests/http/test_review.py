@@ -7,6 +7,7 @@ the review page, so session ages and "new" edges move with it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -636,6 +637,29 @@ def test_records_that_are_not_json_objects_are_listed_not_a_500(
     # ``sts audit tail`` and ``export`` read them the same way.
     outcomes = [r["outcome"] for r in review.app.extensions["sts"].audit.recent()]
     assert outcomes.count("unreadable") == 3
+
+
+def test_a_record_whose_signals_are_not_objects_leaves_the_summaries_and_filters_working(
+    review: Review,
+) -> None:
+    """A record edited by hand so that an item of ``details.risk.signals`` is no object (a string, a
+    number): on SQLite, the summaries and every filter by signal failed with "malformed JSON" on
+    each run, the page, ``sts audit summarize`` and ``sts audit query --signal`` alike (an outside
+    audit); PostgreSQL reads such an item as no signal."""
+    review.sign_in()
+    engine = review.app.extensions["sts"].engine
+    with engine.begin() as conn:
+        record = json.loads(conn.execute(text("SELECT record FROM audit_events WHERE id = 3")).scalar_one())
+        record.setdefault("details", {}).setdefault("risk", {})["signals"] = [
+            "x",
+            5,
+            None,
+            {"name": "unusual_network", "fired": True},
+        ]
+        conn.execute(text("UPDATE audit_events SET record = :r WHERE id = 3"), {"r": json.dumps(record)})
+    review.page("/review/")
+    review.page("/review/timeline", signal="attestation_drift")
+    assert "/review/decision/3" in review.page("/review/timeline", signal="unusual_network")
 
 
 @pytest.mark.parametrize("forgery", ["unchained", "unregistered chain"])
