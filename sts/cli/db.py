@@ -98,3 +98,48 @@ def db_history() -> None:
 
     for revision, _down, title in history():
         click.echo(f"{revision}  {title}")
+
+
+@db.command("restored")
+@click.pass_context
+def db_restored(ctx: click.Context) -> None:
+    """Declare that the database was restored from a backup (run it right after the restore).
+
+    A restored database has forgotten the single uses spent since the backup: for 24 hours from
+    now, the embedded store refuses every credential whose reuse matters (a single-use subject
+    token, a DPoP proof, a client assertion) issued before now, as after a Redis that lost its
+    records.  PostgreSQL: recorded in the database, read by every instance within 30 seconds.
+    SQLite notices a restored file by itself (its ledger mark, which must not be restored with
+    it); this marks the loss there too, for a mark that was.
+    """
+    import datetime as dt
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..adapters.readiness import describe
+    from ..adapters.sql.declared_loss import declared_loss
+    from ..adapters.sql.engines import where
+    from ..adapters.sql.ledger_mark import LOSS_HORIZON, ledger_mark
+    from ..core.ports import StoreUnavailable
+
+    engine = open_database(settings_from(ctx))
+    now = time.time()
+    try:
+        loss, mark = declared_loss(engine), ledger_mark(engine)
+        if loss is not None:
+            loss.declare(now)
+        elif mark is not None and mark.problem is None:
+            mark.lost(now)
+        else:
+            raise click.ClickException(f"database {where(engine)}: no ledger mark to record the restore in")
+    except (StoreUnavailable, SQLAlchemyError) as exc:
+        shown = describe(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+        raise click.ClickException(f"database {where(engine)}: {shown}") from None
+    finally:
+        engine.dispose()
+    until = dt.datetime.fromtimestamp(now + LOSS_HORIZON, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    click.echo(
+        f"database {where(engine)}: restore declared; credentials whose reuse matters that were issued "
+        f"before now are refused until {until} (fresh ones are accepted)"
+    )

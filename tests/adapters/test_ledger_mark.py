@@ -21,6 +21,7 @@ from sts.adapters.sql.single_use import SqlSingleUseLedger
 from sts.core.audit import AuditRecord
 from sts.core.ports import AuditUnavailable, ReplayWindowLost, SingleUse, StoreUnavailable
 from sts.migrations import upgrade
+from tests.support.postgres import PgSchema
 
 
 def _grant(ledger: SqlSingleUseLedger, use: SingleUse, now: float) -> None:
@@ -210,3 +211,45 @@ def test_a_mark_that_opens_late_refuses_until_the_restore_check_is_done(
         ledger.reserve(spent, later)
     fresh = SingleUse("subject_token:github", "fresh", later + 300, later + 1)
     _grant(ledger, fresh, later + 1)
+
+
+def test_a_restore_declared_on_postgresql_refuses_what_it_may_have_forgotten(
+    pg: PgSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL cannot notice a restored database (an outside audit restored a dump and exchanged
+    a spent single-use token again); ``sts db restored`` says so, for every instance."""
+    from click.testing import CliRunner
+
+    import sts.adapters.sql.declared_loss as declared
+    from sts.cli import main
+
+    engine = make_engine(pg.url)
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
+    ledger, replay = SqlSingleUseLedger(sink), SqlReplayCache(engine)
+    now = time.time()
+    spent = SingleUse("subject_token:github", "spent", now + 300, now - 30)
+    _grant(ledger, spent, now)
+    # What restoring the backup of before the grant does:
+    pg.execute(f'DELETE FROM "{pg.schema}".replay_entries')  # noqa: S608 - the test's own schema
+    ledger.reserve(spent, now + 1)  # the gap: taken again, nothing can tell
+    monkeypatch.setattr(declared, "REREAD", 0.0)  # a running instance reads it within REREAD s
+    result = CliRunner().invoke(main, ["db", "restored"], env={"STS_DATABASE_URL": pg.url}, prog_name="sts")
+    assert result.exit_code == 0, result.output
+    assert "restore declared" in result.output
+    later = time.time() + 1
+    with pytest.raises(ReplayWindowLost):
+        ledger.reserve(spent, later)
+    with pytest.raises(ReplayWindowLost):
+        replay.first_use("dpop", "jti-1", later + 60, later, valid_from=now)
+    with pytest.raises(ReplayWindowLost):
+        ledger.used(SingleUse("subject_token:github", "no-iat", now + 300, None), later)
+    _grant(ledger, SingleUse("subject_token:github", "fresh", later + 300, later), later)
+    # A process started after it reads it too; past the horizon it is over.
+    engine.dispose()
+    engine = make_engine(pg.url)
+    fresh_ledger = SqlSingleUseLedger(SqlAuditSink(engine))
+    with pytest.raises(ReplayWindowLost):
+        fresh_ledger.reserve(spent, later + 10)
+    fresh_ledger.reserve(spent, later + LOSS_HORIZON + 1)
+    engine.dispose()

@@ -22,7 +22,7 @@ COMMANDS = {
     "baseline": {"accept", "reset", "show"},
     "clients": {"secret"},
     "config": {"check"},
-    "db": {"current", "history", "upgrade"},
+    "db": {"current", "history", "restored", "upgrade"},
     "dev": {"issuer", "token"},
     "keys": {"jwks", "list", "prune", "rotate"},
     "policy": {"check", "explain", "schema"},

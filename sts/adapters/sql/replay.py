@@ -13,6 +13,7 @@ import random
 from sqlalchemy import Engine
 
 from ...core.ports import CLOCK_MARGIN, StoreUnavailable
+from .declared_loss import declared_loss
 from .ledger_mark import ledger_mark
 from .statements import RawStatement
 
@@ -73,6 +74,8 @@ class SqlReplayCache:
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
         #: SQLite: a credential that predates commits the database lost is refused (.ledger_mark).
         self._mark = ledger_mark(engine)
+        #: PostgreSQL: the same, after a restore the operator declared (.declared_loss).
+        self._loss = declared_loss(engine)
 
     @staticmethod
     def _key(purpose: str, key: str) -> str:
@@ -89,6 +92,8 @@ class SqlReplayCache:
     ) -> bool:
         if self._mark is not None:
             self._mark.check_use(valid_from, now)
+        if self._loss is not None:
+            self._loss.check_use(valid_from, now)
         try:
             first = self._raw.run(self._first_use, (self._key(purpose, key), expires_at, now), once=True) == 1
             if random.random() < self.purge_probability:  # noqa: S311 - not security relevant

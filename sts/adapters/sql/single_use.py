@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from ...core.audit import AuditRecord
 from ...core.ports import CLOCK_MARGIN, BaselineUpdate, SingleUse, StoreUnavailable
 from .audit_sink import SqlAuditSink
+from .declared_loss import declared_loss
 from .ledger_mark import check_at_start
 from .replay import replay_key
 
@@ -38,6 +39,16 @@ class SqlSingleUseLedger:
         self._mark = audit.mark
         if self._mark is not None:
             check_at_start(self._mark, audit.engine, audit.clock())
+        #: PostgreSQL: a restore the operator declared (see :mod:`.declared_loss`).
+        self._loss = declared_loss(audit.engine)
+
+    def _check_loss(self, valid_from: float | None, now: float) -> None:
+        """Raise :class:`~sts.core.ports.ReplayWindowLost` for a credential lost commits may have
+        spent (SQLite: noticed, :mod:`.ledger_mark`; PostgreSQL: declared, :mod:`.declared_loss`)."""
+        if self._mark is not None:
+            self._mark.check_use(valid_from, now)
+        if self._loss is not None:
+            self._loss.check_use(valid_from, now)
 
     def reserve(self, use: SingleUse, now: float) -> SingleUse:
         """Nothing to look up: the insert in :meth:`commit` decides (a used token raises
@@ -48,14 +59,12 @@ class SqlSingleUseLedger:
         A credential that predates commits the database lost (SQLite, :mod:`.ledger_mark`) is
         refused: :class:`~sts.core.ports.ReplayWindowLost`.
         """
-        if self._mark is not None:
-            self._mark.check_use(use.valid_from, now)
+        self._check_loss(use.valid_from, now)
         return use
 
     def used(self, use: SingleUse, now: float) -> bool:
         """A live entry of ``use`` (committed: entries are written only with a grant's record)."""
-        if self._mark is not None:
-            self._mark.check_use(use.valid_from, now)
+        self._check_loss(use.valid_from, now)
         try:
             return bool(self._raw.query(self._live, (replay_key(use.purpose, use.key), now)))
         except self._raw.failures as exc:
@@ -66,8 +75,7 @@ class SqlSingleUseLedger:
 
         The database forgets nothing unless it loses commits, which :meth:`reserve` checks for.
         """
-        if self._mark is not None:
-            self._mark.check_use(use.valid_from, now)
+        self._check_loss(use.valid_from, now)
         return use
 
     def commit(
