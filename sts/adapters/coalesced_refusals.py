@@ -19,7 +19,9 @@ sink, else by a background thread that wakes when the earliest is due, and at th
 A process killed before then loses what it held (at most ``period`` seconds of one key's
 refusals; their first was written).  Each refusal is still counted by the metrics
 (``sts_decisions_total``, in front of this sink), and answered ``429`` as before.  Anything
-other than a rate-limit refusal passes straight through.  ``period`` 0 writes every refusal.
+other than a rate-limit refusal passes straight through.  ``period`` 0 writes every refusal; the
+configuration allows at most 60 s, well within how far a record's ``time`` may lag the order it
+was written in (:data:`~.audit_tables.SLACK`, which the trail's readers allow for).
 """
 
 from __future__ import annotations
