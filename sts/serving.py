@@ -62,6 +62,7 @@ from .adapters.log_format import GRANIAN_LOG_CONFIG
 from .adapters.probe_lane import LIVENESS_PATH, PROBE_PATHS, stalled_answer
 from .adapters.request_head import host_is_valid
 from .adapters.request_threads import ClientGone, QueuedTooLong, RequestThreads, queue_wait
+from .adapters.worker_exit import run_worker_exit_hooks
 from .adapters.worker_process import die_with_parent, load_or_wait
 from .http.responses import answer_before_app
 from .serving_limits import MAX_HEAD_BYTES, Limits, within
@@ -124,6 +125,8 @@ class WSGIOverRSGI:
         for threads in (self._threads, self._probes):
             if threads is not None:
                 threads.shutdown()
+        # What must be done before the worker exits, which granian does with os._exit (no atexit).
+        run_worker_exit_hooks()
         if self._balance is not None:
             self._balance.counts.close()
             self._balance = None

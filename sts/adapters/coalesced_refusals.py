@@ -15,7 +15,8 @@ once the window has passed it is written standing for all of them, with
 records per period in each process, whatever its rate, and every refusal is counted in one.
 
 Held records are written when their window has passed: by the next record written through the
-sink, else by a background thread that wakes when the earliest is due, and at the process's exit.
+sink, else by a background thread that wakes when the earliest is due, and when the process (a
+server's worker: :mod:`.worker_exit`) stops.
 A process killed before then loses what it held (at most ``period`` seconds of one key's
 refusals; their first was written).  Each refusal is still counted by the metrics
 (``sts_decisions_total``, in front of this sink), and answered ``429`` as before.  Anything
@@ -36,6 +37,7 @@ from typing import Any
 
 from ..core.audit import AuditRecord, log_unaudited
 from ..core.ports import AuditSink, AuditUnavailable
+from .worker_exit import at_worker_exit
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +55,15 @@ class _Window:
 
 
 def _key(record: AuditRecord) -> tuple[str, str, str] | None:
-    """The rate-limit key a refusal was for, or None for any other record."""
+    """The rate-limit key a refusal was for (the limiter's own, which names the whole identity or
+    client: ``limited`` is cut short, and two identities alike in their first 300 characters were
+    merged; an outside review), or None for any other record."""
     if record.outcome != "refused" or not record.reasons or not record.reasons[-1].startswith("rate_limit."):
         return None
     limit: Any = record.details.get("rate_limit")
     if not isinstance(limit, dict):
         return None
-    return record.endpoint, record.reasons[-1], str(limit.get("limited"))
+    return record.endpoint, record.reasons[-1], str(limit.get("key", limit.get("limited")))
 
 
 class CoalescingAuditSink:
@@ -72,11 +76,21 @@ class CoalescingAuditSink:
         self._windows: dict[tuple[str, str, str], _Window] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        #: The background flusher; None when none runs (set and cleared with the lock held).
         self._flusher: threading.Thread | None = None
         #: The earliest time a window ends (a racy look from :meth:`write` is enough).
         self._due = float("inf")
         if period > 0:
-            atexit.register(_flush_at_exit, weakref.ref(self))
+            # At exit: granian's workers end with os._exit, which runs no atexit handler (an outside
+            # review lost every held record on a plain stop), so a worker's stop runs it too.
+            flush = _flush_at_exit(weakref.ref(self))
+            atexit.register(flush)
+            at_worker_exit(flush)
+
+    def _open(self, window: _Window, now: float) -> bool:
+        """Whether ``now`` falls in ``window`` (not when the clock went back before its opening:
+        a clock set back an hour held a key's refusals for that hour; an outside review)."""
+        return 0 <= now - window.opened < self.period
 
     def write(self, record: AuditRecord) -> None:
         now = record.time
@@ -89,7 +103,7 @@ class CoalescingAuditSink:
         stale: _Window | None = None
         with self._lock:
             window = self._windows.get(key)
-            if window is not None and now - window.opened < self.period:
+            if window is not None and self._open(window, now):
                 if window.held is None:
                     window.first = now
                 window.held, window.count = record, window.count + 1
@@ -110,7 +124,7 @@ class CoalescingAuditSink:
             due = [
                 (key, window)
                 for key, window in self._windows.items()
-                if now is None or now - window.opened >= self.period
+                if now is None or not self._open(window, now)
             ]
             for key, _ in due:
                 del self._windows[key]
@@ -124,12 +138,8 @@ class CoalescingAuditSink:
         assert record is not None
         limit = record.details.get("rate_limit")
         if isinstance(limit, dict):
-            coalesced = {
-                "count": window.count,
-                "first": window.first,
-                "last": record.time,
-                "window": self.period,
-            }
+            coalesced = {"count": window.count, "first": window.first, "last": record.time}
+            coalesced["window"] = self.period
             record.details["rate_limit"] = {**limit, "coalesced": coalesced}
         try:
             self.inner.write(record)
@@ -139,40 +149,50 @@ class CoalescingAuditSink:
             log.exception("coalesced rate-limit refusals not written (request %s)", record.request_id)
 
     def _start_flusher(self) -> None:
-        """(With the lock held.) Wake the background flusher, starting it in this process first."""
-        if self._flusher is None or not self._flusher.is_alive():
+        """(With the lock held.) Wake the background flusher, starting one first if none runs: the
+        flusher decides to end with the lock held and says so, so no hold is left without one (a
+        hold that came as it was ending found it alive and only woke it; an outside review)."""
+        if self._flusher is None:
             self._flusher = threading.Thread(
                 target=_run_flusher, args=(weakref.ref(self),), name="sts-coalesced-refusals", daemon=True
             )
             self._flusher.start()
         self._wake.notify()
 
-    def _wait(self) -> float | None:
-        """(The flusher.) Seconds until the earliest held record is due; None when none is held."""
+    def _next(self) -> float | None:
+        """(The flusher, with the lock held.) Seconds until the earliest held record is due (0: now);
+        None when none is held, and then the flusher ends."""
         now = self.clock()
-        with self._lock:
-            ends = [w.opened + self.period for w in self._windows.values() if w.held is not None]
-        return max(0.0, min(ends) - now) if ends else None
+        held = [w for w in self._windows.values() if w.held is not None]
+        if not held:
+            self._flusher = None
+            return None
+        if any(not self._open(w, now) for w in held):
+            return 0.0
+        return min(w.opened + self.period for w in held) - now
 
 
 def _run_flusher(ref: weakref.ReferenceType[CoalescingAuditSink]) -> None:
-    """Write held records as their windows pass; ends once none is held (a hold starts it again)."""
+    """Write held records as their windows pass; ends once none is held (a hold starts another)."""
     while (sink := ref()) is not None:
-        wait = sink._wait()
-        if wait is None:
-            return
-        if wait > 0:
-            with sink._wake:
+        with sink._lock:
+            wait = sink._next()
+            if wait is None:
+                return
+            if wait > 0:
                 sink._wake.wait(timeout=min(wait + 0.01, sink.period))
-        else:
-            sink.flush(sink.clock())
+                continue
+        sink.flush(sink.clock())
         del sink
 
 
-def _flush_at_exit(ref: weakref.ReferenceType[CoalescingAuditSink]) -> None:
-    sink = ref()
-    if sink is not None:
-        try:
-            sink.flush()
-        except Exception:  # at exit, nothing may stop the process
-            log.exception("coalesced rate-limit refusals not written at exit")
+def _flush_at_exit(ref: weakref.ReferenceType[CoalescingAuditSink]) -> Callable[[], None]:
+    def flush() -> None:
+        sink = ref()
+        if sink is not None:
+            try:
+                sink.flush()
+            except Exception:  # at exit, nothing may stop the process
+                log.exception("coalesced rate-limit refusals not written at exit")
+
+    return flush

@@ -293,6 +293,9 @@ class RateLimiter:
             record.details["rate_limit"] = {
                 "scope": check.scope,
                 "limited": check.shown,
+                # The limiter's own key (digests: ``limited`` is cut short), which the audit trail
+                # coalesces a flood's refusals by (sts.adapters.coalesced_refusals).
+                "key": check.key,
                 "limit": check.limit.describe(),
                 "retry_after": retry_after,
             }

@@ -87,7 +87,13 @@ class Instance:
     """One ``sts serve`` process with its own directory, ports and (optionally) metrics directory."""
 
     def __init__(
-        self, directory: Path, upstream: RunningServer, *, workers: int, multiproc_dir: Path | None
+        self,
+        directory: Path,
+        upstream: RunningServer,
+        *,
+        workers: int,
+        multiproc_dir: Path | None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.port, self.metrics_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -114,7 +120,7 @@ class Instance:
                 }
             ],
         }
-        (directory / "sts.yaml").write_text(yaml.safe_dump(config))
+        (directory / "sts.yaml").write_text(yaml.safe_dump({**config, **(extra or {})}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("STS_") and k != MULTIPROC_ENV}
         if multiproc_dir is not None:
             env[MULTIPROC_ENV] = str(multiproc_dir)

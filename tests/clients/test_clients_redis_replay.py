@@ -103,3 +103,20 @@ def test_an_unreachable_redis_fails_closed_with_503(fake: FakeAuthorizationServe
     assert info.value.reason == "dpop.replay_cache_unavailable"
     assert info.value.status == 503
     assert ("Retry-After", "5") in info.value.headers()
+
+
+def test_an_asyncio_client_or_a_pipeline_is_refused_not_taken_for_a_first_use(fresh_redis_url: str) -> None:
+    """An asyncio client's ``set`` answers a coroutine and a pipeline's its own object, both true:
+    every replay passed and nothing was written (an outside review).  Anything but True or None
+    is no answer."""
+    import warnings
+
+    import redis.asyncio
+
+    now = time.time()
+    for client in (redis.asyncio.Redis.from_url(fresh_redis_url), _client(fresh_redis_url).pipeline()):
+        cache = RedisReplayCache(client)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the coroutine is closed, not left unawaited
+            with pytest.raises(ReplayCacheUnavailable):
+                cache.first_use("k", now + 60, now)

@@ -329,6 +329,7 @@ def test_a_strangers_refusals_leave_no_failures(
     patterned |= {
         "subject_pattern": "repo:acme/app:ref:refs/heads/.*",
         "condition": "claims.ref != 'refs/heads/frozen'",
+        "claims": {"event_name": "push"},
     }
     sts = make_sts(policy(patterned), **every_store)
     baselines = sts.runtime.baselines
@@ -341,6 +342,11 @@ def test_a_strangers_refusals_leave_no_failures(
     resp = sts.exchange(sts.token(ref="refs/heads/frozen"))
     assert resp.status_code == 400 and sts.last()["reasons"][-1] == "policy.no_rule_for_identity"
     assert len(baselines.load("upstream|repo:acme/app:ref:refs/heads/frozen").failures) == 1
+    # So does one whose claims the rule does not take (an outside review: counted with a condition,
+    # not with the same test written as `claims`).
+    resp = sts.exchange(sts.token(event_name="workflow_dispatch"))
+    assert resp.status_code == 400 and sts.last()["reasons"][-1] == "policy.no_rule_for_identity"
+    assert len(baselines.load("upstream|repo:acme/app:ref:refs/heads/main").failures) == 1
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "redis"])

@@ -6,13 +6,15 @@ load balancer, a proof replayed to another process of the same resource server i
 ``SET key 1 NX PX ttl`` (https://redis.io/docs/latest/commands/set/): atomic, so of two processes
 recording the same proof at once exactly one is told it is the first.
 
-The client is any object with redis-py's ``set(name, value, nx=..., px=...)`` (``redis.Redis``,
-``redis.cluster.RedisCluster``, a ``Sentinel`` master); this module imports nothing from it, so the
-library needs no Redis client unless this cache is used (``pip install workload-sts-client[redis]``).
+The client is a synchronous redis-py client (``redis.Redis``, ``redis.cluster.RedisCluster``, a
+``Sentinel`` master; not ``redis.asyncio``, whose answers are refused); this module imports nothing
+from it, so the library needs no Redis client unless this cache is used (``pip install
+workload-sts-client[redis]``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Final, Protocol
 
@@ -54,4 +56,16 @@ class RedisReplayCache:
             stored = self._client.set(self._prefix + key, b"1", nx=True, px=lifetime_ms)
         except Exception as exc:  # noqa: BLE001 - whatever the client raises, the answer is unknown
             raise ReplayCacheUnavailable(f"replay cache unavailable: {type(exc).__name__}") from None
-        return bool(stored)
+        # redis-py answers True (set) or None (there already).  Anything else is no answer: an
+        # asyncio client's coroutine or a pipeline's queued command counted as True, and every
+        # replay passed without a key being written (an outside review).
+        if stored is True:
+            return True
+        if stored is None or stored is False:
+            return False
+        close = getattr(stored, "close", None)
+        if inspect.iscoroutine(stored) and callable(close):
+            close()  # never awaited: closed, so no warning is left behind
+        raise ReplayCacheUnavailable(
+            f"replay cache: the client answered {type(stored).__name__}, not True or None"
+        )
