@@ -129,11 +129,15 @@ class CoalescingAuditSink:
             for key, _ in due:
                 del self._windows[key]
             self._due = min((w.opened + self.period for w in self._windows.values()), default=float("inf"))
+        failed = False
         for _, window in due:
             if window.held is not None:
-                self._write_held(window)
+                # Once one cannot be written, the others are logged rather than tried: each try
+                # waits for the database's deadline, and a stopping worker is killed after 10 s
+                # (an outside review lost eight held records so, without a log line).
+                failed = not self._write_held(window, log_only=failed) or failed
 
-    def _write_held(self, window: _Window) -> None:
+    def _write_held(self, window: _Window, *, log_only: bool = False) -> bool:
         record = window.held
         assert record is not None
         limit = record.details.get("rate_limit")
@@ -141,12 +145,19 @@ class CoalescingAuditSink:
             coalesced = {"count": window.count, "first": window.first, "last": record.time}
             coalesced["window"] = self.period
             record.details["rate_limit"] = {**limit, "coalesced": coalesced}
+        stood = f"it stood for {window.count} rate-limit refusals"
+        if log_only:
+            log_unaudited(log, record, f"the audit trail failed on an earlier record ({stood})")
+            return False
         try:
             self.inner.write(record)
         except AuditUnavailable as exc:
-            log_unaudited(log, record, f"{exc} (it stood for {window.count} rate-limit refusals)")
+            log_unaudited(log, record, f"{exc} ({stood})")
+            return False
         except Exception:  # a held record never fails the request that flushes it
             log.exception("coalesced rate-limit refusals not written (request %s)", record.request_id)
+            return False
+        return True
 
     def _start_flusher(self) -> None:
         """(With the lock held.) Wake the background flusher, starting one first if none runs: the

@@ -254,3 +254,27 @@ def test_the_flusher_ends_once_nothing_is_held_and_a_later_hold_starts_another()
         assert sink._flusher is None  # it ended, and said so
         assert trail.records[-1].details["rate_limit"]["coalesced"]["count"] == 1
         time.sleep(0.06)  # the key's window has passed: the next refusal opens another
+
+
+def test_once_the_trail_fails_the_other_held_records_are_logged_not_tried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each write waits for the database's deadline: at a worker's stop, held records of ten keys
+    outlasted the 10 s granian gives, and eight vanished without a log line (an outside review)."""
+    trail = Trail()
+    attempts: list[str] = []
+    write = trail.write
+
+    def counted(record: AuditRecord) -> None:
+        attempts.append(record.request_id)
+        write(record)
+
+    trail.write = counted  # type: ignore[method-assign]
+    sink = Sink(trail, 10)
+    for n in range(3):
+        sink.write(refusal(100.0, limited=f"198.51.{n}.0/24"))
+        sink.write(refusal(101.0, limited=f"198.51.{n}.0/24", n=1))  # held
+    trail.down = True
+    sink.flush()
+    assert len(attempts) == 3 + 1  # the three first records, then one held record tried
+    assert caplog.text.count("decision not audited") == 3  # each held record logged, with its count

@@ -349,6 +349,24 @@ def test_a_strangers_refusals_leave_no_failures(
     assert len(baselines.load("upstream|repo:acme/app:ref:refs/heads/main").failures) == 1
 
 
+def test_a_rule_naming_no_subject_names_identities_by_its_claims(make_sts: Callable[..., STS]) -> None:
+    """A rule with an issuer and claims but no subject names every identity of the issuer whose
+    claims match, and no other: counting every subject of a public issuer brought back the
+    strangers' rows (an outside review)."""
+    by_owner = {
+        k: v for k, v in rule(risk={"max_failures": 3, "failure_window": 600}).items() if k != "subject"
+    }
+    sts = make_sts(policy({**by_owner, "claims": {"repository_owner": "acme"}}))
+    baselines = sts.runtime.baselines
+    assert baselines is not None
+    resp = sts.exchange(sts.token(repository="evil/app", owner="evil"))
+    assert resp.status_code == 400 and sts.last()["reasons"][-1] == "policy.no_rule_for_identity"
+    assert baselines.load("upstream|repo:evil/app:ref:refs/heads/main").failures == ()
+    resp = sts.exchange(sts.token(repository="acme/lib"), audience="https://elsewhere.example.com")
+    assert resp.get_json()["error"] == "invalid_target"
+    assert len(baselines.load("upstream|repo:acme/lib:ref:refs/heads/main").failures) == 1
+
+
 @pytest.fixture(params=["sqlite", "postgresql", "redis"])
 def every_store(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The settings of each store: embedded SQLite, embedded PostgreSQL, Redis."""
