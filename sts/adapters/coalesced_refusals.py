@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from .worker_exit import at_worker_exit
 
 log = logging.getLogger(__name__)
 
+#: Seconds a failed write must have taken for the rest of a flush to be logged, not tried.
+STALLED_WRITE = 1.0
 #: Keys with a window open at once, per process; past this a key's refusals are written one by one
 #: (fail towards recording): at most this many held records in memory.
 MAX_WINDOWS = 10_000
@@ -129,13 +132,17 @@ class CoalescingAuditSink:
             for key, _ in due:
                 del self._windows[key]
             self._due = min((w.opened + self.period for w in self._windows.values()), default=float("inf"))
-        failed = False
+        stalled = False
         for _, window in due:
             if window.held is not None:
-                # Once one cannot be written, the others are logged rather than tried: each try
-                # waits for the database's deadline, and a stopping worker is killed after 10 s
-                # (an outside review lost eight held records so, without a log line).
-                failed = not self._write_held(window, log_only=failed) or failed
+                # Once a write has failed slowly (a database that is down or locked: each try waits
+                # out its deadline), the others are logged rather than tried: a stopping worker is
+                # killed after 10 s (an outside review lost eight held records so, without a log
+                # line), and a request's write may be flushing.  A record refused at once (for its
+                # content) stops none of the others (a later review).
+                started = time.monotonic()
+                if not self._write_held(window, log_only=stalled):
+                    stalled = stalled or time.monotonic() - started > STALLED_WRITE
 
     def _write_held(self, window: _Window, *, log_only: bool = False) -> bool:
         record = window.held
@@ -154,8 +161,9 @@ class CoalescingAuditSink:
         except AuditUnavailable as exc:
             log_unaudited(log, record, f"{exc} ({stood})")
             return False
-        except Exception:  # a held record never fails the request that flushes it
+        except Exception as exc:  # a held record never fails the request that flushes it
             log.exception("coalesced rate-limit refusals not written (request %s)", record.request_id)
+            log_unaudited(log, record, f"{type(exc).__name__} ({stood})")
             return False
         return True
 

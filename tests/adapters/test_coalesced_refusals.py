@@ -256,11 +256,14 @@ def test_the_flusher_ends_once_nothing_is_held_and_a_later_hold_starts_another()
         time.sleep(0.06)  # the key's window has passed: the next refusal opens another
 
 
-def test_once_the_trail_fails_the_other_held_records_are_logged_not_tried(
-    caplog: pytest.LogCaptureFixture,
+def test_once_the_trail_fails_slowly_the_other_held_records_are_logged_not_tried(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each write waits for the database's deadline: at a worker's stop, held records of ten keys
     outlasted the 10 s granian gives, and eight vanished without a log line (an outside review)."""
+    import sts.adapters.coalesced_refusals as coalesced
+
+    monkeypatch.setattr(coalesced, "STALLED_WRITE", -1.0)  # every failure counts as a slow one
     trail = Trail()
     attempts: list[str] = []
     write = trail.write
@@ -278,3 +281,32 @@ def test_once_the_trail_fails_the_other_held_records_are_logged_not_tried(
     sink.flush()
     assert len(attempts) == 3 + 1  # the three first records, then one held record tried
     assert caplog.text.count("decision not audited") == 3  # each held record logged, with its count
+
+
+class Picky(Trail):
+    """Refuses two held records, one as the database refuses a row, one with another error."""
+
+    def write(self, record: AuditRecord) -> None:
+        limited = record.details["rate_limit"]["limited"]
+        if record.request_id == "r101.0-1" and limited == "198.51.0.0/24":
+            raise AuditUnavailable("NOT NULL constraint failed")
+        if record.request_id == "r101.0-1" and limited == "198.51.1.0/24":
+            raise ValueError("not JSON")
+        super().write(record)
+
+
+def test_a_held_record_refused_for_its_content_stops_none_of_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A record the database refuses at once (its content) is logged, and the other held records of
+    the flush are still written (a review had them all logged instead); a failure of any kind is
+    logged with the decision and its count."""
+    trail = Picky()
+    sink = Sink(trail, 10)
+    for n in range(4):
+        sink.write(refusal(100.0, limited=f"198.51.{n}.0/24"))
+        sink.write(refusal(101.0, limited=f"198.51.{n}.0/24", n=1))  # held
+    sink.flush()
+    coalesced = [r.details["rate_limit"] for r in trail.records if "coalesced" in r.details["rate_limit"]]
+    assert [c["limited"] for c in coalesced] == ["198.51.2.0/24", "198.51.3.0/24"]
+    assert caplog.text.count("decision not audited") == 2  # the two refused, each with its decision

@@ -349,14 +349,20 @@ def test_a_strangers_refusals_leave_no_failures(
     assert len(baselines.load("upstream|repo:acme/app:ref:refs/heads/main").failures) == 1
 
 
-def test_a_rule_naming_no_subject_names_identities_by_its_claims(make_sts: Callable[..., STS]) -> None:
-    """A rule with an issuer and claims but no subject names every identity of the issuer whose
-    claims match, and no other: counting every subject of a public issuer brought back the
-    strangers' rows (an outside review)."""
-    by_owner = {
-        k: v for k, v in rule(risk={"max_failures": 3, "failure_window": 600}).items() if k != "subject"
-    }
-    sts = make_sts(policy({**by_owner, "claims": {"repository_owner": "acme"}}))
+@pytest.mark.parametrize(
+    "names_by",
+    [{"claims": {"repository_owner": "acme"}}, {"condition": "claims.repository_owner == 'acme'"}],
+    ids=["claims", "condition"],
+)
+def test_a_rule_naming_no_subject_names_identities_by_what_it_asks(
+    make_sts: Callable[..., STS], names_by: dict[str, Any]
+) -> None:
+    """A rule with an issuer and claims or a condition but no subject names every identity of the
+    issuer whose token matches them, and no other: counting every subject of a public issuer
+    brought back the strangers' rows (two outside reviews)."""
+    watched = rule(risk={"max_failures": 3, "failure_window": 600})
+    by_owner = {k: v for k, v in watched.items() if k != "subject"}
+    sts = make_sts(policy({**by_owner, **names_by}))
     baselines = sts.runtime.baselines
     assert baselines is not None
     resp = sts.exchange(sts.token(repository="evil/app", owner="evil"))

@@ -116,15 +116,6 @@ class PolicySet:
         """The rules that may match ``token``'s issuer and subject, in policy order."""
         return list(self._candidates(token.issuer_name, token.subject))
 
-    def names(self, token: VerifiedToken) -> bool:
-        """Some rule names ``token``'s identity, its issuer and subject (``subject`` or
-        ``subject_pattern``), whatever else the rule asks (claims, facts, condition, clients,
-        actors, targets): the workload is one this policy knows.  (Claims and facts left out too: a
-        refused token of the identity lacking one, say another ``event_name``, still counts.)"""
-        return any(
-            rule.identity.names_subject(token) for rule in self._candidates(token.issuer_name, token.subject)
-        )
-
     def _candidates_of(self, issuer: str, subject: str) -> tuple[Rule, ...]:
         issuer_rules = self._index.get(issuer)
         if issuer_rules is None:

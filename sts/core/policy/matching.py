@@ -63,18 +63,18 @@ class IdentityMatcher:
     facts: tuple[ClaimMatcher, ...] = ()
 
     def names_subject(self, token: VerifiedToken) -> bool:
-        """The issuer and the subject match (:meth:`mismatch`'s first checks, not its claims and
-        facts); for a matcher that names no subject, whose claims and facts are what name the
-        identity (``repository_owner: acme``), those match too (else any subject of a public
-        issuer would be one it names: an outside review)."""
+        """The issuer and the subject (``subject`` or ``subject_pattern``) match: :meth:`mismatch`'s
+        first checks, not its claims and facts.  False for a matcher that names no subject."""
         if self.issuer != token.issuer_name:
             return False
         if self.subject is not None:
             return token.subject == self.subject
         pattern = self.subject_pattern
-        if pattern is None:
-            return self.mismatch(token) is None
-        return len(token.subject) <= MAX_MATCHED_LENGTH and pattern.fullmatch(token.subject) is not None
+        return (
+            pattern is not None
+            and len(token.subject) <= MAX_MATCHED_LENGTH
+            and pattern.fullmatch(token.subject) is not None
+        )
 
     def mismatch(self, token: VerifiedToken) -> str | None:
         if self.issuer != token.issuer_name:
