@@ -14,9 +14,9 @@ once the window has passed it is written standing for all of them, with
 ``first`` and ``last`` (their times) and ``window`` (the period).  A key's flood is then two
 records per period in each process, whatever its rate, and every refusal is counted in one.
 
-Held records are written when their window has passed: by the next record written through the
-sink, else by a background thread that wakes when the earliest is due, and when the process (a
-server's worker: :mod:`.worker_exit`) stops.
+Held records are written when their window has passed, by a background thread (woken when the
+earliest is due, or by a record written once one is), and when the process (a server's worker:
+:mod:`.worker_exit`) stops: never on a request's thread.
 A process killed before then loses what it held (at most ``period`` seconds of one key's
 refusals; their first was written).  Each refusal is still counted by the metrics
 (``sts_decisions_total``, in front of this sink), and answered ``429`` as before.  Anything
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a failed write must have taken for the rest of a flush to be logged, not tried.
 STALLED_WRITE = 1.0
+#: Seconds a stopping process spends writing held records before it logs the rest (granian kills
+#: a worker that has not stopped after 10 s).
+EXIT_BUDGET = 5.0
 #: Keys with a window open at once, per process; past this a key's refusals are written one by one
 #: (fail towards recording): at most this many held records in memory.
 MAX_WINDOWS = 10_000
@@ -98,7 +101,11 @@ class CoalescingAuditSink:
     def write(self, record: AuditRecord) -> None:
         now = record.time
         if now >= self._due:
-            self.flush(now)
+            # Windows have passed: the flusher writes them, never the request (a request that
+            # flushed a dozen held records behind a slow database waited 12 s; an outside review).
+            with self._lock:
+                self._due = float("inf")
+                self._start_flusher()
         key = _key(record) if self.period > 0 else None
         if key is None:
             self.inner.write(record)
@@ -121,8 +128,13 @@ class CoalescingAuditSink:
             self._write_held(stale)
         self.inner.write(record)
 
-    def flush(self, now: float | None = None) -> None:
-        """Write the held records whose window has passed (all of them when ``now`` is None)."""
+    def flush(self, now: float | None = None, *, budget: float | None = None) -> None:
+        """Write the held records whose window has passed (all of them when ``now`` is None), each
+        written or logged as not audited.  Once a write has failed slowly (a database down or
+        locked: each try waits out its deadline), or ``budget`` seconds have gone, the others are
+        logged rather than tried: a stopping worker is killed after 10 s (an outside review lost
+        eight held records so, without a log line).  A record refused at once (for its content)
+        stops none of the others (a later review)."""
         with self._lock:
             due = [
                 (key, window)
@@ -132,17 +144,20 @@ class CoalescingAuditSink:
             for key, _ in due:
                 del self._windows[key]
             self._due = min((w.opened + self.period for w in self._windows.values()), default=float("inf"))
+        held = [window for _, window in due if window.held is not None]
+        ends = None if budget is None else time.monotonic() + budget
         stalled = False
-        for _, window in due:
-            if window.held is not None:
-                # Once a write has failed slowly (a database that is down or locked: each try waits
-                # out its deadline), the others are logged rather than tried: a stopping worker is
-                # killed after 10 s (an outside review lost eight held records so, without a log
-                # line), and a request's write may be flushing.  A record refused at once (for its
-                # content) stops none of the others (a later review).
+        done = 0
+        try:
+            for window in held:
+                stalled = stalled or (ends is not None and time.monotonic() > ends)
                 started = time.monotonic()
                 if not self._write_held(window, log_only=stalled):
                     stalled = stalled or time.monotonic() - started > STALLED_WRITE
+                done += 1
+        finally:
+            for window in held[done:]:  # after an interrupt (KeyboardInterrupt, SystemExit): logged
+                self._write_held(window, log_only=True)
 
     def _write_held(self, window: _Window, *, log_only: bool = False) -> bool:
         record = window.held
@@ -154,7 +169,8 @@ class CoalescingAuditSink:
             record.details["rate_limit"] = {**limit, "coalesced": coalesced}
         stood = f"it stood for {window.count} rate-limit refusals"
         if log_only:
-            log_unaudited(log, record, f"the audit trail failed on an earlier record ({stood})")
+            reason = "the flush gave up: the audit trail failed slowly, or time ran out"
+            log_unaudited(log, record, f"{reason} ({stood})")
             return False
         try:
             self.inner.write(record)
@@ -179,15 +195,15 @@ class CoalescingAuditSink:
         self._wake.notify()
 
     def _next(self) -> float | None:
-        """(The flusher, with the lock held.) Seconds until the earliest held record is due (0: now);
-        None when none is held, and then the flusher ends."""
+        """(The flusher, with the lock held.) Seconds until the earliest held record is due (0: now,
+        or a window to clear); None when none is held, and then the flusher ends."""
         now = self.clock()
+        if any(not self._open(w, now) for w in self._windows.values()):
+            return 0.0
         held = [w for w in self._windows.values() if w.held is not None]
         if not held:
             self._flusher = None
             return None
-        if any(not self._open(w, now) for w in held):
-            return 0.0
         return min(w.opened + self.period for w in held) - now
 
 
@@ -210,7 +226,7 @@ def _flush_at_exit(ref: weakref.ReferenceType[CoalescingAuditSink]) -> Callable[
         sink = ref()
         if sink is not None:
             try:
-                sink.flush()
+                sink.flush(budget=EXIT_BUDGET)
             except Exception:  # at exit, nothing may stop the process
                 log.exception("coalesced rate-limit refusals not written at exit")
 

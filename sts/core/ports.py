@@ -301,7 +301,11 @@ class BaselineStore(Protocol):
     def add_failure(self, identity: str, at: float, ttl: int) -> None:
         """Append a refusal at ``at`` to the identity's recent refusals (keeping the newest
         :data:`~sts.core.baseline.MAX_FAILURES`), atomically: refusals at the same instant each
-        count.  Raises :class:`StoreUnavailable`."""
+        count.  Only for an identity with a live baseline (granted under a rule that keeps one,
+        within its lifetime): anyone with a valid token of a public issuer can be refused, and a
+        stranger's refusals left a row or key each that nothing reads (an outside audit; choosing
+        by the policy's rules instead left holes that three reviews found).  Raises
+        :class:`StoreUnavailable`."""
         ...
 
     def save_failures(self, identity: str, failures: tuple[float, ...], ttl: int) -> None:

@@ -219,10 +219,12 @@ class RedisBaselineStore:
                     try:
                         pipe.watch(name)  # type: ignore[no-untyped-call]  # redis-py leaves watch() untyped
                         stored = pipe.get(name)
+                        baseline = pipe.get(baseline_name(self.prefix, identity))
+                        if baseline is None:
+                            pipe.reset()
+                            return  # no live baseline: an identity never granted here (see the port)
                         if stored is None:  # none kept apart yet: the baseline's own, if any
-                            earlier = Baseline.from_json(
-                                pipe.get(baseline_name(self.prefix, identity))
-                            ).failures
+                            earlier = Baseline.from_json(baseline).failures
                         else:
                             earlier = with_failures(Baseline(), stored).failures
                         pipe.multi()

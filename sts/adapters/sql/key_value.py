@@ -208,10 +208,6 @@ class SqlBaselineStore:
             f"SELECT baseline, failures, drift, {', '.join(COUNT_COLUMNS)}, expires_at "  # noqa: S608
             f"FROM baselines WHERE identity = {p}"
         )
-        self._insert_failures = (
-            "INSERT INTO baselines (identity, baseline, failures, expires_at) "  # noqa: S608
-            f"VALUES ({p}, '{{}}', {p}, {p}) ON CONFLICT (identity) DO NOTHING"
-        )
         self._insert_drift = (
             "INSERT INTO baselines (identity, baseline, drift, expires_at) "  # noqa: S608
             f"VALUES ({p}, '{{}}', {p}, {p}) ON CONFLICT (identity) DO NOTHING"
@@ -267,12 +263,10 @@ class SqlBaselineStore:
         for attempt in range(_SWAP_TRIES):
             now = self._clock()
             rows = self._kv.query(self._read, (key,))
-            if not rows:  # the first refusal: a row of its own, unless another was made meanwhile
-                if self._kv.run(self._insert_failures, (key, failures_to_json((at,)), now + ttl)) == 1:
-                    return
-                continue
-            baseline, old, expires_at = rows[0][0], rows[0][1], rows[0][-1]
-            earlier = with_failures(Baseline.from_json(baseline), old).failures if expires_at > now else ()
+            if not rows or rows[0][-1] <= now:
+                return  # no live baseline: an identity never granted here (see the port)
+            baseline, old = rows[0][0], rows[0][1]
+            earlier = with_failures(Baseline.from_json(baseline), old).failures
             new = failures_to_json(appended_failure(earlier, at))
             if self._kv.run(self._swap_failures, (new, now + ttl, *[now] * _NOWS, key, old)) == 1:
                 return

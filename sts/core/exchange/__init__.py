@@ -66,7 +66,7 @@ from ..clients import (
 )
 from ..delegation import attestation_time, narrow_reexchange, workload_issuer
 from ..dpop import DPoPConfig, window_lost
-from ..policy.evaluate import evaluate, names
+from ..policy.evaluate import evaluate
 from ..policy.index import PolicySet
 from ..policy.rules import Grant, PolicyRequest
 from ..ports import (
@@ -422,9 +422,9 @@ class TokenExchange(AuditedEndpoint[OAuthError]):
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
 
     def _count_failure(self, pending: PendingWrites, exc: OAuthError, now: float) -> None:
-        """A refusal (not a service failure) counts towards recent_failures of an identity a rule names
-        (a stranger's, with a valid token of a public issuer, left state nothing reads: an audit)."""
-        if not isinstance(exc, TemporarilyUnavailable) and (s := pending.subject) and names(self.policy, s):
+        """A refusal (not a service failure) counts towards the identity's recent_failures, when it
+        has a baseline (the store's :meth:`~sts.core.ports.BaselineStore.add_failure` decides)."""
+        if not isinstance(exc, TemporarilyUnavailable) and (s := pending.subject) is not None:
             self.risk.record_failure(identity_key(workload_issuer(s), s.subject), now)
 
     # -- how this endpoint's refusals are recorded (sts.core.audited) ---------------------------------

@@ -149,30 +149,6 @@ def trace(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) -> li
     return traces
 
 
-#: The request a rule's condition is judged with when only the identity is in question (:func:`names`).
-_NO_REQUEST = PolicyRequest((), (), None, None)
-
-
-def names(policy: PolicySet, token: VerifiedToken) -> bool:
-    """Some rule names ``token``'s identity: the workload is one this policy knows (its refusals
-    count towards ``recent_failures``; a stranger's, with a valid token of a public issuer, left
-    state that nothing reads: an outside audit).
-
-    A rule with a ``subject`` or ``subject_pattern`` names the identities its issuer and subject
-    match, whatever else it asks (a refused token of the identity lacking a claim still counts).  A
-    rule that names no subject names those that all it asks of the token matches: ``claims``,
-    ``facts`` and ``condition``, judged with an empty request (else every subject of a public
-    issuer was one it named: two outside reviews)."""
-    for rule in policy.candidates(token):
-        matcher = rule.identity
-        if matcher.subject is not None or matcher.subject_pattern is not None:
-            if matcher.names_subject(token):
-                return True
-        elif _identity_mismatch(rule, token, _NO_REQUEST) is None:
-            return True
-    return False
-
-
 def evaluate(policy: PolicySet, facts: VerifiedToken, request: PolicyRequest) -> Grant:
     """Decide what may be granted, or raise the OAuth error (see the module docstring)."""
     identity = [r for r in policy.candidates(facts) if _identity_mismatch(r, facts, request) is None]

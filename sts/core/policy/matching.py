@@ -62,20 +62,6 @@ class IdentityMatcher:
     claims: tuple[ClaimMatcher, ...] = ()
     facts: tuple[ClaimMatcher, ...] = ()
 
-    def names_subject(self, token: VerifiedToken) -> bool:
-        """The issuer and the subject (``subject`` or ``subject_pattern``) match: :meth:`mismatch`'s
-        first checks, not its claims and facts.  False for a matcher that names no subject."""
-        if self.issuer != token.issuer_name:
-            return False
-        if self.subject is not None:
-            return token.subject == self.subject
-        pattern = self.subject_pattern
-        return (
-            pattern is not None
-            and len(token.subject) <= MAX_MATCHED_LENGTH
-            and pattern.fullmatch(token.subject) is not None
-        )
-
     def mismatch(self, token: VerifiedToken) -> str | None:
         if self.issuer != token.issuer_name:
             return f"issuer is {token.issuer_name!r}, rule wants {self.issuer!r}"
