@@ -18,8 +18,9 @@ from sqlalchemy import Engine
 from ...core.baseline import Baseline, appended_failure, failures_to_json, with_failures
 from ...core.baseline_counts import counts_of, stored_counts, with_counts
 from ...core.drift import drift_to_json, same_drift, with_drift
-from ...core.ports import BaselineUpdate, StoreUnavailable
+from ...core.ports import CLOCK_MARGIN, BaselineUpdate, StoreUnavailable
 from .baseline_writes import COUNT_COLUMNS, BaselineWrite
+from .expired_rows import ExpiredRows
 from .pg_exchange import states_with_baseline
 from .statements import RawStatement
 
@@ -146,6 +147,11 @@ class KeyValueTable:
             return self._raw.query(sql, params)
         except self._raw.failures as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+
+
+#: How many writes of the rare kinds (a revocation, a subject state) there are per removal of
+#: expired rows (:class:`~.expired_rows.ExpiredRows`) they make.
+REMOVAL_EVERY = 100
 
 
 def loads_or_none(text: str | None) -> Any:
@@ -308,14 +314,22 @@ def _merged(baseline: str | None, failures: str | None, drift: str | None, *coun
 
 
 class SqlRevokedTokens:
-    """ports.RevokedTokens on the embedded database."""
+    """ports.RevokedTokens on the embedded database.
+
+    Each revocation, one time in :data:`REMOVAL_EVERY`, also removes the expired revocations of
+    a slice of the table (:class:`~.expired_rows.ExpiredRows`): with ``store: redis`` the
+    grants remove none here, and ``/revoke`` lets every client add rows."""
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
         self._kv = KeyValueTable(engine, "revoked_tokens", "revoked", clock)
         self._clock = clock
+        self._expired = ExpiredRows(engine, ("revoked_tokens",))
 
     def revoke(self, jti: str, expires_at: float) -> None:
-        self._kv.put(jti, "1", max(1, int(expires_at - self._clock()) + 1))
+        now = self._clock()
+        self._kv.put(jti, "1", max(1, int(expires_at - now) + 1))
+        if random.random() < 1 / REMOVAL_EVERY:  # noqa: S311 - housekeeping, not security relevant
+            self._expired.remove(now - CLOCK_MARGIN)
 
     def revoked(self, jti: str) -> bool:
         return bool(self._kv.get([jti]))

@@ -10,6 +10,7 @@ from ...core.audit import AuditRecord
 from ...core.ports import CLOCK_MARGIN, BaselineUpdate, SingleUse, StoreUnavailable
 from .audit_sink import SqlAuditSink
 from .declared_loss import declared_loss
+from .expired_rows import ExpiredRows
 from .ledger_mark import check_at_start
 from .replay import replay_key
 
@@ -35,6 +36,8 @@ class SqlSingleUseLedger:
         p = self._raw.placeholder
         self._purge = f"DELETE FROM replay_entries WHERE expires_at <= {p}"  # noqa: S608 - placeholder only
         self._live = f"SELECT 1 FROM replay_entries WHERE key = {p} AND expires_at > {p}"  # noqa: S608
+        #: The baselines, subject states and revocations that have expired, removed at the same turns.
+        self._expired = ExpiredRows(audit.engine)
         #: SQLite: whether the database lost commits (see :mod:`.ledger_mark`), checked at start.
         self._mark = audit.mark
         if self._mark is not None:
@@ -91,6 +94,7 @@ class SqlSingleUseLedger:
                 self._raw.run(self._purge, (now - CLOCK_MARGIN,))  # (see CLOCK_MARGIN)
             except self._raw.failures as exc:
                 log.warning("expired replay entries not purged: %s", type(exc).__name__)
+            self._expired.remove(now - CLOCK_MARGIN)
 
     def cancel(self, uses: Sequence[SingleUse]) -> None:
         """Nothing to undo: nothing is written before :meth:`commit`."""

@@ -6,6 +6,7 @@ import json
 import logging
 import mmap
 import os
+import random
 import secrets
 import threading
 import time
@@ -16,10 +17,11 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from ...core.ports import StoreUnavailable
+from ...core.ports import CLOCK_MARGIN, StoreUnavailable
 from ...core.subject_state import SubjectState
 from .engines import transaction
-from .key_value import KeyValueTable, loads_or_none, store_key
+from .expired_rows import ExpiredRows
+from .key_value import REMOVAL_EVERY, KeyValueTable, loads_or_none, store_key
 from .pg_exchange import states_with_baseline
 from .schema import subject_states
 from .sqlite_files import open_beside_database
@@ -83,6 +85,7 @@ class SqlSubjectStateStore:
         self._cache: OrderedDict[str, tuple[bytes, float, SubjectState]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._max_cache_age = max_cache_age
+        self._expired = ExpiredRows(engine, ("subject_states",))
 
     def get(self, identities: Sequence[str]) -> list[SubjectState]:
         if self._with_baseline is not None:
@@ -112,6 +115,10 @@ class SqlSubjectStateStore:
     def _changed(self) -> None:
         if self._counter is not None:
             self._counter.changed()
+        if random.random() < 1 / REMOVAL_EVERY:  # noqa: S311 - housekeeping, not security relevant
+            # Written by security events, rarely: a slice of the expired states goes now and then
+            # (with ``store: redis`` the grants remove none here).
+            self._expired.remove(self._clock() - CLOCK_MARGIN)
 
     def put(self, identity: str, state: SubjectState, ttl: int) -> None:
         self._kv.put(identity, json.dumps(state.to_json_dict()), ttl)
