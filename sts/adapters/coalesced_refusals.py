@@ -16,7 +16,11 @@ records per period in each process, whatever its rate, and every refusal is coun
 
 Held records are written when their window has passed, by a background thread (woken when the
 earliest is due, or by a record written once one is), and when the process (a server's worker:
-:mod:`.worker_exit`) stops: never on a request's thread.
+:mod:`.worker_exit`) stops: never on a request's thread.  A window that has passed goes to an
+*outbox* first, from which the flusher (or the stop) takes one record at a time; the stop writes
+what is left there, waits for the record the flusher is writing, and logs as not audited what its
+budget leaves, that record included (granian ends a worker with ``os._exit``, which kills the
+flusher where it stands: an outside review lost six held records so, without a log line).
 A process killed before then loses what it held (at most ``period`` seconds of one key's
 refusals; their first was written).  Each refusal is still counted by the metrics
 (``sts_decisions_total``, in front of this sink), and answered ``429`` as before.  Anything
@@ -32,6 +36,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +85,17 @@ class CoalescingAuditSink:
         self.period = period
         self.clock = clock
         self._windows: dict[tuple[str, str, str], _Window] = {}
+        #: Held records whose window has passed, to be written (by the flusher or at the stop).
+        self._outbox: deque[_Window] = deque()
+        #: Held records taken from the outbox and being written now.
+        self._writing: list[_Window] = []
+        #: A write from the outbox failed slowly: the rest of it is logged, not tried, by every
+        #: thread writing it (the flusher, a stop), until it has been emptied.
+        self._stalled = False
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        #: Notified whenever a write from the outbox ends.
+        self._written = threading.Condition(self._lock)
         #: The background flusher; None when none runs (set and cleared with the lock held).
         self._flusher: threading.Thread | None = None
         #: The earliest time a window ends (a racy look from :meth:`write` is enough).
@@ -110,7 +124,6 @@ class CoalescingAuditSink:
         if key is None:
             self.inner.write(record)
             return
-        stale: _Window | None = None
         with self._lock:
             window = self._windows.get(key)
             if window is not None and self._open(window, now):
@@ -120,12 +133,13 @@ class CoalescingAuditSink:
                 self._start_flusher()
                 return
             if window is not None and window.held is not None:
-                stale = window  # its window has passed, and no flush has taken it yet
+                # Its window has passed, and no flush has taken it yet: the flusher writes it, not
+                # this request (which waited out a slow database's write; an outside review).
+                self._outbox.append(window)
+                self._start_flusher()
             if window is not None or len(self._windows) < MAX_WINDOWS:
                 self._windows[key] = _Window(opened=now)
                 self._due = min(self._due, now + self.period)
-        if stale is not None:
-            self._write_held(stale)
         self.inner.write(record)
 
     def flush(self, now: float | None = None, *, budget: float | None = None) -> None:
@@ -134,30 +148,76 @@ class CoalescingAuditSink:
         locked: each try waits out its deadline), or ``budget`` seconds have gone, the others are
         logged rather than tried: a stopping worker is killed after 10 s (an outside review lost
         eight held records so, without a log line).  A record refused at once (for its content)
-        stops none of the others (a later review)."""
+        stops none of the others (a later review).  All of them (``now`` None, as at a stop): the
+        records the flusher is writing are waited for too (within ``budget``; logged if unfinished)."""
         with self._lock:
             due = [
                 (key, window)
                 for key, window in self._windows.items()
                 if now is None or not self._open(window, now)
             ]
-            for key, _ in due:
+            for key, window in due:
                 del self._windows[key]
+                if window.held is not None:
+                    self._outbox.append(window)
             self._due = min((w.opened + self.period for w in self._windows.values()), default=float("inf"))
-        held = [window for _, window in due if window.held is not None]
         ends = None if budget is None else time.monotonic() + budget
-        stalled = False
-        done = 0
+        self._drain(ends)
+        if now is None:  # all of them: also those the flusher is writing
+            self._await_writes(ends)
+
+    def _drain(self, ends: float | None) -> None:
+        """Write the outbox's records one at a time, until it is empty (see :meth:`flush`)."""
         try:
-            for window in held:
-                stalled = stalled or (ends is not None and time.monotonic() > ends)
-                started = time.monotonic()
-                if not self._write_held(window, log_only=stalled):
-                    stalled = stalled or time.monotonic() - started > STALLED_WRITE
-                done += 1
-        finally:
-            for window in held[done:]:  # after an interrupt (KeyboardInterrupt, SystemExit): logged
+            while True:
+                with self._lock:
+                    if not self._outbox:
+                        self._stalled = False
+                        return
+                    window = self._outbox.popleft()
+                    self._writing.append(window)
+                    stalled = self._stalled
+                try:
+                    stalled = stalled or (ends is not None and time.monotonic() > ends)
+                    started = time.monotonic()
+                    if (
+                        not self._write_held(window, log_only=stalled)
+                        and time.monotonic() - started > STALLED_WRITE
+                    ):
+                        self._stalled = True
+                except BaseException:
+                    self._write_held(window, log_only=True)  # the interrupted write's own record
+                    raise
+                finally:
+                    with self._lock:
+                        self._writing.remove(window)
+                        self._written.notify_all()
+        except BaseException:
+            # An interrupt (KeyboardInterrupt, SystemExit) during a write: what is left is logged.
+            with self._lock:
+                left, self._outbox = list(self._outbox), deque()
+            for window in left:
                 self._write_held(window, log_only=True)
+            raise
+
+    def _await_writes(self, ends: float | None) -> None:
+        """Wait (until ``ends``, if any: a stop) for the records the flusher is writing; log those it
+        has not finished by then (the process ends next, and the flusher with it)."""
+        with self._lock:
+            while self._writing:
+                left = None if ends is None else ends - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._written.wait(left)
+            unfinished = list(self._writing)
+        for window in unfinished:
+            assert window.held is not None
+            log_unaudited(
+                log,
+                window.held,
+                f"its write had not ended when the process stopped (it stood for {window.count} "
+                "rate-limit refusals; it may be in the trail)",
+            )
 
     def _write_held(self, window: _Window, *, log_only: bool = False) -> bool:
         record = window.held
@@ -198,7 +258,7 @@ class CoalescingAuditSink:
         """(The flusher, with the lock held.) Seconds until the earliest held record is due (0: now,
         or a window to clear); None when none is held, and then the flusher ends."""
         now = self.clock()
-        if any(not self._open(w, now) for w in self._windows.values()):
+        if self._outbox or any(not self._open(w, now) for w in self._windows.values()):
             return 0.0
         held = [w for w in self._windows.values() if w.held is not None]
         if not held:
@@ -217,7 +277,13 @@ def _run_flusher(ref: weakref.ReferenceType[CoalescingAuditSink]) -> None:
             if wait > 0:
                 sink._wake.wait(timeout=min(wait + 0.01, sink.period))
                 continue
-        sink.flush(sink.clock())
+        try:
+            sink.flush(sink.clock())
+        except BaseException:
+            # Ended by an error (the flush has logged its records): the next hold starts another.
+            with sink._lock:
+                sink._flusher = None
+            raise
         del sink
 
 

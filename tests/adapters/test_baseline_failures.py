@@ -173,3 +173,29 @@ def test_refusals_recorded_at_the_same_instant_each_count(stores: tuple[str, Any
     for n in range(MAX_FAILURES):
         baselines.add_failure(IDENTITY, NOW + 100 + n, 3600)
     assert baselines.load(IDENTITY).failures == tuple(NOW + 100 + n for n in range(MAX_FAILURES))
+
+
+def _seconds_left(name: str, backend: Any) -> tuple[float, float]:
+    """(The baseline's seconds to live, its refusals'), as stored."""
+    if name == "redis":
+        baseline, failures = (backend.pttl(f"sts:{kind}:{IDENTITY}") for kind in ("baseline", "failures"))
+        return baseline / 1000, failures / 1000
+    with backend.connect() as conn:
+        left = float(conn.execute(text("SELECT expires_at FROM baselines")).scalar_one()) - time.time()
+    return left, left
+
+
+def test_a_refusal_does_not_extend_the_baseline_and_outlives_it_nowhere(
+    stores: tuple[str, Any, Any, Any],
+) -> None:
+    """A refusal extended the whole row on SQL (a workload refused daily kept its baseline, and the
+    counting of its refusals, for good) and kept the refusals 30 days on Redis for a baseline about
+    to expire: the stores disagreed (an outside review).  The baseline lives 30 days after its
+    last grant, and its refusals no longer than it, on every store."""
+    name, baselines, _, backend = stores
+    baselines.save(IDENTITY, Baseline(count=1), 100)
+    baselines.add_failure(IDENTITY, time.time(), 30 * 24 * 3600)
+    baseline_left, failures_left = _seconds_left(name, backend)
+    assert 90 < baseline_left <= 100
+    assert 90 < failures_left <= 100
+    assert baselines.load(IDENTITY).failures != ()

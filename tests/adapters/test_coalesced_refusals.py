@@ -7,6 +7,7 @@ answers was a full audit record (2.25 KB of trail each, 286 GB a day at that rat
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,15 +119,55 @@ def wait_for(trail: Trail, request_id: str) -> AuditRecord:
     raise AssertionError(f"{request_id} not written: {[r.request_id for r in trail.records]}")
 
 
-def test_a_refusal_after_its_window_writes_the_held_one_before_itself() -> None:
-    trail = Trail()
+def test_a_refusal_after_its_window_hands_the_held_one_to_the_flusher() -> None:
+    """A key's refusal after its window, the window not yet flushed, wrote the held record on the
+    request's thread: behind a slow database the request waited for it (an outside review)."""
+    trail = Slow(0.5)
+    threads: dict[str, str] = {}
+    write = trail.write
+
+    def noted(record: AuditRecord) -> None:
+        write(record)
+        threads[record.request_id] = threading.current_thread().name
+
+    trail.write = noted  # type: ignore[method-assign]
     sink = Sink(trail, 10)
     for n, at in enumerate((100.0, 101.0, 102.0)):
         sink.write(refusal(at, n=n))
     sink._due = float("inf")  # as if the flush on write had not been due yet (a race)
+    started = time.monotonic()
     sink.write(refusal(112.0, n=3))
-    assert [r.request_id for r in trail.records] == ["r100.0-0", "r102.0-2", "r112.0-3"]
-    assert trail.records[1].details["rate_limit"]["coalesced"]["count"] == 2
+    assert time.monotonic() - started < 0.25
+    held = wait_for(trail, "r102.0-2")
+    assert held.details["rate_limit"]["coalesced"]["count"] == 2
+    assert [r.request_id for r in trail.records] == ["r100.0-0", "r112.0-3", "r102.0-2"]
+    assert threads["r112.0-3"] == threading.current_thread().name
+    assert threads["r102.0-2"] == "sts-coalesced-refusals"
+
+
+def test_a_stop_waits_for_what_the_flusher_took_and_logs_what_it_could_not_finish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The flusher takes the passed windows and writes them one by one; a stop found none left,
+    returned at once, and ``os._exit`` killed the flusher mid-way: six held records vanished without
+    a log line (an outside review).  Each is now written or logged before the stop returns."""
+    for budget, delay in ((5.0, 0.2), (0.3, 1.0)):
+        caplog.clear()
+        trail = Slow(delay)
+        sink = CoalescingAuditSink(trail, 0.2, clock=time.time)
+        now = time.time()
+        for n in range(4):
+            sink.write(refusal(now, limited=f"198.51.{n}.0/24"))
+            sink.write(refusal(now + 0.01, limited=f"198.51.{n}.0/24", n=1))  # held
+        deadline = time.monotonic() + 3
+        while not sink._writing and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sink._writing  # the flusher is writing the first one it took
+        sink.flush(budget=budget)  # the stop (sts.serving runs it before granian's os._exit)
+        written = sum("coalesced" in r.details["rate_limit"] for r in list(trail.records))
+        assert written + caplog.text.count("decision not audited") == 4, (budget, written, caplog.text)
+        if budget < delay:
+            assert "had not ended when the process stopped" in caplog.text
 
 
 def test_held_records_are_written_by_the_flusher_and_at_exit() -> None:
@@ -258,8 +299,8 @@ def test_a_clock_set_back_ends_the_window() -> None:
     sink.write(refusal(3700.0))
     sink.write(refusal(3701.0, n=1))  # held
     sink.write(refusal(101.0, n=2))  # an hour back: the window is over, a new one opens
-    assert [r.request_id for r in trail.records] == ["r3700.0-0", "r3701.0-1", "r101.0-2"]
-    assert trail.records[1].details["rate_limit"]["coalesced"]["count"] == 1
+    assert wait_for(trail, "r3701.0-1").details["rate_limit"]["coalesced"]["count"] == 1
+    assert [r.request_id for r in trail.records] == ["r3700.0-0", "r101.0-2", "r3701.0-1"]
 
 
 def test_the_flusher_ends_once_nothing_is_held_and_a_later_hold_starts_another() -> None:
@@ -305,7 +346,9 @@ def test_once_the_trail_fails_slowly_the_other_held_records_are_logged_not_tried
         sink.write(refusal(101.0, limited=f"198.51.{n}.0/24", n=1))  # held
     trail.down = True
     sink.flush()
-    assert len(attempts) == 3 + 1  # the three first records, then one held record tried
+    # The three first records, then one held record tried (two, when the flusher took one at the
+    # same moment): the others are logged, not tried.
+    assert 3 + 1 <= len(attempts) <= 3 + 2
     assert caplog.text.count("decision not audited") == 3  # each held record logged, with its count
 
 
@@ -374,8 +417,8 @@ def test_a_request_never_writes_held_records_and_a_stop_gives_them_a_budget(
         sink.write(refusal(201.0, limited=f"198.51.{n}.0/24", n=1))
     caplog.clear()
     sink.flush(budget=0.5)
-    written = [r for r in trail.records if "coalesced" in r.details["rate_limit"]]
-    assert 1 <= len(written) <= 3
+    written = [r for r in list(trail.records) if "coalesced" in r.details["rate_limit"]]
+    assert 1 <= len(written) <= 4  # the stop's writes, and the flusher's if it ran meanwhile
     assert caplog.text.count("decision not audited") == 5 - len(written)
 
 

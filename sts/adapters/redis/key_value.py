@@ -220,6 +220,10 @@ class RedisBaselineStore:
                         pipe.watch(name)  # type: ignore[no-untyped-call]  # redis-py leaves watch() untyped
                         stored = pipe.get(name)
                         baseline = pipe.get(baseline_name(self.prefix, identity))
+                        # The refusals live no longer than the baseline they belong to (a refusal
+                        # does not extend it, as on SQL: an outside review found them kept 30 days
+                        # for a baseline about to expire).
+                        left = pipe.pttl(baseline_name(self.prefix, identity))
                         if baseline is None:
                             pipe.reset()
                             return  # no live baseline: an identity never granted here (see the port)
@@ -228,7 +232,8 @@ class RedisBaselineStore:
                         else:
                             earlier = with_failures(Baseline(), stored).failures
                         pipe.multi()
-                        pipe.set(name, failures_to_json(appended_failure(earlier, at)), ex=ttl)
+                        kept = failures_to_json(appended_failure(earlier, at))
+                        pipe.set(name, kept, px=min(left, ttl * 1000) if left > 0 else ttl * 1000)
                         pipe.execute()
                         return
                     except redis.WatchError:

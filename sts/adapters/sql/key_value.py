@@ -221,8 +221,10 @@ class SqlBaselineStore:
         counts = "".join(f", {c} = {live} {c} END" for c in COUNT_COLUMNS)
         # Placeholders and column names only; each swap happens only if the stored part is still
         # the one read.  An expired row's other parts are not brought back to life.
+        # A refusal leaves the row's expiry as it is: a baseline lives as long after its last grant
+        # whatever the refusals since (as with Redis; an outside review found the stores apart).
         self._swap_failures = (
-            f"UPDATE baselines SET failures = {p}, expires_at = {p}, "  # noqa: S608
+            f"UPDATE baselines SET failures = {p}, "  # noqa: S608
             f"baseline = {live} baseline ELSE '{{}}' END, drift = {live} drift END{counts} "
             f"WHERE identity = {p} AND failures {same} {p}"
         )
@@ -274,7 +276,7 @@ class SqlBaselineStore:
             baseline, old = rows[0][0], rows[0][1]
             earlier = with_failures(Baseline.from_json(baseline), old).failures
             new = failures_to_json(appended_failure(earlier, at))
-            if self._kv.run(self._swap_failures, (new, now + ttl, *[now] * _NOWS, key, old)) == 1:
+            if self._kv.run(self._swap_failures, (new, *[now] * _NOWS, key, old)) == 1:
                 return
             _after_a_lost_swap(attempt)
         raise StoreUnavailable("the refusals kept changing")
