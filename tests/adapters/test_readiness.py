@@ -678,6 +678,9 @@ def test_the_audit_sink_checks_its_files_at_most_once_a_second_and_remembers_a_p
             asked.append(clock[0])
             return answers[len(asked) - 1]
 
+        def moved(self) -> bool:
+            return False
+
     watched = WatchedFile(Files(), interval=1.0, monotonic=lambda: clock[0])
     assert watched.problem() is None
     clock[0] = 100.5
@@ -686,6 +689,41 @@ def test_the_audit_sink_checks_its_files_at_most_once_a_second_and_remembers_a_p
     assert watched.problem() == "the database file is gone"
     clock[0] = 105.0
     assert watched.problem() == "the database file is gone" and asked == [100.0, 101.2]  # it stays
+
+
+@pytest.mark.parametrize("replaced", ["sts.sqlite", "sts.sqlite-wal"])
+def test_no_record_is_committed_into_a_file_replaced_since_the_last_check(
+    tmp_path: Path, replaced: str
+) -> None:
+    """The files were checked once a second: an outside fault campaign had ten grants answered in
+    the 0.13 s after the database file was deleted, their records in a file no one could open again.
+    Before each commit the two files are now looked at (``stat``), and checked at once if moved."""
+    import uuid
+
+    from sts.adapters.sql.audit_sink import SqlAuditSink
+    from sts.core.audit import AuditRecord
+    from sts.core.ports import AuditUnavailable
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'sts.sqlite'}")
+    upgrade(engine)
+    sink = SqlAuditSink(engine)
+
+    def record() -> AuditRecord:
+        return AuditRecord(event_id=str(uuid.uuid4()), time=time.time(), request_id="r", endpoint="token")
+
+    try:
+        sink.write(record())
+        sink.write(record())  # the -wal in use is known from the check before this commit
+        path = tmp_path / replaced
+        copy = tmp_path / "copy"
+        copy.write_bytes(path.read_bytes())
+        os.replace(copy, path)
+        started = time.monotonic()
+        with pytest.raises(AuditUnavailable, match="replaced"):
+            sink.write(record())
+        assert time.monotonic() - started < 0.5  # not the next second's check
+    finally:
+        engine.dispose()
 
 
 def test_a_clock_off_from_redis_is_not_ready(fresh_redis_url: str) -> None:

@@ -370,7 +370,7 @@ class SqlAuditSink(AuditReads):
         if not batch:
             return batch
         try:
-            problem = self._file.problem() if self._file is not None else None
+            problem = self._file.problem(before_commit=True) if self._file is not None else None
             if problem is not None:
                 if self.mark is not None:
                     self.mark.lost(self.clock())  # the commits in those files are lost
