@@ -14,13 +14,14 @@ once the window has passed it is written standing for all of them, with
 ``first`` and ``last`` (their times) and ``window`` (the period).  A key's flood is then two
 records per period in each process, whatever its rate, and every refusal is counted in one.
 
-Held records are written when their window has passed, by a background thread (woken when the
-earliest is due, or by a record written once one is), and when the process (a server's worker:
-:mod:`.worker_exit`) stops: never on a request's thread.  A window that has passed goes to an
-*outbox* first, from which the flusher (or the stop) takes one record at a time; the stop writes
-what is left there, waits for the record the flusher is writing, and logs as not audited what its
-budget leaves, that record included (granian ends a worker with ``os._exit``, which kills the
-flusher where it stands: an outside review lost six held records so, without a log line).
+Held records are written when their window has passed: by the key's next refusal, with its own
+record; by a background thread (woken when the earliest is due, or by a record written once one
+is), which takes the passed windows into an *outbox* and writes them one at a time; and when the
+process (a server's worker: :mod:`.worker_exit`) stops.  The stop writes what is left in the
+outbox, waits for the records being written, and logs as not audited what its budget leaves, those
+included (granian ends a worker with ``os._exit``, which kills the flusher where it stands: an
+outside review lost six held records so, without a log line).  A request never waits for another
+key's held record.
 A process killed before then loses what it held (at most ``period`` seconds of one key's
 refusals; their first was written).  Each refusal is still counted by the metrics
 (``sts_decisions_total``, in front of this sink), and answered ``429`` as before.  Anything
@@ -52,8 +53,9 @@ STALLED_WRITE = 1.0
 #: Seconds a stopping process spends writing held records before it logs the rest (granian kills
 #: a worker that has not stopped after 10 s).
 EXIT_BUDGET = 5.0
-#: Keys with a window open at once, per process; past this a key's refusals are written one by one
-#: (fail towards recording): at most this many held records in memory.
+#: Keys with a window open at once, per process, passed windows waiting in the outbox included;
+#: past this a key's refusals are written one by one (fail towards recording): at most this many
+#: held records in memory.
 MAX_WINDOWS = 10_000
 
 
@@ -124,6 +126,7 @@ class CoalescingAuditSink:
         if key is None:
             self.inner.write(record)
             return
+        stale: _Window | None = None
         with self._lock:
             window = self._windows.get(key)
             if window is not None and self._open(window, now):
@@ -133,13 +136,22 @@ class CoalescingAuditSink:
                 self._start_flusher()
                 return
             if window is not None and window.held is not None:
-                # Its window has passed, and no flush has taken it yet: the flusher writes it, not
-                # this request (which waited out a slow database's write; an outside review).
-                self._outbox.append(window)
-                self._start_flusher()
-            if window is not None or len(self._windows) < MAX_WINDOWS:
+                # Its window has passed, and no flush has taken it yet: this request writes it with
+                # its own record, as a stop would wait for (``_writing``).  Handed to the flusher
+                # instead, a flood over thousands of keys left one thread writing every held record,
+                # and tens of thousands were logged at the stop, unwritten (an outside review).
+                stale = window
+                self._writing.append(stale)
+            if window is not None or len(self._windows) + len(self._outbox) < MAX_WINDOWS:
                 self._windows[key] = _Window(opened=now)
                 self._due = min(self._due, now + self.period)
+        if stale is not None:
+            try:
+                self._write_held(stale)
+            finally:
+                with self._lock:
+                    self._writing.remove(stale)
+                    self._written.notify_all()
         self.inner.write(record)
 
     def flush(self, now: float | None = None, *, budget: float | None = None) -> None:
@@ -196,6 +208,7 @@ class CoalescingAuditSink:
             # An interrupt (KeyboardInterrupt, SystemExit) during a write: what is left is logged.
             with self._lock:
                 left, self._outbox = list(self._outbox), deque()
+                self._stalled = False  # emptied: the next records are tried again
             for window in left:
                 self._write_held(window, log_only=True)
             raise
@@ -248,10 +261,15 @@ class CoalescingAuditSink:
         flusher decides to end with the lock held and says so, so no hold is left without one (a
         hold that came as it was ending found it alive and only woke it; an outside review)."""
         if self._flusher is None:
-            self._flusher = threading.Thread(
+            flusher = threading.Thread(
                 target=_run_flusher, args=(weakref.ref(self),), name="sts-coalesced-refusals", daemon=True
             )
-            self._flusher.start()
+            try:
+                flusher.start()
+            except RuntimeError as exc:  # no thread to be had now: the next hold tries again
+                log.warning("coalesced rate-limit refusals: no flusher started (%s)", exc)
+                return
+            self._flusher = flusher
         self._wake.notify()
 
     def _next(self) -> float | None:

@@ -23,7 +23,7 @@ from sts.adapters.sql.single_use import SqlSingleUseLedger
 from sts.adapters.sql.subject_state import SqlSubjectStateStore
 from sts.core.audit import AuditRecord
 from sts.core.baseline import Baseline
-from sts.core.ports import CLOCK_MARGIN
+from sts.core.ports import CLOCK_MARGIN, BaselineUpdate
 from sts.core.subject_state import SubjectState
 from sts.migrations import upgrade
 from tests.support.postgres import PgSchema
@@ -175,3 +175,28 @@ def test_postgresql_passes_over_a_row_a_grant_holds_and_never_waits(pg: PgSchema
         holder.close()
     assert ExpiredRows(engine).remove(NOW) == 1
     engine.dispose()
+
+
+@pytest.mark.parametrize("through", ["store", "ledger"])
+def test_a_grant_over_an_expired_row_brings_back_none_of_its_refusals(engine: Engine, through: str) -> None:
+    """The grant's write left the ``failures`` of an expired row in place, so a re-granted identity
+    found its old refusals again, unless the row had been removed first: a removal changed an answer
+    (an outside review).  The baseline store's write and the grant's (the ledger's commit: SQLite's
+    trigger, PostgreSQL's statement) both drop them now."""
+    clock = [NOW]
+    baselines = SqlBaselineStore(engine, clock=lambda: clock[0])
+    identity = "iss|regranted"
+    baselines.save(identity, Baseline(first_seen=NOW, count=1), 100, grant=True)
+    clock[0] = NOW + 40
+    baselines.add_failure(identity, clock[0], 100)
+    assert len(baselines.load(identity).failures) == 1
+    clock[0] = NOW + 100 + CLOCK_MARGIN + 10  # expired, not removed
+    assert baselines.load(identity).failures == ()
+    fresh = Baseline(first_seen=clock[0], last_seen=clock[0], count=1)
+    if through == "store":
+        baselines.save(identity, fresh, 100, grant=True)
+    else:
+        ledger = SqlSingleUseLedger(SqlAuditSink(engine, clock=lambda: clock[0]), purge_probability=0.0)
+        record = AuditRecord(event_id=str(uuid.uuid4()), time=clock[0], request_id="r", endpoint="token")
+        ledger.commit(record, [], clock[0], BaselineUpdate(identity, fresh, 100))
+    assert baselines.load(identity).failures == ()

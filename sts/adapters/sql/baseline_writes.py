@@ -74,6 +74,9 @@ def _statement(now: str, at: str, *, grant: bool) -> str:
         "ON CONFLICT (identity) DO UPDATE SET baseline = excluded.baseline, drift = CASE "
         "WHEN excluded.drift IS NOT NULL THEN excluded.drift "
         f"WHEN baselines.expires_at > {now} THEN baselines.drift END, "
+        # The refusals recorded apart go with an expired row: a grant under it brought them back,
+        # and only while nothing had removed the row yet (an outside review).
+        f"failures = CASE WHEN baselines.expires_at > {now} THEN baselines.failures END, "
         f"expires_at = excluded.expires_at, {counts}"
     )
 

@@ -84,6 +84,7 @@ def grant_view_statements(columns: Sequence[str]) -> list[str]:
         + " WHERE NEW.baseline_identity IS NOT NULL ON CONFLICT (identity) "
         "DO UPDATE SET baseline = excluded.baseline, drift = CASE WHEN excluded.drift IS NOT NULL "
         "THEN excluded.drift WHEN baselines.expires_at > NEW.now THEN baselines.drift END, "
+        "failures = CASE WHEN baselines.expires_at > NEW.now THEN baselines.failures END, "
         f"expires_at = excluded.expires_at, {advanced_counts_sql('NEW.now', 'NEW.baseline_at')};",
         audit,
     ]
