@@ -52,7 +52,6 @@ from ..core.audit_filter import (
     AuditFilter,
     FilterError,
     filter_from_params,
-    format_time,
     parse_record_id,
 )
 from ..core.audit_views import COUNT_CAP, AuditReader, fired_signals
@@ -60,8 +59,9 @@ from ..core.client_secrets import dummy_hash_like, verify_secret
 from ..core.ports import BaselineStore, RevokedTokens, StoreUnavailable
 from ..core.subject_state import identity_key
 from ..errors import RateLimited, TemporarilyUnavailable
-from . import review_svg
+from . import review_svg, review_values
 from .review_text import identity_issuer_ok, visible
+from .review_values import display, short_hash, when
 
 log = logging.getLogger(__name__)
 #: The longest a sign-in may last (``review.session_lifetime``'s maximum in the config schema).
@@ -116,30 +116,6 @@ def _session_key(nonce: str) -> str:
     return "review-session:" + hashlib.sha256(nonce.encode()).hexdigest()[:32]
 
 
-def short_hash(value: Any) -> str:
-    text = str(value or "")
-    return text[:16] + "\N{HORIZONTAL ELLIPSIS}" if len(text) > 16 else text
-
-
-def _display(key: str, value: Any) -> Any:
-    """A record value for display: hashes shortened (the record never holds a token; its chain
-    hashes are for ``sts audit verify``, not for reading)."""
-    if isinstance(value, str) and (key.endswith("sha256") or key in ("hash", "prev_hash")):
-        return short_hash(value)
-    if isinstance(value, dict):
-        return {k: _display(k, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_display(key, v) for v in value]
-    return value
-
-
-def _when(value: Any) -> str:
-    try:
-        return format_time(float(value))
-    except (TypeError, ValueError, OverflowError, OSError):
-        return ""
-
-
 def blueprint(
     config: ReviewConfig,
     *,
@@ -188,16 +164,7 @@ def blueprint(
         return str(user), nonce
 
     def safe_next(target: str | None) -> str:
-        """Only a path of this page: never another site (an open redirect)."""
-        if (
-            target
-            and target.startswith(PREFIX + "/")
-            and "\\" not in target
-            and target.isprintable()
-            and not any(c.isspace() for c in target)
-        ):
-            return target
-        return PREFIX + "/"
+        return review_values.safe_next(target, PREFIX)
 
     def login_page(status: int, message: str = "", target: str | None = None) -> Response:
         token = secrets.token_urlsafe(24)
@@ -300,7 +267,7 @@ def blueprint(
 
     def page(template: str, status: int = 200, **values: Any) -> Response:
         body = render_template(template, user=g.get("review_user"), csrf=g.get("review_csrf"),
-                               prefix=PREFIX, when=_when, short=short_hash, **values)  # fmt: skip
+                               prefix=PREFIX, when=when, short=short_hash, **values)  # fmt: skip
         return Response(body, status=status, mimetype="text/html")
 
     def refresh() -> Any:
@@ -397,7 +364,7 @@ def blueprint(
         record = query.get(audit_id) if audit_id <= MAX_RECORD_ID else None
         if record is None:
             return page("review/error.html", 404, message=f"No decision {audit_id}.")
-        shown = {k: _display(k, v) for k, v in record.items()}
+        shown = {k: display(k, v) for k, v in record.items()}
         return page("review/decision.html", record=shown, row=_timeline_row(record), link=link,
                     pretty=json.dumps(shown, indent=2, sort_keys=True, default=str))  # fmt: skip
 
@@ -421,7 +388,7 @@ def _timeline_row(record: Mapping[str, Any]) -> dict[str, Any]:
     scopes = record.get("granted_scope") or record.get("requested_scope") or []
     return {
         "id": record.get("id"),
-        "time": _when(record.get("time")),
+        "time": when(record.get("time")),
         "outcome": record.get("outcome"),
         "error": record.get("error"),
         "issuer": record.get("issuer"),
@@ -440,9 +407,9 @@ def _token_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """An issued token as recorded: its jti, expiry, audience and scope (never the token)."""
     return {
         "id": record.get("id"),
-        "time": _when(record.get("time")),
+        "time": when(record.get("time")),
         "jti": record.get("issued_jti"),
-        "exp": _when(record.get("issued_exp")),
+        "exp": when(record.get("issued_exp")),
         "audiences": record.get("granted_audience") or [],
         "scopes": record.get("granted_scope") or [],
         "kid": record.get("issued_kid"),

@@ -364,6 +364,19 @@ def test_no_open_redirect(review: Review) -> None:
         review.web.delete_cookie("sts_review", path="/review")
 
 
+def test_no_redirect_out_of_the_page_through_dot_segments(review: Review) -> None:
+    """Dot segments, which the browser resolves, led out of the page to another path of the site, or
+    to ``//evil.example/x`` on it (an outside red team)."""
+    for target in ("/review/../.well-known/openid-configuration", "/review/..//evil.example/x",
+                   "/review/%2e%2e/x", "/review/%2E%2E", "/review/./."):  # fmt: skip
+        assert review.sign_in(target=target).headers["Location"] == "/review/"
+        review.web.delete_cookie("sts_review", path="/review")
+        review.clock.advance(60)  # past the sign-in limit
+    assert review.sign_in(target="/review/timeline?outcome=refused").headers["Location"] == (
+        "/review/timeline?outcome=refused"
+    )
+
+
 # -- what the pages show --------------------------------------------------------------------------
 
 
@@ -734,6 +747,17 @@ def test_records_with_members_of_other_types_are_never_a_500(review: Review, edi
         response = review.web.get(path, query_string=query)
         assert response.status_code in (200, 503), (path, response.status_code)
         assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_a_record_nested_too_deeply_to_show_is_shown_to_a_depth(review: Review) -> None:
+    """A record nested 300 levels deep (only a hand-edited one is) made its page fail with a
+    ``RecursionError``, a 500 (an outside red team); it is shown to a depth now."""
+    review.sign_in()
+    deep = '{"outcome":"granted","details":{"x":' + "[" * 400 + "1" + "]" * 400 + "}}"
+    with review.app.extensions["sts"].engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET record = :r WHERE id = 4"), {"r": deep})
+    page = review.page("/review/decision/4")
+    assert "nested too deeply to show" in page
 
 
 def test_a_signed_out_session_stays_out_when_the_lifetime_is_raised(
