@@ -395,7 +395,7 @@ def unexpected_s2s(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
     return _USUAL_S2S
 
 
-_RISK_LEVEL_WEIGHT = {"low": 0, "medium": 30, "high": 60, "critical": 100}
+RISK_LEVEL_WEIGHT = {"low": 0, "medium": 30, "high": 60, "critical": 100}
 
 
 def shared_signal(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
@@ -408,8 +408,8 @@ def shared_signal(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
         return _yes(name, cfg.step_up_at, "attestation predates a security event", after=state.reauth_after,
                     events=list(state.events))  # fmt: skip
     level = (state.risk_level or "").lower()
-    if _RISK_LEVEL_WEIGHT.get(level, 0):
-        return _yes(name, _RISK_LEVEL_WEIGHT[level], "risk level raised by a security event", level=level)
+    if RISK_LEVEL_WEIGHT.get(level, 0):
+        return _yes(name, RISK_LEVEL_WEIGHT[level], "risk level raised by a security event", level=level)
     return _NO_EVENTS
 
 

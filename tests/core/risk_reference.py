@@ -53,7 +53,7 @@ from sts.core.exchange.binding import presented_keys, subject_keys
 from sts.core.exchange.risk_and_assurance import EVENTS_ONLY, ExchangeRisk
 from sts.core.ports import BaselineUpdate, StoreUnavailable
 from sts.core.risk import (
-    _RISK_LEVEL_WEIGHT,
+    RISK_LEVEL_WEIGHT,
     Assessment,
     RiskContext,
     RiskSettings,
@@ -248,8 +248,8 @@ def shared_signal(ctx: RiskContext, cfg: RiskSettings) -> SignalResult:
         return _yes(name, cfg.step_up_at, "attestation predates a security event", after=state.reauth_after,
                     events=list(state.events))  # fmt: skip
     level = (state.risk_level or "").lower()
-    if _RISK_LEVEL_WEIGHT.get(level, 0):
-        return _yes(name, _RISK_LEVEL_WEIGHT[level], "risk level raised by a security event", level=level)
+    if RISK_LEVEL_WEIGHT.get(level, 0):
+        return _yes(name, RISK_LEVEL_WEIGHT[level], "risk level raised by a security event", level=level)
     return _no(name, "no security events in force")
 
 

@@ -934,6 +934,20 @@ def test_a_blocked_actor_acts_for_nobody(sts: STS) -> None:
     sts.granted(sts.subject(), actor=sts.actor(1))
 
 
+def test_an_actor_a_transmitter_declared_critical_acts_for_nobody(sts: STS) -> None:
+    """An actor declared at critical risk (CAEP ``risk-level-change``) was refused its own exchanges
+    but acted for others at once: only its block and re-attestation were read (an outside red team).
+    Its asserted level now weighs in the delegated exchange's ``shared_signal`` as the subject's."""
+    set_actor_state(sts, 1, risk_level="CRITICAL", events=("risk-level-change",))
+    resp = sts.exchange(sts.subject(), actor=sts.actor(1))
+    record = assert_refused(sts, resp, "invalid_request", "risk.denied")
+    assert resp.get_json()["risk"] == {"decision": "deny", "signals": ["shared_signal"]}
+    assert record["details"]["actor_risk_level"] == "critical"
+    sts.granted(sts.subject(), actor=sts.actor(2))  # another actor: untouched
+    set_actor_state(sts, 1, risk_level="low", events=("risk-level-change",))
+    sts.granted(sts.subject(), actor=sts.actor(1))
+
+
 def test_an_actor_asked_to_attest_again_needs_a_fresh_actor_token(sts: STS) -> None:
     before = sts.actor(1)
     sts.clock.now += 10

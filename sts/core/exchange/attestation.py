@@ -10,6 +10,7 @@ anything: the ``policy`` stage decides.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from ...errors import InvalidRequest, TemporarilyUnavailable
@@ -20,7 +21,8 @@ from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act
 from ..introspection import revocation, token_identities
 from ..ports import RevokedTokens, StoreUnavailable, SubjectStateStore, TokenReviewer, TokenReviewUnavailable
 from ..rate_limit import RateLimiter
-from ..subject_state import merge
+from ..risk import RISK_LEVEL_WEIGHT
+from ..subject_state import SubjectState, merge
 
 #: Said to a workload whose actor a security event has blocked (fixed texts, never from input).
 ACTOR_BLOCKED = "A security event has blocked the actor; it cannot act for anyone until the block ends."
@@ -41,6 +43,8 @@ class Parties(NamedTuple):
     depth: int
     #: A live review of the subject token passed (posture evidence for the assurance levels).
     live_review: bool
+    #: The risk level a security event asserted of the actor (``medium``...), if any.
+    actor_risk_level: str | None = None
 
 
 class Attestation:
@@ -95,6 +99,7 @@ class Attestation:
         live_review = self._check_liveness(subject, request.subject_token)
         may_act_of(subject)  # a malformed one is refused with or without an actor
         actor: VerifiedToken | None = None
+        actor_risk_level: str | None = None
         if request.actor_token is not None:
             actor = verify_token(
                 request.actor_token,
@@ -109,7 +114,9 @@ class Attestation:
             # The actor's pod too: a token a deleted pod left behind must not act for anyone (an
             # outside audit: only the subject's was reviewed, though the setting says every token).
             self._check_liveness(actor, request.actor_token, role="actor_token")
-            self._check_actor_state(actor, now)
+            actor_risk_level = self._check_actor_state(actor, now)
+            if actor_risk_level is not None:
+                record.details["actor_risk_level"] = actor_risk_level[:20]
             check_may_act(subject, actor)
             check_actor_is_another(request, subject, actor)
             check_actor_audience(actor)
@@ -120,7 +127,7 @@ class Attestation:
             record.details["upstream_act"] = "carried" if trusted_delegation else "refused"
         act, depth = act_chain(subject, actor, trusted_delegation=trusted_delegation)
         record.details["delegation_depth"] = depth
-        return Parties(subject, actor, act, depth, live_review)
+        return Parties(subject, actor, act, depth, live_review, actor_risk_level)
 
     def _check_not_revoked(self, token: VerifiedToken, role: str) -> None:
         """A token of ours, presented as subject or actor token, must not have been revoked: by
@@ -145,15 +152,16 @@ class Attestation:
         if cause is not None:
             raise InvalidRequest(f"{role}.revoked", cause)
 
-    def _check_actor_state(self, actor: VerifiedToken, now: float) -> None:
+    def _check_actor_state(self, actor: VerifiedToken, now: float) -> str | None:
         """The actor is a party to the exchange (RFC 8693 §4.1: the one exercising the token), so
         what a security event says of it holds for its actor tokens as for its own exchanges: while
         it is blocked it acts for nobody, and after an event that asks it to attest again only an
         actor token attested since then is taken.  (Its revocation is :meth:`_check_not_revoked`'s,
         and the tokens of ours that name it are revoked with it, see
-        :func:`~sts.core.introspection.revocation`.)"""
+        :func:`~sts.core.introspection.revocation`.)  Returns the risk level an event asserted of
+        it, which the exchange is judged by too (:func:`raised_by_actor`)."""
         if self.subject_states is None:
-            return
+            return None
         keys = token_identities(actor.issuer_name, actor.subject, actor.claims, self.issuers.names())
         try:
             state = merge(self.subject_states.get(keys))
@@ -170,6 +178,7 @@ class Attestation:
                 ",".join(state.events[-3:]),
                 description=ACTOR_REATTEST,
             )
+        return state.risk_level.lower() if state.risk_level else None
 
     def _check_liveness(self, token: VerifiedToken, raw: str, role: str = "subject_token") -> bool:
         """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview).
@@ -225,3 +234,14 @@ def check_actor_audience(actor: VerifiedToken) -> None:
     if isinstance(cnf, Mapping) and ("jkt" in cnf or "x5t#S256" in cnf):
         return
     raise InvalidRequest("actor_token.audience_not_this_service")
+
+
+def raised_by_actor(state: SubjectState, actor_level: str | None) -> SubjectState:
+    """The subject's ``state``, its asserted risk level raised to the actor's where that is higher:
+    the ``shared_signal`` then weighs the actor's too.  An actor a transmitter declared critical
+    was refused its own exchanges but acted for others at once (an outside red team)."""
+    if actor_level is None:
+        return state
+    if RISK_LEVEL_WEIGHT.get(actor_level, 0) <= RISK_LEVEL_WEIGHT.get((state.risk_level or "").lower(), 0):
+        return state
+    return replace(state, risk_level=actor_level)

@@ -55,7 +55,7 @@ from ..ports import BaselineStore, BaselineUpdate, StoreUnavailable, SubjectStat
 from ..risk import Assessment, RiskContext, RiskSettings, assess, assess_events, review_drift
 from ..stepup import DENY, STEP_UP, RiskDecision, decide
 from ..subject_state import SubjectState, identity_key, merge
-from .attestation import Parties
+from .attestation import Parties, raised_by_actor
 from .binding import carried_level, presented_keys, subject_keys
 
 #: The signal a changed fact fires (:func:`sts.core.risk.assess`).
@@ -167,7 +167,7 @@ class RiskAndAssurance:
             history = joined(baseline, self.baselines.load(upstream)) if upstream and self.baselines else None
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
-        state = state or SubjectState()
+        state = raised_by_actor(state or SubjectState(), parties.actor_risk_level)
         cfg = grant.risk or EVENTS_ONLY
         posture_claims = posture[0] if posture else None
         # A posture asserted by a security event (device-compliance-change) takes precedence over a
