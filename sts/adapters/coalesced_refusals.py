@@ -120,8 +120,8 @@ class CoalescingAuditSink:
             # Windows have passed: the flusher writes them, never the request (a request that
             # flushed a dozen held records behind a slow database waited 12 s; an outside review).
             with self._lock:
-                self._due = float("inf")
-                self._start_flusher()
+                if self._start_flusher():
+                    self._due = float("inf")  # else the next record tries again (an outside review)
         key = _key(record) if self.period > 0 else None
         if key is None:
             self.inner.write(record)
@@ -256,21 +256,23 @@ class CoalescingAuditSink:
             return False
         return True
 
-    def _start_flusher(self) -> None:
+    def _start_flusher(self) -> bool:
         """(With the lock held.) Wake the background flusher, starting one first if none runs: the
         flusher decides to end with the lock held and says so, so no hold is left without one (a
-        hold that came as it was ending found it alive and only woke it; an outside review)."""
+        hold that came as it was ending found it alive and only woke it; an outside review).  Whether
+        one runs: a thread that cannot be started now is tried again by the next record."""
         if self._flusher is None:
             flusher = threading.Thread(
                 target=_run_flusher, args=(weakref.ref(self),), name="sts-coalesced-refusals", daemon=True
             )
             try:
                 flusher.start()
-            except RuntimeError as exc:  # no thread to be had now: the next hold tries again
+            except RuntimeError as exc:  # no thread to be had now: the next record tries again
                 log.warning("coalesced rate-limit refusals: no flusher started (%s)", exc)
-                return
+                return False
             self._flusher = flusher
         self._wake.notify()
+        return True
 
     def _next(self) -> float | None:
         """(The flusher, with the lock held.) Seconds until the earliest held record is due (0: now,

@@ -31,7 +31,7 @@ def readable_record(stored: Any) -> dict[str, Any]:
     if isinstance(stored, str | bytes):
         try:
             value = json.loads(stored)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deeply to decode (an outside review)
             value = None
     if isinstance(value, dict):
         return dict(value)

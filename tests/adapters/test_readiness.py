@@ -691,7 +691,7 @@ def test_the_audit_sink_checks_its_files_at_most_once_a_second_and_remembers_a_p
     assert watched.problem() == "the database file is gone" and asked == [100.0, 101.2]  # it stays
 
 
-@pytest.mark.parametrize("replaced", ["sts.sqlite", "sts.sqlite-wal"])
+@pytest.mark.parametrize("replaced", ["sts.sqlite", "sts.sqlite-wal", "sts.sqlite-shm"])
 def test_no_record_is_committed_into_a_file_replaced_since_the_last_check(
     tmp_path: Path, replaced: str
 ) -> None:
@@ -722,6 +722,38 @@ def test_no_record_is_committed_into_a_file_replaced_since_the_last_check(
         with pytest.raises(AuditUnavailable, match="replaced"):
             sink.write(record())
         assert time.monotonic() - started < 0.5  # not the next second's check
+    finally:
+        engine.dispose()
+
+
+def test_a_database_directory_link_pointed_elsewhere_is_noticed_at_the_next_commit(tmp_path: Path) -> None:
+    """The path was resolved once, at start: with the database's directory a symbolic link pointed
+    elsewhere, the process went on committing into the old file while every new connection (another
+    worker, the CLI) opened the new one (an outside review)."""
+    import uuid
+
+    from sts.adapters.sql.audit_sink import SqlAuditSink
+    from sts.core.audit import AuditRecord
+    from sts.core.ports import AuditUnavailable
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        made = make_engine(f"sqlite:///{tmp_path / name / 'sts.sqlite'}")
+        upgrade(made)
+        made.dispose()
+    (tmp_path / "data").symlink_to(tmp_path / "a")
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'sts.sqlite'}")
+    sink = SqlAuditSink(engine)
+    try:
+        sink.write(
+            AuditRecord(event_id=str(uuid.uuid4()), time=time.time(), request_id="r", endpoint="token")
+        )
+        (tmp_path / "next").symlink_to(tmp_path / "b")
+        os.replace(tmp_path / "next", tmp_path / "data")
+        with pytest.raises(AuditUnavailable, match="replaced"):
+            sink.write(
+                AuditRecord(event_id=str(uuid.uuid4()), time=time.time(), request_id="r", endpoint="token")
+            )
     finally:
         engine.dispose()
 

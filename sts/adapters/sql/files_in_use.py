@@ -30,36 +30,44 @@ class SqliteFile:
     """
 
     def __init__(self, path: str, fd_directory: str = "/proc/self/fd") -> None:
-        # As /proc/self/fd names the files: absolute, with symbolic links resolved.
+        #: The path as configured: what a new connection (another worker, the CLI) opens, through
+        #: any symbolic link in it as it is now.
+        self.configured = os.path.abspath(path)
+        # As /proc/self/fd names the files this process opened: absolute, links resolved then.
         self.path = os.path.realpath(path)
         self.fd_directory = fd_directory
-        self.identity = _identity(self.path)
-        #: The ``-wal`` this process had open at the last check that found nothing wrong.
-        self.wal_identity: tuple[int, int] | None = None
+        self.identity = _identity(self.configured)
+        #: The ``-wal`` and ``-shm`` this process had open at the last check that found nothing wrong.
+        self.held_identities: dict[str, tuple[int, int] | None] = {}
 
     def moved(self) -> bool:
-        """Whether the database file, or the ``-wal`` the last good check found in use, is another
-        file at its path now (two ``stat`` calls: cheap enough for every commit, where
+        """Whether the database file, or the ``-wal`` or ``-shm`` the last good check found in use,
+        is another file at its path now (three ``stat`` calls: cheap enough for every commit, where
         :meth:`problem` reads every open file's link).  True only says to check again."""
-        if _identity(self.path) != self.identity:
+        if _identity(self.configured) != self.identity:
             return True
-        return self.wal_identity is not None and _identity(self.path + "-wal") != self.wal_identity
+        return any(
+            held is not None and _identity(self.configured + suffix) != held
+            for suffix, held in self.held_identities.items()
+        )
 
     def problem(self) -> str | None:
-        """What is wrong with the files, or None."""
-        identity = _identity(self.path)
+        """What is wrong with the files, or None.  The ``-shm`` too: a connection that keeps using a
+        deleted one overwrites what connections opened since (another worker, the CLI) committed
+        (an outside review lost every row another process committed after the deletion)."""
+        identity = _identity(self.configured)
         if identity is None:
             return "the database file is gone"
         if self.identity is None:
             self.identity = identity
         elif identity != self.identity:
             return "the database file was replaced"
-        for name in (self.path, self.path + "-wal"):
-            held = self._held(name)
-            if held is not None and held != _identity(name):
-                return f"{os.path.basename(name)} in use was deleted or replaced"
-            if name != self.path:
-                self.wal_identity = held
+        for suffix in ("", "-wal", "-shm"):
+            held = self._held(self.path + suffix)
+            if held is not None and held != _identity(self.configured + suffix):
+                return f"{os.path.basename(self.path + suffix)} in use was deleted or replaced"
+            if suffix:
+                self.held_identities[suffix] = held
         return None
 
     def space_problem(self) -> str | None:
