@@ -111,7 +111,7 @@ def merge(states: Iterable[SubjectState]) -> SubjectState:
         blocked_until=_latest(s.blocked_until for s in states),
         reauth_after=_latest(s.reauth_after for s in states),
         revoked_before=_latest(s.revoked_before for s in states),
-        risk_level=max(levels, key=lambda lv: _LEVELS.get(lv, 0)) if levels else None,
+        risk_level=max(levels, key=lambda lv: _LEVELS.get(lv.lower(), 0)) if levels else None,
         posture=next((p for p in postures if p != "compliant"), postures[0] if postures else None),
         risk_level_at=_latest(s.risk_level_at for s in states),
         posture_at=_latest(s.posture_at for s in states),

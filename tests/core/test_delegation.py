@@ -948,6 +948,23 @@ def test_an_actor_a_transmitter_declared_critical_acts_for_nobody(sts: STS) -> N
     sts.granted(sts.subject(), actor=sts.actor(1))
 
 
+def test_a_token_naming_an_actor_declared_critical_is_not_re_exchanged(sts: STS) -> None:
+    """The actors a token of ours names take part in its re-exchange: a token naming an actor later
+    declared critical was re-exchanged without it, again and again (an outside review)."""
+    named = sts.granted(sts.subject(), actor=sts.actor(1))
+    other = sts.granted(sts.subject(), actor=sts.actor(2))
+    # Stored as an older writer (or a hand) left it: upper case, beside a lower level of its own.
+    set_actor_state(sts, 1, risk_level="low", events=("risk-level-change",))
+    runtime = sts.app.extensions["sts"]
+    runtime.subject_states.put(identity_key("*", agent(1)), SubjectState(risk_level="CRITICAL"), 3600)
+    resp = sts.exchange(named, subject_token_type=ACCESS_TOKEN_TYPE, audience=DEPLOY)
+    record = assert_refused(sts, resp, "invalid_request", "risk.denied")
+    assert record["details"]["actor_risk_level"] == "critical"
+    resp = sts.exchange(named, subject_token_type=ACCESS_TOKEN_TYPE, actor=sts.actor(2), audience=DEPLOY)
+    assert_refused(sts, resp, "invalid_request", "risk.denied")  # nested under another actor: the same
+    sts.reexchange(other)  # a token naming another actor: untouched
+
+
 def test_an_actor_asked_to_attest_again_needs_a_fresh_actor_token(sts: STS) -> None:
     before = sts.actor(1)
     sts.clock.now += 10

@@ -18,7 +18,7 @@ from ...protocol.token_exchange import TokenExchangeRequest
 from ..attest import IssuerDirectory, VerifiedToken, verify_token
 from ..audit import AuditRecord
 from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, may_act_of, workload_issuer
-from ..introspection import revocation, token_identities
+from ..introspection import chain_actor_identities, revocation, token_identities
 from ..ports import RevokedTokens, StoreUnavailable, SubjectStateStore, TokenReviewer, TokenReviewUnavailable
 from ..rate_limit import RateLimiter
 from ..risk import RISK_LEVEL_WEIGHT
@@ -115,16 +115,20 @@ class Attestation:
             # outside audit: only the subject's was reviewed, though the setting says every token).
             self._check_liveness(actor, request.actor_token, role="actor_token")
             actor_risk_level = self._check_actor_state(actor, now)
-            if actor_risk_level is not None:
-                record.details["actor_risk_level"] = actor_risk_level[:20]
             check_may_act(subject, actor)
             check_actor_is_another(request, subject, actor)
             check_actor_audience(actor)
+        # The actors a token of ours names (its ``act`` chain) take part in its re-exchange too: what
+        # a transmitter asserted of them counts as of an actor presented (an outside review
+        # re-exchanged a token naming an actor declared critical, again and again).
+        actor_risk_level = higher_level(actor_risk_level, self._chain_actor_level(subject))
         trusted = self.issuers.by_name(subject.issuer_name)
         trusted_delegation = trusted is not None and trusted.policy.trusted_delegation
         if subject.issuer_name != SELF_ISSUER and subject.claims.get("act") is not None:
             # An upstream act claim is that issuer's assertion: carried or refused, and recorded which.
             record.details["upstream_act"] = "carried" if trusted_delegation else "refused"
+        if actor_risk_level is not None:
+            record.details["actor_risk_level"] = actor_risk_level[:20]
         act, depth = act_chain(subject, actor, trusted_delegation=trusted_delegation)
         record.details["delegation_depth"] = depth
         return Parties(subject, actor, act, depth, live_review, actor_risk_level)
@@ -180,6 +184,19 @@ class Attestation:
             )
         return state.risk_level.lower() if state.risk_level else None
 
+    def _chain_actor_level(self, subject: VerifiedToken) -> str | None:
+        """The highest risk level asserted of an actor that ``subject``, a token of ours, names in its
+        ``act`` chain (:func:`~sts.core.introspection.chain_actor_identities`); None for any other."""
+        act = subject.claims.get("act")
+        if subject.issuer_name != SELF_ISSUER or not isinstance(act, Mapping) or self.subject_states is None:
+            return None
+        keys = chain_actor_identities(act, self.issuers.names(), self.issuers.names_by_iss)
+        try:
+            state = merge(self.subject_states.get(keys)) if keys else None
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable("store.unavailable", str(exc)) from None
+        return state.risk_level.lower() if state is not None and state.risk_level else None
+
     def _check_liveness(self, token: VerifiedToken, raw: str, role: str = "subject_token") -> bool:
         """Kubernetes: ask the cluster whether the token's pod still exists (TokenReview).
 
@@ -234,6 +251,13 @@ def check_actor_audience(actor: VerifiedToken) -> None:
     if isinstance(cnf, Mapping) and ("jkt" in cnf or "x5t#S256" in cnf):
         return
     raise InvalidRequest("actor_token.audience_not_this_service")
+
+
+def higher_level(first: str | None, second: str | None) -> str | None:
+    """The higher of two asserted risk levels (None: none asserted)."""
+    if first is None or second is None:
+        return first or second
+    return first if RISK_LEVEL_WEIGHT.get(first, 0) >= RISK_LEVEL_WEIGHT.get(second, 0) else second
 
 
 def raised_by_actor(state: SubjectState, actor_level: str | None) -> SubjectState:
