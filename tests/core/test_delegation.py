@@ -948,6 +948,15 @@ def test_an_actor_a_transmitter_declared_critical_acts_for_nobody(sts: STS) -> N
     sts.granted(sts.subject(), actor=sts.actor(1))
 
 
+def test_an_actors_asserted_level_is_on_record_whatever_refuses_it(sts: STS) -> None:
+    """A delegation refused for another reason (``may_act`` names someone else) still records the
+    actor's asserted level (a review found it dropped)."""
+    set_actor_state(sts, 1, risk_level="critical", events=("risk-level-change",))
+    resp = sts.exchange(sts.crafted(may_act={"sub": agent(2)}), actor=sts.actor(1))
+    record = assert_refused(sts, resp, "invalid_request", "actor_token.not_in_may_act")
+    assert record["details"]["actor_risk_level"] == "critical"
+
+
 def test_a_token_naming_an_actor_declared_critical_is_not_re_exchanged(sts: STS) -> None:
     """The actors a token of ours names take part in its re-exchange: a token naming an actor later
     declared critical was re-exchanged without it, again and again (an outside review)."""

@@ -115,6 +115,8 @@ class Attestation:
             # outside audit: only the subject's was reviewed, though the setting says every token).
             self._check_liveness(actor, request.actor_token, role="actor_token")
             actor_risk_level = self._check_actor_state(actor, now)
+            if actor_risk_level is not None:  # on record whatever refuses it next (a review)
+                record.details["actor_risk_level"] = actor_risk_level[:20]
             check_may_act(subject, actor)
             check_actor_is_another(request, subject, actor)
             check_actor_audience(actor)
