@@ -974,6 +974,20 @@ def test_a_token_naming_an_actor_declared_critical_is_not_re_exchanged(sts: STS)
     sts.reexchange(other)  # a token naming another actor: untouched
 
 
+def test_a_trusted_issuers_chain_naming_an_actor_declared_critical_is_refused(
+    make_sts: Callable[..., STS], upstream: RunningServer
+) -> None:
+    """An upstream token whose ``act`` a trusted issuer asserts, naming an actor declared critical,
+    was exchanged for a token of ours carrying it (only its re-exchange was refused; a review)."""
+    sts = make_sts(policy(max_depth=4), issuers=trusted_for_delegation(upstream))
+    set_actor_state(sts, 1, risk_level="critical", events=("risk-level-change",))
+    chain = {"sub": agent(1), "iss": sts.issuer.issuer_url}
+    resp = sts.exchange(sts.crafted(act=chain), audience=DEPLOY)
+    record = assert_refused(sts, resp, "invalid_request", "risk.denied")
+    assert record["details"]["actor_risk_level"] == "critical"
+    sts.granted(sts.crafted(act={"sub": agent(2), "iss": sts.issuer.issuer_url}), audience=DEPLOY)
+
+
 def test_an_actor_asked_to_attest_again_needs_a_fresh_actor_token(sts: STS) -> None:
     before = sts.actor(1)
     sts.clock.now += 10

@@ -120,12 +120,14 @@ class Attestation:
             check_may_act(subject, actor)
             check_actor_is_another(request, subject, actor)
             check_actor_audience(actor)
-        # The actors a token of ours names (its ``act`` chain) take part in its re-exchange too: what
-        # a transmitter asserted of them counts as of an actor presented (an outside review
-        # re-exchanged a token naming an actor declared critical, again and again).
-        actor_risk_level = higher_level(actor_risk_level, self._chain_actor_level(subject))
         trusted = self.issuers.by_name(subject.issuer_name)
         trusted_delegation = trusted is not None and trusted.policy.trusted_delegation
+        if subject.issuer_name == SELF_ISSUER or trusted_delegation:
+            # The actors the subject token names (its ``act`` chain, ours or one a trusted issuer
+            # asserts) take part in the exchange too: what a transmitter asserted of them counts as
+            # of an actor presented (an outside review re-exchanged a token naming an actor declared
+            # critical, again and again; a later one had it carried from a trusted issuer's token).
+            actor_risk_level = higher_level(actor_risk_level, self._chain_actor_level(subject))
         if subject.issuer_name != SELF_ISSUER and subject.claims.get("act") is not None:
             # An upstream act claim is that issuer's assertion: carried or refused, and recorded which.
             record.details["upstream_act"] = "carried" if trusted_delegation else "refused"
@@ -187,10 +189,11 @@ class Attestation:
         return state.risk_level.lower() if state.risk_level else None
 
     def _chain_actor_level(self, subject: VerifiedToken) -> str | None:
-        """The highest risk level asserted of an actor that ``subject``, a token of ours, names in its
-        ``act`` chain (:func:`~sts.core.introspection.chain_actor_identities`); None for any other."""
+        """The highest risk level asserted of an actor ``subject`` names in its ``act`` chain
+        (:func:`~sts.core.introspection.chain_actor_identities`: an entry that names no issuer is
+        looked up under every one); None without a chain."""
         act = subject.claims.get("act")
-        if subject.issuer_name != SELF_ISSUER or not isinstance(act, Mapping) or self.subject_states is None:
+        if not isinstance(act, Mapping) or self.subject_states is None:
             return None
         keys = chain_actor_identities(act, self.issuers.names(), self.issuers.names_by_iss)
         try:
