@@ -986,6 +986,30 @@ def test_a_trusted_issuers_chain_naming_an_actor_declared_critical_is_refused(
     record = assert_refused(sts, resp, "invalid_request", "risk.denied")
     assert record["details"]["actor_risk_level"] == "critical"
     sts.granted(sts.crafted(act={"sub": agent(2), "iss": sts.issuer.issuer_url}), audience=DEPLOY)
+    resp = sts.exchange(sts.crafted(act={"sub": agent(1)}), audience=DEPLOY)  # no iss: the asserter's
+    assert_refused(sts, resp, "invalid_request", "risk.denied")
+
+
+def test_a_trusted_issuers_chain_is_not_judged_by_another_issuers_workload_of_that_name(
+    make_sts: Callable[..., STS], upstream: RunningServer
+) -> None:
+    """An ``act`` entry of a trusted issuer's token was looked up under every configured issuer: an
+    event about one cluster's ``default`` service account refused a peer's of the same name (a
+    review).  It is looked up under the issuer it names, or the asserting one, and the any-issuer key."""
+    other = {
+        **trusted_for_delegation(upstream)[0],
+        "name": "cluster-b",
+        "issuer": "https://cluster-b.example",
+    }
+    sts = make_sts(policy(max_depth=4), issuers=[*trusted_for_delegation(upstream), other])
+    runtime = sts.app.extensions["sts"]
+    runtime.subject_states.put(identity_key("cluster-b", agent(1)), SubjectState(risk_level="critical"), 3600)
+    for chain in ({"sub": agent(1)}, {"sub": agent(1), "iss": "https://cluster-c.example"}):
+        sts.granted(sts.crafted(act=chain), audience=DEPLOY)
+    resp = sts.exchange(
+        sts.crafted(act={"sub": agent(1), "iss": "https://cluster-b.example"}), audience=DEPLOY
+    )
+    assert_refused(sts, resp, "invalid_request", "risk.denied")  # the entry names that issuer
 
 
 def test_an_actor_asked_to_attest_again_needs_a_fresh_actor_token(sts: STS) -> None:

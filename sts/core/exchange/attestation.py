@@ -18,11 +18,11 @@ from ...protocol.token_exchange import TokenExchangeRequest
 from ..attest import IssuerDirectory, VerifiedToken, verify_token
 from ..audit import AuditRecord
 from ..delegation import SELF_ISSUER, act_chain, attestation_time, check_may_act, may_act_of, workload_issuer
-from ..introspection import chain_actor_identities, revocation, token_identities
+from ..introspection import MAX_CHAIN_ACTORS, chain_actor_identities, revocation, token_identities
 from ..ports import RevokedTokens, StoreUnavailable, SubjectStateStore, TokenReviewer, TokenReviewUnavailable
 from ..rate_limit import RateLimiter
 from ..risk import RISK_LEVEL_WEIGHT
-from ..subject_state import SubjectState, merge
+from ..subject_state import ANY_ISSUER, SubjectState, identity_key, merge
 
 #: Said to a workload whose actor a security event has blocked (fixed texts, never from input).
 ACTOR_BLOCKED = "A security event has blocked the actor; it cannot act for anyone until the block ends."
@@ -189,13 +189,19 @@ class Attestation:
         return state.risk_level.lower() if state.risk_level else None
 
     def _chain_actor_level(self, subject: VerifiedToken) -> str | None:
-        """The highest risk level asserted of an actor ``subject`` names in its ``act`` chain
-        (:func:`~sts.core.introspection.chain_actor_identities`: an entry that names no issuer is
-        looked up under every one); None without a chain."""
+        """The highest risk level asserted of an actor ``subject`` names in its ``act`` chain; None
+        without a chain.  A token of ours: :func:`~sts.core.introspection.chain_actor_identities`
+        (an old entry that names no issuer is looked up under every one).  A trusted issuer's:
+        :func:`upstream_chain_identities` (the same ``sub`` under another issuer is another workload:
+        a review had one cluster's event refuse a peer's ``system:serviceaccount:default:default``)."""
         act = subject.claims.get("act")
         if not isinstance(act, Mapping) or self.subject_states is None:
             return None
-        keys = chain_actor_identities(act, self.issuers.names(), self.issuers.names_by_iss)
+        keys = (
+            chain_actor_identities(act, self.issuers.names(), self.issuers.names_by_iss)
+            if subject.issuer_name == SELF_ISSUER
+            else upstream_chain_identities(act, subject.issuer_name, self.issuers.names_by_iss)
+        )
         try:
             state = merge(self.subject_states.get(keys)) if keys else None
         except StoreUnavailable as exc:
@@ -256,6 +262,28 @@ def check_actor_audience(actor: VerifiedToken) -> None:
     if isinstance(cnf, Mapping) and ("jkt" in cnf or "x5t#S256" in cnf):
         return
     raise InvalidRequest("actor_token.audience_not_this_service")
+
+
+def upstream_chain_identities(
+    act: Mapping[str, Any], asserted_by: str, names_by_iss: Mapping[str, str]
+) -> list[str]:
+    """The identity keys of the actors of an upstream token's ``act`` chain, which ``asserted_by``
+    (a ``trusted_delegation`` issuer) signed: an entry's own ``iss`` when it is an issuer configured
+    here, else none for an ``iss`` that is not, and ``asserted_by`` for an entry without one; the
+    any-issuer key always.  At most :data:`~sts.core.introspection.MAX_CHAIN_ACTORS` entries."""
+    keys: list[str] = []
+    entry: Any = act
+    for _ in range(MAX_CHAIN_ACTORS):
+        if not isinstance(entry, Mapping):
+            break
+        sub, iss = entry.get("sub"), entry.get("iss")
+        if isinstance(sub, str):
+            name = asserted_by if iss is None else names_by_iss.get(iss) if isinstance(iss, str) else None
+            for key in ([identity_key(name, sub)] if name else []) + [identity_key(ANY_ISSUER, sub)]:
+                if key not in keys:
+                    keys.append(key)
+        entry = entry.get("act")
+    return keys
 
 
 def higher_level(first: str | None, second: str | None) -> str | None:
