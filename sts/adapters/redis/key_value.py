@@ -224,7 +224,7 @@ class RedisBaselineStore:
                         # does not extend it, as on SQL: an outside review found them kept 30 days
                         # for a baseline about to expire).
                         left = pipe.pttl(baseline_name(self.prefix, identity))
-                        if baseline is None:
+                        if baseline is None or left == -2:  # -2: expired since the GET
                             pipe.reset()
                             return  # no live baseline: an identity never granted here (see the port)
                         if stored is None:  # none kept apart yet: the baseline's own, if any

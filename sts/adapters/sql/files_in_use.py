@@ -113,8 +113,8 @@ class WatchedFile:
     last answer given in between.  A problem stays: the process's connections hold the old files
     until it restarts.
 
-    ``before_commit``: the files are also looked at (:meth:`SqliteFile.moved`, two ``stat`` calls)
-    and checked at once if either is another file now, so that no grant is committed into a file
+    ``before_commit``: the files are also looked at (:meth:`SqliteFile.moved`, three ``stat``
+    calls) and checked at once if one is another file now, so that no grant is committed into a file
     replaced since the last check (an outside fault campaign had ten grants answered in the 0.13 s
     after the database file was deleted, their records in a file no one could open again)."""
 
